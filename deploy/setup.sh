@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install EPIC's build dependencies (Debian 12 / Ubuntu packages, by name) and
+# build it. Usage: ./deploy/setup.sh [--no-deps] [--build-dir DIR] [-- extra cmake args]
+# CUDA/NCCL/UCX/gRPC parts are built when their toolchains are present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+build_dir=build
+install_deps=1
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-deps) install_deps=0 ;;
+    --build-dir) build_dir="$2"; shift ;;
+    --help|-h)
+      sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'
+      exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "setup.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+packages=(build-essential cmake pkg-config python3
+  libopenblas-dev libpcre2-dev libcjson-dev libcmocka-dev
+  libopenmpi-dev openmpi-bin libucx-dev
+  libgrpc-dev protobuf-c-compiler libprotobuf-c-dev)
+
+if [ "$install_deps" = 1 ]; then
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup.sh: installing ${missing[*]}"
+    sudo_cmd=()
+    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+fi
+
+cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "${extra[@]}"
+cmake --build "$build_dir" -j"$(nproc)"
+echo "setup.sh: built $build_dir/coordinator/epic"

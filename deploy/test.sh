@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Run the whole EPIC test suite: the normal build and an AddressSanitizer +
+# UndefinedBehaviorSanitizer build, each with CTest, then the fixtures' parity
+# check of `epic generate`. Usage: ./deploy/test.sh [--quick] (--quick: no sanitizer build)
+# Environment: EPIC_FIXTURES (default ../shared/fixtures).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+case "${1:-}" in
+  --quick) quick=1 ;;
+  --help|-h) sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) echo "test.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+esac
+
+fixtures="${EPIC_FIXTURES:-$(cd .. && pwd)/shared/fixtures}"
+jobs=$(nproc)
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+
+run_suite() { # build_dir, extra cmake args...
+  local dir="$1"; shift
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_FIXTURES_DIR="$fixtures" "$@"
+  cmake --build "$dir" -j"$jobs"
+  (cd "$dir" && ctest --output-on-failure -j"$jobs")
+}
+
+run_suite build
+if [ -f ../shared/tools/parity.py ] || [ -f "$fixtures/../tools/parity.py" ]; then
+  parity="$fixtures/../tools/parity.py"
+  for m in tiny-bf16 tiny-fp8; do
+    python3 "$parity" build/coordinator/epic "$fixtures/$m"
+  done
+fi
+if [ "$quick" = 0 ]; then
+  # ASan needs no leak checker ptrace games under CI; detect_leaks stays on.
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    run_suite build-asan -DEPIC_SANITIZE=ON
+fi
+echo "test.sh: all suites passed"

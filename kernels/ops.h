@@ -1,0 +1,192 @@
+/* epic_ops: the compute seam. Every numeric op the model needs, behind a small
+ * vtable so that CPU and CUDA backends are interchangeable (STYLE rule 6).
+ *
+ * Conventions
+ * - Activations are fp32, row-major, in memory owned by the backend's device
+ *   (host memory for the CPU backend). Pointers passed to ops are borrowed.
+ * - Weights are described by epic_weight: the checkpoint's own storage (BF16,
+ *   F32, F16 or FP8 e4m3 with 128x128 block scales), never converted by the
+ *   caller. Every linear layer is y = x . W^T with W of shape [rows, cols].
+ * - Ops are synchronous on the CPU backend and stream-ordered on CUDA.
+ * - Thread contract: thread-compatible; one thread drives one epic_ops at a time.
+ *   The CPU backend parallelises internally with OpenMP. */
+#ifndef EPIC_KERNELS_OPS_H
+#define EPIC_KERNELS_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/status.h"
+
+#define EPIC_OPS_ABI_VERSION 1
+
+typedef enum {
+  EPIC_DT_F32 = 0,
+  EPIC_DT_BF16 = 1,
+  EPIC_DT_F16 = 2,
+  EPIC_DT_F8E4M3 = 3,
+  EPIC_DT_I32 = 4,
+  EPIC_DT_I64 = 5,
+  EPIC_DT_U8 = 6,
+  EPIC_DT_OTHER = 7 /* any other safetensors dtype: never usable as a weight */
+} epic_dtype;
+
+/* Bytes per element (0 for EPIC_DT_OTHER). */
+size_t epic_dtype_size(epic_dtype dt);
+/* "F32", "BF16", "F16", "F8_E4M3", ... (safetensors spelling). */
+const char *epic_dtype_name(epic_dtype dt);
+
+/* Scalar conversions used by every backend's reference path. */
+float epic_bf16_to_f32(uint16_t v);
+uint16_t epic_f32_to_bf16(float f); /* round to nearest even */
+float epic_f16_to_f32(uint16_t v);
+float epic_fp8e4m3_to_f32(uint8_t v); /* e4m3fn: bias 7, no inf, 0x7f/0xff NaN */
+uint8_t epic_f32_to_fp8e4m3(float f); /* round to nearest even, saturating to +-448 */
+
+/* A weight matrix [rows, cols] as stored in the checkpoint. Borrowed view:
+ * data (and scale_inv) stay owned by whoever mapped or allocated them. */
+typedef struct epic_weight {
+  epic_dtype dtype;      /* F32, BF16, F16 or F8E4M3 */
+  int64_t rows, cols;    /* logical shape; data is rows*cols elements, row-major */
+  const void *data;
+  /* FP8 only: fp32 multipliers, shape [ceil(rows/block_rows), ceil(cols/block_cols)];
+   * W[r][c] = fp8(data[r][c]) * scale_inv[r/block_rows][c/block_cols]. Edge blocks may
+   * be partial. NULL for other dtypes. */
+  const float *scale_inv;
+  int64_t block_rows, block_cols; /* 128, 128 for DeepSeek-V3 */
+} epic_weight;
+
+/* Dequantise rows [r0, r0+n) of w into out[n][w->cols] (fp32). Reference helper
+ * shared by backends and tests. */
+void epic_weight_rows_f32(const epic_weight *w, int64_t r0, int64_t n, float *out);
+
+/* Paged latent KV cache view for one layer (MLA, DESIGN §3): a pool of pages,
+ * each page holds page_size token rows of `width` floats (kv_lora_rank latent
+ * followed by qk_rope_head_dim roped key). A sequence's token t lives in page
+ * block_table[t / page_size], row t % page_size. */
+typedef struct epic_kv_view {
+  float *pool;                 /* this layer's pool: n_pages * page_size * width floats */
+  int64_t page_size;
+  int64_t width;               /* kv_lora_rank + qk_rope_head_dim */
+  int64_t lora;                /* kv_lora_rank: first `lora` floats of a row are the latent */
+  const int32_t *block_table;  /* page ids of the sequence, in order */
+  int64_t n_ctx;               /* tokens currently valid for the sequence (keys 0..n_ctx-1) */
+} epic_kv_view;
+
+typedef struct epic_ops epic_ops;
+
+/* Router settings of one MoE layer (DeepSeek-V3 noaux_tc routing). */
+typedef struct epic_router_params {
+  int64_t n_experts;
+  int64_t top_k;
+  int64_t n_group;        /* experts split into n_group contiguous groups; 1 = no grouping */
+  int64_t topk_group;     /* groups kept */
+  int scoring;            /* 0 = sigmoid, 1 = softmax */
+  int norm_topk_prob;     /* renormalise the chosen weights to sum 1 */
+  float routed_scaling_factor;
+  const float *bias;      /* e_score_correction_bias [n_experts] (selection only) or NULL */
+} epic_router_params;
+
+typedef struct epic_ops_vt {
+  int abi_version;
+  const char *name;
+
+  /* y[m][w->rows] = x[m][w->cols] . W^T (fp32 accumulation). ldx/ldy are row strides
+   * in floats (>= cols / rows). */
+  epic_status (*matmul)(epic_ops *o, const float *x, int64_t ldx, int64_t m,
+                        const epic_weight *w, float *y, int64_t ldy);
+
+  /* y[i] = w * x[i] / sqrt(mean(x[i]^2) + eps) for m rows of n values; w is fp32 [n].
+   * In-place (x == y) allowed. ldx/ldy are row strides in floats. */
+  epic_status (*rmsnorm)(epic_ops *o, const float *x, int64_t ldx, int64_t m, int64_t n,
+                         const float *w, float eps, float *y, int64_t ldy);
+
+  /* In-place interleaved (GPT-J) rotary embedding on rope_dim values of each of
+   * n_heads heads of m tokens: x[t*ld_tok + h*ld_head + (0..rope_dim-1)], pairs
+   * (2j, 2j+1) rotated by angle pos[t] * inv_freq[j] (computed in double). */
+  epic_status (*rope)(epic_ops *o, float *x, int64_t m, int64_t n_heads, int64_t ld_tok,
+                      int64_t ld_head, int64_t rope_dim, const int32_t *pos,
+                      const double *inv_freq);
+
+  /* y[i][j] = silu(g[i][j]) * u[i][j] for m rows of n values (row strides ldg/ldu/ldy). */
+  epic_status (*silu_mul)(epic_ops *o, const float *g, int64_t ldg, const float *u,
+                          int64_t ldu, int64_t m, int64_t n, float *y, int64_t ldy);
+
+  /* y[i] += a * x[i], n values. */
+  epic_status (*axpy)(epic_ops *o, int64_t n, float a, const float *x, float *y);
+
+  /* y[i][:] = table[ids[i]][:] (dequantised to fp32) for m ids. */
+  epic_status (*embed)(epic_ops *o, const epic_weight *table, const int32_t *ids, int64_t m,
+                       float *y);
+
+  /* Router: from logits[m][n_experts] (x . gate^T), select top_k experts per token
+   * with group-limited top-k on the (biased) scores; write the chosen expert ids
+   * ascending in idx[m][top_k] and their weights (unbiased scores, renormalised
+   * if asked, times routed_scaling_factor) in weight[m][top_k]. Ties: lowest index. */
+  epic_status (*route)(epic_ops *o, const float *logits, int64_t m,
+                       const epic_router_params *p, int32_t *idx, float *weight);
+
+  /* Write token rows into the paged cache: for t in [0,m) row (start+t) of the
+   * sequence gets latent[t][0..lora) and kpe[t][0..width-lora). */
+  epic_status (*kv_store)(epic_ops *o, const epic_kv_view *kv, int64_t start, int64_t m,
+                          const float *latent, int64_t ld_latent, const float *kpe,
+                          int64_t ld_kpe);
+
+  /* Copy cached rows [0, n) of a sequence into latent[n][lora] and kpe[n][width-lora]. */
+  epic_status (*kv_gather)(epic_ops *o, const epic_kv_view *kv, int64_t n, float *latent,
+                           float *kpe);
+
+  /* MLA, naive (decompressed) form, for m query tokens at positions
+   * start..start+m-1 against keys 0..start+m-1 (causal):
+   *   q   [m][n_heads][nope+rope]   (q_nope then roped q_pe, per head)
+   *   kvb [n_keys][n_heads][nope+v] (k_nope then v per head, kv_b_proj output)
+   *   kpe [n_keys][rope]            (roped shared key)
+   *   out [m][n_heads][v]
+   * score = scale * (q_nope.k_nope + q_pe.k_pe); fp32 softmax over keys. */
+  epic_status (*mla_naive)(epic_ops *o, const float *q, const float *kvb, const float *kpe,
+                           int64_t m, int64_t start, int64_t n_heads, int64_t nope,
+                           int64_t rope, int64_t v, float scale, float *out);
+
+  /* MLA, absorbed form over the paged latent cache, for m query tokens at positions
+   * start..start+m-1 of one sequence (keys 0..start+m-1 already in kv):
+   *   q_abs [m][n_heads][lora]  (q_nope absorbed through W_UK)
+   *   q_pe  [m][n_heads][rope]
+   *   ctx   [m][n_heads][lora]  (softmax-weighted sum of cached latents)
+   * score = scale * (q_abs.latent + q_pe.kpe). */
+  epic_status (*mla_absorbed)(epic_ops *o, const epic_kv_view *kv, const float *q_abs,
+                              const float *q_pe, int64_t m, int64_t start, int64_t n_heads,
+                              float scale, float *ctx);
+
+  /* Batched per-head small GEMM: for h in [0,n_heads), t in [0,m):
+   *   y[t][h][0..n) = x[t][h][0..k) . A_h        (trans == 0, A_h is [k][n] row-major)
+   *   y[t][h][0..n) = x[t][h][0..k) . A_h^T      (trans == 1, A_h is [n][k] row-major)
+   * with x[t][h] at x + t*ld_x_tok + h*ld_x_head, y[t][h] at y + t*ld_y_tok + h*ld_y_head
+   * and A_h at a + h*ld_a_head. Used for the MLA absorption of W_UK (query side) and
+   * W_UV (output side). */
+  epic_status (*head_gemm)(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
+                           int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
+                           int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
+                           int64_t ld_y_head);
+
+  /* Device memory for activations and derived weights. alloc returns zeroed,
+   * 64-byte aligned memory; free is NULL-safe. upload/download copy host<->device
+   * (plain memcpy on the CPU backend). */
+  epic_status (*alloc)(epic_ops *o, size_t bytes, void **out);
+  void (*free)(epic_ops *o, void *p);
+  epic_status (*upload)(epic_ops *o, void *dst, const void *src, size_t bytes);
+  epic_status (*download)(epic_ops *o, void *dst, const void *src, size_t bytes);
+
+  void (*destroy)(epic_ops *o);
+} epic_ops_vt;
+
+/* Backends embed this struct first. */
+struct epic_ops {
+  const epic_ops_vt *vt;
+};
+
+/* Create the CPU backend. n_threads <= 0: OpenMP default. */
+epic_status epic_ops_cpu_create(int n_threads, epic_ops **out);
+/* NULL-safe. */
+void epic_ops_destroy(epic_ops *o);
+
+#endif

@@ -1,0 +1,335 @@
+/* The model against the fixtures' float64 references (tiny-bf16, tiny-fp8):
+ * every prompt logit, greedy continuations with their logits, MTP logits; plus
+ * the engine invariants: incremental decode == full recompute, one batch of
+ * several sequences (mixed prefill chunks and decode, small pages) == each alone. */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "common/log.h"
+#include "common/npy.h"
+#include "tests/common/test_util.h"
+#include "worker/generate.h"
+#include "worker/model.h"
+#include "worker/sampler.h"
+
+#define TOL 1e-3 /* fixtures README §5: fp32 engine, every logit */
+#define MAX_CASES 16
+
+typedef struct tcase {
+  char name[64];
+  int32_t *prompt, *gen;
+  int64_t n_prompt, n_gen;
+  float *prompt_logits, *gen_logits, *mtp_logits; /* mtp_logits may be NULL */
+} tcase;
+
+typedef struct fixture {
+  const char *model;
+  epic_ops *ops;
+  epic_model *m;
+  tcase cases[MAX_CASES];
+  int n_cases;
+  int64_t V;
+} fixture;
+
+static int32_t *json_ids(const cJSON *a, int64_t *n) {
+  int32_t *ids = malloc((size_t)cJSON_GetArraySize(a) * sizeof *ids + 1);
+  int64_t k = 0;
+  const cJSON *it;
+  cJSON_ArrayForEach(it, a) ids[k++] = (int32_t)it->valuedouble;
+  *n = k;
+  return ids;
+}
+
+static float *load_npy(const char *model, const char *file, int64_t rows, int64_t cols) {
+  char rel[512], path[1024];
+  float *d;
+  int64_t r, c;
+  snprintf(rel, sizeof rel, "%s/cases/%s", model, file);
+  assert_int_equal(epic_npy_read_f32(epic_test_path(path, sizeof path, rel), &d, &r, &c), EPIC_OK);
+  assert_int_equal(r, rows);
+  assert_int_equal(c, cols);
+  return d;
+}
+
+static int setup(void **state, const char *model) {
+  fixture *f = calloc(1, sizeof *f);
+  char dir[1024], rel[256], path[1024];
+  epic_model_params mp = {.size = sizeof mp, .load_mtp = 1};
+  cJSON *root, *it;
+  char *txt;
+  epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
+  f->model = model;
+  epic_test_path(dir, sizeof dir, model);
+  mp.dir = dir;
+  if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK) return -1;
+  if (epic_model_load(f->ops, &mp, &f->m) != EPIC_OK) return -1;
+  f->V = epic_model_get_config(f->m)->vocab_size;
+  snprintf(rel, sizeof rel, "%s/cases/cases.json", model);
+  txt = epic_test_read_file(epic_test_path(path, sizeof path, rel), NULL);
+  if (!txt) return -1;
+  root = cJSON_Parse(txt);
+  free(txt);
+  cJSON_ArrayForEach(it, cJSON_GetObjectItem(root, "cases")) {
+    tcase *c = &f->cases[f->n_cases++];
+    const cJSON *mtp = cJSON_GetObjectItem(it, "mtp");
+    snprintf(c->name, sizeof c->name, "%s", cJSON_GetObjectItem(it, "name")->valuestring);
+    c->prompt = json_ids(cJSON_GetObjectItem(it, "prompt_ids"), &c->n_prompt);
+    c->gen = json_ids(cJSON_GetObjectItem(it, "gen_ids"), &c->n_gen);
+    c->prompt_logits = load_npy(model, cJSON_GetObjectItem(it, "prompt_logits")->valuestring,
+                                c->n_prompt, f->V);
+    c->gen_logits = load_npy(model, cJSON_GetObjectItem(it, "gen_logits")->valuestring, c->n_gen, f->V);
+    if (mtp)
+      c->mtp_logits = load_npy(model, cJSON_GetObjectItem(mtp, "logits")->valuestring,
+                               c->n_prompt - 1, f->V);
+  }
+  cJSON_Delete(root);
+  *state = f;
+  return 0;
+}
+
+static int setup_bf16(void **state) { return setup(state, "tiny-bf16"); }
+static int setup_fp8(void **state) { return setup(state, "tiny-fp8"); }
+
+static int teardown(void **state) {
+  fixture *f = *state;
+  for (int i = 0; i < f->n_cases; i++) {
+    tcase *c = &f->cases[i];
+    free(c->prompt);
+    free(c->gen);
+    free(c->prompt_logits);
+    free(c->gen_logits);
+    free(c->mtp_logits);
+  }
+  epic_model_destroy(f->m);
+  epic_ops_destroy(f->ops);
+  free(f);
+  return 0;
+}
+
+static double max_abs_diff(const float *a, const float *b, int64_t n) {
+  double m = 0;
+  for (int64_t i = 0; i < n; i++) {
+    double d = fabs((double)a[i] - (double)b[i]);
+    if (!(d <= m)) m = d; /* NaN propagates as a failure */
+  }
+  return m;
+}
+
+/* Reference logits row for position p of case c (prompt rows, then generated). */
+static const float *ref_row(const fixture *f, const tcase *c, int64_t p) {
+  if (p < c->n_prompt) return c->prompt_logits + p * f->V;
+  return c->gen_logits + (p - c->n_prompt + 1) * f->V;
+}
+
+/* Prompt logits, greedy ids and generated logits via epic_generate (one sequence). */
+static void test_cases_match_reference(void **state) {
+  fixture *f = *state;
+  double worst = 0;
+  for (int i = 0; i < f->n_cases; i++) {
+    tcase *c = &f->cases[i];
+    char path[] = "/tmp/epic-test-logits-XXXXXX";
+    int fd = mkstemp(path);
+    epic_npy_writer *w;
+    epic_kvcache *kc;
+    epic_generate_result r;
+    float *rows;
+    int64_t nr, nc;
+    assert_true(fd >= 0);
+    assert_int_equal(epic_npy_writer_open(path, f->V, &w), EPIC_OK);
+    assert_int_equal(epic_model_kvcache_create(f->m, 0, 16, 64, &kc), EPIC_OK);
+    epic_generate_params gp = {.size = sizeof gp,
+                               .prompt = c->prompt,
+                               .n_prompt = c->n_prompt,
+                               .max_new_tokens = c->n_gen,
+                               .sampling = {.size = sizeof(epic_sampling_params), .top_p = 1},
+                               .ignore_eos = 1,
+                               .dump_logits = w};
+    assert_int_equal(epic_generate(f->m, kc, NULL, &gp, &r), EPIC_OK);
+    assert_int_equal(epic_npy_writer_close(w), EPIC_OK);
+    assert_int_equal(r.n_ids, c->n_gen);
+    assert_memory_equal(r.ids, c->gen, (size_t)c->n_gen * sizeof(int32_t));
+    assert_int_equal(epic_npy_read_f32(path, &rows, &nr, &nc), EPIC_OK);
+    assert_int_equal(nr, c->n_prompt + c->n_gen - 1);
+    for (int64_t p = 0; p < nr; p++) {
+      double d = max_abs_diff(rows + p * f->V, ref_row(f, c, p), f->V);
+      if (d > TOL) fail_msg("%s %s: row %lld: max |dlogit| %g", f->model, c->name, (long long)p, d);
+      if (d > worst) worst = d;
+    }
+    print_message("%s %s: ok\n", f->model, c->name);
+    free(rows);
+    free(r.ids);
+    close(fd);
+    unlink(path);
+    epic_kvcache_destroy(kc);
+  }
+  print_message("%s: max |dlogit| over all cases %.3g\n", f->model, worst);
+}
+
+/* MTP head over the prompt, from the post-norm hidden states. */
+static void test_mtp_logits(void **state) {
+  fixture *f = *state;
+  const int64_t D = epic_model_get_config(f->m)->hidden_size;
+  int checked = 0;
+  assert_true(epic_model_has_mtp(f->m));
+  for (int i = 0; i < f->n_cases; i++) {
+    tcase *c = &f->cases[i];
+    epic_kvcache *kc, *km;
+    epic_kv_seq s = {0}, sm = {0};
+    float *logits, *hidden, *mlog;
+    if (!c->mtp_logits) continue;
+    assert_int_equal(epic_model_kvcache_create(f->m, 0, 8, 64, &kc), EPIC_OK);
+    assert_int_equal(epic_model_kvcache_create(f->m, 1, 8, 64, &km), EPIC_OK);
+    logits = malloc((size_t)(c->n_prompt * f->V) * 4);
+    hidden = malloc((size_t)(c->n_prompt * D) * 4);
+    mlog = malloc((size_t)(c->n_prompt * f->V) * 4);
+    epic_seq_batch b = {.tokens = c->prompt, .n_tokens = c->n_prompt, .kv = &s, .all_logits = 1};
+    assert_int_equal(epic_model_forward(f->m, kc, &b, 1, logits, hidden), EPIC_OK);
+    epic_seq_batch bm = {.tokens = c->prompt + 1, .n_tokens = c->n_prompt - 1, .kv = &sm,
+                         .all_logits = 1, .hidden = hidden};
+    assert_int_equal(epic_model_mtp_forward(f->m, km, &bm, 1, mlog), EPIC_OK);
+    double d = max_abs_diff(mlog, c->mtp_logits, (c->n_prompt - 1) * f->V);
+    print_message("%s %s: mtp max |dlogit| %.3g\n", f->model, c->name, d);
+    assert_true(d <= TOL);
+    checked++;
+    epic_kvcache_seq_release(kc, &s);
+    epic_kvcache_seq_release(km, &sm);
+    epic_kvcache_destroy(kc);
+    epic_kvcache_destroy(km);
+    free(logits);
+    free(hidden);
+    free(mlog);
+  }
+  assert_true(checked > 0);
+}
+
+/* Feeding the prompt one token at a time (absorbed attention over the paged
+ * cache) gives the same logits as one full prefill (naive attention). */
+static void test_incremental_equals_full(void **state) {
+  fixture *f = *state;
+  tcase *c = &f->cases[3 < f->n_cases ? 3 : f->n_cases - 1];
+  epic_kvcache *kc;
+  epic_kv_seq s1 = {0}, s2 = {0};
+  float *full = malloc((size_t)(c->n_prompt * f->V) * 4), *one = malloc((size_t)f->V * 4);
+  double worst = 0;
+  assert_int_equal(epic_model_kvcache_create(f->m, 0, 5, 64, &kc), EPIC_OK);
+  epic_seq_batch b = {.tokens = c->prompt, .n_tokens = c->n_prompt, .kv = &s1, .all_logits = 1};
+  assert_int_equal(epic_model_forward(f->m, kc, &b, 1, full, NULL), EPIC_OK);
+  for (int64_t t = 0; t < c->n_prompt; t++) {
+    epic_seq_batch bt = {.tokens = c->prompt + t, .n_tokens = 1, .start = t, .kv = &s2};
+    assert_int_equal(epic_model_forward(f->m, kc, &bt, 1, one, NULL), EPIC_OK);
+    double d = max_abs_diff(one, full + t * f->V, f->V);
+    if (d > worst) worst = d;
+  }
+  print_message("%s %s: incremental vs full max |d| %.3g\n", f->model, c->name, worst);
+  assert_true(worst <= 1e-4);
+  epic_kvcache_seq_release(kc, &s1);
+  epic_kvcache_seq_release(kc, &s2);
+  epic_kvcache_destroy(kc);
+  free(full);
+  free(one);
+}
+
+/* All cases in one batch: chunked prefill (chunks of 7) running beside other
+ * sequences' decode steps, with tiny pages, then greedy decoding together;
+ * every row must match the reference as when run alone. */
+static void test_batched_mixed(void **state) {
+  fixture *f = *state;
+  const int n = f->n_cases;
+  const int64_t chunk = 7;
+  epic_kvcache *kc;
+  epic_kv_seq seqs[MAX_CASES] = {{0}};
+  int64_t fed[MAX_CASES] = {0}; /* tokens fed so far */
+  int32_t next[MAX_CASES];
+  int64_t gen_done[MAX_CASES] = {0};
+  float *logits = malloc((size_t)(n * chunk * f->V) * 4);
+  double worst = 0;
+  int active = n;
+  assert_int_equal(epic_model_kvcache_create(f->m, 0, 3, 512, &kc), EPIC_OK);
+  while (active > 0) {
+    epic_seq_batch b[MAX_CASES];
+    int map[MAX_CASES], nb = 0;
+    for (int i = 0; i < n; i++) {
+      tcase *c = &f->cases[i];
+      if (gen_done[i] >= c->n_gen) continue;
+      if (fed[i] < c->n_prompt) {
+        int64_t take = c->n_prompt - fed[i] < chunk ? c->n_prompt - fed[i] : chunk;
+        b[nb] = (epic_seq_batch){.tokens = c->prompt + fed[i], .n_tokens = take, .start = fed[i],
+                                 .kv = &seqs[i], .all_logits = 1};
+      } else {
+        b[nb] = (epic_seq_batch){.tokens = &next[i], .n_tokens = 1, .start = fed[i], .kv = &seqs[i],
+                                 .all_logits = 1};
+      }
+      map[nb++] = i;
+    }
+    assert_int_equal(epic_model_forward(f->m, kc, b, nb, logits, NULL), EPIC_OK);
+    int64_t row = 0;
+    for (int j = 0; j < nb; j++) {
+      int i = map[j];
+      tcase *c = &f->cases[i];
+      for (int64_t t = 0; t < b[j].n_tokens; t++, row++) {
+        double d = max_abs_diff(logits + row * f->V, ref_row(f, c, fed[i] + t), f->V);
+        if (d > worst) worst = d;
+        if (d > TOL) fail_msg("%s batched: row %lld of %s: %g", f->model, (long long)(fed[i] + t), c->name, d);
+      }
+      fed[i] += b[j].n_tokens;
+      if (fed[i] >= c->n_prompt) {
+        next[i] = epic_argmax(logits + (row - 1) * f->V, f->V);
+        assert_int_equal(next[i], c->gen[gen_done[i]]);
+        if (++gen_done[i] >= c->n_gen) {
+          active--;
+          epic_kvcache_seq_release(kc, &seqs[i]);
+        }
+      }
+    }
+  }
+  print_message("%s batched: max |dlogit| %.3g\n", f->model, worst);
+  assert_int_equal(epic_kvcache_free_pages(kc), epic_kvcache_total_pages(kc));
+  epic_kvcache_destroy(kc);
+  free(logits);
+}
+
+/* A full cache is an error that leaves every sequence as it was. */
+static void test_cache_full_is_clean(void **state) {
+  fixture *f = *state;
+  tcase *c = &f->cases[f->n_cases - 1];
+  epic_kvcache *kc;
+  epic_kv_seq s = {0};
+  float *logits = malloc((size_t)f->V * 4);
+  int32_t bad = (int32_t)f->V;
+  assert_int_equal(epic_model_kvcache_create(f->m, 0, 4, 2, &kc), EPIC_OK);
+  epic_seq_batch b = {.tokens = c->prompt, .n_tokens = c->n_prompt, .kv = &s};
+  assert_true(c->n_prompt > 8);
+  assert_int_equal(epic_model_forward(f->m, kc, &b, 1, logits, NULL), EPIC_ERR_NOMEM);
+  assert_int_equal(s.n_tokens, 0);
+  assert_int_equal(epic_kvcache_free_pages(kc), 2);
+  epic_seq_batch bb = {.tokens = &bad, .n_tokens = 1, .kv = &s};
+  assert_int_equal(epic_model_forward(f->m, kc, &bb, 1, logits, NULL), EPIC_ERR_INVALID);
+  epic_seq_batch bs = {.tokens = c->prompt, .n_tokens = 1, .start = 3, .kv = &s};
+  assert_int_equal(epic_model_forward(f->m, kc, &bs, 1, logits, NULL), EPIC_ERR_INVALID);
+  epic_kvcache_seq_release(kc, &s);
+  epic_kvcache_destroy(kc);
+  free(logits);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_cases_match_reference),
+      cmocka_unit_test(test_mtp_logits),
+      cmocka_unit_test(test_incremental_equals_full),
+      cmocka_unit_test(test_batched_mixed),
+      cmocka_unit_test(test_cache_full_is_clean),
+  };
+  int fails = cmocka_run_group_tests_name("model tiny-bf16", tests, setup_bf16, teardown);
+  fails += cmocka_run_group_tests_name("model tiny-fp8", tests, setup_fp8, teardown);
+  return fails;
+}

@@ -1,0 +1,127 @@
+#define _GNU_SOURCE
+#include "generate.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../common/log.h"
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* MTP logits over the prompt: row i from the main model's final-normed hidden
+ * state at position i and the embedding of prompt token i+1. */
+static epic_status dump_mtp(epic_model *m, epic_kvcache *kc_mtp, const epic_generate_params *p,
+                            const float *hidden) {
+  const int64_t V = epic_model_get_config(m)->vocab_size, T = p->n_prompt;
+  epic_kv_seq seq = {0};
+  epic_status st;
+  float *logits;
+  if (T < 2) return EPIC_OK; /* no rows: the header still records shape (0, vocab) */
+  logits = malloc((size_t)((T - 1) * V) * sizeof(float));
+  if (!logits) return EPIC_ERR_NOMEM;
+  epic_seq_batch b = {.tokens = p->prompt + 1,
+                      .n_tokens = T - 1,
+                      .start = 0,
+                      .kv = &seq,
+                      .all_logits = 1,
+                      .hidden = hidden};
+  st = epic_model_mtp_forward(m, kc_mtp, &b, 1, logits);
+  if (st == EPIC_OK) st = epic_npy_writer_append(p->dump_mtp_logits, logits, T - 1);
+  epic_kvcache_seq_release(kc_mtp, &seq);
+  free(logits);
+  return st;
+}
+
+epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
+                          const epic_generate_params *p, epic_generate_result *r) {
+  const epic_model_config *c = epic_model_get_config(m);
+  const int64_t V = c->vocab_size, D = c->hidden_size;
+  const int want_rows = p->dump_logits != NULL, want_hidden = p->dump_mtp_logits != NULL;
+  const int64_t chunk = p->prefill_chunk > 0 ? p->prefill_chunk : p->n_prompt;
+  epic_kv_seq seq = {0};
+  epic_sampler *smp = NULL;
+  float *logits = NULL, *hidden = NULL, lp = 0;
+  int32_t tok;
+  epic_status st;
+  double t0;
+  memset(r, 0, sizeof *r);
+  if (!p || p->size != sizeof *p || p->n_prompt < 1 || p->max_new_tokens < 0) {
+    EPIC_LOG_ERROR("generate: need a prompt of at least one token and max_new_tokens >= 0");
+    return EPIC_ERR_INVALID;
+  }
+  if (want_hidden && !kc_mtp) {
+    EPIC_LOG_ERROR("generate: MTP logits requested but the model has no MTP layer");
+    return EPIC_ERR_INVALID;
+  }
+  EPIC_CHECK(epic_sampler_create(&p->sampling, &smp));
+  r->ids = malloc((size_t)(p->max_new_tokens + 1) * sizeof *r->ids);
+  logits = malloc((size_t)((want_rows ? chunk : 1) * V) * sizeof(float));
+  if (want_hidden) hidden = malloc((size_t)(p->n_prompt * D) * sizeof(float));
+  if (!r->ids || !logits || (want_hidden && !hidden)) {
+    st = EPIC_ERR_NOMEM;
+    goto done;
+  }
+
+  /* Prefill in chunks; every chunk's rows are dumped when asked for. */
+  t0 = now_s();
+  for (int64_t s0 = 0; s0 < p->n_prompt; s0 += chunk) {
+    int64_t n = p->n_prompt - s0 < chunk ? p->n_prompt - s0 : chunk;
+    epic_seq_batch b = {.tokens = p->prompt + s0,
+                        .n_tokens = n,
+                        .start = s0,
+                        .kv = &seq,
+                        .all_logits = want_rows || want_hidden};
+    /* Hidden rows are needed for all prompt positions; logits rows for the dump. */
+    float *lg = logits;
+    if (b.all_logits && !want_rows) {
+      lg = malloc((size_t)(n * V) * sizeof(float));
+      if (!lg) {
+        st = EPIC_ERR_NOMEM;
+        goto done;
+      }
+    }
+    st = epic_model_forward(m, kc, &b, 1, lg, want_hidden ? hidden + s0 * D : NULL);
+    if (st == EPIC_OK && want_rows) st = epic_npy_writer_append(p->dump_logits, lg, n);
+    if (st == EPIC_OK && b.all_logits)
+      memmove(logits, lg + (n - 1) * V, (size_t)V * sizeof(float)); /* keep the last row */
+    if (lg != logits) free(lg);
+    EPIC_CHECK_GOTO(st, st, done);
+  }
+  if (want_hidden) EPIC_CHECK_GOTO(dump_mtp(m, kc_mtp, p, hidden), st, done);
+  r->prefill_seconds = now_s() - t0;
+
+  t0 = now_s();
+  r->finish = EPIC_FINISH_LENGTH;
+  for (int64_t k = 0; k < p->max_new_tokens; k++) {
+    if (k > 0) {
+      epic_seq_batch b = {.tokens = &tok, .n_tokens = 1, .start = seq.n_tokens, .kv = &seq};
+      EPIC_CHECK_GOTO(epic_model_forward(m, kc, &b, 1, logits, NULL), st, done);
+      if (want_rows) EPIC_CHECK_GOTO(epic_npy_writer_append(p->dump_logits, logits, 1), st, done);
+    }
+    tok = epic_sampler_sample(smp, logits, V, &lp);
+    r->ids[r->n_ids++] = tok;
+    if (p->on_token) EPIC_CHECK_GOTO(p->on_token(p->user, tok, lp), st, done);
+    if (!p->ignore_eos && epic_config_is_eos(c, tok)) {
+      r->finish = EPIC_FINISH_STOP;
+      break;
+    }
+  }
+  r->decode_seconds = now_s() - t0;
+  st = EPIC_OK;
+done:
+  epic_kvcache_seq_release(kc, &seq);
+  epic_sampler_destroy(smp);
+  free(logits);
+  free(hidden);
+  if (st != EPIC_OK) {
+    free(r->ids);
+    r->ids = NULL;
+    r->n_ids = 0;
+  }
+  return st;
+}

@@ -1,0 +1,674 @@
+/* DeepSeek-V3 forward pass on epic_ops. See model.h for the contract and
+ * ARCHITECTURE.md for the numerics this reproduces. */
+#define _GNU_SOURCE
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../common/log.h"
+#include "checkpoint.h"
+
+typedef struct layer_w {
+  int64_t index;
+  float *attn_norm, *ffn_norm, *q_a_norm, *kv_a_norm;
+  epic_weight q_a, q_b, q_proj, kv_a, kv_b, o_proj;
+  float *kv_b_f32; /* kv_b dequantised [H*(nope+v)][lora] for the absorbed form */
+  int moe;
+  /* Dense MLP (moe == 0) or shared experts (moe && has_mlp). */
+  int has_mlp;
+  epic_weight gate, up, down;
+  int64_t mlp_width;
+  epic_weight router;
+  float *router_bias;   /* NULL when the checkpoint has no e_score_correction_bias */
+  epic_weight *experts; /* [n_routed_experts][3]: gate, up, down */
+} layer_w;
+
+typedef struct mtp_w {
+  epic_weight embed, eh_proj, head;
+  float *enorm, *hnorm, *head_norm;
+  layer_w layer;
+} mtp_w;
+
+/* Per-forward scratch, carved from one grow-only device block. */
+typedef struct scratch {
+  float *h, *a, *q, *cq, *kv, *attn_o, *tmp, *g, *u, *y, *rl, *xe, *ge, *ue, *ye, *hn, *rows;
+  float *q_abs, *q_pe, *ctx, *lat, *kpe, *kvb, *x2;
+  int32_t *idx, *pos, *ids;
+  float *w;
+  int32_t *tok_list;
+  float *w_list;
+  int64_t *counts, *offsets;
+} scratch;
+
+struct epic_model {
+  epic_ops *ops;
+  epic_checkpoint *ck;
+  epic_model_config cfg;
+  epic_weight embed, lm_head;
+  float *final_norm;
+  layer_w *layers;
+  int has_mtp;
+  mtp_w mtp;
+  double *inv_freq;
+  float scale;
+  size_t derived_bytes;
+  void *arena;
+  size_t arena_bytes;
+  int progress;
+};
+
+/* ---------------------------------------------------------------- loading */
+
+static epic_status load_vec(epic_model *m, const char *name, int64_t n, float **out) {
+  epic_status st;
+  float *host = malloc((size_t)n * sizeof(float));
+  *out = NULL;
+  if (!host) return EPIC_ERR_NOMEM;
+  EPIC_CHECK_GOTO(epic_checkpoint_vector(m->ck, name, n, host), st, done);
+  EPIC_CHECK_GOTO(m->ops->vt->alloc(m->ops, (size_t)n * sizeof(float), (void **)out), st, done);
+  EPIC_CHECK_GOTO(m->ops->vt->upload(m->ops, *out, host, (size_t)n * sizeof(float)), st, done);
+  m->derived_bytes += (size_t)n * sizeof(float);
+done:
+  free(host);
+  return st;
+}
+
+#define LNAME(buf, l, suffix) snprintf(buf, sizeof buf, "model.layers.%lld.%s", (long long)(l), suffix)
+
+static epic_status load_weight_l(epic_model *m, int64_t l, const char *suffix, int64_t rows,
+                                 int64_t cols, epic_weight *w) {
+  char name[256];
+  LNAME(name, l, suffix);
+  return epic_checkpoint_weight(m->ck, name, rows, cols, w);
+}
+
+static epic_status load_vec_l(epic_model *m, int64_t l, const char *suffix, int64_t n, float **out) {
+  char name[256];
+  LNAME(name, l, suffix);
+  return load_vec(m, name, n, out);
+}
+
+static epic_status load_mlp(epic_model *m, int64_t l, const char *prefix, int64_t width,
+                            epic_weight w3[3]) {
+  static const char *parts[3] = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
+  const int64_t D = m->cfg.hidden_size;
+  char suffix[200];
+  for (int i = 0; i < 3; i++) {
+    snprintf(suffix, sizeof suffix, "%s%s", prefix, parts[i]);
+    EPIC_CHECK(load_weight_l(m, l, suffix, i < 2 ? width : D, i < 2 ? D : width, &w3[i]));
+  }
+  return EPIC_OK;
+}
+
+static epic_status load_layer(epic_model *m, int64_t l, layer_w *lw) {
+  const epic_model_config *c = &m->cfg;
+  const int64_t D = c->hidden_size, H = c->num_attention_heads;
+  const int64_t dq = c->qk_nope_head_dim + c->qk_rope_head_dim;
+  const int64_t dkv = c->qk_nope_head_dim + c->v_head_dim;
+  const int64_t L = c->kv_lora_rank, R = c->qk_rope_head_dim;
+  epic_weight w3[3];
+  lw->index = l;
+  EPIC_CHECK(load_vec_l(m, l, "input_layernorm.weight", D, &lw->attn_norm));
+  EPIC_CHECK(load_vec_l(m, l, "post_attention_layernorm.weight", D, &lw->ffn_norm));
+  if (c->q_lora_rank > 0) {
+    EPIC_CHECK(load_weight_l(m, l, "self_attn.q_a_proj.weight", c->q_lora_rank, D, &lw->q_a));
+    EPIC_CHECK(load_vec_l(m, l, "self_attn.q_a_layernorm.weight", c->q_lora_rank, &lw->q_a_norm));
+    EPIC_CHECK(load_weight_l(m, l, "self_attn.q_b_proj.weight", H * dq, c->q_lora_rank, &lw->q_b));
+  } else {
+    EPIC_CHECK(load_weight_l(m, l, "self_attn.q_proj.weight", H * dq, D, &lw->q_proj));
+  }
+  EPIC_CHECK(load_weight_l(m, l, "self_attn.kv_a_proj_with_mqa.weight", L + R, D, &lw->kv_a));
+  EPIC_CHECK(load_vec_l(m, l, "self_attn.kv_a_layernorm.weight", L, &lw->kv_a_norm));
+  EPIC_CHECK(load_weight_l(m, l, "self_attn.kv_b_proj.weight", H * dkv, L, &lw->kv_b));
+  EPIC_CHECK(load_weight_l(m, l, "self_attn.o_proj.weight", D, H * c->v_head_dim, &lw->o_proj));
+  {
+    /* The absorbed form multiplies by per-head slices of kv_b; keep one fp32 copy. */
+    size_t bytes = (size_t)(H * dkv) * (size_t)L * sizeof(float);
+    float *host = malloc(bytes);
+    epic_status st = EPIC_ERR_NOMEM;
+    if (host) {
+      epic_weight_rows_f32(&lw->kv_b, 0, H * dkv, host);
+      st = m->ops->vt->alloc(m->ops, bytes, (void **)&lw->kv_b_f32);
+      if (st == EPIC_OK) st = m->ops->vt->upload(m->ops, lw->kv_b_f32, host, bytes);
+      free(host);
+    }
+    EPIC_CHECK(st);
+    m->derived_bytes += bytes;
+  }
+  lw->moe = epic_config_is_moe_layer(c, l);
+  if (!lw->moe) {
+    lw->has_mlp = 1;
+    lw->mlp_width = c->intermediate_size;
+    EPIC_CHECK(load_mlp(m, l, "mlp.", lw->mlp_width, w3));
+  } else {
+    const int64_t E = c->n_routed_experts;
+    char name[256];
+    EPIC_CHECK(load_weight_l(m, l, "mlp.gate.weight", E, D, &lw->router));
+    LNAME(name, l, "mlp.gate.e_score_correction_bias");
+    /* noaux_tc routing needs the bias; other checkpoints may simply lack it. */
+    if (strcmp(c->topk_method, "noaux_tc") == 0 || epic_checkpoint_find(m->ck, name))
+      EPIC_CHECK(load_vec(m, name, E, &lw->router_bias));
+    lw->experts = calloc((size_t)E * 3, sizeof *lw->experts);
+    if (!lw->experts) return EPIC_ERR_NOMEM;
+    for (int64_t e = 0; e < E; e++) {
+      char prefix[64];
+      snprintf(prefix, sizeof prefix, "mlp.experts.%lld.", (long long)e);
+      EPIC_CHECK(load_mlp(m, l, prefix, c->moe_intermediate_size, &lw->experts[e * 3]));
+    }
+    if (c->n_shared_experts > 0) {
+      lw->has_mlp = 1;
+      lw->mlp_width = c->moe_intermediate_size * c->n_shared_experts;
+      EPIC_CHECK(load_mlp(m, l, "mlp.shared_experts.", lw->mlp_width, w3));
+    }
+  }
+  if (lw->has_mlp) {
+    lw->gate = w3[0];
+    lw->up = w3[1];
+    lw->down = w3[2];
+  }
+  return EPIC_OK;
+}
+
+static void free_layer(epic_model *m, layer_w *lw) {
+  epic_ops *o = m->ops;
+  o->vt->free(o, lw->attn_norm);
+  o->vt->free(o, lw->ffn_norm);
+  o->vt->free(o, lw->q_a_norm);
+  o->vt->free(o, lw->kv_a_norm);
+  o->vt->free(o, lw->kv_b_f32);
+  o->vt->free(o, lw->router_bias);
+  free(lw->experts);
+}
+
+/* Weight from `name` if the checkpoint has it, else from `fallback` (the MTP
+ * layer's embedding and head are copies of the main ones in real checkpoints). */
+static epic_status load_weight_or(epic_model *m, const char *name, const epic_weight *fallback,
+                                  int64_t rows, int64_t cols, epic_weight *w) {
+  if (epic_checkpoint_find(m->ck, name)) return epic_checkpoint_weight(m->ck, name, rows, cols, w);
+  *w = *fallback;
+  return EPIC_OK;
+}
+
+static epic_status load_mtp(epic_model *m) {
+  const epic_model_config *c = &m->cfg;
+  const int64_t l = c->num_hidden_layers, D = c->hidden_size;
+  char name[256];
+  LNAME(name, l, "embed_tokens.weight");
+  EPIC_CHECK(load_weight_or(m, name, &m->embed, c->vocab_size, D, &m->mtp.embed));
+  LNAME(name, l, "shared_head.head.weight");
+  EPIC_CHECK(load_weight_or(m, name, &m->lm_head, c->vocab_size, D, &m->mtp.head));
+  EPIC_CHECK(load_weight_l(m, l, "eh_proj.weight", D, 2 * D, &m->mtp.eh_proj));
+  EPIC_CHECK(load_vec_l(m, l, "enorm.weight", D, &m->mtp.enorm));
+  EPIC_CHECK(load_vec_l(m, l, "hnorm.weight", D, &m->mtp.hnorm));
+  EPIC_CHECK(load_vec_l(m, l, "shared_head.norm.weight", D, &m->mtp.head_norm));
+  EPIC_CHECK(load_layer(m, l, &m->mtp.layer));
+  return EPIC_OK;
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Progress of a long load: a rewritten line on a terminal, log lines otherwise. */
+static void report_progress(const epic_model *m, int64_t done, int64_t total, double t0) {
+  double el = now_s() - t0, gb = (double)epic_checkpoint_bytes(m->ck) / 1e9;
+  double eta = done > 0 ? el * (double)(total - done) / (double)done : 0;
+  if (!m->progress) return;
+  if (isatty(2))
+    fprintf(stderr, "\rloading layer %lld/%lld  %.2f GB  %.2f GB/s  ETA %.0fs%s", (long long)done,
+            (long long)total, gb, el > 0 ? gb / el : 0.0, eta, done == total ? "\n" : "");
+  else if (done == total || done % 8 == 0)
+    EPIC_LOG_INFO("loaded layer %lld/%lld: %.2f GB in %.1fs (%.2f GB/s), ETA %.0fs",
+                  (long long)done, (long long)total, gb, el, el > 0 ? gb / el : 0.0, eta);
+}
+
+epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_model **out) {
+  epic_model *m;
+  epic_status st;
+  int64_t n_layers;
+  double t0 = now_s();
+  *out = NULL;
+  if (!p || p->size != sizeof *p || !p->dir) {
+    EPIC_LOG_ERROR("model: invalid load parameters");
+    return EPIC_ERR_INVALID;
+  }
+  m = calloc(1, sizeof *m);
+  if (!m) return EPIC_ERR_NOMEM;
+  m->ops = ops;
+  m->progress = p->progress;
+  if (p->load_format == EPIC_LOAD_DUMMY) {
+    epic_model_config cfg;
+    EPIC_CHECK_GOTO(epic_config_load_dir(p->dir, &cfg), st, fail);
+    EPIC_CHECK_GOTO(epic_config_override(&cfg, p->num_layers, p->num_experts), st, fail);
+    EPIC_CHECK_GOTO(epic_checkpoint_open_dummy(&cfg, p->seed, &m->ck), st, fail);
+  } else {
+    EPIC_CHECK_GOTO(epic_checkpoint_open(p->dir, &m->ck), st, fail);
+    EPIC_CHECK_GOTO(epic_config_override(epic_checkpoint_config_mut(m->ck), p->num_layers,
+                                         p->num_experts),
+                    st, fail);
+  }
+  m->cfg = *epic_checkpoint_config(m->ck);
+  {
+    const epic_model_config *c = &m->cfg;
+    const int64_t D = c->hidden_size;
+    n_layers = c->num_hidden_layers;
+    m->inv_freq = calloc((size_t)(c->qk_rope_head_dim / 2 + 1), sizeof(double));
+    m->layers = calloc((size_t)n_layers, sizeof *m->layers);
+    if (!m->inv_freq || !m->layers) {
+      st = EPIC_ERR_NOMEM;
+      goto fail;
+    }
+    epic_config_rope_inv_freq(c, m->inv_freq);
+    m->scale = (float)epic_config_softmax_scale(c);
+    EPIC_CHECK_GOTO(epic_checkpoint_weight(m->ck, "model.embed_tokens.weight", c->vocab_size, D,
+                                           &m->embed),
+                    st, fail);
+    EPIC_CHECK_GOTO(load_vec(m, "model.norm.weight", D, &m->final_norm), st, fail);
+    if (c->tie_word_embeddings)
+      m->lm_head = m->embed;
+    else
+      EPIC_CHECK_GOTO(epic_checkpoint_weight(m->ck, "lm_head.weight", c->vocab_size, D,
+                                             &m->lm_head),
+                      st, fail);
+    for (int64_t l = 0; l < n_layers; l++) {
+      EPIC_CHECK_GOTO(load_layer(m, l, &m->layers[l]), st, fail);
+      report_progress(m, l + 1, n_layers, t0);
+    }
+    if (p->load_mtp && c->num_nextn_predict_layers > 0) {
+      EPIC_CHECK_GOTO(load_mtp(m), st, fail);
+      m->has_mtp = 1;
+    }
+  }
+  if (p->load_format != EPIC_LOAD_DUMMY) epic_checkpoint_report_unused(m->ck);
+  *out = m;
+  return EPIC_OK;
+fail:
+  epic_model_destroy(m);
+  return st;
+}
+
+void epic_model_destroy(epic_model *m) {
+  if (!m) return;
+  if (m->layers)
+    for (int64_t l = 0; l < m->cfg.num_hidden_layers; l++) free_layer(m, &m->layers[l]);
+  if (m->has_mtp || m->mtp.layer.attn_norm) {
+    free_layer(m, &m->mtp.layer);
+  }
+  m->ops->vt->free(m->ops, m->mtp.enorm);
+  m->ops->vt->free(m->ops, m->mtp.hnorm);
+  m->ops->vt->free(m->ops, m->mtp.head_norm);
+  m->ops->vt->free(m->ops, m->final_norm);
+  m->ops->vt->free(m->ops, m->arena);
+  free(m->layers);
+  free(m->inv_freq);
+  epic_checkpoint_close(m->ck);
+  free(m);
+}
+
+const epic_model_config *epic_model_get_config(const epic_model *m) { return &m->cfg; }
+int epic_model_has_mtp(const epic_model *m) { return m->has_mtp; }
+size_t epic_model_weight_bytes(const epic_model *m) {
+  return epic_checkpoint_bytes(m->ck) + m->derived_bytes;
+}
+
+epic_status epic_model_kvcache_create(epic_model *m, int mtp, int64_t page_size, int64_t n_pages,
+                                      epic_kvcache **out) {
+  epic_kvcache_params p = {.size = sizeof p,
+                           .n_layers = mtp ? 1 : m->cfg.num_hidden_layers,
+                           .lora = m->cfg.kv_lora_rank,
+                           .rope = m->cfg.qk_rope_head_dim,
+                           .page_size = page_size,
+                           .n_pages = n_pages};
+  if (mtp && !m->has_mtp) {
+    EPIC_LOG_ERROR("model: no MTP layer loaded");
+    return EPIC_ERR_INVALID;
+  }
+  return epic_kvcache_create(m->ops, &p, out);
+}
+
+/* ---------------------------------------------------------------- forward */
+
+int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs) {
+  int64_t r = 0;
+  for (int i = 0; i < n_seqs; i++) r += seqs[i].all_logits ? seqs[i].n_tokens : 1;
+  return r;
+}
+
+/* Carve the scratch for a batch of M tokens whose naive-attention contexts are at
+ * most max_ctx keys and absorbed chunks at most max_abs tokens. */
+static epic_status scratch_get(epic_model *m, int64_t M, int64_t max_ctx, int64_t max_abs,
+                               int64_t out_rows, scratch *s) {
+  const epic_model_config *c = &m->cfg;
+  const int64_t D = c->hidden_size, H = c->num_attention_heads;
+  const int64_t dq = c->qk_nope_head_dim + c->qk_rope_head_dim;
+  const int64_t dkv = c->qk_nope_head_dim + c->v_head_dim;
+  const int64_t L = c->kv_lora_rank, R = c->qk_rope_head_dim, V = c->v_head_dim;
+  const int64_t E = c->n_routed_experts > 0 ? c->n_routed_experts : 1;
+  const int64_t K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+  int64_t I = c->intermediate_size;
+  if (c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1) > I)
+    I = c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1);
+  struct {
+    void **p;
+    size_t n;
+  } parts[] = {
+      {(void **)&s->h, (size_t)(M * D) * 4},          {(void **)&s->a, (size_t)(M * D) * 4},
+      {(void **)&s->q, (size_t)(M * H * dq) * 4},     {(void **)&s->cq, (size_t)(M * (c->q_lora_rank + 1)) * 4},
+      {(void **)&s->kv, (size_t)(M * (L + R)) * 4},   {(void **)&s->attn_o, (size_t)(M * H * V) * 4},
+      {(void **)&s->tmp, (size_t)(M * D) * 4},        {(void **)&s->g, (size_t)(M * I) * 4},
+      {(void **)&s->u, (size_t)(M * I) * 4},          {(void **)&s->y, (size_t)(M * D) * 4},
+      {(void **)&s->rl, (size_t)(M * E) * 4},         {(void **)&s->xe, (size_t)(M * D) * 4},
+      {(void **)&s->ge, (size_t)(M * c->moe_intermediate_size + 1) * 4},
+      {(void **)&s->ue, (size_t)(M * c->moe_intermediate_size + 1) * 4},
+      {(void **)&s->ye, (size_t)(M * D) * 4},         {(void **)&s->hn, (size_t)(M * D) * 4},
+      {(void **)&s->rows, (size_t)(out_rows * D) * 4},
+      {(void **)&s->q_abs, (size_t)(max_abs * H * L) * 4},
+      {(void **)&s->q_pe, (size_t)(max_abs * H * R + 1) * 4},
+      {(void **)&s->ctx, (size_t)(max_abs * H * L) * 4},
+      {(void **)&s->lat, (size_t)(max_ctx * L) * 4},  {(void **)&s->kpe, (size_t)(max_ctx * R + 1) * 4},
+      {(void **)&s->kvb, (size_t)(max_ctx * H * dkv) * 4},
+      {(void **)&s->x2, (size_t)(M * 2 * D) * 4},     {(void **)&s->idx, (size_t)(M * K) * 4},
+      {(void **)&s->pos, (size_t)M * 4},              {(void **)&s->ids, (size_t)M * 4},
+      {(void **)&s->w, (size_t)(M * K) * 4},          {(void **)&s->tok_list, (size_t)(M * K) * 4},
+      {(void **)&s->w_list, (size_t)(M * K) * 4},     {(void **)&s->counts, (size_t)(E + 1) * 8},
+      {(void **)&s->offsets, (size_t)(E + 1) * 8},
+  };
+  const size_t n_parts = sizeof parts / sizeof parts[0];
+  size_t total = 0;
+  for (size_t i = 0; i < n_parts; i++) total += (parts[i].n + 63) & ~(size_t)63;
+  if (total > m->arena_bytes) {
+    m->ops->vt->free(m->ops, m->arena);
+    m->arena = NULL;
+    m->arena_bytes = 0;
+    EPIC_CHECK(m->ops->vt->alloc(m->ops, total, &m->arena));
+    m->arena_bytes = total;
+  }
+  {
+    char *p = m->arena;
+    for (size_t i = 0; i < n_parts; i++) {
+      *parts[i].p = p;
+      p += (parts[i].n + 63) & ~(size_t)63;
+    }
+  }
+  return EPIC_OK;
+}
+
+/* y = down(silu(gate(x)) * up(x)) for m rows; g/u are scratch of m x width. */
+static epic_status mlp(epic_model *m, const epic_weight *gate, const epic_weight *up,
+                       const epic_weight *down, const float *x, int64_t rows, float *g, float *u,
+                       float *y) {
+  epic_ops *o = m->ops;
+  const int64_t D = m->cfg.hidden_size, W = gate->rows;
+  EPIC_CHECK(o->vt->matmul(o, x, D, rows, gate, g, W));
+  EPIC_CHECK(o->vt->matmul(o, x, D, rows, up, u, W));
+  EPIC_CHECK(o->vt->silu_mul(o, g, W, u, W, rows, W, g, W));
+  EPIC_CHECK(o->vt->matmul(o, g, W, rows, down, y, D));
+  return EPIC_OK;
+}
+
+/* Routed experts + shared experts of one MoE layer for M tokens of f -> y. */
+static epic_status moe(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
+                       float *y) {
+  epic_ops *o = m->ops;
+  const epic_model_config *c = &m->cfg;
+  const int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+  epic_router_params rp = {.n_experts = E,
+                           .top_k = K,
+                           .n_group = c->n_group,
+                           .topk_group = c->topk_group,
+                           .scoring = strcmp(c->scoring_func, "softmax") == 0,
+                           .norm_topk_prob = c->norm_topk_prob,
+                           .routed_scaling_factor = (float)c->routed_scaling_factor,
+                           .bias = lw->router_bias};
+  EPIC_CHECK(o->vt->matmul(o, f, D, M, &lw->router, s->rl, E));
+  EPIC_CHECK(o->vt->route(o, s->rl, M, &rp, s->idx, s->w));
+  if (lw->has_mlp)
+    EPIC_CHECK(mlp(m, &lw->gate, &lw->up, &lw->down, f, M, s->g, s->u, y));
+  else
+    memset(y, 0, (size_t)(M * D) * sizeof(float));
+  /* Group the (token, expert) pairs by expert: a counting sort keeps each
+   * expert's tokens in token order, so results do not depend on batch layout. */
+  memset(s->counts, 0, (size_t)(E + 1) * sizeof(int64_t));
+  for (int64_t i = 0; i < M * K; i++) s->counts[s->idx[i]]++;
+  s->offsets[0] = 0;
+  for (int64_t e = 0; e < E; e++) s->offsets[e + 1] = s->offsets[e] + s->counts[e];
+  memset(s->counts, 0, (size_t)(E + 1) * sizeof(int64_t));
+  for (int64_t t = 0; t < M; t++)
+    for (int64_t k = 0; k < K; k++) {
+      int32_t e = s->idx[t * K + k];
+      int64_t at = s->offsets[e] + s->counts[e]++;
+      s->tok_list[at] = (int32_t)t;
+      s->w_list[at] = s->w[t * K + k];
+    }
+  for (int64_t e = 0; e < E; e++) {
+    const int64_t n = s->offsets[e + 1] - s->offsets[e];
+    const int32_t *toks = s->tok_list + s->offsets[e];
+    const float *ws = s->w_list + s->offsets[e];
+    const epic_weight *ew = &lw->experts[e * 3];
+    if (n == 0) continue;
+    for (int64_t j = 0; j < n; j++)
+      memcpy(s->xe + j * D, f + (int64_t)toks[j] * D, (size_t)D * sizeof(float));
+    EPIC_CHECK(mlp(m, &ew[0], &ew[1], &ew[2], s->xe, n, s->ge, s->ue, s->ye));
+    for (int64_t j = 0; j < n; j++)
+      EPIC_CHECK(o->vt->axpy(o, D, ws[j], s->ye + j * D, y + (int64_t)toks[j] * D));
+  }
+  return EPIC_OK;
+}
+
+/* MLA for the batch: normed input s->a -> s->tmp (o_proj output). */
+static epic_status attention(epic_model *m, const layer_w *lw, epic_kvcache *kc, int64_t kv_layer,
+                             const epic_seq_batch *seqs, int n_seqs, int64_t M, scratch *s) {
+  epic_ops *o = m->ops;
+  const epic_model_config *c = &m->cfg;
+  const int64_t D = c->hidden_size, H = c->num_attention_heads, nope = c->qk_nope_head_dim;
+  const int64_t R = c->qk_rope_head_dim, V = c->v_head_dim, L = c->kv_lora_rank;
+  const int64_t dq = nope + R, dkv = nope + V;
+  if (c->q_lora_rank > 0) {
+    EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->q_a, s->cq, c->q_lora_rank));
+    EPIC_CHECK(o->vt->rmsnorm(o, s->cq, c->q_lora_rank, M, c->q_lora_rank, lw->q_a_norm,
+                              (float)c->rms_norm_eps, s->cq, c->q_lora_rank));
+    EPIC_CHECK(o->vt->matmul(o, s->cq, c->q_lora_rank, M, &lw->q_b, s->q, H * dq));
+  } else {
+    EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->q_proj, s->q, H * dq));
+  }
+  EPIC_CHECK(o->vt->rope(o, s->q + nope, M, H, H * dq, dq, R, s->pos, m->inv_freq));
+  EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->kv_a, s->kv, L + R));
+  EPIC_CHECK(o->vt->rmsnorm(o, s->kv, L + R, M, L, lw->kv_a_norm, (float)c->rms_norm_eps, s->kv,
+                            L + R));
+  EPIC_CHECK(o->vt->rope(o, s->kv + L, M, 1, L + R, 0, R, s->pos, m->inv_freq));
+
+  int64_t r0 = 0;
+  for (int i = 0; i < n_seqs; i++) {
+    const epic_seq_batch *sq = &seqs[i];
+    const int64_t n = sq->n_tokens, start = sq->start, S = start + n;
+    epic_kv_view view = epic_kvcache_view(kc, kv_layer, sq->kv, S);
+    const float *qs = s->q + r0 * H * dq;
+    float *out = s->attn_o + r0 * H * V;
+    EPIC_CHECK(o->vt->kv_store(o, &view, start, n, s->kv + r0 * (L + R), L + R,
+                               s->kv + r0 * (L + R) + L, L + R));
+    if (n == 1) {
+      /* Decode: absorbed form, reading each cached 576-wide (for V3) row once. */
+      EPIC_CHECK(o->vt->head_gemm(o, qs, H * dq, dq, n, H, lw->kv_b_f32, dkv * L, nope, L, 0,
+                                  s->q_abs, H * L, L));
+      for (int64_t t = 0; t < n; t++)
+        for (int64_t h = 0; h < H; h++)
+          memcpy(s->q_pe + (t * H + h) * R, qs + t * H * dq + h * dq + nope,
+                 (size_t)R * sizeof(float));
+      EPIC_CHECK(o->vt->mla_absorbed(o, &view, s->q_abs, s->q_pe, n, start, H, m->scale, s->ctx));
+      EPIC_CHECK(o->vt->head_gemm(o, s->ctx, H * L, L, n, H, lw->kv_b_f32 + nope * L, dkv * L, L,
+                                  V, 1, out, H * V, V));
+    } else {
+      /* Prefill chunk: naive form over the decompressed keys/values of all S keys. */
+      EPIC_CHECK(o->vt->kv_gather(o, &view, S, s->lat, s->kpe));
+      EPIC_CHECK(o->vt->matmul(o, s->lat, L, S, &lw->kv_b, s->kvb, H * dkv));
+      EPIC_CHECK(o->vt->mla_naive(o, qs, s->kvb, s->kpe, n, start, H, nope, R, V, m->scale, out));
+    }
+    r0 += n;
+  }
+  EPIC_CHECK(o->vt->matmul(o, s->attn_o, H * V, M, &lw->o_proj, s->tmp, D));
+  return EPIC_OK;
+}
+
+/* One decoder block on the residual stream s->h. */
+static epic_status layer_forward(epic_model *m, const layer_w *lw, epic_kvcache *kc,
+                                 int64_t kv_layer, const epic_seq_batch *seqs, int n_seqs,
+                                 int64_t M, scratch *s) {
+  epic_ops *o = m->ops;
+  const epic_model_config *c = &m->cfg;
+  const int64_t D = c->hidden_size;
+  const float eps = (float)c->rms_norm_eps;
+  EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, lw->attn_norm, eps, s->a, D));
+  EPIC_CHECK(attention(m, lw, kc, kv_layer, seqs, n_seqs, M, s));
+  EPIC_CHECK(o->vt->axpy(o, M * D, 1.0f, s->tmp, s->h));
+  EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, lw->ffn_norm, eps, s->a, D));
+  if (lw->moe)
+    EPIC_CHECK(moe(m, lw, s->a, M, s, s->y));
+  else
+    EPIC_CHECK(mlp(m, &lw->gate, &lw->up, &lw->down, s->a, M, s->g, s->u, s->y));
+  EPIC_CHECK(o->vt->axpy(o, M * D, 1.0f, s->y, s->h));
+  return EPIC_OK;
+}
+
+/* Validate the batch, reserve cache pages (all or nothing) and fill positions/ids. */
+static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs, int n_seqs,
+                           int64_t *M, int64_t *max_ctx, int64_t *max_abs) {
+  const epic_model_config *c = &m->cfg;
+  *M = 0;
+  *max_ctx = 1;
+  *max_abs = 1;
+  if (n_seqs < 1) return EPIC_ERR_INVALID;
+  for (int i = 0; i < n_seqs; i++) {
+    const epic_seq_batch *sq = &seqs[i];
+    if (sq->n_tokens < 1 || !sq->tokens || !sq->kv || sq->start != sq->kv->n_tokens ||
+        sq->start + sq->n_tokens > c->max_position_embeddings) {
+      EPIC_LOG_ERROR("forward: sequence %d: invalid chunk (start %lld, %lld tokens, cache holds %lld)",
+                     i, (long long)sq->start, (long long)sq->n_tokens,
+                     sq->kv ? (long long)sq->kv->n_tokens : -1LL);
+      return EPIC_ERR_INVALID;
+    }
+    for (int64_t t = 0; t < sq->n_tokens; t++)
+      if (sq->tokens[t] < 0 || sq->tokens[t] >= c->vocab_size) {
+        EPIC_LOG_ERROR("forward: token id %d out of range [0, %lld)", sq->tokens[t],
+                       (long long)c->vocab_size);
+        return EPIC_ERR_INVALID;
+      }
+    *M += sq->n_tokens;
+    if (sq->n_tokens == 1) {
+      if (sq->n_tokens > *max_abs) *max_abs = sq->n_tokens;
+    } else if (sq->start + sq->n_tokens > *max_ctx) {
+      *max_ctx = sq->start + sq->n_tokens;
+    }
+  }
+  for (int i = 0; i < n_seqs; i++) {
+    epic_status st = epic_kvcache_seq_reserve(kc, seqs[i].kv, seqs[i].start + seqs[i].n_tokens);
+    if (st != EPIC_OK) {
+      for (int j = 0; j < i; j++) epic_kvcache_seq_truncate(kc, seqs[j].kv, seqs[j].start);
+      epic_kvcache_seq_truncate(kc, seqs[i].kv, seqs[i].start);
+      return st;
+    }
+  }
+  return EPIC_OK;
+}
+
+static void fill_positions(const epic_seq_batch *seqs, int n_seqs, scratch *s) {
+  int64_t r = 0;
+  for (int i = 0; i < n_seqs; i++)
+    for (int64_t t = 0; t < seqs[i].n_tokens; t++, r++) {
+      s->pos[r] = (int32_t)(seqs[i].start + t);
+      s->ids[r] = seqs[i].tokens[t];
+    }
+}
+
+/* Final norm + head for the rows the caller asked for; commits cache lengths. */
+static epic_status finish(epic_model *m, const epic_seq_batch *seqs, int n_seqs, int64_t M,
+                          const float *norm_w, const epic_weight *head, scratch *s, float *logits,
+                          float *hidden) {
+  epic_ops *o = m->ops;
+  const int64_t D = m->cfg.hidden_size;
+  int64_t r0 = 0, out = 0;
+  EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, norm_w, (float)m->cfg.rms_norm_eps, s->hn, D));
+  for (int i = 0; i < n_seqs; i++) {
+    const int64_t n = seqs[i].n_tokens, first = seqs[i].all_logits ? 0 : n - 1;
+    memcpy(s->rows + out * D, s->hn + (r0 + first) * D, (size_t)((n - first) * D) * sizeof(float));
+    out += n - first;
+    r0 += n;
+  }
+  if (hidden) EPIC_CHECK(o->vt->download(o, hidden, s->rows, (size_t)(out * D) * sizeof(float)));
+  EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, logits, m->cfg.vocab_size));
+  for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_tokens = seqs[i].start + seqs[i].n_tokens;
+  return EPIC_OK;
+}
+
+/* On failure after pages were reserved, give back what this call took. */
+static void rollback(epic_kvcache *kc, const epic_seq_batch *seqs, int n_seqs) {
+  for (int i = 0; i < n_seqs; i++) epic_kvcache_seq_truncate(kc, seqs[i].kv, seqs[i].start);
+}
+
+epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
+                               int n_seqs, float *logits, float *hidden) {
+  epic_ops *o = m->ops;
+  scratch s;
+  int64_t M, max_ctx, max_abs;
+  epic_status st;
+  EPIC_CHECK(prepare(m, kc, seqs, n_seqs, &M, &max_ctx, &max_abs));
+  EPIC_CHECK_GOTO(scratch_get(m, M, max_ctx, max_abs, epic_batch_out_rows(seqs, n_seqs), &s), st,
+                  fail);
+  fill_positions(seqs, n_seqs, &s);
+  EPIC_CHECK_GOTO(o->vt->embed(o, &m->embed, s.ids, M, s.h), st, fail);
+  for (int64_t l = 0; l < m->cfg.num_hidden_layers; l++)
+    EPIC_CHECK_GOTO(layer_forward(m, &m->layers[l], kc, l, seqs, n_seqs, M, &s), st, fail);
+  EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->final_norm, &m->lm_head, &s, logits, hidden), st,
+                  fail);
+  return EPIC_OK;
+fail:
+  rollback(kc, seqs, n_seqs);
+  return st;
+}
+
+epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
+                                   int n_seqs, float *logits) {
+  epic_ops *o = m->ops;
+  const int64_t D = m->cfg.hidden_size;
+  const float eps = (float)m->cfg.rms_norm_eps;
+  scratch s;
+  int64_t M, max_ctx, max_abs, r = 0;
+  epic_status st;
+  if (!m->has_mtp) {
+    EPIC_LOG_ERROR("model: no MTP layer loaded");
+    return EPIC_ERR_INVALID;
+  }
+  for (int i = 0; i < n_seqs; i++)
+    if (!seqs[i].hidden) {
+      EPIC_LOG_ERROR("mtp forward: sequence %d has no hidden states", i);
+      return EPIC_ERR_INVALID;
+    }
+  EPIC_CHECK(prepare(m, kc, seqs, n_seqs, &M, &max_ctx, &max_abs));
+  EPIC_CHECK_GOTO(scratch_get(m, M, max_ctx, max_abs, epic_batch_out_rows(seqs, n_seqs), &s), st,
+                  fail);
+  fill_positions(seqs, n_seqs, &s);
+  /* x = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]): embedding half first. */
+  EPIC_CHECK_GOTO(o->vt->embed(o, &m->mtp.embed, s.ids, M, s.a), st, fail);
+  for (int i = 0; i < n_seqs; i++) {
+    EPIC_CHECK_GOTO(o->vt->upload(o, s.hn + r * D, seqs[i].hidden,
+                                  (size_t)(seqs[i].n_tokens * D) * sizeof(float)),
+                    st, fail);
+    r += seqs[i].n_tokens;
+  }
+  EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.a, D, M, D, m->mtp.enorm, eps, s.x2, 2 * D), st, fail);
+  EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.hn, D, M, D, m->mtp.hnorm, eps, s.x2 + D, 2 * D), st, fail);
+  EPIC_CHECK_GOTO(o->vt->matmul(o, s.x2, 2 * D, M, &m->mtp.eh_proj, s.h, D), st, fail);
+  EPIC_CHECK_GOTO(layer_forward(m, &m->mtp.layer, kc, 0, seqs, n_seqs, M, &s), st, fail);
+  EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->mtp.head_norm, &m->mtp.head, &s, logits, NULL), st,
+                  fail);
+  return EPIC_OK;
+fail:
+  rollback(kc, seqs, n_seqs);
+  return st;
+}

@@ -1,0 +1,81 @@
+/* The DeepSeek-V3 model on an epic_ops backend: weights from a checkpoint (or a
+ * dummy one), and a batched forward pass over any mix of prefill chunks and
+ * decode tokens of several sequences, with the paged latent KV cache.
+ *
+ * Numerics follow ARCHITECTURE.md: RMSNorm, MLA (naive form for multi-token
+ * chunks, absorbed form over the paged cache for single-token decode),
+ * interleaved RoPE with YaRN, dense SwiGLU, MoE with the sigmoid router
+ * (bias for selection only, group-limited top-k), shared experts, MTP layer.
+ * Thread contract: thread-compatible; one thread drives a model at a time. */
+#ifndef EPIC_WORKER_MODEL_H
+#define EPIC_WORKER_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/status.h"
+#include "../kernels/ops.h"
+#include "config.h"
+#include "kvcache.h"
+
+typedef struct epic_model epic_model;
+
+typedef enum { EPIC_LOAD_AUTO = 0, EPIC_LOAD_DUMMY = 1 } epic_load_format;
+
+typedef struct epic_model_params {
+  size_t size;                  /* sizeof(epic_model_params) */
+  const char *dir;              /* model directory (config.json [+ safetensors]) */
+  epic_load_format load_format; /* DUMMY: random weights from config.json alone */
+  uint64_t seed;                /* dummy weights' seed */
+  int64_t num_layers;           /* > 0: override num_hidden_layers (benchmarks) */
+  int64_t num_experts;          /* > 0: override n_routed_experts (benchmarks) */
+  int load_mtp;                 /* load the MTP layer when the config has one */
+  int progress;                 /* report loading progress on stderr */
+} epic_model_params;
+
+/* ops is borrowed and must outlive the model. Errors are logged as one line
+ * naming the file/tensor (see worker/checkpoint.h). */
+epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_model **out);
+void epic_model_destroy(epic_model *m); /* NULL-safe */
+
+const epic_model_config *epic_model_get_config(const epic_model *m);
+int epic_model_has_mtp(const epic_model *m);
+/* Bytes of weights the model reads (mapped or generated) and of derived buffers. */
+size_t epic_model_weight_bytes(const epic_model *m);
+
+/* KV cache shaped for this model: all main layers (mtp = 0) or the MTP layer (mtp = 1). */
+epic_status epic_model_kvcache_create(epic_model *m, int mtp, int64_t page_size,
+                                      int64_t n_pages, epic_kvcache **out);
+
+/* One sequence's part of a forward batch. */
+typedef struct epic_seq_batch {
+  const int32_t *tokens; /* n_tokens new tokens (host memory) */
+  int64_t n_tokens;      /* >= 1 */
+  int64_t start;         /* position of tokens[0]; must equal kv->n_tokens */
+  epic_kv_seq *kv;       /* the sequence's cache pages (grown as needed) */
+  int all_logits;        /* 1: a logits row per new token; 0: only the last token's row */
+  /* MTP only: final-normed main-model hidden rows [n_tokens][hidden] (host memory),
+   * row i pairing with tokens[i] (the token after the hidden state's position). */
+  const float *hidden;
+} epic_seq_batch;
+
+/* Rows of output a batch produces (sum of n_tokens or 1 per sequence). */
+int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs);
+
+/* Run the main model over the batch; appends the new tokens' keys to each
+ * sequence's cache. logits: [out_rows][vocab] (host memory, required).
+ * hidden: optional [out_rows][hidden] final-normed states (input of the LM head
+ * and of the MTP layer). EPIC_ERR_NOMEM if the cache has no room (nothing is
+ * changed then); EPIC_ERR_INVALID for a bad token id or position. */
+epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
+                               int n_seqs, float *logits, float *hidden);
+
+/* Run the MTP layer: for each sequence, tokens[i] is the token at position
+ * start+i+1 of the main sequence and hidden[i] the main model's final-normed
+ * state at position start+i; positions start.. are used for RoPE and for the
+ * MTP layer's own cache (kc from epic_model_kvcache_create(m, 1, ...)).
+ * logits: [out_rows][vocab]. */
+epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
+                                   int n_seqs, float *logits);
+
+#endif

@@ -1,0 +1,35 @@
+/* Token sampling from a logits row: greedy (temperature 0; ties -> lowest id),
+ * or temperature + top-k + top-p with a seeded PRNG (same seed, same tokens).
+ * Thread contract: one epic_sampler per sequence; not shared between threads. */
+#ifndef EPIC_WORKER_SAMPLER_H
+#define EPIC_WORKER_SAMPLER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/status.h"
+
+typedef struct epic_sampling_params {
+  size_t size;        /* sizeof(epic_sampling_params) */
+  float temperature;  /* 0: greedy; must be >= 0 */
+  float top_p;        /* (0, 1]; 1 disables */
+  int64_t top_k;      /* 0 disables */
+  uint64_t seed;
+} epic_sampling_params;
+
+typedef struct epic_sampler epic_sampler;
+
+/* EPIC_ERR_INVALID (logged, naming the parameter) for temperature < 0, top_p
+ * outside (0, 1] or top_k < 0. */
+epic_status epic_sampler_create(const epic_sampling_params *p, epic_sampler **out);
+void epic_sampler_destroy(epic_sampler *s); /* NULL-safe */
+
+/* Pick a token from logits[0..n) (host memory). Optionally reports the chosen
+ * token's log-probability under the unmodified distribution (softmax of the raw
+ * logits). */
+int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, float *logprob);
+
+/* Greedy choice without a sampler: argmax, lowest id on ties. */
+int32_t epic_argmax(const float *logits, int64_t n);
+
+#endif
