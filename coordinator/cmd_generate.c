@@ -194,21 +194,16 @@ static int build_prompt(const gen_opts *o, const epic_model_config *cfg, const e
   epic_status st;
   if (o->chat) {
     epic_chat_message msgs[2];
-    int nm = 0;
+    size_t nm = 0;
     epic_chat_template tmpl;
-    char *text = NULL;
-    size_t len = 0;
     if (epic_chat_template_parse(o->template_name, &tmpl) != EPIC_OK) {
       fprintf(stderr, "epic generate: --chat-template: expected auto, v3 or r1, got '%s'\n",
               o->template_name);
       return -1;
     }
-    if (o->system) msgs[nm++] = (epic_chat_message){.role = "system", .content = o->system};
-    msgs[nm++] = (epic_chat_message){.role = "user", .content = o->prompt};
-    st = epic_chat_render(tok, tmpl, msgs, (size_t)nm, 1, &text, &len);
-    if (st != EPIC_OK) return -1;
-    st = epic_tokenizer_encode(tok, text, len, 0, ids, &nn);
-    epic_tokenizer_text_free(text);
+    if (o->system) msgs[nm++] = (epic_chat_message){.role = EPIC_ROLE_SYSTEM, .content = o->system};
+    msgs[nm++] = (epic_chat_message){.role = EPIC_ROLE_USER, .content = o->prompt};
+    st = epic_chat_encode(tok, tmpl, msgs, nm, 1, ids, &nn, NULL, NULL);
   } else {
     st = epic_tokenizer_encode(tok, o->prompt, strlen(o->prompt),
                                !o->no_bos && epic_tokenizer_bos_id(tok) >= 0, ids, &nn);

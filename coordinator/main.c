@@ -46,7 +46,6 @@ int main(int argc, char **argv) {
   }
   for (size_t i = 0; i < sizeof COMMANDS / sizeof COMMANDS[0]; i++)
     if (strcmp(argv[1], COMMANDS[i].name) == 0) return COMMANDS[i].run(argc - 1, argv + 1);
-  fprintf(stderr, "epic: unknown command '%s'\n", argv[1]);
-  usage(stderr);
+  fprintf(stderr, "epic: unknown command '%s' (see epic --help)\n", argv[1]);
   return 2;
 }

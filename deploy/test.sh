@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole EPIC test suite: the normal build and an AddressSanitizer +
-# UndefinedBehaviorSanitizer build, each with CTest, then the fixtures' parity
-# check of `epic generate`. Usage: ./deploy/test.sh [--quick] (--quick: no sanitizer build)
+# UndefinedBehaviorSanitizer build, each with CTest (unit, CLI and fixture-parity tests).
+# Usage: ./deploy/test.sh [--quick] (--quick: no sanitizer build)
 # Environment: EPIC_FIXTURES (default ../shared/fixtures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,12 +26,6 @@ run_suite() { # build_dir, extra cmake args...
 }
 
 run_suite build
-if [ -f ../shared/tools/parity.py ] || [ -f "$fixtures/../tools/parity.py" ]; then
-  parity="$fixtures/../tools/parity.py"
-  for m in tiny-bf16 tiny-fp8; do
-    python3 "$parity" build/coordinator/epic "$fixtures/$m"
-  done
-fi
 if [ "$quick" = 0 ]; then
   # ASan needs no leak checker ptrace games under CI; detect_leaks stays on.
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \

@@ -52,6 +52,7 @@ struct epic_model {
   epic_weight embed, lm_head;
   float *final_norm;
   layer_w *layers;
+  int64_t mtp_index; /* checkpoint layer index of the MTP module (before --num-layers) */
   int has_mtp;
   mtp_w mtp;
   double *inv_freq;
@@ -196,7 +197,7 @@ static epic_status load_weight_or(epic_model *m, const char *name, const epic_we
 
 static epic_status load_mtp(epic_model *m) {
   const epic_model_config *c = &m->cfg;
-  const int64_t l = c->num_hidden_layers, D = c->hidden_size;
+  const int64_t l = m->mtp_index, D = c->hidden_size;
   char name[256];
   LNAME(name, l, "embed_tokens.weight");
   EPIC_CHECK(load_weight_or(m, name, &m->embed, c->vocab_size, D, &m->mtp.embed));
@@ -248,8 +249,10 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
     EPIC_CHECK_GOTO(epic_config_load_dir(p->dir, &cfg), st, fail);
     EPIC_CHECK_GOTO(epic_config_override(&cfg, p->num_layers, p->num_experts), st, fail);
     EPIC_CHECK_GOTO(epic_checkpoint_open_dummy(&cfg, p->seed, &m->ck), st, fail);
+    m->mtp_index = epic_checkpoint_config(m->ck)->num_hidden_layers;
   } else {
     EPIC_CHECK_GOTO(epic_checkpoint_open(p->dir, &m->ck), st, fail);
+    m->mtp_index = epic_checkpoint_config(m->ck)->num_hidden_layers;
     EPIC_CHECK_GOTO(epic_config_override(epic_checkpoint_config_mut(m->ck), p->num_layers,
                                          p->num_experts),
                     st, fail);
@@ -286,7 +289,18 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
       m->has_mtp = 1;
     }
   }
-  if (p->load_format != EPIC_LOAD_DUMMY) epic_checkpoint_report_unused(m->ck);
+  if (p->load_format != EPIC_LOAD_DUMMY) {
+    /* Layers cut by --num-layers and an MTP module not asked for are skipped on
+     * purpose; anything else unused is worth a warning. */
+    char prefix[64];
+    const int64_t n_mtp = m->cfg.num_nextn_predict_layers;
+    for (int64_t l = n_layers; l < m->mtp_index + n_mtp; l++) {
+      if (m->has_mtp && l == m->mtp_index) continue;
+      snprintf(prefix, sizeof prefix, "model.layers.%lld.", (long long)l);
+      epic_checkpoint_skip(m->ck, prefix);
+    }
+    epic_checkpoint_report_unused(m->ck);
+  }
   *out = m;
   return EPIC_OK;
 fail:

@@ -321,6 +321,108 @@ static void test_cache_full_is_clean(void **state) {
   free(logits);
 }
 
+
+/* ------------------------------------------------------------------------
+ * Other DeepSeek-V3-style configs (no q_lora_rank, n_group 1, no YaRN, other
+ * head sizes and expert counts, softmax routing without bias, several shared
+ * experts, MTP): dummy weights, checked for the engine invariants. */
+static const char *CONFIG_A =
+    "{\"model_type\":\"deepseek_v3\",\"vocab_size\":300,\"hidden_size\":64,\"intermediate_size\":96,"
+    "\"moe_intermediate_size\":24,\"num_hidden_layers\":2,\"num_nextn_predict_layers\":1,"
+    "\"num_attention_heads\":2,\"num_key_value_heads\":2,\"q_lora_rank\":null,\"kv_lora_rank\":32,"
+    "\"qk_nope_head_dim\":16,\"qk_rope_head_dim\":8,\"v_head_dim\":24,\"n_routed_experts\":6,"
+    "\"n_shared_experts\":2,\"num_experts_per_tok\":2,\"n_group\":1,\"topk_group\":1,"
+    "\"topk_method\":\"noaux_tc\",\"scoring_func\":\"sigmoid\",\"norm_topk_prob\":true,"
+    "\"routed_scaling_factor\":1.5,\"first_k_dense_replace\":0,\"moe_layer_freq\":1,"
+    "\"hidden_act\":\"silu\",\"rms_norm_eps\":1e-6,\"rope_theta\":10000,\"rope_scaling\":null,"
+    "\"max_position_embeddings\":4096,\"tie_word_embeddings\":false,\"bos_token_id\":0,"
+    "\"eos_token_id\":1}";
+static const char *CONFIG_B =
+    "{\"model_type\":\"deepseek_v3\",\"vocab_size\":257,\"hidden_size\":96,\"intermediate_size\":80,"
+    "\"moe_intermediate_size\":40,\"num_hidden_layers\":3,\"num_nextn_predict_layers\":0,"
+    "\"num_attention_heads\":3,\"num_key_value_heads\":3,\"q_lora_rank\":48,\"kv_lora_rank\":40,"
+    "\"qk_nope_head_dim\":8,\"qk_rope_head_dim\":32,\"v_head_dim\":8,\"n_routed_experts\":8,"
+    "\"n_shared_experts\":0,\"num_experts_per_tok\":3,\"n_group\":2,\"topk_group\":1,"
+    "\"topk_method\":\"greedy\",\"scoring_func\":\"softmax\",\"norm_topk_prob\":false,"
+    "\"routed_scaling_factor\":1.0,\"first_k_dense_replace\":1,\"moe_layer_freq\":1,"
+    "\"hidden_act\":\"silu\",\"rms_norm_eps\":1e-5,\"rope_theta\":50000,"
+    "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4,\"original_max_position_embeddings\":512,"
+    "\"beta_fast\":16,\"beta_slow\":2,\"mscale\":0.707,\"mscale_all_dim\":0.707},"
+    "\"max_position_embeddings\":2048,\"tie_word_embeddings\":true,\"bos_token_id\":0,"
+    "\"eos_token_id\":[1,2],\"quantization_config\":{\"quant_method\":\"fp8\",\"fmt\":\"e4m3\","
+    "\"activation_scheme\":\"dynamic\",\"weight_block_size\":[32,32]}}";
+
+static void check_config(const char *json, int expect_mtp) {
+  char dir[] = "/tmp/epic-cfg-XXXXXX", path[256];
+  epic_ops *ops;
+  epic_model *m;
+  epic_kvcache *kc;
+  epic_kv_seq s1 = {0}, s2 = {0}, s3 = {0};
+  FILE *fp;
+  assert_non_null(mkdtemp(dir));
+  snprintf(path, sizeof path, "%s/config.json", dir);
+  fp = fopen(path, "w");
+  fputs(json, fp);
+  fclose(fp);
+  epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_format = EPIC_LOAD_DUMMY, .seed = 3,
+                          .load_mtp = 1};
+  assert_int_equal(epic_ops_cpu_create(0, &ops), EPIC_OK);
+  assert_int_equal(epic_model_load(ops, &mp, &m), EPIC_OK);
+  assert_int_equal(epic_model_has_mtp(m), expect_mtp);
+  const epic_model_config *c = epic_model_get_config(m);
+  const int64_t V = c->vocab_size, T = 23, D = c->hidden_size;
+  int32_t toks[23], other[9];
+  for (int i = 0; i < T; i++) toks[i] = (int32_t)((i * 97 + 5) % V);
+  for (int i = 0; i < 9; i++) other[i] = (int32_t)((i * 31 + 2) % V);
+  float *full = malloc((size_t)(T * V) * 4), *one = malloc((size_t)(2 * 9 * V) * 4);
+  float *hid = malloc((size_t)(T * D) * 4);
+  assert_int_equal(epic_model_kvcache_create(m, 0, 4, 64, &kc), EPIC_OK);
+  epic_seq_batch b = {.tokens = toks, .n_tokens = T, .kv = &s1, .all_logits = 1};
+  assert_int_equal(epic_model_forward(m, kc, &b, 1, full, hid), EPIC_OK);
+  for (int64_t i = 0; i < T * V; i++) assert_true(isfinite(full[i]));
+  double worst = 0;
+  /* incremental, batched beside another sequence's prefill chunk */
+  for (int64_t t = 0; t < T; t++) {
+    epic_seq_batch bb[2] = {{.tokens = toks + t, .n_tokens = 1, .start = t, .kv = &s2},
+                            {.tokens = other, .n_tokens = 9, .start = s3.n_tokens, .kv = &s3}};
+    int nb = s3.n_tokens + 9 <= 40 ? 2 : 1;
+    assert_int_equal(epic_model_forward(m, kc, bb, nb, one, NULL), EPIC_OK);
+    double d = max_abs_diff(one, full + t * V, V);
+    if (d > worst) worst = d;
+  }
+  print_message("config (vocab %lld): incremental+batched vs full max |d| %.3g\n", (long long)V, worst);
+  assert_true(worst <= 1e-4);
+  if (expect_mtp) {
+    epic_kvcache *km;
+    epic_kv_seq sm = {0};
+    float *ml = malloc((size_t)(T * V) * 4);
+    assert_int_equal(epic_model_kvcache_create(m, 1, 4, 16, &km), EPIC_OK);
+    epic_seq_batch bm = {.tokens = toks + 1, .n_tokens = T - 1, .kv = &sm, .all_logits = 1, .hidden = hid};
+    assert_int_equal(epic_model_mtp_forward(m, km, &bm, 1, ml), EPIC_OK);
+    for (int64_t i = 0; i < (T - 1) * V; i++) assert_true(isfinite(ml[i]));
+    epic_kvcache_seq_release(km, &sm);
+    epic_kvcache_destroy(km);
+    free(ml);
+  }
+  epic_kvcache_seq_release(kc, &s1);
+  epic_kvcache_seq_release(kc, &s2);
+  epic_kvcache_seq_release(kc, &s3);
+  epic_kvcache_destroy(kc);
+  epic_model_destroy(m);
+  epic_ops_destroy(ops);
+  free(full);
+  free(one);
+  free(hid);
+  unlink(path);
+  rmdir(dir);
+}
+
+static void test_other_configs(void **state) {
+  (void)state;
+  check_config(CONFIG_A, 1);
+  check_config(CONFIG_B, 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_cases_match_reference),
@@ -331,5 +433,7 @@ int main(void) {
   };
   int fails = cmocka_run_group_tests_name("model tiny-bf16", tests, setup_bf16, teardown);
   fails += cmocka_run_group_tests_name("model tiny-fp8", tests, setup_fp8, teardown);
+  const struct CMUnitTest other[] = {cmocka_unit_test(test_other_configs)};
+  fails += cmocka_run_group_tests_name("model other configs", other, NULL, NULL);
   return fails;
 }
