@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "cli_util.h"
+#include "comm/comm.h"
 #include "common/log.h"
 #include "common/npy.h"
 #include "coordinator/tokenizer/chat.h"
@@ -50,11 +51,13 @@ static const char *USAGE =
     "  --threads N             compute threads (default: all cores)\n"
     "  --prefill-chunk N       prompt tokens per forward step (default: whole prompt)\n"
     "  --page-size N           KV cache page size in tokens (default 64)\n"
+    "  --comm NAME             expert-parallel backend under mpirun: auto, mpi, ucx or nccl\n"
+    "                          (default auto; used whenever the job has several ranks)\n"
     "  -v, --verbose           timing and load information on stderr\n"
     "  -h, --help              this help\n";
 
 typedef struct gen_opts {
-  const char *model, *prompt_ids, *prompt, *system, *dump_logits, *dump_mtp, *template_name;
+  const char *model, *prompt_ids, *prompt, *system, *dump_logits, *dump_mtp, *template_name, *comm;
   int chat, no_bos, json, ignore_eos, verbose, dummy;
   int64_t max_new, top_k, num_layers, num_experts, threads, chunk, page_size;
   float temperature, top_p;
@@ -84,7 +87,7 @@ static epic_status on_token(void *user, int32_t id, float logprob) {
 static int parse(int argc, char **argv, gen_opts *o) {
   enum { O_PIDS = 256, O_PROMPT, O_CHAT, O_SYSTEM, O_NOBOS, O_MAXNEW, O_TEMP, O_TOPP, O_TOPK,
          O_SEED, O_IGNEOS, O_JSON, O_DUMP, O_DUMPMTP, O_LOADFMT, O_NLAYERS, O_NEXPERTS, O_WSEED,
-         O_THREADS, O_CHUNK, O_PAGE, O_MODEL, O_TEMPLATE };
+         O_THREADS, O_CHUNK, O_PAGE, O_MODEL, O_TEMPLATE, O_COMM };
   static const struct option longopts[] = {
       {"model", required_argument, 0, O_MODEL},
       {"prompt-ids", required_argument, 0, O_PIDS},
@@ -109,6 +112,7 @@ static int parse(int argc, char **argv, gen_opts *o) {
       {"threads", required_argument, 0, O_THREADS},
       {"prefill-chunk", required_argument, 0, O_CHUNK},
       {"page-size", required_argument, 0, O_PAGE},
+      {"comm", required_argument, 0, O_COMM},
       {"verbose", no_argument, 0, 'v'},
       {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
@@ -152,6 +156,7 @@ static int parse(int argc, char **argv, gen_opts *o) {
     case O_WSEED: bad = epic_cli_u64(cmd, "--weight-seed", optarg, &o->weight_seed); break;
     case O_THREADS: bad = epic_cli_i64(cmd, "--threads", optarg, 1, 4096, &o->threads); break;
     case O_CHUNK: bad = epic_cli_i64(cmd, "--prefill-chunk", optarg, 1, 1 << 30, &o->chunk); break;
+    case O_COMM: o->comm = optarg; break;
     case O_PAGE: bad = epic_cli_i64(cmd, "--page-size", optarg, 1, 1 << 20, &o->page_size); break;
     case 'v': o->verbose = 1; break;
     case 'h': fputs(USAGE, stdout); return 1;
@@ -236,8 +241,23 @@ int epic_cmd_generate(int argc, char **argv) {
   stream_ctx sc = {0};
   epic_generate_result res = {0};
   char tok_path[4096];
+  epic_comm *comm = NULL;
+  int rank = 0, nranks = 1, mpi = 0, released = 0;
   if (pr) return pr > 0 ? 0 : 2;
   epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, -1);
+
+  /* Under mpirun/srun every rank is a worker holding a share of the experts;
+   * rank 0 owns the sequence and writes the output. */
+  if (o.comm || getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) {
+    if (epic_comm_mpi_init(NULL, NULL, &rank, &nranks) != EPIC_OK) return 1;
+    mpi = 1;
+    if (nranks > 1) epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, rank);
+    epic_comm_params cp = {.size = sizeof cp, .backend = o.comm ? o.comm : "auto", .device = -1};
+    if (epic_comm_create(&cp, &comm) != EPIC_OK) {
+      epic_comm_mpi_finalize();
+      return 1;
+    }
+  }
 
   if (epic_ops_cpu_create((int)o.threads, &ops) != EPIC_OK) goto done;
   {
@@ -248,8 +268,14 @@ int epic_cmd_generate(int argc, char **argv) {
                             .num_layers = o.num_layers,
                             .num_experts = o.num_experts,
                             .load_mtp = o.dump_mtp != NULL,
-                            .progress = 1};
+                            .progress = rank == 0,
+                            .comm = comm};
     if (epic_model_load(ops, &mp, &model) != EPIC_OK) goto done;
+  }
+  if (rank != 0) {
+    /* Serve experts for rank 0's steps until it is done. */
+    rc = epic_generate_follow(model, comm) == EPIC_OK ? 0 : 1;
+    goto done;
   }
   const epic_model_config *cfg = epic_model_get_config(model);
   if (o.dump_mtp && !epic_model_has_mtp(model)) {
@@ -295,7 +321,9 @@ int epic_cmd_generate(int argc, char **argv) {
                                .dump_logits = dump,
                                .dump_mtp_logits = dump_mtp,
                                .on_token = on_token,
-                               .user = &sc};
+                               .user = &sc,
+                               .comm = comm};
+    released = 1; /* epic_generate releases the followers whatever happens */
     if (epic_generate(model, kc, kc_mtp, &gp, &res) != EPIC_OK) goto done;
   }
   if (epic_npy_writer_close(dump) != EPIC_OK) {
@@ -343,6 +371,7 @@ int epic_cmd_generate(int argc, char **argv) {
             res.decode_seconds > 0 ? (double)res.n_ids / res.decode_seconds : 0.0);
   rc = 0;
 done:
+  if (comm && rank == 0 && model && !released) epic_generate_release(comm);
   epic_npy_writer_close(dump);
   epic_npy_writer_close(dump_mtp);
   epic_detok_destroy(sc.detok);
@@ -353,6 +382,8 @@ done:
   epic_tokenizer_destroy(tok);
   epic_model_destroy(model);
   epic_ops_destroy(ops);
+  epic_comm_destroy(comm);
+  if (mpi) epic_comm_mpi_finalize();
   fflush(stdout);
   return rc;
 }

@@ -947,10 +947,11 @@ epic_status epic_checkpoint_vector(epic_checkpoint *ck, const char *name, int64_
   return st;
 }
 
-size_t epic_checkpoint_skip(epic_checkpoint *ck, const char *prefix) {
-  size_t n = 0, len = strlen(prefix);
+size_t epic_checkpoint_skip(epic_checkpoint *ck, int (*skip)(void *user, const char *name),
+                            void *user) {
+  size_t n = 0;
   for (size_t k = 0; k < ck->n_ents; k++)
-    if (strncmp(ck->ents[k].t->name, prefix, len) == 0) {
+    if (skip(user, ck->ents[k].t->name)) {
       mark_used(&ck->ents[k]);
       n++;
     }

@@ -69,10 +69,11 @@ epic_status epic_checkpoint_weight(epic_checkpoint *ck, const char *name, int64_
 /* A 1-D tensor of n values (BF16/F16/F32) converted to fp32 into out[n]. */
 epic_status epic_checkpoint_vector(epic_checkpoint *ck, const char *name, int64_t n,
                                    float *out);
-/* Mark every tensor whose name starts with prefix as deliberately not loaded
- * (e.g. "model.layers.61." when MTP is off), so it is not reported as unused.
- * Returns how many tensors matched. */
-size_t epic_checkpoint_skip(epic_checkpoint *ck, const char *prefix);
+/* Mark every tensor for which skip(user, name) returns non-zero as deliberately
+ * not loaded (the MTP layer when MTP is off, other ranks' experts), so it is not
+ * reported as unused. One pass over the tensors; returns how many matched. */
+size_t epic_checkpoint_skip(epic_checkpoint *ck, int (*skip)(void *user, const char *name),
+                            void *user);
 /* Log (WARN) the tensors never requested, e.g. a layer the config does not have;
  * returns how many there were. */
 size_t epic_checkpoint_report_unused(const epic_checkpoint *ck);

@@ -5,7 +5,31 @@
 #include <string.h>
 #include <time.h>
 
+#include "../comm/comm.h"
 #include "../common/log.h"
+
+/* Step announcements of an expert-parallel generate (rank 0 -> all). */
+enum { STEP_STOP = 0, STEP_FORWARD = 1, STEP_MTP = 2 };
+
+static epic_status announce(epic_comm *comm, int32_t op) {
+  return comm ? epic_comm_bcast(comm, &op, sizeof op, 0) : EPIC_OK;
+}
+
+epic_status epic_generate_release(epic_comm *comm) { return announce(comm, STEP_STOP); }
+
+epic_status epic_generate_follow(epic_model *m, epic_comm *comm) {
+  for (;;) {
+    int32_t op = STEP_STOP;
+    EPIC_CHECK(epic_comm_bcast(comm, &op, sizeof op, 0));
+    if (op == STEP_STOP) return EPIC_OK;
+    if (op == STEP_FORWARD)
+      EPIC_CHECK(epic_model_forward(m, NULL, NULL, 0, NULL, NULL));
+    else if (op == STEP_MTP)
+      EPIC_CHECK(epic_model_mtp_forward(m, NULL, NULL, 0, NULL));
+    else
+      return EPIC_ERR_COMM;
+  }
+}
 
 static double now_s(void) {
   struct timespec ts;
@@ -30,7 +54,8 @@ static epic_status dump_mtp(epic_model *m, epic_kvcache *kc_mtp, const epic_gene
                       .kv = &seq,
                       .all_logits = 1,
                       .hidden = hidden};
-  st = epic_model_mtp_forward(m, kc_mtp, &b, 1, logits);
+  st = announce(p->comm, STEP_MTP);
+  if (st == EPIC_OK) st = epic_model_mtp_forward(m, kc_mtp, &b, 1, logits);
   if (st == EPIC_OK) st = epic_npy_writer_append(p->dump_mtp_logits, logits, T - 1);
   epic_kvcache_seq_release(kc_mtp, &seq);
   free(logits);
@@ -41,24 +66,25 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
                           const epic_generate_params *p, epic_generate_result *r) {
   const epic_model_config *c = epic_model_get_config(m);
   const int64_t V = c->vocab_size, D = c->hidden_size;
+  int32_t tok = 0;
   const int want_rows = p->dump_logits != NULL, want_hidden = p->dump_mtp_logits != NULL;
   const int64_t chunk = p->prefill_chunk > 0 ? p->prefill_chunk : p->n_prompt;
   epic_kv_seq seq = {0};
   epic_sampler *smp = NULL;
   float *logits = NULL, *hidden = NULL, lp = 0;
-  int32_t tok;
   epic_status st;
   double t0;
   memset(r, 0, sizeof *r);
-  if (!p || p->size != sizeof *p || p->n_prompt < 1 || p->max_new_tokens < 0) {
+  st = EPIC_ERR_INVALID;
+  if (p->size != sizeof *p || p->n_prompt < 1 || p->max_new_tokens < 0) {
     EPIC_LOG_ERROR("generate: need a prompt of at least one token and max_new_tokens >= 0");
-    return EPIC_ERR_INVALID;
+    goto done;
   }
   if (want_hidden && !kc_mtp) {
     EPIC_LOG_ERROR("generate: MTP logits requested but the model has no MTP layer");
-    return EPIC_ERR_INVALID;
+    goto done;
   }
-  EPIC_CHECK(epic_sampler_create(&p->sampling, &smp));
+  EPIC_CHECK_GOTO(epic_sampler_create(&p->sampling, &smp), st, done);
   r->ids = malloc((size_t)(p->max_new_tokens + 1) * sizeof *r->ids);
   logits = malloc((size_t)((want_rows ? chunk : 1) * V) * sizeof(float));
   if (want_hidden) hidden = malloc((size_t)(p->n_prompt * D) * sizeof(float));
@@ -85,7 +111,8 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
         goto done;
       }
     }
-    st = epic_model_forward(m, kc, &b, 1, lg, want_hidden ? hidden + s0 * D : NULL);
+    st = announce(p->comm, STEP_FORWARD);
+    if (st == EPIC_OK) st = epic_model_forward(m, kc, &b, 1, lg, want_hidden ? hidden + s0 * D : NULL);
     if (st == EPIC_OK && want_rows) st = epic_npy_writer_append(p->dump_logits, lg, n);
     if (st == EPIC_OK && b.all_logits)
       memmove(logits, lg + (n - 1) * V, (size_t)V * sizeof(float)); /* keep the last row */
@@ -100,6 +127,7 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
   for (int64_t k = 0; k < p->max_new_tokens; k++) {
     if (k > 0) {
       epic_seq_batch b = {.tokens = &tok, .n_tokens = 1, .start = seq.n_tokens, .kv = &seq};
+      EPIC_CHECK_GOTO(announce(p->comm, STEP_FORWARD), st, done);
       EPIC_CHECK_GOTO(epic_model_forward(m, kc, &b, 1, logits, NULL), st, done);
       if (want_rows) EPIC_CHECK_GOTO(epic_npy_writer_append(p->dump_logits, logits, 1), st, done);
     }
@@ -114,6 +142,11 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
   r->decode_seconds = now_s() - t0;
   st = EPIC_OK;
 done:
+  if (p->comm) {
+    /* Followers wait for the next announcement: always tell them we are done. */
+    epic_status st2 = announce(p->comm, STEP_STOP);
+    if (st == EPIC_OK) st = st2;
+  }
   epic_kvcache_seq_release(kc, &seq);
   epic_sampler_destroy(smp);
   free(logits);

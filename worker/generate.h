@@ -31,6 +31,10 @@ typedef struct epic_generate_params {
    * generation with that status. */
   epic_status (*on_token)(void *user, int32_t id, float logprob);
   void *user;
+  /* Expert parallelism: the comm the model was loaded with (NULL otherwise).
+   * The caller is rank 0 and owns the sequence; every other rank runs
+   * epic_generate_follow so that all ranks take part in each step. */
+  epic_comm *comm;
 } epic_generate_params;
 
 typedef struct epic_generate_result {
@@ -44,5 +48,12 @@ typedef struct epic_generate_result {
  * needed only with dump_mtp_logits. Sequences are released on return. */
 epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
                           const epic_generate_params *p, epic_generate_result *r);
+
+/* The loop of a rank without sequences in an expert-parallel epic_generate:
+ * takes part in every step rank 0 announces (serving its experts) until rank 0
+ * finishes. Returns the first error of a step, or EPIC_OK. */
+epic_status epic_generate_follow(epic_model *m, epic_comm *comm);
+/* Rank 0 when it gives up before calling epic_generate: releases the followers. */
+epic_status epic_generate_release(epic_comm *comm);
 
 #endif

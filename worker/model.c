@@ -10,11 +10,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../comm/comm.h"
 #include "../common/log.h"
 #include "checkpoint.h"
 
 typedef struct layer_w {
-  int64_t index;
+  int64_t index; /* tensor-name index in the checkpoint */
+  int64_t slot;  /* row of the expert-owner table: 0..L-1, L for the MTP layer */
   float *attn_norm, *ffn_norm, *q_a_norm, *kv_a_norm;
   epic_weight q_a, q_b, q_proj, kv_a, kv_b, o_proj;
   float *kv_b_f32; /* kv_b dequantised [H*(nope+v)][lora] for the absorbed form */
@@ -33,6 +35,8 @@ typedef struct mtp_w {
   float *enorm, *hnorm, *head_norm;
   layer_w layer;
 } mtp_w;
+
+enum { EP_SEND, EP_RECV, EP_OUT, EP_BACK, EP_X, EP_G, EP_U, EP_Y, EP_NBUF };
 
 /* Per-forward scratch, carved from one grow-only device block. */
 typedef struct scratch {
@@ -61,7 +65,22 @@ struct epic_model {
   void *arena;
   size_t arena_bytes;
   int progress;
+  /* Expert parallelism: comm == NULL means every expert is local. */
+  epic_comm *comm;
+  int rank, nranks;
+  int32_t *owner; /* [(num_hidden_layers + 1) * n_routed_experts] */
+  /* Grow-only host buffers of the dispatch/combine exchange (see moe_ep). */
+  float *ep_buf[EP_NBUF];
+  size_t ep_cap[EP_NBUF];
 };
+
+/* Row of the all-to-all payload: the expert id (as raw int32 bits) followed by
+ * the hidden vector, so one message carries both. */
+#define EP_ROW(D) ((D) + 1)
+
+static int expert_is_local(const epic_model *m, int64_t l, int64_t e) {
+  return !m->comm || m->owner[l * m->cfg.n_routed_experts + e] == m->rank;
+}
 
 /* ---------------------------------------------------------------- loading */
 
@@ -106,7 +125,7 @@ static epic_status load_mlp(epic_model *m, int64_t l, const char *prefix, int64_
   return EPIC_OK;
 }
 
-static epic_status load_layer(epic_model *m, int64_t l, layer_w *lw) {
+static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *lw) {
   const epic_model_config *c = &m->cfg;
   const int64_t D = c->hidden_size, H = c->num_attention_heads;
   const int64_t dq = c->qk_nope_head_dim + c->qk_rope_head_dim;
@@ -114,6 +133,7 @@ static epic_status load_layer(epic_model *m, int64_t l, layer_w *lw) {
   const int64_t L = c->kv_lora_rank, R = c->qk_rope_head_dim;
   epic_weight w3[3];
   lw->index = l;
+  lw->slot = slot;
   EPIC_CHECK(load_vec_l(m, l, "input_layernorm.weight", D, &lw->attn_norm));
   EPIC_CHECK(load_vec_l(m, l, "post_attention_layernorm.weight", D, &lw->ffn_norm));
   if (c->q_lora_rank > 0) {
@@ -158,6 +178,7 @@ static epic_status load_layer(epic_model *m, int64_t l, layer_w *lw) {
     if (!lw->experts) return EPIC_ERR_NOMEM;
     for (int64_t e = 0; e < E; e++) {
       char prefix[64];
+      if (!expert_is_local(m, slot, e)) continue; /* another rank serves it */
       snprintf(prefix, sizeof prefix, "mlp.experts.%lld.", (long long)e);
       EPIC_CHECK(load_mlp(m, l, prefix, c->moe_intermediate_size, &lw->experts[e * 3]));
     }
@@ -207,8 +228,48 @@ static epic_status load_mtp(epic_model *m) {
   EPIC_CHECK(load_vec_l(m, l, "enorm.weight", D, &m->mtp.enorm));
   EPIC_CHECK(load_vec_l(m, l, "hnorm.weight", D, &m->mtp.hnorm));
   EPIC_CHECK(load_vec_l(m, l, "shared_head.norm.weight", D, &m->mtp.head_norm));
-  EPIC_CHECK(load_layer(m, l, &m->mtp.layer));
+  EPIC_CHECK(load_layer(m, l, c->num_hidden_layers, &m->mtp.layer));
   return EPIC_OK;
+}
+
+/* Expert ownership: the caller's table or contiguous blocks over the ranks. */
+static epic_status setup_ep(epic_model *m, const epic_model_params *p) {
+  const int64_t E = m->cfg.n_routed_experts, rows = m->cfg.num_hidden_layers + 1;
+  if (!p->comm) return EPIC_OK;
+  m->comm = p->comm;
+  m->rank = epic_comm_rank(p->comm);
+  m->nranks = epic_comm_size(p->comm);
+  m->owner = malloc((size_t)(rows * (E > 0 ? E : 1)) * sizeof *m->owner);
+  if (!m->owner) return EPIC_ERR_NOMEM;
+  for (int64_t l = 0; l < rows; l++)
+    for (int64_t e = 0; e < E; e++) {
+      int32_t r = p->expert_owner ? p->expert_owner[l * E + e] : (int32_t)((e * m->nranks) / E);
+      if (r < 0 || r >= m->nranks) {
+        EPIC_LOG_ERROR("model: expert %lld of layer %lld is placed on rank %d, but there are %d ranks",
+                       (long long)e, (long long)l, r, m->nranks);
+        return EPIC_ERR_INVALID;
+      }
+      m->owner[l * E + e] = r;
+    }
+  return EPIC_OK;
+}
+
+/* Tensors this process leaves in the checkpoint on purpose: layers cut by
+ * --num-layers, the MTP module when not asked for, and other ranks' experts. */
+static int skip_unloaded(void *user, const char *name) {
+  const epic_model *m = user;
+  const int64_t L = m->cfg.num_hidden_layers;
+  long long l, e;
+  int n = 0;
+  if (sscanf(name, "model.layers.%lld.%n", &l, &n) != 1 || n == 0) return 0;
+  if (l == m->mtp_index && m->has_mtp) {
+    l = L; /* owner-table row of the MTP layer */
+  } else if (l >= L) {
+    return 1;
+  }
+  if (sscanf(name + n, "mlp.experts.%lld.", &e) == 1 && e >= 0 && e < m->cfg.n_routed_experts)
+    return !expert_is_local(m, l, e);
+  return 0;
 }
 
 static double now_s(void) {
@@ -269,6 +330,7 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
       goto fail;
     }
     epic_config_rope_inv_freq(c, m->inv_freq);
+    EPIC_CHECK_GOTO(setup_ep(m, p), st, fail);
     m->scale = (float)epic_config_softmax_scale(c);
     EPIC_CHECK_GOTO(epic_checkpoint_weight(m->ck, "model.embed_tokens.weight", c->vocab_size, D,
                                            &m->embed),
@@ -281,7 +343,7 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
                                              &m->lm_head),
                       st, fail);
     for (int64_t l = 0; l < n_layers; l++) {
-      EPIC_CHECK_GOTO(load_layer(m, l, &m->layers[l]), st, fail);
+      EPIC_CHECK_GOTO(load_layer(m, l, l, &m->layers[l]), st, fail);
       report_progress(m, l + 1, n_layers, t0);
     }
     if (p->load_mtp && c->num_nextn_predict_layers > 0) {
@@ -290,15 +352,7 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
     }
   }
   if (p->load_format != EPIC_LOAD_DUMMY) {
-    /* Layers cut by --num-layers and an MTP module not asked for are skipped on
-     * purpose; anything else unused is worth a warning. */
-    char prefix[64];
-    const int64_t n_mtp = m->cfg.num_nextn_predict_layers;
-    for (int64_t l = n_layers; l < m->mtp_index + n_mtp; l++) {
-      if (m->has_mtp && l == m->mtp_index) continue;
-      snprintf(prefix, sizeof prefix, "model.layers.%lld.", (long long)l);
-      epic_checkpoint_skip(m->ck, prefix);
-    }
+    epic_checkpoint_skip(m->ck, skip_unloaded, m);
     epic_checkpoint_report_unused(m->ck);
   }
   *out = m;
@@ -320,6 +374,8 @@ void epic_model_destroy(epic_model *m) {
   m->ops->vt->free(m->ops, m->mtp.head_norm);
   m->ops->vt->free(m->ops, m->final_norm);
   m->ops->vt->free(m->ops, m->arena);
+  free(m->owner);
+  for (int i = 0; i < EP_NBUF; i++) free(m->ep_buf[i]);
   free(m->layers);
   free(m->inv_freq);
   epic_checkpoint_close(m->ck);
@@ -327,6 +383,13 @@ void epic_model_destroy(epic_model *m) {
 }
 
 const epic_model_config *epic_model_get_config(const epic_model *m) { return &m->cfg; }
+int64_t epic_model_local_experts(const epic_model *m, int64_t layer) {
+  int64_t n = 0;
+  if (layer < 0 || layer > m->cfg.num_hidden_layers || !epic_config_is_moe_layer(&m->cfg, layer))
+    return 0;
+  for (int64_t e = 0; e < m->cfg.n_routed_experts; e++) n += expert_is_local(m, layer, e);
+  return n;
+}
 int epic_model_has_mtp(const epic_model *m) { return m->has_mtp; }
 size_t epic_model_weight_bytes(const epic_model *m) {
   return epic_checkpoint_bytes(m->ck) + m->derived_bytes;
@@ -428,9 +491,13 @@ static epic_status mlp(epic_model *m, const epic_weight *gate, const epic_weight
 }
 
 /* Routed experts + shared experts of one MoE layer for M tokens of f -> y. */
+static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
+                          float *y);
+
 static epic_status moe(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
                        float *y) {
   epic_ops *o = m->ops;
+  if (m->comm) return moe_ep(m, lw, f, M, s, y);
   const epic_model_config *c = &m->cfg;
   const int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
   epic_router_params rp = {.n_experts = E,
@@ -474,6 +541,151 @@ static epic_status moe(epic_model *m, const layer_w *lw, const float *f, int64_t
       EPIC_CHECK(o->vt->axpy(o, D, ws[j], s->ye + j * D, y + (int64_t)toks[j] * D));
   }
   return EPIC_OK;
+}
+
+static float *ep_get(epic_model *m, int which, size_t floats) {
+  if (floats > m->ep_cap[which]) {
+    float *p = realloc(m->ep_buf[which], floats * sizeof(float));
+    if (!p) return NULL;
+    m->ep_buf[which] = p;
+    m->ep_cap[which] = floats;
+  }
+  return m->ep_buf[which] ? m->ep_buf[which] : (m->ep_buf[which] = malloc(sizeof(float)));
+}
+
+/* Expert-parallel MoE (DESIGN §3): dispatch each (token, expert) row to the
+ * expert's owner, run the local experts on what arrived, send the results back
+ * and add them, weighted, in ascending expert order per token (the order of the
+ * single-process path, so results do not depend on the world size). Collective:
+ * a rank with M == 0 still serves its experts. */
+static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
+                          float *y) {
+  epic_ops *o = m->ops;
+  const epic_model_config *c = &m->cfg;
+  const int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+  const int64_t W = EP_ROW(D), I = c->moe_intermediate_size;
+  const int P = m->nranks;
+  const int32_t *owner = m->owner + lw->slot * E;
+  epic_status st = EPIC_ERR_NOMEM;
+  int64_t *scnt = calloc((size_t)P * 4, sizeof(int64_t)), *rcnt = scnt + P, *soff = rcnt + P,
+          *fill = soff + P;
+  size_t *bytes = calloc((size_t)P * 4, sizeof(size_t));
+  int64_t *ecnt = calloc((size_t)(E + 1) * 2, sizeof(int64_t)), *eoff = ecnt + E + 1;
+  int32_t *order = NULL;
+  int64_t R = 0;
+  float *send, *recv, *out, *back;
+  if (!scnt || !bytes || !ecnt) goto done;
+  if (M > 0) {
+    epic_router_params rp = {.n_experts = E,
+                             .top_k = K,
+                             .n_group = c->n_group,
+                             .topk_group = c->topk_group,
+                             .scoring = strcmp(c->scoring_func, "softmax") == 0,
+                             .norm_topk_prob = c->norm_topk_prob,
+                             .routed_scaling_factor = (float)c->routed_scaling_factor,
+                             .bias = lw->router_bias};
+    EPIC_CHECK_GOTO(o->vt->matmul(o, f, D, M, &lw->router, s->rl, E), st, done);
+    EPIC_CHECK_GOTO(o->vt->route(o, s->rl, M, &rp, s->idx, s->w), st, done);
+    if (lw->has_mlp)
+      EPIC_CHECK_GOTO(mlp(m, &lw->gate, &lw->up, &lw->down, f, M, s->g, s->u, y), st, done);
+    else
+      memset(y, 0, (size_t)(M * D) * sizeof(float));
+  }
+  /* Dispatch: rows grouped by destination rank, (token, k) order inside. */
+  for (int64_t i = 0; i < M * K; i++) scnt[owner[s->idx[i]]]++;
+  for (int p = 1; p < P; p++) soff[p] = soff[p - 1] + scnt[p - 1];
+  send = ep_get(m, EP_SEND, (size_t)(M * K * W));
+  back = ep_get(m, EP_BACK, (size_t)(M * K * D));
+  if (!send || !back) goto done;
+  for (int64_t i = 0; i < M * K; i++) {
+    const int32_t e = s->idx[i];
+    const int p = owner[e];
+    const int64_t pos = soff[p] + fill[p]++;
+    memcpy(send + pos * W, &e, sizeof e);
+    memcpy(send + pos * W + 1, f + (i / K) * D, (size_t)D * sizeof(float));
+    s->tok_list[i] = (int32_t)pos; /* where (token, k)'s result comes back */
+  }
+  EPIC_CHECK_GOTO(epic_comm_alltoall_counts(m->comm, scnt, rcnt), st, done);
+  for (int p = 0; p < P; p++) R += rcnt[p];
+  recv = ep_get(m, EP_RECV, (size_t)(R * W));
+  out = ep_get(m, EP_OUT, (size_t)(R * D));
+  order = malloc((size_t)(R + 1) * sizeof *order);
+  if (!recv || !out || !order) goto done;
+  {
+    size_t *sb = bytes, *sd = bytes + P, *rb = bytes + 2 * P, *rd = bytes + 3 * P;
+    size_t so = 0, ro = 0;
+    for (int p = 0; p < P; p++) {
+      sb[p] = (size_t)(scnt[p] * W) * sizeof(float);
+      rb[p] = (size_t)(rcnt[p] * W) * sizeof(float);
+      sd[p] = so;
+      rd[p] = ro;
+      so += sb[p];
+      ro += rb[p];
+    }
+    epic_a2a_args a = {.send = send, .send_counts = sb, .send_displs = sd, .recv = recv,
+                       .recv_counts = rb, .recv_displs = rd};
+    EPIC_CHECK_GOTO(epic_comm_alltoallv(m->comm, &a), st, done);
+  }
+  /* Local experts over the rows that arrived, grouped by expert (arrival order kept). */
+  for (int64_t r = 0; r < R; r++) {
+    int32_t e;
+    memcpy(&e, recv + r * W, sizeof e);
+    if (e < 0 || e >= E || owner[e] != m->rank) {
+      EPIC_LOG_ERROR("moe: rank %d received a row for expert %d it does not hold", m->rank, e);
+      st = EPIC_ERR_COMM;
+      goto done;
+    }
+    ecnt[e]++;
+  }
+  for (int64_t e = 0; e < E; e++) eoff[e + 1] = eoff[e] + ecnt[e];
+  memset(ecnt, 0, (size_t)E * sizeof(int64_t));
+  for (int64_t r = 0; r < R; r++) {
+    int32_t e;
+    memcpy(&e, recv + r * W, sizeof e);
+    order[eoff[e] + ecnt[e]++] = (int32_t)r;
+  }
+  for (int64_t e = 0; e < E; e++) {
+    const int64_t n = eoff[e + 1] - eoff[e];
+    const epic_weight *ew = &lw->experts[e * 3];
+    float *x, *g, *u, *ye;
+    if (n == 0) continue;
+    x = ep_get(m, EP_X, (size_t)(n * D));
+    g = ep_get(m, EP_G, (size_t)(n * I));
+    u = ep_get(m, EP_U, (size_t)(n * I));
+    ye = ep_get(m, EP_Y, (size_t)(n * D));
+    if (!x || !g || !u || !ye) goto done;
+    for (int64_t j = 0; j < n; j++)
+      memcpy(x + j * D, recv + (int64_t)order[eoff[e] + j] * W + 1, (size_t)D * sizeof(float));
+    EPIC_CHECK_GOTO(mlp(m, &ew[0], &ew[1], &ew[2], x, n, g, u, ye), st, done);
+    for (int64_t j = 0; j < n; j++)
+      memcpy(out + (int64_t)order[eoff[e] + j] * D, ye + j * D, (size_t)D * sizeof(float));
+  }
+  /* Combine: results travel back along the reverse route. */
+  {
+    size_t *sb = bytes, *sd = bytes + P, *rb = bytes + 2 * P, *rd = bytes + 3 * P;
+    size_t so = 0, ro = 0;
+    for (int p = 0; p < P; p++) {
+      sb[p] = (size_t)(rcnt[p] * D) * sizeof(float);
+      rb[p] = (size_t)(scnt[p] * D) * sizeof(float);
+      sd[p] = so;
+      rd[p] = ro;
+      so += sb[p];
+      ro += rb[p];
+    }
+    epic_a2a_args a = {.send = out, .send_counts = sb, .send_displs = sd, .recv = back,
+                       .recv_counts = rb, .recv_displs = rd};
+    EPIC_CHECK_GOTO(epic_comm_alltoallv(m->comm, &a), st, done);
+  }
+  for (int64_t i = 0; i < M * K; i++)
+    EPIC_CHECK_GOTO(o->vt->axpy(o, D, s->w[i], back + (int64_t)s->tok_list[i] * D, y + (i / K) * D),
+                    st, done);
+  st = EPIC_OK;
+done:
+  free(scnt);
+  free(bytes);
+  free(ecnt);
+  free(order);
+  return st;
 }
 
 /* MLA for the batch: normed input s->a -> s->tmp (o_proj output). */
@@ -538,6 +750,8 @@ static epic_status layer_forward(epic_model *m, const layer_w *lw, epic_kvcache 
   const epic_model_config *c = &m->cfg;
   const int64_t D = c->hidden_size;
   const float eps = (float)c->rms_norm_eps;
+  if (M == 0) /* a rank without tokens still serves its experts */
+    return lw->moe && m->comm ? moe(m, lw, s->a, 0, s, s->y) : EPIC_OK;
   EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, lw->attn_norm, eps, s->a, D));
   EPIC_CHECK(attention(m, lw, kc, kv_layer, seqs, n_seqs, M, s));
   EPIC_CHECK(o->vt->axpy(o, M * D, 1.0f, s->tmp, s->h));
@@ -557,7 +771,7 @@ static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch
   *M = 0;
   *max_ctx = 1;
   *max_abs = 1;
-  if (n_seqs < 1) return EPIC_ERR_INVALID;
+  if (n_seqs < 0 || (n_seqs == 0 && !m->comm)) return EPIC_ERR_INVALID;
   for (int i = 0; i < n_seqs; i++) {
     const epic_seq_batch *sq = &seqs[i];
     if (sq->n_tokens < 1 || !sq->tokens || !sq->kv || sq->start != sq->kv->n_tokens ||
@@ -635,10 +849,10 @@ epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_b
   EPIC_CHECK_GOTO(scratch_get(m, M, max_ctx, max_abs, epic_batch_out_rows(seqs, n_seqs), &s), st,
                   fail);
   fill_positions(seqs, n_seqs, &s);
-  EPIC_CHECK_GOTO(o->vt->embed(o, &m->embed, s.ids, M, s.h), st, fail);
+  if (M > 0) EPIC_CHECK_GOTO(o->vt->embed(o, &m->embed, s.ids, M, s.h), st, fail);
   for (int64_t l = 0; l < m->cfg.num_hidden_layers; l++)
     EPIC_CHECK_GOTO(layer_forward(m, &m->layers[l], kc, l, seqs, n_seqs, M, &s), st, fail);
-  EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->final_norm, &m->lm_head, &s, logits, hidden), st,
+  if (M > 0) EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->final_norm, &m->lm_head, &s, logits, hidden), st,
                   fail);
   return EPIC_OK;
 fail:
@@ -667,6 +881,10 @@ epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_s
   EPIC_CHECK_GOTO(scratch_get(m, M, max_ctx, max_abs, epic_batch_out_rows(seqs, n_seqs), &s), st,
                   fail);
   fill_positions(seqs, n_seqs, &s);
+  if (M == 0) {
+    EPIC_CHECK_GOTO(layer_forward(m, &m->mtp.layer, kc, 0, seqs, n_seqs, M, &s), st, fail);
+    return EPIC_OK;
+  }
   /* x = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]): embedding half first. */
   EPIC_CHECK_GOTO(o->vt->embed(o, &m->mtp.embed, s.ids, M, s.a), st, fail);
   for (int i = 0; i < n_seqs; i++) {

@@ -19,6 +19,7 @@
 #include "kvcache.h"
 
 typedef struct epic_model epic_model;
+typedef struct epic_comm epic_comm; /* comm/comm.h */
 
 typedef enum { EPIC_LOAD_AUTO = 0, EPIC_LOAD_DUMMY = 1 } epic_load_format;
 
@@ -31,6 +32,16 @@ typedef struct epic_model_params {
   int64_t num_experts;          /* > 0: override n_routed_experts (benchmarks) */
   int load_mtp;                 /* load the MTP layer when the config has one */
   int progress;                 /* report loading progress on stderr */
+  /* Expert parallelism (DESIGN §2-3). comm == NULL: this process holds every
+   * expert. Otherwise this rank loads only the routed experts it owns and every
+   * MoE layer dispatches tokens to the owners and combines the results over comm
+   * (borrowed; must outlive the model). expert_owner[l * n_routed_experts + e]
+   * is the rank holding expert e of layer l, for l in 0..num_hidden_layers (the
+   * last row is the MTP layer); NULL = contiguous blocks (rank r holds experts
+   * [r*E/N, (r+1)*E/N)). Every rank must then run each forward in lock-step with
+   * the others (a rank without tokens passes n_seqs = 0). */
+  epic_comm *comm;
+  const int32_t *expert_owner;
 } epic_model_params;
 
 /* ops is borrowed and must outlive the model. Errors are logged as one line
@@ -40,6 +51,8 @@ void epic_model_destroy(epic_model *m); /* NULL-safe */
 
 const epic_model_config *epic_model_get_config(const epic_model *m);
 int epic_model_has_mtp(const epic_model *m);
+/* Routed experts of MoE layer `layer` held by this process. */
+int64_t epic_model_local_experts(const epic_model *m, int64_t layer);
 /* Bytes of weights the model reads (mapped or generated) and of derived buffers. */
 size_t epic_model_weight_bytes(const epic_model *m);
 
@@ -63,7 +76,8 @@ typedef struct epic_seq_batch {
 int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs);
 
 /* Run the main model over the batch; appends the new tokens' keys to each
- * sequence's cache. logits: [out_rows][vocab] (host memory, required).
+ * sequence's cache. With expert parallelism the call is collective and n_seqs
+ * may be 0 (the rank then only serves its experts to the others). logits: [out_rows][vocab] (host memory, required).
  * hidden: optional [out_rows][hidden] final-normed states (input of the LM head
  * and of the MTP layer). EPIC_ERR_NOMEM if the cache has no room (nothing is
  * changed then); EPIC_ERR_INVALID for a bad token id or position. */

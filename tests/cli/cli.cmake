@@ -13,3 +13,23 @@ if(PYTHON3 AND EXISTS ${EPIC_FIXTURES_DIR}/../tools/parity.py)
     set_tests_properties(parity_${m}_chunked PROPERTIES LABELS e2e TIMEOUT 600 ENVIRONMENT "OMP_NUM_THREADS=2")
   endforeach()
 endif()
+
+# Expert parallelism under mpirun: the same logits and greedy ids for any world
+# size and backend (the experts are spread over the ranks, rank 0 owns the sequence).
+if(PYTHON3 AND EXISTS ${EPIC_FIXTURES_DIR}/../tools/parity.py)
+  set(_ep_runs "tiny-bf16\;2\;mpi" "tiny-fp8\;3\;mpi" "tiny-bf16\;4\;mpi")
+  if(EPIC_UCX_ENABLED)
+    list(APPEND _ep_runs "tiny-fp8\;2\;ucx")
+  endif()
+  foreach(run ${_ep_runs})
+    list(GET run 0 m)
+    list(GET run 1 np)
+    list(GET run 2 backend)
+    add_test(NAME parity_${m}_np${np}_${backend}
+             COMMAND ${PYTHON3} ${EPIC_FIXTURES_DIR}/../tools/parity.py $<TARGET_FILE:epic> ${EPIC_FIXTURES_DIR}/${m}
+                     --launch "${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${np} --oversubscribe"
+                     --extra "--comm ${backend}")
+    set_tests_properties(parity_${m}_np${np}_${backend} PROPERTIES LABELS "e2e;mpi" TIMEOUT 900
+      ENVIRONMENT "OMP_NUM_THREADS=1;OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+  endforeach()
+endif()
