@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "cmd_generate.h"
+#include "cmd_plan.h"
 #include "coordinator/tokenizer/cmd_tokenize.h"
 
 #ifndef EPIC_VERSION
@@ -20,6 +21,7 @@ typedef struct subcommand {
 
 static const subcommand COMMANDS[] = {
     {"generate", epic_cmd_generate, "run one prompt on this machine and stream the output"},
+    {"plan", epic_cmd_plan, "expert placement and per-rank memory for N GPUs (config.json only)"},
     {"tokenize", epic_cmd_tokenize, "text to token ids (optionally through the chat template)"},
     {"detokenize", epic_cmd_detokenize, "token ids to text"},
 };
