@@ -1,0 +1,220 @@
+/* CPU backend of epic_ops: object lifetime, memory, and the element-wise ops.
+ * This backend is the correctness reference for every other backend, so the
+ * reductions that decide accuracy (rmsnorm statistics, rope angles) run in double. */
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../common/log.h"
+#include "ops_cpu_impl.h"
+
+static float *scratch_grow(epic_cpu_scratch *s, size_t n) {
+  if (s->cap >= n && s->p) return s->p;
+  size_t bytes = (n * sizeof(float) + 63) & ~(size_t)63;
+  float *p = aligned_alloc(64, bytes ? bytes : 64);
+  if (!p) return NULL;
+  free(s->p);
+  s->p = p;
+  s->cap = n;
+  return p;
+}
+
+float *epic_cpu_scratch_get(epic_cpu_ops *c, int tid, size_t n) {
+  if (tid < 0 || tid >= c->n_threads) return NULL;
+  return scratch_grow(&c->scratch[tid], n);
+}
+
+float *epic_cpu_shared_get(epic_cpu_ops *c, size_t n) { return scratch_grow(&c->shared, n); }
+
+/* Rows are independent; only split across threads when there is enough work to
+ * pay for the fork. */
+static int epic_cpu_par(int64_t m, int64_t work) { return m > 1 && work >= 32768; }
+
+static epic_status cpu_rmsnorm(epic_ops *o, const float *x, int64_t ldx, int64_t m, int64_t n,
+                               const float *w, float eps, float *y, int64_t ldy) {
+  if (m < 0 || n <= 0 || !x || !w || !y) return m == 0 ? EPIC_OK : EPIC_ERR_INVALID;
+  epic_cpu_ops *c = epic_cpu_of(o);
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (epic_cpu_par(m, m * n))
+  for (int64_t i = 0; i < m; i++) {
+    const float *xi = x + i * ldx;
+    float *yi = y + i * ldy;
+    double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < n; j++)
+      ss += (double)xi[j] * (double)xi[j];
+    const double r = 1.0 / sqrt(ss / (double)n + (double)eps);
+    for (int64_t j = 0; j < n; j++)
+      yi[j] = (float)((double)w[j] * ((double)xi[j] * r));
+  }
+  return EPIC_OK;
+}
+
+static epic_status cpu_rope(epic_ops *o, float *x, int64_t m, int64_t n_heads, int64_t ld_tok,
+                            int64_t ld_head, int64_t rope_dim, const int32_t *pos,
+                            const double *inv_freq) {
+  if (m == 0 || n_heads == 0 || rope_dim == 0) return EPIC_OK;
+  if (m < 0 || n_heads < 0 || rope_dim < 0 || (rope_dim & 1) || !x || !pos || !inv_freq)
+    return EPIC_ERR_INVALID;
+  epic_cpu_ops *c = epic_cpu_of(o);
+#pragma omp parallel for num_threads(c->n_threads)                                                 \
+    schedule(static) if (epic_cpu_par(m, m * n_heads * rope_dim * 8))
+  for (int64_t t = 0; t < m; t++) {
+    for (int64_t j = 0; j < rope_dim / 2; j++) {
+      const double ang = (double)pos[t] * inv_freq[j];
+      const double cs = cos(ang), sn = sin(ang);
+      for (int64_t h = 0; h < n_heads; h++) {
+        float *p = x + t * ld_tok + h * ld_head + 2 * j;
+        const double a = p[0], b = p[1];
+        p[0] = (float)(a * cs - b * sn);
+        p[1] = (float)(a * sn + b * cs);
+      }
+    }
+  }
+  return EPIC_OK;
+}
+
+static epic_status cpu_silu_mul(epic_ops *o, const float *g, int64_t ldg, const float *u,
+                                int64_t ldu, int64_t m, int64_t n, float *y, int64_t ldy) {
+  if (m == 0 || n == 0) return EPIC_OK;
+  if (m < 0 || n < 0 || !g || !u || !y) return EPIC_ERR_INVALID;
+  epic_cpu_ops *c = epic_cpu_of(o);
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (epic_cpu_par(m, m * n))
+  for (int64_t i = 0; i < m; i++) {
+    const float *gi = g + i * ldg, *ui = u + i * ldu;
+    float *yi = y + i * ldy;
+    for (int64_t j = 0; j < n; j++) {
+      const float z = gi[j];
+      yi[j] = z / (1.0f + expf(-z)) * ui[j];
+    }
+  }
+  return EPIC_OK;
+}
+
+static epic_status cpu_axpy(epic_ops *o, int64_t n, float a, const float *x, float *y) {
+  if (n == 0) return EPIC_OK;
+  if (n < 0 || !x || !y) return EPIC_ERR_INVALID;
+  for (int64_t i = 0; i < n; i++)
+    y[i] += a * x[i];
+  return EPIC_OK;
+}
+
+static epic_status cpu_embed(epic_ops *o, const epic_weight *table, const int32_t *ids, int64_t m,
+                             float *y) {
+  if (m == 0) return EPIC_OK;
+  if (m < 0 || !table || !ids || !y) return EPIC_ERR_INVALID;
+  for (int64_t i = 0; i < m; i++)
+    if (ids[i] < 0 || ids[i] >= table->rows) {
+      EPIC_LOG_ERROR("embed: token id %d outside [0, %lld)", ids[i], (long long)table->rows);
+      return EPIC_ERR_INVALID;
+    }
+  for (int64_t i = 0; i < m; i++)
+    epic_cpu_dequant_rows(table, ids[i], 1, y + i * table->cols);
+  return EPIC_OK;
+}
+
+static epic_status cpu_kv_store(epic_ops *o, const epic_kv_view *kv, int64_t start, int64_t m,
+                                const float *latent, int64_t ld_latent, const float *kpe,
+                                int64_t ld_kpe) {
+  if (m == 0) return EPIC_OK;
+  if (!kv || m < 0 || start < 0 || !latent || !kpe || kv->lora < 0 || kv->lora > kv->width ||
+      kv->page_size <= 0)
+    return EPIC_ERR_INVALID;
+  const size_t nl = (size_t)kv->lora, nr = (size_t)(kv->width - kv->lora);
+  for (int64_t t = 0; t < m; t++) {
+    float *row = epic_cpu_kv_row(kv, start + t);
+    memcpy(row, latent + t * ld_latent, nl * sizeof(float));
+    memcpy(row + nl, kpe + t * ld_kpe, nr * sizeof(float));
+  }
+  return EPIC_OK;
+}
+
+static epic_status cpu_kv_gather(epic_ops *o, const epic_kv_view *kv, int64_t n, float *latent,
+                                 float *kpe) {
+  if (n == 0) return EPIC_OK;
+  if (!kv || n < 0 || !latent || !kpe || kv->lora < 0 || kv->lora > kv->width || kv->page_size <= 0)
+    return EPIC_ERR_INVALID;
+  const size_t nl = (size_t)kv->lora, nr = (size_t)(kv->width - kv->lora);
+  for (int64_t t = 0; t < n; t++) {
+    const float *row = epic_cpu_kv_row(kv, t);
+    memcpy(latent + (size_t)t * nl, row, nl * sizeof(float));
+    memcpy(kpe + (size_t)t * nr, row + nl, nr * sizeof(float));
+  }
+  return EPIC_OK;
+}
+
+static epic_status cpu_alloc(epic_ops *o, size_t bytes, void **out) {
+  if (!out) return EPIC_ERR_INVALID;
+  size_t rounded = (bytes + 63) & ~(size_t)63;
+  if (rounded < bytes) return EPIC_ERR_NOMEM;
+  void *p = aligned_alloc(64, rounded ? rounded : 64);
+  if (!p) {
+    *out = NULL;
+    return EPIC_ERR_NOMEM;
+  }
+  memset(p, 0, rounded ? rounded : 64);
+  *out = p;
+  return EPIC_OK;
+}
+
+static void cpu_free(epic_ops *o, void *p) { free(p); }
+
+static epic_status cpu_copy(epic_ops *o, void *dst, const void *src, size_t bytes) {
+  if (bytes == 0) return EPIC_OK;
+  if (!dst || !src) return EPIC_ERR_INVALID;
+  memcpy(dst, src, bytes);
+  return EPIC_OK;
+}
+
+static void cpu_destroy(epic_ops *o) {
+  if (!o) return;
+  epic_cpu_ops *c = epic_cpu_of(o);
+  if (c->scratch)
+    for (int t = 0; t < c->n_threads; t++)
+      free(c->scratch[t].p);
+  free(c->scratch);
+  free(c->shared.p);
+  free(c);
+}
+
+static const epic_ops_vt epic_cpu_vt = {
+    .abi_version = EPIC_OPS_ABI_VERSION,
+    .name = "cpu",
+    .matmul = epic_cpu_matmul,
+    .rmsnorm = cpu_rmsnorm,
+    .rope = cpu_rope,
+    .silu_mul = cpu_silu_mul,
+    .axpy = cpu_axpy,
+    .embed = cpu_embed,
+    .route = epic_cpu_route,
+    .kv_store = cpu_kv_store,
+    .kv_gather = cpu_kv_gather,
+    .mla_naive = epic_cpu_mla_naive,
+    .mla_absorbed = epic_cpu_mla_absorbed,
+    .head_gemm = epic_cpu_head_gemm,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .destroy = cpu_destroy,
+};
+
+epic_status epic_ops_cpu_create(int n_threads, epic_ops **out) {
+  if (!out) return EPIC_ERR_INVALID;
+  *out = NULL;
+  epic_cpu_ops *c = calloc(1, sizeof *c);
+  if (!c) return EPIC_ERR_NOMEM;
+  c->base.vt = &epic_cpu_vt;
+  c->n_threads = n_threads > 0 ? n_threads : omp_get_max_threads();
+  if (c->n_threads < 1) c->n_threads = 1;
+  c->scratch = calloc((size_t)c->n_threads, sizeof *c->scratch);
+  if (!c->scratch) {
+    free(c);
+    return EPIC_ERR_NOMEM;
+  }
+  /* Parallelism comes from our OpenMP tiles; OpenBLAS must not fork inside them. */
+  openblas_set_num_threads(1);
+  *out = &c->base;
+  return EPIC_OK;
+}
