@@ -494,14 +494,16 @@ static epic_status mlp(epic_model *m, const epic_weight *gate, const epic_weight
 static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
                           float *y);
 
-static epic_status moe(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
-                       float *y) {
+/* Router (expert ids + weights into s->idx / s->w) and the shared experts into y
+ * (zeros when the layer has none): the part of an MoE layer every rank does
+ * locally for its own tokens. */
+static epic_status route_and_share(epic_model *m, const layer_w *lw, const float *f, int64_t M,
+                                   scratch *s, float *y) {
   epic_ops *o = m->ops;
-  if (m->comm) return moe_ep(m, lw, f, M, s, y);
   const epic_model_config *c = &m->cfg;
-  const int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+  const int64_t D = c->hidden_size, E = c->n_routed_experts;
   epic_router_params rp = {.n_experts = E,
-                           .top_k = K,
+                           .top_k = c->num_experts_per_tok,
                            .n_group = c->n_group,
                            .topk_group = c->topk_group,
                            .scoring = strcmp(c->scoring_func, "softmax") == 0,
@@ -514,6 +516,16 @@ static epic_status moe(epic_model *m, const layer_w *lw, const float *f, int64_t
     EPIC_CHECK(mlp(m, &lw->gate, &lw->up, &lw->down, f, M, s->g, s->u, y));
   else
     memset(y, 0, (size_t)(M * D) * sizeof(float));
+  return EPIC_OK;
+}
+
+static epic_status moe(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
+                       float *y) {
+  epic_ops *o = m->ops;
+  if (m->comm) return moe_ep(m, lw, f, M, s, y);
+  const epic_model_config *c = &m->cfg;
+  const int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+  EPIC_CHECK(route_and_share(m, lw, f, M, s, y));
   /* Group the (token, expert) pairs by expert: a counting sort keeps each
    * expert's tokens in token order, so results do not depend on batch layout. */
   memset(s->counts, 0, (size_t)(E + 1) * sizeof(int64_t));
@@ -553,6 +565,25 @@ static float *ep_get(epic_model *m, int which, size_t floats) {
   return m->ep_buf[which] ? m->ep_buf[which] : (m->ep_buf[which] = malloc(sizeof(float)));
 }
 
+/* All-to-all of row-major float rows of `width` values: send_rows[p] rows to
+ * rank p, recv_rows[p] rows from it, packed in rank order on both sides.
+ * bytes is scratch of 4 * P entries. */
+static epic_status exchange_rows(epic_comm *comm, int P, const float *send, const int64_t *send_rows,
+                                 float *recv, const int64_t *recv_rows, int64_t width, size_t *bytes) {
+  size_t *sb = bytes, *sd = bytes + P, *rb = bytes + 2 * P, *rd = bytes + 3 * P, so = 0, ro = 0;
+  for (int p = 0; p < P; p++) {
+    sb[p] = (size_t)(send_rows[p] * width) * sizeof(float);
+    rb[p] = (size_t)(recv_rows[p] * width) * sizeof(float);
+    sd[p] = so;
+    rd[p] = ro;
+    so += sb[p];
+    ro += rb[p];
+  }
+  epic_a2a_args a = {.send = send, .send_counts = sb, .send_displs = sd, .recv = recv,
+                     .recv_counts = rb, .recv_displs = rd};
+  return epic_comm_alltoallv(comm, &a);
+}
+
 /* Expert-parallel MoE (DESIGN §3): dispatch each (token, expert) row to the
  * expert's owner, run the local experts on what arrived, send the results back
  * and add them, weighted, in ascending expert order per token (the order of the
@@ -575,22 +606,7 @@ static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int6
   int64_t R = 0;
   float *send, *recv, *out, *back;
   if (!scnt || !bytes || !ecnt) goto done;
-  if (M > 0) {
-    epic_router_params rp = {.n_experts = E,
-                             .top_k = K,
-                             .n_group = c->n_group,
-                             .topk_group = c->topk_group,
-                             .scoring = strcmp(c->scoring_func, "softmax") == 0,
-                             .norm_topk_prob = c->norm_topk_prob,
-                             .routed_scaling_factor = (float)c->routed_scaling_factor,
-                             .bias = lw->router_bias};
-    EPIC_CHECK_GOTO(o->vt->matmul(o, f, D, M, &lw->router, s->rl, E), st, done);
-    EPIC_CHECK_GOTO(o->vt->route(o, s->rl, M, &rp, s->idx, s->w), st, done);
-    if (lw->has_mlp)
-      EPIC_CHECK_GOTO(mlp(m, &lw->gate, &lw->up, &lw->down, f, M, s->g, s->u, y), st, done);
-    else
-      memset(y, 0, (size_t)(M * D) * sizeof(float));
-  }
+  if (M > 0) EPIC_CHECK_GOTO(route_and_share(m, lw, f, M, s, y), st, done);
   /* Dispatch: rows grouped by destination rank, (token, k) order inside. */
   for (int64_t i = 0; i < M * K; i++) scnt[owner[s->idx[i]]]++;
   for (int p = 1; p < P; p++) soff[p] = soff[p - 1] + scnt[p - 1];
@@ -611,21 +627,7 @@ static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int6
   out = ep_get(m, EP_OUT, (size_t)(R * D));
   order = malloc((size_t)(R + 1) * sizeof *order);
   if (!recv || !out || !order) goto done;
-  {
-    size_t *sb = bytes, *sd = bytes + P, *rb = bytes + 2 * P, *rd = bytes + 3 * P;
-    size_t so = 0, ro = 0;
-    for (int p = 0; p < P; p++) {
-      sb[p] = (size_t)(scnt[p] * W) * sizeof(float);
-      rb[p] = (size_t)(rcnt[p] * W) * sizeof(float);
-      sd[p] = so;
-      rd[p] = ro;
-      so += sb[p];
-      ro += rb[p];
-    }
-    epic_a2a_args a = {.send = send, .send_counts = sb, .send_displs = sd, .recv = recv,
-                       .recv_counts = rb, .recv_displs = rd};
-    EPIC_CHECK_GOTO(epic_comm_alltoallv(m->comm, &a), st, done);
-  }
+  EPIC_CHECK_GOTO(exchange_rows(m->comm, P, send, scnt, recv, rcnt, W, bytes), st, done);
   /* Local experts over the rows that arrived, grouped by expert (arrival order kept). */
   for (int64_t r = 0; r < R; r++) {
     int32_t e;
@@ -661,21 +663,7 @@ static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int6
       memcpy(out + (int64_t)order[eoff[e] + j] * D, ye + j * D, (size_t)D * sizeof(float));
   }
   /* Combine: results travel back along the reverse route. */
-  {
-    size_t *sb = bytes, *sd = bytes + P, *rb = bytes + 2 * P, *rd = bytes + 3 * P;
-    size_t so = 0, ro = 0;
-    for (int p = 0; p < P; p++) {
-      sb[p] = (size_t)(rcnt[p] * D) * sizeof(float);
-      rb[p] = (size_t)(scnt[p] * D) * sizeof(float);
-      sd[p] = so;
-      rd[p] = ro;
-      so += sb[p];
-      ro += rb[p];
-    }
-    epic_a2a_args a = {.send = out, .send_counts = sb, .send_displs = sd, .recv = back,
-                       .recv_counts = rb, .recv_displs = rd};
-    EPIC_CHECK_GOTO(epic_comm_alltoallv(m->comm, &a), st, done);
-  }
+  EPIC_CHECK_GOTO(exchange_rows(m->comm, P, out, rcnt, back, scnt, D, bytes), st, done);
   for (int64_t i = 0; i < M * K; i++)
     EPIC_CHECK_GOTO(o->vt->axpy(o, D, s->w[i], back + (int64_t)s->tok_list[i] * D, y + (i / K) * D),
                     st, done);
