@@ -30,6 +30,6 @@ if(PYTHON3 AND EXISTS ${EPIC_FIXTURES_DIR}/../tools/parity.py)
                      --launch "${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${np} --oversubscribe"
                      --extra "--comm ${backend}")
     set_tests_properties(parity_${m}_np${np}_${backend} PROPERTIES LABELS "e2e;mpi" TIMEOUT 900
-      ENVIRONMENT "OMP_NUM_THREADS=1;OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+      ENVIRONMENT "OMP_NUM_THREADS=1;${EPIC_MPI_TEST_ENV}")
   endforeach()
 endif()
