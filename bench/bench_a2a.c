@@ -20,6 +20,7 @@
 
 #include <mpi.h>
 
+#include "common/clock.h"
 #include "comm/comm.h"
 #include "common/log.h"
 
@@ -30,12 +31,6 @@
 #define HIDDEN 7168
 #define TOPK 8
 #define NEXPERTS 256
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static void usage(FILE *f) {
   fprintf(f, "usage: mpirun -np N bench_a2a [--backend auto|mpi|ucx|nccl] [--quick] [--iters N]\n"
@@ -93,9 +88,9 @@ static double memcpy_gbps(size_t bytes) {
   memset(b, 0, bytes);
   double best = 1e30;
   for (int i = 0; i < 5; i++) {
-    double t = now_s();
+    double t = epic_now_seconds();
     memcpy(b, a, bytes);
-    t = now_s() - t;
+    t = epic_now_seconds() - t;
     if (t < best) best = t;
   }
   volatile char sink = b[bytes / 2];
@@ -214,9 +209,9 @@ int main(int argc, char **argv) {
       for (int w = 0; w < 2 && st == EPIC_OK; w++) st = epic_comm_alltoallv(c, &a);
       for (int i = 0; i < iters && st == EPIC_OK; i++) {
         epic_comm_barrier(c);
-        double t0 = now_s();
+        double t0 = epic_now_seconds();
         st = epic_comm_alltoallv(c, &a);
-        ts[i] = now_s() - t0;
+        ts[i] = epic_now_seconds() - t0;
       }
       MPI_Allreduce(ts, tmax, iters, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
       double remote_mean = 0, rem = (double)remote;

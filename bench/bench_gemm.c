@@ -15,13 +15,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "kernels/ops.h"
-
-static double now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static uint64_t rs = 88172645463325252ull;
 static uint64_t rnd(void) {
@@ -44,9 +39,9 @@ typedef struct {
     (res).total = 0;                                                                               \
     (res).reps = 0;                                                                                \
     while ((res).reps < 1 || ((res).total < (min_s) && (res).reps < (max_reps))) {                 \
-      double t0_ = now();                                                                          \
+      double t0_ = epic_now_seconds();                                                                          \
       stmt;                                                                                        \
-      double dt_ = now() - t0_;                                                                    \
+      double dt_ = epic_now_seconds() - t0_;                                                                    \
       (res).best = dt_ < (res).best ? dt_ : (res).best;                                            \
       (res).total += dt_;                                                                          \
       (res).reps++;                                                                                \

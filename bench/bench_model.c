@@ -10,16 +10,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "kernels/ops.h"
 #include "worker/model.h"
 #include "worker/sampler.h"
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static int cmp_d(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -40,9 +35,9 @@ static double memcpy_gbs(void) {
   memset(a, 1, n);
   memset(b, 2, n);
   for (int r = 0; r < 3; r++) {
-    double t = now_s();
+    double t = epic_now_seconds();
     memcpy(b, a, n);
-    t = now_s() - t;
+    t = epic_now_seconds() - t;
     /* a copy reads and writes n bytes each */
     if (2.0 * n / t / 1e9 > best) best = 2.0 * n / t / 1e9;
   }
@@ -116,9 +111,9 @@ int main(int argc, char **argv) {
   epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_format = dummy ? EPIC_LOAD_DUMMY : EPIC_LOAD_AUTO,
                           .num_layers = layers, .num_experts = experts, .seed = 1};
   if (epic_ops_cpu_create((int)threads, &ops) != EPIC_OK) return 1;
-  double t_load = now_s();
+  double t_load = epic_now_seconds();
   if (epic_model_load(ops, &mp, &m) != EPIC_OK) return 1;
-  t_load = now_s() - t_load;
+  t_load = epic_now_seconds() - t_load;
   const epic_model_config *cfg = epic_model_get_config(m);
   const int64_t V = cfg->vocab_size, page = 64;
   if (epic_model_kvcache_create(m, 0, page, B * ((P + N + page - 1) / page + 1), &kc) != EPIC_OK) return 1;
@@ -136,18 +131,18 @@ int main(int argc, char **argv) {
   /* Prefill: every sequence's whole prompt in one batched step. */
   for (long i = 0; i < B; i++)
     b[i] = (epic_seq_batch){.tokens = prompt + i * P, .n_tokens = P, .start = 0, .kv = &seqs[i]};
-  double t_pre = now_s();
+  double t_pre = epic_now_seconds();
   if (epic_model_forward(m, kc, b, (int)B, logits, NULL) != EPIC_OK) return 1;
-  t_pre = now_s() - t_pre;
+  t_pre = epic_now_seconds() - t_pre;
   for (long i = 0; i < B; i++) next[i] = epic_argmax(logits + i * V, V);
   /* Decode: one token per sequence per step. */
   double t_dec = 0;
   for (long s = 0; s < N; s++) {
     for (long i = 0; i < B; i++)
       b[i] = (epic_seq_batch){.tokens = &next[i], .n_tokens = 1, .start = P + s, .kv = &seqs[i]};
-    double t = now_s();
+    double t = epic_now_seconds();
     if (epic_model_forward(m, kc, b, (int)B, logits, NULL) != EPIC_OK) return 1;
-    step[s] = now_s() - t;
+    step[s] = epic_now_seconds() - t;
     t_dec += step[s];
     for (long i = 0; i < B; i++) next[i] = epic_argmax(logits + i * V, V);
   }

@@ -11,14 +11,9 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/tokenizer/tokenizer.h"
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
 static uint32_t rnd(void) {
@@ -350,13 +345,13 @@ int main(int argc, char **argv) {
   else
     snprintf(json_path, sizeof json_path, "%s", path);
 
-  double t0 = now_s();
+  double t0 = epic_now_seconds();
   epic_tokenizer *tok = NULL;
   if (epic_tokenizer_load(json_path, NULL, &tok) != EPIC_OK) {
     fprintf(stderr, "bench_tokenizer: cannot load %s\n", json_path);
     return 1;
   }
-  double load_s = now_s() - t0;
+  double load_s = epic_now_seconds() - t0;
 
   buf corpus = {0};
   gen_corpus(&corpus, bytes);
@@ -369,35 +364,35 @@ int main(int argc, char **argv) {
   double best = 1e30;
   for (int r = 0; r < reps; r++) {
     epic_tokenizer_ids_free(ids);
-    t0 = now_s();
+    t0 = epic_now_seconds();
     if (epic_tokenizer_encode(tok, corpus.p, corpus.n, 0, &ids, &n) != EPIC_OK) {
       fprintf(stderr, "bench_tokenizer: encode failed\n");
       return 1;
     }
-    double dt = now_s() - t0;
+    double dt = epic_now_seconds() - t0;
     if (dt < best) best = dt;
   }
 
   size_t pieces = 0;
-  t0 = now_s();
+  t0 = epic_now_seconds();
   epic_tokenizer_pretokenize(tok, corpus.p, corpus.n, count_piece, &pieces);
-  double pre_s = now_s() - t0;
+  double pre_s = epic_now_seconds() - t0;
 
   /* fast encode of the baseline sample, for an equal-input comparison */
   int32_t *sids = NULL;
   size_t sn = 0;
-  t0 = now_s();
+  t0 = epic_now_seconds();
   epic_tokenizer_encode(tok, corpus.p, base_bytes, 0, &sids, &sn);
-  double fast_sample_s = now_s() - t0;
+  double fast_sample_s = epic_now_seconds() - t0;
 
   naive nv;
   if (naive_load(&nv, json_path)) {
     fprintf(stderr, "bench_tokenizer: baseline cannot read %s\n", json_path);
     return 1;
   }
-  t0 = now_s();
+  t0 = epic_now_seconds();
   epic_tokenizer_pretokenize(tok, corpus.p, base_bytes, naive_piece, &nv);
-  double base_s = now_s() - t0;
+  double base_s = epic_now_seconds() - t0;
   int match = nv.n == sn && memcmp(nv.ids, sids, sn * sizeof *sids) == 0;
 
   double mbps = corpus.n / best / 1e6, base_mbps = base_bytes / base_s / 1e6;

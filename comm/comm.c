@@ -2,6 +2,7 @@
  * to the backend vtables, and the generic control-plane collectives over the MPI bootstrap
  * communicator. */
 #define _POSIX_C_SOURCE 200809L
+#include "common/clock.h"
 #include "comm/comm_impl.h"
 
 #include <limits.h>
@@ -37,11 +38,7 @@ const char *epic_comm_backends(void) {
       ;
 }
 
-double epic_comm_now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
+double epic_comm_now_ms(void) { return epic_now_seconds() * 1e3; }
 
 epic_status epic_comm_mpi_error(int rc, const char *what, const char *file, int line) {
   char msg[MPI_MAX_ERROR_STRING] = "";

@@ -224,59 +224,43 @@ static epic_status parse_eos(const cfg_ctx *x, const cJSON *root, epic_model_con
 
 /* Consistency checks shared by parse and override. */
 static epic_status config_validate(const epic_model_config *c, const char *src) {
-  const struct {
-    const char *name;
-    int64_t v;
-  } pos[] = {
-      {"vocab_size", c->vocab_size},
-      {"hidden_size", c->hidden_size},
-      {"intermediate_size", c->intermediate_size},
-      {"num_hidden_layers", c->num_hidden_layers},
-      {"num_attention_heads", c->num_attention_heads},
-      {"kv_lora_rank", c->kv_lora_rank},
-      {"qk_nope_head_dim", c->qk_nope_head_dim},
-      {"qk_rope_head_dim", c->qk_rope_head_dim},
-      {"v_head_dim", c->v_head_dim},
-      {"moe_layer_freq", c->moe_layer_freq},
-      {"max_position_embeddings", c->max_position_embeddings},
-  };
-  for (size_t i = 0; i < sizeof pos / sizeof pos[0]; i++) {
-    if (pos[i].v <= 0) {
-      EPIC_LOG_ERROR("%s: field \"%s\" must be positive (got %lld)", src, pos[i].name,
-                     (long long)pos[i].v);
-      return EPIC_ERR_INVALID;
-    }
-  }
-  const struct {
-    const char *name;
-    int64_t v;
-  } nonneg[] = {
-      {"q_lora_rank", c->q_lora_rank},
-      {"n_routed_experts", c->n_routed_experts},
-      {"n_shared_experts", c->n_shared_experts},
-      {"first_k_dense_replace", c->first_k_dense_replace},
-      {"num_nextn_predict_layers", c->num_nextn_predict_layers},
-      {"num_key_value_heads", c->num_key_value_heads},
-  };
-  for (size_t i = 0; i < sizeof nonneg / sizeof nonneg[0]; i++) {
-    if (nonneg[i].v < 0) {
-      EPIC_LOG_ERROR("%s: field \"%s\" must not be negative (got %lld)", src, nonneg[i].name,
-                     (long long)nonneg[i].v);
-      return EPIC_ERR_INVALID;
-    }
-  }
-  /* Sizes far beyond any real model are almost certainly corruption, and bounding
-   * them keeps every derived product (rows * cols) clear of int64 overflow. */
+  /* min: 1 for sizes, 0 for counts that may be absent. bounded: sizes far beyond
+   * any real model are almost certainly corruption, and bounding them keeps every
+   * derived product (rows * cols) clear of int64 overflow. */
   const int64_t big = (int64_t)1 << 24;
-  const int64_t *dims[] = {&c->vocab_size,          &c->hidden_size,      &c->intermediate_size,
-                           &c->q_lora_rank,         &c->kv_lora_rank,     &c->qk_nope_head_dim,
-                           &c->qk_rope_head_dim,    &c->v_head_dim,       &c->moe_intermediate_size,
-                           &c->num_attention_heads, &c->n_routed_experts, &c->n_shared_experts,
-                           &c->num_hidden_layers};
-  for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++) {
-    if (*dims[i] > big) {
-      EPIC_LOG_ERROR("%s: a model dimension is implausibly large (%lld > %lld)", src,
-                     (long long)*dims[i], (long long)big);
+  const struct {
+    const char *name;
+    int64_t v, min;
+    int bounded;
+  } fields[] = {
+      {"vocab_size", c->vocab_size, 1, 1},
+      {"hidden_size", c->hidden_size, 1, 1},
+      {"intermediate_size", c->intermediate_size, 1, 1},
+      {"num_hidden_layers", c->num_hidden_layers, 1, 1},
+      {"num_attention_heads", c->num_attention_heads, 1, 1},
+      {"kv_lora_rank", c->kv_lora_rank, 1, 1},
+      {"qk_nope_head_dim", c->qk_nope_head_dim, 1, 1},
+      {"qk_rope_head_dim", c->qk_rope_head_dim, 1, 1},
+      {"v_head_dim", c->v_head_dim, 1, 1},
+      {"moe_layer_freq", c->moe_layer_freq, 1, 0},
+      {"max_position_embeddings", c->max_position_embeddings, 1, 0},
+      {"q_lora_rank", c->q_lora_rank, 0, 1},
+      {"n_routed_experts", c->n_routed_experts, 0, 1},
+      {"n_shared_experts", c->n_shared_experts, 0, 1},
+      {"first_k_dense_replace", c->first_k_dense_replace, 0, 0},
+      {"num_nextn_predict_layers", c->num_nextn_predict_layers, 0, 0},
+      {"num_key_value_heads", c->num_key_value_heads, 0, 0},
+      {"moe_intermediate_size", c->moe_intermediate_size, INT64_MIN, 1},
+  };
+  for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+    if (fields[i].v < fields[i].min) {
+      EPIC_LOG_ERROR("%s: field \"%s\" must be %s (got %lld)", src, fields[i].name,
+                     fields[i].min > 0 ? "positive" : "non-negative", (long long)fields[i].v);
+      return EPIC_ERR_INVALID;
+    }
+    if (fields[i].bounded && fields[i].v > big) {
+      EPIC_LOG_ERROR("%s: field \"%s\" is implausibly large (%lld > %lld)", src, fields[i].name,
+                     (long long)fields[i].v, (long long)big);
       return EPIC_ERR_INVALID;
     }
   }

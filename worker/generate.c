@@ -3,9 +3,9 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "../comm/comm.h"
+#include "../common/clock.h"
 #include "../common/log.h"
 
 /* Step announcements of an expert-parallel generate (rank 0 -> all). */
@@ -29,12 +29,6 @@ epic_status epic_generate_follow(epic_model *m, epic_comm *comm) {
     else
       return EPIC_ERR_COMM;
   }
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 /* MTP logits over the prompt: row i from the main model's final-normed hidden
@@ -94,7 +88,7 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
   }
 
   /* Prefill in chunks; every chunk's rows are dumped when asked for. */
-  t0 = now_s();
+  t0 = epic_now_seconds();
   for (int64_t s0 = 0; s0 < p->n_prompt; s0 += chunk) {
     int64_t n = p->n_prompt - s0 < chunk ? p->n_prompt - s0 : chunk;
     epic_seq_batch b = {.tokens = p->prompt + s0,
@@ -120,9 +114,9 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
     EPIC_CHECK_GOTO(st, st, done);
   }
   if (want_hidden) EPIC_CHECK_GOTO(dump_mtp(m, kc_mtp, p, hidden), st, done);
-  r->prefill_seconds = now_s() - t0;
+  r->prefill_seconds = epic_now_seconds() - t0;
 
-  t0 = now_s();
+  t0 = epic_now_seconds();
   r->finish = EPIC_FINISH_LENGTH;
   for (int64_t k = 0; k < p->max_new_tokens; k++) {
     if (k > 0) {
@@ -139,7 +133,7 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
       break;
     }
   }
-  r->decode_seconds = now_s() - t0;
+  r->decode_seconds = epic_now_seconds() - t0;
   st = EPIC_OK;
 done:
   if (p->comm) {

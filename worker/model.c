@@ -7,10 +7,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "../comm/comm.h"
+#include "../common/clock.h"
 #include "../common/log.h"
 #include "checkpoint.h"
 
@@ -44,8 +44,7 @@ typedef struct scratch {
   float *q_abs, *q_pe, *ctx, *lat, *kpe, *kvb, *x2;
   int32_t *idx, *pos, *ids;
   float *w;
-  int32_t *tok_list;
-  float *w_list;
+  int32_t *tok_list; /* per (token, k) item: expert-sorted order, or its slot in the dispatch */
   int64_t *counts, *offsets;
 } scratch;
 
@@ -272,15 +271,9 @@ static int skip_unloaded(void *user, const char *name) {
   return 0;
 }
 
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* Progress of a long load: a rewritten line on a terminal, log lines otherwise. */
 static void report_progress(const epic_model *m, int64_t done, int64_t total, double t0) {
-  double el = now_s() - t0, gb = (double)epic_checkpoint_bytes(m->ck) / 1e9;
+  double el = epic_now_seconds() - t0, gb = (double)epic_checkpoint_bytes(m->ck) / 1e9;
   double eta = done > 0 ? el * (double)(total - done) / (double)done : 0;
   if (!m->progress) return;
   if (isatty(2))
@@ -295,7 +288,7 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
   epic_model *m;
   epic_status st;
   int64_t n_layers;
-  double t0 = now_s();
+  double t0 = epic_now_seconds();
   *out = NULL;
   if (!p || p->size != sizeof *p || !p->dir) {
     EPIC_LOG_ERROR("model: invalid load parameters");
@@ -454,7 +447,7 @@ static epic_status scratch_get(epic_model *m, int64_t M, int64_t max_ctx, int64_
       {(void **)&s->x2, (size_t)(M * 2 * D) * 4},     {(void **)&s->idx, (size_t)(M * K) * 4},
       {(void **)&s->pos, (size_t)M * 4},              {(void **)&s->ids, (size_t)M * 4},
       {(void **)&s->w, (size_t)(M * K) * 4},          {(void **)&s->tok_list, (size_t)(M * K) * 4},
-      {(void **)&s->w_list, (size_t)(M * K) * 4},     {(void **)&s->counts, (size_t)(E + 1) * 8},
+      {(void **)&s->counts, (size_t)(E + 1) * 8},
       {(void **)&s->offsets, (size_t)(E + 1) * 8},
   };
   const size_t n_parts = sizeof parts / sizeof parts[0];
@@ -494,6 +487,31 @@ static epic_status mlp(epic_model *m, const epic_weight *gate, const epic_weight
 static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
                           float *y);
 
+/* Counting sort of n items by expert id (expert[i] in [0, E)): order[off[e] ..
+ * off[e+1]) lists the items routed to e in item order, so results do not depend
+ * on how the batch is laid out. off has E + 1 entries, fill is scratch of E. */
+static void bucket_by_expert(const int32_t *expert, int64_t n, int64_t E, int64_t *off,
+                             int64_t *fill, int32_t *order) {
+  memset(fill, 0, (size_t)E * sizeof *fill);
+  for (int64_t i = 0; i < n; i++) fill[expert[i]]++;
+  off[0] = 0;
+  for (int64_t e = 0; e < E; e++) off[e + 1] = off[e] + fill[e];
+  memset(fill, 0, (size_t)E * sizeof *fill);
+  for (int64_t i = 0; i < n; i++) order[off[expert[i]] + fill[expert[i]]++] = (int32_t)i;
+}
+
+/* Routed expert e of lw on n rows src + (items[j] / div) * ld, gathered into x;
+ * result [n][hidden] in out. g/u are scratch of n x moe_intermediate_size. */
+static epic_status run_expert(epic_model *m, const layer_w *lw, int64_t e, const float *src,
+                              int64_t ld, int64_t div, const int32_t *items, int64_t n, float *x,
+                              float *g, float *u, float *out) {
+  const int64_t D = m->cfg.hidden_size;
+  const epic_weight *ew = &lw->experts[e * 3];
+  for (int64_t j = 0; j < n; j++)
+    memcpy(x + j * D, src + (int64_t)(items[j] / div) * ld, (size_t)D * sizeof(float));
+  return mlp(m, &ew[0], &ew[1], &ew[2], x, n, g, u, out);
+}
+
 /* Router (expert ids + weights into s->idx / s->w) and the shared experts into y
  * (zeros when the layer has none): the part of an MoE layer every rank does
  * locally for its own tokens. */
@@ -526,31 +544,15 @@ static epic_status moe(epic_model *m, const layer_w *lw, const float *f, int64_t
   const epic_model_config *c = &m->cfg;
   const int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
   EPIC_CHECK(route_and_share(m, lw, f, M, s, y));
-  /* Group the (token, expert) pairs by expert: a counting sort keeps each
-   * expert's tokens in token order, so results do not depend on batch layout. */
-  memset(s->counts, 0, (size_t)(E + 1) * sizeof(int64_t));
-  for (int64_t i = 0; i < M * K; i++) s->counts[s->idx[i]]++;
-  s->offsets[0] = 0;
-  for (int64_t e = 0; e < E; e++) s->offsets[e + 1] = s->offsets[e] + s->counts[e];
-  memset(s->counts, 0, (size_t)(E + 1) * sizeof(int64_t));
-  for (int64_t t = 0; t < M; t++)
-    for (int64_t k = 0; k < K; k++) {
-      int32_t e = s->idx[t * K + k];
-      int64_t at = s->offsets[e] + s->counts[e]++;
-      s->tok_list[at] = (int32_t)t;
-      s->w_list[at] = s->w[t * K + k];
-    }
+  /* Items are (token, k) pairs, i = t * K + k. */
+  bucket_by_expert(s->idx, M * K, E, s->offsets, s->counts, s->tok_list);
   for (int64_t e = 0; e < E; e++) {
     const int64_t n = s->offsets[e + 1] - s->offsets[e];
-    const int32_t *toks = s->tok_list + s->offsets[e];
-    const float *ws = s->w_list + s->offsets[e];
-    const epic_weight *ew = &lw->experts[e * 3];
+    const int32_t *items = s->tok_list + s->offsets[e];
     if (n == 0) continue;
+    EPIC_CHECK(run_expert(m, lw, e, f, D, K, items, n, s->xe, s->ge, s->ue, s->ye));
     for (int64_t j = 0; j < n; j++)
-      memcpy(s->xe + j * D, f + (int64_t)toks[j] * D, (size_t)D * sizeof(float));
-    EPIC_CHECK(mlp(m, &ew[0], &ew[1], &ew[2], s->xe, n, s->ge, s->ue, s->ye));
-    for (int64_t j = 0; j < n; j++)
-      EPIC_CHECK(o->vt->axpy(o, D, ws[j], s->ye + j * D, y + (int64_t)toks[j] * D));
+      EPIC_CHECK(o->vt->axpy(o, D, s->w[items[j]], s->ye + j * D, y + (items[j] / K) * D));
   }
   return EPIC_OK;
 }
@@ -602,7 +604,7 @@ static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int6
           *fill = soff + P;
   size_t *bytes = calloc((size_t)P * 4, sizeof(size_t));
   int64_t *ecnt = calloc((size_t)(E + 1) * 2, sizeof(int64_t)), *eoff = ecnt + E + 1;
-  int32_t *order = NULL;
+  int32_t *order = NULL, *rexp; /* rexp: expert id of each received row */
   int64_t R = 0;
   float *send, *recv, *out, *back;
   if (!scnt || !bytes || !ecnt) goto done;
@@ -625,30 +627,23 @@ static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int6
   for (int p = 0; p < P; p++) R += rcnt[p];
   recv = ep_get(m, EP_RECV, (size_t)(R * W));
   out = ep_get(m, EP_OUT, (size_t)(R * D));
-  order = malloc((size_t)(R + 1) * sizeof *order);
+  order = malloc((size_t)(2 * R + 1) * sizeof *order);
   if (!recv || !out || !order) goto done;
+  rexp = order + R;
   EPIC_CHECK_GOTO(exchange_rows(m->comm, P, send, scnt, recv, rcnt, W, bytes), st, done);
   /* Local experts over the rows that arrived, grouped by expert (arrival order kept). */
   for (int64_t r = 0; r < R; r++) {
-    int32_t e;
-    memcpy(&e, recv + r * W, sizeof e);
-    if (e < 0 || e >= E || owner[e] != m->rank) {
-      EPIC_LOG_ERROR("moe: rank %d received a row for expert %d it does not hold", m->rank, e);
+    memcpy(&rexp[r], recv + r * W, sizeof *rexp);
+    if (rexp[r] < 0 || rexp[r] >= E || owner[rexp[r]] != m->rank) {
+      EPIC_LOG_ERROR("moe: rank %d received a row for expert %d it does not hold", m->rank, rexp[r]);
       st = EPIC_ERR_COMM;
       goto done;
     }
-    ecnt[e]++;
   }
-  for (int64_t e = 0; e < E; e++) eoff[e + 1] = eoff[e] + ecnt[e];
-  memset(ecnt, 0, (size_t)E * sizeof(int64_t));
-  for (int64_t r = 0; r < R; r++) {
-    int32_t e;
-    memcpy(&e, recv + r * W, sizeof e);
-    order[eoff[e] + ecnt[e]++] = (int32_t)r;
-  }
+  bucket_by_expert(rexp, R, E, eoff, ecnt, order);
   for (int64_t e = 0; e < E; e++) {
     const int64_t n = eoff[e + 1] - eoff[e];
-    const epic_weight *ew = &lw->experts[e * 3];
+    const int32_t *rows = order + eoff[e];
     float *x, *g, *u, *ye;
     if (n == 0) continue;
     x = ep_get(m, EP_X, (size_t)(n * D));
@@ -656,11 +651,9 @@ static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int6
     u = ep_get(m, EP_U, (size_t)(n * I));
     ye = ep_get(m, EP_Y, (size_t)(n * D));
     if (!x || !g || !u || !ye) goto done;
+    EPIC_CHECK_GOTO(run_expert(m, lw, e, recv + 1, W, 1, rows, n, x, g, u, ye), st, done);
     for (int64_t j = 0; j < n; j++)
-      memcpy(x + j * D, recv + (int64_t)order[eoff[e] + j] * W + 1, (size_t)D * sizeof(float));
-    EPIC_CHECK_GOTO(mlp(m, &ew[0], &ew[1], &ew[2], x, n, g, u, ye), st, done);
-    for (int64_t j = 0; j < n; j++)
-      memcpy(out + (int64_t)order[eoff[e] + j] * D, ye + j * D, (size_t)D * sizeof(float));
+      memcpy(out + (int64_t)rows[j] * D, ye + j * D, (size_t)D * sizeof(float));
   }
   /* Combine: results travel back along the reverse route. */
   EPIC_CHECK_GOTO(exchange_rows(m->comm, P, out, rcnt, back, scnt, D, bytes), st, done);

@@ -14,6 +14,7 @@
 #include <cmocka.h>
 #include <cjson/cJSON.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "tests/common/test_util.h"
@@ -25,12 +26,6 @@ typedef struct {
 } fixture;
 
 static fixture g_real = {.dir = "tokenizer"}, g_tiny = {.dir = "tiny-tokenizer"};
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static int load_fixture(fixture *f) {
   char a[1024], b[1024], g[1024], rel[256];
@@ -612,9 +607,9 @@ static void test_detok_random_ids(void **state) {
 }
 
 static void timed_encode(const epic_tokenizer *t, const char *what, const char *s, size_t n) {
-  double t0 = now_s();
+  double t0 = epic_now_seconds();
   check_bytes_roundtrip(t, s, n);
-  double dt = now_s() - t0;
+  double dt = epic_now_seconds() - t0;
   fprintf(stderr, "  %-28s %8zu bytes  %.3f s (encode+decode+stream)\n", what, n, dt);
   assert_true(dt < 30.0); /* only absurd (quadratic) behaviour fails */
 }

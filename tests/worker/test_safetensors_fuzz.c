@@ -17,6 +17,7 @@
 
 #include <cmocka.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "tests/common/test_util.h"
 #include "worker/checkpoint.h"
@@ -34,12 +35,6 @@ static uint64_t rnd(void) {
   return z ^ (z >> 31);
 }
 static size_t rnd_below(size_t n) { return n ? (size_t)(rnd() % n) : 0; }
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static size_t g_ok, g_err;
 
@@ -271,11 +266,11 @@ static void test_fuzz(void **state) {
   assert_true(saved >= 0);
   dup2(logfd, 2);
 
-  const double t0 = now_s();
+  const double t0 = epic_now_seconds();
   int done = 0, rdone = 0;
-  for (; done < FUZZ_MUTATIONS && now_s() - t0 < FUZZ_TIME_BUDGET_S * 0.7; done++)
+  for (; done < FUZZ_MUTATIONS && epic_now_seconds() - t0 < FUZZ_TIME_BUDGET_S * 0.7; done++)
     mutate_and_parse(&seeds[done % 4]);
-  for (; rdone < FUZZ_RANDOM_HEADERS && now_s() - t0 < FUZZ_TIME_BUDGET_S; rdone++)
+  for (; rdone < FUZZ_RANDOM_HEADERS && epic_now_seconds() - t0 < FUZZ_TIME_BUDGET_S; rdone++)
     random_header_and_parse();
 
   fflush(stderr);
@@ -284,7 +279,7 @@ static void test_fuzz(void **state) {
   close(logfd);
   unlink(logpath);
   printf("fuzz: %d mutations + %d random headers in %.1f s: %zu parsed, %zu rejected\n", done,
-         rdone, now_s() - t0, g_ok, g_err);
+         rdone, epic_now_seconds() - t0, g_ok, g_err);
   assert_true(done >= 500 && rdone >= 200);
   assert_true(g_err > 0 && g_ok > 0);
   for (int i = 0; i < 4; i++) {
