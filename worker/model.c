@@ -359,9 +359,7 @@ void epic_model_destroy(epic_model *m) {
   if (!m) return;
   if (m->layers)
     for (int64_t l = 0; l < m->cfg.num_hidden_layers; l++) free_layer(m, &m->layers[l]);
-  if (m->has_mtp || m->mtp.layer.attn_norm) {
-    free_layer(m, &m->mtp.layer);
-  }
+  free_layer(m, &m->mtp.layer); /* NULL-safe: zeroed when MTP was not loaded */
   m->ops->vt->free(m->ops, m->mtp.enorm);
   m->ops->vt->free(m->ops, m->mtp.hnorm);
   m->ops->vt->free(m->ops, m->mtp.head_norm);
