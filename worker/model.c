@@ -625,7 +625,7 @@ static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int6
   for (int p = 0; p < P; p++) R += rcnt[p];
   recv = ep_get(m, EP_RECV, (size_t)(R * W));
   out = ep_get(m, EP_OUT, (size_t)(R * D));
-  order = malloc((size_t)(2 * R + 1) * sizeof *order);
+  order = calloc((size_t)(2 * R + 1), sizeof *order);
   if (!recv || !out || !order) goto done;
   rexp = order + R;
   EPIC_CHECK_GOTO(exchange_rows(m->comm, P, send, scnt, recv, rcnt, W, bytes), st, done);
