@@ -12,6 +12,7 @@ const char *epic_status_str(epic_status s) {
   case EPIC_ERR_TIMEOUT: return "timeout";
   case EPIC_ERR_CANCELLED: return "cancelled";
   case EPIC_ERR_UNSUPPORTED: return "unsupported";
+  case EPIC_ERR_BUSY: return "busy (queue full)";
   }
   return "unknown status";
 }

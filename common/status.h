@@ -14,7 +14,8 @@ typedef enum {
   EPIC_ERR_CUDA = -5,
   EPIC_ERR_TIMEOUT = -6,
   EPIC_ERR_CANCELLED = -7,
-  EPIC_ERR_UNSUPPORTED = -8
+  EPIC_ERR_UNSUPPORTED = -8,
+  EPIC_ERR_BUSY = -9 /* a bounded queue is full: retry later */
 } epic_status;
 
 /* Static string naming the status (never NULL). */

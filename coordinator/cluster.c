@@ -1,0 +1,156 @@
+#define _POSIX_C_SOURCE 200809L
+#include "cluster.h"
+
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "comm/comm.h"
+#include "common/log.h"
+#include "coordinator/planner.h"
+#include "worker/config.h"
+
+struct epic_cluster {
+  int rank, nranks, mpi;
+  epic_comm *comm;
+  epic_plan *plan;
+  epic_ops *ops;
+  epic_model *model;
+};
+
+int epic_cluster_under_launcher(void) {
+  return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK");
+}
+
+/* Owner table the model takes ([num_hidden_layers + 1][E], last row MTP): each
+ * MoE layer's first owner from the plan; rows the plan does not cover (dense
+ * layers, MTP when not planned) are never routed, but must name valid ranks. */
+static epic_status owner_table(const epic_plan *plan, const epic_model_config *cfg, int nranks,
+                               int32_t **out) {
+  const int64_t E = cfg->n_routed_experts, rows = cfg->num_hidden_layers + 1;
+  int32_t *t = malloc((size_t)(rows * (E > 0 ? E : 1)) * sizeof *t);
+  if (!t) return EPIC_ERR_NOMEM;
+  for (int64_t l = 0; l < rows; l++)
+    for (int64_t e = 0; e < E; e++) {
+      const int32_t *ranks;
+      int n = 0;
+      t[l * E + e] = (int32_t)((e * nranks) / E);
+      if (l < epic_plan_n_layers(plan) && epic_plan_is_moe_layer(plan, (int)l) &&
+          epic_plan_expert_owners(plan, (int)l, (int)e, &ranks, &n) == EPIC_OK && n > 0)
+        t[l * E + e] = ranks[0];
+    }
+  *out = t;
+  return EPIC_OK;
+}
+
+/* One line naming the first rank that does not fit in mem_per_rank. */
+static void report_misfit(const char *cmd, const epic_plan *plan, uint64_t mem) {
+  for (int r = 0; r < epic_plan_n_ranks(plan); r++) {
+    epic_rank_memory m;
+    if (epic_plan_rank_memory(plan, r, &m) != EPIC_OK || m.fits) continue;
+    EPIC_LOG_ERROR("%s: the expert placement does not fit: rank %d needs %.3g GB of weights + "
+                   "%.3g GB reserve and room for %lld KV tokens in --mem-per-rank %.3g GB "
+                   "(run `epic plan` with the same model and ranks for the whole table)",
+                   cmd, r, (double)m.weight_bytes / 1e9, (double)m.reserve_bytes / 1e9,
+                   (long long)epic_plan_min_kv_tokens(plan), (double)mem / 1e9);
+    return;
+  }
+}
+
+/* Ranks sharing a node share its cores: without --threads each gets its part. */
+static int64_t default_threads(int64_t threads) {
+  const char *local = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  long cores = sysconf(_SC_NPROCESSORS_ONLN), n = local ? atol(local) : 1;
+  if (threads > 0) return threads;
+  if (n <= 1 || cores <= 0) return 0;
+  return cores / n > 0 ? cores / n : 1;
+}
+
+static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) {
+  epic_model_config cfg;
+  int32_t *owner = NULL;
+  epic_status st;
+  EPIC_CHECK(epic_config_load_dir(p->model_dir, &cfg));
+  EPIC_CHECK(epic_config_override(&cfg, p->num_layers, p->num_experts));
+  {
+    epic_plan_params pp = {.size = sizeof pp,
+                           .cfg = &cfg,
+                           .n_ranks = c->nranks,
+                           .gpu_mem_bytes = p->mem_per_rank,
+                           .include_mtp = p->load_mtp,
+                           .max_batch_tokens = p->max_batch_tokens};
+    EPIC_CHECK(epic_plan_create(&pp, &c->plan));
+  }
+  if (p->mem_per_rank && !epic_plan_fits(c->plan)) {
+    report_misfit(p->cmd, c->plan, p->mem_per_rank);
+    return EPIC_ERR_INVALID;
+  }
+  EPIC_CHECK(epic_ops_cpu_create((int)default_threads(p->threads), &c->ops));
+  if (c->comm) EPIC_CHECK(owner_table(c->plan, &cfg, c->nranks, &owner));
+  epic_model_params mp = {.size = sizeof mp,
+                          .dir = p->model_dir,
+                          .load_format = p->dummy ? EPIC_LOAD_DUMMY : EPIC_LOAD_AUTO,
+                          .seed = p->weight_seed,
+                          .num_layers = p->num_layers,
+                          .num_experts = p->num_experts,
+                          .load_mtp = p->load_mtp,
+                          .progress = p->progress && c->rank == 0,
+                          .comm = c->comm,
+                          .expert_owner = owner};
+  st = epic_model_load(c->ops, &mp, &c->model);
+  free(owner);
+  return st;
+}
+
+epic_status epic_cluster_open(const epic_cluster_params *p, epic_cluster **out) {
+  epic_cluster *c;
+  epic_status st;
+  *out = NULL;
+  if (!p || p->size != sizeof *p || !p->model_dir || !p->cmd) {
+    EPIC_LOG_ERROR("cluster: invalid parameters");
+    return EPIC_ERR_INVALID;
+  }
+  c = calloc(1, sizeof *c);
+  if (!c) return EPIC_ERR_NOMEM;
+  c->nranks = 1;
+  if (p->comm || epic_cluster_under_launcher()) {
+    EPIC_CHECK_GOTO(epic_comm_mpi_init(NULL, NULL, &c->rank, &c->nranks), st, fail);
+    c->mpi = 1;
+    epic_comm_params cp = {.size = sizeof cp, .backend = p->comm ? p->comm : "auto", .device = -1};
+    EPIC_CHECK_GOTO(epic_comm_create(&cp, &c->comm), st, fail);
+  }
+  st = plan_and_load(c, p);
+  if (c->comm) {
+    /* A rank that failed to load must not leave the others waiting in their
+     * first step: everyone learns the worst status here. */
+    int64_t mine = st, worst = st;
+    epic_status st2 = epic_comm_allreduce_i64(c->comm, &mine, &worst, 1, EPIC_COMM_MIN);
+    if (st2 != EPIC_OK) st = st2;
+    else if (worst < 0 && st == EPIC_OK) {
+      EPIC_LOG_ERROR("%s: another rank failed to load the model (see its message)", p->cmd);
+      st = (epic_status)worst;
+    }
+  }
+  if (st != EPIC_OK) goto fail;
+  *out = c;
+  return EPIC_OK;
+fail:
+  epic_cluster_close(c);
+  return st;
+}
+
+void epic_cluster_close(epic_cluster *c) {
+  if (!c) return;
+  epic_model_destroy(c->model);
+  epic_ops_destroy(c->ops);
+  epic_plan_destroy(c->plan);
+  epic_comm_destroy(c->comm);
+  if (c->mpi) epic_comm_mpi_finalize();
+  free(c);
+}
+
+int epic_cluster_rank(const epic_cluster *c) { return c->rank; }
+int epic_cluster_size(const epic_cluster *c) { return c->nranks; }
+epic_comm *epic_cluster_comm(epic_cluster *c) { return c->comm; }
+epic_ops *epic_cluster_ops(epic_cluster *c) { return c->ops; }
+epic_model *epic_cluster_model(epic_cluster *c) { return c->model; }
+const epic_plan *epic_cluster_plan(const epic_cluster *c) { return c->plan; }

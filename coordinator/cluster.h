@@ -1,0 +1,65 @@
+/* epic_cluster: what every engine command (generate, serve, batch, bench) does
+ * before it can run a step, in one place (DESIGN §2):
+ *   1. under a launcher (mpirun/srun: OMPI_COMM_WORLD_SIZE, PMI_SIZE or
+ *      PMIX_RANK in the environment) or when a comm backend is named, initialise
+ *      MPI and create the epic_comm (a bad backend name fails here, before any
+ *      weight is touched);
+ *   2. read config.json (with the benchmark overrides) and plan the expert
+ *      placement with coordinator/planner: the same plan `epic plan` prints, so
+ *      what a user planned is what runs; with mem_per_rank set, a plan that does
+ *      not fit is an error naming the rank, again before loading;
+ *   3. create the compute backend and load the model: each rank maps the
+ *      replicated weights and only the experts the plan gives it.
+ * With a plan that has redundant expert copies the model uses each expert's
+ * first owner (the runtime does not yet spread tokens over copies).
+ *
+ * Ownership: epic_cluster_open allocates; epic_cluster_close (NULL-safe, collective
+ * when a comm exists) destroys model, backend, plan and comm and finalises MPI if
+ * open initialised it. Accessors hand out borrowed pointers valid until close.
+ * Thread contract: open/close on the main thread; the accessors are pure. */
+#ifndef EPIC_COORDINATOR_CLUSTER_H
+#define EPIC_COORDINATOR_CLUSTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+#include "kernels/ops.h"
+#include "worker/model.h"
+
+typedef struct epic_cluster epic_cluster;
+typedef struct epic_comm epic_comm;
+typedef struct epic_plan epic_plan;
+
+typedef struct epic_cluster_params {
+  size_t size;               /* sizeof(epic_cluster_params) */
+  const char *cmd;           /* command name for messages, e.g. "serve" */
+  const char *model_dir;     /* required */
+  const char *comm;          /* backend: NULL = auto (only under a launcher), or a name */
+  int dummy;                 /* --load-format dummy */
+  uint64_t weight_seed;      /* dummy weights' seed */
+  int64_t num_layers;        /* > 0: override (benchmarks) */
+  int64_t num_experts;       /* > 0: override (benchmarks) */
+  int64_t threads;           /* CPU compute threads; 0 = all cores */
+  int load_mtp;              /* load the MTP layer when the config has one */
+  uint64_t mem_per_rank;     /* bytes a rank may use; 0 = unknown (no fit check) */
+  int64_t max_batch_tokens;  /* step tokens, for the plan's activation reserve; 0 = default */
+  int progress;              /* rank 0 reports loading progress */
+} epic_cluster_params;
+
+/* Collective under a launcher. Errors are logged as one line naming the flag,
+ * file or rank; every resource taken so far is released. */
+epic_status epic_cluster_open(const epic_cluster_params *p, epic_cluster **out);
+void epic_cluster_close(epic_cluster *c);
+
+int epic_cluster_rank(const epic_cluster *c);   /* 0 without a launcher */
+int epic_cluster_size(const epic_cluster *c);   /* 1 without a launcher */
+epic_comm *epic_cluster_comm(epic_cluster *c);  /* NULL for a single process */
+epic_ops *epic_cluster_ops(epic_cluster *c);
+epic_model *epic_cluster_model(epic_cluster *c);
+const epic_plan *epic_cluster_plan(const epic_cluster *c);
+
+/* 1 when this process was started by mpirun/srun (launcher variables set). */
+int epic_cluster_under_launcher(void);
+
+#endif

@@ -1,0 +1,133 @@
+/* epic_engine: the serving engine of one EPIC cluster (DESIGN §2-§3).
+ *
+ * Every rank of the job creates one engine over the same model and comm. Rank 0
+ * hosts the coordinator: it queues submitted requests, admits them while KV cache
+ * and batch slots allow, assigns each sequence to one worker rank (data-parallel
+ * attention: the sequence's latent KV cache stays on that rank), forms each
+ * forward step with continuous batching (new sequences' prefill chunks join the
+ * running sequences' decode tokens, under a per-step token budget), broadcasts
+ * the step plan, lets every rank run its part (the MoE layers exchange tokens
+ * with all ranks), and gathers the sampled ids back. Ranks other than 0 only run
+ * epic_engine_run, which follows rank 0's plans until rank 0 shuts down.
+ * A single-process engine (comm == NULL) is a cluster of one.
+ *
+ * Scheduling policy. A request is admitted when a worker has KV pages for its
+ * whole prompt + max_new_tokens (reserved up front, so a running sequence is
+ * never preempted) and the cluster runs fewer than max_batch sequences; the
+ * worker with the most free pages takes it. Each step gives every running
+ * sequence in decode one token, then fills the rest of the worker's step_tokens
+ * budget with prefill chunks (at most prefill_chunk tokens of one sequence) in
+ * admission order. Results do not depend on this placement: each sequence's
+ * tokens are a function of its own prompt and sampling parameters only.
+ *
+ * Thread contract: epic_engine_submit, epic_engine_cancel, epic_engine_get_stats
+ * and epic_engine_shutdown may be called from any thread of rank 0 (gateway
+ * threads); exactly one thread per rank drives the engine (epic_engine_run or
+ * epic_engine_step). Request callbacks run on the driving thread, must not block
+ * for long and must not call back into the engine except epic_engine_cancel /
+ * epic_engine_submit. */
+#ifndef EPIC_COORDINATOR_ENGINE_H
+#define EPIC_COORDINATOR_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+#include "worker/model.h"
+#include "worker/sampler.h"
+
+typedef struct epic_engine epic_engine;
+typedef struct epic_comm epic_comm; /* comm/comm.h */
+
+typedef struct epic_engine_params {
+  size_t size;            /* sizeof(epic_engine_params) */
+  epic_model *model;      /* borrowed; loaded with the same comm */
+  epic_comm *comm;        /* borrowed; NULL = single process */
+  int64_t page_size;      /* KV cache tokens per page (default 64) */
+  int64_t kv_pages;       /* KV pages per worker; 0 = from kv_bytes */
+  size_t kv_bytes;        /* KV cache bytes per worker when kv_pages == 0 (default 1 GiB) */
+  int64_t max_batch;      /* running sequences in the whole cluster (default 256) */
+  int64_t max_queue;      /* waiting requests before submit answers EPIC_ERR_BUSY (default 1024) */
+  int64_t step_tokens;    /* per-worker token budget of one step (default 2048) */
+  int64_t prefill_chunk;  /* prompt tokens of one sequence per step (default 512) */
+  int64_t max_context;    /* prompt + new tokens of one sequence; 0 = the model's max_position_embeddings */
+  int micro_batches;      /* 1 or 2 (two-micro-batch pipelining); same on every rank */
+} epic_engine_params;
+
+typedef enum {
+  EPIC_ENGINE_FINISH_LENGTH = 0,    /* max_new_tokens reached */
+  EPIC_ENGINE_FINISH_STOP = 1,      /* EOS, a stop id, or on_token asked to stop */
+  EPIC_ENGINE_FINISH_CANCELLED = 2, /* epic_engine_cancel, or on_token returned < 0 */
+  EPIC_ENGINE_FINISH_ERROR = 3      /* the step failed (status in the result) */
+} epic_engine_finish;
+
+typedef struct epic_engine_result {
+  epic_engine_finish finish;
+  epic_status status;     /* EPIC_OK unless finish == ERROR */
+  int64_t prompt_tokens, completion_tokens;
+  double queue_seconds;   /* submit -> admitted */
+  double ttft_seconds;    /* submit -> first token */
+  double total_seconds;   /* submit -> finish */
+} epic_engine_result;
+
+typedef struct epic_engine_request {
+  size_t size;              /* sizeof(epic_engine_request) */
+  const int32_t *prompt;    /* n_prompt >= 1 ids in [0, vocab) (copied by submit) */
+  int64_t n_prompt;
+  int64_t max_new_tokens;   /* >= 1; prompt + max_new_tokens <= max_context */
+  epic_sampling_params sampling;
+  int ignore_eos;           /* do not stop at the config's EOS ids */
+  const int32_t *stop_ids;  /* extra ids that end the sequence (copied by submit) */
+  int n_stop_ids;
+  /* Called on the driving thread for every generated token, in order. Return 0
+   * to go on, 1 to finish with STOP after this token (stop strings), < 0 to
+   * cancel. May be NULL. */
+  int (*on_token)(void *user, int32_t id, float logprob);
+  /* Called exactly once per accepted request, after its last on_token, when the
+   * sequence's KV pages and batch slot are already free. May be NULL. */
+  void (*on_finish)(void *user, const epic_engine_result *r);
+  void *user;
+} epic_engine_request;
+
+typedef struct epic_engine_stats {
+  int64_t queued, running;            /* requests waiting / sequences admitted */
+  int64_t kv_pages_used, kv_pages_total; /* summed over workers */
+  int64_t steps;                      /* forward steps run */
+  int64_t prompt_tokens, generated_tokens; /* processed since creation */
+  int64_t finished, cancelled;        /* requests ended */
+  int nranks;
+} epic_engine_stats;
+
+/* Collective: every rank calls it with equal parameters (model loaded with the
+ * same comm). Creates the rank's KV cache. EPIC_ERR_INVALID names a bad field. */
+epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out);
+/* NULL-safe. On rank 0 after epic_engine_run returned (or never started);
+ * unfinished requests get on_finish(CANCELLED). */
+void epic_engine_destroy(epic_engine *e);
+
+/* Rank 0, any thread. Validates and queues the request; *id (may be NULL)
+ * identifies it for epic_engine_cancel. EPIC_ERR_INVALID (logged, naming the
+ * field: prompt, max_new_tokens, sampling.temperature, ...), EPIC_ERR_BUSY when
+ * max_queue requests wait, EPIC_ERR_CANCELLED after shutdown began. On error
+ * no callback is ever called. */
+epic_status epic_engine_submit(epic_engine *e, const epic_engine_request *r, uint64_t *id);
+/* Rank 0, any thread: end the request (queued or running) with CANCELLED; its
+ * pages are released in the next step. Unknown or finished ids are ignored. */
+void epic_engine_cancel(epic_engine *e, uint64_t id);
+void epic_engine_get_stats(epic_engine *e, epic_engine_stats *out);
+
+/* Rank 0: run one step if there is work. *idle = 1 when nothing was queued or
+ * running (no step ran). Other ranks must be inside epic_engine_run. */
+epic_status epic_engine_step(epic_engine *e, int *idle);
+/* Every rank: drive the engine until shutdown. Rank 0 steps while there is
+ * work and sleeps otherwise (woken by submit); after epic_engine_shutdown it
+ * either finishes every admitted and queued request (drain) or cancels them,
+ * then releases the other ranks and returns. Other ranks follow rank 0's steps
+ * and return when rank 0 does. Returns the first step error (all ranks). */
+epic_status epic_engine_run(epic_engine *e);
+/* Rank 0, any thread: stop admitting new requests (submit answers
+ * EPIC_ERR_CANCELLED) and make epic_engine_run return once drained (drain = 1)
+ * or at once after cancelling everything (drain = 0). */
+void epic_engine_shutdown(epic_engine *e, int drain);
+
+#endif
