@@ -75,17 +75,19 @@ static const char *USAGE =
     "  --batch B          sequences per step (default 1)\n"
     "  --prompt-len P     prefill tokens per sequence (default 64)\n"
     "  --decode-steps N   decode steps (default 16)\n"
-    "  --threads N        compute threads (default all)\n";
+    "  --threads N        compute threads (default all)\n"
+    "  --micro-batches N  1 or 2 (default 1; see epic_model_set_micro_batches)\n";
 
 int main(int argc, char **argv) {
   static const struct option lo[] = {{"model", 1, 0, 'm'},      {"load-format", 1, 0, 'f'},
                                      {"num-layers", 1, 0, 'l'}, {"num-experts", 1, 0, 'e'},
                                      {"batch", 1, 0, 'b'},      {"prompt-len", 1, 0, 'p'},
                                      {"decode-steps", 1, 0, 'n'}, {"threads", 1, 0, 't'},
-                                     {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
+                                     {"micro-batches", 1, 0, 'u'}, {"help", 0, 0, 'h'},
+                                     {0, 0, 0, 0}};
   const char *dir = NULL;
   int dummy = 0, c;
-  long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0;
+  long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0, micro = 1;
   while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
     switch (c) {
     case 'm': dir = optarg; break;
@@ -96,6 +98,7 @@ int main(int argc, char **argv) {
     case 'p': P = atol(optarg); break;
     case 'n': N = atol(optarg); break;
     case 't': threads = atol(optarg); break;
+    case 'u': micro = atol(optarg); break;
     case 'h': fputs(USAGE, stdout); return 0;
     default: fputs(USAGE, stderr); return 2;
     }
@@ -114,6 +117,7 @@ int main(int argc, char **argv) {
   double t_load = epic_now_seconds();
   if (epic_model_load(ops, &mp, &m) != EPIC_OK) return 1;
   t_load = epic_now_seconds() - t_load;
+  if (epic_model_set_micro_batches(m, (int)micro) != EPIC_OK) return 2;
   const epic_model_config *cfg = epic_model_get_config(m);
   const int64_t V = cfg->vocab_size, page = 64;
   if (epic_model_kvcache_create(m, 0, page, B * ((P + N + page - 1) / page + 1), &kc) != EPIC_OK) return 1;
@@ -150,14 +154,15 @@ int main(int argc, char **argv) {
   const double bw = memcpy_gbs(), wbytes = active_weight_bytes(cfg);
   const double med = pct(step, (int)N, 0.5);
   printf("{\"bench\":\"model\",\"model\":\"%s\",\"load_format\":\"%s\",\"layers\":%lld,"
-         "\"experts\":%lld,\"fp8\":%s,\"threads\":%ld,\"batch\":%ld,\"prompt_len\":%ld,"
+         "\"experts\":%lld,\"fp8\":%s,\"threads\":%ld,\"micro_batches\":%ld,\"batch\":%ld,"
+         "\"prompt_len\":%ld,"
          "\"decode_steps\":%ld,\"load_seconds\":%.3f,\"weight_bytes\":%zu,"
          "\"prefill_tokens_per_s\":%.2f,\"decode_tokens_per_s\":%.2f,"
          "\"decode_step_ms\":{\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,\"max\":%.3f},"
          "\"decode_active_weight_bytes\":%.0f,\"decode_effective_GBps\":%.3f,"
          "\"memcpy_GBps\":%.3f,\"decode_bw_ratio\":%.4f}\n",
          dir, dummy ? "dummy" : "safetensors", (long long)cfg->num_hidden_layers,
-         (long long)cfg->n_routed_experts, cfg->quant.fp8 ? "true" : "false", threads, B, P, N,
+         (long long)cfg->n_routed_experts, cfg->quant.fp8 ? "true" : "false", threads, micro, B, P, N,
          t_load, epic_model_weight_bytes(m), (double)(B * P) / t_pre, (double)(B * N) / t_dec,
          1e3 * med, 1e3 * pct(step, (int)N, 0.9), 1e3 * pct(step, (int)N, 0.99),
          1e3 * step[N - 1], wbytes, wbytes / med / 1e9, bw, bw > 0 ? wbytes / med / 1e9 / bw : 0.0);

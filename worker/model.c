@@ -36,16 +36,27 @@ typedef struct mtp_w {
   layer_w layer;
 } mtp_w;
 
-enum { EP_SEND, EP_RECV, EP_OUT, EP_BACK, EP_X, EP_G, EP_U, EP_Y, EP_NBUF };
+/* Grow-only host buffers of the MoE (see xbuf), per micro-batch slot: its
+ * exchange buffers and counts, which stay in use while its all-to-all is in
+ * flight and the other micro-batch computes; and, in slot 0 only, work space
+ * that one micro-batch uses at a time. */
+enum {
+  XB_CNT, XB_SEND, XB_RECV, XB_OUT, XB_BACK,                 /* per micro-batch */
+  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_X, XB_G, XB_U, XB_Y, /* shared work space */
+  XB_N
+};
+#define MAX_MB 2
 
-/* Per-forward scratch, carved from one grow-only device block. */
+/* Per-forward scratch, carved from one grow-only device block. The rows that
+ * live across an MoE layer's phases (residual h, MoE input a and output y,
+ * positions, ids, routing) are whole-batch arrays of which each micro-batch
+ * sees its slice; the rest is work space one micro-batch uses at a time. */
 typedef struct scratch {
-  float *h, *a, *q, *cq, *kv, *attn_o, *tmp, *g, *u, *y, *rl, *xe, *ge, *ue, *ye, *hn, *rows;
-  float *q_abs, *q_pe, *ctx, *lat, *kpe, *kvb, *x2;
-  int32_t *idx, *pos, *ids;
-  float *w;
-  int32_t *tok_list; /* per (token, k) item: expert-sorted order, or its slot in the dispatch */
-  int64_t *counts, *offsets;
+  float *h, *a, *y, *hn, *rows, *x2, *w;
+  int32_t *pos, *ids, *idx;
+  int32_t *tok_list; /* per (token, k) item: its row in the dispatch */
+  float *q, *cq, *kv, *attn_o, *tmp, *g, *u, *rl; /* work space from here on */
+  float *q_abs, *q_pe, *ctx, *lat, *kpe, *kvb;
 } scratch;
 
 struct epic_model {
@@ -68,9 +79,10 @@ struct epic_model {
   epic_comm *comm;
   int rank, nranks;
   int32_t *owner; /* [(num_hidden_layers + 1) * n_routed_experts] */
-  /* Grow-only host buffers of the dispatch/combine exchange (see moe_ep). */
-  float *ep_buf[EP_NBUF];
-  size_t ep_cap[EP_NBUF];
+  void *xbuf[MAX_MB][XB_N];
+  size_t xcap[MAX_MB][XB_N];
+  int micro_batches; /* 1 or 2, see epic_model_set_micro_batches */
+  epic_model_stats stats;
 };
 
 /* Row of the all-to-all payload: the expert id (as raw int32 bits) followed by
@@ -235,6 +247,13 @@ static epic_status load_mtp(epic_model *m) {
 static epic_status setup_ep(epic_model *m, const epic_model_params *p) {
   const int64_t E = m->cfg.n_routed_experts, rows = m->cfg.num_hidden_layers + 1;
   if (!p->comm) return EPIC_OK;
+  if (epic_comm_device_buffers(p->comm)) {
+    /* The dispatch/combine buffers are host memory (see xbuf). */
+    EPIC_LOG_ERROR("model: comm backend %s exchanges device memory, but this model's expert "
+                   "exchange runs in host memory; use --comm mpi or ucx",
+                   epic_comm_backend_name(p->comm));
+    return EPIC_ERR_UNSUPPORTED;
+  }
   m->comm = p->comm;
   m->rank = epic_comm_rank(p->comm);
   m->nranks = epic_comm_size(p->comm);
@@ -297,6 +316,7 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
   m = calloc(1, sizeof *m);
   if (!m) return EPIC_ERR_NOMEM;
   m->ops = ops;
+  m->micro_batches = 1;
   m->progress = p->progress;
   if (p->load_format == EPIC_LOAD_DUMMY) {
     epic_model_config cfg;
@@ -366,7 +386,8 @@ void epic_model_destroy(epic_model *m) {
   m->ops->vt->free(m->ops, m->final_norm);
   m->ops->vt->free(m->ops, m->arena);
   free(m->owner);
-  for (int i = 0; i < EP_NBUF; i++) free(m->ep_buf[i]);
+  for (int i = 0; i < MAX_MB; i++)
+    for (int j = 0; j < XB_N; j++) free(m->xbuf[i][j]);
   free(m->layers);
   free(m->inv_freq);
   epic_checkpoint_close(m->ck);
@@ -374,6 +395,18 @@ void epic_model_destroy(epic_model *m) {
 }
 
 const epic_model_config *epic_model_get_config(const epic_model *m) { return &m->cfg; }
+
+epic_status epic_model_set_micro_batches(epic_model *m, int n) {
+  if (n != 1 && n != 2) {
+    EPIC_LOG_ERROR("model: micro_batches must be 1 or 2, got %d", n);
+    return EPIC_ERR_INVALID;
+  }
+  m->micro_batches = n;
+  return EPIC_OK;
+}
+
+void epic_model_get_stats(const epic_model *m, epic_model_stats *out) { *out = m->stats; }
+void epic_model_reset_stats(epic_model *m) { memset(&m->stats, 0, sizeof m->stats); }
 int64_t epic_model_local_experts(const epic_model *m, int64_t layer) {
   int64_t n = 0;
   if (layer < 0 || layer > m->cfg.num_hidden_layers || !epic_config_is_moe_layer(&m->cfg, layer))
@@ -409,10 +442,11 @@ int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs) {
   return r;
 }
 
-/* Carve the scratch for a batch of M tokens whose naive-attention contexts are at
- * most max_ctx keys and absorbed chunks at most max_abs tokens. */
-static epic_status scratch_get(epic_model *m, int64_t M, int64_t max_ctx, int64_t max_abs,
-                               int64_t out_rows, scratch *s) {
+/* Carve the scratch for a batch of M tokens split into micro-batches of at most
+ * Mw tokens, whose naive-attention contexts are at most max_ctx keys and
+ * absorbed chunks at most max_abs tokens. */
+static epic_status scratch_get(epic_model *m, int64_t M, int64_t Mw, int64_t max_ctx,
+                               int64_t max_abs, int64_t out_rows, scratch *s) {
   const epic_model_config *c = &m->cfg;
   const int64_t D = c->hidden_size, H = c->num_attention_heads;
   const int64_t dq = c->qk_nope_head_dim + c->qk_rope_head_dim;
@@ -427,26 +461,23 @@ static epic_status scratch_get(epic_model *m, int64_t M, int64_t max_ctx, int64_
     void **p;
     size_t n;
   } parts[] = {
+      /* whole batch */
       {(void **)&s->h, (size_t)(M * D) * 4},          {(void **)&s->a, (size_t)(M * D) * 4},
-      {(void **)&s->q, (size_t)(M * H * dq) * 4},     {(void **)&s->cq, (size_t)(M * (c->q_lora_rank + 1)) * 4},
-      {(void **)&s->kv, (size_t)(M * (L + R)) * 4},   {(void **)&s->attn_o, (size_t)(M * H * V) * 4},
-      {(void **)&s->tmp, (size_t)(M * D) * 4},        {(void **)&s->g, (size_t)(M * I) * 4},
-      {(void **)&s->u, (size_t)(M * I) * 4},          {(void **)&s->y, (size_t)(M * D) * 4},
-      {(void **)&s->rl, (size_t)(M * E) * 4},         {(void **)&s->xe, (size_t)(M * D) * 4},
-      {(void **)&s->ge, (size_t)(M * c->moe_intermediate_size + 1) * 4},
-      {(void **)&s->ue, (size_t)(M * c->moe_intermediate_size + 1) * 4},
-      {(void **)&s->ye, (size_t)(M * D) * 4},         {(void **)&s->hn, (size_t)(M * D) * 4},
-      {(void **)&s->rows, (size_t)(out_rows * D) * 4},
+      {(void **)&s->y, (size_t)(M * D) * 4},          {(void **)&s->hn, (size_t)(M * D) * 4},
+      {(void **)&s->rows, (size_t)(out_rows * D) * 4}, {(void **)&s->x2, (size_t)(M * 2 * D) * 4},
+      {(void **)&s->pos, (size_t)M * 4},              {(void **)&s->ids, (size_t)M * 4},
+      {(void **)&s->idx, (size_t)(M * K) * 4},        {(void **)&s->w, (size_t)(M * K) * 4},
+      {(void **)&s->tok_list, (size_t)(M * K) * 4},
+      /* work space of one micro-batch */
+      {(void **)&s->q, (size_t)(Mw * H * dq) * 4},    {(void **)&s->cq, (size_t)(Mw * (c->q_lora_rank + 1)) * 4},
+      {(void **)&s->kv, (size_t)(Mw * (L + R)) * 4},  {(void **)&s->attn_o, (size_t)(Mw * H * V) * 4},
+      {(void **)&s->tmp, (size_t)(Mw * D) * 4},       {(void **)&s->g, (size_t)(Mw * I) * 4},
+      {(void **)&s->u, (size_t)(Mw * I) * 4},         {(void **)&s->rl, (size_t)(Mw * E) * 4},
       {(void **)&s->q_abs, (size_t)(max_abs * H * L) * 4},
       {(void **)&s->q_pe, (size_t)(max_abs * H * R + 1) * 4},
       {(void **)&s->ctx, (size_t)(max_abs * H * L) * 4},
       {(void **)&s->lat, (size_t)(max_ctx * L) * 4},  {(void **)&s->kpe, (size_t)(max_ctx * R + 1) * 4},
       {(void **)&s->kvb, (size_t)(max_ctx * H * dkv) * 4},
-      {(void **)&s->x2, (size_t)(M * 2 * D) * 4},     {(void **)&s->idx, (size_t)(M * K) * 4},
-      {(void **)&s->pos, (size_t)M * 4},              {(void **)&s->ids, (size_t)M * 4},
-      {(void **)&s->w, (size_t)(M * K) * 4},          {(void **)&s->tok_list, (size_t)(M * K) * 4},
-      {(void **)&s->counts, (size_t)(E + 1) * 8},
-      {(void **)&s->offsets, (size_t)(E + 1) * 8},
   };
   const size_t n_parts = sizeof parts / sizeof parts[0];
   size_t total = 0;
@@ -468,6 +499,106 @@ static epic_status scratch_get(epic_model *m, int64_t M, int64_t max_ctx, int64_
   return EPIC_OK;
 }
 
+/* The view of micro-batch rows [r0, ...): its slice of the batch arrays, the
+ * shared work space as is. */
+static scratch scratch_slice(const scratch *s, int64_t r0, int64_t D, int64_t K) {
+  scratch t = *s;
+  t.h += r0 * D;
+  t.a += r0 * D;
+  t.y += r0 * D;
+  t.pos += r0;
+  t.ids += r0;
+  t.idx += r0 * K;
+  t.w += r0 * K;
+  t.tok_list += r0 * K;
+  return t;
+}
+
+/* Host buffer `which` of micro-batch slot `slot`, grown to at least `bytes`
+ * (never NULL on success, also for 0 bytes; contents are not kept when it
+ * grows); NULL when out of memory. */
+static void *xbuf(epic_model *m, int slot, int which, size_t bytes) {
+  if (bytes > m->xcap[slot][which] || !m->xbuf[slot][which]) {
+    free(m->xbuf[slot][which]);
+    m->xbuf[slot][which] = malloc(bytes ? bytes : 1);
+    m->xcap[slot][which] = m->xbuf[slot][which] ? bytes : 0;
+  }
+  return m->xbuf[slot][which];
+}
+
+/* A micro-batch: a contiguous run of the batch's sequences and, between the
+ * phases of an MoE layer, the state of its expert-parallel exchange. */
+typedef struct micro_batch {
+  int id; /* 0 or 1: its slot of the exchange buffers */
+  const epic_seq_batch *seqs;
+  int n_seqs;
+  int64_t M; /* tokens */
+  scratch s; /* its slice of the batch rows, plus the shared work space */
+  int64_t *send_rows, *recv_rows; /* [nranks]: dispatch rows to / from each rank */
+  int64_t R;                      /* rows received for this rank's experts */
+  float *send, *recv, *out, *back;
+  epic_comm_req *req; /* the dispatch or combine in flight, if any */
+  epic_status req_st; /* its result when progress() saw it finish */
+} micro_batch;
+
+/* One forward call over micro-batches. */
+typedef struct fwd {
+  epic_model *m;
+  epic_kvcache *kc;
+  int n_mb;
+  micro_batch mb[MAX_MB];
+} fwd;
+
+/* MPI and UCX move large messages (rendezvous) only inside their own calls, so
+ * a rank that computes while an exchange is in flight pokes it now and then. */
+static void progress(fwd *f) {
+  for (int i = 0; i < f->n_mb; i++) {
+    micro_batch *b = &f->mb[i];
+    int done = 0;
+    if (b->req) {
+      epic_status st = epic_comm_test(&b->req, &done);
+      if (st < 0) b->req_st = st;
+    }
+  }
+}
+
+/* Block until the micro-batch's exchange is complete; the time goes to *wait_s. */
+static epic_status wait_exchange(micro_batch *b, double *wait_s) {
+  const double t = epic_now_seconds();
+  epic_status st = b->req ? epic_comm_wait(&b->req) : b->req_st;
+  b->req_st = EPIC_OK;
+  *wait_s += epic_now_seconds() - t;
+  return st;
+}
+
+/* Start the all-to-all of row-major float rows of `width` values: send_rows[p]
+ * rows to rank p, recv_rows[p] rows from it, packed in rank order on both
+ * sides. Adds the bytes sent to other ranks to *sent. */
+static epic_status exchange_start(epic_model *m, const float *send, const int64_t *send_rows,
+                                  float *recv, const int64_t *recv_rows, int64_t width,
+                                  epic_comm_req **req, int64_t *sent) {
+  const int P = m->nranks;
+  size_t *sb = xbuf(m, 0, XB_ARGS, 4 * (size_t)P * sizeof(size_t)), *sd, *rb, *rd, so = 0, ro = 0;
+  if (!sb) return EPIC_ERR_NOMEM;
+  sd = sb + P;
+  rb = sd + P;
+  rd = rb + P;
+  for (int p = 0; p < P; p++) {
+    sb[p] = (size_t)(send_rows[p] * width) * sizeof(float);
+    rb[p] = (size_t)(recv_rows[p] * width) * sizeof(float);
+    sd[p] = so;
+    rd[p] = ro;
+    so += sb[p];
+    ro += rb[p];
+    if (p != m->rank) *sent += (int64_t)sb[p];
+  }
+  /* The start copies the counts it needs; only the data buffers stay in use. */
+  epic_a2a_args a = {.send = send, .send_counts = sb, .send_displs = sd, .recv = recv,
+                     .recv_counts = rb, .recv_displs = rd};
+  m->stats.a2a_calls++;
+  return epic_comm_alltoallv_start(m->comm, &a, req);
+}
+
 /* y = down(silu(gate(x)) * up(x)) for m rows; g/u are scratch of m x width. */
 static epic_status mlp(epic_model *m, const epic_weight *gate, const epic_weight *up,
                        const epic_weight *down, const float *x, int64_t rows, float *g, float *u,
@@ -480,10 +611,6 @@ static epic_status mlp(epic_model *m, const epic_weight *gate, const epic_weight
   EPIC_CHECK(o->vt->matmul(o, g, W, rows, down, y, D));
   return EPIC_OK;
 }
-
-/* Routed experts + shared experts of one MoE layer for M tokens of f -> y. */
-static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
-                          float *y);
 
 /* Counting sort of n items by expert id (expert[i] in [0, E)): order[off[e] ..
  * off[e+1]) lists the items routed to e in item order, so results do not depend
@@ -535,136 +662,157 @@ static epic_status route_and_share(epic_model *m, const layer_w *lw, const float
   return EPIC_OK;
 }
 
-static epic_status moe(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
-                       float *y) {
+/* Inputs and results of run_experts. Item i reads row src + (i / div) * ld. Its
+ * result is stored at out + i * hidden when out is set (to travel back to the
+ * token's rank), else added, times w[i], to y + (i / div) * hidden. */
+typedef struct expert_io {
+  const float *src;
+  int64_t ld, div;
+  float *out;
+  const float *w;
+  float *y;
+} expert_io;
+
+/* This rank's routed experts of lw over n items, item i routed to expert[i]. */
+static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert, int64_t n,
+                               const expert_io *io) {
+  epic_model *m = f->m;
   epic_ops *o = m->ops;
-  if (m->comm) return moe_ep(m, lw, f, M, s, y);
-  const epic_model_config *c = &m->cfg;
-  const int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
-  EPIC_CHECK(route_and_share(m, lw, f, M, s, y));
-  /* Items are (token, k) pairs, i = t * K + k. */
-  bucket_by_expert(s->idx, M * K, E, s->offsets, s->counts, s->tok_list);
+  const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
+  const int64_t I = m->cfg.moe_intermediate_size;
+  int64_t *off = xbuf(m, 0, XB_EOFF, (size_t)(2 * E + 1) * sizeof(int64_t)), most = 0;
+  int32_t *order = xbuf(m, 0, XB_ORDER, (size_t)n * sizeof(int32_t));
+  float *x, *g, *u, *ye;
+  if (!off || !order) return EPIC_ERR_NOMEM;
+  /* Ascending expert order with item order kept inside an expert: each token's
+   * results are then added in ascending expert order whatever the batch layout,
+   * the order the expert-parallel combine (moe_end) also uses. */
+  bucket_by_expert(expert, n, E, off, off + E + 1, order);
+  for (int64_t e = 0; e < E; e++)
+    if (off[e + 1] - off[e] > most) most = off[e + 1] - off[e];
+  x = xbuf(m, 0, XB_X, (size_t)(most * D) * sizeof(float));
+  g = xbuf(m, 0, XB_G, (size_t)(most * I) * sizeof(float));
+  u = xbuf(m, 0, XB_U, (size_t)(most * I) * sizeof(float));
+  ye = xbuf(m, 0, XB_Y, (size_t)(most * D) * sizeof(float));
+  if (!x || !g || !u || !ye) return EPIC_ERR_NOMEM;
   for (int64_t e = 0; e < E; e++) {
-    const int64_t n = s->offsets[e + 1] - s->offsets[e];
-    const int32_t *items = s->tok_list + s->offsets[e];
-    if (n == 0) continue;
-    EPIC_CHECK(run_expert(m, lw, e, f, D, K, items, n, s->xe, s->ge, s->ue, s->ye));
-    for (int64_t j = 0; j < n; j++)
-      EPIC_CHECK(o->vt->axpy(o, D, s->w[items[j]], s->ye + j * D, y + (items[j] / K) * D));
+    const int64_t cnt = off[e + 1] - off[e];
+    const int32_t *items = order + off[e];
+    if (cnt == 0) continue;
+    EPIC_CHECK(run_expert(m, lw, e, io->src, io->ld, io->div, items, cnt, x, g, u, ye));
+    for (int64_t j = 0; j < cnt; j++) {
+      if (io->out)
+        memcpy(io->out + (int64_t)items[j] * D, ye + j * D, (size_t)D * sizeof(float));
+      else
+        EPIC_CHECK(o->vt->axpy(o, D, io->w[items[j]], ye + j * D,
+                               io->y + (items[j] / io->div) * D));
+    }
+    progress(f);
   }
   return EPIC_OK;
 }
 
-static float *ep_get(epic_model *m, int which, size_t floats) {
-  if (floats > m->ep_cap[which]) {
-    float *p = realloc(m->ep_buf[which], floats * sizeof(float));
-    if (!p) return NULL;
-    m->ep_buf[which] = p;
-    m->ep_cap[which] = floats;
-  }
-  return m->ep_buf[which] ? m->ep_buf[which] : (m->ep_buf[which] = malloc(sizeof(float)));
-}
-
-/* All-to-all of row-major float rows of `width` values: send_rows[p] rows to
- * rank p, recv_rows[p] rows from it, packed in rank order on both sides.
- * bytes is scratch of 4 * P entries. */
-static epic_status exchange_rows(epic_comm *comm, int P, const float *send, const int64_t *send_rows,
-                                 float *recv, const int64_t *recv_rows, int64_t width, size_t *bytes) {
-  size_t *sb = bytes, *sd = bytes + P, *rb = bytes + 2 * P, *rd = bytes + 3 * P, so = 0, ro = 0;
-  for (int p = 0; p < P; p++) {
-    sb[p] = (size_t)(send_rows[p] * width) * sizeof(float);
-    rb[p] = (size_t)(recv_rows[p] * width) * sizeof(float);
-    sd[p] = so;
-    rd[p] = ro;
-    so += sb[p];
-    ro += rb[p];
-  }
-  epic_a2a_args a = {.send = send, .send_counts = sb, .send_displs = sd, .recv = recv,
-                     .recv_counts = rb, .recv_displs = rd};
-  return epic_comm_alltoallv(comm, &a);
-}
-
-/* Expert-parallel MoE (DESIGN §3): dispatch each (token, expert) row to the
- * expert's owner, run the local experts on what arrived, send the results back
- * and add them, weighted, in ascending expert order per token (the order of the
- * single-process path, so results do not depend on the world size). Collective:
- * a rank with M == 0 still serves its experts. */
-static epic_status moe_ep(epic_model *m, const layer_w *lw, const float *f, int64_t M, scratch *s,
-                          float *y) {
-  epic_ops *o = m->ops;
-  const epic_model_config *c = &m->cfg;
-  const int64_t D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
-  const int64_t W = EP_ROW(D), I = c->moe_intermediate_size;
+/* MoE phase 1 of 3 (DESIGN §3): router and shared experts for the
+ * micro-batch's tokens; with expert parallelism also the dispatch, which sends
+ * each (token, expert) row, tagged with the expert id, to the expert's owner.
+ * The counts exchange blocks, the rows travel asynchronously. Collective: a
+ * micro-batch without tokens still takes part. */
+static epic_status moe_begin(fwd *f, micro_batch *b, const layer_w *lw) {
+  epic_model *m = f->m;
+  scratch *s = &b->s;
+  const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
+  const int64_t K = m->cfg.num_experts_per_tok, W = EP_ROW(D), M = b->M;
   const int P = m->nranks;
-  const int32_t *owner = m->owner + lw->slot * E;
-  epic_status st = EPIC_ERR_NOMEM;
-  int64_t *scnt = calloc((size_t)P * 4, sizeof(int64_t)), *rcnt = scnt + P, *soff = rcnt + P,
-          *fill = soff + P;
-  size_t *bytes = calloc((size_t)P * 4, sizeof(size_t));
-  int64_t *ecnt = calloc((size_t)(E + 1) * 2, sizeof(int64_t)), *eoff = ecnt + E + 1;
-  int32_t *order = NULL, *rexp; /* rexp: expert id of each received row */
-  int64_t R = 0;
-  float *send, *recv, *out, *back;
-  if (!scnt || !bytes || !ecnt) goto done;
-  if (M > 0) EPIC_CHECK_GOTO(route_and_share(m, lw, f, M, s, y), st, done);
-  /* Dispatch: rows grouped by destination rank, (token, k) order inside. */
-  for (int64_t i = 0; i < M * K; i++) scnt[owner[s->idx[i]]]++;
-  for (int p = 1; p < P; p++) soff[p] = soff[p - 1] + scnt[p - 1];
-  send = ep_get(m, EP_SEND, (size_t)(M * K * W));
-  back = ep_get(m, EP_BACK, (size_t)(M * K * D));
-  if (!send || !back) goto done;
+  const int32_t *owner = m->owner ? m->owner + lw->slot * E : NULL;
+  double t = epic_now_seconds();
+  int64_t *next;
+  if (M > 0) EPIC_CHECK(route_and_share(m, lw, s->a, M, s, s->y));
+  m->stats.dense_s += epic_now_seconds() - t;
+  if (!m->comm) return EPIC_OK;
+  b->send_rows = xbuf(m, b->id, XB_CNT, 3 * (size_t)P * sizeof(int64_t));
+  b->send = xbuf(m, b->id, XB_SEND, (size_t)(M * K * W) * sizeof(float));
+  if (!b->send_rows || !b->send) return EPIC_ERR_NOMEM;
+  b->recv_rows = b->send_rows + P;
+  next = b->recv_rows + P;
+  memset(b->send_rows, 0, 3 * (size_t)P * sizeof(int64_t));
+  /* Rows grouped by destination rank, (token, k) order inside. */
+  for (int64_t i = 0; i < M * K; i++) b->send_rows[owner[s->idx[i]]]++;
+  for (int p = 1; p < P; p++) next[p] = next[p - 1] + b->send_rows[p - 1];
   for (int64_t i = 0; i < M * K; i++) {
     const int32_t e = s->idx[i];
-    const int p = owner[e];
-    const int64_t pos = soff[p] + fill[p]++;
-    memcpy(send + pos * W, &e, sizeof e);
-    memcpy(send + pos * W + 1, f + (i / K) * D, (size_t)D * sizeof(float));
+    const int64_t pos = next[owner[e]]++;
+    memcpy(b->send + pos * W, &e, sizeof e);
+    memcpy(b->send + pos * W + 1, s->a + (i / K) * D, (size_t)D * sizeof(float));
     s->tok_list[i] = (int32_t)pos; /* where (token, k)'s result comes back */
   }
-  EPIC_CHECK_GOTO(epic_comm_alltoall_counts(m->comm, scnt, rcnt), st, done);
-  for (int p = 0; p < P; p++) R += rcnt[p];
-  recv = ep_get(m, EP_RECV, (size_t)(R * W));
-  out = ep_get(m, EP_OUT, (size_t)(R * D));
-  order = calloc((size_t)(2 * R + 1), sizeof *order);
-  if (!recv || !out || !order) goto done;
-  rexp = order + R;
-  EPIC_CHECK_GOTO(exchange_rows(m->comm, P, send, scnt, recv, rcnt, W, bytes), st, done);
-  /* Local experts over the rows that arrived, grouped by expert (arrival order kept). */
-  for (int64_t r = 0; r < R; r++) {
-    memcpy(&rexp[r], recv + r * W, sizeof *rexp);
-    if (rexp[r] < 0 || rexp[r] >= E || owner[rexp[r]] != m->rank) {
-      EPIC_LOG_ERROR("moe: rank %d received a row for expert %d it does not hold", m->rank, rexp[r]);
-      st = EPIC_ERR_COMM;
-      goto done;
+  t = epic_now_seconds();
+  EPIC_CHECK(epic_comm_alltoall_counts(m->comm, b->send_rows, b->recv_rows));
+  m->stats.dispatch_wait_s += epic_now_seconds() - t;
+  b->R = 0;
+  for (int p = 0; p < P; p++) b->R += b->recv_rows[p];
+  b->recv = xbuf(m, b->id, XB_RECV, (size_t)(b->R * W) * sizeof(float));
+  if (!b->recv) return EPIC_ERR_NOMEM;
+  return exchange_start(m, b->send, b->send_rows, b->recv, b->recv_rows, W, &b->req,
+                        &m->stats.dispatch_bytes);
+}
+
+/* MoE phase 2 of 3: the routed experts this rank holds. Single process: over
+ * the micro-batch's own tokens, added straight into y. Expert parallel: wait
+ * for the dispatch, run the experts on the rows that arrived and start sending
+ * the results back along the reverse route (the combine). */
+static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
+  epic_model *m = f->m;
+  scratch *s = &b->s;
+  const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
+  const int64_t K = m->cfg.num_experts_per_tok, W = EP_ROW(D);
+  double t;
+  int32_t *rexp; /* expert id of each received row */
+  if (!m->comm) {
+    expert_io io = {.src = s->a, .ld = D, .div = K, .w = s->w, .y = s->y};
+    if (b->M == 0) return EPIC_OK;
+    t = epic_now_seconds();
+    EPIC_CHECK(run_experts(f, lw, s->idx, b->M * K, &io));
+    m->stats.experts_s += epic_now_seconds() - t;
+    return EPIC_OK;
+  }
+  EPIC_CHECK(wait_exchange(b, &m->stats.dispatch_wait_s));
+  rexp = xbuf(m, 0, XB_REXP, (size_t)b->R * sizeof(int32_t));
+  b->out = xbuf(m, b->id, XB_OUT, (size_t)(b->R * D) * sizeof(float));
+  b->back = xbuf(m, b->id, XB_BACK, (size_t)(b->M * K * D) * sizeof(float));
+  if (!rexp || !b->out || !b->back) return EPIC_ERR_NOMEM;
+  for (int64_t r = 0; r < b->R; r++) {
+    memcpy(&rexp[r], b->recv + r * W, sizeof *rexp);
+    if (rexp[r] < 0 || rexp[r] >= E || m->owner[lw->slot * E + rexp[r]] != m->rank) {
+      EPIC_LOG_ERROR("moe: rank %d received a row for expert %d it does not hold", m->rank,
+                     rexp[r]);
+      return EPIC_ERR_COMM;
     }
   }
-  bucket_by_expert(rexp, R, E, eoff, ecnt, order);
-  for (int64_t e = 0; e < E; e++) {
-    const int64_t n = eoff[e + 1] - eoff[e];
-    const int32_t *rows = order + eoff[e];
-    float *x, *g, *u, *ye;
-    if (n == 0) continue;
-    x = ep_get(m, EP_X, (size_t)(n * D));
-    g = ep_get(m, EP_G, (size_t)(n * I));
-    u = ep_get(m, EP_U, (size_t)(n * I));
-    ye = ep_get(m, EP_Y, (size_t)(n * D));
-    if (!x || !g || !u || !ye) goto done;
-    EPIC_CHECK_GOTO(run_expert(m, lw, e, recv + 1, W, 1, rows, n, x, g, u, ye), st, done);
-    for (int64_t j = 0; j < n; j++)
-      memcpy(out + (int64_t)rows[j] * D, ye + j * D, (size_t)D * sizeof(float));
+  {
+    expert_io io = {.src = b->recv + 1, .ld = W, .div = 1, .out = b->out};
+    t = epic_now_seconds();
+    EPIC_CHECK(run_experts(f, lw, rexp, b->R, &io));
+    m->stats.experts_s += epic_now_seconds() - t;
   }
-  /* Combine: results travel back along the reverse route. */
-  EPIC_CHECK_GOTO(exchange_rows(m->comm, P, out, rcnt, back, scnt, D, bytes), st, done);
-  for (int64_t i = 0; i < M * K; i++)
-    EPIC_CHECK_GOTO(o->vt->axpy(o, D, s->w[i], back + (int64_t)s->tok_list[i] * D, y + (i / K) * D),
-                    st, done);
-  st = EPIC_OK;
-done:
-  free(scnt);
-  free(bytes);
-  free(ecnt);
-  free(order);
-  return st;
+  return exchange_start(m, b->out, b->recv_rows, b->back, b->send_rows, D, &b->req,
+                        &m->stats.combine_bytes);
+}
+
+/* MoE phase 3 of 3 (expert parallel only): wait for the combine and add each
+ * (token, k) result times its weight. k runs over a token's experts in
+ * ascending order (route() lists them so), as in the single-process path, so
+ * results do not depend on the world size. */
+static epic_status moe_end(fwd *f, micro_batch *b) {
+  epic_model *m = f->m;
+  epic_ops *o = m->ops;
+  scratch *s = &b->s;
+  const int64_t D = m->cfg.hidden_size, K = m->cfg.num_experts_per_tok;
+  if (!m->comm) return EPIC_OK;
+  EPIC_CHECK(wait_exchange(b, &m->stats.combine_wait_s));
+  for (int64_t i = 0; i < b->M * K; i++)
+    EPIC_CHECK(
+        o->vt->axpy(o, D, s->w[i], b->back + (int64_t)s->tok_list[i] * D, s->y + (i / K) * D));
+  return EPIC_OK;
 }
 
 /* MLA for the batch: normed input s->a -> s->tmp (o_proj output). */
@@ -721,25 +869,64 @@ static epic_status attention(epic_model *m, const layer_w *lw, epic_kvcache *kc,
   return EPIC_OK;
 }
 
-/* One decoder block on the residual stream s->h. */
-static epic_status layer_forward(epic_model *m, const layer_w *lw, epic_kvcache *kc,
-                                 int64_t kv_layer, const epic_seq_batch *seqs, int n_seqs,
-                                 int64_t M, scratch *s) {
+/* Decoder block lw for one micro-batch, in three parts so that run_layers can
+ * interleave micro-batches. front: attention, then the dense MLP or the MoE's
+ * first phase; experts and back: the MoE's other phases and its residual add
+ * (nothing for a dense layer). */
+static epic_status block_front(fwd *f, micro_batch *b, const layer_w *lw, int64_t kv_layer) {
+  epic_model *m = f->m;
   epic_ops *o = m->ops;
-  const epic_model_config *c = &m->cfg;
-  const int64_t D = c->hidden_size;
-  const float eps = (float)c->rms_norm_eps;
-  if (M == 0) /* a rank without tokens still serves its experts */
-    return lw->moe && m->comm ? moe(m, lw, s->a, 0, s, s->y) : EPIC_OK;
-  EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, lw->attn_norm, eps, s->a, D));
-  EPIC_CHECK(attention(m, lw, kc, kv_layer, seqs, n_seqs, M, s));
-  EPIC_CHECK(o->vt->axpy(o, M * D, 1.0f, s->tmp, s->h));
-  EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, lw->ffn_norm, eps, s->a, D));
-  if (lw->moe)
-    EPIC_CHECK(moe(m, lw, s->a, M, s, s->y));
-  else
+  scratch *s = &b->s;
+  const int64_t D = m->cfg.hidden_size, M = b->M;
+  const float eps = (float)m->cfg.rms_norm_eps;
+  double t = epic_now_seconds();
+  if (M > 0) {
+    EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, lw->attn_norm, eps, s->a, D));
+    EPIC_CHECK(attention(m, lw, f->kc, kv_layer, b->seqs, b->n_seqs, M, s));
+    EPIC_CHECK(o->vt->axpy(o, M * D, 1.0f, s->tmp, s->h));
+    EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, lw->ffn_norm, eps, s->a, D));
+    m->stats.attention_s += epic_now_seconds() - t;
+    progress(f);
+  }
+  if (lw->moe) return moe_begin(f, b, lw);
+  if (M > 0) {
+    t = epic_now_seconds();
     EPIC_CHECK(mlp(m, &lw->gate, &lw->up, &lw->down, s->a, M, s->g, s->u, s->y));
-  EPIC_CHECK(o->vt->axpy(o, M * D, 1.0f, s->y, s->h));
+    EPIC_CHECK(o->vt->axpy(o, M * D, 1.0f, s->y, s->h));
+    m->stats.dense_s += epic_now_seconds() - t;
+  }
+  return EPIC_OK;
+}
+
+static epic_status block_experts(fwd *f, micro_batch *b, const layer_w *lw) {
+  return lw->moe ? moe_experts(f, b, lw) : EPIC_OK;
+}
+
+static epic_status block_back(fwd *f, micro_batch *b, const layer_w *lw) {
+  epic_ops *o = f->m->ops;
+  if (!lw->moe) return EPIC_OK;
+  EPIC_CHECK(moe_end(f, b));
+  if (b->M > 0)
+    EPIC_CHECK(o->vt->axpy(o, b->M * f->m->cfg.hidden_size, 1.0f, b->s.y, b->s.h));
+  return EPIC_OK;
+}
+
+/* The decoder blocks (block l uses cache layer l) over every micro-batch on the
+ * residual streams. With two micro-batches (0, 1) the order per MoE layer is
+ *   back(0, l-1) front(0, l)  back(1, l-1) front(1, l)  experts(0, l) experts(1, l)
+ * so every exchange overlaps compute: dispatch(0) the attention of 1, dispatch(1)
+ * the experts of 0, combine(0) the experts of 1, and combine(1) the attention
+ * of 0 in the next layer. Every rank runs the same sequence whatever its tokens,
+ * so the collectives match. */
+static epic_status run_layers(fwd *f, const layer_w *layers, int64_t n_layers) {
+  for (int64_t l = 0; l <= n_layers; l++) {
+    for (int i = 0; i < f->n_mb; i++) {
+      if (l > 0) EPIC_CHECK(block_back(f, &f->mb[i], &layers[l - 1]));
+      if (l < n_layers) EPIC_CHECK(block_front(f, &f->mb[i], &layers[l], l));
+    }
+    for (int i = 0; i < f->n_mb && l < n_layers; i++)
+      EPIC_CHECK(block_experts(f, &f->mb[i], &layers[l]));
+  }
   return EPIC_OK;
 }
 
@@ -818,24 +1005,96 @@ static void rollback(epic_kvcache *kc, const epic_seq_batch *seqs, int n_seqs) {
   for (int i = 0; i < n_seqs; i++) epic_kvcache_seq_truncate(kc, seqs[i].kv, seqs[i].start);
 }
 
+/* Where micro-batch 1 starts: the sequence boundary that best balances the
+ * token counts (ties: the later one, so a lone sequence goes to micro-batch 0). */
+static int split_point(const epic_seq_batch *seqs, int n_seqs, int64_t M) {
+  int64_t pre = 0, best_d = INT64_MAX;
+  int best = n_seqs;
+  for (int k = 0; k <= n_seqs; k++) {
+    const int64_t d = 2 * pre > M ? 2 * pre - M : M - 2 * pre;
+    if (d <= best_d) {
+      best_d = d;
+      best = k;
+    }
+    if (k < n_seqs) pre += seqs[k].n_tokens;
+  }
+  return best;
+}
+
+/* Start a forward: validate and reserve (prepare), carve the scratch, fill
+ * positions and ids, and split the batch into the model's micro-batches. On
+ * error nothing is reserved. */
+static epic_status fwd_open(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
+                            int n_seqs, fwd *f, scratch *s, int64_t *M) {
+  const int64_t D = m->cfg.hidden_size;
+  const int64_t K = m->cfg.num_experts_per_tok > 0 ? m->cfg.num_experts_per_tok : 1;
+  int64_t max_ctx, max_abs, M0 = 0;
+  int cut;
+  epic_status st;
+  memset(f, 0, sizeof *f);
+  f->m = m;
+  f->kc = kc;
+  f->n_mb = m->micro_batches;
+  EPIC_CHECK(prepare(m, kc, seqs, n_seqs, M, &max_ctx, &max_abs));
+  cut = f->n_mb == 2 ? split_point(seqs, n_seqs, *M) : n_seqs;
+  for (int i = 0; i < cut; i++) M0 += seqs[i].n_tokens;
+  st = scratch_get(m, *M, M0 > *M - M0 ? M0 : *M - M0, max_ctx, max_abs,
+                   epic_batch_out_rows(seqs, n_seqs), s);
+  if (st != EPIC_OK) {
+    rollback(kc, seqs, n_seqs);
+    return st;
+  }
+  fill_positions(seqs, n_seqs, s);
+  for (int i = 0; i < f->n_mb; i++) {
+    micro_batch *b = &f->mb[i];
+    b->id = i;
+    b->seqs = seqs + (i ? cut : 0);
+    b->n_seqs = i ? n_seqs - cut : cut;
+    b->M = i ? *M - M0 : M0;
+    b->s = scratch_slice(s, i ? M0 : 0, D, K);
+  }
+  return EPIC_OK;
+}
+
+/* End a forward (also after an error): abandon exchanges still in flight and
+ * account the call's time; other_s gets what no phase claimed. */
+static void fwd_close(fwd *f, const epic_model_stats *before, double t0, int64_t M) {
+  epic_model_stats *st = &f->m->stats;
+  const double dt = epic_now_seconds() - t0;
+  for (int i = 0; i < f->n_mb; i++) {
+    epic_comm_req_free(f->mb[i].req);
+    f->mb[i].req = NULL;
+  }
+  st->forwards++;
+  st->tokens += M;
+  st->total_s += dt;
+  st->other_s += dt - ((st->attention_s - before->attention_s) + (st->dense_s - before->dense_s) +
+                       (st->experts_s - before->experts_s) +
+                       (st->dispatch_wait_s - before->dispatch_wait_s) +
+                       (st->combine_wait_s - before->combine_wait_s));
+}
+
 epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
                                int n_seqs, float *logits, float *hidden) {
   epic_ops *o = m->ops;
+  const epic_model_stats before = m->stats;
+  const double t0 = epic_now_seconds();
+  fwd f;
   scratch s;
-  int64_t M, max_ctx, max_abs;
+  int64_t M = 0;
   epic_status st;
-  EPIC_CHECK(prepare(m, kc, seqs, n_seqs, &M, &max_ctx, &max_abs));
-  EPIC_CHECK_GOTO(scratch_get(m, M, max_ctx, max_abs, epic_batch_out_rows(seqs, n_seqs), &s), st,
-                  fail);
-  fill_positions(seqs, n_seqs, &s);
+  EPIC_CHECK_GOTO(fwd_open(m, kc, seqs, n_seqs, &f, &s, &M), st, done);
   if (M > 0) EPIC_CHECK_GOTO(o->vt->embed(o, &m->embed, s.ids, M, s.h), st, fail);
-  for (int64_t l = 0; l < m->cfg.num_hidden_layers; l++)
-    EPIC_CHECK_GOTO(layer_forward(m, &m->layers[l], kc, l, seqs, n_seqs, M, &s), st, fail);
-  if (M > 0) EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->final_norm, &m->lm_head, &s, logits, hidden), st,
-                  fail);
-  return EPIC_OK;
+  EPIC_CHECK_GOTO(run_layers(&f, m->layers, m->cfg.num_hidden_layers), st, fail);
+  if (M > 0)
+    EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->final_norm, &m->lm_head, &s, logits, hidden), st,
+                    fail);
+  st = EPIC_OK;
+  goto done;
 fail:
   rollback(kc, seqs, n_seqs);
+done:
+  fwd_close(&f, &before, t0, M);
   return st;
 }
 
@@ -844,8 +1103,11 @@ epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_s
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size;
   const float eps = (float)m->cfg.rms_norm_eps;
+  const epic_model_stats before = m->stats;
+  const double t0 = epic_now_seconds();
+  fwd f;
   scratch s;
-  int64_t M, max_ctx, max_abs, r = 0;
+  int64_t M = 0, r = 0;
   epic_status st;
   if (!m->has_mtp) {
     EPIC_LOG_ERROR("model: no MTP layer loaded");
@@ -856,30 +1118,29 @@ epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_s
       EPIC_LOG_ERROR("mtp forward: sequence %d has no hidden states", i);
       return EPIC_ERR_INVALID;
     }
-  EPIC_CHECK(prepare(m, kc, seqs, n_seqs, &M, &max_ctx, &max_abs));
-  EPIC_CHECK_GOTO(scratch_get(m, M, max_ctx, max_abs, epic_batch_out_rows(seqs, n_seqs), &s), st,
-                  fail);
-  fill_positions(seqs, n_seqs, &s);
-  if (M == 0) {
-    EPIC_CHECK_GOTO(layer_forward(m, &m->mtp.layer, kc, 0, seqs, n_seqs, M, &s), st, fail);
-    return EPIC_OK;
+  EPIC_CHECK_GOTO(fwd_open(m, kc, seqs, n_seqs, &f, &s, &M), st, done);
+  if (M > 0) {
+    /* x = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]): embedding half first. */
+    EPIC_CHECK_GOTO(o->vt->embed(o, &m->mtp.embed, s.ids, M, s.a), st, fail);
+    for (int i = 0; i < n_seqs; i++) {
+      EPIC_CHECK_GOTO(o->vt->upload(o, s.hn + r * D, seqs[i].hidden,
+                                    (size_t)(seqs[i].n_tokens * D) * sizeof(float)),
+                      st, fail);
+      r += seqs[i].n_tokens;
+    }
+    EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.a, D, M, D, m->mtp.enorm, eps, s.x2, 2 * D), st, fail);
+    EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.hn, D, M, D, m->mtp.hnorm, eps, s.x2 + D, 2 * D), st, fail);
+    EPIC_CHECK_GOTO(o->vt->matmul(o, s.x2, 2 * D, M, &m->mtp.eh_proj, s.h, D), st, fail);
   }
-  /* x = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]): embedding half first. */
-  EPIC_CHECK_GOTO(o->vt->embed(o, &m->mtp.embed, s.ids, M, s.a), st, fail);
-  for (int i = 0; i < n_seqs; i++) {
-    EPIC_CHECK_GOTO(o->vt->upload(o, s.hn + r * D, seqs[i].hidden,
-                                  (size_t)(seqs[i].n_tokens * D) * sizeof(float)),
+  EPIC_CHECK_GOTO(run_layers(&f, &m->mtp.layer, 1), st, fail);
+  if (M > 0)
+    EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->mtp.head_norm, &m->mtp.head, &s, logits, NULL),
                     st, fail);
-    r += seqs[i].n_tokens;
-  }
-  EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.a, D, M, D, m->mtp.enorm, eps, s.x2, 2 * D), st, fail);
-  EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.hn, D, M, D, m->mtp.hnorm, eps, s.x2 + D, 2 * D), st, fail);
-  EPIC_CHECK_GOTO(o->vt->matmul(o, s.x2, 2 * D, M, &m->mtp.eh_proj, s.h, D), st, fail);
-  EPIC_CHECK_GOTO(layer_forward(m, &m->mtp.layer, kc, 0, seqs, n_seqs, M, &s), st, fail);
-  EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->mtp.head_norm, &m->mtp.head, &s, logits, NULL), st,
-                  fail);
-  return EPIC_OK;
+  st = EPIC_OK;
+  goto done;
 fail:
   rollback(kc, seqs, n_seqs);
+done:
+  fwd_close(&f, &before, t0, M);
   return st;
 }

@@ -39,7 +39,8 @@ typedef struct epic_model_params {
    * is the rank holding expert e of layer l, for l in 0..num_hidden_layers (the
    * last row is the MTP layer); NULL = contiguous blocks (rank r holds experts
    * [r*E/N, (r+1)*E/N)). Every rank must then run each forward in lock-step with
-   * the others (a rank without tokens passes n_seqs = 0). */
+   * the others (a rank without tokens passes n_seqs = 0). The exchange runs in
+   * host memory: a backend with device buffers (nccl) is EPIC_ERR_UNSUPPORTED. */
   epic_comm *comm;
   const int32_t *expert_owner;
 } epic_model_params;
@@ -91,5 +92,36 @@ epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_b
  * logits: [out_rows][vocab]. */
 epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
                                    int n_seqs, float *logits);
+
+/* Two-micro-batch pipelining (DESIGN §3). With n = 2 a forward splits its
+ * sequences into two micro-batches of about equal token counts and runs them
+ * interleaved layer by layer, so that one micro-batch's attention and expert
+ * compute proceed while the other's dispatch/combine all-to-all is in flight
+ * (asynchronous epic_comm_alltoallv_start). Every rank of an expert-parallel
+ * model must use the same n (it fixes the number of all-to-alls per layer).
+ * Outputs equal n = 1 up to fp32 reassociation. Default 1; EPIC_ERR_INVALID
+ * for other values than 1 and 2. */
+epic_status epic_model_set_micro_batches(epic_model *m, int n);
+
+/* Where a rank's forward time went, accumulated since load or the last reset
+ * (wall-clock seconds on the driving thread). The wait fields are the time the
+ * rank sat blocked on an all-to-all, i.e. communication not hidden by compute. */
+typedef struct epic_model_stats {
+  int64_t forwards;          /* forward calls (main model and MTP) */
+  int64_t tokens;            /* tokens this rank processed */
+  double total_s;            /* whole forward calls */
+  double attention_s;        /* norms, MLA, o_proj */
+  double dense_s;            /* dense MLP layers, shared experts, router */
+  double experts_s;          /* routed expert GEMMs run on this rank */
+  double dispatch_wait_s;    /* blocked on dispatch all-to-alls (counts + rows) */
+  double combine_wait_s;     /* blocked on combine all-to-alls */
+  double other_s;            /* embedding, final norm, LM head, bookkeeping */
+  int64_t dispatch_bytes;    /* bytes this rank sent in dispatch all-to-alls */
+  int64_t combine_bytes;     /* bytes this rank sent in combine all-to-alls */
+  int64_t a2a_calls;         /* all-to-all operations (dispatch + combine) */
+} epic_model_stats;
+
+void epic_model_get_stats(const epic_model *m, epic_model_stats *out);
+void epic_model_reset_stats(epic_model *m);
 
 #endif

@@ -323,6 +323,228 @@ static void test_cache_full_is_clean(void **state) {
 
 
 /* ------------------------------------------------------------------------
+ * Two micro-batches give the same logits (up to fp32 reassociation) and greedy
+ * ids as one. Each test runs every step twice, on two caches: once with
+ * micro_batches 1 and once with 2. */
+#define MB_TOL 1e-4
+
+/* b1 runs with one micro-batch on kc[0], b2 (the same tokens on the second
+ * cache's sequences) with two on kc[1]; rows compared, the worst |d| returned. */
+static double forward_mb12(fixture *f, epic_kvcache *kc[2], const epic_seq_batch *b1,
+                           const epic_seq_batch *b2, int nb, float *l1, float *l2) {
+  const int64_t rows = epic_batch_out_rows(b1, nb);
+  assert_int_equal(epic_model_set_micro_batches(f->m, 1), EPIC_OK);
+  assert_int_equal(epic_model_forward(f->m, kc[0], b1, nb, l1, NULL), EPIC_OK);
+  assert_int_equal(epic_model_set_micro_batches(f->m, 2), EPIC_OK);
+  assert_int_equal(epic_model_forward(f->m, kc[1], b2, nb, l2, NULL), EPIC_OK);
+  assert_int_equal(epic_model_set_micro_batches(f->m, 1), EPIC_OK);
+  for (int64_t r = 0; r < rows; r++)
+    assert_int_equal(epic_argmax(l1 + r * f->V, f->V), epic_argmax(l2 + r * f->V, f->V));
+  return max_abs_diff(l1, l2, rows * f->V);
+}
+
+/* Sequences admitted one per step, prefilled in chunks of 11 beside the others'
+ * decode steps, then 4 greedy tokens each: micro-batches of mixed shapes. */
+static void test_micro_batches_mixed(void **state) {
+  fixture *f = *state;
+  const int n = f->n_cases;
+  const int64_t chunk = 11, n_gen = 4;
+  epic_kvcache *kc[2];
+  epic_kv_seq seqs[2][MAX_CASES] = {{{0}}};
+  int64_t fed[MAX_CASES] = {0}, gen_done[MAX_CASES] = {0};
+  int32_t next[MAX_CASES];
+  float *l1 = malloc((size_t)(n * chunk * f->V) * 4), *l2 = malloc((size_t)(n * chunk * f->V) * 4);
+  double worst = 0;
+  int active = n, steps = 0;
+  for (int k = 0; k < 2; k++)
+    assert_int_equal(epic_model_kvcache_create(f->m, 0, 4, 512, &kc[k]), EPIC_OK);
+  for (int step = 0; active > 0; step++) {
+    epic_seq_batch b1[MAX_CASES], b2[MAX_CASES];
+    int map[MAX_CASES], nb = 0;
+    for (int i = 0; i < n && i <= step; i++) {
+      tcase *c = &f->cases[i];
+      if (gen_done[i] >= n_gen) continue;
+      if (fed[i] < c->n_prompt) {
+        int64_t take = c->n_prompt - fed[i] < chunk ? c->n_prompt - fed[i] : chunk;
+        b1[nb] = (epic_seq_batch){.tokens = c->prompt + fed[i], .n_tokens = take, .start = fed[i],
+                                  .all_logits = i % 2};
+      } else {
+        b1[nb] = (epic_seq_batch){.tokens = &next[i], .n_tokens = 1, .start = fed[i]};
+      }
+      b1[nb].kv = &seqs[0][i];
+      b2[nb] = b1[nb];
+      b2[nb].kv = &seqs[1][i];
+      map[nb++] = i;
+    }
+    if (nb == 0) continue;
+    double d = forward_mb12(f, kc, b1, b2, nb, l1, l2);
+    if (d > worst) worst = d;
+    steps++;
+    int64_t row = 0;
+    for (int j = 0; j < nb; j++) {
+      const int i = map[j];
+      tcase *c = &f->cases[i];
+      row += b1[j].all_logits ? b1[j].n_tokens : 1;
+      fed[i] += b1[j].n_tokens;
+      if (fed[i] < c->n_prompt) continue;
+      next[i] = epic_argmax(l1 + (row - 1) * f->V, f->V);
+      assert_int_equal(next[i], c->gen[gen_done[i]]);
+      if (++gen_done[i] >= n_gen) active--;
+    }
+  }
+  print_message("%s micro-batches 2 vs 1, %d mixed steps: max |dlogit| %.3g\n", f->model, steps,
+                worst);
+  assert_true(worst <= MB_TOL);
+  for (int k = 0; k < 2; k++) {
+    for (int i = 0; i < n; i++) epic_kvcache_seq_release(kc[k], &seqs[k][i]);
+    epic_kvcache_destroy(kc[k]);
+  }
+  free(l1);
+  free(l2);
+}
+
+/* One sequence: the second micro-batch is empty (prefill, then decode steps). */
+static void test_micro_batches_single(void **state) {
+  fixture *f = *state;
+  tcase *c = &f->cases[f->n_cases > 1 ? 1 : 0];
+  epic_kvcache *kc[2];
+  epic_kv_seq s[2] = {{0}};
+  float *l1 = malloc((size_t)(c->n_prompt * f->V) * 4);
+  float *l2 = malloc((size_t)(c->n_prompt * f->V) * 4);
+  double worst;
+  int32_t next;
+  for (int k = 0; k < 2; k++)
+    assert_int_equal(epic_model_kvcache_create(f->m, 0, 4, 64, &kc[k]), EPIC_OK);
+  epic_seq_batch b1 = {.tokens = c->prompt, .n_tokens = c->n_prompt, .kv = &s[0], .all_logits = 1};
+  epic_seq_batch b2 = b1;
+  b2.kv = &s[1];
+  worst = forward_mb12(f, kc, &b1, &b2, 1, l1, l2);
+  next = epic_argmax(l1 + (c->n_prompt - 1) * f->V, f->V);
+  for (int64_t t = 0; t < 3 && t < c->n_gen; t++) {
+    assert_int_equal(next, c->gen[t]);
+    b1 = (epic_seq_batch){.tokens = &next, .n_tokens = 1, .start = c->n_prompt + t, .kv = &s[0]};
+    b2 = b1;
+    b2.kv = &s[1];
+    double d = forward_mb12(f, kc, &b1, &b2, 1, l1, l2);
+    if (d > worst) worst = d;
+    next = epic_argmax(l1, f->V);
+  }
+  print_message("%s micro-batches 2 vs 1, one sequence: max |dlogit| %.3g\n", f->model, worst);
+  assert_true(worst <= MB_TOL);
+  for (int k = 0; k < 2; k++) {
+    epic_kvcache_seq_release(kc[k], &s[k]);
+    epic_kvcache_destroy(kc[k]);
+  }
+  free(l1);
+  free(l2);
+}
+
+/* The MTP layer over a batch of every case that has one, and over a lone one. */
+static void test_micro_batches_mtp(void **state) {
+  fixture *f = *state;
+  const int64_t D = epic_model_get_config(f->m)->hidden_size;
+  epic_kvcache *kc, *km[2];
+  epic_kv_seq s[MAX_CASES] = {{0}}, sm[2][MAX_CASES] = {{{0}}};
+  epic_seq_batch bm[2][MAX_CASES];
+  float *hid[MAX_CASES] = {0}, *l1, *l2;
+  int64_t rows = 0;
+  int nb = 0;
+  double worst = 0;
+  assert_int_equal(epic_model_kvcache_create(f->m, 0, 8, 256, &kc), EPIC_OK);
+  for (int k = 0; k < 2; k++)
+    assert_int_equal(epic_model_kvcache_create(f->m, 1, 8, 256, &km[k]), EPIC_OK);
+  for (int i = 0; i < f->n_cases; i++) {
+    tcase *c = &f->cases[i];
+    float *lg;
+    if (c->n_prompt < 2) continue; /* nothing for the MTP layer to predict */
+    lg = malloc((size_t)(c->n_prompt * f->V) * 4);
+    hid[nb] = malloc((size_t)(c->n_prompt * D) * 4);
+    epic_seq_batch b = {.tokens = c->prompt, .n_tokens = c->n_prompt, .kv = &s[i], .all_logits = 1};
+    assert_int_equal(epic_model_forward(f->m, kc, &b, 1, lg, hid[nb]), EPIC_OK);
+    free(lg);
+    for (int k = 0; k < 2; k++)
+      bm[k][nb] = (epic_seq_batch){.tokens = c->prompt + 1, .n_tokens = c->n_prompt - 1,
+                                   .kv = &sm[k][nb], .all_logits = 1, .hidden = hid[nb]};
+    rows += c->n_prompt - 1;
+    nb++;
+  }
+  l1 = malloc((size_t)(rows * f->V) * 4);
+  l2 = malloc((size_t)(rows * f->V) * 4);
+  /* every case at once, then the first case's MTP cache alone for one more token */
+  for (int round = 0; round < 2; round++) {
+    const int n = round == 0 ? nb : 1;
+    if (round == 1)
+      for (int k = 0; k < 2; k++) {
+        epic_kvcache_seq_truncate(km[k], &sm[k][0], 0);
+        bm[k][0].n_tokens = 1;
+        bm[k][0].all_logits = 0;
+      }
+    const int64_t r = epic_batch_out_rows(bm[0], n);
+    assert_int_equal(epic_model_set_micro_batches(f->m, 1), EPIC_OK);
+    assert_int_equal(epic_model_mtp_forward(f->m, km[0], bm[0], n, l1), EPIC_OK);
+    assert_int_equal(epic_model_set_micro_batches(f->m, 2), EPIC_OK);
+    assert_int_equal(epic_model_mtp_forward(f->m, km[1], bm[1], n, l2), EPIC_OK);
+    assert_int_equal(epic_model_set_micro_batches(f->m, 1), EPIC_OK);
+    for (int64_t j = 0; j < r; j++)
+      assert_int_equal(epic_argmax(l1 + j * f->V, f->V), epic_argmax(l2 + j * f->V, f->V));
+    double d = max_abs_diff(l1, l2, r * f->V);
+    if (d > worst) worst = d;
+  }
+  print_message("%s micro-batches 2 vs 1, MTP: max |dlogit| %.3g\n", f->model, worst);
+  assert_true(worst <= MB_TOL);
+  for (int i = 0; i < f->n_cases; i++) {
+    epic_kvcache_seq_release(kc, &s[i]);
+    for (int k = 0; k < 2; k++) epic_kvcache_seq_release(km[k], &sm[k][i]);
+    free(hid[i]);
+  }
+  epic_kvcache_destroy(kc);
+  for (int k = 0; k < 2; k++) epic_kvcache_destroy(km[k]);
+  free(l1);
+  free(l2);
+}
+
+/* The time breakdown of a single process: every part accounted, no exchange. */
+static void test_stats(void **state) {
+  fixture *f = *state;
+  tcase *c = &f->cases[f->n_cases - 1];
+  epic_kvcache *kc;
+  epic_kv_seq s = {0};
+  epic_model_stats st;
+  float *logits = malloc((size_t)f->V * 4);
+  assert_int_equal(epic_model_set_micro_batches(f->m, 0), EPIC_ERR_INVALID);
+  assert_int_equal(epic_model_set_micro_batches(f->m, 3), EPIC_ERR_INVALID);
+  assert_int_equal(epic_model_kvcache_create(f->m, 0, 8, 64, &kc), EPIC_OK);
+  epic_model_reset_stats(f->m);
+  epic_model_get_stats(f->m, &st);
+  assert_int_equal(st.forwards, 0);
+  assert_true(st.total_s == 0);
+  assert_true(c->n_prompt >= 8);
+  for (int mb = 1; mb <= 2; mb++) {
+    epic_seq_batch b = {.tokens = c->prompt + (mb - 1) * 4, .n_tokens = 4, .start = (mb - 1) * 4,
+                        .kv = &s};
+    assert_int_equal(epic_model_set_micro_batches(f->m, mb), EPIC_OK);
+    assert_int_equal(epic_model_forward(f->m, kc, &b, 1, logits, NULL), EPIC_OK);
+  }
+  epic_model_set_micro_batches(f->m, 1);
+  epic_model_get_stats(f->m, &st);
+  assert_int_equal(st.forwards, 2);
+  assert_int_equal(st.tokens, 8);
+  assert_true(st.total_s > 0 && st.attention_s > 0 && st.dense_s > 0 && st.experts_s > 0);
+  assert_true(st.other_s > -1e-9);
+  assert_true(st.dispatch_wait_s == 0 && st.combine_wait_s == 0);
+  assert_true(fabs(st.attention_s + st.dense_s + st.experts_s + st.other_s - st.total_s) < 1e-9);
+  assert_int_equal(st.a2a_calls, 0);
+  assert_int_equal(st.dispatch_bytes + st.combine_bytes, 0);
+  epic_model_reset_stats(f->m);
+  epic_model_get_stats(f->m, &st);
+  assert_int_equal(st.forwards + st.tokens, 0);
+  epic_kvcache_seq_release(kc, &s);
+  epic_kvcache_destroy(kc);
+  free(logits);
+}
+
+
+/* ------------------------------------------------------------------------
  * Other DeepSeek-V3-style configs (no q_lora_rank, n_group 1, no YaRN, other
  * head sizes and expert counts, softmax routing without bias, several shared
  * experts, MTP): dummy weights, checked for the engine invariants. */
@@ -430,6 +652,10 @@ int main(void) {
       cmocka_unit_test(test_incremental_equals_full),
       cmocka_unit_test(test_batched_mixed),
       cmocka_unit_test(test_cache_full_is_clean),
+      cmocka_unit_test(test_micro_batches_mixed),
+      cmocka_unit_test(test_micro_batches_single),
+      cmocka_unit_test(test_micro_batches_mtp),
+      cmocka_unit_test(test_stats),
   };
   int fails = cmocka_run_group_tests_name("model tiny-bf16", tests, setup_bf16, teardown);
   fails += cmocka_run_group_tests_name("model tiny-fp8", tests, setup_fp8, teardown);
