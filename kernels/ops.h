@@ -18,7 +18,8 @@
 
 #include "../common/status.h"
 
-#define EPIC_OPS_ABI_VERSION 1
+/* 2: mla_absorbed_batch appended (batched decode attention over several sequences). */
+#define EPIC_OPS_ABI_VERSION 2
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -72,6 +73,22 @@ typedef struct epic_kv_view {
   const int32_t *block_table;  /* page ids of the sequence, in order */
   int64_t n_ctx;               /* tokens currently valid for the sequence (keys 0..n_ctx-1) */
 } epic_kv_view;
+
+/* The paged latent caches of several sequences of one layer (one pool), for batched
+ * decode. Sequence s uses block_tables[s * table_stride ...] and holds n_ctx[s] >= 1
+ * valid tokens. block_tables and n_ctx live in backend memory (device memory for
+ * CUDA), so a captured decode step can change lengths without host round trips;
+ * max_ctx is a host-side upper bound of every n_ctx[s] (it sizes the work split). */
+typedef struct epic_kv_batch {
+  float *pool;
+  int64_t page_size;
+  int64_t width;                /* kv_lora_rank + qk_rope_head_dim */
+  int64_t lora;                 /* kv_lora_rank */
+  const int32_t *block_tables;  /* [n_seq][table_stride] page ids */
+  int64_t table_stride;
+  const int32_t *n_ctx;         /* [n_seq] */
+  int64_t max_ctx;
+} epic_kv_batch;
 
 typedef struct epic_ops epic_ops;
 
@@ -177,6 +194,15 @@ typedef struct epic_ops_vt {
   epic_status (*download)(epic_ops *o, void *dst, const void *src, size_t bytes);
 
   void (*destroy)(epic_ops *o);
+
+  /* ABI 2. Absorbed MLA decode for n_seq sequences at once, one query token each at
+   * position n_ctx[s] - 1 (keys 0..n_ctx[s]-1 already in the cache):
+   *   q_abs [n_seq][n_heads][lora], q_pe [n_seq][n_heads][rope], ctx [n_seq][n_heads][lora]
+   * Same result as mla_absorbed(m = 1, start = n_ctx[s] - 1) on each sequence; exists so a
+   * GPU backend runs a whole decode batch in one launch instead of n_seq small ones. */
+  epic_status (*mla_absorbed_batch)(epic_ops *o, const epic_kv_batch *kv, int64_t n_seq,
+                                    const float *q_abs, const float *q_pe, int64_t n_heads,
+                                    float scale, float *ctx);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */
@@ -186,6 +212,12 @@ struct epic_ops {
 
 /* Create the CPU backend. n_threads <= 0: OpenMP default. */
 epic_status epic_ops_cpu_create(int n_threads, epic_ops **out);
+#ifdef EPIC_HAVE_CUDA
+/* Create the CUDA backend on `device` (built when EPIC_CUDA is enabled; the CUDA-only
+ * controls and its pointer conventions are in kernels/cuda/ops_cuda.h).
+ * EPIC_ERR_UNSUPPORTED when no usable GPU is present, EPIC_ERR_CUDA on other failures. */
+epic_status epic_ops_cuda_create(int device, epic_ops **out);
+#endif
 /* NULL-safe. */
 void epic_ops_destroy(epic_ops *o);
 

@@ -3,6 +3,7 @@
  * reductions that decide accuracy (rmsnorm statistics, rope angles) run in double. */
 #include <cblas.h>
 #include <math.h>
+#include <stdint.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -144,21 +145,26 @@ static epic_status cpu_kv_gather(epic_ops *o, const epic_kv_view *kv, int64_t n,
   return EPIC_OK;
 }
 
+/* Zeroed, 64-byte aligned memory through calloc, which hands large blocks
+ * straight from fresh (already zero) pages without touching them: a multi-GiB
+ * KV cache costs nothing until it is used. The block's start is kept just below
+ * the aligned pointer for cpu_free. */
 static epic_status cpu_alloc(epic_ops *o, size_t bytes, void **out) {
   if (!out) return EPIC_ERR_INVALID;
-  size_t rounded = (bytes + 63) & ~(size_t)63;
-  if (rounded < bytes) return EPIC_ERR_NOMEM;
-  void *p = aligned_alloc(64, rounded ? rounded : 64);
-  if (!p) {
-    *out = NULL;
-    return EPIC_ERR_NOMEM;
-  }
-  memset(p, 0, rounded ? rounded : 64);
-  *out = p;
+  *out = NULL;
+  const size_t extra = 64 + sizeof(void *);
+  if (bytes > SIZE_MAX - extra) return EPIC_ERR_NOMEM;
+  char *base = calloc(1, bytes + extra);
+  if (!base) return EPIC_ERR_NOMEM;
+  uintptr_t a = ((uintptr_t)base + sizeof(void *) + 63) & ~(uintptr_t)63;
+  ((void **)a)[-1] = base;
+  *out = (void *)a;
   return EPIC_OK;
 }
 
-static void cpu_free(epic_ops *o, void *p) { free(p); }
+static void cpu_free(epic_ops *o, void *p) {
+  if (p) free(((void **)p)[-1]);
+}
 
 static epic_status cpu_copy(epic_ops *o, void *dst, const void *src, size_t bytes) {
   if (bytes == 0) return EPIC_OK;
@@ -198,6 +204,7 @@ static const epic_ops_vt epic_cpu_vt = {
     .upload = cpu_copy,
     .download = cpu_copy,
     .destroy = cpu_destroy,
+    .mla_absorbed_batch = epic_cpu_mla_absorbed_batch,
 };
 
 epic_status epic_ops_cpu_create(int n_threads, epic_ops **out) {

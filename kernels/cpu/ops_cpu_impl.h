@@ -45,6 +45,9 @@ epic_status epic_cpu_mla_naive(epic_ops *o, const float *q, const float *kvb, co
 epic_status epic_cpu_mla_absorbed(epic_ops *o, const epic_kv_view *kv, const float *q_abs,
                                   const float *q_pe, int64_t m, int64_t start, int64_t n_heads,
                                   float scale, float *ctx);
+epic_status epic_cpu_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, int64_t n_seq,
+                                        const float *q_abs, const float *q_pe, int64_t n_heads,
+                                        float scale, float *ctx);
 epic_status epic_cpu_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
                                int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
                                int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,

@@ -1,0 +1,652 @@
+/* bench_kernels_cuda: the CUDA backend of epic_ops against this GPU's own measured
+ * limits, in one run. Prints one JSON object on stdout (a summary table on stderr).
+ *
+ * Peaks, measured first: device-to-device copy bandwidth (bytes read + written), dense
+ * BF16 GEMM 8192^3 through cublasGemmEx and dense FP8 e4m3 GEMM 8192^3 through cuBLASLt
+ * with one scale per tensor (the library's best FP8 case), both on random data.
+ * Then per kernel, through the epic_ops API exactly as the model calls it: time per call,
+ * TFLOP/s and GB/s (each input read once, each output written once) and their fractions
+ * of the peaks. matmul: BF16 and FP8 (128x128 block scales) weights at DeepSeek-V3
+ * shapes for m = 1..4096 tokens, activation conversion / quantisation included;
+ * mla_absorbed_batch decode (bytes: cached 576-float rows read once per sequence, plus
+ * queries and outputs); rmsnorm, route, silu_mul, rope.
+ * Timing: CUDA events around a CUDA graph of `reps` calls (launch gaps removed), median
+ * of 7 replays. Inputs that would fit in L2 rotate among copies whose total exceeds it.
+ * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|mla|memory]
+ *                           [--mla BATCH CTX] (one decode shape, e.g. under a profiler)
+ *                           [--no-peaks] (skip the peak measurements; fractions print 0) */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "kernels/cuda/ops_cuda.h"
+#include "kernels/ops.h"
+
+#define CK(x)                                                                                      \
+  do {                                                                                             \
+    cudaError_t e_ = (x);                                                                          \
+    if (e_ != cudaSuccess) {                                                                       \
+      fprintf(stderr, "bench: %s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));           \
+      exit(1);                                                                                     \
+    }                                                                                              \
+  } while (0)
+#define CKB(x)                                                                                     \
+  do {                                                                                             \
+    cublasStatus_t s_ = (x);                                                                       \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                             \
+      fprintf(stderr, "bench: %s:%d: cublas status %d\n", __FILE__, __LINE__, (int)s_);            \
+      exit(1);                                                                                     \
+    }                                                                                              \
+  } while (0)
+#define CKE(x)                                                                                     \
+  do {                                                                                             \
+    epic_status s_ = (x);                                                                          \
+    if (s_ != EPIC_OK) {                                                                           \
+      fprintf(stderr, "bench: %s:%d: %s\n", __FILE__, __LINE__, epic_status_str(s_));              \
+      exit(1);                                                                                     \
+    }                                                                                              \
+  } while (0)
+
+static epic_ops *g_ops;
+static cudaStream_t g_st;
+static int g_quick;
+#define L2_ROTATE_BYTES ((size_t)160 << 20)
+
+/* ------------------------------------------------------------ random data */
+
+static uint64_t rs = 0x9e3779b97f4a7c15ull;
+static uint64_t rnd(void) {
+  rs ^= rs << 13;
+  rs ^= rs >> 7;
+  rs ^= rs << 17;
+  return rs;
+}
+static float rndf(void) {
+  return (float)((double)(rnd() >> 11) * 0x1p-53 * 2.0 - 1.0);
+}
+
+#define TILE_BYTES ((size_t)32 << 20)
+static unsigned char *tile_f32, *tile_bf16, *tile_fp8, *tile_scale;
+
+static void make_tiles(void) {
+  tile_f32 = malloc(TILE_BYTES);
+  tile_bf16 = malloc(TILE_BYTES);
+  tile_fp8 = malloc(TILE_BYTES);
+  tile_scale = malloc(TILE_BYTES);
+  if (!tile_f32 || !tile_bf16 || !tile_fp8 || !tile_scale)
+    exit(1);
+  for (size_t i = 0; i < TILE_BYTES / 4; i++) {
+    ((float *)tile_f32)[i] = rndf();
+    ((float *)tile_scale)[i] = (1.5f + rndf()) * 1e-3f;
+  }
+  for (size_t i = 0; i < TILE_BYTES / 2; i++)
+    ((uint16_t *)tile_bf16)[i] = epic_f32_to_bf16(rndf());
+  for (size_t i = 0; i < TILE_BYTES; i++) {
+    uint8_t c;
+    do
+      c = (uint8_t)rnd();
+    while ((c & 0x7f) == 0x7f);
+    tile_fp8[i] = c;
+  }
+}
+
+/* Device buffer of `bytes` filled with repeats of a random host tile. */
+static void *dev_random(size_t bytes, const unsigned char *tile) {
+  void *d = NULL;
+  CKE(g_ops->vt->alloc(g_ops, bytes, &d));
+  for (size_t off = 0; off < bytes; off += TILE_BYTES) {
+    const size_t n = bytes - off < TILE_BYTES ? bytes - off : TILE_BYTES;
+    CKE(g_ops->vt->upload(g_ops, (char *)d + off, tile, n));
+  }
+  return d;
+}
+
+/* ------------------------------------------------------------------ timing */
+
+typedef void (*run_fn)(void *ctx, int rep);
+
+static int cmp_d(const void *a, const void *b) {
+  const double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Seconds per call of fn: graph of `reps` calls replayed 7 times, median. */
+static double time_calls(run_fn fn, void *ctx) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  fn(ctx, 0); /* warm-up: plans, scratch, module load */
+  fn(ctx, 1);
+  CKE(epic_ops_cuda_sync(g_ops));
+  CK(cudaEventRecord(e0, g_st));
+  fn(ctx, 0);
+  CK(cudaEventRecord(e1, g_st));
+  CK(cudaEventSynchronize(e1));
+  float ms1 = 0;
+  CK(cudaEventElapsedTime(&ms1, e0, e1));
+  int reps = (int)ceil((g_quick ? 5.0 : 20.0) / (ms1 > 1e-3 ? ms1 : 1e-3));
+  reps = reps < 2 ? 2 : (reps > 200 ? 200 : reps);
+  cudaGraph_t graph = NULL;
+  cudaGraphExec_t exec = NULL;
+  int graphed = cudaStreamBeginCapture(g_st, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  if (graphed) {
+    for (int r = 0; r < reps; r++)
+      fn(ctx, r);
+    graphed = cudaStreamEndCapture(g_st, &graph) == cudaSuccess && graph &&
+              cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+  }
+  if (!graphed) {
+    (void)cudaGetLastError();
+    fprintf(stderr, "bench: graph capture failed, timing plain launches\n");
+  }
+  double t[7];
+  for (int k = 0; k < 7; k++) {
+    CK(cudaEventRecord(e0, g_st));
+    if (graphed)
+      CK(cudaGraphLaunch(exec, g_st));
+    else
+      for (int r = 0; r < reps; r++)
+        fn(ctx, r);
+    CK(cudaEventRecord(e1, g_st));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    t[k] = ms * 1e-3 / reps;
+  }
+  CKE(epic_ops_cuda_sync(g_ops));
+  if (exec)
+    cudaGraphExecDestroy(exec);
+  if (graph)
+    cudaGraphDestroy(graph);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  qsort(t, 7, sizeof t[0], cmp_d);
+  return t[3];
+}
+
+/* ------------------------------------------------------------------- peaks */
+
+typedef struct {
+  void *src, *dst;
+  size_t bytes;
+} copy_ctx;
+static void run_copy(void *p, int rep) {
+  copy_ctx *c = p;
+  (void)rep;
+  CK(cudaMemcpyAsync(c->dst, c->src, c->bytes, cudaMemcpyDeviceToDevice, g_st));
+}
+
+typedef struct {
+  cublasHandle_t h;
+  float *x, *res;
+  int64_t n;
+} read_ctx;
+static void run_read(void *p, int rep) {
+  read_ctx *c = p;
+  (void)rep;
+  CKB(cublasSasum(c->h, (int)c->n, c->x, 1, c->res));
+}
+
+typedef struct {
+  cublasHandle_t h;
+  void *a, *b, *c;
+  int n;
+} gemm_ctx;
+static void run_bf16_gemm(void *p, int rep) {
+  gemm_ctx *g = p;
+  const float one = 1.0f, zero = 0.0f;
+  (void)rep;
+  CKB(cublasGemmEx(g->h, CUBLAS_OP_T, CUBLAS_OP_N, g->n, g->n, g->n, &one, g->a, CUDA_R_16BF, g->n,
+                   g->b, CUDA_R_16BF, g->n, &zero, g->c, CUDA_R_16BF, g->n, CUBLAS_COMPUTE_32F,
+                   CUBLAS_GEMM_DEFAULT));
+}
+
+typedef struct {
+  cublasLtHandle_t lt;
+  cublasLtMatmulDesc_t desc;
+  cublasLtMatrixLayout_t la, lb, lc;
+  cublasLtMatmulAlgo_t algo;
+  void *a, *b, *c, *ws;
+  size_t ws_bytes;
+} lt_ctx;
+static void run_fp8_gemm(void *p, int rep) {
+  lt_ctx *g = p;
+  const float one = 1.0f, zero = 0.0f;
+  (void)rep;
+  CKB(cublasLtMatmul(g->lt, g->desc, &one, g->a, g->la, g->b, g->lb, &zero, g->c, g->lc, g->c,
+                     g->lc, &g->algo, g->ws, g->ws_bytes, g_st));
+}
+
+/* Dense FP8 8192^3 with per-tensor scales (1.0): TFLOP/s, or 0 if cuBLASLt has no kernel. */
+static double fp8_peak(int n) {
+  lt_ctx g;
+  memset(&g, 0, sizeof g);
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  g.ws_bytes = 64 << 20;
+  g.a = dev_random((size_t)n * n, tile_fp8);
+  g.b = dev_random((size_t)n * n, tile_fp8);
+  CKE(g_ops->vt->alloc(g_ops, (size_t)n * n * 2, &g.c));
+  CKE(g_ops->vt->alloc(g_ops, g.ws_bytes, &g.ws));
+  cublasLtMatmulPreference_t pref = NULL;
+  cublasLtMatmulHeuristicResult_t res;
+  int nres = 0;
+  double tf = 0;
+  if (cublasLtCreate(&g.lt) == 0 &&
+      cublasLtMatmulDescCreate(&g.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == 0 &&
+      cublasLtMatmulDescSetAttribute(g.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == 0 &&
+      cublasLtMatmulDescSetAttribute(g.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == 0 &&
+      cublasLtMatrixLayoutCreate(&g.la, CUDA_R_8F_E4M3, n, n, n) == 0 &&
+      cublasLtMatrixLayoutCreate(&g.lb, CUDA_R_8F_E4M3, n, n, n) == 0 &&
+      cublasLtMatrixLayoutCreate(&g.lc, CUDA_R_16BF, n, n, n) == 0 &&
+      cublasLtMatmulPreferenceCreate(&pref) == 0 &&
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                           &g.ws_bytes, sizeof g.ws_bytes) == 0 &&
+      cublasLtMatmulAlgoGetHeuristic(g.lt, g.desc, g.la, g.lb, g.lc, g.lc, pref, 1, &res, &nres) ==
+          0 &&
+      nres > 0) {
+    g.algo = res.algo;
+    const double s = time_calls(run_fp8_gemm, &g);
+    tf = 2.0 * n * (double)n * n / s * 1e-12;
+  } else {
+    fprintf(stderr, "bench: cuBLASLt has no dense FP8 kernel here\n");
+  }
+  if (pref)
+    cublasLtMatmulPreferenceDestroy(pref);
+  if (g.la)
+    cublasLtMatrixLayoutDestroy(g.la);
+  if (g.lb)
+    cublasLtMatrixLayoutDestroy(g.lb);
+  if (g.lc)
+    cublasLtMatrixLayoutDestroy(g.lc);
+  if (g.desc)
+    cublasLtMatmulDescDestroy(g.desc);
+  if (g.lt)
+    cublasLtDestroy(g.lt);
+  g_ops->vt->free(g_ops, g.a);
+  g_ops->vt->free(g_ops, g.b);
+  g_ops->vt->free(g_ops, g.c);
+  g_ops->vt->free(g_ops, g.ws);
+  return tf;
+}
+
+/* ------------------------------------------------------------------ matmul */
+
+enum { MAX_COPIES = 8 };
+typedef struct {
+  epic_weight w[MAX_COPIES];
+  int copies;
+  float *x, *y;
+  int64_t m;
+} mm_ctx;
+static void run_matmul(void *p, int rep) {
+  mm_ctx *c = p;
+  const epic_weight *w = &c->w[rep % c->copies];
+  CKE(g_ops->vt->matmul(g_ops, c->x, w->cols, c->m, w, c->y, w->rows));
+}
+
+typedef struct {
+  const char *name;
+  int64_t rows, cols;
+} shape;
+
+static double g_copy_gbps = INFINITY, g_read_gbps = INFINITY, g_bf16_tflops, g_fp8_tflops;
+
+static void bench_matmul(FILE *js, epic_dtype dt, const shape *s, const int64_t *ms, int n_ms,
+                         int *first) {
+  const size_t esz = epic_dtype_size(dt);
+  const size_t wbytes = (size_t)(s->rows * s->cols) * esz;
+  int copies = (int)((L2_ROTATE_BYTES + wbytes - 1) / wbytes);
+  copies = copies < 1 ? 1 : (copies > MAX_COPIES ? MAX_COPIES : copies);
+  mm_ctx c;
+  memset(&c, 0, sizeof c);
+  c.copies = copies;
+  const int64_t nbr = (s->rows + 127) / 128, nbc = (s->cols + 127) / 128;
+  for (int k = 0; k < copies; k++) {
+    epic_weight *w = &c.w[k];
+    w->dtype = dt;
+    w->rows = s->rows;
+    w->cols = s->cols;
+    w->data = dev_random(wbytes, dt == EPIC_DT_BF16 ? tile_bf16 : tile_fp8);
+    if (dt == EPIC_DT_F8E4M3) {
+      w->scale_inv = dev_random((size_t)(nbr * nbc) * 4, tile_scale);
+      w->block_rows = w->block_cols = 128;
+    }
+  }
+  int64_t max_m = 0;
+  for (int i = 0; i < n_ms; i++)
+    max_m = ms[i] > max_m ? ms[i] : max_m;
+  c.x = dev_random((size_t)(max_m * s->cols) * 4, tile_f32);
+  CKE(g_ops->vt->alloc(g_ops, (size_t)(max_m * s->rows) * 4, (void **)&c.y));
+  for (int i = 0; i < n_ms; i++) {
+    c.m = ms[i];
+    const char *path =
+        epic_cuda_mm_path_name(epic_ops_cuda_matmul_path(g_ops, &c.w[0], c.m, s->rows));
+    const double sec = time_calls(run_matmul, &c);
+    const double flop = 2.0 * (double)c.m * s->rows * s->cols;
+    const double bytes = (double)wbytes + (double)c.m * s->cols * 4 + (double)c.m * s->rows * 4;
+    const double tf = flop / sec * 1e-12, gbps = bytes / sec * 1e-9;
+    const double peak = dt == EPIC_DT_BF16 ? g_bf16_tflops : g_fp8_tflops;
+    fprintf(js,
+            "%s\n    {\"dtype\": \"%s\", \"shape\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
+            "\"m\": %lld, \"path\": \"%s\", \"us\": %.2f, \"tflops\": %.2f, \"gbps\": %.1f, "
+            "\"frac_flops_peak\": %.3f, \"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f}",
+            *first ? "" : ",", epic_dtype_name(dt), s->name, (long long)s->rows, (long long)s->cols,
+            (long long)c.m, path, sec * 1e6, tf, gbps, peak > 0 ? tf / peak : 0.0,
+            gbps / g_copy_gbps, gbps / g_read_gbps);
+    fprintf(stderr,
+            "matmul %-7s %-12s m=%-5lld %-22s %9.1f us %7.1f TF/s (%.2f) %7.0f GB/s (copy %.2f, "
+            "read %.2f)\n",
+            epic_dtype_name(dt), s->name, (long long)c.m, path, sec * 1e6, tf,
+            peak > 0 ? tf / peak : 0.0, gbps, gbps / g_copy_gbps, gbps / g_read_gbps);
+    *first = 0;
+  }
+  for (int k = 0; k < copies; k++) {
+    g_ops->vt->free(g_ops, (void *)c.w[k].data);
+    g_ops->vt->free(g_ops, (void *)c.w[k].scale_inv);
+  }
+  g_ops->vt->free(g_ops, c.x);
+  g_ops->vt->free(g_ops, c.y);
+}
+
+/* -------------------------------------------------------------- MLA decode */
+
+typedef struct {
+  epic_kv_batch kv[16];
+  int copies;
+  int64_t n_seq, H;
+  float *qa, *qp, *ctx;
+} mla_ctx;
+static void run_mla(void *p, int rep) {
+  mla_ctx *c = p;
+  CKE(g_ops->vt->mla_absorbed_batch(g_ops, &c->kv[rep % c->copies], c->n_seq, c->qa, c->qp, c->H,
+                                    0.0721f, c->ctx));
+}
+
+static void bench_mla(FILE *js, int64_t n_seq, int64_t ctx_len, int *first) {
+  const int64_t H = 128, lora = 512, rope = 64, width = 576, page = 64;
+  const int64_t pages_per_seq = (ctx_len + page - 1) / page;
+  const size_t seq_bytes = (size_t)(n_seq * ctx_len * width) * 4;
+  int copies = (int)((L2_ROTATE_BYTES + seq_bytes - 1) / seq_bytes);
+  copies = copies < 1 ? 1 : (copies > 16 ? 16 : copies);
+  const int64_t n_pages = pages_per_seq * n_seq * copies;
+  float *pool = dev_random((size_t)(n_pages * page * width) * 4, tile_f32);
+  /* every copy gets its own shuffled share of the pool's pages */
+  int32_t *perm = malloc((size_t)n_pages * 4);
+  for (int64_t i = 0; i < n_pages; i++)
+    perm[i] = (int32_t)i;
+  for (int64_t i = n_pages - 1; i > 0; i--) {
+    const int64_t j = (int64_t)(rnd() % (uint64_t)(i + 1));
+    const int32_t t = perm[i];
+    perm[i] = perm[j];
+    perm[j] = t;
+  }
+  int32_t *lens = malloc((size_t)n_seq * 4);
+  for (int64_t s = 0; s < n_seq; s++)
+    lens[s] = (int32_t)ctx_len;
+  mla_ctx c;
+  memset(&c, 0, sizeof c);
+  c.copies = copies;
+  c.n_seq = n_seq;
+  c.H = H;
+  void *dlens = NULL;
+  CKE(g_ops->vt->alloc(g_ops, (size_t)n_seq * 4, &dlens));
+  CKE(g_ops->vt->upload(g_ops, dlens, lens, (size_t)n_seq * 4));
+  void *dtables[16];
+  for (int k = 0; k < copies; k++) {
+    const size_t tb = (size_t)(n_seq * pages_per_seq) * 4;
+    CKE(g_ops->vt->alloc(g_ops, tb, &dtables[k]));
+    CKE(g_ops->vt->upload(g_ops, dtables[k], perm + (size_t)k * n_seq * pages_per_seq, tb));
+    c.kv[k] = (epic_kv_batch){.pool = pool,
+                              .page_size = page,
+                              .width = width,
+                              .lora = lora,
+                              .block_tables = dtables[k],
+                              .table_stride = pages_per_seq,
+                              .n_ctx = dlens,
+                              .max_ctx = ctx_len};
+  }
+  c.qa = dev_random((size_t)(n_seq * H * lora) * 4, tile_f32);
+  c.qp = dev_random((size_t)(n_seq * H * rope) * 4, tile_f32);
+  CKE(g_ops->vt->alloc(g_ops, (size_t)(n_seq * H * lora) * 4, (void **)&c.ctx));
+  for (int prec = 0; prec < 2; prec++) {
+    CKE(epic_ops_cuda_set_mla_precision(g_ops, (epic_cuda_mla_precision)prec));
+    const double sec = time_calls(run_mla, &c);
+    const double bytes = (double)seq_bytes + (double)(n_seq * H * (width + lora)) * 4;
+    const double flop = 2.0 * (double)n_seq * ctx_len * H * (width + lora);
+    const double gbps = bytes / sec * 1e-9;
+    fprintf(js,
+            "%s\n    {\"batch\": %lld, \"ctx\": %lld, \"precision\": \"%s\", \"us\": %.2f, "
+            "\"gbps\": %.1f, \"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f, \"tflops\": %.2f}",
+            *first ? "" : ",", (long long)n_seq, (long long)ctx_len, prec ? "3xtf32" : "tf32",
+            sec * 1e6, gbps, gbps / g_copy_gbps, gbps / g_read_gbps, flop / sec * 1e-12);
+    fprintf(stderr,
+            "mla_decode batch=%-4lld ctx=%-5lld %-6s %9.1f us %7.0f GB/s (copy %.2f, read %.2f) "
+            "%6.1f TF/s\n",
+            (long long)n_seq, (long long)ctx_len, prec ? "3xtf32" : "tf32", sec * 1e6, gbps,
+            gbps / g_copy_gbps, gbps / g_read_gbps, flop / sec * 1e-12);
+    *first = 0;
+  }
+  CKE(epic_ops_cuda_set_mla_precision(g_ops, EPIC_CUDA_MLA_TF32));
+  for (int k = 0; k < copies; k++)
+    g_ops->vt->free(g_ops, dtables[k]);
+  g_ops->vt->free(g_ops, dlens);
+  g_ops->vt->free(g_ops, pool);
+  g_ops->vt->free(g_ops, c.qa);
+  g_ops->vt->free(g_ops, c.qp);
+  g_ops->vt->free(g_ops, c.ctx);
+  free(perm);
+  free(lens);
+}
+
+/* ------------------------------------------------------- small memory ops */
+
+typedef struct {
+  int op; /* 0 rmsnorm, 1 route, 2 silu_mul, 3 rope */
+  int64_t m, n;
+  float *a[MAX_COPIES], *b, *w, *y;
+  int copies;
+  int32_t *idx, *pos;
+  epic_router_params rp;
+  double inv_freq[32];
+} small_ctx;
+static void run_small(void *p, int rep) {
+  small_ctx *c = p;
+  float *a = c->a[rep % c->copies];
+  switch (c->op) {
+  case 0: CKE(g_ops->vt->rmsnorm(g_ops, a, c->n, c->m, c->n, c->w, 1e-6f, c->y, c->n)); break;
+  case 1: CKE(g_ops->vt->route(g_ops, a, c->m, &c->rp, c->idx, c->y)); break;
+  case 2: CKE(g_ops->vt->silu_mul(g_ops, a, c->n, c->b, c->n, c->m, c->n, c->y, c->n)); break;
+  default: CKE(g_ops->vt->rope(g_ops, a, c->m, 128, 128 * 64, 64, 64, c->pos, c->inv_freq)); break;
+  }
+}
+
+static void bench_small(FILE *js, int op, int64_t m, int *first) {
+  static const char *names[] = {"rmsnorm", "route", "silu_mul", "rope"};
+  small_ctx c;
+  memset(&c, 0, sizeof c);
+  c.op = op;
+  c.m = m;
+  c.n = op == 0 ? 7168 : op == 1 ? 256 : op == 2 ? 2048 : 128 * 64;
+  const size_t abytes = (size_t)(m * c.n) * 4;
+  c.copies = (int)((L2_ROTATE_BYTES + abytes - 1) / abytes);
+  c.copies = c.copies < 1 ? 1 : (c.copies > MAX_COPIES ? MAX_COPIES : c.copies);
+  for (int k = 0; k < c.copies; k++)
+    c.a[k] = dev_random(abytes, tile_f32);
+  c.b = dev_random(abytes, tile_f32);
+  c.w = dev_random((size_t)c.n * 4, tile_f32);
+  CKE(g_ops->vt->alloc(g_ops, abytes, (void **)&c.y));
+  CKE(g_ops->vt->alloc(g_ops, (size_t)m * 8 * 4, (void **)&c.idx));
+  int32_t *pos = malloc((size_t)m * 4);
+  for (int64_t i = 0; i < m; i++)
+    pos[i] = (int32_t)(i * 37 % 8192);
+  CKE(g_ops->vt->alloc(g_ops, (size_t)m * 4, (void **)&c.pos));
+  CKE(g_ops->vt->upload(g_ops, c.pos, pos, (size_t)m * 4));
+  free(pos);
+  for (int j = 0; j < 32; j++)
+    c.inv_freq[j] = pow(10000.0, -2.0 * j / 64.0);
+  float *bias = NULL;
+  if (op == 1) {
+    bias = dev_random(256 * 4, tile_f32);
+    c.rp = (epic_router_params){.n_experts = 256,
+                                .top_k = 8,
+                                .n_group = 8,
+                                .topk_group = 4,
+                                .scoring = 0,
+                                .norm_topk_prob = 1,
+                                .routed_scaling_factor = 2.5f,
+                                .bias = bias};
+  }
+  const double sec = time_calls(run_small, &c);
+  double bytes;
+  switch (op) {
+  case 0: bytes = 2.0 * (double)abytes + (double)c.n * 4; break;
+  case 1: bytes = (double)abytes + (double)m * 8 * 8; break;
+  case 2: bytes = 3.0 * (double)abytes; break;
+  default: bytes = 2.0 * (double)abytes + (double)m * 4; break;
+  }
+  const double gbps = bytes / sec * 1e-9;
+  fprintf(js,
+          "%s\n    {\"op\": \"%s\", \"m\": %lld, \"n\": %lld, \"us\": %.2f, \"gbps\": %.1f, "
+          "\"frac_copy_bw\": %.3f}",
+          *first ? "" : ",", names[op], (long long)m, (long long)c.n, sec * 1e6, gbps,
+          gbps / g_copy_gbps);
+  fprintf(stderr, "%-9s m=%-5lld n=%-5lld %9.2f us %7.0f GB/s (%.2f of copy)\n", names[op],
+          (long long)m, (long long)c.n, sec * 1e6, gbps, gbps / g_copy_gbps);
+  *first = 0;
+  for (int k = 0; k < c.copies; k++)
+    g_ops->vt->free(g_ops, c.a[k]);
+  g_ops->vt->free(g_ops, c.b);
+  g_ops->vt->free(g_ops, c.w);
+  g_ops->vt->free(g_ops, c.y);
+  g_ops->vt->free(g_ops, c.idx);
+  g_ops->vt->free(g_ops, c.pos);
+  g_ops->vt->free(g_ops, bias);
+}
+
+int main(int argc, char **argv) {
+  int device = 0;
+  const char *only = NULL;
+  int64_t one_batch = 0, one_ctx = 0;
+  int no_peaks = 0;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--quick"))
+      g_quick = 1;
+    else if (!strcmp(argv[i], "--device") && i + 1 < argc)
+      device = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--only") && i + 1 < argc)
+      only = argv[++i];
+    else if (!strcmp(argv[i], "--no-peaks"))
+      no_peaks = 1;
+    else if (!strcmp(argv[i], "--mla") && i + 2 < argc) {
+      only = "mla";
+      one_batch = atoll(argv[++i]);
+      one_ctx = atoll(argv[++i]);
+    } else {
+      fprintf(stderr, "usage: %s [--quick] [--device N] [--only matmul|mla|memory] [--mla B CTX]\n",
+              argv[0]);
+      return 2;
+    }
+  }
+  const int do_mm = !only || !strcmp(only, "matmul"), do_mla = !only || !strcmp(only, "mla");
+  const int do_mem = !only || !strcmp(only, "memory");
+  if (epic_cuda_device_count() <= 0) {
+    printf("{\"skipped\": \"no CUDA device\"}\n");
+    return 0;
+  }
+  CKE(epic_ops_cuda_create(device, &g_ops));
+  g_st = (cudaStream_t)epic_ops_cuda_stream(g_ops);
+  make_tiles();
+  FILE *js = stdout;
+  fprintf(js, "{\n  \"bench\": \"kernels_cuda\",\n  \"device\": \"%s\",\n  \"sm_count\": %d,\n",
+          epic_ops_cuda_device_name(g_ops), epic_ops_cuda_sm_count(g_ops));
+
+  /* peaks */
+  if (no_peaks)
+    goto peaks_done;
+  copy_ctx cc = {.bytes = (size_t)1 << 30};
+  cc.src = dev_random(cc.bytes, tile_f32);
+  CKE(g_ops->vt->alloc(g_ops, cc.bytes, &cc.dst));
+  g_copy_gbps = 2.0 * (double)cc.bytes / time_calls(run_copy, &cc) * 1e-9;
+  g_ops->vt->free(g_ops, cc.src);
+  g_ops->vt->free(g_ops, cc.dst);
+  read_ctx rc = {.n = (int64_t)1 << 28};
+  CKB(cublasCreate(&rc.h));
+  CKB(cublasSetStream(rc.h, g_st));
+  CKB(cublasSetPointerMode(rc.h, CUBLAS_POINTER_MODE_DEVICE));
+  rc.x = dev_random((size_t)rc.n * 4, tile_f32);
+  CKE(g_ops->vt->alloc(g_ops, 64, (void **)&rc.res));
+  g_read_gbps = (double)rc.n * 4 / time_calls(run_read, &rc) * 1e-9;
+  g_ops->vt->free(g_ops, rc.x);
+  g_ops->vt->free(g_ops, rc.res);
+  cublasDestroy(rc.h);
+  gemm_ctx gc = {.n = 8192};
+  CKB(cublasCreate(&gc.h));
+  CKB(cublasSetStream(gc.h, g_st));
+  gc.a = dev_random((size_t)gc.n * gc.n * 2, tile_bf16);
+  gc.b = dev_random((size_t)gc.n * gc.n * 2, tile_bf16);
+  CKE(g_ops->vt->alloc(g_ops, (size_t)gc.n * gc.n * 2, &gc.c));
+  g_bf16_tflops = 2.0 * gc.n * (double)gc.n * gc.n / time_calls(run_bf16_gemm, &gc) * 1e-12;
+  g_ops->vt->free(g_ops, gc.a);
+  g_ops->vt->free(g_ops, gc.b);
+  g_ops->vt->free(g_ops, gc.c);
+  cublasDestroy(gc.h);
+  g_fp8_tflops = fp8_peak(8192);
+peaks_done:
+  fprintf(
+      js,
+      "  \"peaks\": {\"copy_gbps\": %.1f, \"read_gbps\": %.1f, \"bf16_gemm_8192_tflops\": %.1f, "
+      "\"fp8_gemm_8192_tensorwise_tflops\": %.1f},\n",
+      g_copy_gbps, g_read_gbps, g_bf16_tflops, g_fp8_tflops);
+  fprintf(
+      stderr,
+      "peaks: copy %.0f GB/s, read (sasum) %.0f GB/s, bf16 GEMM %.0f TF/s, fp8 GEMM %.0f TF/s\n",
+      g_copy_gbps, g_read_gbps, g_bf16_tflops, g_fp8_tflops);
+  fflush(js);
+
+  static const shape shapes[] = {{"q_a", 1536, 7168},       {"o_proj", 7168, 16384},
+                                 {"expert_up", 2048, 7168}, {"expert_down", 7168, 2048},
+                                 {"lm_head", 129280, 7168}, {"square8192", 8192, 8192}};
+  static const int64_t ms[] = {1, 32, 128, 512, 4096};
+  static const int64_t ms_quick[] = {1, 128, 4096};
+  const int n_ms = g_quick ? 3 : 5;
+  fprintf(js, "  \"matmul\": [");
+  int first = 1;
+  for (int d = 0; d < 2 && do_mm; d++)
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+      const int64_t m8192 = 8192;
+      if (!strcmp(shapes[s].name, "square8192"))
+        bench_matmul(js, d ? EPIC_DT_F8E4M3 : EPIC_DT_BF16, &shapes[s], &m8192, 1, &first);
+      else
+        bench_matmul(js, d ? EPIC_DT_F8E4M3 : EPIC_DT_BF16, &shapes[s], g_quick ? ms_quick : ms,
+                     n_ms, &first);
+      fflush(js);
+    }
+  fprintf(js, "\n  ],\n  \"mla_decode\": [");
+  first = 1;
+  static const int64_t batches[] = {1, 32, 128}, ctxs[] = {1024, 8192};
+  if (one_batch > 0)
+    bench_mla(js, one_batch, one_ctx, &first);
+  for (int b = 0; b < 3 && do_mla && one_batch <= 0; b++)
+    for (int k = 0; k < 2; k++) {
+      bench_mla(js, batches[b], ctxs[k], &first);
+      fflush(js);
+    }
+  fprintf(js, "\n  ],\n  \"memory_ops\": [");
+  first = 1;
+  static const int64_t sm_m[] = {1, 128, 4096};
+  for (int op = 0; op < 4 && do_mem; op++)
+    for (int k = 0; k < 3; k++) {
+      if (op == 1 && k == 0)
+        continue;
+      bench_small(js, op, sm_m[k], &first);
+    }
+  fprintf(js, "\n  ]\n}\n");
+  epic_ops_destroy(g_ops);
+  return 0;
+}

@@ -1,0 +1,460 @@
+// Element-wise and row-wise kernels of the CUDA backend: dtype conversions and FP8
+// activation quantisation for matmul, RMSNorm, RoPE, SwiGLU, axpy, embedding rows,
+// the paged KV cache, and the causal softmax of the GEMM attention path.
+// Numerics mirror the CPU reference (kernels/cpu): reductions that decide accuracy run
+// in double, conversions are exact or round to nearest even.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "ops_cuda_impl.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxGridY = 65535;
+
+__device__ __forceinline__ float bf16_bits_to_f32(uint16_t v) {
+  return __uint_as_float((uint32_t)v << 16);
+}
+
+__device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
+
+__device__ __forceinline__ float fp8_to_f32(uint8_t v) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)v, __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+// A weight as plain values, so kernels take it by value.
+struct WeightArgs {
+  int dtype;
+  int64_t rows, cols, br, bc;
+  const void *data;
+  const float *scale;
+};
+
+WeightArgs weight_args(const epic_weight *w) {
+  WeightArgs a;
+  a.dtype = (int)w->dtype;
+  a.rows = w->rows;
+  a.cols = w->cols;
+  a.br = w->block_rows > 0 ? w->block_rows : 1;
+  a.bc = w->block_cols > 0 ? w->block_cols : 1;
+  a.data = w->data;
+  a.scale = w->scale_inv;
+  return a;
+}
+
+// W[r][c] dequantised exactly as epic_weight_rows_f32 does (fp8 * scale rounded once).
+__device__ __forceinline__ float weight_elem(const WeightArgs &w, int64_t r, int64_t c) {
+  const int64_t i = r * w.cols + c;
+  switch (w.dtype) {
+  case EPIC_DT_F32: return ((const float *)w.data)[i];
+  case EPIC_DT_BF16: return bf16_bits_to_f32(((const uint16_t *)w.data)[i]);
+  case EPIC_DT_F16: return __half2float(__ushort_as_half(((const uint16_t *)w.data)[i]));
+  case EPIC_DT_F8E4M3: {
+    const int64_t nbc = (w.cols + w.bc - 1) / w.bc;
+    return fp8_to_f32(((const uint8_t *)w.data)[i]) * w.scale[(r / w.br) * nbc + c / w.bc];
+  }
+  default: return 0.0f;
+  }
+}
+
+int grid_rows(int64_t m) {
+  return (int)(m < kMaxGridY ? m : kMaxGridY);
+}
+
+int grid_cols(int64_t n, int per_block) {
+  int64_t g = (n + per_block - 1) / per_block;
+  return (int)(g < 1 ? 1 : (g > 65535 ? 65535 : g));
+}
+
+// ----------------------------------------------------------------- conversions
+
+// Four columns per thread with 16-byte loads when rows are 16-byte aligned.
+__global__ void k_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n, uint16_t *y) {
+  const int vec = (ldx % 4 == 0) && (n % 4 == 0) && (((uintptr_t)x & 15u) == 0);
+  for (int64_t i = blockIdx.y; i < m; i += gridDim.y) {
+    if (vec) {
+      for (int64_t j = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4; j < n;
+           j += (int64_t)gridDim.x * blockDim.x * 4) {
+        const float4 f = *(const float4 *)(x + i * ldx + j);
+        const uint2 o =
+            make_uint2((uint32_t)f32_to_bf16_bits(f.x) | (uint32_t)f32_to_bf16_bits(f.y) << 16,
+                       (uint32_t)f32_to_bf16_bits(f.z) | (uint32_t)f32_to_bf16_bits(f.w) << 16);
+        *(uint2 *)(y + i * n + j) = o;
+      }
+    } else {
+      for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n;
+           j += (int64_t)gridDim.x * blockDim.x)
+        y[i * n + j] = f32_to_bf16_bits(x[i * ldx + j]);
+    }
+  }
+}
+
+__global__ void k_bf16_to_f32(const uint16_t *x, int64_t ldx, int64_t m, int64_t n, float *y,
+                              int64_t ldy) {
+  for (int64_t i = blockIdx.y; i < m; i += gridDim.y)
+    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n;
+         j += (int64_t)gridDim.x * blockDim.x)
+      y[i * ldy + j] = bf16_bits_to_f32(x[i * ldx + j]);
+}
+
+// One warp per (token, 128-column block): 4 columns per lane, amax by shuffles, the
+// 128 codes stored as one 4-byte word per lane. Grid-stride over all blocks.
+__global__ void k_quant_fp8(const float *x, int64_t ldx, int64_t m, int64_t k, uint8_t *q,
+                            float *scale, int64_t lds) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nbc = (k + 127) / 128, n = m * nbc;
+  const int vec = (ldx % 4 == 0) && (((uintptr_t)x & 15u) == 0) && (k % 4 == 0);
+  for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
+       blk += (int64_t)gridDim.x * blockDim.x / 32) {
+    const int64_t i = blk / nbc, kb = blk - i * nbc, col = kb * 128 + lane * 4;
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (vec && col < k) {
+      const float4 f = *(const float4 *)(x + i * ldx + col);
+      v[0] = f.x;
+      v[1] = f.y;
+      v[2] = f.z;
+      v[3] = f.w;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+        if (col + j < k)
+          v[j] = x[i * ldx + col + j];
+    }
+    float a = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    // The test's host mirror computes the same two IEEE divisions and one product.
+    const float s = a > 0.0f ? a / 448.0f : 1.0f;
+    const float inv = a > 0.0f ? 448.0f / a : 1.0f;
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+      word |= (uint32_t)__nv_cvt_float_to_fp8(v[j] * inv, __NV_SATFINITE, __NV_E4M3) << (8 * j);
+    uint8_t *dst = q + i * k + col;
+    if (col + 4 <= k && ((uintptr_t)dst & 3u) == 0)
+      *(uint32_t *)dst = word;
+    else
+      for (int j = 0; j < 4 && col + j < k; j++)
+        dst[j] = (uint8_t)(word >> (8 * j));
+    if (lane == 0)
+      scale[kb * lds + i] = s;
+  }
+}
+
+__global__ void k_dequant_rows(WeightArgs w, int64_t r0, int64_t nr, void *out, int out_bf16) {
+  for (int64_t i = blockIdx.y; i < nr; i += gridDim.y)
+    for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < w.cols;
+         c += (int64_t)gridDim.x * blockDim.x) {
+      const float v = weight_elem(w, r0 + i, c);
+      if (out_bf16)
+        ((uint16_t *)out)[i * w.cols + c] = f32_to_bf16_bits(v);
+      else
+        ((float *)out)[i * w.cols + c] = v;
+    }
+}
+
+__global__ void k_pad_rows(const float *s, int64_t nbr, int64_t nbc, int64_t ldp, float *out) {
+  const int64_t n = nbr * ldp;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / ldp, c = i % ldp;
+    out[i] = c < nbc ? s[r * nbc + c] : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------- reductions
+
+template <typename T> __device__ T block_sum(T v, T *red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0)
+    red[warp] = v;
+  __syncthreads();
+  T r = 0;
+  for (int i = 0; i < nw; i++)
+    r += red[i];
+  return r;
+}
+
+__device__ float block_max(float v, float *red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0)
+    red[warp] = v;
+  __syncthreads();
+  float r = -INFINITY;
+  for (int i = 0; i < nw; i++)
+    r = fmaxf(r, red[i]);
+  return r;
+}
+
+__global__ void k_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t n, const float *w,
+                          float eps, float *y, int64_t ldy) {
+  __shared__ double red[kThreads / 32];
+  for (int64_t i = blockIdx.x; i < m; i += gridDim.x) {
+    const float *xi = x + i * ldx;
+    double ss = 0.0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+      ss += (double)xi[j] * (double)xi[j];
+    ss = block_sum(ss, red);
+    const double r = 1.0 / sqrt(ss / (double)n + (double)eps);
+    float *yi = y + i * ldy; // may alias xi: every read of the row happened before block_sum
+    // Eight loads before eight stores: y may alias x, so the compiler cannot hoist a later
+    // load above an earlier store by itself, which would serialise one row on latency.
+    for (int64_t j0 = threadIdx.x; j0 < n; j0 += 8 * (int64_t)blockDim.x) {
+      float xv[8], wv[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int64_t j = j0 + u * (int64_t)blockDim.x;
+        xv[u] = j < n ? xi[j] : 0.0f;
+        wv[u] = j < n ? w[j] : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int64_t j = j0 + u * (int64_t)blockDim.x;
+        if (j < n)
+          yi[j] = (float)((double)wv[u] * ((double)xv[u] * r));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// One block per token: the angles of its pairs in double (shared), then every head.
+__global__ void k_rope(float *x, int64_t m, int64_t n_heads, int64_t ld_tok, int64_t ld_head,
+                       int64_t half, const int32_t *pos, epic_cuk_rope_freq f) {
+  __shared__ double cs[EPIC_CUK_ROPE_MAX_PAIRS], sn[EPIC_CUK_ROPE_MAX_PAIRS];
+  for (int64_t t = blockIdx.x; t < m; t += gridDim.x) {
+    for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+      const double ang = (double)pos[t] * f.f[j];
+      cs[j] = cos(ang);
+      sn[j] = sin(ang);
+    }
+    __syncthreads();
+    // Four pairs loaded before any is stored (in-place update: see k_rmsnorm).
+    for (int64_t i0 = threadIdx.x; i0 < n_heads * half; i0 += 4 * (int64_t)blockDim.x) {
+      float a[4], b[4];
+      float *pp[4];
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        const int64_t i = i0 + u * (int64_t)blockDim.x;
+        pp[u] = nullptr;
+        if (i < n_heads * half) {
+          const int64_t h = i / half, j = i % half;
+          pp[u] = x + t * ld_tok + h * ld_head + 2 * j;
+          a[u] = pp[u][0];
+          b[u] = pp[u][1];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        const int64_t i = i0 + u * (int64_t)blockDim.x;
+        if (pp[u]) {
+          const int64_t j = i % half;
+          const double da = a[u], db = b[u];
+          pp[u][0] = (float)(da * cs[j] - db * sn[j]);
+          pp[u][1] = (float)(da * sn[j] + db * cs[j]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void k_silu_mul(const float *g, int64_t ldg, const float *u, int64_t ldu, int64_t m,
+                           int64_t n, float *y, int64_t ldy) {
+  for (int64_t i = blockIdx.y; i < m; i += gridDim.y)
+    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n;
+         j += (int64_t)gridDim.x * blockDim.x) {
+      const float z = g[i * ldg + j];
+      y[i * ldy + j] = z / (1.0f + expf(-z)) * u[i * ldu + j];
+    }
+}
+
+__global__ void k_axpy(int64_t n, float a, const float *x, float *y) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x)
+    y[i] += a * x[i];
+}
+
+__global__ void k_embed(WeightArgs w, const int32_t *ids, int64_t m, float *y, int *err) {
+  for (int64_t i = blockIdx.y; i < m; i += gridDim.y) {
+    const int64_t id = ids[i];
+    const int bad = id < 0 || id >= w.rows;
+    if (bad && threadIdx.x == 0 && blockIdx.x == 0)
+      *err = 1;
+    for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < w.cols;
+         c += (int64_t)gridDim.x * blockDim.x)
+      y[i * w.cols + c] = bad ? __int_as_float(0x7fc00000) : weight_elem(w, id, c);
+  }
+}
+
+// ------------------------------------------------------------------ KV cache
+
+__device__ __forceinline__ float *kv_row(float *pool, const int32_t *table, int64_t ps,
+                                         int64_t width, int64_t t) {
+  return pool + ((int64_t)table[t / ps] * ps + t % ps) * width;
+}
+
+__global__ void k_kv_store(float *pool, const int32_t *table, int64_t ps, int64_t width,
+                           int64_t lora, int64_t start, int64_t m, const float *lat, int64_t ldl,
+                           const float *kpe, int64_t ldk) {
+  for (int64_t t = blockIdx.x; t < m; t += gridDim.x) {
+    float *row = kv_row(pool, table, ps, width, start + t);
+    for (int64_t j = threadIdx.x; j < width; j += blockDim.x)
+      row[j] = j < lora ? lat[t * ldl + j] : kpe[t * ldk + j - lora];
+  }
+}
+
+__global__ void k_kv_gather(const float *pool, const int32_t *table, int64_t ps, int64_t width,
+                            int64_t lora, int64_t n, float *lat, float *kpe) {
+  for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
+    const float *row = kv_row((float *)pool, table, ps, width, t);
+    for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+      if (!kpe)
+        lat[t * width + j] = row[j];
+      else if (j < lora)
+        lat[t * lora + j] = row[j];
+      else
+        kpe[t * (width - lora) + j - lora] = row[j];
+    }
+  }
+}
+
+// ------------------------------------------------------------------- softmax
+
+__global__ void k_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t ld,
+                                 int64_t first_valid) {
+  __shared__ float redf[kThreads / 32];
+  __shared__ double redd[kThreads / 32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float *row = s + r * ld;
+    int64_t valid = first_valid + r % mc;
+    if (valid > ld)
+      valid = ld;
+    float mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j < valid; j += blockDim.x)
+      mx = fmaxf(mx, row[j]);
+    mx = block_max(mx, redf);
+    double sum = 0.0;
+    for (int64_t j = threadIdx.x; j < valid; j += blockDim.x) {
+      const float e = expf(row[j] - mx);
+      row[j] = e;
+      sum += e;
+    }
+    sum = block_sum(sum, redd);
+    const float inv = (float)(1.0 / sum);
+    for (int64_t j = threadIdx.x; j < ld; j += blockDim.x)
+      row[j] = j < valid ? row[j] * inv : 0.0f;
+    __syncthreads();
+  }
+}
+
+} // namespace
+
+extern "C" {
+
+cudaError_t epic_cuk_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n, uint16_t *y,
+                                 cudaStream_t st) {
+  k_f32_to_bf16<<<dim3(grid_cols(n, kThreads), grid_rows(m)), kThreads, 0, st>>>(x, ldx, m, n, y);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_bf16_to_f32(const uint16_t *x, int64_t ldx, int64_t m, int64_t n, float *y,
+                                 int64_t ldy, cudaStream_t st) {
+  k_bf16_to_f32<<<dim3(grid_cols(n, kThreads), grid_rows(m)), kThreads, 0, st>>>(x, ldx, m, n, y,
+                                                                                 ldy);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_quant_fp8_1x128(const float *x, int64_t ldx, int64_t m, int64_t k, uint8_t *q,
+                                     float *scale, int64_t lds, cudaStream_t st) {
+  const int64_t warps = m * ((k + 127) / 128);
+  int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
+  if (blocks > 8192)
+    blocks = 8192;
+  k_quant_fp8<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, m, k, q, scale, lds);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_dequant_rows(const epic_weight *w, int64_t r0, int64_t nr, void *out,
+                                  int out_bf16, cudaStream_t st) {
+  k_dequant_rows<<<dim3(grid_cols(w->cols, kThreads), grid_rows(nr)), kThreads, 0, st>>>(
+      weight_args(w), r0, nr, out, out_bf16);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_pad_rows_f32(const float *s, int64_t nbr, int64_t nbc, int64_t ldp, float *out,
+                                  cudaStream_t st) {
+  k_pad_rows<<<grid_cols(nbr * ldp, kThreads), kThreads, 0, st>>>(s, nbr, nbc, ldp, out);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t n, const float *w,
+                             float eps, float *y, int64_t ldy, cudaStream_t st) {
+  k_rmsnorm<<<grid_rows(m), kThreads, 0, st>>>(x, ldx, m, n, w, eps, y, ldy);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_rope(float *x, int64_t m, int64_t n_heads, int64_t ld_tok, int64_t ld_head,
+                          int64_t rope_dim, const int32_t *pos, const epic_cuk_rope_freq *freq,
+                          cudaStream_t st) {
+  k_rope<<<grid_rows(m), 128, 0, st>>>(x, m, n_heads, ld_tok, ld_head, rope_dim / 2, pos, *freq);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_silu_mul(const float *g, int64_t ldg, const float *u, int64_t ldu, int64_t m,
+                              int64_t n, float *y, int64_t ldy, cudaStream_t st) {
+  k_silu_mul<<<dim3(grid_cols(n, kThreads), grid_rows(m)), kThreads, 0, st>>>(g, ldg, u, ldu, m, n,
+                                                                              y, ldy);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_axpy(int64_t n, float a, const float *x, float *y, cudaStream_t st) {
+  k_axpy<<<grid_cols(n, kThreads * 4), kThreads, 0, st>>>(n, a, x, y);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_embed(const epic_weight *table, const int32_t *ids, int64_t m, float *y,
+                           int *err, cudaStream_t st) {
+  k_embed<<<dim3(grid_cols(table->cols, kThreads), grid_rows(m)), kThreads, 0, st>>>(
+      weight_args(table), ids, m, y, err);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_kv_store(const epic_kv_view *kv, int64_t start, int64_t m, const float *latent,
+                              int64_t ld_latent, const float *kpe, int64_t ld_kpe,
+                              cudaStream_t st) {
+  k_kv_store<<<grid_rows(m), 128, 0, st>>>(kv->pool, kv->block_table, kv->page_size, kv->width,
+                                           kv->lora, start, m, latent, ld_latent, kpe, ld_kpe);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_kv_gather(const epic_kv_view *kv, int64_t n, float *latent, float *kpe,
+                               cudaStream_t st) {
+  k_kv_gather<<<grid_rows(n), 128, 0, st>>>(kv->pool, kv->block_table, kv->page_size, kv->width,
+                                            kv->lora, n, latent, kpe);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t ld,
+                                    int64_t first_valid, cudaStream_t st) {
+  k_softmax_causal<<<grid_rows(rows), kThreads, 0, st>>>(s, rows, mc, ld, first_valid);
+  return cudaGetLastError();
+}
+
+} // extern "C"

@@ -1,0 +1,190 @@
+// Decode-sized FP8 matmul: y[m][n] = x[m][k] . W^T for an e4m3 weight with block
+// scales and m <= 4 tokens. At these sizes the work is reading W once, so each warp
+// streams two weight rows with 16-byte loads (four stripes of 512 columns in flight),
+// converts e4m3 -> fp32 exactly, dots 16 columns at a time against the fp32 tokens held
+// in shared memory, and applies the block scale per 16-column piece (a piece never
+// crosses a scale block: block_cols % 16 == 0). No activation quantisation: the
+// result is the fp32 product up to summation order. A persistent grid keeps the
+// token staging (m * k * 4 bytes per CTA, from L2) small next to the weight bytes.
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <stdint.h>
+
+#include "ops_cuda_impl.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr size_t kMaxSmem = 160 * 1024;
+
+__device__ __forceinline__ void fp8x4(uint32_t u, float *o) {
+  const __half2_raw h0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u & 0xffffu), __NV_E4M3);
+  const __half2_raw h1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u >> 16), __NV_E4M3);
+  const float2 f0 = __half22float2(__half2(h0)), f1 = __half22float2(__half2(h1));
+  o[0] = f0.x;
+  o[1] = f0.y;
+  o[2] = f1.x;
+  o[3] = f1.y;
+}
+
+__device__ __forceinline__ void fp8x16(uint4 v, float *o) {
+  fp8x4(v.x, o);
+  fp8x4(v.y, o + 4);
+  fp8x4(v.z, o + 8);
+  fp8x4(v.w, o + 12);
+}
+
+// 16 weights of one row against 16 columns of each token; adds scale * dot.
+template <int M>
+__device__ __forceinline__ void dot16(const float *wv, const float *xs, int k, int c, float scale,
+                                      float (&acc)[M]) {
+#pragma unroll
+  for (int t = 0; t < M; t++) {
+    const float4 *xv = (const float4 *)(xs + t * k + c);
+    float d = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      const float4 xx = xv[q];
+      d += wv[4 * q] * xx.x + wv[4 * q + 1] * xx.y + wv[4 * q + 2] * xx.z + wv[4 * q + 3] * xx.w;
+    }
+    acc[t] += d * scale;
+  }
+}
+
+template <int M>
+__global__ void __launch_bounds__(kThreads)
+    k_fp8_skinny(const float *x, int64_t ldx, const uint8_t *w, const float *sc, int n, int k,
+                 int br, int bc, int nbc, float *y, int64_t ldy) {
+  extern __shared__ __align__(16) float xs[]; // [M][k]
+  const int lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * kWarps + (threadIdx.x >> 5), nw = gridDim.x * kWarps;
+  // Start the first weight rows towards L2 while the tokens are staged.
+  if (2 * gw < n)
+    for (int c = lane * 16; c < k && c < 4 * 512; c += 512)
+      for (int r = 2 * gw; r < 2 * gw + 2 && r < n; r++)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (int64_t)r * k + c));
+  if (ldx % 4 == 0 && ((uintptr_t)x & 15u) == 0) {
+    for (int t = 0; t < M; t++)
+      for (int c = threadIdx.x * 4; c < k; c += kThreads * 4)
+        *(float4 *)(xs + t * k + c) = *(const float4 *)(x + t * ldx + c);
+  } else {
+    for (int t = 0; t < M; t++)
+      for (int c = threadIdx.x; c < k; c += kThreads)
+        xs[t * k + c] = x[t * ldx + c];
+  }
+  __syncthreads();
+  for (int r0 = 2 * gw; r0 < n; r0 += 2 * nw) {
+    const int r1 = r0 + 1 < n ? r0 + 1 : r0; // odd tail: the second row repeats the first
+    const uint8_t *w0 = w + (int64_t)r0 * k, *w1 = w + (int64_t)r1 * k;
+    const float *s0 = sc + (int64_t)(r0 / br) * nbc, *s1 = sc + (int64_t)(r1 / br) * nbc;
+    float acc0[M], acc1[M];
+#pragma unroll
+    for (int t = 0; t < M; t++)
+      acc0[t] = acc1[t] = 0.0f;
+    int c = lane * 16;
+    for (; c + 3 * 512 < k; c += 4 * 512) { // four stripes per trip: eight 16-byte loads in flight
+      uint4 v0[4], v1[4];
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        v0[q] = __ldg((const uint4 *)(w0 + c + q * 512));
+        v1[q] = __ldg((const uint4 *)(w1 + c + q * 512));
+      }
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        const int cq = c + q * 512;
+        float a[16];
+        fp8x16(v0[q], a);
+        dot16<M>(a, xs, k, cq, s0[cq / bc], acc0);
+        fp8x16(v1[q], a);
+        dot16<M>(a, xs, k, cq, s1[cq / bc], acc1);
+      }
+    }
+    for (; c < k; c += 512) {
+      const uint4 v0 = __ldg((const uint4 *)(w0 + c)), v1 = __ldg((const uint4 *)(w1 + c));
+      float a[16];
+      fp8x16(v0, a);
+      dot16<M>(a, xs, k, c, s0[c / bc], acc0);
+      fp8x16(v1, a);
+      dot16<M>(a, xs, k, c, s1[c / bc], acc1);
+    }
+#pragma unroll
+    for (int t = 0; t < M; t++) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        acc0[t] += __shfl_xor_sync(0xffffffffu, acc0[t], o);
+        acc1[t] += __shfl_xor_sync(0xffffffffu, acc1[t], o);
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int t = 0; t < M; t++) {
+        y[t * ldy + r0] = acc0[t];
+        if (r1 != r0)
+          y[t * ldy + r1] = acc1[t];
+      }
+    }
+  }
+}
+
+template <int M> cudaError_t set_smem() {
+  return cudaFuncSetAttribute(k_fp8_skinny<M>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)kMaxSmem);
+}
+
+template <int M>
+cudaError_t launch(const float *x, int64_t ldx, const epic_weight *w, float *y, int64_t ldy,
+                   int sm_count, cudaStream_t st) {
+  const int n = (int)w->rows, k = (int)w->cols;
+  const size_t smem = (size_t)M * k * sizeof(float);
+  int per_sm = 0;
+  cudaError_t e =
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_fp8_skinny<M>, kThreads, smem);
+  if (e != cudaSuccess)
+    return e;
+  if (per_sm < 1)
+    per_sm = 1;
+  int64_t blocks = (n + 2 * kWarps - 1) / (2 * kWarps);
+  if (blocks > (int64_t)sm_count * per_sm)
+    blocks = (int64_t)sm_count * per_sm;
+  const int nbc = (int)((w->cols + w->block_cols - 1) / w->block_cols);
+  k_fp8_skinny<M><<<(unsigned)blocks, kThreads, smem, st>>>(x, ldx, (const uint8_t *)w->data,
+                                                            w->scale_inv, n, k, (int)w->block_rows,
+                                                            (int)w->block_cols, nbc, y, ldy);
+  return cudaGetLastError();
+}
+
+} // namespace
+
+extern "C" {
+
+int epic_cuk_fp8_skinny_ok(const epic_weight *w, int64_t m) {
+  return w->dtype == EPIC_DT_F8E4M3 && m >= 1 && m <= EPIC_CUK_SKINNY_MAX_M && w->cols % 16 == 0 &&
+         w->block_cols % 16 == 0 && w->block_rows > 0 && w->rows < INT32_MAX &&
+         w->cols < INT32_MAX / 4 && ((uintptr_t)w->data & 15u) == 0 &&
+         (size_t)m * (size_t)w->cols * sizeof(float) <= kMaxSmem;
+}
+
+cudaError_t epic_cuk_fp8_skinny_prepare(void) {
+  cudaError_t e = set_smem<1>();
+  if (e == cudaSuccess)
+    e = set_smem<2>();
+  if (e == cudaSuccess)
+    e = set_smem<3>();
+  if (e == cudaSuccess)
+    e = set_smem<4>();
+  return e;
+}
+
+cudaError_t epic_cuk_fp8_skinny(const float *x, int64_t ldx, int64_t m, const epic_weight *w,
+                                float *y, int64_t ldy, int sm_count, cudaStream_t st) {
+  switch (m) {
+  case 1: return launch<1>(x, ldx, w, y, ldy, sm_count, st);
+  case 2: return launch<2>(x, ldx, w, y, ldy, sm_count, st);
+  case 3: return launch<3>(x, ldx, w, y, ldy, sm_count, st);
+  case 4: return launch<4>(x, ldx, w, y, ldy, sm_count, st);
+  default: return cudaErrorInvalidValue;
+  }
+}
+
+} // extern "C"

@@ -1,0 +1,395 @@
+/* CUDA backend of epic_ops: object lifetime, memory, the element-wise ops, routing and
+ * the KV cache. Host-side validation mirrors the CPU backend, so both reject the same
+ * calls with the same status; the kernels behind the launchers are in *.cu. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../common/log.h"
+#include "ops_cuda_impl.h"
+
+enum { EPIC_CUDA_BLAS_WS = 32 << 20, EPIC_CUDA_LT_WS = 64 << 20 };
+
+epic_status epic_cuda_check(cudaError_t e, const char *what) {
+  if (e == cudaSuccess)
+    return EPIC_OK;
+  EPIC_LOG_ERROR("cuda: %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+  return e == cudaErrorMemoryAllocation ? EPIC_ERR_NOMEM : EPIC_ERR_CUDA;
+}
+
+epic_status epic_cublas_check(cublasStatus_t s, const char *what) {
+  if (s == CUBLAS_STATUS_SUCCESS)
+    return EPIC_OK;
+  EPIC_LOG_ERROR("cublas: %s: %s (%d)", what, cublasGetStatusString(s), (int)s);
+  return s == CUBLAS_STATUS_ALLOC_FAILED ? EPIC_ERR_NOMEM : EPIC_ERR_CUDA;
+}
+
+epic_status epic_cuda_buf_reserve(epic_cuda_ops *c, epic_cuda_buf *b, size_t bytes) {
+  if (b->cap >= bytes && b->p)
+    return EPIC_OK;
+  size_t cap = b->cap ? b->cap : (1u << 20);
+  while (cap < bytes)
+    cap *= 2;
+  /* cudaFree waits for the device, so work still reading the old buffer finishes first. */
+  EPIC_CHECK_CUDA(cudaFree(b->p), "free scratch");
+  b->p = NULL;
+  b->cap = 0;
+  EPIC_CHECK_CUDA(cudaMalloc(&b->p, cap), "allocate scratch");
+  b->cap = cap;
+  (void)c;
+  return EPIC_OK;
+}
+
+/* After a launch: the launcher's status plus any error the context already holds. */
+static epic_status launched(cudaError_t e, const char *op) {
+  return epic_cuda_check(e, op);
+}
+
+int epic_cuda_device_count(void) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError(); /* clear the sticky "no driver" status */
+    return 0;
+  }
+  return n;
+}
+
+void *epic_ops_cuda_stream(epic_ops *o) {
+  return o ? (void *)epic_cuda_of(o)->stream : NULL;
+}
+
+const char *epic_ops_cuda_device_name(epic_ops *o) {
+  return epic_cuda_of(o)->name;
+}
+int epic_ops_cuda_sm_count(epic_ops *o) {
+  return epic_cuda_of(o)->sm_count;
+}
+
+epic_status epic_ops_cuda_set_mla_precision(epic_ops *o, epic_cuda_mla_precision p) {
+  if (!o || (p != EPIC_CUDA_MLA_TF32 && p != EPIC_CUDA_MLA_EXACT))
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->mla_prec = p;
+  return EPIC_OK;
+}
+
+/* Synchronise and report device-detected faults (then clear them). */
+static epic_status sync_and_report(epic_cuda_ops *c) {
+  int flag = 0;
+  EPIC_CHECK_CUDA(
+      cudaMemcpyAsync(&flag, c->err_flag, sizeof flag, cudaMemcpyDeviceToHost, c->stream),
+      "read the device error flag");
+  EPIC_CHECK_CUDA(cudaStreamSynchronize(c->stream), "synchronize");
+  if (flag) {
+    EPIC_CHECK_CUDA(cudaMemsetAsync(c->err_flag, 0, sizeof(int), c->stream), "clear error flag");
+    EPIC_LOG_ERROR("cuda: embed saw a token id outside the table (rows set to NaN)");
+    return EPIC_ERR_INVALID;
+  }
+  return EPIC_OK;
+}
+
+epic_status epic_ops_cuda_sync(epic_ops *o) {
+  if (!o)
+    return EPIC_ERR_INVALID;
+  return sync_and_report(epic_cuda_of(o));
+}
+
+/* ------------------------------------------------------------------ memory */
+
+static epic_status cuda_alloc(epic_ops *o, size_t bytes, void **out) {
+  if (!out)
+    return EPIC_ERR_INVALID;
+  *out = NULL;
+  epic_cuda_ops *c = epic_cuda_of(o);
+  const size_t n = bytes ? bytes : 64;
+  void *p = NULL;
+  cudaError_t e = cudaMalloc(&p, n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    EPIC_LOG_ERROR("cuda: alloc of %zu bytes failed: %s", bytes, cudaGetErrorString(e));
+    return EPIC_ERR_NOMEM;
+  }
+  epic_status st = epic_cuda_check(cudaMemsetAsync(p, 0, n, c->stream), "zero new allocation");
+  if (st == EPIC_OK)
+    st = epic_cuda_check(cudaStreamSynchronize(c->stream), "zero new allocation");
+  if (st != EPIC_OK) {
+    cudaFree(p);
+    return st;
+  }
+  *out = p;
+  return EPIC_OK;
+}
+
+static void cuda_free(epic_ops *o, void *p) {
+  (void)o;
+  if (p)
+    cudaFree(p);
+}
+
+static epic_status cuda_upload(epic_ops *o, void *dst, const void *src, size_t bytes) {
+  if (bytes == 0)
+    return EPIC_OK;
+  if (!dst || !src)
+    return EPIC_ERR_INVALID;
+  epic_cuda_ops *c = epic_cuda_of(o);
+  EPIC_CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream), "upload");
+  EPIC_CHECK_CUDA(cudaStreamSynchronize(c->stream), "upload");
+  return EPIC_OK;
+}
+
+static epic_status cuda_download(epic_ops *o, void *dst, const void *src, size_t bytes) {
+  if (bytes == 0)
+    return EPIC_OK;
+  if (!dst || !src)
+    return EPIC_ERR_INVALID;
+  epic_cuda_ops *c = epic_cuda_of(o);
+  EPIC_CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream), "download");
+  return sync_and_report(c);
+}
+
+/* ---------------------------------------------------------- element-wise ops */
+
+static epic_status cuda_rmsnorm(epic_ops *o, const float *x, int64_t ldx, int64_t m, int64_t n,
+                                const float *w, float eps, float *y, int64_t ldy) {
+  if (m < 0 || n <= 0 || !x || !w || !y)
+    return m == 0 ? EPIC_OK : EPIC_ERR_INVALID;
+  if (m == 0)
+    return EPIC_OK;
+  if (ldx < n || ldy < n)
+    return EPIC_ERR_INVALID;
+  return launched(epic_cuk_rmsnorm(x, ldx, m, n, w, eps, y, ldy, epic_cuda_of(o)->stream),
+                  "rmsnorm");
+}
+
+static epic_status cuda_rope(epic_ops *o, float *x, int64_t m, int64_t n_heads, int64_t ld_tok,
+                             int64_t ld_head, int64_t rope_dim, const int32_t *pos,
+                             const double *inv_freq) {
+  if (m == 0 || n_heads == 0 || rope_dim == 0)
+    return EPIC_OK;
+  if (m < 0 || n_heads < 0 || rope_dim < 0 || (rope_dim & 1) || !x || !pos || !inv_freq)
+    return EPIC_ERR_INVALID;
+  if (rope_dim / 2 > EPIC_CUK_ROPE_MAX_PAIRS) {
+    EPIC_LOG_ERROR("rope: rope_dim %lld above the CUDA backend's %d", (long long)rope_dim,
+                   2 * EPIC_CUK_ROPE_MAX_PAIRS);
+    return EPIC_ERR_UNSUPPORTED;
+  }
+  epic_cuk_rope_freq f;
+  memset(&f, 0, sizeof f);
+  memcpy(f.f, inv_freq, (size_t)(rope_dim / 2) * sizeof(double));
+  return launched(
+      epic_cuk_rope(x, m, n_heads, ld_tok, ld_head, rope_dim, pos, &f, epic_cuda_of(o)->stream),
+      "rope");
+}
+
+static epic_status cuda_silu_mul(epic_ops *o, const float *g, int64_t ldg, const float *u,
+                                 int64_t ldu, int64_t m, int64_t n, float *y, int64_t ldy) {
+  if (m == 0 || n == 0)
+    return EPIC_OK;
+  if (m < 0 || n < 0 || !g || !u || !y)
+    return EPIC_ERR_INVALID;
+  return launched(epic_cuk_silu_mul(g, ldg, u, ldu, m, n, y, ldy, epic_cuda_of(o)->stream),
+                  "silu_mul");
+}
+
+static epic_status cuda_axpy(epic_ops *o, int64_t n, float a, const float *x, float *y) {
+  if (n == 0)
+    return EPIC_OK;
+  if (n < 0 || !x || !y)
+    return EPIC_ERR_INVALID;
+  return launched(epic_cuk_axpy(n, a, x, y, epic_cuda_of(o)->stream), "axpy");
+}
+
+static int weight_ok(const epic_weight *w) {
+  if (!w || !w->data || w->rows < 0 || w->cols <= 0)
+    return 0;
+  switch (w->dtype) {
+  case EPIC_DT_F32:
+  case EPIC_DT_BF16:
+  case EPIC_DT_F16: return 1;
+  case EPIC_DT_F8E4M3: return w->scale_inv && w->block_rows > 0 && w->block_cols > 0;
+  default: return 0;
+  }
+}
+
+static epic_status cuda_embed(epic_ops *o, const epic_weight *table, const int32_t *ids, int64_t m,
+                              float *y) {
+  if (m == 0)
+    return EPIC_OK;
+  if (m < 0 || !weight_ok(table) || !ids || !y)
+    return EPIC_ERR_INVALID;
+  epic_cuda_ops *c = epic_cuda_of(o);
+  return launched(epic_cuk_embed(table, ids, m, y, c->err_flag, c->stream), "embed");
+}
+
+static epic_status cuda_route(epic_ops *o, const float *logits, int64_t m,
+                              const epic_router_params *p, int32_t *idx, float *weight) {
+  if (m == 0)
+    return EPIC_OK;
+  const int64_t ng = p && p->n_group > 1 ? p->n_group : 1;
+  if (m < 0 || !logits || !p || !idx || !weight || p->n_experts <= 0 || p->top_k <= 0 ||
+      ng > 1024 || p->n_experts % ng != 0 || (p->scoring != 0 && p->scoring != 1) ||
+      (ng > 1 && (p->topk_group <= 0 || p->topk_group > ng ||
+                  p->top_k > p->topk_group * (p->n_experts / ng))) ||
+      p->top_k > p->n_experts) {
+    EPIC_LOG_ERROR("route: invalid router parameters");
+    return EPIC_ERR_INVALID;
+  }
+  if (epic_cuk_route_smem(p->n_experts, ng) > 48 * 1024) {
+    EPIC_LOG_ERROR("route: %lld experts exceed the CUDA router's shared memory",
+                   (long long)p->n_experts);
+    return EPIC_ERR_UNSUPPORTED;
+  }
+  return launched(epic_cuk_route(logits, m, p, idx, weight, epic_cuda_of(o)->stream), "route");
+}
+
+static int kv_ok(const epic_kv_view *kv) {
+  return kv && kv->pool && kv->block_table && kv->lora >= 0 && kv->lora <= kv->width &&
+         kv->page_size > 0;
+}
+
+static epic_status cuda_kv_store(epic_ops *o, const epic_kv_view *kv, int64_t start, int64_t m,
+                                 const float *latent, int64_t ld_latent, const float *kpe,
+                                 int64_t ld_kpe) {
+  if (m == 0)
+    return EPIC_OK;
+  if (!kv_ok(kv) || m < 0 || start < 0 || !latent || !kpe)
+    return EPIC_ERR_INVALID;
+  return launched(
+      epic_cuk_kv_store(kv, start, m, latent, ld_latent, kpe, ld_kpe, epic_cuda_of(o)->stream),
+      "kv_store");
+}
+
+static epic_status cuda_kv_gather(epic_ops *o, const epic_kv_view *kv, int64_t n, float *latent,
+                                  float *kpe) {
+  if (n == 0)
+    return EPIC_OK;
+  if (!kv_ok(kv) || n < 0 || !latent || !kpe)
+    return EPIC_ERR_INVALID;
+  return launched(epic_cuk_kv_gather(kv, n, latent, kpe, epic_cuda_of(o)->stream), "kv_gather");
+}
+
+/* ---------------------------------------------------------------- lifetime */
+
+static void cuda_destroy(epic_ops *o) {
+  if (!o)
+    return;
+  epic_cuda_ops *c = epic_cuda_of(o);
+  if (c->stream)
+    cudaStreamSynchronize(c->stream);
+  for (int i = 0; i < EPIC_CUDA_LT_PLANS; i++) {
+    epic_cuda_lt_plan *pl = &c->lt_plans[i];
+    if (!pl->used)
+      continue;
+    if (pl->desc)
+      cublasLtMatmulDescDestroy(pl->desc);
+    if (pl->a)
+      cublasLtMatrixLayoutDestroy(pl->a);
+    if (pl->b)
+      cublasLtMatrixLayoutDestroy(pl->b);
+    if (pl->c)
+      cublasLtMatrixLayoutDestroy(pl->c);
+  }
+  epic_cuda_buf *bufs[] = {&c->act, &c->act_s, &c->wdq, &c->outb, &c->keys, &c->att};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    cudaFree(bufs[i]->p);
+  if (c->lt)
+    cublasLtDestroy(c->lt);
+  if (c->blas)
+    cublasDestroy(c->blas);
+  cudaFree(c->blas_ws);
+  cudaFree(c->lt_ws);
+  cudaFree(c->err_flag);
+  if (c->stream)
+    cudaStreamDestroy(c->stream);
+  free(c);
+}
+
+static const epic_ops_vt epic_cuda_vt = {
+    .abi_version = EPIC_OPS_ABI_VERSION,
+    .name = "cuda",
+    .matmul = epic_cuda_matmul,
+    .rmsnorm = cuda_rmsnorm,
+    .rope = cuda_rope,
+    .silu_mul = cuda_silu_mul,
+    .axpy = cuda_axpy,
+    .embed = cuda_embed,
+    .route = cuda_route,
+    .kv_store = cuda_kv_store,
+    .kv_gather = cuda_kv_gather,
+    .mla_naive = epic_cuda_mla_naive,
+    .mla_absorbed = epic_cuda_mla_absorbed,
+    .head_gemm = epic_cuda_head_gemm,
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .upload = cuda_upload,
+    .download = cuda_download,
+    .destroy = cuda_destroy,
+    .mla_absorbed_batch = epic_cuda_mla_absorbed_batch,
+};
+
+epic_status epic_ops_cuda_create(int device, epic_ops **out) {
+  if (!out)
+    return EPIC_ERR_INVALID;
+  *out = NULL;
+  const int n_dev = epic_cuda_device_count();
+  if (n_dev <= 0) {
+    EPIC_LOG_ERROR("cuda: no CUDA device is usable here");
+    return EPIC_ERR_UNSUPPORTED;
+  }
+  if (device < 0 || device >= n_dev) {
+    EPIC_LOG_ERROR("cuda: device %d does not exist (%d devices)", device, n_dev);
+    return EPIC_ERR_INVALID;
+  }
+  epic_cuda_ops *c = calloc(1, sizeof *c);
+  if (!c)
+    return EPIC_ERR_NOMEM;
+  c->base.vt = &epic_cuda_vt;
+  c->device = device;
+  c->mla_prec = EPIC_CUDA_MLA_TF32;
+  epic_status st = EPIC_OK;
+  struct cudaDeviceProp prop;
+  EPIC_CHECK_GOTO(epic_cuda_check(cudaSetDevice(device), "set device"), st, fail);
+  EPIC_CHECK_GOTO(epic_cuda_check(cudaGetDeviceProperties(&prop, device), "device properties"), st,
+                  fail);
+  snprintf(c->name, sizeof c->name, "%s", prop.name);
+  c->sm_count = prop.multiProcessorCount;
+  c->max_smem_optin = (int)prop.sharedMemPerBlockOptin;
+  if (prop.major < 9) {
+    /* The kernels are built for sm_90 only (FP8 GEMM and TF32 MMA need Hopper). */
+    EPIC_LOG_ERROR("cuda: device %d (%s) is compute capability %d.%d; EPIC needs 9.0 (Hopper)",
+                   device, prop.name, prop.major, prop.minor);
+    st = EPIC_ERR_UNSUPPORTED;
+    goto fail;
+  }
+  EPIC_CHECK_GOTO(
+      epic_cuda_check(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "stream"), st,
+      fail);
+  EPIC_CHECK_GOTO(epic_cuda_check(cudaMalloc((void **)&c->err_flag, sizeof(int)), "error flag"), st,
+                  fail);
+  EPIC_CHECK_GOTO(
+      epic_cuda_check(cudaMemsetAsync(c->err_flag, 0, sizeof(int), c->stream), "error flag"), st,
+      fail);
+  c->blas_ws_bytes = EPIC_CUDA_BLAS_WS;
+  c->lt_ws_bytes = EPIC_CUDA_LT_WS;
+  EPIC_CHECK_GOTO(epic_cuda_check(cudaMalloc(&c->blas_ws, c->blas_ws_bytes), "cuBLAS workspace"),
+                  st, fail);
+  EPIC_CHECK_GOTO(epic_cuda_check(cudaMalloc(&c->lt_ws, c->lt_ws_bytes), "cuBLASLt workspace"), st,
+                  fail);
+  EPIC_CHECK_GOTO(epic_cublas_check(cublasCreate(&c->blas), "create handle"), st, fail);
+  EPIC_CHECK_GOTO(epic_cublas_check(cublasSetStream(c->blas, c->stream), "set stream"), st, fail);
+  EPIC_CHECK_GOTO(
+      epic_cublas_check(cublasSetWorkspace(c->blas, c->blas_ws, c->blas_ws_bytes), "set workspace"),
+      st, fail);
+  /* fp32 GEMMs stay fp32: no TF32 behind the caller's back. */
+  EPIC_CHECK_GOTO(epic_cublas_check(cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH), "math mode"),
+                  st, fail);
+  EPIC_CHECK_GOTO(epic_cublas_check(cublasLtCreate(&c->lt), "create Lt handle"), st, fail);
+  EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_mla_decode_prepare(c->max_smem_optin), "MLA kernel"), st,
+                  fail);
+  EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_fp8_skinny_prepare(), "FP8 skinny kernel"), st, fail);
+  EPIC_CHECK_GOTO(epic_cuda_check(cudaStreamSynchronize(c->stream), "create"), st, fail);
+  *out = &c->base;
+  return EPIC_OK;
+fail:
+  cuda_destroy(&c->base);
+  return st;
+}

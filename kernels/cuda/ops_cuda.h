@@ -1,0 +1,87 @@
+/* CUDA backend of epic_ops: what it adds to the contract of kernels/ops.h.
+ *
+ * Memory. Every pointer an op receives is device memory of this backend's GPU:
+ * activations, the data and scale_inv of an epic_weight (the test, the bench or the
+ * model uploads the checkpoint's storage as is), epic_kv_view.pool/block_table,
+ * epic_kv_batch.block_tables/n_ctx, epic_router_params.bias, and the pos / ids arrays
+ * of rope and embed. Two exceptions stay host memory because they are small and
+ * constant: rope's inv_freq (copied into the kernel's launch parameters on every call,
+ * so there is no cache to invalidate and the call can be captured in a CUDA graph;
+ * rope_dim <= 256) and the epic_router_params / epic_kv_view / epic_weight structs
+ * themselves. alloc returns zeroed cudaMalloc memory (256-byte aligned).
+ *
+ * Ordering. Ops are asynchronous and ordered on one CUDA stream owned by the backend
+ * (epic_ops_cuda_stream); upload and download synchronise that stream. Arguments are
+ * validated on the host; faults that only the device can see (an embed id out of
+ * range) fill the affected rows with NaN and are reported as EPIC_ERR_INVALID by the
+ * next download or epic_ops_cuda_sync.
+ *
+ * Precision.
+ * - matmul: F32 weights: cuBLAS SGEMM (fp32). BF16: activations rounded to bf16, cuBLAS
+ *   bf16 GEMM with fp32 accumulation and output. FP8 e4m3 with 128x128 block scales:
+ *   activations quantised per token and 128-column block to e4m3 (scale = amax / 448),
+ *   then cuBLASLt's block-scaled FP8 GEMM (VEC128 x BLK128x128 scale modes, fp32
+ *   accumulation; expect about 3e-2 relative error from the activation rounding alone;
+ *   token counts are padded to a multiple of 4 for it). Decode-sized FP8 calls (m <= 4,
+ *   tokens fit in shared memory) use an own kernel that streams the weight once and
+ *   keeps the activations in fp32 (fp32-level accuracy).
+ *   FP8 weights that cuBLASLt cannot take (other block sizes, cols % 16 != 0) and F16
+ *   weights are dequantised per row chunk (to bf16, resp. fp32) and multiplied there:
+ *   correct, but they read the weight twice. epic_ops_cuda_matmul_path tells which.
+ * - mla_absorbed (m <= 8 query tokens) and mla_absorbed_batch: one flash-decoding
+ *   kernel on TF32 tensor cores, reading each cached 576-wide row once per query token
+ *   for 64 heads. Default EPIC_CUDA_MLA_TF32: queries and probabilities rounded to TF32,
+ *   cached rows truncated to TF32 (about 3e-4 relative error measured);
+ *   EPIC_CUDA_MLA_EXACT runs 3xTF32 (split operands, fp32-level accuracy) at about 1.7x
+ *   the time. Reductions run in a fixed order, so results are reproducible. Longer
+ *   query runs, mla_naive and head_gemm use cuBLAS fp32 GEMMs (exact fp32, no TF32).
+ * - rmsnorm, rope and route reduce in double like the CPU reference; route is
+ *   deterministic and picks the same experts as the CPU backend.
+ *
+ * Thread contract: as epic_ops (one driving thread at a time). create makes `device`
+ * current on the calling thread; a thread that drives the backend later must have the
+ * same device current (cudaSetDevice) when it calls ops. */
+#ifndef EPIC_KERNELS_CUDA_OPS_CUDA_H
+#define EPIC_KERNELS_CUDA_OPS_CUDA_H
+
+#include <stdint.h>
+
+#include "../ops.h"
+
+/* Number of CUDA devices usable here (0 when there is no driver or no GPU). Never fails. */
+int epic_cuda_device_count(void);
+
+/* The backend's stream (a cudaStream_t), for events and graph capture by callers. */
+void *epic_ops_cuda_stream(epic_ops *o);
+
+/* Wait for all queued work; reports asynchronous errors (see Ordering above). */
+epic_status epic_ops_cuda_sync(epic_ops *o);
+
+/* Device name and multiprocessor count, for logs and benchmarks. */
+const char *epic_ops_cuda_device_name(epic_ops *o);
+int epic_ops_cuda_sm_count(epic_ops *o);
+
+typedef enum {
+  EPIC_CUDA_MLA_TF32 = 0,  /* default */
+  EPIC_CUDA_MLA_EXACT = 1, /* 3xTF32 */
+} epic_cuda_mla_precision;
+epic_status epic_ops_cuda_set_mla_precision(epic_ops *o, epic_cuda_mla_precision p);
+
+typedef enum {
+  EPIC_CUDA_MM_INVALID = 0,
+  EPIC_CUDA_MM_SGEMM,        /* F32 weight, cuBLAS fp32 */
+  EPIC_CUDA_MM_BF16,         /* BF16 weight, bf16 activations, cuBLAS */
+  EPIC_CUDA_MM_FP8_LT,       /* FP8 weight, e4m3 activations, cuBLASLt block-scaled, fp32 out */
+  EPIC_CUDA_MM_FP8_LT_BF16,  /* same, bf16 output widened to fp32 (cuBLASLt had no fp32 out) */
+  EPIC_CUDA_MM_DEQUANT_BF16, /* FP8 weight dequantised to bf16 per row chunk, cuBLAS bf16 */
+  EPIC_CUDA_MM_DEQUANT_F32,  /* F16 weight dequantised to fp32 per row chunk, cuBLAS fp32 */
+  EPIC_CUDA_MM_FP8_SKINNY,   /* FP8 weight, m <= 4 fp32 tokens: own weight-streaming kernel */
+} epic_cuda_mm_path;
+
+/* The path matmul takes for this weight and token count (may run a cuBLASLt
+ * heuristic query the first time; never launches work). */
+epic_cuda_mm_path epic_ops_cuda_matmul_path(epic_ops *o, const epic_weight *w, int64_t m,
+                                            int64_t ldy);
+const char *epic_cuda_mm_path_name(epic_cuda_mm_path p);
+
+#endif

@@ -1,0 +1,257 @@
+/* CUDA MLA attention and the per-head GEMM of the absorption.
+ * Decode (a few query tokens, or one per sequence in a batch) runs the flash-decoding
+ * kernel of kern_mla.cu over the paged cache. Everything else (prefill, mla_naive,
+ * shapes the kernel does not take) runs as cuBLAS fp32 strided-batched GEMMs over the
+ * heads with an fp32 causal softmax between them, in query chunks that bound the
+ * score buffer. Column-major bookkeeping as in ops_cuda_matmul.c: a row-major [r][c]
+ * array with row stride ld is the column-major c x r matrix with leading dimension ld. */
+#include <limits.h>
+#include <stdlib.h>
+
+#include "../../common/log.h"
+#include "ops_cuda_impl.h"
+
+enum { EPIC_CUDA_DECODE_MAX_Q = 8, EPIC_CUDA_SPLIT_MIN_KEYS = 128, EPIC_CUDA_GRID_Z = 65535 };
+#define EPIC_CUDA_SCORE_BYTES ((size_t)256 << 20)
+
+static epic_status sgemm_sb(epic_cuda_ops *c, cublasOperation_t ta, int64_t m, int64_t n, int64_t k,
+                            float alpha, const float *a, int64_t lda, int64_t sa, const float *b,
+                            int64_t ldb, int64_t sb, float beta, float *y, int64_t ldc, int64_t sc,
+                            int64_t batch) {
+  EPIC_CHECK_CUBLAS(cublasSgemmStridedBatched(c->blas, ta, CUBLAS_OP_N, (int)m, (int)n, (int)k,
+                                              &alpha, a, (int)lda, sa, b, (int)ldb, sb, &beta, y,
+                                              (int)ldc, sc, (int)batch),
+                    "strided batched fp32 GEMM");
+  return EPIC_OK;
+}
+
+/* Query rows per chunk so that n_heads * rows * n_keys scores fit the score budget. */
+static int64_t query_chunk(int64_t m, int64_t n_heads, int64_t n_keys) {
+  int64_t mc = (int64_t)(EPIC_CUDA_SCORE_BYTES / sizeof(float)) / (n_heads * n_keys);
+  if (mc < 1)
+    mc = 1;
+  return mc < m ? mc : m;
+}
+
+epic_status epic_cuda_mla_naive(epic_ops *o, const float *q, const float *kvb, const float *kpe,
+                                int64_t m, int64_t start, int64_t n_heads, int64_t nope,
+                                int64_t rope, int64_t v, float scale, float *out) {
+  if (m == 0 || n_heads == 0)
+    return EPIC_OK;
+  if (m < 0 || start < 0 || n_heads < 0 || nope < 0 || rope < 0 || v <= 0 || nope + rope <= 0 ||
+      !q || !kvb || (rope && !kpe) || !out)
+    return EPIC_ERR_INVALID;
+  epic_cuda_ops *c = epic_cuda_of(o);
+  const int64_t dq = nope + rope, dkv = nope + v, n_keys = start + m;
+  if (n_heads * dkv > INT_MAX || n_keys > INT_MAX)
+    return EPIC_ERR_UNSUPPORTED;
+  const int64_t mc = query_chunk(m, n_heads, n_keys);
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->att, (size_t)(n_heads * mc * n_keys) * sizeof(float)));
+  float *s = (float *)c->att.p;
+  for (int64_t i0 = 0; i0 < m; i0 += mc) {
+    const int64_t mi = m - i0 < mc ? m - i0 : mc, nk = start + i0 + mi;
+    const float *qc = q + i0 * n_heads * dq;
+    if (nope)
+      EPIC_CHECK(sgemm_sb(c, CUBLAS_OP_T, nk, mi, nope, scale, kvb, n_heads * dkv, dkv, qc,
+                          n_heads * dq, dq, 0.0f, s, nk, mi * nk, n_heads));
+    if (rope)
+      EPIC_CHECK(sgemm_sb(c, CUBLAS_OP_T, nk, mi, rope, scale, kpe, rope, 0, qc + nope,
+                          n_heads * dq, dq, nope ? 1.0f : 0.0f, s, nk, mi * nk, n_heads));
+    EPIC_CHECK_CUDA(epic_cuk_softmax_causal(s, n_heads * mi, mi, nk, start + i0 + 1, c->stream),
+                    "mla_naive: softmax");
+    EPIC_CHECK(sgemm_sb(c, CUBLAS_OP_N, v, mi, nk, 1.0f, kvb + nope, n_heads * dkv, dkv, s, nk,
+                        mi * nk, 0.0f, out + i0 * n_heads * v, n_heads * v, v, n_heads));
+  }
+  return EPIC_OK;
+}
+
+/* Absorbed attention through GEMMs: gather the cache rows, then as mla_naive. */
+static epic_status absorbed_gemm(epic_cuda_ops *c, const epic_kv_view *kv, const float *q_abs,
+                                 const float *q_pe, int64_t m, int64_t start, int64_t n_heads,
+                                 float scale, float *ctx) {
+  const int64_t lora = kv->lora, rope = kv->width - kv->lora, width = kv->width;
+  const int64_t n_keys = start + m;
+  if (n_heads * width > INT_MAX || n_keys > INT_MAX)
+    return EPIC_ERR_UNSUPPORTED;
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->keys, (size_t)(n_keys * width) * sizeof(float)));
+  float *keys = (float *)c->keys.p;
+  EPIC_CHECK_CUDA(epic_cuk_kv_gather(kv, n_keys, keys, NULL, c->stream), "mla: gather cache rows");
+  const int64_t mc = query_chunk(m, n_heads, n_keys);
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->att, (size_t)(n_heads * mc * n_keys) * sizeof(float)));
+  float *s = (float *)c->att.p;
+  for (int64_t i0 = 0; i0 < m; i0 += mc) {
+    const int64_t mi = m - i0 < mc ? m - i0 : mc, nk = start + i0 + mi;
+    EPIC_CHECK(sgemm_sb(c, CUBLAS_OP_T, nk, mi, lora, scale, keys, width, 0,
+                        q_abs + i0 * n_heads * lora, n_heads * lora, lora, 0.0f, s, nk, mi * nk,
+                        n_heads));
+    if (rope)
+      EPIC_CHECK(sgemm_sb(c, CUBLAS_OP_T, nk, mi, rope, scale, keys + lora, width, 0,
+                          q_pe + i0 * n_heads * rope, n_heads * rope, rope, 1.0f, s, nk, mi * nk,
+                          n_heads));
+    EPIC_CHECK_CUDA(epic_cuk_softmax_causal(s, n_heads * mi, mi, nk, start + i0 + 1, c->stream),
+                    "mla_absorbed: softmax");
+    EPIC_CHECK(sgemm_sb(c, CUBLAS_OP_N, lora, mi, nk, 1.0f, keys, width, 0, s, nk, mi * nk, 0.0f,
+                        ctx + i0 * n_heads * lora, n_heads * lora, lora, n_heads));
+  }
+  return EPIC_OK;
+}
+
+/* Splits of the context per query so that the grid covers the GPU about once, with
+ * enough keys per split that the partial outputs stay small next to the rows read. */
+static int choose_split(const epic_cuda_ops *c, int64_t n_q, int64_t n_heads, int64_t max_keys) {
+  const int64_t ctas = n_q * ((n_heads + 63) / 64);
+  if (ctas >= c->sm_count)
+    return 1;
+  int64_t s = (c->sm_count + ctas - 1) / ctas;
+  const int64_t by_len = (max_keys + EPIC_CUDA_SPLIT_MIN_KEYS - 1) / EPIC_CUDA_SPLIT_MIN_KEYS;
+  if (s > by_len)
+    s = by_len;
+  if (s > EPIC_CUDA_MLA_MAX_SPLIT)
+    s = EPIC_CUDA_MLA_MAX_SPLIT;
+  return s < 1 ? 1 : (int)s;
+}
+
+/* Run the decode kernel on queries [0, n_q) described by p (p->n_q ignored). */
+static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, int64_t max_keys) {
+  for (int64_t b0 = 0; b0 < n_q; b0 += EPIC_CUDA_GRID_Z) {
+    const int64_t nb = n_q - b0 < EPIC_CUDA_GRID_Z ? n_q - b0 : EPIC_CUDA_GRID_Z;
+    epic_cuk_mla_params q = p;
+    const int64_t rope = p.width - p.lora;
+    q.n_q = nb;
+    q.q_abs = p.q_abs + b0 * p.n_heads * p.lora;
+    q.q_pe = rope ? p.q_pe + b0 * p.n_heads * rope : NULL;
+    q.ctx = p.ctx + b0 * p.n_heads * p.lora;
+    q.tables = p.tables + b0 * p.table_stride;
+    if (p.n_ctx)
+      q.n_ctx = p.n_ctx + b0;
+    else
+      q.start = p.start + b0;
+    q.n_split = choose_split(c, nb, p.n_heads, max_keys);
+    if (q.n_split > 1) {
+      const size_t acc = (size_t)(nb * q.n_split * p.n_heads * p.lora);
+      const size_t ml = (size_t)(nb * q.n_split * p.n_heads * 2);
+      EPIC_CHECK(epic_cuda_buf_reserve(c, &c->att, (acc + ml) * sizeof(float)));
+      q.part_acc = (float *)c->att.p;
+      q.part_ml = q.part_acc + acc;
+    }
+    EPIC_CHECK_CUDA(epic_cuk_mla_decode(&q, c->mla_prec == EPIC_CUDA_MLA_EXACT, c->stream),
+                    "mla decode kernel");
+  }
+  return EPIC_OK;
+}
+
+static epic_cuk_mla_params decode_params(const float *pool, int64_t page_size, int64_t width,
+                                         int64_t lora, const float *q_abs, const float *q_pe,
+                                         int64_t n_heads, float scale, float *ctx) {
+  epic_cuk_mla_params p = {0};
+  p.pool = pool;
+  p.page_size = page_size;
+  p.page_shift = -1;
+  for (int sh = 0; sh < 31; sh++)
+    if ((int64_t)1 << sh == page_size)
+      p.page_shift = sh;
+  p.width = width;
+  p.lora = lora;
+  p.q_abs = q_abs;
+  p.q_pe = q_pe;
+  p.n_heads = n_heads;
+  p.qscale = scale * 1.4426950408889634f; /* log2(e): the kernel works in exp2 */
+  p.ctx = ctx;
+  return p;
+}
+
+epic_status epic_cuda_mla_absorbed(epic_ops *o, const epic_kv_view *kv, const float *q_abs,
+                                   const float *q_pe, int64_t m, int64_t start, int64_t n_heads,
+                                   float scale, float *ctx) {
+  if (m == 0 || n_heads == 0)
+    return EPIC_OK;
+  if (!kv || !kv->pool || !kv->block_table || kv->page_size <= 0 || kv->lora <= 0 ||
+      kv->lora > kv->width || m < 0 || start < 0 || n_heads < 0 || !q_abs || !ctx ||
+      (kv->width > kv->lora && !q_pe))
+    return EPIC_ERR_INVALID;
+  if (start + m > kv->n_ctx) {
+    EPIC_LOG_ERROR("mla_absorbed: queries up to position %lld but cache holds %lld tokens",
+                   (long long)(start + m - 1), (long long)kv->n_ctx);
+    return EPIC_ERR_INVALID;
+  }
+  epic_cuda_ops *c = epic_cuda_of(o);
+  if (m <= EPIC_CUDA_DECODE_MAX_Q && start + m < INT32_MAX &&
+      epic_cuk_mla_decode_ok(kv->width, kv->lora, kv->pool)) {
+    epic_cuk_mla_params p = decode_params(kv->pool, kv->page_size, kv->width, kv->lora, q_abs, q_pe,
+                                          n_heads, scale, ctx);
+    p.tables = kv->block_table;
+    p.table_stride = 0;
+    p.n_ctx = NULL;
+    p.start = start;
+    return decode(c, p, m, start + m);
+  }
+  return absorbed_gemm(c, kv, q_abs, q_pe, m, start, n_heads, scale, ctx);
+}
+
+epic_status epic_cuda_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, int64_t n_seq,
+                                         const float *q_abs, const float *q_pe, int64_t n_heads,
+                                         float scale, float *ctx) {
+  if (n_seq == 0 || n_heads == 0)
+    return EPIC_OK;
+  if (!kv || !kv->pool || !kv->block_tables || !kv->n_ctx || n_seq < 0 || n_heads < 0 ||
+      kv->page_size <= 0 || kv->lora <= 0 || kv->lora > kv->width || kv->table_stride <= 0 ||
+      kv->max_ctx <= 0 || !q_abs || !ctx || (kv->width > kv->lora && !q_pe)) {
+    EPIC_LOG_ERROR("mla_absorbed_batch: invalid arguments (n_seq %lld)", (long long)n_seq);
+    return EPIC_ERR_INVALID;
+  }
+  epic_cuda_ops *c = epic_cuda_of(o);
+  const int64_t lora = kv->lora, rope = kv->width - kv->lora;
+  if (kv->max_ctx < INT32_MAX && epic_cuk_mla_decode_ok(kv->width, kv->lora, kv->pool)) {
+    epic_cuk_mla_params p =
+        decode_params(kv->pool, kv->page_size, kv->width, lora, q_abs, q_pe, n_heads, scale, ctx);
+    p.tables = kv->block_tables;
+    p.table_stride = kv->table_stride;
+    p.n_ctx = kv->n_ctx;
+    return decode(c, p, n_seq, kv->max_ctx);
+  }
+  /* Shapes the kernel does not take: one GEMM pass per sequence (lengths read back). */
+  int32_t *len = malloc((size_t)n_seq * sizeof *len);
+  if (!len)
+    return EPIC_ERR_NOMEM;
+  epic_status st = epic_cuda_check(cudaMemcpyAsync(len, kv->n_ctx, (size_t)n_seq * sizeof *len,
+                                                   cudaMemcpyDeviceToHost, c->stream),
+                                   "mla_absorbed_batch: read lengths");
+  if (st == EPIC_OK)
+    st = epic_cuda_check(cudaStreamSynchronize(c->stream), "mla_absorbed_batch: read lengths");
+  for (int64_t s = 0; st == EPIC_OK && s < n_seq; s++) {
+    if (len[s] < 1 || len[s] > kv->max_ctx) {
+      EPIC_LOG_ERROR("mla_absorbed_batch: sequence %lld holds %d tokens (max_ctx %lld)",
+                     (long long)s, len[s], (long long)kv->max_ctx);
+      st = EPIC_ERR_INVALID;
+      break;
+    }
+    const epic_kv_view v = {.pool = kv->pool,
+                            .page_size = kv->page_size,
+                            .width = kv->width,
+                            .lora = lora,
+                            .block_table = kv->block_tables + s * kv->table_stride,
+                            .n_ctx = len[s]};
+    st = absorbed_gemm(c, &v, q_abs + s * n_heads * lora, rope ? q_pe + s * n_heads * rope : NULL,
+                       1, len[s] - 1, n_heads, scale, ctx + s * n_heads * lora);
+  }
+  free(len);
+  return st;
+}
+
+epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
+                                int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
+                                int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
+                                int64_t ld_y_head) {
+  if (m == 0 || n_heads == 0 || n == 0)
+    return EPIC_OK;
+  if (m < 0 || n_heads < 0 || k <= 0 || n < 0 || !x || !a || !y)
+    return EPIC_ERR_INVALID;
+  /* cuBLAS rejects leading dimensions below the row length even when m == 1. */
+  const int64_t ldx = m > 1 ? ld_x_tok : k, ldy = m > 1 ? ld_y_tok : n;
+  if (ldx > INT_MAX || ldy > INT_MAX || m > INT_MAX || k > INT_MAX || n > INT_MAX)
+    return EPIC_ERR_UNSUPPORTED;
+  /* y_h^T (n x m) = op(A_h) (n x k) . x_h^T (k x m); A_h row-major [k][n] is the
+   * column-major n x k matrix (op N), row-major [n][k] the column-major k x n (op T). */
+  return sgemm_sb(epic_cuda_of(o), trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, 1.0f, a,
+                  trans ? k : n, ld_a_head, x, ldx, ld_x_head, 0.0f, y, ldy, ld_y_head, n_heads);
+}

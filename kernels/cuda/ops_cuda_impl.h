@@ -1,0 +1,188 @@
+/* Private to the CUDA backend: the backend object, its scratch buffers, and the C-ABI
+ * launchers of the kernels in the .cu files of kernels/cuda (FlashMLA shape: plain C structs and
+ * functions here, CUDA C++ behind them). Every launcher only enqueues work on `st` and
+ * returns the launch status (cudaGetLastError); none synchronises. */
+#ifndef EPIC_KERNELS_CUDA_OPS_CUDA_IMPL_H
+#define EPIC_KERNELS_CUDA_OPS_CUDA_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "../ops.h"
+#include "ops_cuda.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------ backend object */
+
+/* A device buffer grown on demand (cudaFree + cudaMalloc, so never while a graph is
+ * being captured: callers warm up first). Contents not preserved across growth. */
+typedef struct epic_cuda_buf {
+  void *p;
+  size_t cap;
+} epic_cuda_buf;
+
+/* One cached cuBLASLt FP8 plan (descriptors + chosen algorithm) for a shape. */
+typedef struct epic_cuda_lt_plan {
+  int used;
+  int64_t n, k, m, ldd; /* weight rows, cols, tokens, output ld */
+  int out_bf16;         /* 1: D is bf16 */
+  int ok;               /* 0: cuBLASLt refused this shape (negative cache) */
+  cublasLtMatmulDesc_t desc;
+  cublasLtMatrixLayout_t a, b, c;
+  cublasLtMatmulAlgo_t algo;
+} epic_cuda_lt_plan;
+
+enum { EPIC_CUDA_LT_PLANS = 48, EPIC_CUDA_MLA_MAX_SPLIT = 128 };
+
+typedef struct epic_cuda_ops {
+  epic_ops base; /* first: epic_ops * <-> epic_cuda_ops * */
+  int device;
+  int sm_count;
+  int max_smem_optin;
+  char name[256];
+  cudaStream_t stream;
+  cublasHandle_t blas;
+  cublasLtHandle_t lt;
+  void *blas_ws, *lt_ws; /* cuBLAS / cuBLASLt workspaces (separate: both are stream-ordered) */
+  size_t blas_ws_bytes, lt_ws_bytes;
+  int *err_flag; /* device int: set by kernels on faults only the device sees */
+  epic_cuda_mla_precision mla_prec;
+  int lt_next; /* round-robin replacement in lt_plans */
+  epic_cuda_lt_plan lt_plans[EPIC_CUDA_LT_PLANS];
+  /* scratch */
+  epic_cuda_buf act;   /* converted / quantised activations */
+  epic_cuda_buf act_s; /* activation scales */
+  epic_cuda_buf wdq;   /* dequantised weight chunk, padded weight scales */
+  epic_cuda_buf outb;  /* staged matmul output */
+  epic_cuda_buf keys;  /* gathered cache rows (GEMM attention path) */
+  epic_cuda_buf att;   /* scores / probabilities, split-K partials */
+} epic_cuda_ops;
+
+static inline epic_cuda_ops *epic_cuda_of(epic_ops *o) {
+  return (epic_cuda_ops *)o;
+}
+
+/* Map a CUDA / cuBLAS status to epic_status, logging `what` with the library message. */
+epic_status epic_cuda_check(cudaError_t e, const char *what);
+epic_status epic_cublas_check(cublasStatus_t s, const char *what);
+#define EPIC_CHECK_CUDA(e, what) EPIC_CHECK(epic_cuda_check((e), (what)))
+#define EPIC_CHECK_CUBLAS(s, what) EPIC_CHECK(epic_cublas_check((s), (what)))
+
+/* Grow b to at least `bytes`. */
+epic_status epic_cuda_buf_reserve(epic_cuda_ops *c, epic_cuda_buf *b, size_t bytes);
+
+/* Ops implemented in the other host files. */
+epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m,
+                             const epic_weight *w, float *y, int64_t ldy);
+epic_status epic_cuda_mla_naive(epic_ops *o, const float *q, const float *kvb, const float *kpe,
+                                int64_t m, int64_t start, int64_t n_heads, int64_t nope,
+                                int64_t rope, int64_t v, float scale, float *out);
+epic_status epic_cuda_mla_absorbed(epic_ops *o, const epic_kv_view *kv, const float *q_abs,
+                                   const float *q_pe, int64_t m, int64_t start, int64_t n_heads,
+                                   float scale, float *ctx);
+epic_status epic_cuda_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, int64_t n_seq,
+                                         const float *q_abs, const float *q_pe, int64_t n_heads,
+                                         float scale, float *ctx);
+epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
+                                int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
+                                int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
+                                int64_t ld_y_head);
+
+/* ------------------------------------------------------------------ launchers */
+
+/* y[i][0..n) = bf16(x[i][0..n)), y dense [m][n]. */
+cudaError_t epic_cuk_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n, uint16_t *y,
+                                 cudaStream_t st);
+/* y[i][j] (ld ldy) = float(x[i][j]) for bf16 x [m][n] with row stride ldx. */
+cudaError_t epic_cuk_bf16_to_f32(const uint16_t *x, int64_t ldx, int64_t m, int64_t n, float *y,
+                                 int64_t ldy, cudaStream_t st);
+/* Per token and 128-column block: s = amax / 448 (1 when amax == 0), q = e4m3(x * (448 /
+ * amax)); q dense [m][k], scale[kb * lds + i] (token-major inside each column block, the
+ * layout of cuBLASLt's VEC128_32F for the N-side operand; lds >= m). */
+cudaError_t epic_cuk_quant_fp8_1x128(const float *x, int64_t ldx, int64_t m, int64_t k, uint8_t *q,
+                                     float *scale, int64_t lds, cudaStream_t st);
+/* FP8 (block-scaled) weight times m <= 4 fp32 tokens staged in shared memory: W is read
+ * once with 16-byte loads, products in fp32 (no activation rounding). */
+enum { EPIC_CUK_SKINNY_MAX_M = 4 };
+int epic_cuk_fp8_skinny_ok(const epic_weight *w, int64_t m);
+cudaError_t epic_cuk_fp8_skinny_prepare(void);
+cudaError_t epic_cuk_fp8_skinny(const float *x, int64_t ldx, int64_t m, const epic_weight *w,
+                                float *y, int64_t ldy, int sm_count, cudaStream_t st);
+/* Dequantise rows [r0, r0 + nr) of w into out [nr][w->cols], as bf16 (out_bf16) or fp32. */
+cudaError_t epic_cuk_dequant_rows(const epic_weight *w, int64_t r0, int64_t nr, void *out,
+                                  int out_bf16, cudaStream_t st);
+/* out[r][0..ldp) = s[r][0..nbc) padded with zeros, r < nbr. */
+cudaError_t epic_cuk_pad_rows_f32(const float *s, int64_t nbr, int64_t nbc, int64_t ldp, float *out,
+                                  cudaStream_t st);
+
+cudaError_t epic_cuk_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t n, const float *w,
+                             float eps, float *y, int64_t ldy, cudaStream_t st);
+
+enum { EPIC_CUK_ROPE_MAX_PAIRS = 128 };
+typedef struct epic_cuk_rope_freq {
+  double f[EPIC_CUK_ROPE_MAX_PAIRS];
+} epic_cuk_rope_freq;
+cudaError_t epic_cuk_rope(float *x, int64_t m, int64_t n_heads, int64_t ld_tok, int64_t ld_head,
+                          int64_t rope_dim, const int32_t *pos, const epic_cuk_rope_freq *freq,
+                          cudaStream_t st);
+cudaError_t epic_cuk_silu_mul(const float *g, int64_t ldg, const float *u, int64_t ldu, int64_t m,
+                              int64_t n, float *y, int64_t ldy, cudaStream_t st);
+cudaError_t epic_cuk_axpy(int64_t n, float a, const float *x, float *y, cudaStream_t st);
+/* Rows whose id is outside [0, rows) become NaN and set *err. */
+cudaError_t epic_cuk_embed(const epic_weight *table, const int32_t *ids, int64_t m, float *y,
+                           int *err, cudaStream_t st);
+
+/* Per-token routing; shared memory per token is returned by epic_cuk_route_smem. */
+size_t epic_cuk_route_smem(int64_t n_experts, int64_t n_group);
+cudaError_t epic_cuk_route(const float *logits, int64_t m, const epic_router_params *p,
+                           int32_t *idx, float *weight, cudaStream_t st);
+
+cudaError_t epic_cuk_kv_store(const epic_kv_view *kv, int64_t start, int64_t m, const float *latent,
+                              int64_t ld_latent, const float *kpe, int64_t ld_kpe, cudaStream_t st);
+/* Rows [0, n) into latent [n][lora] and kpe [n][width - lora]; with kpe == NULL, whole
+ * rows into latent [n][width] instead. */
+cudaError_t epic_cuk_kv_gather(const epic_kv_view *kv, int64_t n, float *latent, float *kpe,
+                               cudaStream_t st);
+
+/* Row r = h * mc + i of s [rows][ld]: softmax over columns [0, first_valid + i), zeros
+ * after (the causal mask of query i of a chunk). */
+cudaError_t epic_cuk_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t ld,
+                                    int64_t first_valid, cudaStream_t st);
+
+/* Flash-decoding MLA over a paged cache (see kern_mla.cu). Query b (0 <= b < n_q) has
+ * n_keys(b) = n_ctx ? n_ctx[b] : start + b + 1 keys and block table tables + b * stride. */
+typedef struct epic_cuk_mla_params {
+  const float *pool;
+  int64_t page_size, width, lora;
+  int page_shift; /* log2(page_size) when it is a power of two, else -1 */
+  const int32_t *tables;
+  int64_t table_stride;
+  const int32_t *n_ctx;
+  int64_t start;
+  const float *q_abs, *q_pe; /* [n_q][n_heads][lora], [n_q][n_heads][width - lora] */
+  int64_t n_heads, n_q;
+  float qscale; /* softmax scale * log2(e) */
+  int n_split;
+  float *ctx;      /* [n_q][n_heads][lora] */
+  float *part_acc; /* [n_q][n_split][n_heads][lora] when n_split > 1 */
+  float *part_ml;  /* [n_q][n_split][n_heads][2] */
+} epic_cuk_mla_params;
+/* Whether the decode kernel takes these shapes (width % 4, lora % 8, sizes, pool aligned;
+ * positions below 2^31). */
+int epic_cuk_mla_decode_ok(int64_t width, int64_t lora, const float *pool);
+size_t epic_cuk_mla_decode_smem(int64_t width);
+cudaError_t epic_cuk_mla_decode_prepare(int max_smem_optin);
+cudaError_t epic_cuk_mla_decode(const epic_cuk_mla_params *p, int exact, cudaStream_t st);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

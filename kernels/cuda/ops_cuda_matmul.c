@@ -1,0 +1,336 @@
+/* CUDA matmul y = x . W^T for checkpoint-format weights (see ops_cuda.h, Precision).
+ * cuBLAS is column-major: row-major y [m][rows] (ld ldy) is the column-major
+ * rows x m matrix Y^T = W . X^T, with W row-major [rows][cols] read as the transposed
+ * column-major cols x rows matrix (op T) and X row-major [m][cols] as the column-major
+ * cols x m matrix (op N). That "TN" form is also the one cuBLASLt's FP8 kernels take.
+ *
+ * FP8 block scales for cuBLASLt: the weight (operand A) uses BLK128x128_32F, whose
+ * layout is the checkpoint's own [ceil(rows/128)][ceil(cols/128)] row-major array with
+ * its row stride rounded up to 4 floats (16 bytes), so it is used in place unless
+ * ceil(cols/128) % 4 != 0, when a padded copy is made per call. The activations
+ * (operand B) use VEC128_32F: one fp32 per token and 128-column block, token-major
+ * inside a block column. */
+#include <limits.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "../../common/log.h"
+#include "ops_cuda_impl.h"
+
+enum { EPIC_CUDA_DQ_CHUNK_BYTES = 64 << 20 };
+
+static int weight_ok(const epic_weight *w) {
+  if (!w || !w->data || w->rows < 0 || w->cols <= 0)
+    return 0;
+  switch (w->dtype) {
+  case EPIC_DT_F32:
+  case EPIC_DT_BF16:
+  case EPIC_DT_F16: return 1;
+  case EPIC_DT_F8E4M3: return w->scale_inv && w->block_rows > 0 && w->block_cols > 0;
+  default: return 0;
+  }
+}
+
+static int aligned16(const void *p) {
+  return ((uintptr_t)p & 15u) == 0;
+}
+
+/* FP8 weights cuBLASLt's block-scaled GEMM can take as they are. */
+static int lt_candidate(const epic_weight *w) {
+  return w->dtype == EPIC_DT_F8E4M3 && w->block_rows == 128 && w->block_cols == 128 &&
+         w->cols % 16 == 0 && aligned16(w->data) && aligned16(w->scale_inv);
+}
+
+static void lt_plan_release(epic_cuda_lt_plan *pl) {
+  if (pl->desc)
+    cublasLtMatmulDescDestroy(pl->desc);
+  if (pl->a)
+    cublasLtMatrixLayoutDestroy(pl->a);
+  if (pl->b)
+    cublasLtMatrixLayoutDestroy(pl->b);
+  if (pl->c)
+    cublasLtMatrixLayoutDestroy(pl->c);
+  memset(pl, 0, sizeof *pl);
+}
+
+/* Build descriptors and ask the heuristic for one algorithm; pl->ok = 0 when cuBLASLt
+ * has none (or refuses the combination), which the caller treats as "use another path". */
+static void lt_plan_build(epic_cuda_ops *c, epic_cuda_lt_plan *pl) {
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  const int32_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+  const int32_t b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+  const cudaDataType_t dt = pl->out_bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  const void *placeholder = c->lt_ws; /* real scale pointers are set per call */
+  cublasLtMatmulPreference_t pref = NULL;
+  cublasLtMatmulHeuristicResult_t res;
+  int n_res = 0;
+  pl->ok = 0;
+  if (cublasLtMatmulDescCreate(&pl->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS)
+    return;
+  if (cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) ||
+      cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) ||
+      cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode,
+                                     sizeof a_mode) ||
+      cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode,
+                                     sizeof b_mode) ||
+      cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &placeholder,
+                                     sizeof placeholder) ||
+      cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &placeholder,
+                                     sizeof placeholder))
+    return;
+  if (cublasLtMatrixLayoutCreate(&pl->a, CUDA_R_8F_E4M3, (uint64_t)pl->k, (uint64_t)pl->n, pl->k) ||
+      cublasLtMatrixLayoutCreate(&pl->b, CUDA_R_8F_E4M3, (uint64_t)pl->k, (uint64_t)pl->m, pl->k) ||
+      cublasLtMatrixLayoutCreate(&pl->c, dt, (uint64_t)pl->n, (uint64_t)pl->m, pl->ldd))
+    return;
+  if (cublasLtMatmulPreferenceCreate(&pref))
+    return;
+  if (cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                           &c->lt_ws_bytes, sizeof c->lt_ws_bytes) == 0 &&
+      cublasLtMatmulAlgoGetHeuristic(c->lt, pl->desc, pl->a, pl->b, pl->c, pl->c, pref, 1, &res,
+                                     &n_res) == CUBLAS_STATUS_SUCCESS &&
+      n_res > 0) {
+    pl->algo = res.algo;
+    pl->ok = 1;
+  }
+  cublasLtMatmulPreferenceDestroy(pref);
+}
+
+static epic_cuda_lt_plan *lt_plan(epic_cuda_ops *c, int64_t n, int64_t k, int64_t m, int64_t ldd,
+                                  int out_bf16) {
+  for (int i = 0; i < EPIC_CUDA_LT_PLANS; i++) {
+    epic_cuda_lt_plan *pl = &c->lt_plans[i];
+    if (pl->used && pl->n == n && pl->k == k && pl->m == m && pl->ldd == ldd &&
+        pl->out_bf16 == out_bf16)
+      return pl;
+  }
+  epic_cuda_lt_plan *pl = &c->lt_plans[c->lt_next];
+  c->lt_next = (c->lt_next + 1) % EPIC_CUDA_LT_PLANS;
+  lt_plan_release(pl);
+  pl->used = 1;
+  pl->n = n;
+  pl->k = k;
+  pl->m = m;
+  pl->ldd = ldd;
+  pl->out_bf16 = out_bf16;
+  lt_plan_build(c, pl);
+  if (!pl->ok)
+    EPIC_LOG_DEBUG("cuda: cuBLASLt has no block-scaled FP8 kernel for [%lld x %lld] m=%lld (%s "
+                   "out)",
+                   (long long)n, (long long)k, (long long)m, out_bf16 ? "bf16" : "fp32");
+  return pl;
+}
+
+static int64_t round_up(int64_t a, int64_t b) {
+  return (a + b - 1) / b * b;
+}
+
+/* Output ld used by the fp32 cuBLASLt path: the caller's when it is 16-byte aligned. */
+static int64_t lt_ldd_f32(int64_t rows, int64_t ldy, const float *y) {
+  return (ldy % 4 == 0 && (!y || aligned16(y))) ? ldy : round_up(rows, 4);
+}
+
+static epic_cuda_mm_path choose_path(epic_cuda_ops *c, const epic_weight *w, int64_t m, int64_t ldy,
+                                     const float *y, epic_cuda_lt_plan **plan) {
+  *plan = NULL;
+  switch (w->dtype) {
+  case EPIC_DT_F32: return EPIC_CUDA_MM_SGEMM;
+  case EPIC_DT_BF16: return EPIC_CUDA_MM_BF16;
+  case EPIC_DT_F16: return EPIC_CUDA_MM_DEQUANT_F32;
+  case EPIC_DT_F8E4M3: break;
+  default: return EPIC_CUDA_MM_INVALID;
+  }
+  if (epic_cuk_fp8_skinny_ok(w, m))
+    return EPIC_CUDA_MM_FP8_SKINNY;
+  if (!lt_candidate(w))
+    return EPIC_CUDA_MM_DEQUANT_BF16;
+  /* cuBLASLt's block-scaled kernels want the token count (and so the stride of the
+   * activation scales) 16-byte aligned: pad it, staging the output when padded. */
+  static const int64_t pads[] = {4, 16};
+  for (int i = 0; i < 2; i++) {
+    const int64_t mp = round_up(m, pads[i]);
+    epic_cuda_lt_plan *pl = lt_plan(
+        c, w->rows, w->cols, mp, mp == m ? lt_ldd_f32(w->rows, ldy, y) : round_up(w->rows, 4), 0);
+    if (pl->ok) {
+      *plan = pl;
+      return EPIC_CUDA_MM_FP8_LT;
+    }
+    pl = lt_plan(c, w->rows, w->cols, mp, round_up(w->rows, 8), 1);
+    if (pl->ok) {
+      *plan = pl;
+      return EPIC_CUDA_MM_FP8_LT_BF16;
+    }
+  }
+  return EPIC_CUDA_MM_DEQUANT_BF16;
+}
+
+epic_cuda_mm_path epic_ops_cuda_matmul_path(epic_ops *o, const epic_weight *w, int64_t m,
+                                            int64_t ldy) {
+  if (!o || !weight_ok(w) || m <= 0)
+    return EPIC_CUDA_MM_INVALID;
+  epic_cuda_lt_plan *pl;
+  return choose_path(epic_cuda_of(o), w, m, ldy, NULL, &pl);
+}
+
+const char *epic_cuda_mm_path_name(epic_cuda_mm_path p) {
+  switch (p) {
+  case EPIC_CUDA_MM_SGEMM: return "sgemm";
+  case EPIC_CUDA_MM_BF16: return "bf16";
+  case EPIC_CUDA_MM_FP8_LT: return "fp8_cublaslt";
+  case EPIC_CUDA_MM_FP8_LT_BF16: return "fp8_cublaslt_bf16out";
+  case EPIC_CUDA_MM_DEQUANT_BF16: return "dequant_bf16";
+  case EPIC_CUDA_MM_DEQUANT_F32: return "dequant_f32";
+  case EPIC_CUDA_MM_FP8_SKINNY: return "fp8_skinny";
+  default: return "invalid";
+  }
+}
+
+static epic_status to_bf16(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t m, int64_t k,
+                           uint16_t **out) {
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(m * k) * 2));
+  *out = (uint16_t *)c->act.p;
+  EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x, ldx, m, k, *out, c->stream), "matmul: convert to bf16");
+  return EPIC_OK;
+}
+
+static epic_status gemm_bf16(epic_cuda_ops *c, const void *w, int64_t rows, int64_t k,
+                             const uint16_t *xb, int64_t m, float *y, int64_t ldy) {
+  const float one = 1.0f, zero = 0.0f;
+  EPIC_CHECK_CUBLAS(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)m, (int)k, &one,
+                                 w, CUDA_R_16BF, (int)k, xb, CUDA_R_16BF, (int)k, &zero, y,
+                                 CUDA_R_32F, (int)ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                    "bf16 GEMM");
+  return EPIC_OK;
+}
+
+/* True when the plan writes y directly (fp32 output, caller's stride, no token padding). */
+static int lt_direct(const epic_cuda_lt_plan *pl, int64_t m, const float *y, int64_t ldy) {
+  return !pl->out_bf16 && pl->m == m && pl->ldd == ldy && aligned16(y);
+}
+
+static epic_status mm_fp8_lt(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t m,
+                             const epic_weight *w, float *y, int64_t ldy, epic_cuda_lt_plan *pl) {
+  const int64_t n = w->rows, k = w->cols, nbc = (k + 127) / 128, nbr = (n + 127) / 128;
+  const int64_t mp = pl->m; /* padded token count */
+  const size_t q_bytes = (size_t)round_up(mp * k, 16);
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, q_bytes + (size_t)(nbc * mp) * sizeof(float)));
+  uint8_t *xq = (uint8_t *)c->act.p;
+  float *xs = (float *)(xq + q_bytes);
+  if (mp > m) { /* zero padding tokens: codes 0 with scale 0 */
+    EPIC_CHECK_CUDA(cudaMemsetAsync(xq + m * k, 0, (size_t)((mp - m) * k), c->stream),
+                    "matmul: pad activations");
+    EPIC_CHECK_CUDA(cudaMemset2DAsync(xs + m, (size_t)mp * sizeof(float), 0,
+                                      (size_t)(mp - m) * sizeof(float), (size_t)nbc, c->stream),
+                    "matmul: pad activation scales");
+  }
+  EPIC_CHECK_CUDA(epic_cuk_quant_fp8_1x128(x, ldx, m, k, xq, xs, mp, c->stream),
+                  "matmul: quantise activations");
+  const float *ws = w->scale_inv;
+  if (nbc % 4 != 0) {
+    const int64_t ldp = round_up(nbc, 4);
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->wdq, (size_t)(nbr * ldp) * sizeof(float)));
+    EPIC_CHECK_CUDA(
+        epic_cuk_pad_rows_f32(w->scale_inv, nbr, nbc, ldp, (float *)c->wdq.p, c->stream),
+        "matmul: pad weight scales");
+    ws = (const float *)c->wdq.p;
+  }
+  EPIC_CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                   &ws, sizeof ws),
+                    "FP8 weight scales");
+  const float *xs_c = xs;
+  EPIC_CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                   &xs_c, sizeof xs_c),
+                    "FP8 activation scales");
+  void *d = y;
+  if (!lt_direct(pl, m, y, ldy)) {
+    const size_t esz = pl->out_bf16 ? 2 : 4;
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->outb, (size_t)(mp * pl->ldd) * esz));
+    d = c->outb.p;
+  }
+  const float one = 1.0f, zero = 0.0f;
+  EPIC_CHECK_CUBLAS(cublasLtMatmul(c->lt, pl->desc, &one, w->data, pl->a, xq, pl->b, &zero, d,
+                                   pl->c, d, pl->c, &pl->algo, c->lt_ws, c->lt_ws_bytes, c->stream),
+                    "FP8 block-scaled GEMM");
+  return EPIC_OK; /* a staged output is moved into y by the caller */
+}
+
+epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m,
+                             const epic_weight *w, float *y, int64_t ldy) {
+  if (!weight_ok(w) || !x || !y || m < 0 || ldx < w->cols || ldy < w->rows) {
+    EPIC_LOG_ERROR("matmul: invalid arguments (dtype %s, W [%lld, %lld], m %lld)",
+                   w ? epic_dtype_name(w->dtype) : "?", w ? (long long)w->rows : -1LL,
+                   w ? (long long)w->cols : -1LL, (long long)m);
+    return EPIC_ERR_INVALID;
+  }
+  if (m == 0 || w->rows == 0)
+    return EPIC_OK;
+  if (w->rows > INT_MAX || w->cols > INT_MAX || m > INT_MAX || ldx > INT_MAX || ldy > INT_MAX) {
+    EPIC_LOG_ERROR("matmul: dimensions beyond cuBLAS's int range");
+    return EPIC_ERR_UNSUPPORTED;
+  }
+  epic_cuda_ops *c = epic_cuda_of(o);
+  const int64_t rows = w->rows, k = w->cols;
+  epic_cuda_lt_plan *pl = NULL;
+  const epic_cuda_mm_path path = choose_path(c, w, m, ldy, y, &pl);
+  switch (path) {
+  case EPIC_CUDA_MM_SGEMM: {
+    const float one = 1.0f, zero = 0.0f;
+    EPIC_CHECK_CUBLAS(cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)m, (int)k,
+                                  &one, (const float *)w->data, (int)k, x, (int)ldx, &zero, y,
+                                  (int)ldy),
+                      "fp32 GEMM");
+    return EPIC_OK;
+  }
+  case EPIC_CUDA_MM_BF16: {
+    uint16_t *xb;
+    EPIC_CHECK(to_bf16(c, x, ldx, m, k, &xb));
+    return gemm_bf16(c, w->data, rows, k, xb, m, y, ldy);
+  }
+  case EPIC_CUDA_MM_FP8_LT:
+  case EPIC_CUDA_MM_FP8_LT_BF16: {
+    EPIC_CHECK(mm_fp8_lt(c, x, ldx, m, w, y, ldy, pl));
+    if (path == EPIC_CUDA_MM_FP8_LT && !lt_direct(pl, m, y, ldy)) /* staged output */
+      EPIC_CHECK_CUDA(cudaMemcpy2DAsync(y, (size_t)ldy * 4, c->outb.p, (size_t)pl->ldd * 4,
+                                        (size_t)rows * 4, (size_t)m, cudaMemcpyDeviceToDevice,
+                                        c->stream),
+                      "matmul: copy staged output");
+    if (path == EPIC_CUDA_MM_FP8_LT_BF16)
+      EPIC_CHECK_CUDA(
+          epic_cuk_bf16_to_f32((const uint16_t *)c->outb.p, pl->ldd, m, rows, y, ldy, c->stream),
+          "matmul: widen bf16 output");
+    return EPIC_OK;
+  }
+  case EPIC_CUDA_MM_FP8_SKINNY:
+    EPIC_CHECK_CUDA(epic_cuk_fp8_skinny(x, ldx, m, w, y, ldy, c->sm_count, c->stream),
+                    "matmul: FP8 skinny kernel");
+    return EPIC_OK;
+  case EPIC_CUDA_MM_DEQUANT_BF16:
+  case EPIC_CUDA_MM_DEQUANT_F32: {
+    const int bf = path == EPIC_CUDA_MM_DEQUANT_BF16;
+    const size_t esz = bf ? 2 : 4;
+    int64_t chunk = EPIC_CUDA_DQ_CHUNK_BYTES / (int64_t)(k * (int64_t)esz);
+    chunk = chunk < 128 ? 128 : chunk / 128 * 128;
+    if (chunk > rows)
+      chunk = rows;
+    uint16_t *xb = NULL;
+    if (bf)
+      EPIC_CHECK(to_bf16(c, x, ldx, m, k, &xb));
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->wdq, (size_t)(chunk * k) * esz));
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+      const int64_t nr = rows - r0 < chunk ? rows - r0 : chunk;
+      EPIC_CHECK_CUDA(epic_cuk_dequant_rows(w, r0, nr, c->wdq.p, bf, c->stream),
+                      "matmul: dequantise weight rows");
+      if (bf) {
+        EPIC_CHECK(gemm_bf16(c, c->wdq.p, nr, k, xb, m, y + r0, ldy));
+      } else {
+        const float one = 1.0f, zero = 0.0f;
+        EPIC_CHECK_CUBLAS(cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, (int)m, (int)k,
+                                      &one, (const float *)c->wdq.p, (int)k, x, (int)ldx, &zero,
+                                      y + r0, (int)ldy),
+                          "fp32 GEMM on dequantised rows");
+      }
+    }
+    return EPIC_OK;
+  }
+  default: return EPIC_ERR_INVALID;
+  }
+}

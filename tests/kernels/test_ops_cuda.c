@@ -1,0 +1,832 @@
+/* CUDA backend of epic_ops against the CPU backend (the correctness reference), op by
+ * op, on fresh random inputs at small odd shapes and at DeepSeek-V3 shapes (hidden
+ * 7168, kv_lora 512, rope 64, 128 heads, partial FP8 edge blocks, paged caches with
+ * 64-row pages and shuffled block tables). Device outputs are poisoned (all bits set:
+ * NaN floats, -1 ints) before every call, so an unwritten element fails the check.
+ * Errors are relative Frobenius norms ||gpu - cpu|| / ||cpu|| with per-precision limits:
+ * fp32 ops 1e-5 (also the decode-sized FP8 kernel, which keeps fp32 activations),
+ * bf16 GEMM 1e-2, FP8 cuBLASLt GEMM 5e-2 against the exact product (the e4m3
+ * activation rounding alone is about 2.5e-2) and 2e-3 against the product of the same
+ * quantised activations (which isolates the GEMM and its scale layouts), TF32
+ * attention 5e-3. Exits 77 (CTest skip) when no GPU is present.
+ * The seed is printed; EPIC_TEST_SEED=<n> replays a run. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cmocka.h>
+
+#include "kernels/cuda/ops_cuda.h"
+#include "kernels/ops.h"
+
+/* ---------------------------------------------------------------- helpers */
+
+static uint64_t rng_state;
+static uint64_t rng_u64(void) {
+  uint64_t x = rng_state;
+  x ^= x << 13;
+  x ^= x >> 7;
+  x ^= x << 17;
+  return rng_state = x;
+}
+static float rng_f(void) {
+  return (float)((double)(rng_u64() >> 11) * 0x1p-53 * 2.0 - 1.0);
+}
+static void fill(float *p, size_t n, float amp) {
+  for (size_t i = 0; i < n; i++)
+    p[i] = amp * rng_f();
+}
+
+static epic_ops *g_cpu, *g_gpu;
+
+static int setup(void **state) {
+  (void)state;
+  if (epic_ops_cpu_create(0, &g_cpu) != EPIC_OK)
+    return -1;
+  if (epic_ops_cuda_create(0, &g_gpu) != EPIC_OK)
+    return -1;
+  printf("# device: %s, %d SMs\n", epic_ops_cuda_device_name(g_gpu), epic_ops_cuda_sm_count(g_gpu));
+  return 0;
+}
+static int teardown(void **state) {
+  (void)state;
+  epic_ops_destroy(g_gpu);
+  epic_ops_destroy(g_cpu);
+  return 0;
+}
+
+static void *xmalloc(size_t n) {
+  void *p = malloc(n ? n : 1);
+  assert_non_null(p);
+  return p;
+}
+
+static void *dalloc(size_t bytes) {
+  void *p = NULL;
+  assert_int_equal(g_gpu->vt->alloc(g_gpu, bytes, &p), EPIC_OK);
+  return p;
+}
+static void *dup_dev(const void *h, size_t bytes) {
+  void *d = dalloc(bytes);
+  assert_int_equal(g_gpu->vt->upload(g_gpu, d, h, bytes), EPIC_OK);
+  return d;
+}
+static void dfree(void *p) {
+  g_gpu->vt->free(g_gpu, p);
+}
+static void poison(void *d, size_t bytes) {
+  unsigned char *h = xmalloc(bytes);
+  memset(h, 0xff, bytes);
+  assert_int_equal(g_gpu->vt->upload(g_gpu, d, h, bytes), EPIC_OK);
+  free(h);
+}
+static void fetch(void *h, const void *d, size_t bytes) {
+  assert_int_equal(g_gpu->vt->download(g_gpu, h, d, bytes), EPIC_OK);
+}
+
+/* ||got - ref|| / ||ref|| over rows x cols of two strided arrays; non-finite got fails. */
+static double rel_err2d(const float *got, int64_t ldg, const float *ref, int64_t ldr, int64_t rows,
+                        int64_t cols) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < rows; i++)
+    for (int64_t j = 0; j < cols; j++) {
+      const double g = got[i * ldg + j], r = ref[i * ldr + j];
+      if (!isfinite(g))
+        return INFINITY;
+      num += (g - r) * (g - r);
+      den += r * r;
+    }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void check_err(const char *what, double err, double tol) {
+  printf("#   %-58s rel err %.3e (limit %.0e)\n", what, err, tol);
+  if (!(err <= tol))
+    fail_msg("%s: relative error %.3e above %.0e", what, err, tol);
+}
+
+/* A host weight plus its device copy. */
+typedef struct {
+  epic_weight h, d;
+  void *data, *ddata;
+  float *scale, *dscale;
+} tw;
+
+static tw tw_make(epic_dtype dt, int64_t rows, int64_t cols, int64_t br, int64_t bc) {
+  tw t;
+  memset(&t, 0, sizeof t);
+  const size_t n = (size_t)(rows * cols);
+  t.h.dtype = dt;
+  t.h.rows = rows;
+  t.h.cols = cols;
+  size_t bytes = n * epic_dtype_size(dt);
+  t.data = xmalloc(bytes);
+  switch (dt) {
+  case EPIC_DT_F32: fill(t.data, n, 1.0f); break;
+  case EPIC_DT_BF16:
+    for (size_t i = 0; i < n; i++)
+      ((uint16_t *)t.data)[i] = epic_f32_to_bf16(rng_f());
+    break;
+  case EPIC_DT_F16:
+    for (size_t i = 0; i < n; i++) { /* exponents 8..16 with the occasional subnormal */
+      const uint64_t r = rng_u64();
+      const uint16_t e = (r & 31) == 0 ? 0 : (uint16_t)(8 + (r >> 8) % 9);
+      ((uint16_t *)t.data)[i] = (uint16_t)(((r >> 20) & 1) << 15 | e << 10 | ((r >> 30) & 0x3ff));
+    }
+    break;
+  case EPIC_DT_F8E4M3: {
+    uint8_t *p = t.data;
+    for (size_t i = 0; i < n; i++) {
+      uint8_t c;
+      do
+        c = (uint8_t)rng_u64();
+      while ((c & 0x7f) == 0x7f);
+      p[i] = c;
+    }
+    const int64_t nbr = (rows + br - 1) / br, nbc = (cols + bc - 1) / bc;
+    t.scale = xmalloc((size_t)(nbr * nbc) * 4);
+    for (int64_t i = 0; i < nbr * nbc; i++)
+      t.scale[i] = (1.5f + rng_f()) * 1e-3f;
+    t.h.scale_inv = t.scale;
+    t.h.block_rows = br;
+    t.h.block_cols = bc;
+    t.dscale = dup_dev(t.scale, (size_t)(nbr * nbc) * 4);
+    break;
+  }
+  default: break;
+  }
+  t.h.data = t.data;
+  t.ddata = dup_dev(t.data, bytes);
+  t.d = t.h;
+  t.d.data = t.ddata;
+  t.d.scale_inv = t.dscale;
+  return t;
+}
+
+static void tw_free(tw *t) {
+  free(t->data);
+  free(t->scale);
+  dfree(t->ddata);
+  dfree(t->dscale);
+}
+
+/* ------------------------------------------------------------------ memory */
+
+static void test_memory(void **state) {
+  (void)state;
+  assert_int_equal(g_gpu->vt->abi_version, EPIC_OPS_ABI_VERSION);
+  assert_string_equal(g_gpu->vt->name, "cuda");
+  unsigned char *p = dalloc(1000), back[1000];
+  assert_int_equal((uintptr_t)p % 64, 0);
+  fetch(back, p, sizeof back);
+  for (int i = 0; i < 1000; i++)
+    assert_int_equal(back[i], 0);
+  unsigned char src[1000];
+  for (int i = 0; i < 1000; i++)
+    src[i] = (unsigned char)(rng_u64() | 1);
+  assert_int_equal(g_gpu->vt->upload(g_gpu, p, src, sizeof src), EPIC_OK);
+  fetch(back, p, sizeof back);
+  assert_memory_equal(src, back, sizeof src);
+  dfree(p);
+  g_gpu->vt->free(g_gpu, NULL);
+  assert_int_equal(epic_ops_cuda_sync(g_gpu), EPIC_OK);
+}
+
+/* ------------------------------------------------------------------ matmul */
+
+/* The activations the FP8 path feeds the GEMM: per token and 128-column block,
+ * e4m3(x * 448 / amax) * (amax / 448), computed with the kernel's fp32 operations. */
+static void quantise_like_gpu(const float *x, int64_t ldx, int64_t m, int64_t k, float *xq) {
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t c0 = 0; c0 < k; c0 += 128) {
+      const int64_t c1 = c0 + 128 < k ? c0 + 128 : k;
+      float amax = 0.0f;
+      for (int64_t c = c0; c < c1; c++)
+        amax = fabsf(x[i * ldx + c]) > amax ? fabsf(x[i * ldx + c]) : amax;
+      const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
+      const float inv = amax > 0.0f ? 448.0f / amax : 1.0f;
+      for (int64_t c = c0; c < c1; c++)
+        xq[i * k + c] = epic_fp8e4m3_to_f32(epic_f32_to_fp8e4m3(x[i * ldx + c] * inv)) * s;
+    }
+}
+
+static void check_matmul(epic_dtype dt, int64_t rows, int64_t cols, int64_t m, int64_t br,
+                         int64_t bc, int64_t pad) {
+  tw t = tw_make(dt, rows, cols, br, bc);
+  const int64_t ldx = cols + pad, ldy = rows + pad;
+  float *x = xmalloc((size_t)(m * ldx) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
+  float *ref = xmalloc((size_t)(m * rows) * 4);
+  fill(x, (size_t)(m * ldx), 2.0f);
+  float *dx = dup_dev(x, (size_t)(m * ldx) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
+  poison(dy, (size_t)(m * ldy) * 4);
+  const epic_cuda_mm_path path = epic_ops_cuda_matmul_path(g_gpu, &t.d, m, ldy);
+  assert_int_equal(g_gpu->vt->matmul(g_gpu, dx, ldx, m, &t.d, dy, ldy), EPIC_OK);
+  fetch(y, dy, (size_t)(m * ldy) * 4);
+  assert_int_equal(g_cpu->vt->matmul(g_cpu, x, ldx, m, &t.h, ref, rows), EPIC_OK);
+  char what[160];
+  snprintf(what, sizeof what, "matmul %s [%lld x %lld] m=%lld pad=%lld (%s)", epic_dtype_name(dt),
+           (long long)rows, (long long)cols, (long long)m, (long long)pad,
+           epic_cuda_mm_path_name(path));
+  const double err = rel_err2d(y, ldy, ref, rows, m, rows);
+  double tol = 1e-5;
+  if (path == EPIC_CUDA_MM_BF16 || path == EPIC_CUDA_MM_DEQUANT_BF16)
+    tol = 1e-2;
+  if (path == EPIC_CUDA_MM_FP8_LT || path == EPIC_CUDA_MM_FP8_LT_BF16)
+    tol = 5e-2;
+  check_err(what, err, tol);
+  if (path == EPIC_CUDA_MM_FP8_LT || path == EPIC_CUDA_MM_FP8_LT_BF16) {
+    float *xq = xmalloc((size_t)(m * cols) * 4), *qref = xmalloc((size_t)(m * rows) * 4);
+    quantise_like_gpu(x, ldx, m, cols, xq);
+    assert_int_equal(g_cpu->vt->matmul(g_cpu, xq, cols, m, &t.h, qref, rows), EPIC_OK);
+    snprintf(what, sizeof what, "  same vs quantised activations");
+    check_err(what, rel_err2d(y, ldy, qref, rows, m, rows),
+              path == EPIC_CUDA_MM_FP8_LT ? 2e-3 : 6e-3);
+    free(xq);
+    free(qref);
+  }
+  for (int64_t i = 0; i < m; i++) /* the padding between rows stays untouched */
+    for (int64_t r = rows; r < ldy; r++)
+      assert_true(isnan(y[i * ldy + r]));
+  dfree(dx);
+  dfree(dy);
+  free(x);
+  free(y);
+  free(ref);
+  tw_free(&t);
+}
+
+static void test_matmul(void **state) {
+  (void)state;
+  static const epic_dtype dts[] = {EPIC_DT_F32, EPIC_DT_BF16, EPIC_DT_F16, EPIC_DT_F8E4M3};
+  static const int64_t small[][3] = {{80, 64, 1}, {130, 200, 9}, {300, 129, 17}, {7, 300, 2}};
+  for (size_t d = 0; d < 4; d++)
+    for (size_t s = 0; s < 4; s++)
+      check_matmul(dts[d], small[s][0], small[s][1], small[s][2], 128, 128, (int64_t)(s % 2) * 3);
+  /* FP8 that cuBLASLt cannot take: odd blocks, cols % 16 != 0 */
+  check_matmul(EPIC_DT_F8E4M3, 80, 256, 3, 48, 40, 0);
+  check_matmul(EPIC_DT_F8E4M3, 300, 200, 20, 128, 128, 0);
+  /* FP8 at DeepSeek-V3 shapes through cuBLASLt, with partial edge blocks */
+  check_matmul(EPIC_DT_F8E4M3, 1536, 7168, 1, 128, 128, 0); /* q_a_proj, decode */
+  check_matmul(EPIC_DT_F8E4M3, 1536, 7168, 33, 128, 128, 0);
+  check_matmul(EPIC_DT_F8E4M3, 576, 7168, 5, 128, 128, 0);    /* kv_a: 4.5 row blocks */
+  check_matmul(EPIC_DT_F8E4M3, 7168, 2048, 3, 128, 128, 0);   /* expert down */
+  check_matmul(EPIC_DT_F8E4M3, 2048, 7168, 128, 128, 128, 0); /* expert gate/up */
+  check_matmul(EPIC_DT_F8E4M3, 1000, 1552, 7, 128, 128, 0);   /* partial last column block */
+  check_matmul(EPIC_DT_F8E4M3, 384, 640, 6, 128, 128, 3);     /* 5 column blocks, strided y */
+  check_matmul(EPIC_DT_F8E4M3, 384, 640, 2, 128, 128, 3);
+  check_matmul(EPIC_DT_F8E4M3, 7168, 16384, 2, 128, 128, 0); /* o_proj, decode */
+  check_matmul(EPIC_DT_F8E4M3, 2049, 7168, 4, 128, 128, 1);  /* odd row count, 4 tokens */
+  check_matmul(EPIC_DT_BF16, 1536, 7168, 4, 128, 128, 0);
+  check_matmul(EPIC_DT_BF16, 7168, 2048, 33, 128, 128, 1);
+  /* bad arguments are rejected on the host */
+  tw t = tw_make(EPIC_DT_F32, 4, 4, 0, 0);
+  float *d = dalloc(64 * 4);
+  assert_int_equal(g_gpu->vt->matmul(g_gpu, d, 3, 1, &t.d, d, 4), EPIC_ERR_INVALID);
+  assert_int_equal(g_gpu->vt->matmul(g_gpu, d, 4, 0, &t.d, d, 4), EPIC_OK);
+  dfree(d);
+  tw_free(&t);
+}
+
+/* ----------------------------------------------------------- element-wise */
+
+static void test_rmsnorm(void **state) {
+  (void)state;
+  static const int64_t ns[] = {7, 512, 1536, 7168};
+  for (size_t k = 0; k < 4; k++) {
+    const int64_t n = ns[k], m = 5, ld = n + 3;
+    const size_t sz = (size_t)(m * ld) * 4;
+    float *x = xmalloc(sz), *y = xmalloc(sz), *ref = xmalloc(sz), *w = xmalloc((size_t)n * 4);
+    fill(x, (size_t)(m * ld), 1.0f);
+    fill(w, (size_t)n, 1.0f);
+    for (int64_t j = 0; j < n; j++)
+      x[j] *= 100.0f;
+    float *dx = dup_dev(x, sz), *dw = dup_dev(w, (size_t)n * 4), *dy = dalloc(sz);
+    poison(dy, sz);
+    assert_int_equal(g_gpu->vt->rmsnorm(g_gpu, dx, ld, m, n, dw, 1e-6f, dy, ld), EPIC_OK);
+    fetch(y, dy, sz);
+    assert_int_equal(g_cpu->vt->rmsnorm(g_cpu, x, ld, m, n, w, 1e-6f, ref, ld), EPIC_OK);
+    char what[64];
+    snprintf(what, sizeof what, "rmsnorm n=%lld", (long long)n);
+    check_err(what, rel_err2d(y, ld, ref, ld, m, n), 1e-5);
+    /* in place */
+    assert_int_equal(g_gpu->vt->rmsnorm(g_gpu, dx, ld, m, n, dw, 1e-6f, dx, ld), EPIC_OK);
+    fetch(y, dx, sz);
+    check_err("  in place", rel_err2d(y, ld, ref, ld, m, n), 1e-5);
+    dfree(dx);
+    dfree(dw);
+    dfree(dy);
+    free(x);
+    free(y);
+    free(ref);
+    free(w);
+  }
+}
+
+static void test_rope(void **state) {
+  (void)state;
+  /* V3 q_pe inside q rows: 128 heads of 192 (128 nope + 64 rope), rope at offset 128 */
+  const int64_t m = 6, H = 128, rd = 64, ld_head = 192, ld_tok = H * ld_head + 5;
+  double inv_freq[32];
+  for (int j = 0; j < 32; j++)
+    inv_freq[j] = pow(10000.0, -2.0 * j / 64.0) / (j > 20 ? 40.0 : 1.0);
+  const int32_t pos[6] = {0, 1, 17, 4095, 100000, 163839};
+  const size_t sz = (size_t)(m * ld_tok) * 4;
+  float *x = xmalloc(sz), *got = xmalloc(sz);
+  fill(x, (size_t)(m * ld_tok), 1.0f);
+  float *dx = dup_dev(x, sz);
+  int32_t *dpos = dup_dev(pos, sizeof pos);
+  assert_int_equal(g_gpu->vt->rope(g_gpu, dx + 128, m, H, ld_tok, ld_head, rd, dpos, inv_freq),
+                   EPIC_OK);
+  fetch(got, dx, sz);
+  assert_int_equal(g_cpu->vt->rope(g_cpu, x + 128, m, H, ld_tok, ld_head, rd, pos, inv_freq),
+                   EPIC_OK);
+  check_err("rope V3 (128 heads, 64 dims, positions to 163839)",
+            rel_err2d(got, 1, x, 1, 1, m * ld_tok), 1e-5);
+  dfree(dx);
+  dfree(dpos);
+  free(x);
+  free(got);
+}
+
+static void test_silu_axpy(void **state) {
+  (void)state;
+  const int64_t m = 7, n = 2048, ld = 2051;
+  const size_t sz = (size_t)(m * ld) * 4;
+  float *g = xmalloc(sz), *u = xmalloc(sz), *y = xmalloc(sz), *ref = xmalloc(sz);
+  fill(g, (size_t)(m * ld), 20.0f);
+  fill(u, (size_t)(m * ld), 1.0f);
+  float *dg = dup_dev(g, sz), *du = dup_dev(u, sz), *dy = dalloc(sz);
+  poison(dy, sz);
+  assert_int_equal(g_gpu->vt->silu_mul(g_gpu, dg, ld, du, ld, m, n, dy, ld), EPIC_OK);
+  fetch(y, dy, sz);
+  assert_int_equal(g_cpu->vt->silu_mul(g_cpu, g, ld, u, ld, m, n, ref, ld), EPIC_OK);
+  check_err("silu_mul", rel_err2d(y, ld, ref, ld, m, n), 1e-5);
+  const int64_t na = 7168 * 3 + 1;
+  float *a = xmalloc((size_t)na * 4), *b = xmalloc((size_t)na * 4), *bg = xmalloc((size_t)na * 4);
+  fill(a, (size_t)na, 1.0f);
+  fill(b, (size_t)na, 1.0f);
+  float *da = dup_dev(a, (size_t)na * 4), *db = dup_dev(b, (size_t)na * 4);
+  assert_int_equal(g_gpu->vt->axpy(g_gpu, na, 0.37f, da, db), EPIC_OK);
+  fetch(bg, db, (size_t)na * 4);
+  assert_int_equal(g_cpu->vt->axpy(g_cpu, na, 0.37f, a, b), EPIC_OK);
+  check_err("axpy", rel_err2d(bg, 1, b, 1, 1, na), 1e-6);
+  dfree(dg);
+  dfree(du);
+  dfree(dy);
+  dfree(da);
+  dfree(db);
+  free(g);
+  free(u);
+  free(y);
+  free(ref);
+  free(a);
+  free(b);
+  free(bg);
+}
+
+static void test_embed(void **state) {
+  (void)state;
+  static const epic_dtype dts[] = {EPIC_DT_BF16, EPIC_DT_F8E4M3, EPIC_DT_F32, EPIC_DT_F16};
+  const int64_t rows = 1000, cols = 7168, m = 9;
+  int32_t ids[9];
+  for (int i = 0; i < 9; i++)
+    ids[i] = (int32_t)(rng_u64() % (uint64_t)rows);
+  ids[3] = (int32_t)(rows - 1);
+  int32_t *dids = dup_dev(ids, sizeof ids);
+  const size_t sz = (size_t)(m * cols) * 4;
+  float *y = xmalloc(sz), *ref = xmalloc(sz), *dy = dalloc(sz);
+  for (int k = 0; k < 4; k++) {
+    tw t = tw_make(dts[k], rows, cols, 128, 128);
+    poison(dy, sz);
+    assert_int_equal(g_gpu->vt->embed(g_gpu, &t.d, dids, m, dy), EPIC_OK);
+    fetch(y, dy, sz);
+    assert_int_equal(g_cpu->vt->embed(g_cpu, &t.h, ids, m, ref), EPIC_OK);
+    /* dequantisation is exact on both sides: bit-identical rows */
+    if (memcmp(y, ref, sz) != 0)
+      fail_msg("embed %s: rows differ from the CPU backend", epic_dtype_name(dts[k]));
+    printf("#   embed %-8s bit-identical\n", epic_dtype_name(dts[k]));
+    if (k == 0) { /* an id outside the table: NaN rows, reported at the next download */
+      int32_t bad[2] = {5, (int32_t)rows};
+      int32_t *dbad = dup_dev(bad, sizeof bad);
+      assert_int_equal(g_gpu->vt->embed(g_gpu, &t.d, dbad, 2, dy), EPIC_OK);
+      assert_int_equal(g_gpu->vt->download(g_gpu, y, dy, (size_t)(2 * cols) * 4), EPIC_ERR_INVALID);
+      assert_true(isnan(y[cols]) && !isnan(y[0]));
+      assert_int_equal(epic_ops_cuda_sync(g_gpu), EPIC_OK); /* reported once */
+      dfree(dbad);
+    }
+    tw_free(&t);
+  }
+  dfree(dids);
+  dfree(dy);
+  free(y);
+  free(ref);
+}
+
+/* ------------------------------------------------------------------ router */
+
+static void check_route(const epic_router_params *p, int64_t m, int ties, const char *what) {
+  const int64_t ne = p->n_experts, k = p->top_k;
+  float *lg = xmalloc((size_t)(m * ne) * 4), *w = xmalloc((size_t)(m * k) * 4);
+  float *rw = xmalloc((size_t)(m * k) * 4);
+  int32_t *idx = xmalloc((size_t)(m * k) * 4), *ridx = xmalloc((size_t)(m * k) * 4);
+  for (int64_t i = 0; i < m * ne; i++)
+    lg[i] = ties ? (float)(rng_u64() % 3) - 1.0f : 4.0f * rng_f();
+  if (ties)
+    for (int64_t e = 0; e < ne; e++)
+      lg[e] = 0.5f;
+  epic_router_params dp = *p;
+  float *dbias = p->bias ? dup_dev(p->bias, (size_t)ne * 4) : NULL;
+  dp.bias = dbias;
+  float *dlg = dup_dev(lg, (size_t)(m * ne) * 4), *dw = dalloc((size_t)(m * k) * 4);
+  int32_t *didx = dalloc((size_t)(m * k) * 4);
+  poison(dw, (size_t)(m * k) * 4);
+  poison(didx, (size_t)(m * k) * 4);
+  assert_int_equal(g_gpu->vt->route(g_gpu, dlg, m, &dp, didx, dw), EPIC_OK);
+  fetch(idx, didx, (size_t)(m * k) * 4);
+  fetch(w, dw, (size_t)(m * k) * 4);
+  assert_int_equal(g_cpu->vt->route(g_cpu, lg, m, p, ridx, rw), EPIC_OK);
+  for (int64_t i = 0; i < m * k; i++)
+    if (idx[i] != ridx[i])
+      fail_msg("%s: token %lld slot %lld: expert %d, CPU %d", what, (long long)(i / k),
+               (long long)(i % k), idx[i], ridx[i]);
+  check_err(what, rel_err2d(w, 1, rw, 1, 1, m * k), 1e-6);
+  if (dbias)
+    dfree(dbias);
+  dfree(dlg);
+  dfree(dw);
+  dfree(didx);
+  free(lg);
+  free(w);
+  free(rw);
+  free(idx);
+  free(ridx);
+}
+
+static void test_route(void **state) {
+  (void)state;
+  float bias[256], tie_bias[256];
+  for (int e = 0; e < 256; e++) {
+    bias[e] = 0.5f * rng_f();
+    tie_bias[e] = (float)(e % 4) * 0.25f - 0.5f;
+  }
+  for (int ties = 0; ties < 2; ties++)
+    for (int scoring = 0; scoring < 2; scoring++)
+      for (int nb = 0; nb < 3; nb++) {
+        const float *bp = nb == 0 ? NULL : nb == 1 ? bias : tie_bias;
+        char what[96];
+        snprintf(what, sizeof what, "route V3 (%s, bias %d, ties %d)",
+                 scoring ? "softmax" : "sigmoid", nb, ties);
+        const epic_router_params v3 = {.n_experts = 256,
+                                       .top_k = 8,
+                                       .n_group = 8,
+                                       .topk_group = 4,
+                                       .scoring = scoring,
+                                       .norm_topk_prob = 1,
+                                       .routed_scaling_factor = 2.5f,
+                                       .bias = bp};
+        check_route(&v3, 301, ties, what);
+        const epic_router_params flat = {.n_experts = 64,
+                                         .top_k = 6,
+                                         .n_group = 1,
+                                         .topk_group = 1,
+                                         .scoring = scoring,
+                                         .norm_topk_prob = 0,
+                                         .routed_scaling_factor = 1.0f,
+                                         .bias = bp};
+        check_route(&flat, 5, ties, "  flat 64 experts");
+      }
+  const epic_router_params bad = {.n_experts = 8, .top_k = 1, .n_group = 3, .topk_group = 1};
+  float *d = dalloc(64);
+  assert_int_equal(g_gpu->vt->route(g_gpu, d, 1, &bad, (int32_t *)d, d), EPIC_ERR_INVALID);
+  dfree(d);
+}
+
+/* -------------------------------------------------------------- kv cache */
+
+typedef struct {
+  epic_kv_view h, d; /* host cache (CPU reference) and device copy, same block table */
+  int32_t *table;
+  int64_t n_pages;
+} tcache;
+
+/* A cache with n_pages pages of random rows (so unwritten garbage is not zero) and a
+ * shuffled block table over all of them. */
+static tcache cache_make(int64_t n_tok, int64_t page, int64_t lora, int64_t rope,
+                         int64_t extra_pages) {
+  tcache c;
+  memset(&c, 0, sizeof c);
+  const int64_t width = lora + rope;
+  c.n_pages = (n_tok + page - 1) / page + extra_pages;
+  c.table = xmalloc((size_t)c.n_pages * 4);
+  for (int64_t i = 0; i < c.n_pages; i++)
+    c.table[i] = (int32_t)i;
+  for (int64_t i = c.n_pages - 1; i > 0; i--) {
+    const int64_t j = (int64_t)(rng_u64() % (uint64_t)(i + 1));
+    const int32_t t = c.table[i];
+    c.table[i] = c.table[j];
+    c.table[j] = t;
+  }
+  const size_t pool = (size_t)(c.n_pages * page * width);
+  c.h.pool = xmalloc(pool * 4);
+  fill(c.h.pool, pool, 1.0f);
+  c.h.page_size = page;
+  c.h.width = width;
+  c.h.lora = lora;
+  c.h.block_table = c.table;
+  c.h.n_ctx = n_tok;
+  c.d = c.h;
+  c.d.pool = dup_dev(c.h.pool, pool * 4);
+  c.d.block_table = dup_dev(c.table, (size_t)c.n_pages * 4);
+  return c;
+}
+
+static void cache_free(tcache *c) {
+  free(c->h.pool);
+  free(c->table);
+  dfree(c->d.pool);
+  dfree((void *)c->d.block_table);
+}
+
+static void test_kv(void **state) {
+  (void)state;
+  const int64_t n = 300, lora = 512, rope = 64, width = lora + rope;
+  tcache c = cache_make(n, 64, lora, rope, 2);
+  const int64_t ldl = lora + 8, ldk = rope + 3;
+  float *lat = xmalloc((size_t)(n * ldl) * 4), *kpe = xmalloc((size_t)(n * ldk) * 4);
+  fill(lat, (size_t)(n * ldl), 1.0f);
+  fill(kpe, (size_t)(n * ldk), 1.0f);
+  float *dlat = dup_dev(lat, (size_t)(n * ldl) * 4), *dkpe = dup_dev(kpe, (size_t)(n * ldk) * 4);
+  /* two chunks, strided sources */
+  assert_int_equal(g_gpu->vt->kv_store(g_gpu, &c.d, 0, 100, dlat, ldl, dkpe, ldk), EPIC_OK);
+  assert_int_equal(
+      g_gpu->vt->kv_store(g_gpu, &c.d, 100, n - 100, dlat + 100 * ldl, ldl, dkpe + 100 * ldk, ldk),
+      EPIC_OK);
+  assert_int_equal(g_cpu->vt->kv_store(g_cpu, &c.h, 0, n, lat, ldl, kpe, ldk), EPIC_OK);
+  const size_t pool = (size_t)(c.n_pages * 64 * width);
+  float *got = xmalloc(pool * 4);
+  fetch(got, c.d.pool, pool * 4);
+  assert_memory_equal(got, c.h.pool, pool * 4); /* rows where the table says, rest untouched */
+  float *gl = dalloc((size_t)(n * lora) * 4), *gk = dalloc((size_t)(n * rope) * 4);
+  poison(gl, (size_t)(n * lora) * 4);
+  poison(gk, (size_t)(n * rope) * 4);
+  assert_int_equal(g_gpu->vt->kv_gather(g_gpu, &c.d, n, gl, gk), EPIC_OK);
+  float *hl = xmalloc((size_t)(n * lora) * 4), *hk = xmalloc((size_t)(n * rope) * 4);
+  fetch(hl, gl, (size_t)(n * lora) * 4);
+  fetch(hk, gk, (size_t)(n * rope) * 4);
+  for (int64_t t = 0; t < n; t++) {
+    assert_memory_equal(hl + t * lora, lat + t * ldl, (size_t)lora * 4);
+    assert_memory_equal(hk + t * rope, kpe + t * ldk, (size_t)rope * 4);
+  }
+  printf("#   kv_store / kv_gather V3 rows, 64-row pages, shuffled table: exact\n");
+  dfree(dlat);
+  dfree(dkpe);
+  dfree(gl);
+  dfree(gk);
+  free(lat);
+  free(kpe);
+  free(got);
+  free(hl);
+  free(hk);
+  cache_free(&c);
+}
+
+/* --------------------------------------------------------------- attention */
+
+static void check_mla_naive(int64_t m, int64_t start, int64_t H, int64_t nope, int64_t rope,
+                            int64_t v) {
+  const int64_t n = start + m, dq = nope + rope, dkv = nope + v;
+  const float scale = 1.7f / sqrtf((float)dq);
+  const size_t sq = (size_t)(m * H * dq), skv = (size_t)(n * H * dkv), sk = (size_t)(n * rope);
+  const size_t so = (size_t)(m * H * v);
+  float *q = xmalloc(sq * 4), *kvb = xmalloc(skv * 4), *kpe = xmalloc(sk * 4);
+  float *out = xmalloc(so * 4), *ref = xmalloc(so * 4);
+  fill(q, sq, 2.0f);
+  fill(kvb, skv, 1.0f);
+  fill(kpe, sk, 1.0f);
+  float *dq_ = dup_dev(q, sq * 4), *dkvb = dup_dev(kvb, skv * 4), *dkpe = dup_dev(kpe, sk * 4);
+  float *dout = dalloc(so * 4);
+  poison(dout, so * 4);
+  assert_int_equal(
+      g_gpu->vt->mla_naive(g_gpu, dq_, dkvb, dkpe, m, start, H, nope, rope, v, scale, dout),
+      EPIC_OK);
+  fetch(out, dout, so * 4);
+  assert_int_equal(g_cpu->vt->mla_naive(g_cpu, q, kvb, kpe, m, start, H, nope, rope, v, scale, ref),
+                   EPIC_OK);
+  char what[128];
+  snprintf(what, sizeof what, "mla_naive m=%lld start=%lld H=%lld nope=%lld rope=%lld v=%lld",
+           (long long)m, (long long)start, (long long)H, (long long)nope, (long long)rope,
+           (long long)v);
+  check_err(what, rel_err2d(out, 1, ref, 1, 1, (int64_t)so), 1e-5);
+  dfree(dq_);
+  dfree(dkvb);
+  dfree(dkpe);
+  dfree(dout);
+  free(q);
+  free(kvb);
+  free(kpe);
+  free(out);
+  free(ref);
+}
+
+/* off: ctx written at an offset of `off` floats (callers' slices need not be aligned). */
+static void check_mla_absorbed(int64_t m, int64_t start, int64_t H, int64_t lora, int64_t rope,
+                               int64_t page, int64_t off) {
+  const int64_t n = start + m;
+  const float scale = 1.0f / sqrtf(192.0f);
+  tcache c = cache_make(n, page, lora, rope, 1);
+  const size_t sa = (size_t)(m * H * lora), sp = (size_t)(m * H * rope);
+  float *qa = xmalloc(sa * 4), *qp = xmalloc(sp ? sp * 4 : 4), *ctx = xmalloc(sa * 4);
+  float *ref = xmalloc(sa * 4);
+  fill(qa, sa, 1.0f);
+  fill(qp, sp, 1.0f);
+  float *dqa = dup_dev(qa, sa * 4), *dqp = sp ? dup_dev(qp, sp * 4) : NULL;
+  float *dbuf = dalloc((sa + (size_t)off) * 4), *dctx = dbuf + off;
+  assert_int_equal(
+      g_cpu->vt->mla_absorbed(g_cpu, &c.h, qa, sp ? qp : NULL, m, start, H, scale, ref), EPIC_OK);
+  for (int prec = 1; prec >= 0; prec--) {
+    assert_int_equal(epic_ops_cuda_set_mla_precision(g_gpu, (epic_cuda_mla_precision)prec),
+                     EPIC_OK);
+    poison(dctx, sa * 4);
+    assert_int_equal(g_gpu->vt->mla_absorbed(g_gpu, &c.d, dqa, dqp, m, start, H, scale, dctx),
+                     EPIC_OK);
+    fetch(ctx, dctx, sa * 4);
+    char what[128];
+    snprintf(what, sizeof what, "mla_absorbed %s m=%lld start=%lld H=%lld lora=%lld rope=%lld%s",
+             prec ? "exact" : "tf32", (long long)m, (long long)start, (long long)H, (long long)lora,
+             (long long)rope, off ? " ctx+1" : "");
+    /* queries beyond the decode kernel's run go through fp32 GEMMs in both modes */
+    check_err(what, rel_err2d(ctx, 1, ref, 1, 1, (int64_t)sa), prec || m > 8 ? 1e-5 : 5e-3);
+  }
+  c.d.n_ctx = n - 1;
+  assert_int_equal(g_gpu->vt->mla_absorbed(g_gpu, &c.d, dqa, dqp, m, start, H, scale, dctx),
+                   EPIC_ERR_INVALID);
+  dfree(dqa);
+  if (dqp)
+    dfree(dqp);
+  dfree(dbuf);
+  free(qa);
+  free(qp);
+  free(ctx);
+  free(ref);
+  cache_free(&c);
+}
+
+static void check_mla_batch(int64_t n_seq, const int32_t *lens, int64_t H, int64_t lora,
+                            int64_t rope, int64_t page, int64_t off) {
+  const int64_t width = lora + rope;
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < n_seq; s++)
+    max_len = lens[s] > max_len ? lens[s] : max_len;
+  const int64_t stride = (max_len + page - 1) / page + 1;
+  /* one pool, every sequence's pages scattered through it */
+  const int64_t n_pages = n_seq * stride;
+  tcache c = cache_make(n_pages * page, page, lora, rope, 0);
+  int32_t *tables = xmalloc((size_t)(n_seq * stride) * 4);
+  for (int64_t i = 0; i < n_seq * stride; i++)
+    tables[i] = c.table[i]; /* the shuffled permutation, cut into per-sequence rows */
+  epic_kv_batch hb = {.pool = c.h.pool,
+                      .page_size = page,
+                      .width = width,
+                      .lora = lora,
+                      .block_tables = tables,
+                      .table_stride = stride,
+                      .n_ctx = lens,
+                      .max_ctx = max_len};
+  epic_kv_batch db = hb;
+  db.pool = c.d.pool;
+  db.block_tables = dup_dev(tables, (size_t)(n_seq * stride) * 4);
+  db.n_ctx = dup_dev(lens, (size_t)n_seq * 4);
+  const size_t sa = (size_t)(n_seq * H * lora), sp = (size_t)(n_seq * H * rope);
+  float *qa = xmalloc(sa * 4), *qp = xmalloc(sp * 4), *ctx = xmalloc(sa * 4),
+        *ref = xmalloc(sa * 4);
+  fill(qa, sa, 1.0f);
+  fill(qp, sp, 1.0f);
+  float *dqa = dup_dev(qa, sa * 4), *dqp = dup_dev(qp, sp * 4);
+  float *dbuf = dalloc((sa + (size_t)off) * 4), *dctx = dbuf + off;
+  const float scale = 1.0f / sqrtf(192.0f);
+  assert_int_equal(g_cpu->vt->mla_absorbed_batch(g_cpu, &hb, n_seq, qa, qp, H, scale, ref),
+                   EPIC_OK);
+  for (int prec = 1; prec >= 0; prec--) {
+    assert_int_equal(epic_ops_cuda_set_mla_precision(g_gpu, (epic_cuda_mla_precision)prec),
+                     EPIC_OK);
+    poison(dctx, sa * 4);
+    assert_int_equal(g_gpu->vt->mla_absorbed_batch(g_gpu, &db, n_seq, dqa, dqp, H, scale, dctx),
+                     EPIC_OK);
+    fetch(ctx, dctx, sa * 4);
+    char what[128];
+    snprintf(what, sizeof what, "mla_absorbed_batch %s n_seq=%lld max_len=%lld H=%lld%s",
+             prec ? "exact" : "tf32", (long long)n_seq, (long long)max_len, (long long)H,
+             off ? " ctx+1" : "");
+    check_err(what, rel_err2d(ctx, 1, ref, 1, 1, (int64_t)sa), prec ? 1e-5 : 5e-3);
+  }
+  dfree((void *)db.block_tables);
+  dfree((void *)db.n_ctx);
+  dfree(dqa);
+  dfree(dqp);
+  dfree(dbuf);
+  free(tables);
+  free(qa);
+  free(qp);
+  free(ctx);
+  free(ref);
+  cache_free(&c);
+}
+
+static void test_mla(void **state) {
+  (void)state;
+  check_mla_naive(5, 0, 4, 16, 8, 12);
+  check_mla_naive(7, 9, 4, 16, 8, 12);
+  check_mla_naive(1, 20, 4, 16, 8, 12);
+  check_mla_naive(70, 100, 3, 24, 8, 20);
+  check_mla_naive(33, 300, 128, 128, 64, 128); /* V3 heads, prefill chunk with context */
+  check_mla_absorbed(5, 0, 4, 32, 8, 3, 0);
+  check_mla_absorbed(1, 20, 4, 32, 8, 3, 0);
+  check_mla_absorbed(1, 0, 3, 16, 4, 3, 0);
+  check_mla_absorbed(40, 3, 2, 24, 8, 5, 0);
+  check_mla_absorbed(1, 999, 128, 512, 64, 64, 0);  /* V3 decode, 1000 keys */
+  check_mla_absorbed(1, 4095, 128, 512, 64, 64, 1); /* V3 decode, split context, odd ctx */
+  check_mla_absorbed(5, 700, 128, 512, 64, 64, 0);  /* several query tokens, decode kernel */
+  check_mla_absorbed(12, 200, 128, 512, 64, 64, 0); /* GEMM path */
+  check_mla_absorbed(3, 50, 70, 512, 64, 64, 0);    /* head count not a multiple of 64 */
+  check_mla_absorbed(1, 300, 128, 512, 64, 16, 0);  /* V3 rows, page = tile */
+  check_mla_absorbed(2, 100, 128, 512, 64, 3, 0);   /* V3 rows, pages that split tiles */
+  const int32_t lens[6] = {1, 64, 65, 700, 1500, 3001};
+  check_mla_batch(6, lens, 128, 512, 64, 64, 0);
+  const int32_t lens2[3] = {5, 17, 2};
+  check_mla_batch(3, lens2, 4, 32, 8, 3, 0);
+  int32_t lens3[70]; /* enough sequences for one split each, odd ctx */
+  for (int i = 0; i < 70; i++)
+    lens3[i] = 1 + (int32_t)(rng_u64() % 300);
+  check_mla_batch(70, lens3, 128, 512, 64, 64, 1);
+}
+
+static void test_head_gemm(void **state) {
+  (void)state;
+  static const int64_t shapes[][4] = {
+      {3, 4, 7, 5}, {1, 5, 9, 3}, {4, 128, 128, 512}, {4, 128, 512, 128}};
+  for (int s = 0; s < 4; s++)
+    for (int trans = 0; trans < 2; trans++) {
+      const int64_t m = shapes[s][0], H = shapes[s][1], k = shapes[s][2], n = shapes[s][3];
+      const int64_t ldxh = k + 2, ldxt = H * ldxh + 1, ldyh = n + 1, ldyt = H * ldyh + 3;
+      const int64_t lda = k * n + 5;
+      const size_t sx = (size_t)(m * ldxt), sa = (size_t)(H * lda), sy = (size_t)(m * ldyt);
+      float *x = xmalloc(sx * 4), *a = xmalloc(sa * 4), *y = xmalloc(sy * 4),
+            *ref = xmalloc(sy * 4);
+      fill(x, sx, 1.0f);
+      fill(a, sa, 1.0f);
+      memset(ref, 0, sy * 4);
+      float *dx = dup_dev(x, sx * 4), *da = dup_dev(a, sa * 4), *dy = dalloc(sy * 4);
+      poison(dy, sy * 4);
+      assert_int_equal(
+          g_gpu->vt->head_gemm(g_gpu, dx, ldxt, ldxh, m, H, da, lda, k, n, trans, dy, ldyt, ldyh),
+          EPIC_OK);
+      fetch(y, dy, sy * 4);
+      assert_int_equal(
+          g_cpu->vt->head_gemm(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans, ref, ldyt, ldyh),
+          EPIC_OK);
+      double num = 0, den = 0;
+      for (int64_t t = 0; t < m; t++)
+        for (int64_t h = 0; h < H; h++)
+          for (int64_t j = 0; j < n; j++) {
+            const double g = y[t * ldyt + h * ldyh + j], r = ref[t * ldyt + h * ldyh + j];
+            num += isfinite(g) ? (g - r) * (g - r) : INFINITY;
+            den += r * r;
+          }
+      char what[96];
+      snprintf(what, sizeof what, "head_gemm m=%lld H=%lld k=%lld n=%lld trans=%d", (long long)m,
+               (long long)H, (long long)k, (long long)n, trans);
+      check_err(what, sqrt(num / den), 1e-5);
+      dfree(dx);
+      dfree(da);
+      dfree(dy);
+      free(x);
+      free(a);
+      free(y);
+      free(ref);
+    }
+}
+
+int main(void) {
+  if (epic_cuda_device_count() <= 0) {
+    printf("SKIP: no CUDA device\n");
+    return 77;
+  }
+  const char *env = getenv("EPIC_TEST_SEED");
+  const uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
+  printf("# seed %llu (EPIC_TEST_SEED to replay)\n", (unsigned long long)seed);
+  rng_state = seed * 0x9e3779b97f4a7c15ull + 1;
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_memory),    cmocka_unit_test(test_matmul),
+      cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),
+      cmocka_unit_test(test_silu_axpy), cmocka_unit_test(test_embed),
+      cmocka_unit_test(test_route),     cmocka_unit_test(test_kv),
+      cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_mla),
+  };
+  return cmocka_run_group_tests_name("ops_cuda", tests, setup, teardown);
+}
