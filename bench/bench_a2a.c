@@ -127,7 +127,7 @@ int main(int argc, char **argv) {
   if (epic_comm_mpi_init(&argc, &argv, &rank, &size) != EPIC_OK) return 1;
   epic_log_init(EPIC_LOG_LEVEL_WARN, rank);
   epic_comm *c = NULL;
-  epic_comm_params prm = {.size = sizeof prm, .backend = backend};
+  epic_comm_params prm = {.size = sizeof prm, .backend = backend, .device = -1};
   if (epic_comm_create(&prm, &c) != EPIC_OK) {
     epic_comm_mpi_finalize();
     return 1;

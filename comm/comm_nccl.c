@@ -56,13 +56,27 @@ static epic_status cuda_error(cudaError_t e, const char *what, const char *file,
     if (ce_ != cudaSuccess) return cuda_error(ce_, #call, __FILE__, __LINE__);         \
   } while (0)
 
+/* Usable when every rank sees a GPU and, with automatic device choice, a node
+ * has no more ranks than GPUs (two ranks on one GPU make NCCL fail with
+ * "Duplicate GPU detected"). Collective over the bootstrap communicator, and the
+ * ranks agree, so that all of them pick the same backend. */
 static epic_status epic_nccl_query(const epic_comm_params *p, int *priority) {
-  int n = 0;
-  (void)p;
+  MPI_Comm boot = p->bootstrap ? *(const MPI_Comm *)p->bootstrap : MPI_COMM_WORLD, node;
+  int n = 0, local = 1, ok;
   cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess || n == 0) {
-    EPIC_LOG_DEBUG("comm: nccl not usable: %s",
-                   e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
+  if (MPI_Comm_split_type(boot, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+    MPI_Comm_size(node, &local);
+    MPI_Comm_free(&node);
+  }
+  ok = e == cudaSuccess && n > 0 && (p->device >= 0 || local <= n);
+  if (MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, boot) != MPI_SUCCESS) ok = 0;
+  if (!ok) {
+    if (e != cudaSuccess || n == 0)
+      EPIC_LOG_DEBUG("comm: nccl not usable: %s", e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
+    else if (p->device < 0 && local > n)
+      EPIC_LOG_DEBUG("comm: nccl not usable: %d ranks on this node but %d GPUs", local, n);
+    else
+      EPIC_LOG_DEBUG("comm: nccl not usable on another rank");
     return EPIC_ERR_UNSUPPORTED;
   }
   *priority = 100;

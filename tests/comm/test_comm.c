@@ -422,7 +422,7 @@ static void test_second_comm(void **state) {
   (void)state;
   begin();
   epic_comm *c2 = NULL;
-  epic_comm_params p = {.size = sizeof p, .backend = g_backend};
+  epic_comm_params p = {.size = sizeof p, .backend = g_backend, .device = -1};
   epic_status st = epic_comm_create(&p, &c2);
   CHECK(st == EPIC_OK, "second create: %s", epic_status_str(st));
   if (c2) {
@@ -442,7 +442,7 @@ int main(int argc, char **argv) {
     g_backend = argv[1];
   else if (env && *env)
     g_backend = env;
-  epic_comm_params p = {.size = sizeof p, .backend = g_backend};
+  epic_comm_params p = {.size = sizeof p, .backend = g_backend, .device = -1};
   epic_status st = epic_comm_create(&p, &g_comm);
   if (st != EPIC_OK) {
     fprintf(stderr, "[rank %d] cannot create backend %s: %s\n", g_rank, g_backend,
