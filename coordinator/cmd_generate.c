@@ -1,8 +1,14 @@
-/* `epic generate`: one prompt through the model on this machine, streamed. */
+/* `epic generate`: one prompt through the model on this machine, streamed; or
+ * many prompts at once (--requests FILE.jsonl) through the serving engine, on
+ * one process or under mpirun. */
 #define _GNU_SOURCE
 #include "cmd_generate.h"
 
+#include <cjson/cJSON.h>
+#include <errno.h>
 #include <getopt.h>
+#include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,8 +16,11 @@
 
 #include "cli_util.h"
 #include "comm/comm.h"
+#include "common/clock.h"
 #include "common/log.h"
 #include "common/npy.h"
+#include "coordinator/cluster.h"
+#include "coordinator/engine.h"
 #include "coordinator/tokenizer/chat.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "kernels/ops.h"
@@ -20,9 +29,19 @@
 
 static const char *USAGE =
     "usage: epic generate --model DIR (--prompt-ids IDS | --prompt TEXT [--chat]) [options]\n"
+    "       epic generate --model DIR --requests FILE.jsonl [options]\n"
+    "       mpirun -np N epic generate ... (experts spread over the N ranks)\n"
     "\n"
     "Runs one prompt through the model on this machine (CPU) and streams the\n"
     "generated text to stdout (or prints one JSON line with --json).\n"
+    "With --requests, runs every request of FILE at once through the serving engine\n"
+    "(continuous batching, chunked prefill; under mpirun each sequence's KV cache\n"
+    "lives on one rank) and prints one JSON line per request, in input order:\n"
+    "  {\"index\",\"prompt_ids\",\"output_ids\",\"finish_reason\",\"text\" (with a tokenizer)}\n"
+    "FILE has one JSON object per line: {\"prompt_ids\":[...],\"max_new_tokens\":N} and\n"
+    "optionally \"temperature\", \"top_p\", \"top_k\", \"seed\", \"ignore_eos\"; the\n"
+    "command-line values are the defaults of every field but prompt_ids. Blank lines\n"
+    "are skipped.\n"
     "\n"
     "input:\n"
     "  --model DIR             checkpoint directory (config.json, safetensors, tokenizer)\n"
@@ -32,6 +51,7 @@ static const char *USAGE =
     "  --system TEXT           system prompt for --chat\n"
     "  --chat-template NAME    auto (from tokenizer_config.json), v3 or r1\n"
     "  --no-bos                with a raw --prompt, do not prepend BOS\n"
+    "  --requests FILE         many requests, one JSON object per line (see above)\n"
     "sampling:\n"
     "  --max-new-tokens N      tokens to generate (default 128)\n"
     "  --temperature T         0 = greedy (default 0)\n"
@@ -49,8 +69,15 @@ static const char *USAGE =
     "  --num-experts N         use only N routed experts (likewise)\n"
     "  --weight-seed S         seed of dummy weights (default 0)\n"
     "  --threads N             compute threads (default: all cores)\n"
-    "  --prefill-chunk N       prompt tokens per forward step (default: whole prompt)\n"
+    "  --prefill-chunk N       prompt tokens per forward step (default: whole prompt;\n"
+    "                          with --requests, per sequence and step, default 512)\n"
     "  --page-size N           KV cache page size in tokens (default 64)\n"
+    "  --micro-batches 1|2     split each rank's batch in two so that one half's compute\n"
+    "                          overlaps the other's all-to-alls (default 1; same results)\n"
+    "  --max-batch N           --requests: sequences running at once in the job (default 256)\n"
+    "  --step-tokens N         --requests: tokens per rank and step (default 2048)\n"
+    "  --kv-pages N            --requests: KV cache pages per rank (default: room for every\n"
+    "                          request at once, at most 1 GiB)\n"
     "  --comm NAME             expert-parallel backend under mpirun: auto, mpi, ucx or nccl\n"
     "                          (default auto; used whenever the job has several ranks)\n"
     "  -v, --verbose           timing and load information on stderr\n"
@@ -58,8 +85,10 @@ static const char *USAGE =
 
 typedef struct gen_opts {
   const char *model, *prompt_ids, *prompt, *system, *dump_logits, *dump_mtp, *template_name, *comm;
+  const char *requests;
   int chat, no_bos, json, ignore_eos, verbose, dummy;
   int64_t max_new, top_k, num_layers, num_experts, threads, chunk, page_size;
+  int64_t micro_batches, max_batch, step_tokens, kv_pages;
   float temperature, top_p;
   uint64_t seed, weight_seed;
 } gen_opts;
@@ -87,7 +116,8 @@ static epic_status on_token(void *user, int32_t id, float logprob) {
 static int parse(int argc, char **argv, gen_opts *o) {
   enum { O_PIDS = 256, O_PROMPT, O_CHAT, O_SYSTEM, O_NOBOS, O_MAXNEW, O_TEMP, O_TOPP, O_TOPK,
          O_SEED, O_IGNEOS, O_JSON, O_DUMP, O_DUMPMTP, O_LOADFMT, O_NLAYERS, O_NEXPERTS, O_WSEED,
-         O_THREADS, O_CHUNK, O_PAGE, O_MODEL, O_TEMPLATE, O_COMM };
+         O_THREADS, O_CHUNK, O_PAGE, O_MODEL, O_TEMPLATE, O_COMM, O_REQUESTS, O_MB, O_MAXBATCH,
+         O_STEPTOK, O_KVPAGES };
   static const struct option longopts[] = {
       {"model", required_argument, 0, O_MODEL},
       {"prompt-ids", required_argument, 0, O_PIDS},
@@ -113,6 +143,11 @@ static int parse(int argc, char **argv, gen_opts *o) {
       {"prefill-chunk", required_argument, 0, O_CHUNK},
       {"page-size", required_argument, 0, O_PAGE},
       {"comm", required_argument, 0, O_COMM},
+      {"requests", required_argument, 0, O_REQUESTS},
+      {"micro-batches", required_argument, 0, O_MB},
+      {"max-batch", required_argument, 0, O_MAXBATCH},
+      {"step-tokens", required_argument, 0, O_STEPTOK},
+      {"kv-pages", required_argument, 0, O_KVPAGES},
       {"verbose", no_argument, 0, 'v'},
       {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
@@ -122,6 +157,7 @@ static int parse(int argc, char **argv, gen_opts *o) {
   o->max_new = 128;
   o->top_p = 1.0f;
   o->page_size = 64;
+  o->micro_batches = 1;
   o->template_name = "auto";
   optind = 1;
   while ((c = getopt_long(argc, argv, "vh", longopts, NULL)) != -1) {
@@ -156,7 +192,21 @@ static int parse(int argc, char **argv, gen_opts *o) {
     case O_WSEED: bad = epic_cli_u64(cmd, "--weight-seed", optarg, &o->weight_seed); break;
     case O_THREADS: bad = epic_cli_i64(cmd, "--threads", optarg, 1, 4096, &o->threads); break;
     case O_CHUNK: bad = epic_cli_i64(cmd, "--prefill-chunk", optarg, 1, 1 << 30, &o->chunk); break;
-    case O_COMM: o->comm = optarg; break;
+    case O_COMM:
+      /* Checked here so that a typo fails at once on every rank, before MPI or loading. */
+      if (strcmp(optarg, "auto") && strcmp(optarg, "mpi") && strcmp(optarg, "ucx") &&
+          strcmp(optarg, "nccl")) {
+        fprintf(stderr, "epic generate: --comm: expected auto, mpi, ucx or nccl, got '%s' "
+                        "(this build has %s)\n", optarg, epic_comm_backends());
+        bad = -1;
+      }
+      o->comm = optarg;
+      break;
+    case O_REQUESTS: o->requests = optarg; break;
+    case O_MB: bad = epic_cli_i64(cmd, "--micro-batches", optarg, 1, 2, &o->micro_batches); break;
+    case O_MAXBATCH: bad = epic_cli_i64(cmd, "--max-batch", optarg, 1, 1 << 24, &o->max_batch); break;
+    case O_STEPTOK: bad = epic_cli_i64(cmd, "--step-tokens", optarg, 1, 1 << 30, &o->step_tokens); break;
+    case O_KVPAGES: bad = epic_cli_i64(cmd, "--kv-pages", optarg, 1, INT32_MAX, &o->kv_pages); break;
     case O_PAGE: bad = epic_cli_i64(cmd, "--page-size", optarg, 1, 1 << 20, &o->page_size); break;
     case 'v': o->verbose = 1; break;
     case 'h': fputs(USAGE, stdout); return 1;
@@ -172,8 +222,18 @@ static int parse(int argc, char **argv, gen_opts *o) {
     fputs("epic generate: --model DIR is required (see --help)\n", stderr);
     return -1;
   }
+  if (o->requests) {
+    const char *other = o->prompt_ids ? "--prompt-ids" : o->prompt ? "--prompt" : o->chat ? "--chat"
+                        : o->system ? "--system" : o->dump_logits ? "--dump-logits"
+                        : o->dump_mtp ? "--dump-mtp-logits" : NULL;
+    if (other) {
+      fprintf(stderr, "epic generate: %s cannot be combined with --requests\n", other);
+      return -1;
+    }
+    return 0;
+  }
   if (!!o->prompt_ids + !!o->prompt != 1) {
-    fputs("epic generate: give exactly one of --prompt-ids and --prompt\n", stderr);
+    fputs("epic generate: give exactly one of --prompt-ids, --prompt and --requests\n", stderr);
     return -1;
   }
   if ((o->chat || o->system) && !o->prompt) {
@@ -228,10 +288,387 @@ static int build_prompt(const gen_opts *o, const epic_model_config *cfg, const e
   return 0;
 }
 
+/* ------------------------------------------------------------- --requests */
+
+/* One request of the file and, after the run, its result. */
+typedef struct req_line {
+  int32_t *prompt;
+  int64_t n_prompt, max_new;
+  epic_sampling_params sp;
+  int ignore_eos;
+  int32_t *out;
+  int64_t n_out, cap_out;
+  epic_engine_finish finish;
+  int done;
+} req_line;
+
+typedef struct req_file {
+  const char *path;
+  long long line;
+} req_file;
+
+static int req_error(const req_file *f, const char *field, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int req_error(const req_file *f, const char *field, const char *fmt, ...) {
+  va_list ap;
+  fprintf(stderr, "epic generate: --requests %s line %lld: ", f->path, f->line);
+  if (field) fprintf(stderr, "\"%s\": ", field);
+  va_start(ap, fmt);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fputc('\n', stderr);
+  return -1;
+}
+
+/* An integral JSON number in [min, max] (doubles hold integers exactly up to 2^53). */
+static int json_int(const cJSON *v, int64_t min, int64_t max, int64_t *out) {
+  if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < (double)min ||
+      v->valuedouble > (double)max)
+    return -1;
+  *out = (int64_t)v->valuedouble;
+  return 0;
+}
+
+static int parse_request(const req_file *f, const cJSON *obj, const epic_model_config *cfg,
+                         const gen_opts *o, req_line *r) {
+  const cJSON *it;
+  int have_prompt = 0;
+  int64_t v;
+  if (!cJSON_IsObject(obj)) return req_error(f, NULL, "expected a JSON object");
+  r->max_new = o->max_new;
+  r->ignore_eos = o->ignore_eos;
+  r->sp = (epic_sampling_params){.size = sizeof r->sp,
+                                 .temperature = o->temperature,
+                                 .top_p = o->top_p,
+                                 .top_k = o->top_k,
+                                 .seed = o->seed};
+  cJSON_ArrayForEach(it, obj) {
+    const char *k = it->string;
+    if (strcmp(k, "prompt_ids") == 0) {
+      int n = cJSON_GetArraySize(it), i = 0;
+      const cJSON *id;
+      if (!cJSON_IsArray(it) || n < 1)
+        return req_error(f, k, "expected a non-empty array of token ids");
+      r->prompt = malloc((size_t)n * sizeof *r->prompt);
+      if (!r->prompt) return req_error(f, k, "out of memory");
+      cJSON_ArrayForEach(id, it) {
+        if (json_int(id, 0, cfg->vocab_size - 1, &v))
+          return req_error(f, k, "item %d is not a token id in [0, %lld)", i + 1,
+                           (long long)cfg->vocab_size);
+        r->prompt[i++] = (int32_t)v;
+      }
+      r->n_prompt = n;
+      have_prompt = 1;
+    } else if (strcmp(k, "max_new_tokens") == 0) {
+      if (json_int(it, 0, 1 << 30, &r->max_new))
+        return req_error(f, k, "expected an integer in [0, %d]", 1 << 30);
+    } else if (strcmp(k, "temperature") == 0) {
+      if (!cJSON_IsNumber(it) || !(it->valuedouble >= 0) || it->valuedouble > 1e6)
+        return req_error(f, k, "expected a number in [0, 1e6]");
+      r->sp.temperature = (float)it->valuedouble;
+    } else if (strcmp(k, "top_p") == 0) {
+      if (!cJSON_IsNumber(it) || !(it->valuedouble > 0) || it->valuedouble > 1)
+        return req_error(f, k, "expected a number in (0, 1]");
+      r->sp.top_p = (float)it->valuedouble;
+    } else if (strcmp(k, "top_k") == 0) {
+      if (json_int(it, 0, INT32_MAX, &r->sp.top_k))
+        return req_error(f, k, "expected an integer >= 0");
+    } else if (strcmp(k, "seed") == 0) {
+      if (json_int(it, 0, (int64_t)1 << 53, &v))
+        return req_error(f, k, "expected an integer in [0, 2^53]");
+      r->sp.seed = (uint64_t)v;
+    } else if (strcmp(k, "ignore_eos") == 0) {
+      if (!cJSON_IsBool(it)) return req_error(f, k, "expected true or false");
+      r->ignore_eos = cJSON_IsTrue(it);
+    } else {
+      return req_error(f, k, "unknown field (expected prompt_ids, max_new_tokens, temperature, "
+                             "top_p, top_k, seed, ignore_eos)");
+    }
+  }
+  if (!have_prompt) return req_error(f, "prompt_ids", "missing");
+  if (r->n_prompt + r->max_new > cfg->max_position_embeddings)
+    return req_error(f, "max_new_tokens", "prompt (%lld) + max_new_tokens (%lld) exceeds the context length %lld",
+                     (long long)r->n_prompt, (long long)r->max_new,
+                     (long long)cfg->max_position_embeddings);
+  return 0;
+}
+
+static void free_requests(req_line *reqs, int64_t n) {
+  for (int64_t i = 0; reqs && i < n; i++) {
+    free(reqs[i].prompt);
+    free(reqs[i].out);
+  }
+  free(reqs);
+}
+
+/* Every request of the file, validated against the model's config. */
+static int read_requests(const gen_opts *o, const epic_model_config *cfg, req_line **out, int64_t *n_out) {
+  req_file f = {.path = o->requests};
+  FILE *fp = fopen(o->requests, "r");
+  char *buf = NULL;
+  size_t cap = 0;
+  ssize_t len;
+  req_line *reqs = NULL;
+  int64_t n = 0, rcap = 0;
+  int rc = 0;
+  if (!fp) {
+    fprintf(stderr, "epic generate: --requests %s: %s\n", o->requests, strerror(errno));
+    return -1;
+  }
+  while (rc == 0 && (len = getline(&buf, &cap, fp)) >= 0) {
+    f.line++;
+    if (strspn(buf, " \t\r\n") == (size_t)len) continue;
+    if (n == rcap) {
+      int64_t c = rcap ? rcap * 2 : 64;
+      req_line *nr = realloc(reqs, (size_t)c * sizeof *nr);
+      if (!nr) {
+        rc = req_error(&f, NULL, "out of memory");
+        break;
+      }
+      reqs = nr;
+      rcap = c;
+    }
+    memset(&reqs[n], 0, sizeof reqs[n]);
+    cJSON *obj = cJSON_ParseWithLength(buf, (size_t)len);
+    if (!obj)
+      rc = req_error(&f, NULL, "malformed JSON");
+    else
+      rc = parse_request(&f, obj, cfg, o, &reqs[n]);
+    cJSON_Delete(obj);
+    n++;
+  }
+  if (rc == 0 && ferror(fp)) {
+    fprintf(stderr, "epic generate: --requests %s: read error\n", o->requests);
+    rc = -1;
+  }
+  if (rc == 0 && n == 0) {
+    fprintf(stderr, "epic generate: --requests %s: no requests in the file\n", o->requests);
+    rc = -1;
+  }
+  free(buf);
+  fclose(fp);
+  if (rc) {
+    free_requests(reqs, n);
+    return -1;
+  }
+  *out = reqs;
+  *n_out = n;
+  return 0;
+}
+
+static int req_on_token(void *user, int32_t id, float logprob) {
+  req_line *r = user;
+  (void)logprob;
+  if (r->n_out == r->cap_out) {
+    int64_t c = r->cap_out ? r->cap_out * 2 : 64;
+    int32_t *n = realloc(r->out, (size_t)c * sizeof *n);
+    if (!n) return -1; /* ends the request as cancelled; reported below */
+    r->out = n;
+    r->cap_out = c;
+  }
+  r->out[r->n_out++] = id;
+  return 0;
+}
+
+static void req_on_finish(void *user, const epic_engine_result *res) {
+  req_line *r = user;
+  r->finish = res->finish;
+  r->done = 1;
+}
+
+/* The launcher's rank of this process, known before MPI starts (0 without one). */
+static int launcher_rank(void) {
+  const char *v = getenv("OMPI_COMM_WORLD_RANK");
+  if (!v) v = getenv("PMIX_RANK");
+  if (!v) v = getenv("PMI_RANK");
+  return v ? atoi(v) : 0;
+}
+
+/* KV pages per rank when --kv-pages is not given: room for every request at
+ * once (so admission is bound by --max-batch only), at most 1 GiB. */
+static int64_t default_kv_pages(const gen_opts *o, const epic_model_config *cfg, const req_line *reqs,
+                                int64_t n) {
+  const int64_t per_page = cfg->num_hidden_layers * o->page_size *
+                           (cfg->kv_lora_rank + cfg->qk_rope_head_dim) * (int64_t)sizeof(float);
+  int64_t sum = 0, one = 1, cap = ((int64_t)1 << 30) / (per_page > 0 ? per_page : 1);
+  for (int64_t i = 0; i < n; i++) {
+    int64_t p = (reqs[i].n_prompt + reqs[i].max_new + o->page_size - 1) / o->page_size;
+    sum += p;
+    if (p > one) one = p;
+  }
+  if (sum > cap) sum = cap;
+  return sum > one ? sum : one;
+}
+
+static void print_result(int64_t i, const req_line *r, const epic_tokenizer *tok) {
+  printf("{\"index\":%lld,\"prompt_ids\":", (long long)i);
+  epic_cli_json_ids(stdout, r->prompt, r->n_prompt);
+  printf(",\"output_ids\":");
+  epic_cli_json_ids(stdout, r->out, r->n_out);
+  printf(",\"finish_reason\":\"%s\"", r->finish == EPIC_ENGINE_FINISH_STOP ? "stop" : "length");
+  if (tok) {
+    char *text = NULL;
+    size_t len = 0;
+    if (epic_tokenizer_decode(tok, r->out, (size_t)r->n_out, 1, &text, &len) == EPIC_OK) {
+      printf(",\"text\":");
+      epic_cli_json_string(stdout, text, len);
+    }
+    epic_tokenizer_text_free(text);
+  }
+  printf("}\n");
+}
+
+/* What rank 0 tells the others before the engine starts. */
+typedef struct run_setup {
+  int64_t ok, kv_pages, max_queue;
+} run_setup;
+
+static int run_requests(const gen_opts *o) {
+  const int parses = launcher_rank() == 0;
+  epic_model_config cfg;
+  req_line *reqs = NULL;
+  int64_t n_req = 0;
+  int refused = 0;
+  epic_cluster *cl = NULL;
+  epic_engine *eng = NULL;
+  epic_tokenizer *tok = NULL;
+  run_setup setup = {0};
+  char tok_path[4096];
+  int rank, rc = 1, collective_ok = 1;
+  double t0 = 0, seconds = 0;
+  epic_engine_stats stats = {0};
+
+  /* Rank 0 reads and checks every request before anything is loaded. */
+  if (parses) {
+    if (epic_config_load_dir(o->model, &cfg) != EPIC_OK ||
+        epic_config_override(&cfg, o->num_layers, o->num_experts) != EPIC_OK)
+      return 1;
+    if (read_requests(o, &cfg, &reqs, &n_req) != 0) return 2;
+  }
+  {
+    epic_cluster_params cp = {.size = sizeof cp,
+                              .cmd = "generate",
+                              .model_dir = o->model,
+                              .comm = o->comm,
+                              .dummy = o->dummy,
+                              .weight_seed = o->weight_seed,
+                              .num_layers = o->num_layers,
+                              .num_experts = o->num_experts,
+                              .threads = o->threads,
+                              .max_batch_tokens = o->step_tokens,
+                              .progress = 1};
+    if (epic_cluster_open(&cp, &cl) != EPIC_OK) {
+      free_requests(reqs, n_req);
+      return 1;
+    }
+  }
+  rank = epic_cluster_rank(cl);
+  if (epic_cluster_size(cl) > 1)
+    epic_log_init(o->verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, rank);
+  const epic_model_config *mc = epic_model_get_config(epic_cluster_model(cl));
+  if (rank == 0) {
+    setup.ok = 1;
+    if (!parses) {
+      fprintf(stderr, "epic generate: rank 0 could not tell its rank before MPI started "
+                      "(set OMPI_COMM_WORLD_RANK, PMIX_RANK or PMI_RANK)\n");
+      setup.ok = 0;
+    }
+    snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", o->model);
+    if (setup.ok && access(tok_path, R_OK) == 0 && epic_tokenizer_load_dir(o->model, &tok) != EPIC_OK)
+      setup.ok = 0;
+    setup.kv_pages = o->kv_pages ? o->kv_pages : default_kv_pages(o, mc, reqs, n_req);
+    setup.max_queue = n_req > 1024 ? n_req : 1024;
+  }
+  if (epic_cluster_comm(cl) &&
+      epic_comm_bcast(epic_cluster_comm(cl), &setup, sizeof setup, 0) != EPIC_OK) {
+    collective_ok = 0;
+    goto done;
+  }
+  if (!setup.ok) goto done;
+  {
+    epic_engine_params ep = {.size = sizeof ep,
+                             .model = epic_cluster_model(cl),
+                             .comm = epic_cluster_comm(cl),
+                             .page_size = o->page_size,
+                             .kv_pages = setup.kv_pages,
+                             .max_batch = o->max_batch,
+                             .max_queue = setup.max_queue,
+                             .step_tokens = o->step_tokens,
+                             .prefill_chunk = o->chunk,
+                             .micro_batches = (int)o->micro_batches};
+    if (epic_engine_create(&ep, &eng) != EPIC_OK) goto done;
+  }
+  t0 = epic_now_seconds();
+  if (rank == 0) {
+    for (int64_t i = 0; i < n_req; i++) {
+      req_line *r = &reqs[i];
+      if (r->max_new == 0) { /* nothing to generate: a result without a step */
+        r->finish = EPIC_ENGINE_FINISH_LENGTH;
+        r->done = 1;
+        continue;
+      }
+      epic_engine_request er = {.size = sizeof er,
+                                .prompt = r->prompt,
+                                .n_prompt = r->n_prompt,
+                                .max_new_tokens = r->max_new,
+                                .sampling = r->sp,
+                                .ignore_eos = r->ignore_eos,
+                                .on_token = req_on_token,
+                                .on_finish = req_on_finish,
+                                .user = r};
+      if (epic_engine_submit(eng, &er, NULL) != EPIC_OK) {
+        fprintf(stderr, "epic generate: request %lld was refused (see above)\n", (long long)i);
+        refused = 1;
+        break;
+      }
+    }
+    /* Drain: finish every request, then release the other ranks (after a refusal:
+     * cancel what was submitted instead). */
+    epic_engine_shutdown(eng, !refused);
+  }
+  if (epic_engine_run(eng) != EPIC_OK) {
+    fprintf(stderr, "epic generate: rank %d: the engine stopped with an error (see above)\n", rank);
+    /* Peers may be gone or stuck in a collective: do not wait for them in a
+     * collective teardown; exiting non-zero makes the launcher end the job. */
+    collective_ok = epic_cluster_size(cl) == 1;
+    goto done;
+  }
+  seconds = epic_now_seconds() - t0;
+  if (rank != 0) {
+    rc = 0;
+    goto done;
+  }
+  epic_engine_get_stats(eng, &stats);
+  if (refused) goto done;
+  for (int64_t i = 0; i < n_req; i++) {
+    if (!reqs[i].done || reqs[i].finish == EPIC_ENGINE_FINISH_ERROR ||
+        reqs[i].finish == EPIC_ENGINE_FINISH_CANCELLED) {
+      fprintf(stderr, "epic generate: request %lld did not complete\n", (long long)i);
+      goto done;
+    }
+  }
+  for (int64_t i = 0; i < n_req; i++) print_result(i, &reqs[i], tok);
+  if (o->verbose)
+    fprintf(stderr, "epic generate: %lld requests on %d rank(s): %lld prompt + %lld generated tokens "
+                    "in %lld steps, %.3f s (%.1f tokens/s, %.1f generated tokens/s)\n",
+            (long long)n_req, epic_cluster_size(cl), (long long)stats.prompt_tokens,
+            (long long)stats.generated_tokens, (long long)stats.steps, seconds,
+            seconds > 0 ? (double)(stats.prompt_tokens + stats.generated_tokens) / seconds : 0.0,
+            seconds > 0 ? (double)stats.generated_tokens / seconds : 0.0);
+  rc = 0;
+done:
+  fflush(stdout);
+  epic_engine_destroy(eng);
+  epic_tokenizer_destroy(tok);
+  free_requests(reqs, n_req);
+  if (collective_ok) epic_cluster_close(cl);
+  return rc;
+}
+
 int epic_cmd_generate(int argc, char **argv) {
   gen_opts o;
   int rc = 1, pr = parse(argc, argv, &o);
-  epic_ops *ops = NULL;
+  epic_cluster *cl = NULL;
   epic_model *model = NULL;
   epic_tokenizer *tok = NULL;
   epic_kvcache *kc = NULL, *kc_mtp = NULL;
@@ -242,35 +679,32 @@ int epic_cmd_generate(int argc, char **argv) {
   epic_generate_result res = {0};
   char tok_path[4096];
   epic_comm *comm = NULL;
-  int rank = 0, nranks = 1, mpi = 0, released = 0;
+  int rank = 0, released = 0;
   if (pr) return pr > 0 ? 0 : 2;
   epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, -1);
+  if (o.requests) return run_requests(&o);
 
-  /* Under mpirun/srun every rank is a worker holding a share of the experts;
-   * rank 0 owns the sequence and writes the output. */
-  if (o.comm || getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) {
-    if (epic_comm_mpi_init(NULL, NULL, &rank, &nranks) != EPIC_OK) return 1;
-    mpi = 1;
-    if (nranks > 1) epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, rank);
-    epic_comm_params cp = {.size = sizeof cp, .backend = o.comm ? o.comm : "auto", .device = -1};
-    if (epic_comm_create(&cp, &comm) != EPIC_OK) {
-      epic_comm_mpi_finalize();
-      return 1;
-    }
-  }
-
-  if (epic_ops_cpu_create((int)o.threads, &ops) != EPIC_OK) goto done;
+  /* Under mpirun/srun every rank is a worker holding the experts the plan gives
+   * it; rank 0 owns the sequence and writes the output. */
   {
-    epic_model_params mp = {.size = sizeof mp,
-                            .dir = o.model,
-                            .load_format = o.dummy ? EPIC_LOAD_DUMMY : EPIC_LOAD_AUTO,
-                            .seed = o.weight_seed,
-                            .num_layers = o.num_layers,
-                            .num_experts = o.num_experts,
-                            .load_mtp = o.dump_mtp != NULL,
-                            .progress = rank == 0,
-                            .comm = comm};
-    if (epic_model_load(ops, &mp, &model) != EPIC_OK) goto done;
+    epic_cluster_params cp = {.size = sizeof cp,
+                              .cmd = "generate",
+                              .model_dir = o.model,
+                              .comm = o.comm,
+                              .dummy = o.dummy,
+                              .weight_seed = o.weight_seed,
+                              .num_layers = o.num_layers,
+                              .num_experts = o.num_experts,
+                              .threads = o.threads,
+                              .load_mtp = o.dump_mtp != NULL,
+                              .progress = 1};
+    if (epic_cluster_open(&cp, &cl) != EPIC_OK) return 1;
+    rank = epic_cluster_rank(cl);
+    comm = epic_cluster_comm(cl);
+    model = epic_cluster_model(cl);
+    if (epic_cluster_size(cl) > 1)
+      epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, rank);
+    if (epic_model_set_micro_batches(model, (int)o.micro_batches) != EPIC_OK) goto done;
   }
   if (rank != 0) {
     /* Serve experts for rank 0's steps until it is done. */
@@ -380,10 +814,7 @@ done:
   epic_kvcache_destroy(kc);
   epic_kvcache_destroy(kc_mtp);
   epic_tokenizer_destroy(tok);
-  epic_model_destroy(model);
-  epic_ops_destroy(ops);
-  epic_comm_destroy(comm);
-  if (mpi) epic_comm_mpi_finalize();
+  epic_cluster_close(cl);
   fflush(stdout);
   return rc;
 }

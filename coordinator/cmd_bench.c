@@ -1,0 +1,453 @@
+/* `epic bench`: end-to-end engine throughput on this machine or cluster
+ * (DESIGN §1). It drives the same engine `epic serve` and `epic batch` run, with
+ * synthetic prompts, in two phases per micro-batch setting:
+ *   prefill: B requests of P prompt tokens and one output token each: prompt
+ *            tokens/s over the phase's wall time;
+ *   decode:  B requests of P prompt tokens and N output tokens each: output
+ *            tokens/s over the window in which every sequence is decoding
+ *            (from the last first token to the last token), time per output
+ *            token percentiles, time to first token.
+ * After each phase every rank reports where its forward time went (model
+ * stats: attention, dense, experts, all-to-all waits) and rank 0 prints one JSON
+ * object with all of it, the all-to-all share of step time, how much of it two
+ * micro-batches hide, and the decode step's weight-streaming bandwidth against
+ * this machine's measured memcpy bandwidth (decode is memory-bound). */
+#define _GNU_SOURCE
+#include "cmd_bench.h"
+
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli_util.h"
+#include "cluster.h"
+#include "comm/comm.h"
+#include "common/clock.h"
+#include "common/log.h"
+#include "coordinator/engine.h"
+#include "worker/model.h"
+
+static const char *USAGE =
+    "usage: [mpirun -np N] epic bench --model DIR [options]\n"
+    "\n"
+    "Engine throughput with synthetic prompts: a prefill phase (B prompts of P\n"
+    "tokens, 1 output token each) and a decode phase (B prompts of P tokens, N\n"
+    "output tokens each), per micro-batch setting. Rank 0 prints one JSON object.\n"
+    "\n"
+    "workload:\n"
+    "  --batch B               concurrent sequences in the cluster (default 8)\n"
+    "  --prompt-len P          prompt tokens per sequence (default 128)\n"
+    "  --gen N                 output tokens per sequence in the decode phase (default 32)\n"
+    "  --micro-batches LIST    1, 2 or 1,2 (default 1,2): settings to measure\n"
+    "  --seed S                prompt token seed (default 1)\n"
+    "engine:\n"
+    "  --model DIR             checkpoint directory (config.json [+ safetensors])\n"
+    "  --load-format F         auto or dummy (random weights from config.json)\n"
+    "  --num-layers N          use only N layers (dummy weights, true shapes)\n"
+    "  --num-experts N         use only N routed experts\n"
+    "  --threads N             compute threads per rank (default: cores / ranks per node)\n"
+    "  --comm NAME             all-to-all backend under mpirun: auto, mpi, ucx, nccl\n"
+    "  --step-tokens T         per-worker token budget of one step (default 2048)\n"
+    "  --prefill-chunk C       prompt tokens of one sequence per step (default 512)\n"
+    "  --page-size N           KV cache page size (default 64)\n"
+    "  -h, --help              this help\n";
+
+typedef struct bench_opts {
+  const char *model, *comm;
+  int dummy, mb[2], n_mb;
+  int64_t batch, prompt_len, gen, num_layers, num_experts, threads, step_tokens, chunk, page;
+  uint64_t seed;
+} bench_opts;
+
+static int parse_mb(const char *v, bench_opts *o) {
+  if (strcmp(v, "1") == 0 || strcmp(v, "2") == 0) {
+    o->mb[0] = v[0] - '0';
+    o->n_mb = 1;
+  } else if (strcmp(v, "1,2") == 0 || strcmp(v, "2,1") == 0) {
+    o->mb[0] = v[0] - '0';
+    o->mb[1] = v[2] - '0';
+    o->n_mb = 2;
+  } else {
+    fprintf(stderr, "epic bench: --micro-batches: expected 1, 2 or 1,2, got '%s'\n", v);
+    return -1;
+  }
+  return 0;
+}
+
+static int parse(int argc, char **argv, bench_opts *o) {
+  enum { O_MODEL = 256, O_LOADFMT, O_NLAYERS, O_NEXPERTS, O_THREADS, O_COMM, O_BATCH, O_PLEN,
+         O_GEN, O_MB, O_SEED, O_STEP, O_CHUNK, O_PAGE };
+  static const struct option lo[] = {
+      {"model", 1, 0, O_MODEL},         {"load-format", 1, 0, O_LOADFMT},
+      {"num-layers", 1, 0, O_NLAYERS},  {"num-experts", 1, 0, O_NEXPERTS},
+      {"threads", 1, 0, O_THREADS},     {"comm", 1, 0, O_COMM},
+      {"batch", 1, 0, O_BATCH},         {"prompt-len", 1, 0, O_PLEN},
+      {"gen", 1, 0, O_GEN},             {"micro-batches", 1, 0, O_MB},
+      {"seed", 1, 0, O_SEED},           {"step-tokens", 1, 0, O_STEP},
+      {"prefill-chunk", 1, 0, O_CHUNK}, {"page-size", 1, 0, O_PAGE},
+      {"help", 0, 0, 'h'},              {0, 0, 0, 0}};
+  const char *cmd = "bench";
+  int c;
+  memset(o, 0, sizeof *o);
+  o->batch = 8;
+  o->prompt_len = 128;
+  o->gen = 32;
+  o->mb[0] = 1;
+  o->mb[1] = 2;
+  o->n_mb = 2;
+  o->seed = 1;
+  o->step_tokens = 2048;
+  o->chunk = 512;
+  o->page = 64;
+  optind = 1;
+  while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
+    int bad = 0;
+    switch (c) {
+    case O_MODEL: o->model = optarg; break;
+    case O_LOADFMT:
+      if (strcmp(optarg, "dummy") == 0)
+        o->dummy = 1;
+      else if (strcmp(optarg, "auto") != 0) {
+        fprintf(stderr, "epic bench: --load-format: expected auto or dummy, got '%s'\n", optarg);
+        bad = -1;
+      }
+      break;
+    case O_NLAYERS: bad = epic_cli_i64(cmd, "--num-layers", optarg, 1, 1 << 20, &o->num_layers); break;
+    case O_NEXPERTS: bad = epic_cli_i64(cmd, "--num-experts", optarg, 1, 1 << 20, &o->num_experts); break;
+    case O_THREADS: bad = epic_cli_i64(cmd, "--threads", optarg, 1, 4096, &o->threads); break;
+    case O_COMM: o->comm = optarg; break;
+    case O_BATCH: bad = epic_cli_i64(cmd, "--batch", optarg, 1, 1 << 20, &o->batch); break;
+    case O_PLEN: bad = epic_cli_i64(cmd, "--prompt-len", optarg, 1, 1 << 24, &o->prompt_len); break;
+    case O_GEN: bad = epic_cli_i64(cmd, "--gen", optarg, 2, 1 << 24, &o->gen); break;
+    case O_MB: bad = parse_mb(optarg, o); break;
+    case O_SEED: bad = epic_cli_u64(cmd, "--seed", optarg, &o->seed); break;
+    case O_STEP: bad = epic_cli_i64(cmd, "--step-tokens", optarg, 1, 1 << 24, &o->step_tokens); break;
+    case O_CHUNK: bad = epic_cli_i64(cmd, "--prefill-chunk", optarg, 1, 1 << 24, &o->chunk); break;
+    case O_PAGE: bad = epic_cli_i64(cmd, "--page-size", optarg, 1, 1 << 20, &o->page); break;
+    case 'h': fputs(USAGE, stdout); return 1;
+    default: fputs("epic bench: see --help\n", stderr); return -1;
+    }
+    if (bad) return -1;
+  }
+  if (optind < argc) {
+    fprintf(stderr, "epic bench: unexpected argument '%s' (see --help)\n", argv[optind]);
+    return -1;
+  }
+  if (!o->model) {
+    fputs("epic bench: --model DIR is required (see --help)\n", stderr);
+    return -1;
+  }
+  return 0;
+}
+
+/* Per-request token timestamps, filled on the engine's driving thread. */
+typedef struct req_track {
+  double t_submit, t_first, t_last;
+  int64_t n_tokens;
+  double *gaps; /* inter-token gaps, n_tokens - 1 of them */
+  int finished, failed;
+} req_track;
+
+static int on_token(void *user, int32_t id, float logprob) {
+  req_track *r = user;
+  const double now = epic_now_seconds();
+  (void)id;
+  (void)logprob;
+  if (r->n_tokens == 0)
+    r->t_first = now;
+  else
+    r->gaps[r->n_tokens - 1] = now - r->t_last;
+  r->t_last = now;
+  r->n_tokens++;
+  return 0;
+}
+
+static void on_finish(void *user, const epic_engine_result *res) {
+  req_track *r = user;
+  r->finished = 1;
+  r->failed = res->finish == EPIC_ENGINE_FINISH_ERROR || res->finish == EPIC_ENGINE_FINISH_CANCELLED;
+}
+
+static int cmp_d(const void *a, const void *b) {
+  const double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static double pct(double *v, int64_t n, double p) {
+  if (n <= 0) return 0;
+  qsort(v, (size_t)n, sizeof *v, cmp_d);
+  int64_t i = (int64_t)(p * (double)(n - 1) + 0.5);
+  return v[i < 0 ? 0 : (i >= n ? n - 1 : i)];
+}
+
+/* Best of 3 copies of a buffer far larger than the caches: bytes read + written. */
+static double memcpy_gbs(void) {
+  const size_t n = (size_t)256 << 20;
+  char *a = malloc(n), *b = malloc(n);
+  double best = 0;
+  if (a && b) {
+    memset(a, 1, n);
+    memset(b, 2, n);
+    for (int r = 0; r < 3; r++) {
+      double t = epic_now_seconds();
+      memcpy(b, a, n);
+      t = epic_now_seconds() - t;
+      if (2.0 * (double)n / t / 1e9 > best) best = 2.0 * (double)n / t / 1e9;
+    }
+  }
+  free(a);
+  free(b);
+  return best;
+}
+
+typedef struct phase_result {
+  double seconds, tokens_per_s, ttft_p50, ttft_p99, tpot_p50, tpot_p99, decode_window_s;
+  int64_t tokens, failed;
+} phase_result;
+
+/* The model stats fields gathered from every rank, as doubles. */
+enum { ST_TOTAL, ST_ATTN, ST_DENSE, ST_EXPERTS, ST_DISPATCH, ST_COMBINE, ST_OTHER, ST_TOKENS,
+       ST_FORWARDS, ST_BYTES, ST_N };
+static const char *ST_NAMES[ST_N] = {"total_s", "attention_s", "dense_s", "experts_s",
+                                     "dispatch_wait_s", "combine_wait_s", "other_s", "tokens",
+                                     "forwards", "a2a_bytes_sent"};
+
+static void stats_vec(const epic_model_stats *s, double *v) {
+  v[ST_TOTAL] = s->total_s;
+  v[ST_ATTN] = s->attention_s;
+  v[ST_DENSE] = s->dense_s;
+  v[ST_EXPERTS] = s->experts_s;
+  v[ST_DISPATCH] = s->dispatch_wait_s;
+  v[ST_COMBINE] = s->combine_wait_s;
+  v[ST_OTHER] = s->other_s;
+  v[ST_TOKENS] = (double)s->tokens;
+  v[ST_FORWARDS] = (double)s->forwards;
+  v[ST_BYTES] = (double)(s->dispatch_bytes + s->combine_bytes);
+}
+
+/* One phase on every rank: a fresh engine with micro-batch setting mb; rank 0
+ * submits B requests of P random tokens and n_gen outputs and drives them to the
+ * end. all_stats (rank 0, [nranks][ST_N]) gets every rank's forward breakdown. */
+static epic_status run_phase(epic_cluster *cl, const bench_opts *o, int mb, int64_t n_gen,
+                             phase_result *pr, double *all_stats) {
+  epic_model *m = epic_cluster_model(cl);
+  epic_comm *comm = epic_cluster_comm(cl);
+  const int rank = epic_cluster_rank(cl);
+  const epic_model_config *cfg = epic_model_get_config(m);
+  const int64_t B = o->batch, P = o->prompt_len;
+  const int64_t pages = ((P + n_gen + o->page - 1) / o->page + 1) * B;
+  epic_engine_params ep = {.size = sizeof ep,
+                           .model = m,
+                           .comm = comm,
+                           .page_size = o->page,
+                           .kv_pages = pages,
+                           .max_batch = B,
+                           .max_queue = B,
+                           .step_tokens = o->step_tokens,
+                           .prefill_chunk = o->chunk,
+                           .micro_batches = mb};
+  epic_engine *e = NULL;
+  req_track *tr = NULL;
+  int32_t *prompt = NULL;
+  double *ttft = NULL, *gaps = NULL, mine[ST_N];
+  epic_model_stats ms;
+  epic_status st;
+  memset(pr, 0, sizeof *pr);
+  epic_model_reset_stats(m);
+  EPIC_CHECK(epic_engine_create(&ep, &e));
+  if (rank != 0) {
+    st = epic_engine_run(e);
+    goto gather;
+  }
+  tr = calloc((size_t)B, sizeof *tr);
+  prompt = malloc((size_t)P * sizeof *prompt);
+  ttft = malloc((size_t)B * sizeof *ttft);
+  gaps = malloc((size_t)(B * n_gen) * sizeof *gaps);
+  st = EPIC_ERR_NOMEM;
+  if (!tr || !prompt || !ttft || !gaps) {
+    epic_engine_shutdown(e, 0);
+    epic_engine_run(e);
+    goto gather;
+  }
+  {
+    uint64_t x = o->seed * 0x9E3779B97F4A7C15ull + 1;
+    const double t0 = epic_now_seconds();
+    st = EPIC_OK;
+    for (int64_t i = 0; i < B && st == EPIC_OK; i++) {
+      for (int64_t t = 0; t < P; t++) { /* xorshift: distinct prompts, no EOS stops (ignore_eos) */
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        prompt[t] = (int32_t)(x % (uint64_t)cfg->vocab_size);
+      }
+      tr[i].gaps = gaps + i * n_gen;
+      tr[i].t_submit = epic_now_seconds();
+      epic_engine_request rq = {.size = sizeof rq,
+                                .prompt = prompt,
+                                .n_prompt = P,
+                                .max_new_tokens = n_gen,
+                                .sampling = {.size = sizeof(epic_sampling_params), .top_p = 1.0f},
+                                .ignore_eos = 1,
+                                .on_token = on_token,
+                                .on_finish = on_finish,
+                                .user = &tr[i]};
+      st = epic_engine_submit(e, &rq, NULL);
+    }
+    epic_engine_shutdown(e, st == EPIC_OK); /* drain what was submitted, then return */
+    epic_status st2 = epic_engine_run(e);
+    if (st == EPIC_OK) st = st2;
+    pr->seconds = epic_now_seconds() - t0;
+    double last_first = 0, end = 0;
+    int64_t n_gaps = 0, decode_tokens = 0;
+    for (int64_t i = 0; i < B; i++) {
+      pr->failed += !tr[i].finished || tr[i].failed;
+      pr->tokens += tr[i].n_tokens;
+      ttft[i] = tr[i].t_first - tr[i].t_submit;
+      if (tr[i].t_first > last_first) last_first = tr[i].t_first;
+      if (tr[i].t_last > end) end = tr[i].t_last;
+      for (int64_t k = 0; k + 1 < tr[i].n_tokens; k++) gaps[n_gaps++] = tr[i].gaps[k];
+    }
+    /* Tokens produced after every sequence had its first token: the pure decode window. */
+    for (int64_t i = 0; i < B; i++) {
+      double t = tr[i].t_first;
+      for (int64_t k = 0; k + 1 < tr[i].n_tokens; k++) {
+        t += tr[i].gaps[k];
+        decode_tokens += t > last_first;
+      }
+    }
+    pr->decode_window_s = end - last_first;
+    pr->tokens_per_s = n_gen == 1 ? (double)(B * P) / pr->seconds
+                                  : (pr->decode_window_s > 0 ? (double)decode_tokens / pr->decode_window_s : 0);
+    pr->ttft_p50 = pct(ttft, B, 0.5);
+    pr->ttft_p99 = pct(ttft, B, 0.99);
+    pr->tpot_p50 = pct(gaps, n_gaps, 0.5);
+    pr->tpot_p99 = pct(gaps, n_gaps, 0.99);
+  }
+gather:
+  epic_engine_destroy(e);
+  epic_model_get_stats(m, &ms);
+  stats_vec(&ms, mine);
+  if (comm) {
+    epic_status st2 = epic_comm_gather(comm, mine, all_stats, sizeof mine, 0);
+    if (st == EPIC_OK) st = st2;
+  } else {
+    memcpy(all_stats, mine, sizeof mine);
+  }
+  free(tr);
+  free(prompt);
+  free(ttft);
+  free(gaps);
+  return st;
+}
+
+static void print_phase(const char *name, const phase_result *pr, const double *all, int nranks,
+                        double bytes_per_step_rank, double bw_gbs) {
+  double wait = 0, total = 0, steps = 0;
+  printf("\"%s\":{\"seconds\":%.6f,\"tokens_per_s\":%.3f,\"tokens_per_s_per_rank\":%.3f,"
+         "\"ttft_ms_p50\":%.3f,\"ttft_ms_p99\":%.3f,\"tpot_ms_p50\":%.3f,\"tpot_ms_p99\":%.3f,"
+         "\"output_tokens\":%lld,\"failed_requests\":%lld",
+         name, pr->seconds, pr->tokens_per_s, pr->tokens_per_s / nranks, pr->ttft_p50 * 1e3,
+         pr->ttft_p99 * 1e3, pr->tpot_p50 * 1e3, pr->tpot_p99 * 1e3, (long long)pr->tokens,
+         (long long)pr->failed);
+  printf(",\"ranks\":[");
+  for (int r = 0; r < nranks; r++) {
+    const double *v = all + r * ST_N;
+    printf("%s{\"rank\":%d", r ? "," : "", r);
+    for (int k = 0; k < ST_N; k++) printf(",\"%s\":%.6g", ST_NAMES[k], v[k]);
+    printf(",\"a2a_wait_share\":%.4f}",
+           v[ST_TOTAL] > 0 ? (v[ST_DISPATCH] + v[ST_COMBINE]) / v[ST_TOTAL] : 0.0);
+    wait += v[ST_DISPATCH] + v[ST_COMBINE];
+    total += v[ST_TOTAL];
+    if (v[ST_FORWARDS] > steps) steps = v[ST_FORWARDS];
+  }
+  printf("],\"a2a_wait_share\":%.4f", total > 0 ? wait / total : 0.0);
+  if (pr->tpot_p50 > 0 && bw_gbs > 0)
+    /* Every decode step streams each rank's weights once: that rate over memcpy bandwidth. */
+    printf(",\"weight_stream_gbs_per_rank\":%.3f,\"fraction_of_memcpy_bw\":%.4f",
+           bytes_per_step_rank / pr->tpot_p50 / 1e9, bytes_per_step_rank / pr->tpot_p50 / 1e9 / bw_gbs);
+  printf("}");
+}
+
+int epic_cmd_bench(int argc, char **argv) {
+  bench_opts o;
+  epic_cluster *cl = NULL;
+  int rc = 1;
+  const int pr_rc = parse(argc, argv, &o);
+  double *stats[2][2] = {{NULL, NULL}, {NULL, NULL}};
+  phase_result res[2][2];
+  double *warm = NULL;
+  if (pr_rc) return pr_rc > 0 ? 0 : 2;
+  epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
+  epic_cluster_params cp = {.size = sizeof cp,
+                            .cmd = "bench",
+                            .model_dir = o.model,
+                            .comm = o.comm,
+                            .dummy = o.dummy,
+                            .weight_seed = 1,
+                            .num_layers = o.num_layers,
+                            .num_experts = o.num_experts,
+                            .threads = o.threads,
+                            .max_batch_tokens = o.step_tokens,
+                            .progress = 1};
+  if (epic_cluster_open(&cp, &cl) != EPIC_OK) return 1;
+  const int rank = epic_cluster_rank(cl), nranks = epic_cluster_size(cl);
+  if (nranks > 1) epic_log_init(EPIC_LOG_LEVEL_WARN, rank);
+  const double bw = rank == 0 ? memcpy_gbs() : 0;
+  warm = calloc((size_t)nranks * ST_N, sizeof(double));
+  if (!warm) goto done;
+  /* Warm-up: one untimed prefill phase, so that first-touch page faults, thread
+   * pools and library handles stay out of the numbers. */
+  if (run_phase(cl, &o, o.mb[0], 1, &res[0][0], warm) != EPIC_OK) {
+    fputs("epic bench: the warm-up phase failed\n", stderr);
+    goto done;
+  }
+  for (int i = 0; i < o.n_mb; i++)
+    for (int ph = 0; ph < 2; ph++) {
+      stats[i][ph] = calloc((size_t)nranks * ST_N, sizeof(double));
+      if (!stats[i][ph]) goto done;
+      if (run_phase(cl, &o, o.mb[i], ph == 0 ? 1 : o.gen, &res[i][ph], stats[i][ph]) != EPIC_OK) {
+        fprintf(stderr, "epic bench: the %s phase with --micro-batches %d failed\n",
+                ph == 0 ? "prefill" : "decode", o.mb[i]);
+        goto done;
+      }
+    }
+  if (rank == 0) {
+    const epic_model_config *c = epic_model_get_config(epic_cluster_model(cl));
+    const double wbytes = (double)epic_model_weight_bytes(epic_cluster_model(cl));
+    printf("{\"bench\":\"engine\",\"model\":");
+    epic_cli_json_string(stdout, o.model, strlen(o.model));
+    printf(",\"ranks\":%d,\"layers\":%lld,\"routed_experts\":%lld,\"hidden\":%lld,\"batch\":%lld,"
+           "\"prompt_len\":%lld,\"gen\":%lld,\"weight_bytes_rank0\":%.0f,\"memcpy_gbs\":%.3f,"
+           "\"results\":[",
+           nranks, (long long)c->num_hidden_layers, (long long)c->n_routed_experts,
+           (long long)c->hidden_size, (long long)o.batch, (long long)o.prompt_len,
+           (long long)o.gen, wbytes, bw);
+    for (int i = 0; i < o.n_mb; i++) {
+      printf("%s{\"micro_batches\":%d,", i ? "," : "", o.mb[i]);
+      print_phase("prefill", &res[i][0], stats[i][0], nranks, wbytes, 0);
+      putchar(',');
+      print_phase("decode", &res[i][1], stats[i][1], nranks, wbytes, bw);
+      putchar('}');
+    }
+    printf("]");
+    if (o.n_mb == 2) {
+      /* Communication left exposed with two micro-batches vs one, decode phase. */
+      double w[2] = {0, 0};
+      for (int i = 0; i < 2; i++)
+        for (int r = 0; r < nranks; r++)
+          w[o.mb[i] - 1] += stats[i][1][r * ST_N + ST_DISPATCH] + stats[i][1][r * ST_N + ST_COMBINE];
+      printf(",\"decode_a2a_wait_s\":{\"mb1\":%.6f,\"mb2\":%.6f},\"comm_hidden_fraction\":%.4f",
+             w[0], w[1], w[0] > 0 ? 1.0 - w[1] / w[0] : 0.0);
+    }
+    printf("}\n");
+  }
+  rc = 0;
+done:
+  for (int i = 0; i < 2; i++)
+    for (int ph = 0; ph < 2; ph++) free(stats[i][ph]);
+  epic_cluster_close(cl);
+  fflush(stdout);
+  return rc;
+}

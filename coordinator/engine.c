@@ -1,0 +1,798 @@
+/* The engine: rank 0's coordinator loop and every rank's worker loop around
+ * the scheduler (policy) and the executor (one rank's compute). One step:
+ *   rank 0 forms the step under the mutex, then, without holding it,
+ *   broadcasts the plan (header, body), every rank runs its entries (the MoE
+ *   layers exchange tokens among all ranks inside the forward), the ranks
+ *   exchange replies (status + sampled ids) in one allgatherv, and rank 0
+ *   commits the step, streams the tokens to the requests and decides which end.
+ * Because every rank sees every reply, a failure on any rank ends the step on
+ * all ranks with the same error (no rank waits for a plan that never comes). */
+#define _POSIX_C_SOURCE 200809L
+#include "engine.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm/comm.h"
+#include "common/clock.h"
+#include "common/log.h"
+#include "coordinator/scheduler.h"
+#include "worker/executor.h"
+#include "worker/step_plan.h"
+
+#define DEFAULT_PAGE_SIZE 64
+#define DEFAULT_KV_BYTES ((size_t)1 << 30)
+#define DEFAULT_MAX_BATCH 256
+#define DEFAULT_MAX_QUEUE 1024
+#define DEFAULT_STEP_TOKENS 2048
+#define DEFAULT_PREFILL_CHUNK 512
+
+/* One request on rank 0, from submit until on_finish. */
+typedef struct ereq {
+  uint64_t id;
+  int32_t *prompt, *stop;
+  int64_t n_prompt, max_new;
+  int n_stop;
+  epic_sampling_params sp;
+  int ignore_eos;
+  int (*on_token)(void *user, int32_t id, float logprob);
+  void (*on_finish)(void *user, const epic_engine_result *r);
+  void *user;
+  int64_t n_gen;
+  int32_t last;
+  double t_submit, t_admit, t_first;
+} ereq;
+
+/* A request that ended, waiting for its on_finish outside the mutex. */
+typedef struct ended {
+  ereq *r;
+  epic_engine_finish finish;
+  epic_status status;
+} ended;
+
+struct epic_engine {
+  epic_engine_params p; /* with defaults filled in */
+  epic_model *m;
+  const epic_model_config *cfg;
+  epic_comm *comm;
+  int rank, nranks;
+  epic_kvcache *kc;
+  epic_executor *x;
+  uint64_t step_no;
+  /* Driving thread's scratch. */
+  char *body;
+  size_t body_cap;
+  char *reply, *replies; /* this rank's reply; all replies */
+  size_t reply_cap, replies_cap;
+  size_t *counts, *displs;
+  int64_t *cursor;
+  ended *ended;
+  size_t n_ended, ended_cap;
+  /* Rank 0: shared with submitting threads, under mu. */
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int sync_ok;
+  epic_sched *sched;
+  uint64_t next_id;
+  uint64_t *cancels;
+  size_t n_cancel, cancel_cap;
+  int shutdown, drain;
+  int stopped;  /* the other ranks were told to return (or cannot be told) */
+  int mid_step; /* a plan went out and its replies are not in yet */
+  epic_status failed;
+  epic_engine_stats stats;
+};
+
+/* ------------------------------------------------------------------ helpers */
+
+static epic_status grow_bytes(char **buf, size_t *cap, size_t need) {
+  if (need <= *cap)
+    return EPIC_OK;
+  size_t c = *cap ? *cap : 4096;
+  while (c < need)
+    c *= 2;
+  /* The body holds 8-byte fields: malloc's alignment covers them. */
+  char *n = realloc(*buf, c);
+  if (!n)
+    return EPIC_ERR_NOMEM;
+  *buf = n;
+  *cap = c;
+  return EPIC_OK;
+}
+
+static void free_req(ereq *r) {
+  if (!r)
+    return;
+  free(r->prompt);
+  free(r->stop);
+  free(r);
+}
+
+/* Queue r for its on_finish (delivered by deliver_ended, outside the mutex). */
+static epic_status push_ended(epic_engine *e, ereq *r, epic_engine_finish f, epic_status st) {
+  if (e->n_ended == e->ended_cap) {
+    size_t c = e->ended_cap ? e->ended_cap * 2 : 64;
+    ended *n = realloc(e->ended, c * sizeof *n);
+    if (!n)
+      return EPIC_ERR_NOMEM;
+    e->ended = n;
+    e->ended_cap = c;
+  }
+  e->ended[e->n_ended++] = (ended){.r = r, .finish = f, .status = st};
+  return EPIC_OK;
+}
+
+static void finish_req(epic_engine *e, ereq *r, epic_engine_finish f, epic_status st) {
+  const double now = epic_now_seconds();
+  epic_engine_result res = {.finish = f,
+                            .status = f == EPIC_ENGINE_FINISH_ERROR ? st : EPIC_OK,
+                            .prompt_tokens = r->n_prompt,
+                            .completion_tokens = r->n_gen,
+                            .queue_seconds = (r->t_admit > 0 ? r->t_admit : now) - r->t_submit,
+                            .ttft_seconds = r->t_first > 0 ? r->t_first - r->t_submit : 0,
+                            .total_seconds = now - r->t_submit};
+  pthread_mutex_lock(&e->mu);
+  if (f == EPIC_ENGINE_FINISH_CANCELLED)
+    e->stats.cancelled++;
+  else
+    e->stats.finished++;
+  pthread_mutex_unlock(&e->mu);
+  if (r->on_finish)
+    r->on_finish(r->user, &res);
+  free_req(r);
+}
+
+static void deliver_ended(epic_engine *e) {
+  /* on_finish may submit, which never touches the ended list: iterate safely. */
+  for (size_t i = 0; i < e->n_ended; i++)
+    finish_req(e, e->ended[i].r, e->ended[i].finish, e->ended[i].status);
+  e->n_ended = 0;
+}
+
+/* Remove every live request and end it with f (mu held). */
+static void end_all_locked(epic_engine *e, epic_engine_finish f, epic_status st) {
+  void *u;
+  while (epic_sched_pop_any(e->sched, NULL, &u)) {
+    if (push_ended(e, u, f, st) != EPIC_OK) {
+      /* Out of memory for the list itself: finish it now, still exactly once. */
+      pthread_mutex_unlock(&e->mu);
+      finish_req(e, u, f, st);
+      pthread_mutex_lock(&e->mu);
+    }
+  }
+}
+
+/* -------------------------------------------------------------- step plumbing */
+
+static size_t reply_bytes(const epic_step_plan *p, int rank) {
+  return sizeof(epic_step_reply) +
+         (size_t)epic_step_plan_samples(p, rank) * sizeof(epic_step_sample);
+}
+
+/* Every rank: run this rank's part of plan p, exchange replies, and return the
+ * step's status: the first failing rank's (logged by rank 0, naming it). */
+static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
+  epic_status st;
+  size_t mine = reply_bytes(p, e->rank);
+  EPIC_CHECK(grow_bytes(&e->reply, &e->reply_cap, mine));
+  epic_step_reply *rep = (epic_step_reply *)(void *)e->reply;
+  st = epic_executor_step(e->x, p, (epic_step_sample *)(void *)(e->reply + sizeof *rep));
+  if (p->h.n_tokens == 0)
+    return st; /* releases only: no forward, no replies (on any rank) */
+  /* A broken transport cannot carry the reply; otherwise every rank learns of it. */
+  if (st == EPIC_ERR_COMM || st == EPIC_ERR_TIMEOUT)
+    return st;
+  rep->status = st;
+  rep->n_samples = (int32_t)epic_step_plan_samples(p, e->rank);
+  if (!e->comm) {
+    EPIC_CHECK(grow_bytes(&e->replies, &e->replies_cap, mine));
+    memcpy(e->replies, e->reply, mine);
+    e->displs[0] = 0;
+  } else {
+    size_t total = 0;
+    for (int r = 0; r < e->nranks; r++) {
+      e->counts[r] = reply_bytes(p, r);
+      e->displs[r] = total;
+      total += e->counts[r];
+    }
+    EPIC_CHECK(grow_bytes(&e->replies, &e->replies_cap, total));
+    EPIC_CHECK(epic_comm_allgatherv(e->comm, e->reply, mine, e->replies, e->counts, e->displs));
+  }
+  for (int r = 0; r < e->nranks; r++) {
+    const epic_step_reply *rr = (const epic_step_reply *)(void *)(e->replies + e->displs[r]);
+    if (rr->status != EPIC_OK) {
+      if (e->rank == 0)
+        EPIC_LOG_ERROR("engine: step %llu failed on rank %d: %s", (unsigned long long)p->h.step, r,
+                       epic_status_str((epic_status)rr->status));
+      return rr->status < 0 ? (epic_status)rr->status : EPIC_ERR_COMM;
+    }
+    if (rr->n_samples != epic_step_plan_samples(p, r)) {
+      EPIC_LOG_ERROR("engine: step %llu: rank %d sent %d samples, the plan has %lld",
+                     (unsigned long long)p->h.step, r, rr->n_samples,
+                     (long long)epic_step_plan_samples(p, r));
+      return EPIC_ERR_COMM;
+    }
+  }
+  return EPIC_OK;
+}
+
+static epic_status send_stop(epic_engine *e) {
+  epic_step_header h = {.magic = EPIC_STEP_MAGIC, .op = EPIC_STEP_OP_STOP, .step = e->step_no};
+  e->stopped = 1;
+  return e->comm ? epic_comm_bcast(e->comm, &h, sizeof h, 0) : EPIC_OK;
+}
+
+/* ---------------------------------------------------------------- rank 0 */
+
+/* Encode the formed step as a wire plan in e->body. */
+static epic_status encode(epic_engine *e, const epic_sched_step *st, epic_step_plan *p) {
+  epic_step_header h = {.magic = EPIC_STEP_MAGIC,
+                        .op = EPIC_STEP_OP_RUN,
+                        .n_entries = (uint32_t)st->n_entries,
+                        .step = e->step_no,
+                        .n_tokens = st->n_tokens};
+  for (int64_t i = 0; i < st->n_entries; i++)
+    h.n_new += (st->entries[i].flags & EPIC_STEP_NEW) != 0;
+  EPIC_CHECK(grow_bytes(&e->body, &e->body_cap, epic_step_body_bytes(&h) + 8));
+  epic_step_plan_bind(p, &h, e->body);
+  int32_t *tok = p->tokens;
+  int32_t k = 0;
+  const double now = epic_now_seconds();
+  for (int64_t i = 0; i < st->n_entries; i++) {
+    const epic_sched_entry *se = &st->entries[i];
+    ereq *r = se->user;
+    epic_step_entry *we = &p->entries[i];
+    *we = (epic_step_entry){.seq = se->id,
+                            .rank = se->rank,
+                            .flags = se->flags,
+                            .start = se->start,
+                            .n_tokens = (int32_t)se->n_tokens,
+                            .new_index = -1};
+    if (se->flags & EPIC_STEP_RELEASE)
+      continue;
+    if (se->flags & EPIC_STEP_NEW) {
+      we->new_index = k;
+      p->news[k++] = (epic_step_new){.reserve_tokens = r->n_prompt + r->max_new,
+                                     .top_k = r->sp.top_k,
+                                     .seed = r->sp.seed,
+                                     .temperature = r->sp.temperature,
+                                     .top_p = r->sp.top_p};
+      r->t_admit = now;
+    }
+    if (se->start < r->n_prompt) { /* a prefill chunk never crosses the prompt's end */
+      memcpy(tok, r->prompt + se->start, (size_t)se->n_tokens * sizeof *tok);
+    } else {
+      *tok = r->last; /* decode: the token sampled last step */
+    }
+    tok += se->n_tokens;
+  }
+  return EPIC_OK;
+}
+
+/* One sampled token for r: stream it, and end r when it is final. */
+static void take_token(epic_engine *e, ereq *r, const epic_step_sample *smp) {
+  int fin = -1;
+  r->n_gen++;
+  r->last = smp->id;
+  if (r->n_gen == 1)
+    r->t_first = epic_now_seconds();
+  int rc = r->on_token ? r->on_token(r->user, smp->id, smp->logprob) : 0;
+  if (rc < 0)
+    fin = EPIC_ENGINE_FINISH_CANCELLED;
+  else if (rc == 1 || (!r->ignore_eos && epic_config_is_eos(e->cfg, smp->id)))
+    fin = EPIC_ENGINE_FINISH_STOP;
+  for (int i = 0; fin < 0 && i < r->n_stop; i++)
+    if (r->stop[i] == smp->id)
+      fin = EPIC_ENGINE_FINISH_STOP;
+  if (fin < 0 && r->n_gen >= r->max_new)
+    fin = EPIC_ENGINE_FINISH_LENGTH;
+  if (fin < 0)
+    return;
+  pthread_mutex_lock(&e->mu);
+  int removed = epic_sched_remove(e->sched, r->id, NULL);
+  pthread_mutex_unlock(&e->mu);
+  if (removed)
+    finish_req(e, r, (epic_engine_finish)fin, EPIC_OK);
+}
+
+static int has_work_locked(const epic_engine *e) {
+  return e->n_cancel > 0 || epic_sched_has_work(e->sched);
+}
+
+static epic_status coord_step(epic_engine *e, int *idle) {
+  epic_sched_step st;
+  epic_step_plan p;
+  epic_status s;
+  *idle = 1;
+  pthread_mutex_lock(&e->mu);
+  if (e->failed != EPIC_OK) {
+    pthread_mutex_unlock(&e->mu);
+    return e->failed;
+  }
+  for (size_t i = 0; i < e->n_cancel; i++) {
+    void *u;
+    if (epic_sched_remove(e->sched, e->cancels[i], &u) &&
+        push_ended(e, u, EPIC_ENGINE_FINISH_CANCELLED, EPIC_OK) != EPIC_OK) {
+      pthread_mutex_unlock(&e->mu);
+      finish_req(e, u, EPIC_ENGINE_FINISH_CANCELLED, EPIC_OK);
+      pthread_mutex_lock(&e->mu);
+    }
+  }
+  e->n_cancel = 0;
+  if (e->shutdown && !e->drain)
+    end_all_locked(e, EPIC_ENGINE_FINISH_CANCELLED, EPIC_OK);
+  s = epic_sched_form(e->sched, &st);
+  pthread_mutex_unlock(&e->mu);
+  deliver_ended(e);
+  EPIC_CHECK(s);
+  if (st.n_entries == 0)
+    return EPIC_OK;
+  *idle = 0;
+
+  EPIC_CHECK(encode(e, &st, &p));
+  e->mid_step = 1;
+  if (e->comm) {
+    EPIC_CHECK(epic_comm_bcast(e->comm, &p.h, sizeof p.h, 0));
+    size_t bytes = epic_step_body_bytes(&p.h);
+    if (bytes)
+      EPIC_CHECK(epic_comm_bcast(e->comm, e->body, bytes, 0));
+  }
+  EPIC_CHECK(run_plan(e, &p));
+  e->mid_step = 0;
+  e->step_no++;
+
+  int64_t prompt_tokens = 0, samples = 0;
+  for (int64_t i = 0; i < st.n_entries; i++) {
+    const epic_sched_entry *se = &st.entries[i];
+    if (se->flags & EPIC_STEP_RELEASE)
+      continue;
+    if (se->start < se->n_prompt)
+      prompt_tokens += se->n_tokens;
+    samples += (se->flags & EPIC_STEP_SAMPLE) != 0;
+  }
+  pthread_mutex_lock(&e->mu);
+  epic_sched_commit(e->sched, &st);
+  if (st.n_tokens > 0)
+    e->stats.steps++;
+  e->stats.prompt_tokens += prompt_tokens;
+  e->stats.generated_tokens += samples;
+  pthread_mutex_unlock(&e->mu);
+
+  /* Stream the tokens in plan order; rank r's samples are its SAMPLE entries in order. */
+  if (st.n_tokens == 0)
+    return EPIC_OK;
+  for (int r = 0; r < e->nranks; r++)
+    e->cursor[r] = 0;
+  for (int64_t i = 0; i < st.n_entries; i++) {
+    const epic_sched_entry *se = &st.entries[i];
+    if (!(se->flags & EPIC_STEP_SAMPLE))
+      continue;
+    const epic_step_sample *smp =
+        (const epic_step_sample *)(void *)(e->replies + e->displs[se->rank] +
+                                           sizeof(epic_step_reply)) +
+        e->cursor[se->rank]++;
+    if (smp->id < 0 || smp->id >= e->cfg->vocab_size) {
+      EPIC_LOG_ERROR("engine: rank %d sampled id %d outside the vocabulary", se->rank, smp->id);
+      return EPIC_ERR_COMM;
+    }
+    take_token(e, se->user, smp);
+  }
+  return EPIC_OK;
+}
+
+/* A step failed: the engine stops; every live request ends with ERROR. */
+static void fail(epic_engine *e, epic_status st) {
+  pthread_mutex_lock(&e->mu);
+  if (e->failed == EPIC_OK)
+    e->failed = st;
+  e->shutdown = 1;
+  end_all_locked(e, EPIC_ENGINE_FINISH_ERROR, st);
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+  deliver_ended(e);
+  /* Failed before the plan went out: the other ranks still wait for one, so
+   * release them. Failed after: they saw the same failure in the replies, or
+   * the transport is broken. */
+  if (!e->stopped && !e->mid_step)
+    send_stop(e);
+  e->stopped = 1;
+}
+
+epic_status epic_engine_step(epic_engine *e, int *idle) {
+  int dummy;
+  if (!idle)
+    idle = &dummy;
+  *idle = 1;
+  if (!e || e->rank != 0)
+    return EPIC_ERR_INVALID;
+  epic_status st = coord_step(e, idle);
+  if (st != EPIC_OK)
+    fail(e, st);
+  return st;
+}
+
+static epic_status coord_run(epic_engine *e) {
+  epic_status st = EPIC_OK;
+  for (;;) {
+    int idle, stop;
+    pthread_mutex_lock(&e->mu);
+    while (!e->shutdown && !has_work_locked(e))
+      pthread_cond_wait(&e->cv, &e->mu);
+    /* Without drain the next step cancels what is left and sends its releases;
+     * either way the loop ends once nothing is left to do. */
+    stop = e->failed != EPIC_OK || (e->shutdown && !has_work_locked(e));
+    if (e->failed != EPIC_OK)
+      st = e->failed;
+    pthread_mutex_unlock(&e->mu);
+    if (stop)
+      break;
+    st = coord_step(e, &idle);
+    if (st != EPIC_OK) {
+      fail(e, st);
+      return st;
+    }
+  }
+  if (st == EPIC_OK && !e->stopped)
+    st = send_stop(e);
+  return st;
+}
+
+/* ---------------------------------------------------------------- other ranks */
+
+static epic_status follow(epic_engine *e) {
+  for (;;) {
+    epic_step_header h;
+    epic_step_plan p;
+    EPIC_CHECK(epic_comm_bcast(e->comm, &h, sizeof h, 0));
+    EPIC_CHECK(epic_step_header_check(&h, e->step_no));
+    if (h.op == EPIC_STEP_OP_STOP)
+      return EPIC_OK;
+    size_t bytes = epic_step_body_bytes(&h);
+    EPIC_CHECK(grow_bytes(&e->body, &e->body_cap, bytes + 8));
+    if (bytes)
+      EPIC_CHECK(epic_comm_bcast(e->comm, e->body, bytes, 0));
+    epic_step_plan_bind(&p, &h, e->body);
+    EPIC_CHECK(epic_step_plan_check(&p, e->nranks));
+    EPIC_CHECK(run_plan(e, &p));
+    e->step_no++;
+  }
+}
+
+epic_status epic_engine_run(epic_engine *e) {
+  if (!e)
+    return EPIC_ERR_INVALID;
+  if (e->rank == 0)
+    return coord_run(e);
+  epic_status st = follow(e);
+  if (st != EPIC_OK)
+    EPIC_LOG_ERROR("engine: rank %d stops after step %llu: %s", e->rank,
+                   (unsigned long long)e->step_no, epic_status_str(st));
+  return st;
+}
+
+/* ---------------------------------------------------------------- API */
+
+static const char *check_params(const epic_engine_params *p) {
+  if (!p || p->size != sizeof *p)
+    return "size";
+  if (!p->model)
+    return "model";
+  if (p->page_size < 0 || p->page_size > (1 << 20))
+    return "page_size";
+  if (p->kv_pages < 0 || p->kv_pages > INT32_MAX)
+    return "kv_pages";
+  if (p->max_batch < 0)
+    return "max_batch";
+  if (p->max_queue < 0)
+    return "max_queue";
+  if (p->step_tokens < 0 || p->step_tokens > INT32_MAX)
+    return "step_tokens";
+  if (p->prefill_chunk < 0)
+    return "prefill_chunk";
+  if (p->max_context < 0)
+    return "max_context";
+  if (p->micro_batches < 0 || p->micro_batches > 2)
+    return "micro_batches";
+  return NULL;
+}
+
+/* Defaults, and kv_pages from kv_bytes. NULL or the bad field. */
+static const char *normalize(epic_engine_params *p, const epic_model_config *c) {
+  if (!p->page_size)
+    p->page_size = DEFAULT_PAGE_SIZE;
+  if (!p->max_batch)
+    p->max_batch = DEFAULT_MAX_BATCH;
+  if (!p->max_queue)
+    p->max_queue = DEFAULT_MAX_QUEUE;
+  if (!p->step_tokens)
+    p->step_tokens = DEFAULT_STEP_TOKENS;
+  if (!p->prefill_chunk)
+    p->prefill_chunk = DEFAULT_PREFILL_CHUNK;
+  if (!p->max_context)
+    p->max_context = c->max_position_embeddings;
+  if (!p->micro_batches)
+    p->micro_batches = 1;
+  if (p->max_context > c->max_position_embeddings)
+    return "max_context";
+  if (!p->kv_pages) {
+    const size_t per_page = (size_t)c->num_hidden_layers * (size_t)p->page_size *
+                            (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * sizeof(float);
+    size_t bytes = p->kv_bytes ? p->kv_bytes : DEFAULT_KV_BYTES;
+    if (bytes / per_page < 1 || bytes / per_page > INT32_MAX)
+      return "kv_bytes";
+    p->kv_pages = (int64_t)(bytes / per_page);
+  }
+  return NULL;
+}
+
+/* The parameters every rank must agree on (rank 0's are the reference). */
+typedef struct agreed {
+  int64_t page_size, kv_pages, max_batch, max_queue, step_tokens, prefill_chunk, max_context,
+      micro_batches;
+} agreed;
+
+static epic_status agree(epic_engine *e, epic_status local) {
+  agreed mine = {e->p.page_size,   e->p.kv_pages,      e->p.max_batch,   e->p.max_queue,
+                 e->p.step_tokens, e->p.prefill_chunk, e->p.max_context, e->p.micro_batches};
+  agreed root = mine;
+  static const char *names[] = {"page_size",   "kv_pages",      "max_batch",   "max_queue",
+                                "step_tokens", "prefill_chunk", "max_context", "micro_batches"};
+  int64_t st = local, worst = local;
+  EPIC_CHECK(epic_comm_bcast(e->comm, &root, sizeof root, 0));
+  if (st == EPIC_OK)
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++)
+      if (((int64_t *)&mine)[i] != ((int64_t *)&root)[i]) {
+        EPIC_LOG_ERROR("engine: rank %d: %s = %lld differs from rank 0's %lld", e->rank, names[i],
+                       (long long)((int64_t *)&mine)[i], (long long)((int64_t *)&root)[i]);
+        st = EPIC_ERR_INVALID;
+        break;
+      }
+  EPIC_CHECK(epic_comm_allreduce_i64(e->comm, &st, &worst, 1, EPIC_COMM_MIN));
+  if (worst != EPIC_OK && st == EPIC_OK && e->rank == 0)
+    EPIC_LOG_ERROR("engine: another rank could not create its engine (see its message)");
+  return (epic_status)worst;
+}
+
+epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
+  epic_engine *e;
+  epic_status st = EPIC_OK;
+  const char *bad = check_params(p);
+  *out = NULL;
+  if (bad && !(p && p->size == sizeof *p && p->comm)) {
+    EPIC_LOG_ERROR("engine: invalid parameter %s", bad);
+    return EPIC_ERR_INVALID;
+  }
+  e = calloc(1, sizeof *e);
+  if (!e)
+    return EPIC_ERR_NOMEM;
+  e->p = *p;
+  e->m = p->model;
+  e->comm = p->comm;
+  e->nranks = 1;
+  e->failed = EPIC_OK;
+  if (e->comm) {
+    e->rank = epic_comm_rank(e->comm);
+    e->nranks = epic_comm_size(e->comm);
+  }
+  /* From here on every rank reaches agree() (collective) whatever fails locally. */
+  if (!bad) {
+    e->cfg = epic_model_get_config(e->m);
+    bad = normalize(&e->p, e->cfg);
+  }
+  if (bad) {
+    EPIC_LOG_ERROR("engine: invalid parameter %s", bad);
+    st = EPIC_ERR_INVALID;
+  }
+  e->counts = calloc((size_t)e->nranks, sizeof *e->counts);
+  e->displs = calloc((size_t)e->nranks, sizeof *e->displs);
+  e->cursor = calloc((size_t)e->nranks, sizeof *e->cursor);
+  if (st == EPIC_OK && (!e->counts || !e->displs || !e->cursor))
+    st = EPIC_ERR_NOMEM;
+  if (st == EPIC_OK)
+    st = epic_model_set_micro_batches(e->m, (int)e->p.micro_batches);
+  if (st == EPIC_OK)
+    st = epic_model_kvcache_create(e->m, 0, e->p.page_size, e->p.kv_pages, &e->kc);
+  if (st == EPIC_OK) {
+    epic_executor_params xp = {.size = sizeof xp,
+                               .model = e->m,
+                               .kc = e->kc,
+                               .rank = e->rank,
+                               .lockstep = e->comm != NULL};
+    st = epic_executor_create(&xp, &e->x);
+  }
+  if (st == EPIC_OK && e->rank == 0) {
+    epic_sched_params sp = {.size = sizeof sp,
+                            .nranks = e->nranks,
+                            .page_size = e->p.page_size,
+                            .kv_pages = e->p.kv_pages,
+                            .max_batch = e->p.max_batch,
+                            .max_queue = e->p.max_queue,
+                            .step_tokens = e->p.step_tokens,
+                            .prefill_chunk = e->p.prefill_chunk};
+    st = epic_sched_create(&sp, &e->sched);
+  }
+  if (st == EPIC_OK && e->rank == 0) {
+    if (pthread_mutex_init(&e->mu, NULL) != 0) {
+      st = EPIC_ERR_NOMEM;
+    } else if (pthread_cond_init(&e->cv, NULL) != 0) {
+      pthread_mutex_destroy(&e->mu);
+      st = EPIC_ERR_NOMEM;
+    } else {
+      e->sync_ok = 1;
+    }
+  }
+  if (e->comm)
+    st = agree(e, st);
+  if (st != EPIC_OK) {
+    e->stopped = 1; /* nobody runs: nothing to release */
+    epic_engine_destroy(e);
+    return st;
+  }
+  e->stats.nranks = e->nranks;
+  e->stats.kv_pages_total = e->p.kv_pages * e->nranks;
+  *out = e;
+  return EPIC_OK;
+}
+
+void epic_engine_destroy(epic_engine *e) {
+  if (!e)
+    return;
+  if (e->rank == 0 && e->sync_ok) {
+    /* Ranks still following (rank 0 drove with epic_engine_step, or never ran)
+     * wait for a plan: tell them to return. */
+    if (!e->stopped && e->failed == EPIC_OK)
+      send_stop(e);
+    pthread_mutex_lock(&e->mu);
+    e->shutdown = 1;
+    end_all_locked(e, EPIC_ENGINE_FINISH_CANCELLED, EPIC_OK);
+    pthread_mutex_unlock(&e->mu);
+    deliver_ended(e);
+    pthread_cond_destroy(&e->cv);
+    pthread_mutex_destroy(&e->mu);
+  }
+  epic_executor_destroy(e->x);
+  epic_kvcache_destroy(e->kc);
+  epic_sched_destroy(e->sched);
+  free(e->body);
+  free(e->reply);
+  free(e->replies);
+  free(e->counts);
+  free(e->displs);
+  free(e->cursor);
+  free(e->ended);
+  free(e->cancels);
+  free(e);
+}
+
+static const char *check_request(const epic_engine *e, const epic_engine_request *r) {
+  if (!r || r->size != sizeof *r)
+    return "size";
+  if (!r->prompt || r->n_prompt < 1)
+    return "prompt";
+  for (int64_t i = 0; i < r->n_prompt; i++)
+    if (r->prompt[i] < 0 || r->prompt[i] >= e->cfg->vocab_size)
+      return "prompt (token id outside the vocabulary)";
+  if (r->max_new_tokens < 1)
+    return "max_new_tokens";
+  if (r->n_prompt > e->p.max_context || r->max_new_tokens > e->p.max_context - r->n_prompt)
+    return "max_new_tokens (prompt + max_new_tokens exceeds the context length)";
+  if (r->sampling.size != sizeof r->sampling)
+    return "sampling.size";
+  if (!(r->sampling.temperature >= 0))
+    return "sampling.temperature";
+  if (!(r->sampling.top_p > 0 && r->sampling.top_p <= 1))
+    return "sampling.top_p";
+  if (r->sampling.top_k < 0)
+    return "sampling.top_k";
+  if (r->n_stop_ids < 0 || (r->n_stop_ids > 0 && !r->stop_ids))
+    return "stop_ids";
+  for (int i = 0; i < r->n_stop_ids; i++)
+    if (r->stop_ids[i] < 0 || r->stop_ids[i] >= e->cfg->vocab_size)
+      return "stop_ids";
+  return NULL;
+}
+
+epic_status epic_engine_submit(epic_engine *e, const epic_engine_request *r, uint64_t *id) {
+  ereq *q;
+  epic_status st;
+  const char *bad;
+  if (!e || e->rank != 0)
+    return EPIC_ERR_INVALID;
+  if ((bad = check_request(e, r))) {
+    EPIC_LOG_ERROR("engine: submit: invalid %s", bad);
+    return EPIC_ERR_INVALID;
+  }
+  q = calloc(1, sizeof *q);
+  if (!q)
+    return EPIC_ERR_NOMEM;
+  q->prompt = malloc((size_t)r->n_prompt * sizeof *q->prompt);
+  q->stop = malloc((size_t)(r->n_stop_ids + 1) * sizeof *q->stop);
+  if (!q->prompt || !q->stop) {
+    free_req(q);
+    return EPIC_ERR_NOMEM;
+  }
+  memcpy(q->prompt, r->prompt, (size_t)r->n_prompt * sizeof *q->prompt);
+  if (r->n_stop_ids)
+    memcpy(q->stop, r->stop_ids, (size_t)r->n_stop_ids * sizeof *q->stop);
+  q->n_prompt = r->n_prompt;
+  q->max_new = r->max_new_tokens;
+  q->n_stop = r->n_stop_ids;
+  q->sp = r->sampling;
+  q->ignore_eos = r->ignore_eos;
+  q->on_token = r->on_token;
+  q->on_finish = r->on_finish;
+  q->user = r->user;
+  q->t_submit = epic_now_seconds();
+  pthread_mutex_lock(&e->mu);
+  if (e->shutdown) {
+    st = EPIC_ERR_CANCELLED;
+  } else {
+    q->id = ++e->next_id;
+    st = epic_sched_submit(e->sched, q->id, q->n_prompt, q->max_new, q);
+    if (st == EPIC_OK)
+      pthread_cond_signal(&e->cv);
+  }
+  pthread_mutex_unlock(&e->mu);
+  if (st != EPIC_OK) {
+    free_req(q);
+    return st;
+  }
+  if (id)
+    *id = q->id;
+  return EPIC_OK;
+}
+
+void epic_engine_cancel(epic_engine *e, uint64_t id) {
+  if (!e || e->rank != 0)
+    return;
+  pthread_mutex_lock(&e->mu);
+  if (e->n_cancel == e->cancel_cap) {
+    size_t c = e->cancel_cap ? e->cancel_cap * 2 : 16;
+    uint64_t *n = realloc(e->cancels, c * sizeof *n);
+    if (!n) {
+      pthread_mutex_unlock(&e->mu);
+      EPIC_LOG_ERROR("engine: out of memory recording the cancellation of request %llu",
+                     (unsigned long long)id);
+      return;
+    }
+    e->cancels = n;
+    e->cancel_cap = c;
+  }
+  e->cancels[e->n_cancel++] = id;
+  pthread_cond_signal(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+}
+
+void epic_engine_get_stats(epic_engine *e, epic_engine_stats *out) {
+  epic_sched_stats ss;
+  memset(out, 0, sizeof *out);
+  if (!e)
+    return;
+  if (e->rank != 0) {
+    out->nranks = e->nranks;
+    out->kv_pages_total = e->p.kv_pages * e->nranks;
+    return;
+  }
+  pthread_mutex_lock(&e->mu);
+  *out = e->stats;
+  epic_sched_get_stats(e->sched, &ss);
+  out->queued = ss.queued;
+  out->running = ss.running;
+  out->kv_pages_used = ss.pages_used;
+  out->kv_pages_total = ss.pages_total;
+  pthread_mutex_unlock(&e->mu);
+}
+
+void epic_engine_shutdown(epic_engine *e, int drain) {
+  if (!e || e->rank != 0)
+    return;
+  pthread_mutex_lock(&e->mu);
+  if (!e->shutdown)
+    e->drain = drain;
+  else if (!drain)
+    e->drain = 0; /* a later hard shutdown overrides a drain */
+  e->shutdown = 1;
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+}

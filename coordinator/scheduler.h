@@ -1,0 +1,114 @@
+/* epic_sched: the coordinator's scheduling policy (DESIGN §2), without a model.
+ *
+ * Requests wait in a FIFO queue. Admission takes the queue's head while fewer
+ * than max_batch sequences run and some worker has free KV pages for the
+ * request's whole prompt + max_new_tokens (reserved up front, so a running
+ * sequence is never preempted); the worker with the most free pages takes it
+ * (ties: fewer running sequences, then the lower rank). Admission is strictly
+ * in order: a head that does not fit yet blocks the queue, so a long request is
+ * never starved by short ones.
+ *
+ * Each step, per worker, under a budget of step_tokens tokens:
+ *   1. every sequence in decode gets one token. This always fits: a sequence
+ *      enters decode through a prompt chunk that fit in the budget next to the
+ *      decode tokens of its step, so a worker never has more than step_tokens
+ *      sequences in decode;
+ *   2. the rest of the budget goes to prefill chunks of at most prefill_chunk
+ *      tokens, one chunk per sequence, in admission order (an admitted
+ *      sequence waits for budget while the ones before it fill it).
+ * Entries come in admission order within each of the two groups.
+ * A chunk that ends the prompt, and every decode token, is SAMPLE: the caller
+ * samples a token from its last row. A sequence's first entry is NEW. A removed
+ * sequence (finished or cancelled) gives its pages back at once and, if a
+ * worker already holds it, a RELEASE entry in the next step, which comes before
+ * every other entry so the pages are free again before any new sequence uses them.
+ *
+ * The scheduler does not decide when a sequence ends: the caller removes it
+ * (epic_sched_remove) after a token it judges final. It only never schedules a
+ * sequence that has produced max_new tokens.
+ *
+ * Ownership: user pointers are the caller's, returned in entries and by remove.
+ * Thread contract: thread-compatible; the engine serialises all calls with its
+ * mutex. A formed step stays valid until the next epic_sched_form. */
+#ifndef EPIC_COORDINATOR_SCHEDULER_H
+#define EPIC_COORDINATOR_SCHEDULER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+
+typedef struct epic_sched epic_sched;
+
+typedef struct epic_sched_params {
+  size_t size;           /* sizeof(epic_sched_params) */
+  int nranks;            /* workers, >= 1 */
+  int64_t page_size;     /* KV tokens per page, >= 1 */
+  int64_t kv_pages;      /* KV pages per worker, >= 1 */
+  int64_t max_batch;     /* running sequences in the cluster, >= 1 */
+  int64_t max_queue;     /* waiting requests, >= 1 */
+  int64_t step_tokens;   /* per-worker tokens per step, >= 1 */
+  int64_t prefill_chunk; /* prompt tokens of one sequence per step, >= 1 */
+} epic_sched_params;
+
+/* Entry flags are the step plan's (worker/step_plan.h): EPIC_STEP_NEW,
+ * EPIC_STEP_RELEASE, EPIC_STEP_SAMPLE. */
+typedef struct epic_sched_entry {
+  uint64_t id;
+  void *user; /* the request's user pointer (NULL for RELEASE entries) */
+  int32_t rank;
+  uint32_t flags;
+  int64_t start;             /* position of the first token */
+  int64_t n_tokens;          /* 0 for RELEASE */
+  int64_t n_prompt, max_new; /* the request's (for NEW entries' reservation) */
+  void *seq_;                /* internal */
+} epic_sched_entry;
+
+typedef struct epic_sched_step {
+  epic_sched_entry *entries; /* owned by the scheduler */
+  int64_t n_entries;
+  int64_t n_tokens;   /* sum of n_tokens */
+  int64_t n_admitted; /* requests admitted while forming this step */
+} epic_sched_step;
+
+typedef struct epic_sched_stats {
+  int64_t queued, running;
+  int64_t pages_used, pages_total; /* summed over workers */
+} epic_sched_stats;
+
+/* EPIC_ERR_INVALID (logged, naming the field) for bad parameters. */
+epic_status epic_sched_create(const epic_sched_params *p, epic_sched **out);
+void epic_sched_destroy(epic_sched *s); /* NULL-safe */
+
+/* KV pages a request of n_prompt + max_new tokens reserves. */
+int64_t epic_sched_pages_for(const epic_sched *s, int64_t n_prompt, int64_t max_new);
+
+/* Queue a request (id unique among live requests; n_prompt >= 1, max_new >= 1).
+ * EPIC_ERR_BUSY when max_queue requests wait; EPIC_ERR_INVALID when it needs
+ * more pages than a worker has (it could never be admitted); nothing is queued
+ * then. */
+epic_status epic_sched_submit(epic_sched *s, uint64_t id, int64_t n_prompt, int64_t max_new,
+                              void *user);
+/* Remove a request, queued or running: returns 1 and its user pointer (*user may
+ * be NULL), or 0 when the id is unknown (never submitted or already removed).
+ * A running sequence's pages are free for admission at once. */
+int epic_sched_remove(epic_sched *s, uint64_t id, void **user);
+/* Remove the first live request (queued ones first); 0 when none is left. */
+int epic_sched_pop_any(epic_sched *s, uint64_t *id, void **user);
+
+/* Form the next step (admission, releases, decode, prefill). The step may have
+ * no entries (nothing to do). */
+epic_status epic_sched_form(epic_sched *s, epic_sched_step *out);
+/* The step formed last ran: advance every entry's sequence (cached tokens, and
+ * one generated token for each SAMPLE entry). Call before removing any of them. */
+void epic_sched_commit(epic_sched *s, const epic_sched_step *st);
+
+/* 1 when a step would have something to do (queued or running requests, or
+ * releases still to send). */
+int epic_sched_has_work(const epic_sched *s);
+void epic_sched_get_stats(const epic_sched *s, epic_sched_stats *out);
+/* Running sequences and free pages of worker `rank` (tests, metrics). */
+int64_t epic_sched_rank_running(const epic_sched *s, int rank);
+int64_t epic_sched_rank_free_pages(const epic_sched *s, int rank);
+
+#endif

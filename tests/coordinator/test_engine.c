@@ -1,0 +1,442 @@
+/* The engine in one process on the tiny fixtures: many concurrent sequences of
+ * different lengths (the fixture cases and continuations of them), with a small
+ * step budget and prefill chunk so that prefill chunks and decode tokens share
+ * steps and admission waits for KV pages, must produce the fixtures' greedy
+ * reference continuations and exactly what each request produces alone (also
+ * with seeded sampling). Plus the request life cycle: stop ids, on_token stop
+ * and cancel, epic_engine_cancel, validation, queue limits, shutdown. */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "common/log.h"
+#include "coordinator/engine.h"
+#include "kernels/ops.h"
+#include "tests/common/test_util.h"
+#include "worker/model.h"
+
+#define MAX_PROMPT 256
+#define MAX_OUT 64
+#define MAX_REQ 64
+
+typedef struct rq {
+  int32_t prompt[MAX_PROMPT];
+  int64_t n_prompt, max_new;
+  epic_sampling_params sp;
+  int32_t expect[MAX_OUT]; /* reference continuation (greedy requests) */
+  int n_expect;
+  int32_t stop_id;  /* >= 0: a stop id */
+  int stop_after;   /* > 0: on_token returns 1 after this many tokens */
+  int cancel_after; /* > 0: on_token returns -1 after this many tokens */
+  int32_t out[MAX_OUT];
+  int n_out;
+  int finishes; /* on_finish calls */
+  int bad;      /* a callback saw something impossible */
+  int sampled;  /* sampling instead of greedy */
+  epic_engine_result res;
+} rq;
+
+typedef struct fixture {
+  epic_ops *ops;
+  epic_model *m;
+  rq cases[8]; /* the fixture cases: prompt + 16 greedy ids */
+  int n_cases;
+} fixture;
+
+/* Callbacks may run on the engine's thread: they record, the test thread asserts. */
+static int on_token(void *user, int32_t id, float logprob) {
+  rq *r = user;
+  if (!(logprob <= 0) || r->n_out == MAX_OUT || r->finishes) {
+    r->bad = 1;
+    return -1;
+  }
+  r->out[r->n_out++] = id;
+  if (r->cancel_after && r->n_out == r->cancel_after)
+    return -1;
+  if (r->stop_after && r->n_out == r->stop_after)
+    return 1;
+  return 0;
+}
+
+static void on_finish(void *user, const epic_engine_result *res) {
+  rq *r = user;
+  r->finishes++;
+  r->res = *res;
+}
+
+static epic_status submit(epic_engine *e, rq *r, uint64_t *id) {
+  epic_engine_request q = {.size = sizeof q,
+                           .prompt = r->prompt,
+                           .n_prompt = r->n_prompt,
+                           .max_new_tokens = r->max_new,
+                           .sampling = r->sp,
+                           .ignore_eos = 1,
+                           .stop_ids = r->stop_id >= 0 ? &r->stop_id : NULL,
+                           .n_stop_ids = r->stop_id >= 0 ? 1 : 0,
+                           .on_token = on_token,
+                           .on_finish = on_finish,
+                           .user = r};
+  return epic_engine_submit(e, &q, id);
+}
+
+static epic_sampling_params greedy(void) {
+  return (epic_sampling_params){.size = sizeof(epic_sampling_params), .top_p = 1};
+}
+
+static int setup(void **state, const char *model) {
+  fixture *f = calloc(1, sizeof *f);
+  char dir[1024], rel[256], path[1024];
+  epic_model_params mp = {.size = sizeof mp};
+  cJSON *root, *it;
+  char *txt;
+  epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
+  mp.dir = epic_test_path(dir, sizeof dir, model);
+  if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK)
+    return -1;
+  if (epic_model_load(f->ops, &mp, &f->m) != EPIC_OK)
+    return -1;
+  snprintf(rel, sizeof rel, "%s/cases/cases.json", model);
+  txt = epic_test_read_file(epic_test_path(path, sizeof path, rel), NULL);
+  if (!txt || !(root = cJSON_Parse(txt)))
+    return -1;
+  cJSON_ArrayForEach(it, cJSON_GetObjectItem(root, "cases")) {
+    rq *c = &f->cases[f->n_cases++];
+    const cJSON *id;
+    memset(c, 0, sizeof *c);
+    c->stop_id = -1;
+    c->sp = greedy();
+    cJSON_ArrayForEach(id, cJSON_GetObjectItem(it, "prompt_ids")) c->prompt[c->n_prompt++] =
+        (int32_t)id->valuedouble;
+    cJSON_ArrayForEach(id, cJSON_GetObjectItem(it, "gen_ids")) c->expect[c->n_expect++] =
+        (int32_t)id->valuedouble;
+    c->max_new = c->n_expect;
+    if (c->n_prompt > MAX_PROMPT - 16 || c->n_expect != 16 || f->n_cases == 8)
+      return -1;
+  }
+  cJSON_Delete(root);
+  free(txt);
+  if (f->n_cases != 5)
+    return -1;
+  *state = f;
+  return 0;
+}
+static int setup_bf16(void **state) {
+  return setup(state, "tiny-bf16");
+}
+
+static int teardown(void **state) {
+  fixture *f = *state;
+  epic_model_destroy(f->m);
+  epic_ops_destroy(f->ops);
+  free(f);
+  return 0;
+}
+
+/* The request set: every case, and continuations of it after k of its reference
+ * tokens (prompt + gen[:k] must continue with gen[k:]), prompts of 1..156 tokens. */
+static int make_requests(const fixture *f, rq *rs) {
+  static const int ks[] = {0, 6};
+  int n = 0;
+  for (int c = 0; c < f->n_cases; c++)
+    for (size_t j = 0; j < sizeof ks / sizeof *ks; j++) {
+      const rq *src = &f->cases[c];
+      rq *r = &rs[n++];
+      const int k = ks[j];
+      memset(r, 0, sizeof *r);
+      r->stop_id = -1;
+      r->sp = greedy();
+      memcpy(r->prompt, src->prompt, (size_t)src->n_prompt * sizeof *r->prompt);
+      memcpy(r->prompt + src->n_prompt, src->expect, (size_t)k * sizeof *r->prompt);
+      r->n_prompt = src->n_prompt + k;
+      r->n_expect = src->n_expect - k;
+      memcpy(r->expect, src->expect + k, (size_t)r->n_expect * sizeof *r->expect);
+      r->max_new = r->n_expect;
+    }
+  return n;
+}
+
+/* Small pages, a KV cache that holds only some requests at once, a budget of
+ * 24 tokens per step and chunks of 7: prefill and decode mix in most steps. */
+static epic_engine *tight_engine(fixture *f) {
+  epic_engine_params p = {.size = sizeof p,
+                          .model = f->m,
+                          .page_size = 4,
+                          .kv_pages = 160,
+                          .max_batch = 7,
+                          .step_tokens = 24,
+                          .prefill_chunk = 7};
+  epic_engine *e = NULL;
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
+  return e;
+}
+
+typedef struct driver {
+  epic_engine *e;
+  epic_status st;
+} driver;
+
+static void *drive(void *arg) {
+  driver *d = arg;
+  d->st = epic_engine_run(d->e);
+  return NULL;
+}
+
+static void check_reference(rq *rs, int n) {
+  for (int i = 0; i < n; i++) {
+    assert_false(rs[i].bad);
+    assert_int_equal(rs[i].finishes, 1);
+    assert_int_equal(rs[i].res.finish, EPIC_ENGINE_FINISH_LENGTH);
+    assert_int_equal(rs[i].res.completion_tokens, rs[i].n_expect);
+    assert_int_equal(rs[i].res.prompt_tokens, rs[i].n_prompt);
+    assert_int_equal(rs[i].n_out, rs[i].n_expect);
+    assert_memory_equal(rs[i].out, rs[i].expect, (size_t)rs[i].n_expect * sizeof(int32_t));
+    assert_true(rs[i].res.total_seconds >= rs[i].res.ttft_seconds);
+    assert_true(rs[i].res.ttft_seconds >= rs[i].res.queue_seconds);
+  }
+}
+
+/* All requests submitted from another thread while the engine runs (it starts
+ * idle and must wake up), then a draining shutdown. */
+static void test_concurrent_reference(void **state) {
+  fixture *f = *state;
+  rq rs[MAX_REQ];
+  int n = make_requests(f, rs);
+  epic_engine *e = tight_engine(f);
+  driver d = {.e = e, .st = EPIC_ERR_INVALID};
+  pthread_t th;
+  epic_engine_stats s;
+  int64_t gen = 0, prompt = 0;
+  assert_int_equal(pthread_create(&th, NULL, drive, &d), 0);
+  for (int i = 0; i < n; i++) {
+    assert_int_equal(submit(e, &rs[i], NULL), EPIC_OK);
+    gen += rs[i].max_new;
+    prompt += rs[i].n_prompt;
+  }
+  epic_engine_shutdown(e, 1);
+  assert_int_equal(pthread_join(th, NULL), 0);
+  assert_int_equal(d.st, EPIC_OK);
+  check_reference(rs, n);
+  epic_engine_get_stats(e, &s);
+  assert_int_equal(s.finished, n);
+  assert_int_equal(s.cancelled, 0);
+  assert_int_equal(s.generated_tokens, gen);
+  assert_int_equal(s.prompt_tokens, prompt);
+  assert_int_equal(s.queued, 0);
+  assert_int_equal(s.running, 0);
+  assert_int_equal(s.kv_pages_used, 0);
+  assert_int_equal(s.kv_pages_total, 160);
+  assert_int_equal(s.nranks, 1);
+  /* Fewer steps than tokens: sequences really shared steps. */
+  assert_true(s.steps < gen);
+  epic_engine_destroy(e);
+}
+
+/* Each request alone (default engine) equals the concurrent run, also with
+ * seeded sampling: a sequence's tokens do not depend on its batch. */
+static void test_alone_equals_together(void **state) {
+  fixture *f = *state;
+  rq together[MAX_REQ], alone[MAX_REQ];
+  int n = make_requests(f, together);
+  epic_engine *e;
+  int idle;
+  for (int i = 1; i < n; i += 3) { /* every third request samples */
+    together[i].sp = (epic_sampling_params){.size = sizeof(epic_sampling_params),
+                                            .temperature = 0.9f,
+                                            .top_p = 0.95f,
+                                            .top_k = i % 2 ? 0 : 50,
+                                            .seed = 1000u + (uint64_t)i};
+    together[i].sampled = 1;
+  }
+  memcpy(alone, together, sizeof together);
+  e = tight_engine(f);
+  for (int i = 0; i < n; i++)
+    assert_int_equal(submit(e, &together[i], NULL), EPIC_OK);
+  do
+    assert_int_equal(epic_engine_step(e, &idle), EPIC_OK);
+  while (!idle);
+  epic_engine_destroy(e);
+
+  epic_engine_params p = {.size = sizeof p, .model = f->m, .kv_pages = 16};
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
+  for (int i = 0; i < n; i++) {
+    assert_int_equal(submit(e, &alone[i], NULL), EPIC_OK);
+    do
+      assert_int_equal(epic_engine_step(e, &idle), EPIC_OK);
+    while (!idle);
+    assert_int_equal(alone[i].finishes, 1);
+  }
+  epic_engine_destroy(e);
+  int sampled_differs = 0;
+  for (int i = 0; i < n; i++) {
+    const size_t bytes = (size_t)together[i].n_expect * sizeof(int32_t);
+    assert_false(together[i].bad || alone[i].bad);
+    assert_int_equal(together[i].finishes, 1);
+    assert_int_equal(together[i].n_out, alone[i].n_out);
+    assert_int_equal(together[i].n_out, together[i].max_new);
+    assert_memory_equal(together[i].out, alone[i].out, (size_t)alone[i].n_out * sizeof(int32_t));
+    if (!together[i].sampled)
+      assert_memory_equal(together[i].out, together[i].expect, bytes);
+    else
+      sampled_differs += memcmp(together[i].out, together[i].expect, bytes) != 0;
+  }
+  assert_true(sampled_differs > 0); /* sampling really sampled */
+}
+
+/* Stop ids, on_token stop and cancel, epic_engine_cancel of queued and running requests. */
+static void test_stops_and_cancel(void **state) {
+  fixture *f = *state;
+  rq r[6];
+  uint64_t ids[6];
+  int idle;
+  epic_engine_params p = {
+      .size = sizeof p, .model = f->m, .page_size = 4, .kv_pages = 64, .max_batch = 3};
+  epic_engine *e;
+  for (int i = 0; i < 6; i++)
+    r[i] = f->cases[i % f->n_cases];
+  r[0].stop_id = r[0].expect[5]; /* ends at its first occurrence */
+  r[1].stop_after = 3;           /* on_token: 1 */
+  r[2].cancel_after = 4;         /* on_token: -1 */
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
+  for (int i = 0; i < 6; i++)
+    assert_int_equal(submit(e, &r[i], &ids[i]), EPIC_OK);
+  epic_engine_cancel(e, ids[5]); /* queued (max_batch 3) */
+  epic_engine_cancel(e, 12345);  /* unknown: ignored */
+  assert_int_equal(epic_engine_step(e, &idle), EPIC_OK);
+  assert_false(idle);
+  assert_int_equal(r[5].finishes, 1);
+  assert_int_equal(r[5].res.finish, EPIC_ENGINE_FINISH_CANCELLED);
+  assert_int_equal(r[5].n_out, 0);
+  for (int k = 0; k < 6; k++)
+    assert_int_equal(epic_engine_step(e, &idle), EPIC_OK);
+  epic_engine_cancel(e, ids[4]); /* running by now */
+  do
+    assert_int_equal(epic_engine_step(e, &idle), EPIC_OK);
+  while (!idle);
+  epic_engine_cancel(e, ids[0]); /* finished: ignored */
+  assert_int_equal(epic_engine_step(e, &idle), EPIC_OK);
+  assert_true(idle);
+
+  int first = 0;
+  while (r[0].expect[first] != r[0].stop_id)
+    first++;
+  assert_int_equal(r[0].res.finish, EPIC_ENGINE_FINISH_STOP);
+  assert_int_equal(r[0].n_out, first + 1);
+  assert_memory_equal(r[0].out, r[0].expect, (size_t)(first + 1) * sizeof(int32_t));
+  assert_int_equal(r[1].res.finish, EPIC_ENGINE_FINISH_STOP);
+  assert_int_equal(r[1].n_out, 3);
+  assert_int_equal(r[2].res.finish, EPIC_ENGINE_FINISH_CANCELLED);
+  assert_int_equal(r[2].n_out, 4);
+  assert_int_equal(r[3].res.finish, EPIC_ENGINE_FINISH_LENGTH);
+  assert_memory_equal(r[3].out, r[3].expect, 16 * sizeof(int32_t));
+  assert_int_equal(r[4].res.finish, EPIC_ENGINE_FINISH_CANCELLED);
+  assert_true(r[4].n_out < 16);
+  assert_memory_equal(r[4].out, r[4].expect, (size_t)r[4].n_out * sizeof(int32_t));
+  for (int i = 0; i < 6; i++)
+    assert_int_equal(r[i].finishes, 1);
+  epic_engine_stats s;
+  epic_engine_get_stats(e, &s);
+  assert_int_equal(s.cancelled, 3);
+  assert_int_equal(s.finished, 3);
+  assert_int_equal(s.kv_pages_used, 0);
+  epic_engine_destroy(e);
+}
+
+/* Bad requests are refused without a callback; a full queue answers BUSY; a
+ * request that can never fit in the KV cache is invalid. */
+static void test_validation_and_limits(void **state) {
+  fixture *f = *state;
+  epic_engine_params p = {
+      .size = sizeof p, .model = f->m, .page_size = 4, .kv_pages = 8, .max_queue = 2};
+  epic_engine *e;
+  rq r = f->cases[1], ok[3];
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
+  r.prompt[2] = 1 << 20;
+  assert_int_equal(submit(e, &r, NULL), EPIC_ERR_INVALID);
+  r = f->cases[1];
+  r.max_new = 0;
+  assert_int_equal(submit(e, &r, NULL), EPIC_ERR_INVALID);
+  r.max_new = 163840;
+  assert_int_equal(submit(e, &r, NULL), EPIC_ERR_INVALID); /* beyond the context */
+  r.max_new = 40;
+  assert_int_equal(submit(e, &r, NULL), EPIC_ERR_INVALID); /* 45 tokens > 8 pages of 4 */
+  r = f->cases[1];
+  r.sp.top_p = 0;
+  assert_int_equal(submit(e, &r, NULL), EPIC_ERR_INVALID);
+  r = f->cases[1];
+  r.sp.temperature = -1;
+  assert_int_equal(submit(e, &r, NULL), EPIC_ERR_INVALID);
+  r = f->cases[1];
+  r.n_prompt = 0;
+  assert_int_equal(submit(e, &r, NULL), EPIC_ERR_INVALID);
+  assert_int_equal(r.finishes, 0);
+  for (int i = 0; i < 3; i++)
+    ok[i] = f->cases[1];
+  assert_int_equal(submit(e, &ok[0], NULL), EPIC_OK);
+  assert_int_equal(submit(e, &ok[1], NULL), EPIC_OK);
+  assert_int_equal(submit(e, &ok[2], NULL), EPIC_ERR_BUSY);
+  epic_engine_stats s;
+  epic_engine_get_stats(e, &s);
+  assert_int_equal(s.queued, 2);
+  /* Destroying with live requests cancels them (exactly one on_finish each). */
+  epic_engine_destroy(e);
+  assert_int_equal(ok[0].finishes, 1);
+  assert_int_equal(ok[0].res.finish, EPIC_ENGINE_FINISH_CANCELLED);
+  assert_int_equal(ok[1].finishes, 1);
+  assert_int_equal(ok[2].finishes, 0);
+
+  /* Bad engine parameters name the field. */
+  epic_engine_params bad = p;
+  bad.micro_batches = 3;
+  assert_int_equal(epic_engine_create(&bad, &e), EPIC_ERR_INVALID);
+  bad = p;
+  bad.max_context = 1 << 30;
+  assert_int_equal(epic_engine_create(&bad, &e), EPIC_ERR_INVALID);
+  bad = p;
+  bad.size = 8;
+  assert_int_equal(epic_engine_create(&bad, &e), EPIC_ERR_INVALID);
+}
+
+/* A non-draining shutdown cancels queued and running requests; submit then refuses. */
+static void test_shutdown_cancels(void **state) {
+  fixture *f = *state;
+  rq r[4];
+  int idle;
+  epic_engine *e = tight_engine(f);
+  for (int i = 0; i < 4; i++) {
+    r[i] = f->cases[i];
+    assert_int_equal(submit(e, &r[i], NULL), EPIC_OK);
+  }
+  for (int k = 0; k < 3; k++)
+    assert_int_equal(epic_engine_step(e, &idle), EPIC_OK);
+  epic_engine_shutdown(e, 0);
+  assert_int_equal(submit(e, &r[0], NULL), EPIC_ERR_CANCELLED);
+  assert_int_equal(epic_engine_run(e), EPIC_OK);
+  for (int i = 0; i < 4; i++) {
+    assert_int_equal(r[i].finishes, 1);
+    assert_int_equal(r[i].res.finish, EPIC_ENGINE_FINISH_CANCELLED);
+  }
+  epic_engine_stats s;
+  epic_engine_get_stats(e, &s);
+  assert_int_equal(s.kv_pages_used, 0);
+  assert_int_equal(s.running + s.queued, 0);
+  epic_engine_destroy(e);
+}
+
+int main(void) {
+  const struct CMUnitTest bf16[] = {
+      cmocka_unit_test(test_concurrent_reference), cmocka_unit_test(test_alone_equals_together),
+      cmocka_unit_test(test_stops_and_cancel),     cmocka_unit_test(test_validation_and_limits),
+      cmocka_unit_test(test_shutdown_cancels),
+  };
+  if (getenv("EPIC_TEST_FILTER")) /* run a subset: EPIC_TEST_FILTER=test_stops* */
+    cmocka_set_test_filter(getenv("EPIC_TEST_FILTER"));
+  return cmocka_run_group_tests_name("engine tiny-bf16", bf16, setup_bf16, teardown);
+}

@@ -1,0 +1,281 @@
+#include "executor.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "../common/log.h"
+#include "sampler.h"
+
+typedef struct xseq {
+  uint64_t id;
+  epic_kv_seq kv;
+  epic_sampler *smp;
+} xseq;
+
+struct epic_executor {
+  epic_model *m;
+  epic_kvcache *kc;
+  int rank, lockstep;
+  int64_t V;
+  /* Sequence table: open addressing with linear probing (ids are arbitrary
+   * 64-bit values and a step looks up every entry, so a linear scan would make
+   * each step quadratic in the batch). */
+  xseq **slots;
+  size_t cap, n;
+  /* Per-step scratch, grown as needed. */
+  epic_seq_batch *batch;
+  xseq **bseq;
+  const epic_step_entry **bent;
+  size_t bcap;
+  float *logits;
+  size_t lrows;
+};
+
+static size_t hash_id(uint64_t x) { /* splitmix64 finaliser: ids are often sequential */
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return (size_t)x;
+}
+
+static size_t find_slot(const epic_executor *x, uint64_t id) {
+  size_t i = hash_id(id) & (x->cap - 1);
+  while (x->slots[i] && x->slots[i]->id != id)
+    i = (i + 1) & (x->cap - 1);
+  return i;
+}
+
+static xseq *lookup(const epic_executor *x, uint64_t id) {
+  return x->slots[find_slot(x, id)];
+}
+
+static epic_status grow_table(epic_executor *x) {
+  size_t cap = x->cap * 2;
+  xseq **old = x->slots, **ns = calloc(cap, sizeof *ns);
+  size_t oldcap = x->cap;
+  if (!ns)
+    return EPIC_ERR_NOMEM;
+  x->slots = ns;
+  x->cap = cap;
+  for (size_t i = 0; i < oldcap; i++)
+    if (old[i])
+      x->slots[find_slot(x, old[i]->id)] = old[i];
+  free(old);
+  return EPIC_OK;
+}
+
+static epic_status insert(epic_executor *x, xseq *s) {
+  if (2 * (x->n + 1) > x->cap)
+    EPIC_CHECK(grow_table(x));
+  x->slots[find_slot(x, s->id)] = s;
+  x->n++;
+  return EPIC_OK;
+}
+
+/* Backward-shift deletion keeps every probe chain unbroken without tombstones. */
+static void erase(epic_executor *x, uint64_t id) {
+  size_t i = find_slot(x, id), mask = x->cap - 1;
+  if (!x->slots[i])
+    return;
+  x->slots[i] = NULL;
+  x->n--;
+  for (size_t j = (i + 1) & mask; x->slots[j]; j = (j + 1) & mask) {
+    size_t home = hash_id(x->slots[j]->id) & mask;
+    /* Move slot j into the hole when its home does not lie cyclically in (i, j]. */
+    if ((j > i && (home <= i || home > j)) || (j < i && home <= i && home > j)) {
+      x->slots[i] = x->slots[j];
+      x->slots[j] = NULL;
+      i = j;
+    }
+  }
+}
+
+static void free_seq(epic_executor *x, xseq *s) {
+  epic_kvcache_seq_release(x->kc, &s->kv);
+  epic_sampler_destroy(s->smp);
+  free(s);
+}
+
+epic_status epic_executor_create(const epic_executor_params *p, epic_executor **out) {
+  epic_executor *x;
+  *out = NULL;
+  if (!p || p->size != sizeof *p || !p->model || !p->kc || p->rank < 0) {
+    EPIC_LOG_ERROR("executor: invalid parameters (model, kc and rank are required)");
+    return EPIC_ERR_INVALID;
+  }
+  x = calloc(1, sizeof *x);
+  if (!x)
+    return EPIC_ERR_NOMEM;
+  x->m = p->model;
+  x->kc = p->kc;
+  x->rank = p->rank;
+  x->lockstep = p->lockstep;
+  x->V = epic_model_get_config(p->model)->vocab_size;
+  x->cap = 64;
+  x->slots = calloc(x->cap, sizeof *x->slots);
+  if (!x->slots) {
+    free(x);
+    return EPIC_ERR_NOMEM;
+  }
+  *out = x;
+  return EPIC_OK;
+}
+
+void epic_executor_destroy(epic_executor *x) {
+  if (!x)
+    return;
+  for (size_t i = 0; i < x->cap; i++)
+    if (x->slots[i])
+      free_seq(x, x->slots[i]);
+  free(x->slots);
+  free(x->batch);
+  free(x->bseq);
+  free(x->bent);
+  free(x->logits);
+  free(x);
+}
+
+int64_t epic_executor_sequences(const epic_executor *x) {
+  return (int64_t)x->n;
+}
+
+static epic_status reserve_scratch(epic_executor *x, size_t n) {
+  if (n > x->bcap) {
+    size_t cap = x->bcap ? x->bcap : 16;
+    while (cap < n)
+      cap *= 2;
+    epic_seq_batch *b = realloc(x->batch, cap * sizeof *b);
+    if (b)
+      x->batch = b;
+    xseq **s = realloc(x->bseq, cap * sizeof *s);
+    if (s)
+      x->bseq = s;
+    const epic_step_entry **e = realloc(x->bent, cap * sizeof *e);
+    if (e)
+      x->bent = e;
+    if (!b || !s || !e)
+      return EPIC_ERR_NOMEM;
+    x->bcap = cap;
+  }
+  if (n > x->lrows) {
+    float *l = realloc(x->logits, n * (size_t)x->V * sizeof *l);
+    if (!l)
+      return EPIC_ERR_NOMEM;
+    x->logits = l;
+    x->lrows = n;
+  }
+  return EPIC_OK;
+}
+
+static epic_status create_seq(epic_executor *x, const epic_step_entry *e, const epic_step_new *nw,
+                              xseq **out) {
+  epic_sampling_params sp = {.size = sizeof sp,
+                             .temperature = nw->temperature,
+                             .top_p = nw->top_p,
+                             .top_k = nw->top_k,
+                             .seed = nw->seed};
+  xseq *s;
+  epic_status st;
+  if (lookup(x, e->seq)) {
+    EPIC_LOG_ERROR("executor rank %d: step creates sequence %llu, which exists", x->rank,
+                   (unsigned long long)e->seq);
+    return EPIC_ERR_INVALID;
+  }
+  s = calloc(1, sizeof *s);
+  if (!s)
+    return EPIC_ERR_NOMEM;
+  s->id = e->seq;
+  st = epic_sampler_create(&sp, &s->smp);
+  if (st == EPIC_OK) {
+    /* The coordinator admitted the sequence against this rank's free pages: the
+     * whole reservation is taken now so that it can never run out mid-way. */
+    st = epic_kvcache_seq_reserve(x->kc, &s->kv, nw->reserve_tokens);
+    if (st == EPIC_ERR_NOMEM)
+      EPIC_LOG_ERROR(
+          "executor rank %d: KV cache cannot hold sequence %llu (%lld pages needed, %lld free)",
+          x->rank, (unsigned long long)e->seq,
+          (long long)epic_kvcache_pages_for(x->kc, nw->reserve_tokens),
+          (long long)epic_kvcache_free_pages(x->kc));
+  }
+  if (st == EPIC_OK)
+    st = insert(x, s);
+  if (st != EPIC_OK) {
+    free_seq(x, s);
+    return st;
+  }
+  *out = s;
+  return EPIC_OK;
+}
+
+/* Releases, creations and the batch of this rank's entries. */
+static epic_status prepare(epic_executor *x, const epic_step_plan *p, size_t *nb) {
+  const int32_t *tok = p->tokens;
+  *nb = 0;
+  for (uint32_t i = 0; i < p->h.n_entries; i++) {
+    const epic_step_entry *e = &p->entries[i];
+    const int32_t *t = tok;
+    tok += e->n_tokens;
+    if (e->rank != x->rank)
+      continue;
+    xseq *s = lookup(x, e->seq);
+    if (e->flags & EPIC_STEP_RELEASE) {
+      if (!s) {
+        EPIC_LOG_ERROR("executor rank %d: step releases unknown sequence %llu", x->rank,
+                       (unsigned long long)e->seq);
+        return EPIC_ERR_INVALID;
+      }
+      erase(x, e->seq);
+      free_seq(x, s);
+      continue;
+    }
+    if (e->flags & EPIC_STEP_NEW) {
+      EPIC_CHECK(create_seq(x, e, &p->news[e->new_index], &s));
+    } else if (!s) {
+      EPIC_LOG_ERROR("executor rank %d: step names unknown sequence %llu", x->rank,
+                     (unsigned long long)e->seq);
+      return EPIC_ERR_INVALID;
+    }
+    if (e->start != s->kv.n_tokens) {
+      EPIC_LOG_ERROR("executor rank %d: sequence %llu continues at %lld but holds %lld tokens",
+                     x->rank, (unsigned long long)e->seq, (long long)e->start,
+                     (long long)s->kv.n_tokens);
+      return EPIC_ERR_INVALID;
+    }
+    EPIC_CHECK(reserve_scratch(x, *nb + 1));
+    x->batch[*nb] =
+        (epic_seq_batch){.tokens = t, .n_tokens = e->n_tokens, .start = e->start, .kv = &s->kv};
+    x->bseq[*nb] = s;
+    x->bent[*nb] = e;
+    (*nb)++;
+  }
+  return EPIC_OK;
+}
+
+epic_status epic_executor_step(epic_executor *x, const epic_step_plan *p, epic_step_sample *out) {
+  size_t nb = 0;
+  epic_status st = prepare(x, p, &nb);
+  if (p->h.n_tokens == 0)
+    return st;
+  if (st != EPIC_OK || nb == 0) {
+    /* Peers are about to enter the forward's all-to-alls: take part with no
+     * tokens so they are not left waiting, then report our own error. */
+    if (x->lockstep) {
+      epic_status st2 = epic_model_forward(x->m, x->kc, NULL, 0, NULL, NULL);
+      if (st == EPIC_OK)
+        st = st2;
+    }
+    return st;
+  }
+  EPIC_CHECK(epic_model_forward(x->m, x->kc, x->batch, (int)nb, x->logits, NULL));
+  int64_t k = 0;
+  for (size_t i = 0; i < nb; i++) {
+    if (!(x->bent[i]->flags & EPIC_STEP_SAMPLE))
+      continue;
+    float lp = 0;
+    int32_t id = epic_sampler_sample(x->bseq[i]->smp, x->logits + i * (size_t)x->V, x->V, &lp);
+    out[k++] = (epic_step_sample){.id = id, .logprob = lp};
+  }
+  return EPIC_OK;
+}

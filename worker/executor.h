@@ -1,0 +1,58 @@
+/* Step executor: one rank's part of a forward step (DESIGN §2-§3).
+ *
+ * A worker holds the sequences the coordinator assigned to it: for each, its
+ * pages in the rank's latent KV cache and its own seeded sampler, so that a
+ * sequence's tokens depend only on its prompt and sampling parameters, never on
+ * which rank holds it or what else shares its batch. epic_executor_step takes a
+ * step plan (worker/step_plan.h), frees the sequences it releases, creates the
+ * new ones, runs the rank's entries through epic_model_forward as one batch and
+ * samples a token for every SAMPLE entry.
+ *
+ * Lock-step (expert parallelism): with lockstep = 1 every rank of the model's
+ * comm must call epic_executor_step for every plan that has tokens, because each
+ * forward exchanges tokens with all ranks; a rank without entries still runs the
+ * forward (n_seqs = 0) to serve its experts, and so does a rank whose own part
+ * failed before the forward (it then returns the error after the collective
+ * forward), so that a local error never leaves peers waiting.
+ *
+ * Ownership: the model and the KV cache are borrowed and must outlive the
+ * executor; epic_executor_destroy releases every sequence's pages.
+ * Thread contract: thread-compatible; the thread that drives the model. */
+#ifndef EPIC_WORKER_EXECUTOR_H
+#define EPIC_WORKER_EXECUTOR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/status.h"
+#include "kvcache.h"
+#include "model.h"
+#include "step_plan.h"
+
+typedef struct epic_executor epic_executor;
+
+typedef struct epic_executor_params {
+  size_t size;       /* sizeof(epic_executor_params) */
+  epic_model *model; /* borrowed */
+  epic_kvcache *kc;  /* borrowed: this rank's cache, from epic_model_kvcache_create */
+  int rank;          /* this rank: entries naming it are run here */
+  int lockstep;      /* 1 when the model was loaded with a comm (see above) */
+} epic_executor_params;
+
+epic_status epic_executor_create(const epic_executor_params *p, epic_executor **out);
+void epic_executor_destroy(epic_executor *x); /* NULL-safe */
+
+/* Run this rank's part of plan p (already checked with epic_step_plan_check).
+ * out receives epic_step_plan_samples(p, rank) samples in entry order (may be
+ * NULL when there are none). A plan without tokens only releases sequences and
+ * runs no forward (on any rank: the decision follows from the plan alone).
+ * Errors: EPIC_ERR_INVALID (logged) for an entry that names an unknown sequence,
+ * creates an existing one or does not continue at the sequence's cached length;
+ * EPIC_ERR_NOMEM when the cache cannot hold a new sequence's reservation; the
+ * forward's errors. After an error the engine stops: only destroy is left. */
+epic_status epic_executor_step(epic_executor *x, const epic_step_plan *p, epic_step_sample *out);
+
+/* Sequences this rank holds. */
+int64_t epic_executor_sequences(const epic_executor *x);
+
+#endif

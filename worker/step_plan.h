@@ -1,0 +1,93 @@
+/* The step plan: what the coordinator (rank 0) tells every worker before each
+ * forward step (DESIGN §3 step 1), and what comes back (step 3).
+ *
+ * Wire format. A plan travels as two broadcasts: a fixed 32-byte header
+ * (epic_step_header), then, when the header says so, a body of
+ * epic_step_body_bytes(header) bytes laid out as
+ *     entries[n_entries] | news[n_new] | tokens[n_tokens]
+ * Entries name a sequence, the rank that holds it and what to do this step:
+ * run n_tokens tokens at positions start.. (a prefill chunk or one decode token),
+ * create the sequence first (NEW: KV pages for reserve_tokens rows, a sampler with
+ * the entry's sampling parameters, both from news[new_index]), sample a token from
+ * its last row (SAMPLE), or free it (RELEASE, no tokens). tokens holds every
+ * entry's tokens concatenated in entry order. Every rank receives the whole plan
+ * (it is small: ids and positions, no activations) and runs the entries that name
+ * it; all ranks then exchange results in one allgatherv whose counts follow from
+ * the plan: rank r contributes an epic_step_reply followed by one epic_step_sample
+ * per SAMPLE entry of rank r, in entry order.
+ * All ranks of a job run the same binary on the same architecture, so the
+ * structs go over the wire as they are (fixed-width fields, no padding holes).
+ *
+ * Thread-safe: pure functions over caller memory. */
+#ifndef EPIC_WORKER_STEP_PLAN_H
+#define EPIC_WORKER_STEP_PLAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/status.h"
+
+#define EPIC_STEP_MAGIC 0x50535045u /* "EPSP" */
+
+enum { EPIC_STEP_OP_STOP = 0, EPIC_STEP_OP_RUN = 1 };
+
+/* Entry flags. */
+enum { EPIC_STEP_NEW = 1u, EPIC_STEP_RELEASE = 2u, EPIC_STEP_SAMPLE = 4u };
+
+typedef struct epic_step_header {
+  uint32_t magic;     /* EPIC_STEP_MAGIC */
+  int32_t op;         /* EPIC_STEP_OP_* ; STOP: no body, the workers return */
+  uint32_t n_entries; /* entries in the body */
+  uint32_t n_new;     /* new-sequence records in the body */
+  uint64_t step;      /* step number (every rank counts too: a mismatch is a protocol error) */
+  int64_t n_tokens;   /* sum of the entries' n_tokens */
+} epic_step_header;
+
+typedef struct epic_step_entry {
+  uint64_t seq;      /* sequence id, unique in the job */
+  int32_t rank;      /* worker holding the sequence's KV cache */
+  uint32_t flags;    /* EPIC_STEP_* */
+  int64_t start;     /* position of the first token = rows the sequence has cached */
+  int32_t n_tokens;  /* tokens to run this step; 0 only for RELEASE */
+  int32_t new_index; /* into news[] when flags has NEW, else -1 */
+} epic_step_entry;
+
+typedef struct epic_step_new {
+  int64_t reserve_tokens; /* KV rows reserved when the sequence is created */
+  int64_t top_k;
+  uint64_t seed;
+  float temperature, top_p;
+} epic_step_new;
+
+/* What rank r sends back after a step: its status, then its samples. */
+typedef struct epic_step_reply {
+  int32_t status;    /* epic_status of the rank's part of the step */
+  int32_t n_samples; /* samples that follow (= epic_step_plan_samples(plan, r)) */
+} epic_step_reply;
+
+typedef struct epic_step_sample {
+  int32_t id;
+  float logprob;
+} epic_step_sample;
+
+/* A plan as arrays (pointing into a body buffer). */
+typedef struct epic_step_plan {
+  epic_step_header h;
+  epic_step_entry *entries;
+  epic_step_new *news;
+  int32_t *tokens;
+} epic_step_plan;
+
+/* Bytes of the body that follows header h (0 for STOP or an empty plan). */
+size_t epic_step_body_bytes(const epic_step_header *h);
+/* Point p's arrays into body (epic_step_body_bytes(h) bytes, 8-byte aligned) and copy h. */
+void epic_step_plan_bind(epic_step_plan *p, const epic_step_header *h, void *body);
+/* Check a received plan against a world of nranks ranks: magic, op, counts, ranks,
+ * flags, new_index, token total. EPIC_ERR_COMM (logged, naming the entry and
+ * field) when it is not well formed. */
+epic_status epic_step_header_check(const epic_step_header *h, uint64_t expect_step);
+epic_status epic_step_plan_check(const epic_step_plan *p, int nranks);
+/* SAMPLE entries of rank r. */
+int64_t epic_step_plan_samples(const epic_step_plan *p, int rank);
+
+#endif
