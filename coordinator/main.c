@@ -2,8 +2,12 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "cmd_batch.h"
+#include "cmd_bench.h"
+#include "cmd_gateway.h"
 #include "cmd_generate.h"
 #include "cmd_plan.h"
+#include "cmd_serve.h"
 #include "coordinator/tokenizer/cmd_tokenize.h"
 
 #ifndef EPIC_VERSION
@@ -21,6 +25,10 @@ typedef struct subcommand {
 
 static const subcommand COMMANDS[] = {
     {"generate", epic_cmd_generate, "run one prompt on this machine and stream the output"},
+    {"serve", epic_cmd_serve, "serve the model over gRPC (rank 0 serves under mpirun)"},
+    {"gateway", epic_cmd_gateway, "route gRPC requests to the least loaded of several serve clusters"},
+    {"batch", epic_cmd_batch, "run an OpenAI batch file (JSONL) on the engine, resumable"},
+    {"bench", epic_cmd_bench, "engine throughput with synthetic prompts (JSON; runs under mpirun)"},
     {"plan", epic_cmd_plan, "expert placement and per-rank memory for N GPUs (config.json only)"},
     {"tokenize", epic_cmd_tokenize, "text to token ids (optionally through the chat template)"},
     {"detokenize", epic_cmd_detokenize, "token ids to text"},

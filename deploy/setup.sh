@@ -24,7 +24,9 @@ done
 packages=(build-essential cmake pkg-config python3
   libopenblas-dev libpcre2-dev libcjson-dev libcmocka-dev
   libopenmpi-dev openmpi-bin libucx-dev
-  libgrpc-dev protobuf-c-compiler libprotobuf-c-dev)
+  libgrpc-dev protobuf-c-compiler libprotobuf-c-dev
+  python3-grpcio python3-protobuf protobuf-compiler
+  slurmctld slurmd slurm-client munge patchelf numactl)
 
 if [ "$install_deps" = 1 ]; then
   missing=()
