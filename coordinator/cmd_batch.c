@@ -26,6 +26,7 @@
 
 #include "batch.h"
 #include "cli_util.h"
+#include "cmd_plan.h"
 #include "cluster.h"
 #include "comm/comm.h"
 #include "common/clock.h"
@@ -74,6 +75,7 @@ static const char *USAGE =
     "  --num-experts N         use only N routed experts (likewise)\n"
     "  --weight-seed S         seed of dummy weights (default 0)\n"
     "  --comm NAME             expert-parallel backend under mpirun: auto, mpi, ucx or nccl\n"
+    "  --mem-per-rank SIZE     memory a rank may use (e.g. 141GB): the plan must fit, checked before loading\n"
     "output:\n"
     "  --stats-json FILE       write the run's counts, tokens and rates as JSON to FILE\n"
     "  -q, --quiet             no progress lines (the summary is still printed)\n"
@@ -81,6 +83,7 @@ static const char *USAGE =
     "  -h, --help              this help\n";
 
 typedef struct batch_opts {
+  uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */
   const char *model, *input, *output, *template_name, *comm, *stats_json;
   int dummy, verbose, quiet;
   int64_t default_max_tokens, max_batch, max_queue, kv_pages, page_size, step_tokens, prefill_chunk,
@@ -162,7 +165,7 @@ static int parse(int argc, char **argv, batch_opts *o) {
     O_NLAYERS,
     O_NEXPERTS,
     O_WSEED,
-    O_COMM
+    O_MEMRANK, O_COMM
   };
   static const struct option longopts[] = {{"model", required_argument, 0, O_MODEL},
                                            {"input", required_argument, 0, O_INPUT},
@@ -183,6 +186,7 @@ static int parse(int argc, char **argv, batch_opts *o) {
                                            {"num-experts", required_argument, 0, O_NEXPERTS},
                                            {"weight-seed", required_argument, 0, O_WSEED},
                                            {"comm", required_argument, 0, O_COMM},
+                                           {"mem-per-rank", required_argument, 0, O_MEMRANK},
                                            {"stats-json", required_argument, 0, O_STATS},
                                            {"quiet", no_argument, 0, 'q'},
                                            {"verbose", no_argument, 0, 'v'},
@@ -242,6 +246,7 @@ static int parse(int argc, char **argv, batch_opts *o) {
       bad = epic_cli_i64(cmd, "--num-experts", optarg, 1, 1 << 20, &o->num_experts);
       break;
     case O_WSEED: bad = epic_cli_u64(cmd, "--weight-seed", optarg, &o->weight_seed); break;
+    case O_MEMRANK: bad = epic_plan_cli_size(cmd, "--mem-per-rank", optarg, &o->mem_per_rank); break;
     case O_COMM: o->comm = optarg; break;
     case O_STATS: o->stats_json = optarg; break;
     case 'q': o->quiet = 1; break;
@@ -814,6 +819,7 @@ int epic_cmd_batch(int argc, char **argv) {
                             .num_layers = o.num_layers,
                             .num_experts = o.num_experts,
                             .threads = o.threads,
+                            .mem_per_rank = o.mem_per_rank,
                             .max_batch_tokens = o.step_tokens,
                             .progress = !o.quiet};
   if (epic_cluster_open(&cp, &cl) != EPIC_OK)

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "cli_util.h"
+#include "cmd_plan.h"
 #include "comm/comm.h"
 #include "common/clock.h"
 #include "common/log.h"
@@ -79,11 +80,13 @@ static const char *USAGE =
     "  --kv-pages N            --requests: KV cache pages per rank (default: room for every\n"
     "                          request at once, at most 1 GiB)\n"
     "  --comm NAME             expert-parallel backend under mpirun: auto, mpi, ucx or nccl\n"
+    "  --mem-per-rank SIZE     memory a rank may use (e.g. 141GB): the plan must fit, checked before loading\n"
     "                          (default auto; used whenever the job has several ranks)\n"
     "  -v, --verbose           timing and load information on stderr\n"
     "  -h, --help              this help\n";
 
 typedef struct gen_opts {
+  uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */
   const char *model, *prompt_ids, *prompt, *system, *dump_logits, *dump_mtp, *template_name, *comm;
   const char *requests;
   int chat, no_bos, json, ignore_eos, verbose, dummy;
@@ -116,7 +119,7 @@ static epic_status on_token(void *user, int32_t id, float logprob) {
 static int parse(int argc, char **argv, gen_opts *o) {
   enum { O_PIDS = 256, O_PROMPT, O_CHAT, O_SYSTEM, O_NOBOS, O_MAXNEW, O_TEMP, O_TOPP, O_TOPK,
          O_SEED, O_IGNEOS, O_JSON, O_DUMP, O_DUMPMTP, O_LOADFMT, O_NLAYERS, O_NEXPERTS, O_WSEED,
-         O_THREADS, O_CHUNK, O_PAGE, O_MODEL, O_TEMPLATE, O_COMM, O_REQUESTS, O_MB, O_MAXBATCH,
+         O_THREADS, O_CHUNK, O_PAGE, O_MODEL, O_TEMPLATE, O_MEMRANK, O_COMM, O_REQUESTS, O_MB, O_MAXBATCH,
          O_STEPTOK, O_KVPAGES };
   static const struct option longopts[] = {
       {"model", required_argument, 0, O_MODEL},
@@ -143,6 +146,7 @@ static int parse(int argc, char **argv, gen_opts *o) {
       {"prefill-chunk", required_argument, 0, O_CHUNK},
       {"page-size", required_argument, 0, O_PAGE},
       {"comm", required_argument, 0, O_COMM},
+      {"mem-per-rank", required_argument, 0, O_MEMRANK},
       {"requests", required_argument, 0, O_REQUESTS},
       {"micro-batches", required_argument, 0, O_MB},
       {"max-batch", required_argument, 0, O_MAXBATCH},
@@ -192,6 +196,7 @@ static int parse(int argc, char **argv, gen_opts *o) {
     case O_WSEED: bad = epic_cli_u64(cmd, "--weight-seed", optarg, &o->weight_seed); break;
     case O_THREADS: bad = epic_cli_i64(cmd, "--threads", optarg, 1, 4096, &o->threads); break;
     case O_CHUNK: bad = epic_cli_i64(cmd, "--prefill-chunk", optarg, 1, 1 << 30, &o->chunk); break;
+    case O_MEMRANK: bad = epic_plan_cli_size(cmd, "--mem-per-rank", optarg, &o->mem_per_rank); break;
     case O_COMM:
       /* Checked here so that a typo fails at once on every rank, before MPI or loading. */
       if (strcmp(optarg, "auto") && strcmp(optarg, "mpi") && strcmp(optarg, "ucx") &&
@@ -555,6 +560,7 @@ static int run_requests(const gen_opts *o) {
                               .num_layers = o->num_layers,
                               .num_experts = o->num_experts,
                               .threads = o->threads,
+                              .mem_per_rank = o->mem_per_rank,
                               .max_batch_tokens = o->step_tokens,
                               .progress = 1};
     if (epic_cluster_open(&cp, &cl) != EPIC_OK) {
@@ -696,6 +702,7 @@ int epic_cmd_generate(int argc, char **argv) {
                               .num_layers = o.num_layers,
                               .num_experts = o.num_experts,
                               .threads = o.threads,
+                              .mem_per_rank = o.mem_per_rank,
                               .load_mtp = o.dump_mtp != NULL,
                               .progress = 1};
     if (epic_cluster_open(&cp, &cl) != EPIC_OK) return 1;

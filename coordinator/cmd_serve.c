@@ -67,6 +67,7 @@ static const char *USAGE =
     "  --drain-timeout SECONDS  grace period for running streams after SIGTERM (default 30)\n"
     "engine:\n"
     "  --comm NAME              expert-parallel backend under mpirun: auto, mpi, ucx or nccl\n"
+    "  --mem-per-rank SIZE      memory a rank may use (e.g. 141GB): the plan must fit, checked before loading\n"
     "  --load-format F          auto (safetensors) or dummy (random weights from config.json)\n"
     "  --num-layers N           use only N layers (benchmarks, with dummy weights)\n"
     "  --num-experts N          use only N routed experts (likewise)\n"
@@ -76,6 +77,7 @@ static const char *USAGE =
     "  -h, --help               this help\n";
 
 typedef struct serve_opts {
+  uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */
   const char *model, *listen, *comm;
   int dummy, verbose;
   int64_t max_batch, max_queue, kv_pages, page_size, max_context, step_tokens, prefill_chunk,
@@ -101,6 +103,7 @@ static int parse(int argc, char **argv, serve_opts *o) {
     O_DEFMAX,
     O_MAXREQ,
     O_DRAIN,
+    O_MEMRANK,
     O_COMM,
     O_LOADFMT,
     O_NLAYERS,
@@ -123,6 +126,7 @@ static int parse(int argc, char **argv, serve_opts *o) {
                                            {"max-request-bytes", required_argument, 0, O_MAXREQ},
                                            {"drain-timeout", required_argument, 0, O_DRAIN},
                                            {"comm", required_argument, 0, O_COMM},
+                                           {"mem-per-rank", required_argument, 0, O_MEMRANK},
                                            {"load-format", required_argument, 0, O_LOADFMT},
                                            {"num-layers", required_argument, 0, O_NLAYERS},
                                            {"num-experts", required_argument, 0, O_NEXPERTS},
@@ -183,6 +187,7 @@ static int parse(int argc, char **argv, serve_opts *o) {
     case O_DRAIN:
       bad = epic_cli_f32(cmd, "--drain-timeout", optarg, 0, 86400, &o->drain_timeout);
       break;
+    case O_MEMRANK: bad = epic_plan_cli_size(cmd, "--mem-per-rank", optarg, &o->mem_per_rank); break;
     case O_COMM: o->comm = optarg; break;
     case O_LOADFMT:
       if (strcmp(optarg, "dummy") == 0)
@@ -266,6 +271,7 @@ int epic_cmd_serve(int argc, char **argv) {
                             .num_layers = o.num_layers,
                             .num_experts = o.num_experts,
                             .threads = o.threads,
+                            .mem_per_rank = o.mem_per_rank,
                             .max_batch_tokens = o.step_tokens,
                             .progress = 1};
   if (epic_cluster_open(&cp, &cl) != EPIC_OK)

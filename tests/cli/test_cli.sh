@@ -48,6 +48,10 @@ expect_error "negative --temperature" "--temperature: -1 is out of range" \
 expect_error "prompt id out of vocab" "--prompt-ids: item 2 \('99999'\) is not a token id" \
   "$EPIC" generate --model "$FX/tiny-bf16" --prompt-ids 1,99999
 expect_error "missing model dir" "/nonexistent.*config.json" "$EPIC" generate --model /nonexistent --prompt-ids 1
+expect_error "plan does not fit --mem-per-rank" "does not fit: rank 0 needs .*--mem-per-rank" \
+  "$EPIC" generate --model "$FX/tiny-bf16" --prompt-ids 1 --mem-per-rank 1MB
+expect_error "bad --mem-per-rank" "--mem-per-rank" \
+  "$EPIC" generate --model "$FX/tiny-bf16" --prompt-ids 1 --mem-per-rank lots
 
 m="$tmp/trunc"; copy_model "$FX/tiny-bf16" "$m"
 truncate -s 1000000 "$m/model-00002-of-00002.safetensors"
