@@ -262,6 +262,7 @@ void epic_comm_destroy(epic_comm *c) {
 int epic_comm_rank(const epic_comm *c) { return c->rank; }
 int epic_comm_size(const epic_comm *c) { return c->nranks; }
 int epic_comm_local_rank(const epic_comm *c) { return c->local_rank; }
+int epic_comm_timeout_ms(const epic_comm *c) { return c->ops->progress ? c->timeout_ms : -1; }
 const char *epic_comm_backend_name(const epic_comm *c) { return c->ops->name; }
 int epic_comm_device_buffers(const epic_comm *c) { return c->ops->device_buffers; }
 
@@ -341,10 +342,19 @@ epic_status epic_comm_mpi_wait_progress(epic_comm *c, MPI_Request *r, const char
   if (!c->ops->progress) {
     rc = MPI_Wait(r, MPI_STATUS_IGNORE);
   } else {
+    /* A backend with its own progress (ucx) can tell a stopped or unreachable
+     * peer from a slow one only by time: the same timeout as its data plane. */
+    const double t0 = epic_now_seconds(), limit = c->timeout_ms > 0 ? c->timeout_ms / 1e3 : -1;
     int done = 0;
     do {
       c->ops->progress(c);
       rc = MPI_Test(r, &done, MPI_STATUS_IGNORE);
+      if (rc == MPI_SUCCESS && !done && limit > 0 && epic_now_seconds() - t0 > limit) {
+        EPIC_LOG_ERROR("comm: %s: rank %d waited %d ms without progress: a peer is stopped or "
+                       "unreachable (the job cannot continue)",
+                       what, c->rank, c->timeout_ms);
+        return EPIC_ERR_TIMEOUT;
+      }
     } while (rc == MPI_SUCCESS && !done);
   }
   if (rc != MPI_SUCCESS) return epic_comm_mpi_error(rc, what, __FILE__, __LINE__);

@@ -10,9 +10,11 @@
 #define _POSIX_C_SOURCE 200809L
 #include "engine.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "comm/comm.h"
 #include "common/clock.h"
@@ -217,6 +219,11 @@ static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
   return EPIC_OK;
 }
 
+static epic_status send_idle(epic_engine *e) {
+  epic_step_header h = {.magic = EPIC_STEP_MAGIC, .op = EPIC_STEP_OP_IDLE, .step = e->step_no};
+  return epic_comm_bcast(e->comm, &h, sizeof h, 0);
+}
+
 static epic_status send_stop(epic_engine *e) {
   epic_step_header h = {.magic = EPIC_STEP_MAGIC, .op = EPIC_STEP_OP_STOP, .step = e->step_no};
   e->stopped = 1;
@@ -414,11 +421,37 @@ epic_status epic_engine_step(epic_engine *e, int *idle) {
 
 static epic_status coord_run(epic_engine *e) {
   epic_status st = EPIC_OK;
+  /* Idle keep-alives at a quarter of the comm timeout (none without one). */
+  const int timeout_ms = e->comm ? epic_comm_timeout_ms(e->comm) : -1;
+  const long keepalive_ms = timeout_ms > 0 ? (timeout_ms + 3) / 4 : 0;
   for (;;) {
     int idle, stop;
     pthread_mutex_lock(&e->mu);
-    while (!e->shutdown && !has_work_locked(e))
-      pthread_cond_wait(&e->cv, &e->mu);
+    while (!e->shutdown && !has_work_locked(e)) {
+      if (keepalive_ms <= 0) {
+        pthread_cond_wait(&e->cv, &e->mu);
+        continue;
+      }
+      struct timespec until;
+      clock_gettime(CLOCK_REALTIME, &until);
+      until.tv_sec += keepalive_ms / 1000;
+      until.tv_nsec += (long)(keepalive_ms % 1000) * 1000000L;
+      if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+      }
+      if (pthread_cond_timedwait(&e->cv, &e->mu, &until) == ETIMEDOUT && !e->shutdown &&
+          !has_work_locked(e)) {
+        pthread_mutex_unlock(&e->mu);
+        st = send_idle(e);
+        pthread_mutex_lock(&e->mu);
+        if (st != EPIC_OK) {
+          pthread_mutex_unlock(&e->mu);
+          fail(e, st);
+          return st;
+        }
+      }
+    }
     /* Without drain the next step cancels what is left and sends its releases;
      * either way the loop ends once nothing is left to do. */
     stop = e->failed != EPIC_OK || (e->shutdown && !has_work_locked(e));
@@ -448,6 +481,8 @@ static epic_status follow(epic_engine *e) {
     EPIC_CHECK(epic_step_header_check(&h, e->step_no));
     if (h.op == EPIC_STEP_OP_STOP)
       return EPIC_OK;
+    if (h.op == EPIC_STEP_OP_IDLE)
+      continue;
     size_t bytes = epic_step_body_bytes(&h);
     EPIC_CHECK(grow_bytes(&e->body, &e->body_cap, bytes + 8));
     if (bytes)

@@ -31,7 +31,8 @@ void epic_step_plan_bind(epic_step_plan *p, const epic_step_header *h, void *bod
 }
 
 epic_status epic_step_header_check(const epic_step_header *h, uint64_t expect_step) {
-  if (h->magic != EPIC_STEP_MAGIC || (h->op != EPIC_STEP_OP_RUN && h->op != EPIC_STEP_OP_STOP)) {
+  if (h->magic != EPIC_STEP_MAGIC || (h->op != EPIC_STEP_OP_RUN && h->op != EPIC_STEP_OP_STOP &&
+                                     h->op != EPIC_STEP_OP_IDLE)) {
     EPIC_LOG_ERROR("step plan: bad header (magic 0x%08x, op %d): the ranks are out of step",
                    (unsigned)h->magic, (int)h->op);
     return EPIC_ERR_COMM;

@@ -29,7 +29,10 @@
 
 #define EPIC_STEP_MAGIC 0x50535045u /* "EPSP" */
 
-enum { EPIC_STEP_OP_STOP = 0, EPIC_STEP_OP_RUN = 1 };
+/* IDLE: a keep-alive rank 0 sends while it has no work, so that the workers'
+ * timed control-plane waits (comm timeout_ms) only fire when rank 0 is really
+ * gone; no body, the step number does not advance. */
+enum { EPIC_STEP_OP_STOP = 0, EPIC_STEP_OP_RUN = 1, EPIC_STEP_OP_IDLE = 2 };
 
 /* Entry flags. */
 enum { EPIC_STEP_NEW = 1u, EPIC_STEP_RELEASE = 2u, EPIC_STEP_SAMPLE = 4u };

@@ -4,7 +4,11 @@ and follows rank 0's steps. Greedy streams equal the single-process
 `epic generate`, concurrent streams and a cancellation work, and SIGTERM to
 rank 0 drains, releases rank 1 and ends the job with exit code 0.
 
-Usage: test_serve_mpi.py EPIC MODEL_DIR MPIEXEC    (EPIC_PB_DIR: generated *_pb2.py files)
+With BACKEND ucx the comm timeout is set to 2 s and the cluster is left idle
+for longer than that before the first request: rank 0's keep-alives must stop
+the followers' timed waits from firing while nothing happens.
+
+Usage: test_serve_mpi.py EPIC MODEL_DIR MPIEXEC [BACKEND]    (EPIC_PB_DIR: generated *_pb2.py files)
 """
 import json
 import os
@@ -19,6 +23,7 @@ import grpc
 import epic_client as ec
 
 EPIC, MODEL, MPIEXEC = sys.argv[1], sys.argv[2], sys.argv[3]
+BACKEND = sys.argv[4] if len(sys.argv) > 4 else "mpi"
 T = ec.Checks()
 
 
@@ -33,13 +38,19 @@ def solo_env():
 
 
 def main():
+    env = dict(os.environ)
+    if BACKEND == "ucx":
+        env["EPIC_COMM_TIMEOUT_MS"] = "2000"
     job = ec.Proc([MPIEXEC, "-np", "2", "--oversubscribe", EPIC, "serve", "--model", MODEL, "--listen",
-                   "127.0.0.1:0", "--threads", "1", "--kv-cache", "32MiB", "--comm", "mpi"], timeout=180)
+                   "127.0.0.1:0", "--threads", "1", "--kv-cache", "32MiB", "--comm", BACKEND],
+                  env=env, timeout=180)
     c = ec.Client(job.addr)
     try:
         c.wait_ready()
+        if BACKEND == "ucx":
+            time.sleep(5)  # idle for more than the comm timeout
         info = c.info()
-        T.check("model info: 2 ranks over mpi", info.serving.ranks == 2 and info.serving.comm == "mpi"
+        T.check("model info: 2 ranks over " + BACKEND, info.serving.ranks == 2 and info.serving.comm == BACKEND
                 and info.stats.kv_pages_total == 2 * info.serving.kv_pages, info.serving)
         prompts = [[0, 10, 20], [0, 5, 9, 100, 200]]
         for p in prompts:
@@ -81,5 +92,5 @@ def main():
 
 
 if __name__ == "__main__":
-    T.run("mpi", main)
+    T.run(BACKEND, main)
     sys.exit(T.finish())
