@@ -343,8 +343,9 @@ epic_status epic_comm_mpi_wait_progress(epic_comm *c, MPI_Request *r, const char
     rc = MPI_Wait(r, MPI_STATUS_IGNORE);
   } else {
     /* A backend with its own progress (ucx) can tell a stopped or unreachable
-     * peer from a slow one only by time: the same timeout as its data plane. */
-    const double t0 = epic_now_seconds(), limit = c->timeout_ms > 0 ? c->timeout_ms / 1e3 : -1;
+     * peer from a slow one only by time. Twice its data-plane timeout: a rank
+     * blocked in the data plane (which names the silent peer) reports first. */
+    const double t0 = epic_now_seconds(), limit = c->timeout_ms > 0 ? 2 * c->timeout_ms / 1e3 : -1;
     int done = 0;
     do {
       c->ops->progress(c);
@@ -352,7 +353,7 @@ epic_status epic_comm_mpi_wait_progress(epic_comm *c, MPI_Request *r, const char
       if (rc == MPI_SUCCESS && !done && limit > 0 && epic_now_seconds() - t0 > limit) {
         EPIC_LOG_ERROR("comm: %s: rank %d waited %d ms without progress: a peer is stopped or "
                        "unreachable (the job cannot continue)",
-                       what, c->rank, c->timeout_ms);
+                       what, c->rank, 2 * c->timeout_ms);
         return EPIC_ERR_TIMEOUT;
       }
     } while (rc == MPI_SUCCESS && !done);
@@ -374,6 +375,24 @@ static epic_status check_int_bytes(size_t bytes, const char *what) {
 epic_status epic_comm_alltoall_counts(epic_comm *c, const int64_t *send, int64_t *recv) {
   MPI_Request r;
   if (!c || !send || !recv) return EPIC_ERR_INVALID;
+  if (c->ops->progress && !epic_comm_device_buffers(c)) {
+    /* Over the backend's own transport (ucx): a peer that stops answering is
+     * then named by the data plane's timeout ("pending with rank(s) ..."), which
+     * an MPI collective cannot say. This exchange precedes every MoE dispatch,
+     * where a stuck rank is most likely to be noticed. */
+    const size_t n = (size_t)c->nranks;
+    size_t *b = malloc(2 * n * sizeof *b);
+    if (!b) return EPIC_ERR_NOMEM;
+    for (size_t p = 0; p < n; p++) {
+      b[p] = sizeof(int64_t);
+      b[n + p] = p * sizeof(int64_t);
+    }
+    epic_a2a_args a = {.send = send, .send_counts = b, .send_displs = b + n, .recv = recv,
+                       .recv_counts = b, .recv_displs = b + n};
+    epic_status st = epic_comm_alltoallv(c, &a);
+    free(b);
+    return st;
+  }
   EPIC_CHECK_MPI(MPI_Ialltoall(send, 1, MPI_INT64_T, recv, 1, MPI_INT64_T, c->boot, &r));
   return epic_comm_mpi_wait_progress(c, &r, "MPI_Ialltoall(counts)");
 }

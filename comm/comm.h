@@ -87,8 +87,8 @@ void epic_comm_destroy(epic_comm *c);
 int epic_comm_rank(const epic_comm *c);
 int epic_comm_size(const epic_comm *c);
 int epic_comm_local_rank(const epic_comm *c); /* rank among the ranks on this node */
-/* The wait timeout in effect (ms; < 0 = none). With ucx it also bounds the
- * control-plane waits, so a caller that may sit idle in a collective for
+/* The wait timeout in effect (ms; < 0 = none). With ucx twice this also bounds
+ * the control-plane waits, so a caller that may sit idle in a collective for
  * longer (a follower waiting for the next step) must keep it alive. */
 int epic_comm_timeout_ms(const epic_comm *c);
 const char *epic_comm_backend_name(const epic_comm *c); /* static string */

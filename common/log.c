@@ -21,6 +21,8 @@ void epic_log_init(epic_log_level level, int rank) {
   }
 }
 
+void epic_log_set_rank(int rank) { g_rank = rank; }
+
 int epic_log_enabled(epic_log_level level) { return level <= g_level; }
 
 void epic_log_write(epic_log_level level, const char *fmt, ...) {

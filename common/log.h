@@ -19,6 +19,10 @@ typedef enum {
 
 /* rank < 0: single process, no rank prefix. An EPIC_LOG_LEVEL variable overrides level. */
 void epic_log_init(epic_log_level level, int rank);
+/* Tag every later line with this MPI rank (keeps the level). Call right after
+ * MPI is initialised, before threads start, so that even loading messages say
+ * which rank wrote them. */
+void epic_log_set_rank(int rank);
 int epic_log_enabled(epic_log_level level);
 void epic_log_write(epic_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));

@@ -115,6 +115,7 @@ epic_status epic_cluster_open(const epic_cluster_params *p, epic_cluster **out) 
   if (p->comm || epic_cluster_under_launcher()) {
     EPIC_CHECK_GOTO(epic_comm_mpi_init(NULL, NULL, &c->rank, &c->nranks), st, fail);
     c->mpi = 1;
+    if (c->nranks > 1) epic_log_set_rank(c->rank);
     epic_comm_params cp = {.size = sizeof cp, .backend = p->comm ? p->comm : "auto", .device = -1};
     EPIC_CHECK_GOTO(epic_comm_create(&cp, &c->comm), st, fail);
   }
