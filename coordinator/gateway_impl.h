@@ -135,4 +135,112 @@ void epic_gw_format_addr(const char *listen, int port, char *out, size_t n);
 /* gpr deadline `seconds` from now on the realtime clock. */
 gpr_timespec epic_gw_deadline(double seconds);
 
+/* ---- the gRPC server side of `epic serve` and `epic gateway` ---------------------- */
+
+/* Methods served; gRPC registers all but EPIC_GW_M_UNKNOWN, which catches the rest. */
+enum {
+  EPIC_GW_M_GENERATE,
+  EPIC_GW_M_TOKENIZE,
+  EPIC_GW_M_MODELINFO,
+  EPIC_GW_M_HEALTH,
+  EPIC_GW_M_UNKNOWN,
+  EPIC_GW_M_COUNT
+};
+/* Wire paths of the registered methods, by EPIC_GW_M_*. */
+extern const char *const epic_gw_method_paths[EPIC_GW_M_UNKNOWN];
+
+/* Tag kinds of the front's own completions; a user numbers its kinds from
+ * EPIC_GW_TAG_USER on, so one handler can switch over all of them. */
+enum { EPIC_GW_TAG_NEW = 1, EPIC_GW_TAG_SHUTDOWN, EPIC_GW_TAG_USER };
+
+/* Calls of one method that gRPC may hand over at once; more wait in the core. */
+#define EPIC_GW_LISTENERS 8
+
+/* A request for the next call of one method (tag kind EPIC_GW_TAG_NEW, obj = it). */
+typedef struct epic_gw_listener {
+  epic_gw_tag tag;
+  int method, armed;
+  grpc_call *call;
+  gpr_timespec deadline;
+  grpc_metadata_array md;
+  grpc_byte_buffer *payload;
+  grpc_call_details details; /* EPIC_GW_M_UNKNOWN only */
+} epic_gw_listener;
+
+/* The listening side: server, completion queue and listeners. Owned and
+ * driven by the completion-queue thread of its user; log ("serve",
+ * "gateway") leads every message. */
+typedef struct epic_gw_front {
+  const char *log;
+  grpc_server *srv;
+  grpc_completion_queue *cq;
+  int port, started;
+  void *methods[EPIC_GW_M_UNKNOWN];
+  epic_gw_listener listeners[EPIC_GW_M_COUNT][EPIC_GW_LISTENERS];
+  epic_gw_tag t_shutdown; /* kind EPIC_GW_TAG_SHUTDOWN, obj = the front */
+  int shutdown_started, shutdown_done, cancel_all_done;
+} epic_gw_front;
+
+/* Handles one completed event (ev.type == GRPC_OP_COMPLETE) for its user. */
+typedef void (*epic_gw_handler)(void *user, grpc_event ev);
+/* Whether the user still has calls that gRPC must complete. */
+typedef int (*epic_gw_busy_fn)(const void *user);
+
+/* Zeroes fr and creates its completion queue (after grpc_init). */
+void epic_gw_front_init(epic_gw_front *fr, const char *log);
+/* Creates the server with gRPC's receive cap set to recv_cap bytes (clamped
+ * to INT_MAX), registers the methods, listens on `listen`, starts and arms
+ * every listener. EPIC_ERR_IO (logged) when the address cannot be bound; the
+ * user then tears down as usual (srv set, started 0). */
+epic_status epic_gw_front_listen(epic_gw_front *fr, const char *listen, int64_t recv_cap);
+/* A listener's call arrived (ok = ev.success): takes the call and its request
+ * message out of l (both owned by the caller then; payload may be NULL), puts
+ * the method path of an unregistered call in method, and re-arms l unless
+ * shutdown started. Returns 0 when there is no call to serve (nothing owned). */
+int epic_gw_front_accept(epic_gw_front *fr, epic_gw_listener *l, int ok, grpc_call **call,
+                         grpc_byte_buffer **payload, char *method, size_t method_len);
+/* Starts the server shutdown once (its tag sets shutdown_done). */
+void epic_gw_front_shutdown(epic_gw_front *fr);
+/* Cancels every call and cuts client connections, once; after shutdown. */
+void epic_gw_front_cancel_all(epic_gw_front *fr);
+/* Waits up to `until` for an event, then handles events while any is ready. */
+void epic_gw_front_poll(epic_gw_front *fr, gpr_timespec until, epic_gw_handler handle, void *user);
+/* Handles events until the shutdown tag came and busy(user) is 0 (or the queue
+ * shut down), logging every second of waiting. */
+void epic_gw_front_wait(epic_gw_front *fr, epic_gw_busy_fn busy, epic_gw_handler handle,
+                        void *user);
+/* Shuts the completion queue down and handles what is left in it (the queue
+ * is still to be destroyed, after the server). */
+void epic_gw_front_drain_cq(epic_gw_front *fr, epic_gw_handler handle, void *user);
+
+/* The server side of one call: what both the server and the router do with
+ * the client's call. Completion-queue thread only. A call may be unref'd only
+ * when closed and pending == 0 (RECIPES.md §1). */
+typedef struct epic_gw_down {
+  grpc_call *call;
+  const char *log;     /* message lead for a failed batch */
+  epic_gw_tag t_close; /* RECV_CLOSE_ON_SERVER */
+  epic_gw_tag t_send;  /* every send batch */
+  int pending;         /* batches started and not yet completed */
+  int cancelled;       /* RECV_CLOSE_ON_SERVER out-param */
+  int closed;          /* RECV_CLOSE completed: the call is over for gRPC */
+  int md_sent, send_busy, status_started;
+  grpc_byte_buffer *send_bb; /* the message in flight, destroyed when it completes */
+} epic_gw_down;
+
+void epic_gw_down_init(epic_gw_down *d, grpc_call *call, const char *log, int close_kind,
+                       int send_kind, void *obj);
+/* Starts RECV_CLOSE_ON_SERVER; -1 (logged) when gRPC refuses. */
+int epic_gw_down_recv_close(epic_gw_down *d);
+/* Sends bb (owned from here on), with the initial metadata the first time.
+ * -1 when gRPC refuses: send_busy is cleared and the call cancelled. */
+int epic_gw_down_send(epic_gw_down *d, grpc_byte_buffer *bb);
+/* Sends an optional last message (owned from here on) and the final status in
+ * one batch; on failure the call is cancelled. */
+void epic_gw_down_finish(epic_gw_down *d, grpc_status_code code, const char *details,
+                         grpc_byte_buffer *msg);
+/* Bookkeeping of a completed t_close / t_send. */
+void epic_gw_down_on_close(epic_gw_down *d);
+void epic_gw_down_on_send(epic_gw_down *d);
+
 #endif

@@ -6,7 +6,6 @@
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,24 +15,10 @@
 #include "coordinator/gateway.h"
 #include "coordinator/gateway_impl.h"
 
-enum { R_GENERATE, R_TOKENIZE, R_MODELINFO, R_HEALTH, R_UNKNOWN, R_COUNT };
-enum {
-  TAG_NEW = 1,
-  TAG_DCLOSE,
-  TAG_DSEND,
-  TAG_USTART,
-  TAG_URECV,
-  TAG_USTATUS,
-  TAG_HEALTH,
-  TAG_SHUTDOWN
-};
+enum { TAG_DCLOSE = EPIC_GW_TAG_USER, TAG_DSEND, TAG_USTART, TAG_URECV, TAG_USTATUS, TAG_HEALTH };
 
-#define LISTENERS 8
 #define MAX_UPSTREAMS 64
 #define TICK_S 0.05
-
-static const char *const PATHS[R_HEALTH + 1] = {EPIC_GW_PATH_GENERATE, EPIC_GW_PATH_TOKENIZE,
-                                                EPIC_GW_PATH_MODELINFO, EPIC_GW_PATH_HEALTH};
 
 typedef struct upstream {
   char *addr;
@@ -53,16 +38,6 @@ typedef struct upstream {
   grpc_slice hc_details;
 } upstream;
 
-typedef struct listener {
-  epic_gw_tag tag;
-  int method, armed;
-  grpc_call *call;
-  gpr_timespec deadline;
-  grpc_metadata_array md;
-  grpc_byte_buffer *payload;
-  grpc_call_details details;
-} listener;
-
 typedef struct fwd fwd;
 
 /* One try of a forwarded call on one upstream. */
@@ -81,15 +56,11 @@ typedef struct attempt {
 struct fwd {
   fwd *prev, *next;
   epic_gw_router *r;
-  grpc_call *down;
+  epic_gw_down d; /* the client's call */
   int method;
-  grpc_byte_buffer *req; /* kept for retries */
-  epic_gw_tag t_dclose, t_dsend;
-  int pending; /* downstream batches in flight */
-  int dcancelled, dclosed;
-  int md_sent, dsend_busy, status_started;
-  grpc_byte_buffer *dsend_bb, *held; /* held: received, waiting for the downstream send */
-  int forwarded;                     /* messages that reached the downstream send */
+  grpc_byte_buffer *req;  /* kept for retries */
+  grpc_byte_buffer *held; /* received, waiting for the downstream send */
+  int forwarded;          /* messages that reached the downstream send */
   attempt *cur;
   int live_attempts;
   uint64_t tried;
@@ -102,14 +73,9 @@ struct epic_gw_router {
   sig_atomic_t drain_seen;
   upstream ups[MAX_UPSTREAMS];
   int n_ups, rr;
-  grpc_server *srv;
-  grpc_completion_queue *cq;
-  int port;
-  void *methods[R_HEALTH + 1];
-  listener listeners[R_COUNT][LISTENERS];
-  epic_gw_tag t_shutdown;
+  epic_gw_front fr;
   fwd *fwds;
-  int started, draining, shutdown_started, shutdown_done, cancel_all_done;
+  int draining;
   double drain_deadline;
 };
 
@@ -147,9 +113,30 @@ static int any_healthy(const epic_gw_router *r) {
   return 0;
 }
 
+/* The ops of a unary request to an upstream: the request, then its initial
+ * metadata back (ops[0..3]); and the op that receives its status. */
+static void request_ops(grpc_op ops[4], grpc_byte_buffer *send, grpc_metadata_array *md) {
+  memset(ops, 0, 4 * sizeof *ops);
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = send;
+  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+  ops[3].data.recv_initial_metadata.recv_initial_metadata = md;
+}
+
+static void status_op(grpc_op *op, grpc_metadata_array *trail, grpc_status_code *status,
+                      grpc_slice *details) {
+  memset(op, 0, sizeof *op);
+  op->op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  op->data.recv_status_on_client.trailing_metadata = trail;
+  op->data.recv_status_on_client.status = status;
+  op->data.recv_status_on_client.status_details = details;
+}
+
 static void start_check(epic_gw_router *r, upstream *u) {
   Grpc__Health__V1__HealthCheckRequest rq = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
-  u->hc_call = grpc_channel_create_call(u->ch, NULL, GRPC_PROPAGATE_DEFAULTS, r->cq,
+  u->hc_call = grpc_channel_create_call(u->ch, NULL, GRPC_PROPAGATE_DEFAULTS, r->fr.cq,
                                         grpc_slice_from_static_string(EPIC_GW_PATH_HEALTH), NULL,
                                         epic_gw_deadline(r->p.health_timeout), NULL);
   grpc_metadata_array_init(&u->hc_md);
@@ -158,19 +145,11 @@ static void start_check(epic_gw_router *r, upstream *u) {
   u->hc_recv = NULL;
   u->hc_details = grpc_empty_slice();
   grpc_op ops[6];
-  memset(ops, 0, sizeof ops);
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = u->hc_send;
-  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-  ops[3].data.recv_initial_metadata.recv_initial_metadata = &u->hc_md;
+  request_ops(ops, u->hc_send, &u->hc_md);
+  memset(&ops[4], 0, sizeof ops[4]);
   ops[4].op = GRPC_OP_RECV_MESSAGE;
   ops[4].data.recv_message.recv_message = &u->hc_recv;
-  ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-  ops[5].data.recv_status_on_client.trailing_metadata = &u->hc_trail;
-  ops[5].data.recv_status_on_client.status = &u->hc_status;
-  ops[5].data.recv_status_on_client.status_details = &u->hc_details;
+  status_op(&ops[5], &u->hc_trail, &u->hc_status, &u->hc_details);
   if (grpc_call_start_batch(u->hc_call, ops, 6, &u->hc_tag, NULL) != GRPC_CALL_OK) {
     EPIC_LOG_ERROR("gateway: cannot start a health check of %s", u->addr);
     grpc_call_unref(u->hc_call);
@@ -215,30 +194,8 @@ static void on_check(epic_gw_router *r, upstream *u, int ok) {
 
 /* ---- forwarding --------------------------------------------------------------------- */
 
-static void arm(epic_gw_router *r, listener *l) {
-  grpc_call_error e;
-  l->call = NULL;
-  l->payload = NULL;
-  grpc_metadata_array_init(&l->md);
-  if (l->method == R_UNKNOWN) {
-    grpc_call_details_init(&l->details);
-    e = grpc_server_request_call(r->srv, &l->call, &l->details, &l->md, r->cq, r->cq, &l->tag);
-  } else {
-    e = grpc_server_request_registered_call(r->srv, r->methods[l->method], &l->call, &l->deadline,
-                                            &l->md, &l->payload, r->cq, r->cq, &l->tag);
-  }
-  if (e != GRPC_CALL_OK) {
-    EPIC_LOG_ERROR("gateway: cannot wait for calls: %s", grpc_call_error_to_string(e));
-    grpc_metadata_array_destroy(&l->md);
-    if (l->method == R_UNKNOWN)
-      grpc_call_details_destroy(&l->details);
-    return;
-  }
-  l->armed = 1;
-}
-
 static void fwd_maybe_free(fwd *f) {
-  if (!f->dclosed || f->pending || f->live_attempts)
+  if (!f->d.closed || f->d.pending || f->live_attempts)
     return;
   epic_gw_router *r = f->r;
   if (f->prev)
@@ -251,9 +208,9 @@ static void fwd_maybe_free(fwd *f) {
     grpc_byte_buffer_destroy(f->req);
   if (f->held)
     grpc_byte_buffer_destroy(f->held);
-  if (f->dsend_bb)
-    grpc_byte_buffer_destroy(f->dsend_bb);
-  grpc_call_unref(f->down);
+  if (f->d.send_bb)
+    grpc_byte_buffer_destroy(f->d.send_bb);
+  grpc_call_unref(f->d.call);
   free(f);
 }
 
@@ -276,46 +233,9 @@ static void attempt_maybe_free(attempt *a) {
   fwd_maybe_free(f);
 }
 
-static int down_batch(fwd *f, const grpc_op *ops, size_t n, epic_gw_tag *tag) {
-  grpc_call_error e = grpc_call_start_batch(f->down, ops, n, tag, NULL);
-  if (e != GRPC_CALL_OK) {
-    EPIC_LOG_ERROR("gateway: grpc_call_start_batch (downstream): %s", grpc_call_error_to_string(e));
-    return -1;
-  }
-  f->pending++;
-  return 0;
-}
-
-/* Final status to the client (with a last message when one is given). */
-static void down_finish(fwd *f, grpc_status_code code, const char *details, grpc_byte_buffer *msg) {
-  grpc_op ops[3];
-  size_t n = 0;
-  memset(ops, 0, sizeof ops);
-  if (!f->md_sent) {
-    ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
-    f->md_sent = 1;
-  }
-  if (msg) {
-    ops[n].op = GRPC_OP_SEND_MESSAGE;
-    ops[n++].data.send_message.send_message = msg;
-  }
-  grpc_slice det = grpc_slice_from_copied_string(details ? details : "");
-  ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-  ops[n].data.send_status_from_server.status = code;
-  ops[n++].data.send_status_from_server.status_details = &det;
-  f->status_started = 1;
-  f->dsend_bb = msg;
-  f->dsend_busy = 1;
-  if (down_batch(f, ops, n, &f->t_dsend) != 0) {
-    f->dsend_busy = 0;
-    grpc_call_cancel(f->down, NULL);
-  }
-  grpc_slice_unref(det);
-}
-
 /* ModelInfo answers say which upstream answered. */
 static grpc_byte_buffer *annotate(fwd *f, grpc_byte_buffer *bb, const char *addr) {
-  if (f->method != R_MODELINFO)
+  if (f->method != EPIC_GW_M_MODELINFO)
     return bb;
   Epic__V1__ModelInfoResponse *m =
       (Epic__V1__ModelInfoResponse *)epic_gw_unpack(&epic__v1__model_info_response__descriptor, bb);
@@ -333,24 +253,9 @@ static grpc_byte_buffer *annotate(fwd *f, grpc_byte_buffer *bb, const char *addr
 static void up_recv(attempt *a);
 
 static void down_send(fwd *f, grpc_byte_buffer *bb) {
-  grpc_op ops[2];
-  size_t n = 0;
-  memset(ops, 0, sizeof ops);
-  if (!f->md_sent) {
-    ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
-    f->md_sent = 1;
-  }
-  ops[n].op = GRPC_OP_SEND_MESSAGE;
-  ops[n++].data.send_message.send_message = bb;
-  f->dsend_bb = bb;
-  f->dsend_busy = 1;
   f->forwarded++;
-  if (down_batch(f, ops, n, &f->t_dsend) != 0) {
-    f->dsend_busy = 0;
-    grpc_call_cancel(f->down, NULL);
-    if (f->cur)
-      grpc_call_cancel(f->cur->call, NULL);
-  }
+  if (epic_gw_down_send(&f->d, bb) != 0 && f->cur)
+    grpc_call_cancel(f->cur->call, NULL);
 }
 
 static void try_upstream(fwd *f);
@@ -362,13 +267,13 @@ static void settle(fwd *f) {
   attempt *a = f->cur;
   if (!a)
     return;
-  if (f->dclosed || f->status_started) {
+  if (f->d.closed || f->d.status_started) {
     attempt_maybe_free(a);
     return;
   }
   /* Every message must have been received (the last receive said end of
    * stream) and sent on before the status may follow. */
-  if (!a->status_done || !a->ended || a->recv_busy || f->dsend_busy || f->held)
+  if (!a->status_done || !a->ended || a->recv_busy || f->d.send_busy || f->held)
     return;
   int retry = f->forwarded == 0 &&
               (a->status == GRPC_STATUS_UNAVAILABLE || a->status == GRPC_STATUS_RESOURCE_EXHAUSTED);
@@ -385,7 +290,7 @@ static void settle(fwd *f) {
   snprintf(details, sizeof details, "%s", f->last_details);
   f->cur = NULL;
   attempt_maybe_free(a);
-  down_finish(f, f->last_status, details, NULL);
+  epic_gw_down_finish(&f->d, f->last_status, details, NULL);
 }
 
 static void try_upstream(fwd *f) {
@@ -397,12 +302,12 @@ static void try_upstream(fwd *f) {
       snprintf(msg, sizeof msg, "%s (no other healthy upstream to try)", f->last_details);
     else
       snprintf(msg, sizeof msg, "no healthy upstream (%d configured)", r->n_ups);
-    down_finish(f, f->tried ? f->last_status : GRPC_STATUS_UNAVAILABLE, msg, NULL);
+    epic_gw_down_finish(&f->d, f->tried ? f->last_status : GRPC_STATUS_UNAVAILABLE, msg, NULL);
     return;
   }
   attempt *a = calloc(1, sizeof *a);
   if (!a) {
-    down_finish(f, GRPC_STATUS_RESOURCE_EXHAUSTED, "gateway out of memory", NULL);
+    epic_gw_down_finish(&f->d, GRPC_STATUS_RESOURCE_EXHAUSTED, "gateway out of memory", NULL);
     return;
   }
   f->tried |= (uint64_t)1 << (u - r->ups);
@@ -415,28 +320,17 @@ static void try_upstream(fwd *f) {
   grpc_metadata_array_init(&a->md);
   grpc_metadata_array_init(&a->trail);
   /* The client's deadline and cancellation carry over to the upstream call. */
-  a->call = grpc_channel_create_call(u->ch, f->down, GRPC_PROPAGATE_DEFAULTS, r->cq,
-                                     grpc_slice_from_static_string(PATHS[f->method]), NULL,
-                                     gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+  a->call = grpc_channel_create_call(u->ch, f->d.call, GRPC_PROPAGATE_DEFAULTS, r->fr.cq,
+                                     grpc_slice_from_static_string(epic_gw_method_paths[f->method]),
+                                     NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
   f->cur = a;
   f->live_attempts++;
   u->outstanding++;
   u->routed++;
   a->send_bb = epic_gw_copy(f->req);
-  grpc_op ops[4];
-  memset(ops, 0, sizeof ops);
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = a->send_bb;
-  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-  ops[3].data.recv_initial_metadata.recv_initial_metadata = &a->md;
-  grpc_op st;
-  memset(&st, 0, sizeof st);
-  st.op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-  st.data.recv_status_on_client.trailing_metadata = &a->trail;
-  st.data.recv_status_on_client.status = &a->status;
-  st.data.recv_status_on_client.status_details = &a->details;
+  grpc_op ops[4], st;
+  request_ops(ops, a->send_bb, &a->md);
+  status_op(&st, &a->trail, &a->status, &a->details);
   int started = grpc_call_start_batch(a->call, ops, 4, &a->t_start, NULL) == GRPC_CALL_OK;
   if (started)
     a->pending++;
@@ -476,7 +370,7 @@ static void on_recv(attempt *a, int ok) {
   a->recv_busy = 0;
   grpc_byte_buffer *bb = a->recv_bb;
   a->recv_bb = NULL;
-  if (!ok || !bb || f->cur != a || f->dclosed || f->status_started) {
+  if (!ok || !bb || f->cur != a || f->d.closed || f->d.status_started) {
     if (bb)
       grpc_byte_buffer_destroy(bb);
     a->ended = 1;
@@ -487,7 +381,7 @@ static void on_recv(attempt *a, int ok) {
     return;
   }
   bb = annotate(f, bb, a->up->addr);
-  if (f->dsend_busy) {
+  if (f->d.send_busy) {
     f->held = bb; /* the next receive starts when this one is sent */
     return;
   }
@@ -500,7 +394,7 @@ static void on_status(attempt *a) {
   a->pending--;
   a->status_done = 1;
   a->up->outstanding--;
-  if (a->status == GRPC_STATUS_UNAVAILABLE && f->cur == a && !f->dcancelled) {
+  if (a->status == GRPC_STATUS_UNAVAILABLE && f->cur == a && !f->d.cancelled) {
     char why[300];
     snprintf(why, sizeof why, "a call failed with UNAVAILABLE: %.*s",
              (int)GRPC_SLICE_LENGTH(a->details), (const char *)GRPC_SLICE_START_PTR(a->details));
@@ -514,22 +408,18 @@ static void on_status(attempt *a) {
 }
 
 static void on_dsend(fwd *f, int ok) {
-  f->pending--;
-  f->dsend_busy = 0;
-  if (f->dsend_bb)
-    grpc_byte_buffer_destroy(f->dsend_bb);
-  f->dsend_bb = NULL;
+  epic_gw_down_on_send(&f->d);
   if (!ok) {
     if (f->cur)
       grpc_call_cancel(f->cur->call, NULL);
-  } else if (f->held && !f->status_started) {
+  } else if (f->held && !f->d.status_started) {
     grpc_byte_buffer *bb = f->held;
     f->held = NULL;
     down_send(f, bb);
     if (f->cur && !f->cur->ended && !f->cur->recv_busy)
       up_recv(f->cur);
   }
-  if (f->held && (f->status_started || !ok)) {
+  if (f->held && (f->d.status_started || !ok)) {
     grpc_byte_buffer_destroy(f->held);
     f->held = NULL;
   }
@@ -537,26 +427,12 @@ static void on_dsend(fwd *f, int ok) {
   fwd_maybe_free(f);
 }
 
-static void on_new_call(epic_gw_router *r, listener *l, int ok) {
-  l->armed = 0;
-  grpc_call *call = l->call;
-  grpc_byte_buffer *payload = l->payload;
-  char method[128] = "";
-  if (l->method == R_UNKNOWN && ok)
-    snprintf(method, sizeof method, "%.*s", (int)GRPC_SLICE_LENGTH(l->details.method),
-             (const char *)GRPC_SLICE_START_PTR(l->details.method));
-  grpc_metadata_array_destroy(&l->md);
-  if (l->method == R_UNKNOWN)
-    grpc_call_details_destroy(&l->details);
-  if (!r->shutdown_started)
-    arm(r, l);
-  if (!ok || !call) {
-    if (payload)
-      grpc_byte_buffer_destroy(payload);
-    if (call)
-      grpc_call_unref(call);
+static void on_new_call(epic_gw_router *r, epic_gw_listener *l, int ok) {
+  grpc_call *call;
+  grpc_byte_buffer *payload;
+  char method[128];
+  if (!epic_gw_front_accept(&r->fr, l, ok, &call, &payload, method, sizeof method))
     return;
-  }
   fwd *f = calloc(1, sizeof *f);
   if (!f) {
     grpc_call_cancel_with_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "gateway out of memory",
@@ -567,72 +443,68 @@ static void on_new_call(epic_gw_router *r, listener *l, int ok) {
     return;
   }
   f->r = r;
-  f->down = call;
+  epic_gw_down_init(&f->d, call, "gateway: grpc_call_start_batch (downstream)", TAG_DCLOSE,
+                    TAG_DSEND, f);
   f->method = l->method;
   f->req = payload;
-  f->t_dclose = (epic_gw_tag){TAG_DCLOSE, f};
-  f->t_dsend = (epic_gw_tag){TAG_DSEND, f};
   f->next = r->fwds;
   if (r->fwds)
     r->fwds->prev = f;
   r->fwds = f;
-  grpc_op op;
-  memset(&op, 0, sizeof op);
-  op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-  op.data.recv_close_on_server.cancelled = &f->dcancelled;
-  if (down_batch(f, &op, 1, &f->t_dclose) != 0) {
-    f->dclosed = 1;
+  if (epic_gw_down_recv_close(&f->d) != 0) {
+    f->d.closed = 1;
     grpc_call_cancel(call, NULL);
     fwd_maybe_free(f);
     return;
   }
-  if (f->method == R_HEALTH) {
+  if (f->method == EPIC_GW_M_HEALTH) {
     Grpc__Health__V1__HealthCheckRequest *rq =
         (Grpc__Health__V1__HealthCheckRequest *)epic_gw_unpack(
             &grpc__health__v1__health_check_request__descriptor, payload);
     if (!rq) {
-      down_finish(f, GRPC_STATUS_INVALID_ARGUMENT, "request: malformed HealthCheckRequest protobuf",
-                  NULL);
+      epic_gw_down_finish(&f->d, GRPC_STATUS_INVALID_ARGUMENT,
+                          "request: malformed HealthCheckRequest protobuf", NULL);
     } else if (rq->service[0] && strcmp(rq->service, EPIC_GW_SERVICE) != 0) {
-      down_finish(f, GRPC_STATUS_NOT_FOUND, "service: unknown service", NULL);
+      epic_gw_down_finish(&f->d, GRPC_STATUS_NOT_FOUND, "service: unknown service", NULL);
     } else {
       Grpc__Health__V1__HealthCheckResponse rs = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
       rs.status = any_healthy(r) && !r->draining
                       ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
                       : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
-      down_finish(f, GRPC_STATUS_OK, NULL, epic_gw_pack(&rs.base));
+      epic_gw_down_finish(&f->d, GRPC_STATUS_OK, NULL, epic_gw_pack(&rs.base));
     }
     if (rq)
       grpc__health__v1__health_check_request__free_unpacked(rq, NULL);
     return;
   }
-  if (f->method == R_UNKNOWN) {
+  if (f->method == EPIC_GW_M_UNKNOWN) {
     char msg[256];
     snprintf(msg, sizeof msg, "method %s is not served here", method);
-    down_finish(f, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
+    epic_gw_down_finish(&f->d, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
     return;
   }
   if (r->draining) {
-    down_finish(f, GRPC_STATUS_UNAVAILABLE,
-                "gateway is draining (shutting down): not accepting new requests", NULL);
+    epic_gw_down_finish(&f->d, GRPC_STATUS_UNAVAILABLE,
+                        "gateway is draining (shutting down): not accepting new requests", NULL);
     return;
   }
   if (!payload) {
-    down_finish(f, GRPC_STATUS_INVALID_ARGUMENT, "request: no request message was sent", NULL);
+    epic_gw_down_finish(&f->d, GRPC_STATUS_INVALID_ARGUMENT, "request: no request message was sent",
+                        NULL);
     return;
   }
   try_upstream(f);
 }
 
-static void handle(epic_gw_router *r, grpc_event ev) {
+static void handle(void *user, grpc_event ev) {
+  epic_gw_router *r = user;
   epic_gw_tag *t = ev.tag;
   switch (t->kind) {
-  case TAG_NEW: on_new_call(r, t->obj, ev.success); break;
+  case EPIC_GW_TAG_NEW: on_new_call(r, t->obj, ev.success); break;
   case TAG_DCLOSE: {
     fwd *f = t->obj;
-    f->pending--;
-    f->dclosed = 1;
-    if (f->dcancelled && f->cur && !f->cur->status_done)
+    epic_gw_down_on_close(&f->d);
+    if (f->d.cancelled && f->cur && !f->cur->status_done)
       grpc_call_cancel(f->cur->call, NULL);
     fwd_maybe_free(f);
     break;
@@ -647,7 +519,7 @@ static void handle(epic_gw_router *r, grpc_event ev) {
   case TAG_URECV: on_recv(t->obj, ev.success); break;
   case TAG_USTATUS: on_status(t->obj); break;
   case TAG_HEALTH: on_check(r, t->obj, ev.success); break;
-  case TAG_SHUTDOWN: r->shutdown_done = 1; break;
+  case EPIC_GW_TAG_SHUTDOWN: r->fr.shutdown_done = 1; break;
   default: EPIC_LOG_ERROR("gateway: unknown completion tag kind %d", t->kind);
   }
 }
@@ -677,10 +549,8 @@ epic_status epic_gw_router_create(const epic_gw_router_params *p, epic_gw_router
   if (r->p.max_request_bytes <= 0)
     r->p.max_request_bytes = 64 << 20;
   r->p.upstreams = NULL;
-  r->t_shutdown = (epic_gw_tag){TAG_SHUTDOWN, r};
   grpc_init();
-  r->cq = grpc_completion_queue_create_for_next(NULL);
-  int cap = r->p.max_request_bytes > INT_MAX ? INT_MAX : (int)r->p.max_request_bytes;
+  epic_gw_front_init(&r->fr, "gateway");
   /* A restarted upstream must be found again within a few health intervals,
    * not after gRPC's default reconnect back-off of up to two minutes. */
   grpc_arg cargs[4] = {
@@ -709,43 +579,20 @@ epic_status epic_gw_router_create(const epic_gw_router_params *p, epic_gw_router
     epic_gw_router_destroy(r);
     return EPIC_ERR_NOMEM;
   }
-  grpc_arg sargs[1] = {
-      {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = cap}};
-  grpc_channel_args sca = {.num_args = 1, .args = sargs};
-  r->srv = grpc_server_create(&sca, NULL);
-  grpc_server_register_completion_queue(r->srv, r->cq, NULL);
-  for (int m = 0; m <= R_HEALTH; m++)
-    r->methods[m] = grpc_server_register_method(r->srv, PATHS[m], NULL,
-                                                GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
-  grpc_server_credentials *sc = grpc_insecure_server_credentials_create();
-  r->port = grpc_server_add_http2_port(r->srv, p->listen, sc);
-  grpc_server_credentials_release(sc);
-  if (r->port <= 0) {
-    EPIC_LOG_ERROR(
-        "gateway: --listen %s: cannot listen on this address (in use, or not a host:port?)",
-        p->listen);
+  if (epic_gw_front_listen(&r->fr, p->listen, r->p.max_request_bytes) != EPIC_OK) {
     epic_gw_router_destroy(r);
     return EPIC_ERR_IO;
   }
-  grpc_server_start(r->srv);
-  r->started = 1;
-  for (int m = 0; m < R_COUNT; m++)
-    for (int i = 0; i < LISTENERS; i++) {
-      listener *l = &r->listeners[m][i];
-      l->tag = (epic_gw_tag){TAG_NEW, l};
-      l->method = m;
-      arm(r, l);
-    }
   *out = r;
   return EPIC_OK;
 }
 
 int epic_gw_router_port(const epic_gw_router *r) {
-  return r ? r->port : 0;
+  return r ? r->fr.port : 0;
 }
 
 void epic_gw_router_address(const epic_gw_router *r, char *out, size_t n) {
-  epic_gw_format_addr(r->p.listen, r->port, out, n);
+  epic_gw_format_addr(r->p.listen, r->fr.port, out, n);
 }
 
 static int checks_busy(const epic_gw_router *r) {
@@ -753,6 +600,12 @@ static int checks_busy(const epic_gw_router *r) {
     if (r->ups[i].hc_busy)
       return 1;
   return 0;
+}
+
+/* Forwarded calls or health checks that gRPC must still complete. */
+static int busy(const void *user) {
+  const epic_gw_router *r = user;
+  return r->fwds || checks_busy(r);
 }
 
 epic_status epic_gw_router_run(epic_gw_router *r) {
@@ -765,22 +618,19 @@ epic_status epic_gw_router_run(epic_gw_router *r) {
         r->drain_deadline = now + r->p.drain_timeout;
         fprintf(stderr, "epic gateway: SIGTERM/SIGINT: draining (--drain-timeout %.1fs)\n",
                 r->p.drain_timeout);
-        r->shutdown_started = 1;
-        grpc_server_shutdown_and_notify(r->srv, r->cq, &r->t_shutdown);
+        epic_gw_front_shutdown(&r->fr);
       } else {
         r->drain_deadline = now;
       }
     }
     /* Shutdown waits for client connections to close: cut the idle ones as
      * soon as no forwarded call is left, the others at the deadline. */
-    if (r->draining && !r->cancel_all_done && (now >= r->drain_deadline || !r->fwds)) {
-      r->cancel_all_done = 1;
-      grpc_server_cancel_all_calls(r->srv);
-    }
-    if (r->shutdown_done && !r->fwds && !checks_busy(r))
+    if (r->draining && (now >= r->drain_deadline || !r->fwds))
+      epic_gw_front_cancel_all(&r->fr);
+    if (r->fr.shutdown_done && !busy(r))
       break;
     double wake = now + TICK_S;
-    if (!r->shutdown_done)
+    if (!r->fr.shutdown_done)
       for (int i = 0; i < r->n_ups; i++) {
         upstream *u = &r->ups[i];
         if (!u->hc_busy && u->next_check <= now)
@@ -788,14 +638,7 @@ epic_status epic_gw_router_run(epic_gw_router *r) {
         if (!u->hc_busy && u->next_check < wake)
           wake = u->next_check;
       }
-    gpr_timespec until = epic_gw_deadline(wake > now ? wake - now : 0);
-    for (;;) {
-      grpc_event ev = grpc_completion_queue_next(r->cq, until, NULL);
-      if (ev.type != GRPC_OP_COMPLETE)
-        break;
-      handle(r, ev);
-      until = gpr_inf_past(GPR_CLOCK_REALTIME);
-    }
+    epic_gw_front_poll(&r->fr, epic_gw_deadline(wake > now ? wake - now : 0), handle, r);
   }
   return EPIC_OK;
 }
@@ -803,42 +646,24 @@ epic_status epic_gw_router_run(epic_gw_router *r) {
 void epic_gw_router_destroy(epic_gw_router *r) {
   if (!r)
     return;
-  if (r->srv && r->started) {
-    if (!r->shutdown_started) {
-      r->shutdown_started = 1;
-      grpc_server_shutdown_and_notify(r->srv, r->cq, &r->t_shutdown);
-    }
-    grpc_server_cancel_all_calls(r->srv);
+  if (r->fr.srv && r->fr.started) {
+    epic_gw_front_shutdown(&r->fr);
+    grpc_server_cancel_all_calls(r->fr.srv);
     for (fwd *f = r->fwds; f; f = f->next)
       if (f->cur)
         grpc_call_cancel(f->cur->call, NULL);
-    while (!r->shutdown_done || r->fwds || checks_busy(r)) {
-      grpc_event ev = grpc_completion_queue_next(r->cq, epic_gw_deadline(1.0), NULL);
-      if (ev.type == GRPC_QUEUE_TIMEOUT) {
-        EPIC_LOG_WARN("gateway: waiting for gRPC calls to end");
-        continue;
-      }
-      if (ev.type == GRPC_QUEUE_SHUTDOWN)
-        break;
-      handle(r, ev);
-    }
+    epic_gw_front_wait(&r->fr, busy, handle, r);
   }
   for (int i = 0; i < r->n_ups; i++) {
     if (r->ups[i].ch)
       grpc_channel_destroy(r->ups[i].ch);
     free(r->ups[i].addr);
   }
-  if (r->srv)
-    grpc_server_destroy(r->srv);
-  if (r->cq) {
-    grpc_completion_queue_shutdown(r->cq);
-    for (;;) {
-      grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-      if (ev.type == GRPC_QUEUE_SHUTDOWN)
-        break;
-      handle(r, ev);
-    }
-    grpc_completion_queue_destroy(r->cq);
+  if (r->fr.srv)
+    grpc_server_destroy(r->fr.srv);
+  if (r->fr.cq) {
+    epic_gw_front_drain_cq(&r->fr, handle, r);
+    grpc_completion_queue_destroy(r->fr.cq);
   }
   grpc_shutdown();
   free(r);

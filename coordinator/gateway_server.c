@@ -3,10 +3,8 @@
  * hands each stream's output over under the server's mutex. */
 #define _GNU_SOURCE
 #include <grpc/grpc.h>
-#include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
-#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,27 +19,13 @@
 #define EPIC_VERSION "unknown"
 #endif
 
-enum { M_GENERATE, M_TOKENIZE, M_MODELINFO, M_HEALTH, M_UNKNOWN, M_COUNT };
-enum { TAG_NEW = 1, TAG_CLOSE, TAG_SEND, TAG_WAKE, TAG_SHUTDOWN };
+enum { TAG_CLOSE = EPIC_GW_TAG_USER, TAG_SEND, TAG_WAKE };
 
-/* Calls of one method that gRPC may hand over at once; more wait in the core. */
-#define LISTENERS 8
 /* The completion-queue thread wakes at least this often to look at drain
  * requests and deadlines. */
 #define TICK_S 0.05
 /* After the last stream of a drain, calls still open get this long. */
 #define SHUTDOWN_GRACE_S 2.0
-
-typedef struct listener {
-  epic_gw_tag tag;
-  int method;
-  int armed;
-  grpc_call *call;
-  gpr_timespec deadline;
-  grpc_metadata_array md;
-  grpc_byte_buffer *payload;
-  grpc_call_details details; /* unregistered methods only */
-} listener;
 
 /* A wake-up: a call on the lame channel, which fails at once and so puts its
  * tag in the completion queue from whatever thread started it. */
@@ -59,13 +43,7 @@ struct gw_call {
   epic_gw_server *s;
   int method;
   /* Completion-queue thread only. */
-  grpc_call *call;
-  epic_gw_tag t_close, t_send;
-  int pending;         /* batches started and not yet completed */
-  int close_cancelled; /* RECV_CLOSE_ON_SERVER out-param */
-  int closed;          /* RECV_CLOSE completed: the call is over for gRPC */
-  int md_sent, send_busy, status_started;
-  grpc_byte_buffer *send_bb;
+  epic_gw_down d; /* the client's call */
   uint64_t engine_id;
   double t_received;
   char request_id[48];
@@ -99,19 +77,13 @@ struct epic_gw_server {
   epic_model_config cfg;
   epic_gw_limits lim;
   sig_atomic_t drain_seen; /* drain requests already acted on */
-  grpc_server *srv;
-  grpc_completion_queue *cq;
+  epic_gw_front fr;
   grpc_channel *lame; /* wake-ups */
-  int port, started;
-  void *methods[M_HEALTH + 1];
-  listener listeners[M_COUNT][LISTENERS];
-  epic_gw_tag t_shutdown;
-  gw_call *calls; /* every live call (completion-queue thread) */
+  gw_call *calls;     /* every live call (completion-queue thread) */
   pthread_t engine_thread;
   int engine_started, engine_joined, engine_stop_sent;
   int draining, drain_cancel_done;
   double drain_deadline;
-  int shutdown_started, shutdown_done, cancel_all_done;
   double shutdown_deadline;
   /* Under mu. */
   pthread_mutex_t mu;
@@ -123,9 +95,6 @@ struct epic_gw_server {
   epic_status engine_status;
 };
 
-static const char *const METHOD_PATHS[M_HEALTH + 1] = {EPIC_GW_PATH_GENERATE, EPIC_GW_PATH_TOKENIZE,
-                                                       EPIC_GW_PATH_MODELINFO, EPIC_GW_PATH_HEALTH};
-
 /* ---- wake-ups -------------------------------------------------------------------- */
 
 /* Any thread, without s->mu held. */
@@ -135,7 +104,7 @@ static void post_wake(epic_gw_server *s) {
     w->tag = (epic_gw_tag){TAG_WAKE, w};
     grpc_metadata_array_init(&w->trail);
     w->details = grpc_empty_slice();
-    w->call = grpc_channel_create_call(s->lame, NULL, GRPC_PROPAGATE_DEFAULTS, s->cq,
+    w->call = grpc_channel_create_call(s->lame, NULL, GRPC_PROPAGATE_DEFAULTS, s->fr.cq,
                                        grpc_slice_from_static_string("/epic.internal/Wake"), NULL,
                                        gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
     grpc_op op;
@@ -178,30 +147,6 @@ static int mark_dirty_locked(epic_gw_server *s, gw_call *c) {
   return 1;
 }
 
-/* ---- listeners ------------------------------------------------------------------- */
-
-static void arm(epic_gw_server *s, listener *l) {
-  grpc_call_error e;
-  l->call = NULL;
-  l->payload = NULL;
-  grpc_metadata_array_init(&l->md);
-  if (l->method == M_UNKNOWN) {
-    grpc_call_details_init(&l->details);
-    e = grpc_server_request_call(s->srv, &l->call, &l->details, &l->md, s->cq, s->cq, &l->tag);
-  } else {
-    e = grpc_server_request_registered_call(s->srv, s->methods[l->method], &l->call, &l->deadline,
-                                            &l->md, &l->payload, s->cq, s->cq, &l->tag);
-  }
-  if (e != GRPC_CALL_OK) {
-    EPIC_LOG_ERROR("serve: cannot wait for calls: %s", grpc_call_error_to_string(e));
-    grpc_metadata_array_destroy(&l->md);
-    if (l->method == M_UNKNOWN)
-      grpc_call_details_destroy(&l->details);
-    return;
-  }
-  l->armed = 1;
-}
-
 /* ---- calls ---------------------------------------------------------------------- */
 
 static void call_free(gw_call *c) {
@@ -212,10 +157,10 @@ static void call_free(gw_call *c) {
     s->calls = c->next;
   if (c->next)
     c->next->prev = c->prev;
-  if (c->send_bb)
-    grpc_byte_buffer_destroy(c->send_bb);
-  if (c->call)
-    grpc_call_unref(c->call);
+  if (c->d.send_bb)
+    grpc_byte_buffer_destroy(c->d.send_bb);
+  if (c->d.call)
+    grpc_call_unref(c->d.call);
   epic_detok_destroy(c->detok);
   epic_gw_stopper_free(&c->stopper);
   epic_gw_buf_free(&c->scratch);
@@ -230,7 +175,7 @@ static void call_free(gw_call *c) {
  * completed), the engine no longer holds it as a callback argument, and no
  * wake-up list points at it. */
 static void maybe_free(gw_call *c) {
-  if (!c->closed || c->pending)
+  if (!c->d.closed || c->d.pending)
     return;
   pthread_mutex_lock(&c->s->mu);
   int busy = c->in_engine || c->in_dirty;
@@ -239,54 +184,16 @@ static void maybe_free(gw_call *c) {
     call_free(c);
 }
 
-static int start_batch(gw_call *c, const grpc_op *ops, size_t n, epic_gw_tag *tag) {
-  grpc_call_error e = grpc_call_start_batch(c->call, ops, n, tag, NULL);
-  if (e != GRPC_CALL_OK) {
-    EPIC_LOG_ERROR("serve: grpc_call_start_batch: %s", grpc_call_error_to_string(e));
-    return -1;
-  }
-  c->pending++;
-  return 0;
-}
-
-/* Sends an optional message and the final status in one batch. */
-static void finish_call(gw_call *c, grpc_status_code code, const char *details,
-                        grpc_byte_buffer *msg) {
-  grpc_op ops[3];
-  size_t n = 0;
-  memset(ops, 0, sizeof ops);
-  if (!c->md_sent) {
-    ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
-    c->md_sent = 1;
-  }
-  if (msg) {
-    ops[n].op = GRPC_OP_SEND_MESSAGE;
-    ops[n++].data.send_message.send_message = msg;
-  }
-  grpc_slice det = grpc_slice_from_copied_string(details ? details : "");
-  ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-  ops[n].data.send_status_from_server.status = code;
-  ops[n++].data.send_status_from_server.status_details = &det;
-  c->send_bb = msg;
-  c->send_busy = 1;
-  c->status_started = 1;
-  if (start_batch(c, ops, n, &c->t_send) != 0) {
-    c->send_busy = 0;
-    grpc_call_cancel(c->call, NULL);
-  }
-  grpc_slice_unref(det);
-}
-
 static void reply_error(gw_call *c, grpc_status_code code, const char *msg) {
-  if (c->method == M_GENERATE)
+  if (c->method == EPIC_GW_M_GENERATE)
     EPIC_LOG_INFO("serve: request %s rejected (%d): %s", c->request_id[0] ? c->request_id : "-",
                   (int)code, msg);
-  finish_call(c, code, msg, NULL);
+  epic_gw_down_finish(&c->d, code, msg, NULL);
 }
 
 static void reply(gw_call *c, const ProtobufCMessage *m) {
   grpc_byte_buffer *bb = epic_gw_pack(m);
-  finish_call(c, GRPC_STATUS_OK, NULL, bb);
+  epic_gw_down_finish(&c->d, GRPC_STATUS_OK, NULL, bb);
 }
 
 /* The request message of a call, or NULL after answering INVALID_ARGUMENT. */
@@ -526,7 +433,7 @@ static grpc_status_code finish_status(const gw_call *c, char *msg, size_t n) {
  * call; output that comes meanwhile waits for the next flush. */
 static void flush_generate(gw_call *c) {
   epic_gw_server *s = c->s;
-  if (c->closed || c->send_busy || c->status_started)
+  if (c->d.closed || c->d.send_busy || c->d.status_started)
     return;
   char msg[EPIC_GW_ERR_LEN];
   grpc_status_code code = GRPC_STATUS_OK;
@@ -566,24 +473,10 @@ static void flush_generate(gw_call *c) {
   c->out_text.n = 0;
   pthread_mutex_unlock(&s->mu);
   if (finished) {
-    finish_call(c, code, msg, bb);
+    epic_gw_down_finish(&c->d, code, msg, bb);
     return;
   }
-  grpc_op ops[2];
-  size_t n = 0;
-  memset(ops, 0, sizeof ops);
-  if (!c->md_sent) {
-    ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
-    c->md_sent = 1;
-  }
-  ops[n].op = GRPC_OP_SEND_MESSAGE;
-  ops[n++].data.send_message.send_message = bb;
-  c->send_bb = bb;
-  c->send_busy = 1;
-  if (start_batch(c, ops, n, &c->t_send) != 0) {
-    c->send_busy = 0;
-    grpc_call_cancel(c->call, NULL);
-  }
+  epic_gw_down_send(&c->d, bb);
 }
 
 /* ---- unary methods -------------------------------------------------------------- */
@@ -631,7 +524,8 @@ static void do_tokenize(gw_call *c, grpc_byte_buffer *payload) {
   r.ids = ids;
   r.n_tokens = (size_t)n;
   r.tokens = tokens;
-  finish_call(c, GRPC_STATUS_OK, NULL, epic_gw_pack_text(&r.base, 3, text, text ? text_len : 0));
+  epic_gw_down_finish(&c->d, GRPC_STATUS_OK, NULL,
+                      epic_gw_pack_text(&r.base, 3, text, text ? text_len : 0));
 done:
   free(tokens);
   free(ids);
@@ -719,26 +613,12 @@ static void do_health(gw_call *c, grpc_byte_buffer *payload) {
 
 /* ---- events (completion-queue thread) --------------------------------------------- */
 
-static void on_new_call(epic_gw_server *s, listener *l, int ok) {
-  l->armed = 0;
-  grpc_call *call = l->call;
-  grpc_byte_buffer *payload = l->payload;
-  char method[128] = "";
-  if (l->method == M_UNKNOWN && ok)
-    snprintf(method, sizeof method, "%.*s", (int)GRPC_SLICE_LENGTH(l->details.method),
-             (const char *)GRPC_SLICE_START_PTR(l->details.method));
-  grpc_metadata_array_destroy(&l->md);
-  if (l->method == M_UNKNOWN)
-    grpc_call_details_destroy(&l->details);
-  if (!s->shutdown_started)
-    arm(s, l);
-  if (!ok || !call) {
-    if (payload)
-      grpc_byte_buffer_destroy(payload);
-    if (call)
-      grpc_call_unref(call);
+static void on_new_call(epic_gw_server *s, epic_gw_listener *l, int ok) {
+  grpc_call *call;
+  grpc_byte_buffer *payload;
+  char method[128];
+  if (!epic_gw_front_accept(&s->fr, l, ok, &call, &payload, method, sizeof method))
     return;
-  }
   gw_call *c = calloc(1, sizeof *c);
   if (!c) {
     grpc_call_cancel_with_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", NULL);
@@ -748,10 +628,8 @@ static void on_new_call(epic_gw_server *s, listener *l, int ok) {
     return;
   }
   c->s = s;
-  c->call = call;
+  epic_gw_down_init(&c->d, call, "serve: grpc_call_start_batch", TAG_CLOSE, TAG_SEND, c);
   c->method = l->method;
-  c->t_close = (epic_gw_tag){TAG_CLOSE, c};
-  c->t_send = (epic_gw_tag){TAG_SEND, c};
   c->t_received = epic_now_seconds();
   c->stop_matched = -1;
   snprintf(c->request_id, sizeof c->request_id, "-");
@@ -760,27 +638,23 @@ static void on_new_call(epic_gw_server *s, listener *l, int ok) {
     s->calls->prev = c;
   s->calls = c;
   /* RECV_CLOSE first: it is how a client's cancel or deadline reaches us. */
-  grpc_op op;
-  memset(&op, 0, sizeof op);
-  op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-  op.data.recv_close_on_server.cancelled = &c->close_cancelled;
-  if (start_batch(c, &op, 1, &c->t_close) != 0) {
-    c->closed = 1;
+  if (epic_gw_down_recv_close(&c->d) != 0) {
+    c->d.closed = 1;
     grpc_call_cancel(call, NULL);
     if (payload)
       grpc_byte_buffer_destroy(payload);
     maybe_free(c);
     return;
   }
-  if (s->shutdown_started) {
+  if (s->fr.shutdown_started) {
     /* Also keeps destroy from touching the engine, which may be gone by then. */
     reply_error(c, GRPC_STATUS_UNAVAILABLE, "server is shutting down");
   } else {
     switch (c->method) {
-    case M_GENERATE: start_generate(c, payload); break;
-    case M_TOKENIZE: do_tokenize(c, payload); break;
-    case M_MODELINFO: do_modelinfo(c, payload); break;
-    case M_HEALTH: do_health(c, payload); break;
+    case EPIC_GW_M_GENERATE: start_generate(c, payload); break;
+    case EPIC_GW_M_TOKENIZE: do_tokenize(c, payload); break;
+    case EPIC_GW_M_MODELINFO: do_modelinfo(c, payload); break;
+    case EPIC_GW_M_HEALTH: do_health(c, payload); break;
     default: {
       char err[256];
       snprintf(err, sizeof err, "method %s is not served here", method);
@@ -808,21 +682,21 @@ static void on_wake(epic_gw_server *s) {
   gw_call *next;
   for (gw_call *c = list; c; c = next) {
     next = c->wake_next;
-    if (c->method == M_GENERATE)
+    if (c->method == EPIC_GW_M_GENERATE)
       flush_generate(c);
     maybe_free(c);
   }
 }
 
-static void handle(epic_gw_server *s, grpc_event ev) {
+static void handle(void *user, grpc_event ev) {
+  epic_gw_server *s = user;
   epic_gw_tag *t = ev.tag;
   switch (t->kind) {
-  case TAG_NEW: on_new_call(s, t->obj, ev.success); break;
+  case EPIC_GW_TAG_NEW: on_new_call(s, t->obj, ev.success); break;
   case TAG_CLOSE: {
     gw_call *c = t->obj;
-    c->pending--;
-    c->closed = 1;
-    if (c->close_cancelled) {
+    epic_gw_down_on_close(&c->d);
+    if (c->d.cancelled) {
       pthread_mutex_lock(&s->mu);
       c->abandoned = 1;
       int in_engine = c->in_engine;
@@ -838,11 +712,7 @@ static void handle(epic_gw_server *s, grpc_event ev) {
   }
   case TAG_SEND: {
     gw_call *c = t->obj;
-    c->pending--;
-    c->send_busy = 0;
-    if (c->send_bb)
-      grpc_byte_buffer_destroy(c->send_bb);
-    c->send_bb = NULL;
+    epic_gw_down_on_send(&c->d);
     if (!ev.success) {
       pthread_mutex_lock(&s->mu);
       c->abandoned = 1;
@@ -850,7 +720,7 @@ static void handle(epic_gw_server *s, grpc_event ev) {
       pthread_mutex_unlock(&s->mu);
       if (in_engine)
         epic_engine_cancel(s->p.engine, c->engine_id);
-    } else if (c->method == M_GENERATE) {
+    } else if (c->method == EPIC_GW_M_GENERATE) {
       flush_generate(c); /* output that came while this send was in flight */
     }
     maybe_free(c);
@@ -860,7 +730,7 @@ static void handle(epic_gw_server *s, grpc_event ev) {
     free_wake(t->obj);
     on_wake(s);
     break;
-  case TAG_SHUTDOWN: s->shutdown_done = 1; break;
+  case EPIC_GW_TAG_SHUTDOWN: s->fr.shutdown_done = 1; break;
   default: EPIC_LOG_ERROR("serve: unknown completion tag kind %d", t->kind);
   }
 }
@@ -881,9 +751,10 @@ static void begin_drain(epic_gw_server *s, const char *why) {
 }
 
 /* Calls that still need gRPC (open, or with batches in flight). */
-static int grpc_busy(const epic_gw_server *s) {
+static int grpc_busy(const void *user) {
+  const epic_gw_server *s = user;
   for (const gw_call *c = s->calls; c; c = c->next)
-    if (!c->closed || c->pending)
+    if (!c->d.closed || c->d.pending)
       return 1;
   return 0;
 }
@@ -921,24 +792,21 @@ static void drain_progress(epic_gw_server *s) {
   }
   /* Final messages go out before the server stops taking calls. */
   for (gw_call *c = s->calls; c; c = c->next)
-    if (c->method == M_GENERATE && !c->closed && !c->status_started) {
+    if (c->method == EPIC_GW_M_GENERATE && !c->d.closed && !c->d.status_started) {
       pthread_mutex_lock(&s->mu);
       int due = c->finished || c->in_engine;
       pthread_mutex_unlock(&s->mu);
       if (due && now < s->drain_deadline + SHUTDOWN_GRACE_S)
         return;
     }
-  if (!s->shutdown_started) {
-    s->shutdown_started = 1;
+  if (!s->fr.shutdown_started) {
     s->shutdown_deadline = now + SHUTDOWN_GRACE_S;
-    grpc_server_shutdown_and_notify(s->srv, s->cq, &s->t_shutdown);
+    epic_gw_front_shutdown(&s->fr);
   }
   /* The shutdown tag waits for every client connection to close; once no call
    * needs gRPC any more, idle connections are cut instead of waited for. */
-  if (!s->cancel_all_done && (now >= s->shutdown_deadline || !grpc_busy(s))) {
-    s->cancel_all_done = 1;
-    grpc_server_cancel_all_calls(s->srv);
-  }
+  if (now >= s->shutdown_deadline || !grpc_busy(s))
+    epic_gw_front_cancel_all(&s->fr);
 }
 
 /* ---- lifecycle ------------------------------------------------------------------ */
@@ -974,7 +842,6 @@ epic_status epic_gw_server_create(const epic_gw_server_params *p, epic_gw_server
                             .default_max_tokens = s->p.default_max_tokens,
                             .kv_tokens = p->kv_tokens_per_worker,
                             .page_size = p->page_size};
-  s->t_shutdown = (epic_gw_tag){TAG_SHUTDOWN, s};
   if (!s->model_name || pthread_mutex_init(&s->mu, NULL) != 0) {
     free(s->model_name);
     free(s->comm_name);
@@ -987,46 +854,22 @@ epic_status epic_gw_server_create(const epic_gw_server_params *p, epic_gw_server
   /* gRPC's own cap sits well above ours so that a request that is merely too
    * large gets INVALID_ARGUMENT naming the limit, not gRPC's RESOURCE_EXHAUSTED. */
   int64_t cap = 2 * s->p.max_request_bytes > (64 << 20) ? 2 * s->p.max_request_bytes : (64 << 20);
-  grpc_arg args[1] = {{.type = GRPC_ARG_INTEGER,
-                       .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
-                       .value.integer = cap > INT_MAX ? INT_MAX : (int)cap}};
-  grpc_channel_args ca = {.num_args = 1, .args = args};
-  s->srv = grpc_server_create(&ca, NULL);
-  s->cq = grpc_completion_queue_create_for_next(NULL);
+  epic_gw_front_init(&s->fr, "serve");
   s->lame = grpc_lame_client_channel_create("epic-wake", GRPC_STATUS_UNAVAILABLE, "wake-up");
-  grpc_server_register_completion_queue(s->srv, s->cq, NULL);
-  for (int m = 0; m <= M_HEALTH; m++)
-    s->methods[m] = grpc_server_register_method(s->srv, METHOD_PATHS[m], NULL,
-                                                GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
-  grpc_server_credentials *cr = grpc_insecure_server_credentials_create();
-  s->port = grpc_server_add_http2_port(s->srv, p->listen, cr);
-  grpc_server_credentials_release(cr);
-  if (s->port <= 0) {
-    EPIC_LOG_ERROR(
-        "serve: --listen %s: cannot listen on this address (in use, or not a host:port?)",
-        p->listen);
+  if (epic_gw_front_listen(&s->fr, p->listen, cap) != EPIC_OK) {
     epic_gw_server_destroy(s);
     return EPIC_ERR_IO;
   }
-  grpc_server_start(s->srv);
-  s->started = 1;
-  for (int m = 0; m < M_COUNT; m++)
-    for (int i = 0; i < LISTENERS; i++) {
-      listener *l = &s->listeners[m][i];
-      l->tag = (epic_gw_tag){TAG_NEW, l};
-      l->method = m;
-      arm(s, l);
-    }
   *out = s;
   return EPIC_OK;
 }
 
 int epic_gw_server_port(const epic_gw_server *s) {
-  return s ? s->port : 0;
+  return s ? s->fr.port : 0;
 }
 
 void epic_gw_server_address(const epic_gw_server *s, char *out, size_t n) {
-  epic_gw_format_addr(s->p.listen, s->port, out, n);
+  epic_gw_format_addr(s->p.listen, s->fr.port, out, n);
 }
 
 epic_status epic_gw_server_run(epic_gw_server *s) {
@@ -1038,11 +881,7 @@ epic_status epic_gw_server_run(epic_gw_server *s) {
   }
   s->engine_started = 1;
   for (;;) {
-    grpc_event ev = grpc_completion_queue_next(s->cq, epic_gw_deadline(TICK_S), NULL);
-    while (ev.type == GRPC_OP_COMPLETE) {
-      handle(s, ev);
-      ev = grpc_completion_queue_next(s->cq, gpr_inf_past(GPR_CLOCK_REALTIME), NULL);
-    }
+    epic_gw_front_poll(&s->fr, epic_gw_deadline(TICK_S), handle, s);
     if (s->p.drain_requests && *s->p.drain_requests != s->drain_seen) {
       s->drain_seen = *s->p.drain_requests;
       begin_drain(s, "SIGTERM/SIGINT");
@@ -1054,7 +893,7 @@ epic_status epic_gw_server_run(epic_gw_server *s) {
       begin_drain(s, "engine stopped");
     if (s->draining)
       drain_progress(s);
-    if (s->shutdown_done && !grpc_busy(s))
+    if (s->fr.shutdown_done && !grpc_busy(s))
       break;
   }
   return s->engine_status;
@@ -1069,40 +908,23 @@ void epic_gw_server_destroy(epic_gw_server *s) {
     pthread_join(s->engine_thread, NULL);
     s->engine_joined = 1;
   }
-  if (s->srv) {
-    if (!s->started)
-      s->shutdown_done = 1; /* nothing was ever accepted */
-    if (!s->shutdown_started && s->started) {
-      s->shutdown_started = 1;
-      grpc_server_shutdown_and_notify(s->srv, s->cq, &s->t_shutdown);
+  if (s->fr.srv) {
+    if (!s->fr.started)
+      s->fr.shutdown_done = 1; /* nothing was ever accepted */
+    if (s->fr.started) {
+      epic_gw_front_shutdown(&s->fr);
+      grpc_server_cancel_all_calls(s->fr.srv);
     }
-    if (s->started)
-      grpc_server_cancel_all_calls(s->srv);
     /* Complete every outstanding op (cancelled calls finish fast) so that no
      * tag is left pointing at freed memory. */
-    while (!s->shutdown_done || grpc_busy(s)) {
-      grpc_event ev = grpc_completion_queue_next(s->cq, epic_gw_deadline(1.0), NULL);
-      if (ev.type == GRPC_QUEUE_TIMEOUT) {
-        EPIC_LOG_WARN("serve: waiting for gRPC calls to end");
-        continue;
-      }
-      if (ev.type == GRPC_QUEUE_SHUTDOWN)
-        break;
-      handle(s, ev);
-    }
+    epic_gw_front_wait(&s->fr, grpc_busy, handle, s);
     grpc_channel_destroy(s->lame);
-    grpc_completion_queue_shutdown(s->cq);
-    for (;;) {
-      grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-      if (ev.type == GRPC_QUEUE_SHUTDOWN)
-        break;
-      handle(s, ev);
-    }
+    epic_gw_front_drain_cq(&s->fr, handle, s);
     /* What is left was held by an engine that never finished it. */
     while (s->calls)
       call_free(s->calls);
-    grpc_server_destroy(s->srv);
-    grpc_completion_queue_destroy(s->cq);
+    grpc_server_destroy(s->fr.srv);
+    grpc_completion_queue_destroy(s->fr.cq);
     grpc_shutdown();
   }
   if (s->mu_ok)
