@@ -2,6 +2,7 @@
 add_executable(epic
   ${CMAKE_CURRENT_SOURCE_DIR}/main.c
   ${CMAKE_CURRENT_SOURCE_DIR}/cli_util.c
+  ${CMAKE_CURRENT_SOURCE_DIR}/cli_engine.c
   ${CMAKE_CURRENT_SOURCE_DIR}/cmd_generate.c
   ${CMAKE_CURRENT_SOURCE_DIR}/cmd_plan.c)
 target_include_directories(epic PRIVATE ${CMAKE_SOURCE_DIR} ${CMAKE_CURRENT_SOURCE_DIR})

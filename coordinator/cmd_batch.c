@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "batch.h"
+#include "cli_engine.h"
 #include "cli_util.h"
 #include "cmd_plan.h"
 #include "cluster.h"
@@ -35,7 +36,7 @@
 #include "coordinator/tokenizer/tokenizer.h"
 #include "engine.h"
 
-static const char *USAGE =
+static const char *USAGE_HEAD =
     "usage: epic batch --model DIR --input IN.jsonl --output OUT.jsonl [options]\n"
     "\n"
     "Runs an OpenAI batch file: each input line is\n"
@@ -60,22 +61,9 @@ static const char *USAGE =
     "  --chat-template NAME    auto (from tokenizer_config.json), v3 or r1\n"
     "  --default-max-tokens N  completion tokens when a request gives no max_tokens\n"
     "                          (default 1024, clamped to the context)\n"
-    "engine:\n"
-    "  --max-batch N           sequences running at once (default 256)\n"
-    "  --max-queue N           requests waiting in the engine (default 1024)\n"
-    "  --kv-pages N            KV cache pages per worker (default: 1 GiB worth)\n"
-    "  --page-size N           KV cache page size in tokens (default 64)\n"
-    "  --step-tokens N         tokens per worker and forward step (default 2048)\n"
-    "  --prefill-chunk N       prompt tokens of one sequence per step (default 512)\n"
-    "  --max-context N         prompt + completion tokens (default: the model's)\n"
-    "  --micro-batches N       1, or 2 for two-micro-batch pipelining (default 1)\n"
-    "  --threads N             compute threads per rank (default: all cores)\n"
-    "  --load-format F         auto (safetensors) or dummy (random weights from config.json)\n"
-    "  --num-layers N          use only N layers (with dummy weights, for benchmarks)\n"
-    "  --num-experts N         use only N routed experts (likewise)\n"
-    "  --weight-seed S         seed of dummy weights (default 0)\n"
-    "  --comm NAME             expert-parallel backend under mpirun: auto, mpi, ucx or nccl\n"
-    "  --mem-per-rank SIZE     memory a rank may use (e.g. 141GB): the plan must fit, checked before loading\n"
+    "engine:\n";
+
+static const char *USAGE_TAIL =
     "output:\n"
     "  --stats-json FILE       write the run's counts, tokens and rates as JSON to FILE\n"
     "  -q, --quiet             no progress lines (the summary is still printed)\n"
@@ -83,12 +71,10 @@ static const char *USAGE =
     "  -h, --help              this help\n";
 
 typedef struct batch_opts {
-  uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */
-  const char *model, *input, *output, *template_name, *comm, *stats_json;
-  int dummy, verbose, quiet;
-  int64_t default_max_tokens, max_batch, max_queue, kv_pages, page_size, step_tokens, prefill_chunk,
-      max_context, micro_batches, threads, num_layers, num_experts;
-  uint64_t weight_seed;
+  epic_cli_engine_opts e; /* model loading and engine scheduling */
+  const char *input, *output, *template_name, *stats_json;
+  int verbose, quiet;
+  int64_t default_max_tokens;
   epic_chat_template tmpl;
 } batch_opts;
 
@@ -144,128 +130,66 @@ static void on_signal(int sig) {
   g_signal = sig;
 }
 
+static void usage(const epic_cli_engine_opts *e) {
+  fputs(USAGE_HEAD, stdout);
+  epic_cli_engine_help(stdout, e, EPIC_CLI_ENGINE_SCHED_ALL, 26, NULL, 0);
+  epic_cli_engine_help(stdout, e, EPIC_CLI_ENGINE_LOAD_ALL & ~EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MODEL),
+                       26, NULL, 0);
+  fputs(USAGE_TAIL, stdout);
+}
+
 static int parse(int argc, char **argv, batch_opts *o) {
-  enum {
-    O_MODEL = 256,
-    O_INPUT,
-    O_OUTPUT,
-    O_TEMPLATE,
-    O_DEFMAX,
-    O_MAXBATCH,
-    O_MAXQUEUE,
-    O_KVPAGES,
-    O_PAGE,
-    O_STEP,
-    O_CHUNK,
-    O_MAXCTX,
-    O_MB,
-    O_THREADS,
-    O_LOADFMT,
-    O_STATS,
-    O_NLAYERS,
-    O_NEXPERTS,
-    O_WSEED,
-    O_MEMRANK, O_COMM
-  };
-  static const struct option longopts[] = {{"model", required_argument, 0, O_MODEL},
-                                           {"input", required_argument, 0, O_INPUT},
-                                           {"output", required_argument, 0, O_OUTPUT},
-                                           {"chat-template", required_argument, 0, O_TEMPLATE},
-                                           {"default-max-tokens", required_argument, 0, O_DEFMAX},
-                                           {"max-batch", required_argument, 0, O_MAXBATCH},
-                                           {"max-queue", required_argument, 0, O_MAXQUEUE},
-                                           {"kv-pages", required_argument, 0, O_KVPAGES},
-                                           {"page-size", required_argument, 0, O_PAGE},
-                                           {"step-tokens", required_argument, 0, O_STEP},
-                                           {"prefill-chunk", required_argument, 0, O_CHUNK},
-                                           {"max-context", required_argument, 0, O_MAXCTX},
-                                           {"micro-batches", required_argument, 0, O_MB},
-                                           {"threads", required_argument, 0, O_THREADS},
-                                           {"load-format", required_argument, 0, O_LOADFMT},
-                                           {"num-layers", required_argument, 0, O_NLAYERS},
-                                           {"num-experts", required_argument, 0, O_NEXPERTS},
-                                           {"weight-seed", required_argument, 0, O_WSEED},
-                                           {"comm", required_argument, 0, O_COMM},
-                                           {"mem-per-rank", required_argument, 0, O_MEMRANK},
-                                           {"stats-json", required_argument, 0, O_STATS},
-                                           {"quiet", no_argument, 0, 'q'},
-                                           {"verbose", no_argument, 0, 'v'},
-                                           {"help", no_argument, 0, 'h'},
-                                           {0, 0, 0, 0}};
+  enum { O_INPUT = 256, O_OUTPUT, O_TEMPLATE, O_DEFMAX, O_STATS };
+  static const struct option own[] = {{"input", required_argument, 0, O_INPUT},
+                                      {"output", required_argument, 0, O_OUTPUT},
+                                      {"chat-template", required_argument, 0, O_TEMPLATE},
+                                      {"default-max-tokens", required_argument, 0, O_DEFMAX},
+                                      {"stats-json", required_argument, 0, O_STATS},
+                                      {"quiet", no_argument, 0, 'q'},
+                                      {"verbose", no_argument, 0, 'v'},
+                                      {"help", no_argument, 0, 'h'},
+                                      {0, 0, 0, 0}};
+  struct option longopts[64];
   const char *cmd = "batch";
   int c;
   memset(o, 0, sizeof *o);
+  /* Scheduling settings left 0 take the engine's defaults (engine.h); no
+   * --kv-cache: --kv-pages or the engine's 1 GiB. */
+  epic_cli_engine_init(&o->e, cmd,
+                       (EPIC_CLI_ENGINE_LOAD_ALL | EPIC_CLI_ENGINE_SCHED_ALL) &
+                           ~EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_KV_CACHE));
   o->default_max_tokens = 1024;
-  o->page_size = 64;
-  o->micro_batches = 1;
   o->template_name = "auto";
+  if (epic_cli_engine_longopts(&o->e, own, longopts, sizeof longopts / sizeof longopts[0]))
+    return -1;
   optind = 1;
   while ((c = getopt_long(argc, argv, "qvh", longopts, NULL)) != -1) {
-    int bad = 0;
-    switch (c) {
-    case O_MODEL: o->model = optarg; break;
-    case O_INPUT: o->input = optarg; break;
-    case O_OUTPUT: o->output = optarg; break;
-    case O_TEMPLATE: o->template_name = optarg; break;
-    case O_DEFMAX:
-      bad = epic_cli_i64(cmd, "--default-max-tokens", optarg, 1, INT32_MAX, &o->default_max_tokens);
-      break;
-    case O_MAXBATCH:
-      bad = epic_cli_i64(cmd, "--max-batch", optarg, 1, 1 << 24, &o->max_batch);
-      break;
-    case O_MAXQUEUE:
-      bad = epic_cli_i64(cmd, "--max-queue", optarg, 1, 1 << 24, &o->max_queue);
-      break;
-    case O_KVPAGES:
-      bad = epic_cli_i64(cmd, "--kv-pages", optarg, 1, INT64_C(1) << 40, &o->kv_pages);
-      break;
-    case O_PAGE: bad = epic_cli_i64(cmd, "--page-size", optarg, 1, 1 << 20, &o->page_size); break;
-    case O_STEP:
-      bad = epic_cli_i64(cmd, "--step-tokens", optarg, 1, 1 << 24, &o->step_tokens);
-      break;
-    case O_CHUNK:
-      bad = epic_cli_i64(cmd, "--prefill-chunk", optarg, 1, 1 << 24, &o->prefill_chunk);
-      break;
-    case O_MAXCTX:
-      bad = epic_cli_i64(cmd, "--max-context", optarg, 2, INT32_MAX, &o->max_context);
-      break;
-    case O_MB: bad = epic_cli_i64(cmd, "--micro-batches", optarg, 1, 2, &o->micro_batches); break;
-    case O_THREADS: bad = epic_cli_i64(cmd, "--threads", optarg, 1, 4096, &o->threads); break;
-    case O_LOADFMT:
-      if (strcmp(optarg, "dummy") == 0)
-        o->dummy = 1;
-      else if (strcmp(optarg, "auto") != 0 && strcmp(optarg, "safetensors") != 0) {
-        fprintf(stderr, "epic batch: --load-format: expected auto or dummy, got '%s'\n", optarg);
-        bad = -1;
+    int bad = epic_cli_engine_parse(&o->e, c, optarg);
+    if (bad)
+      bad = bad < 0;
+    else
+      switch (c) {
+      case O_INPUT: o->input = optarg; break;
+      case O_OUTPUT: o->output = optarg; break;
+      case O_TEMPLATE: o->template_name = optarg; break;
+      case O_DEFMAX:
+        bad = epic_cli_i64(cmd, "--default-max-tokens", optarg, 1, INT32_MAX,
+                           &o->default_max_tokens);
+        break;
+      case O_STATS: o->stats_json = optarg; break;
+      case 'q': o->quiet = 1; break;
+      case 'v': o->verbose = 1; break;
+      case 'h': usage(&o->e); return 1;
+      default: fputs("epic batch: see --help\n", stderr); return -1;
       }
-      break;
-    case O_NLAYERS:
-      bad = epic_cli_i64(cmd, "--num-layers", optarg, 1, 1 << 20, &o->num_layers);
-      break;
-    case O_NEXPERTS:
-      bad = epic_cli_i64(cmd, "--num-experts", optarg, 1, 1 << 20, &o->num_experts);
-      break;
-    case O_WSEED: bad = epic_cli_u64(cmd, "--weight-seed", optarg, &o->weight_seed); break;
-    case O_MEMRANK: bad = epic_plan_cli_size(cmd, "--mem-per-rank", optarg, &o->mem_per_rank); break;
-    case O_COMM: o->comm = optarg; break;
-    case O_STATS: o->stats_json = optarg; break;
-    case 'q': o->quiet = 1; break;
-    case 'v': o->verbose = 1; break;
-    case 'h': fputs(USAGE, stdout); return 1;
-    default: fputs("epic batch: see --help\n", stderr); return -1;
-    }
     if (bad)
       return -1;
   }
-  if (optind < argc) {
-    fprintf(stderr, "epic batch: unexpected argument '%s' (see --help)\n", argv[optind]);
+  if (epic_cli_engine_check(&o->e, argc, argv))
     return -1;
-  }
-  if (!o->model || !o->input || !o->output) {
+  if (!o->input || !o->output) {
     fprintf(stderr, "epic batch: --%s is required (see --help)\n",
-            !o->model   ? "model DIR"
-            : !o->input ? "input FILE"
-                        : "output FILE");
+            !o->input ? "input FILE" : "output FILE");
     return -1;
   }
   if (epic_chat_template_parse(o->template_name, &o->tmpl) != EPIC_OK) {
@@ -705,12 +629,12 @@ static epic_status prepare(batch_ctx *c) {
   }
   EPIC_CHECK(epic_batch_index_create(&c->seen));
   char path[4096];
-  snprintf(path, sizeof path, "%s/tokenizer.json", o->model);
+  snprintf(path, sizeof path, "%s/tokenizer.json", o->e.model);
   if (access(path, R_OK) != 0) {
     EPIC_LOG_ERROR("batch: --model: %s is needed to encode prompts and decode results", path);
     return EPIC_ERR_IO;
   }
-  EPIC_CHECK(epic_tokenizer_load_dir(o->model, &c->tok));
+  EPIC_CHECK(epic_tokenizer_load_dir(o->e.model, &c->tok));
   c->tmpl = epic_chat_resolve(c->tok, o->tmpl);
   return EPIC_OK;
 }
@@ -802,7 +726,7 @@ int epic_cmd_batch(int argc, char **argv) {
   pthread_cond_init(&c.cv, NULL);
   epic_cluster *cl = NULL;
   epic_engine *e = NULL;
-  int rc = 1, rank = 0, launched = epic_cluster_under_launcher() || o.comm != NULL;
+  int rc = 1, rank = 0, launched = epic_cluster_under_launcher() || o.e.comm != NULL;
   char name[256];
 
   /* Without a launcher this process is rank 0: check the files before the
@@ -810,18 +734,9 @@ int epic_cmd_batch(int argc, char **argv) {
    * load and tells the others whether to go on. */
   if (!launched && prepare(&c) != EPIC_OK)
     goto done;
-  epic_cluster_params cp = {.size = sizeof cp,
-                            .cmd = "batch",
-                            .model_dir = o.model,
-                            .comm = o.comm,
-                            .dummy = o.dummy,
-                            .weight_seed = o.weight_seed,
-                            .num_layers = o.num_layers,
-                            .num_experts = o.num_experts,
-                            .threads = o.threads,
-                            .mem_per_rank = o.mem_per_rank,
-                            .max_batch_tokens = o.step_tokens,
-                            .progress = !o.quiet};
+  epic_cluster_params cp;
+  epic_cli_engine_cluster_params(&o.e, &cp);
+  cp.progress = !o.quiet;
   if (epic_cluster_open(&cp, &cl) != EPIC_OK)
     goto done;
   rank = epic_cluster_rank(cl);
@@ -834,17 +749,8 @@ int epic_cmd_batch(int argc, char **argv) {
   }
   epic_model *model = epic_cluster_model(cl);
   const epic_model_config *cfg = epic_model_get_config(model);
-  epic_engine_params ep = {.size = sizeof ep,
-                           .model = model,
-                           .comm = epic_cluster_comm(cl),
-                           .page_size = o.page_size,
-                           .kv_pages = o.kv_pages,
-                           .max_batch = o.max_batch,
-                           .max_queue = o.max_queue,
-                           .step_tokens = o.step_tokens,
-                           .prefill_chunk = o.prefill_chunk,
-                           .max_context = o.max_context,
-                           .micro_batches = (int)o.micro_batches};
+  epic_engine_params ep;
+  epic_cli_engine_engine_params(&o.e, model, epic_cluster_comm(cl), &ep);
   if (epic_engine_create(&ep, &e) != EPIC_OK)
     goto done;
   {
@@ -864,11 +770,11 @@ int epic_cmd_batch(int argc, char **argv) {
   epic_engine_stats es;
   epic_engine_get_stats(e, &es);
   c.engine = e;
-  c.model_name = base_name(o.model, name, sizeof name);
+  c.model_name = base_name(o.e.model, name, sizeof name);
   c.lim = (epic_batch_limits){
       .vocab_size = cfg->vocab_size,
-      .max_context = o.max_context ? o.max_context : cfg->max_position_embeddings,
-      .max_seq_tokens = es.nranks > 0 ? es.kv_pages_total / es.nranks * o.page_size : 0,
+      .max_context = o.e.max_context ? o.e.max_context : cfg->max_position_embeddings,
+      .max_seq_tokens = es.nranks > 0 ? es.kv_pages_total / es.nranks * o.e.page_size : 0,
       .default_max_tokens = o.default_max_tokens};
   c.tty = isatty(STDERR_FILENO);
   c.t0 = c.last_progress = epic_now_seconds();

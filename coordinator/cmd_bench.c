@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli_engine.h"
 #include "cli_util.h"
 #include "cluster.h"
 #include "comm/comm.h"
@@ -29,7 +30,7 @@
 #include "coordinator/engine.h"
 #include "worker/model.h"
 
-static const char *USAGE =
+static const char *USAGE_HEAD =
     "usage: [mpirun -np N] epic bench --model DIR [options]\n"
     "\n"
     "Engine throughput with synthetic prompts: a prefill phase (B prompts of P\n"
@@ -42,22 +43,13 @@ static const char *USAGE =
     "  --gen N                 output tokens per sequence in the decode phase (default 32)\n"
     "  --micro-batches LIST    1, 2 or 1,2 (default 1,2): settings to measure\n"
     "  --seed S                prompt token seed (default 1)\n"
-    "engine:\n"
-    "  --model DIR             checkpoint directory (config.json [+ safetensors])\n"
-    "  --load-format F         auto or dummy (random weights from config.json)\n"
-    "  --num-layers N          use only N layers (dummy weights, true shapes)\n"
-    "  --num-experts N         use only N routed experts\n"
-    "  --threads N             compute threads per rank (default: cores / ranks per node)\n"
-    "  --comm NAME             all-to-all backend under mpirun: auto, mpi, ucx, nccl\n"
-    "  --step-tokens T         per-worker token budget of one step (default 2048)\n"
-    "  --prefill-chunk C       prompt tokens of one sequence per step (default 512)\n"
-    "  --page-size N           KV cache page size (default 64)\n"
-    "  -h, --help              this help\n";
+    "engine:\n";
+
 
 typedef struct bench_opts {
-  const char *model, *comm;
-  int dummy, mb[2], n_mb;
-  int64_t batch, prompt_len, gen, num_layers, num_experts, threads, step_tokens, chunk, page;
+  epic_cli_engine_opts e; /* model loading and engine scheduling */
+  int mb[2], n_mb;
+  int64_t batch, prompt_len, gen;
   uint64_t seed;
 } bench_opts;
 
@@ -76,21 +68,35 @@ static int parse_mb(const char *v, bench_opts *o) {
   return 0;
 }
 
+static const epic_cli_engine_help_line HELP_OWN[] = {
+    {EPIC_CLI_ENGINE_MODEL, NULL, "checkpoint directory (config.json [+ safetensors])"},
+    {EPIC_CLI_ENGINE_THREADS, NULL, "compute threads per rank (default: cores / ranks per node)"}};
+
 static int parse(int argc, char **argv, bench_opts *o) {
-  enum { O_MODEL = 256, O_LOADFMT, O_NLAYERS, O_NEXPERTS, O_THREADS, O_COMM, O_BATCH, O_PLEN,
-         O_GEN, O_MB, O_SEED, O_STEP, O_CHUNK, O_PAGE };
-  static const struct option lo[] = {
-      {"model", 1, 0, O_MODEL},         {"load-format", 1, 0, O_LOADFMT},
-      {"num-layers", 1, 0, O_NLAYERS},  {"num-experts", 1, 0, O_NEXPERTS},
-      {"threads", 1, 0, O_THREADS},     {"comm", 1, 0, O_COMM},
-      {"batch", 1, 0, O_BATCH},         {"prompt-len", 1, 0, O_PLEN},
-      {"gen", 1, 0, O_GEN},             {"micro-batches", 1, 0, O_MB},
-      {"seed", 1, 0, O_SEED},           {"step-tokens", 1, 0, O_STEP},
-      {"prefill-chunk", 1, 0, O_CHUNK}, {"page-size", 1, 0, O_PAGE},
-      {"help", 0, 0, 'h'},              {0, 0, 0, 0}};
+  enum { O_BATCH = 256, O_PLEN, O_GEN, O_MB, O_SEED };
+  static const struct option own[] = {
+      {"batch", 1, 0, O_BATCH}, {"prompt-len", 1, 0, O_PLEN}, {"gen", 1, 0, O_GEN},
+      {"micro-batches", 1, 0, O_MB}, {"seed", 1, 0, O_SEED}, {"help", 0, 0, 'h'},
+      {0, 0, 0, 0}};
+  struct option lo[32];
   const char *cmd = "bench";
   int c;
   memset(o, 0, sizeof *o);
+  /* The workload sets batch, queue and KV pages; --micro-batches is a list of
+   * settings to measure (below), and the weights' seed is fixed. */
+  epic_cli_engine_init(&o->e, cmd,
+                       EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MODEL) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_LOAD_FORMAT) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_NUM_LAYERS) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_NUM_EXPERTS) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_THREADS) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_COMM) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_STEP_TOKENS) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PREFILL_CHUNK) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PAGE_SIZE));
+  o->e.weight_seed = 1;
+  o->e.step_tokens = 2048;
+  o->e.prefill_chunk = 512;
   o->batch = 8;
   o->prompt_len = 128;
   o->gen = 32;
@@ -98,47 +104,30 @@ static int parse(int argc, char **argv, bench_opts *o) {
   o->mb[1] = 2;
   o->n_mb = 2;
   o->seed = 1;
-  o->step_tokens = 2048;
-  o->chunk = 512;
-  o->page = 64;
+  if (epic_cli_engine_longopts(&o->e, own, lo, sizeof lo / sizeof lo[0])) return -1;
   optind = 1;
   while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
-    int bad = 0;
-    switch (c) {
-    case O_MODEL: o->model = optarg; break;
-    case O_LOADFMT:
-      if (strcmp(optarg, "dummy") == 0)
-        o->dummy = 1;
-      else if (strcmp(optarg, "auto") != 0) {
-        fprintf(stderr, "epic bench: --load-format: expected auto or dummy, got '%s'\n", optarg);
-        bad = -1;
+    int bad = epic_cli_engine_parse(&o->e, c, optarg);
+    if (bad) {
+      bad = bad < 0;
+    } else {
+      switch (c) {
+      case O_BATCH: bad = epic_cli_i64(cmd, "--batch", optarg, 1, 1 << 20, &o->batch); break;
+      case O_PLEN: bad = epic_cli_i64(cmd, "--prompt-len", optarg, 1, 1 << 24, &o->prompt_len); break;
+      case O_GEN: bad = epic_cli_i64(cmd, "--gen", optarg, 2, 1 << 24, &o->gen); break;
+      case O_MB: bad = parse_mb(optarg, o); break;
+      case O_SEED: bad = epic_cli_u64(cmd, "--seed", optarg, &o->seed); break;
+      case 'h':
+        fputs(USAGE_HEAD, stdout);
+        epic_cli_engine_help(stdout, &o->e, ~0u, 26, HELP_OWN, sizeof HELP_OWN / sizeof HELP_OWN[0]);
+        fputs("  -h, --help              this help\n", stdout);
+        return 1;
+      default: fputs("epic bench: see --help\n", stderr); return -1;
       }
-      break;
-    case O_NLAYERS: bad = epic_cli_i64(cmd, "--num-layers", optarg, 1, 1 << 20, &o->num_layers); break;
-    case O_NEXPERTS: bad = epic_cli_i64(cmd, "--num-experts", optarg, 1, 1 << 20, &o->num_experts); break;
-    case O_THREADS: bad = epic_cli_i64(cmd, "--threads", optarg, 1, 4096, &o->threads); break;
-    case O_COMM: o->comm = optarg; break;
-    case O_BATCH: bad = epic_cli_i64(cmd, "--batch", optarg, 1, 1 << 20, &o->batch); break;
-    case O_PLEN: bad = epic_cli_i64(cmd, "--prompt-len", optarg, 1, 1 << 24, &o->prompt_len); break;
-    case O_GEN: bad = epic_cli_i64(cmd, "--gen", optarg, 2, 1 << 24, &o->gen); break;
-    case O_MB: bad = parse_mb(optarg, o); break;
-    case O_SEED: bad = epic_cli_u64(cmd, "--seed", optarg, &o->seed); break;
-    case O_STEP: bad = epic_cli_i64(cmd, "--step-tokens", optarg, 1, 1 << 24, &o->step_tokens); break;
-    case O_CHUNK: bad = epic_cli_i64(cmd, "--prefill-chunk", optarg, 1, 1 << 24, &o->chunk); break;
-    case O_PAGE: bad = epic_cli_i64(cmd, "--page-size", optarg, 1, 1 << 20, &o->page); break;
-    case 'h': fputs(USAGE, stdout); return 1;
-    default: fputs("epic bench: see --help\n", stderr); return -1;
     }
     if (bad) return -1;
   }
-  if (optind < argc) {
-    fprintf(stderr, "epic bench: unexpected argument '%s' (see --help)\n", argv[optind]);
-    return -1;
-  }
-  if (!o->model) {
-    fputs("epic bench: --model DIR is required (see --help)\n", stderr);
-    return -1;
-  }
+  if (epic_cli_engine_check(&o->e, argc, argv)) return -1;
   return 0;
 }
 
@@ -237,17 +226,13 @@ static epic_status run_phase(epic_cluster *cl, const bench_opts *o, int mb, int6
   const int rank = epic_cluster_rank(cl);
   const epic_model_config *cfg = epic_model_get_config(m);
   const int64_t B = o->batch, P = o->prompt_len;
-  const int64_t pages = ((P + n_gen + o->page - 1) / o->page + 1) * B;
-  epic_engine_params ep = {.size = sizeof ep,
-                           .model = m,
-                           .comm = comm,
-                           .page_size = o->page,
-                           .kv_pages = pages,
-                           .max_batch = B,
-                           .max_queue = B,
-                           .step_tokens = o->step_tokens,
-                           .prefill_chunk = o->chunk,
-                           .micro_batches = mb};
+  const int64_t pages = ((P + n_gen + o->e.page_size - 1) / o->e.page_size + 1) * B;
+  epic_engine_params ep;
+  epic_cli_engine_engine_params(&o->e, m, comm, &ep);
+  ep.kv_pages = pages;
+  ep.max_batch = B;
+  ep.max_queue = B;
+  ep.micro_batches = mb;
   epic_engine *e = NULL;
   req_track *tr = NULL;
   int32_t *prompt = NULL;
@@ -380,17 +365,8 @@ int epic_cmd_bench(int argc, char **argv) {
   double *warm = NULL;
   if (pr_rc) return pr_rc > 0 ? 0 : 2;
   epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
-  epic_cluster_params cp = {.size = sizeof cp,
-                            .cmd = "bench",
-                            .model_dir = o.model,
-                            .comm = o.comm,
-                            .dummy = o.dummy,
-                            .weight_seed = 1,
-                            .num_layers = o.num_layers,
-                            .num_experts = o.num_experts,
-                            .threads = o.threads,
-                            .max_batch_tokens = o.step_tokens,
-                            .progress = 1};
+  epic_cluster_params cp;
+  epic_cli_engine_cluster_params(&o.e, &cp);
   if (epic_cluster_open(&cp, &cl) != EPIC_OK) return 1;
   const int rank = epic_cluster_rank(cl), nranks = epic_cluster_size(cl);
   if (nranks > 1) epic_log_init(EPIC_LOG_LEVEL_WARN, rank);
@@ -417,7 +393,7 @@ int epic_cmd_bench(int argc, char **argv) {
     const epic_model_config *c = epic_model_get_config(epic_cluster_model(cl));
     const double wbytes = (double)epic_model_weight_bytes(epic_cluster_model(cl));
     printf("{\"bench\":\"engine\",\"model\":");
-    epic_cli_json_string(stdout, o.model, strlen(o.model));
+    epic_cli_json_string(stdout, o.e.model, strlen(o.e.model));
     printf(",\"ranks\":%d,\"layers\":%lld,\"routed_experts\":%lld,\"hidden\":%lld,\"batch\":%lld,"
            "\"prompt_len\":%lld,\"gen\":%lld,\"weight_bytes_rank0\":%.0f,\"memcpy_gbs\":%.3f,"
            "\"results\":[",

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cli_engine.h"
 #include "cli_util.h"
 #include "cmd_plan.h"
 #include "comm/comm.h"
@@ -28,7 +29,7 @@
 #include "worker/generate.h"
 #include "worker/model.h"
 
-static const char *USAGE =
+static const char *USAGE_HEAD =
     "usage: epic generate --model DIR (--prompt-ids IDS | --prompt TEXT [--chat]) [options]\n"
     "       epic generate --model DIR --requests FILE.jsonl [options]\n"
     "       mpirun -np N epic generate ... (experts spread over the N ranks)\n"
@@ -64,36 +65,20 @@ static const char *USAGE =
     "  --json                  print {\"prompt_ids\",\"output_ids\",\"finish_reason\",\"text\",...}\n"
     "  --dump-logits FILE      float32 .npy [T+N-1, vocab]: a row per processed position\n"
     "  --dump-mtp-logits FILE  float32 .npy [T-1, vocab]: the MTP head over the prompt\n"
-    "engine:\n"
-    "  --load-format F         auto (safetensors) or dummy (random weights from config.json)\n"
-    "  --num-layers N          use only N layers (with dummy weights, for benchmarks)\n"
-    "  --num-experts N         use only N routed experts (likewise)\n"
-    "  --weight-seed S         seed of dummy weights (default 0)\n"
-    "  --threads N             compute threads (default: all cores)\n"
-    "  --prefill-chunk N       prompt tokens per forward step (default: whole prompt;\n"
-    "                          with --requests, per sequence and step, default 512)\n"
-    "  --page-size N           KV cache page size in tokens (default 64)\n"
-    "  --micro-batches 1|2     split each rank's batch in two so that one half's compute\n"
-    "                          overlaps the other's all-to-alls (default 1; same results)\n"
-    "  --max-batch N           --requests: sequences running at once in the job (default 256)\n"
-    "  --step-tokens N         --requests: tokens per rank and step (default 2048)\n"
-    "  --kv-pages N            --requests: KV cache pages per rank (default: room for every\n"
-    "                          request at once, at most 1 GiB)\n"
-    "  --comm NAME             expert-parallel backend under mpirun: auto, mpi, ucx or nccl\n"
-    "  --mem-per-rank SIZE     memory a rank may use (e.g. 141GB): the plan must fit, checked before loading\n"
-    "                          (default auto; used whenever the job has several ranks)\n"
+    "engine:\n";
+
+static const char *USAGE_TAIL =
     "  -v, --verbose           timing and load information on stderr\n"
     "  -h, --help              this help\n";
 
 typedef struct gen_opts {
-  uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */
-  const char *model, *prompt_ids, *prompt, *system, *dump_logits, *dump_mtp, *template_name, *comm;
+  epic_cli_engine_opts e; /* model loading and engine scheduling */
+  const char *prompt_ids, *prompt, *system, *dump_logits, *dump_mtp, *template_name;
   const char *requests;
-  int chat, no_bos, json, ignore_eos, verbose, dummy;
-  int64_t max_new, top_k, num_layers, num_experts, threads, chunk, page_size;
-  int64_t micro_batches, max_batch, step_tokens, kv_pages;
+  int chat, no_bos, json, ignore_eos, verbose;
+  int64_t max_new, top_k;
   float temperature, top_p;
-  uint64_t seed, weight_seed;
+  uint64_t seed;
 } gen_opts;
 
 typedef struct stream_ctx {
@@ -116,13 +101,36 @@ static epic_status on_token(void *user, int32_t id, float logprob) {
   return EPIC_OK;
 }
 
+/* Where generate's wording differs: the single-prompt path has no scheduler,
+ * several settings apply to --requests only. */
+static const epic_cli_engine_help_line HELP_OWN[] = {
+    {EPIC_CLI_ENGINE_COMM, NULL,
+     "expert-parallel backend under mpirun: auto, mpi, ucx or nccl\n"
+     "(default auto; used whenever the job has several ranks)"},
+    {EPIC_CLI_ENGINE_MAX_BATCH, NULL, "--requests: sequences running at once in the job (default 256)"},
+    {EPIC_CLI_ENGINE_KV_PAGES, NULL,
+     "--requests: KV cache pages per rank (default: room for every\n"
+     "request at once, at most 1 GiB)"},
+    {EPIC_CLI_ENGINE_STEP_TOKENS, NULL, "--requests: tokens per rank and step (default 2048)"},
+    {EPIC_CLI_ENGINE_PREFILL_CHUNK, NULL,
+     "prompt tokens per forward step (default: whole prompt;\n"
+     "with --requests, per sequence and step, default 512)"},
+    {EPIC_CLI_ENGINE_MICRO_BATCHES, "1|2",
+     "split each rank's batch in two so that one half's compute\n"
+     "overlaps the other's all-to-alls (default 1; same results)"}};
+
+static void usage(const epic_cli_engine_opts *e) {
+  const unsigned model = EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MODEL);
+  const size_t n_own = sizeof HELP_OWN / sizeof HELP_OWN[0];
+  fputs(USAGE_HEAD, stdout);
+  epic_cli_engine_help(stdout, e, ~model, 26, HELP_OWN, n_own);
+  fputs(USAGE_TAIL, stdout);
+}
+
 static int parse(int argc, char **argv, gen_opts *o) {
   enum { O_PIDS = 256, O_PROMPT, O_CHAT, O_SYSTEM, O_NOBOS, O_MAXNEW, O_TEMP, O_TOPP, O_TOPK,
-         O_SEED, O_IGNEOS, O_JSON, O_DUMP, O_DUMPMTP, O_LOADFMT, O_NLAYERS, O_NEXPERTS, O_WSEED,
-         O_THREADS, O_CHUNK, O_PAGE, O_MODEL, O_TEMPLATE, O_MEMRANK, O_COMM, O_REQUESTS, O_MB, O_MAXBATCH,
-         O_STEPTOK, O_KVPAGES };
-  static const struct option longopts[] = {
-      {"model", required_argument, 0, O_MODEL},
+         O_SEED, O_IGNEOS, O_JSON, O_DUMP, O_DUMPMTP, O_TEMPLATE, O_REQUESTS };
+  static const struct option own[] = {
       {"prompt-ids", required_argument, 0, O_PIDS},
       {"prompt", required_argument, 0, O_PROMPT},
       {"chat", no_argument, 0, O_CHAT},
@@ -138,95 +146,57 @@ static int parse(int argc, char **argv, gen_opts *o) {
       {"json", no_argument, 0, O_JSON},
       {"dump-logits", required_argument, 0, O_DUMP},
       {"dump-mtp-logits", required_argument, 0, O_DUMPMTP},
-      {"load-format", required_argument, 0, O_LOADFMT},
-      {"num-layers", required_argument, 0, O_NLAYERS},
-      {"num-experts", required_argument, 0, O_NEXPERTS},
-      {"weight-seed", required_argument, 0, O_WSEED},
-      {"threads", required_argument, 0, O_THREADS},
-      {"prefill-chunk", required_argument, 0, O_CHUNK},
-      {"page-size", required_argument, 0, O_PAGE},
-      {"comm", required_argument, 0, O_COMM},
-      {"mem-per-rank", required_argument, 0, O_MEMRANK},
       {"requests", required_argument, 0, O_REQUESTS},
-      {"micro-batches", required_argument, 0, O_MB},
-      {"max-batch", required_argument, 0, O_MAXBATCH},
-      {"step-tokens", required_argument, 0, O_STEPTOK},
-      {"kv-pages", required_argument, 0, O_KVPAGES},
       {"verbose", no_argument, 0, 'v'},
       {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
+  struct option longopts[64];
   const char *cmd = "generate";
   int c;
   memset(o, 0, sizeof *o);
+  /* No --max-queue (sized to the file), --kv-cache or --max-context; the
+   * scheduling settings left 0 take the engine's defaults. */
+  epic_cli_engine_init(&o->e, cmd,
+                       (EPIC_CLI_ENGINE_LOAD_ALL | EPIC_CLI_ENGINE_SCHED_ALL) &
+                           ~(EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MAX_QUEUE) |
+                             EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_KV_CACHE) |
+                             EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MAX_CONTEXT)));
   o->max_new = 128;
   o->top_p = 1.0f;
-  o->page_size = 64;
-  o->micro_batches = 1;
   o->template_name = "auto";
+  if (epic_cli_engine_longopts(&o->e, own, longopts, sizeof longopts / sizeof longopts[0]))
+    return -1;
   optind = 1;
   while ((c = getopt_long(argc, argv, "vh", longopts, NULL)) != -1) {
-    int bad = 0;
-    switch (c) {
-    case O_MODEL: o->model = optarg; break;
-    case O_PIDS: o->prompt_ids = optarg; break;
-    case O_PROMPT: o->prompt = optarg; break;
-    case O_CHAT: o->chat = 1; break;
-    case O_SYSTEM: o->system = optarg; break;
-    case O_TEMPLATE: o->template_name = optarg; break;
-    case O_NOBOS: o->no_bos = 1; break;
-    case O_MAXNEW: bad = epic_cli_i64(cmd, "--max-new-tokens", optarg, 0, 1 << 30, &o->max_new); break;
-    case O_TEMP: bad = epic_cli_f32(cmd, "--temperature", optarg, 0, 1e6, &o->temperature); break;
-    case O_TOPP: bad = epic_cli_f32(cmd, "--top-p", optarg, 1e-9, 1, &o->top_p); break;
-    case O_TOPK: bad = epic_cli_i64(cmd, "--top-k", optarg, 0, INT32_MAX, &o->top_k); break;
-    case O_SEED: bad = epic_cli_u64(cmd, "--seed", optarg, &o->seed); break;
-    case O_IGNEOS: o->ignore_eos = 1; break;
-    case O_JSON: o->json = 1; break;
-    case O_DUMP: o->dump_logits = optarg; break;
-    case O_DUMPMTP: o->dump_mtp = optarg; break;
-    case O_LOADFMT:
-      if (strcmp(optarg, "dummy") == 0)
-        o->dummy = 1;
-      else if (strcmp(optarg, "auto") != 0 && strcmp(optarg, "safetensors") != 0) {
-        fprintf(stderr, "epic generate: --load-format: expected auto or dummy, got '%s'\n", optarg);
-        bad = -1;
+    int bad = epic_cli_engine_parse(&o->e, c, optarg);
+    if (bad) {
+      bad = bad < 0;
+    } else {
+      switch (c) {
+      case O_PIDS: o->prompt_ids = optarg; break;
+      case O_PROMPT: o->prompt = optarg; break;
+      case O_CHAT: o->chat = 1; break;
+      case O_SYSTEM: o->system = optarg; break;
+      case O_TEMPLATE: o->template_name = optarg; break;
+      case O_NOBOS: o->no_bos = 1; break;
+      case O_MAXNEW: bad = epic_cli_i64(cmd, "--max-new-tokens", optarg, 0, 1 << 30, &o->max_new); break;
+      case O_TEMP: bad = epic_cli_f32(cmd, "--temperature", optarg, 0, 1e6, &o->temperature); break;
+      case O_TOPP: bad = epic_cli_f32(cmd, "--top-p", optarg, 1e-9, 1, &o->top_p); break;
+      case O_TOPK: bad = epic_cli_i64(cmd, "--top-k", optarg, 0, INT32_MAX, &o->top_k); break;
+      case O_SEED: bad = epic_cli_u64(cmd, "--seed", optarg, &o->seed); break;
+      case O_IGNEOS: o->ignore_eos = 1; break;
+      case O_JSON: o->json = 1; break;
+      case O_DUMP: o->dump_logits = optarg; break;
+      case O_DUMPMTP: o->dump_mtp = optarg; break;
+      case O_REQUESTS: o->requests = optarg; break;
+      case 'v': o->verbose = 1; break;
+      case 'h': usage(&o->e); return 1;
+      default: fputs("epic generate: see --help\n", stderr); return -1;
       }
-      break;
-    case O_NLAYERS: bad = epic_cli_i64(cmd, "--num-layers", optarg, 1, 1 << 20, &o->num_layers); break;
-    case O_NEXPERTS: bad = epic_cli_i64(cmd, "--num-experts", optarg, 1, 1 << 20, &o->num_experts); break;
-    case O_WSEED: bad = epic_cli_u64(cmd, "--weight-seed", optarg, &o->weight_seed); break;
-    case O_THREADS: bad = epic_cli_i64(cmd, "--threads", optarg, 1, 4096, &o->threads); break;
-    case O_CHUNK: bad = epic_cli_i64(cmd, "--prefill-chunk", optarg, 1, 1 << 30, &o->chunk); break;
-    case O_MEMRANK: bad = epic_plan_cli_size(cmd, "--mem-per-rank", optarg, &o->mem_per_rank); break;
-    case O_COMM:
-      /* Checked here so that a typo fails at once on every rank, before MPI or loading. */
-      if (strcmp(optarg, "auto") && strcmp(optarg, "mpi") && strcmp(optarg, "ucx") &&
-          strcmp(optarg, "nccl")) {
-        fprintf(stderr, "epic generate: --comm: expected auto, mpi, ucx or nccl, got '%s' "
-                        "(this build has %s)\n", optarg, epic_comm_backends());
-        bad = -1;
-      }
-      o->comm = optarg;
-      break;
-    case O_REQUESTS: o->requests = optarg; break;
-    case O_MB: bad = epic_cli_i64(cmd, "--micro-batches", optarg, 1, 2, &o->micro_batches); break;
-    case O_MAXBATCH: bad = epic_cli_i64(cmd, "--max-batch", optarg, 1, 1 << 24, &o->max_batch); break;
-    case O_STEPTOK: bad = epic_cli_i64(cmd, "--step-tokens", optarg, 1, 1 << 30, &o->step_tokens); break;
-    case O_KVPAGES: bad = epic_cli_i64(cmd, "--kv-pages", optarg, 1, INT32_MAX, &o->kv_pages); break;
-    case O_PAGE: bad = epic_cli_i64(cmd, "--page-size", optarg, 1, 1 << 20, &o->page_size); break;
-    case 'v': o->verbose = 1; break;
-    case 'h': fputs(USAGE, stdout); return 1;
-    default: fputs("epic generate: see --help\n", stderr); return -1;
     }
     if (bad) return -1;
   }
-  if (optind < argc) {
-    fprintf(stderr, "epic generate: unexpected argument '%s' (see --help)\n", argv[optind]);
-    return -1;
-  }
-  if (!o->model) {
-    fputs("epic generate: --model DIR is required (see --help)\n", stderr);
-    return -1;
-  }
+  if (epic_cli_engine_check(&o->e, argc, argv)) return -1;
   if (o->requests) {
     const char *other = o->prompt_ids ? "--prompt-ids" : o->prompt ? "--prompt" : o->chat ? "--chat"
                         : o->system ? "--system" : o->dump_logits ? "--dump-logits"
@@ -257,7 +227,7 @@ static int build_prompt(const gen_opts *o, const epic_model_config *cfg, const e
                         int32_t **ids, int64_t *n) {
   if (o->prompt_ids) return epic_cli_ids("generate", "--prompt-ids", o->prompt_ids, cfg->vocab_size, ids, n);
   if (!tok) {
-    fprintf(stderr, "epic generate: --prompt needs %s/tokenizer.json\n", o->model);
+    fprintf(stderr, "epic generate: --prompt needs %s/tokenizer.json\n", o->e.model);
     return -1;
   }
   size_t nn = 0;
@@ -493,11 +463,11 @@ static int launcher_rank(void) {
  * once (so admission is bound by --max-batch only), at most 1 GiB. */
 static int64_t default_kv_pages(const gen_opts *o, const epic_model_config *cfg, const req_line *reqs,
                                 int64_t n) {
-  const int64_t per_page = cfg->num_hidden_layers * o->page_size *
+  const int64_t per_page = cfg->num_hidden_layers * o->e.page_size *
                            (cfg->kv_lora_rank + cfg->qk_rope_head_dim) * (int64_t)sizeof(float);
   int64_t sum = 0, one = 1, cap = ((int64_t)1 << 30) / (per_page > 0 ? per_page : 1);
   for (int64_t i = 0; i < n; i++) {
-    int64_t p = (reqs[i].n_prompt + reqs[i].max_new + o->page_size - 1) / o->page_size;
+    int64_t p = (reqs[i].n_prompt + reqs[i].max_new + o->e.page_size - 1) / o->e.page_size;
     sum += p;
     if (p > one) one = p;
   }
@@ -545,24 +515,14 @@ static int run_requests(const gen_opts *o) {
 
   /* Rank 0 reads and checks every request before anything is loaded. */
   if (parses) {
-    if (epic_config_load_dir(o->model, &cfg) != EPIC_OK ||
-        epic_config_override(&cfg, o->num_layers, o->num_experts) != EPIC_OK)
+    if (epic_config_load_dir(o->e.model, &cfg) != EPIC_OK ||
+        epic_config_override(&cfg, o->e.num_layers, o->e.num_experts) != EPIC_OK)
       return 1;
     if (read_requests(o, &cfg, &reqs, &n_req) != 0) return 2;
   }
   {
-    epic_cluster_params cp = {.size = sizeof cp,
-                              .cmd = "generate",
-                              .model_dir = o->model,
-                              .comm = o->comm,
-                              .dummy = o->dummy,
-                              .weight_seed = o->weight_seed,
-                              .num_layers = o->num_layers,
-                              .num_experts = o->num_experts,
-                              .threads = o->threads,
-                              .mem_per_rank = o->mem_per_rank,
-                              .max_batch_tokens = o->step_tokens,
-                              .progress = 1};
+    epic_cluster_params cp;
+    epic_cli_engine_cluster_params(&o->e, &cp);
     if (epic_cluster_open(&cp, &cl) != EPIC_OK) {
       free_requests(reqs, n_req);
       return 1;
@@ -579,10 +539,10 @@ static int run_requests(const gen_opts *o) {
                       "(set OMPI_COMM_WORLD_RANK, PMIX_RANK or PMI_RANK)\n");
       setup.ok = 0;
     }
-    snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", o->model);
-    if (setup.ok && access(tok_path, R_OK) == 0 && epic_tokenizer_load_dir(o->model, &tok) != EPIC_OK)
+    snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", o->e.model);
+    if (setup.ok && access(tok_path, R_OK) == 0 && epic_tokenizer_load_dir(o->e.model, &tok) != EPIC_OK)
       setup.ok = 0;
-    setup.kv_pages = o->kv_pages ? o->kv_pages : default_kv_pages(o, mc, reqs, n_req);
+    setup.kv_pages = o->e.kv_pages ? o->e.kv_pages : default_kv_pages(o, mc, reqs, n_req);
     setup.max_queue = n_req > 1024 ? n_req : 1024;
   }
   if (epic_cluster_comm(cl) &&
@@ -592,16 +552,10 @@ static int run_requests(const gen_opts *o) {
   }
   if (!setup.ok) goto done;
   {
-    epic_engine_params ep = {.size = sizeof ep,
-                             .model = epic_cluster_model(cl),
-                             .comm = epic_cluster_comm(cl),
-                             .page_size = o->page_size,
-                             .kv_pages = setup.kv_pages,
-                             .max_batch = o->max_batch,
-                             .max_queue = setup.max_queue,
-                             .step_tokens = o->step_tokens,
-                             .prefill_chunk = o->chunk,
-                             .micro_batches = (int)o->micro_batches};
+    epic_engine_params ep;
+    epic_cli_engine_engine_params(&o->e, epic_cluster_model(cl), epic_cluster_comm(cl), &ep);
+    ep.kv_pages = setup.kv_pages;
+    ep.max_queue = setup.max_queue;
     if (epic_engine_create(&ep, &eng) != EPIC_OK) goto done;
   }
   t0 = epic_now_seconds();
@@ -687,31 +641,26 @@ int epic_cmd_generate(int argc, char **argv) {
   epic_comm *comm = NULL;
   int rank = 0, released = 0;
   if (pr) return pr > 0 ? 0 : 2;
-  epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, -1);
+  /* Under a launcher the rank is known from its environment before MPI starts:
+   * tag the loading messages of every rank with it. */
+  epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN,
+                epic_cluster_under_launcher() ? launcher_rank() : -1);
   if (o.requests) return run_requests(&o);
 
   /* Under mpirun/srun every rank is a worker holding the experts the plan gives
    * it; rank 0 owns the sequence and writes the output. */
   {
-    epic_cluster_params cp = {.size = sizeof cp,
-                              .cmd = "generate",
-                              .model_dir = o.model,
-                              .comm = o.comm,
-                              .dummy = o.dummy,
-                              .weight_seed = o.weight_seed,
-                              .num_layers = o.num_layers,
-                              .num_experts = o.num_experts,
-                              .threads = o.threads,
-                              .mem_per_rank = o.mem_per_rank,
-                              .load_mtp = o.dump_mtp != NULL,
-                              .progress = 1};
+    epic_cluster_params cp;
+    epic_cli_engine_cluster_params(&o.e, &cp);
+    cp.max_batch_tokens = 0; /* one sequence: the plan's default activation reserve */
+    cp.load_mtp = o.dump_mtp != NULL;
     if (epic_cluster_open(&cp, &cl) != EPIC_OK) return 1;
     rank = epic_cluster_rank(cl);
     comm = epic_cluster_comm(cl);
     model = epic_cluster_model(cl);
     if (epic_cluster_size(cl) > 1)
       epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, rank);
-    if (epic_model_set_micro_batches(model, (int)o.micro_batches) != EPIC_OK) goto done;
+    if (epic_model_set_micro_batches(model, (int)o.e.micro_batches) != EPIC_OK) goto done;
   }
   if (rank != 0) {
     /* Serve experts for rank 0's steps until it is done. */
@@ -721,12 +670,12 @@ int epic_cmd_generate(int argc, char **argv) {
   const epic_model_config *cfg = epic_model_get_config(model);
   if (o.dump_mtp && !epic_model_has_mtp(model)) {
     fprintf(stderr, "epic generate: --dump-mtp-logits: %s has no MTP layer (num_nextn_predict_layers = 0)\n",
-            o.model);
+            o.e.model);
     goto done;
   }
-  snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", o.model);
+  snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", o.e.model);
   if (access(tok_path, R_OK) == 0) {
-    if (epic_tokenizer_load_dir(o.model, &tok) != EPIC_OK) goto done;
+    if (epic_tokenizer_load_dir(o.e.model, &tok) != EPIC_OK) goto done;
   } else if (o.prompt) {
     fprintf(stderr, "epic generate: --prompt needs %s\n", tok_path);
     goto done;
@@ -738,9 +687,9 @@ int epic_cmd_generate(int argc, char **argv) {
     goto done;
   }
   {
-    int64_t pages = (n_prompt + o.max_new + o.page_size - 1) / o.page_size + 1;
-    if (epic_model_kvcache_create(model, 0, o.page_size, pages, &kc) != EPIC_OK) goto done;
-    if (o.dump_mtp && epic_model_kvcache_create(model, 1, o.page_size, pages, &kc_mtp) != EPIC_OK)
+    int64_t pages = (n_prompt + o.max_new + o.e.page_size - 1) / o.e.page_size + 1;
+    if (epic_model_kvcache_create(model, 0, o.e.page_size, pages, &kc) != EPIC_OK) goto done;
+    if (o.dump_mtp && epic_model_kvcache_create(model, 1, o.e.page_size, pages, &kc_mtp) != EPIC_OK)
       goto done;
   }
   if (o.dump_logits && epic_npy_writer_open(o.dump_logits, cfg->vocab_size, &dump) != EPIC_OK) goto done;
@@ -758,7 +707,7 @@ int epic_cmd_generate(int argc, char **argv) {
                                             .top_k = o.top_k,
                                             .seed = o.seed},
                                .ignore_eos = o.ignore_eos,
-                               .prefill_chunk = o.chunk,
+                               .prefill_chunk = o.e.prefill_chunk,
                                .dump_logits = dump,
                                .dump_mtp_logits = dump_mtp,
                                .on_token = on_token,

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cli_engine.h"
 #include "cli_util.h"
 #include "cmd_plan.h"
 #include "common/log.h"
@@ -41,195 +42,106 @@ static void install_drain_handler(void) {
   sigaction(SIGINT, &sa, NULL);
 }
 
-static const char *USAGE =
+static const char *USAGE_HEAD =
     "usage: epic serve --model DIR [--listen HOST:PORT] [options]\n"
     "\n"
     "Serves the model over gRPC (epic.v1.Inference: Generate, Tokenize, ModelInfo;\n"
     "grpc.health.v1.Health). Under mpirun/srun every rank loads its share of the\n"
     "experts and rank 0 serves. SIGTERM (or Ctrl-C) drains: no new requests, running\n"
     "streams finish within --drain-timeout, then the process exits 0.\n"
-    "\n"
-    "  --model DIR              checkpoint directory (config.json, safetensors, tokenizer)\n"
-    "  --listen HOST:PORT       address to serve on (default 0.0.0.0:50051; port 0 = any)\n"
-    "scheduling:\n"
-    "  --max-batch N            running sequences in the cluster (default 256)\n"
-    "  --max-queue N            waiting requests; beyond: RESOURCE_EXHAUSTED (default 1024)\n"
-    "  --kv-cache SIZE          KV cache per worker, e.g. 4GiB (default 1GiB)\n"
-    "  --kv-pages N             KV cache pages per worker (overrides --kv-cache)\n"
-    "  --page-size N            tokens per KV page (default 64)\n"
-    "  --max-context N          prompt + max_tokens of a request (default: the model's)\n"
-    "  --step-tokens N          per-worker token budget of one step (default 2048)\n"
-    "  --prefill-chunk N        prompt tokens of one sequence per step (default 512)\n"
-    "  --micro-batches N        1, or 2 for two-micro-batch pipelining (default 1)\n"
-    "requests:\n"
-    "  --default-max-tokens N   max_tokens of a request that sets none (default 128)\n"
-    "  --max-request-bytes SIZE larger requests get INVALID_ARGUMENT (default 4MiB)\n"
-    "  --drain-timeout SECONDS  grace period for running streams after SIGTERM (default 30)\n"
-    "engine:\n"
-    "  --comm NAME              expert-parallel backend under mpirun: auto, mpi, ucx or nccl\n"
-    "  --mem-per-rank SIZE      memory a rank may use (e.g. 141GB): the plan must fit, checked before loading\n"
-    "  --load-format F          auto (safetensors) or dummy (random weights from config.json)\n"
-    "  --num-layers N           use only N layers (benchmarks, with dummy weights)\n"
-    "  --num-experts N          use only N routed experts (likewise)\n"
-    "  --weight-seed S          seed of dummy weights (default 0)\n"
-    "  --threads N              compute threads (default: all cores)\n"
-    "  -v, --verbose            log every request on stderr\n"
-    "  -h, --help               this help\n";
+    "\n";
+
+static const epic_cli_engine_help_line HELP_OWN[] = {
+    {EPIC_CLI_ENGINE_MAX_QUEUE, NULL, "waiting requests; beyond: RESOURCE_EXHAUSTED (default 1024)"}};
+
+static void usage(const epic_cli_engine_opts *e) {
+  const unsigned model = EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MODEL);
+  const size_t n_own = sizeof HELP_OWN / sizeof HELP_OWN[0];
+  fputs(USAGE_HEAD, stdout);
+  epic_cli_engine_help(stdout, e, model, 27, HELP_OWN, n_own);
+  fputs("  --listen HOST:PORT       address to serve on (default 0.0.0.0:50051; port 0 = any)\n"
+        "scheduling:\n",
+        stdout);
+  epic_cli_engine_help(stdout, e, EPIC_CLI_ENGINE_SCHED_ALL, 27, HELP_OWN, n_own);
+  fputs("requests:\n"
+        "  --default-max-tokens N   max_tokens of a request that sets none (default 128)\n"
+        "  --max-request-bytes SIZE larger requests get INVALID_ARGUMENT (default 4MiB)\n"
+        "  --drain-timeout SECONDS  grace period for running streams after SIGTERM (default 30)\n"
+        "engine:\n",
+        stdout);
+  epic_cli_engine_help(stdout, e, EPIC_CLI_ENGINE_LOAD_ALL & ~model, 27, HELP_OWN, n_own);
+  fputs("  -v, --verbose            log every request on stderr\n"
+        "  -h, --help               this help\n",
+        stdout);
+}
 
 typedef struct serve_opts {
-  uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */
-  const char *model, *listen, *comm;
-  int dummy, verbose;
-  int64_t max_batch, max_queue, kv_pages, page_size, max_context, step_tokens, prefill_chunk,
-      micro_batches;
-  int64_t default_max_tokens, num_layers, num_experts, threads;
-  uint64_t kv_bytes, max_request_bytes, weight_seed;
+  epic_cli_engine_opts e; /* model loading and engine scheduling */
+  const char *listen;
+  int verbose;
+  int64_t default_max_tokens;
+  uint64_t max_request_bytes;
   float drain_timeout;
 } serve_opts;
 
 static int parse(int argc, char **argv, serve_opts *o) {
-  enum {
-    O_MODEL = 256,
-    O_LISTEN,
-    O_MAXBATCH,
-    O_MAXQUEUE,
-    O_KVCACHE,
-    O_KVPAGES,
-    O_PAGE,
-    O_MAXCTX,
-    O_STEP,
-    O_CHUNK,
-    O_MICRO,
-    O_DEFMAX,
-    O_MAXREQ,
-    O_DRAIN,
-    O_MEMRANK,
-    O_COMM,
-    O_LOADFMT,
-    O_NLAYERS,
-    O_NEXPERTS,
-    O_WSEED,
-    O_THREADS
-  };
-  static const struct option longopts[] = {{"model", required_argument, 0, O_MODEL},
-                                           {"listen", required_argument, 0, O_LISTEN},
-                                           {"max-batch", required_argument, 0, O_MAXBATCH},
-                                           {"max-queue", required_argument, 0, O_MAXQUEUE},
-                                           {"kv-cache", required_argument, 0, O_KVCACHE},
-                                           {"kv-pages", required_argument, 0, O_KVPAGES},
-                                           {"page-size", required_argument, 0, O_PAGE},
-                                           {"max-context", required_argument, 0, O_MAXCTX},
-                                           {"step-tokens", required_argument, 0, O_STEP},
-                                           {"prefill-chunk", required_argument, 0, O_CHUNK},
-                                           {"micro-batches", required_argument, 0, O_MICRO},
-                                           {"default-max-tokens", required_argument, 0, O_DEFMAX},
-                                           {"max-request-bytes", required_argument, 0, O_MAXREQ},
-                                           {"drain-timeout", required_argument, 0, O_DRAIN},
-                                           {"comm", required_argument, 0, O_COMM},
-                                           {"mem-per-rank", required_argument, 0, O_MEMRANK},
-                                           {"load-format", required_argument, 0, O_LOADFMT},
-                                           {"num-layers", required_argument, 0, O_NLAYERS},
-                                           {"num-experts", required_argument, 0, O_NEXPERTS},
-                                           {"weight-seed", required_argument, 0, O_WSEED},
-                                           {"threads", required_argument, 0, O_THREADS},
-                                           {"verbose", no_argument, 0, 'v'},
-                                           {"help", no_argument, 0, 'h'},
-                                           {0, 0, 0, 0}};
+  enum { O_LISTEN = 256, O_DEFMAX, O_MAXREQ, O_DRAIN };
+  static const struct option own[] = {{"listen", required_argument, 0, O_LISTEN},
+                                      {"default-max-tokens", required_argument, 0, O_DEFMAX},
+                                      {"max-request-bytes", required_argument, 0, O_MAXREQ},
+                                      {"drain-timeout", required_argument, 0, O_DRAIN},
+                                      {"verbose", no_argument, 0, 'v'},
+                                      {"help", no_argument, 0, 'h'},
+                                      {0, 0, 0, 0}};
+  struct option longopts[64];
   const char *cmd = "serve";
   int c;
   memset(o, 0, sizeof *o);
+  epic_cli_engine_init(&o->e, cmd, EPIC_CLI_ENGINE_LOAD_ALL | EPIC_CLI_ENGINE_SCHED_ALL);
+  o->e.max_batch = 256;
+  o->e.max_queue = 1024;
+  o->e.step_tokens = 2048;
+  o->e.prefill_chunk = 512;
+  o->e.kv_bytes = (uint64_t)1 << 30;
   o->listen = "0.0.0.0:50051";
-  o->max_batch = 256;
-  o->max_queue = 1024;
-  o->page_size = 64;
-  o->step_tokens = 2048;
-  o->prefill_chunk = 512;
-  o->micro_batches = 1;
   o->default_max_tokens = 128;
-  o->kv_bytes = (uint64_t)1 << 30;
   o->max_request_bytes = (uint64_t)4 << 20;
   o->drain_timeout = 30;
+  if (epic_cli_engine_longopts(&o->e, own, longopts, sizeof longopts / sizeof longopts[0]))
+    return -1;
   optind = 1;
   while ((c = getopt_long(argc, argv, "vh", longopts, NULL)) != -1) {
-    int bad = 0;
-    switch (c) {
-    case O_MODEL: o->model = optarg; break;
-    case O_LISTEN: o->listen = optarg; break;
-    case O_MAXBATCH:
-      bad = epic_cli_i64(cmd, "--max-batch", optarg, 1, 1 << 24, &o->max_batch);
-      break;
-    case O_MAXQUEUE:
-      bad = epic_cli_i64(cmd, "--max-queue", optarg, 1, 1 << 24, &o->max_queue);
-      break;
-    case O_KVCACHE: bad = epic_plan_cli_size(cmd, "--kv-cache", optarg, &o->kv_bytes); break;
-    case O_KVPAGES:
-      bad = epic_cli_i64(cmd, "--kv-pages", optarg, 1, INT32_MAX, &o->kv_pages);
-      break;
-    case O_PAGE: bad = epic_cli_i64(cmd, "--page-size", optarg, 1, 1 << 20, &o->page_size); break;
-    case O_MAXCTX:
-      bad = epic_cli_i64(cmd, "--max-context", optarg, 2, INT32_MAX, &o->max_context);
-      break;
-    case O_STEP:
-      bad = epic_cli_i64(cmd, "--step-tokens", optarg, 1, INT32_MAX, &o->step_tokens);
-      break;
-    case O_CHUNK:
-      bad = epic_cli_i64(cmd, "--prefill-chunk", optarg, 1, INT32_MAX, &o->prefill_chunk);
-      break;
-    case O_MICRO:
-      bad = epic_cli_i64(cmd, "--micro-batches", optarg, 1, 2, &o->micro_batches);
-      break;
-    case O_DEFMAX:
-      bad = epic_cli_i64(cmd, "--default-max-tokens", optarg, 1, INT32_MAX, &o->default_max_tokens);
-      break;
-    case O_MAXREQ:
-      bad = epic_plan_cli_size(cmd, "--max-request-bytes", optarg, &o->max_request_bytes);
-      break;
-    case O_DRAIN:
-      bad = epic_cli_f32(cmd, "--drain-timeout", optarg, 0, 86400, &o->drain_timeout);
-      break;
-    case O_MEMRANK: bad = epic_plan_cli_size(cmd, "--mem-per-rank", optarg, &o->mem_per_rank); break;
-    case O_COMM: o->comm = optarg; break;
-    case O_LOADFMT:
-      if (strcmp(optarg, "dummy") == 0)
-        o->dummy = 1;
-      else if (strcmp(optarg, "auto") != 0 && strcmp(optarg, "safetensors") != 0) {
-        fprintf(stderr, "epic serve: --load-format: expected auto or dummy, got '%s'\n", optarg);
-        bad = -1;
+    int bad = epic_cli_engine_parse(&o->e, c, optarg);
+    if (bad)
+      bad = bad < 0;
+    else
+      switch (c) {
+      case O_LISTEN: o->listen = optarg; break;
+      case O_DEFMAX:
+        bad = epic_cli_i64(cmd, "--default-max-tokens", optarg, 1, INT32_MAX,
+                           &o->default_max_tokens);
+        break;
+      case O_MAXREQ:
+        bad = epic_plan_cli_size(cmd, "--max-request-bytes", optarg, &o->max_request_bytes);
+        break;
+      case O_DRAIN:
+        bad = epic_cli_f32(cmd, "--drain-timeout", optarg, 0, 86400, &o->drain_timeout);
+        break;
+      case 'v': o->verbose = 1; break;
+      case 'h': usage(&o->e); return 1;
+      default: fputs("epic serve: see --help\n", stderr); return -1;
       }
-      break;
-    case O_NLAYERS:
-      bad = epic_cli_i64(cmd, "--num-layers", optarg, 1, 1 << 20, &o->num_layers);
-      break;
-    case O_NEXPERTS:
-      bad = epic_cli_i64(cmd, "--num-experts", optarg, 1, 1 << 20, &o->num_experts);
-      break;
-    case O_WSEED: bad = epic_cli_u64(cmd, "--weight-seed", optarg, &o->weight_seed); break;
-    case O_THREADS: bad = epic_cli_i64(cmd, "--threads", optarg, 1, 4096, &o->threads); break;
-    case 'v': o->verbose = 1; break;
-    case 'h': fputs(USAGE, stdout); return 1;
-    default: fputs("epic serve: see --help\n", stderr); return -1;
-    }
     if (bad)
       return -1;
   }
-  if (optind < argc) {
-    fprintf(stderr, "epic serve: unexpected argument '%s' (see --help)\n", argv[optind]);
+  if (epic_cli_engine_check(&o->e, argc, argv))
     return -1;
-  }
-  if (!o->model) {
-    fputs("epic serve: --model DIR is required (see --help)\n", stderr);
-    return -1;
-  }
   if (!strchr(o->listen, ':')) {
     fprintf(stderr, "epic serve: --listen: expected HOST:PORT, got '%s'\n", o->listen);
     return -1;
   }
   if (o->max_request_bytes < 64 || o->max_request_bytes > ((uint64_t)1 << 30)) {
     fputs("epic serve: --max-request-bytes: must be between 64 bytes and 1GiB\n", stderr);
-    return -1;
-  }
-  if (o->kv_bytes == 0) {
-    fputs("epic serve: --kv-cache: must be > 0\n", stderr);
     return -1;
   }
   return 0;
@@ -262,18 +174,8 @@ int epic_cmd_serve(int argc, char **argv) {
   epic_gw_server *srv = NULL;
   int rc = 1, rank = 0;
   char name[256], path[4096];
-  epic_cluster_params cp = {.size = sizeof cp,
-                            .cmd = "serve",
-                            .model_dir = o.model,
-                            .comm = o.comm,
-                            .dummy = o.dummy,
-                            .weight_seed = o.weight_seed,
-                            .num_layers = o.num_layers,
-                            .num_experts = o.num_experts,
-                            .threads = o.threads,
-                            .mem_per_rank = o.mem_per_rank,
-                            .max_batch_tokens = o.step_tokens,
-                            .progress = 1};
+  epic_cluster_params cp;
+  epic_cli_engine_cluster_params(&o.e, &cp);
   if (epic_cluster_open(&cp, &cl) != EPIC_OK)
     goto done;
   rank = epic_cluster_rank(cl);
@@ -282,18 +184,8 @@ int epic_cmd_serve(int argc, char **argv) {
     epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, rank);
   epic_model *model = epic_cluster_model(cl);
   const epic_model_config *cfg = epic_model_get_config(model);
-  epic_engine_params ep = {.size = sizeof ep,
-                           .model = model,
-                           .comm = epic_cluster_comm(cl),
-                           .page_size = o.page_size,
-                           .kv_pages = o.kv_pages,
-                           .kv_bytes = (size_t)o.kv_bytes,
-                           .max_batch = o.max_batch,
-                           .max_queue = o.max_queue,
-                           .step_tokens = o.step_tokens,
-                           .prefill_chunk = o.prefill_chunk,
-                           .max_context = o.max_context,
-                           .micro_batches = (int)o.micro_batches};
+  epic_engine_params ep;
+  epic_cli_engine_engine_params(&o.e, model, epic_cluster_comm(cl), &ep);
   if (epic_engine_create(&ep, &e) != EPIC_OK)
     goto done;
   if (rank != 0) {
@@ -301,9 +193,9 @@ int epic_cmd_serve(int argc, char **argv) {
     goto done;
   }
 
-  snprintf(path, sizeof path, "%s/tokenizer.json", o.model);
+  snprintf(path, sizeof path, "%s/tokenizer.json", o.e.model);
   if (access(path, R_OK) == 0) {
-    if (epic_tokenizer_load_dir(o.model, &tok) != EPIC_OK)
+    if (epic_tokenizer_load_dir(o.e.model, &tok) != EPIC_OK)
       goto stop_engine;
   } else {
     fprintf(stderr,
@@ -313,19 +205,19 @@ int epic_cmd_serve(int argc, char **argv) {
   epic_engine_stats es;
   epic_engine_get_stats(e, &es);
   const int64_t kv_pages = es.nranks > 0 ? es.kv_pages_total / es.nranks : es.kv_pages_total;
-  const int64_t max_context = o.max_context ? o.max_context : cfg->max_position_embeddings;
+  const int64_t max_context = o.e.max_context ? o.e.max_context : cfg->max_position_embeddings;
   epic_gw_server_params sp = {.size = sizeof sp,
                               .engine = e,
                               .engine_params = &ep,
                               .config = cfg,
                               .tokenizer = tok,
-                              .model_name = base_name(o.model, name, sizeof name),
+                              .model_name = base_name(o.e.model, name, sizeof name),
                               .listen = o.listen,
-                              .comm_name = nranks > 1 ? (o.comm ? o.comm : "auto") : NULL,
+                              .comm_name = nranks > 1 ? (o.e.comm ? o.e.comm : "auto") : NULL,
                               .nranks = nranks,
                               .max_context = max_context,
-                              .kv_tokens_per_worker = kv_pages * o.page_size,
-                              .page_size = o.page_size,
+                              .kv_tokens_per_worker = kv_pages * o.e.page_size,
+                              .page_size = o.e.page_size,
                               .default_max_tokens = o.default_max_tokens,
                               .max_request_bytes = (int64_t)o.max_request_bytes,
                               .drain_timeout = o.drain_timeout,
@@ -346,9 +238,9 @@ int epic_cmd_serve(int argc, char **argv) {
   printf(
       "epic serve: max_batch %lld, max_queue %lld, KV cache %lld pages x %lld tokens per worker "
       "(%lld tokens), max_context %lld, step_tokens %lld, prefill_chunk %lld, micro_batches %lld\n",
-      (long long)o.max_batch, (long long)o.max_queue, (long long)kv_pages, (long long)o.page_size,
-      (long long)(kv_pages * o.page_size), (long long)max_context, (long long)o.step_tokens,
-      (long long)o.prefill_chunk, (long long)o.micro_batches);
+      (long long)o.e.max_batch, (long long)o.e.max_queue, (long long)kv_pages, (long long)o.e.page_size,
+      (long long)(kv_pages * o.e.page_size), (long long)max_context, (long long)o.e.step_tokens,
+      (long long)o.e.prefill_chunk, (long long)o.e.micro_batches);
   printf("epic serve: default_max_tokens %lld, max_request_bytes %llu, drain_timeout %.1fs\n",
          (long long)o.default_max_tokens, (unsigned long long)o.max_request_bytes,
          (double)o.drain_timeout);

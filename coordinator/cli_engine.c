@@ -1,0 +1,201 @@
+#include "cli_engine.h"
+
+#include <string.h>
+
+#include "cli_util.h"
+#include "cmd_plan.h"
+
+typedef struct flag_info {
+  const char *name, *arg, *help;
+} flag_info;
+
+/* In epic_cli_engine_opt order. The ranges below are the widest any command
+ * accepted before they shared this table, capped where the engine caps them
+ * (engine.c: kv_pages and step_tokens <= INT32_MAX). */
+static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
+    {"model", "DIR", "checkpoint directory (config.json, safetensors, tokenizer)"},
+    {"load-format", "F", "auto (safetensors) or dummy (random weights from config.json)"},
+    {"num-layers", "N", "use only N layers (with dummy weights, for benchmarks)"},
+    {"num-experts", "N", "use only N routed experts (likewise)"},
+    {"weight-seed", "S", "seed of dummy weights (default 0)"},
+    {"threads", "N", "compute threads per rank (default: all cores)"},
+    {"comm", "NAME", "expert-parallel backend under mpirun: auto, mpi, ucx or nccl"},
+    {"mem-per-rank", "SIZE",
+     "memory a rank may use (e.g. 141GB): the plan must fit, checked before loading"},
+    {"max-batch", "N", "running sequences in the cluster (default 256)"},
+    {"max-queue", "N", "waiting requests in the engine (default 1024)"},
+    {"kv-cache", "SIZE", "KV cache per worker, e.g. 4GiB (default 1GiB)"},
+    {"kv-pages", "N", "KV cache pages per worker (default: 1 GiB worth)"},
+    {"page-size", "N", "tokens per KV cache page (default 64)"},
+    {"max-context", "N", "prompt + completion tokens of a request (default: the model's)"},
+    {"step-tokens", "N", "per-worker token budget of one step (default 2048)"},
+    {"prefill-chunk", "N", "prompt tokens of one sequence per step (default 512)"},
+    {"micro-batches", "N", "1, or 2 for two-micro-batch pipelining (default 1)"},
+};
+
+void epic_cli_engine_init(epic_cli_engine_opts *o, const char *cmd, unsigned mask) {
+  memset(o, 0, sizeof *o);
+  o->cmd = cmd;
+  o->mask = mask;
+  o->page_size = 64;
+  o->micro_batches = 1;
+}
+
+int epic_cli_engine_longopts(const epic_cli_engine_opts *o, const struct option *own,
+                             struct option *out, size_t cap) {
+  size_t n = 0;
+  for (; own && own->name; own++) {
+    if (n + 1 >= cap)
+      goto full;
+    out[n++] = *own;
+  }
+  for (int i = 0; i < EPIC_CLI_ENGINE_N; i++) {
+    if (!(o->mask & EPIC_CLI_ENGINE_BIT(i)))
+      continue;
+    if (n + 1 >= cap)
+      goto full;
+    out[n++] = (struct option){FLAGS[i].name, required_argument, NULL, EPIC_CLI_ENGINE_CODE_BASE + i};
+  }
+  out[n] = (struct option){0, 0, 0, 0};
+  return 0;
+full:
+  fprintf(stderr, "epic %s: internal error: option table too small (%zu)\n", o->cmd, cap);
+  return -1;
+}
+
+int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg) {
+  const int i = code - EPIC_CLI_ENGINE_CODE_BASE;
+  if (i < 0 || i >= EPIC_CLI_ENGINE_N || !(o->mask & EPIC_CLI_ENGINE_BIT(i)))
+    return 0;
+  const char *cmd = o->cmd;
+  char flag[32];
+  snprintf(flag, sizeof flag, "--%s", FLAGS[i].name);
+  int bad = 0;
+  switch ((epic_cli_engine_opt)i) {
+  case EPIC_CLI_ENGINE_MODEL: o->model = arg; break;
+  case EPIC_CLI_ENGINE_LOAD_FORMAT:
+    if (strcmp(arg, "dummy") == 0) {
+      o->dummy = 1;
+    } else if (strcmp(arg, "auto") != 0 && strcmp(arg, "safetensors") != 0) {
+      fprintf(stderr, "epic %s: %s: expected auto or dummy, got '%s'\n", cmd, flag, arg);
+      bad = -1;
+    }
+    break;
+  case EPIC_CLI_ENGINE_NUM_LAYERS: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 20, &o->num_layers); break;
+  case EPIC_CLI_ENGINE_NUM_EXPERTS:
+    bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 20, &o->num_experts);
+    break;
+  case EPIC_CLI_ENGINE_WEIGHT_SEED: bad = epic_cli_u64(cmd, flag, arg, &o->weight_seed); break;
+  case EPIC_CLI_ENGINE_THREADS: bad = epic_cli_i64(cmd, flag, arg, 1, 4096, &o->threads); break;
+  case EPIC_CLI_ENGINE_COMM:
+    /* Checked here so that a typo fails at once on every rank, before MPI or loading. */
+    if (strcmp(arg, "auto") && strcmp(arg, "mpi") && strcmp(arg, "ucx") && strcmp(arg, "nccl")) {
+      fprintf(stderr, "epic %s: %s: expected auto, mpi, ucx or nccl, got '%s' (this build has %s)\n",
+              cmd, flag, arg, epic_comm_backends());
+      bad = -1;
+    }
+    o->comm = arg;
+    break;
+  case EPIC_CLI_ENGINE_MEM_PER_RANK: bad = epic_plan_cli_size(cmd, flag, arg, &o->mem_per_rank); break;
+  case EPIC_CLI_ENGINE_MAX_BATCH: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 24, &o->max_batch); break;
+  case EPIC_CLI_ENGINE_MAX_QUEUE: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 24, &o->max_queue); break;
+  case EPIC_CLI_ENGINE_KV_CACHE: bad = epic_plan_cli_size(cmd, flag, arg, &o->kv_bytes); break;
+  case EPIC_CLI_ENGINE_KV_PAGES: bad = epic_cli_i64(cmd, flag, arg, 1, INT32_MAX, &o->kv_pages); break;
+  case EPIC_CLI_ENGINE_PAGE_SIZE: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 20, &o->page_size); break;
+  case EPIC_CLI_ENGINE_MAX_CONTEXT:
+    bad = epic_cli_i64(cmd, flag, arg, 2, INT32_MAX, &o->max_context);
+    break;
+  case EPIC_CLI_ENGINE_STEP_TOKENS:
+    bad = epic_cli_i64(cmd, flag, arg, 1, INT32_MAX, &o->step_tokens);
+    break;
+  case EPIC_CLI_ENGINE_PREFILL_CHUNK:
+    bad = epic_cli_i64(cmd, flag, arg, 1, INT32_MAX, &o->prefill_chunk);
+    break;
+  case EPIC_CLI_ENGINE_MICRO_BATCHES:
+    bad = epic_cli_i64(cmd, flag, arg, 1, 2, &o->micro_batches);
+    break;
+  case EPIC_CLI_ENGINE_N: return 0;
+  }
+  return bad ? -1 : 1;
+}
+
+int epic_cli_engine_check(const epic_cli_engine_opts *o, int argc, char **argv) {
+  if (optind < argc) {
+    fprintf(stderr, "epic %s: unexpected argument '%s' (see --help)\n", o->cmd, argv[optind]);
+    return -1;
+  }
+  if (!o->model) {
+    fprintf(stderr, "epic %s: --model DIR is required (see --help)\n", o->cmd);
+    return -1;
+  }
+  /* 0 would silently mean the engine's default, which the user did not ask for. */
+  if ((o->mask & EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_KV_CACHE)) && o->kv_bytes == 0) {
+    fprintf(stderr, "epic %s: --kv-cache: must be > 0\n", o->cmd);
+    return -1;
+  }
+  return 0;
+}
+
+/* Writes text at column, continuation lines (after '\n') indented alike. */
+static void help_text(FILE *f, const char *text, int column) {
+  while (*text) {
+    const char *nl = strchr(text, '\n');
+    const int len = nl ? (int)(nl - text) : (int)strlen(text);
+    fprintf(f, "%.*s\n", len, text);
+    if (!nl)
+      return;
+    text = nl + 1;
+    fprintf(f, "%*s", column, "");
+  }
+  fputc('\n', f);
+}
+
+void epic_cli_engine_help(FILE *f, const epic_cli_engine_opts *o, unsigned mask, int column,
+                          const epic_cli_engine_help_line *own, size_t n_own) {
+  for (int i = 0; i < EPIC_CLI_ENGINE_N; i++) {
+    if (!(mask & o->mask & EPIC_CLI_ENGINE_BIT(i)))
+      continue;
+    const char *arg = FLAGS[i].arg, *text = FLAGS[i].help;
+    if (i == EPIC_CLI_ENGINE_KV_PAGES && (o->mask & EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_KV_CACHE)))
+      text = "KV cache pages per worker (overrides --kv-cache)";
+    for (size_t k = 0; k < n_own; k++)
+      if ((int)own[k].opt == i) {
+        arg = own[k].arg ? own[k].arg : arg;
+        text = own[k].text;
+      }
+    int w = fprintf(f, "  --%s %s", FLAGS[i].name, arg);
+    fprintf(f, "%*s", w < column ? column - w : 1, "");
+    help_text(f, text, column);
+  }
+}
+
+void epic_cli_engine_cluster_params(const epic_cli_engine_opts *o, epic_cluster_params *cp) {
+  *cp = (epic_cluster_params){.size = sizeof *cp,
+                              .cmd = o->cmd,
+                              .model_dir = o->model,
+                              .comm = o->comm,
+                              .dummy = o->dummy,
+                              .weight_seed = o->weight_seed,
+                              .num_layers = o->num_layers,
+                              .num_experts = o->num_experts,
+                              .threads = o->threads,
+                              .mem_per_rank = o->mem_per_rank,
+                              .max_batch_tokens = o->step_tokens,
+                              .progress = 1};
+}
+
+void epic_cli_engine_engine_params(const epic_cli_engine_opts *o, epic_model *model,
+                                   epic_comm *comm, epic_engine_params *ep) {
+  *ep = (epic_engine_params){.size = sizeof *ep,
+                             .model = model,
+                             .comm = comm,
+                             .page_size = o->page_size,
+                             .kv_pages = o->kv_pages,
+                             .kv_bytes = (size_t)o->kv_bytes,
+                             .max_batch = o->max_batch,
+                             .max_queue = o->max_queue,
+                             .step_tokens = o->step_tokens,
+                             .prefill_chunk = o->prefill_chunk,
+                             .max_context = o->max_context,
+                             .micro_batches = (int)o->micro_batches};
+}
