@@ -1,3 +1,4 @@
+#define _POSIX_C_SOURCE 200809L
 #include "cli_util.h"
 
 #include <errno.h>
@@ -107,4 +108,24 @@ void epic_cli_json_ids(FILE *f, const int32_t *ids, int64_t n) {
   fputc('[', f);
   for (int64_t i = 0; i < n; i++) fprintf(f, i ? ",%d" : "%d", ids[i]);
   fputc(']', f);
+}
+
+static volatile sig_atomic_t g_drain_requests;
+
+static void on_drain_signal(int sig) {
+  (void)sig;
+  g_drain_requests = g_drain_requests + 1;
+}
+
+volatile sig_atomic_t *epic_cli_drain_signals(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_drain_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaddset(&sa.sa_mask, SIGTERM);
+  sigaddset(&sa.sa_mask, SIGINT);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+  return &g_drain_requests;
 }

@@ -7,6 +7,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <signal.h>
 #include <stdio.h>
 
 int epic_cli_i64(const char *cmd, const char *flag, const char *val, int64_t min, int64_t max,
@@ -20,5 +21,10 @@ int epic_cli_ids(const char *cmd, const char *flag, const char *val, int64_t max
 /* Writes s (n bytes of UTF-8) as a JSON string literal with quotes. */
 void epic_cli_json_string(FILE *f, const char *s, size_t n);
 void epic_cli_json_ids(FILE *f, const int32_t *ids, int64_t n);
+
+/* SIGTERM and SIGINT count drain requests from now on (the servers stop
+ * admitting on the first, cut the grace period short on the second). Returns
+ * the counter: process-wide, because a signal handler can reach nothing else. */
+volatile sig_atomic_t *epic_cli_drain_signals(void);
 
 #endif

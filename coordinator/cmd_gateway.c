@@ -17,26 +17,6 @@
 #ifdef EPIC_HAVE_GRPC
 #include "coordinator/gateway.h"
 
-/* The one piece of process-wide state a signal handler needs: how many drain
- * signals came (a second one cuts the grace period short). */
-static volatile sig_atomic_t g_drain_requests;
-static void on_drain_signal(int sig) {
-  (void)sig;
-  g_drain_requests = g_drain_requests + 1;
-}
-
-static void install_drain_handler(void) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_drain_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaddset(&sa.sa_mask, SIGTERM);
-  sigaddset(&sa.sa_mask, SIGINT);
-  sa.sa_flags = SA_RESTART;
-  sigaction(SIGTERM, &sa, NULL);
-  sigaction(SIGINT, &sa, NULL);
-}
-
 static const char *USAGE =
     "usage: epic gateway --upstream HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [options]\n"
     "\n"
@@ -171,7 +151,7 @@ int epic_cmd_gateway(int argc, char **argv) {
     free(buf);
     return 2;
   }
-  install_drain_handler();
+  volatile sig_atomic_t *drain_requests = epic_cli_drain_signals();
   epic_gw_router_params rp = {.size = sizeof rp,
                               .listen = o.listen,
                               .upstreams = ups,
@@ -180,7 +160,7 @@ int epic_cmd_gateway(int argc, char **argv) {
                               .health_timeout = o.health_timeout,
                               .drain_timeout = o.drain_timeout,
                               .max_request_bytes = (int64_t)o.max_request_bytes,
-                              .drain_requests = &g_drain_requests};
+                              .drain_requests = drain_requests};
   if (epic_gw_router_create(&rp, &r) == EPIC_OK) {
     char addr[512];
     epic_gw_router_address(r, addr, sizeof addr);

@@ -22,26 +22,6 @@
 #include "coordinator/gateway.h"
 #include "coordinator/tokenizer/tokenizer.h"
 
-/* The one piece of process-wide state a signal handler needs: how many drain
- * signals came (a second one cuts the grace period short). */
-static volatile sig_atomic_t g_drain_requests;
-static void on_drain_signal(int sig) {
-  (void)sig;
-  g_drain_requests = g_drain_requests + 1;
-}
-
-static void install_drain_handler(void) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_drain_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaddset(&sa.sa_mask, SIGTERM);
-  sigaddset(&sa.sa_mask, SIGINT);
-  sa.sa_flags = SA_RESTART;
-  sigaction(SIGTERM, &sa, NULL);
-  sigaction(SIGINT, &sa, NULL);
-}
-
 static const char *USAGE_HEAD =
     "usage: epic serve --model DIR [--listen HOST:PORT] [options]\n"
     "\n"
@@ -167,7 +147,7 @@ int epic_cmd_serve(int argc, char **argv) {
 
   /* SIGTERM/SIGINT start a drain (gateway.h); installed before the long load,
    * which then ends early if one arrives. */
-  install_drain_handler();
+  volatile sig_atomic_t *drain_requests = epic_cli_drain_signals();
   epic_cluster *cl = NULL;
   epic_engine *e = NULL;
   epic_tokenizer *tok = NULL;
@@ -221,8 +201,8 @@ int epic_cmd_serve(int argc, char **argv) {
                               .default_max_tokens = o.default_max_tokens,
                               .max_request_bytes = (int64_t)o.max_request_bytes,
                               .drain_timeout = o.drain_timeout,
-                              .drain_requests = &g_drain_requests};
-  if (g_drain_requests) {
+                              .drain_requests = drain_requests};
+  if (*drain_requests) {
     fputs("epic serve: interrupted while loading\n", stderr);
     goto stop_engine;
   }
