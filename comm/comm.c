@@ -11,6 +11,7 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 /* Every backend EPIC knows of, compiled in or not, so that "nccl" on a CPU build is
  * "unsupported here" rather than "unknown". */
@@ -262,6 +263,15 @@ void epic_comm_destroy(epic_comm *c) {
 int epic_comm_rank(const epic_comm *c) { return c->rank; }
 int epic_comm_size(const epic_comm *c) { return c->nranks; }
 int epic_comm_local_rank(const epic_comm *c) { return c->local_rank; }
+int epic_comm_failed(const epic_comm *c) { return c && c->failed; }
+
+void epic_comm_abort(epic_comm *c, int code) {
+  fflush(stdout);
+  fflush(stderr);
+  MPI_Abort(c ? c->boot : MPI_COMM_WORLD, code);
+  _exit(code); /* MPI_Abort does not return; this is for an MPI that does */
+}
+
 int epic_comm_timeout_ms(const epic_comm *c) { return c->ops->progress ? c->timeout_ms : -1; }
 const char *epic_comm_backend_name(const epic_comm *c) { return c->ops->name; }
 int epic_comm_device_buffers(const epic_comm *c) { return c->ops->device_buffers; }
@@ -306,11 +316,18 @@ static void release(epic_comm_req **req) {
   *req = NULL;
 }
 
+/* Timeouts and peer failures leave the job unable to go on together. */
+static epic_status note_failure(epic_comm *c, epic_status st) {
+  if (st == EPIC_ERR_TIMEOUT || st == EPIC_ERR_COMM) c->failed = 1;
+  return st;
+}
+
 epic_status epic_comm_wait(epic_comm_req **req) {
   if (!req || !*req) return EPIC_OK;
+  epic_comm *c = (*req)->comm;
   epic_status st = (*req)->comm->ops->req_wait(*req);
   release(req);
-  return st;
+  return note_failure(c, st);
 }
 
 epic_status epic_comm_test(epic_comm_req **req, int *done) {
@@ -354,11 +371,12 @@ epic_status epic_comm_mpi_wait_progress(epic_comm *c, MPI_Request *r, const char
         EPIC_LOG_ERROR("comm: %s: rank %d waited %d ms without progress: a peer is stopped or "
                        "unreachable (the job cannot continue)",
                        what, c->rank, 2 * c->timeout_ms);
+        c->failed = 1;
         return EPIC_ERR_TIMEOUT;
       }
     } while (rc == MPI_SUCCESS && !done);
   }
-  if (rc != MPI_SUCCESS) return epic_comm_mpi_error(rc, what, __FILE__, __LINE__);
+  if (rc != MPI_SUCCESS) return note_failure(c, epic_comm_mpi_error(rc, what, __FILE__, __LINE__));
   return EPIC_OK;
 }
 

@@ -91,6 +91,13 @@ int epic_comm_local_rank(const epic_comm *c); /* rank among the ranks on this no
  * the control-plane waits, so a caller that may sit idle in a collective for
  * longer (a follower waiting for the next step) must keep it alive. */
 int epic_comm_timeout_ms(const epic_comm *c);
+/* 1 once a wait timed out or a peer failed (EPIC_ERR_TIMEOUT / EPIC_ERR_COMM):
+ * the ranks can no longer agree on anything, so a collective teardown
+ * (destroy, MPI_Finalize) could wait forever for a stopped peer. */
+int epic_comm_failed(const epic_comm *c);
+/* End the whole job now (MPI_Abort: the launcher kills every rank, a stopped
+ * one too). Does not return. For a process whose communicator failed. */
+void epic_comm_abort(epic_comm *c, int code);
 const char *epic_comm_backend_name(const epic_comm *c); /* static string */
 /* 1 when data-plane buffers must be device memory (nccl), 0 for host memory. */
 int epic_comm_device_buffers(const epic_comm *c);

@@ -47,6 +47,7 @@ struct epic_comm {
   void *stream;    /* nccl default stream */
   uint32_t seq;    /* next data-plane sequence number (same on all ranks) */
   int outstanding; /* live requests */
+  int failed;      /* a wait timed out or a peer failed: no collective teardown */
 };
 
 struct epic_comm_req {

@@ -141,6 +141,11 @@ fail:
 
 void epic_cluster_close(epic_cluster *c) {
   if (!c) return;
+  if (c->comm && epic_comm_failed(c->comm)) {
+    /* A peer is gone or stuck: a collective teardown would wait for it. */
+    EPIC_LOG_ERROR("rank %d: ending the job after the communication failure above", c->rank);
+    epic_comm_abort(c->comm, 1);
+  }
   epic_model_destroy(c->model);
   epic_ops_destroy(c->ops);
   epic_plan_destroy(c->plan);

@@ -15,7 +15,9 @@
  *
  * Ownership: epic_cluster_open allocates; epic_cluster_close (NULL-safe, collective
  * when a comm exists) destroys model, backend, plan and comm and finalises MPI if
- * open initialised it. Accessors hand out borrowed pointers valid until close.
+ * open initialised it. After a communication failure (epic_comm_failed) close
+ * instead ends the whole job with MPI_Abort and does not return: a stuck peer
+ * would hang a collective teardown. Accessors hand out borrowed pointers valid until close.
  * Thread contract: open/close on the main thread; the accessors are pure. */
 #ifndef EPIC_COORDINATOR_CLUSTER_H
 #define EPIC_COORDINATOR_CLUSTER_H
