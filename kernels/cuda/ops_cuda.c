@@ -198,7 +198,7 @@ static epic_status cuda_axpy(epic_ops *o, int64_t n, float a, const float *x, fl
   return launched(epic_cuk_axpy(n, a, x, y, epic_cuda_of(o)->stream), "axpy");
 }
 
-static int weight_ok(const epic_weight *w) {
+int epic_cuda_weight_ok(const epic_weight *w) {
   if (!w || !w->data || w->rows < 0 || w->cols <= 0)
     return 0;
   switch (w->dtype) {
@@ -214,7 +214,7 @@ static epic_status cuda_embed(epic_ops *o, const epic_weight *table, const int32
                               float *y) {
   if (m == 0)
     return EPIC_OK;
-  if (m < 0 || !weight_ok(table) || !ids || !y)
+  if (m < 0 || !epic_cuda_weight_ok(table) || !ids || !y)
     return EPIC_ERR_INVALID;
   epic_cuda_ops *c = epic_cuda_of(o);
   return launched(epic_cuk_embed(table, ids, m, y, c->err_flag, c->stream), "embed");

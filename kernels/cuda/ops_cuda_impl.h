@@ -76,6 +76,8 @@ epic_status epic_cublas_check(cublasStatus_t s, const char *what);
 #define EPIC_CHECK_CUBLAS(s, what) EPIC_CHECK(epic_cublas_check((s), (what)))
 
 /* Grow b to at least `bytes`. */
+/* A weight the CUDA ops can use: known dtype, data, FP8 with its block scales. */
+int epic_cuda_weight_ok(const epic_weight *w);
 epic_status epic_cuda_buf_reserve(epic_cuda_ops *c, epic_cuda_buf *b, size_t bytes);
 
 /* Ops implemented in the other host files. */

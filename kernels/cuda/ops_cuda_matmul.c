@@ -19,18 +19,6 @@
 
 enum { EPIC_CUDA_DQ_CHUNK_BYTES = 64 << 20 };
 
-static int weight_ok(const epic_weight *w) {
-  if (!w || !w->data || w->rows < 0 || w->cols <= 0)
-    return 0;
-  switch (w->dtype) {
-  case EPIC_DT_F32:
-  case EPIC_DT_BF16:
-  case EPIC_DT_F16: return 1;
-  case EPIC_DT_F8E4M3: return w->scale_inv && w->block_rows > 0 && w->block_cols > 0;
-  default: return 0;
-  }
-}
-
 static int aligned16(const void *p) {
   return ((uintptr_t)p & 15u) == 0;
 }
@@ -165,7 +153,7 @@ static epic_cuda_mm_path choose_path(epic_cuda_ops *c, const epic_weight *w, int
 
 epic_cuda_mm_path epic_ops_cuda_matmul_path(epic_ops *o, const epic_weight *w, int64_t m,
                                             int64_t ldy) {
-  if (!o || !weight_ok(w) || m <= 0)
+  if (!o || !epic_cuda_weight_ok(w) || m <= 0)
     return EPIC_CUDA_MM_INVALID;
   epic_cuda_lt_plan *pl;
   return choose_path(epic_cuda_of(o), w, m, ldy, NULL, &pl);
@@ -255,7 +243,7 @@ static epic_status mm_fp8_lt(epic_cuda_ops *c, const float *x, int64_t ldx, int6
 
 epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m,
                              const epic_weight *w, float *y, int64_t ldy) {
-  if (!weight_ok(w) || !x || !y || m < 0 || ldx < w->cols || ldy < w->rows) {
+  if (!epic_cuda_weight_ok(w) || !x || !y || m < 0 || ldx < w->cols || ldy < w->rows) {
     EPIC_LOG_ERROR("matmul: invalid arguments (dtype %s, W [%lld, %lld], m %lld)",
                    w ? epic_dtype_name(w->dtype) : "?", w ? (long long)w->rows : -1LL,
                    w ? (long long)w->cols : -1LL, (long long)m);
