@@ -1,10 +1,12 @@
-/* Model throughput on the CPU backend: prefill and decode tokens/s for a batch
- * of sequences, step-latency percentiles, and the decode step's effective
- * weight bandwidth against this machine's measured memcpy bandwidth (decode is
- * memory-bound: every step streams the active weights once).
+/* Model throughput on the CPU or CUDA backend: prefill and decode tokens/s for a
+ * batch of sequences at a given context, step-latency percentiles, and the decode
+ * step's effective weight bandwidth against the copy bandwidth measured in the same
+ * run (host memcpy for the CPU, the backend's own row copy in GPU memory for CUDA;
+ * decode is memory-bound: every step streams the active weights once).
  * Prints one JSON object. `bench_model --help` for options. */
 #define _GNU_SOURCE
 #include <getopt.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +17,9 @@
 #include "kernels/ops.h"
 #include "worker/model.h"
 #include "worker/sampler.h"
+#ifdef EPIC_HAVE_CUDA
+#include "kernels/cuda/ops_cuda.h"
+#endif
 
 static int cmp_d(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -46,9 +51,12 @@ static double memcpy_gbs(void) {
   return best;
 }
 
-/* Bytes of weights one decode token touches: everything except the unchosen experts
- * and all but one embedding row. */
-static double active_weight_bytes(const epic_model_config *c) {
+/* Bytes of weights one decode step of B sequences touches: everything except the
+ * unchosen experts and all but B embedding rows. The experts a step reads are the
+ * distinct ones its B x top_k choices hit: E (1 - (1 - k/E)^B) per MoE layer under
+ * uniform routing (what random weights give; trained routers are less uniform, so
+ * this is the figure for a balanced load). */
+static double active_weight_bytes(const epic_model_config *c, double B) {
   const double wb = c->quant.fp8 ? 1.0 : 2.0, D = (double)c->hidden_size;
   const double H = (double)c->num_attention_heads, L = (double)c->kv_lora_rank;
   const double R = (double)c->qk_rope_head_dim, nope = (double)c->qk_nope_head_dim;
@@ -60,22 +68,50 @@ static double active_weight_bytes(const epic_model_config *c) {
   for (int64_t l = 0; l < c->num_hidden_layers; l++) {
     total += attn * wb;
     if (epic_config_is_moe_layer(c, l))
-      total += 2.0 * D * c->n_routed_experts + /* bf16 router */
-               wb * 3.0 * D * c->moe_intermediate_size *
-                   (double)(c->num_experts_per_tok + c->n_shared_experts);
+    {
+      const double E = (double)c->n_routed_experts, k = (double)c->num_experts_per_tok;
+      const double used = E > 0 ? E * (1.0 - pow(1.0 - k / E, B)) : 0.0;
+      total += 2.0 * D * E + /* bf16 router */
+               wb * 3.0 * D * c->moe_intermediate_size * (used + (double)c->n_shared_experts);
+    }
     else
       total += wb * 3.0 * D * c->intermediate_size;
   }
   return total;
 }
 
+/* Copy bandwidth of the backend's memory through its copy_rows op (bytes read +
+ * written per second, best of 5 over 1 GiB), for GPU backends. */
+static double ops_copy_gbs(epic_ops *o) {
+  const int64_t cols = 1 << 16, rows = 2048; /* 512 MiB each way */
+  const size_t bytes = (size_t)(rows * cols) * 4;
+  void *a = NULL, *b = NULL;
+  double best = 0;
+  if (o->vt->alloc(o, bytes, &a) != EPIC_OK || o->vt->alloc(o, bytes, &b) != EPIC_OK) goto done;
+  for (int r = 0; r < 6; r++) {
+    double t = epic_now_seconds();
+    if (o->vt->copy_rows(o, rows, cols, a, cols, NULL, b, cols, NULL) != EPIC_OK ||
+        o->vt->sync(o) != EPIC_OK)
+      goto done;
+    t = epic_now_seconds() - t;
+    if (r > 0 && 2.0 * (double)bytes / t / 1e9 > best) best = 2.0 * (double)bytes / t / 1e9;
+  }
+done:
+  o->vt->free(o, a);
+  o->vt->free(o, b);
+  return best;
+}
+
 static const char *USAGE =
     "usage: bench_model --model DIR [--load-format dummy] [options]\n"
     "  --num-layers N --num-experts N   shrink the config (dummy weights)\n"
+    "  --device D         cpu or cuda (default cpu)\n"
     "  --batch B          sequences per step (default 1)\n"
-    "  --prompt-len P     prefill tokens per sequence (default 64)\n"
+    "  --prompt-len P     prompt tokens per sequence = decode context (default 64)\n"
     "  --decode-steps N   decode steps (default 16)\n"
-    "  --threads N        compute threads (default all)\n"
+    "  --prefill-chunk C  prompt tokens of one sequence per prefill step (default 512)\n"
+    "  --step-tokens T    tokens of one prefill step (default 8192)\n"
+    "  --threads N        CPU compute threads (default all)\n"
     "  --micro-batches N  1 or 2 (default 1; see epic_model_set_micro_batches)\n";
 
 int main(int argc, char **argv) {
@@ -83,11 +119,13 @@ int main(int argc, char **argv) {
                                      {"num-layers", 1, 0, 'l'}, {"num-experts", 1, 0, 'e'},
                                      {"batch", 1, 0, 'b'},      {"prompt-len", 1, 0, 'p'},
                                      {"decode-steps", 1, 0, 'n'}, {"threads", 1, 0, 't'},
-                                     {"micro-batches", 1, 0, 'u'}, {"help", 0, 0, 'h'},
-                                     {0, 0, 0, 0}};
-  const char *dir = NULL;
+                                     {"micro-batches", 1, 0, 'u'}, {"device", 1, 0, 'd'},
+                                     {"prefill-chunk", 1, 0, 'c'}, {"step-tokens", 1, 0, 's'},
+                                     {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
+  const char *dir = NULL, *device = "cpu";
   int dummy = 0, c;
-  long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0, micro = 1;
+  long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0, micro = 1, chunk = 512,
+       budget = 8192;
   while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
     switch (c) {
     case 'm': dir = optarg; break;
@@ -99,46 +137,101 @@ int main(int argc, char **argv) {
     case 'n': N = atol(optarg); break;
     case 't': threads = atol(optarg); break;
     case 'u': micro = atol(optarg); break;
+    case 'd': device = optarg; break;
+    case 'c': chunk = atol(optarg); break;
+    case 's': budget = atol(optarg); break;
     case 'h': fputs(USAGE, stdout); return 0;
     default: fputs(USAGE, stderr); return 2;
     }
   }
-  if (!dir || B < 1 || P < 1 || N < 1) {
+  if (!dir || B < 1 || P < 1 || N < 1 || chunk < 1 || budget < 1) {
     fputs(USAGE, stderr);
     return 2;
   }
   epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
-  epic_ops *ops;
+  epic_ops *ops = NULL;
   epic_model *m;
   epic_kvcache *kc;
   epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_format = dummy ? EPIC_LOAD_DUMMY : EPIC_LOAD_AUTO,
                           .num_layers = layers, .num_experts = experts, .seed = 1};
-  if (epic_ops_cpu_create((int)threads, &ops) != EPIC_OK) return 1;
+  const char *dev_name = "cpu";
+  if (strcmp(device, "cpu") == 0) {
+    if (epic_ops_cpu_create((int)threads, &ops) != EPIC_OK) return 1;
+  } else if (strcmp(device, "cuda") == 0) {
+#ifdef EPIC_HAVE_CUDA
+    if (epic_ops_cuda_create(0, &ops) != EPIC_OK) return 1;
+    dev_name = epic_ops_cuda_device_name(ops);
+#else
+    fprintf(stderr, "bench_model: --device cuda: this build has no CUDA backend\n");
+    return 2;
+#endif
+  } else {
+    fprintf(stderr, "bench_model: --device: expected cpu or cuda, got '%s'\n", device);
+    return 2;
+  }
   double t_load = epic_now_seconds();
   if (epic_model_load(ops, &mp, &m) != EPIC_OK) return 1;
   t_load = epic_now_seconds() - t_load;
   if (epic_model_set_micro_batches(m, (int)micro) != EPIC_OK) return 2;
   const epic_model_config *cfg = epic_model_get_config(m);
   const int64_t V = cfg->vocab_size, page = 64;
-  if (epic_model_kvcache_create(m, 0, page, B * ((P + N + page - 1) / page + 1), &kc) != EPIC_OK) return 1;
+  /* Warm-up sequences: the first prefill step's shape once, untimed, so the timed run
+   * pays no one-time costs (GEMM plans, buffer growth); they get their own pages. */
+  const long n_warm = budget / (P < chunk ? P : chunk) < B ? budget / (P < chunk ? P : chunk) : B;
+  const int64_t warm_pages = (n_warm > 0 ? n_warm : 1) * (((P < chunk ? P : chunk) + page - 1) / page + 1);
+  if (epic_model_kvcache_create(m, 0, page, B * ((P + N + page - 1) / page + 1) + warm_pages, &kc) != EPIC_OK)
+    return 1;
 
   epic_kv_seq *seqs = calloc((size_t)B, sizeof *seqs);
   epic_seq_batch *b = calloc((size_t)B, sizeof *b);
   int32_t *prompt = malloc((size_t)(B * P) * sizeof *prompt), *next = malloc((size_t)B * sizeof *next);
+  int64_t *done_tok = calloc((size_t)B, sizeof *done_tok);
   float *logits = malloc((size_t)(B * V) * sizeof(float));
   double *step = malloc((size_t)N * sizeof *step);
   uint64_t x = 12345;
+  int64_t prefill_steps = 0;
+  if (!seqs || !b || !prompt || !next || !done_tok || !logits || !step) return 1;
   for (long i = 0; i < B * P; i++) {
     x = x * 6364136223846793005ull + 1442695040888963407ull;
     prompt[i] = (int32_t)((x >> 33) % (uint64_t)V);
   }
-  /* Prefill: every sequence's whole prompt in one batched step. */
-  for (long i = 0; i < B; i++)
-    b[i] = (epic_seq_batch){.tokens = prompt + i * P, .n_tokens = P, .start = 0, .kv = &seqs[i]};
+  {
+    const long n = n_warm > 0 ? n_warm : 1;
+    epic_kv_seq *ws = calloc((size_t)n, sizeof *ws);
+    if (!ws) return 1;
+    for (long i = 0; i < n; i++)
+      b[i] = (epic_seq_batch){.tokens = prompt + i * P, .n_tokens = P < chunk ? P : chunk,
+                              .start = 0, .kv = &ws[i]};
+    if (epic_model_forward(m, kc, b, (int)n, logits, NULL) != EPIC_OK) return 1;
+    for (long i = 0; i < n; i++) epic_kvcache_seq_release(kc, &ws[i]);
+    free(ws);
+  }
+  /* Prefill as a serving engine runs it: chunks of at most `chunk` tokens of a
+   * sequence, packed into steps of at most `budget` tokens. */
   double t_pre = epic_now_seconds();
-  if (epic_model_forward(m, kc, b, (int)B, logits, NULL) != EPIC_OK) return 1;
+  for (;;) {
+    int n = 0;
+    int64_t tok = 0;
+    for (long i = 0; i < B; i++) {
+      int64_t take = P - done_tok[i];
+      if (take <= 0) continue;
+      if (take > chunk) take = chunk;
+      if (n > 0 && tok + take > budget) break;
+      b[n++] = (epic_seq_batch){.tokens = prompt + i * P + done_tok[i], .n_tokens = take,
+                                .start = done_tok[i], .kv = &seqs[i]};
+      tok += take;
+    }
+    if (n == 0) break;
+    if (epic_model_forward(m, kc, b, n, logits, NULL) != EPIC_OK) return 1;
+    prefill_steps++;
+    for (int k = 0, j = 0; k < n; k++) {
+      const long i = (long)(b[k].kv - seqs);
+      done_tok[i] += b[k].n_tokens;
+      if (done_tok[i] == P) next[i] = epic_argmax(logits + (int64_t)j * V, V);
+      j++;
+    }
+  }
   t_pre = epic_now_seconds() - t_pre;
-  for (long i = 0; i < B; i++) next[i] = epic_argmax(logits + i * V, V);
   /* Decode: one token per sequence per step. */
   double t_dec = 0;
   for (long s = 0; s < N; s++) {
@@ -151,21 +244,31 @@ int main(int argc, char **argv) {
     for (long i = 0; i < B; i++) next[i] = epic_argmax(logits + i * V, V);
   }
   qsort(step, (size_t)N, sizeof *step, cmp_d);
-  const double bw = memcpy_gbs(), wbytes = active_weight_bytes(cfg);
+  const double bw = ops->vt->host_visible ? memcpy_gbs() : ops_copy_gbs(ops);
+  const double wbytes = active_weight_bytes(cfg, (double)B);
+  /* The latent cache rows every decode step reads once (fp32 rows). */
+  const double kv_bytes = (double)B * (double)(P + N / 2) * (double)(cfg->kv_lora_rank + cfg->qk_rope_head_dim) *
+                          4.0 * (double)cfg->num_hidden_layers;
   const double med = pct(step, (int)N, 0.5);
-  printf("{\"bench\":\"model\",\"model\":\"%s\",\"load_format\":\"%s\",\"layers\":%lld,"
+  printf("{\"bench\":\"model\",\"model\":\"%s\",\"device\":\"%s\",\"load_format\":\"%s\","
+         "\"layers\":%lld,"
          "\"experts\":%lld,\"fp8\":%s,\"threads\":%ld,\"micro_batches\":%ld,\"batch\":%ld,"
-         "\"prompt_len\":%ld,"
+         "\"prompt_len\":%ld,\"prefill_chunk\":%ld,\"step_tokens\":%ld,\"prefill_steps\":%lld,"
          "\"decode_steps\":%ld,\"load_seconds\":%.3f,\"weight_bytes\":%zu,"
          "\"prefill_tokens_per_s\":%.2f,\"decode_tokens_per_s\":%.2f,"
          "\"decode_step_ms\":{\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,\"max\":%.3f},"
-         "\"decode_active_weight_bytes\":%.0f,\"decode_effective_GBps\":%.3f,"
-         "\"memcpy_GBps\":%.3f,\"decode_bw_ratio\":%.4f}\n",
-         dir, dummy ? "dummy" : "safetensors", (long long)cfg->num_hidden_layers,
-         (long long)cfg->n_routed_experts, cfg->quant.fp8 ? "true" : "false", threads, micro, B, P, N,
+         "\"decode_ms_per_layer\":%.4f,\"decode_step_ms_61_layers_linear\":%.3f,"
+         "\"decode_active_weight_bytes\":%.0f,\"decode_kv_bytes\":%.0f,"
+         "\"decode_effective_GBps\":%.3f,"
+         "\"copy_GBps\":%.3f,\"decode_bw_ratio\":%.4f}\n",
+         dir, dev_name, dummy ? "dummy" : "safetensors", (long long)cfg->num_hidden_layers,
+         (long long)cfg->n_routed_experts, cfg->quant.fp8 ? "true" : "false", threads, micro, B, P,
+         chunk, budget, (long long)prefill_steps, N,
          t_load, epic_model_weight_bytes(m), (double)(B * P) / t_pre, (double)(B * N) / t_dec,
          1e3 * med, 1e3 * pct(step, (int)N, 0.9), 1e3 * pct(step, (int)N, 0.99),
-         1e3 * step[N - 1], wbytes, wbytes / med / 1e9, bw, bw > 0 ? wbytes / med / 1e9 / bw : 0.0);
+         1e3 * step[N - 1], 1e3 * med / (double)cfg->num_hidden_layers,
+         1e3 * med * 61.0 / (double)cfg->num_hidden_layers, wbytes, kv_bytes,
+         (wbytes + kv_bytes) / med / 1e9, bw, bw > 0 ? (wbytes + kv_bytes) / med / 1e9 / bw : 0.0);
   for (long i = 0; i < B; i++) epic_kvcache_seq_release(kc, &seqs[i]);
   epic_kvcache_destroy(kc);
   epic_model_destroy(m);
@@ -174,6 +277,7 @@ int main(int argc, char **argv) {
   free(b);
   free(prompt);
   free(next);
+  free(done_tok);
   free(logits);
   free(step);
   return 0;

@@ -22,6 +22,9 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"comm", "NAME", "expert-parallel backend under mpirun: auto, mpi, ucx or nccl"},
     {"mem-per-rank", "SIZE",
      "memory a rank may use (e.g. 141GB): the plan must fit, checked before loading"},
+    {"device", "D",
+     "compute backend: auto (a GPU when the build and the node have one), cpu, cuda,\n"
+     "or cuda:N (GPU N; plain cuda picks the node-local rank's GPU)"},
     {"max-batch", "N", "running sequences in the cluster (default 256)"},
     {"max-queue", "N", "waiting requests in the engine (default 1024)"},
     {"kv-cache", "SIZE", "KV cache per worker, e.g. 4GiB (default 1GiB)"},
@@ -97,6 +100,13 @@ int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg) {
     o->comm = arg;
     break;
   case EPIC_CLI_ENGINE_MEM_PER_RANK: bad = epic_plan_cli_size(cmd, flag, arg, &o->mem_per_rank); break;
+  case EPIC_CLI_ENGINE_DEVICE:
+    if (epic_cluster_parse_device(arg, NULL, NULL) != EPIC_OK) {
+      fprintf(stderr, "epic %s: %s: expected auto, cpu, cuda or cuda:N, got '%s'\n", cmd, flag, arg);
+      bad = -1;
+    }
+    o->device = arg;
+    break;
   case EPIC_CLI_ENGINE_MAX_BATCH: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 24, &o->max_batch); break;
   case EPIC_CLI_ENGINE_MAX_QUEUE: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 24, &o->max_queue); break;
   case EPIC_CLI_ENGINE_KV_CACHE: bad = epic_plan_cli_size(cmd, flag, arg, &o->kv_bytes); break;
@@ -179,6 +189,7 @@ void epic_cli_engine_cluster_params(const epic_cli_engine_opts *o, epic_cluster_
                               .num_layers = o->num_layers,
                               .num_experts = o->num_experts,
                               .threads = o->threads,
+                              .device = o->device,
                               .mem_per_rank = o->mem_per_rank,
                               .max_batch_tokens = o->step_tokens,
                               .progress = 1};

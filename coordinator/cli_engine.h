@@ -34,6 +34,7 @@ typedef enum epic_cli_engine_opt {
   EPIC_CLI_ENGINE_THREADS,
   EPIC_CLI_ENGINE_COMM,
   EPIC_CLI_ENGINE_MEM_PER_RANK,
+  EPIC_CLI_ENGINE_DEVICE,
   /* scheduling */
   EPIC_CLI_ENGINE_MAX_BATCH,
   EPIC_CLI_ENGINE_MAX_QUEUE,
@@ -48,7 +49,7 @@ typedef enum epic_cli_engine_opt {
 } epic_cli_engine_opt;
 
 #define EPIC_CLI_ENGINE_BIT(opt) (1u << (opt))
-/* Every loading flag, --model to --mem-per-rank. */
+/* Every loading flag, --model to --device. */
 #define EPIC_CLI_ENGINE_LOAD_ALL ((1u << EPIC_CLI_ENGINE_MAX_BATCH) - 1u)
 /* Every scheduling flag, --max-batch to --micro-batches. */
 #define EPIC_CLI_ENGINE_SCHED_ALL (((1u << EPIC_CLI_ENGINE_N) - 1u) & ~EPIC_CLI_ENGINE_LOAD_ALL)
@@ -61,6 +62,7 @@ typedef struct epic_cli_engine_opts {
   unsigned mask;        /* flags the command takes (EPIC_CLI_ENGINE_BIT) */
   const char *model;    /* --model (required) */
   const char *comm;     /* --comm, checked against the known backends; NULL = auto */
+  const char *device;   /* --device: auto, cpu, cuda or cuda:N (checked); NULL = auto */
   int dummy;            /* --load-format dummy */
   uint64_t weight_seed; /* --weight-seed */
   uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */

@@ -2,12 +2,16 @@
 #include "cluster.h"
 
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "comm/comm.h"
 #include "common/log.h"
 #include "coordinator/planner.h"
 #include "worker/config.h"
+#ifdef EPIC_HAVE_CUDA
+#include "kernels/cuda/ops_cuda.h"
+#endif
 
 struct epic_cluster {
   int rank, nranks, mpi;
@@ -65,6 +69,67 @@ static int64_t default_threads(int64_t threads) {
   return cores / n > 0 ? cores / n : 1;
 }
 
+epic_status epic_cluster_parse_device(const char *s, int *kind, int *index) {
+  int k, idx = -1;
+  if (!s || strcmp(s, "auto") == 0) {
+    k = 0;
+  } else if (strcmp(s, "cpu") == 0) {
+    k = 1;
+  } else if (strncmp(s, "cuda", 4) == 0 && (s[4] == '\0' || s[4] == ':')) {
+    k = 2;
+    if (s[4] == ':') {
+      char *end;
+      long v = strtol(s + 5, &end, 10);
+      if (end == s + 5 || *end || v < 0 || v > 1023) return EPIC_ERR_INVALID;
+      idx = (int)v;
+    }
+  } else {
+    return EPIC_ERR_INVALID;
+  }
+  if (kind) *kind = k;
+  if (index) *index = idx;
+  return EPIC_OK;
+}
+
+/* The compute backend the device flag names, on this rank's GPU when it is CUDA. */
+static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p) {
+  int kind, index;
+  if (epic_cluster_parse_device(p->device, &kind, &index) != EPIC_OK) {
+    EPIC_LOG_ERROR("%s: --device: expected auto, cpu, cuda or cuda:N, got '%s'", p->cmd, p->device);
+    return EPIC_ERR_INVALID;
+  }
+#ifdef EPIC_HAVE_CUDA
+  {
+    const int n = epic_cuda_device_count();
+    if (kind == 2 && n <= 0) {
+      EPIC_LOG_ERROR("%s: --device %s: no usable CUDA GPU on this node", p->cmd, p->device);
+      return EPIC_ERR_UNSUPPORTED;
+    }
+    if (kind == 2 || (kind == 0 && n > 0)) {
+      const int local = c->comm ? epic_comm_local_rank(c->comm) : 0;
+      const int dev = index >= 0 ? index : local % n;
+      if (index >= n) {
+        EPIC_LOG_ERROR("%s: --device %s: this node has %d GPU(s)", p->cmd, p->device, n);
+        return EPIC_ERR_INVALID;
+      }
+      EPIC_CHECK(epic_ops_cuda_create(dev, &c->ops));
+      EPIC_LOG_INFO("%s: rank %d computes on GPU %d (%s)", p->cmd, c->rank, dev,
+                    epic_ops_cuda_device_name(c->ops));
+      return EPIC_OK;
+    }
+  }
+#else
+  if (kind == 2) {
+    EPIC_LOG_ERROR("%s: --device %s: this build has no CUDA backend (configure with "
+                   "-DEPIC_CUDA=ON on a machine with the CUDA toolkit)",
+                   p->cmd, p->device);
+    return EPIC_ERR_UNSUPPORTED;
+  }
+  (void)index;
+#endif
+  return epic_ops_cpu_create((int)default_threads(p->threads), &c->ops);
+}
+
 static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) {
   epic_model_config cfg;
   int32_t *owner = NULL;
@@ -84,7 +149,7 @@ static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) 
     report_misfit(p->cmd, c->plan, p->mem_per_rank);
     return EPIC_ERR_INVALID;
   }
-  EPIC_CHECK(epic_ops_cpu_create((int)default_threads(p->threads), &c->ops));
+  EPIC_CHECK(create_ops(c, p));
   if (c->comm) EPIC_CHECK(owner_table(c->plan, &cfg, c->nranks, &owner));
   epic_model_params mp = {.size = sizeof mp,
                           .dir = p->model_dir,
@@ -116,7 +181,13 @@ epic_status epic_cluster_open(const epic_cluster_params *p, epic_cluster **out) 
     EPIC_CHECK_GOTO(epic_comm_mpi_init(NULL, NULL, &c->rank, &c->nranks), st, fail);
     c->mpi = 1;
     if (c->nranks > 1) epic_log_set_rank(c->rank);
+    int kind = 0, index = -1;
     epic_comm_params cp = {.size = sizeof cp, .backend = p->comm ? p->comm : "auto", .device = -1};
+    (void)epic_cluster_parse_device(p->device, &kind, &index); /* a bad name fails in create_ops */
+    cp.device = index;
+    /* Activations in host memory: auto must not pick a GPU-memory transport. */
+    if (kind == 1 && strcmp(cp.backend, "auto") == 0 && !getenv("EPIC_COMM"))
+      cp.backend = strstr(epic_comm_backends(), "ucx") ? "ucx" : "mpi";
     EPIC_CHECK_GOTO(epic_comm_create(&cp, &c->comm), st, fail);
   }
   st = plan_and_load(c, p);

@@ -43,6 +43,7 @@ typedef struct epic_cluster_params {
   int64_t num_layers;        /* > 0: override (benchmarks) */
   int64_t num_experts;       /* > 0: override (benchmarks) */
   int64_t threads;           /* CPU compute threads; 0 = all cores */
+  const char *device;        /* compute backend (epic_cluster_parse_device); NULL = "auto" */
   int load_mtp;              /* load the MTP layer when the config has one */
   uint64_t mem_per_rank;     /* bytes a rank may use; 0 = unknown (no fit check) */
   int64_t max_batch_tokens;  /* step tokens, for the plan's activation reserve; 0 = default */
@@ -60,6 +61,13 @@ epic_comm *epic_cluster_comm(epic_cluster *c);  /* NULL for a single process */
 epic_ops *epic_cluster_ops(epic_cluster *c);
 epic_model *epic_cluster_model(epic_cluster *c);
 const epic_plan *epic_cluster_plan(const epic_cluster *c);
+
+/* Compute backend names: "auto" (CUDA when the build has it and this node has a
+ * GPU, else the CPU), "cpu", "cuda" (the GPU of the node-local rank, modulo the
+ * GPUs visible) or "cuda:N". *kind gets 0 auto, 1 cpu, 2 cuda and *index N or -1
+ * (either pointer may be NULL). EPIC_ERR_INVALID for anything else; a CUDA name
+ * in a build without CUDA is refused later, by open, with its own message. */
+epic_status epic_cluster_parse_device(const char *s, int *kind, int *index);
 
 /* 1 when this process was started by mpirun/srun (launcher variables set). */
 int epic_cluster_under_launcher(void);

@@ -34,7 +34,7 @@ static const char *USAGE_HEAD =
     "       epic generate --model DIR --requests FILE.jsonl [options]\n"
     "       mpirun -np N epic generate ... (experts spread over the N ranks)\n"
     "\n"
-    "Runs one prompt through the model on this machine (CPU) and streams the\n"
+    "Runs one prompt through the model on this machine (CPU or GPU, --device) and streams the\n"
     "generated text to stdout (or prints one JSON line with --json).\n"
     "With --requests, runs every request of FILE at once through the serving engine\n"
     "(continuous batching, chunked prefill; under mpirun each sequence's KV cache\n"

@@ -18,8 +18,10 @@
 
 #include "../common/status.h"
 
-/* 2: mla_absorbed_batch appended (batched decode attention over several sequences). */
-#define EPIC_OPS_ABI_VERSION 2
+/* 2: mla_absorbed_batch appended (batched decode attention over several sequences).
+ * 3: host_visible, copy_rows, zero, moe_combine, kv_store_batch, grouped_matmul, sync appended (what the model
+ *    needs to keep a whole forward in backend memory). */
+#define EPIC_OPS_ABI_VERSION 3
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -203,6 +205,51 @@ typedef struct epic_ops_vt {
   epic_status (*mla_absorbed_batch)(epic_ops *o, const epic_kv_batch *kv, int64_t n_seq,
                                     const float *q_abs, const float *q_pe, int64_t n_heads,
                                     float scale, float *ctx);
+
+  /* ABI 3. 1 when backend memory is host memory the caller may read and write
+   * directly (CPU); 0 when it is only reachable through upload/download (CUDA). */
+  int host_visible;
+
+  /* Row copy of n rows of `cols` 32-bit words (floats, or int32 bit patterns, which
+   * are copied unchanged):
+   *   dst[(dst_idx ? dst_idx[i] : i) * ld_dst + j] = src[(src_idx ? src_idx[i] : i) * ld_src + j]
+   * for i in [0, n), j in [0, cols). Index arrays live in backend memory. Destination
+   * rows must not repeat; source and destination must not overlap. Gathers rows for the
+   * experts, packs and unpacks the expert-parallel exchange and picks the LM-head rows. */
+  epic_status (*copy_rows)(epic_ops *o, int64_t n, int64_t cols, const float *src,
+                           int64_t ld_src, const int32_t *src_idx, float *dst, int64_t ld_dst,
+                           const int32_t *dst_idx);
+
+  /* Set `bytes` bytes of backend memory at p to zero. */
+  epic_status (*zero)(epic_ops *o, void *p, size_t bytes);
+
+  /* MoE combine: for t in [0, m), k = 0, 1, ..., top_k - 1 in this order,
+   *   y[t][:] += w[t * top_k + k] * rows[(slot ? slot[t * top_k + k] : t * top_k + k)][:]
+   * (n values per row; rows and y have row stride n). The fixed k order makes the sum
+   * independent of where the expert results were computed. slot/w live in backend memory. */
+  epic_status (*moe_combine)(epic_ops *o, int64_t m, int64_t top_k, int64_t n, const float *rows,
+                             const int32_t *slot, const float *w, float *y);
+
+  /* kv_store for decode batches: sequence s of kv gets row n_ctx[s] - 1 set to
+   * latent[s][0..lora) and kpe[s][0..width-lora). */
+  epic_status (*kv_store_batch)(epic_ops *o, const epic_kv_batch *kv, int64_t n_seq,
+                                const float *latent, int64_t ld_latent, const float *kpe,
+                                int64_t ld_kpe);
+
+  /* Grouped (per-expert) matmul: for g in [0, n_groups) the rows [off[g], off[g+1]) of x
+   * times weight w[g * w_stride]: y[r] = x[r] . W_g^T (ld ldx / ldy as in matmul).
+   * off_host and off_dev hold the same n_groups + 1 ascending offsets, in host and in
+   * backend memory (a GPU backend launches one kernel over all groups from off_dev and
+   * plans with off_host). Groups without rows may have an unset weight. Results equal
+   * matmul on each group's rows. */
+  epic_status (*grouped_matmul)(epic_ops *o, const float *x, int64_t ldx, const int64_t *off_host,
+                                const int32_t *off_dev, int64_t n_groups, const epic_weight *w,
+                                int64_t w_stride, float *y, int64_t ldy);
+
+  /* Wait until every queued op has finished (a no-op on synchronous backends), e.g.
+   * before another engine (an NCCL stream) reads what the ops wrote. Reports faults
+   * that only the device could see. */
+  epic_status (*sync)(epic_ops *o);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */

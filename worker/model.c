@@ -20,6 +20,7 @@ typedef struct layer_w {
   float *attn_norm, *ffn_norm, *q_a_norm, *kv_a_norm;
   epic_weight q_a, q_b, q_proj, kv_a, kv_b, o_proj;
   float *kv_b_f32; /* kv_b dequantised [H*(nope+v)][lora] for the absorbed form */
+  float *router_f32; /* GPU backends: the router weight in fp32 (see load_layer) */
   int moe;
   /* Dense MLP (moe == 0) or shared experts (moe && has_mlp). */
   int has_mlp;
@@ -36,14 +37,21 @@ typedef struct mtp_w {
   layer_w layer;
 } mtp_w;
 
-/* Grow-only host buffers of the MoE (see xbuf), per micro-batch slot: its
- * exchange buffers and counts, which stay in use while its all-to-all is in
- * flight and the other micro-batch computes; and, in slot 0 only, work space
- * that one micro-batch uses at a time. */
+/* Grow-only host buffers (see xbuf), per micro-batch slot: its counts, routing
+ * plan and host staging of its exchange, which stay in use while its all-to-all
+ * is in flight and the other micro-batch computes; and, in slot 0 only, work
+ * space that one micro-batch uses at a time. */
 enum {
-  XB_CNT, XB_SEND, XB_RECV, XB_OUT, XB_BACK,                 /* per micro-batch */
-  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_X, XB_G, XB_U, XB_Y, /* shared work space */
+  XB_CNT, XB_IDS, XB_PLAN, XB_HSEND, XB_HRECV,          /* per micro-batch */
+  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_GPLAN, XB_FWD, /* shared work space */
   XB_N
+};
+/* Grow-only buffers in backend memory (see dbuf), the same way: a micro-batch's
+ * exchange rows and expert results, then the experts' shared work space. */
+enum {
+  DB_SEND, DB_RECV, DB_OUT, DB_BACK, DB_PLAN, /* per micro-batch */
+  DB_GPLAN, DB_TAGS, DB_X, DB_G, DB_U, DB_Y,  /* shared work space */
+  DB_N
 };
 #define MAX_MB 2
 
@@ -53,8 +61,10 @@ enum {
  * sees its slice; the rest is work space one micro-batch uses at a time. */
 typedef struct scratch {
   float *h, *a, *y, *hn, *rows, *x2, *w;
-  int32_t *pos, *ids, *idx;
+  int32_t *pos, *ids, *idx; /* pos / ids point into plan */
   int32_t *tok_list; /* per (token, k) item: its row in the dispatch */
+  int32_t *plan;     /* the forward's index arrays (see fwd_plan), uploaded once */
+  float *logits;     /* LM-head output before download (backends without host memory) */
   float *q, *cq, *kv, *attn_o, *tmp, *g, *u, *rl; /* work space from here on */
   float *q_abs, *q_pe, *ctx, *lat, *kpe, *kvb;
 } scratch;
@@ -81,7 +91,13 @@ struct epic_model {
   int32_t *owner; /* [(num_hidden_layers + 1) * n_routed_experts] */
   void *xbuf[MAX_MB][XB_N];
   size_t xcap[MAX_MB][XB_N];
+  void *dbuf[MAX_MB][DB_N];
+  size_t dcap[MAX_MB][DB_N];
+  /* Weights copied into backend memory (backends without host-visible memory). */
+  void **placed;
+  size_t n_placed, cap_placed;
   int micro_batches; /* 1 or 2, see epic_model_set_micro_batches */
+  int64_t *expert_tokens; /* [n_routed_experts]: see epic_model_expert_tokens */
   epic_model_stats stats;
 };
 
@@ -111,11 +127,48 @@ done:
 
 #define LNAME(buf, l, suffix) snprintf(buf, sizeof buf, "model.layers.%lld.%s", (long long)(l), suffix)
 
+/* A copy of n bytes of host memory in backend memory, freed with the model. */
+static epic_status place_bytes(epic_model *m, const void *host, size_t n, void **out) {
+  epic_ops *o = m->ops;
+  if (m->n_placed == m->cap_placed) {
+    size_t cap = m->cap_placed ? 2 * m->cap_placed : 256;
+    void **p = realloc(m->placed, cap * sizeof *p);
+    if (!p) return EPIC_ERR_NOMEM;
+    m->placed = p;
+    m->cap_placed = cap;
+  }
+  EPIC_CHECK(o->vt->alloc(o, n ? n : 1, out));
+  m->placed[m->n_placed++] = *out;
+  return o->vt->upload(o, *out, host, n);
+}
+
+/* Weights are uploaded once, at load, when the backend cannot read host memory; the
+ * host copy (mapped file or dummy data) stays with the checkpoint. */
+static epic_status place_weight(epic_model *m, epic_weight *w) {
+  void *p;
+  if (m->ops->vt->host_visible) return EPIC_OK;
+  EPIC_CHECK(place_bytes(m, w->data, (size_t)(w->rows * w->cols) * epic_dtype_size(w->dtype), &p));
+  w->data = p;
+  if (w->scale_inv) {
+    const int64_t nb = ((w->rows + w->block_rows - 1) / w->block_rows) *
+                       ((w->cols + w->block_cols - 1) / w->block_cols);
+    EPIC_CHECK(place_bytes(m, w->scale_inv, (size_t)nb * sizeof(float), &p));
+    w->scale_inv = p;
+  }
+  return EPIC_OK;
+}
+
+static epic_status get_weight(epic_model *m, const char *name, int64_t rows, int64_t cols,
+                              epic_weight *w) {
+  EPIC_CHECK(epic_checkpoint_weight(m->ck, name, rows, cols, w));
+  return place_weight(m, w);
+}
+
 static epic_status load_weight_l(epic_model *m, int64_t l, const char *suffix, int64_t rows,
                                  int64_t cols, epic_weight *w) {
   char name[256];
   LNAME(name, l, suffix);
-  return epic_checkpoint_weight(m->ck, name, rows, cols, w);
+  return get_weight(m, name, rows, cols, w);
 }
 
 static epic_status load_vec_l(epic_model *m, int64_t l, const char *suffix, int64_t n, float **out) {
@@ -134,6 +187,22 @@ static epic_status load_mlp(epic_model *m, int64_t l, const char *prefix, int64_
     EPIC_CHECK(load_weight_l(m, l, suffix, i < 2 ? width : D, i < 2 ? D : width, &w3[i]));
   }
   return EPIC_OK;
+}
+
+/* An fp32 copy of host weight w in backend memory (a derived buffer). */
+static epic_status f32_copy(epic_model *m, const epic_weight *w, float **out) {
+  const size_t bytes = (size_t)(w->rows * w->cols) * sizeof(float);
+  float *host = malloc(bytes ? bytes : 1);
+  epic_status st = EPIC_ERR_NOMEM;
+  *out = NULL;
+  if (host) {
+    epic_weight_rows_f32(w, 0, w->rows, host);
+    st = m->ops->vt->alloc(m->ops, bytes, (void **)out);
+    if (st == EPIC_OK) st = m->ops->vt->upload(m->ops, *out, host, bytes);
+    free(host);
+  }
+  if (st == EPIC_OK) m->derived_bytes += bytes;
+  return st;
 }
 
 static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *lw) {
@@ -156,22 +225,15 @@ static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *l
   }
   EPIC_CHECK(load_weight_l(m, l, "self_attn.kv_a_proj_with_mqa.weight", L + R, D, &lw->kv_a));
   EPIC_CHECK(load_vec_l(m, l, "self_attn.kv_a_layernorm.weight", L, &lw->kv_a_norm));
-  EPIC_CHECK(load_weight_l(m, l, "self_attn.kv_b_proj.weight", H * dkv, L, &lw->kv_b));
   EPIC_CHECK(load_weight_l(m, l, "self_attn.o_proj.weight", D, H * c->v_head_dim, &lw->o_proj));
   {
-    /* The absorbed form multiplies by per-head slices of kv_b; keep one fp32 copy. */
-    size_t bytes = (size_t)(H * dkv) * (size_t)L * sizeof(float);
-    float *host = malloc(bytes);
-    epic_status st = EPIC_ERR_NOMEM;
-    if (host) {
-      epic_weight_rows_f32(&lw->kv_b, 0, H * dkv, host);
-      st = m->ops->vt->alloc(m->ops, bytes, (void **)&lw->kv_b_f32);
-      if (st == EPIC_OK) st = m->ops->vt->upload(m->ops, lw->kv_b_f32, host, bytes);
-      free(host);
-    }
-    EPIC_CHECK(st);
-    m->derived_bytes += bytes;
+    char name[256];
+    LNAME(name, l, "self_attn.kv_b_proj.weight");
+    EPIC_CHECK(epic_checkpoint_weight(m->ck, name, H * dkv, L, &lw->kv_b)); /* host, placed below */
   }
+  /* The absorbed form multiplies by per-head slices of kv_b; keep one fp32 copy. */
+  EPIC_CHECK(f32_copy(m, &lw->kv_b, &lw->kv_b_f32));
+  EPIC_CHECK(place_weight(m, &lw->kv_b));
   lw->moe = epic_config_is_moe_layer(c, l);
   if (!lw->moe) {
     lw->has_mlp = 1;
@@ -180,7 +242,16 @@ static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *l
   } else {
     const int64_t E = c->n_routed_experts;
     char name[256];
-    EPIC_CHECK(load_weight_l(m, l, "mlp.gate.weight", E, D, &lw->router));
+    LNAME(name, l, "mlp.gate.weight");
+    EPIC_CHECK(epic_checkpoint_weight(m->ck, name, E, D, &lw->router));
+    if (!m->ops->vt->host_visible) {
+      /* A GPU backend rounds activations to the weight's precision (the CPU one
+       * multiplies in fp32 whatever the storage), and top-k selection is
+       * discontinuous: a rounding flip changes the expert. The router is small
+       * (E x hidden), so it runs in fp32. */
+      EPIC_CHECK(f32_copy(m, &lw->router, &lw->router_f32));
+      lw->router = (epic_weight){.dtype = EPIC_DT_F32, .rows = E, .cols = D, .data = lw->router_f32};
+    }
     LNAME(name, l, "mlp.gate.e_score_correction_bias");
     /* noaux_tc routing needs the bias; other checkpoints may simply lack it. */
     if (strcmp(c->topk_method, "noaux_tc") == 0 || epic_checkpoint_find(m->ck, name))
@@ -214,6 +285,7 @@ static void free_layer(epic_model *m, layer_w *lw) {
   o->vt->free(o, lw->q_a_norm);
   o->vt->free(o, lw->kv_a_norm);
   o->vt->free(o, lw->kv_b_f32);
+  o->vt->free(o, lw->router_f32);
   o->vt->free(o, lw->router_bias);
   free(lw->experts);
 }
@@ -222,8 +294,8 @@ static void free_layer(epic_model *m, layer_w *lw) {
  * layer's embedding and head are copies of the main ones in real checkpoints). */
 static epic_status load_weight_or(epic_model *m, const char *name, const epic_weight *fallback,
                                   int64_t rows, int64_t cols, epic_weight *w) {
-  if (epic_checkpoint_find(m->ck, name)) return epic_checkpoint_weight(m->ck, name, rows, cols, w);
-  *w = *fallback;
+  if (epic_checkpoint_find(m->ck, name)) return get_weight(m, name, rows, cols, w);
+  *w = *fallback; /* already placed */
   return EPIC_OK;
 }
 
@@ -247,11 +319,11 @@ static epic_status load_mtp(epic_model *m) {
 static epic_status setup_ep(epic_model *m, const epic_model_params *p) {
   const int64_t E = m->cfg.n_routed_experts, rows = m->cfg.num_hidden_layers + 1;
   if (!p->comm) return EPIC_OK;
-  if (epic_comm_device_buffers(p->comm)) {
-    /* The dispatch/combine buffers are host memory (see xbuf). */
-    EPIC_LOG_ERROR("model: comm backend %s exchanges device memory, but this model's expert "
-                   "exchange runs in host memory; use --comm mpi or ucx",
-                   epic_comm_backend_name(p->comm));
+  if (epic_comm_device_buffers(p->comm) && m->ops->vt->host_visible) {
+    /* The exchange rows live in backend memory (see dbuf): host memory here. */
+    EPIC_LOG_ERROR("model: comm backend %s exchanges GPU memory, but the %s compute backend "
+                   "keeps activations in host memory; use --comm mpi or ucx, or --device cuda",
+                   epic_comm_backend_name(p->comm), m->ops->vt->name);
     return EPIC_ERR_UNSUPPORTED;
   }
   m->comm = p->comm;
@@ -313,6 +385,11 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
     EPIC_LOG_ERROR("model: invalid load parameters");
     return EPIC_ERR_INVALID;
   }
+  if (!ops || ops->vt->abi_version < 3) {
+    EPIC_LOG_ERROR("model: compute backend %s implements epic_ops ABI %d; the model needs 3",
+                   ops ? ops->vt->name : "(none)", ops ? ops->vt->abi_version : 0);
+    return EPIC_ERR_UNSUPPORTED;
+  }
   m = calloc(1, sizeof *m);
   if (!m) return EPIC_ERR_NOMEM;
   m->ops = ops;
@@ -338,23 +415,22 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
     n_layers = c->num_hidden_layers;
     m->inv_freq = calloc((size_t)(c->qk_rope_head_dim / 2 + 1), sizeof(double));
     m->layers = calloc((size_t)n_layers, sizeof *m->layers);
-    if (!m->inv_freq || !m->layers) {
+    m->expert_tokens = calloc((size_t)(c->n_routed_experts > 0 ? c->n_routed_experts : 1),
+                              sizeof *m->expert_tokens);
+    if (!m->inv_freq || !m->layers || !m->expert_tokens) {
       st = EPIC_ERR_NOMEM;
       goto fail;
     }
     epic_config_rope_inv_freq(c, m->inv_freq);
     EPIC_CHECK_GOTO(setup_ep(m, p), st, fail);
     m->scale = (float)epic_config_softmax_scale(c);
-    EPIC_CHECK_GOTO(epic_checkpoint_weight(m->ck, "model.embed_tokens.weight", c->vocab_size, D,
-                                           &m->embed),
-                    st, fail);
+    EPIC_CHECK_GOTO(get_weight(m, "model.embed_tokens.weight", c->vocab_size, D, &m->embed), st,
+                    fail);
     EPIC_CHECK_GOTO(load_vec(m, "model.norm.weight", D, &m->final_norm), st, fail);
     if (c->tie_word_embeddings)
       m->lm_head = m->embed;
     else
-      EPIC_CHECK_GOTO(epic_checkpoint_weight(m->ck, "lm_head.weight", c->vocab_size, D,
-                                             &m->lm_head),
-                      st, fail);
+      EPIC_CHECK_GOTO(get_weight(m, "lm_head.weight", c->vocab_size, D, &m->lm_head), st, fail);
     for (int64_t l = 0; l < n_layers; l++) {
       EPIC_CHECK_GOTO(load_layer(m, l, l, &m->layers[l]), st, fail);
       report_progress(m, l + 1, n_layers, t0);
@@ -386,8 +462,13 @@ void epic_model_destroy(epic_model *m) {
   m->ops->vt->free(m->ops, m->final_norm);
   m->ops->vt->free(m->ops, m->arena);
   free(m->owner);
-  for (int i = 0; i < MAX_MB; i++)
+  for (int i = 0; i < MAX_MB; i++) {
     for (int j = 0; j < XB_N; j++) free(m->xbuf[i][j]);
+    for (int j = 0; j < DB_N; j++) m->ops->vt->free(m->ops, m->dbuf[i][j]);
+  }
+  for (size_t i = 0; i < m->n_placed; i++) m->ops->vt->free(m->ops, m->placed[i]);
+  free(m->placed);
+  free(m->expert_tokens);
   free(m->layers);
   free(m->inv_freq);
   epic_checkpoint_close(m->ck);
@@ -407,6 +488,18 @@ epic_status epic_model_set_micro_batches(epic_model *m, int n) {
 
 void epic_model_get_stats(const epic_model *m, epic_model_stats *out) { *out = m->stats; }
 void epic_model_reset_stats(epic_model *m) { memset(&m->stats, 0, sizeof m->stats); }
+
+epic_status epic_model_expert_tokens(const epic_model *m, int64_t *counts) {
+  if (!m || !counts) return EPIC_ERR_INVALID;
+  if (m->cfg.n_routed_experts > 0)
+    memcpy(counts, m->expert_tokens, (size_t)m->cfg.n_routed_experts * sizeof *counts);
+  return EPIC_OK;
+}
+
+/* Routing statistics of n (token, expert) items (host ids). */
+static void count_experts(epic_model *m, const int32_t *ids, int64_t n) {
+  for (int64_t i = 0; i < n; i++) m->expert_tokens[ids[i]]++;
+}
 int64_t epic_model_local_experts(const epic_model *m, int64_t layer) {
   int64_t n = 0;
   if (layer < 0 || layer > m->cfg.num_hidden_layers || !epic_config_is_moe_layer(&m->cfg, layer))
@@ -442,11 +535,24 @@ int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs) {
   return r;
 }
 
-/* Carve the scratch for a batch of M tokens split into micro-batches of at most
- * Mw tokens, whose naive-attention contexts are at most max_ctx keys and
- * absorbed chunks at most max_abs tokens. */
-static epic_status scratch_get(epic_model *m, int64_t M, int64_t Mw, int64_t max_ctx,
-                               int64_t max_abs, int64_t out_rows, scratch *s) {
+/* Sizes that shape one forward's scratch, from the batch (see prepare). */
+typedef struct fwd_shape {
+  int64_t M;        /* tokens */
+  int64_t Mw;       /* tokens of the larger micro-batch */
+  int64_t max_ctx;  /* keys of the longest naive-attention (prefill) chunk */
+  int64_t n_dec;    /* decode sequences (one token each), the longest absorbed run */
+  int64_t out_rows; /* LM-head rows */
+  int64_t stride;   /* block-table row: the most pages any sequence holds */
+  int n_seqs;
+} fwd_shape;
+
+/* int32 entries of the forward plan: positions, ids, LM-head rows, block tables, lengths. */
+static int64_t plan_len(const fwd_shape *sh) {
+  return 2 * sh->M + sh->out_rows + (int64_t)sh->n_seqs * (sh->stride + 1);
+}
+
+/* Carve the scratch for a forward of shape sh. */
+static epic_status scratch_get(epic_model *m, const fwd_shape *sh, scratch *s) {
   const epic_model_config *c = &m->cfg;
   const int64_t D = c->hidden_size, H = c->num_attention_heads;
   const int64_t dq = c->qk_nope_head_dim + c->qk_rope_head_dim;
@@ -454,6 +560,9 @@ static epic_status scratch_get(epic_model *m, int64_t M, int64_t Mw, int64_t max
   const int64_t L = c->kv_lora_rank, R = c->qk_rope_head_dim, V = c->v_head_dim;
   const int64_t E = c->n_routed_experts > 0 ? c->n_routed_experts : 1;
   const int64_t K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+  const int64_t M = sh->M, Mw = sh->Mw, max_ctx = sh->max_ctx, out_rows = sh->out_rows;
+  const int64_t max_abs = sh->n_dec > 0 ? sh->n_dec : 1;
+  const int64_t n_logits = m->ops->vt->host_visible ? 0 : out_rows * c->vocab_size;
   int64_t I = c->intermediate_size;
   if (c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1) > I)
     I = c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1);
@@ -465,9 +574,9 @@ static epic_status scratch_get(epic_model *m, int64_t M, int64_t Mw, int64_t max
       {(void **)&s->h, (size_t)(M * D) * 4},          {(void **)&s->a, (size_t)(M * D) * 4},
       {(void **)&s->y, (size_t)(M * D) * 4},          {(void **)&s->hn, (size_t)(M * D) * 4},
       {(void **)&s->rows, (size_t)(out_rows * D) * 4}, {(void **)&s->x2, (size_t)(M * 2 * D) * 4},
-      {(void **)&s->pos, (size_t)M * 4},              {(void **)&s->ids, (size_t)M * 4},
       {(void **)&s->idx, (size_t)(M * K) * 4},        {(void **)&s->w, (size_t)(M * K) * 4},
-      {(void **)&s->tok_list, (size_t)(M * K) * 4},
+      {(void **)&s->tok_list, (size_t)(M * K) * 4},   {(void **)&s->plan, (size_t)plan_len(sh) * 4},
+      {(void **)&s->logits, (size_t)n_logits * 4},
       /* work space of one micro-batch */
       {(void **)&s->q, (size_t)(Mw * H * dq) * 4},    {(void **)&s->cq, (size_t)(Mw * (c->q_lora_rank + 1)) * 4},
       {(void **)&s->kv, (size_t)(Mw * (L + R)) * 4},  {(void **)&s->attn_o, (size_t)(Mw * H * V) * 4},
@@ -481,7 +590,7 @@ static epic_status scratch_get(epic_model *m, int64_t M, int64_t Mw, int64_t max
   };
   const size_t n_parts = sizeof parts / sizeof parts[0];
   size_t total = 0;
-  for (size_t i = 0; i < n_parts; i++) total += (parts[i].n + 63) & ~(size_t)63;
+  for (size_t i = 0; i < n_parts; i++) total += (parts[i].n + 255) & ~(size_t)255;
   if (total > m->arena_bytes) {
     m->ops->vt->free(m->ops, m->arena);
     m->arena = NULL;
@@ -493,7 +602,7 @@ static epic_status scratch_get(epic_model *m, int64_t M, int64_t Mw, int64_t max
     char *p = m->arena;
     for (size_t i = 0; i < n_parts; i++) {
       *parts[i].p = p;
-      p += (parts[i].n + 63) & ~(size_t)63;
+      p += (parts[i].n + 255) & ~(size_t)255; /* 256: vector loads on every backend */
     }
   }
   return EPIC_OK;
@@ -526,19 +635,59 @@ static void *xbuf(epic_model *m, int slot, int which, size_t bytes) {
   return m->xbuf[slot][which];
 }
 
+/* The same in backend memory. Growing frees the old block, so no op may still be
+ * queued on it: the callers grow only buffers whose last use is behind a host
+ * round trip (a download) of the same forward or an earlier one. */
+static void *dbuf(epic_model *m, int slot, int which, size_t bytes) {
+  epic_ops *o = m->ops;
+  if (bytes > m->dcap[slot][which] || !m->dbuf[slot][which]) {
+    void *p = NULL;
+    if (o->vt->sync(o) != EPIC_OK) return NULL;
+    o->vt->free(o, m->dbuf[slot][which]);
+    m->dbuf[slot][which] = NULL;
+    m->dcap[slot][which] = 0;
+    if (o->vt->alloc(o, bytes > 256 ? bytes : 256, &p) != EPIC_OK) return NULL;
+    m->dbuf[slot][which] = p;
+    m->dcap[slot][which] = bytes > 256 ? bytes : 256;
+  }
+  return m->dbuf[slot][which];
+}
+
+/* n int32 values of backend memory as host memory: the buffer itself when the
+ * backend's memory is host memory, else a download into host buffer (slot, which). */
+static epic_status to_host_i32(epic_model *m, const int32_t *dev, int64_t n, int slot, int which,
+                               const int32_t **out) {
+  int32_t *h;
+  if (m->ops->vt->host_visible) {
+    *out = dev;
+    return EPIC_OK;
+  }
+  h = xbuf(m, slot, which, (size_t)n * sizeof *h);
+  if (!h) return EPIC_ERR_NOMEM;
+  EPIC_CHECK(m->ops->vt->download(m->ops, h, dev, (size_t)n * sizeof *h));
+  *out = h;
+  return EPIC_OK;
+}
+
 /* A micro-batch: a contiguous run of the batch's sequences and, between the
  * phases of an MoE layer, the state of its expert-parallel exchange. */
 typedef struct micro_batch {
   int id; /* 0 or 1: its slot of the exchange buffers */
   const epic_seq_batch *seqs;
   int n_seqs;
+  int seq0;  /* index of seqs[0] in the forward's batch (its block-table row) */
   int64_t M; /* tokens */
   scratch s; /* its slice of the batch rows, plus the shared work space */
   int64_t *send_rows, *recv_rows; /* [nranks]: dispatch rows to / from each rank */
   int64_t R;                      /* rows received for this rank's experts */
-  float *send, *recv, *out, *back;
+  float *send, *recv, *out, *back; /* backend memory */
   epic_comm_req *req; /* the dispatch or combine in flight, if any */
   epic_status req_st; /* its result when progress() saw it finish */
+  /* Host staging of the exchange in flight (device rows over a host-memory comm):
+   * when it completes, stage_bytes of stage_host go up to stage_dev. */
+  float *stage_dev;
+  const float *stage_host;
+  size_t stage_bytes;
 } micro_batch;
 
 /* One forward call over micro-batches. */
@@ -547,6 +696,11 @@ typedef struct fwd {
   epic_kvcache *kc;
   int n_mb;
   micro_batch mb[MAX_MB];
+  /* Parts of the uploaded plan (backend memory). */
+  const int32_t *out_rows; /* hn row of each LM-head row */
+  const int32_t *tables;   /* [n_seqs][stride] page ids */
+  const int32_t *n_ctx;    /* [n_seqs] cache length after this forward */
+  int64_t stride;
 } fwd;
 
 /* MPI and UCX move large messages (rendezvous) only inside their own calls, so
@@ -562,21 +716,29 @@ static void progress(fwd *f) {
   }
 }
 
-/* Block until the micro-batch's exchange is complete; the time goes to *wait_s. */
-static epic_status wait_exchange(micro_batch *b, double *wait_s) {
+/* Block until the micro-batch's exchange is complete (and its staged rows are in
+ * backend memory); the time goes to *wait_s. */
+static epic_status wait_exchange(epic_model *m, micro_batch *b, double *wait_s) {
   const double t = epic_now_seconds();
   epic_status st = b->req ? epic_comm_wait(&b->req) : b->req_st;
   b->req_st = EPIC_OK;
+  if (st == EPIC_OK && b->stage_dev)
+    st = m->ops->vt->upload(m->ops, b->stage_dev, b->stage_host, b->stage_bytes);
+  b->stage_dev = NULL;
   *wait_s += epic_now_seconds() - t;
   return st;
 }
 
 /* Start the all-to-all of row-major float rows of `width` values: send_rows[p]
- * rows to rank p, recv_rows[p] rows from it, packed in rank order on both
- * sides. Adds the bytes sent to other ranks to *sent. */
-static epic_status exchange_start(epic_model *m, const float *send, const int64_t *send_rows,
-                                  float *recv, const int64_t *recv_rows, int64_t width,
-                                  epic_comm_req **req, int64_t *sent) {
+ * rows to rank p, recv_rows[p] rows from it, packed in rank order on both sides,
+ * in backend memory. A comm backend that moves host memory gets host copies (the
+ * received rows go up in wait_exchange); one that moves device memory (NCCL, on
+ * its own stream) starts after the queued ops that wrote the rows. Adds the bytes
+ * sent to other ranks to *sent. */
+static epic_status exchange_start(epic_model *m, micro_batch *b, const float *send,
+                                  const int64_t *send_rows, float *recv, const int64_t *recv_rows,
+                                  int64_t width, int64_t *sent) {
+  epic_ops *o = m->ops;
   const int P = m->nranks;
   size_t *sb = xbuf(m, 0, XB_ARGS, 4 * (size_t)P * sizeof(size_t)), *sd, *rb, *rd, so = 0, ro = 0;
   if (!sb) return EPIC_ERR_NOMEM;
@@ -592,11 +754,23 @@ static epic_status exchange_start(epic_model *m, const float *send, const int64_
     ro += rb[p];
     if (p != m->rank) *sent += (int64_t)sb[p];
   }
+  if (epic_comm_device_buffers(m->comm)) {
+    EPIC_CHECK(o->vt->sync(o));
+  } else if (!o->vt->host_visible) {
+    float *hs = xbuf(m, b->id, XB_HSEND, so), *hr = xbuf(m, b->id, XB_HRECV, ro);
+    if (!hs || !hr) return EPIC_ERR_NOMEM;
+    EPIC_CHECK(o->vt->download(o, hs, send, so));
+    b->stage_dev = recv;
+    b->stage_host = hr;
+    b->stage_bytes = ro;
+    send = hs;
+    recv = hr;
+  }
   /* The start copies the counts it needs; only the data buffers stay in use. */
   epic_a2a_args a = {.send = send, .send_counts = sb, .send_displs = sd, .recv = recv,
                      .recv_counts = rb, .recv_displs = rd};
   m->stats.a2a_calls++;
-  return epic_comm_alltoallv_start(m->comm, &a, req);
+  return epic_comm_alltoallv_start(m->comm, &a, &b->req);
 }
 
 /* y = down(silu(gate(x)) * up(x)) for m rows; g/u are scratch of m x width. */
@@ -625,18 +799,6 @@ static void bucket_by_expert(const int32_t *expert, int64_t n, int64_t E, int64_
   for (int64_t i = 0; i < n; i++) order[off[expert[i]] + fill[expert[i]]++] = (int32_t)i;
 }
 
-/* Routed expert e of lw on n rows src + (items[j] / div) * ld, gathered into x;
- * result [n][hidden] in out. g/u are scratch of n x moe_intermediate_size. */
-static epic_status run_expert(epic_model *m, const layer_w *lw, int64_t e, const float *src,
-                              int64_t ld, int64_t div, const int32_t *items, int64_t n, float *x,
-                              float *g, float *u, float *out) {
-  const int64_t D = m->cfg.hidden_size;
-  const epic_weight *ew = &lw->experts[e * 3];
-  for (int64_t j = 0; j < n; j++)
-    memcpy(x + j * D, src + (int64_t)(items[j] / div) * ld, (size_t)D * sizeof(float));
-  return mlp(m, &ew[0], &ew[1], &ew[2], x, n, g, u, out);
-}
-
 /* Router (expert ids + weights into s->idx / s->w) and the shared experts into y
  * (zeros when the layer has none): the part of an MoE layer every rank does
  * locally for its own tokens. */
@@ -655,61 +817,50 @@ static epic_status route_and_share(epic_model *m, const layer_w *lw, const float
                            .bias = lw->router_bias};
   EPIC_CHECK(o->vt->matmul(o, f, D, M, &lw->router, s->rl, E));
   EPIC_CHECK(o->vt->route(o, s->rl, M, &rp, s->idx, s->w));
-  if (lw->has_mlp)
-    EPIC_CHECK(mlp(m, &lw->gate, &lw->up, &lw->down, f, M, s->g, s->u, y));
-  else
-    memset(y, 0, (size_t)(M * D) * sizeof(float));
-  return EPIC_OK;
+  if (lw->has_mlp) return mlp(m, &lw->gate, &lw->up, &lw->down, f, M, s->g, s->u, y);
+  return o->vt->zero(o, y, (size_t)(M * D) * sizeof(float));
 }
 
-/* Inputs and results of run_experts. Item i reads row src + (i / div) * ld. Its
- * result is stored at out + i * hidden when out is set (to travel back to the
- * token's rank), else added, times w[i], to y + (i / div) * hidden. */
-typedef struct expert_io {
-  const float *src;
-  int64_t ld, div;
-  float *out;
-  const float *w;
-  float *y;
-} expert_io;
-
-/* This rank's routed experts of lw over n items, item i routed to expert[i]. */
+/* This rank's routed experts of lw over n items, item i routed to expert[i]
+ * (host memory): out[i] = expert(src row i / div) for rows src + r * ld, all in
+ * backend memory. The items' rows are gathered in expert order, run through one
+ * grouped matmul per projection and scattered back, with one index upload. */
 static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert, int64_t n,
-                               const expert_io *io) {
+                               const float *src, int64_t ld, int64_t div, float *out) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
   const int64_t I = m->cfg.moe_intermediate_size;
-  int64_t *off = xbuf(m, 0, XB_EOFF, (size_t)(2 * E + 1) * sizeof(int64_t)), most = 0;
+  int64_t *off = xbuf(m, 0, XB_EOFF, (size_t)(2 * E + 1) * sizeof(int64_t));
   int32_t *order = xbuf(m, 0, XB_ORDER, (size_t)n * sizeof(int32_t));
+  /* [n] source rows, [n] result rows, [E + 1] group offsets */
+  int32_t *gplan = xbuf(m, 0, XB_GPLAN, (size_t)(2 * n + E + 1) * sizeof(int32_t)), *dplan;
   float *x, *g, *u, *ye;
-  if (!off || !order) return EPIC_ERR_NOMEM;
-  /* Ascending expert order with item order kept inside an expert: each token's
-   * results are then added in ascending expert order whatever the batch layout,
-   * the order the expert-parallel combine (moe_end) also uses. */
+  if (!off || !order || !gplan) return EPIC_ERR_NOMEM;
+  if (n == 0) return EPIC_OK;
+  /* Ascending expert order with item order kept inside an expert: no result
+   * depends on the batch layout. */
   bucket_by_expert(expert, n, E, off, off + E + 1, order);
-  for (int64_t e = 0; e < E; e++)
-    if (off[e + 1] - off[e] > most) most = off[e + 1] - off[e];
-  x = xbuf(m, 0, XB_X, (size_t)(most * D) * sizeof(float));
-  g = xbuf(m, 0, XB_G, (size_t)(most * I) * sizeof(float));
-  u = xbuf(m, 0, XB_U, (size_t)(most * I) * sizeof(float));
-  ye = xbuf(m, 0, XB_Y, (size_t)(most * D) * sizeof(float));
-  if (!x || !g || !u || !ye) return EPIC_ERR_NOMEM;
-  for (int64_t e = 0; e < E; e++) {
-    const int64_t cnt = off[e + 1] - off[e];
-    const int32_t *items = order + off[e];
-    if (cnt == 0) continue;
-    EPIC_CHECK(run_expert(m, lw, e, io->src, io->ld, io->div, items, cnt, x, g, u, ye));
-    for (int64_t j = 0; j < cnt; j++) {
-      if (io->out)
-        memcpy(io->out + (int64_t)items[j] * D, ye + j * D, (size_t)D * sizeof(float));
-      else
-        EPIC_CHECK(o->vt->axpy(o, D, io->w[items[j]], ye + j * D,
-                               io->y + (items[j] / io->div) * D));
-    }
-    progress(f);
+  for (int64_t j = 0; j < n; j++) {
+    gplan[j] = (int32_t)(order[j] / div); /* source row */
+    gplan[n + j] = order[j];              /* result row */
   }
-  return EPIC_OK;
+  for (int64_t e = 0; e <= E; e++) gplan[2 * n + e] = (int32_t)off[e];
+  dplan = dbuf(m, 0, DB_GPLAN, (size_t)(2 * n + E + 1) * sizeof(int32_t));
+  x = dbuf(m, 0, DB_X, (size_t)(n * D) * sizeof(float));
+  g = dbuf(m, 0, DB_G, (size_t)(n * I) * sizeof(float));
+  u = dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
+  ye = dbuf(m, 0, DB_Y, (size_t)(n * D) * sizeof(float));
+  if (!dplan || !x || !g || !u || !ye) return EPIC_ERR_NOMEM;
+  EPIC_CHECK(o->vt->upload(o, dplan, gplan, (size_t)(2 * n + E + 1) * sizeof(int32_t)));
+  EPIC_CHECK(o->vt->copy_rows(o, n, D, src, ld, dplan, x, D, NULL));
+  EPIC_CHECK(o->vt->grouped_matmul(o, x, D, off, dplan + 2 * n, E, &lw->experts[0], 3, g, I));
+  EPIC_CHECK(o->vt->grouped_matmul(o, x, D, off, dplan + 2 * n, E, &lw->experts[1], 3, u, I));
+  progress(f);
+  EPIC_CHECK(o->vt->silu_mul(o, g, I, u, I, n, I, g, I));
+  EPIC_CHECK(o->vt->grouped_matmul(o, g, I, off, dplan + 2 * n, E, &lw->experts[2], 3, ye, D));
+  progress(f);
+  return o->vt->copy_rows(o, n, D, ye, D, NULL, out, D, dplan + n);
 }
 
 /* MoE phase 1 of 3 (DESIGN §3): router and shared experts for the
@@ -719,110 +870,169 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
  * micro-batch without tokens still takes part. */
 static epic_status moe_begin(fwd *f, micro_batch *b, const layer_w *lw) {
   epic_model *m = f->m;
+  epic_ops *o = m->ops;
   scratch *s = &b->s;
   const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
   const int64_t K = m->cfg.num_experts_per_tok, W = EP_ROW(D), M = b->M;
   const int P = m->nranks;
-  const int32_t *owner = m->owner ? m->owner + lw->slot * E : NULL;
+  const int32_t *owner = m->owner ? m->owner + lw->slot * E : NULL, *ids;
   double t = epic_now_seconds();
   int64_t *next;
+  int32_t *plan, *dplan; /* [M*K] source token of each send row, [M*K] its tag, [M*K] tok_list */
   if (M > 0) EPIC_CHECK(route_and_share(m, lw, s->a, M, s, s->y));
   m->stats.dense_s += epic_now_seconds() - t;
   if (!m->comm) return EPIC_OK;
   b->send_rows = xbuf(m, b->id, XB_CNT, 3 * (size_t)P * sizeof(int64_t));
-  b->send = xbuf(m, b->id, XB_SEND, (size_t)(M * K * W) * sizeof(float));
-  if (!b->send_rows || !b->send) return EPIC_ERR_NOMEM;
+  plan = xbuf(m, b->id, XB_PLAN, (size_t)(3 * M * K) * sizeof(int32_t));
+  b->send = dbuf(m, b->id, DB_SEND, (size_t)(M * K * W) * sizeof(float));
+  dplan = dbuf(m, b->id, DB_PLAN, (size_t)(3 * M * K) * sizeof(int32_t));
+  if (!b->send_rows || !plan || !b->send || !dplan) return EPIC_ERR_NOMEM;
+  EPIC_CHECK(to_host_i32(m, s->idx, M * K, b->id, XB_IDS, &ids));
+  count_experts(m, ids, M * K);
   b->recv_rows = b->send_rows + P;
   next = b->recv_rows + P;
   memset(b->send_rows, 0, 3 * (size_t)P * sizeof(int64_t));
   /* Rows grouped by destination rank, (token, k) order inside. */
-  for (int64_t i = 0; i < M * K; i++) b->send_rows[owner[s->idx[i]]]++;
+  for (int64_t i = 0; i < M * K; i++) b->send_rows[owner[ids[i]]]++;
   for (int p = 1; p < P; p++) next[p] = next[p - 1] + b->send_rows[p - 1];
   for (int64_t i = 0; i < M * K; i++) {
-    const int32_t e = s->idx[i];
-    const int64_t pos = next[owner[e]]++;
-    memcpy(b->send + pos * W, &e, sizeof e);
-    memcpy(b->send + pos * W + 1, s->a + (i / K) * D, (size_t)D * sizeof(float));
-    s->tok_list[i] = (int32_t)pos; /* where (token, k)'s result comes back */
+    const int64_t pos = next[owner[ids[i]]]++;
+    plan[pos] = (int32_t)(i / K);
+    plan[M * K + pos] = ids[i];
+    plan[2 * M * K + i] = (int32_t)pos; /* where (token, k)'s result comes back */
+  }
+  if (M > 0) {
+    EPIC_CHECK(o->vt->upload(o, dplan, plan, (size_t)(3 * M * K) * sizeof(int32_t)));
+    EPIC_CHECK(o->vt->copy_rows(o, M * K, D, s->a, D, dplan, b->send + 1, W, NULL));
+    EPIC_CHECK(o->vt->copy_rows(o, M * K, 1, (const float *)(dplan + M * K), 1, NULL, b->send, W,
+                                NULL));
+    EPIC_CHECK(o->vt->copy_rows(o, 1, M * K, (const float *)(dplan + 2 * M * K), 0, NULL,
+                                (float *)s->tok_list, 0, NULL));
   }
   t = epic_now_seconds();
   EPIC_CHECK(epic_comm_alltoall_counts(m->comm, b->send_rows, b->recv_rows));
   m->stats.dispatch_wait_s += epic_now_seconds() - t;
   b->R = 0;
   for (int p = 0; p < P; p++) b->R += b->recv_rows[p];
-  b->recv = xbuf(m, b->id, XB_RECV, (size_t)(b->R * W) * sizeof(float));
+  b->recv = dbuf(m, b->id, DB_RECV, (size_t)(b->R * W) * sizeof(float));
   if (!b->recv) return EPIC_ERR_NOMEM;
-  return exchange_start(m, b->send, b->send_rows, b->recv, b->recv_rows, W, &b->req,
+  return exchange_start(m, b, b->send, b->send_rows, b->recv, b->recv_rows, W,
                         &m->stats.dispatch_bytes);
 }
 
 /* MoE phase 2 of 3: the routed experts this rank holds. Single process: over
- * the micro-batch's own tokens, added straight into y. Expert parallel: wait
- * for the dispatch, run the experts on the rows that arrived and start sending
- * the results back along the reverse route (the combine). */
+ * the micro-batch's own tokens, one result row per (token, k). Expert parallel:
+ * wait for the dispatch, run the experts on the rows that arrived and start
+ * sending the results back along the reverse route (the combine). */
 static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
   epic_model *m = f->m;
+  epic_ops *o = m->ops;
   scratch *s = &b->s;
   const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
   const int64_t K = m->cfg.num_experts_per_tok, W = EP_ROW(D);
   double t;
-  int32_t *rexp; /* expert id of each received row */
+  const int32_t *rexp; /* expert id of each received row */
   if (!m->comm) {
-    expert_io io = {.src = s->a, .ld = D, .div = K, .w = s->w, .y = s->y};
+    const int32_t *ids;
     if (b->M == 0) return EPIC_OK;
     t = epic_now_seconds();
-    EPIC_CHECK(run_experts(f, lw, s->idx, b->M * K, &io));
+    b->out = dbuf(m, b->id, DB_OUT, (size_t)(b->M * K * D) * sizeof(float));
+    if (!b->out) return EPIC_ERR_NOMEM;
+    EPIC_CHECK(to_host_i32(m, s->idx, b->M * K, b->id, XB_IDS, &ids));
+    count_experts(m, ids, b->M * K);
+    EPIC_CHECK(run_experts(f, lw, ids, b->M * K, s->a, D, K, b->out));
     m->stats.experts_s += epic_now_seconds() - t;
     return EPIC_OK;
   }
-  EPIC_CHECK(wait_exchange(b, &m->stats.dispatch_wait_s));
-  rexp = xbuf(m, 0, XB_REXP, (size_t)b->R * sizeof(int32_t));
-  b->out = xbuf(m, b->id, XB_OUT, (size_t)(b->R * D) * sizeof(float));
-  b->back = xbuf(m, b->id, XB_BACK, (size_t)(b->M * K * D) * sizeof(float));
-  if (!rexp || !b->out || !b->back) return EPIC_ERR_NOMEM;
-  for (int64_t r = 0; r < b->R; r++) {
-    memcpy(&rexp[r], b->recv + r * W, sizeof *rexp);
+  EPIC_CHECK(wait_exchange(m, b, &m->stats.dispatch_wait_s));
+  if (o->vt->host_visible) {
+    int32_t *h = xbuf(m, 0, XB_REXP, (size_t)b->R * sizeof(int32_t));
+    if (!h) return EPIC_ERR_NOMEM;
+    for (int64_t r = 0; r < b->R; r++) memcpy(&h[r], b->recv + r * W, sizeof *h);
+    rexp = h;
+  } else {
+    int32_t *tags = dbuf(m, 0, DB_TAGS, (size_t)b->R * sizeof(int32_t));
+    if (!tags) return EPIC_ERR_NOMEM;
+    EPIC_CHECK(o->vt->copy_rows(o, b->R, 1, b->recv, W, NULL, (float *)tags, 1, NULL));
+    EPIC_CHECK(to_host_i32(m, tags, b->R, 0, XB_REXP, &rexp));
+  }
+  for (int64_t r = 0; r < b->R; r++)
     if (rexp[r] < 0 || rexp[r] >= E || m->owner[lw->slot * E + rexp[r]] != m->rank) {
       EPIC_LOG_ERROR("moe: rank %d received a row for expert %d it does not hold", m->rank,
                      rexp[r]);
       return EPIC_ERR_COMM;
     }
-  }
-  {
-    expert_io io = {.src = b->recv + 1, .ld = W, .div = 1, .out = b->out};
-    t = epic_now_seconds();
-    EPIC_CHECK(run_experts(f, lw, rexp, b->R, &io));
-    m->stats.experts_s += epic_now_seconds() - t;
-  }
-  return exchange_start(m, b->out, b->recv_rows, b->back, b->send_rows, D, &b->req,
+  b->out = dbuf(m, b->id, DB_OUT, (size_t)(b->R * D) * sizeof(float));
+  b->back = dbuf(m, b->id, DB_BACK, (size_t)(b->M * K * D) * sizeof(float));
+  if (!b->out || !b->back) return EPIC_ERR_NOMEM;
+  t = epic_now_seconds();
+  EPIC_CHECK(run_experts(f, lw, rexp, b->R, b->recv + 1, W, 1, b->out));
+  m->stats.experts_s += epic_now_seconds() - t;
+  return exchange_start(m, b, b->out, b->recv_rows, b->back, b->send_rows, D,
                         &m->stats.combine_bytes);
 }
 
-/* MoE phase 3 of 3 (expert parallel only): wait for the combine and add each
- * (token, k) result times its weight. k runs over a token's experts in
- * ascending order (route() lists them so), as in the single-process path, so
- * results do not depend on the world size. */
+/* MoE phase 3 of 3: add each (token, k) result times its weight, k ascending
+ * (route() lists a token's experts in ascending order), the same order whether
+ * the results were computed here or came back over the combine, so results do
+ * not depend on the world size. */
 static epic_status moe_end(fwd *f, micro_batch *b) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   scratch *s = &b->s;
   const int64_t D = m->cfg.hidden_size, K = m->cfg.num_experts_per_tok;
-  if (!m->comm) return EPIC_OK;
-  EPIC_CHECK(wait_exchange(b, &m->stats.combine_wait_s));
-  for (int64_t i = 0; i < b->M * K; i++)
-    EPIC_CHECK(
-        o->vt->axpy(o, D, s->w[i], b->back + (int64_t)s->tok_list[i] * D, s->y + (i / K) * D));
-  return EPIC_OK;
+  if (m->comm) EPIC_CHECK(wait_exchange(m, b, &m->stats.combine_wait_s));
+  if (b->M == 0) return EPIC_OK;
+  return o->vt->moe_combine(o, b->M, K, D, m->comm ? b->back : b->out,
+                            m->comm ? s->tok_list : NULL, s->w, s->y);
 }
 
-/* MLA for the batch: normed input s->a -> s->tmp (o_proj output). */
-static epic_status attention(epic_model *m, const layer_w *lw, epic_kvcache *kc, int64_t kv_layer,
-                             const epic_seq_batch *seqs, int n_seqs, int64_t M, scratch *s) {
+/* Decode attention for sequences [i0, i0 + n) of the micro-batch, one token each
+ * on rows r0.. of the work arrays: one batched cache store and one absorbed-MLA
+ * launch for the whole run. */
+static epic_status attention_decode(fwd *f, micro_batch *b, const layer_w *lw, int64_t kv_layer,
+                                    int i0, int n, int64_t r0) {
+  epic_model *m = f->m;
   epic_ops *o = m->ops;
+  scratch *s = &b->s;
+  const epic_model_config *c = &m->cfg;
+  const int64_t H = c->num_attention_heads, nope = c->qk_nope_head_dim;
+  const int64_t R = c->qk_rope_head_dim, V = c->v_head_dim, L = c->kv_lora_rank;
+  const int64_t dq = nope + R, dkv = nope + V;
+  const float *qs = s->q + r0 * H * dq;
+  const epic_kv_view any = epic_kvcache_view(f->kc, kv_layer, b->seqs[i0].kv, 1);
+  int64_t max_ctx = 1;
+  for (int i = i0; i < i0 + n; i++)
+    if (b->seqs[i].start + 1 > max_ctx) max_ctx = b->seqs[i].start + 1;
+  const epic_kv_batch kvb = {.pool = any.pool,
+                             .page_size = any.page_size,
+                             .width = any.width,
+                             .lora = any.lora,
+                             .block_tables = f->tables + (int64_t)(b->seq0 + i0) * f->stride,
+                             .table_stride = f->stride,
+                             .n_ctx = f->n_ctx + b->seq0 + i0,
+                             .max_ctx = max_ctx};
+  EPIC_CHECK(o->vt->kv_store_batch(o, &kvb, n, s->kv + r0 * (L + R), L + R, s->kv + r0 * (L + R) + L,
+                                   L + R));
+  /* Absorbed form: q_nope through W_UK, then every cached 576-wide (for V3) row
+   * read once per head group, then W_UV. */
+  EPIC_CHECK(o->vt->head_gemm(o, qs, H * dq, dq, n, H, lw->kv_b_f32, dkv * L, nope, L, 0, s->q_abs,
+                              H * L, L));
+  EPIC_CHECK(o->vt->copy_rows(o, n * H, R, qs + nope, dq, NULL, s->q_pe, R, NULL));
+  EPIC_CHECK(o->vt->mla_absorbed_batch(o, &kvb, n, s->q_abs, s->q_pe, H, m->scale, s->ctx));
+  return o->vt->head_gemm(o, s->ctx, H * L, L, n, H, lw->kv_b_f32 + nope * L, dkv * L, L, V, 1,
+                          s->attn_o + r0 * H * V, H * V, V);
+}
+
+/* MLA for the micro-batch: normed input s->a -> s->tmp (o_proj output). */
+static epic_status attention(fwd *f, micro_batch *b, const layer_w *lw, int64_t kv_layer) {
+  epic_model *m = f->m;
+  epic_ops *o = m->ops;
+  scratch *s = &b->s;
   const epic_model_config *c = &m->cfg;
   const int64_t D = c->hidden_size, H = c->num_attention_heads, nope = c->qk_nope_head_dim;
   const int64_t R = c->qk_rope_head_dim, V = c->v_head_dim, L = c->kv_lora_rank;
-  const int64_t dq = nope + R, dkv = nope + V;
+  const int64_t dq = nope + R, dkv = nope + V, M = b->M;
   if (c->q_lora_rank > 0) {
     EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->q_a, s->cq, c->q_lora_rank));
     EPIC_CHECK(o->vt->rmsnorm(o, s->cq, c->q_lora_rank, M, c->q_lora_rank, lw->q_a_norm,
@@ -838,32 +1048,28 @@ static epic_status attention(epic_model *m, const layer_w *lw, epic_kvcache *kc,
   EPIC_CHECK(o->vt->rope(o, s->kv + L, M, 1, L + R, 0, R, s->pos, m->inv_freq));
 
   int64_t r0 = 0;
-  for (int i = 0; i < n_seqs; i++) {
-    const epic_seq_batch *sq = &seqs[i];
+  for (int i = 0; i < b->n_seqs;) {
+    const epic_seq_batch *sq = &b->seqs[i];
+    if (sq->n_tokens == 1) {
+      int n = 1;
+      while (i + n < b->n_seqs && b->seqs[i + n].n_tokens == 1) n++;
+      EPIC_CHECK(attention_decode(f, b, lw, kv_layer, i, n, r0));
+      i += n;
+      r0 += n;
+      continue;
+    }
+    /* Prefill chunk: naive form over the decompressed keys/values of all S keys. */
     const int64_t n = sq->n_tokens, start = sq->start, S = start + n;
-    epic_kv_view view = epic_kvcache_view(kc, kv_layer, sq->kv, S);
-    const float *qs = s->q + r0 * H * dq;
-    float *out = s->attn_o + r0 * H * V;
+    epic_kv_view view = epic_kvcache_view(f->kc, kv_layer, sq->kv, S);
+    view.block_table = f->tables + (int64_t)(b->seq0 + i) * f->stride; /* backend memory */
     EPIC_CHECK(o->vt->kv_store(o, &view, start, n, s->kv + r0 * (L + R), L + R,
                                s->kv + r0 * (L + R) + L, L + R));
-    if (n == 1) {
-      /* Decode: absorbed form, reading each cached 576-wide (for V3) row once. */
-      EPIC_CHECK(o->vt->head_gemm(o, qs, H * dq, dq, n, H, lw->kv_b_f32, dkv * L, nope, L, 0,
-                                  s->q_abs, H * L, L));
-      for (int64_t t = 0; t < n; t++)
-        for (int64_t h = 0; h < H; h++)
-          memcpy(s->q_pe + (t * H + h) * R, qs + t * H * dq + h * dq + nope,
-                 (size_t)R * sizeof(float));
-      EPIC_CHECK(o->vt->mla_absorbed(o, &view, s->q_abs, s->q_pe, n, start, H, m->scale, s->ctx));
-      EPIC_CHECK(o->vt->head_gemm(o, s->ctx, H * L, L, n, H, lw->kv_b_f32 + nope * L, dkv * L, L,
-                                  V, 1, out, H * V, V));
-    } else {
-      /* Prefill chunk: naive form over the decompressed keys/values of all S keys. */
-      EPIC_CHECK(o->vt->kv_gather(o, &view, S, s->lat, s->kpe));
-      EPIC_CHECK(o->vt->matmul(o, s->lat, L, S, &lw->kv_b, s->kvb, H * dkv));
-      EPIC_CHECK(o->vt->mla_naive(o, qs, s->kvb, s->kpe, n, start, H, nope, R, V, m->scale, out));
-    }
+    EPIC_CHECK(o->vt->kv_gather(o, &view, S, s->lat, s->kpe));
+    EPIC_CHECK(o->vt->matmul(o, s->lat, L, S, &lw->kv_b, s->kvb, H * dkv));
+    EPIC_CHECK(o->vt->mla_naive(o, s->q + r0 * H * dq, s->kvb, s->kpe, n, start, H, nope, R, V,
+                                m->scale, s->attn_o + r0 * H * V));
     r0 += n;
+    i++;
   }
   EPIC_CHECK(o->vt->matmul(o, s->attn_o, H * V, M, &lw->o_proj, s->tmp, D));
   return EPIC_OK;
@@ -882,7 +1088,7 @@ static epic_status block_front(fwd *f, micro_batch *b, const layer_w *lw, int64_
   double t = epic_now_seconds();
   if (M > 0) {
     EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, lw->attn_norm, eps, s->a, D));
-    EPIC_CHECK(attention(m, lw, f->kc, kv_layer, b->seqs, b->n_seqs, M, s));
+    EPIC_CHECK(attention(f, b, lw, kv_layer));
     EPIC_CHECK(o->vt->axpy(o, M * D, 1.0f, s->tmp, s->h));
     EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, lw->ffn_norm, eps, s->a, D));
     m->stats.attention_s += epic_now_seconds() - t;
@@ -930,13 +1136,13 @@ static epic_status run_layers(fwd *f, const layer_w *layers, int64_t n_layers) {
   return EPIC_OK;
 }
 
-/* Validate the batch, reserve cache pages (all or nothing) and fill positions/ids. */
+/* Validate the batch, reserve cache pages (all or nothing) and measure it. */
 static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs, int n_seqs,
-                           int64_t *M, int64_t *max_ctx, int64_t *max_abs) {
+                           fwd_shape *sh) {
   const epic_model_config *c = &m->cfg;
-  *M = 0;
-  *max_ctx = 1;
-  *max_abs = 1;
+  memset(sh, 0, sizeof *sh);
+  sh->max_ctx = 1;
+  sh->n_seqs = n_seqs;
   if (n_seqs < 0 || (n_seqs == 0 && !m->comm)) return EPIC_ERR_INVALID;
   for (int i = 0; i < n_seqs; i++) {
     const epic_seq_batch *sq = &seqs[i];
@@ -953,13 +1159,13 @@ static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch
                        (long long)c->vocab_size);
         return EPIC_ERR_INVALID;
       }
-    *M += sq->n_tokens;
-    if (sq->n_tokens == 1) {
-      if (sq->n_tokens > *max_abs) *max_abs = sq->n_tokens;
-    } else if (sq->start + sq->n_tokens > *max_ctx) {
-      *max_ctx = sq->start + sq->n_tokens;
-    }
+    sh->M += sq->n_tokens;
+    if (sq->n_tokens == 1)
+      sh->n_dec++;
+    else if (sq->start + sq->n_tokens > sh->max_ctx)
+      sh->max_ctx = sq->start + sq->n_tokens;
   }
+  sh->out_rows = epic_batch_out_rows(seqs, n_seqs);
   for (int i = 0; i < n_seqs; i++) {
     epic_status st = epic_kvcache_seq_reserve(kc, seqs[i].kv, seqs[i].start + seqs[i].n_tokens);
     if (st != EPIC_OK) {
@@ -967,35 +1173,64 @@ static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch
       epic_kvcache_seq_truncate(kc, seqs[i].kv, seqs[i].start);
       return st;
     }
+    if (seqs[i].kv->n_pages > sh->stride) sh->stride = seqs[i].kv->n_pages;
   }
   return EPIC_OK;
 }
 
-static void fill_positions(const epic_seq_batch *seqs, int n_seqs, scratch *s) {
-  int64_t r = 0;
-  for (int i = 0; i < n_seqs; i++)
-    for (int64_t t = 0; t < seqs[i].n_tokens; t++, r++) {
-      s->pos[r] = (int32_t)(seqs[i].start + t);
-      s->ids[r] = seqs[i].tokens[t];
+/* The forward's index arrays, built on the host and uploaded in one copy:
+ * positions and ids of every token, the hn row of each LM-head row, every
+ * sequence's block table and its cache length after the forward. */
+static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape *sh, scratch *s) {
+  epic_model *m = f->m;
+  const int64_t n = plan_len(sh);
+  int32_t *h = xbuf(m, 0, XB_FWD, (size_t)n * sizeof(int32_t));
+  int32_t *pos, *ids, *rows, *tables, *n_ctx;
+  int64_t r = 0, out = 0;
+  if (!h) return EPIC_ERR_NOMEM;
+  pos = h;
+  ids = pos + sh->M;
+  rows = ids + sh->M;
+  tables = rows + sh->out_rows;
+  n_ctx = tables + (int64_t)sh->n_seqs * sh->stride;
+  memset(tables, 0, (size_t)(sh->n_seqs * sh->stride) * sizeof(int32_t));
+  for (int i = 0; i < sh->n_seqs; i++) {
+    const epic_seq_batch *sq = &seqs[i];
+    for (int64_t t = 0; t < sq->n_tokens; t++, r++) {
+      pos[r] = (int32_t)(sq->start + t);
+      ids[r] = sq->tokens[t];
+      if (sq->all_logits || t == sq->n_tokens - 1) rows[out++] = (int32_t)r;
     }
+    memcpy(tables + (int64_t)i * sh->stride, sq->kv->pages, (size_t)sq->kv->n_pages * sizeof(int32_t));
+    n_ctx[i] = (int32_t)(sq->start + sq->n_tokens);
+  }
+  EPIC_CHECK(m->ops->vt->upload(m->ops, s->plan, h, (size_t)n * sizeof(int32_t)));
+  /* The pos / ids arrays the ops read are the plan's own. */
+  s->pos = s->plan;
+  s->ids = s->plan + sh->M;
+  f->out_rows = s->plan + 2 * sh->M;
+  f->tables = f->out_rows + sh->out_rows;
+  f->n_ctx = f->tables + (int64_t)sh->n_seqs * sh->stride;
+  f->stride = sh->stride > 0 ? sh->stride : 1;
+  return EPIC_OK;
 }
 
 /* Final norm + head for the rows the caller asked for; commits cache lengths. */
-static epic_status finish(epic_model *m, const epic_seq_batch *seqs, int n_seqs, int64_t M,
+static epic_status finish(fwd *f, const epic_seq_batch *seqs, int n_seqs, const fwd_shape *sh,
                           const float *norm_w, const epic_weight *head, scratch *s, float *logits,
                           float *hidden) {
+  epic_model *m = f->m;
   epic_ops *o = m->ops;
-  const int64_t D = m->cfg.hidden_size;
-  int64_t r0 = 0, out = 0;
-  EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, M, D, norm_w, (float)m->cfg.rms_norm_eps, s->hn, D));
-  for (int i = 0; i < n_seqs; i++) {
-    const int64_t n = seqs[i].n_tokens, first = seqs[i].all_logits ? 0 : n - 1;
-    memcpy(s->rows + out * D, s->hn + (r0 + first) * D, (size_t)((n - first) * D) * sizeof(float));
-    out += n - first;
-    r0 += n;
-  }
+  const int64_t D = m->cfg.hidden_size, V = m->cfg.vocab_size, out = sh->out_rows;
+  EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, sh->M, D, norm_w, (float)m->cfg.rms_norm_eps, s->hn, D));
+  EPIC_CHECK(o->vt->copy_rows(o, out, D, s->hn, D, f->out_rows, s->rows, D, NULL));
   if (hidden) EPIC_CHECK(o->vt->download(o, hidden, s->rows, (size_t)(out * D) * sizeof(float)));
-  EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, logits, m->cfg.vocab_size));
+  if (o->vt->host_visible) {
+    EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, logits, V));
+  } else {
+    EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, s->logits, V));
+    EPIC_CHECK(o->vt->download(o, logits, s->logits, (size_t)(out * V) * sizeof(float)));
+  }
   for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_tokens = seqs[i].start + seqs[i].n_tokens;
   return EPIC_OK;
 }
@@ -1021,36 +1256,37 @@ static int split_point(const epic_seq_batch *seqs, int n_seqs, int64_t M) {
   return best;
 }
 
-/* Start a forward: validate and reserve (prepare), carve the scratch, fill
- * positions and ids, and split the batch into the model's micro-batches. On
- * error nothing is reserved. */
+/* Start a forward: validate and reserve (prepare), carve the scratch, upload the
+ * plan, and split the batch into the model's micro-batches. On error nothing is
+ * reserved. */
 static epic_status fwd_open(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
-                            int n_seqs, fwd *f, scratch *s, int64_t *M) {
+                            int n_seqs, fwd *f, scratch *s, fwd_shape *sh) {
   const int64_t D = m->cfg.hidden_size;
   const int64_t K = m->cfg.num_experts_per_tok > 0 ? m->cfg.num_experts_per_tok : 1;
-  int64_t max_ctx, max_abs, M0 = 0;
+  int64_t M0 = 0;
   int cut;
   epic_status st;
   memset(f, 0, sizeof *f);
   f->m = m;
   f->kc = kc;
   f->n_mb = m->micro_batches;
-  EPIC_CHECK(prepare(m, kc, seqs, n_seqs, M, &max_ctx, &max_abs));
-  cut = f->n_mb == 2 ? split_point(seqs, n_seqs, *M) : n_seqs;
+  EPIC_CHECK(prepare(m, kc, seqs, n_seqs, sh));
+  cut = f->n_mb == 2 ? split_point(seqs, n_seqs, sh->M) : n_seqs;
   for (int i = 0; i < cut; i++) M0 += seqs[i].n_tokens;
-  st = scratch_get(m, *M, M0 > *M - M0 ? M0 : *M - M0, max_ctx, max_abs,
-                   epic_batch_out_rows(seqs, n_seqs), s);
+  sh->Mw = M0 > sh->M - M0 ? M0 : sh->M - M0;
+  st = scratch_get(m, sh, s);
+  if (st == EPIC_OK) st = fwd_plan(f, seqs, sh, s);
   if (st != EPIC_OK) {
     rollback(kc, seqs, n_seqs);
     return st;
   }
-  fill_positions(seqs, n_seqs, s);
   for (int i = 0; i < f->n_mb; i++) {
     micro_batch *b = &f->mb[i];
     b->id = i;
-    b->seqs = seqs + (i ? cut : 0);
+    b->seq0 = i ? cut : 0;
+    b->seqs = seqs + b->seq0;
     b->n_seqs = i ? n_seqs - cut : cut;
-    b->M = i ? *M - M0 : M0;
+    b->M = i ? sh->M - M0 : M0;
     b->s = scratch_slice(s, i ? M0 : 0, D, K);
   }
   return EPIC_OK;
@@ -1081,20 +1317,20 @@ epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_b
   const double t0 = epic_now_seconds();
   fwd f;
   scratch s;
-  int64_t M = 0;
+  fwd_shape sh = {0};
   epic_status st;
-  EPIC_CHECK_GOTO(fwd_open(m, kc, seqs, n_seqs, &f, &s, &M), st, done);
-  if (M > 0) EPIC_CHECK_GOTO(o->vt->embed(o, &m->embed, s.ids, M, s.h), st, fail);
+  EPIC_CHECK_GOTO(fwd_open(m, kc, seqs, n_seqs, &f, &s, &sh), st, done);
+  if (sh.M > 0) EPIC_CHECK_GOTO(o->vt->embed(o, &m->embed, s.ids, sh.M, s.h), st, fail);
   EPIC_CHECK_GOTO(run_layers(&f, m->layers, m->cfg.num_hidden_layers), st, fail);
-  if (M > 0)
-    EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->final_norm, &m->lm_head, &s, logits, hidden), st,
-                    fail);
+  if (sh.M > 0)
+    EPIC_CHECK_GOTO(finish(&f, seqs, n_seqs, &sh, m->final_norm, &m->lm_head, &s, logits, hidden),
+                    st, fail);
   st = EPIC_OK;
   goto done;
 fail:
   rollback(kc, seqs, n_seqs);
 done:
-  fwd_close(&f, &before, t0, M);
+  fwd_close(&f, &before, t0, sh.M);
   return st;
 }
 
@@ -1107,7 +1343,8 @@ epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_s
   const double t0 = epic_now_seconds();
   fwd f;
   scratch s;
-  int64_t M = 0, r = 0;
+  fwd_shape sh = {0};
+  int64_t r = 0;
   epic_status st;
   if (!m->has_mtp) {
     EPIC_LOG_ERROR("model: no MTP layer loaded");
@@ -1118,29 +1355,30 @@ epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_s
       EPIC_LOG_ERROR("mtp forward: sequence %d has no hidden states", i);
       return EPIC_ERR_INVALID;
     }
-  EPIC_CHECK_GOTO(fwd_open(m, kc, seqs, n_seqs, &f, &s, &M), st, done);
-  if (M > 0) {
+  EPIC_CHECK_GOTO(fwd_open(m, kc, seqs, n_seqs, &f, &s, &sh), st, done);
+  if (sh.M > 0) {
     /* x = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]): embedding half first. */
-    EPIC_CHECK_GOTO(o->vt->embed(o, &m->mtp.embed, s.ids, M, s.a), st, fail);
+    EPIC_CHECK_GOTO(o->vt->embed(o, &m->mtp.embed, s.ids, sh.M, s.a), st, fail);
     for (int i = 0; i < n_seqs; i++) {
       EPIC_CHECK_GOTO(o->vt->upload(o, s.hn + r * D, seqs[i].hidden,
                                     (size_t)(seqs[i].n_tokens * D) * sizeof(float)),
                       st, fail);
       r += seqs[i].n_tokens;
     }
-    EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.a, D, M, D, m->mtp.enorm, eps, s.x2, 2 * D), st, fail);
-    EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.hn, D, M, D, m->mtp.hnorm, eps, s.x2 + D, 2 * D), st, fail);
-    EPIC_CHECK_GOTO(o->vt->matmul(o, s.x2, 2 * D, M, &m->mtp.eh_proj, s.h, D), st, fail);
+    EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.a, D, sh.M, D, m->mtp.enorm, eps, s.x2, 2 * D), st, fail);
+    EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.hn, D, sh.M, D, m->mtp.hnorm, eps, s.x2 + D, 2 * D), st,
+                    fail);
+    EPIC_CHECK_GOTO(o->vt->matmul(o, s.x2, 2 * D, sh.M, &m->mtp.eh_proj, s.h, D), st, fail);
   }
   EPIC_CHECK_GOTO(run_layers(&f, &m->mtp.layer, 1), st, fail);
-  if (M > 0)
-    EPIC_CHECK_GOTO(finish(m, seqs, n_seqs, M, m->mtp.head_norm, &m->mtp.head, &s, logits, NULL),
-                    st, fail);
+  if (sh.M > 0)
+    EPIC_CHECK_GOTO(
+        finish(&f, seqs, n_seqs, &sh, m->mtp.head_norm, &m->mtp.head, &s, logits, NULL), st, fail);
   st = EPIC_OK;
   goto done;
 fail:
   rollback(kc, seqs, n_seqs);
 done:
-  fwd_close(&f, &before, t0, M);
+  fwd_close(&f, &before, t0, sh.M);
   return st;
 }

@@ -39,8 +39,10 @@ typedef struct epic_model_params {
    * is the rank holding expert e of layer l, for l in 0..num_hidden_layers (the
    * last row is the MTP layer); NULL = contiguous blocks (rank r holds experts
    * [r*E/N, (r+1)*E/N)). Every rank must then run each forward in lock-step with
-   * the others (a rank without tokens passes n_seqs = 0). The exchange runs in
-   * host memory: a backend with device buffers (nccl) is EPIC_ERR_UNSUPPORTED. */
+   * the others (a rank without tokens passes n_seqs = 0). The exchanged rows
+   * live in the compute backend's memory: on a GPU backend a host-memory comm (mpi,
+   * ucx) gets host copies, nccl moves them directly; nccl with the CPU backend is
+   * EPIC_ERR_UNSUPPORTED. */
   epic_comm *comm;
   const int32_t *expert_owner;
 } epic_model_params;
@@ -122,6 +124,12 @@ typedef struct epic_model_stats {
 } epic_model_stats;
 
 void epic_model_get_stats(const epic_model *m, epic_model_stats *out);
+
+/* Tokens this rank routed to each global routed expert since load, summed over the
+ * MoE layers (main model and MTP): counts[n_routed_experts]. Each (token, expert)
+ * pair counts once, on the rank that owns the token, whichever rank runs the
+ * expert: the load statistics for expert placement (DESIGN §7). */
+epic_status epic_model_expert_tokens(const epic_model *m, int64_t *counts);
 void epic_model_reset_stats(epic_model *m);
 
 #endif

@@ -14,7 +14,9 @@
  * (it is small: ids and positions, no activations) and runs the entries that name
  * it; all ranks then exchange results in one allgatherv whose counts follow from
  * the plan: rank r contributes an epic_step_reply followed by one epic_step_sample
- * per SAMPLE entry of rank r, in entry order.
+ * per SAMPLE entry of rank r, in entry order; the engine appends its own fixed-size
+ * parts after them (top-logprob lists, per-rank statistics and expert counts: see
+ * reply_size in coordinator/engine.c), the same size on every rank.
  * All ranks of a job run the same binary on the same architecture, so the
  * structs go over the wire as they are (fixed-width fields, no padding holes).
  *

@@ -184,6 +184,83 @@ static void cpu_destroy(epic_ops *o) {
   free(c);
 }
 
+/* ---- ABI 3: the ops that keep a forward in backend memory ---- */
+
+static epic_status cpu_copy_rows(epic_ops *o, int64_t n, int64_t cols, const float *src,
+                                 int64_t ld_src, const int32_t *src_idx, float *dst,
+                                 int64_t ld_dst, const int32_t *dst_idx) {
+  if (n == 0 || cols == 0) return EPIC_OK;
+  if (n < 0 || cols < 0 || !src || !dst) return EPIC_ERR_INVALID;
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t r = src_idx ? src_idx[i] : i, w = dst_idx ? dst_idx[i] : i;
+    if (r < 0 || w < 0) {
+      EPIC_LOG_ERROR("copy_rows: negative row index at item %lld", (long long)i);
+      return EPIC_ERR_INVALID;
+    }
+    /* memcpy keeps int32 bit patterns (expert tags) exactly. */
+    memcpy(dst + w * ld_dst, src + r * ld_src, (size_t)cols * sizeof(float));
+  }
+  return EPIC_OK;
+}
+
+static epic_status cpu_zero(epic_ops *o, void *p, size_t bytes) {
+  if (bytes == 0) return EPIC_OK;
+  if (!p) return EPIC_ERR_INVALID;
+  memset(p, 0, bytes);
+  return EPIC_OK;
+}
+
+static epic_status cpu_moe_combine(epic_ops *o, int64_t m, int64_t top_k, int64_t n,
+                                   const float *rows, const int32_t *slot, const float *w,
+                                   float *y) {
+  epic_cpu_ops *c = (epic_cpu_ops *)o;
+  if (m == 0 || top_k == 0 || n == 0) return EPIC_OK;
+  if (m < 0 || top_k < 0 || n < 0 || !rows || !w || !y) return EPIC_ERR_INVALID;
+  /* Tokens are independent; inside a token k runs in order, as the contract says. */
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m * n > 65536)
+  for (int64_t t = 0; t < m; t++)
+    for (int64_t k = 0; k < top_k; k++) {
+      const int64_t i = t * top_k + k;
+      const float a = w[i], *x = rows + (slot ? (int64_t)slot[i] : i) * n;
+      float *yt = y + t * n;
+      for (int64_t j = 0; j < n; j++) yt[j] += a * x[j];
+    }
+  return EPIC_OK;
+}
+
+static epic_status cpu_kv_store_batch(epic_ops *o, const epic_kv_batch *kv, int64_t n_seq,
+                                      const float *latent, int64_t ld_latent, const float *kpe,
+                                      int64_t ld_kpe) {
+  if (n_seq == 0) return EPIC_OK;
+  if (!kv || n_seq < 0 || !kv->n_ctx || !kv->block_tables) return EPIC_ERR_INVALID;
+  for (int64_t s = 0; s < n_seq; s++) {
+    const epic_kv_view v = {.pool = kv->pool, .page_size = kv->page_size, .width = kv->width,
+                            .lora = kv->lora, .block_table = kv->block_tables + s * kv->table_stride,
+                            .n_ctx = kv->n_ctx[s]};
+    if (kv->n_ctx[s] < 1) return EPIC_ERR_INVALID;
+    EPIC_CHECK(cpu_kv_store(o, &v, kv->n_ctx[s] - 1, 1, latent + s * ld_latent, ld_latent,
+                            kpe + s * ld_kpe, ld_kpe));
+  }
+  return EPIC_OK;
+}
+
+static epic_status cpu_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
+                                      const int64_t *off_host, const int32_t *off_dev,
+                                      int64_t n_groups, const epic_weight *w, int64_t w_stride,
+                                      float *y, int64_t ldy) {
+  if (n_groups < 0 || !off_host || (n_groups > 0 && !w)) return EPIC_ERR_INVALID;
+  for (int64_t g = 0; g < n_groups; g++) {
+    const int64_t rows = off_host[g + 1] - off_host[g];
+    if (rows < 0) return EPIC_ERR_INVALID;
+    if (rows > 0)
+      EPIC_CHECK(epic_cpu_matmul(o, x + off_host[g] * ldx, ldx, rows, &w[g * w_stride],
+                                 y + off_host[g] * ldy, ldy));
+  }
+  return EPIC_OK;
+}
+
+static epic_status cpu_sync(epic_ops *o) { return EPIC_OK; }
+
 static const epic_ops_vt epic_cpu_vt = {
     .abi_version = EPIC_OPS_ABI_VERSION,
     .name = "cpu",
@@ -205,6 +282,13 @@ static const epic_ops_vt epic_cpu_vt = {
     .download = cpu_copy,
     .destroy = cpu_destroy,
     .mla_absorbed_batch = epic_cpu_mla_absorbed_batch,
+    .host_visible = 1,
+    .copy_rows = cpu_copy_rows,
+    .zero = cpu_zero,
+    .moe_combine = cpu_moe_combine,
+    .kv_store_batch = cpu_kv_store_batch,
+    .grouped_matmul = cpu_grouped_matmul,
+    .sync = cpu_sync,
 };
 
 epic_status epic_ops_cpu_create(int n_threads, epic_ops **out) {

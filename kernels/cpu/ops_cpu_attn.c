@@ -128,12 +128,14 @@ epic_status epic_cpu_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, in
   if (m == 0 || n_heads == 0 || n == 0) return EPIC_OK;
   if (m < 0 || n_heads < 0 || k <= 0 || n < 0 || !x || !a || !y) return EPIC_ERR_INVALID;
   epic_cpu_ops *c = epic_cpu_of(o);
-  /* cblas rejects leading dimensions below the row length even when m == 1. */
-  const int64_t ldx = m > 1 ? ld_x_tok : k, ldy = m > 1 ? ld_y_tok : n;
-#pragma omp parallel for num_threads(c->n_threads) schedule(dynamic, 1) if (n_heads > 1)
-  for (int64_t h = 0; h < n_heads; h++)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, trans ? CblasTrans : CblasNoTrans, (int)m, (int)n,
-                (int)k, 1.0f, x + h * ld_x_head, (int)ldx, a + h * ld_a_head,
-                trans ? (int)k : (int)n, 0.0f, y + h * ld_y_head, (int)ldy);
+  /* One token at a time: BLAS may pick other kernels (other summation orders) for
+   * other row counts, and a token's result must not depend on how many sequences
+   * share its decode batch. */
+#pragma omp parallel for num_threads(c->n_threads) schedule(dynamic, 1) collapse(2) if (n_heads * m > 1)
+  for (int64_t t = 0; t < m; t++)
+    for (int64_t h = 0; h < n_heads; h++)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, trans ? CblasTrans : CblasNoTrans, 1, (int)n,
+                  (int)k, 1.0f, x + t * ld_x_tok + h * ld_x_head, (int)k, a + h * ld_a_head,
+                  trans ? (int)k : (int)n, 0.0f, y + t * ld_y_tok + h * ld_y_head, (int)n);
   return EPIC_OK;
 }

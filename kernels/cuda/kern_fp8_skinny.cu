@@ -127,6 +127,108 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- grouped (per-expert) variant: one launch for every expert of an MoE layer.
+// blockIdx.y is the group (expert), blockIdx.x a tile of kGroupedTile weight rows. The
+// group's rows of x (contiguous, rows off[g] .. off[g+1]) are taken up to four at a
+// time into shared memory; each pass streams the tile's weight rows once (a second
+// pass mostly hits L2). Groups with more than max_rows rows are skipped here (the host
+// runs them as ordinary GEMMs).
+constexpr int kGroupedTile = 2 * kWarps * 4; // 64 rows: each warp does 4 row pairs
+
+template <int M>
+__device__ __forceinline__ void grouped_rows(const float *xs, int k, const uint8_t *w,
+                                             const float *sc, int r_begin, int r_end, int br,
+                                             int bc, int nbc, float *y, int64_t ldy) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  for (int r0 = r_begin + 2 * wid; r0 < r_end; r0 += 2 * kWarps) {
+    const int r1 = r0 + 1 < r_end ? r0 + 1 : r0;
+    const uint8_t *w0 = w + (int64_t)r0 * k, *w1 = w + (int64_t)r1 * k;
+    const float *s0 = sc + (int64_t)(r0 / br) * nbc, *s1 = sc + (int64_t)(r1 / br) * nbc;
+    float acc0[M], acc1[M];
+#pragma unroll
+    for (int t = 0; t < M; t++)
+      acc0[t] = acc1[t] = 0.0f;
+    int c = lane * 16;
+    for (; c + 3 * 512 < k; c += 4 * 512) {
+      uint4 v0[4], v1[4];
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        v0[q] = __ldg((const uint4 *)(w0 + c + q * 512));
+        v1[q] = __ldg((const uint4 *)(w1 + c + q * 512));
+      }
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        const int cq = c + q * 512;
+        float a[16];
+        fp8x16(v0[q], a);
+        dot16<M>(a, xs, k, cq, s0[cq / bc], acc0);
+        fp8x16(v1[q], a);
+        dot16<M>(a, xs, k, cq, s1[cq / bc], acc1);
+      }
+    }
+    for (; c < k; c += 512) {
+      const uint4 v0 = __ldg((const uint4 *)(w0 + c)), v1 = __ldg((const uint4 *)(w1 + c));
+      float a[16];
+      fp8x16(v0, a);
+      dot16<M>(a, xs, k, c, s0[c / bc], acc0);
+      fp8x16(v1, a);
+      dot16<M>(a, xs, k, c, s1[c / bc], acc1);
+    }
+#pragma unroll
+    for (int t = 0; t < M; t++) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        acc0[t] += __shfl_xor_sync(0xffffffffu, acc0[t], o);
+        acc1[t] += __shfl_xor_sync(0xffffffffu, acc1[t], o);
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int t = 0; t < M; t++) {
+        y[t * ldy + r0] = acc0[t];
+        if (r1 != r0)
+          y[t * ldy + r1] = acc1[t];
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    k_fp8_grouped(const float *x, int64_t ldx, const int32_t *off, const epic_cuk_group_w *tab,
+                  int n, int k, int br, int bc, int nbc, int max_rows, float *y, int64_t ldy) {
+  extern __shared__ __align__(16) float xs[]; // [4][k]
+  const int g = blockIdx.y;
+  const int row0 = off[g], cnt = off[g + 1] - row0;
+  const int r_begin = blockIdx.x * kGroupedTile;
+  const int r_end = r_begin + kGroupedTile < n ? r_begin + kGroupedTile : n;
+  if (cnt <= 0 || cnt > max_rows || r_begin >= n)
+    return;
+  const uint8_t *w = tab[g].data;
+  const float *sc = tab[g].scale;
+  for (int t0 = 0; t0 < cnt; t0 += 4) {
+    const int mc = cnt - t0 < 4 ? cnt - t0 : 4;
+    const float *xt = x + (int64_t)(row0 + t0) * ldx;
+    __syncthreads(); // the previous pass is done with xs
+    if (ldx % 4 == 0 && ((uintptr_t)x & 15u) == 0) {
+      for (int t = 0; t < mc; t++)
+        for (int c = threadIdx.x * 4; c < k; c += kThreads * 4)
+          *(float4 *)(xs + t * k + c) = *(const float4 *)(xt + t * ldx + c);
+    } else {
+      for (int t = 0; t < mc; t++)
+        for (int c = threadIdx.x; c < k; c += kThreads)
+          xs[t * k + c] = xt[t * ldx + c];
+    }
+    __syncthreads();
+    float *yt = y + (int64_t)(row0 + t0) * ldy;
+    switch (mc) {
+    case 1: grouped_rows<1>(xs, k, w, sc, r_begin, r_end, br, bc, nbc, yt, ldy); break;
+    case 2: grouped_rows<2>(xs, k, w, sc, r_begin, r_end, br, bc, nbc, yt, ldy); break;
+    case 3: grouped_rows<3>(xs, k, w, sc, r_begin, r_end, br, bc, nbc, yt, ldy); break;
+    default: grouped_rows<4>(xs, k, w, sc, r_begin, r_end, br, bc, nbc, yt, ldy); break;
+    }
+  }
+}
+
 template <int M> cudaError_t set_smem() {
   return cudaFuncSetAttribute(k_fp8_skinny<M>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               (int)kMaxSmem);
@@ -166,7 +268,10 @@ int epic_cuk_fp8_skinny_ok(const epic_weight *w, int64_t m) {
 }
 
 cudaError_t epic_cuk_fp8_skinny_prepare(void) {
-  cudaError_t e = set_smem<1>();
+  cudaError_t e = cudaFuncSetAttribute(k_fp8_grouped, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)kMaxSmem);
+  if (e == cudaSuccess)
+    e = set_smem<1>();
   if (e == cudaSuccess)
     e = set_smem<2>();
   if (e == cudaSuccess)
@@ -185,6 +290,24 @@ cudaError_t epic_cuk_fp8_skinny(const float *x, int64_t ldx, int64_t m, const ep
   case 4: return launch<4>(x, ldx, w, y, ldy, sm_count, st);
   default: return cudaErrorInvalidValue;
   }
+}
+
+int epic_cuk_fp8_grouped_ok(const epic_weight *w) {
+  return epic_cuk_fp8_skinny_ok(w, EPIC_CUK_SKINNY_MAX_M);
+}
+
+cudaError_t epic_cuk_fp8_grouped(const float *x, int64_t ldx, const int32_t *off, int64_t n_groups,
+                                 const epic_cuk_group_w *tab, const epic_weight *shape,
+                                 int max_rows, float *y, int64_t ldy, cudaStream_t st) {
+  const int n = (int)shape->rows, k = (int)shape->cols;
+  const size_t smem = (size_t)EPIC_CUK_SKINNY_MAX_M * k * sizeof(float);
+  const int nbc = (int)((shape->cols + shape->block_cols - 1) / shape->block_cols);
+  if (n_groups <= 0 || n_groups > 65535)
+    return n_groups == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  const dim3 grid((unsigned)((n + kGroupedTile - 1) / kGroupedTile), (unsigned)n_groups);
+  k_fp8_grouped<<<grid, kThreads, smem, st>>>(x, ldx, off, tab, n, k, (int)shape->block_rows,
+                                              (int)shape->block_cols, nbc, max_rows, y, ldy);
+  return cudaGetLastError();
 }
 
 } // extern "C"

@@ -72,6 +72,14 @@ epic_status epic_ops_cuda_set_mla_precision(epic_ops *o, epic_cuda_mla_precision
   return EPIC_OK;
 }
 
+epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
+  if (!o || (p != EPIC_CUDA_PREC_FAST && p != EPIC_CUDA_PREC_EXACT))
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->exact_matmul = p == EPIC_CUDA_PREC_EXACT;
+  epic_cuda_of(o)->mla_prec = p == EPIC_CUDA_PREC_EXACT ? EPIC_CUDA_MLA_EXACT : EPIC_CUDA_MLA_TF32;
+  return EPIC_OK;
+}
+
 /* Synchronise and report device-detected faults (then clear them). */
 static epic_status sync_and_report(epic_cuda_ops *c) {
   int flag = 0;
@@ -267,6 +275,52 @@ static epic_status cuda_kv_gather(epic_ops *o, const epic_kv_view *kv, int64_t n
   return launched(epic_cuk_kv_gather(kv, n, latent, kpe, epic_cuda_of(o)->stream), "kv_gather");
 }
 
+/* ---------------------------------------------------------------- ABI 3 */
+
+static epic_status cuda_copy_rows(epic_ops *o, int64_t n, int64_t cols, const float *src,
+                                  int64_t ld_src, const int32_t *src_idx, float *dst,
+                                  int64_t ld_dst, const int32_t *dst_idx) {
+  if (n == 0 || cols == 0)
+    return EPIC_OK;
+  if (n < 0 || cols < 0 || !src || !dst || ld_src < 0 || ld_dst < 0)
+    return EPIC_ERR_INVALID;
+  return launched(epic_cuk_copy_rows(n, cols, src, ld_src, src_idx, dst, ld_dst, dst_idx,
+                                     epic_cuda_of(o)->stream),
+                  "copy_rows");
+}
+
+static epic_status cuda_zero(epic_ops *o, void *p, size_t bytes) {
+  if (bytes == 0)
+    return EPIC_OK;
+  if (!p)
+    return EPIC_ERR_INVALID;
+  return epic_cuda_check(cudaMemsetAsync(p, 0, bytes, epic_cuda_of(o)->stream), "zero");
+}
+
+static epic_status cuda_moe_combine(epic_ops *o, int64_t m, int64_t top_k, int64_t n,
+                                    const float *rows, const int32_t *slot, const float *w,
+                                    float *y) {
+  if (m == 0 || top_k == 0 || n == 0)
+    return EPIC_OK;
+  if (m < 0 || top_k < 0 || n < 0 || !rows || !w || !y)
+    return EPIC_ERR_INVALID;
+  return launched(epic_cuk_moe_combine(m, top_k, n, rows, slot, w, y, epic_cuda_of(o)->stream),
+                  "moe_combine");
+}
+
+static epic_status cuda_kv_store_batch(epic_ops *o, const epic_kv_batch *kv, int64_t n_seq,
+                                       const float *latent, int64_t ld_latent, const float *kpe,
+                                       int64_t ld_kpe) {
+  if (n_seq == 0)
+    return EPIC_OK;
+  if (!kv || n_seq < 0 || !kv->pool || !kv->block_tables || !kv->n_ctx || kv->page_size <= 0 ||
+      kv->lora < 0 || kv->lora > kv->width || !latent || !kpe)
+    return EPIC_ERR_INVALID;
+  return launched(epic_cuk_kv_store_batch(kv, n_seq, latent, ld_latent, kpe, ld_kpe,
+                                          epic_cuda_of(o)->stream),
+                  "kv_store_batch");
+}
+
 /* ---------------------------------------------------------------- lifetime */
 
 static void cuda_destroy(epic_ops *o) {
@@ -275,6 +329,8 @@ static void cuda_destroy(epic_ops *o) {
   epic_cuda_ops *c = epic_cuda_of(o);
   if (c->stream)
     cudaStreamSynchronize(c->stream);
+  for (int i = 0; i < c->n_group_tabs; i++)
+    cudaFree(c->group_tabs[i].dev);
   for (int i = 0; i < EPIC_CUDA_LT_PLANS; i++) {
     epic_cuda_lt_plan *pl = &c->lt_plans[i];
     if (!pl->used)
@@ -324,6 +380,13 @@ static const epic_ops_vt epic_cuda_vt = {
     .download = cuda_download,
     .destroy = cuda_destroy,
     .mla_absorbed_batch = epic_cuda_mla_absorbed_batch,
+    .host_visible = 0,
+    .copy_rows = cuda_copy_rows,
+    .zero = cuda_zero,
+    .moe_combine = cuda_moe_combine,
+    .kv_store_batch = cuda_kv_store_batch,
+    .grouped_matmul = epic_cuda_grouped_matmul,
+    .sync = epic_ops_cuda_sync,
 };
 
 epic_status epic_ops_cuda_create(int device, epic_ops **out) {
@@ -345,6 +408,15 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   c->base.vt = &epic_cuda_vt;
   c->device = device;
   c->mla_prec = EPIC_CUDA_MLA_TF32;
+  {
+    const char *prec = getenv("EPIC_CUDA_PRECISION");
+    if (prec && strcmp(prec, "exact") == 0) {
+      c->exact_matmul = 1;
+      c->mla_prec = EPIC_CUDA_MLA_EXACT;
+    } else if (prec && *prec && strcmp(prec, "fast") != 0) {
+      EPIC_LOG_WARN("cuda: EPIC_CUDA_PRECISION=%s is neither fast nor exact; using fast", prec);
+    }
+  }
   epic_status st = EPIC_OK;
   struct cudaDeviceProp prop;
   EPIC_CHECK_GOTO(epic_cuda_check(cudaSetDevice(device), "set device"), st, fail);

@@ -67,6 +67,17 @@ typedef enum {
 } epic_cuda_mla_precision;
 epic_status epic_ops_cuda_set_mla_precision(epic_ops *o, epic_cuda_mla_precision p);
 
+/* Whole-backend precision. FAST (default): the paths described above. EXACT: BF16 and
+ * FP8 weights are dequantised to fp32 and multiplied by cuBLAS SGEMM (fp32
+ * activations, no TF32) and MLA decode runs 3xTF32, so a model matches the CPU
+ * reference to fp32 rounding (for parity checks; weights are read twice). The
+ * environment variable EPIC_CUDA_PRECISION=exact|fast sets it at create. */
+typedef enum {
+  EPIC_CUDA_PREC_FAST = 0,
+  EPIC_CUDA_PREC_EXACT = 1,
+} epic_cuda_precision;
+epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p);
+
 typedef enum {
   EPIC_CUDA_MM_INVALID = 0,
   EPIC_CUDA_MM_SGEMM,        /* F32 weight, cuBLAS fp32 */

@@ -39,7 +39,7 @@ typedef struct epic_cuda_lt_plan {
   cublasLtMatmulAlgo_t algo;
 } epic_cuda_lt_plan;
 
-enum { EPIC_CUDA_LT_PLANS = 48, EPIC_CUDA_MLA_MAX_SPLIT = 128 };
+enum { EPIC_CUDA_LT_PLANS = 48, EPIC_CUDA_MLA_MAX_SPLIT = 128, EPIC_CUDA_GROUP_TABS = 1024 };
 
 typedef struct epic_cuda_ops {
   epic_ops base; /* first: epic_ops * <-> epic_cuda_ops * */
@@ -54,8 +54,17 @@ typedef struct epic_cuda_ops {
   size_t blas_ws_bytes, lt_ws_bytes;
   int *err_flag; /* device int: set by kernels on faults only the device sees */
   epic_cuda_mla_precision mla_prec;
+  int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
   int lt_next; /* round-robin replacement in lt_plans */
   epic_cuda_lt_plan lt_plans[EPIC_CUDA_LT_PLANS];
+  /* Device tables of the expert weights of grouped_matmul, built on first use (the
+   * model's weight lists never move), keyed by the host list. */
+  struct epic_cuda_group_tab {
+    const epic_weight *key;
+    int64_t stride, n;
+    void *dev; /* epic_cuk_group_w[n] */
+  } group_tabs[EPIC_CUDA_GROUP_TABS];
+  int n_group_tabs;
   /* scratch */
   epic_cuda_buf act;   /* converted / quantised activations */
   epic_cuda_buf act_s; /* activation scales */
@@ -92,6 +101,10 @@ epic_status epic_cuda_mla_absorbed(epic_ops *o, const epic_kv_view *kv, const fl
 epic_status epic_cuda_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, int64_t n_seq,
                                          const float *q_abs, const float *q_pe, int64_t n_heads,
                                          float scale, float *ctx);
+epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
+                                     const int64_t *off_host, const int32_t *off_dev,
+                                     int64_t n_groups, const epic_weight *w, int64_t w_stride,
+                                     float *y, int64_t ldy);
 epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
                                 int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
                                 int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
@@ -117,6 +130,18 @@ int epic_cuk_fp8_skinny_ok(const epic_weight *w, int64_t m);
 cudaError_t epic_cuk_fp8_skinny_prepare(void);
 cudaError_t epic_cuk_fp8_skinny(const float *x, int64_t ldx, int64_t m, const epic_weight *w,
                                 float *y, int64_t ldy, int sm_count, cudaStream_t st);
+/* Grouped FP8 skinny GEMM (one launch per MoE layer projection): group g's rows
+ * [off[g], off[g+1]) of x times the weight whose storage tab[g] names (every group's
+ * weight has shape's rows, cols and blocks); groups with more than max_rows rows are
+ * left to the caller. off and tab are device memory. */
+typedef struct epic_cuk_group_w {
+  const uint8_t *data;
+  const float *scale;
+} epic_cuk_group_w;
+int epic_cuk_fp8_grouped_ok(const epic_weight *w);
+cudaError_t epic_cuk_fp8_grouped(const float *x, int64_t ldx, const int32_t *off, int64_t n_groups,
+                                 const epic_cuk_group_w *tab, const epic_weight *shape,
+                                 int max_rows, float *y, int64_t ldy, cudaStream_t st);
 /* Dequantise rows [r0, r0 + nr) of w into out [nr][w->cols], as bf16 (out_bf16) or fp32. */
 cudaError_t epic_cuk_dequant_rows(const epic_weight *w, int64_t r0, int64_t nr, void *out,
                                   int out_bf16, cudaStream_t st);
@@ -152,6 +177,17 @@ cudaError_t epic_cuk_kv_store(const epic_kv_view *kv, int64_t start, int64_t m, 
  * rows into latent [n][width] instead. */
 cudaError_t epic_cuk_kv_gather(const epic_kv_view *kv, int64_t n, float *latent, float *kpe,
                                cudaStream_t st);
+
+/* ABI 3 row movement (kern_moe.cu): see copy_rows, moe_combine and kv_store_batch in
+ * kernels/ops.h. */
+cudaError_t epic_cuk_copy_rows(int64_t n, int64_t cols, const float *src, int64_t ld_src,
+                               const int32_t *src_idx, float *dst, int64_t ld_dst,
+                               const int32_t *dst_idx, cudaStream_t st);
+cudaError_t epic_cuk_moe_combine(int64_t m, int64_t top_k, int64_t n, const float *rows,
+                                 const int32_t *slot, const float *w, float *y, cudaStream_t st);
+cudaError_t epic_cuk_kv_store_batch(const epic_kv_batch *kv, int64_t n_seq, const float *latent,
+                                    int64_t ld_latent, const float *kpe, int64_t ld_kpe,
+                                    cudaStream_t st);
 
 /* Row r = h * mc + i of s [rows][ld]: softmax over columns [0, first_valid + i), zeros
  * after (the causal mask of query i of a chunk). */

@@ -12,6 +12,7 @@
  * inside a block column. */
 #include <limits.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../../common/log.h"
@@ -120,6 +121,8 @@ static int64_t lt_ldd_f32(int64_t rows, int64_t ldy, const float *y) {
 static epic_cuda_mm_path choose_path(epic_cuda_ops *c, const epic_weight *w, int64_t m, int64_t ldy,
                                      const float *y, epic_cuda_lt_plan **plan) {
   *plan = NULL;
+  if (c->exact_matmul && (w->dtype == EPIC_DT_BF16 || w->dtype == EPIC_DT_F8E4M3))
+    return EPIC_CUDA_MM_DEQUANT_F32;
   switch (w->dtype) {
   case EPIC_DT_F32: return EPIC_CUDA_MM_SGEMM;
   case EPIC_DT_BF16: return EPIC_CUDA_MM_BF16;
@@ -321,4 +324,98 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
   }
   default: return EPIC_ERR_INVALID;
   }
+}
+
+/* ---------------------------------------------------------------- grouped */
+
+/* Groups with at most this many rows go through the grouped skinny kernel (each pass
+ * of four rows re-reads the weight tile, mostly from L2); larger ones are GEMMs. */
+enum { EPIC_CUDA_GROUPED_MAX_ROWS = 16 };
+
+static int same_layout(const epic_weight *a, const epic_weight *b) {
+  return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols &&
+         a->block_rows == b->block_rows && a->block_cols == b->block_cols;
+}
+
+/* The device table of list w (n groups, stride), built once; NULL when the loaded
+ * weights differ in layout from shape (then the caller multiplies group by group). */
+static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *w, int64_t stride,
+                                           int64_t n, const epic_weight *shape, epic_status *st) {
+  *st = EPIC_OK;
+  for (int i = 0; i < c->n_group_tabs; i++) {
+    struct epic_cuda_group_tab *t = &c->group_tabs[i];
+    if (t->key == w && t->stride == stride && t->n == n)
+      return t->dev;
+  }
+  if (c->n_group_tabs == EPIC_CUDA_GROUP_TABS)
+    return NULL;
+  epic_cuk_group_w *h = calloc((size_t)n, sizeof *h);
+  if (!h) {
+    *st = EPIC_ERR_NOMEM;
+    return NULL;
+  }
+  for (int64_t g = 0; g < n; g++) {
+    const epic_weight *wg = &w[g * stride];
+    if (!wg->data)
+      continue; /* another rank's expert: never given rows here */
+    if (!same_layout(wg, shape) || !epic_cuk_fp8_grouped_ok(wg)) {
+      free(h);
+      return NULL;
+    }
+    h[g].data = wg->data;
+    h[g].scale = wg->scale_inv;
+  }
+  void *d = NULL;
+  const size_t bytes = (size_t)n * sizeof *h;
+  cudaError_t e = cudaMalloc(&d, bytes);
+  if (e == cudaSuccess)
+    e = cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
+  free(h);
+  if (e != cudaSuccess) {
+    cudaFree(d);
+    *st = epic_cuda_check(e, "grouped matmul: weight table");
+    return NULL;
+  }
+  c->group_tabs[c->n_group_tabs++] =
+      (struct epic_cuda_group_tab){.key = w, .stride = stride, .n = n, .dev = d};
+  return d;
+}
+
+epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
+                                     const int64_t *off_host, const int32_t *off_dev,
+                                     int64_t n_groups, const epic_weight *w, int64_t w_stride,
+                                     float *y, int64_t ldy) {
+  epic_cuda_ops *c = epic_cuda_of(o);
+  const epic_weight *shape = NULL;
+  const epic_cuk_group_w *tab = NULL;
+  int64_t small = 0;
+  if (n_groups < 0 || !off_host || (n_groups > 0 && !w))
+    return EPIC_ERR_INVALID;
+  for (int64_t g = 0; g < n_groups; g++) {
+    const int64_t rows = off_host[g + 1] - off_host[g];
+    if (rows < 0)
+      return EPIC_ERR_INVALID;
+    if (rows > 0 && !shape)
+      shape = &w[g * w_stride];
+    small += rows > 0 && rows <= EPIC_CUDA_GROUPED_MAX_ROWS;
+  }
+  /* One launch pays when several groups are small (decode); exact mode keeps fp32 GEMMs. */
+  if (shape && small > 1 && off_dev && !c->exact_matmul && n_groups <= 65535 &&
+      off_host[n_groups] <= INT32_MAX && epic_cuk_fp8_grouped_ok(shape)) {
+    epic_status st;
+    tab = group_table(c, w, w_stride, n_groups, shape, &st);
+    EPIC_CHECK(st);
+  }
+  if (tab)
+    EPIC_CHECK_CUDA(epic_cuk_fp8_grouped(x, ldx, off_dev, n_groups, tab, shape,
+                                         EPIC_CUDA_GROUPED_MAX_ROWS, y, ldy, c->stream),
+                    "grouped FP8 kernel");
+  for (int64_t g = 0; g < n_groups; g++) {
+    const int64_t rows = off_host[g + 1] - off_host[g];
+    if (rows == 0 || (tab && rows <= EPIC_CUDA_GROUPED_MAX_ROWS))
+      continue;
+    EPIC_CHECK(epic_cuda_matmul(o, x + off_host[g] * ldx, ldx, rows, &w[g * w_stride],
+                                y + off_host[g] * ldy, ldy));
+  }
+  return EPIC_OK;
 }

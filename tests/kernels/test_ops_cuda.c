@@ -293,6 +293,59 @@ static void test_matmul(void **state) {
   tw_free(&t);
 }
 
+/* grouped_matmul: one launch over many experts against the CPU's per-group matmul.
+ * Groups of at most 16 rows take the grouped FP8 kernel (fp32 products: tight error),
+ * larger ones cuBLASLt (activation quantisation: looser), empty ones no weight. */
+static void test_grouped_matmul(void **state) {
+  (void)state;
+  enum { G = 12 };
+  const int64_t rows[G] = {1, 0, 2, 3, 4, 5, 16, 0, 1, 24, 7, 1}, n = 2048, k = 1024;
+  int64_t off[G + 1] = {0};
+  int32_t off32[G + 1] = {0};
+  tw w[G];
+  epic_weight hw[G], dw[G];
+  memset(hw, 0, sizeof hw);
+  memset(dw, 0, sizeof dw);
+  for (int g = 0; g < G; g++) {
+    off[g + 1] = off[g] + rows[g];
+    off32[g + 1] = (int32_t)off[g + 1];
+    if (rows[g] == 0)
+      continue; /* another rank's expert: no weight at all */
+    w[g] = tw_make(EPIC_DT_F8E4M3, n, k, 128, 128);
+    hw[g] = w[g].h;
+    dw[g] = w[g].d;
+  }
+  const int64_t m = off[G], ldy = n + 3;
+  float *x = xmalloc((size_t)(m * k) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
+  float *ref = xmalloc((size_t)(m * ldy) * 4);
+  fill(x, (size_t)(m * k), 1.0f);
+  float *dx = dup_dev(x, (size_t)(m * k) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
+  int32_t *doff = dup_dev(off32, sizeof off32);
+  for (int rep = 0; rep < 2; rep++) { /* the second call reuses the cached weight table */
+    poison(dy, (size_t)(m * ldy) * 4);
+    assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, k, off, doff, G, dw, 1, dy, ldy), EPIC_OK);
+  }
+  fetch(y, dy, (size_t)(m * ldy) * 4);
+  assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, x, k, off, NULL, G, hw, 1, ref, ldy), EPIC_OK);
+  for (int g = 0; g < G; g++) {
+    if (rows[g] == 0)
+      continue;
+    char what[64];
+    snprintf(what, sizeof what, "grouped_matmul group %d (%lld rows)", g, (long long)rows[g]);
+    check_err(what, rel_err2d(y + off[g] * ldy, ldy, ref + off[g] * ldy, ldy, rows[g], n),
+              rows[g] <= 16 ? 1e-5 : 5e-2);
+  }
+  for (int g = 0; g < G; g++)
+    if (rows[g])
+      tw_free(&w[g]);
+  dfree(dx);
+  dfree(dy);
+  dfree(doff);
+  free(x);
+  free(y);
+  free(ref);
+}
+
 /* ----------------------------------------------------------- element-wise */
 
 static void test_rmsnorm(void **state) {
@@ -388,6 +441,86 @@ static void test_silu_axpy(void **state) {
   free(a);
   free(b);
   free(bg);
+}
+
+/* ABI 3 row ops: copy_rows (bit-exact, int32 patterns included), zero, moe_combine and
+ * kv_store_batch against the CPU backend. */
+static void test_row_ops(void **state) {
+  (void)state;
+  const int64_t n = 1000, cols = 7168, ld_s = 7169, ld_d = 7172, K = 8, D = 7168;
+  const size_t ss = (size_t)(n * ld_s) * 4, ds = (size_t)(n * ld_d) * 4;
+  float *src = xmalloc(ss), *dst = xmalloc(ds), *ref = xmalloc(ds);
+  int32_t *sidx = xmalloc((size_t)n * 4), *didx = xmalloc((size_t)n * 4);
+  fill(src, (size_t)(n * ld_s), 1.0f);
+  for (int64_t i = 0; i < n; i++) {
+    const uint32_t bits = 0x7fa00000u + (uint32_t)i; /* NaN patterns must pass unchanged */
+    memcpy(&src[i * ld_s], &bits, 4);
+    sidx[i] = (int32_t)((i * 7919) % n);
+    didx[i] = (int32_t)((i * 104729) % n);
+  }
+  memset(ref, 0, ds);
+  float *dsrc = dup_dev(src, ss), *ddst = dalloc(ds);
+  int32_t *dsidx = dup_dev(sidx, (size_t)n * 4), *ddidx = dup_dev(didx, (size_t)n * 4);
+  assert_int_equal(g_gpu->vt->zero(g_gpu, ddst, ds), EPIC_OK);
+  assert_int_equal(g_gpu->vt->copy_rows(g_gpu, n, cols, dsrc, ld_s, dsidx, ddst, ld_d, ddidx),
+                   EPIC_OK);
+  fetch(dst, ddst, ds);
+  assert_int_equal(g_cpu->vt->copy_rows(g_cpu, n, cols, src, ld_s, sidx, ref, ld_d, didx), EPIC_OK);
+  assert_memory_equal(dst, ref, ds);
+  /* The vectorised path (aligned rows, no index on one side). */
+  assert_int_equal(g_gpu->vt->copy_rows(g_gpu, n, 1024, dsrc, 0, NULL, ddst, 1024, ddidx), EPIC_OK);
+  fetch(dst, ddst, (size_t)(n * 1024) * 4);
+  for (int64_t i = 0; i < n; i++) assert_memory_equal(&dst[didx[i] * 1024], src, 1024 * 4);
+
+  const int64_t m = 97;
+  const size_t rs = (size_t)(m * K * D) * 4, ys = (size_t)(m * D) * 4;
+  float *rows = xmalloc(rs), *w = xmalloc((size_t)(m * K) * 4), *y = xmalloc(ys), *yg = xmalloc(ys);
+  int32_t *slot = xmalloc((size_t)(m * K) * 4);
+  fill(rows, (size_t)(m * K * D), 1.0f);
+  fill(w, (size_t)(m * K), 1.0f);
+  fill(y, (size_t)(m * D), 1.0f);
+  for (int64_t i = 0; i < m * K; i++) slot[i] = (int32_t)((i * 31) % (m * K));
+  float *drows = dup_dev(rows, rs), *dw = dup_dev(w, (size_t)(m * K) * 4), *dy = dup_dev(y, ys);
+  int32_t *dslot = dup_dev(slot, (size_t)(m * K) * 4);
+  assert_int_equal(g_gpu->vt->moe_combine(g_gpu, m, K, D, drows, dslot, dw, dy), EPIC_OK);
+  assert_int_equal(g_gpu->vt->moe_combine(g_gpu, m, K, D, drows, NULL, dw, dy), EPIC_OK);
+  fetch(yg, dy, ys);
+  assert_int_equal(g_cpu->vt->moe_combine(g_cpu, m, K, D, rows, slot, w, y), EPIC_OK);
+  assert_int_equal(g_cpu->vt->moe_combine(g_cpu, m, K, D, rows, NULL, w, y), EPIC_OK);
+  check_err("moe_combine", rel_err2d(yg, D, y, D, m, D), 1e-6);
+
+  /* kv_store_batch on a 576-wide paged cache. */
+  const int64_t ps = 64, width = 576, lora = 512, ns = 40, stride = 4, pages = ns * stride;
+  const size_t ps_bytes = (size_t)(pages * ps * width) * 4;
+  float *pool = xmalloc(ps_bytes), *poolg = xmalloc(ps_bytes);
+  float *lat = xmalloc((size_t)(ns * 600) * 4), *kpe = xmalloc((size_t)(ns * 70) * 4);
+  int32_t *tables = xmalloc((size_t)(ns * stride) * 4), *nctx = xmalloc((size_t)ns * 4);
+  fill(pool, (size_t)(pages * ps * width), 1.0f);
+  fill(lat, (size_t)(ns * 600), 1.0f);
+  fill(kpe, (size_t)(ns * 70), 1.0f);
+  for (int64_t s = 0; s < ns; s++) {
+    /* A permutation of the pages: no two sequences share a row, so store order cannot matter. */
+    for (int64_t p = 0; p < stride; p++) tables[s * stride + p] = (int32_t)(((s * stride + p) * 7) % pages);
+    nctx[s] = (int32_t)(1 + (s * 37) % (stride * ps));
+  }
+  float *dpool = dup_dev(pool, ps_bytes), *dlat = dup_dev(lat, (size_t)(ns * 600) * 4);
+  float *dkpe = dup_dev(kpe, (size_t)(ns * 70) * 4);
+  int32_t *dtab = dup_dev(tables, (size_t)(ns * stride) * 4), *dnctx = dup_dev(nctx, (size_t)ns * 4);
+  epic_kv_batch kb = {.pool = dpool, .page_size = ps, .width = width, .lora = lora,
+                      .block_tables = dtab, .table_stride = stride, .n_ctx = dnctx,
+                      .max_ctx = stride * ps};
+  assert_int_equal(g_gpu->vt->kv_store_batch(g_gpu, &kb, ns, dlat, 600, dkpe, 70),
+                   EPIC_OK);
+  fetch(poolg, dpool, ps_bytes);
+  kb.pool = pool;
+  kb.block_tables = tables;
+  kb.n_ctx = nctx;
+  assert_int_equal(g_cpu->vt->kv_store_batch(g_cpu, &kb, ns, lat, 600, kpe, 70), EPIC_OK);
+  assert_memory_equal(poolg, pool, ps_bytes);
+  dfree(dsrc), dfree(ddst), dfree(dsidx), dfree(ddidx), dfree(drows), dfree(dw), dfree(dy);
+  dfree(dslot), dfree(dpool), dfree(dlat), dfree(dkpe), dfree(dtab), dfree(dnctx);
+  free(src), free(dst), free(ref), free(sidx), free(didx), free(rows), free(w), free(y), free(yg);
+  free(slot), free(pool), free(poolg), free(lat), free(kpe), free(tables), free(nctx);
 }
 
 static void test_embed(void **state) {
@@ -826,6 +959,7 @@ int main(void) {
       cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),
       cmocka_unit_test(test_silu_axpy), cmocka_unit_test(test_embed),
       cmocka_unit_test(test_route),     cmocka_unit_test(test_kv),
+      cmocka_unit_test(test_row_ops),   cmocka_unit_test(test_grouped_matmul),
       cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_mla),
   };
   return cmocka_run_group_tests_name("ops_cuda", tests, setup, teardown);

@@ -514,6 +514,12 @@ static void test_stats(void **state) {
   assert_int_equal(epic_model_set_micro_batches(f->m, 0), EPIC_ERR_INVALID);
   assert_int_equal(epic_model_set_micro_batches(f->m, 3), EPIC_ERR_INVALID);
   assert_int_equal(epic_model_kvcache_create(f->m, 0, 8, 64, &kc), EPIC_OK);
+  const epic_model_config *cfg = epic_model_get_config(f->m);
+  const int64_t E = cfg->n_routed_experts;
+  int64_t *cnt0 = calloc((size_t)E, sizeof *cnt0), *cnt1 = calloc((size_t)E, sizeof *cnt1);
+  int64_t moe_layers = 0, routed = 0;
+  assert_int_equal(epic_model_expert_tokens(f->m, cnt0), EPIC_OK);
+  for (int64_t l = 0; l < cfg->num_hidden_layers; l++) moe_layers += epic_config_is_moe_layer(cfg, l);
   epic_model_reset_stats(f->m);
   epic_model_get_stats(f->m, &st);
   assert_int_equal(st.forwards, 0);
@@ -526,6 +532,15 @@ static void test_stats(void **state) {
     assert_int_equal(epic_model_forward(f->m, kc, &b, 1, logits, NULL), EPIC_OK);
   }
   epic_model_set_micro_batches(f->m, 1);
+  /* Routing statistics: every (token, expert) pair of every MoE layer, once. */
+  assert_int_equal(epic_model_expert_tokens(f->m, cnt1), EPIC_OK);
+  for (int64_t e = 0; e < E; e++) {
+    assert_true(cnt1[e] >= cnt0[e]);
+    routed += cnt1[e] - cnt0[e];
+  }
+  assert_int_equal(routed, 8 * cfg->num_experts_per_tok * moe_layers);
+  free(cnt0);
+  free(cnt1);
   epic_model_get_stats(f->m, &st);
   assert_int_equal(st.forwards, 2);
   assert_int_equal(st.tokens, 8);

@@ -1,0 +1,98 @@
+// Row movement for the model's MoE and decode paths (ABI 3 ops): indexed row copy
+// (expert gathers, exchange packing, LM-head row picks), the ordered MoE combine, and
+// the decode-batch cache store. All are memory-bound one-pass kernels.
+#include <stdint.h>
+
+#include "ops_cuda_impl.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_of(int64_t rows) {
+  // Grid-stride loops below; 64k blocks cover any batch without a huge launch.
+  return (int)(rows < 65535 ? (rows > 0 ? rows : 1) : 65535);
+}
+
+// 32-bit words, not floats: expert tags travel as int32 bit patterns and must not be
+// touched by any float conversion.
+__global__ void k_copy_rows(int64_t n, int64_t cols, const uint32_t *src, int64_t ld_src,
+                            const int32_t *src_idx, uint32_t *dst, int64_t ld_dst,
+                            const int32_t *dst_idx, int vec4) {
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const int64_t r = src_idx ? src_idx[i] : i, w = dst_idx ? dst_idx[i] : i;
+    const uint32_t *s = src + r * ld_src;
+    uint32_t *d = dst + w * ld_dst;
+    if (vec4) {
+      const uint4 *s4 = reinterpret_cast<const uint4 *>(s);
+      uint4 *d4 = reinterpret_cast<uint4 *>(d);
+      for (int64_t j = threadIdx.x; j < cols / 4; j += blockDim.x) d4[j] = s4[j];
+    } else {
+      for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) d[j] = s[j];
+    }
+  }
+}
+
+// One block per token; each thread owns columns and adds the token's k results in
+// ascending k, so the sum order equals the CPU backend's.
+__global__ void k_moe_combine(int64_t m, int64_t top_k, int64_t n, const float *rows,
+                              const int32_t *slot, const float *w, float *y) {
+  for (int64_t t = blockIdx.x; t < m; t += gridDim.x) {
+    float *yt = y + t * n;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      float acc = yt[j];
+      for (int64_t k = 0; k < top_k; k++) {
+        const int64_t i = t * top_k + k;
+        const int64_t r = slot ? (int64_t)slot[i] : i;
+        acc = __fadd_rn(acc, __fmul_rn(w[i], rows[r * n + j]));
+      }
+      yt[j] = acc;
+    }
+  }
+}
+
+__global__ void k_kv_store_batch(float *pool, const int32_t *tables, int64_t stride,
+                                 const int32_t *n_ctx, int64_t ps, int64_t width, int64_t lora,
+                                 int64_t n_seq, const float *lat, int64_t ldl, const float *kpe,
+                                 int64_t ldk) {
+  for (int64_t s = blockIdx.x; s < n_seq; s += gridDim.x) {
+    const int64_t t = (int64_t)n_ctx[s] - 1;
+    const int32_t *table = tables + s * stride;
+    float *row = pool + ((int64_t)table[t / ps] * ps + t % ps) * width;
+    for (int64_t j = threadIdx.x; j < width; j += blockDim.x)
+      row[j] = j < lora ? lat[s * ldl + j] : kpe[s * ldk + j - lora];
+  }
+}
+
+} // namespace
+
+extern "C" {
+
+cudaError_t epic_cuk_copy_rows(int64_t n, int64_t cols, const float *src, int64_t ld_src,
+                               const int32_t *src_idx, float *dst, int64_t ld_dst,
+                               const int32_t *dst_idx, cudaStream_t st) {
+  const int vec4 = cols % 4 == 0 && ld_src % 4 == 0 && ld_dst % 4 == 0 &&
+                   ((uintptr_t)src % 16) == 0 && ((uintptr_t)dst % 16) == 0;
+  const int threads = cols / (vec4 ? 4 : 1) >= kThreads ? kThreads : 64;
+  k_copy_rows<<<grid_of(n), threads, 0, st>>>(n, cols, reinterpret_cast<const uint32_t *>(src),
+                                              ld_src, src_idx, reinterpret_cast<uint32_t *>(dst),
+                                              ld_dst, dst_idx, vec4);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_moe_combine(int64_t m, int64_t top_k, int64_t n, const float *rows,
+                                 const int32_t *slot, const float *w, float *y, cudaStream_t st) {
+  k_moe_combine<<<grid_of(m), kThreads, 0, st>>>(m, top_k, n, rows, slot, w, y);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_kv_store_batch(const epic_kv_batch *kv, int64_t n_seq, const float *latent,
+                                    int64_t ld_latent, const float *kpe, int64_t ld_kpe,
+                                    cudaStream_t st) {
+  k_kv_store_batch<<<grid_of(n_seq), 128, 0, st>>>(kv->pool, kv->block_tables, kv->table_stride,
+                                                    kv->n_ctx, kv->page_size, kv->width, kv->lora,
+                                                    n_seq, latent, ld_latent, kpe, ld_kpe);
+  return cudaGetLastError();
+}
+
+} // extern "C"
