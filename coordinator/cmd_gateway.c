@@ -16,6 +16,8 @@
 
 #ifdef EPIC_HAVE_GRPC
 #include "coordinator/gateway.h"
+#include "coordinator/http_cli.h"
+#include "coordinator/cli_security.h"
 
 static const char *USAGE =
     "usage: epic gateway --upstream HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [options]\n"
@@ -33,11 +35,17 @@ static const char *USAGE =
     "  --health-timeout SECS    deadline of one health check (default 1)\n"
     "  --drain-timeout SECS     grace period for running calls after SIGTERM (default 30)\n"
     "  --max-request-bytes SIZE largest request accepted (default 64MiB)\n"
+    "  --http HOST:PORT         also serve the OpenAI-compatible HTTP API there (through the\n"
+    "                           router: same upstream choice, health checks and retries; the\n"
+    "                           security options below apply to it too)\n"
+    "  --reasoning-parser NAME  deepseek_r1 (default) or none\n"
     "  -v, --verbose            log upstream state changes and more on stderr\n"
     "  -h, --help               this help\n";
 
 typedef struct gateway_opts {
   const char *listen;
+  const char *http; /* NULL = no HTTP front */
+  int reasoning;
   char *upstream_list;
   int verbose;
   float health_interval, health_timeout, drain_timeout;
@@ -45,13 +53,15 @@ typedef struct gateway_opts {
 } gateway_opts;
 
 static int parse(int argc, char **argv, gateway_opts *o) {
-  enum { O_UPSTREAM = 256, O_LISTEN, O_HINT, O_HTIMEOUT, O_DRAIN, O_MAXREQ };
+  enum { O_UPSTREAM = 256, O_LISTEN, O_HINT, O_HTIMEOUT, O_DRAIN, O_MAXREQ, O_HTTP, O_REASONING };
   static const struct option longopts[] = {{"upstream", required_argument, 0, O_UPSTREAM},
                                            {"listen", required_argument, 0, O_LISTEN},
                                            {"health-interval", required_argument, 0, O_HINT},
                                            {"health-timeout", required_argument, 0, O_HTIMEOUT},
                                            {"drain-timeout", required_argument, 0, O_DRAIN},
                                            {"max-request-bytes", required_argument, 0, O_MAXREQ},
+                                           {"http", required_argument, 0, O_HTTP},
+                                           {"reasoning-parser", required_argument, 0, O_REASONING},
                                            {"verbose", no_argument, 0, 'v'},
                                            {"help", no_argument, 0, 'h'},
                                            {0, 0, 0, 0}};
@@ -63,6 +73,7 @@ static int parse(int argc, char **argv, gateway_opts *o) {
   o->health_timeout = 1;
   o->drain_timeout = 30;
   o->max_request_bytes = (uint64_t)64 << 20;
+  o->reasoning = 1;
   optind = 1;
   while ((c = getopt_long(argc, argv, "vh", longopts, NULL)) != -1) {
     int bad = 0;
@@ -81,8 +92,13 @@ static int parse(int argc, char **argv, gateway_opts *o) {
     case O_MAXREQ:
       bad = epic_plan_cli_size(cmd, "--max-request-bytes", optarg, &o->max_request_bytes);
       break;
+    case O_HTTP: o->http = optarg; break;
+    case O_REASONING: bad = epic_http_cli_reasoning(cmd, optarg, &o->reasoning); break;
     case 'v': o->verbose = 1; break;
-    case 'h': fputs(USAGE, stdout); return 1;
+    case 'h':
+      fputs(USAGE, stdout);
+      epic_cli_security_help(stdout, EPIC_CLI_SEC_GATEWAY);
+      return 1;
     default: fputs("epic gateway: see --help\n", stderr); return -1;
     }
     if (bad)
@@ -139,9 +155,26 @@ static int split_upstreams(const char *list, char **buf, const char **items, int
 
 int epic_cmd_gateway(int argc, char **argv) {
   gateway_opts o;
+  epic_cli_security sec;
+  if (epic_cli_security_take("gateway", EPIC_CLI_SEC_GATEWAY, &argc, argv, &sec))
+    return 2;
   int pr = parse(argc, argv, &o);
   if (pr)
     return pr > 0 ? 0 : 2;
+  if (epic_cli_security_open("gateway", &sec, o.listen))
+    return 2;
+  if (o.http && epic_listen_check_plaintext("gateway", "--http", o.http, sec.gw.tls_cert != NULL,
+                                            sec.gw.plaintext) != EPIC_OK) {
+    epic_cli_security_close(&sec);
+    return 2;
+  }
+  /* The HTTP front reaches the router over a private socket (http_cli.h). */
+  epic_http_cli_internal internal;
+  memset(&internal, 0, sizeof internal);
+  if (o.http && epic_http_cli_internal_open(&internal, &sec.gw) != EPIC_OK) {
+    epic_cli_security_close(&sec);
+    return 1;
+  }
   epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, -1);
   char *buf = NULL;
   const char *ups[64];
@@ -149,6 +182,8 @@ int epic_cmd_gateway(int argc, char **argv) {
   epic_gw_router *r = NULL;
   if (split_upstreams(o.upstream_list, &buf, ups, 64, &n_ups) != 0) {
     free(buf);
+    epic_http_cli_internal_close(&internal);
+    epic_cli_security_close(&sec);
     return 2;
   }
   volatile sig_atomic_t *drain_requests = epic_cli_drain_signals();
@@ -160,19 +195,34 @@ int epic_cmd_gateway(int argc, char **argv) {
                               .health_timeout = o.health_timeout,
                               .drain_timeout = o.drain_timeout,
                               .max_request_bytes = (int64_t)o.max_request_bytes,
-                              .drain_requests = drain_requests};
+                              .drain_requests = drain_requests,
+                              .security = &sec.gw};
   if (epic_gw_router_create(&rp, &r) == EPIC_OK) {
     char addr[512];
     epic_gw_router_address(r, addr, sizeof addr);
     printf("epic gateway: %d upstream%s (%s), health checks every %.2fs\n", n_ups,
            n_ups > 1 ? "s" : "", o.upstream_list, (double)o.health_interval);
+    epic_cli_security_print(stdout, "gateway", &sec);
+    epic_http_cli *http = NULL;
+    if (o.http &&
+        epic_http_cli_gateway(o.http, &internal, &sec.gw, &sec.limits, o.reasoning, o.drain_timeout,
+                              (int64_t)o.max_request_bytes, drain_requests, &http) != EPIC_OK) {
+      epic_gw_router_destroy(r);
+      epic_http_cli_internal_close(&internal);
+      epic_cli_security_close(&sec);
+      free(buf);
+      return 1;
+    }
     printf("epic gateway: listening on %s (pid %d)\n", addr, (int)getpid());
     fflush(stdout);
     rc = epic_gw_router_run(r) == EPIC_OK ? 0 : 1;
+    epic_http_cli_stop(http);
     printf("epic gateway: drained, exiting\n");
     fflush(stdout);
   }
   epic_gw_router_destroy(r);
+  epic_http_cli_internal_close(&internal);
+  epic_cli_security_close(&sec);
   free(buf);
   return rc;
 }

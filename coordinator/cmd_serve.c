@@ -20,6 +20,8 @@
 #include "cluster.h"
 #include "coordinator/engine.h"
 #include "coordinator/gateway.h"
+#include "coordinator/cli_security.h"
+#include "coordinator/http_cli.h"
 #include "coordinator/tokenizer/tokenizer.h"
 
 static const char *USAGE_HEAD =
@@ -47,9 +49,14 @@ static void usage(const epic_cli_engine_opts *e) {
         "  --default-max-tokens N   max_tokens of a request that sets none (default 128)\n"
         "  --max-request-bytes SIZE larger requests get INVALID_ARGUMENT (default 4MiB)\n"
         "  --drain-timeout SECONDS  grace period for running streams after SIGTERM (default 30)\n"
+        "  --http HOST:PORT         also serve the OpenAI-compatible HTTP API there (/v1/chat/\n"
+        "                           completions, /v1/completions, /v1/models, /health, /metrics);\n"
+        "                           the security options below apply to it too\n"
+        "  --reasoning-parser NAME  deepseek_r1 (default: <think> text -> reasoning_content) or none\n"
         "engine:\n",
         stdout);
   epic_cli_engine_help(stdout, e, EPIC_CLI_ENGINE_LOAD_ALL & ~model, 27, HELP_OWN, n_own);
+  epic_cli_security_help(stdout, EPIC_CLI_SEC_SERVE);
   fputs("  -v, --verbose            log every request on stderr\n"
         "  -h, --help               this help\n",
         stdout);
@@ -58,6 +65,8 @@ static void usage(const epic_cli_engine_opts *e) {
 typedef struct serve_opts {
   epic_cli_engine_opts e; /* model loading and engine scheduling */
   const char *listen;
+  const char *http; /* NULL = no HTTP front */
+  int reasoning;
   int verbose;
   int64_t default_max_tokens;
   uint64_t max_request_bytes;
@@ -65,11 +74,13 @@ typedef struct serve_opts {
 } serve_opts;
 
 static int parse(int argc, char **argv, serve_opts *o) {
-  enum { O_LISTEN = 256, O_DEFMAX, O_MAXREQ, O_DRAIN };
+  enum { O_LISTEN = 256, O_DEFMAX, O_MAXREQ, O_DRAIN, O_HTTP, O_REASONING };
   static const struct option own[] = {{"listen", required_argument, 0, O_LISTEN},
                                       {"default-max-tokens", required_argument, 0, O_DEFMAX},
                                       {"max-request-bytes", required_argument, 0, O_MAXREQ},
                                       {"drain-timeout", required_argument, 0, O_DRAIN},
+                                      {"http", required_argument, 0, O_HTTP},
+                                      {"reasoning-parser", required_argument, 0, O_REASONING},
                                       {"verbose", no_argument, 0, 'v'},
                                       {"help", no_argument, 0, 'h'},
                                       {0, 0, 0, 0}};
@@ -87,6 +98,7 @@ static int parse(int argc, char **argv, serve_opts *o) {
   o->default_max_tokens = 128;
   o->max_request_bytes = (uint64_t)4 << 20;
   o->drain_timeout = 30;
+  o->reasoning = 1;
   if (epic_cli_engine_longopts(&o->e, own, longopts, sizeof longopts / sizeof longopts[0]))
     return -1;
   optind = 1;
@@ -107,6 +119,8 @@ static int parse(int argc, char **argv, serve_opts *o) {
       case O_DRAIN:
         bad = epic_cli_f32(cmd, "--drain-timeout", optarg, 0, 86400, &o->drain_timeout);
         break;
+      case O_HTTP: o->http = optarg; break;
+      case O_REASONING: bad = epic_http_cli_reasoning(cmd, optarg, &o->reasoning); break;
       case 'v': o->verbose = 1; break;
       case 'h': usage(&o->e); return 1;
       default: fputs("epic serve: see --help\n", stderr); return -1;
@@ -140,9 +154,20 @@ static const char *base_name(const char *dir, char *buf, size_t n) {
 
 int epic_cmd_serve(int argc, char **argv) {
   serve_opts o;
+  epic_cli_security sec;
+  if (epic_cli_security_take("serve", EPIC_CLI_SEC_SERVE, &argc, argv, &sec))
+    return 2;
   int pr = parse(argc, argv, &o);
   if (pr)
     return pr > 0 ? 0 : 2;
+  if (epic_cli_security_open("serve", &sec, o.listen))
+    return 2;
+  /* The HTTP front has the same plaintext policy, checked before the long load. */
+  if (o.http && epic_listen_check_plaintext("serve", "--http", o.http, sec.gw.tls_cert != NULL,
+                                            sec.gw.plaintext) != EPIC_OK) {
+    epic_cli_security_close(&sec);
+    return 2;
+  }
   epic_log_init(o.verbose ? EPIC_LOG_LEVEL_INFO : EPIC_LOG_LEVEL_WARN, -1);
 
   /* SIGTERM/SIGINT start a drain (gateway.h); installed before the long load,
@@ -152,6 +177,7 @@ int epic_cmd_serve(int argc, char **argv) {
   epic_engine *e = NULL;
   epic_tokenizer *tok = NULL;
   epic_gw_server *srv = NULL;
+  epic_http_cli *http = NULL;
   int rc = 1, rank = 0;
   char name[256], path[4096];
   epic_cluster_params cp;
@@ -166,6 +192,8 @@ int epic_cmd_serve(int argc, char **argv) {
   const epic_model_config *cfg = epic_model_get_config(model);
   epic_engine_params ep;
   epic_cli_engine_engine_params(&o.e, model, epic_cluster_comm(cl), &ep);
+  if (o.http) /* every rank parses the same flags: the engines agree */
+    ep.top_logprobs = EPIC_HTTP_CLI_TOP_LOGPROBS;
   if (epic_engine_create(&ep, &e) != EPIC_OK)
     goto done;
   if (rank != 0) {
@@ -201,7 +229,9 @@ int epic_cmd_serve(int argc, char **argv) {
                               .default_max_tokens = o.default_max_tokens,
                               .max_request_bytes = (int64_t)o.max_request_bytes,
                               .drain_timeout = o.drain_timeout,
-                              .drain_requests = drain_requests};
+                              .drain_requests = drain_requests,
+                              .security = &sec.gw,
+                              .limits = sec.limits};
   if (*drain_requests) {
     fputs("epic serve: interrupted while loading\n", stderr);
     goto stop_engine;
@@ -224,6 +254,9 @@ int epic_cmd_serve(int argc, char **argv) {
   printf("epic serve: default_max_tokens %lld, max_request_bytes %llu, drain_timeout %.1fs\n",
          (long long)o.default_max_tokens, (unsigned long long)o.max_request_bytes,
          (double)o.drain_timeout);
+  epic_cli_security_print(stdout, "serve", &sec);
+  if (o.http && epic_http_cli_serve(o.http, &sp, &ep, o.reasoning, &http) != EPIC_OK)
+    goto stop_engine;
   printf("epic serve: listening on %s (pid %d)\n", addr, (int)getpid());
   fflush(stdout);
   /* The engine runs (and releases the other ranks) inside the server's run. */
@@ -239,8 +272,10 @@ stop_engine:
   epic_engine_shutdown(e, 0);
   epic_engine_run(e);
 done:
+  epic_http_cli_stop(http); /* its connections may still call the engine */
   epic_engine_destroy(e); /* delivers any on_finish still due: before the server goes */
   epic_gw_server_destroy(srv);
+  epic_cli_security_close(&sec);
   epic_tokenizer_destroy(tok);
   epic_cluster_close(cl);
   fflush(stdout);

@@ -39,12 +39,22 @@ typedef struct ereq {
   epic_sampling_params sp;
   int ignore_eos;
   int (*on_token)(void *user, int32_t id, float logprob);
+  int (*on_token_top)(void *user, const epic_engine_token *t);
+  int top_n;
   void (*on_finish)(void *user, const epic_engine_result *r);
   void *user;
   int64_t n_gen;
   int32_t last;
   double t_submit, t_admit, t_first;
 } ereq;
+
+/* What every rank appends to its reply after the samples (and their top
+ * lists): its model's cumulative all-to-all counters, then n_expert_slots
+ * cumulative per-expert token counts. */
+typedef struct rank_trailer {
+  int64_t dispatch_bytes, combine_bytes, a2a_calls;
+  double dispatch_wait_s, combine_wait_s;
+} rank_trailer;
 
 /* A request that ended, waiting for its on_finish outside the mutex. */
 typedef struct ended {
@@ -69,6 +79,9 @@ struct epic_engine {
   size_t reply_cap, replies_cap;
   size_t *counts, *displs;
   int64_t *cursor;
+  int top_n;              /* p.top_logprobs: top entries per sample in every reply */
+  int64_t n_expert_slots; /* per-expert counts in every reply (0 = not counted) */
+  int64_t *expert_scratch;
   ended *ended;
   size_t n_ended, ended_cap;
   /* Rank 0: shared with submitting threads, under mu. */
@@ -84,6 +97,8 @@ struct epic_engine {
   int mid_step; /* a plan went out and its replies are not in yet */
   epic_status failed;
   epic_engine_stats stats;
+  rank_trailer *rank_stats; /* latest per rank (rank 0, under mu) */
+  int64_t *rank_experts;    /* [nranks][n_expert_slots] (rank 0, under mu) */
 };
 
 /* ------------------------------------------------------------------ helpers */
@@ -127,6 +142,7 @@ static epic_status push_ended(epic_engine *e, ereq *r, epic_engine_finish f, epi
 
 static void finish_req(epic_engine *e, ereq *r, epic_engine_finish f, epic_status st) {
   const double now = epic_now_seconds();
+  const int timed = f != EPIC_ENGINE_FINISH_ERROR && r->n_gen > 0 && r->t_first > 0;
   epic_engine_result res = {.finish = f,
                             .status = f == EPIC_ENGINE_FINISH_ERROR ? st : EPIC_OK,
                             .prompt_tokens = r->n_prompt,
@@ -139,6 +155,12 @@ static void finish_req(epic_engine *e, ereq *r, epic_engine_finish f, epic_statu
     e->stats.cancelled++;
   else
     e->stats.finished++;
+  if (timed) {
+    epic_hist_observe(&e->stats.ttft, r->t_first - r->t_submit);
+    if (r->n_gen > 1)
+      epic_hist_observe(&e->stats.tpot, (now - r->t_first) / (double)(r->n_gen - 1));
+    epic_hist_observe(&e->stats.e2e, now - r->t_submit);
+  }
   pthread_mutex_unlock(&e->mu);
   if (r->on_finish)
     r->on_finish(r->user, &res);
@@ -167,21 +189,59 @@ static void end_all_locked(epic_engine *e, epic_engine_finish f, epic_status st)
 
 /* -------------------------------------------------------------- step plumbing */
 
-static size_t reply_bytes(const epic_step_plan *p, int rank) {
-  return sizeof(epic_step_reply) +
-         (size_t)epic_step_plan_samples(p, rank) * sizeof(epic_step_sample);
+/* A rank's reply: header, samples, their top lists, trailer, expert counts. */
+static size_t reply_bytes(const epic_engine *e, const epic_step_plan *p, int rank) {
+  return sizeof(epic_step_reply) + (size_t)epic_step_plan_samples(p, rank) *
+                                       (size_t)(1 + e->top_n) * sizeof(epic_step_sample) +
+         sizeof(rank_trailer) + (size_t)e->n_expert_slots * sizeof(int64_t);
+}
+
+static rank_trailer *reply_trailer(const epic_engine *e, char *reply, int64_t n_samples) {
+  return (rank_trailer *)(void *)(reply + sizeof(epic_step_reply) +
+                                  (size_t)n_samples * (size_t)(1 + e->top_n) *
+                                      sizeof(epic_step_sample));
+}
+
+/* Rank 0: keep every rank's counters from the replies just exchanged. */
+static void keep_rank_stats(epic_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  for (int r = 0; r < e->nranks; r++) {
+    const epic_step_reply *rr = (const epic_step_reply *)(void *)(e->replies + e->displs[r]);
+    const rank_trailer *t = reply_trailer(e, e->replies + e->displs[r], rr->n_samples);
+    e->rank_stats[r] = *t;
+    if (e->n_expert_slots)
+      memcpy(e->rank_experts + (size_t)r * (size_t)e->n_expert_slots, t + 1,
+             (size_t)e->n_expert_slots * sizeof(int64_t));
+  }
+  pthread_mutex_unlock(&e->mu);
 }
 
 /* Every rank: run this rank's part of plan p, exchange replies, and return the
  * step's status: the first failing rank's (logged by rank 0, naming it). */
 static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
   epic_status st;
-  size_t mine = reply_bytes(p, e->rank);
+  size_t mine = reply_bytes(e, p, e->rank);
+  const int64_t n_mine = epic_step_plan_samples(p, e->rank);
   EPIC_CHECK(grow_bytes(&e->reply, &e->reply_cap, mine));
   epic_step_reply *rep = (epic_step_reply *)(void *)e->reply;
-  st = epic_executor_step(e->x, p, (epic_step_sample *)(void *)(e->reply + sizeof *rep));
+  epic_step_sample *smp = (epic_step_sample *)(void *)(e->reply + sizeof *rep);
+  st = epic_executor_step_top(e->x, p, smp, e->top_n, e->top_n ? smp + n_mine : NULL);
   if (p->h.n_tokens == 0)
     return st; /* releases only: no forward, no replies (on any rank) */
+  {
+    epic_model_stats ms;
+    epic_model_get_stats(e->m, &ms);
+    rank_trailer *t = reply_trailer(e, e->reply, n_mine);
+    *t = (rank_trailer){.dispatch_bytes = ms.dispatch_bytes,
+                        .combine_bytes = ms.combine_bytes,
+                        .a2a_calls = ms.a2a_calls,
+                        .dispatch_wait_s = ms.dispatch_wait_s,
+                        .combine_wait_s = ms.combine_wait_s};
+    if (e->n_expert_slots && epic_model_expert_tokens(e->m, e->expert_scratch) == EPIC_OK)
+      memcpy(t + 1, e->expert_scratch, (size_t)e->n_expert_slots * sizeof(int64_t));
+    else if (e->n_expert_slots)
+      memset(t + 1, 0, (size_t)e->n_expert_slots * sizeof(int64_t));
+  }
   /* A broken transport cannot carry the reply; otherwise every rank learns of it. */
   if (st == EPIC_ERR_COMM || st == EPIC_ERR_TIMEOUT)
     return st;
@@ -194,7 +254,7 @@ static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
   } else {
     size_t total = 0;
     for (int r = 0; r < e->nranks; r++) {
-      e->counts[r] = reply_bytes(p, r);
+      e->counts[r] = reply_bytes(e, p, r);
       e->displs[r] = total;
       total += e->counts[r];
     }
@@ -216,6 +276,8 @@ static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
       return EPIC_ERR_COMM;
     }
   }
+  if (e->rank == 0)
+    keep_rank_stats(e);
   return EPIC_OK;
 }
 
@@ -278,13 +340,30 @@ static epic_status encode(epic_engine *e, const epic_sched_step *st, epic_step_p
 }
 
 /* One sampled token for r: stream it, and end r when it is final. */
-static void take_token(epic_engine *e, ereq *r, const epic_step_sample *smp) {
-  int fin = -1;
+static void take_token(epic_engine *e, ereq *r, const epic_step_sample *smp,
+                       const epic_step_sample *top) {
+  int fin = -1, rc = 0;
   r->n_gen++;
   r->last = smp->id;
   if (r->n_gen == 1)
     r->t_first = epic_now_seconds();
-  int rc = r->on_token ? r->on_token(r->user, smp->id, smp->logprob) : 0;
+  if (r->on_token_top) {
+    int32_t ids[EPIC_ENGINE_MAX_TOP_LOGPROBS];
+    float lps[EPIC_ENGINE_MAX_TOP_LOGPROBS];
+    int n = 0;
+    for (int j = 0; j < r->top_n && top && top[j].id >= 0; j++, n++) {
+      ids[j] = top[j].id;
+      lps[j] = top[j].logprob;
+    }
+    epic_engine_token t = {.id = smp->id,
+                           .logprob = smp->logprob,
+                           .n_top = n,
+                           .top_ids = ids,
+                           .top_logprobs = lps};
+    rc = r->on_token_top(r->user, &t);
+  } else if (r->on_token) {
+    rc = r->on_token(r->user, smp->id, smp->logprob);
+  }
   if (rc < 0)
     fin = EPIC_ENGINE_FINISH_CANCELLED;
   else if (rc == 1 || (!r->ignore_eos && epic_config_is_eos(e->cfg, smp->id)))
@@ -375,15 +454,17 @@ static epic_status coord_step(epic_engine *e, int *idle) {
     const epic_sched_entry *se = &st.entries[i];
     if (!(se->flags & EPIC_STEP_SAMPLE))
       continue;
-    const epic_step_sample *smp =
-        (const epic_step_sample *)(void *)(e->replies + e->displs[se->rank] +
-                                           sizeof(epic_step_reply)) +
-        e->cursor[se->rank]++;
+    const epic_step_reply *rr =
+        (const epic_step_reply *)(void *)(e->replies + e->displs[se->rank]);
+    const epic_step_sample *base = (const epic_step_sample *)(const void *)(rr + 1);
+    const int64_t k = e->cursor[se->rank]++;
+    const epic_step_sample *smp = base + k;
+    const epic_step_sample *top = e->top_n ? base + rr->n_samples + k * e->top_n : NULL;
     if (smp->id < 0 || smp->id >= e->cfg->vocab_size) {
       EPIC_LOG_ERROR("engine: rank %d sampled id %d outside the vocabulary", se->rank, smp->id);
       return EPIC_ERR_COMM;
     }
-    take_token(e, se->user, smp);
+    take_token(e, se->user, smp, top);
   }
   return EPIC_OK;
 }
@@ -529,6 +610,8 @@ static const char *check_params(const epic_engine_params *p) {
     return "max_context";
   if (p->micro_batches < 0 || p->micro_batches > 2)
     return "micro_batches";
+  if (p->top_logprobs < 0 || p->top_logprobs > EPIC_ENGINE_MAX_TOP_LOGPROBS)
+    return "top_logprobs";
   return NULL;
 }
 
@@ -564,15 +647,17 @@ static const char *normalize(epic_engine_params *p, const epic_model_config *c) 
 /* The parameters every rank must agree on (rank 0's are the reference). */
 typedef struct agreed {
   int64_t page_size, kv_pages, max_batch, max_queue, step_tokens, prefill_chunk, max_context,
-      micro_batches;
+      micro_batches, top_logprobs;
 } agreed;
 
 static epic_status agree(epic_engine *e, epic_status local) {
-  agreed mine = {e->p.page_size,   e->p.kv_pages,      e->p.max_batch,   e->p.max_queue,
-                 e->p.step_tokens, e->p.prefill_chunk, e->p.max_context, e->p.micro_batches};
+  agreed mine = {e->p.page_size,   e->p.kv_pages,      e->p.max_batch,
+                 e->p.max_queue,   e->p.step_tokens,   e->p.prefill_chunk,
+                 e->p.max_context, e->p.micro_batches, e->p.top_logprobs};
   agreed root = mine;
   static const char *names[] = {"page_size",   "kv_pages",      "max_batch",   "max_queue",
-                                "step_tokens", "prefill_chunk", "max_context", "micro_batches"};
+                                "step_tokens", "prefill_chunk", "max_context", "micro_batches",
+                                "top_logprobs"};
   int64_t st = local, worst = local;
   EPIC_CHECK(epic_comm_bcast(e->comm, &root, sizeof root, 0));
   if (st == EPIC_OK)
@@ -622,8 +707,21 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
   e->counts = calloc((size_t)e->nranks, sizeof *e->counts);
   e->displs = calloc((size_t)e->nranks, sizeof *e->displs);
   e->cursor = calloc((size_t)e->nranks, sizeof *e->cursor);
-  if (st == EPIC_OK && (!e->counts || !e->displs || !e->cursor))
+  e->rank_stats = calloc((size_t)e->nranks, sizeof *e->rank_stats);
+  if (st == EPIC_OK && (!e->counts || !e->displs || !e->cursor || !e->rank_stats))
     st = EPIC_ERR_NOMEM;
+  if (st == EPIC_OK) {
+    /* Every rank runs the same binary and model, so every rank decides alike. */
+    e->top_n = e->p.top_logprobs;
+    const int64_t n_exp = e->cfg->n_routed_experts;
+    e->expert_scratch = n_exp > 0 ? calloc((size_t)n_exp, sizeof(int64_t)) : NULL;
+    if (e->expert_scratch && epic_model_expert_tokens(e->m, e->expert_scratch) == EPIC_OK) {
+      e->n_expert_slots = n_exp;
+      e->rank_experts = calloc((size_t)e->nranks * (size_t)n_exp, sizeof(int64_t));
+      if (!e->rank_experts)
+        st = EPIC_ERR_NOMEM;
+    }
+  }
   if (st == EPIC_OK)
     st = epic_model_set_micro_batches(e->m, (int)e->p.micro_batches);
   if (st == EPIC_OK)
@@ -695,6 +793,9 @@ void epic_engine_destroy(epic_engine *e) {
   free(e->counts);
   free(e->displs);
   free(e->cursor);
+  free(e->rank_stats);
+  free(e->rank_experts);
+  free(e->expert_scratch);
   free(e->ended);
   free(e->cancels);
   free(e);
@@ -722,6 +823,8 @@ static const char *check_request(const epic_engine *e, const epic_engine_request
     return "sampling.top_k";
   if (r->n_stop_ids < 0 || (r->n_stop_ids > 0 && !r->stop_ids))
     return "stop_ids";
+  if (r->top_logprobs < 0 || r->top_logprobs > e->top_n)
+    return "top_logprobs (above the engine's top_logprobs)";
   for (int i = 0; i < r->n_stop_ids; i++)
     if (r->stop_ids[i] < 0 || r->stop_ids[i] >= e->cfg->vocab_size)
       return "stop_ids";
@@ -756,6 +859,8 @@ epic_status epic_engine_submit(epic_engine *e, const epic_engine_request *r, uin
   q->sp = r->sampling;
   q->ignore_eos = r->ignore_eos;
   q->on_token = r->on_token;
+  q->on_token_top = r->on_token_top;
+  q->top_n = r->top_logprobs;
   q->on_finish = r->on_finish;
   q->user = r->user;
   q->t_submit = epic_now_seconds();
@@ -816,7 +921,29 @@ void epic_engine_get_stats(epic_engine *e, epic_engine_stats *out) {
   out->running = ss.running;
   out->kv_pages_used = ss.pages_used;
   out->kv_pages_total = ss.pages_total;
+  for (int r = 0; r < e->nranks; r++) {
+    const rank_trailer *t = &e->rank_stats[r];
+    out->a2a_dispatch_bytes += t->dispatch_bytes;
+    out->a2a_combine_bytes += t->combine_bytes;
+    out->a2a_calls += t->a2a_calls;
+    out->a2a_dispatch_wait_s += t->dispatch_wait_s;
+    out->a2a_combine_wait_s += t->combine_wait_s;
+  }
   pthread_mutex_unlock(&e->mu);
+}
+
+epic_status epic_engine_expert_tokens(epic_engine *e, int64_t *counts, int64_t n) {
+  if (!e || e->rank != 0 || !counts || n != e->cfg->n_routed_experts)
+    return EPIC_ERR_INVALID;
+  if (!e->n_expert_slots)
+    return EPIC_ERR_UNSUPPORTED;
+  memset(counts, 0, (size_t)n * sizeof *counts);
+  pthread_mutex_lock(&e->mu);
+  for (int r = 0; r < e->nranks; r++)
+    for (int64_t i = 0; i < n; i++)
+      counts[i] += e->rank_experts[(size_t)r * (size_t)n + (size_t)i];
+  pthread_mutex_unlock(&e->mu);
+  return EPIC_OK;
 }
 
 void epic_engine_shutdown(epic_engine *e, int drain) {

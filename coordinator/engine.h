@@ -33,6 +33,7 @@
 #include <stdint.h>
 
 #include "common/status.h"
+#include "coordinator/metrics.h"
 #include "worker/model.h"
 #include "worker/sampler.h"
 
@@ -52,7 +53,15 @@ typedef struct epic_engine_params {
   int64_t prefill_chunk;  /* prompt tokens of one sequence per step (default 512) */
   int64_t max_context;    /* prompt + new tokens of one sequence; 0 = the model's max_position_embeddings */
   int micro_batches;      /* 1 or 2 (two-micro-batch pipelining); same on every rank */
+  /* Most likely tokens computed per sampled token, for requests that ask for
+   * top logprobs (0..EPIC_ENGINE_MAX_TOP_LOGPROBS; 0 = none may ask). Every
+   * rank computes them for every sample of the step and sends them back with
+   * its reply, so the cost (a pass over the logits row, 8 bytes per entry) is
+   * paid only when enabled. Same on every rank. */
+  int top_logprobs;
 } epic_engine_params;
+
+#define EPIC_ENGINE_MAX_TOP_LOGPROBS 20
 
 typedef enum {
   EPIC_ENGINE_FINISH_LENGTH = 0,    /* max_new_tokens reached */
@@ -69,6 +78,15 @@ typedef struct epic_engine_result {
   double ttft_seconds;    /* submit -> first token */
   double total_seconds;   /* submit -> finish */
 } epic_engine_result;
+
+/* One generated token as on_token_top sees it. */
+typedef struct epic_engine_token {
+  int32_t id;
+  float logprob;             /* of id under the raw logits' softmax */
+  int n_top;                 /* the request's top_logprobs */
+  const int32_t *top_ids;    /* n_top most likely ids, most likely first (borrowed for the call) */
+  const float *top_logprobs; /* their logprobs */
+} epic_engine_token;
 
 typedef struct epic_engine_request {
   size_t size;              /* sizeof(epic_engine_request) */
@@ -87,6 +105,10 @@ typedef struct epic_engine_request {
    * sequence's KV pages and batch slot are already free. May be NULL. */
   void (*on_finish)(void *user, const epic_engine_result *r);
   void *user;
+  /* Optional, instead of on_token (same return contract): the token with the
+   * top_logprobs most likely alternatives of the same logits row. */
+  int (*on_token_top)(void *user, const epic_engine_token *t);
+  int top_logprobs; /* 0..params.top_logprobs (EPIC_ERR_INVALID beyond) */
 } epic_engine_request;
 
 typedef struct epic_engine_stats {
@@ -96,6 +118,13 @@ typedef struct epic_engine_stats {
   int64_t prompt_tokens, generated_tokens; /* processed since creation */
   int64_t finished, cancelled;        /* requests ended */
   int nranks;
+  /* Latencies of requests that produced tokens: submit -> first token,
+   * seconds per output token after the first, submit -> finish. */
+  epic_hist ttft, tpot, e2e;
+  /* All-to-all traffic of the MoE layers, summed over ranks as of the last
+   * step (epic_model_stats of each rank, sent back with its reply). */
+  int64_t a2a_dispatch_bytes, a2a_combine_bytes, a2a_calls;
+  double a2a_dispatch_wait_s, a2a_combine_wait_s;
 } epic_engine_stats;
 
 /* Collective: every rank calls it with equal parameters (model loaded with the
@@ -115,6 +144,11 @@ epic_status epic_engine_submit(epic_engine *e, const epic_engine_request *r, uin
  * pages are released in the next step. Unknown or finished ids are ignored. */
 void epic_engine_cancel(epic_engine *e, uint64_t id);
 void epic_engine_get_stats(epic_engine *e, epic_engine_stats *out);
+/* Rank 0, any thread: tokens routed to each routed expert, summed over MoE
+ * layers and ranks, as of the last step, into counts[0..n) (n = the config's
+ * n_routed_experts). EPIC_ERR_UNSUPPORTED while the model cannot count them
+ * (see model_expert_tokens in engine.c); EPIC_ERR_INVALID for a wrong n. */
+epic_status epic_engine_expert_tokens(epic_engine *e, int64_t *counts, int64_t n);
 
 /* Rank 0: run one step if there is work. *idle = 1 when nothing was queued or
  * running (no step ran). Other ranks must be inside epic_engine_run. */

@@ -55,12 +55,51 @@
 #include <stdint.h>
 
 #include "common/status.h"
+#include "coordinator/auth.h"
 #include "coordinator/engine.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "worker/config.h"
 
 typedef struct epic_gw_server epic_gw_server;
 typedef struct epic_gw_router epic_gw_router;
+
+/* Transport security and access control of one front door (issue #12).
+ * TLS: tls_cert + tls_key (PEM files) make the listener TLS-only; with
+ * tls_client_ca every client must present a certificate signed by that CA
+ * (mutual TLS), else the handshake fails. Without TLS the listener must be a
+ * loopback/unix address unless plaintext is set (then a warning is printed):
+ * epic_listen_check_plaintext. auth (borrowed, may be NULL) checks the
+ * `authorization: Bearer KEY` metadata of every call but Health (load
+ * balancers and gateways probe it without a key) and applies the per-key rate
+ * limits; refusals are UNAUTHENTICATED, or RESOURCE_EXHAUSTED with trailing
+ * metadata `retry-after-ms`. The router forwards the client's authorization
+ * metadata to the upstream, and connects to upstreams with upstream_ca
+ * (TLS; NULL = plaintext) and upstream_cert/upstream_key (its client
+ * certificate for mutual TLS); upstream_name overrides the name checked in
+ * the upstream's certificate. internal_listen (the gateway with --http): a
+ * "unix:PATH" address in a private directory that is served too, without TLS,
+ * for this process's own HTTP front; a call there or anywhere that carries
+ * the auth's internal token (epic_auth_make_internal) as `x-epic-internal`
+ * metadata is admitted without keys or limits, because the HTTP front has
+ * admitted its client already. All strings borrowed. */
+typedef struct epic_gw_security {
+  const char *tls_cert, *tls_key, *tls_client_ca;
+  int plaintext;
+  epic_auth *auth;
+  const char *upstream_ca, *upstream_cert, *upstream_key, *upstream_name;
+  const char *internal_listen;
+} epic_gw_security;
+
+/* What a client controls, bounded (0 = the default named; reported by ModelInfo). */
+typedef struct epic_gw_request_limits {
+  int64_t max_prompt_tokens;   /* 0 = bounded by the context length only */
+  int64_t max_tokens;          /* sampling.max_tokens ceiling; 0 = context length only */
+  int64_t max_stop_strings;    /* default 16 */
+  int64_t max_stop_len;        /* bytes per stop string; default 256 */
+  int64_t max_stop_token_ids;  /* default 64 */
+  int64_t max_n;               /* choices per request (HTTP `n`); default 1 */
+  int64_t max_top_logprobs;    /* alternatives per token (HTTP `top_logprobs`); default 0 */
+} epic_gw_request_limits;
 
 typedef struct epic_gw_server_params {
   size_t size;                             /* sizeof(epic_gw_server_params) */
@@ -79,6 +118,8 @@ typedef struct epic_gw_server_params {
   int64_t max_request_bytes;  /* larger requests: INVALID_ARGUMENT (default 4 MiB) */
   double drain_timeout;       /* seconds running streams may take after a drain signal */
   const volatile sig_atomic_t *drain_requests; /* borrowed; NULL = drain only on engine failure */
+  const epic_gw_security *security;            /* borrowed; NULL = loopback plaintext, no keys */
+  epic_gw_request_limits limits;
 } epic_gw_server_params;
 
 /* Starts gRPC, binds params->listen and starts listening (calls queue until run).
@@ -108,6 +149,7 @@ typedef struct epic_gw_router_params {
   double drain_timeout;         /* seconds forwarded calls may take after a drain signal */
   int64_t max_request_bytes;    /* gRPC receive limit (default 64 MiB) */
   const volatile sig_atomic_t *drain_requests; /* borrowed; NULL = never drains */
+  const epic_gw_security *security;            /* borrowed; NULL = loopback plaintext, no keys */
 } epic_gw_router_params;
 
 epic_status epic_gw_router_create(const epic_gw_router_params *p, epic_gw_router **out);

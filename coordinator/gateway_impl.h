@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "common/status.h"
+#include "coordinator/gateway.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "epic/v1/inference.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
@@ -52,7 +53,17 @@ typedef struct epic_gw_limits {
   int64_t default_max_tokens; /* when sampling.max_tokens is absent */
   int64_t kv_tokens;          /* KV capacity of one worker in tokens; 0 = unchecked */
   int64_t page_size;          /* its page size (capacity is counted in whole pages) */
+  epic_gw_request_limits req; /* client-controlled sizes (gateway.h; 0 = default) */
 } epic_gw_limits;
+
+/* The limits in force: req with every 0 replaced by its default. */
+epic_gw_request_limits epic_gw_limits_effective(const epic_gw_request_limits *req);
+/* For front doors whose API has them (HTTP/OpenAI `n`, `top_logprobs`):
+ * EPIC_ERR_INVALID with err naming the field and the flag when n or
+ * top_logprobs exceeds the limit (n_field/lp_field: the names in that API). */
+epic_status epic_gw_check_choices(int64_t n, const char *n_field, int64_t top_logprobs,
+                                  const char *lp_field, const epic_gw_limits *lim,
+                                  char err[EPIC_GW_ERR_LEN]);
 
 /* Stop strings copied out of a request. */
 typedef struct epic_gw_stops {
@@ -148,6 +159,8 @@ enum {
 };
 /* Wire paths of the registered methods, by EPIC_GW_M_*. */
 extern const char *const epic_gw_method_paths[EPIC_GW_M_UNKNOWN];
+/* The wire path of method, or unknown_path for EPIC_GW_M_UNKNOWN. */
+const char *epic_gw_method_name(int method, const char *unknown_path);
 
 /* Tag kinds of the front's own completions; a user numbers its kinds from
  * EPIC_GW_TAG_USER on, so one handler can switch over all of them. */
@@ -166,6 +179,16 @@ typedef struct epic_gw_listener {
   grpc_byte_buffer *payload;
   grpc_call_details details; /* EPIC_GW_M_UNKNOWN only */
 } epic_gw_listener;
+
+/* The `authorization` metadata of an accepted call (the value, copied). */
+typedef struct epic_gw_authz {
+  char value[EPIC_AUTH_MAX_KEY + 64];
+  size_t len;  /* 0: none sent */
+  int present; /* sent (possibly too long: then len == 0 and too_long) */
+  int too_long;
+  char internal[72]; /* `x-epic-internal` (auth.h: epic_auth_make_internal), never forwarded */
+  size_t internal_len;
+} epic_gw_authz;
 
 /* The listening side: server, completion queue and listeners. Owned and
  * driven by the completion-queue thread of its user; log ("serve",
@@ -189,16 +212,30 @@ typedef int (*epic_gw_busy_fn)(const void *user);
 /* Zeroes fr and creates its completion queue (after grpc_init). */
 void epic_gw_front_init(epic_gw_front *fr, const char *log);
 /* Creates the server with gRPC's receive cap set to recv_cap bytes (clamped
- * to INT_MAX), registers the methods, listens on `listen`, starts and arms
- * every listener. EPIC_ERR_IO (logged) when the address cannot be bound; the
- * user then tears down as usual (srv set, started 0). */
-epic_status epic_gw_front_listen(epic_gw_front *fr, const char *listen, int64_t recv_cap);
+ * to INT_MAX), registers the methods, listens on `listen` (TLS per sec, which
+ * may be NULL: plaintext), starts and arms every listener. EPIC_ERR_INVALID
+ * for plaintext on a non-local address without sec->plaintext or an
+ * unreadable PEM file; EPIC_ERR_IO (logged) when the address cannot be bound;
+ * the user then tears down as usual (srv possibly set, started 0). */
+epic_status epic_gw_front_listen(epic_gw_front *fr, const char *listen, int64_t recv_cap,
+                                 const epic_gw_security *sec);
+/* Client credentials for upstream channels per sec (NULL or no upstream_ca:
+ * insecure); NULL after a logged error. Release with grpc_channel_credentials_release. */
+grpc_channel_credentials *epic_gw_upstream_credentials(const epic_gw_security *sec);
+/* Reads a whole file (PEM) into a NUL-terminated malloc'd string; NULL after
+ * logging "<flag> FILE: why". */
+char *epic_gw_read_pem(const char *flag, const char *path);
 /* A listener's call arrived (ok = ev.success): takes the call and its request
  * message out of l (both owned by the caller then; payload may be NULL), puts
  * the method path of an unregistered call in method, and re-arms l unless
  * shutdown started. Returns 0 when there is no call to serve (nothing owned). */
 int epic_gw_front_accept(epic_gw_front *fr, epic_gw_listener *l, int ok, grpc_call **call,
-                         grpc_byte_buffer **payload, char *method, size_t method_len);
+                         grpc_byte_buffer **payload, char *method, size_t method_len,
+                         epic_gw_authz *authz);
+/* The auth check of a call (any method but Health) with `authz`: EPIC_AUTH_OK
+ * or the verdict, with r filled (a NULL auth admits everyone). */
+epic_auth_verdict epic_gw_admit(epic_auth *auth, const epic_gw_authz *authz, int stream,
+                                epic_auth_grant *g, epic_auth_result *r);
 /* Starts the server shutdown once (its tag sets shutdown_done). */
 void epic_gw_front_shutdown(epic_gw_front *fr);
 /* Cancels every call and cuts client connections, once; after shutdown. */
@@ -239,6 +276,12 @@ int epic_gw_down_send(epic_gw_down *d, grpc_byte_buffer *bb);
  * one batch; on failure the call is cancelled. */
 void epic_gw_down_finish(epic_gw_down *d, grpc_status_code code, const char *details,
                          grpc_byte_buffer *msg);
+/* epic_gw_down_finish with trailing metadata (copied by gRPC). */
+void epic_gw_down_finish_md(epic_gw_down *d, grpc_status_code code, const char *details,
+                            grpc_byte_buffer *msg, const grpc_metadata *trail, size_t n_trail);
+/* Ends a call refused by epic_gw_admit: UNAUTHENTICATED, or RESOURCE_EXHAUSTED
+ * with trailing metadata retry-after-ms. */
+void epic_gw_down_refuse(epic_gw_down *d, const epic_auth_result *r);
 /* Bookkeeping of a completed t_close / t_send. */
 void epic_gw_down_on_close(epic_gw_down *d);
 void epic_gw_down_on_send(epic_gw_down *d);

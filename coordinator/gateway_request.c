@@ -199,23 +199,24 @@ static int valid_utf8(const unsigned char *s, size_t n) {
 }
 
 static epic_status copy_stops(const Epic__V1__SamplingParams *sp, const epic_gw_limits *lim,
-                              epic_gw_stops *out, char err[EPIC_GW_ERR_LEN]) {
+                              const epic_gw_request_limits *rl, epic_gw_stops *out,
+                              char err[EPIC_GW_ERR_LEN]) {
   if (sp->n_stop == 0)
     return EPIC_OK;
-  if (sp->n_stop > EPIC_GW_MAX_STOPS)
-    return fail(err, "sampling.stop: %zu stop strings, at most %d are allowed", sp->n_stop,
-                EPIC_GW_MAX_STOPS);
+  if ((int64_t)sp->n_stop > rl->max_stop_strings)
+    return fail(err, "sampling.stop: %zu stop strings exceed --max-stop-strings %lld", sp->n_stop,
+                (long long)rl->max_stop_strings);
   if (!lim->tok)
     return fail(err, "sampling.stop: this model has no tokenizer.json to match text against");
   for (size_t i = 0; i < sp->n_stop; i++) {
     size_t len = strlen(sp->stop[i]);
     if (len == 0)
       return fail(err, "sampling.stop[%zu]: empty", i);
+    if ((int64_t)len > rl->max_stop_len)
+      return fail(err, "sampling.stop[%zu]: %zu bytes exceed --max-stop-len %lld", i, len,
+                  (long long)rl->max_stop_len);
     if (!valid_utf8((const unsigned char *)sp->stop[i], len))
       return fail(err, "sampling.stop[%zu]: not valid UTF-8", i);
-    if (len > EPIC_GW_MAX_STOP_LEN)
-      return fail(err, "sampling.stop[%zu]: %zu bytes, at most %d are allowed", i, len,
-                  EPIC_GW_MAX_STOP_LEN);
   }
   out->s = calloc(sp->n_stop, sizeof *out->s);
   out->len = calloc(sp->n_stop, sizeof *out->len);
@@ -231,10 +232,48 @@ static epic_status copy_stops(const Epic__V1__SamplingParams *sp, const epic_gw_
   return EPIC_OK;
 }
 
+epic_gw_request_limits epic_gw_limits_effective(const epic_gw_request_limits *req) {
+  epic_gw_request_limits r = {0};
+  if (req)
+    r = *req;
+  if (r.max_stop_strings <= 0)
+    r.max_stop_strings = EPIC_GW_MAX_STOPS;
+  if (r.max_stop_len <= 0)
+    r.max_stop_len = EPIC_GW_MAX_STOP_LEN;
+  if (r.max_stop_token_ids <= 0)
+    r.max_stop_token_ids = EPIC_GW_MAX_STOP_IDS;
+  if (r.max_n <= 0)
+    r.max_n = 1;
+  if (r.max_top_logprobs < 0)
+    r.max_top_logprobs = 0;
+  if (r.max_prompt_tokens < 0)
+    r.max_prompt_tokens = 0;
+  if (r.max_tokens < 0)
+    r.max_tokens = 0;
+  return r;
+}
+
+epic_status epic_gw_check_choices(int64_t n, const char *n_field, int64_t top_logprobs,
+                                  const char *lp_field, const epic_gw_limits *lim,
+                                  char err[EPIC_GW_ERR_LEN]) {
+  epic_gw_request_limits rl = epic_gw_limits_effective(&lim->req);
+  if (n < 1)
+    return fail(err, "%s: %lld must be >= 1", n_field, (long long)n);
+  if (n > rl.max_n)
+    return fail(err, "%s: %lld exceeds --max-n %lld", n_field, (long long)n, (long long)rl.max_n);
+  if (top_logprobs < 0)
+    return fail(err, "%s: %lld must be >= 0", lp_field, (long long)top_logprobs);
+  if (top_logprobs > rl.max_top_logprobs)
+    return fail(err, "%s: %lld exceeds --max-top-logprobs %lld", lp_field, (long long)top_logprobs,
+                (long long)rl.max_top_logprobs);
+  return EPIC_OK;
+}
+
 epic_status epic_gw_prepare(const Epic__V1__GenerateRequest *rq, const epic_gw_limits *lim,
                             epic_gw_job *job, char err[EPIC_GW_ERR_LEN]) {
   static const Epic__V1__SamplingParams no_sampling = EPIC__V1__SAMPLING_PARAMS__INIT;
   const Epic__V1__SamplingParams *sp = rq->sampling ? rq->sampling : &no_sampling;
+  const epic_gw_request_limits rl = epic_gw_limits_effective(&lim->req);
   memset(job, 0, sizeof *job);
   err[0] = '\0';
 
@@ -254,14 +293,26 @@ epic_status epic_gw_prepare(const Epic__V1__GenerateRequest *rq, const epic_gw_l
       sp->max_tokens_present_case == EPIC__V1__SAMPLING_PARAMS__MAX_TOKENS_PRESENT_MAX_TOKENS;
   if (has_max && sp->max_tokens <= 0)
     return fail(err, "sampling.max_tokens: %d must be >= 1", sp->max_tokens);
-  if (sp->n_stop_token_ids > EPIC_GW_MAX_STOP_IDS)
-    return fail(err, "sampling.stop_token_ids: %zu ids, at most %d are allowed",
-                sp->n_stop_token_ids, EPIC_GW_MAX_STOP_IDS);
+  if (has_max && rl.max_tokens > 0 && sp->max_tokens > rl.max_tokens)
+    return fail(err, "sampling.max_tokens: %d exceeds --max-tokens-limit %lld", sp->max_tokens,
+                (long long)rl.max_tokens);
+  if ((int64_t)sp->n_stop_token_ids > rl.max_stop_token_ids)
+    return fail(err, "sampling.stop_token_ids: %zu ids exceed --max-stop-token-ids %lld",
+                sp->n_stop_token_ids, (long long)rl.max_stop_token_ids);
+  /* A token-id prompt is counted before it is copied. */
+  if (rl.max_prompt_tokens > 0 && rq->prompt &&
+      rq->prompt->kind_case == EPIC__V1__PROMPT__KIND_TOKEN_IDS &&
+      (int64_t)rq->prompt->token_ids->n_ids > rl.max_prompt_tokens)
+    return fail(err, "prompt.token_ids.ids: %zu tokens exceed --max-prompt-tokens %lld",
+                rq->prompt->token_ids->n_ids, (long long)rl.max_prompt_tokens);
   EPIC_CHECK(check_ids(sp->stop_token_ids, (int64_t)sp->n_stop_token_ids, lim->vocab_size,
                        "sampling.stop_token_ids", err));
-  EPIC_CHECK(copy_stops(sp, lim, &job->stops, err));
+  EPIC_CHECK(copy_stops(sp, lim, &rl, &job->stops, err));
 
   EPIC_CHECK(epic_gw_encode_prompt(rq->prompt, lim, &job->prompt, &job->n_prompt, NULL, NULL, err));
+  if (rl.max_prompt_tokens > 0 && job->n_prompt > rl.max_prompt_tokens)
+    return fail(err, "prompt: %lld tokens exceed --max-prompt-tokens %lld",
+                (long long)job->n_prompt, (long long)rl.max_prompt_tokens);
   if (job->n_prompt >= lim->max_context)
     return fail(err, "prompt: %lld tokens leave no room to generate within the context length %lld",
                 (long long)job->n_prompt, (long long)lim->max_context);
@@ -275,6 +326,8 @@ epic_status epic_gw_prepare(const Epic__V1__GenerateRequest *rq, const epic_gw_l
     job->max_tokens = sp->max_tokens;
   } else {
     job->max_tokens = lim->default_max_tokens < room ? lim->default_max_tokens : room;
+    if (rl.max_tokens > 0 && job->max_tokens > rl.max_tokens)
+      job->max_tokens = rl.max_tokens;
   }
   if (lim->kv_tokens > 0 && lim->page_size > 0) {
     int64_t need =
@@ -362,6 +415,10 @@ epic_status epic_gw_stopper_push(epic_gw_stopper *st, const char *text, size_t n
     return EPIC_OK;
   if (!st->stops || st->stops->n == 0)
     return epic_gw_buf_append(out, text, n);
+  /* No new text changes nothing (and held.p may still be NULL: pointer
+   * arithmetic on it is undefined). Found by fuzz_gw_request. */
+  if (n == 0)
+    return EPIC_OK;
   EPIC_CHECK(epic_gw_buf_append(&st->held, text, n));
   size_t pos;
   int which;

@@ -66,10 +66,13 @@ struct fwd {
   uint64_t tried;
   grpc_status_code last_status;
   char last_details[256];
+  epic_gw_authz authz;   /* the client's authorization, forwarded upstream */
+  epic_auth_grant grant; /* held with r->auth until the call is freed */
 };
 
 struct epic_gw_router {
   epic_gw_router_params p;
+  epic_auth *auth; /* p.security->auth or NULL */
   sig_atomic_t drain_seen;
   upstream ups[MAX_UPSTREAMS];
   int n_ups, rr;
@@ -115,9 +118,12 @@ static int any_healthy(const epic_gw_router *r) {
 
 /* The ops of a unary request to an upstream: the request, then its initial
  * metadata back (ops[0..3]); and the op that receives its status. */
-static void request_ops(grpc_op ops[4], grpc_byte_buffer *send, grpc_metadata_array *md) {
+static void request_ops(grpc_op ops[4], grpc_byte_buffer *send, grpc_metadata_array *md,
+                        grpc_metadata *send_md) {
   memset(ops, 0, 4 * sizeof *ops);
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[0].data.send_initial_metadata.count = send_md ? 1 : 0;
+  ops[0].data.send_initial_metadata.metadata = send_md;
   ops[1].op = GRPC_OP_SEND_MESSAGE;
   ops[1].data.send_message.send_message = send;
   ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -145,7 +151,7 @@ static void start_check(epic_gw_router *r, upstream *u) {
   u->hc_recv = NULL;
   u->hc_details = grpc_empty_slice();
   grpc_op ops[6];
-  request_ops(ops, u->hc_send, &u->hc_md);
+  request_ops(ops, u->hc_send, &u->hc_md, NULL);
   memset(&ops[4], 0, sizeof ops[4]);
   ops[4].op = GRPC_OP_RECV_MESSAGE;
   ops[4].data.recv_message.recv_message = &u->hc_recv;
@@ -211,6 +217,8 @@ static void fwd_maybe_free(fwd *f) {
   if (f->d.send_bb)
     grpc_byte_buffer_destroy(f->d.send_bb);
   grpc_call_unref(f->d.call);
+  epic_auth_release(r->auth, &f->grant);
+  memset(&f->authz, 0, sizeof f->authz); /* it held a key */
   free(f);
 }
 
@@ -329,9 +337,18 @@ static void try_upstream(fwd *f) {
   u->routed++;
   a->send_bb = epic_gw_copy(f->req);
   grpc_op ops[4], st;
-  request_ops(ops, a->send_bb, &a->md);
+  /* The upstream checks the same key (gRPC takes its own refs of the slices). */
+  grpc_metadata auth_md;
+  memset(&auth_md, 0, sizeof auth_md);
+  if (f->authz.len) {
+    auth_md.key = grpc_slice_from_static_string("authorization");
+    auth_md.value = grpc_slice_from_copied_buffer(f->authz.value, f->authz.len);
+  }
+  request_ops(ops, a->send_bb, &a->md, f->authz.len ? &auth_md : NULL);
   status_op(&st, &a->trail, &a->status, &a->details);
   int started = grpc_call_start_batch(a->call, ops, 4, &a->t_start, NULL) == GRPC_CALL_OK;
+  if (f->authz.len)
+    grpc_slice_unref(auth_md.value);
   if (started)
     a->pending++;
   if (!started || grpc_call_start_batch(a->call, &st, 1, &a->t_status, NULL) != GRPC_CALL_OK) {
@@ -381,6 +398,14 @@ static void on_recv(attempt *a, int ok) {
     return;
   }
   bb = annotate(f, bb, a->up->addr);
+  if (f->method == EPIC_GW_M_GENERATE && epic_auth_counts_tokens(f->r->auth)) {
+    Epic__V1__GenerateResponse *m = (Epic__V1__GenerateResponse *)epic_gw_unpack(
+        &epic__v1__generate_response__descriptor, bb);
+    if (m) {
+      epic_auth_charge(f->r->auth, &f->grant, (int64_t)m->n_token_ids);
+      epic__v1__generate_response__free_unpacked(m, NULL);
+    }
+  }
   if (f->d.send_busy) {
     f->held = bb; /* the next receive starts when this one is sent */
     return;
@@ -431,7 +456,8 @@ static void on_new_call(epic_gw_router *r, epic_gw_listener *l, int ok) {
   grpc_call *call;
   grpc_byte_buffer *payload;
   char method[128];
-  if (!epic_gw_front_accept(&r->fr, l, ok, &call, &payload, method, sizeof method))
+  epic_gw_authz authz;
+  if (!epic_gw_front_accept(&r->fr, l, ok, &call, &payload, method, sizeof method, &authz))
     return;
   fwd *f = calloc(1, sizeof *f);
   if (!f) {
@@ -447,6 +473,7 @@ static void on_new_call(epic_gw_router *r, epic_gw_listener *l, int ok) {
                     TAG_DSEND, f);
   f->method = l->method;
   f->req = payload;
+  f->authz = authz;
   f->next = r->fwds;
   if (r->fwds)
     r->fwds->prev = f;
@@ -481,6 +508,14 @@ static void on_new_call(epic_gw_router *r, epic_gw_listener *l, int ok) {
     char msg[256];
     snprintf(msg, sizeof msg, "method %s is not served here", method);
     epic_gw_down_finish(&f->d, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
+    return;
+  }
+  epic_auth_result ar;
+  if (epic_gw_admit(r->auth, &authz, f->method == EPIC_GW_M_GENERATE, &f->grant, &ar) !=
+      EPIC_AUTH_OK) {
+    EPIC_LOG_INFO("gateway: call %s from %s refused: %s", epic_gw_method_name(f->method, method),
+                  ar.principal, ar.message);
+    epic_gw_down_refuse(&f->d, &ar);
     return;
   }
   if (r->draining) {
@@ -549,19 +584,27 @@ epic_status epic_gw_router_create(const epic_gw_router_params *p, epic_gw_router
   if (r->p.max_request_bytes <= 0)
     r->p.max_request_bytes = 64 << 20;
   r->p.upstreams = NULL;
+  r->auth = p->security ? p->security->auth : NULL;
   grpc_init();
   epic_gw_front_init(&r->fr, "gateway");
   /* A restarted upstream must be found again within a few health intervals,
    * not after gRPC's default reconnect back-off of up to two minutes. */
-  grpc_arg cargs[4] = {
+  grpc_arg cargs[5] = {
       {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = -1},
       {.type = GRPC_ARG_INTEGER,
        .key = GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS,
        .value.integer = 200},
       {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, .value.integer = 200},
-      {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, .value.integer = 2000}};
-  grpc_channel_args cca = {.num_args = 4, .args = cargs};
-  grpc_channel_credentials *cc = grpc_insecure_credentials_create();
+      {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, .value.integer = 2000},
+      {.type = GRPC_ARG_STRING, .key = GRPC_SSL_TARGET_NAME_OVERRIDE_ARG}};
+  const char *name = p->security ? p->security->upstream_name : NULL;
+  cargs[4].value.string = (char *)name;
+  grpc_channel_args cca = {.num_args = name ? 5 : 4, .args = cargs};
+  grpc_channel_credentials *cc = epic_gw_upstream_credentials(p->security);
+  if (!cc) {
+    epic_gw_router_destroy(r);
+    return EPIC_ERR_INVALID;
+  }
   double now = epic_now_seconds();
   for (int i = 0; i < p->n_upstreams; i++) {
     upstream *u = &r->ups[i];
@@ -579,9 +622,10 @@ epic_status epic_gw_router_create(const epic_gw_router_params *p, epic_gw_router
     epic_gw_router_destroy(r);
     return EPIC_ERR_NOMEM;
   }
-  if (epic_gw_front_listen(&r->fr, p->listen, r->p.max_request_bytes) != EPIC_OK) {
+  epic_status lst = epic_gw_front_listen(&r->fr, p->listen, r->p.max_request_bytes, p->security);
+  if (lst != EPIC_OK) {
     epic_gw_router_destroy(r);
-    return EPIC_ERR_IO;
+    return lst;
   }
   *out = r;
   return EPIC_OK;

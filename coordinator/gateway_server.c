@@ -47,6 +47,8 @@ struct gw_call {
   uint64_t engine_id;
   double t_received;
   char request_id[48];
+  char principal[32];     /* who called (auth.h), for log lines */
+  epic_auth_grant grant;  /* request/stream slot held with s->p.security->auth */
   /* Set before submit, read-only after: both threads. */
   epic_gw_job job;
   /* Engine thread only (its callbacks). */
@@ -72,6 +74,7 @@ struct gw_call {
 
 struct epic_gw_server {
   epic_gw_server_params p;
+  epic_auth *auth; /* p.security->auth or NULL */
   char *model_name, *comm_name;
   epic_engine_params eparams;
   epic_model_config cfg;
@@ -161,6 +164,7 @@ static void call_free(gw_call *c) {
     grpc_byte_buffer_destroy(c->d.send_bb);
   if (c->d.call)
     grpc_call_unref(c->d.call);
+  epic_auth_release(s->auth, &c->grant);
   epic_detok_destroy(c->detok);
   epic_gw_stopper_free(&c->stopper);
   epic_gw_buf_free(&c->scratch);
@@ -186,8 +190,8 @@ static void maybe_free(gw_call *c) {
 
 static void reply_error(gw_call *c, grpc_status_code code, const char *msg) {
   if (c->method == EPIC_GW_M_GENERATE)
-    EPIC_LOG_INFO("serve: request %s rejected (%d): %s", c->request_id[0] ? c->request_id : "-",
-                  (int)code, msg);
+    EPIC_LOG_INFO("serve: request %s (%s) rejected (%d): %s",
+                  c->request_id[0] ? c->request_id : "-", c->principal, (int)code, msg);
   epic_gw_down_finish(&c->d, code, msg, NULL);
 }
 
@@ -300,6 +304,8 @@ static void on_finish(void *user, const epic_engine_result *r) {
       "serve: request %s finished (%d): %lld prompt + %lld new tokens, ttft %.3fs, total %.3fs",
       c->request_id, (int)r->finish, (long long)r->prompt_tokens, (long long)r->completion_tokens,
       c->n_tokens ? c->t_first - c->t_received : 0.0, now - c->t_received);
+  epic_auth_charge(s->auth, &c->grant, r->completion_tokens);
+  epic_auth_release(s->auth, &c->grant);
   pthread_mutex_lock(&s->mu);
   c->in_engine = 0;
   c->finished = 1;
@@ -402,8 +408,8 @@ static void start_generate(gw_call *c, grpc_byte_buffer *payload) {
                                        : "request: the engine could not queue it");
     return;
   }
-  EPIC_LOG_INFO("serve: request %s: %lld prompt tokens, max_tokens %lld", c->request_id,
-                (long long)c->job.n_prompt, (long long)c->job.max_tokens);
+  EPIC_LOG_INFO("serve: request %s (%s): %lld prompt tokens, max_tokens %lld", c->request_id,
+                c->principal, (long long)c->job.n_prompt, (long long)c->job.max_tokens);
 }
 
 static grpc_status_code finish_status(const gw_call *c, char *msg, size_t n) {
@@ -569,6 +575,26 @@ static void do_modelinfo(gw_call *c, grpc_byte_buffer *payload) {
   ss.ranks = s->p.nranks;
   ss.comm = s->comm_name ? s->comm_name : (char *)"";
   ss.max_request_bytes = s->p.max_request_bytes;
+  const epic_gw_request_limits rl = epic_gw_limits_effective(&s->lim.req);
+  epic_auth_params ap;
+  epic_auth_get_params(s->auth, &ap);
+  const epic_gw_security *sec = s->p.security;
+  Epic__V1__RequestLimits lm = EPIC__V1__REQUEST_LIMITS__INIT;
+  lm.max_request_bytes = s->p.max_request_bytes;
+  lm.max_prompt_tokens = rl.max_prompt_tokens;
+  lm.max_tokens = rl.max_tokens;
+  lm.max_stop_strings = rl.max_stop_strings;
+  lm.max_stop_len = rl.max_stop_len;
+  lm.max_stop_token_ids = rl.max_stop_token_ids;
+  lm.max_n = rl.max_n;
+  lm.max_top_logprobs = rl.max_top_logprobs;
+  lm.max_streams_per_key = ap.max_streams;
+  lm.rate_limit_rps = ap.requests_per_s;
+  lm.rate_limit_burst = ap.requests_per_s > 0 ? ap.request_burst : 0;
+  lm.rate_limit_tokens_per_min = ap.tokens_per_min;
+  lm.api_keys_required = epic_auth_keys_required(s->auth) != 0;
+  lm.tls = sec && sec->tls_cert;
+  lm.mutual_tls = sec && sec->tls_cert && sec->tls_client_ca;
   Epic__V1__EngineStats st = EPIC__V1__ENGINE_STATS__INIT;
   st.queued = es.queued;
   st.running = es.running;
@@ -589,6 +615,7 @@ static void do_modelinfo(gw_call *c, grpc_byte_buffer *payload) {
   r.serving = &ss;
   r.stats = &st;
   r.draining = s->draining != 0;
+  r.limits = &lm;
   reply(c, &r.base);
 }
 
@@ -617,7 +644,8 @@ static void on_new_call(epic_gw_server *s, epic_gw_listener *l, int ok) {
   grpc_call *call;
   grpc_byte_buffer *payload;
   char method[128];
-  if (!epic_gw_front_accept(&s->fr, l, ok, &call, &payload, method, sizeof method))
+  epic_gw_authz authz;
+  if (!epic_gw_front_accept(&s->fr, l, ok, &call, &payload, method, sizeof method, &authz))
     return;
   gw_call *c = calloc(1, sizeof *c);
   if (!c) {
@@ -633,6 +661,7 @@ static void on_new_call(epic_gw_server *s, epic_gw_listener *l, int ok) {
   c->t_received = epic_now_seconds();
   c->stop_matched = -1;
   snprintf(c->request_id, sizeof c->request_id, "-");
+  snprintf(c->principal, sizeof c->principal, "-");
   c->next = s->calls;
   if (s->calls)
     s->calls->prev = c;
@@ -646,10 +675,20 @@ static void on_new_call(epic_gw_server *s, epic_gw_listener *l, int ok) {
     maybe_free(c);
     return;
   }
+  epic_auth_result ar;
   if (s->fr.shutdown_started) {
     /* Also keeps destroy from touching the engine, which may be gone by then. */
     reply_error(c, GRPC_STATUS_UNAVAILABLE, "server is shutting down");
+  } else if (c->method != EPIC_GW_M_HEALTH &&
+             epic_gw_admit(s->auth, &authz, c->method == EPIC_GW_M_GENERATE, &c->grant, &ar) !=
+                 EPIC_AUTH_OK) {
+    /* The message names the principal and the limit, never the key. */
+    EPIC_LOG_INFO("serve: call %s from %s refused: %s", epic_gw_method_name(c->method, method),
+                  ar.principal, ar.message);
+    epic_gw_down_refuse(&c->d, &ar);
   } else {
+    if (c->method != EPIC_GW_M_HEALTH)
+      snprintf(c->principal, sizeof c->principal, "%s", ar.principal);
     switch (c->method) {
     case EPIC_GW_M_GENERATE: start_generate(c, payload); break;
     case EPIC_GW_M_TOKENIZE: do_tokenize(c, payload); break;
@@ -841,7 +880,9 @@ epic_status epic_gw_server_create(const epic_gw_server_params *p, epic_gw_server
                             .max_context = p->max_context,
                             .default_max_tokens = s->p.default_max_tokens,
                             .kv_tokens = p->kv_tokens_per_worker,
-                            .page_size = p->page_size};
+                            .page_size = p->page_size,
+                            .req = p->limits};
+  s->auth = p->security ? p->security->auth : NULL;
   if (!s->model_name || pthread_mutex_init(&s->mu, NULL) != 0) {
     free(s->model_name);
     free(s->comm_name);
@@ -856,9 +897,10 @@ epic_status epic_gw_server_create(const epic_gw_server_params *p, epic_gw_server
   int64_t cap = 2 * s->p.max_request_bytes > (64 << 20) ? 2 * s->p.max_request_bytes : (64 << 20);
   epic_gw_front_init(&s->fr, "serve");
   s->lame = grpc_lame_client_channel_create("epic-wake", GRPC_STATUS_UNAVAILABLE, "wake-up");
-  if (epic_gw_front_listen(&s->fr, p->listen, cap) != EPIC_OK) {
+  epic_status lst = epic_gw_front_listen(&s->fr, p->listen, cap, p->security);
+  if (lst != EPIC_OK) {
     epic_gw_server_destroy(s);
-    return EPIC_ERR_IO;
+    return lst;
   }
   *out = s;
   return EPIC_OK;

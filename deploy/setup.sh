@@ -22,11 +22,12 @@ while [ $# -gt 0 ]; do
 done
 
 packages=(build-essential cmake pkg-config python3
-  libopenblas-dev libpcre2-dev libcjson-dev libcmocka-dev
+  libopenblas-dev libpcre2-dev libcjson-dev libcmocka-dev libmicrohttpd-dev nodejs npm
   libopenmpi-dev openmpi-bin libucx-dev
   libgrpc-dev protobuf-c-compiler libprotobuf-c-dev
   python3-grpcio python3-protobuf protobuf-compiler
-  slurmctld slurmd slurm-client munge patchelf numactl)
+  slurmctld slurmd slurm-client munge patchelf numactl
+  libssl-dev openssl clang-14 libclang-rt-14-dev bc)
 
 if [ "$install_deps" = 1 ]; then
   missing=()
@@ -40,6 +41,14 @@ if [ "$install_deps" = 1 ]; then
     "${sudo_cmd[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
   fi
+fi
+
+# The HTTP end-to-end test drives the server with the real `openai` npm client
+# (pinned major version), kept out of git in tests/http/node_modules-dir.
+if [ "$install_deps" = 1 ] && command -v npm >/dev/null &&
+   [ ! -f tests/http/node_modules-dir/node_modules/openai/package.json ]; then
+  mkdir -p tests/http/node_modules-dir
+  npm install --prefix tests/http/node_modules-dir --no-audit --no-fund openai@4
 fi
 
 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "${extra[@]}"

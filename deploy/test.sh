@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole EPIC test suite: the normal build and an AddressSanitizer +
-# UndefinedBehaviorSanitizer build, each with CTest (unit, CLI and fixture-parity tests).
-# Usage: ./deploy/test.sh [--quick] (--quick: no sanitizer build)
+# UndefinedBehaviorSanitizer build, each with CTest (unit, CLI and fixture-parity tests),
+# and a short libFuzzer run of every parser target (deploy/fuzz.sh, EPIC_FUZZ_SECONDS each).
+# Usage: ./deploy/test.sh [--quick] (--quick: no sanitizer build, no fuzzing)
 # Environment: EPIC_FIXTURES (default ../shared/fixtures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 quick=0
 case "${1:-}" in
   --quick) quick=1 ;;
-  --help|-h) sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  --help|-h) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   "") ;;
   *) echo "test.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
 esac
@@ -27,6 +28,14 @@ run_suite() { # build_dir, extra cmake args...
 
 run_suite build
 if [ "$quick" = 0 ]; then
+  # libFuzzer targets (fuzz/, clang): a short run of each on its seed corpus
+  # (~70 s with the build); bench/fuzz_bench.sh does the 1M-execution runs.
+  if command -v clang-14 >/dev/null || command -v clang >/dev/null; then
+    ./deploy/fuzz.sh --time "${EPIC_FUZZ_SECONDS:-8}" --build-dir build-fuzz
+  else
+    echo "test.sh: clang not found: fuzz targets not run (deploy/setup.sh installs clang-14)" >&2
+    exit 1
+  fi
   # ASan needs no leak checker ptrace games under CI; detect_leaks stays on.
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_suite build-asan -DEPIC_SANITIZE=ON

@@ -254,8 +254,18 @@ static epic_status prepare(epic_executor *x, const epic_step_plan *p, size_t *nb
 }
 
 epic_status epic_executor_step(epic_executor *x, const epic_step_plan *p, epic_step_sample *out) {
+  return epic_executor_step_top(x, p, out, 0, NULL);
+}
+
+epic_status epic_executor_step_top(epic_executor *x, const epic_step_plan *p, epic_step_sample *out,
+                                   int top_n, epic_step_sample *top) {
   size_t nb = 0;
   epic_status st = prepare(x, p, &nb);
+  if (st == EPIC_OK && (top_n < 0 || top_n > 64 || (top_n > 0 && !top))) {
+    /* Reported after the collective forward below, like any local error. */
+    EPIC_LOG_ERROR("executor: top_n %d outside [0, 64] or no top buffer", top_n);
+    st = EPIC_ERR_INVALID;
+  }
   if (p->h.n_tokens == 0)
     return st;
   if (st != EPIC_OK || nb == 0) {
@@ -275,6 +285,14 @@ epic_status epic_executor_step(epic_executor *x, const epic_step_plan *p, epic_s
       continue;
     float lp = 0;
     int32_t id = epic_sampler_sample(x->bseq[i]->smp, x->logits + i * (size_t)x->V, x->V, &lp);
+    if (top_n > 0) {
+      int32_t ids[64];
+      float lps[64];
+      int got = epic_top_logprobs(x->logits + i * (size_t)x->V, x->V, top_n, ids, lps);
+      for (int j = 0; j < top_n; j++)
+        top[k * top_n + j] = j < got ? (epic_step_sample){.id = ids[j], .logprob = lps[j]}
+                                     : (epic_step_sample){.id = -1, .logprob = 0};
+    }
     out[k++] = (epic_step_sample){.id = id, .logprob = lp};
   }
   return EPIC_OK;

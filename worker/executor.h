@@ -51,6 +51,12 @@ void epic_executor_destroy(epic_executor *x); /* NULL-safe */
  * EPIC_ERR_NOMEM when the cache cannot hold a new sequence's reservation; the
  * forward's errors. After an error the engine stops: only destroy is left. */
 epic_status epic_executor_step(epic_executor *x, const epic_step_plan *p, epic_step_sample *out);
+/* epic_executor_step that also writes, for the i-th sample, the top_n most
+ * likely tokens of the same logits row (epic_top_logprobs: most likely first)
+ * to top[i * top_n .. (i + 1) * top_n); slots beyond the vocabulary get id -1.
+ * top_n in [0, 64]; top may be NULL when top_n == 0. */
+epic_status epic_executor_step_top(epic_executor *x, const epic_step_plan *p, epic_step_sample *out,
+                                   int top_n, epic_step_sample *top);
 
 /* Sequences this rank holds. */
 int64_t epic_executor_sequences(const epic_executor *x);

@@ -85,6 +85,31 @@ static double log_softmax_at(const float *logits, int64_t n, int64_t id) {
   return (double)logits[id] - mx - log(sum);
 }
 
+int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float *lps) {
+  if (k <= 0 || n <= 0) return 0;
+  if ((int64_t)k > n) k = (int)n;
+  int have = 0;
+  double mx = logits[0], sum = 0;
+  for (int64_t i = 0; i < n; i++) {
+    const float v = logits[i];
+    if (v > mx) mx = v;
+    /* Strictly greater than the current k-th: an equal later id loses the tie. */
+    if (have == k && !(v > lps[k - 1])) continue;
+    int j = have < k ? have++ : k - 1;
+    while (j > 0 && v > lps[j - 1]) {
+      lps[j] = lps[j - 1];
+      ids[j] = ids[j - 1];
+      j--;
+    }
+    lps[j] = v;
+    ids[j] = (int32_t)i;
+  }
+  for (int64_t i = 0; i < n; i++) sum += exp((double)logits[i] - mx);
+  const double lse = mx + log(sum);
+  for (int j = 0; j < have; j++) lps[j] = (float)((double)lps[j] - lse);
+  return have;
+}
+
 /* Sort candidates by descending logit (ties: lower id first). */
 static int cmp_desc(const void *a, const void *b, void *keys) {
   const float *sort_keys = keys;

@@ -29,6 +29,13 @@ void epic_sampler_destroy(epic_sampler *s); /* NULL-safe */
  * logits). */
 int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, float *logprob);
 
+/* The k most likely tokens of logits[0..n) under the unmodified distribution
+ * (softmax of the raw logits, as the sampled token's logprob): ids[0..k) and
+ * their log-probabilities lps[0..k), most likely first, lower id first on ties.
+ * Returns the number written, min(k, n); k <= 0 writes nothing. One pass over
+ * the row plus a k-element insertion list (k is small: OpenAI allows <= 20). */
+int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float *lps);
+
 /* Greedy choice without a sampler: argmax, lowest id on ties. */
 int32_t epic_argmax(const float *logits, int64_t n);
 

@@ -7,6 +7,7 @@
  * and cancel, epic_engine_cancel, validation, queue limits, shutdown. */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -22,6 +23,7 @@
 #include "kernels/ops.h"
 #include "tests/common/test_util.h"
 #include "worker/model.h"
+#include "worker/sampler.h"
 
 #define MAX_PROMPT 256
 #define MAX_OUT 64
@@ -430,8 +432,147 @@ static void test_shutdown_cancels(void **state) {
   epic_engine_destroy(e);
 }
 
+/* epic_top_logprobs against a brute-force sort of a row with ties. */
+static void test_top_logprobs_row(void **state) {
+  (void)state;
+  enum { N = 300 };
+  float l[N];
+  for (int i = 0; i < N; i++)
+    l[i] = (float)((i * 37) % 101) * 0.05f - 2.0f; /* values repeat: ties by id */
+  double mx = -1e30, sum = 0;
+  for (int i = 0; i < N; i++)
+    mx = l[i] > mx ? l[i] : mx;
+  for (int i = 0; i < N; i++)
+    sum += exp((double)l[i] - mx);
+  int32_t ids[20];
+  float lps[20];
+  assert_int_equal(epic_top_logprobs(l, N, 20, ids, lps), 20);
+  int used[N] = {0};
+  for (int j = 0; j < 20; j++) {
+    int best = -1; /* the j-th by (logit desc, id asc) */
+    for (int i = 0; i < N; i++)
+      if (!used[i] && (best < 0 || l[i] > l[best]))
+        best = i;
+    used[best] = 1;
+    assert_int_equal(ids[j], best);
+    assert_true(fabs((double)lps[j] - ((double)l[best] - mx - log(sum))) < 1e-5);
+  }
+  assert_int_equal(epic_top_logprobs(l, 3, 20, ids, lps), 3);
+  assert_int_equal(epic_top_logprobs(l, N, 0, ids, lps), 0);
+}
+
+typedef struct toprq {
+  rq r;
+  int n_top;
+  int32_t top_ids[MAX_OUT][EPIC_ENGINE_MAX_TOP_LOGPROBS];
+  float top_lp[MAX_OUT][EPIC_ENGINE_MAX_TOP_LOGPROBS];
+  float lp[MAX_OUT];
+  int got_top[MAX_OUT];
+} toprq;
+
+static int on_token_top(void *user, const epic_engine_token *t) {
+  toprq *q = user;
+  int k = q->r.n_out;
+  if (k < MAX_OUT) {
+    q->got_top[k] = t->n_top;
+    q->lp[k] = t->logprob;
+    for (int j = 0; j < t->n_top && j < EPIC_ENGINE_MAX_TOP_LOGPROBS; j++) {
+      q->top_ids[k][j] = t->top_ids[j];
+      q->top_lp[k][j] = t->top_logprobs[j];
+    }
+  }
+  return on_token(&q->r, t->id, t->logprob);
+}
+
+/* Top logprobs come from the same logits row as the sampled token: greedy
+ * output is unchanged and equals the top-1 id with the same logprob; sampled
+ * tokens in the list carry the list's logprob, others rank below its last. */
+static void test_top_logprobs_engine(void **state) {
+  fixture *f = *state;
+  enum { TOP = 5 };
+  static toprq q[4];
+  epic_engine_params p = {.size = sizeof p, .model = f->m, .page_size = 4, .kv_pages = 160,
+                          .top_logprobs = TOP};
+  epic_engine *e = NULL;
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
+  for (int i = 0; i < 4; i++) {
+    memset(&q[i], 0, sizeof q[i]);
+    q[i].r = f->cases[i % f->n_cases];
+    q[i].n_top = i == 3 ? 0 : TOP - i; /* 5, 4, 3 and none */
+    if (i == 1) {
+      q[i].r.sp.temperature = 1.0f;
+      q[i].r.sp.seed = 7;
+      q[i].r.sampled = 1;
+    }
+    epic_engine_request er = {.size = sizeof er,
+                              .prompt = q[i].r.prompt,
+                              .n_prompt = q[i].r.n_prompt,
+                              .max_new_tokens = q[i].r.max_new,
+                              .sampling = q[i].r.sp,
+                              .ignore_eos = 1,
+                              .on_token_top = on_token_top,
+                              .top_logprobs = q[i].n_top,
+                              .on_finish = on_finish,
+                              .user = &q[i]};
+    assert_int_equal(epic_engine_submit(e, &er, NULL), EPIC_OK);
+  }
+  epic_engine_request over = {.size = sizeof over, .prompt = q[0].r.prompt, .n_prompt = 1,
+                              .max_new_tokens = 1, .sampling = greedy(),
+                              .top_logprobs = TOP + 1};
+  assert_int_equal(epic_engine_submit(e, &over, NULL), EPIC_ERR_INVALID);
+  epic_engine_shutdown(e, 1);
+  assert_int_equal(epic_engine_run(e), EPIC_OK);
+  for (int i = 0; i < 4; i++) {
+    rq *r = &q[i].r;
+    assert_int_equal(r->bad, 0);
+    assert_int_equal(r->finishes, 1);
+    assert_int_equal(r->n_out, r->max_new);
+    if (!r->sampled)
+      assert_memory_equal(r->out, r->expect, (size_t)r->n_expect * sizeof *r->out);
+    for (int k = 0; k < r->n_out; k++) {
+      assert_int_equal(q[i].got_top[k], q[i].n_top);
+      for (int j = 1; j < q[i].n_top; j++)
+        assert_true(q[i].top_lp[k][j] <= q[i].top_lp[k][j - 1]);
+      if (q[i].n_top == 0)
+        continue;
+      if (!r->sampled) {
+        assert_int_equal(q[i].top_ids[k][0], r->out[k]);
+        assert_true(q[i].top_lp[k][0] == q[i].lp[k]);
+      }
+      int found = 0;
+      for (int j = 0; j < q[i].n_top; j++)
+        if (q[i].top_ids[k][j] == r->out[k]) {
+          found = 1;
+          assert_true(q[i].top_lp[k][j] == q[i].lp[k]);
+        }
+      if (!found)
+        assert_true(q[i].lp[k] <= q[i].top_lp[k][q[i].n_top - 1]);
+    }
+  }
+  epic_engine_stats s;
+  epic_engine_get_stats(e, &s);
+  assert_int_equal(s.ttft.count, 4);
+  assert_int_equal(s.e2e.count, 4);
+  assert_int_equal(s.tpot.count, 4);
+  int64_t in_buckets = 0;
+  for (int b = 0; b <= EPIC_HIST_BOUNDS; b++)
+    in_buckets += s.e2e.bucket[b];
+  assert_int_equal(in_buckets, 4);
+  assert_true(s.e2e.sum >= s.ttft.sum && s.ttft.sum > 0);
+  epic_engine_destroy(e);
+  /* An engine without top_logprobs refuses requests that ask for them. */
+  p.top_logprobs = 0;
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
+  over.top_logprobs = 1;
+  assert_int_equal(epic_engine_submit(e, &over, NULL), EPIC_ERR_INVALID);
+  epic_engine_destroy(e);
+  p.top_logprobs = EPIC_ENGINE_MAX_TOP_LOGPROBS + 1;
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_ERR_INVALID);
+}
+
 int main(void) {
   const struct CMUnitTest bf16[] = {
+      cmocka_unit_test(test_top_logprobs_row), cmocka_unit_test(test_top_logprobs_engine),
       cmocka_unit_test(test_concurrent_reference), cmocka_unit_test(test_alone_equals_together),
       cmocka_unit_test(test_stops_and_cancel),     cmocka_unit_test(test_validation_and_limits),
       cmocka_unit_test(test_shutdown_cancels),

@@ -40,11 +40,13 @@ HEALTH = "/grpc.health.v1.Health/Check"
 
 
 class Client:
-    def __init__(self, addr, max_msg=64 << 20):
+    def __init__(self, addr, max_msg=64 << 20, creds=None, options=()):
         self.addr = addr
-        self.channel = grpc.insecure_channel(addr, options=[
-            ("grpc.max_send_message_length", max_msg),
-            ("grpc.max_receive_message_length", max_msg)])
+        opts = [("grpc.max_send_message_length", max_msg),
+                ("grpc.max_receive_message_length", max_msg)] + list(options)
+        # creds: grpc.ssl_channel_credentials(...) for a TLS server.
+        self.channel = (grpc.secure_channel(addr, creds, options=opts) if creds
+                        else grpc.insecure_channel(addr, options=opts))
         ser = lambda m: m.SerializeToString()
         self.generate_rpc = self.channel.unary_stream(
             GENERATE, request_serializer=ser, response_deserializer=pb.GenerateResponse.FromString)
