@@ -32,6 +32,9 @@ packages=(build-essential cmake pkg-config python3
 if [ "$install_deps" = 1 ]; then
   missing=()
   for p in "${packages[@]}"; do
+    # Node.js often comes from elsewhere (nodesource, nvm), whose packages conflict with
+    # Debian's: any working node/npm on PATH will do.
+    case $p in nodejs|npm) command -v "${p/nodejs/node}" >/dev/null && continue ;; esac
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then

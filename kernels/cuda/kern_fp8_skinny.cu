@@ -52,95 +52,27 @@ __device__ __forceinline__ void dot16(const float *wv, const float *xs, int k, i
   }
 }
 
-template <int M>
-__global__ void __launch_bounds__(kThreads)
-    k_fp8_skinny(const float *x, int64_t ldx, const uint8_t *w, const float *sc, int n, int k,
-                 int br, int bc, int nbc, float *y, int64_t ldy) {
-  extern __shared__ __align__(16) float xs[]; // [M][k]
-  const int lane = threadIdx.x & 31;
-  const int gw = blockIdx.x * kWarps + (threadIdx.x >> 5), nw = gridDim.x * kWarps;
-  // Start the first weight rows towards L2 while the tokens are staged.
-  if (2 * gw < n)
-    for (int c = lane * 16; c < k && c < 4 * 512; c += 512)
-      for (int r = 2 * gw; r < 2 * gw + 2 && r < n; r++)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (int64_t)r * k + c));
+// m token rows of x (row stride ldx) into xs [m][k], 16-byte copies when aligned.
+__device__ __forceinline__ void stage_tokens(float *xs, const float *x, int64_t ldx, int m, int k) {
   if (ldx % 4 == 0 && ((uintptr_t)x & 15u) == 0) {
-    for (int t = 0; t < M; t++)
+    for (int t = 0; t < m; t++)
       for (int c = threadIdx.x * 4; c < k; c += kThreads * 4)
         *(float4 *)(xs + t * k + c) = *(const float4 *)(x + t * ldx + c);
   } else {
-    for (int t = 0; t < M; t++)
+    for (int t = 0; t < m; t++)
       for (int c = threadIdx.x; c < k; c += kThreads)
         xs[t * k + c] = x[t * ldx + c];
   }
-  __syncthreads();
-  for (int r0 = 2 * gw; r0 < n; r0 += 2 * nw) {
-    const int r1 = r0 + 1 < n ? r0 + 1 : r0; // odd tail: the second row repeats the first
-    const uint8_t *w0 = w + (int64_t)r0 * k, *w1 = w + (int64_t)r1 * k;
-    const float *s0 = sc + (int64_t)(r0 / br) * nbc, *s1 = sc + (int64_t)(r1 / br) * nbc;
-    float acc0[M], acc1[M];
-#pragma unroll
-    for (int t = 0; t < M; t++)
-      acc0[t] = acc1[t] = 0.0f;
-    int c = lane * 16;
-    for (; c + 3 * 512 < k; c += 4 * 512) { // four stripes per trip: eight 16-byte loads in flight
-      uint4 v0[4], v1[4];
-#pragma unroll
-      for (int q = 0; q < 4; q++) {
-        v0[q] = __ldg((const uint4 *)(w0 + c + q * 512));
-        v1[q] = __ldg((const uint4 *)(w1 + c + q * 512));
-      }
-#pragma unroll
-      for (int q = 0; q < 4; q++) {
-        const int cq = c + q * 512;
-        float a[16];
-        fp8x16(v0[q], a);
-        dot16<M>(a, xs, k, cq, s0[cq / bc], acc0);
-        fp8x16(v1[q], a);
-        dot16<M>(a, xs, k, cq, s1[cq / bc], acc1);
-      }
-    }
-    for (; c < k; c += 512) {
-      const uint4 v0 = __ldg((const uint4 *)(w0 + c)), v1 = __ldg((const uint4 *)(w1 + c));
-      float a[16];
-      fp8x16(v0, a);
-      dot16<M>(a, xs, k, c, s0[c / bc], acc0);
-      fp8x16(v1, a);
-      dot16<M>(a, xs, k, c, s1[c / bc], acc1);
-    }
-#pragma unroll
-    for (int t = 0; t < M; t++) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        acc0[t] += __shfl_xor_sync(0xffffffffu, acc0[t], o);
-        acc1[t] += __shfl_xor_sync(0xffffffffu, acc1[t], o);
-      }
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int t = 0; t < M; t++) {
-        y[t * ldy + r0] = acc0[t];
-        if (r1 != r0)
-          y[t * ldy + r1] = acc1[t];
-      }
-    }
-  }
 }
 
-// ---- grouped (per-expert) variant: one launch for every expert of an MoE layer.
-// blockIdx.y is the group (expert), blockIdx.x a tile of kGroupedTile weight rows. The
-// group's rows of x (contiguous, rows off[g] .. off[g+1]) are taken up to four at a
-// time into shared memory; each pass streams the tile's weight rows once (a second
-// pass mostly hits L2). Groups with more than max_rows rows are skipped here (the host
-// runs them as ordinary GEMMs).
-constexpr int kGroupedTile = 2 * kWarps * 4; // 64 rows: each warp does 4 row pairs
-
+// Weight rows r_first, r_first + step, ... below r_end, two at a time per warp (each
+// warp passes its own r_first), against the M tokens staged in xs [M][k]: y[t][r].
 template <int M>
-__device__ __forceinline__ void grouped_rows(const float *xs, int k, const uint8_t *w,
-                                             const float *sc, int r_begin, int r_end, int br,
-                                             int bc, int nbc, float *y, int64_t ldy) {
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  for (int r0 = r_begin + 2 * wid; r0 < r_end; r0 += 2 * kWarps) {
+__device__ __forceinline__ void row_pairs(const float *xs, int k, const uint8_t *w,
+                                          const float *sc, int r_first, int r_end, int step,
+                                          int br, int bc, int nbc, float *y, int64_t ldy) {
+  const int lane = threadIdx.x & 31;
+  for (int r0 = r_first; r0 < r_end; r0 += step) {
     const int r1 = r0 + 1 < r_end ? r0 + 1 : r0;
     const uint8_t *w0 = w + (int64_t)r0 * k, *w1 = w + (int64_t)r1 * k;
     const float *s0 = sc + (int64_t)(r0 / br) * nbc, *s1 = sc + (int64_t)(r1 / br) * nbc;
@@ -193,6 +125,31 @@ __device__ __forceinline__ void grouped_rows(const float *xs, int k, const uint8
   }
 }
 
+template <int M>
+__global__ void __launch_bounds__(kThreads)
+    k_fp8_skinny(const float *x, int64_t ldx, const uint8_t *w, const float *sc, int n, int k,
+                 int br, int bc, int nbc, float *y, int64_t ldy) {
+  extern __shared__ __align__(16) float xs[]; // [M][k]
+  const int lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * kWarps + (threadIdx.x >> 5), nw = gridDim.x * kWarps;
+  // Start the first weight rows towards L2 while the tokens are staged.
+  if (2 * gw < n)
+    for (int c = lane * 16; c < k && c < 4 * 512; c += 512)
+      for (int r = 2 * gw; r < 2 * gw + 2 && r < n; r++)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (int64_t)r * k + c));
+  stage_tokens(xs, x, ldx, M, k);
+  __syncthreads();
+  row_pairs<M>(xs, k, w, sc, 2 * gw, n, 2 * nw, br, bc, nbc, y, ldy);
+}
+
+// ---- grouped (per-expert) variant: one launch for every expert of an MoE layer.
+// blockIdx.y is the group (expert), blockIdx.x a tile of kGroupedTile weight rows. The
+// group's rows of x (contiguous, rows off[g] .. off[g+1]) are taken up to four at a
+// time into shared memory; each pass streams the tile's weight rows once (a second
+// pass mostly hits L2). Groups with more than max_rows rows are skipped here (the host
+// runs them as ordinary GEMMs).
+constexpr int kGroupedTile = 2 * kWarps * 4; // 64 rows: each warp does 4 row pairs
+
 __global__ void __launch_bounds__(kThreads)
     k_fp8_grouped(const float *x, int64_t ldx, const int32_t *off, const epic_cuk_group_w *tab,
                   int n, int k, int br, int bc, int nbc, int max_rows, float *y, int64_t ldy) {
@@ -209,22 +166,15 @@ __global__ void __launch_bounds__(kThreads)
     const int mc = cnt - t0 < 4 ? cnt - t0 : 4;
     const float *xt = x + (int64_t)(row0 + t0) * ldx;
     __syncthreads(); // the previous pass is done with xs
-    if (ldx % 4 == 0 && ((uintptr_t)x & 15u) == 0) {
-      for (int t = 0; t < mc; t++)
-        for (int c = threadIdx.x * 4; c < k; c += kThreads * 4)
-          *(float4 *)(xs + t * k + c) = *(const float4 *)(xt + t * ldx + c);
-    } else {
-      for (int t = 0; t < mc; t++)
-        for (int c = threadIdx.x; c < k; c += kThreads)
-          xs[t * k + c] = xt[t * ldx + c];
-    }
+    stage_tokens(xs, xt, ldx, mc, k);
     __syncthreads();
     float *yt = y + (int64_t)(row0 + t0) * ldy;
+    const int r0w = r_begin + 2 * (threadIdx.x >> 5);
     switch (mc) {
-    case 1: grouped_rows<1>(xs, k, w, sc, r_begin, r_end, br, bc, nbc, yt, ldy); break;
-    case 2: grouped_rows<2>(xs, k, w, sc, r_begin, r_end, br, bc, nbc, yt, ldy); break;
-    case 3: grouped_rows<3>(xs, k, w, sc, r_begin, r_end, br, bc, nbc, yt, ldy); break;
-    default: grouped_rows<4>(xs, k, w, sc, r_begin, r_end, br, bc, nbc, yt, ldy); break;
+    case 1: row_pairs<1>(xs, k, w, sc, r0w, r_end, 2 * kWarps, br, bc, nbc, yt, ldy); break;
+    case 2: row_pairs<2>(xs, k, w, sc, r0w, r_end, 2 * kWarps, br, bc, nbc, yt, ldy); break;
+    case 3: row_pairs<3>(xs, k, w, sc, r0w, r_end, 2 * kWarps, br, bc, nbc, yt, ldy); break;
+    default: row_pairs<4>(xs, k, w, sc, r0w, r_end, 2 * kWarps, br, bc, nbc, yt, ldy); break;
     }
   }
 }
