@@ -34,6 +34,9 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"step-tokens", "N", "per-worker token budget of one step (default 2048)"},
     {"prefill-chunk", "N", "prompt tokens of one sequence per step (default 512)"},
     {"micro-batches", "N", "1, or 2 for two-micro-batch pipelining (default 1)"},
+    {"prefix-cache", "SIZE|off",
+     "KV cache per worker kept for prompt prefixes that later requests reuse\n"
+     "(idle pages, given back when needed; default: half of the KV cache)"},
 };
 
 void epic_cli_engine_init(epic_cli_engine_opts *o, const char *cmd, unsigned mask) {
@@ -124,6 +127,15 @@ int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg) {
   case EPIC_CLI_ENGINE_MICRO_BATCHES:
     bad = epic_cli_i64(cmd, flag, arg, 1, 2, &o->micro_batches);
     break;
+  case EPIC_CLI_ENGINE_PREFIX_CACHE:
+    o->prefix_cache_pages = 0;
+    o->prefix_cache_bytes = 0;
+    if (strcmp(arg, "off") == 0)
+      o->prefix_cache_pages = -1;
+    else if ((bad = epic_plan_cli_size(cmd, flag, arg, &o->prefix_cache_bytes)) == 0 &&
+             o->prefix_cache_bytes == 0)
+      o->prefix_cache_pages = -1; /* 0 bytes: off, not the default */
+    break;
   case EPIC_CLI_ENGINE_N: return 0;
   }
   return bad ? -1 : 1;
@@ -208,5 +220,7 @@ void epic_cli_engine_engine_params(const epic_cli_engine_opts *o, epic_model *mo
                              .step_tokens = o->step_tokens,
                              .prefill_chunk = o->prefill_chunk,
                              .max_context = o->max_context,
-                             .micro_batches = (int)o->micro_batches};
+                             .micro_batches = (int)o->micro_batches,
+                             .prefix_cache_pages = o->prefix_cache_pages,
+                             .prefix_cache_bytes = (size_t)o->prefix_cache_bytes};
 }

@@ -2,7 +2,7 @@
  * the model is loaded (--model, --load-format, --num-layers, --num-experts,
  * --weight-seed, --threads, --comm, --mem-per-rank) and how the engine
  * schedules (--max-batch, --max-queue, --kv-cache, --kv-pages, --page-size,
- * --max-context, --step-tokens, --prefill-chunk, --micro-batches): one option
+ * --max-context, --step-tokens, --prefill-chunk, --micro-batches, --prefix-cache): one option
  * table, one parser, one help text, and the epic_cluster_params /
  * epic_engine_params they fill.
  *
@@ -45,13 +45,14 @@ typedef enum epic_cli_engine_opt {
   EPIC_CLI_ENGINE_STEP_TOKENS,
   EPIC_CLI_ENGINE_PREFILL_CHUNK,
   EPIC_CLI_ENGINE_MICRO_BATCHES,
+  EPIC_CLI_ENGINE_PREFIX_CACHE,
   EPIC_CLI_ENGINE_N
 } epic_cli_engine_opt;
 
 #define EPIC_CLI_ENGINE_BIT(opt) (1u << (opt))
 /* Every loading flag, --model to --device. */
 #define EPIC_CLI_ENGINE_LOAD_ALL ((1u << EPIC_CLI_ENGINE_MAX_BATCH) - 1u)
-/* Every scheduling flag, --max-batch to --micro-batches. */
+/* Every scheduling flag, --max-batch to --prefix-cache. */
 #define EPIC_CLI_ENGINE_SCHED_ALL (((1u << EPIC_CLI_ENGINE_N) - 1u) & ~EPIC_CLI_ENGINE_LOAD_ALL)
 
 /* getopt codes of the shared flags; a command's own codes must stay below. */
@@ -71,6 +72,9 @@ typedef struct epic_cli_engine_opts {
   /* 0 = the engine's default for each (engine.h) */
   int64_t max_batch, max_queue, kv_pages, page_size, max_context, step_tokens, prefill_chunk,
       micro_batches;
+  /* --prefix-cache SIZE|off: bytes per worker (0 = the engine's default), off = -1 pages */
+  uint64_t prefix_cache_bytes;
+  int64_t prefix_cache_pages;
 } epic_cli_engine_opts;
 
 /* Zeroes o and sets the defaults every command shares (--page-size 64,

@@ -11,7 +11,13 @@
  * stats: attention, dense, experts, all-to-all waits) and rank 0 prints one JSON
  * object with all of it, the all-to-all share of step time, how much of it two
  * micro-batches hide, and the decode step's weight-streaming bandwidth against
- * this machine's measured memcpy bandwidth (decode is memory-bound). */
+ * this machine's measured memcpy bandwidth (decode is memory-bound).
+ *
+ * With --shared-prefix S the workload is instead the prefix cache's: per
+ * setting (cache off, then on), a fresh engine first runs one request of the
+ * S-token shared prefix plus its own P tokens to the end (a system prompt seen
+ * before), then B requests of the same prefix plus P tokens of their own arrive
+ * at once; their time to first token is the measure. */
 #define _GNU_SOURCE
 #include "cmd_bench.h"
 
@@ -43,13 +49,16 @@ static const char *USAGE_HEAD =
     "  --gen N                 output tokens per sequence in the decode phase (default 32)\n"
     "  --micro-batches LIST    1, 2 or 1,2 (default 1,2): settings to measure\n"
     "  --seed S                prompt token seed (default 1)\n"
+    "  --shared-prefix S       measure the prefix cache instead: after one request with an\n"
+    "                          S-token prefix has run, B requests of that prefix + P tokens\n"
+    "                          arrive at once; time to first token without and with the cache\n"
     "engine:\n";
 
 
 typedef struct bench_opts {
   epic_cli_engine_opts e; /* model loading and engine scheduling */
   int mb[2], n_mb;
-  int64_t batch, prompt_len, gen;
+  int64_t batch, prompt_len, gen, shared_prefix;
   uint64_t seed;
 } bench_opts;
 
@@ -73,11 +82,11 @@ static const epic_cli_engine_help_line HELP_OWN[] = {
     {EPIC_CLI_ENGINE_THREADS, NULL, "compute threads per rank (default: cores / ranks per node)"}};
 
 static int parse(int argc, char **argv, bench_opts *o) {
-  enum { O_BATCH = 256, O_PLEN, O_GEN, O_MB, O_SEED };
+  enum { O_BATCH = 256, O_PLEN, O_GEN, O_MB, O_SEED, O_PREFIX };
   static const struct option own[] = {
       {"batch", 1, 0, O_BATCH}, {"prompt-len", 1, 0, O_PLEN}, {"gen", 1, 0, O_GEN},
-      {"micro-batches", 1, 0, O_MB}, {"seed", 1, 0, O_SEED}, {"help", 0, 0, 'h'},
-      {0, 0, 0, 0}};
+      {"micro-batches", 1, 0, O_MB}, {"seed", 1, 0, O_SEED}, {"shared-prefix", 1, 0, O_PREFIX},
+      {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
   struct option lo[32];
   const char *cmd = "bench";
   int c;
@@ -95,7 +104,8 @@ static int parse(int argc, char **argv, bench_opts *o) {
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MEM_PER_RANK) |
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_STEP_TOKENS) |
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PREFILL_CHUNK) |
-                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PAGE_SIZE));
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PAGE_SIZE) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PREFIX_CACHE));
   o->e.weight_seed = 1;
   o->e.step_tokens = 2048;
   o->e.prefill_chunk = 512;
@@ -119,6 +129,9 @@ static int parse(int argc, char **argv, bench_opts *o) {
       case O_GEN: bad = epic_cli_i64(cmd, "--gen", optarg, 2, 1 << 24, &o->gen); break;
       case O_MB: bad = parse_mb(optarg, o); break;
       case O_SEED: bad = epic_cli_u64(cmd, "--seed", optarg, &o->seed); break;
+      case O_PREFIX:
+        bad = epic_cli_i64(cmd, "--shared-prefix", optarg, 1, 1 << 24, &o->shared_prefix);
+        break;
       case 'h':
         fputs(USAGE_HEAD, stdout);
         epic_cli_engine_help(stdout, &o->e, ~0u, 26, HELP_OWN, sizeof HELP_OWN / sizeof HELP_OWN[0]);
@@ -130,6 +143,11 @@ static int parse(int argc, char **argv, bench_opts *o) {
     if (bad) return -1;
   }
   if (epic_cli_engine_check(&o->e, argc, argv)) return -1;
+  if (o->shared_prefix && o->e.prefix_cache_pages < 0) {
+    fputs("epic bench: --shared-prefix compares runs without and with the prefix cache; "
+          "--prefix-cache off leaves nothing to compare\n", stderr);
+    return -1;
+  }
   return 0;
 }
 
@@ -329,6 +347,164 @@ gather:
   return st;
 }
 
+/* xorshift: distinct prompts, no EOS stops needed (requests ignore EOS) */
+static void fill_tokens(uint64_t *x, int32_t *out, int64_t n, int64_t vocab) {
+  for (int64_t t = 0; t < n; t++) {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    out[t] = (int32_t)(*x % (uint64_t)vocab);
+  }
+}
+
+typedef struct prefix_result {
+  double seconds, ttft_p50, ttft_p90, ttft_mean;
+  int64_t failed, prompt_tokens, hits, hit_tokens, cached_pages, budget_pages;
+} prefix_result;
+
+/* One --shared-prefix setting on every rank (cache on or off): a fresh engine;
+ * rank 0 runs the priming request to its end (stepping the engine itself),
+ * then submits the B requests at once and drains them. Only those B count. */
+static epic_status run_prefix_phase(epic_cluster *cl, const bench_opts *o, int cache_on,
+                                    prefix_result *pr) {
+  epic_model *m = epic_cluster_model(cl);
+  const epic_model_config *cfg = epic_model_get_config(m);
+  const int64_t B = o->batch, S = o->shared_prefix, P = o->prompt_len, n = S + P;
+  epic_engine_params ep;
+  epic_cli_engine_engine_params(&o->e, m, epic_cluster_comm(cl), &ep);
+  /* Room for every request at once without sharing (the cache never decides
+   * admission), plus the priming request's prefix pages, so that the default
+   * budget (half of the pages) holds the whole prefix even for B = 1. */
+  ep.kv_pages = ((n + o->gen + o->e.page_size - 1) / o->e.page_size + 1) * B +
+                (S + o->e.page_size - 1) / o->e.page_size;
+  ep.max_batch = B;
+  ep.max_queue = B + 1;
+  ep.micro_batches = o->mb[0];
+  if (!cache_on) {
+    ep.prefix_cache_pages = -1;
+    ep.prefix_cache_bytes = 0;
+  }
+  epic_engine *e = NULL;
+  req_track *tr = NULL;
+  int32_t *prompts = NULL;
+  double *ttft = NULL, *gaps = NULL;
+  epic_engine_stats s0 = {0}, s1 = {0};
+  epic_status st;
+  memset(pr, 0, sizeof *pr);
+  EPIC_CHECK(epic_engine_create(&ep, &e));
+  if (epic_cluster_rank(cl) != 0) {
+    st = epic_engine_run(e);
+    epic_engine_destroy(e);
+    return st;
+  }
+  tr = calloc((size_t)B + 1, sizeof *tr);
+  prompts = malloc((size_t)((B + 1) * n) * sizeof *prompts);
+  ttft = malloc((size_t)B * sizeof *ttft);
+  gaps = malloc((size_t)((B + 1) * o->gen) * sizeof *gaps);
+  st = EPIC_ERR_NOMEM;
+  if (!tr || !prompts || !ttft || !gaps) goto stop;
+  {
+    uint64_t x = o->seed * 0x9E3779B97F4A7C15ull + 1;
+    fill_tokens(&x, prompts, S, cfg->vocab_size);
+    for (int64_t i = 0; i <= B; i++) {
+      if (i) memcpy(prompts + i * n, prompts, (size_t)S * sizeof *prompts);
+      fill_tokens(&x, prompts + i * n + S, P, cfg->vocab_size);
+      tr[i].gaps = gaps + i * o->gen;
+    }
+  }
+  st = EPIC_OK;
+  for (int64_t i = 0; i <= B && st == EPIC_OK; i++) {
+    epic_engine_request rq = {.size = sizeof rq,
+                              .prompt = prompts + i * n,
+                              .n_prompt = n,
+                              .max_new_tokens = i ? o->gen : 1,
+                              .sampling = {.size = sizeof(epic_sampling_params), .top_p = 1.0f},
+                              .ignore_eos = 1,
+                              .on_token = on_token,
+                              .on_finish = on_finish,
+                              .user = &tr[i]};
+    tr[i].t_submit = epic_now_seconds();
+    st = epic_engine_submit(e, &rq, NULL);
+    while (i == 0 && st == EPIC_OK && !tr[0].finished) { /* the priming request, alone */
+      int idle = 0;
+      st = epic_engine_step(e, &idle);
+      if (st == EPIC_OK && idle && !tr[0].finished) st = EPIC_ERR_CANCELLED;
+    }
+    if (i == 0) {
+      if (st == EPIC_OK && tr[0].failed) st = EPIC_ERR_CANCELLED;
+      epic_engine_get_stats(e, &s0);
+      pr->seconds = epic_now_seconds();
+    }
+  }
+stop:
+  epic_engine_shutdown(e, st == EPIC_OK); /* drain what was submitted, then return */
+  {
+    epic_status st2 = epic_engine_run(e);
+    if (st == EPIC_OK) st = st2;
+  }
+  if (st == EPIC_OK) {
+    double sum = 0;
+    pr->seconds = epic_now_seconds() - pr->seconds;
+    epic_engine_get_stats(e, &s1);
+    for (int64_t i = 0; i < B; i++) {
+      const req_track *r = &tr[i + 1];
+      pr->failed += !r->finished || r->failed || r->n_tokens == 0;
+      ttft[i] = r->t_first - r->t_submit;
+      sum += ttft[i];
+    }
+    pr->ttft_mean = sum / (double)B;
+    pr->ttft_p50 = pct(ttft, B, 0.5);
+    pr->ttft_p90 = pct(ttft, B, 0.9);
+    pr->prompt_tokens = s1.prompt_tokens - s0.prompt_tokens;
+    pr->hits = s1.prefix_hits - s0.prefix_hits;
+    pr->hit_tokens = s1.prefix_hit_tokens - s0.prefix_hit_tokens;
+    pr->cached_pages = s1.prefix_cached_pages;
+    pr->budget_pages = s1.prefix_cache_pages;
+  }
+  epic_engine_destroy(e);
+  free(tr);
+  free(prompts);
+  free(ttft);
+  free(gaps);
+  return st;
+}
+
+/* --shared-prefix: warm-up, then cache off and on; rank 0 prints the JSON. */
+static int run_prefix_bench(epic_cluster *cl, const bench_opts *o) {
+  prefix_result r[2];
+  const int rank = epic_cluster_rank(cl);
+  for (int w = 0; w < 2; w++) /* w = 0: untimed warm-up, as in the throughput phases */
+    for (int on = 0; on < 2; on++)
+      if (run_prefix_phase(cl, o, on, &r[on]) != EPIC_OK) {
+        fprintf(stderr, "epic bench: the shared-prefix run with the prefix cache %s failed\n",
+                on ? "on" : "off");
+        return 1;
+      }
+  if (rank != 0) return 0;
+  const epic_model_config *c = epic_model_get_config(epic_cluster_model(cl));
+  printf("{\"bench\":\"prefix_cache\",\"model\":");
+  epic_cli_json_string(stdout, o->e.model, strlen(o->e.model));
+  printf(",\"ranks\":%d,\"layers\":%lld,\"routed_experts\":%lld,\"batch\":%lld,"
+         "\"shared_prefix\":%lld,\"suffix_len\":%lld,\"gen\":%lld,\"page_size\":%lld,"
+         "\"micro_batches\":%d,\"results\":[",
+         epic_cluster_size(cl), (long long)c->num_hidden_layers, (long long)c->n_routed_experts,
+         (long long)o->batch, (long long)o->shared_prefix, (long long)o->prompt_len,
+         (long long)o->gen, (long long)o->e.page_size, o->mb[0]);
+  for (int on = 0; on < 2; on++)
+    printf("%s{\"prefix_cache\":\"%s\",\"seconds\":%.6f,\"ttft_ms_p50\":%.3f,"
+           "\"ttft_ms_p90\":%.3f,\"ttft_ms_mean\":%.3f,\"prompt_tokens\":%lld,"
+           "\"prefix_hits\":%lld,\"prefix_hit_tokens\":%lld,\"cached_pages_after\":%lld,"
+           "\"cache_budget_pages\":%lld,\"failed_requests\":%lld}",
+           on ? "," : "", on ? "on" : "off", r[on].seconds, r[on].ttft_p50 * 1e3,
+           r[on].ttft_p90 * 1e3, r[on].ttft_mean * 1e3, (long long)r[on].prompt_tokens,
+           (long long)r[on].hits, (long long)r[on].hit_tokens, (long long)r[on].cached_pages,
+           (long long)r[on].budget_pages, (long long)r[on].failed);
+  printf("],\"ttft_p50_speedup\":%.3f,\"ttft_p90_speedup\":%.3f}\n",
+         r[1].ttft_p50 > 0 ? r[0].ttft_p50 / r[1].ttft_p50 : 0.0,
+         r[1].ttft_p90 > 0 ? r[0].ttft_p90 / r[1].ttft_p90 : 0.0);
+  return r[0].failed || r[1].failed;
+}
+
 static void print_phase(const char *name, const phase_result *pr, const double *all, int nranks,
                         double bytes_per_step_rank, double bw_gbs) {
   double wait = 0, total = 0, steps = 0;
@@ -372,6 +548,10 @@ int epic_cmd_bench(int argc, char **argv) {
   if (epic_cluster_open(&cp, &cl) != EPIC_OK) return 1;
   const int rank = epic_cluster_rank(cl), nranks = epic_cluster_size(cl);
   if (nranks > 1) epic_log_init(EPIC_LOG_LEVEL_WARN, rank);
+  if (o.shared_prefix) {
+    rc = run_prefix_bench(cl, &o);
+    goto done;
+  }
   const double bw = rank == 0 ? memcpy_gbs() : 0;
   warm = calloc((size_t)nranks * ST_N, sizeof(double));
   if (!warm) goto done;

@@ -61,8 +61,13 @@ static const char *USAGE_HEAD =
     "  --top-k K               keep the K most likely tokens, 0 = all (default 0)\n"
     "  --seed S                sampling seed (default 0)\n"
     "  --ignore-eos            do not stop at the end-of-sequence token\n"
+    "  --mtp-draft K           speculative decoding: the MTP layer drafts K tokens a step and\n"
+    "                          the model verifies them (0 = off, default 0; not with --requests);\n"
+    "                          greedy output is unchanged, sampling keeps its distribution\n"
     "output:\n"
     "  --json                  print {\"prompt_ids\",\"output_ids\",\"finish_reason\",\"text\",...}\n"
+    "                          (with \"mtp_draft\", \"mtp_acceptance_rate\": accepted / drafted\n"
+    "                          tokens, \"mtp_mean_accepted\": tokens per verify step)\n"
     "  --dump-logits FILE      float32 .npy [T+N-1, vocab]: a row per processed position\n"
     "  --dump-mtp-logits FILE  float32 .npy [T-1, vocab]: the MTP head over the prompt\n"
     "engine:\n";
@@ -76,7 +81,7 @@ typedef struct gen_opts {
   const char *prompt_ids, *prompt, *system, *dump_logits, *dump_mtp, *template_name;
   const char *requests;
   int chat, no_bos, json, ignore_eos, verbose;
-  int64_t max_new, top_k;
+  int64_t max_new, top_k, mtp_draft;
   float temperature, top_p;
   uint64_t seed;
 } gen_opts;
@@ -129,7 +134,7 @@ static void usage(const epic_cli_engine_opts *e) {
 
 static int parse(int argc, char **argv, gen_opts *o) {
   enum { O_PIDS = 256, O_PROMPT, O_CHAT, O_SYSTEM, O_NOBOS, O_MAXNEW, O_TEMP, O_TOPP, O_TOPK,
-         O_SEED, O_IGNEOS, O_JSON, O_DUMP, O_DUMPMTP, O_TEMPLATE, O_REQUESTS };
+         O_SEED, O_IGNEOS, O_JSON, O_DUMP, O_DUMPMTP, O_TEMPLATE, O_REQUESTS, O_MTPDRAFT };
   static const struct option own[] = {
       {"prompt-ids", required_argument, 0, O_PIDS},
       {"prompt", required_argument, 0, O_PROMPT},
@@ -147,6 +152,7 @@ static int parse(int argc, char **argv, gen_opts *o) {
       {"dump-logits", required_argument, 0, O_DUMP},
       {"dump-mtp-logits", required_argument, 0, O_DUMPMTP},
       {"requests", required_argument, 0, O_REQUESTS},
+      {"mtp-draft", required_argument, 0, O_MTPDRAFT},
       {"verbose", no_argument, 0, 'v'},
       {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
@@ -189,6 +195,7 @@ static int parse(int argc, char **argv, gen_opts *o) {
       case O_DUMP: o->dump_logits = optarg; break;
       case O_DUMPMTP: o->dump_mtp = optarg; break;
       case O_REQUESTS: o->requests = optarg; break;
+      case O_MTPDRAFT: bad = epic_cli_i64(cmd, "--mtp-draft", optarg, 0, 16, &o->mtp_draft); break;
       case 'v': o->verbose = 1; break;
       case 'h': usage(&o->e); return 1;
       default: fputs("epic generate: see --help\n", stderr); return -1;
@@ -200,7 +207,7 @@ static int parse(int argc, char **argv, gen_opts *o) {
   if (o->requests) {
     const char *other = o->prompt_ids ? "--prompt-ids" : o->prompt ? "--prompt" : o->chat ? "--chat"
                         : o->system ? "--system" : o->dump_logits ? "--dump-logits"
-                        : o->dump_mtp ? "--dump-mtp-logits" : NULL;
+                        : o->dump_mtp ? "--dump-mtp-logits" : o->mtp_draft ? "--mtp-draft" : NULL;
     if (other) {
       fprintf(stderr, "epic generate: %s cannot be combined with --requests\n", other);
       return -1;
@@ -615,6 +622,12 @@ static int run_requests(const gen_opts *o) {
             (long long)stats.generated_tokens, (long long)stats.steps, seconds,
             seconds > 0 ? (double)(stats.prompt_tokens + stats.generated_tokens) / seconds : 0.0,
             seconds > 0 ? (double)stats.generated_tokens / seconds : 0.0);
+  if (o->verbose && stats.prefix_cache_pages > 0)
+    fprintf(stderr, "epic generate: prefix cache: %lld hits, %lld prompt tokens reused, %lld pages "
+                    "evicted, %lld cached at the end (budget %lld)\n",
+            (long long)stats.prefix_hits, (long long)stats.prefix_hit_tokens,
+            (long long)stats.prefix_evictions, (long long)stats.prefix_cached_pages,
+            (long long)stats.prefix_cache_pages);
   rc = 0;
 done:
   fflush(stdout);
@@ -653,7 +666,7 @@ int epic_cmd_generate(int argc, char **argv) {
     epic_cluster_params cp;
     epic_cli_engine_cluster_params(&o.e, &cp);
     cp.max_batch_tokens = 0; /* one sequence: the plan's default activation reserve */
-    cp.load_mtp = o.dump_mtp != NULL;
+    cp.load_mtp = o.dump_mtp != NULL || o.mtp_draft > 0;
     if (epic_cluster_open(&cp, &cl) != EPIC_OK) return 1;
     rank = epic_cluster_rank(cl);
     comm = epic_cluster_comm(cl);
@@ -668,9 +681,9 @@ int epic_cmd_generate(int argc, char **argv) {
     goto done;
   }
   const epic_model_config *cfg = epic_model_get_config(model);
-  if (o.dump_mtp && !epic_model_has_mtp(model)) {
-    fprintf(stderr, "epic generate: --dump-mtp-logits: %s has no MTP layer (num_nextn_predict_layers = 0)\n",
-            o.e.model);
+  if ((o.dump_mtp || o.mtp_draft) && !epic_model_has_mtp(model)) {
+    fprintf(stderr, "epic generate: %s: %s has no MTP layer (num_nextn_predict_layers = 0)\n",
+            o.dump_mtp ? "--dump-mtp-logits" : "--mtp-draft", o.e.model);
     goto done;
   }
   snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", o.e.model);
@@ -689,7 +702,10 @@ int epic_cmd_generate(int argc, char **argv) {
   {
     int64_t pages = (n_prompt + o.max_new + o.e.page_size - 1) / o.e.page_size + 1;
     if (epic_model_kvcache_create(model, 0, o.e.page_size, pages, &kc) != EPIC_OK) goto done;
-    if (o.dump_mtp && epic_model_kvcache_create(model, 1, o.e.page_size, pages, &kc_mtp) != EPIC_OK)
+    /* The MTP dump runs its own sequence beside the drafting one. */
+    if ((o.dump_mtp || o.mtp_draft) &&
+        epic_model_kvcache_create(model, 1, o.e.page_size, o.dump_mtp && o.mtp_draft ? 2 * pages : pages,
+                                  &kc_mtp) != EPIC_OK)
       goto done;
   }
   if (o.dump_logits && epic_npy_writer_open(o.dump_logits, cfg->vocab_size, &dump) != EPIC_OK) goto done;
@@ -712,7 +728,8 @@ int epic_cmd_generate(int argc, char **argv) {
                                .dump_mtp_logits = dump_mtp,
                                .on_token = on_token,
                                .user = &sc,
-                               .comm = comm};
+                               .comm = comm,
+                               .mtp_draft = o.mtp_draft};
     released = 1; /* epic_generate releases the followers whatever happens */
     if (epic_generate(model, kc, kc_mtp, &gp, &res) != EPIC_OK) goto done;
   }
@@ -740,6 +757,13 @@ int epic_cmd_generate(int argc, char **argv) {
       epic_cli_json_string(stdout, text, len);
       epic_tokenizer_text_free(text);
     }
+    printf(",\"mtp_draft\":%lld", (long long)o.mtp_draft);
+    if (res.mtp_rounds > 0)
+      printf(",\"mtp_acceptance_rate\":%.6f,\"mtp_mean_accepted\":%.6f",
+             (double)res.mtp_accepted / (double)res.mtp_drafted,
+             1.0 + (double)res.mtp_accepted / (double)res.mtp_rounds);
+    else
+      printf(",\"mtp_acceptance_rate\":null,\"mtp_mean_accepted\":null");
     printf(",\"prefill_seconds\":%.6f,\"decode_seconds\":%.6f}\n", res.prefill_seconds,
            res.decode_seconds);
   } else if (sc.detok) {
@@ -759,6 +783,12 @@ int epic_cmd_generate(int argc, char **argv) {
             res.prefill_seconds > 0 ? (double)n_prompt / res.prefill_seconds : 0.0,
             (long long)res.n_ids, res.decode_seconds,
             res.decode_seconds > 0 ? (double)res.n_ids / res.decode_seconds : 0.0);
+  if (o.verbose && res.mtp_rounds > 0)
+    fprintf(stderr, "epic generate: MTP: %lld verify steps, %lld of %lld drafts accepted (%.1f%%), "
+                    "%.2f tokens per step\n",
+            (long long)res.mtp_rounds, (long long)res.mtp_accepted, (long long)res.mtp_drafted,
+            100.0 * (double)res.mtp_accepted / (double)res.mtp_drafted,
+            1.0 + (double)res.mtp_accepted / (double)res.mtp_rounds);
   rc = 0;
 done:
   if (comm && rank == 0 && model && !released) epic_generate_release(comm);

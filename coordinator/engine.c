@@ -80,6 +80,7 @@ struct epic_engine {
   size_t *counts, *displs;
   int64_t *cursor;
   int top_n;              /* p.top_logprobs: top entries per sample in every reply */
+  int64_t prefix_pages;   /* prefix cache budget per worker (0 = off) */
   int64_t n_expert_slots; /* per-expert counts in every reply (0 = not counted) */
   int64_t *expert_scratch;
   ended *ended;
@@ -189,6 +190,18 @@ static void end_all_locked(epic_engine *e, epic_engine_finish f, epic_status st)
 
 /* -------------------------------------------------------------- step plumbing */
 
+/* The broadcast body: the plan's body (step_plan.h), padded to 8 bytes, then
+ * one epic_executor_prefix per NEW record (the prefix-cache hits), so every
+ * rank knows its size from the header. */
+static size_t prefix_offset(const epic_step_header *h) {
+  return (epic_step_body_bytes(h) + 7) & ~(size_t)7;
+}
+
+static size_t plan_bytes(const epic_step_header *h) {
+  size_t b = epic_step_body_bytes(h);
+  return b ? prefix_offset(h) + (size_t)h->n_new * sizeof(epic_executor_prefix) : 0;
+}
+
 /* A rank's reply: header, samples, their top lists, trailer, expert counts. */
 static size_t reply_bytes(const epic_engine *e, const epic_step_plan *p, int rank) {
   return sizeof(epic_step_reply) + (size_t)epic_step_plan_samples(p, rank) *
@@ -225,7 +238,10 @@ static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
   EPIC_CHECK(grow_bytes(&e->reply, &e->reply_cap, mine));
   epic_step_reply *rep = (epic_step_reply *)(void *)e->reply;
   epic_step_sample *smp = (epic_step_sample *)(void *)(e->reply + sizeof *rep);
-  st = epic_executor_step_top(e->x, p, smp, e->top_n, e->top_n ? smp + n_mine : NULL);
+  const epic_executor_prefix *pf =
+      p->h.n_new ? (const epic_executor_prefix *)(const void *)(e->body + prefix_offset(&p->h))
+                 : NULL;
+  st = epic_executor_step_prefix(e->x, p, pf, smp, e->top_n, e->top_n ? smp + n_mine : NULL);
   if (p->h.n_tokens == 0)
     return st; /* releases only: no forward, no replies (on any rank) */
   {
@@ -303,8 +319,9 @@ static epic_status encode(epic_engine *e, const epic_sched_step *st, epic_step_p
                         .n_tokens = st->n_tokens};
   for (int64_t i = 0; i < st->n_entries; i++)
     h.n_new += (st->entries[i].flags & EPIC_STEP_NEW) != 0;
-  EPIC_CHECK(grow_bytes(&e->body, &e->body_cap, epic_step_body_bytes(&h) + 8));
+  EPIC_CHECK(grow_bytes(&e->body, &e->body_cap, plan_bytes(&h) + 8));
   epic_step_plan_bind(p, &h, e->body);
+  epic_executor_prefix *pf = (epic_executor_prefix *)(void *)(e->body + prefix_offset(&h));
   int32_t *tok = p->tokens;
   int32_t k = 0;
   const double now = epic_now_seconds();
@@ -321,6 +338,12 @@ static epic_status encode(epic_engine *e, const epic_sched_step *st, epic_step_p
     if (se->flags & EPIC_STEP_RELEASE)
       continue;
     if (se->flags & EPIC_STEP_NEW) {
+      if (se->prefix_page >= 0)
+        we->start = 0; /* NEW entries start at 0 on the wire; the record says after what */
+      pf[k] = (epic_executor_prefix){
+          .page = se->prefix_page,
+          .n_pages = se->prefix_page >= 0 ? (int32_t)(se->start / e->p.page_size) : 0,
+          .key = se->prefix_key};
       we->new_index = k;
       p->news[k++] = (epic_step_new){.reserve_tokens = r->n_prompt + r->max_new,
                                      .top_k = r->sp.top_k,
@@ -420,7 +443,7 @@ static epic_status coord_step(epic_engine *e, int *idle) {
   e->mid_step = 1;
   if (e->comm) {
     EPIC_CHECK(epic_comm_bcast(e->comm, &p.h, sizeof p.h, 0));
-    size_t bytes = epic_step_body_bytes(&p.h);
+    size_t bytes = plan_bytes(&p.h);
     if (bytes)
       EPIC_CHECK(epic_comm_bcast(e->comm, e->body, bytes, 0));
   }
@@ -435,6 +458,8 @@ static epic_status coord_step(epic_engine *e, int *idle) {
       continue;
     if (se->start < se->n_prompt)
       prompt_tokens += se->n_tokens;
+    if (se->flags & EPIC_STEP_NEW)
+      prompt_tokens += se->start; /* a cached prefix */
     samples += (se->flags & EPIC_STEP_SAMPLE) != 0;
   }
   pthread_mutex_lock(&e->mu);
@@ -564,7 +589,7 @@ static epic_status follow(epic_engine *e) {
       return EPIC_OK;
     if (h.op == EPIC_STEP_OP_IDLE)
       continue;
-    size_t bytes = epic_step_body_bytes(&h);
+    size_t bytes = plan_bytes(&h);
     EPIC_CHECK(grow_bytes(&e->body, &e->body_cap, bytes + 8));
     if (bytes)
       EPIC_CHECK(epic_comm_bcast(e->comm, e->body, bytes, 0));
@@ -612,6 +637,8 @@ static const char *check_params(const epic_engine_params *p) {
     return "micro_batches";
   if (p->top_logprobs < 0 || p->top_logprobs > EPIC_ENGINE_MAX_TOP_LOGPROBS)
     return "top_logprobs";
+  if (p->prefix_cache_pages < -1)
+    return "prefix_cache_pages";
   return NULL;
 }
 
@@ -633,31 +660,42 @@ static const char *normalize(epic_engine_params *p, const epic_model_config *c) 
     p->micro_batches = 1;
   if (p->max_context > c->max_position_embeddings)
     return "max_context";
+  const size_t per_page = (size_t)c->num_hidden_layers * (size_t)p->page_size *
+                          (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * sizeof(float);
   if (!p->kv_pages) {
-    const size_t per_page = (size_t)c->num_hidden_layers * (size_t)p->page_size *
-                            (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * sizeof(float);
     size_t bytes = p->kv_bytes ? p->kv_bytes : DEFAULT_KV_BYTES;
     if (bytes / per_page < 1 || bytes / per_page > INT32_MAX)
       return "kv_bytes";
     p->kv_pages = (int64_t)(bytes / per_page);
   }
+  /* Idle cached pages are handed out again whenever a sequence needs them, so
+   * the budget costs no admission; it only bounds what stays cached. */
+  if (!p->prefix_cache_pages)
+    p->prefix_cache_pages = p->prefix_cache_bytes
+                                ? (int64_t)(p->prefix_cache_bytes / per_page < (size_t)p->kv_pages
+                                                ? p->prefix_cache_bytes / per_page
+                                                : (size_t)p->kv_pages)
+                                : (p->kv_pages + 1) / 2;
+  if (!p->prefix_cache_pages) /* a budget below one page */
+    p->prefix_cache_pages = -1;
   return NULL;
 }
 
 /* The parameters every rank must agree on (rank 0's are the reference). */
 typedef struct agreed {
   int64_t page_size, kv_pages, max_batch, max_queue, step_tokens, prefill_chunk, max_context,
-      micro_batches, top_logprobs;
+      micro_batches, top_logprobs, prefix_cache_pages;
 } agreed;
 
 static epic_status agree(epic_engine *e, epic_status local) {
   agreed mine = {e->p.page_size,   e->p.kv_pages,      e->p.max_batch,
                  e->p.max_queue,   e->p.step_tokens,   e->p.prefill_chunk,
-                 e->p.max_context, e->p.micro_batches, e->p.top_logprobs};
+                 e->p.max_context, e->p.micro_batches, e->p.top_logprobs,
+                 e->p.prefix_cache_pages};
   agreed root = mine;
   static const char *names[] = {"page_size",   "kv_pages",      "max_batch",   "max_queue",
                                 "step_tokens", "prefill_chunk", "max_context", "micro_batches",
-                                "top_logprobs"};
+                                "top_logprobs", "prefix_cache_pages"};
   int64_t st = local, worst = local;
   EPIC_CHECK(epic_comm_bcast(e->comm, &root, sizeof root, 0));
   if (st == EPIC_OK)
@@ -727,6 +765,10 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
   if (st == EPIC_OK)
     st = epic_model_kvcache_create(e->m, 0, e->p.page_size, e->p.kv_pages, &e->kc);
   if (st == EPIC_OK) {
+    e->prefix_pages = e->p.prefix_cache_pages > 0 ? e->p.prefix_cache_pages : 0;
+    st = epic_kvcache_set_prefix_cache(e->kc, e->prefix_pages);
+  }
+  if (st == EPIC_OK) {
     epic_executor_params xp = {.size = sizeof xp,
                                .model = e->m,
                                .kc = e->kc,
@@ -742,7 +784,8 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
                             .max_batch = e->p.max_batch,
                             .max_queue = e->p.max_queue,
                             .step_tokens = e->p.step_tokens,
-                            .prefill_chunk = e->p.prefill_chunk};
+                            .prefill_chunk = e->p.prefill_chunk,
+                            .prefix_cache_pages = e->prefix_pages};
     st = epic_sched_create(&sp, &e->sched);
   }
   if (st == EPIC_OK && e->rank == 0) {
@@ -869,7 +912,7 @@ epic_status epic_engine_submit(epic_engine *e, const epic_engine_request *r, uin
     st = EPIC_ERR_CANCELLED;
   } else {
     q->id = ++e->next_id;
-    st = epic_sched_submit(e->sched, q->id, q->n_prompt, q->max_new, q);
+    st = epic_sched_submit_prompt(e->sched, q->id, q->prompt, q->n_prompt, q->max_new, q);
     if (st == EPIC_OK)
       pthread_cond_signal(&e->cv);
   }
@@ -921,6 +964,11 @@ void epic_engine_get_stats(epic_engine *e, epic_engine_stats *out) {
   out->running = ss.running;
   out->kv_pages_used = ss.pages_used;
   out->kv_pages_total = ss.pages_total;
+  out->prefix_hits = ss.prefix_hits;
+  out->prefix_hit_tokens = ss.prefix_hit_tokens;
+  out->prefix_cached_pages = ss.prefix_cached_pages;
+  out->prefix_evictions = ss.prefix_evictions;
+  out->prefix_cache_pages = e->prefix_pages * e->nranks;
   for (int r = 0; r < e->nranks; r++) {
     const rank_trailer *t = &e->rank_stats[r];
     out->a2a_dispatch_bytes += t->dispatch_bytes;

@@ -17,7 +17,9 @@
  * worker with the most free pages takes it. Each step gives every running
  * sequence in decode one token, then fills the rest of the worker's step_tokens
  * budget with prefill chunks (at most prefill_chunk tokens of one sequence) in
- * admission order. Results do not depend on this placement: each sequence's
+ * admission order. With the prefix cache (on by default), a request goes
+ * preferably to the worker that holds the longest cached prefix of its prompt
+ * and computes only the rest. Results do not depend on this placement: each sequence's
  * tokens are a function of its own prompt and sampling parameters only.
  *
  * Thread contract: epic_engine_submit, epic_engine_cancel, epic_engine_get_stats
@@ -59,6 +61,15 @@ typedef struct epic_engine_params {
    * its reply, so the cost (a pass over the logits row, 8 bytes per entry) is
    * paid only when enabled. Same on every rank. */
   int top_logprobs;
+  /* Prefix cache (per worker): full KV pages of prompts are kept after their
+   * sequence ends and reused by later requests whose prompt starts with the
+   * same tokens (their prefill starts after the cached pages; outputs are
+   * identical with and without). Budget: the most idle cached pages a worker
+   * keeps; they are given back whenever a sequence needs the pages. -1 = off;
+   * 0 = prefix_cache_bytes worth, or half of kv_pages when that is 0 too.
+   * Same on every rank. */
+  int64_t prefix_cache_pages;
+  size_t prefix_cache_bytes;
 } epic_engine_params;
 
 #define EPIC_ENGINE_MAX_TOP_LOGPROBS 20
@@ -117,6 +128,11 @@ typedef struct epic_engine_stats {
   int64_t steps;                      /* forward steps run */
   int64_t prompt_tokens, generated_tokens; /* processed since creation */
   int64_t finished, cancelled;        /* requests ended */
+  /* Prefix cache: prompts that started from cached pages, the prompt tokens
+   * those pages covered (included in prompt_tokens; not computed), idle cached
+   * pages now and their budget (summed over workers), pages evicted so far. */
+  int64_t prefix_hits, prefix_hit_tokens, prefix_cached_pages, prefix_cache_pages,
+      prefix_evictions;
   int nranks;
   /* Latencies of requests that produced tokens: submit -> first token,
    * seconds per output token after the first, submit -> finish. */

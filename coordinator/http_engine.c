@@ -298,6 +298,9 @@ static void eb_metrics(void *be, epic_metrics_snapshot *s) {
   s->has_engine = 1;
   s->kv_pages_used = es.kv_pages_used;
   s->kv_pages_total = es.kv_pages_total;
+  s->has_prefix_cache = es.prefix_cache_pages > 0;
+  s->prefix_hit_tokens_total = es.prefix_hit_tokens;
+  s->prefix_cached_pages = es.prefix_cached_pages;
   s->steps_total = es.steps;
   s->has_a2a = 1;
   s->a2a_backend = b->comm_name ? b->comm_name : "none";

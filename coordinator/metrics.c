@@ -116,6 +116,14 @@ epic_status epic_metrics_render(const epic_metrics_snapshot *s, epic_metrics_buf
     EPIC_CHECK(one_i(b, "epic_engine_steps_total", "counter", "Forward steps run.",
                      s->steps_total));
   }
+  if (s->has_prefix_cache) {
+    EPIC_CHECK(one_i(b, "epic_prefix_cache_hit_tokens_total", "counter",
+                     "Prompt tokens reused from the prefix cache instead of computed.",
+                     s->prefix_hit_tokens_total));
+    EPIC_CHECK(one_i(b, "epic_prefix_cache_pages", "gauge",
+                     "KV pages holding cached prompt prefixes no sequence uses now (all workers).",
+                     s->prefix_cached_pages));
+  }
   if (s->has_a2a) {
     const char *be = s->a2a_backend ? s->a2a_backend : "none";
     EPIC_CHECK(family(b, "epic_a2a_bytes_total", "counter",

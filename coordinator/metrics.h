@@ -75,6 +75,10 @@ typedef struct epic_metrics_snapshot {
   /* Engine-only families. */
   int has_engine;
   int64_t kv_pages_used, kv_pages_total, steps_total;
+  /* Prefix cache (engine stats): prompt tokens taken from cached pages so far,
+   * idle cached pages now (all workers). Omitted unless has_prefix_cache. */
+  int has_prefix_cache;
+  int64_t prefix_hit_tokens_total, prefix_cached_pages;
   /* All-to-all traffic summed over ranks, labelled by the comm backend. */
   int has_a2a;
   const char *a2a_backend; /* "mpi", "nccl", "ucx", "none" */

@@ -4,11 +4,17 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "worker/kvpages.h"
 #include "worker/step_plan.h"
 
 typedef struct sseq {
   uint64_t id;
   void *user;
+  const int32_t *prompt; /* borrowed; NULL = no prefix cache for it */
+  int32_t *held;         /* its pages in the worker's table (mirror), once NEW went out */
+  int64_t n_held;
+  int64_t n_chain; /* leading pages that are cached */
+  int chain_end;   /* a page could not be published: publish no more */
   int64_t n_prompt, max_new, pages;
   int64_t n_cached; /* tokens the worker holds in its KV cache */
   int64_t n_gen;    /* tokens sampled so far */
@@ -29,7 +35,10 @@ struct epic_sched {
   /* Running sequences in admission order. */
   sseq **run;
   int64_t n_run, run_cap;
-  int64_t *free_pages, *rank_running, *budget; /* per worker */
+  epic_kvpages **mirror; /* per worker: its page table, as the worker keeps it */
+  int64_t *pending;      /* per worker: reservations of admitted sequences before NEW */
+  int64_t *rank_running, *budget; /* per worker */
+  int64_t hits, hit_tokens;
   release *rel;
   int64_t n_rel, rel_cap;
   epic_sched_entry *entries;
@@ -70,6 +79,8 @@ epic_status epic_sched_create(const epic_sched_params *p, epic_sched **out) {
     bad = "step_tokens";
   else if (p->prefill_chunk < 1)
     bad = "prefill_chunk";
+  else if (p->prefix_cache_pages < 0)
+    bad = "prefix_cache_pages";
   if (bad) {
     EPIC_LOG_ERROR("scheduler: invalid parameter %s", bad);
     return EPIC_ERR_INVALID;
@@ -78,15 +89,25 @@ epic_status epic_sched_create(const epic_sched_params *p, epic_sched **out) {
   if (!s)
     return EPIC_ERR_NOMEM;
   s->p = *p;
-  s->free_pages = calloc((size_t)p->nranks, sizeof *s->free_pages);
+  s->mirror = calloc((size_t)p->nranks, sizeof *s->mirror);
+  s->pending = calloc((size_t)p->nranks, sizeof *s->pending);
   s->rank_running = calloc((size_t)p->nranks, sizeof *s->rank_running);
   s->budget = calloc((size_t)p->nranks, sizeof *s->budget);
-  if (!s->free_pages || !s->rank_running || !s->budget) {
+  if (!s->mirror || !s->pending || !s->rank_running || !s->budget) {
     epic_sched_destroy(s);
     return EPIC_ERR_NOMEM;
   }
-  for (int r = 0; r < p->nranks; r++)
-    s->free_pages[r] = p->kv_pages;
+  for (int r = 0; r < p->nranks; r++) {
+    epic_kvpages_params kp = {.size = sizeof kp,
+                              .n_pages = p->kv_pages,
+                              .page_size = p->page_size,
+                              .cache_pages = p->prefix_cache_pages};
+    epic_status st = epic_kvpages_create(&kp, &s->mirror[r]);
+    if (st != EPIC_OK) {
+      epic_sched_destroy(s);
+      return st;
+    }
+  }
   *out = s;
   return EPIC_OK;
 }
@@ -96,11 +117,17 @@ void epic_sched_destroy(epic_sched *s) {
     return;
   for (int64_t i = s->q_head; i < s->q_end; i++)
     free(s->queue[i]);
-  for (int64_t i = 0; i < s->n_run; i++)
+  for (int64_t i = 0; i < s->n_run; i++) {
+    free(s->run[i]->held);
     free(s->run[i]);
+  }
+  if (s->mirror)
+    for (int r = 0; r < s->p.nranks; r++)
+      epic_kvpages_destroy(s->mirror[r]);
+  free(s->mirror);
+  free(s->pending);
   free(s->queue);
   free(s->run);
-  free(s->free_pages);
   free(s->rank_running);
   free(s->budget);
   free(s->rel);
@@ -114,6 +141,11 @@ int64_t epic_sched_pages_for(const epic_sched *s, int64_t n_prompt, int64_t max_
 
 epic_status epic_sched_submit(epic_sched *s, uint64_t id, int64_t n_prompt, int64_t max_new,
                               void *user) {
+  return epic_sched_submit_prompt(s, id, NULL, n_prompt, max_new, user);
+}
+
+epic_status epic_sched_submit_prompt(epic_sched *s, uint64_t id, const int32_t *prompt,
+                                     int64_t n_prompt, int64_t max_new, void *user) {
   sseq *q;
   if (n_prompt < 1 || max_new < 1 || n_prompt > INT64_MAX / 4 || max_new > INT64_MAX / 4) {
     EPIC_LOG_ERROR("scheduler: request %llu: need n_prompt >= 1 and max_new >= 1",
@@ -139,8 +171,13 @@ epic_status epic_sched_submit(epic_sched *s, uint64_t id, int64_t n_prompt, int6
   q = calloc(1, sizeof *q);
   if (!q)
     return EPIC_ERR_NOMEM;
-  *q = (sseq){
-      .id = id, .user = user, .n_prompt = n_prompt, .max_new = max_new, .pages = pages, .rank = -1};
+  *q = (sseq){.id = id,
+              .user = user,
+              .prompt = prompt,
+              .n_prompt = n_prompt,
+              .max_new = max_new,
+              .pages = pages,
+              .rank = -1};
   s->queue[s->q_end++] = q;
   return EPIC_OK;
 }
@@ -148,7 +185,14 @@ epic_status epic_sched_submit(epic_sched *s, uint64_t id, int64_t n_prompt, int6
 static void *take_running(epic_sched *s, int64_t i) {
   sseq *q = s->run[i];
   void *user = q->user;
-  s->free_pages[q->rank] += q->pages;
+  /* The worker unreferences the pages from the last one when it runs the
+   * RELEASE entry, before anything else of the next step: do the same now. */
+  if (q->emitted)
+    while (q->n_held > 0)
+      epic_kvpages_unref(s->mirror[q->rank], q->held[--q->n_held]);
+  else
+    s->pending[q->rank] -= q->pages;
+  free(q->held);
   s->rank_running[q->rank]--;
   /* epic_sched_form keeps room for a release per running sequence, so removing
    * (which cannot fail) never allocates. */
@@ -196,14 +240,64 @@ int epic_sched_pop_any(epic_sched *s, uint64_t *id, void **user) {
   return epic_sched_remove(s, q->id, user);
 }
 
-/* The worker with the most free pages; ties: fewer running sequences, lower rank. */
-static int pick_rank(const epic_sched *s) {
-  int best = 0;
-  for (int r = 1; r < s->p.nranks; r++)
-    if (s->free_pages[r] > s->free_pages[best] ||
-        (s->free_pages[r] == s->free_pages[best] && s->rank_running[r] < s->rank_running[best]))
+static int64_t free_pages(const epic_sched *s, int r) {
+  return epic_kvpages_available(s->mirror[r]) - s->pending[r];
+}
+
+/* Full prompt pages a hit may cover: the last prompt token is always computed
+ * so that its logits exist. */
+static int64_t max_hit_pages(const epic_sched *s, const sseq *q) {
+  return q->prompt && s->p.prefix_cache_pages > 0 ? (q->n_prompt - 1) / s->p.page_size : 0;
+}
+
+/* Among the workers with room for q: the longest cached prefix, then the most
+ * free pages, fewer running sequences, the lower rank. -1 when none has room. */
+static int pick_rank(const epic_sched *s, const sseq *q) {
+  int best = -1;
+  int64_t best_hit = -1;
+  const int64_t max_hit = max_hit_pages(s, q);
+  for (int r = 0; r < s->p.nranks; r++) {
+    if (free_pages(s, r) < q->pages)
+      continue;
+    int64_t hit = max_hit > 0 ? epic_kvpages_match(s->mirror[r], q->prompt, max_hit, NULL) : 0;
+    if (best < 0 || hit > best_hit ||
+        (hit == best_hit &&
+         (free_pages(s, r) > free_pages(s, best) ||
+          (free_pages(s, r) == free_pages(s, best) && s->rank_running[r] < s->rank_running[best])))) {
       best = r;
+      best_hit = hit;
+    }
+  }
   return best;
+}
+
+/* q's NEW entry goes out: take its cached prefix and the rest of its pages in
+ * the worker's table, as the worker is about to. */
+static epic_status start_seq(epic_sched *s, sseq *q, epic_sched_entry *e) {
+  epic_kvpages *pg = s->mirror[q->rank];
+  const int64_t max_hit = max_hit_pages(s, q);
+  int64_t hit = 0;
+  q->held = malloc((size_t)q->pages * sizeof *q->held);
+  if (!q->held)
+    return EPIC_ERR_NOMEM;
+  if (max_hit > 0)
+    hit = epic_kvpages_match(pg, q->prompt, max_hit, q->held);
+  for (int64_t i = 0; i < hit; i++)
+    epic_kvpages_ref(pg, q->held[i]);
+  s->pending[q->rank] -= q->pages;
+  /* Cannot fail: the reservation was counted in pending since admission and
+   * the hit's idle pages it just referenced are no more than the pages it saves. */
+  EPIC_CHECK(epic_kvpages_alloc(pg, q->pages - hit, q->held + hit));
+  q->n_held = q->pages;
+  q->n_chain = hit;
+  q->n_cached = hit * s->p.page_size;
+  e->prefix_page = hit > 0 ? q->held[hit - 1] : -1;
+  e->prefix_key = hit > 0 ? epic_kvpages_key(pg, q->held[hit - 1]) : 0;
+  if (hit > 0) {
+    s->hits++;
+    s->hit_tokens += q->n_cached;
+  }
+  return EPIC_OK;
 }
 
 static epic_status add_entry(epic_sched *s, epic_sched_step *out, const epic_sched_entry *e) {
@@ -223,6 +317,7 @@ static epic_sched_entry seq_entry(sseq *q, uint32_t flags, int64_t n) {
                             .n_tokens = n,
                             .n_prompt = q->n_prompt,
                             .max_new = q->max_new,
+                            .prefix_page = -1,
                             .seq_ = q};
 }
 
@@ -237,14 +332,14 @@ epic_status epic_sched_form(epic_sched *s, epic_sched_step *out) {
 
   while (s->q_end > s->q_head && s->n_run < s->p.max_batch) {
     sseq *q = s->queue[s->q_head];
-    int r = pick_rank(s);
-    if (s->free_pages[r] < q->pages)
+    int r = pick_rank(s, q);
+    if (r < 0)
       break;
     EPIC_CHECK(grow((void **)&s->run, &s->run_cap, s->n_run + 1, sizeof *s->run));
     EPIC_CHECK(grow((void **)&s->rel, &s->rel_cap, s->n_run + 1, sizeof *s->rel));
     s->q_head++;
     q->rank = r;
-    s->free_pages[r] -= q->pages;
+    s->pending[r] += q->pages;
     s->rank_running[r]++;
     s->run[s->n_run++] = q;
     out->n_admitted++;
@@ -270,6 +365,11 @@ epic_status epic_sched_form(epic_sched *s, epic_sched_step *out) {
     int64_t n = q->n_prompt - q->n_cached;
     if (n <= 0 || s->budget[q->rank] < 1)
       continue;
+    epic_sched_entry pe = {.prefix_page = -1};
+    if (!q->emitted) {
+      EPIC_CHECK(start_seq(s, q, &pe));
+      n = q->n_prompt - q->n_cached;
+    }
     if (n > s->p.prefill_chunk)
       n = s->p.prefill_chunk;
     if (n > s->budget[q->rank])
@@ -277,6 +377,8 @@ epic_status epic_sched_form(epic_sched *s, epic_sched_step *out) {
     uint32_t flags = (q->emitted ? 0u : (uint32_t)EPIC_STEP_NEW) |
                      (q->n_cached + n == q->n_prompt ? (uint32_t)EPIC_STEP_SAMPLE : 0u);
     epic_sched_entry e = seq_entry(q, flags, n);
+    e.prefix_page = pe.prefix_page;
+    e.prefix_key = pe.prefix_key;
     EPIC_CHECK(add_entry(s, out, &e));
     q->emitted = 1;
     s->budget[q->rank] -= n;
@@ -284,14 +386,30 @@ epic_status epic_sched_form(epic_sched *s, epic_sched_step *out) {
   return EPIC_OK;
 }
 
+/* The worker publishes the prompt pages the step completed (executor.c): so
+ * does its mirror, in the same entry order. */
+static void publish(epic_sched *s, sseq *q) {
+  const int64_t ps = s->p.page_size;
+  const int64_t full = (q->n_cached < q->n_prompt ? q->n_cached : q->n_prompt) / ps;
+  while (!q->chain_end && q->n_chain < full) {
+    if (!epic_kvpages_publish(s->mirror[q->rank], q->held[q->n_chain],
+                              q->n_chain ? q->held[q->n_chain - 1] : -1,
+                              q->prompt + q->n_chain * ps))
+      q->chain_end = 1;
+    else
+      q->n_chain++;
+  }
+}
+
 void epic_sched_commit(epic_sched *s, const epic_sched_step *st) {
-  (void)s;
   for (int64_t i = 0; i < st->n_entries; i++) {
     const epic_sched_entry *e = &st->entries[i];
     sseq *q = e->seq_;
     if (e->flags & EPIC_STEP_RELEASE)
       continue;
     q->n_cached += e->n_tokens;
+    if (e->start < q->n_prompt && q->prompt && s->p.prefix_cache_pages > 0)
+      publish(s, q);
     if (e->flags & EPIC_STEP_SAMPLE)
       q->n_gen++;
   }
@@ -306,8 +424,13 @@ void epic_sched_get_stats(const epic_sched *s, epic_sched_stats *out) {
   out->queued = s->q_end - s->q_head;
   out->running = s->n_run;
   out->pages_total = s->p.kv_pages * s->p.nranks;
-  for (int r = 0; r < s->p.nranks; r++)
-    out->pages_used += s->p.kv_pages - s->free_pages[r];
+  for (int r = 0; r < s->p.nranks; r++) {
+    out->pages_used += s->p.kv_pages - free_pages(s, r); /* idle cached pages count as free */
+    out->prefix_cached_pages += epic_kvpages_idle(s->mirror[r]);
+    out->prefix_evictions += epic_kvpages_evictions(s->mirror[r]);
+  }
+  out->prefix_hits = s->hits;
+  out->prefix_hit_tokens = s->hit_tokens;
 }
 
 int64_t epic_sched_rank_running(const epic_sched *s, int rank) {
@@ -315,5 +438,12 @@ int64_t epic_sched_rank_running(const epic_sched *s, int rank) {
 }
 
 int64_t epic_sched_rank_free_pages(const epic_sched *s, int rank) {
-  return rank >= 0 && rank < s->p.nranks ? s->free_pages[rank] : 0;
+  return rank >= 0 && rank < s->p.nranks ? free_pages(s, rank) : 0;
+}
+
+int64_t epic_sched_rank_prefix_pages(const epic_sched *s, int rank, const int32_t *prompt,
+                                     int64_t n) {
+  if (rank < 0 || rank >= s->p.nranks || !prompt || n < 1 || s->p.prefix_cache_pages == 0)
+    return 0;
+  return epic_kvpages_match(s->mirror[rank], prompt, (n - 1) / s->p.page_size, NULL);
 }

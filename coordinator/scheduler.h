@@ -23,6 +23,23 @@
  * worker already holds it, a RELEASE entry in the next step, which comes before
  * every other entry so the pages are free again before any new sequence uses them.
  *
+ * Prefix cache (prefix_cache_pages > 0). The scheduler keeps a mirror of every
+ * worker's KV page table (worker/kvpages.h) and applies to it exactly what the
+ * worker does with the plans it receives, in the same order: a removed
+ * sequence's pages are unreferenced (from its last page) when it is removed,
+ * i.e. before the next step's entries, as the worker does with the RELEASE
+ * entries that lead that step; a NEW entry takes the longest cached prefix of
+ * the prompt (at most (n_prompt - 1) / page_size pages, so the last prompt
+ * token is always computed) and then the rest of its reservation; commit
+ * publishes the full prompt pages the step's chunks completed, in entry order.
+ * A NEW entry with a hit starts at hit_pages * page_size and names the cached
+ * chain's last page and key (prefix_page, prefix_key) for the worker. Idle
+ * cached pages count as free for admission (the worker evicts them on demand);
+ * an admitted sequence counts its whole reservation until its NEW entry goes
+ * out, so a shorter hit by then never leaves it short. Admission prefers the
+ * worker with the longest cached prefix among those with room. Only requests
+ * submitted with their token ids (epic_sched_submit_prompt) use the cache.
+ *
  * The scheduler does not decide when a sequence ends: the caller removes it
  * (epic_sched_remove) after a token it judges final. It only never schedules a
  * sequence that has produced max_new tokens.
@@ -49,6 +66,7 @@ typedef struct epic_sched_params {
   int64_t max_queue;     /* waiting requests, >= 1 */
   int64_t step_tokens;   /* per-worker tokens per step, >= 1 */
   int64_t prefill_chunk; /* prompt tokens of one sequence per step, >= 1 */
+  int64_t prefix_cache_pages; /* per worker: idle cached prompt pages kept; 0 = no prefix cache */
 } epic_sched_params;
 
 /* Entry flags are the step plan's (worker/step_plan.h): EPIC_STEP_NEW,
@@ -61,6 +79,8 @@ typedef struct epic_sched_entry {
   int64_t start;             /* position of the first token */
   int64_t n_tokens;          /* 0 for RELEASE */
   int64_t n_prompt, max_new; /* the request's (for NEW entries' reservation) */
+  int32_t prefix_page;       /* NEW with start > 0: last page of the cached prefix, else -1 */
+  uint64_t prefix_key;       /* its key */
   void *seq_;                /* internal */
 } epic_sched_entry;
 
@@ -73,7 +93,11 @@ typedef struct epic_sched_step {
 
 typedef struct epic_sched_stats {
   int64_t queued, running;
-  int64_t pages_used, pages_total; /* summed over workers */
+  int64_t pages_used, pages_total; /* summed over workers (used: held by sequences) */
+  int64_t prefix_hits;             /* NEW entries that started from a cached prefix */
+  int64_t prefix_hit_tokens;       /* prompt tokens they did not compute */
+  int64_t prefix_cached_pages;     /* idle cached pages, summed over workers */
+  int64_t prefix_evictions;        /* idle cached pages dropped or reused */
 } epic_sched_stats;
 
 /* EPIC_ERR_INVALID (logged, naming the field) for bad parameters. */
@@ -89,6 +113,10 @@ int64_t epic_sched_pages_for(const epic_sched *s, int64_t n_prompt, int64_t max_
  * then. */
 epic_status epic_sched_submit(epic_sched *s, uint64_t id, int64_t n_prompt, int64_t max_new,
                               void *user);
+/* epic_sched_submit with the prompt's token ids, for the prefix cache. prompt
+ * (n_prompt ids) is borrowed until the request is removed. */
+epic_status epic_sched_submit_prompt(epic_sched *s, uint64_t id, const int32_t *prompt,
+                                     int64_t n_prompt, int64_t max_new, void *user);
 /* Remove a request, queued or running: returns 1 and its user pointer (*user may
  * be NULL), or 0 when the id is unknown (never submitted or already removed).
  * A running sequence's pages are free for admission at once. */
@@ -110,5 +138,8 @@ void epic_sched_get_stats(const epic_sched *s, epic_sched_stats *out);
 /* Running sequences and free pages of worker `rank` (tests, metrics). */
 int64_t epic_sched_rank_running(const epic_sched *s, int rank);
 int64_t epic_sched_rank_free_pages(const epic_sched *s, int rank);
+/* Cached prompt pages of worker `rank` that prompt[0..n) would reuse now. */
+int64_t epic_sched_rank_prefix_pages(const epic_sched *s, int rank, const int32_t *prompt,
+                                     int64_t n);
 
 #endif

@@ -10,6 +10,7 @@ typedef struct xseq {
   uint64_t id;
   epic_kv_seq kv;
   epic_sampler *smp;
+  int decoding; /* its prompt ended (a SAMPLE entry ran): no more publishing */
 } xseq;
 
 struct epic_executor {
@@ -170,7 +171,7 @@ static epic_status reserve_scratch(epic_executor *x, size_t n) {
 }
 
 static epic_status create_seq(epic_executor *x, const epic_step_entry *e, const epic_step_new *nw,
-                              xseq **out) {
+                              const epic_executor_prefix *pf, xseq **out) {
   epic_sampling_params sp = {.size = sizeof sp,
                              .temperature = nw->temperature,
                              .top_p = nw->top_p,
@@ -188,6 +189,15 @@ static epic_status create_seq(epic_executor *x, const epic_step_entry *e, const 
     return EPIC_ERR_NOMEM;
   s->id = e->seq;
   st = epic_sampler_create(&sp, &s->smp);
+  if (st == EPIC_OK && pf && pf->page >= 0) {
+    if (pf->n_pages < 1 || e->start != 0) {
+      EPIC_LOG_ERROR("executor rank %d: new sequence %llu: bad cached prefix (%d pages, start %lld)",
+                     x->rank, (unsigned long long)e->seq, (int)pf->n_pages, (long long)e->start);
+      st = EPIC_ERR_INVALID;
+    } else {
+      st = epic_kvcache_seq_attach(x->kc, &s->kv, pf->page, pf->key, pf->n_pages);
+    }
+  }
   if (st == EPIC_OK) {
     /* The coordinator admitted the sequence against this rank's free pages: the
      * whole reservation is taken now so that it can never run out mid-way. */
@@ -210,7 +220,8 @@ static epic_status create_seq(epic_executor *x, const epic_step_entry *e, const 
 }
 
 /* Releases, creations and the batch of this rank's entries. */
-static epic_status prepare(epic_executor *x, const epic_step_plan *p, size_t *nb) {
+static epic_status prepare(epic_executor *x, const epic_step_plan *p,
+                           const epic_executor_prefix *prefix, size_t *nb) {
   const int32_t *tok = p->tokens;
   *nb = 0;
   for (uint32_t i = 0; i < p->h.n_entries; i++) {
@@ -231,21 +242,27 @@ static epic_status prepare(epic_executor *x, const epic_step_plan *p, size_t *nb
       continue;
     }
     if (e->flags & EPIC_STEP_NEW) {
-      EPIC_CHECK(create_seq(x, e, &p->news[e->new_index], &s));
+      EPIC_CHECK(create_seq(x, e, &p->news[e->new_index], prefix ? &prefix[e->new_index] : NULL,
+                            &s));
     } else if (!s) {
       EPIC_LOG_ERROR("executor rank %d: step names unknown sequence %llu", x->rank,
                      (unsigned long long)e->seq);
       return EPIC_ERR_INVALID;
     }
-    if (e->start != s->kv.n_tokens) {
+    /* A NEW entry's start counts after its cached prefix (the plan check
+     * wants NEW entries at 0). */
+    int64_t start = e->start;
+    if ((e->flags & EPIC_STEP_NEW) && prefix && prefix[e->new_index].page >= 0)
+      start += s->kv.n_tokens;
+    if (start != s->kv.n_tokens) {
       EPIC_LOG_ERROR("executor rank %d: sequence %llu continues at %lld but holds %lld tokens",
-                     x->rank, (unsigned long long)e->seq, (long long)e->start,
+                     x->rank, (unsigned long long)e->seq, (long long)start,
                      (long long)s->kv.n_tokens);
       return EPIC_ERR_INVALID;
     }
     EPIC_CHECK(reserve_scratch(x, *nb + 1));
     x->batch[*nb] =
-        (epic_seq_batch){.tokens = t, .n_tokens = e->n_tokens, .start = e->start, .kv = &s->kv};
+        (epic_seq_batch){.tokens = t, .n_tokens = e->n_tokens, .start = start, .kv = &s->kv};
     x->bseq[*nb] = s;
     x->bent[*nb] = e;
     (*nb)++;
@@ -259,8 +276,14 @@ epic_status epic_executor_step(epic_executor *x, const epic_step_plan *p, epic_s
 
 epic_status epic_executor_step_top(epic_executor *x, const epic_step_plan *p, epic_step_sample *out,
                                    int top_n, epic_step_sample *top) {
+  return epic_executor_step_prefix(x, p, NULL, out, top_n, top);
+}
+
+epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
+                                      const epic_executor_prefix *prefix, epic_step_sample *out,
+                                      int top_n, epic_step_sample *top) {
   size_t nb = 0;
-  epic_status st = prepare(x, p, &nb);
+  epic_status st = prepare(x, p, prefix, &nb);
   if (st == EPIC_OK && (top_n < 0 || top_n > 64 || (top_n > 0 && !top))) {
     /* Reported after the collective forward below, like any local error. */
     EPIC_LOG_ERROR("executor: top_n %d outside [0, 64] or no top buffer", top_n);
@@ -279,6 +302,17 @@ epic_status epic_executor_step_top(epic_executor *x, const epic_step_plan *p, ep
     return st;
   }
   EPIC_CHECK(epic_model_forward(x->m, x->kc, x->batch, (int)nb, x->logits, NULL));
+  /* The rows are written: prompt pages they complete become shareable. The
+   * coordinator's mirror publishes the same pages in the same (entry) order. */
+  for (size_t i = 0; i < nb; i++) {
+    xseq *s = x->bseq[i];
+    if (s->decoding)
+      continue;
+    EPIC_CHECK(epic_kvcache_seq_publish(x->kc, &s->kv, x->batch[i].start, x->batch[i].tokens,
+                                        x->batch[i].n_tokens));
+    if (x->bent[i]->flags & EPIC_STEP_SAMPLE)
+      s->decoding = 1;
+  }
   int64_t k = 0;
   for (size_t i = 0; i < nb; i++) {
     if (!(x->bent[i]->flags & EPIC_STEP_SAMPLE))

@@ -58,6 +58,28 @@ epic_status epic_executor_step(epic_executor *x, const epic_step_plan *p, epic_s
 epic_status epic_executor_step_top(epic_executor *x, const epic_step_plan *p, epic_step_sample *out,
                                    int top_n, epic_step_sample *top);
 
+/* Prefix-cache hit of one new sequence, one record per entry of the plan's
+ * news[] (the engine sends them after the plan body): with page >= 0 the
+ * sequence begins with the n_pages cached pages of the chain ending at page
+ * `page` with key `key` in this rank's KV cache (rank 0 mirrors every rank's
+ * page table, coordinator/scheduler.h), and its NEW entry's tokens start at
+ * row n_pages * page_size (the entry's own start stays 0, as step_plan.c
+ * checks NEW entries). page = -1: none. */
+typedef struct epic_executor_prefix {
+  int32_t page;
+  int32_t n_pages;
+  uint64_t key;
+} epic_executor_prefix;
+
+/* epic_executor_step_top with prefix hits: prefix[i] belongs to p->news[i]
+ * (prefix may be NULL when no NEW entry starts past 0). Full prompt pages that
+ * the step's prefill chunks complete are published to the prefix cache after
+ * the forward. EPIC_ERR_INVALID (logged) when the cached chain of a prefix
+ * record is not there. */
+epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
+                                      const epic_executor_prefix *prefix, epic_step_sample *out,
+                                      int top_n, epic_step_sample *top);
+
 /* Sequences this rank holds. */
 int64_t epic_executor_sequences(const epic_executor *x);
 

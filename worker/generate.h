@@ -1,5 +1,6 @@
 /* Single-sequence generation loop on a model: chunked prefill, then one token
- * per step until max_new_tokens or EOS, streaming each token to a callback and
+ * per step (or, with mtp_draft > 0, MTP speculative rounds of worker/spec.h that
+ * commit 1..k+1 tokens each) until max_new_tokens or EOS, streaming each token to a callback and
  * optionally dumping every logits row (and the MTP head's rows over the prompt)
  * to .npy files. This is what `epic generate` runs; the serving scheduler runs
  * many sequences through epic_model_forward directly.
@@ -35,6 +36,10 @@ typedef struct epic_generate_params {
    * The caller is rank 0 and owns the sequence; every other rank runs
    * epic_generate_follow so that all ranks take part in each step. */
   epic_comm *comm;
+  /* > 0: MTP speculative decoding with this many draft tokens per round (needs
+   * the model's MTP layer and kc_mtp). Greedy output equals mtp_draft = 0; with
+   * sampling the distribution is the same (rejection sampling), not the tokens. */
+  int64_t mtp_draft;
 } epic_generate_params;
 
 typedef struct epic_generate_result {
@@ -42,10 +47,16 @@ typedef struct epic_generate_result {
   int64_t n_ids;
   epic_finish_reason finish;
   double prefill_seconds, decode_seconds;
+  /* mtp_draft > 0: verify rounds that drafted, draft tokens proposed and accepted. */
+  int64_t mtp_rounds, mtp_drafted, mtp_accepted;
+  /* Rows in the main and MTP caches when generation ended (before release). */
+  int64_t kv_tokens, mtp_kv_tokens;
 } epic_generate_result;
 
-/* Runs on caches sized by the caller (see epic_generate_kv_pages). kc_mtp is
- * needed only with dump_mtp_logits. Sequences are released on return. */
+/* Runs on caches sized by the caller: room for n_prompt + max_new_tokens rows in
+ * kc and, with mtp_draft, in kc_mtp (twice that with dump_mtp_logits as well).
+ * kc_mtp is needed only with dump_mtp_logits or mtp_draft. Sequences are
+ * released on return. */
 epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
                           const epic_generate_params *p, epic_generate_result *r);
 

@@ -3,6 +3,9 @@
  * roped shared key (qk_rope_head_dim values). A sequence owns a list of page ids
  * that is the same for every layer of the cache, so one allocation serves all
  * layers. The memory lives on the epic_ops device that created the cache.
+ * Page ids come from an epic_kvpages table (worker/kvpages.h), which also holds
+ * the prefix cache: full prompt pages published by sequences and shared, never
+ * written again, by later sequences with the same prompt prefix.
  * Thread contract: thread-compatible; one thread (the step executor) uses it. */
 #ifndef EPIC_WORKER_KVCACHE_H
 #define EPIC_WORKER_KVCACHE_H
@@ -12,15 +15,21 @@
 
 #include "../common/status.h"
 #include "../kernels/ops.h"
+#include "kvpages.h"
 
 typedef struct epic_kvcache epic_kvcache;
 
 /* A sequence's pages. Zero-initialise before first use ({0}); release with
- * epic_kvcache_seq_release. n_tokens counts rows holding valid keys. */
+ * epic_kvcache_seq_release. n_tokens counts rows holding valid keys. The rest
+ * is the prefix cache's state of the sequence (epic_kvcache_seq_publish). */
 typedef struct epic_kv_seq {
   int32_t *pages;
   int64_t n_pages, cap;
   int64_t n_tokens;
+  int32_t *partial;  /* prompt tokens of the page being filled (page_size) */
+  int64_t n_chain;   /* leading pages that are cached (shared or published) */
+  int64_t n_partial; /* tokens in partial */
+  int chain_end;     /* a page could not be published: publish no more */
 } epic_kv_seq;
 
 typedef struct epic_kvcache_params {
@@ -39,12 +48,30 @@ void epic_kvcache_destroy(epic_kvcache *kc); /* NULL-safe; sequences must be rel
 /* Pages per layer needed to hold n tokens; bytes of the whole cache for params p. */
 int64_t epic_kvcache_pages_for(const epic_kvcache *kc, int64_t n_tokens);
 size_t epic_kvcache_bytes(const epic_kvcache_params *p);
+/* Pages an allocation can take (free + idle cached ones). */
 int64_t epic_kvcache_free_pages(const epic_kvcache *kc);
 int64_t epic_kvcache_total_pages(const epic_kvcache *kc);
+/* The page table (borrowed; for statistics and tests). */
+const epic_kvpages *epic_kvcache_pages(const epic_kvcache *kc);
+/* Turn the prefix cache on with a budget of cache_pages idle pages (0 = off).
+ * Only while no sequence holds pages (EPIC_ERR_INVALID otherwise). */
+epic_status epic_kvcache_set_prefix_cache(epic_kvcache *kc, int64_t cache_pages);
 
 /* Make room for n_tokens rows in total (allocating pages); EPIC_ERR_NOMEM when the
  * cache is full (nothing allocated then). Does not change s->n_tokens. */
 epic_status epic_kvcache_seq_reserve(epic_kvcache *kc, epic_kv_seq *s, int64_t n_tokens);
+/* Start empty sequence s with the n_pages cached pages of the chain ending at
+ * page `last` with key `key` (epic_kvpages_chain; one reference each): rows
+ * [0, n_pages * page_size) are valid at once. EPIC_ERR_INVALID (logged) when
+ * the chain is not there, EPIC_ERR_NOMEM; s is unchanged on error. */
+epic_status epic_kvcache_seq_attach(epic_kvcache *kc, epic_kv_seq *s, int32_t last, uint64_t key,
+                                    int64_t n_pages);
+/* Prompt tokens tokens[0..n) were just written at rows [start, start + n):
+ * publish every page they complete to the prefix cache (while the sequence's
+ * earlier pages are all cached). Call with the prompt's chunks in order and
+ * never with generated tokens. EPIC_ERR_NOMEM. */
+epic_status epic_kvcache_seq_publish(epic_kvcache *kc, epic_kv_seq *s, int64_t start,
+                                     const int32_t *tokens, int64_t n);
 /* Forget rows >= n (speculative-decoding rollback); frees pages no longer needed. */
 void epic_kvcache_seq_truncate(epic_kvcache *kc, epic_kv_seq *s, int64_t n);
 /* Return every page and reset s to empty. NULL-safe on s. */

@@ -13,10 +13,10 @@ foreach(b ${_kill_backends})
 endforeach()
 # A rank that is stopped (alive but silent) must not hang the others either:
 # with ucx the comm timeout (5 s in the test) bounds every wait, the control
-# plane's included. Normal build only: under the sanitizers one run of
-# twenty-odd hung with both survivors silent (not yet understood; see the
-# session note), and a hang there must not hide the other results.
-if(EPIC_UCX_ENABLED AND NOT EPIC_SANITIZE)
+# plane's included. (The test stops the rank only after loading: stopped inside
+# MPI_Init, a rank hangs Open MPI's start-up exchange, which no EPIC timeout covers;
+# that race was the hang seen on loaded machines.)
+if(EPIC_UCX_ENABLED)
   add_test(NAME cli_kill_rank_ucx_stop
            COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/test_kill_rank.sh $<TARGET_FILE:epic> ${EPIC_FIXTURES_DIR}
                    ${MPIEXEC_EXECUTABLE} ucx stop)

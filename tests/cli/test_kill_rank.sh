@@ -35,6 +35,8 @@ for i in 1 2 3; do
   printf '{"prompt_ids":[0,%d,%d,%d],"max_new_tokens":30000,"ignore_eos":true}\n' $((i * 7)) $((i * 11)) $((i * 13))
 done >"$tmp/req.jsonl"
 
+# Info logging: rank 0 reports the end of loading (see the wait below).
+export EPIC_LOG_LEVEL=info
 # A tag in the environment tells this job's ranks from any other test's.
 export EPIC_KILL_TEST_TAG="$$-$RANDOM"
 timeout -k 5 $((BOUND * 3)) "$MPIEXEC" -np 3 --oversubscribe "$EPIC" generate --model "$FX/tiny-bf16" \
@@ -76,8 +78,17 @@ if [ -z "$victim" ]; then
   echo "FAIL: rank $VICTIM of the job never appeared"
   exit 1
 fi
-# Let loading finish and generation run for a while.
-sleep 3
+# Wait until the job is past MPI_Init and the model is loaded (rank 0's "loaded
+# layer" line: loading starts only after every rank created the comm). A rank
+# stopped inside MPI_Init hangs the others in Open MPI's start-up exchange, which
+# no EPIC timeout can cover; on a loaded machine start-up takes seconds.
+for _ in $(seq 1 600); do
+  grep -q "loaded layer" "$tmp/log" && break
+  kill -0 "$job" 2>/dev/null || break
+  sleep 0.1
+done
+# Let generation run for a while.
+sleep 2
 if ! kill -0 "$job" 2>/dev/null; then
   cat "$tmp/log"
   echo "FAIL: the job ended before the kill (it must still be generating)"

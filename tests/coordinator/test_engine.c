@@ -570,12 +570,142 @@ static void test_top_logprobs_engine(void **state) {
   assert_int_equal(epic_engine_create(&p, &e), EPIC_ERR_INVALID);
 }
 
+/* Requests sharing prompt prefixes: each case, then continuations of it by k
+ * of its reference tokens (k = 3, 4, 8: prefixes that are and are not page
+ * multiples with pages of 4) and the case again (a prefix equal to the whole
+ * prompt). Greedy references hold with the prefix cache on and off. */
+static int make_prefix_requests(const fixture *f, rq *rs) {
+  static const int ks[] = {0, 3, 4, 0, 8};
+  int n = 0;
+  for (int c = 0; c < f->n_cases && c < 3; c++)
+    for (size_t j = 0; j < sizeof ks / sizeof *ks; j++) {
+      const rq *src = &f->cases[c];
+      rq *r = &rs[n++];
+      const int k = ks[j];
+      memset(r, 0, sizeof *r);
+      r->stop_id = -1;
+      r->sp = greedy();
+      memcpy(r->prompt, src->prompt, (size_t)src->n_prompt * sizeof *r->prompt);
+      memcpy(r->prompt + src->n_prompt, src->expect, (size_t)k * sizeof *r->prompt);
+      r->n_prompt = src->n_prompt + k;
+      r->n_expect = src->n_expect - k;
+      memcpy(r->expect, src->expect + k, (size_t)r->n_expect * sizeof *r->expect);
+      r->max_new = r->n_expect;
+    }
+  return n;
+}
+
+static void run_one_by_one(epic_engine *e, rq *rs, int n) {
+  int idle;
+  for (int i = 0; i < n; i++) {
+    assert_int_equal(submit(e, &rs[i], NULL), EPIC_OK);
+    do
+      assert_int_equal(epic_engine_step(e, &idle), EPIC_OK);
+    while (!idle);
+  }
+}
+
+/* Same greedy outputs with and without the prefix cache, one request at a time
+ * (hits on every later request of a case) and all at once; hits are counted and
+ * the prompt-token count still covers the cached part. */
+static void test_prefix_cache_identical(void **state) {
+  fixture *f = *state;
+  static rq on[MAX_REQ], off[MAX_REQ], together[MAX_REQ];
+  int n = make_prefix_requests(f, on);
+  int64_t prompt = 0, hits = 0;
+  memcpy(off, on, sizeof on);
+  memcpy(together, on, sizeof on);
+  for (int i = 0; i < n; i++) {
+    prompt += on[i].n_prompt;
+    /* Every later request of a case hits the case prompt's first page when
+     * there is one and it may skip a page (its last token is always computed). */
+    const int64_t first = on[i - i % 5].n_prompt;
+    hits += i % 5 != 0 && first >= 4 && on[i].n_prompt > 4;
+  }
+  epic_engine_params p = {.size = sizeof p,
+                          .model = f->m,
+                          .page_size = 4,
+                          .kv_pages = 160,
+                          .step_tokens = 24,
+                          .prefill_chunk = 7};
+  epic_engine *e;
+  epic_engine_stats s;
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK); /* cache on by default */
+  run_one_by_one(e, on, n);
+  epic_engine_get_stats(e, &s);
+  check_reference(on, n);
+  assert_true(s.prefix_hits >= hits); /* more: continuations publish pages too */
+  assert_true(hits > 0);
+  assert_true(s.prefix_hit_tokens >= 4 * s.prefix_hits);
+  assert_int_equal(s.prompt_tokens, prompt);
+  assert_int_equal(s.kv_pages_used, 0);
+  assert_true(s.prefix_cached_pages > 0 && s.prefix_cached_pages <= s.prefix_cache_pages);
+  epic_engine_destroy(e);
+
+  p.prefix_cache_pages = -1;
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
+  run_one_by_one(e, off, n);
+  epic_engine_get_stats(e, &s);
+  check_reference(off, n);
+  assert_int_equal(s.prefix_hits, 0);
+  assert_int_equal(s.prefix_cache_pages, 0);
+  epic_engine_destroy(e);
+
+  /* All at once with a few cached pages first: hits and fresh prefills share steps. */
+  p.prefix_cache_pages = 0;
+  p.max_batch = 7;
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
+  run_one_by_one(e, together, 1);
+  int idle;
+  for (int i = 1; i < n; i++)
+    assert_int_equal(submit(e, &together[i], NULL), EPIC_OK);
+  do
+    assert_int_equal(epic_engine_step(e, &idle), EPIC_OK);
+  while (!idle);
+  check_reference(together, n);
+  epic_engine_get_stats(e, &s);
+  assert_true(s.prefix_hits > 0);
+  epic_engine_destroy(e);
+}
+
+/* A small KV cache and a budget of 6 pages: cached pages are evicted (LRU) as
+ * new prompts need them, never more than the budget stay idle, outputs keep
+ * matching the references, and a prompt whose pages were evicted recomputes. */
+static void test_prefix_cache_eviction(void **state) {
+  fixture *f = *state;
+  static rq rs[MAX_REQ];
+  int n = make_prefix_requests(f, rs);
+  epic_engine_params p = {.size = sizeof p,
+                          .model = f->m,
+                          .page_size = 4,
+                          .kv_pages = 48,
+                          .prefix_cache_pages = 6,
+                          .step_tokens = 24,
+                          .prefill_chunk = 7};
+  epic_engine *e;
+  epic_engine_stats s;
+  assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
+  for (int round = 0; round < 2; round++) {
+    rq batch[MAX_REQ];
+    memcpy(batch, rs, sizeof batch);
+    run_one_by_one(e, batch, n);
+    check_reference(batch, n);
+    epic_engine_get_stats(e, &s);
+    assert_true(s.prefix_cached_pages <= 6);
+    assert_int_equal(s.kv_pages_used, 0);
+  }
+  assert_true(s.prefix_evictions > 0);
+  assert_true(s.prefix_hits > 0);
+  epic_engine_destroy(e);
+}
+
 int main(void) {
   const struct CMUnitTest bf16[] = {
       cmocka_unit_test(test_top_logprobs_row), cmocka_unit_test(test_top_logprobs_engine),
       cmocka_unit_test(test_concurrent_reference), cmocka_unit_test(test_alone_equals_together),
       cmocka_unit_test(test_stops_and_cancel),     cmocka_unit_test(test_validation_and_limits),
-      cmocka_unit_test(test_shutdown_cancels),
+      cmocka_unit_test(test_shutdown_cancels),     cmocka_unit_test(test_prefix_cache_identical),
+      cmocka_unit_test(test_prefix_cache_eviction),
   };
   if (getenv("EPIC_TEST_FILTER")) /* run a subset: EPIC_TEST_FILTER=test_stops* */
     cmocka_set_test_filter(getenv("EPIC_TEST_FILTER"));

@@ -190,6 +190,7 @@ async function serveTests(srv) {
     check("ttft histogram count moved", m1s.epic_time_to_first_token_seconds_count > m0.epic_time_to_first_token_seconds_count);
     check("e2e and tpot histograms present", m1s.epic_e2e_request_latency_seconds_count > 0 && m1s.epic_time_per_output_token_seconds_count > 0);
     check("kv cache gauges", m1s.epic_kv_cache_pages_total > 0 && m1s.epic_kv_cache_usage_ratio >= 0);
+    check("prefix cache gauge", m1s.epic_prefix_cache_pages >= 0 && m1s.epic_prefix_cache_hit_tokens_total >= 0);
     check("a2a families present", 'epic_a2a_bytes_total{backend="none",phase="dispatch"}' in m1s);
     check("http 4xx counted", m1s['epic_http_requests_total{endpoint="/v1/chat/completions",code="4xx"}'] >= errs.length);
     check("process start time", m1s.epic_process_start_time_seconds > 1.6e9);

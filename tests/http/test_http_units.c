@@ -155,6 +155,9 @@ static void test_metrics_render(void **state) {
   s.has_engine = 1;
   s.kv_pages_used = 1;
   s.kv_pages_total = 4;
+  s.has_prefix_cache = 1;
+  s.prefix_hit_tokens_total = 640;
+  s.prefix_cached_pages = 9;
   s.has_a2a = 1;
   s.a2a_backend = "nccl";
   s.a2a_dispatch_bytes = 123;
@@ -175,6 +178,8 @@ static void test_metrics_render(void **state) {
       "epic_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n",
       "epic_time_to_first_token_seconds_count 2\n",
       "epic_kv_cache_usage_ratio 0.250000\n",
+      "# TYPE epic_prefix_cache_hit_tokens_total counter\nepic_prefix_cache_hit_tokens_total 640\n",
+      "# TYPE epic_prefix_cache_pages gauge\nepic_prefix_cache_pages 9\n",
       "epic_a2a_bytes_total{backend=\"nccl\",phase=\"dispatch\"} 123\n",
       "epic_expert_tokens_total{expert=\"1\"} 7\n",
       "epic_http_requests_total{endpoint=\"/v1/chat/completions\",code=\"4xx\"} 2\n",

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# MTP speculative decoding on CPU: decode tokens/s and acceptance for plain
+# decoding and --mtp-draft 1 / 2 on both tiny fixtures (--threads 1, greedy,
+# --ignore-eos), best of REPEAT runs each. Prints one JSON object per line:
+# {"model","mtp_draft","new_tokens","decode_tokens_per_s","mtp_acceptance_rate",
+#  "mtp_mean_accepted","same_output_as_plain"}
+# Usage: bench/bench_spec.sh EPIC_BINARY FIXTURES_DIR [NEW_TOKENS=128] [REPEAT=3]
+set -eu
+EPIC="$1"
+FX="$2"
+NEW="${3:-128}"
+REPEAT="${4:-3}"
+prompt=0,17,5,900,33,12,401,7,7,250,1000,64,3,88,19,640
+for m in tiny-bf16 tiny-fp8; do
+  plain_ids=""
+  for k in 0 1 2; do
+    best=""
+    for _ in $(seq "$REPEAT"); do
+      out=$("$EPIC" generate --model "$FX/$m" --prompt-ids "$prompt" --max-new-tokens "$NEW" --ignore-eos \
+        --threads 1 --json --mtp-draft "$k")
+      best=$(python3 - "$out" "$best" <<'PY'
+import json, sys
+cur = json.loads(sys.argv[1])
+old = json.loads(sys.argv[2]) if sys.argv[2] else None
+print(json.dumps(cur if old is None or cur["decode_seconds"] < old["decode_seconds"] else old))
+PY
+)
+    done
+    ids=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["output_ids"])' "$best")
+    [ "$k" -eq 0 ] && plain_ids="$ids"
+    python3 - "$best" "$m" "$k" "$ids" "$plain_ids" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+n = len(r["output_ids"])
+# The first token comes from the prefill; decode_seconds covers the other n - 1.
+print(json.dumps({"model": sys.argv[2], "mtp_draft": int(sys.argv[3]), "new_tokens": n,
+                  "decode_tokens_per_s": round((n - 1) / r["decode_seconds"], 1),
+                  "mtp_acceptance_rate": r["mtp_acceptance_rate"],
+                  "mtp_mean_accepted": r["mtp_mean_accepted"],
+                  "same_output_as_plain": sys.argv[4] == sys.argv[5]}))
+PY
+  done
+done

@@ -1,0 +1,362 @@
+#define _GNU_SOURCE
+#include "spec.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../common/log.h"
+
+struct epic_spec {
+  epic_model *m;
+  epic_kvcache *kc, *kc_mtp;
+  epic_spec_params p;
+  int greedy;
+  int64_t V, D, k;
+  epic_kv_seq mseq; /* the MTP layer's cache rows */
+  /* Main-model hidden rows for positions mseq.n_tokens.. not yet run through the
+   * MTP layer; pend_t[i] is the token after row i, known for i < pend_next. */
+  float *pend_h;
+  int32_t *pend_t;
+  int64_t pend_rows, pend_next, pend_cap;
+  float *mlog;    /* [V] MTP logits of the latest draft */
+  float *q;       /* [k][V] draft distributions (sampling only) */
+  float *pdist;   /* [V] target distribution (sampling only) */
+  int32_t *idx;   /* [V] scratch for epic_spec_probs */
+  float *vlog;    /* [k+1][V] verify logits */
+  float *vh;      /* [k+1][D] verify hidden rows */
+  int32_t *vtok;  /* [k+1] verify input: last, drafts */
+  int32_t *vout;  /* [k+1] tokens the round produced */
+  float *h_last;  /* [D] newest verified hidden row: stands in for drafts 2..k */
+  uint64_t rng;
+  int in_round;
+  int64_t round_n, round_out;
+  epic_spec_stats stats;
+};
+
+/* splitmix64 as a stream: enough for acceptance coins, independent of the sampler. */
+static double next_unit(epic_spec *s) {
+  uint64_t z = (s->rng += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return (double)(z >> 11) * 0x1.0p-53;
+}
+
+static int cmp_desc(const void *a, const void *b, void *keys) {
+  const float *k = keys;
+  int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+  if (k[x] > k[y]) return -1;
+  if (k[x] < k[y]) return 1;
+  return (x > y) - (x < y);
+}
+
+void epic_spec_probs(const float *logits, int64_t n, const epic_sampling_params *sp, int32_t *idx,
+                     float *probs) {
+  const double t = sp->temperature;
+  int64_t k = n;
+  double sum = 0, mx;
+  memset(probs, 0, (size_t)n * sizeof *probs);
+  if ((sp->top_k > 0 && sp->top_k < n) || sp->top_p < 1.0f) {
+    /* The sampler's order of operations: sort, cut to top-k, weigh, cut to top-p. */
+    for (int64_t i = 0; i < n; i++) idx[i] = (int32_t)i;
+    qsort_r(idx, (size_t)n, sizeof *idx, cmp_desc, (void *)logits);
+    if (sp->top_k > 0 && sp->top_k < k) k = sp->top_k;
+    mx = logits[idx[0]];
+    for (int64_t i = 0; i < k; i++) {
+      probs[idx[i]] = (float)exp(((double)logits[idx[i]] - mx) / t);
+      sum += probs[idx[i]];
+    }
+    if (sp->top_p < 1.0f) {
+      int64_t keep = 0;
+      double mass = 0;
+      while (keep < k && (keep == 0 || mass < (double)sp->top_p * sum)) mass += probs[idx[keep++]];
+      for (int64_t i = keep; i < k; i++) probs[idx[i]] = 0;
+      sum = mass;
+    }
+  } else {
+    mx = logits[0];
+    for (int64_t i = 1; i < n; i++)
+      if (logits[i] > mx) mx = logits[i];
+    for (int64_t i = 0; i < n; i++) {
+      probs[i] = (float)exp(((double)logits[i] - mx) / t);
+      sum += probs[i];
+    }
+  }
+  for (int64_t i = 0; i < n; i++) probs[i] = (float)(probs[i] / sum);
+}
+
+/* Inverse CDF in id order; u in [0, 1) scaled by the (unnormalised) total. */
+static int32_t draw(const float *w, int64_t n, double u_total) {
+  double acc = 0;
+  int64_t last = 0;
+  for (int64_t i = 0; i < n; i++) {
+    if (w[i] <= 0) continue;
+    acc += w[i];
+    last = i;
+    if (u_total < acc) return (int32_t)i;
+  }
+  return (int32_t)last; /* u landed in the rounding slack past the end */
+}
+
+int32_t epic_spec_accept(const float *p, const float *q, int64_t n, int32_t d, double u_accept,
+                         double u_resample, int *accepted) {
+  double sum = 0, acc = 0;
+  int64_t last = -1;
+  if (q[d] > 0 && u_accept * (double)q[d] < (double)p[d]) {
+    *accepted = 1;
+    return d;
+  }
+  *accepted = 0;
+  for (int64_t i = 0; i < n; i++)
+    if (p[i] > q[i]) sum += (double)p[i] - (double)q[i];
+  if (!(sum > 0)) {
+    double tot = 0;
+    for (int64_t i = 0; i < n; i++) tot += p[i];
+    return draw(p, n, u_resample * tot);
+  }
+  for (int64_t i = 0; i < n; i++) {
+    if (!(p[i] > q[i])) continue;
+    acc += (double)p[i] - (double)q[i];
+    last = i;
+    if (u_resample * sum < acc) return (int32_t)i;
+  }
+  return (int32_t)last;
+}
+
+static float log_softmax_at(const float *logits, int64_t n, int32_t id) {
+  double mx = logits[0], sum = 0;
+  for (int64_t i = 1; i < n; i++)
+    if (logits[i] > mx) mx = logits[i];
+  for (int64_t i = 0; i < n; i++) sum += exp((double)logits[i] - mx);
+  return (float)((double)logits[id] - mx - log(sum));
+}
+
+epic_status epic_spec_create(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
+                             const epic_spec_params *p, epic_spec **out) {
+  epic_spec *s;
+  epic_sampler *probe = NULL;
+  *out = NULL;
+  if (!p || p->size != sizeof *p || !m || !kc) return EPIC_ERR_INVALID;
+  if (!epic_model_has_mtp(m) || !kc_mtp) {
+    EPIC_LOG_ERROR("spec: MTP drafting needs a model loaded with its MTP layer and an MTP cache");
+    return EPIC_ERR_INVALID;
+  }
+  if (p->n_draft < 1 || p->n_draft > 64) {
+    EPIC_LOG_ERROR("spec: n_draft must be in [1, 64] (got %lld)", (long long)p->n_draft);
+    return EPIC_ERR_INVALID;
+  }
+  /* One place validates sampling parameters: the sampler. */
+  EPIC_CHECK(epic_sampler_create(&p->sampling, &probe));
+  epic_sampler_destroy(probe);
+  s = calloc(1, sizeof *s);
+  if (!s) return EPIC_ERR_NOMEM;
+  const epic_model_config *c = epic_model_get_config(m);
+  s->m = m;
+  s->kc = kc;
+  s->kc_mtp = kc_mtp;
+  s->p = *p;
+  s->k = p->n_draft;
+  s->V = c->vocab_size;
+  s->D = c->hidden_size;
+  s->greedy = p->sampling.temperature == 0.0f || p->sampling.top_k == 1;
+  s->rng = p->sampling.seed ^ 0x6d74702d73706563ull; /* differs from the sampler's stream */
+  const size_t V = (size_t)s->V, D = (size_t)s->D, K = (size_t)s->k;
+  s->mlog = malloc(V * sizeof(float));
+  s->vlog = malloc((K + 1) * V * sizeof(float));
+  s->vh = malloc((K + 1) * D * sizeof(float));
+  s->vtok = malloc((K + 1) * sizeof(int32_t));
+  s->vout = malloc((K + 1) * sizeof(int32_t));
+  s->h_last = malloc(D * sizeof(float));
+  if (!s->greedy) {
+    s->q = malloc(K * V * sizeof(float));
+    s->pdist = malloc(V * sizeof(float));
+    s->idx = malloc(V * sizeof(int32_t));
+  }
+  if (!s->mlog || !s->vlog || !s->vh || !s->vtok || !s->vout || !s->h_last ||
+      (!s->greedy && (!s->q || !s->pdist || !s->idx))) {
+    epic_spec_destroy(s);
+    return EPIC_ERR_NOMEM;
+  }
+  *out = s;
+  return EPIC_OK;
+}
+
+void epic_spec_destroy(epic_spec *s) {
+  if (!s) return;
+  epic_kvcache_seq_release(s->kc_mtp, &s->mseq);
+  free(s->pend_h);
+  free(s->pend_t);
+  free(s->mlog);
+  free(s->q);
+  free(s->pdist);
+  free(s->idx);
+  free(s->vlog);
+  free(s->vh);
+  free(s->vtok);
+  free(s->vout);
+  free(s->h_last);
+  free(s);
+}
+
+static epic_status pend_reserve(epic_spec *s, int64_t rows) {
+  if (rows <= s->pend_cap) return EPIC_OK;
+  int64_t cap = s->pend_cap ? s->pend_cap : 16;
+  while (cap < rows) cap *= 2;
+  float *h = realloc(s->pend_h, (size_t)(cap * s->D) * sizeof *h);
+  if (!h) return EPIC_ERR_NOMEM;
+  s->pend_h = h;
+  int32_t *t = realloc(s->pend_t, (size_t)cap * sizeof *t);
+  if (!t) return EPIC_ERR_NOMEM;
+  s->pend_t = t;
+  s->pend_cap = cap;
+  return EPIC_OK;
+}
+
+static epic_status before(epic_spec *s, int mtp) {
+  return s->p.before_forward ? s->p.before_forward(s->p.user, mtp) : EPIC_OK;
+}
+
+/* Run every complete pending pair through the MTP layer; mlog gets the last row's logits. */
+static epic_status flush(epic_spec *s) {
+  const int64_t n = s->pend_next;
+  if (n == 0) return EPIC_OK;
+  epic_seq_batch b = {.tokens = s->pend_t,
+                      .n_tokens = n,
+                      .start = s->mseq.n_tokens,
+                      .kv = &s->mseq,
+                      .hidden = s->pend_h};
+  EPIC_CHECK(before(s, 1));
+  EPIC_CHECK(epic_model_mtp_forward(s->m, s->kc_mtp, &b, 1, s->mlog));
+  s->pend_rows -= n;
+  memmove(s->pend_h, s->pend_h + n * s->D, (size_t)(s->pend_rows * s->D) * sizeof(float));
+  memmove(s->pend_t, s->pend_t + n, (size_t)s->pend_rows * sizeof(int32_t));
+  s->pend_next = 0;
+  return EPIC_OK;
+}
+
+epic_status epic_spec_observe(epic_spec *s, const float *hidden, int64_t n_rows, const int32_t *next,
+                              int64_t n_next) {
+  if (s->in_round || n_rows < 1 || (n_next != n_rows && n_next != n_rows - 1) ||
+      s->pend_next != s->pend_rows) {
+    EPIC_LOG_ERROR("spec: observe needs hidden rows whose earlier rows all have a next token "
+                   "(n_rows %lld, n_next %lld)", (long long)n_rows, (long long)n_next);
+    return EPIC_ERR_INVALID;
+  }
+  EPIC_CHECK(pend_reserve(s, s->pend_rows + n_rows));
+  memcpy(s->pend_h + s->pend_rows * s->D, hidden, (size_t)(n_rows * s->D) * sizeof(float));
+  memcpy(s->pend_t + s->pend_rows, next, (size_t)n_next * sizeof(int32_t));
+  s->pend_rows += n_rows;
+  s->pend_next += n_next;
+  return flush(s);
+}
+
+epic_status epic_spec_draft_verify(epic_spec *s, epic_kv_seq *seq, int32_t last, int64_t max_out,
+                                   int32_t *out, float *logprobs, int64_t *n_out) {
+  const int64_t V = s->V, D = s->D, n = seq->n_tokens;
+  int64_t kd = s->k < max_out - 1 ? s->k : max_out - 1, m = 0;
+  int32_t tok = 0;
+  *n_out = 0;
+  if (s->in_round || max_out < 1 || s->pend_rows < 1 || s->pend_next != s->pend_rows - 1 ||
+      s->mseq.n_tokens + s->pend_rows != n) {
+    EPIC_LOG_ERROR("spec: draft_verify out of order (main cache %lld rows, MTP %lld + %lld pending)",
+                   (long long)n, (long long)s->mseq.n_tokens, (long long)s->pend_rows);
+    return EPIC_ERR_INVALID;
+  }
+  if (kd < 0) kd = 0;
+  s->pend_t[s->pend_next++] = last;
+  s->vtok[0] = last;
+  if (kd > 0) {
+    memcpy(s->h_last, s->pend_h + (s->pend_rows - 1) * D, (size_t)D * sizeof(float));
+    EPIC_CHECK(flush(s)); /* catches the MTP cache up to position n-1: draft 1 */
+    for (int64_t i = 0; i < kd; i++) {
+      if (i > 0) {
+        epic_seq_batch b = {.tokens = &s->vtok[i],
+                            .n_tokens = 1,
+                            .start = s->mseq.n_tokens,
+                            .kv = &s->mseq,
+                            .hidden = s->h_last};
+        EPIC_CHECK(before(s, 1));
+        EPIC_CHECK(epic_model_mtp_forward(s->m, s->kc_mtp, &b, 1, s->mlog));
+      }
+      if (s->greedy) {
+        s->vtok[i + 1] = epic_argmax(s->mlog, V);
+      } else {
+        float *q = s->q + i * V;
+        epic_spec_probs(s->mlog, V, &s->p.sampling, s->idx, q);
+        s->vtok[i + 1] = draw(q, V, next_unit(s));
+      }
+    }
+  }
+  {
+    epic_seq_batch b = {.tokens = s->vtok, .n_tokens = kd + 1, .start = n, .kv = seq, .all_logits = 1};
+    EPIC_CHECK(before(s, 0));
+    EPIC_CHECK(epic_model_forward(s->m, s->kc, &b, 1, s->vlog, s->vh));
+  }
+  /* Accept drafts while the main model agrees; the row at the first
+   * disagreement (or after the last draft) gives one more token. */
+  for (;;) {
+    const float *row = s->vlog + m * V;
+    if (s->greedy) {
+      tok = epic_argmax(row, V);
+      if (m < kd && tok == s->vtok[m + 1]) {
+        s->vout[m++] = tok;
+        continue;
+      }
+    } else {
+      epic_spec_probs(row, V, &s->p.sampling, s->idx, s->pdist);
+      if (m < kd) {
+        int acc = 0;
+        double u1 = next_unit(s), u2 = next_unit(s);
+        tok = epic_spec_accept(s->pdist, s->q + m * V, V, s->vtok[m + 1], u1, u2, &acc);
+        if (acc) {
+          s->vout[m++] = tok;
+          continue;
+        }
+      } else {
+        tok = draw(s->pdist, V, next_unit(s));
+      }
+    }
+    break;
+  }
+  s->vout[m] = tok;
+  for (int64_t i = 0; i <= m; i++) {
+    out[i] = s->vout[i];
+    if (logprobs) logprobs[i] = log_softmax_at(s->vlog + i * V, V, s->vout[i]);
+  }
+  if (kd > 0) {
+    s->stats.rounds++;
+    s->stats.drafted += kd;
+    s->stats.accepted += m;
+  }
+  s->in_round = 1;
+  s->round_n = n;
+  s->round_out = m + 1;
+  *n_out = m + 1;
+  return EPIC_OK;
+}
+
+epic_status epic_spec_commit(epic_spec *s, epic_kv_seq *seq, int64_t n_keep) {
+  const int64_t n = s->round_n, D = s->D;
+  if (!s->in_round || n_keep < 1 || n_keep > s->round_out) {
+    EPIC_LOG_ERROR("spec: commit of %lld tokens without a round that produced them",
+                   (long long)n_keep);
+    return EPIC_ERR_INVALID;
+  }
+  /* Main rows n.. hold last and the kept drafts; rows past them are rejected
+   * or unused drafts. MTP rows from n on were drafts paired with stand-in
+   * hidden states: they are recomputed from the verified rows next round. */
+  epic_kvcache_seq_truncate(s->kc, seq, n + n_keep);
+  if (s->mseq.n_tokens > n) epic_kvcache_seq_truncate(s->kc_mtp, &s->mseq, n);
+  EPIC_CHECK(pend_reserve(s, s->pend_rows + n_keep));
+  memcpy(s->pend_h + s->pend_rows * D, s->vh, (size_t)(n_keep * D) * sizeof(float));
+  memcpy(s->pend_t + s->pend_rows, s->vout, (size_t)(n_keep - 1) * sizeof(int32_t));
+  s->pend_rows += n_keep;
+  s->pend_next += n_keep - 1;
+  s->in_round = 0;
+  return EPIC_OK;
+}
+
+void epic_spec_get_stats(const epic_spec *s, epic_spec_stats *out) { *out = s->stats; }
+
+int64_t epic_spec_mtp_tokens(const epic_spec *s) { return s->mseq.n_tokens; }
