@@ -119,13 +119,41 @@ static int cmp_desc(const void *a, const void *b, void *keys) {
   return (x > y) - (x < y);
 }
 
+int64_t epic_sampling_weights(const float *logits, int64_t n, const epic_sampling_params *p,
+                              int32_t *idx, float *w, double *sum) {
+  int64_t k = n;
+  double mx, total = 0;
+  for (int64_t i = 0; i < n; i++) idx[i] = (int32_t)i;
+  qsort_r(idx, (size_t)n, sizeof *idx, cmp_desc, (void *)logits);
+  if (p->top_k > 0 && p->top_k < k) k = p->top_k;
+  mx = logits[idx[0]];
+  for (int64_t i = 0; i < k; i++) {
+    w[i] = (float)exp(((double)logits[idx[i]] - mx) / p->temperature);
+    total += w[i];
+  }
+  if (p->top_p < 1.0f) {
+    /* Smallest prefix whose mass reaches top_p (at least one token). */
+    int64_t keep = 0;
+    double mass = 0;
+    while (keep < k && (keep == 0 || mass < (double)p->top_p * total)) mass += w[keep++];
+    k = keep;
+    total = mass;
+  }
+  *sum = total;
+  return k;
+}
+
+double epic_logprob_at(const float *logits, int64_t n, int32_t id) {
+  return log_softmax_at(logits, n, id);
+}
+
 int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, float *logprob) {
   int32_t tok;
   if (s->p.temperature == 0.0f || s->p.top_k == 1) {
     tok = epic_argmax(logits, n);
   } else {
-    int64_t k = n;
-    double mx, sum = 0, acc = 0, u;
+    double sum, acc = 0, u;
+    int64_t k;
     if (s->cap < n) {
       int32_t *ni = realloc(s->idx, (size_t)n * sizeof *ni);
       float *np = ni ? realloc(s->prob, (size_t)n * sizeof *np) : NULL;
@@ -134,22 +162,7 @@ int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, flo
       if (!ni || !np) return epic_argmax(logits, n); /* out of memory: degrade to greedy */
       s->cap = n;
     }
-    for (int64_t i = 0; i < n; i++) s->idx[i] = (int32_t)i;
-    qsort_r(s->idx, (size_t)n, sizeof *s->idx, cmp_desc, (void *)logits);
-    if (s->p.top_k > 0 && s->p.top_k < k) k = s->p.top_k;
-    mx = logits[s->idx[0]];
-    for (int64_t i = 0; i < k; i++) {
-      s->prob[i] = (float)exp(((double)logits[s->idx[i]] - mx) / s->p.temperature);
-      sum += s->prob[i];
-    }
-    if (s->p.top_p < 1.0f) {
-      /* Smallest prefix whose mass reaches top_p (at least one token). */
-      int64_t keep = 0;
-      double mass = 0;
-      while (keep < k && (keep == 0 || mass < (double)s->p.top_p * sum)) mass += s->prob[keep++];
-      k = keep;
-      sum = mass;
-    }
+    k = epic_sampling_weights(logits, n, &s->p, s->idx, s->prob, &sum);
     u = next_unit(s) * sum;
     tok = s->idx[k - 1];
     for (int64_t i = 0; i < k; i++) {

@@ -36,6 +36,18 @@ int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, flo
  * the row plus a k-element insertion list (k is small: OpenAI allows <= 20). */
 int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float *lps);
 
+/* The sampler's distribution for temperature > 0, in its order of operations:
+ * candidates sorted by descending logit (lower id first on ties) into idx[0..n),
+ * cut to top_k, weighed exp((logit - max) / temperature) into w[0..k), cut to the
+ * smallest prefix reaching top_p of the mass. Returns the k kept; *sum is their
+ * total weight. idx and w have room for n. (Speculative decoding's acceptance test
+ * needs the same distribution the sampler draws from.) */
+int64_t epic_sampling_weights(const float *logits, int64_t n, const epic_sampling_params *p,
+                              int32_t *idx, float *w, double *sum);
+
+/* log softmax(logits)[id] under the unmodified distribution. */
+double epic_logprob_at(const float *logits, int64_t n, int32_t id);
+
 /* Greedy choice without a sampler: argmax, lowest id on ties. */
 int32_t epic_argmax(const float *logits, int64_t n);
 

@@ -43,47 +43,22 @@ static double next_unit(epic_spec *s) {
   return (double)(z >> 11) * 0x1.0p-53;
 }
 
-static int cmp_desc(const void *a, const void *b, void *keys) {
-  const float *k = keys;
-  int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-  if (k[x] > k[y]) return -1;
-  if (k[x] < k[y]) return 1;
-  return (x > y) - (x < y);
-}
-
 void epic_spec_probs(const float *logits, int64_t n, const epic_sampling_params *sp, int32_t *idx,
                      float *probs) {
-  const double t = sp->temperature;
-  int64_t k = n;
-  double sum = 0, mx;
-  memset(probs, 0, (size_t)n * sizeof *probs);
-  if ((sp->top_k > 0 && sp->top_k < n) || sp->top_p < 1.0f) {
-    /* The sampler's order of operations: sort, cut to top-k, weigh, cut to top-p. */
-    for (int64_t i = 0; i < n; i++) idx[i] = (int32_t)i;
-    qsort_r(idx, (size_t)n, sizeof *idx, cmp_desc, (void *)logits);
-    if (sp->top_k > 0 && sp->top_k < k) k = sp->top_k;
-    mx = logits[idx[0]];
-    for (int64_t i = 0; i < k; i++) {
-      probs[idx[i]] = (float)exp(((double)logits[idx[i]] - mx) / t);
-      sum += probs[idx[i]];
-    }
-    if (sp->top_p < 1.0f) {
-      int64_t keep = 0;
-      double mass = 0;
-      while (keep < k && (keep == 0 || mass < (double)sp->top_p * sum)) mass += probs[idx[keep++]];
-      for (int64_t i = keep; i < k; i++) probs[idx[i]] = 0;
-      sum = mass;
-    }
-  } else {
-    mx = logits[0];
-    for (int64_t i = 1; i < n; i++)
-      if (logits[i] > mx) mx = logits[i];
-    for (int64_t i = 0; i < n; i++) {
-      probs[i] = (float)exp(((double)logits[i] - mx) / t);
-      sum += probs[i];
-    }
+  double sum;
+  const int64_t k = epic_sampling_weights(logits, n, sp, idx, probs, &sum);
+  /* probs holds the weights in candidate order; scatter them to token order through
+   * a copy (candidate i's id may be any earlier or later slot). */
+  float *w = malloc((size_t)k * sizeof *w);
+  if (!w) {
+    memset(probs, 0, (size_t)n * sizeof *probs);
+    probs[idx[0]] = 1.0f; /* out of memory: the most likely token */
+    return;
   }
-  for (int64_t i = 0; i < n; i++) probs[i] = (float)(probs[i] / sum);
+  memcpy(w, probs, (size_t)k * sizeof *w);
+  memset(probs, 0, (size_t)n * sizeof *probs);
+  for (int64_t i = 0; i < k; i++) probs[idx[i]] = (float)(w[i] / sum);
+  free(w);
 }
 
 /* Inverse CDF in id order; u in [0, 1) scaled by the (unnormalised) total. */
@@ -122,14 +97,6 @@ int32_t epic_spec_accept(const float *p, const float *q, int64_t n, int32_t d, d
     if (u_resample * sum < acc) return (int32_t)i;
   }
   return (int32_t)last;
-}
-
-static float log_softmax_at(const float *logits, int64_t n, int32_t id) {
-  double mx = logits[0], sum = 0;
-  for (int64_t i = 1; i < n; i++)
-    if (logits[i] > mx) mx = logits[i];
-  for (int64_t i = 0; i < n; i++) sum += exp((double)logits[i] - mx);
-  return (float)((double)logits[id] - mx - log(sum));
 }
 
 epic_status epic_spec_create(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
@@ -322,7 +289,7 @@ epic_status epic_spec_draft_verify(epic_spec *s, epic_kv_seq *seq, int32_t last,
   s->vout[m] = tok;
   for (int64_t i = 0; i <= m; i++) {
     out[i] = s->vout[i];
-    if (logprobs) logprobs[i] = log_softmax_at(s->vlog + i * V, V, s->vout[i]);
+    if (logprobs) logprobs[i] = (float)epic_logprob_at(s->vlog + i * V, V, s->vout[i]);
   }
   if (kd > 0) {
     s->stats.rounds++;
