@@ -142,6 +142,20 @@ static int teardown(void **state) {
   return 0;
 }
 
+/* Greedy request r: case src continued after k of its reference tokens (prompt +
+ * gen[:k] must continue with gen[k:]). */
+static void continuation(const rq *src, int k, rq *r) {
+  memset(r, 0, sizeof *r);
+  r->stop_id = -1;
+  r->sp = greedy();
+  memcpy(r->prompt, src->prompt, (size_t)src->n_prompt * sizeof *r->prompt);
+  memcpy(r->prompt + src->n_prompt, src->expect, (size_t)k * sizeof *r->prompt);
+  r->n_prompt = src->n_prompt + k;
+  r->n_expect = src->n_expect - k;
+  memcpy(r->expect, src->expect + k, (size_t)r->n_expect * sizeof *r->expect);
+  r->max_new = r->n_expect;
+}
+
 /* The request set: every case, and continuations of it after k of its reference
  * tokens (prompt + gen[:k] must continue with gen[k:]), prompts of 1..156 tokens. */
 static int make_requests(const fixture *f, rq *rs) {
@@ -149,18 +163,7 @@ static int make_requests(const fixture *f, rq *rs) {
   int n = 0;
   for (int c = 0; c < f->n_cases; c++)
     for (size_t j = 0; j < sizeof ks / sizeof *ks; j++) {
-      const rq *src = &f->cases[c];
-      rq *r = &rs[n++];
-      const int k = ks[j];
-      memset(r, 0, sizeof *r);
-      r->stop_id = -1;
-      r->sp = greedy();
-      memcpy(r->prompt, src->prompt, (size_t)src->n_prompt * sizeof *r->prompt);
-      memcpy(r->prompt + src->n_prompt, src->expect, (size_t)k * sizeof *r->prompt);
-      r->n_prompt = src->n_prompt + k;
-      r->n_expect = src->n_expect - k;
-      memcpy(r->expect, src->expect + k, (size_t)r->n_expect * sizeof *r->expect);
-      r->max_new = r->n_expect;
+      continuation(&f->cases[c], ks[j], &rs[n++]);
     }
   return n;
 }
@@ -257,7 +260,7 @@ static void test_alone_equals_together(void **state) {
                                             .seed = 1000u + (uint64_t)i};
     together[i].sampled = 1;
   }
-  memcpy(alone, together, sizeof together);
+  memcpy(alone, together, (size_t)n * sizeof *together); /* the n requests in use */
   e = tight_engine(f);
   for (int i = 0; i < n; i++)
     assert_int_equal(submit(e, &together[i], NULL), EPIC_OK);
@@ -579,18 +582,7 @@ static int make_prefix_requests(const fixture *f, rq *rs) {
   int n = 0;
   for (int c = 0; c < f->n_cases && c < 3; c++)
     for (size_t j = 0; j < sizeof ks / sizeof *ks; j++) {
-      const rq *src = &f->cases[c];
-      rq *r = &rs[n++];
-      const int k = ks[j];
-      memset(r, 0, sizeof *r);
-      r->stop_id = -1;
-      r->sp = greedy();
-      memcpy(r->prompt, src->prompt, (size_t)src->n_prompt * sizeof *r->prompt);
-      memcpy(r->prompt + src->n_prompt, src->expect, (size_t)k * sizeof *r->prompt);
-      r->n_prompt = src->n_prompt + k;
-      r->n_expect = src->n_expect - k;
-      memcpy(r->expect, src->expect + k, (size_t)r->n_expect * sizeof *r->expect);
-      r->max_new = r->n_expect;
+      continuation(&f->cases[c], ks[j], &rs[n++]);
     }
   return n;
 }
