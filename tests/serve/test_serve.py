@@ -100,9 +100,12 @@ def generation(c):
         T.check("finish reason and usage %s" % prompt, last.finish_reason == want_reason
                 and last.usage.prompt_tokens == len(prompt) and last.usage.completion_tokens == len(ids)
                 and last.usage.ttft_seconds > 0 and last.usage.total_seconds >= last.usage.ttft_seconds, last)
-        T.check("streamed: one message per step %s" % prompt, len(resps) >= 2 and all(
-            r.finish_reason == ec.pb.FINISH_REASON_UNSPECIFIED and not r.HasField("usage") for r in resps[:-1]),
-            len(resps))
+        # The server coalesces tokens that arrive while a send is in flight, so
+        # a short generation on a loaded machine may come as a single message:
+        # check the framing, not the message count.
+        T.check("streamed: only the last message finishes %s" % prompt, all(
+            r.finish_reason == ec.pb.FINISH_REASON_UNSPECIFIED and not r.HasField("usage")
+            for r in resps[:-1]), len(resps))
 
     ref = epic_json("generate", "--model", MODEL, "--prompt", "Hello, world!", "--max-new-tokens", "10")
     ids, text, resps = c.generate(text="Hello, world!", max_tokens=10)
