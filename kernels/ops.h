@@ -21,7 +21,7 @@
 /* 2: mla_absorbed_batch appended (batched decode attention over several sequences).
  * 3: host_visible, copy_rows, zero, moe_combine, kv_store_batch, grouped_matmul, sync appended (what the model
  *    needs to keep a whole forward in backend memory). */
-#define EPIC_OPS_ABI_VERSION 3
+#define EPIC_OPS_ABI_VERSION 4
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -250,6 +250,14 @@ typedef struct epic_ops_vt {
    * before another engine (an NCCL stream) reads what the ops wrote. Reports faults
    * that only the device could see. */
   epic_status (*sync)(epic_ops *o);
+
+  /* ABI 4. Greedy pick of each row of x [m][n] (row stride n):
+   *   ids[i] = the first j with x[i][j] maximal (lowest id on ties, like epic_argmax),
+   *   logprob[i] = x[i][ids[i]] - log(sum_j exp(x[i][j])) (the sum taken in double).
+   * ids and logprob live in backend memory. Lets a GPU backend return 8 bytes per
+   * greedy row instead of the row's vocabulary-wide logits. */
+  epic_status (*row_pick)(epic_ops *o, const float *x, int64_t m, int64_t n, int32_t *ids,
+                          float *logprob);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */

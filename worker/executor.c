@@ -29,6 +29,8 @@ struct epic_executor {
   const epic_step_entry **bent;
   size_t bcap;
   float *logits;
+  uint8_t *need;        /* per logits row: the sampler needs the whole row */
+  epic_row_pick *picks; /* per logits row: greedy pick made on the backend */
   size_t lrows;
 };
 
@@ -135,6 +137,8 @@ void epic_executor_destroy(epic_executor *x) {
   free(x->bseq);
   free(x->bent);
   free(x->logits);
+  free(x->need);
+  free(x->picks);
   free(x);
 }
 
@@ -162,9 +166,16 @@ static epic_status reserve_scratch(epic_executor *x, size_t n) {
   }
   if (n > x->lrows) {
     float *l = realloc(x->logits, n * (size_t)x->V * sizeof *l);
-    if (!l)
+    if (l)
+      x->logits = l;
+    uint8_t *nd = realloc(x->need, n * sizeof *nd);
+    if (nd)
+      x->need = nd;
+    epic_row_pick *pk = realloc(x->picks, n * sizeof *pk);
+    if (pk)
+      x->picks = pk;
+    if (!l || !nd || !pk)
       return EPIC_ERR_NOMEM;
-    x->logits = l;
     x->lrows = n;
   }
   return EPIC_OK;
@@ -301,7 +312,13 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
     }
     return st;
   }
-  EPIC_CHECK(epic_model_forward(x->m, x->kc, x->batch, (int)nb, x->logits, NULL));
+  /* Greedy rows without top logprobs come back as picks; only the others need
+   * their vocabulary-wide logits row (a GPU backend then downloads 8 bytes). */
+  for (size_t i = 0; i < nb; i++)
+    x->need[i] = (x->bent[i]->flags & EPIC_STEP_SAMPLE) &&
+                 (top_n > 0 || !epic_sampler_greedy(x->bseq[i]->smp));
+  EPIC_CHECK(epic_model_forward_pick(x->m, x->kc, x->batch, (int)nb, x->logits, x->need, x->picks,
+                                     NULL));
   /* The rows are written: prompt pages they complete become shareable. The
    * coordinator's mirror publishes the same pages in the same (entry) order. */
   for (size_t i = 0; i < nb; i++) {
@@ -317,8 +334,10 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
   for (size_t i = 0; i < nb; i++) {
     if (!(x->bent[i]->flags & EPIC_STEP_SAMPLE))
       continue;
-    float lp = 0;
-    int32_t id = epic_sampler_sample(x->bseq[i]->smp, x->logits + i * (size_t)x->V, x->V, &lp);
+    float lp = x->picks[i].logprob;
+    int32_t id = x->picks[i].id;
+    if (x->need[i])
+      id = epic_sampler_sample(x->bseq[i]->smp, x->logits + i * (size_t)x->V, x->V, &lp);
     if (top_n > 0) {
       int32_t ids[64];
       float lps[64];

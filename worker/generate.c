@@ -179,14 +179,23 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
     EPIC_CHECK_GOTO(emit(p, c, r, tok, lp, &stop), st, done);
     if (!stop) EPIC_CHECK_GOTO(spec_decode(m, sp, &seq, p, r, tok), st, done);
   }
+  /* Greedy decoding without a logits dump takes the backend's pick: no row to download. */
+  const uint8_t need_row = want_rows || !epic_sampler_greedy(smp);
   for (int64_t k = 0; !sp && k < p->max_new_tokens; k++) {
+    epic_row_pick pick = {0};
     if (k > 0) {
       epic_seq_batch b = {.tokens = &tok, .n_tokens = 1, .start = seq.n_tokens, .kv = &seq};
       EPIC_CHECK_GOTO(announce(p->comm, STEP_FORWARD), st, done);
-      EPIC_CHECK_GOTO(epic_model_forward(m, kc, &b, 1, logits, NULL), st, done);
+      EPIC_CHECK_GOTO(epic_model_forward_pick(m, kc, &b, 1, logits, &need_row, &pick, NULL), st,
+                      done);
       if (want_rows) EPIC_CHECK_GOTO(epic_npy_writer_append(p->dump_logits, logits, 1), st, done);
     }
-    tok = epic_sampler_sample(smp, logits, V, &lp);
+    if (k > 0 && !need_row) {
+      tok = pick.id;
+      lp = pick.logprob;
+    } else {
+      tok = epic_sampler_sample(smp, logits, V, &lp);
+    }
     r->ids[r->n_ids++] = tok;
     if (p->on_token) EPIC_CHECK_GOTO(p->on_token(p->user, tok, lp), st, done);
     if (!p->ignore_eos && epic_config_is_eos(c, tok)) {

@@ -65,6 +65,7 @@ typedef struct scratch {
   int32_t *tok_list; /* per (token, k) item: its row in the dispatch */
   int32_t *plan;     /* the forward's index arrays (see fwd_plan), uploaded once */
   float *logits;     /* LM-head output before download (backends without host memory) */
+  int32_t *pick;     /* row_pick output: ids [out_rows], then logprobs [out_rows] (float bits) */
   float *q, *cq, *kv, *attn_o, *tmp, *g, *u, *rl; /* work space from here on */
   float *q_abs, *q_pe, *ctx, *lat, *kpe, *kvb;
 } scratch;
@@ -385,8 +386,8 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
     EPIC_LOG_ERROR("model: invalid load parameters");
     return EPIC_ERR_INVALID;
   }
-  if (!ops || ops->vt->abi_version < 3) {
-    EPIC_LOG_ERROR("model: compute backend %s implements epic_ops ABI %d; the model needs 3",
+  if (!ops || ops->vt->abi_version < 4) {
+    EPIC_LOG_ERROR("model: compute backend %s implements epic_ops ABI %d; the model needs 4",
                    ops ? ops->vt->name : "(none)", ops ? ops->vt->abi_version : 0);
     return EPIC_ERR_UNSUPPORTED;
   }
@@ -576,7 +577,7 @@ static epic_status scratch_get(epic_model *m, const fwd_shape *sh, scratch *s) {
       {(void **)&s->rows, (size_t)(out_rows * D) * 4}, {(void **)&s->x2, (size_t)(M * 2 * D) * 4},
       {(void **)&s->idx, (size_t)(M * K) * 4},        {(void **)&s->w, (size_t)(M * K) * 4},
       {(void **)&s->tok_list, (size_t)(M * K) * 4},   {(void **)&s->plan, (size_t)plan_len(sh) * 4},
-      {(void **)&s->logits, (size_t)n_logits * 4},
+      {(void **)&s->logits, (size_t)n_logits * 4},    {(void **)&s->pick, (size_t)(2 * out_rows) * 4},
       /* work space of one micro-batch */
       {(void **)&s->q, (size_t)(Mw * H * dq) * 4},    {(void **)&s->cq, (size_t)(Mw * (c->q_lora_rank + 1)) * 4},
       {(void **)&s->kv, (size_t)(Mw * (L + R)) * 4},  {(void **)&s->attn_o, (size_t)(Mw * H * V) * 4},
@@ -1215,22 +1216,72 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
   return EPIC_OK;
 }
 
+/* What the caller wants from the LM head: logits rows (all, or those with need[r]
+ * != 0) and, with picks, every row's greedy pick computed where the logits are. */
+typedef struct head_out {
+  float *logits;
+  const uint8_t *need;
+  epic_row_pick *picks;
+} head_out;
+
+/* Downloads the needed logits rows, one copy per run of consecutive rows. */
+static epic_status download_rows(epic_ops *o, float *dst, const float *src, int64_t rows, int64_t V,
+                                 const uint8_t *need) {
+  for (int64_t r = 0; r < rows;) {
+    if (need && !need[r]) {
+      r++;
+      continue;
+    }
+    int64_t e = r + 1;
+    while (e < rows && (!need || need[e])) e++;
+    EPIC_CHECK(o->vt->download(o, dst + r * V, src + r * V, (size_t)((e - r) * V) * sizeof(float)));
+    r = e;
+  }
+  return EPIC_OK;
+}
+
+static epic_status pick_rows(epic_ops *o, const float *L, int64_t rows, int64_t V, int32_t *dev,
+                             epic_row_pick *picks) {
+  EPIC_CHECK(o->vt->row_pick(o, L, rows, V, dev, (float *)(dev + rows)));
+  const int32_t *h = dev;
+  int32_t *tmp = NULL;
+  if (!o->vt->host_visible) {
+    tmp = malloc((size_t)(2 * rows) * sizeof *tmp);
+    if (!tmp) return EPIC_ERR_NOMEM;
+    epic_status st = o->vt->download(o, tmp, dev, (size_t)(2 * rows) * sizeof *tmp);
+    if (st != EPIC_OK) {
+      free(tmp);
+      return st;
+    }
+    h = tmp;
+  }
+  for (int64_t r = 0; r < rows; r++) {
+    picks[r].id = h[r];
+    memcpy(&picks[r].logprob, &h[rows + r], sizeof(float));
+  }
+  free(tmp);
+  return EPIC_OK;
+}
+
 /* Final norm + head for the rows the caller asked for; commits cache lengths. */
 static epic_status finish(fwd *f, const epic_seq_batch *seqs, int n_seqs, const fwd_shape *sh,
-                          const float *norm_w, const epic_weight *head, scratch *s, float *logits,
-                          float *hidden) {
+                          const float *norm_w, const epic_weight *head, scratch *s,
+                          const head_out *ho, float *hidden) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size, V = m->cfg.vocab_size, out = sh->out_rows;
   EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, sh->M, D, norm_w, (float)m->cfg.rms_norm_eps, s->hn, D));
   EPIC_CHECK(o->vt->copy_rows(o, out, D, s->hn, D, f->out_rows, s->rows, D, NULL));
   if (hidden) EPIC_CHECK(o->vt->download(o, hidden, s->rows, (size_t)(out * D) * sizeof(float)));
+  const float *L = ho->logits;
   if (o->vt->host_visible) {
-    EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, logits, V));
+    EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, ho->logits, V));
   } else {
     EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, s->logits, V));
-    EPIC_CHECK(o->vt->download(o, logits, s->logits, (size_t)(out * V) * sizeof(float)));
+    EPIC_CHECK(download_rows(o, ho->logits, s->logits, out, V, ho->need));
+    L = s->logits;
   }
+  if (ho->picks) EPIC_CHECK(pick_rows(o, L, out, V, s->pick, ho->picks));
   for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_tokens = seqs[i].start + seqs[i].n_tokens;
   return EPIC_OK;
 }
@@ -1312,6 +1363,13 @@ static void fwd_close(fwd *f, const epic_model_stats *before, double t0, int64_t
 
 epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
                                int n_seqs, float *logits, float *hidden) {
+  return epic_model_forward_pick(m, kc, seqs, n_seqs, logits, NULL, NULL, hidden);
+}
+
+epic_status epic_model_forward_pick(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
+                                    int n_seqs, float *logits, const uint8_t *need_logits,
+                                    epic_row_pick *picks, float *hidden) {
+  const head_out ho = {.logits = logits, .need = need_logits, .picks = picks};
   epic_ops *o = m->ops;
   const epic_model_stats before = m->stats;
   const double t0 = epic_now_seconds();
@@ -1323,7 +1381,7 @@ epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_b
   if (sh.M > 0) EPIC_CHECK_GOTO(o->vt->embed(o, &m->embed, s.ids, sh.M, s.h), st, fail);
   EPIC_CHECK_GOTO(run_layers(&f, m->layers, m->cfg.num_hidden_layers), st, fail);
   if (sh.M > 0)
-    EPIC_CHECK_GOTO(finish(&f, seqs, n_seqs, &sh, m->final_norm, &m->lm_head, &s, logits, hidden),
+    EPIC_CHECK_GOTO(finish(&f, seqs, n_seqs, &sh, m->final_norm, &m->lm_head, &s, &ho, hidden),
                     st, fail);
   st = EPIC_OK;
   goto done;
@@ -1373,7 +1431,9 @@ epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_s
   EPIC_CHECK_GOTO(run_layers(&f, &m->mtp.layer, 1), st, fail);
   if (sh.M > 0)
     EPIC_CHECK_GOTO(
-        finish(&f, seqs, n_seqs, &sh, m->mtp.head_norm, &m->mtp.head, &s, logits, NULL), st, fail);
+        finish(&f, seqs, n_seqs, &sh, m->mtp.head_norm, &m->mtp.head, &s,
+               &(head_out){.logits = logits}, NULL),
+        st, fail);
   st = EPIC_OK;
   goto done;
 fail:

@@ -87,6 +87,22 @@ int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs);
 epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
                                int n_seqs, float *logits, float *hidden);
 
+/* A logits row's greedy token (argmax, lowest id on ties) and its log-softmax. */
+typedef struct epic_row_pick {
+  int32_t id;
+  float logprob;
+} epic_row_pick;
+
+/* epic_model_forward that also computes, on the backend, every output row's greedy
+ * pick (picks: [out_rows], may be NULL) and writes only the logits rows r with
+ * need_logits[r] != 0 (need_logits NULL: every row; logits is still required, and rows
+ * not needed may or may not be written). On a GPU backend a greedy row then costs 8
+ * bytes of download instead of vocab_size * 4. Picks equal epic_argmax and
+ * epic_logprob_at on the same row (worker/sampler.h); the CPU backend bit for bit. */
+epic_status epic_model_forward_pick(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
+                                    int n_seqs, float *logits, const uint8_t *need_logits,
+                                    epic_row_pick *picks, float *hidden);
+
 /* Run the MTP layer: for each sequence, tokens[i] is the token at position
  * start+i+1 of the main sequence and hidden[i] the main model's final-normed
  * state at position start+i; positions start.. are used for RoPE and for the

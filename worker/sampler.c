@@ -147,9 +147,13 @@ double epic_logprob_at(const float *logits, int64_t n, int32_t id) {
   return log_softmax_at(logits, n, id);
 }
 
+int epic_sampler_greedy(const epic_sampler *s) {
+  return s->p.temperature == 0.0f || s->p.top_k == 1;
+}
+
 int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, float *logprob) {
   int32_t tok;
-  if (s->p.temperature == 0.0f || s->p.top_k == 1) {
+  if (epic_sampler_greedy(s)) {
     tok = epic_argmax(logits, n);
   } else {
     double sum, acc = 0, u;

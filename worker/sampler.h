@@ -29,6 +29,11 @@ void epic_sampler_destroy(epic_sampler *s); /* NULL-safe */
  * logits). */
 int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, float *logprob);
 
+/* 1 when s always takes the argmax (temperature 0 or top_k 1): its token and
+ * logprob are then epic_row_pick's (worker/model.h), and the logits row itself is
+ * not needed. */
+int epic_sampler_greedy(const epic_sampler *s);
+
 /* The k most likely tokens of logits[0..n) under the unmodified distribution
  * (softmax of the raw logits, as the sampled token's logprob): ids[0..k) and
  * their log-probabilities lps[0..k), most likely first, lower id first on ties.

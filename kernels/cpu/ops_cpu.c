@@ -210,6 +210,28 @@ static epic_status cpu_zero(epic_ops *o, void *p, size_t bytes) {
   return EPIC_OK;
 }
 
+/* The same loops as worker/sampler.c's epic_argmax and log-softmax (sequential sum),
+ * so a greedy pick here equals the sampler's bit for bit. */
+static epic_status cpu_row_pick(epic_ops *o, const float *x, int64_t m, int64_t n, int32_t *ids,
+                                float *logprob) {
+  epic_cpu_ops *c = (epic_cpu_ops *)o;
+  if (m == 0) return EPIC_OK;
+  if (m < 0 || n <= 0 || !x || !ids || !logprob) return EPIC_ERR_INVALID;
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (epic_cpu_par(m, m * n))
+  for (int64_t i = 0; i < m; i++) {
+    const float *xi = x + i * n;
+    int64_t best = 0;
+    for (int64_t j = 1; j < n; j++)
+      if (xi[j] > xi[best]) best = j;
+    const double mx = xi[best];
+    double sum = 0;
+    for (int64_t j = 0; j < n; j++) sum += exp((double)xi[j] - mx);
+    ids[i] = (int32_t)best;
+    logprob[i] = (float)((double)xi[best] - mx - log(sum));
+  }
+  return EPIC_OK;
+}
+
 static epic_status cpu_moe_combine(epic_ops *o, int64_t m, int64_t top_k, int64_t n,
                                    const float *rows, const int32_t *slot, const float *w,
                                    float *y) {
@@ -289,6 +311,7 @@ static const epic_ops_vt epic_cpu_vt = {
     .kv_store_batch = cpu_kv_store_batch,
     .grouped_matmul = cpu_grouped_matmul,
     .sync = cpu_sync,
+    .row_pick = cpu_row_pick,
 };
 
 epic_status epic_ops_cpu_create(int n_threads, epic_ops **out) {

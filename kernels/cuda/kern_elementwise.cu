@@ -337,6 +337,66 @@ __global__ void k_kv_gather(const float *pool, const int32_t *table, int64_t ps,
 
 // ------------------------------------------------------------------- softmax
 
+// One block per row: argmax (lowest index on ties) then a double log-sum-exp, the
+// rule of the CPU backend's row_pick.
+constexpr int kPickThreads = 1024;
+
+__global__ void __launch_bounds__(kPickThreads)
+    k_row_pick(const float *x, int64_t n, int32_t *ids, float *logprob) {
+  __shared__ float sv[kPickThreads / 32];
+  __shared__ int64_t si[kPickThreads / 32];
+  __shared__ double ss[kPickThreads / 32];
+  const float *xr = x + (int64_t)blockIdx.x * n;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float bv = -INFINITY;
+  int64_t bi = n; // "none yet": loses every tie
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float v = xr[j];
+    if (v > bv || (bi == n && !(v < bv))) {
+      bv = v;
+      bi = j;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_down_sync(0xffffffffu, bv, o);
+    const int64_t oi = __shfl_down_sync(0xffffffffu, bi, o);
+    if (ov > bv || (ov == bv && oi < bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  if (lane == 0) {
+    sv[warp] = bv;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < nw; w++)
+      if (sv[w] > sv[0] || (sv[w] == sv[0] && si[w] < si[0])) {
+        sv[0] = sv[w];
+        si[0] = si[w];
+      }
+  }
+  __syncthreads();
+  const double mx = (double)sv[0];
+  double sum = 0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+    sum += exp((double)xr[j] - mx);
+  for (int o = 16; o > 0; o >>= 1)
+    sum += __shfl_down_sync(0xffffffffu, sum, o);
+  if (lane == 0)
+    ss[warp] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0;
+    for (int w = 0; w < nw; w++)
+      t += ss[w];
+    const int64_t b = si[0] < n ? si[0] : 0;
+    ids[blockIdx.x] = (int32_t)b;
+    logprob[blockIdx.x] = (float)((double)xr[b] - mx - log(t));
+  }
+}
+
 __global__ void k_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t ld,
                                  int64_t first_valid) {
   __shared__ float redf[kThreads / 32];
@@ -454,6 +514,13 @@ cudaError_t epic_cuk_kv_gather(const epic_kv_view *kv, int64_t n, float *latent,
 cudaError_t epic_cuk_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t ld,
                                     int64_t first_valid, cudaStream_t st) {
   k_softmax_causal<<<grid_rows(rows), kThreads, 0, st>>>(s, rows, mc, ld, first_valid);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_row_pick(const float *x, int64_t m, int64_t n, int32_t *ids, float *logprob,
+                              cudaStream_t st) {
+  if (m > 0)
+    k_row_pick<<<(unsigned)m, kPickThreads, 0, st>>>(x, n, ids, logprob);
   return cudaGetLastError();
 }
 

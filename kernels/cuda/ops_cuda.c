@@ -297,6 +297,15 @@ static epic_status cuda_zero(epic_ops *o, void *p, size_t bytes) {
   return epic_cuda_check(cudaMemsetAsync(p, 0, bytes, epic_cuda_of(o)->stream), "zero");
 }
 
+static epic_status cuda_row_pick(epic_ops *o, const float *x, int64_t m, int64_t n, int32_t *ids,
+                                 float *logprob) {
+  if (m == 0)
+    return EPIC_OK;
+  if (m < 0 || m > INT32_MAX || n <= 0 || !x || !ids || !logprob)
+    return EPIC_ERR_INVALID;
+  return launched(epic_cuk_row_pick(x, m, n, ids, logprob, epic_cuda_of(o)->stream), "row_pick");
+}
+
 static epic_status cuda_moe_combine(epic_ops *o, int64_t m, int64_t top_k, int64_t n,
                                     const float *rows, const int32_t *slot, const float *w,
                                     float *y) {
@@ -387,6 +396,7 @@ static const epic_ops_vt epic_cuda_vt = {
     .kv_store_batch = cuda_kv_store_batch,
     .grouped_matmul = epic_cuda_grouped_matmul,
     .sync = epic_ops_cuda_sync,
+    .row_pick = cuda_row_pick,
 };
 
 epic_status epic_ops_cuda_create(int device, epic_ops **out) {

@@ -189,6 +189,10 @@ cudaError_t epic_cuk_kv_store_batch(const epic_kv_batch *kv, int64_t n_seq, cons
                                     int64_t ld_latent, const float *kpe, int64_t ld_kpe,
                                     cudaStream_t st);
 
+/* Greedy pick per row of x [m][n]: see row_pick in kernels/ops.h (m < 2^31). */
+cudaError_t epic_cuk_row_pick(const float *x, int64_t m, int64_t n, int32_t *ids, float *logprob,
+                              cudaStream_t st);
+
 /* Row r = h * mc + i of s [rows][ld]: softmax over columns [0, first_valid + i), zeros
  * after (the causal mask of query i of a chunk). */
 cudaError_t epic_cuk_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t ld,

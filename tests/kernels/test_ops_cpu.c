@@ -788,6 +788,37 @@ static void test_row_ops(void **state) {
   assert_memory_equal(y, yref, sizeof y);
 }
 
+/* row_pick: argmax with the lowest id on ties, and the log-softmax at it. */
+static void test_row_pick(void **state) {
+  enum { M = 4, N = 1000 };
+  float *x = malloc(sizeof(float) * M * N);
+  int32_t ids[M];
+  float lp[M];
+  assert_non_null(x);
+  fill(x, M * N);
+  x[0 * N + 17] = 5.0f; /* row 0: a tie between ids 17 and 600 */
+  x[0 * N + 600] = 5.0f;
+  x[1 * N + N - 1] = 3.0f; /* row 1: the last id */
+  for (int j = 0; j < N; j++) x[2 * N + j] = -1.0f; /* row 2: all equal: id 0, log(1/N) */
+  assert_int_equal(g_ops->vt->row_pick(g_ops, x, M, N, ids, lp), EPIC_OK);
+  assert_int_equal(ids[0], 17);
+  assert_int_equal(ids[1], N - 1);
+  assert_int_equal(ids[2], 0);
+  assert_true(fabs(lp[2] + log((double)N)) < 1e-6);
+  for (int i = 0; i < M; i++) {
+    const float *r = x + (size_t)i * N;
+    long double z = 0;
+    for (int j = 0; j < N; j++) {
+      assert_false(r[j] > r[ids[i]]);
+      z += expl((long double)r[j] - (long double)r[ids[i]]);
+    }
+    assert_true(fabs((double)lp[i] + (double)logl(z)) < 1e-6);
+  }
+  assert_int_equal(g_ops->vt->row_pick(g_ops, x, 0, N, ids, lp), EPIC_OK);
+  assert_int_equal(g_ops->vt->row_pick(g_ops, x, M, 0, ids, lp), EPIC_ERR_INVALID);
+  free(x);
+}
+
 /* grouped_matmul equals matmul on each group's rows; empty groups need no weight. */
 static void test_grouped_matmul(void **state) {
   enum { G = 4, N = 6, K = 8 };
@@ -881,6 +912,7 @@ int main(void) {
       cmocka_unit_test(test_mla),
       cmocka_unit_test(test_memory),
       cmocka_unit_test(test_row_ops),
+      cmocka_unit_test(test_row_pick),
       cmocka_unit_test(test_kv_store_batch),
       cmocka_unit_test(test_grouped_matmul),
   };

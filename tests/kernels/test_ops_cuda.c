@@ -523,6 +523,42 @@ static void test_row_ops(void **state) {
   free(slot), free(pool), free(poolg), free(lat), free(kpe), free(tables), free(nctx);
 }
 
+/* row_pick at the LM-head shape (vocabulary 129280) against the CPU backend: the
+ * same ids (ties included), logprobs within 1e-6. */
+static void test_row_pick(void **state) {
+  (void)state;
+  const int64_t m = 37, n = 129280;
+  const size_t bytes = (size_t)(m * n) * 4;
+  float *x = xmalloc(bytes), lp[37], lp_ref[37];
+  int32_t ids[37], ids_ref[37];
+  fill(x, (size_t)(m * n), 8.0f);
+  x[0 * n + 5] = x[0 * n + 90000] = 20.0f; /* a tie across threads of one block */
+  x[1 * n + 1025] = x[1 * n + 1] = 20.0f;   /* a tie inside one thread's stride */
+  x[2 * n + n - 1] = 20.0f;
+  float *dx = dup_dev(x, bytes);
+  int32_t *dout = dalloc((size_t)m * 8);
+  poison(dout, (size_t)m * 8);
+  assert_int_equal(g_gpu->vt->row_pick(g_gpu, dx, m, n, dout, (float *)(dout + m)), EPIC_OK);
+  fetch(ids, dout, (size_t)m * 4);
+  fetch(lp, dout + m, (size_t)m * 4);
+  assert_int_equal(g_cpu->vt->row_pick(g_cpu, x, m, n, ids_ref, lp_ref), EPIC_OK);
+  assert_int_equal(ids[0], 5);
+  assert_int_equal(ids[1], 1);
+  assert_int_equal(ids[2], n - 1);
+  double worst = 0;
+  for (int64_t i = 0; i < m; i++) {
+    assert_int_equal(ids[i], ids_ref[i]);
+    const double d = fabs((double)lp[i] - (double)lp_ref[i]);
+    assert_true(isfinite(lp[i]));
+    if (d > worst)
+      worst = d;
+  }
+  check_err("row_pick 37 x 129280 logprob abs err", worst, 1e-6);
+  dfree(dx);
+  dfree(dout);
+  free(x);
+}
+
 static void test_embed(void **state) {
   (void)state;
   static const epic_dtype dts[] = {EPIC_DT_BF16, EPIC_DT_F8E4M3, EPIC_DT_F32, EPIC_DT_F16};
@@ -960,6 +996,7 @@ int main(void) {
       cmocka_unit_test(test_silu_axpy), cmocka_unit_test(test_embed),
       cmocka_unit_test(test_route),     cmocka_unit_test(test_kv),
       cmocka_unit_test(test_row_ops),   cmocka_unit_test(test_grouped_matmul),
+      cmocka_unit_test(test_row_pick),
       cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_mla),
   };
   return cmocka_run_group_tests_name("ops_cuda", tests, setup, teardown);

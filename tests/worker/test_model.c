@@ -252,6 +252,7 @@ static void test_batched_mixed(void **state) {
   int32_t next[MAX_CASES];
   int64_t gen_done[MAX_CASES] = {0};
   float *logits = malloc((size_t)(n * chunk * f->V) * 4);
+  epic_row_pick *picks = malloc((size_t)(n * chunk) * sizeof *picks);
   double worst = 0;
   int active = n;
   assert_int_equal(epic_model_kvcache_create(f->m, 0, 3, 512, &kc), EPIC_OK);
@@ -271,12 +272,16 @@ static void test_batched_mixed(void **state) {
       }
       map[nb++] = i;
     }
-    assert_int_equal(epic_model_forward(f->m, kc, b, nb, logits, NULL), EPIC_OK);
+    /* The backend's greedy picks must be the sampler's: argmax and its logprob. */
+    assert_int_equal(epic_model_forward_pick(f->m, kc, b, nb, logits, NULL, picks, NULL), EPIC_OK);
     int64_t row = 0;
     for (int j = 0; j < nb; j++) {
       int i = map[j];
       tcase *c = &f->cases[i];
       for (int64_t t = 0; t < b[j].n_tokens; t++, row++) {
+        const int32_t best = epic_argmax(logits + row * f->V, f->V);
+        assert_int_equal(picks[row].id, best);
+        assert_true(picks[row].logprob == (float)epic_logprob_at(logits + row * f->V, f->V, best));
         double d = max_abs_diff(logits + row * f->V, ref_row(f, c, fed[i] + t), f->V);
         if (d > worst) worst = d;
         if (d > TOL) fail_msg("%s batched: row %lld of %s: %g", f->model, (long long)(fed[i] + t), c->name, d);
@@ -296,6 +301,7 @@ static void test_batched_mixed(void **state) {
   assert_int_equal(epic_kvcache_free_pages(kc), epic_kvcache_total_pages(kc));
   epic_kvcache_destroy(kc);
   free(logits);
+  free(picks);
 }
 
 /* A full cache is an error that leaves every sequence as it was. */
