@@ -4,6 +4,7 @@
 
 #include "cli_util.h"
 #include "cmd_plan.h"
+#include "coordinator/planner.h"
 
 typedef struct flag_info {
   const char *name, *arg, *help;
@@ -37,6 +38,22 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"prefix-cache", "SIZE|off",
      "KV cache per worker kept for prompt prefixes that later requests reuse\n"
      "(idle pages, given back when needed; default: half of the KV cache)"},
+    {"mtp-draft", "K|auto|off",
+     "MTP speculative decoding: K draft tokens per step (1..16), off, or auto\n"
+     "(default: 1 draft for greedy requests when the checkpoint has an MTP layer;\n"
+     "a sequence stops drafting when fewer than half of its drafts are accepted).\n"
+     "Greedy output is identical to off; with K, sampled output has the same\n"
+     "distribution (other draws: seeded requests give other tokens than off)"},
+    {"eplb-redundant", "R",
+     "expert load balancing under mpirun: R extra copies of hot experts per MoE\n"
+     "layer, re-placed between steps from the live routing counts when that lowers\n"
+     "the max/mean rank load by 5% (outputs unchanged); 0 = off (default on CPU\n"
+     "ranks: as many copies as ranks, i.e. one more expert per rank and layer;\n"
+     "off for one rank and, until validated there, on GPU ranks)"},
+    {"eplb-interval", "STEPS", "steps between expert re-placements (default 256)"},
+    {"eplb-policy", "P",
+     "global (LPT over all ranks, default) or hierarchical (expert groups spread\n"
+     "over nodes first, copies packed within each node; nodes from mpirun's mapping)"},
 };
 
 void epic_cli_engine_init(epic_cli_engine_opts *o, const char *cmd, unsigned mask) {
@@ -45,6 +62,7 @@ void epic_cli_engine_init(epic_cli_engine_opts *o, const char *cmd, unsigned mas
   o->mask = mask;
   o->page_size = 64;
   o->micro_batches = 1;
+  o->mtp_draft = (mask & EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MTP_DRAFT)) ? 0 : -1;
 }
 
 int epic_cli_engine_longopts(const epic_cli_engine_opts *o, const struct option *own,
@@ -136,6 +154,31 @@ int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg) {
              o->prefix_cache_bytes == 0)
       o->prefix_cache_pages = -1; /* 0 bytes: off, not the default */
     break;
+  case EPIC_CLI_ENGINE_MTP_DRAFT:
+    if (strcmp(arg, "auto") == 0)
+      o->mtp_draft = 0;
+    else if (strcmp(arg, "off") == 0)
+      o->mtp_draft = -1;
+    else
+      bad = epic_cli_i64(cmd, flag, arg, 1, EPIC_ENGINE_MAX_MTP_DRAFT, &o->mtp_draft);
+    break;
+  case EPIC_CLI_ENGINE_EPLB_REDUNDANT:
+    bad = epic_cli_i64(cmd, flag, arg, 0, 1 << 24, &o->eplb_redundant);
+    if (!bad && o->eplb_redundant == 0)
+      o->eplb_redundant = -1; /* off, not the engine's auto */
+    break;
+  case EPIC_CLI_ENGINE_EPLB_INTERVAL:
+    bad = epic_cli_i64(cmd, flag, arg, 1, INT32_MAX, &o->eplb_interval);
+    break;
+  case EPIC_CLI_ENGINE_EPLB_POLICY: {
+    epic_eplb_policy pol = EPIC_EPLB_GLOBAL;
+    if (epic_eplb_policy_parse(arg, &pol) != EPIC_OK) {
+      fprintf(stderr, "epic %s: %s: expected global or hierarchical, got '%s'\n", cmd, flag, arg);
+      bad = -1;
+    }
+    o->eplb_policy = (int)pol;
+    break;
+  }
   case EPIC_CLI_ENGINE_N: return 0;
   }
   return bad ? -1 : 1;
@@ -204,6 +247,7 @@ void epic_cli_engine_cluster_params(const epic_cli_engine_opts *o, epic_cluster_
                               .device = o->device,
                               .mem_per_rank = o->mem_per_rank,
                               .max_batch_tokens = o->step_tokens,
+                              .load_mtp = o->mtp_draft >= 0,
                               .progress = 1};
 }
 
@@ -222,5 +266,9 @@ void epic_cli_engine_engine_params(const epic_cli_engine_opts *o, epic_model *mo
                              .max_context = o->max_context,
                              .micro_batches = (int)o->micro_batches,
                              .prefix_cache_pages = o->prefix_cache_pages,
-                             .prefix_cache_bytes = (size_t)o->prefix_cache_bytes};
+                             .prefix_cache_bytes = (size_t)o->prefix_cache_bytes,
+                             .mtp_draft = o->mtp_draft,
+                             .eplb_redundant = o->eplb_redundant,
+                             .eplb_interval = o->eplb_interval,
+                             .eplb_policy = o->eplb_policy};
 }

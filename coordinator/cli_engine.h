@@ -2,7 +2,8 @@
  * the model is loaded (--model, --load-format, --num-layers, --num-experts,
  * --weight-seed, --threads, --comm, --mem-per-rank) and how the engine
  * schedules (--max-batch, --max-queue, --kv-cache, --kv-pages, --page-size,
- * --max-context, --step-tokens, --prefill-chunk, --micro-batches, --prefix-cache): one option
+ * --max-context, --step-tokens, --prefill-chunk, --micro-batches, --prefix-cache,
+ * --mtp-draft): one option
  * table, one parser, one help text, and the epic_cluster_params /
  * epic_engine_params they fill.
  *
@@ -46,13 +47,17 @@ typedef enum epic_cli_engine_opt {
   EPIC_CLI_ENGINE_PREFILL_CHUNK,
   EPIC_CLI_ENGINE_MICRO_BATCHES,
   EPIC_CLI_ENGINE_PREFIX_CACHE,
+  EPIC_CLI_ENGINE_MTP_DRAFT,
+  EPIC_CLI_ENGINE_EPLB_REDUNDANT,
+  EPIC_CLI_ENGINE_EPLB_INTERVAL,
+  EPIC_CLI_ENGINE_EPLB_POLICY,
   EPIC_CLI_ENGINE_N
 } epic_cli_engine_opt;
 
 #define EPIC_CLI_ENGINE_BIT(opt) (1u << (opt))
 /* Every loading flag, --model to --device. */
 #define EPIC_CLI_ENGINE_LOAD_ALL ((1u << EPIC_CLI_ENGINE_MAX_BATCH) - 1u)
-/* Every scheduling flag, --max-batch to --prefix-cache. */
+/* Every scheduling flag, --max-batch to --mtp-draft. */
 #define EPIC_CLI_ENGINE_SCHED_ALL (((1u << EPIC_CLI_ENGINE_N) - 1u) & ~EPIC_CLI_ENGINE_LOAD_ALL)
 
 /* getopt codes of the shared flags; a command's own codes must stay below. */
@@ -75,10 +80,18 @@ typedef struct epic_cli_engine_opts {
   /* --prefix-cache SIZE|off: bytes per worker (0 = the engine's default), off = -1 pages */
   uint64_t prefix_cache_bytes;
   int64_t prefix_cache_pages;
+  /* --mtp-draft K|auto|off: epic_engine_params.mtp_draft (0 auto, -1 off); -1
+   * for a command without the flag. Not -1: the MTP layer is loaded. */
+  int64_t mtp_draft;
+  /* --eplb-redundant R (0 = off: -1 to the engine; unset = the engine's auto),
+   * --eplb-interval STEPS, --eplb-policy global|hierarchical */
+  int64_t eplb_redundant, eplb_interval;
+  int eplb_policy;
 } epic_cli_engine_opts;
 
 /* Zeroes o and sets the defaults every command shares (--page-size 64,
- * --micro-batches 1); a command sets its own after this call. */
+ * --micro-batches 1, --mtp-draft auto where taken); a command sets its own
+ * after this call. */
 void epic_cli_engine_init(epic_cli_engine_opts *o, const char *cmd, unsigned mask);
 
 /* Writes the command's own options (own, terminated by a zero entry) followed
@@ -110,7 +123,8 @@ void epic_cli_engine_help(FILE *f, const epic_cli_engine_opts *o, unsigned mask,
                           const epic_cli_engine_help_line *own, size_t n_own);
 
 /* Fills *cp from o: model, comm, load format, overrides, threads, memory per
- * rank, the plan's step tokens; progress on. Other fields zero. */
+ * rank, the plan's step tokens, the MTP layer unless --mtp-draft off (or not
+ * taken); progress on. Other fields zero. */
 void epic_cli_engine_cluster_params(const epic_cli_engine_opts *o, epic_cluster_params *cp);
 
 /* Fills *ep from o's scheduling settings for model and comm (borrowed). */

@@ -66,6 +66,8 @@ static const char *USAGE_HEAD =
 static const char *USAGE_TAIL =
     "output:\n"
     "  --stats-json FILE       write the run's counts, tokens and rates as JSON to FILE\n"
+    "                          (with MTP drafting: mtp_draft, mtp_drafted, mtp_accepted,\n"
+    "                          mtp_acceptance_rate, mtp_mean_accepted per verify step)\n"
     "  -q, --quiet             no progress lines (the summary is still printed)\n"
     "  -v, --verbose           engine and load information on stderr\n"
     "  -h, --help              this help\n";
@@ -692,6 +694,17 @@ static void summary(const batch_ctx *c, double seconds, epic_status engine_statu
             "requests left)\n",
             c->io_status != EPIC_OK ? epic_status_str(c->io_status) : "engine error",
             (long long)(c->total - c->completed - c->errors - c->skipped));
+  epic_engine_stats es;
+  epic_engine_get_stats(c->engine, &es);
+  const double acc_rate = es.mtp_drafted ? (double)es.mtp_accepted / (double)es.mtp_drafted : 0;
+  const double mean_acc =
+      es.mtp_verify_steps ? 1.0 + (double)es.mtp_accepted / (double)es.mtp_verify_steps : 0;
+  if (es.mtp_draft > 0)
+    fprintf(stderr,
+            "epic batch: MTP drafting (%lld per step%s): %lld of %lld drafts accepted (%.1f%%), "
+            "%.3f tokens per verify step; %lld sequences stopped drafting\n",
+            (long long)es.mtp_draft, es.mtp_auto ? ", auto" : "", (long long)es.mtp_accepted,
+            (long long)es.mtp_drafted, 100.0 * acc_rate, mean_acc, (long long)es.mtp_stopped);
   if (!c->o->stats_json)
     return;
   FILE *f = fopen(c->o->stats_json, "w");
@@ -703,10 +716,16 @@ static void summary(const batch_ctx *c, double seconds, epic_status engine_statu
   fprintf(f,
           "{\"requests\": %lld, \"completed\": %lld, \"errors\": %lld, \"skipped\": %lld, "
           "\"prompt_tokens\": %lld, \"completion_tokens\": %lld, \"seconds\": %.6f, "
-          "\"requests_per_s\": %.3f, \"completion_tokens_per_s\": %.3f, \"tokens_per_s\": %.3f}\n",
+          "\"requests_per_s\": %.3f, \"completion_tokens_per_s\": %.3f, \"tokens_per_s\": %.3f, "
+          "\"mtp_draft\": %lld, \"mtp_auto\": %s, \"mtp_verify_steps\": %lld, \"mtp_drafted\": %lld, "
+          "\"mtp_accepted\": %lld, \"mtp_acceptance_rate\": %.6f, \"mtp_mean_accepted\": %.6f, "
+          "\"mtp_stopped\": %lld}\n",
           (long long)c->total, (long long)c->completed, (long long)c->errors, (long long)c->skipped,
           (long long)c->prompt_tokens, (long long)c->completion_tokens, seconds, rps, tps,
-          seconds > 0 ? (double)(c->prompt_tokens + c->completion_tokens) / seconds : 0);
+          seconds > 0 ? (double)(c->prompt_tokens + c->completion_tokens) / seconds : 0,
+          (long long)es.mtp_draft, es.mtp_auto ? "true" : "false", (long long)es.mtp_verify_steps,
+          (long long)es.mtp_drafted, (long long)es.mtp_accepted, acc_rate, mean_acc,
+          (long long)es.mtp_stopped);
   if (fclose(f) != 0)
     EPIC_LOG_ERROR("batch: --stats-json %s: write failed", c->o->stats_json);
 }

@@ -166,7 +166,8 @@ static int parse(int argc, char **argv, gen_opts *o) {
                        (EPIC_CLI_ENGINE_LOAD_ALL | EPIC_CLI_ENGINE_SCHED_ALL) &
                            ~(EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MAX_QUEUE) |
                              EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_KV_CACHE) |
-                             EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MAX_CONTEXT)));
+                             EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MAX_CONTEXT) |
+                             EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MTP_DRAFT)));
   o->max_new = 128;
   o->top_p = 1.0f;
   o->template_name = "auto";

@@ -33,6 +33,10 @@ static const char *USAGE =
     "  --no-mtp                 leave out the MTP layer (default: planned if the model has one)\n"
     "  --redundant R            R extra copies of the hottest experts per MoE layer\n"
     "                           (needs --load-stats)\n"
+    "  --eplb-policy P          placement of the copies: global (LPT over all ranks,\n"
+    "                           default) or hierarchical (expert groups spread over\n"
+    "                           nodes first, then copies packed within each node)\n"
+    "  --ranks-per-node N       ranks of one node (hierarchical; must divide --ranks)\n"
     "  --load-stats FILE        expert load statistics, JSON:\n"
     "                           {\"layers\": {\"3\": [tokens per expert, ...], ...}}\n"
     "  --max-batch-tokens T     tokens per forward step, sizes the activation reserve\n"
@@ -50,6 +54,8 @@ typedef struct plan_opts {
   int64_t ranks, redundant, max_batch, num_layers, num_experts;
   uint64_t gpu_mem;
   int json, no_mtp;
+  epic_eplb_policy policy;
+  int64_t ranks_per_node;
 } plan_opts;
 
 int epic_plan_cli_size(const char *cmd, const char *flag, const char *val, uint64_t *out) {
@@ -115,7 +121,9 @@ static int parse(int argc, char **argv, plan_opts *o) {
     O_STATS,
     O_MAXB,
     O_NLAYERS,
-    O_NEXPERTS
+    O_NEXPERTS,
+    O_POLICY,
+    O_RPN
   };
   static const struct option longopts[] = {{"model", required_argument, 0, O_MODEL},
                                            {"ranks", required_argument, 0, O_RANKS},
@@ -127,6 +135,8 @@ static int parse(int argc, char **argv, plan_opts *o) {
                                            {"max-batch-tokens", required_argument, 0, O_MAXB},
                                            {"num-layers", required_argument, 0, O_NLAYERS},
                                            {"num-experts", required_argument, 0, O_NEXPERTS},
+                                           {"eplb-policy", required_argument, 0, O_POLICY},
+                                           {"ranks-per-node", required_argument, 0, O_RPN},
                                            {"help", no_argument, 0, 'h'},
                                            {0, 0, 0, 0}};
   const char *cmd = "plan";
@@ -156,6 +166,16 @@ static int parse(int argc, char **argv, plan_opts *o) {
     case O_NEXPERTS:
       bad = epic_cli_i64(cmd, "--num-experts", optarg, 1, 1 << 20, &o->num_experts);
       break;
+    case O_POLICY:
+      if (epic_eplb_policy_parse(optarg, &o->policy) != EPIC_OK) {
+        fprintf(stderr, "epic plan: --eplb-policy: expected global or hierarchical, got '%s'\n",
+                optarg);
+        bad = -1;
+      }
+      break;
+    case O_RPN:
+      bad = epic_cli_i64(cmd, "--ranks-per-node", optarg, 1, 1 << 20, &o->ranks_per_node);
+      break;
     case 'h': fputs(USAGE, stdout); return 1;
     case ':':
       fprintf(stderr, "epic plan: %s needs a value (see --help)\n", argv[optind - 1]);
@@ -179,6 +199,24 @@ static int parse(int argc, char **argv, plan_opts *o) {
     fputs("epic plan: --ranks N is required (see --help)\n", stderr);
     return -1;
   }
+  if (o->policy == EPIC_EPLB_HIERARCHICAL) {
+    if (!o->ranks_per_node) {
+      fputs("epic plan: --eplb-policy hierarchical needs --ranks-per-node N\n", stderr);
+      return -1;
+    }
+    if (o->ranks % o->ranks_per_node) {
+      fprintf(stderr, "epic plan: --ranks-per-node: %lld does not divide --ranks %lld\n",
+              (long long)o->ranks_per_node, (long long)o->ranks);
+      return -1;
+    }
+    if (!o->stats) {
+      fputs("epic plan: --eplb-policy hierarchical needs --load-stats FILE\n", stderr);
+      return -1;
+    }
+  } else if (o->ranks_per_node) {
+    fputs("epic plan: --ranks-per-node only applies to --eplb-policy hierarchical\n", stderr);
+    return -1;
+  }
   if (o->redundant > 0 && !o->stats) {
     fputs("epic plan: --redundant needs --load-stats FILE (which experts are hot)\n", stderr);
     return -1;
@@ -195,7 +233,9 @@ static epic_plan_params plan_params(const plan_opts *o, const epic_model_config 
                         .include_mtp = !o->no_mtp,
                         .n_redundant = with_stats ? (int)o->redundant : 0,
                         .load_stats_path = with_stats ? o->stats : NULL,
-                        .max_batch_tokens = o->max_batch};
+                        .max_batch_tokens = o->max_batch,
+                        .policy = with_stats ? o->policy : EPIC_EPLB_GLOBAL,
+                        .ranks_per_node = with_stats ? (int)o->ranks_per_node : 0};
   return p;
 }
 

@@ -19,6 +19,7 @@
 #include "comm/comm.h"
 #include "common/clock.h"
 #include "common/log.h"
+#include "coordinator/eplb.h"
 #include "coordinator/scheduler.h"
 #include "worker/executor.h"
 #include "worker/step_plan.h"
@@ -45,6 +46,8 @@ typedef struct ereq {
   void *user;
   int64_t n_gen;
   int32_t last;
+  int32_t drafts[EPIC_ENGINE_MAX_MTP_DRAFT]; /* MTP drafts for the next step */
+  int64_t n_drafts;
   double t_submit, t_admit, t_first;
 } ereq;
 
@@ -69,8 +72,10 @@ struct epic_engine {
   const epic_model_config *cfg;
   epic_comm *comm;
   int rank, nranks;
-  epic_kvcache *kc;
+  epic_kvcache *kc, *kc_mtp;
   epic_executor *x;
+  int64_t mtp_k; /* drafts per step (0 = no drafting) */
+  int mtp_auto;
   uint64_t step_no;
   /* Driving thread's scratch. */
   char *body;
@@ -100,6 +105,7 @@ struct epic_engine {
   epic_engine_stats stats;
   rank_trailer *rank_stats; /* latest per rank (rank 0, under mu) */
   int64_t *rank_experts;    /* [nranks][n_expert_slots] (rank 0, under mu) */
+  epic_eplb *eplb;          /* NULL: no expert rebalancing */
 };
 
 /* ------------------------------------------------------------------ helpers */
@@ -202,25 +208,30 @@ static size_t plan_bytes(const epic_step_header *h) {
   return b ? prefix_offset(h) + (size_t)h->n_new * sizeof(epic_executor_prefix) : 0;
 }
 
-/* A rank's reply: header, samples, their top lists, trailer, expert counts. */
+/* A rank's reply: header, sample slots, draft slots (epic_step_reply_bytes),
+ * the slots' top lists, trailer, expert counts. */
 static size_t reply_bytes(const epic_engine *e, const epic_step_plan *p, int rank) {
-  return sizeof(epic_step_reply) + (size_t)epic_step_plan_samples(p, rank) *
-                                       (size_t)(1 + e->top_n) * sizeof(epic_step_sample) +
+  return epic_step_reply_bytes(p, rank) +
+         (size_t)epic_step_plan_samples(p, rank) * (size_t)e->top_n * sizeof(epic_step_sample) +
          sizeof(rank_trailer) + (size_t)e->n_expert_slots * sizeof(int64_t);
 }
 
-static rank_trailer *reply_trailer(const epic_engine *e, char *reply, int64_t n_samples) {
-  return (rank_trailer *)(void *)(reply + sizeof(epic_step_reply) +
-                                  (size_t)n_samples * (size_t)(1 + e->top_n) *
+static epic_step_sample *reply_top(const epic_step_plan *p, int rank, char *reply) {
+  return (epic_step_sample *)(void *)(reply + epic_step_reply_bytes(p, rank));
+}
+
+static rank_trailer *reply_trailer(const epic_engine *e, const epic_step_plan *p, int rank,
+                                   char *reply) {
+  return (rank_trailer *)(void *)(reply + epic_step_reply_bytes(p, rank) +
+                                  (size_t)epic_step_plan_samples(p, rank) * (size_t)e->top_n *
                                       sizeof(epic_step_sample));
 }
 
 /* Rank 0: keep every rank's counters from the replies just exchanged. */
-static void keep_rank_stats(epic_engine *e) {
+static void keep_rank_stats(epic_engine *e, const epic_step_plan *p) {
   pthread_mutex_lock(&e->mu);
   for (int r = 0; r < e->nranks; r++) {
-    const epic_step_reply *rr = (const epic_step_reply *)(void *)(e->replies + e->displs[r]);
-    const rank_trailer *t = reply_trailer(e, e->replies + e->displs[r], rr->n_samples);
+    const rank_trailer *t = reply_trailer(e, p, r, e->replies + e->displs[r]);
     e->rank_stats[r] = *t;
     if (e->n_expert_slots)
       memcpy(e->rank_experts + (size_t)r * (size_t)e->n_expert_slots, t + 1,
@@ -238,16 +249,21 @@ static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
   EPIC_CHECK(grow_bytes(&e->reply, &e->reply_cap, mine));
   epic_step_reply *rep = (epic_step_reply *)(void *)e->reply;
   epic_step_sample *smp = (epic_step_sample *)(void *)(e->reply + sizeof *rep);
+  int32_t *drafts = (int32_t *)(void *)(smp + n_mine);
+  const int64_t n_drafts = epic_step_plan_drafts(p, e->rank);
   const epic_executor_prefix *pf =
       p->h.n_new ? (const epic_executor_prefix *)(const void *)(e->body + prefix_offset(&p->h))
                  : NULL;
-  st = epic_executor_step_prefix(e->x, p, pf, smp, e->top_n, e->top_n ? smp + n_mine : NULL);
+  if (n_drafts & 1)
+    drafts[n_drafts] = -1; /* the padding slot */
+  st = epic_executor_step_prefix(e->x, p, pf, smp, e->top_n,
+                                 e->top_n ? reply_top(p, e->rank, e->reply) : NULL, drafts);
   if (p->h.n_tokens == 0)
     return st; /* releases only: no forward, no replies (on any rank) */
   {
     epic_model_stats ms;
     epic_model_get_stats(e->m, &ms);
-    rank_trailer *t = reply_trailer(e, e->reply, n_mine);
+    rank_trailer *t = reply_trailer(e, p, e->rank, e->reply);
     *t = (rank_trailer){.dispatch_bytes = ms.dispatch_bytes,
                         .combine_bytes = ms.combine_bytes,
                         .a2a_calls = ms.a2a_calls,
@@ -293,7 +309,7 @@ static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
     }
   }
   if (e->rank == 0)
-    keep_rank_stats(e);
+    keep_rank_stats(e, p);
   return EPIC_OK;
 }
 
@@ -345,7 +361,7 @@ static epic_status encode(epic_engine *e, const epic_sched_step *st, epic_step_p
           .n_pages = se->prefix_page >= 0 ? (int32_t)(se->start / e->p.page_size) : 0,
           .key = se->prefix_key};
       we->new_index = k;
-      p->news[k++] = (epic_step_new){.reserve_tokens = r->n_prompt + r->max_new,
+      p->news[k++] = (epic_step_new){.reserve_tokens = r->n_prompt + r->max_new + e->mtp_k,
                                      .top_k = r->sp.top_k,
                                      .seed = r->sp.seed,
                                      .temperature = r->sp.temperature,
@@ -355,16 +371,22 @@ static epic_status encode(epic_engine *e, const epic_sched_step *st, epic_step_p
     if (se->start < r->n_prompt) { /* a prefill chunk never crosses the prompt's end */
       memcpy(tok, r->prompt + se->start, (size_t)se->n_tokens * sizeof *tok);
     } else {
-      *tok = r->last; /* decode: the token sampled last step */
+      *tok = r->last; /* decode: the token sampled last step, then the drafts to verify */
+      if (se->n_drafts > r->n_drafts) {
+        EPIC_LOG_ERROR("engine: request %llu: %lld drafts scheduled, %lld made",
+                       (unsigned long long)r->id, (long long)se->n_drafts, (long long)r->n_drafts);
+        return EPIC_ERR_INVALID;
+      }
+      memcpy(tok + 1, r->drafts, (size_t)se->n_drafts * sizeof *tok);
     }
     tok += se->n_tokens;
   }
   return EPIC_OK;
 }
 
-/* One sampled token for r: stream it, and end r when it is final. */
-static void take_token(epic_engine *e, ereq *r, const epic_step_sample *smp,
-                       const epic_step_sample *top) {
+/* One sampled token for r: stream it, and end r when it is final (returns 1). */
+static int take_token(epic_engine *e, ereq *r, const epic_step_sample *smp,
+                      const epic_step_sample *top) {
   int fin = -1, rc = 0;
   r->n_gen++;
   r->last = smp->id;
@@ -397,12 +419,13 @@ static void take_token(epic_engine *e, ereq *r, const epic_step_sample *smp,
   if (fin < 0 && r->n_gen >= r->max_new)
     fin = EPIC_ENGINE_FINISH_LENGTH;
   if (fin < 0)
-    return;
+    return 0;
   pthread_mutex_lock(&e->mu);
   int removed = epic_sched_remove(e->sched, r->id, NULL);
   pthread_mutex_unlock(&e->mu);
   if (removed)
     finish_req(e, r, (epic_engine_finish)fin, EPIC_OK);
+  return 1;
 }
 
 static int has_work_locked(const epic_engine *e) {
@@ -439,6 +462,12 @@ static epic_status coord_step(epic_engine *e, int *idle) {
     return EPIC_OK;
   *idle = 0;
 
+  if (e->eplb && epic_eplb_due(e->eplb, e->step_no)) {
+    /* Between steps: the round's collectives follow the header (step_plan.h). */
+    epic_step_header ph = {.magic = EPIC_STEP_MAGIC, .op = EPIC_STEP_OP_PLACE, .step = e->step_no};
+    EPIC_CHECK(epic_comm_bcast(e->comm, &ph, sizeof ph, 0));
+    EPIC_CHECK(epic_eplb_round(e->eplb, e->step_no));
+  }
   EPIC_CHECK(encode(e, &st, &p));
   e->mid_step = 1;
   if (e->comm) {
@@ -451,28 +480,83 @@ static epic_status coord_step(epic_engine *e, int *idle) {
   e->mid_step = 0;
   e->step_no++;
 
-  int64_t prompt_tokens = 0, samples = 0;
+  /* What each SAMPLE entry produced (1, or 1..n_drafts + 1 for VERIFY: the
+   * slots up to the first -1) and the drafts its rank made for the next step;
+   * rank r's slots are its entries' in order. */
+  for (int r = 0; r < e->nranks; r++)
+    e->cursor[r] = 0;
+  int64_t prompt_tokens = 0, verify_steps = 0, drafted = 0, accepted = 0;
   for (int64_t i = 0; i < st.n_entries; i++) {
-    const epic_sched_entry *se = &st.entries[i];
+    epic_sched_entry *se = &st.entries[i];
     if (se->flags & EPIC_STEP_RELEASE)
       continue;
     if (se->start < se->n_prompt)
       prompt_tokens += se->n_tokens;
     if (se->flags & EPIC_STEP_NEW)
       prompt_tokens += se->start; /* a cached prefix */
-    samples += (se->flags & EPIC_STEP_SAMPLE) != 0;
+    if (!(se->flags & EPIC_STEP_SAMPLE))
+      continue;
+    const char *rb = e->replies + e->displs[se->rank];
+    const epic_step_reply *rr = (const epic_step_reply *)(const void *)rb;
+    const epic_step_sample *smp = (const epic_step_sample *)(const void *)(rr + 1) +
+                                  e->cursor[se->rank];
+    const int64_t slots = (se->flags & EPIC_STEP_VERIFY) ? se->n_tokens : 1;
+    int64_t n = 0;
+    while (n < slots && smp[n].id >= 0)
+      n++;
+    for (int64_t j = 0; j < slots; j++)
+      if (smp[j].id >= e->cfg->vocab_size || (j < n) != (smp[j].id >= 0) || n == 0) {
+        EPIC_LOG_ERROR("engine: rank %d sent token %d (slot %lld of %lld) outside the vocabulary "
+                       "or out of order", se->rank, smp[j].id, (long long)j, (long long)slots);
+        return EPIC_ERR_COMM;
+      }
+    se->n_out = n;
+    if (se->n_drafts > 0) {
+      verify_steps++;
+      drafted += se->n_drafts;
+      accepted += n - 1;
+    }
+    e->cursor[se->rank] += slots;
+  }
+  /* Drafts follow the rank's sample slots, in entry order. */
+  for (int r = 0; r < e->nranks; r++)
+    e->cursor[r] = 0;
+  for (int64_t i = 0; i < st.n_entries; i++) {
+    const epic_sched_entry *se = &st.entries[i];
+    ereq *r = se->user;
+    if ((se->flags & EPIC_STEP_RELEASE) || se->draft_next == 0) {
+      if (!(se->flags & EPIC_STEP_RELEASE))
+        r->n_drafts = 0;
+      continue;
+    }
+    const epic_step_reply *rr = (const epic_step_reply *)(const void *)(e->replies + e->displs[se->rank]);
+    const int32_t *d = (const int32_t *)(const void *)((const epic_step_sample *)(const void *)(rr + 1) +
+                                                       rr->n_samples) +
+                       e->cursor[se->rank];
+    for (int64_t j = 0; j < se->draft_next; j++)
+      if (d[j] < 0 || d[j] >= e->cfg->vocab_size || se->draft_next > EPIC_ENGINE_MAX_MTP_DRAFT) {
+        EPIC_LOG_ERROR("engine: rank %d drafted token %d outside the vocabulary", se->rank, d[j]);
+        return EPIC_ERR_COMM;
+      }
+    memcpy(r->drafts, d, (size_t)se->draft_next * sizeof *d);
+    r->n_drafts = se->draft_next;
+    e->cursor[se->rank] += se->draft_next;
   }
   pthread_mutex_lock(&e->mu);
   epic_sched_commit(e->sched, &st);
   if (st.n_tokens > 0)
     e->stats.steps++;
   e->stats.prompt_tokens += prompt_tokens;
-  e->stats.generated_tokens += samples;
+  e->stats.mtp_verify_steps += verify_steps;
+  e->stats.mtp_drafted += drafted;
+  e->stats.mtp_accepted += accepted;
   pthread_mutex_unlock(&e->mu);
 
-  /* Stream the tokens in plan order; rank r's samples are its SAMPLE entries in order. */
+  /* Stream the tokens in plan order; a request that ends inside an accepted run
+   * (stop id, stop string, max tokens) drops the rest of it. */
   if (st.n_tokens == 0)
     return EPIC_OK;
+  int64_t streamed = 0;
   for (int r = 0; r < e->nranks; r++)
     e->cursor[r] = 0;
   for (int64_t i = 0; i < st.n_entries; i++) {
@@ -482,15 +566,18 @@ static epic_status coord_step(epic_engine *e, int *idle) {
     const epic_step_reply *rr =
         (const epic_step_reply *)(void *)(e->replies + e->displs[se->rank]);
     const epic_step_sample *base = (const epic_step_sample *)(const void *)(rr + 1);
-    const int64_t k = e->cursor[se->rank]++;
-    const epic_step_sample *smp = base + k;
-    const epic_step_sample *top = e->top_n ? base + rr->n_samples + k * e->top_n : NULL;
-    if (smp->id < 0 || smp->id >= e->cfg->vocab_size) {
-      EPIC_LOG_ERROR("engine: rank %d sampled id %d outside the vocabulary", se->rank, smp->id);
-      return EPIC_ERR_COMM;
+    const epic_step_sample *topb = e->top_n ? reply_top(&p, se->rank, e->replies + e->displs[se->rank]) : NULL;
+    const int64_t k = e->cursor[se->rank];
+    e->cursor[se->rank] += (se->flags & EPIC_STEP_VERIFY) ? se->n_tokens : 1;
+    for (int64_t j = 0; j < se->n_out; j++) {
+      streamed++;
+      if (take_token(e, se->user, base + k + j, topb ? topb + (k + j) * e->top_n : NULL))
+        break;
     }
-    take_token(e, se->user, smp, top);
   }
+  pthread_mutex_lock(&e->mu);
+  e->stats.generated_tokens += streamed;
+  pthread_mutex_unlock(&e->mu);
   return EPIC_OK;
 }
 
@@ -584,6 +671,11 @@ static epic_status follow(epic_engine *e) {
     epic_step_header h;
     epic_step_plan p;
     EPIC_CHECK(epic_comm_bcast(e->comm, &h, sizeof h, 0));
+    if (e->eplb && h.magic == EPIC_STEP_MAGIC && h.op == EPIC_STEP_OP_PLACE &&
+        h.step == e->step_no) {
+      EPIC_CHECK(epic_eplb_round(e->eplb, e->step_no));
+      continue;
+    }
     EPIC_CHECK(epic_step_header_check(&h, e->step_no));
     if (h.op == EPIC_STEP_OP_STOP)
       return EPIC_OK;
@@ -639,6 +731,8 @@ static const char *check_params(const epic_engine_params *p) {
     return "top_logprobs";
   if (p->prefix_cache_pages < -1)
     return "prefix_cache_pages";
+  if (p->mtp_draft < -1 || p->mtp_draft > EPIC_ENGINE_MAX_MTP_DRAFT)
+    return "mtp_draft";
   return NULL;
 }
 
@@ -684,18 +778,18 @@ static const char *normalize(epic_engine_params *p, const epic_model_config *c) 
 /* The parameters every rank must agree on (rank 0's are the reference). */
 typedef struct agreed {
   int64_t page_size, kv_pages, max_batch, max_queue, step_tokens, prefill_chunk, max_context,
-      micro_batches, top_logprobs, prefix_cache_pages;
+      micro_batches, top_logprobs, prefix_cache_pages, mtp_draft;
 } agreed;
 
 static epic_status agree(epic_engine *e, epic_status local) {
   agreed mine = {e->p.page_size,   e->p.kv_pages,      e->p.max_batch,
                  e->p.max_queue,   e->p.step_tokens,   e->p.prefill_chunk,
                  e->p.max_context, e->p.micro_batches, e->p.top_logprobs,
-                 e->p.prefix_cache_pages};
+                 e->p.prefix_cache_pages, e->p.mtp_draft};
   agreed root = mine;
   static const char *names[] = {"page_size",   "kv_pages",      "max_batch",   "max_queue",
                                 "step_tokens", "prefill_chunk", "max_context", "micro_batches",
-                                "top_logprobs", "prefix_cache_pages"};
+                                "top_logprobs", "prefix_cache_pages", "mtp_draft"};
   int64_t st = local, worst = local;
   EPIC_CHECK(epic_comm_bcast(e->comm, &root, sizeof root, 0));
   if (st == EPIC_OK)
@@ -769,11 +863,31 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
     st = epic_kvcache_set_prefix_cache(e->kc, e->prefix_pages);
   }
   if (st == EPIC_OK) {
+    /* auto drafts one token when the checkpoint's MTP layer is loaded. */
+    const int has_mtp = epic_model_has_mtp(e->m);
+    e->mtp_auto = e->p.mtp_draft == 0 && has_mtp;
+    e->mtp_k = e->p.mtp_draft > 0 ? e->p.mtp_draft : e->mtp_auto ? 1 : 0;
+    if (e->p.mtp_draft > 0 && !has_mtp) {
+      EPIC_LOG_ERROR("engine: invalid parameter mtp_draft: the model has no MTP layer loaded "
+                     "(num_nextn_predict_layers = 0, or loaded without it)");
+      st = EPIC_ERR_INVALID;
+    } else if (e->mtp_k > 0) {
+      /* A verify writes mtp_k rows past the sequence's last token: keep them
+       * inside the model's positions. */
+      if (e->p.max_context > e->cfg->max_position_embeddings - e->mtp_k)
+        e->p.max_context = e->cfg->max_position_embeddings - e->mtp_k;
+      /* One layer's rows: 1/num_hidden_layers of the main cache. */
+      st = epic_model_kvcache_create(e->m, 1, e->p.page_size, e->p.kv_pages, &e->kc_mtp);
+    }
+  }
+  if (st == EPIC_OK) {
     epic_executor_params xp = {.size = sizeof xp,
                                .model = e->m,
                                .kc = e->kc,
                                .rank = e->rank,
-                               .lockstep = e->comm != NULL};
+                               .lockstep = e->comm != NULL,
+                               .kc_mtp = e->kc_mtp,
+                               .mtp_draft = e->mtp_k};
     st = epic_executor_create(&xp, &e->x);
   }
   if (st == EPIC_OK && e->rank == 0) {
@@ -785,7 +899,9 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
                             .max_queue = e->p.max_queue,
                             .step_tokens = e->p.step_tokens,
                             .prefill_chunk = e->p.prefill_chunk,
-                            .prefix_cache_pages = e->prefix_pages};
+                            .prefix_cache_pages = e->prefix_pages,
+                            .mtp_draft = e->mtp_k,
+                            .mtp_auto = e->mtp_auto};
     st = epic_sched_create(&sp, &e->sched);
   }
   if (st == EPIC_OK && e->rank == 0) {
@@ -800,6 +916,36 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
   }
   if (e->comm)
     st = agree(e, st);
+  if (st == EPIC_OK && e->comm && e->nranks > 1 && e->p.eplb_redundant >= 0 &&
+      e->cfg->n_routed_experts > 0) {
+    /* Collective like agree(): every rank gets here with the same parameters. */
+    const int64_t E = e->cfg->n_routed_experts, most = E * (e->nranks - 1);
+    /* The default is on only where re-placement has been validated end to end: the
+     * CPU backend. A GPU run takes --eplb-redundant R explicitly (its extra copies
+     * also need GPU memory that the KV budget does not set aside yet). */
+    const int gpu = !epic_model_ops(e->m)->vt->host_visible;
+    int64_t R = e->p.eplb_redundant ? e->p.eplb_redundant : gpu ? 0 : e->nranks;
+    if (!e->p.eplb_redundant && R > most)
+      R = most;
+    epic_eplb_params bp = {.size = sizeof bp,
+                           .model = e->m,
+                           .comm = e->comm,
+                           .n_redundant = (int)(R < most ? R : most),
+                           .interval = e->p.eplb_interval ? e->p.eplb_interval : 256,
+                           .policy = (epic_eplb_policy)e->p.eplb_policy,
+                           .margin = 0.05};
+    if (R > most) {
+      EPIC_LOG_ERROR("engine: invalid parameter eplb_redundant: %lld copies, at most %lld "
+                     "(each of %lld experts once per rank)",
+                     (long long)R, (long long)most, (long long)E);
+      bp.n_redundant = 0; /* every rank fails alike inside the collective create */
+    }
+    if (R == 0 && e->rank == 0)
+      EPIC_LOG_INFO("engine: expert load balancing is off by default on GPU ranks "
+                    "(--eplb-redundant R turns it on)");
+    if (R != 0)
+      st = epic_eplb_create(&bp, &e->eplb);
+  }
   if (st != EPIC_OK) {
     e->stopped = 1; /* nobody runs: nothing to release */
     epic_engine_destroy(e);
@@ -829,7 +975,9 @@ void epic_engine_destroy(epic_engine *e) {
   }
   epic_executor_destroy(e->x);
   epic_kvcache_destroy(e->kc);
+  epic_kvcache_destroy(e->kc_mtp);
   epic_sched_destroy(e->sched);
+  epic_eplb_destroy(e->eplb);
   free(e->body);
   free(e->reply);
   free(e->replies);
@@ -913,6 +1061,12 @@ epic_status epic_engine_submit(epic_engine *e, const epic_engine_request *r, uin
   } else {
     q->id = ++e->next_id;
     st = epic_sched_submit_prompt(e->sched, q->id, q->prompt, q->n_prompt, q->max_new, q);
+    /* Auto drafts for greedy requests only: their output is plain decoding's
+     * token for token, while a sampled request's tokens would change (same
+     * distribution, other draws), and a seeded request should give the same
+     * tokens with and without MTP unless the user asks (--mtp-draft K). */
+    if (st == EPIC_OK && e->mtp_auto && !(r->sampling.temperature == 0.0f || r->sampling.top_k == 1))
+      epic_sched_no_draft(e->sched, q->id);
     if (st == EPIC_OK)
       pthread_cond_signal(&e->cv);
   }
@@ -969,6 +1123,17 @@ void epic_engine_get_stats(epic_engine *e, epic_engine_stats *out) {
   out->prefix_cached_pages = ss.prefix_cached_pages;
   out->prefix_evictions = ss.prefix_evictions;
   out->prefix_cache_pages = e->prefix_pages * e->nranks;
+  out->mtp_draft = e->mtp_k;
+  out->mtp_auto = e->mtp_auto;
+  out->mtp_running = ss.mtp_running;
+  out->mtp_stopped = ss.mtp_stopped;
+  if (e->eplb) {
+    epic_eplb_stats es;
+    epic_eplb_get_stats(e->eplb, &es);
+    out->eplb_rounds = es.rounds;
+    out->eplb_rebalances = es.rebalances;
+    out->eplb_imbalance = es.imbalance;
+  }
   for (int r = 0; r < e->nranks; r++) {
     const rank_trailer *t = &e->rank_stats[r];
     out->a2a_dispatch_bytes += t->dispatch_bytes;

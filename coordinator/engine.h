@@ -70,7 +70,30 @@ typedef struct epic_engine_params {
    * Same on every rank. */
   int64_t prefix_cache_pages;
   size_t prefix_cache_bytes;
+  /* MTP speculative decoding (worker/spec.h, scheduler.h): every decoding
+   * sequence's step verifies the drafts the MTP layer made for it in the
+   * previous step, in the same batched forward as everyone else. Greedy output
+   * is identical to plain decoding; sampled output has the same distribution.
+   * 0 = auto (the default): one draft per step for greedy requests when the
+   * model was loaded with an MTP layer (sampled ones decode plainly, so a
+   * seeded request keeps its tokens), each sequence stopping for good when its acceptance is below
+   * break-even (scheduler.h); -1 = off; K in 1..16: K drafts per step for every
+   * sequence, always (needs the MTP layer). Same on every rank. */
+  int64_t mtp_draft;
+  /* Expert load balancing at run time (EPLB, coordinator/eplb.h): every
+   * eplb_interval steps the routed experts are re-placed from the tokens each
+   * expert got since the last round, with eplb_redundant extra copies of hot
+   * experts per MoE layer, when that lowers the predicted max/mean rank load by at
+   * least 5%. Outputs do not change. eplb_redundant: 0 = auto (as many copies as
+   * ranks, i.e. one more expert per rank and layer, on clusters of 2+ CPU ranks;
+   * off on GPU ranks until validated there; a single process has nothing to balance), -1 = off, R > 0 = R copies.
+   * eplb_interval: 0 = 256 steps. eplb_policy: 0 global, 1 hierarchical
+   * (epic_eplb_policy). Same on every rank. */
+  int64_t eplb_redundant, eplb_interval;
+  int eplb_policy;
 } epic_engine_params;
+
+#define EPIC_ENGINE_MAX_MTP_DRAFT 16
 
 #define EPIC_ENGINE_MAX_TOP_LOGPROBS 20
 
@@ -141,6 +164,17 @@ typedef struct epic_engine_stats {
    * step (epic_model_stats of each rank, sent back with its reply). */
   int64_t a2a_dispatch_bytes, a2a_combine_bytes, a2a_calls;
   double a2a_dispatch_wait_s, a2a_combine_wait_s;
+  /* MTP drafting: drafts per step (0 = off) and whether auto; verify steps
+   * that carried drafts, drafts verified and accepted (mean accepted length
+   * per verify step = 1 + accepted / verify_steps); sequences drafting now and
+   * those that stopped (auto). */
+  int64_t mtp_draft;
+  int mtp_auto;
+  int64_t mtp_verify_steps, mtp_drafted, mtp_accepted, mtp_running, mtp_stopped;
+  /* EPLB: rounds run, placements applied, predicted max/mean rank load of the
+   * placement in force on the last round's counts (0 before any round or off). */
+  int64_t eplb_rounds, eplb_rebalances;
+  double eplb_imbalance;
 } epic_engine_stats;
 
 /* Collective: every rank calls it with equal parameters (model loaded with the

@@ -302,6 +302,12 @@ static void eb_metrics(void *be, epic_metrics_snapshot *s) {
   s->prefix_hit_tokens_total = es.prefix_hit_tokens;
   s->prefix_cached_pages = es.prefix_cached_pages;
   s->steps_total = es.steps;
+  s->has_mtp = es.mtp_draft > 0;
+  s->mtp_draft_tokens_total = es.mtp_drafted;
+  s->mtp_accepted_tokens_total = es.mtp_accepted;
+  s->has_eplb = es.eplb_rounds > 0;
+  s->eplb_rebalances_total = es.eplb_rebalances;
+  s->eplb_imbalance = es.eplb_imbalance;
   s->has_a2a = 1;
   s->a2a_backend = b->comm_name ? b->comm_name : "none";
   s->a2a_dispatch_bytes = es.a2a_dispatch_bytes;

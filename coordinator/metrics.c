@@ -124,6 +124,20 @@ epic_status epic_metrics_render(const epic_metrics_snapshot *s, epic_metrics_buf
                      "KV pages holding cached prompt prefixes no sequence uses now (all workers).",
                      s->prefix_cached_pages));
   }
+  if (s->has_mtp) {
+    EPIC_CHECK(one_i(b, "epic_mtp_draft_tokens_total", "counter",
+                     "MTP draft tokens verified by the main model.", s->mtp_draft_tokens_total));
+    EPIC_CHECK(one_i(b, "epic_mtp_accepted_tokens_total", "counter",
+                     "MTP draft tokens accepted (each one a forward step saved).",
+                     s->mtp_accepted_tokens_total));
+  }
+  if (s->has_eplb) {
+    EPIC_CHECK(one_i(b, "epic_eplb_rebalances_total", "counter",
+                     "Expert placements applied by the load balancer.", s->eplb_rebalances_total));
+    EPIC_CHECK(family(b, "epic_eplb_imbalance", "gauge",
+                      "Max over mean rank load of the expert placement in force (1 = balanced)."));
+    EPIC_CHECK(put(b, "epic_eplb_imbalance %.6f\n", s->eplb_imbalance));
+  }
   if (s->has_a2a) {
     const char *be = s->a2a_backend ? s->a2a_backend : "none";
     EPIC_CHECK(family(b, "epic_a2a_bytes_total", "counter",

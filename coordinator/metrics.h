@@ -79,6 +79,15 @@ typedef struct epic_metrics_snapshot {
    * idle cached pages now (all workers). Omitted unless has_prefix_cache. */
   int has_prefix_cache;
   int64_t prefix_hit_tokens_total, prefix_cached_pages;
+  /* MTP speculative decoding (engine stats): draft tokens verified and accepted.
+   * Omitted unless has_mtp. */
+  int has_mtp;
+  int64_t mtp_draft_tokens_total, mtp_accepted_tokens_total;
+  /* Expert load balancing: placements applied, predicted max/mean rank load of
+   * the placement in force. Omitted unless has_eplb. */
+  int has_eplb;
+  int64_t eplb_rebalances_total;
+  double eplb_imbalance;
   /* All-to-all traffic summed over ranks, labelled by the comm backend. */
   int has_a2a;
   const char *a2a_backend; /* "mpi", "nccl", "ucx", "none" */

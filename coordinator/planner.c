@@ -25,6 +25,8 @@ typedef struct plan_layer {
 struct epic_plan {
   epic_model_config cfg;
   int n_ranks, n_layers, n_experts, n_redundant, include_mtp;
+  epic_eplb_policy policy;
+  int ranks_per_node; /* hierarchical policy only, else 0 */
   uint64_t gpu_mem;
   int64_t max_batch_tokens, min_kv_tokens;
   uint64_t kv_per_token, replicated, reserve;
@@ -225,6 +227,34 @@ done:
   return st;
 }
 
+/* In-memory statistics: rows [n_rows][E], one per model layer from 0; rows of dense
+ * layers, rows beyond the planned layers and all-zero rows are ignored. */
+static epic_status take_counts(epic_plan *pl, const double *counts, int64_t n_rows) {
+  const int E = pl->n_experts;
+  for (int64_t l = 0; l < n_rows && l < pl->n_layers; l++) {
+    plan_layer *L = &pl->layers[l];
+    const double *row = counts + l * E;
+    double sum = 0;
+    if (!L->moe)
+      continue;
+    for (int e = 0; e < E; e++) {
+      if (!isfinite(row[e]) || row[e] < 0) {
+        EPIC_LOG_ERROR("planner: load count of layer %lld, expert %d is %g: expected a "
+                       "non-negative number",
+                       (long long)l, e, row[e]);
+        return EPIC_ERR_INVALID;
+      }
+      sum += row[e];
+    }
+    if (sum <= 0)
+      continue;
+    if (!(L->counts = malloc(sizeof(double) * (size_t)E)))
+      return EPIC_ERR_NOMEM;
+    memcpy(L->counts, row, sizeof(double) * (size_t)E);
+  }
+  return EPIC_OK;
+}
+
 /* ---- placement ------------------------------------------------------------------------- */
 
 /* Fill owner_off/owners from rank_off/slots. */
@@ -286,41 +316,50 @@ static int i32_cmp(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* Redundant copies of the hottest experts, then longest-processing-time assignment. */
-static epic_status place_redundant(plan_layer *L, int N, int E, int R) {
-  const int S = E + R, cap = (S + N - 1) / N;
+/* Redundant copies and longest-processing-time packing of the n experts ids[0..n)
+ * (loads counts[ids[i]]) onto nr ranks of cap slots each: R extra copies go, one at a
+ * time, to the expert whose copies carry the most tokens each (at most one copy per
+ * rank), then every copy, heaviest first, to the least loaded rank that has a free
+ * slot and does not hold that expert yet. Out: nheld[r] experts of rank r in
+ * held[r * cap ..] (global ids, unsorted). Needs n + R <= nr * cap and every expert
+ * at most nr copies. */
+static epic_status pack(const double *counts, const int32_t *ids, int n, int nr, int R, int cap,
+                        int32_t *held, int *nheld) {
+  const int S = n + R;
   epic_status st = EPIC_ERR_NOMEM;
-  int *copies = malloc(sizeof(int) * (size_t)E);
-  replica *items = malloc(sizeof(replica) * (size_t)S);
-  int32_t *held = malloc(sizeof(int32_t) * (size_t)N * (size_t)cap); /* rank r: held[r*cap ..] */
-  int *nheld = calloc((size_t)N, sizeof(int));
-  double *load = calloc((size_t)N, sizeof(double));
-  unsigned char *has = calloc((size_t)N * (size_t)E, 1);
-  L->rank_off = malloc(sizeof(int32_t) * ((size_t)N + 1));
-  L->slots = malloc(sizeof(int32_t) * (size_t)S);
-  if (!copies || !items || !held || !nheld || !load || !has || !L->rank_off || !L->slots)
+  int *copies = malloc(sizeof(int) * ((size_t)n + 1));
+  replica *items = malloc(sizeof(replica) * ((size_t)S + 1));
+  int32_t *loc = malloc(sizeof(int32_t) * ((size_t)nr * (size_t)cap + 1)); /* local indices */
+  double *load = calloc((size_t)nr, sizeof(double));
+  unsigned char *has = calloc((size_t)nr * (size_t)n + 1, 1);
+  if (!copies || !items || !loc || !load || !has)
     goto done;
-
-  for (int e = 0; e < E; e++)
-    copies[e] = 1;
-  for (int i = 0; i < R; i++) { /* the expert whose copies carry the most tokens each */
+  memset(nheld, 0, sizeof(int) * (size_t)nr);
+#define CNT(i) (counts[ids[(i)]])
+  for (int i = 0; i < n; i++)
+    copies[i] = 1;
+  for (int k = 0; k < R; k++) {
     int best = -1;
-    for (int e = 0; e < E; e++)
-      if (copies[e] < N && (best < 0 || L->counts[e] / copies[e] > L->counts[best] / copies[best]))
-        best = e;
-    copies[best]++; /* best >= 0: R <= E*(N-1) was checked */
+    for (int i = 0; i < n; i++)
+      if (copies[i] < nr && (best < 0 || CNT(i) / copies[i] > CNT(best) / copies[best]))
+        best = i;
+    if (best < 0) {
+      st = EPIC_ERR_INVALID; /* more copies than ranks: checked by the callers */
+      goto done;
+    }
+    copies[best]++;
   }
-  int n = 0;
-  for (int e = 0; e < E; e++)
-    for (int c = 0; c < copies[e]; c++)
-      items[n++] = (replica){e, L->counts[e] / copies[e]};
-  qsort(items, (size_t)n, sizeof *items, replica_cmp);
+  int m = 0;
+  for (int i = 0; i < n; i++)
+    for (int c = 0; c < copies[i]; c++)
+      items[m++] = (replica){i, CNT(i) / copies[i]};
+  qsort(items, (size_t)m, sizeof *items, replica_cmp);
 
-  for (int i = 0; i < n; i++) {
-    const int32_t e = items[i].expert;
+  for (int it = 0; it < m; it++) {
+    const int32_t e = items[it].expert;
     int best = -1;
-    for (int r = 0; r < N; r++) {
-      if (nheld[r] >= cap || has[(size_t)r * E + e])
+    for (int r = 0; r < nr; r++) {
+      if (nheld[r] >= cap || has[(size_t)r * n + e])
         continue;
       if (best < 0 || load[r] < load[best] || (load[r] == load[best] && nheld[r] < nheld[best]))
         best = r;
@@ -330,57 +369,165 @@ static epic_status place_redundant(plan_layer *L, int N, int E, int R) {
        * without e to a rank q with a free slot (q lacks x: p holds more distinct experts
        * than q), then put e on p. */
       int p = -1, q = -1;
-      for (int r = 0; r < N; r++) {
+      for (int r = 0; r < nr; r++) {
         if (nheld[r] < cap && (q < 0 || load[r] < load[q]))
           q = r;
-        if (!has[(size_t)r * E + e] && (p < 0 || load[r] < load[p]))
+        if (!has[(size_t)r * n + e] && (p < 0 || load[r] < load[p]))
           p = r;
       }
       if (p < 0 || q < 0) {
-        st = EPIC_ERR_INVALID; /* unreachable given the checks in create */
+        st = EPIC_ERR_INVALID; /* unreachable given the callers' checks */
         goto done;
       }
       int xi = -1;
       for (int j = 0; j < nheld[p]; j++) {
-        const int32_t x = held[(size_t)p * cap + j];
-        if (has[(size_t)q * E + x])
+        const int32_t x = loc[(size_t)p * cap + j];
+        if (has[(size_t)q * n + x])
           continue;
-        if (xi < 0 || L->counts[x] / copies[x] < L->counts[held[(size_t)p * cap + xi]] /
-                                                     copies[held[(size_t)p * cap + xi]])
+        const int32_t y = xi >= 0 ? loc[(size_t)p * cap + xi] : 0;
+        if (xi < 0 || CNT(x) / copies[x] < CNT(y) / copies[y])
           xi = j;
       }
       if (xi < 0) {
         st = EPIC_ERR_INVALID;
         goto done;
       }
-      const int32_t x = held[(size_t)p * cap + xi];
-      const double lx = L->counts[x] / copies[x];
-      held[(size_t)p * cap + xi] = held[(size_t)p * cap + --nheld[p]];
-      has[(size_t)p * E + x] = 0;
+      const int32_t x = loc[(size_t)p * cap + xi];
+      const double lx = CNT(x) / copies[x];
+      loc[(size_t)p * cap + xi] = loc[(size_t)p * cap + --nheld[p]];
+      has[(size_t)p * n + x] = 0;
       load[p] -= lx;
-      held[(size_t)q * cap + nheld[q]++] = x;
-      has[(size_t)q * E + x] = 1;
+      loc[(size_t)q * cap + nheld[q]++] = x;
+      has[(size_t)q * n + x] = 1;
       load[q] += lx;
       best = p;
     }
-    held[(size_t)best * cap + nheld[best]++] = e;
-    has[(size_t)best * E + e] = 1;
-    load[best] += items[i].load;
+    loc[(size_t)best * cap + nheld[best]++] = e;
+    has[(size_t)best * n + e] = 1;
+    load[best] += items[it].load;
   }
+#undef CNT
+  for (int r = 0; r < nr; r++)
+    for (int j = 0; j < nheld[r]; j++)
+      held[(size_t)r * cap + j] = ids[loc[(size_t)r * cap + j]];
+  st = EPIC_OK;
+done:
+  free(copies);
+  free(items);
+  free(loc);
+  free(load);
+  free(has);
+  return st;
+}
+
+/* rank_off/slots (allocated here) from held[r * cap ..] / nheld[r], each rank sorted. */
+static epic_status collect_slots(plan_layer *L, int N, int cap, int32_t *held, const int *nheld) {
+  int64_t total = 0;
+  for (int r = 0; r < N; r++)
+    total += nheld[r];
+  L->rank_off = malloc(sizeof(int32_t) * ((size_t)N + 1));
+  L->slots = malloc(sizeof(int32_t) * ((size_t)total + 1));
+  if (!L->rank_off || !L->slots)
+    return EPIC_ERR_NOMEM;
   L->rank_off[0] = 0;
   for (int r = 0; r < N; r++) {
     qsort(held + (size_t)r * cap, (size_t)nheld[r], sizeof(int32_t), i32_cmp);
     memcpy(L->slots + L->rank_off[r], held + (size_t)r * cap, sizeof(int32_t) * (size_t)nheld[r]);
     L->rank_off[r + 1] = L->rank_off[r] + nheld[r];
   }
-  st = EPIC_OK;
+  return EPIC_OK;
+}
+
+/* Global policy: redundant copies of the hottest experts, then LPT over all ranks with
+ * ceil((E+R)/N) slots each. */
+static epic_status place_redundant(plan_layer *L, int N, int E, int R) {
+  const int cap = (E + R + N - 1) / N;
+  epic_status st = EPIC_ERR_NOMEM;
+  int32_t *ids = malloc(sizeof(int32_t) * (size_t)E);
+  int32_t *held = malloc(sizeof(int32_t) * (size_t)N * (size_t)cap);
+  int *nheld = calloc((size_t)N, sizeof(int));
+  if (!ids || !held || !nheld)
+    goto done;
+  for (int e = 0; e < E; e++)
+    ids[e] = e;
+  EPIC_CHECK_GOTO(pack(L->counts, ids, E, N, R, cap, held, nheld), st, done);
+  st = collect_slots(L, N, cap, held, nheld);
 done:
-  free(copies);
-  free(items);
+  free(ids);
   free(held);
   free(nheld);
-  free(load);
-  free(has);
+  return st;
+}
+
+/* Groups of the hierarchical policy: n_group contiguous groups, or single experts
+ * when the model has no groups. */
+static int eplb_groups(const epic_model_config *c, int E) {
+  return c->n_group > 1 ? (int)c->n_group : E;
+}
+
+/* Hierarchical policy (nodes of rpn ranks): the expert groups of group-limited routing
+ * are spread over the nodes first (heaviest group to the least loaded node with room,
+ * n_group / n_nodes groups each), so a token's topk_group groups touch few nodes and
+ * every node carries about the same load; then each node replicates its own hottest
+ * experts (R / n_nodes copies, the remainder to the heaviest nodes) and packs them
+ * onto its ranks (LPT, ceil((E/n_nodes + R_node) / rpn) slots per rank). A copy never
+ * leaves its group's node. */
+static epic_status place_hierarchical(plan_layer *L, const epic_model_config *c, int N, int E,
+                                      int R, int rpn) {
+  const int nn = N / rpn, G = eplb_groups(c, E), gsize = E / G, gpn = G / nn, en = E / nn;
+  epic_status st = EPIC_ERR_NOMEM;
+  replica *groups = malloc(sizeof(replica) * (size_t)G);
+  replica *nodes = malloc(sizeof(replica) * (size_t)nn);
+  int *ngroups = calloc((size_t)nn, sizeof(int));
+  double *nload = calloc((size_t)nn, sizeof(double));
+  int32_t *ids = malloc(sizeof(int32_t) * (size_t)E); /* node-major expert ids */
+  const int cap = (en + (R + nn - 1) / nn + rpn - 1) / rpn;
+  int32_t *held = malloc(sizeof(int32_t) * (size_t)N * (size_t)cap);
+  int *nheld = calloc((size_t)N, sizeof(int));
+  int *gnode = malloc(sizeof(int) * (size_t)G);
+  if (!groups || !nodes || !ngroups || !nload || !ids || !held || !nheld || !gnode)
+    goto done;
+  for (int g = 0; g < G; g++) {
+    double s = 0;
+    for (int e = g * gsize; e < (g + 1) * gsize; e++)
+      s += L->counts[e];
+    groups[g] = (replica){g, s};
+  }
+  qsort(groups, (size_t)G, sizeof *groups, replica_cmp);
+  for (int i = 0; i < G; i++) {
+    int best = -1;
+    for (int k = 0; k < nn; k++)
+      if (ngroups[k] < gpn && (best < 0 || nload[k] < nload[best]))
+        best = k;
+    gnode[groups[i].expert] = best;
+    ngroups[best]++;
+    nload[best] += groups[i].load;
+  }
+  for (int k = 0; k < nn; k++)
+    nodes[k] = (replica){k, nload[k]};
+  qsort(nodes, (size_t)nn, sizeof *nodes, replica_cmp);
+  for (int i = 0; i < nn; i++) {
+    const int k = nodes[i].expert;
+    const int rk = R / nn + (i < R % nn ? 1 : 0); /* heaviest nodes take the remainder */
+    int n = 0;
+    for (int g = 0; g < G; g++)
+      if (gnode[g] == k)
+        for (int e = g * gsize; e < (g + 1) * gsize; e++)
+          ids[k * en + n++] = e;
+    EPIC_CHECK_GOTO(pack(L->counts, ids + k * en, en, rpn, rk, cap, held + (size_t)k * rpn * cap,
+                         nheld + k * rpn),
+                    st, done);
+  }
+  st = collect_slots(L, N, cap, held, nheld);
+done:
+  free(groups);
+  free(nodes);
+  free(ngroups);
+  free(nload);
+  free(ids);
+  free(held);
+  free(nheld);
+  free(gnode);
   return st;
 }
 
@@ -470,9 +617,43 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
                    p->n_redundant, (long long)E * (N - 1), E, N);
     return EPIC_ERR_INVALID;
   }
-  if (p->n_redundant > 0 && !p->load_stats_path) {
+  if (p->n_redundant > 0 && !p->load_stats_path && !p->load_counts) {
     EPIC_LOG_ERROR("planner: redundant expert copies need load statistics (a load-stats file)");
     return EPIC_ERR_INVALID;
+  }
+  if (p->load_stats_path && p->load_counts) {
+    EPIC_LOG_ERROR("planner: load statistics from a file and from memory at once");
+    return EPIC_ERR_INVALID;
+  }
+  if (p->load_counts && p->n_load_layers < 0) {
+    EPIC_LOG_ERROR("planner: n_load_layers must not be negative (got %lld)",
+                   (long long)p->n_load_layers);
+    return EPIC_ERR_INVALID;
+  }
+  if (p->policy != EPIC_EPLB_GLOBAL && p->policy != EPIC_EPLB_HIERARCHICAL) {
+    EPIC_LOG_ERROR("planner: unknown placement policy %d", (int)p->policy);
+    return EPIC_ERR_INVALID;
+  }
+  if (p->policy == EPIC_EPLB_HIERARCHICAL) {
+    const int rpn = p->ranks_per_node, G = eplb_groups(c, E);
+    if (rpn < 1 || N % rpn != 0) {
+      EPIC_LOG_ERROR("planner: hierarchical policy: ranks_per_node %d must divide the %d ranks",
+                     rpn, N);
+      return EPIC_ERR_INVALID;
+    }
+    const int nn = N / rpn;
+    if (E % G != 0 || G % nn != 0) {
+      EPIC_LOG_ERROR("planner: hierarchical policy: the %d expert groups (n_group) must split "
+                     "evenly over %d nodes of %d ranks",
+                     G, nn, rpn);
+      return EPIC_ERR_INVALID;
+    }
+    if ((int64_t)(p->n_redundant + nn - 1) / nn > (int64_t)(E / nn) * (rpn - 1)) {
+      EPIC_LOG_ERROR("planner: hierarchical policy: %d redundant copies over %d nodes is more "
+                     "than one copy of each of a node's %d experts per rank (%d ranks per node)",
+                     p->n_redundant, nn, E / nn, rpn);
+      return EPIC_ERR_INVALID;
+    }
   }
   if (!(pl = calloc(1, sizeof *pl)))
     return EPIC_ERR_NOMEM;
@@ -480,6 +661,8 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
   pl->n_ranks = N;
   pl->n_experts = E;
   pl->n_redundant = p->n_redundant;
+  pl->policy = p->policy;
+  pl->ranks_per_node = p->policy == EPIC_EPLB_HIERARCHICAL ? p->ranks_per_node : 0;
   pl->include_mtp = p->include_mtp && c->num_nextn_predict_layers > 0;
   pl->n_layers = (int)(c->num_hidden_layers + (pl->include_mtp ? c->num_nextn_predict_layers : 0));
   pl->gpu_mem = p->gpu_mem_bytes;
@@ -500,13 +683,18 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
     pl->layers[l].moe = epic_config_is_moe_layer(c, l);
   if (p->load_stats_path)
     EPIC_CHECK_GOTO(load_stats(pl, p->load_stats_path), st, fail);
+  if (p->load_counts)
+    EPIC_CHECK_GOTO(take_counts(pl, p->load_counts, p->n_load_layers), st, fail);
 
   int k = 0;
   for (int l = 0; l < pl->n_layers; l++) {
     plan_layer *L = &pl->layers[l];
     if (!L->moe)
       continue;
-    if (L->counts && p->n_redundant > 0)
+    if (L->counts && p->policy == EPIC_EPLB_HIERARCHICAL)
+      EPIC_CHECK_GOTO(place_hierarchical(L, c, N, E, p->n_redundant, p->ranks_per_node), st,
+                      fail);
+    else if (L->counts && p->n_redundant > 0)
       EPIC_CHECK_GOTO(place_redundant(L, N, E, p->n_redundant), st, fail);
     else
       EPIC_CHECK_GOTO(place_contiguous(L, N, E, k), st, fail);
@@ -635,6 +823,53 @@ epic_status epic_plan_load_balance(const epic_plan *pl, int layer, epic_plan_bal
   return EPIC_OK;
 }
 
+const char *epic_eplb_policy_name(epic_eplb_policy p) {
+  return p == EPIC_EPLB_HIERARCHICAL ? "hierarchical" : "global";
+}
+
+epic_status epic_eplb_policy_parse(const char *s, epic_eplb_policy *out) {
+  if (!s || !out)
+    return EPIC_ERR_INVALID;
+  if (strcmp(s, "global") == 0)
+    *out = EPIC_EPLB_GLOBAL;
+  else if (strcmp(s, "hierarchical") == 0)
+    *out = EPIC_EPLB_HIERARCHICAL;
+  else
+    return EPIC_ERR_INVALID;
+  return EPIC_OK;
+}
+
+epic_status epic_eplb_load(int n_ranks, int n_experts, const double *counts, const int32_t *off,
+                           const int32_t *ranks, double *max, double *mean) {
+  if (n_ranks < 1 || n_experts < 0 || !counts || !off || !ranks || !max || !mean)
+    return EPIC_ERR_INVALID;
+  double *load = calloc((size_t)n_ranks, sizeof(double)), total = 0;
+  if (!load)
+    return EPIC_ERR_NOMEM;
+  for (int e = 0; e < n_experts; e++) {
+    const int32_t n = off[e + 1] - off[e];
+    if (n < 1) {
+      free(load);
+      return EPIC_ERR_INVALID;
+    }
+    for (int32_t i = off[e]; i < off[e + 1]; i++) {
+      if (ranks[i] < 0 || ranks[i] >= n_ranks) {
+        free(load);
+        return EPIC_ERR_INVALID;
+      }
+      load[ranks[i]] += counts[e] / n;
+    }
+    total += counts[e];
+  }
+  *max = 0;
+  for (int r = 0; r < n_ranks; r++)
+    if (load[r] > *max)
+      *max = load[r];
+  *mean = total / n_ranks;
+  free(load);
+  return EPIC_OK;
+}
+
 /* ---- output ---------------------------------------------------------------------------- */
 
 /* "a-b,c,d-e" for an ascending id list. */
@@ -682,10 +917,12 @@ epic_status epic_plan_write_json(const epic_plan *pl, FILE *f) {
           pl->n_experts, c->quant.fp8 ? "true" : "false");
   fprintf(f,
           "\"n_ranks\":%d,\"gpu_mem_bytes\":%llu,\"include_mtp\":%s,\"n_layers\":%d,"
-          "\"n_moe_layers\":%d,\"n_redundant\":%d,\"max_batch_tokens\":%lld,"
+          "\"n_moe_layers\":%d,\"n_redundant\":%d,\"eplb_policy\":\"%s\","
+          "\"ranks_per_node\":%d,\"max_batch_tokens\":%lld,"
           "\"kv_bytes_per_token\":%llu,\"min_kv_tokens\":%lld,\"fits\":%s,",
           N, (unsigned long long)pl->gpu_mem, pl->include_mtp ? "true" : "false", pl->n_layers,
-          n_moe, pl->n_redundant, (long long)pl->max_batch_tokens,
+          n_moe, pl->n_redundant, epic_eplb_policy_name(pl->policy), pl->ranks_per_node,
+          (long long)pl->max_batch_tokens,
           (unsigned long long)pl->kv_per_token, (long long)pl->min_kv_tokens,
           pl->fits ? "true" : "false");
   fprintf(f,
@@ -781,9 +1018,9 @@ epic_status epic_plan_write_table(const epic_plan *pl, FILE *f) {
   if (pl->gpu_mem)
     fprintf(f, " x %.2f GB", gb(pl->gpu_mem));
   fprintf(f,
-          ", %d redundant experts per layer, KV %llu B/token, reserve %.2f GB "
+          ", %d redundant experts per layer (%s placement), KV %llu B/token, reserve %.2f GB "
           "(max batch %lld tokens)\n\n",
-          pl->n_redundant, (unsigned long long)pl->kv_per_token, gb(pl->reserve),
+          pl->n_redundant, epic_eplb_policy_name(pl->policy), (unsigned long long)pl->kv_per_token, gb(pl->reserve),
           (long long)pl->max_batch_tokens);
   fprintf(f, "%5s %13s %10s %9s %10s %10s %12s %12s %5s\n", "rank", "experts/layer", "replic GB",
           "expert GB", "weights GB", "reserve GB", "KV budget GB", "KV tokens", "fits");

@@ -19,7 +19,14 @@
  *   most one copy per rank; each copy of expert e is assumed to serve
  *   count[e]/copies[e] tokens), then every copy, heaviest first, goes to the least
  *   loaded rank that does not hold that expert yet and has fewer than
- *   ceil((E+R)/N) slots (longest-processing-time).
+ *   ceil((E+R)/N) slots (longest-processing-time). That is the global policy; the
+ *   hierarchical one (nodes of ranks_per_node ranks) first spreads the n_group expert
+ *   groups of group-limited routing over the nodes (heaviest group to the least loaded
+ *   node with room, n_group / n_nodes groups each; without groups every expert is its
+ *   own group), so a token's topk_group groups touch few nodes, then replicates and
+ *   packs each node's experts on its own ranks the same way, with R / n_nodes copies
+ *   per node (the remainder to the heaviest nodes) and at most
+ *   ceil((E / n_nodes + ceil(R / n_nodes)) / ranks_per_node) slots per rank.
  * - Per-rank memory: replicated weights (embedding, lm_head, attention, dense MLPs,
  *   shared experts, norms, router gates, and when MTP is planned its attention,
  *   shared expert, norms, eh_proj and its embed/head copies, which worker/model.c
@@ -46,7 +53,8 @@
  * Keys are model layer indices of MoE layers (the MTP layer's index
  * num_hidden_layers is accepted, and ignored when MTP is not planned); each value
  * holds E non-negative numbers: tokens routed to each expert. Layers missing from the
- * file keep the default contiguous placement without redundant copies.
+ * file keep the default contiguous placement without redundant copies. The same
+ * statistics can come from memory instead (load_counts, e.g. a running engine's). 
  *
  * Ownership: epic_plan_create allocates; epic_plan_destroy (NULL-safe) frees. The
  * params and the config are borrowed for the call only. Pointers handed out by the
@@ -85,6 +93,12 @@ typedef struct epic_weight_bytes {
 epic_status epic_weight_bytes_compute(const epic_model_config *cfg, int include_mtp,
                                       epic_weight_bytes *out);
 
+/* Expert placement policy with load statistics (see above). */
+typedef enum { EPIC_EPLB_GLOBAL = 0, EPIC_EPLB_HIERARCHICAL = 1 } epic_eplb_policy;
+const char *epic_eplb_policy_name(epic_eplb_policy p); /* "global", "hierarchical" */
+/* "global" / "hierarchical"; EPIC_ERR_INVALID for anything else. */
+epic_status epic_eplb_policy_parse(const char *s, epic_eplb_policy *out);
+
 typedef struct epic_plan_params {
   size_t size;                  /* sizeof(epic_plan_params) */
   const epic_model_config *cfg; /* required */
@@ -94,13 +108,23 @@ typedef struct epic_plan_params {
   int n_redundant;              /* extra expert copies per MoE layer (needs load_stats_path) */
   const char *load_stats_path;  /* NULL = none (see the file format above) */
   int64_t max_batch_tokens;     /* tokens per forward step; 0 = 4096 */
+  /* In-memory statistics instead of a file: [n_load_layers][E] tokens per expert,
+   * row l for model layer l (rows of dense layers, rows past the planned layers and
+   * all-zero rows are ignored). Borrowed for the call. */
+  const double *load_counts;
+  int64_t n_load_layers;
+  epic_eplb_policy policy; /* placement of layers with statistics */
+  int ranks_per_node;      /* hierarchical: ranks of one node, must divide n_ranks */
 } epic_plan_params;
 
 typedef struct epic_plan epic_plan;
 
 /* Build a plan. EPIC_ERR_INVALID (one EPIC_LOG_ERROR line saying why) for: unknown
  * params size, NULL cfg, n_ranks < 1, n_redundant < 0 or > E*(N-1), n_redundant > 0
- * without load statistics, a malformed statistics file; EPIC_ERR_IO if the file cannot
+ * without load statistics, a file and load_counts at once, a malformed statistics file
+ * or a negative or non-finite count, a hierarchical plan whose ranks_per_node does not
+ * divide n_ranks, whose groups do not split evenly over the nodes, or with more copies
+ * per node than its ranks can hold; EPIC_ERR_IO if the file cannot
  * be read; EPIC_ERR_NOMEM. Does not block beyond reading the statistics file. */
 epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out);
 void epic_plan_destroy(epic_plan *plan);
@@ -153,6 +177,12 @@ typedef struct epic_plan_balance {
 /* layer = -1: summed over all layers with statistics; otherwise one MoE layer
  * (n_layers = 0 and all zeros if that layer has no statistics). */
 epic_status epic_plan_load_balance(const epic_plan *plan, int layer, epic_plan_balance *out);
+
+/* Max and mean rank load of one layer's placement given as replica lists: expert e
+ * has copies on ranks[off[e] .. off[e+1]) and each copy serves counts[e] / copies
+ * tokens. EPIC_ERR_INVALID for an expert without a copy or a rank out of range. */
+epic_status epic_eplb_load(int n_ranks, int n_experts, const double *counts, const int32_t *off,
+                           const int32_t *ranks, double *max, double *mean);
 
 /* One JSON object (ends with a newline): params, weight classes, per-rank memory,
  * placement (per layer, per rank, the experts as ranges "a-b"; layers with identical

@@ -20,6 +20,12 @@ typedef struct sseq {
   int64_t n_gen;    /* tokens sampled so far */
   int32_t rank;
   int emitted; /* a worker holds the sequence (its NEW entry went out) */
+  int mtp;     /* drafts (counted in its worker's MTP cache) */
+  int no_mtp;  /* never drafts (epic_sched_no_draft) */
+  int mtp_end; /* stopped drafting; its MTP pages go when an entry without MTP goes out */
+  int64_t avail; /* drafts its worker made for the next step */
+  int64_t hist_d[EPIC_SCHED_MTP_WINDOW], hist_a[EPIC_SCHED_MTP_WINDOW]; /* ring: drafted, accepted */
+  int64_t n_hist;
 } sseq;
 
 typedef struct release {
@@ -38,7 +44,8 @@ struct epic_sched {
   epic_kvpages **mirror; /* per worker: its page table, as the worker keeps it */
   int64_t *pending;      /* per worker: reservations of admitted sequences before NEW */
   int64_t *rank_running, *budget; /* per worker */
-  int64_t hits, hit_tokens;
+  int64_t *mtp_used;              /* per worker: MTP cache pages of drafting sequences */
+  int64_t hits, hit_tokens, mtp_stopped;
   release *rel;
   int64_t n_rel, rel_cap;
   epic_sched_entry *entries;
@@ -81,6 +88,8 @@ epic_status epic_sched_create(const epic_sched_params *p, epic_sched **out) {
     bad = "prefill_chunk";
   else if (p->prefix_cache_pages < 0)
     bad = "prefix_cache_pages";
+  else if (p->mtp_draft < 0 || p->mtp_draft > EPIC_STEP_MAX_DRAFT)
+    bad = "mtp_draft";
   if (bad) {
     EPIC_LOG_ERROR("scheduler: invalid parameter %s", bad);
     return EPIC_ERR_INVALID;
@@ -93,7 +102,8 @@ epic_status epic_sched_create(const epic_sched_params *p, epic_sched **out) {
   s->pending = calloc((size_t)p->nranks, sizeof *s->pending);
   s->rank_running = calloc((size_t)p->nranks, sizeof *s->rank_running);
   s->budget = calloc((size_t)p->nranks, sizeof *s->budget);
-  if (!s->mirror || !s->pending || !s->rank_running || !s->budget) {
+  s->mtp_used = calloc((size_t)p->nranks, sizeof *s->mtp_used);
+  if (!s->mirror || !s->pending || !s->rank_running || !s->budget || !s->mtp_used) {
     epic_sched_destroy(s);
     return EPIC_ERR_NOMEM;
   }
@@ -130,13 +140,14 @@ void epic_sched_destroy(epic_sched *s) {
   free(s->run);
   free(s->rank_running);
   free(s->budget);
+  free(s->mtp_used);
   free(s->rel);
   free(s->entries);
   free(s);
 }
 
 int64_t epic_sched_pages_for(const epic_sched *s, int64_t n_prompt, int64_t max_new) {
-  return (n_prompt + max_new + s->p.page_size - 1) / s->p.page_size;
+  return (n_prompt + max_new + s->p.mtp_draft + s->p.page_size - 1) / s->p.page_size;
 }
 
 epic_status epic_sched_submit(epic_sched *s, uint64_t id, int64_t n_prompt, int64_t max_new,
@@ -193,6 +204,8 @@ static void *take_running(epic_sched *s, int64_t i) {
   else
     s->pending[q->rank] -= q->pages;
   free(q->held);
+  if (q->mtp || q->mtp_end)
+    s->mtp_used[q->rank] -= q->pages;
   s->rank_running[q->rank]--;
   /* epic_sched_form keeps room for a release per running sequence, so removing
    * (which cannot fail) never allocates. */
@@ -231,6 +244,15 @@ int epic_sched_remove(epic_sched *s, uint64_t id, void **user) {
   return found;
 }
 
+int epic_sched_no_draft(epic_sched *s, uint64_t id) {
+  for (int64_t i = s->q_head; i < s->q_end; i++)
+    if (s->queue[i]->id == id) {
+      s->queue[i]->no_mtp = 1;
+      return 1;
+    }
+  return 0;
+}
+
 int epic_sched_pop_any(epic_sched *s, uint64_t *id, void **user) {
   sseq *q = s->q_end > s->q_head ? s->queue[s->q_head] : s->n_run > 0 ? s->run[0] : NULL;
   if (!q)
@@ -257,7 +279,8 @@ static int pick_rank(const epic_sched *s, const sseq *q) {
   int64_t best_hit = -1;
   const int64_t max_hit = max_hit_pages(s, q);
   for (int r = 0; r < s->p.nranks; r++) {
-    if (free_pages(s, r) < q->pages)
+    if (free_pages(s, r) < q->pages ||
+        (s->p.mtp_draft > 0 && s->p.kv_pages - s->mtp_used[r] < q->pages))
       continue;
     int64_t hit = max_hit > 0 ? epic_kvpages_match(s->mirror[r], q->prompt, max_hit, NULL) : 0;
     if (best < 0 || hit > best_hit ||
@@ -308,6 +331,29 @@ static epic_status add_entry(epic_sched *s, epic_sched_step *out, const epic_sch
   return EPIC_OK;
 }
 
+/* Drafts a sequence asks for now: k, unless this is its last step. */
+static int64_t draft_next(const epic_sched *s, const sseq *q) {
+  return q->mtp && q->n_gen + 1 < q->max_new ? s->p.mtp_draft : 0;
+}
+
+/* MTP flags of q's entry: MTP, its draft request, and (decode) VERIFY. An
+ * entry without MTP of a sequence that stopped drafting frees its MTP pages
+ * on the worker, before any later entry of the step could need them. */
+static uint32_t mtp_flags(epic_sched *s, sseq *q, int decode, int sample, int64_t *next) {
+  *next = 0;
+  if (!q->mtp) {
+    if (q->mtp_end) {
+      s->mtp_used[q->rank] -= q->pages;
+      q->mtp_end = 0;
+    }
+    return 0;
+  }
+  if (sample)
+    *next = draft_next(s, q);
+  return EPIC_STEP_MTP | (decode ? (uint32_t)EPIC_STEP_VERIFY : 0u) |
+         ((uint32_t)*next << EPIC_STEP_DRAFT_SHIFT);
+}
+
 static epic_sched_entry seq_entry(sseq *q, uint32_t flags, int64_t n) {
   return (epic_sched_entry){.id = q->id,
                             .user = q->user,
@@ -339,6 +385,9 @@ epic_status epic_sched_form(epic_sched *s, epic_sched_step *out) {
     EPIC_CHECK(grow((void **)&s->rel, &s->rel_cap, s->n_run + 1, sizeof *s->rel));
     s->q_head++;
     q->rank = r;
+    q->mtp = s->p.mtp_draft > 0 && !q->no_mtp;
+    if (q->mtp)
+      s->mtp_used[r] += q->pages;
     s->pending[r] += q->pages;
     s->rank_running[r]++;
     s->run[s->n_run++] = q;
@@ -356,9 +405,14 @@ epic_status epic_sched_form(epic_sched *s, epic_sched_step *out) {
     sseq *q = s->run[i];
     if (q->n_cached < q->n_prompt || q->n_gen >= q->max_new || s->budget[q->rank] < 1)
       continue;
-    epic_sched_entry e = seq_entry(q, EPIC_STEP_SAMPLE, 1);
+    const int64_t kd = q->mtp ? q->avail : 0;
+    int64_t next;
+    const uint32_t mf = mtp_flags(s, q, 1, 1, &next);
+    epic_sched_entry e = seq_entry(q, EPIC_STEP_SAMPLE | mf, 1 + kd);
+    e.n_drafts = kd;
+    e.draft_next = next;
     EPIC_CHECK(add_entry(s, out, &e));
-    s->budget[q->rank]--;
+    s->budget[q->rank] -= 1 + kd;
   }
   for (int64_t i = 0; i < s->n_run; i++) {
     sseq *q = s->run[i];
@@ -374,9 +428,12 @@ epic_status epic_sched_form(epic_sched *s, epic_sched_step *out) {
       n = s->p.prefill_chunk;
     if (n > s->budget[q->rank])
       n = s->budget[q->rank];
+    const int last = q->n_cached + n == q->n_prompt;
+    int64_t next;
     uint32_t flags = (q->emitted ? 0u : (uint32_t)EPIC_STEP_NEW) |
-                     (q->n_cached + n == q->n_prompt ? (uint32_t)EPIC_STEP_SAMPLE : 0u);
+                     (last ? (uint32_t)EPIC_STEP_SAMPLE : 0u) | mtp_flags(s, q, 0, last, &next);
     epic_sched_entry e = seq_entry(q, flags, n);
+    e.draft_next = next;
     e.prefix_page = pe.prefix_page;
     e.prefix_key = pe.prefix_key;
     EPIC_CHECK(add_entry(s, out, &e));
@@ -407,11 +464,31 @@ void epic_sched_commit(epic_sched *s, const epic_sched_step *st) {
     sseq *q = e->seq_;
     if (e->flags & EPIC_STEP_RELEASE)
       continue;
-    q->n_cached += e->n_tokens;
+    const int64_t n_out = (e->flags & EPIC_STEP_SAMPLE) && e->n_out > 0 ? e->n_out : 1;
+    /* A VERIFY entry keeps the rows of last and the accepted drafts. */
+    q->n_cached += (e->flags & EPIC_STEP_VERIFY) ? n_out : e->n_tokens;
     if (e->start < q->n_prompt && q->prompt && s->p.prefix_cache_pages > 0)
       publish(s, q);
-    if (e->flags & EPIC_STEP_SAMPLE)
-      q->n_gen++;
+    if (e->flags & EPIC_STEP_SAMPLE) {
+      q->n_gen += n_out;
+      q->avail = e->draft_next;
+    }
+    if ((e->flags & EPIC_STEP_VERIFY) && e->n_drafts > 0 && s->p.mtp_auto && q->mtp) {
+      const int64_t w = q->n_hist++ % EPIC_SCHED_MTP_WINDOW;
+      int64_t d = 0, a = 0;
+      q->hist_d[w] = e->n_drafts;
+      q->hist_a[w] = n_out - 1;
+      for (int64_t j = 0; j < EPIC_SCHED_MTP_WINDOW && j < q->n_hist; j++) {
+        d += q->hist_d[j];
+        a += q->hist_a[j];
+      }
+      if (d >= EPIC_SCHED_MTP_MIN && 2 * a < d) {
+        q->mtp = 0;
+        q->mtp_end = 1;
+        q->avail = 0;
+        s->mtp_stopped++;
+      }
+    }
   }
 }
 
@@ -429,6 +506,9 @@ void epic_sched_get_stats(const epic_sched *s, epic_sched_stats *out) {
     out->prefix_cached_pages += epic_kvpages_idle(s->mirror[r]);
     out->prefix_evictions += epic_kvpages_evictions(s->mirror[r]);
   }
+  for (int64_t i = 0; i < s->n_run; i++)
+    out->mtp_running += s->run[i]->mtp;
+  out->mtp_stopped = s->mtp_stopped;
   out->prefix_hits = s->hits;
   out->prefix_hit_tokens = s->hit_tokens;
 }

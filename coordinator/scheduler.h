@@ -40,6 +40,31 @@
  * worker with the longest cached prefix among those with room. Only requests
  * submitted with their token ids (epic_sched_submit_prompt) use the cache.
  *
+ * MTP speculative decoding (mtp_draft > 0, step_plan.h). An admitted sequence
+ * drafts: all its entries carry MTP, its decode entries are VERIFY with
+ * 1 + k tokens (k = mtp_draft: the drafts it received last step), and a
+ * SAMPLE entry asks for k drafts unless it is the sequence's last step
+ * (n_gen + 1 >= max_new). The draft count never depends on the batch or on
+ * max_new, so a sequence's tokens depend only on its own prompt and sampling
+ * parameters, and a shorter max_new gives a prefix (the caller cuts the
+ * produced tokens at max_new). A drafting sequence's reservation covers
+ * n_prompt + max_new + k rows (a verify writes k rows past the kept ones).
+ * Decode tokens (1 + k each) come out of the same step_tokens budget. Each worker's MTP cache has kv_pages pages without a
+ * prefix cache; a drafting sequence holds its whole reservation (pages) there
+ * too, and admission waits for room in both caches.
+ * With mtp_auto the sequence stops drafting for good once its drafts in its
+ * last EPIC_SCHED_MTP_WINDOW verify steps number at least EPIC_SCHED_MTP_MIN
+ * and fewer than half of them were accepted (break-even: a verify step that
+ * rejects its draft costs a draft and a longer forward for no extra token;
+ * on a GPU decode is bound by weight reads, so at one draft per step half
+ * accepted leaves a clear gain, while a sequence whose MTP layer does not
+ * predict it (an untrained one accepts ~0%) stops after EPIC_SCHED_MTP_MIN
+ * drafts). It does not probe again later: drafting again would need the MTP
+ * layer over every position since (its cache has no gaps), which costs as much
+ * as having drafted all along. The decision uses only the sequence's own
+ * acceptance, so it is reproducible. Its entries then carry no MTP (the worker
+ * frees its MTP rows) and decode one token a step.
+ *
  * The scheduler does not decide when a sequence ends: the caller removes it
  * (epic_sched_remove) after a token it judges final. It only never schedules a
  * sequence that has produced max_new tokens.
@@ -67,7 +92,12 @@ typedef struct epic_sched_params {
   int64_t step_tokens;   /* per-worker tokens per step, >= 1 */
   int64_t prefill_chunk; /* prompt tokens of one sequence per step, >= 1 */
   int64_t prefix_cache_pages; /* per worker: idle cached prompt pages kept; 0 = no prefix cache */
+  int64_t mtp_draft; /* drafts per verify step of a drafting sequence (0..64); 0 = no drafting */
+  int mtp_auto;      /* with mtp_draft: sequences stop drafting when it does not pay (above) */
 } epic_sched_params;
+
+#define EPIC_SCHED_MTP_WINDOW 8
+#define EPIC_SCHED_MTP_MIN 4
 
 /* Entry flags are the step plan's (worker/step_plan.h): EPIC_STEP_NEW,
  * EPIC_STEP_RELEASE, EPIC_STEP_SAMPLE. */
@@ -81,6 +111,11 @@ typedef struct epic_sched_entry {
   int64_t n_prompt, max_new; /* the request's (for NEW entries' reservation) */
   int32_t prefix_page;       /* NEW with start > 0: last page of the cached prefix, else -1 */
   uint64_t prefix_key;       /* its key */
+  int64_t n_drafts;   /* VERIFY: drafts among n_tokens (tokens 1..n_drafts) */
+  int64_t draft_next; /* drafts the entry asks for (also in flags) */
+  /* Set by the caller before epic_sched_commit: tokens a SAMPLE entry produced
+   * (1..n_drafts + 1; 0 counts as 1). */
+  int64_t n_out;
   void *seq_;                /* internal */
 } epic_sched_entry;
 
@@ -98,13 +133,16 @@ typedef struct epic_sched_stats {
   int64_t prefix_hit_tokens;       /* prompt tokens they did not compute */
   int64_t prefix_cached_pages;     /* idle cached pages, summed over workers */
   int64_t prefix_evictions;        /* idle cached pages dropped or reused */
+  int64_t mtp_running;             /* running sequences that draft */
+  int64_t mtp_stopped;             /* sequences that stopped drafting (mtp_auto) */
 } epic_sched_stats;
 
 /* EPIC_ERR_INVALID (logged, naming the field) for bad parameters. */
 epic_status epic_sched_create(const epic_sched_params *p, epic_sched **out);
 void epic_sched_destroy(epic_sched *s); /* NULL-safe */
 
-/* KV pages a request of n_prompt + max_new tokens reserves. */
+/* KV pages a request of n_prompt + max_new tokens reserves (+ mtp_draft rows
+ * when drafting). */
 int64_t epic_sched_pages_for(const epic_sched *s, int64_t n_prompt, int64_t max_new);
 
 /* Queue a request (id unique among live requests; n_prompt >= 1, max_new >= 1).
@@ -121,6 +159,9 @@ epic_status epic_sched_submit_prompt(epic_sched *s, uint64_t id, const int32_t *
  * be NULL), or 0 when the id is unknown (never submitted or already removed).
  * A running sequence's pages are free for admission at once. */
 int epic_sched_remove(epic_sched *s, uint64_t id, void **user);
+/* Keep a queued request from drafting (it decodes one token a step even with
+ * mtp_draft > 0). Returns 0 when id is not queued. */
+int epic_sched_no_draft(epic_sched *s, uint64_t id);
 /* Remove the first live request (queued ones first); 0 when none is left. */
 int epic_sched_pop_any(epic_sched *s, uint64_t *id, void **user);
 
@@ -128,7 +169,8 @@ int epic_sched_pop_any(epic_sched *s, uint64_t *id, void **user);
  * no entries (nothing to do). */
 epic_status epic_sched_form(epic_sched *s, epic_sched_step *out);
 /* The step formed last ran: advance every entry's sequence (cached tokens, and
- * one generated token for each SAMPLE entry). Call before removing any of them. */
+ * n_out generated tokens for each SAMPLE entry; with mtp_auto, the drafting
+ * decision). Call before removing any of them. */
 void epic_sched_commit(epic_sched *s, const epic_sched_step *st);
 
 /* 1 when a step would have something to do (queued or running requests, or

@@ -5,19 +5,21 @@
 
 #include "../common/log.h"
 #include "sampler.h"
+#include "spec.h"
 
 typedef struct xseq {
   uint64_t id;
   epic_kv_seq kv;
   epic_sampler *smp;
   int decoding; /* its prompt ended (a SAMPLE entry ran): no more publishing */
+  epic_spec *spec; /* MTP drafting state (MTP entries), else NULL */
 } xseq;
 
 struct epic_executor {
   epic_model *m;
-  epic_kvcache *kc;
+  epic_kvcache *kc, *kc_mtp;
   int rank, lockstep;
-  int64_t V;
+  int64_t V, D, mtp_draft;
   /* Sequence table: open addressing with linear probing (ids are arbitrary
    * 64-bit values and a step looks up every entry, so a linear scan would make
    * each step quadratic in the batch). */
@@ -32,6 +34,14 @@ struct epic_executor {
   uint8_t *need;        /* per logits row: the sampler needs the whole row */
   epic_row_pick *picks; /* per logits row: greedy pick made on the backend */
   size_t lrows;
+  /* MTP: hidden rows of the forward, the MTP calls' batch and logits. */
+  float *hidden, *mlogits;
+  size_t hrows, mcap;
+  epic_seq_batch *mbatch;
+  xseq **mseq;
+  int64_t *brow;  /* first output row of batch entry i */
+  int64_t *bnout; /* tokens batch entry i produced (SAMPLE) */
+  int32_t *blast; /* the last of them */
 };
 
 static size_t hash_id(uint64_t x) { /* splitmix64 finaliser: ids are often sequential */
@@ -96,6 +106,7 @@ static void erase(epic_executor *x, uint64_t id) {
 }
 
 static void free_seq(epic_executor *x, xseq *s) {
+  epic_spec_destroy(s->spec);
   epic_kvcache_seq_release(x->kc, &s->kv);
   epic_sampler_destroy(s->smp);
   free(s);
@@ -116,6 +127,16 @@ epic_status epic_executor_create(const epic_executor_params *p, epic_executor **
   x->rank = p->rank;
   x->lockstep = p->lockstep;
   x->V = epic_model_get_config(p->model)->vocab_size;
+  x->D = epic_model_get_config(p->model)->hidden_size;
+  x->kc_mtp = p->kc_mtp;
+  x->mtp_draft = p->mtp_draft;
+  if (p->kc_mtp && (p->mtp_draft < 1 || p->mtp_draft > EPIC_STEP_MAX_DRAFT ||
+                    !epic_model_has_mtp(p->model))) {
+    EPIC_LOG_ERROR("executor: an MTP cache needs a model with its MTP layer and mtp_draft in "
+                   "[1, %d] (got %lld)", EPIC_STEP_MAX_DRAFT, (long long)p->mtp_draft);
+    free(x);
+    return EPIC_ERR_INVALID;
+  }
   x->cap = 64;
   x->slots = calloc(x->cap, sizeof *x->slots);
   if (!x->slots) {
@@ -139,6 +160,13 @@ void epic_executor_destroy(epic_executor *x) {
   free(x->logits);
   free(x->need);
   free(x->picks);
+  free(x->hidden);
+  free(x->mlogits);
+  free(x->mbatch);
+  free(x->mseq);
+  free(x->brow);
+  free(x->bnout);
+  free(x->blast);
   free(x);
 }
 
@@ -160,9 +188,31 @@ static epic_status reserve_scratch(epic_executor *x, size_t n) {
     const epic_step_entry **e = realloc(x->bent, cap * sizeof *e);
     if (e)
       x->bent = e;
-    if (!b || !s || !e)
+    int64_t *r = realloc(x->brow, cap * sizeof *r);
+    if (r)
+      x->brow = r;
+    int64_t *no = realloc(x->bnout, cap * sizeof *no);
+    if (no)
+      x->bnout = no;
+    int32_t *bl = realloc(x->blast, cap * sizeof *bl);
+    if (bl)
+      x->blast = bl;
+    if (!b || !s || !e || !r || !no || !bl)
       return EPIC_ERR_NOMEM;
     x->bcap = cap;
+  }
+  return EPIC_OK;
+}
+
+/* Per output row of the forward (MTP entries have a row per token): logits,
+ * picks, and hidden rows when MTP entries need them. */
+static epic_status reserve_rows(epic_executor *x, size_t n, int hidden) {
+  if (hidden && n > x->hrows) {
+    float *h = realloc(x->hidden, n * (size_t)x->D * sizeof *h);
+    if (!h)
+      return EPIC_ERR_NOMEM;
+    x->hidden = h;
+    x->hrows = n;
   }
   if (n > x->lrows) {
     float *l = realloc(x->logits, n * (size_t)x->V * sizeof *l);
@@ -178,6 +228,28 @@ static epic_status reserve_scratch(epic_executor *x, size_t n) {
       return EPIC_ERR_NOMEM;
     x->lrows = n;
   }
+  return EPIC_OK;
+}
+
+/* The MTP calls' scratch for n sequences. */
+static epic_status reserve_mtp(epic_executor *x, size_t n) {
+  if (n <= x->mcap)
+    return EPIC_OK;
+  size_t cap = x->mcap ? x->mcap : 16;
+  while (cap < n)
+    cap *= 2;
+  epic_seq_batch *b = realloc(x->mbatch, cap * sizeof *b);
+  if (b)
+    x->mbatch = b;
+  xseq **q = realloc(x->mseq, cap * sizeof *q);
+  if (q)
+    x->mseq = q;
+  float *l = realloc(x->mlogits, cap * (size_t)x->V * sizeof *l);
+  if (l)
+    x->mlogits = l;
+  if (!b || !q || !l)
+    return EPIC_ERR_NOMEM;
+  x->mcap = cap;
   return EPIC_OK;
 }
 
@@ -220,6 +292,22 @@ static epic_status create_seq(epic_executor *x, const epic_step_entry *e, const 
           (long long)epic_kvcache_pages_for(x->kc, nw->reserve_tokens),
           (long long)epic_kvcache_free_pages(x->kc));
   }
+  if (st == EPIC_OK && (e->flags & EPIC_STEP_MTP)) {
+    epic_spec_params spp = {.size = sizeof spp, .n_draft = x->mtp_draft, .sampling = sp};
+    if (!x->kc_mtp) {
+      EPIC_LOG_ERROR("executor rank %d: sequence %llu drafts, but the engine has no MTP cache",
+                     x->rank, (unsigned long long)e->seq);
+      st = EPIC_ERR_INVALID;
+    } else {
+      st = epic_spec_create(x->m, x->kc, x->kc_mtp, &spp, &s->spec);
+    }
+    if (st == EPIC_OK) {
+      st = epic_spec_reserve(s->spec, nw->reserve_tokens);
+      if (st == EPIC_ERR_NOMEM)
+        EPIC_LOG_ERROR("executor rank %d: MTP cache cannot hold sequence %llu (%lld rows)", x->rank,
+                       (unsigned long long)e->seq, (long long)nw->reserve_tokens);
+    }
+  }
   if (st == EPIC_OK)
     st = insert(x, s);
   if (st != EPIC_OK) {
@@ -230,11 +318,15 @@ static epic_status create_seq(epic_executor *x, const epic_step_entry *e, const 
   return EPIC_OK;
 }
 
-/* Releases, creations and the batch of this rank's entries. */
+/* Releases, creations and the batch of this rank's entries; *rows: the
+ * forward's output rows, *mtp: some entry needs hidden rows. */
 static epic_status prepare(epic_executor *x, const epic_step_plan *p,
-                           const epic_executor_prefix *prefix, size_t *nb) {
+                           const epic_executor_prefix *prefix, size_t *nb, int64_t *rows,
+                           int *mtp) {
   const int32_t *tok = p->tokens;
   *nb = 0;
+  *rows = 0;
+  *mtp = 0;
   for (uint32_t i = 0; i < p->h.n_entries; i++) {
     const epic_step_entry *e = &p->entries[i];
     const int32_t *t = tok;
@@ -260,6 +352,20 @@ static epic_status prepare(epic_executor *x, const epic_step_plan *p,
                      (unsigned long long)e->seq);
       return EPIC_ERR_INVALID;
     }
+    if (!(e->flags & EPIC_STEP_MTP) && s->spec) {
+      /* Drafting ended for this sequence: its MTP rows are not needed again. */
+      epic_spec_destroy(s->spec);
+      s->spec = NULL;
+    }
+    if ((e->flags & EPIC_STEP_MTP) &&
+        (!s->spec || epic_step_entry_drafts(e) > x->mtp_draft ||
+         s->decoding != ((e->flags & EPIC_STEP_VERIFY) != 0))) {
+      EPIC_LOG_ERROR("executor rank %d: sequence %llu: MTP entry without drafting state, with "
+                     "%lld drafts (at most %lld), or VERIFY not matching its decoding state",
+                     x->rank, (unsigned long long)e->seq, (long long)epic_step_entry_drafts(e),
+                     (long long)x->mtp_draft);
+      return EPIC_ERR_INVALID;
+    }
     /* A NEW entry's start counts after its cached prefix (the plan check
      * wants NEW entries at 0). */
     int64_t start = e->start;
@@ -272,10 +378,16 @@ static epic_status prepare(epic_executor *x, const epic_step_plan *p,
       return EPIC_ERR_INVALID;
     }
     EPIC_CHECK(reserve_scratch(x, *nb + 1));
-    x->batch[*nb] =
-        (epic_seq_batch){.tokens = t, .n_tokens = e->n_tokens, .start = start, .kv = &s->kv};
+    /* MTP entries need every row: hidden rows for the MTP layer, logits rows
+     * for the verification of drafts. */
+    const int all = (e->flags & EPIC_STEP_MTP) != 0;
+    x->batch[*nb] = (epic_seq_batch){
+        .tokens = t, .n_tokens = e->n_tokens, .start = start, .kv = &s->kv, .all_logits = all};
     x->bseq[*nb] = s;
     x->bent[*nb] = e;
+    x->brow[*nb] = *rows;
+    *rows += all ? e->n_tokens : 1;
+    *mtp |= all;
     (*nb)++;
   }
   return EPIC_OK;
@@ -285,21 +397,94 @@ epic_status epic_executor_step(epic_executor *x, const epic_step_plan *p, epic_s
   return epic_executor_step_top(x, p, out, 0, NULL);
 }
 
+/* After the forward, for this rank's MTP entries: queue their kept rows for the
+ * MTP layer (VERIFY: keep the produced tokens, rolling both caches back) and
+ * set the drafts each asks for. */
+static epic_status spec_rows(epic_executor *x, size_t nb) {
+  for (size_t i = 0; i < nb; i++) {
+    const epic_step_entry *e = x->bent[i];
+    epic_spec *sp = x->bseq[i]->spec;
+    if (!(e->flags & EPIC_STEP_MTP))
+      continue;
+    const float *h = x->hidden + x->brow[i] * x->D;
+    if (e->flags & EPIC_STEP_VERIFY) {
+      EPIC_CHECK(epic_spec_keep(sp, &x->bseq[i]->kv, h, x->bnout[i]));
+    } else {
+      EPIC_CHECK(epic_spec_feed(sp, x->batch[i].tokens, h, e->n_tokens));
+      if (e->flags & EPIC_STEP_SAMPLE)
+        EPIC_CHECK(epic_spec_feed_next(sp, x->blast[i]));
+    }
+    EPIC_CHECK(epic_spec_set_drafts(sp, epic_step_entry_drafts(e)));
+  }
+  return EPIC_OK;
+}
+
+/* The plan's MTP calls (every rank makes the same number: lock-step), then the
+ * drafts into drafts[] in entry order. Runs the calls with no sequences when
+ * *st already failed, so peers are not left waiting. */
+static epic_status spec_calls(epic_executor *x, const epic_step_plan *p, size_t nb, epic_status st,
+                              int32_t *drafts) {
+  const int64_t calls = epic_step_plan_mtp_calls(p);
+  if (st == EPIC_OK)
+    st = reserve_mtp(x, nb);
+  for (int64_t c = 0; c < calls; c++) {
+    size_t m = 0;
+    for (size_t i = 0; st == EPIC_OK && i < nb; i++) {
+      epic_spec *sp = x->bseq[i]->spec;
+      if ((x->bent[i]->flags & EPIC_STEP_MTP) && epic_spec_mtp_input(sp, c, &x->mbatch[m]))
+        x->mseq[m++] = x->bseq[i];
+    }
+    if (m == 0 && !x->lockstep)
+      continue;
+    epic_status s2 = epic_model_mtp_forward(x->m, x->kc_mtp, m ? x->mbatch : NULL, (int)m,
+                                            m ? x->mlogits : NULL);
+    if (st == EPIC_OK)
+      st = s2;
+    for (size_t j = 0; st == EPIC_OK && j < m; j++)
+      epic_spec_mtp_output(x->mseq[j]->spec, c, x->mlogits + j * (size_t)x->V);
+  }
+  EPIC_CHECK(st);
+  int64_t k = 0;
+  for (size_t i = 0; i < nb; i++) {
+    const int64_t want = epic_step_entry_drafts(x->bent[i]);
+    if (want == 0)
+      continue;
+    int64_t got = 0;
+    const int32_t *d = epic_spec_drafts(x->bseq[i]->spec, &got);
+    if (got < want) {
+      EPIC_LOG_ERROR("executor rank %d: sequence %llu: %lld of %lld drafts made", x->rank,
+                     (unsigned long long)x->bent[i]->seq, (long long)got, (long long)want);
+      return EPIC_ERR_INVALID;
+    }
+    memcpy(drafts + k, d, (size_t)want * sizeof *d);
+    k += want;
+  }
+  return EPIC_OK;
+}
+
 epic_status epic_executor_step_top(epic_executor *x, const epic_step_plan *p, epic_step_sample *out,
                                    int top_n, epic_step_sample *top) {
-  return epic_executor_step_prefix(x, p, NULL, out, top_n, top);
+  return epic_executor_step_prefix(x, p, NULL, out, top_n, top, NULL);
 }
 
 epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
                                       const epic_executor_prefix *prefix, epic_step_sample *out,
-                                      int top_n, epic_step_sample *top) {
+                                      int top_n, epic_step_sample *top, int32_t *drafts) {
   size_t nb = 0;
-  epic_status st = prepare(x, p, prefix, &nb);
+  int64_t rows = 0;
+  int mtp = 0;
+  epic_status st = prepare(x, p, prefix, &nb, &rows, &mtp);
   if (st == EPIC_OK && (top_n < 0 || top_n > 64 || (top_n > 0 && !top))) {
     /* Reported after the collective forward below, like any local error. */
     EPIC_LOG_ERROR("executor: top_n %d outside [0, 64] or no top buffer", top_n);
     st = EPIC_ERR_INVALID;
   }
+  if (st == EPIC_OK && epic_step_plan_drafts(p, x->rank) > 0 && !drafts) {
+    EPIC_LOG_ERROR("executor: the plan asks for drafts and there is no drafts buffer");
+    st = EPIC_ERR_INVALID;
+  }
+  if (st == EPIC_OK && nb > 0)
+    st = reserve_rows(x, (size_t)rows, mtp);
   if (p->h.n_tokens == 0)
     return st;
   if (st != EPIC_OK || nb == 0) {
@@ -309,44 +494,78 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
       epic_status st2 = epic_model_forward(x->m, x->kc, NULL, 0, NULL, NULL);
       if (st == EPIC_OK)
         st = st2;
+      st = spec_calls(x, p, 0, st, drafts);
     }
     return st;
   }
   /* Greedy rows without top logprobs come back as picks; only the others need
-   * their vocabulary-wide logits row (a GPU backend then downloads 8 bytes). */
-  for (size_t i = 0; i < nb; i++)
-    x->need[i] = (x->bent[i]->flags & EPIC_STEP_SAMPLE) &&
-                 (top_n > 0 || !epic_sampler_greedy(x->bseq[i]->smp));
-  EPIC_CHECK(epic_model_forward_pick(x->m, x->kc, x->batch, (int)nb, x->logits, x->need, x->picks,
-                                     NULL));
+   * their vocabulary-wide logits row (a GPU backend then downloads 8 bytes).
+   * A VERIFY entry's rows all go to the spec's acceptance rule. */
+  for (size_t i = 0; i < nb; i++) {
+    const epic_step_entry *e = x->bent[i];
+    const int64_t n = x->batch[i].all_logits ? e->n_tokens : 1;
+    for (int64_t j = 0; j < n; j++)
+      x->need[x->brow[i] + j] =
+          (e->flags & EPIC_STEP_VERIFY) ||
+          ((e->flags & EPIC_STEP_SAMPLE) && j == n - 1 &&
+           (top_n > 0 || !epic_sampler_greedy(x->bseq[i]->smp)));
+  }
+  EPIC_CHECK(epic_model_forward_pick(x->m, x->kc, x->batch, (int)nb, x->logits, x->need,
+                                     x->picks, mtp ? x->hidden : NULL));
   /* The rows are written: prompt pages they complete become shareable. The
    * coordinator's mirror publishes the same pages in the same (entry) order. */
-  for (size_t i = 0; i < nb; i++) {
+  for (size_t i = 0; st == EPIC_OK && i < nb; i++) {
     xseq *s = x->bseq[i];
     if (s->decoding)
       continue;
-    EPIC_CHECK(epic_kvcache_seq_publish(x->kc, &s->kv, x->batch[i].start, x->batch[i].tokens,
-                                        x->batch[i].n_tokens));
+    st = epic_kvcache_seq_publish(x->kc, &s->kv, x->batch[i].start, x->batch[i].tokens,
+                                  x->batch[i].n_tokens);
     if (x->bent[i]->flags & EPIC_STEP_SAMPLE)
       s->decoding = 1;
   }
   int64_t k = 0;
-  for (size_t i = 0; i < nb; i++) {
+  for (size_t i = 0; st == EPIC_OK && i < nb; i++) {
     if (!(x->bent[i]->flags & EPIC_STEP_SAMPLE))
       continue;
-    float lp = x->picks[i].logprob;
-    int32_t id = x->picks[i].id;
-    if (x->need[i])
-      id = epic_sampler_sample(x->bseq[i]->smp, x->logits + i * (size_t)x->V, x->V, &lp);
-    if (top_n > 0) {
-      int32_t ids[64];
-      float lps[64];
-      int got = epic_top_logprobs(x->logits + i * (size_t)x->V, x->V, top_n, ids, lps);
-      for (int j = 0; j < top_n; j++)
-        top[k * top_n + j] = j < got ? (epic_step_sample){.id = ids[j], .logprob = lps[j]}
-                                     : (epic_step_sample){.id = -1, .logprob = 0};
+    const int64_t row = x->brow[i] + (x->batch[i].all_logits ? x->bent[i]->n_tokens - 1 : 0);
+    int64_t n_out = 1;
+    int32_t ids_v[EPIC_STEP_MAX_DRAFT + 1];
+    float lps_v[EPIC_STEP_MAX_DRAFT + 1];
+    if (x->bent[i]->flags & EPIC_STEP_VERIFY) {
+      /* Drafts tokens[1..n) against the rows of [last, drafts]: 1..n tokens. */
+      st = epic_spec_verify(x->bseq[i]->spec, x->batch[i].tokens + 1, x->bent[i]->n_tokens - 1,
+                            x->logits + x->brow[i] * x->V, ids_v, lps_v, &n_out);
+      if (st != EPIC_OK)
+        break;
+    } else {
+      float lp = x->picks[row].logprob;
+      int32_t id = x->picks[row].id;
+      if (x->need[row])
+        id = epic_sampler_sample(x->bseq[i]->smp, x->logits + row * x->V, x->V, &lp);
+      ids_v[0] = id;
+      lps_v[0] = lp;
     }
-    out[k++] = (epic_step_sample){.id = id, .logprob = lp};
+    const int64_t slots = epic_step_entry_samples(x->bent[i]);
+    const int64_t first = (x->bent[i]->flags & EPIC_STEP_VERIFY) ? x->brow[i] : row;
+    for (int64_t j = 0; j < slots; j++, k++) {
+      if (top_n > 0) {
+        int32_t ids[64];
+        float lps[64];
+        int got = j < n_out ? epic_top_logprobs(x->logits + (first + j) * x->V, x->V, top_n, ids,
+                                                lps)
+                            : 0;
+        for (int t = 0; t < top_n; t++)
+          top[k * top_n + t] = t < got ? (epic_step_sample){.id = ids[t], .logprob = lps[t]}
+                                       : (epic_step_sample){.id = -1, .logprob = 0};
+      }
+      out[k] = j < n_out ? (epic_step_sample){.id = ids_v[j], .logprob = lps_v[j]}
+                         : (epic_step_sample){.id = -1, .logprob = 0};
+    }
+    x->bnout[i] = n_out;
+    x->blast[i] = ids_v[n_out - 1];
   }
-  return EPIC_OK;
+  if (st == EPIC_OK && mtp)
+    st = spec_rows(x, nb);
+  /* Without MTP entries anywhere the plan has no MTP calls. */
+  return spec_calls(x, p, st == EPIC_OK ? nb : 0, st, drafts);
 }

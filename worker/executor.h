@@ -15,7 +15,16 @@
  * failed before the forward (it then returns the error after the collective
  * forward), so that a local error never leaves peers waiting.
  *
- * Ownership: the model and the KV cache are borrowed and must outlive the
+ * MTP speculative decoding (step_plan.h: MTP, VERIFY, draft counts): with an
+ * MTP cache (kc_mtp) a sequence created by an MTP entry keeps a worker/spec.h
+ * state; its prompt rows and verified rows go through the MTP layer, VERIFY
+ * entries are accepted by the spec's rule (greedy: identical to plain decoding),
+ * both caches are rolled back to the produced tokens, and after the forward the
+ * MTP calls (the same number on every rank, lock-step like the forward) make the
+ * drafts the plan asks for. A sequence's MTP rows are reserved at creation
+ * (reserve_tokens, like its main rows).
+ *
+ * Ownership: the model and the KV cache(s) are borrowed and must outlive the
  * executor; epic_executor_destroy releases every sequence's pages.
  * Thread contract: thread-compatible; the thread that drives the model. */
 #ifndef EPIC_WORKER_EXECUTOR_H
@@ -37,6 +46,8 @@ typedef struct epic_executor_params {
   epic_kvcache *kc;  /* borrowed: this rank's cache, from epic_model_kvcache_create */
   int rank;          /* this rank: entries naming it are run here */
   int lockstep;      /* 1 when the model was loaded with a comm (see above) */
+  epic_kvcache *kc_mtp; /* borrowed, optional: MTP cache (epic_model_kvcache_create(m, 1, ..)) */
+  int64_t mtp_draft;    /* with kc_mtp: the most drafts an entry may ask for (1..64) */
 } epic_executor_params;
 
 epic_status epic_executor_create(const epic_executor_params *p, epic_executor **out);
@@ -75,10 +86,13 @@ typedef struct epic_executor_prefix {
  * (prefix may be NULL when no NEW entry starts past 0). Full prompt pages that
  * the step's prefill chunks complete are published to the prefix cache after
  * the forward. EPIC_ERR_INVALID (logged) when the cached chain of a prefix
- * record is not there. */
+ * record is not there. out holds epic_step_plan_samples(p, rank) slots
+ * (VERIFY entries: produced tokens, then id -1); top has top_n per slot (-1
+ * ids for unused slots); drafts receives epic_step_plan_drafts(p, rank) ids in
+ * entry order (may be NULL when there are none). */
 epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
                                       const epic_executor_prefix *prefix, epic_step_sample *out,
-                                      int top_n, epic_step_sample *top);
+                                      int top_n, epic_step_sample *top, int32_t *drafts);
 
 /* Sequences this rank holds. */
 int64_t epic_executor_sequences(const epic_executor *x);

@@ -43,7 +43,7 @@ typedef struct mtp_w {
  * space that one micro-batch uses at a time. */
 enum {
   XB_CNT, XB_IDS, XB_PLAN, XB_HSEND, XB_HRECV,          /* per micro-batch */
-  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_GPLAN, XB_FWD, /* shared work space */
+  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_GPLAN, XB_FWD, XB_COPY, XB_SOFF, XB_SWL, /* shared */
   XB_N
 };
 /* Grow-only buffers in backend memory (see dbuf), the same way: a micro-batch's
@@ -89,7 +89,17 @@ struct epic_model {
   /* Expert parallelism: comm == NULL means every expert is local. */
   epic_comm *comm;
   int rank, nranks;
-  int32_t *owner; /* [(num_hidden_layers + 1) * n_routed_experts] */
+  /* Expert placement (see epic_model_set_placement), rows 0..L-1 and L (MTP):
+   * the copies of expert e of row l are on ranks rep_rank[rep_off[l*E+e] ..
+   * rep_off[l*E+e+1]) (ascending); held[l*E+e] = 1 when this rank has one. */
+  int32_t *rep_off, *rep_rank;
+  unsigned char *held;
+  /* Expert weight lists replaced by a placement change on a backend without host
+   * memory, kept until destroy: a backend may cache per-list device tables keyed
+   * by the list's address, so no address may come back with other weights. */
+  epic_weight **retired;
+  size_t n_retired;
+  int64_t *layer_tokens; /* [(L + 1) * E]: see epic_model_expert_layer_tokens */
   void *xbuf[MAX_MB][XB_N];
   size_t xcap[MAX_MB][XB_N];
   void *dbuf[MAX_MB][DB_N];
@@ -98,6 +108,7 @@ struct epic_model {
   void **placed;
   size_t n_placed, cap_placed;
   int micro_batches; /* 1 or 2, see epic_model_set_micro_batches */
+  double router_skew; /* epic_model_params.router_skew */
   int64_t *expert_tokens; /* [n_routed_experts]: see epic_model_expert_tokens */
   epic_model_stats stats;
 };
@@ -105,9 +116,12 @@ struct epic_model {
 /* Row of the all-to-all payload: the expert id (as raw int32 bits) followed by
  * the hidden vector, so one message carries both. */
 #define EP_ROW(D) ((D) + 1)
+/* Rows per expert matmul call on host-memory backends (see run_experts): the CPU
+ * matmul's fused-dot path (kernels/cpu/ops_cpu_matmul.c, EPIC_CPU_ROWS_MAX_M). */
+#define EP_ROW_CHUNK 8
 
 static int expert_is_local(const epic_model *m, int64_t l, int64_t e) {
-  return !m->comm || m->owner[l * m->cfg.n_routed_experts + e] == m->rank;
+  return !m->comm || m->held[l * m->cfg.n_routed_experts + e];
 }
 
 /* ---------------------------------------------------------------- loading */
@@ -206,6 +220,91 @@ static epic_status f32_copy(epic_model *m, const epic_weight *w, float **out) {
   return st;
 }
 
+/* w's bytes (and block scales) in backend memory of their own, so that a placement
+ * change can free them (drop_expert); w is zeroed on failure. */
+static epic_status upload_owned(epic_model *m, epic_weight *w) {
+  epic_ops *o = m->ops;
+  const size_t n = (size_t)(w->rows * w->cols) * epic_dtype_size(w->dtype);
+  size_t ns = 0;
+  void *d = NULL, *sc = NULL;
+  epic_status st;
+  if (w->scale_inv)
+    ns = (size_t)(((w->rows + w->block_rows - 1) / w->block_rows) *
+                  ((w->cols + w->block_cols - 1) / w->block_cols)) * sizeof(float);
+  EPIC_CHECK_GOTO(o->vt->alloc(o, n ? n : 1, &d), st, fail);
+  EPIC_CHECK_GOTO(o->vt->upload(o, d, w->data, n), st, fail);
+  if (w->scale_inv) {
+    EPIC_CHECK_GOTO(o->vt->alloc(o, ns, &sc), st, fail);
+    EPIC_CHECK_GOTO(o->vt->upload(o, sc, w->scale_inv, ns), st, fail);
+  }
+  w->data = d;
+  w->scale_inv = sc;
+  return EPIC_OK;
+fail:
+  o->vt->free(o, d);
+  o->vt->free(o, sc);
+  memset(w, 0, sizeof *w);
+  return st;
+}
+
+/* Expert e's gate, up and down of layer lw into w3 (zeroed by the caller): the
+ * checkpoint's mapped or generated weights (the dummy generator is keyed by the
+ * tensor name, so every rank gets the same weights for the same expert), copied
+ * into backend memory when the backend cannot read host memory. On failure w3 may
+ * be partly set: drop_expert undoes it. */
+static epic_status load_expert(epic_model *m, const layer_w *lw, int64_t e, epic_weight w3[3]) {
+  static const char *parts[3] = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
+  const int64_t D = m->cfg.hidden_size, I = m->cfg.moe_intermediate_size;
+  char name[256];
+  for (int i = 0; i < 3; i++) {
+    snprintf(name, sizeof name, "model.layers.%lld.mlp.experts.%lld.%s", (long long)lw->index,
+             (long long)e, parts[i]);
+    EPIC_CHECK(epic_checkpoint_weight(m->ck, name, i < 2 ? I : D, i < 2 ? D : I, &w3[i]));
+    if (!m->ops->vt->host_visible) EPIC_CHECK(upload_owned(m, &w3[i]));
+  }
+  return EPIC_OK;
+}
+
+/* Give up an expert's weights: backend copies are freed, mapped ones only forgotten. */
+static void drop_expert(epic_model *m, epic_weight w3[3]) {
+  for (int i = 0; i < 3; i++) {
+    if (!m->ops->vt->host_visible) {
+      /* upload_owned's blocks: the const only says the weight is not written. */
+      m->ops->vt->free(m->ops, (void *)(uintptr_t)w3[i].data);
+      m->ops->vt->free(m->ops, (void *)(uintptr_t)w3[i].scale_inv);
+    }
+    memset(&w3[i], 0, sizeof w3[i]);
+  }
+}
+
+/* Synthetic routing skew (benchmarks, dummy weights): adds router_skew * -log(1 + p)
+ * to the selection bias of the expert with popularity rank p in this layer (a fixed
+ * pseudo-random order per layer), a Zipf-like preference for a few hot experts. */
+static epic_status skew_bias(epic_model *m, int64_t slot, float *bias) {
+  const int64_t E = m->cfg.n_routed_experts;
+  float *h = malloc((size_t)E * sizeof *h);
+  uint64_t *key = malloc((size_t)E * sizeof *key);
+  epic_status st = EPIC_ERR_NOMEM;
+  if (!h || !key) goto done;
+  for (int64_t e = 0; e < E; e++) {
+    uint64_t x = (uint64_t)(slot * E + e) + 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    key[e] = x ^ (x >> 31);
+  }
+  EPIC_CHECK_GOTO(m->ops->vt->download(m->ops, h, bias, (size_t)E * sizeof *h), st, done);
+  for (int64_t e = 0; e < E; e++) {
+    int64_t p = 0;
+    for (int64_t j = 0; j < E; j++) p += key[j] < key[e] || (key[j] == key[e] && j < e);
+    h[e] += (float)(-m->router_skew * log(1.0 + (double)p));
+  }
+  st = m->ops->vt->upload(m->ops, bias, h, (size_t)E * sizeof *h);
+done:
+  free(h);
+  free(key);
+  return st;
+}
+
 static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *lw) {
   const epic_model_config *c = &m->cfg;
   const int64_t D = c->hidden_size, H = c->num_attention_heads;
@@ -257,13 +356,12 @@ static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *l
     /* noaux_tc routing needs the bias; other checkpoints may simply lack it. */
     if (strcmp(c->topk_method, "noaux_tc") == 0 || epic_checkpoint_find(m->ck, name))
       EPIC_CHECK(load_vec(m, name, E, &lw->router_bias));
+    if (m->router_skew != 0 && lw->router_bias) EPIC_CHECK(skew_bias(m, slot, lw->router_bias));
     lw->experts = calloc((size_t)E * 3, sizeof *lw->experts);
     if (!lw->experts) return EPIC_ERR_NOMEM;
     for (int64_t e = 0; e < E; e++) {
-      char prefix[64];
       if (!expert_is_local(m, slot, e)) continue; /* another rank serves it */
-      snprintf(prefix, sizeof prefix, "mlp.experts.%lld.", (long long)e);
-      EPIC_CHECK(load_mlp(m, l, prefix, c->moe_intermediate_size, &lw->experts[e * 3]));
+      EPIC_CHECK(load_expert(m, lw, e, &lw->experts[e * 3]));
     }
     if (c->n_shared_experts > 0) {
       lw->has_mlp = 1;
@@ -288,6 +386,8 @@ static void free_layer(epic_model *m, layer_w *lw) {
   o->vt->free(o, lw->kv_b_f32);
   o->vt->free(o, lw->router_f32);
   o->vt->free(o, lw->router_bias);
+  if (lw->experts)
+    for (int64_t e = 0; e < m->cfg.n_routed_experts; e++) drop_expert(m, &lw->experts[e * 3]);
   free(lw->experts);
 }
 
@@ -316,9 +416,65 @@ static epic_status load_mtp(epic_model *m) {
   return EPIC_OK;
 }
 
+/* Check placement p against this model and world; one error line naming the row,
+ * expert and rank. */
+static epic_status placement_check(const epic_model *m, const epic_expert_placement *p) {
+  const int64_t E = m->cfg.n_routed_experts, rows = m->cfg.num_hidden_layers + 1;
+  const int P = m->comm ? m->nranks : 1;
+  if (!p || p->size != sizeof *p || p->n_rows != rows || p->n_experts != E || !p->off ||
+      !p->ranks || p->off[0] != 0) {
+    EPIC_LOG_ERROR("model: expert placement: expected %lld rows of %lld experts with offsets "
+                   "from 0 (got %lld x %lld)",
+                   (long long)rows, (long long)E, p ? (long long)p->n_rows : -1LL,
+                   p ? (long long)p->n_experts : -1LL);
+    return EPIC_ERR_INVALID;
+  }
+  for (int64_t i = 0; i < rows * E; i++) {
+    const int32_t a = p->off[i], b = p->off[i + 1];
+    if (b <= a || b - a > P) {
+      EPIC_LOG_ERROR("model: expert placement: expert %lld of row %lld has %d copies (need 1..%d)",
+                     (long long)(i % E), (long long)(i / E), (int)(b - a), P);
+      return EPIC_ERR_INVALID;
+    }
+    for (int32_t j = a; j < b; j++)
+      if (p->ranks[j] < 0 || p->ranks[j] >= P || (j > a && p->ranks[j] <= p->ranks[j - 1])) {
+        EPIC_LOG_ERROR("model: expert placement: expert %lld of row %lld: rank %d is out of "
+                       "range [0, %d) or not ascending",
+                       (long long)(i % E), (long long)(i / E), p->ranks[j], P);
+        return EPIC_ERR_INVALID;
+      }
+  }
+  return EPIC_OK;
+}
+
+/* Copies of p for this model (checked): *off, *ranks, *held freshly allocated. */
+static epic_status placement_copy(const epic_model *m, const epic_expert_placement *p,
+                                  int32_t **off, int32_t **ranks, unsigned char **held) {
+  const int64_t n = p->n_rows * p->n_experts, total = p->off[n];
+  *off = malloc((size_t)(n + 1) * sizeof **off);
+  *ranks = malloc((size_t)(total > 0 ? total : 1) * sizeof **ranks);
+  *held = calloc((size_t)(n > 0 ? n : 1), 1);
+  if (!*off || !*ranks || !*held) {
+    free(*off);
+    free(*ranks);
+    free(*held);
+    *off = *ranks = NULL;
+    *held = NULL;
+    return EPIC_ERR_NOMEM;
+  }
+  memcpy(*off, p->off, (size_t)(n + 1) * sizeof **off);
+  memcpy(*ranks, p->ranks, (size_t)total * sizeof **ranks);
+  for (int64_t i = 0; i < n; i++)
+    for (int32_t j = p->off[i]; j < p->off[i + 1]; j++)
+      if (p->ranks[j] == (m->comm ? m->rank : 0)) (*held)[i] = 1;
+  return EPIC_OK;
+}
+
 /* Expert ownership: the caller's table or contiguous blocks over the ranks. */
 static epic_status setup_ep(epic_model *m, const epic_model_params *p) {
   const int64_t E = m->cfg.n_routed_experts, rows = m->cfg.num_hidden_layers + 1;
+  int32_t *off = NULL, *ranks = NULL;
+  epic_status st;
   if (!p->comm) return EPIC_OK;
   if (epic_comm_device_buffers(p->comm) && m->ops->vt->host_visible) {
     /* The exchange rows live in backend memory (see dbuf): host memory here. */
@@ -330,19 +486,38 @@ static epic_status setup_ep(epic_model *m, const epic_model_params *p) {
   m->comm = p->comm;
   m->rank = epic_comm_rank(p->comm);
   m->nranks = epic_comm_size(p->comm);
-  m->owner = malloc((size_t)(rows * (E > 0 ? E : 1)) * sizeof *m->owner);
-  if (!m->owner) return EPIC_ERR_NOMEM;
+  if (p->placement) {
+    EPIC_CHECK(placement_check(m, p->placement));
+    return placement_copy(m, p->placement, &m->rep_off, &m->rep_rank, &m->held);
+  }
+  /* One copy per expert. */
+  off = malloc((size_t)(rows * E + 1) * sizeof *off);
+  ranks = malloc((size_t)(rows * (E > 0 ? E : 1)) * sizeof *ranks);
+  if (!off || !ranks) {
+    st = EPIC_ERR_NOMEM;
+    goto done;
+  }
+  for (int64_t i = 0; i <= rows * E; i++) off[i] = (int32_t)i;
   for (int64_t l = 0; l < rows; l++)
     for (int64_t e = 0; e < E; e++) {
       int32_t r = p->expert_owner ? p->expert_owner[l * E + e] : (int32_t)((e * m->nranks) / E);
       if (r < 0 || r >= m->nranks) {
         EPIC_LOG_ERROR("model: expert %lld of layer %lld is placed on rank %d, but there are %d ranks",
                        (long long)e, (long long)l, r, m->nranks);
-        return EPIC_ERR_INVALID;
+        st = EPIC_ERR_INVALID;
+        goto done;
       }
-      m->owner[l * E + e] = r;
+      ranks[l * E + e] = r;
     }
-  return EPIC_OK;
+  {
+    const epic_expert_placement pl = {.size = sizeof pl, .n_rows = rows, .n_experts = E,
+                                      .off = off, .ranks = ranks};
+    st = placement_copy(m, &pl, &m->rep_off, &m->rep_rank, &m->held);
+  }
+done:
+  free(off);
+  free(ranks);
+  return st;
 }
 
 /* Tensors this process leaves in the checkpoint on purpose: layers cut by
@@ -396,6 +571,12 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
   m->ops = ops;
   m->micro_batches = 1;
   m->progress = p->progress;
+  m->router_skew = p->router_skew;
+  if (p->router_skew != 0 && (p->load_format != EPIC_LOAD_DUMMY || !isfinite(p->router_skew))) {
+    EPIC_LOG_ERROR("model: router_skew (synthetic routing skew) needs dummy weights and a finite value");
+    free(m);
+    return EPIC_ERR_INVALID;
+  }
   if (p->load_format == EPIC_LOAD_DUMMY) {
     epic_model_config cfg;
     EPIC_CHECK_GOTO(epic_config_load_dir(p->dir, &cfg), st, fail);
@@ -418,7 +599,9 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
     m->layers = calloc((size_t)n_layers, sizeof *m->layers);
     m->expert_tokens = calloc((size_t)(c->n_routed_experts > 0 ? c->n_routed_experts : 1),
                               sizeof *m->expert_tokens);
-    if (!m->inv_freq || !m->layers || !m->expert_tokens) {
+    m->layer_tokens = calloc((size_t)((n_layers + 1) * (c->n_routed_experts > 0 ? c->n_routed_experts : 1)),
+                             sizeof *m->layer_tokens);
+    if (!m->inv_freq || !m->layers || !m->expert_tokens || !m->layer_tokens) {
       st = EPIC_ERR_NOMEM;
       goto fail;
     }
@@ -462,7 +645,12 @@ void epic_model_destroy(epic_model *m) {
   m->ops->vt->free(m->ops, m->mtp.head_norm);
   m->ops->vt->free(m->ops, m->final_norm);
   m->ops->vt->free(m->ops, m->arena);
-  free(m->owner);
+  free(m->rep_off);
+  free(m->rep_rank);
+  free(m->held);
+  for (size_t i = 0; i < m->n_retired; i++) free(m->retired[i]);
+  free(m->retired);
+  free(m->layer_tokens);
   for (int i = 0; i < MAX_MB; i++) {
     for (int j = 0; j < XB_N; j++) free(m->xbuf[i][j]);
     for (int j = 0; j < DB_N; j++) m->ops->vt->free(m->ops, m->dbuf[i][j]);
@@ -475,6 +663,8 @@ void epic_model_destroy(epic_model *m) {
   epic_checkpoint_close(m->ck);
   free(m);
 }
+
+epic_ops *epic_model_ops(const epic_model *m) { return m->ops; }
 
 const epic_model_config *epic_model_get_config(const epic_model *m) { return &m->cfg; }
 
@@ -497,9 +687,115 @@ epic_status epic_model_expert_tokens(const epic_model *m, int64_t *counts) {
   return EPIC_OK;
 }
 
-/* Routing statistics of n (token, expert) items (host ids). */
-static void count_experts(epic_model *m, const int32_t *ids, int64_t n) {
-  for (int64_t i = 0; i < n; i++) m->expert_tokens[ids[i]]++;
+epic_status epic_model_expert_layer_tokens(const epic_model *m, int64_t *counts) {
+  if (!m || !counts) return EPIC_ERR_INVALID;
+  memcpy(counts, m->layer_tokens,
+         (size_t)((m->cfg.num_hidden_layers + 1) * m->cfg.n_routed_experts) * sizeof *counts);
+  return EPIC_OK;
+}
+
+/* The loaded layer of owner-table row l (NULL for rows nothing is loaded for). */
+static layer_w *row_layer(epic_model *m, int64_t l) {
+  const int64_t L = m->cfg.num_hidden_layers;
+  if (l < L) return m->layers[l].moe ? &m->layers[l] : NULL;
+  return m->has_mtp && m->mtp.layer.moe ? &m->mtp.layer : NULL;
+}
+
+epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement *p) {
+  const int64_t E = m->cfg.n_routed_experts, rows = m->cfg.num_hidden_layers + 1;
+  int32_t *off = NULL, *ranks = NULL;
+  unsigned char *held = NULL;
+  epic_weight *fresh = NULL, **lists = NULL;
+  epic_status st;
+  EPIC_CHECK(placement_check(m, p));
+  if (!m->comm) return EPIC_OK; /* one process holds every expert */
+  EPIC_CHECK(placement_copy(m, p, &off, &ranks, &held));
+  /* Phase 1: load every newly held expert (nothing is changed on failure). */
+  fresh = calloc((size_t)(rows * E * 3), sizeof *fresh);
+  lists = calloc((size_t)rows, sizeof *lists);
+  if (!fresh || !lists) {
+    st = EPIC_ERR_NOMEM;
+    goto fail;
+  }
+  for (int64_t l = 0; l < rows; l++) {
+    const layer_w *lw = row_layer(m, l);
+    if (!lw) continue;
+    for (int64_t e = 0; e < E; e++)
+      if (held[l * E + e] && !m->held[l * E + e])
+        EPIC_CHECK_GOTO(load_expert(m, lw, e, &fresh[(l * E + e) * 3]), st, fail);
+    /* A backend without host memory gets new lists (see m->retired). */
+    if (!m->ops->vt->host_visible && !(lists[l] = calloc((size_t)E * 3, sizeof **lists))) {
+      st = EPIC_ERR_NOMEM;
+      goto fail;
+    }
+  }
+  if (!m->ops->vt->host_visible) {
+    epic_weight **r = realloc(m->retired, (m->n_retired + (size_t)rows) * sizeof *r);
+    if (!r) {
+      st = EPIC_ERR_NOMEM;
+      goto fail;
+    }
+    m->retired = r;
+  }
+  /* Phase 2: install (cannot fail). */
+  for (int64_t l = 0; l < rows; l++) {
+    layer_w *lw = row_layer(m, l);
+    if (!lw) continue;
+    epic_weight *list = lists[l] ? lists[l] : lw->experts;
+    for (int64_t e = 0; e < E; e++) {
+      epic_weight *w = &lw->experts[e * 3], *to = &list[e * 3];
+      if (held[l * E + e] && !m->held[l * E + e]) {
+        memcpy(to, &fresh[(l * E + e) * 3], 3 * sizeof *to);
+      } else if (!held[l * E + e] && m->held[l * E + e]) {
+        drop_expert(m, w);
+      } else if (to != w) {
+        memcpy(to, w, 3 * sizeof *to);
+      }
+    }
+    if (lists[l]) {
+      m->retired[m->n_retired++] = lw->experts;
+      lw->experts = lists[l];
+    }
+  }
+  free(m->rep_off);
+  free(m->rep_rank);
+  free(m->held);
+  m->rep_off = off;
+  m->rep_rank = ranks;
+  m->held = held;
+  free(fresh);
+  free(lists);
+  return EPIC_OK;
+fail:
+  if (fresh)
+    for (int64_t i = 0; i < rows * E; i++) drop_expert(m, &fresh[i * 3]);
+  if (lists)
+    for (int64_t l = 0; l < rows; l++) free(lists[l]);
+  free(fresh);
+  free(lists);
+  free(off);
+  free(ranks);
+  free(held);
+  return st;
+}
+
+epic_status epic_model_get_placement(const epic_model *m, epic_expert_placement *out) {
+  if (!m || !out || !m->comm) return EPIC_ERR_INVALID;
+  *out = (epic_expert_placement){.size = sizeof *out,
+                                 .n_rows = m->cfg.num_hidden_layers + 1,
+                                 .n_experts = m->cfg.n_routed_experts,
+                                 .off = m->rep_off,
+                                 .ranks = m->rep_rank};
+  return EPIC_OK;
+}
+
+/* Routing statistics of n (token, expert) items (host ids) of owner-table row `slot`. */
+static void count_experts(epic_model *m, int64_t slot, const int32_t *ids, int64_t n) {
+  int64_t *row = m->layer_tokens + slot * m->cfg.n_routed_experts;
+  for (int64_t i = 0; i < n; i++) {
+    m->expert_tokens[ids[i]]++;
+    row[ids[i]]++;
+  }
 }
 int64_t epic_model_local_experts(const epic_model *m, int64_t layer) {
   int64_t n = 0;
@@ -837,6 +1133,10 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
   /* [n] source rows, [n] result rows, [E + 1] group offsets */
   int32_t *gplan = xbuf(m, 0, XB_GPLAN, (size_t)(2 * n + E + 1) * sizeof(int32_t)), *dplan;
   float *x, *g, *u, *ye;
+  const epic_weight *wl = lw->experts;
+  const int64_t *goff = off;
+  const int32_t *gdev;
+  int64_t ng = E;
   if (!off || !order || !gplan) return EPIC_ERR_NOMEM;
   if (n == 0) return EPIC_OK;
   /* Ascending expert order with item order kept inside an expert: no result
@@ -853,13 +1153,35 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
   u = dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
   ye = dbuf(m, 0, DB_Y, (size_t)(n * D) * sizeof(float));
   if (!dplan || !x || !g || !u || !ye) return EPIC_ERR_NOMEM;
+  gdev = dplan + 2 * n;
   EPIC_CHECK(o->vt->upload(o, dplan, gplan, (size_t)(2 * n + E + 1) * sizeof(int32_t)));
+  if (o->vt->host_visible) {
+    /* Row-independent expert math: the CPU matmul sums in one order up to
+     * EP_ROW_CHUNK rows and in sgemm's beyond, so each expert's rows go in chunks
+     * of at most that many. A row's result is then the same bitwise whichever
+     * other rows share its expert here: on any copy of the expert (EPLB), in any
+     * batch composition. */
+    const int64_t cap = E + n / EP_ROW_CHUNK + 1;
+    int64_t *soff = xbuf(m, 0, XB_SOFF, (size_t)(cap + 1) * sizeof *soff);
+    epic_weight *swl = xbuf(m, 0, XB_SWL, (size_t)(cap * 3) * sizeof *swl);
+    if (!soff || !swl) return EPIC_ERR_NOMEM;
+    ng = 0;
+    soff[0] = 0;
+    for (int64_t e = 0; e < E; e++)
+      for (int64_t r = off[e]; r < off[e + 1]; r += EP_ROW_CHUNK) {
+        memcpy(&swl[ng * 3], &lw->experts[e * 3], 3 * sizeof *swl);
+        soff[++ng] = r + EP_ROW_CHUNK < off[e + 1] ? r + EP_ROW_CHUNK : off[e + 1];
+      }
+    goff = soff;
+    gdev = NULL;
+    wl = swl;
+  }
   EPIC_CHECK(o->vt->copy_rows(o, n, D, src, ld, dplan, x, D, NULL));
-  EPIC_CHECK(o->vt->grouped_matmul(o, x, D, off, dplan + 2 * n, E, &lw->experts[0], 3, g, I));
-  EPIC_CHECK(o->vt->grouped_matmul(o, x, D, off, dplan + 2 * n, E, &lw->experts[1], 3, u, I));
+  EPIC_CHECK(o->vt->grouped_matmul(o, x, D, goff, gdev, ng, &wl[0], 3, g, I));
+  EPIC_CHECK(o->vt->grouped_matmul(o, x, D, goff, gdev, ng, &wl[1], 3, u, I));
   progress(f);
   EPIC_CHECK(o->vt->silu_mul(o, g, I, u, I, n, I, g, I));
-  EPIC_CHECK(o->vt->grouped_matmul(o, g, I, off, dplan + 2 * n, E, &lw->experts[2], 3, ye, D));
+  EPIC_CHECK(o->vt->grouped_matmul(o, g, I, goff, gdev, ng, &wl[2], 3, ye, D));
   progress(f);
   return o->vt->copy_rows(o, n, D, ye, D, NULL, out, D, dplan + n);
 }
@@ -876,9 +1198,10 @@ static epic_status moe_begin(fwd *f, micro_batch *b, const layer_w *lw) {
   const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
   const int64_t K = m->cfg.num_experts_per_tok, W = EP_ROW(D), M = b->M;
   const int P = m->nranks;
-  const int32_t *owner = m->owner ? m->owner + lw->slot * E : NULL, *ids;
+  const int32_t *roff = m->rep_off ? m->rep_off + lw->slot * E : NULL, *ids;
   double t = epic_now_seconds();
   int64_t *next;
+  int32_t *seen;
   int32_t *plan, *dplan; /* [M*K] source token of each send row, [M*K] its tag, [M*K] tok_list */
   if (M > 0) EPIC_CHECK(route_and_share(m, lw, s->a, M, s, s->y));
   m->stats.dense_s += epic_now_seconds() - t;
@@ -889,19 +1212,29 @@ static epic_status moe_begin(fwd *f, micro_batch *b, const layer_w *lw) {
   dplan = dbuf(m, b->id, DB_PLAN, (size_t)(3 * M * K) * sizeof(int32_t));
   if (!b->send_rows || !plan || !b->send || !dplan) return EPIC_ERR_NOMEM;
   EPIC_CHECK(to_host_i32(m, s->idx, M * K, b->id, XB_IDS, &ids));
-  count_experts(m, ids, M * K);
+  count_experts(m, lw->slot, ids, M * K);
+  seen = xbuf(m, 0, XB_COPY, (size_t)E * sizeof *seen);
+  if (!seen) return EPIC_ERR_NOMEM;
   b->recv_rows = b->send_rows + P;
   next = b->recv_rows + P;
   memset(b->send_rows, 0, 3 * (size_t)P * sizeof(int64_t));
+  /* The copy of expert e that serves this rank's j-th row for e (in (token, k)
+   * order): copy (j + rank) mod copies, so every rank spreads its rows evenly over
+   * the copies, starting at a different one. Deterministic, so both passes agree;
+   * any copy gives the same result (same weights, row-independent expert math). */
+#define EP_DEST(e) (m->rep_rank[roff[(e)] + (seen[(e)]++ + m->rank) % (roff[(e) + 1] - roff[(e)])])
   /* Rows grouped by destination rank, (token, k) order inside. */
-  for (int64_t i = 0; i < M * K; i++) b->send_rows[owner[ids[i]]]++;
+  memset(seen, 0, (size_t)E * sizeof *seen);
+  for (int64_t i = 0; i < M * K; i++) b->send_rows[EP_DEST(ids[i])]++;
   for (int p = 1; p < P; p++) next[p] = next[p - 1] + b->send_rows[p - 1];
+  memset(seen, 0, (size_t)E * sizeof *seen);
   for (int64_t i = 0; i < M * K; i++) {
-    const int64_t pos = next[owner[ids[i]]]++;
+    const int64_t pos = next[EP_DEST(ids[i])]++;
     plan[pos] = (int32_t)(i / K);
     plan[M * K + pos] = ids[i];
     plan[2 * M * K + i] = (int32_t)pos; /* where (token, k)'s result comes back */
   }
+#undef EP_DEST
   if (M > 0) {
     EPIC_CHECK(o->vt->upload(o, dplan, plan, (size_t)(3 * M * K) * sizeof(int32_t)));
     EPIC_CHECK(o->vt->copy_rows(o, M * K, D, s->a, D, dplan, b->send + 1, W, NULL));
@@ -940,7 +1273,8 @@ static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
     b->out = dbuf(m, b->id, DB_OUT, (size_t)(b->M * K * D) * sizeof(float));
     if (!b->out) return EPIC_ERR_NOMEM;
     EPIC_CHECK(to_host_i32(m, s->idx, b->M * K, b->id, XB_IDS, &ids));
-    count_experts(m, ids, b->M * K);
+    count_experts(m, lw->slot, ids, b->M * K);
+    m->stats.expert_rows += b->M * K;
     EPIC_CHECK(run_experts(f, lw, ids, b->M * K, s->a, D, K, b->out));
     m->stats.experts_s += epic_now_seconds() - t;
     return EPIC_OK;
@@ -958,7 +1292,7 @@ static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
     EPIC_CHECK(to_host_i32(m, tags, b->R, 0, XB_REXP, &rexp));
   }
   for (int64_t r = 0; r < b->R; r++)
-    if (rexp[r] < 0 || rexp[r] >= E || m->owner[lw->slot * E + rexp[r]] != m->rank) {
+    if (rexp[r] < 0 || rexp[r] >= E || !m->held[lw->slot * E + rexp[r]]) {
       EPIC_LOG_ERROR("moe: rank %d received a row for expert %d it does not hold", m->rank,
                      rexp[r]);
       return EPIC_ERR_COMM;
@@ -967,6 +1301,7 @@ static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
   b->back = dbuf(m, b->id, DB_BACK, (size_t)(b->M * K * D) * sizeof(float));
   if (!b->out || !b->back) return EPIC_ERR_NOMEM;
   t = epic_now_seconds();
+  m->stats.expert_rows += b->R;
   EPIC_CHECK(run_experts(f, lw, rexp, b->R, b->recv + 1, W, 1, b->out));
   m->stats.experts_s += epic_now_seconds() - t;
   return exchange_start(m, b, b->out, b->recv_rows, b->back, b->send_rows, D,

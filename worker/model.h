@@ -23,6 +23,19 @@ typedef struct epic_comm epic_comm; /* comm/comm.h */
 
 typedef enum { EPIC_LOAD_AUTO = 0, EPIC_LOAD_DUMMY = 1 } epic_load_format;
 
+/* Where the routed experts live (expert parallelism with redundant copies, EPLB):
+ * rows 0..num_hidden_layers-1 are the main layers, row num_hidden_layers the MTP
+ * layer (rows of dense layers are never routed but must be valid); the copies of
+ * expert e of row l are on ranks[off[l * n_experts + e] .. off[l * n_experts + e + 1]),
+ * at least one, ascending, each rank at most once. Borrowed by every call. */
+typedef struct epic_expert_placement {
+  size_t size;         /* sizeof(epic_expert_placement) */
+  int64_t n_rows;      /* num_hidden_layers + 1 */
+  int64_t n_experts;   /* n_routed_experts */
+  const int32_t *off;  /* [n_rows * n_experts + 1], off[0] = 0 */
+  const int32_t *ranks;
+} epic_expert_placement;
+
 typedef struct epic_model_params {
   size_t size;                  /* sizeof(epic_model_params) */
   const char *dir;              /* model directory (config.json [+ safetensors]) */
@@ -45,6 +58,14 @@ typedef struct epic_model_params {
    * EPIC_ERR_UNSUPPORTED. */
   epic_comm *comm;
   const int32_t *expert_owner;
+  /* Instead of expert_owner: a placement with redundant copies (see
+   * epic_model_set_placement). */
+  const epic_expert_placement *placement;
+  /* Benchmarks only, dummy weights only (EPIC_ERR_INVALID otherwise): a synthetic
+   * routing skew. Adds -router_skew * log(1 + p) to e_score_correction_bias of the
+   * expert with popularity rank p in a fixed pseudo-random order per layer, so a few
+   * hot experts take most tokens (Zipf-like). 0 = off. */
+  double router_skew;
 } epic_model_params;
 
 /* ops is borrowed and must outlive the model. Errors are logged as one line
@@ -53,6 +74,8 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
 void epic_model_destroy(epic_model *m); /* NULL-safe */
 
 const epic_model_config *epic_model_get_config(const epic_model *m);
+/* The compute backend the model runs on (the ops passed to epic_model_load). */
+epic_ops *epic_model_ops(const epic_model *m);
 int epic_model_has_mtp(const epic_model *m);
 /* Routed experts of MoE layer `layer` held by this process. */
 int64_t epic_model_local_experts(const epic_model *m, int64_t layer);
@@ -137,6 +160,7 @@ typedef struct epic_model_stats {
   int64_t dispatch_bytes;    /* bytes this rank sent in dispatch all-to-alls */
   int64_t combine_bytes;     /* bytes this rank sent in combine all-to-alls */
   int64_t a2a_calls;         /* all-to-all operations (dispatch + combine) */
+  int64_t expert_rows;       /* (token, expert) rows this rank ran through routed experts */
 } epic_model_stats;
 
 void epic_model_get_stats(const epic_model *m, epic_model_stats *out);
@@ -147,5 +171,24 @@ void epic_model_get_stats(const epic_model *m, epic_model_stats *out);
  * expert: the load statistics for expert placement (DESIGN §7). */
 epic_status epic_model_expert_tokens(const epic_model *m, int64_t *counts);
 void epic_model_reset_stats(epic_model *m);
+/* The same per MoE layer: counts[(num_hidden_layers + 1) * n_routed_experts], row l
+ * for owner-table row l (epic_expert_placement). */
+epic_status epic_model_expert_layer_tokens(const epic_model *m, int64_t *counts);
+
+/* Move the routed experts to placement p (EPLB). Collective in the sense that every
+ * rank must call it with the same p between the same two forwards (no forward in
+ * flight on any rank): dispatch then sends each (token, expert) row to one copy of
+ * the expert, spreading a rank's rows for an expert evenly over its copies. This
+ * rank loads the experts it newly holds (from the checkpoint's mapping or the dummy
+ * generator, uploaded on backends without host memory) and frees those it gives
+ * up (backend copies; mapped and dummy host weights stay with the checkpoint).
+ * Outputs do not change: a row's expert result is the same on every copy. Without
+ * comm every expert is local and p is only checked. EPIC_ERR_INVALID (logged,
+ * naming the row and expert) for a malformed p; EPIC_ERR_NOMEM / the checkpoint's
+ * errors when loading fails, and then the old placement stays in force. */
+epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement *p);
+/* The placement in force (pointers into the model, valid until the next
+ * set_placement or destroy). EPIC_ERR_INVALID without comm. */
+epic_status epic_model_get_placement(const epic_model *m, epic_expert_placement *out);
 
 #endif

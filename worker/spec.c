@@ -29,8 +29,11 @@ struct epic_spec {
   int32_t *vout;  /* [k+1] tokens the round produced */
   float *h_last;  /* [D] newest verified hidden row: stands in for drafts 2..k */
   uint64_t rng;
-  int in_round;
-  int64_t round_n, round_out;
+  int64_t kd;       /* drafts the coming MTP calls produce */
+  int64_t n_drafts; /* drafts made so far: vtok[1..n_drafts] */
+  int64_t mtp_keep; /* MTP rows of verified pairs; rows past it are draft stand-ins */
+  int in_round;     /* verified, not yet kept */
+  int64_t round_kd, round_out;
   epic_spec_stats stats;
 };
 
@@ -180,34 +183,13 @@ static epic_status pend_reserve(epic_spec *s, int64_t rows) {
   return EPIC_OK;
 }
 
-static epic_status before(epic_spec *s, int mtp) {
-  return s->p.before_forward ? s->p.before_forward(s->p.user, mtp) : EPIC_OK;
-}
-
-/* Run every complete pending pair through the MTP layer; mlog gets the last row's logits. */
-static epic_status flush(epic_spec *s) {
-  const int64_t n = s->pend_next;
-  if (n == 0) return EPIC_OK;
-  epic_seq_batch b = {.tokens = s->pend_t,
-                      .n_tokens = n,
-                      .start = s->mseq.n_tokens,
-                      .kv = &s->mseq,
-                      .hidden = s->pend_h};
-  EPIC_CHECK(before(s, 1));
-  EPIC_CHECK(epic_model_mtp_forward(s->m, s->kc_mtp, &b, 1, s->mlog));
-  s->pend_rows -= n;
-  memmove(s->pend_h, s->pend_h + n * s->D, (size_t)(s->pend_rows * s->D) * sizeof(float));
-  memmove(s->pend_t, s->pend_t + n, (size_t)s->pend_rows * sizeof(int32_t));
-  s->pend_next = 0;
-  return EPIC_OK;
-}
-
-epic_status epic_spec_observe(epic_spec *s, const float *hidden, int64_t n_rows, const int32_t *next,
-                              int64_t n_next) {
-  if (s->in_round || n_rows < 1 || (n_next != n_rows && n_next != n_rows - 1) ||
-      s->pend_next != s->pend_rows) {
-    EPIC_LOG_ERROR("spec: observe needs hidden rows whose earlier rows all have a next token "
-                   "(n_rows %lld, n_next %lld)", (long long)n_rows, (long long)n_next);
+/* Queue hidden rows whose next tokens are next[0..n_next), n_next = n_rows or
+ * n_rows - 1; the rows before must all be complete. */
+static epic_status push_rows(epic_spec *s, const float *hidden, int64_t n_rows, const int32_t *next,
+                             int64_t n_next) {
+  if (s->pend_next != s->pend_rows) {
+    EPIC_LOG_ERROR("spec: new rows while row %lld still waits for its next token",
+                   (long long)(s->mseq.n_tokens + s->pend_rows - 1));
     return EPIC_ERR_INVALID;
   }
   EPIC_CHECK(pend_reserve(s, s->pend_rows + n_rows));
@@ -215,55 +197,112 @@ epic_status epic_spec_observe(epic_spec *s, const float *hidden, int64_t n_rows,
   memcpy(s->pend_t + s->pend_rows, next, (size_t)n_next * sizeof(int32_t));
   s->pend_rows += n_rows;
   s->pend_next += n_next;
-  return flush(s);
+  return EPIC_OK;
 }
 
-epic_status epic_spec_draft_verify(epic_spec *s, epic_kv_seq *seq, int32_t last, int64_t max_out,
-                                   int32_t *out, float *logprobs, int64_t *n_out) {
-  const int64_t V = s->V, D = s->D, n = seq->n_tokens;
-  int64_t kd = s->k < max_out - 1 ? s->k : max_out - 1, m = 0;
-  int32_t tok = 0;
-  *n_out = 0;
-  if (s->in_round || max_out < 1 || s->pend_rows < 1 || s->pend_next != s->pend_rows - 1 ||
-      s->mseq.n_tokens + s->pend_rows != n) {
-    EPIC_LOG_ERROR("spec: draft_verify out of order (main cache %lld rows, MTP %lld + %lld pending)",
-                   (long long)n, (long long)s->mseq.n_tokens, (long long)s->pend_rows);
+/* Forget rows >= n, keeping their pages (see the header: reservations). */
+static void rewind_rows(epic_kv_seq *kv, int64_t n) {
+  if (n < kv->n_tokens) kv->n_tokens = n;
+}
+
+epic_status epic_spec_feed_next(epic_spec *s, int32_t tok) {
+  if (s->in_round || s->pend_next != s->pend_rows - 1) {
+    EPIC_LOG_ERROR("spec: a next token without a row waiting for it");
     return EPIC_ERR_INVALID;
   }
-  if (kd < 0) kd = 0;
-  s->pend_t[s->pend_next++] = last;
-  s->vtok[0] = last;
-  if (kd > 0) {
-    memcpy(s->h_last, s->pend_h + (s->pend_rows - 1) * D, (size_t)D * sizeof(float));
-    EPIC_CHECK(flush(s)); /* catches the MTP cache up to position n-1: draft 1 */
-    for (int64_t i = 0; i < kd; i++) {
-      if (i > 0) {
-        epic_seq_batch b = {.tokens = &s->vtok[i],
-                            .n_tokens = 1,
-                            .start = s->mseq.n_tokens,
-                            .kv = &s->mseq,
-                            .hidden = s->h_last};
-        EPIC_CHECK(before(s, 1));
-        EPIC_CHECK(epic_model_mtp_forward(s->m, s->kc_mtp, &b, 1, s->mlog));
-      }
-      if (s->greedy) {
-        s->vtok[i + 1] = epic_argmax(s->mlog, V);
-      } else {
-        float *q = s->q + i * V;
-        epic_spec_probs(s->mlog, V, &s->p.sampling, s->idx, q);
-        s->vtok[i + 1] = draw(q, V, next_unit(s));
-      }
+  s->pend_t[s->pend_next++] = tok;
+  return EPIC_OK;
+}
+
+epic_status epic_spec_feed(epic_spec *s, const int32_t *tokens, const float *hidden,
+                           int64_t n_rows) {
+  if (s->in_round || n_rows < 1) return EPIC_ERR_INVALID;
+  if (s->pend_next == s->pend_rows - 1) EPIC_CHECK(epic_spec_feed_next(s, tokens[0]));
+  return push_rows(s, hidden, n_rows, tokens + 1, n_rows - 1);
+}
+
+epic_status epic_spec_reserve(epic_spec *s, int64_t n_tokens) {
+  return epic_kvcache_seq_reserve(s->kc_mtp, &s->mseq, n_tokens);
+}
+
+epic_status epic_spec_set_drafts(epic_spec *s, int64_t kd) {
+  if (kd < 0 || kd > s->k || s->in_round) {
+    EPIC_LOG_ERROR("spec: %lld drafts asked, at most %lld per round", (long long)kd, (long long)s->k);
+    return EPIC_ERR_INVALID;
+  }
+  s->kd = kd;
+  s->n_drafts = 0;
+  return EPIC_OK;
+}
+
+int epic_spec_mtp_input(epic_spec *s, int64_t call, epic_seq_batch *b) {
+  if (call == 0) {
+    if (s->pend_next == 0) return 0;
+    /* The newest verified row stands in for the hidden state of drafts 2..k. */
+    if (s->kd > 0)
+      memcpy(s->h_last, s->pend_h + (s->pend_rows - 1) * s->D, (size_t)s->D * sizeof(float));
+    *b = (epic_seq_batch){.tokens = s->pend_t,
+                          .n_tokens = s->pend_next,
+                          .start = s->mseq.n_tokens,
+                          .kv = &s->mseq,
+                          .hidden = s->pend_h};
+    return 1;
+  }
+  if (call >= s->kd || s->n_drafts != call) return 0;
+  *b = (epic_seq_batch){.tokens = &s->vtok[call],
+                        .n_tokens = 1,
+                        .start = s->mseq.n_tokens,
+                        .kv = &s->mseq,
+                        .hidden = s->h_last};
+  return 1;
+}
+
+void epic_spec_mtp_output(epic_spec *s, int64_t call, const float *row) {
+  if (call == 0) {
+    const int64_t n = s->pend_next;
+    s->pend_rows -= n;
+    memmove(s->pend_h, s->pend_h + n * s->D, (size_t)(s->pend_rows * s->D) * sizeof(float));
+    memmove(s->pend_t, s->pend_t + n, (size_t)s->pend_rows * sizeof(int32_t));
+    s->pend_next = 0;
+    s->mtp_keep = s->mseq.n_tokens;
+  }
+  if (call >= s->kd || s->n_drafts != call) return;
+  if (s->greedy) {
+    s->vtok[call + 1] = epic_argmax(row, s->V);
+  } else {
+    float *q = s->q + call * s->V;
+    epic_spec_probs(row, s->V, &s->p.sampling, s->idx, q);
+    s->vtok[call + 1] = draw(q, s->V, next_unit(s));
+  }
+  s->n_drafts = call + 1;
+}
+
+const int32_t *epic_spec_drafts(const epic_spec *s, int64_t *n) {
+  *n = s->n_drafts;
+  return s->vtok + 1;
+}
+
+epic_status epic_spec_verify(epic_spec *s, const int32_t *drafts, int64_t kd, const float *rows,
+                             int32_t *out, float *logprobs, int64_t *n_out) {
+  const int64_t V = s->V;
+  int64_t m = 0;
+  int32_t tok = 0;
+  *n_out = 0;
+  if (s->in_round || kd < 0 || kd > s->n_drafts) {
+    EPIC_LOG_ERROR("spec: verify of %lld drafts, %lld were made", (long long)kd,
+                   (long long)s->n_drafts);
+    return EPIC_ERR_INVALID;
+  }
+  for (int64_t i = 0; i < kd; i++)
+    if (drafts[i] != s->vtok[i + 1]) {
+      EPIC_LOG_ERROR("spec: draft %lld is %d, the MTP layer drafted %d", (long long)i,
+                     (int)drafts[i], (int)s->vtok[i + 1]);
+      return EPIC_ERR_INVALID;
     }
-  }
-  {
-    epic_seq_batch b = {.tokens = s->vtok, .n_tokens = kd + 1, .start = n, .kv = seq, .all_logits = 1};
-    EPIC_CHECK(before(s, 0));
-    EPIC_CHECK(epic_model_forward(s->m, s->kc, &b, 1, s->vlog, s->vh));
-  }
   /* Accept drafts while the main model agrees; the row at the first
    * disagreement (or after the last draft) gives one more token. */
   for (;;) {
-    const float *row = s->vlog + m * V;
+    const float *row = rows + m * V;
     if (s->greedy) {
       tok = epic_argmax(row, V);
       if (m < kd && tok == s->vtok[m + 1]) {
@@ -289,7 +328,7 @@ epic_status epic_spec_draft_verify(epic_spec *s, epic_kv_seq *seq, int32_t last,
   s->vout[m] = tok;
   for (int64_t i = 0; i <= m; i++) {
     out[i] = s->vout[i];
-    if (logprobs) logprobs[i] = (float)epic_logprob_at(s->vlog + i * V, V, s->vout[i]);
+    if (logprobs) logprobs[i] = (float)epic_logprob_at(rows + i * V, V, s->vout[i]);
   }
   if (kd > 0) {
     s->stats.rounds++;
@@ -297,31 +336,79 @@ epic_status epic_spec_draft_verify(epic_spec *s, epic_kv_seq *seq, int32_t last,
     s->stats.accepted += m;
   }
   s->in_round = 1;
-  s->round_n = n;
+  s->round_kd = kd;
   s->round_out = m + 1;
+  s->n_drafts = 0; /* used up: the next round drafts anew */
   *n_out = m + 1;
   return EPIC_OK;
 }
 
-epic_status epic_spec_commit(epic_spec *s, epic_kv_seq *seq, int64_t n_keep) {
-  const int64_t n = s->round_n, D = s->D;
-  if (!s->in_round || n_keep < 1 || n_keep > s->round_out) {
-    EPIC_LOG_ERROR("spec: commit of %lld tokens without a round that produced them",
+epic_status epic_spec_keep(epic_spec *s, epic_kv_seq *seq, const float *hidden, int64_t n_keep) {
+  const int64_t n = seq->n_tokens - (s->round_kd + 1);
+  if (!s->in_round || n_keep < 1 || n_keep > s->round_out || n < 0) {
+    EPIC_LOG_ERROR("spec: keeping %lld tokens without a round that produced them",
                    (long long)n_keep);
     return EPIC_ERR_INVALID;
   }
   /* Main rows n.. hold last and the kept drafts; rows past them are rejected
-   * or unused drafts. MTP rows from n on were drafts paired with stand-in
-   * hidden states: they are recomputed from the verified rows next round. */
-  epic_kvcache_seq_truncate(s->kc, seq, n + n_keep);
-  if (s->mseq.n_tokens > n) epic_kvcache_seq_truncate(s->kc_mtp, &s->mseq, n);
-  EPIC_CHECK(pend_reserve(s, s->pend_rows + n_keep));
-  memcpy(s->pend_h + s->pend_rows * D, s->vh, (size_t)(n_keep * D) * sizeof(float));
-  memcpy(s->pend_t + s->pend_rows, s->vout, (size_t)(n_keep - 1) * sizeof(int32_t));
-  s->pend_rows += n_keep;
-  s->pend_next += n_keep - 1;
+   * or unused drafts. MTP rows past the verified pairs were drafts paired with
+   * stand-in hidden states: they are recomputed from the verified rows. */
+  rewind_rows(seq, n + n_keep);
+  rewind_rows(&s->mseq, s->mtp_keep);
   s->in_round = 0;
+  return push_rows(s, hidden, n_keep, s->vout, n_keep);
+}
+
+/* Run the MTP calls of one round on this sequence alone. */
+static epic_status run_mtp(epic_spec *s, int64_t kd) {
+  EPIC_CHECK(epic_spec_set_drafts(s, kd));
+  for (int64_t c = 0; c < (kd > 1 ? kd : 1); c++) {
+    epic_seq_batch b;
+    if (!epic_spec_mtp_input(s, c, &b)) continue;
+    if (s->p.before_forward) EPIC_CHECK(s->p.before_forward(s->p.user, 1));
+    EPIC_CHECK(epic_model_mtp_forward(s->m, s->kc_mtp, &b, 1, s->mlog));
+    epic_spec_mtp_output(s, c, s->mlog);
+  }
   return EPIC_OK;
+}
+
+epic_status epic_spec_observe(epic_spec *s, const float *hidden, int64_t n_rows, const int32_t *next,
+                              int64_t n_next) {
+  if (s->in_round || n_rows < 1 || (n_next != n_rows && n_next != n_rows - 1)) {
+    EPIC_LOG_ERROR("spec: observe needs hidden rows whose earlier rows all have a next token "
+                   "(n_rows %lld, n_next %lld)", (long long)n_rows, (long long)n_next);
+    return EPIC_ERR_INVALID;
+  }
+  EPIC_CHECK(push_rows(s, hidden, n_rows, next, n_next));
+  return run_mtp(s, 0);
+}
+
+epic_status epic_spec_draft_verify(epic_spec *s, epic_kv_seq *seq, int32_t last, int64_t max_out,
+                                   int32_t *out, float *logprobs, int64_t *n_out) {
+  const int64_t n = seq->n_tokens;
+  int64_t kd = s->k < max_out - 1 ? s->k : max_out - 1, nd = 0;
+  *n_out = 0;
+  if (s->in_round || max_out < 1 || s->pend_rows < 1 ||
+      s->mseq.n_tokens + s->pend_rows != n) {
+    EPIC_LOG_ERROR("spec: draft_verify out of order (main cache %lld rows, MTP %lld + %lld pending)",
+                   (long long)n, (long long)s->mseq.n_tokens, (long long)s->pend_rows);
+    return EPIC_ERR_INVALID;
+  }
+  if (kd < 0) kd = 0;
+  if (s->pend_next == s->pend_rows - 1) EPIC_CHECK(epic_spec_feed_next(s, last));
+  s->vtok[0] = last;
+  if (kd > 0) EPIC_CHECK(run_mtp(s, kd));
+  const int32_t *d = epic_spec_drafts(s, &nd);
+  {
+    epic_seq_batch b = {.tokens = s->vtok, .n_tokens = nd + 1, .start = n, .kv = seq, .all_logits = 1};
+    if (s->p.before_forward) EPIC_CHECK(s->p.before_forward(s->p.user, 0));
+    EPIC_CHECK(epic_model_forward(s->m, s->kc, &b, 1, s->vlog, s->vh));
+  }
+  return epic_spec_verify(s, d, nd, s->vlog, out, logprobs, n_out);
+}
+
+epic_status epic_spec_commit(epic_spec *s, epic_kv_seq *seq, int64_t n_keep) {
+  return epic_spec_keep(s, seq, s->vh, n_keep);
 }
 
 void epic_spec_get_stats(const epic_spec *s, epic_spec_stats *out) { *out = s->stats; }

@@ -1,4 +1,8 @@
-/* MTP speculative decoding for one sequence (ARCHITECTURE §12.2, DESIGN §3.4).
+/* MTP speculative decoding (ARCHITECTURE §12.2, DESIGN §3.4): one sequence's
+ * drafting state, used by `epic generate` (one sequence, epic_spec_draft_verify /
+ * epic_spec_commit) and by the serving engine's executor (many sequences whose
+ * model calls are batched: the phase functions below). Both paths run the same
+ * code; the single-sequence calls are built from the phases.
  *
  * Each round the MTP layer drafts k tokens, the main model verifies them in one
  * forward over [last, d_1..d_k], and the longest acceptable prefix plus one token
@@ -14,7 +18,8 @@
  * with probability min(1, p(d_j)/q(d_j)), and on rejection the correction is drawn
  * from normalize(max(0, p - q)). The random stream is the spec's own (seeded from
  * the sampling seed), so sampled outputs follow the same distribution as plain
- * decoding, not the same tokens.
+ * decoding, not the same tokens; they depend only on the sequence's own tokens
+ * and the number of drafts of each round.
  *
  * Drafts beyond the first reapply the MTP layer at the next positions. Its block
  * output is not exposed by model.h, so drafts 2..k pair the draft token with the
@@ -25,7 +30,12 @@
  * Positions: the main cache holds rows 0..n-1; `last` is the newest committed
  * token (position n, not yet in the main cache). The MTP cache holds rows for
  * positions below n whose (hidden, next token) pair has been processed; the rest
- * are pending inside the spec and run with the next draft.
+ * are pending inside the spec and run with the next MTP call.
+ *
+ * Rollback keeps pages: rows past the kept ones are forgotten (n_tokens lowered)
+ * but their pages stay with the sequence, because a serving sequence reserves
+ * its pages up front (and rank 0 mirrors its page table); the next forward
+ * overwrites the rows. Releasing the sequence returns them.
  *
  * Thread contract: thread-compatible; one thread drives a spec (and its model
  * and caches) at a time. Blocking. */
@@ -95,6 +105,49 @@ epic_status epic_spec_commit(epic_spec *s, epic_kv_seq *seq, int64_t n_keep);
 void epic_spec_get_stats(const epic_spec *s, epic_spec_stats *out);
 /* Rows of the spec's MTP cache sequence (for tests of the rollback). */
 int64_t epic_spec_mtp_tokens(const epic_spec *s);
+
+/* ---- Phases, for a driver that batches many sequences (worker/executor.c).
+ * One step of a sequence whose prompt has ended:
+ *   1. the main model runs [last, d_1..d_kd] (all_logits, hidden rows kept),
+ *      d_i = epic_spec_drafts()[i - 1] from the previous step;
+ *   2. epic_spec_verify(rows) gives the tokens out[0..n_out);
+ *   3. epic_spec_keep(seq, hidden rows, n_keep) rolls both caches back to the
+ *      kept tokens and queues their rows (and out[n_keep - 1] as the token after
+ *      the last one) for the MTP layer;
+ *   4. epic_spec_set_drafts(kd'), then for call c = 0, 1, .. (every sequence of
+ *      the batch takes part in the same calls): epic_spec_mtp_input(c) gives the
+ *      sequence's part of MTP forward c (if any), epic_spec_mtp_output(c) takes
+ *      its logits row; afterwards epic_spec_drafts() holds d'_1..d'_kd'.
+ * Prompt chunks go in with epic_spec_feed (their rows run in MTP call 0) and
+ * the first sampled token with epic_spec_feed_next. */
+
+/* Rows of the main model for positions n.. holding tokens[0..n_rows): tokens[0]
+ * also completes the newest pending row's pair when it waits for its next token. */
+epic_status epic_spec_feed(epic_spec *s, const int32_t *tokens, const float *hidden,
+                           int64_t n_rows);
+/* The token after the newest pending row (e.g. the first sampled token). */
+epic_status epic_spec_feed_next(epic_spec *s, int32_t tok);
+/* Reserve rows of the MTP cache (the engine reserves a sequence's whole length). */
+epic_status epic_spec_reserve(epic_spec *s, int64_t n_tokens);
+/* Drafts the coming MTP calls produce: 0..n_draft. Calls needed: max(1, kd)
+ * when anything is pending (call 0 runs the pending pairs). */
+epic_status epic_spec_set_drafts(epic_spec *s, int64_t kd);
+/* The sequence's part of MTP call `call` in *b; 0 when it has none. */
+int epic_spec_mtp_input(epic_spec *s, int64_t call, epic_seq_batch *b);
+/* After the MTP forward: its logits row for this sequence (the last row of its part). */
+void epic_spec_mtp_output(epic_spec *s, int64_t call, const float *logits_row);
+/* The drafts of the last MTP calls (*n of them; borrowed until the next call). */
+const int32_t *epic_spec_drafts(const epic_spec *s, int64_t *n);
+/* Acceptance over the main model's logits rows [kd + 1][vocab] of [last,
+ * drafts[0..kd)] (drafts must be the first kd of epic_spec_drafts; kd may be 0):
+ * out[0..*n_out) as for epic_spec_draft_verify (logprobs may be NULL). */
+epic_status epic_spec_verify(epic_spec *s, const int32_t *drafts, int64_t kd, const float *rows,
+                             int32_t *out, float *logprobs, int64_t *n_out);
+/* Keep out[0..n_keep) of the last verify: seq (whose rows n.. were written by
+ * the verify forward, n = the position of `last`) is rolled back to n + n_keep
+ * rows, the MTP cache to its verified rows, and hidden rows [n_keep][hidden]
+ * (the verify forward's first n_keep rows) are queued with their next tokens. */
+epic_status epic_spec_keep(epic_spec *s, epic_kv_seq *seq, const float *hidden, int64_t n_keep);
 
 /* The sampler's distribution over logits[0..n) as dense probabilities
  * probs[0..n) summing to 1: temperature, then top-k, then top-p, exactly as

@@ -60,8 +60,18 @@ epic_status epic_step_plan_check(const epic_step_plan *p, int nranks) {
     const char *bad = NULL;
     if (e->rank < 0 || e->rank >= nranks)
       bad = "rank";
-    else if (e->flags & ~(uint32_t)(EPIC_STEP_NEW | EPIC_STEP_RELEASE | EPIC_STEP_SAMPLE))
+    else if (e->flags & ~(uint32_t)(EPIC_STEP_NEW | EPIC_STEP_RELEASE | EPIC_STEP_SAMPLE |
+                                    EPIC_STEP_MTP | EPIC_STEP_VERIFY | EPIC_STEP_DRAFT_MASK))
       bad = "flags";
+    else if (epic_step_entry_drafts(e) > EPIC_STEP_MAX_DRAFT ||
+             (epic_step_entry_drafts(e) > 0 &&
+              (e->flags & (EPIC_STEP_SAMPLE | EPIC_STEP_MTP)) != (EPIC_STEP_SAMPLE | EPIC_STEP_MTP)))
+      bad = "flags (draft count)";
+    else if ((e->flags & EPIC_STEP_VERIFY) &&
+             ((e->flags & (EPIC_STEP_SAMPLE | EPIC_STEP_MTP | EPIC_STEP_NEW)) !=
+                  (EPIC_STEP_SAMPLE | EPIC_STEP_MTP) ||
+              e->n_tokens > EPIC_STEP_MAX_DRAFT + 1))
+      bad = "flags (VERIFY)";
     else if ((e->flags & EPIC_STEP_RELEASE) ? (e->flags != EPIC_STEP_RELEASE || e->n_tokens != 0)
                                             : e->n_tokens < 1)
       bad = "n_tokens";
@@ -86,9 +96,47 @@ epic_status epic_step_plan_check(const epic_step_plan *p, int nranks) {
   return EPIC_OK;
 }
 
+int64_t epic_step_entry_samples(const epic_step_entry *e) {
+  if (!(e->flags & EPIC_STEP_SAMPLE))
+    return 0;
+  return (e->flags & EPIC_STEP_VERIFY) ? e->n_tokens : 1;
+}
+
+int64_t epic_step_entry_drafts(const epic_step_entry *e) {
+  return (int64_t)((e->flags & EPIC_STEP_DRAFT_MASK) >> EPIC_STEP_DRAFT_SHIFT);
+}
+
 int64_t epic_step_plan_samples(const epic_step_plan *p, int rank) {
   int64_t n = 0;
   for (uint32_t i = 0; i < p->h.n_entries; i++)
-    n += p->entries[i].rank == rank && (p->entries[i].flags & EPIC_STEP_SAMPLE);
+    if (p->entries[i].rank == rank)
+      n += epic_step_entry_samples(&p->entries[i]);
   return n;
+}
+
+int64_t epic_step_plan_drafts(const epic_step_plan *p, int rank) {
+  int64_t n = 0;
+  for (uint32_t i = 0; i < p->h.n_entries; i++)
+    if (p->entries[i].rank == rank)
+      n += epic_step_entry_drafts(&p->entries[i]);
+  return n;
+}
+
+int64_t epic_step_plan_mtp_calls(const epic_step_plan *p) {
+  int64_t n = 0;
+  for (uint32_t i = 0; i < p->h.n_entries; i++) {
+    const epic_step_entry *e = &p->entries[i];
+    if (!(e->flags & EPIC_STEP_MTP) || (e->flags & EPIC_STEP_RELEASE))
+      continue;
+    const int64_t d = epic_step_entry_drafts(e);
+    if (n < (d > 1 ? d : 1))
+      n = d > 1 ? d : 1;
+  }
+  return n;
+}
+
+size_t epic_step_reply_bytes(const epic_step_plan *p, int rank) {
+  const int64_t d = epic_step_plan_drafts(p, rank);
+  return sizeof(epic_step_reply) + (size_t)epic_step_plan_samples(p, rank) * sizeof(epic_step_sample) +
+         (size_t)(d + (d & 1)) * sizeof(int32_t);
 }

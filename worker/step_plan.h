@@ -13,10 +13,28 @@
  * entry's tokens concatenated in entry order. Every rank receives the whole plan
  * (it is small: ids and positions, no activations) and runs the entries that name
  * it; all ranks then exchange results in one allgatherv whose counts follow from
- * the plan: rank r contributes an epic_step_reply followed by one epic_step_sample
- * per SAMPLE entry of rank r, in entry order; the engine appends its own fixed-size
- * parts after them (top-logprob lists, per-rank statistics and expert counts: see
- * reply_size in coordinator/engine.c), the same size on every rank.
+ * the plan: rank r contributes an epic_step_reply followed by its sample slots
+ * (epic_step_sample, epic_step_entry_samples(e) per SAMPLE entry of rank r, in
+ * entry order), then its draft slots (int32 ids, epic_step_entry_drafts(e) per
+ * entry of rank r, in entry order, padded with one -1 to an even count):
+ * epic_step_reply_bytes(p, r) bytes. The engine appends its own fixed-size parts
+ * after them (top-logprob lists, per-rank statistics and expert counts: see
+ * reply_bytes in coordinator/engine.c), the same size on every rank.
+ *
+ * MTP speculative decoding (worker/spec.h). An entry of a sequence that drafts
+ * carries MTP: its rows also go through the MTP layer (the sequence keeps an
+ * MTP cache, created with NEW; an entry without MTP for a sequence that has one
+ * ends its drafting for good and frees that cache). A decode entry of such a
+ * sequence is VERIFY: tokens[0] is the last sampled token and tokens[1..n_tokens)
+ * are the drafts the rank sent back in the previous step's draft slots (the
+ * first n_tokens - 1 of them); it has n_tokens sample slots: the produced tokens
+ * (accepted drafts, then the correction or bonus token) followed by id -1 in
+ * the unused slots. The rank keeps the produced tokens' rows in both caches and
+ * rolls the rest back. The draft count in the flags (EPIC_STEP_DRAFT_SHIFT,
+ * SAMPLE + MTP entries only) asks for that many drafts for the sequence's next
+ * step, made after the forward by MTP calls that every rank runs in lock-step:
+ * epic_step_plan_mtp_calls(p) of them, the same on every rank (a rank without
+ * MTP entries runs them with no sequences).
  * All ranks of a job run the same binary on the same architecture, so the
  * structs go over the wire as they are (fixed-width fields, no padding holes).
  *
@@ -34,10 +52,29 @@
 /* IDLE: a keep-alive rank 0 sends while it has no work, so that the workers'
  * timed control-plane waits (comm timeout_ms) only fire when rank 0 is really
  * gone; no body, the step number does not advance. */
-enum { EPIC_STEP_OP_STOP = 0, EPIC_STEP_OP_RUN = 1, EPIC_STEP_OP_IDLE = 2 };
+/* PLACE: an expert-placement round between two steps (EPLB, coordinator/eplb.h); no
+ * step-plan body, the step number does not advance. Instead every rank joins:
+ * an allreduce (sum) of its per-layer expert token counts, int64
+ * [(num_hidden_layers + 1) * n_routed_experts]; a broadcast from rank 0 of int64
+ * {apply, n} (apply: 1 = new placement, 0 = keep, -1 = rank 0 failed); when apply is
+ * 1, broadcasts of the epic_expert_placement arrays (worker/model.h) int32
+ * off[rows * E + 1] and int32 ranks[n]; then an allreduce (min) of every rank's
+ * epic_model_set_placement status. Handled by the engine before
+ * epic_step_header_check. */
+enum { EPIC_STEP_OP_STOP = 0, EPIC_STEP_OP_RUN = 1, EPIC_STEP_OP_IDLE = 2, EPIC_STEP_OP_PLACE = 3 };
 
 /* Entry flags. */
-enum { EPIC_STEP_NEW = 1u, EPIC_STEP_RELEASE = 2u, EPIC_STEP_SAMPLE = 4u };
+enum {
+  EPIC_STEP_NEW = 1u,
+  EPIC_STEP_RELEASE = 2u,
+  EPIC_STEP_SAMPLE = 4u,
+  EPIC_STEP_MTP = 8u,    /* the sequence drafts with the MTP layer (see above) */
+  EPIC_STEP_VERIFY = 16u /* decode entry of an MTP sequence: tokens[1..] are drafts */
+};
+/* Flags bits 8..15: drafts to make for the sequence's next step. */
+#define EPIC_STEP_DRAFT_SHIFT 8
+#define EPIC_STEP_DRAFT_MASK (0xffu << EPIC_STEP_DRAFT_SHIFT)
+#define EPIC_STEP_MAX_DRAFT 64
 
 typedef struct epic_step_header {
   uint32_t magic;     /* EPIC_STEP_MAGIC */
@@ -92,7 +129,17 @@ void epic_step_plan_bind(epic_step_plan *p, const epic_step_header *h, void *bod
  * field) when it is not well formed. */
 epic_status epic_step_header_check(const epic_step_header *h, uint64_t expect_step);
 epic_status epic_step_plan_check(const epic_step_plan *p, int nranks);
-/* SAMPLE entries of rank r. */
+/* Sample slots of an entry (0 unless SAMPLE; n_tokens for VERIFY, else 1) and
+ * the drafts it asks for. */
+int64_t epic_step_entry_samples(const epic_step_entry *e);
+int64_t epic_step_entry_drafts(const epic_step_entry *e);
+/* Sample slots and draft slots of rank r's entries. */
 int64_t epic_step_plan_samples(const epic_step_plan *p, int rank);
+int64_t epic_step_plan_drafts(const epic_step_plan *p, int rank);
+/* MTP calls every rank runs after the forward: max(1, drafts of any entry) when
+ * some entry carries MTP, else 0. */
+int64_t epic_step_plan_mtp_calls(const epic_step_plan *p);
+/* Bytes of rank r's reply up to its draft slots (header, samples, drafts). */
+size_t epic_step_reply_bytes(const epic_step_plan *p, int rank);
 
 #endif

@@ -4,6 +4,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -422,6 +423,124 @@ static void test_redundancy_small_sweep(void **state) {
   }
 }
 
+/* In-memory statistics (a running engine's), both policies, on skewed counts:
+ * the max/mean rank load drops, every expert keeps a copy, no rank exceeds its
+ * slots; hierarchical keeps every group on one node with n_group / nodes groups per
+ * node, and the copies of an expert on its group's node. */
+static void test_in_memory_policies(void **state) {
+  (void)state;
+  epic_model_config c;
+  load_671b(&c);
+  const int E = (int)c.n_routed_experts, L = (int)c.num_hidden_layers + 1;
+  double *counts = calloc((size_t)(L * E), sizeof(double));
+  assert_non_null(counts);
+  for (int l = 3; l < L; l++)
+    for (int e = 0; e < E; e++) /* Zipf-like over a per-layer order */
+      counts[l * E + e] = 1e5 / (1 + ((e * 37 + l * 11) % E));
+  const struct {
+    int N, R, rpn;
+    epic_eplb_policy pol;
+  } cases[] = {{16, 32, 0, EPIC_EPLB_GLOBAL}, {16, 32, 8, EPIC_EPLB_HIERARCHICAL},
+               {32, 32, 8, EPIC_EPLB_HIERARCHICAL}, {8, 7, 4, EPIC_EPLB_HIERARCHICAL},
+               {16, 0, 8, EPIC_EPLB_HIERARCHICAL}};
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    const int N = cases[k].N, R = cases[k].R, rpn = cases[k].rpn;
+    epic_plan_params p = {.size = sizeof p, .cfg = &c, .n_ranks = N, .include_mtp = 1,
+                          .n_redundant = R, .load_counts = counts, .n_load_layers = L,
+                          .policy = cases[k].pol, .ranks_per_node = rpn};
+    epic_plan *pl = NULL;
+    assert_int_equal(epic_plan_create(&p, &pl), EPIC_OK);
+    if (cases[k].pol == EPIC_EPLB_GLOBAL) {
+      check_redundant_placement(pl, R, 3, 61);
+    } else {
+      const int nn = N / rpn, G = (int)c.n_group, gs = E / G;
+      const int cap = (E / nn + (R + nn - 1) / nn + rpn - 1) / rpn;
+      for (int l = 3; l < L; l++) {
+        int total = 0;
+        for (int r = 0; r < N; r++) {
+          const int32_t *ids;
+          int n;
+          assert_int_equal(epic_plan_rank_experts(pl, l, r, &ids, &n), EPIC_OK);
+          assert_true(n <= cap);
+          total += n;
+        }
+        assert_int_equal(total, E + R);
+        int *per_node = calloc((size_t)nn, sizeof(int));
+        for (int g = 0; g < G; g++) {
+          int node = -1;
+          for (int e = g * gs; e < (g + 1) * gs; e++) {
+            const int32_t *ranks;
+            int no;
+            assert_int_equal(epic_plan_expert_owners(pl, l, e, &ranks, &no), EPIC_OK);
+            assert_true(no >= 1);
+            for (int i = 0; i < no; i++) {
+              if (node < 0)
+                node = ranks[i] / rpn;
+              assert_int_equal(ranks[i] / rpn, node); /* the group stays on one node */
+            }
+          }
+          per_node[node]++;
+        }
+        for (int n = 0; n < nn; n++)
+          assert_int_equal(per_node[n], G / nn);
+        free(per_node);
+      }
+    }
+    epic_plan_balance b;
+    assert_int_equal(epic_plan_load_balance(pl, -1, &b), EPIC_OK);
+    assert_int_equal(b.n_layers, 59);
+    assert_true(b.ratio_before > 1.2);
+    assert_true(b.ratio_after < b.ratio_before);
+    print_message("%s N %d R %d ranks/node %d: max/mean %.3f -> %.3f\n",
+                  epic_eplb_policy_name(cases[k].pol), N, R, rpn, b.ratio_before, b.ratio_after);
+    if (R >= N && cases[k].pol == EPIC_EPLB_GLOBAL)
+      assert_true(b.ratio_after < 1.1);
+    /* The same numbers from the replica lists (epic_eplb_load). */
+    {
+      const int l = 10;
+      int32_t *off = calloc((size_t)E + 1, sizeof(int32_t)), *rk = calloc((size_t)(E * N), sizeof(int32_t));
+      for (int e = 0; e < E; e++) {
+        const int32_t *ranks;
+        int no;
+        assert_int_equal(epic_plan_expert_owners(pl, l, e, &ranks, &no), EPIC_OK);
+        memcpy(rk + off[e], ranks, sizeof(int32_t) * (size_t)no);
+        off[e + 1] = off[e] + no;
+      }
+      double mx, mn;
+      epic_plan_balance bl;
+      assert_int_equal(epic_eplb_load(N, E, counts + l * E, off, rk, &mx, &mn), EPIC_OK);
+      assert_int_equal(epic_plan_load_balance(pl, l, &bl), EPIC_OK);
+      assert_true(fabs(mx - bl.max_after) <= 1e-9 * mx && fabs(mn - bl.mean_after) <= 1e-9 * mn);
+      off[1] = 0; /* expert 0 without a copy */
+      assert_int_equal(epic_eplb_load(N, E, counts + l * E, off, rk, &mx, &mn), EPIC_ERR_INVALID);
+      free(off);
+      free(rk);
+    }
+    epic_plan_destroy(pl);
+  }
+  /* Bad hierarchical shapes and inputs. */
+  epic_plan_params p = {.size = sizeof p, .cfg = &c, .n_ranks = 16, .n_redundant = 16,
+                        .load_counts = counts, .n_load_layers = L,
+                        .policy = EPIC_EPLB_HIERARCHICAL, .ranks_per_node = 3};
+  epic_plan *pl = (epic_plan *)(uintptr_t)1;
+  assert_int_equal(epic_plan_create(&p, &pl), EPIC_ERR_INVALID); /* 3 does not divide 16 */
+  assert_null(pl);
+  p.n_ranks = 48; /* 16 nodes: 8 groups do not split */
+  assert_int_equal(epic_plan_create(&p, &pl), EPIC_ERR_INVALID);
+  p.n_ranks = 16;
+  p.ranks_per_node = 8;
+  p.load_stats_path = "/nonexistent";
+  assert_int_equal(epic_plan_create(&p, &pl), EPIC_ERR_INVALID); /* file and memory */
+  p.load_stats_path = NULL;
+  counts[5 * E + 3] = -1;
+  assert_int_equal(epic_plan_create(&p, &pl), EPIC_ERR_INVALID);
+  epic_eplb_policy pol;
+  assert_int_equal(epic_eplb_policy_parse("hierarchical", &pol), EPIC_OK);
+  assert_int_equal(pol, EPIC_EPLB_HIERARCHICAL);
+  assert_int_equal(epic_eplb_policy_parse("lpt", &pol), EPIC_ERR_INVALID);
+  free(counts);
+}
+
 /* ---- errors ---- */
 
 static epic_status try_plan(const epic_model_config *c, int n, int red, const char *stats) {
@@ -537,6 +656,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_fit_671b),          cmocka_unit_test(test_placement_plain),
       cmocka_unit_test(test_redundancy_skewed), cmocka_unit_test(test_redundancy_small_sweep),
       cmocka_unit_test(test_bad_inputs),        cmocka_unit_test(test_output),
+      cmocka_unit_test(test_in_memory_policies),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

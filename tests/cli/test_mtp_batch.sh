@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# MTP speculative decoding in the batch engine (`epic batch --mtp-draft`) on the
+# tiny fixture model: greedy records (content, finish reason, usage) are
+# byte-identical with --mtp-draft off, 2 and auto, in one process and under
+# mpirun -np 2 (expert-parallel lock-step, sequences on both ranks); sampled
+# requests run with drafting; stop
+# strings and max tokens cut inside accepted runs as without drafting (small
+# pages: 4 tokens, so rollbacks cross page boundaries); the stats JSON reports
+# the drafts.
+# Usage: test_mtp_batch.sh EPIC FIXTURES [MPIEXEC]
+set -u
+EPIC="$1"
+FX="$2"
+MPIEXEC="${3:-}"
+M="$FX/tiny-bf16"
+tmp=$(mktemp -d /tmp/epic-mtp-XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok - $1"; }
+bad() { fail=$((fail + 1)); echo "FAILED - $1"; [ -f "$tmp/err" ] && tail -n 20 "$tmp/err" | sed 's/^/    /'; }
+
+# Prompts of different lengths and budgets, so sequences join and leave mid-run.
+: >"$tmp/greedy.jsonl"
+for i in 1 2 3 4 5 6 7; do
+  words=$(printf 'word%d ' $(seq 1 $((i * 3))))
+  printf '{"custom_id":"g%d","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Story %d: %s"}],"max_completion_tokens":%d,"temperature":0}}\n' \
+    "$i" "$i" "$words" $((6 + i * 4)) >>"$tmp/greedy.jsonl"
+done
+# A stop string taken from the plain run's output is added below (s1).
+: >"$tmp/sampled.jsonl"
+for i in 1 2 3; do
+  printf '{"custom_id":"s%d","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Sample %d"}],"max_completion_tokens":16,"temperature":0.9,"seed":%d}}\n' \
+    "$i" "$i" $((40 + i)) >>"$tmp/sampled.jsonl"
+done
+
+cat >"$tmp/cmp.py" <<'PY'
+import json, sys
+def load(p):
+    out = {}
+    for line in open(p):
+        r = json.loads(line)
+        b = r["response"]["body"]
+        out[r["custom_id"]] = json.dumps([b["choices"], b["usage"]], sort_keys=True)
+    return out
+a, b = load(sys.argv[1]), load(sys.argv[2])
+assert len(a) == len(b) and a.keys() == b.keys(), "different custom_ids"
+for k in a:
+    assert a[k] == b[k], "%s differs:\n  %s\n  %s" % (k, a[k], b[k])
+PY
+cat >"$tmp/stats.py" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+k, auto = int(sys.argv[2]), sys.argv[3] == "auto"
+assert s["mtp_draft"] == k and s["mtp_auto"] == auto, s
+assert s["mtp_drafted"] > 0 and 0 <= s["mtp_accepted"] <= s["mtp_drafted"], s
+assert s["mtp_verify_steps"] > 0 and s["mtp_drafted"] <= k * s["mtp_verify_steps"], s
+if auto:  # the fixture's MTP layer is untrained: every sequence stops drafting
+    assert s["mtp_stopped"] > 0, s
+PY
+
+run() { # NAME INPUT MTP [launcher args...]
+  local name="$1" input="$2" mtp="$3"
+  shift 3
+  "$@" "$EPIC" batch --model "$M" --threads 1 --page-size 4 --kv-pages 512 --step-tokens 24 \
+    --prefill-chunk 7 --quiet --mtp-draft "$mtp" --input "$tmp/$input" --output "$tmp/$name.jsonl" \
+    --stats-json "$tmp/$name.json" >"$tmp/out" 2>"$tmp/err"
+  local rc=$?
+  [ $rc -eq 0 ] && ok "$name exits 0" || bad "$name (exit $rc)"
+}
+same() { # DESC A B
+  if python3 "$tmp/cmp.py" "$tmp/$2.jsonl" "$tmp/$3.jsonl" >"$tmp/err" 2>&1; then ok "$1"; else bad "$1"; fi
+}
+
+run off0 greedy.jsonl off
+# A stop string from inside g7's plain output: drafting must cut at the same place.
+stop=$(python3 -c '
+import json,sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if r["custom_id"] == "g7":
+        t = r["response"]["body"]["choices"][0]["message"]["content"]
+        print(json.dumps(t[len(t)//2:len(t)//2+2]))' "$tmp/off0.jsonl")
+printf '{"custom_id":"stop1","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Story 7: %s"}],"max_completion_tokens":34,"temperature":0,"stop":[%s]}}\n' \
+  "$(printf 'word%d ' $(seq 1 21))" "$stop" >>"$tmp/greedy.jsonl"
+run off greedy.jsonl off
+for k in 2 auto; do
+  run "k$k" greedy.jsonl "$k"
+  same "greedy --mtp-draft $k == off (one process)" off "k$k"
+  python3 "$tmp/stats.py" "$tmp/k$k.json" "$([ $k = auto ] && echo 1 || echo $k)" "$k" >"$tmp/err" 2>&1 &&
+    ok "stats JSON reports --mtp-draft $k" || bad "stats JSON of --mtp-draft $k"
+done
+if python3 -c '
+import json,sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if r["custom_id"] == "stop1":
+        sys.exit(0 if r["response"]["body"]["choices"][0]["finish_reason"] == "stop" else 1)
+sys.exit(1)' "$tmp/k2.jsonl"; then ok "stop string inside a drafted run ends with stop"; else bad "stop string"; fi
+
+run s_k2 sampled.jsonl 2
+if [ -n "$MPIEXEC" ]; then
+  for k in off 2 auto; do
+    run "mpi_$k" greedy.jsonl "$k" "$MPIEXEC" -np 2 --oversubscribe
+    same "mpirun -np 2 --mtp-draft $k == one process off" off "mpi_$k"
+  done
+fi
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]
