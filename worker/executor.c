@@ -36,6 +36,8 @@ struct epic_executor {
   size_t lrows;
   /* MTP: hidden rows of the forward, the MTP calls' batch and logits. */
   float *hidden, *mlogits;
+  uint8_t *mneed;        /* per MTP row: a sampled draft needs the whole row */
+  epic_row_pick *mpicks; /* per MTP row: greedy draft picked on the backend */
   size_t hrows, mcap;
   epic_seq_batch *mbatch;
   xseq **mseq;
@@ -161,6 +163,8 @@ void epic_executor_destroy(epic_executor *x) {
   free(x->need);
   free(x->picks);
   free(x->hidden);
+  free(x->mneed);
+  free(x->mpicks);
   free(x->mlogits);
   free(x->mbatch);
   free(x->mseq);
@@ -247,7 +251,13 @@ static epic_status reserve_mtp(epic_executor *x, size_t n) {
   float *l = realloc(x->mlogits, cap * (size_t)x->V * sizeof *l);
   if (l)
     x->mlogits = l;
-  if (!b || !q || !l)
+  uint8_t *nd = realloc(x->mneed, cap * sizeof *nd);
+  if (nd)
+    x->mneed = nd;
+  epic_row_pick *pk = realloc(x->mpicks, cap * sizeof *pk);
+  if (pk)
+    x->mpicks = pk;
+  if (!b || !q || !l || !nd || !pk)
     return EPIC_ERR_NOMEM;
   x->mcap = cap;
   return EPIC_OK;
@@ -431,17 +441,23 @@ static epic_status spec_calls(epic_executor *x, const epic_step_plan *p, size_t 
     size_t m = 0;
     for (size_t i = 0; st == EPIC_OK && i < nb; i++) {
       epic_spec *sp = x->bseq[i]->spec;
-      if ((x->bent[i]->flags & EPIC_STEP_MTP) && epic_spec_mtp_input(sp, c, &x->mbatch[m]))
+      if ((x->bent[i]->flags & EPIC_STEP_MTP) && epic_spec_mtp_input(sp, c, &x->mbatch[m])) {
+        x->mneed[m] = !epic_spec_greedy(sp);
         x->mseq[m++] = x->bseq[i];
+      }
     }
     if (m == 0 && !x->lockstep)
       continue;
-    epic_status s2 = epic_model_mtp_forward(x->m, x->kc_mtp, m ? x->mbatch : NULL, (int)m,
-                                            m ? x->mlogits : NULL);
+    epic_status s2 = epic_model_mtp_forward_pick(x->m, x->kc_mtp, m ? x->mbatch : NULL, (int)m,
+                                                 m ? x->mlogits : NULL, x->mneed, x->mpicks);
     if (st == EPIC_OK)
       st = s2;
-    for (size_t j = 0; st == EPIC_OK && j < m; j++)
-      epic_spec_mtp_output(x->mseq[j]->spec, c, x->mlogits + j * (size_t)x->V);
+    for (size_t j = 0; st == EPIC_OK && j < m; j++) {
+      if (x->mneed[j])
+        epic_spec_mtp_output(x->mseq[j]->spec, c, x->mlogits + j * (size_t)x->V);
+      else
+        st = epic_spec_mtp_output_pick(x->mseq[j]->spec, c, &x->mpicks[j]);
+    }
   }
   EPIC_CHECK(st);
   int64_t k = 0;
@@ -500,13 +516,15 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
   }
   /* Greedy rows without top logprobs come back as picks; only the others need
    * their vocabulary-wide logits row (a GPU backend then downloads 8 bytes).
-   * A VERIFY entry's rows all go to the spec's acceptance rule. */
+   * A VERIFY entry's rows go to the spec's acceptance rule: as picks when it is
+   * greedy, else as rows. */
   for (size_t i = 0; i < nb; i++) {
     const epic_step_entry *e = x->bent[i];
     const int64_t n = x->batch[i].all_logits ? e->n_tokens : 1;
     for (int64_t j = 0; j < n; j++)
       x->need[x->brow[i] + j] =
-          (e->flags & EPIC_STEP_VERIFY) ||
+          ((e->flags & EPIC_STEP_VERIFY) &&
+           (top_n > 0 || !epic_spec_greedy(x->bseq[i]->spec))) ||
           ((e->flags & EPIC_STEP_SAMPLE) && j == n - 1 &&
            (top_n > 0 || !epic_sampler_greedy(x->bseq[i]->smp)));
   }
@@ -533,8 +551,13 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
     float lps_v[EPIC_STEP_MAX_DRAFT + 1];
     if (x->bent[i]->flags & EPIC_STEP_VERIFY) {
       /* Drafts tokens[1..n) against the rows of [last, drafts]: 1..n tokens. */
-      st = epic_spec_verify(x->bseq[i]->spec, x->batch[i].tokens + 1, x->bent[i]->n_tokens - 1,
-                            x->logits + x->brow[i] * x->V, ids_v, lps_v, &n_out);
+      if (x->need[x->brow[i]])
+        st = epic_spec_verify(x->bseq[i]->spec, x->batch[i].tokens + 1, x->bent[i]->n_tokens - 1,
+                              x->logits + x->brow[i] * x->V, ids_v, lps_v, &n_out);
+      else
+        st = epic_spec_verify_picks(x->bseq[i]->spec, x->batch[i].tokens + 1,
+                                    x->bent[i]->n_tokens - 1, x->picks + x->brow[i], ids_v,
+                                    lps_v, &n_out);
       if (st != EPIC_OK)
         break;
     } else {

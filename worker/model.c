@@ -1729,6 +1729,13 @@ done:
 
 epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
                                    int n_seqs, float *logits) {
+  return epic_model_mtp_forward_pick(m, kc, seqs, n_seqs, logits, NULL, NULL);
+}
+
+epic_status epic_model_mtp_forward_pick(epic_model *m, epic_kvcache *kc,
+                                        const epic_seq_batch *seqs, int n_seqs, float *logits,
+                                        const uint8_t *need_logits, epic_row_pick *picks) {
+  const head_out ho = {.logits = logits, .need = need_logits, .picks = picks};
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size;
   const float eps = (float)m->cfg.rms_norm_eps;
@@ -1767,7 +1774,7 @@ epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_s
   if (sh.M > 0)
     EPIC_CHECK_GOTO(
         finish(&f, seqs, n_seqs, &sh, m->mtp.head_norm, &m->mtp.head, &s,
-               &(head_out){.logits = logits}, NULL),
+               &ho, NULL),
         st, fail);
   st = EPIC_OK;
   goto done;

@@ -133,6 +133,10 @@ epic_status epic_model_forward_pick(epic_model *m, epic_kvcache *kc, const epic_
  * logits: [out_rows][vocab]. */
 epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
                                    int n_seqs, float *logits);
+/* epic_model_mtp_forward with picks and needed rows as in epic_model_forward_pick. */
+epic_status epic_model_mtp_forward_pick(epic_model *m, epic_kvcache *kc,
+                                        const epic_seq_batch *seqs, int n_seqs, float *logits,
+                                        const uint8_t *need_logits, epic_row_pick *picks);
 
 /* Two-micro-batch pipelining (DESIGN §3). With n = 2 a forward splits its
  * sequences into two micro-batches of about equal token counts and runs them

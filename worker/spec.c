@@ -257,7 +257,11 @@ int epic_spec_mtp_input(epic_spec *s, int64_t call, epic_seq_batch *b) {
   return 1;
 }
 
-void epic_spec_mtp_output(epic_spec *s, int64_t call, const float *row) {
+int epic_spec_greedy(const epic_spec *s) { return s->greedy; }
+
+/* row: the MTP logits row; pick: its backend pick (greedy specs may pass it
+ * instead of the row). */
+static void mtp_output(epic_spec *s, int64_t call, const float *row, const epic_row_pick *pick) {
   if (call == 0) {
     const int64_t n = s->pend_next;
     s->pend_rows -= n;
@@ -268,7 +272,7 @@ void epic_spec_mtp_output(epic_spec *s, int64_t call, const float *row) {
   }
   if (call >= s->kd || s->n_drafts != call) return;
   if (s->greedy) {
-    s->vtok[call + 1] = epic_argmax(row, s->V);
+    s->vtok[call + 1] = pick ? pick->id : epic_argmax(row, s->V);
   } else {
     float *q = s->q + call * s->V;
     epic_spec_probs(row, s->V, &s->p.sampling, s->idx, q);
@@ -277,13 +281,28 @@ void epic_spec_mtp_output(epic_spec *s, int64_t call, const float *row) {
   s->n_drafts = call + 1;
 }
 
+void epic_spec_mtp_output(epic_spec *s, int64_t call, const float *row) {
+  mtp_output(s, call, row, NULL);
+}
+
+epic_status epic_spec_mtp_output_pick(epic_spec *s, int64_t call, const epic_row_pick *pick) {
+  if (!s->greedy) {
+    EPIC_LOG_ERROR("spec: a sampled draft needs the MTP logits row, not a pick");
+    return EPIC_ERR_INVALID;
+  }
+  mtp_output(s, call, NULL, pick);
+  return EPIC_OK;
+}
+
 const int32_t *epic_spec_drafts(const epic_spec *s, int64_t *n) {
   *n = s->n_drafts;
   return s->vtok + 1;
 }
 
-epic_status epic_spec_verify(epic_spec *s, const int32_t *drafts, int64_t kd, const float *rows,
-                             int32_t *out, float *logprobs, int64_t *n_out) {
+/* Acceptance over logits rows, or for a greedy spec over the rows' picks. */
+static epic_status verify(epic_spec *s, const int32_t *drafts, int64_t kd, const float *rows,
+                          const epic_row_pick *picks, int32_t *out, float *logprobs,
+                          int64_t *n_out) {
   const int64_t V = s->V;
   int64_t m = 0;
   int32_t tok = 0;
@@ -302,9 +321,9 @@ epic_status epic_spec_verify(epic_spec *s, const int32_t *drafts, int64_t kd, co
   /* Accept drafts while the main model agrees; the row at the first
    * disagreement (or after the last draft) gives one more token. */
   for (;;) {
-    const float *row = rows + m * V;
+    const float *row = rows ? rows + m * V : NULL;
     if (s->greedy) {
-      tok = epic_argmax(row, V);
+      tok = picks ? picks[m].id : epic_argmax(row, V);
       if (m < kd && tok == s->vtok[m + 1]) {
         s->vout[m++] = tok;
         continue;
@@ -328,7 +347,8 @@ epic_status epic_spec_verify(epic_spec *s, const int32_t *drafts, int64_t kd, co
   s->vout[m] = tok;
   for (int64_t i = 0; i <= m; i++) {
     out[i] = s->vout[i];
-    if (logprobs) logprobs[i] = (float)epic_logprob_at(rows + i * V, V, s->vout[i]);
+    if (logprobs)
+      logprobs[i] = picks ? picks[i].logprob : (float)epic_logprob_at(rows + i * V, V, s->vout[i]);
   }
   if (kd > 0) {
     s->stats.rounds++;
@@ -341,6 +361,22 @@ epic_status epic_spec_verify(epic_spec *s, const int32_t *drafts, int64_t kd, co
   s->n_drafts = 0; /* used up: the next round drafts anew */
   *n_out = m + 1;
   return EPIC_OK;
+}
+
+epic_status epic_spec_verify(epic_spec *s, const int32_t *drafts, int64_t kd, const float *rows,
+                             int32_t *out, float *logprobs, int64_t *n_out) {
+  return verify(s, drafts, kd, rows, NULL, out, logprobs, n_out);
+}
+
+epic_status epic_spec_verify_picks(epic_spec *s, const int32_t *drafts, int64_t kd,
+                                   const epic_row_pick *picks, int32_t *out, float *logprobs,
+                                   int64_t *n_out) {
+  if (!s->greedy) {
+    *n_out = 0;
+    EPIC_LOG_ERROR("spec: sampled acceptance needs the logits rows, not picks");
+    return EPIC_ERR_INVALID;
+  }
+  return verify(s, drafts, kd, NULL, picks, out, logprobs, n_out);
 }
 
 epic_status epic_spec_keep(epic_spec *s, epic_kv_seq *seq, const float *hidden, int64_t n_keep) {

@@ -132,10 +132,16 @@ epic_status epic_spec_reserve(epic_spec *s, int64_t n_tokens);
 /* Drafts the coming MTP calls produce: 0..n_draft. Calls needed: max(1, kd)
  * when anything is pending (call 0 runs the pending pairs). */
 epic_status epic_spec_set_drafts(epic_spec *s, int64_t kd);
+/* 1 when the spec accepts by argmax (greedy sampling): it then takes the
+ * backend's picks (model.h epic_row_pick) instead of logits rows, which a GPU
+ * backend need not download. */
+int epic_spec_greedy(const epic_spec *s);
 /* The sequence's part of MTP call `call` in *b; 0 when it has none. */
 int epic_spec_mtp_input(epic_spec *s, int64_t call, epic_seq_batch *b);
 /* After the MTP forward: its logits row for this sequence (the last row of its part). */
 void epic_spec_mtp_output(epic_spec *s, int64_t call, const float *logits_row);
+/* epic_spec_mtp_output from the row's pick; greedy specs only (else EPIC_ERR_INVALID). */
+epic_status epic_spec_mtp_output_pick(epic_spec *s, int64_t call, const epic_row_pick *pick);
 /* The drafts of the last MTP calls (*n of them; borrowed until the next call). */
 const int32_t *epic_spec_drafts(const epic_spec *s, int64_t *n);
 /* Acceptance over the main model's logits rows [kd + 1][vocab] of [last,
@@ -143,6 +149,11 @@ const int32_t *epic_spec_drafts(const epic_spec *s, int64_t *n);
  * out[0..*n_out) as for epic_spec_draft_verify (logprobs may be NULL). */
 epic_status epic_spec_verify(epic_spec *s, const int32_t *drafts, int64_t kd, const float *rows,
                              int32_t *out, float *logprobs, int64_t *n_out);
+/* epic_spec_verify from the rows' picks [kd + 1]; greedy specs only (else
+ * EPIC_ERR_INVALID). Same tokens and logprobs as from the rows themselves. */
+epic_status epic_spec_verify_picks(epic_spec *s, const int32_t *drafts, int64_t kd,
+                                   const epic_row_pick *picks, int32_t *out, float *logprobs,
+                                   int64_t *n_out);
 /* Keep out[0..n_keep) of the last verify: seq (whose rows n.. were written by
  * the verify forward, n = the position of `last`) is rolled back to n + n_keep
  * rows, the MTP cache to its verified rows, and hidden rows [n_keep][hidden]

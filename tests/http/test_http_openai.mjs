@@ -191,6 +191,8 @@ async function serveTests(srv) {
     check("e2e and tpot histograms present", m1s.epic_e2e_request_latency_seconds_count > 0 && m1s.epic_time_per_output_token_seconds_count > 0);
     check("kv cache gauges", m1s.epic_kv_cache_pages_total > 0 && m1s.epic_kv_cache_usage_ratio >= 0);
     check("prefix cache gauge", m1s.epic_prefix_cache_pages >= 0 && m1s.epic_prefix_cache_hit_tokens_total >= 0);
+    // Greedy requests on a checkpoint with an MTP layer draft by default (--mtp-draft auto).
+    check("mtp drafts counted", m1s.epic_mtp_draft_tokens_total > 0 && m1s.epic_mtp_accepted_tokens_total >= 0, m1s.epic_mtp_draft_tokens_total);
     check("a2a families present", 'epic_a2a_bytes_total{backend="none",phase="dispatch"}' in m1s);
     check("http 4xx counted", m1s['epic_http_requests_total{endpoint="/v1/chat/completions",code="4xx"}'] >= errs.length);
     check("process start time", m1s.epic_process_start_time_seconds > 1.6e9);
@@ -220,7 +222,9 @@ async function main() {
     gw = await start([EPIC, "gateway", "--upstream", `127.0.0.1:${serve.grpc}`, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"], true);
     const g = new OpenAI({ baseURL: `http://127.0.0.1:${gw.http}/v1`, apiKey: "unused", maxRetries: 0 });
     let models = null;
-    for (let i = 0; i < 50 && !models; i++) {
+    // Until the gateway's first health check of its upstream: a deadline, not a
+    // count of tries (seconds on a loaded machine).
+    for (const end = Date.now() + 60000; !models && Date.now() < end;) {
       try { models = await g.models.list(); } catch { await new Promise((r) => setTimeout(r, 100)); }
     }
     check("gateway: models", models && models.data[0].id === NAME, models?.data);

@@ -158,6 +158,12 @@ static void test_metrics_render(void **state) {
   s.has_prefix_cache = 1;
   s.prefix_hit_tokens_total = 640;
   s.prefix_cached_pages = 9;
+  s.has_mtp = 1;
+  s.mtp_draft_tokens_total = 50;
+  s.mtp_accepted_tokens_total = 41;
+  s.has_eplb = 1;
+  s.eplb_rebalances_total = 3;
+  s.eplb_imbalance = 1.25;
   s.has_a2a = 1;
   s.a2a_backend = "nccl";
   s.a2a_dispatch_bytes = 123;
@@ -180,6 +186,10 @@ static void test_metrics_render(void **state) {
       "epic_kv_cache_usage_ratio 0.250000\n",
       "# TYPE epic_prefix_cache_hit_tokens_total counter\nepic_prefix_cache_hit_tokens_total 640\n",
       "# TYPE epic_prefix_cache_pages gauge\nepic_prefix_cache_pages 9\n",
+      "# TYPE epic_mtp_draft_tokens_total counter\nepic_mtp_draft_tokens_total 50\n",
+      "# TYPE epic_mtp_accepted_tokens_total counter\nepic_mtp_accepted_tokens_total 41\n",
+      "# TYPE epic_eplb_rebalances_total counter\nepic_eplb_rebalances_total 3\n",
+      "# TYPE epic_eplb_imbalance gauge\nepic_eplb_imbalance 1.250000\n",
       "epic_a2a_bytes_total{backend=\"nccl\",phase=\"dispatch\"} 123\n",
       "epic_expert_tokens_total{expert=\"1\"} 7\n",
       "epic_http_requests_total{endpoint=\"/v1/chat/completions\",code=\"4xx\"} 2\n",
