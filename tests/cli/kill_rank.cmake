@@ -8,7 +8,7 @@ foreach(b ${_kill_backends})
   add_test(NAME cli_kill_rank_${b}
            COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/test_kill_rank.sh $<TARGET_FILE:epic> ${EPIC_FIXTURES_DIR}
                    ${MPIEXEC_EXECUTABLE} ${b})
-  set_tests_properties(cli_kill_rank_${b} PROPERTIES LABELS "e2e;mpi" TIMEOUT 240
+  set_tests_properties(cli_kill_rank_${b} PROPERTIES LABELS "e2e;mpi" TIMEOUT 330
                        ENVIRONMENT "OMP_NUM_THREADS=1;${EPIC_MPI_TEST_ENV}")
 endforeach()
 # A rank that is stopped (alive but silent) must not hang the others either:
@@ -20,6 +20,6 @@ if(EPIC_UCX_ENABLED)
   add_test(NAME cli_kill_rank_ucx_stop
            COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/test_kill_rank.sh $<TARGET_FILE:epic> ${EPIC_FIXTURES_DIR}
                    ${MPIEXEC_EXECUTABLE} ucx stop)
-  set_tests_properties(cli_kill_rank_ucx_stop PROPERTIES LABELS "e2e;mpi" TIMEOUT 240
+  set_tests_properties(cli_kill_rank_ucx_stop PROPERTIES LABELS "e2e;mpi" TIMEOUT 330
                        ENVIRONMENT "OMP_NUM_THREADS=1;${EPIC_MPI_TEST_ENV}")
 endif()

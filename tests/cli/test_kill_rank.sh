@@ -20,12 +20,37 @@ if [ "$MODE" = stop ]; then
 fi
 VICTIM=1
 BOUND=60
+# Start-up and loading of 3 ranks: seconds normally, a minute or more for
+# sanitizer builds on a loaded 2-core machine (deadline, not a wait).
+LOAD_BOUND=150
 tmp=$(mktemp -d /tmp/epic-kill-XXXXXX)
 job=
 victim=
+# descendants PID: every process below PID (timeout -> mpirun -> ranks).
+descendants() {
+  local c
+  for c in $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
+    echo "$c"
+    descendants "$c"
+  done
+}
+# stop_job: TERM to `timeout`, which passes it on to mpirun (which takes its ranks
+# down); KILL what is left after 10 s. (A bare KILL of `timeout` would leave mpirun
+# and three ranks generating 30000 tokens each on the machine.)
+stop_job() {
+  local pids
+  pids=$(descendants "$job") # before they lose their parent
+  kill -TERM "$job" 2>/dev/null
+  for _ in $(seq 1 100); do
+    kill -0 "$job" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -9 $pids "$job" 2>/dev/null
+  wait "$job" 2>/dev/null
+}
 cleanup() {
   [ -n "$victim" ] && kill -CONT "$victim" 2>/dev/null
-  [ -n "$job" ] && kill -9 "$job" 2>/dev/null
+  [ -n "$job" ] && stop_job
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -39,18 +64,10 @@ done >"$tmp/req.jsonl"
 export EPIC_LOG_LEVEL=info
 # A tag in the environment tells this job's ranks from any other test's.
 export EPIC_KILL_TEST_TAG="$$-$RANDOM"
-timeout -k 5 $((BOUND * 3)) "$MPIEXEC" -np 3 --oversubscribe "$EPIC" generate --model "$FX/tiny-bf16" \
+timeout -k 5 $((LOAD_BOUND + BOUND + 60)) "$MPIEXEC" -np 3 --oversubscribe "$EPIC" generate --model "$FX/tiny-bf16" \
   --requests "$tmp/req.jsonl" --comm "$BACKEND" --kv-pages 480 >"$tmp/log" 2>&1 &
 job=$!
 
-# descendants PID: every process below PID (timeout -> mpirun -> ranks).
-descendants() {
-  local c
-  for c in $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
-    echo "$c"
-    descendants "$c"
-  done
-}
 # rank_pid R: the pid of this job's rank R (from /proc/PID/environ; the tag
 # guards against a process that is not one of our ranks).
 rank_pid() {
@@ -82,9 +99,13 @@ fi
 # layer" line: loading starts only after every rank created the comm). A rank
 # stopped inside MPI_Init hangs the others in Open MPI's start-up exchange, which
 # no EPIC timeout can cover; on a loaded machine start-up takes seconds.
-for _ in $(seq 1 600); do
-  grep -q "loaded layer" "$tmp/log" && break
-  kill -0 "$job" 2>/dev/null || break
+deadline=$((SECONDS + LOAD_BOUND))
+while ! grep -q "loaded layer" "$tmp/log"; do
+  if ! kill -0 "$job" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+    cat "$tmp/log"
+    echo "FAIL: the job did not finish loading within $LOAD_BOUND s"
+    exit 1
+  fi
   sleep 0.1
 done
 # Let generation run for a while.
@@ -97,6 +118,16 @@ fi
 echo "SIG$SIGNAL to rank $VICTIM (pid $victim)"
 start=$(date +%s)
 kill -s "$SIGNAL" "$victim"
+# The job must end within BOUND s: poll, so that a hang fails (and is cleaned up)
+# at the bound instead of at the outer timeout.
+while kill -0 "$job" 2>/dev/null && [ $(($(date +%s) - start)) -le "$BOUND" ]; do
+  sleep 0.2
+done
+if kill -0 "$job" 2>/dev/null; then
+  cat "$tmp/log"
+  echo "FAIL: the job did not end within $BOUND s of the signal"
+  exit 1
+fi
 wait "$job"
 rc=$?
 job=

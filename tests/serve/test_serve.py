@@ -29,7 +29,9 @@ def epic_json(*args):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def wait_until(pred, timeout=10.0):
+def wait_until(pred, timeout=60.0):
+    # Generous: returns as soon as pred holds; sanitizer builds on a loaded
+    # machine take a while to wind a cancelled sequence down.
     deadline = time.time() + timeout
     while time.time() < deadline:
         if pred():
