@@ -57,14 +57,15 @@ typedef struct epic_cuda_ops {
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
   int lt_next; /* round-robin replacement in lt_plans */
   epic_cuda_lt_plan lt_plans[EPIC_CUDA_LT_PLANS];
-  /* Device tables of the expert weights of grouped_matmul, built on first use (the
-   * model's weight lists never move), keyed by the host list. */
+  /* Device tables of the expert weights of grouped_matmul, built on first use,
+   * keyed by the host list (a list's address never comes back with other weights:
+   * worker/model.c keeps replaced lists); when full, replaced round-robin. */
   struct epic_cuda_group_tab {
     const epic_weight *key;
     int64_t stride, n;
     void *dev; /* epic_cuk_group_w[n] */
   } group_tabs[EPIC_CUDA_GROUP_TABS];
-  int n_group_tabs;
+  int n_group_tabs, group_next;
   /* scratch */
   epic_cuda_buf act;   /* converted / quantised activations */
   epic_cuda_buf act_s; /* activation scales */

@@ -347,8 +347,6 @@ static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *
     if (t->key == w && t->stride == stride && t->n == n)
       return t->dev;
   }
-  if (c->n_group_tabs == EPIC_CUDA_GROUP_TABS)
-    return NULL;
   epic_cuk_group_w *h = calloc((size_t)n, sizeof *h);
   if (!h) {
     *st = EPIC_ERR_NOMEM;
@@ -376,8 +374,17 @@ static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *
     *st = epic_cuda_check(e, "grouped matmul: weight table");
     return NULL;
   }
-  c->group_tabs[c->n_group_tabs++] =
-      (struct epic_cuda_group_tab){.key = w, .stride = stride, .n = n, .dev = d};
+  /* A full cache gives way round-robin (lists replaced by expert re-placement
+   * are never used again); cudaFree waits for kernels still reading the table. */
+  int slot = c->n_group_tabs;
+  if (slot == EPIC_CUDA_GROUP_TABS) {
+    slot = c->group_next;
+    c->group_next = (slot + 1) % EPIC_CUDA_GROUP_TABS;
+    cudaFree(c->group_tabs[slot].dev);
+  } else {
+    c->n_group_tabs++;
+  }
+  c->group_tabs[slot] = (struct epic_cuda_group_tab){.key = w, .stride = stride, .n = n, .dev = d};
   return d;
 }
 
