@@ -178,33 +178,34 @@ int64_t epic_executor_sequences(const epic_executor *x) {
   return (int64_t)x->n;
 }
 
+/* realloc of the array at *pp (a T ** passed as void *) to n elements of elem
+ * bytes: 1 on success; on failure the old array stays and 0 is returned. */
+static int resize(void *pp, size_t n, size_t elem) {
+  void **p = pp;
+  void *q = realloc(*p, n * elem);
+  if (!q)
+    return 0;
+  *p = q;
+  return 1;
+}
+
+/* Capacity for n: doubling from 16. */
+static size_t grown(size_t cap, size_t n) {
+  cap = cap ? cap : 16;
+  while (cap < n)
+    cap *= 2;
+  return cap;
+}
+
 static epic_status reserve_scratch(epic_executor *x, size_t n) {
-  if (n > x->bcap) {
-    size_t cap = x->bcap ? x->bcap : 16;
-    while (cap < n)
-      cap *= 2;
-    epic_seq_batch *b = realloc(x->batch, cap * sizeof *b);
-    if (b)
-      x->batch = b;
-    xseq **s = realloc(x->bseq, cap * sizeof *s);
-    if (s)
-      x->bseq = s;
-    const epic_step_entry **e = realloc(x->bent, cap * sizeof *e);
-    if (e)
-      x->bent = e;
-    int64_t *r = realloc(x->brow, cap * sizeof *r);
-    if (r)
-      x->brow = r;
-    int64_t *no = realloc(x->bnout, cap * sizeof *no);
-    if (no)
-      x->bnout = no;
-    int32_t *bl = realloc(x->blast, cap * sizeof *bl);
-    if (bl)
-      x->blast = bl;
-    if (!b || !s || !e || !r || !no || !bl)
-      return EPIC_ERR_NOMEM;
-    x->bcap = cap;
-  }
+  if (n <= x->bcap)
+    return EPIC_OK;
+  const size_t cap = grown(x->bcap, n);
+  if (!resize(&x->batch, cap, sizeof *x->batch) || !resize(&x->bseq, cap, sizeof *x->bseq) ||
+      !resize(&x->bent, cap, sizeof *x->bent) || !resize(&x->brow, cap, sizeof *x->brow) ||
+      !resize(&x->bnout, cap, sizeof *x->bnout) || !resize(&x->blast, cap, sizeof *x->blast))
+    return EPIC_ERR_NOMEM;
+  x->bcap = cap;
   return EPIC_OK;
 }
 
@@ -212,23 +213,13 @@ static epic_status reserve_scratch(epic_executor *x, size_t n) {
  * picks, and hidden rows when MTP entries need them. */
 static epic_status reserve_rows(epic_executor *x, size_t n, int hidden) {
   if (hidden && n > x->hrows) {
-    float *h = realloc(x->hidden, n * (size_t)x->D * sizeof *h);
-    if (!h)
+    if (!resize(&x->hidden, n, (size_t)x->D * sizeof *x->hidden))
       return EPIC_ERR_NOMEM;
-    x->hidden = h;
     x->hrows = n;
   }
   if (n > x->lrows) {
-    float *l = realloc(x->logits, n * (size_t)x->V * sizeof *l);
-    if (l)
-      x->logits = l;
-    uint8_t *nd = realloc(x->need, n * sizeof *nd);
-    if (nd)
-      x->need = nd;
-    epic_row_pick *pk = realloc(x->picks, n * sizeof *pk);
-    if (pk)
-      x->picks = pk;
-    if (!l || !nd || !pk)
+    if (!resize(&x->logits, n, (size_t)x->V * sizeof *x->logits) ||
+        !resize(&x->need, n, sizeof *x->need) || !resize(&x->picks, n, sizeof *x->picks))
       return EPIC_ERR_NOMEM;
     x->lrows = n;
   }
@@ -239,25 +230,10 @@ static epic_status reserve_rows(epic_executor *x, size_t n, int hidden) {
 static epic_status reserve_mtp(epic_executor *x, size_t n) {
   if (n <= x->mcap)
     return EPIC_OK;
-  size_t cap = x->mcap ? x->mcap : 16;
-  while (cap < n)
-    cap *= 2;
-  epic_seq_batch *b = realloc(x->mbatch, cap * sizeof *b);
-  if (b)
-    x->mbatch = b;
-  xseq **q = realloc(x->mseq, cap * sizeof *q);
-  if (q)
-    x->mseq = q;
-  float *l = realloc(x->mlogits, cap * (size_t)x->V * sizeof *l);
-  if (l)
-    x->mlogits = l;
-  uint8_t *nd = realloc(x->mneed, cap * sizeof *nd);
-  if (nd)
-    x->mneed = nd;
-  epic_row_pick *pk = realloc(x->mpicks, cap * sizeof *pk);
-  if (pk)
-    x->mpicks = pk;
-  if (!b || !q || !l || !nd || !pk)
+  const size_t cap = grown(x->mcap, n);
+  if (!resize(&x->mbatch, cap, sizeof *x->mbatch) || !resize(&x->mseq, cap, sizeof *x->mseq) ||
+      !resize(&x->mlogits, cap, (size_t)x->V * sizeof *x->mlogits) ||
+      !resize(&x->mneed, cap, sizeof *x->mneed) || !resize(&x->mpicks, cap, sizeof *x->mpicks))
     return EPIC_ERR_NOMEM;
   x->mcap = cap;
   return EPIC_OK;

@@ -6,7 +6,6 @@
  * with seeded sampling). Plus the request life cycle: stop ids, on_token stop
  * and cancel, epic_engine_cancel, validation, queue limits, shutdown. */
 #define _GNU_SOURCE
-#include <cjson/cJSON.h>
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -95,36 +94,33 @@ static epic_sampling_params greedy(void) {
 
 static int setup(void **state, const char *model) {
   fixture *f = calloc(1, sizeof *f);
-  char dir[1024], rel[256], path[1024];
+  char dir[1024];
   epic_model_params mp = {.size = sizeof mp};
-  cJSON *root, *it;
-  char *txt;
   epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
   mp.dir = epic_test_path(dir, sizeof dir, model);
   if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK)
     return -1;
   if (epic_model_load(f->ops, &mp, &f->m) != EPIC_OK)
     return -1;
-  snprintf(rel, sizeof rel, "%s/cases/cases.json", model);
-  txt = epic_test_read_file(epic_test_path(path, sizeof path, rel), NULL);
-  if (!txt || !(root = cJSON_Parse(txt)))
-    return -1;
-  cJSON_ArrayForEach(it, cJSON_GetObjectItem(root, "cases")) {
+  epic_test_case tc[8];
+  const int n = epic_test_load_cases(model, tc, 8);
+  for (int i = 0; i < n; i++) {
     rq *c = &f->cases[f->n_cases++];
-    const cJSON *id;
     memset(c, 0, sizeof *c);
     c->stop_id = -1;
     c->sp = greedy();
-    cJSON_ArrayForEach(id, cJSON_GetObjectItem(it, "prompt_ids")) c->prompt[c->n_prompt++] =
-        (int32_t)id->valuedouble;
-    cJSON_ArrayForEach(id, cJSON_GetObjectItem(it, "gen_ids")) c->expect[c->n_expect++] =
-        (int32_t)id->valuedouble;
+    c->n_prompt = tc[i].n_prompt;
+    c->n_expect = tc[i].n_gen;
     c->max_new = c->n_expect;
-    if (c->n_prompt > MAX_PROMPT - 16 || c->n_expect != 16 || f->n_cases == 8)
+    const int fits = c->n_prompt <= MAX_PROMPT - 16 && c->n_expect == 16;
+    if (fits) {
+      memcpy(c->prompt, tc[i].prompt, (size_t)c->n_prompt * sizeof *c->prompt);
+      memcpy(c->expect, tc[i].gen, (size_t)c->n_expect * sizeof *c->expect);
+    }
+    epic_test_free_cases(&tc[i], 1);
+    if (!fits)
       return -1;
   }
-  cJSON_Delete(root);
-  free(txt);
   if (f->n_cases != 5)
     return -1;
   *state = f;

@@ -8,7 +8,6 @@
  *    or a max_new_tokens inside an accepted run cuts the output exactly there
  *    (the same tokens as the uncut run, up to the stop). */
 #define _GNU_SOURCE
-#include <cjson/cJSON.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -63,29 +62,28 @@ static void on_finish(void *user, const epic_engine_result *res) {
 
 static int setup(void **state) {
   fixture *f = calloc(1, sizeof *f);
-  char dir[1024], path[1024];
+  char dir[1024];
   epic_model_params mp = {.size = sizeof mp, .load_mtp = 1};
-  cJSON *root, *it;
   epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
   mp.dir = epic_test_path(dir, sizeof dir, "tiny-bf16");
   if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK || epic_model_load(f->ops, &mp, &f->m) != EPIC_OK)
     return -1;
-  char *txt = epic_test_read_file(epic_test_path(path, sizeof path, "tiny-bf16/cases/cases.json"), NULL);
-  if (!txt || !(root = cJSON_Parse(txt)))
-    return -1;
-  cJSON_ArrayForEach(it, cJSON_GetObjectItem(root, "cases")) {
+  epic_test_case tc[8];
+  const int n = epic_test_load_cases("tiny-bf16", tc, 8);
+  for (int i = 0; i < n; i++) {
     rq *c = &f->cases[f->n_cases++];
-    const cJSON *id;
     memset(c, 0, sizeof *c);
-    cJSON_ArrayForEach(id, cJSON_GetObjectItem(it, "prompt_ids")) c->prompt[c->n_prompt++] =
-        (int32_t)id->valuedouble;
-    cJSON_ArrayForEach(id, cJSON_GetObjectItem(it, "gen_ids")) c->expect[c->n_expect++] =
-        (int32_t)id->valuedouble;
-    if (c->n_prompt > MAX_PROMPT - 32 || c->n_expect > MAX_OUT || f->n_cases == 8)
+    c->n_prompt = tc[i].n_prompt;
+    c->n_expect = tc[i].n_gen;
+    const int fits = c->n_prompt <= MAX_PROMPT - 32 && c->n_expect <= MAX_OUT;
+    if (fits) {
+      memcpy(c->prompt, tc[i].prompt, (size_t)c->n_prompt * sizeof *c->prompt);
+      memcpy(c->expect, tc[i].gen, (size_t)c->n_expect * sizeof *c->expect);
+    }
+    epic_test_free_cases(&tc[i], 1);
+    if (!fits)
       return -1;
   }
-  cJSON_Delete(root);
-  free(txt);
   *state = f;
   return f->n_cases >= 3 ? 0 : -1;
 }

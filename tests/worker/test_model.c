@@ -3,7 +3,6 @@
  * the engine invariants: incremental decode == full recompute, one batch of
  * several sequences (mixed prefill chunks and decode, small pages) == each alone. */
 #define _GNU_SOURCE
-#include <cjson/cJSON.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -41,15 +40,6 @@ typedef struct fixture {
   int64_t V;
 } fixture;
 
-static int32_t *json_ids(const cJSON *a, int64_t *n) {
-  int32_t *ids = malloc((size_t)cJSON_GetArraySize(a) * sizeof *ids + 1);
-  int64_t k = 0;
-  const cJSON *it;
-  cJSON_ArrayForEach(it, a) ids[k++] = (int32_t)it->valuedouble;
-  *n = k;
-  return ids;
-}
-
 static float *load_npy(const char *model, const char *file, int64_t rows, int64_t cols) {
   char rel[512], path[1024];
   float *d;
@@ -63,10 +53,8 @@ static float *load_npy(const char *model, const char *file, int64_t rows, int64_
 
 static int setup(void **state, const char *model) {
   fixture *f = calloc(1, sizeof *f);
-  char dir[1024], rel[256], path[1024];
+  char dir[1024];
   epic_model_params mp = {.size = sizeof mp, .load_mtp = 1};
-  cJSON *root, *it;
-  char *txt;
   epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
   f->model = model;
   epic_test_path(dir, sizeof dir, model);
@@ -74,25 +62,20 @@ static int setup(void **state, const char *model) {
   if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK) return -1;
   if (epic_model_load(f->ops, &mp, &f->m) != EPIC_OK) return -1;
   f->V = epic_model_get_config(f->m)->vocab_size;
-  snprintf(rel, sizeof rel, "%s/cases/cases.json", model);
-  txt = epic_test_read_file(epic_test_path(path, sizeof path, rel), NULL);
-  if (!txt) return -1;
-  root = cJSON_Parse(txt);
-  free(txt);
-  cJSON_ArrayForEach(it, cJSON_GetObjectItem(root, "cases")) {
+  epic_test_case tc[MAX_CASES];
+  const int n = epic_test_load_cases(model, tc, MAX_CASES);
+  if (n < 0) return -1;
+  for (int i = 0; i < n; i++) {
     tcase *c = &f->cases[f->n_cases++];
-    const cJSON *mtp = cJSON_GetObjectItem(it, "mtp");
-    snprintf(c->name, sizeof c->name, "%s", cJSON_GetObjectItem(it, "name")->valuestring);
-    c->prompt = json_ids(cJSON_GetObjectItem(it, "prompt_ids"), &c->n_prompt);
-    c->gen = json_ids(cJSON_GetObjectItem(it, "gen_ids"), &c->n_gen);
-    c->prompt_logits = load_npy(model, cJSON_GetObjectItem(it, "prompt_logits")->valuestring,
-                                c->n_prompt, f->V);
-    c->gen_logits = load_npy(model, cJSON_GetObjectItem(it, "gen_logits")->valuestring, c->n_gen, f->V);
-    if (mtp)
-      c->mtp_logits = load_npy(model, cJSON_GetObjectItem(mtp, "logits")->valuestring,
-                               c->n_prompt - 1, f->V);
+    memcpy(c->name, tc[i].name, sizeof c->name); /* both char[64] */
+    c->prompt = tc[i].prompt; /* owned by the case now (freed in teardown) */
+    c->n_prompt = tc[i].n_prompt;
+    c->gen = tc[i].gen;
+    c->n_gen = tc[i].n_gen;
+    c->prompt_logits = load_npy(model, tc[i].prompt_logits, c->n_prompt, f->V);
+    c->gen_logits = load_npy(model, tc[i].gen_logits, c->n_gen, f->V);
+    if (tc[i].mtp_logits[0]) c->mtp_logits = load_npy(model, tc[i].mtp_logits, c->n_prompt - 1, f->V);
   }
-  cJSON_Delete(root);
   *state = f;
   return 0;
 }

@@ -9,7 +9,6 @@
  *    from-scratch MTP pass gives (acceptance counts predicted exactly);
  *  - sampled (t1, t2) pairs with speculation follow the model's distribution. */
 #define _GNU_SOURCE
-#include <cjson/cJSON.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -50,10 +49,8 @@ typedef struct fixture {
 
 static int setup(void **state, const char *model) {
   fixture *f = calloc(1, sizeof *f);
-  char dir[1024], rel[256], path[1024];
+  char dir[1024];
   epic_model_params mp = {.size = sizeof mp, .load_mtp = 1};
-  cJSON *root, *it;
-  char *txt;
   epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
   f->model = model;
   mp.dir = epic_test_path(dir, sizeof dir, model);
@@ -61,22 +58,17 @@ static int setup(void **state, const char *model) {
   if (epic_model_load(f->ops, &mp, &f->m) != EPIC_OK) return -1;
   f->V = epic_model_get_config(f->m)->vocab_size;
   f->D = epic_model_get_config(f->m)->hidden_size;
-  snprintf(rel, sizeof rel, "%s/cases/cases.json", model);
-  txt = epic_test_read_file(epic_test_path(path, sizeof path, rel), NULL);
-  if (!txt) return -1;
-  root = cJSON_Parse(txt);
-  free(txt);
-  cJSON_ArrayForEach(it, cJSON_GetObjectItem(root, "cases")) {
+  epic_test_case tc[MAX_CASES];
+  const int n = epic_test_load_cases(model, tc, MAX_CASES);
+  if (n < 0) return -1;
+  for (int i = 0; i < n; i++) {
     tcase *c = &f->cases[f->n_cases++];
-    const cJSON *ids = cJSON_GetObjectItem(it, "prompt_ids"), *id;
-    int64_t k = 0;
-    snprintf(c->name, sizeof c->name, "%s", cJSON_GetObjectItem(it, "name")->valuestring);
-    c->prompt = malloc((size_t)cJSON_GetArraySize(ids) * sizeof *c->prompt);
-    cJSON_ArrayForEach(id, ids) c->prompt[k++] = (int32_t)id->valuedouble;
-    c->n_prompt = k;
-    c->n_gen = cJSON_GetArraySize(cJSON_GetObjectItem(it, "gen_ids"));
+    memcpy(c->name, tc[i].name, sizeof c->name); /* both char[64] */
+    c->prompt = tc[i].prompt; /* owned by the case now (freed in teardown) */
+    c->n_prompt = tc[i].n_prompt;
+    c->n_gen = tc[i].n_gen;
+    free(tc[i].gen);
   }
-  cJSON_Delete(root);
   *state = f;
   return 0;
 }
