@@ -63,9 +63,10 @@ static const struct opt {
      "stop strings per request (default 16)"},
     {"max-stop-len", S_MAX_STOP_LEN, 1, EPIC_CLI_SEC_SERVE, "bytes per stop string (default 256)"},
     {"max-stop-token-ids", S_MAX_STOP_IDS, 1, EPIC_CLI_SEC_SERVE, "stop token ids (default 64)"},
-    {"max-n", S_MAX_N, 1, BOTH, "choices per request, HTTP API `n` (default 1)"},
+    {"max-n", S_MAX_N, 1, BOTH, "choices per request, HTTP API `n` (default 16)"},
     {"max-top-logprobs", S_MAX_TOP_LP, 1, EPIC_CLI_SEC_SERVE,
-     "alternatives per token, HTTP API `top_logprobs` (default 0)"},
+     "alternatives per token, HTTP API `top_logprobs` (0..20, default 20; only\n"
+     "requests that ask compute them)"},
     {"upstream-tls-ca", S_UP_CA, 1, EPIC_CLI_SEC_GATEWAY,
      "PEM CA of the upstreams' certificates: connect with TLS"},
     {"upstream-cert", S_UP_CERT, 1, EPIC_CLI_SEC_GATEWAY,
@@ -109,7 +110,12 @@ static int apply(const char *cmd, epic_cli_security *o, const struct opt *op, co
   case S_MAX_STOP_LEN: return set_i64(cmd, flag, v, 1, 65536, &l->max_stop_len);
   case S_MAX_STOP_IDS: return set_i64(cmd, flag, v, 1, 65536, &l->max_stop_token_ids);
   case S_MAX_N: return set_i64(cmd, flag, v, 1, 128, &l->max_n);
-  case S_MAX_TOP_LP: return set_i64(cmd, flag, v, 0, 20, &l->max_top_logprobs);
+  case S_MAX_TOP_LP: {
+    const int bad = set_i64(cmd, flag, v, 0, 20, &l->max_top_logprobs);
+    if (!bad && l->max_top_logprobs == 0)
+      l->max_top_logprobs = -1; /* none (0 in the limits means the default) */
+    return bad;
+  }
   case S_UP_CA: o->gw.upstream_ca = v; return 0;
   case S_UP_CERT: o->gw.upstream_cert = v; return 0;
   case S_UP_KEY: o->gw.upstream_key = v; return 0;

@@ -365,7 +365,8 @@ static epic_status encode(epic_engine *e, const epic_sched_step *st, epic_step_p
                                      .top_k = r->sp.top_k,
                                      .seed = r->sp.seed,
                                      .temperature = r->sp.temperature,
-                                     .top_p = r->sp.top_p};
+                                     .top_p = r->sp.top_p,
+                                     .top_logprobs = r->top_n};
       r->t_admit = now;
     }
     if (se->start < r->n_prompt) { /* a prefill chunk never crosses the prompt's end */

@@ -97,8 +97,8 @@ typedef struct epic_gw_request_limits {
   int64_t max_stop_strings;    /* default 16 */
   int64_t max_stop_len;        /* bytes per stop string; default 256 */
   int64_t max_stop_token_ids;  /* default 64 */
-  int64_t max_n;               /* choices per request (HTTP `n`); default 1 */
-  int64_t max_top_logprobs;    /* alternatives per token (HTTP `top_logprobs`); default 0 */
+  int64_t max_n;               /* choices per request (HTTP `n`); default 16 */
+  int64_t max_top_logprobs;    /* alternatives per token (HTTP `top_logprobs`); default 20, -1 = 0 */
 } epic_gw_request_limits;
 
 typedef struct epic_gw_server_params {

@@ -242,9 +242,14 @@ epic_gw_request_limits epic_gw_limits_effective(const epic_gw_request_limits *re
     r.max_stop_len = EPIC_GW_MAX_STOP_LEN;
   if (r.max_stop_token_ids <= 0)
     r.max_stop_token_ids = EPIC_GW_MAX_STOP_IDS;
+  /* OpenAI clients send n and top_logprobs (up to 20) as a matter of course;
+   * only a request that asks for alternatives pays for them (the engine computes
+   * them per sequence). */
   if (r.max_n <= 0)
-    r.max_n = 1;
-  if (r.max_top_logprobs < 0)
+    r.max_n = EPIC_GW_DEFAULT_MAX_N;
+  if (r.max_top_logprobs == 0)
+    r.max_top_logprobs = EPIC_GW_DEFAULT_MAX_TOP_LOGPROBS;
+  else if (r.max_top_logprobs < 0)
     r.max_top_logprobs = 0;
   if (r.max_prompt_tokens < 0)
     r.max_prompt_tokens = 0;

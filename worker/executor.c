@@ -12,6 +12,7 @@ typedef struct xseq {
   epic_kv_seq kv;
   epic_sampler *smp;
   int decoding; /* its prompt ended (a SAMPLE entry ran): no more publishing */
+  int top_n;    /* alternatives its samples report (epic_step_new.top_logprobs) */
   epic_spec *spec; /* MTP drafting state (MTP entries), else NULL */
 } xseq;
 
@@ -257,6 +258,7 @@ static epic_status create_seq(epic_executor *x, const epic_step_entry *e, const 
   if (!s)
     return EPIC_ERR_NOMEM;
   s->id = e->seq;
+  s->top_n = nw->top_logprobs;
   st = epic_sampler_create(&sp, &s->smp);
   if (st == EPIC_OK && pf && pf->page >= 0) {
     if (pf->n_pages < 1 || e->start != 0) {
@@ -500,9 +502,9 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
     for (int64_t j = 0; j < n; j++)
       x->need[x->brow[i] + j] =
           ((e->flags & EPIC_STEP_VERIFY) &&
-           (top_n > 0 || !epic_spec_greedy(x->bseq[i]->spec))) ||
+           (x->bseq[i]->top_n > 0 || !epic_spec_greedy(x->bseq[i]->spec))) ||
           ((e->flags & EPIC_STEP_SAMPLE) && j == n - 1 &&
-           (top_n > 0 || !epic_sampler_greedy(x->bseq[i]->smp)));
+           (x->bseq[i]->top_n > 0 || !epic_sampler_greedy(x->bseq[i]->smp)));
   }
   EPIC_CHECK(epic_model_forward_pick(x->m, x->kc, x->batch, (int)nb, x->logits, x->need,
                                      x->picks, mtp ? x->hidden : NULL));
@@ -546,13 +548,15 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
     }
     const int64_t slots = epic_step_entry_samples(x->bent[i]);
     const int64_t first = (x->bent[i]->flags & EPIC_STEP_VERIFY) ? x->brow[i] : row;
+    /* Only a sequence that asked gets alternatives: its rows were downloaded. */
+    const int want = x->bseq[i]->top_n < top_n ? x->bseq[i]->top_n : top_n;
     for (int64_t j = 0; j < slots; j++, k++) {
       if (top_n > 0) {
         int32_t ids[64];
         float lps[64];
-        int got = j < n_out ? epic_top_logprobs(x->logits + (first + j) * x->V, x->V, top_n, ids,
-                                                lps)
-                            : 0;
+        int got = j < n_out && want > 0 ? epic_top_logprobs(x->logits + (first + j) * x->V, x->V,
+                                                            want, ids, lps)
+                                        : 0;
         for (int t = 0; t < top_n; t++)
           top[k * top_n + t] = t < got ? (epic_step_sample){.id = ids[t], .logprob = lps[t]}
                                        : (epic_step_sample){.id = -1, .logprob = 0};

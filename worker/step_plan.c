@@ -6,7 +6,7 @@
  * for the tokens that follow. */
 _Static_assert(sizeof(epic_step_header) == 32, "step header is a fixed 32-byte message");
 _Static_assert(sizeof(epic_step_entry) == 32, "entry layout");
-_Static_assert(sizeof(epic_step_new) == 32, "new-sequence record layout");
+_Static_assert(sizeof(epic_step_new) == 40, "new-sequence record layout");
 _Static_assert(sizeof(epic_step_reply) == 8 && sizeof(epic_step_sample) == 8, "reply layout");
 
 /* Bounds that keep every size computation far from overflow. */
@@ -93,6 +93,12 @@ epic_status epic_step_plan_check(const epic_step_plan *p, int nranks) {
                    (unsigned long long)p->h.step, (long long)tokens, (long long)p->h.n_tokens);
     return EPIC_ERR_COMM;
   }
+  for (uint32_t i = 0; i < p->h.n_new; i++)
+    if (p->news[i].top_logprobs < 0 || p->news[i].top_logprobs > 64 || p->news[i].reserved != 0) {
+      EPIC_LOG_ERROR("step plan %llu: new-sequence record %u: bad top_logprobs (%d) or reserved field",
+                     (unsigned long long)p->h.step, i, (int)p->news[i].top_logprobs);
+      return EPIC_ERR_COMM;
+    }
   return EPIC_OK;
 }
 

@@ -99,6 +99,11 @@ typedef struct epic_step_new {
   int64_t top_k;
   uint64_t seed;
   float temperature, top_p;
+  /* Most likely alternatives this sequence's samples report (0..the top_n the
+   * executor is stepped with; its other slots come back with id -1). Only
+   * sequences that ask pay for them (a GPU backend then downloads their rows). */
+  int32_t top_logprobs;
+  int32_t reserved; /* 0: keeps the record 8-byte aligned */
 } epic_step_new;
 
 /* What rank r sends back after a step: its status, then its samples. */

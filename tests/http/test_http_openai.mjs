@@ -213,8 +213,7 @@ async function serveTests(srv) {
 
 async function main() {
   const serve = await start([EPIC, "serve", "--model", MODEL, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
-    "--threads", "1", "--kv-cache", "64MiB", "--max-request-bytes", "65536",
-    "--max-n", "2", "--max-top-logprobs", "5"], true); // n and top_logprobs are off by default
+    "--threads", "1", "--kv-cache", "64MiB", "--max-request-bytes", "65536"], true); // n and top_logprobs on by default
   let gw = null, text = null;
   try {
     text = await serveTests(serve);

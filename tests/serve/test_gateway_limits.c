@@ -153,10 +153,15 @@ static void choices(void **state) {
   assert_int_equal(epic_gw_check_choices(1, "n", 6, "top_logprobs", &lim, err), EPIC_ERR_INVALID);
   assert_string_equal(err, "top_logprobs: 6 exceeds --max-top-logprobs 5");
   assert_int_equal(epic_gw_check_choices(0, "n", 0, "top_logprobs", &lim, err), EPIC_ERR_INVALID);
-  /* Defaults: one choice, no alternatives. */
+  /* Defaults: what OpenAI clients send (n up to 16, 20 alternatives); -1 = none. */
   epic_gw_request_limits d = epic_gw_limits_effective(NULL);
-  assert_int_equal(d.max_n, 1);
-  assert_int_equal(d.max_top_logprobs, 0);
+  assert_int_equal(d.max_n, EPIC_GW_DEFAULT_MAX_N);
+  assert_int_equal(d.max_top_logprobs, EPIC_GW_DEFAULT_MAX_TOP_LOGPROBS);
+  epic_gw_request_limits none = {.max_top_logprobs = -1};
+  assert_int_equal(epic_gw_limits_effective(&none).max_top_logprobs, 0);
+  lim.req.max_top_logprobs = -1;
+  assert_int_equal(epic_gw_check_choices(1, "n", 1, "top_logprobs", &lim, err), EPIC_ERR_INVALID);
+  assert_string_equal(err, "top_logprobs: 1 exceeds --max-top-logprobs 0");
   assert_int_equal(d.max_stop_strings, EPIC_GW_MAX_STOPS);
   assert_int_equal(d.max_stop_len, EPIC_GW_MAX_STOP_LEN);
   assert_int_equal(d.max_stop_token_ids, EPIC_GW_MAX_STOP_IDS);

@@ -129,7 +129,7 @@ def main():
                         "--rate-limit-burst", "40", "--max-streams-per-key", "1", "--max-prompt-tokens", "64",
                         "--max-tokens-limit", "4000", "--max-stop-strings", "2", "--max-stop-len", "8",
                         "--max-stop-token-ids", "2", "--max-request-bytes", "4096", "--http", "127.0.0.1:0",
-                        "--max-n", "2", "-v"], "serve-tls")
+                        "--max-n", "2", "--max-top-logprobs", "0", "-v"], "serve-tls")
     c = ec.Client(srv.addr, creds=creds())
     try:
         c.wait_ready()
@@ -239,7 +239,7 @@ def gateway(srv, c):
     # An IP literal (a host name would go through c-ares, which leaks 10 bytes at exit
     # under LeakSanitizer) and the certificate's DNS name checked via --upstream-tls-name.
     gw = start([EPIC, "gateway", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--upstream", "127.0.0.1:" + port, "--api-keys",
-                path("keys"), "--max-streams-per-key", "1", "--upstream-tls-name", "localhost",
+                path("keys"), "--max-streams-per-key", "1", "--max-n", "1", "--upstream-tls-name", "localhost",
                 "--upstream-tls-ca", path("ca.pem"), "--upstream-cert", path("client.pem"),
                 "--upstream-key", path("client.key"), "--health-interval", "0.2", "-v"], "gateway")
     g = ec.Client(gw.addr)
@@ -264,7 +264,7 @@ def gateway(srv, c):
                 st == 200 and j["usage"]["completion_tokens"] == 6, (st, j))
         st, _, j = https(hp, "POST", "/v1/completions", key=K1, tls=False,
                          body=dict(model="tiny-bf16", prompt=[0, 10, 20], max_tokens=2, n=2))
-        T.check("gateway HTTP: n above its --max-n (default 1) refused naming it",
+        T.check("gateway HTTP: n above its own --max-n refused naming it",
                 st == 400 and "--max-n 1" in j["error"]["message"], (st, j))
     finally:
         g.close()
