@@ -83,6 +83,14 @@ int epic_test_load_cases(const char *model, epic_test_case *out, int max) {
   return n;
 }
 
+int epic_test_case_copy(const epic_test_case *c, int32_t *prompt, int64_t max_prompt, int32_t *gen,
+                        int64_t max_gen) {
+  if (c->n_prompt > max_prompt || c->n_gen > max_gen) return 0;
+  memcpy(prompt, c->prompt, (size_t)c->n_prompt * sizeof *prompt);
+  memcpy(gen, c->gen, (size_t)c->n_gen * sizeof *gen);
+  return 1;
+}
+
 void epic_test_free_cases(epic_test_case *c, int n) {
   for (int i = 0; i < n; i++) {
     free(c[i].prompt);

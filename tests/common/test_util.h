@@ -25,6 +25,10 @@ typedef struct epic_test_case {
  * file is missing or malformed or holds more than max cases (out then holds
  * nothing to free). */
 int epic_test_load_cases(const char *model, epic_test_case *out, int max);
+/* Copies the case's prompt and greedy ids into fixed arrays of max_prompt and
+ * max_gen ids; 0 (nothing copied) when either does not fit. */
+int epic_test_case_copy(const epic_test_case *c, int32_t *prompt, int64_t max_prompt, int32_t *gen,
+                        int64_t max_gen);
 /* Frees the ids of n cases (NULL-safe per field). */
 void epic_test_free_cases(epic_test_case *c, int n);
 

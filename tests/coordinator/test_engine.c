@@ -112,11 +112,8 @@ static int setup(void **state, const char *model) {
     c->n_prompt = tc[i].n_prompt;
     c->n_expect = tc[i].n_gen;
     c->max_new = c->n_expect;
-    const int fits = c->n_prompt <= MAX_PROMPT - 16 && c->n_expect == 16;
-    if (fits) {
-      memcpy(c->prompt, tc[i].prompt, (size_t)c->n_prompt * sizeof *c->prompt);
-      memcpy(c->expect, tc[i].gen, (size_t)c->n_expect * sizeof *c->expect);
-    }
+    const int fits =
+        c->n_expect == 16 && epic_test_case_copy(&tc[i], c->prompt, MAX_PROMPT - 16, c->expect, 16);
     epic_test_free_cases(&tc[i], 1);
     if (!fits)
       return -1;

@@ -75,11 +75,7 @@ static int setup(void **state) {
     memset(c, 0, sizeof *c);
     c->n_prompt = tc[i].n_prompt;
     c->n_expect = tc[i].n_gen;
-    const int fits = c->n_prompt <= MAX_PROMPT - 32 && c->n_expect <= MAX_OUT;
-    if (fits) {
-      memcpy(c->prompt, tc[i].prompt, (size_t)c->n_prompt * sizeof *c->prompt);
-      memcpy(c->expect, tc[i].gen, (size_t)c->n_expect * sizeof *c->expect);
-    }
+    const int fits = epic_test_case_copy(&tc[i], c->prompt, MAX_PROMPT - 32, c->expect, MAX_OUT);
     epic_test_free_cases(&tc[i], 1);
     if (!fits)
       return -1;
