@@ -265,6 +265,12 @@ struct epic_ops {
   const epic_ops_vt *vt;
 };
 
+/* The CPU backend's matmul sums each output row in one fixed order for calls of
+ * up to this many rows (a fused kernel; larger calls go to sgemm, which orders
+ * the sums differently): callers that need a row's result independent of the
+ * rows beside it (worker/model.c's expert groups) split calls to this size. */
+#define EPIC_OPS_CPU_FIXED_ORDER_ROWS 8
+
 /* Create the CPU backend. n_threads <= 0: OpenMP default. */
 epic_status epic_ops_cpu_create(int n_threads, epic_ops **out);
 #ifdef EPIC_HAVE_CUDA

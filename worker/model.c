@@ -118,7 +118,7 @@ struct epic_model {
 #define EP_ROW(D) ((D) + 1)
 /* Rows per expert matmul call on host-memory backends (see run_experts): the CPU
  * matmul's fused-dot path (kernels/cpu/ops_cpu_matmul.c, EPIC_CPU_ROWS_MAX_M). */
-#define EP_ROW_CHUNK 8
+#define EP_ROW_CHUNK EPIC_OPS_CPU_FIXED_ORDER_ROWS
 
 static int expert_is_local(const epic_model *m, int64_t l, int64_t e) {
   return !m->comm || m->held[l * m->cfg.n_routed_experts + e];

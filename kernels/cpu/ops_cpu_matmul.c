@@ -16,7 +16,7 @@
 
 /* Up to this many tokens, streaming W once with fused convert-and-dot beats
  * dequantise + sgemm. */
-enum { EPIC_CPU_ROWS_MAX_M = 8 };
+enum { EPIC_CPU_ROWS_MAX_M = EPIC_OPS_CPU_FIXED_ORDER_ROWS };
 
 static inline float bits_f32(uint32_t u) {
   float f;

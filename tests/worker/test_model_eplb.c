@@ -44,10 +44,9 @@ static uint64_t mix(uint64_t x) {
 
 /* ---- row independence of the CPU matmul ---- */
 
-/* Calls of up to EPIC_EP_ROW_CHUNK rows, the size the model splits expert groups
- * into on host-memory backends (beyond it the CPU matmul switches to sgemm, whose
- * sums are ordered differently). */
-#define EPIC_EP_ROW_CHUNK 8
+/* Calls of up to EPIC_OPS_CPU_FIXED_ORDER_ROWS rows (kernels/ops.h), the size the
+ * model splits expert groups into on host-memory backends. */
+#define EPIC_EP_ROW_CHUNK EPIC_OPS_CPU_FIXED_ORDER_ROWS
 static void check_rows(epic_ops *o, const epic_weight *w, const char *what) {
   const int64_t K = w->cols, N = w->rows, ms[] = {1, 2, 3, 4, 5, 6, 7, EPIC_EP_ROW_CHUNK};
   const int64_t MAXM = 64;
