@@ -23,12 +23,13 @@
 #include "comm/comm.h"
 #include "common/log.h"
 #include "tests/common/test_util.h"
+#include "tests/worker/twin_workload.h"
 #include "worker/model.h"
 #include "worker/sampler.h"
 
 #define TOL 1e-4
-#define CHUNK 8 /* prefill chunk per step */
-#define MAX_SEQS 16
+#define CHUNK TWIN_CHUNK
+#define MAX_SEQS TWIN_MAX_SEQS
 
 static epic_comm *g_comm;
 static int g_rank, g_size;
@@ -44,22 +45,8 @@ typedef struct ctx {
   double worst;
 } ctx;
 
-/* One sequence of this rank's workload (the same on both models). */
-typedef struct wseq {
-  int32_t prompt[24];
-  int64_t n_prompt, n_gen, fed, gen_done;
-  int32_t next;
-  int admit_step;
-  epic_kv_seq kv_ep, kv_ref;
-} wseq;
-
-static uint64_t mix(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  return x ^ (x >> 33);
-}
+/* kv_a: the EP model's cache, kv_b: the reference's (twin_workload.h). */
+typedef twin_seq wseq;
 
 static void fail_row(ctx *c, const char *what, double d) {
   if (c->failures++ < 5)
@@ -141,21 +128,8 @@ static void test_experts_spread(void **state) {
   }
 }
 
-/* This rank's sequences: 2 + rank of them (none on the last of 3 or more
- * ranks), prompts of 1..24 tokens, 2..4 generated tokens, one admitted per step. */
-static int make_workload(ctx *c, wseq *w) {
-  const int n = g_size >= 3 && g_rank == g_size - 1 ? 0 : 2 + g_rank;
-  for (int j = 0; j < n && j < MAX_SEQS; j++) {
-    uint64_t h = mix((uint64_t)(g_rank * 1000 + j + 1));
-    memset(&w[j], 0, sizeof w[j]);
-    w[j].n_prompt = 1 + (int64_t)(h % 24);
-    w[j].n_gen = 2 + (int64_t)((h >> 8) % 3);
-    w[j].admit_step = j;
-    for (int64_t t = 0; t < w[j].n_prompt; t++)
-      w[j].prompt[t] = (int32_t)(mix(h + (uint64_t)t) % (uint64_t)c->V);
-  }
-  return n < MAX_SEQS ? n : MAX_SEQS;
-}
+/* This rank's sequences (twin_make): 2..4 generated tokens each. */
+static int make_workload(ctx *c, wseq *w) { return twin_make(g_rank, g_size, c->V, 2, 3, w); }
 
 /* The workload in lock-step with the other ranks, on the EP model with n_mb
  * micro-batches, each step checked against the reference model. */
@@ -172,41 +146,18 @@ static void run_workload(ctx *c, int n_mb) {
   epic_model_reset_stats(c->ep);
   for (int step = 0;; step++) {
     epic_seq_batch be[MAX_SEQS], br[MAX_SEQS];
-    int map[MAX_SEQS], nb = 0;
-    int64_t left = 0, left_all = 0;
-    for (int j = 0; j < n; j++) left += w[j].gen_done < w[j].n_gen;
-    assert_int_equal(epic_comm_allreduce_i64(g_comm, &left, &left_all, 1, EPIC_COMM_SUM), EPIC_OK);
-    if (left_all == 0) break;
-    for (int j = 0; j < n; j++) {
-      wseq *s = &w[j];
-      if (s->gen_done >= s->n_gen || step < s->admit_step) continue;
-      if (s->fed < s->n_prompt) {
-        int64_t take = s->n_prompt - s->fed < CHUNK ? s->n_prompt - s->fed : CHUNK;
-        be[nb] = (epic_seq_batch){.tokens = s->prompt + s->fed, .n_tokens = take, .start = s->fed,
-                                  .all_logits = 1};
-      } else {
-        be[nb] = (epic_seq_batch){.tokens = &s->next, .n_tokens = 1, .start = s->fed};
-      }
-      br[nb] = be[nb];
-      be[nb].kv = &s->kv_ep;
-      br[nb].kv = &s->kv_ref;
-      map[nb++] = j;
-    }
+    int map[MAX_SEQS];
+    const int left = twin_left(g_comm, w, n);
+    assert_true(left >= 0);
+    if (!left) break;
+    const int nb = twin_batches(w, n, step, be, br, map);
     assert_int_equal(epic_model_forward(c->ep, kc_ep, be, nb, l_ep, NULL), EPIC_OK);
     steps++;
     if (nb == 0) continue;
     assert_int_equal(epic_model_forward(c->ref, kc_ref, br, nb, l_ref, NULL), EPIC_OK);
     compare(c, l_ep, l_ref, epic_batch_out_rows(be, nb), "logits differ from the reference");
-    int64_t row = 0;
-    for (int k = 0; k < nb; k++) {
-      wseq *s = &w[map[k]];
-      row += be[k].all_logits ? be[k].n_tokens : 1;
-      s->fed += be[k].n_tokens;
-      if (s->fed < s->n_prompt) continue;
-      /* Both models go on with the reference's choice, so they stay comparable. */
-      s->next = epic_argmax(l_ref + (row - 1) * c->V, c->V);
-      s->gen_done++;
-    }
+    /* Both models go on with the reference's choice, so they stay comparable. */
+    twin_advance(w, map, br, nb, l_ref, c->V);
   }
   {
     /* Two all-to-alls (dispatch, combine) per micro-batch and MoE layer, whatever the tokens. */
@@ -219,8 +170,8 @@ static void run_workload(ctx *c, int n_mb) {
     if (g_size > 1 && st.tokens > 0) assert_true(st.dispatch_bytes > 0 && st.combine_bytes > 0);
   }
   for (int j = 0; j < n; j++) {
-    epic_kvcache_seq_release(kc_ep, &w[j].kv_ep);
-    epic_kvcache_seq_release(kc_ref, &w[j].kv_ref);
+    epic_kvcache_seq_release(kc_ep, &w[j].kv_a);
+    epic_kvcache_seq_release(kc_ref, &w[j].kv_b);
   }
   epic_kvcache_destroy(kc_ep);
   epic_kvcache_destroy(kc_ref);
@@ -244,7 +195,7 @@ static void run_mtp(ctx *c, int n_mb) {
   for (int j = 0; j < n; j++) {
     wseq *s = &w[j];
     float *lg = malloc((size_t)(s->n_prompt * c->V) * sizeof(float));
-    epic_seq_batch b = {.tokens = s->prompt, .n_tokens = s->n_prompt, .kv = &s->kv_ref,
+    epic_seq_batch b = {.tokens = s->prompt, .n_tokens = s->n_prompt, .kv = &s->kv_b,
                         .all_logits = 1};
     if (s->n_prompt < 2) {
       free(lg);
@@ -253,11 +204,11 @@ static void run_mtp(ctx *c, int n_mb) {
     hid[nb] = malloc((size_t)(s->n_prompt * c->D) * sizeof(float));
     assert_int_equal(epic_model_forward(c->ref, kc, &b, 1, lg, hid[nb]), EPIC_OK);
     free(lg);
-    be[nb] = (epic_seq_batch){.tokens = s->prompt + 1, .n_tokens = s->n_prompt - 1, .kv = &s->kv_ep,
+    be[nb] = (epic_seq_batch){.tokens = s->prompt + 1, .n_tokens = s->n_prompt - 1, .kv = &s->kv_a,
                               .all_logits = 1, .hidden = hid[nb]};
     br[nb] = be[nb];
-    br[nb].kv = &s->kv_ref; /* the main cache is done with: reuse the struct for the MTP one */
-    epic_kvcache_seq_release(kc, &s->kv_ref);
+    br[nb].kv = &s->kv_b; /* the main cache is done with: reuse the struct for the MTP one */
+    epic_kvcache_seq_release(kc, &s->kv_b);
     rows += s->n_prompt - 1;
     nb++;
   }
@@ -269,8 +220,8 @@ static void run_mtp(ctx *c, int n_mb) {
     compare(c, l_ep, l_ref, rows, "MTP logits differ from the reference");
   }
   for (int j = 0; j < n; j++) {
-    epic_kvcache_seq_release(km_ep, &w[j].kv_ep);
-    epic_kvcache_seq_release(km_ref, &w[j].kv_ref);
+    epic_kvcache_seq_release(km_ep, &w[j].kv_a);
+    epic_kvcache_seq_release(km_ref, &w[j].kv_b);
   }
   for (int j = 0; j < nb; j++) free(hid[j]);
   epic_kvcache_destroy(kc);

@@ -25,22 +25,15 @@
 #include "comm/comm.h"
 #include "common/log.h"
 #include "tests/common/test_util.h"
+#include "tests/worker/twin_workload.h"
 #include "worker/model.h"
 #include "worker/sampler.h"
 
-#define CHUNK 8
-#define MAX_SEQS 16
+#define CHUNK TWIN_CHUNK
+#define MAX_SEQS TWIN_MAX_SEQS
 
 static epic_comm *g_comm;
 static int g_rank, g_size;
-
-static uint64_t mix(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  return x ^ (x >> 33);
-}
 
 /* ---- row independence of the CPU matmul ---- */
 
@@ -57,7 +50,7 @@ static void check_rows(epic_ops *o, const epic_weight *w, const char *what) {
   assert_non_null(y);
   assert_non_null(y1);
   for (int64_t i = 0; i < MAXM * K; i++)
-    x[i] = (float)((double)(mix((uint64_t)i) % 20001) / 10000.0 - 1.0);
+    x[i] = (float)((double)(twin_mix((uint64_t)i) % 20001) / 10000.0 - 1.0);
   /* Reference: each row alone. */
   for (int64_t r = 0; r < MAXM; r++)
     assert_int_equal(o->vt->matmul(o, x + r * K, K, 1, w, y1 + r * N, N), EPIC_OK);
@@ -85,12 +78,12 @@ static void test_matmul_row_independent(void **state) {
   uint8_t *w8 = malloc((size_t)(N * K));
   float sc[1 * 2] = {0.5f, 0.25f};
   for (int64_t i = 0; i < N * K; i++) {
-    wf[i] = (float)((double)(mix((uint64_t)i + 7) % 2001) / 1000.0 - 1.0);
+    wf[i] = (float)((double)(twin_mix((uint64_t)i + 7) % 2001) / 1000.0 - 1.0);
     uint32_t u;
     memcpy(&u, &wf[i], 4);
     wb[i] = (uint16_t)(u >> 16);
-    w8[i] = (uint8_t)((mix((uint64_t)i + 99) & 0x80u) | ((4u + (mix((uint64_t)i) & 3u)) << 3) |
-                      (mix((uint64_t)i + 5) & 7u));
+    w8[i] = (uint8_t)((twin_mix((uint64_t)i + 99) & 0x80u) | ((4u + (twin_mix((uint64_t)i) & 3u)) << 3) |
+                      (twin_mix((uint64_t)i + 5) & 7u));
   }
   epic_weight f32 = {.dtype = EPIC_DT_F32, .rows = N, .cols = K, .data = wf};
   epic_weight bf16 = {.dtype = EPIC_DT_BF16, .rows = N, .cols = K, .data = wb};
@@ -131,7 +124,7 @@ static void table_make(table *t, int64_t rows, int64_t E, int P, uint64_t salt) 
   int32_t n = 0;
   t->off[0] = 0;
   for (int64_t i = 0; i < rows * E; i++) {
-    const uint64_t h = mix(salt * 1000003u + (uint64_t)i);
+    const uint64_t h = twin_mix(salt * 1000003u + (uint64_t)i);
     const int max = P < 3 ? P : 3, copies = 1 + (int)(h % (uint64_t)max);
     int first = (int)((h >> 8) % (uint64_t)P);
     /* copies consecutive ranks from `first`, written ascending */
@@ -224,13 +217,8 @@ typedef struct ctx {
   int failures;
 } ctx;
 
-typedef struct wseq {
-  int32_t prompt[24];
-  int64_t n_prompt, n_gen, fed, gen_done;
-  int32_t next;
-  int admit_step;
-  epic_kv_seq kv_a, kv_b;
-} wseq;
+/* kv_a: the plain placement's cache, kv_b: the re-placed model's (twin_workload.h). */
+typedef twin_seq wseq;
 
 static int load(ctx *c, const char *model) {
   char dir[1024];
@@ -272,19 +260,8 @@ static void record(ctx *c, const char *what, int step) {
     print_error("rank %d %s step %d: %s\n", g_rank, c->model, step, what);
 }
 
-static int make_workload(ctx *c, wseq *w) {
-  const int n = g_size >= 3 && g_rank == g_size - 1 ? 0 : 2 + g_rank;
-  for (int j = 0; j < n && j < MAX_SEQS; j++) {
-    uint64_t h = mix((uint64_t)(g_rank * 1000 + j + 1));
-    memset(&w[j], 0, sizeof w[j]);
-    w[j].n_prompt = 1 + (int64_t)(h % 24);
-    w[j].n_gen = 3 + (int64_t)((h >> 8) % 4);
-    w[j].admit_step = j;
-    for (int64_t t = 0; t < w[j].n_prompt; t++)
-      w[j].prompt[t] = (int32_t)(mix(h + (uint64_t)t) % (uint64_t)c->V);
-  }
-  return n < MAX_SEQS ? n : MAX_SEQS;
-}
+/* This rank's sequences (twin_make): 3..6 generated tokens each. */
+static int make_workload(ctx *c, wseq *w) { return twin_make(g_rank, g_size, c->V, 3, 4, w); }
 
 static void run(ctx *c, int n_mb, uint64_t salt) {
   wseq w[MAX_SEQS];
@@ -298,11 +275,10 @@ static void run(ctx *c, int n_mb, uint64_t salt) {
   assert_int_equal(epic_model_kvcache_create(c->moved, 0, 4, 256, &kb), EPIC_OK);
   for (int step = 0;; step++) {
     epic_seq_batch ba[MAX_SEQS], bb[MAX_SEQS];
-    int map[MAX_SEQS], nb = 0;
-    int64_t left = 0, left_all = 0;
-    for (int j = 0; j < n; j++) left += w[j].gen_done < w[j].n_gen;
-    assert_int_equal(epic_comm_allreduce_i64(g_comm, &left, &left_all, 1, EPIC_COMM_SUM), EPIC_OK);
-    if (left_all == 0) break;
+    int map[MAX_SEQS];
+    const int left = twin_left(g_comm, w, n);
+    assert_true(left >= 0);
+    if (!left) break;
     if (step % 2 == 1) { /* a new placement between forwards, sequences mid-flight */
       table t;
       table_make(&t, c->rows, c->E, g_size, salt + (uint64_t)step);
@@ -310,35 +286,13 @@ static void run(ctx *c, int n_mb, uint64_t salt) {
       assert_int_equal(epic_model_set_placement(c->moved, &p), EPIC_OK);
       table_free(&t);
     }
-    for (int j = 0; j < n; j++) {
-      wseq *s = &w[j];
-      if (s->gen_done >= s->n_gen || step < s->admit_step) continue;
-      if (s->fed < s->n_prompt) {
-        int64_t take = s->n_prompt - s->fed < CHUNK ? s->n_prompt - s->fed : CHUNK;
-        ba[nb] = (epic_seq_batch){.tokens = s->prompt + s->fed, .n_tokens = take, .start = s->fed,
-                                  .all_logits = 1};
-      } else {
-        ba[nb] = (epic_seq_batch){.tokens = &s->next, .n_tokens = 1, .start = s->fed};
-      }
-      bb[nb] = ba[nb];
-      ba[nb].kv = &s->kv_a;
-      bb[nb].kv = &s->kv_b;
-      map[nb++] = j;
-    }
+    const int nb = twin_batches(w, n, step, ba, bb, map);
     assert_int_equal(epic_model_forward(c->plain, ka, ba, nb, la, NULL), EPIC_OK);
     assert_int_equal(epic_model_forward(c->moved, kb, bb, nb, lb, NULL), EPIC_OK);
     const int64_t out = epic_batch_out_rows(ba, nb);
     if (memcmp(la, lb, (size_t)(out * c->V) * sizeof(float)) != 0)
       record(c, "logits after rebalancing differ (bitwise) from the plain placement", step);
-    int64_t row = 0;
-    for (int k = 0; k < nb; k++) {
-      wseq *s = &w[map[k]];
-      row += ba[k].all_logits ? ba[k].n_tokens : 1;
-      s->fed += ba[k].n_tokens;
-      if (s->fed < s->n_prompt) continue;
-      s->next = epic_argmax(la + (row - 1) * c->V, c->V);
-      s->gen_done++;
-    }
+    twin_advance(w, map, ba, nb, la, c->V);
   }
   for (int j = 0; j < n; j++) {
     epic_kvcache_seq_release(ka, &w[j].kv_a);
@@ -364,7 +318,7 @@ static void run(ctx *c, int n_mb, uint64_t salt) {
       memset(&w[j].kv_b, 0, sizeof w[j].kv_b);
       for (int64_t i = 0; i < 24 * D; i++)
         hid[(size_t)(nb * 24 * D + i)] =
-            (float)((double)(mix((uint64_t)(j * 7919 + i)) % 2001) / 1000.0 - 1.0);
+            (float)((double)(twin_mix((uint64_t)(j * 7919 + i)) % 2001) / 1000.0 - 1.0);
       xa[nb] = (epic_seq_batch){.tokens = w[j].prompt + 1, .n_tokens = w[j].n_prompt - 1,
                                 .kv = &w[j].kv_a, .all_logits = 1,
                                 .hidden = hid + (size_t)(nb * 24 * D)};
