@@ -8,12 +8,15 @@
  * TFLOP/s and GB/s (each input read once, each output written once) and their fractions
  * of the peaks. matmul: BF16 and FP8 (128x128 block scales) weights at DeepSeek-V3
  * shapes for m = 1..4096 tokens, activation conversion / quantisation included;
- * mla_absorbed_batch decode (bytes: cached 576-float rows read once per sequence, plus
- * queries and outputs); rmsnorm, route, silu_mul, rope.
+ * mla_absorbed_batch decode over fp32 and bf16 caches (bytes: cached 576-element rows
+ * read once per sequence at their element size, plus fp32 queries and outputs); rmsnorm,
+ * route, silu_mul, rope.
  * Timing: CUDA events around a CUDA graph of `reps` calls (launch gaps removed), median
  * of 7 replays. Inputs that would fit in L2 rotate among copies whose total exceeds it.
  * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|mla|memory]
  *                           [--mla BATCH CTX] (one decode shape, e.g. under a profiler)
+ *                           [--mla-kinds MASK] (MLA rows: bits 0-3 the bf16 kernel
+ *                           variants, bit 4 the fp32 cache; default 0x19)
  *                           [--no-peaks] (skip the peak measurements; fractions print 0) */
 #include <math.h>
 #include <stdint.h>
@@ -56,6 +59,10 @@
 static epic_ops *g_ops;
 static cudaStream_t g_st;
 static int g_quick;
+/* MLA rows to time (--mla-kinds): bit k < 4 the bf16-cache kernel variant k
+ * (epic_cuda_mla_bf16_kernel), bit 4 the fp32 cache under TF32 and 3xTF32. Default: the
+ * fp32 rows, the default bf16 kernel (wgmma) and its all-mma.sync variant. */
+static unsigned g_mla_kinds = 0x19;
 #define L2_ROTATE_BYTES ((size_t)160 << 20)
 
 /* ------------------------------------------------------------ random data */
@@ -368,14 +375,25 @@ static void run_mla(void *p, int rep) {
                                     0.0721f, c->ctx));
 }
 
-static void bench_mla(FILE *js, int64_t n_seq, int64_t ctx_len, int *first) {
+/* Decode attention at batch n_seq x ctx_len over a cache of element type dt: fp32 rows
+ * under TF32 and 3xTF32, bf16 rows under each implementation of the bf16 kernel. Bytes:
+ * the cached rows read once per sequence (576 elements of dt each) plus fp32 queries
+ * and outputs. */
+static void bench_mla(FILE *js, int64_t n_seq, int64_t ctx_len, epic_kv_dtype dt, int *first) {
+  static const char *const bf16_names[4] = {"bf16-mma", "bf16-wgmma-s", "bf16-wgmma-o",
+                                            "bf16-wgmma"};
+  static const int bf16_order[4] = {3, 0, 1, 2}; /* default first */
+  if (!(g_mla_kinds & (dt == EPIC_KV_BF16 ? 0xfu : 0x10u)))
+    return;
   const int64_t H = 128, lora = 512, rope = 64, width = 576, page = 64;
+  const size_t esz = epic_kv_dtype_size(dt);
   const int64_t pages_per_seq = (ctx_len + page - 1) / page;
-  const size_t seq_bytes = (size_t)(n_seq * ctx_len * width) * 4;
+  const size_t seq_bytes = (size_t)(n_seq * ctx_len * width) * esz;
   int copies = (int)((L2_ROTATE_BYTES + seq_bytes - 1) / seq_bytes);
   copies = copies < 1 ? 1 : (copies > 16 ? 16 : copies);
   const int64_t n_pages = pages_per_seq * n_seq * copies;
-  float *pool = dev_random((size_t)(n_pages * page * width) * 4, tile_f32);
+  void *pool = dev_random((size_t)(n_pages * page * width) * esz,
+                          dt == EPIC_KV_BF16 ? tile_bf16 : tile_f32);
   /* every copy gets its own shuffled share of the pool's pages */
   int32_t *perm = malloc((size_t)n_pages * 4);
   for (int64_t i = 0; i < n_pages; i++)
@@ -409,30 +427,44 @@ static void bench_mla(FILE *js, int64_t n_seq, int64_t ctx_len, int *first) {
                               .block_tables = dtables[k],
                               .table_stride = pages_per_seq,
                               .n_ctx = dlens,
-                              .max_ctx = ctx_len};
+                              .max_ctx = ctx_len,
+                              .dtype = dt};
   }
   c.qa = dev_random((size_t)(n_seq * H * lora) * 4, tile_f32);
   c.qp = dev_random((size_t)(n_seq * H * rope) * 4, tile_f32);
   CKE(g_ops->vt->alloc(g_ops, (size_t)(n_seq * H * lora) * 4, (void **)&c.ctx));
-  for (int prec = 0; prec < 2; prec++) {
-    CKE(epic_ops_cuda_set_mla_precision(g_ops, (epic_cuda_mla_precision)prec));
+  const int n_modes = dt == EPIC_KV_BF16 ? 4 : 2;
+  for (int mode = 0; mode < n_modes; mode++) {
+    const char *name;
+    if (dt == EPIC_KV_BF16 && !(g_mla_kinds & (1u << bf16_order[mode])))
+      continue;
+    if (dt == EPIC_KV_BF16) {
+      CKE(epic_ops_cuda_set_mla_bf16_kernel(g_ops, (epic_cuda_mla_bf16_kernel)bf16_order[mode]));
+      name = bf16_names[bf16_order[mode]];
+    } else {
+      CKE(epic_ops_cuda_set_mla_precision(g_ops, (epic_cuda_mla_precision)mode));
+      name = mode ? "3xtf32" : "tf32";
+    }
     const double sec = time_calls(run_mla, &c);
     const double bytes = (double)seq_bytes + (double)(n_seq * H * (width + lora)) * 4;
     const double flop = 2.0 * (double)n_seq * ctx_len * H * (width + lora);
     const double gbps = bytes / sec * 1e-9;
     fprintf(js,
-            "%s\n    {\"batch\": %lld, \"ctx\": %lld, \"precision\": \"%s\", \"us\": %.2f, "
-            "\"gbps\": %.1f, \"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f, \"tflops\": %.2f}",
-            *first ? "" : ",", (long long)n_seq, (long long)ctx_len, prec ? "3xtf32" : "tf32",
-            sec * 1e6, gbps, gbps / g_copy_gbps, gbps / g_read_gbps, flop / sec * 1e-12);
+            "%s\n    {\"batch\": %lld, \"ctx\": %lld, \"kv_dtype\": \"%s\", \"precision\": \"%s\", "
+            "\"us\": %.2f, \"gbps\": %.1f, \"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f, "
+            "\"tflops\": %.2f}",
+            *first ? "" : ",", (long long)n_seq, (long long)ctx_len,
+            dt == EPIC_KV_BF16 ? "bf16" : "f32", name, sec * 1e6, gbps, gbps / g_copy_gbps,
+            gbps / g_read_gbps, flop / sec * 1e-12);
     fprintf(stderr,
-            "mla_decode batch=%-4lld ctx=%-5lld %-6s %9.1f us %7.0f GB/s (copy %.2f, read %.2f) "
+            "mla_decode batch=%-4lld ctx=%-5lld %-12s %9.1f us %7.0f GB/s (copy %.2f, read %.2f) "
             "%6.1f TF/s\n",
-            (long long)n_seq, (long long)ctx_len, prec ? "3xtf32" : "tf32", sec * 1e6, gbps,
-            gbps / g_copy_gbps, gbps / g_read_gbps, flop / sec * 1e-12);
+            (long long)n_seq, (long long)ctx_len, name, sec * 1e6, gbps, gbps / g_copy_gbps,
+            gbps / g_read_gbps, flop / sec * 1e-12);
     *first = 0;
   }
   CKE(epic_ops_cuda_set_mla_precision(g_ops, EPIC_CUDA_MLA_TF32));
+  CKE(epic_ops_cuda_set_mla_bf16_kernel(g_ops, EPIC_CUDA_MLA_BF16_WGMMA));
   for (int k = 0; k < copies; k++)
     g_ops->vt->free(g_ops, dtables[k]);
   g_ops->vt->free(g_ops, dlens);
@@ -543,12 +575,16 @@ int main(int argc, char **argv) {
       only = argv[++i];
     else if (!strcmp(argv[i], "--no-peaks"))
       no_peaks = 1;
+    else if (!strcmp(argv[i], "--mla-kinds") && i + 1 < argc)
+      g_mla_kinds = (unsigned)strtoul(argv[++i], NULL, 0);
     else if (!strcmp(argv[i], "--mla") && i + 2 < argc) {
       only = "mla";
       one_batch = atoll(argv[++i]);
       one_ctx = atoll(argv[++i]);
     } else {
-      fprintf(stderr, "usage: %s [--quick] [--device N] [--only matmul|mla|memory] [--mla B CTX]\n",
+      fprintf(stderr,
+              "usage: %s [--quick] [--device N] [--only matmul|mla|memory] [--mla B CTX] "
+              "[--mla-kinds MASK] [--no-peaks]\n",
               argv[0]);
       return 2;
     }
@@ -630,13 +666,14 @@ peaks_done:
   fprintf(js, "\n  ],\n  \"mla_decode\": [");
   first = 1;
   static const int64_t batches[] = {1, 32, 128}, ctxs[] = {1024, 8192};
-  if (one_batch > 0)
-    bench_mla(js, one_batch, one_ctx, &first);
+  for (int d = 0; d < 2 && one_batch > 0; d++)
+    bench_mla(js, one_batch, one_ctx, d ? EPIC_KV_BF16 : EPIC_KV_F32, &first);
   for (int b = 0; b < 3 && do_mla && one_batch <= 0; b++)
-    for (int k = 0; k < 2; k++) {
-      bench_mla(js, batches[b], ctxs[k], &first);
-      fflush(js);
-    }
+    for (int k = 0; k < 2; k++)
+      for (int d = 0; d < 2; d++) {
+        bench_mla(js, batches[b], ctxs[k], d ? EPIC_KV_BF16 : EPIC_KV_F32, &first);
+        fflush(js);
+      }
   fprintf(js, "\n  ],\n  \"memory_ops\": [");
   first = 1;
   static const int64_t sm_m[] = {1, 128, 4096};

@@ -40,8 +40,9 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
      "(idle pages, given back when needed; default: half of the KV cache)"},
     {"mtp-draft", "K|auto|off",
      "MTP speculative decoding: K draft tokens per step (1..16), off, or auto\n"
-     "(default: 1 draft for greedy requests when the checkpoint has an MTP layer;\n"
-     "a sequence stops drafting when fewer than half of its drafts are accepted).\n"
+     "(default: 1 draft for greedy requests when the checkpoint has an MTP layer,\n"
+     "on CPU ranks; GPU ranks draft only with an explicit K, see README; a\n"
+     "sequence stops drafting when fewer than half of its drafts are accepted).\n"
      "Greedy output is identical to off; with K, sampled output has the same\n"
      "distribution (other draws: seeded requests give other tokens than off)"},
     {"eplb-redundant", "R",
@@ -49,7 +50,9 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
      "layer, re-placed between steps from the live routing counts when that lowers\n"
      "the max/mean rank load by 5% (outputs unchanged); 0 = off (default on CPU\n"
      "ranks: as many copies as ranks, i.e. one more expert per rank and layer;\n"
-     "off for one rank and, until validated there, on GPU ranks)"},
+     "off for one rank and on GPU ranks, whose fast FP8 expert GEMMs may change\n"
+     "a row's result when copies split its expert's rows). --mem-per-rank counts\n"
+     "the copies' memory (epic plan --eplb-redundant R shows it)"},
     {"eplb-interval", "STEPS", "steps between expert re-placements (default 256)"},
     {"eplb-policy", "P",
      "global (LPT over all ranks, default) or hierarchical (expert groups spread\n"
@@ -247,6 +250,7 @@ void epic_cli_engine_cluster_params(const epic_cli_engine_opts *o, epic_cluster_
                               .device = o->device,
                               .mem_per_rank = o->mem_per_rank,
                               .max_batch_tokens = o->step_tokens,
+                              .eplb_redundant = o->eplb_redundant,
                               .load_mtp = o->mtp_draft >= 0,
                               .progress = 1};
 }

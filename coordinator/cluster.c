@@ -52,9 +52,11 @@ static void report_misfit(const char *cmd, const epic_plan *plan, uint64_t mem) 
     epic_rank_memory m;
     if (epic_plan_rank_memory(plan, r, &m) != EPIC_OK || m.fits) continue;
     EPIC_LOG_ERROR("%s: the expert placement does not fit: rank %d needs %.3g GB of weights + "
-                   "%.3g GB reserve and room for %lld KV tokens in --mem-per-rank %.3g GB "
-                   "(run `epic plan` with the same model and ranks for the whole table)",
+                   "%.3g GB reserve + %.3g GB for EPLB copies (%d per layer) and room for %lld "
+                   "KV tokens in --mem-per-rank %.3g GB (run `epic plan` with the same model, "
+                   "ranks and --eplb-redundant for the whole table)",
                    cmd, r, (double)m.weight_bytes / 1e9, (double)m.reserve_bytes / 1e9,
+                   (double)m.eplb_bytes / 1e9, epic_plan_eplb_redundant(plan),
                    (long long)epic_plan_min_kv_tokens(plan), (double)mem / 1e9);
     return;
   }
@@ -136,20 +138,24 @@ static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) 
   epic_status st;
   EPIC_CHECK(epic_config_load_dir(p->model_dir, &cfg));
   EPIC_CHECK(epic_config_override(&cfg, p->num_layers, p->num_experts));
+  /* The backend first: the engine's default EPLB copies depend on it. */
+  EPIC_CHECK(create_ops(c, p));
   {
+    const int64_t R = epic_plan_eplb_copies(p->eplb_redundant, cfg.n_routed_experts, c->nranks,
+                                            !c->ops->vt->host_visible);
     epic_plan_params pp = {.size = sizeof pp,
                            .cfg = &cfg,
                            .n_ranks = c->nranks,
                            .gpu_mem_bytes = p->mem_per_rank,
                            .include_mtp = p->load_mtp,
-                           .max_batch_tokens = p->max_batch_tokens};
+                           .max_batch_tokens = p->max_batch_tokens,
+                           .eplb_redundant = R > INT32_MAX ? INT32_MAX : (int)R};
     EPIC_CHECK(epic_plan_create(&pp, &c->plan));
   }
   if (p->mem_per_rank && !epic_plan_fits(c->plan)) {
     report_misfit(p->cmd, c->plan, p->mem_per_rank);
     return EPIC_ERR_INVALID;
   }
-  EPIC_CHECK(create_ops(c, p));
   if (c->comm) EPIC_CHECK(owner_table(c->plan, &cfg, c->nranks, &owner));
   epic_model_params mp = {.size = sizeof mp,
                           .dir = p->model_dir,

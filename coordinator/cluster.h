@@ -4,12 +4,15 @@
  *      PMIX_RANK in the environment) or when a comm backend is named, initialise
  *      MPI and create the epic_comm (a bad backend name fails here, before any
  *      weight is touched);
- *   2. read config.json (with the benchmark overrides) and plan the expert
+ *   2. create the compute backend;
+ *   3. read config.json (with the benchmark overrides) and plan the expert
  *      placement with coordinator/planner: the same plan `epic plan` prints, so
- *      what a user planned is what runs; with mem_per_rank set, a plan that does
- *      not fit is an error naming the rank, again before loading;
- *   3. create the compute backend and load the model: each rank maps the
- *      replicated weights and only the experts the plan gives it.
+ *      what a user planned is what runs; the memory of the run-time EPLB copies
+ *      the engine will use on this backend is set aside (`epic plan
+ *      --eplb-redundant R`); with mem_per_rank set, a plan that does not fit is
+ *      an error naming the rank, before any weight is loaded;
+ *   4. load the model: each rank maps the replicated weights and only the
+ *      experts the plan gives it.
  * With a plan that has redundant expert copies the model uses each expert's
  * first owner (the runtime does not yet spread tokens over copies).
  *
@@ -47,6 +50,8 @@ typedef struct epic_cluster_params {
   int load_mtp;              /* load the MTP layer when the config has one */
   uint64_t mem_per_rank;     /* bytes a rank may use; 0 = unknown (no fit check) */
   int64_t max_batch_tokens;  /* step tokens, for the plan's activation reserve; 0 = default */
+  int64_t eplb_redundant;    /* the engine's eplb_redundant (> 0 copies, < 0 off, 0 its
+                                default): the plan sets their memory aside (planner.h) */
   int progress;              /* rank 0 reports loading progress */
 } epic_cluster_params;
 

@@ -33,6 +33,11 @@ static const char *USAGE =
     "  --no-mtp                 leave out the MTP layer (default: planned if the model has one)\n"
     "  --redundant R            R extra copies of the hottest experts per MoE layer\n"
     "                           (needs --load-stats)\n"
+    "  --eplb-redundant R       set memory aside for the engine's run-time expert load\n"
+    "                           balancing with R copies per MoE layer (as serve/batch\n"
+    "                           --eplb-redundant R): per rank, the most experts its\n"
+    "                           re-placements may add, plus one layer while re-placing\n"
+    "                           (column \"EPLB GB\"; default 0: none)\n"
     "  --eplb-policy P          placement of the copies: global (LPT over all ranks,\n"
     "                           default) or hierarchical (expert groups spread over\n"
     "                           nodes first, then copies packed within each node)\n"
@@ -51,7 +56,7 @@ static const char *USAGE =
 
 typedef struct plan_opts {
   const char *model, *stats, *gpu_mem_str;
-  int64_t ranks, redundant, max_batch, num_layers, num_experts;
+  int64_t ranks, redundant, max_batch, num_layers, num_experts, eplb_redundant;
   uint64_t gpu_mem;
   int json, no_mtp;
   epic_eplb_policy policy;
@@ -123,7 +128,8 @@ static int parse(int argc, char **argv, plan_opts *o) {
     O_NLAYERS,
     O_NEXPERTS,
     O_POLICY,
-    O_RPN
+    O_RPN,
+    O_EPLB_RED
   };
   static const struct option longopts[] = {{"model", required_argument, 0, O_MODEL},
                                            {"ranks", required_argument, 0, O_RANKS},
@@ -137,6 +143,7 @@ static int parse(int argc, char **argv, plan_opts *o) {
                                            {"num-experts", required_argument, 0, O_NEXPERTS},
                                            {"eplb-policy", required_argument, 0, O_POLICY},
                                            {"ranks-per-node", required_argument, 0, O_RPN},
+                                           {"eplb-redundant", required_argument, 0, O_EPLB_RED},
                                            {"help", no_argument, 0, 'h'},
                                            {0, 0, 0, 0}};
   const char *cmd = "plan";
@@ -176,6 +183,9 @@ static int parse(int argc, char **argv, plan_opts *o) {
     case O_RPN:
       bad = epic_cli_i64(cmd, "--ranks-per-node", optarg, 1, 1 << 20, &o->ranks_per_node);
       break;
+    case O_EPLB_RED:
+      bad = epic_cli_i64(cmd, "--eplb-redundant", optarg, 0, 1 << 24, &o->eplb_redundant);
+      break;
     case 'h': fputs(USAGE, stdout); return 1;
     case ':':
       fprintf(stderr, "epic plan: %s needs a value (see --help)\n", argv[optind - 1]);
@@ -209,8 +219,9 @@ static int parse(int argc, char **argv, plan_opts *o) {
               (long long)o->ranks_per_node, (long long)o->ranks);
       return -1;
     }
-    if (!o->stats) {
-      fputs("epic plan: --eplb-policy hierarchical needs --load-stats FILE\n", stderr);
+    if (!o->stats && !o->eplb_redundant) {
+      fputs("epic plan: --eplb-policy hierarchical needs --load-stats FILE or --eplb-redundant R\n",
+            stderr);
       return -1;
     }
   } else if (o->ranks_per_node) {
@@ -235,11 +246,13 @@ static epic_plan_params plan_params(const plan_opts *o, const epic_model_config 
                         .load_stats_path = with_stats ? o->stats : NULL,
                         .max_batch_tokens = o->max_batch,
                         .policy = with_stats ? o->policy : EPIC_EPLB_GLOBAL,
-                        .ranks_per_node = with_stats ? (int)o->ranks_per_node : 0};
+                        .ranks_per_node = with_stats ? (int)o->ranks_per_node : 0,
+                        .eplb_redundant = (int)o->eplb_redundant};
   return p;
 }
 
-/* Smallest rank count >= from that fits (no redundancy), or 0 if none up to a bound. */
+/* Smallest rank count >= from that fits (no static redundancy; the run-time EPLB
+ * copies of --eplb-redundant are counted), or 0 if none up to a bound. */
 static int64_t ranks_needed(const plan_opts *o, const epic_model_config *cfg, int64_t from) {
   const int64_t limit = from + 4 * (cfg->n_routed_experts > 0 ? cfg->n_routed_experts : 1);
   for (int64_t n = from; n <= limit && n <= (1 << 20); n++) {
@@ -272,19 +285,22 @@ static void explain_misfit(const plan_opts *o, const epic_model_config *cfg, con
   const int64_t need = ranks_needed(o, cfg, epic_plan_n_ranks(pl) + 1);
   if (need > 0)
     snprintf(hint, sizeof hint, "; %lld ranks of this size would fit", (long long)need);
-  if (wm.weight_bytes + wm.reserve_bytes > o->gpu_mem)
+  char eplb[64] = "";
+  if (wm.eplb_bytes)
+    snprintf(eplb, sizeof eplb, " + %.1f GB for EPLB copies", (double)wm.eplb_bytes / 1e9);
+  if (wm.weight_bytes + wm.reserve_bytes + wm.eplb_bytes > o->gpu_mem)
     fprintf(stderr,
-            "epic plan: does not fit: rank %d needs %.1f GB of weights + %.1f GB reserve, more "
+            "epic plan: does not fit: rank %d needs %.1f GB of weights + %.1f GB reserve%s, more "
             "than --gpu-mem %s (%.1f GB)%s\n",
-            worst, (double)wm.weight_bytes / 1e9, (double)wm.reserve_bytes / 1e9, o->gpu_mem_str,
-            (double)o->gpu_mem / 1e9, hint);
+            worst, (double)wm.weight_bytes / 1e9, (double)wm.reserve_bytes / 1e9, eplb,
+            o->gpu_mem_str, (double)o->gpu_mem / 1e9, hint);
   else
     fprintf(stderr,
             "epic plan: does not fit: rank %d has room for only %lld KV tokens after %.1f GB of "
-            "weights + %.1f GB reserve in --gpu-mem %s; at least %lld needed%s\n",
+            "weights + %.1f GB reserve%s in --gpu-mem %s; at least %lld needed%s\n",
             worst, (long long)wm.kv_tokens, (double)wm.weight_bytes / 1e9,
-            (double)wm.reserve_bytes / 1e9, o->gpu_mem_str, (long long)epic_plan_min_kv_tokens(pl),
-            hint);
+            (double)wm.reserve_bytes / 1e9, eplb, o->gpu_mem_str,
+            (long long)epic_plan_min_kv_tokens(pl), hint);
 }
 
 int epic_cmd_plan(int argc, char **argv) {
@@ -307,6 +323,14 @@ int epic_cmd_plan(int argc, char **argv) {
             "epic plan: --redundant: %lld is more than %lld (each of %lld experts at most once "
             "per rank on %lld ranks)\n",
             (long long)o.redundant, (long long)(E * (o.ranks - 1)), (long long)E,
+            (long long)o.ranks);
+    return 2;
+  }
+  if (o.eplb_redundant > E * (o.ranks - 1)) {
+    fprintf(stderr,
+            "epic plan: --eplb-redundant: %lld is more than %lld (each of %lld experts at most "
+            "once per rank on %lld ranks)\n",
+            (long long)o.eplb_redundant, (long long)(E * (o.ranks - 1)), (long long)E,
             (long long)o.ranks);
     return 2;
   }

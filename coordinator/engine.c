@@ -737,8 +737,9 @@ static const char *check_params(const epic_engine_params *p) {
   return NULL;
 }
 
-/* Defaults, and kv_pages from kv_bytes. NULL or the bad field. */
-static const char *normalize(epic_engine_params *p, const epic_model_config *c) {
+/* Defaults, and kv_pages from kv_bytes (cache elements of kv_elem bytes: the backend's
+ * kv_dtype). NULL or the bad field. */
+static const char *normalize(epic_engine_params *p, const epic_model_config *c, size_t kv_elem) {
   if (!p->page_size)
     p->page_size = DEFAULT_PAGE_SIZE;
   if (!p->max_batch)
@@ -756,7 +757,7 @@ static const char *normalize(epic_engine_params *p, const epic_model_config *c) 
   if (p->max_context > c->max_position_embeddings)
     return "max_context";
   const size_t per_page = (size_t)c->num_hidden_layers * (size_t)p->page_size *
-                          (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * sizeof(float);
+                          (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * kv_elem;
   if (!p->kv_pages) {
     size_t bytes = p->kv_bytes ? p->kv_bytes : DEFAULT_KV_BYTES;
     if (bytes / per_page < 1 || bytes / per_page > INT32_MAX)
@@ -831,7 +832,8 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
   /* From here on every rank reaches agree() (collective) whatever fails locally. */
   if (!bad) {
     e->cfg = epic_model_get_config(e->m);
-    bad = normalize(&e->p, e->cfg);
+    epic_ops *o = epic_model_ops(e->m);
+    bad = normalize(&e->p, e->cfg, epic_kv_dtype_size(o->vt->kv_dtype(o)));
   }
   if (bad) {
     EPIC_LOG_ERROR("engine: invalid parameter %s", bad);
@@ -864,9 +866,15 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
     st = epic_kvcache_set_prefix_cache(e->kc, e->prefix_pages);
   }
   if (st == EPIC_OK) {
-    /* auto drafts one token when the checkpoint's MTP layer is loaded. */
+    /* auto drafts one token when the checkpoint's MTP layer is loaded, on the backend
+     * whose verify forward is bitwise the plain decode (the CPU: fixed-order kernels).
+     * On GPUs the fast kernels' rounding depends on the batch shape (<= 4-row matmuls
+     * in fp32, larger ones with FP8 activations; the BF16 decode-attention kernel vs the
+     * fp32 multi-token path), so drafting could flip near-tied greedy tokens: there it
+     * takes an explicit --mtp-draft K. */
     const int has_mtp = epic_model_has_mtp(e->m);
-    e->mtp_auto = e->p.mtp_draft == 0 && has_mtp;
+    const int invariant = epic_model_ops(e->m)->vt->host_visible;
+    e->mtp_auto = e->p.mtp_draft == 0 && has_mtp && invariant;
     e->mtp_k = e->p.mtp_draft > 0 ? e->p.mtp_draft : e->mtp_auto ? 1 : 0;
     if (e->p.mtp_draft > 0 && !has_mtp) {
       EPIC_LOG_ERROR("engine: invalid parameter mtp_draft: the model has no MTP layer loaded "
@@ -921,13 +929,16 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
       e->cfg->n_routed_experts > 0) {
     /* Collective like agree(): every rank gets here with the same parameters. */
     const int64_t E = e->cfg->n_routed_experts, most = E * (e->nranks - 1);
-    /* The default is on only where re-placement has been validated end to end: the
-     * CPU backend. A GPU run takes --eplb-redundant R explicitly (its extra copies
-     * also need GPU memory that the KV budget does not set aside yet). */
+    /* The default (epic_plan_eplb_copies, which epic_cluster's memory plan uses
+     * too) is on where re-placement keeps outputs unchanged: the CPU backend, whose
+     * expert GEMMs compute a row alike whatever rows share its expert. A GPU run
+     * takes --eplb-redundant R explicitly: its fast FP8 path computes an expert's
+     * rows with fp32 activations in groups of up to 16 rows and with FP8-rounded
+     * activations (cuBLASLt) beyond, and copies split a hot expert's group, so a
+     * row can change path and greedy outputs can change (kernels/cuda/
+     * ops_cuda_matmul.c; EPIC_CUDA_PRECISION=exact keeps them). */
     const int gpu = !epic_model_ops(e->m)->vt->host_visible;
-    int64_t R = e->p.eplb_redundant ? e->p.eplb_redundant : gpu ? 0 : e->nranks;
-    if (!e->p.eplb_redundant && R > most)
-      R = most;
+    const int64_t R = epic_plan_eplb_copies(e->p.eplb_redundant, E, e->nranks, gpu);
     epic_eplb_params bp = {.size = sizeof bp,
                            .model = e->m,
                            .comm = e->comm,

@@ -25,6 +25,7 @@ typedef struct plan_layer {
 struct epic_plan {
   epic_model_config cfg;
   int n_ranks, n_layers, n_experts, n_redundant, include_mtp;
+  int eplb_redundant, eplb_layer_slots; /* run-time EPLB copies and per-layer bound */
   epic_eplb_policy policy;
   int ranks_per_node; /* hierarchical policy only, else 0 */
   uint64_t gpu_mem;
@@ -569,6 +570,26 @@ void epic_plan_destroy(epic_plan *pl) {
   free(pl);
 }
 
+/* S of planner.h's run-time EPLB: the most experts one MoE layer's re-placement with
+ * eplb_redundant copies may give a rank; 0 without copies or MoE layers. The
+ * hierarchical bound (never below the global one) counts when that policy applies to
+ * these copies, as coordinator/eplb.c decides at run time. */
+static int eplb_layer_slots(const epic_plan *pl, int n_moe, int rpn) {
+  const int64_t E = pl->n_experts, N = pl->n_ranks, R = pl->eplb_redundant;
+  if (R <= 0 || n_moe <= 0 || E <= 0)
+    return 0;
+  int64_t S = (E + R + N - 1) / N;
+  if (pl->policy == EPIC_EPLB_HIERARCHICAL && rpn >= 1 && N % rpn == 0) {
+    const int64_t nn = N / rpn, G = eplb_groups(&pl->cfg, (int)E);
+    if (E % G == 0 && G % nn == 0 && (R + nn - 1) / nn <= (E / nn) * (rpn - 1)) {
+      const int64_t h = (E / nn + (R + nn - 1) / nn + rpn - 1) / rpn;
+      if (h > S)
+        S = h;
+    }
+  }
+  return (int)S;
+}
+
 static uint64_t reserve_bytes(const epic_model_config *c, int64_t tokens) {
   const int64_t D = c->hidden_size, H = c->num_attention_heads;
   const int64_t topk = c->n_routed_experts > 0 ? c->num_experts_per_tok : 0;
@@ -615,6 +636,12 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
     EPIC_LOG_ERROR("planner: %d redundant copies per layer: must be in [0, %lld] "
                    "(each of %d experts at most once per rank on %d ranks)",
                    p->n_redundant, (long long)E * (N - 1), E, N);
+    return EPIC_ERR_INVALID;
+  }
+  if (p->eplb_redundant < 0 || (int64_t)p->eplb_redundant > (int64_t)E * (N - 1)) {
+    EPIC_LOG_ERROR("planner: %d run-time EPLB copies per layer (--eplb-redundant): must be in "
+                   "[0, %lld] (each of %d experts at most once per rank on %d ranks)",
+                   p->eplb_redundant, (long long)E * (N - 1), E, N);
     return EPIC_ERR_INVALID;
   }
   if (p->n_redundant > 0 && !p->load_stats_path && !p->load_counts) {
@@ -716,6 +743,8 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
     k++;
   }
 
+  pl->eplb_redundant = p->eplb_redundant;
+  pl->eplb_layer_slots = eplb_layer_slots(pl, k, p->ranks_per_node);
   pl->fits = 1;
   for (int r = 0; r < N; r++) {
     epic_rank_memory *m = &pl->mem[r];
@@ -723,10 +752,18 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
     m->expert_bytes = (uint64_t)m->expert_slots * pl->w.expert;
     m->weight_bytes = m->replicated_bytes + m->expert_bytes;
     m->reserve_bytes = pl->reserve;
+    if (pl->eplb_layer_slots > 0) {
+      /* One layer more than the steady state: a re-placement loads a layer's new
+       * experts before it frees the old ones (worker/model.c). */
+      const int64_t most = (int64_t)(k + 1) * pl->eplb_layer_slots;
+      m->eplb_slots = most > m->expert_slots ? most - m->expert_slots : 0;
+      m->eplb_bytes = (uint64_t)m->eplb_slots * pl->w.expert;
+    }
     m->fits = 1;
     if (pl->gpu_mem) {
       const uint64_t gm = pl->gpu_mem > (uint64_t)INT64_MAX ? (uint64_t)INT64_MAX : pl->gpu_mem;
-      m->kv_budget_bytes = (int64_t)gm - (int64_t)m->weight_bytes - (int64_t)m->reserve_bytes;
+      m->kv_budget_bytes = (int64_t)gm - (int64_t)m->weight_bytes - (int64_t)m->reserve_bytes -
+                           (int64_t)m->eplb_bytes;
       m->kv_tokens = m->kv_budget_bytes > 0 && pl->kv_per_token
                          ? m->kv_budget_bytes / (int64_t)pl->kv_per_token
                          : 0;
@@ -755,6 +792,22 @@ int epic_plan_n_layers(const epic_plan *pl) {
 }
 int epic_plan_is_moe_layer(const epic_plan *pl, int layer) {
   return pl && layer >= 0 && layer < pl->n_layers && pl->layers[layer].moe;
+}
+int epic_plan_eplb_redundant(const epic_plan *pl) {
+  return pl ? pl->eplb_redundant : 0;
+}
+int epic_plan_eplb_layer_slots(const epic_plan *pl) {
+  return pl ? pl->eplb_layer_slots : 0;
+}
+int64_t epic_plan_eplb_copies(int64_t requested, int64_t n_experts, int n_ranks, int gpu) {
+  const int64_t most = n_ranks > 1 && n_experts > 0 ? n_experts * (n_ranks - 1) : 0;
+  if (most == 0 || requested < 0)
+    return 0;
+  if (requested > 0)
+    return requested;
+  if (gpu)
+    return 0;
+  return n_ranks < most ? n_ranks : most;
 }
 int epic_plan_fits(const epic_plan *pl) {
   return pl ? pl->fits : 0;
@@ -918,11 +971,12 @@ epic_status epic_plan_write_json(const epic_plan *pl, FILE *f) {
   fprintf(f,
           "\"n_ranks\":%d,\"gpu_mem_bytes\":%llu,\"include_mtp\":%s,\"n_layers\":%d,"
           "\"n_moe_layers\":%d,\"n_redundant\":%d,\"eplb_policy\":\"%s\","
-          "\"ranks_per_node\":%d,\"max_batch_tokens\":%lld,"
+          "\"ranks_per_node\":%d,\"eplb_redundant\":%d,\"eplb_layer_slots\":%d,"
+          "\"max_batch_tokens\":%lld,"
           "\"kv_bytes_per_token\":%llu,\"min_kv_tokens\":%lld,\"fits\":%s,",
           N, (unsigned long long)pl->gpu_mem, pl->include_mtp ? "true" : "false", pl->n_layers,
           n_moe, pl->n_redundant, epic_eplb_policy_name(pl->policy), pl->ranks_per_node,
-          (long long)pl->max_batch_tokens,
+          pl->eplb_redundant, pl->eplb_layer_slots, (long long)pl->max_batch_tokens,
           (unsigned long long)pl->kv_per_token, (long long)pl->min_kv_tokens,
           pl->fits ? "true" : "false");
   fprintf(f,
@@ -941,11 +995,13 @@ epic_status epic_plan_write_json(const epic_plan *pl, FILE *f) {
     const epic_rank_memory *m = &pl->mem[r];
     fprintf(f,
             "%s{\"rank\":%d,\"expert_slots\":%lld,\"replicated_bytes\":%llu,\"expert_bytes\":%llu,"
-            "\"weight_bytes\":%llu,\"reserve_bytes\":%llu,\"kv_budget_bytes\":%lld,"
+            "\"weight_bytes\":%llu,\"reserve_bytes\":%llu,\"eplb_slots\":%lld,"
+            "\"eplb_bytes\":%llu,\"kv_budget_bytes\":%lld,"
             "\"kv_tokens\":%lld,\"fits\":%s}",
             r ? "," : "", r, (long long)m->expert_slots, (unsigned long long)m->replicated_bytes,
             (unsigned long long)m->expert_bytes, (unsigned long long)m->weight_bytes,
-            (unsigned long long)m->reserve_bytes, (long long)m->kv_budget_bytes,
+            (unsigned long long)m->reserve_bytes, (long long)m->eplb_slots,
+            (unsigned long long)m->eplb_bytes, (long long)m->kv_budget_bytes,
             (long long)m->kv_tokens, m->fits ? "true" : "false");
   }
   /* Placement: layers with identical placement share one entry. */
@@ -1022,8 +1078,17 @@ epic_status epic_plan_write_table(const epic_plan *pl, FILE *f) {
           "(max batch %lld tokens)\n\n",
           pl->n_redundant, epic_eplb_policy_name(pl->policy), (unsigned long long)pl->kv_per_token, gb(pl->reserve),
           (long long)pl->max_batch_tokens);
-  fprintf(f, "%5s %13s %10s %9s %10s %10s %12s %12s %5s\n", "rank", "experts/layer", "replic GB",
-          "expert GB", "weights GB", "reserve GB", "KV budget GB", "KV tokens", "fits");
+  const int eplb = pl->eplb_layer_slots > 0;
+  if (eplb)
+    fprintf(f,
+            "run-time EPLB: %d copies per MoE layer: up to %d experts per layer on a rank; "
+            "\"EPLB GB\" is set aside for them (one layer more while re-placing)\n\n",
+            pl->eplb_redundant, pl->eplb_layer_slots);
+  fprintf(f, "%5s %13s %10s %9s %10s %10s", "rank", "experts/layer", "replic GB", "expert GB",
+          "weights GB", "reserve GB");
+  if (eplb)
+    fprintf(f, " %8s", "EPLB GB");
+  fprintf(f, " %12s %12s %5s\n", "KV budget GB", "KV tokens", "fits");
   for (int r = 0; r < N; r++) {
     const epic_rank_memory *m = &pl->mem[r];
     int lo = -1, hi = -1;
@@ -1046,6 +1111,8 @@ epic_status epic_plan_write_table(const epic_plan *pl, FILE *f) {
       snprintf(per, sizeof per, "%d-%d", lo, hi);
     fprintf(f, "%5d %13s %10.2f %9.2f %10.2f %10.2f", r, per, gb(m->replicated_bytes),
             gb(m->expert_bytes), gb(m->weight_bytes), gb(m->reserve_bytes));
+    if (eplb)
+      fprintf(f, " %8.2f", gb(m->eplb_bytes));
     if (pl->gpu_mem)
       fprintf(f, " %12.2f %12lld %5s\n", (double)m->kv_budget_bytes / 1e9, (long long)m->kv_tokens,
               m->fits ? "yes" : "no");

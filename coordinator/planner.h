@@ -30,8 +30,21 @@
  * - Per-rank memory: replicated weights (embedding, lm_head, attention, dense MLPs,
  *   shared experts, norms, router gates, and when MTP is planned its attention,
  *   shared expert, norms, eh_proj and its embed/head copies, which worker/model.c
- *   loads), the rank's routed experts, an activation/workspace reserve, and the KV
- *   cache budget = gpu_mem - weights - reserve.
+ *   loads), the rank's routed experts, an activation/workspace reserve, the memory
+ *   set aside for run-time EPLB copies (below), and the KV cache budget =
+ *   gpu_mem - weights - reserve - EPLB.
+ *
+ * Run-time EPLB (coordinator/eplb.h, the engine's --eplb-redundant R): between steps
+ * the engine re-places the experts with R extra copies per MoE layer, so a rank may
+ * come to hold more experts than the plan gives it. With eplb_redundant = R > 0 the
+ * plan sets aside, per rank,
+ *   eplb_slots = (n_moe + 1) * S - expert_slots,   eplb_bytes = eplb_slots * expert
+ * (0 when negative), n_moe = MoE layers planned, S = the most experts a re-placement
+ * gives a rank in one layer: ceil((E + R) / N) for the global policy; for the
+ * hierarchical one, when it applies to R (else the engine falls back to global),
+ * ceil((E / n_nodes + ceil(R / n_nodes)) / ranks_per_node). The one layer more is the
+ * re-placement itself: worker/model.c loads a layer's new experts before it frees
+ * that layer's old ones, one layer at a time.
  *
  * Reserve (documented formula, bytes):
  *   reserve = 2 GiB (CUDA context, library workspaces, allocator slack)
@@ -113,8 +126,12 @@ typedef struct epic_plan_params {
    * all-zero rows are ignored). Borrowed for the call. */
   const double *load_counts;
   int64_t n_load_layers;
-  epic_eplb_policy policy; /* placement of layers with statistics */
+  epic_eplb_policy policy; /* placement of layers with statistics; with eplb_redundant
+                              also the run-time policy whose bound is set aside */
   int ranks_per_node;      /* hierarchical: ranks of one node, must divide n_ranks */
+  /* Run-time EPLB copies per MoE layer to set memory aside for (see above; 0 = none,
+   * at most E * (N - 1)); needs no statistics. */
+  int eplb_redundant;
 } epic_plan_params;
 
 typedef struct epic_plan epic_plan;
@@ -151,15 +168,27 @@ typedef struct epic_rank_memory {
   uint64_t expert_bytes;     /* this rank's routed experts, all layers */
   uint64_t weight_bytes;     /* replicated + expert */
   uint64_t reserve_bytes;    /* activation / workspace reserve */
-  int64_t kv_budget_bytes; /* gpu_mem - weights - reserve (negative: does not fit); 0 if unknown */
+  int64_t kv_budget_bytes; /* gpu_mem - weights - reserve - eplb (negative: does not fit);
+                              0 if unknown */
   int64_t kv_tokens;       /* KV cache capacity in tokens (0 if the budget is <= 0 or unknown) */
   int64_t expert_slots;    /* experts held, summed over layers */
   int fits;                /* 1 if kv_tokens >= epic_plan_min_kv_tokens (or gpu_mem unknown) */
+  int64_t eplb_slots;      /* experts more that run-time EPLB may put here (see above) */
+  uint64_t eplb_bytes;     /* their bytes, set aside before the KV budget */
 } epic_rank_memory;
 
 epic_status epic_plan_rank_memory(const epic_plan *plan, int rank, epic_rank_memory *out);
 /* 1 if every rank fits (always 1 when gpu_mem_bytes was 0). */
 int epic_plan_fits(const epic_plan *plan);
+/* Run-time EPLB: the copies per layer planned for (eplb_redundant) and S, the most
+ * experts one layer may put on a rank (0 without copies). */
+int epic_plan_eplb_redundant(const epic_plan *plan);
+int epic_plan_eplb_layer_slots(const epic_plan *plan);
+/* The copies per MoE layer the engine's EPLB uses (coordinator/engine.h
+ * eplb_redundant): requested > 0 as given, < 0 none, 0 the default: as many as
+ * ranks on host-memory (CPU) ranks, at most E * (N - 1), and none on GPU ranks;
+ * none for one rank or a model without routed experts. */
+int64_t epic_plan_eplb_copies(int64_t requested, int64_t n_experts, int n_ranks, int gpu);
 /* KV bytes per token (all planned attention layers) and the fit threshold in tokens. */
 uint64_t epic_plan_kv_bytes_per_token(const epic_plan *plan);
 int64_t epic_plan_min_kv_tokens(const epic_plan *plan);

@@ -20,8 +20,12 @@
 
 /* 2: mla_absorbed_batch appended (batched decode attention over several sequences).
  * 3: host_visible, copy_rows, zero, moe_combine, kv_store_batch, grouped_matmul, sync appended (what the model
- *    needs to keep a whole forward in backend memory). */
-#define EPIC_OPS_ABI_VERSION 4
+ *    needs to keep a whole forward in backend memory).
+ * 4: row_pick appended.
+ * 5: the latent KV cache has an element type (epic_kv_dtype: the dtype field of epic_kv_view
+ *    and epic_kv_batch, whose pool became void *); kv_dtype appended (the type a backend wants
+ *    for caches created now: BF16 halves the bytes a decode step streams). */
+#define EPIC_OPS_ABI_VERSION 5
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -63,17 +67,32 @@ typedef struct epic_weight {
  * shared by backends and tests. */
 void epic_weight_rows_f32(const epic_weight *w, int64_t r0, int64_t n, float *out);
 
+/* Element type of a latent KV cache pool. F32 is 0, so a zero-initialised view is fp32.
+ * BF16 rows are written rounded to nearest even (epic_f32_to_bf16) and read back widened
+ * exactly; ops take and return fp32 activations either way. */
+typedef enum {
+  EPIC_KV_F32 = 0,
+  EPIC_KV_BF16 = 1,
+} epic_kv_dtype;
+
+/* Bytes per cache element (4 or 2; 0 for an unknown type). */
+static inline size_t epic_kv_dtype_size(epic_kv_dtype t) {
+  return t == EPIC_KV_F32 ? 4 : t == EPIC_KV_BF16 ? 2 : 0;
+}
+
 /* Paged latent KV cache view for one layer (MLA, DESIGN §3): a pool of pages,
- * each page holds page_size token rows of `width` floats (kv_lora_rank latent
- * followed by qk_rope_head_dim roped key). A sequence's token t lives in page
- * block_table[t / page_size], row t % page_size. */
+ * each page holds page_size token rows of `width` elements of type `dtype`
+ * (kv_lora_rank latent followed by qk_rope_head_dim roped key). A sequence's token t
+ * lives in page block_table[t / page_size], row t % page_size. A backend refuses a dtype
+ * it does not implement (EPIC_ERR_UNSUPPORTED). */
 typedef struct epic_kv_view {
-  float *pool;                 /* this layer's pool: n_pages * page_size * width floats */
+  void *pool;                  /* this layer's pool: n_pages * page_size * width elements */
   int64_t page_size;
   int64_t width;               /* kv_lora_rank + qk_rope_head_dim */
-  int64_t lora;                /* kv_lora_rank: first `lora` floats of a row are the latent */
+  int64_t lora;                /* kv_lora_rank: first `lora` elements of a row are the latent */
   const int32_t *block_table;  /* page ids of the sequence, in order */
   int64_t n_ctx;               /* tokens currently valid for the sequence (keys 0..n_ctx-1) */
+  epic_kv_dtype dtype;         /* element type of pool (ABI 5) */
 } epic_kv_view;
 
 /* The paged latent caches of several sequences of one layer (one pool), for batched
@@ -82,7 +101,7 @@ typedef struct epic_kv_view {
  * CUDA), so a captured decode step can change lengths without host round trips;
  * max_ctx is a host-side upper bound of every n_ctx[s] (it sizes the work split). */
 typedef struct epic_kv_batch {
-  float *pool;
+  void *pool;                   /* elements of type dtype, as in epic_kv_view */
   int64_t page_size;
   int64_t width;                /* kv_lora_rank + qk_rope_head_dim */
   int64_t lora;                 /* kv_lora_rank */
@@ -90,6 +109,7 @@ typedef struct epic_kv_batch {
   int64_t table_stride;
   const int32_t *n_ctx;         /* [n_seq] */
   int64_t max_ctx;
+  epic_kv_dtype dtype;          /* element type of pool (ABI 5) */
 } epic_kv_batch;
 
 typedef struct epic_ops epic_ops;
@@ -258,6 +278,11 @@ typedef struct epic_ops_vt {
    * greedy row instead of the row's vocabulary-wide logits. */
   epic_status (*row_pick)(epic_ops *o, const float *x, int64_t m, int64_t n, int32_t *ids,
                           float *logprob);
+
+  /* ABI 5. Element type this backend wants for latent KV caches created now (the cache
+   * asks once, at creation; ops read whatever type a view names). CPU: F32 only. CUDA:
+   * BF16 in its fast precision mode, F32 in exact mode (kernels/cuda/ops_cuda.h). */
+  epic_kv_dtype (*kv_dtype)(epic_ops *o);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */

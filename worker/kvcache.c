@@ -9,14 +9,17 @@ struct epic_kvcache {
   epic_ops *ops;
   epic_kvcache_params p;
   int64_t width;
-  float **pools; /* [n_layers] */
+  epic_kv_dtype dtype;
+  void **pools; /* [n_layers] */
   epic_kvpages *pg;
 };
 
-size_t epic_kvcache_bytes(const epic_kvcache_params *p) {
+size_t epic_kvcache_bytes(const epic_kvcache_params *p, epic_kv_dtype dt) {
   return (size_t)p->n_layers * (size_t)p->n_pages * (size_t)p->page_size *
-         (size_t)(p->lora + p->rope) * sizeof(float);
+         (size_t)(p->lora + p->rope) * epic_kv_dtype_size(dt);
 }
+
+epic_kv_dtype epic_kvcache_dtype(const epic_kvcache *kc) { return kc->dtype; }
 
 epic_status epic_kvcache_create(epic_ops *ops, const epic_kvcache_params *p, epic_kvcache **out) {
   epic_kvcache *kc;
@@ -32,6 +35,14 @@ epic_status epic_kvcache_create(epic_ops *ops, const epic_kvcache_params *p, epi
   kc->ops = ops;
   kc->p = *p;
   kc->width = p->lora + p->rope;
+  /* Backends before ABI 5 have no kv_dtype slot and keep fp32 rows. */
+  kc->dtype = ops->vt->abi_version >= 5 && ops->vt->kv_dtype ? ops->vt->kv_dtype(ops) : EPIC_KV_F32;
+  if (epic_kv_dtype_size(kc->dtype) == 0) {
+    EPIC_LOG_ERROR("kv cache: backend %s asks for unknown element type %d", ops->vt->name,
+                   (int)kc->dtype);
+    free(kc);
+    return EPIC_ERR_UNSUPPORTED;
+  }
   kc->pools = calloc((size_t)p->n_layers, sizeof *kc->pools);
   if (!kc->pools) goto fail;
   {
@@ -39,13 +50,14 @@ epic_status epic_kvcache_create(epic_ops *ops, const epic_kvcache_params *p, epi
     EPIC_CHECK_GOTO(epic_kvpages_create(&pp, &kc->pg), st, fail);
   }
   for (int64_t l = 0; l < p->n_layers; l++) {
-    size_t bytes = (size_t)p->n_pages * (size_t)p->page_size * (size_t)kc->width * sizeof(float);
-    EPIC_CHECK_GOTO(ops->vt->alloc(ops, bytes, (void **)&kc->pools[l]), st, fail);
+    size_t bytes = (size_t)p->n_pages * (size_t)p->page_size * (size_t)kc->width *
+                   epic_kv_dtype_size(kc->dtype);
+    EPIC_CHECK_GOTO(ops->vt->alloc(ops, bytes, &kc->pools[l]), st, fail);
   }
   *out = kc;
   return EPIC_OK;
 fail:
-  EPIC_LOG_ERROR("kv cache: cannot allocate %zu bytes", epic_kvcache_bytes(p));
+  EPIC_LOG_ERROR("kv cache: cannot allocate %zu bytes", epic_kvcache_bytes(p, kc->dtype));
   epic_kvcache_destroy(kc);
   return st;
 }
@@ -164,6 +176,7 @@ epic_kv_view epic_kvcache_view(const epic_kvcache *kc, int64_t layer, const epic
                     .width = kc->width,
                     .lora = kc->p.lora,
                     .block_table = s->pages,
-                    .n_ctx = n_ctx};
+                    .n_ctx = n_ctx,
+                    .dtype = kc->dtype};
   return v;
 }

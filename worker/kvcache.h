@@ -1,6 +1,9 @@
 /* Paged latent KV cache (MLA, DESIGN §3): per layer, a pool of fixed-size pages;
  * each token row holds the kv_a_layernorm'd latent (kv_lora_rank values) and the
- * roped shared key (qk_rope_head_dim values). A sequence owns a list of page ids
+ * roped shared key (qk_rope_head_dim values), as elements of the type the backend's
+ * kv_dtype names when the cache is created (fp32 on the CPU and in CUDA's exact mode,
+ * bf16 in CUDA's fast mode: half the bytes). Every view handed out carries that type,
+ * and so must any epic_kv_batch built from one. A sequence owns a list of page ids
  * that is the same for every layer of the cache, so one allocation serves all
  * layers. The memory lives on the epic_ops device that created the cache.
  * Page ids come from an epic_kvpages table (worker/kvpages.h), which also holds
@@ -41,13 +44,17 @@ typedef struct epic_kvcache_params {
   int64_t n_pages;     /* pages per layer */
 } epic_kvcache_params;
 
-/* ops is borrowed and must outlive the cache. EPIC_ERR_NOMEM if the pools do not fit. */
+/* ops is borrowed and must outlive the cache; its kv_dtype picks the element type.
+ * EPIC_ERR_NOMEM if the pools do not fit. */
 epic_status epic_kvcache_create(epic_ops *ops, const epic_kvcache_params *p, epic_kvcache **out);
 void epic_kvcache_destroy(epic_kvcache *kc); /* NULL-safe; sequences must be released first */
 
-/* Pages per layer needed to hold n tokens; bytes of the whole cache for params p. */
+/* Pages per layer needed to hold n tokens; bytes of the whole cache for params p with
+ * elements of type dt (epic_kvcache_dtype of a created cache, or the backend's kv_dtype). */
 int64_t epic_kvcache_pages_for(const epic_kvcache *kc, int64_t n_tokens);
-size_t epic_kvcache_bytes(const epic_kvcache_params *p);
+size_t epic_kvcache_bytes(const epic_kvcache_params *p, epic_kv_dtype dt);
+/* Element type of the pools (fixed at create). */
+epic_kv_dtype epic_kvcache_dtype(const epic_kvcache *kc);
 /* Pages an allocation can take (free + idle cached ones). */
 int64_t epic_kvcache_free_pages(const epic_kvcache *kc);
 int64_t epic_kvcache_total_pages(const epic_kvcache *kc);

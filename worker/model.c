@@ -701,35 +701,39 @@ static layer_w *row_layer(epic_model *m, int64_t l) {
   return m->has_mtp && m->mtp.layer.moe ? &m->mtp.layer : NULL;
 }
 
+/* Into off/ranks: the placement of rows [0, cut) from (aoff, arank) and of rows
+ * [cut, rows) from (boff, brank); ranks has room for both tables' entries. */
+static void placement_mix(const epic_model *m, const int32_t *aoff, const int32_t *arank,
+                          const int32_t *boff, const int32_t *brank, int64_t cut, int32_t *off,
+                          int32_t *ranks) {
+  const int64_t E = m->cfg.n_routed_experts, n = (m->cfg.num_hidden_layers + 1) * E;
+  memcpy(off, aoff, (size_t)(cut * E + 1) * sizeof *off);
+  memcpy(ranks, arank, (size_t)aoff[cut * E] * sizeof *ranks);
+  for (int64_t i = cut * E; i < n; i++) off[i + 1] = off[i] + (boff[i + 1] - boff[i]);
+  memcpy(ranks + aoff[cut * E], brank + boff[cut * E],
+         (size_t)(boff[n] - boff[cut * E]) * sizeof *ranks);
+}
+
 epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement *p) {
   const int64_t E = m->cfg.n_routed_experts, rows = m->cfg.num_hidden_layers + 1;
-  int32_t *off = NULL, *ranks = NULL;
+  const int dev = !m->ops->vt->host_visible;
+  int32_t *off = NULL, *ranks = NULL, *moff = NULL, *mranks = NULL;
   unsigned char *held = NULL;
-  epic_weight *fresh = NULL, **lists = NULL;
+  epic_weight *fresh = NULL, *list = NULL;
+  int64_t l = 0, switched = 0;
   epic_status st;
   EPIC_CHECK(placement_check(m, p));
   if (!m->comm) return EPIC_OK; /* one process holds every expert */
   EPIC_CHECK(placement_copy(m, p, &off, &ranks, &held));
-  /* Phase 1: load every newly held expert (nothing is changed on failure). */
-  fresh = calloc((size_t)(rows * E * 3), sizeof *fresh);
-  lists = calloc((size_t)rows, sizeof *lists);
-  if (!fresh || !lists) {
+  fresh = calloc((size_t)(E * 3), sizeof *fresh);
+  /* Tables for a failure half-way (see fail:), taken now so that path cannot fail. */
+  moff = malloc((size_t)(rows * E + 1) * sizeof *moff);
+  mranks = malloc((size_t)(off[rows * E] + m->rep_off[rows * E] + 1) * sizeof *mranks);
+  if (!fresh || !moff || !mranks) {
     st = EPIC_ERR_NOMEM;
     goto fail;
   }
-  for (int64_t l = 0; l < rows; l++) {
-    const layer_w *lw = row_layer(m, l);
-    if (!lw) continue;
-    for (int64_t e = 0; e < E; e++)
-      if (held[l * E + e] && !m->held[l * E + e])
-        EPIC_CHECK_GOTO(load_expert(m, lw, e, &fresh[(l * E + e) * 3]), st, fail);
-    /* A backend without host memory gets new lists (see m->retired). */
-    if (!m->ops->vt->host_visible && !(lists[l] = calloc((size_t)E * 3, sizeof **lists))) {
-      st = EPIC_ERR_NOMEM;
-      goto fail;
-    }
-  }
-  if (!m->ops->vt->host_visible) {
+  if (dev) {
     epic_weight **r = realloc(m->retired, (m->n_retired + (size_t)rows) * sizeof *r);
     if (!r) {
       st = EPIC_ERR_NOMEM;
@@ -737,25 +741,44 @@ epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement 
     }
     m->retired = r;
   }
-  /* Phase 2: install (cannot fail). */
-  for (int64_t l = 0; l < rows; l++) {
+  /* One row at a time, so that at most one layer's new experts are held beside the
+   * old ones (the memory the planner sets aside for run-time EPLB: coordinator/
+   * planner.h). A row first loads its newly held experts (a failure leaves it as
+   * it was), then installs them and frees the ones it gives up (cannot fail). */
+  for (l = 0; l < rows; l++) {
     layer_w *lw = row_layer(m, l);
-    if (!lw) continue;
-    epic_weight *list = lists[l] ? lists[l] : lw->experts;
+    const unsigned char *now = m->held + l * E, *next = held + l * E;
+    if (!lw) { /* a dense row: nothing loaded, never routed */
+      memcpy(m->held + l * E, next, (size_t)E);
+      switched = l + 1;
+      continue;
+    }
+    for (int64_t e = 0; e < E; e++)
+      if (next[e] && !now[e]) EPIC_CHECK_GOTO(load_expert(m, lw, e, &fresh[e * 3]), st, fail);
+    /* A backend without host memory gets a new list (see m->retired). */
+    if (dev && !(list = calloc((size_t)E * 3, sizeof *list))) {
+      st = EPIC_ERR_NOMEM;
+      goto fail;
+    }
+    epic_weight *to_list = list ? list : lw->experts;
     for (int64_t e = 0; e < E; e++) {
-      epic_weight *w = &lw->experts[e * 3], *to = &list[e * 3];
-      if (held[l * E + e] && !m->held[l * E + e]) {
-        memcpy(to, &fresh[(l * E + e) * 3], 3 * sizeof *to);
-      } else if (!held[l * E + e] && m->held[l * E + e]) {
-        drop_expert(m, w);
+      epic_weight *w = &lw->experts[e * 3], *to = &to_list[e * 3];
+      if (next[e] && !now[e]) {
+        memcpy(to, &fresh[e * 3], 3 * sizeof *to);
+      } else if (!next[e] && now[e]) {
+        drop_expert(m, w); /* a new list has zeros there already */
       } else if (to != w) {
         memcpy(to, w, 3 * sizeof *to);
       }
     }
-    if (lists[l]) {
+    if (list) {
       m->retired[m->n_retired++] = lw->experts;
-      lw->experts = lists[l];
+      lw->experts = list;
+      list = NULL;
     }
+    memcpy(m->held + l * E, next, (size_t)E);
+    memset(fresh, 0, (size_t)(E * 3) * sizeof *fresh);
+    switched = l + 1;
   }
   free(m->rep_off);
   free(m->rep_rank);
@@ -764,15 +787,26 @@ epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement 
   m->rep_rank = ranks;
   m->held = held;
   free(fresh);
-  free(lists);
+  free(moff);
+  free(mranks);
   return EPIC_OK;
 fail:
+  /* Row l keeps its old experts and the rows before it have moved: the placement
+   * in force says so (m->held already does). */
   if (fresh)
-    for (int64_t i = 0; i < rows * E; i++) drop_expert(m, &fresh[i * 3]);
-  if (lists)
-    for (int64_t l = 0; l < rows; l++) free(lists[l]);
+    for (int64_t e = 0; e < E; e++) drop_expert(m, &fresh[e * 3]);
+  free(list);
+  if (switched > 0) {
+    placement_mix(m, off, ranks, m->rep_off, m->rep_rank, switched, moff, mranks);
+    free(m->rep_off);
+    free(m->rep_rank);
+    m->rep_off = moff;
+    m->rep_rank = mranks;
+    moff = mranks = NULL;
+  }
   free(fresh);
-  free(lists);
+  free(moff);
+  free(mranks);
   free(off);
   free(ranks);
   free(held);
@@ -1341,6 +1375,7 @@ static epic_status attention_decode(fwd *f, micro_batch *b, const layer_w *lw, i
   for (int i = i0; i < i0 + n; i++)
     if (b->seqs[i].start + 1 > max_ctx) max_ctx = b->seqs[i].start + 1;
   const epic_kv_batch kvb = {.pool = any.pool,
+                             .dtype = any.dtype,
                              .page_size = any.page_size,
                              .width = any.width,
                              .lora = any.lora,
@@ -1621,6 +1656,27 @@ static epic_status finish(fwd *f, const epic_seq_batch *seqs, int n_seqs, const 
   return EPIC_OK;
 }
 
+/* The MTP block's output rows (before shared_head.norm) for the sequences that
+ * ask (mtp_out): gathered like finish's LM-head rows, before finish reuses the
+ * buffer. */
+static epic_status mtp_block_out(fwd *f, const epic_seq_batch *seqs, int n_seqs,
+                                 const fwd_shape *sh, scratch *s) {
+  epic_ops *o = f->m->ops;
+  const int64_t D = f->m->cfg.hidden_size;
+  int64_t r = 0, want = 0;
+  for (int i = 0; i < n_seqs; i++) want |= seqs[i].mtp_out != NULL;
+  if (!want) return EPIC_OK;
+  EPIC_CHECK(o->vt->copy_rows(o, sh->out_rows, D, s->h, D, f->out_rows, s->rows, D, NULL));
+  for (int i = 0; i < n_seqs; i++) {
+    const int64_t n = seqs[i].all_logits ? seqs[i].n_tokens : 1;
+    if (seqs[i].mtp_out)
+      EPIC_CHECK(o->vt->download(o, seqs[i].mtp_out, s->rows + r * D,
+                                 (size_t)(n * D) * sizeof(float)));
+    r += n;
+  }
+  return EPIC_OK;
+}
+
 /* On failure after pages were reserved, give back what this call took. */
 static void rollback(epic_kvcache *kc, const epic_seq_batch *seqs, int n_seqs) {
   for (int i = 0; i < n_seqs; i++) epic_kvcache_seq_truncate(kc, seqs[i].kv, seqs[i].start);
@@ -1771,11 +1827,13 @@ epic_status epic_model_mtp_forward_pick(epic_model *m, epic_kvcache *kc,
     EPIC_CHECK_GOTO(o->vt->matmul(o, s.x2, 2 * D, sh.M, &m->mtp.eh_proj, s.h, D), st, fail);
   }
   EPIC_CHECK_GOTO(run_layers(&f, &m->mtp.layer, 1), st, fail);
-  if (sh.M > 0)
+  if (sh.M > 0) {
+    EPIC_CHECK_GOTO(mtp_block_out(&f, seqs, n_seqs, &sh, &s), st, fail);
     EPIC_CHECK_GOTO(
         finish(&f, seqs, n_seqs, &sh, m->mtp.head_norm, &m->mtp.head, &s,
                &ho, NULL),
         st, fail);
+  }
   st = EPIC_OK;
   goto done;
 fail:

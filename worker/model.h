@@ -96,6 +96,13 @@ typedef struct epic_seq_batch {
   /* MTP only: final-normed main-model hidden rows [n_tokens][hidden] (host memory),
    * row i pairing with tokens[i] (the token after the hidden state's position). */
   const float *hidden;
+  /* MTP only, optional (NULL: not wanted; epic_model_forward ignores it): host
+   * memory receiving the MTP block's output rows [out rows][hidden] of this
+   * sequence (n_tokens rows with all_logits, else the last token's), the state
+   * before shared_head.norm. A recursive draft feeds it back as the hidden input
+   * of the next position (ARCHITECTURE §12.2). Written when the call succeeds,
+   * after `hidden` was read, so the two may be the same buffer. */
+  float *mtp_out;
 } epic_seq_batch;
 
 /* Rows of output a batch produces (sum of n_tokens or 1 per sequence). */
@@ -128,9 +135,10 @@ epic_status epic_model_forward_pick(epic_model *m, epic_kvcache *kc, const epic_
 
 /* Run the MTP layer: for each sequence, tokens[i] is the token at position
  * start+i+1 of the main sequence and hidden[i] the main model's final-normed
- * state at position start+i; positions start.. are used for RoPE and for the
- * MTP layer's own cache (kc from epic_model_kvcache_create(m, 1, ...)).
- * logits: [out_rows][vocab]. */
+ * state at position start+i (or, drafting recursively, the MTP block output of
+ * position start+i-1, see mtp_out); positions start.. are used for RoPE and for
+ * the MTP layer's own cache (kc from epic_model_kvcache_create(m, 1, ...)).
+ * logits: [out_rows][vocab]; sequences with mtp_out also get the block output. */
 epic_status epic_model_mtp_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
                                    int n_seqs, float *logits);
 /* epic_model_mtp_forward with picks and needed rows as in epic_model_forward_pick. */
@@ -185,11 +193,16 @@ epic_status epic_model_expert_layer_tokens(const epic_model *m, int64_t *counts)
  * the expert, spreading a rank's rows for an expert evenly over its copies. This
  * rank loads the experts it newly holds (from the checkpoint's mapping or the dummy
  * generator, uploaded on backends without host memory) and frees those it gives
- * up (backend copies; mapped and dummy host weights stay with the checkpoint).
- * Outputs do not change: a row's expert result is the same on every copy. Without
- * comm every expert is local and p is only checked. EPIC_ERR_INVALID (logged,
- * naming the row and expert) for a malformed p; EPIC_ERR_NOMEM / the checkpoint's
- * errors when loading fails, and then the old placement stays in force. */
+ * up (backend copies; mapped and dummy host weights stay with the checkpoint), one
+ * owner-table row at a time: at most one layer's new experts are held beside its
+ * old ones (what coordinator/planner.h sets aside for run-time EPLB).
+ * Outputs do not change where the backend computes a row's expert result alike on
+ * every copy (the CPU backend; see coordinator/engine.c for GPUs). Without comm
+ * every expert is local and p is only checked. EPIC_ERR_INVALID (logged, naming
+ * the row and expert) for a malformed p, with nothing changed; EPIC_ERR_NOMEM / the
+ * checkpoint's errors when loading fails: the rows before the failing one have then
+ * moved and the others have not (epic_model_get_placement tells), so the ranks no
+ * longer agree unless all failed alike: treat it as fatal. */
 epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement *p);
 /* The placement in force (pointers into the model, valid until the next
  * set_placement or destroy). EPIC_ERR_INVALID without comm. */

@@ -27,11 +27,11 @@ struct epic_spec {
   float *vh;      /* [k+1][D] verify hidden rows */
   int32_t *vtok;  /* [k+1] verify input: last, drafts */
   int32_t *vout;  /* [k+1] tokens the round produced */
-  float *h_last;  /* [D] newest verified hidden row: stands in for drafts 2..k */
+  float *hdraft;  /* [2][D] MTP block outputs: call c writes row c % 2, call c + 1 reads it */
   uint64_t rng;
   int64_t kd;       /* drafts the coming MTP calls produce */
   int64_t n_drafts; /* drafts made so far: vtok[1..n_drafts] */
-  int64_t mtp_keep; /* MTP rows of verified pairs; rows past it are draft stand-ins */
+  int64_t mtp_keep; /* MTP rows of verified pairs; rows past it are the drafts' */
   int in_round;     /* verified, not yet kept */
   int64_t round_kd, round_out;
   epic_spec_stats stats;
@@ -137,13 +137,13 @@ epic_status epic_spec_create(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_m
   s->vh = malloc((K + 1) * D * sizeof(float));
   s->vtok = malloc((K + 1) * sizeof(int32_t));
   s->vout = malloc((K + 1) * sizeof(int32_t));
-  s->h_last = malloc(D * sizeof(float));
+  s->hdraft = malloc(2 * D * sizeof(float));
   if (!s->greedy) {
     s->q = malloc(K * V * sizeof(float));
     s->pdist = malloc(V * sizeof(float));
     s->idx = malloc(V * sizeof(int32_t));
   }
-  if (!s->mlog || !s->vlog || !s->vh || !s->vtok || !s->vout || !s->h_last ||
+  if (!s->mlog || !s->vlog || !s->vh || !s->vtok || !s->vout || !s->hdraft ||
       (!s->greedy && (!s->q || !s->pdist || !s->idx))) {
     epic_spec_destroy(s);
     return EPIC_ERR_NOMEM;
@@ -165,7 +165,7 @@ void epic_spec_destroy(epic_spec *s) {
   free(s->vh);
   free(s->vtok);
   free(s->vout);
-  free(s->h_last);
+  free(s->hdraft);
   free(s);
 }
 
@@ -235,25 +235,33 @@ epic_status epic_spec_set_drafts(epic_spec *s, int64_t kd) {
   return EPIC_OK;
 }
 
+/* Call c's MTP block output when call c + 1 drafts from it (NULL otherwise). */
+static float *draft_out(epic_spec *s, int64_t call) {
+  return call + 1 < s->kd ? s->hdraft + (call % 2) * s->D : NULL;
+}
+
 int epic_spec_mtp_input(epic_spec *s, int64_t call, epic_seq_batch *b) {
   if (call == 0) {
     if (s->pend_next == 0) return 0;
-    /* The newest verified row stands in for the hidden state of drafts 2..k. */
-    if (s->kd > 0)
-      memcpy(s->h_last, s->pend_h + (s->pend_rows - 1) * s->D, (size_t)s->D * sizeof(float));
+    /* The last pending pair (newest verified hidden row, `last`) drafts d_1; its
+     * block output is the hidden state that drafts d_2. */
     *b = (epic_seq_batch){.tokens = s->pend_t,
                           .n_tokens = s->pend_next,
                           .start = s->mseq.n_tokens,
                           .kv = &s->mseq,
-                          .hidden = s->pend_h};
+                          .hidden = s->pend_h,
+                          .mtp_out = draft_out(s, 0)};
     return 1;
   }
   if (call >= s->kd || s->n_drafts != call) return 0;
+  /* d_call at the next position, paired with the block output of the call
+   * that drafted it: the MTP layer applied to its own output. */
   *b = (epic_seq_batch){.tokens = &s->vtok[call],
                         .n_tokens = 1,
                         .start = s->mseq.n_tokens,
                         .kv = &s->mseq,
-                        .hidden = s->h_last};
+                        .hidden = s->hdraft + ((call - 1) % 2) * s->D,
+                        .mtp_out = draft_out(s, call)};
   return 1;
 }
 
@@ -387,8 +395,9 @@ epic_status epic_spec_keep(epic_spec *s, epic_kv_seq *seq, const float *hidden, 
     return EPIC_ERR_INVALID;
   }
   /* Main rows n.. hold last and the kept drafts; rows past them are rejected
-   * or unused drafts. MTP rows past the verified pairs were drafts paired with
-   * stand-in hidden states: they are recomputed from the verified rows. */
+   * or unused drafts. MTP rows past the verified pairs paired drafts with MTP
+   * block outputs, not with the main model's hidden states: they are recomputed
+   * from the verified rows. */
   rewind_rows(seq, n + n_keep);
   rewind_rows(&s->mseq, s->mtp_keep);
   s->in_round = 0;

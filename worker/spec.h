@@ -21,11 +21,11 @@
  * decoding, not the same tokens; they depend only on the sequence's own tokens
  * and the number of drafts of each round.
  *
- * Drafts beyond the first reapply the MTP layer at the next positions. Its block
- * output is not exposed by model.h, so drafts 2..k pair the draft token with the
- * last verified main-model hidden state instead of the MTP layer's own output
- * (lower acceptance than vLLM's recursion; the output is unaffected). The MTP
- * cache rows written for those drafts are dropped at commit.
+ * Drafts beyond the first reapply the single MTP layer to its own output, as
+ * vLLM and SGLang do (ARCHITECTURE §12.2): draft d_{j+1} comes from the pair
+ * (MTP block output that drafted d_j, d_j) at the next position, the block
+ * output taken before shared_head.norm (epic_seq_batch.mtp_out). The MTP cache
+ * rows written for drafts are dropped at commit (the verified pairs replace them).
  *
  * Positions: the main cache holds rows 0..n-1; `last` is the newest committed
  * token (position n, not yet in the main cache). The MTP cache holds rows for

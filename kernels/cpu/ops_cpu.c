@@ -115,6 +115,14 @@ static epic_status cpu_embed(epic_ops *o, const epic_weight *table, const int32_
   return EPIC_OK;
 }
 
+epic_status epic_cpu_kv_dtype_ok(epic_kv_dtype dt, const char *op) {
+  if (dt == EPIC_KV_F32) return EPIC_OK;
+  EPIC_LOG_ERROR("%s: the CPU backend keeps fp32 KV caches only (view dtype %d)", op, (int)dt);
+  return EPIC_ERR_UNSUPPORTED;
+}
+
+static epic_kv_dtype cpu_kv_dtype(epic_ops *o) { return EPIC_KV_F32; }
+
 static epic_status cpu_kv_store(epic_ops *o, const epic_kv_view *kv, int64_t start, int64_t m,
                                 const float *latent, int64_t ld_latent, const float *kpe,
                                 int64_t ld_kpe) {
@@ -122,6 +130,7 @@ static epic_status cpu_kv_store(epic_ops *o, const epic_kv_view *kv, int64_t sta
   if (!kv || m < 0 || start < 0 || !latent || !kpe || kv->lora < 0 || kv->lora > kv->width ||
       kv->page_size <= 0)
     return EPIC_ERR_INVALID;
+  EPIC_CHECK(epic_cpu_kv_dtype_ok(kv->dtype, "kv_store"));
   const size_t nl = (size_t)kv->lora, nr = (size_t)(kv->width - kv->lora);
   for (int64_t t = 0; t < m; t++) {
     float *row = epic_cpu_kv_row(kv, start + t);
@@ -136,6 +145,7 @@ static epic_status cpu_kv_gather(epic_ops *o, const epic_kv_view *kv, int64_t n,
   if (n == 0) return EPIC_OK;
   if (!kv || n < 0 || !latent || !kpe || kv->lora < 0 || kv->lora > kv->width || kv->page_size <= 0)
     return EPIC_ERR_INVALID;
+  EPIC_CHECK(epic_cpu_kv_dtype_ok(kv->dtype, "kv_gather"));
   const size_t nl = (size_t)kv->lora, nr = (size_t)(kv->width - kv->lora);
   for (int64_t t = 0; t < n; t++) {
     const float *row = epic_cpu_kv_row(kv, t);
@@ -255,10 +265,11 @@ static epic_status cpu_kv_store_batch(epic_ops *o, const epic_kv_batch *kv, int6
                                       int64_t ld_kpe) {
   if (n_seq == 0) return EPIC_OK;
   if (!kv || n_seq < 0 || !kv->n_ctx || !kv->block_tables) return EPIC_ERR_INVALID;
+  EPIC_CHECK(epic_cpu_kv_dtype_ok(kv->dtype, "kv_store_batch"));
   for (int64_t s = 0; s < n_seq; s++) {
     const epic_kv_view v = {.pool = kv->pool, .page_size = kv->page_size, .width = kv->width,
                             .lora = kv->lora, .block_table = kv->block_tables + s * kv->table_stride,
-                            .n_ctx = kv->n_ctx[s]};
+                            .n_ctx = kv->n_ctx[s], .dtype = kv->dtype};
     if (kv->n_ctx[s] < 1) return EPIC_ERR_INVALID;
     EPIC_CHECK(cpu_kv_store(o, &v, kv->n_ctx[s] - 1, 1, latent + s * ld_latent, ld_latent,
                             kpe + s * ld_kpe, ld_kpe));
@@ -312,6 +323,7 @@ static const epic_ops_vt epic_cpu_vt = {
     .grouped_matmul = cpu_grouped_matmul,
     .sync = cpu_sync,
     .row_pick = cpu_row_pick,
+    .kv_dtype = cpu_kv_dtype,
 };
 
 epic_status epic_ops_cpu_create(int n_threads, epic_ops **out) {

@@ -79,6 +79,7 @@ epic_status epic_cpu_mla_absorbed(epic_ops *o, const epic_kv_view *kv, const flo
       kv->lora > kv->width || m < 0 || start < 0 || n_heads < 0 || !q_abs || !ctx ||
       (kv->width > kv->lora && !q_pe))
     return EPIC_ERR_INVALID;
+  EPIC_CHECK(epic_cpu_kv_dtype_ok(kv->dtype, "mla_absorbed"));
   if (start + m > kv->n_ctx) {
     EPIC_LOG_ERROR("mla_absorbed: queries up to position %lld but cache holds %lld tokens",
                    (long long)(start + m - 1), (long long)kv->n_ctx);

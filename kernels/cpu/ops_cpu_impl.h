@@ -55,10 +55,14 @@ epic_status epic_cpu_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, in
 epic_status epic_cpu_route(epic_ops *o, const float *logits, int64_t m, const epic_router_params *p,
                            int32_t *idx, float *weight);
 
-/* Pointer to row t of a sequence in a paged cache. */
+/* Pointer to row t of a sequence in a paged fp32 cache (callers check the dtype first). */
 static inline float *epic_cpu_kv_row(const epic_kv_view *kv, int64_t t) {
   int64_t page = kv->block_table[t / kv->page_size];
-  return kv->pool + (page * kv->page_size + t % kv->page_size) * kv->width;
+  return (float *)kv->pool + (page * kv->page_size + t % kv->page_size) * kv->width;
 }
+
+/* EPIC_OK for an fp32 cache; EPIC_ERR_UNSUPPORTED (logged, naming op) for any other
+ * element type: this backend keeps fp32 caches only (its kv_dtype says F32). */
+epic_status epic_cpu_kv_dtype_ok(epic_kv_dtype dt, const char *op);
 
 #endif

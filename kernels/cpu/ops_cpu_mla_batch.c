@@ -15,6 +15,7 @@ epic_status epic_cpu_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, in
     EPIC_LOG_ERROR("mla_absorbed_batch: invalid arguments (n_seq %lld)", (long long)n_seq);
     return EPIC_ERR_INVALID;
   }
+  EPIC_CHECK(epic_cpu_kv_dtype_ok(kv->dtype, "mla_absorbed_batch"));
   const int64_t lora = kv->lora, rope = kv->width - kv->lora;
   for (int64_t s = 0; s < n_seq; s++) {
     const int64_t n = kv->n_ctx[s];
@@ -30,7 +31,8 @@ epic_status epic_cpu_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, in
                             .width = kv->width,
                             .lora = lora,
                             .block_table = kv->block_tables + s * kv->table_stride,
-                            .n_ctx = n};
+                            .n_ctx = n,
+                            .dtype = kv->dtype};
     EPIC_CHECK(epic_cpu_mla_absorbed(o, &v, q_abs + s * n_heads * lora,
                                      rope ? q_pe + s * n_heads * rope : NULL, 1, n - 1, n_heads,
                                      scale, ctx + s * n_heads * lora));

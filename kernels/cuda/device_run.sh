@@ -26,6 +26,7 @@ BLASD=$(dirname "$LT")
 echo "cublasLt: $LT"
 export LD_LIBRARY_PATH=$LIBD/openblas-pthread:$LIBD:$BLASD:$CUDA/lib64:${LD_LIBRARY_PATH:-}
 B=/tmp/b; rm -rf $B; mkdir -p $B/o
+echo "export LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > $B/env.sh # for runs of $B's binaries after this script
 INC="-I$R -isystem $CUDA/include -isystem $D/usr/include -isystem $D/usr/include/x86_64-linux-gnu/openblas-pthread"
 CFLAGS="-O2 -g -std=c11 -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter -Werror -fopenmp -DEPIC_HAVE_CUDA $INC"
 for f in kernels/cuda/*.cu; do

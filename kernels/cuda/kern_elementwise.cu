@@ -305,32 +305,43 @@ __global__ void k_embed(WeightArgs w, const int32_t *ids, int64_t m, float *y, i
 
 // ------------------------------------------------------------------ KV cache
 
-__device__ __forceinline__ float *kv_row(float *pool, const int32_t *table, int64_t ps,
-                                         int64_t width, int64_t t) {
+// Cache elements are fp32 or bf16 (epic_kv_dtype): bf16 rows are rounded to nearest even
+// when stored and widened exactly when read.
+__device__ __forceinline__ void kv_put(float *p, float v) { *p = v; }
+__device__ __forceinline__ void kv_put(uint16_t *p, float v) { *p = f32_to_bf16_bits(v); }
+__device__ __forceinline__ float kv_get(const float *p) { return *p; }
+__device__ __forceinline__ float kv_get(const uint16_t *p) { return bf16_bits_to_f32(*p); }
+
+template <typename T>
+__device__ __forceinline__ T *kv_row(T *pool, const int32_t *table, int64_t ps, int64_t width,
+                                     int64_t t) {
   return pool + ((int64_t)table[t / ps] * ps + t % ps) * width;
 }
 
-__global__ void k_kv_store(float *pool, const int32_t *table, int64_t ps, int64_t width,
+template <typename T>
+__global__ void k_kv_store(T *pool, const int32_t *table, int64_t ps, int64_t width,
                            int64_t lora, int64_t start, int64_t m, const float *lat, int64_t ldl,
                            const float *kpe, int64_t ldk) {
   for (int64_t t = blockIdx.x; t < m; t += gridDim.x) {
-    float *row = kv_row(pool, table, ps, width, start + t);
+    T *row = kv_row(pool, table, ps, width, start + t);
     for (int64_t j = threadIdx.x; j < width; j += blockDim.x)
-      row[j] = j < lora ? lat[t * ldl + j] : kpe[t * ldk + j - lora];
+      kv_put(row + j, j < lora ? lat[t * ldl + j] : kpe[t * ldk + j - lora]);
   }
 }
 
-__global__ void k_kv_gather(const float *pool, const int32_t *table, int64_t ps, int64_t width,
+template <typename T>
+__global__ void k_kv_gather(const T *pool, const int32_t *table, int64_t ps, int64_t width,
                             int64_t lora, int64_t n, float *lat, float *kpe) {
   for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
-    const float *row = kv_row((float *)pool, table, ps, width, t);
+    const T *row = kv_row(pool, table, ps, width, t);
     for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+      const float v = kv_get(row + j);
       if (!kpe)
-        lat[t * width + j] = row[j];
+        lat[t * width + j] = v;
       else if (j < lora)
-        lat[t * lora + j] = row[j];
+        lat[t * lora + j] = v;
       else
-        kpe[t * (width - lora) + j - lora] = row[j];
+        kpe[t * (width - lora) + j - lora] = v;
     }
   }
 }
@@ -499,15 +510,27 @@ cudaError_t epic_cuk_embed(const epic_weight *table, const int32_t *ids, int64_t
 cudaError_t epic_cuk_kv_store(const epic_kv_view *kv, int64_t start, int64_t m, const float *latent,
                               int64_t ld_latent, const float *kpe, int64_t ld_kpe,
                               cudaStream_t st) {
-  k_kv_store<<<grid_rows(m), 128, 0, st>>>(kv->pool, kv->block_table, kv->page_size, kv->width,
-                                           kv->lora, start, m, latent, ld_latent, kpe, ld_kpe);
+  if (kv->dtype == EPIC_KV_BF16)
+    k_kv_store<<<grid_rows(m), 128, 0, st>>>(static_cast<uint16_t *>(kv->pool), kv->block_table,
+                                             kv->page_size, kv->width, kv->lora, start, m, latent,
+                                             ld_latent, kpe, ld_kpe);
+  else
+    k_kv_store<<<grid_rows(m), 128, 0, st>>>(static_cast<float *>(kv->pool), kv->block_table,
+                                             kv->page_size, kv->width, kv->lora, start, m, latent,
+                                             ld_latent, kpe, ld_kpe);
   return cudaGetLastError();
 }
 
 cudaError_t epic_cuk_kv_gather(const epic_kv_view *kv, int64_t n, float *latent, float *kpe,
                                cudaStream_t st) {
-  k_kv_gather<<<grid_rows(n), 128, 0, st>>>(kv->pool, kv->block_table, kv->page_size, kv->width,
-                                            kv->lora, n, latent, kpe);
+  if (kv->dtype == EPIC_KV_BF16)
+    k_kv_gather<<<grid_rows(n), 128, 0, st>>>(static_cast<const uint16_t *>(kv->pool),
+                                              kv->block_table, kv->page_size, kv->width, kv->lora,
+                                              n, latent, kpe);
+  else
+    k_kv_gather<<<grid_rows(n), 128, 0, st>>>(static_cast<const float *>(kv->pool),
+                                              kv->block_table, kv->page_size, kv->width, kv->lora,
+                                              n, latent, kpe);
   return cudaGetLastError();
 }
 

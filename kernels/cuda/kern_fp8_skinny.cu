@@ -52,17 +52,30 @@ __device__ __forceinline__ void dot16(const float *wv, const float *xs, int k, i
   }
 }
 
-// m token rows of x (row stride ldx) into xs [m][k], 16-byte copies when aligned.
+// m token rows of x (row stride ldx) into xs [m][k], 16-byte copies when aligned; every
+// thread of the block takes part.
 __device__ __forceinline__ void stage_tokens(float *xs, const float *x, int64_t ldx, int m, int k) {
+  const int nt = (int)blockDim.x;
   if (ldx % 4 == 0 && ((uintptr_t)x & 15u) == 0) {
     for (int t = 0; t < m; t++)
-      for (int c = threadIdx.x * 4; c < k; c += kThreads * 4)
+      for (int c = threadIdx.x * 4; c < k; c += nt * 4)
         *(float4 *)(xs + t * k + c) = *(const float4 *)(x + t * ldx + c);
   } else {
     for (int t = 0; t < m; t++)
-      for (int c = threadIdx.x; c < k; c += kThreads)
+      for (int c = threadIdx.x; c < k; c += nt)
         xs[t * k + c] = x[t * ldx + c];
   }
+}
+
+// Asks L2 for the 4 x 512-byte stripes at column c of a weight row (this lane's 16 bytes
+// of each), so that the next round of loads finds them there instead of in HBM: a warp
+// keeps only one round of loads in flight, and at decode sizes the time is otherwise
+// one HBM latency per round.
+__device__ __forceinline__ void prefetch_round(const uint8_t *row, int c, int k) {
+#pragma unroll
+  for (int q = 0; q < 4; q++)
+    if (c + q * 512 < k)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(row + c + q * 512));
 }
 
 // Weight rows r_first, r_first + step, ... below r_end, two at a time per warp (each
@@ -82,6 +95,8 @@ __device__ __forceinline__ void row_pairs(const float *xs, int k, const uint8_t 
       acc0[t] = acc1[t] = 0.0f;
     int c = lane * 16;
     for (; c + 3 * 512 < k; c += 4 * 512) {
+      prefetch_round(w0, c + 4 * 512, k);
+      prefetch_round(w1, c + 4 * 512, k);
       uint4 v0[4], v1[4];
 #pragma unroll
       for (int q = 0; q < 4; q++) {
@@ -105,6 +120,11 @@ __device__ __forceinline__ void row_pairs(const float *xs, int k, const uint8_t 
       dot16<M>(a, xs, k, c, s0[c / bc], acc0);
       fp8x16(v1, a);
       dot16<M>(a, xs, k, c, s1[c / bc], acc1);
+    }
+    if (r0 + step < r_end) { // the next pair's first round, while this one is reduced
+      const int n0 = r0 + step, n1 = n0 + 1 < r_end ? n0 + 1 : n0;
+      prefetch_round(w + (int64_t)n0 * k, lane * 16, k);
+      prefetch_round(w + (int64_t)n1 * k, lane * 16, k);
     }
 #pragma unroll
     for (int t = 0; t < M; t++) {
@@ -148,9 +168,14 @@ __global__ void __launch_bounds__(kThreads)
 // time into shared memory; each pass streams the tile's weight rows once (a second
 // pass mostly hits L2). Groups with more than max_rows rows are skipped here (the host
 // runs them as ordinary GEMMs).
-constexpr int kGroupedTile = 2 * kWarps * 4; // 64 rows: each warp does 4 row pairs
+// The staged tokens take up to 4 * k * 4 bytes of shared memory (114 KB at k = 7168),
+// which leaves room for one CTA per SM: the grouped kernel therefore runs 16 warps per
+// CTA (twice the skinny kernel's), so that twice as many weight rows stream per SM.
+constexpr int kGroupedThreads = 512;
+constexpr int kGroupedWarps = kGroupedThreads / 32;
+constexpr int kGroupedTile = 2 * kGroupedWarps * 4; // 128 rows: each warp does 4 row pairs
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kGroupedThreads)
     k_fp8_grouped(const float *x, int64_t ldx, const int32_t *off, const epic_cuk_group_w *tab,
                   int n, int k, int br, int bc, int nbc, int max_rows, float *y, int64_t ldy) {
   extern __shared__ __align__(16) float xs[]; // [4][k]
@@ -169,12 +194,12 @@ __global__ void __launch_bounds__(kThreads)
     stage_tokens(xs, xt, ldx, mc, k);
     __syncthreads();
     float *yt = y + (int64_t)(row0 + t0) * ldy;
-    const int r0w = r_begin + 2 * (threadIdx.x >> 5);
+    const int r0w = r_begin + 2 * (threadIdx.x >> 5), step = 2 * kGroupedWarps;
     switch (mc) {
-    case 1: row_pairs<1>(xs, k, w, sc, r0w, r_end, 2 * kWarps, br, bc, nbc, yt, ldy); break;
-    case 2: row_pairs<2>(xs, k, w, sc, r0w, r_end, 2 * kWarps, br, bc, nbc, yt, ldy); break;
-    case 3: row_pairs<3>(xs, k, w, sc, r0w, r_end, 2 * kWarps, br, bc, nbc, yt, ldy); break;
-    default: row_pairs<4>(xs, k, w, sc, r0w, r_end, 2 * kWarps, br, bc, nbc, yt, ldy); break;
+    case 1: row_pairs<1>(xs, k, w, sc, r0w, r_end, step, br, bc, nbc, yt, ldy); break;
+    case 2: row_pairs<2>(xs, k, w, sc, r0w, r_end, step, br, bc, nbc, yt, ldy); break;
+    case 3: row_pairs<3>(xs, k, w, sc, r0w, r_end, step, br, bc, nbc, yt, ldy); break;
+    default: row_pairs<4>(xs, k, w, sc, r0w, r_end, step, br, bc, nbc, yt, ldy); break;
     }
   }
 }
@@ -255,7 +280,7 @@ cudaError_t epic_cuk_fp8_grouped(const float *x, int64_t ldx, const int32_t *off
   if (n_groups <= 0 || n_groups > 65535)
     return n_groups == 0 ? cudaSuccess : cudaErrorInvalidValue;
   const dim3 grid((unsigned)((n + kGroupedTile - 1) / kGroupedTile), (unsigned)n_groups);
-  k_fp8_grouped<<<grid, kThreads, smem, st>>>(x, ldx, off, tab, n, k, (int)shape->block_rows,
+  k_fp8_grouped<<<grid, kGroupedThreads, smem, st>>>(x, ldx, off, tab, n, k, (int)shape->block_rows,
                                               (int)shape->block_cols, nbc, max_rows, y, ldy);
   return cudaGetLastError();
 }

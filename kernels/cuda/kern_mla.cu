@@ -155,6 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode(epic_cuk_mla_params 
   const int n_tiles = kend > kbeg ? (kend - kbeg + kTK - 1) / kTK : 0;
   const int c4 = ws >> 2; // 16-byte chunks per shared row
   const int page_size = (int)p.page_size, page_shift = p.page_shift;
+  const float *pool = static_cast<const float *>(p.pool); // fp32 rows (bf16: kern_mla_bf16.cu)
 
   // This thread's chunks of a tile: i = tid + j * kThreads, walked without divisions.
   const int r_first = tid / c4, c_first = tid - r_first * c4;
@@ -165,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode(epic_cuk_mla_params 
     int r = r_first, cc = c_first;
     if constexpr (kFull) { // the whole tile lies in one page
       const int64_t page = table[k0 >> page_shift];
-      const float *tb = p.pool + (page * page_size + (k0 & (page_size - 1))) * kWMax;
+      const float *tb = pool + (page * page_size + (k0 & (page_size - 1))) * kWMax;
 #pragma unroll
       for (int j = 0; j < kTK * (kWMax / 4) / kThreads; j++) {
         cp_async16(dst + swz(r, cc * 4, kWMax), tb + r * kWMax + cc * 4, k0 + r < kend ? 16 : 0);
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode(epic_cuk_mla_params 
     } else {
       for (int i = tid; i < kTK * c4; i += kThreads) {
         const int key = k0 + r, col = cc * 4;
-        const float *src = p.pool;
+        const float *src = pool;
         int bytes = 0; // zero-fill rows past the split and columns past the row
         if (key < kend && col < width) {
           int page, row;
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode(epic_cuk_mla_params 
             page = table[pi];
             row = key - pi * page_size;
           }
-          src = p.pool + ((int64_t)page * page_size + row) * width + col;
+          src = pool + ((int64_t)page * page_size + row) * width + col;
           bytes = 16;
         }
         cp_async16(dst + swz(r, col, ws), src, bytes);
@@ -573,7 +574,7 @@ __global__ void k_mla_combine(epic_cuk_mla_params p) {
 
 extern "C" {
 
-int epic_cuk_mla_decode_ok(int64_t width, int64_t lora, const float *pool) {
+int epic_cuk_mla_decode_ok(int64_t width, int64_t lora, const void *pool) {
   return lora > 0 && lora % 8 == 0 && lora <= kLoraMax && width >= lora && width <= kWMax &&
          width % 4 == 0 && ((uintptr_t)pool & 15u) == 0;
 }
@@ -613,6 +614,10 @@ cudaError_t epic_cuk_mla_decode(const epic_cuk_mla_params *p, int exact, cudaStr
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p->n_split == 1)
     return e;
+  return epic_cuk_mla_combine(p, st);
+}
+
+cudaError_t epic_cuk_mla_combine(const epic_cuk_mla_params *p, cudaStream_t st) {
   k_mla_combine<<<dim3((unsigned)p->n_heads, (unsigned)p->n_q), 128, 0, st>>>(*p);
   return cudaGetLastError();
 }

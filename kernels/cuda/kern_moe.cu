@@ -1,6 +1,7 @@
 // Row movement for the model's MoE and decode paths (ABI 3 ops): indexed row copy
 // (expert gathers, exchange packing, LM-head row picks), the ordered MoE combine, and
 // the decode-batch cache store. All are memory-bound one-pass kernels.
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 #include "ops_cuda_impl.h"
@@ -51,16 +52,23 @@ __global__ void k_moe_combine(int64_t m, int64_t top_k, int64_t n, const float *
   }
 }
 
-__global__ void k_kv_store_batch(float *pool, const int32_t *tables, int64_t stride,
+// fp32 cache elements as they are; bf16 ones rounded to nearest even (epic_kv_dtype).
+__device__ __forceinline__ void kv_put(float *p, float v) { *p = v; }
+__device__ __forceinline__ void kv_put(uint16_t *p, float v) {
+  *p = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+template <typename T>
+__global__ void k_kv_store_batch(T *pool, const int32_t *tables, int64_t stride,
                                  const int32_t *n_ctx, int64_t ps, int64_t width, int64_t lora,
                                  int64_t n_seq, const float *lat, int64_t ldl, const float *kpe,
                                  int64_t ldk) {
   for (int64_t s = blockIdx.x; s < n_seq; s += gridDim.x) {
     const int64_t t = (int64_t)n_ctx[s] - 1;
     const int32_t *table = tables + s * stride;
-    float *row = pool + ((int64_t)table[t / ps] * ps + t % ps) * width;
+    T *row = pool + ((int64_t)table[t / ps] * ps + t % ps) * width;
     for (int64_t j = threadIdx.x; j < width; j += blockDim.x)
-      row[j] = j < lora ? lat[s * ldl + j] : kpe[s * ldk + j - lora];
+      kv_put(row + j, j < lora ? lat[s * ldl + j] : kpe[s * ldk + j - lora]);
   }
 }
 
@@ -89,9 +97,14 @@ cudaError_t epic_cuk_moe_combine(int64_t m, int64_t top_k, int64_t n, const floa
 cudaError_t epic_cuk_kv_store_batch(const epic_kv_batch *kv, int64_t n_seq, const float *latent,
                                     int64_t ld_latent, const float *kpe, int64_t ld_kpe,
                                     cudaStream_t st) {
-  k_kv_store_batch<<<grid_of(n_seq), 128, 0, st>>>(kv->pool, kv->block_tables, kv->table_stride,
-                                                    kv->n_ctx, kv->page_size, kv->width, kv->lora,
-                                                    n_seq, latent, ld_latent, kpe, ld_kpe);
+  if (kv->dtype == EPIC_KV_BF16)
+    k_kv_store_batch<<<grid_of(n_seq), 128, 0, st>>>(
+        static_cast<uint16_t *>(kv->pool), kv->block_tables, kv->table_stride, kv->n_ctx,
+        kv->page_size, kv->width, kv->lora, n_seq, latent, ld_latent, kpe, ld_kpe);
+  else
+    k_kv_store_batch<<<grid_of(n_seq), 128, 0, st>>>(
+        static_cast<float *>(kv->pool), kv->block_tables, kv->table_stride, kv->n_ctx,
+        kv->page_size, kv->width, kv->lora, n_seq, latent, ld_latent, kpe, ld_kpe);
   return cudaGetLastError();
 }
 

@@ -72,6 +72,13 @@ epic_status epic_ops_cuda_set_mla_precision(epic_ops *o, epic_cuda_mla_precision
   return EPIC_OK;
 }
 
+epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_kernel k) {
+  if (!o || (int)k < 0 || (int)k > 3)
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->mla_bf16_variant = (int)k;
+  return EPIC_OK;
+}
+
 epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
   if (!o || (p != EPIC_CUDA_PREC_FAST && p != EPIC_CUDA_PREC_EXACT))
     return EPIC_ERR_INVALID;
@@ -254,6 +261,19 @@ static int kv_ok(const epic_kv_view *kv) {
          kv->page_size > 0;
 }
 
+epic_status epic_cuda_kv_dtype_ok(epic_kv_dtype dt, const char *op) {
+  if (dt == EPIC_KV_F32 || dt == EPIC_KV_BF16)
+    return EPIC_OK;
+  EPIC_LOG_ERROR("%s: unknown KV cache element type %d", op, (int)dt);
+  return EPIC_ERR_UNSUPPORTED;
+}
+
+/* bf16 rows in fast mode (half the bytes every decode step streams), fp32 in exact mode
+ * (the cache then keeps what the fp32 reference keeps). */
+static epic_kv_dtype cuda_kv_dtype(epic_ops *o) {
+  return epic_cuda_of(o)->mla_prec == EPIC_CUDA_MLA_EXACT ? EPIC_KV_F32 : EPIC_KV_BF16;
+}
+
 static epic_status cuda_kv_store(epic_ops *o, const epic_kv_view *kv, int64_t start, int64_t m,
                                  const float *latent, int64_t ld_latent, const float *kpe,
                                  int64_t ld_kpe) {
@@ -261,6 +281,7 @@ static epic_status cuda_kv_store(epic_ops *o, const epic_kv_view *kv, int64_t st
     return EPIC_OK;
   if (!kv_ok(kv) || m < 0 || start < 0 || !latent || !kpe)
     return EPIC_ERR_INVALID;
+  EPIC_CHECK(epic_cuda_kv_dtype_ok(kv->dtype, "kv_store"));
   return launched(
       epic_cuk_kv_store(kv, start, m, latent, ld_latent, kpe, ld_kpe, epic_cuda_of(o)->stream),
       "kv_store");
@@ -272,6 +293,7 @@ static epic_status cuda_kv_gather(epic_ops *o, const epic_kv_view *kv, int64_t n
     return EPIC_OK;
   if (!kv_ok(kv) || n < 0 || !latent || !kpe)
     return EPIC_ERR_INVALID;
+  EPIC_CHECK(epic_cuda_kv_dtype_ok(kv->dtype, "kv_gather"));
   return launched(epic_cuk_kv_gather(kv, n, latent, kpe, epic_cuda_of(o)->stream), "kv_gather");
 }
 
@@ -325,6 +347,7 @@ static epic_status cuda_kv_store_batch(epic_ops *o, const epic_kv_batch *kv, int
   if (!kv || n_seq < 0 || !kv->pool || !kv->block_tables || !kv->n_ctx || kv->page_size <= 0 ||
       kv->lora < 0 || kv->lora > kv->width || !latent || !kpe)
     return EPIC_ERR_INVALID;
+  EPIC_CHECK(epic_cuda_kv_dtype_ok(kv->dtype, "kv_store_batch"));
   return launched(epic_cuk_kv_store_batch(kv, n_seq, latent, ld_latent, kpe, ld_kpe,
                                           epic_cuda_of(o)->stream),
                   "kv_store_batch");
@@ -397,6 +420,7 @@ static const epic_ops_vt epic_cuda_vt = {
     .grouped_matmul = epic_cuda_grouped_matmul,
     .sync = epic_ops_cuda_sync,
     .row_pick = cuda_row_pick,
+    .kv_dtype = cuda_kv_dtype,
 };
 
 epic_status epic_ops_cuda_create(int device, epic_ops **out) {
@@ -418,6 +442,7 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   c->base.vt = &epic_cuda_vt;
   c->device = device;
   c->mla_prec = EPIC_CUDA_MLA_TF32;
+  c->mla_bf16_variant = EPIC_CUDA_MLA_BF16_WGMMA;
   {
     const char *prec = getenv("EPIC_CUDA_PRECISION");
     if (prec && strcmp(prec, "exact") == 0) {
@@ -467,6 +492,9 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   EPIC_CHECK_GOTO(epic_cublas_check(cublasLtCreate(&c->lt), "create Lt handle"), st, fail);
   EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_mla_decode_prepare(c->max_smem_optin), "MLA kernel"), st,
                   fail);
+  EPIC_CHECK_GOTO(
+      epic_cuda_check(epic_cuk_mla_bf16_prepare(c->max_smem_optin), "MLA kernel (bf16 cache)"), st,
+      fail);
   EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_fp8_skinny_prepare(), "FP8 skinny kernel"), st, fail);
   EPIC_CHECK_GOTO(epic_cuda_check(cudaStreamSynchronize(c->stream), "create"), st, fail);
   *out = &c->base;

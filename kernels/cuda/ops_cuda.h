@@ -28,13 +28,21 @@
  *   FP8 weights that cuBLASLt cannot take (other block sizes, cols % 16 != 0) and F16
  *   weights are dequantised per row chunk (to bf16, resp. fp32) and multiplied there:
  *   correct, but they read the weight twice. epic_ops_cuda_matmul_path tells which.
- * - mla_absorbed (m <= 8 query tokens) and mla_absorbed_batch: one flash-decoding
- *   kernel on TF32 tensor cores, reading each cached 576-wide row once per query token
- *   for 64 heads. Default EPIC_CUDA_MLA_TF32: queries and probabilities rounded to TF32,
- *   cached rows truncated to TF32 (about 3e-4 relative error measured);
- *   EPIC_CUDA_MLA_EXACT runs 3xTF32 (split operands, fp32-level accuracy) at about 1.7x
- *   the time. Reductions run in a fixed order, so results are reproducible. Longer
- *   query runs, mla_naive and head_gemm use cuBLAS fp32 GEMMs (exact fp32, no TF32).
+ * - KV cache: kv_dtype is BF16 while the MLA precision is EPIC_CUDA_MLA_TF32 (fast, the
+ *   default) and F32 under EPIC_CUDA_MLA_EXACT; caches keep the type they were created
+ *   with, and every op reads whatever type its view names. kv_store rounds bf16 rows to
+ *   nearest even, kv_gather widens them exactly.
+ * - mla_absorbed (m <= 8 query tokens) and mla_absorbed_batch: flash-decoding kernels
+ *   reading each cached row once per query token for 64 heads. bf16 rows (576-wide, the
+ *   DeepSeek-V3 shape): BF16 tensor cores (wgmma), queries rounded to bf16, fp32 scores,
+ *   softmax and accumulators, probabilities rounded to bf16 for P.V (about 1e-3 relative
+ *   error against the same rounded rows and queries). fp32 rows: TF32 tensor
+ *   cores; EPIC_CUDA_MLA_TF32 rounds queries and probabilities to TF32 and truncates the
+ *   rows (about 3e-4 relative error measured); EPIC_CUDA_MLA_EXACT runs 3xTF32 (split
+ *   operands, fp32-level accuracy) at about 1.7x the time. Reductions run in a fixed
+ *   order, so results are reproducible. Longer query runs, other bf16 row widths,
+ *   mla_naive and head_gemm use cuBLAS fp32 GEMMs (exact fp32, no TF32) on rows gathered
+ *   to fp32.
  * - rmsnorm, rope and route reduce in double like the CPU reference; route is
  *   deterministic and picks the same experts as the CPU backend.
  *
@@ -67,11 +75,22 @@ typedef enum {
 } epic_cuda_mla_precision;
 epic_status epic_ops_cuda_set_mla_precision(epic_ops *o, epic_cuda_mla_precision p);
 
+/* Which implementation of the bf16-cache decode kernel runs (same results to rounding;
+ * for cross-checks and benchmarks): scores Q.K^T and P.V each on wgmma or on mma.sync. */
+typedef enum {
+  EPIC_CUDA_MLA_BF16_MMA = 0,     /* both on mma.sync + ldmatrix */
+  EPIC_CUDA_MLA_BF16_WGMMA_S = 1, /* scores on wgmma, P.V on mma.sync */
+  EPIC_CUDA_MLA_BF16_WGMMA_O = 2, /* scores on mma.sync, P.V on wgmma */
+  EPIC_CUDA_MLA_BF16_WGMMA = 3,   /* both on wgmma (default) */
+} epic_cuda_mla_bf16_kernel;
+epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_kernel k);
+
 /* Whole-backend precision. FAST (default): the paths described above. EXACT: BF16 and
  * FP8 weights are dequantised to fp32 and multiplied by cuBLAS SGEMM (fp32
- * activations, no TF32) and MLA decode runs 3xTF32, so a model matches the CPU
- * reference to fp32 rounding (for parity checks; weights are read twice). The
- * environment variable EPIC_CUDA_PRECISION=exact|fast sets it at create. */
+ * activations, no TF32), KV caches created from then on keep fp32 rows and MLA decode
+ * runs 3xTF32, so a model matches the CPU reference to fp32 rounding (for parity checks;
+ * weights are read twice). The environment variable EPIC_CUDA_PRECISION=exact|fast sets
+ * it at create. */
 typedef enum {
   EPIC_CUDA_PREC_FAST = 0,
   EPIC_CUDA_PREC_EXACT = 1,

@@ -1,6 +1,7 @@
 /* CUDA MLA attention and the per-head GEMM of the absorption.
- * Decode (a few query tokens, or one per sequence in a batch) runs the flash-decoding
- * kernel of kern_mla.cu over the paged cache. Everything else (prefill, mla_naive,
+ * Decode (a few query tokens, or one per sequence in a batch) runs a flash-decoding
+ * kernel over the paged cache: kern_mla_bf16.cu for bf16 rows of the DeepSeek-V3 shape,
+ * kern_mla.cu (TF32 / 3xTF32) for fp32 rows. Everything else (prefill, mla_naive,
  * shapes the kernel does not take) runs as cuBLAS fp32 strided-batched GEMMs over the
  * heads with an fp32 causal softmax between them, in query chunks that bound the
  * score buffer. Column-major bookkeeping as in ops_cuda_matmul.c: a row-major [r][c]
@@ -74,7 +75,7 @@ static epic_status absorbed_gemm(epic_cuda_ops *c, const epic_kv_view *kv, const
   if (n_heads * width > INT_MAX || n_keys > INT_MAX)
     return EPIC_ERR_UNSUPPORTED;
   EPIC_CHECK(epic_cuda_buf_reserve(c, &c->keys, (size_t)(n_keys * width) * sizeof(float)));
-  float *keys = (float *)c->keys.p;
+  float *keys = (float *)c->keys.p; /* fp32 whatever the cache's element type */
   EPIC_CHECK_CUDA(epic_cuk_kv_gather(kv, n_keys, keys, NULL, c->stream), "mla: gather cache rows");
   const int64_t mc = query_chunk(m, n_heads, n_keys);
   EPIC_CHECK(epic_cuda_buf_reserve(c, &c->att, (size_t)(n_heads * mc * n_keys) * sizeof(float)));
@@ -97,7 +98,8 @@ static epic_status absorbed_gemm(epic_cuda_ops *c, const epic_kv_view *kv, const
 }
 
 /* Splits of the context per query so that the grid covers the GPU about once, with
- * enough keys per split that the partial outputs stay small next to the rows read. */
+ * enough keys per split that the partial outputs stay small next to the rows read
+ * (fp32 kernel). */
 static int choose_split(const epic_cuda_ops *c, int64_t n_q, int64_t n_heads, int64_t max_keys) {
   const int64_t ctas = n_q * ((n_heads + 63) / 64);
   if (ctas >= c->sm_count)
@@ -111,8 +113,37 @@ static int choose_split(const epic_cuda_ops *c, int64_t n_q, int64_t n_heads, in
   return s < 1 ? 1 : (int)s;
 }
 
-/* Run the decode kernel on queries [0, n_q) described by p (p->n_q ignored). */
-static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, int64_t max_keys) {
+/* Splits for the BF16 kernel (one CTA per SM, 64-key tiles): the count that minimises a
+ * time model in tile units, waves * (fixed + tiles per split) + the partials' traffic
+ * (written and read back: 4 KB per split, token and head against 72 KB per tile and
+ * head group), smallest on ties. fixed ~ staging 64 fp32 query rows and writing the
+ * output, about four tiles' bytes. Balances the waves where the grid is a little over
+ * one (32 x 8k: 2 splits = one wave, where the fp32 rule's 3 made 1.5). */
+static int choose_split_bf16(const epic_cuda_ops *c, int64_t n_q, int64_t n_heads,
+                             int64_t max_keys) {
+  const int64_t groups = (n_heads + 63) / 64, ctas = n_q * groups, tiles = (max_keys + 63) / 64;
+  int64_t s_max = tiles < EPIC_CUDA_MLA_MAX_SPLIT ? tiles : EPIC_CUDA_MLA_MAX_SPLIT;
+  if (s_max < 1)
+    s_max = 1;
+  int best = 1;
+  double best_t = 0.0;
+  for (int64_t s = 1; s <= s_max; s++) {
+    const int64_t waves = (ctas * s + c->sm_count - 1) / c->sm_count;
+    const double partials =
+        s > 1 ? (double)(n_q * s * n_heads) * 4096.0 / (72.0 * 1024.0 * (double)c->sm_count) : 0.0;
+    const double t = (double)waves * (4.0 + (double)((tiles + s - 1) / s)) + partials;
+    if (s == 1 || t < best_t * 0.999) {
+      best = (int)s;
+      best_t = t;
+    }
+  }
+  return best;
+}
+
+/* Run the decode kernel (bf16: the BF16-cache kernel, else the fp32 one) on queries
+ * [0, n_q) described by p (p->n_q ignored). */
+static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, int64_t max_keys,
+                          int bf16) {
   for (int64_t b0 = 0; b0 < n_q; b0 += EPIC_CUDA_GRID_Z) {
     const int64_t nb = n_q - b0 < EPIC_CUDA_GRID_Z ? n_q - b0 : EPIC_CUDA_GRID_Z;
     epic_cuk_mla_params q = p;
@@ -126,7 +157,8 @@ static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, 
       q.n_ctx = p.n_ctx + b0;
     else
       q.start = p.start + b0;
-    q.n_split = choose_split(c, nb, p.n_heads, max_keys);
+    q.n_split = bf16 ? choose_split_bf16(c, nb, p.n_heads, max_keys)
+                     : choose_split(c, nb, p.n_heads, max_keys);
     if (q.n_split > 1) {
       const size_t acc = (size_t)(nb * q.n_split * p.n_heads * p.lora);
       const size_t ml = (size_t)(nb * q.n_split * p.n_heads * 2);
@@ -134,13 +166,24 @@ static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, 
       q.part_acc = (float *)c->att.p;
       q.part_ml = q.part_acc + acc;
     }
-    EPIC_CHECK_CUDA(epic_cuk_mla_decode(&q, c->mla_prec == EPIC_CUDA_MLA_EXACT, c->stream),
-                    "mla decode kernel");
+    if (bf16)
+      EPIC_CHECK_CUDA(epic_cuk_mla_bf16_decode(&q, c->mla_bf16_variant, c->stream),
+                      "mla decode kernel (bf16 cache)");
+    else
+      EPIC_CHECK_CUDA(epic_cuk_mla_decode(&q, c->mla_prec == EPIC_CUDA_MLA_EXACT, c->stream),
+                      "mla decode kernel");
   }
   return EPIC_OK;
 }
 
-static epic_cuk_mla_params decode_params(const float *pool, int64_t page_size, int64_t width,
+/* 1: the BF16 kernel takes this cache; 0: the fp32 kernel does; -1: neither (GEMM path). */
+static int decode_kind(epic_kv_dtype dt, int64_t width, int64_t lora, const void *pool) {
+  if (dt == EPIC_KV_BF16)
+    return epic_cuk_mla_bf16_ok(width, lora, pool) ? 1 : -1;
+  return epic_cuk_mla_decode_ok(width, lora, pool) ? 0 : -1;
+}
+
+static epic_cuk_mla_params decode_params(const void *pool, int64_t page_size, int64_t width,
                                          int64_t lora, const float *q_abs, const float *q_pe,
                                          int64_t n_heads, float scale, float *ctx) {
   epic_cuk_mla_params p = {0};
@@ -174,16 +217,17 @@ epic_status epic_cuda_mla_absorbed(epic_ops *o, const epic_kv_view *kv, const fl
                    (long long)(start + m - 1), (long long)kv->n_ctx);
     return EPIC_ERR_INVALID;
   }
+  EPIC_CHECK(epic_cuda_kv_dtype_ok(kv->dtype, "mla_absorbed"));
   epic_cuda_ops *c = epic_cuda_of(o);
-  if (m <= EPIC_CUDA_DECODE_MAX_Q && start + m < INT32_MAX &&
-      epic_cuk_mla_decode_ok(kv->width, kv->lora, kv->pool)) {
+  const int kind = decode_kind(kv->dtype, kv->width, kv->lora, kv->pool);
+  if (m <= EPIC_CUDA_DECODE_MAX_Q && start + m < INT32_MAX && kind >= 0) {
     epic_cuk_mla_params p = decode_params(kv->pool, kv->page_size, kv->width, kv->lora, q_abs, q_pe,
                                           n_heads, scale, ctx);
     p.tables = kv->block_table;
     p.table_stride = 0;
     p.n_ctx = NULL;
     p.start = start;
-    return decode(c, p, m, start + m);
+    return decode(c, p, m, start + m, kind);
   }
   return absorbed_gemm(c, kv, q_abs, q_pe, m, start, n_heads, scale, ctx);
 }
@@ -199,15 +243,17 @@ epic_status epic_cuda_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, i
     EPIC_LOG_ERROR("mla_absorbed_batch: invalid arguments (n_seq %lld)", (long long)n_seq);
     return EPIC_ERR_INVALID;
   }
+  EPIC_CHECK(epic_cuda_kv_dtype_ok(kv->dtype, "mla_absorbed_batch"));
   epic_cuda_ops *c = epic_cuda_of(o);
   const int64_t lora = kv->lora, rope = kv->width - kv->lora;
-  if (kv->max_ctx < INT32_MAX && epic_cuk_mla_decode_ok(kv->width, kv->lora, kv->pool)) {
+  const int kind = decode_kind(kv->dtype, kv->width, kv->lora, kv->pool);
+  if (kv->max_ctx < INT32_MAX && kind >= 0) {
     epic_cuk_mla_params p =
         decode_params(kv->pool, kv->page_size, kv->width, lora, q_abs, q_pe, n_heads, scale, ctx);
     p.tables = kv->block_tables;
     p.table_stride = kv->table_stride;
     p.n_ctx = kv->n_ctx;
-    return decode(c, p, n_seq, kv->max_ctx);
+    return decode(c, p, n_seq, kv->max_ctx, kind);
   }
   /* Shapes the kernel does not take: one GEMM pass per sequence (lengths read back). */
   int32_t *len = malloc((size_t)n_seq * sizeof *len);
@@ -230,7 +276,8 @@ epic_status epic_cuda_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, i
                             .width = kv->width,
                             .lora = lora,
                             .block_table = kv->block_tables + s * kv->table_stride,
-                            .n_ctx = len[s]};
+                            .n_ctx = len[s],
+                            .dtype = kv->dtype};
     st = absorbed_gemm(c, &v, q_abs + s * n_heads * lora, rope ? q_pe + s * n_heads * rope : NULL,
                        1, len[s] - 1, n_heads, scale, ctx + s * n_heads * lora);
   }

@@ -54,6 +54,7 @@ typedef struct epic_cuda_ops {
   size_t blas_ws_bytes, lt_ws_bytes;
   int *err_flag; /* device int: set by kernels on faults only the device sees */
   epic_cuda_mla_precision mla_prec;
+  int mla_bf16_variant; /* BF16 decode kernel: bit 0 scores on wgmma, bit 1 P.V on wgmma */
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
   int lt_next; /* round-robin replacement in lt_plans */
   epic_cuda_lt_plan lt_plans[EPIC_CUDA_LT_PLANS];
@@ -84,6 +85,9 @@ epic_status epic_cuda_check(cudaError_t e, const char *what);
 epic_status epic_cublas_check(cublasStatus_t s, const char *what);
 #define EPIC_CHECK_CUDA(e, what) EPIC_CHECK(epic_cuda_check((e), (what)))
 #define EPIC_CHECK_CUBLAS(s, what) EPIC_CHECK(epic_cublas_check((s), (what)))
+
+/* EPIC_OK for fp32 and bf16 caches; EPIC_ERR_UNSUPPORTED (logged, naming op) otherwise. */
+epic_status epic_cuda_kv_dtype_ok(epic_kv_dtype dt, const char *op);
 
 /* Grow b to at least `bytes`. */
 /* A weight the CUDA ops can use: known dtype, data, FP8 with its block scales. */
@@ -199,10 +203,11 @@ cudaError_t epic_cuk_row_pick(const float *x, int64_t m, int64_t n, int32_t *ids
 cudaError_t epic_cuk_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t ld,
                                     int64_t first_valid, cudaStream_t st);
 
-/* Flash-decoding MLA over a paged cache (see kern_mla.cu). Query b (0 <= b < n_q) has
- * n_keys(b) = n_ctx ? n_ctx[b] : start + b + 1 keys and block table tables + b * stride. */
+/* Flash-decoding MLA over a paged cache (fp32 rows: kern_mla.cu; bf16 rows:
+ * kern_mla_bf16.cu). Query b (0 <= b < n_q) has n_keys(b) = n_ctx ? n_ctx[b] : start + b + 1
+ * keys and block table tables + b * stride. */
 typedef struct epic_cuk_mla_params {
-  const float *pool;
+  const void *pool; /* float or bf16 elements, by the launcher */
   int64_t page_size, width, lora;
   int page_shift; /* log2(page_size) when it is a power of two, else -1 */
   const int32_t *tables;
@@ -217,12 +222,19 @@ typedef struct epic_cuk_mla_params {
   float *part_acc; /* [n_q][n_split][n_heads][lora] when n_split > 1 */
   float *part_ml;  /* [n_q][n_split][n_heads][2] */
 } epic_cuk_mla_params;
-/* Whether the decode kernel takes these shapes (width % 4, lora % 8, sizes, pool aligned;
- * positions below 2^31). */
-int epic_cuk_mla_decode_ok(int64_t width, int64_t lora, const float *pool);
+/* Whether the fp32 decode kernel takes these shapes (width % 4, lora % 8, sizes, pool
+ * aligned; positions below 2^31). */
+int epic_cuk_mla_decode_ok(int64_t width, int64_t lora, const void *pool);
 size_t epic_cuk_mla_decode_smem(int64_t width);
 cudaError_t epic_cuk_mla_decode_prepare(int max_smem_optin);
 cudaError_t epic_cuk_mla_decode(const epic_cuk_mla_params *p, int exact, cudaStream_t st);
+/* Merge of p->n_split > 1 partials (part_acc, part_ml) into ctx; both decode kernels. */
+cudaError_t epic_cuk_mla_combine(const epic_cuk_mla_params *p, cudaStream_t st);
+/* BF16 cache rows: the DeepSeek-V3 shape only (width 576, lora 512, pool 16-byte aligned);
+ * keys per split are rounded to 64-row tiles. variant: see epic_cuda_ops.mla_bf16_variant. */
+int epic_cuk_mla_bf16_ok(int64_t width, int64_t lora, const void *pool);
+cudaError_t epic_cuk_mla_bf16_prepare(int max_smem_optin);
+cudaError_t epic_cuk_mla_bf16_decode(const epic_cuk_mla_params *p, int variant, cudaStream_t st);
 
 #ifdef __cplusplus
 }

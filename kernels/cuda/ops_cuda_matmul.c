@@ -332,6 +332,30 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
  * of four rows re-reads the weight tile, mostly from L2); larger ones are GEMMs. */
 enum { EPIC_CUDA_GROUPED_MAX_ROWS = 16 };
 
+/* Rows per GEMM of the exact-precision grouped path: every group is multiplied in
+ * chunks of exactly this many rows (the last one zero-padded), see grouped_exact. */
+enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
+
+/* Row invariance of grouped_matmul (what expert re-placement, EPLB, relies on: an
+ * expert's rows split over its copies land in smaller groups on other ranks; also
+ * batch composition). A row's result depends only on the row and the weight when
+ * every path a row can take computes it alone, the same way:
+ * - FP8 groups of 1..16 rows (fast precision) always take the fp32 per-row kernel of
+ *   kern_fp8_skinny.cu: one launch of the grouped kernel, or skinny launches of at most
+ *   four rows, which run the same per-token code (row_pairs: each token's dot
+ *   products in one fixed order, whatever tokens share the pass). Before, a lone group
+ *   of 5..16 rows went to cuBLASLt instead, so a group's path hung on the others.
+ * - Exact precision: grouped_exact below runs one GEMM shape for every chunk of every
+ *   group (m = 16 staged rows, the same strides and buffers), so cuBLAS picks the
+ *   same kernel each time; its tile covers the 16 rows in one column block, and a
+ *   GEMM kernel sums each output in an order fixed by its tile and k loop, not by the
+ *   values or the number of other rows.
+ * - Fast precision, FP8 groups of more than 16 rows and BF16 / F16 weights: one cuBLAS /
+ *   cuBLASLt GEMM per group whose algorithm, and for FP8 even the numerics (e4m3
+ *   activations instead of fp32 ones), depend on the group's row count: a row's
+ *   result can change with its group's size there. That is why the engine leaves
+ *   EPLB off by default on GPU ranks (coordinator/engine.c). */
+
 static int same_layout(const epic_weight *a, const epic_weight *b) {
   return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols &&
          a->block_rows == b->block_rows && a->block_cols == b->block_cols;
@@ -388,6 +412,89 @@ static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *
   return d;
 }
 
+/* The rows of group g that start at x_g / y_g, m of them, through the fp32 per-row
+ * kernel in passes of at most four rows (the grouped kernel's passes). */
+static epic_status skinny_rows(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t m,
+                               const epic_weight *w, float *y, int64_t ldy) {
+  for (int64_t t = 0; t < m; t += EPIC_CUK_SKINNY_MAX_M) {
+    const int64_t mc = m - t < EPIC_CUK_SKINNY_MAX_M ? m - t : EPIC_CUK_SKINNY_MAX_M;
+    EPIC_CHECK_CUDA(
+        epic_cuk_fp8_skinny(x + t * ldx, ldx, mc, w, y + t * ldy, ldy, c->sm_count, c->stream),
+        "grouped matmul: FP8 skinny kernel");
+  }
+  return EPIC_OK;
+}
+
+/* Exact precision: each group's weight dequantised to fp32 once per row chunk, its
+ * rows staged EPIC_CUDA_EXACT_GROUP_ROWS at a time into a zero-padded buffer, one
+ * SGEMM of the same shape, strides and buffers per chunk, the chunk's rows copied out
+ * (see "Row invariance" above). */
+static epic_status grouped_exact(epic_cuda_ops *c, const float *x, int64_t ldx, const int64_t *off,
+                                 int64_t n_groups, const epic_weight *w, int64_t w_stride, float *y,
+                                 int64_t ldy) {
+  enum { C = EPIC_CUDA_EXACT_GROUP_ROWS };
+  const float one = 1.0f, zero = 0.0f;
+  for (int64_t g = 0; g < n_groups; g++) {
+    const int64_t rows = off[g + 1] - off[g];
+    const epic_weight *wg = &w[g * w_stride];
+    if (rows == 0)
+      continue;
+    if (!epic_cuda_weight_ok(wg) || ldx < wg->cols || ldy < wg->rows) {
+      EPIC_LOG_ERROR("grouped matmul: invalid weight or strides for group %lld", (long long)g);
+      return EPIC_ERR_INVALID;
+    }
+    const int64_t n = wg->rows, k = wg->cols;
+    if (n == 0)
+      continue;
+    if (n > INT_MAX || k > INT_MAX) {
+      EPIC_LOG_ERROR("grouped matmul: dimensions beyond cuBLAS's int range");
+      return EPIC_ERR_UNSUPPORTED;
+    }
+    /* Weight rows per dequantised chunk, as the dense exact path sizes them. */
+    int64_t wr = EPIC_CUDA_DQ_CHUNK_BYTES / (k * 4);
+    wr = wr < 128 ? 128 : wr / 128 * 128;
+    if (wr > n)
+      wr = n;
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(C * k) * sizeof(float)));
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->outb, (size_t)(C * wr) * sizeof(float)));
+    if (wg->dtype != EPIC_DT_F32)
+      EPIC_CHECK(epic_cuda_buf_reserve(c, &c->wdq, (size_t)(wr * k) * sizeof(float)));
+    float *xs = (float *)c->act.p, *ys = (float *)c->outb.p;
+    const float *xg = x + off[g] * ldx;
+    float *yg = y + off[g] * ldy;
+    for (int64_t r0 = 0; r0 < n; r0 += wr) {
+      const int64_t nr = n - r0 < wr ? n - r0 : wr;
+      const float *a = (const float *)wg->data + r0 * k;
+      if (wg->dtype != EPIC_DT_F32) {
+        EPIC_CHECK_CUDA(epic_cuk_dequant_rows(wg, r0, nr, c->wdq.p, 0, c->stream),
+                        "grouped matmul: dequantise weight rows");
+        a = (const float *)c->wdq.p;
+      }
+      for (int64_t t = 0; t < rows; t += C) {
+        const int64_t mc = rows - t < C ? rows - t : C;
+        if (mc < C)
+          EPIC_CHECK_CUDA(
+              cudaMemsetAsync(xs + mc * k, 0, (size_t)((C - mc) * k) * sizeof(float), c->stream),
+              "grouped matmul: pad rows");
+        EPIC_CHECK_CUDA(cudaMemcpy2DAsync(xs, (size_t)k * sizeof(float), xg + t * ldx,
+                                          (size_t)ldx * sizeof(float), (size_t)k * sizeof(float),
+                                          (size_t)mc, cudaMemcpyDeviceToDevice, c->stream),
+                        "grouped matmul: stage rows");
+        /* ys [C][wr] (column-major wr x C): the same strides for every chunk, also
+         * for a weight's last, shorter row chunk. */
+        EPIC_CHECK_CUBLAS(cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, C, (int)k, &one,
+                                      a, (int)k, xs, (int)k, &zero, ys, (int)wr),
+                          "grouped matmul: fp32 GEMM of a row chunk");
+        EPIC_CHECK_CUDA(cudaMemcpy2DAsync(yg + t * ldy + r0, (size_t)ldy * sizeof(float), ys,
+                                          (size_t)wr * sizeof(float), (size_t)nr * sizeof(float),
+                                          (size_t)mc, cudaMemcpyDeviceToDevice, c->stream),
+                        "grouped matmul: copy a row chunk out");
+      }
+    }
+  }
+  return EPIC_OK;
+}
+
 epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
                                      const int64_t *off_host, const int32_t *off_dev,
                                      int64_t n_groups, const epic_weight *w, int64_t w_stride,
@@ -406,9 +513,12 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
       shape = &w[g * w_stride];
     small += rows > 0 && rows <= EPIC_CUDA_GROUPED_MAX_ROWS;
   }
-  /* One launch pays when several groups are small (decode); exact mode keeps fp32 GEMMs. */
-  if (shape && small > 1 && off_dev && !c->exact_matmul && n_groups <= 65535 &&
-      off_host[n_groups] <= INT32_MAX && epic_cuk_fp8_grouped_ok(shape)) {
+  if (c->exact_matmul)
+    return grouped_exact(c, x, ldx, off_host, n_groups, w, w_stride, y, ldy);
+  /* One launch pays when several groups are small (decode); a lone small group takes
+   * the skinny launches below, which compute its rows alike. */
+  if (shape && small > 1 && off_dev && n_groups <= 65535 && off_host[n_groups] <= INT32_MAX &&
+      epic_cuk_fp8_grouped_ok(shape)) {
     epic_status st;
     tab = group_table(c, w, w_stride, n_groups, shape, &st);
     EPIC_CHECK(st);
@@ -419,10 +529,16 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
                     "grouped FP8 kernel");
   for (int64_t g = 0; g < n_groups; g++) {
     const int64_t rows = off_host[g + 1] - off_host[g];
+    const epic_weight *wg = &w[g * w_stride];
     if (rows == 0 || (tab && rows <= EPIC_CUDA_GROUPED_MAX_ROWS))
       continue;
-    EPIC_CHECK(epic_cuda_matmul(o, x + off_host[g] * ldx, ldx, rows, &w[g * w_stride],
-                                y + off_host[g] * ldy, ldy));
+    if (rows <= EPIC_CUDA_GROUPED_MAX_ROWS && epic_cuda_weight_ok(wg) && wg->rows > 0 &&
+        ldx >= wg->cols && ldy >= wg->rows && epic_cuk_fp8_skinny_ok(wg, EPIC_CUK_SKINNY_MAX_M)) {
+      EPIC_CHECK(skinny_rows(c, x + off_host[g] * ldx, ldx, rows, wg, y + off_host[g] * ldy, ldy));
+      continue;
+    }
+    EPIC_CHECK(
+        epic_cuda_matmul(o, x + off_host[g] * ldx, ldx, rows, wg, y + off_host[g] * ldy, ldy));
   }
   return EPIC_OK;
 }

@@ -60,6 +60,38 @@ PY
 expect 0 "--redundant 32 --load-stats" "" "$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB \
   --redundant 32 --load-stats "$tmp/stats.json"
 grep -q "expert load" "$tmp/out" && ok "balance line" || bad "balance line"
+# Run-time EPLB copies (--eplb-redundant R): their memory comes out of the KV budget.
+expect 0 "--eplb-redundant 8" "" "$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB --eplb-redundant 8
+grep -q "run-time EPLB: 8 copies per MoE layer: up to 33 experts per layer" "$tmp/out" &&
+  grep -q "EPLB GB" "$tmp/out" && ok "EPLB line and column" || bad "EPLB line and column"
+grep -q "EPLB GB" <("$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB) &&
+  bad "EPLB column without --eplb-redundant" || ok "no EPLB column without --eplb-redundant"
+for r in 0 8; do
+  "$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB --eplb-redundant $r --json >"$tmp/e$r.json" 2>"$tmp/err"
+done
+python3 - "$tmp/e0.json" "$tmp/e8.json" <<'PY' && ok "--eplb-redundant JSON: reserve = 92 experts, out of the KV budget" || bad "--eplb-redundant JSON"
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:3])
+assert a["eplb_redundant"] == 0 and b["eplb_redundant"] == 8 and b["eplb_layer_slots"] == 33
+for ra, rb in zip(a["ranks"], b["ranks"]):
+    assert ra["eplb_bytes"] == 0 and rb["eplb_slots"] == 60 * 33 - 32 * 59
+    assert rb["eplb_bytes"] == rb["eplb_slots"] * b["weights"]["expert"]
+    assert rb["kv_budget_bytes"] == ra["kv_budget_bytes"] - rb["eplb_bytes"]
+PY
+# A budget between the two: fits without the copies, not with them.
+mem=$(python3 -c 'import json,sys; p=json.load(open(sys.argv[1])); r=p["ranks"][0]
+print(r["weight_bytes"] + r["reserve_bytes"] + p["min_kv_tokens"] * p["kv_bytes_per_token"] + 2 * 10**9)' "$tmp/e0.json")
+expect 0 "--gpu-mem $mem fits without EPLB copies" "" "$EPIC" plan --model "$M" --ranks 8 --gpu-mem "$mem"
+expect 1 "--gpu-mem $mem with --eplb-redundant 8 does not fit" "GB for EPLB copies" \
+  "$EPIC" plan --model "$M" --ranks 8 --gpu-mem "$mem" --eplb-redundant 8
+expect 2 "--eplb-redundant beyond E x (N - 1)" "--eplb-redundant: 1793 is more than 1792" \
+  "$EPIC" plan --model "$M" --ranks 8 --eplb-redundant 1793
+expect 2 "--eplb-redundant -1" "--eplb-redundant" "$EPIC" plan --model "$M" --ranks 8 --eplb-redundant -1
+expect 0 "hierarchical bound with --eplb-redundant, no statistics" "" \
+  "$EPIC" plan --model "$M" --ranks 16 --gpu-mem 80GB --eplb-redundant 3 --eplb-policy hierarchical \
+  --ranks-per-node 8
+grep -q "up to 17 experts per layer" "$tmp/out" && ok "hierarchical bound: ceil((128 + 2) / 8) = 17" ||
+  bad "hierarchical bound"
 echo '{"layers": {"3": [1, 2]}}' >"$tmp/bad.json"
 expect 1 "malformed --load-stats" "layer 3: expected an array of 256" \
   "$EPIC" plan --model "$M" --ranks 8 --load-stats "$tmp/bad.json"

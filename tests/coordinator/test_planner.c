@@ -608,6 +608,117 @@ static void test_bad_inputs(void **state) {
   epic_plan_destroy(NULL);
 }
 
+/* ---- run-time EPLB reserve ---- */
+
+/* Per rank: every placement the engine's EPLB can choose with R copies (a plan from
+ * load counts, as coordinator/eplb.c makes it), plus one layer's worth while
+ * re-placing, fits in the default placement's experts plus the reserve. */
+static void check_eplb_reserve(const epic_model_config *c, int N, int R, epic_eplb_policy pol,
+                               int rpn) {
+  const int E = (int)c->n_routed_experts, L = (int)c->num_hidden_layers + 1;
+  const uint64_t mem = 141000000000ull;
+  double *counts = calloc((size_t)(L * E), sizeof(double));
+  assert_non_null(counts);
+  for (int l = 0; l < L; l++) /* hot experts differ per layer, some groups hot */
+    for (int e = 0; e < E; e++) counts[l * E + e] = 1e6 / (1 + ((e * 29 + l * 7) % E) * ((e % 5) + 1));
+  epic_plan_params p = {.size = sizeof p, .cfg = c, .n_ranks = N, .include_mtp = 1,
+                        .gpu_mem_bytes = mem, .policy = pol, .ranks_per_node = rpn};
+  epic_plan *base = NULL, *res = NULL, *run = NULL;
+  assert_int_equal(epic_plan_create(&p, &base), EPIC_OK);
+  p.eplb_redundant = R;
+  assert_int_equal(epic_plan_create(&p, &res), EPIC_OK);
+  p.eplb_redundant = 0;
+  p.n_redundant = R;
+  p.load_counts = counts;
+  p.n_load_layers = L;
+  assert_int_equal(epic_plan_create(&p, &run), EPIC_OK);
+  assert_int_equal(epic_plan_eplb_redundant(res), R);
+  assert_int_equal(epic_plan_eplb_redundant(base), 0);
+  assert_int_equal(epic_plan_eplb_layer_slots(base), 0);
+  const int S = epic_plan_eplb_layer_slots(res);
+  assert_true(S >= (E + R + N - 1) / N);
+  for (int r = 0; r < N; r++) {
+    epic_rank_memory mb, mr;
+    int64_t held = 0, widest = 0;
+    assert_int_equal(epic_plan_rank_memory(base, r, &mb), EPIC_OK);
+    assert_int_equal(epic_plan_rank_memory(res, r, &mr), EPIC_OK);
+    for (int l = 0; l < epic_plan_n_layers(run); l++) {
+      const int32_t *ids;
+      int n;
+      assert_int_equal(epic_plan_rank_experts(run, l, r, &ids, &n), EPIC_OK);
+      assert_true(n <= S);
+      held += n;
+      widest = n > widest ? n : widest;
+    }
+    assert_true(held + widest <= mr.expert_slots + mr.eplb_slots);
+    /* The reserve comes out of the KV budget, nothing else changes. */
+    assert_true(mb.eplb_slots == 0 && mb.eplb_bytes == 0);
+    assert_true(mr.eplb_bytes == (uint64_t)mr.eplb_slots * epic_plan_weights(res)->expert);
+    assert_true(mr.weight_bytes == mb.weight_bytes && mr.reserve_bytes == mb.reserve_bytes);
+    assert_true(mr.kv_budget_bytes == mb.kv_budget_bytes - (int64_t)mr.eplb_bytes);
+    assert_true(mr.eplb_slots > 0);
+  }
+  epic_plan_destroy(base);
+  epic_plan_destroy(res);
+  epic_plan_destroy(run);
+  free(counts);
+}
+
+static void test_eplb_reserve(void **state) {
+  (void)state;
+  epic_model_config c, t;
+  load_671b(&c);
+  load_fixture("tiny-fp8", &t);
+  check_eplb_reserve(&c, 8, 8, EPIC_EPLB_GLOBAL, 0);
+  check_eplb_reserve(&c, 16, 16, EPIC_EPLB_GLOBAL, 0);
+  check_eplb_reserve(&c, 16, 3, EPIC_EPLB_HIERARCHICAL, 8); /* 3 copies over 2 nodes */
+  check_eplb_reserve(&c, 16, 32, EPIC_EPLB_HIERARCHICAL, 8);
+  check_eplb_reserve(&t, 2, 2, EPIC_EPLB_GLOBAL, 0);
+  check_eplb_reserve(&t, 3, 5, EPIC_EPLB_GLOBAL, 0); /* 16 experts do not split evenly */
+  /* 8 ranks x 141 GB, 8 copies: 33 experts per layer at most, 60 layers' worth (58 MoE +
+   * MTP + one while re-placing) against the 32 x 59 held: 92 experts of 44 MB. */
+  epic_plan_params p = {.size = sizeof p, .cfg = &c, .n_ranks = 8, .include_mtp = 1,
+                        .gpu_mem_bytes = 141000000000ull, .eplb_redundant = 8};
+  epic_plan *pl = NULL;
+  epic_rank_memory m;
+  assert_int_equal(epic_plan_create(&p, &pl), EPIC_OK);
+  assert_int_equal(epic_plan_eplb_layer_slots(pl), 33);
+  assert_int_equal(epic_plan_rank_memory(pl, 0, &m), EPIC_OK);
+  assert_int_equal(m.eplb_slots, 60 * 33 - 32 * 59);
+  assert_true(epic_plan_fits(pl));
+  /* A budget that fits without the copies and not with them. */
+  const uint64_t need0 = m.weight_bytes + m.reserve_bytes +
+                         (uint64_t)epic_plan_min_kv_tokens(pl) * epic_plan_kv_bytes_per_token(pl);
+  epic_plan_destroy(pl);
+  p.gpu_mem_bytes = need0 + m.eplb_bytes / 2;
+  assert_int_equal(epic_plan_create(&p, &pl), EPIC_OK);
+  assert_false(epic_plan_fits(pl));
+  epic_plan_destroy(pl);
+  p.eplb_redundant = 0;
+  assert_int_equal(epic_plan_create(&p, &pl), EPIC_OK);
+  assert_true(epic_plan_fits(pl));
+  epic_plan_destroy(pl);
+  /* Out of range: negative, more than E x (N - 1), any on one rank. */
+  const int bad[][2] = {{8, -1}, {8, 256 * 7 + 1}, {1, 1}};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    epic_plan_params q = {.size = sizeof q, .cfg = &c, .n_ranks = bad[i][0],
+                          .eplb_redundant = bad[i][1]};
+    pl = (epic_plan *)(uintptr_t)1;
+    assert_int_equal(epic_plan_create(&q, &pl), EPIC_ERR_INVALID);
+    assert_null(pl);
+  }
+  /* The engine's copies: as asked, off, the default (CPU: one per rank; GPU: none). */
+  assert_int_equal(epic_plan_eplb_copies(5, 256, 8, 1), 5);
+  assert_int_equal(epic_plan_eplb_copies(-1, 256, 8, 0), 0);
+  assert_int_equal(epic_plan_eplb_copies(0, 256, 8, 0), 8);
+  assert_int_equal(epic_plan_eplb_copies(0, 256, 8, 1), 0);
+  assert_int_equal(epic_plan_eplb_copies(0, 2, 8, 0), 8);
+  assert_int_equal(epic_plan_eplb_copies(0, 1, 4, 0), 3); /* at most E x (N - 1) */
+  assert_int_equal(epic_plan_eplb_copies(0, 256, 1, 0), 0);
+  assert_int_equal(epic_plan_eplb_copies(4, 256, 1, 0), 0); /* one process: nothing to balance */
+  assert_int_equal(epic_plan_eplb_copies(0, 0, 8, 0), 0);
+}
+
 /* ---- output ---- */
 
 static void test_output(void **state) {
@@ -628,6 +739,9 @@ static void test_output(void **state) {
   const cJSON *ranks = cJSON_GetObjectItemCaseSensitive(root, "ranks");
   assert_int_equal(cJSON_GetArraySize(ranks), 7);
   assert_true(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "fits")));
+  assert_int_equal(cJSON_GetObjectItemCaseSensitive(root, "eplb_redundant")->valueint, 0);
+  assert_int_equal(
+      cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(ranks, 0), "eplb_bytes")->valueint, 0);
   /* Placement groups cover the 59 MoE layers and, per group, every expert once. */
   const cJSON *groups = cJSON_GetObjectItemCaseSensitive(root, "placement"), *g;
   assert_true(cJSON_GetArraySize(groups) >= 1);
@@ -656,7 +770,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_fit_671b),          cmocka_unit_test(test_placement_plain),
       cmocka_unit_test(test_redundancy_skewed), cmocka_unit_test(test_redundancy_small_sweep),
       cmocka_unit_test(test_bad_inputs),        cmocka_unit_test(test_output),
-      cmocka_unit_test(test_in_memory_policies),
+      cmocka_unit_test(test_in_memory_policies), cmocka_unit_test(test_eplb_reserve),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -601,13 +601,59 @@ static void test_kv_roundtrip(void **state) {
     assert_memory_equal(gl + t * lora, lat + t * (lora + 2), (size_t)lora * 4);
     assert_memory_equal(gk + t * rope, kpe + t * (rope + 1), (size_t)rope * 4);
     /* and physically where the block table says */
-    const float *row = c.kv.pool + (c.table[t / 3] * 3 + t % 3) * (lora + rope);
+    const float *row = (const float *)c.kv.pool + (c.table[t / 3] * 3 + t % 3) * (lora + rope);
     assert_memory_equal(row, lat + t * (lora + 2), (size_t)lora * 4);
   }
   free(lat);
   free(kpe);
   free(gl);
   free(gk);
+  cache_free(&c);
+}
+
+/* The CPU backend keeps fp32 caches (kv_dtype, and zero-initialised views are fp32) and
+ * refuses every op on a bf16 view without touching the pool or the outputs. */
+static void test_kv_dtype(void **state) {
+  rng_seed(11);
+  assert_int_equal(g_ops->vt->kv_dtype(g_ops), EPIC_KV_F32);
+  const epic_kv_view zero = {0};
+  assert_int_equal(zero.dtype, EPIC_KV_F32);
+  assert_int_equal(epic_kv_dtype_size(EPIC_KV_F32), 4);
+  assert_int_equal(epic_kv_dtype_size(EPIC_KV_BF16), 2);
+  assert_int_equal(epic_kv_dtype_size((epic_kv_dtype)9), 0);
+  const int64_t n = 5, lora = 8, rope = 4, H = 2;
+  tcache c = cache_make(n, 2, lora, rope);
+  const int64_t pool_n = ((n + 1) / 2 + 3) * 2 * (lora + rope); /* cache_make's pages */
+  c.kv.dtype = EPIC_KV_BF16;
+  float lat[5 * 8], kpe[5 * 4], qa[2 * 8], qp[2 * 4], out[5 * 8], keep[5 * 8];
+  fill(lat, 5 * 8);
+  fill(kpe, 5 * 4);
+  fill(qa, 2 * 8);
+  fill(qp, 2 * 4);
+  fill(out, 5 * 8);
+  memcpy(keep, out, sizeof out);
+  assert_int_equal(g_ops->vt->kv_store(g_ops, &c.kv, 0, n, lat, lora, kpe, rope),
+                   EPIC_ERR_UNSUPPORTED);
+  const float *pool = c.kv.pool;
+  for (int64_t i = 0; i < pool_n; i++)
+    assert_true(pool[i] == 0.0f);
+  assert_int_equal(g_ops->vt->kv_gather(g_ops, &c.kv, n, out, kpe), EPIC_ERR_UNSUPPORTED);
+  assert_memory_equal(out, keep, sizeof out);
+  assert_int_equal(g_ops->vt->mla_absorbed(g_ops, &c.kv, qa, qp, 1, n - 1, H, 0.5f, out),
+                   EPIC_ERR_UNSUPPORTED);
+  const int32_t len[1] = {5};
+  const epic_kv_batch kb = {.pool = c.kv.pool, .page_size = 2, .width = lora + rope, .lora = lora,
+                            .block_tables = c.table, .table_stride = 6, .n_ctx = len,
+                            .max_ctx = 5, .dtype = EPIC_KV_BF16};
+  assert_int_equal(g_ops->vt->mla_absorbed_batch(g_ops, &kb, 1, qa, qp, H, 0.5f, out),
+                   EPIC_ERR_UNSUPPORTED);
+  assert_int_equal(g_ops->vt->kv_store_batch(g_ops, &kb, 1, lat, lora, kpe, rope),
+                   EPIC_ERR_UNSUPPORTED);
+  assert_memory_equal(out, keep, sizeof out);
+  for (int64_t i = 0; i < pool_n; i++)
+    assert_true(pool[i] == 0.0f);
+  c.kv.dtype = EPIC_KV_F32; /* the same view as fp32 works */
+  assert_int_equal(g_ops->vt->kv_store(g_ops, &c.kv, 0, n, lat, lora, kpe, rope), EPIC_OK);
   cache_free(&c);
 }
 
@@ -908,6 +954,7 @@ int main(void) {
       cmocka_unit_test(test_silu_axpy),
       cmocka_unit_test(test_route),
       cmocka_unit_test(test_kv_roundtrip),
+      cmocka_unit_test(test_kv_dtype),
       cmocka_unit_test(test_head_gemm),
       cmocka_unit_test(test_mla),
       cmocka_unit_test(test_memory),

@@ -8,7 +8,8 @@
  * bf16 GEMM 1e-2, FP8 cuBLASLt GEMM 5e-2 against the exact product (the e4m3
  * activation rounding alone is about 2.5e-2) and 2e-3 against the product of the same
  * quantised activations (which isolates the GEMM and its scale layouts), TF32
- * attention 5e-3. Exits 77 (CTest skip) when no GPU is present.
+ * attention 5e-3, the bf16-cache decode kernel 3e-3 against the same bf16 rows and
+ * bf16-rounded queries (BF16_MLA_TOL). Exits 77 (CTest skip) when no GPU is present.
  * The seed is printed; EPIC_TEST_SEED=<n> replays a run. */
 #include <math.h>
 #include <setjmp.h>
@@ -684,6 +685,20 @@ typedef struct {
   int64_t n_pages;
 } tcache;
 
+/* A random permutation of the page ids 0..n-1. */
+static int32_t *shuffled_pages(int64_t n) {
+  int32_t *table = xmalloc((size_t)n * 4);
+  for (int64_t i = 0; i < n; i++)
+    table[i] = (int32_t)i;
+  for (int64_t i = n - 1; i > 0; i--) {
+    const int64_t j = (int64_t)(rng_u64() % (uint64_t)(i + 1));
+    const int32_t t = table[i];
+    table[i] = table[j];
+    table[j] = t;
+  }
+  return table;
+}
+
 /* A cache with n_pages pages of random rows (so unwritten garbage is not zero) and a
  * shuffled block table over all of them. */
 static tcache cache_make(int64_t n_tok, int64_t page, int64_t lora, int64_t rope,
@@ -692,15 +707,7 @@ static tcache cache_make(int64_t n_tok, int64_t page, int64_t lora, int64_t rope
   memset(&c, 0, sizeof c);
   const int64_t width = lora + rope;
   c.n_pages = (n_tok + page - 1) / page + extra_pages;
-  c.table = xmalloc((size_t)c.n_pages * 4);
-  for (int64_t i = 0; i < c.n_pages; i++)
-    c.table[i] = (int32_t)i;
-  for (int64_t i = c.n_pages - 1; i > 0; i--) {
-    const int64_t j = (int64_t)(rng_u64() % (uint64_t)(i + 1));
-    const int32_t t = c.table[i];
-    c.table[i] = c.table[j];
-    c.table[j] = t;
-  }
+  c.table = shuffled_pages(c.n_pages);
   const size_t pool = (size_t)(c.n_pages * page * width);
   c.h.pool = xmalloc(pool * 4);
   fill(c.h.pool, pool, 1.0f);
@@ -935,6 +942,305 @@ static void test_mla(void **state) {
   check_mla_batch(70, lens3, 128, 512, 64, 64, 1);
 }
 
+/* ------------------------------------------------------- bf16 latent cache */
+
+/* bf16 cache rows: the device pool (BF16 view) and, for the CPU reference, the same rows
+ * widened to fp32 (F32 view); random rows, shuffled table over all pages. */
+typedef struct {
+  epic_kv_view h, d;
+  uint16_t *h16;
+  int32_t *table;
+  int64_t n_pages;
+  size_t n; /* pool elements */
+} bcache;
+
+static bcache bcache_make(int64_t n_tok, int64_t page, int64_t lora, int64_t rope,
+                          int64_t extra_pages) {
+  bcache c;
+  memset(&c, 0, sizeof c);
+  const int64_t width = lora + rope;
+  c.n_pages = (n_tok + page - 1) / page + extra_pages;
+  c.table = shuffled_pages(c.n_pages);
+  c.n = (size_t)(c.n_pages * page * width);
+  c.h16 = xmalloc(c.n * 2);
+  float *wide = xmalloc(c.n * 4);
+  for (size_t i = 0; i < c.n; i++) {
+    c.h16[i] = epic_f32_to_bf16(rng_f());
+    wide[i] = epic_bf16_to_f32(c.h16[i]);
+  }
+  c.h = (epic_kv_view){.pool = wide,
+                       .page_size = page,
+                       .width = width,
+                       .lora = lora,
+                       .block_table = c.table,
+                       .n_ctx = n_tok,
+                       .dtype = EPIC_KV_F32};
+  c.d = c.h;
+  c.d.pool = dup_dev(c.h16, c.n * 2);
+  c.d.block_table = dup_dev(c.table, (size_t)c.n_pages * 4);
+  c.d.dtype = EPIC_KV_BF16;
+  return c;
+}
+
+static void bcache_free(bcache *c) {
+  free(c->h.pool);
+  free(c->h16);
+  free(c->table);
+  dfree(c->d.pool);
+  dfree((void *)c->d.block_table);
+}
+
+/* x rounded to bf16 (nearest even) and widened back: what a bf16 cache row holds. */
+static float bf16_round(float x) {
+  return epic_bf16_to_f32(epic_f32_to_bf16(x));
+}
+
+/* kv_dtype follows the MLA precision; bf16 kv_store / kv_store_batch write exactly
+ * epic_f32_to_bf16 of each value where the table says and nothing else, kv_gather
+ * returns exactly the widened values; pages of 64 and 5 rows; unknown types refused. */
+static void test_kv_bf16(void **state) {
+  (void)state;
+  assert_int_equal(epic_ops_cuda_set_mla_precision(g_gpu, EPIC_CUDA_MLA_EXACT), EPIC_OK);
+  assert_int_equal(g_gpu->vt->kv_dtype(g_gpu), EPIC_KV_F32);
+  assert_int_equal(epic_ops_cuda_set_mla_precision(g_gpu, EPIC_CUDA_MLA_TF32), EPIC_OK);
+  assert_int_equal(g_gpu->vt->kv_dtype(g_gpu), EPIC_KV_BF16);
+  const int64_t n = 300, lora = 512, rope = 64, width = lora + rope, ldl = lora + 8,
+                ldk = rope + 3;
+  const int64_t pages[2] = {64, 5};
+  for (int pi = 0; pi < 2; pi++) {
+    const int64_t page = pages[pi];
+    bcache c = bcache_make(n, page, lora, rope, 2);
+    float *lat = xmalloc((size_t)(n * ldl) * 4), *kpe = xmalloc((size_t)(n * ldk) * 4);
+    fill(lat, (size_t)(n * ldl), 3.0f);
+    fill(kpe, (size_t)(n * ldk), 3.0f);
+    float *dlat = dup_dev(lat, (size_t)(n * ldl) * 4), *dkpe = dup_dev(kpe, (size_t)(n * ldk) * 4);
+    assert_int_equal(g_gpu->vt->kv_store(g_gpu, &c.d, 0, 100, dlat, ldl, dkpe, ldk), EPIC_OK);
+    assert_int_equal(g_gpu->vt->kv_store(g_gpu, &c.d, 100, n - 100, dlat + 100 * ldl, ldl,
+                                         dkpe + 100 * ldk, ldk),
+                     EPIC_OK);
+    for (int64_t t = 0; t < n; t++) { /* the expected pool: written rows, the rest untouched */
+      uint16_t *row = c.h16 + (c.table[t / page] * page + t % page) * width;
+      for (int64_t j = 0; j < width; j++)
+        row[j] = epic_f32_to_bf16(j < lora ? lat[t * ldl + j] : kpe[t * ldk + j - lora]);
+    }
+    uint16_t *got = xmalloc(c.n * 2);
+    fetch(got, c.d.pool, c.n * 2);
+    assert_memory_equal(got, c.h16, c.n * 2);
+    float *gl = dalloc((size_t)(n * lora) * 4), *gk = dalloc((size_t)(n * rope) * 4);
+    poison(gl, (size_t)(n * lora) * 4);
+    poison(gk, (size_t)(n * rope) * 4);
+    assert_int_equal(g_gpu->vt->kv_gather(g_gpu, &c.d, n, gl, gk), EPIC_OK);
+    float *hl = xmalloc((size_t)(n * lora) * 4), *hk = xmalloc((size_t)(n * rope) * 4);
+    fetch(hl, gl, (size_t)(n * lora) * 4);
+    fetch(hk, gk, (size_t)(n * rope) * 4);
+    for (int64_t t = 0; t < n; t++) {
+      for (int64_t j = 0; j < lora; j++)
+        if (hl[t * lora + j] != bf16_round(lat[t * ldl + j]))
+          fail_msg("kv_gather bf16: token %lld latent %lld: %g, want %g", (long long)t,
+                   (long long)j, hl[t * lora + j], bf16_round(lat[t * ldl + j]));
+      for (int64_t j = 0; j < rope; j++)
+        if (hk[t * rope + j] != bf16_round(kpe[t * ldk + j]))
+          fail_msg("kv_gather bf16: token %lld kpe %lld", (long long)t, (long long)j);
+    }
+    printf("#   kv_store / kv_gather bf16 V3 rows, %lld-row pages, shuffled table: exact\n",
+           (long long)page);
+    epic_kv_view bad = c.d;
+    bad.dtype = (epic_kv_dtype)7;
+    assert_int_equal(g_gpu->vt->kv_store(g_gpu, &bad, 0, 1, dlat, ldl, dkpe, ldk),
+                     EPIC_ERR_UNSUPPORTED);
+    assert_int_equal(g_gpu->vt->kv_gather(g_gpu, &bad, 1, gl, gk), EPIC_ERR_UNSUPPORTED);
+    dfree(dlat), dfree(dkpe), dfree(gl), dfree(gk);
+    free(lat), free(kpe), free(got), free(hl), free(hk);
+    bcache_free(&c);
+  }
+
+  /* kv_store_batch: one row per sequence at n_ctx - 1 (distinct rows: a page permutation). */
+  const int64_t ps = 64, ns = 40, stride = 4, npg = ns * stride;
+  const size_t pool_n = (size_t)(npg * ps * width);
+  uint16_t *pool = xmalloc(pool_n * 2), *poolg = xmalloc(pool_n * 2);
+  for (size_t i = 0; i < pool_n; i++)
+    pool[i] = epic_f32_to_bf16(rng_f());
+  float *lat = xmalloc((size_t)(ns * 600) * 4), *kpe = xmalloc((size_t)(ns * 70) * 4);
+  int32_t *tables = xmalloc((size_t)(ns * stride) * 4), *nctx = xmalloc((size_t)ns * 4);
+  fill(lat, (size_t)(ns * 600), 1.0f);
+  fill(kpe, (size_t)(ns * 70), 1.0f);
+  for (int64_t s = 0; s < ns; s++) {
+    for (int64_t p = 0; p < stride; p++)
+      tables[s * stride + p] = (int32_t)(((s * stride + p) * 7) % npg);
+    nctx[s] = (int32_t)(1 + (s * 37) % (stride * ps));
+  }
+  uint16_t *dpool = dup_dev(pool, pool_n * 2);
+  float *dlat = dup_dev(lat, (size_t)(ns * 600) * 4), *dkpe = dup_dev(kpe, (size_t)(ns * 70) * 4);
+  int32_t *dtab = dup_dev(tables, (size_t)(ns * stride) * 4), *dnctx = dup_dev(nctx, (size_t)ns * 4);
+  epic_kv_batch kb = {.pool = dpool, .page_size = ps, .width = width, .lora = lora,
+                      .block_tables = dtab, .table_stride = stride, .n_ctx = dnctx,
+                      .max_ctx = stride * ps, .dtype = EPIC_KV_BF16};
+  assert_int_equal(g_gpu->vt->kv_store_batch(g_gpu, &kb, ns, dlat, 600, dkpe, 70), EPIC_OK);
+  fetch(poolg, dpool, pool_n * 2);
+  for (int64_t s = 0; s < ns; s++) {
+    const int64_t t = nctx[s] - 1;
+    uint16_t *row = pool + (tables[s * stride + t / ps] * ps + t % ps) * width;
+    for (int64_t j = 0; j < width; j++)
+      row[j] = epic_f32_to_bf16(j < lora ? lat[s * 600 + j] : kpe[s * 70 + j - lora]);
+  }
+  assert_memory_equal(poolg, pool, pool_n * 2);
+  printf("#   kv_store_batch bf16 V3 rows, 40 sequences: exact\n");
+  kb.dtype = (epic_kv_dtype)7;
+  assert_int_equal(g_gpu->vt->kv_store_batch(g_gpu, &kb, ns, dlat, 600, dkpe, 70),
+                   EPIC_ERR_UNSUPPORTED);
+  dfree(dpool), dfree(dlat), dfree(dkpe), dfree(dtab), dfree(dnctx);
+  free(pool), free(poolg), free(lat), free(kpe), free(tables), free(nctx);
+}
+
+/* Limit for the bf16 decode kernel against the CPU reference on the same bf16 rows and
+ * bf16-rounded queries: what remains is the probabilities' rounding to bf16 for P.V
+ * (relative 2^-9 each, about 1e-3 on a sum of many) and fp32 summation order. */
+#define BF16_MLA_TOL 3e-3
+
+static const char *const bf16_kernel_names[4] = {"mma", "wgmma-s", "wgmma-o", "wgmma"};
+
+/* Round n floats of x to bf16 and widen them back, into a new array. */
+static float *rounded_copy(const float *x, size_t n) {
+  float *y = xmalloc(n ? n * 4 : 4);
+  for (size_t i = 0; i < n; i++)
+    y[i] = bf16_round(x[i]);
+  return y;
+}
+
+/* mla_absorbed_batch over a bf16 cache, every kernel variant, against the CPU reference
+ * on the widened rows with rounded queries; the default variant twice, bit for bit. */
+static void check_mla_bf16_batch(int64_t n_seq, const int32_t *lens, int64_t H, int64_t page,
+                                 int64_t off) {
+  const int64_t lora = 512, rope = 64, width = lora + rope;
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < n_seq; s++)
+    max_len = lens[s] > max_len ? lens[s] : max_len;
+  const int64_t stride = (max_len + page - 1) / page + 1;
+  bcache c = bcache_make(n_seq * stride * page, page, lora, rope, 0);
+  epic_kv_batch hb = {.pool = c.h.pool,
+                      .page_size = page,
+                      .width = width,
+                      .lora = lora,
+                      .block_tables = c.table, /* the permutation cut into rows of stride */
+                      .table_stride = stride,
+                      .n_ctx = lens,
+                      .max_ctx = max_len,
+                      .dtype = EPIC_KV_F32};
+  epic_kv_batch db = hb;
+  db.pool = c.d.pool;
+  db.block_tables = c.d.block_table;
+  db.n_ctx = dup_dev(lens, (size_t)n_seq * 4);
+  db.dtype = EPIC_KV_BF16;
+  const size_t sa = (size_t)(n_seq * H * lora), sp = (size_t)(n_seq * H * rope);
+  float *qa = xmalloc(sa * 4), *qp = xmalloc(sp * 4), *ctx = xmalloc(sa * 4), *ctx2 = xmalloc(sa * 4),
+        *ref = xmalloc(sa * 4);
+  fill(qa, sa, 1.0f);
+  fill(qp, sp, 1.0f);
+  float *qar = rounded_copy(qa, sa), *qpr = rounded_copy(qp, sp);
+  float *dqa = dup_dev(qa, sa * 4), *dqp = dup_dev(qp, sp * 4);
+  float *dbuf = dalloc((sa + (size_t)off) * 4), *dctx = dbuf + off;
+  const float scale = 1.0f / sqrtf(192.0f);
+  assert_int_equal(g_cpu->vt->mla_absorbed_batch(g_cpu, &hb, n_seq, qar, qpr, H, scale, ref),
+                   EPIC_OK);
+  int bad = 0;
+  for (int k = 0; k < 4; k++) {
+    assert_int_equal(epic_ops_cuda_set_mla_bf16_kernel(g_gpu, (epic_cuda_mla_bf16_kernel)k),
+                     EPIC_OK);
+    poison(dctx, sa * 4);
+    assert_int_equal(g_gpu->vt->mla_absorbed_batch(g_gpu, &db, n_seq, dqa, dqp, H, scale, dctx),
+                     EPIC_OK);
+    fetch(ctx, dctx, sa * 4);
+    const double err = rel_err2d(ctx, 1, ref, 1, 1, (int64_t)sa);
+    printf("#   mla_absorbed_batch bf16 %-7s n_seq=%lld max_len=%lld H=%lld page=%lld%s rel err "
+           "%.3e (limit %.0e)\n",
+           bf16_kernel_names[k], (long long)n_seq, (long long)max_len, (long long)H,
+           (long long)page, off ? " ctx+1" : "", err, BF16_MLA_TOL);
+    bad += !(err <= BF16_MLA_TOL);
+  }
+  assert_int_equal(epic_ops_cuda_set_mla_bf16_kernel(g_gpu, EPIC_CUDA_MLA_BF16_WGMMA), EPIC_OK);
+  assert_int_equal(g_gpu->vt->mla_absorbed_batch(g_gpu, &db, n_seq, dqa, dqp, H, scale, dctx),
+                   EPIC_OK);
+  fetch(ctx2, dctx, sa * 4);
+  assert_memory_equal(ctx2, ctx, sa * 4); /* deterministic: same bits on a second run */
+  if (bad)
+    fail_msg("mla_absorbed_batch bf16: %d kernel variant(s) above %.0e", bad, BF16_MLA_TOL);
+  dfree((void *)db.n_ctx), dfree(dqa), dfree(dqp), dfree(dbuf);
+  free(qa), free(qp), free(qar), free(qpr), free(ctx), free(ctx2), free(ref);
+  bcache_free(&c);
+}
+
+/* mla_absorbed (m query tokens of one sequence) over a bf16 cache: the decode kernel for
+ * m <= 8 V3 rows (every variant; reference with rounded queries), the fp32 GEMM path on
+ * gathered rows otherwise (reference with the queries as they are, 1e-5). */
+static void check_mla_bf16_absorbed(int64_t m, int64_t start, int64_t H, int64_t lora,
+                                    int64_t rope, int64_t page, float scale) {
+  const int64_t n = start + m;
+  const int kernel = m <= 8 && lora == 512 && rope == 64;
+  bcache c = bcache_make(n, page, lora, rope, 1);
+  const size_t sa = (size_t)(m * H * lora), sp = (size_t)(m * H * rope);
+  float *qa = xmalloc(sa * 4), *qp = xmalloc(sp ? sp * 4 : 4), *ctx = xmalloc(sa * 4);
+  float *ref = xmalloc(sa * 4);
+  fill(qa, sa, 1.0f);
+  fill(qp, sp, 1.0f);
+  float *qar = kernel ? rounded_copy(qa, sa) : qa, *qpr = kernel ? rounded_copy(qp, sp) : qp;
+  float *dqa = dup_dev(qa, sa * 4), *dqp = sp ? dup_dev(qp, sp * 4) : NULL, *dctx = dalloc(sa * 4);
+  assert_int_equal(
+      g_cpu->vt->mla_absorbed(g_cpu, &c.h, qar, sp ? qpr : NULL, m, start, H, scale, ref), EPIC_OK);
+  const double tol = kernel ? BF16_MLA_TOL : 1e-5;
+  int bad = 0;
+  for (int k = kernel ? 0 : 3; k < 4; k++) {
+    assert_int_equal(epic_ops_cuda_set_mla_bf16_kernel(g_gpu, (epic_cuda_mla_bf16_kernel)k),
+                     EPIC_OK);
+    poison(dctx, sa * 4);
+    assert_int_equal(g_gpu->vt->mla_absorbed(g_gpu, &c.d, dqa, dqp, m, start, H, scale, dctx),
+                     EPIC_OK);
+    fetch(ctx, dctx, sa * 4);
+    const double err = rel_err2d(ctx, 1, ref, 1, 1, (int64_t)sa);
+    printf("#   mla_absorbed bf16 %-7s m=%lld start=%lld H=%lld lora=%lld page=%lld scale=%.3f rel "
+           "err %.3e (limit %.0e)\n",
+           kernel ? bf16_kernel_names[k] : "gemm", (long long)m, (long long)start, (long long)H,
+           (long long)lora, (long long)page, scale, err, tol);
+    bad += !(err <= tol);
+  }
+  assert_int_equal(epic_ops_cuda_set_mla_bf16_kernel(g_gpu, EPIC_CUDA_MLA_BF16_WGMMA), EPIC_OK);
+  if (bad)
+    fail_msg("mla_absorbed bf16: %d kernel variant(s) above %.0e", bad, tol);
+  dfree(dqa), dfree(dctx);
+  if (dqp)
+    dfree(dqp);
+  if (kernel)
+    free(qar), free(qpr);
+  free(qa), free(qp), free(ctx), free(ref);
+  bcache_free(&c);
+}
+
+static void test_mla_bf16(void **state) {
+  (void)state;
+  const int32_t lens[6] = {1, 64, 65, 700, 1500, 3001}; /* one key; few CTAs: several splits */
+  check_mla_bf16_batch(6, lens, 128, 64, 0);
+  const int32_t lens2[5] = {5, 17, 2, 333, 130}; /* pages of 5 rows: tiles straddle pages */
+  check_mla_bf16_batch(5, lens2, 70, 5, 1);      /* 70 heads: a partial head group */
+  const int32_t lens3[4] = {129, 1, 63, 1000};
+  check_mla_bf16_batch(4, lens3, 16, 3, 0); /* 3-row pages, 16 heads */
+  check_mla_bf16_batch(4, lens3, 128, 16, 0);
+  check_mla_bf16_batch(4, lens3, 128, 100, 1); /* pages larger than a tile, not a power of 2 */
+  int32_t lens4[80]; /* one split per sequence, odd lengths */
+  for (int i = 0; i < 80; i++)
+    lens4[i] = 1 + 2 * (int32_t)(rng_u64() % 400);
+  check_mla_bf16_batch(80, lens4, 128, 64, 0);
+  const float sc = 1.0f / sqrtf(192.0f);
+  check_mla_bf16_absorbed(1, 999, 128, 512, 64, 64, sc);
+  check_mla_bf16_absorbed(1, 4094, 128, 512, 64, 64, sc); /* split context, odd length */
+  check_mla_bf16_absorbed(5, 700, 128, 512, 64, 7, sc);   /* several query tokens, kernel */
+  check_mla_bf16_absorbed(3, 50, 70, 512, 64, 64, sc);
+  check_mla_bf16_absorbed(2, 130, 128, 512, 64, 64, -sc);  /* the scale's sign is honoured */
+  check_mla_bf16_absorbed(1, 70, 128, 512, 64, 64, 0.0f);  /* uniform weights, no NaN */
+  check_mla_bf16_absorbed(12, 200, 128, 512, 64, 64, sc); /* GEMM path on gathered rows */
+  check_mla_bf16_absorbed(2, 40, 4, 32, 8, 3, sc);        /* other widths: GEMM path */
+  /* fp32 views still take the TF32 kernel after the switch (cache types are per view). */
+  check_mla_absorbed(1, 300, 128, 512, 64, 64, 0);
+}
+
 static void test_head_gemm(void **state) {
   (void)state;
   static const int64_t shapes[][4] = {
@@ -998,6 +1304,7 @@ int main(void) {
       cmocka_unit_test(test_row_ops),   cmocka_unit_test(test_grouped_matmul),
       cmocka_unit_test(test_row_pick),
       cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_mla),
+      cmocka_unit_test(test_kv_bf16),   cmocka_unit_test(test_mla_bf16),
   };
   return cmocka_run_group_tests_name("ops_cuda", tests, setup, teardown);
 }

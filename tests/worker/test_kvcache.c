@@ -16,7 +16,11 @@ static void test_pages(void **state) {
   epic_kv_seq a = {0}, b = {0};
   assert_int_equal(epic_ops_cpu_create(1, &ops), EPIC_OK);
   assert_int_equal(epic_kvcache_create(ops, &p, &kc), EPIC_OK);
-  assert_int_equal(epic_kvcache_bytes(&p), 2 * 5 * 4 * 12 * sizeof(float));
+  assert_int_equal(epic_kvcache_bytes(&p, EPIC_KV_F32), 2 * 5 * 4 * 12 * sizeof(float));
+  assert_int_equal(epic_kvcache_bytes(&p, EPIC_KV_BF16), 2 * 5 * 4 * 12 * 2);
+  /* the element type is the backend's choice, and every view carries it */
+  assert_int_equal(epic_kvcache_dtype(kc), ops->vt->kv_dtype(ops));
+  assert_int_equal(epic_kvcache_dtype(kc), EPIC_KV_F32);
   assert_int_equal(epic_kvcache_seq_reserve(kc, &a, 9), EPIC_OK); /* 3 pages */
   assert_int_equal(a.n_pages, 3);
   assert_int_equal(epic_kvcache_free_pages(kc), 2);
@@ -32,6 +36,7 @@ static void test_pages(void **state) {
   epic_kv_view v = epic_kvcache_view(kc, 1, &a, 4);
   assert_int_equal(v.width, 12);
   assert_int_equal(v.lora, 8);
+  assert_int_equal(v.dtype, epic_kvcache_dtype(kc));
   assert_ptr_equal(v.block_table, a.pages);
   epic_kvcache_seq_release(kc, &a);
   epic_kvcache_seq_release(kc, &b);

@@ -7,7 +7,11 @@
  *  - commits of any prefix (rollback across page boundaries) leave the main
  *    cache equal to a full recompute and the MTP cache giving the drafts a
  *    from-scratch MTP pass gives (acceptance counts predicted exactly);
- *  - sampled (t1, t2) pairs with speculation follow the model's distribution. */
+ *  - sampled (t1, t2) pairs with speculation follow the model's distribution;
+ *  - drafts 2..k are the MTP layer applied to its own block output: the spec's
+ *    drafts equal a manual recursion through epic_model_mtp_forward, whose
+ *    mtp_out is the state that shared_head.norm and the head turn into the MTP
+ *    logits (bit for bit on the CPU backend). */
 #define _GNU_SOURCE
 #include <math.h>
 #include <setjmp.h>
@@ -21,6 +25,7 @@
 
 #include "common/log.h"
 #include "tests/common/test_util.h"
+#include "worker/checkpoint.h"
 #include "worker/generate.h"
 #include "worker/model.h"
 #include "worker/sampler.h"
@@ -345,6 +350,123 @@ static void test_rollback(void **state) {
   free(hidden);
 }
 
+/* ------------------------------------------------------------ recursion */
+
+/* The MTP logits from a block output z [D]: shared_head.norm and shared_head.head
+ * of the checkpoint, through the same backend calls as the model's final step. */
+static void head_of(fixture *f, epic_checkpoint *ck, const float *z, float *logits) {
+  const epic_model_config *c = epic_model_get_config(f->m);
+  const int64_t L = c->num_hidden_layers, D = f->D, V = f->V;
+  char name[128];
+  float *w = malloc((size_t)D * sizeof *w), *zn = malloc((size_t)D * sizeof *zn);
+  epic_weight head;
+  snprintf(name, sizeof name, "model.layers.%lld.shared_head.norm.weight", (long long)L);
+  assert_int_equal(epic_checkpoint_vector(ck, name, D, w), EPIC_OK);
+  snprintf(name, sizeof name, "model.layers.%lld.shared_head.head.weight", (long long)L);
+  assert_int_equal(epic_checkpoint_weight(ck, name, V, D, &head), EPIC_OK);
+  assert_int_equal(f->ops->vt->rmsnorm(f->ops, z, D, 1, D, w, (float)c->rms_norm_eps, zn, D), EPIC_OK);
+  assert_int_equal(f->ops->vt->matmul(f->ops, zn, D, 1, &head, logits, V), EPIC_OK);
+  free(w);
+  free(zn);
+}
+
+/* k = 3 greedy drafts after a prompt, through the phase API, against the
+ * recursion done by hand: pair (h_{T-1}, last) -> z_1, d_1; (z_1, d_1) -> z_2,
+ * d_2; (z_2, d_2) -> d_3, on a fresh MTP cache fed the same chunks. */
+static void test_draft_recursion(void **state) {
+  fixture *f = *state;
+  enum { K = 3 };
+  const tcase *c = &f->cases[2 < f->n_cases ? 2 : 0];
+  const int64_t T = c->n_prompt, V = f->V, D = f->D;
+  char dir[1024];
+  epic_checkpoint *ck;
+  epic_kvcache *kc, *km, *km2;
+  epic_kv_seq seq = {0}, sm = {0};
+  epic_spec *sp;
+  float *logits = malloc((size_t)(T * V) * sizeof(float)), *hidden = malloc((size_t)(T * D) * sizeof(float));
+  float *ml = malloc((size_t)V * sizeof(float)), *hl = malloc((size_t)V * sizeof(float));
+  float *z = malloc((size_t)(K * D) * sizeof(float)), *sl = malloc((size_t)(K * V) * sizeof(float));
+  int32_t *toks = malloc((size_t)(T + K) * sizeof(int32_t)), d[K];
+  int64_t nd = 0;
+  assert_int_equal(epic_checkpoint_open(epic_test_path(dir, sizeof dir, f->model), &ck), EPIC_OK);
+  assert_int_equal(epic_model_kvcache_create(f->m, 0, 4, 64, &kc), EPIC_OK);
+  assert_int_equal(epic_model_kvcache_create(f->m, 1, 4, 64, &km), EPIC_OK);
+  assert_int_equal(epic_model_kvcache_create(f->m, 1, 4, 64, &km2), EPIC_OK);
+  memcpy(toks, c->prompt, (size_t)T * sizeof *toks);
+  epic_seq_batch b = {.tokens = toks, .n_tokens = T, .kv = &seq, .all_logits = 1};
+  assert_int_equal(epic_model_forward(f->m, kc, &b, 1, logits, hidden), EPIC_OK);
+  toks[T] = epic_argmax(logits + (T - 1) * V, V); /* `last` */
+
+  /* The spec: prompt pairs at observe (MTP call on T - 1 pairs), then a round's
+   * MTP calls with the last pair and K drafts. */
+  epic_spec_params spp = {.size = sizeof spp, .n_draft = K,
+                          .sampling = {.size = sizeof(epic_sampling_params), .top_p = 1}};
+  assert_int_equal(epic_spec_create(f->m, kc, km, &spp, &sp), EPIC_OK);
+  assert_int_equal(epic_spec_observe(sp, hidden, T, toks + 1, T - 1), EPIC_OK);
+  assert_int_equal(epic_spec_feed_next(sp, toks[T]), EPIC_OK);
+  assert_int_equal(epic_spec_set_drafts(sp, K), EPIC_OK);
+  for (int64_t call = 0; call < K; call++) {
+    epic_seq_batch mb;
+    assert_int_equal(epic_spec_mtp_input(sp, call, &mb), 1);
+    assert_true((mb.mtp_out != NULL) == (call + 1 < K)); /* the last call's output is not needed */
+    assert_int_equal(epic_model_mtp_forward(f->m, km, &mb, 1, sl + call * V), EPIC_OK);
+    epic_spec_mtp_output(sp, call, sl + call * V);
+  }
+  const int32_t *sd = epic_spec_drafts(sp, &nd);
+  assert_int_equal(nd, K);
+
+  /* By hand, same chunks on a fresh MTP cache. */
+  epic_seq_batch m0 = {.tokens = toks + 1, .n_tokens = T - 1, .kv = &sm, .hidden = hidden};
+  assert_int_equal(epic_model_mtp_forward(f->m, km2, &m0, 1, ml), EPIC_OK);
+  for (int j = 0; j < K; j++) {
+    /* j = 0: (h_{T-1}, last) at position T - 1; j > 0: (z_j, d_j) at T - 1 + j. */
+    epic_seq_batch mj = {.tokens = j ? &d[j - 1] : &toks[T], .n_tokens = 1, .start = sm.n_tokens,
+                         .kv = &sm, .hidden = j ? z + (j - 1) * D : hidden + (T - 1) * D,
+                         .mtp_out = z + j * D};
+    assert_int_equal(epic_model_mtp_forward(f->m, km2, &mj, 1, ml), EPIC_OK);
+    d[j] = epic_argmax(ml, V);
+    assert_memory_equal(sl + j * V, ml, (size_t)V * sizeof(float)); /* the spec's call j */
+    /* mtp_out is the block output before shared_head.norm: norm + head give the logits. */
+    head_of(f, ck, z + j * D, hl);
+    assert_memory_equal(hl, ml, (size_t)V * sizeof(float));
+    if (j == 1) {
+      /* Pairing d_1 with the main model's state instead (the pre-recursion rule)
+       * gives other logits: the recursion is what the drafts see. */
+      epic_kv_seq alt = {0};
+      float *al = malloc((size_t)V * sizeof(float));
+      epic_kvcache *ka;
+      double dmax = 0;
+      assert_int_equal(epic_model_kvcache_create(f->m, 1, 4, 64, &ka), EPIC_OK);
+      epic_seq_batch a0 = {.tokens = toks + 1, .n_tokens = T, .kv = &alt, .hidden = hidden};
+      assert_int_equal(epic_model_mtp_forward(f->m, ka, &a0, 1, al), EPIC_OK);
+      epic_seq_batch a1 = {.tokens = &d[0], .n_tokens = 1, .start = T, .kv = &alt,
+                           .hidden = hidden + (T - 1) * D};
+      assert_int_equal(epic_model_mtp_forward(f->m, ka, &a1, 1, al), EPIC_OK);
+      for (int64_t v = 0; v < V; v++) dmax = fmax(dmax, fabs((double)al[v] - ml[v]));
+      assert_true(dmax > 1e-3);
+      epic_kvcache_seq_release(ka, &alt);
+      epic_kvcache_destroy(ka);
+      free(al);
+    }
+  }
+  assert_memory_equal(sd, d, sizeof d);
+  print_message("%s: drafts %d %d %d = the MTP recursion\n", f->model, (int)d[0], (int)d[1], (int)d[2]);
+  epic_spec_destroy(sp);
+  epic_kvcache_seq_release(kc, &seq);
+  epic_kvcache_seq_release(km2, &sm);
+  epic_kvcache_destroy(kc);
+  epic_kvcache_destroy(km);
+  epic_kvcache_destroy(km2);
+  epic_checkpoint_close(ck);
+  free(logits);
+  free(hidden);
+  free(ml);
+  free(hl);
+  free(z);
+  free(sl);
+  free(toks);
+}
+
 /* ------------------------------------------------------------- sampling */
 
 /* (t1, t2) with speculation (k = 1 and 2) over many seeds against the model's
@@ -433,6 +555,7 @@ int main(int argc, char **argv) {
   const struct CMUnitTest model_tests[] = {
       cmocka_unit_test(test_greedy_identical),
       cmocka_unit_test(test_rollback),
+      cmocka_unit_test(test_draft_recursion),
       cmocka_unit_test(test_sampling_distribution),
   };
   int rc = cmocka_run_group_tests_name("spec units", units, NULL, NULL);

@@ -1,0 +1,602 @@
+// Flash-decoding MLA (absorbed form) over a paged BF16 latent cache, on BF16 tensor cores.
+//
+// The fast-mode counterpart of kern_mla.cu for the DeepSeek-V3 row (576 = 512 latent + 64
+// rope bf16 elements). One CTA = one query token x 64 heads x one split of the context,
+// 8 warps (two warpgroups), one CTA per SM for the shared memory:
+//   Q   [64 heads][576] bf16, staged once: queries rounded to bf16 unscaled, the softmax
+//       scale * log2(e) multiplies the fp32 scores in the exponent                   72 KB
+//   KV  2 x [64 keys][576] bf16 tiles, cp.async double buffer (zero-filled past the
+//       split, so masked keys meet V rows of zeros, never garbage)                 144 KB
+//   P   [64 heads][64 keys] bf16 probabilities                                         8 KB
+// Per 64-key tile:
+//   S = Q . K^T (64 x 64, K = 576) on warpgroup 0: 36 wgmma m64n64k16 reading Q and the
+//       tile straight from shared memory (each byte once per tile), or, in the mma.sync
+//       variant, ldmatrix + mma.m16n8k16 with 16 heads per warp;
+//   online softmax in base 2 on warpgroup 0's fp32 accumulators: a head row lives in the
+//       four lanes of one warp, so the row max and sum need two shuffles and no shared
+//       memory; P is rounded to bf16 for P . V (as FlashMLA does) while the running sum l
+//       adds the fp32 values;
+//   O += P . V (V = the tile's first 512 columns) on both warpgroups: each 64 heads x 256
+//       columns as 4 wgmma m64n256k16 with V read N-major (transposed) from the same tile,
+//       or (variant) ldmatrix.trans + mma.m16n8k16 with 64 columns per warp.
+//   Accumulators are fp32 throughout; reductions run in a fixed order (no atomics).
+// Shared layout: a panel (Q, a KV tile or P) is split in 64-column blocks, each 64 rows of
+// 128 bytes with the 16-byte chunks XOR-swizzled by row % 8. That is wgmma's 128-byte
+// swizzle atom (8 rows x 128 B at a 1024-byte boundary), and it keeps the ldmatrix reads
+// and the cp.async writes (8 threads per row) free of bank conflicts.
+// Splits write partials in kern_mla.cu's format and are merged by its combine kernel.
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "ops_cuda_impl.h"
+
+namespace {
+
+// wgmma exists in the sm_90a code only; the plain sm_90 code (built beside it) runs the
+// mma.sync paths for every variant.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr bool kHaveWgmma = true;
+#else
+constexpr bool kHaveWgmma = false;
+#endif
+
+constexpr int kHG = 64;            // heads per CTA
+constexpr int kTK = 64;            // keys per tile
+constexpr int kW = 576;            // row width (elements)
+constexpr int kL = 512;            // latent part
+constexpr int kRope = kW - kL;
+constexpr int kThreads = 256;
+constexpr int kBlk = kTK * 128;    // one 64-column block of a 64-row panel (bytes)
+constexpr int kPanel = kW / 64 * kBlk;
+constexpr int kOffKV = kPanel;     // Q at 0, then two KV tiles, then P
+constexpr int kOffP = kOffKV + 2 * kPanel;
+constexpr int kOffCorr = kOffP + kBlk;
+constexpr int kOffML = kOffCorr + kHG * 4;
+constexpr int kSmemBytes = kOffML + 2 * kHG * 4 + 1024; // + slack for the 1024-byte alignment
+static_assert(kHG == kTK && kW % 64 == 0, "Q, KV tiles and P share the panel geometry");
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+// Shared memory written by this thread's ordinary stores / cp.async becomes visible to the
+// tensor cores' (async proxy) reads after this fence and a barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void st_shared_u32(uint32_t a, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_v4(uint32_t a, uint32_t x, uint32_t y, uint32_t z,
+                                             uint32_t w) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(x), "r"(y), "r"(z),
+               "r"(w)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm4(uint32_t a, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t a, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// Two floats as a bf16x2 word, rounded to nearest even; lo at the lower address.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return (uint32_t)__bfloat16_as_ushort(v.x) | (uint32_t)__bfloat16_as_ushort(v.y) << 16;
+}
+
+// d += A . B for one m16n8k16 bf16 tile (fp32 accumulators).
+__device__ __forceinline__ void mma_bf16(float &d0, float &d1, float &d2, float &d3,
+                                         const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle: start address, leading and
+// stride byte offsets, each >> 4 (K-major operands ignore the leading offset).
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | (uint64_t)((lbo & 0x3FFFFu) >> 4) << 16 |
+         (uint64_t)((sbo & 0x3FFFFu) >> 4) << 32 | (uint64_t)1 << 62;
+}
+__device__ __forceinline__ void wg_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_wait_all() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// Keeps the compiler from touching accumulators across the asynchronous wgmma window.
+template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i++)
+    asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d[32] (+)= A . B, one 64 x 64 x 16 step, A and B K-major in shared memory; scale_d == 0
+// overwrites d.
+__device__ __forceinline__ void wgmma_s(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(scale_d));
+#else
+  __trap();
+#endif
+}
+// d[128] (+)= A . B, one 64 x 256 x 16 step, A K-major, B N-major (imm-trans-b = 1).
+__device__ __forceinline__ void wgmma_o(float (&d)[128], uint64_t da, uint64_t db, int scale_d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+        "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]),
+        "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),
+        "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]),
+        "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]),
+        "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]),
+        "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]),
+        "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),
+        "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "r"(scale_d));
+#else
+  __trap();
+#endif
+}
+// kWgS: scores on wgmma (else mma.sync); kWgO: P . V on wgmma (else mma.sync). The
+// accumulator acc[128] holds, per thread, with g = lane / 4, t = lane % 4:
+//   kWgO:  rows 16 * (warp % 4) + g (+8), columns 256 * (warp / 4) + 8 j + 2 t (+1):
+//          acc[4 j + 2 half + e];
+//   !kWgO: rows 16 mt + g (+8), columns 64 * warp + 8 nt + 2 t (+1):
+//          acc[32 mt + 4 nt + 2 half + e].
+template <bool kWgS0, bool kWgO0>
+__global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p) {
+  constexpr bool kWgS = kWgS0 && kHaveWgmma, kWgO = kWgO0 && kHaveWgmma;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t s0 = (raw + 1023u) & ~1023u; // swizzle atoms start at 1024-byte boundaries
+  unsigned char *sgen = smem_raw + (s0 - raw);
+  const uint32_t sQ = s0, sKV = s0 + kOffKV, sP = s0 + kOffP;
+  float *corr_s = reinterpret_cast<float *>(sgen + kOffCorr); // this tile's rescale per head
+  float *ml_s = reinterpret_cast<float *>(sgen + kOffML);     // final max [64], sum [64]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t b = blockIdx.z, n_heads = p.n_heads;
+  const int hg0 = blockIdx.y * kHG, split = blockIdx.x, n_split = p.n_split;
+  const int n_keys = p.n_ctx ? p.n_ctx[b] : (int)(p.start + b + 1);
+  const int32_t *table = p.tables + b * p.table_stride;
+  int chunk = (n_keys + n_split - 1) / n_split;
+  chunk = (chunk + kTK - 1) / kTK * kTK;
+  const int kbeg = split * chunk;
+  const int kend = kbeg + chunk < n_keys ? kbeg + chunk : n_keys;
+  const int n_tiles = kend > kbeg ? (kend - kbeg + kTK - 1) / kTK : 0;
+  const uint16_t *pool = static_cast<const uint16_t *>(p.pool);
+  const int page_size = (int)p.page_size, page_shift = p.page_shift;
+
+  // Loader geometry (KV tiles and Q): 8 threads per row, thread cg taking 16-byte chunk cg
+  // of each of the 9 column blocks, rows lr and lr + 32. Each row's 8 threads read 128
+  // contiguous bytes per instruction; the swizzled destination is the same for both rows.
+  const int lr = tid >> 3, cg = tid & 7;
+  const uint32_t ld_off = (uint32_t)(lr * 128 + ((cg ^ (lr & 7)) << 4));
+
+  auto load_tile = [&](int tile, int buf) {
+    const uint32_t dst = sKV + buf * kPanel + ld_off;
+    const int k0 = kbeg + tile * kTK;
+#pragma unroll
+    for (int pass = 0; pass < 2; pass++) {
+      const int key = k0 + lr + 32 * pass;
+      const uint16_t *src = pool;
+      int step = 0, bytes = 0; // rows past the split: zero-filled, source not read
+      if (key < kend) {
+        int page, row;
+        if (page_shift >= 0) {
+          page = table[key >> page_shift];
+          row = key & (page_size - 1);
+        } else {
+          const int pi = key / page_size;
+          page = table[pi];
+          row = key - pi * page_size;
+        }
+        src = pool + ((int64_t)page * page_size + row) * kW + cg * 8;
+        step = 64;
+        bytes = 16;
+      }
+#pragma unroll
+      for (int j = 0; j < kW / 64; j++)
+        cp_async16(dst + pass * 32 * 128 + j * kBlk, src + j * step, bytes);
+    }
+    cp_async_commit();
+  };
+
+  if (n_tiles > 0)
+    load_tile(0, 0);
+  // The kernel scales raw scores by qscale > 0; a negative softmax scale flips the sign of
+  // the staged queries instead (exact), a zero one becomes a tiny positive one (uniform
+  // probabilities either way, and -inf * 0 never makes a NaN).
+  const float qsign = p.qscale < 0.0f ? -1.0f : 1.0f;
+  const float qscale = fmaxf(fabsf(p.qscale), 1e-30f);
+  { // Stage the 64 query rows as bf16 (rows past n_heads are zero).
+    const bool qa_vec = ((uintptr_t)p.q_abs & 15u) == 0, qp_vec = ((uintptr_t)p.q_pe & 15u) == 0;
+#pragma unroll
+    for (int pass = 0; pass < 2; pass++) {
+      const int r = lr + 32 * pass;
+      const int64_t h = hg0 + r;
+      const bool valid = h < n_heads;
+      const float *qa = p.q_abs + (b * n_heads + (valid ? h : 0)) * kL + cg * 8;
+      const float *qp = p.q_pe + (b * n_heads + (valid ? h : 0)) * kRope + cg * 8;
+#pragma unroll
+      for (int j = 0; j < kW / 64; j++) {
+        const float *src = j < kL / 64 ? qa + j * 64 : qp;
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+          v[e] = 0.0f;
+        if (valid) {
+          if (j < kL / 64 ? qa_vec : qp_vec) {
+            const float4 x = *reinterpret_cast<const float4 *>(src);
+            const float4 y = *reinterpret_cast<const float4 *>(src + 4);
+            v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+            v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+              v[e] = src[e];
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+          v[e] *= qsign;
+        st_shared_v4(sQ + pass * 32 * 128 + ld_off + j * kBlk, pack_bf16(v[0], v[1]),
+                     pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+      }
+    }
+  }
+
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; i++)
+    acc[i] = 0.0f;
+  // Warpgroup 0: running max (log2 domain) and this thread's part of the running sum of
+  // rows r0 = 16 * warp + g and r0 + 8 (its key columns 8 j + 2 t, +1 only).
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  const int x7 = lane & 7; // row % 8 of every ldmatrix row address below
+
+  for (int tile = 0; tile < n_tiles; tile++) {
+    const int buf = tile & 1;
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads(); // tile (and Q) landed; the last tile's P . V no longer reads buf ^ 1 or P
+    if (tile + 1 < n_tiles)
+      load_tile(tile + 1, buf ^ 1);
+    const uint32_t kv = sKV + buf * kPanel;
+
+    if (warp < 4) {
+      float s[32];
+#pragma unroll
+      for (int i = 0; i < 32; i++)
+        s[i] = 0.0f;
+      if constexpr (kWgS) {
+        const uint64_t dq = sw128_desc(sQ, 16, 1024), dk = sw128_desc(kv, 16, 1024);
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < kW / 16; ks++) {
+          // k-step ks: column block ks / 4, 32 bytes further per step inside the block
+          const uint64_t off = (uint64_t)(((ks >> 2) * kBlk + (ks & 3) * 32) >> 4);
+          wgmma_s(s, dq + off, dk + off, ks);
+        }
+        wg_commit();
+        wg_wait_all();
+        reg_fence(s);
+      } else { // warp w: heads 16 w..16 w + 15, all 64 keys
+        const uint32_t a_row = sQ + (16 * warp + (lane & 15)) * 128;
+        const uint32_t b_row = kv + ((lane & 7) + ((lane >> 4) << 3)) * 128;
+        uint32_t a_sw[4], b_sw[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          a_sw[j] = (uint32_t)(((2 * j + (lane >> 4)) ^ x7) << 4);
+          b_sw[j] = (uint32_t)(((2 * j + ((lane >> 3) & 1)) ^ x7) << 4);
+        }
+#pragma unroll
+        for (int ks = 0; ks < kW / 16; ks++) {
+          const uint32_t blk = (uint32_t)((ks >> 2) * kBlk);
+          uint32_t a[4];
+          ldsm4(a_row + blk + a_sw[ks & 3], a);
+#pragma unroll
+          for (int np = 0; np < 4; np++) {
+            uint32_t bb[4];
+            ldsm4(b_row + np * 16 * 128 + blk + b_sw[ks & 3], bb);
+            mma_bf16(s[8 * np], s[8 * np + 1], s[8 * np + 2], s[8 * np + 3], a, bb[0], bb[1]);
+            mma_bf16(s[8 * np + 4], s[8 * np + 5], s[8 * np + 6], s[8 * np + 7], a, bb[2], bb[3]);
+          }
+        }
+      }
+
+      // Online softmax; s[4 j + e] is row r0 (+8 for e >= 2), key 8 j + 2 t + (e & 1).
+      // Raw scores: the scale (> 0, see qscale) is applied to the row max and fused into
+      // the exponent's FFMA; keys past the split (last tile only) get -inf, so p = 0.
+      const int k0 = kbeg + tile * kTK, r0 = 16 * warp + g;
+      if (k0 + kTK > kend) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+          const int key = k0 + 8 * j + 2 * t;
+          if (key >= kend)
+            s[4 * j] = s[4 * j + 2] = -INFINITY;
+          if (key + 1 >= kend)
+            s[4 * j + 1] = s[4 * j + 3] = -INFINITY;
+        }
+      }
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+        mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+      }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      // Finite: every tile holds at least one key of the split.
+      const float mn0 = fmaxf(m_run[0], mx0 * qscale), mn1 = fmaxf(m_run[1], mx1 * qscale);
+      const float c0 = exp2f(m_run[0] - mn0), c1 = exp2f(m_run[1] - mn1);
+      m_run[0] = mn0;
+      m_run[1] = mn1;
+      float sum0 = 0.0f, sum1 = 0.0f;
+      const uint32_t prow = sP + r0 * 128 + 4 * t; // row r0 + 8: same swizzle (r % 8 = g)
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        const float p0 = exp2f(fmaf(s[4 * j], qscale, -mn0));
+        const float p1 = exp2f(fmaf(s[4 * j + 1], qscale, -mn0));
+        const float p2 = exp2f(fmaf(s[4 * j + 2], qscale, -mn1));
+        const float p3 = exp2f(fmaf(s[4 * j + 3], qscale, -mn1));
+        sum0 += p0 + p1;
+        sum1 += p2 + p3;
+        const uint32_t a = prow + ((j ^ g) << 4);
+        st_shared_u32(a, pack_bf16(p0, p1));
+        st_shared_u32(a + 8 * 128, pack_bf16(p2, p3));
+      }
+      l_run[0] = l_run[0] * c0 + sum0;
+      l_run[1] = l_run[1] * c1 + sum1;
+      if (t == 0) {
+        corr_s[r0] = c0;
+        corr_s[r0 + 8] = c1;
+      }
+      if constexpr (kWgO)
+        fence_proxy_async(); // P is read by wgmma next
+    }
+    __syncthreads(); // P and the rescale factors are ready
+
+    if constexpr (kWgO) {
+      const int r0 = 16 * (warp & 3) + g;
+      const float c0 = corr_s[r0], c1 = corr_s[r0 + 8];
+      // Once the running max settles the factors are exactly 1: skip the multiplies.
+      if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f)) {
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+          acc[4 * j] *= c0;
+          acc[4 * j + 1] *= c0;
+          acc[4 * j + 2] *= c1;
+          acc[4 * j + 3] *= c1;
+        }
+      }
+      // A = P (K-major, one block); B = V columns 256 * wg.. as N-major: 64-column blocks
+      // kBlk apart (leading offset), 8-key groups 1024 bytes apart (stride offset).
+      const uint64_t dp = sw128_desc(sP, 16, 1024);
+      const uint64_t dv = sw128_desc(kv + (warp >> 2) * 4 * kBlk, kBlk, 1024);
+      wg_fence();
+#pragma unroll
+      for (int ks = 0; ks < kTK / 16; ks++)
+        wgmma_o(acc, dp + (uint64_t)((ks * 32) >> 4), dv + (uint64_t)((ks * 16 * 128) >> 4), 1);
+      wg_commit();
+      wg_wait_all();
+      reg_fence(acc);
+    } else {
+      float c[8];
+#pragma unroll
+      for (int mt = 0; mt < 4; mt++) {
+        c[2 * mt] = corr_s[16 * mt + g];
+        c[2 * mt + 1] = corr_s[16 * mt + g + 8];
+      }
+      bool rescale = false;
+#pragma unroll
+      for (int i = 0; i < 8; i++)
+        rescale |= c[i] != 1.0f;
+      if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+          for (int nt = 0; nt < 8; nt++) {
+            acc[32 * mt + 4 * nt] *= c[2 * mt];
+            acc[32 * mt + 4 * nt + 1] *= c[2 * mt];
+            acc[32 * mt + 4 * nt + 2] *= c[2 * mt + 1];
+            acc[32 * mt + 4 * nt + 3] *= c[2 * mt + 1];
+          }
+      }
+      // A: P rows 16 mt + (lane & 15), keys 16 ks + 8 (lane >> 4). B: V keys
+      // 16 ks + (lane & 7) + 8 ((lane >> 3) & 1) of column block `warp`, column chunk
+      // 2 np + (lane >> 4), transposed by ldmatrix.
+      const uint32_t pa = sP + (lane & 15) * 128;
+      const uint32_t vb = kv + warp * kBlk + ((lane & 7) + ((lane >> 3) & 1) * 8) * 128;
+#pragma unroll
+      for (int ks = 0; ks < kTK / 16; ks++) {
+        uint32_t a[4][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+          ldsm4(pa + mt * 16 * 128 + (((2 * ks + (lane >> 4)) ^ x7) << 4), a[mt]);
+#pragma unroll
+        for (int np = 0; np < 4; np++) {
+          uint32_t bb[4];
+          ldsm4t(vb + ks * 16 * 128 + (((2 * np + (lane >> 4)) ^ x7) << 4), bb);
+#pragma unroll
+          for (int mt = 0; mt < 4; mt++) {
+            float *d0 = acc + 32 * mt + 8 * np;
+            mma_bf16(d0[0], d0[1], d0[2], d0[3], a[mt], bb[0], bb[1]);
+            mma_bf16(d0[4], d0[5], d0[6], d0[7], a[mt], bb[2], bb[3]);
+          }
+        }
+      }
+    }
+  }
+
+  // Row max and sum of warpgroup 0 to shared memory (the sum over the four lanes of a row
+  // in a fixed order), then the final ctx (one split) or this split's unnormalised
+  // partial with its max and sum.
+  if (warp < 4) {
+    float l0 = l_run[0], l1 = l_run[1];
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    if (t == 0) {
+      const int r0 = 16 * warp + g;
+      ml_s[r0] = m_run[0];
+      ml_s[r0 + 8] = m_run[1];
+      ml_s[kHG + r0] = l0;
+      ml_s[kHG + r0 + 8] = l1;
+    }
+  }
+  __syncthreads();
+  auto out_row = [&](int row) -> float * {
+    const int64_t h = hg0 + row;
+    return n_split == 1 ? p.ctx + (b * n_heads + h) * kL
+                        : p.part_acc + ((b * n_split + split) * n_heads + h) * kL;
+  };
+  auto store2 = [](float *o, float v0, float v1) {
+    if (((uintptr_t)o & 7u) == 0) {
+      *reinterpret_cast<float2 *>(o) = make_float2(v0, v1);
+    } else { // a caller's ctx slice need not be 8-byte aligned
+      o[0] = v0;
+      o[1] = v1;
+    }
+  };
+#pragma unroll
+  for (int half = 0; half < 2; half++) {
+    if constexpr (kWgO) {
+      const int row = 16 * (warp & 3) + g + 8 * half;
+      if (hg0 + row < n_heads) {
+        const float inv = n_split == 1 ? 1.0f / ml_s[kHG + row] : 1.0f;
+        float *o = out_row(row) + 256 * (warp >> 2) + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 32; j++)
+          store2(o + 8 * j, acc[4 * j + 2 * half] * inv, acc[4 * j + 2 * half + 1] * inv);
+      }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < 4; mt++) {
+        const int row = 16 * mt + g + 8 * half;
+        if (hg0 + row < n_heads) {
+          const float inv = n_split == 1 ? 1.0f / ml_s[kHG + row] : 1.0f;
+          float *o = out_row(row) + 64 * warp + 2 * t;
+#pragma unroll
+          for (int nt = 0; nt < 8; nt++)
+            store2(o + 8 * nt, acc[32 * mt + 4 * nt + 2 * half] * inv,
+                   acc[32 * mt + 4 * nt + 2 * half + 1] * inv);
+        }
+      }
+    }
+  }
+  if (n_split > 1 && tid < kHG && hg0 + tid < n_heads) {
+    float *ml = p.part_ml + ((b * n_split + split) * n_heads + hg0 + tid) * 2;
+    ml[0] = ml_s[tid];
+    ml[1] = ml_s[kHG + tid];
+  }
+}
+
+template <bool kWgS, bool kWgO> cudaError_t set_smem() {
+  return cudaFuncSetAttribute(k_mla_bf16<kWgS, kWgO>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              kSmemBytes);
+}
+
+} // namespace
+
+extern "C" {
+
+int epic_cuk_mla_bf16_ok(int64_t width, int64_t lora, const void *pool) {
+  return width == kW && lora == kL && ((uintptr_t)pool & 15u) == 0;
+}
+
+cudaError_t epic_cuk_mla_bf16_prepare(int max_smem_optin) {
+  if (max_smem_optin < kSmemBytes)
+    return cudaErrorInvalidConfiguration;
+  cudaError_t e = set_smem<true, true>();
+  if (e == cudaSuccess)
+    e = set_smem<true, false>();
+  if (e == cudaSuccess)
+    e = set_smem<false, true>();
+  if (e == cudaSuccess)
+    e = set_smem<false, false>();
+  return e;
+}
+
+cudaError_t epic_cuk_mla_bf16_decode(const epic_cuk_mla_params *p, int variant, cudaStream_t st) {
+  const dim3 grid((unsigned)p->n_split, (unsigned)((p->n_heads + kHG - 1) / kHG), (unsigned)p->n_q);
+  switch (variant & 3) {
+  case 3: k_mla_bf16<true, true><<<grid, kThreads, kSmemBytes, st>>>(*p); break;
+  case 2: k_mla_bf16<false, true><<<grid, kThreads, kSmemBytes, st>>>(*p); break;
+  case 1: k_mla_bf16<true, false><<<grid, kThreads, kSmemBytes, st>>>(*p); break;
+  default: k_mla_bf16<false, false><<<grid, kThreads, kSmemBytes, st>>>(*p); break;
+  }
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || p->n_split == 1)
+    return e;
+  return epic_cuk_mla_combine(p, st);
+}
+
+} // extern "C"
