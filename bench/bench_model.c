@@ -248,9 +248,10 @@ int main(int argc, char **argv) {
   qsort(step, (size_t)N, sizeof *step, cmp_d);
   const double bw = ops->vt->host_visible ? memcpy_gbs() : ops_copy_gbs(ops);
   const double wbytes = active_weight_bytes(cfg, (double)B);
-  /* The latent cache rows every decode step reads once (fp32 rows). */
+  /* The latent cache rows every decode step reads once, at the backend's element size. */
   const double kv_bytes = (double)B * (double)(P + N / 2) * (double)(cfg->kv_lora_rank + cfg->qk_rope_head_dim) *
-                          4.0 * (double)cfg->num_hidden_layers;
+                          (double)epic_kv_dtype_size(ops->vt->kv_dtype(ops)) *
+                          (double)cfg->num_hidden_layers;
   const double med = pct(step, (int)N, 0.5);
   printf("{\"bench\":\"model\",\"model\":\"%s\",\"device\":\"%s\",\"load_format\":\"%s\","
          "\"layers\":%lld,"
