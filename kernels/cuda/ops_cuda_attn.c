@@ -2,9 +2,9 @@
  * Decode (a few query tokens, or one per sequence in a batch) runs a flash-decoding
  * kernel over the paged cache: kern_mla_bf16.cu for bf16 rows of the DeepSeek-V3 shape,
  * kern_mla.cu (TF32 / 3xTF32) for fp32 rows. Everything else (prefill, mla_naive,
- * shapes the kernel does not take) runs as cuBLAS fp32 strided-batched GEMMs over the
- * heads with an fp32 causal softmax between them, in query chunks that bound the
- * score buffer. Column-major bookkeeping as in ops_cuda_matmul.c: a row-major [r][c]
+ * shapes the kernel does not take) runs as cuBLAS strided-batched GEMMs over the heads
+ * (TF32 tensor cores in fast precision, fp32 in exact) with an fp32 causal softmax
+ * between them, in query chunks that bound the score buffer. Column-major bookkeeping as in ops_cuda_matmul.c: a row-major [r][c]
  * array with row stride ld is the column-major c x r matrix with leading dimension ld. */
 #include <limits.h>
 #include <stdlib.h>
@@ -15,15 +15,30 @@
 enum { EPIC_CUDA_DECODE_MAX_Q = 8, EPIC_CUDA_SPLIT_MIN_KEYS = 128, EPIC_CUDA_GRID_Z = 65535 };
 #define EPIC_CUDA_SCORE_BYTES ((size_t)256 << 20)
 
+/* Strided-batched GEMM over the heads on fp32 arrays, in full fp32, or with tf32 set on
+ * the TF32 tensor cores (fp32 accumulation). */
+static epic_status gemm_sb(epic_cuda_ops *c, int tf32, cublasOperation_t ta, int64_t m, int64_t n,
+                           int64_t k, float alpha, const float *a, int64_t lda, int64_t sa,
+                           const float *b, int64_t ldb, int64_t sb, float beta, float *y,
+                           int64_t ldc, int64_t sc, int64_t batch) {
+  const cublasComputeType_t ct = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  EPIC_CHECK_CUBLAS(cublasGemmStridedBatchedEx(c->blas, ta, CUBLAS_OP_N, (int)m, (int)n, (int)k,
+                                               &alpha, a, CUDA_R_32F, (int)lda, sa, b, CUDA_R_32F,
+                                               (int)ldb, sb, &beta, y, CUDA_R_32F, (int)ldc, sc,
+                                               (int)batch, ct, CUBLAS_GEMM_DEFAULT),
+                    "strided batched GEMM (fp32 arrays)");
+  return EPIC_OK;
+}
+
+/* The attention GEMMs (scores and probabilities x values): TF32 in the fast precision,
+ * the same precision class as the TF32 / BF16 decode kernels and several times the
+ * fp32 SIMT rate that bounded prefill attention; EPIC_CUDA_PRECISION=exact keeps fp32. */
 static epic_status sgemm_sb(epic_cuda_ops *c, cublasOperation_t ta, int64_t m, int64_t n, int64_t k,
                             float alpha, const float *a, int64_t lda, int64_t sa, const float *b,
                             int64_t ldb, int64_t sb, float beta, float *y, int64_t ldc, int64_t sc,
                             int64_t batch) {
-  EPIC_CHECK_CUBLAS(cublasSgemmStridedBatched(c->blas, ta, CUBLAS_OP_N, (int)m, (int)n, (int)k,
-                                              &alpha, a, (int)lda, sa, b, (int)ldb, sb, &beta, y,
-                                              (int)ldc, sc, (int)batch),
-                    "strided batched fp32 GEMM");
-  return EPIC_OK;
+  return gemm_sb(c, c->mla_prec != EPIC_CUDA_MLA_EXACT, ta, m, n, k, alpha, a, lda, sa, b, ldb, sb,
+                 beta, y, ldc, sc, batch);
 }
 
 /* Query rows per chunk so that n_heads * rows * n_keys scores fit the score budget. */
@@ -299,6 +314,7 @@ epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, i
     return EPIC_ERR_UNSUPPORTED;
   /* y_h^T (n x m) = op(A_h) (n x k) . x_h^T (k x m); A_h row-major [k][n] is the
    * column-major n x k matrix (op N), row-major [n][k] the column-major k x n (op T). */
-  return sgemm_sb(epic_cuda_of(o), trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, 1.0f, a,
-                  trans ? k : n, ld_a_head, x, ldx, ld_x_head, 0.0f, y, ldy, ld_y_head, n_heads);
+  /* Full fp32: decode-sized (a few rows per head), where TF32 would buy little. */
+  return gemm_sb(epic_cuda_of(o), 0, trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, 1.0f, a,
+                 trans ? k : n, ld_a_head, x, ldx, ld_x_head, 0.0f, y, ldy, ld_y_head, n_heads);
 }
