@@ -29,6 +29,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kern_async.cuh"
 #include "ops_cuda_impl.h"
 
 namespace {
@@ -109,15 +110,7 @@ __device__ __forceinline__ void mma3(float (&d)[4], const uint32_t (&ah)[4],
 }
 
 __device__ __forceinline__ void cp_async16(float *dst, const float *src, int bytes) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  epic_cp_async16(epic_smem_u32(dst), src, bytes);
 }
 
 // Score-tile fragment element c of tile (mt, nt) of a warp whose heads start at h0.
@@ -204,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode(epic_cuk_mla_params 
         }
       }
     }
-    cp_async_commit();
+    epic_cp_async_commit();
   };
 
   if (n_tiles > 0)
@@ -281,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_decode(epic_cuk_mla_params 
 
   for (int tile = 0; tile < n_tiles; tile++) {
     const int buf = tile & 1;
-    cp_async_wait_all();
+    epic_cp_async_wait_all();
     __syncthreads(); // tile landed; the previous P . L no longer reads the other buffer
     if (tile + 1 < n_tiles)
       load_tile(tile + 1, buf ^ 1);

@@ -29,6 +29,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kern_async.cuh"
 #include "ops_cuda_impl.h"
 
 namespace {
@@ -56,20 +57,6 @@ constexpr int kOffML = kOffCorr + kHG * 4;
 constexpr int kSmemBytes = kOffML + 2 * kHG * 4 + 1024; // + slack for the 1024-byte alignment
 static_assert(kHG == kTK && kW % 64 == 0, "Q, KV tiles and P share the panel geometry");
 
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-  return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
 // Shared memory written by this thread's ordinary stores / cp.async becomes visible to the
 // tensor cores' (async proxy) reads after this fence and a barrier.
 __device__ __forceinline__ void fence_proxy_async() {
@@ -211,7 +198,7 @@ template <bool kWgS0, bool kWgO0>
 __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p) {
   constexpr bool kWgS = kWgS0 && kHaveWgmma, kWgO = kWgO0 && kHaveWgmma;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t raw = epic_smem_u32(smem_raw);
   const uint32_t s0 = (raw + 1023u) & ~1023u; // swizzle atoms start at 1024-byte boundaries
   unsigned char *sgen = smem_raw + (s0 - raw);
   const uint32_t sQ = s0, sKV = s0 + kOffKV, sP = s0 + kOffP;
@@ -261,9 +248,9 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
       }
 #pragma unroll
       for (int j = 0; j < kW / 64; j++)
-        cp_async16(dst + pass * 32 * 128 + j * kBlk, src + j * step, bytes);
+        epic_cp_async16(dst + pass * 32 * 128 + j * kBlk, src + j * step, bytes);
     }
-    cp_async_commit();
+    epic_cp_async_commit();
   };
 
   if (n_tiles > 0)
@@ -321,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
 
   for (int tile = 0; tile < n_tiles; tile++) {
     const int buf = tile & 1;
-    cp_async_wait_all();
+    epic_cp_async_wait_all();
     fence_proxy_async();
     __syncthreads(); // tile (and Q) landed; the last tile's P . V no longer reads buf ^ 1 or P
     if (tile + 1 < n_tiles)

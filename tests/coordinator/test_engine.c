@@ -92,16 +92,22 @@ static epic_sampling_params greedy(void) {
   return (epic_sampling_params){.size = sizeof(epic_sampling_params), .top_p = 1};
 }
 
+static int teardown(void **state);
+
+/* On failure the partly built fixture is released here (teardown then sees NULL). */
 static int setup(void **state, const char *model) {
   fixture *f = calloc(1, sizeof *f);
   char dir[1024];
   epic_model_params mp = {.size = sizeof mp};
   epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
+  *state = f;
+  if (!f)
+    return -1;
   mp.dir = epic_test_path(dir, sizeof dir, model);
-  if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK)
+  if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK || epic_model_load(f->ops, &mp, &f->m) != EPIC_OK) {
+    teardown(state);
     return -1;
-  if (epic_model_load(f->ops, &mp, &f->m) != EPIC_OK)
-    return -1;
+  }
   epic_test_case tc[8];
   const int n = epic_test_load_cases(model, tc, 8);
   for (int i = 0; i < n; i++) {
@@ -115,12 +121,16 @@ static int setup(void **state, const char *model) {
     const int fits =
         c->n_expect == 16 && epic_test_case_copy(&tc[i], c->prompt, MAX_PROMPT - 16, c->expect, 16);
     epic_test_free_cases(&tc[i], 1);
-    if (!fits)
+    if (!fits) {
+      epic_test_free_cases(&tc[i + 1], n - i - 1);
+      teardown(state);
       return -1;
+    }
   }
-  if (f->n_cases != 5)
+  if (f->n_cases != 5) {
+    teardown(state);
     return -1;
-  *state = f;
+  }
   return 0;
 }
 static int setup_bf16(void **state) {
@@ -129,6 +139,9 @@ static int setup_bf16(void **state) {
 
 static int teardown(void **state) {
   fixture *f = *state;
+  *state = NULL;
+  if (!f)
+    return 0;
   epic_model_destroy(f->m);
   epic_ops_destroy(f->ops);
   free(f);

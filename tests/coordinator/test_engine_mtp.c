@@ -60,14 +60,22 @@ static void on_finish(void *user, const epic_engine_result *res) {
   r->res = *res;
 }
 
+static int teardown(void **state);
+
+/* On failure the partly built fixture is released here (teardown then sees NULL). */
 static int setup(void **state) {
   fixture *f = calloc(1, sizeof *f);
   char dir[1024];
   epic_model_params mp = {.size = sizeof mp, .load_mtp = 1};
   epic_log_init(EPIC_LOG_LEVEL_WARN, -1);
-  mp.dir = epic_test_path(dir, sizeof dir, "tiny-bf16");
-  if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK || epic_model_load(f->ops, &mp, &f->m) != EPIC_OK)
+  *state = f;
+  if (!f)
     return -1;
+  mp.dir = epic_test_path(dir, sizeof dir, "tiny-bf16");
+  if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK || epic_model_load(f->ops, &mp, &f->m) != EPIC_OK) {
+    teardown(state);
+    return -1;
+  }
   epic_test_case tc[8];
   const int n = epic_test_load_cases("tiny-bf16", tc, 8);
   for (int i = 0; i < n; i++) {
@@ -77,15 +85,24 @@ static int setup(void **state) {
     c->n_expect = tc[i].n_gen;
     const int fits = epic_test_case_copy(&tc[i], c->prompt, MAX_PROMPT - 32, c->expect, MAX_OUT);
     epic_test_free_cases(&tc[i], 1);
-    if (!fits)
+    if (!fits) {
+      epic_test_free_cases(&tc[i + 1], n - i - 1);
+      teardown(state);
       return -1;
+    }
   }
-  *state = f;
-  return f->n_cases >= 3 ? 0 : -1;
+  if (f->n_cases < 3) {
+    teardown(state);
+    return -1;
+  }
+  return 0;
 }
 
 static int teardown(void **state) {
   fixture *f = *state;
+  *state = NULL;
+  if (!f)
+    return 0;
   epic_model_destroy(f->m);
   epic_ops_destroy(f->ops);
   free(f);
