@@ -250,7 +250,7 @@ int main(int argc, char **argv) {
   const double wbytes = active_weight_bytes(cfg, (double)B);
   /* The latent cache rows every decode step reads once, at the backend's element size. */
   const double kv_bytes = (double)B * (double)(P + N / 2) * (double)(cfg->kv_lora_rank + cfg->qk_rope_head_dim) *
-                          (double)epic_kv_dtype_size(ops->vt->kv_dtype(ops)) *
+                          (double)epic_kv_dtype_size(epic_ops_kv_dtype(ops)) *
                           (double)cfg->num_hidden_layers;
   const double med = pct(step, (int)N, 0.5);
   printf("{\"bench\":\"model\",\"model\":\"%s\",\"device\":\"%s\",\"load_format\":\"%s\","

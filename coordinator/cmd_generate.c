@@ -468,11 +468,12 @@ static int launcher_rank(void) {
 }
 
 /* KV pages per rank when --kv-pages is not given: room for every request at
- * once (so admission is bound by --max-batch only), at most 1 GiB. */
+ * once (so admission is bound by --max-batch only), at most 1 GiB of rows of
+ * kv_elem bytes per element (the backend's cache element type). */
 static int64_t default_kv_pages(const gen_opts *o, const epic_model_config *cfg, const req_line *reqs,
-                                int64_t n) {
+                                int64_t n, size_t kv_elem) {
   const int64_t per_page = cfg->num_hidden_layers * o->e.page_size *
-                           (cfg->kv_lora_rank + cfg->qk_rope_head_dim) * (int64_t)sizeof(float);
+                           (cfg->kv_lora_rank + cfg->qk_rope_head_dim) * (int64_t)kv_elem;
   int64_t sum = 0, one = 1, cap = ((int64_t)1 << 30) / (per_page > 0 ? per_page : 1);
   for (int64_t i = 0; i < n; i++) {
     int64_t p = (reqs[i].n_prompt + reqs[i].max_new + o->e.page_size - 1) / o->e.page_size;
@@ -550,7 +551,9 @@ static int run_requests(const gen_opts *o) {
     snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", o->e.model);
     if (setup.ok && access(tok_path, R_OK) == 0 && epic_tokenizer_load_dir(o->e.model, &tok) != EPIC_OK)
       setup.ok = 0;
-    setup.kv_pages = o->e.kv_pages ? o->e.kv_pages : default_kv_pages(o, mc, reqs, n_req);
+    const size_t kv_elem = epic_kv_dtype_size(epic_ops_kv_dtype(epic_cluster_ops(cl)));
+    setup.kv_pages = o->e.kv_pages ? o->e.kv_pages
+                                   : default_kv_pages(o, mc, reqs, n_req, kv_elem ? kv_elem : 4);
     setup.max_queue = n_req > 1024 ? n_req : 1024;
   }
   if (epic_cluster_comm(cl) &&

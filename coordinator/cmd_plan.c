@@ -245,8 +245,11 @@ static epic_plan_params plan_params(const plan_opts *o, const epic_model_config 
                         .n_redundant = with_stats ? (int)o->redundant : 0,
                         .load_stats_path = with_stats ? o->stats : NULL,
                         .max_batch_tokens = o->max_batch,
-                        .policy = with_stats ? o->policy : EPIC_EPLB_GLOBAL,
-                        .ranks_per_node = with_stats ? (int)o->ranks_per_node : 0,
+                        /* the policy places layers with statistics and bounds the
+                         * run-time copies of --eplb-redundant */
+                        .policy = with_stats || o->eplb_redundant ? o->policy : EPIC_EPLB_GLOBAL,
+                        .ranks_per_node =
+                            with_stats || o->eplb_redundant ? (int)o->ranks_per_node : 0,
                         .eplb_redundant = (int)o->eplb_redundant};
   return p;
 }

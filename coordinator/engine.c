@@ -740,6 +740,8 @@ static const char *check_params(const epic_engine_params *p) {
 /* Defaults, and kv_pages from kv_bytes (cache elements of kv_elem bytes: the backend's
  * kv_dtype). NULL or the bad field. */
 static const char *normalize(epic_engine_params *p, const epic_model_config *c, size_t kv_elem) {
+  if (!kv_elem)
+    return "kv_dtype (the backend names an unknown cache element type)";
   if (!p->page_size)
     p->page_size = DEFAULT_PAGE_SIZE;
   if (!p->max_batch)
@@ -832,8 +834,7 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
   /* From here on every rank reaches agree() (collective) whatever fails locally. */
   if (!bad) {
     e->cfg = epic_model_get_config(e->m);
-    epic_ops *o = epic_model_ops(e->m);
-    bad = normalize(&e->p, e->cfg, epic_kv_dtype_size(o->vt->kv_dtype(o)));
+    bad = normalize(&e->p, e->cfg, epic_kv_dtype_size(epic_ops_kv_dtype(epic_model_ops(e->m))));
   }
   if (bad) {
     EPIC_LOG_ERROR("engine: invalid parameter %s", bad);

@@ -696,7 +696,8 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
   pl->max_batch_tokens = p->max_batch_tokens > 0 ? p->max_batch_tokens : PLAN_DEFAULT_BATCH_TOKENS;
   pl->min_kv_tokens =
       pl->max_batch_tokens > PLAN_MIN_KV_TOKENS ? pl->max_batch_tokens : PLAN_MIN_KV_TOKENS;
-  pl->kv_per_token = (uint64_t)(c->kv_lora_rank + c->qk_rope_head_dim) * 2 * (uint64_t)pl->n_layers;
+  pl->kv_per_token = (uint64_t)(c->kv_lora_rank + c->qk_rope_head_dim) *
+                     (uint64_t)(p->kv_elem_bytes > 0 ? p->kv_elem_bytes : 2) * (uint64_t)pl->n_layers;
   EPIC_CHECK_GOTO(epic_weight_bytes_compute(c, pl->include_mtp, &pl->w), st, fail);
   pl->replicated = pl->w.total - pl->w.routed_experts;
   pl->reserve = reserve_bytes(c, pl->max_batch_tokens);

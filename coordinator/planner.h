@@ -54,7 +54,7 @@
  *   with T = max_batch_tokens: bf16 hidden-state buffers, the per-head q/k/v of the
  *   naive prefill form, the MoE dispatch + combine buffers, the widest FFN
  *   intermediate (gate, up, product) and fp32 logits for every token of a step.
- * KV cache: (kv_lora_rank + qk_rope_head_dim) * 2 B (BF16) per token per attention
+ * KV cache: (kv_lora_rank + qk_rope_head_dim) * kv_elem_bytes (default 2: BF16) per token per attention
  *   layer (num_hidden_layers, plus the MTP layers when planned); kv_tokens =
  *   kv_budget / that.
  * Fit: a rank fits iff its KV budget holds at least max(4096, max_batch_tokens)
@@ -132,6 +132,9 @@ typedef struct epic_plan_params {
   /* Run-time EPLB copies per MoE layer to set memory aside for (see above; 0 = none,
    * at most E * (N - 1)); needs no statistics. */
   int eplb_redundant;
+  /* Bytes per latent-cache element: the backend's kv_dtype (4 on CPU ranks and in
+   * CUDA's exact precision); 0 = 2, the BF16 rows of CUDA's default precision. */
+  int kv_elem_bytes;
 } epic_plan_params;
 
 typedef struct epic_plan epic_plan;

@@ -126,3 +126,7 @@ void epic_weight_rows_f32(const epic_weight *w, int64_t r0, int64_t n, float *ou
 void epic_ops_destroy(epic_ops *o) {
   if (o && o->vt && o->vt->destroy) o->vt->destroy(o);
 }
+
+epic_kv_dtype epic_ops_kv_dtype(epic_ops *o) {
+  return o->vt->abi_version >= 5 && o->vt->kv_dtype ? o->vt->kv_dtype(o) : EPIC_KV_F32;
+}

@@ -306,5 +306,8 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out);
 #endif
 /* NULL-safe. */
 void epic_ops_destroy(epic_ops *o);
+/* The latent-cache element type o wants (its kv_dtype); backends before ABI 5 have no such
+ * slot and keep fp32 rows. Callers sizing caches check epic_kv_dtype_size() != 0. */
+epic_kv_dtype epic_ops_kv_dtype(epic_ops *o);
 
 #endif

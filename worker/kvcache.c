@@ -35,8 +35,7 @@ epic_status epic_kvcache_create(epic_ops *ops, const epic_kvcache_params *p, epi
   kc->ops = ops;
   kc->p = *p;
   kc->width = p->lora + p->rope;
-  /* Backends before ABI 5 have no kv_dtype slot and keep fp32 rows. */
-  kc->dtype = ops->vt->abi_version >= 5 && ops->vt->kv_dtype ? ops->vt->kv_dtype(ops) : EPIC_KV_F32;
+  kc->dtype = epic_ops_kv_dtype(ops);
   if (epic_kv_dtype_size(kc->dtype) == 0) {
     EPIC_LOG_ERROR("kv cache: backend %s asks for unknown element type %d", ops->vt->name,
                    (int)kc->dtype);

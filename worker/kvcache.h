@@ -45,7 +45,8 @@ typedef struct epic_kvcache_params {
 } epic_kvcache_params;
 
 /* ops is borrowed and must outlive the cache; its kv_dtype picks the element type.
- * EPIC_ERR_NOMEM if the pools do not fit. */
+ * EPIC_ERR_NOMEM if the pools do not fit, EPIC_ERR_UNSUPPORTED if the backend names an
+ * unknown element type. */
 epic_status epic_kvcache_create(epic_ops *ops, const epic_kvcache_params *p, epic_kvcache **out);
 void epic_kvcache_destroy(epic_kvcache *kc); /* NULL-safe; sequences must be released first */
 

@@ -100,8 +100,9 @@ typedef struct epic_seq_batch {
    * memory receiving the MTP block's output rows [out rows][hidden] of this
    * sequence (n_tokens rows with all_logits, else the last token's), the state
    * before shared_head.norm. A recursive draft feeds it back as the hidden input
-   * of the next position (ARCHITECTURE §12.2). Written when the call succeeds,
-   * after `hidden` was read, so the two may be the same buffer. */
+   * of the next position (ARCHITECTURE §12.2). Written after `hidden` was read, so
+   * the two may be the same buffer; it may be written even when the call then fails
+   * (a caller that retries after a failure must not alias them). */
   float *mtp_out;
 } epic_seq_batch;
 

@@ -40,9 +40,10 @@
  *   cores; EPIC_CUDA_MLA_TF32 rounds queries and probabilities to TF32 and truncates the
  *   rows (about 3e-4 relative error measured); EPIC_CUDA_MLA_EXACT runs 3xTF32 (split
  *   operands, fp32-level accuracy) at about 1.7x the time. Reductions run in a fixed
- *   order, so results are reproducible. Longer query runs, other bf16 row widths,
- *   mla_naive and head_gemm use cuBLAS fp32 GEMMs (exact fp32, no TF32) on rows gathered
- *   to fp32.
+ *   order, so results are reproducible. Longer query runs, other bf16 row widths and
+ *   mla_naive use cuBLAS GEMMs on rows gathered to fp32: on TF32 tensor cores in the fast
+ *   precision (about 1e-3 relative), in fp32 under EPIC_CUDA_MLA_EXACT; head_gemm is
+ *   always fp32.
  * - rmsnorm, rope and route reduce in double like the CPU reference; route is
  *   deterministic and picks the same experts as the CPU backend.
  *
