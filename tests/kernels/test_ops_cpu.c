@@ -12,19 +12,10 @@
 #include <cmocka.h>
 
 #include "kernels/ops.h"
+#include "tests/common/test_rng.h"
 
 /* ---------------------------------------------------------------- helpers */
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-static void rng_seed(uint64_t s) { rng_state = s * 0x9e3779b97f4a7c15ull + 1; }
-static uint64_t rng_u64(void) {
-  uint64_t x = rng_state;
-  x ^= x << 13;
-  x ^= x >> 7;
-  x ^= x << 17;
-  return rng_state = x;
-}
-static float rng_f(void) { return (float)((double)(rng_u64() >> 11) * 0x1p-53 * 2.0 - 1.0); }
 static void fill(float *p, size_t n) {
   for (size_t i = 0; i < n; i++)
     p[i] = rng_f();

@@ -25,20 +25,10 @@
 
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/ops.h"
+#include "tests/common/test_rng.h"
 
 /* ---------------------------------------------------------------- helpers */
 
-static uint64_t rng_state;
-static uint64_t rng_u64(void) {
-  uint64_t x = rng_state;
-  x ^= x << 13;
-  x ^= x >> 7;
-  x ^= x << 17;
-  return rng_state = x;
-}
-static float rng_f(void) {
-  return (float)((double)(rng_u64() >> 11) * 0x1p-53 * 2.0 - 1.0);
-}
 static void fill(float *p, size_t n, float amp) {
   for (size_t i = 0; i < n; i++)
     p[i] = amp * rng_f();
@@ -1300,7 +1290,7 @@ int main(void) {
   const char *env = getenv("EPIC_TEST_SEED");
   const uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
   printf("# seed %llu (EPIC_TEST_SEED to replay)\n", (unsigned long long)seed);
-  rng_state = seed * 0x9e3779b97f4a7c15ull + 1;
+  rng_seed(seed);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_memory),    cmocka_unit_test(test_matmul),
       cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),
