@@ -29,8 +29,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "kern_async.cuh"
-#include "ops_cuda_impl.h"
+#include "kern_mla_common.cuh"
 
 namespace {
 
@@ -208,13 +207,9 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z, n_heads = p.n_heads;
   const int hg0 = blockIdx.y * kHG, split = blockIdx.x, n_split = p.n_split;
-  const int n_keys = p.n_ctx ? p.n_ctx[b] : (int)(p.start + b + 1);
   const int32_t *table = p.tables + b * p.table_stride;
-  int chunk = (n_keys + n_split - 1) / n_split;
-  chunk = (chunk + kTK - 1) / kTK * kTK;
-  const int kbeg = split * chunk;
-  const int kend = kbeg + chunk < n_keys ? kbeg + chunk : n_keys;
-  const int n_tiles = kend > kbeg ? (kend - kbeg + kTK - 1) / kTK : 0;
+  const epic_mla_split keys = epic_mla_split_keys<kTK>(p, b, split);
+  const int kbeg = keys.kbeg, kend = keys.kend, n_tiles = keys.n_tiles;
   const uint16_t *pool = static_cast<const uint16_t *>(p.pool);
   const int page_size = (int)p.page_size, page_shift = p.page_shift;
 
