@@ -18,7 +18,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <cmocka.h>
 
@@ -259,10 +258,7 @@ int main(void) {
     printf("SKIP: no CUDA device\n");
     return 77;
   }
-  const char *env = getenv("EPIC_TEST_SEED");
-  const uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
-  printf("# seed %llu (EPIC_TEST_SEED to replay)\n", (unsigned long long)seed);
-  rng_seed(seed);
+  rng_seed_from_env();
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_fast_small_groups),
       cmocka_unit_test(test_exact_any_groups),

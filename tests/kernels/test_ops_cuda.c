@@ -19,7 +19,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <cmocka.h>
 
@@ -719,6 +718,30 @@ static void cache_free(tcache *c) {
   dfree((void *)c->d.block_table);
 }
 
+/* kv_gather of rows [0, n) of view d into fresh (poisoned) device buffers dl / dk, and
+ * their host copies hl [n][lora] / hk [n][rope]. */
+typedef struct gathered {
+  float *dl, *dk, *hl, *hk;
+} gathered;
+
+static gathered gather_rows(const epic_kv_view *d, int64_t n, int64_t lora, int64_t rope) {
+  const size_t bl = (size_t)(n * lora) * 4, bk = (size_t)(n * rope) * 4;
+  gathered g = {.dl = dalloc(bl), .dk = dalloc(bk), .hl = xmalloc(bl), .hk = xmalloc(bk)};
+  poison(g.dl, bl);
+  poison(g.dk, bk);
+  assert_int_equal(g_gpu->vt->kv_gather(g_gpu, d, n, g.dl, g.dk), EPIC_OK);
+  fetch(g.hl, g.dl, bl);
+  fetch(g.hk, g.dk, bk);
+  return g;
+}
+
+static void gathered_free(gathered *g) {
+  dfree(g->dl);
+  dfree(g->dk);
+  free(g->hl);
+  free(g->hk);
+}
+
 static void test_kv(void **state) {
   (void)state;
   const int64_t n = 300, lora = 512, rope = 64, width = lora + rope;
@@ -738,27 +761,18 @@ static void test_kv(void **state) {
   float *got = xmalloc(pool * 4);
   fetch(got, c.d.pool, pool * 4);
   assert_memory_equal(got, c.h.pool, pool * 4); /* rows where the table says, rest untouched */
-  float *gl = dalloc((size_t)(n * lora) * 4), *gk = dalloc((size_t)(n * rope) * 4);
-  poison(gl, (size_t)(n * lora) * 4);
-  poison(gk, (size_t)(n * rope) * 4);
-  assert_int_equal(g_gpu->vt->kv_gather(g_gpu, &c.d, n, gl, gk), EPIC_OK);
-  float *hl = xmalloc((size_t)(n * lora) * 4), *hk = xmalloc((size_t)(n * rope) * 4);
-  fetch(hl, gl, (size_t)(n * lora) * 4);
-  fetch(hk, gk, (size_t)(n * rope) * 4);
+  gathered gr = gather_rows(&c.d, n, lora, rope);
   for (int64_t t = 0; t < n; t++) {
-    assert_memory_equal(hl + t * lora, lat + t * ldl, (size_t)lora * 4);
-    assert_memory_equal(hk + t * rope, kpe + t * ldk, (size_t)rope * 4);
+    assert_memory_equal(gr.hl + t * lora, lat + t * ldl, (size_t)lora * 4);
+    assert_memory_equal(gr.hk + t * rope, kpe + t * ldk, (size_t)rope * 4);
   }
   printf("#   kv_store / kv_gather V3 rows, 64-row pages, shuffled table: exact\n");
   dfree(dlat);
   dfree(dkpe);
-  dfree(gl);
-  dfree(gk);
+  gathered_free(&gr);
   free(lat);
   free(kpe);
   free(got);
-  free(hl);
-  free(hk);
   cache_free(&c);
 }
 
@@ -1021,20 +1035,14 @@ static void test_kv_bf16(void **state) {
     uint16_t *got = xmalloc(c.n * 2);
     fetch(got, c.d.pool, c.n * 2);
     assert_memory_equal(got, c.h16, c.n * 2);
-    float *gl = dalloc((size_t)(n * lora) * 4), *gk = dalloc((size_t)(n * rope) * 4);
-    poison(gl, (size_t)(n * lora) * 4);
-    poison(gk, (size_t)(n * rope) * 4);
-    assert_int_equal(g_gpu->vt->kv_gather(g_gpu, &c.d, n, gl, gk), EPIC_OK);
-    float *hl = xmalloc((size_t)(n * lora) * 4), *hk = xmalloc((size_t)(n * rope) * 4);
-    fetch(hl, gl, (size_t)(n * lora) * 4);
-    fetch(hk, gk, (size_t)(n * rope) * 4);
+    gathered gr = gather_rows(&c.d, n, lora, rope);
     for (int64_t t = 0; t < n; t++) {
       for (int64_t j = 0; j < lora; j++)
-        if (hl[t * lora + j] != bf16_round(lat[t * ldl + j]))
+        if (gr.hl[t * lora + j] != bf16_round(lat[t * ldl + j]))
           fail_msg("kv_gather bf16: token %lld latent %lld: %g, want %g", (long long)t,
-                   (long long)j, hl[t * lora + j], bf16_round(lat[t * ldl + j]));
+                   (long long)j, gr.hl[t * lora + j], bf16_round(lat[t * ldl + j]));
       for (int64_t j = 0; j < rope; j++)
-        if (hk[t * rope + j] != bf16_round(kpe[t * ldk + j]))
+        if (gr.hk[t * rope + j] != bf16_round(kpe[t * ldk + j]))
           fail_msg("kv_gather bf16: token %lld kpe %lld", (long long)t, (long long)j);
     }
     printf("#   kv_store / kv_gather bf16 V3 rows, %lld-row pages, shuffled table: exact\n",
@@ -1043,9 +1051,10 @@ static void test_kv_bf16(void **state) {
     bad.dtype = (epic_kv_dtype)7;
     assert_int_equal(g_gpu->vt->kv_store(g_gpu, &bad, 0, 1, dlat, ldl, dkpe, ldk),
                      EPIC_ERR_UNSUPPORTED);
-    assert_int_equal(g_gpu->vt->kv_gather(g_gpu, &bad, 1, gl, gk), EPIC_ERR_UNSUPPORTED);
-    dfree(dlat), dfree(dkpe), dfree(gl), dfree(gk);
-    free(lat), free(kpe), free(got), free(hl), free(hk);
+    assert_int_equal(g_gpu->vt->kv_gather(g_gpu, &bad, 1, gr.dl, gr.dk), EPIC_ERR_UNSUPPORTED);
+    dfree(dlat), dfree(dkpe);
+    gathered_free(&gr);
+    free(lat), free(kpe), free(got);
     bcache_free(&c);
   }
 
@@ -1287,10 +1296,7 @@ int main(void) {
     printf("SKIP: no CUDA device\n");
     return 77;
   }
-  const char *env = getenv("EPIC_TEST_SEED");
-  const uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
-  printf("# seed %llu (EPIC_TEST_SEED to replay)\n", (unsigned long long)seed);
-  rng_seed(seed);
+  rng_seed_from_env();
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_memory),    cmocka_unit_test(test_matmul),
       cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),
