@@ -142,7 +142,7 @@ static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) 
   EPIC_CHECK(create_ops(c, p));
   {
     const int64_t R = epic_plan_eplb_copies(p->eplb_redundant, cfg.n_routed_experts, c->nranks,
-                                            !c->ops->vt->host_visible);
+                                            epic_ops_rows_invariant(c->ops));
     epic_plan_params pp = {.size = sizeof pp,
                            .cfg = &cfg,
                            .n_ranks = c->nranks,

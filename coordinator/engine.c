@@ -867,15 +867,14 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
     st = epic_kvcache_set_prefix_cache(e->kc, e->prefix_pages);
   }
   if (st == EPIC_OK) {
-    /* auto drafts one token when the checkpoint's MTP layer is loaded, on the backend
-     * whose verify forward is bitwise the plain decode (the CPU: fixed-order kernels).
-     * On GPUs the fast kernels' rounding depends on the batch shape (<= 4-row matmuls
-     * in fp32, larger ones with FP8 activations; the BF16 decode-attention kernel vs the
+    /* auto drafts one token when the checkpoint's MTP layer is loaded, on a backend
+     * whose verify forward is bitwise the plain decode (epic_ops_rows_invariant). On
+     * GPUs the fast kernels' rounding depends on the batch shape (<= 4-row matmuls in
+     * fp32, larger ones with FP8 activations; the BF16 decode-attention kernel vs the
      * fp32 multi-token path), so drafting could flip near-tied greedy tokens: there it
      * takes an explicit --mtp-draft K. */
     const int has_mtp = epic_model_has_mtp(e->m);
-    const int invariant = epic_model_ops(e->m)->vt->host_visible;
-    e->mtp_auto = e->p.mtp_draft == 0 && has_mtp && invariant;
+    e->mtp_auto = e->p.mtp_draft == 0 && has_mtp && epic_ops_rows_invariant(epic_model_ops(e->m));
     e->mtp_k = e->p.mtp_draft > 0 ? e->p.mtp_draft : e->mtp_auto ? 1 : 0;
     if (e->p.mtp_draft > 0 && !has_mtp) {
       EPIC_LOG_ERROR("engine: invalid parameter mtp_draft: the model has no MTP layer loaded "
@@ -938,8 +937,8 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
      * activations (cuBLASLt) beyond, and copies split a hot expert's group, so a
      * row can change path and greedy outputs can change (kernels/cuda/
      * ops_cuda_matmul.c; EPIC_CUDA_PRECISION=exact keeps them). */
-    const int gpu = !epic_model_ops(e->m)->vt->host_visible;
-    const int64_t R = epic_plan_eplb_copies(e->p.eplb_redundant, E, e->nranks, gpu);
+    const int64_t R = epic_plan_eplb_copies(e->p.eplb_redundant, E, e->nranks,
+                                            epic_ops_rows_invariant(epic_model_ops(e->m)));
     epic_eplb_params bp = {.size = sizeof bp,
                            .model = e->m,
                            .comm = e->comm,

@@ -800,13 +800,14 @@ int epic_plan_eplb_redundant(const epic_plan *pl) {
 int epic_plan_eplb_layer_slots(const epic_plan *pl) {
   return pl ? pl->eplb_layer_slots : 0;
 }
-int64_t epic_plan_eplb_copies(int64_t requested, int64_t n_experts, int n_ranks, int gpu) {
+int64_t epic_plan_eplb_copies(int64_t requested, int64_t n_experts, int n_ranks,
+                              int rows_invariant) {
   const int64_t most = n_ranks > 1 && n_experts > 0 ? n_experts * (n_ranks - 1) : 0;
   if (most == 0 || requested < 0)
     return 0;
   if (requested > 0)
     return requested;
-  if (gpu)
+  if (!rows_invariant)
     return 0;
   return n_ranks < most ? n_ranks : most;
 }

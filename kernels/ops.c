@@ -127,6 +127,10 @@ void epic_ops_destroy(epic_ops *o) {
   if (o && o->vt && o->vt->destroy) o->vt->destroy(o);
 }
 
+int epic_ops_rows_invariant(epic_ops *o) {
+  return o->vt->host_visible; /* the CPU backend, the one backend in host memory */
+}
+
 epic_kv_dtype epic_ops_kv_dtype(epic_ops *o) {
   return o->vt->abi_version >= 5 && o->vt->kv_dtype ? o->vt->kv_dtype(o) : EPIC_KV_F32;
 }

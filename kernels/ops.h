@@ -309,5 +309,11 @@ void epic_ops_destroy(epic_ops *o);
 /* The latent-cache element type o wants (its kv_dtype); backends before ABI 5 have no such
  * slot and keep fp32 rows. Callers sizing caches check epic_kv_dtype_size() != 0. */
 epic_kv_dtype epic_ops_kv_dtype(epic_ops *o);
+/* 1 when o computes each row of a call the same way whatever other rows share it (the
+ * batch shape, an expert's group): the CPU backend's fixed-order kernels. CUDA's fast
+ * path switches kernels and rounding with the row count (kernels/cuda/ops_cuda.h). The
+ * defaults that must keep greedy outputs unchanged follow it: MTP drafting and EPLB
+ * copies are on by default only where it holds. */
+int epic_ops_rows_invariant(epic_ops *o);
 
 #endif

@@ -708,15 +708,15 @@ static void test_eplb_reserve(void **state) {
     assert_null(pl);
   }
   /* The engine's copies: as asked, off, the default (CPU: one per rank; GPU: none). */
-  assert_int_equal(epic_plan_eplb_copies(5, 256, 8, 1), 5);
-  assert_int_equal(epic_plan_eplb_copies(-1, 256, 8, 0), 0);
-  assert_int_equal(epic_plan_eplb_copies(0, 256, 8, 0), 8);
-  assert_int_equal(epic_plan_eplb_copies(0, 256, 8, 1), 0);
-  assert_int_equal(epic_plan_eplb_copies(0, 2, 8, 0), 8);
-  assert_int_equal(epic_plan_eplb_copies(0, 1, 4, 0), 3); /* at most E x (N - 1) */
-  assert_int_equal(epic_plan_eplb_copies(0, 256, 1, 0), 0);
-  assert_int_equal(epic_plan_eplb_copies(4, 256, 1, 0), 0); /* one process: nothing to balance */
-  assert_int_equal(epic_plan_eplb_copies(0, 0, 8, 0), 0);
+  assert_int_equal(epic_plan_eplb_copies(5, 256, 8, 0), 5);
+  assert_int_equal(epic_plan_eplb_copies(-1, 256, 8, 1), 0);
+  assert_int_equal(epic_plan_eplb_copies(0, 256, 8, 1), 8);
+  assert_int_equal(epic_plan_eplb_copies(0, 256, 8, 0), 0);
+  assert_int_equal(epic_plan_eplb_copies(0, 2, 8, 1), 8);
+  assert_int_equal(epic_plan_eplb_copies(0, 1, 4, 1), 3); /* at most E x (N - 1) */
+  assert_int_equal(epic_plan_eplb_copies(0, 256, 1, 1), 0);
+  assert_int_equal(epic_plan_eplb_copies(4, 256, 1, 1), 0); /* one process: nothing to balance */
+  assert_int_equal(epic_plan_eplb_copies(0, 0, 8, 1), 0);
 }
 
 /* ---- output ---- */
