@@ -7,13 +7,18 @@
  * Then per kernel, through the epic_ops API exactly as the model calls it: time per call,
  * TFLOP/s and GB/s (each input read once, each output written once) and their fractions
  * of the peaks. matmul: BF16 and FP8 (128x128 block scales) weights at DeepSeek-V3
- * shapes for m = 1..4096 tokens, activation conversion / quantisation included;
- * mla_absorbed_batch decode over fp32 and bf16 caches (bytes: cached 576-element rows
- * read once per sequence at their element size, plus fp32 queries and outputs); rmsnorm,
- * route, silu_mul, rope.
+ * shapes for m = 1..4096 tokens, activation conversion / quantisation included; FP8 rows
+ * of m <= 64 are timed under both choices of epic_ops_cuda_set_fp8_small ("kernel": "mma",
+ * the tensor-core kernel, or "fp32", the older CUDA-core / cuBLASLt paths; null where the
+ * switch does not apply). grouped: the MoE decode case, grouped_matmul over 256 FP8
+ * experts (each its own allocation) for T tokens x top-8 distinct experts drawn
+ * uniformly, both kernel choices (bytes: every expert with rows read once, fp32 rows in
+ * and out). mla_absorbed_batch decode over fp32 and bf16 caches (bytes: cached
+ * 576-element rows read once per sequence at their element size, plus fp32 queries and
+ * outputs); rmsnorm, route, silu_mul, rope.
  * Timing: CUDA events around a CUDA graph of `reps` calls (launch gaps removed), median
  * of 7 replays. Inputs that would fit in L2 rotate among copies whose total exceeds it.
- * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|mla|memory]
+ * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|grouped|mla|memory]
  *                           [--mla BATCH CTX] (one decode shape, e.g. under a profiler)
  *                           [--mla-kinds MASK] (MLA rows: bits 0-3 the bf16 kernel
  *                           variants, bit 4 the fp32 cache; default 0x19)
@@ -332,26 +337,38 @@ static void bench_matmul(FILE *js, epic_dtype dt, const shape *s, const int64_t 
   CKE(g_ops->vt->alloc(g_ops, (size_t)(max_m * s->rows) * 4, (void **)&c.y));
   for (int i = 0; i < n_ms; i++) {
     c.m = ms[i];
-    const char *path =
-        epic_cuda_mm_path_name(epic_ops_cuda_matmul_path(g_ops, &c.w[0], c.m, s->rows));
-    const double sec = time_calls(run_matmul, &c);
-    const double flop = 2.0 * (double)c.m * s->rows * s->cols;
-    const double bytes = (double)wbytes + (double)c.m * s->cols * 4 + (double)c.m * s->rows * 4;
-    const double tf = flop / sec * 1e-12, gbps = bytes / sec * 1e-9;
-    const double peak = dt == EPIC_DT_BF16 ? g_bf16_tflops : g_fp8_tflops;
-    fprintf(js,
-            "%s\n    {\"dtype\": \"%s\", \"shape\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
-            "\"m\": %lld, \"path\": \"%s\", \"us\": %.2f, \"tflops\": %.2f, \"gbps\": %.1f, "
-            "\"frac_flops_peak\": %.3f, \"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f}",
-            *first ? "" : ",", epic_dtype_name(dt), s->name, (long long)s->rows, (long long)s->cols,
-            (long long)c.m, path, sec * 1e6, tf, gbps, peak > 0 ? tf / peak : 0.0,
-            gbps / g_copy_gbps, gbps / g_read_gbps);
-    fprintf(stderr,
-            "matmul %-7s %-12s m=%-5lld %-22s %9.1f us %7.1f TF/s (%.2f) %7.0f GB/s (copy %.2f, "
-            "read %.2f)\n",
-            epic_dtype_name(dt), s->name, (long long)c.m, path, sec * 1e6, tf,
-            peak > 0 ? tf / peak : 0.0, gbps, gbps / g_copy_gbps, gbps / g_read_gbps);
-    *first = 0;
+    /* FP8 decode-sized rows: the tensor-core kernel and the kernels it replaced */
+    const int n_kinds = dt == EPIC_DT_F8E4M3 && c.m <= 64 ? 2 : 1;
+    for (int kind = 0; kind < n_kinds; kind++) {
+      const char *kname = n_kinds == 1 ? NULL : kind ? "fp32" : "mma";
+      CKE(epic_ops_cuda_set_fp8_small(g_ops,
+                                      kind ? EPIC_CUDA_FP8_SMALL_FP32 : EPIC_CUDA_FP8_SMALL_MMA));
+      const char *path =
+          epic_cuda_mm_path_name(epic_ops_cuda_matmul_path(g_ops, &c.w[0], c.m, s->rows));
+      const double sec = time_calls(run_matmul, &c);
+      const double flop = 2.0 * (double)c.m * s->rows * s->cols;
+      const double bytes = (double)wbytes + (double)c.m * s->cols * 4 + (double)c.m * s->rows * 4;
+      const double tf = flop / sec * 1e-12, gbps = bytes / sec * 1e-9;
+      const double peak = dt == EPIC_DT_BF16 ? g_bf16_tflops : g_fp8_tflops;
+      char kjson[16] = "null";
+      if (kname)
+        snprintf(kjson, sizeof kjson, "\"%s\"", kname);
+      fprintf(js,
+              "%s\n    {\"dtype\": \"%s\", \"shape\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
+              "\"m\": %lld, \"kernel\": %s, \"path\": \"%s\", \"us\": %.2f, \"tflops\": %.2f, "
+              "\"gbps\": %.1f, \"frac_flops_peak\": %.3f, \"frac_copy_bw\": %.3f, "
+              "\"frac_read_bw\": %.3f}",
+              *first ? "" : ",", epic_dtype_name(dt), s->name, (long long)s->rows,
+              (long long)s->cols, (long long)c.m, kjson, path, sec * 1e6, tf, gbps,
+              peak > 0 ? tf / peak : 0.0, gbps / g_copy_gbps, gbps / g_read_gbps);
+      fprintf(stderr,
+              "matmul %-7s %-12s m=%-5lld %-4s %-22s %9.1f us %7.1f TF/s (%.2f) %7.0f GB/s "
+              "(copy %.2f, read %.2f)\n",
+              epic_dtype_name(dt), s->name, (long long)c.m, kname ? kname : "-", path, sec * 1e6,
+              tf, peak > 0 ? tf / peak : 0.0, gbps, gbps / g_copy_gbps, gbps / g_read_gbps);
+      *first = 0;
+    }
+    CKE(epic_ops_cuda_set_fp8_small(g_ops, EPIC_CUDA_FP8_SMALL_MMA));
   }
   for (int k = 0; k < copies; k++) {
     g_ops->vt->free(g_ops, (void *)c.w[k].data);
@@ -359,6 +376,149 @@ static void bench_matmul(FILE *js, epic_dtype dt, const shape *s, const int64_t 
   }
   g_ops->vt->free(g_ops, c.x);
   g_ops->vt->free(g_ops, c.y);
+}
+
+/* ------------------------------------------------------ grouped (MoE decode) */
+
+enum { N_EXPERTS = 256, TOP_K = 8 };
+
+/* grouped_matmul caches the device table of a weight list by the list's host address.
+ * Each shape therefore keeps its own list for the life of the process: a list malloc'd
+ * after another was freed could get the same address and hit the table of freed
+ * weights. */
+static epic_weight g_expert_w[2][N_EXPERTS];
+
+typedef struct {
+  const epic_weight *w;
+  const float *x;
+  float *y;
+  const int64_t *off_host;
+  const int32_t *off_dev;
+  int64_t k, n;
+} grp_ctx;
+static void run_grouped(void *p, int rep) {
+  grp_ctx *c = p;
+  (void)rep;
+  CKE(g_ops->vt->grouped_matmul(g_ops, c->x, c->k, c->off_host, c->off_dev, N_EXPERTS, c->w, 1,
+                                c->y, c->n));
+}
+
+/* Rows per expert when each of t tokens picks TOP_K distinct experts uniformly at
+ * random. The generator is reseeded from t (and the shared state put back after), so
+ * both shapes see the same routing whichever sections run before. */
+static void route_counts(int64_t t, int64_t *cnt) {
+  const uint64_t saved = rs;
+  rs = 0x243f6a8885a308d3ull ^ ((uint64_t)t * 0x9e3779b97f4a7c15ull);
+  if (!rs)
+    rs = 1; /* xorshift's one fixed point */
+  memset(cnt, 0, N_EXPERTS * sizeof *cnt);
+  for (int64_t i = 0; i < t; i++) {
+    int picked[TOP_K];
+    for (int j = 0; j < TOP_K; j++) {
+      int e, dup;
+      do {
+        e = (int)(rnd() % N_EXPERTS);
+        dup = 0;
+        for (int q = 0; q < j; q++)
+          dup |= picked[q] == e;
+      } while (dup);
+      picked[j] = e;
+      cnt[e]++;
+    }
+  }
+  rs = saved;
+}
+
+/* The MoE decode case: one projection of all N_EXPERTS experts (FP8, 128x128 block
+ * scales, each expert its own allocation as a loaded checkpoint has them), t tokens x
+ * TOP_K rows grouped by expert, under both choices of epic_ops_cuda_set_fp8_small.
+ * Bytes: every expert with rows read once (codes and scales), fp32 rows in and out.
+ * The active experts' weights (>= 8 x 14.7 MB at the shapes benchmarked) exceed L2
+ * even at t = 1, so nothing rotates. time_calls' two warm-up calls run before its
+ * capture under the kind being timed: they build the cached device weight table
+ * (cudaMalloc + a synchronous copy), the cuBLASLt plans of the fp32 choice's larger
+ * groups and grow the scratch buffers, none of which a graph capture may do. */
+static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, int n_ts,
+                          int *first) {
+  const int64_t n = s->rows, k = s->cols;
+  const int64_t nbr = (n + 127) / 128, nbc = (k + 127) / 128;
+  const size_t wbytes = (size_t)(n * k), sbytes = (size_t)(nbr * nbc) * 4;
+  epic_weight *wl = g_expert_w[si];
+  for (int e = 0; e < N_EXPERTS; e++) {
+    wl[e] = (epic_weight){
+        .dtype = EPIC_DT_F8E4M3, .rows = n, .cols = k, .block_rows = 128, .block_cols = 128};
+    wl[e].data = dev_random(wbytes, tile_fp8);
+    wl[e].scale_inv = dev_random(sbytes, tile_scale);
+  }
+  int64_t max_t = 0;
+  for (int i = 0; i < n_ts; i++)
+    max_t = ts[i] > max_t ? ts[i] : max_t;
+  grp_ctx c = {.w = wl, .k = k, .n = n};
+  float *x = dev_random((size_t)(max_t * TOP_K * k) * 4, tile_f32), *y = NULL;
+  int32_t *off_dev = NULL;
+  CKE(g_ops->vt->alloc(g_ops, (size_t)(max_t * TOP_K * n) * 4, (void **)&y));
+  CKE(g_ops->vt->alloc(g_ops, (N_EXPERTS + 1) * sizeof(int32_t), (void **)&off_dev));
+  c.x = x;
+  c.y = y;
+  c.off_dev = off_dev;
+  int64_t cnt[N_EXPERTS], off[N_EXPERTS + 1];
+  int32_t off32[N_EXPERTS + 1];
+  c.off_host = off;
+  for (int i = 0; i < n_ts; i++) {
+    const int64_t t = ts[i], rows = t * TOP_K;
+    route_counts(t, cnt);
+    int64_t active = 0, max_rows = 0;
+    off[0] = 0;
+    off32[0] = 0;
+    for (int e = 0; e < N_EXPERTS; e++) {
+      off[e + 1] = off[e] + cnt[e];
+      off32[e + 1] = (int32_t)off[e + 1];
+      active += cnt[e] > 0;
+      max_rows = cnt[e] > max_rows ? cnt[e] : max_rows;
+    }
+    /* synchronous, and the previous row's time_calls ended with a sync: no replay of
+     * an earlier graph still reads the offsets */
+    CKE(g_ops->vt->upload(g_ops, off_dev, off32, sizeof off32));
+    const double bytes =
+        (double)active * (double)(wbytes + sbytes) + (double)rows * (double)(k + n) * 4;
+    const double flop = 2.0 * (double)rows * n * k;
+    double sec_kind[2];
+    for (int kind = 0; kind < 2; kind++) {
+      const char *kname = kind ? "fp32" : "mma";
+      CKE(epic_ops_cuda_set_fp8_small(g_ops,
+                                      kind ? EPIC_CUDA_FP8_SMALL_FP32 : EPIC_CUDA_FP8_SMALL_MMA));
+      const double sec = time_calls(run_grouped, &c);
+      sec_kind[kind] = sec;
+      const double gbps = bytes / sec * 1e-9, tf = flop / sec * 1e-12;
+      fprintf(js,
+              "%s\n    {\"shape\": \"%s\", \"rows\": %lld, \"cols\": %lld, \"experts\": %d, "
+              "\"top_k\": %d, \"tokens\": %lld, \"token_rows\": %lld, \"active_experts\": %lld, "
+              "\"max_rows\": %lld, \"kernel\": \"%s\", \"us\": %.2f, \"gbps\": %.1f, "
+              "\"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f, \"tflops\": %.2f}",
+              *first ? "" : ",", s->name, (long long)n, (long long)k, N_EXPERTS, TOP_K,
+              (long long)t, (long long)rows, (long long)active, (long long)max_rows, kname,
+              sec * 1e6, gbps, gbps / g_copy_gbps, gbps / g_read_gbps, tf);
+      fprintf(stderr,
+              "grouped %-14s T=%-4lld experts=%-3lld max_rows=%-3lld %-4s %9.1f us %7.0f GB/s "
+              "(copy %.2f, read %.2f) %6.1f TF/s\n",
+              s->name, (long long)t, (long long)active, (long long)max_rows, kname, sec * 1e6, gbps,
+              gbps / g_copy_gbps, gbps / g_read_gbps, tf);
+      *first = 0;
+    }
+    CKE(epic_ops_cuda_set_fp8_small(g_ops, EPIC_CUDA_FP8_SMALL_MMA));
+    fprintf(stderr,
+            "grouped %-14s T=%-4lld summary: mma %.1f us vs fp32 %.1f us (%.2fx), %.0f MB "
+            "moved, mma at %.2f of copy bandwidth\n",
+            s->name, (long long)t, sec_kind[0] * 1e6, sec_kind[1] * 1e6, sec_kind[1] / sec_kind[0],
+            bytes * 1e-6, bytes / sec_kind[0] * 1e-9 / g_copy_gbps);
+  }
+  for (int e = 0; e < N_EXPERTS; e++) {
+    g_ops->vt->free(g_ops, (void *)wl[e].data);
+    g_ops->vt->free(g_ops, (void *)wl[e].scale_inv);
+  }
+  g_ops->vt->free(g_ops, x);
+  g_ops->vt->free(g_ops, y);
+  g_ops->vt->free(g_ops, off_dev);
 }
 
 /* -------------------------------------------------------------- MLA decode */
@@ -583,14 +743,18 @@ int main(int argc, char **argv) {
       one_ctx = atoll(argv[++i]);
     } else {
       fprintf(stderr,
-              "usage: %s [--quick] [--device N] [--only matmul|mla|memory] [--mla B CTX] "
+              "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|memory] [--mla B CTX] "
               "[--mla-kinds MASK] [--no-peaks]\n",
               argv[0]);
       return 2;
     }
   }
   const int do_mm = !only || !strcmp(only, "matmul"), do_mla = !only || !strcmp(only, "mla");
-  const int do_mem = !only || !strcmp(only, "memory");
+  const int do_mem = !only || !strcmp(only, "memory"), do_grp = !only || !strcmp(only, "grouped");
+  if (only && !do_mm && !do_mla && !do_mem && !do_grp) {
+    fprintf(stderr, "bench: --only %s: not one of matmul, grouped, mla, memory\n", only);
+    return 2;
+  }
   if (epic_cuda_device_count() <= 0) {
     printf("{\"skipped\": \"no CUDA device\"}\n");
     return 0;
@@ -648,9 +812,10 @@ peaks_done:
   static const shape shapes[] = {{"q_a", 1536, 7168},       {"o_proj", 7168, 16384},
                                  {"expert_up", 2048, 7168}, {"expert_down", 7168, 2048},
                                  {"lm_head", 129280, 7168}, {"square8192", 8192, 8192}};
-  static const int64_t ms[] = {1, 32, 128, 512, 4096};
-  static const int64_t ms_quick[] = {1, 128, 4096};
-  const int n_ms = g_quick ? 3 : 5;
+  static const int64_t ms[] = {1, 4, 16, 32, 64, 128, 512, 4096};
+  static const int64_t ms_quick[] = {1, 32, 4096};
+  const int n_ms =
+      g_quick ? (int)(sizeof ms_quick / sizeof ms_quick[0]) : (int)(sizeof ms / sizeof ms[0]);
   fprintf(js, "  \"matmul\": [");
   int first = 1;
   for (int d = 0; d < 2 && do_mm; d++)
@@ -663,6 +828,18 @@ peaks_done:
                      n_ms, &first);
       fflush(js);
     }
+  fprintf(js, "\n  ],\n  \"grouped\": [");
+  first = 1;
+  static const shape expert_shapes[2] = {{"expert_gate_up", 2048, 7168},
+                                         {"expert_down", 7168, 2048}};
+  static const int64_t ts[] = {1, 32, 128, 512}, ts_quick[] = {1, 128};
+  for (int si = 0; si < 2 && do_grp; si++) {
+    if (g_quick)
+      bench_grouped(js, si, &expert_shapes[si], ts_quick, 2, &first);
+    else
+      bench_grouped(js, si, &expert_shapes[si], ts, 4, &first);
+    fflush(js);
+  }
   fprintf(js, "\n  ],\n  \"mla_decode\": [");
   first = 1;
   static const int64_t batches[] = {1, 32, 128}, ctxs[] = {1024, 8192};

@@ -59,7 +59,7 @@ build() {
 
 unit() {
   env_paths
-  for t in test_ops_cuda test_ops_batch; do
+  for t in test_ops_cuda test_ops_batch test_grouped_rows_cuda; do
     f=$(find $B -name $t -type f -executable | head -1)
     timeout 300 "$f" > $LOGS/$t.log 2>&1
     rc=$?; [ $rc = 0 ] || fail=1

@@ -79,6 +79,13 @@ epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_ke
   return EPIC_OK;
 }
 
+epic_status epic_ops_cuda_set_fp8_small(epic_ops *o, epic_cuda_fp8_small k) {
+  if (!o || (k != EPIC_CUDA_FP8_SMALL_MMA && k != EPIC_CUDA_FP8_SMALL_FP32))
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->fp8_small = (int)k;
+  return EPIC_OK;
+}
+
 epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
   if (!o || (p != EPIC_CUDA_PREC_FAST && p != EPIC_CUDA_PREC_EXACT))
     return EPIC_ERR_INVALID;
@@ -443,6 +450,7 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   c->device = device;
   c->mla_prec = EPIC_CUDA_MLA_TF32;
   c->mla_bf16_variant = EPIC_CUDA_MLA_BF16_WGMMA;
+  c->fp8_small = EPIC_CUDA_FP8_SMALL_MMA;
   {
     const char *prec = getenv("EPIC_CUDA_PRECISION");
     if (prec && strcmp(prec, "exact") == 0) {
@@ -451,6 +459,11 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
     } else if (prec && *prec && strcmp(prec, "fast") != 0) {
       EPIC_LOG_WARN("cuda: EPIC_CUDA_PRECISION=%s is neither fast nor exact; using fast", prec);
     }
+    const char *small = getenv("EPIC_CUDA_FP8_SMALL");
+    if (small && strcmp(small, "fp32") == 0)
+      c->fp8_small = EPIC_CUDA_FP8_SMALL_FP32;
+    else if (small && *small && strcmp(small, "mma") != 0)
+      EPIC_LOG_WARN("cuda: EPIC_CUDA_FP8_SMALL=%s is neither mma nor fp32; using mma", small);
   }
   epic_status st = EPIC_OK;
   struct cudaDeviceProp prop;
@@ -496,6 +509,7 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
       epic_cuda_check(epic_cuk_mla_bf16_prepare(c->max_smem_optin), "MLA kernel (bf16 cache)"), st,
       fail);
   EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_fp8_skinny_prepare(), "FP8 skinny kernel"), st, fail);
+  EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_fp8_mma_prepare(), "FP8 tensor-core kernel"), st, fail);
   EPIC_CHECK_GOTO(epic_cuda_check(cudaStreamSynchronize(c->stream), "create"), st, fail);
   *out = &c->base;
   return EPIC_OK;

@@ -56,6 +56,7 @@ typedef struct epic_cuda_ops {
   epic_cuda_mla_precision mla_prec;
   int mla_bf16_variant; /* BF16 decode kernel: bit 0 scores on wgmma, bit 1 P.V on wgmma */
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
+  int fp8_small;    /* epic_cuda_fp8_small */
   int lt_next; /* round-robin replacement in lt_plans */
   epic_cuda_lt_plan lt_plans[EPIC_CUDA_LT_PLANS];
   /* Device tables of the expert weights of grouped_matmul, built on first use,
@@ -147,6 +148,27 @@ int epic_cuk_fp8_grouped_ok(const epic_weight *w);
 cudaError_t epic_cuk_fp8_grouped(const float *x, int64_t ldx, const int32_t *off, int64_t n_groups,
                                  const epic_cuk_group_w *tab, const epic_weight *shape,
                                  int max_rows, float *y, int64_t ldy, cudaStream_t st);
+/* Tensor-core FP8 matmul of up to EPIC_CUK_MMA_MAX_ROWS bf16 token rows per weight
+ * (kern_fp8_mma.cu): dense (off == NULL: rows [0, rows_max) of x times w) or grouped
+ * (group g's rows [off[g], off[g+1]) times the weight tab[g] names, each of w's layout;
+ * groups of more than rows_max rows are left to the caller). x: row stride ldx a
+ * multiple of 8, 16-byte aligned. active_groups (groups with rows) only shapes the
+ * launch. */
+enum { EPIC_CUK_MMA_MAX_ROWS = EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS };
+typedef struct epic_cuk_fp8_mma_args {
+  const uint16_t *x;
+  int64_t ldx;
+  const epic_weight *w;
+  const int32_t *off;
+  const epic_cuk_group_w *tab;
+  int64_t n_groups, active_groups;
+  int64_t rows_max;
+  float *y;
+  int64_t ldy;
+} epic_cuk_fp8_mma_args;
+int epic_cuk_fp8_mma_ok(const epic_weight *w);
+cudaError_t epic_cuk_fp8_mma_prepare(void);
+cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaStream_t st);
 /* Dequantise rows [r0, r0 + nr) of w into out [nr][w->cols], as bf16 (out_bf16) or fp32. */
 cudaError_t epic_cuk_dequant_rows(const epic_weight *w, int64_t r0, int64_t nr, void *out,
                                   int out_bf16, cudaStream_t st);

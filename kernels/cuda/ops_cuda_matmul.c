@@ -130,6 +130,12 @@ static epic_cuda_mm_path choose_path(epic_cuda_ops *c, const epic_weight *w, int
   case EPIC_DT_F8E4M3: break;
   default: return EPIC_CUDA_MM_INVALID;
   }
+  const int skinny_first = m <= EPIC_CUDA_FP8_SKINNY_MAX_M &&
+                           w->rows * w->cols < EPIC_CUDA_FP8_SKINNY_MAX_BYTES &&
+                           epic_cuk_fp8_skinny_ok(w, m);
+  if (c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA && m <= EPIC_CUDA_FP8_MMA_DENSE_MAX_M &&
+      !skinny_first && epic_cuk_fp8_mma_ok(w))
+    return EPIC_CUDA_MM_FP8_MMA;
   if (epic_cuk_fp8_skinny_ok(w, m))
     return EPIC_CUDA_MM_FP8_SKINNY;
   if (!lt_candidate(w))
@@ -171,6 +177,7 @@ const char *epic_cuda_mm_path_name(epic_cuda_mm_path p) {
   case EPIC_CUDA_MM_DEQUANT_BF16: return "dequant_bf16";
   case EPIC_CUDA_MM_DEQUANT_F32: return "dequant_f32";
   case EPIC_CUDA_MM_FP8_SKINNY: return "fp8_skinny";
+  case EPIC_CUDA_MM_FP8_MMA: return "fp8_mma";
   default: return "invalid";
   }
 }
@@ -244,6 +251,19 @@ static epic_status mm_fp8_lt(epic_cuda_ops *c, const float *x, int64_t ldx, int6
   return EPIC_OK; /* a staged output is moved into y by the caller */
 }
 
+/* m <= EPIC_CUK_MMA_MAX_ROWS rows of x, rounded to bf16, times an FP8 weight on the
+ * tensor-core kernel. */
+static epic_status mm_fp8_mma(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t m,
+                              const epic_weight *w, float *y, int64_t ldy) {
+  epic_cuk_fp8_mma_args a = {
+      .ldx = w->cols, .w = w, .n_groups = 1, .active_groups = 1, .rows_max = m, .y = y, .ldy = ldy};
+  uint16_t *xb;
+  EPIC_CHECK(to_bf16(c, x, ldx, m, w->cols, &xb));
+  a.x = xb;
+  EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream), "matmul: FP8 tensor-core kernel");
+  return EPIC_OK;
+}
+
 epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m,
                              const epic_weight *w, float *y, int64_t ldy) {
   if (!epic_cuda_weight_ok(w) || !x || !y || m < 0 || ldx < w->cols || ldy < w->rows) {
@@ -294,6 +314,7 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
     EPIC_CHECK_CUDA(epic_cuk_fp8_skinny(x, ldx, m, w, y, ldy, c->sm_count, c->stream),
                     "matmul: FP8 skinny kernel");
     return EPIC_OK;
+  case EPIC_CUDA_MM_FP8_MMA: return mm_fp8_mma(c, x, ldx, m, w, y, ldy);
   case EPIC_CUDA_MM_DEQUANT_BF16:
   case EPIC_CUDA_MM_DEQUANT_F32: {
     const int bf = path == EPIC_CUDA_MM_DEQUANT_BF16;
@@ -328,8 +349,10 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
 
 /* ---------------------------------------------------------------- grouped */
 
-/* Groups with at most this many rows go through the grouped skinny kernel (each pass
- * of four rows re-reads the weight tile, mostly from L2); larger ones are GEMMs. */
+/* Groups with at most this many rows go through the grouped fp32 kernel (each pass
+ * of four rows re-reads the weight tile, mostly from L2); larger ones are GEMMs.
+ * Applies to the FP32 choice of epic_cuda_fp8_small; the MMA one takes groups of up to
+ * EPIC_CUK_MMA_MAX_ROWS rows in one tensor-core launch. */
 enum { EPIC_CUDA_GROUPED_MAX_ROWS = 16 };
 
 /* Rows per GEMM of the exact-precision grouped path: every group is multiplied in
@@ -340,21 +363,24 @@ enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
  * expert's rows split over its copies land in smaller groups on other ranks; also
  * batch composition). A row's result depends only on the row and the weight when
  * every path a row can take computes it alone, the same way:
- * - FP8 groups of 1..16 rows (fast precision) always take the fp32 per-row kernel of
- *   kern_fp8_skinny.cu: one launch of the grouped kernel, or skinny launches of at most
- *   four rows, which run the same per-token code (row_pairs: each token's dot
- *   products in one fixed order, whatever tokens share the pass). Before, a lone group
- *   of 5..16 rows went to cuBLASLt instead, so a group's path hung on the others.
+ * - FP8, fast precision, MMA kernels (the default): every group of 1..64 rows goes
+ *   through kern_fp8_mma.cu, in the grouped launch or as a dense matmul of its rows,
+ *   whose per-output operations do not depend on the other rows (see that file); dense
+ *   matmuls of m <= EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows take the same kernel (except
+ *   the smallest, see ops_cuda.h), so a row also gets the same result from such a
+ *   dense call and the grouped op.
+ * - FP8, fast precision, FP32 kernels: groups of 1..16 rows take the fp32 per-row
+ *   kernel of kern_fp8_skinny.cu (one grouped launch, or skinny launches of at most
+ *   four rows, which run the same per-token code).
  * - Exact precision: grouped_exact below runs one GEMM shape for every chunk of every
  *   group (m = 16 staged rows, the same strides and buffers), so cuBLAS picks the
  *   same kernel each time; its tile covers the 16 rows in one column block, and a
  *   GEMM kernel sums each output in an order fixed by its tile and k loop, not by the
  *   values or the number of other rows.
- * - Fast precision, FP8 groups of more than 16 rows and BF16 / F16 weights: one cuBLAS /
- *   cuBLASLt GEMM per group whose algorithm, and for FP8 even the numerics (e4m3
- *   activations instead of fp32 ones), depend on the group's row count: a row's
- *   result can change with its group's size there. That is why the engine leaves
- *   EPLB off by default on GPU ranks (coordinator/engine.c). */
+ * - Fast precision, larger FP8 groups and BF16 / F16 weights: one cuBLAS / cuBLASLt
+ *   GEMM per group whose algorithm, and for FP8 even the numerics (e4m3 activations),
+ *   depend on the group's row count: a row's result can change with its group's size
+ *   there. */
 
 static int same_layout(const epic_weight *a, const epic_weight *b) {
   return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols &&
@@ -380,7 +406,8 @@ static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *
     const epic_weight *wg = &w[g * stride];
     if (!wg->data)
       continue; /* another rank's expert: never given rows here */
-    if (!same_layout(wg, shape) || !epic_cuk_fp8_grouped_ok(wg)) {
+    /* the caller checked the shape against its kernel; each storage must match it */
+    if (!same_layout(wg, shape) || !aligned16(wg->data) || !wg->scale_inv) {
       free(h);
       return NULL;
     }
@@ -502,7 +529,9 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
   epic_cuda_ops *c = epic_cuda_of(o);
   const epic_weight *shape = NULL;
   const epic_cuk_group_w *tab = NULL;
-  int64_t small = 0;
+  const int mma = c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA;
+  const int64_t lim = mma ? EPIC_CUK_MMA_MAX_ROWS : EPIC_CUDA_GROUPED_MAX_ROWS;
+  int64_t small = 0, small_max = 0;
   if (n_groups < 0 || !off_host || (n_groups > 0 && !w))
     return EPIC_ERR_INVALID;
   for (int64_t g = 0; g < n_groups; g++) {
@@ -511,30 +540,58 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
       return EPIC_ERR_INVALID;
     if (rows > 0 && !shape)
       shape = &w[g * w_stride];
-    small += rows > 0 && rows <= EPIC_CUDA_GROUPED_MAX_ROWS;
+    if (rows > 0 && rows <= lim) {
+      small++;
+      small_max = rows > small_max ? rows : small_max;
+    }
   }
   if (c->exact_matmul)
     return grouped_exact(c, x, ldx, off_host, n_groups, w, w_stride, y, ldy);
-  /* One launch pays when several groups are small (decode); a lone small group takes
-   * the skinny launches below, which compute its rows alike. */
-  if (shape && small > 1 && off_dev && n_groups <= 65535 && off_host[n_groups] <= INT32_MAX &&
-      epic_cuk_fp8_grouped_ok(shape)) {
+  /* One launch for the small groups. The fp32 kernel leaves a lone small group to the
+   * skinny launches below, which compute its rows alike; the tensor-core kernel's dense
+   * form is the same code, so it takes any number. */
+  const int kernel_ok = shape && ldx >= shape->cols && ldy >= shape->rows &&
+                        (mma ? epic_cuk_fp8_mma_ok(shape) : epic_cuk_fp8_grouped_ok(shape));
+  if (kernel_ok && small > (mma ? 0 : 1) && off_dev && n_groups <= 65535 &&
+      off_host[n_groups] <= INT32_MAX) {
     epic_status st;
     tab = group_table(c, w, w_stride, n_groups, shape, &st);
     EPIC_CHECK(st);
   }
-  if (tab)
+  if (tab && mma) {
+    epic_cuk_fp8_mma_args a = {.w = shape,
+                               .off = off_dev,
+                               .tab = tab,
+                               .n_groups = n_groups,
+                               .active_groups = small,
+                               .rows_max = small_max,
+                               .y = y,
+                               .ldy = ldy};
+    uint16_t *xb;
+    EPIC_CHECK(to_bf16(c, x, ldx, off_host[n_groups], shape->cols, &xb));
+    a.x = xb;
+    a.ldx = shape->cols;
+    EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream),
+                    "grouped matmul: FP8 tensor-core kernel");
+  } else if (tab) {
     EPIC_CHECK_CUDA(epic_cuk_fp8_grouped(x, ldx, off_dev, n_groups, tab, shape,
                                          EPIC_CUDA_GROUPED_MAX_ROWS, y, ldy, c->stream),
                     "grouped FP8 kernel");
+  }
   for (int64_t g = 0; g < n_groups; g++) {
     const int64_t rows = off_host[g + 1] - off_host[g];
     const epic_weight *wg = &w[g * w_stride];
-    if (rows == 0 || (tab && rows <= EPIC_CUDA_GROUPED_MAX_ROWS))
+    if (rows == 0 || (tab && rows <= lim))
       continue;
-    if (rows <= EPIC_CUDA_GROUPED_MAX_ROWS && epic_cuda_weight_ok(wg) && wg->rows > 0 &&
-        ldx >= wg->cols && ldy >= wg->rows && epic_cuk_fp8_skinny_ok(wg, EPIC_CUK_SKINNY_MAX_M)) {
+    const int fits = epic_cuda_weight_ok(wg) && ldx >= wg->cols && ldy >= wg->rows;
+    if (!mma && rows <= EPIC_CUDA_GROUPED_MAX_ROWS && fits && wg->rows > 0 &&
+        epic_cuk_fp8_skinny_ok(wg, EPIC_CUK_SKINNY_MAX_M)) {
       EPIC_CHECK(skinny_rows(c, x + off_host[g] * ldx, ldx, rows, wg, y + off_host[g] * ldy, ldy));
+      continue;
+    }
+    /* a small group without the table stays on the tensor-core kernel's numerics */
+    if (mma && rows <= EPIC_CUK_MMA_MAX_ROWS && fits && epic_cuk_fp8_mma_ok(wg)) {
+      EPIC_CHECK(mm_fp8_mma(c, x + off_host[g] * ldx, ldx, rows, wg, y + off_host[g] * ldy, ldy));
       continue;
     }
     EPIC_CHECK(

@@ -1,14 +1,25 @@
-/* Row invariance of the CUDA backend's grouped_matmul (kernels/cuda/ops_cuda_matmul.c,
- * "Row invariance"), the property expert re-placement (EPLB) needs for outputs not to
- * change: the same 40 rows of one expert split into groups in different ways (with
- * empty groups of other ranks' experts between them, and a group alone in its call)
- * must give every row bit for bit the same result
- *  - fast precision, FP8 weight, every group of at most 16 rows (the fp32 per-row
- *    kernel: one grouped launch, or skinny launches for a lone group);
+/* Row invariance of the CUDA backend's grouped_matmul and matmul (kernels/cuda/
+ * ops_cuda_matmul.c, "Row invariance"), the property expert re-placement (EPLB) and MTP
+ * verification need for outputs not to change: the same 40 rows of one expert split into
+ * groups in different ways (with empty groups of other ranks' experts between them, and
+ * groups alone in their call) must give every row bit for bit the same result
+ *  - fast precision, FP8 weight, MMA kind (the default, kern_fp8_mma.cu): groups of any
+ *    size 1..40 (one group of 40, 1 + 39, 40 single rows, ...), each group alone in a
+ *    call, and also the dense matmul of the rows 8 and 4 at a time (the dense calls
+ *    this weight sends to the kernel: EPIC_CUDA_FP8_MMA_DENSE_MAX_M at most, more than
+ *    EPIC_CUDA_FP8_SKINNY_MAX_M), which must equal the grouped results. The splits reach the kernel's
+ *    8-token tile counts 1, 2, 4 and 8 and different launch shapes (warps per row
+ *    group), and the shape has a column tail (K % 64 = 16, 9 scale blocks: uneven k
+ *    runs) and a partial last row group (N % 16 = 8);
+ *  - fast precision, FP8 weight, FP32 kind (epic_ops_cuda_set_fp8_small): every group
+ *    of at most 16 rows (the fp32 per-row kernel: one grouped launch, or skinny
+ *    launches for a lone group);
  *  - exact precision, FP8 and BF16 weights, groups of any size (fixed-shape SGEMMs).
- * Each result is also checked against the CPU backend (relative error 1e-5: both are
- * fp32 products). The fast path's groups of more than 16 rows (cuBLASLt, e4m3
- * activations) are not row-invariant: their difference is printed, not checked.
+ * Each result is also checked against the CPU backend: relative error 1e-5 on the same
+ * activations for the fp32 paths; for the MMA kind 1e-5 against the CPU on the
+ * bf16-rounded activations (what the kernel multiplies) and 1e-2 against the raw ones.
+ * The FP32 kind's groups of more than 16 rows (cuBLASLt, e4m3 activations) are not
+ * row-invariant: their difference is printed, not checked.
  * Exits 77 (CTest skip) without a GPU. EPIC_TEST_SEED=<n> replays a run. */
 #include <math.h>
 #include <setjmp.h>
@@ -25,17 +36,16 @@
 #include "kernels/ops.h"
 #include "tests/common/test_rng.h"
 
-enum { ROWS = 40, N = 384, K = 1024, MAX_GROUPS = 16 };
-
+enum { ROWS = 40, N = 1000, K = 1040, MAX_GROUPS = 48, MAX_LISTS = 64 };
 
 static epic_ops *g_cpu, *g_gpu;
 
 /* Weight lists handed to grouped_matmul: the backend caches a device table per list
  * address, so every call gets a list of its own that lives as long as the backend. */
-static epic_weight g_lists[64][MAX_GROUPS];
+static epic_weight g_lists[MAX_LISTS][MAX_GROUPS];
 static int g_n_lists;
 static epic_weight *new_list(void) {
-  assert_true(g_n_lists < 64);
+  assert_true(g_n_lists < MAX_LISTS);
   return g_lists[g_n_lists++];
 }
 
@@ -43,7 +53,7 @@ static int setup(void **state) {
   (void)state;
   if (epic_ops_cpu_create(0, &g_cpu) != EPIC_OK || epic_ops_cuda_create(0, &g_gpu) != EPIC_OK)
     return -1;
-  printf("# device: %s\n", epic_ops_cuda_device_name(g_gpu));
+  printf("# device: %s, %d SMs\n", epic_ops_cuda_device_name(g_gpu), epic_ops_cuda_sm_count(g_gpu));
   return 0;
 }
 static int teardown(void **state) {
@@ -53,10 +63,26 @@ static int teardown(void **state) {
   return 0;
 }
 
+static void *xmalloc(size_t n) {
+  void *p = malloc(n ? n : 1);
+  assert_non_null(p);
+  return p;
+}
+
 static void *dup_dev(const void *h, size_t bytes) {
   void *d = NULL;
   assert_int_equal(g_gpu->vt->alloc(g_gpu, bytes, &d), EPIC_OK);
   assert_int_equal(g_gpu->vt->upload(g_gpu, d, h, bytes), EPIC_OK);
+  return d;
+}
+
+/* A device buffer of `bytes` with all bits set (NaN floats): an unwritten output fails
+ * every comparison. */
+static float *poisoned_dev(size_t bytes) {
+  unsigned char *h = xmalloc(bytes);
+  memset(h, 0xff, bytes);
+  float *d = dup_dev(h, bytes);
+  free(h);
   return d;
 }
 
@@ -74,8 +100,8 @@ static wpair make_weight(epic_dtype dt) {
   w.h.dtype = dt;
   w.h.rows = N;
   w.h.cols = K;
-  w.data = malloc(n * epic_dtype_size(dt));
-  assert_non_null(w.data);
+  w.data = xmalloc(n * epic_dtype_size(dt));
+  const size_t nb = (size_t)((N + 127) / 128) * (size_t)((K + 127) / 128);
   if (dt == EPIC_DT_F8E4M3) {
     uint8_t *p = w.data;
     for (size_t i = 0; i < n; i++) {
@@ -85,9 +111,7 @@ static wpair make_weight(epic_dtype dt) {
       while ((c & 0x7f) == 0x7f); /* no NaN codes */
       p[i] = c;
     }
-    const size_t nb = (size_t)((N + 127) / 128) * (size_t)((K + 127) / 128);
-    w.scale = malloc(nb * sizeof(float));
-    assert_non_null(w.scale);
+    w.scale = xmalloc(nb * sizeof(float));
     for (size_t i = 0; i < nb; i++)
       w.scale[i] = (1.5f + rng_f()) * 1e-3f;
     w.h.scale_inv = w.scale;
@@ -100,7 +124,7 @@ static wpair make_weight(epic_dtype dt) {
   w.d = w.h;
   w.d.data = dup_dev(w.data, n * epic_dtype_size(dt));
   if (w.scale)
-    w.d.scale_inv = dup_dev(w.scale, (size_t)((N + 127) / 128) * ((K + 127) / 128) * sizeof(float));
+    w.d.scale_inv = dup_dev(w.scale, nb * sizeof(float));
   return w;
 }
 
@@ -127,13 +151,45 @@ static void run_split(const wpair *w, const float *dx, const int64_t *sizes, int
   }
   assert_int_equal(off[n], ROWS);
   int32_t *doff = dup_dev(off32, sizeof off32);
-  float *dy = NULL;
-  assert_int_equal(g_gpu->vt->alloc(g_gpu, (size_t)ROWS * N * sizeof(float), (void **)&dy),
-                   EPIC_OK);
+  float *dy = poisoned_dev((size_t)ROWS * N * sizeof(float));
   assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, K, off, doff, n, list, 1, dy, N), EPIC_OK);
   assert_int_equal(g_gpu->vt->download(g_gpu, y, dy, (size_t)ROWS * N * sizeof(float)), EPIC_OK);
   g_gpu->vt->free(g_gpu, dy);
   g_gpu->vt->free(g_gpu, doff);
+}
+
+/* The same groups, each alone in a grouped_matmul call of one group (its rows at the
+ * start of x and y of the call), into y [ROWS][N] in row order. */
+static void run_lone_groups(const wpair *w, const float *dx, const int64_t *sizes, int n,
+                            float *y) {
+  int64_t r0 = 0;
+  for (int g = 0; g < n; g++) {
+    const int64_t rows = sizes[g], off[2] = {0, rows};
+    if (rows == 0)
+      continue;
+    int32_t off32[2] = {0, (int32_t)rows};
+    int32_t *doff = dup_dev(off32, sizeof off32);
+    float *dy = poisoned_dev((size_t)rows * N * sizeof(float));
+    epic_weight *list = new_list();
+    list[0] = w->d;
+    assert_int_equal(
+        g_gpu->vt->grouped_matmul(g_gpu, dx + r0 * K, K, off, doff, 1, list, 1, dy, N), EPIC_OK);
+    assert_int_equal(g_gpu->vt->download(g_gpu, y + r0 * N, dy, (size_t)rows * N * sizeof(float)),
+                     EPIC_OK);
+    g_gpu->vt->free(g_gpu, dy);
+    g_gpu->vt->free(g_gpu, doff);
+    r0 += rows;
+  }
+  assert_int_equal(r0, ROWS);
+}
+
+/* The dense matmul of the 40 rows in calls of m rows each (m divides ROWS). */
+static void run_dense(const wpair *w, const float *dx, int64_t m, float *y) {
+  float *dy = poisoned_dev((size_t)ROWS * N * sizeof(float));
+  for (int64_t r0 = 0; r0 < ROWS; r0 += m)
+    assert_int_equal(g_gpu->vt->matmul(g_gpu, dx + r0 * K, K, m, &w->d, dy + r0 * N, N), EPIC_OK);
+  assert_int_equal(g_gpu->vt->download(g_gpu, y, dy, (size_t)ROWS * N * sizeof(float)), EPIC_OK);
+  g_gpu->vt->free(g_gpu, dy);
 }
 
 static double rel_err(const float *a, const float *ref, size_t n) {
@@ -147,29 +203,51 @@ static double rel_err(const float *a, const float *ref, size_t n) {
   return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
+/* Every row of got equals the same row of want bit for bit. */
+static void same_rows(const char *what, const float *got, const float *want) {
+  for (int r = 0; r < ROWS; r++)
+    if (memcmp(got + (size_t)r * N, want + (size_t)r * N, N * sizeof(float)))
+      fail_msg("%s: row %d differs", what, r);
+}
+
+static void check_cpu(const char *what, const float *y, const float *ref, double tol) {
+  const double err = rel_err(y, ref, (size_t)ROWS * N);
+  printf("#   %s: rel err vs CPU %.3e (limit %.0e)\n", what, err, tol);
+  if (!(err <= tol))
+    fail_msg("%s: relative error %.3e vs the CPU above %.0e", what, err, tol);
+}
+
+/* ROWS x K random activations on host (x) and device (returned). */
+static float *random_rows(float *x) {
+  for (size_t i = 0; i < (size_t)ROWS * K; i++)
+    x[i] = rng_f();
+  return dup_dev(x, (size_t)ROWS * K * sizeof(float));
+}
+
+/* The CPU's product of the 40 rows (one group) into ref [ROWS][N]. */
+static void cpu_ref(const wpair *w, const float *x, float *ref) {
+  const int64_t one[2] = {0, ROWS};
+  assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, x, K, one, NULL, 1, &w->h, 1, ref, N), EPIC_OK);
+}
+
 /* Every split's rows equal the first split's bit for bit, and the CPU's to 1e-5. */
 static void check_splits(const char *what, const wpair *w, const int64_t (*splits)[MAX_GROUPS],
                          const int *n_groups, int n_splits) {
-  float *x = malloc((size_t)ROWS * K * sizeof(float)),
-        *ref = malloc((size_t)ROWS * N * sizeof(float));
-  float *first = malloc((size_t)ROWS * N * sizeof(float)),
-        *y = malloc((size_t)ROWS * N * sizeof(float));
-  assert_true(x && ref && first && y);
-  for (size_t i = 0; i < (size_t)ROWS * K; i++)
-    x[i] = rng_f();
-  float *dx = dup_dev(x, (size_t)ROWS * K * sizeof(float));
-  const int64_t one[2] = {0, ROWS};
-  assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, x, K, one, NULL, 1, &w->h, 1, ref, N), EPIC_OK);
+  float *x = xmalloc((size_t)ROWS * K * sizeof(float)),
+        *ref = xmalloc((size_t)ROWS * N * sizeof(float));
+  float *first = xmalloc((size_t)ROWS * N * sizeof(float)),
+        *y = xmalloc((size_t)ROWS * N * sizeof(float));
+  float *dx = random_rows(x);
+  cpu_ref(w, x, ref);
   for (int s = 0; s < n_splits; s++) {
+    char msg[128];
     run_split(w, dx, splits[s], n_groups[s], s ? y : first);
-    const double err = rel_err(s ? y : first, ref, (size_t)ROWS * N);
-    printf("#   %s, split %d: rel err vs CPU %.3e\n", what, s, err);
-    if (!(err <= 1e-5))
-      fail_msg("%s, split %d: relative error %.3e vs the CPU", what, s, err);
-    if (s)
-      for (int r = 0; r < ROWS; r++)
-        if (memcmp(y + (size_t)r * N, first + (size_t)r * N, N * sizeof(float)))
-          fail_msg("%s: row %d differs between split 0 and split %d", what, r, s);
+    snprintf(msg, sizeof msg, "%s, split %d", what, s);
+    check_cpu(msg, s ? y : first, ref, 1e-5);
+    if (s) {
+      snprintf(msg, sizeof msg, "%s: split %d vs split 0", what, s);
+      same_rows(msg, y, first);
+    }
   }
   g_gpu->vt->free(g_gpu, dx);
   free(x);
@@ -178,9 +256,90 @@ static void check_splits(const char *what, const wpair *w, const int64_t (*split
   free(y);
 }
 
-static void test_fast_small_groups(void **state) {
+static void test_fast_mma_any_groups(void **state) {
   (void)state;
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, EPIC_CUDA_FP8_SMALL_MMA), EPIC_OK);
+  wpair w = make_weight(EPIC_DT_F8E4M3);
+  /* Largest group 40, 39, 16, 33, 23, 32, 15, 4 and 1 rows (8-token tiles 8, 8, 2, 8, 4,
+   * 4, 2, 1, 1), 1 to 40 groups with rows (different launch shapes). */
+  int64_t splits[][MAX_GROUPS] = {
+      {40},
+      {1, 39},
+      {7, 3, 16, 14},
+      {0, 7, 0, 33},
+      {17, 23},
+      {3, 5, 32},
+      {3, 0, 13, 1, 0, 15, 8},
+      {4, 4, 4, 4, 4, 4, 4, 4, 4, 4},
+      {0}, /* 40 single rows with an empty group after every fifth: filled below */
+  };
+  int n_groups[] = {1, 2, 4, 4, 2, 3, 7, 10, MAX_GROUPS};
+  enum { N_SPLITS = (int)(sizeof n_groups / sizeof n_groups[0]) };
+  for (int g = 0; g < MAX_GROUPS; g++)
+    splits[N_SPLITS - 1][g] = g % 6 == 5 ? 0 : 1;
+
+  float *x = xmalloc((size_t)ROWS * K * sizeof(float));
+  float *xr = xmalloc((size_t)ROWS * K * sizeof(float));
+  float *ref = xmalloc((size_t)ROWS * N * sizeof(float));
+  float *rref = xmalloc((size_t)ROWS * N * sizeof(float));
+  float *first = xmalloc((size_t)ROWS * N * sizeof(float));
+  float *y = xmalloc((size_t)ROWS * N * sizeof(float));
+  float *dx = random_rows(x);
+  for (size_t i = 0; i < (size_t)ROWS * K; i++) /* what the kernel multiplies */
+    xr[i] = epic_bf16_to_f32(epic_f32_to_bf16(x[i]));
+  cpu_ref(&w, x, ref);
+  cpu_ref(&w, xr, rref);
+
+  char msg[128];
+  for (int s = 0; s < N_SPLITS; s++) {
+    run_split(&w, dx, splits[s], n_groups[s], s ? y : first);
+    snprintf(msg, sizeof msg, "fast FP8 mma, split %d, raw activations", s);
+    check_cpu(msg, s ? y : first, ref, 1e-2);
+    snprintf(msg, sizeof msg, "fast FP8 mma, split %d, bf16-rounded activations", s);
+    check_cpu(msg, s ? y : first, rref, 1e-5);
+    if (s) {
+      snprintf(msg, sizeof msg, "fast FP8 mma: split %d vs split 0", s);
+      same_rows(msg, y, first);
+    }
+  }
+  printf("#   fast FP8 mma: %d splits (groups of 1..40 rows) bit-identical\n", N_SPLITS);
+  /* Groups alone in their call (the grouped launch of one group). */
+  for (int s = 1; s <= 3; s++) {
+    run_lone_groups(&w, dx, splits[s], n_groups[s], y);
+    snprintf(msg, sizeof msg, "fast FP8 mma: split %d's groups each alone vs split 0", s);
+    same_rows(msg, y, first);
+  }
+  printf("#   fast FP8 mma: lone groups of 1, 39, 7, 3, 16, 14, 7, 33 rows bit-identical\n");
+  /* The dense matmul in calls of the largest and the smallest m it sends to the kernel
+   * for this (small) weight: the smallest calls on small weights take the fp32 skinny
+   * kernel (ops_cuda.h). */
+  enum { DM = EPIC_CUDA_FP8_MMA_DENSE_MAX_M, DS = 4 };
+  _Static_assert(ROWS % DM == 0 && ROWS % DS == 0 && (int)DS > (int)EPIC_CUDA_FP8_SKINNY_MAX_M,
+                 "the dense calls cover the rows on the kernel");
+  assert_int_equal(epic_ops_cuda_matmul_path(g_gpu, &w.d, DM, N), EPIC_CUDA_MM_FP8_MMA);
+  assert_int_equal(epic_ops_cuda_matmul_path(g_gpu, &w.d, DS, N), EPIC_CUDA_MM_FP8_MMA);
+  run_dense(&w, dx, DM, y);
+  same_rows("fast FP8 mma: dense matmul m=8 vs grouped", y, first);
+  run_dense(&w, dx, DS, y);
+  same_rows("fast FP8 mma: dense matmul m=4 vs grouped", y, first);
+  printf("#   fast FP8 mma: dense matmuls of m=%d and m=%d equal the grouped op\n", (int)DM,
+         (int)DS);
+
+  g_gpu->vt->free(g_gpu, dx);
+  free(x);
+  free(xr);
+  free(ref);
+  free(rref);
+  free(first);
+  free(y);
+  free_weight(&w);
+}
+
+static void test_fast_fp32_small_groups(void **state) {
+  (void)state;
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, EPIC_CUDA_FP8_SMALL_FP32), EPIC_OK);
   wpair w = make_weight(EPIC_DT_F8E4M3);
   /* Groups of at most 16 rows, several per call: one grouped launch each. */
   const int64_t splits[][MAX_GROUPS] = {
@@ -190,51 +349,33 @@ static void test_fast_small_groups(void **state) {
       {0, 10, 10, 10, 10, 0},
   };
   const int n_groups[] = {3, 7, 9, 6};
-  check_splits("fast FP8, groups <= 16 rows", &w, splits, n_groups, 4);
+  check_splits("fast FP8 fp32 kind, groups <= 16 rows", &w, splits, n_groups, 4);
   /* Lone groups: rows [0, 7) alone, then [7, 10) alone, ... against a grouped call. */
   {
-    float *x = malloc((size_t)ROWS * K * sizeof(float)),
-          *a = malloc((size_t)ROWS * N * sizeof(float));
-    float *b = malloc((size_t)ROWS * N * sizeof(float));
-    assert_true(x && a && b);
-    for (size_t i = 0; i < (size_t)ROWS * K; i++)
-      x[i] = rng_f();
-    float *dx = dup_dev(x, (size_t)ROWS * K * sizeof(float));
+    float *x = xmalloc((size_t)ROWS * K * sizeof(float)),
+          *a = xmalloc((size_t)ROWS * N * sizeof(float));
+    float *b = xmalloc((size_t)ROWS * N * sizeof(float));
+    float *dx = random_rows(x);
     const int64_t grouped[MAX_GROUPS] = {7, 3, 16, 14};
     run_split(&w, dx, grouped, 4, a);
     /* The same groups each alone in a call (skinny launches of at most 4 rows). */
-    int64_t r0 = 0;
-    for (int g = 0; g < 4; g++) {
-      const int64_t rows = grouped[g], off[2] = {0, rows};
-      int32_t off32[2] = {0, (int32_t)rows};
-      int32_t *doff = dup_dev(off32, sizeof off32);
-      float *dy = NULL;
-      epic_weight *list = new_list();
-      list[0] = w.d;
-      assert_int_equal(g_gpu->vt->alloc(g_gpu, (size_t)rows * N * sizeof(float), (void **)&dy),
-                       EPIC_OK);
-      assert_int_equal(
-          g_gpu->vt->grouped_matmul(g_gpu, dx + r0 * K, K, off, doff, 1, list, 1, dy, N), EPIC_OK);
-      assert_int_equal(g_gpu->vt->download(g_gpu, b + r0 * N, dy, (size_t)rows * N * sizeof(float)),
-                       EPIC_OK);
-      g_gpu->vt->free(g_gpu, dy);
-      g_gpu->vt->free(g_gpu, doff);
-      r0 += rows;
-    }
-    assert_memory_equal(a, b, (size_t)ROWS * N * sizeof(float));
-    printf("#   fast FP8: lone groups of 7, 3, 16, 14 rows equal the grouped launch bit for bit\n");
+    run_lone_groups(&w, dx, grouped, 4, b);
+    same_rows("fast FP8 fp32 kind: lone groups vs the grouped launch", b, a);
+    printf("#   fast FP8 fp32 kind: lone groups of 7, 3, 16, 14 rows equal the grouped launch "
+           "bit for bit\n");
     /* Not claimed: a group of more than 16 rows (cuBLASLt, e4m3 activations). */
     const int64_t big[MAX_GROUPS] = {40};
     run_split(&w, dx, big, 1, b);
-    printf(
-        "#   fast FP8: one group of 40 rows vs groups <= 16: rel diff %.3e (not row-invariant)\n",
-        rel_err(b, a, (size_t)ROWS * N));
+    printf("#   fast FP8 fp32 kind: one group of 40 rows vs groups <= 16: rel diff %.3e "
+           "(not row-invariant)\n",
+           rel_err(b, a, (size_t)ROWS * N));
     g_gpu->vt->free(g_gpu, dx);
     free(x);
     free(a);
     free(b);
   }
   free_weight(&w);
+  assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, EPIC_CUDA_FP8_SMALL_MMA), EPIC_OK);
 }
 
 static void test_exact_any_groups(void **state) {
@@ -260,7 +401,8 @@ int main(void) {
   }
   rng_seed_from_env();
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_fast_small_groups),
+      cmocka_unit_test(test_fast_mma_any_groups),
+      cmocka_unit_test(test_fast_fp32_small_groups),
       cmocka_unit_test(test_exact_any_groups),
   };
   return cmocka_run_group_tests_name("grouped_rows_cuda", tests, setup, teardown);

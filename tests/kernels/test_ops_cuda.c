@@ -4,12 +4,16 @@
  * 64-row pages and shuffled block tables). Device outputs are poisoned (all bits set:
  * NaN floats, -1 ints) before every call, so an unwritten element fails the check.
  * Errors are relative Frobenius norms ||gpu - cpu|| / ||cpu|| with per-precision limits:
- * fp32 ops 1e-5 (also the decode-sized FP8 kernel, which keeps fp32 activations),
- * bf16 GEMM 1e-2, FP8 cuBLASLt GEMM 5e-2 against the exact product (the e4m3
- * activation rounding alone is about 2.5e-2) and 2e-3 against the product of the same
- * quantised activations (which isolates the GEMM and its scale layouts), TF32
- * attention 5e-3, the bf16-cache decode kernel 3e-3 against the same bf16 rows and
- * bf16-rounded queries (BF16_MLA_TOL). Exits 77 (CTest skip) when no GPU is present.
+ * fp32 ops 1e-5 (also the fp32 FP8 kernels, which keep fp32 activations),
+ * bf16 GEMM 1e-2, the tensor-core FP8 kernel 1e-2 against the exact product and 1e-5
+ * against the product of the same bf16-rounded activations (FP8_MMA_*), FP8 cuBLASLt
+ * GEMM 5e-2 against the exact product (the e4m3 activation rounding alone is about
+ * 2.5e-2) and 2e-3 against the product of the same quantised activations (which
+ * isolates the GEMM and its scale layouts), TF32 attention 5e-3, the bf16-cache decode
+ * kernel 3e-3 against the same bf16 rows and bf16-rounded queries (BF16_MLA_TOL). FP8
+ * matmuls run under both epic_cuda_fp8_small kinds (the tensor-core kernel, which must
+ * also give a row alone the same bits, and the fp32 kernels); subnormal e4m3 codes must
+ * give exact sums. Exits 77 (CTest skip) when no GPU is present.
  * The seed is printed; EPIC_TEST_SEED=<n> replays a run. */
 #include <math.h>
 #include <setjmp.h>
@@ -78,6 +82,20 @@ static void poison(void *d, size_t bytes) {
 }
 static void fetch(void *h, const void *d, size_t bytes) {
   assert_int_equal(g_gpu->vt->download(g_gpu, h, d, bytes), EPIC_OK);
+}
+
+/* x rounded to bf16 (nearest even, as the GPU's conversions round) and widened back:
+ * what a bf16 cache row holds and what the tensor-core FP8 kernel multiplies. */
+static float bf16_round(float x) {
+  return epic_bf16_to_f32(epic_f32_to_bf16(x));
+}
+
+/* Round n floats of x to bf16 and widen them back, into a new array. */
+static float *rounded_copy(const float *x, size_t n) {
+  float *y = xmalloc(n ? n * 4 : 4);
+  for (size_t i = 0; i < n; i++)
+    y[i] = bf16_round(x[i]);
+  return y;
 }
 
 /* ||got - ref|| / ||ref|| over rows x cols of two strided arrays; non-finite got fails. */
@@ -206,48 +224,129 @@ static void quantise_like_gpu(const float *x, int64_t ldx, int64_t m, int64_t k,
     }
 }
 
+/* The FP8 kernel choices of epic_ops_cuda_set_fp8_small: every FP8 matmul case runs under
+ * both on the same data (MMA, the default, first) and the default is set back after. */
+static const epic_cuda_fp8_small fp8_kinds[2] = {EPIC_CUDA_FP8_SMALL_MMA,
+                                                 EPIC_CUDA_FP8_SMALL_FP32};
+static const char *const fp8_kind_names[2] = {"mma", "fp32"};
+
+static void set_fp8_kind(int kind) {
+  assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, fp8_kinds[kind]), EPIC_OK);
+}
+
+/* Whether the MMA kind must send this FP8 matmul to the tensor-core kernel: m <=
+ * EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows
+ * and a shape kern_fp8_mma.cu takes (cols and block rows multiples of 16, block columns
+ * multiples of 64; the test's device weights are 16-byte aligned). */
+static int mma_expected(const epic_weight *w, int64_t m) {
+  /* the smallest calls on small weights stay on the fp32 skinny kernel (ops_cuda.h),
+   * which takes m tokens of cols fp32 values in 160 KB of shared memory */
+  const int skinny = m <= EPIC_CUDA_FP8_SKINNY_MAX_M &&
+                     w->rows * w->cols < EPIC_CUDA_FP8_SKINNY_MAX_BYTES &&
+                     m * w->cols * 4 <= 160 * 1024;
+  return w->dtype == EPIC_DT_F8E4M3 && m >= 1 && m <= EPIC_CUDA_FP8_MMA_DENSE_MAX_M &&
+         !skinny && w->cols % 16 == 0 && w->block_cols % 64 == 0 && w->block_rows % 16 == 0;
+}
+
+/* Limits of the tensor-core FP8 kernel: against raw activations their rounding to bf16
+ * (2^-9 relative each, about 1e-3 on the sums); against the CPU on the same bf16-rounded
+ * activations only fp32 summation order (e4m3 weights convert exactly, block scales are
+ * applied in fp32). */
+#define FP8_MMA_TOL 1e-2
+#define FP8_MMA_ROUNDED_TOL 1e-5
+
+/* Row invariance of the tensor-core kernel: x's last row in the smallest call the
+ * kernel takes for w (alone, or with the rows before it) must give that row of the
+ * m-row call (y, stride ldy) bit for bit. */
+static void check_last_row_alone(const float *dx, int64_t ldx, int64_t m, const epic_weight *w,
+                                 const float *y, int64_t ldy) {
+  const int64_t n = w->rows;
+  const int64_t m1 = mma_expected(w, 1) ? 1 : EPIC_CUDA_FP8_SKINNY_MAX_M + 1;
+  if (m1 >= m)
+    return;
+  float *d1 = dalloc((size_t)(m1 * n) * 4), *y1 = xmalloc((size_t)(m1 * n) * 4);
+  poison(d1, (size_t)(m1 * n) * 4);
+  assert_int_equal(epic_ops_cuda_matmul_path(g_gpu, w, m1, n), EPIC_CUDA_MM_FP8_MMA);
+  assert_int_equal(g_gpu->vt->matmul(g_gpu, dx + (m - m1) * ldx, ldx, m1, w, d1, n), EPIC_OK);
+  fetch(y1, d1, (size_t)(m1 * n) * 4);
+  const float *last = y1 + (m1 - 1) * n;
+  for (int64_t r = 0; r < n; r++)
+    if (memcmp(&last[r], &y[(m - 1) * ldy + r], 4))
+      fail_msg("fp8_mma: row %lld of %lld in a call of %lld differs at output %lld: %.9g, in "
+               "the call %.9g",
+               (long long)(m - 1), (long long)m, (long long)m1, (long long)r, last[r],
+               y[(m - 1) * ldy + r]);
+  printf("#     last row in a call of m=%lld: bit-identical\n", (long long)m1);
+  dfree(d1);
+  free(y1);
+}
+
 static void check_matmul(epic_dtype dt, int64_t rows, int64_t cols, int64_t m, int64_t br,
                          int64_t bc, int64_t pad) {
   tw t = tw_make(dt, rows, cols, br, bc);
   const int64_t ldx = cols + pad, ldy = rows + pad;
   float *x = xmalloc((size_t)(m * ldx) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
   float *ref = xmalloc((size_t)(m * rows) * 4);
+  float *rref = NULL; /* the CPU's product of the bf16-rounded x, made when a path needs it */
   fill(x, (size_t)(m * ldx), 2.0f);
   float *dx = dup_dev(x, (size_t)(m * ldx) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
-  poison(dy, (size_t)(m * ldy) * 4);
-  const epic_cuda_mm_path path = epic_ops_cuda_matmul_path(g_gpu, &t.d, m, ldy);
-  assert_int_equal(g_gpu->vt->matmul(g_gpu, dx, ldx, m, &t.d, dy, ldy), EPIC_OK);
-  fetch(y, dy, (size_t)(m * ldy) * 4);
   assert_int_equal(g_cpu->vt->matmul(g_cpu, x, ldx, m, &t.h, ref, rows), EPIC_OK);
-  char what[160];
-  snprintf(what, sizeof what, "matmul %s [%lld x %lld] m=%lld pad=%lld (%s)", epic_dtype_name(dt),
-           (long long)rows, (long long)cols, (long long)m, (long long)pad,
-           epic_cuda_mm_path_name(path));
-  const double err = rel_err2d(y, ldy, ref, rows, m, rows);
-  double tol = 1e-5;
-  if (path == EPIC_CUDA_MM_BF16 || path == EPIC_CUDA_MM_DEQUANT_BF16)
-    tol = 1e-2;
-  if (path == EPIC_CUDA_MM_FP8_LT || path == EPIC_CUDA_MM_FP8_LT_BF16)
-    tol = 5e-2;
-  check_err(what, err, tol);
-  if (path == EPIC_CUDA_MM_FP8_LT || path == EPIC_CUDA_MM_FP8_LT_BF16) {
-    float *xq = xmalloc((size_t)(m * cols) * 4), *qref = xmalloc((size_t)(m * rows) * 4);
-    quantise_like_gpu(x, ldx, m, cols, xq);
-    assert_int_equal(g_cpu->vt->matmul(g_cpu, xq, cols, m, &t.h, qref, rows), EPIC_OK);
-    snprintf(what, sizeof what, "  same vs quantised activations");
-    check_err(what, rel_err2d(y, ldy, qref, rows, m, rows),
-              path == EPIC_CUDA_MM_FP8_LT ? 2e-3 : 6e-3);
-    free(xq);
-    free(qref);
+  const int n_kinds = dt == EPIC_DT_F8E4M3 ? 2 : 1;
+  for (int kind = 0; kind < n_kinds; kind++) {
+    set_fp8_kind(kind);
+    poison(dy, (size_t)(m * ldy) * 4);
+    const epic_cuda_mm_path path = epic_ops_cuda_matmul_path(g_gpu, &t.d, m, ldy);
+    char what[160];
+    snprintf(what, sizeof what, "matmul %s [%lld x %lld] m=%lld pad=%lld (%s%s%s)",
+             epic_dtype_name(dt), (long long)rows, (long long)cols, (long long)m, (long long)pad,
+             epic_cuda_mm_path_name(path), n_kinds > 1 ? ", kind " : "",
+             n_kinds > 1 ? fp8_kind_names[kind] : "");
+    const int want_mma = kind == 0 && mma_expected(&t.d, m);
+    if ((path == EPIC_CUDA_MM_FP8_MMA) != want_mma)
+      fail_msg("%s: the tensor-core kernel was %sexpected", what, want_mma ? "" : "not ");
+    assert_int_equal(g_gpu->vt->matmul(g_gpu, dx, ldx, m, &t.d, dy, ldy), EPIC_OK);
+    fetch(y, dy, (size_t)(m * ldy) * 4);
+    const int lt = path == EPIC_CUDA_MM_FP8_LT || path == EPIC_CUDA_MM_FP8_LT_BF16;
+    double tol = 1e-5;
+    if (path == EPIC_CUDA_MM_BF16 || path == EPIC_CUDA_MM_DEQUANT_BF16)
+      tol = 1e-2;
+    if (path == EPIC_CUDA_MM_FP8_MMA)
+      tol = FP8_MMA_TOL;
+    if (lt)
+      tol = 5e-2;
+    check_err(what, rel_err2d(y, ldy, ref, rows, m, rows), tol);
+    if (lt) {
+      float *xq = xmalloc((size_t)(m * cols) * 4), *qref = xmalloc((size_t)(m * rows) * 4);
+      quantise_like_gpu(x, ldx, m, cols, xq);
+      assert_int_equal(g_cpu->vt->matmul(g_cpu, xq, cols, m, &t.h, qref, rows), EPIC_OK);
+      check_err("  same vs quantised activations", rel_err2d(y, ldy, qref, rows, m, rows),
+                path == EPIC_CUDA_MM_FP8_LT ? 2e-3 : 6e-3);
+      free(xq);
+      free(qref);
+    }
+    if (path == EPIC_CUDA_MM_FP8_MMA) {
+      if (!rref) {
+        float *xr = rounded_copy(x, (size_t)(m * ldx));
+        rref = xmalloc((size_t)(m * rows) * 4);
+        assert_int_equal(g_cpu->vt->matmul(g_cpu, xr, ldx, m, &t.h, rref, rows), EPIC_OK);
+        free(xr);
+      }
+      check_err("  same vs bf16-rounded activations", rel_err2d(y, ldy, rref, rows, m, rows),
+                FP8_MMA_ROUNDED_TOL);
+      if (m > 1)
+        check_last_row_alone(dx, ldx, m, &t.d, y, ldy);
+    }
+    for (int64_t i = 0; i < m; i++) /* the padding between rows stays untouched */
+      for (int64_t r = rows; r < ldy; r++)
+        assert_true(isnan(y[i * ldy + r]));
   }
-  for (int64_t i = 0; i < m; i++) /* the padding between rows stays untouched */
-    for (int64_t r = rows; r < ldy; r++)
-      assert_true(isnan(y[i * ldy + r]));
+  set_fp8_kind(0);
   dfree(dx);
   dfree(dy);
   free(x);
   free(y);
   free(ref);
+  free(rref);
   tw_free(&t);
 }
 
@@ -261,7 +360,22 @@ static void test_matmul(void **state) {
   /* FP8 that cuBLASLt cannot take: odd blocks, cols % 16 != 0 */
   check_matmul(EPIC_DT_F8E4M3, 80, 256, 3, 48, 40, 0);
   check_matmul(EPIC_DT_F8E4M3, 300, 200, 20, 128, 128, 0);
-  /* FP8 at DeepSeek-V3 shapes through cuBLASLt, with partial edge blocks */
+  check_matmul(EPIC_DT_F8E4M3, 100, 256, 6, 40, 128, 1); /* block rows % 16 != 0: no MMA */
+  /* The tensor-core kernel's edges: 8, 16, 33 and 64 tokens (one to eight 8-token
+   * tiles), 65 (past it: cuBLASLt), columns that end 16 past a 64-column step (208, 272,
+   * 1040, 1552), row counts that are not multiples of 16 (a partial last row group),
+   * padded x and y, 64-column and 16-row scale blocks, 5 and 9 column blocks (uneven
+   * k runs). */
+  check_matmul(EPIC_DT_F8E4M3, 256, 208, 8, 128, 128, 3);
+  check_matmul(EPIC_DT_F8E4M3, 1000, 1552, 16, 128, 128, 0);
+  check_matmul(EPIC_DT_F8E4M3, 300, 640, 33, 128, 128, 3);
+  check_matmul(EPIC_DT_F8E4M3, 576, 7168, 64, 128, 128, 0);
+  check_matmul(EPIC_DT_F8E4M3, 520, 1040, 64, 128, 128, 5);
+  check_matmul(EPIC_DT_F8E4M3, 512, 1024, 65, 128, 128, 1);
+  check_matmul(EPIC_DT_F8E4M3, 200, 320, 5, 64, 64, 2);
+  check_matmul(EPIC_DT_F8E4M3, 40, 272, 3, 16, 128, 0);
+  /* FP8 at DeepSeek-V3 shapes (the MMA kind: the tensor-core kernel up to 64 tokens; the
+   * FP32 kind: the skinny kernel up to 4, cuBLASLt beyond), with partial edge blocks */
   check_matmul(EPIC_DT_F8E4M3, 1536, 7168, 1, 128, 128, 0); /* q_a_proj, decode */
   check_matmul(EPIC_DT_F8E4M3, 1536, 7168, 33, 128, 128, 0);
   check_matmul(EPIC_DT_F8E4M3, 576, 7168, 5, 128, 128, 0);    /* kv_a: 4.5 row blocks */
@@ -279,21 +393,152 @@ static void test_matmul(void **state) {
   float *d = dalloc(64 * 4);
   assert_int_equal(g_gpu->vt->matmul(g_gpu, d, 3, 1, &t.d, d, 4), EPIC_ERR_INVALID);
   assert_int_equal(g_gpu->vt->matmul(g_gpu, d, 4, 0, &t.d, d, 4), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, (epic_cuda_fp8_small)2), EPIC_ERR_INVALID);
+  assert_int_equal(epic_ops_cuda_set_fp8_small(NULL, EPIC_CUDA_FP8_SMALL_MMA), EPIC_ERR_INVALID);
   dfree(d);
   tw_free(&t);
 }
 
-/* grouped_matmul: one launch over many experts against the CPU's per-group matmul.
- * Groups of at most 16 rows take the grouped FP8 kernel (fp32 products: tight error),
- * larger ones cuBLASLt (activation quantisation: looser), empty ones no weight. */
+/* The exact value of an e4m3 code (NaN codes excluded), decoded independently of the
+ * library: exponent field 0 is subnormal, mantissa * 2^-9. */
+static double e4m3_value(uint8_t c) {
+  const int e = (c >> 3) & 15, mant = c & 7;
+  const double v = e ? ldexp(8 + mant, e - 10) : ldexp(mant, -9);
+  return c & 0x80 ? -v : v;
+}
+
+/* FP8 weights whose codes are mostly e4m3 subnormals (exponent field 0: 0x01..0x07 and
+ * 0x81..0x87, every one of them in row 0) mixed with zeros and small normal codes
+ * (exponent fields 1..4), power-of-two block scales and small integer activations (exact
+ * in bf16): every product and partial sum is a multiple of 2^-10 below 2^10 in
+ * magnitude, exact in fp32 whatever the order, so the dense and the grouped op must
+ * equal an exact host sum bit for bit under both FP8 kinds (the tensor-core kernel, and
+ * the fp32 skinny kernel at m = 3), and so must the CPU reference. A conversion that lost
+ * or misread subnormal codes (the tensor-core kernel converts e4m3 through f16 exponents)
+ * shows up here as a nonzero difference. */
+static void test_fp8_subnormal_exact(void **state) {
+  (void)state;
+  enum { R = 256, C = 256, M = 3 };
+  tw t = tw_make(EPIC_DT_F8E4M3, R, C, 128, 128);
+  uint8_t *wb = t.data;
+  for (size_t i = 0; i < (size_t)R * C; i++) {
+    const uint64_t r = rng_u64();
+    const uint8_t sign = (uint8_t)(((r >> 8) & 1) << 7);
+    const unsigned pick = (unsigned)((r >> 12) % 10);
+    if (pick < 5)
+      wb[i] = sign | (uint8_t)(1 + (r >> 20) % 7); /* subnormal */
+    else if (pick == 5)
+      wb[i] = sign; /* +-0 */
+    else
+      wb[i] = sign | (uint8_t)((1 + (r >> 20) % 4) << 3) | (uint8_t)((r >> 28) % 8);
+  }
+  for (int j = 0; j < 14; j++)
+    wb[j] = (uint8_t)(j < 7 ? 0x01 + j : 0x81 + (j - 7));
+  static const float scales[4] = {1.0f, 2.0f, 0.5f, 1.0f}; /* [2 row blocks][2 col blocks] */
+  memcpy(t.scale, scales, sizeof scales);
+  assert_int_equal(g_gpu->vt->upload(g_gpu, t.ddata, t.data, (size_t)R * C), EPIC_OK);
+  assert_int_equal(g_gpu->vt->upload(g_gpu, t.dscale, t.scale, sizeof scales), EPIC_OK);
+  float x[M * C], exact[M * R], y[M * R];
+  for (int i = 0; i < M * C; i++)
+    x[i] = (float)((int)(rng_u64() % 17) - 8);
+  for (int i = 0; i < M; i++)
+    for (int r = 0; r < R; r++) {
+      double s = 0;
+      for (int c = 0; c < C; c++)
+        s += (double)x[i * C + c] * e4m3_value(wb[r * C + c]) * scales[(r / 128) * 2 + c / 128];
+      exact[i * R + r] = (float)s;
+      assert_true((double)exact[i * R + r] == s); /* the premise: exact in fp32 */
+    }
+  assert_int_equal(g_cpu->vt->matmul(g_cpu, x, C, M, &t.h, y, R), EPIC_OK);
+  for (int i = 0; i < M * R; i++)
+    if (y[i] != exact[i])
+      fail_msg("CPU matmul, subnormal FP8 codes: output %d is %.9g, exact %.9g", i, y[i],
+               exact[i]);
+  float *dx = dup_dev(x, sizeof x), *dy = dalloc(sizeof y);
+  const int64_t off[2] = {0, M};
+  const int32_t off32[2] = {0, M};
+  int32_t *doff = dup_dev(off32, sizeof off32);
+  static epic_weight list[1]; /* the backend caches a device table per list address */
+  list[0] = t.d;
+  for (int kind = 0; kind < 2; kind++) {
+    set_fp8_kind(kind);
+    const epic_cuda_mm_path path = epic_ops_cuda_matmul_path(g_gpu, &t.d, M, R);
+    assert_int_equal(path, kind == 0 ? EPIC_CUDA_MM_FP8_MMA : EPIC_CUDA_MM_FP8_SKINNY);
+    for (int op = 0; op < 2; op++) {
+      poison(dy, sizeof y);
+      if (op == 0)
+        assert_int_equal(g_gpu->vt->matmul(g_gpu, dx, C, M, &t.d, dy, R), EPIC_OK);
+      else
+        assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, C, off, doff, 1, list, 1, dy, R),
+                         EPIC_OK);
+      fetch(y, dy, sizeof y);
+      double maxd = 0;
+      for (int i = 0; i < M * R; i++) {
+        const double dd = fabs((double)y[i] - exact[i]);
+        if (!(dd <= maxd)) /* NaN included */
+          maxd = isnan(dd) ? INFINITY : dd;
+      }
+      printf("#   %s FP8 subnormal codes [%d x %d] m=%d (%s, kind %s): max abs diff %g\n",
+             op ? "grouped_matmul" : "matmul", R, C, M, epic_cuda_mm_path_name(path),
+             fp8_kind_names[kind], maxd);
+      if (maxd != 0)
+        fail_msg("%s, subnormal FP8 codes, kind %s: max abs difference %g from the exact sum",
+                 op ? "grouped_matmul" : "matmul", fp8_kind_names[kind], maxd);
+    }
+  }
+  set_fp8_kind(0);
+  dfree(dx);
+  dfree(dy);
+  dfree(doff);
+  tw_free(&t);
+}
+
+/* Activations of about 2^-20 (1e-6) through the tensor-core kernel. It forms products at
+ * 2^-112 times their value (the factor of its exact e4m3 conversion, given back with the
+ * block scale), which puts most of these below fp32's normal range (2^-126) inside the
+ * tensor cores' accumulation: the result must still match the CPU on the same
+ * bf16-rounded activations to FP8_MMA_ROUNDED_TOL (gradual underflow keeps such sums;
+ * flushing them to zero would lose most of the result). */
+static void test_fp8_mma_small_activations(void **state) {
+  (void)state;
+  const int64_t rows = 384, cols = 1024, m = 4;
+  tw t = tw_make(EPIC_DT_F8E4M3, rows, cols, 128, 128);
+  float *x = xmalloc((size_t)(m * cols) * 4), *y = xmalloc((size_t)(m * rows) * 4);
+  fill(x, (size_t)(m * cols), 0x1p-20f);
+  float *xr = rounded_copy(x, (size_t)(m * cols)), *ref = xmalloc((size_t)(m * rows) * 4);
+  assert_int_equal(g_cpu->vt->matmul(g_cpu, xr, cols, m, &t.h, ref, rows), EPIC_OK);
+  float *dx = dup_dev(x, (size_t)(m * cols) * 4), *dy = dalloc((size_t)(m * rows) * 4);
+  poison(dy, (size_t)(m * rows) * 4);
+  assert_int_equal(epic_ops_cuda_matmul_path(g_gpu, &t.d, m, rows), EPIC_CUDA_MM_FP8_MMA);
+  assert_int_equal(g_gpu->vt->matmul(g_gpu, dx, cols, m, &t.d, dy, rows), EPIC_OK);
+  fetch(y, dy, (size_t)(m * rows) * 4);
+  check_err("matmul FP8 [384 x 1024] m=4, activations ~2^-20 (fp8_mma) vs bf16-rounded",
+            rel_err2d(y, rows, ref, rows, m, rows), FP8_MMA_ROUNDED_TOL);
+  dfree(dx);
+  dfree(dy);
+  free(x);
+  free(xr);
+  free(y);
+  free(ref);
+  tw_free(&t);
+}
+
+/* grouped_matmul: one launch over many experts against the CPU's per-group matmul, on
+ * the same data under both FP8 kinds, two calls each (the second reuses the cached weight
+ * table). MMA (default): groups of 1..64 rows take the tensor-core grouped kernel
+ * (FP8_MMA_TOL against raw activations, FP8_MMA_ROUNDED_TOL against bf16-rounded ones),
+ * larger ones cuBLASLt (activation quantisation: 5e-2). FP32: groups of at most 16 rows
+ * take the fp32 grouped kernel (fp32 products: 1e-5), larger ones cuBLASLt (5e-2). Empty
+ * groups have no weight; x and y have padded row strides, whose padding stays unwritten. */
 static void test_grouped_matmul(void **state) {
   (void)state;
-  enum { G = 12 };
-  const int64_t rows[G] = {1, 0, 2, 3, 4, 5, 16, 0, 1, 24, 7, 1}, n = 2048, k = 1024;
+  enum { G = 14 };
+  const int64_t rows[G] = {1, 0, 2, 3, 4, 5, 16, 0, 1, 24, 7, 64, 70, 1}, n = 2048, k = 1024;
   int64_t off[G + 1] = {0};
   int32_t off32[G + 1] = {0};
   tw w[G];
-  epic_weight hw[G], dw[G];
+  /* static: the backend caches a device table per weight list address */
+  static epic_weight hw[G], dw[G];
   memset(hw, 0, sizeof hw);
   memset(dw, 0, sizeof dw);
   for (int g = 0; g < G; g++) {
@@ -305,26 +550,49 @@ static void test_grouped_matmul(void **state) {
     hw[g] = w[g].h;
     dw[g] = w[g].d;
   }
-  const int64_t m = off[G], ldy = n + 3;
-  float *x = xmalloc((size_t)(m * k) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
-  float *ref = xmalloc((size_t)(m * ldy) * 4);
-  fill(x, (size_t)(m * k), 1.0f);
-  float *dx = dup_dev(x, (size_t)(m * k) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
+  const int64_t m = off[G], ldx = k + 5, ldy = n + 3;
+  float *x = xmalloc((size_t)(m * ldx) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
+  float *ref = xmalloc((size_t)(m * ldy) * 4), *rref = xmalloc((size_t)(m * ldy) * 4);
+  fill(x, (size_t)(m * ldx), 1.0f);
+  float *xr = rounded_copy(x, (size_t)(m * ldx));
+  assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, x, ldx, off, NULL, G, hw, 1, ref, ldy),
+                   EPIC_OK);
+  assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, xr, ldx, off, NULL, G, hw, 1, rref, ldy),
+                   EPIC_OK);
+  float *dx = dup_dev(x, (size_t)(m * ldx) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
   int32_t *doff = dup_dev(off32, sizeof off32);
-  for (int rep = 0; rep < 2; rep++) { /* the second call reuses the cached weight table */
-    poison(dy, (size_t)(m * ldy) * 4);
-    assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, k, off, doff, G, dw, 1, dy, ldy), EPIC_OK);
+  for (int kind = 0; kind < 2; kind++) {
+    set_fp8_kind(kind);
+    for (int rep = 0; rep < 2; rep++) { /* the second call reuses the cached weight table */
+      poison(dy, (size_t)(m * ldy) * 4);
+      assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, ldx, off, doff, G, dw, 1, dy, ldy),
+                       EPIC_OK);
+    }
+    fetch(y, dy, (size_t)(m * ldy) * 4);
+    for (int g = 0; g < G; g++) {
+      if (rows[g] == 0)
+        continue;
+      const int mma = kind == 0 && rows[g] <= 64;
+      char what[96];
+      snprintf(what, sizeof what, "grouped_matmul group %d (%lld rows, kind %s: %s)", g,
+               (long long)rows[g], fp8_kind_names[kind],
+               mma ? "fp8_mma" : (kind == 1 && rows[g] <= 16) ? "fp32 kernel" : "cuBLASLt");
+      const float *yg = y + off[g] * ldy;
+      double tol = 5e-2;
+      if (mma)
+        tol = FP8_MMA_TOL;
+      else if (kind == 1 && rows[g] <= 16)
+        tol = 1e-5;
+      check_err(what, rel_err2d(yg, ldy, ref + off[g] * ldy, ldy, rows[g], n), tol);
+      if (mma)
+        check_err("  same vs bf16-rounded activations",
+                  rel_err2d(yg, ldy, rref + off[g] * ldy, ldy, rows[g], n), FP8_MMA_ROUNDED_TOL);
+    }
+    for (int64_t i = 0; i < m; i++)
+      for (int64_t r = n; r < ldy; r++)
+        assert_true(isnan(y[i * ldy + r]));
   }
-  fetch(y, dy, (size_t)(m * ldy) * 4);
-  assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, x, k, off, NULL, G, hw, 1, ref, ldy), EPIC_OK);
-  for (int g = 0; g < G; g++) {
-    if (rows[g] == 0)
-      continue;
-    char what[64];
-    snprintf(what, sizeof what, "grouped_matmul group %d (%lld rows)", g, (long long)rows[g]);
-    check_err(what, rel_err2d(y + off[g] * ldy, ldy, ref + off[g] * ldy, ldy, rows[g], n),
-              rows[g] <= 16 ? 1e-5 : 5e-2);
-  }
+  set_fp8_kind(0);
   for (int g = 0; g < G; g++)
     if (rows[g])
       tw_free(&w[g]);
@@ -332,8 +600,10 @@ static void test_grouped_matmul(void **state) {
   dfree(dy);
   dfree(doff);
   free(x);
+  free(xr);
   free(y);
   free(ref);
+  free(rref);
 }
 
 /* ----------------------------------------------------------- element-wise */
@@ -999,11 +1269,6 @@ static void bcache_free(bcache *c) {
   dfree((void *)c->d.block_table);
 }
 
-/* x rounded to bf16 (nearest even) and widened back: what a bf16 cache row holds. */
-static float bf16_round(float x) {
-  return epic_bf16_to_f32(epic_f32_to_bf16(x));
-}
-
 /* kv_dtype follows the MLA precision; bf16 kv_store / kv_store_batch write exactly
  * epic_f32_to_bf16 of each value where the table says and nothing else, kv_gather
  * returns exactly the widened values; pages of 64 and 5 rows; unknown types refused. */
@@ -1102,14 +1367,6 @@ static void test_kv_bf16(void **state) {
 #define BF16_MLA_TOL 3e-3
 
 static const char *const bf16_kernel_names[4] = {"mma", "wgmma-s", "wgmma-o", "wgmma"};
-
-/* Round n floats of x to bf16 and widen them back, into a new array. */
-static float *rounded_copy(const float *x, size_t n) {
-  float *y = xmalloc(n ? n * 4 : 4);
-  for (size_t i = 0; i < n; i++)
-    y[i] = bf16_round(x[i]);
-  return y;
-}
 
 /* mla_absorbed_batch over a bf16 cache, every kernel variant, against the CPU reference
  * on the widened rows with rounded queries; the default variant twice, bit for bit. */
@@ -1299,6 +1556,8 @@ int main(void) {
   rng_seed_from_env();
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_memory),    cmocka_unit_test(test_matmul),
+      cmocka_unit_test(test_fp8_subnormal_exact),
+      cmocka_unit_test(test_fp8_mma_small_activations),
       cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),
       cmocka_unit_test(test_silu_axpy), cmocka_unit_test(test_embed),
       cmocka_unit_test(test_route),     cmocka_unit_test(test_kv),
