@@ -15,10 +15,12 @@
  * uniformly, both kernel choices (bytes: every expert with rows read once, fp32 rows in
  * and out). mla_absorbed_batch decode over fp32 and bf16 caches (bytes: cached
  * 576-element rows read once per sequence at their element size, plus fp32 queries and
- * outputs); rmsnorm, route, silu_mul, rope.
+ * outputs); mla_prefill: mla_naive at DeepSeek-V3 heads for a chunk after a context
+ * (TFLOP/s over the causal pairs, fraction of the BF16 peak; fast and exact precision);
+ * rmsnorm, route, silu_mul, rope.
  * Timing: CUDA events around a CUDA graph of `reps` calls (launch gaps removed), median
  * of 7 replays. Inputs that would fit in L2 rotate among copies whose total exceeds it.
- * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|grouped|mla|memory]
+ * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory]
  *                           [--mla BATCH CTX] (one decode shape, e.g. under a profiler)
  *                           [--mla-kinds MASK] (MLA rows: bits 0-3 the bf16 kernel
  *                           variants, bit 4 the fp32 cache; default 0x19)
@@ -636,6 +638,53 @@ static void bench_mla(FILE *js, int64_t n_seq, int64_t ctx_len, epic_kv_dtype dt
   free(lens);
 }
 
+/* ------------------------------------------------------------ MLA prefill */
+
+typedef struct {
+  int64_t m, start;
+  float *q, *kvb, *kpe, *out;
+} pre_ctx;
+static void run_prefill(void *p, int rep) {
+  pre_ctx *c = p;
+  (void)rep;
+  CKE(g_ops->vt->mla_naive(g_ops, c->q, c->kvb, c->kpe, c->m, c->start, 128, 128, 64, 128,
+                           0.0721f, c->out));
+}
+
+/* mla_naive (prefill attention over decompressed keys) at DeepSeek-V3 heads: a chunk of m
+ * queries after `start` cached keys, as the model calls it, bf16 conversions of the
+ * inputs included. FLOPs: the causal pairs only, 2 * 128 heads * (192 + 128) per
+ * (query, visible key); the limit is the BF16 GEMM peak. */
+static void bench_prefill(FILE *js, int64_t m, int64_t start, int *first) {
+  const int64_t H = 128, n = start + m;
+  pre_ctx c = {.m = m, .start = start};
+  c.q = dev_random((size_t)(m * H * 192) * 4, tile_f32);
+  c.kvb = dev_random((size_t)(n * H * 256) * 4, tile_f32);
+  c.kpe = dev_random((size_t)(n * 64) * 4, tile_f32);
+  CKE(g_ops->vt->alloc(g_ops, (size_t)(m * H * 128) * 4, (void **)&c.out));
+  for (int prec = 0; prec < 2; prec++) {
+    CKE(epic_ops_cuda_set_mla_precision(g_ops, (epic_cuda_mla_precision)prec));
+    const double sec = time_calls(run_prefill, &c);
+    const double pairs = (double)m * (double)start + (double)m * (double)(m + 1) / 2.0;
+    const double tf = 2.0 * (double)H * 320.0 * pairs / sec * 1e-12;
+    const char *name = prec ? "exact-fp32-gemm" : "fast";
+    fprintf(js,
+            "%s\n    {\"m\": %lld, \"start\": %lld, \"heads\": %lld, \"precision\": \"%s\", "
+            "\"us\": %.1f, \"tflops\": %.1f, \"frac_bf16_peak\": %.3f}",
+            *first ? "" : ",", (long long)m, (long long)start, (long long)H, name, sec * 1e6, tf,
+            g_bf16_tflops > 0 ? tf / g_bf16_tflops : 0.0);
+    fprintf(stderr, "mla_prefill m=%-5lld start=%-5lld %-18s %9.1f us %7.1f TF/s (%.2f of bf16)\n",
+            (long long)m, (long long)start, name, sec * 1e6, tf,
+            g_bf16_tflops > 0 ? tf / g_bf16_tflops : 0.0);
+    *first = 0;
+  }
+  CKE(epic_ops_cuda_set_mla_precision(g_ops, EPIC_CUDA_MLA_TF32));
+  g_ops->vt->free(g_ops, c.q);
+  g_ops->vt->free(g_ops, c.kvb);
+  g_ops->vt->free(g_ops, c.kpe);
+  g_ops->vt->free(g_ops, c.out);
+}
+
 /* ------------------------------------------------------- small memory ops */
 
 typedef struct {
@@ -743,7 +792,7 @@ int main(int argc, char **argv) {
       one_ctx = atoll(argv[++i]);
     } else {
       fprintf(stderr,
-              "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|memory] [--mla B CTX] "
+              "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory] [--mla B CTX] "
               "[--mla-kinds MASK] [--no-peaks]\n",
               argv[0]);
       return 2;
@@ -751,8 +800,9 @@ int main(int argc, char **argv) {
   }
   const int do_mm = !only || !strcmp(only, "matmul"), do_mla = !only || !strcmp(only, "mla");
   const int do_mem = !only || !strcmp(only, "memory"), do_grp = !only || !strcmp(only, "grouped");
-  if (only && !do_mm && !do_mla && !do_mem && !do_grp) {
-    fprintf(stderr, "bench: --only %s: not one of matmul, grouped, mla, memory\n", only);
+  const int do_pre = !only || !strcmp(only, "prefill");
+  if (only && !do_mm && !do_mla && !do_mem && !do_grp && !do_pre) {
+    fprintf(stderr, "bench: --only %s: not one of matmul, grouped, mla, prefill, memory\n", only);
     return 2;
   }
   if (epic_cuda_device_count() <= 0) {
@@ -851,6 +901,11 @@ peaks_done:
         bench_mla(js, batches[b], ctxs[k], d ? EPIC_KV_BF16 : EPIC_KV_F32, &first);
         fflush(js);
       }
+  fprintf(js, "\n  ],\n  \"mla_prefill\": [");
+  first = 1;
+  static const int64_t pre_pts[][2] = {{1024, 0}, {512, 3584}, {2048, 6144}};
+  for (int k = 0; k < 3 && do_pre; k++)
+    bench_prefill(js, pre_pts[k][0], pre_pts[k][1], &first);
   fprintf(js, "\n  ],\n  \"memory_ops\": [");
   first = 1;
   static const int64_t sm_m[] = {1, 128, 4096};

@@ -108,7 +108,8 @@ static const char *USAGE =
     "  --batch B          sequences per step (default 1)\n"
     "  --prompt-len P     prompt tokens per sequence = decode context (default 64)\n"
     "  --decode-steps N   decode steps (default 16)\n"
-    "  --prefill-chunk C  prompt tokens of one sequence per prefill step (default 512)\n"
+    "  --prefill-chunk C  prompt tokens of one sequence per prefill step (default: the step\n"
+    "                     budget, --step-tokens)\n"
     "  --step-tokens T    tokens of one prefill step (default 8192)\n"
     "  --threads N        CPU compute threads (default all)\n"
     "  --micro-batches N  1 or 2 (default 1; see epic_model_set_micro_batches)\n";
@@ -123,7 +124,7 @@ int main(int argc, char **argv) {
                                      {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
   const char *dir = NULL, *device = "cpu";
   int dummy = 0, c;
-  long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0, micro = 1, chunk = 512,
+  long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0, micro = 1, chunk = 0,
        budget = 8192;
   while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
     switch (c) {
@@ -143,6 +144,8 @@ int main(int argc, char **argv) {
     default: fputs(USAGE, stderr); return 2;
     }
   }
+  if (chunk == 0)
+    chunk = budget; /* the engine's default */
   if (!dir || B < 1 || P < 1 || N < 1 || chunk < 1 || budget < 1) {
     fputs(USAGE, stderr);
     return 2;

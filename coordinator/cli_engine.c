@@ -33,7 +33,7 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"page-size", "N", "tokens per KV cache page (default 64)"},
     {"max-context", "N", "prompt + completion tokens of a request (default: the model's)"},
     {"step-tokens", "N", "per-worker token budget of one step (default 2048)"},
-    {"prefill-chunk", "N", "prompt tokens of one sequence per step (default 512)"},
+    {"prefill-chunk", "N", "prompt tokens of one sequence per step (default: --step-tokens)"},
     {"micro-batches", "N", "1, or 2 for two-micro-batch pipelining (default 1)"},
     {"prefix-cache", "SIZE|off",
      "KV cache per worker kept for prompt prefixes that later requests reuse\n"

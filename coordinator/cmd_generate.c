@@ -119,7 +119,7 @@ static const epic_cli_engine_help_line HELP_OWN[] = {
     {EPIC_CLI_ENGINE_STEP_TOKENS, NULL, "--requests: tokens per rank and step (default 2048)"},
     {EPIC_CLI_ENGINE_PREFILL_CHUNK, NULL,
      "prompt tokens per forward step (default: whole prompt;\n"
-     "with --requests, per sequence and step, default 512)"},
+     "with --requests, per sequence and step, default --step-tokens)"},
     {EPIC_CLI_ENGINE_MICRO_BATCHES, "1|2",
      "split each rank's batch in two so that one half's compute\n"
      "overlaps the other's all-to-alls (default 1; same results)"}};

@@ -92,7 +92,6 @@ static int parse(int argc, char **argv, serve_opts *o) {
   o->e.max_batch = 256;
   o->e.max_queue = 1024;
   o->e.step_tokens = 2048;
-  o->e.prefill_chunk = 512;
   o->e.kv_bytes = (uint64_t)1 << 30;
   o->listen = "0.0.0.0:50051";
   o->default_max_tokens = 128;
@@ -250,7 +249,8 @@ int epic_cmd_serve(int argc, char **argv) {
       "(%lld tokens), max_context %lld, step_tokens %lld, prefill_chunk %lld, micro_batches %lld\n",
       (long long)o.e.max_batch, (long long)o.e.max_queue, (long long)kv_pages, (long long)o.e.page_size,
       (long long)(kv_pages * o.e.page_size), (long long)max_context, (long long)o.e.step_tokens,
-      (long long)o.e.prefill_chunk, (long long)o.e.micro_batches);
+      (long long)(o.e.prefill_chunk ? o.e.prefill_chunk : o.e.step_tokens),
+      (long long)o.e.micro_batches);
   printf("epic serve: default_max_tokens %lld, max_request_bytes %llu, drain_timeout %.1fs\n",
          (long long)o.default_max_tokens, (unsigned long long)o.max_request_bytes,
          (double)o.drain_timeout);

@@ -29,7 +29,6 @@
 #define DEFAULT_MAX_BATCH 256
 #define DEFAULT_MAX_QUEUE 1024
 #define DEFAULT_STEP_TOKENS 2048
-#define DEFAULT_PREFILL_CHUNK 512
 
 /* One request on rank 0, from submit until on_finish. */
 typedef struct ereq {
@@ -750,8 +749,11 @@ static const char *normalize(epic_engine_params *p, const epic_model_config *c, 
     p->max_queue = DEFAULT_MAX_QUEUE;
   if (!p->step_tokens)
     p->step_tokens = DEFAULT_STEP_TOKENS;
+  /* One budget for the step, as chunked prefill usually runs: a long prompt in few big
+   * chunks reads the expert weights once per chunk (at 512-token chunks an 8k prompt
+   * streamed them 16 times, 2.7x slower on one H100). */
   if (!p->prefill_chunk)
-    p->prefill_chunk = DEFAULT_PREFILL_CHUNK;
+    p->prefill_chunk = p->step_tokens;
   if (!p->max_context)
     p->max_context = c->max_position_embeddings;
   if (!p->micro_batches)

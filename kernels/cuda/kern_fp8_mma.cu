@@ -79,6 +79,7 @@ struct Args {
   const float *sc;              // dense weight's block scales
   int m;                        // dense token count
   int max_rows;                 // grouped: larger groups are left to the caller
+  int n_groups;                 // grouped: entries of off (plus one) and tab
   int n, k, br, bc, nbc;        // weight rows, cols, block rows / cols, scale row stride
   int split;                    // S: k runs per output
   int wpg;                      // warps per row group (divides S): execution only
@@ -117,12 +118,26 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Arg
   int tok0 = 0, cnt = a.m;
   const uint8_t *w = a.w;
   const float *sc = a.sc;
-  if (a.tab) { // block-uniform
-    const int gi = blockIdx.y;
+  if (a.tab) { // block-uniform: every warp finds the same group
+    // blockIdx.y is the rank of this CTA's group among those with 1..max_rows rows, so
+    // the grid holds no CTAs for the (at decode, many) groups without rows.
+    int rem = blockIdx.y, gi = -1;
+    for (int base = 0; base < a.n_groups && gi < 0; base += 32) {
+      const int gl = base + lane;
+      const int c = gl < a.n_groups ? a.off[gl + 1] - a.off[gl] : 0;
+      unsigned bal = __ballot_sync(0xffffffffu, c > 0 && c <= a.max_rows);
+      const int have = __popc(bal);
+      if (rem < have) {
+        for (int i = 0; i < rem; i++)
+          bal &= bal - 1;
+        gi = base + __ffs(bal) - 1;
+      }
+      rem -= have;
+    }
+    if (gi < 0)
+      return;
     tok0 = a.off[gi];
     cnt = a.off[gi + 1] - tok0;
-    if (cnt <= 0 || cnt > a.max_rows)
-      return;
     w = a.tab[gi].data;
     sc = a.tab[gi].scale;
   }
@@ -305,7 +320,9 @@ cudaError_t epic_cuk_fp8_mma_prepare(void) {
 cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaStream_t st) {
   const epic_weight *w = p->w;
   if (p->rows_max < 1 || p->rows_max > EPIC_CUK_MMA_MAX_ROWS || ((uintptr_t)p->x & 15u) ||
-      p->ldx % 8 != 0 || (p->off && (p->n_groups < 1 || p->n_groups > 65535)))
+      p->ldx % 8 != 0 ||
+      (p->off && (p->n_groups < 1 || p->n_groups > INT32_MAX - 1 || p->active_groups < 1 ||
+                  p->active_groups > p->n_groups || p->active_groups > 65535)))
     return cudaErrorInvalidValue;
   Args a;
   a.x = p->x;
@@ -316,6 +333,7 @@ cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaS
   a.sc = w->scale_inv;
   a.m = (int)p->rows_max;
   a.max_rows = (int)p->rows_max;
+  a.n_groups = (int)p->n_groups;
   a.n = (int)w->rows;
   a.k = (int)w->cols;
   a.br = (int)w->block_rows;
@@ -331,7 +349,8 @@ cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaS
   while (a.wpg < a.split && (row_groups * a.wpg + kWarps - 1) / kWarps * busy < 2 * sm_count)
     a.wpg *= 2;
   const int groups = kWarps / a.wpg;
-  const dim3 grid((unsigned)((row_groups + groups - 1) / groups), p->off ? (unsigned)p->n_groups : 1u);
+  const dim3 grid((unsigned)((row_groups + groups - 1) / groups),
+                  p->off ? (unsigned)p->active_groups : 1u);
   const int nt = (int)((p->rows_max + 7) / 8);
   if (nt <= 1) {
     launch<1, 4>(a, grid, smem_of(1, a.split, a.wpg), st);

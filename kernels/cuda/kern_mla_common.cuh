@@ -1,9 +1,11 @@
-// Device helpers shared by the MLA decode kernels (kern_mla.cu for fp32 rows,
-// kern_mla_bf16.cu for bf16 rows): cp.async streaming into shared memory and the keys of
-// one flash-decoding split. Device code only: included from .cu files.
+// Device helpers shared by the MLA kernels (kern_mla.cu for fp32 rows, kern_mla_bf16.cu
+// for bf16 rows, kern_mla_prefill.cu): cp.async streaming into shared memory, ldmatrix
+// and bf16 mma fragments, and the keys of one flash-decoding split. Device code only:
+// included from .cu files.
 #ifndef EPIC_KERN_MLA_COMMON_CUH
 #define EPIC_KERN_MLA_COMMON_CUH
 
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 #include "ops_cuda_impl.h"
@@ -25,6 +27,39 @@ static __device__ __forceinline__ void epic_cp_async_commit() {
 }
 static __device__ __forceinline__ void epic_cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Up to `pending` of the most recently committed cp.async groups may still be in flight.
+template <int pending> static __device__ __forceinline__ void epic_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+}
+
+// Four 8x8 b16 matrices from shared memory (lane l gives the address of row l % 8 of
+// matrix l / 8); .trans hands each thread a column pair instead of a row pair.
+static __device__ __forceinline__ void ldsm4(uint32_t a, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+static __device__ __forceinline__ void ldsm4t(uint32_t a, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// Two floats as a bf16x2 word, rounded to nearest even; lo at the lower address.
+static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return (uint32_t)__bfloat16_as_ushort(v.x) | (uint32_t)__bfloat16_as_ushort(v.y) << 16;
+}
+
+// d += A . B for one m16n8k16 bf16 tile (fp32 accumulators).
+static __device__ __forceinline__ void mma_bf16(float &d0, float &d1, float &d2, float &d3,
+                                                const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Keys [kbeg, kend) of split `split` of query b, in n_tiles tiles of kTile rows: the

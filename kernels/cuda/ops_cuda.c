@@ -510,6 +510,7 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
       fail);
   EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_fp8_skinny_prepare(), "FP8 skinny kernel"), st, fail);
   EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_fp8_mma_prepare(), "FP8 tensor-core kernel"), st, fail);
+  EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_mla_prefill_prepare(), "MLA prefill kernel"), st, fail);
   EPIC_CHECK_GOTO(epic_cuda_check(cudaStreamSynchronize(c->stream), "create"), st, fail);
   *out = &c->base;
   return EPIC_OK;

@@ -87,20 +87,22 @@ typedef enum {
 epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_kernel k);
 
 /* Which kernels multiply FP8 weights by few token rows in the FAST precision.
- * MMA (default): the tensor-core kernel of kern_fp8_mma.cu (activations rounded to bf16,
- * e4m3 weights converted exactly, block scales in fp32) takes every grouped_matmul group
- * of at most EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS rows (one launch for all of them) and
- * dense matmuls of at most EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows; larger dense ones go to
- * cuBLASLt (e4m3 activations), which is faster there, and so do dense matmuls of at
- * most EPIC_CUDA_FP8_SKINNY_MAX_M rows on weights below EPIC_CUDA_FP8_SKINNY_MAX_BYTES to
- * the fp32 kernel below (a few microseconds faster on such small weights at batch 1). Within those ranges a row's result
- * does not depend on how many rows share the call or its group, nor on whether it goes
- * through the dense or the grouped op (row invariance, which MTP verification and
- * expert re-placement need). FP32: the fp32 CUDA-core kernels (m <= 4 dense, groups
- * <= 16, no activation rounding), cuBLASLt beyond; kept for cross-checks and benchmarks.
- * EPIC_CUDA_FP8_SMALL=mma|fp32 sets it at create. */
+ * MMA (default): the tensor-core kernel of kern_fp8_mma.cu (activations rounded to bf16
+ * by a conversion pass, e4m3 weights converted exactly, block scales in fp32) takes
+ * every grouped_matmul group of at most EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS rows (one
+ * launch for all of them) and dense matmuls of at most EPIC_CUDA_FP8_MMA_DENSE_MAX_M
+ * rows. Larger dense ones go to cuBLASLt (e4m3 activations), which is faster there;
+ * dense matmuls of at most EPIC_CUDA_FP8_SKINNY_MAX_M rows on weights below
+ * EPIC_CUDA_FP8_SKINNY_MAX_BYTES (every DeepSeek-V3 projection but the FP8 LM head) go
+ * to the fp32 skinny kernel, one launch without the conversion pass, which is what
+ * counts at batch 1. Within the kernel's ranges a row's result does not depend on how
+ * many rows share the call or its group, nor on whether it goes through the dense or
+ * the grouped op (row invariance, which expert re-placement needs). FP32: the fp32
+ * CUDA-core kernels (m <= 4 dense, groups <= 16, no activation rounding), cuBLASLt
+ * beyond; kept for cross-checks and benchmarks. EPIC_CUDA_FP8_SMALL=mma|fp32 sets it at
+ * create. */
 enum { EPIC_CUDA_FP8_MMA_DENSE_MAX_M = 8, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS = 64 };
-enum { EPIC_CUDA_FP8_SKINNY_MAX_M = 2, EPIC_CUDA_FP8_SKINNY_MAX_BYTES = 64 << 20 };
+enum { EPIC_CUDA_FP8_SKINNY_MAX_M = 2, EPIC_CUDA_FP8_SKINNY_MAX_BYTES = 256 << 20 };
 typedef enum {
   EPIC_CUDA_FP8_SMALL_MMA = 0,
   EPIC_CUDA_FP8_SMALL_FP32 = 1,

@@ -1,8 +1,9 @@
 /* CUDA MLA attention and the per-head GEMM of the absorption.
  * Decode (a few query tokens, or one per sequence in a batch) runs a flash-decoding
  * kernel over the paged cache: kern_mla_bf16.cu for bf16 rows of the DeepSeek-V3 shape,
- * kern_mla.cu (TF32 / 3xTF32) for fp32 rows. Everything else (prefill, mla_naive,
- * shapes the kernel does not take) runs as cuBLAS strided-batched GEMMs over the heads
+ * kern_mla.cu (TF32 / 3xTF32) for fp32 rows. Prefill (mla_naive) at the DeepSeek-V3 head
+ * shape in the fast precision runs the flash kernel of kern_mla_prefill.cu (bf16
+ * operands). Everything else (exact precision, other shapes) runs as cuBLAS strided-batched GEMMs over the heads
  * (TF32 tensor cores in fast precision, fp32 in exact) with an fp32 causal softmax
  * between them, in query chunks that bound the score buffer. Column-major bookkeeping as in ops_cuda_matmul.c: a row-major [r][c]
  * array with row stride ld is the column-major c x r matrix with leading dimension ld. */
@@ -59,6 +60,25 @@ epic_status epic_cuda_mla_naive(epic_ops *o, const float *q, const float *kvb, c
     return EPIC_ERR_INVALID;
   epic_cuda_ops *c = epic_cuda_of(o);
   const int64_t dq = nope + rope, dkv = nope + v, n_keys = start + m;
+  if (c->mla_prec != EPIC_CUDA_MLA_EXACT &&
+      epic_cuk_mla_prefill_ok(nope, rope, v, m, start, n_heads)) {
+    /* The flash kernel on bf16 copies (one pass each over q, the decompressed keys and
+     * values, and k_pe); row lengths are multiples of 8, so each copy starts 16-byte
+     * aligned. */
+    const size_t nq = (size_t)(m * n_heads * dq), nkv = (size_t)(n_keys * n_heads * dkv);
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->att, (nq + nkv + (size_t)(n_keys * rope)) * 2));
+    uint16_t *q16 = (uint16_t *)c->att.p, *kv16 = q16 + nq, *kpe16 = kv16 + nkv;
+    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(q, n_heads * dq, m, n_heads * dq, q16, c->stream),
+                    "mla_naive: queries to bf16");
+    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(kvb, n_heads * dkv, n_keys, n_heads * dkv, kv16, c->stream),
+                    "mla_naive: keys and values to bf16");
+    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(kpe, rope, n_keys, rope, kpe16, c->stream),
+                    "mla_naive: k_pe to bf16");
+    EPIC_CHECK_CUDA(
+        epic_cuk_mla_prefill(q16, kv16, kpe16, m, start, n_heads, scale, out, c->stream),
+        "mla_naive: flash prefill kernel");
+    return EPIC_OK;
+  }
   if (n_heads * dkv > INT_MAX || n_keys > INT_MAX)
     return EPIC_ERR_UNSUPPORTED;
   const int64_t mc = query_chunk(m, n_heads, n_keys);

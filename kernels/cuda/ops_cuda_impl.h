@@ -152,8 +152,8 @@ cudaError_t epic_cuk_fp8_grouped(const float *x, int64_t ldx, const int32_t *off
  * (kern_fp8_mma.cu): dense (off == NULL: rows [0, rows_max) of x times w) or grouped
  * (group g's rows [off[g], off[g+1]) times the weight tab[g] names, each of w's layout;
  * groups of more than rows_max rows are left to the caller). x: row stride ldx a
- * multiple of 8, 16-byte aligned. active_groups (groups with rows) only shapes the
- * launch. */
+ * multiple of 8, 16-byte aligned. active_groups must be the number of groups with 1 to
+ * rows_max rows (one grid row each). */
 enum { EPIC_CUK_MMA_MAX_ROWS = EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS };
 typedef struct epic_cuk_fp8_mma_args {
   const uint16_t *x;
@@ -257,6 +257,16 @@ cudaError_t epic_cuk_mla_combine(const epic_cuk_mla_params *p, cudaStream_t st);
 int epic_cuk_mla_bf16_ok(int64_t width, int64_t lora, const void *pool);
 cudaError_t epic_cuk_mla_bf16_prepare(int max_smem_optin);
 cudaError_t epic_cuk_mla_bf16_decode(const epic_cuk_mla_params *p, int variant, cudaStream_t st);
+
+/* Flash MLA prefill (kern_mla_prefill.cu): the naive form of mla_naive on bf16 copies of
+ * q [m][H][nope + rope], kv [start + m][H][nope + v] and kpe [start + m][rope]; the
+ * DeepSeek-V3 head shape only (nope 128, rope 64, v 128). out: fp32 [m][H][v]. */
+int epic_cuk_mla_prefill_ok(int64_t nope, int64_t rope, int64_t v, int64_t m, int64_t start,
+                            int64_t n_heads);
+cudaError_t epic_cuk_mla_prefill_prepare(void);
+cudaError_t epic_cuk_mla_prefill(const uint16_t *q, const uint16_t *kv, const uint16_t *kpe,
+                                 int64_t m, int64_t start, int64_t n_heads, float scale, float *out,
+                                 cudaStream_t st);
 
 #ifdef __cplusplus
 }

@@ -1048,6 +1048,9 @@ static void test_kv(void **state) {
 
 /* --------------------------------------------------------------- attention */
 
+/* The flash prefill kernel's operands are bf16 (2^-9 relative each) and so is P. */
+#define MLA_PREFILL_BF16_TOL 1e-2
+
 static void check_mla_naive(int64_t m, int64_t start, int64_t H, int64_t nope, int64_t rope,
                             int64_t v) {
   const int64_t n = start + m, dq = nope + rope, dkv = nope + v;
@@ -1063,7 +1066,10 @@ static void check_mla_naive(int64_t m, int64_t start, int64_t H, int64_t nope, i
   float *dout = dalloc(so * 4);
   assert_int_equal(g_cpu->vt->mla_naive(g_cpu, q, kvb, kpe, m, start, H, nope, rope, v, scale, ref),
                    EPIC_OK);
-  /* exact: fp32 GEMMs; fast: TF32 tensor cores (10-bit mantissa operands) */
+  /* exact: fp32 GEMMs; fast: TF32 tensor cores (10-bit mantissa operands), or at the
+   * DeepSeek-V3 head shape the flash kernel (kern_mla_prefill.cu: bf16 queries, keys,
+   * values and probabilities, fp32 accumulation) */
+  const int flash = nope == 128 && rope == 64 && v == 128;
   for (int prec = 1; prec >= 0; prec--) {
     assert_int_equal(epic_ops_cuda_set_mla_precision(g_gpu, (epic_cuda_mla_precision)prec),
                      EPIC_OK);
@@ -1074,9 +1080,10 @@ static void check_mla_naive(int64_t m, int64_t start, int64_t H, int64_t nope, i
     fetch(out, dout, so * 4);
     char what[128];
     snprintf(what, sizeof what, "mla_naive %s m=%lld start=%lld H=%lld nope=%lld rope=%lld v=%lld",
-             prec ? "exact" : "tf32", (long long)m, (long long)start, (long long)H,
-             (long long)nope, (long long)rope, (long long)v);
-    check_err(what, rel_err2d(out, 1, ref, 1, 1, (int64_t)so), prec ? 1e-5 : 5e-3);
+             prec ? "exact" : flash ? "flash-bf16" : "tf32", (long long)m, (long long)start,
+             (long long)H, (long long)nope, (long long)rope, (long long)v);
+    check_err(what, rel_err2d(out, 1, ref, 1, 1, (int64_t)so),
+              prec ? 1e-5 : flash ? MLA_PREFILL_BF16_TOL : 5e-3);
   }
   dfree(dq_);
   dfree(dkvb);
@@ -1200,6 +1207,12 @@ static void test_mla(void **state) {
   check_mla_naive(1, 20, 4, 16, 8, 12);
   check_mla_naive(70, 100, 3, 24, 8, 20);
   check_mla_naive(33, 300, 128, 128, 64, 128); /* V3 heads, prefill chunk with context */
+  /* V3 heads on the flash kernel: whole tiles, ragged tiles over a context, one query
+   * over many key tiles, a context that is not a tile multiple */
+  check_mla_naive(128, 0, 16, 128, 64, 128);
+  check_mla_naive(100, 37, 8, 128, 64, 128);
+  check_mla_naive(1, 700, 4, 128, 64, 128);
+  check_mla_naive(70, 64, 3, 128, 64, 128);
   check_mla_absorbed(5, 0, 4, 32, 8, 3, 0);
   check_mla_absorbed(1, 20, 4, 32, 8, 3, 0);
   check_mla_absorbed(1, 0, 3, 16, 4, 3, 0);
