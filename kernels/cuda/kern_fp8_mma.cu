@@ -24,7 +24,7 @@
 #include <cuda_fp8.h>
 #include <stdint.h>
 
-#include "ops_cuda_impl.h"
+#include "kern_mla_common.cuh"
 
 namespace {
 
@@ -60,14 +60,6 @@ __device__ __forceinline__ uint4 ld_stream(const uint8_t *p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
-}
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 struct Args {
@@ -106,8 +98,10 @@ __device__ __forceinline__ void step(const uint4 wa, const uint4 wb, const uint1
     // mma i takes columns 4i .. 4i + 3 of each lane's 16: the same permutation of k for
     // the weights (A) and the tokens (B), so the products pair up.
 #pragma unroll
-    for (int i = 0; i < 4; i++)
-      mma_bf16(tmp[t], ra[2 * i], rb[2 * i], ra[2 * i + 1], rb[2 * i + 1], T[2 * i], T[2 * i + 1]);
+    for (int i = 0; i < 4; i++) {
+      const uint32_t a[4] = {ra[2 * i], rb[2 * i], ra[2 * i + 1], rb[2 * i + 1]};
+      mma_bf16(tmp[t][0], tmp[t][1], tmp[t][2], tmp[t][3], a, T[2 * i], T[2 * i + 1]);
+    }
   }
 }
 

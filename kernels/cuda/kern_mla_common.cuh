@@ -1,7 +1,8 @@
-// Device helpers shared by the MLA kernels (kern_mla.cu for fp32 rows, kern_mla_bf16.cu
-// for bf16 rows, kern_mla_prefill.cu): cp.async streaming into shared memory, ldmatrix
-// and bf16 mma fragments, and the keys of one flash-decoding split. Device code only:
-// included from .cu files.
+// Device helpers shared by the CUDA kernels (the MLA kernels: kern_mla.cu for fp32 rows,
+// kern_mla_bf16.cu for bf16 rows, kern_mla_prefill.cu; the FP8 tensor-core matmul,
+// kern_fp8_mma.cu): cp.async streaming into shared memory, ldmatrix and bf16 mma
+// fragments, and the keys of one flash-decoding split. Device code only: included from
+// .cu files.
 #ifndef EPIC_KERN_MLA_COMMON_CUH
 #define EPIC_KERN_MLA_COMMON_CUH
 

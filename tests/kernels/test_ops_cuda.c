@@ -361,8 +361,9 @@ static void test_matmul(void **state) {
   check_matmul(EPIC_DT_F8E4M3, 80, 256, 3, 48, 40, 0);
   check_matmul(EPIC_DT_F8E4M3, 300, 200, 20, 128, 128, 0);
   check_matmul(EPIC_DT_F8E4M3, 100, 256, 6, 40, 128, 1); /* block rows % 16 != 0: no MMA */
-  /* The tensor-core kernel's edges: 8, 16, 33 and 64 tokens (one to eight 8-token
-   * tiles), 65 (past it: cuBLASLt), columns that end 16 past a 64-column step (208, 272,
+  /* Around the dense tensor-core kernel's range (3..8 tokens, and 1..2 on weights of
+   * EPIC_CUDA_FP8_SKINNY_MAX_BYTES or more; the grouped test below takes it to 64):
+   * 8 tokens, then 16, 33, 64 and 65 on cuBLASLt, columns that end 16 past a 64-column step (208, 272,
    * 1040, 1552), row counts that are not multiples of 16 (a partial last row group),
    * padded x and y, 64-column and 16-row scale blocks, 5 and 9 column blocks (uneven
    * k runs). */
@@ -374,7 +375,7 @@ static void test_matmul(void **state) {
   check_matmul(EPIC_DT_F8E4M3, 512, 1024, 65, 128, 128, 1);
   check_matmul(EPIC_DT_F8E4M3, 200, 320, 5, 64, 64, 2);
   check_matmul(EPIC_DT_F8E4M3, 40, 272, 3, 16, 128, 0);
-  /* FP8 at DeepSeek-V3 shapes (the MMA kind: the tensor-core kernel up to 64 tokens; the
+  /* FP8 at DeepSeek-V3 shapes (the MMA kind: the tensor-core kernel up to 8 tokens; the
    * FP32 kind: the skinny kernel up to 4, cuBLASLt beyond), with partial edge blocks */
   check_matmul(EPIC_DT_F8E4M3, 1536, 7168, 1, 128, 128, 0); /* q_a_proj, decode */
   check_matmul(EPIC_DT_F8E4M3, 1536, 7168, 33, 128, 128, 0);
