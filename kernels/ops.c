@@ -5,6 +5,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "../common/log.h"
+
 size_t epic_dtype_size(epic_dtype dt) {
   switch (dt) {
   case EPIC_DT_F32: return 4;
@@ -133,4 +135,28 @@ int epic_ops_rows_invariant(epic_ops *o) {
 
 epic_kv_dtype epic_ops_kv_dtype(epic_ops *o) {
   return o->vt->abi_version >= 5 && o->vt->kv_dtype ? o->vt->kv_dtype(o) : EPIC_KV_F32;
+}
+
+int epic_ops_has_moe_plan(epic_ops *o) {
+  return o->vt->abi_version >= 6 && o->vt->moe_plan && o->vt->grouped_matmul_dev;
+}
+
+epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t rows,
+                                   int64_t max_rows, int64_t *out) {
+  for (int64_t g = 0; g <= n_groups; g++) {
+    out[g] = off[g];
+    if (g == 0 ? out[0] != 0 : out[g] < out[g - 1] || out[g] - out[g - 1] > max_rows) {
+      EPIC_LOG_ERROR("grouped_matmul_dev: group %lld has %lld rows (offsets must start at 0 and "
+                     "ascend, bound %lld)",
+                     (long long)(g ? g - 1 : 0), (long long)(g ? out[g] - out[g - 1] : out[0]),
+                     (long long)max_rows);
+      return EPIC_ERR_INVALID;
+    }
+  }
+  if (out[n_groups] != rows) {
+    EPIC_LOG_ERROR("grouped_matmul_dev: the offsets end at %lld, not at rows = %lld",
+                   (long long)out[n_groups], (long long)rows);
+    return EPIC_ERR_INVALID;
+  }
+  return EPIC_OK;
 }

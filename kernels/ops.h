@@ -24,8 +24,10 @@
  * 4: row_pick appended.
  * 5: the latent KV cache has an element type (epic_kv_dtype: the dtype field of epic_kv_view
  *    and epic_kv_batch, whose pool became void *); kv_dtype appended (the type a backend wants
- *    for caches created now: BF16 halves the bytes a decode step streams). */
-#define EPIC_OPS_ABI_VERSION 5
+ *    for caches created now: BF16 halves the bytes a decode step streams).
+ * 6: moe_plan and grouped_matmul_dev appended (an MoE layer's expert plan built and used in
+ *    backend memory, without the host round trip for the routing ids). */
+#define EPIC_OPS_ABI_VERSION 6
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -283,6 +285,26 @@ typedef struct epic_ops_vt {
    * asks once, at creation; ops read whatever type a view names). CPU: F32 only. CUDA:
    * BF16 in its fast precision mode, F32 in exact mode (kernels/cuda/ops_cuda.h). */
   epic_kv_dtype (*kv_dtype)(epic_ops *o);
+
+  /* ABI 6. The expert plan of n routed items, built where the ids are: idx[i] in
+   * [0, n_experts) is item i's expert (backend memory, as route writes it). plan
+   * (backend memory, int32 [2n + n_experts + 1]) gets, with order = the items in
+   * ascending expert order, item order kept within an expert:
+   *   plan[j] = order[j] / div, plan[n + j] = order[j] (j < n);
+   *   plan[2n + e] = the position of expert e's first item, plan[2n + n_experts] = n.
+   * counts (backend memory, int64 [n_experts], or NULL): counts[e] += items of e. An id
+   * outside [0, n_experts) is an error (a device backend reports it at its next sync). */
+  epic_status (*moe_plan)(epic_ops *o, const int32_t *idx, int64_t n, int64_t n_experts,
+                          int64_t div, int32_t *plan, int64_t *counts);
+
+  /* ABI 6. grouped_matmul with the group offsets only in backend memory (off: n_groups + 1
+   * ascending entries, e.g. from moe_plan): rows = off[n_groups] and max_rows bounds every
+   * group's rows (a group above the bound is an error, reported at the next sync on a
+   * device backend). Results equal grouped_matmul's. */
+  epic_status (*grouped_matmul_dev)(epic_ops *o, const float *x, int64_t ldx, int64_t rows,
+                                    int64_t max_rows, const int32_t *off, int64_t n_groups,
+                                    const epic_weight *w, int64_t w_stride, float *y,
+                                    int64_t ldy);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */
@@ -309,6 +331,16 @@ void epic_ops_destroy(epic_ops *o);
 /* The latent-cache element type o wants (its kv_dtype); backends before ABI 5 have no such
  * slot and keep fp32 rows. Callers sizing caches check epic_kv_dtype_size() != 0. */
 epic_kv_dtype epic_ops_kv_dtype(epic_ops *o);
+
+/* Whether the backend has the ABI 6 device-side expert plan (moe_plan and
+ * grouped_matmul_dev). */
+int epic_ops_has_moe_plan(epic_ops *o);
+
+/* grouped_matmul_dev's offsets (host memory, n_groups + 1) as grouped_matmul's host
+ * offsets in out, checked against its contract (ascending, ending at rows, no group above
+ * max_rows; logged, naming the group). */
+epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t rows,
+                                   int64_t max_rows, int64_t *out);
 /* 1 when o computes each row of a call the same way whatever other rows share it (the
  * batch shape, an expert's group): the CPU backend's fixed-order kernels. CUDA's fast
  * path switches kernels and rounding with the row count (kernels/cuda/ops_cuda.h). The

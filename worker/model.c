@@ -110,8 +110,16 @@ struct epic_model {
   int micro_batches; /* 1 or 2, see epic_model_set_micro_batches */
   double router_skew; /* epic_model_params.router_skew */
   int64_t *expert_tokens; /* [n_routed_experts]: see epic_model_expert_tokens */
+  /* Backend memory [(L + 1) * E]: the counts of the steps whose expert plan was built on
+   * the backend (run_experts_dev), added to layer_tokens / expert_tokens when read. */
+  int64_t *dev_tokens;
   epic_model_stats stats;
 };
+
+/* Largest micro-batch (tokens) whose routed experts are planned on the backend instead
+ * of the host (run_experts_dev): a token's experts are distinct, so no expert gets more
+ * rows than this, the bound the grouped kernel takes (decode batches). */
+#define DEV_PLAN_MAX_TOKENS 64
 
 /* Row of the all-to-all payload: the expert id (as raw int32 bits) followed by
  * the hidden vector, so one message carries both. */
@@ -658,6 +666,7 @@ void epic_model_destroy(epic_model *m) {
   for (size_t i = 0; i < m->n_placed; i++) m->ops->vt->free(m->ops, m->placed[i]);
   free(m->placed);
   free(m->expert_tokens);
+  m->ops->vt->free(m->ops, m->dev_tokens);
   free(m->layers);
   free(m->inv_freq);
   epic_checkpoint_close(m->ck);
@@ -680,17 +689,43 @@ epic_status epic_model_set_micro_batches(epic_model *m, int n) {
 void epic_model_get_stats(const epic_model *m, epic_model_stats *out) { *out = m->stats; }
 void epic_model_reset_stats(epic_model *m) { memset(&m->stats, 0, sizeof m->stats); }
 
+/* The backend-held counts (dev_tokens) as host memory, or NULL when there are none. */
+static epic_status dev_tokens_host(const epic_model *m, int64_t **out) {
+  const size_t n = (size_t)((m->cfg.num_hidden_layers + 1) * m->cfg.n_routed_experts);
+  *out = NULL;
+  if (!m->dev_tokens) return EPIC_OK;
+  int64_t *h = malloc(n * sizeof *h);
+  if (!h) return EPIC_ERR_NOMEM;
+  const epic_status st = m->ops->vt->download(m->ops, h, m->dev_tokens, n * sizeof *h);
+  if (st != EPIC_OK) {
+    free(h);
+    return st;
+  }
+  *out = h;
+  return EPIC_OK;
+}
+
 epic_status epic_model_expert_tokens(const epic_model *m, int64_t *counts) {
   if (!m || !counts) return EPIC_ERR_INVALID;
-  if (m->cfg.n_routed_experts > 0)
-    memcpy(counts, m->expert_tokens, (size_t)m->cfg.n_routed_experts * sizeof *counts);
+  const int64_t E = m->cfg.n_routed_experts, rows = m->cfg.num_hidden_layers + 1;
+  int64_t *dev;
+  if (E <= 0) return EPIC_OK;
+  EPIC_CHECK(dev_tokens_host(m, &dev));
+  memcpy(counts, m->expert_tokens, (size_t)E * sizeof *counts);
+  for (int64_t r = 0; dev && r < rows; r++)
+    for (int64_t e = 0; e < E; e++) counts[e] += dev[r * E + e];
+  free(dev);
   return EPIC_OK;
 }
 
 epic_status epic_model_expert_layer_tokens(const epic_model *m, int64_t *counts) {
   if (!m || !counts) return EPIC_ERR_INVALID;
-  memcpy(counts, m->layer_tokens,
-         (size_t)((m->cfg.num_hidden_layers + 1) * m->cfg.n_routed_experts) * sizeof *counts);
+  const size_t n = (size_t)((m->cfg.num_hidden_layers + 1) * m->cfg.n_routed_experts);
+  int64_t *dev;
+  EPIC_CHECK(dev_tokens_host(m, &dev));
+  memcpy(counts, m->layer_tokens, n * sizeof *counts);
+  for (size_t i = 0; dev && i < n; i++) counts[i] += dev[i];
+  free(dev);
   return EPIC_OK;
 }
 
@@ -1220,6 +1255,39 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
   return o->vt->copy_rows(o, n, D, ye, D, NULL, out, D, dplan + n);
 }
 
+/* run_experts with the plan built on the backend from ids in backend memory (ABI 6
+ * moe_plan): no host round trip. Every expert has at most max_rows items. The counts go
+ * to m->dev_tokens (see epic_model_expert_tokens). */
+static epic_status run_experts_dev(fwd *f, const layer_w *lw, const int32_t *idx, int64_t n,
+                                   int64_t max_rows, const float *src, int64_t ld, int64_t div,
+                                   float *out) {
+  epic_model *m = f->m;
+  epic_ops *o = m->ops;
+  const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
+  const int64_t I = m->cfg.moe_intermediate_size;
+  const size_t n_counts = (size_t)((m->cfg.num_hidden_layers + 1) * E) * sizeof(int64_t);
+  int32_t *dplan = dbuf(m, 0, DB_GPLAN, (size_t)(2 * n + E + 1) * sizeof(int32_t));
+  float *x = dbuf(m, 0, DB_X, (size_t)(n * D) * sizeof(float));
+  float *g = dbuf(m, 0, DB_G, (size_t)(n * I) * sizeof(float));
+  float *u = dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
+  float *ye = dbuf(m, 0, DB_Y, (size_t)(n * D) * sizeof(float));
+  if (!dplan || !x || !g || !u || !ye) return EPIC_ERR_NOMEM;
+  if (!m->dev_tokens) {
+    EPIC_CHECK(o->vt->alloc(o, n_counts, (void **)&m->dev_tokens));
+    EPIC_CHECK(o->vt->zero(o, m->dev_tokens, n_counts));
+  }
+  EPIC_CHECK(o->vt->moe_plan(o, idx, n, E, div, dplan, m->dev_tokens + lw->slot * E));
+  const int32_t *goff = dplan + 2 * n;
+  EPIC_CHECK(o->vt->copy_rows(o, n, D, src, ld, dplan, x, D, NULL));
+  EPIC_CHECK(o->vt->grouped_matmul_dev(o, x, D, n, max_rows, goff, E, &lw->experts[0], 3, g, I));
+  EPIC_CHECK(o->vt->grouped_matmul_dev(o, x, D, n, max_rows, goff, E, &lw->experts[1], 3, u, I));
+  progress(f);
+  EPIC_CHECK(o->vt->silu_mul(o, g, I, u, I, n, I, g, I));
+  EPIC_CHECK(o->vt->grouped_matmul_dev(o, g, I, n, max_rows, goff, E, &lw->experts[2], 3, ye, D));
+  progress(f);
+  return o->vt->copy_rows(o, n, D, ye, D, NULL, out, D, dplan + n);
+}
+
 /* MoE phase 1 of 3 (DESIGN §3): router and shared experts for the
  * micro-batch's tokens; with expert parallelism also the dispatch, which sends
  * each (token, expert) row, tagged with the expert id, to the expert's owner.
@@ -1306,10 +1374,16 @@ static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
     t = epic_now_seconds();
     b->out = dbuf(m, b->id, DB_OUT, (size_t)(b->M * K * D) * sizeof(float));
     if (!b->out) return EPIC_ERR_NOMEM;
-    EPIC_CHECK(to_host_i32(m, s->idx, b->M * K, b->id, XB_IDS, &ids));
-    count_experts(m, lw->slot, ids, b->M * K);
     m->stats.expert_rows += b->M * K;
-    EPIC_CHECK(run_experts(f, lw, ids, b->M * K, s->a, D, K, b->out));
+    /* A backend without host memory plans decode-sized batches itself: the routing ids
+     * stay where route wrote them. */
+    if (!o->vt->host_visible && epic_ops_has_moe_plan(o) && b->M <= DEV_PLAN_MAX_TOKENS) {
+      EPIC_CHECK(run_experts_dev(f, lw, s->idx, b->M * K, b->M, s->a, D, K, b->out));
+    } else {
+      EPIC_CHECK(to_host_i32(m, s->idx, b->M * K, b->id, XB_IDS, &ids));
+      count_experts(m, lw->slot, ids, b->M * K);
+      EPIC_CHECK(run_experts(f, lw, ids, b->M * K, s->a, D, K, b->out));
+    }
     m->stats.experts_s += epic_now_seconds() - t;
     return EPIC_OK;
   }

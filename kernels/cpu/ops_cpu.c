@@ -292,6 +292,57 @@ static epic_status cpu_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
   return EPIC_OK;
 }
 
+/* Counting sort by expert, stable in item order. */
+static epic_status cpu_moe_plan(epic_ops *o, const int32_t *idx, int64_t n, int64_t n_experts,
+                                int64_t div, int32_t *plan, int64_t *counts) {
+  (void)o;
+  if (n < 0 || n_experts <= 0 || div <= 0 || (n > 0 && !idx) || !plan ||
+      2 * n + n_experts >= INT32_MAX) {
+    EPIC_LOG_ERROR("moe_plan: invalid arguments (n %lld, n_experts %lld, div %lld)", (long long)n,
+                   (long long)n_experts, (long long)div);
+    return EPIC_ERR_INVALID;
+  }
+  int32_t *off = plan + 2 * n;
+  int32_t *cursor = malloc((size_t)n_experts * sizeof *cursor);
+  if (!cursor) return EPIC_ERR_NOMEM;
+  memset(off, 0, (size_t)(n_experts + 1) * sizeof *off);
+  for (int64_t i = 0; i < n; i++) {
+    if (idx[i] < 0 || idx[i] >= n_experts) {
+      EPIC_LOG_ERROR("moe_plan: item %lld is routed to expert %d, outside [0, %lld)", (long long)i,
+                     idx[i], (long long)n_experts);
+      free(cursor);
+      return EPIC_ERR_INVALID;
+    }
+    off[idx[i] + 1]++;
+  }
+  for (int64_t e = 0; e < n_experts; e++) {
+    if (counts) counts[e] += off[e + 1];
+    off[e + 1] += off[e];
+    cursor[e] = off[e];
+  }
+  for (int64_t i = 0; i < n; i++) {
+    const int32_t pos = cursor[idx[i]]++;
+    plan[pos] = (int32_t)(i / div);
+    plan[n + pos] = (int32_t)i;
+  }
+  free(cursor);
+  return EPIC_OK;
+}
+
+/* The offsets are host memory here: check them against the contract, then the host path. */
+static epic_status cpu_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ldx, int64_t rows,
+                                          int64_t max_rows, const int32_t *off, int64_t n_groups,
+                                          const epic_weight *w, int64_t w_stride, float *y,
+                                          int64_t ldy) {
+  if (n_groups < 0 || !off || rows < 0 || max_rows < 0) return EPIC_ERR_INVALID;
+  int64_t *oh = malloc((size_t)(n_groups + 1) * sizeof *oh);
+  if (!oh) return EPIC_ERR_NOMEM;
+  epic_status st = epic_ops_group_offsets(off, n_groups, rows, max_rows, oh);
+  if (st == EPIC_OK) st = cpu_grouped_matmul(o, x, ldx, oh, off, n_groups, w, w_stride, y, ldy);
+  free(oh);
+  return st;
+}
+
 static epic_status cpu_sync(epic_ops *o) { return EPIC_OK; }
 
 static const epic_ops_vt epic_cpu_vt = {
@@ -324,6 +375,8 @@ static const epic_ops_vt epic_cpu_vt = {
     .sync = cpu_sync,
     .row_pick = cpu_row_pick,
     .kv_dtype = cpu_kv_dtype,
+    .moe_plan = cpu_moe_plan,
+    .grouped_matmul_dev = cpu_grouped_matmul_dev,
 };
 
 epic_status epic_ops_cpu_create(int n_threads, epic_ops **out) {

@@ -296,7 +296,7 @@ __global__ void k_embed(WeightArgs w, const int32_t *ids, int64_t m, float *y, i
     const int64_t id = ids[i];
     const int bad = id < 0 || id >= w.rows;
     if (bad && threadIdx.x == 0 && blockIdx.x == 0)
-      *err = 1;
+      atomicOr(err, EPIC_CUK_ERR_EMBED_ID);
     for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < w.cols;
          c += (int64_t)gridDim.x * blockDim.x)
       y[i * w.cols + c] = bad ? __int_as_float(0x7fc00000) : weight_elem(w, id, c);

@@ -70,8 +70,10 @@ struct Args {
   const uint8_t *w;             // dense weight
   const float *sc;              // dense weight's block scales
   int m;                        // dense token count
-  int max_rows;                 // grouped: larger groups are left to the caller
+  int min_rows, max_rows;       // grouped: the groups of this launch (others: other launches)
   int n_groups;                 // grouped: entries of off (plus one) and tab
+  int *err;                     // grouped, optional: a group above `bound` rows is flagged
+  int bound;
   int n, k, br, bc, nbc;        // weight rows, cols, block rows / cols, scale row stride
   int split;                    // S: k runs per output
   int wpg;                      // warps per row group (divides S): execution only
@@ -113,13 +115,16 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Arg
   const uint8_t *w = a.w;
   const float *sc = a.sc;
   if (a.tab) { // block-uniform: every warp finds the same group
-    // blockIdx.y is the rank of this CTA's group among those with 1..max_rows rows, so
-    // the grid holds no CTAs for the (at decode, many) groups without rows.
+    // blockIdx.y is the rank of this CTA's group among those with min_rows..max_rows
+    // rows, so the grid holds no CTAs for the (at decode, many) groups without rows.
     int rem = blockIdx.y, gi = -1;
     for (int base = 0; base < a.n_groups && gi < 0; base += 32) {
       const int gl = base + lane;
       const int c = gl < a.n_groups ? a.off[gl + 1] - a.off[gl] : 0;
-      unsigned bal = __ballot_sync(0xffffffffu, c > 0 && c <= a.max_rows);
+      unsigned bal = __ballot_sync(0xffffffffu, c >= a.min_rows && c <= a.max_rows);
+      // only a caller's bound (grouped_matmul_dev) can be exceeded: report, once per launch
+      if (a.err && c > a.bound && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < 32)
+        atomicOr(a.err, EPIC_CUK_ERR_GROUP_ROWS);
       const int have = __popc(bal);
       if (rem < have) {
         for (int i = 0; i < rem; i++)
@@ -314,6 +319,7 @@ cudaError_t epic_cuk_fp8_mma_prepare(void) {
 cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaStream_t st) {
   const epic_weight *w = p->w;
   if (p->rows_max < 1 || p->rows_max > EPIC_CUK_MMA_MAX_ROWS || ((uintptr_t)p->x & 15u) ||
+      p->rows_min > p->rows_max || (p->err && p->rows_bound < p->rows_max) ||
       p->ldx % 8 != 0 ||
       (p->off && (p->n_groups < 1 || p->n_groups > INT32_MAX - 1 || p->active_groups < 1 ||
                   p->active_groups > p->n_groups || p->active_groups > 65535)))
@@ -327,7 +333,10 @@ cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaS
   a.sc = w->scale_inv;
   a.m = (int)p->rows_max;
   a.max_rows = (int)p->rows_max;
+  a.min_rows = p->rows_min > 1 ? (int)p->rows_min : 1;
   a.n_groups = (int)p->n_groups;
+  a.err = p->err;
+  a.bound = (int)p->rows_bound;
   a.n = (int)w->rows;
   a.k = (int)w->cols;
   a.br = (int)w->block_rows;

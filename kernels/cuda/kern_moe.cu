@@ -72,9 +72,59 @@ __global__ void k_kv_store_batch(T *pool, const int32_t *tables, int64_t stride,
   }
 }
 
+// The expert plan of moe_plan (kernels/ops.h) in one CTA: thread e counts expert e's
+// items, thread 0 turns the counts into offsets, then thread e walks the items in order
+// and places its own, so the order within an expert is the item order. O(n) per thread,
+// every thread reading the same id at a time (one broadcast load): at decode sizes
+// (n = tokens x top-k, a few hundred) a few microseconds, and no host round trip.
+__global__ void k_moe_plan(const int32_t *idx, int n, int n_experts, int div, int32_t *plan,
+                           long long *counts, int *err) {
+  extern __shared__ int off[]; // [n_experts + 1]
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+    int c = 0;
+    for (int i = 0; i < n; i++)
+      c += __ldg(idx + i) == e;
+    off[e] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int e = 0; e < n_experts; e++) {
+      const int c = off[e];
+      off[e] = acc;
+      acc += c;
+    }
+    off[n_experts] = acc;
+    plan[2 * n + n_experts] = acc;
+    if (acc != n) // some id outside [0, n_experts)
+      atomicOr(err, EPIC_CUK_ERR_EXPERT_ID);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+    int pos = off[e];
+    plan[2 * n + e] = pos;
+    for (int i = 0; i < n; i++)
+      if (__ldg(idx + i) == e) {
+        plan[pos] = i / div;
+        plan[n + pos] = i;
+        pos++;
+      }
+    if (counts)
+      counts[e] += pos - off[e];
+  }
+}
+
 } // namespace
 
 extern "C" {
+
+cudaError_t epic_cuk_moe_plan(const int32_t *idx, int64_t n, int64_t n_experts, int64_t div,
+                              int32_t *plan, int64_t *counts, int *err, cudaStream_t st) {
+  const int threads = n_experts < 1024 ? (int)((n_experts + 31) / 32 * 32) : 1024;
+  k_moe_plan<<<1, threads, (size_t)(n_experts + 1) * sizeof(int), st>>>(
+      idx, (int)n, (int)n_experts, (int)div, plan, reinterpret_cast<long long *>(counts), err);
+  return cudaGetLastError();
+}
 
 cudaError_t epic_cuk_copy_rows(int64_t n, int64_t cols, const float *src, int64_t ld_src,
                                const int32_t *src_idx, float *dst, int64_t ld_dst,

@@ -94,6 +94,20 @@ epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
   return EPIC_OK;
 }
 
+static epic_status cuda_moe_plan(epic_ops *o, const int32_t *idx, int64_t n, int64_t n_experts,
+                                 int64_t div, int32_t *plan, int64_t *counts) {
+  epic_cuda_ops *c = epic_cuda_of(o);
+  if (n < 0 || n_experts <= 0 || n_experts > 12 * 1024 || div <= 0 || (n > 0 && !idx) || !plan ||
+      2 * n + n_experts >= INT32_MAX) {
+    EPIC_LOG_ERROR("moe_plan: invalid arguments (n %lld, n_experts %lld, div %lld)", (long long)n,
+                   (long long)n_experts, (long long)div);
+    return EPIC_ERR_INVALID;
+  }
+  EPIC_CHECK_CUDA(epic_cuk_moe_plan(idx, n, n_experts, div, plan, counts, c->err_flag, c->stream),
+                  "moe_plan");
+  return EPIC_OK;
+}
+
 /* Synchronise and report device-detected faults (then clear them). */
 static epic_status sync_and_report(epic_cuda_ops *c) {
   int flag = 0;
@@ -103,7 +117,13 @@ static epic_status sync_and_report(epic_cuda_ops *c) {
   EPIC_CHECK_CUDA(cudaStreamSynchronize(c->stream), "synchronize");
   if (flag) {
     EPIC_CHECK_CUDA(cudaMemsetAsync(c->err_flag, 0, sizeof(int), c->stream), "clear error flag");
-    EPIC_LOG_ERROR("cuda: embed saw a token id outside the table (rows set to NaN)");
+    if (flag & EPIC_CUK_ERR_EMBED_ID)
+      EPIC_LOG_ERROR("cuda: embed saw a token id outside the table (rows set to NaN)");
+    if (flag & EPIC_CUK_ERR_EXPERT_ID)
+      EPIC_LOG_ERROR("cuda: moe_plan saw an expert id outside [0, n_experts) (items left out)");
+    if (flag & EPIC_CUK_ERR_GROUP_ROWS)
+      EPIC_LOG_ERROR("cuda: grouped_matmul_dev saw a group above its max_rows bound (rows left "
+                     "uncomputed)");
     return EPIC_ERR_INVALID;
   }
   return EPIC_OK;
@@ -428,6 +448,8 @@ static const epic_ops_vt epic_cuda_vt = {
     .sync = epic_ops_cuda_sync,
     .row_pick = cuda_row_pick,
     .kv_dtype = cuda_kv_dtype,
+    .moe_plan = cuda_moe_plan,
+    .grouped_matmul_dev = epic_cuda_grouped_matmul_dev,
 };
 
 epic_status epic_ops_cuda_create(int device, epic_ops **out) {

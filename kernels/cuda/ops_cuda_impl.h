@@ -111,6 +111,10 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
                                      const int64_t *off_host, const int32_t *off_dev,
                                      int64_t n_groups, const epic_weight *w, int64_t w_stride,
                                      float *y, int64_t ldy);
+epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ldx, int64_t rows,
+                                         int64_t max_rows, const int32_t *off, int64_t n_groups,
+                                         const epic_weight *w, int64_t w_stride, float *y,
+                                         int64_t ldy);
 epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
                                 int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
                                 int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
@@ -152,8 +156,8 @@ cudaError_t epic_cuk_fp8_grouped(const float *x, int64_t ldx, const int32_t *off
  * (kern_fp8_mma.cu): dense (off == NULL: rows [0, rows_max) of x times w) or grouped
  * (group g's rows [off[g], off[g+1]) times the weight tab[g] names, each of w's layout;
  * groups of more than rows_max rows are left to the caller). x: row stride ldx a
- * multiple of 8, 16-byte aligned. active_groups must be the number of groups with 1 to
- * rows_max rows (one grid row each). */
+ * multiple of 8, 16-byte aligned. active_groups must be at least the number of groups
+ * with rows_min to rows_max rows (one grid row each; extra rows exit at once). */
 enum { EPIC_CUK_MMA_MAX_ROWS = EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS };
 typedef struct epic_cuk_fp8_mma_args {
   const uint16_t *x;
@@ -162,9 +166,11 @@ typedef struct epic_cuk_fp8_mma_args {
   const int32_t *off;
   const epic_cuk_group_w *tab;
   int64_t n_groups, active_groups;
-  int64_t rows_max;
+  int64_t rows_min, rows_max; /* grouped: the groups this launch takes (rows_min 0 = 1) */
   float *y;
   int64_t ldy;
+  int *err;           /* grouped, optional: gets EPIC_CUK_ERR_GROUP_ROWS ...        */
+  int64_t rows_bound; /* ... if a group has more rows than this (>= rows_max) */
 } epic_cuk_fp8_mma_args;
 int epic_cuk_fp8_mma_ok(const epic_weight *w);
 cudaError_t epic_cuk_fp8_mma_prepare(void);
@@ -212,6 +218,12 @@ cudaError_t epic_cuk_copy_rows(int64_t n, int64_t cols, const float *src, int64_
                                const int32_t *dst_idx, cudaStream_t st);
 cudaError_t epic_cuk_moe_combine(int64_t m, int64_t top_k, int64_t n, const float *rows,
                                  const int32_t *slot, const float *w, float *y, cudaStream_t st);
+/* Bits of the device error flag (epic_cuda_ops.err_flag), reported and cleared at sync. */
+enum { EPIC_CUK_ERR_EMBED_ID = 1, EPIC_CUK_ERR_EXPERT_ID = 2, EPIC_CUK_ERR_GROUP_ROWS = 4 };
+/* moe_plan (kernels/ops.h) in one block; n + n_experts below 2^31, n_experts below 12k
+ * (its offsets live in shared memory). */
+cudaError_t epic_cuk_moe_plan(const int32_t *idx, int64_t n, int64_t n_experts, int64_t div,
+                              int32_t *plan, int64_t *counts, int *err, cudaStream_t st);
 cudaError_t epic_cuk_kv_store_batch(const epic_kv_batch *kv, int64_t n_seq, const float *latent,
                                     int64_t ld_latent, const float *kpe, int64_t ld_kpe,
                                     cudaStream_t st);

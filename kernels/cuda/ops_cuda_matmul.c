@@ -599,3 +599,71 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
   }
   return EPIC_OK;
 }
+
+/* Offsets in backend memory only (ABI 6, after moe_plan). The tensor-core kernel finds its
+ * groups on the device, so the fast FP8 case needs no host copy of them; everything else
+ * (exact precision, the FP32 kind, other weights, bounds beyond the kernel) reads them
+ * back and takes the host-planned path. */
+epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ldx, int64_t rows,
+                                         int64_t max_rows, const int32_t *off, int64_t n_groups,
+                                         const epic_weight *w, int64_t w_stride, float *y,
+                                         int64_t ldy) {
+  epic_cuda_ops *c = epic_cuda_of(o);
+  if (n_groups < 0 || !off || rows < 0 || max_rows < 0 || (n_groups > 0 && !w) ||
+      (rows > 0 && max_rows == 0))
+    return EPIC_ERR_INVALID;
+  if (rows == 0 || n_groups == 0)
+    return EPIC_OK;
+  const epic_weight *shape = NULL;
+  for (int64_t g = 0; g < n_groups && !shape; g++)
+    if (w[g * w_stride].data)
+      shape = &w[g * w_stride];
+  if (!c->exact_matmul && c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA && shape &&
+      max_rows <= EPIC_CUK_MMA_MAX_ROWS && n_groups <= 65535 && rows <= INT32_MAX &&
+      ldx >= shape->cols && ldy >= shape->rows && epic_cuk_fp8_mma_ok(shape)) {
+    epic_status st;
+    const epic_cuk_group_w *tab = group_table(c, w, w_stride, n_groups, shape, &st);
+    EPIC_CHECK(st);
+    if (tab) {
+      /* The group sizes are on the device only, and the kernel's token tiles are fixed
+       * per launch: one launch per size class (1-8, 9-16, 17-32, 33-64 rows) up to the
+       * bound, each with at most rows / (its smallest size) groups. A row's result is the
+       * same in every class (kern_fp8_mma.cu, row invariance). */
+      uint16_t *xb;
+      EPIC_CHECK(to_bf16(c, x, ldx, rows, shape->cols, &xb));
+      for (int64_t lo = 1, hi = 8; lo <= max_rows; lo = hi + 1, hi *= 2) {
+        const int64_t most = rows / lo < n_groups ? rows / lo : n_groups;
+        const int last = hi >= max_rows;
+        const epic_cuk_fp8_mma_args a = {.x = xb,
+                                         .ldx = shape->cols,
+                                         .w = shape,
+                                         .off = off,
+                                         .tab = tab,
+                                         .n_groups = n_groups,
+                                         .active_groups = most,
+                                         .rows_min = lo,
+                                         .rows_max = last ? max_rows : hi,
+                                         .y = y,
+                                         .ldy = ldy,
+                                         .err = last ? c->err_flag : NULL,
+                                         .rows_bound = max_rows};
+        if (most > 0)
+          EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream),
+                          "grouped matmul: FP8 tensor-core kernel");
+      }
+      return EPIC_OK;
+    }
+  }
+  int32_t *h32 = malloc((size_t)(n_groups + 1) * sizeof *h32);
+  int64_t *h64 = malloc((size_t)(n_groups + 1) * sizeof *h64);
+  epic_status st = h32 && h64 ? EPIC_OK : EPIC_ERR_NOMEM;
+  if (st == EPIC_OK)
+    st = o->vt->download(o, h32, off, (size_t)(n_groups + 1) * sizeof *h32);
+  if (st == EPIC_OK)
+    st = epic_ops_group_offsets(h32, n_groups, rows, max_rows, h64);
+  if (st == EPIC_OK)
+    st = epic_cuda_grouped_matmul(o, x, ldx, h64, off, n_groups, w, w_stride, y, ldy);
+  free(h32);
+  free(h64);
+  return st;
+}

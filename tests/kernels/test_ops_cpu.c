@@ -880,6 +880,58 @@ static void test_grouped_matmul(void **state) {
   assert_int_equal(g_ops->vt->grouped_matmul(g_ops, x, K, bad, NULL, G, w, 1, y, N), EPIC_ERR_INVALID);
 }
 
+/* moe_plan: the items in ascending expert order, item order kept within an expert
+ * (checked against a direct count of the earlier items of the same expert), offsets,
+ * source rows item / div, accumulated counts, and bad ids refused. grouped_matmul_dev
+ * on the plan's offsets equals grouped_matmul; an offset list that breaks its bound or
+ * does not end at rows is refused. */
+static void test_moe_plan(void **state) {
+  enum { N = 37, E = 5, DIV = 3, G = 4, R = 6, NW = 6, K = 8 };
+  int32_t idx[N], plan[2 * N + E + 1];
+  int64_t counts[E] = {1, 2, 3, 4, 5};
+  for (int i = 0; i < N; i++) idx[i] = (int32_t)((i * 7 + i / 5) % E);
+  idx[4] = idx[5] = idx[6] = 2; /* a run of one expert */
+  assert_int_equal(g_ops->vt->moe_plan(g_ops, idx, N, E, DIV, plan, counts), EPIC_OK);
+  const int32_t *off = plan + 2 * N;
+  assert_int_equal(off[0], 0);
+  assert_int_equal(off[E], N);
+  for (int i = 0; i < N; i++) {
+    int before = 0, of_e = 0;
+    for (int j = 0; j < i; j++) before += idx[j] == idx[i];
+    for (int j = 0; j < N; j++) of_e += idx[j] == idx[i];
+    const int pos = off[idx[i]] + before;
+    assert_int_equal(plan[N + pos], i);
+    assert_int_equal(plan[pos], i / DIV);
+    assert_int_equal(off[idx[i] + 1] - off[idx[i]], of_e);
+  }
+  for (int e = 0; e < E; e++) assert_int_equal(counts[e], e + 1 + off[e + 1] - off[e]);
+  idx[9] = E;
+  assert_int_equal(g_ops->vt->moe_plan(g_ops, idx, N, E, DIV, plan, NULL), EPIC_ERR_INVALID);
+  idx[9] = -1;
+  assert_int_equal(g_ops->vt->moe_plan(g_ops, idx, N, E, DIV, plan, NULL), EPIC_ERR_INVALID);
+  assert_int_equal(g_ops->vt->moe_plan(g_ops, idx, N, E, 0, plan, NULL), EPIC_ERR_INVALID);
+
+  const int32_t goff[G + 1] = {0, 2, 2, 5, 6};
+  const int64_t goff64[G + 1] = {0, 2, 2, 5, 6};
+  float wdata[G][NW * K], x[R * K], y[R * NW], ref[R * NW];
+  epic_weight w[G];
+  memset(w, 0, sizeof w);
+  fill(x, R * K);
+  for (int g = 0; g < G; g++) {
+    if (g == 1) continue;
+    fill(wdata[g], NW * K);
+    w[g] = (epic_weight){.dtype = EPIC_DT_F32, .rows = NW, .cols = K, .data = wdata[g]};
+  }
+  assert_int_equal(g_ops->vt->grouped_matmul(g_ops, x, K, goff64, NULL, G, w, 1, ref, NW), EPIC_OK);
+  assert_int_equal(g_ops->vt->grouped_matmul_dev(g_ops, x, K, R, 3, goff, G, w, 1, y, NW), EPIC_OK);
+  assert_memory_equal(y, ref, sizeof y);
+  assert_int_equal(g_ops->vt->grouped_matmul_dev(g_ops, x, K, R, 2, goff, G, w, 1, y, NW),
+                   EPIC_ERR_INVALID); /* group 2 has 3 rows */
+  assert_int_equal(g_ops->vt->grouped_matmul_dev(g_ops, x, K, R + 1, 3, goff, G, w, 1, y, NW),
+                   EPIC_ERR_INVALID);
+  assert_true(epic_ops_has_moe_plan(g_ops));
+}
+
 /* kv_store_batch writes what kv_store writes at each sequence's last position. */
 static void test_kv_store_batch(void **state) {
   enum { PS = 3, W = 10, LORA = 6, PAGES = 12, NS = 3, STRIDE = 4 };
@@ -953,6 +1005,7 @@ int main(void) {
       cmocka_unit_test(test_row_pick),
       cmocka_unit_test(test_kv_store_batch),
       cmocka_unit_test(test_grouped_matmul),
+      cmocka_unit_test(test_moe_plan),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

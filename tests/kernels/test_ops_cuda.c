@@ -607,6 +607,94 @@ static void test_grouped_matmul(void **state) {
   free(rref);
 }
 
+/* moe_plan on the device equals the CPU's (plan and accumulated counts, bit for bit);
+ * grouped_matmul_dev on its offsets equals grouped_matmul in both precisions (the fast
+ * FP8 tensor-core path reads the offsets on the device, exact reads them back); an expert
+ * id outside the table and a group above the bound are reported at the next sync. */
+static void test_moe_plan(void **state) {
+  (void)state;
+  enum { T = 37, TOPK = 8, N = T * TOPK, E = 16, NW = 384, K = 1024 };
+  int32_t idx[N], plan_c[2 * N + E + 1], plan_g[2 * N + E + 1];
+  int64_t cnt_c[E], cnt_g[E];
+  /* TOPK distinct experts per token: 0, 1 and 2 for every token (37-row groups: the
+   * kernel's largest token tiles), the others spread over 3 .. E-1 in a random order */
+  const int shift = (int)(rng_u64() % (E - 3));
+  for (int t = 0; t < T; t++)
+    for (int k = 0; k < TOPK; k++)
+      idx[t * TOPK + k] = (int32_t)(k < 3 ? k : 3 + (t + shift + k * 5) % (E - 3));
+  for (int e = 0; e < E; e++)
+    cnt_c[e] = cnt_g[e] = 100 + e;
+  int32_t *didx = dup_dev(idx, sizeof idx), *dplan = dalloc(sizeof plan_g);
+  int64_t *dcnt = dup_dev(cnt_g, sizeof cnt_g);
+  assert_int_equal(g_cpu->vt->moe_plan(g_cpu, idx, N, E, TOPK, plan_c, cnt_c), EPIC_OK);
+  for (int rep = 0; rep < 2; rep++) /* counts accumulate */
+    assert_int_equal(g_gpu->vt->moe_plan(g_gpu, didx, N, E, TOPK, dplan, dcnt), EPIC_OK);
+  fetch(plan_g, dplan, sizeof plan_g);
+  fetch(cnt_g, dcnt, sizeof cnt_g);
+  assert_memory_equal(plan_g, plan_c, sizeof plan_c);
+  for (int e = 0; e < E; e++)
+    assert_int_equal(cnt_g[e], cnt_c[e] + (plan_c[2 * N + e + 1] - plan_c[2 * N + e]));
+  printf("#   moe_plan: %d items over %d experts equal the CPU's\n", N, E);
+
+  /* the planned groups through both grouped ops */
+  const int32_t *off = plan_c + 2 * N;
+  int64_t off64[E + 1], max_rows = 0;
+  for (int e = 0; e <= E; e++) {
+    off64[e] = off[e];
+    if (e < E && off[e + 1] - off[e] > max_rows)
+      max_rows = off[e + 1] - off[e];
+  }
+  static tw w[E];
+  static epic_weight dw[E];
+  for (int e = 0; e < E; e++) {
+    w[e] = tw_make(EPIC_DT_F8E4M3, NW, K, 128, 128);
+    dw[e] = w[e].d;
+  }
+  float *x = xmalloc((size_t)N * K * 4), *ya = xmalloc((size_t)N * NW * 4);
+  float *yb = xmalloc((size_t)N * NW * 4);
+  fill(x, (size_t)N * K, 1.0f);
+  float *dx = dup_dev(x, (size_t)N * K * 4), *dy = dalloc((size_t)N * NW * 4);
+  const int32_t *doff = dplan + 2 * N;
+  for (int prec = 0; prec < 2; prec++) {
+    assert_int_equal(epic_ops_cuda_set_precision(g_gpu, (epic_cuda_precision)prec), EPIC_OK);
+    poison(dy, (size_t)N * NW * 4);
+    assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, K, off64, doff, E, dw, 1, dy, NW), EPIC_OK);
+    fetch(ya, dy, (size_t)N * NW * 4);
+    poison(dy, (size_t)N * NW * 4);
+    assert_int_equal(
+        g_gpu->vt->grouped_matmul_dev(g_gpu, dx, K, N, max_rows, doff, E, dw, 1, dy, NW), EPIC_OK);
+    fetch(yb, dy, (size_t)N * NW * 4);
+    assert_memory_equal(ya, yb, (size_t)N * NW * 4);
+    assert_int_equal(g_gpu->vt->sync(g_gpu), EPIC_OK);
+    printf("#   grouped_matmul_dev (%s, largest group %lld rows) equals grouped_matmul\n",
+           prec ? "exact" : "fast", (long long)max_rows);
+  }
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
+  /* a bound below the largest group: reported at the next sync, then cleared */
+  assert_int_equal(
+      g_gpu->vt->grouped_matmul_dev(g_gpu, dx, K, N, max_rows - 1, doff, E, dw, 1, dy, NW), EPIC_OK);
+  assert_int_equal(g_gpu->vt->sync(g_gpu), EPIC_ERR_INVALID);
+  assert_int_equal(g_gpu->vt->sync(g_gpu), EPIC_OK);
+  /* an expert id outside the table */
+  idx[5] = E;
+  int32_t *dbad = dup_dev(idx, sizeof idx);
+  assert_int_equal(g_gpu->vt->moe_plan(g_gpu, dbad, N, E, TOPK, dplan, NULL), EPIC_OK);
+  assert_int_equal(g_gpu->vt->sync(g_gpu), EPIC_ERR_INVALID);
+  assert_int_equal(g_gpu->vt->sync(g_gpu), EPIC_OK);
+  assert_int_equal(g_gpu->vt->moe_plan(g_gpu, didx, N, E, 0, dplan, NULL), EPIC_ERR_INVALID);
+  for (int e = 0; e < E; e++)
+    tw_free(&w[e]);
+  dfree(didx);
+  dfree(dbad);
+  dfree(dplan);
+  dfree(dcnt);
+  dfree(dx);
+  dfree(dy);
+  free(x);
+  free(ya);
+  free(yb);
+}
+
 /* ----------------------------------------------------------- element-wise */
 
 static void test_rmsnorm(void **state) {
@@ -1576,6 +1664,7 @@ int main(void) {
       cmocka_unit_test(test_silu_axpy), cmocka_unit_test(test_embed),
       cmocka_unit_test(test_route),     cmocka_unit_test(test_kv),
       cmocka_unit_test(test_row_ops),   cmocka_unit_test(test_grouped_matmul),
+      cmocka_unit_test(test_moe_plan),
       cmocka_unit_test(test_row_pick),
       cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_mla),
       cmocka_unit_test(test_kv_bf16),   cmocka_unit_test(test_mla_bf16),
