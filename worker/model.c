@@ -1187,6 +1187,48 @@ static epic_status route_and_share(epic_model *m, const layer_w *lw, const float
   return o->vt->zero(o, y, (size_t)(M * D) * sizeof(float));
 }
 
+/* The expert groups of one MoE pass: host offsets (off, with off_dev their backend
+ * copy or NULL) for grouped_matmul, or backend offsets only (off NULL) with a bound on
+ * the rows per group for grouped_matmul_dev. w: n_groups entries of 3 projections. */
+typedef struct {
+  const int64_t *off;
+  const int32_t *off_dev;
+  int64_t n_groups, max_rows;
+  const epic_weight *w;
+} expert_groups;
+
+static epic_status grouped(epic_ops *o, const expert_groups *eg, int proj, const float *x,
+                           int64_t ldx, int64_t n, float *y, int64_t ldy) {
+  if (!eg->off)
+    return o->vt->grouped_matmul_dev(o, x, ldx, n, eg->max_rows, eg->off_dev, eg->n_groups,
+                                     &eg->w[proj], 3, y, ldy);
+  return o->vt->grouped_matmul(o, x, ldx, eg->off, eg->off_dev, eg->n_groups, &eg->w[proj], 3, y,
+                               ldy);
+}
+
+/* The experts' FFN over n items planned in dplan (backend memory, as moe_plan lays it
+ * out): rows gathered in expert order, one grouped matmul per projection, scattered
+ * back to out. */
+static epic_status expert_ffn(fwd *f, const expert_groups *eg, int64_t n, const float *src,
+                              int64_t ld, const int32_t *dplan, float *out) {
+  epic_model *m = f->m;
+  epic_ops *o = m->ops;
+  const int64_t D = m->cfg.hidden_size, I = m->cfg.moe_intermediate_size;
+  float *x = dbuf(m, 0, DB_X, (size_t)(n * D) * sizeof(float));
+  float *g = dbuf(m, 0, DB_G, (size_t)(n * I) * sizeof(float));
+  float *u = dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
+  float *ye = dbuf(m, 0, DB_Y, (size_t)(n * D) * sizeof(float));
+  if (!x || !g || !u || !ye) return EPIC_ERR_NOMEM;
+  EPIC_CHECK(o->vt->copy_rows(o, n, D, src, ld, dplan, x, D, NULL));
+  EPIC_CHECK(grouped(o, eg, 0, x, D, n, g, I));
+  EPIC_CHECK(grouped(o, eg, 1, x, D, n, u, I));
+  progress(f);
+  EPIC_CHECK(o->vt->silu_mul(o, g, I, u, I, n, I, g, I));
+  EPIC_CHECK(grouped(o, eg, 2, g, I, n, ye, D));
+  progress(f);
+  return o->vt->copy_rows(o, n, D, ye, D, NULL, out, D, dplan + n);
+}
+
 /* This rank's routed experts of lw over n items, item i routed to expert[i]
  * (host memory): out[i] = expert(src row i / div) for rows src + r * ld, all in
  * backend memory. The items' rows are gathered in expert order, run through one
@@ -1195,17 +1237,12 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
                                const float *src, int64_t ld, int64_t div, float *out) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
-  const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
-  const int64_t I = m->cfg.moe_intermediate_size;
+  const int64_t E = m->cfg.n_routed_experts;
   int64_t *off = xbuf(m, 0, XB_EOFF, (size_t)(2 * E + 1) * sizeof(int64_t));
   int32_t *order = xbuf(m, 0, XB_ORDER, (size_t)n * sizeof(int32_t));
   /* [n] source rows, [n] result rows, [E + 1] group offsets */
   int32_t *gplan = xbuf(m, 0, XB_GPLAN, (size_t)(2 * n + E + 1) * sizeof(int32_t)), *dplan;
-  float *x, *g, *u, *ye;
-  const epic_weight *wl = lw->experts;
-  const int64_t *goff = off;
-  const int32_t *gdev;
-  int64_t ng = E;
+  expert_groups eg = {.off = off, .n_groups = E, .w = lw->experts};
   if (!off || !order || !gplan) return EPIC_ERR_NOMEM;
   if (n == 0) return EPIC_OK;
   /* Ascending expert order with item order kept inside an expert: no result
@@ -1217,12 +1254,8 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
   }
   for (int64_t e = 0; e <= E; e++) gplan[2 * n + e] = (int32_t)off[e];
   dplan = dbuf(m, 0, DB_GPLAN, (size_t)(2 * n + E + 1) * sizeof(int32_t));
-  x = dbuf(m, 0, DB_X, (size_t)(n * D) * sizeof(float));
-  g = dbuf(m, 0, DB_G, (size_t)(n * I) * sizeof(float));
-  u = dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
-  ye = dbuf(m, 0, DB_Y, (size_t)(n * D) * sizeof(float));
-  if (!dplan || !x || !g || !u || !ye) return EPIC_ERR_NOMEM;
-  gdev = dplan + 2 * n;
+  if (!dplan) return EPIC_ERR_NOMEM;
+  eg.off_dev = dplan + 2 * n;
   EPIC_CHECK(o->vt->upload(o, dplan, gplan, (size_t)(2 * n + E + 1) * sizeof(int32_t)));
   if (o->vt->host_visible) {
     /* Row-independent expert math: the CPU matmul sums in one order up to
@@ -1233,26 +1266,17 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
     const int64_t cap = E + n / EP_ROW_CHUNK + 1;
     int64_t *soff = xbuf(m, 0, XB_SOFF, (size_t)(cap + 1) * sizeof *soff);
     epic_weight *swl = xbuf(m, 0, XB_SWL, (size_t)(cap * 3) * sizeof *swl);
+    int64_t ng = 0;
     if (!soff || !swl) return EPIC_ERR_NOMEM;
-    ng = 0;
     soff[0] = 0;
     for (int64_t e = 0; e < E; e++)
       for (int64_t r = off[e]; r < off[e + 1]; r += EP_ROW_CHUNK) {
         memcpy(&swl[ng * 3], &lw->experts[e * 3], 3 * sizeof *swl);
         soff[++ng] = r + EP_ROW_CHUNK < off[e + 1] ? r + EP_ROW_CHUNK : off[e + 1];
       }
-    goff = soff;
-    gdev = NULL;
-    wl = swl;
+    eg = (expert_groups){.off = soff, .n_groups = ng, .w = swl};
   }
-  EPIC_CHECK(o->vt->copy_rows(o, n, D, src, ld, dplan, x, D, NULL));
-  EPIC_CHECK(o->vt->grouped_matmul(o, x, D, goff, gdev, ng, &wl[0], 3, g, I));
-  EPIC_CHECK(o->vt->grouped_matmul(o, x, D, goff, gdev, ng, &wl[1], 3, u, I));
-  progress(f);
-  EPIC_CHECK(o->vt->silu_mul(o, g, I, u, I, n, I, g, I));
-  EPIC_CHECK(o->vt->grouped_matmul(o, g, I, goff, gdev, ng, &wl[2], 3, ye, D));
-  progress(f);
-  return o->vt->copy_rows(o, n, D, ye, D, NULL, out, D, dplan + n);
+  return expert_ffn(f, &eg, n, src, ld, dplan, out);
 }
 
 /* run_experts with the plan built on the backend from ids in backend memory (ABI 6
@@ -1263,29 +1287,18 @@ static epic_status run_experts_dev(fwd *f, const layer_w *lw, const int32_t *idx
                                    float *out) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
-  const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
-  const int64_t I = m->cfg.moe_intermediate_size;
+  const int64_t E = m->cfg.n_routed_experts;
   const size_t n_counts = (size_t)((m->cfg.num_hidden_layers + 1) * E) * sizeof(int64_t);
   int32_t *dplan = dbuf(m, 0, DB_GPLAN, (size_t)(2 * n + E + 1) * sizeof(int32_t));
-  float *x = dbuf(m, 0, DB_X, (size_t)(n * D) * sizeof(float));
-  float *g = dbuf(m, 0, DB_G, (size_t)(n * I) * sizeof(float));
-  float *u = dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
-  float *ye = dbuf(m, 0, DB_Y, (size_t)(n * D) * sizeof(float));
-  if (!dplan || !x || !g || !u || !ye) return EPIC_ERR_NOMEM;
+  if (!dplan) return EPIC_ERR_NOMEM;
   if (!m->dev_tokens) {
     EPIC_CHECK(o->vt->alloc(o, n_counts, (void **)&m->dev_tokens));
     EPIC_CHECK(o->vt->zero(o, m->dev_tokens, n_counts));
   }
   EPIC_CHECK(o->vt->moe_plan(o, idx, n, E, div, dplan, m->dev_tokens + lw->slot * E));
-  const int32_t *goff = dplan + 2 * n;
-  EPIC_CHECK(o->vt->copy_rows(o, n, D, src, ld, dplan, x, D, NULL));
-  EPIC_CHECK(o->vt->grouped_matmul_dev(o, x, D, n, max_rows, goff, E, &lw->experts[0], 3, g, I));
-  EPIC_CHECK(o->vt->grouped_matmul_dev(o, x, D, n, max_rows, goff, E, &lw->experts[1], 3, u, I));
-  progress(f);
-  EPIC_CHECK(o->vt->silu_mul(o, g, I, u, I, n, I, g, I));
-  EPIC_CHECK(o->vt->grouped_matmul_dev(o, g, I, n, max_rows, goff, E, &lw->experts[2], 3, ye, D));
-  progress(f);
-  return o->vt->copy_rows(o, n, D, ye, D, NULL, out, D, dplan + n);
+  const expert_groups eg = {
+      .off_dev = dplan + 2 * n, .n_groups = E, .max_rows = max_rows, .w = lw->experts};
+  return expert_ffn(f, &eg, n, src, ld, dplan, out);
 }
 
 /* MoE phase 1 of 3 (DESIGN §3): router and shared experts for the

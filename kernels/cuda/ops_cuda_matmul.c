@@ -522,6 +522,30 @@ static epic_status grouped_exact(epic_cuda_ops *c, const float *x, int64_t ldx, 
   return EPIC_OK;
 }
 
+/* The groups of min_rows..max_rows rows (at most `most` of them) through the tensor-core
+ * kernel from device offsets, on the bf16 rows xb; err: flag groups above `bound`. */
+static epic_status mma_groups(epic_cuda_ops *c, const uint16_t *xb, const epic_weight *shape,
+                              const int32_t *off, const epic_cuk_group_w *tab, int64_t n_groups,
+                              int64_t most, int64_t min_rows, int64_t max_rows, int *err,
+                              int64_t bound, float *y, int64_t ldy) {
+  const epic_cuk_fp8_mma_args a = {.x = xb,
+                                   .ldx = shape->cols,
+                                   .w = shape,
+                                   .off = off,
+                                   .tab = tab,
+                                   .n_groups = n_groups,
+                                   .active_groups = most,
+                                   .rows_min = min_rows,
+                                   .rows_max = max_rows,
+                                   .y = y,
+                                   .ldy = ldy,
+                                   .err = err,
+                                   .rows_bound = bound};
+  EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream),
+                  "grouped matmul: FP8 tensor-core kernel");
+  return EPIC_OK;
+}
+
 epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
                                      const int64_t *off_host, const int32_t *off_dev,
                                      int64_t n_groups, const epic_weight *w, int64_t w_stride,
@@ -559,20 +583,10 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
     EPIC_CHECK(st);
   }
   if (tab && mma) {
-    epic_cuk_fp8_mma_args a = {.w = shape,
-                               .off = off_dev,
-                               .tab = tab,
-                               .n_groups = n_groups,
-                               .active_groups = small,
-                               .rows_max = small_max,
-                               .y = y,
-                               .ldy = ldy};
     uint16_t *xb;
     EPIC_CHECK(to_bf16(c, x, ldx, off_host[n_groups], shape->cols, &xb));
-    a.x = xb;
-    a.ldx = shape->cols;
-    EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream),
-                    "grouped matmul: FP8 tensor-core kernel");
+    EPIC_CHECK(mma_groups(c, xb, shape, off_dev, tab, n_groups, small, 1, small_max, NULL, 0, y,
+                          ldy));
   } else if (tab) {
     EPIC_CHECK_CUDA(epic_cuk_fp8_grouped(x, ldx, off_dev, n_groups, tab, shape,
                                          EPIC_CUDA_GROUPED_MAX_ROWS, y, ldy, c->stream),
@@ -634,22 +648,10 @@ epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ld
       for (int64_t lo = 1, hi = 8; lo <= max_rows; lo = hi + 1, hi *= 2) {
         const int64_t most = rows / lo < n_groups ? rows / lo : n_groups;
         const int last = hi >= max_rows;
-        const epic_cuk_fp8_mma_args a = {.x = xb,
-                                         .ldx = shape->cols,
-                                         .w = shape,
-                                         .off = off,
-                                         .tab = tab,
-                                         .n_groups = n_groups,
-                                         .active_groups = most,
-                                         .rows_min = lo,
-                                         .rows_max = last ? max_rows : hi,
-                                         .y = y,
-                                         .ldy = ldy,
-                                         .err = last ? c->err_flag : NULL,
-                                         .rows_bound = max_rows};
         if (most > 0)
-          EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream),
-                          "grouped matmul: FP8 tensor-core kernel");
+          EPIC_CHECK(mma_groups(c, xb, shape, off, tab, n_groups, most, lo,
+                                last ? max_rows : hi, last ? c->err_flag : NULL, max_rows, y,
+                                ldy));
       }
       return EPIC_OK;
     }
