@@ -112,7 +112,9 @@ static const char *USAGE =
     "                     budget, --step-tokens)\n"
     "  --step-tokens T    tokens of one prefill step (default 8192)\n"
     "  --threads N        CPU compute threads (default all)\n"
-    "  --micro-batches N  1 or 2 (default 1; see epic_model_set_micro_batches)\n";
+    "  --micro-batches N  1 or 2 (default 1; see epic_model_set_micro_batches)\n"
+    "  --cuda-graphs on|off  decode steps as recorded graphs where the backend records\n"
+    "                     them (default on; see epic_model_set_step_graphs)\n";
 
 int main(int argc, char **argv) {
   static const struct option lo[] = {{"model", 1, 0, 'm'},      {"load-format", 1, 0, 'f'},
@@ -121,9 +123,10 @@ int main(int argc, char **argv) {
                                      {"decode-steps", 1, 0, 'n'}, {"threads", 1, 0, 't'},
                                      {"micro-batches", 1, 0, 'u'}, {"device", 1, 0, 'd'},
                                      {"prefill-chunk", 1, 0, 'c'}, {"step-tokens", 1, 0, 's'},
-                                     {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
+                                     {"cuda-graphs", 1, 0, 'g'}, {"help", 0, 0, 'h'},
+                                     {0, 0, 0, 0}};
   const char *dir = NULL, *device = "cpu";
-  int dummy = 0, c;
+  int dummy = 0, graphs = 1, c;
   long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0, micro = 1, chunk = 0,
        budget = 8192;
   while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
@@ -140,6 +143,13 @@ int main(int argc, char **argv) {
     case 'd': device = optarg; break;
     case 'c': chunk = atol(optarg); break;
     case 's': budget = atol(optarg); break;
+    case 'g':
+      if (strcmp(optarg, "on") != 0 && strcmp(optarg, "off") != 0) {
+        fprintf(stderr, "bench_model: --cuda-graphs: expected on or off, got '%s'\n", optarg);
+        return 2;
+      }
+      graphs = strcmp(optarg, "on") == 0;
+      break;
     case 'h': fputs(USAGE, stdout); return 0;
     default: fputs(USAGE, stderr); return 2;
     }
@@ -155,7 +165,8 @@ int main(int argc, char **argv) {
   epic_model *m;
   epic_kvcache *kc;
   epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_format = dummy ? EPIC_LOAD_DUMMY : EPIC_LOAD_AUTO,
-                          .num_layers = layers, .num_experts = experts, .seed = 1};
+                          .num_layers = layers, .num_experts = experts, .seed = 1,
+                          .step_graphs = graphs ? 0 : -1};
   const char *dev_name = "cpu";
   if (strcmp(device, "cpu") == 0) {
     if (epic_ops_cpu_create((int)threads, &ops) != EPIC_OK) return 1;
@@ -256,6 +267,8 @@ int main(int argc, char **argv) {
                           (double)epic_kv_dtype_size(epic_ops_kv_dtype(ops)) *
                           (double)cfg->num_hidden_layers;
   const double med = pct(step, (int)N, 0.5);
+  epic_model_stats ms;
+  epic_model_get_stats(m, &ms);
   printf("{\"bench\":\"model\",\"model\":\"%s\",\"device\":\"%s\",\"load_format\":\"%s\","
          "\"layers\":%lld,"
          "\"experts\":%lld,\"fp8\":%s,\"threads\":%ld,\"micro_batches\":%ld,\"batch\":%ld,"
@@ -266,7 +279,8 @@ int main(int argc, char **argv) {
          "\"decode_ms_per_layer\":%.4f,\"decode_step_ms_61_layers_linear\":%.3f,"
          "\"decode_active_weight_bytes\":%.0f,\"decode_kv_bytes\":%.0f,"
          "\"decode_effective_GBps\":%.3f,"
-         "\"copy_GBps\":%.3f,\"decode_bw_ratio\":%.4f}\n",
+         "\"copy_GBps\":%.3f,\"decode_bw_ratio\":%.4f,\"cuda_graphs\":%s,"
+         "\"graph_captures\":%lld,\"graph_replays\":%lld}\n",
          dir, dev_name, dummy ? "dummy" : "safetensors", (long long)cfg->num_hidden_layers,
          (long long)cfg->n_routed_experts, cfg->quant.fp8 ? "true" : "false", threads, micro, B, P,
          chunk, budget, (long long)prefill_steps, N,
@@ -274,7 +288,9 @@ int main(int argc, char **argv) {
          1e3 * med, 1e3 * pct(step, (int)N, 0.9), 1e3 * pct(step, (int)N, 0.99),
          1e3 * step[N - 1], 1e3 * med / (double)cfg->num_hidden_layers,
          1e3 * med * 61.0 / (double)cfg->num_hidden_layers, wbytes, kv_bytes,
-         (wbytes + kv_bytes) / med / 1e9, bw, bw > 0 ? (wbytes + kv_bytes) / med / 1e9 / bw : 0.0);
+         (wbytes + kv_bytes) / med / 1e9, bw, bw > 0 ? (wbytes + kv_bytes) / med / 1e9 / bw : 0.0,
+         graphs && epic_ops_has_graphs(ops) ? "true" : "false", (long long)ms.graph_captures,
+         (long long)ms.graph_replays);
   for (long i = 0; i < B; i++) epic_kvcache_seq_release(kc, &seqs[i]);
   epic_kvcache_destroy(kc);
   epic_model_destroy(m);

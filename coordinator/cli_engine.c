@@ -26,6 +26,9 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"device", "D",
      "compute backend: auto (a GPU when the build and the node have one), cpu, cuda,\n"
      "or cuda:N (GPU N; plain cuda picks the node-local rank's GPU)"},
+    {"cuda-graphs", "on|off",
+     "record single-process decode steps of up to 64 sequences as CUDA graphs and\n"
+     "replay them (default on; outputs are the same either way)"},
     {"max-batch", "N", "running sequences in the cluster (default 256)"},
     {"max-queue", "N", "waiting requests in the engine (default 1024)"},
     {"kv-cache", "SIZE", "KV cache per worker, e.g. 4GiB (default 1GiB)"},
@@ -130,6 +133,13 @@ int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg) {
       bad = -1;
     }
     o->device = arg;
+    break;
+  case EPIC_CLI_ENGINE_CUDA_GRAPHS:
+    if (strcmp(arg, "on") != 0 && strcmp(arg, "off") != 0) {
+      fprintf(stderr, "epic %s: %s: expected on or off, got '%s'\n", cmd, flag, arg);
+      bad = -1;
+    }
+    o->no_graphs = strcmp(arg, "off") == 0;
     break;
   case EPIC_CLI_ENGINE_MAX_BATCH: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 24, &o->max_batch); break;
   case EPIC_CLI_ENGINE_MAX_QUEUE: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 24, &o->max_queue); break;
@@ -248,6 +258,7 @@ void epic_cli_engine_cluster_params(const epic_cli_engine_opts *o, epic_cluster_
                               .num_experts = o->num_experts,
                               .threads = o->threads,
                               .device = o->device,
+                              .step_graphs = o->no_graphs ? -1 : 0,
                               .mem_per_rank = o->mem_per_rank,
                               .max_batch_tokens = o->step_tokens,
                               .eplb_redundant = o->eplb_redundant,

@@ -1,6 +1,6 @@
 /* The engine flags that `epic generate`, `serve`, `batch` and `bench` share: how
  * the model is loaded (--model, --load-format, --num-layers, --num-experts,
- * --weight-seed, --threads, --comm, --mem-per-rank) and how the engine
+ * --weight-seed, --threads, --comm, --mem-per-rank, --device, --cuda-graphs) and how the engine
  * schedules (--max-batch, --max-queue, --kv-cache, --kv-pages, --page-size,
  * --max-context, --step-tokens, --prefill-chunk, --micro-batches, --prefix-cache,
  * --mtp-draft): one option
@@ -36,6 +36,7 @@ typedef enum epic_cli_engine_opt {
   EPIC_CLI_ENGINE_COMM,
   EPIC_CLI_ENGINE_MEM_PER_RANK,
   EPIC_CLI_ENGINE_DEVICE,
+  EPIC_CLI_ENGINE_CUDA_GRAPHS,
   /* scheduling */
   EPIC_CLI_ENGINE_MAX_BATCH,
   EPIC_CLI_ENGINE_MAX_QUEUE,
@@ -55,7 +56,7 @@ typedef enum epic_cli_engine_opt {
 } epic_cli_engine_opt;
 
 #define EPIC_CLI_ENGINE_BIT(opt) (1u << (opt))
-/* Every loading flag, --model to --device. */
+/* Every loading flag, --model to --cuda-graphs. */
 #define EPIC_CLI_ENGINE_LOAD_ALL ((1u << EPIC_CLI_ENGINE_MAX_BATCH) - 1u)
 /* Every scheduling flag, --max-batch to --mtp-draft. */
 #define EPIC_CLI_ENGINE_SCHED_ALL (((1u << EPIC_CLI_ENGINE_N) - 1u) & ~EPIC_CLI_ENGINE_LOAD_ALL)
@@ -69,6 +70,7 @@ typedef struct epic_cli_engine_opts {
   const char *model;    /* --model (required) */
   const char *comm;     /* --comm, checked against the known backends; NULL = auto */
   const char *device;   /* --device: auto, cpu, cuda or cuda:N (checked); NULL = auto */
+  int no_graphs;        /* --cuda-graphs off */
   int dummy;            /* --load-format dummy */
   uint64_t weight_seed; /* --weight-seed */
   uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */

@@ -167,7 +167,8 @@ static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) 
                           .load_mtp = p->load_mtp,
                           .progress = p->progress && c->rank == 0,
                           .comm = c->comm,
-                          .expert_owner = owner};
+                          .expert_owner = owner,
+                          .step_graphs = p->step_graphs};
   st = epic_model_load(c->ops, &mp, &c->model);
   free(owner);
   return st;

@@ -53,6 +53,8 @@ typedef struct epic_cluster_params {
   int64_t eplb_redundant;    /* the engine's eplb_redundant (> 0 copies, < 0 off, 0 its
                                 default): the plan sets their memory aside (planner.h) */
   int progress;              /* rank 0 reports loading progress */
+  int step_graphs;           /* epic_model_params.step_graphs: 0 = on where the backend
+                                records graphs, < 0 = off */
 } epic_cluster_params;
 
 /* Collective under a launcher. Errors are logged as one line naming the flag,

@@ -59,11 +59,11 @@ build() {
 
 unit() {
   env_paths
-  for t in test_ops_cuda test_ops_batch test_grouped_rows_cuda; do
+  for t in test_ops_cuda test_ops_batch test_grouped_rows_cuda test_step_graphs_cuda; do
     f=$(find $B -name $t -type f -executable | head -1)
     timeout 300 "$f" > $LOGS/$t.log 2>&1
     rc=$?; [ $rc = 0 ] || fail=1
-    echo "$t rc=$rc"; grep -E "PASSED|FAILED|rel err.*(row|combine)" $LOGS/$t.log | tail -6
+    echo "$t rc=$rc"; grep -E "PASSED|FAILED|rel err.*(row|combine)|^graphs:" $LOGS/$t.log | tail -6
   done
 }
 

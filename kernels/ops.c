@@ -141,6 +141,11 @@ int epic_ops_has_moe_plan(epic_ops *o) {
   return o->vt->abi_version >= 6 && o->vt->moe_plan && o->vt->grouped_matmul_dev;
 }
 
+int epic_ops_has_graphs(epic_ops *o) {
+  return o->vt->abi_version >= 7 && o->vt->graph_begin && o->vt->graph_end &&
+         o->vt->graph_launch && o->vt->graph_free && o->vt->graph_epoch;
+}
+
 epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t rows,
                                    int64_t max_rows, int64_t *out) {
   for (int64_t g = 0; g <= n_groups; g++) {

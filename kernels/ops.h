@@ -26,8 +26,10 @@
  *    and epic_kv_batch, whose pool became void *); kv_dtype appended (the type a backend wants
  *    for caches created now: BF16 halves the bytes a decode step streams).
  * 6: moe_plan and grouped_matmul_dev appended (an MoE layer's expert plan built and used in
- *    backend memory, without the host round trip for the routing ids). */
-#define EPIC_OPS_ABI_VERSION 6
+ *    backend memory, without the host round trip for the routing ids).
+ * 7: graph_begin, graph_end, graph_launch, graph_free and graph_epoch appended (a decode
+ *    step recorded once and replayed as one launch). */
+#define EPIC_OPS_ABI_VERSION 7
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -115,6 +117,8 @@ typedef struct epic_kv_batch {
 } epic_kv_batch;
 
 typedef struct epic_ops epic_ops;
+/* A recorded sequence of ops (ABI 7), owned by the caller, freed with graph_free. */
+typedef struct epic_ops_graph epic_ops_graph;
 
 /* Router settings of one MoE layer (DeepSeek-V3 noaux_tc routing). */
 typedef struct epic_router_params {
@@ -305,6 +309,22 @@ typedef struct epic_ops_vt {
                                     int64_t max_rows, const int32_t *off, int64_t n_groups,
                                     const epic_weight *w, int64_t w_stride, float *y,
                                     int64_t ldy);
+
+  /* ABI 7, optional (NULL on backends that cannot record: the CPU). Between graph_begin
+   * and graph_end the ops are recorded, not run: graph_end returns them as a graph that
+   * graph_launch queues again as one unit, with the same arguments (pointers, sizes,
+   * host-side scalars) and reading whatever backend memory holds at launch. While
+   * recording, anything that needs the host to wait or memory to move (upload, download,
+   * sync, alloc, a scratch buffer that must grow, a first-use table) refuses with
+   * EPIC_ERR_UNSUPPORTED and spoils the recording: graph_end then fails with that status
+   * and leaves the backend as before graph_begin. A caller replays a graph only while
+   * graph_epoch returns the value it had at graph_end: the epoch changes whenever memory a
+   * recorded graph may point at is freed or moved (free, scratch growth). */
+  epic_status (*graph_begin)(epic_ops *o);
+  epic_status (*graph_end)(epic_ops *o, epic_ops_graph **out);
+  epic_status (*graph_launch)(epic_ops *o, epic_ops_graph *g);
+  void (*graph_free)(epic_ops *o, epic_ops_graph *g);
+  uint64_t (*graph_epoch)(epic_ops *o);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */
@@ -335,6 +355,9 @@ epic_kv_dtype epic_ops_kv_dtype(epic_ops *o);
 /* Whether the backend has the ABI 6 device-side expert plan (moe_plan and
  * grouped_matmul_dev). */
 int epic_ops_has_moe_plan(epic_ops *o);
+
+/* Whether the backend records graphs (ABI 7 graph_begin ... graph_epoch). */
+int epic_ops_has_graphs(epic_ops *o);
 
 /* grouped_matmul_dev's offsets (host memory, n_groups + 1) as grouped_matmul's host
  * offsets in out, checked against its contract (ascending, ending at rows, no group above

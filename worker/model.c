@@ -54,6 +54,22 @@ enum {
   DB_N
 };
 #define MAX_MB 2
+/* Decode-step graphs kept (see epic_model_set_step_graphs); the least recently used
+ * gives way. */
+#define STEP_GRAPHS 32
+
+/* One decode-step bucket: its key, and its graph once recorded. */
+typedef struct step_graph {
+  int used; /* 0: free entry */
+  const void *kc;
+  int64_t n_seqs, stride, bound;
+  int n_mb, pick;
+  epic_ops_graph *graph; /* NULL: run directly once (warm-up), recorded next time */
+  int warm;              /* run directly once: buffers grown, tables built */
+  int refused;           /* the backend would not record it: run directly */
+  int64_t expert_rows;   /* what one forward adds to stats.expert_rows */
+  uint64_t tick;         /* last use, for LRU */
+} step_graph;
 
 /* Per-forward scratch, carved from one grow-only device block. The rows that
  * live across an MoE layer's phases (residual h, MoE input a and output y,
@@ -113,6 +129,11 @@ struct epic_model {
   /* Backend memory [(L + 1) * E]: the counts of the steps whose expert plan was built on
    * the backend (run_experts_dev), added to layer_tokens / expert_tokens when read. */
   int64_t *dev_tokens;
+  /* Decode-step graphs (epic_model_set_step_graphs), valid while the backend's
+   * graph_epoch is graph_epoch. */
+  int step_graphs;
+  step_graph graphs[STEP_GRAPHS];
+  uint64_t graph_epoch, graph_tick;
   epic_model_stats stats;
 };
 
@@ -578,6 +599,7 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
   if (!m) return EPIC_ERR_NOMEM;
   m->ops = ops;
   m->micro_batches = 1;
+  m->step_graphs = p->step_graphs >= 0;
   m->progress = p->progress;
   m->router_skew = p->router_skew;
   if (p->router_skew != 0 && (p->load_format != EPIC_LOAD_DUMMY || !isfinite(p->router_skew))) {
@@ -643,8 +665,22 @@ fail:
   return st;
 }
 
+/* Drop every recorded decode-step graph. */
+static void graphs_reset(epic_model *m) {
+  for (int i = 0; i < STEP_GRAPHS; i++) {
+    if (m->graphs[i].graph) m->ops->vt->graph_free(m->ops, m->graphs[i].graph);
+    memset(&m->graphs[i], 0, sizeof m->graphs[i]);
+  }
+}
+
+void epic_model_set_step_graphs(epic_model *m, int on) {
+  if (!on) graphs_reset(m);
+  m->step_graphs = on != 0;
+}
+
 void epic_model_destroy(epic_model *m) {
   if (!m) return;
+  graphs_reset(m);
   if (m->layers)
     for (int64_t l = 0; l < m->cfg.num_hidden_layers; l++) free_layer(m, &m->layers[l]);
   free_layer(m, &m->mtp.layer); /* NULL-safe: zeroed when MTP was not loaded */
@@ -758,6 +794,7 @@ epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement 
   int64_t l = 0, switched = 0;
   epic_status st;
   EPIC_CHECK(placement_check(m, p));
+  graphs_reset(m); /* recorded steps name the expert weight tables */
   if (!m->comm) return EPIC_OK; /* one process holds every expert */
   EPIC_CHECK(placement_copy(m, p, &off, &ranks, &held));
   fresh = calloc((size_t)(E * 3), sizeof *fresh);
@@ -907,6 +944,7 @@ typedef struct fwd_shape {
   int64_t Mw;       /* tokens of the larger micro-batch */
   int64_t max_ctx;  /* keys of the longest naive-attention (prefill) chunk */
   int64_t n_dec;    /* decode sequences (one token each), the longest absorbed run */
+  int64_t dec_ctx;  /* keys of the longest decode sequence (after this token) */
   int64_t out_rows; /* LM-head rows */
   int64_t stride;   /* block-table row: the most pages any sequence holds */
   int n_seqs;
@@ -1067,6 +1105,7 @@ typedef struct fwd {
   const int32_t *tables;   /* [n_seqs][stride] page ids */
   const int32_t *n_ctx;    /* [n_seqs] cache length after this forward */
   int64_t stride;
+  int64_t dec_bound; /* decode attention's bound on every context (ctx_bound) */
 } fwd;
 
 /* MPI and UCX move large messages (rendezvous) only inside their own calls, so
@@ -1458,9 +1497,6 @@ static epic_status attention_decode(fwd *f, micro_batch *b, const layer_w *lw, i
   const int64_t dq = nope + R, dkv = nope + V;
   const float *qs = s->q + r0 * H * dq;
   const epic_kv_view any = epic_kvcache_view(f->kc, kv_layer, b->seqs[i0].kv, 1);
-  int64_t max_ctx = 1;
-  for (int i = i0; i < i0 + n; i++)
-    if (b->seqs[i].start + 1 > max_ctx) max_ctx = b->seqs[i].start + 1;
   const epic_kv_batch kvb = {.pool = any.pool,
                              .dtype = any.dtype,
                              .page_size = any.page_size,
@@ -1469,7 +1505,7 @@ static epic_status attention_decode(fwd *f, micro_batch *b, const layer_w *lw, i
                              .block_tables = f->tables + (int64_t)(b->seq0 + i0) * f->stride,
                              .table_stride = f->stride,
                              .n_ctx = f->n_ctx + b->seq0 + i0,
-                             .max_ctx = max_ctx};
+                             .max_ctx = f->dec_bound};
   EPIC_CHECK(o->vt->kv_store_batch(o, &kvb, n, s->kv + r0 * (L + R), L + R, s->kv + r0 * (L + R) + L,
                                    L + R));
   /* Absorbed form: q_nope through W_UK, then every cached 576-wide (for V3) row
@@ -1618,9 +1654,10 @@ static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch
         return EPIC_ERR_INVALID;
       }
     sh->M += sq->n_tokens;
-    if (sq->n_tokens == 1)
+    if (sq->n_tokens == 1) {
       sh->n_dec++;
-    else if (sq->start + sq->n_tokens > sh->max_ctx)
+      if (sq->start + 1 > sh->dec_ctx) sh->dec_ctx = sq->start + 1;
+    } else if (sq->start + sq->n_tokens > sh->max_ctx)
       sh->max_ctx = sq->start + sq->n_tokens;
   }
   sh->out_rows = epic_batch_out_rows(seqs, n_seqs);
@@ -1633,7 +1670,26 @@ static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch
     }
     if (seqs[i].kv->n_pages > sh->stride) sh->stride = seqs[i].kv->n_pages;
   }
+  /* A power of two: the plan's layout, and so a step graph, survives a context's growth
+   * into new pages. */
+  if (sh->stride > 0) {
+    int64_t w = 1;
+    while (w < sh->stride) w *= 2;
+    sh->stride = w;
+  }
   return EPIC_OK;
+}
+
+/* The bound on decode contexts that attention sizes its work split from: n rounded up
+ * to 1/8 of its power of two (at least 64). Coarse enough that a step graph serves many
+ * steps, fine enough that the split fits the context within 1/8; used by every forward,
+ * recorded or not, so both split the same way. */
+static int64_t ctx_bound(int64_t n) {
+  int64_t p = 64;
+  if (n <= p) return p;
+  while (p * 2 <= n) p *= 2;
+  const int64_t g = p / 8;
+  return (n + g - 1) / g * g;
 }
 
 /* The forward's index arrays, built on the host and uploaded in one copy:
@@ -1670,6 +1726,7 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
   f->tables = f->out_rows + sh->out_rows;
   f->n_ctx = f->tables + (int64_t)sh->n_seqs * sh->stride;
   f->stride = sh->stride > 0 ? sh->stride : 1;
+  f->dec_bound = ctx_bound(sh->dec_ctx);
   return EPIC_OK;
 }
 
@@ -1697,54 +1754,44 @@ static epic_status download_rows(epic_ops *o, float *dst, const float *src, int6
   return EPIC_OK;
 }
 
-static epic_status pick_rows(epic_ops *o, const float *L, int64_t rows, int64_t V, int32_t *dev,
-                             epic_row_pick *picks) {
-  EPIC_CHECK(o->vt->row_pick(o, L, rows, V, dev, (float *)(dev + rows)));
-  const int32_t *h = dev;
-  int32_t *tmp = NULL;
-  if (!o->vt->host_visible) {
-    tmp = malloc((size_t)(2 * rows) * sizeof *tmp);
-    if (!tmp) return EPIC_ERR_NOMEM;
-    epic_status st = o->vt->download(o, tmp, dev, (size_t)(2 * rows) * sizeof *tmp);
-    if (st != EPIC_OK) {
-      free(tmp);
-      return st;
-    }
-    h = tmp;
-  }
-  for (int64_t r = 0; r < rows; r++) {
-    picks[r].id = h[r];
-    memcpy(&picks[r].logprob, &h[rows + r], sizeof(float));
-  }
-  free(tmp);
-  return EPIC_OK;
-}
-
-/* Final norm + head for the rows the caller asked for; commits cache lengths. */
-static epic_status finish(fwd *f, const epic_seq_batch *seqs, int n_seqs, const fwd_shape *sh,
-                          const float *norm_w, const epic_weight *head, scratch *s,
-                          const head_out *ho, float *hidden) {
+/* Final norm, LM head and, when asked, every row's greedy pick: backend work only,
+ * so a step graph records it (see head_collect). */
+static epic_status head_run(fwd *f, const fwd_shape *sh, const float *norm_w,
+                            const epic_weight *head, scratch *s, const head_out *ho) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size, V = m->cfg.vocab_size, out = sh->out_rows;
+  float *L = o->vt->host_visible ? ho->logits : s->logits;
   EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, sh->M, D, norm_w, (float)m->cfg.rms_norm_eps, s->hn, D));
   EPIC_CHECK(o->vt->copy_rows(o, out, D, s->hn, D, f->out_rows, s->rows, D, NULL));
+  EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, L, V));
+  if (ho->picks) EPIC_CHECK(o->vt->row_pick(o, L, out, V, s->pick, (float *)(s->pick + out)));
+  return EPIC_OK;
+}
+
+/* head_run's results to the caller (normed hidden rows, the logits rows asked for, the
+ * picks); commits cache lengths. */
+static epic_status head_collect(fwd *f, const epic_seq_batch *seqs, int n_seqs,
+                                const fwd_shape *sh, scratch *s, const head_out *ho,
+                                float *hidden) {
+  epic_ops *o = f->m->ops;
+  const int64_t D = f->m->cfg.hidden_size, V = f->m->cfg.vocab_size, out = sh->out_rows;
   if (hidden) EPIC_CHECK(o->vt->download(o, hidden, s->rows, (size_t)(out * D) * sizeof(float)));
-  const float *L = ho->logits;
-  if (o->vt->host_visible) {
-    EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, ho->logits, V));
-  } else {
-    EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, s->logits, V));
-    EPIC_CHECK(download_rows(o, ho->logits, s->logits, out, V, ho->need));
-    L = s->logits;
+  if (!o->vt->host_visible) EPIC_CHECK(download_rows(o, ho->logits, s->logits, out, V, ho->need));
+  if (ho->picks) {
+    const int32_t *h;
+    EPIC_CHECK(to_host_i32(f->m, s->pick, 2 * out, 0, XB_COPY, &h));
+    for (int64_t r = 0; r < out; r++) {
+      ho->picks[r].id = h[r];
+      memcpy(&ho->picks[r].logprob, &h[out + r], sizeof(float));
+    }
   }
-  if (ho->picks) EPIC_CHECK(pick_rows(o, L, out, V, s->pick, ho->picks));
   for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_tokens = seqs[i].start + seqs[i].n_tokens;
   return EPIC_OK;
 }
 
 /* The MTP block's output rows (before shared_head.norm) for the sequences that
- * ask (mtp_out): gathered like finish's LM-head rows, before finish reuses the
+ * ask (mtp_out): gathered like head_run's LM-head rows, before head_run reuses the
  * buffer. */
 static epic_status mtp_block_out(fwd *f, const epic_seq_batch *seqs, int n_seqs,
                                  const fwd_shape *sh, scratch *s) {
@@ -1839,6 +1886,90 @@ static void fwd_close(fwd *f, const epic_model_stats *before, double t0, int64_t
                        (st->combine_wait_s - before->combine_wait_s));
 }
 
+/* The main model's backend work of one forward, embedding to LM head: what a step graph
+ * records. */
+static epic_status main_body(fwd *f, const fwd_shape *sh, scratch *s, const head_out *ho) {
+  epic_model *m = f->m;
+  epic_ops *o = m->ops;
+  if (sh->M > 0) EPIC_CHECK(o->vt->embed(o, &m->embed, s->ids, sh->M, s->h));
+  EPIC_CHECK(run_layers(f, m->layers, m->cfg.num_hidden_layers));
+  if (sh->M > 0) EPIC_CHECK(head_run(f, sh, m->final_norm, &m->lm_head, s, ho));
+  return EPIC_OK;
+}
+
+/* The decode-step bucket of this forward (see epic_model_set_step_graphs), found or
+ * newly made; NULL when the forward is not one graphs serve. Drops every graph first
+ * when the backend freed or moved memory since they were recorded. */
+static step_graph *graph_bucket(fwd *f, const fwd_shape *sh, const head_out *ho) {
+  epic_model *m = f->m;
+  epic_ops *o = m->ops;
+  step_graph *g = NULL;
+  if (!m->step_graphs || m->comm || !epic_ops_has_graphs(o) || sh->M == 0 || sh->n_dec != sh->M ||
+      sh->Mw > DEV_PLAN_MAX_TOKENS)
+    return NULL;
+  const uint64_t epoch = o->vt->graph_epoch(o);
+  if (epoch != m->graph_epoch) {
+    graphs_reset(m);
+    m->graph_epoch = epoch;
+  }
+  const step_graph key = {.used = 1, .kc = f->kc, .n_seqs = sh->n_seqs, .stride = sh->stride,
+                          .bound = f->dec_bound, .n_mb = f->n_mb, .pick = ho->picks != NULL};
+  for (int i = 0; i < STEP_GRAPHS; i++) {
+    step_graph *e = &m->graphs[i];
+    if (e->used && e->kc == key.kc && e->n_seqs == key.n_seqs && e->stride == key.stride &&
+        e->bound == key.bound && e->n_mb == key.n_mb && e->pick == key.pick) {
+      e->tick = ++m->graph_tick;
+      return e;
+    }
+    if (!g || (g->used && (!e->used || e->tick < g->tick))) g = e; /* free, else LRU */
+  }
+  if (g->graph) o->vt->graph_free(o, g->graph);
+  *g = key;
+  g->tick = ++m->graph_tick;
+  return g;
+}
+
+/* Run main_body: directly, or as its bucket's graph (recorded on the bucket's second
+ * forward, when the first has grown every buffer it needs). */
+static epic_status step_run(fwd *f, const fwd_shape *sh, scratch *s, const head_out *ho) {
+  epic_model *m = f->m;
+  epic_ops *o = m->ops;
+  step_graph *g = graph_bucket(f, sh, ho);
+  const int64_t rows0 = m->stats.expert_rows;
+  if (g && g->warm && !g->graph && !g->refused) {
+    /* Recording: the ops are queued into the graph, not run; a refusal (or any other
+     * failure) leaves a forward that runs directly below. */
+    epic_ops_graph *gr = NULL;
+    epic_status st = o->vt->graph_begin(o);
+    if (st == EPIC_OK) {
+      const epic_status body = main_body(f, sh, s, ho);
+      st = o->vt->graph_end(o, &gr);
+      if (body != EPIC_OK && st == EPIC_OK) st = body;
+    }
+    m->stats.expert_rows = rows0;
+    if (st == EPIC_OK && o->vt->graph_epoch(o) == m->graph_epoch) {
+      g->graph = gr;
+      m->stats.graph_captures++;
+    } else {
+      if (gr) o->vt->graph_free(o, gr);
+      g->refused = 1;
+      EPIC_LOG_DEBUG("model: decode steps of %lld sequences run without a graph (status %d)",
+                     (long long)sh->n_seqs, (int)st);
+    }
+  }
+  if (g && g->graph) {
+    m->stats.graph_replays++;
+    m->stats.expert_rows += g->expert_rows;
+    return o->vt->graph_launch(o, g->graph);
+  }
+  EPIC_CHECK(main_body(f, sh, s, ho));
+  if (g) {
+    g->warm = 1;
+    g->expert_rows = m->stats.expert_rows - rows0;
+  }
+  return EPIC_OK;
+}
+
 epic_status epic_model_forward(epic_model *m, epic_kvcache *kc, const epic_seq_batch *seqs,
                                int n_seqs, float *logits, float *hidden) {
   return epic_model_forward_pick(m, kc, seqs, n_seqs, logits, NULL, NULL, hidden);
@@ -1848,7 +1979,6 @@ epic_status epic_model_forward_pick(epic_model *m, epic_kvcache *kc, const epic_
                                     int n_seqs, float *logits, const uint8_t *need_logits,
                                     epic_row_pick *picks, float *hidden) {
   const head_out ho = {.logits = logits, .need = need_logits, .picks = picks};
-  epic_ops *o = m->ops;
   const epic_model_stats before = m->stats;
   const double t0 = epic_now_seconds();
   fwd f;
@@ -1856,11 +1986,8 @@ epic_status epic_model_forward_pick(epic_model *m, epic_kvcache *kc, const epic_
   fwd_shape sh = {0};
   epic_status st;
   EPIC_CHECK_GOTO(fwd_open(m, kc, seqs, n_seqs, &f, &s, &sh), st, done);
-  if (sh.M > 0) EPIC_CHECK_GOTO(o->vt->embed(o, &m->embed, s.ids, sh.M, s.h), st, fail);
-  EPIC_CHECK_GOTO(run_layers(&f, m->layers, m->cfg.num_hidden_layers), st, fail);
-  if (sh.M > 0)
-    EPIC_CHECK_GOTO(finish(&f, seqs, n_seqs, &sh, m->final_norm, &m->lm_head, &s, &ho, hidden),
-                    st, fail);
+  EPIC_CHECK_GOTO(step_run(&f, &sh, &s, &ho), st, fail);
+  if (sh.M > 0) EPIC_CHECK_GOTO(head_collect(&f, seqs, n_seqs, &sh, &s, &ho, hidden), st, fail);
   st = EPIC_OK;
   goto done;
 fail:
@@ -1916,10 +2043,8 @@ epic_status epic_model_mtp_forward_pick(epic_model *m, epic_kvcache *kc,
   EPIC_CHECK_GOTO(run_layers(&f, &m->mtp.layer, 1), st, fail);
   if (sh.M > 0) {
     EPIC_CHECK_GOTO(mtp_block_out(&f, seqs, n_seqs, &sh, &s), st, fail);
-    EPIC_CHECK_GOTO(
-        finish(&f, seqs, n_seqs, &sh, m->mtp.head_norm, &m->mtp.head, &s,
-               &ho, NULL),
-        st, fail);
+    EPIC_CHECK_GOTO(head_run(&f, &sh, m->mtp.head_norm, &m->mtp.head, &s, &ho), st, fail);
+    EPIC_CHECK_GOTO(head_collect(&f, seqs, n_seqs, &sh, &s, &ho, NULL), st, fail);
   }
   st = EPIC_OK;
   goto done;

@@ -66,6 +66,9 @@ typedef struct epic_model_params {
    * expert with popularity rank p in a fixed pseudo-random order per layer, so a few
    * hot experts take most tokens (Zipf-like). 0 = off. */
   double router_skew;
+  /* Decode-step graphs (epic_model_set_step_graphs): 0 = on where the backend records
+   * graphs (CUDA), < 0 = off. */
+  int step_graphs;
 } epic_model_params;
 
 /* ops is borrowed and must outlive the model. Errors are logged as one line
@@ -157,6 +160,21 @@ epic_status epic_model_mtp_forward_pick(epic_model *m, epic_kvcache *kc,
  * for other values than 1 and 2. */
 epic_status epic_model_set_micro_batches(epic_model *m, int n);
 
+/* Decode-step graphs. On a backend that records graphs (epic_ops_has_graphs: CUDA), a
+ * single-process forward whose sequences all decode one token (at most 64 tokens, the
+ * device expert plan's bound) is recorded once per bucket and then replayed as one
+ * launch. A bucket is: the sequence count, the micro-batch count, the cache, whether
+ * greedy picks are asked for, the block-table width rounded up to a power of two, and
+ * the longest context rounded up to 1/8 of its power of two (so one graph serves 128
+ * steps of context at 1k, 1024 at 8k): decode attention sizes its work split from that
+ * bound in every forward, recorded or not, so a replay gives the bits the forward run
+ * directly gives. A bucket's first forward runs directly (it grows the buffers), its
+ * second is recorded and launched; any free or move of backend memory drops every
+ * graph (epic_ops graph_epoch), as does a new expert placement. A forward the backend
+ * refuses to record (a shape without a kernel, the exact precision's host round trips)
+ * runs directly from then on. on = 0 turns graphs off (the outputs do not change). */
+void epic_model_set_step_graphs(epic_model *m, int on);
+
 /* Where a rank's forward time went, accumulated since load or the last reset
  * (wall-clock seconds on the driving thread). The wait fields are the time the
  * rank sat blocked on an all-to-all, i.e. communication not hidden by compute. */
@@ -174,6 +192,9 @@ typedef struct epic_model_stats {
   int64_t combine_bytes;     /* bytes this rank sent in combine all-to-alls */
   int64_t a2a_calls;         /* all-to-all operations (dispatch + combine) */
   int64_t expert_rows;       /* (token, expert) rows this rank ran through routed experts */
+  int64_t graph_captures;    /* decode-step graphs recorded (epic_model_set_step_graphs) */
+  int64_t graph_replays;     /* forwards run by launching a recorded graph; their time is
+                                all in other_s (nothing is enqueued phase by phase) */
 } epic_model_stats;
 
 void epic_model_get_stats(const epic_model *m, epic_model_stats *out);

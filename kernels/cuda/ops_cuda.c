@@ -24,9 +24,19 @@ epic_status epic_cublas_check(cublasStatus_t s, const char *what) {
   return s == CUBLAS_STATUS_ALLOC_FAILED ? EPIC_ERR_NOMEM : EPIC_ERR_CUDA;
 }
 
+epic_status epic_cuda_not_recording(const epic_cuda_ops *c, const char *what) {
+  if (!c->recording)
+    return EPIC_OK;
+  /* Expected on a shape's first recording after growth: the caller runs eagerly instead. */
+  EPIC_LOG_DEBUG("cuda: %s is not allowed while a graph is recorded", what);
+  return EPIC_ERR_UNSUPPORTED;
+}
+
 epic_status epic_cuda_buf_reserve(epic_cuda_ops *c, epic_cuda_buf *b, size_t bytes) {
   if (b->cap >= bytes && b->p)
     return EPIC_OK;
+  EPIC_CHECK(epic_cuda_not_recording(c, "growing a scratch buffer"));
+  c->epoch++;
   size_t cap = b->cap ? b->cap : (1u << 20);
   while (cap < bytes)
     cap *= 2;
@@ -36,7 +46,6 @@ epic_status epic_cuda_buf_reserve(epic_cuda_ops *c, epic_cuda_buf *b, size_t byt
   b->cap = 0;
   EPIC_CHECK_CUDA(cudaMalloc(&b->p, cap), "allocate scratch");
   b->cap = cap;
-  (void)c;
   return EPIC_OK;
 }
 
@@ -132,6 +141,7 @@ static epic_status sync_and_report(epic_cuda_ops *c) {
 epic_status epic_ops_cuda_sync(epic_ops *o) {
   if (!o)
     return EPIC_ERR_INVALID;
+  EPIC_CHECK(epic_cuda_not_recording(epic_cuda_of(o), "sync"));
   return sync_and_report(epic_cuda_of(o));
 }
 
@@ -142,6 +152,7 @@ static epic_status cuda_alloc(epic_ops *o, size_t bytes, void **out) {
     return EPIC_ERR_INVALID;
   *out = NULL;
   epic_cuda_ops *c = epic_cuda_of(o);
+  EPIC_CHECK(epic_cuda_not_recording(c, "alloc"));
   const size_t n = bytes ? bytes : 64;
   void *p = NULL;
   cudaError_t e = cudaMalloc(&p, n);
@@ -162,9 +173,10 @@ static epic_status cuda_alloc(epic_ops *o, size_t bytes, void **out) {
 }
 
 static void cuda_free(epic_ops *o, void *p) {
-  (void)o;
-  if (p)
+  if (p) {
+    epic_cuda_of(o)->epoch++;
     cudaFree(p);
+  }
 }
 
 static epic_status cuda_upload(epic_ops *o, void *dst, const void *src, size_t bytes) {
@@ -173,6 +185,7 @@ static epic_status cuda_upload(epic_ops *o, void *dst, const void *src, size_t b
   if (!dst || !src)
     return EPIC_ERR_INVALID;
   epic_cuda_ops *c = epic_cuda_of(o);
+  EPIC_CHECK(epic_cuda_not_recording(c, "upload"));
   EPIC_CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream), "upload");
   EPIC_CHECK_CUDA(cudaStreamSynchronize(c->stream), "upload");
   return EPIC_OK;
@@ -184,6 +197,7 @@ static epic_status cuda_download(epic_ops *o, void *dst, const void *src, size_t
   if (!dst || !src)
     return EPIC_ERR_INVALID;
   epic_cuda_ops *c = epic_cuda_of(o);
+  EPIC_CHECK(epic_cuda_not_recording(c, "download"));
   EPIC_CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream), "download");
   return sync_and_report(c);
 }
@@ -380,6 +394,75 @@ static epic_status cuda_kv_store_batch(epic_ops *o, const epic_kv_batch *kv, int
                   "kv_store_batch");
 }
 
+/* ------------------------------------------------------------------ graphs */
+
+struct epic_ops_graph {
+  cudaGraphExec_t exec;
+};
+
+static epic_status cuda_graph_begin(epic_ops *o) {
+  epic_cuda_ops *c = epic_cuda_of(o);
+  if (c->recording)
+    return EPIC_ERR_INVALID;
+  /* Thread-local: another thread's CUDA calls (an NCCL proxy, a second model) neither
+   * spoil this recording nor are refused because of it. */
+  EPIC_CHECK_CUDA(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal),
+                  "begin graph capture");
+  c->recording = 1;
+  return EPIC_OK;
+}
+
+static epic_status cuda_graph_end(epic_ops *o, epic_ops_graph **out) {
+  epic_cuda_ops *c = epic_cuda_of(o);
+  cudaGraph_t graph = NULL;
+  *out = NULL;
+  if (!c->recording)
+    return EPIC_ERR_INVALID;
+  c->recording = 0;
+  cudaError_t e = cudaStreamEndCapture(c->stream, &graph);
+  if (e != cudaSuccess) {
+    /* A refused op or launch invalidated the capture: not an error of the device, and
+     * the stream is usable again once the status is cleared. */
+    (void)cudaGetLastError();
+    if (graph)
+      cudaGraphDestroy(graph);
+    EPIC_LOG_DEBUG("cuda: graph capture ended unusable: %s", cudaGetErrorString(e));
+    return EPIC_ERR_UNSUPPORTED;
+  }
+  epic_ops_graph *g = calloc(1, sizeof *g);
+  if (!g) {
+    cudaGraphDestroy(graph);
+    return EPIC_ERR_NOMEM;
+  }
+  e = cudaGraphInstantiate(&g->exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (e != cudaSuccess) {
+    free(g);
+    return epic_cuda_check(e, "instantiate graph");
+  }
+  *out = g;
+  return EPIC_OK;
+}
+
+static epic_status cuda_graph_launch(epic_ops *o, epic_ops_graph *g) {
+  epic_cuda_ops *c = epic_cuda_of(o);
+  if (!g || c->recording)
+    return EPIC_ERR_INVALID;
+  return epic_cuda_check(cudaGraphLaunch(g->exec, c->stream), "launch graph");
+}
+
+static void cuda_graph_free(epic_ops *o, epic_ops_graph *g) {
+  (void)o;
+  if (!g)
+    return;
+  cudaGraphExecDestroy(g->exec);
+  free(g);
+}
+
+static uint64_t cuda_graph_epoch(epic_ops *o) {
+  return epic_cuda_of(o)->epoch;
+}
+
 /* ---------------------------------------------------------------- lifetime */
 
 static void cuda_destroy(epic_ops *o) {
@@ -450,6 +533,11 @@ static const epic_ops_vt epic_cuda_vt = {
     .kv_dtype = cuda_kv_dtype,
     .moe_plan = cuda_moe_plan,
     .grouped_matmul_dev = epic_cuda_grouped_matmul_dev,
+    .graph_begin = cuda_graph_begin,
+    .graph_end = cuda_graph_end,
+    .graph_launch = cuda_graph_launch,
+    .graph_free = cuda_graph_free,
+    .graph_epoch = cuda_graph_epoch,
 };
 
 epic_status epic_ops_cuda_create(int device, epic_ops **out) {

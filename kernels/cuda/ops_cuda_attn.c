@@ -291,6 +291,7 @@ epic_status epic_cuda_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, i
     return decode(c, p, n_seq, kv->max_ctx, kind);
   }
   /* Shapes the kernel does not take: one GEMM pass per sequence (lengths read back). */
+  EPIC_CHECK(epic_cuda_not_recording(c, "mla_absorbed_batch on a shape without a kernel"));
   int32_t *len = malloc((size_t)n_seq * sizeof *len);
   if (!len)
     return EPIC_ERR_NOMEM;

@@ -58,6 +58,10 @@ typedef struct epic_cuda_ops {
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
   int fp8_small;    /* epic_cuda_fp8_small */
   int lt_next; /* round-robin replacement in lt_plans */
+  /* Graph recording (ops.h ABI 7): 1 between graph_begin and graph_end. epoch counts the
+   * frees and moves of device memory a recorded graph may point at. */
+  int recording;
+  uint64_t epoch;
   epic_cuda_lt_plan lt_plans[EPIC_CUDA_LT_PLANS];
   /* Device tables of the expert weights of grouped_matmul, built on first use,
    * keyed by the host list (a list's address never comes back with other weights:
@@ -90,9 +94,13 @@ epic_status epic_cublas_check(cublasStatus_t s, const char *what);
 /* EPIC_OK for fp32 and bf16 caches; EPIC_ERR_UNSUPPORTED (logged, naming op) otherwise. */
 epic_status epic_cuda_kv_dtype_ok(epic_kv_dtype dt, const char *op);
 
-/* Grow b to at least `bytes`. */
+/* EPIC_OK, or EPIC_ERR_UNSUPPORTED (a debug line naming what) while a graph is being
+ * recorded: for every step that waits for the host or allocates/frees memory. */
+epic_status epic_cuda_not_recording(const epic_cuda_ops *c, const char *what);
+
 /* A weight the CUDA ops can use: known dtype, data, FP8 with its block scales. */
 int epic_cuda_weight_ok(const epic_weight *w);
+/* Grow b to at least `bytes` (refused while recording a graph; growth moves the epoch). */
 epic_status epic_cuda_buf_reserve(epic_cuda_ops *c, epic_cuda_buf *b, size_t bytes);
 
 /* Ops implemented in the other host files. */

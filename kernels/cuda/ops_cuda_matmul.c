@@ -397,6 +397,8 @@ static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *
     if (t->key == w && t->stride == stride && t->n == n)
       return t->dev;
   }
+  if ((*st = epic_cuda_not_recording(c, "a new expert weight table")) != EPIC_OK)
+    return NULL;
   epic_cuk_group_w *h = calloc((size_t)n, sizeof *h);
   if (!h) {
     *st = EPIC_ERR_NOMEM;
@@ -431,6 +433,7 @@ static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *
   if (slot == EPIC_CUDA_GROUP_TABS) {
     slot = c->group_next;
     c->group_next = (slot + 1) % EPIC_CUDA_GROUP_TABS;
+    c->epoch++;
     cudaFree(c->group_tabs[slot].dev);
   } else {
     c->n_group_tabs++;
