@@ -208,8 +208,20 @@ __global__ void k_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t n, con
   for (int64_t i = blockIdx.x; i < m; i += gridDim.x) {
     const float *xi = x + i * ldx;
     double ss = 0.0;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
-      ss += (double)xi[j] * (double)xi[j];
+    // Eight loads in flight, then added in column order (the order of a plain loop): a
+    // decode row is one CTA, which would otherwise wait one memory latency per column.
+    for (int64_t j0 = threadIdx.x; j0 < n; j0 += 8 * (int64_t)blockDim.x) {
+      float xv[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int64_t j = j0 + u * (int64_t)blockDim.x;
+        xv[u] = j < n ? xi[j] : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < 8; u++)
+        if (j0 + u * (int64_t)blockDim.x < n)
+          ss += (double)xv[u] * (double)xv[u];
+    }
     ss = block_sum(ss, red);
     const double r = 1.0 / sqrt(ss / (double)n + (double)eps);
     float *yi = y + i * ldy; // may alias xi: every read of the row happened before block_sum
@@ -235,10 +247,17 @@ __global__ void k_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t n, con
 }
 
 // One block per token: the angles of its pairs in double (shared), then every head.
+// blockIdx.x takes heads [kRopeHeads * blockIdx.x, ...) so that a decode token's 128
+// heads are spread over CTAs; each CTA computes its token's angles itself.
+constexpr int kRopeHeads = 8;
 __global__ void k_rope(float *x, int64_t m, int64_t n_heads, int64_t ld_tok, int64_t ld_head,
                        int64_t half, const int32_t *pos, epic_cuk_rope_freq f) {
   __shared__ double cs[EPIC_CUK_ROPE_MAX_PAIRS], sn[EPIC_CUK_ROPE_MAX_PAIRS];
-  for (int64_t t = blockIdx.x; t < m; t += gridDim.x) {
+  const int64_t h0 = (int64_t)blockIdx.x * kRopeHeads;
+  const int64_t nh = n_heads - h0 < kRopeHeads ? n_heads - h0 : kRopeHeads;
+  x += h0 * ld_head;
+  n_heads = nh;
+  for (int64_t t = blockIdx.y; t < m; t += gridDim.y) {
     for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
       const double ang = (double)pos[t] * f.f[j];
       cs[j] = cos(ang);
@@ -350,18 +369,30 @@ __global__ void k_kv_gather(const T *pool, const int32_t *table, int64_t ps, int
 
 // One block per row: argmax (lowest index on ties) then a double log-sum-exp, the
 // rule of the CPU backend's row_pick.
-constexpr int kPickThreads = 1024;
+// Greedy pick in two kernels: the vocabulary row is cut into chunks, one CTA each (the
+// double-precision exps of a 129k row are too many for one SM), and one warp per row
+// merges the chunks' (max, first index of the max, sum of exp(x - max)) partials.
+constexpr int kPickThreads = 256;
+constexpr int64_t kPickChunk = 4096;
+
+struct PickPart {
+  double sum; // sum over the chunk of exp(x - mx), in double
+  float mx;
+  int32_t idx; // first column holding mx (n: the chunk had no number above -inf)
+};
 
 __global__ void __launch_bounds__(kPickThreads)
-    k_row_pick(const float *x, int64_t n, int32_t *ids, float *logprob) {
+    k_row_pick_part(const float *x, int64_t n, int64_t chunk, PickPart *part) {
   __shared__ float sv[kPickThreads / 32];
   __shared__ int64_t si[kPickThreads / 32];
   __shared__ double ss[kPickThreads / 32];
-  const float *xr = x + (int64_t)blockIdx.x * n;
+  const int64_t row = blockIdx.y, c0 = (int64_t)blockIdx.x * chunk;
+  const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
+  const float *xr = x + row * n;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   float bv = -INFINITY;
   int64_t bi = n; // "none yet": loses every tie
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+  for (int64_t j = c0 + threadIdx.x; j < c1; j += blockDim.x) {
     const float v = xr[j];
     if (v > bv || (bi == n && !(v < bv))) {
       bv = v;
@@ -391,7 +422,7 @@ __global__ void __launch_bounds__(kPickThreads)
   __syncthreads();
   const double mx = (double)sv[0];
   double sum = 0;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+  for (int64_t j = c0 + threadIdx.x; j < c1; j += blockDim.x)
     sum += exp((double)xr[j] - mx);
   for (int o = 16; o > 0; o >>= 1)
     sum += __shfl_down_sync(0xffffffffu, sum, o);
@@ -402,9 +433,43 @@ __global__ void __launch_bounds__(kPickThreads)
     double t = 0;
     for (int w = 0; w < nw; w++)
       t += ss[w];
-    const int64_t b = si[0] < n ? si[0] : 0;
-    ids[blockIdx.x] = (int32_t)b;
-    logprob[blockIdx.x] = (float)((double)xr[b] - mx - log(t));
+    part[row * gridDim.x + blockIdx.x] = PickPart{t, sv[0], (int32_t)si[0]};
+  }
+}
+
+// One warp per row: the first index of the row's maximum (lowest chunk on ties, and the
+// chunk kept its first), and log-softmax there from the rescaled chunk sums.
+__global__ void k_row_pick_merge(const float *x, int64_t n, int n_chunks, const PickPart *part,
+                                 int32_t *ids, float *logprob) {
+  const int64_t row = blockIdx.x;
+  const PickPart *p = part + row * n_chunks;
+  const int lane = threadIdx.x;
+  float bv = -INFINITY;
+  int64_t bi = n;
+  for (int c = lane; c < n_chunks; c += 32)
+    if (p[c].mx > bv || (p[c].mx == bv && p[c].idx < bi)) {
+      bv = p[c].mx;
+      bi = p[c].idx;
+    }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > bv || (ov == bv && oi < bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  const double mx = (double)bv;
+  double t = 0;
+  for (int c = lane; c < n_chunks; c += 32)
+    if (p[c].sum > 0)
+      t += p[c].sum * exp((double)p[c].mx - mx);
+  for (int o = 16; o > 0; o >>= 1)
+    t += __shfl_xor_sync(0xffffffffu, t, o);
+  if (lane == 0) {
+    const int64_t b = bi < n ? bi : 0;
+    ids[row] = (int32_t)b;
+    logprob[row] = (float)((double)x[row * n + b] - mx - log(t));
   }
 }
 
@@ -484,7 +549,8 @@ cudaError_t epic_cuk_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t n, 
 cudaError_t epic_cuk_rope(float *x, int64_t m, int64_t n_heads, int64_t ld_tok, int64_t ld_head,
                           int64_t rope_dim, const int32_t *pos, const epic_cuk_rope_freq *freq,
                           cudaStream_t st) {
-  k_rope<<<grid_rows(m), 128, 0, st>>>(x, m, n_heads, ld_tok, ld_head, rope_dim / 2, pos, *freq);
+  const dim3 grid((unsigned)((n_heads + kRopeHeads - 1) / kRopeHeads), (unsigned)grid_rows(m));
+  k_rope<<<grid, 128, 0, st>>>(x, m, n_heads, ld_tok, ld_head, rope_dim / 2, pos, *freq);
   return cudaGetLastError();
 }
 
@@ -496,7 +562,7 @@ cudaError_t epic_cuk_silu_mul(const float *g, int64_t ldg, const float *u, int64
 }
 
 cudaError_t epic_cuk_axpy(int64_t n, float a, const float *x, float *y, cudaStream_t st) {
-  k_axpy<<<grid_cols(n, kThreads * 4), kThreads, 0, st>>>(n, a, x, y);
+  k_axpy<<<grid_cols(n, kThreads), kThreads, 0, st>>>(n, a, x, y);
   return cudaGetLastError();
 }
 
@@ -540,10 +606,22 @@ cudaError_t epic_cuk_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t 
   return cudaGetLastError();
 }
 
+size_t epic_cuk_row_pick_scratch(int64_t m, int64_t n) {
+  return (size_t)(m * ((n + kPickChunk - 1) / kPickChunk)) * sizeof(PickPart);
+}
+
 cudaError_t epic_cuk_row_pick(const float *x, int64_t m, int64_t n, int32_t *ids, float *logprob,
-                              cudaStream_t st) {
-  if (m > 0)
-    k_row_pick<<<(unsigned)m, kPickThreads, 0, st>>>(x, n, ids, logprob);
+                              void *scratch, cudaStream_t st) {
+  if (m <= 0)
+    return cudaSuccess;
+  const int64_t n_chunks = (n + kPickChunk - 1) / kPickChunk;
+  PickPart *part = static_cast<PickPart *>(scratch);
+  for (int64_t r0 = 0; r0 < m; r0 += kMaxGridY) {
+    const int64_t mr = m - r0 < kMaxGridY ? m - r0 : kMaxGridY;
+    k_row_pick_part<<<dim3((unsigned)n_chunks, (unsigned)mr), kPickThreads, 0, st>>>(
+        x + r0 * n, n, kPickChunk, part + r0 * n_chunks);
+  }
+  k_row_pick_merge<<<(unsigned)m, 32, 0, st>>>(x, n, (int)n_chunks, part, ids, logprob);
   return cudaGetLastError();
 }
 

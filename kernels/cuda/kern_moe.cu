@@ -36,11 +36,13 @@ __global__ void k_copy_rows(int64_t n, int64_t cols, const uint32_t *src, int64_
 
 // One block per token; each thread owns columns and adds the token's k results in
 // ascending k, so the sum order equals the CPU backend's.
+// blockIdx.x: a tile of kThreads columns, so a decode token's row is spread over CTAs.
 __global__ void k_moe_combine(int64_t m, int64_t top_k, int64_t n, const float *rows,
                               const int32_t *slot, const float *w, float *y) {
-  for (int64_t t = blockIdx.x; t < m; t += gridDim.x) {
+  for (int64_t t = blockIdx.y; t < m; t += gridDim.y) {
     float *yt = y + t * n;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n;
+         j += (int64_t)gridDim.x * blockDim.x) {
       float acc = yt[j];
       for (int64_t k = 0; k < top_k; k++) {
         const int64_t i = t * top_k + k;
@@ -140,7 +142,9 @@ cudaError_t epic_cuk_copy_rows(int64_t n, int64_t cols, const float *src, int64_
 
 cudaError_t epic_cuk_moe_combine(int64_t m, int64_t top_k, int64_t n, const float *rows,
                                  const int32_t *slot, const float *w, float *y, cudaStream_t st) {
-  k_moe_combine<<<grid_of(m), kThreads, 0, st>>>(m, top_k, n, rows, slot, w, y);
+  const int64_t tiles = (n + kThreads - 1) / kThreads;
+  k_moe_combine<<<dim3((unsigned)(tiles < 65535 ? tiles : 65535), (unsigned)grid_of(m)), kThreads,
+                  0, st>>>(m, top_k, n, rows, slot, w, y);
   return cudaGetLastError();
 }
 

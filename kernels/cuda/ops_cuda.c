@@ -366,7 +366,9 @@ static epic_status cuda_row_pick(epic_ops *o, const float *x, int64_t m, int64_t
     return EPIC_OK;
   if (m < 0 || m > INT32_MAX || n <= 0 || !x || !ids || !logprob)
     return EPIC_ERR_INVALID;
-  return launched(epic_cuk_row_pick(x, m, n, ids, logprob, epic_cuda_of(o)->stream), "row_pick");
+  epic_cuda_ops *c = epic_cuda_of(o);
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->pick, epic_cuk_row_pick_scratch(m, n)));
+  return launched(epic_cuk_row_pick(x, m, n, ids, logprob, c->pick.p, c->stream), "row_pick");
 }
 
 static epic_status cuda_moe_combine(epic_ops *o, int64_t m, int64_t top_k, int64_t n,
@@ -486,7 +488,7 @@ static void cuda_destroy(epic_ops *o) {
     if (pl->c)
       cublasLtMatrixLayoutDestroy(pl->c);
   }
-  epic_cuda_buf *bufs[] = {&c->act, &c->act_s, &c->wdq, &c->outb, &c->keys, &c->att};
+  epic_cuda_buf *bufs[] = {&c->act, &c->act_s, &c->wdq, &c->outb, &c->keys, &c->att, &c->pick};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     cudaFree(bufs[i]->p);
   if (c->lt)

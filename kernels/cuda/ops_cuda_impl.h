@@ -79,6 +79,7 @@ typedef struct epic_cuda_ops {
   epic_cuda_buf outb;  /* staged matmul output */
   epic_cuda_buf keys;  /* gathered cache rows (GEMM attention path) */
   epic_cuda_buf att;   /* scores / probabilities, split-K partials */
+  epic_cuda_buf pick;  /* row_pick's per-chunk partials */
 } epic_cuda_ops;
 
 static inline epic_cuda_ops *epic_cuda_of(epic_ops *o) {
@@ -236,9 +237,11 @@ cudaError_t epic_cuk_kv_store_batch(const epic_kv_batch *kv, int64_t n_seq, cons
                                     int64_t ld_latent, const float *kpe, int64_t ld_kpe,
                                     cudaStream_t st);
 
-/* Greedy pick per row of x [m][n]: see row_pick in kernels/ops.h (m < 2^31). */
+/* Greedy pick per row of x [m][n]: see row_pick in kernels/ops.h (m < 2^31), with
+ * epic_cuk_row_pick_scratch(m, n) bytes of device scratch for the chunks' partials. */
+size_t epic_cuk_row_pick_scratch(int64_t m, int64_t n);
 cudaError_t epic_cuk_row_pick(const float *x, int64_t m, int64_t n, int32_t *ids, float *logprob,
-                              cudaStream_t st);
+                              void *scratch, cudaStream_t st);
 
 /* Row r = h * mc + i of s [rows][ld]: softmax over columns [0, first_valid + i), zeros
  * after (the causal mask of query i of a chunk). */
