@@ -35,35 +35,67 @@ __device__ __forceinline__ void fp8x16(uint4 v, float *o) {
   fp8x4(v.w, o + 12);
 }
 
-// 16 weights of one row against 16 columns of each token; adds scale * dot.
-template <int M>
-__device__ __forceinline__ void dot16(const float *wv, const float *xs, int k, int c, float scale,
-                                      float (&acc)[M]) {
+// Staged tokens: each token's k columns padded to whole 512-column stripes (kp floats),
+// and inside a stripe the float4 that lane l reads in its quarter j (columns l * 16 + 4j ..
+// + 3) stored at (j * 32 + l) * 4, so that the 32 lanes of a warp read 32 consecutive
+// float4s: conflict-free, where the plain layout (lanes 64 bytes apart) made every
+// shared-memory read four-way conflicted and bounded the kernel below HBM speed on H200.
+__host__ __device__ __forceinline__ int stripes_of(int k) { return (k + 511) / 512 * 512; }
+
+__device__ __forceinline__ int perm_col(int c) {
+  const int o = c & 511;
+  return (c & ~511) + ((((o & 15) >> 2) * 32 + (o >> 4)) << 2) + (c & 3);
+}
+
+// The 16 staged columns of token row xt at column c (c = stripe + lane * 16).
+__device__ __forceinline__ void load_x16(const float *xt, int c, float *xv) {
+  const float *b = xt + (c & ~511) + (((c & 511) >> 4) << 2);
 #pragma unroll
-  for (int t = 0; t < M; t++) {
-    const float4 *xv = (const float4 *)(xs + t * k + c);
-    float d = 0.0f;
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-      const float4 xx = xv[q];
-      d += wv[4 * q] * xx.x + wv[4 * q + 1] * xx.y + wv[4 * q + 2] * xx.z + wv[4 * q + 3] * xx.w;
-    }
-    acc[t] += d * scale;
+  for (int j = 0; j < 4; j++) {
+    const float4 v = *(const float4 *)(b + j * 128);
+    xv[4 * j] = v.x;
+    xv[4 * j + 1] = v.y;
+    xv[4 * j + 2] = v.z;
+    xv[4 * j + 3] = v.w;
   }
 }
 
-// m token rows of x (row stride ldx) into xs [m][k], 16-byte copies when aligned; every
-// thread of the block takes part.
+__device__ __forceinline__ float dot16(const float *wv, const float *xv) {
+  float d = 0.0f;
+#pragma unroll
+  for (int q = 0; q < 4; q++)
+    d += wv[4 * q] * xv[4 * q] + wv[4 * q + 1] * xv[4 * q + 1] + wv[4 * q + 2] * xv[4 * q + 2] +
+         wv[4 * q + 3] * xv[4 * q + 3];
+  return d;
+}
+
+// 16 weights of each of two rows (w0, w1) against 16 columns of each token, the token's
+// columns read once for both rows; adds scale * dot.
+template <int M>
+__device__ __forceinline__ void dot16x2(const float *w0, const float *w1, const float *xs, int kp,
+                                        int c, float s0, float s1, float (&acc0)[M],
+                                        float (&acc1)[M]) {
+#pragma unroll
+  for (int t = 0; t < M; t++) {
+    float xv[16];
+    load_x16(xs + t * kp, c, xv);
+    acc0[t] += dot16(w0, xv) * s0;
+    acc1[t] += dot16(w1, xv) * s1;
+  }
+}
+
+// m token rows of x (row stride ldx) into xs [m][kp] in the staged layout, 16-byte copies
+// when aligned; every thread of the block takes part.
 __device__ __forceinline__ void stage_tokens(float *xs, const float *x, int64_t ldx, int m, int k) {
-  const int nt = (int)blockDim.x;
+  const int nt = (int)blockDim.x, kp = stripes_of(k);
   if (ldx % 4 == 0 && ((uintptr_t)x & 15u) == 0) {
     for (int t = 0; t < m; t++)
       for (int c = threadIdx.x * 4; c < k; c += nt * 4)
-        *(float4 *)(xs + t * k + c) = *(const float4 *)(x + t * ldx + c);
+        *(float4 *)(xs + t * kp + perm_col(c)) = *(const float4 *)(x + t * ldx + c);
   } else {
     for (int t = 0; t < m; t++)
       for (int c = threadIdx.x; c < k; c += nt)
-        xs[t * k + c] = x[t * ldx + c];
+        xs[t * kp + perm_col(c)] = x[t * ldx + c];
   }
 }
 
@@ -84,7 +116,7 @@ template <int M>
 __device__ __forceinline__ void row_pairs(const float *xs, int k, const uint8_t *w,
                                           const float *sc, int r_first, int r_end, int step,
                                           int br, int bc, int nbc, float *y, int64_t ldy) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, kp = stripes_of(k);
   for (int r0 = r_first; r0 < r_end; r0 += step) {
     const int r1 = r0 + 1 < r_end ? r0 + 1 : r0;
     const uint8_t *w0 = w + (int64_t)r0 * k, *w1 = w + (int64_t)r1 * k;
@@ -106,20 +138,18 @@ __device__ __forceinline__ void row_pairs(const float *xs, int k, const uint8_t 
 #pragma unroll
       for (int q = 0; q < 4; q++) {
         const int cq = c + q * 512;
-        float a[16];
-        fp8x16(v0[q], a);
-        dot16<M>(a, xs, k, cq, s0[cq / bc], acc0);
-        fp8x16(v1[q], a);
-        dot16<M>(a, xs, k, cq, s1[cq / bc], acc1);
+        float a0[16], a1[16];
+        fp8x16(v0[q], a0);
+        fp8x16(v1[q], a1);
+        dot16x2<M>(a0, a1, xs, kp, cq, s0[cq / bc], s1[cq / bc], acc0, acc1);
       }
     }
     for (; c < k; c += 512) {
       const uint4 v0 = __ldg((const uint4 *)(w0 + c)), v1 = __ldg((const uint4 *)(w1 + c));
-      float a[16];
-      fp8x16(v0, a);
-      dot16<M>(a, xs, k, c, s0[c / bc], acc0);
-      fp8x16(v1, a);
-      dot16<M>(a, xs, k, c, s1[c / bc], acc1);
+      float a0[16], a1[16];
+      fp8x16(v0, a0);
+      fp8x16(v1, a1);
+      dot16x2<M>(a0, a1, xs, kp, c, s0[c / bc], s1[c / bc], acc0, acc1);
     }
     if (r0 + step < r_end) { // the next pair's first round, while this one is reduced
       const int n0 = r0 + step, n1 = n0 + 1 < r_end ? n0 + 1 : n0;
@@ -149,7 +179,7 @@ template <int M>
 __global__ void __launch_bounds__(kThreads)
     k_fp8_skinny(const float *x, int64_t ldx, const uint8_t *w, const float *sc, int n, int k,
                  int br, int bc, int nbc, float *y, int64_t ldy) {
-  extern __shared__ __align__(16) float xs[]; // [M][k]
+  extern __shared__ __align__(16) float xs[]; // [M][stripes_of(k)], staged layout
   const int lane = threadIdx.x & 31;
   const int gw = blockIdx.x * kWarps + (threadIdx.x >> 5), nw = gridDim.x * kWarps;
   // Start the first weight rows towards L2 while the tokens are staged.
@@ -178,7 +208,7 @@ constexpr int kGroupedTile = 2 * kGroupedWarps * 4; // 128 rows: each warp does 
 __global__ void __launch_bounds__(kGroupedThreads)
     k_fp8_grouped(const float *x, int64_t ldx, const int32_t *off, const epic_cuk_group_w *tab,
                   int n, int k, int br, int bc, int nbc, int max_rows, float *y, int64_t ldy) {
-  extern __shared__ __align__(16) float xs[]; // [4][k]
+  extern __shared__ __align__(16) float xs[]; // [4][stripes_of(k)], staged layout
   const int g = blockIdx.y;
   const int row0 = off[g], cnt = off[g + 1] - row0;
   const int r_begin = blockIdx.x * kGroupedTile;
@@ -213,7 +243,7 @@ template <int M>
 cudaError_t launch(const float *x, int64_t ldx, const epic_weight *w, float *y, int64_t ldy,
                    int sm_count, cudaStream_t st) {
   const int n = (int)w->rows, k = (int)w->cols;
-  const size_t smem = (size_t)M * k * sizeof(float);
+  const size_t smem = (size_t)M * stripes_of(k) * sizeof(float);
   int per_sm = 0;
   cudaError_t e =
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_fp8_skinny<M>, kThreads, smem);
@@ -239,7 +269,7 @@ int epic_cuk_fp8_skinny_ok(const epic_weight *w, int64_t m) {
   return w->dtype == EPIC_DT_F8E4M3 && m >= 1 && m <= EPIC_CUK_SKINNY_MAX_M && w->cols % 16 == 0 &&
          w->block_cols % 16 == 0 && w->block_rows > 0 && w->rows < INT32_MAX &&
          w->cols < INT32_MAX / 4 && ((uintptr_t)w->data & 15u) == 0 &&
-         (size_t)m * (size_t)w->cols * sizeof(float) <= kMaxSmem;
+         (size_t)m * (size_t)stripes_of((int)w->cols) * sizeof(float) <= kMaxSmem;
 }
 
 cudaError_t epic_cuk_fp8_skinny_prepare(void) {
@@ -275,7 +305,7 @@ cudaError_t epic_cuk_fp8_grouped(const float *x, int64_t ldx, const int32_t *off
                                  const epic_cuk_group_w *tab, const epic_weight *shape,
                                  int max_rows, float *y, int64_t ldy, cudaStream_t st) {
   const int n = (int)shape->rows, k = (int)shape->cols;
-  const size_t smem = (size_t)EPIC_CUK_SKINNY_MAX_M * k * sizeof(float);
+  const size_t smem = (size_t)EPIC_CUK_SKINNY_MAX_M * stripes_of(k) * sizeof(float);
   const int nbc = (int)((shape->cols + shape->block_cols - 1) / shape->block_cols);
   if (n_groups <= 0 || n_groups > 65535)
     return n_groups == 0 ? cudaSuccess : cudaErrorInvalidValue;
