@@ -280,7 +280,7 @@ int main(int argc, char **argv) {
          "\"decode_active_weight_bytes\":%.0f,\"decode_kv_bytes\":%.0f,"
          "\"decode_effective_GBps\":%.3f,"
          "\"copy_GBps\":%.3f,\"decode_bw_ratio\":%.4f,\"cuda_graphs\":%s,"
-         "\"graph_captures\":%lld,\"graph_replays\":%lld}\n",
+         "\"graph_captures\":%lld,\"graph_replays\":%lld,\"graph_record_ms\":%.3f}\n",
          dir, dev_name, dummy ? "dummy" : "safetensors", (long long)cfg->num_hidden_layers,
          (long long)cfg->n_routed_experts, cfg->quant.fp8 ? "true" : "false", threads, micro, B, P,
          chunk, budget, (long long)prefill_steps, N,
@@ -290,7 +290,7 @@ int main(int argc, char **argv) {
          1e3 * med * 61.0 / (double)cfg->num_hidden_layers, wbytes, kv_bytes,
          (wbytes + kv_bytes) / med / 1e9, bw, bw > 0 ? (wbytes + kv_bytes) / med / 1e9 / bw : 0.0,
          graphs && epic_ops_has_graphs(ops) ? "true" : "false", (long long)ms.graph_captures,
-         (long long)ms.graph_replays);
+         (long long)ms.graph_replays, 1e3 * ms.graph_record_s);
   for (long i = 0; i < B; i++) epic_kvcache_seq_release(kc, &seqs[i]);
   epic_kvcache_destroy(kc);
   epic_model_destroy(m);

@@ -1940,6 +1940,7 @@ static epic_status step_run(fwd *f, const fwd_shape *sh, scratch *s, const head_
     /* Recording: the ops are queued into the graph, not run; a refusal (or any other
      * failure) leaves a forward that runs directly below. */
     epic_ops_graph *gr = NULL;
+    const double t0 = epic_now_seconds();
     epic_status st = o->vt->graph_begin(o);
     if (st == EPIC_OK) {
       const epic_status body = main_body(f, sh, s, ho);
@@ -1947,6 +1948,7 @@ static epic_status step_run(fwd *f, const fwd_shape *sh, scratch *s, const head_
       if (body != EPIC_OK && st == EPIC_OK) st = body;
     }
     m->stats.expert_rows = rows0;
+    m->stats.graph_record_s += epic_now_seconds() - t0;
     if (st == EPIC_OK && o->vt->graph_epoch(o) == m->graph_epoch) {
       g->graph = gr;
       m->stats.graph_captures++;
