@@ -54,9 +54,6 @@ enum {
   DB_N
 };
 #define MAX_MB 2
-/* Decode-step graphs kept (see epic_model_set_step_graphs); the least recently used
- * gives way. */
-#define STEP_GRAPHS 32
 
 /* One decode-step bucket: its key, and its graph once recorded. */
 typedef struct step_graph {
@@ -132,7 +129,7 @@ struct epic_model {
   /* Decode-step graphs (epic_model_set_step_graphs), valid while the backend's
    * graph_epoch is graph_epoch. */
   int step_graphs;
-  step_graph graphs[STEP_GRAPHS];
+  step_graph graphs[EPIC_MODEL_STEP_GRAPHS];
   uint64_t graph_epoch, graph_tick;
   epic_model_stats stats;
 };
@@ -667,7 +664,7 @@ fail:
 
 /* Drop every recorded decode-step graph. */
 static void graphs_reset(epic_model *m) {
-  for (int i = 0; i < STEP_GRAPHS; i++) {
+  for (int i = 0; i < EPIC_MODEL_STEP_GRAPHS; i++) {
     if (m->graphs[i].graph) m->ops->vt->graph_free(m->ops, m->graphs[i].graph);
     memset(&m->graphs[i], 0, sizeof m->graphs[i]);
   }
@@ -1914,7 +1911,7 @@ static step_graph *graph_bucket(fwd *f, const fwd_shape *sh, const head_out *ho)
   }
   const step_graph key = {.used = 1, .kc = f->kc, .n_seqs = sh->n_seqs, .stride = sh->stride,
                           .bound = f->dec_bound, .n_mb = f->n_mb, .pick = ho->picks != NULL};
-  for (int i = 0; i < STEP_GRAPHS; i++) {
+  for (int i = 0; i < EPIC_MODEL_STEP_GRAPHS; i++) {
     step_graph *e = &m->graphs[i];
     if (e->used && e->kc == key.kc && e->n_seqs == key.n_seqs && e->stride == key.stride &&
         e->bound == key.bound && e->n_mb == key.n_mb && e->pick == key.pick) {

@@ -174,6 +174,8 @@ epic_status epic_model_set_micro_batches(epic_model *m, int n);
  * refuses to record (a shape without a kernel, the exact precision's host round trips)
  * runs directly from then on. on = 0 turns graphs off (the outputs do not change). */
 void epic_model_set_step_graphs(epic_model *m, int on);
+/* Decode-step graphs a model keeps; beyond, the least recently used bucket's is freed. */
+#define EPIC_MODEL_STEP_GRAPHS 32
 
 /* Where a rank's forward time went, accumulated since load or the last reset
  * (wall-clock seconds on the driving thread). The wait fields are the time the

@@ -375,6 +375,19 @@ __global__ void k_kv_gather(const T *pool, const int32_t *table, int64_t ps, int
 constexpr int kPickThreads = 256;
 constexpr int64_t kPickChunk = 4096;
 
+// Warp-wide maximum and the lowest index holding it; every lane gets the result.
+__device__ __forceinline__ void warp_argmax(float &bv, int64_t &bi) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > bv || (ov == bv && oi < bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+}
+
 struct PickPart {
   double sum; // sum over the chunk of exp(x - mx), in double
   float mx;
@@ -399,14 +412,7 @@ __global__ void __launch_bounds__(kPickThreads)
       bi = j;
     }
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_down_sync(0xffffffffu, bv, o);
-    const int64_t oi = __shfl_down_sync(0xffffffffu, bi, o);
-    if (ov > bv || (ov == bv && oi < bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
+  warp_argmax(bv, bi);
   if (lane == 0) {
     sv[warp] = bv;
     si[warp] = bi;
@@ -451,14 +457,7 @@ __global__ void k_row_pick_merge(const float *x, int64_t n, int n_chunks, const 
       bv = p[c].mx;
       bi = p[c].idx;
     }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (ov > bv || (ov == bv && oi < bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
+  warp_argmax(bv, bi);
   const double mx = (double)bv;
   double t = 0;
   for (int c = lane; c < n_chunks; c += 32)

@@ -8,7 +8,10 @@
  * replay graphs, record new buckets when the batch or the context bound changes, and
  * grow block tables into new pages. Every step's greedy picks (ids and log-probs) and,
  * every 8th step, every row's logits are compared bit for bit between a run with graphs
- * off and one with graphs on; the second must have recorded and replayed graphs.
+ * off and one with graphs on; the second must have recorded and replayed graphs. A second
+ * schedule runs every batch size from 1 to 40 for three steps each: more buckets than the
+ * model keeps graphs (EPIC_MODEL_STEP_GRAPHS), so recorded graphs are evicted and
+ * buckets recorded again, with the same bits.
  * The exact precision (EPIC_CUDA_PRECISION=exact), whose expert matmuls read their
  * group sizes back to the host, cannot be recorded: the same run there must record
  * nothing and still give the direct run's bits.
@@ -29,7 +32,7 @@
 #include "kernels/ops.h"
 #include "worker/model.h"
 
-enum { N_SEQ = 12, STEPS = 48, PAGE = 16, LOGIT_EVERY = 8 };
+enum { N_SEQ = 40, STEPS_MAX = 120, PAGE = 16, LOGIT_EVERY = 8 };
 
 static const char CONFIG[] =
     "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\",\n"
@@ -51,26 +54,30 @@ static const char CONFIG[] =
 
 static char g_dir[64];
 
-/* Sequences in the batch at decode step s: the batch shrinks and grows back. */
-static int active(int s) {
+/* Sequences in the batch at decode step s of a schedule. shrink: the batch shrinks and
+ * grows back (48 steps); sizes: every size from 1 to 40, three steps each (120 steps). */
+typedef enum { SHRINK, SIZES } schedule;
+static int active(schedule sc, int s) {
   static const int pattern[] = {12, 12, 12, 8, 8, 8, 8, 5, 5, 5, 1, 1, 1, 12, 12, 12};
+  if (sc == SIZES) return 1 + s / 3;
   return pattern[s % (int)(sizeof pattern / sizeof pattern[0])];
 }
+static int steps_of(schedule sc) { return sc == SIZES ? 120 : 48; }
 
 typedef struct run_out {
-  epic_row_pick picks[STEPS][N_SEQ];
-  float *logits; /* [STEPS / LOGIT_EVERY][N_SEQ][V] */
+  epic_row_pick picks[STEPS_MAX][N_SEQ];
+  float *logits; /* [STEPS_MAX / LOGIT_EVERY][N_SEQ][V] */
   epic_model_stats stats;
 } run_out;
 
-/* Prefill, then STEPS decode steps; fills out. */
-static void run(epic_model *m, int graphs, run_out *out) {
+/* Prefill, then the schedule's decode steps; fills out. */
+static void run(epic_model *m, int graphs, schedule sc, run_out *out) {
   const epic_model_config *c = epic_model_get_config(m);
   const int64_t V = c->vocab_size;
   epic_kvcache *kc = NULL;
   epic_kv_seq seqs[N_SEQ];
   epic_seq_batch b[N_SEQ];
-  int32_t prompt[400], next[N_SEQ];
+  int32_t prompt[440], next[N_SEQ];
   float *logits = malloc((size_t)(N_SEQ * V) * sizeof *logits);
   uint8_t need[N_SEQ] = {0};
   epic_row_pick picks[N_SEQ];
@@ -78,23 +85,23 @@ static void run(epic_model *m, int graphs, run_out *out) {
   memset(seqs, 0, sizeof seqs);
   epic_model_set_step_graphs(m, graphs);
   epic_model_reset_stats(m);
-  assert_int_equal(epic_model_kvcache_create(m, 0, PAGE, N_SEQ * ((400 + STEPS) / PAGE + 2), &kc),
-                   EPIC_OK);
+  assert_int_equal(
+      epic_model_kvcache_create(m, 0, PAGE, N_SEQ * ((400 + STEPS_MAX) / PAGE + 2), &kc), EPIC_OK);
   uint64_t x = 7;
-  for (int i = 0; i < 400; i++) {
+  for (int i = 0; i < 440; i++) {
     x = x * 6364136223846793005ull + 1442695040888963407ull;
     prompt[i] = (int32_t)((x >> 33) % (uint64_t)V);
   }
   /* Prompts of 37 to 367 tokens: contexts in several octaves, so the context bound
    * (and the attention split) differs between buckets. */
   for (int i = 0; i < N_SEQ; i++) {
-    const int64_t len = 37 + 30 * i;
+    const int64_t len = 37 + 30 * (i % 12) + i;
     b[0] = (epic_seq_batch){.tokens = prompt + i, .n_tokens = len, .start = 0, .kv = &seqs[i]};
     assert_int_equal(epic_model_forward_pick(m, kc, b, 1, logits, need, picks, NULL), EPIC_OK);
     next[i] = picks[0].id;
   }
-  for (int s = 0; s < STEPS; s++) {
-    const int n = active(s);
+  for (int s = 0; s < steps_of(sc); s++) {
+    const int n = active(sc, s);
     const int want_logits = s % LOGIT_EVERY == LOGIT_EVERY - 1;
     for (int i = 0; i < n; i++)
       b[i] = (epic_seq_batch){.tokens = &next[i], .n_tokens = 1, .start = seqs[i].n_tokens,
@@ -119,7 +126,7 @@ static void run(epic_model *m, int graphs, run_out *out) {
 
 /* Graphs off, then on, in the precision the environment selects; returns the stats of
  * the run with graphs. */
-static epic_model_stats off_vs_on(void) {
+static epic_model_stats off_vs_on(schedule sc) {
   epic_ops *ops = NULL;
   epic_model *m = NULL;
   assert_int_equal(epic_ops_cuda_create(0, &ops), EPIC_OK);
@@ -128,7 +135,8 @@ static epic_model_stats off_vs_on(void) {
                                 .seed = 3};
   assert_int_equal(epic_model_load(ops, &mp, &m), EPIC_OK);
   const int64_t V = epic_model_get_config(m)->vocab_size;
-  const size_t n_logits = (size_t)(STEPS / LOGIT_EVERY * N_SEQ * V);
+  const int steps = steps_of(sc);
+  const size_t n_logits = (size_t)(STEPS_MAX / LOGIT_EVERY * N_SEQ * V);
   run_out *a = calloc(1, sizeof *a), *g = calloc(1, sizeof *g);
   assert_non_null(a);
   assert_non_null(g);
@@ -136,11 +144,11 @@ static epic_model_stats off_vs_on(void) {
   g->logits = calloc(n_logits, sizeof(float));
   assert_non_null(a->logits);
   assert_non_null(g->logits);
-  run(m, 0, a);
-  run(m, 1, g);
+  run(m, 0, sc, a);
+  run(m, 1, sc, g);
   assert_int_equal(a->stats.graph_captures + a->stats.graph_replays, 0);
-  for (int s = 0; s < STEPS; s++)
-    for (int i = 0; i < active(s); i++) {
+  for (int s = 0; s < steps; s++)
+    for (int i = 0; i < active(sc, s); i++) {
       if (a->picks[s][i].id != g->picks[s][i].id ||
           memcmp(&a->picks[s][i].logprob, &g->picks[s][i].logprob, sizeof(float)) != 0)
         fail_msg("step %d sequence %d: direct pick %d (%.9g), with graphs %d (%.9g)", s, i,
@@ -153,7 +161,7 @@ static epic_model_stats off_vs_on(void) {
                (double)g->logits[k]);
   const epic_model_stats st = g->stats;
   printf("graphs: %lld recorded, %lld of %d decode steps replayed\n",
-         (long long)st.graph_captures, (long long)st.graph_replays, STEPS);
+         (long long)st.graph_captures, (long long)st.graph_replays, steps);
   free(a->logits);
   free(g->logits);
   free(a);
@@ -166,16 +174,26 @@ static epic_model_stats off_vs_on(void) {
 static void test_fast_replay_equals_direct(void **state) {
   (void)state;
   unsetenv("EPIC_CUDA_PRECISION");
-  const epic_model_stats st = off_vs_on();
+  const epic_model_stats st = off_vs_on(SHRINK);
   assert_true(st.graph_captures > 0);
   /* A bucket costs one direct and one recorded step; the rest replay. */
-  assert_true(st.graph_replays >= STEPS / 4);
+  assert_true(st.graph_replays >= steps_of(SHRINK) / 4);
+}
+
+static void test_buckets_beyond_the_cache(void **state) {
+  (void)state;
+  unsetenv("EPIC_CUDA_PRECISION");
+  const epic_model_stats st = off_vs_on(SIZES);
+  /* Every size is a bucket (direct, recorded, replayed) but where its longest context
+   * crosses a bound during its three steps: more recorded than the cache keeps. */
+  assert_true(st.graph_captures > EPIC_MODEL_STEP_GRAPHS);
+  assert_true(st.graph_replays > EPIC_MODEL_STEP_GRAPHS);
 }
 
 static void test_exact_is_not_recorded(void **state) {
   (void)state;
   setenv("EPIC_CUDA_PRECISION", "exact", 1);
-  const epic_model_stats st = off_vs_on();
+  const epic_model_stats st = off_vs_on(SHRINK);
   unsetenv("EPIC_CUDA_PRECISION");
   assert_int_equal(st.graph_captures, 0);
   assert_int_equal(st.graph_replays, 0);
@@ -209,6 +227,7 @@ int main(void) {
   }
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_fast_replay_equals_direct),
+      cmocka_unit_test(test_buckets_beyond_the_cache),
       cmocka_unit_test(test_exact_is_not_recorded),
   };
   return cmocka_run_group_tests_name("step_graphs_cuda", tests, setup, teardown);
