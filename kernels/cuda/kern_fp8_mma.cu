@@ -81,21 +81,31 @@ struct Args {
   int64_t ldy;
 };
 
-// One 64-column step of this warp's 16 rows (wa: row g, wb: row g + 8 of the step's
-// columns, already loaded) against NT tiles of 8 tokens, into tmp.
+// The lane's 16 token columns at col of each tile (zeros past k and past the group).
 template <int NT>
-__device__ __forceinline__ void step(const uint4 wa, const uint4 wb, const uint16_t *const (&xt)[NT],
-                                     int col, bool in_k, float (&tmp)[NT][4]) {
+__device__ __forceinline__ void load_tokens(const uint16_t *const (&xt)[NT], int col, bool in_k,
+                                            uint4 (&x)[NT][2]) {
+#pragma unroll
+  for (int t = 0; t < NT; t++) {
+    x[t][0] = x[t][1] = make_uint4(0, 0, 0, 0);
+    if (xt[t] && in_k) {
+      x[t][0] = __ldg(reinterpret_cast<const uint4 *>(xt[t] + col));
+      x[t][1] = __ldg(reinterpret_cast<const uint4 *>(xt[t] + col + 8));
+    }
+  }
+}
+
+// One 64-column step of this warp's 16 rows (wa: row g, wb: row g + 8 of the step's
+// columns) against NT tiles of 8 tokens (x, from load_tokens), into tmp.
+template <int NT>
+__device__ __forceinline__ void step(const uint4 wa, const uint4 wb, const uint4 (&x)[NT][2],
+                                     float (&tmp)[NT][4]) {
   uint32_t ra[8], rb[8]; // rows g and g + 8 as bf16 pairs
   w16_to_bf16(wa, ra);
   w16_to_bf16(wb, rb);
 #pragma unroll
   for (int t = 0; t < NT; t++) {
-    uint4 lo = make_uint4(0, 0, 0, 0), hi = lo; // the lane's 16 token columns
-    if (xt[t] && in_k) {
-      lo = __ldg(reinterpret_cast<const uint4 *>(xt[t] + col));
-      hi = __ldg(reinterpret_cast<const uint4 *>(xt[t] + col + 8));
-    }
+    const uint4 lo = x[t][0], hi = x[t][1];
     const uint32_t T[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
     // mma i takes columns 4i .. 4i + 3 of each lane's 16: the same permutation of k for
     // the weights (A) and the tokens (B), so the products pair up.
@@ -107,8 +117,13 @@ __device__ __forceinline__ void step(const uint4 wa, const uint4 wb, const uint1
   }
 }
 
+// One token tile keeps its loads in a ring (RING): each slot is refilled, weights and
+// tokens, as soon as its step is done, so D steps are always in flight and the tokens
+// arrive with the weights (at one tile a token load per step, issued at its use, was the
+// kernel's main stall). More tiles double-buffer the weights and load tokens at use.
 template <int NT, int D>
 __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Args a) {
+  constexpr bool RING = NT == 1;
   extern __shared__ float red[]; // [row group][run - 1][NT * 4][32] partial sums
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   int tok0 = 0, cnt = a.m;
@@ -177,22 +192,24 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Arg
 #pragma unroll
       for (int j = 0; j < 4; j++)
         part[t][j] = tmp[t][j] = 0.0f;
-    uint4 cur[D][2];
-#pragma unroll
-    for (int d = 0; d < D; d++) {
-      const int sn = s_begin + d;
+    // Step sn's weights (and with one token tile, its tokens) into ring slot d.
+    uint4 cur[D][2], xr[RING ? D : 1][NT][2];
+    auto fetch = [&](int d, int sn, uint4 (&w)[D][2]) {
       const bool ok = sn < s_end && sn * kStep + q * 16 < a.k;
-      cur[d][0] = ok ? ld_stream(wa + sn * kStep) : make_uint4(0, 0, 0, 0);
-      cur[d][1] = ok ? ld_stream(wb + sn * kStep) : make_uint4(0, 0, 0, 0);
-    }
-    for (int s = s_begin; s < s_end; s += D) {
-      uint4 nxt[D][2];
+      w[d][0] = ok ? ld_stream(wa + sn * kStep) : make_uint4(0, 0, 0, 0);
+      w[d][1] = ok ? ld_stream(wb + sn * kStep) : make_uint4(0, 0, 0, 0);
+      if constexpr (RING)
+        load_tokens<NT>(xt, sn * kStep, ok, xr[d]);
+    };
 #pragma unroll
-      for (int d = 0; d < D; d++) { // the next D steps' loads go out before this D's math
-        const int sn = s + D + d;
-        const bool ok = sn < s_end && sn * kStep + q * 16 < a.k;
-        nxt[d][0] = ok ? ld_stream(wa + sn * kStep) : make_uint4(0, 0, 0, 0);
-        nxt[d][1] = ok ? ld_stream(wb + sn * kStep) : make_uint4(0, 0, 0, 0);
+    for (int d = 0; d < D; d++)
+      fetch(d, s_begin + d, cur);
+    for (int s = s_begin; s < s_end; s += D) {
+      uint4 nxt[D][2]; // double buffer (not RING)
+      if constexpr (!RING) {
+#pragma unroll
+        for (int d = 0; d < D; d++) // the next D steps' loads go out before this D's math
+          fetch(d, s + D + d, nxt);
       }
 #pragma unroll
       for (int d = 0; d < D; d++) {
@@ -200,7 +217,14 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Arg
         if (sd >= s_end) // warp-uniform
           break;
         const int col = sd * kStep;
-        step<NT>(cur[d][0], cur[d][1], xt, col, col + q * 16 < a.k, tmp);
+        if constexpr (RING) { // the slot's data in use, then the slot refilled D steps ahead
+          step<NT>(cur[d][0], cur[d][1], xr[d], tmp);
+          fetch(d, sd + D, cur);
+        } else {
+          uint4 x[NT][2];
+          load_tokens<NT>(xt, col, col + q * 16 < a.k, x);
+          step<NT>(cur[d][0], cur[d][1], x, tmp);
+        }
         if (sd + 1 < s_end && (sd + 1) % spb != 0)
           continue;
         // the end of a scale block
@@ -238,10 +262,12 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Arg
         run++;
         run_end_kb = (run + 1) * nkb / a.split;
       }
+      if constexpr (!RING) {
 #pragma unroll
-      for (int d = 0; d < D; d++) {
-        cur[d][0] = nxt[d][0];
-        cur[d][1] = nxt[d][1];
+        for (int d = 0; d < D; d++) {
+          cur[d][0] = nxt[d][0];
+          cur[d][1] = nxt[d][1];
+        }
       }
     }
   }
