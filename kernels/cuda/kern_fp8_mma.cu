@@ -117,13 +117,14 @@ __device__ __forceinline__ void step(const uint4 wa, const uint4 wb, const uint4
   }
 }
 
-// One token tile keeps its loads in a ring (RING): each slot is refilled, weights and
-// tokens, as soon as its step is done, so D steps are always in flight and the tokens
-// arrive with the weights (at one tile a token load per step, issued at its use, was the
-// kernel's main stall). More tiles double-buffer the weights and load tokens at use.
+// Up to two token tiles keep their loads in a ring (RING): each slot is refilled, weights
+// and tokens, as soon as its step is done, so D steps are always in flight and the tokens
+// arrive with the weights (a token load per step, issued at its use, was the kernel's
+// main stall at decode sizes). More tiles double-buffer the weights and load tokens at
+// use: their token registers would not fit beside a ring.
 template <int NT, int D>
 __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Args a) {
-  constexpr bool RING = NT == 1;
+  constexpr bool RING = NT <= 2;
   extern __shared__ float red[]; // [row group][run - 1][NT * 4][32] partial sums
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   int tok0 = 0, cnt = a.m;
@@ -334,7 +335,7 @@ int epic_cuk_fp8_mma_ok(const epic_weight *w) {
 cudaError_t epic_cuk_fp8_mma_prepare(void) {
   cudaError_t e = set_smem<1, 4>();
   if (e == cudaSuccess)
-    e = set_smem<2, 3>();
+    e = set_smem<2, 2>();
   if (e == cudaSuccess)
     e = set_smem<4, 2>();
   if (e == cudaSuccess)
@@ -384,7 +385,7 @@ cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaS
   if (nt <= 1) {
     launch<1, 4>(a, grid, smem_of(1, a.split, a.wpg), st);
   } else if (nt <= 2) {
-    launch<2, 3>(a, grid, smem_of(2, a.split, a.wpg), st);
+    launch<2, 2>(a, grid, smem_of(2, a.split, a.wpg), st);
   } else if (nt <= 4) {
     launch<4, 2>(a, grid, smem_of(4, a.split, a.wpg), st);
   } else {
