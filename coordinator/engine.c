@@ -56,6 +56,7 @@ typedef struct ereq {
 typedef struct rank_trailer {
   int64_t dispatch_bytes, combine_bytes, a2a_calls;
   double dispatch_wait_s, combine_wait_s;
+  int64_t graph_captures, graph_replays;
 } rank_trailer;
 
 /* A request that ended, waiting for its on_finish outside the mutex. */
@@ -267,7 +268,9 @@ static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
                         .combine_bytes = ms.combine_bytes,
                         .a2a_calls = ms.a2a_calls,
                         .dispatch_wait_s = ms.dispatch_wait_s,
-                        .combine_wait_s = ms.combine_wait_s};
+                        .combine_wait_s = ms.combine_wait_s,
+                        .graph_captures = ms.graph_captures,
+                        .graph_replays = ms.graph_replays};
     if (e->n_expert_slots && epic_model_expert_tokens(e->m, e->expert_scratch) == EPIC_OK)
       memcpy(t + 1, e->expert_scratch, (size_t)e->n_expert_slots * sizeof(int64_t));
     else if (e->n_expert_slots)
@@ -1155,6 +1158,8 @@ void epic_engine_get_stats(epic_engine *e, epic_engine_stats *out) {
     out->a2a_calls += t->a2a_calls;
     out->a2a_dispatch_wait_s += t->dispatch_wait_s;
     out->a2a_combine_wait_s += t->combine_wait_s;
+    out->graph_captures += t->graph_captures;
+    out->graph_replays += t->graph_replays;
   }
   pthread_mutex_unlock(&e->mu);
 }

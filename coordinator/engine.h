@@ -164,6 +164,9 @@ typedef struct epic_engine_stats {
    * step (epic_model_stats of each rank, sent back with its reply). */
   int64_t a2a_dispatch_bytes, a2a_combine_bytes, a2a_calls;
   double a2a_dispatch_wait_s, a2a_combine_wait_s;
+  /* Decode steps recorded as graphs and replayed (epic_model_set_step_graphs), summed over
+   * ranks as of the last step; 0 on backends without graphs. */
+  int64_t graph_captures, graph_replays;
   /* MTP drafting: drafts per step (0 = off) and whether auto; verify steps
    * that carried drafts, drafts verified and accepted (mean accepted length
    * per verify step = 1 + accepted / verify_steps); sequences drafting now and

@@ -302,6 +302,8 @@ static void eb_metrics(void *be, epic_metrics_snapshot *s) {
   s->prefix_hit_tokens_total = es.prefix_hit_tokens;
   s->prefix_cached_pages = es.prefix_cached_pages;
   s->steps_total = es.steps;
+  s->graph_captures_total = es.graph_captures;
+  s->graph_replays_total = es.graph_replays;
   s->has_mtp = es.mtp_draft > 0;
   s->mtp_draft_tokens_total = es.mtp_drafted;
   s->mtp_accepted_tokens_total = es.mtp_accepted;

@@ -115,6 +115,12 @@ epic_status epic_metrics_render(const epic_metrics_snapshot *s, epic_metrics_buf
                                          : 0.0));
     EPIC_CHECK(one_i(b, "epic_engine_steps_total", "counter", "Forward steps run.",
                      s->steps_total));
+    EPIC_CHECK(one_i(b, "epic_step_graph_captures_total", "counter",
+                     "Decode steps recorded as CUDA graphs (summed over ranks).",
+                     s->graph_captures_total));
+    EPIC_CHECK(one_i(b, "epic_step_graph_replays_total", "counter",
+                     "Steps run by replaying a recorded graph (summed over ranks).",
+                     s->graph_replays_total));
   }
   if (s->has_prefix_cache) {
     EPIC_CHECK(one_i(b, "epic_prefix_cache_hit_tokens_total", "counter",

@@ -75,6 +75,7 @@ typedef struct epic_metrics_snapshot {
   /* Engine-only families. */
   int has_engine;
   int64_t kv_pages_used, kv_pages_total, steps_total;
+  int64_t graph_captures_total, graph_replays_total; /* decode-step graphs (engine stats) */
   /* Prefix cache (engine stats): prompt tokens taken from cached pages so far,
    * idle cached pages now (all workers). Omitted unless has_prefix_cache. */
   int has_prefix_cache;

@@ -155,6 +155,8 @@ static void test_metrics_render(void **state) {
   s.has_engine = 1;
   s.kv_pages_used = 1;
   s.kv_pages_total = 4;
+  s.graph_captures_total = 2;
+  s.graph_replays_total = 30;
   s.has_prefix_cache = 1;
   s.prefix_hit_tokens_total = 640;
   s.prefix_cached_pages = 9;
@@ -184,6 +186,8 @@ static void test_metrics_render(void **state) {
       "epic_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n",
       "epic_time_to_first_token_seconds_count 2\n",
       "epic_kv_cache_usage_ratio 0.250000\n",
+      "# TYPE epic_step_graph_captures_total counter\nepic_step_graph_captures_total 2\n",
+      "# TYPE epic_step_graph_replays_total counter\nepic_step_graph_replays_total 30\n",
       "# TYPE epic_prefix_cache_hit_tokens_total counter\nepic_prefix_cache_hit_tokens_total 640\n",
       "# TYPE epic_prefix_cache_pages gauge\nepic_prefix_cache_pages 9\n",
       "# TYPE epic_mtp_draft_tokens_total counter\nepic_mtp_draft_tokens_total 50\n",
