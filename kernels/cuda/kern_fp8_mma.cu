@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Arg
 #pragma unroll
       for (int j = 0; j < 4; j++)
         part[t][j] = tmp[t][j] = 0.0f;
-    // Step sn's weights (and with one token tile, its tokens) into ring slot d.
+    // Step sn's weights (and, in the ring, its tokens) into slot d of w.
     uint4 cur[D][2], xr[RING ? D : 1][NT][2];
     auto fetch = [&](int d, int sn, uint4 (&w)[D][2]) {
       const bool ok = sn < s_end && sn * kStep + q * 16 < a.k;
