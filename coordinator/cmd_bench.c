@@ -218,10 +218,11 @@ typedef struct phase_result {
 
 /* The model stats fields gathered from every rank, as doubles. */
 enum { ST_TOTAL, ST_ATTN, ST_DENSE, ST_EXPERTS, ST_DISPATCH, ST_COMBINE, ST_OTHER, ST_TOKENS,
-       ST_FORWARDS, ST_BYTES, ST_N };
+       ST_FORWARDS, ST_BYTES, ST_GRAPH_CAPTURES, ST_GRAPH_REPLAYS, ST_N };
 static const char *ST_NAMES[ST_N] = {"total_s", "attention_s", "dense_s", "experts_s",
                                      "dispatch_wait_s", "combine_wait_s", "other_s", "tokens",
-                                     "forwards", "a2a_bytes_sent"};
+                                     "forwards", "a2a_bytes_sent", "graph_captures",
+                                     "graph_replays"};
 
 static void stats_vec(const epic_model_stats *s, double *v) {
   v[ST_TOTAL] = s->total_s;
@@ -234,6 +235,8 @@ static void stats_vec(const epic_model_stats *s, double *v) {
   v[ST_TOKENS] = (double)s->tokens;
   v[ST_FORWARDS] = (double)s->forwards;
   v[ST_BYTES] = (double)(s->dispatch_bytes + s->combine_bytes);
+  v[ST_GRAPH_CAPTURES] = (double)s->graph_captures;
+  v[ST_GRAPH_REPLAYS] = (double)s->graph_replays;
 }
 
 /* One phase on every rank: a fresh engine with micro-batch setting mb; rank 0
