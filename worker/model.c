@@ -139,6 +139,13 @@ struct epic_model {
  * rows than this, the bound the grouped kernel takes (decode batches). */
 #define DEV_PLAN_MAX_TOKENS 64
 
+/* Whether a single-process micro-batch of `tokens` tokens plans its experts on the
+ * backend (run_experts_dev): then its MoE layers have no host round trip, which is also
+ * what lets a decode step be recorded as a graph. */
+static int dev_planned(epic_ops *o, int64_t tokens) {
+  return !o->vt->host_visible && epic_ops_has_moe_plan(o) && tokens <= DEV_PLAN_MAX_TOKENS;
+}
+
 /* Row of the all-to-all payload: the expert id (as raw int32 bits) followed by
  * the hidden vector, so one message carries both. */
 #define EP_ROW(D) ((D) + 1)
@@ -1426,7 +1433,7 @@ static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
     m->stats.expert_rows += b->M * K;
     /* A backend without host memory plans decode-sized batches itself: the routing ids
      * stay where route wrote them. */
-    if (!o->vt->host_visible && epic_ops_has_moe_plan(o) && b->M <= DEV_PLAN_MAX_TOKENS) {
+    if (dev_planned(o, b->M)) {
       EPIC_CHECK(run_experts_dev(f, lw, s->idx, b->M * K, b->M, s->a, D, K, b->out));
     } else {
       EPIC_CHECK(to_host_i32(m, s->idx, b->M * K, b->id, XB_IDS, &ids));
@@ -1902,7 +1909,7 @@ static step_graph *graph_bucket(fwd *f, const fwd_shape *sh, const head_out *ho)
   epic_ops *o = m->ops;
   step_graph *g = NULL;
   if (!m->step_graphs || m->comm || !epic_ops_has_graphs(o) || sh->M == 0 || sh->n_dec != sh->M ||
-      sh->Mw > DEV_PLAN_MAX_TOKENS)
+      !dev_planned(o, sh->Mw))
     return NULL;
   const uint64_t epoch = o->vt->graph_epoch(o);
   if (epoch != m->graph_epoch) {
