@@ -882,12 +882,12 @@ peaks_done:
   first = 1;
   static const shape expert_shapes[2] = {{"expert_gate_up", 2048, 7168},
                                          {"expert_down", 7168, 2048}};
-  static const int64_t ts[] = {1, 32, 128, 512}, ts_quick[] = {1, 128};
+  static const int64_t ts[] = {1, 32, 128, 512, 2048}, ts_quick[] = {1, 128};
   for (int si = 0; si < 2 && do_grp; si++) {
     if (g_quick)
       bench_grouped(js, si, &expert_shapes[si], ts_quick, 2, &first);
     else
-      bench_grouped(js, si, &expert_shapes[si], ts, 4, &first);
+      bench_grouped(js, si, &expert_shapes[si], ts, 5, &first);
     fflush(js);
   }
   fprintf(js, "\n  ],\n  \"mla_decode\": [");

@@ -27,7 +27,7 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
      "compute backend: auto (a GPU when the build and the node have one), cpu, cuda,\n"
      "or cuda:N (GPU N; plain cuda picks the node-local rank's GPU)"},
     {"cuda-graphs", "on|off",
-     "record single-process decode steps of up to 64 sequences as CUDA graphs and\n"
+     "record single-process decode steps of up to 128 sequences as CUDA graphs and\n"
      "replay them (default on; outputs are the same either way)"},
     {"max-batch", "N", "running sequences in the cluster (default 256)"},
     {"max-queue", "N", "waiting requests in the engine (default 1024)"},

@@ -938,7 +938,7 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
      * too) is on where re-placement keeps outputs unchanged: the CPU backend, whose
      * expert GEMMs compute a row alike whatever rows share its expert. A GPU run
      * takes --eplb-redundant R explicitly: its fast FP8 path computes an expert's
-     * rows alike in groups of up to 64 rows (one tensor-core kernel) but with
+     * rows alike in groups of up to 128 rows (one tensor-core kernel) but with
      * FP8-rounded activations (cuBLASLt) beyond, as prefill makes them, and copies
      * split a hot expert's group, so a row can change path and greedy outputs can
      * change (kernels/cuda/ops_cuda_matmul.c; EPIC_CUDA_PRECISION=exact keeps them). */

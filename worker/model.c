@@ -136,8 +136,9 @@ struct epic_model {
 
 /* Largest micro-batch (tokens) whose routed experts are planned on the backend instead
  * of the host (run_experts_dev): a token's experts are distinct, so no expert gets more
- * rows than this, the bound the grouped kernel takes (decode batches). */
-#define DEV_PLAN_MAX_TOKENS 64
+ * rows than this, the bound the grouped kernel takes (decode batches; the CUDA backend's
+ * EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS, beyond which it would read the offsets back). */
+#define DEV_PLAN_MAX_TOKENS 128
 
 /* Whether a single-process micro-batch of `tokens` tokens plans its experts on the
  * backend (run_experts_dev): then its MoE layers have no host round trip, which is also

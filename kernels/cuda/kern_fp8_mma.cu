@@ -1,11 +1,11 @@
 // Decode-sized FP8 matmul on tensor cores: y[t][r] = x[t] . W[r] for an e4m3 weight with
-// block scales and up to 64 tokens per weight (a dense matmul, or every expert of a
-// grouped one in one launch). At these sizes the time is reading W once, so each warp
-// streams 16 weight rows with 16-byte loads (several steps in flight), converts the e4m3
-// bytes exactly to bf16 and multiplies them against the tokens, rounded to bf16 (RNE) by
-// the caller (reading fp32 tokens here instead costs up to 2x at 10+ tokens per expert:
-// each warp re-reads them), with
-// `mma.m16n8k16` (fp32 accumulation), one 8-token tile per mma.
+// block scales and up to 64 tokens per weight in a CTA (a dense matmul, or every expert
+// of a grouped one in one launch, larger groups in tiles of 64 rows). At these sizes the
+// time is reading W once, so each warp streams 16 weight rows with 16-byte loads (several
+// steps in flight), converts the e4m3 bytes exactly to bf16 and multiplies them against
+// the tokens, rounded to bf16 (RNE) by the caller (reading fp32 tokens here instead costs
+// up to 2x at 10+ tokens per expert: each warp re-reads them), with `mma.m16n8k16` (fp32
+// accumulation), one 8-token tile per mma.
 //
 // Exact conversion: cvt.f16x2.e4m3x2 gives the values as normal f16 numbers (e4m3's
 // smallest subnormal, 2^-9, is above f16's 2^-14) with three mantissa bits; reading the
@@ -32,6 +32,8 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kStep = 64;   // columns per warp step: 4 lanes x 16 bytes of each row
 constexpr int kMaxSplit = 8; // k runs per output (see row invariance above)
+constexpr int kTileRows = 64; // the most token rows one CTA takes (8 tiles of 8)
+static_assert(kTileRows == EPIC_CUK_MMA_MAX_ROWS, "one CTA's rows are the dense bound");
 
 // f16 pair -> bf16 pair of the same values times 2^-112 (see the top of the file).
 __device__ __forceinline__ uint32_t f16x2_to_bf16x2_scaled(uint32_t h) {
@@ -139,7 +141,8 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Arg
       const int c = gl < a.n_groups ? a.off[gl + 1] - a.off[gl] : 0;
       unsigned bal = __ballot_sync(0xffffffffu, c >= a.min_rows && c <= a.max_rows);
       // only a caller's bound (grouped_matmul_dev) can be exceeded: report, once per launch
-      if (a.err && c > a.bound && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < 32)
+      if (a.err && c > a.bound && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 &&
+          threadIdx.x < 32)
         atomicOr(a.err, EPIC_CUK_ERR_GROUP_ROWS);
       const int have = __popc(bal);
       if (rem < have) {
@@ -151,8 +154,12 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) k_fp8_mma(const Arg
     }
     if (gi < 0)
       return;
-    tok0 = a.off[gi];
-    cnt = a.off[gi + 1] - tok0;
+    // blockIdx.z: which NT * 8 rows of a group larger than one CTA's tiles (the launch's
+    // groups above kTileRows rows); a row's operations do not depend on its tile
+    tok0 = a.off[gi] + (int)blockIdx.z * NT * 8;
+    cnt = min(a.off[gi + 1] - tok0, NT * 8);
+    if (cnt <= 0)
+      return;
     w = a.tab[gi].data;
     sc = a.tab[gi].scale;
   }
@@ -345,7 +352,9 @@ cudaError_t epic_cuk_fp8_mma_prepare(void) {
 
 cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaStream_t st) {
   const epic_weight *w = p->w;
-  if (p->rows_max < 1 || p->rows_max > EPIC_CUK_MMA_MAX_ROWS || ((uintptr_t)p->x & 15u) ||
+  // a dense matmul takes one CTA's rows; larger groups are cut into row tiles (grid z)
+  const int64_t most_rows = p->off ? (int64_t)kTileRows * 65535 : kTileRows;
+  if (p->rows_max < 1 || p->rows_max > most_rows || ((uintptr_t)p->x & 15u) ||
       p->rows_min > p->rows_max || (p->err && p->rows_bound < p->rows_max) ||
       p->ldx % 8 != 0 ||
       (p->off && (p->n_groups < 1 || p->n_groups > INT32_MAX - 1 || p->active_groups < 1 ||
@@ -374,13 +383,14 @@ cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaS
   a.ldy = p->ldy;
   // Execution shape: the fewest warps per row group (tokens shared through L1 by more
   // rows) that still gives every SM two CTAs.
-  const int64_t row_groups = (w->rows + 15) / 16, busy = p->off ? p->active_groups : 1;
+  const int64_t tiles = (p->rows_max + kTileRows - 1) / kTileRows;
+  const int64_t row_groups = (w->rows + 15) / 16, busy = p->off ? p->active_groups * tiles : 1;
   a.wpg = 1;
   while (a.wpg < a.split && (row_groups * a.wpg + kWarps - 1) / kWarps * busy < 2 * sm_count)
     a.wpg *= 2;
   const int groups = kWarps / a.wpg;
   const dim3 grid((unsigned)((row_groups + groups - 1) / groups),
-                  p->off ? (unsigned)p->active_groups : 1u);
+                  p->off ? (unsigned)p->active_groups : 1u, (unsigned)tiles);
   const int nt = (int)((p->rows_max + 7) / 8);
   if (nt <= 1) {
     launch<1, 4>(a, grid, smem_of(1, a.split, a.wpg), st);

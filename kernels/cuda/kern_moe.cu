@@ -74,19 +74,33 @@ __global__ void k_kv_store_batch(T *pool, const int32_t *tables, int64_t stride,
   }
 }
 
-// The expert plan of moe_plan (kernels/ops.h) in one CTA: thread e counts expert e's
-// items, thread 0 turns the counts into offsets, then thread e walks the items in order
-// and places its own, so the order within an expert is the item order. O(n) per thread,
-// every thread reading the same id at a time (one broadcast load): at decode sizes
-// (n = tokens x top-k, a few hundred) a few microseconds, and no host round trip.
-__global__ void k_moe_plan(const int32_t *idx, int n, int n_experts, int div, int32_t *plan,
-                           long long *counts, int *err) {
-  extern __shared__ int off[]; // [n_experts + 1]
-  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+// The expert plan of moe_plan (kernels/ops.h) in one CTA: warp w takes experts w, w + 32,
+// ...; for each it ballots over the items 32 at a time, counting them (first pass) and
+// then placing them (second pass, after the offsets), so the order within an expert is
+// the item order. The ids are staged in shared memory when they fit. O(n / 32) steps per
+// expert and warp: at decode sizes (n = tokens x top-k, up to about a thousand) a few
+// microseconds, and no host round trip.
+__global__ void k_moe_plan(const int32_t *idx, int n, int n_experts, int div, int staged,
+                           int32_t *plan, long long *counts, int *err) {
+  extern __shared__ int sm[]; // [n_experts + 1] offsets, then [n] ids when staged
+  int *off = sm;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int32_t *ids = idx;
+  if (staged) {
+    int *s = sm + n_experts + 1;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+      s[i] = __ldg(idx + i);
+    ids = s;
+  }
+  __syncthreads();
+  for (int e = warp; e < n_experts; e += warps) {
     int c = 0;
-    for (int i = 0; i < n; i++)
-      c += __ldg(idx + i) == e;
-    off[e] = c;
+    for (int base = 0; base < n; base += 32) {
+      const int i = base + lane;
+      c += __popc(__ballot_sync(0xffffffffu, i < n && ids[i] == e));
+    }
+    if (lane == 0)
+      off[e] = c;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -102,17 +116,24 @@ __global__ void k_moe_plan(const int32_t *idx, int n, int n_experts, int div, in
       atomicOr(err, EPIC_CUK_ERR_EXPERT_ID);
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+  for (int e = warp; e < n_experts; e += warps) {
     int pos = off[e];
-    plan[2 * n + e] = pos;
-    for (int i = 0; i < n; i++)
-      if (__ldg(idx + i) == e) {
-        plan[pos] = i / div;
-        plan[n + pos] = i;
-        pos++;
+    for (int base = 0; base < n; base += 32) {
+      const int i = base + lane;
+      const bool hit = i < n && ids[i] == e;
+      const unsigned bal = __ballot_sync(0xffffffffu, hit);
+      if (hit) {
+        const int p = pos + __popc(bal & ((1u << lane) - 1u));
+        plan[p] = i / div;
+        plan[n + p] = i;
       }
-    if (counts)
-      counts[e] += pos - off[e];
+      pos += __popc(bal);
+    }
+    if (lane == 0) {
+      plan[2 * n + e] = off[e];
+      if (counts)
+        counts[e] += pos - off[e];
+    }
   }
 }
 
@@ -122,9 +143,13 @@ extern "C" {
 
 cudaError_t epic_cuk_moe_plan(const int32_t *idx, int64_t n, int64_t n_experts, int64_t div,
                               int32_t *plan, int64_t *counts, int *err, cudaStream_t st) {
-  const int threads = n_experts < 1024 ? (int)((n_experts + 31) / 32 * 32) : 1024;
-  k_moe_plan<<<1, threads, (size_t)(n_experts + 1) * sizeof(int), st>>>(
-      idx, (int)n, (int)n_experts, (int)div, plan, reinterpret_cast<long long *>(counts), err);
+  const int threads = n_experts * 32 < 1024 ? (int)n_experts * 32 : 1024;
+  // the ids go to shared memory while offsets and ids fit the default 48 KB
+  const size_t offs = (size_t)(n_experts + 1) * sizeof(int), ids = (size_t)n * sizeof(int);
+  const int staged = offs + ids <= 48u << 10;
+  k_moe_plan<<<1, threads, offs + (staged ? ids : 0), st>>>(
+      idx, (int)n, (int)n_experts, (int)div, staged, plan,
+      reinterpret_cast<long long *>(counts), err);
   return cudaGetLastError();
 }
 

@@ -106,7 +106,7 @@ epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
 static epic_status cuda_moe_plan(epic_ops *o, const int32_t *idx, int64_t n, int64_t n_experts,
                                  int64_t div, int32_t *plan, int64_t *counts) {
   epic_cuda_ops *c = epic_cuda_of(o);
-  if (n < 0 || n_experts <= 0 || n_experts > 12 * 1024 || div <= 0 || (n > 0 && !idx) || !plan ||
+  if (n < 0 || n_experts <= 0 || n_experts >= 12 * 1024 || div <= 0 || (n > 0 && !idx) || !plan ||
       2 * n + n_experts >= INT32_MAX) {
     EPIC_LOG_ERROR("moe_plan: invalid arguments (n %lld, n_experts %lld, div %lld)", (long long)n,
                    (long long)n_experts, (long long)div);

@@ -90,8 +90,9 @@ epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_ke
  * MMA (default): the tensor-core kernel of kern_fp8_mma.cu (activations rounded to bf16
  * by a conversion pass, e4m3 weights converted exactly, block scales in fp32) takes
  * every grouped_matmul group of at most EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS rows (one
- * launch for all of them) and dense matmuls of at most EPIC_CUDA_FP8_MMA_DENSE_MAX_M
- * rows. Larger dense ones go to cuBLASLt (e4m3 activations), which is faster there;
+ * launch per size class, groups above 64 rows in 64-row tiles; the bound covers the
+ * decode batches whose expert plan stays on the GPU, worker/model.c) and dense matmuls
+ * of at most EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows. Larger dense ones go to cuBLASLt (e4m3 activations), which is faster there;
  * dense matmuls of at most EPIC_CUDA_FP8_SKINNY_MAX_M rows on weights below
  * EPIC_CUDA_FP8_SKINNY_MAX_BYTES (every DeepSeek-V3 projection but the FP8 LM head) go
  * to the fp32 skinny kernel, one launch without the conversion pass, which is what
@@ -101,7 +102,7 @@ epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_ke
  * CUDA-core kernels (m <= 4 dense, groups <= 16, no activation rounding), cuBLASLt
  * beyond; kept for cross-checks and benchmarks. EPIC_CUDA_FP8_SMALL=mma|fp32 sets it at
  * create. */
-enum { EPIC_CUDA_FP8_MMA_DENSE_MAX_M = 8, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS = 64 };
+enum { EPIC_CUDA_FP8_MMA_DENSE_MAX_M = 8, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS = 128 };
 enum { EPIC_CUDA_FP8_SKINNY_MAX_M = 2, EPIC_CUDA_FP8_SKINNY_MAX_BYTES = 256 << 20 };
 typedef enum {
   EPIC_CUDA_FP8_SMALL_MMA = 0,

@@ -161,13 +161,14 @@ int epic_cuk_fp8_grouped_ok(const epic_weight *w);
 cudaError_t epic_cuk_fp8_grouped(const float *x, int64_t ldx, const int32_t *off, int64_t n_groups,
                                  const epic_cuk_group_w *tab, const epic_weight *shape,
                                  int max_rows, float *y, int64_t ldy, cudaStream_t st);
-/* Tensor-core FP8 matmul of up to EPIC_CUK_MMA_MAX_ROWS bf16 token rows per weight
- * (kern_fp8_mma.cu): dense (off == NULL: rows [0, rows_max) of x times w) or grouped
- * (group g's rows [off[g], off[g+1]) times the weight tab[g] names, each of w's layout;
- * groups of more than rows_max rows are left to the caller). x: row stride ldx a
+/* Tensor-core FP8 matmul of bf16 token rows (kern_fp8_mma.cu): dense (off == NULL: rows
+ * [0, rows_max) of x times w, rows_max <= EPIC_CUK_MMA_MAX_ROWS) or grouped (group g's
+ * rows [off[g], off[g+1]) times the weight tab[g] names, each of w's layout; groups of
+ * more than rows_max rows are left to the caller; groups above EPIC_CUK_MMA_MAX_ROWS rows
+ * are cut into tiles of that many, which give the same bits). x: row stride ldx a
  * multiple of 8, 16-byte aligned. active_groups must be at least the number of groups
  * with rows_min to rows_max rows (one grid row each; extra rows exit at once). */
-enum { EPIC_CUK_MMA_MAX_ROWS = EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS };
+enum { EPIC_CUK_MMA_MAX_ROWS = 64 };
 typedef struct epic_cuk_fp8_mma_args {
   const uint16_t *x;
   int64_t ldx;

@@ -352,7 +352,7 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
 /* Groups with at most this many rows go through the grouped fp32 kernel (each pass
  * of four rows re-reads the weight tile, mostly from L2); larger ones are GEMMs.
  * Applies to the FP32 choice of epic_cuda_fp8_small; the MMA one takes groups of up to
- * EPIC_CUK_MMA_MAX_ROWS rows in one tensor-core launch. */
+ * EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS rows in tensor-core launches (mma_classes). */
 enum { EPIC_CUDA_GROUPED_MAX_ROWS = 16 };
 
 /* Rows per GEMM of the exact-precision grouped path: every group is multiplied in
@@ -363,8 +363,8 @@ enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
  * expert's rows split over its copies land in smaller groups on other ranks; also
  * batch composition). A row's result depends only on the row and the weight when
  * every path a row can take computes it alone, the same way:
- * - FP8, fast precision, MMA kernels (the default): every group of 1..64 rows goes
- *   through kern_fp8_mma.cu, in the grouped launch or as a dense matmul of its rows,
+ * - FP8, fast precision, MMA kernels (the default): every group of 1..128 rows goes
+ *   through kern_fp8_mma.cu, in a grouped launch or as dense matmuls of its rows,
  *   whose per-output operations do not depend on the other rows (see that file); dense
  *   matmuls of m <= EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows take the same kernel (except
  *   the smallest, see ops_cuda.h), so a row also gets the same result from such a
@@ -525,27 +525,69 @@ static epic_status grouped_exact(epic_cuda_ops *c, const float *x, int64_t ldx, 
   return EPIC_OK;
 }
 
-/* The groups of min_rows..max_rows rows (at most `most` of them) through the tensor-core
- * kernel from device offsets, on the bf16 rows xb; err: flag groups above `bound`. */
-static epic_status mma_groups(epic_cuda_ops *c, const uint16_t *xb, const epic_weight *shape,
-                              const int32_t *off, const epic_cuk_group_w *tab, int64_t n_groups,
-                              int64_t most, int64_t min_rows, int64_t max_rows, int *err,
-                              int64_t bound, float *y, int64_t ldy) {
-  const epic_cuk_fp8_mma_args a = {.x = xb,
-                                   .ldx = shape->cols,
-                                   .w = shape,
-                                   .off = off,
-                                   .tab = tab,
-                                   .n_groups = n_groups,
-                                   .active_groups = most,
-                                   .rows_min = min_rows,
-                                   .rows_max = max_rows,
-                                   .y = y,
-                                   .ldy = ldy,
-                                   .err = err,
-                                   .rows_bound = bound};
-  EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream),
-                  "grouped matmul: FP8 tensor-core kernel");
+/* The first group's weight with storage: the layout every group of a list shares (groups
+ * of other ranks' experts have none). NULL when no group has one. */
+static const epic_weight *list_shape(const epic_weight *w, int64_t w_stride, int64_t n_groups) {
+  for (int64_t g = 0; g < n_groups; g++)
+    if (w[g * w_stride].data)
+      return &w[g * w_stride];
+  return NULL;
+}
+
+/* The device weight table for one grouped launch of `mma` (tensor-core) or fp32 kernel
+ * over rows x / y rows of the list's layout `shape`, or NULL (st EPIC_OK) when the
+ * launch cannot take these arguments or the loaded weights differ in layout. */
+static const epic_cuk_group_w *launch_table(epic_cuda_ops *c, int mma, const epic_weight *w,
+                                            int64_t w_stride, int64_t n_groups, int64_t rows,
+                                            const epic_weight *shape, int64_t ldx, int64_t ldy,
+                                            epic_status *st) {
+  *st = EPIC_OK;
+  if (!shape || ldx < shape->cols || ldy < shape->rows || n_groups > 65535 || rows > INT32_MAX ||
+      !(mma ? epic_cuk_fp8_mma_ok(shape) : epic_cuk_fp8_grouped_ok(shape)))
+    return NULL;
+  return group_table(c, w, w_stride, n_groups, shape, st);
+}
+
+/* The tensor-core launches of a grouped matmul, one per size class of groups (1-8,
+ * 9-16, 17-32, 33-64 and 65-128 rows: the kernel's token tiles, the last class in row
+ * tiles), up to max_rows. A class's grid has a row per group of that class: counted
+ * exactly from host offsets (off_host), else bounded by rows / (the class's smallest
+ * size). A row's result is the same in every class (kern_fp8_mma.cu, row invariance).
+ * err / bound: flag groups above bound rows (device offsets only). */
+static epic_status mma_classes(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t rows,
+                               const int64_t *off_host, const int32_t *off_dev,
+                               const epic_cuk_group_w *tab, int64_t n_groups, int64_t max_rows,
+                               const epic_weight *shape, int *err, float *y, int64_t ldy) {
+  uint16_t *xb;
+  EPIC_CHECK(to_bf16(c, x, ldx, rows, shape->cols, &xb));
+  for (int64_t lo = 1, hi = 8; lo <= max_rows; lo = hi + 1, hi *= 2) {
+    const int last = hi >= max_rows;
+    int64_t most = rows / lo < n_groups ? rows / lo : n_groups;
+    if (off_host) {
+      most = 0;
+      for (int64_t g = 0; g < n_groups; g++) {
+        const int64_t r = off_host[g + 1] - off_host[g];
+        most += r >= lo && r <= hi;
+      }
+    }
+    if (most == 0)
+      continue;
+    const epic_cuk_fp8_mma_args a = {.x = xb,
+                                     .ldx = shape->cols,
+                                     .w = shape,
+                                     .off = off_dev,
+                                     .tab = tab,
+                                     .n_groups = n_groups,
+                                     .active_groups = most,
+                                     .rows_min = lo,
+                                     .rows_max = last ? max_rows : hi,
+                                     .y = y,
+                                     .ldy = ldy,
+                                     .err = last ? err : NULL,
+                                     .rows_bound = max_rows};
+    EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream),
+                    "grouped matmul: FP8 tensor-core kernel");
+  }
   return EPIC_OK;
 }
 
@@ -554,10 +596,9 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
                                      int64_t n_groups, const epic_weight *w, int64_t w_stride,
                                      float *y, int64_t ldy) {
   epic_cuda_ops *c = epic_cuda_of(o);
-  const epic_weight *shape = NULL;
   const epic_cuk_group_w *tab = NULL;
   const int mma = c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA;
-  const int64_t lim = mma ? EPIC_CUK_MMA_MAX_ROWS : EPIC_CUDA_GROUPED_MAX_ROWS;
+  const int64_t lim = mma ? EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS : EPIC_CUDA_GROUPED_MAX_ROWS;
   int64_t small = 0, small_max = 0;
   if (n_groups < 0 || !off_host || (n_groups > 0 && !w))
     return EPIC_ERR_INVALID;
@@ -565,8 +606,6 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
     const int64_t rows = off_host[g + 1] - off_host[g];
     if (rows < 0)
       return EPIC_ERR_INVALID;
-    if (rows > 0 && !shape)
-      shape = &w[g * w_stride];
     if (rows > 0 && rows <= lim) {
       small++;
       small_max = rows > small_max ? rows : small_max;
@@ -574,22 +613,18 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
   }
   if (c->exact_matmul)
     return grouped_exact(c, x, ldx, off_host, n_groups, w, w_stride, y, ldy);
-  /* One launch for the small groups. The fp32 kernel leaves a lone small group to the
-   * skinny launches below, which compute its rows alike; the tensor-core kernel's dense
-   * form is the same code, so it takes any number. */
-  const int kernel_ok = shape && ldx >= shape->cols && ldy >= shape->rows &&
-                        (mma ? epic_cuk_fp8_mma_ok(shape) : epic_cuk_fp8_grouped_ok(shape));
-  if (kernel_ok && small > (mma ? 0 : 1) && off_dev && n_groups <= 65535 &&
-      off_host[n_groups] <= INT32_MAX) {
+  const epic_weight *shape = list_shape(w, w_stride, n_groups);
+  /* One launch (per size class) for the small groups. The fp32 kernel leaves a lone small
+   * group to the skinny launches below, which compute its rows alike; the tensor-core
+   * kernel's dense form is the same code, so it takes any number. */
+  if (small > (mma ? 0 : 1) && off_dev) {
     epic_status st;
-    tab = group_table(c, w, w_stride, n_groups, shape, &st);
+    tab = launch_table(c, mma, w, w_stride, n_groups, off_host[n_groups], shape, ldx, ldy, &st);
     EPIC_CHECK(st);
   }
   if (tab && mma) {
-    uint16_t *xb;
-    EPIC_CHECK(to_bf16(c, x, ldx, off_host[n_groups], shape->cols, &xb));
-    EPIC_CHECK(mma_groups(c, xb, shape, off_dev, tab, n_groups, small, 1, small_max, NULL, 0, y,
-                          ldy));
+    EPIC_CHECK(mma_classes(c, x, ldx, off_host[n_groups], off_host, off_dev, tab, n_groups,
+                           small_max, shape, NULL, y, ldy));
   } else if (tab) {
     EPIC_CHECK_CUDA(epic_cuk_fp8_grouped(x, ldx, off_dev, n_groups, tab, shape,
                                          EPIC_CUDA_GROUPED_MAX_ROWS, y, ldy, c->stream),
@@ -601,18 +636,23 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
     if (rows == 0 || (tab && rows <= lim))
       continue;
     const int fits = epic_cuda_weight_ok(wg) && ldx >= wg->cols && ldy >= wg->rows;
+    float *yg = y + off_host[g] * ldy;
+    const float *xg = x + off_host[g] * ldx;
     if (!mma && rows <= EPIC_CUDA_GROUPED_MAX_ROWS && fits && wg->rows > 0 &&
         epic_cuk_fp8_skinny_ok(wg, EPIC_CUK_SKINNY_MAX_M)) {
-      EPIC_CHECK(skinny_rows(c, x + off_host[g] * ldx, ldx, rows, wg, y + off_host[g] * ldy, ldy));
+      EPIC_CHECK(skinny_rows(c, xg, ldx, rows, wg, yg, ldy));
       continue;
     }
-    /* a small group without the table stays on the tensor-core kernel's numerics */
-    if (mma && rows <= EPIC_CUK_MMA_MAX_ROWS && fits && epic_cuk_fp8_mma_ok(wg)) {
-      EPIC_CHECK(mm_fp8_mma(c, x + off_host[g] * ldx, ldx, rows, wg, y + off_host[g] * ldy, ldy));
+    /* a small group without the table stays on the tensor-core kernel's numerics, in
+     * dense calls of at most one CTA's rows */
+    if (mma && rows <= lim && fits && epic_cuk_fp8_mma_ok(wg)) {
+      for (int64_t t = 0; t < rows; t += EPIC_CUK_MMA_MAX_ROWS) {
+        const int64_t m = rows - t < EPIC_CUK_MMA_MAX_ROWS ? rows - t : EPIC_CUK_MMA_MAX_ROWS;
+        EPIC_CHECK(mm_fp8_mma(c, xg + t * ldx, ldx, m, wg, yg + t * ldy, ldy));
+      }
       continue;
     }
-    EPIC_CHECK(
-        epic_cuda_matmul(o, x + off_host[g] * ldx, ldx, rows, wg, y + off_host[g] * ldy, ldy));
+    EPIC_CHECK(epic_cuda_matmul(o, xg, ldx, rows, wg, yg, ldy));
   }
   return EPIC_OK;
 }
@@ -631,33 +671,16 @@ epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ld
     return EPIC_ERR_INVALID;
   if (rows == 0 || n_groups == 0)
     return EPIC_OK;
-  const epic_weight *shape = NULL;
-  for (int64_t g = 0; g < n_groups && !shape; g++)
-    if (w[g * w_stride].data)
-      shape = &w[g * w_stride];
-  if (!c->exact_matmul && c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA && shape &&
-      max_rows <= EPIC_CUK_MMA_MAX_ROWS && n_groups <= 65535 && rows <= INT32_MAX &&
-      ldx >= shape->cols && ldy >= shape->rows && epic_cuk_fp8_mma_ok(shape)) {
+  if (!c->exact_matmul && c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA &&
+      max_rows <= EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS) {
+    const epic_weight *shape = list_shape(w, w_stride, n_groups);
     epic_status st;
-    const epic_cuk_group_w *tab = group_table(c, w, w_stride, n_groups, shape, &st);
+    const epic_cuk_group_w *tab =
+        launch_table(c, 1, w, w_stride, n_groups, rows, shape, ldx, ldy, &st);
     EPIC_CHECK(st);
-    if (tab) {
-      /* The group sizes are on the device only, and the kernel's token tiles are fixed
-       * per launch: one launch per size class (1-8, 9-16, 17-32, 33-64 rows) up to the
-       * bound, each with at most rows / (its smallest size) groups. A row's result is the
-       * same in every class (kern_fp8_mma.cu, row invariance). */
-      uint16_t *xb;
-      EPIC_CHECK(to_bf16(c, x, ldx, rows, shape->cols, &xb));
-      for (int64_t lo = 1, hi = 8; lo <= max_rows; lo = hi + 1, hi *= 2) {
-        const int64_t most = rows / lo < n_groups ? rows / lo : n_groups;
-        const int last = hi >= max_rows;
-        if (most > 0)
-          EPIC_CHECK(mma_groups(c, xb, shape, off, tab, n_groups, most, lo,
-                                last ? max_rows : hi, last ? c->err_flag : NULL, max_rows, y,
-                                ldy));
-      }
-      return EPIC_OK;
-    }
+    if (tab)
+      return mma_classes(c, x, ldx, rows, NULL, off, tab, n_groups, max_rows, shape, c->err_flag,
+                         y, ldy);
   }
   int32_t *h32 = malloc((size_t)(n_groups + 1) * sizeof *h32);
   int64_t *h64 = malloc((size_t)(n_groups + 1) * sizeof *h64);

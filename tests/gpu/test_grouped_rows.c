@@ -1,10 +1,11 @@
 /* Row invariance of the CUDA backend's grouped_matmul and matmul (kernels/cuda/
  * ops_cuda_matmul.c, "Row invariance"), the property expert re-placement (EPLB) and MTP
- * verification need for outputs not to change: the same 40 rows of one expert split into
- * groups in different ways (with empty groups of other ranks' experts between them, and
- * groups alone in their call) must give every row bit for bit the same result
+ * verification need for outputs not to change: the same 128 rows of one expert split
+ * into groups in different ways (with empty groups of other ranks' experts between them,
+ * and groups alone in their call) must give every row bit for bit the same result
  *  - fast precision, FP8 weight, MMA kind (the default, kern_fp8_mma.cu): groups of any
- *    size 1..40 (one group of 40, 1 + 39, 40 single rows, ...), each group alone in a
+ *    size 1..128 (one group of 128, 1 + 127, 40 single rows + 88, ...; above 64 rows the
+ *    kernel's row tiles), each group alone in a
  *    call, and also the dense matmul of the rows 8 and 4 at a time (the dense calls
  *    this weight sends to the kernel: EPIC_CUDA_FP8_MMA_DENSE_MAX_M at most, more than
  *    EPIC_CUDA_FP8_SKINNY_MAX_M), which must equal the grouped results. The splits reach the kernel's
@@ -36,7 +37,7 @@
 #include "kernels/ops.h"
 #include "tests/common/test_rng.h"
 
-enum { ROWS = 40, N = 1000, K = 1040, MAX_GROUPS = 48, MAX_LISTS = 64 };
+enum { ROWS = 128, N = 1000, K = 1040, MAX_GROUPS = 56, MAX_LISTS = 96 };
 
 static epic_ops *g_cpu, *g_gpu;
 
@@ -135,7 +136,7 @@ static void free_weight(wpair *w) {
   free(w->scale);
 }
 
-/* The 40 rows split as sizes[0..n) (0 = an empty group of another rank's expert, with
+/* The ROWS rows split as sizes[0..n) (0 = an empty group of another rank's expert, with
  * no weight): y [ROWS][N] holds every row's result in row order. Each call gets its
  * own weight list (the backend caches device tables by list). */
 static void run_split(const wpair *w, const float *dx, const int64_t *sizes, int n, float *y) {
@@ -183,7 +184,7 @@ static void run_lone_groups(const wpair *w, const float *dx, const int64_t *size
   assert_int_equal(r0, ROWS);
 }
 
-/* The dense matmul of the 40 rows in calls of m rows each (m divides ROWS). */
+/* The dense matmul of the ROWS rows in calls of m rows each (m divides ROWS). */
 static void run_dense(const wpair *w, const float *dx, int64_t m, float *y) {
   float *dy = poisoned_dev((size_t)ROWS * N * sizeof(float));
   for (int64_t r0 = 0; r0 < ROWS; r0 += m)
@@ -224,7 +225,7 @@ static float *random_rows(float *x) {
   return dup_dev(x, (size_t)ROWS * K * sizeof(float));
 }
 
-/* The CPU's product of the 40 rows (one group) into ref [ROWS][N]. */
+/* The CPU's product of the ROWS rows (one group) into ref [ROWS][N]. */
 static void cpu_ref(const wpair *w, const float *x, float *ref) {
   const int64_t one[2] = {0, ROWS};
   assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, x, K, one, NULL, 1, &w->h, 1, ref, N), EPIC_OK);
@@ -261,23 +262,26 @@ static void test_fast_mma_any_groups(void **state) {
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
   assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, EPIC_CUDA_FP8_SMALL_MMA), EPIC_OK);
   wpair w = make_weight(EPIC_DT_F8E4M3);
-  /* Largest group 40, 39, 16, 33, 23, 32, 15, 4 and 1 rows (8-token tiles 8, 8, 2, 8, 4,
-   * 4, 2, 1, 1), 1 to 40 groups with rows (different launch shapes). */
+  /* All 128 rows in one group or in 1 + 127 (two 64-row tiles), or the first 40 rows in
+   * groups whose largest has 16, 33, 23, 32, 15, 4 and 1 rows (8-token tiles 2, 8, 4, 4,
+   * 2, 1, 1) and the other 88 in one group (two row tiles); 1 to 41 groups with rows
+   * (different launch shapes and size classes). */
   int64_t splits[][MAX_GROUPS] = {
-      {40},
-      {1, 39},
-      {7, 3, 16, 14},
-      {0, 7, 0, 33},
-      {17, 23},
-      {3, 5, 32},
-      {3, 0, 13, 1, 0, 15, 8},
-      {4, 4, 4, 4, 4, 4, 4, 4, 4, 4},
-      {0}, /* 40 single rows with an empty group after every fifth: filled below */
+      {128},
+      {1, 127},
+      {7, 3, 16, 14, 88},
+      {0, 7, 0, 33, 88},
+      {17, 23, 88},
+      {3, 5, 32, 88},
+      {3, 0, 13, 1, 0, 15, 8, 88},
+      {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 88},
+      {0}, /* 40 single rows with an empty group after every fifth, then 88: filled below */
   };
-  int n_groups[] = {1, 2, 4, 4, 2, 3, 7, 10, MAX_GROUPS};
+  int n_groups[] = {1, 2, 5, 5, 3, 4, 8, 11, 49};
   enum { N_SPLITS = (int)(sizeof n_groups / sizeof n_groups[0]) };
-  for (int g = 0; g < MAX_GROUPS; g++)
+  for (int g = 0; g < 48; g++)
     splits[N_SPLITS - 1][g] = g % 6 == 5 ? 0 : 1;
+  splits[N_SPLITS - 1][48] = ROWS - 40;
 
   float *x = xmalloc((size_t)ROWS * K * sizeof(float));
   float *xr = xmalloc((size_t)ROWS * K * sizeof(float));
@@ -303,14 +307,14 @@ static void test_fast_mma_any_groups(void **state) {
       same_rows(msg, y, first);
     }
   }
-  printf("#   fast FP8 mma: %d splits (groups of 1..40 rows) bit-identical\n", N_SPLITS);
+  printf("#   fast FP8 mma: %d splits (groups of 1..128 rows) bit-identical\n", N_SPLITS);
   /* Groups alone in their call (the grouped launch of one group). */
   for (int s = 1; s <= 3; s++) {
     run_lone_groups(&w, dx, splits[s], n_groups[s], y);
     snprintf(msg, sizeof msg, "fast FP8 mma: split %d's groups each alone vs split 0", s);
     same_rows(msg, y, first);
   }
-  printf("#   fast FP8 mma: lone groups of 1, 39, 7, 3, 16, 14, 7, 33 rows bit-identical\n");
+  printf("#   fast FP8 mma: lone groups of 1, 127, 7, 3, 16, 14, 88, 7, 33 rows bit-identical\n");
   /* The dense matmul in calls of the largest and the smallest m it sends to the kernel
    * for this (small) weight: the smallest calls on small weights take the fp32 skinny
    * kernel (ops_cuda.h). */
@@ -341,14 +345,16 @@ static void test_fast_fp32_small_groups(void **state) {
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
   assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, EPIC_CUDA_FP8_SMALL_FP32), EPIC_OK);
   wpair w = make_weight(EPIC_DT_F8E4M3);
-  /* Groups of at most 16 rows, several per call: one grouped launch each. */
+  /* Groups of at most 16 rows, several per call: one grouped launch each (the last 88
+   * rows in eight groups of 11). */
+#define ELEVENS 11, 11, 11, 11, 11, 11, 11, 11
   const int64_t splits[][MAX_GROUPS] = {
-      {16, 16, 8},
-      {3, 0, 13, 1, 0, 15, 8},
-      {1, 2, 3, 4, 5, 6, 7, 8, 4},
-      {0, 10, 10, 10, 10, 0},
+      {16, 16, 8, ELEVENS},
+      {3, 0, 13, 1, 0, 15, 8, ELEVENS},
+      {1, 2, 3, 4, 5, 6, 7, 8, 4, ELEVENS},
+      {0, 10, 10, 10, 10, 0, ELEVENS},
   };
-  const int n_groups[] = {3, 7, 9, 6};
+  const int n_groups[] = {11, 15, 17, 14};
   check_splits("fast FP8 fp32 kind, groups <= 16 rows", &w, splits, n_groups, 4);
   /* Lone groups: rows [0, 7) alone, then [7, 10) alone, ... against a grouped call. */
   {
@@ -356,17 +362,17 @@ static void test_fast_fp32_small_groups(void **state) {
           *a = xmalloc((size_t)ROWS * N * sizeof(float));
     float *b = xmalloc((size_t)ROWS * N * sizeof(float));
     float *dx = random_rows(x);
-    const int64_t grouped[MAX_GROUPS] = {7, 3, 16, 14};
-    run_split(&w, dx, grouped, 4, a);
+    const int64_t grouped[MAX_GROUPS] = {7, 3, 16, 14, ELEVENS};
+    run_split(&w, dx, grouped, 12, a);
     /* The same groups each alone in a call (skinny launches of at most 4 rows). */
-    run_lone_groups(&w, dx, grouped, 4, b);
+    run_lone_groups(&w, dx, grouped, 12, b);
     same_rows("fast FP8 fp32 kind: lone groups vs the grouped launch", b, a);
-    printf("#   fast FP8 fp32 kind: lone groups of 7, 3, 16, 14 rows equal the grouped launch "
-           "bit for bit\n");
+    printf("#   fast FP8 fp32 kind: lone groups of 7, 3, 16, 14 and 11 rows equal the grouped "
+           "launch bit for bit\n");
     /* Not claimed: a group of more than 16 rows (cuBLASLt, e4m3 activations). */
-    const int64_t big[MAX_GROUPS] = {40};
+    const int64_t big[MAX_GROUPS] = {ROWS};
     run_split(&w, dx, big, 1, b);
-    printf("#   fast FP8 fp32 kind: one group of 40 rows vs groups <= 16: rel diff %.3e "
+    printf("#   fast FP8 fp32 kind: one group of 128 rows vs groups <= 16: rel diff %.3e "
            "(not row-invariant)\n",
            rel_err(b, a, (size_t)ROWS * N));
     g_gpu->vt->free(g_gpu, dx);
@@ -376,15 +382,16 @@ static void test_fast_fp32_small_groups(void **state) {
   }
   free_weight(&w);
   assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, EPIC_CUDA_FP8_SMALL_MMA), EPIC_OK);
+#undef ELEVENS
 }
 
 static void test_exact_any_groups(void **state) {
   (void)state;
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_EXACT), EPIC_OK);
   const int64_t splits[][MAX_GROUPS] = {
-      {40}, {16, 16, 8}, {1, 39}, {0, 7, 0, 33}, {17, 23}, {3, 5, 32},
+      {128}, {16, 16, 8, 88}, {1, 127}, {0, 7, 0, 33, 88}, {17, 23, 88}, {3, 5, 32, 88},
   };
-  const int n_groups[] = {1, 3, 2, 4, 2, 3};
+  const int n_groups[] = {1, 4, 2, 5, 3, 4};
   const epic_dtype dts[2] = {EPIC_DT_F8E4M3, EPIC_DT_BF16};
   for (int i = 0; i < 2; i++) {
     wpair w = make_weight(dts[i]);

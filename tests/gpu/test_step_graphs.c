@@ -3,15 +3,17 @@
  *
  * The model is a dummy-weight DeepSeek-V3 layout with the real attention head shape
  * (the shape the BF16 decode kernel takes) and FP8 block-scaled weights, small enough
- * to load in a second. Twelve sequences of different prompt lengths are prefilled, then
- * decoded for 48 steps while the batch changes (12, 8, 5, 1 sequences ...), so steps
+ * to load in a second. 128 sequences of different prompt lengths are prefilled; the
+ * first 12 are decoded for 48 steps while the batch changes (12, 8, 5, 1 sequences ...), so steps
  * replay graphs, record new buckets when the batch or the context bound changes, and
  * grow block tables into new pages. Every step's greedy picks (ids and log-probs) and,
  * every 8th step, every row's logits are compared bit for bit between a run with graphs
  * off and one with graphs on; the second must have recorded and replayed graphs. A second
  * schedule runs every batch size from 1 to 40 for three steps each: more buckets than the
  * model keeps graphs (EPIC_MODEL_STEP_GRAPHS), so recorded graphs are evicted and
- * buckets recorded again, with the same bits.
+ * buckets recorded again, with the same bits. A third decodes batches of 128, 100 and 72
+ * sequences (above 64 rows an expert's group takes the grouped kernel's row tiles; 128
+ * is the largest batch the device expert plan, and so a graph, takes).
  * The exact precision (EPIC_CUDA_PRECISION=exact), whose expert matmuls read their
  * group sizes back to the host, cannot be recorded: the same run there must record
  * nothing and still give the direct run's bits.
@@ -32,7 +34,7 @@
 #include "kernels/ops.h"
 #include "worker/model.h"
 
-enum { N_SEQ = 40, STEPS_MAX = 120, PAGE = 16, LOGIT_EVERY = 8 };
+enum { N_SEQ = 128, STEPS_MAX = 120, PAGE = 16, LOGIT_EVERY = 8 };
 
 static const char CONFIG[] =
     "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\",\n"
@@ -55,14 +57,17 @@ static const char CONFIG[] =
 static char g_dir[64];
 
 /* Sequences in the batch at decode step s of a schedule. shrink: the batch shrinks and
- * grows back (48 steps); sizes: every size from 1 to 40, three steps each (120 steps). */
-typedef enum { SHRINK, SIZES } schedule;
+ * grows back (48 steps); sizes: every size from 1 to 40, three steps each (120 steps);
+ * large: 128, 100, 72 and 128 sequences, four steps each (16 steps). */
+typedef enum { SHRINK, SIZES, LARGE } schedule;
 static int active(schedule sc, int s) {
   static const int pattern[] = {12, 12, 12, 8, 8, 8, 8, 5, 5, 5, 1, 1, 1, 12, 12, 12};
+  static const int large[] = {128, 100, 72, 128};
   if (sc == SIZES) return 1 + s / 3;
+  if (sc == LARGE) return large[s / 4];
   return pattern[s % (int)(sizeof pattern / sizeof pattern[0])];
 }
-static int steps_of(schedule sc) { return sc == SIZES ? 120 : 48; }
+static int steps_of(schedule sc) { return sc == SIZES ? 120 : sc == LARGE ? 16 : 48; }
 
 typedef struct run_out {
   epic_row_pick picks[STEPS_MAX][N_SEQ];
@@ -77,7 +82,7 @@ static void run(epic_model *m, int graphs, schedule sc, run_out *out) {
   epic_kvcache *kc = NULL;
   epic_kv_seq seqs[N_SEQ];
   epic_seq_batch b[N_SEQ];
-  int32_t prompt[440], next[N_SEQ];
+  int32_t prompt[640], next[N_SEQ];
   float *logits = malloc((size_t)(N_SEQ * V) * sizeof *logits);
   uint8_t need[N_SEQ] = {0};
   epic_row_pick picks[N_SEQ];
@@ -86,13 +91,13 @@ static void run(epic_model *m, int graphs, schedule sc, run_out *out) {
   epic_model_set_step_graphs(m, graphs);
   epic_model_reset_stats(m);
   assert_int_equal(
-      epic_model_kvcache_create(m, 0, PAGE, N_SEQ * ((400 + STEPS_MAX) / PAGE + 2), &kc), EPIC_OK);
+      epic_model_kvcache_create(m, 0, PAGE, N_SEQ * ((512 + STEPS_MAX) / PAGE + 2), &kc), EPIC_OK);
   uint64_t x = 7;
-  for (int i = 0; i < 440; i++) {
+  for (int i = 0; i < 640; i++) {
     x = x * 6364136223846793005ull + 1442695040888963407ull;
     prompt[i] = (int32_t)((x >> 33) % (uint64_t)V);
   }
-  /* Prompts of 37 to 367 tokens: contexts in several octaves, so the context bound
+  /* Prompts of 37 to 494 tokens: contexts in several octaves, so the context bound
    * (and the attention split) differs between buckets. */
   for (int i = 0; i < N_SEQ; i++) {
     const int64_t len = 37 + 30 * (i % 12) + i;
@@ -190,6 +195,14 @@ static void test_buckets_beyond_the_cache(void **state) {
   assert_true(st.graph_replays > EPIC_MODEL_STEP_GRAPHS);
 }
 
+static void test_large_batches(void **state) {
+  (void)state;
+  unsetenv("EPIC_CUDA_PRECISION");
+  const epic_model_stats st = off_vs_on(LARGE);
+  assert_true(st.graph_captures >= 3);
+  assert_true(st.graph_replays >= steps_of(LARGE) / 4);
+}
+
 static void test_exact_is_not_recorded(void **state) {
   (void)state;
   setenv("EPIC_CUDA_PRECISION", "exact", 1);
@@ -228,6 +241,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_fast_replay_equals_direct),
       cmocka_unit_test(test_buckets_beyond_the_cache),
+      cmocka_unit_test(test_large_batches),
       cmocka_unit_test(test_exact_is_not_recorded),
   };
   return cmocka_run_group_tests_name("step_graphs_cuda", tests, setup, teardown);

@@ -526,15 +526,16 @@ static void test_fp8_mma_small_activations(void **state) {
 
 /* grouped_matmul: one launch over many experts against the CPU's per-group matmul, on
  * the same data under both FP8 kinds, two calls each (the second reuses the cached weight
- * table). MMA (default): groups of 1..64 rows take the tensor-core grouped kernel
- * (FP8_MMA_TOL against raw activations, FP8_MMA_ROUNDED_TOL against bf16-rounded ones),
+ * table). MMA (default): groups of 1..128 rows take the tensor-core grouped kernel, in
+ * 64-row tiles above 64 (FP8_MMA_TOL against raw activations, FP8_MMA_ROUNDED_TOL against bf16-rounded ones),
  * larger ones cuBLASLt (activation quantisation: 5e-2). FP32: groups of at most 16 rows
  * take the fp32 grouped kernel (fp32 products: 1e-5), larger ones cuBLASLt (5e-2). Empty
  * groups have no weight; x and y have padded row strides, whose padding stays unwritten. */
 static void test_grouped_matmul(void **state) {
   (void)state;
-  enum { G = 14 };
-  const int64_t rows[G] = {1, 0, 2, 3, 4, 5, 16, 0, 1, 24, 7, 64, 70, 1}, n = 2048, k = 1024;
+  enum { G = 16 };
+  const int64_t rows[G] = {1, 0, 2, 3, 4, 5, 16, 0, 1, 24, 7, 64, 70, 1, 128, 140}, n = 2048,
+                k = 1024;
   int64_t off[G + 1] = {0};
   int32_t off32[G + 1] = {0};
   tw w[G];
@@ -573,7 +574,7 @@ static void test_grouped_matmul(void **state) {
     for (int g = 0; g < G; g++) {
       if (rows[g] == 0)
         continue;
-      const int mma = kind == 0 && rows[g] <= 64;
+      const int mma = kind == 0 && rows[g] <= EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS;
       char what[96];
       snprintf(what, sizeof what, "grouped_matmul group %d (%lld rows, kind %s: %s)", g,
                (long long)rows[g], fp8_kind_names[kind],
@@ -613,11 +614,11 @@ static void test_grouped_matmul(void **state) {
  * id outside the table and a group above the bound are reported at the next sync. */
 static void test_moe_plan(void **state) {
   (void)state;
-  enum { T = 37, TOPK = 8, N = T * TOPK, E = 16, NW = 384, K = 1024 };
+  enum { T = 117, TOPK = 8, N = T * TOPK, E = 16, NW = 384, K = 1024 };
   int32_t idx[N], plan_c[2 * N + E + 1], plan_g[2 * N + E + 1];
   int64_t cnt_c[E], cnt_g[E];
-  /* TOPK distinct experts per token: 0, 1 and 2 for every token (37-row groups: the
-   * kernel's largest token tiles), the others spread over 3 .. E-1 in a random order */
+  /* TOPK distinct experts per token: 0, 1 and 2 for every token (117-row groups: the
+   * kernel's row tiles), the others spread over 3 .. E-1 in a random order */
   const int shift = (int)(rng_u64() % (E - 3));
   for (int t = 0; t < T; t++)
     for (int k = 0; k < TOPK; k++)
