@@ -606,6 +606,11 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
     const int64_t rows = off_host[g + 1] - off_host[g];
     if (rows < 0)
       return EPIC_ERR_INVALID;
+    if (rows > 0 && !w[g * w_stride].data) { /* the launches' table has no entry for it */
+      EPIC_LOG_ERROR("grouped matmul: group %lld has %lld rows but no weight", (long long)g,
+                     (long long)rows);
+      return EPIC_ERR_INVALID;
+    }
     if (rows > 0 && rows <= lim) {
       small++;
       small_max = rows > small_max ? rows : small_max;
