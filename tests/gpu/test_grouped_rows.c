@@ -5,8 +5,8 @@
  * and groups alone in their call) must give every row bit for bit the same result
  *  - fast precision, FP8 weight, MMA kind (the default, kern_fp8_mma.cu): groups of any
  *    size 1..128 (one group of 128, 1 + 127, 40 single rows + 88, ...; above 64 rows the
- *    kernel's row tiles), each group alone in a
- *    call, and also the dense matmul of the rows 8 and 4 at a time (the dense calls
+ *    kernel's row tiles), each group alone in a call, and also the dense matmul of the
+ *    rows 8 and 4 at a time (the dense calls
  *    this weight sends to the kernel: EPIC_CUDA_FP8_MMA_DENSE_MAX_M at most, more than
  *    EPIC_CUDA_FP8_SKINNY_MAX_M), which must equal the grouped results. The splits reach the kernel's
  *    8-token tile counts 1, 2, 4 and 8 and different launch shapes (warps per row
