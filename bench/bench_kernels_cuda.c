@@ -13,10 +13,13 @@
  * switch does not apply). grouped: the MoE decode case, grouped_matmul over 256 FP8
  * experts (each its own allocation) for T tokens x top-8 distinct experts drawn
  * uniformly, both kernel choices (bytes: every expert with rows read once, fp32 rows in
- * and out). mla_absorbed_batch decode over fp32 and bf16 caches (bytes: cached
- * 576-element rows read once per sequence at their element size, plus fp32 queries and
- * outputs); mla_prefill: mla_naive at DeepSeek-V3 heads for a chunk after a context
- * (TFLOP/s over the causal pairs, fraction of the BF16 peak; fast and exact precision);
+ * and out); where groups exceed the small-group kernels' bound (cuBLASLt GEMMs) also
+ * timed without a graph, their GEMMs on grouped_matmul's lanes (2, 4, 8) and one after
+ * another (epic_ops_cuda_set_grouped_lanes). mla_absorbed_batch decode over fp32 and bf16
+ * caches (bytes: cached 576-element rows read once per sequence at their element size,
+ * plus fp32 queries and outputs); mla_prefill: mla_naive at DeepSeek-V3 heads for a
+ * chunk after a context (TFLOP/s over the causal pairs, fraction of the BF16 peak; fast
+ * and exact precision);
  * rmsnorm, route, silu_mul, rope.
  * Timing: CUDA events around a CUDA graph of `reps` calls (launch gaps removed), median
  * of 7 replays. Inputs that would fit in L2 rotate among copies whose total exceeds it.
@@ -128,6 +131,32 @@ typedef void (*run_fn)(void *ctx, int rep);
 static int cmp_d(const void *a, const void *b) {
   const double x = *(const double *)a, y = *(const double *)b;
   return x < y ? -1 : x > y;
+}
+
+/* Seconds per call of fn issued directly (no graph: the host's launch work counts, as
+ * in a step that is not recorded), over 5 calls after 2 warm-up calls, median of 3. */
+static double time_eager(run_fn fn, void *ctx) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  fn(ctx, 0);
+  fn(ctx, 1);
+  CKE(epic_ops_cuda_sync(g_ops));
+  double t[3];
+  for (int k = 0; k < 3; k++) {
+    CK(cudaEventRecord(e0, g_st));
+    for (int r = 0; r < 5; r++)
+      fn(ctx, r);
+    CK(cudaEventRecord(e1, g_st));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    t[k] = ms * 1e-3 / 5;
+  }
+  qsort(t, 3, sizeof t[0], cmp_d);
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  return t[1];
 }
 
 /* Seconds per call of fn: graph of `reps` calls replayed 7 times, median. */
@@ -492,14 +521,47 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
       const double sec = time_calls(run_grouped, &c);
       sec_kind[kind] = sec;
       const double gbps = bytes / sec * 1e-9, tf = flop / sec * 1e-12;
+      /* groups above the kind's small-group bound take cuBLASLt GEMMs: timed also as
+       * issued in a step that is not recorded, on the lanes and one after another */
+      const int64_t lim = kind ? 16 : EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS;
+      static const int lane_counts[] = {2, 4, 8};
+      double eager = 0, serial = 0, by_lanes[3] = {0};
+      if (max_rows > lim) {
+        eager = time_eager(run_grouped, &c);
+        for (int j = 0; j < 3; j++) {
+          CKE(epic_ops_cuda_set_grouped_lanes(g_ops, lane_counts[j]));
+          by_lanes[j] = time_eager(run_grouped, &c);
+        }
+        CKE(epic_ops_cuda_set_grouped_lanes(g_ops, 0));
+        serial = time_eager(run_grouped, &c);
+        CKE(epic_ops_cuda_set_grouped_lanes(g_ops, EPIC_CUDA_LT_LANES_DEFAULT));
+      }
       fprintf(js,
               "%s\n    {\"shape\": \"%s\", \"rows\": %lld, \"cols\": %lld, \"experts\": %d, "
               "\"top_k\": %d, \"tokens\": %lld, \"token_rows\": %lld, \"active_experts\": %lld, "
               "\"max_rows\": %lld, \"kernel\": \"%s\", \"us\": %.2f, \"gbps\": %.1f, "
-              "\"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f, \"tflops\": %.2f}",
+              "\"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f, \"tflops\": %.2f, "
+              "\"frac_fp8_peak\": %.3f",
               *first ? "" : ",", s->name, (long long)n, (long long)k, N_EXPERTS, TOP_K,
               (long long)t, (long long)rows, (long long)active, (long long)max_rows, kname,
-              sec * 1e6, gbps, gbps / g_copy_gbps, gbps / g_read_gbps, tf);
+              sec * 1e6, gbps, gbps / g_copy_gbps, gbps / g_read_gbps, tf,
+              g_fp8_tflops > 0 ? tf / g_fp8_tflops : 0.0);
+      if (max_rows > lim)
+        fprintf(js,
+                ", \"lanes\": %d, \"us_eager\": %.2f, \"us_eager_serial\": %.2f, "
+                "\"tflops_eager\": %.2f, \"tflops_eager_serial\": %.2f, "
+                "\"us_eager_by_lanes\": {\"2\": %.2f, \"4\": %.2f, \"8\": %.2f}}",
+                EPIC_CUDA_LT_LANES_DEFAULT, eager * 1e6, serial * 1e6, flop / eager * 1e-12,
+                flop / serial * 1e-12, by_lanes[0] * 1e6, by_lanes[1] * 1e6, by_lanes[2] * 1e6);
+      else
+        fprintf(js, ", \"us_eager\": null, \"us_eager_serial\": null}");
+      if (max_rows > lim)
+        fprintf(stderr,
+                "grouped %-14s T=%-4lld %-4s large groups, not recorded: %d lanes %.1f us (%.1f "
+                "TF/s) vs one after another %.1f us (%.2fx); 2/4/8 lanes %.1f/%.1f/%.1f us\n",
+                s->name, (long long)t, kname, EPIC_CUDA_LT_LANES_DEFAULT, eager * 1e6,
+                flop / eager * 1e-12, serial * 1e6, serial / eager, by_lanes[0] * 1e6,
+                by_lanes[1] * 1e6, by_lanes[2] * 1e6);
       fprintf(stderr,
               "grouped %-14s T=%-4lld experts=%-3lld max_rows=%-3lld %-4s %9.1f us %7.0f GB/s "
               "(copy %.2f, read %.2f) %6.1f TF/s\n",
@@ -882,12 +944,12 @@ peaks_done:
   first = 1;
   static const shape expert_shapes[2] = {{"expert_gate_up", 2048, 7168},
                                          {"expert_down", 7168, 2048}};
-  static const int64_t ts[] = {1, 32, 128, 512, 2048}, ts_quick[] = {1, 128};
+  static const int64_t ts[] = {1, 32, 128, 512, 2048, 8192}, ts_quick[] = {1, 128};
   for (int si = 0; si < 2 && do_grp; si++) {
     if (g_quick)
       bench_grouped(js, si, &expert_shapes[si], ts_quick, 2, &first);
     else
-      bench_grouped(js, si, &expert_shapes[si], ts, 5, &first);
+      bench_grouped(js, si, &expert_shapes[si], ts, 6, &first);
     fflush(js);
   }
   fprintf(js, "\n  ],\n  \"mla_decode\": [");

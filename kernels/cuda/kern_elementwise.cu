@@ -76,8 +76,13 @@ int grid_cols(int64_t n, int per_block) {
 // ----------------------------------------------------------------- conversions
 
 // Four columns per thread with 16-byte loads when rows are 16-byte aligned.
+// Rows of n floats at stride ld from p can be read as float4.
+__host__ __device__ inline int rows_vec4(const void *p, int64_t ld, int64_t n) {
+  return ld % 4 == 0 && n % 4 == 0 && ((uintptr_t)p & 15u) == 0;
+}
+
 __global__ void k_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n, uint16_t *y) {
-  const int vec = (ldx % 4 == 0) && (n % 4 == 0) && (((uintptr_t)x & 15u) == 0);
+  const int vec = rows_vec4(x, ldx, n);
   for (int64_t i = blockIdx.y; i < m; i += gridDim.y) {
     if (vec) {
       for (int64_t j = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4; j < n;
@@ -104,48 +109,96 @@ __global__ void k_bf16_to_f32(const uint16_t *x, int64_t ldx, int64_t m, int64_t
       y[i * ldy + j] = bf16_bits_to_f32(x[i * ldx + j]);
 }
 
-// One warp per (token, 128-column block): 4 columns per lane, amax by shuffles, the
-// 128 codes stored as one 4-byte word per lane. Grid-stride over all blocks.
+// One warp quantises one (token i, 128-column block kb): 4 columns per lane, amax by
+// shuffles, the 128 codes stored as one 4-byte word per lane into row i of q (dense,
+// ld k). Returns the block's scale (every lane).
+__device__ __forceinline__ float quant_block(const float *x, int64_t ldx, int64_t k, int vec,
+                                             uint8_t *q, int64_t i, int64_t kb, int lane) {
+  const int64_t col = kb * 128 + lane * 4;
+  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (vec && col < k) {
+    const float4 f = *(const float4 *)(x + i * ldx + col);
+    v[0] = f.x;
+    v[1] = f.y;
+    v[2] = f.z;
+    v[3] = f.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+      if (col + j < k)
+        v[j] = x[i * ldx + col + j];
+  }
+  float a = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+  // The test's host mirror computes the same two IEEE divisions and one product.
+  const float s = a > 0.0f ? a / 448.0f : 1.0f;
+  const float inv = a > 0.0f ? 448.0f / a : 1.0f;
+  uint32_t word = 0;
+#pragma unroll
+  for (int j = 0; j < 4; j++)
+    word |= (uint32_t)__nv_cvt_float_to_fp8(v[j] * inv, __NV_SATFINITE, __NV_E4M3) << (8 * j);
+  uint8_t *dst = q + i * k + col;
+  if (col + 4 <= k && ((uintptr_t)dst & 3u) == 0)
+    *(uint32_t *)dst = word;
+  else
+    for (int j = 0; j < 4 && col + j < k; j++)
+      dst[j] = (uint8_t)(word >> (8 * j));
+  return s;
+}
+
+__device__ __forceinline__ int quant_vec_ok(const float *x, int64_t ldx, int64_t k) {
+  return (ldx % 4 == 0) && (((uintptr_t)x & 15u) == 0) && (k % 4 == 0);
+}
+
+// Grid-stride over all (token, block) pairs, one warp each.
 __global__ void k_quant_fp8(const float *x, int64_t ldx, int64_t m, int64_t k, uint8_t *q,
                             float *scale, int64_t lds) {
   const int lane = threadIdx.x & 31;
   const int64_t nbc = (k + 127) / 128, n = m * nbc;
-  const int vec = (ldx % 4 == 0) && (((uintptr_t)x & 15u) == 0) && (k % 4 == 0);
+  const int vec = quant_vec_ok(x, ldx, k);
   for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
        blk += (int64_t)gridDim.x * blockDim.x / 32) {
-    const int64_t i = blk / nbc, kb = blk - i * nbc, col = kb * 128 + lane * 4;
-    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (vec && col < k) {
-      const float4 f = *(const float4 *)(x + i * ldx + col);
-      v[0] = f.x;
-      v[1] = f.y;
-      v[2] = f.z;
-      v[3] = f.w;
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; j++)
-        if (col + j < k)
-          v[j] = x[i * ldx + col + j];
-    }
-    float a = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-      a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-    // The test's host mirror computes the same two IEEE divisions and one product.
-    const float s = a > 0.0f ? a / 448.0f : 1.0f;
-    const float inv = a > 0.0f ? 448.0f / a : 1.0f;
-    uint32_t word = 0;
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-      word |= (uint32_t)__nv_cvt_float_to_fp8(v[j] * inv, __NV_SATFINITE, __NV_E4M3) << (8 * j);
-    uint8_t *dst = q + i * k + col;
-    if (col + 4 <= k && ((uintptr_t)dst & 3u) == 0)
-      *(uint32_t *)dst = word;
-    else
-      for (int j = 0; j < 4 && col + j < k; j++)
-        dst[j] = (uint8_t)(word >> (8 * j));
+    const int64_t i = blk / nbc, kb = blk - i * nbc;
+    const float s = quant_block(x, ldx, k, vec, q, i, kb, lane);
     if (lane == 0)
       scale[kb * lds + i] = s;
+  }
+}
+
+// The groups of t, item space: group g's round_up(rows, 4) padded rows, from
+// t.item0[g]. A real row is quantised with its scale in the group's own region; a pad
+// row gets scale 0, and zero codes for the first t.zpad[g] of them (rows that no
+// group of the call quantises).
+__global__ void k_quant_fp8_groups(const float *x, int64_t ldx, int64_t k, uint8_t *q,
+                                   float *scale, epic_cuk_qgroups t) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nbc = (k + 127) / 128, n = (int64_t)t.item0[t.n] * nbc;
+  const int vec = quant_vec_ok(x, ldx, k);
+  for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
+       blk += (int64_t)gridDim.x * blockDim.x / 32) {
+    const int64_t item = blk / nbc, kb = blk - item * nbc;
+    int lo = 0, hi = t.n - 1; // last group whose items start at or before item
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (t.item0[mid] <= item)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    const int64_t j = item - t.item0[lo], rows = t.rows[lo];
+    const int64_t mp = (rows + 3) / 4 * 4, i = t.row0[lo] + j;
+    float s = 0.0f;
+    if (j < rows) {
+      s = quant_block(x, ldx, k, vec, q, i, kb, lane);
+    } else if (j < rows + t.zpad[lo]) {
+      const int64_t col = kb * 128 + lane * 4;
+      for (int c = 0; c < 4 && col + c < k; c++)
+        q[i * k + col + c] = 0;
+    }
+    if (lane == 0)
+      scale[t.sbase[lo] + kb * mp + j] = s;
   }
 }
 
@@ -294,13 +347,25 @@ __global__ void k_rope(float *x, int64_t m, int64_t n_heads, int64_t ld_tok, int
   }
 }
 
+__device__ __forceinline__ float silu_times(float z, float v) {
+  return z / (1.0f + expf(-z)) * v;
+}
+
+// vec: every row of g, u and y is float4-aligned (a memory-bound pass: 16-byte accesses,
+// four columns per thread; the launcher sizes the grid for it).
 __global__ void k_silu_mul(const float *g, int64_t ldg, const float *u, int64_t ldu, int64_t m,
-                           int64_t n, float *y, int64_t ldy) {
+                           int64_t n, float *y, int64_t ldy, int vec) {
+  const int per = vec ? 4 : 1;
   for (int64_t i = blockIdx.y; i < m; i += gridDim.y)
-    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n;
-         j += (int64_t)gridDim.x * blockDim.x) {
-      const float z = g[i * ldg + j];
-      y[i * ldy + j] = z / (1.0f + expf(-z)) * u[i * ldu + j];
+    for (int64_t j = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * per; j < n;
+         j += (int64_t)gridDim.x * blockDim.x * per) {
+      if (vec) {
+        const float4 a = *(const float4 *)(g + i * ldg + j), b = *(const float4 *)(u + i * ldu + j);
+        *(float4 *)(y + i * ldy + j) = make_float4(silu_times(a.x, b.x), silu_times(a.y, b.y),
+                                                   silu_times(a.z, b.z), silu_times(a.w, b.w));
+      } else {
+        y[i * ldy + j] = silu_times(g[i * ldg + j], u[i * ldu + j]);
+      }
     }
 }
 
@@ -505,7 +570,9 @@ extern "C" {
 
 cudaError_t epic_cuk_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n, uint16_t *y,
                                  cudaStream_t st) {
-  k_f32_to_bf16<<<dim3(grid_cols(n, kThreads), grid_rows(m)), kThreads, 0, st>>>(x, ldx, m, n, y);
+  const int per = rows_vec4(x, ldx, n) ? 4 : 1;
+  k_f32_to_bf16<<<dim3(grid_cols((n + per - 1) / per, kThreads), grid_rows(m)), kThreads, 0, st>>>(
+      x, ldx, m, n, y);
   return cudaGetLastError();
 }
 
@@ -523,6 +590,18 @@ cudaError_t epic_cuk_quant_fp8_1x128(const float *x, int64_t ldx, int64_t m, int
   if (blocks > 8192)
     blocks = 8192;
   k_quant_fp8<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, m, k, q, scale, lds);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_quant_fp8_groups(const float *x, int64_t ldx, int64_t k, uint8_t *q,
+                                      float *scale, const epic_cuk_qgroups *t, cudaStream_t st) {
+  if (t->n <= 0)
+    return cudaSuccess;
+  const int64_t warps = (int64_t)t->item0[t->n] * ((k + 127) / 128);
+  int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
+  if (blocks > 8192)
+    blocks = 8192;
+  k_quant_fp8_groups<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, k, q, scale, *t);
   return cudaGetLastError();
 }
 
@@ -555,8 +634,10 @@ cudaError_t epic_cuk_rope(float *x, int64_t m, int64_t n_heads, int64_t ld_tok, 
 
 cudaError_t epic_cuk_silu_mul(const float *g, int64_t ldg, const float *u, int64_t ldu, int64_t m,
                               int64_t n, float *y, int64_t ldy, cudaStream_t st) {
-  k_silu_mul<<<dim3(grid_cols(n, kThreads), grid_rows(m)), kThreads, 0, st>>>(g, ldg, u, ldu, m, n,
-                                                                              y, ldy);
+  const int vec = rows_vec4(g, ldg, n) && rows_vec4(u, ldu, n) && rows_vec4(y, ldy, n);
+  const int per = vec ? 4 : 1;
+  k_silu_mul<<<dim3(grid_cols((n + per - 1) / per, kThreads), grid_rows(m)), kThreads, 0, st>>>(
+      g, ldg, u, ldu, m, n, y, ldy, vec);
   return cudaGetLastError();
 }
 

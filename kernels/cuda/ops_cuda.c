@@ -95,6 +95,13 @@ epic_status epic_ops_cuda_set_fp8_small(epic_ops *o, epic_cuda_fp8_small k) {
   return EPIC_OK;
 }
 
+epic_status epic_ops_cuda_set_grouped_lanes(epic_ops *o, int lanes) {
+  if (!o || lanes < 0 || lanes > EPIC_CUDA_LT_LANES_MAX)
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->n_lanes = lanes;
+  return EPIC_OK;
+}
+
 epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
   if (!o || (p != EPIC_CUDA_PREC_FAST && p != EPIC_CUDA_PREC_EXACT))
     return EPIC_ERR_INVALID;
@@ -475,19 +482,7 @@ static void cuda_destroy(epic_ops *o) {
     cudaStreamSynchronize(c->stream);
   for (int i = 0; i < c->n_group_tabs; i++)
     cudaFree(c->group_tabs[i].dev);
-  for (int i = 0; i < EPIC_CUDA_LT_PLANS; i++) {
-    epic_cuda_lt_plan *pl = &c->lt_plans[i];
-    if (!pl->used)
-      continue;
-    if (pl->desc)
-      cublasLtMatmulDescDestroy(pl->desc);
-    if (pl->a)
-      cublasLtMatrixLayoutDestroy(pl->a);
-    if (pl->b)
-      cublasLtMatrixLayoutDestroy(pl->b);
-    if (pl->c)
-      cublasLtMatrixLayoutDestroy(pl->c);
-  }
+  epic_cuda_matmul_release(c);
   epic_cuda_buf *bufs[] = {&c->act, &c->act_s, &c->wdq, &c->outb, &c->keys, &c->att, &c->pick};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     cudaFree(bufs[i]->p);
@@ -576,6 +571,17 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
       c->fp8_small = EPIC_CUDA_FP8_SMALL_FP32;
     else if (small && *small && strcmp(small, "mma") != 0)
       EPIC_LOG_WARN("cuda: EPIC_CUDA_FP8_SMALL=%s is neither mma nor fp32; using mma", small);
+    c->n_lanes = EPIC_CUDA_LT_LANES_DEFAULT;
+    const char *lanes = getenv("EPIC_CUDA_GROUPED_LANES");
+    if (lanes && *lanes) {
+      char *end = NULL;
+      const long v = strtol(lanes, &end, 10);
+      if (*end || v < 0 || v > EPIC_CUDA_LT_LANES_MAX)
+        EPIC_LOG_WARN("cuda: EPIC_CUDA_GROUPED_LANES=%s is not 0..%d; using %d", lanes,
+                      EPIC_CUDA_LT_LANES_MAX, EPIC_CUDA_LT_LANES_DEFAULT);
+      else
+        c->n_lanes = (int)v;
+    }
   }
   epic_status st = EPIC_OK;
   struct cudaDeviceProp prop;

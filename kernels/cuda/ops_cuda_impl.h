@@ -37,9 +37,15 @@ typedef struct epic_cuda_lt_plan {
   cublasLtMatmulDesc_t desc;
   cublasLtMatrixLayout_t a, b, c;
   cublasLtMatmulAlgo_t algo;
+  size_t ws; /* workspace bytes the algorithm needs */
 } epic_cuda_lt_plan;
 
-enum { EPIC_CUDA_LT_PLANS = 48, EPIC_CUDA_MLA_MAX_SPLIT = 128, EPIC_CUDA_GROUP_TABS = 1024 };
+/* lt_plans: EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS sets picked by a hash of the shape, each
+ * replaced round-robin: a prefill step's expert groups bring a few dozen token counts per
+ * weight shape, which must not evict each other every step (a plan costs a heuristic
+ * query). */
+enum { EPIC_CUDA_LT_PLANS = 512, EPIC_CUDA_LT_WAYS = 8 };
+enum { EPIC_CUDA_MLA_MAX_SPLIT = 128, EPIC_CUDA_GROUP_TABS = 1024 };
 
 typedef struct epic_cuda_ops {
   epic_ops base; /* first: epic_ops * <-> epic_cuda_ops * */
@@ -57,12 +63,23 @@ typedef struct epic_cuda_ops {
   int mla_bf16_variant; /* BF16 decode kernel: bit 0 scores on wgmma, bit 1 P.V on wgmma */
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
   int fp8_small;    /* epic_cuda_fp8_small */
-  int lt_next; /* round-robin replacement in lt_plans */
+  int lt_next[EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS]; /* round-robin victim per set */
   /* Graph recording (ops.h ABI 7): 1 between graph_begin and graph_end. epoch counts the
    * frees and moves of device memory a recorded graph may point at. */
   int recording;
   uint64_t epoch;
   epic_cuda_lt_plan lt_plans[EPIC_CUDA_LT_PLANS];
+  /* Lanes of grouped_lanes (ops_cuda_matmul.c), n_lanes of them in use
+   * (epic_ops_cuda_set_grouped_lanes), each created on first use (never while
+   * recording): stream, completion event, cuBLASLt workspace grown to what the plans
+   * ask for. fork: recorded on `stream` when lanes start. */
+  struct epic_cuda_lane {
+    cudaStream_t stream;
+    cudaEvent_t done;
+    epic_cuda_buf ws;
+  } lanes[EPIC_CUDA_LT_LANES_MAX];
+  cudaEvent_t fork;
+  int n_lanes;
   /* Device tables of the expert weights of grouped_matmul, built on first use,
    * keyed by the host list (a list's address never comes back with other weights:
    * worker/model.c keeps replaced lists); when full, replaced round-robin. */
@@ -104,6 +121,9 @@ int epic_cuda_weight_ok(const epic_weight *w);
 /* Grow b to at least `bytes` (refused while recording a graph; growth moves the epoch). */
 epic_status epic_cuda_buf_reserve(epic_cuda_ops *c, epic_cuda_buf *b, size_t bytes);
 
+/* Release the cuBLASLt plans and the grouped-GEMM lanes (ops_cuda_matmul.c); destroy. */
+void epic_cuda_matmul_release(epic_cuda_ops *c);
+
 /* Ops implemented in the other host files. */
 epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m,
                              const epic_weight *w, float *y, int64_t ldy);
@@ -142,6 +162,20 @@ cudaError_t epic_cuk_bf16_to_f32(const uint16_t *x, int64_t ldx, int64_t m, int6
  * layout of cuBLASLt's VEC128_32F for the N-side operand; lds >= m). */
 cudaError_t epic_cuk_quant_fp8_1x128(const float *x, int64_t ldx, int64_t m, int64_t k, uint8_t *q,
                                      float *scale, int64_t lds, cudaStream_t st);
+/* The same for the rows of up to EPIC_CUK_QGROUPS_MAX groups of one grouped matmul: group
+ * g is rows [row0, row0 + rows) of x, its codes go to the same rows of q (dense, ld k),
+ * its scales to its own block [nbc][mp] at scale + sbase (mp = rows rounded up to 4,
+ * cuBLASLt's token count). Its pad rows rows..mp get scale 0, and the first zpad of them
+ * zero codes (rows no group of the call quantises). item0: prefix sums of the mp, n + 1
+ * entries. Passed by value (kernel parameters: no upload, capturable). */
+enum { EPIC_CUK_QGROUPS_MAX = 128 };
+typedef struct epic_cuk_qgroups {
+  int32_t n;
+  int32_t row0[EPIC_CUK_QGROUPS_MAX], rows[EPIC_CUK_QGROUPS_MAX], zpad[EPIC_CUK_QGROUPS_MAX];
+  int32_t sbase[EPIC_CUK_QGROUPS_MAX], item0[EPIC_CUK_QGROUPS_MAX + 1];
+} epic_cuk_qgroups;
+cudaError_t epic_cuk_quant_fp8_groups(const float *x, int64_t ldx, int64_t k, uint8_t *q,
+                                      float *scale, const epic_cuk_qgroups *t, cudaStream_t st);
 /* FP8 (block-scaled) weight times m <= 4 fp32 tokens staged in shared memory: W is read
  * once with 16-byte loads, products in fp32 (no activation rounding). */
 enum { EPIC_CUK_SKINNY_MAX_M = 4 };

@@ -79,6 +79,7 @@ static void lt_plan_build(epic_cuda_ops *c, epic_cuda_lt_plan *pl) {
                                      &n_res) == CUBLAS_STATUS_SUCCESS &&
       n_res > 0) {
     pl->algo = res.algo;
+    pl->ws = res.workspaceSize;
     pl->ok = 1;
   }
   cublasLtMatmulPreferenceDestroy(pref);
@@ -86,14 +87,20 @@ static void lt_plan_build(epic_cuda_ops *c, epic_cuda_lt_plan *pl) {
 
 static epic_cuda_lt_plan *lt_plan(epic_cuda_ops *c, int64_t n, int64_t k, int64_t m, int64_t ldd,
                                   int out_bf16) {
-  for (int i = 0; i < EPIC_CUDA_LT_PLANS; i++) {
-    epic_cuda_lt_plan *pl = &c->lt_plans[i];
+  uint64_t h = 0x9e3779b97f4a7c15ull;
+  const int64_t key[] = {n, k, m, ldd, out_bf16};
+  for (size_t i = 0; i < sizeof key / sizeof key[0]; i++)
+    h = (h ^ (uint64_t)key[i]) * 0x100000001b3ull;
+  const int set = (int)((h >> 29) % (EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS));
+  epic_cuda_lt_plan *ways = &c->lt_plans[set * EPIC_CUDA_LT_WAYS];
+  for (int i = 0; i < EPIC_CUDA_LT_WAYS; i++) {
+    epic_cuda_lt_plan *pl = &ways[i];
     if (pl->used && pl->n == n && pl->k == k && pl->m == m && pl->ldd == ldd &&
         pl->out_bf16 == out_bf16)
       return pl;
   }
-  epic_cuda_lt_plan *pl = &c->lt_plans[c->lt_next];
-  c->lt_next = (c->lt_next + 1) % EPIC_CUDA_LT_PLANS;
+  epic_cuda_lt_plan *pl = &ways[c->lt_next[set]];
+  c->lt_next[set] = (c->lt_next[set] + 1) % EPIC_CUDA_LT_WAYS;
   lt_plan_release(pl);
   pl->used = 1;
   pl->n = n;
@@ -559,7 +566,29 @@ static epic_status mma_classes(epic_cuda_ops *c, const float *x, int64_t ldx, in
                                const epic_cuk_group_w *tab, int64_t n_groups, int64_t max_rows,
                                const epic_weight *shape, int *err, float *y, int64_t ldy) {
   uint16_t *xb;
-  EPIC_CHECK(to_bf16(c, x, ldx, rows, shape->cols, &xb));
+  int64_t small_rows = 0;
+  for (int64_t g = 0; off_host && g < n_groups; g++)
+    small_rows += off_host[g + 1] - off_host[g] <= max_rows ? off_host[g + 1] - off_host[g] : 0;
+  if (off_host && small_rows < rows / 2) {
+    /* Most rows are in larger groups, which other paths take (a prefill step): only the
+     * runs of this launch's groups are converted, in place in the full-size buffer the
+     * kernel indexes by the offsets. */
+    const int64_t k = shape->cols;
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(rows * k) * 2));
+    xb = (uint16_t *)c->act.p;
+    for (int64_t g = 0; g < n_groups;) {
+      int64_t e = g;
+      while (e < n_groups && off_host[e + 1] - off_host[e] <= max_rows)
+        e++;
+      if (off_host[e] > off_host[g])
+        EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x + off_host[g] * ldx, ldx, off_host[e] - off_host[g],
+                                             k, xb + off_host[g] * k, c->stream),
+                        "grouped matmul: convert to bf16");
+      g = e + 1;
+    }
+  } else {
+    EPIC_CHECK(to_bf16(c, x, ldx, rows, shape->cols, &xb));
+  }
   for (int64_t lo = 1, hi = 8; lo <= max_rows; lo = hi + 1, hi *= 2) {
     const int last = hi >= max_rows;
     int64_t most = rows / lo < n_groups ? rows / lo : n_groups;
@@ -591,6 +620,256 @@ static epic_status mma_classes(epic_cuda_ops *c, const float *x, int64_t ldx, in
   return EPIC_OK;
 }
 
+/* -------------------------------------------------- large groups on lanes */
+
+void epic_cuda_matmul_release(epic_cuda_ops *c) {
+  for (int i = 0; i < EPIC_CUDA_LT_PLANS; i++)
+    if (c->lt_plans[i].used)
+      lt_plan_release(&c->lt_plans[i]);
+  for (int l = 0; l < EPIC_CUDA_LT_LANES_MAX; l++) {
+    struct epic_cuda_lane *ln = &c->lanes[l];
+    if (ln->stream)
+      cudaStreamSynchronize(ln->stream);
+    cudaFree(ln->ws.p);
+    if (ln->done)
+      cudaEventDestroy(ln->done);
+    if (ln->stream)
+      cudaStreamDestroy(ln->stream);
+    memset(ln, 0, sizeof *ln);
+  }
+  if (c->fork)
+    cudaEventDestroy(c->fork);
+  c->fork = NULL;
+}
+
+/* The first `lanes` lanes, each with a workspace of at least ws bytes (created and grown
+ * on first need; never while recording). */
+static epic_status lanes_reserve(epic_cuda_ops *c, int lanes, size_t ws) {
+  if (!c->fork) {
+    EPIC_CHECK(epic_cuda_not_recording(c, "creating the grouped-GEMM lanes"));
+    EPIC_CHECK_CUDA(cudaEventCreateWithFlags(&c->fork, cudaEventDisableTiming), "lane fork event");
+  }
+  for (int l = 0; l < lanes; l++) {
+    struct epic_cuda_lane *ln = &c->lanes[l];
+    if (!ln->stream) {
+      EPIC_CHECK(epic_cuda_not_recording(c, "creating the grouped-GEMM lanes"));
+      EPIC_CHECK_CUDA(cudaStreamCreateWithFlags(&ln->stream, cudaStreamNonBlocking),
+                      "lane stream");
+      EPIC_CHECK_CUDA(cudaEventCreateWithFlags(&ln->done, cudaEventDisableTiming), "lane event");
+    }
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &ln->ws, ws ? ws : 256));
+  }
+  return EPIC_OK;
+}
+
+/* One group of grouped_lanes: rows [row0, row0 + rows) of x and y, its GEMM's token count
+ * mp (rows rounded up to 4), the offset of its activation scales, its lane, whether its
+ * output goes straight into y (else staged at stage_off floats into outb), and how many
+ * of its pad rows' codes must be zeroed. */
+typedef struct {
+  int64_t g, row0, rows, mp, sbase, stage_off;
+  int lane, direct, zpad;
+} lane_group;
+
+/* The cuBLASLt GEMMs of the large FP8 groups (rows > lim), side by side.
+ *
+ * Why: one GEMM of a few hundred rows by a 2048 x 7168 expert fills a fraction of the
+ * SMs, and a prefill step has 256 of them per projection; one after another on one
+ * stream they leave most of the GPU idle, each behind its own quantisation launch.
+ * Here one launch per EPIC_CUK_QGROUPS_MAX groups quantises all their rows (codes in x's
+ * row order, each group's scales in the block its GEMM reads), then the GEMMs run on
+ * n_lanes streams forked from and joined back into the backend's stream by events (so a
+ * graph capture records them too), each lane a contiguous run of groups with about the
+ * same number of rows.
+ *
+ * Pad rows (token counts rounded up to 4): their codes are the following rows' (zeroed
+ * where those are no listed group's), their scales 0. A group writes its output
+ * straight into y, pad rows included, when the rows after it are rewritten later in
+ * stream order: by the next group of the same lane, or after the join by the other
+ * paths of grouped_matmul; otherwise (the last group of a lane, the end of y, a short
+ * next group) it is staged and its real rows copied.
+ *
+ * Sets done[g] for the groups it ran; leaves everything to the per-group path (done
+ * untouched) when fewer than two groups qualify or cuBLASLt has no fp32-output plan
+ * for one of them. Numerics are those of the per-group path: the same e4m3 activations
+ * and cuBLASLt kernels (possibly another algorithm: the output stride can differ). */
+static epic_status grouped_lanes(epic_cuda_ops *c, const float *x, int64_t ldx,
+                                 const int64_t *off, int64_t n_groups, const epic_weight *w,
+                                 int64_t w_stride, int64_t lim, float *y, int64_t ldy,
+                                 uint8_t *done) {
+  if (c->n_lanes < 1)
+    return EPIC_OK;
+  const epic_weight *w0 = NULL;
+  int64_t nb = 0;
+  for (int64_t g = 0; g < n_groups; g++) {
+    const epic_weight *wg = &w[g * w_stride];
+    const int64_t rows = off[g + 1] - off[g];
+    if (rows <= lim || !epic_cuda_weight_ok(wg) || !lt_candidate(wg) ||
+        ((wg->cols + 127) / 128) % 4 != 0 || ldx < wg->cols || ldy < wg->rows)
+      continue;
+    if (!w0)
+      w0 = wg;
+    if (wg->cols == w0->cols && wg->rows == w0->rows)
+      nb++;
+  }
+  if (nb < 2 || off[n_groups] + 4 > INT32_MAX)
+    return EPIC_OK;
+  const int64_t n = w0->rows, k = w0->cols, nbc = k / 128, ld_stage = round_up(n, 4);
+  lane_group *lg = calloc((size_t)nb, sizeof *lg);
+  if (!lg)
+    return EPIC_ERR_NOMEM;
+  int64_t i = 0, total = 0, scales = 0;
+  for (int64_t g = 0; g < n_groups && i < nb; g++) {
+    const epic_weight *wg = &w[g * w_stride];
+    const int64_t rows = off[g + 1] - off[g];
+    if (rows <= lim || !epic_cuda_weight_ok(wg) || !lt_candidate(wg) || wg->cols != k ||
+        wg->rows != n || ldx < k || ldy < n)
+      continue;
+    lg[i] = (lane_group){.g = g, .row0 = off[g], .rows = rows, .mp = round_up(rows, 4)};
+    lg[i].sbase = scales;
+    scales += nbc * lg[i].mp;
+    total += rows;
+    i++;
+  }
+  if (scales >= INT32_MAX) {
+    free(lg);
+    return EPIC_OK;
+  }
+  /* every plan first: nothing is enqueued unless all groups have one */
+  const int direct_ok = ldy % 4 == 0 && aligned16(y);
+  const int lanes = nb < c->n_lanes ? (int)nb : c->n_lanes;
+  int64_t acc = 0, staged = 0;
+  size_t ws_need = 0;
+  for (i = 0; i < nb; i++) {
+    lane_group *q = &lg[i];
+    q->lane = (int)(acc * lanes / total);
+    acc += q->rows;
+  }
+  for (i = 0; i < nb; i++) {
+    lane_group *q = &lg[i];
+    const int64_t pad = q->mp - q->rows, end = q->row0 + q->rows;
+    /* the next group with rows, and the next listed one */
+    int64_t next = q->g + 1;
+    while (next < n_groups && off[next + 1] == off[next])
+      next++;
+    const int64_t next_listed = i + 1 < nb ? lg[i + 1].row0 : off[n_groups] + 4;
+    q->zpad = (int)(pad < next_listed - end ? pad : next_listed - end);
+    if (!direct_ok) {
+      q->direct = 0;
+    } else if (pad == 0) {
+      q->direct = 1;
+    } else if (next >= n_groups || off[next + 1] - off[next] < pad) {
+      q->direct = 0;
+    } else { /* the next group is listed (then on the same lane) or runs after the join */
+      q->direct = !(i + 1 < nb && lg[i + 1].g == next) || lg[i + 1].lane == q->lane;
+    }
+    if (!q->direct) {
+      q->stage_off = staged;
+      staged += q->mp * ld_stage;
+    }
+    const epic_cuda_lt_plan *pl = lt_plan(c, n, k, q->mp, q->direct ? ldy : ld_stage, 0);
+    if (!pl->ok) {
+      free(lg);
+      return EPIC_OK;
+    }
+    ws_need = pl->ws > ws_need ? pl->ws : ws_need;
+  }
+  const int64_t m = off[n_groups];
+  epic_status st = lanes_reserve(c, lanes, ws_need);
+  if (st == EPIC_OK)
+    st = epic_cuda_buf_reserve(c, &c->act, (size_t)round_up((m + 4) * k, 16));
+  if (st == EPIC_OK)
+    st = epic_cuda_buf_reserve(c, &c->act_s, (size_t)scales * sizeof(float));
+  if (st == EPIC_OK && staged)
+    st = epic_cuda_buf_reserve(c, &c->outb, (size_t)staged * sizeof(float));
+  uint8_t *xq = c->act.p;
+  float *xs = c->act_s.p, *stage = c->outb.p;
+  for (int64_t b0 = 0; st == EPIC_OK && b0 < nb; b0 += EPIC_CUK_QGROUPS_MAX) {
+    epic_cuk_qgroups t;
+    t.n = (int32_t)(nb - b0 < EPIC_CUK_QGROUPS_MAX ? nb - b0 : EPIC_CUK_QGROUPS_MAX);
+    t.item0[0] = 0;
+    for (int j = 0; j < t.n; j++) {
+      const lane_group *q = &lg[b0 + j];
+      t.row0[j] = (int32_t)q->row0;
+      t.rows[j] = (int32_t)q->rows;
+      t.zpad[j] = q->zpad;
+      t.sbase[j] = (int32_t)q->sbase;
+      t.item0[j + 1] = t.item0[j] + (int32_t)q->mp;
+    }
+    st = epic_cuda_check(epic_cuk_quant_fp8_groups(x, ldx, k, xq, xs, &t, c->stream),
+                         "grouped matmul: quantise activations");
+  }
+  /* fork; from here on every lane is joined back, whatever fails */
+  int forked = 0;
+  if (st == EPIC_OK)
+    st = epic_cuda_check(cudaEventRecord(c->fork, c->stream), "grouped matmul: fork");
+  for (int l = 0; st == EPIC_OK && l < lanes; l++) {
+    st = epic_cuda_check(cudaStreamWaitEvent(c->lanes[l].stream, c->fork, 0),
+                         "grouped matmul: fork");
+    forked = l + 1;
+  }
+  /* issue the lanes' groups interleaved, so that every lane starts at once */
+  int64_t first[EPIC_CUDA_LT_LANES_MAX + 1];
+  for (int l = 0, j = 0; l <= lanes; l++) {
+    while (j < nb && lg[j].lane < l)
+      j++;
+    first[l] = l == lanes ? nb : j;
+  }
+  const float one = 1.0f, zero = 0.0f;
+  for (int64_t r = 0; st == EPIC_OK && r < nb; r++) {
+    int issued = 0;
+    for (int l = 0; st == EPIC_OK && l < lanes; l++) {
+      if (first[l] + r >= first[l + 1])
+        continue;
+      issued = 1;
+      const lane_group *q = &lg[first[l] + r];
+      const epic_weight *wg = &w[q->g * w_stride];
+      struct epic_cuda_lane *ln = &c->lanes[l];
+      epic_cuda_lt_plan *pl = lt_plan(c, n, k, q->mp, q->direct ? ldy : ld_stage, 0);
+      float *d = q->direct ? y + q->row0 * ldy : stage + q->stage_off;
+      const float *as = wg->scale_inv, *bs = xs + q->sbase;
+      if (!pl->ok) {
+        st = EPIC_ERR_CUDA;
+        break;
+      }
+      st = epic_cublas_check(cublasLtMatmulDescSetAttribute(
+                                 pl->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &as, sizeof as),
+                             "FP8 weight scales");
+      if (st == EPIC_OK)
+        st = epic_cublas_check(cublasLtMatmulDescSetAttribute(
+                                   pl->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &bs, sizeof bs),
+                               "FP8 activation scales");
+      if (st == EPIC_OK)
+        st = epic_cublas_check(cublasLtMatmul(c->lt, pl->desc, &one, wg->data, pl->a,
+                                              xq + q->row0 * k, pl->b, &zero, d, pl->c, d, pl->c,
+                                              &pl->algo, ln->ws.p, ln->ws.cap, ln->stream),
+                               "FP8 block-scaled GEMM (grouped lane)");
+      if (st == EPIC_OK && !q->direct)
+        st = epic_cuda_check(cudaMemcpy2DAsync(y + q->row0 * ldy, (size_t)ldy * 4, d,
+                                               (size_t)ld_stage * 4, (size_t)n * 4,
+                                               (size_t)q->rows, cudaMemcpyDeviceToDevice,
+                                               ln->stream),
+                             "grouped matmul: copy staged output");
+    }
+    if (!issued)
+      break;
+  }
+  for (int l = 0; l < forked; l++) {
+    epic_status sj = epic_cuda_check(cudaEventRecord(c->lanes[l].done, c->lanes[l].stream),
+                                     "grouped matmul: join");
+    if (sj == EPIC_OK)
+      sj = epic_cuda_check(cudaStreamWaitEvent(c->stream, c->lanes[l].done, 0),
+                           "grouped matmul: join");
+    if (st == EPIC_OK)
+      st = sj;
+  }
+  if (st == EPIC_OK)
+    for (i = 0; i < nb; i++)
+      done[lg[i].g] = 1;
+  free(lg);
+  return st;
+}
+
 epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
                                      const int64_t *off_host, const int32_t *off_dev,
                                      int64_t n_groups, const epic_weight *w, int64_t w_stride,
@@ -618,48 +897,52 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
   }
   if (c->exact_matmul)
     return grouped_exact(c, x, ldx, off_host, n_groups, w, w_stride, y, ldy);
+  /* the large groups first: their pad rows may run into the next group's rows, which
+   * the launches below then write */
+  uint8_t *done = calloc((size_t)n_groups + 1, 1);
+  if (!done)
+    return EPIC_ERR_NOMEM;
+  epic_status st = grouped_lanes(c, x, ldx, off_host, n_groups, w, w_stride, lim, y, ldy, done);
   const epic_weight *shape = list_shape(w, w_stride, n_groups);
   /* One launch (per size class) for the small groups. The fp32 kernel leaves a lone small
    * group to the skinny launches below, which compute its rows alike; the tensor-core
    * kernel's dense form is the same code, so it takes any number. */
-  if (small > (mma ? 0 : 1) && off_dev) {
-    epic_status st;
+  if (st == EPIC_OK && small > (mma ? 0 : 1) && off_dev)
     tab = launch_table(c, mma, w, w_stride, n_groups, off_host[n_groups], shape, ldx, ldy, &st);
-    EPIC_CHECK(st);
+  if (st == EPIC_OK && tab && mma) {
+    st = mma_classes(c, x, ldx, off_host[n_groups], off_host, off_dev, tab, n_groups, small_max,
+                     shape, NULL, y, ldy);
+  } else if (st == EPIC_OK && tab) {
+    st = epic_cuda_check(epic_cuk_fp8_grouped(x, ldx, off_dev, n_groups, tab, shape,
+                                              EPIC_CUDA_GROUPED_MAX_ROWS, y, ldy, c->stream),
+                         "grouped FP8 kernel");
   }
-  if (tab && mma) {
-    EPIC_CHECK(mma_classes(c, x, ldx, off_host[n_groups], off_host, off_dev, tab, n_groups,
-                           small_max, shape, NULL, y, ldy));
-  } else if (tab) {
-    EPIC_CHECK_CUDA(epic_cuk_fp8_grouped(x, ldx, off_dev, n_groups, tab, shape,
-                                         EPIC_CUDA_GROUPED_MAX_ROWS, y, ldy, c->stream),
-                    "grouped FP8 kernel");
-  }
-  for (int64_t g = 0; g < n_groups; g++) {
+  for (int64_t g = 0; st == EPIC_OK && g < n_groups; g++) {
     const int64_t rows = off_host[g + 1] - off_host[g];
     const epic_weight *wg = &w[g * w_stride];
-    if (rows == 0 || (tab && rows <= lim))
+    if (rows == 0 || done[g] || (tab && rows <= lim))
       continue;
     const int fits = epic_cuda_weight_ok(wg) && ldx >= wg->cols && ldy >= wg->rows;
     float *yg = y + off_host[g] * ldy;
     const float *xg = x + off_host[g] * ldx;
     if (!mma && rows <= EPIC_CUDA_GROUPED_MAX_ROWS && fits && wg->rows > 0 &&
         epic_cuk_fp8_skinny_ok(wg, EPIC_CUK_SKINNY_MAX_M)) {
-      EPIC_CHECK(skinny_rows(c, xg, ldx, rows, wg, yg, ldy));
+      st = skinny_rows(c, xg, ldx, rows, wg, yg, ldy);
       continue;
     }
     /* a small group without the table stays on the tensor-core kernel's numerics, in
      * dense calls of at most one CTA's rows */
     if (mma && rows <= lim && fits && epic_cuk_fp8_mma_ok(wg)) {
-      for (int64_t t = 0; t < rows; t += EPIC_CUK_MMA_MAX_ROWS) {
+      for (int64_t t = 0; st == EPIC_OK && t < rows; t += EPIC_CUK_MMA_MAX_ROWS) {
         const int64_t m = rows - t < EPIC_CUK_MMA_MAX_ROWS ? rows - t : EPIC_CUK_MMA_MAX_ROWS;
-        EPIC_CHECK(mm_fp8_mma(c, xg + t * ldx, ldx, m, wg, yg + t * ldy, ldy));
+        st = mm_fp8_mma(c, xg + t * ldx, ldx, m, wg, yg + t * ldy, ldy);
       }
       continue;
     }
-    EPIC_CHECK(epic_cuda_matmul(o, xg, ldx, rows, wg, yg, ldy));
+    st = epic_cuda_matmul(o, xg, ldx, rows, wg, yg, ldy);
   }
-  return EPIC_OK;
+  free(done);
+  return st;
 }
 
 /* Offsets in backend memory only (ABI 6, after moe_plan). The tensor-core kernel finds its

@@ -608,6 +608,103 @@ static void test_grouped_matmul(void **state) {
   free(rref);
 }
 
+/* grouped_matmul with many groups above the small-group kernels' bound: their cuBLASLt
+ * GEMMs run side by side on the lanes of ops_cuda_matmul.c (grouped_lanes) after one
+ * quantisation launch. Each group must equal a plain matmul of its rows on the GPU (the
+ * same e4m3 activations; the algorithm may differ, hence 1e-5) and the CPU reference
+ * (5e-2). Runs: both FP8 kinds at the default lane count, then 1 and the most lanes;
+ * two output strides: ldy % 4 == 0, where a group's pad rows run straight into the next
+ * group's rows when those are written later (a short next group or the end of y forces
+ * staging), and ldy % 4 != 0, where every group is staged. The small groups in between
+ * (their rows converted alone, most rows being in large groups) are checked against the
+ * CPU too. Padding columns stay unwritten. */
+static void test_grouped_lanes(void **state) {
+  (void)state;
+  enum { G = 17 };
+  const int64_t rows[G] = {130, 3, 131, 0, 129, 1, 2, 133, 200, 140,
+                           64, 257, 132, 129, 129, 5, 135},
+                n = 512, k = 1024;
+  int64_t off[G + 1] = {0};
+  int32_t off32[G + 1] = {0};
+  tw w[G];
+  static epic_weight hw[G], dw[G]; /* static: the backend caches a table per list */
+  memset(hw, 0, sizeof hw);
+  memset(dw, 0, sizeof dw);
+  for (int g = 0; g < G; g++) {
+    off[g + 1] = off[g] + rows[g];
+    off32[g + 1] = (int32_t)off[g + 1];
+    if (rows[g] == 0)
+      continue;
+    w[g] = tw_make(EPIC_DT_F8E4M3, n, k, 128, 128);
+    hw[g] = w[g].h;
+    dw[g] = w[g].d;
+  }
+  const int64_t m = off[G], ldx = k, ldy_max = n + 4;
+  float *x = xmalloc((size_t)(m * ldx) * 4), *y = xmalloc((size_t)(m * ldy_max) * 4);
+  float *one = xmalloc((size_t)(m * ldy_max) * 4), *ref = xmalloc((size_t)(m * ldy_max) * 4);
+  fill(x, (size_t)(m * ldx), 1.0f);
+  float *dx = dup_dev(x, (size_t)(m * ldx) * 4), *dy = dalloc((size_t)(m * ldy_max) * 4);
+  float *dy1 = dalloc((size_t)(m * ldy_max) * 4);
+  int32_t *doff = dup_dev(off32, sizeof off32);
+  for (int pass = 0; pass < 2; pass++) {
+    const int64_t ldy = pass ? n + 3 : n + 4;
+    assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, x, ldx, off, NULL, G, hw, 1, ref, ldy),
+                     EPIC_OK);
+    for (int run = 0; run < 4; run++) {
+      /* the default lane count under both kinds, then one and the most lanes */
+      static const int lanes[4] = {EPIC_CUDA_LT_LANES_DEFAULT, EPIC_CUDA_LT_LANES_DEFAULT, 1,
+                                   EPIC_CUDA_LT_LANES_MAX};
+      const int kind = run == 1;
+      set_fp8_kind(kind);
+      assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, lanes[run]), EPIC_OK);
+      const int64_t lim = kind == 0 ? EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS : 16;
+      poison(dy, (size_t)(m * ldy) * 4);
+      for (int rep = 0; rep < 2; rep++)
+        assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, ldx, off, doff, G, dw, 1, dy, ldy),
+                         EPIC_OK);
+      assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, 0), EPIC_OK);
+      poison(dy1, (size_t)(m * ldy) * 4);
+      for (int g = 0; g < G; g++)
+        if (rows[g] > lim)
+          assert_int_equal(g_gpu->vt->matmul(g_gpu, dx + off[g] * ldx, ldx, rows[g], &dw[g],
+                                             dy1 + off[g] * ldy, ldy),
+                           EPIC_OK);
+      fetch(y, dy, (size_t)(m * ldy) * 4);
+      fetch(one, dy1, (size_t)(m * ldy) * 4);
+      for (int g = 0; g < G; g++) {
+        if (rows[g] == 0)
+          continue;
+        char what[128];
+        snprintf(what, sizeof what, "grouped lanes: group %d (%lld rows, %s, %d lanes, ld %lld)",
+                 g, (long long)rows[g], fp8_kind_names[kind], lanes[run], (long long)ldy);
+        const float *yg = y + off[g] * ldy;
+        check_err(what, rel_err2d(yg, ldy, ref + off[g] * ldy, ldy, rows[g], n), 5e-2);
+        if (rows[g] > lim)
+          check_err("  same vs a matmul of its rows",
+                    rel_err2d(yg, ldy, one + off[g] * ldy, ldy, rows[g], n), 1e-5);
+      }
+      for (int64_t i = 0; i < m; i++)
+        for (int64_t r = n; r < ldy; r++)
+          assert_true(isnan(y[i * ldy + r]));
+    }
+  }
+  set_fp8_kind(0);
+  assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, EPIC_CUDA_LT_LANES_DEFAULT), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, EPIC_CUDA_LT_LANES_MAX + 1),
+                   EPIC_ERR_INVALID);
+  for (int g = 0; g < G; g++)
+    if (rows[g])
+      tw_free(&w[g]);
+  dfree(dx);
+  dfree(dy);
+  dfree(dy1);
+  dfree(doff);
+  free(x);
+  free(y);
+  free(one);
+  free(ref);
+}
+
 /* moe_plan on the device equals the CPU's (plan and accumulated counts, bit for bit);
  * grouped_matmul_dev on its offsets equals grouped_matmul in both precisions (the fast
  * FP8 tensor-core path reads the offsets on the device, exact reads them back); an expert
@@ -759,17 +856,24 @@ static void test_rope(void **state) {
 
 static void test_silu_axpy(void **state) {
   (void)state;
-  const int64_t m = 7, n = 2048, ld = 2051;
-  const size_t sz = (size_t)(m * ld) * 4;
+  /* row strides: 2051 (scalar path), 2052 (16-byte rows: the float4 path) */
+  const int64_t m = 7, n = 2048, ld_max = 2052;
+  const size_t sz = (size_t)(m * ld_max) * 4;
   float *g = xmalloc(sz), *u = xmalloc(sz), *y = xmalloc(sz), *ref = xmalloc(sz);
-  fill(g, (size_t)(m * ld), 20.0f);
-  fill(u, (size_t)(m * ld), 1.0f);
+  fill(g, (size_t)(m * ld_max), 20.0f);
+  fill(u, (size_t)(m * ld_max), 1.0f);
   float *dg = dup_dev(g, sz), *du = dup_dev(u, sz), *dy = dalloc(sz);
-  poison(dy, sz);
-  assert_int_equal(g_gpu->vt->silu_mul(g_gpu, dg, ld, du, ld, m, n, dy, ld), EPIC_OK);
-  fetch(y, dy, sz);
-  assert_int_equal(g_cpu->vt->silu_mul(g_cpu, g, ld, u, ld, m, n, ref, ld), EPIC_OK);
-  check_err("silu_mul", rel_err2d(y, ld, ref, ld, m, n), 1e-5);
+  for (int64_t ld = ld_max - 1; ld <= ld_max; ld++) {
+    poison(dy, sz);
+    assert_int_equal(g_gpu->vt->silu_mul(g_gpu, dg, ld, du, ld, m, n, dy, ld), EPIC_OK);
+    fetch(y, dy, sz);
+    assert_int_equal(g_cpu->vt->silu_mul(g_cpu, g, ld, u, ld, m, n, ref, ld), EPIC_OK);
+    check_err(ld % 4 ? "silu_mul (scalar rows)" : "silu_mul (float4 rows)",
+              rel_err2d(y, ld, ref, ld, m, n), 1e-5);
+    for (int64_t i = 0; i < m; i++)
+      for (int64_t j = n; j < ld; j++)
+        assert_true(isnan(y[i * ld + j]));
+  }
   const int64_t na = 7168 * 3 + 1;
   float *a = xmalloc((size_t)na * 4), *b = xmalloc((size_t)na * 4), *bg = xmalloc((size_t)na * 4);
   fill(a, (size_t)na, 1.0f);
@@ -1665,6 +1769,7 @@ int main(void) {
       cmocka_unit_test(test_silu_axpy), cmocka_unit_test(test_embed),
       cmocka_unit_test(test_route),     cmocka_unit_test(test_kv),
       cmocka_unit_test(test_row_ops),   cmocka_unit_test(test_grouped_matmul),
+      cmocka_unit_test(test_grouped_lanes),
       cmocka_unit_test(test_moe_plan),
       cmocka_unit_test(test_row_pick),
       cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_mla),
