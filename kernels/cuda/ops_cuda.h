@@ -110,15 +110,15 @@ typedef enum {
 } epic_cuda_fp8_small;
 epic_status epic_ops_cuda_set_fp8_small(epic_ops *o, epic_cuda_fp8_small k);
 
-/* How many streams ("lanes") grouped_matmul runs the cuBLASLt GEMMs of its groups above
- * the small-group bound on, side by side after one quantisation launch, when at least
- * two such groups share an FP8 shape (a prefill step's experts: one GEMM of a few hundred
- * rows fills a fraction of the GPU). 0: one after another on the backend's stream, each
+/* How many streams ("lanes") grouped_matmul runs the cuBLASLt GEMMs of its FP8 groups
+ * above the small-group bound on, side by side after one quantisation launch (a prefill
+ * step's experts: one GEMM of a few hundred rows fills a fraction of the GPU). 0: one after another on the backend's stream, each
  * behind its own quantisation (the per-group path; for benchmarks and cross-checks).
  * Default EPIC_CUDA_LT_LANES_DEFAULT; the environment variable EPIC_CUDA_GROUPED_LANES
- * sets it at create. A lane (created on first use) is a stream, an event and a cuBLASLt
- * workspace of what the chosen algorithms ask for. The numerics are the same either way:
- * e4m3 activations, cuBLASLt kernels. EPIC_ERR_INVALID outside 0..EPIC_CUDA_LT_LANES_MAX. */
+ * sets it at create. A lane (created on first use) is a stream and an event. The lanes'
+ * GEMMs take cuBLASLt algorithms chosen without workspace (no split-K): e4m3 activations
+ * as on the per-group path, possibly another summation order. EPIC_ERR_INVALID outside
+ * 0..EPIC_CUDA_LT_LANES_MAX. */
 enum { EPIC_CUDA_LT_LANES_MAX = 8, EPIC_CUDA_LT_LANES_DEFAULT = 4 };
 epic_status epic_ops_cuda_set_grouped_lanes(epic_ops *o, int lanes);
 

@@ -33,11 +33,11 @@ typedef struct epic_cuda_lt_plan {
   int used;
   int64_t n, k, m, ldd; /* weight rows, cols, tokens, output ld */
   int out_bf16;         /* 1: D is bf16 */
+  int no_ws;            /* 1: chosen without workspace (no split-K; grouped_lanes) */
   int ok;               /* 0: cuBLASLt refused this shape (negative cache) */
   cublasLtMatmulDesc_t desc;
   cublasLtMatrixLayout_t a, b, c;
   cublasLtMatmulAlgo_t algo;
-  size_t ws; /* workspace bytes the algorithm needs */
 } epic_cuda_lt_plan;
 
 /* lt_plans: EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS sets picked by a hash of the shape, each
@@ -71,12 +71,11 @@ typedef struct epic_cuda_ops {
   epic_cuda_lt_plan lt_plans[EPIC_CUDA_LT_PLANS];
   /* Lanes of grouped_lanes (ops_cuda_matmul.c), n_lanes of them in use
    * (epic_ops_cuda_set_grouped_lanes), each created on first use (never while
-   * recording): stream, completion event, cuBLASLt workspace grown to what the plans
-   * ask for. fork: recorded on `stream` when lanes start. */
+   * recording): a stream and its completion event. fork: recorded on `stream` when
+   * lanes start. */
   struct epic_cuda_lane {
     cudaStream_t stream;
     cudaEvent_t done;
-    epic_cuda_buf ws;
   } lanes[EPIC_CUDA_LT_LANES_MAX];
   cudaEvent_t fork;
   int n_lanes;
