@@ -14,6 +14,15 @@
 #include "../common/log.h"
 #include "checkpoint.h"
 
+/* Weights per routed expert in layer_w.experts: gate, up, down and gate_up. On backends
+ * without host memory, gate and up are uploaded into one block when their layouts allow
+ * (same dtype and width, block scales that do not straddle the seam): gate_up then
+ * views it as one [2 x moe_intermediate_size][hidden] weight, and gate and up view its
+ * halves, so that expert_ffn runs both projections as one grouped matmul (half the
+ * launches and GEMMs, one activation quantisation or conversion). gate_up is zeroed
+ * otherwise. */
+enum { EXPERT_GATE = 0, EXPERT_UP = 1, EXPERT_DOWN = 2, EXPERT_GATE_UP = 3, EXPERT_W = 4 };
+
 typedef struct layer_w {
   int64_t index; /* tensor-name index in the checkpoint */
   int64_t slot;  /* row of the expert-owner table: 0..L-1, L for the MTP layer */
@@ -28,7 +37,7 @@ typedef struct layer_w {
   int64_t mlp_width;
   epic_weight router;
   float *router_bias;   /* NULL when the checkpoint has no e_score_correction_bias */
-  epic_weight *experts; /* [n_routed_experts][3]: gate, up, down */
+  epic_weight *experts; /* [n_routed_experts][EXPERT_W]: see EXPERT_W */
 } layer_w;
 
 typedef struct mtp_w {
@@ -281,34 +290,94 @@ fail:
   return st;
 }
 
-/* Expert e's gate, up and down of layer lw into w3 (zeroed by the caller): the
+/* Whether gate and up can share one block (see EXPERT_W): the same dtype, width and
+ * block layout, and gate's rows a whole number of scale blocks. */
+static int fusable(const epic_weight *gate, const epic_weight *up) {
+  if (gate->dtype != up->dtype || gate->cols != up->cols || gate->rows != up->rows ||
+      !gate->data || !up->data || !gate->scale_inv != !up->scale_inv)
+    return 0;
+  if (!gate->scale_inv) return 1;
+  return gate->block_rows == up->block_rows && gate->block_cols == up->block_cols &&
+         gate->block_rows > 0 && gate->rows % gate->block_rows == 0;
+}
+
+/* gate and up (host views) uploaded into one block of backend memory: w4[EXPERT_GATE_UP]
+ * views all of it, gate and up its halves. */
+static epic_status upload_fused(epic_model *m, epic_weight w4[EXPERT_W]) {
+  epic_ops *o = m->ops;
+  epic_weight *g = &w4[EXPERT_GATE], *u = &w4[EXPERT_UP];
+  const size_t n = (size_t)(g->rows * g->cols) * epic_dtype_size(g->dtype);
+  size_t ns = 0;
+  if (g->scale_inv)
+    ns = (size_t)((g->rows / g->block_rows) * ((g->cols + g->block_cols - 1) / g->block_cols)) *
+         sizeof(float);
+  char *d = NULL;
+  char *sc = NULL;
+  epic_status st;
+  EPIC_CHECK_GOTO(o->vt->alloc(o, n > 0 ? 2 * n : 1, (void **)&d), st, fail);
+  EPIC_CHECK_GOTO(o->vt->upload(o, d, g->data, n), st, fail);
+  EPIC_CHECK_GOTO(o->vt->upload(o, d + n, u->data, n), st, fail);
+  if (ns) {
+    EPIC_CHECK_GOTO(o->vt->alloc(o, 2 * ns, (void **)&sc), st, fail);
+    EPIC_CHECK_GOTO(o->vt->upload(o, sc, g->scale_inv, ns), st, fail);
+    EPIC_CHECK_GOTO(o->vt->upload(o, sc + ns, u->scale_inv, ns), st, fail);
+  }
+  w4[EXPERT_GATE_UP] = *g;
+  w4[EXPERT_GATE_UP].rows = 2 * g->rows;
+  w4[EXPERT_GATE_UP].data = d;
+  w4[EXPERT_GATE_UP].scale_inv = (const float *)sc;
+  g->data = d;
+  g->scale_inv = (const float *)sc;
+  u->data = d + n;
+  u->scale_inv = sc ? (const float *)(sc + ns) : NULL;
+  return EPIC_OK;
+fail:
+  o->vt->free(o, d);
+  o->vt->free(o, sc);
+  memset(g, 0, sizeof *g);
+  memset(u, 0, sizeof *u);
+  return st;
+}
+
+/* Expert e's weights of layer lw into w4 (EXPERT_W entries, zeroed by the caller): the
  * checkpoint's mapped or generated weights (the dummy generator is keyed by the
  * tensor name, so every rank gets the same weights for the same expert), copied
- * into backend memory when the backend cannot read host memory. On failure w3 may
- * be partly set: drop_expert undoes it. */
-static epic_status load_expert(epic_model *m, const layer_w *lw, int64_t e, epic_weight w3[3]) {
+ * into backend memory when the backend cannot read host memory (gate and up into one
+ * block where fusable). On failure w4 may be partly set: drop_expert undoes it. */
+static epic_status load_expert(epic_model *m, const layer_w *lw, int64_t e,
+                               epic_weight w4[EXPERT_W]) {
   static const char *parts[3] = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
   const int64_t D = m->cfg.hidden_size, I = m->cfg.moe_intermediate_size;
+  const int dev = !m->ops->vt->host_visible;
   char name[256];
   for (int i = 0; i < 3; i++) {
     snprintf(name, sizeof name, "model.layers.%lld.mlp.experts.%lld.%s", (long long)lw->index,
              (long long)e, parts[i]);
-    EPIC_CHECK(epic_checkpoint_weight(m->ck, name, i < 2 ? I : D, i < 2 ? D : I, &w3[i]));
-    if (!m->ops->vt->host_visible) EPIC_CHECK(upload_owned(m, &w3[i]));
+    EPIC_CHECK(epic_checkpoint_weight(m->ck, name, i < 2 ? I : D, i < 2 ? D : I, &w4[i]));
   }
-  return EPIC_OK;
+  if (!dev) return EPIC_OK;
+  if (fusable(&w4[EXPERT_GATE], &w4[EXPERT_UP])) {
+    EPIC_CHECK(upload_fused(m, w4));
+  } else {
+    EPIC_CHECK(upload_owned(m, &w4[EXPERT_GATE]));
+    EPIC_CHECK(upload_owned(m, &w4[EXPERT_UP]));
+  }
+  return upload_owned(m, &w4[EXPERT_DOWN]);
 }
 
-/* Give up an expert's weights: backend copies are freed, mapped ones only forgotten. */
-static void drop_expert(epic_model *m, epic_weight w3[3]) {
-  for (int i = 0; i < 3; i++) {
-    if (!m->ops->vt->host_visible) {
-      /* upload_owned's blocks: the const only says the weight is not written. */
-      m->ops->vt->free(m->ops, (void *)(uintptr_t)w3[i].data);
-      m->ops->vt->free(m->ops, (void *)(uintptr_t)w3[i].scale_inv);
+/* Give up an expert's weights: backend copies are freed (a fused block once), mapped
+ * ones only forgotten. */
+static void drop_expert(epic_model *m, epic_weight w4[EXPERT_W]) {
+  if (!m->ops->vt->host_visible) {
+    /* upload_owned's / upload_fused's blocks: the const only says the weight is not
+     * written. */
+    const int first = w4[EXPERT_GATE_UP].data ? EXPERT_DOWN : EXPERT_GATE;
+    for (int i = first; i <= EXPERT_GATE_UP; i++) {
+      m->ops->vt->free(m->ops, (void *)(uintptr_t)w4[i].data);
+      m->ops->vt->free(m->ops, (void *)(uintptr_t)w4[i].scale_inv);
     }
-    memset(&w3[i], 0, sizeof w3[i]);
   }
+  memset(w4, 0, EXPERT_W * sizeof *w4);
 }
 
 /* Synthetic routing skew (benchmarks, dummy weights): adds router_skew * -log(1 + p)
@@ -391,11 +460,11 @@ static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *l
     if (strcmp(c->topk_method, "noaux_tc") == 0 || epic_checkpoint_find(m->ck, name))
       EPIC_CHECK(load_vec(m, name, E, &lw->router_bias));
     if (m->router_skew != 0 && lw->router_bias) EPIC_CHECK(skew_bias(m, slot, lw->router_bias));
-    lw->experts = calloc((size_t)E * 3, sizeof *lw->experts);
+    lw->experts = calloc((size_t)E * EXPERT_W, sizeof *lw->experts);
     if (!lw->experts) return EPIC_ERR_NOMEM;
     for (int64_t e = 0; e < E; e++) {
       if (!expert_is_local(m, slot, e)) continue; /* another rank serves it */
-      EPIC_CHECK(load_expert(m, lw, e, &lw->experts[e * 3]));
+      EPIC_CHECK(load_expert(m, lw, e, &lw->experts[e * EXPERT_W]));
     }
     if (c->n_shared_experts > 0) {
       lw->has_mlp = 1;
@@ -421,7 +490,7 @@ static void free_layer(epic_model *m, layer_w *lw) {
   o->vt->free(o, lw->router_f32);
   o->vt->free(o, lw->router_bias);
   if (lw->experts)
-    for (int64_t e = 0; e < m->cfg.n_routed_experts; e++) drop_expert(m, &lw->experts[e * 3]);
+    for (int64_t e = 0; e < m->cfg.n_routed_experts; e++) drop_expert(m, &lw->experts[e * EXPERT_W]);
   free(lw->experts);
 }
 
@@ -802,7 +871,7 @@ epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement 
   graphs_reset(m); /* recorded steps name the expert weight tables */
   if (!m->comm) return EPIC_OK; /* one process holds every expert */
   EPIC_CHECK(placement_copy(m, p, &off, &ranks, &held));
-  fresh = calloc((size_t)(E * 3), sizeof *fresh);
+  fresh = calloc((size_t)(E * EXPERT_W), sizeof *fresh);
   /* Tables for a failure half-way (see fail:), taken now so that path cannot fail. */
   moff = malloc((size_t)(rows * E + 1) * sizeof *moff);
   mranks = malloc((size_t)(off[rows * E] + m->rep_off[rows * E] + 1) * sizeof *mranks);
@@ -831,21 +900,21 @@ epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement 
       continue;
     }
     for (int64_t e = 0; e < E; e++)
-      if (next[e] && !now[e]) EPIC_CHECK_GOTO(load_expert(m, lw, e, &fresh[e * 3]), st, fail);
+      if (next[e] && !now[e]) EPIC_CHECK_GOTO(load_expert(m, lw, e, &fresh[e * EXPERT_W]), st, fail);
     /* A backend without host memory gets a new list (see m->retired). */
-    if (dev && !(list = calloc((size_t)E * 3, sizeof *list))) {
+    if (dev && !(list = calloc((size_t)E * EXPERT_W, sizeof *list))) {
       st = EPIC_ERR_NOMEM;
       goto fail;
     }
     epic_weight *to_list = list ? list : lw->experts;
     for (int64_t e = 0; e < E; e++) {
-      epic_weight *w = &lw->experts[e * 3], *to = &to_list[e * 3];
+      epic_weight *w = &lw->experts[e * EXPERT_W], *to = &to_list[e * EXPERT_W];
       if (next[e] && !now[e]) {
-        memcpy(to, &fresh[e * 3], 3 * sizeof *to);
+        memcpy(to, &fresh[e * EXPERT_W], EXPERT_W * sizeof *to);
       } else if (!next[e] && now[e]) {
         drop_expert(m, w); /* a new list has zeros there already */
       } else if (to != w) {
-        memcpy(to, w, 3 * sizeof *to);
+        memcpy(to, w, EXPERT_W * sizeof *to);
       }
     }
     if (list) {
@@ -854,7 +923,7 @@ epic_status epic_model_set_placement(epic_model *m, const epic_expert_placement 
       list = NULL;
     }
     memcpy(m->held + l * E, next, (size_t)E);
-    memset(fresh, 0, (size_t)(E * 3) * sizeof *fresh);
+    memset(fresh, 0, (size_t)(E * EXPERT_W) * sizeof *fresh);
     switched = l + 1;
   }
   free(m->rep_off);
@@ -871,7 +940,7 @@ fail:
   /* Row l keeps its old experts and the rows before it have moved: the placement
    * in force says so (m->held already does). */
   if (fresh)
-    for (int64_t e = 0; e < E; e++) drop_expert(m, &fresh[e * 3]);
+    for (int64_t e = 0; e < E; e++) drop_expert(m, &fresh[e * EXPERT_W]);
   free(list);
   if (switched > 0) {
     placement_mix(m, off, ranks, m->rep_off, m->rep_rank, switched, moff, mranks);
@@ -1245,30 +1314,47 @@ static epic_status grouped(epic_ops *o, const expert_groups *eg, int proj, const
                            int64_t ldx, int64_t n, float *y, int64_t ldy) {
   if (!eg->off)
     return o->vt->grouped_matmul_dev(o, x, ldx, n, eg->max_rows, eg->off_dev, eg->n_groups,
-                                     &eg->w[proj], 3, y, ldy);
-  return o->vt->grouped_matmul(o, x, ldx, eg->off, eg->off_dev, eg->n_groups, &eg->w[proj], 3, y,
+                                     &eg->w[proj], EXPERT_W, y, ldy);
+  return o->vt->grouped_matmul(o, x, ldx, eg->off, eg->off_dev, eg->n_groups, &eg->w[proj], EXPERT_W, y,
                                ldy);
 }
 
+/* Whether every expert of eg that has weights has them fused (EXPERT_W): then gate and
+ * up run as one grouped matmul over the gate_up views. */
+static int groups_fused(const expert_groups *eg) {
+  for (int64_t g = 0; g < eg->n_groups; g++) {
+    const epic_weight *w = &eg->w[g * EXPERT_W];
+    if (w[EXPERT_GATE].data && !w[EXPERT_GATE_UP].data) return 0;
+  }
+  return 1;
+}
+
 /* The experts' FFN over n items planned in dplan (backend memory, as moe_plan lays it
- * out): rows gathered in expert order, one grouped matmul per projection, scattered
- * back to out. */
+ * out): rows gathered in expert order, one grouped matmul per projection (gate and up
+ * as one where fused), scattered back to out. */
 static epic_status expert_ffn(fwd *f, const expert_groups *eg, int64_t n, const float *src,
                               int64_t ld, const int32_t *dplan, float *out) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size, I = m->cfg.moe_intermediate_size;
+  const int fused = groups_fused(eg);
   float *x = dbuf(m, 0, DB_X, (size_t)(n * D) * sizeof(float));
-  float *g = dbuf(m, 0, DB_G, (size_t)(n * I) * sizeof(float));
-  float *u = dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
+  float *g = dbuf(m, 0, DB_G, (size_t)(n * (fused ? 2 * I : I)) * sizeof(float));
+  float *u = fused ? g + I : dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
   float *ye = dbuf(m, 0, DB_Y, (size_t)(n * D) * sizeof(float));
+  /* fused: one [n][2I] output, gate then up in each row */
+  const int64_t ldg = fused ? 2 * I : I;
   if (!x || !g || !u || !ye) return EPIC_ERR_NOMEM;
   EPIC_CHECK(o->vt->copy_rows(o, n, D, src, ld, dplan, x, D, NULL));
-  EPIC_CHECK(grouped(o, eg, 0, x, D, n, g, I));
-  EPIC_CHECK(grouped(o, eg, 1, x, D, n, u, I));
+  if (fused) {
+    EPIC_CHECK(grouped(o, eg, EXPERT_GATE_UP, x, D, n, g, 2 * I));
+  } else {
+    EPIC_CHECK(grouped(o, eg, EXPERT_GATE, x, D, n, g, I));
+    EPIC_CHECK(grouped(o, eg, EXPERT_UP, x, D, n, u, I));
+  }
   progress(f);
-  EPIC_CHECK(o->vt->silu_mul(o, g, I, u, I, n, I, g, I));
-  EPIC_CHECK(grouped(o, eg, 2, g, I, n, ye, D));
+  EPIC_CHECK(o->vt->silu_mul(o, g, ldg, u, ldg, n, I, g, ldg));
+  EPIC_CHECK(grouped(o, eg, EXPERT_DOWN, g, ldg, n, ye, D));
   progress(f);
   return o->vt->copy_rows(o, n, D, ye, D, NULL, out, D, dplan + n);
 }
@@ -1309,13 +1395,13 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
      * batch composition. */
     const int64_t cap = E + n / EP_ROW_CHUNK + 1;
     int64_t *soff = xbuf(m, 0, XB_SOFF, (size_t)(cap + 1) * sizeof *soff);
-    epic_weight *swl = xbuf(m, 0, XB_SWL, (size_t)(cap * 3) * sizeof *swl);
+    epic_weight *swl = xbuf(m, 0, XB_SWL, (size_t)(cap * EXPERT_W) * sizeof *swl);
     int64_t ng = 0;
     if (!soff || !swl) return EPIC_ERR_NOMEM;
     soff[0] = 0;
     for (int64_t e = 0; e < E; e++)
       for (int64_t r = off[e]; r < off[e + 1]; r += EP_ROW_CHUNK) {
-        memcpy(&swl[ng * 3], &lw->experts[e * 3], 3 * sizeof *swl);
+        memcpy(&swl[ng * EXPERT_W], &lw->experts[e * EXPERT_W], EXPERT_W * sizeof *swl);
         soff[++ng] = r + EP_ROW_CHUNK < off[e + 1] ? r + EP_ROW_CHUNK : off[e + 1];
       }
     eg = (expert_groups){.off = soff, .n_groups = ng, .w = swl};
