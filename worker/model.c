@@ -350,19 +350,28 @@ static epic_status load_expert(epic_model *m, const layer_w *lw, int64_t e,
   const int64_t D = m->cfg.hidden_size, I = m->cfg.moe_intermediate_size;
   const int dev = !m->ops->vt->host_visible;
   char name[256];
+  epic_weight host[3]; /* into w4 only once all three are found */
   for (int i = 0; i < 3; i++) {
     snprintf(name, sizeof name, "model.layers.%lld.mlp.experts.%lld.%s", (long long)lw->index,
              (long long)e, parts[i]);
-    EPIC_CHECK(epic_checkpoint_weight(m->ck, name, i < 2 ? I : D, i < 2 ? D : I, &w4[i]));
+    EPIC_CHECK(epic_checkpoint_weight(m->ck, name, i < 2 ? I : D, i < 2 ? D : I, &host[i]));
   }
+  memcpy(w4, host, sizeof host);
   if (!dev) return EPIC_OK;
+  /* Each upload zeroes its weights on failure; the host views not yet uploaded are
+   * zeroed too, so that drop_expert frees only backend blocks. */
+  epic_status st;
+  int next = EXPERT_UP;
   if (fusable(&w4[EXPERT_GATE], &w4[EXPERT_UP])) {
-    EPIC_CHECK(upload_fused(m, w4));
+    st = upload_fused(m, w4);
+    next = EXPERT_DOWN;
   } else {
-    EPIC_CHECK(upload_owned(m, &w4[EXPERT_GATE]));
-    EPIC_CHECK(upload_owned(m, &w4[EXPERT_UP]));
+    st = upload_owned(m, &w4[EXPERT_GATE]);
   }
-  return upload_owned(m, &w4[EXPERT_DOWN]);
+  for (; st == EPIC_OK && next <= EXPERT_DOWN; next++) st = upload_owned(m, &w4[next]);
+  if (st != EPIC_OK)
+    for (; next <= EXPERT_DOWN; next++) memset(&w4[next], 0, sizeof w4[next]);
+  return st;
 }
 
 /* Give up an expert's weights: backend copies are freed (a fused block once), mapped
