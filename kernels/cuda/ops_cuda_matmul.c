@@ -699,44 +699,35 @@ static epic_status grouped_lanes(epic_cuda_ops *c, const float *x, int64_t ldx,
                                  const int64_t *off, int64_t n_groups, const epic_weight *w,
                                  int64_t w_stride, int64_t lim, float *y, int64_t ldy,
                                  uint8_t *done) {
-  if (c->n_lanes < 1)
+  if (c->n_lanes < 1 || off[n_groups] + 4 > INT32_MAX || n_groups < 1)
     return EPIC_OK;
+  /* the groups: above the bound, cuBLASLt-ready, with the first such group's shape */
+  lane_group *lg = calloc((size_t)n_groups, sizeof *lg);
+  if (!lg)
+    return EPIC_ERR_NOMEM;
   const epic_weight *w0 = NULL;
-  int64_t nb = 0;
+  int64_t nb = 0, total = 0, scales = 0;
   for (int64_t g = 0; g < n_groups; g++) {
     const epic_weight *wg = &w[g * w_stride];
     const int64_t rows = off[g + 1] - off[g];
     if (rows <= lim || !epic_cuda_weight_ok(wg) || !lt_candidate(wg) ||
-        ((wg->cols + 127) / 128) % 4 != 0 || ldx < wg->cols || ldy < wg->rows)
+        ((wg->cols + 127) / 128) % 4 != 0 || ldx < wg->cols || ldy < wg->rows ||
+        (w0 && (wg->cols != w0->cols || wg->rows != w0->rows)))
       continue;
     if (!w0)
       w0 = wg;
-    if (wg->cols == w0->cols && wg->rows == w0->rows)
-      nb++;
-  }
-  if (nb < 1 || off[n_groups] + 4 > INT32_MAX)
-    return EPIC_OK;
-  const int64_t n = w0->rows, k = w0->cols, nbc = k / 128, ld_stage = round_up(n, 4);
-  lane_group *lg = calloc((size_t)nb, sizeof *lg);
-  if (!lg)
-    return EPIC_ERR_NOMEM;
-  int64_t i = 0, total = 0, scales = 0;
-  for (int64_t g = 0; g < n_groups && i < nb; g++) {
-    const epic_weight *wg = &w[g * w_stride];
-    const int64_t rows = off[g + 1] - off[g];
-    if (rows <= lim || !epic_cuda_weight_ok(wg) || !lt_candidate(wg) || wg->cols != k ||
-        wg->rows != n || ldx < k || ldy < n)
-      continue;
-    lg[i] = (lane_group){.g = g, .row0 = off[g], .rows = rows, .mp = round_up(rows, 4)};
-    lg[i].sbase = scales;
-    scales += nbc * lg[i].mp;
+    lg[nb] = (lane_group){.g = g, .row0 = off[g], .rows = rows, .mp = round_up(rows, 4)};
+    lg[nb].sbase = scales;
+    scales += (wg->cols + 127) / 128 * lg[nb].mp; /* the quantiser's blocks, the last partial */
     total += rows;
-    i++;
+    nb++;
   }
-  if (scales >= INT32_MAX) {
+  if (nb < 1 || scales >= INT32_MAX) {
     free(lg);
     return EPIC_OK;
   }
+  const int64_t n = w0->rows, k = w0->cols, ld_stage = round_up(n, 4);
+  int64_t i;
   /* every plan first: nothing is enqueued unless all groups have one */
   const int direct_ok = ldy % 4 == 0 && aligned16(y);
   const int lanes = nb < c->n_lanes ? (int)nb : c->n_lanes;
