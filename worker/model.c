@@ -263,32 +263,39 @@ static epic_status f32_copy(epic_model *m, const epic_weight *w, float **out) {
   return st;
 }
 
-/* w's bytes (and block scales) in backend memory of their own, so that a placement
- * change can free them (drop_expert); w is zeroed on failure. */
-static epic_status upload_owned(epic_model *m, epic_weight *w) {
+/* The count weights w[0..count) (host views of one layout) in one block of backend
+ * memory, one after another, and their block scales likewise, so that a placement change
+ * can free them (drop_expert); w now views its part of the blocks. All count are
+ * zeroed on failure. */
+static epic_status upload_block(epic_model *m, epic_weight *w, int count) {
   epic_ops *o = m->ops;
   const size_t n = (size_t)(w->rows * w->cols) * epic_dtype_size(w->dtype);
   size_t ns = 0;
-  void *d = NULL, *sc = NULL;
+  char *d = NULL, *sc = NULL;
   epic_status st;
   if (w->scale_inv)
     ns = (size_t)(((w->rows + w->block_rows - 1) / w->block_rows) *
                   ((w->cols + w->block_cols - 1) / w->block_cols)) * sizeof(float);
-  EPIC_CHECK_GOTO(o->vt->alloc(o, n ? n : 1, &d), st, fail);
-  EPIC_CHECK_GOTO(o->vt->upload(o, d, w->data, n), st, fail);
-  if (w->scale_inv) {
-    EPIC_CHECK_GOTO(o->vt->alloc(o, ns, &sc), st, fail);
-    EPIC_CHECK_GOTO(o->vt->upload(o, sc, w->scale_inv, ns), st, fail);
+  EPIC_CHECK_GOTO(o->vt->alloc(o, n ? count * n : 1, (void **)&d), st, fail);
+  if (ns) EPIC_CHECK_GOTO(o->vt->alloc(o, count * ns, (void **)&sc), st, fail);
+  for (int i = 0; i < count; i++) {
+    EPIC_CHECK_GOTO(o->vt->upload(o, d + i * n, w[i].data, n), st, fail);
+    if (ns) EPIC_CHECK_GOTO(o->vt->upload(o, sc + i * ns, w[i].scale_inv, ns), st, fail);
   }
-  w->data = d;
-  w->scale_inv = sc;
+  for (int i = 0; i < count; i++) {
+    w[i].data = d + i * n;
+    w[i].scale_inv = sc ? (const float *)(sc + i * ns) : NULL;
+  }
   return EPIC_OK;
 fail:
   o->vt->free(o, d);
   o->vt->free(o, sc);
-  memset(w, 0, sizeof *w);
+  memset(w, 0, (size_t)count * sizeof *w);
   return st;
 }
+
+/* w's bytes (and block scales) in backend memory of their own; w is zeroed on failure. */
+static epic_status upload_owned(epic_model *m, epic_weight *w) { return upload_block(m, w, 1); }
 
 /* Whether gate and up can share one block (see EXPERT_W): the same dtype, width and
  * block layout, and gate's rows a whole number of scale blocks. */
@@ -302,41 +309,13 @@ static int fusable(const epic_weight *gate, const epic_weight *up) {
 }
 
 /* gate and up (host views) uploaded into one block of backend memory: w4[EXPERT_GATE_UP]
- * views all of it, gate and up its halves. */
+ * views all of it, gate and up its halves (fusable: the scales of gate end on a block
+ * row, so up's start where gate's end). */
 static epic_status upload_fused(epic_model *m, epic_weight w4[EXPERT_W]) {
-  epic_ops *o = m->ops;
-  epic_weight *g = &w4[EXPERT_GATE], *u = &w4[EXPERT_UP];
-  const size_t n = (size_t)(g->rows * g->cols) * epic_dtype_size(g->dtype);
-  size_t ns = 0;
-  if (g->scale_inv)
-    ns = (size_t)((g->rows / g->block_rows) * ((g->cols + g->block_cols - 1) / g->block_cols)) *
-         sizeof(float);
-  char *d = NULL;
-  char *sc = NULL;
-  epic_status st;
-  EPIC_CHECK_GOTO(o->vt->alloc(o, n > 0 ? 2 * n : 1, (void **)&d), st, fail);
-  EPIC_CHECK_GOTO(o->vt->upload(o, d, g->data, n), st, fail);
-  EPIC_CHECK_GOTO(o->vt->upload(o, d + n, u->data, n), st, fail);
-  if (ns) {
-    EPIC_CHECK_GOTO(o->vt->alloc(o, 2 * ns, (void **)&sc), st, fail);
-    EPIC_CHECK_GOTO(o->vt->upload(o, sc, g->scale_inv, ns), st, fail);
-    EPIC_CHECK_GOTO(o->vt->upload(o, sc + ns, u->scale_inv, ns), st, fail);
-  }
-  w4[EXPERT_GATE_UP] = *g;
-  w4[EXPERT_GATE_UP].rows = 2 * g->rows;
-  w4[EXPERT_GATE_UP].data = d;
-  w4[EXPERT_GATE_UP].scale_inv = (const float *)sc;
-  g->data = d;
-  g->scale_inv = (const float *)sc;
-  u->data = d + n;
-  u->scale_inv = sc ? (const float *)(sc + ns) : NULL;
+  EPIC_CHECK(upload_block(m, &w4[EXPERT_GATE], 2));
+  w4[EXPERT_GATE_UP] = w4[EXPERT_GATE];
+  w4[EXPERT_GATE_UP].rows = 2 * w4[EXPERT_GATE].rows;
   return EPIC_OK;
-fail:
-  o->vt->free(o, d);
-  o->vt->free(o, sc);
-  memset(g, 0, sizeof *g);
-  memset(u, 0, sizeof *u);
-  return st;
 }
 
 /* Expert e's weights of layer lw into w4 (EXPERT_W entries, zeroed by the caller): the
