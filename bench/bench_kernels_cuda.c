@@ -19,7 +19,7 @@
  * caches (bytes: cached 576-element rows read once per sequence at their element size,
  * plus fp32 queries and outputs); mla_prefill: mla_naive at DeepSeek-V3 heads for a
  * chunk after a context (TFLOP/s over the causal pairs, fraction of the BF16 peak; fast
- * and exact precision);
+ * precision with the flash kernel on wgmma and on mma.sync, and exact precision);
  * rmsnorm, route, silu_mul, rope.
  * Timing: CUDA events around a CUDA graph of `reps` calls (launch gaps removed), median
  * of 7 replays. Inputs that would fit in L2 rotate among copies whose total exceeds it.
@@ -724,12 +724,17 @@ static void bench_prefill(FILE *js, int64_t m, int64_t start, int *first) {
   c.kvb = dev_random((size_t)(n * H * 256) * 4, tile_f32);
   c.kpe = dev_random((size_t)(n * 64) * 4, tile_f32);
   CKE(g_ops->vt->alloc(g_ops, (size_t)(m * H * 128) * 4, (void **)&c.out));
-  for (int prec = 0; prec < 2; prec++) {
+  /* runs: the fast flash kernel on wgmma (the default) and on mma.sync, then exact */
+  for (int run = 0; run < 3; run++) {
+    const int prec = run == 2;
     CKE(epic_ops_cuda_set_mla_precision(g_ops, (epic_cuda_mla_precision)prec));
+    CKE(epic_ops_cuda_set_mla_prefill_kernel(g_ops, run == 1 ? EPIC_CUDA_MLA_PREFILL_MMA
+                                                             : EPIC_CUDA_MLA_PREFILL_WGMMA));
     const double sec = time_calls(run_prefill, &c);
     const double pairs = (double)m * (double)start + (double)m * (double)(m + 1) / 2.0;
     const double tf = 2.0 * (double)H * 320.0 * pairs / sec * 1e-12;
-    const char *name = prec ? "exact-fp32-gemm" : "fast";
+    static const char *const names[] = {"fast", "fast-mma-sync", "exact-fp32-gemm"};
+    const char *name = names[run];
     fprintf(js,
             "%s\n    {\"m\": %lld, \"start\": %lld, \"heads\": %lld, \"precision\": \"%s\", "
             "\"us\": %.1f, \"tflops\": %.1f, \"frac_bf16_peak\": %.3f}",

@@ -33,14 +33,6 @@
 
 namespace {
 
-// wgmma exists in the sm_90a code only; the plain sm_90 code (built beside it) runs the
-// mma.sync paths for every variant.
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr bool kHaveWgmma = true;
-#else
-constexpr bool kHaveWgmma = false;
-#endif
-
 constexpr int kHG = 64;            // heads per CTA
 constexpr int kTK = 64;            // keys per tile
 constexpr int kW = 576;            // row width (elements)
@@ -56,69 +48,6 @@ constexpr int kOffML = kOffCorr + kHG * 4;
 constexpr int kSmemBytes = kOffML + 2 * kHG * 4 + 1024; // + slack for the 1024-byte alignment
 static_assert(kHG == kTK && kW % 64 == 0, "Q, KV tiles and P share the panel geometry");
 
-// Shared memory written by this thread's ordinary stores / cp.async becomes visible to the
-// tensor cores' (async proxy) reads after this fence and a barrier.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ void st_shared_u32(uint32_t a, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
-}
-__device__ __forceinline__ void st_shared_v4(uint32_t a, uint32_t x, uint32_t y, uint32_t z,
-                                             uint32_t w) {
-  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(x), "r"(y), "r"(z),
-               "r"(w)
-               : "memory");
-}
-// wgmma shared-memory matrix descriptor, 128-byte swizzle: start address, leading and
-// stride byte offsets, each >> 4 (K-major operands ignore the leading offset).
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
-  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | (uint64_t)((lbo & 0x3FFFFu) >> 4) << 16 |
-         (uint64_t)((sbo & 0x3FFFFu) >> 4) << 32 | (uint64_t)1 << 62;
-}
-__device__ __forceinline__ void wg_fence() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wg_commit() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wg_wait_all() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
-// Keeps the compiler from touching accumulators across the asynchronous wgmma window.
-template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; i++)
-    asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// d[32] (+)= A . B, one 64 x 64 x 16 step, A and B K-major in shared memory; scale_d == 0
-// overwrites d.
-__device__ __forceinline__ void wgmma_s(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-        "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db), "r"(scale_d));
-#else
-  __trap();
-#endif
-}
 // d[128] (+)= A . B, one 64 x 256 x 16 step, A K-major, B N-major (imm-trans-b = 1).
 __device__ __forceinline__ void wgmma_o(float (&d)[128], uint64_t da, uint64_t db, int scale_d) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -88,6 +88,13 @@ epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_ke
   return EPIC_OK;
 }
 
+epic_status epic_ops_cuda_set_mla_prefill_kernel(epic_ops *o, epic_cuda_mla_prefill_kernel k) {
+  if (!o || (k != EPIC_CUDA_MLA_PREFILL_MMA && k != EPIC_CUDA_MLA_PREFILL_WGMMA))
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->mla_prefill_wgmma = k == EPIC_CUDA_MLA_PREFILL_WGMMA;
+  return EPIC_OK;
+}
+
 epic_status epic_ops_cuda_set_fp8_small(epic_ops *o, epic_cuda_fp8_small k) {
   if (!o || (k != EPIC_CUDA_FP8_SMALL_MMA && k != EPIC_CUDA_FP8_SMALL_FP32))
     return EPIC_ERR_INVALID;
@@ -557,6 +564,7 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   c->device = device;
   c->mla_prec = EPIC_CUDA_MLA_TF32;
   c->mla_bf16_variant = EPIC_CUDA_MLA_BF16_WGMMA;
+  c->mla_prefill_wgmma = 1;
   c->fp8_small = EPIC_CUDA_FP8_SMALL_MMA;
   {
     const char *prec = getenv("EPIC_CUDA_PRECISION");
@@ -571,6 +579,11 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
       c->fp8_small = EPIC_CUDA_FP8_SMALL_FP32;
     else if (small && *small && strcmp(small, "mma") != 0)
       EPIC_LOG_WARN("cuda: EPIC_CUDA_FP8_SMALL=%s is neither mma nor fp32; using mma", small);
+    const char *pre = getenv("EPIC_CUDA_MLA_PREFILL");
+    if (pre && strcmp(pre, "mma") == 0)
+      c->mla_prefill_wgmma = 0;
+    else if (pre && *pre && strcmp(pre, "wgmma") != 0)
+      EPIC_LOG_WARN("cuda: EPIC_CUDA_MLA_PREFILL=%s is neither wgmma nor mma; using wgmma", pre);
     c->n_lanes = EPIC_CUDA_LT_LANES_DEFAULT;
     const char *lanes = getenv("EPIC_CUDA_GROUPED_LANES");
     if (lanes && *lanes) {

@@ -86,6 +86,16 @@ typedef enum {
 } epic_cuda_mla_bf16_kernel;
 epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_kernel k);
 
+/* Which implementation of the flash prefill kernel (fast precision, DeepSeek-V3 heads)
+ * runs: its products on wgmma (default) or on mma.sync + ldmatrix (the plain sm_90 code
+ * always takes mma.sync). Same results to the order of fp32 accumulation.
+ * EPIC_CUDA_MLA_PREFILL=wgmma|mma sets it at creation. */
+typedef enum {
+  EPIC_CUDA_MLA_PREFILL_MMA = 0,
+  EPIC_CUDA_MLA_PREFILL_WGMMA = 1, /* default */
+} epic_cuda_mla_prefill_kernel;
+epic_status epic_ops_cuda_set_mla_prefill_kernel(epic_ops *o, epic_cuda_mla_prefill_kernel k);
+
 /* Which kernels multiply FP8 weights by few token rows in the FAST precision.
  * MMA (default): the tensor-core kernel of kern_fp8_mma.cu (activations rounded to bf16
  * by a conversion pass, e4m3 weights converted exactly, block scales in fp32) takes

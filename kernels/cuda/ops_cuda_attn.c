@@ -61,22 +61,21 @@ epic_status epic_cuda_mla_naive(epic_ops *o, const float *q, const float *kvb, c
   epic_cuda_ops *c = epic_cuda_of(o);
   const int64_t dq = nope + rope, dkv = nope + v, n_keys = start + m;
   if (c->mla_prec != EPIC_CUDA_MLA_EXACT &&
-      epic_cuk_mla_prefill_ok(nope, rope, v, m, start, n_heads)) {
-    /* The flash kernel on bf16 copies (one pass each over q, the decompressed keys and
-     * values, and k_pe); row lengths are multiples of 8, so each copy starts 16-byte
-     * aligned. */
-    const size_t nq = (size_t)(m * n_heads * dq), nkv = (size_t)(n_keys * n_heads * dkv);
-    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->att, (nq + nkv + (size_t)(n_keys * rope)) * 2));
-    uint16_t *q16 = (uint16_t *)c->att.p, *kv16 = q16 + nq, *kpe16 = kv16 + nkv;
-    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(q, n_heads * dq, m, n_heads * dq, q16, c->stream),
-                    "mla_naive: queries to bf16");
+      epic_cuk_mla_prefill_ok(nope, rope, v, m, start, n_heads, q)) {
+    /* The flash kernel on bf16 copies of the decompressed keys and values and of k_pe
+     * (one pass each; a head's keys are re-read by every query tile, so they are worth
+     * halving); it rounds the queries itself. Row lengths are multiples of 8, so each
+     * copy starts 16-byte aligned. */
+    const size_t nkv = (size_t)(n_keys * n_heads * dkv);
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->att, (nkv + (size_t)(n_keys * rope)) * 2));
+    uint16_t *kv16 = (uint16_t *)c->att.p, *kpe16 = kv16 + nkv;
     EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(kvb, n_heads * dkv, n_keys, n_heads * dkv, kv16, c->stream),
                     "mla_naive: keys and values to bf16");
     EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(kpe, rope, n_keys, rope, kpe16, c->stream),
                     "mla_naive: k_pe to bf16");
-    EPIC_CHECK_CUDA(
-        epic_cuk_mla_prefill(q16, kv16, kpe16, m, start, n_heads, scale, out, c->stream),
-        "mla_naive: flash prefill kernel");
+    EPIC_CHECK_CUDA(epic_cuk_mla_prefill(q, kv16, kpe16, m, start, n_heads, scale, out,
+                                         c->mla_prefill_wgmma, c->stream),
+                    "mla_naive: flash prefill kernel");
     return EPIC_OK;
   }
   if (n_heads * dkv > INT_MAX || n_keys > INT_MAX)

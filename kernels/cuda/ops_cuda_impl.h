@@ -61,6 +61,7 @@ typedef struct epic_cuda_ops {
   int *err_flag; /* device int: set by kernels on faults only the device sees */
   epic_cuda_mla_precision mla_prec;
   int mla_bf16_variant; /* BF16 decode kernel: bit 0 scores on wgmma, bit 1 P.V on wgmma */
+  int mla_prefill_wgmma; /* flash prefill kernel: products on wgmma (1) or mma.sync (0) */
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
   int fp8_small;    /* epic_cuda_fp8_small */
   int lt_next[EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS]; /* round-robin victim per set */
@@ -315,15 +316,17 @@ int epic_cuk_mla_bf16_ok(int64_t width, int64_t lora, const void *pool);
 cudaError_t epic_cuk_mla_bf16_prepare(int max_smem_optin);
 cudaError_t epic_cuk_mla_bf16_decode(const epic_cuk_mla_params *p, int variant, cudaStream_t st);
 
-/* Flash MLA prefill (kern_mla_prefill.cu): the naive form of mla_naive on bf16 copies of
- * q [m][H][nope + rope], kv [start + m][H][nope + v] and kpe [start + m][rope]; the
- * DeepSeek-V3 head shape only (nope 128, rope 64, v 128). out: fp32 [m][H][v]. */
+/* Flash MLA prefill (kern_mla_prefill.cu): the naive form of mla_naive on fp32 queries
+ * q [m][H][nope + rope] (16-byte aligned; rounded to bf16 by the kernel) and bf16 copies of
+ * kv [start + m][H][nope + v] and kpe [start + m][rope]; the DeepSeek-V3 head shape only
+ * (nope 128, rope 64, v 128). out: fp32 [m][H][v]. wgmma: products on wgmma (else
+ * mma.sync; see epic_cuda_ops.mla_prefill_wgmma). */
 int epic_cuk_mla_prefill_ok(int64_t nope, int64_t rope, int64_t v, int64_t m, int64_t start,
-                            int64_t n_heads);
+                            int64_t n_heads, const float *q);
 cudaError_t epic_cuk_mla_prefill_prepare(void);
-cudaError_t epic_cuk_mla_prefill(const uint16_t *q, const uint16_t *kv, const uint16_t *kpe,
-                                 int64_t m, int64_t start, int64_t n_heads, float scale, float *out,
-                                 cudaStream_t st);
+cudaError_t epic_cuk_mla_prefill(const float *q, const uint16_t *kv, const uint16_t *kpe, int64_t m,
+                                 int64_t start, int64_t n_heads, float scale, float *out,
+                                 int wgmma, cudaStream_t st);
 
 #ifdef __cplusplus
 }

@@ -1264,8 +1264,13 @@ static void check_mla_naive(int64_t m, int64_t start, int64_t H, int64_t nope, i
    * DeepSeek-V3 head shape the flash kernel (kern_mla_prefill.cu: bf16 queries, keys,
    * values and probabilities, fp32 accumulation) */
   const int flash = nope == 128 && rope == 64 && v == 128;
-  for (int prec = 1; prec >= 0; prec--) {
+  /* runs: exact; then fast, on the flash kernel's wgmma and mma.sync variants in turn */
+  for (int run = 0; run < (flash ? 3 : 2); run++) {
+    const int prec = run == 0;
     assert_int_equal(epic_ops_cuda_set_mla_precision(g_gpu, (epic_cuda_mla_precision)prec),
+                     EPIC_OK);
+    assert_int_equal(epic_ops_cuda_set_mla_prefill_kernel(
+                         g_gpu, run == 2 ? EPIC_CUDA_MLA_PREFILL_MMA : EPIC_CUDA_MLA_PREFILL_WGMMA),
                      EPIC_OK);
     poison(dout, so * 4);
     assert_int_equal(
@@ -1274,11 +1279,14 @@ static void check_mla_naive(int64_t m, int64_t start, int64_t H, int64_t nope, i
     fetch(out, dout, so * 4);
     char what[128];
     snprintf(what, sizeof what, "mla_naive %s m=%lld start=%lld H=%lld nope=%lld rope=%lld v=%lld",
-             prec ? "exact" : flash ? "flash-bf16" : "tf32", (long long)m, (long long)start,
-             (long long)H, (long long)nope, (long long)rope, (long long)v);
+             prec ? "exact" : !flash ? "tf32" : run == 1 ? "flash-wgmma" : "flash-mma",
+             (long long)m, (long long)start, (long long)H, (long long)nope, (long long)rope,
+             (long long)v);
     check_err(what, rel_err2d(out, 1, ref, 1, 1, (int64_t)so),
               prec ? 1e-5 : flash ? MLA_PREFILL_BF16_TOL : 5e-3);
   }
+  assert_int_equal(epic_ops_cuda_set_mla_prefill_kernel(g_gpu, EPIC_CUDA_MLA_PREFILL_WGMMA),
+                   EPIC_OK);
   dfree(dq_);
   dfree(dkvb);
   dfree(dkpe);
@@ -1407,6 +1415,7 @@ static void test_mla(void **state) {
   check_mla_naive(100, 37, 8, 128, 64, 128);
   check_mla_naive(1, 700, 4, 128, 64, 128);
   check_mla_naive(70, 64, 3, 128, 64, 128);
+  check_mla_naive(300, 200, 2, 128, 64, 128); /* many tiles before and across the diagonal */
   check_mla_absorbed(5, 0, 4, 32, 8, 3, 0);
   check_mla_absorbed(1, 20, 4, 32, 8, 3, 0);
   check_mla_absorbed(1, 0, 3, 16, 4, 3, 0);
