@@ -35,7 +35,8 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"kv-pages", "N", "KV cache pages per worker (default: 1 GiB worth)"},
     {"page-size", "N", "tokens per KV cache page (default 64)"},
     {"max-context", "N", "prompt + completion tokens of a request (default: the model's)"},
-    {"step-tokens", "N", "per-worker token budget of one step (default 2048)"},
+    {"step-tokens", "N",
+     "per-worker token budget of one step (default 8192 on a GPU, 2048 on a CPU)"},
     {"prefill-chunk", "N", "prompt tokens of one sequence per step (default: --step-tokens)"},
     {"micro-batches", "N", "1, or 2 for two-micro-batch pipelining (default 1)"},
     {"prefix-cache", "SIZE|off",
@@ -276,7 +277,10 @@ void epic_cli_engine_engine_params(const epic_cli_engine_opts *o, epic_model *mo
                              .kv_bytes = (size_t)o->kv_bytes,
                              .max_batch = o->max_batch,
                              .max_queue = o->max_queue,
-                             .step_tokens = o->step_tokens,
+                             /* unset: the backend's step (the plan reserved for it) */
+                             .step_tokens = o->step_tokens
+                                                ? o->step_tokens
+                                                : epic_ops_step_tokens(epic_model_ops(model)),
                              .prefill_chunk = o->prefill_chunk,
                              .max_context = o->max_context,
                              .micro_batches = (int)o->micro_batches,

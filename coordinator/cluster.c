@@ -148,7 +148,9 @@ static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) 
                            .n_ranks = c->nranks,
                            .gpu_mem_bytes = p->mem_per_rank,
                            .include_mtp = p->load_mtp,
-                           .max_batch_tokens = p->max_batch_tokens,
+                           .max_batch_tokens = p->max_batch_tokens > 0
+                                                   ? p->max_batch_tokens
+                                                   : epic_ops_step_tokens(c->ops),
                            .eplb_redundant = R > INT32_MAX ? INT32_MAX : (int)R,
                            .kv_elem_bytes = (int)epic_kv_dtype_size(epic_ops_kv_dtype(c->ops))};
     EPIC_CHECK(epic_plan_create(&pp, &c->plan));

@@ -49,7 +49,8 @@ typedef struct epic_cluster_params {
   const char *device;        /* compute backend (epic_cluster_parse_device); NULL = "auto" */
   int load_mtp;              /* load the MTP layer when the config has one */
   uint64_t mem_per_rank;     /* bytes a rank may use; 0 = unknown (no fit check) */
-  int64_t max_batch_tokens;  /* step tokens, for the plan's activation reserve; 0 = default */
+  int64_t max_batch_tokens;  /* step tokens, for the plan's activation reserve; 0 = the
+                                backend's default step (epic_ops_step_tokens) */
   int64_t eplb_redundant;    /* the engine's eplb_redundant (> 0 copies, < 0 off, 0 its
                                 default): the plan sets their memory aside (planner.h) */
   int progress;              /* rank 0 reports loading progress */

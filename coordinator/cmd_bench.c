@@ -108,7 +108,6 @@ static int parse(int argc, char **argv, bench_opts *o) {
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PAGE_SIZE) |
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PREFIX_CACHE));
   o->e.weight_seed = 1;
-  o->e.step_tokens = 2048;
   o->batch = 8;
   o->prompt_len = 128;
   o->gen = 32;

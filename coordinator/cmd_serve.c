@@ -91,7 +91,6 @@ static int parse(int argc, char **argv, serve_opts *o) {
   epic_cli_engine_init(&o->e, cmd, EPIC_CLI_ENGINE_LOAD_ALL | EPIC_CLI_ENGINE_SCHED_ALL);
   o->e.max_batch = 256;
   o->e.max_queue = 1024;
-  o->e.step_tokens = 2048;
   o->e.kv_bytes = (uint64_t)1 << 30;
   o->listen = "0.0.0.0:50051";
   o->default_max_tokens = 128;
@@ -248,8 +247,8 @@ int epic_cmd_serve(int argc, char **argv) {
       "epic serve: max_batch %lld, max_queue %lld, KV cache %lld pages x %lld tokens per worker "
       "(%lld tokens), max_context %lld, step_tokens %lld, prefill_chunk %lld, micro_batches %lld\n",
       (long long)o.e.max_batch, (long long)o.e.max_queue, (long long)kv_pages, (long long)o.e.page_size,
-      (long long)(kv_pages * o.e.page_size), (long long)max_context, (long long)o.e.step_tokens,
-      (long long)(o.e.prefill_chunk ? o.e.prefill_chunk : o.e.step_tokens),
+      (long long)(kv_pages * o.e.page_size), (long long)max_context, (long long)ep.step_tokens,
+      (long long)(ep.prefill_chunk ? ep.prefill_chunk : ep.step_tokens),
       (long long)o.e.micro_batches);
   printf("epic serve: default_max_tokens %lld, max_request_bytes %llu, drain_timeout %.1fs\n",
          (long long)o.default_max_tokens, (unsigned long long)o.max_request_bytes,

@@ -28,7 +28,6 @@
 #define DEFAULT_KV_BYTES ((size_t)1 << 30)
 #define DEFAULT_MAX_BATCH 256
 #define DEFAULT_MAX_QUEUE 1024
-#define DEFAULT_STEP_TOKENS 2048
 
 /* One request on rank 0, from submit until on_finish. */
 typedef struct ereq {
@@ -740,8 +739,10 @@ static const char *check_params(const epic_engine_params *p) {
 }
 
 /* Defaults, and kv_pages from kv_bytes (cache elements of kv_elem bytes: the backend's
- * kv_dtype). NULL or the bad field. */
-static const char *normalize(epic_engine_params *p, const epic_model_config *c, size_t kv_elem) {
+ * kv_dtype; step_tokens by default the backend's, epic_ops_step_tokens). NULL or the bad
+ * field. */
+static const char *normalize(epic_engine_params *p, const epic_model_config *c, size_t kv_elem,
+                             int64_t backend_step_tokens) {
   if (!kv_elem)
     return "kv_dtype (the backend names an unknown cache element type)";
   if (!p->page_size)
@@ -751,7 +752,7 @@ static const char *normalize(epic_engine_params *p, const epic_model_config *c, 
   if (!p->max_queue)
     p->max_queue = DEFAULT_MAX_QUEUE;
   if (!p->step_tokens)
-    p->step_tokens = DEFAULT_STEP_TOKENS;
+    p->step_tokens = backend_step_tokens;
   /* One budget for the step, as chunked prefill usually runs: a long prompt in few big
    * chunks reads the expert weights once per chunk (at 512-token chunks an 8k prompt
    * streamed them 16 times, 2.7x slower on one H100). */
@@ -839,7 +840,9 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
   /* From here on every rank reaches agree() (collective) whatever fails locally. */
   if (!bad) {
     e->cfg = epic_model_get_config(e->m);
-    bad = normalize(&e->p, e->cfg, epic_kv_dtype_size(epic_ops_kv_dtype(epic_model_ops(e->m))));
+    epic_ops *ops = epic_model_ops(e->m);
+    bad = normalize(&e->p, e->cfg, epic_kv_dtype_size(epic_ops_kv_dtype(ops)),
+                    epic_ops_step_tokens(ops));
   }
   if (bad) {
     EPIC_LOG_ERROR("engine: invalid parameter %s", bad);

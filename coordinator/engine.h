@@ -51,7 +51,8 @@ typedef struct epic_engine_params {
   size_t kv_bytes;        /* KV cache bytes per worker when kv_pages == 0 (default 1 GiB) */
   int64_t max_batch;      /* running sequences in the whole cluster (default 256) */
   int64_t max_queue;      /* waiting requests before submit answers EPIC_ERR_BUSY (default 1024) */
-  int64_t step_tokens;    /* per-worker token budget of one step (default 2048) */
+  int64_t step_tokens;    /* per-worker token budget of one step (default: the backend's,
+                             epic_ops_step_tokens: 8192 on a GPU, 2048 on the CPU) */
   int64_t prefill_chunk;  /* prompt tokens of one sequence per step (default step_tokens) */
   int64_t max_context;    /* prompt + new tokens of one sequence; 0 = the model's max_position_embeddings */
   int micro_batches;      /* 1 or 2 (two-micro-batch pipelining); same on every rank */

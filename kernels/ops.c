@@ -133,6 +133,10 @@ int epic_ops_rows_invariant(epic_ops *o) {
   return o->vt->host_visible; /* the CPU backend, the one backend in host memory */
 }
 
+int64_t epic_ops_step_tokens(epic_ops *o) {
+  return o->vt->host_visible ? 2048 : 8192;
+}
+
 epic_kv_dtype epic_ops_kv_dtype(epic_ops *o) {
   return o->vt->abi_version >= 5 && o->vt->kv_dtype ? o->vt->kv_dtype(o) : EPIC_KV_F32;
 }

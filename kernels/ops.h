@@ -371,4 +371,14 @@ epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t
  * copies are on by default only where it holds. */
 int epic_ops_rows_invariant(epic_ops *o);
 
+/* Tokens per forward step at which o runs near its best rate: the default step budget of
+ * the engine (chunked prefill) and of the plan's activation reserve. Device backends:
+ * 8192 (about 256 rows per expert in an MoE layer, where the expert GEMMs leave their
+ * memory-bound regime; one H200, DeepSeek-V3 layers: prefill 1.8x the rate of 2048-token
+ * steps, bench/README.md). Host backends: 2048, the budget the engine always had there.
+ * Larger steps trade time per output token while prompts are prefilled (a decoding
+ * sequence shares the step with up to that many prompt tokens) for throughput and time
+ * to first token; --step-tokens sets it. */
+int64_t epic_ops_step_tokens(epic_ops *o);
+
 #endif

@@ -37,6 +37,14 @@ if [ -z "$addr" ]; then
   exit 1
 fi
 
+# Without --step-tokens the banner names the backend's default step (epic_ops_step_tokens:
+# 2048 on a CPU, 8192 on a GPU) and the prefill chunk follows it.
+if grep -Eq 'step_tokens (2048, prefill_chunk 2048|8192, prefill_chunk 8192),' "$tmp/serve.out"; then
+  ok "default step budget: $(grep -o 'step_tokens [0-9]*' "$tmp/serve.out")"
+else
+  bad "default step budget in the banner: $(grep 'step_tokens' "$tmp/serve.out")"
+fi
+
 if "$PROBE" "$addr" --prompt-ids 0,10,20,30 --max-tokens 7 >"$tmp/probe.json" 2>"$tmp/err" &&
    [ -n "$(ids_of "$tmp/probe.json")" ] && [ "$(ids_of "$tmp/probe.json")" = "$(ids_of "$tmp/ref.json")" ] &&
    grep -q '"finish_reason":"length"' "$tmp/probe.json"; then

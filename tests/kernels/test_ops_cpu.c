@@ -959,6 +959,8 @@ static void test_kv_store_batch(void **state) {
 }
 
 static void test_memory(void **state) {
+  /* host backend: the engine's default step budget stays 2048 tokens */
+  assert_int_equal(epic_ops_step_tokens(g_ops), 2048);
   void *p = NULL;
   assert_int_equal(g_ops->vt->alloc(g_ops, 1000, &p), EPIC_OK);
   assert_non_null(p);

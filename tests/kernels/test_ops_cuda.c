@@ -190,6 +190,8 @@ static void test_memory(void **state) {
   (void)state;
   assert_int_equal(g_gpu->vt->abi_version, EPIC_OPS_ABI_VERSION);
   assert_string_equal(g_gpu->vt->name, "cuda");
+  /* device backend: the engine's default step budget is 8192 tokens */
+  assert_int_equal(epic_ops_step_tokens(g_gpu), 8192);
   unsigned char *p = dalloc(1000), back[1000];
   assert_int_equal((uintptr_t)p % 64, 0);
   fetch(back, p, sizeof back);
