@@ -669,7 +669,7 @@ int epic_cmd_generate(int argc, char **argv) {
   {
     epic_cluster_params cp;
     epic_cli_engine_cluster_params(&o.e, &cp);
-    cp.max_batch_tokens = 0; /* one sequence: the plan's default activation reserve */
+    cp.max_batch_tokens = 0; /* one sequence: the backend's default step sizes the reserve */
     cp.load_mtp = o.dump_mtp != NULL || o.mtp_draft > 0;
     if (epic_cluster_open(&cp, &cl) != EPIC_OK) return 1;
     rank = epic_cluster_rank(cl);
