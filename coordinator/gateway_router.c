@@ -448,8 +448,14 @@ static void on_dsend(fwd *f, int ok) {
     grpc_byte_buffer_destroy(f->held);
     f->held = NULL;
   }
-  settle(f);
-  fwd_maybe_free(f);
+  /* settle() may free f (attempt_maybe_free -> fwd_maybe_free): after the client's call
+   * closed and the upstream's status came while this send was in flight. So f is freed
+   * through settle while it has an attempt (live_attempts > 0 keeps it alive otherwise),
+   * and directly only when it has none. */
+  if (f->cur)
+    settle(f);
+  else
+    fwd_maybe_free(f);
 }
 
 static void on_new_call(epic_gw_router *r, epic_gw_listener *l, int ok) {
@@ -548,7 +554,12 @@ static void handle(void *user, grpc_event ev) {
   case TAG_USTART: {
     attempt *a = t->obj;
     a->pending--;
-    attempt_maybe_free(a);
+    /* When the start completes last, the current attempt's status still has to reach
+     * the client (settle frees the attempt after sending it). */
+    if (a->f->cur == a)
+      settle(a->f);
+    else
+      attempt_maybe_free(a);
     break;
   }
   case TAG_URECV: on_recv(t->obj, ev.success); break;
