@@ -443,13 +443,22 @@ static size_t send_ops(epic_gw_down *d, grpc_op *ops, grpc_byte_buffer *msg) {
   return n;
 }
 
+/* gRPC refused a send batch: no completion will come for it, so its message is freed
+ * here (a later send would overwrite send_bb), and the call is cancelled. */
+static void refused(epic_gw_down *d) {
+  d->send_busy = 0;
+  if (d->send_bb)
+    grpc_byte_buffer_destroy(d->send_bb);
+  d->send_bb = NULL;
+  grpc_call_cancel(d->call, NULL);
+}
+
 int epic_gw_down_send(epic_gw_down *d, grpc_byte_buffer *bb) {
   grpc_op ops[2];
   memset(ops, 0, sizeof ops);
   size_t n = send_ops(d, ops, bb);
   if (down_batch(d, ops, n, &d->t_send) != 0) {
-    d->send_busy = 0;
-    grpc_call_cancel(d->call, NULL);
+    refused(d);
     return -1;
   }
   return 0;
@@ -487,10 +496,8 @@ void epic_gw_down_finish_md(epic_gw_down *d, grpc_status_code code, const char *
   ops[n].data.send_status_from_server.trailing_metadata = (grpc_metadata *)trail;
   ops[n++].data.send_status_from_server.status_details = &det;
   d->status_started = 1;
-  if (down_batch(d, ops, n, &d->t_send) != 0) {
-    d->send_busy = 0;
-    grpc_call_cancel(d->call, NULL);
-  }
+  if (down_batch(d, ops, n, &d->t_send) != 0)
+    refused(d);
   grpc_slice_unref(det);
 }
 

@@ -123,7 +123,8 @@ static void post_wake(epic_gw_server *s) {
     grpc_metadata_array_destroy(&w->trail);
     free(w);
   }
-  /* The completion-queue thread still looks every TICK_S: late, not lost. */
+  /* The completion-queue thread still looks every TICK_S (epic_gw_server_run): late, not
+   * lost. */
   EPIC_LOG_WARN("serve: could not post a wake-up to the gRPC thread");
   pthread_mutex_lock(&s->mu);
   s->wake_pending = 0;
@@ -924,6 +925,13 @@ epic_status epic_gw_server_run(epic_gw_server *s) {
   s->engine_started = 1;
   for (;;) {
     epic_gw_front_poll(&s->fr, epic_gw_deadline(TICK_S), handle, s);
+    /* Calls marked dirty with no wake-up queued: post_wake failed. Flush them here, or
+     * their tokens and status would wait for some later call's wake-up. */
+    pthread_mutex_lock(&s->mu);
+    const int lost_wake = s->dirty && !s->wake_pending;
+    pthread_mutex_unlock(&s->mu);
+    if (lost_wake)
+      on_wake(s);
     if (s->p.drain_requests && *s->p.drain_requests != s->drain_seen) {
       s->drain_seen = *s->p.drain_requests;
       begin_drain(s, "SIGTERM/SIGINT");
