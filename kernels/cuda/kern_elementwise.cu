@@ -75,12 +75,12 @@ int grid_cols(int64_t n, int per_block) {
 
 // ----------------------------------------------------------------- conversions
 
-// Four columns per thread with 16-byte loads when rows are 16-byte aligned.
 // Rows of n floats at stride ld from p can be read as float4.
 __host__ __device__ inline int rows_vec4(const void *p, int64_t ld, int64_t n) {
   return ld % 4 == 0 && n % 4 == 0 && ((uintptr_t)p & 15u) == 0;
 }
 
+// Four columns per thread with 16-byte loads when rows are 16-byte aligned.
 __global__ void k_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n, uint16_t *y) {
   const int vec = rows_vec4(x, ldx, n);
   for (int64_t i = blockIdx.y; i < m; i += gridDim.y) {
@@ -148,16 +148,12 @@ __device__ __forceinline__ float quant_block(const float *x, int64_t ldx, int64_
   return s;
 }
 
-__device__ __forceinline__ int quant_vec_ok(const float *x, int64_t ldx, int64_t k) {
-  return (ldx % 4 == 0) && (((uintptr_t)x & 15u) == 0) && (k % 4 == 0);
-}
-
 // Grid-stride over all (token, block) pairs, one warp each.
 __global__ void k_quant_fp8(const float *x, int64_t ldx, int64_t m, int64_t k, uint8_t *q,
                             float *scale, int64_t lds) {
   const int lane = threadIdx.x & 31;
   const int64_t nbc = (k + 127) / 128, n = m * nbc;
-  const int vec = quant_vec_ok(x, ldx, k);
+  const int vec = rows_vec4(x, ldx, k);
   for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
        blk += (int64_t)gridDim.x * blockDim.x / 32) {
     const int64_t i = blk / nbc, kb = blk - i * nbc;
@@ -175,7 +171,7 @@ __global__ void k_quant_fp8_groups(const float *x, int64_t ldx, int64_t k, uint8
                                    float *scale, epic_cuk_qgroups t) {
   const int lane = threadIdx.x & 31;
   const int64_t nbc = (k + 127) / 128, n = (int64_t)t.item0[t.n] * nbc;
-  const int vec = quant_vec_ok(x, ldx, k);
+  const int vec = rows_vec4(x, ldx, k);
   for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
        blk += (int64_t)gridDim.x * blockDim.x / 32) {
     const int64_t item = blk / nbc, kb = blk - item * nbc;
