@@ -150,6 +150,10 @@ int epic_ops_has_graphs(epic_ops *o) {
          o->vt->graph_launch && o->vt->graph_free && o->vt->graph_epoch;
 }
 
+int epic_ops_has_grouped_rows(epic_ops *o) {
+  return o->vt->abi_version >= 8 && o->vt->grouped_matmul_rows;
+}
+
 epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t rows,
                                    int64_t max_rows, int64_t *out) {
   for (int64_t g = 0; g <= n_groups; g++) {

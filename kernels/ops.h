@@ -28,8 +28,10 @@
  * 6: moe_plan and grouped_matmul_dev appended (an MoE layer's expert plan built and used in
  *    backend memory, without the host round trip for the routing ids).
  * 7: graph_begin, graph_end, graph_launch, graph_free and graph_epoch appended (a decode
- *    step recorded once and replayed as one launch). */
-#define EPIC_OPS_ABI_VERSION 7
+ *    step recorded once and replayed as one launch).
+ * 8: grouped_matmul_rows appended (the experts' input rows read from the token rows
+ *    through the plan, without a gathered copy). */
+#define EPIC_OPS_ABI_VERSION 8
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -325,6 +327,17 @@ typedef struct epic_ops_vt {
   epic_status (*graph_launch)(epic_ops *o, epic_ops_graph *g);
   void (*graph_free)(epic_ops *o, epic_ops_graph *g);
   uint64_t (*graph_epoch)(epic_ops *o);
+
+  /* ABI 8, optional (NULL: the caller gathers with copy_rows and calls grouped_matmul).
+   * grouped_matmul of the rows x_i = src[rows[i]] (rows: backend memory, off[n_groups]
+   * entries, each in [0, the rows src has)), with the same results bit for bit: a
+   * backend that converts or quantises its input rows does so straight from src,
+   * without writing the gathered rows first. */
+  epic_status (*grouped_matmul_rows)(epic_ops *o, const float *src, int64_t ld_src,
+                                     const int32_t *rows, const int64_t *off,
+                                     const int32_t *off_dev, int64_t n_groups,
+                                     const epic_weight *w, int64_t w_stride, float *y,
+                                     int64_t ldy);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */
@@ -358,6 +371,9 @@ int epic_ops_has_moe_plan(epic_ops *o);
 
 /* Whether the backend records graphs (ABI 7 graph_begin ... graph_epoch). */
 int epic_ops_has_graphs(epic_ops *o);
+
+/* Whether the backend multiplies gathered rows itself (ABI 8 grouped_matmul_rows). */
+int epic_ops_has_grouped_rows(epic_ops *o);
 
 /* grouped_matmul_dev's offsets (host memory, n_groups + 1) as grouped_matmul's host
  * offsets in out, checked against its contract (ascending, ending at rows, no group above

@@ -58,8 +58,8 @@ enum {
 /* Grow-only buffers in backend memory (see dbuf), the same way: a micro-batch's
  * exchange rows and expert results, then the experts' shared work space. */
 enum {
-  DB_SEND, DB_RECV, DB_OUT, DB_BACK, DB_PLAN, /* per micro-batch */
-  DB_GPLAN, DB_TAGS, DB_X, DB_G, DB_U, DB_Y,  /* shared work space */
+  DB_SEND, DB_RECV, DB_OUT, DB_BACK, DB_PLAN, DB_SLOT, /* per micro-batch */
+  DB_GPLAN, DB_TAGS, DB_X, DB_G, DB_U, DB_Y, DB_IOTA,  /* shared work space */
   DB_N
 };
 #define MAX_MB 2
@@ -1147,6 +1147,9 @@ typedef struct micro_batch {
   int64_t *send_rows, *recv_rows; /* [nranks]: dispatch rows to / from each rank */
   int64_t R;                      /* rows received for this rank's experts */
   float *send, *recv, *out, *back; /* backend memory */
+  /* Single process: out holds the expert results in expert order, and slot[i] the
+   * row of out that item i's result is in (moe_combine reads them through it). */
+  int32_t *slot;
   epic_comm_req *req; /* the dispatch or combine in flight, if any */
   epic_status req_st; /* its result when progress() saw it finish */
   /* Host staging of the exchange in flight (device rows over a host-memory comm):
@@ -1290,16 +1293,20 @@ static epic_status route_and_share(epic_model *m, const layer_w *lw, const float
 
 /* The expert groups of one MoE pass: host offsets (off, with off_dev their backend
  * copy or NULL) for grouped_matmul, or backend offsets only (off NULL) with a bound on
- * the rows per group for grouped_matmul_dev. w: n_groups entries of 3 projections. */
+ * the rows per group for grouped_matmul_dev. w: n_groups entries of 3 projections.
+ * rows (with off): the input's row of each group row, for grouped_matmul_rows. */
 typedef struct {
   const int64_t *off;
-  const int32_t *off_dev;
+  const int32_t *off_dev, *rows;
   int64_t n_groups, max_rows;
   const epic_weight *w;
 } expert_groups;
 
 static epic_status grouped(epic_ops *o, const expert_groups *eg, int proj, const float *x,
                            int64_t ldx, int64_t n, float *y, int64_t ldy) {
+  if (eg->rows)
+    return o->vt->grouped_matmul_rows(o, x, ldx, eg->rows, eg->off, eg->off_dev, eg->n_groups,
+                                      &eg->w[proj], EXPERT_W, y, ldy);
   if (!eg->off)
     return o->vt->grouped_matmul_dev(o, x, ldx, n, eg->max_rows, eg->off_dev, eg->n_groups,
                                      &eg->w[proj], EXPERT_W, y, ldy);
@@ -1317,33 +1324,74 @@ static int groups_fused(const expert_groups *eg) {
   return 1;
 }
 
+/* 0, 1, ..., n - 1 as int32 in backend memory (uploaded when it grows, which the first,
+ * unrecorded step of a graph bucket does). */
+static const int32_t *iota_dev(epic_model *m, int64_t n) {
+  const size_t bytes = (size_t)n * sizeof(int32_t);
+  if (m->dcap[0][DB_IOTA] < bytes || !m->dbuf[0][DB_IOTA]) {
+    int32_t *d = dbuf(m, 0, DB_IOTA, bytes);
+    const int64_t cap = d ? (int64_t)(m->dcap[0][DB_IOTA] / sizeof(int32_t)) : 0;
+    int32_t *h = d ? malloc((size_t)cap * sizeof *h) : NULL;
+    epic_status st = h ? EPIC_OK : EPIC_ERR_NOMEM;
+    for (int64_t i = 0; h && i < cap; i++) h[i] = (int32_t)i;
+    if (st == EPIC_OK) st = m->ops->vt->upload(m->ops, d, h, (size_t)cap * sizeof *h);
+    free(h);
+    if (st != EPIC_OK) { /* not filled: the next call tries again */
+      m->ops->vt->free(m->ops, m->dbuf[0][DB_IOTA]);
+      m->dbuf[0][DB_IOTA] = NULL;
+      m->dcap[0][DB_IOTA] = 0;
+      return NULL;
+    }
+  }
+  return m->dbuf[0][DB_IOTA];
+}
+
 /* The experts' FFN over n items planned in dplan (backend memory, as moe_plan lays it
  * out): rows gathered in expert order, one grouped matmul per projection (gate and up
- * as one where fused), scattered back to out. */
+ * as one where fused). Without slot the results are scattered back to out in item
+ * order (the expert-parallel exchange sends them so). With slot they stay in out in
+ * expert order and slot[i] gets the row of item i's result, for moe_combine to read
+ * them through: the scatter pass (a write and a read of every result row: about 1 ms
+ * per MoE layer of an 8192-token prefill step on an H200) and its buffer are saved. */
 static epic_status expert_ffn(fwd *f, const expert_groups *eg, int64_t n, const float *src,
-                              int64_t ld, const int32_t *dplan, float *out) {
+                              int64_t ld, const int32_t *dplan, float *out, int32_t *slot) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size, I = m->cfg.moe_intermediate_size;
   const int fused = groups_fused(eg);
-  float *x = dbuf(m, 0, DB_X, (size_t)(n * D) * sizeof(float));
+  /* With host offsets a backend that multiplies gathered rows reads the inputs through
+   * the plan's source rows (no gathered copy: about 1 ms per MoE layer of an 8192-token
+   * prefill step); otherwise they are gathered here. */
+  const int in_op = eg->off && epic_ops_has_grouped_rows(o);
+  const expert_groups egr = {.off = eg->off, .off_dev = eg->off_dev, .rows = dplan,
+                             .n_groups = eg->n_groups, .max_rows = eg->max_rows, .w = eg->w};
+  float *x = in_op ? NULL : dbuf(m, 0, DB_X, (size_t)(n * D) * sizeof(float));
   float *g = dbuf(m, 0, DB_G, (size_t)(n * (fused ? 2 * I : I)) * sizeof(float));
   float *u = fused ? g + I : dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
-  float *ye = dbuf(m, 0, DB_Y, (size_t)(n * D) * sizeof(float));
+  float *ye = slot ? out : dbuf(m, 0, DB_Y, (size_t)(n * D) * sizeof(float));
   /* fused: one [n][2I] output, gate then up in each row */
   const int64_t ldg = fused ? 2 * I : I;
-  if (!x || !g || !u || !ye) return EPIC_ERR_NOMEM;
-  EPIC_CHECK(o->vt->copy_rows(o, n, D, src, ld, dplan, x, D, NULL));
+  if ((!x && !in_op) || !g || !u || !ye) return EPIC_ERR_NOMEM;
+  if (!in_op) EPIC_CHECK(o->vt->copy_rows(o, n, D, src, ld, dplan, x, D, NULL));
+  const expert_groups *gin = in_op ? &egr : eg; /* the first projection(s) */
+  const float *xin = in_op ? src : x;
+  const int64_t ldin = in_op ? ld : D;
   if (fused) {
-    EPIC_CHECK(grouped(o, eg, EXPERT_GATE_UP, x, D, n, g, 2 * I));
+    EPIC_CHECK(grouped(o, gin, EXPERT_GATE_UP, xin, ldin, n, g, 2 * I));
   } else {
-    EPIC_CHECK(grouped(o, eg, EXPERT_GATE, x, D, n, g, I));
-    EPIC_CHECK(grouped(o, eg, EXPERT_UP, x, D, n, u, I));
+    EPIC_CHECK(grouped(o, gin, EXPERT_GATE, xin, ldin, n, g, I));
+    EPIC_CHECK(grouped(o, gin, EXPERT_UP, xin, ldin, n, u, I));
   }
   progress(f);
   EPIC_CHECK(o->vt->silu_mul(o, g, ldg, u, ldg, n, I, g, ldg));
   EPIC_CHECK(grouped(o, eg, EXPERT_DOWN, g, ldg, n, ye, D));
   progress(f);
+  if (slot) {
+    /* slot[dplan[n + j]] = j: the inverse of the plan's result rows */
+    const int32_t *iota = iota_dev(m, n);
+    if (!iota) return EPIC_ERR_NOMEM;
+    return o->vt->copy_rows(o, n, 1, (const float *)iota, 1, NULL, (float *)slot, 1, dplan + n);
+  }
   return o->vt->copy_rows(o, n, D, ye, D, NULL, out, D, dplan + n);
 }
 
@@ -1352,7 +1400,8 @@ static epic_status expert_ffn(fwd *f, const expert_groups *eg, int64_t n, const 
  * backend memory. The items' rows are gathered in expert order, run through one
  * grouped matmul per projection and scattered back, with one index upload. */
 static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert, int64_t n,
-                               const float *src, int64_t ld, int64_t div, float *out) {
+                               const float *src, int64_t ld, int64_t div, float *out,
+                               int32_t *slot) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   const int64_t E = m->cfg.n_routed_experts;
@@ -1394,7 +1443,7 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
       }
     eg = (expert_groups){.off = soff, .n_groups = ng, .w = swl};
   }
-  return expert_ffn(f, &eg, n, src, ld, dplan, out);
+  return expert_ffn(f, &eg, n, src, ld, dplan, out, slot);
 }
 
 /* run_experts with the plan built on the backend from ids in backend memory (ABI 6
@@ -1402,7 +1451,7 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
  * to m->dev_tokens (see epic_model_expert_tokens). */
 static epic_status run_experts_dev(fwd *f, const layer_w *lw, const int32_t *idx, int64_t n,
                                    int64_t max_rows, const float *src, int64_t ld, int64_t div,
-                                   float *out) {
+                                   float *out, int32_t *slot) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   const int64_t E = m->cfg.n_routed_experts;
@@ -1416,7 +1465,7 @@ static epic_status run_experts_dev(fwd *f, const layer_w *lw, const int32_t *idx
   EPIC_CHECK(o->vt->moe_plan(o, idx, n, E, div, dplan, m->dev_tokens + lw->slot * E));
   const expert_groups eg = {
       .off_dev = dplan + 2 * n, .n_groups = E, .max_rows = max_rows, .w = lw->experts};
-  return expert_ffn(f, &eg, n, src, ld, dplan, out);
+  return expert_ffn(f, &eg, n, src, ld, dplan, out, slot);
 }
 
 /* MoE phase 1 of 3 (DESIGN §3): router and shared experts for the
@@ -1504,16 +1553,17 @@ static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
     if (b->M == 0) return EPIC_OK;
     t = epic_now_seconds();
     b->out = dbuf(m, b->id, DB_OUT, (size_t)(b->M * K * D) * sizeof(float));
-    if (!b->out) return EPIC_ERR_NOMEM;
+    b->slot = dbuf(m, b->id, DB_SLOT, (size_t)(b->M * K) * sizeof(int32_t));
+    if (!b->out || !b->slot) return EPIC_ERR_NOMEM;
     m->stats.expert_rows += b->M * K;
     /* A backend without host memory plans decode-sized batches itself: the routing ids
      * stay where route wrote them. */
     if (dev_planned(o, b->M)) {
-      EPIC_CHECK(run_experts_dev(f, lw, s->idx, b->M * K, b->M, s->a, D, K, b->out));
+      EPIC_CHECK(run_experts_dev(f, lw, s->idx, b->M * K, b->M, s->a, D, K, b->out, b->slot));
     } else {
       EPIC_CHECK(to_host_i32(m, s->idx, b->M * K, b->id, XB_IDS, &ids));
       count_experts(m, lw->slot, ids, b->M * K);
-      EPIC_CHECK(run_experts(f, lw, ids, b->M * K, s->a, D, K, b->out));
+      EPIC_CHECK(run_experts(f, lw, ids, b->M * K, s->a, D, K, b->out, b->slot));
     }
     m->stats.experts_s += epic_now_seconds() - t;
     return EPIC_OK;
@@ -1541,7 +1591,7 @@ static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
   if (!b->out || !b->back) return EPIC_ERR_NOMEM;
   t = epic_now_seconds();
   m->stats.expert_rows += b->R;
-  EPIC_CHECK(run_experts(f, lw, rexp, b->R, b->recv + 1, W, 1, b->out));
+  EPIC_CHECK(run_experts(f, lw, rexp, b->R, b->recv + 1, W, 1, b->out, NULL));
   m->stats.experts_s += epic_now_seconds() - t;
   return exchange_start(m, b, b->out, b->recv_rows, b->back, b->send_rows, D,
                         &m->stats.combine_bytes);
@@ -1559,7 +1609,7 @@ static epic_status moe_end(fwd *f, micro_batch *b) {
   if (m->comm) EPIC_CHECK(wait_exchange(m, b, &m->stats.combine_wait_s));
   if (b->M == 0) return EPIC_OK;
   return o->vt->moe_combine(o, b->M, K, D, m->comm ? b->back : b->out,
-                            m->comm ? s->tok_list : NULL, s->w, s->y);
+                            m->comm ? s->tok_list : b->slot, s->w, s->y);
 }
 
 /* Decode attention for sequences [i0, i0 + n) of the micro-batch, one token each

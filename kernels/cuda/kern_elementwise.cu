@@ -80,14 +80,17 @@ __host__ __device__ inline int rows_vec4(const void *p, int64_t ld, int64_t n) {
   return ld % 4 == 0 && n % 4 == 0 && ((uintptr_t)p & 15u) == 0;
 }
 
-// Four columns per thread with 16-byte loads when rows are 16-byte aligned.
-__global__ void k_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n, uint16_t *y) {
+// Four columns per thread with 16-byte loads when rows are 16-byte aligned. Row i comes
+// from row xidx[i] of x when xidx is given.
+__global__ void k_f32_to_bf16(const float *x, int64_t ldx, const int32_t *xidx, int64_t m,
+                              int64_t n, uint16_t *y) {
   const int vec = rows_vec4(x, ldx, n);
   for (int64_t i = blockIdx.y; i < m; i += gridDim.y) {
+    const float *xr = x + (xidx ? (int64_t)xidx[i] : i) * ldx;
     if (vec) {
       for (int64_t j = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4; j < n;
            j += (int64_t)gridDim.x * blockDim.x * 4) {
-        const float4 f = *(const float4 *)(x + i * ldx + j);
+        const float4 f = *(const float4 *)(xr + j);
         const uint2 o =
             make_uint2((uint32_t)f32_to_bf16_bits(f.x) | (uint32_t)f32_to_bf16_bits(f.y) << 16,
                        (uint32_t)f32_to_bf16_bits(f.z) | (uint32_t)f32_to_bf16_bits(f.w) << 16);
@@ -96,7 +99,7 @@ __global__ void k_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n,
     } else {
       for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n;
            j += (int64_t)gridDim.x * blockDim.x)
-        y[i * n + j] = f32_to_bf16_bits(x[i * ldx + j]);
+        y[i * n + j] = f32_to_bf16_bits(xr[j]);
     }
   }
 }
@@ -109,15 +112,16 @@ __global__ void k_bf16_to_f32(const uint16_t *x, int64_t ldx, int64_t m, int64_t
       y[i * ldy + j] = bf16_bits_to_f32(x[i * ldx + j]);
 }
 
-// One warp quantises one (token i, 128-column block kb): 4 columns per lane, amax by
-// shuffles, the 128 codes stored as one 4-byte word per lane into row i of q (dense,
-// ld k). Returns the block's scale (every lane).
+// One warp quantises one (token row xi of x, 128-column block kb): 4 columns per lane,
+// amax by shuffles, the 128 codes stored as one 4-byte word per lane into row i of q
+// (dense, ld k). Returns the block's scale (every lane).
 __device__ __forceinline__ float quant_block(const float *x, int64_t ldx, int64_t k, int vec,
-                                             uint8_t *q, int64_t i, int64_t kb, int lane) {
+                                             uint8_t *q, int64_t xi, int64_t i, int64_t kb,
+                                             int lane) {
   const int64_t col = kb * 128 + lane * 4;
   float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (vec && col < k) {
-    const float4 f = *(const float4 *)(x + i * ldx + col);
+    const float4 f = *(const float4 *)(x + xi * ldx + col);
     v[0] = f.x;
     v[1] = f.y;
     v[2] = f.z;
@@ -126,7 +130,7 @@ __device__ __forceinline__ float quant_block(const float *x, int64_t ldx, int64_
 #pragma unroll
     for (int j = 0; j < 4; j++)
       if (col + j < k)
-        v[j] = x[i * ldx + col + j];
+        v[j] = x[xi * ldx + col + j];
   }
   float a = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
@@ -157,7 +161,7 @@ __global__ void k_quant_fp8(const float *x, int64_t ldx, int64_t m, int64_t k, u
   for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
        blk += (int64_t)gridDim.x * blockDim.x / 32) {
     const int64_t i = blk / nbc, kb = blk - i * nbc;
-    const float s = quant_block(x, ldx, k, vec, q, i, kb, lane);
+    const float s = quant_block(x, ldx, k, vec, q, i, i, kb, lane);
     if (lane == 0)
       scale[kb * lds + i] = s;
   }
@@ -166,9 +170,9 @@ __global__ void k_quant_fp8(const float *x, int64_t ldx, int64_t m, int64_t k, u
 // The groups of t, item space: group g's round_up(rows, 4) padded rows, from
 // t.item0[g]. A real row is quantised with its scale in the group's own region; a pad
 // row gets scale 0, and zero codes for the first t.zpad[g] of them (rows that no
-// group of the call quantises).
-__global__ void k_quant_fp8_groups(const float *x, int64_t ldx, int64_t k, uint8_t *q,
-                                   float *scale, epic_cuk_qgroups t) {
+// group of the call quantises). Row i is read from row xidx[i] of x when xidx is given.
+__global__ void k_quant_fp8_groups(const float *x, int64_t ldx, const int32_t *xidx, int64_t k,
+                                   uint8_t *q, float *scale, epic_cuk_qgroups t) {
   const int lane = threadIdx.x & 31;
   const int64_t nbc = (k + 127) / 128, n = (int64_t)t.item0[t.n] * nbc;
   const int vec = rows_vec4(x, ldx, k);
@@ -187,7 +191,7 @@ __global__ void k_quant_fp8_groups(const float *x, int64_t ldx, int64_t k, uint8
     const int64_t mp = (rows + 3) / 4 * 4, i = t.row0[lo] + j;
     float s = 0.0f;
     if (j < rows) {
-      s = quant_block(x, ldx, k, vec, q, i, kb, lane);
+      s = quant_block(x, ldx, k, vec, q, xidx ? (int64_t)xidx[i] : i, i, kb, lane);
     } else if (j < rows + t.zpad[lo]) {
       const int64_t col = kb * 128 + lane * 4;
       for (int c = 0; c < 4 && col + c < k; c++)
@@ -564,11 +568,11 @@ __global__ void k_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t ld,
 
 extern "C" {
 
-cudaError_t epic_cuk_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n, uint16_t *y,
-                                 cudaStream_t st) {
+cudaError_t epic_cuk_f32_to_bf16(const float *x, int64_t ldx, const int32_t *xidx, int64_t m,
+                                 int64_t n, uint16_t *y, cudaStream_t st) {
   const int per = rows_vec4(x, ldx, n) ? 4 : 1;
   k_f32_to_bf16<<<dim3(grid_cols((n + per - 1) / per, kThreads), grid_rows(m)), kThreads, 0, st>>>(
-      x, ldx, m, n, y);
+      x, ldx, xidx, m, n, y);
   return cudaGetLastError();
 }
 
@@ -589,15 +593,16 @@ cudaError_t epic_cuk_quant_fp8_1x128(const float *x, int64_t ldx, int64_t m, int
   return cudaGetLastError();
 }
 
-cudaError_t epic_cuk_quant_fp8_groups(const float *x, int64_t ldx, int64_t k, uint8_t *q,
-                                      float *scale, const epic_cuk_qgroups *t, cudaStream_t st) {
+cudaError_t epic_cuk_quant_fp8_groups(const float *x, int64_t ldx, const int32_t *xidx, int64_t k,
+                                      uint8_t *q, float *scale, const epic_cuk_qgroups *t,
+                                      cudaStream_t st) {
   if (t->n <= 0)
     return cudaSuccess;
   const int64_t warps = (int64_t)t->item0[t->n] * ((k + 127) / 128);
   int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
   if (blocks > 8192)
     blocks = 8192;
-  k_quant_fp8_groups<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, k, q, scale, *t);
+  k_quant_fp8_groups<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, xidx, k, q, scale, *t);
   return cudaGetLastError();
 }
 

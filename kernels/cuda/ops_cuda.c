@@ -490,7 +490,8 @@ static void cuda_destroy(epic_ops *o) {
   for (int i = 0; i < c->n_group_tabs; i++)
     cudaFree(c->group_tabs[i].dev);
   epic_cuda_matmul_release(c);
-  epic_cuda_buf *bufs[] = {&c->act, &c->act_s, &c->wdq, &c->outb, &c->keys, &c->att, &c->pick};
+  epic_cuda_buf *bufs[] = {&c->act,  &c->act_s, &c->wdq,  &c->outb,
+                           &c->keys, &c->att,   &c->pick, &c->gath};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     cudaFree(bufs[i]->p);
   if (c->lt)
@@ -542,6 +543,7 @@ static const epic_ops_vt epic_cuda_vt = {
     .graph_launch = cuda_graph_launch,
     .graph_free = cuda_graph_free,
     .graph_epoch = cuda_graph_epoch,
+    .grouped_matmul_rows = epic_cuda_grouped_matmul_rows,
 };
 
 epic_status epic_ops_cuda_create(int device, epic_ops **out) {

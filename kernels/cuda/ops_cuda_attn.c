@@ -69,9 +69,10 @@ epic_status epic_cuda_mla_naive(epic_ops *o, const float *q, const float *kvb, c
     const size_t nkv = (size_t)(n_keys * n_heads * dkv);
     EPIC_CHECK(epic_cuda_buf_reserve(c, &c->att, (nkv + (size_t)(n_keys * rope)) * 2));
     uint16_t *kv16 = (uint16_t *)c->att.p, *kpe16 = kv16 + nkv;
-    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(kvb, n_heads * dkv, n_keys, n_heads * dkv, kv16, c->stream),
-                    "mla_naive: keys and values to bf16");
-    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(kpe, rope, n_keys, rope, kpe16, c->stream),
+    EPIC_CHECK_CUDA(
+        epic_cuk_f32_to_bf16(kvb, n_heads * dkv, NULL, n_keys, n_heads * dkv, kv16, c->stream),
+        "mla_naive: keys and values to bf16");
+    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(kpe, rope, NULL, n_keys, rope, kpe16, c->stream),
                     "mla_naive: k_pe to bf16");
     EPIC_CHECK_CUDA(epic_cuk_mla_prefill(q, kv16, kpe16, m, start, n_heads, scale, out,
                                          c->mla_prefill_wgmma, c->stream),

@@ -97,6 +97,7 @@ typedef struct epic_cuda_ops {
   epic_cuda_buf keys;  /* gathered cache rows (GEMM attention path) */
   epic_cuda_buf att;   /* scores / probabilities, split-K partials */
   epic_cuda_buf pick;  /* row_pick's per-chunk partials */
+  epic_cuda_buf gath;  /* gathered input rows (grouped_matmul_rows, paths reading x whole) */
 } epic_cuda_ops;
 
 static inline epic_cuda_ops *epic_cuda_of(epic_ops *o) {
@@ -140,6 +141,11 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
                                      const int64_t *off_host, const int32_t *off_dev,
                                      int64_t n_groups, const epic_weight *w, int64_t w_stride,
                                      float *y, int64_t ldy);
+epic_status epic_cuda_grouped_matmul_rows(epic_ops *o, const float *src, int64_t ld_src,
+                                          const int32_t *rows, const int64_t *off,
+                                          const int32_t *off_dev, int64_t n_groups,
+                                          const epic_weight *w, int64_t w_stride, float *y,
+                                          int64_t ldy);
 epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ldx, int64_t rows,
                                          int64_t max_rows, const int32_t *off, int64_t n_groups,
                                          const epic_weight *w, int64_t w_stride, float *y,
@@ -151,9 +157,10 @@ epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, i
 
 /* ------------------------------------------------------------------ launchers */
 
-/* y[i][0..n) = bf16(x[i][0..n)), y dense [m][n]. */
-cudaError_t epic_cuk_f32_to_bf16(const float *x, int64_t ldx, int64_t m, int64_t n, uint16_t *y,
-                                 cudaStream_t st);
+/* y[i][0..n) = bf16(x[r][0..n)), r = xidx ? xidx[i] : i (xidx: device memory), y dense
+ * [m][n]. */
+cudaError_t epic_cuk_f32_to_bf16(const float *x, int64_t ldx, const int32_t *xidx, int64_t m,
+                                 int64_t n, uint16_t *y, cudaStream_t st);
 /* y[i][j] (ld ldy) = float(x[i][j]) for bf16 x [m][n] with row stride ldx. */
 cudaError_t epic_cuk_bf16_to_f32(const uint16_t *x, int64_t ldx, int64_t m, int64_t n, float *y,
                                  int64_t ldy, cudaStream_t st);
@@ -167,15 +174,17 @@ cudaError_t epic_cuk_quant_fp8_1x128(const float *x, int64_t ldx, int64_t m, int
  * its scales to its own block [nbc][mp] at scale + sbase (mp = rows rounded up to 4,
  * cuBLASLt's token count). Its pad rows rows..mp get scale 0, and the first zpad of them
  * zero codes (rows no group of the call quantises). item0: prefix sums of the mp, n + 1
- * entries. Passed by value (kernel parameters: no upload, capturable). */
+ * entries. Passed by value (kernel parameters: no upload, capturable). With xidx (device
+ * memory) row i of the groups is read from row xidx[i] of x (codes still go to row i). */
 enum { EPIC_CUK_QGROUPS_MAX = 128 };
 typedef struct epic_cuk_qgroups {
   int32_t n;
   int32_t row0[EPIC_CUK_QGROUPS_MAX], rows[EPIC_CUK_QGROUPS_MAX], zpad[EPIC_CUK_QGROUPS_MAX];
   int32_t sbase[EPIC_CUK_QGROUPS_MAX], item0[EPIC_CUK_QGROUPS_MAX + 1];
 } epic_cuk_qgroups;
-cudaError_t epic_cuk_quant_fp8_groups(const float *x, int64_t ldx, int64_t k, uint8_t *q,
-                                      float *scale, const epic_cuk_qgroups *t, cudaStream_t st);
+cudaError_t epic_cuk_quant_fp8_groups(const float *x, int64_t ldx, const int32_t *xidx, int64_t k,
+                                      uint8_t *q, float *scale, const epic_cuk_qgroups *t,
+                                      cudaStream_t st);
 /* FP8 (block-scaled) weight times m <= 4 fp32 tokens staged in shared memory: W is read
  * once with 16-byte loads, products in fp32 (no activation rounding). */
 enum { EPIC_CUK_SKINNY_MAX_M = 4 };

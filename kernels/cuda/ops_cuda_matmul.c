@@ -190,11 +190,13 @@ const char *epic_cuda_mm_path_name(epic_cuda_mm_path p) {
   }
 }
 
-static epic_status to_bf16(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t m, int64_t k,
-                           uint16_t **out) {
+/* The m rows of x (row i at xidx[i] when given) as dense bf16 rows in the act buffer. */
+static epic_status to_bf16(epic_cuda_ops *c, const float *x, int64_t ldx, const int32_t *xidx,
+                           int64_t m, int64_t k, uint16_t **out) {
   EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(m * k) * 2));
   *out = (uint16_t *)c->act.p;
-  EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x, ldx, m, k, *out, c->stream), "matmul: convert to bf16");
+  EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x, ldx, xidx, m, k, *out, c->stream),
+                  "matmul: convert to bf16");
   return EPIC_OK;
 }
 
@@ -266,7 +268,7 @@ static epic_status mm_fp8_mma(epic_cuda_ops *c, const float *x, int64_t ldx, int
   epic_cuk_fp8_mma_args a = {
       .ldx = w->cols, .w = w, .n_groups = 1, .active_groups = 1, .rows_max = m, .y = y, .ldy = ldy};
   uint16_t *xb;
-  EPIC_CHECK(to_bf16(c, x, ldx, m, w->cols, &xb));
+  EPIC_CHECK(to_bf16(c, x, ldx, NULL, m, w->cols, &xb));
   a.x = xb;
   EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream), "matmul: FP8 tensor-core kernel");
   return EPIC_OK;
@@ -301,7 +303,7 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
   }
   case EPIC_CUDA_MM_BF16: {
     uint16_t *xb;
-    EPIC_CHECK(to_bf16(c, x, ldx, m, k, &xb));
+    EPIC_CHECK(to_bf16(c, x, ldx, NULL, m, k, &xb));
     return gemm_bf16(c, w->data, rows, k, xb, m, y, ldy);
   }
   case EPIC_CUDA_MM_FP8_LT:
@@ -333,7 +335,7 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
       chunk = rows;
     uint16_t *xb = NULL;
     if (bf)
-      EPIC_CHECK(to_bf16(c, x, ldx, m, k, &xb));
+      EPIC_CHECK(to_bf16(c, x, ldx, NULL, m, k, &xb));
     EPIC_CHECK(epic_cuda_buf_reserve(c, &c->wdq, (size_t)(chunk * k) * esz));
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
       const int64_t nr = rows - r0 < chunk ? rows - r0 : chunk;
@@ -561,9 +563,11 @@ static const epic_cuk_group_w *launch_table(epic_cuda_ops *c, int mma, const epi
  * tiles), up to max_rows. A class's grid has a row per group of that class: counted
  * exactly from host offsets (off_host), else bounded by rows / (the class's smallest
  * size). A row's result is the same in every class (kern_fp8_mma.cu, row invariance).
- * err / bound: flag groups above bound rows (device offsets only). */
-static epic_status mma_classes(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t rows,
-                               const int64_t *off_host, const int32_t *off_dev,
+ * err / bound: flag groups above bound rows (device offsets only). xidx (device, or
+ * NULL): row i of the groups is row xidx[i] of x. */
+static epic_status mma_classes(epic_cuda_ops *c, const float *x, int64_t ldx,
+                               const int32_t *xidx, int64_t rows, const int64_t *off_host,
+                               const int32_t *off_dev,
                                const epic_cuk_group_w *tab, int64_t n_groups, int64_t max_rows,
                                const epic_weight *shape, int *err, float *y, int64_t ldy) {
   uint16_t *xb;
@@ -582,13 +586,15 @@ static epic_status mma_classes(epic_cuda_ops *c, const float *x, int64_t ldx, in
       while (e < n_groups && off_host[e + 1] - off_host[e] <= max_rows)
         e++;
       if (off_host[e] > off_host[g])
-        EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x + off_host[g] * ldx, ldx, off_host[e] - off_host[g],
-                                             k, xb + off_host[g] * k, c->stream),
+        EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(xidx ? x : x + off_host[g] * ldx, ldx,
+                                             xidx ? xidx + off_host[g] : NULL,
+                                             off_host[e] - off_host[g], k, xb + off_host[g] * k,
+                                             c->stream),
                         "grouped matmul: convert to bf16");
       g = e + 1;
     }
   } else {
-    EPIC_CHECK(to_bf16(c, x, ldx, rows, shape->cols, &xb));
+    EPIC_CHECK(to_bf16(c, x, ldx, xidx, rows, shape->cols, &xb));
   }
   for (int64_t lo = 1, hi = 8; lo <= max_rows; lo = hi + 1, hi *= 2) {
     const int last = hi >= max_rows;
@@ -694,11 +700,12 @@ typedef struct {
  * them. A lone large group takes this path too, so that a group's algorithm does not
  * depend on how many large groups share its call (expert parallelism splits them over
  * ranks). Numerics: the per-group path's e4m3 activations; the algorithm (chosen
- * without workspace) may sum in another order. */
+ * without workspace) may sum in another order. xidx (device, or NULL): the quantiser
+ * reads row i of the groups from row xidx[i] of x. */
 static epic_status grouped_lanes(epic_cuda_ops *c, const float *x, int64_t ldx,
-                                 const int64_t *off, int64_t n_groups, const epic_weight *w,
-                                 int64_t w_stride, int64_t lim, float *y, int64_t ldy,
-                                 uint8_t *done) {
+                                 const int32_t *xidx, const int64_t *off, int64_t n_groups,
+                                 const epic_weight *w, int64_t w_stride, int64_t lim, float *y,
+                                 int64_t ldy, uint8_t *done) {
   if (c->n_lanes < 1 || off[n_groups] + 4 > INT32_MAX || n_groups < 1)
     return EPIC_OK;
   /* the groups: above the bound, cuBLASLt-ready, with the first such group's shape */
@@ -787,7 +794,7 @@ static epic_status grouped_lanes(epic_cuda_ops *c, const float *x, int64_t ldx,
       t.sbase[j] = (int32_t)q->sbase;
       t.item0[j + 1] = t.item0[j] + (int32_t)q->mp;
     }
-    st = epic_cuda_check(epic_cuk_quant_fp8_groups(x, ldx, k, xq, xs, &t, c->stream),
+    st = epic_cuda_check(epic_cuk_quant_fp8_groups(x, ldx, xidx, k, xq, xs, &t, c->stream),
                          "grouped matmul: quantise activations");
   }
   /* fork; from here on every lane is joined back, whatever fails */
@@ -861,11 +868,25 @@ static epic_status grouped_lanes(epic_cuda_ops *c, const float *x, int64_t ldx,
   return st;
 }
 
-epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
-                                     const int64_t *off_host, const int32_t *off_dev,
-                                     int64_t n_groups, const epic_weight *w, int64_t w_stride,
-                                     float *y, int64_t ldy) {
-  epic_cuda_ops *c = epic_cuda_of(o);
+/* The rows of x gathered through xidx (rows of them) into the gath buffer. */
+static epic_status gather_rows(epic_cuda_ops *c, const float *x, int64_t ldx, const int32_t *xidx,
+                               int64_t rows, int64_t k, const float **out) {
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->gath, (size_t)(rows * k) * sizeof(float)));
+  EPIC_CHECK_CUDA(epic_cuk_copy_rows(rows, k, x, ldx, xidx, c->gath.p, k, NULL, c->stream),
+                  "grouped matmul: gather rows");
+  *out = c->gath.p;
+  return EPIC_OK;
+}
+
+/* grouped_matmul, with row i of the groups read from row xidx[i] of x when xidx (device
+ * memory) is given. The default path takes the index where it converts or quantises
+ * the rows (the tensor-core launches' bf16 conversion, the lanes' quantiser); the
+ * others read x whole and get a gathered copy. */
+static epic_status grouped_core(epic_cuda_ops *c, const float *x, int64_t ldx,
+                                const int32_t *xidx, const int64_t *off_host,
+                                const int32_t *off_dev, int64_t n_groups, const epic_weight *w,
+                                int64_t w_stride, float *y, int64_t ldy) {
+  epic_ops *o = &c->base;
   const epic_cuk_group_w *tab = NULL;
   const int mma = c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA;
   const int64_t lim = mma ? EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS : EPIC_CUDA_GROUPED_MAX_ROWS;
@@ -886,6 +907,12 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
       small_max = rows > small_max ? rows : small_max;
     }
   }
+  const epic_weight *shape = list_shape(w, w_stride, n_groups);
+  if (xidx && (c->exact_matmul || !mma) && shape && off_host[n_groups] > 0) {
+    EPIC_CHECK(gather_rows(c, x, ldx, xidx, off_host[n_groups], shape->cols, &x));
+    ldx = shape->cols;
+    xidx = NULL;
+  }
   if (c->exact_matmul)
     return grouped_exact(c, x, ldx, off_host, n_groups, w, w_stride, y, ldy);
   /* the large groups first: their pad rows may run into the next group's rows, which
@@ -893,16 +920,16 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
   uint8_t *done = calloc((size_t)n_groups + 1, 1);
   if (!done)
     return EPIC_ERR_NOMEM;
-  epic_status st = grouped_lanes(c, x, ldx, off_host, n_groups, w, w_stride, lim, y, ldy, done);
-  const epic_weight *shape = list_shape(w, w_stride, n_groups);
+  epic_status st =
+      grouped_lanes(c, x, ldx, xidx, off_host, n_groups, w, w_stride, lim, y, ldy, done);
   /* One launch (per size class) for the small groups. The fp32 kernel leaves a lone small
    * group to the skinny launches below, which compute its rows alike; the tensor-core
    * kernel's dense form is the same code, so it takes any number. */
   if (st == EPIC_OK && small > (mma ? 0 : 1) && off_dev)
     tab = launch_table(c, mma, w, w_stride, n_groups, off_host[n_groups], shape, ldx, ldy, &st);
   if (st == EPIC_OK && tab && mma) {
-    st = mma_classes(c, x, ldx, off_host[n_groups], off_host, off_dev, tab, n_groups, small_max,
-                     shape, NULL, y, ldy);
+    st = mma_classes(c, x, ldx, xidx, off_host[n_groups], off_host, off_dev, tab, n_groups,
+                     small_max, shape, NULL, y, ldy);
   } else if (st == EPIC_OK && tab) {
     st = epic_cuda_check(epic_cuk_fp8_grouped(x, ldx, off_dev, n_groups, tab, shape,
                                               EPIC_CUDA_GROUPED_MAX_ROWS, y, ldy, c->stream),
@@ -913,6 +940,13 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
     const epic_weight *wg = &w[g * w_stride];
     if (rows == 0 || done[g] || (tab && rows <= lim))
       continue;
+    if (xidx) { /* the first group left to the paths below: they read x whole */
+      st = gather_rows(c, x, ldx, xidx, off_host[n_groups], wg->cols, &x);
+      if (st != EPIC_OK)
+        break;
+      ldx = wg->cols;
+      xidx = NULL;
+    }
     const int fits = epic_cuda_weight_ok(wg) && ldx >= wg->cols && ldy >= wg->rows;
     float *yg = y + off_host[g] * ldy;
     const float *xg = x + off_host[g] * ldx;
@@ -934,6 +968,27 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
   }
   free(done);
   return st;
+}
+
+epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
+                                     const int64_t *off_host, const int32_t *off_dev,
+                                     int64_t n_groups, const epic_weight *w, int64_t w_stride,
+                                     float *y, int64_t ldy) {
+  return grouped_core(epic_cuda_of(o), x, ldx, NULL, off_host, off_dev, n_groups, w, w_stride,
+                      y, ldy);
+}
+
+/* ABI 8: prefill's expert inputs quantised (or converted) straight from the token rows:
+ * the gathered fp32 copy, a write and a read of every (token, expert) row, is not made. */
+epic_status epic_cuda_grouped_matmul_rows(epic_ops *o, const float *src, int64_t ld_src,
+                                          const int32_t *rows, const int64_t *off,
+                                          const int32_t *off_dev, int64_t n_groups,
+                                          const epic_weight *w, int64_t w_stride, float *y,
+                                          int64_t ldy) {
+  if (!rows || !src)
+    return EPIC_ERR_INVALID;
+  return grouped_core(epic_cuda_of(o), src, ld_src, rows, off, off_dev, n_groups, w, w_stride, y,
+                      ldy);
 }
 
 /* Offsets in backend memory only (ABI 6, after moe_plan). The tensor-core kernel finds its
@@ -958,8 +1013,8 @@ epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ld
         launch_table(c, 1, w, w_stride, n_groups, rows, shape, ldx, ldy, &st);
     EPIC_CHECK(st);
     if (tab)
-      return mma_classes(c, x, ldx, rows, NULL, off, tab, n_groups, max_rows, shape, c->err_flag,
-                         y, ldy);
+      return mma_classes(c, x, ldx, NULL, rows, NULL, off, tab, n_groups, max_rows, shape,
+                         c->err_flag, y, ldy);
   }
   int32_t *h32 = malloc((size_t)(n_groups + 1) * sizeof *h32);
   int64_t *h64 = malloc((size_t)(n_groups + 1) * sizeof *h64);

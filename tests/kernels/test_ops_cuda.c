@@ -707,6 +707,82 @@ static void test_grouped_lanes(void **state) {
   free(ref);
 }
 
+/* grouped_matmul_rows (ABI 8) equals copy_rows + grouped_matmul bit for bit: rows read
+ * through a map that repeats and skips token rows (src with a row stride above k), groups
+ * large and small and empty, under the default kind (lanes and tensor-core launches read
+ * through the map), with no lanes (large groups per group, from a gathered copy), the FP32
+ * kind and the exact precision (both gather first). A NULL map is refused. */
+static void test_grouped_rows_gather(void **state) {
+  (void)state;
+  enum { G = 9, T = 300 };
+  const int64_t rows[G] = {130, 3, 0, 200, 1, 17, 140, 64, 5}, n = 384, k = 1024, lds = k + 8;
+  int64_t off[G + 1] = {0};
+  int32_t off32[G + 1] = {0};
+  tw w[G];
+  static epic_weight dw[G]; /* static: the backend caches a table per list */
+  memset(dw, 0, sizeof dw);
+  for (int g = 0; g < G; g++) {
+    off[g + 1] = off[g] + rows[g];
+    off32[g + 1] = (int32_t)off[g + 1];
+    if (rows[g] == 0)
+      continue;
+    w[g] = tw_make(EPIC_DT_F8E4M3, n, k, 128, 128);
+    dw[g] = w[g].d;
+  }
+  const int64_t m = off[G];
+  int32_t *map = xmalloc((size_t)m * sizeof *map);
+  for (int64_t i = 0; i < m; i++)
+    map[i] = (int32_t)(rng_u64() % (T - 20)); /* repeats; the last 20 tokens never read */
+  float *src = xmalloc((size_t)(T * lds) * 4), *a = xmalloc((size_t)(m * n) * 4);
+  float *b = xmalloc((size_t)(m * n) * 4);
+  fill(src, (size_t)(T * lds), 1.0f);
+  float *dsrc = dup_dev(src, (size_t)(T * lds) * 4), *dx = dalloc((size_t)(m * k) * 4);
+  float *dy = dalloc((size_t)(m * n) * 4);
+  int32_t *dmap = dup_dev(map, (size_t)m * sizeof *map), *doff = dup_dev(off32, sizeof off32);
+  assert_int_equal(g_gpu->vt->copy_rows(g_gpu, m, k, dsrc, lds, dmap, dx, k, NULL), EPIC_OK);
+  static const char *const names[4] = {"default", "no lanes", "fp32 kind", "exact"};
+  for (int run = 0; run < 4; run++) {
+    set_fp8_kind(run == 2);
+    const int lanes = run == 1 ? 0 : EPIC_CUDA_LT_LANES_DEFAULT;
+    assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, lanes), EPIC_OK);
+    assert_int_equal(epic_ops_cuda_set_precision(g_gpu, run == 3 ? EPIC_CUDA_PREC_EXACT
+                                                                 : EPIC_CUDA_PREC_FAST),
+                     EPIC_OK);
+    poison(dy, (size_t)(m * n) * 4);
+    assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, k, off, doff, G, dw, 1, dy, n), EPIC_OK);
+    fetch(a, dy, (size_t)(m * n) * 4);
+    poison(dy, (size_t)(m * n) * 4);
+    assert_int_equal(
+        g_gpu->vt->grouped_matmul_rows(g_gpu, dsrc, lds, dmap, off, doff, G, dw, 1, dy, n),
+        EPIC_OK);
+    fetch(b, dy, (size_t)(m * n) * 4);
+    for (int64_t i = 0; i < m * n; i++)
+      if (memcmp(&a[i], &b[i], sizeof a[i]))
+        fail_msg("grouped_matmul_rows (%s): row %lld col %lld: %.9g, gathered %.9g", names[run],
+                 (long long)(i / n), (long long)(i % n), (double)b[i], (double)a[i]);
+    printf("#   grouped_matmul_rows (%s) equals copy_rows + grouped_matmul bit for bit\n",
+           names[run]);
+  }
+  set_fp8_kind(0);
+  assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, EPIC_CUDA_LT_LANES_DEFAULT), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
+  assert_int_equal(
+      g_gpu->vt->grouped_matmul_rows(g_gpu, dsrc, lds, NULL, off, doff, G, dw, 1, dy, n),
+      EPIC_ERR_INVALID);
+  for (int g = 0; g < G; g++)
+    if (rows[g])
+      tw_free(&w[g]);
+  dfree(dsrc);
+  dfree(dx);
+  dfree(dy);
+  dfree(dmap);
+  dfree(doff);
+  free(map);
+  free(src);
+  free(a);
+  free(b);
+}
+
 /* moe_plan on the device equals the CPU's (plan and accumulated counts, bit for bit);
  * grouped_matmul_dev on its offsets equals grouped_matmul in both precisions (the fast
  * FP8 tensor-core path reads the offsets on the device, exact reads them back); an expert
@@ -1781,6 +1857,7 @@ int main(void) {
       cmocka_unit_test(test_route),     cmocka_unit_test(test_kv),
       cmocka_unit_test(test_row_ops),   cmocka_unit_test(test_grouped_matmul),
       cmocka_unit_test(test_grouped_lanes),
+      cmocka_unit_test(test_grouped_rows_gather),
       cmocka_unit_test(test_moe_plan),
       cmocka_unit_test(test_row_pick),
       cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_mla),
