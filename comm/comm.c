@@ -390,29 +390,36 @@ static epic_status check_int_bytes(size_t bytes, const char *what) {
   return EPIC_OK;
 }
 
-epic_status epic_comm_alltoall_counts(epic_comm *c, const int64_t *send, int64_t *recv) {
+epic_status epic_comm_alltoall_counts_n(epic_comm *c, const int64_t *send, int64_t *recv,
+                                        int64_t n) {
   MPI_Request r;
-  if (!c || !send || !recv) return EPIC_ERR_INVALID;
+  if (!c || !send || !recv || n < 1 || n > INT_MAX / (int64_t)sizeof(int64_t))
+    return EPIC_ERR_INVALID;
   if (c->ops->progress && !epic_comm_device_buffers(c)) {
     /* Over the backend's own transport (ucx): a peer that stops answering is
      * then named by the data plane's timeout ("pending with rank(s) ..."), which
      * an MPI collective cannot say. This exchange precedes every MoE dispatch,
      * where a stuck rank is most likely to be noticed. */
-    const size_t n = (size_t)c->nranks;
-    size_t *b = malloc(2 * n * sizeof *b);
+    const size_t np = (size_t)c->nranks, blk = (size_t)n * sizeof(int64_t);
+    size_t *b = malloc(2 * np * sizeof *b);
     if (!b) return EPIC_ERR_NOMEM;
-    for (size_t p = 0; p < n; p++) {
-      b[p] = sizeof(int64_t);
-      b[n + p] = p * sizeof(int64_t);
+    for (size_t p = 0; p < np; p++) {
+      b[p] = blk;
+      b[np + p] = p * blk;
     }
-    epic_a2a_args a = {.send = send, .send_counts = b, .send_displs = b + n, .recv = recv,
-                       .recv_counts = b, .recv_displs = b + n};
+    epic_a2a_args a = {.send = send, .send_counts = b, .send_displs = b + np, .recv = recv,
+                       .recv_counts = b, .recv_displs = b + np};
     epic_status st = epic_comm_alltoallv(c, &a);
     free(b);
     return st;
   }
-  EPIC_CHECK_MPI(MPI_Ialltoall(send, 1, MPI_INT64_T, recv, 1, MPI_INT64_T, c->boot, &r));
+  EPIC_CHECK_MPI(
+      MPI_Ialltoall(send, (int)n, MPI_INT64_T, recv, (int)n, MPI_INT64_T, c->boot, &r));
   return epic_comm_mpi_wait_progress(c, &r, "MPI_Ialltoall(counts)");
+}
+
+epic_status epic_comm_alltoall_counts(epic_comm *c, const int64_t *send, int64_t *recv) {
+  return epic_comm_alltoall_counts_n(c, send, recv, 1);
 }
 
 epic_status epic_comm_allgather(epic_comm *c, const void *send, void *recv, size_t bytes) {

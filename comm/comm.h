@@ -147,6 +147,11 @@ void epic_comm_req_free(epic_comm_req *req);
 /* Exchange one int64 per peer: send[p] goes to rank p, recv[p] comes from rank p (both
  * epic_comm_size entries, host memory). The usual step before an alltoallv. Collective. */
 epic_status epic_comm_alltoall_counts(epic_comm *c, const int64_t *send, int64_t *recv);
+/* The same with n int64 per peer: send[p * n .. p * n + n) goes to rank p, recv[q * n ..
+ * q * n + n) comes from rank q (n >= 1; the expert-parallel dispatch sends its per-expert
+ * row counts so). Collective, every rank with the same n. */
+epic_status epic_comm_alltoall_counts_n(epic_comm *c, const int64_t *send, int64_t *recv,
+                                        int64_t n);
 
 /* ---- control plane (host memory, collective, blocking) ------------------------------ */
 

@@ -51,8 +51,9 @@ typedef struct mtp_w {
  * is in flight and the other micro-batch computes; and, in slot 0 only, work
  * space that one micro-batch uses at a time. */
 enum {
-  XB_CNT, XB_IDS, XB_PLAN, XB_HSEND, XB_HRECV,          /* per micro-batch */
-  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_GPLAN, XB_FWD, XB_COPY, XB_SOFF, XB_SWL, /* shared */
+  XB_CNT, XB_IDS, XB_PLAN, XB_HSEND, XB_HRECV, XB_ECNT, /* per micro-batch */
+  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_GPLAN, XB_FWD, XB_COPY, XB_SOFF, XB_SWL, XB_DEST,
+  /* shared */
   XB_N
 };
 /* Grow-only buffers in backend memory (see dbuf), the same way: a micro-batch's
@@ -156,9 +157,6 @@ static int dev_planned(epic_ops *o, int64_t tokens) {
   return !o->vt->host_visible && epic_ops_has_moe_plan(o) && tokens <= DEV_PLAN_MAX_TOKENS;
 }
 
-/* Row of the all-to-all payload: the expert id (as raw int32 bits) followed by
- * the hidden vector, so one message carries both. */
-#define EP_ROW(D) ((D) + 1)
 /* Rows per expert matmul call on host-memory backends (see run_experts): the CPU
  * matmul's fused-dot path (kernels/cpu/ops_cpu_matmul.c, EPIC_CPU_ROWS_MAX_M). */
 #define EP_ROW_CHUNK EPIC_OPS_CPU_FIXED_ORDER_ROWS
@@ -1145,6 +1143,7 @@ typedef struct micro_batch {
   int64_t M; /* tokens */
   scratch s; /* its slice of the batch rows, plus the shared work space */
   int64_t *send_rows, *recv_rows; /* [nranks]: dispatch rows to / from each rank */
+  int64_t *ecnt; /* [2][nranks][experts]: the same per expert (sent, then received) */
   int64_t R;                      /* rows received for this rank's experts */
   float *send, *recv, *out, *back; /* backend memory */
   /* Single process: out holds the expert results in expert order, and slot[i] the
@@ -1478,61 +1477,72 @@ static epic_status moe_begin(fwd *f, micro_batch *b, const layer_w *lw) {
   epic_ops *o = m->ops;
   scratch *s = &b->s;
   const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
-  const int64_t K = m->cfg.num_experts_per_tok, W = EP_ROW(D), M = b->M;
+  const int64_t K = m->cfg.num_experts_per_tok, M = b->M;
   const int P = m->nranks;
   const int32_t *roff = m->rep_off ? m->rep_off + lw->slot * E : NULL, *ids;
   double t = epic_now_seconds();
-  int64_t *next;
-  int32_t *seen;
-  int32_t *plan, *dplan; /* [M*K] source token of each send row, [M*K] its tag, [M*K] tok_list */
+  int64_t *ecnt, *next;
+  int32_t *seen, *dest;
+  int32_t *plan, *dplan; /* [M*K] source token of each send row, [M*K] tok_list */
   if (M > 0) EPIC_CHECK(route_and_share(m, lw, s->a, M, s, s->y));
   m->stats.dense_s += epic_now_seconds() - t;
   if (!m->comm) return EPIC_OK;
-  b->send_rows = xbuf(m, b->id, XB_CNT, 3 * (size_t)P * sizeof(int64_t));
-  plan = xbuf(m, b->id, XB_PLAN, (size_t)(3 * M * K) * sizeof(int32_t));
-  b->send = dbuf(m, b->id, DB_SEND, (size_t)(M * K * W) * sizeof(float));
-  dplan = dbuf(m, b->id, DB_PLAN, (size_t)(3 * M * K) * sizeof(int32_t));
-  if (!b->send_rows || !plan || !b->send || !dplan) return EPIC_ERR_NOMEM;
+  b->send_rows = xbuf(m, b->id, XB_CNT, 2 * (size_t)P * sizeof(int64_t));
+  /* [P][E] rows this micro-batch sends to each rank for each expert, then [P][E] those it
+   * receives (kept for moe_experts), then [P][E] scratch */
+  b->ecnt = ecnt = xbuf(m, b->id, XB_ECNT, 3 * (size_t)(P * E) * sizeof(int64_t));
+  plan = xbuf(m, b->id, XB_PLAN, (size_t)(2 * M * K) * sizeof(int32_t));
+  dest = xbuf(m, 0, XB_DEST, (size_t)(M * K) * sizeof(int32_t));
+  b->send = dbuf(m, b->id, DB_SEND, (size_t)(M * K * D) * sizeof(float));
+  dplan = dbuf(m, b->id, DB_PLAN, (size_t)(2 * M * K) * sizeof(int32_t));
+  if (!b->send_rows || !ecnt || !plan || !dest || !b->send || !dplan) return EPIC_ERR_NOMEM;
   EPIC_CHECK(to_host_i32(m, s->idx, M * K, b->id, XB_IDS, &ids));
   count_experts(m, lw->slot, ids, M * K);
   seen = xbuf(m, 0, XB_COPY, (size_t)E * sizeof *seen);
   if (!seen) return EPIC_ERR_NOMEM;
   b->recv_rows = b->send_rows + P;
-  next = b->recv_rows + P;
-  memset(b->send_rows, 0, 3 * (size_t)P * sizeof(int64_t));
+  next = ecnt + 2 * P * E;
+  memset(b->send_rows, 0, 2 * (size_t)P * sizeof(int64_t));
+  memset(ecnt, 0, (size_t)(P * E) * sizeof *ecnt);
   /* The copy of expert e that serves this rank's j-th row for e (in (token, k)
    * order): copy (j + rank) mod copies, so every rank spreads its rows evenly over
-   * the copies, starting at a different one. Deterministic, so both passes agree;
-   * any copy gives the same result (same weights, row-independent expert math). */
-#define EP_DEST(e) (m->rep_rank[roff[(e)] + (seen[(e)]++ + m->rank) % (roff[(e) + 1] - roff[(e)])])
-  /* Rows grouped by destination rank, (token, k) order inside. */
-  memset(seen, 0, (size_t)E * sizeof *seen);
-  for (int64_t i = 0; i < M * K; i++) b->send_rows[EP_DEST(ids[i])]++;
-  for (int p = 1; p < P; p++) next[p] = next[p - 1] + b->send_rows[p - 1];
+   * the copies, starting at a different one. Deterministic; any copy gives the same
+   * result (same weights, row-independent expert math). */
   memset(seen, 0, (size_t)E * sizeof *seen);
   for (int64_t i = 0; i < M * K; i++) {
-    const int64_t pos = next[EP_DEST(ids[i])]++;
-    plan[pos] = (int32_t)(i / K);
-    plan[M * K + pos] = ids[i];
-    plan[2 * M * K + i] = (int32_t)pos; /* where (token, k)'s result comes back */
+    const int32_t e = ids[i];
+    dest[i] = m->rep_rank[roff[e] + (seen[e]++ + m->rank) % (roff[e + 1] - roff[e])];
+    ecnt[dest[i] * E + e]++;
   }
-#undef EP_DEST
+  /* Rows grouped by destination rank, by expert inside, (token, k) order inside that:
+   * the receiver knows each row's expert from the counts alone (no tags to read back),
+   * and its groups keep the source-rank-then-(token, k) order they always had. */
+  int64_t pos = 0;
+  for (int64_t c = 0; c < P * E; c++) {
+    next[c] = pos;
+    pos += ecnt[c];
+    b->send_rows[c / E] += ecnt[c];
+  }
+  for (int64_t i = 0; i < M * K; i++) {
+    const int64_t at = next[dest[i] * E + ids[i]]++;
+    plan[at] = (int32_t)(i / K);
+    plan[M * K + i] = (int32_t)at; /* where (token, k)'s result comes back */
+  }
   if (M > 0) {
-    EPIC_CHECK(o->vt->upload(o, dplan, plan, (size_t)(3 * M * K) * sizeof(int32_t)));
-    EPIC_CHECK(o->vt->copy_rows(o, M * K, D, s->a, D, dplan, b->send + 1, W, NULL));
-    EPIC_CHECK(o->vt->copy_rows(o, M * K, 1, (const float *)(dplan + M * K), 1, NULL, b->send, W,
-                                NULL));
-    EPIC_CHECK(o->vt->copy_rows(o, 1, M * K, (const float *)(dplan + 2 * M * K), 0, NULL,
+    EPIC_CHECK(o->vt->upload(o, dplan, plan, (size_t)(2 * M * K) * sizeof(int32_t)));
+    EPIC_CHECK(o->vt->copy_rows(o, M * K, D, s->a, D, dplan, b->send, D, NULL));
+    EPIC_CHECK(o->vt->copy_rows(o, 1, M * K, (const float *)(dplan + M * K), 0, NULL,
                                 (float *)s->tok_list, 0, NULL));
   }
   t = epic_now_seconds();
-  EPIC_CHECK(epic_comm_alltoall_counts(m->comm, b->send_rows, b->recv_rows));
+  EPIC_CHECK(epic_comm_alltoall_counts_n(m->comm, ecnt, ecnt + P * E, E));
   m->stats.dispatch_wait_s += epic_now_seconds() - t;
   b->R = 0;
+  for (int64_t c = 0; c < P * E; c++) b->recv_rows[c / E] += ecnt[P * E + c];
   for (int p = 0; p < P; p++) b->R += b->recv_rows[p];
-  b->recv = dbuf(m, b->id, DB_RECV, (size_t)(b->R * W) * sizeof(float));
+  b->recv = dbuf(m, b->id, DB_RECV, (size_t)(b->R * D) * sizeof(float));
   if (!b->recv) return EPIC_ERR_NOMEM;
-  return exchange_start(m, b, b->send, b->send_rows, b->recv, b->recv_rows, W,
+  return exchange_start(m, b, b->send, b->send_rows, b->recv, b->recv_rows, D,
                         &m->stats.dispatch_bytes);
 }
 
@@ -1545,9 +1555,10 @@ static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
   epic_ops *o = m->ops;
   scratch *s = &b->s;
   const int64_t D = m->cfg.hidden_size, E = m->cfg.n_routed_experts;
-  const int64_t K = m->cfg.num_experts_per_tok, W = EP_ROW(D);
+  const int64_t K = m->cfg.num_experts_per_tok;
+  const int P = m->nranks;
   double t;
-  const int32_t *rexp; /* expert id of each received row */
+  int32_t *rexp; /* expert id of each received row */
   if (!m->comm) {
     const int32_t *ids;
     if (b->M == 0) return EPIC_OK;
@@ -1569,29 +1580,26 @@ static epic_status moe_experts(fwd *f, micro_batch *b, const layer_w *lw) {
     return EPIC_OK;
   }
   EPIC_CHECK(wait_exchange(m, b, &m->stats.dispatch_wait_s));
-  if (o->vt->host_visible) {
-    int32_t *h = xbuf(m, 0, XB_REXP, (size_t)b->R * sizeof(int32_t));
-    if (!h) return EPIC_ERR_NOMEM;
-    for (int64_t r = 0; r < b->R; r++) memcpy(&h[r], b->recv + r * W, sizeof *h);
-    rexp = h;
-  } else {
-    int32_t *tags = dbuf(m, 0, DB_TAGS, (size_t)b->R * sizeof(int32_t));
-    if (!tags) return EPIC_ERR_NOMEM;
-    EPIC_CHECK(o->vt->copy_rows(o, b->R, 1, b->recv, W, NULL, (float *)tags, 1, NULL));
-    EPIC_CHECK(to_host_i32(m, tags, b->R, 0, XB_REXP, &rexp));
-  }
-  for (int64_t r = 0; r < b->R; r++)
-    if (rexp[r] < 0 || rexp[r] >= E || !m->held[lw->slot * E + rexp[r]]) {
-      EPIC_LOG_ERROR("moe: rank %d received a row for expert %d it does not hold", m->rank,
-                     rexp[r]);
+  /* Each rank's rows come sorted by expert: their experts follow from the per-expert
+   * counts of the exchange (moe_begin), with nothing read back from the rows. */
+  const int64_t *rcnt = b->ecnt + P * E;
+  rexp = xbuf(m, 0, XB_REXP, (size_t)b->R * sizeof *rexp);
+  if (!rexp) return EPIC_ERR_NOMEM;
+  int64_t r = 0;
+  for (int64_t c = 0; c < P * E; c++) {
+    const int32_t e = (int32_t)(c % E);
+    if (rcnt[c] > 0 && !m->held[lw->slot * E + e]) {
+      EPIC_LOG_ERROR("moe: rank %d received rows for expert %d it does not hold", m->rank, e);
       return EPIC_ERR_COMM;
     }
+    for (int64_t j = 0; j < rcnt[c]; j++) rexp[r++] = e;
+  }
   b->out = dbuf(m, b->id, DB_OUT, (size_t)(b->R * D) * sizeof(float));
   b->back = dbuf(m, b->id, DB_BACK, (size_t)(b->M * K * D) * sizeof(float));
   if (!b->out || !b->back) return EPIC_ERR_NOMEM;
   t = epic_now_seconds();
   m->stats.expert_rows += b->R;
-  EPIC_CHECK(run_experts(f, lw, rexp, b->R, b->recv + 1, W, 1, b->out, NULL));
+  EPIC_CHECK(run_experts(f, lw, rexp, b->R, b->recv, D, 1, b->out, NULL));
   m->stats.experts_s += epic_now_seconds() - t;
   return exchange_start(m, b, b->out, b->recv_rows, b->back, b->send_rows, D,
                         &m->stats.combine_bytes);

@@ -243,6 +243,22 @@ static void test_counts_exchange(void **state) {
   for (int p = 0; p < g_size; p++) CHECK((size_t)r[p] == t.rc[p], "learnt count from %d", p);
   free(s);
   case_fini(&t);
+  /* Several counts per peer (the dispatch's per-expert counts): block p to rank p. */
+  enum { N = 3 };
+  int64_t *sn = malloc(2 * N * (size_t)g_size * sizeof(int64_t)), *rn = sn + N * g_size;
+  for (int p = 0; p < g_size; p++)
+    for (int j = 0; j < N; j++) {
+      sn[p * N + j] = (int64_t)g_rank * 1000003LL + p * 10 + j;
+      rn[p * N + j] = -1;
+    }
+  st = epic_comm_alltoall_counts_n(g_comm, sn, rn, N);
+  CHECK(st == EPIC_OK, "%s", epic_status_str(st));
+  for (int p = 0; p < g_size; p++)
+    for (int j = 0; j < N; j++)
+      CHECK(rn[p * N + j] == (int64_t)p * 1000003LL + g_rank * 10 + j, "count %d from %d: %lld",
+            j, p, (long long)rn[p * N + j]);
+  CHECK(epic_comm_alltoall_counts_n(g_comm, sn, rn, 0) == EPIC_ERR_INVALID, "n = 0 refused");
+  free(sn);
   agree();
 }
 
