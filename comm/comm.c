@@ -345,6 +345,12 @@ void epic_comm_req_free(epic_comm_req *req) {
   if (req) release(&req);
 }
 
+epic_status epic_comm_req_queue_wait(epic_comm_req *req, void *queue) {
+  if (!req || !queue) return EPIC_ERR_INVALID;
+  if (!req->comm->ops->req_queue_wait) return EPIC_ERR_UNSUPPORTED;
+  return req->comm->ops->req_queue_wait(req, queue);
+}
+
 epic_status epic_comm_alltoallv(epic_comm *c, const epic_a2a_args *a) {
   epic_comm_req *r = NULL;
   EPIC_CHECK(epic_comm_alltoallv_start(c, a, &r));

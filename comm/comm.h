@@ -120,6 +120,9 @@ typedef struct epic_a2a_args {
   const size_t *recv_counts;
   const size_t *recv_displs;
   void *stream; /* nccl: cudaStream_t to enqueue on (NULL = params.stream); others ignore */
+  void *after;  /* nccl: a cudaStream_t whose work queued so far (e.g. what wrote the send
+                   rows) the operation waits for on the device, so the caller need not
+                   synchronise; NULL: none. Others ignore it. */
 } epic_a2a_args;
 
 /* Blocking all-to-all-v. Collective. For nccl "blocking" means enqueued and the stream
@@ -143,6 +146,12 @@ epic_status epic_comm_test(epic_comm_req **req, int *done);
 /* Abandon a request (cancels what can be cancelled; the communicator may be left unusable
  * if peers still take part). NULL-safe. Meant for error paths. */
 void epic_comm_req_free(epic_comm_req *req);
+/* Device-buffer backends (nccl): work queued on `queue` (a cudaStream_t) after this call
+ * waits on the device for the operation to finish; the host does not wait. The request
+ * stays the caller's, to wait for or test as usual, and before anything makes the host
+ * wait on `queue`: a lost peer is noticed (and the operation aborted, releasing `queue`)
+ * only by the request's wait. Other backends: EPIC_ERR_UNSUPPORTED. */
+epic_status epic_comm_req_queue_wait(epic_comm_req *req, void *queue);
 
 /* Exchange one int64 per peer: send[p] goes to rank p, recv[p] comes from rank p (both
  * epic_comm_size entries, host memory). The usual step before an alltoallv. Collective. */

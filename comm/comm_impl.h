@@ -36,6 +36,8 @@ typedef struct epic_comm_ops {
   void (*progress)(epic_comm *c);
   /* Optional control-plane overrides; NULL -> generic MPI implementation in comm.c. */
   epic_status (*barrier)(epic_comm *c);
+  /* Optional (device-buffer backends): see epic_comm_req_queue_wait. */
+  epic_status (*req_queue_wait)(epic_comm_req *req, void *queue);
 } epic_comm_ops;
 
 struct epic_comm {

@@ -7,7 +7,8 @@
  * cudaMemcpyAsync. The request records a CUDA event after the group; test polls it, wait
  * polls it with the communicator's timeout while checking ncclCommGetAsyncError (a dead
  * peer otherwise leaves the kernels spinning forever), and aborts the NCCL communicator on
- * timeout or error. */
+ * timeout or error. A producer stream (args.after) is waited for through the same event
+ * before the group; a consumer stream waits on it after (req_queue_wait). */
 #define _POSIX_C_SOURCE 200809L
 #include "comm/comm_impl.h"
 
@@ -152,6 +153,14 @@ static epic_status epic_nccl_a2a_start(epic_comm *c, const epic_a2a_args *a, epi
   }
   const char *sb = a->send;
   char *rb = a->recv;
+  if (a->after) { /* the producer's queued work first, on the device (the event is reused) */
+    e = cudaEventRecord(r->ev, (cudaStream_t)a->after);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(s, r->ev, 0);
+    if (e != cudaSuccess) {
+      st = cuda_error(e, "ordering after the producer's stream", __FILE__, __LINE__);
+      goto fail;
+    }
+  }
   ncclResult_t nr = ncclGroupStart();
   if (nr != ncclSuccess) {
     st = nccl_error(nr, "ncclGroupStart", __FILE__, __LINE__);
@@ -239,6 +248,12 @@ static epic_status epic_nccl_req_wait(epic_comm_req *req) {
   return st;
 }
 
+static epic_status epic_nccl_req_queue_wait(epic_comm_req *req, void *queue) {
+  epic_nccl_req *r = (epic_nccl_req *)req;
+  EPIC_CHECK_CUDA(cudaStreamWaitEvent((cudaStream_t)queue, r->ev, 0));
+  return EPIC_OK;
+}
+
 static void epic_nccl_req_free(epic_comm_req *req) {
   epic_nccl_req *r = (epic_nccl_req *)req;
   if (!r->done) ((epic_nccl_comm *)req->comm)->broken = 1;
@@ -260,4 +275,5 @@ const epic_comm_ops epic_comm_nccl_ops = {
     .req_free = epic_nccl_req_free,
     .progress = NULL,
     .barrier = NULL,
+    .req_queue_wait = epic_nccl_req_queue_wait,
 };

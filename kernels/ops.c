@@ -154,6 +154,10 @@ int epic_ops_has_grouped_rows(epic_ops *o) {
   return o->vt->abi_version >= 8 && o->vt->grouped_matmul_rows;
 }
 
+void *epic_ops_queue(epic_ops *o) {
+  return o->vt->abi_version >= 8 && o->vt->queue && o->vt->upload_async ? o->vt->queue(o) : NULL;
+}
+
 epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t rows,
                                    int64_t max_rows, int64_t *out) {
   for (int64_t g = 0; g <= n_groups; g++) {

@@ -30,7 +30,9 @@
  * 7: graph_begin, graph_end, graph_launch, graph_free and graph_epoch appended (a decode
  *    step recorded once and replayed as one launch).
  * 8: grouped_matmul_rows appended (the experts' input rows read from the token rows
- *    through the plan, without a gathered copy). */
+ *    through the plan, without a gathered copy); upload_async and queue appended (an
+ *    expert-parallel exchange ordered against the backend's ops without the host
+ *    waiting). */
 #define EPIC_OPS_ABI_VERSION 8
 
 typedef enum {
@@ -338,6 +340,17 @@ typedef struct epic_ops_vt {
                                      const int32_t *off_dev, int64_t n_groups,
                                      const epic_weight *w, int64_t w_stride, float *y,
                                      int64_t ldy);
+
+  /* ABI 8, optional (NULL: use upload). upload without waiting: the bytes are staged
+   * before the call returns (src may be reused at once) and land in dst before any op
+   * queued later runs. Refused while recording, like upload. */
+  epic_status (*upload_async)(epic_ops *o, void *dst, const void *src, size_t bytes);
+
+  /* ABI 8, optional (NULL: the host orders the backend's ops and an exchange by waiting).
+   * The backend's queue in the form a device-buffer comm backend takes (CUDA: its
+   * cudaStream_t), so that an exchange can start after the ops queued so far and later ops
+   * can wait for the exchange, both without the host waiting. */
+  void *(*queue)(epic_ops *o);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */
@@ -374,6 +387,10 @@ int epic_ops_has_graphs(epic_ops *o);
 
 /* Whether the backend multiplies gathered rows itself (ABI 8 grouped_matmul_rows). */
 int epic_ops_has_grouped_rows(epic_ops *o);
+
+/* The backend's queue for device-buffer exchanges (ABI 8 queue, with upload_async), or
+ * NULL where the host must wait instead. */
+void *epic_ops_queue(epic_ops *o);
 
 /* grouped_matmul_dev's offsets (host memory, n_groups + 1) as grouped_matmul's host
  * offsets in out, checked against its contract (ascending, ending at rows, no group above

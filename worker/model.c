@@ -112,6 +112,14 @@ struct epic_model {
   /* Expert parallelism: comm == NULL means every expert is local. */
   epic_comm *comm;
   int rank, nranks;
+  /* Exchanges the backend's queue waits for on the device (ordered(), in flight): the
+   * host waits for them (drain) before it next waits for the queue, which is where a
+   * lost peer is noticed; wait_s: the stat their host wait counts to. */
+  struct {
+    epic_comm_req *req;
+    double *wait_s;
+  } queued[2 * MAX_MB];
+  int n_queued;
   /* Expert placement (see epic_model_set_placement), rows 0..L-1 and L (MTP):
    * the copies of expert e of row l are on ranks rep_rank[rep_off[l*E+e] ..
    * rep_off[l*E+e+1]) (ascending); held[l*E+e] = 1 when this rank has one. */
@@ -1099,6 +1107,35 @@ static void *xbuf(epic_model *m, int slot, int which, size_t bytes) {
   return m->xbuf[slot][which];
 }
 
+/* The backend queue that device-buffer exchanges are ordered against without the host
+ * waiting (NCCL on a CUDA backend), or NULL: then the host waits for each exchange and
+ * synchronises the backend before one starts. */
+static void *ordered(const epic_model *m) {
+  return m->comm && epic_comm_device_buffers(m->comm) ? epic_ops_queue(m->ops) : NULL;
+}
+
+/* Wait on the host for the exchanges the backend queue waits for (see queued): before
+ * anything makes the host wait for the queue, so that a lost peer ends in the
+ * exchange's timeout and not in a wait without one. */
+static epic_status drain(epic_model *m) {
+  epic_status st = EPIC_OK;
+  for (int i = 0; i < m->n_queued; i++) {
+    const double t = epic_now_seconds();
+    const epic_status s1 = epic_comm_wait(&m->queued[i].req);
+    *m->queued[i].wait_s += epic_now_seconds() - t;
+    if (st == EPIC_OK) st = s1;
+  }
+  m->n_queued = 0;
+  return st;
+}
+
+/* upload, queued without the host waiting where exchanges are ordered on the queue
+ * (the host must not wait there before it has drained them). */
+static epic_status upload_plan(epic_model *m, void *dst, const void *src, size_t bytes) {
+  if (ordered(m)) return m->ops->vt->upload_async(m->ops, dst, src, bytes);
+  return m->ops->vt->upload(m->ops, dst, src, bytes);
+}
+
 /* The same in backend memory. Growing frees the old block, so no op may still be
  * queued on it: the callers grow only buffers whose last use is behind a host
  * round trip (a download) of the same forward or an earlier one. */
@@ -1106,7 +1143,7 @@ static void *dbuf(epic_model *m, int slot, int which, size_t bytes) {
   epic_ops *o = m->ops;
   if (bytes > m->dcap[slot][which] || !m->dbuf[slot][which]) {
     void *p = NULL;
-    if (o->vt->sync(o) != EPIC_OK) return NULL;
+    if (drain(m) != EPIC_OK || o->vt->sync(o) != EPIC_OK) return NULL;
     o->vt->free(o, m->dbuf[slot][which]);
     m->dbuf[slot][which] = NULL;
     m->dcap[slot][which] = 0;
@@ -1128,6 +1165,7 @@ static epic_status to_host_i32(epic_model *m, const int32_t *dev, int64_t n, int
   }
   h = xbuf(m, slot, which, (size_t)n * sizeof *h);
   if (!h) return EPIC_ERR_NOMEM;
+  EPIC_CHECK(drain(m));
   EPIC_CHECK(m->ops->vt->download(m->ops, h, dev, (size_t)n * sizeof *h));
   *out = h;
   return EPIC_OK;
@@ -1186,8 +1224,18 @@ static void progress(fwd *f) {
 }
 
 /* Block until the micro-batch's exchange is complete (and its staged rows are in
- * backend memory); the time goes to *wait_s. */
+ * backend memory); the time goes to *wait_s. Where exchanges are ordered on the backend
+ * queue, the queue waits for it instead and the host goes on (drain waits later). */
 static epic_status wait_exchange(epic_model *m, micro_batch *b, double *wait_s) {
+  void *q = ordered(m);
+  if (q && b->req) {
+    if (m->n_queued == (int)(sizeof m->queued / sizeof m->queued[0])) EPIC_CHECK(drain(m));
+    EPIC_CHECK(epic_comm_req_queue_wait(b->req, q));
+    m->queued[m->n_queued].req = b->req;
+    m->queued[m->n_queued++].wait_s = wait_s;
+    b->req = NULL;
+    return EPIC_OK;
+  }
   const double t = epic_now_seconds();
   epic_status st = b->req ? epic_comm_wait(&b->req) : b->req_st;
   b->req_st = EPIC_OK;
@@ -1223,9 +1271,10 @@ static epic_status exchange_start(epic_model *m, micro_batch *b, const float *se
     ro += rb[p];
     if (p != m->rank) *sent += (int64_t)sb[p];
   }
-  if (epic_comm_device_buffers(m->comm)) {
+  void *q = ordered(m);
+  if (epic_comm_device_buffers(m->comm) && !q) {
     EPIC_CHECK(o->vt->sync(o));
-  } else if (!o->vt->host_visible) {
+  } else if (!epic_comm_device_buffers(m->comm) && !o->vt->host_visible) {
     float *hs = xbuf(m, b->id, XB_HSEND, so), *hr = xbuf(m, b->id, XB_HRECV, ro);
     if (!hs || !hr) return EPIC_ERR_NOMEM;
     EPIC_CHECK(o->vt->download(o, hs, send, so));
@@ -1237,7 +1286,7 @@ static epic_status exchange_start(epic_model *m, micro_batch *b, const float *se
   }
   /* The start copies the counts it needs; only the data buffers stay in use. */
   epic_a2a_args a = {.send = send, .send_counts = sb, .send_displs = sd, .recv = recv,
-                     .recv_counts = rb, .recv_displs = rd};
+                     .recv_counts = rb, .recv_displs = rd, .after = q};
   m->stats.a2a_calls++;
   return epic_comm_alltoallv_start(m->comm, &a, &b->req);
 }
@@ -1422,7 +1471,7 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
   dplan = dbuf(m, 0, DB_GPLAN, (size_t)(2 * n + E + 1) * sizeof(int32_t));
   if (!dplan) return EPIC_ERR_NOMEM;
   eg.off_dev = dplan + 2 * n;
-  EPIC_CHECK(o->vt->upload(o, dplan, gplan, (size_t)(2 * n + E + 1) * sizeof(int32_t)));
+  EPIC_CHECK(upload_plan(m, dplan, gplan, (size_t)(2 * n + E + 1) * sizeof(int32_t)));
   if (o->vt->host_visible) {
     /* Row-independent expert math: the CPU matmul sums in one order up to
      * EP_ROW_CHUNK rows and in sgemm's beyond, so each expert's rows go in chunks
@@ -1529,7 +1578,7 @@ static epic_status moe_begin(fwd *f, micro_batch *b, const layer_w *lw) {
     plan[M * K + i] = (int32_t)at; /* where (token, k)'s result comes back */
   }
   if (M > 0) {
-    EPIC_CHECK(o->vt->upload(o, dplan, plan, (size_t)(2 * M * K) * sizeof(int32_t)));
+    EPIC_CHECK(upload_plan(m, dplan, plan, (size_t)(2 * M * K) * sizeof(int32_t)));
     EPIC_CHECK(o->vt->copy_rows(o, M * K, D, s->a, D, dplan, b->send, D, NULL));
     EPIC_CHECK(o->vt->copy_rows(o, 1, M * K, (const float *)(dplan + M * K), 0, NULL,
                                 (float *)s->tok_list, 0, NULL));
@@ -1764,7 +1813,7 @@ static epic_status run_layers(fwd *f, const layer_w *layers, int64_t n_layers) {
     for (int i = 0; i < f->n_mb && l < n_layers; i++)
       EPIC_CHECK(block_experts(f, &f->mb[i], &layers[l]));
   }
-  return EPIC_OK;
+  return drain(f->m);
 }
 
 /* Validate the batch, reserve cache pages (all or nothing) and measure it. */
@@ -2014,6 +2063,8 @@ static void fwd_close(fwd *f, const epic_model_stats *before, double t0, int64_t
     epic_comm_req_free(f->mb[i].req);
     f->mb[i].req = NULL;
   }
+  for (int i = 0; i < f->m->n_queued; i++) epic_comm_req_free(f->m->queued[i].req);
+  f->m->n_queued = 0;
   st->forwards++;
   st->tokens += M;
   st->total_s += dt;

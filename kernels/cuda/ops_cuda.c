@@ -205,6 +205,43 @@ static epic_status cuda_upload(epic_ops *o, void *dst, const void *src, size_t b
   return EPIC_OK;
 }
 
+/* Staged through a pinned slot, so the copy is queued and the host does not wait (the
+ * plans of the expert-parallel exchange, whose data the queue waits for). */
+static epic_status cuda_upload_async(epic_ops *o, void *dst, const void *src, size_t bytes) {
+  epic_cuda_ops *c = epic_cuda_of(o);
+  if (bytes > EPIC_CUDA_STAGE_BYTES)
+    return cuda_upload(o, dst, src, bytes);
+  if (bytes == 0)
+    return EPIC_OK;
+  if (!dst || !src)
+    return EPIC_ERR_INVALID;
+  EPIC_CHECK(epic_cuda_not_recording(c, "upload"));
+  struct epic_cuda_stage *sl = &c->stage[c->stage_next];
+  if (!sl->host) {
+    EPIC_CHECK_CUDA(cudaMallocHost(&sl->host, EPIC_CUDA_STAGE_BYTES), "upload staging");
+    cudaError_t e = cudaEventCreateWithFlags(&sl->ev, cudaEventDisableTiming);
+    if (e != cudaSuccess) {
+      cudaFreeHost(sl->host);
+      sl->host = NULL;
+      return epic_cuda_check(e, "upload staging event");
+    }
+  }
+  if (sl->pending) /* the copy out of this slot, EPIC_CUDA_STAGE_SLOTS uploads ago */
+    EPIC_CHECK_CUDA(cudaEventSynchronize(sl->ev), "upload staging");
+  sl->pending = 0;
+  memcpy(sl->host, src, bytes);
+  EPIC_CHECK_CUDA(cudaMemcpyAsync(dst, sl->host, bytes, cudaMemcpyHostToDevice, c->stream),
+                  "upload");
+  EPIC_CHECK_CUDA(cudaEventRecord(sl->ev, c->stream), "upload");
+  sl->pending = 1;
+  c->stage_next = (c->stage_next + 1) % EPIC_CUDA_STAGE_SLOTS;
+  return EPIC_OK;
+}
+
+static void *cuda_queue(epic_ops *o) {
+  return epic_cuda_of(o)->stream;
+}
+
 static epic_status cuda_download(epic_ops *o, void *dst, const void *src, size_t bytes) {
   if (bytes == 0)
     return EPIC_OK;
@@ -494,6 +531,11 @@ static void cuda_destroy(epic_ops *o) {
                            &c->keys, &c->att,   &c->pick, &c->gath};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     cudaFree(bufs[i]->p);
+  for (int i = 0; i < EPIC_CUDA_STAGE_SLOTS; i++)
+    if (c->stage[i].host) {
+      cudaEventDestroy(c->stage[i].ev);
+      cudaFreeHost(c->stage[i].host);
+    }
   if (c->lt)
     cublasLtDestroy(c->lt);
   if (c->blas)
@@ -544,6 +586,8 @@ static const epic_ops_vt epic_cuda_vt = {
     .graph_free = cuda_graph_free,
     .graph_epoch = cuda_graph_epoch,
     .grouped_matmul_rows = epic_cuda_grouped_matmul_rows,
+    .upload_async = cuda_upload_async,
+    .queue = cuda_queue,
 };
 
 epic_status epic_ops_cuda_create(int device, epic_ops **out) {

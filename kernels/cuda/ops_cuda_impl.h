@@ -46,6 +46,9 @@ typedef struct epic_cuda_lt_plan {
  * query). */
 enum { EPIC_CUDA_LT_PLANS = 512, EPIC_CUDA_LT_WAYS = 8 };
 enum { EPIC_CUDA_MLA_MAX_SPLIT = 128, EPIC_CUDA_GROUP_TABS = 1024 };
+/* upload_async's pinned staging: slots used round-robin, each reused once the copy out
+ * of it has run (its event); larger uploads take the synchronous path. */
+enum { EPIC_CUDA_STAGE_SLOTS = 8, EPIC_CUDA_STAGE_BYTES = 4 << 20 };
 
 typedef struct epic_cuda_ops {
   epic_ops base; /* first: epic_ops * <-> epic_cuda_ops * */
@@ -98,6 +101,12 @@ typedef struct epic_cuda_ops {
   epic_cuda_buf att;   /* scores / probabilities, split-K partials */
   epic_cuda_buf pick;  /* row_pick's per-chunk partials */
   epic_cuda_buf gath;  /* gathered input rows (grouped_matmul_rows, paths reading x whole) */
+  struct epic_cuda_stage {
+    void *host;     /* pinned, EPIC_CUDA_STAGE_BYTES (allocated on first use) */
+    cudaEvent_t ev; /* recorded after the copy out of it */
+    int pending;    /* ev recorded and not yet waited for */
+  } stage[EPIC_CUDA_STAGE_SLOTS];
+  int stage_next;
 } epic_cuda_ops;
 
 static inline epic_cuda_ops *epic_cuda_of(epic_ops *o) {

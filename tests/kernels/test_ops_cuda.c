@@ -206,6 +206,40 @@ static void test_memory(void **state) {
   dfree(p);
   g_gpu->vt->free(g_gpu, NULL);
   assert_int_equal(epic_ops_cuda_sync(g_gpu), EPIC_OK);
+  /* upload_async: the source is reused at once (staged), more uploads than staging slots
+   * (slots reused), and one above a slot's size (the synchronous path); a kernel queued
+   * after each upload sees its bytes. */
+  assert_non_null(epic_ops_queue(g_gpu));
+  enum { N_UP = 20, SMALL = 3000 };
+  const size_t big = (4u << 20) + 64;
+  float *dsmall = dalloc((size_t)N_UP * SMALL * 4), *dcopy = dalloc((size_t)N_UP * SMALL * 4);
+  float *hsmall = xmalloc((size_t)SMALL * 4), *hback = xmalloc((size_t)N_UP * SMALL * 4);
+  for (int u = 0; u < N_UP; u++) {
+    for (int i = 0; i < SMALL; i++)
+      hsmall[i] = (float)(u * SMALL + i);
+    assert_int_equal(g_gpu->vt->upload_async(g_gpu, dsmall + u * SMALL, hsmall, SMALL * 4),
+                     EPIC_OK);
+    memset(hsmall, 0xff, SMALL * 4); /* reused at once */
+    assert_int_equal(g_gpu->vt->copy_rows(g_gpu, 1, SMALL, dsmall + u * SMALL, SMALL, NULL,
+                                          dcopy + u * SMALL, SMALL, NULL),
+                     EPIC_OK);
+  }
+  fetch(hback, dcopy, (size_t)N_UP * SMALL * 4);
+  for (int i = 0; i < N_UP * SMALL; i++)
+    assert_true(hback[i] == (float)i);
+  unsigned char *hbig = xmalloc(big), *bback = xmalloc(big), *dbig = dalloc(big);
+  for (size_t i = 0; i < big; i++)
+    hbig[i] = (unsigned char)(i * 7 + 3);
+  assert_int_equal(g_gpu->vt->upload_async(g_gpu, dbig, hbig, big), EPIC_OK);
+  fetch(bback, dbig, big);
+  assert_memory_equal(hbig, bback, big);
+  dfree(dsmall);
+  dfree(dcopy);
+  dfree(dbig);
+  free(hsmall);
+  free(hback);
+  free(hbig);
+  free(bback);
 }
 
 /* ------------------------------------------------------------------ matmul */
