@@ -52,15 +52,15 @@ typedef struct mtp_w {
  * space that one micro-batch uses at a time. */
 enum {
   XB_CNT, XB_IDS, XB_PLAN, XB_HSEND, XB_HRECV, XB_ECNT, /* per micro-batch */
-  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_GPLAN, XB_FWD, XB_COPY, XB_SOFF, XB_SWL, XB_DEST,
-  /* shared */
+  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_GPLAN, XB_FWD, XB_COPY, XB_SOFF, XB_SWL,
+  XB_DEST, /* shared */
   XB_N
 };
 /* Grow-only buffers in backend memory (see dbuf), the same way: a micro-batch's
  * exchange rows and expert results, then the experts' shared work space. */
 enum {
   DB_SEND, DB_RECV, DB_OUT, DB_BACK, DB_PLAN, DB_SLOT, /* per micro-batch */
-  DB_GPLAN, DB_TAGS, DB_X, DB_G, DB_U, DB_Y, DB_IOTA,  /* shared work space */
+  DB_GPLAN, DB_X, DB_G, DB_U, DB_Y, DB_IOTA,           /* shared work space */
   DB_N
 };
 #define MAX_MB 2

@@ -644,6 +644,34 @@ static void test_grouped_matmul(void **state) {
   free(rref);
 }
 
+/* G expert groups of rows[g] rows each (0: an empty group, no weight), every weight an
+ * n x k FP8 matrix with 128 x 128 blocks: host and device offsets, weights and lists (hw
+ * may be NULL). Returns the rows in all. free_groups releases the weights. */
+static int64_t make_groups(int G, const int64_t *rows, int64_t n, int64_t k, int64_t *off,
+                           int32_t *off32, tw *w, epic_weight *hw, epic_weight *dw) {
+  off[0] = 0;
+  off32[0] = 0;
+  for (int g = 0; g < G; g++) {
+    off[g + 1] = off[g] + rows[g];
+    off32[g + 1] = (int32_t)off[g + 1];
+    if (hw)
+      memset(&hw[g], 0, sizeof hw[g]);
+    memset(&dw[g], 0, sizeof dw[g]);
+    if (rows[g] == 0)
+      continue;
+    w[g] = tw_make(EPIC_DT_F8E4M3, n, k, 128, 128);
+    if (hw)
+      hw[g] = w[g].h;
+    dw[g] = w[g].d;
+  }
+  return off[G];
+}
+static void free_groups(int G, const int64_t *rows, tw *w) {
+  for (int g = 0; g < G; g++)
+    if (rows[g])
+      tw_free(&w[g]);
+}
+
 /* grouped_matmul with many groups above the small-group kernels' bound: their cuBLASLt
  * GEMMs run side by side on the lanes of ops_cuda_matmul.c (grouped_lanes) after one
  * quantisation launch. Each group must equal a plain matmul of its rows on the GPU (the
@@ -660,22 +688,11 @@ static void test_grouped_lanes(void **state) {
   const int64_t rows[G] = {130, 3, 131, 0, 129, 1, 2, 133, 200, 140,
                            64, 257, 132, 129, 129, 5, 135},
                 n = 512, k = 1024;
-  int64_t off[G + 1] = {0};
-  int32_t off32[G + 1] = {0};
+  int64_t off[G + 1];
+  int32_t off32[G + 1];
   tw w[G];
   static epic_weight hw[G], dw[G]; /* static: the backend caches a table per list */
-  memset(hw, 0, sizeof hw);
-  memset(dw, 0, sizeof dw);
-  for (int g = 0; g < G; g++) {
-    off[g + 1] = off[g] + rows[g];
-    off32[g + 1] = (int32_t)off[g + 1];
-    if (rows[g] == 0)
-      continue;
-    w[g] = tw_make(EPIC_DT_F8E4M3, n, k, 128, 128);
-    hw[g] = w[g].h;
-    dw[g] = w[g].d;
-  }
-  const int64_t m = off[G], ldx = k, ldy_max = n + 4;
+  const int64_t m = make_groups(G, rows, n, k, off, off32, w, hw, dw), ldx = k, ldy_max = n + 4;
   float *x = xmalloc((size_t)(m * ldx) * 4), *y = xmalloc((size_t)(m * ldy_max) * 4);
   float *one = xmalloc((size_t)(m * ldy_max) * 4), *ref = xmalloc((size_t)(m * ldy_max) * 4);
   fill(x, (size_t)(m * ldx), 1.0f);
@@ -728,9 +745,7 @@ static void test_grouped_lanes(void **state) {
   assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, EPIC_CUDA_LT_LANES_DEFAULT), EPIC_OK);
   assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, EPIC_CUDA_LT_LANES_MAX + 1),
                    EPIC_ERR_INVALID);
-  for (int g = 0; g < G; g++)
-    if (rows[g])
-      tw_free(&w[g]);
+  free_groups(G, rows, w);
   dfree(dx);
   dfree(dy);
   dfree(dy1);
@@ -750,20 +765,11 @@ static void test_grouped_rows_gather(void **state) {
   (void)state;
   enum { G = 9, T = 300 };
   const int64_t rows[G] = {130, 3, 0, 200, 1, 17, 140, 64, 5}, n = 384, k = 1024, lds = k + 8;
-  int64_t off[G + 1] = {0};
-  int32_t off32[G + 1] = {0};
+  int64_t off[G + 1];
+  int32_t off32[G + 1];
   tw w[G];
   static epic_weight dw[G]; /* static: the backend caches a table per list */
-  memset(dw, 0, sizeof dw);
-  for (int g = 0; g < G; g++) {
-    off[g + 1] = off[g] + rows[g];
-    off32[g + 1] = (int32_t)off[g + 1];
-    if (rows[g] == 0)
-      continue;
-    w[g] = tw_make(EPIC_DT_F8E4M3, n, k, 128, 128);
-    dw[g] = w[g].d;
-  }
-  const int64_t m = off[G];
+  const int64_t m = make_groups(G, rows, n, k, off, off32, w, NULL, dw);
   int32_t *map = xmalloc((size_t)m * sizeof *map);
   for (int64_t i = 0; i < m; i++)
     map[i] = (int32_t)(rng_u64() % (T - 20)); /* repeats; the last 20 tokens never read */
@@ -803,9 +809,7 @@ static void test_grouped_rows_gather(void **state) {
   assert_int_equal(
       g_gpu->vt->grouped_matmul_rows(g_gpu, dsrc, lds, NULL, off, doff, G, dw, 1, dy, n),
       EPIC_ERR_INVALID);
-  for (int g = 0; g < G; g++)
-    if (rows[g])
-      tw_free(&w[g]);
+  free_groups(G, rows, w);
   dfree(dsrc);
   dfree(dx);
   dfree(dy);
