@@ -14,6 +14,7 @@
 #include "cli_util.h"
 #include "common/log.h"
 #include "coordinator/planner.h"
+#include "kernels/ops.h"
 #include "worker/config.h"
 
 static const char *USAGE =
@@ -45,7 +46,8 @@ static const char *USAGE =
     "  --load-stats FILE        expert load statistics, JSON:\n"
     "                           {\"layers\": {\"3\": [tokens per expert, ...], ...}}\n"
     "  --max-batch-tokens T     tokens per forward step, sizes the activation reserve\n"
-    "                           and the minimum KV cache (default 4096)\n"
+    "                           and the minimum KV cache (default 8192, the step a GPU\n"
+    "                           worker takes by default)\n"
     "  --num-layers N           plan only N layers (as with dummy weights)\n"
     "  --num-experts N          plan only N routed experts per layer\n"
     "  --json                   print one JSON object instead of the table\n"
@@ -244,7 +246,8 @@ static epic_plan_params plan_params(const plan_opts *o, const epic_model_config 
                         .include_mtp = !o->no_mtp,
                         .n_redundant = with_stats ? (int)o->redundant : 0,
                         .load_stats_path = with_stats ? o->stats : NULL,
-                        .max_batch_tokens = o->max_batch,
+                        .max_batch_tokens = o->max_batch ? o->max_batch
+                                                         : EPIC_OPS_DEVICE_STEP_TOKENS,
                         /* the policy places layers with statistics and bounds the
                          * run-time copies of --eplb-redundant */
                         .policy = with_stats || o->eplb_redundant ? o->policy : EPIC_EPLB_GLOBAL,

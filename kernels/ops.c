@@ -134,7 +134,7 @@ int epic_ops_rows_invariant(epic_ops *o) {
 }
 
 int64_t epic_ops_step_tokens(epic_ops *o) {
-  return o->vt->host_visible ? 2048 : 8192;
+  return o->vt->host_visible ? 2048 : EPIC_OPS_DEVICE_STEP_TOKENS;
 }
 
 epic_kv_dtype epic_ops_kv_dtype(epic_ops *o) {

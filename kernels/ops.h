@@ -413,5 +413,8 @@ int epic_ops_rows_invariant(epic_ops *o);
  * sequence shares the step with up to that many prompt tokens) for throughput and time
  * to first token; --step-tokens sets it. */
 int64_t epic_ops_step_tokens(epic_ops *o);
+/* The device backends' value of epic_ops_step_tokens: what `epic plan` (which plans GPU
+ * memory without a backend) reserves for by default. */
+#define EPIC_OPS_DEVICE_STEP_TOKENS 8192
 
 #endif
