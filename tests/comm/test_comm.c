@@ -5,6 +5,7 @@
  * and each test ends with agree(), an all-reduce of the pass flags followed by one
  * assert, so a failure on any rank fails the test on every rank. The process exit code is
  * non-zero when any test failed on any rank. */
+#define _POSIX_C_SOURCE 200809L /* nanosleep */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -20,6 +21,8 @@
 #include "common/log.h"
 
 #ifdef EPIC_HAVE_NCCL
+#include <time.h>
+
 #include <cuda_runtime.h>
 #endif
 
@@ -262,6 +265,73 @@ static void test_counts_exchange(void **state) {
   agree();
 }
 
+#ifdef EPIC_HAVE_NCCL
+/* Holds a stream back: queued work behind it runs 50 ms later. */
+static void CUDART_CB hold_stream(void *arg) {
+  (void)arg;
+  const struct timespec ts = {0, 50 * 1000 * 1000};
+  nanosleep(&ts, NULL);
+}
+#endif
+
+/* Ordering on the device (nccl): an exchange started with args.after waits for what that
+ * stream queued before it (the send rows' copy, held back 50 ms), and a stream made to
+ * wait with epic_comm_req_queue_wait sees the received rows before the host waits for the
+ * request. Without either, the rows sent or read would be the stale ones. Other backends
+ * refuse the queue wait. */
+static void test_queue_ordering(void **state) {
+  (void)state;
+  begin();
+  a2a_case t;
+  epic_comm_req *r = NULL;
+  epic_status st;
+  case_init(&t, 1);
+#ifdef EPIC_HAVE_NCCL
+  if (on_device()) {
+    cudaStream_t prod = NULL, cons = NULL;
+    unsigned char *pin = NULL;
+    void *copy = dbuf_alloc(t.rbytes), *dr = t.dr;
+    CHECK(cudaStreamCreateWithFlags(&prod, cudaStreamNonBlocking) == cudaSuccess, "stream");
+    CHECK(cudaStreamCreateWithFlags(&cons, cudaStreamNonBlocking) == cudaSuccess, "stream");
+    CHECK(cudaMallocHost((void **)&pin, t.sbytes + 1) == cudaSuccess, "pinned buffer");
+    memcpy(pin, t.hs, t.sbytes);
+    cudaMemset(t.ds, 0, t.sbytes); /* stale rows until the producer's copy */
+    cudaDeviceSynchronize();
+    cudaLaunchHostFunc(prod, hold_stream, NULL);
+    cudaMemcpyAsync(t.ds, pin, t.sbytes, cudaMemcpyHostToDevice, prod);
+    t.args.after = prod;
+    st = epic_comm_alltoallv_start(g_comm, &t.args, &r);
+    CHECK(st == EPIC_OK, "start: %s", epic_status_str(st));
+    st = epic_comm_req_queue_wait(r, cons);
+    CHECK(st == EPIC_OK, "queue wait: %s", epic_status_str(st));
+    cudaMemcpyAsync(copy, t.dr, t.rbytes, cudaMemcpyDeviceToDevice, cons);
+    CHECK(cudaStreamSynchronize(cons) == cudaSuccess, "consumer stream");
+    t.dr = copy; /* what the consumer stream read */
+    case_verify(&t, 1);
+    t.dr = dr;
+    st = epic_comm_wait(&r);
+    CHECK(st == EPIC_OK, "wait: %s", epic_status_str(st));
+    dbuf_free(copy);
+    cudaFreeHost(pin);
+    cudaStreamDestroy(prod);
+    cudaStreamDestroy(cons);
+    case_fini(&t);
+    agree();
+    return;
+  }
+#endif
+  st = epic_comm_alltoallv_start(g_comm, &t.args, &r);
+  CHECK(st == EPIC_OK, "start: %s", epic_status_str(st));
+  CHECK(epic_comm_req_queue_wait(r, &t) == EPIC_ERR_UNSUPPORTED, "%s: queue wait refused",
+        g_backend);
+  CHECK(epic_comm_req_queue_wait(NULL, &t) == EPIC_ERR_INVALID, "no request");
+  st = epic_comm_wait(&r);
+  CHECK(st == EPIC_OK, "wait: %s", epic_status_str(st));
+  case_verify(&t, 1);
+  case_fini(&t);
+  agree();
+}
+
 /* Two micro-batches in flight at once, completed in either order, with wait and test. */
 static void test_async_overlap(void **state) {
   (void)state;
@@ -471,6 +541,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_identity),          cmocka_unit_test(test_alltoallv_irregular),
       cmocka_unit_test(test_alltoallv_all_zero), cmocka_unit_test(test_alltoallv_bad_args),
       cmocka_unit_test(test_counts_exchange),   cmocka_unit_test(test_async_overlap),
+      cmocka_unit_test(test_queue_ordering),
       cmocka_unit_test(test_allgather),         cmocka_unit_test(test_bcast_gather),
       cmocka_unit_test(test_barrier_allreduce), cmocka_unit_test(test_large_message),
       cmocka_unit_test(test_bad_backend),       cmocka_unit_test(test_second_comm),
