@@ -977,6 +977,9 @@ static void test_memory(void **state) {
   g_ops->vt->free(g_ops, NULL);
   assert_int_equal(g_ops->vt->abi_version, EPIC_OPS_ABI_VERSION);
   assert_string_equal(g_ops->vt->name, "cpu");
+  /* host memory: the model gathers expert rows itself and the host orders exchanges */
+  assert_false(epic_ops_has_grouped_rows(g_ops));
+  assert_null(epic_ops_queue(g_ops));
   /* a second backend object with its own thread count coexists with the first */
   epic_ops *one = NULL;
   assert_int_equal(epic_ops_cpu_create(1, &one), EPIC_OK);
