@@ -724,6 +724,15 @@ static void bench_prefill(FILE *js, int64_t m, int64_t start, int *first) {
   c.kvb = dev_random((size_t)(n * H * 256) * 4, tile_f32);
   c.kpe = dev_random((size_t)(n * 64) * 4, tile_f32);
   CKE(g_ops->vt->alloc(g_ops, (size_t)(m * H * 128) * 4, (void **)&c.out));
+  /* The two fast variants' outputs, compared element by element: both round the same
+   * bf16 operands and share the softmax, so any difference comes from how wgmma and
+   * mma.sync sum a product chain (what a row-invariant mix of the two would need). */
+  const size_t n_out = (size_t)(m * H * 128);
+  float *outs[2] = {malloc(n_out * 4), malloc(n_out * 4)};
+  if (!outs[0] || !outs[1]) {
+    fprintf(stderr, "bench: out of host memory\n");
+    exit(1);
+  }
   /* runs: the fast flash kernel on wgmma (the default) and on mma.sync, then exact */
   for (int run = 0; run < 3; run++) {
     const int prec = run == 2;
@@ -735,17 +744,39 @@ static void bench_prefill(FILE *js, int64_t m, int64_t start, int *first) {
     const double tf = 2.0 * (double)H * 320.0 * pairs / sec * 1e-12;
     static const char *const names[] = {"fast", "fast-mma-sync", "exact-fp32-gemm"};
     const char *name = names[run];
+    char cmp[160] = "";
+    if (run < 2)
+      CKE(g_ops->vt->download(g_ops, outs[run], c.out, n_out * 4));
+    if (run == 1) {
+      size_t differ = 0;
+      double most = 0.0;
+      for (size_t i = 0; i < n_out; i++)
+        if (memcmp(&outs[0][i], &outs[1][i], 4)) {
+          differ++;
+          const double d = fabs((double)outs[0][i] - outs[1][i]);
+          most = d > most ? d : most;
+        }
+      snprintf(cmp, sizeof cmp,
+               ", \"vs_wgmma_elements_differing\": %zu, \"vs_wgmma_max_abs\": %.3g", differ,
+               most);
+      fprintf(stderr,
+              "mla_prefill m=%-5lld start=%-5lld mma.sync vs wgmma: %zu of %zu outputs differ, "
+              "max |difference| %.3g\n",
+              (long long)m, (long long)start, differ, n_out, most);
+    }
     fprintf(js,
             "%s\n    {\"m\": %lld, \"start\": %lld, \"heads\": %lld, \"precision\": \"%s\", "
-            "\"us\": %.1f, \"tflops\": %.1f, \"frac_bf16_peak\": %.3f}",
+            "\"us\": %.1f, \"tflops\": %.1f, \"frac_bf16_peak\": %.3f%s}",
             *first ? "" : ",", (long long)m, (long long)start, (long long)H, name, sec * 1e6, tf,
-            g_bf16_tflops > 0 ? tf / g_bf16_tflops : 0.0);
+            g_bf16_tflops > 0 ? tf / g_bf16_tflops : 0.0, cmp);
     fprintf(stderr, "mla_prefill m=%-5lld start=%-5lld %-18s %9.1f us %7.1f TF/s (%.2f of bf16)\n",
             (long long)m, (long long)start, name, sec * 1e6, tf,
             g_bf16_tflops > 0 ? tf / g_bf16_tflops : 0.0);
     *first = 0;
   }
   CKE(epic_ops_cuda_set_mla_precision(g_ops, EPIC_CUDA_MLA_TF32));
+  free(outs[0]);
+  free(outs[1]);
   g_ops->vt->free(g_ops, c.q);
   g_ops->vt->free(g_ops, c.kvb);
   g_ops->vt->free(g_ops, c.kpe);
