@@ -14,7 +14,6 @@
 #include "cli_util.h"
 #include "common/log.h"
 #include "coordinator/planner.h"
-#include "kernels/ops.h"
 #include "worker/config.h"
 
 static const char *USAGE =
@@ -246,8 +245,7 @@ static epic_plan_params plan_params(const plan_opts *o, const epic_model_config 
                         .include_mtp = !o->no_mtp,
                         .n_redundant = with_stats ? (int)o->redundant : 0,
                         .load_stats_path = with_stats ? o->stats : NULL,
-                        .max_batch_tokens = o->max_batch ? o->max_batch
-                                                         : EPIC_OPS_DEVICE_STEP_TOKENS,
+                        .max_batch_tokens = o->max_batch, /* 0: the planner's default */
                         /* the policy places layers with statistics and bounds the
                          * run-time copies of --eplb-redundant */
                         .policy = with_stats || o->eplb_redundant ? o->policy : EPIC_EPLB_GLOBAL,

@@ -7,10 +7,10 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "kernels/ops.h"
 
 #define PLAN_BASE_RESERVE (2ull << 30)
 #define PLAN_MIN_KV_TOKENS 4096
-#define PLAN_DEFAULT_BATCH_TOKENS 4096
 
 typedef struct plan_layer {
   int moe;
@@ -693,7 +693,9 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
   pl->include_mtp = p->include_mtp && c->num_nextn_predict_layers > 0;
   pl->n_layers = (int)(c->num_hidden_layers + (pl->include_mtp ? c->num_nextn_predict_layers : 0));
   pl->gpu_mem = p->gpu_mem_bytes;
-  pl->max_batch_tokens = p->max_batch_tokens > 0 ? p->max_batch_tokens : PLAN_DEFAULT_BATCH_TOKENS;
+  /* by default a GPU worker's default step: what epic serve reserves on GPUs */
+  pl->max_batch_tokens =
+      p->max_batch_tokens > 0 ? p->max_batch_tokens : EPIC_OPS_DEVICE_STEP_TOKENS;
   pl->min_kv_tokens =
       pl->max_batch_tokens > PLAN_MIN_KV_TOKENS ? pl->max_batch_tokens : PLAN_MIN_KV_TOKENS;
   pl->kv_per_token = (uint64_t)(c->kv_lora_rank + c->qk_rope_head_dim) *

@@ -120,7 +120,8 @@ typedef struct epic_plan_params {
   int include_mtp;              /* plan the MTP layer(s) too (ignored if the config has none) */
   int n_redundant;              /* extra expert copies per MoE layer (needs load_stats_path) */
   const char *load_stats_path;  /* NULL = none (see the file format above) */
-  int64_t max_batch_tokens;     /* tokens per forward step; 0 = 4096 */
+  int64_t max_batch_tokens;     /* tokens per forward step; 0 = EPIC_OPS_DEVICE_STEP_TOKENS
+                                   (8192, a GPU worker's default step) */
   /* In-memory statistics instead of a file: [n_load_layers][E] tokens per expert,
    * row l for model layer l (rows of dense layers, rows past the planned layers and
    * all-zero rows are ignored). Borrowed for the call. */

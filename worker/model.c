@@ -1272,9 +1272,10 @@ static epic_status exchange_start(epic_model *m, micro_batch *b, const float *se
     if (p != m->rank) *sent += (int64_t)sb[p];
   }
   void *q = ordered(m);
-  if (epic_comm_device_buffers(m->comm) && !q) {
-    EPIC_CHECK(o->vt->sync(o));
-  } else if (!epic_comm_device_buffers(m->comm) && !o->vt->host_visible) {
+  if (epic_comm_device_buffers(m->comm)) {
+    /* after the queued ops that wrote the rows: on the device (q), else by waiting here */
+    if (!q) EPIC_CHECK(o->vt->sync(o));
+  } else if (!o->vt->host_visible) {
     float *hs = xbuf(m, b->id, XB_HSEND, so), *hr = xbuf(m, b->id, XB_HRECV, ro);
     if (!hs || !hr) return EPIC_ERR_NOMEM;
     EPIC_CHECK(o->vt->download(o, hs, send, so));
