@@ -10,12 +10,14 @@
  * shapes for m = 1..4096 tokens, activation conversion / quantisation included; FP8 rows
  * of m <= 64 are timed under both choices of epic_ops_cuda_set_fp8_small ("kernel": "mma",
  * the tensor-core kernel, or "fp32", the older CUDA-core / cuBLASLt paths; null where the
- * switch does not apply). grouped: the MoE decode case, grouped_matmul over 256 FP8
- * experts (each its own allocation) for T tokens x top-8 distinct experts drawn
- * uniformly, both kernel choices (bytes: every expert with rows read once, fp32 rows in
- * and out); where groups exceed the small-group kernels' bound (cuBLASLt GEMMs) also
- * timed without a graph, their GEMMs on grouped_matmul's lanes (2, 4, 8) and one after
- * another (epic_ops_cuda_set_grouped_lanes). mla_absorbed_batch decode over fp32 and bf16
+ * switch does not apply). grouped: the MoE case, grouped_matmul over 256 FP8 experts
+ * (each its own allocation; gate/up as one 4096 x 7168 weight, as worker/model.c loads
+ * it, and down 7168 x 2048) for T tokens x top-8 distinct experts drawn uniformly, both
+ * kernel choices (bytes: every expert with rows read once, fp32 rows in and out); where
+ * groups exceed the small-group kernels' bound also timed without a graph: on the
+ * default large-group kernel (wgmma, kern_fp8_wgmma.cu; the run stops if it did not
+ * run), on cuBLASLt GEMMs on grouped_matmul's lanes (4, and 2 and 8) and one after
+ * another (epic_ops_cuda_set_grouped_large / _lanes). mla_absorbed_batch decode over fp32 and bf16
  * caches (bytes: cached 576-element rows read once per sequence at their element size,
  * plus fp32 queries and outputs); mla_prefill: mla_naive at DeepSeek-V3 heads for a
  * chunk after a context (TFLOP/s over the causal pairs, fraction of the BF16 peak; fast
@@ -25,6 +27,7 @@
  * of 7 replays. Inputs that would fit in L2 rotate among copies whose total exceeds it.
  * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory]
  *                           [--mla BATCH CTX] (one decode shape, e.g. under a profiler)
+ *                           [--grouped TOKENS] (the grouped section at one token count)
  *                           [--mla-kinds MASK] (MLA rows: bits 0-3 the bf16 kernel
  *                           variants, bit 4 the fp32 cache; default 0x19)
  *                           [--no-peaks] (skip the peak measurements; fractions print 0) */
@@ -523,11 +526,19 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
       const double gbps = bytes / sec * 1e-9, tf = flop / sec * 1e-12;
       /* groups above the kind's small-group bound take cuBLASLt GEMMs: timed also as
        * issued in a step that is not recorded, on the lanes and one after another */
-      const int64_t lim = kind ? 16 : EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS;
+      const int64_t lim = kind ? 16 : epic_ops_cuda_mma_group_rows(g_ops);
       static const int lane_counts[] = {2, 4, 8};
-      double eager = 0, serial = 0, by_lanes[3] = {0};
+      double eager = 0, serial = 0, by_lanes[3] = {0}, lanes_eager = 0;
       if (max_rows > lim) {
-        eager = time_eager(run_grouped, &c);
+        const int64_t launches = epic_ops_cuda_wgmma_launches(g_ops);
+        eager = time_eager(run_grouped, &c); /* the default: the wgmma kernel */
+        if (epic_ops_cuda_wgmma_launches(g_ops) == launches) {
+          fprintf(stderr, "bench: the grouped wgmma kernel did not run\n");
+          exit(1);
+        }
+        CKE(epic_ops_cuda_set_grouped_large(g_ops, EPIC_CUDA_GROUPED_LARGE_LANES));
+        CKE(epic_ops_cuda_set_grouped_lanes(g_ops, EPIC_CUDA_LT_LANES_DEFAULT));
+        lanes_eager = time_eager(run_grouped, &c);
         for (int j = 0; j < 3; j++) {
           CKE(epic_ops_cuda_set_grouped_lanes(g_ops, lane_counts[j]));
           by_lanes[j] = time_eager(run_grouped, &c);
@@ -535,6 +546,7 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
         CKE(epic_ops_cuda_set_grouped_lanes(g_ops, 0));
         serial = time_eager(run_grouped, &c);
         CKE(epic_ops_cuda_set_grouped_lanes(g_ops, EPIC_CUDA_LT_LANES_DEFAULT));
+        CKE(epic_ops_cuda_set_grouped_large(g_ops, EPIC_CUDA_GROUPED_LARGE_WGMMA));
       }
       fprintf(js,
               "%s\n    {\"shape\": \"%s\", \"rows\": %lld, \"cols\": %lld, \"experts\": %d, "
@@ -548,20 +560,27 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
               g_fp8_tflops > 0 ? tf / g_fp8_tflops : 0.0);
       if (max_rows > lim)
         fprintf(js,
-                ", \"lanes\": %d, \"us_eager\": %.2f, \"us_eager_serial\": %.2f, "
-                "\"tflops_eager\": %.2f, \"tflops_eager_serial\": %.2f, "
+                ", \"large_kernel\": \"wgmma\", \"us_eager\": %.2f, \"tflops_eager\": %.2f, "
+                "\"frac_fp8_peak_eager\": %.3f, \"lanes\": %d, \"us_eager_lanes\": %.2f, "
+                "\"tflops_eager_lanes\": %.2f, \"speedup_vs_lanes\": %.3f, "
+                "\"us_eager_serial\": %.2f, \"tflops_eager_serial\": %.2f, "
                 "\"us_eager_by_lanes\": {\"2\": %.2f, \"4\": %.2f, \"8\": %.2f}}",
-                EPIC_CUDA_LT_LANES_DEFAULT, eager * 1e6, serial * 1e6, flop / eager * 1e-12,
-                flop / serial * 1e-12, by_lanes[0] * 1e6, by_lanes[1] * 1e6, by_lanes[2] * 1e6);
+                eager * 1e6, flop / eager * 1e-12,
+                g_fp8_tflops > 0 ? flop / eager * 1e-12 / g_fp8_tflops : 0.0,
+                EPIC_CUDA_LT_LANES_DEFAULT, lanes_eager * 1e6, flop / lanes_eager * 1e-12,
+                lanes_eager / eager, serial * 1e6, flop / serial * 1e-12, by_lanes[0] * 1e6,
+                by_lanes[1] * 1e6, by_lanes[2] * 1e6);
       else
         fprintf(js, ", \"us_eager\": null, \"us_eager_serial\": null}");
       if (max_rows > lim)
         fprintf(stderr,
-                "grouped %-14s T=%-4lld %-4s large groups, not recorded: %d lanes %.1f us (%.1f "
-                "TF/s) vs one after another %.1f us (%.2fx); 2/4/8 lanes %.1f/%.1f/%.1f us\n",
-                s->name, (long long)t, kname, EPIC_CUDA_LT_LANES_DEFAULT, eager * 1e6,
-                flop / eager * 1e-12, serial * 1e6, serial / eager, by_lanes[0] * 1e6,
-                by_lanes[1] * 1e6, by_lanes[2] * 1e6);
+                "grouped %-14s T=%-4lld %-4s large groups, not recorded: wgmma %.1f us (%.1f "
+                "TF/s, %.2f of peak) vs %d lanes %.1f us (%.2fx), one after another %.1f us; "
+                "2/4/8 lanes %.1f/%.1f/%.1f us\n",
+                s->name, (long long)t, kname, eager * 1e6, flop / eager * 1e-12,
+                g_fp8_tflops > 0 ? flop / eager * 1e-12 / g_fp8_tflops : 0.0,
+                EPIC_CUDA_LT_LANES_DEFAULT, lanes_eager * 1e6, lanes_eager / eager, serial * 1e6,
+                by_lanes[0] * 1e6, by_lanes[1] * 1e6, by_lanes[2] * 1e6);
       fprintf(stderr,
               "grouped %-14s T=%-4lld experts=%-3lld max_rows=%-3lld %-4s %9.1f us %7.0f GB/s "
               "(copy %.2f, read %.2f) %6.1f TF/s\n",
@@ -871,7 +890,7 @@ static void bench_small(FILE *js, int op, int64_t m, int *first) {
 int main(int argc, char **argv) {
   int device = 0;
   const char *only = NULL;
-  int64_t one_batch = 0, one_ctx = 0;
+  int64_t one_batch = 0, one_ctx = 0, one_tokens = 0;
   int no_peaks = 0;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--quick"))
@@ -888,10 +907,13 @@ int main(int argc, char **argv) {
       only = "mla";
       one_batch = atoll(argv[++i]);
       one_ctx = atoll(argv[++i]);
+    } else if (!strcmp(argv[i], "--grouped") && i + 1 < argc) {
+      only = "grouped";
+      one_tokens = atoll(argv[++i]);
     } else {
       fprintf(stderr,
               "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory] [--mla B CTX] "
-              "[--mla-kinds MASK] [--no-peaks]\n",
+              "[--grouped TOKENS] [--mla-kinds MASK] [--no-peaks]\n",
               argv[0]);
       return 2;
     }
@@ -950,7 +972,8 @@ peaks_done:
       js,
       "  \"peaks\": {\"copy_gbps\": %.1f, \"read_gbps\": %.1f, \"bf16_gemm_8192_tflops\": %.1f, "
       "\"fp8_gemm_8192_tensorwise_tflops\": %.1f},\n",
-      g_copy_gbps, g_read_gbps, g_bf16_tflops, g_fp8_tflops);
+      isfinite(g_copy_gbps) ? g_copy_gbps : 0.0, isfinite(g_read_gbps) ? g_read_gbps : 0.0,
+      g_bf16_tflops, g_fp8_tflops);
   fprintf(
       stderr,
       "peaks: copy %.0f GB/s, read (sasum) %.0f GB/s, bf16 GEMM %.0f TF/s, fp8 GEMM %.0f TF/s\n",
@@ -978,11 +1001,13 @@ peaks_done:
     }
   fprintf(js, "\n  ],\n  \"grouped\": [");
   first = 1;
-  static const shape expert_shapes[2] = {{"expert_gate_up", 2048, 7168},
+  static const shape expert_shapes[2] = {{"expert_gate_up", 4096, 7168},
                                          {"expert_down", 7168, 2048}};
   static const int64_t ts[] = {1, 32, 128, 512, 2048, 8192}, ts_quick[] = {1, 128};
   for (int si = 0; si < 2 && do_grp; si++) {
-    if (g_quick)
+    if (one_tokens > 0)
+      bench_grouped(js, si, &expert_shapes[si], &one_tokens, 1, &first);
+    else if (g_quick)
       bench_grouped(js, si, &expert_shapes[si], ts_quick, 2, &first);
     else
       bench_grouped(js, si, &expert_shapes[si], ts, 6, &first);

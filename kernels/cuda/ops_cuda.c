@@ -109,6 +109,28 @@ epic_status epic_ops_cuda_set_grouped_lanes(epic_ops *o, int lanes) {
   return EPIC_OK;
 }
 
+epic_status epic_ops_cuda_set_grouped_large(epic_ops *o, epic_cuda_grouped_large k) {
+  if (!o || (k != EPIC_CUDA_GROUPED_LARGE_WGMMA && k != EPIC_CUDA_GROUPED_LARGE_LANES))
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->grouped_large = (int)k;
+  return EPIC_OK;
+}
+
+epic_status epic_ops_cuda_set_mma_group_rows(epic_ops *o, int64_t rows) {
+  if (!o || rows < 1 || rows > EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS)
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->mma_group_rows = rows;
+  return EPIC_OK;
+}
+
+int64_t epic_ops_cuda_mma_group_rows(epic_ops *o) {
+  return o ? epic_cuda_of(o)->mma_group_rows : 0;
+}
+
+int64_t epic_ops_cuda_wgmma_launches(epic_ops *o) {
+  return o ? epic_cuda_of(o)->wgmma_launches : 0;
+}
+
 epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
   if (!o || (p != EPIC_CUDA_PREC_FAST && p != EPIC_CUDA_PREC_EXACT))
     return EPIC_ERR_INVALID;
@@ -524,8 +546,10 @@ static void cuda_destroy(epic_ops *o) {
   epic_cuda_ops *c = epic_cuda_of(o);
   if (c->stream)
     cudaStreamSynchronize(c->stream);
-  for (int i = 0; i < c->n_group_tabs; i++)
+  for (int i = 0; i < c->n_group_tabs; i++) {
     cudaFree(c->group_tabs[i].dev);
+    cudaFree(c->group_tabs[i].wmaps);
+  }
   epic_cuda_matmul_release(c);
   epic_cuda_buf *bufs[] = {&c->act,  &c->act_s, &c->wdq,  &c->outb,
                            &c->keys, &c->att,   &c->pick, &c->gath};
@@ -630,6 +654,23 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
       c->mla_prefill_wgmma = 0;
     else if (pre && *pre && strcmp(pre, "wgmma") != 0)
       EPIC_LOG_WARN("cuda: EPIC_CUDA_MLA_PREFILL=%s is neither wgmma nor mma; using wgmma", pre);
+    const char *large = getenv("EPIC_CUDA_GROUPED_LARGE");
+    if (large && strcmp(large, "lanes") == 0)
+      c->grouped_large = EPIC_CUDA_GROUPED_LARGE_LANES;
+    else if (large && *large && strcmp(large, "wgmma") != 0)
+      EPIC_LOG_WARN("cuda: EPIC_CUDA_GROUPED_LARGE=%s is neither wgmma nor lanes; using wgmma",
+                    large);
+    c->mma_group_rows = EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT;
+    const char *mrows = getenv("EPIC_CUDA_FP8_MMA_GROUP_ROWS");
+    if (mrows && *mrows) {
+      char *end = NULL;
+      const long v = strtol(mrows, &end, 10);
+      if (*end || v < 1 || v > EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS)
+        EPIC_LOG_WARN("cuda: EPIC_CUDA_FP8_MMA_GROUP_ROWS=%s is not 1..%d; using %d", mrows,
+                      EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS, EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT);
+      else
+        c->mma_group_rows = v;
+    }
     c->n_lanes = EPIC_CUDA_LT_LANES_DEFAULT;
     const char *lanes = getenv("EPIC_CUDA_GROUPED_LANES");
     if (lanes && *lanes) {
@@ -688,6 +729,8 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_fp8_skinny_prepare(), "FP8 skinny kernel"), st, fail);
   EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_fp8_mma_prepare(), "FP8 tensor-core kernel"), st, fail);
   EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_mla_prefill_prepare(), "MLA prefill kernel"), st, fail);
+  EPIC_CHECK_GOTO(epic_cuda_check(epic_cuk_fp8_wgmma_prepare(), "grouped FP8 wgmma kernel"), st,
+                  fail);
   EPIC_CHECK_GOTO(epic_cuda_check(cudaStreamSynchronize(c->stream), "create"), st, fail);
   *out = &c->base;
   return EPIC_OK;

@@ -99,10 +99,11 @@ epic_status epic_ops_cuda_set_mla_prefill_kernel(epic_ops *o, epic_cuda_mla_pref
 /* Which kernels multiply FP8 weights by few token rows in the FAST precision.
  * MMA (default): the tensor-core kernel of kern_fp8_mma.cu (activations rounded to bf16
  * by a conversion pass, e4m3 weights converted exactly, block scales in fp32) takes
- * every grouped_matmul group of at most EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS rows (one
+ * every grouped_matmul_dev group (at most EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS rows: one
  * launch per size class, groups above 64 rows in 64-row tiles; the bound covers the
- * decode batches whose expert plan stays on the GPU, worker/model.c) and dense matmuls
- * of at most EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows. Larger dense ones go to cuBLASLt (e4m3 activations), which is faster there;
+ * decode batches whose expert plan stays on the GPU, worker/model.c), the grouped_matmul
+ * groups of at most mma_group_rows rows (below) and dense matmuls of at most
+ * EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows. Larger dense ones go to cuBLASLt (e4m3 activations), which is faster there;
  * dense matmuls of at most EPIC_CUDA_FP8_SKINNY_MAX_M rows on weights below
  * EPIC_CUDA_FP8_SKINNY_MAX_BYTES (every DeepSeek-V3 projection but the FP8 LM head) go
  * to the fp32 skinny kernel, one launch without the conversion pass, which is what
@@ -113,6 +114,20 @@ epic_status epic_ops_cuda_set_mla_prefill_kernel(epic_ops *o, epic_cuda_mla_pref
  * beyond; kept for cross-checks and benchmarks. EPIC_CUDA_FP8_SMALL=mma|fp32 sets it at
  * create. */
 enum { EPIC_CUDA_FP8_MMA_DENSE_MAX_M = 8, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS = 128 };
+/* mma_group_rows: groups whose offsets the host has (grouped_matmul: prefill steps, decode
+ * steps of more than 128 tokens, every expert-parallel step) take the MMA kernel up to this
+ * many rows (1..EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS), larger ones the large-group kernel
+ * (epic_cuda_grouped_large: e4m3 activations); device-planned groups (grouped_matmul_dev)
+ * take the MMA kernel up to its bound. Default 16: the MMA kernel streams the weights once
+ * per 64-row tile on mma.sync, so from 17 rows on the FP8 GEMMs are faster (one H200, 256
+ * experts, gate/up of 2048-token steps: 11.3 -> 2.5 ms). The price: a group of 17-128 rows
+ * gets e4m3 instead of bf16-rounded activations when its offsets are on the host, so a
+ * decode step of <= 128 tokens (device-planned) and the same rows host-planned (expert
+ * parallelism) can differ where an expert gets more than 16 rows. 128 restores the MMA
+ * kernel's full range. EPIC_CUDA_FP8_MMA_GROUP_ROWS sets it at create. */
+enum { EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT = 16 };
+epic_status epic_ops_cuda_set_mma_group_rows(epic_ops *o, int64_t rows);
+int64_t epic_ops_cuda_mma_group_rows(epic_ops *o);
 enum { EPIC_CUDA_FP8_SKINNY_MAX_M = 2, EPIC_CUDA_FP8_SKINNY_MAX_BYTES = 256 << 20 };
 typedef enum {
   EPIC_CUDA_FP8_SMALL_MMA = 0,
@@ -131,6 +146,21 @@ epic_status epic_ops_cuda_set_fp8_small(epic_ops *o, epic_cuda_fp8_small k);
  * 0..EPIC_CUDA_LT_LANES_MAX. */
 enum { EPIC_CUDA_LT_LANES_MAX = 8, EPIC_CUDA_LT_LANES_DEFAULT = 4 };
 epic_status epic_ops_cuda_set_grouped_lanes(epic_ops *o, int lanes);
+
+/* Which kernel multiplies the FP8 groups above the small-group bound (a prefill step's
+ * experts, after one quantisation launch of their rows, e4m3 with 1x128 scales). WGMMA
+ * (default): one persistent launch per EPIC_CUK_WG_GROUPS_MAX groups of kern_fp8_wgmma.cu
+ * (TMA-fed FP8 wgmma, block scales applied per 128 columns in fp32), where its shapes allow.
+ * LANES: cuBLASLt GEMMs per group on the lanes above. EPIC_CUDA_GROUPED_LARGE=wgmma|lanes
+ * sets it at create. */
+typedef enum {
+  EPIC_CUDA_GROUPED_LARGE_WGMMA = 0,
+  EPIC_CUDA_GROUPED_LARGE_LANES = 1,
+} epic_cuda_grouped_large;
+epic_status epic_ops_cuda_set_grouped_large(epic_ops *o, epic_cuda_grouped_large k);
+/* How many times the WGMMA kernel was launched so far (tests and benchmarks check that the
+ * path they time or check is the one taken). */
+int64_t epic_ops_cuda_wgmma_launches(epic_ops *o);
 
 /* Whole-backend precision. FAST (default): the paths described above. EXACT: BF16 and
  * FP8 weights are dequantised to fp32 and multiplied by cuBLAS SGEMM (fp32

@@ -67,6 +67,9 @@ typedef struct epic_cuda_ops {
   int mla_prefill_wgmma; /* flash prefill kernel: products on wgmma (1) or mma.sync (0) */
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
   int fp8_small;    /* epic_cuda_fp8_small */
+  int grouped_large; /* epic_cuda_grouped_large */
+  int64_t mma_group_rows; /* host-planned groups up to this many rows on the MMA kernel */
+  int64_t wgmma_launches; /* launches of the grouped wgmma kernel (epic_ops_cuda_wgmma_launches) */
   int lt_next[EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS]; /* round-robin victim per set */
   /* Graph recording (ops.h ABI 7): 1 between graph_begin and graph_end. epoch counts the
    * frees and moves of device memory a recorded graph may point at. */
@@ -89,7 +92,8 @@ typedef struct epic_cuda_ops {
   struct epic_cuda_group_tab {
     const epic_weight *key;
     int64_t stride, n;
-    void *dev; /* epic_cuk_group_w[n] */
+    void *dev;   /* epic_cuk_group_w[n] */
+    void *wmaps; /* epic_cuk_tmap[n] of the wgmma kernel, built on its first use */
   } group_tabs[EPIC_CUDA_GROUP_TABS];
   int n_group_tabs, group_next;
   /* scratch */
@@ -237,6 +241,42 @@ typedef struct epic_cuk_fp8_mma_args {
 int epic_cuk_fp8_mma_ok(const epic_weight *w);
 cudaError_t epic_cuk_fp8_mma_prepare(void);
 cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaStream_t st);
+/* Grouped FP8 GEMM on wgmma (kern_fp8_wgmma.cu) for groups above the tensor-core
+ * kernel's bound: group g is rows [row0[g], row0[g] + rows[g]) of the e4m3 codes amap
+ * describes ([rows][k], 1x128 scales at as + sbase[g], layout [nbk][mp[g]], the lanes'
+ * quantiser's) times the weight of index widx[g] (its tensor map wmaps[widx], its block
+ * scales tab[widx].scale; every weight n x k), into the same rows of y (fp32, ldy even, 8-byte
+ * aligned). tile0: prefix sums of epic_cuk_fp8_wgmma_tiles(rows[g], n). Passed by value
+ * (kernel parameters). A tensor map (CUtensorMap, 128 bytes, 64-byte aligned) is built on the
+ * host by epic_cuk_tmap_fp8 for a row-major [rows][cols] byte matrix (cols % 16 == 0), in the
+ * kernel's box for weights (weight != 0) or activations. */
+#ifdef __cplusplus
+#define EPIC_CUK_ALIGN64 alignas(64)
+#else
+#define EPIC_CUK_ALIGN64 _Alignas(64)
+#endif
+typedef struct epic_cuk_tmap {
+  EPIC_CUK_ALIGN64 unsigned char opaque[128];
+} epic_cuk_tmap;
+enum { EPIC_CUK_WG_GROUPS_MAX = 128 };
+typedef struct epic_cuk_fp8_wgmma_args {
+  epic_cuk_tmap amap;
+  const epic_cuk_tmap *wmaps;
+  const epic_cuk_group_w *tab;
+  const float *as;
+  float *y;
+  int64_t ldy;
+  int32_t n, k, n_groups;
+  int32_t widx[EPIC_CUK_WG_GROUPS_MAX], row0[EPIC_CUK_WG_GROUPS_MAX];
+  int32_t rows[EPIC_CUK_WG_GROUPS_MAX], sbase[EPIC_CUK_WG_GROUPS_MAX];
+  int32_t mp[EPIC_CUK_WG_GROUPS_MAX], tile0[EPIC_CUK_WG_GROUPS_MAX + 1];
+} epic_cuk_fp8_wgmma_args;
+int epic_cuk_fp8_wgmma_ok(const epic_weight *w);
+int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n);
+cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, int64_t cols,
+                              int weight);
+cudaError_t epic_cuk_fp8_wgmma_prepare(void);
+cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, cudaStream_t st);
 /* Dequantise rows [r0, r0 + nr) of w into out [nr][w->cols], as bf16 (out_bf16) or fp32. */
 cudaError_t epic_cuk_dequant_rows(const epic_weight *w, int64_t r0, int64_t nr, void *out,
                                   int out_bf16, cudaStream_t st);

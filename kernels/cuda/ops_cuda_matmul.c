@@ -362,7 +362,7 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
 /* Groups with at most this many rows go through the grouped fp32 kernel (each pass
  * of four rows re-reads the weight tile, mostly from L2); larger ones are GEMMs.
  * Applies to the FP32 choice of epic_cuda_fp8_small; the MMA one takes groups of up to
- * EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS rows in tensor-core launches (mma_classes). */
+ * mma_group_rows rows in tensor-core launches (mma_classes). */
 enum { EPIC_CUDA_GROUPED_MAX_ROWS = 16 };
 
 /* Rows per GEMM of the exact-precision grouped path: every group is multiplied in
@@ -373,12 +373,14 @@ enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
  * expert's rows split over its copies land in smaller groups on other ranks; also
  * batch composition). A row's result depends only on the row and the weight when
  * every path a row can take computes it alone, the same way:
- * - FP8, fast precision, MMA kernels (the default): every group of 1..128 rows goes
- *   through kern_fp8_mma.cu, in a grouped launch or as dense matmuls of its rows,
- *   whose per-output operations do not depend on the other rows (see that file); dense
- *   matmuls of m <= EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows take the same kernel (except
- *   the smallest, see ops_cuda.h), so a row also gets the same result from such a
- *   dense call and the grouped op.
+ * - FP8, fast precision, MMA kernels (the default): every group of 1..mma_group_rows
+ *   rows (all device-planned groups) goes through kern_fp8_mma.cu, in a grouped launch
+ *   or as dense matmuls of its rows, whose per-output operations do not depend on the
+ *   other rows (see that file); dense matmuls of m <= EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows
+ *   take the same kernel (except the smallest, see ops_cuda.h), so a row also gets the
+ *   same result from such a dense call and the grouped op. Larger host-planned groups
+ *   take the large-group wgmma kernel (kern_fp8_wgmma.cu), row-invariant among
+ *   themselves, with e4m3 activations: a row whose group crosses mma_group_rows changes.
  * - FP8, fast precision, FP32 kernels: groups of 1..16 rows take the fp32 per-row
  *   kernel of kern_fp8_skinny.cu (one grouped launch, or skinny launches of at most
  *   four rows, which run the same per-token code).
@@ -387,25 +389,27 @@ enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
  *   same kernel each time; its tile covers the 16 rows in one column block, and a
  *   GEMM kernel sums each output in an order fixed by its tile and k loop, not by the
  *   values or the number of other rows.
- * - Fast precision, larger FP8 groups and BF16 / F16 weights: one cuBLAS / cuBLASLt
- *   GEMM per group whose algorithm, and for FP8 even the numerics (e4m3 activations),
- *   depend on the group's row count: a row's result can change with its group's size
- *   there. */
+ * - Fast precision, larger FP8 groups on the lanes and BF16 / F16 weights: one cuBLAS /
+ *   cuBLASLt GEMM per group whose algorithm, and for FP8 even the numerics (e4m3
+ *   activations), depend on the group's row count: a row's result can change with its
+ *   group's size there. */
 
 static int same_layout(const epic_weight *a, const epic_weight *b) {
   return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols &&
          a->block_rows == b->block_rows && a->block_cols == b->block_cols;
 }
 
-/* The device table of list w (n groups, stride), built once; NULL when the loaded
- * weights differ in layout from shape (then the caller multiplies group by group). */
-static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *w, int64_t stride,
-                                           int64_t n, const epic_weight *shape, epic_status *st) {
+/* The cache entry of list w (n groups, stride) with its device table, built once; NULL
+ * when the loaded weights differ in layout from shape (then the caller multiplies group
+ * by group). */
+static struct epic_cuda_group_tab *group_entry(epic_cuda_ops *c, const epic_weight *w,
+                                               int64_t stride, int64_t n,
+                                               const epic_weight *shape, epic_status *st) {
   *st = EPIC_OK;
   for (int i = 0; i < c->n_group_tabs; i++) {
     struct epic_cuda_group_tab *t = &c->group_tabs[i];
     if (t->key == w && t->stride == stride && t->n == n)
-      return t->dev;
+      return t;
   }
   if ((*st = epic_cuda_not_recording(c, "a new expert weight table")) != EPIC_OK)
     return NULL;
@@ -445,10 +449,52 @@ static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *
     c->group_next = (slot + 1) % EPIC_CUDA_GROUP_TABS;
     c->epoch++;
     cudaFree(c->group_tabs[slot].dev);
+    cudaFree(c->group_tabs[slot].wmaps);
   } else {
     c->n_group_tabs++;
   }
   c->group_tabs[slot] = (struct epic_cuda_group_tab){.key = w, .stride = stride, .n = n, .dev = d};
+  return &c->group_tabs[slot];
+}
+
+static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *w, int64_t stride,
+                                           int64_t n, const epic_weight *shape, epic_status *st) {
+  const struct epic_cuda_group_tab *t = group_entry(c, w, stride, n, shape, st);
+  return t ? t->dev : NULL;
+}
+
+/* The wgmma kernel's tensor maps of the entry's weights (list w), built once. */
+static const epic_cuk_tmap *group_wmaps(epic_cuda_ops *c, struct epic_cuda_group_tab *t,
+                                        const epic_weight *w, epic_status *st) {
+  *st = EPIC_OK;
+  if (t->wmaps)
+    return t->wmaps;
+  if ((*st = epic_cuda_not_recording(c, "the expert weights' tensor maps")) != EPIC_OK)
+    return NULL;
+  epic_cuk_tmap *h = calloc((size_t)t->n, sizeof *h);
+  if (!h) {
+    *st = EPIC_ERR_NOMEM;
+    return NULL;
+  }
+  cudaError_t e = cudaSuccess;
+  for (int64_t g = 0; g < t->n && e == cudaSuccess; g++) {
+    const epic_weight *wg = &w[g * t->stride];
+    if (wg->data)
+      e = epic_cuk_tmap_fp8(&h[g], wg->data, wg->rows, wg->cols, 1);
+  }
+  void *d = NULL;
+  const size_t bytes = (size_t)t->n * sizeof *h;
+  if (e == cudaSuccess)
+    e = cudaMalloc(&d, bytes);
+  if (e == cudaSuccess)
+    e = cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
+  free(h);
+  if (e != cudaSuccess) {
+    cudaFree(d);
+    *st = epic_cuda_check(e, "grouped matmul: weight tensor maps");
+    return NULL;
+  }
+  t->wmaps = d;
   return d;
 }
 
@@ -674,6 +720,144 @@ typedef struct {
   int lane, direct, zpad;
 } lane_group;
 
+/* The groups of a grouped matmul above lim rows, not yet done, whose weight `fit` takes, sharing the
+ * first such weight's shape, in order, with the quantiser's layout of their scales
+ * (blocks [ceil(k / 128)][mp] one after another). lg is NULL when nb is 0. */
+typedef struct {
+  lane_group *lg;
+  int64_t nb, total, scales;
+  const epic_weight *w0;
+} large_set;
+static epic_status large_groups(const int64_t *off, int64_t n_groups, const epic_weight *w,
+                                int64_t w_stride, int64_t lim, int64_t ldx, int64_t ldy,
+                                int (*fit)(const epic_weight *), const uint8_t *done,
+                                large_set *ls) {
+  memset(ls, 0, sizeof *ls);
+  if (n_groups < 1 || off[n_groups] + 4 > INT32_MAX)
+    return EPIC_OK;
+  ls->lg = calloc((size_t)n_groups, sizeof *ls->lg);
+  if (!ls->lg)
+    return EPIC_ERR_NOMEM;
+  for (int64_t g = 0; g < n_groups; g++) {
+    const epic_weight *wg = &w[g * w_stride];
+    const int64_t rows = off[g + 1] - off[g];
+    if (rows <= lim || done[g] || !epic_cuda_weight_ok(wg) || !fit(wg) || ldx < wg->cols ||
+        ldy < wg->rows || (ls->w0 && !same_layout(wg, ls->w0)))
+      continue;
+    if (!ls->w0)
+      ls->w0 = wg;
+    lane_group *q = &ls->lg[ls->nb++];
+    *q = (lane_group){.g = g, .row0 = off[g], .rows = rows, .mp = round_up(rows, 4)};
+    q->sbase = ls->scales;
+    ls->scales += (wg->cols + 127) / 128 * q->mp; /* the quantiser's blocks, the last partial */
+    ls->total += rows;
+  }
+  if (ls->nb < 1 || ls->scales >= INT32_MAX) {
+    free(ls->lg);
+    memset(ls, 0, sizeof *ls);
+  }
+  return EPIC_OK;
+}
+
+/* What cuBLASLt's lanes take: its block-scaled layout with the weight scales in place. */
+static int lanes_fit(const epic_weight *w) {
+  return lt_candidate(w) && ((w->cols + 127) / 128) % 4 == 0;
+}
+
+/* One quantisation launch per EPIC_CUK_QGROUPS_MAX of the nb groups lg: codes into the
+ * groups' rows of xq (ld k), scales at xs + sbase. */
+static epic_status quantise_groups(epic_cuda_ops *c, const float *x, int64_t ldx,
+                                   const int32_t *xidx, int64_t k, const lane_group *lg,
+                                   int64_t nb, uint8_t *xq, float *xs) {
+  for (int64_t b0 = 0; b0 < nb; b0 += EPIC_CUK_QGROUPS_MAX) {
+    epic_cuk_qgroups t;
+    t.n = (int32_t)(nb - b0 < EPIC_CUK_QGROUPS_MAX ? nb - b0 : EPIC_CUK_QGROUPS_MAX);
+    t.item0[0] = 0;
+    for (int j = 0; j < t.n; j++) {
+      const lane_group *q = &lg[b0 + j];
+      t.row0[j] = (int32_t)q->row0;
+      t.rows[j] = (int32_t)q->rows;
+      t.zpad[j] = q->zpad;
+      t.sbase[j] = (int32_t)q->sbase;
+      t.item0[j + 1] = t.item0[j] + (int32_t)q->mp;
+    }
+    EPIC_CHECK_CUDA(epic_cuk_quant_fp8_groups(x, ldx, xidx, k, xq, xs, &t, c->stream),
+                    "grouped matmul: quantise activations");
+  }
+  return EPIC_OK;
+}
+
+/* The large FP8 groups (rows > lim) on the wgmma kernel: one quantisation launch and one
+ * GEMM launch per EPIC_CUK_WG_GROUPS_MAX groups, on the backend's stream. Sets done[g]
+ * for the groups it ran; leaves everything to the lanes (done untouched) when no group
+ * qualifies or the list's weights differ in layout. Numerics: the lanes' e4m3
+ * activations, the block-scaled sum in the kernel's fixed order (row-invariant). */
+static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx,
+                                 const int32_t *xidx, const int64_t *off, int64_t n_groups,
+                                 const epic_weight *w, int64_t w_stride, int64_t lim, float *y,
+                                 int64_t ldy, uint8_t *done) {
+  if (ldy % 2 != 0 || ((uintptr_t)y & 7u) != 0)
+    return EPIC_OK; /* the kernel stores column pairs */
+  large_set ls;
+  EPIC_CHECK(large_groups(off, n_groups, w, w_stride, lim, ldx, ldy, epic_cuk_fp8_wgmma_ok, done,
+                          &ls));
+  if (ls.nb < 1)
+    return EPIC_OK;
+  epic_status st;
+  struct epic_cuda_group_tab *t = group_entry(c, w, w_stride, n_groups, ls.w0, &st);
+  const epic_cuk_tmap *wmaps = t ? group_wmaps(c, t, w, &st) : NULL;
+  const int64_t m = off[n_groups], n = ls.w0->rows, k = ls.w0->cols;
+  if (st == EPIC_OK && wmaps)
+    st = epic_cuda_buf_reserve(c, &c->act, (size_t)round_up((m + 4) * k, 16));
+  if (st == EPIC_OK && wmaps)
+    st = epic_cuda_buf_reserve(c, &c->act_s, (size_t)ls.scales * sizeof(float));
+  if (st == EPIC_OK && wmaps)
+    st = quantise_groups(c, x, ldx, xidx, k, ls.lg, ls.nb, c->act.p, c->act_s.p);
+  epic_cuk_fp8_wgmma_args *a = st == EPIC_OK && wmaps ? malloc(sizeof *a) : NULL;
+  if (st == EPIC_OK && wmaps && !a)
+    st = EPIC_ERR_NOMEM;
+  if (a) {
+    memset(a, 0, sizeof *a);
+    st = epic_cuda_check(epic_cuk_tmap_fp8(&a->amap, c->act.p, m, k, 0),
+                         "grouped matmul: activation tensor map");
+    a->wmaps = wmaps;
+    a->tab = t->dev;
+    a->as = c->act_s.p;
+    a->y = y;
+    a->ldy = ldy;
+    a->n = (int32_t)n;
+    a->k = (int32_t)k;
+  }
+  for (int64_t b0 = 0; a && st == EPIC_OK && b0 < ls.nb; b0 += EPIC_CUK_WG_GROUPS_MAX) {
+    a->n_groups = (int32_t)(ls.nb - b0 < EPIC_CUK_WG_GROUPS_MAX ? ls.nb - b0
+                                                                  : EPIC_CUK_WG_GROUPS_MAX);
+    int64_t tiles = 0;
+    for (int j = 0; j < a->n_groups; j++) {
+      const lane_group *q = &ls.lg[b0 + j];
+      a->widx[j] = (int32_t)q->g;
+      a->row0[j] = (int32_t)q->row0;
+      a->rows[j] = (int32_t)q->rows;
+      a->sbase[j] = (int32_t)q->sbase;
+      a->mp[j] = (int32_t)q->mp;
+      a->tile0[j] = (int32_t)tiles;
+      tiles += epic_cuk_fp8_wgmma_tiles(q->rows, n);
+    }
+    a->tile0[a->n_groups] = (int32_t)tiles;
+    if (tiles > INT32_MAX)
+      st = EPIC_ERR_UNSUPPORTED;
+    else
+      st = epic_cuda_check(epic_cuk_fp8_wgmma(a, c->sm_count, c->stream),
+                           "grouped matmul: FP8 wgmma kernel");
+    c->wgmma_launches += st == EPIC_OK;
+  }
+  if (st == EPIC_OK && a)
+    for (int64_t i = 0; i < ls.nb; i++)
+      done[ls.lg[i].g] = 1;
+  free(a);
+  free(ls.lg);
+  return st;
+}
+
 /* The cuBLASLt GEMMs of the large FP8 groups (rows > lim), side by side.
  *
  * Why: one GEMM of a few hundred rows by a 2048 x 7168 expert fills a fraction of the
@@ -706,34 +890,15 @@ static epic_status grouped_lanes(epic_cuda_ops *c, const float *x, int64_t ldx,
                                  const int32_t *xidx, const int64_t *off, int64_t n_groups,
                                  const epic_weight *w, int64_t w_stride, int64_t lim, float *y,
                                  int64_t ldy, uint8_t *done) {
-  if (c->n_lanes < 1 || off[n_groups] + 4 > INT32_MAX || n_groups < 1)
+  if (c->n_lanes < 1)
     return EPIC_OK;
-  /* the groups: above the bound, cuBLASLt-ready, with the first such group's shape */
-  lane_group *lg = calloc((size_t)n_groups, sizeof *lg);
-  if (!lg)
-    return EPIC_ERR_NOMEM;
-  const epic_weight *w0 = NULL;
-  int64_t nb = 0, total = 0, scales = 0;
-  for (int64_t g = 0; g < n_groups; g++) {
-    const epic_weight *wg = &w[g * w_stride];
-    const int64_t rows = off[g + 1] - off[g];
-    if (rows <= lim || !epic_cuda_weight_ok(wg) || !lt_candidate(wg) ||
-        ((wg->cols + 127) / 128) % 4 != 0 || ldx < wg->cols || ldy < wg->rows ||
-        (w0 && (wg->cols != w0->cols || wg->rows != w0->rows)))
-      continue;
-    if (!w0)
-      w0 = wg;
-    lg[nb] = (lane_group){.g = g, .row0 = off[g], .rows = rows, .mp = round_up(rows, 4)};
-    lg[nb].sbase = scales;
-    scales += (wg->cols + 127) / 128 * lg[nb].mp; /* the quantiser's blocks, the last partial */
-    total += rows;
-    nb++;
-  }
-  if (nb < 1 || scales >= INT32_MAX) {
-    free(lg);
+  large_set ls;
+  EPIC_CHECK(large_groups(off, n_groups, w, w_stride, lim, ldx, ldy, lanes_fit, done, &ls));
+  if (ls.nb < 1)
     return EPIC_OK;
-  }
-  const int64_t n = w0->rows, k = w0->cols, ld_stage = round_up(n, 4);
+  lane_group *lg = ls.lg;
+  const int64_t nb = ls.nb, total = ls.total, scales = ls.scales;
+  const int64_t n = ls.w0->rows, k = ls.w0->cols, ld_stage = round_up(n, 4);
   int64_t i;
   /* every plan first: nothing is enqueued unless all groups have one */
   const int direct_ok = ldy % 4 == 0 && aligned16(y);
@@ -782,21 +947,8 @@ static epic_status grouped_lanes(epic_cuda_ops *c, const float *x, int64_t ldx,
     st = epic_cuda_buf_reserve(c, &c->outb, (size_t)staged * sizeof(float));
   uint8_t *xq = c->act.p;
   float *xs = c->act_s.p, *stage = c->outb.p;
-  for (int64_t b0 = 0; st == EPIC_OK && b0 < nb; b0 += EPIC_CUK_QGROUPS_MAX) {
-    epic_cuk_qgroups t;
-    t.n = (int32_t)(nb - b0 < EPIC_CUK_QGROUPS_MAX ? nb - b0 : EPIC_CUK_QGROUPS_MAX);
-    t.item0[0] = 0;
-    for (int j = 0; j < t.n; j++) {
-      const lane_group *q = &lg[b0 + j];
-      t.row0[j] = (int32_t)q->row0;
-      t.rows[j] = (int32_t)q->rows;
-      t.zpad[j] = q->zpad;
-      t.sbase[j] = (int32_t)q->sbase;
-      t.item0[j + 1] = t.item0[j] + (int32_t)q->mp;
-    }
-    st = epic_cuda_check(epic_cuk_quant_fp8_groups(x, ldx, xidx, k, xq, xs, &t, c->stream),
-                         "grouped matmul: quantise activations");
-  }
+  if (st == EPIC_OK)
+    st = quantise_groups(c, x, ldx, xidx, k, lg, nb, xq, xs);
   /* fork; from here on every lane is joined back, whatever fails */
   int forked = 0;
   if (st == EPIC_OK)
@@ -889,7 +1041,7 @@ static epic_status grouped_core(epic_cuda_ops *c, const float *x, int64_t ldx,
   epic_ops *o = &c->base;
   const epic_cuk_group_w *tab = NULL;
   const int mma = c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA;
-  const int64_t lim = mma ? EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS : EPIC_CUDA_GROUPED_MAX_ROWS;
+  const int64_t lim = mma ? c->mma_group_rows : EPIC_CUDA_GROUPED_MAX_ROWS;
   int64_t small = 0, small_max = 0;
   if (n_groups < 0 || !off_host || (n_groups > 0 && !w))
     return EPIC_ERR_INVALID;
@@ -920,8 +1072,11 @@ static epic_status grouped_core(epic_cuda_ops *c, const float *x, int64_t ldx,
   uint8_t *done = calloc((size_t)n_groups + 1, 1);
   if (!done)
     return EPIC_ERR_NOMEM;
-  epic_status st =
-      grouped_lanes(c, x, ldx, xidx, off_host, n_groups, w, w_stride, lim, y, ldy, done);
+  epic_status st = EPIC_OK;
+  if (c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA)
+    st = grouped_wgmma(c, x, ldx, xidx, off_host, n_groups, w, w_stride, lim, y, ldy, done);
+  if (st == EPIC_OK)
+    st = grouped_lanes(c, x, ldx, xidx, off_host, n_groups, w, w_stride, lim, y, ldy, done);
   /* One launch (per size class) for the small groups. The fp32 kernel leaves a lone small
    * group to the skinny launches below, which compute its rows alike; the tensor-core
    * kernel's dense form is the same code, so it takes any number. */

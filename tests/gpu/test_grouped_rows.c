@@ -261,6 +261,10 @@ static void test_fast_mma_any_groups(void **state) {
   (void)state;
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
   assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, EPIC_CUDA_FP8_SMALL_MMA), EPIC_OK);
+  /* the kernel's whole range (host-planned groups above the default bound take the
+   * large-group kernel, with e4m3 activations) */
+  assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS),
+                   EPIC_OK);
   wpair w = make_weight(EPIC_DT_F8E4M3);
   /* All 128 rows in one group or in 1 + 127 (two 64-row tiles), or the first 40 rows in
    * groups whose largest has 16, 33, 23, 32, 15, 4 and 1 rows (8-token tiles 2, 8, 4, 4,
@@ -338,6 +342,8 @@ static void test_fast_mma_any_groups(void **state) {
   free(first);
   free(y);
   free_weight(&w);
+  assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT),
+                   EPIC_OK);
 }
 
 static void test_fast_fp32_small_groups(void **state) {

@@ -610,7 +610,7 @@ static void test_grouped_matmul(void **state) {
     for (int g = 0; g < G; g++) {
       if (rows[g] == 0)
         continue;
-      const int mma = kind == 0 && rows[g] <= EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS;
+      const int mma = kind == 0 && rows[g] <= epic_ops_cuda_mma_group_rows(g_gpu);
       char what[96];
       snprintf(what, sizeof what, "grouped_matmul group %d (%lld rows, kind %s: %s)", g,
                (long long)rows[g], fp8_kind_names[kind],
@@ -699,6 +699,7 @@ static void test_grouped_lanes(void **state) {
   float *dx = dup_dev(x, (size_t)(m * ldx) * 4), *dy = dalloc((size_t)(m * ldy_max) * 4);
   float *dy1 = dalloc((size_t)(m * ldy_max) * 4);
   int32_t *doff = dup_dev(off32, sizeof off32);
+  assert_int_equal(epic_ops_cuda_set_grouped_large(g_gpu, EPIC_CUDA_GROUPED_LARGE_LANES), EPIC_OK);
   for (int pass = 0; pass < 2; pass++) {
     const int64_t ldy = pass ? n + 3 : n + 4;
     assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, x, ldx, off, NULL, G, hw, 1, ref, ldy),
@@ -710,7 +711,7 @@ static void test_grouped_lanes(void **state) {
       const int kind = run == 1;
       set_fp8_kind(kind);
       assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, lanes[run]), EPIC_OK);
-      const int64_t lim = kind == 0 ? EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS : 16;
+      const int64_t lim = kind == 0 ? epic_ops_cuda_mma_group_rows(g_gpu) : 16;
       poison(dy, (size_t)(m * ldy) * 4);
       for (int rep = 0; rep < 2; rep++)
         assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, ldx, off, doff, G, dw, 1, dy, ldy),
@@ -742,6 +743,7 @@ static void test_grouped_lanes(void **state) {
     }
   }
   set_fp8_kind(0);
+  assert_int_equal(epic_ops_cuda_set_grouped_large(g_gpu, EPIC_CUDA_GROUPED_LARGE_WGMMA), EPIC_OK);
   assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, EPIC_CUDA_LT_LANES_DEFAULT), EPIC_OK);
   assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, EPIC_CUDA_LT_LANES_MAX + 1),
                    EPIC_ERR_INVALID);
@@ -754,6 +756,110 @@ static void test_grouped_lanes(void **state) {
   free(y);
   free(one);
   free(ref);
+}
+
+/* The large groups on the wgmma kernel (kern_fp8_wgmma.cu, the default): groups across
+ * the 128-row tiles and more of them than one launch takes (128, so two launches), n and
+ * k off the 128 blocks (partial weight tiles and blocks come in as zeros), small groups
+ * between them (the tensor-core launches). The kernel must have run (its launch count);
+ * each large group must match the CPU on the same e4m3 activations (2e-3, as cuBLASLt
+ * must) and cuBLASLt's GEMMs of its rows (1e-3; k's 9 scale blocks keep the lanes out, so
+ * per group); a group given alone (one launch of one group) must give its rows bit for
+ * bit (row invariance); padding columns stay unwritten. An odd output stride (the kernel
+ * stores column pairs) leaves the groups to cuBLASLt. */
+static void test_grouped_wgmma(void **state) {
+  (void)state;
+  enum { G = 150 }; /* 132 large groups: a launch takes 128 */
+  const int64_t n = 448, k = 1088, ldy = n + 2;
+  int64_t rows[G], off[G + 1];
+  int32_t off32[G + 1];
+  static tw w[G];
+  static epic_weight hw[G], dw[G]; /* static: the backend caches a table per list */
+  int n_large = 0;
+  for (int g = 0; g < G; g++) { /* mostly 129-160 rows; some small, one empty, one of 300 */
+    rows[g] = g == 5 ? 0 : g % 9 == 4 ? 1 + g % 50 : g == 7 ? 300 : 129 + (g * 7) % 32;
+    n_large += rows[g] > epic_ops_cuda_mma_group_rows(g_gpu);
+  }
+  assert_true(n_large > 128);
+  const int64_t m = make_groups(G, rows, n, k, off, off32, w, hw, dw);
+  float *x = xmalloc((size_t)(m * k) * 4), *xq = xmalloc((size_t)(m * k) * 4);
+  float *y = xmalloc((size_t)(m * ldy) * 4), *lanes = xmalloc((size_t)(m * ldy) * 4);
+  float *ref = xmalloc((size_t)(m * n) * 4), *one = xmalloc((size_t)(m * ldy) * 4);
+  fill(x, (size_t)(m * k), 1.0f);
+  quantise_like_gpu(x, k, m, k, xq);
+  assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, xq, k, off, NULL, G, hw, 1, ref, n), EPIC_OK);
+  float *dx = dup_dev(x, (size_t)(m * k) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
+  int32_t *doff = dup_dev(off32, sizeof off32);
+  for (int run = 0; run < 2; run++) {
+    assert_int_equal(epic_ops_cuda_set_grouped_large(g_gpu, run ? EPIC_CUDA_GROUPED_LARGE_LANES
+                                                                : EPIC_CUDA_GROUPED_LARGE_WGMMA),
+                     EPIC_OK);
+    poison(dy, (size_t)(m * ldy) * 4);
+    const int64_t launches = epic_ops_cuda_wgmma_launches(g_gpu);
+    assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, k, off, doff, G, dw, 1, dy, ldy),
+                     EPIC_OK);
+    /* one launch per 128 large groups, none for the lanes */
+    assert_int_equal(epic_ops_cuda_wgmma_launches(g_gpu) - launches,
+                     run ? 0 : (n_large + 127) / 128);
+    fetch(run ? lanes : y, dy, (size_t)(m * ldy) * 4);
+  }
+  assert_int_equal(epic_ops_cuda_set_grouped_large(g_gpu, EPIC_CUDA_GROUPED_LARGE_WGMMA), EPIC_OK);
+  double worst = 0, worst_lanes = 0;
+  int alone = 0;
+  const int64_t before_alone = epic_ops_cuda_wgmma_launches(g_gpu);
+  for (int g = 0; g < G; g++) {
+    if (rows[g] <= epic_ops_cuda_mma_group_rows(g_gpu))
+      continue;
+    const double e = rel_err2d(y + off[g] * ldy, ldy, ref + off[g] * n, n, rows[g], n);
+    const double el = rel_err2d(y + off[g] * ldy, ldy, lanes + off[g] * ldy, ldy, rows[g], n);
+    worst = e > worst ? e : worst;
+    worst_lanes = el > worst_lanes ? el : worst_lanes;
+    if (g % 16 != 7)
+      continue;
+    /* the group alone: offsets of one group over its own rows */
+    const int64_t o1[2] = {0, rows[g]};
+    const int32_t o1_32[2] = {0, (int32_t)rows[g]};
+    int32_t *do1 = dup_dev(o1_32, sizeof o1_32);
+    poison(dy, (size_t)(rows[g] * ldy) * 4);
+    assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx + off[g] * k, k, o1, do1, 1, &dw[g], 1,
+                                               dy, ldy),
+                     EPIC_OK);
+    assert_int_equal(epic_ops_cuda_wgmma_launches(g_gpu), before_alone + alone + 1);
+    fetch(one, dy, (size_t)(rows[g] * ldy) * 4);
+    for (int64_t i = 0; i < rows[g]; i++)
+      if (memcmp(one + i * ldy, y + (off[g] + i) * ldy, (size_t)n * 4))
+        fail_msg("grouped wgmma: group %d row %lld differs when the group is alone", g,
+                 (long long)i);
+    dfree(do1);
+    alone++;
+  }
+  check_err("grouped wgmma: large groups vs CPU on e4m3 activations", worst, 2e-3);
+  check_err("grouped wgmma: large groups vs cuBLASLt", worst_lanes, 1e-3);
+  printf("#   %d groups alone gave their rows bit for bit\n", alone);
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t r = n; r < ldy; r++)
+      assert_true(isnan(y[i * ldy + r]));
+  /* odd stride: cuBLASLt takes the groups */
+  poison(dy, (size_t)(m * (n + 1)) * 4);
+  const int64_t before_odd = epic_ops_cuda_wgmma_launches(g_gpu);
+  assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, k, off, doff, G, dw, 1, dy, n + 1),
+                   EPIC_OK);
+  assert_int_equal(epic_ops_cuda_wgmma_launches(g_gpu), before_odd);
+  fetch(one, dy, (size_t)(m * (n + 1)) * 4);
+  check_err("grouped wgmma: odd output stride (cuBLASLt) vs CPU",
+            rel_err2d(one, n + 1, ref, n, m, n), 5e-2);
+  assert_int_equal(epic_ops_cuda_set_grouped_large(g_gpu, (epic_cuda_grouped_large)7),
+                   EPIC_ERR_INVALID);
+  free_groups(G, rows, w);
+  dfree(dx);
+  dfree(dy);
+  dfree(doff);
+  free(x);
+  free(xq);
+  free(y);
+  free(lanes);
+  free(ref);
+  free(one);
 }
 
 /* grouped_matmul_rows (ABI 8) equals copy_rows + grouped_matmul bit for bit: rows read
@@ -869,6 +975,10 @@ static void test_moe_plan(void **state) {
   fill(x, (size_t)N * K, 1.0f);
   float *dx = dup_dev(x, (size_t)N * K * 4), *dy = dalloc((size_t)N * NW * 4);
   const int32_t *doff = dplan + 2 * N;
+  /* the host path takes the tensor-core kernel for the same groups (its default bound sends
+   * host-planned groups above it to the large-group kernel, e4m3 activations) */
+  assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS),
+                   EPIC_OK);
   for (int prec = 0; prec < 2; prec++) {
     assert_int_equal(epic_ops_cuda_set_precision(g_gpu, (epic_cuda_precision)prec), EPIC_OK);
     poison(dy, (size_t)N * NW * 4);
@@ -883,6 +993,10 @@ static void test_moe_plan(void **state) {
     printf("#   grouped_matmul_dev (%s, largest group %lld rows) equals grouped_matmul\n",
            prec ? "exact" : "fast", (long long)max_rows);
   }
+  assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT),
+                   EPIC_OK);
+  assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS + 1),
+                   EPIC_ERR_INVALID);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
   /* a bound below the largest group: reported at the next sync, then cleared */
   assert_int_equal(
@@ -1895,6 +2009,7 @@ int main(void) {
       cmocka_unit_test(test_route),     cmocka_unit_test(test_kv),
       cmocka_unit_test(test_row_ops),   cmocka_unit_test(test_grouped_matmul),
       cmocka_unit_test(test_grouped_lanes),
+      cmocka_unit_test(test_grouped_wgmma),
       cmocka_unit_test(test_grouped_rows_gather),
       cmocka_unit_test(test_moe_plan),
       cmocka_unit_test(test_row_pick),

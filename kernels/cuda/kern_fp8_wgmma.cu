@@ -1,0 +1,328 @@
+// Grouped FP8 GEMM on Hopper's FP8 tensor cores for the large groups of a grouped matmul
+// (a prefill step's experts, a few hundred rows each): y[r] = x[r] . W_g^T for the rows r
+// of group g, e4m3 activations with one scale per row and 128-column block (the
+// quantiser of the cuBLASLt path, epic_cuk_quant_fp8_groups) and e4m3 weights with
+// 128 x 128 block scales, in one persistent launch for up to EPIC_CUK_WG_GROUPS_MAX groups.
+//
+// Why not cuBLASLt: one block-scaled GEMM per expert of ~256 rows fills a fraction of the
+// GPU, and even side by side on four streams the 256 GEMMs of a projection reached 0.32
+// of the FP8 peak (kernels/cuda/NOTES.md). Here every CTA walks the tiles of all groups.
+//
+// Layout: a CTA of three warpgroups takes 128 x 256 output tiles. Warpgroup 0 is the
+// producer: one thread feeds a ring of kStages shared-memory stages with the tensor
+// memory accelerator (TMA: a 128-row x 128-byte box of activation codes and a 256-row one
+// of weight codes per stage, written with the 128-byte swizzle that wgmma reads; rows and
+// columns past the tensors' ends arrive as zeros), plus the stage's scales (a bulk copy of
+// the tile's 128 activation scales, two 4-byte cp.async of the weight block scales), so
+// no consumer ever waits on a global load. Each stage has a "full" mbarrier (bytes and
+// copies landed) and an "empty" one (every consumer warp is done with it). Warpgroups 1
+// and 2 are the consumers, 64 rows each: per 128-column block and weight scale block, 4
+// `wgmma m64n128k32` e4m3 steps into a zeroed block accumulator, then one FMA per output
+// with the two scales into the fp32 total: the block-scaled sum of the official fp8_gemm,
+// which also keeps the tensor cores' reduced-precision FP8 accumulation to 128 products.
+// (setmaxnreg moves registers from the producer to the consumers: 64 + 2 x 64 accumulators.)
+// Tiles are ordered group, then weight column tile, then row tile, so the CTAs that run
+// at once share weight tiles through L2.
+//
+// Measured (kernels/cuda/NOTES.md): 128 x 128 tiles were L2-traffic bound (5.5 TB/s of
+// boxes at 0.43 of the FP8 peak); 128 x 256 tiles read 25% fewer bytes per output. A
+// prefill step's ~256-row experts then run at about cuBLASLt's pace for gate/up and 1.2x
+// it for down, in one launch; the large gains are at 17-128 rows (ops_cuda.h,
+// mma_group_rows), where this kernel replaced the decode-sized tensor-core kernel.
+//
+// Row invariance: an output is its row's 4-step chains per block, scaled and added in k
+// order; which tile, CTA or launch a row lands in does not change the operations (and
+// the results equal cuBLASLt's block-scaled GEMM bit for bit in test_ops_cuda).
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <stdint.h>
+
+#include "kern_mla_common.cuh"
+
+namespace {
+
+constexpr int kBM = 128, kBN = 256, kBK = 128;
+constexpr int kStages = 4;
+constexpr int kABytes = kBM * kBK, kWBytes = kBN * kBK; // one stage's boxes
+constexpr int kHalves = kBN / 128; // weight scale blocks (and wgmma n = 128 passes) per tile
+constexpr int kThreads = 384;
+constexpr int kConsumerWarps = 8;
+// 1024 bytes of slack to align the stages to the 128-byte swizzle's 1024-byte period.
+// Per stage besides the two boxes: the 128 rows' activation scales of its column block and
+// the weight tile's kHalves block scales (kScaleBytes, padded to 16 bytes).
+constexpr int kScaleBytes = (kBM + 4) * 4;
+constexpr size_t kSmem = 1024 + (size_t)kStages * (kABytes + kWBytes + kScaleBytes) +
+                         2 * kStages * sizeof(uint64_t);
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+  } while (!done);
+}
+// Box (c0 = column in bytes, c1 = row) of the tensor `map` describes into shared memory at
+// dst; completion is counted in bytes on bar.
+__device__ __forceinline__ void tma_load(uint32_t dst, const epic_cuk_tmap *map, int c0, int c1,
+                                         uint32_t bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+               " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+               "l"(map), "r"(c0), "r"(c1), "r"(bar)
+               : "memory");
+}
+
+// `bytes` (a multiple of 16) from global src (16-byte aligned) to shared dst, counted on bar.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void *src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+               " [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// One float from global src to shared dst by cp.async; with _arrive, bar gets an arrival
+// (counted in its expected count) once this thread's copies have landed, so the thread does
+// not wait for them.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const float *src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4_arrive(uint32_t dst, const float *src, uint32_t bar) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+               "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%2];\n" ::"r"(dst),
+               "l"(src), "r"(bar)
+               : "memory");
+}
+
+// d (+)= A . B^T for a 64 x 128 x 32 step, both operands K-major e4m3 in shared memory.
+__device__ __forceinline__ void wgmma_e4m3(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+               "}, %64, %65, p, 1, 1;\n}\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "l"(da), "l"(db), "r"(scale_d));
+#else
+  __trap();
+#endif
+}
+
+template <int N> __device__ __forceinline__ void set_maxnreg_inc() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N> __device__ __forceinline__ void set_maxnreg_dec() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+
+struct tile_pos {
+  int g, mt, nt;
+};
+// Tile t of the launch: its group (the last g with tile0[g] <= t), row tile and column tile.
+__device__ __forceinline__ tile_pos locate(const epic_cuk_fp8_wgmma_args &a, int t) {
+  int lo = 0, hi = a.n_groups - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (a.tile0[mid] <= t)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const int n_mt = (a.rows[lo] + kBM - 1) / kBM, local = t - a.tile0[lo];
+  tile_pos p;
+  p.g = lo;
+  p.nt = local / n_mt;
+  p.mt = local - p.nt * n_mt;
+  return p;
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    k_fp8_wgmma(const __grid_constant__ epic_cuk_fp8_wgmma_args a) {
+  // (The plain sm_90 build compiles this too; its wgmma traps, and the host runs the
+  // sm_90a code on Hopper.)
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (epic_smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t s_a = base, s_b = base + kStages * kABytes;
+  const uint32_t s_sc = s_b + kStages * kWBytes; // scales: [kStages][kBM + 4] floats
+  const uint32_t bar_full = s_sc + kStages * kScaleBytes, bar_empty = bar_full + kStages * 8;
+  const float *const sc =
+      reinterpret_cast<const float *>(smem_raw + (s_sc - epic_smem_u32(smem_raw)));
+  const int wg = threadIdx.x / 128, total = a.tile0[a.n_groups];
+  const int nkb = (a.k + kBK - 1) / kBK;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; s++) {
+      mbar_init(bar_full + 8 * s, 2); // the producer (with the bytes) and its 4-byte copy
+      mbar_init(bar_empty + 8 * s, kConsumerWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) { // producer: one thread
+    set_maxnreg_dec<40>();
+    if (threadIdx.x != 0)
+      return;
+    uint32_t it = 0;
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      const tile_pos p = locate(a, t);
+      const epic_cuk_tmap *wmap = &a.wmaps[a.widx[p.g]];
+      const int row = a.row0[p.g] + p.mt * kBM, wrow = p.nt * kBN, r0 = p.mt * kBM;
+      // This tile's rows of the scale blocks (the group's block has mp rows, a multiple of
+      // 4, so the copy is whole 16-byte units; rows past the group's end hold pad scales or
+      // stale values, and their outputs are never stored).
+      const int mp = a.mp[p.g];
+      const uint32_t sa_bytes = 4u * (uint32_t)(mp - r0 < kBM ? mp - r0 : kBM);
+      const float *as = a.as + a.sbase[p.g] + r0;
+      // the tile's weight scale rows (the second one only where the weight has it)
+      const int nbr = (a.n + 127) / 128, b0 = p.nt * kHalves;
+      const float *ws0 = a.tab[a.widx[p.g]].scale + (int64_t)b0 * nkb;
+      const float *ws1 = ws0 + (b0 + 1 < nbr ? nkb : 0);
+      for (int kb = 0; kb < nkb; kb++, it++) {
+        const uint32_t s = it % kStages, r = it / kStages, full = bar_full + 8 * s;
+        const uint32_t dsc = s_sc + s * kScaleBytes;
+        if (r > 0)
+          mbar_wait(bar_empty + 8 * s, (r - 1) & 1);
+        mbar_expect_tx(full, kABytes + kWBytes + sa_bytes);
+        tma_load(s_a + s * kABytes, &a.amap, kb * kBK, row, full);
+        tma_load(s_b + s * kWBytes, wmap, kb * kBK, wrow, full);
+        bulk_load(dsc, as + (int64_t)kb * mp, sa_bytes, full);
+        cp_async4(dsc + kBM * 4, ws0 + kb);
+        cp_async4_arrive(dsc + kBM * 4 + 4, ws1 + kb, full); // the second arrival
+      }
+    }
+    return;
+  }
+
+  set_maxnreg_inc<232>();
+  const int cw = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  uint32_t it = 0;
+  float d[64];
+#pragma unroll
+  for (int i = 0; i < 64; i++)
+    d[i] = 0.f;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const tile_pos p = locate(a, t);
+    const int rows = a.rows[p.g];
+    const int r_lo = p.mt * kBM + cw * 64 + warp * 16 + lane / 4, r_hi = r_lo + 8;
+    float acc[kHalves][64];
+#pragma unroll
+    for (int h = 0; h < kHalves; h++)
+#pragma unroll
+      for (int i = 0; i < 64; i++)
+        acc[h][i] = 0.f;
+    for (int kb = 0; kb < nkb; kb++, it++) {
+      const uint32_t s = it % kStages, r = it / kStages;
+      mbar_wait(bar_full + 8 * s, r & 1);
+      const float *scs = sc + s * (kScaleBytes / 4);
+      const float sa_lo = scs[r_lo - p.mt * kBM], sa_hi = scs[r_hi - p.mt * kBM];
+      const uint64_t da = sw128_desc(s_a + s * kABytes + cw * 64 * kBK, 16, 1024);
+#pragma unroll
+      for (int h = 0; h < kHalves; h++) {
+        // one wgmma n = 128 pass per weight scale block: its 4 steps, then its scales
+        const uint64_t db = sw128_desc(s_b + s * kWBytes + h * 128 * kBK, 16, 1024);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBK / 32; kk++) // 32 bytes of each row per step: +2 in 16-byte units
+          wgmma_e4m3(d, da + 2 * kk, db + 2 * kk, kk);
+        wg_commit();
+        wg_wait_all();
+        reg_fence(d);
+        const float sw = scs[kBM + h], f_lo = sa_lo * sw, f_hi = sa_hi * sw;
+#pragma unroll
+        for (int i = 0; i < 64; i++)
+          acc[h][i] = fmaf(d[i], (i & 2) ? f_hi : f_lo, acc[h][i]);
+      }
+      __syncwarp();
+      if (lane == 0)
+        mbar_arrive(bar_empty + 8 * s);
+    }
+    // acc[h][i]: row r_lo (+8 when i & 2), column h * 128 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1)
+    float *y_lo = a.y + (int64_t)(a.row0[p.g] + r_lo) * a.ldy;
+    float *y_hi = y_lo + 8 * a.ldy;
+    const int c0 = p.nt * kBN + (lane % 4) * 2;
+#pragma unroll
+    for (int h = 0; h < kHalves; h++)
+#pragma unroll
+      for (int j = 0; j < 16; j++) {
+        const int c = c0 + h * 128 + j * 8;
+        if (c + 1 < a.n) {
+          if (r_lo < rows)
+            *reinterpret_cast<float2 *>(y_lo + c) = make_float2(acc[h][4 * j], acc[h][4 * j + 1]);
+          if (r_hi < rows)
+            *reinterpret_cast<float2 *>(y_hi + c) =
+                make_float2(acc[h][4 * j + 2], acc[h][4 * j + 3]);
+        } else if (c < a.n) {
+          if (r_lo < rows)
+            y_lo[c] = acc[h][4 * j];
+          if (r_hi < rows)
+            y_hi[c] = acc[h][4 * j + 2];
+        }
+      }
+  }
+}
+
+} // namespace
+
+cudaError_t epic_cuk_fp8_wgmma_prepare(void) {
+  return cudaFuncSetAttribute(k_fp8_wgmma, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)kSmem);
+}
+
+int epic_cuk_fp8_wgmma_ok(const epic_weight *w) {
+  return w && w->dtype == EPIC_DT_F8E4M3 && w->block_rows == 128 && w->block_cols == kBK &&
+         w->scale_inv && w->cols % 16 == 0 && w->cols > 0 && w->rows > 0 &&
+         w->rows <= INT32_MAX && w->cols <= INT32_MAX && ((uintptr_t)w->data & 15) == 0;
+}
+
+cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, int64_t cols,
+                              int weight) {
+  static_assert(sizeof(epic_cuk_tmap) == sizeof(CUtensorMap), "tensor map size");
+  // The encoder is a driver function; the runtime hands out its address (no libcuda link).
+  cudaDriverEntryPointQueryResult q;
+  void *fn = NULL;
+  cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                   cudaEnableDefault, &q);
+  if (e != cudaSuccess)
+    return e;
+  if (q != cudaDriverEntryPointSuccess || !fn)
+    return cudaErrorSymbolNotFound;
+  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)cols};
+  const cuuint32_t box[2] = {kBK, weight ? (cuuint32_t)kBN : (cuuint32_t)kBM}, estr[2] = {1, 1};
+  const CUresult r = ((PFN_cuTensorMapEncodeTiled_v12000)fn)(
+      reinterpret_cast<CUtensorMap *>(m), CU_TENSOR_MAP_DATA_TYPE_UINT8, 2,
+      const_cast<void *>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n) {
+  return (int)(((rows + kBM - 1) / kBM) * ((n + kBN - 1) / kBN));
+}
+
+cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, cudaStream_t st) {
+  if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_GROUPS_MAX)
+    return cudaErrorInvalidValue;
+  const int total = a->tile0[a->n_groups];
+  if (total <= 0)
+    return cudaSuccess;
+  const int grid = total < sm_count ? total : sm_count;
+  k_fp8_wgmma<<<grid, kThreads, kSmem, st>>>(*a);
+  return cudaGetLastError();
+}
