@@ -943,10 +943,10 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
      * too) is on where re-placement keeps outputs unchanged: the CPU backend, whose
      * expert GEMMs compute a row alike whatever rows share its expert. A GPU run
      * takes --eplb-redundant R explicitly: its fast FP8 path computes an expert's
-     * rows alike in groups of up to 128 rows (one tensor-core kernel) but with
-     * FP8-rounded activations (cuBLASLt) beyond, as prefill makes them, and copies
-     * split a hot expert's group, so a row can change path and greedy outputs can
-     * change (kernels/cuda/ops_cuda_matmul.c; EPIC_CUDA_PRECISION=exact keeps them). */
+     * rows with bf16-rounded activations in small groups (one tensor-core kernel) but
+     * with FP8-rounded ones in larger groups, as prefill makes them, and copies split
+     * a hot expert's group, so a row can change path and greedy outputs can change
+     * (kernels/cuda/ops_cuda_matmul.c; EPIC_CUDA_PRECISION=exact keeps them). */
     const int64_t R = epic_plan_eplb_copies(e->p.eplb_redundant, E, e->nranks,
                                             epic_ops_rows_invariant(epic_model_ops(e->m)));
     epic_eplb_params bp = {.size = sizeof bp,

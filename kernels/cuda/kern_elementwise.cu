@@ -202,6 +202,33 @@ __global__ void k_quant_fp8_groups(const float *x, int64_t ldx, const int32_t *x
   }
 }
 
+// The rows of the groups above min_rows rows (off: device offsets), for the wgmma
+// kernel's device-planned form: scale of group g's row j at round_up(off[g], 4) + 4 g + j.
+__global__ void k_quant_fp8_dev(const float *x, int64_t ldx, int64_t rows, int64_t k,
+                                const int32_t *off, int64_t n_groups, int64_t min_rows,
+                                uint8_t *q, float *scale, int64_t lds) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nbc = (k + 127) / 128, n = rows * nbc;
+  const int vec = rows_vec4(x, ldx, k);
+  for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
+       blk += (int64_t)gridDim.x * blockDim.x / 32) {
+    const int64_t i = blk / nbc, kb = blk - i * nbc;
+    int64_t lo = 0, hi = n_groups - 1; // the last group starting at or before row i
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (off[mid] <= i)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    if (off[lo + 1] - off[lo] <= min_rows)
+      continue; // a small group: the tensor-core kernel's rows
+    const float s = quant_block(x, ldx, k, vec, q, i, i, kb, lane);
+    if (lane == 0)
+      scale[kb * lds + ((off[lo] + 3) / 4 * 4 + 4 * lo) + (i - off[lo])] = s;
+  }
+}
+
 __global__ void k_dequant_rows(WeightArgs w, int64_t r0, int64_t nr, void *out, int out_bf16) {
   for (int64_t i = blockIdx.y; i < nr; i += gridDim.y)
     for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < w.cols;
@@ -603,6 +630,20 @@ cudaError_t epic_cuk_quant_fp8_groups(const float *x, int64_t ldx, const int32_t
   if (blocks > 8192)
     blocks = 8192;
   k_quant_fp8_groups<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, xidx, k, q, scale, *t);
+  return cudaGetLastError();
+}
+
+cudaError_t epic_cuk_quant_fp8_dev(const float *x, int64_t ldx, int64_t rows, int64_t k,
+                                   const int32_t *off, int64_t n_groups, int64_t min_rows,
+                                   uint8_t *q, float *scale, int64_t lds, cudaStream_t st) {
+  const int64_t warps = rows * ((k + 127) / 128);
+  int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
+  if (blocks > 8192)
+    blocks = 8192;
+  if (blocks < 1 || n_groups < 1)
+    return cudaSuccess;
+  k_quant_fp8_dev<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, rows, k, off, n_groups,
+                                                          min_rows, q, scale, lds);
   return cudaGetLastError();
 }
 

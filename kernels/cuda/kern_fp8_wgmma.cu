@@ -53,6 +53,8 @@ constexpr int kConsumerWarps = 8;
 constexpr int kScaleBytes = (kBM + 4) * 4;
 constexpr size_t kSmem = 1024 + (size_t)kStages * (kABytes + kWBytes + kScaleBytes) +
                          2 * kStages * sizeof(uint64_t);
+// Device-planned launches add their tile prefix sums (EPIC_CUK_WG_DEV_GROUPS_MAX + 1 ints).
+constexpr size_t kSmemDev = kSmem + 4 * (EPIC_CUK_WG_DEV_GROUPS_MAX + 1);
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -130,25 +132,70 @@ template <int N> __device__ __forceinline__ void set_maxnreg_dec() {
 #endif
 }
 
+// A tile and its group: row tile, weight column tile, the group's rows [row0, row0 + rows)
+// of the codes and output, its weight index, and its scales' base and stride.
 struct tile_pos {
-  int g, mt, nt;
+  int g, mt, nt, row0, rows, widx, sbase, mp;
 };
-// Tile t of the launch: its group (the last g with tile0[g] <= t), row tile and column tile.
-__device__ __forceinline__ tile_pos locate(const epic_cuk_fp8_wgmma_args &a, int t) {
+// Tile t of the launch: its group (the last g with tile0[g] <= t: groups without tiles
+// share the next one's start) and its place in it. Host-planned groups come from the
+// parameters; device-planned ones from the offsets (see epic_cuk_fp8_wgmma_args).
+__device__ __forceinline__ tile_pos locate(const epic_cuk_fp8_wgmma_args &a,
+                                           const int32_t *tile0, int t) {
   int lo = 0, hi = a.n_groups - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (a.tile0[mid] <= t)
+    if (tile0[mid] <= t)
       lo = mid;
     else
       hi = mid - 1;
   }
-  const int n_mt = (a.rows[lo] + kBM - 1) / kBM, local = t - a.tile0[lo];
   tile_pos p;
   p.g = lo;
+  if (a.off_dev) {
+    p.row0 = a.off_dev[lo];
+    p.rows = a.off_dev[lo + 1] - p.row0;
+    p.widx = lo;
+    p.sbase = ((p.row0 + 3) & ~3) + 4 * lo;
+    p.mp = a.lds;
+  } else {
+    p.row0 = a.row0[lo];
+    p.rows = a.rows[lo];
+    p.widx = a.widx[lo];
+    p.sbase = a.sbase[lo];
+    p.mp = a.mp[lo];
+  }
+  const int n_mt = (p.rows + kBM - 1) / kBM, local = t - tile0[lo];
   p.nt = local / n_mt;
   p.mt = local - p.nt * n_mt;
   return p;
+}
+
+// Device-planned groups: every CTA counts the tiles of the groups above min_rows into
+// tile0 (shared memory, n_groups + 1 entries), one warp scanning 32 groups at a time.
+__device__ __forceinline__ void count_tiles(const epic_cuk_fp8_wgmma_args &a, int32_t *tile0) {
+  const int lane = threadIdx.x % 32, n_nt = (a.n + kBN - 1) / kBN;
+  int carry = 0;
+  for (int base = 0; base < a.n_groups; base += 32) {
+    const int g = base + lane;
+    int v = 0;
+    if (g < a.n_groups) {
+      const int r = a.off_dev[g + 1] - a.off_dev[g];
+      v = r > a.min_rows ? (r + kBM - 1) / kBM * n_nt : 0;
+    }
+    int incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o)
+        incl += y;
+    }
+    if (g < a.n_groups)
+      tile0[g] = carry + incl - v;
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  if (lane == 0)
+    tile0[a.n_groups] = carry;
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
@@ -162,8 +209,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bar_full = s_sc + kStages * kScaleBytes, bar_empty = bar_full + kStages * 8;
   const float *const sc =
       reinterpret_cast<const float *>(smem_raw + (s_sc - epic_smem_u32(smem_raw)));
-  const int wg = threadIdx.x / 128, total = a.tile0[a.n_groups];
+  int32_t *const dev_tile0 = reinterpret_cast<int32_t *>(
+      smem_raw + (bar_empty + kStages * 8 - epic_smem_u32(smem_raw)));
+  const int32_t *const tile0 = a.off_dev ? dev_tile0 : a.tile0;
+  const int wg = threadIdx.x / 128;
   const int nkb = (a.k + kBK - 1) / kBK;
+  if (a.off_dev && threadIdx.x < 32)
+    count_tiles(a, dev_tile0);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; s++) {
       mbar_init(bar_full + 8 * s, 2); // the producer (with the bytes) and its 4-byte copy
@@ -172,6 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  const int total = tile0[a.n_groups];
 
   if (wg == 0) { // producer: one thread
     set_maxnreg_dec<40>();
@@ -179,18 +232,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       return;
     uint32_t it = 0;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
-      const tile_pos p = locate(a, t);
-      const epic_cuk_tmap *wmap = &a.wmaps[a.widx[p.g]];
-      const int row = a.row0[p.g] + p.mt * kBM, wrow = p.nt * kBN, r0 = p.mt * kBM;
-      // This tile's rows of the scale blocks (the group's block has mp rows, a multiple of
-      // 4, so the copy is whole 16-byte units; rows past the group's end hold pad scales or
-      // stale values, and their outputs are never stored).
-      const int mp = a.mp[p.g];
-      const uint32_t sa_bytes = 4u * (uint32_t)(mp - r0 < kBM ? mp - r0 : kBM);
-      const float *as = a.as + a.sbase[p.g] + r0;
+      const tile_pos p = locate(a, tile0, t);
+      const epic_cuk_tmap *wmap = &a.wmaps[p.widx];
+      const int row = p.row0 + p.mt * kBM, wrow = p.nt * kBN, r0 = p.mt * kBM;
+      // This tile's rows of the scale blocks: the group's rows rounded up to 4 (its slot
+      // in the layout is), so the copy is whole 16-byte units; rows past the group's end
+      // hold pad scales or stale values, and their outputs are never stored.
+      const int mp = p.mp, left = (p.rows - r0 + 3) & ~3;
+      const uint32_t sa_bytes = 4u * (uint32_t)(left < kBM ? left : kBM);
+      const float *as = a.as + p.sbase + r0;
       // the tile's weight scale rows (the second one only where the weight has it)
       const int nbr = (a.n + 127) / 128, b0 = p.nt * kHalves;
-      const float *ws0 = a.tab[a.widx[p.g]].scale + (int64_t)b0 * nkb;
+      const float *ws0 = a.tab[p.widx].scale + (int64_t)b0 * nkb;
       const float *ws1 = ws0 + (b0 + 1 < nbr ? nkb : 0);
       for (int kb = 0; kb < nkb; kb++, it++) {
         const uint32_t s = it % kStages, r = it / kStages, full = bar_full + 8 * s;
@@ -216,8 +269,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < 64; i++)
     d[i] = 0.f;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
-    const tile_pos p = locate(a, t);
-    const int rows = a.rows[p.g];
+    const tile_pos p = locate(a, tile0, t);
+    const int rows = p.rows;
     const int r_lo = p.mt * kBM + cw * 64 + warp * 16 + lane / 4, r_hi = r_lo + 8;
     float acc[kHalves][64];
 #pragma unroll
@@ -252,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive(bar_empty + 8 * s);
     }
     // acc[h][i]: row r_lo (+8 when i & 2), column h * 128 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1)
-    float *y_lo = a.y + (int64_t)(a.row0[p.g] + r_lo) * a.ldy;
+    float *y_lo = a.y + (int64_t)(p.row0 + r_lo) * a.ldy;
     float *y_hi = y_lo + 8 * a.ldy;
     const int c0 = p.nt * kBN + (lane % 4) * 2;
 #pragma unroll
@@ -280,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 cudaError_t epic_cuk_fp8_wgmma_prepare(void) {
   return cudaFuncSetAttribute(k_fp8_wgmma, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)kSmem);
+                              (int)kSmemDev);
 }
 
 int epic_cuk_fp8_wgmma_ok(const epic_weight *w) {
@@ -317,6 +370,12 @@ int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n) {
 }
 
 cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, cudaStream_t st) {
+  if (a->off_dev) { // tiles counted on the device: every SM, idle ones leave at once
+    if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_DEV_GROUPS_MAX || a->lds % 4 != 0)
+      return cudaErrorInvalidValue;
+    k_fp8_wgmma<<<sm_count, kThreads, kSmemDev, st>>>(*a);
+    return cudaGetLastError();
+  }
   if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_GROUPS_MAX)
     return cudaErrorInvalidValue;
   const int total = a->tile0[a->n_groups];

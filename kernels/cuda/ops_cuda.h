@@ -114,17 +114,15 @@ epic_status epic_ops_cuda_set_mla_prefill_kernel(epic_ops *o, epic_cuda_mla_pref
  * beyond; kept for cross-checks and benchmarks. EPIC_CUDA_FP8_SMALL=mma|fp32 sets it at
  * create. */
 enum { EPIC_CUDA_FP8_MMA_DENSE_MAX_M = 8, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS = 128 };
-/* mma_group_rows: groups whose offsets the host has (grouped_matmul: prefill steps, decode
- * steps of more than 128 tokens, every expert-parallel step) take the MMA kernel up to this
- * many rows (1..EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS), larger ones the large-group kernel
- * (epic_cuda_grouped_large: e4m3 activations); device-planned groups (grouped_matmul_dev)
- * take the MMA kernel up to its bound. Default 16: the MMA kernel streams the weights once
- * per 64-row tile on mma.sync, so from 17 rows on the FP8 GEMMs are faster (one H200, 256
- * experts, gate/up of 2048-token steps: 11.3 -> 2.5 ms). The price: a group of 17-128 rows
- * gets e4m3 instead of bf16-rounded activations when its offsets are on the host, so a
- * decode step of <= 128 tokens (device-planned) and the same rows host-planned (expert
- * parallelism) can differ where an expert gets more than 16 rows. 128 restores the MMA
- * kernel's full range. EPIC_CUDA_FP8_MMA_GROUP_ROWS sets it at create. */
+/* mma_group_rows: grouped_matmul groups of up to this many rows (1..
+ * EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS) take the MMA kernel, larger ones the large-group
+ * kernel (epic_cuda_grouped_large; WGMMA: e4m3 activations). Device-planned calls
+ * (grouped_matmul_dev, decode steps of up to 128 tokens) split their groups the same way
+ * on the device (the wgmma kernel's device-planned form counts its tiles from the offsets),
+ * so a row gets the same result whether its step's plan stayed on the GPU or not, and with
+ * expert parallelism. Default 16: the MMA kernel streams the weights once per 64-row tile
+ * on mma.sync, so from 17 rows on the FP8 GEMMs are faster (one H200, 256 experts, gate/up
+ * of 2048-token steps: 11.3 -> 2.6 ms). EPIC_CUDA_FP8_MMA_GROUP_ROWS sets it at create. */
 enum { EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT = 16 };
 epic_status epic_ops_cuda_set_mma_group_rows(epic_ops *o, int64_t rows);
 int64_t epic_ops_cuda_mma_group_rows(epic_ops *o);

@@ -258,7 +258,7 @@ cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaS
 typedef struct epic_cuk_tmap {
   EPIC_CUK_ALIGN64 unsigned char opaque[128];
 } epic_cuk_tmap;
-enum { EPIC_CUK_WG_GROUPS_MAX = 128 };
+enum { EPIC_CUK_WG_GROUPS_MAX = 128, EPIC_CUK_WG_DEV_GROUPS_MAX = 1024 };
 typedef struct epic_cuk_fp8_wgmma_args {
   epic_cuk_tmap amap;
   const epic_cuk_tmap *wmaps;
@@ -267,10 +267,23 @@ typedef struct epic_cuk_fp8_wgmma_args {
   float *y;
   int64_t ldy;
   int32_t n, k, n_groups;
+  /* Device-planned form (off_dev != NULL; the arrays below unused): group g is rows
+   * [off_dev[g], off_dev[g + 1]) with weight g, taken when it has more than min_rows rows;
+   * its scales at as + round_up(off_dev[g], 4) + 4 g, stride lds (the layout of
+   * epic_cuk_quant_fp8_dev); n_groups <= EPIC_CUK_WG_DEV_GROUPS_MAX. */
+  const int32_t *off_dev;
+  int32_t min_rows, lds;
   int32_t widx[EPIC_CUK_WG_GROUPS_MAX], row0[EPIC_CUK_WG_GROUPS_MAX];
   int32_t rows[EPIC_CUK_WG_GROUPS_MAX], sbase[EPIC_CUK_WG_GROUPS_MAX];
   int32_t mp[EPIC_CUK_WG_GROUPS_MAX], tile0[EPIC_CUK_WG_GROUPS_MAX + 1];
 } epic_cuk_fp8_wgmma_args;
+/* Codes and scales of the rows of the groups above min_rows rows of a device-planned
+ * grouped matmul (off: n_groups + 1 device offsets), in the layout of the wgmma kernel's
+ * device-planned form: codes dense [rows][k], scales [nbk][lds] with group g's rows from
+ * round_up(off[g], 4) + 4 g; lds >= round_up(rows, 4) + 4 n_groups. Other rows are skipped. */
+cudaError_t epic_cuk_quant_fp8_dev(const float *x, int64_t ldx, int64_t rows, int64_t k,
+                                   const int32_t *off, int64_t n_groups, int64_t min_rows,
+                                   uint8_t *q, float *scale, int64_t lds, cudaStream_t st);
 int epic_cuk_fp8_wgmma_ok(const epic_weight *w);
 int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n);
 cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, int64_t cols,

@@ -374,13 +374,14 @@ enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
  * batch composition). A row's result depends only on the row and the weight when
  * every path a row can take computes it alone, the same way:
  * - FP8, fast precision, MMA kernels (the default): every group of 1..mma_group_rows
- *   rows (all device-planned groups) goes through kern_fp8_mma.cu, in a grouped launch
+ *   rows goes through kern_fp8_mma.cu, in a grouped launch
  *   or as dense matmuls of its rows, whose per-output operations do not depend on the
  *   other rows (see that file); dense matmuls of m <= EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows
  *   take the same kernel (except the smallest, see ops_cuda.h), so a row also gets the
- *   same result from such a dense call and the grouped op. Larger host-planned groups
- *   take the large-group wgmma kernel (kern_fp8_wgmma.cu), row-invariant among
- *   themselves, with e4m3 activations: a row whose group crosses mma_group_rows changes.
+ *   same result from such a dense call and the grouped op. Larger groups, host- or
+ *   device-planned, take the large-group wgmma kernel (kern_fp8_wgmma.cu), row-invariant
+ *   among themselves, with e4m3 activations: a row whose group crosses mma_group_rows
+ *   (expert copies split a group) changes.
  * - FP8, fast precision, FP32 kernels: groups of 1..16 rows take the fp32 per-row
  *   kernel of kern_fp8_skinny.cu (one grouped launch, or skinny launches of at most
  *   four rows, which run the same per-token code).
@@ -398,6 +399,9 @@ static int same_layout(const epic_weight *a, const epic_weight *b) {
   return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols &&
          a->block_rows == b->block_rows && a->block_cols == b->block_cols;
 }
+
+static const epic_cuk_tmap *group_wmaps(epic_cuda_ops *c, struct epic_cuda_group_tab *t,
+                                        const epic_weight *w, epic_status *st);
 
 /* The cache entry of list w (n groups, stride) with its device table, built once; NULL
  * when the loaded weights differ in layout from shape (then the caller multiplies group
@@ -454,6 +458,10 @@ static struct epic_cuda_group_tab *group_entry(epic_cuda_ops *c, const epic_weig
     c->n_group_tabs++;
   }
   c->group_tabs[slot] = (struct epic_cuda_group_tab){.key = w, .stride = stride, .n = n, .dev = d};
+  /* the wgmma kernel's tensor maps now, while no graph is being recorded: a decode step
+   * recorded later may be the first to need them */
+  if (epic_cuk_fp8_wgmma_ok(shape) && !group_wmaps(c, &c->group_tabs[slot], w, st))
+    return NULL;
   return &c->group_tabs[slot];
 }
 
@@ -609,13 +617,15 @@ static const epic_cuk_group_w *launch_table(epic_cuda_ops *c, int mma, const epi
  * tiles), up to max_rows. A class's grid has a row per group of that class: counted
  * exactly from host offsets (off_host), else bounded by rows / (the class's smallest
  * size). A row's result is the same in every class (kern_fp8_mma.cu, row invariance).
- * err / bound: flag groups above bound rows (device offsets only). xidx (device, or
- * NULL): row i of the groups is row xidx[i] of x. */
+ * Groups above max_rows are left to the caller. err / bound (>= max_rows): flag groups
+ * above bound rows (device offsets only). xidx (device, or NULL): row i of the groups
+ * is row xidx[i] of x. */
 static epic_status mma_classes(epic_cuda_ops *c, const float *x, int64_t ldx,
                                const int32_t *xidx, int64_t rows, const int64_t *off_host,
                                const int32_t *off_dev,
                                const epic_cuk_group_w *tab, int64_t n_groups, int64_t max_rows,
-                               const epic_weight *shape, int *err, float *y, int64_t ldy) {
+                               int64_t bound, const epic_weight *shape, int *err, float *y,
+                               int64_t ldy) {
   uint16_t *xb;
   int64_t small_rows = 0;
   for (int64_t g = 0; off_host && g < n_groups; g++)
@@ -666,7 +676,7 @@ static epic_status mma_classes(epic_cuda_ops *c, const float *x, int64_t ldx,
                                      .y = y,
                                      .ldy = ldy,
                                      .err = last ? err : NULL,
-                                     .rows_bound = max_rows};
+                                     .rows_bound = bound};
     EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream),
                     "grouped matmul: FP8 tensor-core kernel");
   }
@@ -1084,7 +1094,7 @@ static epic_status grouped_core(epic_cuda_ops *c, const float *x, int64_t ldx,
     tab = launch_table(c, mma, w, w_stride, n_groups, off_host[n_groups], shape, ldx, ldy, &st);
   if (st == EPIC_OK && tab && mma) {
     st = mma_classes(c, x, ldx, xidx, off_host[n_groups], off_host, off_dev, tab, n_groups,
-                     small_max, shape, NULL, y, ldy);
+                     small_max, small_max, shape, NULL, y, ldy);
   } else if (st == EPIC_OK && tab) {
     st = epic_cuda_check(epic_cuk_fp8_grouped(x, ldx, off_dev, n_groups, tab, shape,
                                               EPIC_CUDA_GROUPED_MAX_ROWS, y, ldy, c->stream),
@@ -1146,6 +1156,57 @@ epic_status epic_cuda_grouped_matmul_rows(epic_ops *o, const float *src, int64_t
                       ldy);
 }
 
+/* The device-planned groups above mma_group_rows rows on the wgmma kernel (tiles counted
+ * on the device; the quantiser skips the other rows). *ran = 0, nothing enqueued, when the
+ * kernel cannot take the call (layout, strides, group count). */
+static epic_status wgmma_dev(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t rows,
+                             const int32_t *off, int64_t n_groups, const epic_weight *w,
+                             int64_t w_stride, const epic_weight *shape, float *y, int64_t ldy,
+                             int *ran) {
+  *ran = 0;
+  if (!epic_cuk_fp8_wgmma_ok(shape) || n_groups > EPIC_CUK_WG_DEV_GROUPS_MAX || ldy % 2 != 0 ||
+      ((uintptr_t)y & 7u) != 0 || rows + 4 * n_groups + 4 > INT32_MAX)
+    return EPIC_OK;
+  epic_status st;
+  struct epic_cuda_group_tab *t = group_entry(c, w, w_stride, n_groups, shape, &st);
+  EPIC_CHECK(st);
+  const epic_cuk_tmap *wmaps = t ? group_wmaps(c, t, w, &st) : NULL;
+  EPIC_CHECK(st);
+  if (!wmaps)
+    return EPIC_OK;
+  const int64_t k = shape->cols, nbk = (k + 127) / 128, lds = round_up(rows, 4) + 4 * n_groups;
+  /* room for the tensor-core launches' bf16 rows too, so the buffer the graph's tensor
+   * map names does not move within the call */
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)round_up(rows * k * 2, 16)));
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act_s, (size_t)(nbk * lds) * sizeof(float)));
+  EPIC_CHECK_CUDA(epic_cuk_quant_fp8_dev(x, ldx, rows, k, off, n_groups, c->mma_group_rows,
+                                         c->act.p, c->act_s.p, lds, c->stream),
+                  "grouped matmul: quantise activations");
+  epic_cuk_fp8_wgmma_args *a = calloc(1, sizeof *a);
+  if (!a)
+    return EPIC_ERR_NOMEM;
+  st = epic_cuda_check(epic_cuk_tmap_fp8(&a->amap, c->act.p, rows, k, 0),
+                       "grouped matmul: activation tensor map");
+  a->wmaps = wmaps;
+  a->tab = t->dev;
+  a->as = c->act_s.p;
+  a->y = y;
+  a->ldy = ldy;
+  a->n = (int32_t)shape->rows;
+  a->k = (int32_t)k;
+  a->n_groups = (int32_t)n_groups;
+  a->off_dev = off;
+  a->min_rows = (int32_t)c->mma_group_rows;
+  a->lds = (int32_t)lds;
+  if (st == EPIC_OK)
+    st = epic_cuda_check(epic_cuk_fp8_wgmma(a, c->sm_count, c->stream),
+                         "grouped matmul: FP8 wgmma kernel");
+  free(a);
+  c->wgmma_launches += st == EPIC_OK;
+  *ran = st == EPIC_OK;
+  return st;
+}
+
 /* Offsets in backend memory only (ABI 6, after moe_plan). The tensor-core kernel finds its
  * groups on the device, so the fast FP8 case needs no host copy of them; everything else
  * (exact precision, the FP32 kind, other weights, bounds beyond the kernel) reads them
@@ -1167,9 +1228,19 @@ epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ld
     const epic_cuk_group_w *tab =
         launch_table(c, 1, w, w_stride, n_groups, rows, shape, ldx, ldy, &st);
     EPIC_CHECK(st);
-    if (tab)
-      return mma_classes(c, x, ldx, NULL, rows, NULL, off, tab, n_groups, max_rows, shape,
-                         c->err_flag, y, ldy);
+    if (tab) {
+      /* the groups above mma_group_rows on the wgmma kernel, as the host-planned path
+       * takes them, so that both give a row the same result */
+      int64_t mma_max = max_rows;
+      if (max_rows > c->mma_group_rows && c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA) {
+        int ran = 0;
+        EPIC_CHECK(wgmma_dev(c, x, ldx, rows, off, n_groups, w, w_stride, shape, y, ldy, &ran));
+        if (ran)
+          mma_max = c->mma_group_rows;
+      }
+      return mma_classes(c, x, ldx, NULL, rows, NULL, off, tab, n_groups, mma_max, max_rows,
+                         shape, c->err_flag, y, ldy);
+    }
   }
   int32_t *h32 = malloc((size_t)(n_groups + 1) * sizeof *h32);
   int64_t *h64 = malloc((size_t)(n_groups + 1) * sizeof *h64);

@@ -929,7 +929,8 @@ static void test_grouped_rows_gather(void **state) {
 
 /* moe_plan on the device equals the CPU's (plan and accumulated counts, bit for bit);
  * grouped_matmul_dev on its offsets equals grouped_matmul in both precisions (the fast
- * FP8 tensor-core path reads the offsets on the device, exact reads them back); an expert
+ * FP8 tensor-core and wgmma paths read the offsets on the device, exact reads them back,
+ * both fast bounds); an expert
  * id outside the table and a group above the bound are reported at the next sync. */
 static void test_moe_plan(void **state) {
   (void)state;
@@ -975,26 +976,33 @@ static void test_moe_plan(void **state) {
   fill(x, (size_t)N * K, 1.0f);
   float *dx = dup_dev(x, (size_t)N * K * 4), *dy = dalloc((size_t)N * NW * 4);
   const int32_t *doff = dplan + 2 * N;
-  /* the host path takes the tensor-core kernel for the same groups (its default bound sends
-   * host-planned groups above it to the large-group kernel, e4m3 activations) */
-  assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS),
-                   EPIC_OK);
-  for (int prec = 0; prec < 2; prec++) {
-    assert_int_equal(epic_ops_cuda_set_precision(g_gpu, (epic_cuda_precision)prec), EPIC_OK);
+  /* Fast precision with every group on the tensor-core kernel (bound 128), then with the
+   * default bound (groups above it on the wgmma kernel on both paths: the device-planned
+   * form must have run), then exact. */
+  static const char *const pass_names[3] = {"fast, mma up to 128 rows", "fast, default",
+                                            "exact"};
+  for (int pass = 0; pass < 3; pass++) {
+    assert_int_equal(epic_ops_cuda_set_precision(g_gpu, pass == 2 ? EPIC_CUDA_PREC_EXACT
+                                                                  : EPIC_CUDA_PREC_FAST),
+                     EPIC_OK);
+    assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, pass == 0
+                                                                 ? EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS
+                                                                 : EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT),
+                     EPIC_OK);
     poison(dy, (size_t)N * NW * 4);
     assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, K, off64, doff, E, dw, 1, dy, NW), EPIC_OK);
     fetch(ya, dy, (size_t)N * NW * 4);
     poison(dy, (size_t)N * NW * 4);
+    const int64_t launches = epic_ops_cuda_wgmma_launches(g_gpu);
     assert_int_equal(
         g_gpu->vt->grouped_matmul_dev(g_gpu, dx, K, N, max_rows, doff, E, dw, 1, dy, NW), EPIC_OK);
+    assert_int_equal(epic_ops_cuda_wgmma_launches(g_gpu) - launches, pass == 1);
     fetch(yb, dy, (size_t)N * NW * 4);
     assert_memory_equal(ya, yb, (size_t)N * NW * 4);
     assert_int_equal(g_gpu->vt->sync(g_gpu), EPIC_OK);
     printf("#   grouped_matmul_dev (%s, largest group %lld rows) equals grouped_matmul\n",
-           prec ? "exact" : "fast", (long long)max_rows);
+           pass_names[pass], (long long)max_rows);
   }
-  assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT),
-                   EPIC_OK);
   assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS + 1),
                    EPIC_ERR_INVALID);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
