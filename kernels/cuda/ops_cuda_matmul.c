@@ -403,6 +403,24 @@ static int same_layout(const epic_weight *a, const epic_weight *b) {
 static const epic_cuk_tmap *group_wmaps(epic_cuda_ops *c, struct epic_cuda_group_tab *t,
                                         const epic_weight *w, epic_status *st);
 
+/* A device copy of the host table h (freed here), or NULL with *st set; e: the status of
+ * building h (an error skips the copy). */
+static void *upload_table(void *h, size_t bytes, cudaError_t e, const char *what,
+                          epic_status *st) {
+  void *d = NULL;
+  if (e == cudaSuccess)
+    e = cudaMalloc(&d, bytes);
+  if (e == cudaSuccess)
+    e = cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
+  free(h);
+  if (e != cudaSuccess) {
+    cudaFree(d);
+    *st = epic_cuda_check(e, what);
+    return NULL;
+  }
+  return d;
+}
+
 /* The cache entry of list w (n groups, stride) with its device table, built once; NULL
  * when the loaded weights differ in layout from shape (then the caller multiplies group
  * by group). */
@@ -434,17 +452,10 @@ static struct epic_cuda_group_tab *group_entry(epic_cuda_ops *c, const epic_weig
     h[g].data = wg->data;
     h[g].scale = wg->scale_inv;
   }
-  void *d = NULL;
-  const size_t bytes = (size_t)n * sizeof *h;
-  cudaError_t e = cudaMalloc(&d, bytes);
-  if (e == cudaSuccess)
-    e = cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
-  free(h);
-  if (e != cudaSuccess) {
-    cudaFree(d);
-    *st = epic_cuda_check(e, "grouped matmul: weight table");
+  void *d = upload_table(h, (size_t)n * sizeof *h, cudaSuccess, "grouped matmul: weight table",
+                         st);
+  if (!d)
     return NULL;
-  }
   /* A full cache gives way round-robin (lists replaced by expert re-placement
    * are never used again); cudaFree waits for kernels still reading the table. */
   int slot = c->n_group_tabs;
@@ -490,20 +501,9 @@ static const epic_cuk_tmap *group_wmaps(epic_cuda_ops *c, struct epic_cuda_group
     if (wg->data)
       e = epic_cuk_tmap_fp8(&h[g], wg->data, wg->rows, wg->cols, 1);
   }
-  void *d = NULL;
-  const size_t bytes = (size_t)t->n * sizeof *h;
-  if (e == cudaSuccess)
-    e = cudaMalloc(&d, bytes);
-  if (e == cudaSuccess)
-    e = cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
-  free(h);
-  if (e != cudaSuccess) {
-    cudaFree(d);
-    *st = epic_cuda_check(e, "grouped matmul: weight tensor maps");
-    return NULL;
-  }
-  t->wmaps = d;
-  return d;
+  t->wmaps = upload_table(h, (size_t)t->n * sizeof *h, e, "grouped matmul: weight tensor maps",
+                          st);
+  return t->wmaps;
 }
 
 /* The rows of group g that start at x_g / y_g, m of them, through the fp32 per-row
