@@ -134,8 +134,10 @@ typedef enum {
 epic_status epic_ops_cuda_set_fp8_small(epic_ops *o, epic_cuda_fp8_small k);
 
 /* How many streams ("lanes") grouped_matmul runs the cuBLASLt GEMMs of its FP8 groups
- * above the small-group bound on, side by side after one quantisation launch (a prefill
- * step's experts: one GEMM of a few hundred rows fills a fraction of the GPU). 0: one after another on the backend's stream, each
+ * above the small-group bound on (those the large-group kernel does not take: LANES
+ * chosen, or shapes or strides it refuses), side by side after one quantisation launch (a
+ * prefill step's experts: one GEMM of a few hundred rows fills a fraction of the GPU). 0:
+ * one after another on the backend's stream, each
  * behind its own quantisation (the per-group path; for benchmarks and cross-checks).
  * Default EPIC_CUDA_LT_LANES_DEFAULT; the environment variable EPIC_CUDA_GROUPED_LANES
  * sets it at create. A lane (created on first use) is a stream and an event. The lanes'
