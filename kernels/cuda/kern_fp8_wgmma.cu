@@ -2,7 +2,9 @@
 // (a prefill step's experts, a few hundred rows each): y[r] = x[r] . W_g^T for the rows r
 // of group g, e4m3 activations with one scale per row and 128-column block (the
 // quantiser of the cuBLASLt path, epic_cuk_quant_fp8_groups) and e4m3 weights with
-// 128 x 128 block scales, in one persistent launch for up to EPIC_CUK_WG_GROUPS_MAX groups.
+// 128 x 128 block scales, in one persistent launch for up to EPIC_CUK_WG_GROUPS_MAX groups
+// planned on the host, or (device-planned form: decode steps whose expert plan stays on
+// the GPU, epic_cuk_quant_fp8_dev's layout) for the groups of device offsets above a bound.
 //
 // Why not cuBLASLt: one block-scaled GEMM per expert of ~256 rows fills a fraction of the
 // GPU, and even side by side on four streams the 256 GEMMs of a projection reached 0.32
