@@ -614,6 +614,32 @@ static const epic_ops_vt epic_cuda_vt = {
     .queue = cuda_queue,
 };
 
+/* An environment switch between two values: 1 when `name` is `second`, 0 when it is unset,
+ * empty or `first`; anything else is named in a warning and taken as `first`. */
+static int env_pick(const char *name, const char *first, const char *second) {
+  const char *v = getenv(name);
+  if (v && strcmp(v, second) == 0)
+    return 1;
+  if (v && *v && strcmp(v, first) != 0)
+    EPIC_LOG_WARN("cuda: %s=%s is neither %s nor %s; using %s", name, v, first, second, first);
+  return 0;
+}
+
+/* An integer environment setting in [lo, hi]; unset or empty gives dflt, anything else is
+ * named in a warning and dflt taken. */
+static long env_range(const char *name, long lo, long hi, long dflt) {
+  const char *v = getenv(name);
+  if (!v || !*v)
+    return dflt;
+  char *end = NULL;
+  const long x = strtol(v, &end, 10);
+  if (*end || x < lo || x > hi) {
+    EPIC_LOG_WARN("cuda: %s=%s is not %ld..%ld; using %ld", name, v, lo, hi, dflt);
+    return dflt;
+  }
+  return x;
+}
+
 epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   if (!out)
     return EPIC_ERR_INVALID;
@@ -634,55 +660,20 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   c->device = device;
   c->mla_prec = EPIC_CUDA_MLA_TF32;
   c->mla_bf16_variant = EPIC_CUDA_MLA_BF16_WGMMA;
-  c->mla_prefill_wgmma = 1;
   c->fp8_small = EPIC_CUDA_FP8_SMALL_MMA;
-  {
-    const char *prec = getenv("EPIC_CUDA_PRECISION");
-    if (prec && strcmp(prec, "exact") == 0) {
-      c->exact_matmul = 1;
-      c->mla_prec = EPIC_CUDA_MLA_EXACT;
-    } else if (prec && *prec && strcmp(prec, "fast") != 0) {
-      EPIC_LOG_WARN("cuda: EPIC_CUDA_PRECISION=%s is neither fast nor exact; using fast", prec);
-    }
-    const char *small = getenv("EPIC_CUDA_FP8_SMALL");
-    if (small && strcmp(small, "fp32") == 0)
-      c->fp8_small = EPIC_CUDA_FP8_SMALL_FP32;
-    else if (small && *small && strcmp(small, "mma") != 0)
-      EPIC_LOG_WARN("cuda: EPIC_CUDA_FP8_SMALL=%s is neither mma nor fp32; using mma", small);
-    const char *pre = getenv("EPIC_CUDA_MLA_PREFILL");
-    if (pre && strcmp(pre, "mma") == 0)
-      c->mla_prefill_wgmma = 0;
-    else if (pre && *pre && strcmp(pre, "wgmma") != 0)
-      EPIC_LOG_WARN("cuda: EPIC_CUDA_MLA_PREFILL=%s is neither wgmma nor mma; using wgmma", pre);
-    const char *large = getenv("EPIC_CUDA_GROUPED_LARGE");
-    if (large && strcmp(large, "lanes") == 0)
-      c->grouped_large = EPIC_CUDA_GROUPED_LARGE_LANES;
-    else if (large && *large && strcmp(large, "wgmma") != 0)
-      EPIC_LOG_WARN("cuda: EPIC_CUDA_GROUPED_LARGE=%s is neither wgmma nor lanes; using wgmma",
-                    large);
-    c->mma_group_rows = EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT;
-    const char *mrows = getenv("EPIC_CUDA_FP8_MMA_GROUP_ROWS");
-    if (mrows && *mrows) {
-      char *end = NULL;
-      const long v = strtol(mrows, &end, 10);
-      if (*end || v < 1 || v > EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS)
-        EPIC_LOG_WARN("cuda: EPIC_CUDA_FP8_MMA_GROUP_ROWS=%s is not 1..%d; using %d", mrows,
-                      EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS, EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT);
-      else
-        c->mma_group_rows = v;
-    }
-    c->n_lanes = EPIC_CUDA_LT_LANES_DEFAULT;
-    const char *lanes = getenv("EPIC_CUDA_GROUPED_LANES");
-    if (lanes && *lanes) {
-      char *end = NULL;
-      const long v = strtol(lanes, &end, 10);
-      if (*end || v < 0 || v > EPIC_CUDA_LT_LANES_MAX)
-        EPIC_LOG_WARN("cuda: EPIC_CUDA_GROUPED_LANES=%s is not 0..%d; using %d", lanes,
-                      EPIC_CUDA_LT_LANES_MAX, EPIC_CUDA_LT_LANES_DEFAULT);
-      else
-        c->n_lanes = (int)v;
-    }
+  if (env_pick("EPIC_CUDA_PRECISION", "fast", "exact")) {
+    c->exact_matmul = 1;
+    c->mla_prec = EPIC_CUDA_MLA_EXACT;
   }
+  if (env_pick("EPIC_CUDA_FP8_SMALL", "mma", "fp32"))
+    c->fp8_small = EPIC_CUDA_FP8_SMALL_FP32;
+  c->mla_prefill_wgmma = !env_pick("EPIC_CUDA_MLA_PREFILL", "wgmma", "mma");
+  if (env_pick("EPIC_CUDA_GROUPED_LARGE", "wgmma", "lanes"))
+    c->grouped_large = EPIC_CUDA_GROUPED_LARGE_LANES;
+  c->mma_group_rows = env_range("EPIC_CUDA_FP8_MMA_GROUP_ROWS", 1, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS,
+                                EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT);
+  c->n_lanes = (int)env_range("EPIC_CUDA_GROUPED_LANES", 0, EPIC_CUDA_LT_LANES_MAX,
+                              EPIC_CUDA_LT_LANES_DEFAULT);
   epic_status st = EPIC_OK;
   struct cudaDeviceProp prop;
   EPIC_CHECK_GOTO(epic_cuda_check(cudaSetDevice(device), "set device"), st, fail);

@@ -400,8 +400,8 @@ static int same_layout(const epic_weight *a, const epic_weight *b) {
          a->block_rows == b->block_rows && a->block_cols == b->block_cols;
 }
 
-static const epic_cuk_tmap *group_wmaps(epic_cuda_ops *c, struct epic_cuda_group_tab *t,
-                                        const epic_weight *w, epic_status *st);
+static const epic_cuk_tmap *group_wmaps(struct epic_cuda_group_tab *t, const epic_weight *w,
+                                        epic_status *st);
 
 /* A device copy of the host table h (freed here), or NULL with *st set; e: the status of
  * building h (an error skips the copy). */
@@ -471,7 +471,7 @@ static struct epic_cuda_group_tab *group_entry(epic_cuda_ops *c, const epic_weig
   c->group_tabs[slot] = (struct epic_cuda_group_tab){.key = w, .stride = stride, .n = n, .dev = d};
   /* the wgmma kernel's tensor maps now, while no graph is being recorded: a decode step
    * recorded later may be the first to need them */
-  if (epic_cuk_fp8_wgmma_ok(shape) && !group_wmaps(c, &c->group_tabs[slot], w, st))
+  if (epic_cuk_fp8_wgmma_ok(shape) && !group_wmaps(&c->group_tabs[slot], w, st))
     return NULL;
   return &c->group_tabs[slot];
 }
@@ -482,14 +482,10 @@ static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *
   return t ? t->dev : NULL;
 }
 
-/* The wgmma kernel's tensor maps of the entry's weights (list w), built once. */
-static const epic_cuk_tmap *group_wmaps(epic_cuda_ops *c, struct epic_cuda_group_tab *t,
-                                        const epic_weight *w, epic_status *st) {
-  *st = EPIC_OK;
-  if (t->wmaps)
-    return t->wmaps;
-  if ((*st = epic_cuda_not_recording(c, "the expert weights' tensor maps")) != EPIC_OK)
-    return NULL;
+/* The wgmma kernel's tensor maps of the entry's weights (list w) into t->wmaps; group_entry
+ * builds them with the table (not while recording), the launches read t->wmaps. */
+static const epic_cuk_tmap *group_wmaps(struct epic_cuda_group_tab *t, const epic_weight *w,
+                                        epic_status *st) {
   epic_cuk_tmap *h = calloc((size_t)t->n, sizeof *h);
   if (!h) {
     *st = EPIC_ERR_NOMEM;
@@ -797,6 +793,41 @@ static epic_status quantise_groups(epic_cuda_ops *c, const float *x, int64_t ldx
   return EPIC_OK;
 }
 
+/* The wgmma kernel's arguments common to both forms: the codes in c->act ([rows][k]) and
+ * scales in c->act_s, entry t's weights (shape's layout), the output. NULL with *st set
+ * when the activations' tensor map cannot be built. */
+static epic_cuk_fp8_wgmma_args *wgmma_args(epic_cuda_ops *c, const struct epic_cuda_group_tab *t,
+                                           int64_t rows, const epic_weight *shape, float *y,
+                                           int64_t ldy, epic_status *st) {
+  epic_cuk_fp8_wgmma_args *a = calloc(1, sizeof *a);
+  if (!a) {
+    *st = EPIC_ERR_NOMEM;
+    return NULL;
+  }
+  *st = epic_cuda_check(epic_cuk_tmap_fp8(&a->amap, c->act.p, rows, shape->cols, 0),
+                        "grouped matmul: activation tensor map");
+  if (*st != EPIC_OK) {
+    free(a);
+    return NULL;
+  }
+  a->wmaps = t->wmaps;
+  a->tab = t->dev;
+  a->as = c->act_s.p;
+  a->y = y;
+  a->ldy = ldy;
+  a->n = (int32_t)shape->rows;
+  a->k = (int32_t)shape->cols;
+  return a;
+}
+
+/* One launch of the wgmma kernel, counted (epic_ops_cuda_wgmma_launches). */
+static epic_status wgmma_launch(epic_cuda_ops *c, const epic_cuk_fp8_wgmma_args *a) {
+  const epic_status st = epic_cuda_check(epic_cuk_fp8_wgmma(a, c->sm_count, c->stream),
+                                         "grouped matmul: FP8 wgmma kernel");
+  c->wgmma_launches += st == EPIC_OK;
+  return st;
+}
+
 /* The large FP8 groups (rows > lim) on the wgmma kernel: one quantisation launch and one
  * GEMM launch per EPIC_CUK_WG_GROUPS_MAX groups, on the backend's stream. Sets done[g]
  * for the groups it ran; leaves everything to the lanes (done untouched) when no group
@@ -814,29 +845,17 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx,
   if (ls.nb < 1)
     return EPIC_OK;
   epic_status st;
-  struct epic_cuda_group_tab *t = group_entry(c, w, w_stride, n_groups, ls.w0, &st);
-  const epic_cuk_tmap *wmaps = t ? group_wmaps(c, t, w, &st) : NULL;
+  const struct epic_cuda_group_tab *t = group_entry(c, w, w_stride, n_groups, ls.w0, &st);
   const int64_t m = off[n_groups], n = ls.w0->rows, k = ls.w0->cols;
-  if (st == EPIC_OK && wmaps)
+  epic_cuk_fp8_wgmma_args *a = NULL;
+  if (t && t->wmaps) {
     st = epic_cuda_buf_reserve(c, &c->act, (size_t)round_up((m + 4) * k, 16));
-  if (st == EPIC_OK && wmaps)
-    st = epic_cuda_buf_reserve(c, &c->act_s, (size_t)ls.scales * sizeof(float));
-  if (st == EPIC_OK && wmaps)
-    st = quantise_groups(c, x, ldx, xidx, k, ls.lg, ls.nb, c->act.p, c->act_s.p);
-  epic_cuk_fp8_wgmma_args *a = st == EPIC_OK && wmaps ? malloc(sizeof *a) : NULL;
-  if (st == EPIC_OK && wmaps && !a)
-    st = EPIC_ERR_NOMEM;
-  if (a) {
-    memset(a, 0, sizeof *a);
-    st = epic_cuda_check(epic_cuk_tmap_fp8(&a->amap, c->act.p, m, k, 0),
-                         "grouped matmul: activation tensor map");
-    a->wmaps = wmaps;
-    a->tab = t->dev;
-    a->as = c->act_s.p;
-    a->y = y;
-    a->ldy = ldy;
-    a->n = (int32_t)n;
-    a->k = (int32_t)k;
+    if (st == EPIC_OK)
+      st = epic_cuda_buf_reserve(c, &c->act_s, (size_t)ls.scales * sizeof(float));
+    if (st == EPIC_OK)
+      st = quantise_groups(c, x, ldx, xidx, k, ls.lg, ls.nb, c->act.p, c->act_s.p);
+    if (st == EPIC_OK)
+      a = wgmma_args(c, t, m, ls.w0, y, ldy, &st);
   }
   for (int64_t b0 = 0; a && st == EPIC_OK && b0 < ls.nb; b0 += EPIC_CUK_WG_GROUPS_MAX) {
     a->n_groups = (int32_t)(ls.nb - b0 < EPIC_CUK_WG_GROUPS_MAX ? ls.nb - b0
@@ -853,12 +872,7 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx,
       tiles += epic_cuk_fp8_wgmma_tiles(q->rows, n);
     }
     a->tile0[a->n_groups] = (int32_t)tiles;
-    if (tiles > INT32_MAX)
-      st = EPIC_ERR_UNSUPPORTED;
-    else
-      st = epic_cuda_check(epic_cuk_fp8_wgmma(a, c->sm_count, c->stream),
-                           "grouped matmul: FP8 wgmma kernel");
-    c->wgmma_launches += st == EPIC_OK;
+    st = tiles > INT32_MAX ? EPIC_ERR_UNSUPPORTED : wgmma_launch(c, a);
   }
   if (st == EPIC_OK && a)
     for (int64_t i = 0; i < ls.nb; i++)
@@ -1168,11 +1182,9 @@ static epic_status wgmma_dev(epic_cuda_ops *c, const float *x, int64_t ldx, int6
       ((uintptr_t)y & 7u) != 0 || rows + 4 * n_groups + 4 > INT32_MAX)
     return EPIC_OK;
   epic_status st;
-  struct epic_cuda_group_tab *t = group_entry(c, w, w_stride, n_groups, shape, &st);
+  const struct epic_cuda_group_tab *t = group_entry(c, w, w_stride, n_groups, shape, &st);
   EPIC_CHECK(st);
-  const epic_cuk_tmap *wmaps = t ? group_wmaps(c, t, w, &st) : NULL;
-  EPIC_CHECK(st);
-  if (!wmaps)
+  if (!t || !t->wmaps)
     return EPIC_OK;
   const int64_t k = shape->cols, nbk = (k + 127) / 128, lds = round_up(rows, 4) + 4 * n_groups;
   /* room for the tensor-core launches' bf16 rows too, so the buffer the graph's tensor
@@ -1182,27 +1194,15 @@ static epic_status wgmma_dev(epic_cuda_ops *c, const float *x, int64_t ldx, int6
   EPIC_CHECK_CUDA(epic_cuk_quant_fp8_dev(x, ldx, rows, k, off, n_groups, c->mma_group_rows,
                                          c->act.p, c->act_s.p, lds, c->stream),
                   "grouped matmul: quantise activations");
-  epic_cuk_fp8_wgmma_args *a = calloc(1, sizeof *a);
+  epic_cuk_fp8_wgmma_args *a = wgmma_args(c, t, rows, shape, y, ldy, &st);
   if (!a)
-    return EPIC_ERR_NOMEM;
-  st = epic_cuda_check(epic_cuk_tmap_fp8(&a->amap, c->act.p, rows, k, 0),
-                       "grouped matmul: activation tensor map");
-  a->wmaps = wmaps;
-  a->tab = t->dev;
-  a->as = c->act_s.p;
-  a->y = y;
-  a->ldy = ldy;
-  a->n = (int32_t)shape->rows;
-  a->k = (int32_t)k;
+    return st;
   a->n_groups = (int32_t)n_groups;
   a->off_dev = off;
   a->min_rows = (int32_t)c->mma_group_rows;
   a->lds = (int32_t)lds;
-  if (st == EPIC_OK)
-    st = epic_cuda_check(epic_cuk_fp8_wgmma(a, c->sm_count, c->stream),
-                         "grouped matmul: FP8 wgmma kernel");
+  st = wgmma_launch(c, a);
   free(a);
-  c->wgmma_launches += st == EPIC_OK;
   *ran = st == EPIC_OK;
   return st;
 }
