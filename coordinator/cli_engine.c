@@ -52,10 +52,11 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"eplb-redundant", "R",
      "expert load balancing under mpirun: R extra copies of hot experts per MoE\n"
      "layer, re-placed between steps from the live routing counts when that lowers\n"
-     "the max/mean rank load by 5% (outputs unchanged); 0 = off (default on CPU\n"
-     "ranks: as many copies as ranks, i.e. one more expert per rank and layer;\n"
-     "off for one rank and on GPU ranks, whose fast FP8 expert GEMMs may change\n"
-     "a row's result when copies split its expert's rows). --mem-per-rank counts\n"
+     "the max/mean rank load by 5% (outputs unchanged); 0 = off (default: as many\n"
+     "copies as ranks, i.e. one more expert per rank and layer, where a row's\n"
+     "expert result does not depend on its group: CPU ranks, GPU ranks with FP8\n"
+     "experts; off for one rank and for BF16 experts on GPUs, whose fast GEMMs\n"
+     "follow the group's size). --mem-per-rank counts\n"
      "the copies' memory (epic plan --eplb-redundant R shows it)"},
     {"eplb-interval", "STEPS", "steps between expert re-placements (default 256)"},
     {"eplb-policy", "P",

@@ -9,6 +9,7 @@
 #include "common/log.h"
 #include "coordinator/planner.h"
 #include "worker/config.h"
+#include "worker/model.h"
 #ifdef EPIC_HAVE_CUDA
 #include "kernels/cuda/ops_cuda.h"
 #endif
@@ -142,7 +143,7 @@ static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) 
   EPIC_CHECK(create_ops(c, p));
   {
     const int64_t R = epic_plan_eplb_copies(p->eplb_redundant, cfg.n_routed_experts, c->nranks,
-                                            epic_ops_rows_invariant(c->ops));
+                                            epic_model_experts_invariant(c->ops, &cfg));
     epic_plan_params pp = {.size = sizeof pp,
                            .cfg = &cfg,
                            .n_ranks = c->nranks,

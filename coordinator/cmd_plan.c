@@ -37,7 +37,9 @@ static const char *USAGE =
     "                           balancing with R copies per MoE layer (as serve/batch\n"
     "                           --eplb-redundant R): per rank, the most experts its\n"
     "                           re-placements may add, plus one layer while re-placing\n"
-    "                           (column \"EPLB GB\"; default 0: none)\n"
+    "                           (column \"EPLB GB\"; default: what serve reserves on\n"
+    "                           GPUs, as many copies as ranks for FP8 experts with\n"
+    "                           128 x 128 blocks, none otherwise; 0: none)\n"
     "  --eplb-policy P          placement of the copies: global (LPT over all ranks,\n"
     "                           default) or hierarchical (expert groups spread over\n"
     "                           nodes first, then copies packed within each node)\n"
@@ -150,6 +152,7 @@ static int parse(int argc, char **argv, plan_opts *o) {
   const char *cmd = "plan";
   int c;
   memset(o, 0, sizeof *o);
+  o->eplb_redundant = -1; /* not given: serve's default, per rank count (plan_params) */
   optind = 1;
   opterr = 0;
   while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
@@ -220,7 +223,7 @@ static int parse(int argc, char **argv, plan_opts *o) {
               (long long)o->ranks_per_node, (long long)o->ranks);
       return -1;
     }
-    if (!o->stats && !o->eplb_redundant) {
+    if (!o->stats && o->eplb_redundant <= 0) {
       fputs("epic plan: --eplb-policy hierarchical needs --load-stats FILE or --eplb-redundant R\n",
             stderr);
       return -1;
@@ -236,8 +239,21 @@ static int parse(int argc, char **argv, plan_opts *o) {
   return 0;
 }
 
+/* Whether a GPU serve of cfg keeps EPLB copies on by default: the CUDA backend's expert
+ * kernel computes a row alike in any group for FP8 experts with 128 x 128 blocks
+ * (kernels/cuda/ops_cuda.c, cuda_grouped_invariant; the engine asks the backend itself). */
+static int gpu_experts_invariant(const epic_model_config *c) {
+  return c->quant.fp8 && c->quant.weight_block_size[0] == 128 &&
+         c->quant.weight_block_size[1] == 128 && c->hidden_size % 16 == 0 &&
+         c->moe_intermediate_size % 16 == 0;
+}
+
 static epic_plan_params plan_params(const plan_opts *o, const epic_model_config *cfg, int ranks,
                                     int with_stats) {
+  const int64_t eplb = o->eplb_redundant >= 0 ? o->eplb_redundant
+                                              : epic_plan_eplb_copies(0, cfg->n_routed_experts,
+                                                                      ranks,
+                                                                      gpu_experts_invariant(cfg));
   epic_plan_params p = {.size = sizeof p,
                         .cfg = cfg,
                         .n_ranks = ranks,
@@ -248,10 +264,9 @@ static epic_plan_params plan_params(const plan_opts *o, const epic_model_config 
                         .max_batch_tokens = o->max_batch, /* 0: the planner's default */
                         /* the policy places layers with statistics and bounds the
                          * run-time copies of --eplb-redundant */
-                        .policy = with_stats || o->eplb_redundant ? o->policy : EPIC_EPLB_GLOBAL,
-                        .ranks_per_node =
-                            with_stats || o->eplb_redundant ? (int)o->ranks_per_node : 0,
-                        .eplb_redundant = (int)o->eplb_redundant};
+                        .policy = with_stats || eplb ? o->policy : EPIC_EPLB_GLOBAL,
+                        .ranks_per_node = with_stats || eplb ? (int)o->ranks_per_node : 0,
+                        .eplb_redundant = (int)eplb};
   return p;
 }
 

@@ -940,15 +940,14 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
     /* Collective like agree(): every rank gets here with the same parameters. */
     const int64_t E = e->cfg->n_routed_experts, most = E * (e->nranks - 1);
     /* The default (epic_plan_eplb_copies, which epic_cluster's memory plan uses
-     * too) is on where re-placement keeps outputs unchanged: the CPU backend, whose
-     * expert GEMMs compute a row alike whatever rows share its expert. A GPU run
-     * takes --eplb-redundant R explicitly: its fast FP8 path computes an expert's
-     * rows with bf16-rounded activations in small groups (one tensor-core kernel) but
-     * with FP8-rounded ones in larger groups, as prefill makes them, and copies split
-     * a hot expert's group, so a row can change path and greedy outputs can change
-     * (kernels/cuda/ops_cuda_matmul.c; EPIC_CUDA_PRECISION=exact keeps them). */
-    const int64_t R = epic_plan_eplb_copies(e->p.eplb_redundant, E, e->nranks,
-                                            epic_ops_rows_invariant(epic_model_ops(e->m)));
+     * too) is on where re-placement keeps outputs unchanged: where the backend's expert
+     * GEMMs compute a row alike whatever rows share its expert, as copies split a hot
+     * expert's group (epic_model_experts_invariant: the CPU backend; CUDA's FP8 experts
+     * on its default kernels and any exact-precision ones; not CUDA's fast BF16 expert
+     * GEMMs, whose cuBLAS algorithm follows the group's size). */
+    const int64_t R = epic_plan_eplb_copies(
+        e->p.eplb_redundant, E, e->nranks,
+        epic_model_experts_invariant(epic_model_ops(e->m), e->cfg));
     epic_eplb_params bp = {.size = sizeof bp,
                            .model = e->m,
                            .comm = e->comm,

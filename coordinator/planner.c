@@ -803,13 +803,13 @@ int epic_plan_eplb_layer_slots(const epic_plan *pl) {
   return pl ? pl->eplb_layer_slots : 0;
 }
 int64_t epic_plan_eplb_copies(int64_t requested, int64_t n_experts, int n_ranks,
-                              int rows_invariant) {
+                              int experts_invariant) {
   const int64_t most = n_ranks > 1 && n_experts > 0 ? n_experts * (n_ranks - 1) : 0;
   if (most == 0 || requested < 0)
     return 0;
   if (requested > 0)
     return requested;
-  if (!rows_invariant)
+  if (!experts_invariant)
     return 0;
   return n_ranks < most ? n_ranks : most;
 }

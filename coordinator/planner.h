@@ -190,11 +190,11 @@ int epic_plan_eplb_redundant(const epic_plan *plan);
 int epic_plan_eplb_layer_slots(const epic_plan *plan);
 /* The copies per MoE layer the engine's EPLB uses (coordinator/engine.h
  * eplb_redundant): requested > 0 as given, < 0 none, 0 the default: as many as
- * ranks where the backend's rows are invariant (epic_ops_rows_invariant: CPU ranks),
- * at most E * (N - 1), else none; none for one rank or a model without routed
- * experts. */
+ * ranks where the backend's expert rows are invariant (epic_model_experts_invariant:
+ * CPU ranks, CUDA ranks on FP8 experts), at most E * (N - 1), else none; none for one
+ * rank or a model without routed experts. */
 int64_t epic_plan_eplb_copies(int64_t requested, int64_t n_experts, int n_ranks,
-                              int rows_invariant);
+                              int experts_invariant);
 /* KV bytes per token (all planned attention layers) and the fit threshold in tokens. */
 uint64_t epic_plan_kv_bytes_per_token(const epic_plan *plan);
 int64_t epic_plan_min_kv_tokens(const epic_plan *plan);

@@ -133,6 +133,13 @@ int epic_ops_rows_invariant(epic_ops *o) {
   return o->vt->host_visible; /* the CPU backend, the one backend in host memory */
 }
 
+int epic_ops_experts_invariant(epic_ops *o, const epic_weight *w) {
+  if (epic_ops_rows_invariant(o))
+    return 1;
+  return o->vt->abi_version >= 9 && o->vt->grouped_invariant && w ? o->vt->grouped_invariant(o, w)
+                                                                  : 0;
+}
+
 int64_t epic_ops_step_tokens(epic_ops *o) {
   return o->vt->host_visible ? 2048 : EPIC_OPS_DEVICE_STEP_TOKENS;
 }

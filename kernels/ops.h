@@ -32,8 +32,11 @@
  * 8: grouped_matmul_rows appended (the experts' input rows read from the token rows
  *    through the plan, without a gathered copy); upload_async and queue appended (an
  *    expert-parallel exchange ordered against the backend's ops without the host
- *    waiting). */
-#define EPIC_OPS_ABI_VERSION 8
+ *    waiting).
+ * 9: grouped_invariant appended (whether an expert's rows keep their results whatever
+ *    group they land in: what expert re-placement needs, apart from MTP's whole-forward
+ *    invariance). */
+#define EPIC_OPS_ABI_VERSION 9
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -351,6 +354,12 @@ typedef struct epic_ops_vt {
    * cudaStream_t), so that an exchange can start after the ops queued so far and later ops
    * can wait for the exchange, both without the host waiting. */
   void *(*queue)(epic_ops *o);
+
+  /* ABI 9, optional (NULL: only where the backend is rows-invariant as a whole). 1 when
+   * grouped_matmul, grouped_matmul_rows and grouped_matmul_dev over weights of w's layout
+   * (dtype, shape and block sizes; the data is not read) compute a row alike whatever
+   * group, call or launch it lands in, at the backend's current settings. */
+  int (*grouped_invariant)(epic_ops *o, const epic_weight *w);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */
@@ -399,10 +408,16 @@ epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t
                                    int64_t max_rows, int64_t *out);
 /* 1 when o computes each row of a call the same way whatever other rows share it (the
  * batch shape, an expert's group): the CPU backend's fixed-order kernels. CUDA's fast
- * path switches kernels and rounding with the row count (kernels/cuda/ops_cuda.h). The
- * defaults that must keep greedy outputs unchanged follow it: MTP drafting and EPLB
- * copies are on by default only where it holds. */
+ * path switches kernels and rounding with the row count in its dense matmuls and
+ * attention (kernels/cuda/ops_cuda.h). MTP drafting, which must keep greedy outputs
+ * unchanged, is on by default only where it holds. */
 int epic_ops_rows_invariant(epic_ops *o);
+
+/* 1 when o's grouped matmuls over weights of w's layout compute a row alike whatever
+ * group it lands in (ABI 9 grouped_invariant, or rows-invariant as a whole): then
+ * splitting an expert's rows over copies on other ranks (EPLB) leaves every output as it
+ * was, and EPLB copies are on by default. */
+int epic_ops_experts_invariant(epic_ops *o, const epic_weight *w);
 
 /* Tokens per forward step at which o runs near its best rate: the default step budget of
  * the engine (chunked prefill) and of the plan's activation reserve. Device backends:

@@ -978,6 +978,19 @@ int64_t epic_model_local_experts(const epic_model *m, int64_t layer) {
   for (int64_t e = 0; e < m->cfg.n_routed_experts; e++) n += expert_is_local(m, layer, e);
   return n;
 }
+int epic_model_experts_invariant(epic_ops *ops, const epic_model_config *cfg) {
+  const int fp8 = cfg->quant.fp8;
+  const epic_weight shape = {.dtype = fp8 ? EPIC_DT_F8E4M3 : EPIC_DT_BF16,
+                             .block_rows = fp8 ? cfg->quant.weight_block_size[0] : 0,
+                             .block_cols = fp8 ? cfg->quant.weight_block_size[1] : 0};
+  epic_weight gate_up = shape, down = shape; /* gate and up alone: gate_up's layout halved */
+  gate_up.rows = 2 * cfg->moe_intermediate_size;
+  gate_up.cols = cfg->hidden_size;
+  down.rows = cfg->hidden_size;
+  down.cols = cfg->moe_intermediate_size;
+  return epic_ops_experts_invariant(ops, &gate_up) && epic_ops_experts_invariant(ops, &down);
+}
+
 int epic_model_has_mtp(const epic_model *m) { return m->has_mtp; }
 size_t epic_model_weight_bytes(const epic_model *m) {
   return epic_checkpoint_bytes(m->ck) + m->derived_bytes;

@@ -80,6 +80,11 @@ const epic_model_config *epic_model_get_config(const epic_model *m);
 /* The compute backend the model runs on (the ops passed to epic_model_load). */
 epic_ops *epic_model_ops(const epic_model *m);
 int epic_model_has_mtp(const epic_model *m);
+/* Whether ops computes a routed expert's rows alike whatever group they land in, for
+ * the expert weights a checkpoint of cfg loads (FP8 with its block sizes, or BF16):
+ * epic_ops_experts_invariant on their layouts. EPLB copies are on by default where it
+ * holds (known before the weights are loaded, for the memory plan). */
+int epic_model_experts_invariant(epic_ops *ops, const epic_model_config *cfg);
 /* Routed experts of MoE layer `layer` held by this process. */
 int64_t epic_model_local_experts(const epic_model *m, int64_t layer);
 /* Bytes of weights the model reads (mapped or generated) and of derived buffers. */

@@ -184,6 +184,8 @@ __device__ __forceinline__ void count_tiles(const epic_cuk_fp8_wgmma_args &a, in
     if (g < a.n_groups) {
       const int r = a.off_dev[g + 1] - a.off_dev[g];
       v = r > a.min_rows ? (r + kBM - 1) / kBM * n_nt : 0;
+      if (a.err && r > a.bound && blockIdx.x == 0) // reported once per launch
+        atomicOr(a.err, EPIC_CUK_ERR_GROUP_ROWS);
     }
     int incl = v;
 #pragma unroll
@@ -265,6 +267,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   set_maxnreg_inc<232>();
   const int cw = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  // column pairs as one 8-byte store where every row start is 8-byte aligned
+  const bool pairs = a.ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(a.y) & 7u) == 0;
   uint32_t it = 0;
   float d[64];
 #pragma unroll
@@ -315,17 +319,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 16; j++) {
         const int c = c0 + h * 128 + j * 8;
-        if (c + 1 < a.n) {
+        if (c + 1 < a.n && pairs) {
           if (r_lo < rows)
             *reinterpret_cast<float2 *>(y_lo + c) = make_float2(acc[h][4 * j], acc[h][4 * j + 1]);
           if (r_hi < rows)
             *reinterpret_cast<float2 *>(y_hi + c) =
                 make_float2(acc[h][4 * j + 2], acc[h][4 * j + 3]);
-        } else if (c < a.n) {
-          if (r_lo < rows)
-            y_lo[c] = acc[h][4 * j];
-          if (r_hi < rows)
-            y_hi[c] = acc[h][4 * j + 2];
+        } else {
+#pragma unroll
+          for (int e = 0; e < 2; e++)
+            if (c + e < a.n) {
+              if (r_lo < rows)
+                y_lo[c + e] = acc[h][4 * j + e];
+              if (r_hi < rows)
+                y_hi[c + e] = acc[h][4 * j + 2 + e];
+            }
         }
       }
   }
@@ -338,10 +346,14 @@ cudaError_t epic_cuk_fp8_wgmma_prepare(void) {
                               (int)kSmemDev);
 }
 
-int epic_cuk_fp8_wgmma_ok(const epic_weight *w) {
+int epic_cuk_fp8_wgmma_layout_ok(const epic_weight *w) {
   return w && w->dtype == EPIC_DT_F8E4M3 && w->block_rows == 128 && w->block_cols == kBK &&
-         w->scale_inv && w->cols % 16 == 0 && w->cols > 0 && w->rows > 0 &&
-         w->rows <= INT32_MAX && w->cols <= INT32_MAX && ((uintptr_t)w->data & 15) == 0;
+         w->cols % 16 == 0 && w->cols > 0 && w->rows > 0 && w->rows <= INT32_MAX &&
+         w->cols <= INT32_MAX;
+}
+
+int epic_cuk_fp8_wgmma_ok(const epic_weight *w) {
+  return epic_cuk_fp8_wgmma_layout_ok(w) && w->scale_inv && ((uintptr_t)w->data & 15) == 0;
 }
 
 cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, int64_t cols,

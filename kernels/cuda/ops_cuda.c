@@ -117,7 +117,7 @@ epic_status epic_ops_cuda_set_grouped_large(epic_ops *o, epic_cuda_grouped_large
 }
 
 epic_status epic_ops_cuda_set_mma_group_rows(epic_ops *o, int64_t rows) {
-  if (!o || rows < 1 || rows > EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS)
+  if (!o || rows < 0 || rows > EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS)
     return EPIC_ERR_INVALID;
   epic_cuda_of(o)->mma_group_rows = rows;
   return EPIC_OK;
@@ -384,6 +384,17 @@ epic_status epic_cuda_kv_dtype_ok(epic_kv_dtype dt, const char *op) {
 
 /* bf16 rows in fast mode (half the bytes every decode step streams), fp32 in exact mode
  * (the cache then keeps what the fp32 reference keeps). */
+/* ABI 9 (ops.h). Exact precision: grouped_exact's fixed-shape GEMMs, any weight. Fast: FP8
+ * weights the wgmma kernel takes, with every group on it (mma_group_rows 0, the default,
+ * and the large groups on wgmma; ops_cuda_matmul.c, "Row invariance"). */
+static int cuda_grouped_invariant(epic_ops *o, const epic_weight *w) {
+  epic_cuda_ops *c = epic_cuda_of(o);
+  if (c->exact_matmul)
+    return 1;
+  return c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA && c->mma_group_rows == 0 &&
+         c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA && epic_cuk_fp8_wgmma_layout_ok(w);
+}
+
 static epic_kv_dtype cuda_kv_dtype(epic_ops *o) {
   return epic_cuda_of(o)->mla_prec == EPIC_CUDA_MLA_EXACT ? EPIC_KV_F32 : EPIC_KV_BF16;
 }
@@ -612,6 +623,7 @@ static const epic_ops_vt epic_cuda_vt = {
     .grouped_matmul_rows = epic_cuda_grouped_matmul_rows,
     .upload_async = cuda_upload_async,
     .queue = cuda_queue,
+    .grouped_invariant = cuda_grouped_invariant,
 };
 
 /* An environment switch between two values: 1 when `name` is `second`, 0 when it is unset,
@@ -670,7 +682,7 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   c->mla_prefill_wgmma = !env_pick("EPIC_CUDA_MLA_PREFILL", "wgmma", "mma");
   if (env_pick("EPIC_CUDA_GROUPED_LARGE", "wgmma", "lanes"))
     c->grouped_large = EPIC_CUDA_GROUPED_LARGE_LANES;
-  c->mma_group_rows = env_range("EPIC_CUDA_FP8_MMA_GROUP_ROWS", 1, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS,
+  c->mma_group_rows = env_range("EPIC_CUDA_FP8_MMA_GROUP_ROWS", 0, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS,
                                 EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT);
   c->n_lanes = (int)env_range("EPIC_CUDA_GROUPED_LANES", 0, EPIC_CUDA_LT_LANES_MAX,
                               EPIC_CUDA_LT_LANES_DEFAULT);

@@ -98,32 +98,35 @@ epic_status epic_ops_cuda_set_mla_prefill_kernel(epic_ops *o, epic_cuda_mla_pref
 
 /* Which kernels multiply FP8 weights by few token rows in the FAST precision.
  * MMA (default): the tensor-core kernel of kern_fp8_mma.cu (activations rounded to bf16
- * by a conversion pass, e4m3 weights converted exactly, block scales in fp32) takes
- * every grouped_matmul_dev group (at most EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS rows: one
- * launch per size class, groups above 64 rows in 64-row tiles; the bound covers the
- * decode batches whose expert plan stays on the GPU, worker/model.c), the grouped_matmul
- * groups of at most mma_group_rows rows (below) and dense matmuls of at most
- * EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows. Larger dense ones go to cuBLASLt (e4m3 activations), which is faster there;
- * dense matmuls of at most EPIC_CUDA_FP8_SKINNY_MAX_M rows on weights below
+ * by a conversion pass, e4m3 weights converted exactly, block scales in fp32) takes the
+ * dense matmuls of at most EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows, and the groups of grouped
+ * matmuls of at most mma_group_rows rows (below: by default none; one launch per size
+ * class, groups above 64 rows in 64-row tiles, device-planned groups up to
+ * EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS, the decode batches whose expert plan stays on the
+ * GPU, worker/model.c). Larger dense ones go to cuBLASLt (e4m3 activations), which is
+ * faster there; dense matmuls of at most EPIC_CUDA_FP8_SKINNY_MAX_M rows on weights below
  * EPIC_CUDA_FP8_SKINNY_MAX_BYTES (every DeepSeek-V3 projection but the FP8 LM head) go
  * to the fp32 skinny kernel, one launch without the conversion pass, which is what
  * counts at batch 1. Within the kernel's ranges a row's result does not depend on how
  * many rows share the call or its group, nor on whether it goes through the dense or
- * the grouped op (row invariance, which expert re-placement needs). FP32: the fp32
+ * the grouped op. FP32: the fp32
  * CUDA-core kernels (m <= 4 dense, groups <= 16, no activation rounding), cuBLASLt
  * beyond; kept for cross-checks and benchmarks. EPIC_CUDA_FP8_SMALL=mma|fp32 sets it at
  * create. */
 enum { EPIC_CUDA_FP8_MMA_DENSE_MAX_M = 8, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS = 128 };
-/* mma_group_rows: grouped_matmul groups of up to this many rows (1..
+/* mma_group_rows: grouped_matmul groups of up to this many rows (0..
  * EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS) take the MMA kernel, larger ones the large-group
  * kernel (epic_cuda_grouped_large; WGMMA: e4m3 activations). Device-planned calls
  * (grouped_matmul_dev, decode steps of up to 128 tokens) split their groups the same way
  * on the device (the wgmma kernel's device-planned form counts its tiles from the offsets),
  * so a row gets the same result whether its step's plan stayed on the GPU or not, and with
- * expert parallelism. Default 16: the MMA kernel streams the weights once per 64-row tile
- * on mma.sync, so from 17 rows on the FP8 GEMMs are faster (one H200, 256 experts, gate/up
- * of 2048-token steps: 11.3 -> 2.6 ms). EPIC_CUDA_FP8_MMA_GROUP_ROWS sets it at create. */
-enum { EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT = 16 };
+ * expert parallelism. Default 0: every group on the wgmma kernel, so a row's result does
+ * not depend on its group's size (what EPLB's expert copies need:
+ * epic_ops_experts_invariant), and it is also the faster choice at every size measured
+ * (one H200, 256 experts: decode steps of 32 / 128 sequences 4.3 -> 4.0 / 6.5 -> 6.0 ms;
+ * from 17 rows on, the MMA kernel, which streams the weights once per 64-row tile on
+ * mma.sync, was 2-4x slower). EPIC_CUDA_FP8_MMA_GROUP_ROWS sets it at create. */
+enum { EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT = 0 };
 epic_status epic_ops_cuda_set_mma_group_rows(epic_ops *o, int64_t rows);
 int64_t epic_ops_cuda_mma_group_rows(epic_ops *o);
 enum { EPIC_CUDA_FP8_SKINNY_MAX_M = 2, EPIC_CUDA_FP8_SKINNY_MAX_BYTES = 256 << 20 };

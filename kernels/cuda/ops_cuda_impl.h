@@ -270,9 +270,11 @@ typedef struct epic_cuk_fp8_wgmma_args {
   /* Device-planned form (off_dev != NULL; the arrays below unused): group g is rows
    * [off_dev[g], off_dev[g + 1]) with weight g, taken when it has more than min_rows rows;
    * its scales at as + round_up(off_dev[g], 4) + 4 g, stride lds (the layout of
-   * epic_cuk_quant_fp8_dev); n_groups <= EPIC_CUK_WG_DEV_GROUPS_MAX. */
+   * epic_cuk_quant_fp8_dev); n_groups <= EPIC_CUK_WG_DEV_GROUPS_MAX. err (optional) gets
+   * EPIC_CUK_ERR_GROUP_ROWS when a group has more than bound rows (the caller's promise). */
   const int32_t *off_dev;
-  int32_t min_rows, lds;
+  int32_t min_rows, lds, bound;
+  int *err;
   int32_t widx[EPIC_CUK_WG_GROUPS_MAX], row0[EPIC_CUK_WG_GROUPS_MAX];
   int32_t rows[EPIC_CUK_WG_GROUPS_MAX], sbase[EPIC_CUK_WG_GROUPS_MAX];
   int32_t mp[EPIC_CUK_WG_GROUPS_MAX], tile0[EPIC_CUK_WG_GROUPS_MAX + 1];
@@ -284,6 +286,9 @@ typedef struct epic_cuk_fp8_wgmma_args {
 cudaError_t epic_cuk_quant_fp8_dev(const float *x, int64_t ldx, int64_t rows, int64_t k,
                                    const int32_t *off, int64_t n_groups, int64_t min_rows,
                                    uint8_t *q, float *scale, int64_t lds, cudaStream_t st);
+/* _layout_ok: the weight's dtype, shape and blocks suit the kernel (pointers not read);
+ * _ok: also its storage (scales present, codes 16-byte aligned). */
+int epic_cuk_fp8_wgmma_layout_ok(const epic_weight *w);
 int epic_cuk_fp8_wgmma_ok(const epic_weight *w);
 int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n);
 cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, int64_t cols,

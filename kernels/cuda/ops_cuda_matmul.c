@@ -373,15 +373,17 @@ enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
  * expert's rows split over its copies land in smaller groups on other ranks; also
  * batch composition). A row's result depends only on the row and the weight when
  * every path a row can take computes it alone, the same way:
- * - FP8, fast precision, MMA kernels (the default): every group of 1..mma_group_rows
- *   rows goes through kern_fp8_mma.cu, in a grouped launch
- *   or as dense matmuls of its rows, whose per-output operations do not depend on the
- *   other rows (see that file); dense matmuls of m <= EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows
- *   take the same kernel (except the smallest, see ops_cuda.h), so a row also gets the
- *   same result from such a dense call and the grouped op. Larger groups, host- or
- *   device-planned, take the large-group wgmma kernel (kern_fp8_wgmma.cu), row-invariant
- *   among themselves, with e4m3 activations: a row whose group crosses mma_group_rows
- *   (expert copies split a group) changes.
+ * - FP8, fast precision, the default (mma_group_rows 0): every group, host- or
+ *   device-planned, of any size, takes the wgmma kernel (kern_fp8_wgmma.cu), e4m3
+ *   activations quantised per row and the block-scaled sum in a fixed order:
+ *   row-invariant (epic_ops_experts_invariant holds; test_grouped_rows_cuda).
+ * - FP8, fast precision, MMA kind with mma_group_rows > 0: groups of 1..mma_group_rows
+ *   rows go through kern_fp8_mma.cu, in a grouped launch or as dense matmuls of its rows,
+ *   whose per-output operations do not depend on the other rows (see that file; dense
+ *   matmuls of m <= EPIC_CUDA_FP8_MMA_DENSE_MAX_M rows take the same kernel, except the
+ *   smallest, see ops_cuda.h), with bf16-rounded activations; larger groups take the
+ *   wgmma kernel, with e4m3 ones: a row whose group crosses mma_group_rows (expert
+ *   copies split a group) changes.
  * - FP8, fast precision, FP32 kernels: groups of 1..16 rows take the fp32 per-row
  *   kernel of kern_fp8_skinny.cu (one grouped launch, or skinny launches of at most
  *   four rows, which run the same per-token code).
@@ -837,8 +839,6 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx,
                                  const int32_t *xidx, const int64_t *off, int64_t n_groups,
                                  const epic_weight *w, int64_t w_stride, int64_t lim, float *y,
                                  int64_t ldy, uint8_t *done) {
-  if (ldy % 2 != 0 || ((uintptr_t)y & 7u) != 0)
-    return EPIC_OK; /* the kernel stores column pairs */
   large_set ls;
   EPIC_CHECK(large_groups(off, n_groups, w, w_stride, lim, ldx, ldy, epic_cuk_fp8_wgmma_ok, done,
                           &ls));
@@ -1174,12 +1174,12 @@ epic_status epic_cuda_grouped_matmul_rows(epic_ops *o, const float *src, int64_t
  * on the device; the quantiser skips the other rows). *ran = 0, nothing enqueued, when the
  * kernel cannot take the call (layout, strides, group count). */
 static epic_status wgmma_dev(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t rows,
-                             const int32_t *off, int64_t n_groups, const epic_weight *w,
-                             int64_t w_stride, const epic_weight *shape, float *y, int64_t ldy,
-                             int *ran) {
+                             int64_t max_rows, const int32_t *off, int64_t n_groups,
+                             const epic_weight *w, int64_t w_stride, const epic_weight *shape,
+                             float *y, int64_t ldy, int *ran) {
   *ran = 0;
-  if (!epic_cuk_fp8_wgmma_ok(shape) || n_groups > EPIC_CUK_WG_DEV_GROUPS_MAX || ldy % 2 != 0 ||
-      ((uintptr_t)y & 7u) != 0 || rows + 4 * n_groups + 4 > INT32_MAX)
+  if (!epic_cuk_fp8_wgmma_ok(shape) || n_groups > EPIC_CUK_WG_DEV_GROUPS_MAX ||
+      rows + 4 * n_groups + 4 > INT32_MAX)
     return EPIC_OK;
   epic_status st;
   const struct epic_cuda_group_tab *t = group_entry(c, w, w_stride, n_groups, shape, &st);
@@ -1201,6 +1201,8 @@ static epic_status wgmma_dev(epic_cuda_ops *c, const float *x, int64_t ldx, int6
   a->off_dev = off;
   a->min_rows = (int32_t)c->mma_group_rows;
   a->lds = (int32_t)lds;
+  a->bound = (int32_t)max_rows;
+  a->err = c->err_flag;
   st = wgmma_launch(c, a);
   free(a);
   *ran = st == EPIC_OK;
@@ -1234,9 +1236,12 @@ epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ld
       int64_t mma_max = max_rows;
       if (max_rows > c->mma_group_rows && c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA) {
         int ran = 0;
-        EPIC_CHECK(wgmma_dev(c, x, ldx, rows, off, n_groups, w, w_stride, shape, y, ldy, &ran));
+        EPIC_CHECK(
+            wgmma_dev(c, x, ldx, rows, max_rows, off, n_groups, w, w_stride, shape, y, ldy, &ran));
         if (ran)
           mma_max = c->mma_group_rows;
+        if (ran && mma_max == 0) /* every group was above the bound */
+          return EPIC_OK;
       }
       return mma_classes(c, x, ldx, NULL, rows, NULL, off, tab, n_groups, mma_max, max_rows,
                          shape, c->err_flag, y, ldy);

@@ -64,11 +64,26 @@ grep -q "expert load" "$tmp/out" && ok "balance line" || bad "balance line"
 expect 0 "--eplb-redundant 8" "" "$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB --eplb-redundant 8
 grep -q "run-time EPLB: 8 copies per MoE layer: up to 33 experts per layer" "$tmp/out" &&
   grep -q "EPLB GB" "$tmp/out" && ok "EPLB line and column" || bad "EPLB line and column"
-grep -q "EPLB GB" <("$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB) &&
-  bad "EPLB column without --eplb-redundant" || ok "no EPLB column without --eplb-redundant"
+grep -q "EPLB GB" <("$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB --eplb-redundant 0) &&
+  bad "EPLB column with --eplb-redundant 0" || ok "no EPLB column with --eplb-redundant 0"
 for r in 0 8; do
   "$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB --eplb-redundant $r --json >"$tmp/e$r.json" 2>"$tmp/err"
 done
+# The default is what serve reserves on GPUs: FP8 experts with 128 x 128 blocks keep EPLB
+# on, one copy per rank (8 here); the same model in BF16 has none.
+"$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB --json >"$tmp/ed.json" 2>"$tmp/err"
+cmp -s "$tmp/ed.json" "$tmp/e8.json" && ok "default = --eplb-redundant 8 for FP8 experts on 8 ranks" ||
+  bad "default = --eplb-redundant 8 for FP8 experts on 8 ranks"
+mkdir -p "$tmp/bf16"
+python3 - "$M/config.json" "$tmp/bf16/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.pop("quantization_config", None)
+json.dump(c, open(sys.argv[2], "w"))
+PY
+"$EPIC" plan --model "$tmp/bf16" --ranks 8 --gpu-mem 200GB --json >"$tmp/b.json" 2>"$tmp/err"
+python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["eplb_redundant"] == 0' "$tmp/b.json" &&
+  ok "default none for BF16 experts" || bad "default none for BF16 experts"
 python3 - "$tmp/e0.json" "$tmp/e8.json" <<'PY' && ok "--eplb-redundant JSON: reserve = 92 experts, out of the KV budget" || bad "--eplb-redundant JSON"
 import json, sys
 a, b = (json.load(open(f)) for f in sys.argv[1:3])
@@ -81,7 +96,10 @@ PY
 # A budget between the two: fits without the copies, not with them.
 mem=$(python3 -c 'import json,sys; p=json.load(open(sys.argv[1])); r=p["ranks"][0]
 print(r["weight_bytes"] + r["reserve_bytes"] + p["min_kv_tokens"] * p["kv_bytes_per_token"] + 2 * 10**9)' "$tmp/e0.json")
-expect 0 "--gpu-mem $mem fits without EPLB copies" "" "$EPIC" plan --model "$M" --ranks 8 --gpu-mem "$mem"
+expect 0 "--gpu-mem $mem fits without EPLB copies" "" "$EPIC" plan --model "$M" --ranks 8 \
+  --gpu-mem "$mem" --eplb-redundant 0
+expect 1 "--gpu-mem $mem with the default copies does not fit" "GB for EPLB copies" \
+  "$EPIC" plan --model "$M" --ranks 8 --gpu-mem "$mem"
 expect 1 "--gpu-mem $mem with --eplb-redundant 8 does not fit" "GB for EPLB copies" \
   "$EPIC" plan --model "$M" --ranks 8 --gpu-mem "$mem" --eplb-redundant 8
 expect 2 "--eplb-redundant beyond E x (N - 1)" "--eplb-redundant: 1793 is more than 1792" \

@@ -3,7 +3,9 @@
  * verification need for outputs not to change: the same 128 rows of one expert split
  * into groups in different ways (with empty groups of other ranks' experts between them,
  * and groups alone in their call) must give every row bit for bit the same result
- *  - fast precision, FP8 weight, MMA kind (the default, kern_fp8_mma.cu): groups of any
+ *  - fast precision, FP8 weight, the default (every group on kern_fp8_wgmma.cu): the
+ *    splits below, host- and device-planned, and lone groups (epic_ops_experts_invariant);
+ *  - fast precision, FP8 weight, MMA kind with bound 128 (kern_fp8_mma.cu): groups of any
  *    size 1..128 (one group of 128, 1 + 127, 40 single rows + 88, ...; above 64 rows the
  *    kernel's row tiles), each group alone in a call, and also the dense matmul of the
  *    rows 8 and 4 at a time (the dense calls
@@ -139,7 +141,8 @@ static void free_weight(wpair *w) {
 /* The ROWS rows split as sizes[0..n) (0 = an empty group of another rank's expert, with
  * no weight): y [ROWS][N] holds every row's result in row order. Each call gets its
  * own weight list (the backend caches device tables by list). */
-static void run_split(const wpair *w, const float *dx, const int64_t *sizes, int n, float *y) {
+static void run_split_as(const wpair *w, const float *dx, const int64_t *sizes, int n, int dev,
+                         float *y) {
   int64_t off[MAX_GROUPS + 1] = {0};
   int32_t off32[MAX_GROUPS + 1] = {0};
   epic_weight *list = new_list();
@@ -153,10 +156,20 @@ static void run_split(const wpair *w, const float *dx, const int64_t *sizes, int
   assert_int_equal(off[n], ROWS);
   int32_t *doff = dup_dev(off32, sizeof off32);
   float *dy = poisoned_dev((size_t)ROWS * N * sizeof(float));
-  assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, K, off, doff, n, list, 1, dy, N), EPIC_OK);
+  if (dev) { /* the plan in device memory only, as a decode step's */
+    assert_int_equal(g_gpu->vt->grouped_matmul_dev(g_gpu, dx, K, ROWS, ROWS, doff, n, list, 1, dy,
+                                                   N),
+                     EPIC_OK);
+  } else {
+    assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, K, off, doff, n, list, 1, dy, N),
+                     EPIC_OK);
+  }
   assert_int_equal(g_gpu->vt->download(g_gpu, y, dy, (size_t)ROWS * N * sizeof(float)), EPIC_OK);
   g_gpu->vt->free(g_gpu, dy);
   g_gpu->vt->free(g_gpu, doff);
+}
+static void run_split(const wpair *w, const float *dx, const int64_t *sizes, int n, float *y) {
+  run_split_as(w, dx, sizes, n, 0, y);
 }
 
 /* The same groups, each alone in a grouped_matmul call of one group (its rows at the
@@ -257,35 +270,43 @@ static void check_splits(const char *what, const wpair *w, const int64_t (*split
   free(y);
 }
 
+/* All 128 rows in one group or in 1 + 127 (two 64-row tiles), or the first 40 rows in
+ * groups whose largest has 16, 33, 23, 32, 15, 4 and 1 rows (8-token tiles 2, 8, 4, 4,
+ * 2, 1, 1) and the other 88 in one group (two row tiles); 1 to 41 groups with rows
+ * (different launch shapes and size classes). The last: 40 single rows with an empty group
+ * after every fifth, then 88 (filled by any_splits). */
+enum { N_SPLITS = 9 };
+static int64_t g_splits[N_SPLITS][MAX_GROUPS] = {
+    {128},
+    {1, 127},
+    {7, 3, 16, 14, 88},
+    {0, 7, 0, 33, 88},
+    {17, 23, 88},
+    {3, 5, 32, 88},
+    {3, 0, 13, 1, 0, 15, 8, 88},
+    {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 88},
+    {0},
+};
+static const int g_n_groups[N_SPLITS] = {1, 2, 5, 5, 3, 4, 8, 11, 49};
+static void any_splits(void) {
+  for (int g = 0; g < 48; g++)
+    g_splits[N_SPLITS - 1][g] = g % 6 == 5 ? 0 : 1;
+  g_splits[N_SPLITS - 1][48] = ROWS - 40;
+}
+
 static void test_fast_mma_any_groups(void **state) {
   (void)state;
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
   assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, EPIC_CUDA_FP8_SMALL_MMA), EPIC_OK);
-  /* the kernel's whole range (host-planned groups above the default bound take the
-   * large-group kernel, with e4m3 activations) */
+  /* the kernel's whole range (host-planned groups above the bound take the large-group
+   * kernel, with e4m3 activations) */
   assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS),
                    EPIC_OK);
   wpair w = make_weight(EPIC_DT_F8E4M3);
-  /* All 128 rows in one group or in 1 + 127 (two 64-row tiles), or the first 40 rows in
-   * groups whose largest has 16, 33, 23, 32, 15, 4 and 1 rows (8-token tiles 2, 8, 4, 4,
-   * 2, 1, 1) and the other 88 in one group (two row tiles); 1 to 41 groups with rows
-   * (different launch shapes and size classes). */
-  int64_t splits[][MAX_GROUPS] = {
-      {128},
-      {1, 127},
-      {7, 3, 16, 14, 88},
-      {0, 7, 0, 33, 88},
-      {17, 23, 88},
-      {3, 5, 32, 88},
-      {3, 0, 13, 1, 0, 15, 8, 88},
-      {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 88},
-      {0}, /* 40 single rows with an empty group after every fifth, then 88: filled below */
-  };
-  int n_groups[] = {1, 2, 5, 5, 3, 4, 8, 11, 49};
-  enum { N_SPLITS = (int)(sizeof n_groups / sizeof n_groups[0]) };
-  for (int g = 0; g < 48; g++)
-    splits[N_SPLITS - 1][g] = g % 6 == 5 ? 0 : 1;
-  splits[N_SPLITS - 1][48] = ROWS - 40;
+  assert_false(epic_ops_experts_invariant(g_gpu, &w.d)); /* groups above 128 rows change */
+  any_splits();
+  int64_t(*splits)[MAX_GROUPS] = g_splits;
+  const int *n_groups = g_n_groups;
 
   float *x = xmalloc((size_t)ROWS * K * sizeof(float));
   float *xr = xmalloc((size_t)ROWS * K * sizeof(float));
@@ -344,6 +365,66 @@ static void test_fast_mma_any_groups(void **state) {
   free_weight(&w);
   assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT),
                    EPIC_OK);
+}
+
+/* The default fast path (mma_group_rows 0): every group, host- or device-planned, takes
+ * the wgmma kernel. The splits of test_fast_mma_any_groups, those splits' groups each
+ * alone, and device-planned calls of the splits all give every row the same bits; 5e-2
+ * against the CPU on the raw activations (e4m3 rounding). epic_ops_experts_invariant says
+ * so for this weight, not for a BF16 one (cuBLAS per group) or with a bound above 0. */
+static void test_fast_default_any_groups(void **state) {
+  (void)state;
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_set_fp8_small(g_gpu, EPIC_CUDA_FP8_SMALL_MMA), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_mma_group_rows(g_gpu), 0);
+  wpair w = make_weight(EPIC_DT_F8E4M3), wb = make_weight(EPIC_DT_BF16);
+  assert_true(epic_ops_experts_invariant(g_gpu, &w.d));
+  assert_false(epic_ops_experts_invariant(g_gpu, &wb.d));
+  any_splits();
+  float *x = xmalloc((size_t)ROWS * K * sizeof(float));
+  float *ref = xmalloc((size_t)ROWS * N * sizeof(float));
+  float *first = xmalloc((size_t)ROWS * N * sizeof(float));
+  float *y = xmalloc((size_t)ROWS * N * sizeof(float));
+  float *dx = random_rows(x);
+  cpu_ref(&w, x, ref);
+  char msg[128];
+  const int64_t launches = epic_ops_cuda_wgmma_launches(g_gpu);
+  for (int s = 0; s < N_SPLITS; s++) {
+    for (int dev = 0; dev < 2; dev++) {
+      float *out = s || dev ? y : first;
+      run_split_as(&w, dx, g_splits[s], g_n_groups[s], dev, out);
+      snprintf(msg, sizeof msg, "fast FP8 default, split %d%s", s, dev ? ", device-planned" : "");
+      check_cpu(msg, out, ref, 5e-2);
+      if (out == y) {
+        snprintf(msg, sizeof msg, "fast FP8 default: split %d%s vs split 0", s,
+                 dev ? " (device-planned)" : "");
+        same_rows(msg, y, first);
+      }
+    }
+  }
+  assert_int_equal(epic_ops_cuda_wgmma_launches(g_gpu) - launches, 2 * N_SPLITS);
+  for (int s = 1; s <= 3; s++) {
+    run_lone_groups(&w, dx, g_splits[s], g_n_groups[s], y);
+    snprintf(msg, sizeof msg, "fast FP8 default: split %d's groups each alone vs split 0", s);
+    same_rows(msg, y, first);
+  }
+  printf("#   fast FP8 default: %d splits (groups of 1..128 rows), host- and device-planned, and "
+         "lone groups bit-identical\n",
+         N_SPLITS);
+  assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, 16), EPIC_OK);
+  assert_false(epic_ops_experts_invariant(g_gpu, &w.d));
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_EXACT), EPIC_OK);
+  assert_true(epic_ops_experts_invariant(g_gpu, &wb.d));
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT),
+                   EPIC_OK);
+  g_gpu->vt->free(g_gpu, dx);
+  free(x);
+  free(ref);
+  free(first);
+  free(y);
+  free_weight(&w);
+  free_weight(&wb);
 }
 
 static void test_fast_fp32_small_groups(void **state) {
@@ -415,6 +496,7 @@ int main(void) {
   rng_seed_from_env();
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_fast_mma_any_groups),
+      cmocka_unit_test(test_fast_default_any_groups),
       cmocka_unit_test(test_fast_fp32_small_groups),
       cmocka_unit_test(test_exact_any_groups),
   };
