@@ -876,13 +876,12 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
   }
   if (st == EPIC_OK) {
     /* auto drafts one token when the checkpoint's MTP layer is loaded, on a backend
-     * whose verify forward matches the plain decode to fp32 rounding
+     * whose verify forward matches the plain decode bit for bit
      * (epic_ops_rows_invariant: every matmul row computed alike whatever the row count;
-     * the verify's attention takes the naive form, plain decoding the absorbed one, the
-     * same sums in another order). On GPUs the fast kernels' rounding depends on the
-     * batch shape (<= 2-row matmuls with fp32 activations, <= 8 rows bf16, larger ones
-     * FP8; the BF16 decode-attention kernel vs the multi-token path), so drafting could
-     * flip near-tied greedy tokens: there it takes an explicit --mtp-draft K. */
+     * the verify's attention takes the decode kernel row by row, worker/model.c
+     * absorbed()). On GPUs the fast dense matmuls' rounding depends on the row count
+     * (<= 2 rows with fp32 activations, <= 8 bf16, more FP8), so drafting could flip
+     * near-tied greedy tokens: there it takes an explicit --mtp-draft K. */
     const int has_mtp = epic_model_has_mtp(e->m);
     e->mtp_auto = e->p.mtp_draft == 0 && has_mtp && epic_ops_rows_invariant(epic_model_ops(e->m));
     e->mtp_k = e->p.mtp_draft > 0 ? e->p.mtp_draft : e->mtp_auto ? 1 : 0;

@@ -1024,7 +1024,8 @@ typedef struct fwd_shape {
   int64_t M;        /* tokens */
   int64_t Mw;       /* tokens of the larger micro-batch */
   int64_t max_ctx;  /* keys of the longest naive-attention (prefill) chunk */
-  int64_t n_dec;    /* decode sequences (one token each), the longest absorbed run */
+  int64_t n_dec;    /* rows of absorbed attention (absorbed()), the longest absorbed run */
+  int64_t n_trows;  /* block-table rows: one per absorbed row, one per other sequence */
   int64_t dec_ctx;  /* keys of the longest decode sequence (after this token) */
   int64_t out_rows; /* LM-head rows */
   int64_t stride;   /* block-table row: the most pages any sequence holds */
@@ -1033,7 +1034,19 @@ typedef struct fwd_shape {
 
 /* int32 entries of the forward plan: positions, ids, LM-head rows, block tables, lengths. */
 static int64_t plan_len(const fwd_shape *sh) {
-  return 2 * sh->M + sh->out_rows + (int64_t)sh->n_seqs * (sh->stride + 1);
+  return 2 * sh->M + sh->out_rows + sh->n_trows * (sh->stride + 1);
+}
+
+/* Chunks that take the absorbed decode attention, one row per token at its own context
+ * length (the keys up to its position), as plain decoding does: single tokens, and runs
+ * of at most ABSORB_MAX_TOKENS after a cached prefix (MTP verify steps, short
+ * continuations). The naive form decompresses every cached key through kv_b for the
+ * chunk (context x heads x (nope + v) x lora multiply-adds), the absorbed one reads each
+ * 576-wide cached row once per row (rows x context x heads x 576): far less for a few
+ * rows after a long prefix. Prompts from position 0 stay on the naive form. */
+enum { ABSORB_MAX_TOKENS = 16 };
+static int absorbed(const epic_seq_batch *sq) {
+  return sq->n_tokens == 1 || (sq->start > 0 && sq->n_tokens <= ABSORB_MAX_TOKENS);
 }
 
 /* Carve the scratch for a forward of shape sh. */
@@ -1217,8 +1230,9 @@ typedef struct fwd {
   micro_batch mb[MAX_MB];
   /* Parts of the uploaded plan (backend memory). */
   const int32_t *out_rows; /* hn row of each LM-head row */
-  const int32_t *tables;   /* [n_seqs][stride] page ids */
-  const int32_t *n_ctx;    /* [n_seqs] cache length after this forward */
+  const int32_t *tables;   /* [table rows][stride] page ids (see fwd_plan) */
+  const int32_t *n_ctx;    /* [table rows] cache length each row's attention sees */
+  const int32_t *trow;     /* host: the first table row of each sequence of the batch */
   int64_t stride;
   int64_t dec_bound; /* decode attention's bound on every context (ctx_bound) */
 } fwd;
@@ -1683,11 +1697,11 @@ static epic_status moe_end(fwd *f, micro_batch *b) {
                             m->comm ? s->tok_list : b->slot, s->w, s->y);
 }
 
-/* Decode attention for sequences [i0, i0 + n) of the micro-batch, one token each
- * on rows r0.. of the work arrays: one batched cache store and one absorbed-MLA
- * launch for the whole run. */
+/* Absorbed attention for n rows r0.. of the work arrays, table rows t0.. of the plan
+ * (absorbed() chunks of the micro-batch from its sequence i0 on): one batched cache store
+ * and one absorbed-MLA launch for the whole run. */
 static epic_status attention_decode(fwd *f, micro_batch *b, const layer_w *lw, int64_t kv_layer,
-                                    int i0, int n, int64_t r0) {
+                                    int i0, int64_t t0, int64_t n, int64_t r0) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   scratch *s = &b->s;
@@ -1702,9 +1716,9 @@ static epic_status attention_decode(fwd *f, micro_batch *b, const layer_w *lw, i
                              .page_size = any.page_size,
                              .width = any.width,
                              .lora = any.lora,
-                             .block_tables = f->tables + (int64_t)(b->seq0 + i0) * f->stride,
+                             .block_tables = f->tables + t0 * f->stride,
                              .table_stride = f->stride,
-                             .n_ctx = f->n_ctx + b->seq0 + i0,
+                             .n_ctx = f->n_ctx + t0,
                              .max_ctx = f->dec_bound};
   EPIC_CHECK(o->vt->kv_store_batch(o, &kvb, n, s->kv + r0 * (L + R), L + R, s->kv + r0 * (L + R) + L,
                                    L + R));
@@ -1744,18 +1758,19 @@ static epic_status attention(fwd *f, micro_batch *b, const layer_w *lw, int64_t 
   int64_t r0 = 0;
   for (int i = 0; i < b->n_seqs;) {
     const epic_seq_batch *sq = &b->seqs[i];
-    if (sq->n_tokens == 1) {
+    if (absorbed(sq)) {
       int n = 1;
-      while (i + n < b->n_seqs && b->seqs[i + n].n_tokens == 1) n++;
-      EPIC_CHECK(attention_decode(f, b, lw, kv_layer, i, n, r0));
+      int64_t rows = sq->n_tokens;
+      for (; i + n < b->n_seqs && absorbed(&b->seqs[i + n]); n++) rows += b->seqs[i + n].n_tokens;
+      EPIC_CHECK(attention_decode(f, b, lw, kv_layer, i, f->trow[b->seq0 + i], rows, r0));
       i += n;
-      r0 += n;
+      r0 += rows;
       continue;
     }
     /* Prefill chunk: naive form over the decompressed keys/values of all S keys. */
     const int64_t n = sq->n_tokens, start = sq->start, S = start + n;
     epic_kv_view view = epic_kvcache_view(f->kc, kv_layer, sq->kv, S);
-    view.block_table = f->tables + (int64_t)(b->seq0 + i) * f->stride; /* backend memory */
+    view.block_table = f->tables + (int64_t)f->trow[b->seq0 + i] * f->stride; /* backend memory */
     EPIC_CHECK(o->vt->kv_store(o, &view, start, n, s->kv + r0 * (L + R), L + R,
                                s->kv + r0 * (L + R) + L, L + R));
     EPIC_CHECK(o->vt->kv_gather(o, &view, S, s->lat, s->kpe));
@@ -1854,11 +1869,14 @@ static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch
         return EPIC_ERR_INVALID;
       }
     sh->M += sq->n_tokens;
-    if (sq->n_tokens == 1) {
-      sh->n_dec++;
-      if (sq->start + 1 > sh->dec_ctx) sh->dec_ctx = sq->start + 1;
-    } else if (sq->start + sq->n_tokens > sh->max_ctx)
-      sh->max_ctx = sq->start + sq->n_tokens;
+    if (absorbed(sq)) {
+      sh->n_dec += sq->n_tokens;
+      sh->n_trows += sq->n_tokens;
+      if (sq->start + sq->n_tokens > sh->dec_ctx) sh->dec_ctx = sq->start + sq->n_tokens;
+    } else {
+      sh->n_trows++;
+      if (sq->start + sq->n_tokens > sh->max_ctx) sh->max_ctx = sq->start + sq->n_tokens;
+    }
   }
   sh->out_rows = epic_batch_out_rows(seqs, n_seqs);
   for (int i = 0; i < n_seqs; i++) {
@@ -1893,21 +1911,24 @@ static int64_t ctx_bound(int64_t n) {
 }
 
 /* The forward's index arrays, built on the host and uploaded in one copy:
- * positions and ids of every token, the hn row of each LM-head row, every
- * sequence's block table and its cache length after the forward. */
+ * positions and ids of every token, the hn row of each LM-head row, and the block-table
+ * rows of attention with the cache length each sees: an absorbed() chunk has one per
+ * token (its sequence's table, the keys up to that token), any other chunk one (the
+ * cache after the forward). f->trow (host) gives each sequence's first table row. */
 static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape *sh, scratch *s) {
   epic_model *m = f->m;
   const int64_t n = plan_len(sh);
-  int32_t *h = xbuf(m, 0, XB_FWD, (size_t)n * sizeof(int32_t));
-  int32_t *pos, *ids, *rows, *tables, *n_ctx;
-  int64_t r = 0, out = 0;
+  int32_t *h = xbuf(m, 0, XB_FWD, (size_t)(n + sh->n_seqs) * sizeof(int32_t));
+  int32_t *pos, *ids, *rows, *tables, *n_ctx, *trow;
+  int64_t r = 0, out = 0, tr = 0;
   if (!h) return EPIC_ERR_NOMEM;
   pos = h;
   ids = pos + sh->M;
   rows = ids + sh->M;
   tables = rows + sh->out_rows;
-  n_ctx = tables + (int64_t)sh->n_seqs * sh->stride;
-  memset(tables, 0, (size_t)(sh->n_seqs * sh->stride) * sizeof(int32_t));
+  n_ctx = tables + sh->n_trows * sh->stride;
+  trow = h + n; /* host only, after the uploaded part */
+  memset(tables, 0, (size_t)(sh->n_trows * sh->stride) * sizeof(int32_t));
   for (int i = 0; i < sh->n_seqs; i++) {
     const epic_seq_batch *sq = &seqs[i];
     for (int64_t t = 0; t < sq->n_tokens; t++, r++) {
@@ -1915,8 +1936,12 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
       ids[r] = sq->tokens[t];
       if (sq->all_logits || t == sq->n_tokens - 1) rows[out++] = (int32_t)r;
     }
-    memcpy(tables + (int64_t)i * sh->stride, sq->kv->pages, (size_t)sq->kv->n_pages * sizeof(int32_t));
-    n_ctx[i] = (int32_t)(sq->start + sq->n_tokens);
+    trow[i] = (int32_t)tr;
+    const int64_t n_rows = absorbed(sq) ? sq->n_tokens : 1;
+    for (int64_t j = 0; j < n_rows; j++, tr++) {
+      memcpy(tables + tr * sh->stride, sq->kv->pages, (size_t)sq->kv->n_pages * sizeof(int32_t));
+      n_ctx[tr] = (int32_t)(sq->start + sq->n_tokens - (n_rows - 1 - j));
+    }
   }
   EPIC_CHECK(m->ops->vt->upload(m->ops, s->plan, h, (size_t)n * sizeof(int32_t)));
   /* The pos / ids arrays the ops read are the plan's own. */
@@ -1924,7 +1949,8 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
   s->ids = s->plan + sh->M;
   f->out_rows = s->plan + 2 * sh->M;
   f->tables = f->out_rows + sh->out_rows;
-  f->n_ctx = f->tables + (int64_t)sh->n_seqs * sh->stride;
+  f->n_ctx = f->tables + sh->n_trows * sh->stride;
+  f->trow = trow;
   f->stride = sh->stride > 0 ? sh->stride : 1;
   f->dec_bound = ctx_bound(sh->dec_ctx);
   return EPIC_OK;
@@ -2106,8 +2132,8 @@ static step_graph *graph_bucket(fwd *f, const fwd_shape *sh, const head_out *ho)
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   step_graph *g = NULL;
-  if (!m->step_graphs || m->comm || !epic_ops_has_graphs(o) || sh->M == 0 || sh->n_dec != sh->M ||
-      !dev_planned(o, sh->Mw))
+  if (!m->step_graphs || m->comm || !epic_ops_has_graphs(o) || sh->M == 0 || sh->M != sh->n_seqs ||
+      sh->n_dec != sh->M || !dev_planned(o, sh->Mw))
     return NULL;
   const uint64_t epoch = o->vt->graph_epoch(o);
   if (epoch != m->graph_epoch) {

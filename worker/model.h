@@ -2,8 +2,9 @@
  * dummy one), and a batched forward pass over any mix of prefill chunks and
  * decode tokens of several sequences, with the paged latent KV cache.
  *
- * Numerics follow ARCHITECTURE.md: RMSNorm, MLA (naive form for multi-token
- * chunks, absorbed form over the paged cache for single-token decode),
+ * Numerics follow ARCHITECTURE.md: RMSNorm, MLA (naive form for prompt chunks,
+ * absorbed form over the paged cache for decode tokens and short chunks after a
+ * cached prefix, such as MTP verify steps),
  * interleaved RoPE with YaRN, dense SwiGLU, MoE with the sigmoid router
  * (bias for selection only, group-limited top-k), shared experts, MTP layer.
  * Thread contract: thread-compatible; one thread drives a model at a time. */

@@ -222,6 +222,50 @@ static void test_incremental_equals_full(void **state) {
   free(one);
 }
 
+/* A short chunk after a cached prefix (an MTP verify step, a short continuation) takes
+ * the absorbed attention row by row, as decoding does (worker/model.c, absorbed()): on
+ * the CPU, whose rows are computed alike whatever the batch, its logits equal feeding
+ * the same tokens one at a time bit for bit, across page boundaries (pages of 5) and
+ * with a decode sequence beside it in the batch. A chunk from position 0 stays on the
+ * naive form (checked against the reference elsewhere). */
+static void test_short_chunk_equals_decode(void **state) {
+  fixture *f = *state;
+  tcase *c = &f->cases[3 < f->n_cases ? 3 : f->n_cases - 1];
+  enum { P = 3, N = 4 }; /* prefix, then one chunk of N (positions 3..6: pages 0 and 1) */
+  assert_true(c->n_prompt >= P + N);
+  epic_kvcache *kc;
+  epic_kv_seq s1 = {0}, s2 = {0}, s3 = {0};
+  float *chunk = malloc((size_t)((N + 1) * f->V) * 4), *one = malloc((size_t)(2 * f->V) * 4);
+  assert_int_equal(epic_model_kvcache_create(f->m, 0, 5, 64, &kc), EPIC_OK);
+  epic_seq_batch p1 = {.tokens = c->prompt, .n_tokens = P, .kv = &s1};
+  epic_seq_batch p2 = {.tokens = c->prompt, .n_tokens = P, .kv = &s2};
+  epic_seq_batch p3 = {.tokens = c->prompt, .n_tokens = 2, .kv = &s3};
+  assert_int_equal(epic_model_forward(f->m, kc, &p1, 1, one, NULL), EPIC_OK);
+  assert_int_equal(epic_model_forward(f->m, kc, &p2, 1, one, NULL), EPIC_OK);
+  assert_int_equal(epic_model_forward(f->m, kc, &p3, 1, one, NULL), EPIC_OK);
+  /* s1: the chunk, with s3 decoding one token beside it */
+  epic_seq_batch both[2] = {
+      {.tokens = c->prompt + P, .n_tokens = N, .start = P, .kv = &s1, .all_logits = 1},
+      {.tokens = c->prompt + 2, .n_tokens = 1, .start = 2, .kv = &s3}};
+  assert_int_equal(epic_model_forward(f->m, kc, both, 2, chunk, NULL), EPIC_OK);
+  /* s2: the same tokens one at a time */
+  for (int64_t t = 0; t < N; t++) {
+    epic_seq_batch bt = {.tokens = c->prompt + P + t, .n_tokens = 1, .start = P + t, .kv = &s2};
+    assert_int_equal(epic_model_forward(f->m, kc, &bt, 1, one, NULL), EPIC_OK);
+    if (memcmp(one, chunk + t * f->V, (size_t)f->V * 4))
+      fail_msg("%s %s: chunk row %lld differs from decoding it (max |d| %.3g)", f->model, c->name,
+               (long long)t, max_abs_diff(one, chunk + t * f->V, f->V));
+  }
+  print_message("%s %s: a %d-token chunk after %d cached tokens equals decoding bit for bit\n",
+                f->model, c->name, (int)N, (int)P);
+  epic_kvcache_seq_release(kc, &s1);
+  epic_kvcache_seq_release(kc, &s2);
+  epic_kvcache_seq_release(kc, &s3);
+  epic_kvcache_destroy(kc);
+  free(chunk);
+  free(one);
+}
+
 /* All cases in one batch: chunked prefill (chunks of 7) running beside other
  * sequences' decode steps, with tiny pages, then greedy decoding together;
  * every row must match the reference as when run alone. */
@@ -654,6 +698,7 @@ int main(void) {
       cmocka_unit_test(test_cases_match_reference),
       cmocka_unit_test(test_mtp_logits),
       cmocka_unit_test(test_incremental_equals_full),
+      cmocka_unit_test(test_short_chunk_equals_decode),
       cmocka_unit_test(test_batched_mixed),
       cmocka_unit_test(test_cache_full_is_clean),
       cmocka_unit_test(test_micro_batches_mixed),
