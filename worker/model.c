@@ -1026,7 +1026,7 @@ typedef struct fwd_shape {
   int64_t max_ctx;  /* keys of the longest naive-attention (prefill) chunk */
   int64_t n_dec;    /* rows of absorbed attention (absorbed()), the longest absorbed run */
   int64_t n_trows;  /* block-table rows: one per absorbed row, one per other sequence */
-  int64_t dec_ctx;  /* keys of the longest decode sequence (after this token) */
+  int64_t dec_ctx;  /* keys the longest absorbed row sees (its own included) */
   int64_t out_rows; /* LM-head rows */
   int64_t stride;   /* block-table row: the most pages any sequence holds */
   int n_seqs;

@@ -382,8 +382,6 @@ epic_status epic_cuda_kv_dtype_ok(epic_kv_dtype dt, const char *op) {
   return EPIC_ERR_UNSUPPORTED;
 }
 
-/* bf16 rows in fast mode (half the bytes every decode step streams), fp32 in exact mode
- * (the cache then keeps what the fp32 reference keeps). */
 /* ABI 9 (ops.h). Exact precision: grouped_exact's fixed-shape GEMMs, any weight. Fast: FP8
  * weights the wgmma kernel takes, with every group on it (mma_group_rows 0, the default,
  * and the large groups on wgmma; ops_cuda_matmul.c, "Row invariance"). */
@@ -395,6 +393,8 @@ static int cuda_grouped_invariant(epic_ops *o, const epic_weight *w) {
          c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA && epic_cuk_fp8_wgmma_layout_ok(w);
 }
 
+/* bf16 rows in fast mode (half the bytes every decode step streams), fp32 in exact mode
+ * (the cache then keeps what the fp32 reference keeps). */
 static epic_kv_dtype cuda_kv_dtype(epic_ops *o) {
   return epic_cuda_of(o)->mla_prec == EPIC_CUDA_MLA_EXACT ? EPIC_KV_F32 : EPIC_KV_BF16;
 }
