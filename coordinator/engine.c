@@ -961,8 +961,13 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
       bp.n_redundant = 0; /* every rank fails alike inside the collective create */
     }
     if (R == 0 && e->rank == 0)
-      EPIC_LOG_INFO("engine: expert load balancing is off by default on GPU ranks "
+      EPIC_LOG_INFO("engine: expert load balancing is off by default here: these expert "
+                    "GEMMs may round a row differently when copies split its expert's rows "
                     "(--eplb-redundant R turns it on)");
+    else if (e->rank == 0)
+      EPIC_LOG_INFO("engine: expert load balancing: %lld copies per MoE layer, re-placed "
+                    "every %lld steps when that evens the load",
+                    (long long)bp.n_redundant, (long long)bp.interval);
     if (R != 0)
       st = epic_eplb_create(&bp, &e->eplb);
   }

@@ -961,6 +961,14 @@ static void test_kv_store_batch(void **state) {
 static void test_memory(void **state) {
   /* host backend: the engine's default step budget stays 2048 tokens */
   assert_int_equal(epic_ops_step_tokens(g_ops), 2048);
+  /* its rows, expert rows included, are computed alike whatever the batch: MTP drafting
+   * and EPLB copies are on by default, for any expert weights */
+  assert_true(epic_ops_rows_invariant(g_ops));
+  const epic_weight bf16 = {.dtype = EPIC_DT_BF16, .rows = 64, .cols = 48};
+  const epic_weight fp8 = {.dtype = EPIC_DT_F8E4M3, .rows = 64, .cols = 48, .block_rows = 128,
+                           .block_cols = 128};
+  assert_true(epic_ops_experts_invariant(g_ops, &bf16));
+  assert_true(epic_ops_experts_invariant(g_ops, &fp8));
   void *p = NULL;
   assert_int_equal(g_ops->vt->alloc(g_ops, 1000, &p), EPIC_OK);
   assert_non_null(p);
