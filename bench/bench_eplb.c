@@ -12,7 +12,9 @@
  *   after: --steps more decode steps of the same sequences.
  * Rank load = (token, expert) rows the rank ran through its routed experts
  * (epic_model_stats.expert_rows); step time = wall time of a decode step (max over
- * ranks, since every step is collective). Rank 0 prints one JSON object. */
+ * ranks, since every step is collective). Rank 0 prints one JSON object.
+ * --device cuda puts rank r on GPU (local rank mod GPUs), --comm nccl exchanges in GPU
+ * memory (both as epic serve/batch take them). */
 #define _GNU_SOURCE
 #include <getopt.h>
 #include <stdio.h>
@@ -26,6 +28,9 @@
 #include "kernels/ops.h"
 #include "worker/model.h"
 #include "worker/sampler.h"
+#ifdef EPIC_HAVE_CUDA
+#include "kernels/cuda/ops_cuda.h"
+#endif
 
 static const char *USAGE =
     "usage: mpirun -np N bench_eplb --model DIR [options]   (dummy weights from DIR/config.json)\n"
@@ -36,10 +41,12 @@ static const char *USAGE =
     "  --batch B          decode sequences per rank (default 16)\n"
     "  --context C        prompt tokens per sequence (default 16)\n"
     "  --steps S          timed decode steps before and after (default 16)\n"
-    "  --threads N        compute threads per rank (default 1)\n";
+    "  --threads N        compute threads per rank (default 1)\n"
+    "  --device D         cpu or cuda (default cpu; cuda: one GPU per rank on the node)\n"
+    "  --comm B           exchange backend: mpi, nccl or ucx (default mpi)\n";
 
 typedef struct opts {
-  const char *dir, *policy;
+  const char *dir, *policy, *device, *comm;
   double skew;
   long layers, experts, R, B, C, S, threads;
 } opts;
@@ -136,12 +143,14 @@ done:
 
 int main(int argc, char **argv) {
   int rank, P;
-  opts o = {.policy = "global", .skew = 1.5, .R = -1, .B = 16, .C = 16, .S = 16, .threads = 1};
+  opts o = {.policy = "global", .device = "cpu", .comm = "mpi", .skew = 1.5, .R = -1, .B = 16,
+            .C = 16, .S = 16, .threads = 1};
   static const struct option lo[] = {
       {"model", 1, 0, 'm'},  {"num-layers", 1, 0, 'l'}, {"num-experts", 1, 0, 'e'},
       {"skew", 1, 0, 'k'},   {"redundant", 1, 0, 'r'},  {"policy", 1, 0, 'p'},
       {"batch", 1, 0, 'b'},  {"context", 1, 0, 'c'},    {"steps", 1, 0, 's'},
-      {"threads", 1, 0, 't'}, {"help", 0, 0, 'h'},      {0, 0, 0, 0}};
+      {"threads", 1, 0, 't'}, {"device", 1, 0, 'd'},    {"comm", 1, 0, 'x'},
+      {"help", 0, 0, 'h'},   {0, 0, 0, 0}};
   if (epic_comm_mpi_init(&argc, &argv, &rank, &P) != EPIC_OK) return 2;
   epic_log_init(EPIC_LOG_LEVEL_WARN, rank);
   for (int c; (c = getopt_long(argc, argv, "h", lo, NULL)) != -1;) {
@@ -156,13 +165,16 @@ int main(int argc, char **argv) {
     case 'c': o.C = atol(optarg); break;
     case 's': o.S = atol(optarg); break;
     case 't': o.threads = atol(optarg); break;
+    case 'd': o.device = optarg; break;
+    case 'x': o.comm = optarg; break;
     default:
       if (rank == 0) fputs(USAGE, c == 'h' ? stdout : stderr);
       epic_comm_mpi_finalize();
       return c == 'h' ? 0 : 2;
     }
   }
-  if (!o.dir || o.B < 1 || o.C < 1 || o.S < 1 || o.threads < 1) {
+  if (!o.dir || o.B < 1 || o.C < 1 || o.S < 1 || o.threads < 1 ||
+      (strcmp(o.device, "cpu") != 0 && strcmp(o.device, "cuda") != 0)) {
     if (rank == 0) fputs(USAGE, stderr);
     epic_comm_mpi_finalize();
     return 2;
@@ -179,9 +191,32 @@ int main(int argc, char **argv) {
   phase ph0, ph1;
   double pb = 0, pa = 0;
   epic_status st;
-  epic_comm_params cp = {.size = sizeof cp, .backend = "mpi"};
+  const int gpu = strcmp(o.device, "cuda") == 0;
+  epic_comm_params cp = {.size = sizeof cp, .backend = o.comm, .device = -1};
+#ifdef EPIC_HAVE_CUDA
+  const int n_gpus = gpu ? epic_cuda_device_count() : 0;
+  int dev = 0;
+  if (gpu && n_gpus <= 0) {
+    fprintf(stderr, "bench_eplb: --device cuda: no usable CUDA GPU on this node\n");
+    st = EPIC_ERR_UNSUPPORTED;
+    goto done;
+  }
+#else
+  if (gpu) {
+    fprintf(stderr, "bench_eplb: --device cuda: this build has no CUDA backend\n");
+    st = EPIC_ERR_UNSUPPORTED;
+    goto done;
+  }
+#endif
   EPIC_CHECK_GOTO(epic_comm_create(&cp, &comm), st, done);
-  EPIC_CHECK_GOTO(epic_ops_cpu_create((int)o.threads, &ops), st, done);
+#ifdef EPIC_HAVE_CUDA
+  if (gpu) {
+    dev = epic_comm_local_rank(comm) % n_gpus;
+    EPIC_CHECK_GOTO(epic_ops_cuda_create(dev, &ops), st, done);
+  }
+#endif
+  if (!gpu)
+    EPIC_CHECK_GOTO(epic_ops_cpu_create((int)o.threads, &ops), st, done);
   epic_model_params mp = {.size = sizeof mp, .dir = o.dir, .load_format = EPIC_LOAD_DUMMY,
                           .num_layers = o.layers, .num_experts = o.experts, .comm = comm,
                           .router_skew = o.skew};
@@ -212,13 +247,13 @@ int main(int argc, char **argv) {
   EPIC_CHECK_GOTO(rebalance(comm, m, &o, before, &pb, &pa), st, done);
   EPIC_CHECK_GOTO(decode(comm, m, kc, seqs, next, logits, &o, &pos, &ph1), st, done);
   if (rank == 0)
-    printf("{\"bench\":\"eplb\",\"synthetic_skew\":%g,\"ranks\":%d,\"layers\":%lld,\"experts\":%lld,"
+    printf("{\"bench\":\"eplb\",\"device\":\"%s\",\"comm\":\"%s\",\"synthetic_skew\":%g,\"ranks\":%d,\"layers\":%lld,\"experts\":%lld,"
            "\"top_k\":%lld,\"redundant\":%ld,\"policy\":\"%s\",\"batch_per_rank\":%ld,\"steps\":%ld,"
            "\"before\":{\"max_rank_rows\":%.0f,\"mean_rank_rows\":%.1f,\"max_over_mean\":%.3f,"
            "\"step_ms\":%.3f},"
            "\"after\":{\"max_rank_rows\":%.0f,\"mean_rank_rows\":%.1f,\"max_over_mean\":%.3f,"
            "\"step_ms\":%.3f},\"predicted_max_over_mean\":{\"before\":%.3f,\"after\":%.3f}}\n",
-           o.skew, P, (long long)c->num_hidden_layers, (long long)c->n_routed_experts,
+           o.device, o.comm, o.skew, P, (long long)c->num_hidden_layers, (long long)c->n_routed_experts,
            (long long)c->num_experts_per_tok, o.R, o.policy, o.B, o.S, ph0.max_rows, ph0.mean_rows,
            ph0.mean_rows > 0 ? ph0.max_rows / ph0.mean_rows : 0, ph0.step_s * 1e3, ph1.max_rows,
            ph1.mean_rows, ph1.mean_rows > 0 ? ph1.max_rows / ph1.mean_rows : 0, ph1.step_s * 1e3,
