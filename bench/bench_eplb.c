@@ -4,7 +4,8 @@
  * which adds -skew * log(1 + p) to e_score_correction_bias of the expert with
  * popularity rank p (a fixed pseudo-random order per layer), a Zipf-like preference
  * for a few hot experts. Under mpirun every rank decodes --batch sequences; the run
- * measures, in the same process:
+ * measures, in the same process, after --steps untimed decode steps (first-use tables,
+ * plans and buffers, which would otherwise land in the first phase):
  *   before: --steps decode steps with the default placement (contiguous blocks),
  *   then plans a placement with --redundant copies per MoE layer from the per-layer
  *   counts of those steps (coordinator/planner.h, --policy), applies it between steps
@@ -227,7 +228,7 @@ int main(int argc, char **argv) {
   before = calloc((size_t)n, sizeof *before);
   st = EPIC_ERR_NOMEM;
   if (!seqs || !prompt || !next || !logits || !before) goto done;
-  EPIC_CHECK_GOTO(epic_model_kvcache_create(m, 0, 64, o.B * ((o.C + 2 * o.S + 63) / 64 + 1), &kc),
+  EPIC_CHECK_GOTO(epic_model_kvcache_create(m, 0, 64, o.B * ((o.C + 3 * o.S + 63) / 64 + 1), &kc),
                   st, done);
   {
     epic_seq_batch *b = calloc((size_t)o.B, sizeof *b);
@@ -243,6 +244,7 @@ int main(int argc, char **argv) {
   }
   for (long i = 0; i < o.B; i++) next[i] = epic_argmax(logits + i * V, V);
   EPIC_CHECK_GOTO(epic_model_expert_layer_tokens(m, before), st, done);
+  EPIC_CHECK_GOTO(decode(comm, m, kc, seqs, next, logits, &o, &pos, &ph0), st, done); /* warm-up */
   EPIC_CHECK_GOTO(decode(comm, m, kc, seqs, next, logits, &o, &pos, &ph0), st, done);
   EPIC_CHECK_GOTO(rebalance(comm, m, &o, before, &pb, &pa), st, done);
   EPIC_CHECK_GOTO(decode(comm, m, kc, seqs, next, logits, &o, &pos, &ph1), st, done);
