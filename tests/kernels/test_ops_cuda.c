@@ -794,7 +794,7 @@ static void test_grouped_lanes(void **state) {
  * stores) gives every row the same bits. */
 static void test_grouped_wgmma(void **state) {
   (void)state;
-  enum { G = 150 }; /* 132 large groups: a launch takes 128 */
+  enum { G = 150 }; /* 149 groups with rows: a launch takes 128 */
   const int64_t n = 448, k = 1088, ldy = n + 2;
   int64_t rows[G], off[G + 1];
   int32_t off32[G + 1];
