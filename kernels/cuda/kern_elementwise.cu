@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kern_mla_common.cuh"
 #include "ops_cuda_impl.h"
 
 namespace {
@@ -179,14 +180,7 @@ __global__ void k_quant_fp8_groups(const float *x, int64_t ldx, const int32_t *x
   for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
        blk += (int64_t)gridDim.x * blockDim.x / 32) {
     const int64_t item = blk / nbc, kb = blk - item * nbc;
-    int lo = 0, hi = t.n - 1; // last group whose items start at or before item
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (t.item0[mid] <= item)
-        lo = mid;
-      else
-        hi = mid - 1;
-    }
+    const int lo = (int)epic_group_of(t.item0, t.n, item);
     const int64_t j = item - t.item0[lo], rows = t.rows[lo];
     const int64_t mp = (rows + 3) / 4 * 4, i = t.row0[lo] + j;
     float s = 0.0f;
@@ -213,14 +207,7 @@ __global__ void k_quant_fp8_dev(const float *x, int64_t ldx, int64_t rows, int64
   for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
        blk += (int64_t)gridDim.x * blockDim.x / 32) {
     const int64_t i = blk / nbc, kb = blk - i * nbc;
-    int64_t lo = 0, hi = n_groups - 1; // the last group starting at or before row i
-    while (lo < hi) {
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (off[mid] <= i)
-        lo = mid;
-      else
-        hi = mid - 1;
-    }
+    const int64_t lo = epic_group_of(off, n_groups, i);
     if (off[lo + 1] - off[lo] <= min_rows)
       continue; // a small group: the tensor-core kernel's rows
     const float s = quant_block(x, ldx, k, vec, q, i, i, kb, lane);

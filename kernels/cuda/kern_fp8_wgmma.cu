@@ -144,14 +144,7 @@ struct tile_pos {
 // parameters; device-planned ones from the offsets (see epic_cuk_fp8_wgmma_args).
 __device__ __forceinline__ tile_pos locate(const epic_cuk_fp8_wgmma_args &a,
                                            const int32_t *tile0, int t) {
-  int lo = 0, hi = a.n_groups - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (tile0[mid] <= t)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
+  const int lo = (int)epic_group_of(tile0, a.n_groups, t);
   tile_pos p;
   p.g = lo;
   if (a.off_dev) {

@@ -1,6 +1,6 @@
 // Device helpers shared by the CUDA kernels (the MLA kernels: kern_mla.cu for fp32 rows,
-// kern_mla_bf16.cu for bf16 rows, kern_mla_prefill.cu; the FP8 tensor-core matmul,
-// kern_fp8_mma.cu): cp.async streaming into shared memory, ldmatrix and bf16 mma
+// kern_mla_bf16.cu for bf16 rows, kern_mla_prefill.cu; the FP8 matmuls, kern_fp8_mma.cu and
+// kern_fp8_wgmma.cu; the grouped quantisers of kern_elementwise.cu): the group of an item, cp.async streaming into shared memory, ldmatrix and bf16 mma
 // fragments, Hopper wgmma (descriptors, fences, the 64 x 64 score tile), and the keys of
 // one flash-decoding split. Device code only: included from
 // .cu files.
@@ -11,6 +11,22 @@
 #include <stdint.h>
 
 #include "ops_cuda_impl.h"
+
+// Groups laid end to end, group g from starts[g] (ascending, starts[0] <= x, n >= 1): the
+// last g with starts[g] <= x, the group that holds item x (empty groups share the next
+// one's start and are passed over).
+template <typename T>
+static __device__ __forceinline__ int64_t epic_group_of(const T *starts, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (starts[mid] <= x)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
 
 // Shared-memory address of a generic pointer into shared memory (the form cp.async,
 // ldmatrix and wgmma descriptors take).
