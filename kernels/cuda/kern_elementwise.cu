@@ -113,106 +113,180 @@ __global__ void k_bf16_to_f32(const uint16_t *x, int64_t ldx, int64_t m, int64_t
       y[i * ldy + j] = bf16_bits_to_f32(x[i * ldx + j]);
 }
 
-// One warp quantises one (token row xi of x, 128-column block kb): 4 columns per lane,
-// amax by shuffles, the 128 codes stored as one 4-byte word per lane into row i of q
-// (dense, ld k). Returns the block's scale (every lane).
-__device__ __forceinline__ float quant_block(const float *x, int64_t ldx, int64_t k, int vec,
-                                             uint8_t *q, int64_t xi, int64_t i, int64_t kb,
-                                             int lane) {
-  const int64_t col = kb * 128 + lane * 4;
-  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (vec && col < k) {
-    const float4 f = *(const float4 *)(x + xi * ldx + col);
-    v[0] = f.x;
-    v[1] = f.y;
-    v[2] = f.z;
-    v[3] = f.w;
-  } else {
+// 128-column blocks one warp quantises per work item in long quantisations: their loads
+// are all issued before the first reduction, so a warp keeps 8 x 512 bytes in flight. One
+// block per warp, with the group lookup and gather index before each, left the quantiser
+// latency-bound: 0.82 ms (1.4 TB/s) per launch of 32,768 rows x 7,168 columns (an
+// 8192-token prefill's gate/up takes two), H200; four blocks per warp at four CTAs per SM:
+// 0.42 ms; eight at three CTAs of 80 registers: 0.37 ms (3.2 TB/s). Short quantisations
+// (decode's rows) keep one block per warp: there a warp doing eight blocks one after
+// another only lengthens a latency-bound kernel (decode at batch 128 was 1% slower).
+constexpr int kQChunk = 8;
+
+// One warp quantises blocks kb0 .. kb0 + nb - 1 (nb <= CH) of one token row: xr is
+// the row in x, qr its row of codes (dense, 4 columns per lane and block). Per block:
+// amax by shuffles, s = amax / 448 (1 when amax == 0), codes e4m3(x * (448 / amax)), stored
+// as one 4-byte word per lane. Lane b < nb gets block kb0 + b's scale back.
+template <int CH>
+__device__ __forceinline__ float quant_blocks(const float *xr, int64_t k, int vec, uint8_t *qr,
+                                              int64_t kb0, int nb, int lane) {
+  float v[CH][4];
+#pragma unroll
+  for (int b = 0; b < CH; b++) {
+    const int64_t col = (kb0 + b) * 128 + lane * 4;
 #pragma unroll
     for (int j = 0; j < 4; j++)
-      if (col + j < k)
-        v[j] = x[xi * ldx + col + j];
+      v[b][j] = 0.0f;
+    if (b < nb) {
+      if (vec && col < k) {
+        const float4 f = *(const float4 *)(xr + col);
+        v[b][0] = f.x;
+        v[b][1] = f.y;
+        v[b][2] = f.z;
+        v[b][3] = f.w;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+          if (col + j < k)
+            v[b][j] = xr[col + j];
+      }
+    }
   }
-  float a = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+  float a[CH];
+#pragma unroll
+  for (int b = 0; b < CH; b++)
+    a[b] = fmaxf(fmaxf(fabsf(v[b][0]), fabsf(v[b][1])), fmaxf(fabsf(v[b][2]), fabsf(v[b][3])));
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1)
-    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-  // The test's host mirror computes the same two IEEE divisions and one product.
-  const float s = a > 0.0f ? a / 448.0f : 1.0f;
-  const float inv = a > 0.0f ? 448.0f / a : 1.0f;
-  uint32_t word = 0;
 #pragma unroll
-  for (int j = 0; j < 4; j++)
-    word |= (uint32_t)__nv_cvt_float_to_fp8(v[j] * inv, __NV_SATFINITE, __NV_E4M3) << (8 * j);
-  uint8_t *dst = q + i * k + col;
-  if (col + 4 <= k && ((uintptr_t)dst & 3u) == 0)
-    *(uint32_t *)dst = word;
-  else
-    for (int j = 0; j < 4 && col + j < k; j++)
-      dst[j] = (uint8_t)(word >> (8 * j));
-  return s;
+    for (int b = 0; b < CH; b++)
+      a[b] = fmaxf(a[b], __shfl_xor_sync(0xffffffffu, a[b], o));
+  float mine = 0.0f;
+#pragma unroll
+  for (int b = 0; b < CH; b++) {
+    if (b >= nb)
+      break;
+    // The test's host mirror computes the same two IEEE divisions and one product.
+    const float s = a[b] > 0.0f ? a[b] / 448.0f : 1.0f;
+    const float inv = a[b] > 0.0f ? 448.0f / a[b] : 1.0f;
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+      word |= (uint32_t)__nv_cvt_float_to_fp8(v[b][j] * inv, __NV_SATFINITE, __NV_E4M3) << (8 * j);
+    const int64_t col = (kb0 + b) * 128 + lane * 4;
+    uint8_t *dst = qr + col;
+    if (col + 4 <= k && ((uintptr_t)dst & 3u) == 0)
+      *(uint32_t *)dst = word;
+    else
+      for (int j = 0; j < 4 && col + j < k; j++)
+        dst[j] = (uint8_t)(word >> (8 * j));
+    if (lane == b)
+      mine = s;
+  }
+  return mine;
 }
 
-// Grid-stride over all (token, block) pairs, one warp each.
-__global__ void k_quant_fp8(const float *x, int64_t ldx, int64_t m, int64_t k, uint8_t *q,
-                            float *scale, int64_t lds) {
+// Work items of the quantisers: (row, run of CH column blocks), one warp each. How many
+// blocks a warp takes changes only how the work is split, not a result.
+__host__ __device__ inline int64_t quant_chunks(int64_t k, int chunk) {
+  return ((k + 127) / 128 + chunk - 1) / chunk;
+}
+// Item `item` of rows of `nch` chunks: its row, first block and block count.
+struct quant_item {
+  int64_t row, kb0;
+  int nb;
+};
+__device__ __forceinline__ quant_item quant_at(int64_t item, int64_t nch, int64_t k, int chunk) {
+  quant_item it;
+  it.row = item / nch;
+  it.kb0 = (item - it.row * nch) * chunk;
+  const int64_t left = (k + 127) / 128 - it.kb0;
+  it.nb = (int)(left < chunk ? left : chunk);
+  return it;
+}
+
+// Blocks per warp for `rows` rows: kQChunk from 2^17 blocks (2,341 rows of 7,168 columns:
+// prefill), else one.
+inline int quant_chunk_for(int64_t rows, int64_t k) {
+  return rows * ((k + 127) / 128) >= ((int64_t)1 << 17) ? kQChunk : 1;
+}
+
+// Thread blocks for `items` quantiser work items (one warp each), capped: the kernels
+// stride over the rest.
+inline int64_t quant_blocks_for(int64_t items) {
+  const int64_t b = (items + kThreads / 32 - 1) / (kThreads / 32);
+  return b > 8192 ? 8192 : b;
+}
+
+// Grid-stride over all (token, chunk) items.
+template <int CH>
+__global__ void __launch_bounds__(kThreads, 3)
+    k_quant_fp8(const float *x, int64_t ldx, int64_t m, int64_t k, uint8_t *q, float *scale,
+                int64_t lds) {
   const int lane = threadIdx.x & 31;
-  const int64_t nbc = (k + 127) / 128, n = m * nbc;
+  const int64_t nch = quant_chunks(k, CH), n = m * nch;
   const int vec = rows_vec4(x, ldx, k);
-  for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
-       blk += (int64_t)gridDim.x * blockDim.x / 32) {
-    const int64_t i = blk / nbc, kb = blk - i * nbc;
-    const float s = quant_block(x, ldx, k, vec, q, i, i, kb, lane);
-    if (lane == 0)
-      scale[kb * lds + i] = s;
+  for (int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; item < n;
+       item += (int64_t)gridDim.x * blockDim.x / 32) {
+    const quant_item it = quant_at(item, nch, k, CH);
+    const int64_t i = it.row;
+    const float s = quant_blocks<CH>(x + i * ldx, k, vec, q + i * k, it.kb0, it.nb, lane);
+    if (lane < it.nb)
+      scale[(it.kb0 + lane) * lds + i] = s;
   }
 }
 
-// The groups of t, item space: group g's round_up(rows, 4) padded rows, from
-// t.item0[g]. A real row is quantised with its scale in the group's own region; a pad
-// row gets scale 0, and zero codes for the first t.zpad[g] of them (rows that no
-// group of the call quantises). Row i is read from row xidx[i] of x when xidx is given.
-__global__ void k_quant_fp8_groups(const float *x, int64_t ldx, const int32_t *xidx, int64_t k,
-                                   uint8_t *q, float *scale, epic_cuk_qgroups t) {
+// The groups of t, row space: group g's round_up(rows, 4) padded rows, from t.item0[g]. A
+// real row is quantised with its scales in the group's own region; a pad row gets scale
+// 0, and zero codes for the first t.zpad[g] of them (rows that no group of the call
+// quantises). Row i is read from row xidx[i] of x when xidx is given.
+template <int CH>
+__global__ void __launch_bounds__(kThreads, 3)
+    k_quant_fp8_groups(const float *x, int64_t ldx, const int32_t *xidx, int64_t k, uint8_t *q,
+                       float *scale, epic_cuk_qgroups t) {
   const int lane = threadIdx.x & 31;
-  const int64_t nbc = (k + 127) / 128, n = (int64_t)t.item0[t.n] * nbc;
+  const int64_t nch = quant_chunks(k, CH), n = (int64_t)t.item0[t.n] * nch;
   const int vec = rows_vec4(x, ldx, k);
-  for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
-       blk += (int64_t)gridDim.x * blockDim.x / 32) {
-    const int64_t item = blk / nbc, kb = blk - item * nbc;
-    const int lo = (int)epic_group_of(t.item0, t.n, item);
-    const int64_t j = item - t.item0[lo], rows = t.rows[lo];
+  for (int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; item < n;
+       item += (int64_t)gridDim.x * blockDim.x / 32) {
+    const quant_item it = quant_at(item, nch, k, CH);
+    const int lo = (int)epic_group_of(t.item0, t.n, it.row);
+    const int64_t j = it.row - t.item0[lo], rows = t.rows[lo];
     const int64_t mp = (rows + 3) / 4 * 4, i = t.row0[lo] + j;
     float s = 0.0f;
     if (j < rows) {
-      s = quant_block(x, ldx, k, vec, q, xidx ? (int64_t)xidx[i] : i, i, kb, lane);
+      const int64_t xi = xidx ? (int64_t)xidx[i] : i;
+      s = quant_blocks<CH>(x + xi * ldx, k, vec, q + i * k, it.kb0, it.nb, lane);
     } else if (j < rows + t.zpad[lo]) {
-      const int64_t col = kb * 128 + lane * 4;
-      for (int c = 0; c < 4 && col + c < k; c++)
-        q[i * k + col + c] = 0;
+      for (int b = 0; b < it.nb; b++) {
+        const int64_t col = (it.kb0 + b) * 128 + lane * 4;
+        for (int c = 0; c < 4 && col + c < k; c++)
+          q[i * k + col + c] = 0;
+      }
     }
-    if (lane == 0)
-      scale[t.sbase[lo] + kb * mp + j] = s;
+    if (lane < it.nb)
+      scale[t.sbase[lo] + (it.kb0 + lane) * mp + j] = s;
   }
 }
 
 // The rows of the groups above min_rows rows (off: device offsets), for the wgmma
 // kernel's device-planned form: scale of group g's row j at round_up(off[g], 4) + 4 g + j.
-__global__ void k_quant_fp8_dev(const float *x, int64_t ldx, int64_t rows, int64_t k,
-                                const int32_t *off, int64_t n_groups, int64_t min_rows,
-                                uint8_t *q, float *scale, int64_t lds) {
+template <int CH>
+__global__ void __launch_bounds__(kThreads, 3)
+    k_quant_fp8_dev(const float *x, int64_t ldx, int64_t rows, int64_t k, const int32_t *off,
+                    int64_t n_groups, int64_t min_rows, uint8_t *q, float *scale, int64_t lds) {
   const int lane = threadIdx.x & 31;
-  const int64_t nbc = (k + 127) / 128, n = rows * nbc;
+  const int64_t nch = quant_chunks(k, CH), n = rows * nch;
   const int vec = rows_vec4(x, ldx, k);
-  for (int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; blk < n;
-       blk += (int64_t)gridDim.x * blockDim.x / 32) {
-    const int64_t i = blk / nbc, kb = blk - i * nbc;
-    const int64_t lo = epic_group_of(off, n_groups, i);
+  for (int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; item < n;
+       item += (int64_t)gridDim.x * blockDim.x / 32) {
+    const quant_item it = quant_at(item, nch, k, CH);
+    const int64_t i = it.row, lo = epic_group_of(off, n_groups, i);
     if (off[lo + 1] - off[lo] <= min_rows)
       continue; // a small group: the tensor-core kernel's rows
-    const float s = quant_block(x, ldx, k, vec, q, i, i, kb, lane);
-    if (lane == 0)
-      scale[kb * lds + ((off[lo] + 3) / 4 * 4 + 4 * lo) + (i - off[lo])] = s;
+    const float s = quant_blocks<CH>(x + i * ldx, k, vec, q + i * k, it.kb0, it.nb, lane);
+    if (lane < it.nb)
+      scale[(it.kb0 + lane) * lds + ((off[lo] + 3) / 4 * 4 + 4 * lo) + (i - off[lo])] = s;
   }
 }
 
@@ -599,11 +673,12 @@ cudaError_t epic_cuk_bf16_to_f32(const uint16_t *x, int64_t ldx, int64_t m, int6
 
 cudaError_t epic_cuk_quant_fp8_1x128(const float *x, int64_t ldx, int64_t m, int64_t k, uint8_t *q,
                                      float *scale, int64_t lds, cudaStream_t st) {
-  const int64_t warps = m * ((k + 127) / 128);
-  int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
-  if (blocks > 8192)
-    blocks = 8192;
-  k_quant_fp8<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, m, k, q, scale, lds);
+  const int chunk = quant_chunk_for(m, k);
+  const int64_t blocks = quant_blocks_for(m * quant_chunks(k, chunk));
+  if (chunk == kQChunk)
+    k_quant_fp8<kQChunk><<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, m, k, q, scale, lds);
+  else
+    k_quant_fp8<1><<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, m, k, q, scale, lds);
   return cudaGetLastError();
 }
 
@@ -612,25 +687,29 @@ cudaError_t epic_cuk_quant_fp8_groups(const float *x, int64_t ldx, const int32_t
                                       cudaStream_t st) {
   if (t->n <= 0)
     return cudaSuccess;
-  const int64_t warps = (int64_t)t->item0[t->n] * ((k + 127) / 128);
-  int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
-  if (blocks > 8192)
-    blocks = 8192;
-  k_quant_fp8_groups<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, xidx, k, q, scale, *t);
+  const int chunk = quant_chunk_for(t->item0[t->n], k);
+  const int64_t blocks = quant_blocks_for((int64_t)t->item0[t->n] * quant_chunks(k, chunk));
+  if (chunk == kQChunk)
+    k_quant_fp8_groups<kQChunk>
+        <<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, xidx, k, q, scale, *t);
+  else
+    k_quant_fp8_groups<1><<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, xidx, k, q, scale, *t);
   return cudaGetLastError();
 }
 
 cudaError_t epic_cuk_quant_fp8_dev(const float *x, int64_t ldx, int64_t rows, int64_t k,
                                    const int32_t *off, int64_t n_groups, int64_t min_rows,
                                    uint8_t *q, float *scale, int64_t lds, cudaStream_t st) {
-  const int64_t warps = rows * ((k + 127) / 128);
-  int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
-  if (blocks > 8192)
-    blocks = 8192;
+  const int chunk = quant_chunk_for(rows, k);
+  const int64_t blocks = quant_blocks_for(rows * quant_chunks(k, chunk));
   if (blocks < 1 || n_groups < 1)
     return cudaSuccess;
-  k_quant_fp8_dev<<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, rows, k, off, n_groups,
-                                                          min_rows, q, scale, lds);
+  if (chunk == kQChunk)
+    k_quant_fp8_dev<kQChunk><<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, rows, k, off, n_groups,
+                                                                    min_rows, q, scale, lds);
+  else
+    k_quant_fp8_dev<1><<<(unsigned)blocks, kThreads, 0, st>>>(x, ldx, rows, k, off, n_groups,
+                                                              min_rows, q, scale, lds);
   return cudaGetLastError();
 }
 

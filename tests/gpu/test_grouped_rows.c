@@ -4,7 +4,9 @@
  * into groups in different ways (with empty groups of other ranks' experts between them,
  * and groups alone in their call) must give every row bit for bit the same result
  *  - fast precision, FP8 weight, the default (every group on kern_fp8_wgmma.cu): the
- *    splits below, host- and device-planned, and lone groups (epic_ops_experts_invariant);
+ *    splits below, host- and device-planned, and lone groups (epic_ops_experts_invariant),
+ *    and a prefill-sized call (15,104 rows read through grouped_matmul_rows, whose
+ *    quantiser takes several column blocks per warp);
  *  - fast precision, FP8 weight, MMA kind with bound 128 (kern_fp8_mma.cu): groups of any
  *    size 1..128 (one group of 128, 1 + 127, 40 single rows + 88, ...; above 64 rows the
  *    kernel's row tiles), each group alone in a call, and also the dense matmul of the
@@ -39,7 +41,7 @@
 #include "kernels/ops.h"
 #include "tests/common/test_rng.h"
 
-enum { ROWS = 128, N = 1000, K = 1040, MAX_GROUPS = 56, MAX_LISTS = 96 };
+enum { ROWS = 128, N = 1000, K = 1040, MAX_GROUPS = 56, MAX_LISTS = 128 };
 
 static epic_ops *g_cpu, *g_gpu;
 
@@ -372,6 +374,45 @@ static void test_fast_mma_any_groups(void **state) {
  * alone, and device-planned calls of the splits all give every row the same bits; 5e-2
  * against the CPU on the raw activations (e4m3 rounding). epic_ops_experts_invariant says
  * so for this weight, not for a BF16 one (cuBLAS per group) or with a bound above 0. */
+/* Prefill-sized calls quantise their rows several column blocks per warp (from 2^17
+ * blocks, kern_elementwise.cu quant_chunk_for), small ones one block per warp: a row must
+ * come out the same. LONG_ROWS rows read through grouped_matmul_rows from the ROWS test
+ * rows (row i from row i % ROWS, in four groups of one expert): every row equals the
+ * small call's result for its source row (want, [ROWS][N]). */
+enum { LONG_ROWS = 15104 }; /* x 9 column blocks of K: above 2^17 */
+static void long_call_rows(const wpair *w, const float *dx, const float *want) {
+  const int64_t sizes[4] = {4000, 3500, 4104, 3500};
+  int64_t off[5] = {0};
+  int32_t off32[5] = {0};
+  epic_weight *list = new_list();
+  for (int g = 0; g < 4; g++) {
+    off[g + 1] = off[g] + sizes[g];
+    off32[g + 1] = (int32_t)off[g + 1];
+    list[g] = w->d;
+  }
+  assert_int_equal(off[4], LONG_ROWS);
+  int32_t *src = xmalloc(LONG_ROWS * sizeof(int32_t));
+  for (int i = 0; i < LONG_ROWS; i++)
+    src[i] = i % ROWS;
+  int32_t *dsrc = dup_dev(src, LONG_ROWS * sizeof(int32_t));
+  int32_t *doff = dup_dev(off32, sizeof off32);
+  const size_t ybytes = (size_t)LONG_ROWS * N * sizeof(float);
+  float *dy = poisoned_dev(ybytes), *y = xmalloc(ybytes);
+  assert_int_equal(
+      g_gpu->vt->grouped_matmul_rows(g_gpu, dx, K, dsrc, off, doff, 4, list, 1, dy, N), EPIC_OK);
+  assert_int_equal(g_gpu->vt->download(g_gpu, y, dy, ybytes), EPIC_OK);
+  for (int i = 0; i < LONG_ROWS; i++)
+    if (memcmp(y + (size_t)i * N, want + (size_t)(i % ROWS) * N, N * sizeof(float)))
+      fail_msg("long call: row %d differs from the small call's row %d", i, i % ROWS);
+  printf("#   fast FP8 default: %d rows in one call (chunked quantiser) equal the small call's\n",
+         LONG_ROWS);
+  g_gpu->vt->free(g_gpu, dy);
+  g_gpu->vt->free(g_gpu, doff);
+  g_gpu->vt->free(g_gpu, dsrc);
+  free(y);
+  free(src);
+}
+
 static void test_fast_default_any_groups(void **state) {
   (void)state;
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
@@ -411,6 +452,7 @@ static void test_fast_default_any_groups(void **state) {
   printf("#   fast FP8 default: %d splits (groups of 1..128 rows), host- and device-planned, and "
          "lone groups bit-identical\n",
          N_SPLITS);
+  long_call_rows(&w, dx, first);
   assert_int_equal(epic_ops_cuda_set_mma_group_rows(g_gpu, 16), EPIC_OK);
   assert_false(epic_ops_experts_invariant(g_gpu, &w.d));
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_EXACT), EPIC_OK);
