@@ -153,10 +153,14 @@ struct epic_model {
 };
 
 /* Largest micro-batch (tokens) whose routed experts are planned on the backend instead
- * of the host (run_experts_dev): a token's experts are distinct, so no expert gets more
- * rows than this, the bound the grouped kernel takes (decode batches; the CUDA backend's
- * EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS, beyond which it would read the offsets back). */
-#define DEV_PLAN_MAX_TOKENS 128
+ * of the host (run_experts_dev): decode batches up to the largest the benchmarks run. A
+ * token's experts are distinct, so no expert gets more rows than this: the max_rows bound
+ * grouped_matmul_dev takes. (The CUDA backend plans any bound on the device with its
+ * default kernels; with decode-sized kernels for small groups, EPIC_CUDA_FP8_SMALL_MMA and
+ * mma_group_rows > 0, it reads the offsets back above EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS, and
+ * such steps run without a graph.) Larger steps (prefill) plan on the host, where the
+ * per-layer round trip is small against their compute. */
+#define DEV_PLAN_MAX_TOKENS 512
 
 /* Whether a single-process micro-batch of `tokens` tokens plans its experts on the
  * backend (run_experts_dev): then its MoE layers have no host round trip, which is also

@@ -1209,10 +1209,12 @@ static epic_status wgmma_dev(epic_cuda_ops *c, const float *x, int64_t ldx, int6
   return st;
 }
 
-/* Offsets in backend memory only (ABI 6, after moe_plan). The tensor-core kernel finds its
- * groups on the device, so the fast FP8 case needs no host copy of them; everything else
- * (exact precision, the FP32 kind, other weights, bounds beyond the kernel) reads them
- * back and takes the host-planned path. */
+/* Offsets in backend memory only (ABI 6, after moe_plan). The wgmma and tensor-core kernels
+ * find their groups on the device, so the fast FP8 case needs no host copy of them: any
+ * bound when the wgmma kernel takes every group (mma_group_rows 0, the default), up to
+ * EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS rows otherwise. Everything else (exact precision, the
+ * FP32 kind, other weights, larger bounds) reads them back and takes the host-planned
+ * path. */
 epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ldx, int64_t rows,
                                          int64_t max_rows, const int32_t *off, int64_t n_groups,
                                          const epic_weight *w, int64_t w_stride, float *y,
@@ -1223,8 +1225,18 @@ epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ld
     return EPIC_ERR_INVALID;
   if (rows == 0 || n_groups == 0)
     return EPIC_OK;
-  if (!c->exact_matmul && c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA &&
-      max_rows <= EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS) {
+  const int all_wgmma =
+      c->mma_group_rows == 0 && c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA;
+  if (!c->exact_matmul && c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA && all_wgmma &&
+      max_rows > EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS) {
+    const epic_weight *shape = list_shape(w, w_stride, n_groups);
+    int ran = 0;
+    if (shape && ldx >= shape->cols && ldy >= shape->rows)
+      EPIC_CHECK(
+          wgmma_dev(c, x, ldx, rows, max_rows, off, n_groups, w, w_stride, shape, y, ldy, &ran));
+    if (ran)
+      return EPIC_OK;
+  } else if (!c->exact_matmul && c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA) {
     const epic_weight *shape = list_shape(w, w_stride, n_groups);
     epic_status st;
     const epic_cuk_group_w *tab =
