@@ -114,7 +114,9 @@ static const char *USAGE =
     "  --threads N        CPU compute threads (default all)\n"
     "  --micro-batches N  1 or 2 (default 1; see epic_model_set_micro_batches)\n"
     "  --cuda-graphs on|off  decode steps as recorded graphs where the backend records\n"
-    "                     them (default on; see epic_model_set_step_graphs)\n";
+    "                     them (default on; see epic_model_set_step_graphs)\n"
+    "  --join-weights auto|on|off  q_a with kv_a and gate with up as one weight each\n"
+    "                     (default auto: on GPUs; see epic_model_params.join_weights)\n";
 
 int main(int argc, char **argv) {
   static const struct option lo[] = {{"model", 1, 0, 'm'},      {"load-format", 1, 0, 'f'},
@@ -123,10 +125,11 @@ int main(int argc, char **argv) {
                                      {"decode-steps", 1, 0, 'n'}, {"threads", 1, 0, 't'},
                                      {"micro-batches", 1, 0, 'u'}, {"device", 1, 0, 'd'},
                                      {"prefill-chunk", 1, 0, 'c'}, {"step-tokens", 1, 0, 's'},
-                                     {"cuda-graphs", 1, 0, 'g'}, {"help", 0, 0, 'h'},
+                                     {"cuda-graphs", 1, 0, 'g'}, {"join-weights", 1, 0, 'j'},
+                                     {"help", 0, 0, 'h'},
                                      {0, 0, 0, 0}};
   const char *dir = NULL, *device = "cpu";
-  int dummy = 0, graphs = 1, c;
+  int dummy = 0, graphs = 1, join = 0, c;
   long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0, micro = 1, chunk = 0,
        budget = 8192;
   while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
@@ -150,6 +153,14 @@ int main(int argc, char **argv) {
       }
       graphs = strcmp(optarg, "on") == 0;
       break;
+    case 'j':
+      if (strcmp(optarg, "auto") && strcmp(optarg, "on") && strcmp(optarg, "off")) {
+        fprintf(stderr, "bench_model: --join-weights: expected auto, on or off, got '%s'\n",
+                optarg);
+        return 2;
+      }
+      join = strcmp(optarg, "on") == 0 ? 1 : strcmp(optarg, "off") == 0 ? -1 : 0;
+      break;
     case 'h': fputs(USAGE, stdout); return 0;
     default: fputs(USAGE, stderr); return 2;
     }
@@ -166,7 +177,7 @@ int main(int argc, char **argv) {
   epic_kvcache *kc;
   epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_format = dummy ? EPIC_LOAD_DUMMY : EPIC_LOAD_AUTO,
                           .num_layers = layers, .num_experts = experts, .seed = 1,
-                          .step_graphs = graphs ? 0 : -1};
+                          .step_graphs = graphs ? 0 : -1, .join_weights = join};
   const char *dev_name = "cpu";
   if (strcmp(device, "cpu") == 0) {
     if (epic_ops_cpu_create((int)threads, &ops) != EPIC_OK) return 1;
@@ -280,7 +291,8 @@ int main(int argc, char **argv) {
          "\"decode_active_weight_bytes\":%.0f,\"decode_kv_bytes\":%.0f,"
          "\"decode_effective_GBps\":%.3f,"
          "\"copy_GBps\":%.3f,\"decode_bw_ratio\":%.4f,\"cuda_graphs\":%s,"
-         "\"graph_captures\":%lld,\"graph_replays\":%lld,\"graph_record_ms\":%.3f}\n",
+         "\"join_weights\":\"%s\",\"graph_captures\":%lld,\"graph_replays\":%lld,"
+         "\"graph_record_ms\":%.3f}\n",
          dir, dev_name, dummy ? "dummy" : "safetensors", (long long)cfg->num_hidden_layers,
          (long long)cfg->n_routed_experts, cfg->quant.fp8 ? "true" : "false", threads, micro, B, P,
          chunk, budget, (long long)prefill_steps, N,
@@ -289,7 +301,8 @@ int main(int argc, char **argv) {
          1e3 * step[N - 1], 1e3 * med / (double)cfg->num_hidden_layers,
          1e3 * med * 61.0 / (double)cfg->num_hidden_layers, wbytes, kv_bytes,
          (wbytes + kv_bytes) / med / 1e9, bw, bw > 0 ? (wbytes + kv_bytes) / med / 1e9 / bw : 0.0,
-         graphs && epic_ops_has_graphs(ops) ? "true" : "false", (long long)ms.graph_captures,
+         graphs && epic_ops_has_graphs(ops) ? "true" : "false",
+         join > 0 ? "on" : join < 0 ? "off" : "auto", (long long)ms.graph_captures,
          (long long)ms.graph_replays, 1e3 * ms.graph_record_s);
   for (long i = 0; i < B; i++) epic_kvcache_seq_release(kc, &seqs[i]);
   epic_kvcache_destroy(kc);

@@ -28,12 +28,16 @@ typedef struct layer_w {
   int64_t slot;  /* row of the expert-owner table: 0..L-1, L for the MTP layer */
   float *attn_norm, *ffn_norm, *q_a_norm, *kv_a_norm;
   epic_weight q_a, q_b, q_proj, kv_a, kv_b, o_proj;
+  /* q_a and kv_a in one block of backend memory (place_joined): one matmul of the
+   * normed input for both; zeroed where they could not be joined (and on host backends). */
+  epic_weight qkv_a;
   float *kv_b_f32; /* kv_b dequantised [H*(nope+v)][lora] for the absorbed form */
   float *router_f32; /* GPU backends: the router weight in fp32 (see load_layer) */
   int moe;
   /* Dense MLP (moe == 0) or shared experts (moe && has_mlp). */
   int has_mlp;
   epic_weight gate, up, down;
+  epic_weight gate_up; /* gate and up joined like qkv_a, or zeroed */
   int64_t mlp_width;
   epic_weight router;
   float *router_bias;   /* NULL when the checkpoint has no e_score_correction_bias */
@@ -89,7 +93,7 @@ typedef struct scratch {
   int32_t *plan;     /* the forward's index arrays (see fwd_plan), uploaded once */
   float *logits;     /* LM-head output before download (backends without host memory) */
   int32_t *pick;     /* row_pick output: ids [out_rows], then logprobs [out_rows] (float bits) */
-  float *q, *cq, *kv, *attn_o, *tmp, *g, *u, *rl; /* work space from here on */
+  float *q, *cq, *kv, *attn_o, *tmp, *g, *rl; /* work space from here on */
   float *q_abs, *q_pe, *ctx, *lat, *kpe, *kvb;
 } scratch;
 
@@ -139,6 +143,7 @@ struct epic_model {
   void **placed;
   size_t n_placed, cap_placed;
   int micro_batches; /* 1 or 2, see epic_model_set_micro_batches */
+  int join_weights;  /* place_pair joins: epic_model_params.join_weights resolved */
   double router_skew; /* epic_model_params.router_skew */
   int64_t *expert_tokens; /* [n_routed_experts]: see epic_model_expert_tokens */
   /* Backend memory [(L + 1) * E]: the counts of the steps whose expert plan was built on
@@ -195,9 +200,8 @@ done:
 
 #define LNAME(buf, l, suffix) snprintf(buf, sizeof buf, "model.layers.%lld.%s", (long long)(l), suffix)
 
-/* A copy of n bytes of host memory in backend memory, freed with the model. */
-static epic_status place_bytes(epic_model *m, const void *host, size_t n, void **out) {
-  epic_ops *o = m->ops;
+/* n bytes of backend memory, freed with the model. */
+static epic_status place_alloc(epic_model *m, size_t n, void **out) {
   if (m->n_placed == m->cap_placed) {
     size_t cap = m->cap_placed ? 2 * m->cap_placed : 256;
     void **p = realloc(m->placed, cap * sizeof *p);
@@ -205,25 +209,87 @@ static epic_status place_bytes(epic_model *m, const void *host, size_t n, void *
     m->placed = p;
     m->cap_placed = cap;
   }
-  EPIC_CHECK(o->vt->alloc(o, n ? n : 1, out));
+  EPIC_CHECK(m->ops->vt->alloc(m->ops, n ? n : 1, out));
   m->placed[m->n_placed++] = *out;
-  return o->vt->upload(o, *out, host, n);
+  return EPIC_OK;
+}
+
+/* A copy of n bytes of host memory in backend memory, freed with the model. */
+static epic_status place_bytes(epic_model *m, const void *host, size_t n, void **out) {
+  EPIC_CHECK(place_alloc(m, n, out));
+  return m->ops->vt->upload(m->ops, *out, host, n);
 }
 
 /* Weights are uploaded once, at load, when the backend cannot read host memory; the
  * host copy (mapped file or dummy data) stays with the checkpoint. */
+/* Scale blocks of w (0 without block scales). */
+static int64_t scale_blocks(const epic_weight *w) {
+  if (!w->scale_inv) return 0;
+  return ((w->rows + w->block_rows - 1) / w->block_rows) *
+         ((w->cols + w->block_cols - 1) / w->block_cols);
+}
+
 static epic_status place_weight(epic_model *m, epic_weight *w) {
   void *p;
   if (m->ops->vt->host_visible) return EPIC_OK;
   EPIC_CHECK(place_bytes(m, w->data, (size_t)(w->rows * w->cols) * epic_dtype_size(w->dtype), &p));
   w->data = p;
   if (w->scale_inv) {
-    const int64_t nb = ((w->rows + w->block_rows - 1) / w->block_rows) *
-                       ((w->cols + w->block_cols - 1) / w->block_cols);
-    EPIC_CHECK(place_bytes(m, w->scale_inv, (size_t)nb * sizeof(float), &p));
+    EPIC_CHECK(place_bytes(m, w->scale_inv, (size_t)scale_blocks(w) * sizeof(float), &p));
     w->scale_inv = p;
   }
   return EPIC_OK;
+}
+
+/* Whether b's rows can follow a's in one weight: the same dtype, width and block
+ * layout, and a's rows a whole number of scale blocks (so b's scales start a block row). */
+static int joinable(const epic_weight *a, const epic_weight *b) {
+  if (a->dtype != b->dtype || a->cols != b->cols || !a->data || !b->data ||
+      !a->scale_inv != !b->scale_inv)
+    return 0;
+  if (!a->scale_inv) return 1;
+  return a->block_rows == b->block_rows && a->block_cols == b->block_cols && a->block_rows > 0 &&
+         a->rows % a->block_rows == 0;
+}
+
+/* Host weights a and b (joinable) placed in one block of backend memory, a's rows then
+ * b's, and their block scales likewise: a and b view their parts and *ab all of it
+ * ([a.rows + b.rows][cols]). Two projections of the same input then run as one matmul:
+ * one activation quantisation (a pass over the input) and one GEMM launch instead of two,
+ * with each output computed as before. */
+static epic_status place_joined(epic_model *m, epic_weight *a, epic_weight *b, epic_weight *ab) {
+  epic_ops *o = m->ops;
+  const size_t es = epic_dtype_size(a->dtype);
+  const size_t na = (size_t)(a->rows * a->cols) * es, nb = (size_t)(b->rows * b->cols) * es;
+  const size_t sa = (size_t)scale_blocks(a) * sizeof(float);
+  const size_t sb = (size_t)scale_blocks(b) * sizeof(float);
+  char *d, *sc = NULL;
+  EPIC_CHECK(place_alloc(m, na + nb, (void **)&d));
+  EPIC_CHECK(o->vt->upload(o, d, a->data, na));
+  EPIC_CHECK(o->vt->upload(o, d + na, b->data, nb));
+  if (sa + sb) {
+    EPIC_CHECK(place_alloc(m, sa + sb, (void **)&sc));
+    EPIC_CHECK(o->vt->upload(o, sc, a->scale_inv, sa));
+    EPIC_CHECK(o->vt->upload(o, sc + sa, b->scale_inv, sb));
+  }
+  if (o->vt->host_visible) m->derived_bytes += na + nb + sa + sb; /* a second copy there */
+  a->data = d;
+  b->data = d + na;
+  a->scale_inv = sc ? (const float *)sc : NULL;
+  b->scale_inv = sc ? (const float *)(sc + sa) : NULL;
+  *ab = *a;
+  ab->rows = a->rows + b->rows;
+  return EPIC_OK;
+}
+
+/* Host weights a and b in backend memory: joined into *ab where the model joins weights
+ * (epic_model_params.join_weights) and their layouts allow, else each on its own (ab
+ * zeroed; on a host backend they stay where the checkpoint has them). */
+static epic_status place_pair(epic_model *m, epic_weight *a, epic_weight *b, epic_weight *ab) {
+  memset(ab, 0, sizeof *ab);
+  if (m->join_weights && joinable(a, b)) return place_joined(m, a, b, ab);
+  EPIC_CHECK(place_weight(m, a));
+  return place_weight(m, b);
 }
 
 static epic_status get_weight(epic_model *m, const char *name, int64_t rows, int64_t cols,
@@ -232,11 +298,18 @@ static epic_status get_weight(epic_model *m, const char *name, int64_t rows, int
   return place_weight(m, w);
 }
 
-static epic_status load_weight_l(epic_model *m, int64_t l, const char *suffix, int64_t rows,
+/* Layer l's weight `suffix` as the checkpoint holds it (host view, not placed). */
+static epic_status host_weight_l(epic_model *m, int64_t l, const char *suffix, int64_t rows,
                                  int64_t cols, epic_weight *w) {
   char name[256];
   LNAME(name, l, suffix);
-  return get_weight(m, name, rows, cols, w);
+  return epic_checkpoint_weight(m->ck, name, rows, cols, w);
+}
+
+static epic_status load_weight_l(epic_model *m, int64_t l, const char *suffix, int64_t rows,
+                                 int64_t cols, epic_weight *w) {
+  EPIC_CHECK(host_weight_l(m, l, suffix, rows, cols, w));
+  return place_weight(m, w);
 }
 
 static epic_status load_vec_l(epic_model *m, int64_t l, const char *suffix, int64_t n, float **out) {
@@ -245,16 +318,19 @@ static epic_status load_vec_l(epic_model *m, int64_t l, const char *suffix, int6
   return load_vec(m, name, n, out);
 }
 
+/* gate, up and down of an MLP into w3, gate and up joined into *gate_up where they can
+ * be (place_pair). */
 static epic_status load_mlp(epic_model *m, int64_t l, const char *prefix, int64_t width,
-                            epic_weight w3[3]) {
+                            epic_weight w3[3], epic_weight *gate_up) {
   static const char *parts[3] = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
   const int64_t D = m->cfg.hidden_size;
   char suffix[200];
   for (int i = 0; i < 3; i++) {
     snprintf(suffix, sizeof suffix, "%s%s", prefix, parts[i]);
-    EPIC_CHECK(load_weight_l(m, l, suffix, i < 2 ? width : D, i < 2 ? D : width, &w3[i]));
+    EPIC_CHECK(host_weight_l(m, l, suffix, i < 2 ? width : D, i < 2 ? D : width, &w3[i]));
   }
-  return EPIC_OK;
+  EPIC_CHECK(place_pair(m, &w3[0], &w3[1], gate_up));
+  return place_weight(m, &w3[2]);
 }
 
 /* An fp32 copy of host weight w in backend memory (a derived buffer). */
@@ -280,12 +356,9 @@ static epic_status f32_copy(epic_model *m, const epic_weight *w, float **out) {
 static epic_status upload_block(epic_model *m, epic_weight *w, int count) {
   epic_ops *o = m->ops;
   const size_t n = (size_t)(w->rows * w->cols) * epic_dtype_size(w->dtype);
-  size_t ns = 0;
+  const size_t ns = (size_t)scale_blocks(w) * sizeof(float);
   char *d = NULL, *sc = NULL;
   epic_status st;
-  if (w->scale_inv)
-    ns = (size_t)(((w->rows + w->block_rows - 1) / w->block_rows) *
-                  ((w->cols + w->block_cols - 1) / w->block_cols)) * sizeof(float);
   EPIC_CHECK_GOTO(o->vt->alloc(o, n ? count * n : 1, (void **)&d), st, fail);
   if (ns) EPIC_CHECK_GOTO(o->vt->alloc(o, count * ns, (void **)&sc), st, fail);
   for (int i = 0; i < count; i++) {
@@ -418,13 +491,16 @@ static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *l
   EPIC_CHECK(load_vec_l(m, l, "input_layernorm.weight", D, &lw->attn_norm));
   EPIC_CHECK(load_vec_l(m, l, "post_attention_layernorm.weight", D, &lw->ffn_norm));
   if (c->q_lora_rank > 0) {
-    EPIC_CHECK(load_weight_l(m, l, "self_attn.q_a_proj.weight", c->q_lora_rank, D, &lw->q_a));
+    /* q_a and kv_a both multiply the normed input: joined where they can be */
+    EPIC_CHECK(host_weight_l(m, l, "self_attn.q_a_proj.weight", c->q_lora_rank, D, &lw->q_a));
+    EPIC_CHECK(host_weight_l(m, l, "self_attn.kv_a_proj_with_mqa.weight", L + R, D, &lw->kv_a));
+    EPIC_CHECK(place_pair(m, &lw->q_a, &lw->kv_a, &lw->qkv_a));
     EPIC_CHECK(load_vec_l(m, l, "self_attn.q_a_layernorm.weight", c->q_lora_rank, &lw->q_a_norm));
     EPIC_CHECK(load_weight_l(m, l, "self_attn.q_b_proj.weight", H * dq, c->q_lora_rank, &lw->q_b));
   } else {
     EPIC_CHECK(load_weight_l(m, l, "self_attn.q_proj.weight", H * dq, D, &lw->q_proj));
+    EPIC_CHECK(load_weight_l(m, l, "self_attn.kv_a_proj_with_mqa.weight", L + R, D, &lw->kv_a));
   }
-  EPIC_CHECK(load_weight_l(m, l, "self_attn.kv_a_proj_with_mqa.weight", L + R, D, &lw->kv_a));
   EPIC_CHECK(load_vec_l(m, l, "self_attn.kv_a_layernorm.weight", L, &lw->kv_a_norm));
   EPIC_CHECK(load_weight_l(m, l, "self_attn.o_proj.weight", D, H * c->v_head_dim, &lw->o_proj));
   {
@@ -439,7 +515,7 @@ static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *l
   if (!lw->moe) {
     lw->has_mlp = 1;
     lw->mlp_width = c->intermediate_size;
-    EPIC_CHECK(load_mlp(m, l, "mlp.", lw->mlp_width, w3));
+    EPIC_CHECK(load_mlp(m, l, "mlp.", lw->mlp_width, w3, &lw->gate_up));
   } else {
     const int64_t E = c->n_routed_experts;
     char name[256];
@@ -467,7 +543,7 @@ static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *l
     if (c->n_shared_experts > 0) {
       lw->has_mlp = 1;
       lw->mlp_width = c->moe_intermediate_size * c->n_shared_experts;
-      EPIC_CHECK(load_mlp(m, l, "mlp.shared_experts.", lw->mlp_width, w3));
+      EPIC_CHECK(load_mlp(m, l, "mlp.shared_experts.", lw->mlp_width, w3, &lw->gate_up));
     }
   }
   if (lw->has_mlp) {
@@ -674,6 +750,7 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
   m->step_graphs = p->step_graphs >= 0;
   m->progress = p->progress;
   m->router_skew = p->router_skew;
+  m->join_weights = p->join_weights > 0 || (p->join_weights == 0 && !ops->vt->host_visible);
   if (p->router_skew != 0 && (p->load_format != EPIC_LOAD_DUMMY || !isfinite(p->router_skew))) {
     EPIC_LOG_ERROR("model: router_skew (synthetic routing skew) needs dummy weights and a finite value");
     free(m);
@@ -1080,10 +1157,11 @@ static epic_status scratch_get(epic_model *m, const fwd_shape *sh, scratch *s) {
       {(void **)&s->tok_list, (size_t)(M * K) * 4},   {(void **)&s->plan, (size_t)plan_len(sh) * 4},
       {(void **)&s->logits, (size_t)n_logits * 4},    {(void **)&s->pick, (size_t)(2 * out_rows) * 4},
       /* work space of one micro-batch */
-      {(void **)&s->q, (size_t)(Mw * H * dq) * 4},    {(void **)&s->cq, (size_t)(Mw * (c->q_lora_rank + 1)) * 4},
+      {(void **)&s->q, (size_t)(Mw * H * dq) * 4},
+      {(void **)&s->cq, (size_t)(Mw * (c->q_lora_rank + L + R + 1)) * 4}, /* qkv_a's output */
       {(void **)&s->kv, (size_t)(Mw * (L + R)) * 4},  {(void **)&s->attn_o, (size_t)(Mw * H * V) * 4},
-      {(void **)&s->tmp, (size_t)(Mw * D) * 4},       {(void **)&s->g, (size_t)(Mw * I) * 4},
-      {(void **)&s->u, (size_t)(Mw * I) * 4},         {(void **)&s->rl, (size_t)(Mw * E) * 4},
+      {(void **)&s->tmp, (size_t)(Mw * D) * 4},       {(void **)&s->g, (size_t)(Mw * 2 * I) * 4},
+      {(void **)&s->rl, (size_t)(Mw * E) * 4},
       {(void **)&s->q_abs, (size_t)(max_abs * H * L) * 4},
       {(void **)&s->q_pe, (size_t)(max_abs * H * R + 1) * 4},
       {(void **)&s->ctx, (size_t)(max_abs * H * L) * 4},
@@ -1324,16 +1402,23 @@ static epic_status exchange_start(epic_model *m, micro_batch *b, const float *se
 }
 
 /* y = down(silu(gate(x)) * up(x)) for m rows; g/u are scratch of m x width. */
-static epic_status mlp(epic_model *m, const epic_weight *gate, const epic_weight *up,
-                       const epic_weight *down, const float *x, int64_t rows, float *g, float *u,
+/* The dense MLP or shared experts of lw on rows of x into y. g: work space of rows x 2W
+ * floats (W = the MLP's width): gate's outputs, then up's (or, joined, [rows][2W] with
+ * gate then up in each row). */
+static epic_status mlp(epic_model *m, const layer_w *lw, const float *x, int64_t rows, float *g,
                        float *y) {
   epic_ops *o = m->ops;
-  const int64_t D = m->cfg.hidden_size, W = gate->rows;
-  EPIC_CHECK(o->vt->matmul(o, x, D, rows, gate, g, W));
-  EPIC_CHECK(o->vt->matmul(o, x, D, rows, up, u, W));
+  const int64_t D = m->cfg.hidden_size, W = lw->gate.rows;
+  if (lw->gate_up.data) {
+    EPIC_CHECK(o->vt->matmul(o, x, D, rows, &lw->gate_up, g, 2 * W));
+    EPIC_CHECK(o->vt->silu_mul(o, g, 2 * W, g + W, 2 * W, rows, W, g, 2 * W));
+    return o->vt->matmul(o, g, 2 * W, rows, &lw->down, y, D);
+  }
+  float *u = g + rows * W;
+  EPIC_CHECK(o->vt->matmul(o, x, D, rows, &lw->gate, g, W));
+  EPIC_CHECK(o->vt->matmul(o, x, D, rows, &lw->up, u, W));
   EPIC_CHECK(o->vt->silu_mul(o, g, W, u, W, rows, W, g, W));
-  EPIC_CHECK(o->vt->matmul(o, g, W, rows, down, y, D));
-  return EPIC_OK;
+  return o->vt->matmul(o, g, W, rows, &lw->down, y, D);
 }
 
 /* Counting sort of n items by expert id (expert[i] in [0, E)): order[off[e] ..
@@ -1367,7 +1452,7 @@ static epic_status route_and_share(epic_model *m, const layer_w *lw, const float
                            .bias = lw->router_bias};
   EPIC_CHECK(o->vt->matmul(o, f, D, M, &lw->router, s->rl, E));
   EPIC_CHECK(o->vt->route(o, s->rl, M, &rp, s->idx, s->w));
-  if (lw->has_mlp) return mlp(m, &lw->gate, &lw->up, &lw->down, f, M, s->g, s->u, y);
+  if (lw->has_mlp) return mlp(m, lw, f, M, s->g, y);
   return o->vt->zero(o, y, (size_t)(M * D) * sizeof(float));
 }
 
@@ -1745,18 +1830,28 @@ static epic_status attention(fwd *f, micro_batch *b, const layer_w *lw, int64_t 
   const int64_t D = c->hidden_size, H = c->num_attention_heads, nope = c->qk_nope_head_dim;
   const int64_t R = c->qk_rope_head_dim, V = c->v_head_dim, L = c->kv_lora_rank;
   const int64_t dq = nope + R, dkv = nope + V, M = b->M;
-  if (c->q_lora_rank > 0) {
-    EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->q_a, s->cq, c->q_lora_rank));
-    EPIC_CHECK(o->vt->rmsnorm(o, s->cq, c->q_lora_rank, M, c->q_lora_rank, lw->q_a_norm,
-                              (float)c->rms_norm_eps, s->cq, c->q_lora_rank));
-    EPIC_CHECK(o->vt->matmul(o, s->cq, c->q_lora_rank, M, &lw->q_b, s->q, H * dq));
+  const int64_t Qr = c->q_lora_rank, J = Qr + L + R;
+  const float eps = (float)c->rms_norm_eps;
+  if (lw->qkv_a.data) {
+    /* joined: [M][J] rows of q_a's then kv_a's outputs in cq; the latent part normed into
+     * kv, the rope part copied after it */
+    EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->qkv_a, s->cq, J));
+    EPIC_CHECK(o->vt->rmsnorm(o, s->cq + Qr, J, M, L, lw->kv_a_norm, eps, s->kv, L + R));
+    EPIC_CHECK(o->vt->copy_rows(o, M, R, s->cq + Qr + L, J, NULL, s->kv + L, L + R, NULL));
+    EPIC_CHECK(o->vt->rmsnorm(o, s->cq, J, M, Qr, lw->q_a_norm, eps, s->cq, J));
+    EPIC_CHECK(o->vt->matmul(o, s->cq, J, M, &lw->q_b, s->q, H * dq));
   } else {
-    EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->q_proj, s->q, H * dq));
+    if (Qr > 0) {
+      EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->q_a, s->cq, Qr));
+      EPIC_CHECK(o->vt->rmsnorm(o, s->cq, Qr, M, Qr, lw->q_a_norm, eps, s->cq, Qr));
+      EPIC_CHECK(o->vt->matmul(o, s->cq, Qr, M, &lw->q_b, s->q, H * dq));
+    } else {
+      EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->q_proj, s->q, H * dq));
+    }
+    EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->kv_a, s->kv, L + R));
+    EPIC_CHECK(o->vt->rmsnorm(o, s->kv, L + R, M, L, lw->kv_a_norm, eps, s->kv, L + R));
   }
   EPIC_CHECK(o->vt->rope(o, s->q + nope, M, H, H * dq, dq, R, s->pos, m->inv_freq));
-  EPIC_CHECK(o->vt->matmul(o, s->a, D, M, &lw->kv_a, s->kv, L + R));
-  EPIC_CHECK(o->vt->rmsnorm(o, s->kv, L + R, M, L, lw->kv_a_norm, (float)c->rms_norm_eps, s->kv,
-                            L + R));
   EPIC_CHECK(o->vt->rope(o, s->kv + L, M, 1, L + R, 0, R, s->pos, m->inv_freq));
 
   int64_t r0 = 0;
@@ -1810,7 +1905,7 @@ static epic_status block_front(fwd *f, micro_batch *b, const layer_w *lw, int64_
   if (lw->moe) return moe_begin(f, b, lw);
   if (M > 0) {
     t = epic_now_seconds();
-    EPIC_CHECK(mlp(m, &lw->gate, &lw->up, &lw->down, s->a, M, s->g, s->u, s->y));
+    EPIC_CHECK(mlp(m, lw, s->a, M, s->g, s->y));
     EPIC_CHECK(o->vt->axpy(o, M * D, 1.0f, s->y, s->h));
     m->stats.dense_s += epic_now_seconds() - t;
   }

@@ -70,6 +70,14 @@ typedef struct epic_model_params {
   /* Decode-step graphs (epic_model_set_step_graphs): 0 = on where the backend records
    * graphs (CUDA), < 0 = off. */
   int step_graphs;
+  /* Projections of the same input stored as one weight (q_a with kv_a, an MLP's gate
+   * with up) where their layouts allow, so that one matmul computes both: 0 = on where
+   * the backend has memory of its own (GPUs: the weights are copied there anyway), < 0 =
+   * off, > 0 = on also where the backend reads host memory (the CPU: a second copy of
+   * those weights; for tests). Each output is computed as before; a matmul that picks its
+   * algorithm by the weight's height (cuBLAS, the CPU's sgemm above
+   * EPIC_OPS_CPU_FIXED_ORDER_ROWS rows) may order its sums differently (fp32 rounding). */
+  int join_weights;
 } epic_model_params;
 
 /* ops is borrowed and must outlive the model. Errors are logged as one line

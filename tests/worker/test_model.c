@@ -266,6 +266,59 @@ static void test_short_chunk_equals_decode(void **state) {
   free(one);
 }
 
+/* Joined projections (epic_model_params.join_weights: q_a with kv_a, gate with up as one
+ * weight each; the default on GPUs) compute every output as the separate weights do: bit
+ * for bit where the matmul sums in a fixed order whatever the weight's height (here the
+ * CPU's calls of up to EPIC_OPS_CPU_FIXED_ORDER_ROWS rows: the prompts go in chunks of that
+ * many, then decode steps). On the CPU joining copies those weights, so the joined model's
+ * weight bytes grow. */
+static void test_joined_weights(void **state) {
+  fixture *f = *state;
+  enum { CH = EPIC_OPS_CPU_FIXED_ORDER_ROWS, DECODE = 4 };
+  char dir[1024];
+  epic_test_path(dir, sizeof dir, f->model);
+  epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_mtp = 1, .join_weights = 1};
+  epic_model *j = NULL;
+  assert_int_equal(epic_model_load(f->ops, &mp, &j), EPIC_OK);
+  assert_true(epic_model_weight_bytes(j) > epic_model_weight_bytes(f->m));
+  epic_kvcache *ka, *kb;
+  assert_int_equal(epic_model_kvcache_create(f->m, 0, 4, 256, &ka), EPIC_OK);
+  assert_int_equal(epic_model_kvcache_create(j, 0, 4, 256, &kb), EPIC_OK);
+  float *la = malloc((size_t)(CH * f->V) * 4), *lb = malloc((size_t)(CH * f->V) * 4);
+  assert_non_null(la);
+  assert_non_null(lb);
+  for (int i = 0; i < f->n_cases; i++) {
+    tcase *c = &f->cases[i];
+    epic_kv_seq sa = {0}, sb = {0};
+    int32_t next = 0;
+    for (int64_t pos = 0; pos < c->n_prompt + DECODE;) {
+      const int prompt = pos < c->n_prompt;
+      const int64_t n = prompt ? (c->n_prompt - pos < CH ? c->n_prompt - pos : CH) : 1;
+      epic_seq_batch a = {.tokens = prompt ? c->prompt + pos : &next, .n_tokens = n,
+                          .start = pos, .kv = &sa, .all_logits = 1};
+      epic_seq_batch b = a;
+      b.kv = &sb;
+      assert_int_equal(epic_model_forward(f->m, ka, &a, 1, la, NULL), EPIC_OK);
+      assert_int_equal(epic_model_forward(j, kb, &b, 1, lb, NULL), EPIC_OK);
+      if (memcmp(la, lb, (size_t)(n * f->V) * 4))
+        fail_msg("%s %s, positions from %lld: joined weights change the logits (max |d| %.3g)",
+                 f->model, c->name, (long long)pos, max_abs_diff(la, lb, n * f->V));
+      next = epic_argmax(la + (n - 1) * f->V, f->V);
+      pos += n;
+    }
+    epic_kvcache_seq_release(ka, &sa);
+    epic_kvcache_seq_release(kb, &sb);
+  }
+  print_message("%s: joined q_a/kv_a and gate/up weights give the same logits bit for bit "
+                "(%zu more weight bytes on the CPU)\n",
+                f->model, epic_model_weight_bytes(j) - epic_model_weight_bytes(f->m));
+  epic_kvcache_destroy(ka);
+  epic_kvcache_destroy(kb);
+  epic_model_destroy(j);
+  free(la);
+  free(lb);
+}
+
 /* All cases in one batch: chunked prefill (chunks of 7) running beside other
  * sequences' decode steps, with tiny pages, then greedy decoding together;
  * every row must match the reference as when run alone. */
@@ -699,6 +752,7 @@ int main(void) {
       cmocka_unit_test(test_mtp_logits),
       cmocka_unit_test(test_incremental_equals_full),
       cmocka_unit_test(test_short_chunk_equals_decode),
+      cmocka_unit_test(test_joined_weights),
       cmocka_unit_test(test_batched_mixed),
       cmocka_unit_test(test_cache_full_is_clean),
       cmocka_unit_test(test_micro_batches_mixed),
