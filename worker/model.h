@@ -175,7 +175,7 @@ epic_status epic_model_mtp_forward_pick(epic_model *m, epic_kvcache *kc,
 epic_status epic_model_set_micro_batches(epic_model *m, int n);
 
 /* Decode-step graphs. On a backend that records graphs (epic_ops_has_graphs: CUDA), a
- * single-process forward whose sequences all decode one token (at most 128 tokens, the
+ * single-process forward whose sequences all decode one token (at most 512 tokens, the
  * device expert plan's bound) is recorded once per bucket and then replayed as one
  * launch. A bucket is: the sequence count, the micro-batch count, the cache, whether
  * greedy picks are asked for, the block-table width rounded up to a power of two, and

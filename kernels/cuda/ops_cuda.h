@@ -117,7 +117,7 @@ enum { EPIC_CUDA_FP8_MMA_DENSE_MAX_M = 8, EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS = 128
 /* mma_group_rows: grouped_matmul groups of up to this many rows (0..
  * EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS) take the MMA kernel, larger ones the large-group
  * kernel (epic_cuda_grouped_large; WGMMA: e4m3 activations). Device-planned calls
- * (grouped_matmul_dev, decode steps of up to 128 tokens) split their groups the same way
+ * (grouped_matmul_dev, decode steps of up to 512 tokens) split their groups the same way
  * on the device (the wgmma kernel's device-planned form counts its tiles from the offsets),
  * so a row gets the same result whether its step's plan stayed on the GPU or not, and with
  * expert parallelism. Default 0: every group on the wgmma kernel, so a row's result does
