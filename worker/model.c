@@ -220,8 +220,6 @@ static epic_status place_bytes(epic_model *m, const void *host, size_t n, void *
   return m->ops->vt->upload(m->ops, *out, host, n);
 }
 
-/* Weights are uploaded once, at load, when the backend cannot read host memory; the
- * host copy (mapped file or dummy data) stays with the checkpoint. */
 /* Scale blocks of w (0 without block scales). */
 static int64_t scale_blocks(const epic_weight *w) {
   if (!w->scale_inv) return 0;
@@ -229,6 +227,8 @@ static int64_t scale_blocks(const epic_weight *w) {
          ((w->cols + w->block_cols - 1) / w->block_cols);
 }
 
+/* Weights are uploaded once, at load, when the backend cannot read host memory; the
+ * host copy (mapped file or dummy data) stays with the checkpoint. */
 static epic_status place_weight(epic_model *m, epic_weight *w) {
   void *p;
   if (m->ops->vt->host_visible) return EPIC_OK;
@@ -1401,10 +1401,9 @@ static epic_status exchange_start(epic_model *m, micro_batch *b, const float *se
   return epic_comm_alltoallv_start(m->comm, &a, &b->req);
 }
 
-/* y = down(silu(gate(x)) * up(x)) for m rows; g/u are scratch of m x width. */
-/* The dense MLP or shared experts of lw on rows of x into y. g: work space of rows x 2W
- * floats (W = the MLP's width): gate's outputs, then up's (or, joined, [rows][2W] with
- * gate then up in each row). */
+/* y = down(silu(gate(x)) * up(x)) for the dense MLP or shared experts of lw on rows of x.
+ * g: work space of rows x 2W floats (W = the MLP's width): gate's outputs, then up's (or,
+ * joined, [rows][2W] with gate then up in each row). */
 static epic_status mlp(epic_model *m, const layer_w *lw, const float *x, int64_t rows, float *g,
                        float *y) {
   epic_ops *o = m->ops;
