@@ -227,12 +227,17 @@ static int64_t scale_blocks(const epic_weight *w) {
          ((w->cols + w->block_cols - 1) / w->block_cols);
 }
 
+/* Bytes of w's elements (its block scales not counted). */
+static size_t data_bytes(const epic_weight *w) {
+  return (size_t)(w->rows * w->cols) * epic_dtype_size(w->dtype);
+}
+
 /* Weights are uploaded once, at load, when the backend cannot read host memory; the
  * host copy (mapped file or dummy data) stays with the checkpoint. */
 static epic_status place_weight(epic_model *m, epic_weight *w) {
   void *p;
   if (m->ops->vt->host_visible) return EPIC_OK;
-  EPIC_CHECK(place_bytes(m, w->data, (size_t)(w->rows * w->cols) * epic_dtype_size(w->dtype), &p));
+  EPIC_CHECK(place_bytes(m, w->data, data_bytes(w), &p));
   w->data = p;
   if (w->scale_inv) {
     EPIC_CHECK(place_bytes(m, w->scale_inv, (size_t)scale_blocks(w) * sizeof(float), &p));
@@ -252,31 +257,58 @@ static int joinable(const epic_weight *a, const epic_weight *b) {
          a->rows % a->block_rows == 0;
 }
 
+/* The count weights *w[0..count) (host views, each joinable to the one before it) in one
+ * block of backend memory, one after another, and their block scales likewise; each now
+ * views its part of the blocks. placed: the blocks live as long as the model (place_alloc);
+ * else they are the caller's to free, as an expert's are when a placement change drops it
+ * (drop_expert). All count are zeroed on failure. */
+static epic_status upload_blocks(epic_model *m, epic_weight *const *w, int count, int placed) {
+  epic_ops *o = m->ops;
+  size_t n = 0, ns = 0;
+  for (int i = 0; i < count; i++) {
+    n += data_bytes(w[i]);
+    ns += (size_t)scale_blocks(w[i]) * sizeof(float);
+  }
+  char *d = NULL, *sc = NULL;
+  epic_status st;
+  if (placed) {
+    EPIC_CHECK_GOTO(place_alloc(m, n, (void **)&d), st, fail);
+    if (ns) EPIC_CHECK_GOTO(place_alloc(m, ns, (void **)&sc), st, fail);
+  } else {
+    EPIC_CHECK_GOTO(o->vt->alloc(o, n ? n : 1, (void **)&d), st, fail);
+    if (ns) EPIC_CHECK_GOTO(o->vt->alloc(o, ns, (void **)&sc), st, fail);
+  }
+  size_t off = 0, soff = 0;
+  for (int i = 0; i < count; i++) {
+    const size_t ni = data_bytes(w[i]), nsi = (size_t)scale_blocks(w[i]) * sizeof(float);
+    EPIC_CHECK_GOTO(o->vt->upload(o, d + off, w[i]->data, ni), st, fail);
+    if (nsi) EPIC_CHECK_GOTO(o->vt->upload(o, sc + soff, w[i]->scale_inv, nsi), st, fail);
+    w[i]->data = d + off;
+    w[i]->scale_inv = sc ? (const float *)(sc + soff) : NULL;
+    off += ni;
+    soff += nsi;
+  }
+  return EPIC_OK;
+fail:
+  if (!placed) { /* placed blocks are freed with the model */
+    o->vt->free(o, d);
+    o->vt->free(o, sc);
+  }
+  for (int i = 0; i < count; i++) memset(w[i], 0, sizeof *w[i]);
+  return st;
+}
+
 /* Host weights a and b (joinable) placed in one block of backend memory, a's rows then
  * b's, and their block scales likewise: a and b view their parts and *ab all of it
  * ([a.rows + b.rows][cols]). Two projections of the same input then run as one matmul:
  * one activation quantisation (a pass over the input) and one GEMM launch instead of two,
  * with each output computed as before. */
 static epic_status place_joined(epic_model *m, epic_weight *a, epic_weight *b, epic_weight *ab) {
-  epic_ops *o = m->ops;
-  const size_t es = epic_dtype_size(a->dtype);
-  const size_t na = (size_t)(a->rows * a->cols) * es, nb = (size_t)(b->rows * b->cols) * es;
-  const size_t sa = (size_t)scale_blocks(a) * sizeof(float);
-  const size_t sb = (size_t)scale_blocks(b) * sizeof(float);
-  char *d, *sc = NULL;
-  EPIC_CHECK(place_alloc(m, na + nb, (void **)&d));
-  EPIC_CHECK(o->vt->upload(o, d, a->data, na));
-  EPIC_CHECK(o->vt->upload(o, d + na, b->data, nb));
-  if (sa + sb) {
-    EPIC_CHECK(place_alloc(m, sa + sb, (void **)&sc));
-    EPIC_CHECK(o->vt->upload(o, sc, a->scale_inv, sa));
-    EPIC_CHECK(o->vt->upload(o, sc + sa, b->scale_inv, sb));
-  }
-  if (o->vt->host_visible) m->derived_bytes += na + nb + sa + sb; /* a second copy there */
-  a->data = d;
-  b->data = d + na;
-  a->scale_inv = sc ? (const float *)sc : NULL;
-  b->scale_inv = sc ? (const float *)(sc + sa) : NULL;
+  epic_weight *const pair[2] = {a, b};
+  EPIC_CHECK(upload_blocks(m, pair, 2, 1));
+  if (m->ops->vt->host_visible) /* a second copy there */
+    m->derived_bytes += data_bytes(a) + data_bytes(b) +
+                        (size_t)(scale_blocks(a) + scale_blocks(b)) * sizeof(float);
   *ab = *a;
   ab->rows = a->rows + b->rows;
   return EPIC_OK;
@@ -349,53 +381,24 @@ static epic_status f32_copy(epic_model *m, const epic_weight *w, float **out) {
   return st;
 }
 
-/* The count weights w[0..count) (host views of one layout) in one block of backend
- * memory, one after another, and their block scales likewise, so that a placement change
- * can free them (drop_expert); w now views its part of the blocks. All count are
- * zeroed on failure. */
-static epic_status upload_block(epic_model *m, epic_weight *w, int count) {
-  epic_ops *o = m->ops;
-  const size_t n = (size_t)(w->rows * w->cols) * epic_dtype_size(w->dtype);
-  const size_t ns = (size_t)scale_blocks(w) * sizeof(float);
-  char *d = NULL, *sc = NULL;
-  epic_status st;
-  EPIC_CHECK_GOTO(o->vt->alloc(o, n ? count * n : 1, (void **)&d), st, fail);
-  if (ns) EPIC_CHECK_GOTO(o->vt->alloc(o, count * ns, (void **)&sc), st, fail);
-  for (int i = 0; i < count; i++) {
-    EPIC_CHECK_GOTO(o->vt->upload(o, d + i * n, w[i].data, n), st, fail);
-    if (ns) EPIC_CHECK_GOTO(o->vt->upload(o, sc + i * ns, w[i].scale_inv, ns), st, fail);
-  }
-  for (int i = 0; i < count; i++) {
-    w[i].data = d + i * n;
-    w[i].scale_inv = sc ? (const float *)(sc + i * ns) : NULL;
-  }
-  return EPIC_OK;
-fail:
-  o->vt->free(o, d);
-  o->vt->free(o, sc);
-  memset(w, 0, (size_t)count * sizeof *w);
-  return st;
+/* w's bytes (and block scales) in backend memory of their own; w is zeroed on failure. */
+static epic_status upload_owned(epic_model *m, epic_weight *w) {
+  epic_weight *const one[1] = {w};
+  return upload_blocks(m, one, 1, 0);
 }
 
-/* w's bytes (and block scales) in backend memory of their own; w is zeroed on failure. */
-static epic_status upload_owned(epic_model *m, epic_weight *w) { return upload_block(m, w, 1); }
-
-/* Whether gate and up can share one block (see EXPERT_W): the same dtype, width and
- * block layout, and gate's rows a whole number of scale blocks. */
+/* Whether gate and up can share one block (see EXPERT_W): joinable, and of one height
+ * (gate_up's halves). */
 static int fusable(const epic_weight *gate, const epic_weight *up) {
-  if (gate->dtype != up->dtype || gate->cols != up->cols || gate->rows != up->rows ||
-      !gate->data || !up->data || !gate->scale_inv != !up->scale_inv)
-    return 0;
-  if (!gate->scale_inv) return 1;
-  return gate->block_rows == up->block_rows && gate->block_cols == up->block_cols &&
-         gate->block_rows > 0 && gate->rows % gate->block_rows == 0;
+  return joinable(gate, up) && gate->rows == up->rows;
 }
 
 /* gate and up (host views) uploaded into one block of backend memory: w4[EXPERT_GATE_UP]
  * views all of it, gate and up its halves (fusable: the scales of gate end on a block
  * row, so up's start where gate's end). */
 static epic_status upload_fused(epic_model *m, epic_weight w4[EXPERT_W]) {
-  EPIC_CHECK(upload_block(m, &w4[EXPERT_GATE], 2));
+  epic_weight *const gate_up[2] = {&w4[EXPERT_GATE], &w4[EXPERT_UP]};
+  EPIC_CHECK(upload_blocks(m, gate_up, 2, 0));
   w4[EXPERT_GATE_UP] = w4[EXPERT_GATE];
   w4[EXPERT_GATE_UP].rows = 2 * w4[EXPERT_GATE].rows;
   return EPIC_OK;

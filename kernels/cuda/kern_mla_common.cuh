@@ -1,9 +1,9 @@
 // Device helpers shared by the CUDA kernels (the MLA kernels: kern_mla.cu for fp32 rows,
 // kern_mla_bf16.cu for bf16 rows, kern_mla_prefill.cu; the FP8 matmuls, kern_fp8_mma.cu and
-// kern_fp8_wgmma.cu; the grouped quantisers of kern_elementwise.cu): the group of an item, cp.async streaming into shared memory, ldmatrix and bf16 mma
-// fragments, Hopper wgmma (descriptors, fences, the 64 x 64 score tile), and the keys of
-// one flash-decoding split. Device code only: included from
-// .cu files.
+// kern_fp8_wgmma.cu; the grouped quantisers of kern_elementwise.cu): the group of an item,
+// cp.async streaming into shared memory, ldmatrix and bf16 mma fragments, Hopper wgmma
+// (descriptors, fences, the 64 x 64 score tile), and the keys of one flash-decoding split.
+// Device code only: included from .cu files.
 #ifndef EPIC_KERN_MLA_COMMON_CUH
 #define EPIC_KERN_MLA_COMMON_CUH
 
