@@ -25,7 +25,7 @@
  * rmsnorm, route, silu_mul, rope.
  * Timing: CUDA events around a CUDA graph of `reps` calls (launch gaps removed), median
  * of 7 replays. Inputs that would fit in L2 rotate among copies whose total exceeds it.
- * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory]
+ * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory|head]
  *                           [--mla BATCH CTX] (one decode shape, e.g. under a profiler)
  *                           [--grouped TOKENS] (the grouped section at one token count)
  *                           [--mla-kinds MASK] (MLA rows: bits 0-3 the bf16 kernel
@@ -802,6 +802,70 @@ static void bench_prefill(FILE *js, int64_t m, int64_t start, int *first) {
   g_ops->vt->free(g_ops, c.out);
 }
 
+/* ------------------------------------------------- MLA absorption (head_gemm) */
+
+/* One decode step's two per-head products of the DeepSeek-V3 shape (128 heads: q_nope
+ * [128] through W_UK [128][512], ctx [512] through W_UV^T [128][512]) over kv_b's slices in
+ * fp32 (head_gemm) or bf16 (head_gemm_bf16), weight copies rotated past L2. Bytes: the
+ * weights read once plus x and y. */
+enum { HEAD_H = 128, HEAD_NOPE = 128, HEAD_L = 512, HEAD_V = 128 };
+typedef struct {
+  int bf16;
+  int64_t m;
+  void *a[MAX_COPIES];
+  int copies;
+  float *q, *ctx, *q_abs, *out;
+} head_ctx;
+static void run_head(void *p, int rep) {
+  head_ctx *c = p;
+  const int64_t lda = (HEAD_NOPE + HEAD_V) * HEAD_L, at = HEAD_NOPE * HEAD_L;
+  void *a = c->a[rep % c->copies];
+  if (c->bf16) {
+    const uint16_t *w = a;
+    CKE(g_ops->vt->head_gemm_bf16(g_ops, c->q, HEAD_H * 192, 192, c->m, HEAD_H, w, lda, HEAD_NOPE,
+                                  HEAD_L, 0, c->q_abs, HEAD_H * HEAD_L, HEAD_L));
+    CKE(g_ops->vt->head_gemm_bf16(g_ops, c->ctx, HEAD_H * HEAD_L, HEAD_L, c->m, HEAD_H, w + at, lda,
+                                  HEAD_L, HEAD_V, 1, c->out, HEAD_H * HEAD_V, HEAD_V));
+  } else {
+    const float *w = a;
+    CKE(g_ops->vt->head_gemm(g_ops, c->q, HEAD_H * 192, 192, c->m, HEAD_H, w, lda, HEAD_NOPE,
+                             HEAD_L, 0, c->q_abs, HEAD_H * HEAD_L, HEAD_L));
+    CKE(g_ops->vt->head_gemm(g_ops, c->ctx, HEAD_H * HEAD_L, HEAD_L, c->m, HEAD_H, w + at, lda,
+                             HEAD_L, HEAD_V, 1, c->out, HEAD_H * HEAD_V, HEAD_V));
+  }
+}
+
+static void bench_head(FILE *js, int64_t m, int bf16, int *first) {
+  head_ctx c = {.bf16 = bf16, .m = m};
+  const size_t esz = bf16 ? 2 : 4, wbytes = (size_t)HEAD_H * (HEAD_NOPE + HEAD_V) * HEAD_L * esz;
+  c.copies = (int)((L2_ROTATE_BYTES + wbytes - 1) / wbytes);
+  c.copies = c.copies < 1 ? 1 : (c.copies > MAX_COPIES ? MAX_COPIES : c.copies);
+  for (int k = 0; k < c.copies; k++)
+    c.a[k] = dev_random(wbytes, bf16 ? tile_bf16 : tile_f32);
+  c.q = dev_random((size_t)(m * HEAD_H * 192) * 4, tile_f32);
+  c.ctx = dev_random((size_t)(m * HEAD_H * HEAD_L) * 4, tile_f32);
+  CKE(g_ops->vt->alloc(g_ops, (size_t)(m * HEAD_H * HEAD_L) * 4, (void **)&c.q_abs));
+  CKE(g_ops->vt->alloc(g_ops, (size_t)(m * HEAD_H * HEAD_V) * 4, (void **)&c.out));
+  const double sec = time_calls(run_head, &c);
+  const double io = (double)(m * HEAD_H) * (HEAD_NOPE + 2.0 * HEAD_L + HEAD_V) * 4;
+  const double gbps = ((double)wbytes + io) / sec * 1e-9;
+  fprintf(js,
+          "%s\n    {\"op\": \"head_gemm_pair\", \"weights\": \"%s\", \"m\": %lld, "
+          "\"us\": %.2f, \"gbps\": %.1f, \"frac_read_bw\": %.3f}",
+          *first ? "" : ",", bf16 ? "bf16" : "fp32", (long long)m, sec * 1e6, gbps,
+          g_read_gbps > 0 ? gbps / g_read_gbps : 0.0);
+  fprintf(stderr, "head_gemm pair %-4s m=%-4lld %9.2f us %7.0f GB/s (%.2f of read)\n",
+          bf16 ? "bf16" : "fp32", (long long)m, sec * 1e6, gbps,
+          g_read_gbps > 0 ? gbps / g_read_gbps : 0.0);
+  *first = 0;
+  for (int k = 0; k < c.copies; k++)
+    g_ops->vt->free(g_ops, c.a[k]);
+  g_ops->vt->free(g_ops, c.q);
+  g_ops->vt->free(g_ops, c.ctx);
+  g_ops->vt->free(g_ops, c.q_abs);
+  g_ops->vt->free(g_ops, c.out);
+}
+
 /* ------------------------------------------------------- small memory ops */
 
 typedef struct {
@@ -912,7 +976,7 @@ int main(int argc, char **argv) {
       one_tokens = atoll(argv[++i]);
     } else {
       fprintf(stderr,
-              "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory] [--mla B CTX] "
+              "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory|head] [--mla B CTX] "
               "[--grouped TOKENS] [--mla-kinds MASK] [--no-peaks]\n",
               argv[0]);
       return 2;
@@ -920,9 +984,10 @@ int main(int argc, char **argv) {
   }
   const int do_mm = !only || !strcmp(only, "matmul"), do_mla = !only || !strcmp(only, "mla");
   const int do_mem = !only || !strcmp(only, "memory"), do_grp = !only || !strcmp(only, "grouped");
-  const int do_pre = !only || !strcmp(only, "prefill");
-  if (only && !do_mm && !do_mla && !do_mem && !do_grp && !do_pre) {
-    fprintf(stderr, "bench: --only %s: not one of matmul, grouped, mla, prefill, memory\n", only);
+  const int do_pre = !only || !strcmp(only, "prefill"), do_head = !only || !strcmp(only, "head");
+  if (only && !do_mm && !do_mla && !do_mem && !do_grp && !do_pre && !do_head) {
+    fprintf(stderr, "bench: --only %s: not one of matmul, grouped, mla, prefill, memory, head\n",
+            only);
     return 2;
   }
   if (epic_cuda_device_count() <= 0) {
@@ -1029,6 +1094,12 @@ peaks_done:
   static const int64_t pre_pts[][2] = {{1024, 0}, {512, 3584}, {2048, 6144}};
   for (int k = 0; k < 3 && do_pre; k++)
     bench_prefill(js, pre_pts[k][0], pre_pts[k][1], &first);
+  fprintf(js, "\n  ],\n  \"mla_absorption\": [");
+  first = 1;
+  static const int64_t head_m[] = {1, 4, 8, 32, 128, 512};
+  for (int k = 0; k < 6 && do_head; k++)
+    for (int bf = 0; bf < 2; bf++)
+      bench_head(js, head_m[k], bf, &first);
   fprintf(js, "\n  ],\n  \"memory_ops\": [");
   first = 1;
   static const int64_t sm_m[] = {1, 128, 4096};

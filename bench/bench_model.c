@@ -55,14 +55,15 @@ static double memcpy_gbs(void) {
  * distinct ones its B x top_k choices hit: E (1 - (1 - k/E)^B) per MoE layer under
  * uniform routing (what random weights give; trained routers are less uniform, so
  * this is the figure for a balanced load). */
-static double active_weight_bytes(const epic_model_config *c, double B) {
+static double active_weight_bytes(const epic_model_config *c, double B, int head_bf16) {
   const double wb = c->quant.fp8 ? 1.0 : 2.0, D = (double)c->hidden_size;
   const double H = (double)c->num_attention_heads, L = (double)c->kv_lora_rank;
   const double R = (double)c->qk_rope_head_dim, nope = (double)c->qk_nope_head_dim;
   const double V = (double)c->v_head_dim;
   double attn = (c->q_lora_rank > 0 ? D * c->q_lora_rank + c->q_lora_rank * H * (nope + R)
                                     : D * H * (nope + R)) +
-                D * (L + R) + H * (nope + V) * L * 4.0 / wb /* fp32 kv_b copy */ + H * V * D;
+                D * (L + R) + H * (nope + V) * L * (head_bf16 ? 2.0 : 4.0) / wb /* kv_b copy */ +
+                H * V * D;
   double total = 2.0 * D * c->vocab_size; /* lm_head (bf16) */
   for (int64_t l = 0; l < c->num_hidden_layers; l++) {
     total += attn * wb;
@@ -116,7 +117,20 @@ static const char *USAGE =
     "  --cuda-graphs on|off  decode steps as recorded graphs where the backend records\n"
     "                     them (default on; see epic_model_set_step_graphs)\n"
     "  --join-weights auto|on|off  q_a with kv_a and gate with up as one weight each\n"
-    "                     (default auto: on GPUs; see epic_model_params.join_weights)\n";
+    "                     (default auto: on GPUs; see epic_model_params.join_weights)\n"
+    "  --head-bf16 auto|on|off  the absorbed attention's kv_b slices in bf16 (default\n"
+    "                     auto: CUDA's fast precision; see epic_model_params.head_bf16)\n";
+
+/* An auto|on|off option as 0 / 1 / -1; -2 (named on stderr) for anything else. */
+static int tri_opt(const char *flag, const char *arg) {
+  if (strcmp(arg, "auto") && strcmp(arg, "on") && strcmp(arg, "off")) {
+    fprintf(stderr, "bench_model: --%s: expected auto, on or off, got '%s'\n", flag, arg);
+    return -2;
+  }
+  return strcmp(arg, "on") == 0 ? 1 : strcmp(arg, "off") == 0 ? -1 : 0;
+}
+
+static const char *tri_name(int v) { return v > 0 ? "on" : v < 0 ? "off" : "auto"; }
 
 int main(int argc, char **argv) {
   static const struct option lo[] = {{"model", 1, 0, 'm'},      {"load-format", 1, 0, 'f'},
@@ -126,10 +140,10 @@ int main(int argc, char **argv) {
                                      {"micro-batches", 1, 0, 'u'}, {"device", 1, 0, 'd'},
                                      {"prefill-chunk", 1, 0, 'c'}, {"step-tokens", 1, 0, 's'},
                                      {"cuda-graphs", 1, 0, 'g'}, {"join-weights", 1, 0, 'j'},
-                                     {"help", 0, 0, 'h'},
+                                     {"head-bf16", 1, 0, 'k'},  {"help", 0, 0, 'h'},
                                      {0, 0, 0, 0}};
   const char *dir = NULL, *device = "cpu";
-  int dummy = 0, graphs = 1, join = 0, c;
+  int dummy = 0, graphs = 1, join = 0, head_bf16 = 0, c;
   long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0, micro = 1, chunk = 0,
        budget = 8192;
   while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
@@ -154,12 +168,10 @@ int main(int argc, char **argv) {
       graphs = strcmp(optarg, "on") == 0;
       break;
     case 'j':
-      if (strcmp(optarg, "auto") && strcmp(optarg, "on") && strcmp(optarg, "off")) {
-        fprintf(stderr, "bench_model: --join-weights: expected auto, on or off, got '%s'\n",
-                optarg);
-        return 2;
-      }
-      join = strcmp(optarg, "on") == 0 ? 1 : strcmp(optarg, "off") == 0 ? -1 : 0;
+      if ((join = tri_opt("join-weights", optarg)) == -2) return 2;
+      break;
+    case 'k':
+      if ((head_bf16 = tri_opt("head-bf16", optarg)) == -2) return 2;
       break;
     case 'h': fputs(USAGE, stdout); return 0;
     default: fputs(USAGE, stderr); return 2;
@@ -177,7 +189,8 @@ int main(int argc, char **argv) {
   epic_kvcache *kc;
   epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_format = dummy ? EPIC_LOAD_DUMMY : EPIC_LOAD_AUTO,
                           .num_layers = layers, .num_experts = experts, .seed = 1,
-                          .step_graphs = graphs ? 0 : -1, .join_weights = join};
+                          .step_graphs = graphs ? 0 : -1, .join_weights = join,
+                          .head_bf16 = head_bf16};
   const char *dev_name = "cpu";
   if (strcmp(device, "cpu") == 0) {
     if (epic_ops_cpu_create((int)threads, &ops) != EPIC_OK) return 1;
@@ -272,7 +285,7 @@ int main(int argc, char **argv) {
   }
   qsort(step, (size_t)N, sizeof *step, cmp_d);
   const double bw = ops->vt->host_visible ? memcpy_gbs() : ops_copy_gbs(ops);
-  const double wbytes = active_weight_bytes(cfg, (double)B);
+  const double wbytes = active_weight_bytes(cfg, (double)B, epic_model_head_bf16(m));
   /* The latent cache rows every decode step reads once, at the backend's element size. */
   const double kv_bytes = (double)B * (double)(P + N / 2) * (double)(cfg->kv_lora_rank + cfg->qk_rope_head_dim) *
                           (double)epic_kv_dtype_size(epic_ops_kv_dtype(ops)) *
@@ -291,7 +304,8 @@ int main(int argc, char **argv) {
          "\"decode_active_weight_bytes\":%.0f,\"decode_kv_bytes\":%.0f,"
          "\"decode_effective_GBps\":%.3f,"
          "\"copy_GBps\":%.3f,\"decode_bw_ratio\":%.4f,\"cuda_graphs\":%s,"
-         "\"join_weights\":\"%s\",\"graph_captures\":%lld,\"graph_replays\":%lld,"
+         "\"join_weights\":\"%s\",\"head_bf16\":\"%s (%s)\",\"graph_captures\":%lld,"
+         "\"graph_replays\":%lld,"
          "\"graph_record_ms\":%.3f}\n",
          dir, dev_name, dummy ? "dummy" : "safetensors", (long long)cfg->num_hidden_layers,
          (long long)cfg->n_routed_experts, cfg->quant.fp8 ? "true" : "false", threads, micro, B, P,
@@ -302,7 +316,8 @@ int main(int argc, char **argv) {
          1e3 * med * 61.0 / (double)cfg->num_hidden_layers, wbytes, kv_bytes,
          (wbytes + kv_bytes) / med / 1e9, bw, bw > 0 ? (wbytes + kv_bytes) / med / 1e9 / bw : 0.0,
          graphs && epic_ops_has_graphs(ops) ? "true" : "false",
-         join > 0 ? "on" : join < 0 ? "off" : "auto", (long long)ms.graph_captures,
+         tri_name(join), tri_name(head_bf16), epic_model_head_bf16(m) ? "bf16" : "fp32",
+         (long long)ms.graph_captures,
          (long long)ms.graph_replays, 1e3 * ms.graph_record_s);
   for (long i = 0; i < B; i++) epic_kvcache_seq_release(kc, &seqs[i]);
   epic_kvcache_destroy(kc);

@@ -35,8 +35,10 @@
  *    waiting).
  * 9: grouped_invariant appended (whether an expert's rows keep their results whatever
  *    group they land in: what expert re-placement needs, apart from MTP's whole-forward
- *    invariance). */
-#define EPIC_OPS_ABI_VERSION 9
+ *    invariance).
+ * 10: head_dtype and head_gemm_bf16 appended (the MLA absorption's per-head weights in bf16
+ *    where the backend wants them: half the bytes a decode step reads for them). */
+#define EPIC_OPS_ABI_VERSION 10
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -360,6 +362,18 @@ typedef struct epic_ops_vt {
    * (dtype, shape and block sizes; the data is not read) compute a row alike whatever
    * group, call or launch it lands in, at the backend's current settings. */
   int (*grouped_invariant)(epic_ops *o, const epic_weight *w);
+
+  /* ABI 10, optional (NULL: fp32). The element type this backend wants head_gemm's
+   * weights in, for weights stored now: EPIC_DT_BF16 (then head_gemm_bf16 exists) or
+   * EPIC_DT_F32. */
+  epic_dtype (*head_dtype)(epic_ops *o);
+  /* ABI 10, optional. head_gemm with A_h in bf16 (a: bf16 bits, ld_a_head in elements):
+   * fp32 x times the bf16 weights, summed in fp32. A backend may round x to bf16 too where
+   * it runs a call on bf16 tensor cores (CUDA: more than a few tokens; ops_cuda.h). */
+  epic_status (*head_gemm_bf16)(epic_ops *o, const float *x, int64_t ld_x_tok,
+                                int64_t ld_x_head, int64_t m, int64_t n_heads,
+                                const uint16_t *a, int64_t ld_a_head, int64_t k, int64_t n,
+                                int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */
@@ -386,6 +400,10 @@ void epic_ops_destroy(epic_ops *o);
 /* The latent-cache element type o wants (its kv_dtype); backends before ABI 5 have no such
  * slot and keep fp32 rows. Callers sizing caches check epic_kv_dtype_size() != 0. */
 epic_kv_dtype epic_ops_kv_dtype(epic_ops *o);
+
+/* The element type o wants head_gemm's weights in (ABI 10 head_dtype): EPIC_DT_BF16 only
+ * where head_gemm_bf16 exists; EPIC_DT_F32 otherwise. */
+epic_dtype epic_ops_head_dtype(epic_ops *o);
 
 /* Whether the backend has the ABI 6 device-side expert plan (moe_plan and
  * grouped_matmul_dev). */

@@ -31,7 +31,10 @@ typedef struct layer_w {
   /* q_a and kv_a in one block of backend memory (place_joined): one matmul of the
    * normed input for both; zeroed where they could not be joined (and on host backends). */
   epic_weight qkv_a;
-  float *kv_b_f32; /* kv_b dequantised [H*(nope+v)][lora] for the absorbed form */
+  /* kv_b dequantised [H*(nope+v)][lora] for the absorbed form, in fp32 or (head_bf16)
+   * rounded to bf16: one of the two is set. */
+  float *kv_b_f32;
+  uint16_t *kv_b_bf16;
   float *router_f32; /* GPU backends: the router weight in fp32 (see load_layer) */
   int moe;
   /* Dense MLP (moe == 0) or shared experts (moe && has_mlp). */
@@ -144,6 +147,7 @@ struct epic_model {
   size_t n_placed, cap_placed;
   int micro_batches; /* 1 or 2, see epic_model_set_micro_batches */
   int join_weights;  /* place_pair joins: epic_model_params.join_weights resolved */
+  int head_bf16;     /* kv_b_bf16 instead of kv_b_f32: epic_model_params.head_bf16 resolved */
   double router_skew; /* epic_model_params.router_skew */
   int64_t *expert_tokens; /* [n_routed_experts]: see epic_model_expert_tokens */
   /* Backend memory [(L + 1) * E]: the counts of the steps whose expert plan was built on
@@ -365,20 +369,28 @@ static epic_status load_mlp(epic_model *m, int64_t l, const char *prefix, int64_
   return place_weight(m, &w3[2]);
 }
 
-/* An fp32 copy of host weight w in backend memory (a derived buffer). */
-static epic_status f32_copy(epic_model *m, const epic_weight *w, float **out) {
-  const size_t bytes = (size_t)(w->rows * w->cols) * sizeof(float);
-  float *host = malloc(bytes ? bytes : 1);
+/* A copy of host weight w in backend memory (a derived buffer): dequantised to fp32, or
+ * with bf16 set also rounded to bf16 (to nearest even). */
+static epic_status derived_copy(epic_model *m, const epic_weight *w, int bf16, void **out) {
+  const size_t n = (size_t)(w->rows * w->cols), bytes = n * (bf16 ? 2 : sizeof(float));
+  float *host = malloc(n ? n * sizeof(float) : 1);
+  uint16_t *h16 = bf16 ? malloc(n ? bytes : 1) : NULL;
   epic_status st = EPIC_ERR_NOMEM;
   *out = NULL;
-  if (host) {
+  if (host && (h16 || !bf16)) {
     epic_weight_rows_f32(w, 0, w->rows, host);
-    st = m->ops->vt->alloc(m->ops, bytes, (void **)out);
-    if (st == EPIC_OK) st = m->ops->vt->upload(m->ops, *out, host, bytes);
-    free(host);
+    for (size_t i = 0; h16 && i < n; i++) h16[i] = epic_f32_to_bf16(host[i]);
+    st = m->ops->vt->alloc(m->ops, bytes, out);
+    if (st == EPIC_OK) st = m->ops->vt->upload(m->ops, *out, h16 ? (void *)h16 : host, bytes);
   }
+  free(host);
+  free(h16);
   if (st == EPIC_OK) m->derived_bytes += bytes;
   return st;
+}
+
+static epic_status f32_copy(epic_model *m, const epic_weight *w, float **out) {
+  return derived_copy(m, w, 0, (void **)out);
 }
 
 /* w's bytes (and block scales) in backend memory of their own; w is zeroed on failure. */
@@ -511,8 +523,11 @@ static epic_status load_layer(epic_model *m, int64_t l, int64_t slot, layer_w *l
     LNAME(name, l, "self_attn.kv_b_proj.weight");
     EPIC_CHECK(epic_checkpoint_weight(m->ck, name, H * dkv, L, &lw->kv_b)); /* host, placed below */
   }
-  /* The absorbed form multiplies by per-head slices of kv_b; keep one fp32 copy. */
-  EPIC_CHECK(f32_copy(m, &lw->kv_b, &lw->kv_b_f32));
+  /* The absorbed form multiplies by per-head slices of kv_b; keep one fp32 or bf16 copy. */
+  if (m->head_bf16)
+    EPIC_CHECK(derived_copy(m, &lw->kv_b, 1, (void **)&lw->kv_b_bf16));
+  else
+    EPIC_CHECK(f32_copy(m, &lw->kv_b, &lw->kv_b_f32));
   EPIC_CHECK(place_weight(m, &lw->kv_b));
   lw->moe = epic_config_is_moe_layer(c, l);
   if (!lw->moe) {
@@ -564,6 +579,7 @@ static void free_layer(epic_model *m, layer_w *lw) {
   o->vt->free(o, lw->q_a_norm);
   o->vt->free(o, lw->kv_a_norm);
   o->vt->free(o, lw->kv_b_f32);
+  o->vt->free(o, lw->kv_b_bf16);
   o->vt->free(o, lw->router_f32);
   o->vt->free(o, lw->router_bias);
   if (lw->experts)
@@ -754,6 +770,13 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
   m->progress = p->progress;
   m->router_skew = p->router_skew;
   m->join_weights = p->join_weights > 0 || (p->join_weights == 0 && !ops->vt->host_visible);
+  const int has_bf16 = ops->vt->abi_version >= 10 && ops->vt->head_gemm_bf16;
+  if (p->head_bf16 > 0 && !has_bf16) {
+    EPIC_LOG_ERROR("model: head_bf16: compute backend %s has no bf16 head_gemm", ops->vt->name);
+    free(m);
+    return EPIC_ERR_UNSUPPORTED;
+  }
+  m->head_bf16 = p->head_bf16 > 0 || (p->head_bf16 == 0 && epic_ops_head_dtype(ops) == EPIC_DT_BF16);
   if (p->router_skew != 0 && (p->load_format != EPIC_LOAD_DUMMY || !isfinite(p->router_skew))) {
     EPIC_LOG_ERROR("model: router_skew (synthetic routing skew) needs dummy weights and a finite value");
     free(m);
@@ -1076,6 +1099,8 @@ int epic_model_experts_invariant(epic_ops *ops, const epic_model_config *cfg) {
 }
 
 int epic_model_has_mtp(const epic_model *m) { return m->has_mtp; }
+int epic_model_head_bf16(const epic_model *m) { return m->head_bf16; }
+
 size_t epic_model_weight_bytes(const epic_model *m) {
   return epic_checkpoint_bytes(m->ck) + m->derived_bytes;
 }
@@ -1788,6 +1813,22 @@ static epic_status moe_end(fwd *f, micro_batch *b) {
                             m->comm ? s->tok_list : b->slot, s->w, s->y);
 }
 
+/* head_gemm of n tokens over the per-head slices of kv_b from element `at` of each
+ * head's [nope+v][lora] rows, in the type kv_b is kept in. */
+static epic_status kv_b_heads(epic_model *m, const layer_w *lw, const float *x, int64_t ld_tok,
+                              int64_t ld_head, int64_t n, int64_t at, int64_t k, int64_t cols,
+                              int trans, float *y, int64_t ldy_tok, int64_t ldy_head) {
+  epic_ops *o = m->ops;
+  const epic_model_config *c = &m->cfg;
+  const int64_t H = c->num_attention_heads;
+  const int64_t lda = (c->qk_nope_head_dim + c->v_head_dim) * c->kv_lora_rank;
+  if (lw->kv_b_bf16)
+    return o->vt->head_gemm_bf16(o, x, ld_tok, ld_head, n, H, lw->kv_b_bf16 + at, lda, k, cols,
+                                 trans, y, ldy_tok, ldy_head);
+  return o->vt->head_gemm(o, x, ld_tok, ld_head, n, H, lw->kv_b_f32 + at, lda, k, cols, trans, y,
+                          ldy_tok, ldy_head);
+}
+
 /* Absorbed attention for n rows r0.. of the work arrays, table rows t0.. of the plan
  * (absorbed() chunks of the micro-batch from its sequence i0 on): one batched cache store
  * and one absorbed-MLA launch for the whole run. */
@@ -1799,7 +1840,7 @@ static epic_status attention_decode(fwd *f, micro_batch *b, const layer_w *lw, i
   const epic_model_config *c = &m->cfg;
   const int64_t H = c->num_attention_heads, nope = c->qk_nope_head_dim;
   const int64_t R = c->qk_rope_head_dim, V = c->v_head_dim, L = c->kv_lora_rank;
-  const int64_t dq = nope + R, dkv = nope + V;
+  const int64_t dq = nope + R;
   const float *qs = s->q + r0 * H * dq;
   const epic_kv_view any = epic_kvcache_view(f->kc, kv_layer, b->seqs[i0].kv, 1);
   const epic_kv_batch kvb = {.pool = any.pool,
@@ -1815,12 +1856,11 @@ static epic_status attention_decode(fwd *f, micro_batch *b, const layer_w *lw, i
                                    L + R));
   /* Absorbed form: q_nope through W_UK, then every cached 576-wide (for V3) row
    * read once per head group, then W_UV. */
-  EPIC_CHECK(o->vt->head_gemm(o, qs, H * dq, dq, n, H, lw->kv_b_f32, dkv * L, nope, L, 0, s->q_abs,
-                              H * L, L));
+  EPIC_CHECK(kv_b_heads(m, lw, qs, H * dq, dq, n, 0, nope, L, 0, s->q_abs, H * L, L));
   EPIC_CHECK(o->vt->copy_rows(o, n * H, R, qs + nope, dq, NULL, s->q_pe, R, NULL));
   EPIC_CHECK(o->vt->mla_absorbed_batch(o, &kvb, n, s->q_abs, s->q_pe, H, m->scale, s->ctx));
-  return o->vt->head_gemm(o, s->ctx, H * L, L, n, H, lw->kv_b_f32 + nope * L, dkv * L, L, V, 1,
-                          s->attn_o + r0 * H * V, H * V, V);
+  return kv_b_heads(m, lw, s->ctx, H * L, L, n, nope * L, L, V, 1, s->attn_o + r0 * H * V, H * V,
+                    V);
 }
 
 /* MLA for the micro-batch: normed input s->a -> s->tmp (o_proj output). */

@@ -78,6 +78,11 @@ typedef struct epic_model_params {
    * algorithm by the weight's height (cuBLAS, the CPU's sgemm above
    * EPIC_OPS_CPU_FIXED_ORDER_ROWS rows) may order its sums differently (fp32 rounding). */
   int join_weights;
+  /* The absorbed attention's per-head kv_b slices kept in bf16 instead of fp32 (half the
+   * bytes a decode step reads for them, and half the memory): 0 = where the backend asks
+   * for it (epic_ops_head_dtype: CUDA's fast precision), < 0 = off, > 0 = on wherever the
+   * backend has a bf16 head_gemm (the CPU too; for tests; EPIC_ERR_UNSUPPORTED without). */
+  int head_bf16;
 } epic_model_params;
 
 /* ops is borrowed and must outlive the model. Errors are logged as one line
@@ -89,6 +94,8 @@ const epic_model_config *epic_model_get_config(const epic_model *m);
 /* The compute backend the model runs on (the ops passed to epic_model_load). */
 epic_ops *epic_model_ops(const epic_model *m);
 int epic_model_has_mtp(const epic_model *m);
+/* Whether the model keeps kv_b's per-head slices in bf16 (epic_model_params.head_bf16). */
+int epic_model_head_bf16(const epic_model *m);
 /* Whether ops computes a routed expert's rows alike whatever group they land in, for
  * the expert weights a checkpoint of cfg loads (FP8 with its block sizes, or BF16):
  * epic_ops_experts_invariant on their layouts. EPLB copies are on by default where it

@@ -377,6 +377,8 @@ static const epic_ops_vt epic_cpu_vt = {
     .kv_dtype = cpu_kv_dtype,
     .moe_plan = cpu_moe_plan,
     .grouped_matmul_dev = cpu_grouped_matmul_dev,
+    /* no head_dtype: fp32 weights unless a caller asks for bf16 (tests) */
+    .head_gemm_bf16 = epic_cpu_head_gemm_bf16,
 };
 
 epic_status epic_ops_cpu_create(int n_threads, epic_ops **out) {

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../../common/log.h"
@@ -122,12 +123,18 @@ epic_status epic_cpu_mla_absorbed(epic_ops *o, const epic_kv_view *kv, const flo
   return atomic_load(&failed) ? EPIC_ERR_NOMEM : EPIC_OK;
 }
 
+static epic_status head_gemm_args(int64_t m, int64_t n_heads, int64_t k, int64_t n,
+                                  const void *x, const void *a, const void *y) {
+  if (m < 0 || n_heads < 0 || k <= 0 || n < 0 || !x || !a || !y) return EPIC_ERR_INVALID;
+  return EPIC_OK;
+}
+
 epic_status epic_cpu_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
                                int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
                                int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
                                int64_t ld_y_head) {
   if (m == 0 || n_heads == 0 || n == 0) return EPIC_OK;
-  if (m < 0 || n_heads < 0 || k <= 0 || n < 0 || !x || !a || !y) return EPIC_ERR_INVALID;
+  EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y));
   epic_cpu_ops *c = epic_cpu_of(o);
   /* One token at a time: BLAS may pick other kernels (other summation orders) for
    * other row counts, and a token's result must not depend on how many sequences
@@ -139,4 +146,33 @@ epic_status epic_cpu_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, in
                   (int)k, 1.0f, x + t * ld_x_tok + h * ld_x_head, (int)k, a + h * ld_a_head,
                   trans ? (int)k : (int)n, 0.0f, y + t * ld_y_tok + h * ld_y_head, (int)n);
   return EPIC_OK;
+}
+
+/* The bf16 weights of each head widened to fp32 once (exactly), then every token as
+ * epic_cpu_head_gemm multiplies it: the same sums as the fp32 op on the widened weights. */
+epic_status epic_cpu_head_gemm_bf16(epic_ops *o, const float *x, int64_t ld_x_tok,
+                                    int64_t ld_x_head, int64_t m, int64_t n_heads,
+                                    const uint16_t *a, int64_t ld_a_head, int64_t k, int64_t n,
+                                    int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head) {
+  if (m == 0 || n_heads == 0 || n == 0) return EPIC_OK;
+  EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y));
+  epic_cpu_ops *c = epic_cpu_of(o);
+  atomic_int failed = 0;
+#pragma omp parallel num_threads(c->n_threads) if (n_heads > 1)
+  {
+    float *wf = malloc((size_t)(k * n) * sizeof(float));
+    if (!wf) atomic_store(&failed, 1);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t h = 0; h < n_heads; h++) {
+      if (!wf) continue;
+      const uint16_t *ah = a + h * ld_a_head;
+      for (int64_t i = 0; i < k * n; i++) wf[i] = epic_bf16_to_f32(ah[i]);
+      for (int64_t t = 0; t < m; t++)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, trans ? CblasTrans : CblasNoTrans, 1, (int)n,
+                    (int)k, 1.0f, x + t * ld_x_tok + h * ld_x_head, (int)k, wf,
+                    trans ? (int)k : (int)n, 0.0f, y + t * ld_y_tok + h * ld_y_head, (int)n);
+    }
+    free(wf);
+  }
+  return atomic_load(&failed) ? EPIC_ERR_NOMEM : EPIC_OK;
 }

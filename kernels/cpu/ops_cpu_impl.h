@@ -52,6 +52,10 @@ epic_status epic_cpu_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, in
                                int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
                                int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
                                int64_t ld_y_head);
+epic_status epic_cpu_head_gemm_bf16(epic_ops *o, const float *x, int64_t ld_x_tok,
+                                    int64_t ld_x_head, int64_t m, int64_t n_heads,
+                                    const uint16_t *a, int64_t ld_a_head, int64_t k, int64_t n,
+                                    int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head);
 epic_status epic_cpu_route(epic_ops *o, const float *logits, int64_t m, const epic_router_params *p,
                            int32_t *idx, float *weight);
 

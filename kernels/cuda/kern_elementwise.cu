@@ -343,47 +343,76 @@ __device__ float block_max(float v, float *red) {
   return r;
 }
 
-__global__ void k_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t n, const float *w,
-                          float eps, float *y, int64_t ldy) {
-  __shared__ double red[kThreads / 32];
+// RMSNorm, one CTA per row. A row's sum of squares is defined by VIRT "virtual threads":
+// virtual thread v adds the squares of columns v, v + VIRT, v + 2 VIRT, ... in that order,
+// each virtual warp's 32 partial sums meet in a shuffle tree, then the VIRT / 32 warp sums
+// are added in warp order. Rows up to 8 x kThreads columns use VIRT = kThreads; wider ones
+// VIRT = kNormWide, so that a decode row (7,168 columns for V3's hidden size) is read in
+// one round of eight loads per thread instead of four dependent ones. VIRT depends on the
+// width alone; TPB, the real threads, on the row count too: many rows run 256 threads, each
+// standing in for VIRT / TPB virtual ones (virtual warps w, w + TPB / 32, ...), one row
+// 1024. Both give the same bits, so a row's result never depends on the rows beside it.
+constexpr int kNormWide = 1024;
+constexpr int64_t kNormFewRows = 256; // up to this many wide rows: 1024 real threads
+
+template <int TPB, int VIRT>
+__global__ void __launch_bounds__(TPB) k_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t n,
+                                                 const float *w, float eps, float *y, int64_t ldy) {
+  constexpr int VPT = VIRT / TPB, NW = TPB / 32;
+  __shared__ double red[VIRT / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t i = blockIdx.x; i < m; i += gridDim.x) {
     const float *xi = x + i * ldx;
-    double ss = 0.0;
-    // Eight loads in flight, then added in column order (the order of a plain loop): a
-    // decode row is one CTA, which would otherwise wait one memory latency per column.
-    for (int64_t j0 = threadIdx.x; j0 < n; j0 += 8 * (int64_t)blockDim.x) {
-      float xv[8];
+    double ss[VPT];
 #pragma unroll
-      for (int u = 0; u < 8; u++) {
-        const int64_t j = j0 + u * (int64_t)blockDim.x;
-        xv[u] = j < n ? xi[j] : 0.0f;
+    for (int q = 0; q < VPT; q++) {
+      ss[q] = 0.0;
+      // Eight loads in flight, then added in column order: a decode row is one CTA, which
+      // would otherwise wait one memory latency per column.
+      for (int64_t j0 = (warp + NW * q) * 32 + lane; j0 < n; j0 += 8 * (int64_t)VIRT) {
+        float xv[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          const int64_t j = j0 + u * (int64_t)VIRT;
+          xv[u] = j < n ? xi[j] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++)
+          if (j0 + u * (int64_t)VIRT < n)
+            ss[q] += (double)xv[u] * (double)xv[u];
       }
 #pragma unroll
-      for (int u = 0; u < 8; u++)
-        if (j0 + u * (int64_t)blockDim.x < n)
-          ss += (double)xv[u] * (double)xv[u];
+      for (int o = 16; o > 0; o >>= 1)
+        ss[q] += __shfl_xor_sync(0xffffffffu, ss[q], o);
     }
-    ss = block_sum(ss, red);
-    const double r = 1.0 / sqrt(ss / (double)n + (double)eps);
-    float *yi = y + i * ldy; // may alias xi: every read of the row happened before block_sum
+    __syncthreads(); // the previous row is done with red
+    if (lane == 0)
+#pragma unroll
+      for (int q = 0; q < VPT; q++)
+        red[warp + NW * q] = ss[q];
+    __syncthreads();
+    double tot = 0.0;
+    for (int k = 0; k < VIRT / 32; k++)
+      tot += red[k];
+    const double r = 1.0 / sqrt(tot / (double)n + (double)eps);
+    float *yi = y + i * ldy; // may alias xi: every read of the row happened before the sync
     // Eight loads before eight stores: y may alias x, so the compiler cannot hoist a later
     // load above an earlier store by itself, which would serialise one row on latency.
-    for (int64_t j0 = threadIdx.x; j0 < n; j0 += 8 * (int64_t)blockDim.x) {
+    for (int64_t j0 = threadIdx.x; j0 < n; j0 += 8 * (int64_t)TPB) {
       float xv[8], wv[8];
 #pragma unroll
       for (int u = 0; u < 8; u++) {
-        const int64_t j = j0 + u * (int64_t)blockDim.x;
+        const int64_t j = j0 + u * (int64_t)TPB;
         xv[u] = j < n ? xi[j] : 0.0f;
         wv[u] = j < n ? w[j] : 0.0f;
       }
 #pragma unroll
       for (int u = 0; u < 8; u++) {
-        const int64_t j = j0 + u * (int64_t)blockDim.x;
+        const int64_t j = j0 + u * (int64_t)TPB;
         if (j < n)
           yi[j] = (float)((double)wv[u] * ((double)xv[u] * r));
       }
     }
-    __syncthreads();
   }
 }
 
@@ -728,7 +757,13 @@ cudaError_t epic_cuk_pad_rows_f32(const float *s, int64_t nbr, int64_t nbc, int6
 
 cudaError_t epic_cuk_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t n, const float *w,
                              float eps, float *y, int64_t ldy, cudaStream_t st) {
-  k_rmsnorm<<<grid_rows(m), kThreads, 0, st>>>(x, ldx, m, n, w, eps, y, ldy);
+  if (n <= 8 * kThreads)
+    k_rmsnorm<kThreads, kThreads><<<grid_rows(m), kThreads, 0, st>>>(x, ldx, m, n, w, eps, y, ldy);
+  else if (m <= kNormFewRows)
+    k_rmsnorm<kNormWide, kNormWide>
+        <<<grid_rows(m), kNormWide, 0, st>>>(x, ldx, m, n, w, eps, y, ldy);
+  else
+    k_rmsnorm<kThreads, kNormWide><<<grid_rows(m), kThreads, 0, st>>>(x, ldx, m, n, w, eps, y, ldy);
   return cudaGetLastError();
 }
 

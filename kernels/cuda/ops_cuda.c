@@ -393,6 +393,12 @@ static int cuda_grouped_invariant(epic_ops *o, const epic_weight *w) {
          c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA && epic_cuk_fp8_wgmma_layout_ok(w);
 }
 
+/* bf16 absorption weights in fast mode (half the bytes a decode step reads for them; the
+ * MLA kernels round q_abs and P to bf16 there anyway), fp32 in exact mode. */
+static epic_dtype cuda_head_dtype(epic_ops *o) {
+  return epic_cuda_of(o)->exact_matmul ? EPIC_DT_F32 : EPIC_DT_BF16;
+}
+
 /* bf16 rows in fast mode (half the bytes every decode step streams), fp32 in exact mode
  * (the cache then keeps what the fp32 reference keeps). */
 static epic_kv_dtype cuda_kv_dtype(epic_ops *o) {
@@ -624,6 +630,8 @@ static const epic_ops_vt epic_cuda_vt = {
     .upload_async = cuda_upload_async,
     .queue = cuda_queue,
     .grouped_invariant = cuda_grouped_invariant,
+    .head_dtype = cuda_head_dtype,
+    .head_gemm_bf16 = epic_cuda_head_gemm_bf16,
 };
 
 /* An environment switch between two values: 1 when `name` is `second`, 0 when it is unset,

@@ -42,8 +42,14 @@
  *   operands, fp32-level accuracy) at about 1.7x the time. Reductions run in a fixed
  *   order, so results are reproducible. Longer query runs, other bf16 row widths and
  *   mla_naive use cuBLAS GEMMs on rows gathered to fp32: on TF32 tensor cores in the fast
- *   precision (about 1e-3 relative), in fp32 under EPIC_CUDA_MLA_EXACT; head_gemm is
- *   always fp32.
+ *   precision (about 1e-3 relative), in fp32 under EPIC_CUDA_MLA_EXACT.
+ * - head_gemm: fp32 weights, fp32 cuBLAS. head_dtype is BF16 in the fast precision (the
+ *   model then keeps kv_b's per-head slices in bf16, ABI 10) and F32 in the exact one.
+ *   head_gemm_bf16 of up to EPIC_CUDA_HEAD_KERNEL_MAX_M tokens, where every weight row is
+ *   whole 16-byte units (8 bf16) from a 16-byte aligned start, reads the weights once
+ *   against fp32 x (sums in an order fixed by the shape, so a token's result does not
+ *   depend on the tokens beside it); more tokens go to cuBLAS's bf16 batched GEMM with x
+ *   rounded to bf16.
  * - rmsnorm, rope and route reduce in double like the CPU reference; route is
  *   deterministic and picks the same experts as the CPU backend.
  *
@@ -56,6 +62,9 @@
 #include <stdint.h>
 
 #include "../ops.h"
+
+/* head_gemm_bf16's decode kernel takes calls of up to this many tokens (see above). */
+#define EPIC_CUDA_HEAD_KERNEL_MAX_M 8
 
 /* Number of CUDA devices usable here (0 when there is no driver or no GPU). Never fails. */
 int epic_cuda_device_count(void);

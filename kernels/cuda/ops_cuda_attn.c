@@ -321,21 +321,70 @@ epic_status epic_cuda_mla_absorbed_batch(epic_ops *o, const epic_kv_batch *kv, i
   return st;
 }
 
+/* head_gemm's argument checks: EPIC_OK, EPIC_ERR_INVALID, or EPIC_ERR_UNSUPPORTED where
+ * cuBLAS's int dimensions cannot hold the call. */
+static epic_status head_gemm_args(int64_t m, int64_t n_heads, int64_t k, int64_t n,
+                                  const void *x, const void *a, const void *y, int64_t ldx,
+                                  int64_t ldy) {
+  if (m < 0 || n_heads < 0 || k <= 0 || n < 0 || !x || !a || !y)
+    return EPIC_ERR_INVALID;
+  if (ldx > INT_MAX || ldy > INT_MAX || m > INT_MAX || k > INT_MAX || n > INT_MAX ||
+      n_heads > INT_MAX)
+    return EPIC_ERR_UNSUPPORTED;
+  return EPIC_OK;
+}
+
 epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
                                 int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
                                 int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
                                 int64_t ld_y_head) {
   if (m == 0 || n_heads == 0 || n == 0)
     return EPIC_OK;
-  if (m < 0 || n_heads < 0 || k <= 0 || n < 0 || !x || !a || !y)
-    return EPIC_ERR_INVALID;
   /* cuBLAS rejects leading dimensions below the row length even when m == 1. */
   const int64_t ldx = m > 1 ? ld_x_tok : k, ldy = m > 1 ? ld_y_tok : n;
-  if (ldx > INT_MAX || ldy > INT_MAX || m > INT_MAX || k > INT_MAX || n > INT_MAX)
-    return EPIC_ERR_UNSUPPORTED;
+  EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y, ldx, ldy));
   /* y_h^T (n x m) = op(A_h) (n x k) . x_h^T (k x m); A_h row-major [k][n] is the
    * column-major n x k matrix (op N), row-major [n][k] the column-major k x n (op T). */
   /* Full fp32: decode-sized (a few rows per head), where TF32 would buy little. */
   return gemm_sb(epic_cuda_of(o), 0, trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, 1.0f, a,
                  trans ? k : n, ld_a_head, x, ldx, ld_x_head, 0.0f, y, ldy, ld_y_head, n_heads);
+}
+
+/* Up to EPIC_CUK_HEAD_MAX_M tokens (decode of small batches): kern_head_gemm.cu reads the
+ * bf16 weights once with fp32 x. More tokens: x rounded to bf16 into act (dense
+ * [m][n_heads][k]) and cuBLAS's bf16 batched GEMM with fp32 sums, where the weights are
+ * read once per tile of tokens anyway. */
+epic_status epic_cuda_head_gemm_bf16(epic_ops *o, const float *x, int64_t ld_x_tok,
+                                     int64_t ld_x_head, int64_t m, int64_t n_heads,
+                                     const uint16_t *a, int64_t ld_a_head, int64_t k, int64_t n,
+                                     int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head) {
+  if (m == 0 || n_heads == 0 || n == 0)
+    return EPIC_OK;
+  const int64_t ldb = n_heads * k, ldy = m > 1 ? ld_y_tok : n;
+  EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y, ldb, ldy));
+  epic_cuda_ops *c = epic_cuda_of(o);
+  if (epic_cuk_head_bf16_ok(m, n_heads, a, ld_a_head, k, n, trans))
+    return epic_cuda_check(epic_cuk_head_bf16(x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k,
+                                              n, trans, y, ld_y_tok, ld_y_head, c->stream),
+                           "head_gemm_bf16");
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(m * ldb) * 2));
+  uint16_t *xb = c->act.p;
+  if (ld_x_tok == n_heads * ld_x_head) /* every (token, head) row at one stride */
+    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x, ld_x_head, NULL, m * n_heads, k, xb, c->stream),
+                    "head_gemm_bf16: round x");
+  else
+    for (int64_t t = 0; t < m; t++)
+      EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x + t * ld_x_tok, ld_x_head, NULL, n_heads, k,
+                                           xb + t * ldb, c->stream),
+                      "head_gemm_bf16: round x");
+  const float one = 1.0f, zero = 0.0f;
+  /* As head_gemm: y_h^T (n x m) = op(A_h) (n x k) . x_h^T (k x m), x_h^T now bf16 with
+   * columns n_heads * k apart. */
+  EPIC_CHECK_CUBLAS(cublasGemmStridedBatchedEx(
+                        c->blas, trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, (int)n, (int)m,
+                        (int)k, &one, a, CUDA_R_16BF, (int)(trans ? k : n), ld_a_head, xb,
+                        CUDA_R_16BF, (int)ldb, k, &zero, y, CUDA_R_32F, (int)ldy, ld_y_head,
+                        (int)n_heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                    "strided batched GEMM (bf16 head weights)");
+  return EPIC_OK;
 }

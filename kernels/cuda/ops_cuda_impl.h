@@ -167,6 +167,10 @@ epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, i
                                 int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
                                 int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
                                 int64_t ld_y_head);
+epic_status epic_cuda_head_gemm_bf16(epic_ops *o, const float *x, int64_t ld_x_tok,
+                                     int64_t ld_x_head, int64_t m, int64_t n_heads,
+                                     const uint16_t *a, int64_t ld_a_head, int64_t k, int64_t n,
+                                     int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head);
 
 /* ------------------------------------------------------------------ launchers */
 
@@ -201,6 +205,16 @@ cudaError_t epic_cuk_quant_fp8_groups(const float *x, int64_t ldx, const int32_t
 /* FP8 (block-scaled) weight times m <= 4 fp32 tokens staged in shared memory: W is read
  * once with 16-byte loads, products in fp32 (no activation rounding). */
 enum { EPIC_CUK_SKINNY_MAX_M = 4 };
+/* head_gemm_bf16 at up to EPIC_CUK_HEAD_MAX_M tokens (kern_head_gemm.cu): the weights read
+ * once, fp32 x, fp32 sums in an order fixed by the shape. _ok: the shape and alignment it
+ * takes (every head's rows 16-byte aligned; x of one head in 48 KB of shared memory). */
+enum { EPIC_CUK_HEAD_MAX_M = EPIC_CUDA_HEAD_KERNEL_MAX_M };
+int epic_cuk_head_bf16_ok(int64_t m, int64_t n_heads, const void *a, int64_t ld_a_head, int64_t k,
+                          int64_t n, int trans);
+cudaError_t epic_cuk_head_bf16(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int64_t m,
+                               int64_t n_heads, const uint16_t *a, int64_t ld_a_head, int64_t k,
+                               int64_t n, int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head,
+                               cudaStream_t st);
 int epic_cuk_fp8_skinny_ok(const epic_weight *w, int64_t m);
 cudaError_t epic_cuk_fp8_skinny_prepare(void);
 cudaError_t epic_cuk_fp8_skinny(const float *x, int64_t ldx, int64_t m, const epic_weight *w,

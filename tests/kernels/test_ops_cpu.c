@@ -777,6 +777,27 @@ static void test_head_gemm(void **state) {
           expect_close("head_gemm", (size_t)j, y[t * ldyt + h * ldyh + j], acc, 8, 1e-6);
         }
   }
+  /* bf16 weights: the same sums over the weights' exact fp32 values. */
+  uint16_t *ab = malloc((size_t)(H * lda) * 2);
+  for (int64_t i = 0; i < H * lda; i++) ab[i] = epic_f32_to_bf16(a[i]);
+  for (int trans = 0; trans < 2; trans++) {
+    assert_int_equal(g_ops->vt->head_gemm_bf16(g_ops, x, ldxt, ldxh, m, H, ab, lda, k, n, trans, y,
+                                               ldyt, ldyh),
+                     EPIC_OK);
+    for (int64_t t = 0; t < m; t++)
+      for (int64_t h = 0; h < H; h++)
+        for (int64_t j = 0; j < n; j++) {
+          double acc = 0;
+          for (int64_t i = 0; i < k; i++)
+            acc += (double)x[t * ldxt + h * ldxh + i] *
+                   epic_bf16_to_f32(ab[h * lda + (trans ? j * k + i : i * n + j)]);
+          expect_close("head_gemm_bf16", (size_t)j, y[t * ldyt + h * ldyh + j], acc, 8, 1e-6);
+        }
+  }
+  assert_int_equal(g_ops->vt->head_gemm_bf16(g_ops, x, ldxt, ldxh, m, H, NULL, lda, k, n, 0, y,
+                                             ldyt, ldyh),
+                   EPIC_ERR_INVALID);
+  free(ab);
   free(x);
   free(a);
   free(y);

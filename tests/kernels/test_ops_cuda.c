@@ -1063,8 +1063,9 @@ static void test_moe_plan(void **state) {
 
 static void test_rmsnorm(void **state) {
   (void)state;
-  static const int64_t ns[] = {7, 512, 1536, 7168};
-  for (size_t k = 0; k < 4; k++) {
+  /* 256 threads per row up to 2048 columns, 1024 beyond (one round to 8192, then more) */
+  static const int64_t ns[] = {7, 512, 1536, 2048, 2049, 7168, 20000};
+  for (size_t k = 0; k < sizeof ns / sizeof ns[0]; k++) {
     const int64_t n = ns[k], m = 5, ld = n + 3;
     const size_t sz = (size_t)(m * ld) * 4;
     float *x = xmalloc(sz), *y = xmalloc(sz), *ref = xmalloc(sz), *w = xmalloc((size_t)n * 4);
@@ -1080,6 +1081,13 @@ static void test_rmsnorm(void **state) {
     char what[64];
     snprintf(what, sizeof what, "rmsnorm n=%lld", (long long)n);
     check_err(what, rel_err2d(y, ld, ref, ld, m, n), 1e-5);
+    /* a row alone (a decode step) as among others, bit for bit */
+    float *one = xmalloc((size_t)n * 4);
+    poison(dy, sz);
+    assert_int_equal(g_gpu->vt->rmsnorm(g_gpu, dx + 2 * ld, ld, 1, n, dw, 1e-6f, dy, ld), EPIC_OK);
+    fetch(one, dy, (size_t)n * 4);
+    assert_memory_equal(one, y + 2 * ld, (size_t)n * 4);
+    free(one);
     /* in place */
     assert_int_equal(g_gpu->vt->rmsnorm(g_gpu, dx, ld, m, n, dw, 1e-6f, dx, ld), EPIC_OK);
     fetch(y, dx, sz);
@@ -1092,6 +1100,28 @@ static void test_rmsnorm(void **state) {
     free(ref);
     free(w);
   }
+  /* Many wide rows run fewer real threads per row (ops_cuda: each stands in for several of
+   * the one-row kernel's), with the same sums: any row equals it computed alone. */
+  const int64_t m = 300, n = 7168;
+  const size_t sz = (size_t)(m * n) * 4;
+  float *x = xmalloc(sz), *y = xmalloc(sz), *w = xmalloc((size_t)n * 4), *one = xmalloc(n * 4);
+  fill(x, (size_t)(m * n), 3.0f);
+  fill(w, (size_t)n, 1.0f);
+  float *dx = dup_dev(x, sz), *dw = dup_dev(w, (size_t)n * 4), *dy = dalloc(sz);
+  assert_int_equal(g_gpu->vt->rmsnorm(g_gpu, dx, n, m, n, dw, 1e-6f, dy, n), EPIC_OK);
+  fetch(y, dy, sz);
+  for (int64_t r = 0; r < m; r += 37) {
+    assert_int_equal(g_gpu->vt->rmsnorm(g_gpu, dx + r * n, n, 1, n, dw, 1e-6f, dy, n), EPIC_OK);
+    fetch(one, dy, (size_t)n * 4);
+    assert_memory_equal(one, y + r * n, (size_t)n * 4);
+  }
+  dfree(dx);
+  dfree(dw);
+  dfree(dy);
+  free(x);
+  free(y);
+  free(w);
+  free(one);
 }
 
 static void test_rope(void **state) {
@@ -2030,6 +2060,73 @@ static void test_head_gemm(void **state) {
     }
 }
 
+/* head_gemm_bf16 against the CPU's on the same bf16 weights: up to
+ * EPIC_CUDA_HEAD_KERNEL_MAX_M tokens with 16-byte weight rows on the decode kernel (fp32 x,
+ * so the sums differ by order only), else on cuBLAS with x rounded to bf16; on the kernel
+ * each token's result alone equals it among the call's others, bit for bit. */
+static void test_head_gemm_bf16(void **state) {
+  (void)state;
+  static const int64_t shapes[][4] = {{1, 128, 128, 512}, {3, 128, 512, 128}, {8, 16, 128, 512},
+                                      {5, 7, 40, 24},     {20, 128, 128, 512}, {2, 5, 9, 3}};
+  for (int s = 0; s < 6; s++)
+    for (int trans = 0; trans < 2; trans++) {
+      const int64_t m = shapes[s][0], H = shapes[s][1], k = shapes[s][2], n = shapes[s][3];
+      const int64_t ldxh = k + 2, ldxt = H * ldxh + 1, ldyh = n + 1, ldyt = H * ldyh + 3;
+      const int64_t lda = k * n + 8;
+      const size_t sx = (size_t)(m * ldxt), sa = (size_t)(H * lda), sy = (size_t)(m * ldyt);
+      float *x = xmalloc(sx * 4), *af = xmalloc(sa * 4), *y = xmalloc(sy * 4),
+            *ref = xmalloc(sy * 4), *one = xmalloc(sy * 4);
+      uint16_t *a = xmalloc(sa * 2);
+      fill(x, sx, 1.0f);
+      fill(af, sa, 1.0f);
+      for (size_t i = 0; i < sa; i++)
+        a[i] = epic_f32_to_bf16(af[i]);
+      memset(ref, 0, sy * 4);
+      float *dx = dup_dev(x, sx * 4), *dy = dalloc(sy * 4);
+      uint16_t *da = dup_dev(a, sa * 2);
+      poison(dy, sy * 4);
+      assert_int_equal(g_gpu->vt->head_gemm_bf16(g_gpu, dx, ldxt, ldxh, m, H, da, lda, k, n, trans,
+                                                 dy, ldyt, ldyh),
+                       EPIC_OK);
+      fetch(y, dy, sy * 4);
+      assert_int_equal(g_cpu->vt->head_gemm_bf16(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans,
+                                                 ref, ldyt, ldyh),
+                       EPIC_OK);
+      double num = 0, den = 0;
+      for (int64_t t = 0; t < m; t++)
+        for (int64_t h = 0; h < H; h++)
+          for (int64_t j = 0; j < n; j++) {
+            const double g = y[t * ldyt + h * ldyh + j], r = ref[t * ldyt + h * ldyh + j];
+            num += isfinite(g) ? (g - r) * (g - r) : INFINITY;
+            den += r * r;
+          }
+      const int kernel = m <= EPIC_CUDA_HEAD_KERNEL_MAX_M && (trans ? k : n) % 8 == 0;
+      char what[112];
+      snprintf(what, sizeof what, "head_gemm_bf16 m=%lld H=%lld k=%lld n=%lld trans=%d (%s)",
+               (long long)m, (long long)H, (long long)k, (long long)n, trans,
+               kernel ? "kernel" : "cuBLAS");
+      check_err(what, sqrt(num / den), kernel ? 1e-6 : 4e-3);
+      for (int64_t t = 0; kernel && t < m; t++) {
+        poison(dy, sy * 4);
+        assert_int_equal(g_gpu->vt->head_gemm_bf16(g_gpu, dx + t * ldxt, ldxt, ldxh, 1, H, da, lda,
+                                                   k, n, trans, dy, ldyt, ldyh),
+                         EPIC_OK);
+        fetch(one, dy, (size_t)ldyt * 4);
+        for (int64_t h = 0; h < H; h++)
+          assert_memory_equal(one + h * ldyh, y + t * ldyt + h * ldyh, (size_t)n * 4);
+      }
+      dfree(dx);
+      dfree(da);
+      dfree(dy);
+      free(x);
+      free(af);
+      free(a);
+      free(y);
+      free(ref);
+      free(one);
+    }
+}
+
 int main(void) {
   if (epic_cuda_device_count() <= 0) {
     printf("SKIP: no CUDA device\n");
@@ -2049,7 +2146,8 @@ int main(void) {
       cmocka_unit_test(test_grouped_rows_gather),
       cmocka_unit_test(test_moe_plan),
       cmocka_unit_test(test_row_pick),
-      cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_mla),
+      cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_head_gemm_bf16),
+      cmocka_unit_test(test_mla),
       cmocka_unit_test(test_kv_bf16),   cmocka_unit_test(test_mla_bf16),
   };
   return cmocka_run_group_tests_name("ops_cuda", tests, setup, teardown);

@@ -319,6 +319,70 @@ static void test_joined_weights(void **state) {
   free(lb);
 }
 
+/* The absorbed attention's kv_b slices in bf16 (epic_model_params.head_bf16, CUDA's fast
+ * default) through the CPU's bf16 head_gemm: each case's prompt, then its continuation
+ * teacher-forced in steps of 1 and 3 tokens (the absorbed form, which reads those slices),
+ * every logit within HEAD_BF16_TOL of the float64 reference (the weights' rounding, 2^-9
+ * relative, is the only change: none on tiny-bf16, whose kv_b is bf16 already, a few 1e-2
+ * on tiny-fp8's block-scaled one) and the same top-1 wherever the reference's top-1/top-2
+ * margin exceeds twice that; and the bf16 copies take half the bytes of the fp32 ones (so
+ * the model did keep them). */
+#define HEAD_BF16_TOL 0.1
+static void test_head_bf16(void **state) {
+  fixture *f = *state;
+  char dir[1024];
+  epic_test_path(dir, sizeof dir, f->model);
+  epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_mtp = 1, .head_bf16 = 1};
+  epic_model *hb = NULL;
+  assert_int_equal(epic_model_load(f->ops, &mp, &hb), EPIC_OK);
+  const epic_model_config *cfg = epic_model_get_config(f->m);
+  const size_t kv_b = (size_t)(cfg->num_attention_heads *
+                               (cfg->qk_nope_head_dim + cfg->v_head_dim) * cfg->kv_lora_rank);
+  const size_t layers = (size_t)cfg->num_hidden_layers + (epic_model_has_mtp(f->m) ? 1 : 0);
+  assert_int_equal(epic_model_weight_bytes(f->m) - epic_model_weight_bytes(hb), layers * kv_b * 2);
+  double worst = 0;
+  for (int i = 0; i < f->n_cases; i++) {
+    tcase *c = &f->cases[i];
+    const int64_t n = c->n_prompt + c->n_gen - 1;
+    int32_t *toks = malloc((size_t)n * sizeof *toks);
+    float *lg = malloc((size_t)(n * f->V) * 4);
+    assert_non_null(toks);
+    assert_non_null(lg);
+    memcpy(toks, c->prompt, (size_t)c->n_prompt * sizeof *toks);
+    memcpy(toks + c->n_prompt, c->gen, (size_t)(c->n_gen - 1) * sizeof *toks);
+    epic_kvcache *kc;
+    assert_int_equal(epic_model_kvcache_create(hb, 0, 16, 64, &kc), EPIC_OK);
+    epic_kv_seq sq = {0};
+    for (int64_t pos = 0, step = 0; pos < n; step++) {
+      int64_t len = pos == 0 ? c->n_prompt : (step % 2 ? 1 : 3);
+      len = len < n - pos ? len : n - pos;
+      epic_seq_batch b = {
+          .tokens = toks + pos, .n_tokens = len, .start = pos, .kv = &sq, .all_logits = 1};
+      assert_int_equal(epic_model_forward(hb, kc, &b, 1, lg + pos * f->V, NULL), EPIC_OK);
+      pos += len;
+    }
+    for (int64_t p = 0; p < n; p++) {
+      const double d = max_abs_diff(lg + p * f->V, ref_row(f, c, p), f->V);
+      if (!(d <= HEAD_BF16_TOL))
+        fail_msg("%s %s: bf16 kv_b: row %lld: max |dlogit| %g", f->model, c->name, (long long)p, d);
+      const float *ref = ref_row(f, c, p);
+      const int32_t top = epic_argmax(ref, f->V);
+      float second = -INFINITY;
+      for (int64_t v = 0; v < f->V; v++)
+        if (v != top && ref[v] > second) second = ref[v];
+      if (ref[top] - second > 2 * HEAD_BF16_TOL)
+        assert_int_equal(epic_argmax(lg + p * f->V, f->V), top);
+      worst = d > worst ? d : worst;
+    }
+    epic_kvcache_seq_release(kc, &sq);
+    epic_kvcache_destroy(kc);
+    free(toks);
+    free(lg);
+  }
+  print_message("%s: kv_b in bf16: max |dlogit| %.3g against the reference\n", f->model, worst);
+  epic_model_destroy(hb);
+}
+
 /* All cases in one batch: chunked prefill (chunks of 7) running beside other
  * sequences' decode steps, with tiny pages, then greedy decoding together;
  * every row must match the reference as when run alone. */
@@ -753,6 +817,7 @@ int main(void) {
       cmocka_unit_test(test_incremental_equals_full),
       cmocka_unit_test(test_short_chunk_equals_decode),
       cmocka_unit_test(test_joined_weights),
+      cmocka_unit_test(test_head_bf16),
       cmocka_unit_test(test_batched_mixed),
       cmocka_unit_test(test_cache_full_is_clean),
       cmocka_unit_test(test_micro_batches_mixed),
