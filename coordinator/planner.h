@@ -51,9 +51,13 @@
  *           + T * ( 2 * (6*D + H*(qk_head_dim + v_head_dim) + 2*top_k*D
  *                        + 3*max(intermediate_size, top_k*moe_intermediate_size))
  *                   + 4 * vocab_size )
+ *           + per layer 2 * H*(qk_nope_head_dim + v_head_dim)*kv_lora_rank
+ *           + per MoE (and MTP) layer 4 * E*D
  *   with T = max_batch_tokens: bf16 hidden-state buffers, the per-head q/k/v of the
  *   naive prefill form, the MoE dispatch + combine buffers, the widest FFN
- *   intermediate (gate, up, product) and fp32 logits for every token of a step.
+ *   intermediate (gate, up, product) and fp32 logits for every token of a step; then the
+ *   model's derived copies: kv_b's per-head slices in bf16 (the absorbed attention) and
+ *   the router in fp32.
  * KV cache: (kv_lora_rank + qk_rope_head_dim) * kv_elem_bytes (default 2: BF16) per token per attention
  *   layer (num_hidden_layers, plus the MTP layers when planned); kv_tokens =
  *   kv_budget / that.
