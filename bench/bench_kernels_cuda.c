@@ -76,6 +76,7 @@ static int g_quick;
  * (epic_cuda_mla_bf16_kernel), bit 4 the fp32 cache under TF32 and 3xTF32. Default: the
  * fp32 rows, the default bf16 kernel (wgmma) and its all-mma.sync variant. */
 static unsigned g_mla_kinds = 0x19;
+static int g_mla_splits[8], g_n_mla_splits; /* --mla-split: bf16 rows at these split counts too */
 #define L2_ROTATE_BYTES ((size_t)160 << 20)
 
 /* ------------------------------------------------------------ random data */
@@ -688,24 +689,34 @@ static void bench_mla(FILE *js, int64_t n_seq, int64_t ctx_len, epic_kv_dtype dt
       CKE(epic_ops_cuda_set_mla_precision(g_ops, (epic_cuda_mla_precision)mode));
       name = mode ? "3xtf32" : "tf32";
     }
-    const double sec = time_calls(run_mla, &c);
-    const double bytes = (double)seq_bytes + (double)(n_seq * H * (width + lora)) * 4;
-    const double flop = 2.0 * (double)n_seq * ctx_len * H * (width + lora);
-    const double gbps = bytes / sec * 1e-9;
-    fprintf(js,
-            "%s\n    {\"batch\": %lld, \"ctx\": %lld, \"kv_dtype\": \"%s\", \"precision\": \"%s\", "
-            "\"us\": %.2f, \"gbps\": %.1f, \"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f, "
-            "\"tflops\": %.2f}",
-            *first ? "" : ",", (long long)n_seq, (long long)ctx_len,
-            dt == EPIC_KV_BF16 ? "bf16" : "f32", name, sec * 1e6, gbps, gbps / g_copy_gbps,
-            gbps / g_read_gbps, flop / sec * 1e-12);
-    fprintf(stderr,
-            "mla_decode batch=%-4lld ctx=%-5lld %-12s %9.1f us %7.0f GB/s (copy %.2f, read %.2f) "
-            "%6.1f TF/s\n",
-            (long long)n_seq, (long long)ctx_len, name, sec * 1e6, gbps, gbps / g_copy_gbps,
-            gbps / g_read_gbps, flop / sec * 1e-12);
-    *first = 0;
+    /* the default (split count from the cost model), then any forced counts */
+    for (int si = 0; si <= (dt == EPIC_KV_BF16 && mode == 0 ? g_n_mla_splits : 0); si++) {
+      const int split = si ? g_mla_splits[si - 1] : 0;
+      char sname[16] = "auto";
+      if (split)
+        snprintf(sname, sizeof sname, "%d", split);
+      CKE(epic_ops_cuda_set_mla_split(g_ops, split));
+      const double sec = time_calls(run_mla, &c);
+      const double bytes = (double)seq_bytes + (double)(n_seq * H * (width + lora)) * 4;
+      const double flop = 2.0 * (double)n_seq * ctx_len * H * (width + lora);
+      const double gbps = bytes / sec * 1e-9;
+      fprintf(
+          js,
+          "%s\n    {\"batch\": %lld, \"ctx\": %lld, \"kv_dtype\": \"%s\", \"precision\": \"%s\", "
+          "\"split\": %d, \"us\": %.2f, \"gbps\": %.1f, \"frac_copy_bw\": %.3f, "
+          "\"frac_read_bw\": %.3f, \"tflops\": %.2f}",
+          *first ? "" : ",", (long long)n_seq, (long long)ctx_len,
+          dt == EPIC_KV_BF16 ? "bf16" : "f32", name, split, sec * 1e6, gbps, gbps / g_copy_gbps,
+          gbps / g_read_gbps, flop / sec * 1e-12);
+      fprintf(stderr,
+              "mla_decode batch=%-4lld ctx=%-5lld %-12s split %-4s %9.1f us %7.0f GB/s (copy %.2f, "
+              "read %.2f) %6.1f TF/s\n",
+              (long long)n_seq, (long long)ctx_len, name, sname, sec * 1e6, gbps,
+              gbps / g_copy_gbps, gbps / g_read_gbps, flop / sec * 1e-12);
+      *first = 0;
+    }
   }
+  CKE(epic_ops_cuda_set_mla_split(g_ops, 0));
   CKE(epic_ops_cuda_set_mla_precision(g_ops, EPIC_CUDA_MLA_TF32));
   CKE(epic_ops_cuda_set_mla_bf16_kernel(g_ops, EPIC_CUDA_MLA_BF16_WGMMA));
   for (int k = 0; k < copies; k++)
@@ -965,7 +976,11 @@ int main(int argc, char **argv) {
       only = argv[++i];
     else if (!strcmp(argv[i], "--no-peaks"))
       no_peaks = 1;
-    else if (!strcmp(argv[i], "--mla-kinds") && i + 1 < argc)
+    else if (!strcmp(argv[i], "--mla-split") && i + 1 < argc) {
+      /* comma-separated split counts, e.g. 1,2,4,8,16 */
+      for (char *t = strtok(argv[++i], ","); t && g_n_mla_splits < 8; t = strtok(NULL, ","))
+        g_mla_splits[g_n_mla_splits++] = atoi(t);
+    } else if (!strcmp(argv[i], "--mla-kinds") && i + 1 < argc)
       g_mla_kinds = (unsigned)strtoul(argv[++i], NULL, 0);
     else if (!strcmp(argv[i], "--mla") && i + 2 < argc) {
       only = "mla";
@@ -976,8 +991,9 @@ int main(int argc, char **argv) {
       one_tokens = atoll(argv[++i]);
     } else {
       fprintf(stderr,
-              "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory|head] [--mla B CTX] "
-              "[--grouped TOKENS] [--mla-kinds MASK] [--no-peaks]\n",
+              "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory|head] "
+              "[--mla B CTX] "
+              "[--grouped TOKENS] [--mla-kinds MASK] [--mla-split S,S,...] [--no-peaks]\n",
               argv[0]);
       return 2;
     }

@@ -88,6 +88,13 @@ epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_ke
   return EPIC_OK;
 }
 
+epic_status epic_ops_cuda_set_mla_split(epic_ops *o, int splits) {
+  if (!o || splits < 0 || splits > EPIC_CUDA_MLA_MAX_SPLIT)
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->mla_split = splits;
+  return EPIC_OK;
+}
+
 epic_status epic_ops_cuda_set_mla_prefill_kernel(epic_ops *o, epic_cuda_mla_prefill_kernel k) {
   if (!o || (k != EPIC_CUDA_MLA_PREFILL_MMA && k != EPIC_CUDA_MLA_PREFILL_WGMMA))
     return EPIC_ERR_INVALID;

@@ -95,6 +95,11 @@ typedef enum {
 } epic_cuda_mla_bf16_kernel;
 epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_kernel k);
 
+/* Key splits per query of the bf16-cache decode kernel: 0 (default) = the count its cost
+ * model picks per call, else this many (at most one per 64-key tile and
+ * EPIC_CUDA_MLA_MAX_SPLIT): for benchmarks that check the model. */
+epic_status epic_ops_cuda_set_mla_split(epic_ops *o, int splits);
+
 /* Which implementation of the flash prefill kernel (fast precision, DeepSeek-V3 heads)
  * runs: its products on wgmma (default) or on mma.sync + ldmatrix (the plain sm_90 code
  * always takes mma.sync). Same results to the order of fp32 accumulation.

@@ -160,6 +160,8 @@ static int choose_split_bf16(const epic_cuda_ops *c, int64_t n_q, int64_t n_head
   int64_t s_max = tiles < EPIC_CUDA_MLA_MAX_SPLIT ? tiles : EPIC_CUDA_MLA_MAX_SPLIT;
   if (s_max < 1)
     s_max = 1;
+  if (c->mla_split > 0) /* epic_ops_cuda_set_mla_split */
+    return (int)(c->mla_split < s_max ? c->mla_split : s_max);
   int best = 1;
   double best_t = 0.0;
   for (int64_t s = 1; s <= s_max; s++) {
