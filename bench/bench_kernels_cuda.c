@@ -28,6 +28,8 @@
  * Usage: bench_kernels_cuda [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory|head]
  *                           [--mla BATCH CTX] (one decode shape, e.g. under a profiler)
  *                           [--grouped TOKENS] (the grouped section at one token count)
+ *                           [--mla-split S,S,...] (bf16 MLA decode also at these key splits)
+ *                           [--skinny-split R,R,...] (FP8 m <= 4 also at these column runs)
  *                           [--mla-kinds MASK] (MLA rows: bits 0-3 the bf16 kernel
  *                           variants, bit 4 the fp32 cache; default 0x19)
  *                           [--no-peaks] (skip the peak measurements; fractions print 0) */
@@ -77,6 +79,7 @@ static int g_quick;
  * fp32 rows, the default bf16 kernel (wgmma) and its all-mma.sync variant. */
 static unsigned g_mla_kinds = 0x19;
 static int g_mla_splits[8], g_n_mla_splits; /* --mla-split: bf16 rows at these split counts too */
+static int g_skinny_splits[4], g_n_skinny_splits; /* --skinny-split: FP8 m <= 4 at these runs too */
 #define L2_ROTATE_BYTES ((size_t)160 << 20)
 
 /* ------------------------------------------------------------ random data */
@@ -378,30 +381,38 @@ static void bench_matmul(FILE *js, epic_dtype dt, const shape *s, const int64_t 
       const char *kname = n_kinds == 1 ? NULL : kind ? "fp32" : "mma";
       CKE(epic_ops_cuda_set_fp8_small(g_ops,
                                       kind ? EPIC_CUDA_FP8_SMALL_FP32 : EPIC_CUDA_FP8_SMALL_MMA));
-      const char *path =
-          epic_cuda_mm_path_name(epic_ops_cuda_matmul_path(g_ops, &c.w[0], c.m, s->rows));
-      const double sec = time_calls(run_matmul, &c);
-      const double flop = 2.0 * (double)c.m * s->rows * s->cols;
-      const double bytes = (double)wbytes + (double)c.m * s->cols * 4 + (double)c.m * s->rows * 4;
-      const double tf = flop / sec * 1e-12, gbps = bytes / sec * 1e-9;
-      const double peak = dt == EPIC_DT_BF16 ? g_bf16_tflops : g_fp8_tflops;
-      char kjson[16] = "null";
-      if (kname)
-        snprintf(kjson, sizeof kjson, "\"%s\"", kname);
-      fprintf(js,
-              "%s\n    {\"dtype\": \"%s\", \"shape\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
-              "\"m\": %lld, \"kernel\": %s, \"path\": \"%s\", \"us\": %.2f, \"tflops\": %.2f, "
-              "\"gbps\": %.1f, \"frac_flops_peak\": %.3f, \"frac_copy_bw\": %.3f, "
-              "\"frac_read_bw\": %.3f}",
-              *first ? "" : ",", epic_dtype_name(dt), s->name, (long long)s->rows,
-              (long long)s->cols, (long long)c.m, kjson, path, sec * 1e6, tf, gbps,
-              peak > 0 ? tf / peak : 0.0, gbps / g_copy_gbps, gbps / g_read_gbps);
-      fprintf(stderr,
-              "matmul %-7s %-12s m=%-5lld %-4s %-22s %9.1f us %7.1f TF/s (%.2f) %7.0f GB/s "
-              "(copy %.2f, read %.2f)\n",
-              epic_dtype_name(dt), s->name, (long long)c.m, kname ? kname : "-", path, sec * 1e6,
-              tf, peak > 0 ? tf / peak : 0.0, gbps, gbps / g_copy_gbps, gbps / g_read_gbps);
-      *first = 0;
+      const epic_cuda_mm_path pth = epic_ops_cuda_matmul_path(g_ops, &c.w[0], c.m, s->rows);
+      const char *path = epic_cuda_mm_path_name(pth);
+      /* the skinny kernel's own choice of column runs, then any forced counts */
+      const int n_split = pth == EPIC_CUDA_MM_FP8_SKINNY && kind == 0 ? g_n_skinny_splits : 0;
+      for (int si = 0; si <= n_split; si++) {
+        const int split = si ? g_skinny_splits[si - 1] : 0;
+        CKE(epic_ops_cuda_set_skinny_split(g_ops, split));
+        const double sec = time_calls(run_matmul, &c);
+        const double flop = 2.0 * (double)c.m * s->rows * s->cols;
+        const double bytes = (double)wbytes + (double)c.m * s->cols * 4 + (double)c.m * s->rows * 4;
+        const double tf = flop / sec * 1e-12, gbps = bytes / sec * 1e-9;
+        const double peak = dt == EPIC_DT_BF16 ? g_bf16_tflops : g_fp8_tflops;
+        char kjson[16] = "null";
+        if (kname)
+          snprintf(kjson, sizeof kjson, "\"%s\"", kname);
+        fprintf(js,
+                "%s\n    {\"dtype\": \"%s\", \"shape\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
+                "\"m\": %lld, \"kernel\": %s, \"path\": \"%s\", \"split\": %d, \"us\": %.2f, "
+                "\"tflops\": %.2f, \"gbps\": %.1f, \"frac_flops_peak\": %.3f, "
+                "\"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f}",
+                *first ? "" : ",", epic_dtype_name(dt), s->name, (long long)s->rows,
+                (long long)s->cols, (long long)c.m, kjson, path, split, sec * 1e6, tf, gbps,
+                peak > 0 ? tf / peak : 0.0, gbps / g_copy_gbps, gbps / g_read_gbps);
+        fprintf(stderr,
+                "matmul %-7s %-12s m=%-5lld %-4s %-22s %9.1f us %7.1f TF/s (%.2f) %7.0f GB/s "
+                "(copy %.2f, read %.2f)%s%.0d\n",
+                epic_dtype_name(dt), s->name, (long long)c.m, kname ? kname : "-", path, sec * 1e6,
+                tf, peak > 0 ? tf / peak : 0.0, gbps, gbps / g_copy_gbps, gbps / g_read_gbps,
+                split ? " split " : "", split);
+        *first = 0;
+      }
+      CKE(epic_ops_cuda_set_skinny_split(g_ops, 0));
     }
     CKE(epic_ops_cuda_set_fp8_small(g_ops, EPIC_CUDA_FP8_SMALL_MMA));
   }
@@ -980,6 +991,9 @@ int main(int argc, char **argv) {
       /* comma-separated split counts, e.g. 1,2,4,8,16 */
       for (char *t = strtok(argv[++i], ","); t && g_n_mla_splits < 8; t = strtok(NULL, ","))
         g_mla_splits[g_n_mla_splits++] = atoi(t);
+    } else if (!strcmp(argv[i], "--skinny-split") && i + 1 < argc) {
+      for (char *t = strtok(argv[++i], ","); t && g_n_skinny_splits < 4; t = strtok(NULL, ","))
+        g_skinny_splits[g_n_skinny_splits++] = atoi(t);
     } else if (!strcmp(argv[i], "--mla-kinds") && i + 1 < argc)
       g_mla_kinds = (unsigned)strtoul(argv[++i], NULL, 0);
     else if (!strcmp(argv[i], "--mla") && i + 2 < argc) {
@@ -990,11 +1004,13 @@ int main(int argc, char **argv) {
       only = "grouped";
       one_tokens = atoll(argv[++i]);
     } else {
-      fprintf(stderr,
-              "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory|head] "
-              "[--mla B CTX] "
-              "[--grouped TOKENS] [--mla-kinds MASK] [--mla-split S,S,...] [--no-peaks]\n",
-              argv[0]);
+      fprintf(
+          stderr,
+          "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory|head] "
+          "[--mla B CTX] "
+          "[--grouped TOKENS] [--mla-kinds MASK] [--mla-split S,S,...] [--skinny-split R,R,...] "
+          "[--no-peaks]\n",
+          argv[0]);
       return 2;
     }
   }

@@ -95,6 +95,13 @@ epic_status epic_ops_cuda_set_mla_split(epic_ops *o, int splits) {
   return EPIC_OK;
 }
 
+epic_status epic_ops_cuda_set_skinny_split(epic_ops *o, int runs) {
+  if (!o || (runs != 0 && runs != 1 && runs != 2 && runs != 4 && runs != 8))
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->skinny_split = runs;
+  return EPIC_OK;
+}
+
 epic_status epic_ops_cuda_set_mla_prefill_kernel(epic_ops *o, epic_cuda_mla_prefill_kernel k) {
   if (!o || (k != EPIC_CUDA_MLA_PREFILL_MMA && k != EPIC_CUDA_MLA_PREFILL_WGMMA))
     return EPIC_ERR_INVALID;

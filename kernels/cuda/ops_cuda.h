@@ -100,6 +100,11 @@ epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_ke
  * EPIC_CUDA_MLA_MAX_SPLIT): for benchmarks that check the model. */
 epic_status epic_ops_cuda_set_mla_split(epic_ops *o, int splits);
 
+/* Column runs per weight row pair of the decode-sized FP8 kernel (m <= 4): 0 (default) =
+ * by the weight's shape (runs of at least 2,048 columns: long rows are read by several
+ * warps at once), else 1, 2, 4 or 8: for benchmarks and tests of the choice. */
+epic_status epic_ops_cuda_set_skinny_split(epic_ops *o, int runs);
+
 /* Which implementation of the flash prefill kernel (fast precision, DeepSeek-V3 heads)
  * runs: its products on wgmma (default) or on mma.sync + ldmatrix (the plain sm_90 code
  * always takes mma.sync). Same results to the order of fp32 accumulation.

@@ -66,6 +66,7 @@ typedef struct epic_cuda_ops {
   int mla_bf16_variant; /* BF16 decode kernel: bit 0 scores on wgmma, bit 1 P.V on wgmma */
   int mla_prefill_wgmma; /* flash prefill kernel: products on wgmma (1) or mma.sync (0) */
   int mla_split;         /* bf16 decode kernel's key splits: 0 = cost model (epic_ops_cuda_set_mla_split) */
+  int skinny_split;      /* fp8 skinny kernel's column runs: 0 = by shape (epic_ops_cuda_set_skinny_split) */
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
   int fp8_small;    /* epic_cuda_fp8_small */
   int grouped_large; /* epic_cuda_grouped_large */
@@ -218,8 +219,10 @@ cudaError_t epic_cuk_head_bf16(const float *x, int64_t ld_x_tok, int64_t ld_x_he
                                cudaStream_t st);
 int epic_cuk_fp8_skinny_ok(const epic_weight *w, int64_t m);
 cudaError_t epic_cuk_fp8_skinny_prepare(void);
+/* split: column runs per row pair (1, 2, 4 or 8), 0 = chosen from the weight's shape (runs
+ * of at least four 512-column stripes: long rows are read by several warps at once). */
 cudaError_t epic_cuk_fp8_skinny(const float *x, int64_t ldx, int64_t m, const epic_weight *w,
-                                float *y, int64_t ldy, int sm_count, cudaStream_t st);
+                                float *y, int64_t ldy, int sm_count, int split, cudaStream_t st);
 /* Grouped FP8 skinny GEMM (one launch per MoE layer projection): group g's rows
  * [off[g], off[g+1]) of x times the weight whose storage tab[g] names (every group's
  * weight has shape's rows, cols and blocks); groups with more than max_rows rows are

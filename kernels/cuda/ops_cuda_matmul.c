@@ -321,8 +321,9 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
     return EPIC_OK;
   }
   case EPIC_CUDA_MM_FP8_SKINNY:
-    EPIC_CHECK_CUDA(epic_cuk_fp8_skinny(x, ldx, m, w, y, ldy, c->sm_count, c->stream),
-                    "matmul: FP8 skinny kernel");
+    EPIC_CHECK_CUDA(
+        epic_cuk_fp8_skinny(x, ldx, m, w, y, ldy, c->sm_count, c->skinny_split, c->stream),
+        "matmul: FP8 skinny kernel");
     return EPIC_OK;
   case EPIC_CUDA_MM_FP8_MMA: return mm_fp8_mma(c, x, ldx, m, w, y, ldy);
   case EPIC_CUDA_MM_DEQUANT_BF16:
@@ -511,7 +512,8 @@ static epic_status skinny_rows(epic_cuda_ops *c, const float *x, int64_t ldx, in
   for (int64_t t = 0; t < m; t += EPIC_CUK_SKINNY_MAX_M) {
     const int64_t mc = m - t < EPIC_CUK_SKINNY_MAX_M ? m - t : EPIC_CUK_SKINNY_MAX_M;
     EPIC_CHECK_CUDA(
-        epic_cuk_fp8_skinny(x + t * ldx, ldx, mc, w, y + t * ldy, ldy, c->sm_count, c->stream),
+        epic_cuk_fp8_skinny(x + t * ldx, ldx, mc, w, y + t * ldy, ldy, c->sm_count,
+                            c->skinny_split, c->stream),
         "grouped matmul: FP8 skinny kernel");
   }
   return EPIC_OK;

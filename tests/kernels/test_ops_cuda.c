@@ -386,6 +386,21 @@ static void check_matmul(epic_dtype dt, int64_t rows, int64_t cols, int64_t m, i
   tw_free(&t);
 }
 
+/* The skinny kernel with each pair's columns in 1, 2, 4 and 8 runs of warps (the choice
+ * by shape is exercised above): every count within the fp32 tolerance of the CPU, with an
+ * odd row count, 3 tokens and a column count that ends mid-stripe. */
+static void test_skinny_split(void **state) {
+  (void)state;
+  static const int runs[] = {1, 2, 4, 8};
+  for (int m = 1; m <= 3; m += 2)
+    for (size_t i = 0; i < 4; i++) {
+      assert_int_equal(epic_ops_cuda_set_skinny_split(g_gpu, runs[i]), EPIC_OK);
+      check_matmul(EPIC_DT_F8E4M3, 301, 5136, m, 128, 128, 1);
+    }
+  assert_int_equal(epic_ops_cuda_set_skinny_split(g_gpu, 3), EPIC_ERR_INVALID);
+  assert_int_equal(epic_ops_cuda_set_skinny_split(g_gpu, 0), EPIC_OK);
+}
+
 static void test_matmul(void **state) {
   (void)state;
   static const epic_dtype dts[] = {EPIC_DT_F32, EPIC_DT_BF16, EPIC_DT_F16, EPIC_DT_F8E4M3};
@@ -2135,6 +2150,7 @@ int main(void) {
   rng_seed_from_env();
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_memory),    cmocka_unit_test(test_matmul),
+      cmocka_unit_test(test_skinny_split),
       cmocka_unit_test(test_fp8_subnormal_exact),
       cmocka_unit_test(test_fp8_mma_small_activations),
       cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),
