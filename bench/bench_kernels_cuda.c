@@ -973,6 +973,14 @@ static void bench_small(FILE *js, int op, int64_t m, int *first) {
   g_ops->vt->free(g_ops, bias);
 }
 
+/* A comma-separated list of counts ("1,2,4") into out (at most cap); returns how many. */
+static int int_list(char *arg, int *out, int cap) {
+  int n = 0;
+  for (char *t = strtok(arg, ","); t && n < cap; t = strtok(NULL, ","))
+    out[n++] = atoi(t);
+  return n;
+}
+
 int main(int argc, char **argv) {
   int device = 0;
   const char *only = NULL;
@@ -988,12 +996,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--no-peaks"))
       no_peaks = 1;
     else if (!strcmp(argv[i], "--mla-split") && i + 1 < argc) {
-      /* comma-separated split counts, e.g. 1,2,4,8,16 */
-      for (char *t = strtok(argv[++i], ","); t && g_n_mla_splits < 8; t = strtok(NULL, ","))
-        g_mla_splits[g_n_mla_splits++] = atoi(t);
+      g_n_mla_splits = int_list(argv[++i], g_mla_splits, 8);
     } else if (!strcmp(argv[i], "--skinny-split") && i + 1 < argc) {
-      for (char *t = strtok(argv[++i], ","); t && g_n_skinny_splits < 4; t = strtok(NULL, ","))
-        g_skinny_splits[g_n_skinny_splits++] = atoi(t);
+      g_n_skinny_splits = int_list(argv[++i], g_skinny_splits, 4);
     } else if (!strcmp(argv[i], "--mla-kinds") && i + 1 < argc)
       g_mla_kinds = (unsigned)strtoul(argv[++i], NULL, 0);
     else if (!strcmp(argv[i], "--mla") && i + 2 < argc) {

@@ -776,7 +776,8 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
     free(m);
     return EPIC_ERR_UNSUPPORTED;
   }
-  m->head_bf16 = p->head_bf16 > 0 || (p->head_bf16 == 0 && epic_ops_head_dtype(ops) == EPIC_DT_BF16);
+  m->head_bf16 =
+      p->head_bf16 > 0 || (p->head_bf16 == 0 && epic_ops_head_dtype(ops) == EPIC_DT_BF16);
   if (p->router_skew != 0 && (p->load_format != EPIC_LOAD_DUMMY || !isfinite(p->router_skew))) {
     EPIC_LOG_ERROR("model: router_skew (synthetic routing skew) needs dummy weights and a finite value");
     free(m);

@@ -65,8 +65,8 @@ typedef struct epic_cuda_ops {
   epic_cuda_mla_precision mla_prec;
   int mla_bf16_variant; /* BF16 decode kernel: bit 0 scores on wgmma, bit 1 P.V on wgmma */
   int mla_prefill_wgmma; /* flash prefill kernel: products on wgmma (1) or mma.sync (0) */
-  int mla_split;         /* bf16 decode kernel's key splits: 0 = cost model (epic_ops_cuda_set_mla_split) */
-  int skinny_split;      /* fp8 skinny kernel's column runs: 0 = by shape (epic_ops_cuda_set_skinny_split) */
+  int mla_split;    /* bf16 decode kernel's key splits, 0 = cost model (..._set_mla_split) */
+  int skinny_split; /* skinny FP8 kernel's column runs, 0 = by shape (..._set_skinny_split) */
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
   int fp8_small;    /* epic_cuda_fp8_small */
   int grouped_large; /* epic_cuda_grouped_large */

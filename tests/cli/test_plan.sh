@@ -108,8 +108,8 @@ expect 2 "--eplb-redundant -1" "--eplb-redundant" "$EPIC" plan --model "$M" --ra
 # (96 GB: on 80 GB ranks the 17th expert's copies no longer leave room for the minimum KV
 # cache once the model's derived kv_b and router copies are counted in the reserve)
 expect 0 "hierarchical bound with --eplb-redundant, no statistics" "" \
-  "$EPIC" plan --model "$M" --ranks 16 --gpu-mem 96GB --eplb-redundant 3 --eplb-policy hierarchical \
-  --ranks-per-node 8
+  "$EPIC" plan --model "$M" --ranks 16 --gpu-mem 96GB --eplb-redundant 3 \
+  --eplb-policy hierarchical --ranks-per-node 8
 grep -q "up to 17 experts per layer" "$tmp/out" && ok "hierarchical bound: ceil((128 + 2) / 8) = 17" ||
   bad "hierarchical bound"
 echo '{"layers": {"3": [1, 2]}}' >"$tmp/bad.json"

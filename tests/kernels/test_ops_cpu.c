@@ -755,49 +755,49 @@ static void test_mla(void **state) {
   check_mla(3, 2, 5, 128, 64, 128, 64, 3); /* DeepSeek-V3 head dims, small latent */
 }
 
+/* head_gemm's outputs y against the double sums over the weights a (widened to float). */
+static void check_head(const char *what, const float *x, const float *a, const float *y,
+                       int64_t m, int64_t H, int64_t k, int64_t n, int trans, int64_t ldxt,
+                       int64_t ldxh, int64_t lda, int64_t ldyt, int64_t ldyh) {
+  for (int64_t t = 0; t < m; t++)
+    for (int64_t h = 0; h < H; h++)
+      for (int64_t j = 0; j < n; j++) {
+        double acc = 0;
+        for (int64_t i = 0; i < k; i++)
+          acc += (double)x[t * ldxt + h * ldxh + i] * a[h * lda + (trans ? j * k + i : i * n + j)];
+        expect_close(what, (size_t)j, y[t * ldyt + h * ldyh + j], acc, 8, 1e-6);
+      }
+}
+
 static void test_head_gemm(void **state) {
   rng_seed(8);
   const int64_t m = 3, H = 4, k = 7, n = 5;
   const int64_t ldxt = H * 9 + 2, ldxh = 9, ldyt = H * 6 + 1, ldyh = 6, lda = k * n + 3;
   float *x = malloc((size_t)(m * ldxt) * 4), *a = malloc((size_t)(H * lda) * 4),
-        *y = malloc((size_t)(m * ldyt) * 4);
+        *y = malloc((size_t)(m * ldyt) * 4), *aw = malloc((size_t)(H * lda) * 4);
+  uint16_t *ab = malloc((size_t)(H * lda) * 2);
   fill(x, (size_t)(m * ldxt));
   fill(a, (size_t)(H * lda));
+  /* bf16 weights: the same sums over the weights' exact fp32 values */
+  for (int64_t i = 0; i < H * lda; i++) {
+    ab[i] = epic_f32_to_bf16(a[i]);
+    aw[i] = epic_bf16_to_f32(ab[i]);
+  }
   for (int trans = 0; trans < 2; trans++) {
     assert_int_equal(
         g_ops->vt->head_gemm(g_ops, x, ldxt, ldxh, m, H, a, lda, k, n, trans, y, ldyt, ldyh),
         EPIC_OK);
-    for (int64_t t = 0; t < m; t++)
-      for (int64_t h = 0; h < H; h++)
-        for (int64_t j = 0; j < n; j++) {
-          double acc = 0;
-          for (int64_t i = 0; i < k; i++)
-            acc +=
-                (double)x[t * ldxt + h * ldxh + i] * a[h * lda + (trans ? j * k + i : i * n + j)];
-          expect_close("head_gemm", (size_t)j, y[t * ldyt + h * ldyh + j], acc, 8, 1e-6);
-        }
-  }
-  /* bf16 weights: the same sums over the weights' exact fp32 values. */
-  uint16_t *ab = malloc((size_t)(H * lda) * 2);
-  for (int64_t i = 0; i < H * lda; i++) ab[i] = epic_f32_to_bf16(a[i]);
-  for (int trans = 0; trans < 2; trans++) {
+    check_head("head_gemm", x, a, y, m, H, k, n, trans, ldxt, ldxh, lda, ldyt, ldyh);
     assert_int_equal(g_ops->vt->head_gemm_bf16(g_ops, x, ldxt, ldxh, m, H, ab, lda, k, n, trans, y,
                                                ldyt, ldyh),
                      EPIC_OK);
-    for (int64_t t = 0; t < m; t++)
-      for (int64_t h = 0; h < H; h++)
-        for (int64_t j = 0; j < n; j++) {
-          double acc = 0;
-          for (int64_t i = 0; i < k; i++)
-            acc += (double)x[t * ldxt + h * ldxh + i] *
-                   epic_bf16_to_f32(ab[h * lda + (trans ? j * k + i : i * n + j)]);
-          expect_close("head_gemm_bf16", (size_t)j, y[t * ldyt + h * ldyh + j], acc, 8, 1e-6);
-        }
+    check_head("head_gemm_bf16", x, aw, y, m, H, k, n, trans, ldxt, ldxh, lda, ldyt, ldyh);
   }
   assert_int_equal(g_ops->vt->head_gemm_bf16(g_ops, x, ldxt, ldxh, m, H, NULL, lda, k, n, 0, y,
                                              ldyt, ldyh),
                    EPIC_ERR_INVALID);
   free(ab);
+  free(aw);
   free(x);
   free(a);
   free(y);

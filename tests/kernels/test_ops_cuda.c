@@ -2029,6 +2029,21 @@ static void test_mla_bf16(void **state) {
   check_mla_absorbed(1, 300, 128, 512, 64, 64, 0);
 }
 
+/* Relative L2 error of head_gemm outputs y against ref ([m][H][n] at strides ldyt, ldyh;
+ * a non-finite output counts as infinite). */
+static double head_err(const float *y, const float *ref, int64_t m, int64_t H, int64_t n,
+                       int64_t ldyt, int64_t ldyh) {
+  double num = 0, den = 0;
+  for (int64_t t = 0; t < m; t++)
+    for (int64_t h = 0; h < H; h++)
+      for (int64_t j = 0; j < n; j++) {
+        const double g = y[t * ldyt + h * ldyh + j], r = ref[t * ldyt + h * ldyh + j];
+        num += isfinite(g) ? (g - r) * (g - r) : INFINITY;
+        den += r * r;
+      }
+  return sqrt(num / den);
+}
+
 static void test_head_gemm(void **state) {
   (void)state;
   static const int64_t shapes[][4] = {
@@ -2053,18 +2068,10 @@ static void test_head_gemm(void **state) {
       assert_int_equal(
           g_cpu->vt->head_gemm(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans, ref, ldyt, ldyh),
           EPIC_OK);
-      double num = 0, den = 0;
-      for (int64_t t = 0; t < m; t++)
-        for (int64_t h = 0; h < H; h++)
-          for (int64_t j = 0; j < n; j++) {
-            const double g = y[t * ldyt + h * ldyh + j], r = ref[t * ldyt + h * ldyh + j];
-            num += isfinite(g) ? (g - r) * (g - r) : INFINITY;
-            den += r * r;
-          }
       char what[96];
       snprintf(what, sizeof what, "head_gemm m=%lld H=%lld k=%lld n=%lld trans=%d", (long long)m,
                (long long)H, (long long)k, (long long)n, trans);
-      check_err(what, sqrt(num / den), 1e-5);
+      check_err(what, head_err(y, ref, m, H, n, ldyt, ldyh), 1e-5);
       dfree(dx);
       dfree(da);
       dfree(dy);
@@ -2107,20 +2114,12 @@ static void test_head_gemm_bf16(void **state) {
       assert_int_equal(g_cpu->vt->head_gemm_bf16(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans,
                                                  ref, ldyt, ldyh),
                        EPIC_OK);
-      double num = 0, den = 0;
-      for (int64_t t = 0; t < m; t++)
-        for (int64_t h = 0; h < H; h++)
-          for (int64_t j = 0; j < n; j++) {
-            const double g = y[t * ldyt + h * ldyh + j], r = ref[t * ldyt + h * ldyh + j];
-            num += isfinite(g) ? (g - r) * (g - r) : INFINITY;
-            den += r * r;
-          }
       const int kernel = m <= EPIC_CUDA_HEAD_KERNEL_MAX_M && (trans ? k : n) % 8 == 0;
       char what[112];
       snprintf(what, sizeof what, "head_gemm_bf16 m=%lld H=%lld k=%lld n=%lld trans=%d (%s)",
                (long long)m, (long long)H, (long long)k, (long long)n, trans,
                kernel ? "kernel" : "cuBLAS");
-      check_err(what, sqrt(num / den), kernel ? 1e-6 : 4e-3);
+      check_err(what, head_err(y, ref, m, H, n, ldyt, ldyh), kernel ? 1e-6 : 4e-3);
       for (int64_t t = 0; kernel && t < m; t++) {
         poison(dy, sy * 4);
         assert_int_equal(g_gpu->vt->head_gemm_bf16(g_gpu, dx + t * ldxt, ldxt, ldxh, 1, H, da, lda,
