@@ -218,12 +218,6 @@ static epic_status place_alloc(epic_model *m, size_t n, void **out) {
   return EPIC_OK;
 }
 
-/* A copy of n bytes of host memory in backend memory, freed with the model. */
-static epic_status place_bytes(epic_model *m, const void *host, size_t n, void **out) {
-  EPIC_CHECK(place_alloc(m, n, out));
-  return m->ops->vt->upload(m->ops, *out, host, n);
-}
-
 /* Scale blocks of w (0 without block scales). */
 static int64_t scale_blocks(const epic_weight *w) {
   if (!w->scale_inv) return 0;
@@ -234,20 +228,6 @@ static int64_t scale_blocks(const epic_weight *w) {
 /* Bytes of w's elements (its block scales not counted). */
 static size_t data_bytes(const epic_weight *w) {
   return (size_t)(w->rows * w->cols) * epic_dtype_size(w->dtype);
-}
-
-/* Weights are uploaded once, at load, when the backend cannot read host memory; the
- * host copy (mapped file or dummy data) stays with the checkpoint. */
-static epic_status place_weight(epic_model *m, epic_weight *w) {
-  void *p;
-  if (m->ops->vt->host_visible) return EPIC_OK;
-  EPIC_CHECK(place_bytes(m, w->data, data_bytes(w), &p));
-  w->data = p;
-  if (w->scale_inv) {
-    EPIC_CHECK(place_bytes(m, w->scale_inv, (size_t)scale_blocks(w) * sizeof(float), &p));
-    w->scale_inv = p;
-  }
-  return EPIC_OK;
 }
 
 /* Whether b's rows can follow a's in one weight: the same dtype, width and block
@@ -300,6 +280,14 @@ fail:
   }
   for (int i = 0; i < count; i++) memset(w[i], 0, sizeof *w[i]);
   return st;
+}
+
+/* Weights are uploaded once, at load, when the backend cannot read host memory; the
+ * host copy (mapped file or dummy data) stays with the checkpoint. */
+static epic_status place_weight(epic_model *m, epic_weight *w) {
+  if (m->ops->vt->host_visible) return EPIC_OK;
+  epic_weight *const one[1] = {w};
+  return upload_blocks(m, one, 1, 1);
 }
 
 /* Host weights a and b (joinable) placed in one block of backend memory, a's rows then
@@ -1437,16 +1425,17 @@ static epic_status mlp(epic_model *m, const layer_w *lw, const float *x, int64_t
                        float *y) {
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size, W = lw->gate.rows;
-  if (lw->gate_up.data) {
+  const int joined = lw->gate_up.data != NULL;
+  const int64_t ld = joined ? 2 * W : W; /* row stride of gate's and up's outputs */
+  float *u = joined ? g + W : g + rows * W;
+  if (joined) {
     EPIC_CHECK(o->vt->matmul(o, x, D, rows, &lw->gate_up, g, 2 * W));
-    EPIC_CHECK(o->vt->silu_mul(o, g, 2 * W, g + W, 2 * W, rows, W, g, 2 * W));
-    return o->vt->matmul(o, g, 2 * W, rows, &lw->down, y, D);
+  } else {
+    EPIC_CHECK(o->vt->matmul(o, x, D, rows, &lw->gate, g, W));
+    EPIC_CHECK(o->vt->matmul(o, x, D, rows, &lw->up, u, W));
   }
-  float *u = g + rows * W;
-  EPIC_CHECK(o->vt->matmul(o, x, D, rows, &lw->gate, g, W));
-  EPIC_CHECK(o->vt->matmul(o, x, D, rows, &lw->up, u, W));
-  EPIC_CHECK(o->vt->silu_mul(o, g, W, u, W, rows, W, g, W));
-  return o->vt->matmul(o, g, W, rows, &lw->down, y, D);
+  EPIC_CHECK(o->vt->silu_mul(o, g, ld, u, ld, rows, W, g, ld));
+  return o->vt->matmul(o, g, ld, rows, &lw->down, y, D);
 }
 
 /* Counting sort of n items by expert id (expert[i] in [0, E)): order[off[e] ..

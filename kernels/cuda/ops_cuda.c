@@ -403,8 +403,7 @@ static int cuda_grouped_invariant(epic_ops *o, const epic_weight *w) {
   epic_cuda_ops *c = epic_cuda_of(o);
   if (c->exact_matmul)
     return 1;
-  return c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA && c->mma_group_rows == 0 &&
-         c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA && epic_cuk_fp8_wgmma_layout_ok(w);
+  return epic_cuda_groups_all_wgmma(c) && epic_cuk_fp8_wgmma_layout_ok(w);
 }
 
 /* bf16 absorption weights in fast mode (half the bytes a decode step reads for them; the

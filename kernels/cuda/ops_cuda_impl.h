@@ -132,6 +132,14 @@ epic_status epic_cuda_kv_dtype_ok(epic_kv_dtype dt, const char *op);
  * recorded: for every step that waits for the host or allocates/frees memory. */
 epic_status epic_cuda_not_recording(const epic_cuda_ops *c, const char *what);
 
+/* Whether every FP8 expert group, of any size, runs on the wgmma kernel (the defaults:
+ * the MMA kind, mma_group_rows 0, large groups on wgmma): what makes a row's result
+ * independent of its group and lets device-planned calls take any bound. */
+static inline int epic_cuda_groups_all_wgmma(const epic_cuda_ops *c) {
+  return c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA && c->mma_group_rows == 0 &&
+         c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA;
+}
+
 /* A weight the CUDA ops can use: known dtype, data, FP8 with its block scales. */
 int epic_cuda_weight_ok(const epic_weight *w);
 /* Grow b to at least `bytes` (refused while recording a graph; growth moves the epoch). */

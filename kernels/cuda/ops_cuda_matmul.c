@@ -1227,9 +1227,7 @@ epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ld
     return EPIC_ERR_INVALID;
   if (rows == 0 || n_groups == 0)
     return EPIC_OK;
-  const int all_wgmma =
-      c->mma_group_rows == 0 && c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA;
-  if (!c->exact_matmul && c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA && all_wgmma &&
+  if (!c->exact_matmul && epic_cuda_groups_all_wgmma(c) &&
       max_rows > EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS) {
     const epic_weight *shape = list_shape(w, w_stride, n_groups);
     int ran = 0;
