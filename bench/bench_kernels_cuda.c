@@ -16,7 +16,8 @@
  * kernel choices (bytes: every expert with rows read once, fp32 rows in and out); where
  * groups exceed the small-group kernels' bound also timed without a graph: on the
  * default large-group kernel (wgmma, kern_fp8_wgmma.cu; the run stops if it did not
- * run), on cuBLASLt GEMMs on grouped_matmul's lanes (4, and 2 and 8) and one after
+ * run; also from the T token rows through the plan, grouped_matmul_rows, as prefill's
+ * gate/up reads them), on cuBLASLt GEMMs on grouped_matmul's lanes (4, and 2 and 8) and one after
  * another (epic_ops_cuda_set_grouped_large / _lanes). mla_absorbed_batch decode over fp32 and bf16
  * caches (bytes: cached 576-element rows read once per sequence at their element size,
  * plus fp32 queries and outputs); mla_prefill: mla_naive at DeepSeek-V3 heads for a
@@ -95,16 +96,23 @@ static float rndf(void) {
   return (float)((double)(rnd() >> 11) * 0x1p-53 * 2.0 - 1.0);
 }
 
+static void *xmalloc(size_t bytes) {
+  void *p = malloc(bytes ? bytes : 1);
+  if (!p) {
+    fprintf(stderr, "bench: out of host memory (%zu bytes)\n", bytes);
+    exit(1);
+  }
+  return p;
+}
+
 #define TILE_BYTES ((size_t)32 << 20)
 static unsigned char *tile_f32, *tile_bf16, *tile_fp8, *tile_scale;
 
 static void make_tiles(void) {
-  tile_f32 = malloc(TILE_BYTES);
-  tile_bf16 = malloc(TILE_BYTES);
-  tile_fp8 = malloc(TILE_BYTES);
-  tile_scale = malloc(TILE_BYTES);
-  if (!tile_f32 || !tile_bf16 || !tile_fp8 || !tile_scale)
-    exit(1);
+  tile_f32 = xmalloc(TILE_BYTES);
+  tile_bf16 = xmalloc(TILE_BYTES);
+  tile_fp8 = xmalloc(TILE_BYTES);
+  tile_scale = xmalloc(TILE_BYTES);
   for (size_t i = 0; i < TILE_BYTES / 4; i++) {
     ((float *)tile_f32)[i] = rndf();
     ((float *)tile_scale)[i] = (1.5f + rndf()) * 1e-3f;
@@ -439,8 +447,8 @@ typedef struct {
   const float *x;
   float *y;
   const int64_t *off_host;
-  const int32_t *off_dev;
-  int64_t k, n;
+  const int32_t *off_dev, *map; /* map: grouped_matmul_rows' source rows (t of x) */
+  int64_t k, n, t;
 } grp_ctx;
 static void run_grouped(void *p, int rep) {
   grp_ctx *c = p;
@@ -448,18 +456,27 @@ static void run_grouped(void *p, int rep) {
   CKE(g_ops->vt->grouped_matmul(g_ops, c->x, c->k, c->off_host, c->off_dev, N_EXPERTS, c->w, 1,
                                 c->y, c->n));
 }
+static void run_grouped_rows(void *p, int rep) {
+  grp_ctx *c = p;
+  (void)rep;
+  CKE(g_ops->vt->grouped_matmul_rows(g_ops, c->x, c->k, c->t, c->map, c->off_host, c->off_dev,
+                                     N_EXPERTS, c->w, 1, c->y, c->n));
+}
 
 /* Rows per expert when each of t tokens picks TOP_K distinct experts uniformly at
- * random. The generator is reseeded from t (and the shared state put back after), so
- * both shapes see the same routing whichever sections run before. */
-static void route_counts(int64_t t, int64_t *cnt) {
+ * random, and (map, t x TOP_K entries) each group row's token in expert order, tokens
+ * ascending inside an expert (the model's plan). The generator is reseeded from t (and
+ * the shared state put back after), so both shapes see the same routing whichever
+ * sections run before. */
+static void route_counts(int64_t t, int64_t *cnt, int32_t *map) {
   const uint64_t saved = rs;
   rs = 0x243f6a8885a308d3ull ^ ((uint64_t)t * 0x9e3779b97f4a7c15ull);
   if (!rs)
     rs = 1; /* xorshift's one fixed point */
   memset(cnt, 0, N_EXPERTS * sizeof *cnt);
+  int32_t *picks = xmalloc((size_t)(t * TOP_K) * sizeof *picks);
   for (int64_t i = 0; i < t; i++) {
-    int picked[TOP_K];
+    int32_t *picked = picks + i * TOP_K;
     for (int j = 0; j < TOP_K; j++) {
       int e, dup;
       do {
@@ -472,6 +489,12 @@ static void route_counts(int64_t t, int64_t *cnt) {
       cnt[e]++;
     }
   }
+  int64_t next[N_EXPERTS];
+  for (int e = 0, sum = 0; e < N_EXPERTS; sum += (int)cnt[e], e++)
+    next[e] = sum;
+  for (int64_t i = 0; i < t * TOP_K; i++)
+    map[next[picks[i]]++] = (int32_t)(i / TOP_K);
+  free(picks);
   rs = saved;
 }
 
@@ -501,18 +524,23 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
     max_t = ts[i] > max_t ? ts[i] : max_t;
   grp_ctx c = {.w = wl, .k = k, .n = n};
   float *x = dev_random((size_t)(max_t * TOP_K * k) * 4, tile_f32), *y = NULL;
-  int32_t *off_dev = NULL;
+  int32_t *off_dev = NULL, *map_dev = NULL;
+  int32_t *map = xmalloc((size_t)(max_t * TOP_K) * sizeof *map);
   CKE(g_ops->vt->alloc(g_ops, (size_t)(max_t * TOP_K * n) * 4, (void **)&y));
   CKE(g_ops->vt->alloc(g_ops, (N_EXPERTS + 1) * sizeof(int32_t), (void **)&off_dev));
+  CKE(g_ops->vt->alloc(g_ops, (size_t)(max_t * TOP_K) * sizeof *map, (void **)&map_dev));
   c.x = x;
   c.y = y;
   c.off_dev = off_dev;
+  c.map = map_dev;
   int64_t cnt[N_EXPERTS], off[N_EXPERTS + 1];
   int32_t off32[N_EXPERTS + 1];
   c.off_host = off;
   for (int i = 0; i < n_ts; i++) {
     const int64_t t = ts[i], rows = t * TOP_K;
-    route_counts(t, cnt);
+    route_counts(t, cnt, map);
+    c.t = t;
+    CKE(g_ops->vt->upload(g_ops, map_dev, map, (size_t)rows * sizeof *map));
     int64_t active = 0, max_rows = 0;
     off[0] = 0;
     off32[0] = 0;
@@ -540,10 +568,12 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
        * issued in a step that is not recorded, on the lanes and one after another */
       const int64_t lim = kind ? 16 : epic_ops_cuda_mma_group_rows(g_ops);
       static const int lane_counts[] = {2, 4, 8};
-      double eager = 0, serial = 0, by_lanes[3] = {0}, lanes_eager = 0;
+      double eager = 0, serial = 0, by_lanes[3] = {0}, lanes_eager = 0, rows_eager = 0;
       if (max_rows > lim) {
         const int64_t launches = epic_ops_cuda_wgmma_launches(g_ops);
         eager = time_eager(run_grouped, &c); /* the default: the wgmma kernel */
+        /* as prefill's gate/up runs: the t token rows read through the plan */
+        rows_eager = time_eager(run_grouped_rows, &c);
         if (epic_ops_cuda_wgmma_launches(g_ops) == launches) {
           fprintf(stderr, "bench: the grouped wgmma kernel did not run\n");
           exit(1);
@@ -576,21 +606,26 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
                 "\"frac_fp8_peak_eager\": %.3f, \"lanes\": %d, \"us_eager_lanes\": %.2f, "
                 "\"tflops_eager_lanes\": %.2f, \"speedup_vs_lanes\": %.3f, "
                 "\"us_eager_serial\": %.2f, \"tflops_eager_serial\": %.2f, "
-                "\"us_eager_by_lanes\": {\"2\": %.2f, \"4\": %.2f, \"8\": %.2f}}",
+                "\"us_eager_by_lanes\": {\"2\": %.2f, \"4\": %.2f, \"8\": %.2f}, "
+                "\"us_eager_rows\": %.2f, \"tflops_eager_rows\": %.2f, "
+                "\"frac_fp8_peak_eager_rows\": %.3f}",
                 eager * 1e6, flop / eager * 1e-12,
                 g_fp8_tflops > 0 ? flop / eager * 1e-12 / g_fp8_tflops : 0.0,
                 EPIC_CUDA_LT_LANES_DEFAULT, lanes_eager * 1e6, flop / lanes_eager * 1e-12,
                 lanes_eager / eager, serial * 1e6, flop / serial * 1e-12, by_lanes[0] * 1e6,
-                by_lanes[1] * 1e6, by_lanes[2] * 1e6);
+                by_lanes[1] * 1e6, by_lanes[2] * 1e6, rows_eager * 1e6, flop / rows_eager * 1e-12,
+                g_fp8_tflops > 0 ? flop / rows_eager * 1e-12 / g_fp8_tflops : 0.0);
       else
         fprintf(js, ", \"us_eager\": null, \"us_eager_serial\": null}");
       if (max_rows > lim)
         fprintf(stderr,
                 "grouped %-14s T=%-4lld %-4s large groups, not recorded: wgmma %.1f us (%.1f "
-                "TF/s, %.2f of peak) vs %d lanes %.1f us (%.2fx), one after another %.1f us; "
+                "TF/s, %.2f of peak; from the %lld token rows through the plan %.1f us, %.2f) "
+                "vs %d lanes %.1f us (%.2fx), one after another %.1f us; "
                 "2/4/8 lanes %.1f/%.1f/%.1f us\n",
                 s->name, (long long)t, kname, eager * 1e6, flop / eager * 1e-12,
-                g_fp8_tflops > 0 ? flop / eager * 1e-12 / g_fp8_tflops : 0.0,
+                g_fp8_tflops > 0 ? flop / eager * 1e-12 / g_fp8_tflops : 0.0, (long long)t,
+                rows_eager * 1e6, g_fp8_tflops > 0 ? flop / rows_eager * 1e-12 / g_fp8_tflops : 0.0,
                 EPIC_CUDA_LT_LANES_DEFAULT, lanes_eager * 1e6, lanes_eager / eager, serial * 1e6,
                 by_lanes[0] * 1e6, by_lanes[1] * 1e6, by_lanes[2] * 1e6);
       fprintf(stderr,
@@ -614,6 +649,8 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
   g_ops->vt->free(g_ops, x);
   g_ops->vt->free(g_ops, y);
   g_ops->vt->free(g_ops, off_dev);
+  g_ops->vt->free(g_ops, map_dev);
+  free(map);
 }
 
 /* -------------------------------------------------------------- MLA decode */

@@ -163,7 +163,7 @@ int epic_ops_has_graphs(epic_ops *o) {
 }
 
 int epic_ops_has_grouped_rows(epic_ops *o) {
-  return o->vt->abi_version >= 8 && o->vt->grouped_matmul_rows;
+  return o->vt->abi_version >= 11 && o->vt->grouped_matmul_rows;
 }
 
 void *epic_ops_queue(epic_ops *o) {

@@ -37,8 +37,10 @@
  *    group they land in: what expert re-placement needs, apart from MTP's whole-forward
  *    invariance).
  * 10: head_dtype and head_gemm_bf16 appended (the MLA absorption's per-head weights in bf16
- *    where the backend wants them: half the bytes a decode step reads for them). */
-#define EPIC_OPS_ABI_VERSION 10
+ *    where the backend wants them: half the bytes a decode step reads for them).
+ * 11: grouped_matmul_rows takes n_src, the rows src has (a backend that quantises its
+ *    input may then quantise each source row once, not once per group row). */
+#define EPIC_OPS_ABI_VERSION 11
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -335,16 +337,15 @@ typedef struct epic_ops_vt {
   void (*graph_free)(epic_ops *o, epic_ops_graph *g);
   uint64_t (*graph_epoch)(epic_ops *o);
 
-  /* ABI 8, optional (NULL: the caller gathers with copy_rows and calls grouped_matmul).
-   * grouped_matmul of the rows x_i = src[rows[i]] (rows: backend memory, off[n_groups]
-   * entries, each in [0, the rows src has)), with the same results bit for bit: a
-   * backend that converts or quantises its input rows does so straight from src,
-   * without writing the gathered rows first. */
-  epic_status (*grouped_matmul_rows)(epic_ops *o, const float *src, int64_t ld_src,
+  /* ABI 8, optional (NULL: the caller gathers with copy_rows and calls grouped_matmul;
+   * n_src since ABI 11). grouped_matmul of the rows x_i = src[rows[i]] (src: n_src rows;
+   * rows: backend memory, off[n_groups] entries, each in [0, n_src)), with the same
+   * results bit for bit: a backend that converts or quantises its input rows does so
+   * straight from src, without writing the gathered rows first. */
+  epic_status (*grouped_matmul_rows)(epic_ops *o, const float *src, int64_t ld_src, int64_t n_src,
                                      const int32_t *rows, const int64_t *off,
-                                     const int32_t *off_dev, int64_t n_groups,
-                                     const epic_weight *w, int64_t w_stride, float *y,
-                                     int64_t ldy);
+                                     const int32_t *off_dev, int64_t n_groups, const epic_weight *w,
+                                     int64_t w_stride, float *y, int64_t ldy);
 
   /* ABI 8, optional (NULL: use upload). upload without waiting: the bytes are staged
    * before the call returns (src may be reused at once) and land in dst before any op

@@ -1476,19 +1476,19 @@ static epic_status route_and_share(epic_model *m, const layer_w *lw, const float
 /* The expert groups of one MoE pass: host offsets (off, with off_dev their backend
  * copy or NULL) for grouped_matmul, or backend offsets only (off NULL) with a bound on
  * the rows per group for grouped_matmul_dev. w: n_groups entries of 3 projections.
- * rows (with off): the input's row of each group row, for grouped_matmul_rows. */
+ * rows (with off): the input's row of each group row (of n_src), for grouped_matmul_rows. */
 typedef struct {
   const int64_t *off;
   const int32_t *off_dev, *rows;
-  int64_t n_groups, max_rows;
+  int64_t n_groups, max_rows, n_src;
   const epic_weight *w;
 } expert_groups;
 
 static epic_status grouped(epic_ops *o, const expert_groups *eg, int proj, const float *x,
                            int64_t ldx, int64_t n, float *y, int64_t ldy) {
   if (eg->rows)
-    return o->vt->grouped_matmul_rows(o, x, ldx, eg->rows, eg->off, eg->off_dev, eg->n_groups,
-                                      &eg->w[proj], EXPERT_W, y, ldy);
+    return o->vt->grouped_matmul_rows(o, x, ldx, eg->n_src, eg->rows, eg->off, eg->off_dev,
+                                      eg->n_groups, &eg->w[proj], EXPERT_W, y, ldy);
   if (!eg->off)
     return o->vt->grouped_matmul_dev(o, x, ldx, n, eg->max_rows, eg->off_dev, eg->n_groups,
                                      &eg->w[proj], EXPERT_W, y, ldy);
@@ -1529,14 +1529,16 @@ static const int32_t *iota_dev(epic_model *m, int64_t n) {
 }
 
 /* The experts' FFN over n items planned in dplan (backend memory, as moe_plan lays it
- * out): rows gathered in expert order, one grouped matmul per projection (gate and up
- * as one where fused). Without slot the results are scattered back to out in item
- * order (the expert-parallel exchange sends them so). With slot they stay in out in
- * expert order and slot[i] gets the row of item i's result, for moe_combine to read
- * them through: the scatter pass (a write and a read of every result row: about 1 ms
- * per MoE layer of an 8192-token prefill step on an H200) and its buffer are saved. */
+ * out; item i reads row i / div of src): rows gathered in expert order, one grouped
+ * matmul per projection (gate and up as one where fused). Without slot the results are
+ * scattered back to out in item order (the expert-parallel exchange sends them so). With
+ * slot they stay in out in expert order and slot[i] gets the row of item i's result, for
+ * moe_combine to read them through: the scatter pass (a write and a read of every result
+ * row: about 1 ms per MoE layer of an 8192-token prefill step on an H200) and its buffer
+ * are saved. */
 static epic_status expert_ffn(fwd *f, const expert_groups *eg, int64_t n, const float *src,
-                              int64_t ld, const int32_t *dplan, float *out, int32_t *slot) {
+                              int64_t ld, int64_t div, const int32_t *dplan, float *out,
+                              int32_t *slot) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size, I = m->cfg.moe_intermediate_size;
@@ -1545,8 +1547,13 @@ static epic_status expert_ffn(fwd *f, const expert_groups *eg, int64_t n, const 
    * the plan's source rows (no gathered copy: about 1 ms per MoE layer of an 8192-token
    * prefill step); otherwise they are gathered here. */
   const int in_op = eg->off && epic_ops_has_grouped_rows(o);
-  const expert_groups egr = {.off = eg->off, .off_dev = eg->off_dev, .rows = dplan,
-                             .n_groups = eg->n_groups, .max_rows = eg->max_rows, .w = eg->w};
+  const expert_groups egr = {.off = eg->off,
+                             .off_dev = eg->off_dev,
+                             .rows = dplan,
+                             .n_groups = eg->n_groups,
+                             .max_rows = eg->max_rows,
+                             .n_src = (n + div - 1) / div,
+                             .w = eg->w};
   float *x = in_op ? NULL : dbuf(m, 0, DB_X, (size_t)(n * D) * sizeof(float));
   float *g = dbuf(m, 0, DB_G, (size_t)(n * (fused ? 2 * I : I)) * sizeof(float));
   float *u = fused ? g + I : dbuf(m, 0, DB_U, (size_t)(n * I) * sizeof(float));
@@ -1625,7 +1632,7 @@ static epic_status run_experts(fwd *f, const layer_w *lw, const int32_t *expert,
       }
     eg = (expert_groups){.off = soff, .n_groups = ng, .w = swl};
   }
-  return expert_ffn(f, &eg, n, src, ld, dplan, out, slot);
+  return expert_ffn(f, &eg, n, src, ld, div, dplan, out, slot);
 }
 
 /* run_experts with the plan built on the backend from ids in backend memory (ABI 6
@@ -1647,7 +1654,7 @@ static epic_status run_experts_dev(fwd *f, const layer_w *lw, const int32_t *idx
   EPIC_CHECK(o->vt->moe_plan(o, idx, n, E, div, dplan, m->dev_tokens + lw->slot * E));
   const expert_groups eg = {
       .off_dev = dplan + 2 * n, .n_groups = E, .max_rows = max_rows, .w = lw->experts};
-  return expert_ffn(f, &eg, n, src, ld, dplan, out, slot);
+  return expert_ffn(f, &eg, n, src, ld, div, dplan, out, slot);
 }
 
 /* MoE phase 1 of 3 (DESIGN §3): router and shared experts for the

@@ -165,7 +165,7 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
                                      int64_t n_groups, const epic_weight *w, int64_t w_stride,
                                      float *y, int64_t ldy);
 epic_status epic_cuda_grouped_matmul_rows(epic_ops *o, const float *src, int64_t ld_src,
-                                          const int32_t *rows, const int64_t *off,
+                                          int64_t n_src, const int32_t *rows, const int64_t *off,
                                           const int32_t *off_dev, int64_t n_groups,
                                           const epic_weight *w, int64_t w_stride, float *y,
                                           int64_t ldy);
@@ -202,9 +202,15 @@ cudaError_t epic_cuk_quant_fp8_1x128(const float *x, int64_t ldx, int64_t m, int
  * cuBLASLt's token count). Its pad rows rows..mp get scale 0, and the first zpad of them
  * zero codes (rows no group of the call quantises). item0: prefix sums of the mp, n + 1
  * entries. Passed by value (kernel parameters: no upload, capturable). With xidx (device
- * memory) row i of the groups is read from row xidx[i] of x (codes still go to row i). */
+ * memory) row i of the groups is read from row xidx[i] of x (codes still go to row i).
+ * With qsrc (k % 16 == 0, rows 16-byte aligned) the source rows are quantised already
+ * (epic_cuk_quant_fp8_1x128: codes [*][k], scales ssrc[kb * lds_src + row]): their codes
+ * and scales are copied (the same bits: quantisation is per row), x is not read. */
 enum { EPIC_CUK_QGROUPS_MAX = 128 };
 typedef struct epic_cuk_qgroups {
+  const uint8_t *qsrc;
+  const float *ssrc;
+  int64_t lds_src;
   int32_t n;
   int32_t row0[EPIC_CUK_QGROUPS_MAX], rows[EPIC_CUK_QGROUPS_MAX], zpad[EPIC_CUK_QGROUPS_MAX];
   int32_t sbase[EPIC_CUK_QGROUPS_MAX], item0[EPIC_CUK_QGROUPS_MAX + 1];

@@ -775,12 +775,21 @@ static int lanes_fit(const epic_weight *w) {
 }
 
 /* One quantisation launch per EPIC_CUK_QGROUPS_MAX of the nb groups lg: codes into the
- * groups' rows of xq (ld k), scales at xs + sbase. */
+ * groups' rows of xq (ld k), scales at xs + sbase. With src (optional: x's rows quantised
+ * already) they are copied from there. */
+typedef struct {
+  const uint8_t *q;
+  const float *s;
+  int64_t lds;
+} quantised_rows;
 static epic_status quantise_groups(epic_cuda_ops *c, const float *x, int64_t ldx,
-                                   const int32_t *xidx, int64_t k, const lane_group *lg,
-                                   int64_t nb, uint8_t *xq, float *xs) {
+                                   const int32_t *xidx, int64_t k, const lane_group *lg, int64_t nb,
+                                   const quantised_rows *src, uint8_t *xq, float *xs) {
   for (int64_t b0 = 0; b0 < nb; b0 += EPIC_CUK_QGROUPS_MAX) {
     epic_cuk_qgroups t;
+    t.qsrc = src ? src->q : NULL;
+    t.ssrc = src ? src->s : NULL;
+    t.lds_src = src ? src->lds : 0;
     t.n = (int32_t)(nb - b0 < EPIC_CUK_QGROUPS_MAX ? nb - b0 : EPIC_CUK_QGROUPS_MAX);
     t.item0[0] = 0;
     for (int j = 0; j < t.n; j++) {
@@ -837,8 +846,8 @@ static epic_status wgmma_launch(epic_cuda_ops *c, const epic_cuk_fp8_wgmma_args 
  * for the groups it ran; leaves everything to the lanes (done untouched) when no group
  * qualifies or the list's weights differ in layout. Numerics: the lanes' e4m3
  * activations, the block-scaled sum in the kernel's fixed order (row-invariant). */
-static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx,
-                                 const int32_t *xidx, const int64_t *off, int64_t n_groups,
+static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx, const int32_t *xidx,
+                                 int64_t n_src, const int64_t *off, int64_t n_groups,
                                  const epic_weight *w, int64_t w_stride, int64_t lim, float *y,
                                  int64_t ldy, uint8_t *done) {
   large_set ls;
@@ -849,13 +858,31 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx,
   epic_status st;
   const struct epic_cuda_group_tab *t = group_entry(c, w, w_stride, n_groups, ls.w0, &st);
   const int64_t m = off[n_groups], n = ls.w0->rows, k = ls.w0->cols;
+  /* Rows read through xidx from fewer source rows (prefill's gate/up: each token row is
+   * 8 group rows): the source rows are quantised once into the gath buffer and the group
+   * rows copy their codes and scales (the same bits), instead of quantising every group
+   * row from fp32. */
+  quantised_rows src = {0};
+  const int once = xidx && n_src > 0 && n_src < m && k % 16 == 0;
   epic_cuk_fp8_wgmma_args *a = NULL;
   if (t && t->wmaps) {
     st = epic_cuda_buf_reserve(c, &c->act, (size_t)round_up((m + 4) * k, 16));
     if (st == EPIC_OK)
       st = epic_cuda_buf_reserve(c, &c->act_s, (size_t)ls.scales * sizeof(float));
+    if (st == EPIC_OK && once) {
+      const size_t qbytes = (size_t)round_up(n_src * k, 16);
+      src.lds = round_up(n_src, 4);
+      st = epic_cuda_buf_reserve(c, &c->gath, qbytes + (size_t)((k + 127) / 128 * src.lds) * 4);
+      src.q = (const uint8_t *)c->gath.p;
+      src.s = (const float *)((const uint8_t *)c->gath.p + qbytes);
+      if (st == EPIC_OK)
+        st = epic_cuda_check(epic_cuk_quant_fp8_1x128(x, ldx, n_src, k, (uint8_t *)src.q,
+                                                      (float *)src.s, src.lds, c->stream),
+                             "grouped matmul: quantise source rows");
+    }
     if (st == EPIC_OK)
-      st = quantise_groups(c, x, ldx, xidx, k, ls.lg, ls.nb, c->act.p, c->act_s.p);
+      st = quantise_groups(c, x, ldx, xidx, k, ls.lg, ls.nb, once ? &src : NULL, c->act.p,
+                           c->act_s.p);
     if (st == EPIC_OK)
       a = wgmma_args(c, t, m, ls.w0, y, ldy, &st);
   }
@@ -974,7 +1001,7 @@ static epic_status grouped_lanes(epic_cuda_ops *c, const float *x, int64_t ldx,
   uint8_t *xq = c->act.p;
   float *xs = c->act_s.p, *stage = c->outb.p;
   if (st == EPIC_OK)
-    st = quantise_groups(c, x, ldx, xidx, k, lg, nb, xq, xs);
+    st = quantise_groups(c, x, ldx, xidx, k, lg, nb, NULL, xq, xs);
   /* fork; from here on every lane is joined back, whatever fails */
   int forked = 0;
   if (st == EPIC_OK)
@@ -1060,10 +1087,10 @@ static epic_status gather_rows(epic_cuda_ops *c, const float *x, int64_t ldx, co
  * memory) is given. The default path takes the index where it converts or quantises
  * the rows (the tensor-core launches' bf16 conversion, the lanes' quantiser); the
  * others read x whole and get a gathered copy. */
-static epic_status grouped_core(epic_cuda_ops *c, const float *x, int64_t ldx,
-                                const int32_t *xidx, const int64_t *off_host,
-                                const int32_t *off_dev, int64_t n_groups, const epic_weight *w,
-                                int64_t w_stride, float *y, int64_t ldy) {
+static epic_status grouped_core(epic_cuda_ops *c, const float *x, int64_t ldx, const int32_t *xidx,
+                                int64_t n_src, const int64_t *off_host, const int32_t *off_dev,
+                                int64_t n_groups, const epic_weight *w, int64_t w_stride, float *y,
+                                int64_t ldy) {
   epic_ops *o = &c->base;
   const epic_cuk_group_w *tab = NULL;
   const int mma = c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA;
@@ -1100,7 +1127,7 @@ static epic_status grouped_core(epic_cuda_ops *c, const float *x, int64_t ldx,
     return EPIC_ERR_NOMEM;
   epic_status st = EPIC_OK;
   if (c->grouped_large == EPIC_CUDA_GROUPED_LARGE_WGMMA)
-    st = grouped_wgmma(c, x, ldx, xidx, off_host, n_groups, w, w_stride, lim, y, ldy, done);
+    st = grouped_wgmma(c, x, ldx, xidx, n_src, off_host, n_groups, w, w_stride, lim, y, ldy, done);
   if (st == EPIC_OK)
     st = grouped_lanes(c, x, ldx, xidx, off_host, n_groups, w, w_stride, lim, y, ldy, done);
   /* One launch (per size class) for the small groups. The fp32 kernel leaves a lone small
@@ -1155,21 +1182,21 @@ epic_status epic_cuda_grouped_matmul(epic_ops *o, const float *x, int64_t ldx,
                                      const int64_t *off_host, const int32_t *off_dev,
                                      int64_t n_groups, const epic_weight *w, int64_t w_stride,
                                      float *y, int64_t ldy) {
-  return grouped_core(epic_cuda_of(o), x, ldx, NULL, off_host, off_dev, n_groups, w, w_stride,
-                      y, ldy);
+  return grouped_core(epic_cuda_of(o), x, ldx, NULL, 0, off_host, off_dev, n_groups, w, w_stride, y,
+                      ldy);
 }
 
 /* ABI 8: prefill's expert inputs quantised (or converted) straight from the token rows:
  * the gathered fp32 copy, a write and a read of every (token, expert) row, is not made. */
 epic_status epic_cuda_grouped_matmul_rows(epic_ops *o, const float *src, int64_t ld_src,
-                                          const int32_t *rows, const int64_t *off,
+                                          int64_t n_src, const int32_t *rows, const int64_t *off,
                                           const int32_t *off_dev, int64_t n_groups,
                                           const epic_weight *w, int64_t w_stride, float *y,
                                           int64_t ldy) {
-  if (!rows || !src)
+  if (!rows || !src || n_src < 0)
     return EPIC_ERR_INVALID;
-  return grouped_core(epic_cuda_of(o), src, ld_src, rows, off, off_dev, n_groups, w, w_stride, y,
-                      ldy);
+  return grouped_core(epic_cuda_of(o), src, ld_src, rows, n_src, off, off_dev, n_groups, w,
+                      w_stride, y, ldy);
 }
 
 /* The device-planned groups above mma_group_rows rows on the wgmma kernel (tiles counted

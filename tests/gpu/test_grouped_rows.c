@@ -376,9 +376,11 @@ static void test_fast_mma_any_groups(void **state) {
  * so for this weight, not for a BF16 one (cuBLAS per group) or with a bound above 0. */
 /* Prefill-sized calls quantise their rows several column blocks per warp (from 2^17
  * blocks, kern_elementwise.cu quant_chunk_for), small ones one block per warp: a row must
- * come out the same. LONG_ROWS rows read through grouped_matmul_rows from the ROWS test
- * rows (row i from row i % ROWS, in four groups of one expert): every row equals the
- * small call's result for its source row (want, [ROWS][N]). */
+ * come out the same. LONG_ROWS rows, row i from row i % ROWS of the ROWS test rows, in
+ * four groups of one expert: read through grouped_matmul_rows (the source rows quantised
+ * once, each group row's codes copied from its source row) and, gathered first, through
+ * grouped_matmul (every row quantised, chunked): every row equals the small call's result
+ * for its source row (want, [ROWS][N]). */
 enum { LONG_ROWS = 15104 }; /* x 9 column blocks of K: above 2^17 */
 static void long_call_rows(const wpair *w, const float *dx, const float *want) {
   const int64_t sizes[4] = {4000, 3500, 4104, 3500};
@@ -398,14 +400,27 @@ static void long_call_rows(const wpair *w, const float *dx, const float *want) {
   int32_t *doff = dup_dev(off32, sizeof off32);
   const size_t ybytes = (size_t)LONG_ROWS * N * sizeof(float);
   float *dy = poisoned_dev(ybytes), *y = xmalloc(ybytes);
-  assert_int_equal(
-      g_gpu->vt->grouped_matmul_rows(g_gpu, dx, K, dsrc, off, doff, 4, list, 1, dy, N), EPIC_OK);
-  assert_int_equal(g_gpu->vt->download(g_gpu, y, dy, ybytes), EPIC_OK);
-  for (int i = 0; i < LONG_ROWS; i++)
-    if (memcmp(y + (size_t)i * N, want + (size_t)(i % ROWS) * N, N * sizeof(float)))
-      fail_msg("long call: row %d differs from the small call's row %d", i, i % ROWS);
-  printf("#   fast FP8 default: %d rows in one call (chunked quantiser) equal the small call's\n",
+  float *dlong = poisoned_dev((size_t)LONG_ROWS * K * sizeof(float));
+  assert_int_equal(g_gpu->vt->copy_rows(g_gpu, LONG_ROWS, K, dx, K, dsrc, dlong, K, NULL), EPIC_OK);
+  for (int gathered = 0; gathered < 2; gathered++) {
+    assert_int_equal(g_gpu->vt->zero(g_gpu, dy, ybytes), EPIC_OK);
+    if (gathered)
+      assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dlong, K, off, doff, 4, list, 1, dy, N),
+                       EPIC_OK);
+    else
+      assert_int_equal(
+          g_gpu->vt->grouped_matmul_rows(g_gpu, dx, K, ROWS, dsrc, off, doff, 4, list, 1, dy, N),
+          EPIC_OK);
+    assert_int_equal(g_gpu->vt->download(g_gpu, y, dy, ybytes), EPIC_OK);
+    for (int i = 0; i < LONG_ROWS; i++)
+      if (memcmp(y + (size_t)i * N, want + (size_t)(i % ROWS) * N, N * sizeof(float)))
+        fail_msg("long call (%s): row %d differs from the small call's row %d",
+                 gathered ? "gathered" : "through the map", i, i % ROWS);
+  }
+  printf("#   fast FP8 default: %d rows in one call (through the map; gathered: chunked "
+         "quantiser) equal the small call's\n",
          LONG_ROWS);
+  g_gpu->vt->free(g_gpu, dlong);
   g_gpu->vt->free(g_gpu, dy);
   g_gpu->vt->free(g_gpu, doff);
   g_gpu->vt->free(g_gpu, dsrc);

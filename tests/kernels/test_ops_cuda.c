@@ -905,11 +905,13 @@ static void test_grouped_wgmma(void **state) {
   free(one);
 }
 
-/* grouped_matmul_rows (ABI 8) equals copy_rows + grouped_matmul bit for bit: rows read
- * through a map that repeats and skips token rows (src with a row stride above k), groups
- * large and small and empty, under the default kind (lanes and tensor-core launches read
- * through the map), with no lanes (large groups per group, from a gathered copy), the FP32
- * kind and the exact precision (both gather first). A NULL map is refused. */
+/* grouped_matmul_rows (ABI 8, n_src since 11) equals copy_rows + grouped_matmul bit for
+ * bit: rows read through a map that repeats and skips token rows (src with a row stride
+ * above k), groups large and small and empty, under the default kind (the wgmma kernel
+ * copies each group row's codes from the source rows, quantised once), with the lanes
+ * (their quantiser reads every group row through the map), with no lanes (large groups
+ * per group, from a gathered copy), the FP32 kind and the exact precision (both gather
+ * first). A NULL map and a negative source count are refused. */
 static void test_grouped_rows_gather(void **state) {
   (void)state;
   enum { G = 9, T = 300 };
@@ -929,21 +931,28 @@ static void test_grouped_rows_gather(void **state) {
   float *dy = dalloc((size_t)(m * n) * 4);
   int32_t *dmap = dup_dev(map, (size_t)m * sizeof *map), *doff = dup_dev(off32, sizeof off32);
   assert_int_equal(g_gpu->vt->copy_rows(g_gpu, m, k, dsrc, lds, dmap, dx, k, NULL), EPIC_OK);
-  static const char *const names[4] = {"default", "no lanes", "fp32 kind", "exact"};
-  for (int run = 0; run < 4; run++) {
-    set_fp8_kind(run == 2);
-    const int lanes = run == 1 ? 0 : EPIC_CUDA_LT_LANES_DEFAULT;
+  static const char *const names[5] = {"default", "lanes", "no lanes", "fp32 kind", "exact"};
+  for (int run = 0; run < 5; run++) {
+    set_fp8_kind(run == 3);
+    const int lanes = run == 2 ? 0 : EPIC_CUDA_LT_LANES_DEFAULT;
     assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, lanes), EPIC_OK);
-    assert_int_equal(epic_ops_cuda_set_precision(g_gpu, run == 3 ? EPIC_CUDA_PREC_EXACT
-                                                                 : EPIC_CUDA_PREC_FAST),
+    assert_int_equal(epic_ops_cuda_set_grouped_large(g_gpu, run == 1
+                                                                ? EPIC_CUDA_GROUPED_LARGE_LANES
+                                                                : EPIC_CUDA_GROUPED_LARGE_WGMMA),
                      EPIC_OK);
+    assert_int_equal(
+        epic_ops_cuda_set_precision(g_gpu, run == 4 ? EPIC_CUDA_PREC_EXACT : EPIC_CUDA_PREC_FAST),
+        EPIC_OK);
     poison(dy, (size_t)(m * n) * 4);
     assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, k, off, doff, G, dw, 1, dy, n), EPIC_OK);
     fetch(a, dy, (size_t)(m * n) * 4);
     poison(dy, (size_t)(m * n) * 4);
+    const int64_t launches = epic_ops_cuda_wgmma_launches(g_gpu);
     assert_int_equal(
-        g_gpu->vt->grouped_matmul_rows(g_gpu, dsrc, lds, dmap, off, doff, G, dw, 1, dy, n),
+        g_gpu->vt->grouped_matmul_rows(g_gpu, dsrc, lds, T, dmap, off, doff, G, dw, 1, dy, n),
         EPIC_OK);
+    if (run == 0) /* the wgmma kernel ran */
+      assert_true(epic_ops_cuda_wgmma_launches(g_gpu) > launches);
     fetch(b, dy, (size_t)(m * n) * 4);
     for (int64_t i = 0; i < m * n; i++)
       if (memcmp(&a[i], &b[i], sizeof a[i]))
@@ -956,7 +965,10 @@ static void test_grouped_rows_gather(void **state) {
   assert_int_equal(epic_ops_cuda_set_grouped_lanes(g_gpu, EPIC_CUDA_LT_LANES_DEFAULT), EPIC_OK);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
   assert_int_equal(
-      g_gpu->vt->grouped_matmul_rows(g_gpu, dsrc, lds, NULL, off, doff, G, dw, 1, dy, n),
+      g_gpu->vt->grouped_matmul_rows(g_gpu, dsrc, lds, T, NULL, off, doff, G, dw, 1, dy, n),
+      EPIC_ERR_INVALID);
+  assert_int_equal(
+      g_gpu->vt->grouped_matmul_rows(g_gpu, dsrc, lds, -1, dmap, off, doff, G, dw, 1, dy, n),
       EPIC_ERR_INVALID);
   free_groups(G, rows, w);
   dfree(dsrc);
