@@ -195,6 +195,14 @@ __device__ __forceinline__ void count_tiles(const epic_cuk_fp8_wgmma_args &a, in
     tile0[a.n_groups] = carry;
 }
 
+// kHalf (the device-planned form: decode steps, whose groups are a few rows each): a tile
+// of at most 64 rows, a group's last, is split by columns instead of rows: both consumer
+// warpgroups take all its rows, warpgroup cw the weight scale block cw, so the tile takes
+// half the time; each output is the same chains, scaled and added alike (same bits). Not
+// in the host-planned form: with prefill's groups of hundreds of rows, tiles of uneven
+// length put the CTAs out of the lockstep in which they share weight tiles through L2,
+// and that cost more than the halves saved (kernels/cuda/NOTES.md).
+template <bool kHalf>
 __global__ void __launch_bounds__(kThreads, 1)
     k_fp8_wgmma(const __grid_constant__ epic_cuk_fp8_wgmma_args a) {
   // (The plain sm_90 build compiles this too; its wgmma traps, and the host runs the
@@ -270,7 +278,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const tile_pos p = locate(a, tile0, t);
     const int rows = p.rows;
-    const int r_lo = p.mt * kBM + cw * 64 + warp * 16 + lane / 4, r_hi = r_lo + 8;
+    const bool half = kHalf && rows - p.mt * kBM <= 64;
+    const int r_lo = p.mt * kBM + (half ? 0 : cw * 64) + warp * 16 + lane / 4, r_hi = r_lo + 8;
     float acc[kHalves][64];
 #pragma unroll
     for (int h = 0; h < kHalves; h++)
@@ -282,9 +291,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(bar_full + 8 * s, r & 1);
       const float *scs = sc + s * (kScaleBytes / 4);
       const float sa_lo = scs[r_lo - p.mt * kBM], sa_hi = scs[r_hi - p.mt * kBM];
-      const uint64_t da = sw128_desc(s_a + s * kABytes + cw * 64 * kBK, 16, 1024);
+      const uint64_t da = sw128_desc(s_a + s * kABytes + (half ? 0 : cw * 64 * kBK), 16, 1024);
 #pragma unroll
       for (int h = 0; h < kHalves; h++) {
+        if (half && h != cw)
+          continue;
         // one wgmma n = 128 pass per weight scale block: its 4 steps, then its scales
         const uint64_t db = sw128_desc(s_b + s * kWBytes + h * 128 * kBK, 16, 1024);
         wg_fence();
@@ -311,6 +322,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int h = 0; h < kHalves; h++)
 #pragma unroll
       for (int j = 0; j < 16; j++) {
+        if (half && h != cw)
+          continue;
         const int c = c0 + h * 128 + j * 8;
         if (c + 1 < a.n && pairs) {
           if (r_lo < rows)
@@ -335,8 +348,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 } // namespace
 
 cudaError_t epic_cuk_fp8_wgmma_prepare(void) {
-  return cudaFuncSetAttribute(k_fp8_wgmma, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)kSmemDev);
+  const cudaError_t e = cudaFuncSetAttribute(
+      k_fp8_wgmma<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemDev);
+  return e != cudaSuccess ? e
+                          : cudaFuncSetAttribute(k_fp8_wgmma<true>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 (int)kSmemDev);
 }
 
 int epic_cuk_fp8_wgmma_layout_ok(const epic_weight *w) {
@@ -380,7 +397,7 @@ cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, c
   if (a->off_dev) { // tiles counted on the device: every SM, idle ones leave at once
     if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_DEV_GROUPS_MAX || a->lds % 4 != 0)
       return cudaErrorInvalidValue;
-    k_fp8_wgmma<<<sm_count, kThreads, kSmemDev, st>>>(*a);
+    k_fp8_wgmma<true><<<sm_count, kThreads, kSmemDev, st>>>(*a);
     return cudaGetLastError();
   }
   if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_GROUPS_MAX)
@@ -389,6 +406,6 @@ cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, c
   if (total <= 0)
     return cudaSuccess;
   const int grid = total < sm_count ? total : sm_count;
-  k_fp8_wgmma<<<grid, kThreads, kSmem, st>>>(*a);
+  k_fp8_wgmma<false><<<grid, kThreads, kSmem, st>>>(*a);
   return cudaGetLastError();
 }
