@@ -434,7 +434,7 @@ static void bench_matmul(FILE *js, epic_dtype dt, const shape *s, const int64_t 
 
 /* ------------------------------------------------------ grouped (MoE decode) */
 
-enum { N_EXPERTS = 256, TOP_K = 8 };
+enum { N_EXPERTS = 256, TOP_K = 8, MAX_GROUPED_TOKENS = 1 << 20 };
 
 /* grouped_matmul caches the device table of a weight list by the list's host address.
  * Each shape therefore keeps its own list for the life of the process: a list malloc'd
@@ -469,6 +469,10 @@ static void run_grouped_rows(void *p, int rep) {
  * the shared state put back after), so both shapes see the same routing whichever
  * sections run before. */
 static void route_counts(int64_t t, int64_t *cnt, int32_t *map) {
+  if (t < 1 || t > MAX_GROUPED_TOKENS) {
+    fprintf(stderr, "bench: %lld grouped tokens (1 to %d)\n", (long long)t, MAX_GROUPED_TOKENS);
+    exit(2);
+  }
   const uint64_t saved = rs;
   rs = 0x243f6a8885a308d3ull ^ ((uint64_t)t * 0x9e3779b97f4a7c15ull);
   if (!rs)
@@ -519,9 +523,11 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
     wl[e].data = dev_random(wbytes, tile_fp8);
     wl[e].scale_inv = dev_random(sbytes, tile_scale);
   }
-  int64_t max_t = 0;
+  int64_t max_t = 1;
   for (int i = 0; i < n_ts; i++)
     max_t = ts[i] > max_t ? ts[i] : max_t;
+  if (max_t > MAX_GROUPED_TOKENS)
+    max_t = MAX_GROUPED_TOKENS; /* route_counts refuses more */
   grp_ctx c = {.w = wl, .k = k, .n = n};
   float *x = dev_random((size_t)(max_t * TOP_K * k) * 4, tile_f32), *y = NULL;
   int32_t *off_dev = NULL, *map_dev = NULL;
@@ -1045,6 +1051,11 @@ int main(int argc, char **argv) {
     } else if (!strcmp(argv[i], "--grouped") && i + 1 < argc) {
       only = "grouped";
       one_tokens = atoll(argv[++i]);
+      if (one_tokens < 1 || one_tokens > MAX_GROUPED_TOKENS) {
+        fprintf(stderr, "bench_kernels_cuda: --grouped: expected 1 to %d tokens, got '%s'\n",
+                MAX_GROUPED_TOKENS, argv[i]);
+        return 2;
+      }
     } else {
       fprintf(
           stderr,

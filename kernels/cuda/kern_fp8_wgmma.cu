@@ -43,7 +43,7 @@
 
 namespace {
 
-constexpr int kBM = 128, kBN = 256, kBK = 128;
+constexpr int kBM = EPIC_CUK_WG_TILE_ROWS, kBN = 256, kBK = 128;
 constexpr int kStages = 4;
 constexpr int kABytes = kBM * kBK, kWBytes = kBN * kBK; // one stage's boxes
 constexpr int kHalves = kBN / 128; // weight scale blocks (and wgmma n = 128 passes) per tile
@@ -53,8 +53,11 @@ constexpr int kConsumerWarps = 8;
 // Per stage besides the two boxes: the 128 rows' activation scales of its column block and
 // the weight tile's kHalves block scales (kScaleBytes, padded to 16 bytes).
 constexpr int kScaleBytes = (kBM + 4) * 4;
+// Dynamic tile order (host-planned form): the producer hands each tile's index to the
+// consumers through a ring of kTileSlots slots, each with a "full" and an "empty" mbarrier.
+constexpr int kTileSlots = 4;
 constexpr size_t kSmem = 1024 + (size_t)kStages * (kABytes + kWBytes + kScaleBytes) +
-                         2 * kStages * sizeof(uint64_t);
+                         2 * kStages * sizeof(uint64_t) + kTileSlots * (2 * sizeof(uint64_t) + 4);
 // Device-planned launches add their tile prefix sums (EPIC_CUK_WG_DEV_GROUPS_MAX + 1 ints).
 constexpr size_t kSmemDev = kSmem + 4 * (EPIC_CUK_WG_DEV_GROUPS_MAX + 1);
 
@@ -195,14 +198,18 @@ __device__ __forceinline__ void count_tiles(const epic_cuk_fp8_wgmma_args &a, in
     tile0[a.n_groups] = carry;
 }
 
-// kHalf (the device-planned form: decode steps, whose groups are a few rows each): a tile
-// of at most 64 rows, a group's last, is split by columns instead of rows: both consumer
-// warpgroups take all its rows, warpgroup cw the weight scale block cw, so the tile takes
-// half the time; each output is the same chains, scaled and added alike (same bits). Not
-// in the host-planned form: with prefill's groups of hundreds of rows, tiles of uneven
-// length put the CTAs out of the lockstep in which they share weight tiles through L2,
-// and that cost more than the halves saved (kernels/cuda/NOTES.md).
-template <bool kHalf>
+// kHalf: a tile of at most 64 rows, a group's last, is split by columns instead of rows:
+// both consumer warpgroups take all its rows, warpgroup cw the weight scale block cw, so
+// the tile takes half the time; each output is the same chains, scaled and added alike
+// (same bits).
+// kDyn (with kHalf in the host-planned form): after its first tile (blockIdx.x) a CTA
+// takes the next tile from a counter in global memory (a.next_tile, zero at launch) when
+// its producer is done with the last one, instead of every gridDim.x-th tile. Tiles of
+// uneven length (half tiles) then still leave the tiles in flight a contiguous run, which
+// is what lets the CTAs running at once share weight tiles through L2. Host-planned calls
+// with large groups (prefill steps of 8k tokens) run whole tiles in the static order:
+// faster there (kernels/cuda/NOTES.md).
+template <bool kHalf, bool kDyn>
 __global__ void __launch_bounds__(kThreads, 1)
     k_fp8_wgmma(const __grid_constant__ epic_cuk_fp8_wgmma_args a) {
   // (The plain sm_90 build compiles this too; its wgmma traps, and the host runs the
@@ -214,8 +221,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bar_full = s_sc + kStages * kScaleBytes, bar_empty = bar_full + kStages * 8;
   const float *const sc =
       reinterpret_cast<const float *>(smem_raw + (s_sc - epic_smem_u32(smem_raw)));
+  const uint32_t bar_tfull = bar_empty + kStages * 8, bar_tempty = bar_tfull + kTileSlots * 8;
+  volatile int32_t *const s_tile = reinterpret_cast<volatile int32_t *>(
+      smem_raw + (bar_tempty + kTileSlots * 8 - epic_smem_u32(smem_raw)));
   int32_t *const dev_tile0 = reinterpret_cast<int32_t *>(
-      smem_raw + (bar_empty + kStages * 8 - epic_smem_u32(smem_raw)));
+      smem_raw + (bar_tempty + kTileSlots * 12 - epic_smem_u32(smem_raw)));
   const int32_t *const tile0 = a.off_dev ? dev_tile0 : a.tile0;
   const int wg = threadIdx.x / 128;
   const int nkb = (a.k + kBK - 1) / kBK;
@@ -226,6 +236,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(bar_full + 8 * s, 2); // the producer (with the bytes) and its 4-byte copy
       mbar_init(bar_empty + 8 * s, kConsumerWarps);
     }
+    for (int s = 0; s < kTileSlots; s++) {
+      mbar_init(bar_tfull + 8 * s, 1);
+      mbar_init(bar_tempty + 8 * s, kConsumerWarps);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -235,8 +249,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     set_maxnreg_dec<40>();
     if (threadIdx.x != 0)
       return;
-    uint32_t it = 0;
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    uint32_t it = 0, handed = 0;
+    // kDyn: tile t to the consumers (total: no more tiles)
+    auto hand = [&](int t) {
+      const uint32_t slot = handed % kTileSlots, r = handed / kTileSlots;
+      if (r > 0)
+        mbar_wait(bar_tempty + 8 * slot, (r - 1) & 1);
+      s_tile[slot] = t;
+      mbar_arrive(bar_tfull + 8 * slot);
+      handed++;
+    };
+    for (int t = blockIdx.x; t < total;
+         t = kDyn ? (int)gridDim.x + atomicAdd(a.next_tile, 1) : t + (int)gridDim.x) {
+      if (kDyn)
+        hand(t);
       const tile_pos p = locate(a, tile0, t);
       const epic_cuk_tmap *wmap = &a.wmaps[p.widx];
       const int row = p.row0 + p.mt * kBM, wrow = p.nt * kBN, r0 = p.mt * kBM;
@@ -263,6 +289,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         cp_async4_arrive(dsc + kBM * 4 + 4, ws1 + kb, full); // the second arrival
       }
     }
+    if (kDyn)
+      hand(total);
     return;
   }
 
@@ -275,7 +303,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < 64; i++)
     d[i] = 0.f;
-  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+  uint32_t taken = 0;
+  for (int t = blockIdx.x;; t += gridDim.x) {
+    if (kDyn) { // the producer's next tile
+      const uint32_t slot = taken % kTileSlots;
+      mbar_wait(bar_tfull + 8 * slot, (taken / kTileSlots) & 1);
+      t = s_tile[slot];
+      __syncwarp();
+      if (lane == 0)
+        mbar_arrive(bar_tempty + 8 * slot);
+      taken++;
+    }
+    if (t >= total)
+      break;
     const tile_pos p = locate(a, tile0, t);
     const int rows = p.rows;
     const bool half = kHalf && rows - p.mt * kBM <= 64;
@@ -347,13 +387,23 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 } // namespace
 
+// The kernel's three forms: host-planned with half tiles (dynamic tile order) or whole
+// tiles (static order), and device-planned (half tiles, static order: its tiles are
+// counted per CTA from the offsets).
+#define EPIC_WG_HOST_HALF k_fp8_wgmma<true, true>
+#define EPIC_WG_HOST_WHOLE k_fp8_wgmma<false, false>
+#define EPIC_WG_DEV k_fp8_wgmma<true, false>
+
 cudaError_t epic_cuk_fp8_wgmma_prepare(void) {
-  const cudaError_t e = cudaFuncSetAttribute(
-      k_fp8_wgmma<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemDev);
-  return e != cudaSuccess ? e
-                          : cudaFuncSetAttribute(k_fp8_wgmma<true>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 (int)kSmemDev);
+  cudaError_t e = cudaFuncSetAttribute(EPIC_WG_HOST_HALF,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmem);
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(EPIC_WG_HOST_WHOLE, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)kSmem);
+  return e != cudaSuccess
+             ? e
+             : cudaFuncSetAttribute(EPIC_WG_DEV, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)kSmemDev);
 }
 
 int epic_cuk_fp8_wgmma_layout_ok(const epic_weight *w) {
@@ -397,7 +447,7 @@ cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, c
   if (a->off_dev) { // tiles counted on the device: every SM, idle ones leave at once
     if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_DEV_GROUPS_MAX || a->lds % 4 != 0)
       return cudaErrorInvalidValue;
-    k_fp8_wgmma<true><<<sm_count, kThreads, kSmemDev, st>>>(*a);
+    EPIC_WG_DEV<<<sm_count, kThreads, kSmemDev, st>>>(*a);
     return cudaGetLastError();
   }
   if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_GROUPS_MAX)
@@ -406,6 +456,15 @@ cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, c
   if (total <= 0)
     return cudaSuccess;
   const int grid = total < sm_count ? total : sm_count;
-  k_fp8_wgmma<false><<<grid, kThreads, kSmem, st>>>(*a);
+  if (!a->half) {
+    EPIC_WG_HOST_WHOLE<<<grid, kThreads, kSmem, st>>>(*a);
+    return cudaGetLastError();
+  }
+  if (!a->next_tile)
+    return cudaErrorInvalidValue;
+  const cudaError_t e = cudaMemsetAsync(a->next_tile, 0, sizeof(int32_t), st);
+  if (e != cudaSuccess)
+    return e;
+  EPIC_WG_HOST_HALF<<<grid, kThreads, kSmem, st>>>(*a);
   return cudaGetLastError();
 }

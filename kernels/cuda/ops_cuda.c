@@ -581,8 +581,8 @@ static void cuda_destroy(epic_ops *o) {
     cudaFree(c->group_tabs[i].wmaps);
   }
   epic_cuda_matmul_release(c);
-  epic_cuda_buf *bufs[] = {&c->act,  &c->act_s, &c->wdq,  &c->outb,
-                           &c->keys, &c->att,   &c->pick, &c->gath};
+  epic_cuda_buf *bufs[] = {&c->act, &c->act_s, &c->wdq,  &c->outb, &c->keys,
+                           &c->att, &c->pick,  &c->gath, &c->tiles};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     cudaFree(bufs[i]->p);
   for (int i = 0; i < EPIC_CUDA_STAGE_SLOTS; i++)

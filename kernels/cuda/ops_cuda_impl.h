@@ -107,6 +107,7 @@ typedef struct epic_cuda_ops {
   epic_cuda_buf att;   /* scores / probabilities, split-K partials */
   epic_cuda_buf pick;  /* row_pick's per-chunk partials */
   epic_cuda_buf gath;  /* gathered input rows (grouped_matmul_rows, paths reading x whole) */
+  epic_cuda_buf tiles; /* the host-planned wgmma launches' tile counter */
   struct epic_cuda_stage {
     void *host;     /* pinned, EPIC_CUDA_STAGE_BYTES (allocated on first use) */
     cudaEvent_t ev; /* recorded after the copy out of it */
@@ -290,7 +291,11 @@ cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaS
 typedef struct epic_cuk_tmap {
   EPIC_CUK_ALIGN64 unsigned char opaque[128];
 } epic_cuk_tmap;
-enum { EPIC_CUK_WG_GROUPS_MAX = 128, EPIC_CUK_WG_DEV_GROUPS_MAX = 1024 };
+enum {
+  EPIC_CUK_WG_GROUPS_MAX = 128,
+  EPIC_CUK_WG_DEV_GROUPS_MAX = 1024,
+  EPIC_CUK_WG_TILE_ROWS = 128 /* rows of a tile */
+};
 typedef struct epic_cuk_fp8_wgmma_args {
   epic_cuk_tmap amap;
   const epic_cuk_tmap *wmaps;
@@ -307,6 +312,12 @@ typedef struct epic_cuk_fp8_wgmma_args {
   const int32_t *off_dev;
   int32_t min_rows, lds, bound;
   int *err;
+  /* Host-planned form: half tiles (a tile of at most 64 rows on both consumer warpgroups,
+   * tiles taken in a dynamic order; else whole tiles in a static order: the same results)
+   * and, with them, one int of device memory for the tile counter (zeroed by
+   * epic_cuk_fp8_wgmma before the launch, on its stream). */
+  int32_t half;
+  int32_t *next_tile;
   int32_t widx[EPIC_CUK_WG_GROUPS_MAX], row0[EPIC_CUK_WG_GROUPS_MAX];
   int32_t rows[EPIC_CUK_WG_GROUPS_MAX], sbase[EPIC_CUK_WG_GROUPS_MAX];
   int32_t mp[EPIC_CUK_WG_GROUPS_MAX], tile0[EPIC_CUK_WG_GROUPS_MAX + 1];

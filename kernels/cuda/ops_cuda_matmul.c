@@ -476,6 +476,10 @@ static struct epic_cuda_group_tab *group_entry(epic_cuda_ops *c, const epic_weig
    * recorded later may be the first to need them */
   if (epic_cuk_fp8_wgmma_ok(shape) && !group_wmaps(&c->group_tabs[slot], w, st))
     return NULL;
+  /* and the host-planned launches' tile counter (a graph may not allocate it later) */
+  if (epic_cuk_fp8_wgmma_ok(shape) &&
+      (*st = epic_cuda_buf_reserve(c, &c->tiles, sizeof(int32_t))) != EPIC_OK)
+    return NULL;
   return &c->group_tabs[slot];
 }
 
@@ -885,6 +889,13 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx, 
                            c->act_s.p);
     if (st == EPIC_OK)
       a = wgmma_args(c, t, m, ls.w0, y, ldy, &st);
+    if (a) {
+      /* Half tiles where groups average at most 1.5 tiles of rows (prefill steps of up to
+       * about 6k tokens over 256 experts); with larger groups whole tiles in the static
+       * order were faster for gate/up (kernels/cuda/NOTES.md). Same results either way. */
+      a->half = m <= ls.nb * (EPIC_CUK_WG_TILE_ROWS * 3 / 2);
+      a->next_tile = c->tiles.p;
+    }
   }
   for (int64_t b0 = 0; a && st == EPIC_OK && b0 < ls.nb; b0 += EPIC_CUK_WG_GROUPS_MAX) {
     a->n_groups = (int32_t)(ls.nb - b0 < EPIC_CUK_WG_GROUPS_MAX ? ls.nb - b0
