@@ -96,6 +96,11 @@ static float rndf(void) {
   return (float)((double)(rnd() >> 11) * 0x1p-53 * 2.0 - 1.0);
 }
 
+/* A rate as a fraction of a measured peak (0 where the peak was not measured). */
+static double frac_of(double rate, double peak) {
+  return peak > 0 ? rate / peak : 0.0;
+}
+
 static void *xmalloc(size_t bytes) {
   void *p = malloc(bytes ? bytes : 1);
   if (!p) {
@@ -411,12 +416,12 @@ static void bench_matmul(FILE *js, epic_dtype dt, const shape *s, const int64_t 
                 "\"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f}",
                 *first ? "" : ",", epic_dtype_name(dt), s->name, (long long)s->rows,
                 (long long)s->cols, (long long)c.m, kjson, path, split, sec * 1e6, tf, gbps,
-                peak > 0 ? tf / peak : 0.0, gbps / g_copy_gbps, gbps / g_read_gbps);
+                frac_of(tf, peak), gbps / g_copy_gbps, gbps / g_read_gbps);
         fprintf(stderr,
                 "matmul %-7s %-12s m=%-5lld %-4s %-22s %9.1f us %7.1f TF/s (%.2f) %7.0f GB/s "
                 "(copy %.2f, read %.2f)%s%.0d\n",
                 epic_dtype_name(dt), s->name, (long long)c.m, kname ? kname : "-", path, sec * 1e6,
-                tf, peak > 0 ? tf / peak : 0.0, gbps, gbps / g_copy_gbps, gbps / g_read_gbps,
+                tf, frac_of(tf, peak), gbps, gbps / g_copy_gbps, gbps / g_read_gbps,
                 split ? " split " : "", split);
         *first = 0;
       }
@@ -605,7 +610,7 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
               *first ? "" : ",", s->name, (long long)n, (long long)k, N_EXPERTS, TOP_K,
               (long long)t, (long long)rows, (long long)active, (long long)max_rows, kname,
               sec * 1e6, gbps, gbps / g_copy_gbps, gbps / g_read_gbps, tf,
-              g_fp8_tflops > 0 ? tf / g_fp8_tflops : 0.0);
+              frac_of(tf, g_fp8_tflops));
       if (max_rows > lim)
         fprintf(js,
                 ", \"large_kernel\": \"wgmma\", \"us_eager\": %.2f, \"tflops_eager\": %.2f, "
@@ -615,12 +620,11 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
                 "\"us_eager_by_lanes\": {\"2\": %.2f, \"4\": %.2f, \"8\": %.2f}, "
                 "\"us_eager_rows\": %.2f, \"tflops_eager_rows\": %.2f, "
                 "\"frac_fp8_peak_eager_rows\": %.3f}",
-                eager * 1e6, flop / eager * 1e-12,
-                g_fp8_tflops > 0 ? flop / eager * 1e-12 / g_fp8_tflops : 0.0,
+                eager * 1e6, flop / eager * 1e-12, frac_of(flop / eager * 1e-12, g_fp8_tflops),
                 EPIC_CUDA_LT_LANES_DEFAULT, lanes_eager * 1e6, flop / lanes_eager * 1e-12,
                 lanes_eager / eager, serial * 1e6, flop / serial * 1e-12, by_lanes[0] * 1e6,
                 by_lanes[1] * 1e6, by_lanes[2] * 1e6, rows_eager * 1e6, flop / rows_eager * 1e-12,
-                g_fp8_tflops > 0 ? flop / rows_eager * 1e-12 / g_fp8_tflops : 0.0);
+                frac_of(flop / rows_eager * 1e-12, g_fp8_tflops));
       else
         fprintf(js, ", \"us_eager\": null, \"us_eager_serial\": null}");
       if (max_rows > lim)
@@ -630,10 +634,10 @@ static void bench_grouped(FILE *js, int si, const shape *s, const int64_t *ts, i
                 "vs %d lanes %.1f us (%.2fx), one after another %.1f us; "
                 "2/4/8 lanes %.1f/%.1f/%.1f us\n",
                 s->name, (long long)t, kname, eager * 1e6, flop / eager * 1e-12,
-                g_fp8_tflops > 0 ? flop / eager * 1e-12 / g_fp8_tflops : 0.0, (long long)t,
-                rows_eager * 1e6, g_fp8_tflops > 0 ? flop / rows_eager * 1e-12 / g_fp8_tflops : 0.0,
-                EPIC_CUDA_LT_LANES_DEFAULT, lanes_eager * 1e6, lanes_eager / eager, serial * 1e6,
-                by_lanes[0] * 1e6, by_lanes[1] * 1e6, by_lanes[2] * 1e6);
+                frac_of(flop / eager * 1e-12, g_fp8_tflops), (long long)t, rows_eager * 1e6,
+                frac_of(flop / rows_eager * 1e-12, g_fp8_tflops), EPIC_CUDA_LT_LANES_DEFAULT,
+                lanes_eager * 1e6, lanes_eager / eager, serial * 1e6, by_lanes[0] * 1e6,
+                by_lanes[1] * 1e6, by_lanes[2] * 1e6);
       fprintf(stderr,
               "grouped %-14s T=%-4lld experts=%-3lld max_rows=%-3lld %-4s %9.1f us %7.0f GB/s "
               "(copy %.2f, read %.2f) %6.1f TF/s\n",
@@ -852,10 +856,9 @@ static void bench_prefill(FILE *js, int64_t m, int64_t start, int *first) {
             "%s\n    {\"m\": %lld, \"start\": %lld, \"heads\": %lld, \"precision\": \"%s\", "
             "\"us\": %.1f, \"tflops\": %.1f, \"frac_bf16_peak\": %.3f%s}",
             *first ? "" : ",", (long long)m, (long long)start, (long long)H, name, sec * 1e6, tf,
-            g_bf16_tflops > 0 ? tf / g_bf16_tflops : 0.0, cmp);
+            frac_of(tf, g_bf16_tflops), cmp);
     fprintf(stderr, "mla_prefill m=%-5lld start=%-5lld %-18s %9.1f us %7.1f TF/s (%.2f of bf16)\n",
-            (long long)m, (long long)start, name, sec * 1e6, tf,
-            g_bf16_tflops > 0 ? tf / g_bf16_tflops : 0.0);
+            (long long)m, (long long)start, name, sec * 1e6, tf, frac_of(tf, g_bf16_tflops));
     *first = 0;
   }
   CKE(epic_ops_cuda_set_mla_precision(g_ops, EPIC_CUDA_MLA_TF32));
@@ -918,10 +921,9 @@ static void bench_head(FILE *js, int64_t m, int bf16, int *first) {
           "%s\n    {\"op\": \"head_gemm_pair\", \"weights\": \"%s\", \"m\": %lld, "
           "\"us\": %.2f, \"gbps\": %.1f, \"frac_read_bw\": %.3f}",
           *first ? "" : ",", bf16 ? "bf16" : "fp32", (long long)m, sec * 1e6, gbps,
-          g_read_gbps > 0 ? gbps / g_read_gbps : 0.0);
+          frac_of(gbps, g_read_gbps));
   fprintf(stderr, "head_gemm pair %-4s m=%-4lld %9.2f us %7.0f GB/s (%.2f of read)\n",
-          bf16 ? "bf16" : "fp32", (long long)m, sec * 1e6, gbps,
-          g_read_gbps > 0 ? gbps / g_read_gbps : 0.0);
+          bf16 ? "bf16" : "fp32", (long long)m, sec * 1e6, gbps, frac_of(gbps, g_read_gbps));
   *first = 0;
   for (int k = 0; k < c.copies; k++)
     g_ops->vt->free(g_ops, c.a[k]);

@@ -148,8 +148,12 @@ epic_kv_dtype epic_ops_kv_dtype(epic_ops *o) {
   return o->vt->abi_version >= 5 && o->vt->kv_dtype ? o->vt->kv_dtype(o) : EPIC_KV_F32;
 }
 
+int epic_ops_has_head_bf16(epic_ops *o) {
+  return o->vt->abi_version >= 10 && o->vt->head_gemm_bf16;
+}
+
 epic_dtype epic_ops_head_dtype(epic_ops *o) {
-  if (o->vt->abi_version < 10 || !o->vt->head_dtype || !o->vt->head_gemm_bf16) return EPIC_DT_F32;
+  if (!epic_ops_has_head_bf16(o) || !o->vt->head_dtype) return EPIC_DT_F32;
   return o->vt->head_dtype(o) == EPIC_DT_BF16 ? EPIC_DT_BF16 : EPIC_DT_F32;
 }
 

@@ -402,6 +402,9 @@ void epic_ops_destroy(epic_ops *o);
  * slot and keep fp32 rows. Callers sizing caches check epic_kv_dtype_size() != 0. */
 epic_kv_dtype epic_ops_kv_dtype(epic_ops *o);
 
+/* Whether the backend has the ABI 10 head_gemm_bf16. */
+int epic_ops_has_head_bf16(epic_ops *o);
+
 /* The element type o wants head_gemm's weights in (ABI 10 head_dtype): EPIC_DT_BF16 only
  * where head_gemm_bf16 exists; EPIC_DT_F32 otherwise. */
 epic_dtype epic_ops_head_dtype(epic_ops *o);

@@ -758,8 +758,7 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
   m->progress = p->progress;
   m->router_skew = p->router_skew;
   m->join_weights = p->join_weights > 0 || (p->join_weights == 0 && !ops->vt->host_visible);
-  const int has_bf16 = ops->vt->abi_version >= 10 && ops->vt->head_gemm_bf16;
-  if (p->head_bf16 > 0 && !has_bf16) {
+  if (p->head_bf16 > 0 && !epic_ops_has_head_bf16(ops)) {
     EPIC_LOG_ERROR("model: head_bf16: compute backend %s has no bf16 head_gemm", ops->vt->name);
     free(m);
     return EPIC_ERR_UNSUPPORTED;

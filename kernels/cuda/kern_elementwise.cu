@@ -254,17 +254,18 @@ __global__ void __launch_bounds__(kThreads, 3)
     const int64_t j = it.row - t.item0[lo], rows = t.rows[lo];
     const int64_t mp = (rows + 3) / 4 * 4, i = t.row0[lo] + j;
     float s = 0.0f;
-    if (j < rows && t.qsrc) { // codes and scales of the quantised source row
+    if (j < rows) {
       const int64_t xi = xidx ? (int64_t)xidx[i] : i;
-      const int64_t c0 = it.kb0 * 128, c1 = c0 + it.nb * 128 < k ? c0 + it.nb * 128 : k;
-      for (int64_t c = c0 + 16 * lane; c < c1; c += 16 * 32)
-        *reinterpret_cast<uint4 *>(q + i * k + c) =
-            *reinterpret_cast<const uint4 *>(t.qsrc + xi * k + c);
-      if (lane < it.nb)
-        s = t.ssrc[(it.kb0 + lane) * t.lds_src + xi];
-    } else if (j < rows) {
-      const int64_t xi = xidx ? (int64_t)xidx[i] : i;
-      s = quant_blocks<CH>(x + xi * ldx, k, vec, q + i * k, it.kb0, it.nb, lane);
+      if (t.qsrc) { // codes and scales of the quantised source row
+        const int64_t c0 = it.kb0 * 128, c1 = c0 + it.nb * 128 < k ? c0 + it.nb * 128 : k;
+        for (int64_t c = c0 + 16 * lane; c < c1; c += 16 * 32)
+          *reinterpret_cast<uint4 *>(q + i * k + c) =
+              *reinterpret_cast<const uint4 *>(t.qsrc + xi * k + c);
+        if (lane < it.nb)
+          s = t.ssrc[(it.kb0 + lane) * t.lds_src + xi];
+      } else {
+        s = quant_blocks<CH>(x + xi * ldx, k, vec, q + i * k, it.kb0, it.nb, lane);
+      }
     } else if (j < rows + t.zpad[lo]) {
       for (int b = 0; b < it.nb; b++) {
         const int64_t col = (it.kb0 + b) * 128 + lane * 4;
