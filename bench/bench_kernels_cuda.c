@@ -951,26 +951,40 @@ static void run_small(void *p, int rep) {
   case 0: CKE(g_ops->vt->rmsnorm(g_ops, a, c->n, c->m, c->n, c->w, 1e-6f, c->y, c->n)); break;
   case 1: CKE(g_ops->vt->route(g_ops, a, c->m, &c->rp, c->idx, c->y)); break;
   case 2: CKE(g_ops->vt->silu_mul(g_ops, a, c->n, c->b, c->n, c->m, c->n, c->y, c->n)); break;
-  default: CKE(g_ops->vt->rope(g_ops, a, c->m, 128, 128 * 64, 64, 64, c->pos, c->inv_freq)); break;
+  case 3: CKE(g_ops->vt->rope(g_ops, a, c->m, 128, 128 * 64, 64, 64, c->pos, c->inv_freq)); break;
+  default: CKE(g_ops->vt->moe_combine(g_ops, c->m, 8, c->n, c->b, c->idx, c->w, a)); break;
   }
 }
 
 static void bench_small(FILE *js, int op, int64_t m, int *first) {
-  static const char *names[] = {"rmsnorm", "route", "silu_mul", "rope"};
+  /* moe_combine: a token's 8 expert result rows (b, [8m][n], read through a permutation
+   * as a prefill step's slots) weighted into its row of a */
+  static const char *names[] = {"rmsnorm", "route", "silu_mul", "rope", "moe_combine"};
   small_ctx c;
   memset(&c, 0, sizeof c);
   c.op = op;
   c.m = m;
-  c.n = op == 0 ? 7168 : op == 1 ? 256 : op == 2 ? 2048 : 128 * 64;
+  c.n = op == 0 || op == 4 ? 7168 : op == 1 ? 256 : op == 2 ? 2048 : 128 * 64;
   const size_t abytes = (size_t)(m * c.n) * 4;
   c.copies = (int)((L2_ROTATE_BYTES + abytes - 1) / abytes);
   c.copies = c.copies < 1 ? 1 : (c.copies > MAX_COPIES ? MAX_COPIES : c.copies);
   for (int k = 0; k < c.copies; k++)
     c.a[k] = dev_random(abytes, tile_f32);
-  c.b = dev_random(abytes, tile_f32);
-  c.w = dev_random((size_t)c.n * 4, tile_f32);
+  c.b = dev_random(op == 4 ? 8 * abytes : abytes, tile_f32);
+  c.w = dev_random((size_t)(op == 4 ? 8 * m : c.n) * 4, tile_f32);
   CKE(g_ops->vt->alloc(g_ops, abytes, (void **)&c.y));
   CKE(g_ops->vt->alloc(g_ops, (size_t)m * 8 * 4, (void **)&c.idx));
+  if (op == 4) { /* slots: a permutation of the 8m rows */
+    int32_t *slot = malloc((size_t)m * 8 * 4);
+    if (!slot) {
+      fprintf(stderr, "bench: out of memory\n");
+      exit(1);
+    }
+    for (int64_t i = 0; i < 8 * m; i++)
+      slot[i] = (int32_t)((i * 7919) % (8 * m));
+    CKE(g_ops->vt->upload(g_ops, c.idx, slot, (size_t)m * 8 * 4));
+    free(slot);
+  }
   int32_t *pos = malloc((size_t)m * 4);
   for (int64_t i = 0; i < m; i++)
     pos[i] = (int32_t)(i * 37 % 8192);
@@ -997,7 +1011,8 @@ static void bench_small(FILE *js, int op, int64_t m, int *first) {
   case 0: bytes = 2.0 * (double)abytes + (double)c.n * 4; break;
   case 1: bytes = (double)abytes + (double)m * 8 * 8; break;
   case 2: bytes = 3.0 * (double)abytes; break;
-  default: bytes = 2.0 * (double)abytes + (double)m * 4; break;
+  case 3: bytes = 2.0 * (double)abytes + (double)m * 4; break;
+  default: bytes = 10.0 * (double)abytes + (double)m * 8 * 8; break;
   }
   const double gbps = bytes / sec * 1e-9;
   fprintf(js,
@@ -1189,12 +1204,12 @@ peaks_done:
       bench_head(js, head_m[k], bf, &first);
   fprintf(js, "\n  ],\n  \"memory_ops\": [");
   first = 1;
-  static const int64_t sm_m[] = {1, 128, 4096};
-  for (int op = 0; op < 4 && do_mem; op++)
+  static const int64_t sm_m[] = {1, 128, 4096}, combine_m[] = {32, 128, 8192};
+  for (int op = 0; op < 5 && do_mem; op++)
     for (int k = 0; k < 3; k++) {
       if (op == 1 && k == 0)
         continue;
-      bench_small(js, op, sm_m[k], &first);
+      bench_small(js, op, op == 4 ? combine_m[k] : sm_m[k], &first);
     }
   fprintf(js, "\n  ]\n}\n");
   epic_ops_destroy(g_ops);

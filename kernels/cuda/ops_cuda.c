@@ -145,6 +145,13 @@ int64_t epic_ops_cuda_wgmma_launches(epic_ops *o) {
   return o ? epic_cuda_of(o)->wgmma_launches : 0;
 }
 
+epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f) {
+  if (!o || f < EPIC_CUDA_WGMMA_AUTO || f > EPIC_CUDA_WGMMA_WHOLE)
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->wgmma_form = (int)f;
+  return EPIC_OK;
+}
+
 epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
   if (!o || (p != EPIC_CUDA_PREC_FAST && p != EPIC_CUDA_PREC_EXACT))
     return EPIC_ERR_INVALID;
@@ -658,6 +665,19 @@ static int env_pick(const char *name, const char *first, const char *second) {
   return 0;
 }
 
+/* EPIC_CUDA_WGMMA_FORM's value (auto when unset; anything else named in a warning). */
+static int env_form(const char *name) {
+  static const char *const names[] = {"auto", "half", "whole"};
+  const char *v = getenv(name);
+  if (!v || !*v)
+    return EPIC_CUDA_WGMMA_AUTO;
+  for (int i = 0; i < 3; i++)
+    if (strcmp(v, names[i]) == 0)
+      return i;
+  EPIC_LOG_WARN("cuda: %s=%s is none of auto, half, whole; using auto", name, v);
+  return EPIC_CUDA_WGMMA_AUTO;
+}
+
 /* An integer environment setting in [lo, hi]; unset or empty gives dflt, anything else is
  * named in a warning and dflt taken. */
 static long env_range(const char *name, long lo, long hi, long dflt) {
@@ -707,6 +727,7 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
                                 EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT);
   c->n_lanes = (int)env_range("EPIC_CUDA_GROUPED_LANES", 0, EPIC_CUDA_LT_LANES_MAX,
                               EPIC_CUDA_LT_LANES_DEFAULT);
+  c->wgmma_form = env_form("EPIC_CUDA_WGMMA_FORM");
   epic_status st = EPIC_OK;
   struct cudaDeviceProp prop;
   EPIC_CHECK_GOTO(epic_cuda_check(cudaSetDevice(device), "set device"), st, fail);

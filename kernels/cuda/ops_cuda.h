@@ -183,6 +183,18 @@ epic_status epic_ops_cuda_set_grouped_large(epic_ops *o, epic_cuda_grouped_large
 /* How many times the WGMMA kernel was launched so far (tests and benchmarks check that the
  * path they time or check is the one taken). */
 int64_t epic_ops_cuda_wgmma_launches(epic_ops *o);
+/* How the WGMMA kernel's host-planned launches walk their 128 x 256 tiles (the same bits
+ * either way). AUTO (default): HALF where the groups average at most 192 rows, else WHOLE.
+ * HALF: a group's last tile of at most 64 rows on both consumer warpgroups (each on all
+ * its rows and half its columns), tiles in a dynamic order; WHOLE: whole tiles in a static
+ * order. For tests and benchmarks; EPIC_CUDA_WGMMA_FORM=auto|half|whole sets it at
+ * create. */
+typedef enum {
+  EPIC_CUDA_WGMMA_AUTO = 0,
+  EPIC_CUDA_WGMMA_HALF = 1,
+  EPIC_CUDA_WGMMA_WHOLE = 2,
+} epic_cuda_wgmma_form;
+epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f);
 
 /* Whole-backend precision. FAST (default): the paths described above. EXACT: BF16 and
  * FP8 weights are dequantised to fp32 and multiplied by cuBLAS SGEMM (fp32

@@ -72,6 +72,7 @@ typedef struct epic_cuda_ops {
   int grouped_large; /* epic_cuda_grouped_large */
   int64_t mma_group_rows; /* host-planned groups up to this many rows on the MMA kernel */
   int64_t wgmma_launches; /* launches of the grouped wgmma kernel (epic_ops_cuda_wgmma_launches) */
+  int wgmma_form;         /* epic_cuda_wgmma_form (epic_ops_cuda_set_wgmma_form) */
   int lt_next[EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS]; /* round-robin victim per set */
   /* Graph recording (ops.h ABI 7): 1 between graph_begin and graph_end. epoch counts the
    * frees and moves of device memory a recorded graph may point at. */

@@ -837,6 +837,17 @@ static epic_cuk_fp8_wgmma_args *wgmma_args(epic_cuda_ops *c, const struct epic_c
   return a;
 }
 
+/* Whether the host-planned launch for m rows in nb groups takes half tiles (the same
+ * results either way): where groups average at most 1.5 tiles of rows (prefill steps of
+ * up to about 6k tokens over 256 experts); with larger groups whole tiles in the static
+ * order were faster for gate/up (kernels/cuda/NOTES.md). epic_ops_cuda_set_wgmma_form
+ * overrides it. */
+static int wgmma_half(const epic_cuda_ops *c, int64_t m, int64_t nb) {
+  if (c->wgmma_form != EPIC_CUDA_WGMMA_AUTO)
+    return c->wgmma_form == EPIC_CUDA_WGMMA_HALF;
+  return m <= nb * (EPIC_CUK_WG_TILE_ROWS * 3 / 2);
+}
+
 /* One launch of the wgmma kernel, counted (epic_ops_cuda_wgmma_launches). */
 static epic_status wgmma_launch(epic_cuda_ops *c, const epic_cuk_fp8_wgmma_args *a) {
   const epic_status st = epic_cuda_check(epic_cuk_fp8_wgmma(a, c->sm_count, c->stream),
@@ -890,10 +901,7 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx, 
     if (st == EPIC_OK)
       a = wgmma_args(c, t, m, ls.w0, y, ldy, &st);
     if (a) {
-      /* Half tiles where groups average at most 1.5 tiles of rows (prefill steps of up to
-       * about 6k tokens over 256 experts); with larger groups whole tiles in the static
-       * order were faster for gate/up (kernels/cuda/NOTES.md). Same results either way. */
-      a->half = m <= ls.nb * (EPIC_CUK_WG_TILE_ROWS * 3 / 2);
+      a->half = wgmma_half(c, m, ls.nb);
       a->next_tile = c->tiles.p;
     }
   }

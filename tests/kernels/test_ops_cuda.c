@@ -905,6 +905,75 @@ static void test_grouped_wgmma(void **state) {
   free(one);
 }
 
+/* The wgmma kernel's host-planned forms (epic_ops_cuda_set_wgmma_form: half tiles in a
+ * dynamic order, whole tiles in a static order, and the automatic choice) give every row
+ * the same bits, and the CPU's product on the same e4m3 activations (2e-3). Groups of 1
+ * to 513 rows make last row tiles of at most 64 rows (half tiles) and more, one or several
+ * row tiles; two weight heights end the last column tile within its first (n = 600) or its
+ * second 128-column half (n = 700); an empty group sits between them. */
+static void test_wgmma_forms(void **state) {
+  (void)state;
+  enum { G = 15 };
+  const int64_t rows[G] = {1, 64, 65, 128, 129, 200, 0, 255, 256, 257, 300, 384, 385, 513, 40};
+  const int64_t k = 1088;
+  static const epic_cuda_wgmma_form forms[2] = {EPIC_CUDA_WGMMA_WHOLE, EPIC_CUDA_WGMMA_AUTO};
+  static const char *const form_names[2] = {"whole", "auto"};
+  for (int shape = 0; shape < 2; shape++) {
+    const int64_t n = shape ? 600 : 700, ldy = n + 2;
+    int64_t off[G + 1];
+    int32_t off32[G + 1];
+    static tw w[G];
+    static epic_weight hw[2][G], dw[2][G]; /* static: the backend caches a table per list */
+    const int64_t m = make_groups(G, rows, n, k, off, off32, w, hw[shape], dw[shape]);
+    float *x = xmalloc((size_t)(m * k) * 4), *xq = xmalloc((size_t)(m * k) * 4);
+    float *first = xmalloc((size_t)(m * ldy) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
+    float *ref = xmalloc((size_t)(m * n) * 4);
+    fill(x, (size_t)(m * k), 1.0f);
+    quantise_like_gpu(x, k, m, k, xq);
+    assert_int_equal(g_cpu->vt->grouped_matmul(g_cpu, xq, k, off, NULL, G, hw[shape], 1, ref, n),
+                     EPIC_OK);
+    float *dx = dup_dev(x, (size_t)(m * k) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
+    int32_t *doff = dup_dev(off32, sizeof off32);
+    assert_int_equal(epic_ops_cuda_set_wgmma_form(g_gpu, EPIC_CUDA_WGMMA_HALF), EPIC_OK);
+    assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, k, off, doff, G, dw[shape], 1, dy, ldy),
+                     EPIC_OK);
+    fetch(first, dy, (size_t)(m * ldy) * 4);
+    char what[96];
+    snprintf(what, sizeof what, "wgmma forms (n %lld): half tiles vs CPU on e4m3 activations",
+             (long long)n);
+    check_err(what, rel_err2d(first, ldy, ref, n, m, n), 2e-3);
+    for (int f = 0; f < 2; f++) {
+      assert_int_equal(epic_ops_cuda_set_wgmma_form(g_gpu, forms[f]), EPIC_OK);
+      poison(dy, (size_t)(m * ldy) * 4);
+      const int64_t launches = epic_ops_cuda_wgmma_launches(g_gpu);
+      assert_int_equal(g_gpu->vt->grouped_matmul(g_gpu, dx, k, off, doff, G, dw[shape], 1, dy, ldy),
+                       EPIC_OK);
+      assert_int_equal(epic_ops_cuda_wgmma_launches(g_gpu), launches + 1);
+      fetch(y, dy, (size_t)(m * ldy) * 4);
+      for (int64_t i = 0; i < m; i++)
+        if (memcmp(y + i * ldy, first + i * ldy, (size_t)n * 4))
+          fail_msg("wgmma forms (n %lld): row %lld differs between half tiles and %s", (long long)n,
+                   (long long)i, form_names[f]);
+      for (int64_t i = 0; i < m; i++)
+        for (int64_t r = n; r < ldy; r++)
+          assert_true(isnan(y[i * ldy + r]));
+    }
+    printf("#   n %lld: whole tiles and the automatic choice equal half tiles bit for bit\n",
+           (long long)n);
+    free_groups(G, rows, w);
+    dfree(dx);
+    dfree(dy);
+    dfree(doff);
+    free(x);
+    free(xq);
+    free(first);
+    free(y);
+    free(ref);
+  }
+  assert_int_equal(epic_ops_cuda_set_wgmma_form(g_gpu, (epic_cuda_wgmma_form)9), EPIC_ERR_INVALID);
+  assert_int_equal(epic_ops_cuda_set_wgmma_form(g_gpu, EPIC_CUDA_WGMMA_AUTO), EPIC_OK);
+}
+
 /* grouped_matmul_rows (ABI 8, n_src since 11) equals copy_rows + grouped_matmul bit for
  * bit: rows read through a map that repeats and skips token rows (src with a row stride
  * above k), groups large and small and empty, under the default kind (the wgmma kernel
@@ -1265,6 +1334,24 @@ static void test_row_ops(void **state) {
   assert_int_equal(g_cpu->vt->moe_combine(g_cpu, m, K, D, rows, slot, w, y), EPIC_OK);
   assert_int_equal(g_cpu->vt->moe_combine(g_cpu, m, K, D, rows, NULL, w, y), EPIC_OK);
   check_err("moe_combine", rel_err2d(yg, D, y, D, m, D), 1e-6);
+  /* The four-column kernel (above: D % 4 == 0, aligned) equals the scalar one (y one float
+   * off 16-byte alignment) bit for bit, with top-k counts below, at and above its batch of
+   * loads (8): tokens of kk rows each from the same rows. */
+  static const int64_t kks[3] = {3, 8, 12};
+  float *dy1 = dalloc(ys + 4), *yv = xmalloc(ys), *y1 = xmalloc(ys);
+  for (int i = 0; i < 3; i++) {
+    const int64_t kk = kks[i], mk = m * K / kk < m ? m * K / kk : m;
+    assert_int_equal(g_gpu->vt->upload(g_gpu, dy, y, ys), EPIC_OK);
+    assert_int_equal(g_gpu->vt->upload(g_gpu, dy1 + 1, y, ys), EPIC_OK);
+    assert_int_equal(g_gpu->vt->moe_combine(g_gpu, mk, kk, D, drows, dslot, dw, dy), EPIC_OK);
+    assert_int_equal(g_gpu->vt->moe_combine(g_gpu, mk, kk, D, drows, dslot, dw, dy1 + 1), EPIC_OK);
+    fetch(yv, dy, ys);
+    fetch(y1, dy1 + 1, ys);
+    assert_memory_equal(yv, y1, (size_t)(mk * D) * 4);
+  }
+  dfree(dy1);
+  free(yv);
+  free(y1);
 
   /* kv_store_batch on a 576-wide paged cache. */
   const int64_t ps = 64, width = 576, lora = 512, ns = 40, stride = 4, pages = ns * stride;
@@ -2160,22 +2247,30 @@ int main(void) {
   }
   rng_seed_from_env();
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_memory),    cmocka_unit_test(test_matmul),
+      cmocka_unit_test(test_memory),
+      cmocka_unit_test(test_matmul),
       cmocka_unit_test(test_skinny_split),
       cmocka_unit_test(test_fp8_subnormal_exact),
       cmocka_unit_test(test_fp8_mma_small_activations),
-      cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),
-      cmocka_unit_test(test_silu_axpy), cmocka_unit_test(test_embed),
-      cmocka_unit_test(test_route),     cmocka_unit_test(test_kv),
-      cmocka_unit_test(test_row_ops),   cmocka_unit_test(test_grouped_matmul),
+      cmocka_unit_test(test_rmsnorm),
+      cmocka_unit_test(test_rope),
+      cmocka_unit_test(test_silu_axpy),
+      cmocka_unit_test(test_embed),
+      cmocka_unit_test(test_route),
+      cmocka_unit_test(test_kv),
+      cmocka_unit_test(test_row_ops),
+      cmocka_unit_test(test_grouped_matmul),
       cmocka_unit_test(test_grouped_lanes),
       cmocka_unit_test(test_grouped_wgmma),
+      cmocka_unit_test(test_wgmma_forms),
       cmocka_unit_test(test_grouped_rows_gather),
       cmocka_unit_test(test_moe_plan),
       cmocka_unit_test(test_row_pick),
-      cmocka_unit_test(test_head_gemm), cmocka_unit_test(test_head_gemm_bf16),
+      cmocka_unit_test(test_head_gemm),
+      cmocka_unit_test(test_head_gemm_bf16),
       cmocka_unit_test(test_mla),
-      cmocka_unit_test(test_kv_bf16),   cmocka_unit_test(test_mla_bf16),
+      cmocka_unit_test(test_kv_bf16),
+      cmocka_unit_test(test_mla_bf16),
   };
   return cmocka_run_group_tests_name("ops_cuda", tests, setup, teardown);
 }
