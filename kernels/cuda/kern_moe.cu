@@ -34,42 +34,34 @@ __global__ void k_copy_rows(int64_t n, int64_t cols, const uint32_t *src, int64_
   }
 }
 
-// One block per token; each thread owns columns and adds the token's k results in
-// ascending k, so the sum order equals the CPU backend's.
-// blockIdx.x: a tile of kThreads columns, so a decode token's row is spread over CTAs.
-__global__ void k_moe_combine(int64_t m, int64_t top_k, int64_t n, const float *rows,
-                              const int32_t *slot, const float *w, float *y) {
-  for (int64_t t = blockIdx.y; t < m; t += gridDim.y) {
-    float *yt = y + t * n;
-    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n;
-         j += (int64_t)gridDim.x * blockDim.x) {
-      float acc = yt[j];
-      for (int64_t k = 0; k < top_k; k++) {
-        const int64_t i = t * top_k + k;
-        const int64_t r = slot ? (int64_t)slot[i] : i;
-        acc = __fadd_rn(acc, __fmul_rn(w[i], rows[r * n + j]));
-      }
-      yt[j] = acc;
-    }
-  }
+// acc + w * v, rounded per step (no FMA contraction), per column.
+__device__ __forceinline__ float add_weighted(float acc, float w, float v) {
+  return __fadd_rn(acc, __fmul_rn(w, v));
+}
+__device__ __forceinline__ float4 add_weighted(float4 acc, float w, float4 v) {
+  return make_float4(add_weighted(acc.x, w, v.x), add_weighted(acc.y, w, v.y),
+                     add_weighted(acc.z, w, v.z), add_weighted(acc.w, w, v.w));
 }
 
-// The same sums four columns per thread (n % 4 == 0, rows and y 16-byte aligned): 16-byte
-// loads, the token's k rows loaded kBatch at a time before they are added (in ascending k,
-// the same operations per column: the same bits). The scalar kernel above keeps one
-// 4-byte load per row in flight per thread: an 8192-token prefill step's combine (2.35 GB
-// moved) took 1,033 us (2.3 TB/s), this one 544 us (4.3 TB/s; one H200, bench_kernels_cuda
-// --only memory).
+// One block per token; each thread owns columns (V: one float, or four where n % 4 == 0 and
+// rows and y are 16-byte aligned: 16-byte accesses) and adds the token's k results in
+// ascending k, so the sum order equals the CPU backend's whichever V. The rows are loaded
+// kBatch at a time before they are added: with one 4-byte load per row in flight per
+// thread an 8192-token prefill step's combine (2.35 GB moved) took 1,033 us (2.3 TB/s);
+// four columns and batched loads take 544 us (4.3 TB/s; one H200, bench_kernels_cuda
+// --only memory). n and the row indices count V elements.
+// blockIdx.x: a tile of kThreads columns, so a decode token's row is spread over CTAs.
 constexpr int kBatch = 8;
-__global__ void k_moe_combine4(int64_t m, int64_t top_k, int64_t n4, const float4 *rows,
-                               const int32_t *slot, const float *w, float4 *y) {
+template <typename V>
+__global__ void k_moe_combine(int64_t m, int64_t top_k, int64_t n, const V *rows,
+                              const int32_t *slot, const float *w, V *y) {
   for (int64_t t = blockIdx.y; t < m; t += gridDim.y) {
-    float4 *yt = y + t * n4;
-    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n4;
+    V *yt = y + t * n;
+    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n;
          j += (int64_t)gridDim.x * blockDim.x) {
-      float4 acc = yt[j];
+      V acc = yt[j];
       for (int64_t k0 = 0; k0 < top_k; k0 += kBatch) {
-        float4 v[kBatch];
+        V v[kBatch];
         float wk[kBatch];
 #pragma unroll
         for (int u = 0; u < kBatch; u++)
@@ -77,16 +69,12 @@ __global__ void k_moe_combine4(int64_t m, int64_t top_k, int64_t n4, const float
             const int64_t i = t * top_k + k0 + u;
             const int64_t r = slot ? (int64_t)slot[i] : i;
             wk[u] = w[i];
-            v[u] = rows[r * n4 + j];
+            v[u] = rows[r * n + j];
           }
 #pragma unroll
         for (int u = 0; u < kBatch; u++)
-          if (k0 + u < top_k) {
-            acc.x = __fadd_rn(acc.x, __fmul_rn(wk[u], v[u].x));
-            acc.y = __fadd_rn(acc.y, __fmul_rn(wk[u], v[u].y));
-            acc.z = __fadd_rn(acc.z, __fmul_rn(wk[u], v[u].z));
-            acc.w = __fadd_rn(acc.w, __fmul_rn(wk[u], v[u].w));
-          }
+          if (k0 + u < top_k)
+            acc = add_weighted(acc, wk[u], v[u]);
       }
       yt[j] = acc;
     }
@@ -206,17 +194,16 @@ cudaError_t epic_cuk_copy_rows(int64_t n, int64_t cols, const float *src, int64_
 
 cudaError_t epic_cuk_moe_combine(int64_t m, int64_t top_k, int64_t n, const float *rows,
                                  const int32_t *slot, const float *w, float *y, cudaStream_t st) {
-  if (n % 4 == 0 &&
-      ((reinterpret_cast<uintptr_t>(rows) | reinterpret_cast<uintptr_t>(y)) & 15) == 0) {
-    const int64_t n4 = n / 4, tiles4 = (n4 + kThreads - 1) / kThreads;
-    k_moe_combine4<<<dim3((unsigned)(tiles4 < 65535 ? tiles4 : 65535), (unsigned)grid_of(m)),
-                     kThreads, 0, st>>>(m, top_k, n4, reinterpret_cast<const float4 *>(rows), slot,
-                                        w, reinterpret_cast<float4 *>(y));
-    return cudaGetLastError();
-  }
-  const int64_t tiles = (n + kThreads - 1) / kThreads;
-  k_moe_combine<<<dim3((unsigned)(tiles < 65535 ? tiles : 65535), (unsigned)grid_of(m)), kThreads,
-                  0, st>>>(m, top_k, n, rows, slot, w, y);
+  const bool vec = n % 4 == 0 &&
+                   ((reinterpret_cast<uintptr_t>(rows) | reinterpret_cast<uintptr_t>(y)) & 15) == 0;
+  const int64_t nv = vec ? n / 4 : n, tiles = (nv + kThreads - 1) / kThreads;
+  const dim3 grid((unsigned)(tiles < 65535 ? tiles : 65535), (unsigned)grid_of(m));
+  if (vec)
+    k_moe_combine<float4><<<grid, kThreads, 0, st>>>(m, top_k, nv,
+                                                     reinterpret_cast<const float4 *>(rows), slot,
+                                                     w, reinterpret_cast<float4 *>(y));
+  else
+    k_moe_combine<float><<<grid, kThreads, 0, st>>>(m, top_k, nv, rows, slot, w, y);
   return cudaGetLastError();
 }
 

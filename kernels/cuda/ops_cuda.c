@@ -654,28 +654,26 @@ static const epic_ops_vt epic_cuda_vt = {
     .head_gemm_bf16 = epic_cuda_head_gemm_bf16,
 };
 
-/* An environment switch between two values: 1 when `name` is `second`, 0 when it is unset,
- * empty or `first`; anything else is named in a warning and taken as `first`. */
-static int env_pick(const char *name, const char *first, const char *second) {
+/* An environment setting among n named values: the index of the one `name` holds, 0 when
+ * it is unset or empty; anything else is named in a warning and taken as the first. */
+static int env_choice(const char *name, const char *const *values, int n) {
   const char *v = getenv(name);
-  if (v && strcmp(v, second) == 0)
-    return 1;
-  if (v && *v && strcmp(v, first) != 0)
-    EPIC_LOG_WARN("cuda: %s=%s is neither %s nor %s; using %s", name, v, first, second, first);
+  if (!v || !*v)
+    return 0;
+  for (int i = 0; i < n; i++)
+    if (strcmp(v, values[i]) == 0)
+      return i;
+  char list[128] = "";
+  for (int i = 0; i < n; i++)
+    snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "", values[i]);
+  EPIC_LOG_WARN("cuda: %s=%s is none of %s; using %s", name, v, list, values[0]);
   return 0;
 }
 
-/* EPIC_CUDA_WGMMA_FORM's value (auto when unset; anything else named in a warning). */
-static int env_form(const char *name) {
-  static const char *const names[] = {"auto", "half", "whole"};
-  const char *v = getenv(name);
-  if (!v || !*v)
-    return EPIC_CUDA_WGMMA_AUTO;
-  for (int i = 0; i < 3; i++)
-    if (strcmp(v, names[i]) == 0)
-      return i;
-  EPIC_LOG_WARN("cuda: %s=%s is none of auto, half, whole; using auto", name, v);
-  return EPIC_CUDA_WGMMA_AUTO;
+/* A switch between two values: 1 when `name` is `second` (env_choice). */
+static int env_pick(const char *name, const char *first, const char *second) {
+  const char *const values[2] = {first, second};
+  return env_choice(name, values, 2);
 }
 
 /* An integer environment setting in [lo, hi]; unset or empty gives dflt, anything else is
@@ -727,7 +725,8 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
                                 EPIC_CUDA_FP8_MMA_GROUP_ROWS_DEFAULT);
   c->n_lanes = (int)env_range("EPIC_CUDA_GROUPED_LANES", 0, EPIC_CUDA_LT_LANES_MAX,
                               EPIC_CUDA_LT_LANES_DEFAULT);
-  c->wgmma_form = env_form("EPIC_CUDA_WGMMA_FORM");
+  static const char *const forms[] = {"auto", "half", "whole"}; /* epic_cuda_wgmma_form */
+  c->wgmma_form = env_choice("EPIC_CUDA_WGMMA_FORM", forms, 3);
   epic_status st = EPIC_OK;
   struct cudaDeviceProp prop;
   EPIC_CHECK_GOTO(epic_cuda_check(cudaSetDevice(device), "set device"), st, fail);
