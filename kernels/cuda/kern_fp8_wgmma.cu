@@ -24,7 +24,8 @@
 // which also keeps the tensor cores' reduced-precision FP8 accumulation to 128 products.
 // (setmaxnreg moves registers from the producer to the consumers: 64 + 2 x 64 accumulators.)
 // Tiles are ordered group, then weight column tile, then row tile, so the CTAs that run
-// at once share weight tiles through L2.
+// at once share weight tiles through L2. A tile's outputs are stored during the next
+// tile's first k-block, while its wgmma steps run.
 //
 // Measured (kernels/cuda/NOTES.md): 128 x 128 tiles were L2-traffic bound (5.5 TB/s of
 // boxes at 0.43 of the FP8 peak); 128 x 256 tiles read 25% fewer bytes per output. A
@@ -38,6 +39,8 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "kern_mla_common.cuh"
 
@@ -198,6 +201,41 @@ __device__ __forceinline__ void count_tiles(const epic_cuk_fp8_wgmma_args &a, in
     tile0[a.n_groups] = carry;
 }
 
+// Where a consumer thread's outputs of a tile go: rows row and row + 8 of y, `left` rows
+// from row to the group's end, columns from c0. (Few registers: it lives beside the
+// accumulators of the next tile.)
+struct out_tile {
+  int row, c0, left;
+  bool half;
+};
+// Half h of a thread's accumulators (v[i]: row `row`, +8 where i & 2, column h * 128 +
+// (i / 4) * 8 + (i & 1) from c0) to its outputs in a.y below column a.n; column pairs as
+// one 8-byte store where every row start is 8-byte aligned.
+__device__ __forceinline__ void store_half(const epic_cuk_fp8_wgmma_args &a, const out_tile &o,
+                                           const float (&v)[64], int h) {
+  const bool pairs = a.ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(a.y) & 7u) == 0;
+  float *y_lo = a.y + (int64_t)o.row * a.ldy, *y_hi = y_lo + 8 * a.ldy;
+#pragma unroll
+  for (int j = 0; j < 16; j++) {
+    const int c = o.c0 + h * 128 + j * 8;
+    if (c + 1 < a.n && pairs) {
+      if (o.left > 0)
+        *reinterpret_cast<float2 *>(y_lo + c) = make_float2(v[4 * j], v[4 * j + 1]);
+      if (o.left > 8)
+        *reinterpret_cast<float2 *>(y_hi + c) = make_float2(v[4 * j + 2], v[4 * j + 3]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 2; e++)
+        if (c + e < a.n) {
+          if (o.left > 0)
+            y_lo[c + e] = v[4 * j + e];
+          if (o.left > 8)
+            y_hi[c + e] = v[4 * j + 2 + e];
+        }
+    }
+  }
+}
+
 // kHalf: a tile of at most 64 rows, a group's last, is split by columns instead of rows:
 // both consumer warpgroups take all its rows, warpgroup cw the weight scale block cw, so
 // the tile takes half the time; each output is the same chains, scaled and added alike
@@ -296,13 +334,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   set_maxnreg_inc<232>();
   const int cw = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  // column pairs as one 8-byte store where every row start is 8-byte aligned
-  const bool pairs = a.ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(a.y) & 7u) == 0;
   uint32_t it = 0;
   float d[64];
 #pragma unroll
   for (int i = 0; i < 64; i++)
     d[i] = 0.f;
+  float acc[kHalves][64];
+  // The last tile's outputs are stored during the next tile's first k-block, each half
+  // while that half's first wgmma runs, instead of between the tiles with the tensor cores
+  // idle (both consumer warpgroups reach a shared tile's end together).
+  out_tile prev;
+  bool pending = false;
   uint32_t taken = 0;
   for (int t = blockIdx.x;; t += gridDim.x) {
     if (kDyn) { // the producer's next tile
@@ -317,32 +359,42 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (t >= total)
       break;
     const tile_pos p = locate(a, tile0, t);
-    const int rows = p.rows;
-    const bool half = kHalf && rows - p.mt * kBM <= 64;
-    const int r_lo = p.mt * kBM + (half ? 0 : cw * 64) + warp * 16 + lane / 4, r_hi = r_lo + 8;
-    float acc[kHalves][64];
-#pragma unroll
-    for (int h = 0; h < kHalves; h++)
-#pragma unroll
-      for (int i = 0; i < 64; i++)
-        acc[h][i] = 0.f;
-    for (int kb = 0; kb < nkb; kb++, it++) {
+    const bool half = kHalf && p.rows - p.mt * kBM <= 64;
+    const int r_lo = p.mt * kBM + (half ? 0 : cw * 64) + warp * 16 + lane / 4;
+    // One k-block; the first one of a tile (kFirst) also stores the last tile's outputs
+    // and starts the sums. (Peeled, so that the stores sit outside the loop: inside it the
+    // consumers' registers overflow.)
+    auto k_block = [&](auto first_c) {
+      constexpr bool kFirst = decltype(first_c)::value;
       const uint32_t s = it % kStages, r = it / kStages;
       mbar_wait(bar_full + 8 * s, r & 1);
       const float *scs = sc + s * (kScaleBytes / 4);
-      const float sa_lo = scs[r_lo - p.mt * kBM], sa_hi = scs[r_hi - p.mt * kBM];
+      const float sa_lo = scs[r_lo - p.mt * kBM], sa_hi = scs[r_lo + 8 - p.mt * kBM];
       const uint64_t da = sw128_desc(s_a + s * kABytes + (half ? 0 : cw * 64 * kBK), 16, 1024);
 #pragma unroll
+      // the first k-block's stores of the last tile's half h
+      auto flush = [&](int h) {
+        if (kFirst && pending && (!prev.half || h == cw))
+          store_half(a, prev, acc[h], h);
+      };
+#pragma unroll
       for (int h = 0; h < kHalves; h++) {
-        if (half && h != cw)
+        if (half && h != cw) { // the other warpgroup's half of this tile
+          flush(h);
           continue;
+        }
         // one wgmma n = 128 pass per weight scale block: its 4 steps, then its scales
         const uint64_t db = sw128_desc(s_b + s * kWBytes + h * 128 * kBK, 16, 1024);
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < kBK / 32; kk++) // 32 bytes of each row per step: +2 in 16-byte units
+        for (int kk = 0; kk < kBK / 32; kk++) // 32 bytes of a row per step: +2 in 16-byte units
           wgmma_e4m3(d, da + 2 * kk, db + 2 * kk, kk);
         wg_commit();
+        flush(h);
+        if (kFirst)
+#pragma unroll
+          for (int i = 0; i < 64; i++)
+            acc[h][i] = 0.f;
         wg_wait_all();
         reg_fence(d);
         const float sw = scs[kBM + h], f_lo = sa_lo * sw, f_hi = sa_hi * sw;
@@ -353,36 +405,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncwarp();
       if (lane == 0)
         mbar_arrive(bar_empty + 8 * s);
-    }
-    // acc[h][i]: row r_lo (+8 when i & 2), column h * 128 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1)
-    float *y_lo = a.y + (int64_t)(p.row0 + r_lo) * a.ldy;
-    float *y_hi = y_lo + 8 * a.ldy;
-    const int c0 = p.nt * kBN + (lane % 4) * 2;
+      it++;
+    };
+    k_block(std::true_type{});
+    for (int kb = 1; kb < nkb; kb++)
+      k_block(std::false_type{});
+    prev = out_tile{p.row0 + r_lo, p.nt * kBN + (lane % 4) * 2, p.rows - r_lo, half};
+    pending = true;
+  }
+  if (pending)
 #pragma unroll
     for (int h = 0; h < kHalves; h++)
-#pragma unroll
-      for (int j = 0; j < 16; j++) {
-        if (half && h != cw)
-          continue;
-        const int c = c0 + h * 128 + j * 8;
-        if (c + 1 < a.n && pairs) {
-          if (r_lo < rows)
-            *reinterpret_cast<float2 *>(y_lo + c) = make_float2(acc[h][4 * j], acc[h][4 * j + 1]);
-          if (r_hi < rows)
-            *reinterpret_cast<float2 *>(y_hi + c) =
-                make_float2(acc[h][4 * j + 2], acc[h][4 * j + 3]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 2; e++)
-            if (c + e < a.n) {
-              if (r_lo < rows)
-                y_lo[c + e] = acc[h][4 * j + e];
-              if (r_hi < rows)
-                y_hi[c + e] = acc[h][4 * j + 2 + e];
-            }
-        }
-      }
-  }
+      if (!prev.half || h == cw)
+        store_half(a, prev, acc[h], h);
 }
 
 } // namespace
