@@ -371,7 +371,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float *scs = sc + s * (kScaleBytes / 4);
       const float sa_lo = scs[r_lo - p.mt * kBM], sa_hi = scs[r_lo + 8 - p.mt * kBM];
       const uint64_t da = sw128_desc(s_a + s * kABytes + (half ? 0 : cw * 64 * kBK), 16, 1024);
-#pragma unroll
       // the first k-block's stores of the last tile's half h
       auto flush = [&](int h) {
         if (kFirst && pending && (!prev.half || h == cw))
