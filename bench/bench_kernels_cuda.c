@@ -1046,6 +1046,7 @@ int main(int argc, char **argv) {
   const char *only = NULL;
   int64_t one_batch = 0, one_ctx = 0, one_tokens = 0;
   int no_peaks = 0;
+  int grouped_shape = -1; /* --grouped-shape: one of expert_shapes (below), -1 both */
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--quick"))
       g_quick = 1;
@@ -1073,14 +1074,21 @@ int main(int argc, char **argv) {
                 MAX_GROUPED_TOKENS, argv[i]);
         return 2;
       }
+    } else if (!strcmp(argv[i], "--grouped-shape") && i + 1 < argc) {
+      /* one projection alone, e.g. for a profiler that should see only its launches */
+      ++i;
+      grouped_shape = !strcmp(argv[i], "gate_up") ? 0 : !strcmp(argv[i], "down") ? 1 : -2;
+      if (grouped_shape == -2) {
+        fprintf(stderr, "bench_kernels_cuda: --grouped-shape: expected gate_up or down, got '%s'\n",
+                argv[i]);
+        return 2;
+      }
     } else {
-      fprintf(
-          stderr,
-          "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory|head] "
-          "[--mla B CTX] "
-          "[--grouped TOKENS] [--mla-kinds MASK] [--mla-split S,S,...] [--skinny-split R,R,...] "
-          "[--no-peaks]\n",
-          argv[0]);
+      fprintf(stderr,
+              "usage: %s [--quick] [--device N] [--only matmul|grouped|mla|prefill|memory|head] "
+              "[--mla B CTX] [--grouped TOKENS] [--grouped-shape gate_up|down] "
+              "[--mla-kinds MASK] [--mla-split S,S,...] [--skinny-split R,R,...] [--no-peaks]\n",
+              argv[0]);
       return 2;
     }
   }
@@ -1172,6 +1180,8 @@ peaks_done:
                                          {"expert_down", 7168, 2048}};
   static const int64_t ts[] = {1, 32, 128, 512, 2048, 8192}, ts_quick[] = {1, 128};
   for (int si = 0; si < 2 && do_grp; si++) {
+    if (grouped_shape >= 0 && si != grouped_shape)
+      continue;
     if (one_tokens > 0)
       bench_grouped(js, si, &expert_shapes[si], &one_tokens, 1, &first);
     else if (g_quick)
