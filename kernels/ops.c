@@ -130,7 +130,8 @@ void epic_ops_destroy(epic_ops *o) {
 }
 
 int epic_ops_rows_invariant(epic_ops *o) {
-  return o->vt->host_visible; /* the CPU backend, the one backend in host memory */
+  if (o->vt->host_visible) return 1; /* the CPU backend, the one backend in host memory */
+  return o->vt->abi_version >= 12 && o->vt->rows_invariant ? o->vt->rows_invariant(o) : 0;
 }
 
 int epic_ops_experts_invariant(epic_ops *o, const epic_weight *w) {

@@ -39,8 +39,10 @@
  * 10: head_dtype and head_gemm_bf16 appended (the MLA absorption's per-head weights in bf16
  *    where the backend wants them: half the bytes a decode step reads for them).
  * 11: grouped_matmul_rows takes n_src, the rows src has (a backend that quantises its
- *    input may then quantise each source row once, not once per group row). */
-#define EPIC_OPS_ABI_VERSION 11
+ *    input may then quantise each source row once, not once per group row).
+ * 12: rows_invariant appended (a device backend whose current settings compute every row
+ *    alike whatever the row count: what lets MTP drafting be on by default there). */
+#define EPIC_OPS_ABI_VERSION 12
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -375,6 +377,12 @@ typedef struct epic_ops_vt {
                                 int64_t ld_x_head, int64_t m, int64_t n_heads,
                                 const uint16_t *a, int64_t ld_a_head, int64_t k, int64_t n,
                                 int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head);
+
+  /* ABI 12, optional (NULL: only a backend in host memory is). 1 when, at the backend's
+   * current settings and for KV caches created now, every op computes a row (token, query,
+   * group row) the same way bit for bit whatever other rows share its call: matmul,
+   * grouped_matmul*, head_gemm and the absorbed MLA decode included. */
+  int (*rows_invariant)(epic_ops *o);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */
@@ -429,10 +437,11 @@ void *epic_ops_queue(epic_ops *o);
 epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t rows,
                                    int64_t max_rows, int64_t *out);
 /* 1 when o computes each row of a call the same way whatever other rows share it (the
- * batch shape, an expert's group): the CPU backend's fixed-order kernels. CUDA's fast
- * path switches kernels and rounding with the row count in its dense matmuls and
- * attention (kernels/cuda/ops_cuda.h). MTP drafting, which must keep greedy outputs
- * unchanged, is on by default only where it holds. */
+ * batch shape, an expert's group): the CPU backend's fixed-order kernels, and a backend
+ * whose ABI 12 rows_invariant says so (CUDA in its exact precision). CUDA's fast path
+ * switches kernels and rounding with the row count in its dense matmuls and attention
+ * (kernels/cuda/ops_cuda.h). MTP drafting, which must keep greedy outputs unchanged, is
+ * on by default only where it holds. */
 int epic_ops_rows_invariant(epic_ops *o);
 
 /* 1 when o's grouped matmuls over weights of w's layout compute a row alike whatever

@@ -154,8 +154,9 @@ static __device__ __forceinline__ void wgmma_s(float (&d)[32], uint64_t da, uint
 #endif
 }
 // Keys [kbeg, kend) of split `split` of query b, in n_tiles tiles of kTile rows: the
-// context is cut into n_split chunks rounded up to whole tiles (a split past the end
-// gets none; k_mla_combine gives it weight 0).
+// context is cut into n_split chunks (or chunks of about split_keys keys, see
+// epic_cuk_mla_params) rounded up to whole tiles (a split past the end gets none;
+// k_mla_combine gives it weight 0, and an empty split's zero partial adds exact zeros).
 struct epic_mla_split {
   int kbeg, kend, n_tiles;
 };
@@ -164,6 +165,10 @@ static __device__ __forceinline__ epic_mla_split epic_mla_split_keys(const epic_
                                                                      int64_t b, int split) {
   const int n_keys = p.n_ctx ? p.n_ctx[b] : (int)(p.start + b + 1);
   int chunk = (n_keys + p.n_split - 1) / p.n_split;
+  if (p.split_keys > 0) {
+    chunk = (n_keys + EPIC_CUDA_MLA_MAX_SPLIT - 1) / EPIC_CUDA_MLA_MAX_SPLIT;
+    chunk = chunk > p.split_keys ? chunk : p.split_keys;
+  }
   chunk = (chunk + kTile - 1) / kTile * kTile;
   epic_mla_split r;
   r.kbeg = split * chunk;

@@ -413,6 +413,13 @@ static int cuda_grouped_invariant(epic_ops *o, const epic_weight *w) {
   return epic_cuda_groups_all_wgmma(c) && epic_cuk_fp8_wgmma_layout_ok(w);
 }
 
+/* ABI 12 (ops.h). Exact precision: fixed-shape chunks in every matmul (grouped_exact,
+ * head_gemm_rows) and fixed key chunks per query in the fp32-cache MLA decode (ops_cuda.h). */
+static int cuda_rows_invariant(epic_ops *o) {
+  const epic_cuda_ops *c = epic_cuda_of(o);
+  return c->exact_matmul && c->mla_prec == EPIC_CUDA_MLA_EXACT;
+}
+
 /* bf16 absorption weights in fast mode (half the bytes a decode step reads for them; the
  * MLA kernels round q_abs and P to bf16 there anyway), fp32 in exact mode. */
 static epic_dtype cuda_head_dtype(epic_ops *o) {
@@ -652,6 +659,7 @@ static const epic_ops_vt epic_cuda_vt = {
     .grouped_invariant = cuda_grouped_invariant,
     .head_dtype = cuda_head_dtype,
     .head_gemm_bf16 = epic_cuda_head_gemm_bf16,
+    .rows_invariant = cuda_rows_invariant,
 };
 
 /* An environment setting among n named values: the index of the one `name` holds, 0 when

@@ -200,8 +200,13 @@ epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f);
  * FP8 weights are dequantised to fp32 and multiplied by cuBLAS SGEMM (fp32
  * activations, no TF32), KV caches created from then on keep fp32 rows and MLA decode
  * runs 3xTF32, so a model matches the CPU reference to fp32 rounding (for parity checks;
- * weights are read twice). The environment variable EPIC_CUDA_PRECISION=exact|fast sets
- * it at create. */
+ * weights are read twice). EXACT is also row-invariant (epic_ops_rows_invariant): every
+ * matmul, grouped or per head, runs its rows in zero-padded chunks of one fixed size
+ * through one GEMM shape, and MLA decode splits each query's keys at fixed chunk
+ * boundaries (by its own key count), so a row's result does not depend on the other rows
+ * of its call (what MTP's verify forward needs
+ * to match the plain decode bit for bit). The environment variable
+ * EPIC_CUDA_PRECISION=exact|fast sets it at create. */
 typedef enum {
   EPIC_CUDA_PREC_FAST = 0,
   EPIC_CUDA_PREC_EXACT = 1,
@@ -218,6 +223,7 @@ typedef enum {
   EPIC_CUDA_MM_DEQUANT_F32,  /* F16 weight dequantised to fp32 per row chunk, cuBLAS fp32 */
   EPIC_CUDA_MM_FP8_SKINNY,   /* FP8 weight, m <= 4 fp32 tokens: own weight-streaming kernel */
   EPIC_CUDA_MM_FP8_MMA,      /* FP8 weight, m <= 64 bf16-rounded tokens: own tensor-core kernel */
+  EPIC_CUDA_MM_EXACT_ROWS,   /* exact precision, any weight: fp32 rows in fixed-size chunks */
 } epic_cuda_mm_path;
 
 /* The path matmul takes for this weight and token count (may run a cuBLASLt

@@ -14,6 +14,8 @@
 #include "ops_cuda_impl.h"
 
 enum { EPIC_CUDA_DECODE_MAX_Q = 8, EPIC_CUDA_SPLIT_MIN_KEYS = 128, EPIC_CUDA_GRID_Z = 65535 };
+/* Keys per split of the exact precision's decode (a multiple of both kernels' tiles). */
+enum { EPIC_CUDA_EXACT_SPLIT_KEYS = 256 };
 #define EPIC_CUDA_SCORE_BYTES ((size_t)256 << 20)
 
 /* Strided-batched GEMM over the heads on fp32 arrays, in full fp32, or with tf32 set on
@@ -194,8 +196,19 @@ static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, 
       q.n_ctx = p.n_ctx + b0;
     else
       q.start = p.start + b0;
-    q.n_split = bf16 ? choose_split_bf16(c, nb, p.n_heads, max_keys)
-                     : choose_split(c, nb, p.n_heads, max_keys);
+    if (!bf16 && c->mla_prec == EPIC_CUDA_MLA_EXACT) {
+      /* Exact precision: chunks of EPIC_CUDA_EXACT_SPLIT_KEYS keys (more for contexts
+       * beyond EPIC_CUDA_MLA_MAX_SPLIT of them) whatever the other queries: a query's
+       * sums do not depend on how many queries or how long a context share its call
+       * (row invariance, ops_cuda.h), and no query sums more than a chunk in one run. */
+      const int64_t n = (max_keys + EPIC_CUDA_EXACT_SPLIT_KEYS - 1) / EPIC_CUDA_EXACT_SPLIT_KEYS;
+      q.split_keys = EPIC_CUDA_EXACT_SPLIT_KEYS;
+      q.n_split = (int)(n < 1 ? 1 : n < EPIC_CUDA_MLA_MAX_SPLIT ? n : EPIC_CUDA_MLA_MAX_SPLIT);
+    } else {
+      q.split_keys = 0;
+      q.n_split = bf16 ? choose_split_bf16(c, nb, p.n_heads, max_keys)
+                       : choose_split(c, nb, p.n_heads, max_keys);
+    }
     if (q.n_split > 1) {
       const size_t acc = (size_t)(nb * q.n_split * p.n_heads * p.lora);
       const size_t ml = (size_t)(nb * q.n_split * p.n_heads * 2);
@@ -336,12 +349,64 @@ static epic_status head_gemm_args(int64_t m, int64_t n_heads, int64_t k, int64_t
   return EPIC_OK;
 }
 
+/* Tokens per batched GEMM of the exact precision's head_gemm (head_gemm_rows). */
+enum { EPIC_CUDA_EXACT_HEAD_ROWS = 16 };
+
+/* rows [t0, t0 + mc) of a [tokens][heads][width] array with strides (ld_tok, ld_head) to or
+ * from dense rows [mc][heads][width] at d: one 2D copy where the heads of a token are
+ * evenly spaced rows, else one per token. */
+static epic_status head_rows_copy(epic_cuda_ops *c, float *dst, int64_t dst_tok, int64_t dst_head,
+                                  const float *src, int64_t src_tok, int64_t src_head, int64_t mc,
+                                  int64_t heads, int64_t width) {
+  const int flat = dst_tok == heads * dst_head && src_tok == heads * src_head;
+  for (int64_t t = 0; t < (flat ? 1 : mc); t++)
+    EPIC_CHECK_CUDA(cudaMemcpy2DAsync(dst + t * dst_tok, (size_t)dst_head * 4, src + t * src_tok,
+                                      (size_t)src_head * 4, (size_t)width * 4,
+                                      (size_t)(flat ? mc * heads : heads), cudaMemcpyDeviceToDevice,
+                                      c->stream),
+                    "head_gemm: stage rows");
+  return EPIC_OK;
+}
+
+/* Exact precision: the tokens go EPIC_CUDA_EXACT_HEAD_ROWS at a time (the last chunk
+ * zero-padded) through one batched GEMM shape, strides and buffers, so that cuBLAS picks
+ * the same kernel for every chunk and a token's result does not depend on the other
+ * tokens of the call (the argument of ops_cuda_matmul.c's grouped_exact). */
+static epic_status head_gemm_rows(epic_cuda_ops *c, const float *x, int64_t ld_x_tok,
+                                  int64_t ld_x_head, int64_t m, int64_t n_heads, const float *a,
+                                  int64_t ld_a_head, int64_t k, int64_t n, int trans, float *y,
+                                  int64_t ld_y_tok, int64_t ld_y_head) {
+  enum { C = EPIC_CUDA_EXACT_HEAD_ROWS };
+  const int64_t hk = n_heads * k, hn = n_heads * n;
+  EPIC_CHECK(head_gemm_args(C, n_heads, k, n, x, a, y, hk, hn));
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(C * hk) * sizeof(float)));
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->outb, (size_t)(C * hn) * sizeof(float)));
+  float *xs = (float *)c->act.p, *ys = (float *)c->outb.p;
+  for (int64_t t0 = 0; t0 < m; t0 += C) {
+    const int64_t mc = m - t0 < C ? m - t0 : C;
+    if (mc < C)
+      EPIC_CHECK_CUDA(
+          cudaMemsetAsync(xs + mc * hk, 0, (size_t)((C - mc) * hk) * sizeof(float), c->stream),
+          "head_gemm: pad rows");
+    EPIC_CHECK(
+        head_rows_copy(c, xs, hk, k, x + t0 * ld_x_tok, ld_x_tok, ld_x_head, mc, n_heads, k));
+    EPIC_CHECK(gemm_sb(c, 0, trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, C, k, 1.0f, a, trans ? k : n,
+                       ld_a_head, xs, hk, k, 0.0f, ys, hn, n, n_heads));
+    EPIC_CHECK(
+        head_rows_copy(c, y + t0 * ld_y_tok, ld_y_tok, ld_y_head, ys, hn, n, mc, n_heads, n));
+  }
+  return EPIC_OK;
+}
+
 epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
                                 int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
                                 int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
                                 int64_t ld_y_head) {
   if (m == 0 || n_heads == 0 || n == 0)
     return EPIC_OK;
+  if (epic_cuda_of(o)->exact_matmul)
+    return head_gemm_rows(epic_cuda_of(o), x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k, n,
+                          trans, y, ld_y_tok, ld_y_head);
   /* cuBLAS rejects leading dimensions below the row length even when m == 1. */
   const int64_t ldx = m > 1 ? ld_x_tok : k, ldy = m > 1 ? ld_y_tok : n;
   EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y, ldx, ldy));

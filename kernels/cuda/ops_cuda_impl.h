@@ -418,6 +418,11 @@ typedef struct epic_cuk_mla_params {
   int64_t n_heads, n_q;
   float qscale; /* softmax scale * log2(e) */
   int n_split;
+  /* 0: each query's keys cut into n_split equal chunks. > 0: into chunks of
+   * max(split_keys, n_keys / EPIC_CUDA_MLA_MAX_SPLIT) keys (tile-rounded), which depend on
+   * the query's own key count alone (the exact precision's row invariance); n_split must
+   * cover every query's chunks, the splits past a query's end stay empty. */
+  int split_keys;
   float *ctx;      /* [n_q][n_heads][lora] */
   float *part_acc; /* [n_q][n_split][n_heads][lora] when n_split > 1 */
   float *part_ml;  /* [n_q][n_split][n_heads][2] */

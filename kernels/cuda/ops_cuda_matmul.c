@@ -129,8 +129,9 @@ static int64_t lt_ldd_f32(int64_t rows, int64_t ldy, const float *y) {
 static epic_cuda_mm_path choose_path(epic_cuda_ops *c, const epic_weight *w, int64_t m, int64_t ldy,
                                      const float *y, epic_cuda_lt_plan **plan) {
   *plan = NULL;
-  if (c->exact_matmul && (w->dtype == EPIC_DT_BF16 || w->dtype == EPIC_DT_F8E4M3))
-    return EPIC_CUDA_MM_DEQUANT_F32;
+  if (c->exact_matmul && (w->dtype == EPIC_DT_BF16 || w->dtype == EPIC_DT_F8E4M3 ||
+                          w->dtype == EPIC_DT_F16 || w->dtype == EPIC_DT_F32))
+    return EPIC_CUDA_MM_EXACT_ROWS;
   switch (w->dtype) {
   case EPIC_DT_F32: return EPIC_CUDA_MM_SGEMM;
   case EPIC_DT_BF16: return EPIC_CUDA_MM_BF16;
@@ -186,6 +187,7 @@ const char *epic_cuda_mm_path_name(epic_cuda_mm_path p) {
   case EPIC_CUDA_MM_DEQUANT_F32: return "dequant_f32";
   case EPIC_CUDA_MM_FP8_SKINNY: return "fp8_skinny";
   case EPIC_CUDA_MM_FP8_MMA: return "fp8_mma";
+  case EPIC_CUDA_MM_EXACT_ROWS: return "exact_rows";
   default: return "invalid";
   }
 }
@@ -261,6 +263,11 @@ static epic_status mm_fp8_lt(epic_cuda_ops *c, const float *x, int64_t ldx, int6
   return EPIC_OK; /* a staged output is moved into y by the caller */
 }
 
+/* The exact precision's grouped path (below), also the dense one's. */
+static epic_status grouped_exact(epic_cuda_ops *c, const float *x, int64_t ldx, const int64_t *off,
+                                 int64_t n_groups, const epic_weight *w, int64_t w_stride, float *y,
+                                 int64_t ldy);
+
 /* m <= EPIC_CUK_MMA_MAX_ROWS rows of x, rounded to bf16, times an FP8 weight on the
  * tensor-core kernel. */
 static epic_status mm_fp8_mma(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t m,
@@ -326,6 +333,11 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
         "matmul: FP8 skinny kernel");
     return EPIC_OK;
   case EPIC_CUDA_MM_FP8_MMA: return mm_fp8_mma(c, x, ldx, m, w, y, ldy);
+  case EPIC_CUDA_MM_EXACT_ROWS: {
+    /* the exact grouped path's chunks, as one group: row-invariant (grouped_exact) */
+    const int64_t off[2] = {0, m};
+    return grouped_exact(c, x, ldx, off, 1, w, 1, y, ldy);
+  }
   case EPIC_CUDA_MM_DEQUANT_BF16:
   case EPIC_CUDA_MM_DEQUANT_F32: {
     const int bf = path == EPIC_CUDA_MM_DEQUANT_BF16;
@@ -392,7 +404,9 @@ enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
  *   group (m = 16 staged rows, the same strides and buffers), so cuBLAS picks the
  *   same kernel each time; its tile covers the 16 rows in one column block, and a
  *   GEMM kernel sums each output in an order fixed by its tile and k loop, not by the
- *   values or the number of other rows.
+ *   values or the number of other rows. Dense matmuls take the same path as one group
+ *   (EPIC_CUDA_MM_EXACT_ROWS), and so does head_gemm with its own chunks
+ *   (ops_cuda_attn.c): the exact precision is row-invariant as a whole.
  * - Fast precision, larger FP8 groups on the lanes and BF16 / F16 weights: one cuBLAS /
  *   cuBLASLt GEMM per group whose algorithm, and for FP8 even the numerics (e4m3
  *   activations), depend on the group's row count: a row's result can change with its

@@ -4,7 +4,8 @@
 # (tiny-bf16, tiny-fp8), in both CUDA precisions (EPIC_CUDA_PRECISION=fast, exact):
 #   eplb: experts re-placed every 2 steps with copies (--eplb-redundant 4) write the
 #         same greedy completions as --eplb-redundant 0, and did rebalance;
-#   mtp:  --mtp-draft 2 and auto write the same greedy records as --mtp-draft off.
+#   mtp:  --mtp-draft 2 and auto write the same greedy records as --mtp-draft off, and
+#         auto drafts in the exact precision (row-invariant) and not in the fast one.
 # Needs >= 2 GPUs (exit 77 = skipped otherwise). Prints one line per check on stderr,
 # then one JSON summary line on stdout:
 #   {"test":"eplb_mtp_gpu","gpus":N,"checks":[{"model","precision","check","ok",
@@ -112,6 +113,17 @@ for prec in $PRECISIONS; do
         run "${p}_mtp_$k" "$model" "$prec" mtp.jsonl --mtp-draft "$k" &&
           same "$model" "$prec" "mtp-draft $k == off" "${p}_mtp_off" "${p}_mtp_$k"
       done
+      # auto drafts where the backend is row-invariant: the CPU and the exact precision
+      line=$(grep -m1 'MTP drafting' "$tmp/${p}_mtp_auto.err" 2>/dev/null)
+      want=0
+      [ "$prec" = exact ] || [ "$DEVICE" = cpu ] && want=1
+      if { [ -n "$line" ] && [ "$want" = 1 ]; } || { [ -z "$line" ] && [ "$want" = 0 ]; }; then
+        record "$model" "$prec" "mtp auto $([ "$want" = 1 ] && echo drafts || echo stays off)" 1 \
+          "${line#*: }"
+      else
+        record "$model" "$prec" "mtp auto drafts only where rows are invariant" 0 \
+          "${line:-no drafting}"
+      fi
     fi
   done
 done

@@ -13,7 +13,8 @@
  * kernel 3e-3 against the same bf16 rows and bf16-rounded queries (BF16_MLA_TOL). FP8
  * matmuls run under both epic_cuda_fp8_small kinds (the tensor-core kernel, which must
  * also give a row alone the same bits, and the fp32 kernels); subnormal e4m3 codes must
- * give exact sums. Exits 77 (CTest skip) when no GPU is present.
+ * give exact sums. The exact precision must give a row alone the bits it has among the other
+ * rows of a call (test_exact_rows). Exits 77 (CTest skip) when no GPU is present.
  * The seed is printed; EPIC_TEST_SEED=<n> replays a run. */
 #include <math.h>
 #include <setjmp.h>
@@ -909,8 +910,9 @@ static void test_grouped_wgmma(void **state) {
  * dynamic order, whole tiles in a static order, and the automatic choice) give every row
  * the same bits, and the CPU's product on the same e4m3 activations (2e-3). Groups of 1
  * to 513 rows make last row tiles of at most 64 rows (half tiles) and more, one or several
- * row tiles; two weight heights end the last column tile within its first (n = 600) or its
- * second 128-column half (n = 700); an empty group sits between them. */
+ * row tiles; two weight heights end the last of three column tiles within its first
+ * (n = 600) or its second 128-column half (n = 700), a third makes four column tiles, the
+ * last one partial (n = 1000); an empty group sits between them. */
 static void test_wgmma_forms(void **state) {
   (void)state;
   enum { G = 15 };
@@ -918,12 +920,13 @@ static void test_wgmma_forms(void **state) {
   const int64_t k = 1088;
   static const epic_cuda_wgmma_form forms[2] = {EPIC_CUDA_WGMMA_WHOLE, EPIC_CUDA_WGMMA_AUTO};
   static const char *const form_names[2] = {"whole", "auto"};
-  for (int shape = 0; shape < 2; shape++) {
-    const int64_t n = shape ? 600 : 700, ldy = n + 2;
+  static const int64_t heights[3] = {700, 600, 1000};
+  for (int shape = 0; shape < 3; shape++) {
+    const int64_t n = heights[shape], ldy = n + 2;
     int64_t off[G + 1];
     int32_t off32[G + 1];
     static tw w[G];
-    static epic_weight hw[2][G], dw[2][G]; /* static: the backend caches a table per list */
+    static epic_weight hw[3][G], dw[3][G]; /* static: the backend caches a table per list */
     const int64_t m = make_groups(G, rows, n, k, off, off32, w, hw[shape], dw[shape]);
     float *x = xmalloc((size_t)(m * k) * 4), *xq = xmalloc((size_t)(m * k) * 4);
     float *first = xmalloc((size_t)(m * ldy) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
@@ -2130,6 +2133,75 @@ static void test_mla_bf16(void **state) {
 
 /* Relative L2 error of head_gemm outputs y against ref ([m][H][n] at strides ldyt, ldyh;
  * a non-finite output counts as infinite). */
+/* ----------------------------------------------------- exact row invariance */
+
+/* Rows [r0, r0 + n) of an m-row call, run alone (a call of n rows from row r0), equal the
+ * whole call's bit for bit. run(r0, n, out) writes the n rows' results to out at the same
+ * row offsets and strides as the whole call's. */
+typedef void (*rows_run)(void *ctx, int64_t r0, int64_t n, float *dy);
+static void check_rows_alone(const char *what, void *ctx, rows_run run, int64_t m, float *dy,
+                             size_t row_bytes, size_t row_floats, const float *whole) {
+  const int64_t parts[][2] = {{0, 1}, {m / 2, 1}, {m - 1, 1}, {1, m - 1 > 20 ? 20 : m - 1}};
+  float *got = xmalloc((size_t)m * row_bytes);
+  for (int p = 0; p < 4; p++) {
+    const int64_t r0 = parts[p][0], n = parts[p][1];
+    poison(dy, (size_t)m * row_bytes);
+    run(ctx, r0, n, dy);
+    fetch(got, dy, (size_t)m * row_bytes);
+    for (int64_t r = r0; r < r0 + n; r++)
+      if (memcmp(got + (size_t)r * row_floats, whole + (size_t)r * row_floats, row_bytes))
+        fail_msg("%s: row %lld differs run with %lld rows from row %lld", what, (long long)r,
+                 (long long)n, (long long)r0);
+  }
+  printf("#   %s: rows alone and in part equal the whole call bit for bit\n", what);
+  free(got);
+}
+
+typedef struct {
+  const float *dx;
+  int64_t ldx, ldy;
+  const epic_weight *w;
+} mm_ctx;
+static void mm_run(void *ctx, int64_t r0, int64_t n, float *dy) {
+  const mm_ctx *c = ctx;
+  assert_int_equal(
+      g_gpu->vt->matmul(g_gpu, c->dx + r0 * c->ldx, c->ldx, n, c->w, dy + r0 * c->ldy, c->ldy),
+      EPIC_OK);
+}
+
+typedef struct {
+  const float *dx, *da;
+  int64_t ldxt, ldxh, H, lda, k, n, ldyt, ldyh;
+  int trans;
+} hg_ctx;
+static void hg_run(void *ctx, int64_t r0, int64_t n, float *dy) {
+  const hg_ctx *c = ctx;
+  assert_int_equal(g_gpu->vt->head_gemm(g_gpu, c->dx + r0 * c->ldxt, c->ldxt, c->ldxh, n, c->H,
+                                        c->da, c->lda, c->k, c->n, c->trans, dy + r0 * c->ldyt,
+                                        c->ldyt, c->ldyh),
+                   EPIC_OK);
+}
+
+typedef struct {
+  epic_kv_batch db;
+  const int32_t *lens;
+  const float *dqa, *dqp;
+  int64_t H, lora, rope;
+} mla_ctx;
+static void mla_run(void *ctx, int64_t r0, int64_t n, float *dy) {
+  const mla_ctx *c = ctx;
+  epic_kv_batch b = c->db;
+  b.block_tables += r0 * b.table_stride;
+  b.n_ctx += r0;
+  b.max_ctx = 0;
+  for (int64_t s = r0; s < r0 + n; s++)
+    b.max_ctx = c->lens[s] > b.max_ctx ? c->lens[s] : b.max_ctx;
+  assert_int_equal(g_gpu->vt->mla_absorbed_batch(g_gpu, &b, n, c->dqa + r0 * c->H * c->lora,
+                                                 c->dqp + r0 * c->H * c->rope, c->H,
+                                                 1.0f / sqrtf(192.0f), dy + r0 * c->H * c->lora),
+                   EPIC_OK);
+}
+
 static double head_err(const float *y, const float *ref, int64_t m, int64_t H, int64_t n,
                        int64_t ldyt, int64_t ldyh) {
   double num = 0, den = 0;
@@ -2143,6 +2215,39 @@ static double head_err(const float *y, const float *ref, int64_t m, int64_t H, i
   return sqrt(num / den);
 }
 
+/* head_gemm of m tokens against the CPU's (1e-5), strides as given; alone: also each
+ * token alone and in part equals the whole call bit for bit (check_rows_alone). */
+static void check_head_gemm(int64_t m, int64_t H, int64_t k, int64_t n, int trans, int64_t ldxh,
+                            int64_t ldxt, int64_t ldyh, int64_t ldyt, int64_t lda,
+                            const char *label, int alone) {
+  const size_t sx = (size_t)(m * ldxt), sa = (size_t)(H * lda), sy = (size_t)(m * ldyt);
+  float *x = xmalloc(sx * 4), *a = xmalloc(sa * 4), *y = xmalloc(sy * 4), *ref = xmalloc(sy * 4);
+  fill(x, sx, 1.0f);
+  fill(a, sa, 1.0f);
+  memset(ref, 0, sy * 4);
+  float *dx = dup_dev(x, sx * 4), *da = dup_dev(a, sa * 4), *dy = dalloc(sy * 4);
+  hg_ctx c = {dx, da, ldxt, ldxh, H, lda, k, n, ldyt, ldyh, trans};
+  poison(dy, sy * 4);
+  hg_run(&c, 0, m, dy);
+  fetch(y, dy, sy * 4);
+  assert_int_equal(
+      g_cpu->vt->head_gemm(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans, ref, ldyt, ldyh),
+      EPIC_OK);
+  char what[128];
+  snprintf(what, sizeof what, "%shead_gemm m=%lld H=%lld k=%lld n=%lld trans=%d", label,
+           (long long)m, (long long)H, (long long)k, (long long)n, trans);
+  check_err(what, head_err(y, ref, m, H, n, ldyt, ldyh), 1e-5);
+  if (alone)
+    check_rows_alone(what, &c, hg_run, m, dy, (size_t)ldyt * 4, (size_t)ldyt, y);
+  dfree(dx);
+  dfree(da);
+  dfree(dy);
+  free(x);
+  free(a);
+  free(y);
+  free(ref);
+}
+
 static void test_head_gemm(void **state) {
   (void)state;
   static const int64_t shapes[][4] = {
@@ -2150,35 +2255,104 @@ static void test_head_gemm(void **state) {
   for (int s = 0; s < 4; s++)
     for (int trans = 0; trans < 2; trans++) {
       const int64_t m = shapes[s][0], H = shapes[s][1], k = shapes[s][2], n = shapes[s][3];
-      const int64_t ldxh = k + 2, ldxt = H * ldxh + 1, ldyh = n + 1, ldyt = H * ldyh + 3;
-      const int64_t lda = k * n + 5;
-      const size_t sx = (size_t)(m * ldxt), sa = (size_t)(H * lda), sy = (size_t)(m * ldyt);
-      float *x = xmalloc(sx * 4), *a = xmalloc(sa * 4), *y = xmalloc(sy * 4),
-            *ref = xmalloc(sy * 4);
-      fill(x, sx, 1.0f);
-      fill(a, sa, 1.0f);
-      memset(ref, 0, sy * 4);
-      float *dx = dup_dev(x, sx * 4), *da = dup_dev(a, sa * 4), *dy = dalloc(sy * 4);
-      poison(dy, sy * 4);
-      assert_int_equal(
-          g_gpu->vt->head_gemm(g_gpu, dx, ldxt, ldxh, m, H, da, lda, k, n, trans, dy, ldyt, ldyh),
-          EPIC_OK);
-      fetch(y, dy, sy * 4);
-      assert_int_equal(
-          g_cpu->vt->head_gemm(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans, ref, ldyt, ldyh),
-          EPIC_OK);
-      char what[96];
-      snprintf(what, sizeof what, "head_gemm m=%lld H=%lld k=%lld n=%lld trans=%d", (long long)m,
-               (long long)H, (long long)k, (long long)n, trans);
-      check_err(what, head_err(y, ref, m, H, n, ldyt, ldyh), 1e-5);
-      dfree(dx);
-      dfree(da);
-      dfree(dy);
-      free(x);
-      free(a);
-      free(y);
-      free(ref);
+      check_head_gemm(m, H, k, n, trans, k + 2, H * (k + 2) + 1, n + 1, H * (n + 1) + 3, k * n + 5,
+                      "", 0);
     }
+}
+
+/* The exact precision is row-invariant (what MTP's default on GPUs rests on): matmuls of
+ * F32, BF16 and block-scaled FP8 weights (partial blocks), head_gemm with evenly spaced
+ * and with padded head strides, and the fp32-cache MLA decode over sequences of 1 to 5000
+ * keys give a row alone or in a smaller call the bits it has in the whole call, within
+ * fp32 rounding of the CPU; epic_ops_rows_invariant follows the precision. */
+static void test_exact_rows(void **state) {
+  (void)state;
+  assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_EXACT), EPIC_OK);
+  assert_int_equal(epic_ops_rows_invariant(g_gpu), 1);
+  static const epic_dtype dts[3] = {EPIC_DT_F32, EPIC_DT_BF16, EPIC_DT_F8E4M3};
+  for (int d = 0; d < 3; d++) {
+    const int64_t rows = 300, cols = 1100, m = 37, ldx = cols + 3, ldy = rows + 1;
+    tw t = tw_make(dts[d], rows, cols, 128, 128);
+    float *x = xmalloc((size_t)(m * ldx) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
+    float *ref = xmalloc((size_t)(m * rows) * 4);
+    fill(x, (size_t)(m * ldx), 2.0f);
+    float *dx = dup_dev(x, (size_t)(m * ldx) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
+    assert_int_equal(epic_ops_cuda_matmul_path(g_gpu, &t.d, m, ldy), EPIC_CUDA_MM_EXACT_ROWS);
+    poison(dy, (size_t)(m * ldy) * 4);
+    mm_ctx c = {dx, ldx, ldy, &t.d};
+    mm_run(&c, 0, m, dy);
+    fetch(y, dy, (size_t)(m * ldy) * 4);
+    assert_int_equal(g_cpu->vt->matmul(g_cpu, x, ldx, m, &t.h, ref, rows), EPIC_OK);
+    char what[96];
+    snprintf(what, sizeof what, "exact matmul %s [%lld x %lld] m=%lld", epic_dtype_name(dts[d]),
+             (long long)rows, (long long)cols, (long long)m);
+    check_err(what, rel_err2d(y, ldy, ref, rows, m, rows), 1e-5);
+    check_rows_alone(what, &c, mm_run, m, dy, (size_t)ldy * 4, (size_t)ldy, y);
+    dfree(dx);
+    dfree(dy);
+    free(x);
+    free(y);
+    free(ref);
+    tw_free(&t);
+  }
+  /* {heads, k, n, trans, padded strides}: small, and V3's W_UK / W_UV products */
+  static const int64_t hshapes[6][5] = {{6, 40, 64, 0, 0},     {6, 64, 40, 1, 0},
+                                        {6, 40, 64, 0, 1},     {6, 64, 40, 1, 1},
+                                        {128, 128, 512, 0, 0}, {128, 512, 128, 1, 0}};
+  for (int hs = 0; hs < 6; hs++) {
+    const int64_t H = hshapes[hs][0], k = hshapes[hs][1], n = hshapes[hs][2], pad = hshapes[hs][4];
+    check_head_gemm(37, H, k, n, (int)hshapes[hs][3], k + pad, H * (k + pad) + pad, n + pad,
+                    H * (n + pad) + pad, k * n + 3, pad ? "exact, padded strides: " : "exact: ", 1);
+  }
+  {
+    enum { S = 6 };
+    static const int32_t lens[S] = {1, 64, 700, 5000, 130, 2};
+    const int64_t H = 128, lora = 512, rope = 64, page = 64, width = lora + rope;
+    const int64_t stride = (5000 + page - 1) / page + 1;
+    tcache c = cache_make(S * stride * page, page, lora, rope, 0);
+    epic_kv_batch hb = {.pool = c.h.pool,
+                        .page_size = page,
+                        .width = width,
+                        .lora = lora,
+                        .block_tables = c.table,
+                        .table_stride = stride,
+                        .n_ctx = lens,
+                        .max_ctx = 5000};
+    mla_ctx mc = {.db = hb, .lens = lens, .H = H, .lora = lora, .rope = rope};
+    mc.db.pool = c.d.pool;
+    mc.db.block_tables = c.d.block_table;
+    mc.db.n_ctx = dup_dev(lens, sizeof lens);
+    const size_t sa = (size_t)(S * H * lora), sp = (size_t)(S * H * rope);
+    float *qa = xmalloc(sa * 4), *qp = xmalloc(sp * 4), *ctx = xmalloc(sa * 4),
+          *ref = xmalloc(sa * 4);
+    fill(qa, sa, 1.0f);
+    fill(qp, sp, 1.0f);
+    mc.dqa = dup_dev(qa, sa * 4);
+    mc.dqp = dup_dev(qp, sp * 4);
+    float *dctx = dalloc(sa * 4);
+    poison(dctx, sa * 4);
+    mla_run(&mc, 0, S, dctx);
+    fetch(ctx, dctx, sa * 4);
+    assert_int_equal(
+        g_cpu->vt->mla_absorbed_batch(g_cpu, &hb, S, qa, qp, H, 1.0f / sqrtf(192.0f), ref),
+        EPIC_OK);
+    check_err("exact mla_absorbed_batch, 6 sequences of 1-5000 keys",
+              rel_err2d(ctx, 1, ref, 1, 1, (int64_t)sa), 1e-5);
+    check_rows_alone("exact mla_absorbed_batch", &mc, mla_run, S, dctx, (size_t)(H * lora) * 4,
+                     (size_t)(H * lora), ctx);
+    dfree((void *)mc.db.n_ctx);
+    dfree((void *)mc.dqa);
+    dfree((void *)mc.dqp);
+    dfree(dctx);
+    free(qa);
+    free(qp);
+    free(ctx);
+    free(ref);
+    cache_free(&c);
+  }
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
+  assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
 }
 
 /* head_gemm_bf16 against the CPU's on the same bf16 weights: up to
@@ -2268,6 +2442,7 @@ int main(void) {
       cmocka_unit_test(test_row_pick),
       cmocka_unit_test(test_head_gemm),
       cmocka_unit_test(test_head_gemm_bf16),
+      cmocka_unit_test(test_exact_rows),
       cmocka_unit_test(test_mla),
       cmocka_unit_test(test_kv_bf16),
       cmocka_unit_test(test_mla_bf16),
