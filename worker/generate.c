@@ -89,6 +89,9 @@ static epic_status spec_decode(epic_model *m, epic_spec *sp, epic_kv_seq *seq, c
       EPIC_CHECK(emit(p, c, r, out[keep], lps[keep], &stop));
       keep++;
     }
+    /* the rows of the kept tokens: the rows plain decoding dumps for them */
+    if (p->dump_logits)
+      EPIC_CHECK(epic_npy_writer_append(p->dump_logits, epic_spec_verify_logits(sp), keep));
     EPIC_CHECK(epic_spec_commit(sp, seq, keep));
     tok = out[keep - 1];
   }

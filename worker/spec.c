@@ -452,6 +452,8 @@ epic_status epic_spec_draft_verify(epic_spec *s, epic_kv_seq *seq, int32_t last,
   return epic_spec_verify(s, d, nd, s->vlog, out, logprobs, n_out);
 }
 
+const float *epic_spec_verify_logits(const epic_spec *s) { return s->vlog; }
+
 epic_status epic_spec_commit(epic_spec *s, epic_kv_seq *seq, int64_t n_keep) {
   return epic_spec_keep(s, seq, s->vh, n_keep);
 }

@@ -96,6 +96,10 @@ epic_status epic_spec_observe(epic_spec *s, const float *hidden, int64_t n_rows,
  * error the sequence cannot continue (release it and destroy the spec). */
 epic_status epic_spec_draft_verify(epic_spec *s, epic_kv_seq *seq, int32_t last, int64_t max_out,
                                    int32_t *out, float *logprobs, int64_t *n_out);
+/* The main model's logits rows of the last epic_spec_draft_verify ([*n_out][vocab] used:
+ * row j gave out[j], as plain decoding's row for that position does), valid until the
+ * next round: what `epic generate --dump-logits` writes while drafting. */
+const float *epic_spec_verify_logits(const epic_spec *s);
 
 /* Keep out[0..n_keep) of the last round (1 <= n_keep <= *n_out): the main cache
  * is truncated to n + n_keep rows, the MTP cache to n rows, and out[n_keep - 1]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `epic generate --mtp-draft K` end to end: the same output_ids as plain greedy
-# decoding on both tiny fixtures (K = 1 and 2, pages of 3 and 64 tokens), the
-# JSON reports mtp_draft / mtp_acceptance_rate / mtp_mean_accepted, and
+# decoding on both tiny fixtures (K = 1 and 2, pages of 3 and 64 tokens), the same
+# --dump-logits file byte for byte (a row per processed position, verify rows
+# included), the JSON reports mtp_draft / mtp_acceptance_rate / mtp_mean_accepted, and
 # --mtp-draft with --requests or out of range is a clear error.
 # Usage: test_spec.sh EPIC FIXTURES
 set -u
@@ -19,12 +20,13 @@ prompt=0,17,5,900,33,12,401,7,7,250,1000,64,3
 for m in tiny-bf16 tiny-fp8; do
   for ps in 3 64; do
     base=(generate --model "$FX/$m" --prompt-ids "$prompt" --max-new-tokens 12 --ignore-eos --json --page-size "$ps")
-    if ! timeout 60 "$EPIC" "${base[@]}" >"$tmp/plain.json" 2>"$tmp/err"; then
+    if ! timeout 60 "$EPIC" "${base[@]}" --dump-logits "$tmp/plain.npy" >"$tmp/plain.json" 2>"$tmp/err"; then
       bad "$m page $ps: plain generate"
       continue
     fi
     for k in 1 2; do
-      if ! timeout 60 "$EPIC" "${base[@]}" --mtp-draft "$k" >"$tmp/spec.json" 2>"$tmp/err"; then
+      if ! timeout 60 "$EPIC" "${base[@]}" --mtp-draft "$k" --dump-logits "$tmp/spec.npy" \
+        >"$tmp/spec.json" 2>"$tmp/err"; then
         bad "$m page $ps: --mtp-draft $k"
         continue
       fi
@@ -32,6 +34,8 @@ for m in tiny-bf16 tiny-fp8; do
       s=$(ids "$tmp/spec.json")
       if [ -n "$p" ] && [ "$p" = "$s" ]; then ok "$m page $ps --mtp-draft $k: output_ids equal plain"; else
         echo "    plain $p" >"$tmp/err"; echo "    spec  $s" >>"$tmp/err"; bad "$m page $ps --mtp-draft $k: output_ids differ"; fi
+      if cmp -s "$tmp/plain.npy" "$tmp/spec.npy"; then ok "$m page $ps --mtp-draft $k: logits dump equals plain"; else
+        cmp "$tmp/plain.npy" "$tmp/spec.npy" >"$tmp/err" 2>&1; bad "$m page $ps --mtp-draft $k: logits dump differs"; fi
       if grep -q "\"mtp_draft\":$k,\"mtp_acceptance_rate\":[0-9.]*,\"mtp_mean_accepted\":[0-9.]*" "$tmp/spec.json"; then
         ok "$m page $ps --mtp-draft $k: JSON has the MTP fields"
       else

@@ -237,7 +237,9 @@ static void test_greedy_identical(void **state) {
  * the main cache must then equal a full recompute of the kept sequence. Greedy:
  * the kept tokens are the greedy continuation. Sampling at temperature 5
  * (nearly flat distributions): many drafts are accepted, so multi-token rounds
- * are cut at every offset. Returns accepted drafts. */
+ * are cut at every offset. The verify logits rows of the kept tokens
+ * (epic_spec_verify_logits) must be the recompute's rows for their positions.
+ * Returns accepted drafts. */
 static int64_t partial_commits(fixture *f, const tcase *c, int64_t N, float temperature, int32_t *all,
                                float *logits, float *hidden) {
   const int64_t T = c->n_prompt, V = f->V;
@@ -247,6 +249,7 @@ static int64_t partial_commits(fixture *f, const tcase *c, int64_t N, float temp
   epic_spec_stats st;
   int32_t out[8];
   float *one = malloc((size_t)V * sizeof(float));
+  float *vrows = malloc((size_t)(N * V) * sizeof(float)); /* row q - T: position q's logits */
   int64_t g, n_out;
   uint64_t x = 12345;
   assert_int_equal(epic_model_kvcache_create(f->m, 0, 3, 64, &kc), EPIC_OK);
@@ -268,6 +271,8 @@ static int64_t partial_commits(fixture *f, const tcase *c, int64_t N, float temp
     x = x * 6364136223846793005ull + 1442695040888963407ull;
     int64_t keep = 1 + (int64_t)((x >> 33) % (uint64_t)n_out);
     memcpy(all + T + g, out, (size_t)keep * sizeof *out);
+    /* verify row j fed position T + g - 1 + j */
+    memcpy(vrows + (g - 1) * V, epic_spec_verify_logits(sp), (size_t)(keep * V) * sizeof(float));
     g += keep;
     assert_int_equal(epic_spec_commit(sp, &seq, keep), EPIC_OK);
     assert_int_equal(seq.n_tokens, T + g - 1);
@@ -279,19 +284,24 @@ static int64_t partial_commits(fixture *f, const tcase *c, int64_t N, float temp
   assert_int_equal(epic_model_forward(f->m, kc, &bf, 1, logits, hidden), EPIC_OK);
   if (temperature == 0)
     for (int64_t p = T - 1; p < T + N - 1; p++) assert_int_equal(all[p + 1], epic_argmax(logits + p * V, V));
-  double d = 0;
+  double d = 0, dv = 0;
   for (int64_t v = 0; v < V; v++) d = fmax(d, fabs((double)one[v] - logits[(T + N - 1) * V + v]));
+  for (int64_t q = T; q < T + N - 1; q++)
+    for (int64_t v = 0; v < V; v++)
+      dv = fmax(dv, fabs((double)vrows[(q - T) * V + v] - logits[q * V + v]));
   epic_spec_get_stats(sp, &st);
   print_message("%s T=%g: after partial commits (%lld of %lld drafts accepted), next-token logits vs "
-                "recompute max |d| %.3g\n", f->model, (double)temperature, (long long)st.accepted,
-                (long long)st.drafted, d);
+                "recompute max |d| %.3g, kept verify rows vs recompute %.3g\n", f->model,
+                (double)temperature, (long long)st.accepted, (long long)st.drafted, d, dv);
   assert_true(d < 1e-3);
+  assert_true(dv < 1e-3);
   epic_spec_destroy(sp);
   epic_kvcache_seq_release(kc, &seq);
   epic_kvcache_seq_release(kc, &full);
   epic_kvcache_destroy(kc);
   epic_kvcache_destroy(km);
   free(one);
+  free(vrows);
   return st.accepted;
 }
 
