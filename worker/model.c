@@ -72,11 +72,12 @@ enum {
 };
 #define MAX_MB 2
 
-/* One decode-step bucket: its key, and its graph once recorded. */
+/* One decode-step bucket: its key, and its graph once recorded. per_seq: rows per
+ * sequence (1 for decoding, 1 + drafts for an MTP verify), out_rows: LM-head rows. */
 typedef struct step_graph {
   int used; /* 0: free entry */
   const void *kc;
-  int64_t n_seqs, stride, bound;
+  int64_t n_seqs, stride, bound, per_seq, out_rows;
   int n_mb, pick;
   epic_ops_graph *graph; /* NULL: run directly once (warm-up), recorded next time */
   int warm;              /* run directly once: buffers grown, tables built */
@@ -1126,6 +1127,7 @@ typedef struct fwd_shape {
   int64_t dec_ctx;  /* keys the longest absorbed row sees (its own included) */
   int64_t out_rows; /* LM-head rows */
   int64_t stride;   /* block-table row: the most pages any sequence holds */
+  int64_t per_seq;  /* tokens of every sequence where all have as many, else 0 */
   int n_seqs;
 } fwd_shape;
 
@@ -2006,6 +2008,7 @@ static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch
         return EPIC_ERR_INVALID;
       }
     sh->M += sq->n_tokens;
+    sh->per_seq = i == 0 || sq->n_tokens == sh->per_seq ? sq->n_tokens : 0;
     if (absorbed(sq)) {
       sh->n_dec += sq->n_tokens;
       sh->n_trows += sq->n_tokens;
@@ -2263,13 +2266,15 @@ static epic_status main_body(fwd *f, const fwd_shape *sh, scratch *s, const head
 }
 
 /* The decode-step bucket of this forward (see epic_model_set_step_graphs), found or
- * newly made; NULL when the forward is not one graphs serve. Drops every graph first
- * when the backend freed or moved memory since they were recorded. */
+ * newly made; NULL when the forward is not one graphs serve: every row on the absorbed
+ * attention, as many rows per sequence (a decode step, or an MTP verify step whose
+ * sequences all carry the same number of drafts). Drops every graph first when the
+ * backend freed or moved memory since they were recorded. */
 static step_graph *graph_bucket(fwd *f, const fwd_shape *sh, const head_out *ho) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   step_graph *g = NULL;
-  if (!m->step_graphs || m->comm || !epic_ops_has_graphs(o) || sh->M == 0 || sh->M != sh->n_seqs ||
+  if (!m->step_graphs || m->comm || !epic_ops_has_graphs(o) || sh->M == 0 || sh->per_seq < 1 ||
       sh->n_dec != sh->M || !dev_planned(o, sh->Mw))
     return NULL;
   const uint64_t epoch = o->vt->graph_epoch(o);
@@ -2278,11 +2283,13 @@ static step_graph *graph_bucket(fwd *f, const fwd_shape *sh, const head_out *ho)
     m->graph_epoch = epoch;
   }
   const step_graph key = {.used = 1, .kc = f->kc, .n_seqs = sh->n_seqs, .stride = sh->stride,
-                          .bound = f->dec_bound, .n_mb = f->n_mb, .pick = ho->picks != NULL};
+                          .bound = f->dec_bound, .per_seq = sh->per_seq,
+                          .out_rows = sh->out_rows, .n_mb = f->n_mb, .pick = ho->picks != NULL};
   for (int i = 0; i < EPIC_MODEL_STEP_GRAPHS; i++) {
     step_graph *e = &m->graphs[i];
     if (e->used && e->kc == key.kc && e->n_seqs == key.n_seqs && e->stride == key.stride &&
-        e->bound == key.bound && e->n_mb == key.n_mb && e->pick == key.pick) {
+        e->bound == key.bound && e->per_seq == key.per_seq && e->out_rows == key.out_rows &&
+        e->n_mb == key.n_mb && e->pick == key.pick) {
       e->tick = ++m->graph_tick;
       return e;
     }

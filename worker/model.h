@@ -182,9 +182,11 @@ epic_status epic_model_mtp_forward_pick(epic_model *m, epic_kvcache *kc,
 epic_status epic_model_set_micro_batches(epic_model *m, int n);
 
 /* Decode-step graphs. On a backend that records graphs (epic_ops_has_graphs: CUDA), a
- * single-process forward whose sequences all decode one token (at most 512 tokens, the
- * device expert plan's bound) is recorded once per bucket and then replayed as one
- * launch. A bucket is: the sequence count, the micro-batch count, the cache, whether
+ * single-process forward whose sequences all decode one token, or all verify the same
+ * number of MTP drafts (as many rows each, on the decode attention; at most 512 tokens,
+ * the device expert plan's bound) is recorded once per bucket and then replayed as one
+ * launch. A bucket is: the sequence count, the rows per sequence and LM-head rows, the
+ * micro-batch count, the cache, whether
  * greedy picks are asked for, the block-table width rounded up to a power of two, and
  * the longest context rounded up to 1/8 of its power of two (so one graph serves 128
  * steps of context at 1k, 1024 at 8k): decode attention sizes its work split from that

@@ -13,7 +13,9 @@
  * model keeps graphs (EPIC_MODEL_STEP_GRAPHS), so recorded graphs are evicted and
  * buckets recorded again, with the same bits. A third decodes batches of 320, 200, 129
  * and 72 sequences: above 128 tokens the expert plan stayed on the host (no graph) until
- * the device plan took decode batches up to 512 (worker/model.c DEV_PLAN_MAX_TOKENS).
+ * the device plan took decode batches up to 512 (worker/model.c DEV_PLAN_MAX_TOKENS). A
+ * fourth runs MTP verify steps: two rows per sequence (the last token and a draft),
+ * the draft kept or rolled back, the first schedule's batch sizes.
  * The exact precision (EPIC_CUDA_PRECISION=exact), whose expert matmuls read their
  * group sizes back to the host, cannot be recorded: the same run there must record
  * nothing and still give the direct run's bits.
@@ -58,8 +60,9 @@ static char g_dir[64];
 
 /* Sequences in the batch at decode step s of a schedule. shrink: the batch shrinks and
  * grows back (48 steps); sizes: every size from 1 to 40, three steps each (120 steps);
- * large: 320, 200, 129 and 72 sequences, four steps each (16 steps). */
-typedef enum { SHRINK, SIZES, LARGE } schedule;
+ * large: 320, 200, 129 and 72 sequences, four steps each (16 steps); verify: the shrink
+ * schedule with two rows per sequence (rows_of). */
+typedef enum { SHRINK, SIZES, LARGE, VERIFY } schedule;
 static int active(schedule sc, int s) {
   static const int pattern[] = {12, 12, 12, 8, 8, 8, 8, 5, 5, 5, 1, 1, 1, 12, 12, 12};
   static const int large[] = {320, 200, 129, 72};
@@ -68,9 +71,13 @@ static int active(schedule sc, int s) {
   return pattern[s % (int)(sizeof pattern / sizeof pattern[0])];
 }
 static int steps_of(schedule sc) { return sc == SIZES ? 120 : sc == LARGE ? 16 : 48; }
+/* Rows per sequence and step: MTP verify steps (VERIFY, the SHRINK pattern) carry the
+ * last token and one draft; the draft is kept every third step and rolled back
+ * otherwise, so the caches grow by one or two rows a step. */
+static int rows_of(schedule sc) { return sc == VERIFY ? 2 : 1; }
 
 typedef struct run_out {
-  epic_row_pick picks[STEPS_MAX][N_SEQ];
+  epic_row_pick picks[STEPS_MAX][N_SEQ]; /* [step][row] */
   float *logits; /* [STEPS_MAX / LOGIT_EVERY][N_SEQ][V] */
   epic_model_stats stats;
 } run_out;
@@ -82,10 +89,11 @@ static void run(epic_model *m, int graphs, schedule sc, run_out *out) {
   epic_kvcache *kc = NULL;
   epic_kv_seq seqs[N_SEQ];
   epic_seq_batch b[N_SEQ];
-  int32_t prompt[640], next[N_SEQ];
+  int32_t prompt[640], next[N_SEQ], rows[N_SEQ][2];
   float *logits = malloc((size_t)(N_SEQ * V) * sizeof *logits);
   uint8_t need[N_SEQ] = {0};
   epic_row_pick picks[N_SEQ];
+  const int per = rows_of(sc);
   assert_non_null(logits);
   memset(seqs, 0, sizeof seqs);
   epic_model_set_step_graphs(m, graphs);
@@ -109,20 +117,25 @@ static void run(epic_model *m, int graphs, schedule sc, run_out *out) {
   for (int s = 0; s < steps_of(sc); s++) {
     const int n = active(sc, s);
     const int want_logits = s % LOGIT_EVERY == LOGIT_EVERY - 1;
-    for (int i = 0; i < n; i++)
-      b[i] = (epic_seq_batch){.tokens = &next[i], .n_tokens = 1, .start = seqs[i].n_tokens,
-                              .kv = &seqs[i]};
+    for (int i = 0; i < n; i++) {
+      rows[i][0] = next[i];
+      rows[i][1] = (int32_t)((next[i] * 7 + s) % V); /* a draft */
+      b[i] = (epic_seq_batch){.tokens = rows[i], .n_tokens = per, .start = seqs[i].n_tokens,
+                              .kv = &seqs[i], .all_logits = per > 1};
+    }
     assert_int_equal(epic_model_forward_pick(m, kc, b, n, logits, want_logits ? NULL : need,
                                              picks, NULL),
                      EPIC_OK);
     memset(out->picks[s], 0, sizeof out->picks[s]);
+    for (int i = 0; i < n * per; i++) out->picks[s][i] = picks[i];
     for (int i = 0; i < n; i++) {
-      out->picks[s][i] = picks[i];
-      next[i] = picks[i].id;
+      const int keep = per > 1 && s % 3 == 0 ? 2 : 1; /* rows of this step the cache keeps */
+      if (keep < per) epic_kvcache_seq_truncate(kc, &seqs[i], seqs[i].n_tokens - (per - keep));
+      next[i] = picks[i * per + keep - 1].id;
     }
     if (want_logits)
       memcpy(out->logits + (int64_t)(s / LOGIT_EVERY) * N_SEQ * V, logits,
-             (size_t)(n * V) * sizeof *logits);
+             (size_t)(n * per * V) * sizeof *logits);
   }
   epic_model_get_stats(m, &out->stats);
   for (int i = 0; i < N_SEQ; i++) epic_kvcache_seq_release(kc, &seqs[i]);
@@ -154,7 +167,7 @@ static epic_model_stats off_vs_on(schedule sc) {
   run(m, 1, sc, g);
   assert_int_equal(a->stats.graph_captures + a->stats.graph_replays, 0);
   for (int s = 0; s < steps; s++)
-    for (int i = 0; i < active(sc, s); i++) {
+    for (int i = 0; i < active(sc, s) * rows_of(sc); i++) {
       if (a->picks[s][i].id != g->picks[s][i].id ||
           memcmp(&a->picks[s][i].logprob, &g->picks[s][i].logprob, sizeof(float)) != 0)
         fail_msg("step %d sequence %d: direct pick %d (%.9g), with graphs %d (%.9g)", s, i,
@@ -204,6 +217,16 @@ static void test_large_batches(void **state) {
   assert_true(st.graph_replays >= steps_of(LARGE) / 4);
 }
 
+/* MTP verify steps (two rows per sequence, drafts kept or rolled back) are recorded and
+ * replayed like decode steps, with the same bits. */
+static void test_verify_steps(void **state) {
+  (void)state;
+  unsetenv("EPIC_CUDA_PRECISION");
+  const epic_model_stats st = off_vs_on(VERIFY);
+  assert_true(st.graph_captures > 0);
+  assert_true(st.graph_replays >= steps_of(VERIFY) / 4);
+}
+
 static void test_exact_is_not_recorded(void **state) {
   (void)state;
   setenv("EPIC_CUDA_PRECISION", "exact", 1);
@@ -243,6 +266,7 @@ int main(void) {
       cmocka_unit_test(test_fast_replay_equals_direct),
       cmocka_unit_test(test_buckets_beyond_the_cache),
       cmocka_unit_test(test_large_batches),
+      cmocka_unit_test(test_verify_steps),
       cmocka_unit_test(test_exact_is_not_recorded),
   };
   return cmocka_run_group_tests_name("step_graphs_cuda", tests, setup, teardown);
