@@ -204,9 +204,8 @@ epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f);
  * matmul, grouped or per head, runs its rows in zero-padded chunks of one fixed size
  * through one GEMM shape, and MLA decode splits each query's keys at fixed chunk
  * boundaries (by its own key count), so a row's result does not depend on the other rows
- * of its call (what MTP's verify forward needs
- * to match the plain decode bit for bit). The environment variable
- * EPIC_CUDA_PRECISION=exact|fast sets it at create. */
+ * of its call (what MTP's verify forward needs to match the plain decode bit for bit).
+ * The environment variable EPIC_CUDA_PRECISION=exact|fast sets it at create. */
 typedef enum {
   EPIC_CUDA_PREC_FAST = 0,
   EPIC_CUDA_PREC_EXACT = 1,

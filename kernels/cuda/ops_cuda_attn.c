@@ -352,9 +352,9 @@ static epic_status head_gemm_args(int64_t m, int64_t n_heads, int64_t k, int64_t
 /* Tokens per batched GEMM of the exact precision's head_gemm (head_gemm_rows). */
 enum { EPIC_CUDA_EXACT_HEAD_ROWS = 16 };
 
-/* rows [t0, t0 + mc) of a [tokens][heads][width] array with strides (ld_tok, ld_head) to or
- * from dense rows [mc][heads][width] at d: one 2D copy where the heads of a token are
- * evenly spaced rows, else one per token. */
+/* mc tokens of [tokens][heads][width] arrays from src to dst, each with its own token and
+ * head strides (one side is the dense staging buffer): one 2D copy where both sides' heads
+ * are evenly spaced rows, else one per token. */
 static epic_status head_rows_copy(epic_cuda_ops *c, float *dst, int64_t dst_tok, int64_t dst_head,
                                   const float *src, int64_t src_tok, int64_t src_head, int64_t mc,
                                   int64_t heads, int64_t width) {
