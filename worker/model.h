@@ -186,10 +186,10 @@ epic_status epic_model_set_micro_batches(epic_model *m, int n);
  * number of MTP drafts (as many rows each, on the decode attention; at most 512 tokens,
  * the device expert plan's bound) is recorded once per bucket and then replayed as one
  * launch. A bucket is: the sequence count, the rows per sequence and LM-head rows, the
- * micro-batch count, the cache, whether
- * greedy picks are asked for, the block-table width rounded up to a power of two, and
- * the longest context rounded up to 1/8 of its power of two (so one graph serves 128
- * steps of context at 1k, 1024 at 8k): decode attention sizes its work split from that
+ * micro-batch count, the cache, whether greedy picks are asked for, the block-table
+ * width rounded up to a power of two, and the longest context rounded up to 1/8 of its
+ * power of two (so one graph serves 128 steps of context at 1k, 1024 at 8k): decode
+ * attention sizes its work split from that
  * bound in every forward, recorded or not, so a replay gives the bits the forward run
  * directly gives. A bucket's first forward runs directly (it grows the buffers), its
  * second is recorded and launched; any free or move of backend memory drops every
