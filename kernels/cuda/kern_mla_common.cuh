@@ -166,7 +166,7 @@ static __device__ __forceinline__ epic_mla_split epic_mla_split_keys(const epic_
   const int n_keys = p.n_ctx ? p.n_ctx[b] : (int)(p.start + b + 1);
   int chunk = (n_keys + p.n_split - 1) / p.n_split;
   if (p.split_keys > 0) {
-    chunk = (n_keys + EPIC_CUDA_MLA_MAX_SPLIT - 1) / EPIC_CUDA_MLA_MAX_SPLIT;
+    chunk = (n_keys + EPIC_CUDA_MLA_FIXED_SPLITS - 1) / EPIC_CUDA_MLA_FIXED_SPLITS;
     chunk = chunk > p.split_keys ? chunk : p.split_keys;
   }
   chunk = (chunk + kTile - 1) / kTile * kTile;

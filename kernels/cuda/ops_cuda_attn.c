@@ -197,13 +197,15 @@ static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, 
     else
       q.start = p.start + b0;
     if (!bf16 && c->mla_prec == EPIC_CUDA_MLA_EXACT) {
-      /* Exact precision: chunks of EPIC_CUDA_EXACT_SPLIT_KEYS keys (more for contexts
-       * beyond EPIC_CUDA_MLA_MAX_SPLIT of them) whatever the other queries: a query's
-       * sums do not depend on how many queries or how long a context share its call
-       * (row invariance, ops_cuda.h), and no query sums more than a chunk in one run. */
+      /* Exact precision: chunks of EPIC_CUDA_EXACT_SPLIT_KEYS keys (a sixteenth of the
+       * context beyond 16 of them) whatever the other queries: a query's sums do not
+       * depend on how many queries or how long a context share its call (row
+       * invariance, ops_cuda.h), and no query sums a long context in one run. */
       const int64_t n = (max_keys + EPIC_CUDA_EXACT_SPLIT_KEYS - 1) / EPIC_CUDA_EXACT_SPLIT_KEYS;
       q.split_keys = EPIC_CUDA_EXACT_SPLIT_KEYS;
-      q.n_split = (int)(n < 1 ? 1 : n < EPIC_CUDA_MLA_MAX_SPLIT ? n : EPIC_CUDA_MLA_MAX_SPLIT);
+      q.n_split = (int)(n < 1                            ? 1
+                        : n < EPIC_CUDA_MLA_FIXED_SPLITS ? n
+                                                         : EPIC_CUDA_MLA_FIXED_SPLITS);
     } else {
       q.split_keys = 0;
       q.n_split = bf16 ? choose_split_bf16(c, nb, p.n_heads, max_keys)

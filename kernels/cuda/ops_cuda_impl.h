@@ -46,6 +46,9 @@ typedef struct epic_cuda_lt_plan {
  * query). */
 enum { EPIC_CUDA_LT_PLANS = 512, EPIC_CUDA_LT_WAYS = 8 };
 enum { EPIC_CUDA_MLA_MAX_SPLIT = 128, EPIC_CUDA_GROUP_TABS = 1024 };
+/* Splits of a query at most in the fixed-chunk mode (epic_cuk_mla_params.split_keys): it
+ * bounds the partials, n_q x 16 x heads x lora floats, whatever the context. */
+enum { EPIC_CUDA_MLA_FIXED_SPLITS = 16 };
 /* upload_async's pinned staging: slots used round-robin, each reused once the copy out
  * of it has run (its event); larger uploads take the synchronous path. */
 enum { EPIC_CUDA_STAGE_SLOTS = 8, EPIC_CUDA_STAGE_BYTES = 4 << 20 };
@@ -419,9 +422,9 @@ typedef struct epic_cuk_mla_params {
   float qscale; /* softmax scale * log2(e) */
   int n_split;
   /* 0: each query's keys cut into n_split equal chunks. > 0: into chunks of
-   * max(split_keys, n_keys / EPIC_CUDA_MLA_MAX_SPLIT) keys (tile-rounded), which depend on
-   * the query's own key count alone (the exact precision's row invariance); n_split must
-   * cover every query's chunks, the splits past a query's end stay empty. */
+   * max(split_keys, n_keys / EPIC_CUDA_MLA_FIXED_SPLITS) keys (tile-rounded), which depend
+   * on the query's own key count alone (the exact precision's row invariance); n_split
+   * must cover every query's chunks, the splits past a query's end stay empty. */
   int split_keys;
   float *ctx;      /* [n_q][n_heads][lora] */
   float *part_acc; /* [n_q][n_split][n_heads][lora] when n_split > 1 */
