@@ -115,9 +115,10 @@ for prec in $PRECISIONS; do
       done
       # auto drafts where the backend is row-invariant: the CPU and the exact precision
       line=$(grep -m1 'MTP drafting' "$tmp/${p}_mtp_auto.err" 2>/dev/null)
-      want=0
+      want=0 drafted=0
       [ "$prec" = exact ] || [ "$DEVICE" = cpu ] && want=1
-      if { [ -n "$line" ] && [ "$want" = 1 ]; } || { [ -z "$line" ] && [ "$want" = 0 ]; }; then
+      [ -n "$line" ] && drafted=1
+      if [ "$drafted" = "$want" ]; then
         record "$model" "$prec" "mtp auto $([ "$want" = 1 ] && echo drafts || echo stays off)" 1 \
           "${line#*: }"
       else
