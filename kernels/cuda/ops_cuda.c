@@ -153,9 +153,10 @@ epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f) {
 }
 
 epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
-  if (!o || (p != EPIC_CUDA_PREC_FAST && p != EPIC_CUDA_PREC_EXACT))
+  if (!o || p < EPIC_CUDA_PREC_FAST || p > EPIC_CUDA_PREC_INVARIANT)
     return EPIC_ERR_INVALID;
   epic_cuda_of(o)->exact_matmul = p == EPIC_CUDA_PREC_EXACT;
+  epic_cuda_of(o)->invariant = p == EPIC_CUDA_PREC_INVARIANT;
   epic_cuda_of(o)->mla_prec = p == EPIC_CUDA_PREC_EXACT ? EPIC_CUDA_MLA_EXACT : EPIC_CUDA_MLA_TF32;
   return EPIC_OK;
 }
@@ -403,21 +404,25 @@ epic_status epic_cuda_kv_dtype_ok(epic_kv_dtype dt, const char *op) {
   return EPIC_ERR_UNSUPPORTED;
 }
 
-/* ABI 9 (ops.h). Exact precision: grouped_exact's fixed-shape GEMMs, any weight. Fast: FP8
+/* ABI 9 (ops.h). Exact precision: grouped_exact's fixed-shape GEMMs, any weight. Invariant
+ * precision: any weight (grouped_invariant in ops_cuda_matmul.c). Fast: FP8
  * weights the wgmma kernel takes, with every group on it (mma_group_rows 0, the default,
  * and the large groups on wgmma; ops_cuda_matmul.c, "Row invariance"). */
 static int cuda_grouped_invariant(epic_ops *o, const epic_weight *w) {
   epic_cuda_ops *c = epic_cuda_of(o);
-  if (c->exact_matmul)
+  if (c->exact_matmul || c->invariant)
     return 1;
   return epic_cuda_groups_all_wgmma(c) && epic_cuk_fp8_wgmma_layout_ok(w);
 }
 
 /* ABI 12 (ops.h). Exact precision: fixed-shape chunks in every matmul (grouped_exact,
- * head_gemm_rows) and fixed key chunks per query in the fp32-cache MLA decode (ops_cuda.h). */
+ * head_gemm_rows) and fixed key chunks per query in the fp32-cache MLA decode. Invariant
+ * precision: the expert kernel for FP8 weights, fixed-shape chunks for the others
+ * (grouped_invariant in ops_cuda_matmul.c), fixed key chunks in the BF16-cache decode
+ * (ops_cuda.h). */
 static int cuda_rows_invariant(epic_ops *o) {
   const epic_cuda_ops *c = epic_cuda_of(o);
-  return c->exact_matmul && c->mla_prec == EPIC_CUDA_MLA_EXACT;
+  return c->invariant || (c->exact_matmul && c->mla_prec == EPIC_CUDA_MLA_EXACT);
 }
 
 /* bf16 absorption weights in fast mode (half the bytes a decode step reads for them; the
@@ -720,10 +725,12 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   c->mla_prec = EPIC_CUDA_MLA_TF32;
   c->mla_bf16_variant = EPIC_CUDA_MLA_BF16_WGMMA;
   c->fp8_small = EPIC_CUDA_FP8_SMALL_MMA;
-  if (env_pick("EPIC_CUDA_PRECISION", "fast", "exact")) {
-    c->exact_matmul = 1;
+  static const char *const precs[] = {"fast", "exact", "invariant"}; /* epic_cuda_precision */
+  const int prec = env_choice("EPIC_CUDA_PRECISION", precs, 3);
+  c->exact_matmul = prec == EPIC_CUDA_PREC_EXACT;
+  c->invariant = prec == EPIC_CUDA_PREC_INVARIANT;
+  if (c->exact_matmul)
     c->mla_prec = EPIC_CUDA_MLA_EXACT;
-  }
   if (env_pick("EPIC_CUDA_FP8_SMALL", "mma", "fp32"))
     c->fp8_small = EPIC_CUDA_FP8_SMALL_FP32;
   c->mla_prefill_wgmma = !env_pick("EPIC_CUDA_MLA_PREFILL", "wgmma", "mma");

@@ -205,11 +205,31 @@ epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f);
  * through one GEMM shape, and MLA decode splits each query's keys at fixed chunk
  * boundaries (by its own key count), so a row's result does not depend on the other rows
  * of its call (what MTP's verify forward needs to match the plain decode bit for bit).
- * The environment variable EPIC_CUDA_PRECISION=exact|fast sets it at create. */
+ * INVARIANT: the fast precision's numerics class (e4m3 / bf16 activations, bf16 cache)
+ * made row-invariant like EXACT, at fast-kernel speed in decode:
+ * - FP8 weights the expert kernel takes (kern_fp8_wgmma.cu), dense ones included, go
+ *   through it as one group at every row count (e4m3 activations quantised per row, the
+ *   block-scaled sum in one fixed order: the kernel's own row invariance), instead of
+ *   the skinny / tensor-core kernels and cuBLASLt, whose choice and rounding follow m;
+ * - other weights (BF16, F32, F16, other FP8 layouts), dense or per expert, run their
+ *   rows in zero-padded chunks of EPIC_CUDA_INVARIANT_ROWS through one cuBLAS shape
+ *   (bf16 activations for BF16 / FP8 weights, fp32 for F32 and F16);
+ * - head_gemm_bf16 takes its tokens EPIC_CUDA_INVARIANT_ROWS at a time through one
+ *   cuBLAS bf16 batched shape (x rounded to bf16 at every size), head_gemm as EXACT;
+ * - the BF16-cache decode kernel cuts each query's keys at EXACT's fixed boundaries and
+ *   always merges its splits (no direct single-split form).
+ * What it costs against FAST: kernels/cuda/NOTES.md. MTP drafting is on by default here
+ * (epic_ops_rows_invariant), as in EXACT.
+ * The environment variable EPIC_CUDA_PRECISION=fast|exact|invariant sets it at create. */
 typedef enum {
   EPIC_CUDA_PREC_FAST = 0,
   EPIC_CUDA_PREC_EXACT = 1,
+  EPIC_CUDA_PREC_INVARIANT = 2,
 } epic_cuda_precision;
+
+/* Rows per chunk of the invariant precision's cuBLAS GEMMs (see above): one chunk covers
+ * a decode step of up to this many rows, so its weights are read once. */
+#define EPIC_CUDA_INVARIANT_ROWS 128
 epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p);
 
 typedef enum {
@@ -223,6 +243,8 @@ typedef enum {
   EPIC_CUDA_MM_FP8_SKINNY,   /* FP8 weight, m <= 4 fp32 tokens: own weight-streaming kernel */
   EPIC_CUDA_MM_FP8_MMA,      /* FP8 weight, m <= 64 bf16-rounded tokens: own tensor-core kernel */
   EPIC_CUDA_MM_EXACT_ROWS,   /* exact precision, any weight: fp32 rows in fixed-size chunks */
+  EPIC_CUDA_MM_FP8_WGMMA,    /* invariant precision, FP8: the expert kernel, one group */
+  EPIC_CUDA_MM_FAST_ROWS,    /* invariant precision, other weights: fixed-size row chunks */
 } epic_cuda_mm_path;
 
 /* The path matmul takes for this weight and token count (may run a cuBLASLt

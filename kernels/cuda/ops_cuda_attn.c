@@ -196,14 +196,17 @@ static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, 
       q.n_ctx = p.n_ctx + b0;
     else
       q.start = p.start + b0;
-    if (!bf16 && c->mla_prec == EPIC_CUDA_MLA_EXACT) {
-      /* Exact precision: chunks of EPIC_CUDA_EXACT_SPLIT_KEYS keys (a sixteenth of the
-       * context beyond 16 of them) whatever the other queries: a query's sums do not
-       * depend on how many queries or how long a context share its call (row
-       * invariance, ops_cuda.h), and no query sums a long context in one run. */
+    if ((!bf16 && c->mla_prec == EPIC_CUDA_MLA_EXACT) || c->invariant) {
+      /* Exact and invariant precisions: chunks of EPIC_CUDA_EXACT_SPLIT_KEYS keys (a
+       * sixteenth of the context beyond 16 of them) whatever the other queries: a query's
+       * sums do not depend on how many queries or how long a context share its call (row
+       * invariance, ops_cuda.h), and no query sums a long context in one run. The
+       * invariant one always merges (at least two splits), so that a query's result never
+       * takes the kernel's direct single-split form in one call and the merge in another. */
       const int64_t n = (max_keys + EPIC_CUDA_EXACT_SPLIT_KEYS - 1) / EPIC_CUDA_EXACT_SPLIT_KEYS;
+      const int64_t lo = c->invariant ? 2 : 1;
       q.split_keys = EPIC_CUDA_EXACT_SPLIT_KEYS;
-      q.n_split = (int)(n < 1                            ? 1
+      q.n_split = (int)(n < lo                           ? lo
                         : n < EPIC_CUDA_MLA_FIXED_SPLITS ? n
                                                          : EPIC_CUDA_MLA_FIXED_SPLITS);
     } else {
@@ -373,7 +376,8 @@ static epic_status head_rows_copy(epic_cuda_ops *c, float *dst, int64_t dst_tok,
 /* Exact precision: the tokens go EPIC_CUDA_EXACT_HEAD_ROWS at a time (the last chunk
  * zero-padded) through one batched GEMM shape, strides and buffers, so that cuBLAS picks
  * the same kernel for every chunk and a token's result does not depend on the other
- * tokens of the call (the argument of ops_cuda_matmul.c's grouped_exact). */
+ * tokens of the call (the argument of ops_cuda_matmul.c's grouped_chunks). The invariant
+ * precision takes this path too. */
 static epic_status head_gemm_rows(epic_cuda_ops *c, const float *x, int64_t ld_x_tok,
                                   int64_t ld_x_head, int64_t m, int64_t n_heads, const float *a,
                                   int64_t ld_a_head, int64_t k, int64_t n, int trans, float *y,
@@ -406,7 +410,7 @@ epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, i
                                 int64_t ld_y_head) {
   if (m == 0 || n_heads == 0 || n == 0)
     return EPIC_OK;
-  if (epic_cuda_of(o)->exact_matmul)
+  if (epic_cuda_of(o)->exact_matmul || epic_cuda_of(o)->invariant)
     return head_gemm_rows(epic_cuda_of(o), x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k, n,
                           trans, y, ld_y_tok, ld_y_head);
   /* cuBLAS rejects leading dimensions below the row length even when m == 1. */
@@ -417,6 +421,66 @@ epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, i
   /* Full fp32: decode-sized (a few rows per head), where TF32 would buy little. */
   return gemm_sb(epic_cuda_of(o), 0, trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, 1.0f, a,
                  trans ? k : n, ld_a_head, x, ldx, ld_x_head, 0.0f, y, ldy, ld_y_head, n_heads);
+}
+
+/* m tokens of x ([tokens][heads][k] at its strides) rounded to bf16 into the dense
+ * [m][n_heads][k] rows at xb. */
+static epic_status head_round_x(epic_cuda_ops *c, const float *x, int64_t ld_x_tok,
+                                int64_t ld_x_head, int64_t m, int64_t n_heads, int64_t k,
+                                uint16_t *xb) {
+  if (ld_x_tok == n_heads * ld_x_head) /* every (token, head) row at one stride */
+    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x, ld_x_head, NULL, m * n_heads, k, xb, c->stream),
+                    "head_gemm_bf16: round x");
+  else
+    for (int64_t t = 0; t < m; t++)
+      EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x + t * ld_x_tok, ld_x_head, NULL, n_heads, k,
+                                           xb + t * n_heads * k, c->stream),
+                      "head_gemm_bf16: round x");
+  return EPIC_OK;
+}
+
+/* cuBLAS's bf16 batched GEMM over the heads with fp32 sums, as head_gemm: y_h^T (n x m) =
+ * op(A_h) (n x k) . x_h^T (k x m), x_h^T the dense bf16 rows xb (columns n_heads * k
+ * apart). */
+static epic_status head_gemm_bf16_sb(epic_cuda_ops *c, const uint16_t *xb, int64_t m,
+                                     int64_t n_heads, const uint16_t *a, int64_t ld_a_head,
+                                     int64_t k, int64_t n, int trans, float *y, int64_t ldy,
+                                     int64_t ld_y_head) {
+  const float one = 1.0f, zero = 0.0f;
+  EPIC_CHECK_CUBLAS(cublasGemmStridedBatchedEx(
+                        c->blas, trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, (int)n, (int)m,
+                        (int)k, &one, a, CUDA_R_16BF, (int)(trans ? k : n), ld_a_head, xb,
+                        CUDA_R_16BF, (int)(n_heads * k), k, &zero, y, CUDA_R_32F, (int)ldy,
+                        ld_y_head, (int)n_heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                    "strided batched GEMM (bf16 head weights)");
+  return EPIC_OK;
+}
+
+/* Invariant precision: the tokens go EPIC_CUDA_INVARIANT_ROWS at a time (the last chunk
+ * zero-padded), rounded to bf16, through one batched GEMM shape, strides and buffers
+ * (head_gemm_rows' argument with the fast precision's bf16 numerics at every size). */
+static epic_status head_bf16_rows(epic_cuda_ops *c, const float *x, int64_t ld_x_tok,
+                                  int64_t ld_x_head, int64_t m, int64_t n_heads, const uint16_t *a,
+                                  int64_t ld_a_head, int64_t k, int64_t n, int trans, float *y,
+                                  int64_t ld_y_tok, int64_t ld_y_head) {
+  enum { C = EPIC_CUDA_INVARIANT_ROWS };
+  const int64_t hk = n_heads * k, hn = n_heads * n;
+  EPIC_CHECK(head_gemm_args(C, n_heads, k, n, x, a, y, hk, hn));
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(C * hk) * 2));
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->outb, (size_t)(C * hn) * sizeof(float)));
+  uint16_t *xb = (uint16_t *)c->act.p;
+  float *ys = (float *)c->outb.p;
+  for (int64_t t0 = 0; t0 < m; t0 += C) {
+    const int64_t mc = m - t0 < C ? m - t0 : C;
+    if (mc < C)
+      EPIC_CHECK_CUDA(cudaMemsetAsync(xb + mc * hk, 0, (size_t)((C - mc) * hk) * 2, c->stream),
+                      "head_gemm_bf16: pad rows");
+    EPIC_CHECK(head_round_x(c, x + t0 * ld_x_tok, ld_x_tok, ld_x_head, mc, n_heads, k, xb));
+    EPIC_CHECK(head_gemm_bf16_sb(c, xb, C, n_heads, a, ld_a_head, k, n, trans, ys, hn, n));
+    EPIC_CHECK(
+        head_rows_copy(c, y + t0 * ld_y_tok, ld_y_tok, ld_y_head, ys, hn, n, mc, n_heads, n));
+  }
+  return EPIC_OK;
 }
 
 /* Up to EPIC_CUK_HEAD_MAX_M tokens (decode of small batches): kern_head_gemm.cu reads the
@@ -432,28 +496,15 @@ epic_status epic_cuda_head_gemm_bf16(epic_ops *o, const float *x, int64_t ld_x_t
   const int64_t ldb = n_heads * k, ldy = m > 1 ? ld_y_tok : n;
   EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y, ldb, ldy));
   epic_cuda_ops *c = epic_cuda_of(o);
+  if (c->invariant)
+    return head_bf16_rows(c, x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k, n, trans, y,
+                          ld_y_tok, ld_y_head);
   if (epic_cuk_head_bf16_ok(m, n_heads, a, ld_a_head, k, n, trans))
     return epic_cuda_check(epic_cuk_head_bf16(x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k,
                                               n, trans, y, ld_y_tok, ld_y_head, c->stream),
                            "head_gemm_bf16");
   EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(m * ldb) * 2));
   uint16_t *xb = c->act.p;
-  if (ld_x_tok == n_heads * ld_x_head) /* every (token, head) row at one stride */
-    EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x, ld_x_head, NULL, m * n_heads, k, xb, c->stream),
-                    "head_gemm_bf16: round x");
-  else
-    for (int64_t t = 0; t < m; t++)
-      EPIC_CHECK_CUDA(epic_cuk_f32_to_bf16(x + t * ld_x_tok, ld_x_head, NULL, n_heads, k,
-                                           xb + t * ldb, c->stream),
-                      "head_gemm_bf16: round x");
-  const float one = 1.0f, zero = 0.0f;
-  /* As head_gemm: y_h^T (n x m) = op(A_h) (n x k) . x_h^T (k x m), x_h^T now bf16 with
-   * columns n_heads * k apart. */
-  EPIC_CHECK_CUBLAS(cublasGemmStridedBatchedEx(
-                        c->blas, trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, (int)n, (int)m,
-                        (int)k, &one, a, CUDA_R_16BF, (int)(trans ? k : n), ld_a_head, xb,
-                        CUDA_R_16BF, (int)ldb, k, &zero, y, CUDA_R_32F, (int)ldy, ld_y_head,
-                        (int)n_heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                    "strided batched GEMM (bf16 head weights)");
-  return EPIC_OK;
+  EPIC_CHECK(head_round_x(c, x, ld_x_tok, ld_x_head, m, n_heads, k, xb));
+  return head_gemm_bf16_sb(c, xb, m, n_heads, a, ld_a_head, k, n, trans, y, ldy, ld_y_head);
 }

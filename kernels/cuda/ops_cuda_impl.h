@@ -71,6 +71,7 @@ typedef struct epic_cuda_ops {
   int mla_split;    /* bf16 decode kernel's key splits, 0 = cost model (..._set_mla_split) */
   int skinny_split; /* skinny FP8 kernel's column runs, 0 = by shape (..._set_skinny_split) */
   int exact_matmul; /* 1: BF16/FP8 weights dequantised to fp32 and multiplied by SGEMM */
+  int invariant;    /* 1: the invariant precision's row-invariant fast paths (ops_cuda.h) */
   int fp8_small;    /* epic_cuda_fp8_small */
   int grouped_large; /* epic_cuda_grouped_large */
   int64_t mma_group_rows; /* host-planned groups up to this many rows on the MMA kernel */
@@ -98,7 +99,8 @@ typedef struct epic_cuda_ops {
   struct epic_cuda_group_tab {
     const epic_weight *key;
     int64_t stride, n;
-    void *dev;   /* epic_cuk_group_w[n] */
+    uint64_t sig; /* the storage it was built from (ops_cuda_matmul.c list_sig) */
+    void *dev;    /* epic_cuk_group_w[n] */
     void *wmaps; /* epic_cuk_tmap[n] of the wgmma kernel, built on its first use */
   } group_tabs[EPIC_CUDA_GROUP_TABS];
   int n_group_tabs, group_next;

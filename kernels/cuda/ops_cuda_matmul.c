@@ -129,9 +129,13 @@ static int64_t lt_ldd_f32(int64_t rows, int64_t ldy, const float *y) {
 static epic_cuda_mm_path choose_path(epic_cuda_ops *c, const epic_weight *w, int64_t m, int64_t ldy,
                                      const float *y, epic_cuda_lt_plan **plan) {
   *plan = NULL;
-  if (c->exact_matmul && (w->dtype == EPIC_DT_BF16 || w->dtype == EPIC_DT_F8E4M3 ||
-                          w->dtype == EPIC_DT_F16 || w->dtype == EPIC_DT_F32))
+  const int any = w->dtype == EPIC_DT_BF16 || w->dtype == EPIC_DT_F8E4M3 ||
+                  w->dtype == EPIC_DT_F16 || w->dtype == EPIC_DT_F32;
+  if (c->exact_matmul && any)
     return EPIC_CUDA_MM_EXACT_ROWS;
+  if (c->invariant && any)
+    return w->dtype == EPIC_DT_F8E4M3 && epic_cuk_fp8_wgmma_ok(w) ? EPIC_CUDA_MM_FP8_WGMMA
+                                                                  : EPIC_CUDA_MM_FAST_ROWS;
   switch (w->dtype) {
   case EPIC_DT_F32: return EPIC_CUDA_MM_SGEMM;
   case EPIC_DT_BF16: return EPIC_CUDA_MM_BF16;
@@ -188,6 +192,8 @@ const char *epic_cuda_mm_path_name(epic_cuda_mm_path p) {
   case EPIC_CUDA_MM_FP8_SKINNY: return "fp8_skinny";
   case EPIC_CUDA_MM_FP8_MMA: return "fp8_mma";
   case EPIC_CUDA_MM_EXACT_ROWS: return "exact_rows";
+  case EPIC_CUDA_MM_FP8_WGMMA: return "fp8_wgmma";
+  case EPIC_CUDA_MM_FAST_ROWS: return "fast_rows";
   default: return "invalid";
   }
 }
@@ -263,11 +269,6 @@ static epic_status mm_fp8_lt(epic_cuda_ops *c, const float *x, int64_t ldx, int6
   return EPIC_OK; /* a staged output is moved into y by the caller */
 }
 
-/* The exact precision's grouped path (below), also the dense one's. */
-static epic_status grouped_exact(epic_cuda_ops *c, const float *x, int64_t ldx, const int64_t *off,
-                                 int64_t n_groups, const epic_weight *w, int64_t w_stride, float *y,
-                                 int64_t ldy);
-
 /* m <= EPIC_CUK_MMA_MAX_ROWS rows of x, rounded to bf16, times an FP8 weight on the
  * tensor-core kernel. */
 static epic_status mm_fp8_mma(epic_cuda_ops *c, const float *x, int64_t ldx, int64_t m,
@@ -280,6 +281,14 @@ static epic_status mm_fp8_mma(epic_cuda_ops *c, const float *x, int64_t ldx, int
   EPIC_CHECK_CUDA(epic_cuk_fp8_mma(&a, c->sm_count, c->stream), "matmul: FP8 tensor-core kernel");
   return EPIC_OK;
 }
+
+static epic_status grouped_chunks(epic_cuda_ops *c, int fast, const float *x, int64_t ldx,
+                                  const int64_t *off, int64_t n_groups, const epic_weight *w,
+                                  int64_t w_stride, const uint8_t *done, float *y, int64_t ldy);
+static epic_status grouped_invariant(epic_cuda_ops *c, const float *x, int64_t ldx,
+                                     const int32_t *xidx, int64_t n_src, const int64_t *off,
+                                     int64_t n_groups, const epic_weight *w, int64_t w_stride,
+                                     float *y, int64_t ldy);
 
 epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m,
                              const epic_weight *w, float *y, int64_t ldy) {
@@ -334,9 +343,15 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
     return EPIC_OK;
   case EPIC_CUDA_MM_FP8_MMA: return mm_fp8_mma(c, x, ldx, m, w, y, ldy);
   case EPIC_CUDA_MM_EXACT_ROWS: {
-    /* the exact grouped path's chunks, as one group: row-invariant (grouped_exact) */
+    /* the exact grouped path's chunks, as one group: row-invariant (grouped_chunks) */
     const int64_t off[2] = {0, m};
-    return grouped_exact(c, x, ldx, off, 1, w, 1, y, ldy);
+    return grouped_chunks(c, 0, x, ldx, off, 1, w, 1, NULL, y, ldy);
+  }
+  case EPIC_CUDA_MM_FP8_WGMMA:
+  case EPIC_CUDA_MM_FAST_ROWS: {
+    /* the invariant precision's grouped path, as one group (grouped_invariant) */
+    const int64_t off[2] = {0, m};
+    return grouped_invariant(c, x, ldx, NULL, 0, off, 1, w, 1, y, ldy);
   }
   case EPIC_CUDA_MM_DEQUANT_BF16:
   case EPIC_CUDA_MM_DEQUANT_F32: {
@@ -379,7 +394,7 @@ epic_status epic_cuda_matmul(epic_ops *o, const float *x, int64_t ldx, int64_t m
 enum { EPIC_CUDA_GROUPED_MAX_ROWS = 16 };
 
 /* Rows per GEMM of the exact-precision grouped path: every group is multiplied in
- * chunks of exactly this many rows (the last one zero-padded), see grouped_exact. */
+ * chunks of exactly this many rows (the last one zero-padded), see grouped_chunks. */
 enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
 
 /* Row invariance of grouped_matmul (what expert re-placement, EPLB, relies on: an
@@ -400,13 +415,17 @@ enum { EPIC_CUDA_EXACT_GROUP_ROWS = 16 };
  * - FP8, fast precision, FP32 kernels: groups of 1..16 rows take the fp32 per-row
  *   kernel of kern_fp8_skinny.cu (one grouped launch, or skinny launches of at most
  *   four rows, which run the same per-token code).
- * - Exact precision: grouped_exact below runs one GEMM shape for every chunk of every
+ * - Exact precision: grouped_chunks below runs one GEMM shape for every chunk of every
  *   group (m = 16 staged rows, the same strides and buffers), so cuBLAS picks the
  *   same kernel each time; its tile covers the 16 rows in one column block, and a
  *   GEMM kernel sums each output in an order fixed by its tile and k loop, not by the
  *   values or the number of other rows. Dense matmuls take the same path as one group
  *   (EPIC_CUDA_MM_EXACT_ROWS), and so does head_gemm with its own chunks
  *   (ops_cuda_attn.c): the exact precision is row-invariant as a whole.
+ * - Invariant precision: FP8 groups the wgmma kernel takes go there at any size (as in
+ *   the fast default), the others through grouped_chunks' fixed shapes with the fast
+ *   numerics (chunks of EPIC_CUDA_INVARIANT_ROWS); dense matmuls take the same paths as
+ *   one group (EPIC_CUDA_MM_FP8_WGMMA, EPIC_CUDA_MM_FAST_ROWS): grouped_invariant.
  * - Fast precision, larger FP8 groups on the lanes and BF16 / F16 weights: one cuBLAS /
  *   cuBLASLt GEMM per group whose algorithm, and for FP8 even the numerics (e4m3
  *   activations), depend on the group's row count: a row's result can change with its
@@ -438,17 +457,41 @@ static void *upload_table(void *h, size_t bytes, cudaError_t e, const char *what
   return d;
 }
 
+/* What a list's device table and tensor maps were built from: the storage and layout of
+ * its n groups, hashed (FNV-1a over the fields). */
+static uint64_t list_sig(const epic_weight *w, int64_t stride, int64_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t g = 0; g < n; g++) {
+    const epic_weight *wg = &w[g * stride];
+    const uint64_t f[6] = {(uint64_t)(uintptr_t)wg->data,
+                           (uint64_t)(uintptr_t)wg->scale_inv,
+                           (uint64_t)wg->rows,
+                           (uint64_t)wg->cols,
+                           (uint64_t)wg->block_rows,
+                           (uint64_t)wg->dtype};
+    for (int i = 0; i < 6; i++)
+      h = (h ^ f[i]) * 1099511628211ull;
+  }
+  return h;
+}
+
 /* The cache entry of list w (n groups, stride) with its device table, built once; NULL
  * when the loaded weights differ in layout from shape (then the caller multiplies group
- * by group). */
+ * by group). An entry whose list now names other storage (a struct reused for another
+ * weight: the invariant precision's dense weights, a test's stack) is rebuilt in place. */
 static struct epic_cuda_group_tab *group_entry(epic_cuda_ops *c, const epic_weight *w,
                                                int64_t stride, int64_t n,
                                                const epic_weight *shape, epic_status *st) {
   *st = EPIC_OK;
-  for (int i = 0; i < c->n_group_tabs; i++) {
+  const uint64_t sig = list_sig(w, stride, n);
+  int slot = -1;
+  for (int i = 0; i < c->n_group_tabs && slot < 0; i++) {
     struct epic_cuda_group_tab *t = &c->group_tabs[i];
-    if (t->key == w && t->stride == stride && t->n == n)
-      return t;
+    if (t->key == w && t->stride == stride && t->n == n) {
+      if (t->sig == sig)
+        return t;
+      slot = i;
+    }
   }
   if ((*st = epic_cuda_not_recording(c, "a new expert weight table")) != EPIC_OK)
     return NULL;
@@ -473,19 +516,22 @@ static struct epic_cuda_group_tab *group_entry(epic_cuda_ops *c, const epic_weig
                          st);
   if (!d)
     return NULL;
-  /* A full cache gives way round-robin (lists replaced by expert re-placement
-   * are never used again); cudaFree waits for kernels still reading the table. */
-  int slot = c->n_group_tabs;
-  if (slot == EPIC_CUDA_GROUP_TABS) {
+  /* A stale entry is replaced; a full cache gives way round-robin (lists replaced by
+   * expert re-placement are never used again); cudaFree waits for kernels still reading
+   * the table, and the epoch tells recorded graphs that named it. */
+  if (slot < 0 && c->n_group_tabs == EPIC_CUDA_GROUP_TABS) {
     slot = c->group_next;
     c->group_next = (slot + 1) % EPIC_CUDA_GROUP_TABS;
+  }
+  if (slot >= 0) {
     c->epoch++;
     cudaFree(c->group_tabs[slot].dev);
     cudaFree(c->group_tabs[slot].wmaps);
   } else {
-    c->n_group_tabs++;
+    slot = c->n_group_tabs++;
   }
-  c->group_tabs[slot] = (struct epic_cuda_group_tab){.key = w, .stride = stride, .n = n, .dev = d};
+  c->group_tabs[slot] =
+      (struct epic_cuda_group_tab){.key = w, .stride = stride, .n = n, .sig = sig, .dev = d};
   /* the wgmma kernel's tensor maps now, while no graph is being recorded: a decode step
    * recorded later may be the first to need them */
   if (epic_cuk_fp8_wgmma_ok(shape) && !group_wmaps(&c->group_tabs[slot], w, st))
@@ -537,19 +583,23 @@ static epic_status skinny_rows(epic_cuda_ops *c, const float *x, int64_t ldx, in
   return EPIC_OK;
 }
 
-/* Exact precision: each group's weight dequantised to fp32 once per row chunk, its
- * rows staged EPIC_CUDA_EXACT_GROUP_ROWS at a time into a zero-padded buffer, one
- * SGEMM of the same shape, strides and buffers per chunk, the chunk's rows copied out
- * (see "Row invariance" above). */
-static epic_status grouped_exact(epic_cuda_ops *c, const float *x, int64_t ldx, const int64_t *off,
-                                 int64_t n_groups, const epic_weight *w, int64_t w_stride, float *y,
-                                 int64_t ldy) {
-  enum { C = EPIC_CUDA_EXACT_GROUP_ROWS };
+/* The row chunks of the exact and invariant precisions (see "Row invariance" above): each
+ * group's rows staged C at a time into a zero-padded buffer, one GEMM of the same shape,
+ * strides and buffers per chunk (and per chunk of weight rows), the chunk's rows copied
+ * out. Exact (fast 0, C = EPIC_CUDA_EXACT_GROUP_ROWS): weights dequantised to fp32 (F32
+ * read as is), SGEMM on the fp32 rows. Invariant (fast 1, C = EPIC_CUDA_INVARIANT_ROWS):
+ * BF16 weights as they are and FP8 ones dequantised to bf16, cuBLAS's bf16 GEMM on the
+ * rows rounded to bf16 (the fast BF16 path's numerics); F32 as is and F16 dequantised to
+ * fp32, SGEMM. Groups with done[g] set (done may be NULL) are skipped. */
+static epic_status grouped_chunks(epic_cuda_ops *c, int fast, const float *x, int64_t ldx,
+                                  const int64_t *off, int64_t n_groups, const epic_weight *w,
+                                  int64_t w_stride, const uint8_t *done, float *y, int64_t ldy) {
+  const int64_t C = fast ? EPIC_CUDA_INVARIANT_ROWS : EPIC_CUDA_EXACT_GROUP_ROWS;
   const float one = 1.0f, zero = 0.0f;
   for (int64_t g = 0; g < n_groups; g++) {
     const int64_t rows = off[g + 1] - off[g];
     const epic_weight *wg = &w[g * w_stride];
-    if (rows == 0)
+    if (rows == 0 || (done && done[g]))
       continue;
     if (!epic_cuda_weight_ok(wg) || ldx < wg->cols || ldy < wg->rows) {
       EPIC_LOG_ERROR("grouped matmul: invalid weight or strides for group %lld", (long long)g);
@@ -562,41 +612,54 @@ static epic_status grouped_exact(epic_cuda_ops *c, const float *x, int64_t ldx, 
       EPIC_LOG_ERROR("grouped matmul: dimensions beyond cuBLAS's int range");
       return EPIC_ERR_UNSUPPORTED;
     }
-    /* Weight rows per dequantised chunk, as the dense exact path sizes them. */
-    int64_t wr = EPIC_CUDA_DQ_CHUNK_BYTES / (k * 4);
+    const int bf = fast && (wg->dtype == EPIC_DT_BF16 || wg->dtype == EPIC_DT_F8E4M3);
+    const int as_is = wg->dtype == (bf ? EPIC_DT_BF16 : EPIC_DT_F32);
+    const int64_t esz = bf ? 2 : 4;
+    /* Weight rows per chunk, as the dense dequantising path sizes them. */
+    int64_t wr = EPIC_CUDA_DQ_CHUNK_BYTES / (k * esz);
     wr = wr < 128 ? 128 : wr / 128 * 128;
     if (wr > n)
       wr = n;
-    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(C * k) * sizeof(float)));
+    EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(C * k * esz)));
     EPIC_CHECK(epic_cuda_buf_reserve(c, &c->outb, (size_t)(C * wr) * sizeof(float)));
-    if (wg->dtype != EPIC_DT_F32)
-      EPIC_CHECK(epic_cuda_buf_reserve(c, &c->wdq, (size_t)(wr * k) * sizeof(float)));
-    float *xs = (float *)c->act.p, *ys = (float *)c->outb.p;
+    if (!as_is)
+      EPIC_CHECK(epic_cuda_buf_reserve(c, &c->wdq, (size_t)(wr * k * esz)));
+    uint8_t *xs = (uint8_t *)c->act.p;
+    float *ys = (float *)c->outb.p;
     const float *xg = x + off[g] * ldx;
     float *yg = y + off[g] * ldy;
     for (int64_t r0 = 0; r0 < n; r0 += wr) {
       const int64_t nr = n - r0 < wr ? n - r0 : wr;
-      const float *a = (const float *)wg->data + r0 * k;
-      if (wg->dtype != EPIC_DT_F32) {
-        EPIC_CHECK_CUDA(epic_cuk_dequant_rows(wg, r0, nr, c->wdq.p, 0, c->stream),
+      const void *a = (const uint8_t *)wg->data + r0 * k * esz;
+      if (!as_is) {
+        EPIC_CHECK_CUDA(epic_cuk_dequant_rows(wg, r0, nr, c->wdq.p, bf, c->stream),
                         "grouped matmul: dequantise weight rows");
-        a = (const float *)c->wdq.p;
+        a = c->wdq.p;
       }
       for (int64_t t = 0; t < rows; t += C) {
         const int64_t mc = rows - t < C ? rows - t : C;
         if (mc < C)
           EPIC_CHECK_CUDA(
-              cudaMemsetAsync(xs + mc * k, 0, (size_t)((C - mc) * k) * sizeof(float), c->stream),
+              cudaMemsetAsync(xs + mc * k * esz, 0, (size_t)((C - mc) * k * esz), c->stream),
               "grouped matmul: pad rows");
-        EPIC_CHECK_CUDA(cudaMemcpy2DAsync(xs, (size_t)k * sizeof(float), xg + t * ldx,
-                                          (size_t)ldx * sizeof(float), (size_t)k * sizeof(float),
-                                          (size_t)mc, cudaMemcpyDeviceToDevice, c->stream),
-                        "grouped matmul: stage rows");
+        if (bf)
+          EPIC_CHECK_CUDA(
+              epic_cuk_f32_to_bf16(xg + t * ldx, ldx, NULL, mc, k, (uint16_t *)xs, c->stream),
+              "grouped matmul: stage rows as bf16");
+        else
+          EPIC_CHECK_CUDA(cudaMemcpy2DAsync(xs, (size_t)k * sizeof(float), xg + t * ldx,
+                                            (size_t)ldx * sizeof(float), (size_t)k * sizeof(float),
+                                            (size_t)mc, cudaMemcpyDeviceToDevice, c->stream),
+                          "grouped matmul: stage rows");
         /* ys [C][wr] (column-major wr x C): the same strides for every chunk, also
          * for a weight's last, shorter row chunk. */
-        EPIC_CHECK_CUBLAS(cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, C, (int)k, &one,
-                                      a, (int)k, xs, (int)k, &zero, ys, (int)wr),
-                          "grouped matmul: fp32 GEMM of a row chunk");
+        if (bf)
+          EPIC_CHECK(gemm_bf16(c, a, nr, k, (const uint16_t *)xs, C, ys, wr));
+        else
+          EPIC_CHECK_CUBLAS(cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, (int)C, (int)k,
+                                        &one, (const float *)a, (int)k, (const float *)xs, (int)k,
+                                        &zero, ys, (int)wr),
+                            "grouped matmul: fp32 GEMM of a row chunk");
         EPIC_CHECK_CUDA(cudaMemcpy2DAsync(yg + t * ldy + r0, (size_t)ldy * sizeof(float), ys,
                                           (size_t)wr * sizeof(float), (size_t)nr * sizeof(float),
                                           (size_t)mc, cudaMemcpyDeviceToDevice, c->stream),
@@ -1116,6 +1179,33 @@ static epic_status gather_rows(epic_cuda_ops *c, const float *x, int64_t ldx, co
   return EPIC_OK;
 }
 
+/* The invariant precision's grouped path (ops_cuda.h): FP8 groups the wgmma kernel takes,
+ * of any size (lim 0), on it; the rest through grouped_chunks' fixed shapes, from a
+ * gathered copy when the rows come through xidx (the wgmma quantiser reads them through
+ * it). Each path computes a row alone, so a row's result depends on its weight alone. */
+static epic_status grouped_invariant(epic_cuda_ops *c, const float *x, int64_t ldx,
+                                     const int32_t *xidx, int64_t n_src, const int64_t *off,
+                                     int64_t n_groups, const epic_weight *w, int64_t w_stride,
+                                     float *y, int64_t ldy) {
+  uint8_t *done = calloc((size_t)n_groups + 1, 1);
+  if (!done)
+    return EPIC_ERR_NOMEM;
+  epic_status st =
+      grouped_wgmma(c, x, ldx, xidx, n_src, off, n_groups, w, w_stride, 0, y, ldy, done);
+  const epic_weight *left = NULL; /* the first group still to multiply */
+  for (int64_t g = 0; g < n_groups && !left; g++)
+    if (!done[g] && off[g + 1] > off[g])
+      left = &w[g * w_stride];
+  if (st == EPIC_OK && left && xidx) {
+    st = gather_rows(c, x, ldx, xidx, off[n_groups], left->cols, &x);
+    ldx = left->cols;
+  }
+  if (st == EPIC_OK && left)
+    st = grouped_chunks(c, 1, x, ldx, off, n_groups, w, w_stride, done, y, ldy);
+  free(done);
+  return st;
+}
+
 /* grouped_matmul, with row i of the groups read from row xidx[i] of x when xidx (device
  * memory) is given. The default path takes the index where it converts or quantises
  * the rows (the tensor-core launches' bf16 conversion, the lanes' quantiser); the
@@ -1152,7 +1242,9 @@ static epic_status grouped_core(epic_cuda_ops *c, const float *x, int64_t ldx, c
     xidx = NULL;
   }
   if (c->exact_matmul)
-    return grouped_exact(c, x, ldx, off_host, n_groups, w, w_stride, y, ldy);
+    return grouped_chunks(c, 0, x, ldx, off_host, n_groups, w, w_stride, NULL, y, ldy);
+  if (c->invariant)
+    return grouped_invariant(c, x, ldx, xidx, n_src, off_host, n_groups, w, w_stride, y, ldy);
   /* the large groups first: their pad rows may run into the next group's rows, which
    * the launches below then write */
   uint8_t *done = calloc((size_t)n_groups + 1, 1);
@@ -1287,8 +1379,10 @@ epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ld
     return EPIC_ERR_INVALID;
   if (rows == 0 || n_groups == 0)
     return EPIC_OK;
+  /* The invariant precision plans on the device only where the wgmma kernel takes every
+   * group (its host path's choice); anything else goes to the host path below. */
   if (!c->exact_matmul && epic_cuda_groups_all_wgmma(c) &&
-      max_rows > EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS) {
+      (c->invariant || max_rows > EPIC_CUDA_FP8_MMA_GROUP_MAX_ROWS)) {
     const epic_weight *shape = list_shape(w, w_stride, n_groups);
     int ran = 0;
     if (shape && ldx >= shape->cols && ldy >= shape->rows)
@@ -1296,7 +1390,7 @@ epic_status epic_cuda_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ld
           wgmma_dev(c, x, ldx, rows, max_rows, off, n_groups, w, w_stride, shape, y, ldy, &ran));
     if (ran)
       return EPIC_OK;
-  } else if (!c->exact_matmul && c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA) {
+  } else if (!c->exact_matmul && !c->invariant && c->fp8_small == EPIC_CUDA_FP8_SMALL_MMA) {
     const epic_weight *shape = list_shape(w, w_stride, n_groups);
     epic_status st;
     const epic_cuk_group_w *tab =

@@ -15,7 +15,8 @@
  * and 72 sequences: above 128 tokens the expert plan stayed on the host (no graph) until
  * the device plan took decode batches up to 512 (worker/model.c DEV_PLAN_MAX_TOKENS). A
  * fourth runs MTP verify steps: two rows per sequence (the last token and a draft),
- * the draft kept or rolled back, the first schedule's batch sizes.
+ * the draft kept or rolled back, the first schedule's batch sizes; and again in the
+ * invariant precision (EPIC_CUDA_PRECISION=invariant).
  * The exact precision (EPIC_CUDA_PRECISION=exact), whose expert matmuls read their
  * group sizes back to the host, cannot be recorded: the same run there must record
  * nothing and still give the direct run's bits.
@@ -227,6 +228,18 @@ static void test_verify_steps(void **state) {
   assert_true(st.graph_replays >= steps_of(VERIFY) / 4);
 }
 
+/* The same in the invariant precision (EPIC_CUDA_PRECISION=invariant, the one where MTP
+ * drafts by default on GPUs): its fixed-shape chunks and dense FP8 matmuls on the expert
+ * kernel record and replay alike. */
+static void test_invariant_verify_steps(void **state) {
+  (void)state;
+  setenv("EPIC_CUDA_PRECISION", "invariant", 1);
+  const epic_model_stats st = off_vs_on(VERIFY);
+  unsetenv("EPIC_CUDA_PRECISION");
+  assert_true(st.graph_captures > 0);
+  assert_true(st.graph_replays >= steps_of(VERIFY) / 4);
+}
+
 static void test_exact_is_not_recorded(void **state) {
   (void)state;
   setenv("EPIC_CUDA_PRECISION", "exact", 1);
@@ -267,6 +280,7 @@ int main(void) {
       cmocka_unit_test(test_buckets_beyond_the_cache),
       cmocka_unit_test(test_large_batches),
       cmocka_unit_test(test_verify_steps),
+      cmocka_unit_test(test_invariant_verify_steps),
       cmocka_unit_test(test_exact_is_not_recorded),
   };
   return cmocka_run_group_tests_name("step_graphs_cuda", tests, setup, teardown);

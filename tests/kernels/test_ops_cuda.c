@@ -13,8 +13,9 @@
  * kernel 3e-3 against the same bf16 rows and bf16-rounded queries (BF16_MLA_TOL). FP8
  * matmuls run under both epic_cuda_fp8_small kinds (the tensor-core kernel, which must
  * also give a row alone the same bits, and the fp32 kernels); subnormal e4m3 codes must
- * give exact sums. The exact precision must give a row alone the bits it has among the other
- * rows of a call (test_exact_rows). Exits 77 (CTest skip) when no GPU is present.
+ * give exact sums. The exact and invariant precisions must give a row alone the bits it has
+ * among the other rows of a call (test_exact_rows, test_invariant_rows). Exits 77 (CTest
+ * skip) when no GPU is present.
  * The seed is printed; EPIC_TEST_SEED=<n> replays a run. */
 #include <math.h>
 #include <setjmp.h>
@@ -2260,6 +2261,100 @@ static void test_head_gemm(void **state) {
     }
 }
 
+/* A matmul of m rows of a rows x cols weight of type dt (128 x 128 blocks) in the current
+ * precision: takes `path`, within tol of the CPU, and row-invariant (check_rows_alone). */
+static void check_mm_rows(const char *prec, epic_dtype dt, int64_t rows, int64_t cols, int64_t m,
+                          epic_cuda_mm_path path, double tol) {
+  const int64_t ldx = cols + 3, ldy = rows + 1;
+  tw t = tw_make(dt, rows, cols, 128, 128);
+  float *x = xmalloc((size_t)(m * ldx) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
+  float *ref = xmalloc((size_t)(m * rows) * 4);
+  fill(x, (size_t)(m * ldx), 2.0f);
+  float *dx = dup_dev(x, (size_t)(m * ldx) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
+  assert_int_equal(epic_ops_cuda_matmul_path(g_gpu, &t.d, m, ldy), path);
+  poison(dy, (size_t)(m * ldy) * 4);
+  mm_ctx c = {dx, ldx, ldy, &t.d};
+  mm_run(&c, 0, m, dy);
+  fetch(y, dy, (size_t)(m * ldy) * 4);
+  assert_int_equal(g_cpu->vt->matmul(g_cpu, x, ldx, m, &t.h, ref, rows), EPIC_OK);
+  char what[112];
+  snprintf(what, sizeof what, "%s matmul %s [%lld x %lld] m=%lld (%s)", prec, epic_dtype_name(dt),
+           (long long)rows, (long long)cols, (long long)m, epic_cuda_mm_path_name(path));
+  check_err(what, rel_err2d(y, ldy, ref, rows, m, rows), tol);
+  check_rows_alone(what, &c, mm_run, m, dy, (size_t)ldy * 4, (size_t)ldy, y);
+  dfree(dx);
+  dfree(dy);
+  free(x);
+  free(y);
+  free(ref);
+  tw_free(&t);
+}
+
+/* mla_absorbed_batch in the current precision over six sequences of 1 to 5000 keys: within
+ * tol of the CPU and row-invariant (check_rows_alone). bf16: a BF16 cache (the fast
+ * kernel; the reference on the same rows with bf16-rounded queries), else fp32 rows. */
+static void check_mla_rows(const char *prec, int bf16) {
+  enum { S = 6 };
+  static const int32_t lens[S] = {1, 64, 700, 5000, 130, 2};
+  const int64_t H = 128, lora = 512, rope = 64, page = 64, width = lora + rope;
+  const int64_t stride = (5000 + page - 1) / page + 1;
+  tcache c = {0};
+  bcache bc = {0};
+  if (bf16)
+    bc = bcache_make(S * stride * page, page, lora, rope, 0);
+  else
+    c = cache_make(S * stride * page, page, lora, rope, 0);
+  const epic_kv_view *hv = bf16 ? &bc.h : &c.h, *dv = bf16 ? &bc.d : &c.d;
+  epic_kv_batch hb = {.pool = hv->pool,
+                      .page_size = page,
+                      .width = width,
+                      .lora = lora,
+                      .block_tables = bf16 ? bc.table : c.table,
+                      .table_stride = stride,
+                      .n_ctx = lens,
+                      .max_ctx = 5000,
+                      .dtype = EPIC_KV_F32};
+  mla_ctx mc = {.db = hb, .lens = lens, .H = H, .lora = lora, .rope = rope};
+  mc.db.pool = dv->pool;
+  mc.db.block_tables = dv->block_table;
+  mc.db.n_ctx = dup_dev(lens, sizeof lens);
+  mc.db.dtype = dv->dtype;
+  const size_t sa = (size_t)(S * H * lora), sp = (size_t)(S * H * rope);
+  float *qa = xmalloc(sa * 4), *qp = xmalloc(sp * 4), *ctx = xmalloc(sa * 4),
+        *ref = xmalloc(sa * 4);
+  fill(qa, sa, 1.0f);
+  fill(qp, sp, 1.0f);
+  float *qar = bf16 ? rounded_copy(qa, sa) : qa, *qpr = bf16 ? rounded_copy(qp, sp) : qp;
+  mc.dqa = dup_dev(qa, sa * 4);
+  mc.dqp = dup_dev(qp, sp * 4);
+  float *dctx = dalloc(sa * 4);
+  poison(dctx, sa * 4);
+  mla_run(&mc, 0, S, dctx);
+  fetch(ctx, dctx, sa * 4);
+  assert_int_equal(
+      g_cpu->vt->mla_absorbed_batch(g_cpu, &hb, S, qar, qpr, H, 1.0f / sqrtf(192.0f), ref),
+      EPIC_OK);
+  char what[96];
+  snprintf(what, sizeof what, "%s mla_absorbed_batch (%s cache)", prec, bf16 ? "bf16" : "fp32");
+  check_err(what, rel_err2d(ctx, 1, ref, 1, 1, (int64_t)sa), bf16 ? BF16_MLA_TOL : 1e-5);
+  check_rows_alone(what, &mc, mla_run, S, dctx, (size_t)(H * lora) * 4, (size_t)(H * lora), ctx);
+  dfree((void *)mc.db.n_ctx);
+  dfree((void *)mc.dqa);
+  dfree((void *)mc.dqp);
+  dfree(dctx);
+  if (bf16) {
+    free(qar);
+    free(qpr);
+    bcache_free(&bc);
+  } else {
+    cache_free(&c);
+  }
+  free(qa);
+  free(qp);
+  free(ctx);
+  free(ref);
+}
+
 /* The exact precision is row-invariant (what MTP's default on GPUs rests on): matmuls of
  * F32, BF16 and block-scaled FP8 weights (partial blocks), head_gemm with evenly spaced
  * and with padded head strides, and the fp32-cache MLA decode over sequences of 1 to 5000
@@ -2271,31 +2366,8 @@ static void test_exact_rows(void **state) {
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_EXACT), EPIC_OK);
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 1);
   static const epic_dtype dts[3] = {EPIC_DT_F32, EPIC_DT_BF16, EPIC_DT_F8E4M3};
-  for (int d = 0; d < 3; d++) {
-    const int64_t rows = 300, cols = 1100, m = 37, ldx = cols + 3, ldy = rows + 1;
-    tw t = tw_make(dts[d], rows, cols, 128, 128);
-    float *x = xmalloc((size_t)(m * ldx) * 4), *y = xmalloc((size_t)(m * ldy) * 4);
-    float *ref = xmalloc((size_t)(m * rows) * 4);
-    fill(x, (size_t)(m * ldx), 2.0f);
-    float *dx = dup_dev(x, (size_t)(m * ldx) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
-    assert_int_equal(epic_ops_cuda_matmul_path(g_gpu, &t.d, m, ldy), EPIC_CUDA_MM_EXACT_ROWS);
-    poison(dy, (size_t)(m * ldy) * 4);
-    mm_ctx c = {dx, ldx, ldy, &t.d};
-    mm_run(&c, 0, m, dy);
-    fetch(y, dy, (size_t)(m * ldy) * 4);
-    assert_int_equal(g_cpu->vt->matmul(g_cpu, x, ldx, m, &t.h, ref, rows), EPIC_OK);
-    char what[96];
-    snprintf(what, sizeof what, "exact matmul %s [%lld x %lld] m=%lld", epic_dtype_name(dts[d]),
-             (long long)rows, (long long)cols, (long long)m);
-    check_err(what, rel_err2d(y, ldy, ref, rows, m, rows), 1e-5);
-    check_rows_alone(what, &c, mm_run, m, dy, (size_t)ldy * 4, (size_t)ldy, y);
-    dfree(dx);
-    dfree(dy);
-    free(x);
-    free(y);
-    free(ref);
-    tw_free(&t);
-  }
+  for (int d = 0; d < 3; d++)
+    check_mm_rows("exact", dts[d], 300, 1100, 37, EPIC_CUDA_MM_EXACT_ROWS, 1e-5);
   /* {heads, k, n, trans, padded strides}: small, and V3's W_UK / W_UV products */
   static const int64_t hshapes[6][5] = {{6, 40, 64, 0, 0},     {6, 64, 40, 1, 0},
                                         {6, 40, 64, 0, 1},     {6, 64, 40, 1, 1},
@@ -2305,52 +2377,84 @@ static void test_exact_rows(void **state) {
     check_head_gemm(37, H, k, n, (int)hshapes[hs][3], k + pad, H * (k + pad) + pad, n + pad,
                     H * (n + pad) + pad, k * n + 3, pad ? "exact, padded strides: " : "exact: ", 1);
   }
-  {
-    enum { S = 6 };
-    static const int32_t lens[S] = {1, 64, 700, 5000, 130, 2};
-    const int64_t H = 128, lora = 512, rope = 64, page = 64, width = lora + rope;
-    const int64_t stride = (5000 + page - 1) / page + 1;
-    tcache c = cache_make(S * stride * page, page, lora, rope, 0);
-    epic_kv_batch hb = {.pool = c.h.pool,
-                        .page_size = page,
-                        .width = width,
-                        .lora = lora,
-                        .block_tables = c.table,
-                        .table_stride = stride,
-                        .n_ctx = lens,
-                        .max_ctx = 5000};
-    mla_ctx mc = {.db = hb, .lens = lens, .H = H, .lora = lora, .rope = rope};
-    mc.db.pool = c.d.pool;
-    mc.db.block_tables = c.d.block_table;
-    mc.db.n_ctx = dup_dev(lens, sizeof lens);
-    const size_t sa = (size_t)(S * H * lora), sp = (size_t)(S * H * rope);
-    float *qa = xmalloc(sa * 4), *qp = xmalloc(sp * 4), *ctx = xmalloc(sa * 4),
-          *ref = xmalloc(sa * 4);
-    fill(qa, sa, 1.0f);
-    fill(qp, sp, 1.0f);
-    mc.dqa = dup_dev(qa, sa * 4);
-    mc.dqp = dup_dev(qp, sp * 4);
-    float *dctx = dalloc(sa * 4);
-    poison(dctx, sa * 4);
-    mla_run(&mc, 0, S, dctx);
-    fetch(ctx, dctx, sa * 4);
+  check_mla_rows("exact", 0);
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
+  assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
+}
+
+typedef struct {
+  const float *dx;
+  const uint16_t *da;
+  int64_t ldxt, ldxh, H, lda, k, n, ldyt, ldyh;
+  int trans;
+} hgb_ctx;
+static void hgb_run(void *ctx, int64_t r0, int64_t n, float *dy) {
+  const hgb_ctx *c = ctx;
+  assert_int_equal(g_gpu->vt->head_gemm_bf16(g_gpu, c->dx + r0 * c->ldxt, c->ldxt, c->ldxh, n, c->H,
+                                             c->da, c->lda, c->k, c->n, c->trans, dy + r0 * c->ldyt,
+                                             c->ldyt, c->ldyh),
+                   EPIC_OK);
+}
+
+/* The invariant precision (ops_cuda.h) is row-invariant: matmuls of F32, BF16 and FP8
+ * weights on each of its paths (the expert kernel for FP8 it takes, 128-row chunks
+ * otherwise: 300 rows make three), head_gemm_bf16 in token chunks (small and V3 shapes,
+ * padded strides) and the BF16-cache decode over 1 to 5000 keys give a row alone or in a
+ * smaller call the bits it has in the whole call, within the fast numerics' error of the
+ * CPU; epic_ops_rows_invariant follows the precision. */
+static void test_invariant_rows(void **state) {
+  (void)state;
+  assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
+  assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_INVARIANT), EPIC_OK);
+  assert_int_equal(epic_ops_rows_invariant(g_gpu), 1);
+  check_mm_rows("invariant", EPIC_DT_F32, 300, 1100, 300, EPIC_CUDA_MM_FAST_ROWS, 1e-5);
+  check_mm_rows("invariant", EPIC_DT_BF16, 300, 1100, 300, EPIC_CUDA_MM_FAST_ROWS, 1e-2);
+  check_mm_rows("invariant", EPIC_DT_F8E4M3, 300, 1104, 300, EPIC_CUDA_MM_FP8_WGMMA, 5e-2);
+  check_mm_rows("invariant", EPIC_DT_F8E4M3, 300, 1104, 3, EPIC_CUDA_MM_FP8_WGMMA, 5e-2);
+  check_mm_rows("invariant", EPIC_DT_F8E4M3, 300, 1100, 300, EPIC_CUDA_MM_FAST_ROWS, 1e-2);
+  /* {tokens, heads, k, n, trans, padded strides} */
+  static const int64_t hs[5][6] = {{300, 6, 40, 64, 0, 1},
+                                   {300, 6, 64, 40, 1, 0},
+                                   {37, 128, 128, 512, 0, 0},
+                                   {37, 128, 512, 128, 1, 0},
+                                   {5, 128, 128, 512, 0, 1}};
+  for (int i = 0; i < 5; i++) {
+    const int64_t m = hs[i][0], H = hs[i][1], k = hs[i][2], n = hs[i][3], pad = hs[i][5];
+    const int trans = (int)hs[i][4];
+    const int64_t ldxh = k + pad, ldxt = H * ldxh + pad, ldyh = n + pad, ldyt = H * ldyh + pad;
+    const int64_t lda = k * n + 8;
+    const size_t sx = (size_t)(m * ldxt), sa = (size_t)(H * lda), sy = (size_t)(m * ldyt);
+    float *x = xmalloc(sx * 4), *af = xmalloc(sa * 4), *y = xmalloc(sy * 4), *ref = xmalloc(sy * 4);
+    uint16_t *a = xmalloc(sa * 2);
+    fill(x, sx, 1.0f);
+    fill(af, sa, 1.0f);
+    for (size_t j = 0; j < sa; j++)
+      a[j] = epic_f32_to_bf16(af[j]);
+    memset(ref, 0, sy * 4);
+    float *dx = dup_dev(x, sx * 4), *dy = dalloc(sy * 4);
+    uint16_t *da = dup_dev(a, sa * 2);
+    hgb_ctx c = {dx, da, ldxt, ldxh, H, lda, k, n, ldyt, ldyh, trans};
+    poison(dy, sy * 4);
+    hgb_run(&c, 0, m, dy);
+    fetch(y, dy, sy * 4);
     assert_int_equal(
-        g_cpu->vt->mla_absorbed_batch(g_cpu, &hb, S, qa, qp, H, 1.0f / sqrtf(192.0f), ref),
+        g_cpu->vt->head_gemm_bf16(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans, ref, ldyt, ldyh),
         EPIC_OK);
-    check_err("exact mla_absorbed_batch, 6 sequences of 1-5000 keys",
-              rel_err2d(ctx, 1, ref, 1, 1, (int64_t)sa), 1e-5);
-    check_rows_alone("exact mla_absorbed_batch", &mc, mla_run, S, dctx, (size_t)(H * lora) * 4,
-                     (size_t)(H * lora), ctx);
-    dfree((void *)mc.db.n_ctx);
-    dfree((void *)mc.dqa);
-    dfree((void *)mc.dqp);
-    dfree(dctx);
-    free(qa);
-    free(qp);
-    free(ctx);
+    char what[112];
+    snprintf(what, sizeof what, "invariant head_gemm_bf16 m=%lld H=%lld k=%lld n=%lld trans=%d%s",
+             (long long)m, (long long)H, (long long)k, (long long)n, trans, pad ? " padded" : "");
+    check_err(what, head_err(y, ref, m, H, n, ldyt, ldyh), 4e-3);
+    check_rows_alone(what, &c, hgb_run, m, dy, (size_t)ldyt * 4, (size_t)ldyt, y);
+    dfree(dx);
+    dfree(da);
+    dfree(dy);
+    free(x);
+    free(af);
+    free(a);
+    free(y);
     free(ref);
-    cache_free(&c);
   }
+  check_mla_rows("invariant", 1);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
 }
@@ -2443,6 +2547,7 @@ int main(void) {
       cmocka_unit_test(test_head_gemm),
       cmocka_unit_test(test_head_gemm_bf16),
       cmocka_unit_test(test_exact_rows),
+      cmocka_unit_test(test_invariant_rows),
       cmocka_unit_test(test_mla),
       cmocka_unit_test(test_kv_bf16),
       cmocka_unit_test(test_mla_bf16),
