@@ -45,9 +45,9 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"mtp-draft", "K|auto|off",
      "MTP speculative decoding: K draft tokens per step (1..16), off, or auto\n"
      "(default: 1 draft for greedy requests when the checkpoint has an MTP layer,\n"
-     "on CPU ranks and on GPUs with EPIC_CUDA_PRECISION=exact; in the default GPU\n"
-     "precision only with an explicit K, see README; a sequence stops drafting\n"
-     "when fewer than half of its drafts are accepted).\n"
+     "on CPU ranks and on GPUs with EPIC_CUDA_PRECISION=exact or invariant; in the\n"
+     "default GPU precision only with an explicit K, see README; a sequence stops\n"
+     "drafting when fewer than half of its drafts are accepted).\n"
      "Greedy output is identical to off; with K, sampled output has the same\n"
      "distribution (other draws: seeded requests give other tokens than off)"},
     {"eplb-redundant", "R",

@@ -879,10 +879,10 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
      * whose verify forward matches the plain decode bit for bit
      * (epic_ops_rows_invariant: every matmul row computed alike whatever the row count;
      * the verify's attention takes the decode kernel row by row, worker/model.c
-     * absorbed()): the CPU, and GPUs in the exact precision. In the GPUs' fast precision
-     * the dense matmuls' rounding depends on the row count (<= 2 rows with fp32
-     * activations, <= 8 bf16, more FP8), so drafting could flip near-tied greedy tokens:
-     * there it takes an explicit --mtp-draft K. */
+     * absorbed()): the CPU, and GPUs in the exact and invariant precisions. In the GPUs'
+     * fast precision the dense matmuls' rounding depends on the row count (<= 2 rows with
+     * fp32 activations, <= 8 bf16, more FP8), so drafting could flip near-tied greedy
+     * tokens: there it takes an explicit --mtp-draft K. */
     const int has_mtp = epic_model_has_mtp(e->m);
     e->mtp_auto = e->p.mtp_draft == 0 && has_mtp && epic_ops_rows_invariant(epic_model_ops(e->m));
     e->mtp_k = e->p.mtp_draft > 0 ? e->p.mtp_draft : e->mtp_auto ? 1 : 0;
@@ -943,8 +943,8 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
      * too) is on where re-placement keeps outputs unchanged: where the backend's expert
      * GEMMs compute a row alike whatever rows share its expert, as copies split a hot
      * expert's group (epic_model_experts_invariant: the CPU backend; CUDA's FP8 experts
-     * on its default kernels and any exact-precision ones; not CUDA's fast BF16 expert
-     * GEMMs, whose cuBLAS algorithm follows the group's size). */
+     * on its default kernels and any experts in the exact or invariant precision; not
+     * CUDA's fast BF16 expert GEMMs, whose cuBLAS algorithm follows the group's size). */
     const int64_t R = epic_plan_eplb_copies(
         e->p.eplb_redundant, E, e->nranks,
         epic_model_experts_invariant(epic_model_ops(e->m), e->cfg));
