@@ -366,11 +366,16 @@ static epic_status prepare(epic_executor *x, const epic_step_plan *p,
       return EPIC_ERR_INVALID;
     }
     EPIC_CHECK(reserve_scratch(x, *nb + 1));
-    /* MTP entries need every row: hidden rows for the MTP layer, logits rows
-     * for the verification of drafts. */
+    /* MTP entries need every row's hidden state for the MTP layer; only a VERIFY
+     * entry needs every row's logits (its drafts' verification), the others the last
+     * row's (the LM head skips the rest: a prompt chunk's would cost as much again). */
     const int all = (e->flags & EPIC_STEP_MTP) != 0;
-    x->batch[*nb] = (epic_seq_batch){
-        .tokens = t, .n_tokens = e->n_tokens, .start = start, .kv = &s->kv, .all_logits = all};
+    x->batch[*nb] = (epic_seq_batch){.tokens = t,
+                                     .n_tokens = e->n_tokens,
+                                     .start = start,
+                                     .kv = &s->kv,
+                                     .all_logits = all && (e->flags & EPIC_STEP_VERIFY),
+                                     .all_hidden = all};
     x->bseq[*nb] = s;
     x->bent[*nb] = e;
     x->brow[*nb] = *rows;
@@ -498,7 +503,7 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
    * greedy, else as rows. */
   for (size_t i = 0; i < nb; i++) {
     const epic_step_entry *e = x->bent[i];
-    const int64_t n = x->batch[i].all_logits ? e->n_tokens : 1;
+    const int64_t n = x->batch[i].all_hidden ? e->n_tokens : 1;
     for (int64_t j = 0; j < n; j++)
       x->need[x->brow[i] + j] =
           ((e->flags & EPIC_STEP_VERIFY) &&
@@ -523,7 +528,7 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
   for (size_t i = 0; st == EPIC_OK && i < nb; i++) {
     if (!(x->bent[i]->flags & EPIC_STEP_SAMPLE))
       continue;
-    const int64_t row = x->brow[i] + (x->batch[i].all_logits ? x->bent[i]->n_tokens - 1 : 0);
+    const int64_t row = x->brow[i] + (x->batch[i].all_hidden ? x->bent[i]->n_tokens - 1 : 0);
     int64_t n_out = 1;
     int32_t ids_v[EPIC_STEP_MAX_DRAFT + 1];
     float lps_v[EPIC_STEP_MAX_DRAFT + 1];

@@ -148,11 +148,13 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
                         .n_tokens = n,
                         .start = s0,
                         .kv = &seq,
-                        .all_logits = want_rows || want_hidden || sp};
+                        .all_logits = want_rows || want_hidden,
+                        .all_hidden = sp != NULL};
     float *hid = want_hidden ? hidden + s0 * D : chunk_hidden;
     /* Hidden rows are needed for all prompt positions; logits rows for the dump. */
     float *lg = logits;
-    if (b.all_logits && !want_rows) {
+    const int rows = b.all_logits || b.all_hidden;
+    if (rows && !want_rows) {
       lg = malloc((size_t)(n * V) * sizeof(float));
       if (!lg) {
         st = EPIC_ERR_NOMEM;
@@ -166,7 +168,7 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
     if (st == EPIC_OK && sp)
       st = epic_spec_observe(sp, hid, n, p->prompt + s0 + 1, s0 + n < p->n_prompt ? n : n - 1);
     if (st == EPIC_OK && want_rows) st = epic_npy_writer_append(p->dump_logits, lg, n);
-    if (st == EPIC_OK && b.all_logits)
+    if (st == EPIC_OK && rows)
       memmove(logits, lg + (n - 1) * V, (size_t)V * sizeof(float)); /* keep the last row */
     if (lg != logits) free(lg);
     EPIC_CHECK_GOTO(st, st, done);

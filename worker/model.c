@@ -1113,6 +1113,14 @@ epic_status epic_model_kvcache_create(epic_model *m, int mtp, int64_t page_size,
 
 int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs) {
   int64_t r = 0;
+  for (int i = 0; i < n_seqs; i++)
+    r += seqs[i].all_logits || seqs[i].all_hidden ? seqs[i].n_tokens : 1;
+  return r;
+}
+
+/* The rows of a batch the LM head runs on (all_logits: every token's; else the last). */
+static int64_t lm_rows_of(const epic_seq_batch *seqs, int n_seqs) {
+  int64_t r = 0;
   for (int i = 0; i < n_seqs; i++) r += seqs[i].all_logits ? seqs[i].n_tokens : 1;
   return r;
 }
@@ -1125,15 +1133,18 @@ typedef struct fwd_shape {
   int64_t n_dec;    /* rows of absorbed attention (absorbed()), the longest absorbed run */
   int64_t n_trows;  /* block-table rows: one per absorbed row, one per other sequence */
   int64_t dec_ctx;  /* keys the longest absorbed row sees (its own included) */
-  int64_t out_rows; /* LM-head rows */
+  int64_t out_rows; /* output rows (hidden rows to the caller, see epic_batch_out_rows) */
+  int64_t lm_rows;  /* of which the LM head's (all of them unless some are all_hidden) */
   int64_t stride;   /* block-table row: the most pages any sequence holds */
   int64_t per_seq;  /* tokens of every sequence where all have as many, else 0 */
   int n_seqs;
 } fwd_shape;
 
-/* int32 entries of the forward plan: positions, ids, LM-head rows, block tables, lengths. */
+/* int32 entries of the forward plan: positions, ids, output rows, block tables, lengths,
+ * and the LM head's rows when they are fewer than the output rows. */
 static int64_t plan_len(const fwd_shape *sh) {
-  return 2 * sh->M + sh->out_rows + sh->n_trows * (sh->stride + 1);
+  return 2 * sh->M + sh->out_rows + sh->n_trows * (sh->stride + 1) +
+         (sh->lm_rows < sh->out_rows ? sh->lm_rows : 0);
 }
 
 /* Chunks that take the absorbed decode attention, one row per token at its own context
@@ -1159,7 +1170,7 @@ static epic_status scratch_get(epic_model *m, const fwd_shape *sh, scratch *s) {
   const int64_t K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
   const int64_t M = sh->M, Mw = sh->Mw, max_ctx = sh->max_ctx, out_rows = sh->out_rows;
   const int64_t max_abs = sh->n_dec > 0 ? sh->n_dec : 1;
-  const int64_t n_logits = m->ops->vt->host_visible ? 0 : out_rows * c->vocab_size;
+  const int64_t n_logits = m->ops->vt->host_visible ? 0 : sh->lm_rows * c->vocab_size;
   int64_t I = c->intermediate_size;
   if (c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1) > I)
     I = c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1);
@@ -1173,7 +1184,8 @@ static epic_status scratch_get(epic_model *m, const fwd_shape *sh, scratch *s) {
       {(void **)&s->rows, (size_t)(out_rows * D) * 4}, {(void **)&s->x2, (size_t)(M * 2 * D) * 4},
       {(void **)&s->idx, (size_t)(M * K) * 4},        {(void **)&s->w, (size_t)(M * K) * 4},
       {(void **)&s->tok_list, (size_t)(M * K) * 4},   {(void **)&s->plan, (size_t)plan_len(sh) * 4},
-      {(void **)&s->logits, (size_t)n_logits * 4},    {(void **)&s->pick, (size_t)(2 * out_rows) * 4},
+      {(void **)&s->logits, (size_t)n_logits * 4},
+      {(void **)&s->pick, (size_t)(2 * sh->lm_rows) * 4},
       /* work space of one micro-batch */
       {(void **)&s->q, (size_t)(Mw * H * dq) * 4},
       {(void **)&s->cq, (size_t)(Mw * (c->q_lora_rank + L + R + 1)) * 4}, /* qkv_a's output */
@@ -1329,7 +1341,10 @@ typedef struct fwd {
   int n_mb;
   micro_batch mb[MAX_MB];
   /* Parts of the uploaded plan (backend memory). */
-  const int32_t *out_rows; /* hn row of each LM-head row */
+  const int32_t *out_rows; /* hn row of each output row */
+  /* With fewer LM-head rows than output rows (all_hidden), the hn row of each LM-head
+   * row, and (host) the output row it is; else NULL. */
+  const int32_t *lm_rows, *lm_out;
   const int32_t *tables;   /* [table rows][stride] page ids (see fwd_plan) */
   const int32_t *n_ctx;    /* [table rows] cache length each row's attention sees */
   const int32_t *trow;     /* host: the first table row of each sequence of the batch */
@@ -2019,6 +2034,7 @@ static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch
     }
   }
   sh->out_rows = epic_batch_out_rows(seqs, n_seqs);
+  sh->lm_rows = lm_rows_of(seqs, n_seqs);
   for (int i = 0; i < n_seqs; i++) {
     epic_status st = epic_kvcache_seq_reserve(kc, seqs[i].kv, seqs[i].start + seqs[i].n_tokens);
     if (st != EPIC_OK) {
@@ -2058,23 +2074,33 @@ static int64_t ctx_bound(int64_t n) {
 static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape *sh, scratch *s) {
   epic_model *m = f->m;
   const int64_t n = plan_len(sh);
-  int32_t *h = xbuf(m, 0, XB_FWD, (size_t)(n + sh->n_seqs) * sizeof(int32_t));
-  int32_t *pos, *ids, *rows, *tables, *n_ctx, *trow;
-  int64_t r = 0, out = 0, tr = 0;
+  const int split = sh->lm_rows < sh->out_rows;
+  int32_t *h =
+      xbuf(m, 0, XB_FWD, (size_t)(n + sh->n_seqs + (split ? sh->lm_rows : 0)) * sizeof(int32_t));
+  int32_t *pos, *ids, *rows, *tables, *n_ctx, *lm, *trow, *lm_out;
+  int64_t r = 0, out = 0, tr = 0, nl = 0;
   if (!h) return EPIC_ERR_NOMEM;
   pos = h;
   ids = pos + sh->M;
   rows = ids + sh->M;
   tables = rows + sh->out_rows;
   n_ctx = tables + sh->n_trows * sh->stride;
+  lm = n_ctx + sh->n_trows;
   trow = h + n; /* host only, after the uploaded part */
+  lm_out = trow + sh->n_seqs;
   memset(tables, 0, (size_t)(sh->n_trows * sh->stride) * sizeof(int32_t));
   for (int i = 0; i < sh->n_seqs; i++) {
     const epic_seq_batch *sq = &seqs[i];
     for (int64_t t = 0; t < sq->n_tokens; t++, r++) {
+      const int last = t == sq->n_tokens - 1;
       pos[r] = (int32_t)(sq->start + t);
       ids[r] = sq->tokens[t];
-      if (sq->all_logits || t == sq->n_tokens - 1) rows[out++] = (int32_t)r;
+      if (split && (sq->all_logits || last)) {
+        lm[nl] = (int32_t)r;
+        lm_out[nl++] = (int32_t)out;
+      }
+      if (sq->all_logits || sq->all_hidden || last)
+        rows[out++] = (int32_t)r;
     }
     trow[i] = (int32_t)tr;
     const int64_t n_rows = absorbed(sq) ? sq->n_tokens : 1;
@@ -2090,6 +2116,8 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
   f->out_rows = s->plan + 2 * sh->M;
   f->tables = f->out_rows + sh->out_rows;
   f->n_ctx = f->tables + sh->n_trows * sh->stride;
+  f->lm_rows = split ? f->n_ctx + sh->n_trows : NULL;
+  f->lm_out = split ? lm_out : NULL;
   f->trow = trow;
   f->stride = sh->stride > 0 ? sh->stride : 1;
   f->dec_bound = ctx_bound(sh->dec_ctx);
@@ -2104,52 +2132,77 @@ typedef struct head_out {
   epic_row_pick *picks;
 } head_out;
 
-/* Downloads the needed logits rows, one copy per run of consecutive rows. */
-static epic_status download_rows(epic_ops *o, float *dst, const float *src, int64_t rows, int64_t V,
+/* The output row of LM-head row c (they differ with all_hidden rows, see fwd). */
+static int64_t lm_out_row(const fwd *f, int64_t c) {
+  return f->lm_out ? f->lm_out[c] : c;
+}
+
+/* Downloads the needed logits rows (need: by output row) from the n LM-head rows at src to
+ * their output rows at dst, one copy per run of consecutive rows. */
+static epic_status download_rows(const fwd *f, float *dst, const float *src, int64_t n, int64_t V,
                                  const uint8_t *need) {
-  for (int64_t r = 0; r < rows;) {
+  epic_ops *o = f->m->ops;
+  for (int64_t c = 0; c < n;) {
+    const int64_t r = lm_out_row(f, c);
     if (need && !need[r]) {
-      r++;
+      c++;
       continue;
     }
-    int64_t e = r + 1;
-    while (e < rows && (!need || need[e])) e++;
-    EPIC_CHECK(o->vt->download(o, dst + r * V, src + r * V, (size_t)((e - r) * V) * sizeof(float)));
-    r = e;
+    int64_t e = c + 1;
+    while (e < n && lm_out_row(f, e) == r + (e - c) && (!need || need[r + (e - c)]))
+      e++;
+    EPIC_CHECK(o->vt->download(o, dst + r * V, src + c * V, (size_t)((e - c) * V) * sizeof(float)));
+    c = e;
   }
   return EPIC_OK;
 }
 
-/* Final norm, LM head and, when asked, every row's greedy pick: backend work only,
- * so a step graph records it (see head_collect). */
+/* Final norm, LM head and, when asked, every LM-head row's greedy pick: backend work
+ * only, so a step graph records it (see head_collect). The LM head runs on the output
+ * rows, or, where some are all_hidden rows, on its own rows gathered into h (free once
+ * normed; an MTP forward took its block output from it before). */
 static epic_status head_run(fwd *f, const fwd_shape *sh, const float *norm_w,
                             const epic_weight *head, scratch *s, const head_out *ho) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
-  const int64_t D = m->cfg.hidden_size, V = m->cfg.vocab_size, out = sh->out_rows;
+  const int64_t D = m->cfg.hidden_size, V = m->cfg.vocab_size, n = sh->lm_rows;
   float *L = o->vt->host_visible ? ho->logits : s->logits;
+  const float *x = s->rows;
   EPIC_CHECK(o->vt->rmsnorm(o, s->h, D, sh->M, D, norm_w, (float)m->cfg.rms_norm_eps, s->hn, D));
-  EPIC_CHECK(o->vt->copy_rows(o, out, D, s->hn, D, f->out_rows, s->rows, D, NULL));
-  EPIC_CHECK(o->vt->matmul(o, s->rows, D, out, head, L, V));
-  if (ho->picks) EPIC_CHECK(o->vt->row_pick(o, L, out, V, s->pick, (float *)(s->pick + out)));
+  EPIC_CHECK(o->vt->copy_rows(o, sh->out_rows, D, s->hn, D, f->out_rows, s->rows, D, NULL));
+  if (f->lm_rows) {
+    EPIC_CHECK(o->vt->copy_rows(o, n, D, s->hn, D, f->lm_rows, s->h, D, NULL));
+    x = s->h;
+  }
+  EPIC_CHECK(o->vt->matmul(o, x, D, n, head, L, V));
+  if (ho->picks)
+    EPIC_CHECK(o->vt->row_pick(o, L, n, V, s->pick, (float *)(s->pick + n)));
   return EPIC_OK;
 }
 
 /* head_run's results to the caller (normed hidden rows, the logits rows asked for, the
- * picks); commits cache lengths. */
+ * picks, each at its output row); commits cache lengths. */
 static epic_status head_collect(fwd *f, const epic_seq_batch *seqs, int n_seqs,
                                 const fwd_shape *sh, scratch *s, const head_out *ho,
                                 float *hidden) {
   epic_ops *o = f->m->ops;
-  const int64_t D = f->m->cfg.hidden_size, V = f->m->cfg.vocab_size, out = sh->out_rows;
-  if (hidden) EPIC_CHECK(o->vt->download(o, hidden, s->rows, (size_t)(out * D) * sizeof(float)));
-  if (!o->vt->host_visible) EPIC_CHECK(download_rows(o, ho->logits, s->logits, out, V, ho->need));
+  const int64_t D = f->m->cfg.hidden_size, V = f->m->cfg.vocab_size, n = sh->lm_rows;
+  if (hidden)
+    EPIC_CHECK(o->vt->download(o, hidden, s->rows, (size_t)(sh->out_rows * D) * sizeof(float)));
+  if (!o->vt->host_visible) {
+    EPIC_CHECK(download_rows(f, ho->logits, s->logits, n, V, ho->need));
+  } else if (f->lm_out) { /* written packed into the caller's rows: move each to its own */
+    for (int64_t c = n - 1; c >= 0; c--)
+      if (f->lm_out[c] != c)
+        memmove(ho->logits + f->lm_out[c] * V, ho->logits + c * V, (size_t)V * sizeof(float));
+  }
   if (ho->picks) {
     const int32_t *h;
-    EPIC_CHECK(to_host_i32(f->m, s->pick, 2 * out, 0, XB_COPY, &h));
-    for (int64_t r = 0; r < out; r++) {
-      ho->picks[r].id = h[r];
-      memcpy(&ho->picks[r].logprob, &h[out + r], sizeof(float));
+    EPIC_CHECK(to_host_i32(f->m, s->pick, 2 * n, 0, XB_COPY, &h));
+    for (int64_t c = 0; c < n; c++) {
+      const int64_t r = lm_out_row(f, c);
+      ho->picks[r].id = h[c];
+      memcpy(&ho->picks[r].logprob, &h[n + c], sizeof(float));
     }
   }
   for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_tokens = seqs[i].start + seqs[i].n_tokens;
@@ -2168,7 +2221,7 @@ static epic_status mtp_block_out(fwd *f, const epic_seq_batch *seqs, int n_seqs,
   if (!want) return EPIC_OK;
   EPIC_CHECK(o->vt->copy_rows(o, sh->out_rows, D, s->h, D, f->out_rows, s->rows, D, NULL));
   for (int i = 0; i < n_seqs; i++) {
-    const int64_t n = seqs[i].all_logits ? seqs[i].n_tokens : 1;
+    const int64_t n = seqs[i].all_logits || seqs[i].all_hidden ? seqs[i].n_tokens : 1;
     if (seqs[i].mtp_out)
       EPIC_CHECK(o->vt->download(o, seqs[i].mtp_out, s->rows + r * D,
                                  (size_t)(n * D) * sizeof(float)));
@@ -2268,14 +2321,15 @@ static epic_status main_body(fwd *f, const fwd_shape *sh, scratch *s, const head
 /* The decode-step bucket of this forward (see epic_model_set_step_graphs), found or
  * newly made; NULL when the forward is not one graphs serve: every row on the absorbed
  * attention, as many rows per sequence (a decode step, or an MTP verify step whose
- * sequences all carry the same number of drafts). Drops every graph first when the
+ * sequences all carry the same number of drafts), the LM head on every output row (no
+ * all_hidden rows: the key does not hold their layout). Drops every graph first when the
  * backend freed or moved memory since they were recorded. */
 static step_graph *graph_bucket(fwd *f, const fwd_shape *sh, const head_out *ho) {
   epic_model *m = f->m;
   epic_ops *o = m->ops;
   step_graph *g = NULL;
   if (!m->step_graphs || m->comm || !epic_ops_has_graphs(o) || sh->M == 0 || sh->per_seq < 1 ||
-      sh->n_dec != sh->M || !dev_planned(o, sh->Mw))
+      sh->n_dec != sh->M || !dev_planned(o, sh->Mw) || sh->lm_rows != sh->out_rows)
     return NULL;
   const uint64_t epoch = o->vt->graph_epoch(o);
   if (epoch != m->graph_epoch) {

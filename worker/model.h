@@ -117,6 +117,11 @@ typedef struct epic_seq_batch {
   int64_t start;         /* position of tokens[0]; must equal kv->n_tokens */
   epic_kv_seq *kv;       /* the sequence's cache pages (grown as needed) */
   int all_logits;        /* 1: a logits row per new token; 0: only the last token's row */
+  /* 1: an output row per new token for `hidden` (epic_model_forward_pick) while the LM
+   * head still runs on the last token's row alone (unless all_logits): what an MTP
+   * prefill needs (every position's hidden state, one next token). The logits / picks
+   * of the other output rows are undefined. */
+  int all_hidden;
   /* MTP only: final-normed main-model hidden rows [n_tokens][hidden] (host memory),
    * row i pairing with tokens[i] (the token after the hidden state's position). */
   const float *hidden;
@@ -130,7 +135,8 @@ typedef struct epic_seq_batch {
   float *mtp_out;
 } epic_seq_batch;
 
-/* Rows of output a batch produces (sum of n_tokens or 1 per sequence). */
+/* Rows of output a batch produces (sum of n_tokens, for all_logits or all_hidden, or 1
+ * per sequence). */
 int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs);
 
 /* Run the main model over the batch; appends the new tokens' keys to each

@@ -195,6 +195,75 @@ static void test_mtp_logits(void **state) {
   assert_true(checked > 0);
 }
 
+/* all_hidden (an MTP prefill's rows): every token's hidden row comes back as with
+ * all_logits, while the LM head runs on the last row only, beside a sequence with
+ * all_logits and one with neither: hidden rows bit for bit, the LM-head rows' logits and
+ * picks at their output rows as in the all_logits forward. */
+static void test_all_hidden(void **state) {
+  fixture *f = *state;
+  const int n = f->n_cases < 3 ? f->n_cases : 3;
+  const int64_t D = epic_model_get_config(f->m)->hidden_size;
+  epic_kvcache *kc[2];
+  epic_kv_seq sq[2][3] = {{{0}}};
+  epic_seq_batch b[2][3];
+  int64_t rows = 0, last[3];
+  for (int i = 0; i < n; i++)
+    rows += f->cases[i].n_prompt;
+  float *lg[2], *hid[2];
+  epic_row_pick *pk = malloc((size_t)rows * sizeof *pk);
+  for (int k = 0; k < 2; k++) {
+    assert_int_equal(epic_model_kvcache_create(f->m, 0, 8, 256, &kc[k]), EPIC_OK);
+    lg[k] = malloc((size_t)(rows * f->V) * 4);
+    hid[k] = malloc((size_t)(rows * D) * 4);
+  }
+  for (int i = 0, r = 0; i < n; r += (int)f->cases[i].n_prompt, i++) {
+    const tcase *c = &f->cases[i];
+    b[0][i] = (epic_seq_batch){
+        .tokens = c->prompt, .n_tokens = c->n_prompt, .kv = &sq[0][i], .all_logits = 1};
+    b[1][i] = b[0][i];
+    b[1][i].kv = &sq[1][i];
+    b[1][i].all_logits = i == 1;
+    b[1][i].all_hidden = i != 2; /* the third: neither, one output row */
+    last[i] = r + c->n_prompt - 1;
+  }
+  uint8_t need[4096];
+  assert_true(rows <= 4096);
+  memset(need, 1, sizeof need);
+  assert_int_equal(epic_model_forward(f->m, kc[0], b[0], n, lg[0], hid[0]), EPIC_OK);
+  assert_int_equal(epic_model_forward_pick(f->m, kc[1], b[1], n, lg[1], need, pk, hid[1]), EPIC_OK);
+  const int64_t out = epic_batch_out_rows(b[1], n);
+  /* b[1]'s output rows: all of the first two sequences' tokens, then the third's last */
+  assert_int_equal(out, rows - (n > 2 ? f->cases[2].n_prompt - 1 : 0));
+  assert_memory_equal(hid[1], hid[0],
+                      (size_t)((n > 2 ? last[2] - f->cases[2].n_prompt + 1 : rows) * D) * 4);
+  if (n > 2)
+    assert_memory_equal(hid[1] + (out - 1) * D, hid[0] + last[2] * D, (size_t)D * 4);
+  double worst = 0;
+  for (int64_t r = 0, o = 0; r < rows; r++) {
+    const int seq = r <= last[0] ? 0 : (n > 1 && r <= last[1]) ? 1 : 2;
+    if (seq == 2 && r != last[2])
+      continue; /* not an output row of b[1] */
+    const float *g = lg[1] + o * f->V, *ref = lg[0] + r * f->V;
+    if (seq == 1 || r == last[seq]) { /* an LM-head row */
+      const double d = max_abs_diff(g, ref, f->V);
+      worst = d > worst ? d : worst;
+      assert_int_equal(pk[o].id, epic_argmax(g, f->V));
+    }
+    o++;
+  }
+  print_message("%s all_hidden: %lld output rows, LM-head rows within %.3g of all_logits\n",
+                f->model, (long long)out, worst);
+  assert_true(worst <= 1e-4);
+  for (int k = 0; k < 2; k++) {
+    for (int i = 0; i < n; i++)
+      epic_kvcache_seq_release(kc[k], &sq[k][i]);
+    epic_kvcache_destroy(kc[k]);
+    free(lg[k]);
+    free(hid[k]);
+  }
+  free(pk);
+}
+
 /* Feeding the prompt one token at a time (absorbed attention over the paged
  * cache) gives the same logits as one full prefill (naive attention). */
 static void test_incremental_equals_full(void **state) {
@@ -814,6 +883,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_cases_match_reference),
       cmocka_unit_test(test_mtp_logits),
+      cmocka_unit_test(test_all_hidden),
       cmocka_unit_test(test_incremental_equals_full),
       cmocka_unit_test(test_short_chunk_equals_decode),
       cmocka_unit_test(test_joined_weights),
