@@ -2170,17 +2170,25 @@ static void mm_run(void *ctx, int64_t r0, int64_t n, float *dy) {
       EPIC_OK);
 }
 
+/* head_gemm (da fp32) or head_gemm_bf16 (bf16 set: da bf16) of tokens [r0, r0 + n). */
 typedef struct {
-  const float *dx, *da;
+  const float *dx;
+  const void *da;
   int64_t ldxt, ldxh, H, lda, k, n, ldyt, ldyh;
-  int trans;
+  int trans, bf16;
 } hg_ctx;
 static void hg_run(void *ctx, int64_t r0, int64_t n, float *dy) {
   const hg_ctx *c = ctx;
-  assert_int_equal(g_gpu->vt->head_gemm(g_gpu, c->dx + r0 * c->ldxt, c->ldxt, c->ldxh, n, c->H,
-                                        c->da, c->lda, c->k, c->n, c->trans, dy + r0 * c->ldyt,
-                                        c->ldyt, c->ldyh),
-                   EPIC_OK);
+  const float *x = c->dx + r0 * c->ldxt;
+  float *y = dy + r0 * c->ldyt;
+  if (c->bf16)
+    assert_int_equal(g_gpu->vt->head_gemm_bf16(g_gpu, x, c->ldxt, c->ldxh, n, c->H, c->da, c->lda,
+                                               c->k, c->n, c->trans, y, c->ldyt, c->ldyh),
+                     EPIC_OK);
+  else
+    assert_int_equal(g_gpu->vt->head_gemm(g_gpu, x, c->ldxt, c->ldxh, n, c->H, c->da, c->lda, c->k,
+                                          c->n, c->trans, y, c->ldyt, c->ldyh),
+                     EPIC_OK);
 }
 
 typedef struct {
@@ -2227,7 +2235,7 @@ static void check_head_gemm(int64_t m, int64_t H, int64_t k, int64_t n, int tran
   fill(a, sa, 1.0f);
   memset(ref, 0, sy * 4);
   float *dx = dup_dev(x, sx * 4), *da = dup_dev(a, sa * 4), *dy = dalloc(sy * 4);
-  hg_ctx c = {dx, da, ldxt, ldxh, H, lda, k, n, ldyt, ldyh, trans};
+  hg_ctx c = {dx, da, ldxt, ldxh, H, lda, k, n, ldyt, ldyh, trans, 0};
   poison(dy, sy * 4);
   hg_run(&c, 0, m, dy);
   fetch(y, dy, sy * 4);
@@ -2382,26 +2390,12 @@ static void test_exact_rows(void **state) {
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
 }
 
-typedef struct {
-  const float *dx;
-  const uint16_t *da;
-  int64_t ldxt, ldxh, H, lda, k, n, ldyt, ldyh;
-  int trans;
-} hgb_ctx;
-static void hgb_run(void *ctx, int64_t r0, int64_t n, float *dy) {
-  const hgb_ctx *c = ctx;
-  assert_int_equal(g_gpu->vt->head_gemm_bf16(g_gpu, c->dx + r0 * c->ldxt, c->ldxt, c->ldxh, n, c->H,
-                                             c->da, c->lda, c->k, c->n, c->trans, dy + r0 * c->ldyt,
-                                             c->ldyt, c->ldyh),
-                   EPIC_OK);
-}
-
 /* The invariant precision (ops_cuda.h) is row-invariant: matmuls of F32, BF16 and FP8
  * weights on each of its paths (the expert kernel for FP8 it takes, also at V3's dense
- * shapes, 128-row chunks otherwise: 300 rows make three), head_gemm_bf16 in token chunks (small and V3 shapes,
- * padded strides) and the BF16-cache decode over 1 to 5000 keys give a row alone or in a
- * smaller call the bits it has in the whole call, within the fast numerics' error of the
- * CPU; epic_ops_rows_invariant follows the precision. */
+ * shapes, 128-row chunks otherwise: 300 rows make three), head_gemm_bf16 in token chunks
+ * (small and V3 shapes, padded strides) and the BF16-cache decode over 1 to 5000 keys
+ * give a row alone or in a smaller call the bits it has in the whole call, within the
+ * fast numerics' error of the CPU; epic_ops_rows_invariant follows the precision. */
 static void test_invariant_rows(void **state) {
   (void)state;
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
@@ -2437,9 +2431,9 @@ static void test_invariant_rows(void **state) {
     memset(ref, 0, sy * 4);
     float *dx = dup_dev(x, sx * 4), *dy = dalloc(sy * 4);
     uint16_t *da = dup_dev(a, sa * 2);
-    hgb_ctx c = {dx, da, ldxt, ldxh, H, lda, k, n, ldyt, ldyh, trans};
+    hg_ctx c = {dx, da, ldxt, ldxh, H, lda, k, n, ldyt, ldyh, trans, 1};
     poison(dy, sy * 4);
-    hgb_run(&c, 0, m, dy);
+    hg_run(&c, 0, m, dy);
     fetch(y, dy, sy * 4);
     assert_int_equal(
         g_cpu->vt->head_gemm_bf16(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans, ref, ldyt, ldyh),
@@ -2448,7 +2442,7 @@ static void test_invariant_rows(void **state) {
     snprintf(what, sizeof what, "invariant head_gemm_bf16 m=%lld H=%lld k=%lld n=%lld trans=%d%s",
              (long long)m, (long long)H, (long long)k, (long long)n, trans, pad ? " padded" : "");
     check_err(what, head_err(y, ref, m, H, n, ldyt, ldyh), 4e-3);
-    check_rows_alone(what, &c, hgb_run, m, dy, (size_t)ldyt * 4, (size_t)ldyt, y);
+    check_rows_alone(what, &c, hg_run, m, dy, (size_t)ldyt * 4, (size_t)ldyt, y);
     dfree(dx);
     dfree(da);
     dfree(dy);
