@@ -404,7 +404,7 @@ epic_status epic_cuda_kv_dtype_ok(epic_kv_dtype dt, const char *op) {
   return EPIC_ERR_UNSUPPORTED;
 }
 
-/* ABI 9 (ops.h). Exact precision: grouped_exact's fixed-shape GEMMs, any weight. Invariant
+/* ABI 9 (ops.h). Exact precision: grouped_chunks' fixed-shape GEMMs, any weight. Invariant
  * precision: any weight (grouped_invariant in ops_cuda_matmul.c). Fast: FP8
  * weights the wgmma kernel takes, with every group on it (mma_group_rows 0, the default,
  * and the large groups on wgmma; ops_cuda_matmul.c, "Row invariance"). */
@@ -415,7 +415,7 @@ static int cuda_grouped_invariant(epic_ops *o, const epic_weight *w) {
   return epic_cuda_groups_all_wgmma(c) && epic_cuk_fp8_wgmma_layout_ok(w);
 }
 
-/* ABI 12 (ops.h). Exact precision: fixed-shape chunks in every matmul (grouped_exact,
+/* ABI 12 (ops.h). Exact precision: fixed-shape chunks in every matmul (grouped_chunks,
  * head_gemm_rows) and fixed key chunks per query in the fp32-cache MLA decode. Invariant
  * precision: the expert kernel for FP8 weights, fixed-shape chunks for the others
  * (grouped_invariant in ops_cuda_matmul.c), fixed key chunks in the BF16-cache decode

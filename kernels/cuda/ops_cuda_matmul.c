@@ -463,13 +463,14 @@ static uint64_t list_sig(const epic_weight *w, int64_t stride, int64_t n) {
   uint64_t h = 1469598103934665603ull;
   for (int64_t g = 0; g < n; g++) {
     const epic_weight *wg = &w[g * stride];
-    const uint64_t f[6] = {(uint64_t)(uintptr_t)wg->data,
+    const uint64_t f[7] = {(uint64_t)(uintptr_t)wg->data,
                            (uint64_t)(uintptr_t)wg->scale_inv,
                            (uint64_t)wg->rows,
                            (uint64_t)wg->cols,
                            (uint64_t)wg->block_rows,
+                           (uint64_t)wg->block_cols,
                            (uint64_t)wg->dtype};
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < 7; i++)
       h = (h ^ f[i]) * 1099511628211ull;
   }
   return h;
