@@ -438,9 +438,9 @@ epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t
                                    int64_t max_rows, int64_t *out);
 /* 1 when o computes each row of a call the same way whatever other rows share it (the
  * batch shape, an expert's group): the CPU backend's fixed-order kernels, and a backend
- * whose ABI 12 rows_invariant says so (CUDA in its exact precision). CUDA's fast path
- * switches kernels and rounding with the row count in its dense matmuls and attention
- * (kernels/cuda/ops_cuda.h). MTP drafting, which must keep greedy outputs unchanged, is
+ * whose ABI 12 rows_invariant says so (CUDA in its exact and invariant precisions).
+ * CUDA's fast path switches kernels and rounding with the row count in its dense matmuls
+ * and attention (kernels/cuda/ops_cuda.h). MTP drafting, which must keep greedy outputs unchanged, is
  * on by default only where it holds. */
 int epic_ops_rows_invariant(epic_ops *o);
 
