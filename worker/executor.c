@@ -379,7 +379,7 @@ static epic_status prepare(epic_executor *x, const epic_step_plan *p,
     x->bseq[*nb] = s;
     x->bent[*nb] = e;
     x->brow[*nb] = *rows;
-    *rows += all ? e->n_tokens : 1;
+    *rows += epic_seq_out_rows(&x->batch[*nb]);
     *mtp |= all;
     (*nb)++;
   }
@@ -503,7 +503,7 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
    * greedy, else as rows. */
   for (size_t i = 0; i < nb; i++) {
     const epic_step_entry *e = x->bent[i];
-    const int64_t n = x->batch[i].all_hidden ? e->n_tokens : 1;
+    const int64_t n = epic_seq_out_rows(&x->batch[i]);
     for (int64_t j = 0; j < n; j++)
       x->need[x->brow[i] + j] =
           ((e->flags & EPIC_STEP_VERIFY) &&
@@ -528,7 +528,7 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
   for (size_t i = 0; st == EPIC_OK && i < nb; i++) {
     if (!(x->bent[i]->flags & EPIC_STEP_SAMPLE))
       continue;
-    const int64_t row = x->brow[i] + (x->batch[i].all_hidden ? x->bent[i]->n_tokens - 1 : 0);
+    const int64_t row = x->brow[i] + epic_seq_out_rows(&x->batch[i]) - 1;
     int64_t n_out = 1;
     int32_t ids_v[EPIC_STEP_MAX_DRAFT + 1];
     float lps_v[EPIC_STEP_MAX_DRAFT + 1];

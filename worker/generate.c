@@ -153,7 +153,7 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
     float *hid = want_hidden ? hidden + s0 * D : chunk_hidden;
     /* Hidden rows are needed for all prompt positions; logits rows for the dump. */
     float *lg = logits;
-    const int rows = b.all_logits || b.all_hidden;
+    const int rows = epic_seq_out_rows(&b) > 1;
     if (rows && !want_rows) {
       lg = malloc((size_t)(n * V) * sizeof(float));
       if (!lg) {

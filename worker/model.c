@@ -1111,10 +1111,13 @@ epic_status epic_model_kvcache_create(epic_model *m, int mtp, int64_t page_size,
 
 /* ---------------------------------------------------------------- forward */
 
+int64_t epic_seq_out_rows(const epic_seq_batch *b) {
+  return b->all_logits || b->all_hidden ? b->n_tokens : 1;
+}
+
 int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs) {
   int64_t r = 0;
-  for (int i = 0; i < n_seqs; i++)
-    r += seqs[i].all_logits || seqs[i].all_hidden ? seqs[i].n_tokens : 1;
+  for (int i = 0; i < n_seqs; i++) r += epic_seq_out_rows(&seqs[i]);
   return r;
 }
 
@@ -2091,6 +2094,7 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
   memset(tables, 0, (size_t)(sh->n_trows * sh->stride) * sizeof(int32_t));
   for (int i = 0; i < sh->n_seqs; i++) {
     const epic_seq_batch *sq = &seqs[i];
+    const int every = epic_seq_out_rows(sq) > 1; /* an output row per token */
     for (int64_t t = 0; t < sq->n_tokens; t++, r++) {
       const int last = t == sq->n_tokens - 1;
       pos[r] = (int32_t)(sq->start + t);
@@ -2099,8 +2103,7 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
         lm[nl] = (int32_t)r;
         lm_out[nl++] = (int32_t)out;
       }
-      if (sq->all_logits || sq->all_hidden || last)
-        rows[out++] = (int32_t)r;
+      if (every || last) rows[out++] = (int32_t)r;
     }
     trow[i] = (int32_t)tr;
     const int64_t n_rows = absorbed(sq) ? sq->n_tokens : 1;
@@ -2221,7 +2224,7 @@ static epic_status mtp_block_out(fwd *f, const epic_seq_batch *seqs, int n_seqs,
   if (!want) return EPIC_OK;
   EPIC_CHECK(o->vt->copy_rows(o, sh->out_rows, D, s->h, D, f->out_rows, s->rows, D, NULL));
   for (int i = 0; i < n_seqs; i++) {
-    const int64_t n = seqs[i].all_logits || seqs[i].all_hidden ? seqs[i].n_tokens : 1;
+    const int64_t n = epic_seq_out_rows(&seqs[i]);
     if (seqs[i].mtp_out)
       EPIC_CHECK(o->vt->download(o, seqs[i].mtp_out, s->rows + r * D,
                                  (size_t)(n * D) * sizeof(float)));

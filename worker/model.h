@@ -135,8 +135,9 @@ typedef struct epic_seq_batch {
   float *mtp_out;
 } epic_seq_batch;
 
-/* Rows of output a batch produces (sum of n_tokens, for all_logits or all_hidden, or 1
- * per sequence). */
+/* Rows of output one sequence's part produces: n_tokens with all_logits or all_hidden,
+ * else 1 (its last token's); and a batch's, their sum. */
+int64_t epic_seq_out_rows(const epic_seq_batch *b);
 int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs);
 
 /* Run the main model over the batch; appends the new tokens' keys to each
