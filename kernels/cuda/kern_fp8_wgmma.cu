@@ -12,9 +12,10 @@
 //
 // Layout: a CTA of three warpgroups takes 128 x 256 output tiles. Warpgroup 0 is the
 // producer: one thread feeds a ring of kStages shared-memory stages with the tensor
-// memory accelerator (TMA: a 128-row x 128-byte box of activation codes and a 256-row one
-// of weight codes per stage, written with the 128-byte swizzle that wgmma reads; rows and
-// columns past the tensors' ends arrive as zeros), plus the stage's scales (a bulk copy of
+// memory accelerator (TMA: a 128-row x 128-byte box of activation codes, or 16-row boxes
+// for a tile of at most 64 rows, and a 256-row one of weight codes per stage, written with
+// the 128-byte swizzle that wgmma reads; rows and columns past the tensors' ends arrive as
+// zeros), plus the stage's scales (a bulk copy of
 // the tile's 128 activation scales, two 4-byte cp.async of the weight block scales), so
 // no consumer ever waits on a global load. Each stage has a "full" mbarrier (bytes and
 // copies landed) and an "empty" one (every consumer warp is done with it). Warpgroups 1
@@ -49,6 +50,9 @@ namespace {
 constexpr int kBM = EPIC_CUK_WG_TILE_ROWS, kBN = 256, kBK = 128;
 constexpr int kStages = 4;
 constexpr int kABytes = kBM * kBK, kWBytes = kBN * kBK; // one stage's boxes
+constexpr int kBoxRows = EPIC_CUK_WG_BOX_ROWS, kABox = kBoxRows * kBK; // small activation boxes
+static_assert(kBN == EPIC_CUK_WG_TILE_COLS && kABox % 1024 == 0,
+              "small boxes keep the 128-byte swizzle's 1024-byte period");
 constexpr int kHalves = kBN / 128; // weight scale blocks (and wgmma n = 128 passes) per tile
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;
@@ -314,13 +318,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int nbr = (a.n + 127) / 128, b0 = p.nt * kHalves;
       const float *ws0 = a.tab[p.widx].scale + (int64_t)b0 * nkb;
       const float *ws1 = ws0 + (b0 + 1 < nbr ? nkb : 0);
+      // A tile of at most 64 rows takes its rows in 16-row boxes (n_box of them) instead of
+      // the 128-row box: a decode step's groups have a few rows each, and the whole box
+      // brought 16 KiB of other groups' rows from L2 per 32 KiB of weights. The wgmma still
+      // reads 64 rows; those past the boxes hold stale codes, and their outputs are never
+      // stored (an output row depends on its activation row only).
+      const int t_rows = p.rows - r0;
+      const int n_box = t_rows <= 64 ? (t_rows + kBoxRows - 1) / kBoxRows : 0;
+      const uint32_t a_bytes = n_box ? (uint32_t)(n_box * kABox) : (uint32_t)kABytes;
       for (int kb = 0; kb < nkb; kb++, it++) {
         const uint32_t s = it % kStages, r = it / kStages, full = bar_full + 8 * s;
         const uint32_t dsc = s_sc + s * kScaleBytes;
         if (r > 0)
           mbar_wait(bar_empty + 8 * s, (r - 1) & 1);
-        mbar_expect_tx(full, kABytes + kWBytes + sa_bytes);
-        tma_load(s_a + s * kABytes, &a.amap, kb * kBK, row, full);
+        mbar_expect_tx(full, a_bytes + kWBytes + sa_bytes);
+        if (n_box == 0)
+          tma_load(s_a + s * kABytes, &a.amap, kb * kBK, row, full);
+        else
+          for (int b = 0; b < n_box; b++)
+            tma_load(s_a + s * kABytes + b * kABox, &a.amap16, kb * kBK, row + b * kBoxRows,
+                     full);
         tma_load(s_b + s * kWBytes, wmap, kb * kBK, wrow, full);
         bulk_load(dsc, as + (int64_t)kb * mp, sa_bytes, full);
         cp_async4(dsc + kBM * 4, ws0 + kb);
@@ -451,7 +468,7 @@ int epic_cuk_fp8_wgmma_ok(const epic_weight *w) {
 }
 
 cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, int64_t cols,
-                              int weight) {
+                              int box_rows) {
   static_assert(sizeof(epic_cuk_tmap) == sizeof(CUtensorMap), "tensor map size");
   // The encoder is a driver function; the runtime hands out its address (no libcuda link).
   cudaDriverEntryPointQueryResult q;
@@ -464,7 +481,9 @@ cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, 
     return cudaErrorSymbolNotFound;
   const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
   const cuuint64_t strides[1] = {(cuuint64_t)cols};
-  const cuuint32_t box[2] = {kBK, weight ? (cuuint32_t)kBN : (cuuint32_t)kBM}, estr[2] = {1, 1};
+  if (box_rows < 1 || box_rows > 256)
+    return cudaErrorInvalidValue;
+  const cuuint32_t box[2] = {kBK, (cuuint32_t)box_rows}, estr[2] = {1, 1};
   const CUresult r = ((PFN_cuTensorMapEncodeTiled_v12000)fn)(
       reinterpret_cast<CUtensorMap *>(m), CU_TENSOR_MAP_DATA_TYPE_UINT8, 2,
       const_cast<void *>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,

@@ -416,7 +416,7 @@ static int cuda_grouped_invariant(epic_ops *o, const epic_weight *w) {
 }
 
 /* ABI 12 (ops.h). Exact precision: fixed-shape chunks in every matmul (grouped_chunks,
- * head_gemm_rows) and fixed key chunks per query in the fp32-cache MLA decode. Invariant
+ * head_chunks) and fixed key chunks per query in the fp32-cache MLA decode. Invariant
  * precision: the expert kernel for FP8 weights, fixed-shape chunks for the others
  * (grouped_invariant in ops_cuda_matmul.c), fixed key chunks in the BF16-cache decode
  * (ops_cuda.h). */

@@ -354,7 +354,7 @@ static epic_status head_gemm_args(int64_t m, int64_t n_heads, int64_t k, int64_t
   return EPIC_OK;
 }
 
-/* Tokens per batched GEMM of the exact precision's head_gemm (head_gemm_rows). */
+/* Tokens per batched GEMM of the exact precision's head_gemm (head_chunks). */
 enum { EPIC_CUDA_EXACT_HEAD_ROWS = 16 };
 
 /* mc tokens of [tokens][heads][width] arrays from src to dst, each with its own token and
@@ -371,56 +371,6 @@ static epic_status head_rows_copy(epic_cuda_ops *c, float *dst, int64_t dst_tok,
                                       c->stream),
                     "head_gemm: stage rows");
   return EPIC_OK;
-}
-
-/* Exact precision: the tokens go EPIC_CUDA_EXACT_HEAD_ROWS at a time (the last chunk
- * zero-padded) through one batched GEMM shape, strides and buffers, so that cuBLAS picks
- * the same kernel for every chunk and a token's result does not depend on the other
- * tokens of the call (the argument of ops_cuda_matmul.c's grouped_chunks). The invariant
- * precision takes this path too. */
-static epic_status head_gemm_rows(epic_cuda_ops *c, const float *x, int64_t ld_x_tok,
-                                  int64_t ld_x_head, int64_t m, int64_t n_heads, const float *a,
-                                  int64_t ld_a_head, int64_t k, int64_t n, int trans, float *y,
-                                  int64_t ld_y_tok, int64_t ld_y_head) {
-  enum { C = EPIC_CUDA_EXACT_HEAD_ROWS };
-  const int64_t hk = n_heads * k, hn = n_heads * n;
-  EPIC_CHECK(head_gemm_args(C, n_heads, k, n, x, a, y, hk, hn));
-  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(C * hk) * sizeof(float)));
-  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->outb, (size_t)(C * hn) * sizeof(float)));
-  float *xs = (float *)c->act.p, *ys = (float *)c->outb.p;
-  for (int64_t t0 = 0; t0 < m; t0 += C) {
-    const int64_t mc = m - t0 < C ? m - t0 : C;
-    if (mc < C)
-      EPIC_CHECK_CUDA(
-          cudaMemsetAsync(xs + mc * hk, 0, (size_t)((C - mc) * hk) * sizeof(float), c->stream),
-          "head_gemm: pad rows");
-    EPIC_CHECK(
-        head_rows_copy(c, xs, hk, k, x + t0 * ld_x_tok, ld_x_tok, ld_x_head, mc, n_heads, k));
-    EPIC_CHECK(gemm_sb(c, 0, trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, C, k, 1.0f, a, trans ? k : n,
-                       ld_a_head, xs, hk, k, 0.0f, ys, hn, n, n_heads));
-    EPIC_CHECK(
-        head_rows_copy(c, y + t0 * ld_y_tok, ld_y_tok, ld_y_head, ys, hn, n, mc, n_heads, n));
-  }
-  return EPIC_OK;
-}
-
-epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
-                                int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
-                                int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
-                                int64_t ld_y_head) {
-  if (m == 0 || n_heads == 0 || n == 0)
-    return EPIC_OK;
-  if (epic_cuda_of(o)->exact_matmul || epic_cuda_of(o)->invariant)
-    return head_gemm_rows(epic_cuda_of(o), x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k, n,
-                          trans, y, ld_y_tok, ld_y_head);
-  /* cuBLAS rejects leading dimensions below the row length even when m == 1. */
-  const int64_t ldx = m > 1 ? ld_x_tok : k, ldy = m > 1 ? ld_y_tok : n;
-  EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y, ldx, ldy));
-  /* y_h^T (n x m) = op(A_h) (n x k) . x_h^T (k x m); A_h row-major [k][n] is the
-   * column-major n x k matrix (op N), row-major [n][k] the column-major k x n (op T). */
-  /* Full fp32: decode-sized (a few rows per head), where TF32 would buy little. */
-  return gemm_sb(epic_cuda_of(o), 0, trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, 1.0f, a,
-                 trans ? k : n, ld_a_head, x, ldx, ld_x_head, 0.0f, y, ldy, ld_y_head, n_heads);
 }
 
 /* m tokens of x ([tokens][heads][k] at its strides) rounded to bf16 into the dense
@@ -456,31 +406,64 @@ static epic_status head_gemm_bf16_sb(epic_cuda_ops *c, const uint16_t *xb, int64
   return EPIC_OK;
 }
 
-/* Invariant precision: the tokens go EPIC_CUDA_INVARIANT_ROWS at a time (the last chunk
- * zero-padded), rounded to bf16, through one batched GEMM shape, strides and buffers
- * (head_gemm_rows' argument with the fast precision's bf16 numerics at every size). */
-static epic_status head_bf16_rows(epic_cuda_ops *c, const float *x, int64_t ld_x_tok,
-                                  int64_t ld_x_head, int64_t m, int64_t n_heads, const uint16_t *a,
-                                  int64_t ld_a_head, int64_t k, int64_t n, int trans, float *y,
-                                  int64_t ld_y_tok, int64_t ld_y_head) {
-  enum { C = EPIC_CUDA_INVARIANT_ROWS };
+/* The exact and the invariant precisions' head_gemm: the tokens go a fixed number at a
+ * time (the last chunk zero-padded) through one batched GEMM shape, strides and buffers, so
+ * that cuBLAS picks the same kernel for every chunk and a token's result does not depend on
+ * the other tokens of the call (the argument of ops_cuda_matmul.c's grouped_chunks). bf16
+ * 0: fp32 x and weights a, EPIC_CUDA_EXACT_HEAD_ROWS tokens per chunk (exact; the
+ * invariant precision's fp32 head weights too); 1: x rounded to bf16, bf16 weights,
+ * EPIC_CUDA_INVARIANT_ROWS tokens (the invariant precision's head_gemm_bf16). */
+static epic_status head_chunks(epic_cuda_ops *c, int bf16, const float *x, int64_t ld_x_tok,
+                               int64_t ld_x_head, int64_t m, int64_t n_heads, const void *a,
+                               int64_t ld_a_head, int64_t k, int64_t n, int trans, float *y,
+                               int64_t ld_y_tok, int64_t ld_y_head) {
+  const int64_t C = bf16 ? EPIC_CUDA_INVARIANT_ROWS : EPIC_CUDA_EXACT_HEAD_ROWS;
   const int64_t hk = n_heads * k, hn = n_heads * n;
+  const size_t esz = bf16 ? 2 : 4;
   EPIC_CHECK(head_gemm_args(C, n_heads, k, n, x, a, y, hk, hn));
-  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(C * hk) * 2));
+  EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(C * hk) * esz));
   EPIC_CHECK(epic_cuda_buf_reserve(c, &c->outb, (size_t)(C * hn) * sizeof(float)));
-  uint16_t *xb = (uint16_t *)c->act.p;
+  uint8_t *xs = c->act.p;
   float *ys = (float *)c->outb.p;
   for (int64_t t0 = 0; t0 < m; t0 += C) {
     const int64_t mc = m - t0 < C ? m - t0 : C;
     if (mc < C)
-      EPIC_CHECK_CUDA(cudaMemsetAsync(xb + mc * hk, 0, (size_t)((C - mc) * hk) * 2, c->stream),
-                      "head_gemm_bf16: pad rows");
-    EPIC_CHECK(head_round_x(c, x + t0 * ld_x_tok, ld_x_tok, ld_x_head, mc, n_heads, k, xb));
-    EPIC_CHECK(head_gemm_bf16_sb(c, xb, C, n_heads, a, ld_a_head, k, n, trans, ys, hn, n));
+      EPIC_CHECK_CUDA(cudaMemsetAsync(xs + (size_t)(mc * hk) * esz, 0,
+                                      (size_t)((C - mc) * hk) * esz, c->stream),
+                      "head_gemm: pad rows");
+    const float *xt = x + t0 * ld_x_tok;
+    if (bf16) {
+      EPIC_CHECK(head_round_x(c, xt, ld_x_tok, ld_x_head, mc, n_heads, k, (uint16_t *)xs));
+      EPIC_CHECK(head_gemm_bf16_sb(c, (const uint16_t *)xs, C, n_heads, a, ld_a_head, k, n, trans,
+                                   ys, hn, n));
+    } else {
+      EPIC_CHECK(head_rows_copy(c, (float *)xs, hk, k, xt, ld_x_tok, ld_x_head, mc, n_heads, k));
+      EPIC_CHECK(gemm_sb(c, 0, trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, C, k, 1.0f, a, trans ? k : n,
+                         ld_a_head, (const float *)xs, hk, k, 0.0f, ys, hn, n, n_heads));
+    }
     EPIC_CHECK(
         head_rows_copy(c, y + t0 * ld_y_tok, ld_y_tok, ld_y_head, ys, hn, n, mc, n_heads, n));
   }
   return EPIC_OK;
+}
+
+epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, int64_t ld_x_head,
+                                int64_t m, int64_t n_heads, const float *a, int64_t ld_a_head,
+                                int64_t k, int64_t n, int trans, float *y, int64_t ld_y_tok,
+                                int64_t ld_y_head) {
+  if (m == 0 || n_heads == 0 || n == 0)
+    return EPIC_OK;
+  if (epic_cuda_of(o)->exact_matmul || epic_cuda_of(o)->invariant)
+    return head_chunks(epic_cuda_of(o), 0, x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k, n,
+                       trans, y, ld_y_tok, ld_y_head);
+  /* cuBLAS rejects leading dimensions below the row length even when m == 1. */
+  const int64_t ldx = m > 1 ? ld_x_tok : k, ldy = m > 1 ? ld_y_tok : n;
+  EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y, ldx, ldy));
+  /* y_h^T (n x m) = op(A_h) (n x k) . x_h^T (k x m); A_h row-major [k][n] is the
+   * column-major n x k matrix (op N), row-major [n][k] the column-major k x n (op T). */
+  /* Full fp32: decode-sized (a few rows per head), where TF32 would buy little. */
+  return gemm_sb(epic_cuda_of(o), 0, trans ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, 1.0f, a,
+                 trans ? k : n, ld_a_head, x, ldx, ld_x_head, 0.0f, y, ldy, ld_y_head, n_heads);
 }
 
 /* Up to EPIC_CUK_HEAD_MAX_M tokens (decode of small batches): kern_head_gemm.cu reads the
@@ -497,8 +480,8 @@ epic_status epic_cuda_head_gemm_bf16(epic_ops *o, const float *x, int64_t ld_x_t
   EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y, ldb, ldy));
   epic_cuda_ops *c = epic_cuda_of(o);
   if (c->invariant)
-    return head_bf16_rows(c, x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k, n, trans, y,
-                          ld_y_tok, ld_y_head);
+    return head_chunks(c, 1, x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k, n, trans, y,
+                       ld_y_tok, ld_y_head);
   if (epic_cuk_head_bf16_ok(m, n_heads, a, ld_a_head, k, n, trans))
     return epic_cuda_check(epic_cuk_head_bf16(x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k,
                                               n, trans, y, ld_y_tok, ld_y_head, c->stream),

@@ -287,8 +287,9 @@ cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaS
  * scales tab[widx].scale; every weight n x k), into the same rows of y (fp32, ldy even, 8-byte
  * aligned). tile0: prefix sums of epic_cuk_fp8_wgmma_tiles(rows[g], n). Passed by value
  * (kernel parameters). A tensor map (CUtensorMap, 128 bytes, 64-byte aligned) is built on the
- * host by epic_cuk_tmap_fp8 for a row-major [rows][cols] byte matrix (cols % 16 == 0), in the
- * kernel's box for weights (weight != 0) or activations. */
+ * host by epic_cuk_tmap_fp8 for a row-major [rows][cols] byte matrix (cols % 16 == 0), boxes
+ * of box_rows x 128 bytes (EPIC_CUK_WG_TILE_COLS for weights, EPIC_CUK_WG_TILE_ROWS and
+ * EPIC_CUK_WG_BOX_ROWS for activations). */
 #ifdef __cplusplus
 #define EPIC_CUK_ALIGN64 alignas(64)
 #else
@@ -300,10 +301,12 @@ typedef struct epic_cuk_tmap {
 enum {
   EPIC_CUK_WG_GROUPS_MAX = 128,
   EPIC_CUK_WG_DEV_GROUPS_MAX = 1024,
-  EPIC_CUK_WG_TILE_ROWS = 128 /* rows of a tile */
+  EPIC_CUK_WG_TILE_ROWS = 128, /* rows of a tile: the activation box of amap */
+  EPIC_CUK_WG_TILE_COLS = 256, /* weight rows of a tile: the box of wmaps */
+  EPIC_CUK_WG_BOX_ROWS = 16    /* rows of amap16's box: tiles of at most 64 rows */
 };
 typedef struct epic_cuk_fp8_wgmma_args {
-  epic_cuk_tmap amap;
+  epic_cuk_tmap amap, amap16; /* the same codes, boxes of 128 and of 16 rows */
   const epic_cuk_tmap *wmaps;
   const epic_cuk_group_w *tab;
   const float *as;
@@ -341,7 +344,7 @@ int epic_cuk_fp8_wgmma_layout_ok(const epic_weight *w);
 int epic_cuk_fp8_wgmma_ok(const epic_weight *w);
 int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n);
 cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, int64_t cols,
-                              int weight);
+                              int box_rows);
 cudaError_t epic_cuk_fp8_wgmma_prepare(void);
 cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, cudaStream_t st);
 /* Dequantise rows [r0, r0 + nr) of w into out [nr][w->cols], as bf16 (out_bf16) or fp32. */

@@ -563,7 +563,7 @@ static const epic_cuk_tmap *group_wmaps(struct epic_cuda_group_tab *t, const epi
   for (int64_t g = 0; g < t->n && e == cudaSuccess; g++) {
     const epic_weight *wg = &w[g * t->stride];
     if (wg->data)
-      e = epic_cuk_tmap_fp8(&h[g], wg->data, wg->rows, wg->cols, 1);
+      e = epic_cuk_tmap_fp8(&h[g], wg->data, wg->rows, wg->cols, EPIC_CUK_WG_TILE_COLS);
   }
   t->wmaps = upload_table(h, (size_t)t->n * sizeof *h, e, "grouped matmul: weight tensor maps",
                           st);
@@ -899,8 +899,10 @@ static epic_cuk_fp8_wgmma_args *wgmma_args(epic_cuda_ops *c, const struct epic_c
     *st = EPIC_ERR_NOMEM;
     return NULL;
   }
-  *st = epic_cuda_check(epic_cuk_tmap_fp8(&a->amap, c->act.p, rows, shape->cols, 0),
-                        "grouped matmul: activation tensor map");
+  cudaError_t e = epic_cuk_tmap_fp8(&a->amap, c->act.p, rows, shape->cols, EPIC_CUK_WG_TILE_ROWS);
+  if (e == cudaSuccess)
+    e = epic_cuk_tmap_fp8(&a->amap16, c->act.p, rows, shape->cols, EPIC_CUK_WG_BOX_ROWS);
+  *st = epic_cuda_check(e, "grouped matmul: activation tensor maps");
   if (*st != EPIC_OK) {
     free(a);
     return NULL;

@@ -1159,6 +1159,34 @@ static void test_moe_plan(void **state) {
   free(yb);
 }
 
+/* moe_plan at other expert counts: DeepSeek-V3's 256 (one scan chunk of the 1024-thread
+ * CTA), 1500 (two chunks: the scan's carry) and 5; random picks, repeats included, against
+ * the CPU bit for bit. */
+static void test_moe_plan_sizes(void **state) {
+  (void)state;
+  static const int experts[] = {256, 1500, 5};
+  enum { N = 32 * 8 };
+  for (size_t i = 0; i < sizeof experts / sizeof experts[0]; i++) {
+    const int E = experts[i];
+    int32_t idx[N];
+    for (int j = 0; j < N; j++)
+      idx[j] = (int32_t)(rng_u64() % (uint64_t)E);
+    const size_t pbytes = (size_t)(2 * N + E + 1) * sizeof(int32_t);
+    int32_t *plan_c = xmalloc(pbytes), *plan_g = xmalloc(pbytes);
+    int32_t *didx = dup_dev(idx, sizeof idx), *dplan = dalloc(pbytes);
+    assert_int_equal(g_cpu->vt->moe_plan(g_cpu, idx, N, E, 8, plan_c, NULL), EPIC_OK);
+    assert_int_equal(g_gpu->vt->moe_plan(g_gpu, didx, N, E, 8, dplan, NULL), EPIC_OK);
+    assert_int_equal(g_gpu->vt->sync(g_gpu), EPIC_OK);
+    fetch(plan_g, dplan, pbytes);
+    assert_memory_equal(plan_g, plan_c, pbytes);
+    printf("#   moe_plan: %d items over %d experts equal the CPU's\n", N, E);
+    free(plan_c);
+    free(plan_g);
+    dfree(didx);
+    dfree(dplan);
+  }
+}
+
 /* ----------------------------------------------------------- element-wise */
 
 static void test_rmsnorm(void **state) {
@@ -2224,28 +2252,39 @@ static double head_err(const float *y, const float *ref, int64_t m, int64_t H, i
   return sqrt(num / den);
 }
 
-/* head_gemm of m tokens against the CPU's (1e-5), strides as given; alone: also each
- * token alone and in part equals the whole call bit for bit (check_rows_alone). */
+/* head_gemm of m tokens against the CPU's (1e-5), strides as given; bf16: head_gemm_bf16
+ * with the weights rounded to bf16, against the CPU's on the same weights (4e-3: x is
+ * rounded to bf16 on cuBLAS's path); alone: also each token alone and in part equals the
+ * whole call bit for bit (check_rows_alone). */
 static void check_head_gemm(int64_t m, int64_t H, int64_t k, int64_t n, int trans, int64_t ldxh,
                             int64_t ldxt, int64_t ldyh, int64_t ldyt, int64_t lda,
-                            const char *label, int alone) {
+                            const char *label, int alone, int bf16) {
   const size_t sx = (size_t)(m * ldxt), sa = (size_t)(H * lda), sy = (size_t)(m * ldyt);
   float *x = xmalloc(sx * 4), *a = xmalloc(sa * 4), *y = xmalloc(sy * 4), *ref = xmalloc(sy * 4);
+  uint16_t *ab = xmalloc(sa * 2);
   fill(x, sx, 1.0f);
   fill(a, sa, 1.0f);
+  for (size_t j = 0; j < sa; j++)
+    ab[j] = epic_f32_to_bf16(a[j]);
   memset(ref, 0, sy * 4);
-  float *dx = dup_dev(x, sx * 4), *da = dup_dev(a, sa * 4), *dy = dalloc(sy * 4);
-  hg_ctx c = {dx, da, ldxt, ldxh, H, lda, k, n, ldyt, ldyh, trans, 0};
+  float *dx = dup_dev(x, sx * 4), *dy = dalloc(sy * 4);
+  void *da = bf16 ? dup_dev(ab, sa * 2) : dup_dev(a, sa * 4);
+  hg_ctx c = {dx, da, ldxt, ldxh, H, lda, k, n, ldyt, ldyh, trans, bf16};
   poison(dy, sy * 4);
   hg_run(&c, 0, m, dy);
   fetch(y, dy, sy * 4);
-  assert_int_equal(
-      g_cpu->vt->head_gemm(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans, ref, ldyt, ldyh),
-      EPIC_OK);
+  if (bf16)
+    assert_int_equal(g_cpu->vt->head_gemm_bf16(g_cpu, x, ldxt, ldxh, m, H, ab, lda, k, n, trans,
+                                               ref, ldyt, ldyh),
+                     EPIC_OK);
+  else
+    assert_int_equal(
+        g_cpu->vt->head_gemm(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans, ref, ldyt, ldyh),
+        EPIC_OK);
   char what[128];
-  snprintf(what, sizeof what, "%shead_gemm m=%lld H=%lld k=%lld n=%lld trans=%d", label,
-           (long long)m, (long long)H, (long long)k, (long long)n, trans);
-  check_err(what, head_err(y, ref, m, H, n, ldyt, ldyh), 1e-5);
+  snprintf(what, sizeof what, "%shead_gemm%s m=%lld H=%lld k=%lld n=%lld trans=%d", label,
+           bf16 ? "_bf16" : "", (long long)m, (long long)H, (long long)k, (long long)n, trans);
+  check_err(what, head_err(y, ref, m, H, n, ldyt, ldyh), bf16 ? 4e-3 : 1e-5);
   if (alone)
     check_rows_alone(what, &c, hg_run, m, dy, (size_t)ldyt * 4, (size_t)ldyt, y);
   dfree(dx);
@@ -2253,6 +2292,7 @@ static void check_head_gemm(int64_t m, int64_t H, int64_t k, int64_t n, int tran
   dfree(dy);
   free(x);
   free(a);
+  free(ab);
   free(y);
   free(ref);
 }
@@ -2265,7 +2305,7 @@ static void test_head_gemm(void **state) {
     for (int trans = 0; trans < 2; trans++) {
       const int64_t m = shapes[s][0], H = shapes[s][1], k = shapes[s][2], n = shapes[s][3];
       check_head_gemm(m, H, k, n, trans, k + 2, H * (k + 2) + 1, n + 1, H * (n + 1) + 3, k * n + 5,
-                      "", 0);
+                      "", 0, 0);
     }
 }
 
@@ -2383,7 +2423,8 @@ static void test_exact_rows(void **state) {
   for (int hs = 0; hs < 6; hs++) {
     const int64_t H = hshapes[hs][0], k = hshapes[hs][1], n = hshapes[hs][2], pad = hshapes[hs][4];
     check_head_gemm(37, H, k, n, (int)hshapes[hs][3], k + pad, H * (k + pad) + pad, n + pad,
-                    H * (n + pad) + pad, k * n + 3, pad ? "exact, padded strides: " : "exact: ", 1);
+                    H * (n + pad) + pad, k * n + 3, pad ? "exact, padded strides: " : "exact: ", 1,
+                    0);
   }
   check_mla_rows("exact", 0);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
@@ -2418,39 +2459,9 @@ static void test_invariant_rows(void **state) {
                                    {5, 128, 128, 512, 0, 1}};
   for (int i = 0; i < 5; i++) {
     const int64_t m = hs[i][0], H = hs[i][1], k = hs[i][2], n = hs[i][3], pad = hs[i][5];
-    const int trans = (int)hs[i][4];
-    const int64_t ldxh = k + pad, ldxt = H * ldxh + pad, ldyh = n + pad, ldyt = H * ldyh + pad;
-    const int64_t lda = k * n + 8;
-    const size_t sx = (size_t)(m * ldxt), sa = (size_t)(H * lda), sy = (size_t)(m * ldyt);
-    float *x = xmalloc(sx * 4), *af = xmalloc(sa * 4), *y = xmalloc(sy * 4), *ref = xmalloc(sy * 4);
-    uint16_t *a = xmalloc(sa * 2);
-    fill(x, sx, 1.0f);
-    fill(af, sa, 1.0f);
-    for (size_t j = 0; j < sa; j++)
-      a[j] = epic_f32_to_bf16(af[j]);
-    memset(ref, 0, sy * 4);
-    float *dx = dup_dev(x, sx * 4), *dy = dalloc(sy * 4);
-    uint16_t *da = dup_dev(a, sa * 2);
-    hg_ctx c = {dx, da, ldxt, ldxh, H, lda, k, n, ldyt, ldyh, trans, 1};
-    poison(dy, sy * 4);
-    hg_run(&c, 0, m, dy);
-    fetch(y, dy, sy * 4);
-    assert_int_equal(
-        g_cpu->vt->head_gemm_bf16(g_cpu, x, ldxt, ldxh, m, H, a, lda, k, n, trans, ref, ldyt, ldyh),
-        EPIC_OK);
-    char what[112];
-    snprintf(what, sizeof what, "invariant head_gemm_bf16 m=%lld H=%lld k=%lld n=%lld trans=%d%s",
-             (long long)m, (long long)H, (long long)k, (long long)n, trans, pad ? " padded" : "");
-    check_err(what, head_err(y, ref, m, H, n, ldyt, ldyh), 4e-3);
-    check_rows_alone(what, &c, hg_run, m, dy, (size_t)ldyt * 4, (size_t)ldyt, y);
-    dfree(dx);
-    dfree(da);
-    dfree(dy);
-    free(x);
-    free(af);
-    free(a);
-    free(y);
-    free(ref);
+    const int64_t ldxh = k + pad, ldyh = n + pad;
+    check_head_gemm(m, H, k, n, (int)hs[i][4], ldxh, H * ldxh + pad, ldyh, H * ldyh + pad,
+                    k * n + 8, pad ? "invariant, padded strides: " : "invariant: ", 1, 1);
   }
   check_mla_rows("invariant", 1);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
@@ -2541,6 +2552,7 @@ int main(void) {
       cmocka_unit_test(test_wgmma_forms),
       cmocka_unit_test(test_grouped_rows_gather),
       cmocka_unit_test(test_moe_plan),
+      cmocka_unit_test(test_moe_plan_sizes),
       cmocka_unit_test(test_row_pick),
       cmocka_unit_test(test_head_gemm),
       cmocka_unit_test(test_head_gemm_bf16),
