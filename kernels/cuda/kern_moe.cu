@@ -103,12 +103,13 @@ __global__ void k_kv_store_batch(T *pool, const int32_t *tables, int64_t stride,
 
 // The expert plan of moe_plan (kernels/ops.h) in one CTA: the items are counted per
 // expert with shared-memory atomics (integers: any order gives the same counts), the
-// counts turned into offsets by a block-wide scan, and then warp w places the items of
-// experts w, w + 32, ... by ballots over the items 32 at a time, so the order within an
-// expert is the item order. The ids are staged in shared memory when they fit. At decode
-// sizes (n = tokens x top-k, up to a few thousand) a few microseconds, no host round trip.
-// (A warp ballot per expert for the counts and one thread adding the 256 counts up took
-// 16 us per call at 32 tokens, H200.)
+// counts turned into offsets by a block-wide scan (offsets and counts written by a thread
+// per expert), and then warp w places the items of experts w, w + 32, ... by ballots over
+// the items 32 at a time, so the order within an expert is the item order. The ids are
+// staged in shared memory when they fit. At decode sizes (n = tokens x top-k, up to a few
+// thousand) a few microseconds, no host round trip. (Counting by a warp ballot per
+// expert, one thread adding the 256 counts up and a lane per expert updating the counts
+// in turn took 16 us per call at 32 tokens, H200.)
 __global__ void k_moe_plan(const int32_t *idx, int n, int n_experts, int div, int staged,
                            int32_t *plan, long long *counts, int *err) {
   extern __shared__ int sm[]; // [n_experts + 1] offsets, then [n] ids when staged
@@ -172,6 +173,13 @@ __global__ void k_moe_plan(const int32_t *idx, int n, int n_experts, int div, in
       atomicOr(err, EPIC_CUK_ERR_EXPERT_ID);
   }
   __syncthreads();
+  // The offsets and the counts of every expert at once (one lane per expert walking its
+  // warp's experts took a global read-modify-write latency per expert in turn).
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+    plan[2 * n + e] = off[e];
+    if (counts)
+      counts[e] += off[e + 1] - off[e];
+  }
   for (int e = warp; e < n_experts; e += warps) {
     int pos = off[e];
     for (int base = 0; base < n; base += 32) {
@@ -184,11 +192,6 @@ __global__ void k_moe_plan(const int32_t *idx, int n, int n_experts, int div, in
         plan[n + p] = i;
       }
       pos += __popc(bal);
-    }
-    if (lane == 0) {
-      plan[2 * n + e] = off[e];
-      if (counts)
-        counts[e] += pos - off[e];
     }
   }
 }

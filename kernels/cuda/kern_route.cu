@@ -1,4 +1,5 @@
-// MoE router (DeepSeek-V3 noaux_tc): one warp per token. Scores are computed in double
+// MoE router (DeepSeek-V3 noaux_tc): one warp per token (k_route_lanes for the shapes it
+// takes, DeepSeek-V3's among them; k_route for any other). Scores are computed in double
 // and rounded to fp32 like the CPU reference; every top-k is a warp-wide argmax whose
 // ties go to the lowest index, and the final weights are summed in ascending expert
 // order on one lane, so the chosen experts (and, up to exp() rounding, the weights)
@@ -145,6 +146,131 @@ __global__ void k_route(const float *logits, int64_t m, RouteArgs a, int32_t *id
   }
 }
 
+// The same selection with a lane's experts in registers (sigmoid scoring, n_experts = 32 E,
+// groups whole runs of lanes; DeepSeek-V3's 256 experts in 8 groups: E = 8, 4 lanes a
+// group). Lane l holds experts [l E, l E + E). A group's score is the multiset top-2 (or
+// the max) of its lanes' local top-2s; a group is kept when fewer than topk_group groups
+// beat it (higher score, or equal and a lower index), and each of the top_k rounds takes
+// the highest biased score among the lanes' local bests, lowest lane on ties (lowest expert,
+// as lanes hold ascending runs and a lane keeps its first best): the generic kernel's
+// choices (warp_argmax: highest value, lowest index on ties), without its shared-memory
+// scans, whose chain of dependent loads and 64-bit shuffles took 15.6 us per call at 32
+// tokens (H200, ncu), a long stall in a decode step.
+template <int E>
+__global__ void k_route_lanes(const float *logits, int64_t m, RouteArgs a, int32_t *idx,
+                              float *wt) {
+  const int lane = threadIdx.x & 31;
+  const int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= m)
+    return; // whole warp
+  const float *lg = logits + t * a.ne + lane * E;
+  float s[E], b[E];
+#pragma unroll
+  for (int j = 0; j < E; j++)
+    s[j] = lg[j];
+#pragma unroll
+  for (int j = 0; j < E; j++) {
+    s[j] = (float)(1.0 / (1.0 + exp(-(double)s[j])));
+    b[j] = a.bias ? s[j] + a.bias[lane * E + j] : s[j];
+  }
+  if (a.ng > 1) {
+    const int L = (int)(a.ne / a.ng) / E; // lanes of a group: a power of two
+    float t1 = -INFINITY, t2 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < E; j++) {
+      if (b[j] > t1) {
+        t2 = t1;
+        t1 = b[j];
+      } else if (b[j] > t2) {
+        t2 = b[j];
+      }
+    }
+    for (int o = 1; o < L; o <<= 1) {
+      const float u1 = __shfl_xor_sync(0xffffffffu, t1, o);
+      const float u2 = __shfl_xor_sync(0xffffffffu, t2, o);
+      t2 = fmaxf(fminf(t1, u1), fmaxf(t2, u2));
+      t1 = fmaxf(t1, u1);
+    }
+    const float gv = !a.bias ? t1 : a.ne / a.ng > 1 ? t1 + t2 : t1;
+    const int g = lane / L;
+    int beaten = 0;
+    for (int h = 0; h < (int)a.ng; h++) {
+      const float hv = __shfl_sync(0xffffffffu, gv, h * L);
+      beaten += hv > gv || (hv == gv && h < g);
+    }
+    if (beaten >= a.topk_group)
+#pragma unroll
+      for (int j = 0; j < E; j++)
+        b[j] = -INFINITY;
+  }
+  unsigned taken = 0;
+  for (int64_t r = 0; r < a.top_k; r++) {
+    float bv = -INFINITY;
+    int bj = -1;
+#pragma unroll
+    for (int j = 0; j < E; j++)
+      if (!((taken >> j) & 1u) && (bj < 0 || b[j] > bv)) {
+        bv = b[j];
+        bj = j;
+      }
+    float mx = bv;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    unsigned cand = __ballot_sync(0xffffffffu, bj >= 0 && bv == mx);
+    if (!cand) // NaN scores only: still take top_k experts
+      cand = __ballot_sync(0xffffffffu, bj >= 0);
+    if (lane == __ffs(cand) - 1)
+      taken |= 1u << bj;
+  }
+  // The chosen experts in ascending order (lanes' runs in lane order), then one lane sums
+  // their scores in that order, like the CPU reference.
+  const int cnt = __popc(taken);
+  int incl = cnt;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o)
+      incl += y;
+  }
+  int32_t *oi = idx + t * a.top_k;
+  float *ow = wt + t * a.top_k;
+  int pos = incl - cnt;
+#pragma unroll
+  for (int j = 0; j < E; j++)
+    if ((taken >> j) & 1u) {
+      oi[pos] = lane * E + j;
+      ow[pos] = s[j];
+      pos++;
+    }
+  __syncwarp();
+  if (lane == 0) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < a.top_k; k++)
+      sum += ow[k];
+    const double norm = a.norm ? 1.0 / (sum + 1e-20) : 1.0;
+    for (int64_t k = 0; k < a.top_k; k++)
+      ow[k] = (float)((double)ow[k] * norm * (double)a.rsf);
+  }
+}
+
+// Experts per lane for k_route_lanes, 0 when the router's shape is not one it takes.
+int lanes_per_expert_run(const RouteArgs &a) {
+  if (a.scoring != 0 || a.ne % 32 != 0 || a.top_k > a.ne)
+    return 0;
+  const int64_t e = a.ne / 32;
+  if (e != 1 && e != 2 && e != 4 && e != 8)
+    return 0;
+  if (a.ng > 1) {
+    if (a.ne % a.ng != 0 || (a.ne / a.ng) % e != 0 || a.topk_group > a.ng)
+      return 0;
+    const int64_t l = a.ne / a.ng / e; // lanes of a group
+    if (l & (l - 1))
+      return 0;
+  }
+  return (int)e;
+}
+
 size_t per_token_smem(int64_t ne, int64_t ng) {
   const size_t bytes =
       (size_t)ne * 2 * sizeof(float) + (size_t)ng * sizeof(float) + (size_t)ne + (size_t)ng;
@@ -171,6 +297,19 @@ cudaError_t epic_cuk_route(const float *logits, int64_t m, const epic_router_par
   a.rsf = p->routed_scaling_factor;
   a.bias = p->bias;
   a.per_tok = per_token_smem(a.ne, a.ng);
+  const int e = lanes_per_expert_run(a);
+  if (e) { // 4 tokens (warps) per block
+    const int64_t nb = (m + 3) / 4;
+    if (nb > 2147483647)
+      return cudaErrorInvalidValue;
+    switch (e) {
+    case 1: k_route_lanes<1><<<(unsigned)nb, 128, 0, st>>>(logits, m, a, idx, weight); break;
+    case 2: k_route_lanes<2><<<(unsigned)nb, 128, 0, st>>>(logits, m, a, idx, weight); break;
+    case 4: k_route_lanes<4><<<(unsigned)nb, 128, 0, st>>>(logits, m, a, idx, weight); break;
+    default: k_route_lanes<8><<<(unsigned)nb, 128, 0, st>>>(logits, m, a, idx, weight); break;
+    }
+    return cudaGetLastError();
+  }
   int tpb = (int)((48 * 1024) / a.per_tok);
   tpb = tpb > 4 ? 4 : (tpb < 1 ? 1 : tpb);
   const int64_t blocks = (m + tpb - 1) / tpb;
