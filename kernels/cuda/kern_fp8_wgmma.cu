@@ -25,7 +25,9 @@
 // which also keeps the tensor cores' reduced-precision FP8 accumulation to 128 products.
 // (setmaxnreg moves registers from the producer to the consumers: 64 + 2 x 64 accumulators.)
 // Tiles are ordered group, then weight column tile, then row tile, so the CTAs that run
-// at once share weight tiles through L2. A tile's outputs are stored during the next
+// at once share weight tiles through L2. A launch whose 128 x 256 tiles would leave most
+// SMs idle (a dense weight at decode sizes) takes 128 x 128 tiles (tile_cfg: one wgmma n
+// = 128 pass each, a deeper ring), twice the CTAs and the same bits. A tile's outputs are stored during the next
 // tile's first k-block, while its wgmma steps run.
 //
 // Measured (kernels/cuda/NOTES.md): 128 x 128 tiles were L2-traffic bound (5.5 TB/s of
@@ -47,26 +49,34 @@
 
 namespace {
 
-constexpr int kBM = EPIC_CUK_WG_TILE_ROWS, kBN = 256, kBK = 128;
-constexpr int kStages = 4;
-constexpr int kABytes = kBM * kBK, kWBytes = kBN * kBK; // one stage's boxes
+constexpr int kBM = EPIC_CUK_WG_TILE_ROWS, kBK = 128;
+constexpr int kABytes = kBM * kBK; // one stage's activation box
 constexpr int kBoxRows = EPIC_CUK_WG_BOX_ROWS, kABox = kBoxRows * kBK; // small activation boxes
-static_assert(kBN == EPIC_CUK_WG_TILE_COLS && kABox % 1024 == 0,
-              "small boxes keep the 128-byte swizzle's 1024-byte period");
-constexpr int kHalves = kBN / 128; // weight scale blocks (and wgmma n = 128 passes) per tile
+static_assert(kABox % 1024 == 0, "small boxes keep the 128-byte swizzle's 1024-byte period");
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;
 // 1024 bytes of slack to align the stages to the 128-byte swizzle's 1024-byte period.
 // Per stage besides the two boxes: the 128 rows' activation scales of its column block and
-// the weight tile's kHalves block scales (kScaleBytes, padded to 16 bytes).
+// the weight tile's (up to two) block scales (kScaleBytes, padded to 16 bytes).
 constexpr int kScaleBytes = (kBM + 4) * 4;
 // Dynamic tile order (host-planned form): the producer hands each tile's index to the
 // consumers through a ring of kTileSlots slots, each with a "full" and an "empty" mbarrier.
 constexpr int kTileSlots = 4;
-constexpr size_t kSmem = 1024 + (size_t)kStages * (kABytes + kWBytes + kScaleBytes) +
-                         2 * kStages * sizeof(uint64_t) + kTileSlots * (2 * sizeof(uint64_t) + 4);
-// Device-planned launches add their tile prefix sums (EPIC_CUK_WG_DEV_GROUPS_MAX + 1 ints).
-constexpr size_t kSmemDev = kSmem + 4 * (EPIC_CUK_WG_DEV_GROUPS_MAX + 1);
+// A tile's weight columns BN: EPIC_CUK_WG_TILE_COLS, or EPIC_CUK_WG_NARROW_COLS for the
+// narrow form (weights of few column tiles, whose wide tiles leave most SMs idle: twice the
+// CTAs, each with a deeper ring of half-size weight boxes). Either way an output is one
+// wgmma m64n128k32 chain per block, scaled and added alike: the same bits.
+template <int BN> struct tile_cfg {
+  static constexpr int kStages = BN == EPIC_CUK_WG_TILE_COLS ? 4 : 6;
+  static constexpr int kWBytes = BN * kBK;  // one stage's weight box
+  static constexpr int kHalves = BN / 128; // weight scale blocks (and wgmma n = 128 passes)
+  static constexpr size_t kSmem = 1024 + (size_t)kStages * (kABytes + kWBytes + kScaleBytes) +
+                                  2 * kStages * sizeof(uint64_t) +
+                                  kTileSlots * (2 * sizeof(uint64_t) + 4);
+  // Device-planned launches add their tile prefix sums (EPIC_CUK_WG_DEV_GROUPS_MAX + 1 ints).
+  static constexpr size_t kSmemDev = kSmem + 4 * (EPIC_CUK_WG_DEV_GROUPS_MAX + 1);
+  static_assert(kSmemDev <= 227 * 1024, "shared memory per CTA");
+};
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -178,8 +188,9 @@ __device__ __forceinline__ tile_pos locate(const epic_cuk_fp8_wgmma_args &a,
 
 // Device-planned groups: every CTA counts the tiles of the groups above min_rows into
 // tile0 (shared memory, n_groups + 1 entries), one warp scanning 32 groups at a time.
+template <int BN>
 __device__ __forceinline__ void count_tiles(const epic_cuk_fp8_wgmma_args &a, int32_t *tile0) {
-  const int lane = threadIdx.x % 32, n_nt = (a.n + kBN - 1) / kBN;
+  const int lane = threadIdx.x % 32, n_nt = (a.n + BN - 1) / BN;
   int carry = 0;
   for (int base = 0; base < a.n_groups; base += 32) {
     const int g = base + lane;
@@ -251,11 +262,13 @@ __device__ __forceinline__ void store_half(const epic_cuk_fp8_wgmma_args &a, con
 // is what lets the CTAs running at once share weight tiles through L2. Host-planned calls
 // with large groups (prefill steps of 8k tokens) run whole tiles in the static order:
 // faster there (kernels/cuda/NOTES.md).
-template <bool kHalf, bool kDyn>
+template <bool kHalf, bool kDyn, int BN>
 __global__ void __launch_bounds__(kThreads, 1)
     k_fp8_wgmma(const __grid_constant__ epic_cuk_fp8_wgmma_args a) {
   // (The plain sm_90 build compiles this too; its wgmma traps, and the host runs the
   // sm_90a code on Hopper.)
+  using C = tile_cfg<BN>;
+  constexpr int kStages = C::kStages, kWBytes = C::kWBytes, kHalves = C::kHalves;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (epic_smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t s_a = base, s_b = base + kStages * kABytes;
@@ -272,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = threadIdx.x / 128;
   const int nkb = (a.k + kBK - 1) / kBK;
   if (a.off_dev && threadIdx.x < 32)
-    count_tiles(a, dev_tile0);
+    count_tiles<BN>(a, dev_tile0);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; s++) {
       mbar_init(bar_full + 8 * s, 2); // the producer (with the bytes) and its 4-byte copy
@@ -307,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         hand(t);
       const tile_pos p = locate(a, tile0, t);
       const epic_cuk_tmap *wmap = &a.wmaps[p.widx];
-      const int row = p.row0 + p.mt * kBM, wrow = p.nt * kBN, r0 = p.mt * kBM;
+      const int row = p.row0 + p.mt * kBM, wrow = p.nt * BN, r0 = p.mt * kBM;
       // This tile's rows of the scale blocks: the group's rows rounded up to 4 (its slot
       // in the layout is), so the copy is whole 16-byte units; rows past the group's end
       // hold pad scales or stale values, and their outputs are never stored.
@@ -426,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     k_block(std::true_type{});
     for (int kb = 1; kb < nkb; kb++)
       k_block(std::false_type{});
-    prev = out_tile{p.row0 + r_lo, p.nt * kBN + (lane % 4) * 2, p.rows - r_lo, half};
+    prev = out_tile{p.row0 + r_lo, p.nt * BN + (lane % 4) * 2, p.rows - r_lo, half};
     pending = true;
   }
   if (pending)
@@ -438,23 +451,27 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 } // namespace
 
-// The kernel's three forms: host-planned with half tiles (dynamic tile order) or whole
-// tiles (static order), and device-planned (half tiles, static order: its tiles are
-// counted per CTA from the offsets).
-#define EPIC_WG_HOST_HALF k_fp8_wgmma<true, true>
-#define EPIC_WG_HOST_WHOLE k_fp8_wgmma<false, false>
-#define EPIC_WG_DEV k_fp8_wgmma<true, false>
+// The kernel's forms: host-planned with half tiles (dynamic tile order) or whole tiles
+// (static order), wide or narrow (a.narrow), and device-planned (wide, half tiles, static
+// order: its tiles are counted per CTA from the offsets).
+constexpr int kWide = EPIC_CUK_WG_TILE_COLS, kNarrow = EPIC_CUK_WG_NARROW_COLS;
+#define EPIC_WG_HOST_HALF(BN) k_fp8_wgmma<true, true, BN>
+#define EPIC_WG_HOST_WHOLE(BN) k_fp8_wgmma<false, false, BN>
+#define EPIC_WG_DEV k_fp8_wgmma<true, false, kWide>
+
+template <typename F> static cudaError_t smem_attr(F f, size_t bytes) {
+  return cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+}
 
 cudaError_t epic_cuk_fp8_wgmma_prepare(void) {
-  cudaError_t e = cudaFuncSetAttribute(EPIC_WG_HOST_HALF,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmem);
+  cudaError_t e = smem_attr(EPIC_WG_HOST_HALF(kWide), tile_cfg<kWide>::kSmem);
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(EPIC_WG_HOST_WHOLE, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)kSmem);
-  return e != cudaSuccess
-             ? e
-             : cudaFuncSetAttribute(EPIC_WG_DEV, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)kSmemDev);
+    e = smem_attr(EPIC_WG_HOST_WHOLE(kWide), tile_cfg<kWide>::kSmem);
+  if (e == cudaSuccess)
+    e = smem_attr(EPIC_WG_HOST_HALF(kNarrow), tile_cfg<kNarrow>::kSmem);
+  if (e == cudaSuccess)
+    e = smem_attr(EPIC_WG_HOST_WHOLE(kNarrow), tile_cfg<kNarrow>::kSmem);
+  return e != cudaSuccess ? e : smem_attr(EPIC_WG_DEV, tile_cfg<kWide>::kSmemDev);
 }
 
 int epic_cuk_fp8_wgmma_layout_ok(const epic_weight *w) {
@@ -492,15 +509,16 @@ cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, 
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n) {
-  return (int)(((rows + kBM - 1) / kBM) * ((n + kBN - 1) / kBN));
+int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n, int narrow) {
+  const int64_t bn = narrow ? kNarrow : kWide;
+  return (int)(((rows + kBM - 1) / kBM) * ((n + bn - 1) / bn));
 }
 
 cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, cudaStream_t st) {
   if (a->off_dev) { // tiles counted on the device: every SM, idle ones leave at once
     if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_DEV_GROUPS_MAX || a->lds % 4 != 0)
       return cudaErrorInvalidValue;
-    EPIC_WG_DEV<<<sm_count, kThreads, kSmemDev, st>>>(*a);
+    EPIC_WG_DEV<<<sm_count, kThreads, tile_cfg<kWide>::kSmemDev, st>>>(*a);
     return cudaGetLastError();
   }
   if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_GROUPS_MAX)
@@ -509,8 +527,12 @@ cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, c
   if (total <= 0)
     return cudaSuccess;
   const int grid = total < sm_count ? total : sm_count;
+  const size_t smem = a->narrow ? tile_cfg<kNarrow>::kSmem : tile_cfg<kWide>::kSmem;
   if (!a->half) {
-    EPIC_WG_HOST_WHOLE<<<grid, kThreads, kSmem, st>>>(*a);
+    if (a->narrow)
+      EPIC_WG_HOST_WHOLE(kNarrow)<<<grid, kThreads, smem, st>>>(*a);
+    else
+      EPIC_WG_HOST_WHOLE(kWide)<<<grid, kThreads, smem, st>>>(*a);
     return cudaGetLastError();
   }
   if (!a->next_tile)
@@ -518,6 +540,9 @@ cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, c
   const cudaError_t e = cudaMemsetAsync(a->next_tile, 0, sizeof(int32_t), st);
   if (e != cudaSuccess)
     return e;
-  EPIC_WG_HOST_HALF<<<grid, kThreads, kSmem, st>>>(*a);
+  if (a->narrow)
+    EPIC_WG_HOST_HALF(kNarrow)<<<grid, kThreads, smem, st>>>(*a);
+  else
+    EPIC_WG_HOST_HALF(kWide)<<<grid, kThreads, smem, st>>>(*a);
   return cudaGetLastError();
 }

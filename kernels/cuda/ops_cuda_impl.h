@@ -101,7 +101,7 @@ typedef struct epic_cuda_ops {
     int64_t stride, n;
     uint64_t sig; /* the storage it was built from (ops_cuda_matmul.c list_sig) */
     void *dev;    /* epic_cuk_group_w[n] */
-    void *wmaps; /* epic_cuk_tmap[n] of the wgmma kernel, built on its first use */
+    void *wmaps; /* epic_cuk_tmap[2n] of the wgmma kernel (wide boxes, then narrow ones) */
   } group_tabs[EPIC_CUDA_GROUP_TABS];
   int n_group_tabs, group_next;
   /* scratch */
@@ -285,7 +285,7 @@ cudaError_t epic_cuk_fp8_mma(const epic_cuk_fp8_mma_args *p, int sm_count, cudaS
  * describes ([rows][k], 1x128 scales at as + sbase[g], layout [nbk][mp[g]], the lanes'
  * quantiser's) times the weight of index widx[g] (its tensor map wmaps[widx], its block
  * scales tab[widx].scale; every weight n x k), into the same rows of y (fp32, ldy even, 8-byte
- * aligned). tile0: prefix sums of epic_cuk_fp8_wgmma_tiles(rows[g], n). Passed by value
+ * aligned). tile0: prefix sums of epic_cuk_fp8_wgmma_tiles(rows[g], n, narrow). Passed by value
  * (kernel parameters). A tensor map (CUtensorMap, 128 bytes, 64-byte aligned) is built on the
  * host by epic_cuk_tmap_fp8 for a row-major [rows][cols] byte matrix (cols % 16 == 0), boxes
  * of box_rows x 128 bytes (EPIC_CUK_WG_TILE_COLS for weights, EPIC_CUK_WG_TILE_ROWS and
@@ -302,7 +302,8 @@ enum {
   EPIC_CUK_WG_GROUPS_MAX = 128,
   EPIC_CUK_WG_DEV_GROUPS_MAX = 1024,
   EPIC_CUK_WG_TILE_ROWS = 128, /* rows of a tile: the activation box of amap */
-  EPIC_CUK_WG_TILE_COLS = 256, /* weight rows of a tile: the box of wmaps */
+  EPIC_CUK_WG_TILE_COLS = 256, /* weight rows of a tile: the box of wmaps[0, n) */
+  EPIC_CUK_WG_NARROW_COLS = 128, /* of a narrow tile: the box of wmaps[n, 2n) */
   EPIC_CUK_WG_BOX_ROWS = 16    /* rows of amap16's box: tiles of at most 64 rows */
 };
 typedef struct epic_cuk_fp8_wgmma_args {
@@ -327,6 +328,9 @@ typedef struct epic_cuk_fp8_wgmma_args {
    * epic_cuk_fp8_wgmma before the launch, on its stream). */
   int32_t half;
   int32_t *next_tile;
+  /* Host-planned, optional: narrow tiles of EPIC_CUK_WG_NARROW_COLS weight rows (wmaps then
+   * holds tensor maps with that box): twice the tiles of a weight, the same results. */
+  int32_t narrow;
   int32_t widx[EPIC_CUK_WG_GROUPS_MAX], row0[EPIC_CUK_WG_GROUPS_MAX];
   int32_t rows[EPIC_CUK_WG_GROUPS_MAX], sbase[EPIC_CUK_WG_GROUPS_MAX];
   int32_t mp[EPIC_CUK_WG_GROUPS_MAX], tile0[EPIC_CUK_WG_GROUPS_MAX + 1];
@@ -342,7 +346,7 @@ cudaError_t epic_cuk_quant_fp8_dev(const float *x, int64_t ldx, int64_t rows, in
  * _ok: also its storage (scales present, codes 16-byte aligned). */
 int epic_cuk_fp8_wgmma_layout_ok(const epic_weight *w);
 int epic_cuk_fp8_wgmma_ok(const epic_weight *w);
-int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n);
+int epic_cuk_fp8_wgmma_tiles(int64_t rows, int64_t n, int narrow);
 cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, int64_t cols,
                               int box_rows);
 cudaError_t epic_cuk_fp8_wgmma_prepare(void);

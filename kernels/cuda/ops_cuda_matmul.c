@@ -550,11 +550,12 @@ static const epic_cuk_group_w *group_table(epic_cuda_ops *c, const epic_weight *
   return t ? t->dev : NULL;
 }
 
-/* The wgmma kernel's tensor maps of the entry's weights (list w) into t->wmaps; group_entry
- * builds them with the table (not while recording), the launches read t->wmaps. */
+/* The wgmma kernel's tensor maps of the entry's weights (list w) into t->wmaps, the wide
+ * tiles' boxes for [0, n) and the narrow tiles' for [n, 2n); group_entry builds them with
+ * the table (not while recording), the launches read t->wmaps. */
 static const epic_cuk_tmap *group_wmaps(struct epic_cuda_group_tab *t, const epic_weight *w,
                                         epic_status *st) {
-  epic_cuk_tmap *h = calloc((size_t)t->n, sizeof *h);
+  epic_cuk_tmap *h = calloc((size_t)(2 * t->n), sizeof *h);
   if (!h) {
     *st = EPIC_ERR_NOMEM;
     return NULL;
@@ -564,9 +565,11 @@ static const epic_cuk_tmap *group_wmaps(struct epic_cuda_group_tab *t, const epi
     const epic_weight *wg = &w[g * t->stride];
     if (wg->data)
       e = epic_cuk_tmap_fp8(&h[g], wg->data, wg->rows, wg->cols, EPIC_CUK_WG_TILE_COLS);
+    if (wg->data && e == cudaSuccess)
+      e = epic_cuk_tmap_fp8(&h[t->n + g], wg->data, wg->rows, wg->cols, EPIC_CUK_WG_NARROW_COLS);
   }
-  t->wmaps = upload_table(h, (size_t)t->n * sizeof *h, e, "grouped matmul: weight tensor maps",
-                          st);
+  t->wmaps = upload_table(h, (size_t)(2 * t->n) * sizeof *h, e,
+                          "grouped matmul: weight tensor maps", st);
   return t->wmaps;
 }
 
@@ -928,6 +931,17 @@ static int wgmma_half(const epic_cuda_ops *c, int64_t m, int64_t nb) {
   return m <= nb * (EPIC_CUK_WG_TILE_ROWS * 3 / 2);
 }
 
+/* Whether the host-planned launch of the groups ls (n weight rows) takes narrow tiles (the
+ * same results): where the wide tiles would not fill half the SMs, e.g. a dense projection
+ * at decode sizes in the invariant precision (q_a + kv_a: 9 wide tiles, o_proj 28, a shared
+ * expert's gate/up 16), or a decode step's few experts on one rank of many. */
+static int wgmma_narrow(const epic_cuda_ops *c, const large_set *ls, int64_t n) {
+  int64_t wide = 0;
+  for (int64_t i = 0; i < ls->nb; i++)
+    wide += epic_cuk_fp8_wgmma_tiles(ls->lg[i].rows, n, 0);
+  return 2 * wide <= c->sm_count;
+}
+
 /* One launch of the wgmma kernel, counted (epic_ops_cuda_wgmma_launches). */
 static epic_status wgmma_launch(epic_cuda_ops *c, const epic_cuk_fp8_wgmma_args *a) {
   const epic_status st = epic_cuda_check(epic_cuk_fp8_wgmma(a, c->sm_count, c->stream),
@@ -983,6 +997,9 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx, 
     if (a) {
       a->half = wgmma_half(c, m, ls.nb);
       a->next_tile = c->tiles.p;
+      a->narrow = wgmma_narrow(c, &ls, n);
+      if (a->narrow)
+        a->wmaps += t->n; /* the narrow boxes' maps */
     }
   }
   for (int64_t b0 = 0; a && st == EPIC_OK && b0 < ls.nb; b0 += EPIC_CUK_WG_GROUPS_MAX) {
@@ -997,7 +1014,7 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx, 
       a->sbase[j] = (int32_t)q->sbase;
       a->mp[j] = (int32_t)q->mp;
       a->tile0[j] = (int32_t)tiles;
-      tiles += epic_cuk_fp8_wgmma_tiles(q->rows, n);
+      tiles += epic_cuk_fp8_wgmma_tiles(q->rows, n, a->narrow);
     }
     a->tile0[a->n_groups] = (int32_t)tiles;
     st = tiles > INT32_MAX ? EPIC_ERR_UNSUPPORTED : wgmma_launch(c, a);

@@ -2433,7 +2433,7 @@ static void test_exact_rows(void **state) {
 
 /* The invariant precision (ops_cuda.h) is row-invariant: matmuls of F32, BF16 and FP8
  * weights on each of its paths (the expert kernel for FP8 it takes, also at V3's dense
- * shapes, 128-row chunks otherwise: 300 rows make three), head_gemm_bf16 in token chunks
+ * shapes, in wide and in narrow tiles, 128-row chunks otherwise: 300 rows make three), head_gemm_bf16 in token chunks
  * (small and V3 shapes, padded strides) and the BF16-cache decode over 1 to 5000 keys
  * give a row alone or in a smaller call the bits it has in the whole call, within the
  * fast numerics' error of the CPU; epic_ops_rows_invariant follows the precision. */
@@ -2450,6 +2450,8 @@ static void test_invariant_rows(void **state) {
   check_mm_rows("invariant", EPIC_DT_F8E4M3, 576, 7168, 37, EPIC_CUDA_MM_FP8_WGMMA, 5e-2);
   check_mm_rows("invariant", EPIC_DT_F8E4M3, 1536, 7168, 5, EPIC_CUDA_MM_FP8_WGMMA, 5e-2);
   check_mm_rows("invariant", EPIC_DT_F8E4M3, 7168, 2048, 5, EPIC_CUDA_MM_FP8_WGMMA, 5e-2);
+  /* 300 rows of it take wide tiles (84 of them), a row alone narrow ones (56 of 128 columns) */
+  check_mm_rows("invariant", EPIC_DT_F8E4M3, 7168, 2048, 300, EPIC_CUDA_MM_FP8_WGMMA, 5e-2);
   check_mm_rows("invariant", EPIC_DT_F8E4M3, 300, 1100, 300, EPIC_CUDA_MM_FAST_ROWS, 1e-2);
   /* {tokens, heads, k, n, trans, padded strides} */
   static const int64_t hs[5][6] = {{300, 6, 40, 64, 0, 1},
