@@ -15,9 +15,8 @@
 // memory accelerator (TMA: a 128-row x 128-byte box of activation codes, or 16-row boxes
 // for a tile of at most 64 rows, and a 256-row one of weight codes per stage, written with
 // the 128-byte swizzle that wgmma reads; rows and columns past the tensors' ends arrive as
-// zeros), plus the stage's scales (a bulk copy of
-// the tile's 128 activation scales, two 4-byte cp.async of the weight block scales), so
-// no consumer ever waits on a global load. Each stage has a "full" mbarrier (bytes and
+// zeros), plus the stage's scales (a bulk copy of the tile's 128 activation scales, two
+// 4-byte cp.async of the weight block scales), so no consumer ever waits on a global load. Each stage has a "full" mbarrier (bytes and
 // copies landed) and an "empty" one (every consumer warp is done with it). Warpgroups 1
 // and 2 are the consumers, 64 rows each: per 128-column block and weight scale block, 4
 // `wgmma m64n128k32` e4m3 steps into a zeroed block accumulator, then one FMA per output
@@ -27,8 +26,8 @@
 // Tiles are ordered group, then weight column tile, then row tile, so the CTAs that run
 // at once share weight tiles through L2. A launch whose 128 x 256 tiles would leave most
 // SMs idle (a dense weight at decode sizes) takes 128 x 128 tiles (tile_cfg: one wgmma n
-// = 128 pass each, a deeper ring), twice the CTAs and the same bits. A tile's outputs are stored during the next
-// tile's first k-block, while its wgmma steps run.
+// = 128 pass each, a deeper ring), twice the CTAs and the same bits. A tile's outputs are
+// stored during the next tile's first k-block, while its wgmma steps run.
 //
 // Measured (kernels/cuda/NOTES.md): 128 x 128 tiles were L2-traffic bound (5.5 TB/s of
 // boxes at 0.43 of the FP8 peak); 128 x 256 tiles read 25% fewer bytes per output. A
