@@ -15,11 +15,16 @@ for the p50 decode step (decode tokens/s = batch / step) and for prefill time pe
 The ratio EPIC / baseline is then taken at 61 layers and per MoE layer.
 
 Usage: layer_extrapolate.py OUT_K1 OUT_K2 [--layers-total 61]
-  OUT_K*: the OUT directories of two bench/gpu_model_bench.sh runs (their summary.json).
+  OUT_K*: the OUT directories of two bench/gpu_model_bench.sh runs (their summary.json),
+  or of several runs each, comma-separated (e.g. the script repeated in one command: a
+  point's step times are the median over the runs that measured it, on each side and at
+  each layer count; "runs" says how many there were). Step times move by a few percent
+  between runs, and a ratio near a target wants more than one.
 Prints one JSON object (and a table on stderr).
 """
 import argparse
 import json
+import statistics
 import os
 import sys
 
@@ -44,6 +49,25 @@ def steps(row):
             1 / tp if tp else None)
 
 
+def load_runs(arg):
+    """The summaries of the comma-separated OUT directories in arg, one layer count."""
+    runs = [load(d) for d in arg.split(",") if d]
+    if not runs:
+        sys.exit(f"layer_extrapolate: no OUT directory in {arg!r}")
+    if len({r["layers"] for r in runs}) != 1:
+        sys.exit(f"layer_extrapolate: the runs {arg} differ in layer count")
+    return runs
+
+
+def median_steps(runs, key):
+    """steps() of point key, each quantity the median over the runs that measured it."""
+    got = [steps(r) for s in runs for r in s["points"] if (r["batch"], r["ctx"]) == key]
+    if not got:
+        return None
+    return tuple(statistics.median(v) if v else None
+                 for v in ([x[i] for x in got if x[i] is not None] for i in range(4)))
+
+
 def extrapolate(v1, v2, k1, k2, total):
     if v1 is None or v2 is None:
         return None, None
@@ -57,18 +81,21 @@ def main():
     ap.add_argument("out_k2")
     ap.add_argument("--layers-total", type=int, default=61)
     a = ap.parse_args()
-    s1, s2 = load(a.out_k1), load(a.out_k2)
-    k1, k2 = s1["layers"], s2["layers"]
+    runs1, runs2 = load_runs(a.out_k1), load_runs(a.out_k2)
+    s1 = runs1[0]
+    k1, k2 = s1["layers"], runs2[0]["layers"]
     if k2 <= k1:
         sys.exit(f"layer_extrapolate: the second run must have more layers ({k1} vs {k2})")
-    by2 = {(r["batch"], r["ctx"]): r for r in s2["points"]}
+    keys = []  # the first runs' points, in their order
+    for s in runs1:
+        for r in s["points"]:
+            if (r["batch"], r["ctx"]) not in keys:
+                keys.append((r["batch"], r["ctx"]))
     rows = []
-    for r1 in s1["points"]:
-        key = (r1["batch"], r1["ctx"])
-        r2 = by2.get(key)
-        if not r2:
+    for key in keys:
+        a1, a2 = median_steps(runs1, key), median_steps(runs2, key)
+        if not a2:
             continue
-        a1, a2 = steps(r1), steps(r2)
         out = {"batch": key[0], "ctx": key[1]}
         for i, name in enumerate(("epic_decode", "torch_decode", "epic_prefill", "torch_prefill")):
             per, full = extrapolate(a1[i], a2[i], k1, k2, a.layers_total)
@@ -96,6 +123,7 @@ def main():
         rows.append(out)
     res = {"bench": "gpu_model_layers", "device": s1.get("device"), "layers": [k1, k2],
            "layers_total": a.layers_total, "baseline": s1.get("baseline"),
+           "runs": [len(runs1), len(runs2)],
            "method": "per MoE layer = (step(K2) - step(K1)) / (K2 - K1); "
                      "step(total) = step(K1) + (total - K1) * per MoE layer; both sides alike",
            "points": rows}

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """bench/layer_extrapolate.py on synthetic gpu_model_bench.sh summaries: the per-MoE-layer
 cost is the step difference over the layer difference, the 61-layer step is the first run
-plus the remaining layers at that cost, both sides alike, and bad inputs are refused with
-a message naming the problem.
+plus the remaining layers at that cost, both sides alike; with several runs per layer count
+each quantity is their median; bad inputs are refused with a message naming the problem.
 
 Usage: test_layer_extrapolate.py PATH/TO/layer_extrapolate.py"""
 import json
@@ -50,16 +50,8 @@ def main():
         want[b] = {"e_layer": e_layer, "t_layer": t_layer, "e61": e61, "t61": t61,
                    "tps61": b / (e61 / 1e3), "dec61": t61 / e61, "pre61": p_t61 / p_e61}
     pts2.append((512, 1024, 1, 1, 1, 1))  # only in the second run: left out
-    with tempfile.TemporaryDirectory() as d:
-        a, b = os.path.join(d, "a"), os.path.join(d, "b")
-        os.mkdir(a)
-        os.mkdir(b)
-        json.dump(summary(k1, pts1), open(os.path.join(a, "summary.json"), "w"))
-        json.dump(summary(k2, pts2), open(os.path.join(b, "summary.json"), "w"))
-        r = run(script, a, b)
-        assert r.returncode == 0, r.stderr
-        res = json.loads(r.stdout)
-        assert res["layers"] == [k1, k2], res["layers"]
+
+    def check(res):
         assert [p["batch"] for p in res["points"]] == [1, 32, 128], res["points"]
         for p in res["points"]:
             w = want[p["batch"]]
@@ -70,7 +62,41 @@ def main():
                       (q["prefill_61_layers"], w["pre61"])]
             for got, exp in checks:
                 assert close(got, exp), (p["batch"], got, exp)
+
+    def scaled(pts, f):  # every time f times longer (rates f times lower)
+        return [(b, c, es * f, ts * f, ep / f, tp / f) for b, c, es, ts, ep, tp in pts]
+
+    with tempfile.TemporaryDirectory() as d:
+        a, b = os.path.join(d, "a"), os.path.join(d, "b")
+        os.mkdir(a)
+        os.mkdir(b)
+        json.dump(summary(k1, pts1), open(os.path.join(a, "summary.json"), "w"))
+        json.dump(summary(k2, pts2), open(os.path.join(b, "summary.json"), "w"))
+        r = run(script, a, b)
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert res["layers"] == [k1, k2] and res["runs"] == [1, 1], (res["layers"], res["runs"])
+        check(res)
         print("ok - per-layer cost and 61-layer extrapolation for %d points (K %d and %d)" % (3, k1, k2))
+        # three runs per layer count, one 3% slower and one 4% faster than the above: the
+        # medians are the first runs' values, so the results are too
+        dirs = {}
+        for name, k, pts in (("a", k1, pts1), ("b", k2, pts2)):
+            dirs[name] = [os.path.join(d, name)]
+            for i, f in enumerate((1.03, 0.96)):
+                p = os.path.join(d, "%s%d" % (name, i))
+                os.mkdir(p)
+                json.dump(summary(k, scaled(pts, f)), open(os.path.join(p, "summary.json"), "w"))
+                dirs[name].append(p)
+        r = run(script, ",".join(dirs["a"]), ",".join(dirs["b"]))
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert res["runs"] == [3, 3], res["runs"]
+        check(res)
+        print("ok - three runs per layer count: medians")
+        r = run(script, ",".join([a, b]), b)
+        assert r.returncode != 0 and "differ in layer count" in r.stderr, r.stderr
+        print("ok - runs of two layer counts on one side refused")
         r = run(script, b, a)
         assert r.returncode != 0 and "more layers" in r.stderr, r.stderr
         print("ok - runs in the wrong order refused")
