@@ -440,8 +440,8 @@ epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t
  * batch shape, an expert's group): the CPU backend's fixed-order kernels, and a backend
  * whose ABI 12 rows_invariant says so (CUDA in its exact and invariant precisions).
  * CUDA's fast path switches kernels and rounding with the row count in its dense matmuls
- * and attention (kernels/cuda/ops_cuda.h). MTP drafting, which must keep greedy outputs unchanged, is
- * on by default only where it holds. */
+ * and attention (kernels/cuda/ops_cuda.h). MTP drafting, which must keep greedy outputs
+ * unchanged, is on by default only where it holds. */
 int epic_ops_rows_invariant(epic_ops *o);
 
 /* 1 when o's grouped matmuls over weights of w's layout compute a row alike whatever
