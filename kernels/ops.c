@@ -175,6 +175,18 @@ void *epic_ops_queue(epic_ops *o) {
   return o->vt->abi_version >= 8 && o->vt->queue && o->vt->upload_async ? o->vt->queue(o) : NULL;
 }
 
+int epic_router_params_ok(const epic_router_params *p) {
+  const int64_t ng = p && p->n_group > 1 ? p->n_group : 1;
+  if (!p || p->n_experts <= 0 || p->top_k <= 0 || p->top_k > p->n_experts || ng > 1024 ||
+      p->n_experts % ng != 0 || (p->scoring != 0 && p->scoring != 1) ||
+      (ng > 1 && (p->topk_group <= 0 || p->topk_group > ng ||
+                  p->top_k > p->topk_group * (p->n_experts / ng)))) {
+    EPIC_LOG_ERROR("route: invalid router parameters");
+    return 0;
+  }
+  return 1;
+}
+
 epic_status epic_ops_group_offsets(const int32_t *off, int64_t n_groups, int64_t rows,
                                    int64_t max_rows, int64_t *out) {
   for (int64_t g = 0; g <= n_groups; g++) {

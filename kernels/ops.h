@@ -431,6 +431,11 @@ int epic_ops_has_grouped_rows(epic_ops *o);
  * NULL where the host must wait instead. */
 void *epic_ops_queue(epic_ops *o);
 
+/* Whether p is a router route() can run (experts split evenly into at most 1024 groups,
+ * enough experts in the kept groups for top_k); logs what is wrong otherwise. Both
+ * backends check their arguments with it. */
+int epic_router_params_ok(const epic_router_params *p);
+
 /* grouped_matmul_dev's offsets (host memory, n_groups + 1) as grouped_matmul's host
  * offsets in out, checked against its contract (ascending, ending at rows, no group above
  * max_rows; logged, naming the group). */

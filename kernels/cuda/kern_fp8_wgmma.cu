@@ -200,13 +200,7 @@ __device__ __forceinline__ void count_tiles(const epic_cuk_fp8_wgmma_args &a, in
       if (a.err && r > a.bound && blockIdx.x == 0) // reported once per launch
         atomicOr(a.err, EPIC_CUK_ERR_GROUP_ROWS);
     }
-    int incl = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o)
-        incl += y;
-    }
+    const int incl = epic_warp_incl_sum(v, lane);
     if (g < a.n_groups)
       tile0[g] = carry + incl - v;
     carry += __shfl_sync(0xffffffffu, incl, 31);

@@ -1,6 +1,7 @@
 // Device helpers shared by the CUDA kernels (the MLA kernels: kern_mla.cu for fp32 rows,
 // kern_mla_bf16.cu for bf16 rows, kern_mla_prefill.cu; the FP8 matmuls, kern_fp8_mma.cu and
-// kern_fp8_wgmma.cu; the grouped quantisers of kern_elementwise.cu): the group of an item,
+// kern_fp8_wgmma.cu; the grouped quantisers of kern_elementwise.cu; the router and the
+// expert plan): a warp's prefix sum, the group of an item,
 // cp.async streaming into shared memory, ldmatrix and bf16 mma fragments, Hopper wgmma
 // (descriptors, fences, the 64 x 64 score tile), and the keys of one flash-decoding split.
 // Device code only: included from .cu files.
@@ -11,6 +12,17 @@
 #include <stdint.h>
 
 #include "ops_cuda_impl.h"
+
+// Inclusive prefix sum of v over the lanes of a full warp (lane = threadIdx.x & 31).
+static __device__ __forceinline__ int epic_warp_incl_sum(int v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o)
+      v += y;
+  }
+  return v;
+}
 
 // Groups laid end to end, group g from starts[g] (ascending, starts[0] <= x, n >= 1): the
 // last g with starts[g] <= x, the group that holds item x (empty groups share the next

@@ -4,7 +4,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "ops_cuda_impl.h"
+#include "kern_mla_common.cuh"
 
 namespace {
 
@@ -104,8 +104,8 @@ __global__ void k_kv_store_batch(T *pool, const int32_t *tables, int64_t stride,
 // The expert plan of moe_plan (kernels/ops.h) in one CTA: the items are counted per
 // expert with shared-memory atomics (integers: any order gives the same counts), the
 // counts turned into offsets by a block-wide scan (offsets and counts written by a thread
-// per expert), and then warp w places the items of experts w, w + 32, ... by ballots over
-// the items 32 at a time, so the order within an expert is the item order. The ids are
+// per expert), and then one warp places the items 32 at a time in item order (lanes of one
+// expert grouped by match_any), so the order within an expert is the item order. The ids are
 // staged in shared memory when they fit. At decode sizes (n = tokens x top-k, up to a few
 // thousand) a few microseconds, no host round trip. (Counting by a warp ballot per
 // expert, one thread adding the 256 counts up and a lane per expert updating the counts
@@ -137,25 +137,13 @@ __global__ void k_moe_plan(const int32_t *idx, int n, int n_experts, int div, in
   for (int base = 0; base < n_experts; base += blockDim.x) {
     const int e = base + threadIdx.x;
     const int c = e < n_experts ? off[e] : 0;
-    int incl = c;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o)
-        incl += y;
-    }
+    const int incl = epic_warp_incl_sum(c, lane);
     if (lane == 31)
       wsum[warp] = incl;
     __syncthreads();
     if (warp == 0) {
       const int v = lane < warps ? wsum[lane] : 0;
-      int iv = v;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, iv, o);
-        if (lane >= o)
-          iv += y;
-      }
+      const int iv = epic_warp_incl_sum(v, lane);
       wsum[lane] = iv - v;
       if (lane == 31)
         wsum[32] = iv;
@@ -180,18 +168,25 @@ __global__ void k_moe_plan(const int32_t *idx, int n, int n_experts, int div, in
     if (counts)
       counts[e] += off[e + 1] - off[e];
   }
-  for (int e = warp; e < n_experts; e += warps) {
-    int pos = off[e];
+  __syncthreads(); // off[] becomes the cursors below
+  // Placement: one warp walks the items 32 at a time in item order; the lanes of a chunk
+  // routed to the same expert find each other (match_any) and take consecutive places
+  // from the expert's cursor (its offset, advanced by the group's lowest lane).
+  if (warp == 0) {
+    const unsigned below = (1u << lane) - 1u;
     for (int base = 0; base < n; base += 32) {
       const int i = base + lane;
-      const bool hit = i < n && ids[i] == e;
-      const unsigned bal = __ballot_sync(0xffffffffu, hit);
-      if (hit) {
-        const int p = pos + __popc(bal & ((1u << lane) - 1u));
+      const int e = i < n ? ids[i] : -1;
+      const unsigned peers = __match_any_sync(0xffffffffu, e);
+      if (e >= 0 && e < n_experts) {
+        const int p = off[e] + __popc(peers & below);
         plan[p] = i / div;
         plan[n + p] = i;
       }
-      pos += __popc(bal);
+      __syncwarp();
+      if (e >= 0 && e < n_experts && (peers & below) == 0)
+        off[e] += __popc(peers);
+      __syncwarp();
     }
   }
 }

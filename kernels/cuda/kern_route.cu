@@ -7,7 +7,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "ops_cuda_impl.h"
+#include "kern_mla_common.cuh"
 
 namespace {
 
@@ -18,6 +18,18 @@ struct RouteArgs {
   const float *bias;
   size_t per_tok;
 };
+
+// A token's weights once its chosen experts' unbiased scores are in ow[0, top_k): summed
+// in ascending expert order (renormalised if asked, like the CPU reference), times the
+// scaling factor. One lane.
+__device__ void scale_weights(const RouteArgs &a, float *ow) {
+  double sum = 0.0;
+  for (int64_t k = 0; k < a.top_k; k++)
+    sum += ow[k];
+  const double norm = a.norm ? 1.0 / (sum + 1e-20) : 1.0;
+  for (int64_t k = 0; k < a.top_k; k++)
+    ow[k] = (float)((double)ow[k] * norm * (double)a.rsf);
+}
 
 // Index of the largest v[i] with !used[i], lowest index on ties; -1 if none.
 __device__ int64_t warp_argmax(const float *v, const unsigned char *used, int64_t n, int lane) {
@@ -136,14 +148,8 @@ __global__ void k_route(const float *logits, int64_t m, RouteArgs a, int32_t *id
     base += __popc(mask);
   }
   __syncwarp();
-  if (lane == 0) {
-    double sum = 0.0;
-    for (int64_t k = 0; k < a.top_k; k++)
-      sum += ow[k];
-    const double norm = a.norm ? 1.0 / (sum + 1e-20) : 1.0;
-    for (int64_t k = 0; k < a.top_k; k++)
-      ow[k] = (float)((double)ow[k] * norm * (double)a.rsf);
-  }
+  if (lane == 0)
+    scale_weights(a, ow);
 }
 
 // The same selection with a lane's experts in registers (sigmoid scoring, n_experts = 32 E,
@@ -226,13 +232,7 @@ __global__ void k_route_lanes(const float *logits, int64_t m, RouteArgs a, int32
   // The chosen experts in ascending order (lanes' runs in lane order), then one lane sums
   // their scores in that order, like the CPU reference.
   const int cnt = __popc(taken);
-  int incl = cnt;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o)
-      incl += y;
-  }
+  const int incl = epic_warp_incl_sum(cnt, lane);
   int32_t *oi = idx + t * a.top_k;
   float *ow = wt + t * a.top_k;
   int pos = incl - cnt;
@@ -244,14 +244,8 @@ __global__ void k_route_lanes(const float *logits, int64_t m, RouteArgs a, int32
       pos++;
     }
   __syncwarp();
-  if (lane == 0) {
-    double sum = 0.0;
-    for (int64_t k = 0; k < a.top_k; k++)
-      sum += ow[k];
-    const double norm = a.norm ? 1.0 / (sum + 1e-20) : 1.0;
-    for (int64_t k = 0; k < a.top_k; k++)
-      ow[k] = (float)((double)ow[k] * norm * (double)a.rsf);
-  }
+  if (lane == 0)
+    scale_weights(a, ow);
 }
 
 // Experts per lane for k_route_lanes, 0 when the router's shape is not one it takes.

@@ -375,15 +375,9 @@ static epic_status cuda_route(epic_ops *o, const float *logits, int64_t m,
                               const epic_router_params *p, int32_t *idx, float *weight) {
   if (m == 0)
     return EPIC_OK;
-  const int64_t ng = p && p->n_group > 1 ? p->n_group : 1;
-  if (m < 0 || !logits || !p || !idx || !weight || p->n_experts <= 0 || p->top_k <= 0 ||
-      ng > 1024 || p->n_experts % ng != 0 || (p->scoring != 0 && p->scoring != 1) ||
-      (ng > 1 && (p->topk_group <= 0 || p->topk_group > ng ||
-                  p->top_k > p->topk_group * (p->n_experts / ng))) ||
-      p->top_k > p->n_experts) {
-    EPIC_LOG_ERROR("route: invalid router parameters");
+  if (m < 0 || !logits || !idx || !weight || !epic_router_params_ok(p))
     return EPIC_ERR_INVALID;
-  }
+  const int64_t ng = p->n_group > 1 ? p->n_group : 1;
   if (epic_cuk_route_smem(p->n_experts, ng) > 48 * 1024) {
     EPIC_LOG_ERROR("route: %lld experts exceed the CUDA router's shared memory",
                    (long long)p->n_experts);

@@ -452,6 +452,129 @@ static void test_head_bf16(void **state) {
   epic_model_destroy(hb);
 }
 
+/* The device backends' host-side paths on the CPU: the CPU ops with host_visible off, so
+ * the model keeps its work arrays in "backend" memory, reads results back through
+ * download, and plans decode-sized MoE layers on the backend (moe_plan,
+ * grouped_matmul_dev, moe_combine through slots, expert counts kept there) as a GPU
+ * backend makes it do; CI has no GPU to run those paths otherwise. One or two
+ * micro-batches (all cases in one batch then, so that both hold rows). Each case's
+ * prompt, then its continuation teacher-forced in steps of 1 and 3 tokens: every logit
+ * within TOL of the float64 reference. Returns the per-layer expert token counts
+ * (epic_model_expert_layer_tokens; caller frees). */
+static int64_t *device_paths(const fixture *f, int micro, double *worst) {
+  char dir[1024];
+  epic_test_path(dir, sizeof dir, f->model);
+  epic_ops *ops = NULL;
+  assert_int_equal(epic_ops_cpu_create(0, &ops), EPIC_OK);
+  epic_ops_vt dev_vt = *ops->vt;
+  dev_vt.host_visible = 0;
+  const epic_ops_vt *cpu_vt = ops->vt;
+  ops->vt = &dev_vt;
+  epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_mtp = 1};
+  epic_model *dm = NULL;
+  assert_int_equal(epic_model_load(ops, &mp, &dm), EPIC_OK);
+  const epic_model_config *cfg = epic_model_get_config(dm);
+  assert_int_equal(epic_model_set_micro_batches(dm, micro), EPIC_OK);
+  *worst = 0;
+  const int nc = f->n_cases;
+  int32_t *toks[MAX_CASES];
+  float *lg[MAX_CASES];
+  int64_t n[MAX_CASES], pos[MAX_CASES] = {0};
+  epic_kv_seq sq[MAX_CASES] = {0};
+  epic_kvcache *kc;
+  assert_int_equal(epic_model_kvcache_create(dm, 0, 16, 64 * nc, &kc), EPIC_OK);
+  for (int i = 0; i < nc; i++) {
+    const tcase *c = &f->cases[i];
+    n[i] = c->n_prompt + c->n_gen - 1;
+    toks[i] = malloc((size_t)n[i] * sizeof *toks[i]);
+    lg[i] = malloc((size_t)(n[i] * f->V) * 4);
+    assert_non_null(toks[i]);
+    assert_non_null(lg[i]);
+    memcpy(toks[i], c->prompt, (size_t)c->n_prompt * sizeof *toks[i]);
+    memcpy(toks[i] + c->n_prompt, c->gen, (size_t)(c->n_gen - 1) * sizeof *toks[i]);
+  }
+  /* one case at a time with one micro-batch, all together with two */
+  for (int first = 0; first<nc; first += micro> 1 ? nc : 1) {
+    const int last = micro > 1 ? nc : first + 1;
+    for (int step = 0;; step++) {
+      epic_seq_batch b[MAX_CASES];
+      float *out[MAX_CASES];
+      int nb = 0;
+      for (int i = first; i < last; i++) {
+        if (pos[i] >= n[i])
+          continue;
+        int64_t len = pos[i] == 0 ? f->cases[i].n_prompt : (step % 2 ? 1 : 3);
+        len = len < n[i] - pos[i] ? len : n[i] - pos[i];
+        b[nb] = (epic_seq_batch){.tokens = toks[i] + pos[i],
+                                 .n_tokens = len,
+                                 .start = pos[i],
+                                 .kv = &sq[i],
+                                 .all_logits = 1};
+        out[nb++] = lg[i] + pos[i] * f->V;
+        pos[i] += len;
+      }
+      if (nb == 0)
+        break;
+      /* the batch's logits rows come back packed: copy them to each case's rows */
+      int64_t rows = 0;
+      for (int j = 0; j < nb; j++)
+        rows += b[j].n_tokens;
+      float *all = malloc((size_t)(rows * f->V) * 4);
+      assert_non_null(all);
+      assert_int_equal(epic_model_forward(dm, kc, b, nb, all, NULL), EPIC_OK);
+      for (int j = 0, r = 0; j < nb; r += (int)b[j].n_tokens, j++)
+        memcpy(out[j], all + (int64_t)r * f->V, (size_t)(b[j].n_tokens * f->V) * 4);
+      free(all);
+    }
+  }
+  for (int i = 0; i < nc; i++) {
+    for (int64_t p = 0; p < n[i]; p++) {
+      const double d = max_abs_diff(lg[i] + p * f->V, ref_row(f, &f->cases[i], p), f->V);
+      if (!(d <= TOL))
+        fail_msg("%s %s: device paths (%d micro-batches): row %lld: max |dlogit| %g", f->model,
+                 f->cases[i].name, micro, (long long)p, d);
+      *worst = d > *worst ? d : *worst;
+    }
+    epic_kvcache_seq_release(kc, &sq[i]);
+    free(toks[i]);
+    free(lg[i]);
+  }
+  epic_kvcache_destroy(kc);
+  const int64_t n_counts = (cfg->num_hidden_layers + 1) * cfg->n_routed_experts;
+  int64_t *counts = malloc((size_t)n_counts * sizeof *counts);
+  assert_non_null(counts);
+  assert_int_equal(epic_model_expert_layer_tokens(dm, counts), EPIC_OK);
+  epic_model_destroy(dm);
+  ops->vt = cpu_vt;
+  epic_ops_destroy(ops);
+  return counts;
+}
+
+/* device_paths in one and in two micro-batches: both within TOL of the reference, the
+ * same expert token counts, every routed (token, expert) pair counted once. */
+static void test_device_paths(void **state) {
+  const fixture *f = *state;
+  const epic_model_config *cfg = epic_model_get_config(f->m);
+  double one, two;
+  int64_t *a = device_paths(f, 1, &one), *b = device_paths(f, 2, &two);
+  int64_t routed = 0, tokens = 0;
+  const int64_t n = (cfg->num_hidden_layers + 1) * cfg->n_routed_experts;
+  for (int64_t i = 0; i < n; i++)
+    routed += a[i];
+  for (int i = 0; i < f->n_cases; i++)
+    tokens += f->cases[i].n_prompt + f->cases[i].n_gen - 1;
+  assert_memory_equal(a, b, (size_t)n * sizeof *a);
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < cfg->num_hidden_layers; l++)
+    moe_layers += epic_config_is_moe_layer(cfg, l);
+  assert_int_equal(routed, tokens * cfg->num_experts_per_tok * moe_layers);
+  print_message("%s: device paths on the CPU: max |dlogit| %.3g (one micro-batch), %.3g (two) "
+                "against the reference\n",
+                f->model, one, two);
+  free(a);
+  free(b);
+}
+
 /* All cases in one batch: chunked prefill (chunks of 7) running beside other
  * sequences' decode steps, with tiny pages, then greedy decoding together;
  * every row must match the reference as when run alone. */
@@ -888,6 +1011,7 @@ int main(void) {
       cmocka_unit_test(test_short_chunk_equals_decode),
       cmocka_unit_test(test_joined_weights),
       cmocka_unit_test(test_head_bf16),
+      cmocka_unit_test(test_device_paths),
       cmocka_unit_test(test_batched_mixed),
       cmocka_unit_test(test_cache_full_is_clean),
       cmocka_unit_test(test_micro_batches_mixed),
