@@ -13,8 +13,10 @@
  *      an error naming the rank, before any weight is loaded;
  *   4. load the model: each rank maps the replicated weights and only the
  *      experts the plan gives it.
- * With a plan that has redundant expert copies the model uses each expert's
- * first owner (the runtime does not yet spread tokens over copies).
+ * The engine's plan has one owner per expert (copies from load statistics are
+ * `epic plan --redundant`'s, offline); the model loads each expert there, and
+ * run-time EPLB (epic_model_set_placement) adds copies into the memory the plan
+ * set aside, spreading each rank's rows over them.
  *
  * Ownership: epic_cluster_open allocates; epic_cluster_close (NULL-safe, collective
  * when a comm exists) destroys model, backend, plan and comm and finalises MPI if

@@ -16,6 +16,7 @@
 
 #include "common/log.h"
 #include "common/npy.h"
+#include "tests/common/dev_ops.h"
 #include "tests/common/test_util.h"
 #include "worker/generate.h"
 #include "worker/model.h"
@@ -452,11 +453,8 @@ static void test_head_bf16(void **state) {
   epic_model_destroy(hb);
 }
 
-/* The device backends' host-side paths on the CPU: the CPU ops with host_visible off, so
- * the model keeps its work arrays in "backend" memory, reads results back through
- * download, and plans decode-sized MoE layers on the backend (moe_plan,
- * grouped_matmul_dev, moe_combine through slots, expert counts kept there) as a GPU
- * backend makes it do; CI has no GPU to run those paths otherwise. One or two
+/* The device backends' host-side paths on the CPU (tests/common/dev_ops.h; the expert
+ * counts kept in backend memory too): CI has no GPU to run those paths otherwise. One or two
  * micro-batches (all cases in one batch then, so that both hold rows). Each case's
  * prompt, then its continuation teacher-forced in steps of 1 and 3 tokens: every logit
  * within TOL of the float64 reference. Returns the per-layer expert token counts
@@ -464,15 +462,11 @@ static void test_head_bf16(void **state) {
 static int64_t *device_paths(const fixture *f, int micro, double *worst) {
   char dir[1024];
   epic_test_path(dir, sizeof dir, f->model);
-  epic_ops *ops = NULL;
-  assert_int_equal(epic_ops_cpu_create(0, &ops), EPIC_OK);
-  epic_ops_vt dev_vt = *ops->vt;
-  dev_vt.host_visible = 0;
-  const epic_ops_vt *cpu_vt = ops->vt;
-  ops->vt = &dev_vt;
+  epic_test_dev_ops dev = {0};
+  assert_int_equal(epic_test_dev_ops_open(&dev), EPIC_OK);
   epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_mtp = 1};
   epic_model *dm = NULL;
-  assert_int_equal(epic_model_load(ops, &mp, &dm), EPIC_OK);
+  assert_int_equal(epic_model_load(dev.ops, &mp, &dm), EPIC_OK);
   const epic_model_config *cfg = epic_model_get_config(dm);
   assert_int_equal(epic_model_set_micro_batches(dm, micro), EPIC_OK);
   *worst = 0;
@@ -545,8 +539,7 @@ static int64_t *device_paths(const fixture *f, int micro, double *worst) {
   assert_non_null(counts);
   assert_int_equal(epic_model_expert_layer_tokens(dm, counts), EPIC_OK);
   epic_model_destroy(dm);
-  ops->vt = cpu_vt;
-  epic_ops_destroy(ops);
+  epic_test_dev_ops_close(&dev);
   return counts;
 }
 

@@ -24,6 +24,7 @@
 #include <cmocka.h>
 
 #include "common/log.h"
+#include "tests/common/dev_ops.h"
 #include "tests/common/test_util.h"
 #include "worker/checkpoint.h"
 #include "worker/generate.h"
@@ -229,6 +230,42 @@ static void test_greedy_identical(void **state) {
     print_message("%s %s: greedy output identical with k = 1, 2\n", f->model, c->name);
   }
   print_message("%s: %lld of %lld drafts accepted\n", f->model, (long long)accepted, (long long)drafted);
+}
+
+/* The same on a model that takes the device backends' host-side paths
+ * (tests/common/dev_ops.h): verify steps of k + 1 rows planned on the backend, hidden
+ * rows read back for the MTP layer, rollbacks; small pages and chunked prefill. */
+static void test_greedy_identical_device_paths(void **state) {
+  fixture *f = *state;
+  char dir[1024];
+  epic_test_dev_ops dev = {0};
+  assert_int_equal(epic_test_dev_ops_open(&dev), EPIC_OK);
+  epic_model_params mp = {.size = sizeof mp, .load_mtp = 1};
+  mp.dir = epic_test_path(dir, sizeof dir, f->model);
+  epic_model *cpu = f->m, *dm = NULL;
+  assert_int_equal(epic_model_load(dev.ops, &mp, &dm), EPIC_OK);
+  f->m = dm; /* run_gen's model */
+  for (int i = 0; i < f->n_cases; i++) {
+    const tcase *c = &f->cases[i];
+    if (g_quick && c->n_prompt > 64) continue;
+    epic_generate_result plain, spec;
+    run_gen(f, c, 3, 5, 0, 1, &plain);
+    for (int64_t k = 1; k <= 2; k++) {
+      run_gen(f, c, 3, 5, k, 1, &spec);
+      if (spec.n_ids != plain.n_ids ||
+          memcmp(spec.ids, plain.ids, (size_t)plain.n_ids * sizeof(int32_t)))
+        fail_msg("%s %s k %lld (device paths): speculative output differs from plain", f->model,
+                 c->name, (long long)k);
+      assert_int_equal(spec.kv_tokens, plain.kv_tokens);
+      assert_true(spec.mtp_rounds > 0);
+      free(spec.ids);
+    }
+    free(plain.ids);
+  }
+  f->m = cpu;
+  epic_model_destroy(dm);
+  epic_test_dev_ops_close(&dev);
+  print_message("%s: device paths: greedy output identical with k = 1, 2\n", f->model);
 }
 
 /* -------------------------------------------------------------- rollback */
@@ -564,6 +601,7 @@ int main(int argc, char **argv) {
   };
   const struct CMUnitTest model_tests[] = {
       cmocka_unit_test(test_greedy_identical),
+      cmocka_unit_test(test_greedy_identical_device_paths),
       cmocka_unit_test(test_rollback),
       cmocka_unit_test(test_draft_recursion),
       cmocka_unit_test(test_sampling_distribution),
