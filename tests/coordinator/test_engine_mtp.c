@@ -6,7 +6,10 @@
  *  - auto on the untrained MTP layer stops drafting for every sequence;
  *  - sampled at temperature 5 (nearly flat: many drafts accepted): a stop id
  *    or a max_new_tokens inside an accepted run cuts the output exactly there
- *    (the same tokens as the uncut run, up to the stop). */
+ *    (the same tokens as the uncut run, up to the stop).
+ * The greedy checks run a second time through the GPU backends' host-side paths
+ * (tests/common/dev_ops.h), where auto does not draft: that backend does not report
+ * itself row-invariant. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -20,6 +23,7 @@
 #include "common/log.h"
 #include "coordinator/engine.h"
 #include "kernels/ops.h"
+#include "tests/common/dev_ops.h"
 #include "tests/common/test_util.h"
 #include "worker/model.h"
 
@@ -41,6 +45,8 @@ typedef struct rq {
 
 typedef struct fixture {
   epic_ops *ops;
+  epic_test_dev_ops dev; /* device: the model is on dev.ops */
+  int device;
   epic_model *m;
   rq cases[8];
   int n_cases;
@@ -63,7 +69,7 @@ static void on_finish(void *user, const epic_engine_result *res) {
 static int teardown(void **state);
 
 /* On failure the partly built fixture is released here (teardown then sees NULL). */
-static int setup(void **state) {
+static int setup_on(void **state, int device) {
   fixture *f = calloc(1, sizeof *f);
   char dir[1024];
   epic_model_params mp = {.size = sizeof mp, .load_mtp = 1};
@@ -71,8 +77,11 @@ static int setup(void **state) {
   *state = f;
   if (!f)
     return -1;
+  f->device = device;
   mp.dir = epic_test_path(dir, sizeof dir, "tiny-bf16");
-  if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK || epic_model_load(f->ops, &mp, &f->m) != EPIC_OK) {
+  const epic_status st =
+      device ? epic_test_dev_ops_open(&f->dev) : epic_ops_cpu_create(0, &f->ops);
+  if (st != EPIC_OK || epic_model_load(device ? f->dev.ops : f->ops, &mp, &f->m) != EPIC_OK) {
     teardown(state);
     return -1;
   }
@@ -98,6 +107,9 @@ static int setup(void **state) {
   return 0;
 }
 
+static int setup(void **state) { return setup_on(state, 0); }
+static int setup_device(void **state) { return setup_on(state, 1); }
+
 static int teardown(void **state) {
   fixture *f = *state;
   *state = NULL;
@@ -105,6 +117,7 @@ static int teardown(void **state) {
     return 0;
   epic_model_destroy(f->m);
   epic_ops_destroy(f->ops);
+  epic_test_dev_ops_close(&f->dev);
   free(f);
   return 0;
 }
@@ -202,6 +215,11 @@ static void test_greedy_identical(void **state) {
       if (memcmp(r[i].out, plain[i].out, (size_t)plain[i].n_out * sizeof(int32_t)))
         fail_msg("mtp_draft %lld: request %d differs from plain decoding", (long long)modes[m], i);
     }
+    if (modes[m] == 0 && f->device) { /* not row-invariant: auto stays off */
+      assert_int_equal(st.mtp_auto, 0);
+      assert_int_equal(st.mtp_drafted, 0);
+      continue;
+    }
     const int64_t k = modes[m] ? modes[m] : 1;
     assert_int_equal(st.mtp_draft, k);
     assert_int_equal(st.mtp_auto, modes[m] == 0);
@@ -267,5 +285,8 @@ int main(void) {
       cmocka_unit_test(test_greedy_identical),
       cmocka_unit_test(test_cut_inside_accepted_run),
   };
-  return cmocka_run_group_tests(tests, setup, teardown);
+  const struct CMUnitTest device[] = {cmocka_unit_test(test_greedy_identical)};
+  int rc = cmocka_run_group_tests_name("engine mtp", tests, setup, teardown);
+  rc |= cmocka_run_group_tests_name("engine mtp, device paths", device, setup_device, teardown);
+  return rc;
 }
