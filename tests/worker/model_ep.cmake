@@ -13,13 +13,24 @@ endif()
 if(EPIC_UCX_ENABLED)
   list(APPEND _model_ep_runs "ucx\;2")
 endif()
+# The GPU backends' host-side paths of expert parallelism (exchange buffers in backend
+# memory, staged through the host for MPI) on the CPU posing as a device backend.
+list(APPEND _model_ep_runs "mpi\;2\;device")
 foreach(run ${_model_ep_runs})
   list(GET run 0 backend)
   list(GET run 1 np)
-  add_test(NAME test_model_ep_${backend}_np${np}
+  list(LENGTH run n_fields)
+  set(paths "")
+  set(suffix "")
+  if(n_fields GREATER 2)
+    list(GET run 2 paths)
+    set(suffix "_${paths}")
+  endif()
+  add_test(NAME test_model_ep_${backend}_np${np}${suffix}
            COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${np} --oversubscribe
-                   $<TARGET_FILE:test_model_ep> ${backend})
-  set_tests_properties(test_model_ep_${backend}_np${np} PROPERTIES LABELS "unit;mpi" TIMEOUT 300
+                   $<TARGET_FILE:test_model_ep> ${backend} ${paths})
+  set_tests_properties(test_model_ep_${backend}_np${np}${suffix} PROPERTIES LABELS "unit;mpi"
+    TIMEOUT 300
     ENVIRONMENT "EPIC_FIXTURES=${EPIC_FIXTURES_DIR};OMP_NUM_THREADS=1;OPENBLAS_NUM_THREADS=1;${EPIC_MPI_TEST_ENV}")
 endforeach()
 

@@ -7,6 +7,10 @@
  * 1e-4) and its greedy ids must be the same. The MTP layer, whose experts are
  * spread too, is checked the same way.
  *
+ * With argv[2] = "device" the expert-parallel model takes the GPU backends' host-side
+ * paths (tests/common/dev_ops.h: work arrays and exchange buffers in backend memory,
+ * staged through host memory for a host-memory comm backend).
+ *
  * A failed comparison is recorded, not asserted on the spot, so that every
  * rank still runs the same collectives; the verdict is agreed at the end. */
 #define _GNU_SOURCE
@@ -22,6 +26,7 @@
 
 #include "comm/comm.h"
 #include "common/log.h"
+#include "tests/common/dev_ops.h"
 #include "tests/common/test_util.h"
 #include "tests/worker/twin_workload.h"
 #include "worker/model.h"
@@ -34,10 +39,12 @@
 static epic_comm *g_comm;
 static int g_rank, g_size;
 static const char *g_backend = "mpi";
+static int g_device; /* the EP model on the CPU posing as a device backend */
 
 typedef struct ctx {
   const char *model;
   epic_ops *ops;
+  epic_test_dev_ops dev; /* g_device: the EP model's backend */
   epic_model *ep, *ref; /* expert parallel over g_comm; all experts in this process */
   int32_t *owner;       /* NULL: contiguous blocks */
   int64_t V, D, n_moe;  /* n_moe: MoE layers of the main model */
@@ -87,7 +94,8 @@ static int load(ctx *c, const char *model, int scattered) {
   }
   mp.comm = g_comm;
   mp.expert_owner = c->owner;
-  if (epic_model_load(c->ops, &mp, &c->ep) != EPIC_OK) return -1;
+  if (g_device && epic_test_dev_ops_open(&c->dev) != EPIC_OK) return -1;
+  if (epic_model_load(g_device ? c->dev.ops : c->ops, &mp, &c->ep) != EPIC_OK) return -1;
   c->V = cfg->vocab_size;
   c->D = cfg->hidden_size;
   for (int64_t l = 0; l < cfg->num_hidden_layers; l++) c->n_moe += epic_config_is_moe_layer(cfg, l);
@@ -98,6 +106,7 @@ static void unload(ctx *c) {
   epic_model_destroy(c->ep);
   epic_model_destroy(c->ref);
   epic_ops_destroy(c->ops);
+  epic_test_dev_ops_close(&c->dev);
   free(c->owner);
 }
 
@@ -263,6 +272,7 @@ int main(int argc, char **argv) {
   if (epic_comm_mpi_init(&argc, &argv, &g_rank, &g_size) != EPIC_OK) return 2;
   epic_log_init(EPIC_LOG_LEVEL_WARN, g_rank);
   if (argc > 1) g_backend = argv[1];
+  g_device = argc > 2 && strcmp(argv[2], "device") == 0;
   epic_comm_params p = {.size = sizeof p, .backend = g_backend};
   epic_status st = epic_comm_create(&p, &g_comm);
   if (st != EPIC_OK) {
@@ -277,9 +287,11 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_two_micro_batches),
       cmocka_unit_test(test_mtp),
   };
-  char g1[64], g2[64];
-  snprintf(g1, sizeof g1, "model_ep tiny-bf16 %s rank %d", g_backend, g_rank);
-  snprintf(g2, sizeof g2, "model_ep tiny-fp8 (scattered experts) %s rank %d", g_backend, g_rank);
+  char g1[96], g2[96];
+  const char *paths = g_device ? ", device paths" : "";
+  snprintf(g1, sizeof g1, "model_ep tiny-bf16 %s%s rank %d", g_backend, paths, g_rank);
+  snprintf(g2, sizeof g2, "model_ep tiny-fp8 (scattered experts) %s%s rank %d", g_backend, paths,
+           g_rank);
   int failed = cmocka_run_group_tests_name(g1, tests, setup_bf16, teardown);
   failed += cmocka_run_group_tests_name(g2, tests, setup_fp8, teardown);
   int64_t mine = failed, any = 0;
