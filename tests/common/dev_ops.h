@@ -18,7 +18,8 @@ typedef struct epic_test_dev_ops {
 /* d must stay where it is until epic_test_dev_ops_close. */
 static inline epic_status epic_test_dev_ops_open(epic_test_dev_ops *d) {
   epic_status st = epic_ops_cpu_create(0, &d->ops);
-  if (st != EPIC_OK) return st;
+  if (st != EPIC_OK)
+    return st;
   d->cpu_vt = d->ops->vt;
   d->vt = *d->cpu_vt;
   d->vt.host_visible = 0;
@@ -28,7 +29,8 @@ static inline epic_status epic_test_dev_ops_open(epic_test_dev_ops *d) {
 
 /* After every model on d->ops is destroyed. */
 static inline void epic_test_dev_ops_close(epic_test_dev_ops *d) {
-  if (!d->ops) return;
+  if (!d->ops)
+    return;
   d->ops->vt = d->cpu_vt;
   epic_ops_destroy(d->ops);
   d->ops = NULL;
