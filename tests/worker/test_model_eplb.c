@@ -8,7 +8,9 @@
  * - rebalancing between forwards while sequences are running: a model whose
  *   placement changes every few steps (experts copied, moved, given up) gives
  *   bitwise the same logits as one that keeps the plain placement, with one and
- *   two micro-batches, and the MTP layer too.
+ *   two micro-batches, and the MTP layer too; with argv[1] = "device" also through the
+ *   GPU backends' host-side paths (tests/common/dev_ops.h: new expert lists installed
+ *   between steps, the old ones retired).
  * A failed comparison is recorded, not asserted on the spot, so that every rank
  * still runs the same collectives; the verdict is agreed at the end. */
 #define _GNU_SOURCE
@@ -24,6 +26,7 @@
 
 #include "comm/comm.h"
 #include "common/log.h"
+#include "tests/common/dev_ops.h"
 #include "tests/common/test_util.h"
 #include "tests/worker/twin_workload.h"
 #include "worker/model.h"
@@ -34,6 +37,7 @@
 
 static epic_comm *g_comm;
 static int g_rank, g_size;
+static int g_device; /* argv[1] "device": the models on the CPU posing as a device backend */
 
 /* ---- row independence of the CPU matmul ---- */
 
@@ -212,6 +216,7 @@ static void test_bad_placements(void **state) {
 typedef struct ctx {
   const char *model;
   epic_ops *ops;
+  epic_test_dev_ops dev;      /* g_device: the models' backend */
   epic_model *plain, *moved; /* both expert parallel over g_comm */
   int64_t V, rows, E;
   int failures;
@@ -226,9 +231,12 @@ static int load(ctx *c, const char *model) {
   memset(c, 0, sizeof *c);
   c->model = model;
   mp.dir = epic_test_path(dir, sizeof dir, model);
-  if (epic_ops_cpu_create(1, &c->ops) != EPIC_OK) return -1;
-  if (epic_model_load(c->ops, &mp, &c->plain) != EPIC_OK) return -1;
-  if (epic_model_load(c->ops, &mp, &c->moved) != EPIC_OK) return -1;
+  if (g_device ? epic_test_dev_ops_open(&c->dev) != EPIC_OK
+               : epic_ops_cpu_create(1, &c->ops) != EPIC_OK)
+    return -1;
+  epic_ops *o = g_device ? c->dev.ops : c->ops;
+  if (epic_model_load(o, &mp, &c->plain) != EPIC_OK) return -1;
+  if (epic_model_load(o, &mp, &c->moved) != EPIC_OK) return -1;
   const epic_model_config *cfg = epic_model_get_config(c->plain);
   c->V = cfg->vocab_size;
   c->rows = cfg->num_hidden_layers + 1;
@@ -251,6 +259,7 @@ static int teardown(void **state) {
   epic_model_destroy(c->plain);
   epic_model_destroy(c->moved);
   epic_ops_destroy(c->ops);
+  epic_test_dev_ops_close(&c->dev);
   free(c);
   return 0;
 }
@@ -385,6 +394,7 @@ static void test_layer_counts(void **state) {
 int main(int argc, char **argv) {
   if (epic_comm_mpi_init(&argc, &argv, &g_rank, &g_size) != EPIC_OK) return 2;
   epic_log_init(EPIC_LOG_LEVEL_WARN, g_rank);
+  g_device = argc > 1 && strcmp(argv[1], "device") == 0;
   epic_comm_params p = {.size = sizeof p, .backend = "mpi"};
   if (epic_comm_create(&p, &g_comm) != EPIC_OK) {
     epic_comm_mpi_finalize();
