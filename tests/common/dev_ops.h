@@ -35,8 +35,10 @@ static inline epic_status epic_test_dev_grouped(epic_ops *o, const float *x, int
                                                 int64_t w_stride, float *y, int64_t ldy) {
   const int64_t R = EPIC_OPS_CPU_FIXED_ORDER_ROWS;
   int64_t cap = n_groups + 1;
-  if (n_groups < 0 || !off) return EPIC_ERR_INVALID;
-  for (int64_t g = 0; g < n_groups; g++) cap += (off[g + 1] - off[g]) / R;
+  if (n_groups < 0 || !off)
+    return EPIC_ERR_INVALID;
+  for (int64_t g = 0; g < n_groups; g++)
+    cap += (off[g + 1] - off[g]) / R;
   int64_t *coff = malloc((size_t)(cap + 1) * sizeof *coff), n = 0;
   epic_weight *cw = malloc((size_t)cap * sizeof *cw); /* chunk n's weight: cw[n] */
   epic_status st = coff && cw ? EPIC_OK : EPIC_ERR_NOMEM;
@@ -60,10 +62,12 @@ static inline epic_status epic_test_dev_grouped_dev(epic_ops *o, const float *x,
                                                     const int32_t *off, int64_t n_groups,
                                                     const epic_weight *w, int64_t w_stride,
                                                     float *y, int64_t ldy) {
-  if (n_groups < 0 || !off) return EPIC_ERR_INVALID;
+  if (n_groups < 0 || !off)
+    return EPIC_ERR_INVALID;
   int64_t *oh = malloc((size_t)(n_groups + 1) * sizeof *oh);
   epic_status st = oh ? epic_ops_group_offsets(off, n_groups, rows, max_rows, oh) : EPIC_ERR_NOMEM;
-  if (st == EPIC_OK) st = epic_test_dev_grouped(o, x, ldx, oh, off, n_groups, w, w_stride, y, ldy);
+  if (st == EPIC_OK)
+    st = epic_test_dev_grouped(o, x, ldx, oh, off, n_groups, w, w_stride, y, ldy);
   free(oh);
   return st;
 }
@@ -77,7 +81,8 @@ static inline int epic_test_dev_grouped_invariant(epic_ops *o, const epic_weight
 /* d must stay where it is until epic_test_dev_ops_close. */
 static inline epic_status epic_test_dev_ops_open(epic_test_dev_ops *d) {
   epic_status st = epic_ops_cpu_create(0, &d->ops);
-  if (st != EPIC_OK) return st;
+  if (st != EPIC_OK)
+    return st;
   d->cpu_vt = d->ops->vt;
   d->vt = *d->cpu_vt;
   d->vt.host_visible = 0;
@@ -90,7 +95,8 @@ static inline epic_status epic_test_dev_ops_open(epic_test_dev_ops *d) {
 
 /* After every model on d->ops is destroyed. */
 static inline void epic_test_dev_ops_close(epic_test_dev_ops *d) {
-  if (!d->ops) return;
+  if (!d->ops)
+    return;
   d->ops->vt = d->cpu_vt;
   epic_ops_destroy(d->ops);
   d->ops = NULL;
