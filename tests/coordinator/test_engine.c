@@ -4,7 +4,9 @@
  * steps and admission waits for KV pages, must produce the fixtures' greedy
  * reference continuations and exactly what each request produces alone (also
  * with seeded sampling). Plus the request life cycle: stop ids, on_token stop
- * and cancel, epic_engine_cancel, validation, queue limits, shutdown. */
+ * and cancel, epic_engine_cancel, validation, queue limits, shutdown. The batching
+ * and prefix-cache checks run a second time through the GPU backends' host-side paths
+ * (tests/common/dev_ops.h). */
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
@@ -20,6 +22,7 @@
 #include "common/log.h"
 #include "coordinator/engine.h"
 #include "kernels/ops.h"
+#include "tests/common/dev_ops.h"
 #include "tests/common/test_util.h"
 #include "worker/model.h"
 #include "worker/sampler.h"
@@ -47,6 +50,7 @@ typedef struct rq {
 
 typedef struct fixture {
   epic_ops *ops;
+  epic_test_dev_ops dev; /* the device-paths group's backend (the model is on dev.ops) */
   epic_model *m;
   rq cases[8]; /* the fixture cases: prompt + 16 greedy ids */
   int n_cases;
@@ -95,7 +99,7 @@ static epic_sampling_params greedy(void) {
 static int teardown(void **state);
 
 /* On failure the partly built fixture is released here (teardown then sees NULL). */
-static int setup(void **state, const char *model) {
+static int setup(void **state, const char *model, int device) {
   fixture *f = calloc(1, sizeof *f);
   char dir[1024];
   epic_model_params mp = {.size = sizeof mp};
@@ -104,7 +108,9 @@ static int setup(void **state, const char *model) {
   if (!f)
     return -1;
   mp.dir = epic_test_path(dir, sizeof dir, model);
-  if (epic_ops_cpu_create(0, &f->ops) != EPIC_OK || epic_model_load(f->ops, &mp, &f->m) != EPIC_OK) {
+  const epic_status st =
+      device ? epic_test_dev_ops_open(&f->dev) : epic_ops_cpu_create(0, &f->ops);
+  if (st != EPIC_OK || epic_model_load(device ? f->dev.ops : f->ops, &mp, &f->m) != EPIC_OK) {
     teardown(state);
     return -1;
   }
@@ -134,7 +140,10 @@ static int setup(void **state, const char *model) {
   return 0;
 }
 static int setup_bf16(void **state) {
-  return setup(state, "tiny-bf16");
+  return setup(state, "tiny-bf16", 0);
+}
+static int setup_bf16_device(void **state) {
+  return setup(state, "tiny-bf16", 1);
 }
 
 static int teardown(void **state) {
@@ -144,6 +153,7 @@ static int teardown(void **state) {
     return 0;
   epic_model_destroy(f->m);
   epic_ops_destroy(f->ops);
+  epic_test_dev_ops_close(&f->dev);
   free(f);
   return 0;
 }
@@ -705,7 +715,14 @@ int main(void) {
       cmocka_unit_test(test_shutdown_cancels),     cmocka_unit_test(test_prefix_cache_identical),
       cmocka_unit_test(test_prefix_cache_eviction),
   };
+  const struct CMUnitTest device[] = {
+      cmocka_unit_test(test_concurrent_reference), cmocka_unit_test(test_alone_equals_together),
+      cmocka_unit_test(test_prefix_cache_identical), cmocka_unit_test(test_prefix_cache_eviction),
+  };
   if (getenv("EPIC_TEST_FILTER")) /* run a subset: EPIC_TEST_FILTER=test_stops* */
     cmocka_set_test_filter(getenv("EPIC_TEST_FILTER"));
-  return cmocka_run_group_tests_name("engine tiny-bf16", bf16, setup_bf16, teardown);
+  int rc = cmocka_run_group_tests_name("engine tiny-bf16", bf16, setup_bf16, teardown);
+  rc |= cmocka_run_group_tests_name("engine tiny-bf16, device paths", device, setup_bf16_device,
+                                    teardown);
+  return rc;
 }
