@@ -329,7 +329,9 @@ static epic_status cpu_moe_plan(epic_ops *o, const int32_t *idx, int64_t n, int6
   return EPIC_OK;
 }
 
-/* The offsets are host memory here: check them against the contract, then the host path. */
+/* The offsets are host memory here: check them against the contract, then the host path
+ * (through the op table, so that a wrapper of grouped_matmul serves both: the device-path
+ * tests' tests/common/dev_ops.h). */
 static epic_status cpu_grouped_matmul_dev(epic_ops *o, const float *x, int64_t ldx, int64_t rows,
                                           int64_t max_rows, const int32_t *off, int64_t n_groups,
                                           const epic_weight *w, int64_t w_stride, float *y,
@@ -338,7 +340,7 @@ static epic_status cpu_grouped_matmul_dev(epic_ops *o, const float *x, int64_t l
   int64_t *oh = malloc((size_t)(n_groups + 1) * sizeof *oh);
   if (!oh) return EPIC_ERR_NOMEM;
   epic_status st = epic_ops_group_offsets(off, n_groups, rows, max_rows, oh);
-  if (st == EPIC_OK) st = cpu_grouped_matmul(o, x, ldx, oh, off, n_groups, w, w_stride, y, ldy);
+  if (st == EPIC_OK) st = o->vt->grouped_matmul(o, x, ldx, oh, off, n_groups, w, w_stride, y, ldy);
   free(oh);
   return st;
 }

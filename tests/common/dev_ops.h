@@ -28,7 +28,7 @@ static inline const epic_ops_vt *epic_test_dev_cpu_vt(epic_ops *o) {
 }
 
 /* grouped_matmul with every group cut into chunks of at most
- * EPIC_OPS_CPU_FIXED_ORDER_ROWS rows. */
+ * EPIC_OPS_CPU_FIXED_ORDER_ROWS rows (the CPU's grouped_matmul_dev comes here too). */
 static inline epic_status epic_test_dev_grouped(epic_ops *o, const float *x, int64_t ldx,
                                                 const int64_t *off, const int32_t *off_dev,
                                                 int64_t n_groups, const epic_weight *w,
@@ -57,21 +57,6 @@ static inline epic_status epic_test_dev_grouped(epic_ops *o, const float *x, int
   return st;
 }
 
-static inline epic_status epic_test_dev_grouped_dev(epic_ops *o, const float *x, int64_t ldx,
-                                                    int64_t rows, int64_t max_rows,
-                                                    const int32_t *off, int64_t n_groups,
-                                                    const epic_weight *w, int64_t w_stride,
-                                                    float *y, int64_t ldy) {
-  if (n_groups < 0 || !off)
-    return EPIC_ERR_INVALID;
-  int64_t *oh = malloc((size_t)(n_groups + 1) * sizeof *oh);
-  epic_status st = oh ? epic_ops_group_offsets(off, n_groups, rows, max_rows, oh) : EPIC_ERR_NOMEM;
-  if (st == EPIC_OK)
-    st = epic_test_dev_grouped(o, x, ldx, oh, off, n_groups, w, w_stride, y, ldy);
-  free(oh);
-  return st;
-}
-
 static inline int epic_test_dev_grouped_invariant(epic_ops *o, const epic_weight *w) {
   (void)o;
   (void)w;
@@ -87,7 +72,6 @@ static inline epic_status epic_test_dev_ops_open(epic_test_dev_ops *d) {
   d->vt = *d->cpu_vt;
   d->vt.host_visible = 0;
   d->vt.grouped_matmul = epic_test_dev_grouped;
-  d->vt.grouped_matmul_dev = epic_test_dev_grouped_dev;
   d->vt.grouped_invariant = epic_test_dev_grouped_invariant;
   d->ops->vt = &d->vt;
   return EPIC_OK;
