@@ -16,9 +16,9 @@
 // for a tile of at most 64 rows, and a 256-row one of weight codes per stage, written with
 // the 128-byte swizzle that wgmma reads; rows and columns past the tensors' ends arrive as
 // zeros), plus the stage's scales (a bulk copy of the tile's 128 activation scales, two
-// 4-byte cp.async of the weight block scales), so no consumer ever waits on a global load. Each stage has a "full" mbarrier (bytes and
-// copies landed) and an "empty" one (every consumer warp is done with it). Warpgroups 1
-// and 2 are the consumers, 64 rows each: per 128-column block and weight scale block, 4
+// 4-byte cp.async of the weight block scales), so no consumer ever waits on a global load.
+// Each stage has a "full" mbarrier (bytes and copies landed) and an "empty" one (every
+// consumer warp is done with it). Warpgroups 1 and 2 are the consumers, 64 rows each: per 128-column block and weight scale block, 4
 // `wgmma m64n128k32` e4m3 steps into a zeroed block accumulator, then one FMA per output
 // with the two scales into the fp32 total: the block-scaled sum of the official fp8_gemm,
 // which also keeps the tensor cores' reduced-precision FP8 accumulation to 128 products.

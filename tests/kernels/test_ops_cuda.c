@@ -2433,10 +2433,11 @@ static void test_exact_rows(void **state) {
 
 /* The invariant precision (ops_cuda.h) is row-invariant: matmuls of F32, BF16 and FP8
  * weights on each of its paths (the expert kernel for FP8 it takes, also at V3's dense
- * shapes, in wide and in narrow tiles, 128-row chunks otherwise: 300 rows make three), head_gemm_bf16 in token chunks
- * (small and V3 shapes, padded strides) and the BF16-cache decode over 1 to 5000 keys
- * give a row alone or in a smaller call the bits it has in the whole call, within the
- * fast numerics' error of the CPU; epic_ops_rows_invariant follows the precision. */
+ * shapes, in wide and in narrow tiles, 128-row chunks otherwise: 300 rows make three),
+ * head_gemm_bf16 in token chunks (small and V3 shapes, padded strides) and the BF16-cache
+ * decode over 1 to 5000 keys give a row alone or in a smaller call the bits it has in the
+ * whole call, within the fast numerics' error of the CPU; epic_ops_rows_invariant follows
+ * the precision. */
 static void test_invariant_rows(void **state) {
   (void)state;
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);

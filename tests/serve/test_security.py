@@ -264,7 +264,8 @@ def gateway(srv, c):
         deadline = time.time() + 30
         while True:
             st, _, j = https(hp, "POST", "/v1/completions", key=K1, tls=False,
-                             body=dict(model="tiny-bf16", prompt=[0, 10, 20], max_tokens=6, temperature=0))
+                             body=dict(model="tiny-bf16", prompt=[0, 10, 20], max_tokens=6,
+                                       temperature=0))
             if st != 429 or time.time() > deadline:
                 break
             time.sleep(0.1)
