@@ -268,6 +268,13 @@ static void down_send(fwd *f, grpc_byte_buffer *bb) {
 
 static void try_upstream(fwd *f);
 
+/* Send the client its final status (and message). The key's stream slot goes back first:
+ * the client may open its next stream the moment it has this status. */
+static void fwd_finish(fwd *f, grpc_status_code code, const char *details, grpc_byte_buffer *msg) {
+  epic_auth_release(f->r->auth, &f->grant);
+  epic_gw_down_finish(&f->d, code, details, msg);
+}
+
 /* The upstream call ended: retry elsewhere when nothing reached the client
  * yet and the failure says the upstream could not take the call; otherwise
  * pass the status on once every message went out. */
@@ -298,7 +305,7 @@ static void settle(fwd *f) {
   snprintf(details, sizeof details, "%s", f->last_details);
   f->cur = NULL;
   attempt_maybe_free(a);
-  epic_gw_down_finish(&f->d, f->last_status, details, NULL);
+  fwd_finish(f, f->last_status, details, NULL);
 }
 
 static void try_upstream(fwd *f) {
@@ -310,12 +317,12 @@ static void try_upstream(fwd *f) {
       snprintf(msg, sizeof msg, "%s (no other healthy upstream to try)", f->last_details);
     else
       snprintf(msg, sizeof msg, "no healthy upstream (%d configured)", r->n_ups);
-    epic_gw_down_finish(&f->d, f->tried ? f->last_status : GRPC_STATUS_UNAVAILABLE, msg, NULL);
+    fwd_finish(f, f->tried ? f->last_status : GRPC_STATUS_UNAVAILABLE, msg, NULL);
     return;
   }
   attempt *a = calloc(1, sizeof *a);
   if (!a) {
-    epic_gw_down_finish(&f->d, GRPC_STATUS_RESOURCE_EXHAUSTED, "gateway out of memory", NULL);
+    fwd_finish(f, GRPC_STATUS_RESOURCE_EXHAUSTED, "gateway out of memory", NULL);
     return;
   }
   f->tried |= (uint64_t)1 << (u - r->ups);
@@ -495,16 +502,16 @@ static void on_new_call(epic_gw_router *r, epic_gw_listener *l, int ok) {
         (Grpc__Health__V1__HealthCheckRequest *)epic_gw_unpack(
             &grpc__health__v1__health_check_request__descriptor, payload);
     if (!rq) {
-      epic_gw_down_finish(&f->d, GRPC_STATUS_INVALID_ARGUMENT,
-                          "request: malformed HealthCheckRequest protobuf", NULL);
+      fwd_finish(f, GRPC_STATUS_INVALID_ARGUMENT, "request: malformed HealthCheckRequest protobuf",
+                 NULL);
     } else if (rq->service[0] && strcmp(rq->service, EPIC_GW_SERVICE) != 0) {
-      epic_gw_down_finish(&f->d, GRPC_STATUS_NOT_FOUND, "service: unknown service", NULL);
+      fwd_finish(f, GRPC_STATUS_NOT_FOUND, "service: unknown service", NULL);
     } else {
       Grpc__Health__V1__HealthCheckResponse rs = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
       rs.status = any_healthy(r) && !r->draining
                       ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
                       : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
-      epic_gw_down_finish(&f->d, GRPC_STATUS_OK, NULL, epic_gw_pack(&rs.base));
+      fwd_finish(f, GRPC_STATUS_OK, NULL, epic_gw_pack(&rs.base));
     }
     if (rq)
       grpc__health__v1__health_check_request__free_unpacked(rq, NULL);
@@ -513,7 +520,7 @@ static void on_new_call(epic_gw_router *r, epic_gw_listener *l, int ok) {
   if (f->method == EPIC_GW_M_UNKNOWN) {
     char msg[256];
     snprintf(msg, sizeof msg, "method %s is not served here", method);
-    epic_gw_down_finish(&f->d, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
+    fwd_finish(f, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
     return;
   }
   epic_auth_result ar;
@@ -525,13 +532,12 @@ static void on_new_call(epic_gw_router *r, epic_gw_listener *l, int ok) {
     return;
   }
   if (r->draining) {
-    epic_gw_down_finish(&f->d, GRPC_STATUS_UNAVAILABLE,
-                        "gateway is draining (shutting down): not accepting new requests", NULL);
+    fwd_finish(f, GRPC_STATUS_UNAVAILABLE,
+               "gateway is draining (shutting down): not accepting new requests", NULL);
     return;
   }
   if (!payload) {
-    epic_gw_down_finish(&f->d, GRPC_STATUS_INVALID_ARGUMENT, "request: no request message was sent",
-                        NULL);
+    fwd_finish(f, GRPC_STATUS_INVALID_ARGUMENT, "request: no request message was sent", NULL);
     return;
   }
   try_upstream(f);

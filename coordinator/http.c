@@ -86,7 +86,10 @@ struct exch {
   int gone;                /* the client went away */
   int cancelled;           /* cancel sent to every choice */
   double t_start, t_first; /* received; first output (connection thread) */
-  epic_auth_grant grant;   /* moved from the connection: charged and released at the end */
+  /* Moved from the connection (armed, under mu, once it is here), then charged and released
+   * once (settled, under mu) when every choice finished, or at the end. */
+  epic_auth_grant grant;
+  int armed, settled;
   /* streaming (connection thread) */
   buf out;
   size_t out_off;
@@ -245,6 +248,34 @@ epic_status epic_http_sink_output(epic_http_sink *s, const char *text, size_t n,
   return st;
 }
 
+/* The exchange's key grant charged with the tokens its choices generated and its stream
+ * slot given back, once (x->mu held). */
+static void grant_settle_locked(exch *x) {
+  epic_http *h = x->h;
+  if (x->settled)
+    return;
+  x->settled = 1;
+  if (!h->auth)
+    return;
+  int64_t generated = 0;
+  for (int i = 0; i < x->n; i++)
+    generated += x->ch[i].completion_tokens;
+  epic_auth_charge(h->auth, &x->grant, generated);
+  epic_auth_release(h->auth, &x->grant);
+}
+
+/* Settle the grant as soon as the exchange holds it and every choice has finished (x->mu
+ * held): before the response's last bytes go out, so that a client that sends its next
+ * request the moment it has them is not refused for a stream that is over. */
+static void grant_settle_done_locked(exch *x) {
+  if (!x->armed)
+    return;
+  for (int i = 0; i < x->n; i++)
+    if (!x->ch[i].started || !x->ch[i].finished)
+      return;
+  grant_settle_locked(x);
+}
+
 void epic_http_sink_finish(epic_http_sink *s, int finish, int64_t prompt_tokens,
                            int64_t completion_tokens, int http_status, const char *msg) {
   exch *x = s->x;
@@ -255,6 +286,7 @@ void epic_http_sink_finish(epic_http_sink *s, int finish, int64_t prompt_tokens,
   s->completion_tokens = completion_tokens;
   s->err_status = http_status;
   snprintf(s->err, sizeof s->err, "%s", msg ? msg : "");
+  grant_settle_done_locked(x);
   pthread_cond_broadcast(&x->cv);
   pthread_mutex_unlock(&x->mu);
 }
@@ -281,6 +313,7 @@ static void exch_free(exch *x) {
   for (int i = 0; i < x->n; i++)
     while (x->ch[i].started && !x->ch[i].finished)
       pthread_cond_wait(&x->cv, &x->mu);
+  grant_settle_locked(x); /* a choice that never started: not settled yet */
   pthread_mutex_unlock(&x->mu);
   /* Without an engine to count them (the gateway), the front counts itself. */
   int64_t prompt = 0, completion = 0;
@@ -289,13 +322,6 @@ static void exch_free(exch *x) {
     ok &= x->ch[i].started && x->ch[i].finish != EPIC_HTTP_FINISH_ERROR;
     prompt = x->ch[i].prompt_tokens > prompt ? x->ch[i].prompt_tokens : prompt;
     completion += x->ch[i].completion_tokens;
-  }
-  if (h->auth) {
-    int64_t generated = 0;
-    for (int i = 0; i < x->n; i++)
-      generated += x->ch[i].completion_tokens;
-    epic_auth_charge(h->auth, &x->grant, generated);
-    epic_auth_release(h->auth, &x->grant);
   }
   if (ok && !h->p.ops->metrics) {
     const double now = epic_now_seconds();
@@ -783,7 +809,11 @@ static enum MHD_Result serve_generation(epic_http *h, struct MHD_Connection *c, 
   if (!x)
     return respond_error(h, c, ctx->endpoint, &err);
   ctx->x = x;
-  x->grant = ctx->grant; /* the exchange charges and releases it when it ends */
+  pthread_mutex_lock(&x->mu);
+  x->grant = ctx->grant; /* the exchange charges and releases it (grant_settle_locked) */
+  x->armed = 1;
+  grant_settle_done_locked(x); /* every choice may have finished already */
+  pthread_mutex_unlock(&x->mu);
   memset(&ctx->grant, 0, sizeof ctx->grant);
   if (x->rq.stream) {
     if (x->rq.chat)
