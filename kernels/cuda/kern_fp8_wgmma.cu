@@ -448,23 +448,38 @@ __global__ void __launch_bounds__(kThreads, 1)
 // (static order), wide or narrow (a.narrow), and device-planned (wide, half tiles, static
 // order: its tiles are counted per CTA from the offsets).
 constexpr int kWide = EPIC_CUK_WG_TILE_COLS, kNarrow = EPIC_CUK_WG_NARROW_COLS;
-#define EPIC_WG_HOST_HALF(BN) k_fp8_wgmma<true, true, BN>
-#define EPIC_WG_HOST_WHOLE(BN) k_fp8_wgmma<false, false, BN>
+template <bool HALF, int BN> struct host_form {
+  static constexpr auto kernel = k_fp8_wgmma<HALF, HALF, BN>;
+  static constexpr size_t kSmem = tile_cfg<BN>::kSmem;
+};
 #define EPIC_WG_DEV k_fp8_wgmma<true, false, kWide>
 
 template <typename F> static cudaError_t smem_attr(F f, size_t bytes) {
   return cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
 }
 
+template <bool HALF, int BN> static cudaError_t host_prepare() {
+  return smem_attr(host_form<HALF, BN>::kernel, host_form<HALF, BN>::kSmem);
+}
+
+// The host-planned form of a->narrow's width on grid CTAs.
+template <bool HALF>
+static cudaError_t host_launch(const epic_cuk_fp8_wgmma_args *a, int grid, cudaStream_t st) {
+  if (a->narrow)
+    host_form<HALF, kNarrow>::kernel<<<grid, kThreads, host_form<HALF, kNarrow>::kSmem, st>>>(*a);
+  else
+    host_form<HALF, kWide>::kernel<<<grid, kThreads, host_form<HALF, kWide>::kSmem, st>>>(*a);
+  return cudaGetLastError();
+}
+
 cudaError_t epic_cuk_fp8_wgmma_prepare(void) {
-  cudaError_t e = smem_attr(EPIC_WG_HOST_HALF(kWide), tile_cfg<kWide>::kSmem);
-  if (e == cudaSuccess)
-    e = smem_attr(EPIC_WG_HOST_WHOLE(kWide), tile_cfg<kWide>::kSmem);
-  if (e == cudaSuccess)
-    e = smem_attr(EPIC_WG_HOST_HALF(kNarrow), tile_cfg<kNarrow>::kSmem);
-  if (e == cudaSuccess)
-    e = smem_attr(EPIC_WG_HOST_WHOLE(kNarrow), tile_cfg<kNarrow>::kSmem);
-  return e != cudaSuccess ? e : smem_attr(EPIC_WG_DEV, tile_cfg<kWide>::kSmemDev);
+  const cudaError_t forms[] = {host_prepare<true, kWide>(), host_prepare<false, kWide>(),
+                               host_prepare<true, kNarrow>(), host_prepare<false, kNarrow>(),
+                               smem_attr(EPIC_WG_DEV, tile_cfg<kWide>::kSmemDev)};
+  for (cudaError_t e : forms)
+    if (e != cudaSuccess)
+      return e;
+  return cudaSuccess;
 }
 
 int epic_cuk_fp8_wgmma_layout_ok(const epic_weight *w) {
@@ -520,22 +535,10 @@ cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, c
   if (total <= 0)
     return cudaSuccess;
   const int grid = total < sm_count ? total : sm_count;
-  const size_t smem = a->narrow ? tile_cfg<kNarrow>::kSmem : tile_cfg<kWide>::kSmem;
-  if (!a->half) {
-    if (a->narrow)
-      EPIC_WG_HOST_WHOLE(kNarrow)<<<grid, kThreads, smem, st>>>(*a);
-    else
-      EPIC_WG_HOST_WHOLE(kWide)<<<grid, kThreads, smem, st>>>(*a);
-    return cudaGetLastError();
-  }
+  if (!a->half)
+    return host_launch<false>(a, grid, st);
   if (!a->next_tile)
     return cudaErrorInvalidValue;
   const cudaError_t e = cudaMemsetAsync(a->next_tile, 0, sizeof(int32_t), st);
-  if (e != cudaSuccess)
-    return e;
-  if (a->narrow)
-    EPIC_WG_HOST_HALF(kNarrow)<<<grid, kThreads, smem, st>>>(*a);
-  else
-    EPIC_WG_HOST_HALF(kWide)<<<grid, kThreads, smem, st>>>(*a);
-  return cudaGetLastError();
+  return e != cudaSuccess ? e : host_launch<true>(a, grid, st);
 }
