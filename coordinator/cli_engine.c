@@ -29,6 +29,12 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"cuda-graphs", "on|off",
      "record single-process decode steps of up to 128 sequences as CUDA graphs and\n"
      "replay them (default on; outputs are the same either way)"},
+    {"precision", "P",
+     "GPU numerics: fast (default: e4m3 / bf16 activations, bf16 latent cache, the\n"
+     "fastest kernel for each row count), invariant (the same class, every row\n"
+     "computed alike whatever the batch: MTP drafts by default; slower at small\n"
+     "batches) or exact (fp32 GEMMs and cache, matching the CPU; slow). CPU ranks\n"
+     "always compute fp32 rows alike. Overrides EPIC_CUDA_PRECISION"},
     {"max-batch", "N", "running sequences in the cluster (default 256)"},
     {"max-queue", "N", "waiting requests in the engine (default 1024)"},
     {"kv-cache", "SIZE", "KV cache per worker, e.g. 4GiB (default 1GiB)"},
@@ -45,8 +51,8 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"mtp-draft", "K|auto|off",
      "MTP speculative decoding: K draft tokens per step (1..16), off, or auto\n"
      "(default: 1 draft for greedy requests when the checkpoint has an MTP layer,\n"
-     "on CPU ranks and on GPUs with EPIC_CUDA_PRECISION=exact or invariant; in the\n"
-     "default GPU precision only with an explicit K, see README; a sequence stops\n"
+     "on CPU ranks and on GPUs with --precision exact or invariant; in the default\n"
+     "GPU precision only with an explicit K, see README; a sequence stops\n"
      "drafting when fewer than half of its drafts are accepted).\n"
      "Greedy output is identical to off; with K, sampled output has the same\n"
      "distribution (other draws: seeded requests give other tokens than off)"},
@@ -143,6 +149,13 @@ int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg) {
       bad = -1;
     }
     o->no_graphs = strcmp(arg, "off") == 0;
+    break;
+  case EPIC_CLI_ENGINE_PRECISION:
+    if (epic_cluster_parse_precision(arg, NULL) != EPIC_OK) {
+      fprintf(stderr, "epic %s: %s: expected fast, exact or invariant, got '%s'\n", cmd, flag, arg);
+      bad = -1;
+    }
+    o->precision = arg;
     break;
   case EPIC_CLI_ENGINE_MAX_BATCH: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 24, &o->max_batch); break;
   case EPIC_CLI_ENGINE_MAX_QUEUE: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 24, &o->max_queue); break;
@@ -262,6 +275,7 @@ void epic_cli_engine_cluster_params(const epic_cli_engine_opts *o, epic_cluster_
                               .threads = o->threads,
                               .device = o->device,
                               .step_graphs = o->no_graphs ? -1 : 0,
+                              .precision = o->precision,
                               .mem_per_rank = o->mem_per_rank,
                               .max_batch_tokens = o->step_tokens,
                               .eplb_redundant = o->eplb_redundant,

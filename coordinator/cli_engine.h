@@ -1,6 +1,7 @@
 /* The engine flags that `epic generate`, `serve`, `batch` and `bench` share: how
  * the model is loaded (--model, --load-format, --num-layers, --num-experts,
- * --weight-seed, --threads, --comm, --mem-per-rank, --device, --cuda-graphs) and how the engine
+ * --weight-seed, --threads, --comm, --mem-per-rank, --device, --cuda-graphs, --precision) and
+ * how the engine
  * schedules (--max-batch, --max-queue, --kv-cache, --kv-pages, --page-size,
  * --max-context, --step-tokens, --prefill-chunk, --micro-batches, --prefix-cache,
  * --mtp-draft): one option
@@ -37,6 +38,7 @@ typedef enum epic_cli_engine_opt {
   EPIC_CLI_ENGINE_MEM_PER_RANK,
   EPIC_CLI_ENGINE_DEVICE,
   EPIC_CLI_ENGINE_CUDA_GRAPHS,
+  EPIC_CLI_ENGINE_PRECISION,
   /* scheduling */
   EPIC_CLI_ENGINE_MAX_BATCH,
   EPIC_CLI_ENGINE_MAX_QUEUE,
@@ -56,7 +58,7 @@ typedef enum epic_cli_engine_opt {
 } epic_cli_engine_opt;
 
 #define EPIC_CLI_ENGINE_BIT(opt) (1u << (opt))
-/* Every loading flag, --model to --cuda-graphs. */
+/* Every loading flag, --model to --precision. */
 #define EPIC_CLI_ENGINE_LOAD_ALL ((1u << EPIC_CLI_ENGINE_MAX_BATCH) - 1u)
 /* Every scheduling flag, --max-batch to --mtp-draft. */
 #define EPIC_CLI_ENGINE_SCHED_ALL (((1u << EPIC_CLI_ENGINE_N) - 1u) & ~EPIC_CLI_ENGINE_LOAD_ALL)
@@ -71,6 +73,7 @@ typedef struct epic_cli_engine_opts {
   const char *comm;     /* --comm, checked against the known backends; NULL = auto */
   const char *device;   /* --device: auto, cpu, cuda or cuda:N (checked); NULL = auto */
   int no_graphs;        /* --cuda-graphs off */
+  const char *precision; /* --precision fast|exact|invariant (checked); NULL = default */
   int dummy;            /* --load-format dummy */
   uint64_t weight_seed; /* --weight-seed */
   uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */

@@ -94,11 +94,26 @@ epic_status epic_cluster_parse_device(const char *s, int *kind, int *index) {
   return EPIC_OK;
 }
 
+epic_status epic_cluster_parse_precision(const char *s, int *out) {
+  static const char *const names[] = {"fast", "exact", "invariant"}; /* epic_cuda_precision */
+  for (int i = 0; s && i < 3; i++)
+    if (strcmp(s, names[i]) == 0) {
+      if (out) *out = i;
+      return EPIC_OK;
+    }
+  return EPIC_ERR_INVALID;
+}
+
 /* The compute backend the device flag names, on this rank's GPU when it is CUDA. */
 static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p) {
-  int kind, index;
+  int kind, index, prec = -1;
   if (epic_cluster_parse_device(p->device, &kind, &index) != EPIC_OK) {
     EPIC_LOG_ERROR("%s: --device: expected auto, cpu, cuda or cuda:N, got '%s'", p->cmd, p->device);
+    return EPIC_ERR_INVALID;
+  }
+  if (p->precision && epic_cluster_parse_precision(p->precision, &prec) != EPIC_OK) {
+    EPIC_LOG_ERROR("%s: --precision: expected fast, exact or invariant, got '%s'", p->cmd,
+                   p->precision);
     return EPIC_ERR_INVALID;
   }
 #ifdef EPIC_HAVE_CUDA
@@ -116,8 +131,11 @@ static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p) {
         return EPIC_ERR_INVALID;
       }
       EPIC_CHECK(epic_ops_cuda_create(dev, &c->ops));
-      EPIC_LOG_INFO("%s: rank %d computes on GPU %d (%s)", p->cmd, c->rank, dev,
-                    epic_ops_cuda_device_name(c->ops));
+      if (prec >= 0) /* before any cache or weight: the precision decides their layouts */
+        EPIC_CHECK(epic_ops_cuda_set_precision(c->ops, (epic_cuda_precision)prec));
+      EPIC_LOG_INFO("%s: rank %d computes on GPU %d (%s)%s%s", p->cmd, c->rank, dev,
+                    epic_ops_cuda_device_name(c->ops), p->precision ? ", precision " : "",
+                    p->precision ? p->precision : "");
       return EPIC_OK;
     }
   }
@@ -129,6 +147,7 @@ static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p) {
     return EPIC_ERR_UNSUPPORTED;
   }
   (void)index;
+  (void)prec; /* a CPU rank computes every row in fp32 alike, whatever was asked */
 #endif
   return epic_ops_cpu_create((int)default_threads(p->threads), &c->ops);
 }

@@ -58,6 +58,8 @@ typedef struct epic_cluster_params {
   int progress;              /* rank 0 reports loading progress */
   int step_graphs;           /* epic_model_params.step_graphs: 0 = on where the backend
                                 records graphs, < 0 = off */
+  const char *precision;     /* GPU ranks' numerics (epic_cluster_parse_precision); NULL =
+                                the backend's default (EPIC_CUDA_PRECISION, else fast) */
 } epic_cluster_params;
 
 /* Collective under a launcher. Errors are logged as one line naming the flag,
@@ -78,6 +80,11 @@ const epic_plan *epic_cluster_plan(const epic_cluster *c);
  * (either pointer may be NULL). EPIC_ERR_INVALID for anything else; a CUDA name
  * in a build without CUDA is refused later, by open, with its own message. */
 epic_status epic_cluster_parse_device(const char *s, int *kind, int *index);
+
+/* A --precision value: "fast" (0), "exact" (1) or "invariant" (2) into *out (may be NULL):
+ * the CUDA backend's epic_cuda_precision. CPU ranks compute every row in fp32 alike
+ * whatever is asked (as exact does). EPIC_ERR_INVALID for anything else. */
+epic_status epic_cluster_parse_precision(const char *s, int *out);
 
 /* 1 when this process was started by mpirun/srun (launcher variables set). */
 int epic_cluster_under_launcher(void);

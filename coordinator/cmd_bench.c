@@ -102,6 +102,7 @@ static int parse(int argc, char **argv, bench_opts *o) {
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_COMM) |
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_DEVICE) |
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_CUDA_GRAPHS) |
+                           EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PRECISION) |
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_MEM_PER_RANK) |
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_STEP_TOKENS) |
                            EPIC_CLI_ENGINE_BIT(EPIC_CLI_ENGINE_PREFILL_CHUNK) |

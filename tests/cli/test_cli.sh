@@ -52,6 +52,17 @@ expect_error "plan does not fit --mem-per-rank" "does not fit: rank 0 needs .*--
   "$EPIC" generate --model "$FX/tiny-bf16" --prompt-ids 1 --mem-per-rank 1MB
 expect_error "bad --mem-per-rank" "--mem-per-rank" \
   "$EPIC" generate --model "$FX/tiny-bf16" --prompt-ids 1 --mem-per-rank lots
+expect_error "bad --precision" "--precision: expected fast, exact or invariant, got 'fp4'" \
+  "$EPIC" generate --model "$FX/tiny-bf16" --prompt-ids 1 --precision fp4
+grep -q -- "--precision P" <("$EPIC" serve --help) && ok "serve --help lists --precision" ||
+  bad "serve --help lists --precision"
+# On a CPU rank every precision computes the same fp32 rows: the same logits.
+for p in fast invariant; do
+  expect_ok "--precision $p on the CPU" "$EPIC" generate --model "$FX/tiny-bf16" --device cpu \
+    --prompt-ids 1,2,3 --max-new-tokens 3 --precision $p --dump-logits "$tmp/prec_$p.npy"
+done
+cmp -s "$tmp/prec_fast.npy" "$tmp/prec_invariant.npy" && ok "CPU logits equal under every --precision" ||
+  bad "CPU logits equal under every --precision"
 
 m="$tmp/trunc"; copy_model "$FX/tiny-bf16" "$m"
 truncate -s 1000000 "$m/model-00002-of-00002.safetensors"
