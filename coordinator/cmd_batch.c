@@ -112,6 +112,11 @@ typedef struct batch_ctx {
   size_t line_cap;
   int64_t line_no, total;
   int eof, dirty;
+  /* The engine waits for the input while it is open (epic_engine_set_input_open), so that
+   * every step admits what it would with the whole input queued: the same steps, and the
+   * same outputs in the GPUs' fast precision, run after run. Closed (IO thread) once every
+   * request is submitted, or when feeding stops. */
+  int input_open;
   epic_status io_status;
   /* counters (IO thread) */
   int64_t skipped, completed, errors, engine_failed, cancelled, inflight;
@@ -533,6 +538,10 @@ static void *io_main(void *arg) {
         break;
       }
     }
+    if (c->input_open && (!feeding || c->io_status != EPIC_OK || (c->eof && !pending))) {
+      c->input_open = 0;
+      epic_engine_set_input_open(c->engine, 0);
+    }
     if (feeding && c->eof && !pending && c->inflight == 0)
       break;
     if (!feeding && c->inflight == 0)
@@ -541,7 +550,9 @@ static void *io_main(void *arg) {
     if (!c->done_head && !c->engine_stopped && !g_signal && !(feeding && c->io_status != EPIC_OK)) {
       struct timespec ts;
       clock_gettime(CLOCK_REALTIME, &ts);
-      ts.tv_nsec += 250 * 1000 * 1000;
+      /* while the engine may be waiting for the input, come back soon to refill the queue
+       * (admissions free its slots without waking this thread) */
+      ts.tv_nsec += (c->input_open ? 5 : 250) * 1000 * 1000;
       if (ts.tv_nsec >= 1000000000L) {
         ts.tv_sec++;
         ts.tv_nsec -= 1000000000L;
@@ -802,6 +813,8 @@ int epic_cmd_batch(int argc, char **argv) {
             (long long)c.total, o.input, (long long)c.resume.records, o.output,
             c.resume.records ? " (resuming)" : "");
   pthread_t io;
+  c.input_open = 1;
+  epic_engine_set_input_open(e, 1);
   int started = pthread_create(&io, NULL, io_main, &c) == 0;
   if (!started) {
     EPIC_LOG_ERROR("batch: cannot start the IO thread");

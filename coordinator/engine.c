@@ -98,6 +98,7 @@ struct epic_engine {
   uint64_t *cancels;
   size_t n_cancel, cancel_cap;
   int shutdown, drain;
+  int input_open; /* epic_engine_set_input_open */
   int stopped;  /* the other ranks were told to return (or cannot be told) */
   int mid_step; /* a plan went out and its replies are not in yet */
   epic_status failed;
@@ -434,6 +435,21 @@ static int has_work_locked(const epic_engine *e) {
   return e->n_cancel > 0 || epic_sched_has_work(e->sched);
 }
 
+/* Whether the next step's admissions no longer depend on when the open input's requests
+ * arrive (epic_engine_set_input_open): the queue is full, or holds a request for every
+ * free running slot. */
+static int input_settled_locked(const epic_engine *e) {
+  if (!e->input_open)
+    return 1;
+  epic_sched_stats ss;
+  epic_sched_get_stats(e->sched, &ss);
+  return ss.queued >= e->p.max_queue || ss.queued >= e->p.max_batch - ss.running;
+}
+
+static int ready_locked(const epic_engine *e) {
+  return has_work_locked(e) && input_settled_locked(e);
+}
+
 static epic_status coord_step(epic_engine *e, int *idle) {
   epic_sched_step st;
   epic_step_plan p;
@@ -622,7 +638,7 @@ static epic_status coord_run(epic_engine *e) {
   for (;;) {
     int idle, stop;
     pthread_mutex_lock(&e->mu);
-    while (!e->shutdown && !has_work_locked(e)) {
+    while (!e->shutdown && !ready_locked(e)) {
       if (keepalive_ms <= 0) {
         pthread_cond_wait(&e->cv, &e->mu);
         continue;
@@ -636,7 +652,7 @@ static epic_status coord_run(epic_engine *e) {
         until.tv_nsec -= 1000000000L;
       }
       if (pthread_cond_timedwait(&e->cv, &e->mu, &until) == ETIMEDOUT && !e->shutdown &&
-          !has_work_locked(e)) {
+          !ready_locked(e)) {
         pthread_mutex_unlock(&e->mu);
         st = send_idle(e);
         pthread_mutex_lock(&e->mu);
@@ -1185,6 +1201,15 @@ epic_status epic_engine_expert_tokens(epic_engine *e, int64_t *counts, int64_t n
       counts[i] += e->rank_experts[(size_t)r * (size_t)n + (size_t)i];
   pthread_mutex_unlock(&e->mu);
   return EPIC_OK;
+}
+
+void epic_engine_set_input_open(epic_engine *e, int open) {
+  if (!e || e->rank != 0)
+    return;
+  pthread_mutex_lock(&e->mu);
+  e->input_open = open != 0;
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
 }
 
 void epic_engine_shutdown(epic_engine *e, int drain) {

@@ -217,5 +217,14 @@ epic_status epic_engine_run(epic_engine *e);
  * EPIC_ERR_CANCELLED) and make epic_engine_run return once drained (drain = 1)
  * or at once after cancelling everything (drain = 0). */
 void epic_engine_shutdown(epic_engine *e, int drain);
+/* Rank 0, any thread: a job's input not read to its end yet (open = 1), or read (0; the
+ * default). While it is open, epic_engine_run forms a step only once the queue holds as
+ * many requests as could start (max_batch minus the running ones) or is full: admission
+ * takes the queue's head in order, so every step's admissions are then what they would be
+ * with the whole input queued, whenever its requests arrive. A batch job's steps, and so
+ * its outputs where a row's rounding follows its step's shape (the GPUs' fast precision),
+ * are then the same run after run. The caller must close it at the input's end (or on
+ * error); a shutdown stops the waiting too. */
+void epic_engine_set_input_open(epic_engine *e, int open);
 
 #endif

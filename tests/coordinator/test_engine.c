@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <cmocka.h>
 
 #include "common/log.h"
@@ -258,6 +259,47 @@ static void test_concurrent_reference(void **state) {
   /* Fewer steps than tokens: sequences really shared steps. */
   assert_true(s.steps < gen);
   epic_engine_destroy(e);
+}
+
+/* Steps with the input open (epic_engine_set_input_open): requests arriving one by one
+ * while the engine runs give the steps of the same requests all queued before it started
+ * (the same step count, and the references): what makes a batch job's steps, and so its
+ * outputs in the GPUs' fast precision, the same run after run. */
+static void test_input_open_steps(void **state) {
+  fixture *f = *state;
+  rq all[MAX_REQ], trickled[MAX_REQ];
+  const int n = make_requests(f, all);
+  make_requests(f, trickled);
+  epic_engine_stats sa, st;
+  epic_engine *e = tight_engine(f);
+  for (int i = 0; i < n; i++)
+    assert_int_equal(submit(e, &all[i], NULL), EPIC_OK);
+  epic_engine_shutdown(e, 1);
+  assert_int_equal(epic_engine_run(e), EPIC_OK);
+  epic_engine_get_stats(e, &sa);
+  epic_engine_destroy(e);
+  check_reference(all, n);
+
+  e = tight_engine(f);
+  epic_engine_set_input_open(e, 1);
+  driver d = {.e = e, .st = EPIC_ERR_INVALID};
+  pthread_t th;
+  assert_int_equal(pthread_create(&th, NULL, drive, &d), 0);
+  for (int i = 0; i < n; i++) {
+    const struct timespec pause = {0, 3 * 1000 * 1000}; /* longer than a step here */
+    nanosleep(&pause, NULL);
+    assert_int_equal(submit(e, &trickled[i], NULL), EPIC_OK);
+  }
+  epic_engine_set_input_open(e, 0);
+  epic_engine_shutdown(e, 1);
+  assert_int_equal(pthread_join(th, NULL), 0);
+  assert_int_equal(d.st, EPIC_OK);
+  epic_engine_get_stats(e, &st);
+  epic_engine_destroy(e);
+  check_reference(trickled, n);
+  print_message("input open: %lld steps, all queued first: %lld\n", (long long)st.steps,
+                (long long)sa.steps);
+  assert_int_equal(st.steps, sa.steps);
 }
 
 /* Each request alone (default engine) equals the concurrent run, also with
@@ -710,8 +752,8 @@ static void test_prefix_cache_eviction(void **state) {
 int main(void) {
   const struct CMUnitTest bf16[] = {
       cmocka_unit_test(test_top_logprobs_row), cmocka_unit_test(test_top_logprobs_engine),
-      cmocka_unit_test(test_concurrent_reference), cmocka_unit_test(test_alone_equals_together),
-      cmocka_unit_test(test_stops_and_cancel),     cmocka_unit_test(test_validation_and_limits),
+      cmocka_unit_test(test_concurrent_reference), cmocka_unit_test(test_input_open_steps),
+      cmocka_unit_test(test_alone_equals_together), cmocka_unit_test(test_stops_and_cancel),     cmocka_unit_test(test_validation_and_limits),
       cmocka_unit_test(test_shutdown_cancels),     cmocka_unit_test(test_prefix_cache_identical),
       cmocka_unit_test(test_prefix_cache_eviction),
   };
