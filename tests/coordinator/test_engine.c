@@ -751,11 +751,11 @@ static void test_prefix_cache_eviction(void **state) {
 
 int main(void) {
   const struct CMUnitTest bf16[] = {
-      cmocka_unit_test(test_top_logprobs_row), cmocka_unit_test(test_top_logprobs_engine),
-      cmocka_unit_test(test_concurrent_reference), cmocka_unit_test(test_input_open_steps),
-      cmocka_unit_test(test_alone_equals_together), cmocka_unit_test(test_stops_and_cancel),     cmocka_unit_test(test_validation_and_limits),
-      cmocka_unit_test(test_shutdown_cancels),     cmocka_unit_test(test_prefix_cache_identical),
-      cmocka_unit_test(test_prefix_cache_eviction),
+      cmocka_unit_test(test_top_logprobs_row),      cmocka_unit_test(test_top_logprobs_engine),
+      cmocka_unit_test(test_concurrent_reference),  cmocka_unit_test(test_input_open_steps),
+      cmocka_unit_test(test_alone_equals_together), cmocka_unit_test(test_stops_and_cancel),
+      cmocka_unit_test(test_validation_and_limits), cmocka_unit_test(test_shutdown_cancels),
+      cmocka_unit_test(test_prefix_cache_identical), cmocka_unit_test(test_prefix_cache_eviction),
   };
   const struct CMUnitTest device[] = {
       cmocka_unit_test(test_concurrent_reference), cmocka_unit_test(test_alone_equals_together),
