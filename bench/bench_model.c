@@ -109,6 +109,9 @@ static const char *USAGE =
     "  --batch B          sequences per step (default 1)\n"
     "  --prompt-len P     prompt tokens per sequence = decode context (default 64)\n"
     "  --decode-steps N   decode steps (default 16)\n"
+    "  --step-rows R      rows per sequence in each decode step (default 1): R > 1 times\n"
+    "                     MTP verify-shaped steps (the last token and R - 1 drafts, the\n"
+    "                     LM head and a greedy pick on every row; all rows kept)\n"
     "  --prefill-chunk C  prompt tokens of one sequence per prefill step (default: the step\n"
     "                     budget, --step-tokens)\n"
     "  --step-tokens T    tokens of one prefill step (default 8192)\n"
@@ -140,11 +143,11 @@ int main(int argc, char **argv) {
                                      {"micro-batches", 1, 0, 'u'}, {"device", 1, 0, 'd'},
                                      {"prefill-chunk", 1, 0, 'c'}, {"step-tokens", 1, 0, 's'},
                                      {"cuda-graphs", 1, 0, 'g'}, {"join-weights", 1, 0, 'j'},
-                                     {"head-bf16", 1, 0, 'k'},  {"help", 0, 0, 'h'},
-                                     {0, 0, 0, 0}};
+                                     {"head-bf16", 1, 0, 'k'},  {"step-rows", 1, 0, 'r'},
+                                     {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
   const char *dir = NULL, *device = "cpu";
   int dummy = 0, graphs = 1, join = 0, head_bf16 = 0, c;
-  long layers = 0, experts = 0, B = 1, P = 64, N = 16, threads = 0, micro = 1, chunk = 0,
+  long layers = 0, experts = 0, B = 1, P = 64, N = 16, R = 1, threads = 0, micro = 1, chunk = 0,
        budget = 8192;
   while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
     switch (c) {
@@ -155,6 +158,7 @@ int main(int argc, char **argv) {
     case 'b': B = atol(optarg); break;
     case 'p': P = atol(optarg); break;
     case 'n': N = atol(optarg); break;
+    case 'r': R = atol(optarg); break;
     case 't': threads = atol(optarg); break;
     case 'u': micro = atol(optarg); break;
     case 'd': device = optarg; break;
@@ -179,7 +183,7 @@ int main(int argc, char **argv) {
   }
   if (chunk == 0)
     chunk = budget; /* the engine's default */
-  if (!dir || B < 1 || P < 1 || N < 1 || chunk < 1 || budget < 1) {
+  if (!dir || B < 1 || P < 1 || N < 1 || R < 1 || R > 17 || chunk < 1 || budget < 1) {
     fputs(USAGE, stderr);
     return 2;
   }
@@ -216,18 +220,19 @@ int main(int argc, char **argv) {
    * pays no one-time costs (GEMM plans, buffer growth); they get their own pages. */
   const long n_warm = budget / (P < chunk ? P : chunk) < B ? budget / (P < chunk ? P : chunk) : B;
   const int64_t warm_pages = (n_warm > 0 ? n_warm : 1) * (((P < chunk ? P : chunk) + page - 1) / page + 1);
-  if (epic_model_kvcache_create(m, 0, page, B * ((P + N + page - 1) / page + 1) + warm_pages, &kc) != EPIC_OK)
+  if (epic_model_kvcache_create(m, 0, page, B * ((P + N * R + page - 1) / page + 1) + warm_pages, &kc) != EPIC_OK)
     return 1;
 
   epic_kv_seq *seqs = calloc((size_t)B, sizeof *seqs);
   epic_seq_batch *b = calloc((size_t)B, sizeof *b);
-  int32_t *prompt = malloc((size_t)(B * P) * sizeof *prompt), *next = malloc((size_t)B * sizeof *next);
+  int32_t *prompt = malloc((size_t)(B * P) * sizeof *prompt);
+  int32_t *next = malloc((size_t)(B * R) * sizeof *next); /* [B][R]: a step's rows */
   int64_t *done_tok = calloc((size_t)B, sizeof *done_tok);
-  float *logits = malloc((size_t)(B * V) * sizeof(float));
+  float *logits = malloc((size_t)(B * R * V) * sizeof(float));
   /* Greedy decoding as the engine runs it: picks made on the backend, no logits row
    * downloaded (need all zero), timed as part of the step. */
-  epic_row_pick *picks = malloc((size_t)B * sizeof *picks);
-  uint8_t *need = calloc((size_t)B, 1);
+  epic_row_pick *picks = malloc((size_t)(B * R) * sizeof *picks);
+  uint8_t *need = calloc((size_t)(B * R), 1);
   double *step = malloc((size_t)N * sizeof *step);
   uint64_t x = 12345;
   int64_t prefill_steps = 0;
@@ -268,18 +273,21 @@ int main(int argc, char **argv) {
     for (int k = 0; k < n; k++) {
       const long i = (long)(b[k].kv - seqs);
       done_tok[i] += b[k].n_tokens;
-      if (done_tok[i] == P) next[i] = picks[k].id;
+      if (done_tok[i] == P)
+        for (long r = 0; r < R; r++) next[i * R + r] = picks[k].id;
     }
   }
   t_pre = epic_now_seconds() - t_pre;
-  /* Decode: one token per sequence per step. */
+  /* Decode: R rows per sequence per step (one token; or a verify step's last token and
+   * R - 1 drafts, every row picked, all kept: the next step's rows are this one's picks). */
   double t_dec = 0;
   for (long s = 0; s < N; s++) {
     for (long i = 0; i < B; i++)
-      b[i] = (epic_seq_batch){.tokens = &next[i], .n_tokens = 1, .start = P + s, .kv = &seqs[i]};
+      b[i] = (epic_seq_batch){.tokens = &next[i * R], .n_tokens = R, .start = P + s * R,
+                              .kv = &seqs[i], .all_logits = R > 1};
     double t = epic_now_seconds();
     if (epic_model_forward_pick(m, kc, b, (int)B, logits, need, picks, NULL) != EPIC_OK) return 1;
-    for (long i = 0; i < B; i++) next[i] = picks[i].id;
+    for (long i = 0; i < B * R; i++) next[i] = picks[i].id;
     step[s] = epic_now_seconds() - t;
     t_dec += step[s];
   }
@@ -297,7 +305,7 @@ int main(int argc, char **argv) {
          "\"layers\":%lld,"
          "\"experts\":%lld,\"fp8\":%s,\"threads\":%ld,\"micro_batches\":%ld,\"batch\":%ld,"
          "\"prompt_len\":%ld,\"prefill_chunk\":%ld,\"step_tokens\":%ld,\"prefill_steps\":%lld,"
-         "\"decode_steps\":%ld,\"load_seconds\":%.3f,\"weight_bytes\":%zu,"
+         "\"decode_steps\":%ld,\"step_rows\":%ld,\"load_seconds\":%.3f,\"weight_bytes\":%zu,"
          "\"prefill_tokens_per_s\":%.2f,\"decode_tokens_per_s\":%.2f,"
          "\"decode_step_ms\":{\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,\"max\":%.3f},"
          "\"decode_ms_per_layer\":%.4f,\"decode_step_ms_61_layers_linear\":%.3f,"
@@ -309,7 +317,7 @@ int main(int argc, char **argv) {
          "\"graph_record_ms\":%.3f}\n",
          dir, dev_name, dummy ? "dummy" : "safetensors", (long long)cfg->num_hidden_layers,
          (long long)cfg->n_routed_experts, cfg->quant.fp8 ? "true" : "false", threads, micro, B, P,
-         chunk, budget, (long long)prefill_steps, N,
+         chunk, budget, (long long)prefill_steps, N, R,
          t_load, epic_model_weight_bytes(m), (double)(B * P) / t_pre, (double)(B * N) / t_dec,
          1e3 * med, 1e3 * pct(step, (int)N, 0.9), 1e3 * pct(step, (int)N, 0.99),
          1e3 * step[N - 1], 1e3 * med / (double)cfg->num_hidden_layers,
