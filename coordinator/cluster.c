@@ -94,10 +94,12 @@ epic_status epic_cluster_parse_device(const char *s, int *kind, int *index) {
   return EPIC_OK;
 }
 
+/* --precision's values, in epic_cuda_precision order. */
+static const char *const PRECISIONS[] = {"fast", "exact", "invariant"};
+
 epic_status epic_cluster_parse_precision(const char *s, int *out) {
-  static const char *const names[] = {"fast", "exact", "invariant"}; /* epic_cuda_precision */
   for (int i = 0; s && i < 3; i++)
-    if (strcmp(s, names[i]) == 0) {
+    if (strcmp(s, PRECISIONS[i]) == 0) {
       if (out) *out = i;
       return EPIC_OK;
     }
@@ -133,9 +135,11 @@ static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p) {
       EPIC_CHECK(epic_ops_cuda_create(dev, &c->ops));
       if (prec >= 0) /* before any cache or weight: the precision decides their layouts */
         EPIC_CHECK(epic_ops_cuda_set_precision(c->ops, (epic_cuda_precision)prec));
-      EPIC_LOG_INFO("%s: rank %d computes on GPU %d (%s)%s%s", p->cmd, c->rank, dev,
-                    epic_ops_cuda_device_name(c->ops), p->precision ? ", precision " : "",
-                    p->precision ? p->precision : "");
+      const int now = (int)epic_ops_cuda_get_precision(c->ops);
+      const char *env = getenv("EPIC_CUDA_PRECISION");
+      EPIC_LOG_INFO("%s: rank %d computes on GPU %d (%s), precision %s%s", p->cmd, c->rank, dev,
+                    epic_ops_cuda_device_name(c->ops), now >= 0 && now < 3 ? PRECISIONS[now] : "?",
+                    prec >= 0 ? "" : env && *env ? " (EPIC_CUDA_PRECISION)" : " (default)");
       return EPIC_OK;
     }
   }

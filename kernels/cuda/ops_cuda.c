@@ -161,6 +161,13 @@ epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p) {
   return EPIC_OK;
 }
 
+epic_cuda_precision epic_ops_cuda_get_precision(epic_ops *o) {
+  const epic_cuda_ops *c = epic_cuda_of(o);
+  return c->exact_matmul ? EPIC_CUDA_PREC_EXACT
+         : c->invariant  ? EPIC_CUDA_PREC_INVARIANT
+                         : EPIC_CUDA_PREC_FAST;
+}
+
 static epic_status cuda_moe_plan(epic_ops *o, const int32_t *idx, int64_t n, int64_t n_experts,
                                  int64_t div, int32_t *plan, int64_t *counts) {
   epic_cuda_ops *c = epic_cuda_of(o);

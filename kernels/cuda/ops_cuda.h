@@ -231,6 +231,8 @@ typedef enum {
  * a decode step of up to this many rows, so its weights are read once. */
 #define EPIC_CUDA_INVARIANT_ROWS 128
 epic_status epic_ops_cuda_set_precision(epic_ops *o, epic_cuda_precision p);
+/* The precision o computes in now (the environment's at create, or the last set). */
+epic_cuda_precision epic_ops_cuda_get_precision(epic_ops *o);
 
 typedef enum {
   EPIC_CUDA_MM_INVALID = 0,

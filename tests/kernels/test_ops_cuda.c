@@ -2411,7 +2411,9 @@ static void check_mla_rows(const char *prec, int bf16) {
 static void test_exact_rows(void **state) {
   (void)state;
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
+  assert_int_equal(epic_ops_cuda_get_precision(g_gpu), EPIC_CUDA_PREC_FAST);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_EXACT), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_get_precision(g_gpu), EPIC_CUDA_PREC_EXACT);
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 1);
   static const epic_dtype dts[3] = {EPIC_DT_F32, EPIC_DT_BF16, EPIC_DT_F8E4M3};
   for (int d = 0; d < 3; d++)
@@ -2442,6 +2444,7 @@ static void test_invariant_rows(void **state) {
   (void)state;
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_INVARIANT), EPIC_OK);
+  assert_int_equal(epic_ops_cuda_get_precision(g_gpu), EPIC_CUDA_PREC_INVARIANT);
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 1);
   check_mm_rows("invariant", EPIC_DT_F32, 300, 1100, 300, EPIC_CUDA_MM_FAST_ROWS, 1e-5);
   check_mm_rows("invariant", EPIC_DT_BF16, 300, 1100, 300, EPIC_CUDA_MM_FAST_ROWS, 1e-2);
