@@ -13,6 +13,7 @@
 
 #include "cli_util.h"
 #include "common/log.h"
+#include "coordinator/cluster.h"
 #include "coordinator/planner.h"
 #include "worker/config.h"
 
@@ -51,6 +52,10 @@ static const char *USAGE =
     "                           worker takes by default)\n"
     "  --num-layers N           plan only N layers (as with dummy weights)\n"
     "  --num-experts N          plan only N routed experts per layer\n"
+    "  --precision P            the GPUs' numerics, as serve --precision: fast (default)\n"
+    "                           and invariant keep BF16 latent-cache rows and kv_b\n"
+    "                           copies, exact fp32 ones (twice the bytes); exact and\n"
+    "                           invariant give any experts EPLB's default copies\n"
     "  --json                   print one JSON object instead of the table\n"
     "  -h, --help               this help\n"
     "\n"
@@ -62,6 +67,7 @@ typedef struct plan_opts {
   int64_t ranks, redundant, max_batch, num_layers, num_experts, eplb_redundant;
   uint64_t gpu_mem;
   int json, no_mtp;
+  int precision; /* --precision (epic_cluster_parse_precision): 0 fast, 1 exact, 2 invariant */
   epic_eplb_policy policy;
   int64_t ranks_per_node;
 } plan_opts;
@@ -132,7 +138,8 @@ static int parse(int argc, char **argv, plan_opts *o) {
     O_NEXPERTS,
     O_POLICY,
     O_RPN,
-    O_EPLB_RED
+    O_EPLB_RED,
+    O_PRECISION
   };
   static const struct option longopts[] = {{"model", required_argument, 0, O_MODEL},
                                            {"ranks", required_argument, 0, O_RANKS},
@@ -147,6 +154,7 @@ static int parse(int argc, char **argv, plan_opts *o) {
                                            {"eplb-policy", required_argument, 0, O_POLICY},
                                            {"ranks-per-node", required_argument, 0, O_RPN},
                                            {"eplb-redundant", required_argument, 0, O_EPLB_RED},
+                                           {"precision", required_argument, 0, O_PRECISION},
                                            {"help", no_argument, 0, 'h'},
                                            {0, 0, 0, 0}};
   const char *cmd = "plan";
@@ -189,6 +197,13 @@ static int parse(int argc, char **argv, plan_opts *o) {
       break;
     case O_EPLB_RED:
       bad = epic_cli_i64(cmd, "--eplb-redundant", optarg, 0, 1 << 24, &o->eplb_redundant);
+      break;
+    case O_PRECISION:
+      if (epic_cluster_parse_precision(optarg, &o->precision) != EPIC_OK) {
+        fprintf(stderr, "epic plan: --precision: expected fast, exact or invariant, got '%s'\n",
+                optarg);
+        bad = -1;
+      }
       break;
     case 'h': fputs(USAGE, stdout); return 1;
     case ':':
@@ -250,10 +265,12 @@ static int gpu_experts_invariant(const epic_model_config *c) {
 
 static epic_plan_params plan_params(const plan_opts *o, const epic_model_config *cfg, int ranks,
                                     int with_stats) {
-  const int64_t eplb = o->eplb_redundant >= 0 ? o->eplb_redundant
-                                              : epic_plan_eplb_copies(0, cfg->n_routed_experts,
-                                                                      ranks,
-                                                                      gpu_experts_invariant(cfg));
+  /* exact and invariant compute any expert's rows alike in any group (ops_cuda.h) */
+  const int invariant = o->precision != 0 || gpu_experts_invariant(cfg);
+  const int64_t eplb = o->eplb_redundant >= 0
+                           ? o->eplb_redundant
+                           : epic_plan_eplb_copies(0, cfg->n_routed_experts, ranks, invariant);
+  const int elem = o->precision == 1 ? 4 : 2; /* exact: fp32 cache rows and kv_b copies */
   epic_plan_params p = {.size = sizeof p,
                         .cfg = cfg,
                         .n_ranks = ranks,
@@ -266,7 +283,9 @@ static epic_plan_params plan_params(const plan_opts *o, const epic_model_config 
                          * run-time copies of --eplb-redundant */
                         .policy = with_stats || eplb ? o->policy : EPIC_EPLB_GLOBAL,
                         .ranks_per_node = with_stats || eplb ? (int)o->ranks_per_node : 0,
-                        .eplb_redundant = (int)eplb};
+                        .eplb_redundant = (int)eplb,
+                        .kv_elem_bytes = elem,
+                        .head_elem_bytes = elem};
   return p;
 }
 

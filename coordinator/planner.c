@@ -602,12 +602,13 @@ static uint64_t reserve_bytes(const epic_model_config *c, int64_t tokens) {
   return PLAN_BASE_RESERVE + (uint64_t)tokens * (uint64_t)per_token;
 }
 
-/* What a GPU worker's model derives from the checkpoint and keeps beside it (worker/model.c):
- * per attention layer kv_b's per-head slices for the absorbed form (bf16 in CUDA's fast
- * precision: epic_model_params.head_bf16), per MoE layer the router in fp32. */
-static uint64_t derived_bytes(const epic_model_config *c, int n_layers) {
+/* What a worker's model derives from the checkpoint and keeps beside it (worker/model.c):
+ * per attention layer kv_b's per-head slices for the absorbed form at head_bytes per
+ * element (bf16 in CUDA's fast and invariant precisions: epic_model_params.head_bf16,
+ * else fp32), per MoE layer the router in fp32. */
+static uint64_t derived_bytes(const epic_model_config *c, int n_layers, int head_bytes) {
   const uint64_t kv_b = (uint64_t)(c->num_attention_heads * (c->qk_nope_head_dim + c->v_head_dim) *
-                                   c->kv_lora_rank) * 2;
+                                   c->kv_lora_rank) * (uint64_t)head_bytes;
   uint64_t total = 0;
   for (int l = 0; l < n_layers; l++)
     total += kv_b + (l >= c->num_hidden_layers || epic_config_is_moe_layer(c, l)
@@ -722,7 +723,7 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
   pl->mem = calloc((size_t)N, sizeof(epic_rank_memory));
   if (!pl->layers || !pl->mem)
     goto fail;
-  pl->reserve = reserve_bytes(c, pl->max_batch_tokens) + derived_bytes(c, pl->n_layers);
+  pl->reserve = reserve_bytes(c, pl->max_batch_tokens) + derived_bytes(c, pl->n_layers, p->head_elem_bytes > 0 ? p->head_elem_bytes : 2);
   for (int l = 0; l < pl->n_layers; l++)
     pl->layers[l].moe = epic_config_is_moe_layer(c, l);
   if (p->load_stats_path)

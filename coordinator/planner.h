@@ -56,8 +56,8 @@
  *   with T = max_batch_tokens: bf16 hidden-state buffers, the per-head q/k/v of the
  *   naive prefill form, the MoE dispatch + combine buffers, the widest FFN
  *   intermediate (gate, up, product) and fp32 logits for every token of a step; then the
- *   model's derived copies: kv_b's per-head slices in bf16 (the absorbed attention) and
- *   the router in fp32.
+ *   model's derived copies: kv_b's per-head slices (the absorbed attention) at
+ *   head_elem_bytes per element and the router in fp32.
  * KV cache: (kv_lora_rank + qk_rope_head_dim) * kv_elem_bytes (default 2: BF16) per token per attention
  *   layer (num_hidden_layers, plus the MTP layers when planned); kv_tokens =
  *   kv_budget / that.
@@ -140,6 +140,10 @@ typedef struct epic_plan_params {
   /* Bytes per latent-cache element: the backend's kv_dtype (4 on CPU ranks and in
    * CUDA's exact precision); 0 = 2, the BF16 rows of CUDA's default precision. */
   int kv_elem_bytes;
+  /* Bytes per element of kv_b's per-head copies the model keeps for the absorbed attention
+   * (epic_ops_head_dtype): 4 on CPU ranks and in CUDA's exact precision; 0 = 2, the BF16
+   * copies of CUDA's fast and invariant precisions. */
+  int head_elem_bytes;
 } epic_plan_params;
 
 typedef struct epic_plan epic_plan;

@@ -84,6 +84,25 @@ PY
 "$EPIC" plan --model "$tmp/bf16" --ranks 8 --gpu-mem 200GB --json >"$tmp/b.json" 2>"$tmp/err"
 python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["eplb_redundant"] == 0' "$tmp/b.json" &&
   ok "default none for BF16 experts" || bad "default none for BF16 experts"
+# --precision: exact keeps fp32 cache rows and kv_b copies (61 + 1 MTP layers of 128 heads x
+# 256 x 512 at 2 more bytes); invariant the default's bytes; both make BF16 experts
+# row-invariant, so EPLB's default copies apply to them.
+for p in exact invariant; do
+  "$EPIC" plan --model "$tmp/bf16" --ranks 8 --gpu-mem 200GB --json --precision $p >"$tmp/b_$p.json" 2>"$tmp/err"
+done
+python3 - "$tmp/b.json" "$tmp/b_exact.json" "$tmp/b_invariant.json" <<'PY' &&
+import json, sys
+f, e, i = (json.load(open(n)) for n in sys.argv[1:4])
+assert e["kv_bytes_per_token"] == 2 * f["kv_bytes_per_token"] == 2 * i["kv_bytes_per_token"]
+kv_b = 62 * 128 * 256 * 512 * 2
+for rf, re, ri in zip(f["ranks"], e["ranks"], i["ranks"]):
+    assert re["reserve_bytes"] == rf["reserve_bytes"] + kv_b and ri["reserve_bytes"] == rf["reserve_bytes"]
+assert f["eplb_redundant"] == 0 and e["eplb_redundant"] == 8 and i["eplb_redundant"] == 8
+PY
+  ok "--precision exact: fp32 cache and kv_b copies; exact and invariant: EPLB copies for BF16" ||
+  bad "--precision exact / invariant"
+expect 2 "bad --precision" "--precision: expected fast, exact or invariant, got 'fp4'" \
+  "$EPIC" plan --model "$M" --ranks 8 --precision fp4
 python3 - "$tmp/e0.json" "$tmp/e8.json" <<'PY' && ok "--eplb-redundant JSON: reserve = 92 experts, out of the KV budget" || bad "--eplb-redundant JSON"
 import json, sys
 a, b = (json.load(open(f)) for f in sys.argv[1:3])
