@@ -102,6 +102,13 @@ full:
   return -1;
 }
 
+int epic_cli_precision(const char *cmd, const char *flag, const char *arg, int *out) {
+  if (epic_cluster_parse_precision(arg, out) == EPIC_OK)
+    return 0;
+  fprintf(stderr, "epic %s: %s: expected fast, exact or invariant, got '%s'\n", cmd, flag, arg);
+  return -1;
+}
+
 int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg) {
   const int i = code - EPIC_CLI_ENGINE_CODE_BASE;
   if (i < 0 || i >= EPIC_CLI_ENGINE_N || !(o->mask & EPIC_CLI_ENGINE_BIT(i)))
@@ -151,10 +158,7 @@ int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg) {
     o->no_graphs = strcmp(arg, "off") == 0;
     break;
   case EPIC_CLI_ENGINE_PRECISION:
-    if (epic_cluster_parse_precision(arg, NULL) != EPIC_OK) {
-      fprintf(stderr, "epic %s: %s: expected fast, exact or invariant, got '%s'\n", cmd, flag, arg);
-      bad = -1;
-    }
+    bad = epic_cli_precision(cmd, flag, arg, NULL);
     o->precision = arg;
     break;
   case EPIC_CLI_ENGINE_MAX_BATCH: bad = epic_cli_i64(cmd, flag, arg, 1, 1 << 24, &o->max_batch); break;

@@ -110,6 +110,10 @@ int epic_cli_engine_longopts(const epic_cli_engine_opts *o, const struct option 
  * (message printed). */
 int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg);
 
+/* A --precision value (epic_cluster_parse_precision) into *out (may be NULL): 0, or -1
+ * with "epic <cmd>: <flag>: expected ..." printed. */
+int epic_cli_precision(const char *cmd, const char *flag, const char *arg, int *out);
+
 /* Checks after getopt_long's last flag: no operand left in argv (optind),
  * --model given, --kv-cache > 0. 0 or -1 (message printed). */
 int epic_cli_engine_check(const epic_cli_engine_opts *o, int argc, char **argv);

@@ -13,7 +13,7 @@
 
 #include "cli_util.h"
 #include "common/log.h"
-#include "coordinator/cluster.h"
+#include "coordinator/cli_engine.h"
 #include "coordinator/planner.h"
 #include "worker/config.h"
 
@@ -198,13 +198,7 @@ static int parse(int argc, char **argv, plan_opts *o) {
     case O_EPLB_RED:
       bad = epic_cli_i64(cmd, "--eplb-redundant", optarg, 0, 1 << 24, &o->eplb_redundant);
       break;
-    case O_PRECISION:
-      if (epic_cluster_parse_precision(optarg, &o->precision) != EPIC_OK) {
-        fprintf(stderr, "epic plan: --precision: expected fast, exact or invariant, got '%s'\n",
-                optarg);
-        bad = -1;
-      }
-      break;
+    case O_PRECISION: bad = epic_cli_precision(cmd, "--precision", optarg, &o->precision); break;
     case 'h': fputs(USAGE, stdout); return 1;
     case ':':
       fprintf(stderr, "epic plan: %s needs a value (see --help)\n", argv[optind - 1]);
