@@ -221,7 +221,8 @@ int main(int argc, char **argv) {
    * pays no one-time costs (GEMM plans, buffer growth); they get their own pages. */
   const long n_warm = budget / (P < chunk ? P : chunk) < B ? budget / (P < chunk ? P : chunk) : B;
   const int64_t warm_pages = (n_warm > 0 ? n_warm : 1) * (((P < chunk ? P : chunk) + page - 1) / page + 1);
-  if (epic_model_kvcache_create(m, 0, page, B * ((P + N * R + page - 1) / page + 1) + warm_pages, &kc) != EPIC_OK)
+  const int64_t seq_pages = (P + N * R + page - 1) / page + 1; /* prompt + decode rows */
+  if (epic_model_kvcache_create(m, 0, page, B * seq_pages + warm_pages, &kc) != EPIC_OK)
     return 1;
 
   epic_kv_seq *seqs = calloc((size_t)B, sizeof *seqs);

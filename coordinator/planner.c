@@ -723,7 +723,8 @@ epic_status epic_plan_create(const epic_plan_params *p, epic_plan **out) {
   pl->mem = calloc((size_t)N, sizeof(epic_rank_memory));
   if (!pl->layers || !pl->mem)
     goto fail;
-  pl->reserve = reserve_bytes(c, pl->max_batch_tokens) + derived_bytes(c, pl->n_layers, p->head_elem_bytes > 0 ? p->head_elem_bytes : 2);
+  pl->reserve = reserve_bytes(c, pl->max_batch_tokens) +
+                derived_bytes(c, pl->n_layers, p->head_elem_bytes > 0 ? p->head_elem_bytes : 2);
   for (int l = 0; l < pl->n_layers; l++)
     pl->layers[l].moe = epic_config_is_moe_layer(c, l);
   if (p->load_stats_path)

@@ -18,10 +18,11 @@
 // zeros), plus the stage's scales (a bulk copy of the tile's 128 activation scales, two
 // 4-byte cp.async of the weight block scales), so no consumer ever waits on a global load.
 // Each stage has a "full" mbarrier (bytes and copies landed) and an "empty" one (every
-// consumer warp is done with it). Warpgroups 1 and 2 are the consumers, 64 rows each: per 128-column block and weight scale block, 4
-// `wgmma m64n128k32` e4m3 steps into a zeroed block accumulator, then one FMA per output
-// with the two scales into the fp32 total: the block-scaled sum of the official fp8_gemm,
-// which also keeps the tensor cores' reduced-precision FP8 accumulation to 128 products.
+// consumer warp is done with it). Warpgroups 1 and 2 are the consumers, 64 rows each: per
+// 128-column block and weight scale block, 4 `wgmma m64n128k32` e4m3 steps into a zeroed
+// block accumulator, then one FMA per output with the two scales into the fp32 total: the
+// block-scaled sum of the official fp8_gemm, which also keeps the tensor cores'
+// reduced-precision FP8 accumulation to 128 products.
 // (setmaxnreg moves registers from the producer to the consumers: 64 + 2 x 64 accumulators.)
 // Tiles are ordered group, then weight column tile, then row tile, so the CTAs that run
 // at once share weight tiles through L2. A launch whose 128 x 256 tiles would leave most
