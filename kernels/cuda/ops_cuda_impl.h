@@ -77,6 +77,8 @@ typedef struct epic_cuda_ops {
   int64_t mma_group_rows; /* host-planned groups up to this many rows on the MMA kernel */
   int64_t wgmma_launches; /* launches of the grouped wgmma kernel (epic_ops_cuda_wgmma_launches) */
   int wgmma_form;         /* epic_cuda_wgmma_form (epic_ops_cuda_set_wgmma_form) */
+  int wgmma_split;        /* split k (epic_ops_cuda_set_wgmma_split) */
+  int64_t wgmma_split_launches;
   int lt_next[EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS]; /* round-robin victim per set */
   /* Graph recording (ops.h ABI 7): 1 between graph_begin and graph_end. epoch counts the
    * frees and moves of device memory a recorded graph may point at. */
@@ -114,6 +116,7 @@ typedef struct epic_cuda_ops {
   epic_cuda_buf pick;  /* row_pick's per-chunk partials */
   epic_cuda_buf gath;  /* gathered input rows (grouped_matmul_rows, paths reading x whole) */
   epic_cuda_buf tiles; /* the host-planned wgmma launches' tile counter */
+  epic_cuda_buf kpart; /* split-k wgmma launches' block sums */
   struct epic_cuda_stage {
     void *host;     /* pinned, EPIC_CUDA_STAGE_BYTES (allocated on first use) */
     cudaEvent_t ev; /* recorded after the copy out of it */
@@ -301,10 +304,11 @@ typedef struct epic_cuk_tmap {
 enum {
   EPIC_CUK_WG_GROUPS_MAX = 128,
   EPIC_CUK_WG_DEV_GROUPS_MAX = 1024,
-  EPIC_CUK_WG_TILE_ROWS = 128, /* rows of a tile: the activation box of amap */
-  EPIC_CUK_WG_TILE_COLS = 256, /* weight rows of a tile: the box of wmaps[0, n) */
+  EPIC_CUK_WG_TILE_ROWS = 128,   /* rows of a tile: the activation box of amap */
+  EPIC_CUK_WG_TILE_COLS = 256,   /* weight rows of a tile: the box of wmaps[0, n) */
   EPIC_CUK_WG_NARROW_COLS = 128, /* of a narrow tile: the box of wmaps[n, 2n) */
-  EPIC_CUK_WG_BOX_ROWS = 16    /* rows of amap16's box: tiles of at most 64 rows */
+  EPIC_CUK_WG_BOX_ROWS = 16,     /* rows of amap16's box: tiles of at most 64 rows */
+  EPIC_CUK_WG_SPLIT_ROWS = 8     /* most rows of a split-k launch (kparts > 1) */
 };
 typedef struct epic_cuk_fp8_wgmma_args {
   epic_cuk_tmap amap, amap16; /* the same codes, boxes of 128 and of 16 rows */
@@ -331,6 +335,13 @@ typedef struct epic_cuk_fp8_wgmma_args {
   /* Host-planned, optional: narrow tiles of EPIC_CUK_WG_NARROW_COLS weight rows (wmaps then
    * holds tensor maps with that box): twice the tiles of a weight, the same results. */
   int32_t narrow;
+  /* Host-planned, optional: k split into kparts > 1 parts (nearly equal runs of 128-column
+   * blocks) on kparts times the CTAs, the same bits (a second kernel adds the parts in k
+   * order). Only for one group of at most EPIC_CUK_WG_SPLIT_ROWS rows in narrow tiles,
+   * kparts <= ceil(k / 128); part: scratch of (nkb - nkb / kparts) x rows x ldp floats
+   * (ldp >= n, even; nkb = ceil(k / 128)). */
+  int32_t kparts, ldp;
+  float *part;
   int32_t widx[EPIC_CUK_WG_GROUPS_MAX], row0[EPIC_CUK_WG_GROUPS_MAX];
   int32_t rows[EPIC_CUK_WG_GROUPS_MAX], sbase[EPIC_CUK_WG_GROUPS_MAX];
   int32_t mp[EPIC_CUK_WG_GROUPS_MAX], tile0[EPIC_CUK_WG_GROUPS_MAX + 1];
