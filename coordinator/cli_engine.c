@@ -30,10 +30,11 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
      "record single-process decode steps of up to 128 sequences as CUDA graphs and\n"
      "replay them (default on; outputs are the same either way)"},
     {"precision", "P",
-     "GPU numerics: fast (default: e4m3 / bf16 activations, bf16 latent cache, the\n"
-     "fastest kernel for each row count), invariant (the same class, every row\n"
-     "computed alike whatever the batch: MTP drafts by default; slower at small\n"
-     "batches) or exact (fp32 GEMMs and cache, matching the CPU; slow). CPU ranks\n"
+     "GPU numerics: fast (e4m3 / bf16 activations, bf16 latent cache, the fastest\n"
+     "kernel for each row count), invariant (the same class, every row computed\n"
+     "alike whatever the batch, so --mtp-draft auto drafts; slower at batch 1) or\n"
+     "exact (fp32 GEMMs and cache, matching the CPU; slow). Default: invariant when\n"
+     "--mtp-draft is auto and the model has an MTP layer, else fast. CPU ranks\n"
      "always compute fp32 rows alike. Overrides EPIC_CUDA_PRECISION"},
     {"max-batch", "N", "running sequences in the cluster (default 256)"},
     {"max-queue", "N", "waiting requests in the engine (default 1024)"},
@@ -51,9 +52,9 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"mtp-draft", "K|auto|off",
      "MTP speculative decoding: K draft tokens per step (1..16), off, or auto\n"
      "(default: 1 draft for greedy requests when the checkpoint has an MTP layer,\n"
-     "on CPU ranks and on GPUs with --precision exact or invariant; in the default\n"
-     "GPU precision only with an explicit K, see README; a sequence stops\n"
-     "drafting when fewer than half of its drafts are accepted).\n"
+     "on CPU ranks and on GPUs in the exact or invariant precision, which is then\n"
+     "the GPUs' default; with --precision fast only with an explicit K, see README;\n"
+     "a sequence stops drafting when fewer than half of its drafts are accepted).\n"
      "Greedy output is identical to off; with K, sampled output has the same\n"
      "distribution (other draws: seeded requests give other tokens than off)"},
     {"eplb-redundant", "R",
@@ -284,6 +285,7 @@ void epic_cli_engine_cluster_params(const epic_cli_engine_opts *o, epic_cluster_
                               .max_batch_tokens = o->step_tokens,
                               .eplb_redundant = o->eplb_redundant,
                               .load_mtp = o->mtp_draft >= 0,
+                              .mtp_auto = o->mtp_draft == 0,
                               .progress = 1};
 }
 

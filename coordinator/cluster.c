@@ -106,8 +106,15 @@ epic_status epic_cluster_parse_precision(const char *s, int *out) {
   return EPIC_ERR_INVALID;
 }
 
-/* The compute backend the device flag names, on this rank's GPU when it is CUDA. */
-static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p) {
+int epic_cluster_default_precision(int mtp_auto, int64_t mtp_layers) {
+  return mtp_auto && mtp_layers > 0 ? 2 : 0;
+}
+
+/* The compute backend the device flag names, on this rank's GPU when it is CUDA (the
+ * precision --precision, EPIC_CUDA_PRECISION or epic_cluster_default_precision for cfg
+ * gives). */
+static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p,
+                              const epic_model_config *cfg) {
   int kind, index, prec = -1;
   if (epic_cluster_parse_device(p->device, &kind, &index) != EPIC_OK) {
     EPIC_LOG_ERROR("%s: --device: expected auto, cpu, cuda or cuda:N, got '%s'", p->cmd, p->device);
@@ -133,13 +140,21 @@ static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p) {
         return EPIC_ERR_INVALID;
       }
       EPIC_CHECK(epic_ops_cuda_create(dev, &c->ops));
+      const char *env = getenv("EPIC_CUDA_PRECISION"), *origin = "";
+      if (prec < 0 && env && *env) {
+        origin = " (EPIC_CUDA_PRECISION)";
+      } else if (prec < 0) {
+        prec = epic_cluster_default_precision(p->load_mtp && p->mtp_auto,
+                                              cfg->num_nextn_predict_layers);
+        origin =
+            prec ? " (default: --mtp-draft auto drafts with the model's MTP layer)" : " (default)";
+      }
       if (prec >= 0) /* before any cache or weight: the precision decides their layouts */
         EPIC_CHECK(epic_ops_cuda_set_precision(c->ops, (epic_cuda_precision)prec));
       const int now = (int)epic_ops_cuda_get_precision(c->ops);
-      const char *env = getenv("EPIC_CUDA_PRECISION");
       EPIC_LOG_INFO("%s: rank %d computes on GPU %d (%s), precision %s%s", p->cmd, c->rank, dev,
                     epic_ops_cuda_device_name(c->ops), now >= 0 && now < 3 ? PRECISIONS[now] : "?",
-                    prec >= 0 ? "" : env && *env ? " (EPIC_CUDA_PRECISION)" : " (default)");
+                    origin);
       return EPIC_OK;
     }
   }
@@ -152,6 +167,7 @@ static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p) {
   }
   (void)index;
   (void)prec; /* a CPU rank computes every row in fp32 alike, whatever was asked */
+  (void)cfg;
 #endif
   return epic_ops_cpu_create((int)default_threads(p->threads), &c->ops);
 }
@@ -163,7 +179,7 @@ static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) 
   EPIC_CHECK(epic_config_load_dir(p->model_dir, &cfg));
   EPIC_CHECK(epic_config_override(&cfg, p->num_layers, p->num_experts));
   /* The backend first: the engine's default EPLB copies depend on it. */
-  EPIC_CHECK(create_ops(c, p));
+  EPIC_CHECK(create_ops(c, p, &cfg));
   {
     const int64_t R = epic_plan_eplb_copies(p->eplb_redundant, cfg.n_routed_experts, c->nranks,
                                             epic_model_experts_invariant(c->ops, &cfg));

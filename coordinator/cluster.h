@@ -59,7 +59,8 @@ typedef struct epic_cluster_params {
   int step_graphs;           /* epic_model_params.step_graphs: 0 = on where the backend
                                 records graphs, < 0 = off */
   const char *precision;     /* GPU ranks' numerics (epic_cluster_parse_precision); NULL =
-                                the backend's default (EPIC_CUDA_PRECISION, else fast) */
+                                EPIC_CUDA_PRECISION, else epic_cluster_default_precision */
+  int mtp_auto;              /* --mtp-draft auto (with load_mtp): decides that default */
 } epic_cluster_params;
 
 /* Collective under a launcher. Errors are logged as one line naming the flag,
@@ -85,6 +86,16 @@ epic_status epic_cluster_parse_device(const char *s, int *kind, int *index);
  * the CUDA backend's epic_cuda_precision. CPU ranks compute every row in fp32 alike
  * whatever is asked (as exact does). EPIC_ERR_INVALID for anything else. */
 epic_status epic_cluster_parse_precision(const char *s, int *out);
+
+/* The GPU precision (as above: 0 fast, 2 invariant) of a rank that neither --precision nor
+ * EPIC_CUDA_PRECISION sets: invariant when MTP drafting is auto (mtp_auto) and the model
+ * has an MTP layer (mtp_layers > 0), else fast. Why: auto drafts only where a verify step
+ * computes plain decoding's rows (the invariant precision, at the fast numerics), and a
+ * one-draft verify step there pays above about 80% / 47% / 26% acceptance at batch 1 / 32
+ * / 128 on an H200 (bench/README.md), which DeepSeek's trained MTP layers exceed (85-90%):
+ * about +26% / +47% tokens per second at batch 32 / 128. Without drafts accepted the
+ * precision costs +1-5% at batch 32-128 and about +45% at batch 1. */
+int epic_cluster_default_precision(int mtp_auto, int64_t mtp_layers);
 
 /* 1 when this process was started by mpirun/srun (launcher variables set). */
 int epic_cluster_under_launcher(void);

@@ -14,6 +14,7 @@
 #include "cli_util.h"
 #include "common/log.h"
 #include "coordinator/cli_engine.h"
+#include "coordinator/cluster.h"
 #include "coordinator/planner.h"
 #include "worker/config.h"
 
@@ -52,7 +53,8 @@ static const char *USAGE =
     "                           worker takes by default)\n"
     "  --num-layers N           plan only N layers (as with dummy weights)\n"
     "  --num-experts N          plan only N routed experts per layer\n"
-    "  --precision P            the GPUs' numerics, as serve --precision: fast (default)\n"
+    "  --precision P            the GPUs' numerics, as serve --precision (default as\n"
+    "                           serve's: invariant with an MTP layer, else fast): fast\n"
     "                           and invariant keep BF16 latent-cache rows and kv_b\n"
     "                           copies, exact fp32 ones (twice the bytes); exact and\n"
     "                           invariant give any experts EPLB's default copies\n"
@@ -67,7 +69,8 @@ typedef struct plan_opts {
   int64_t ranks, redundant, max_batch, num_layers, num_experts, eplb_redundant;
   uint64_t gpu_mem;
   int json, no_mtp;
-  int precision; /* --precision (epic_cluster_parse_precision): 0 fast, 1 exact, 2 invariant */
+  int precision; /* --precision (epic_cluster_parse_precision): 0 fast, 1 exact, 2 invariant;
+                    -1 not given */
   epic_eplb_policy policy;
   int64_t ranks_per_node;
 } plan_opts;
@@ -161,6 +164,7 @@ static int parse(int argc, char **argv, plan_opts *o) {
   int c;
   memset(o, 0, sizeof *o);
   o->eplb_redundant = -1; /* not given: serve's default, per rank count (plan_params) */
+  o->precision = -1;      /* not given: serve's default for the model (plan_params) */
   optind = 1;
   opterr = 0;
   while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
@@ -259,12 +263,16 @@ static int gpu_experts_invariant(const epic_model_config *c) {
 
 static epic_plan_params plan_params(const plan_opts *o, const epic_model_config *cfg, int ranks,
                                     int with_stats) {
+  /* serve's default: --mtp-draft auto, with the MTP layer unless --no-mtp */
+  const int prec = o->precision >= 0
+                       ? o->precision
+                       : epic_cluster_default_precision(!o->no_mtp, cfg->num_nextn_predict_layers);
   /* exact and invariant compute any expert's rows alike in any group (ops_cuda.h) */
-  const int invariant = o->precision != 0 || gpu_experts_invariant(cfg);
+  const int invariant = prec != 0 || gpu_experts_invariant(cfg);
   const int64_t eplb = o->eplb_redundant >= 0
                            ? o->eplb_redundant
                            : epic_plan_eplb_copies(0, cfg->n_routed_experts, ranks, invariant);
-  const int elem = o->precision == 1 ? 4 : 2; /* exact: fp32 cache rows and kv_b copies */
+  const int elem = prec == 1 ? 4 : 2; /* exact: fp32 cache rows and kv_b copies */
   epic_plan_params p = {.size = sizeof p,
                         .cfg = cfg,
                         .n_ranks = ranks,

@@ -78,7 +78,8 @@ parity() {
     rc=$?; [ $rc = 0 ] || fail=1
     echo "parity exact $m rc=$rc"; tail -2 $LOGS/parity_exact_$m.txt
     timeout 300 python3 tests/gpu/margin_parity.py $EPIC "$FIX/$m" --tools "$TOOLS" \
-      --tol "${TOL_FAST:-0.05}" --extra "--device $DEV --threads 1" > $LOGS/parity_fast_$m.json 2>&1
+      --tol "${TOL_FAST:-0.05}" --extra "--device $DEV --threads 1 --precision fast" \
+      > $LOGS/parity_fast_$m.json 2>&1
     echo "parity fast $m rc=$? (reported, not a gate: BF16/FP8 rounding flips near-tied experts)"
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({k: d[k] for k in ('model','max_abs_err','top1_agreement','pass')}), [(c.get('ids_equal_prefix'), c.get('ids_prefix_margins_allow')) for c in d['cases']])" $LOGS/parity_fast_$m.json 2>&1 | tail -2
   done

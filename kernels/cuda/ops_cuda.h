@@ -204,7 +204,9 @@ epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f);
 epic_status epic_ops_cuda_set_wgmma_split(epic_ops *o, int on);
 int64_t epic_ops_cuda_wgmma_split_launches(epic_ops *o);
 
-/* Whole-backend precision. FAST (default): the paths described above. EXACT: BF16 and
+/* Whole-backend precision. FAST (the backend's default; the engine commands take INVARIANT
+ * where MTP drafting is auto and the model has an MTP layer: epic_cluster_default_precision):
+ * the paths described above. EXACT: BF16 and
  * FP8 weights are dequantised to fp32 and multiplied by cuBLAS SGEMM (fp32
  * activations, no TF32), KV caches created from then on keep fp32 rows and MLA decode
  * runs 3xTF32, so a model matches the CPU reference to fp32 rounding (for parity checks;

@@ -70,7 +70,8 @@ for r in 0 8; do
   "$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB --eplb-redundant $r --json >"$tmp/e$r.json" 2>"$tmp/err"
 done
 # The default is what serve reserves on GPUs: FP8 experts with 128 x 128 blocks keep EPLB
-# on, one copy per rank (8 here); the same model in BF16 has none.
+# on, one copy per rank (8 here); the same model in BF16 has none in the fast precision,
+# which is the default without the MTP layer (with it, serve's default is invariant).
 "$EPIC" plan --model "$M" --ranks 8 --gpu-mem 141GB --json >"$tmp/ed.json" 2>"$tmp/err"
 cmp -s "$tmp/ed.json" "$tmp/e8.json" && ok "default = --eplb-redundant 8 for FP8 experts on 8 ranks" ||
   bad "default = --eplb-redundant 8 for FP8 experts on 8 ranks"
@@ -81,9 +82,17 @@ c = json.load(open(sys.argv[1]))
 c.pop("quantization_config", None)
 json.dump(c, open(sys.argv[2], "w"))
 PY
-"$EPIC" plan --model "$tmp/bf16" --ranks 8 --gpu-mem 200GB --json >"$tmp/b.json" 2>"$tmp/err"
-python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["eplb_redundant"] == 0' "$tmp/b.json" &&
-  ok "default none for BF16 experts" || bad "default none for BF16 experts"
+bplan() { "$EPIC" plan --model "$tmp/bf16" --ranks 8 --gpu-mem 200GB --json "$@" 2>"$tmp/err"; }
+bplan --no-mtp >"$tmp/bn.json"
+bplan >"$tmp/bd.json"
+bplan --precision fast >"$tmp/b.json"
+python3 - "$tmp/bn.json" "$tmp/bd.json" "$tmp/b.json" <<'PY' &&
+import json, sys
+n, d, f = (json.load(open(p))["eplb_redundant"] for p in sys.argv[1:4])
+assert (n, d, f) == (0, 8, 0), (n, d, f)
+PY
+  ok "BF16 experts: no default copies without the MTP layer or in fast, 8 with it (invariant)" ||
+  bad "BF16 experts: default copies follow the default precision"
 # --precision: exact keeps fp32 cache rows and kv_b copies (61 + 1 MTP layers of 128 heads x
 # 256 x 512 at 2 more bytes); invariant the default's bytes; both make BF16 experts
 # row-invariant, so EPLB's default copies apply to them.

@@ -61,6 +61,21 @@ static void test_bad_backend_is_an_error(void **state) {
   assert_null(c);
 }
 
+/* The GPUs' default precision: invariant (2) exactly where auto MTP drafting has an MTP
+ * layer to draft with, else fast (0); --precision's names parse to the same numbers. */
+static void test_default_precision(void **state) {
+  (void)state;
+  assert_int_equal(epic_cluster_default_precision(1, 1), 2);
+  assert_int_equal(epic_cluster_default_precision(1, 0), 0);
+  assert_int_equal(epic_cluster_default_precision(0, 1), 0);
+  assert_int_equal(epic_cluster_default_precision(0, 0), 0);
+  int fast = -1, inv = -1;
+  assert_int_equal(epic_cluster_parse_precision("fast", &fast), EPIC_OK);
+  assert_int_equal(epic_cluster_parse_precision("invariant", &inv), EPIC_OK);
+  assert_int_equal(fast, epic_cluster_default_precision(0, 1));
+  assert_int_equal(inv, epic_cluster_default_precision(1, 1));
+}
+
 int main(int argc, char **argv) {
   epic_test_path(g_model, sizeof g_model, "tiny-fp8");
   if (epic_cluster_under_launcher()) {
@@ -74,6 +89,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_placement_follows_plan),
       cmocka_unit_test(test_misfit_is_an_error),
       cmocka_unit_test(test_bad_backend_is_an_error),
+      cmocka_unit_test(test_default_precision),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
