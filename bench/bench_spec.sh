@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # MTP speculative decoding on CPU: decode tokens/s and acceptance for plain
 # decoding and --mtp-draft 1 / 2 on both tiny fixtures (--threads 1, greedy,
-# --ignore-eos), best of REPEAT runs each. Prints one JSON object per line:
+# --ignore-eos), best of REPEAT runs each, and on checkpoints derived from them whose
+# MTP layer mostly drafts right (tests/tools/mtp_successor.py, ALPHA default 1/32:
+# "<fixture>-successor"; the fixtures' own MTP layers are random). Prints one JSON
+# object per line:
 # {"model","mtp_draft","new_tokens","decode_tokens_per_s","mtp_acceptance_rate",
 #  "mtp_mean_accepted","same_output_as_plain"}
 # Then the batch engine (see below). Usage:
@@ -12,12 +15,22 @@ FX="$2"
 NEW="${3:-128}"
 REPEAT="${4:-3}"
 prompt=0,17,5,900,33,12,401,7,7,250,1000,64,3,88,19,640
+btmp=$(mktemp -d /tmp/epic-bench-spec-XXXXXX)
+trap 'rm -rf "$btmp"' EXIT
+declare -A dir=([tiny-bf16]="$FX/tiny-bf16" [tiny-fp8]="$FX/tiny-fp8")
+models="tiny-bf16 tiny-fp8"
 for m in tiny-bf16 tiny-fp8; do
+  python3 "$(dirname "$0")/../tests/tools/mtp_successor.py" "$FX/$m" "$btmp/$m-successor" \
+    --alpha "${ALPHA:-0.03125}" >/dev/null
+  dir[$m-successor]="$btmp/$m-successor"
+  models="$models $m-successor"
+done
+for m in $models; do
   plain_ids=""
   for k in 0 1 2; do
     best=""
     for _ in $(seq "$REPEAT"); do
-      out=$("$EPIC" generate --model "$FX/$m" --prompt-ids "$prompt" --max-new-tokens "$NEW" --ignore-eos \
+      out=$("$EPIC" generate --model "${dir[$m]}" --prompt-ids "$prompt" --max-new-tokens "$NEW" --ignore-eos \
         --threads 1 --json --mtp-draft "$k")
       best=$(python3 - "$out" "$best" <<'PY'
 import json, sys
@@ -50,18 +63,16 @@ done
 # "completion_tokens","completion_tokens_per_s","mtp_acceptance_rate",
 # "mtp_mean_accepted","mtp_stopped","same_output_as_off"}
 BATCH_REQS="${BATCH_REQS:-16}"
-btmp=$(mktemp -d /tmp/epic-bench-spec-XXXXXX)
-trap 'rm -rf "$btmp"' EXIT
 for i in $(seq 1 "$BATCH_REQS"); do
   printf '{"custom_id":"b%d","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Request %d: %s"}],"max_completion_tokens":%d,"temperature":0}}\n' \
     "$i" "$i" "$(printf 'w%d ' $(seq 1 $((i % 7 * 4 + 2))))" "$NEW"
 done >"$btmp/in.jsonl"
-for m in tiny-bf16 tiny-fp8; do
+for m in $models; do
   for k in off 1 2 auto; do
     best=""
     for r in $(seq "$REPEAT"); do
       rm -f "$btmp/out_$k.jsonl"
-      "$EPIC" batch --model "$FX/$m" --threads 1 --quiet --mtp-draft "$k" --input "$btmp/in.jsonl" \
+      "$EPIC" batch --model "${dir[$m]}" --threads 1 --quiet --mtp-draft "$k" --input "$btmp/in.jsonl" \
         --output "$btmp/out_$k.jsonl" --stats-json "$btmp/st.json" 2>/dev/null
       best=$(python3 - "$btmp/st.json" "$best" <<'PY'
 import json, sys

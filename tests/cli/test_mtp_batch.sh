@@ -6,7 +6,8 @@
 # requests run with drafting; stop
 # strings and max tokens cut inside accepted runs as without drafting (small
 # pages: 4 tokens, so rollbacks cross page boundaries); the stats JSON reports
-# the drafts.
+# the drafts. The same on a checkpoint derived so that most greedy drafts are accepted
+# (tests/tools/mtp_successor.py), with `epic generate`'s ids and logits too.
 # Usage: test_mtp_batch.sh EPIC FIXTURES [MPIEXEC]
 set -u
 EPIC="$1"
@@ -104,6 +105,50 @@ if [ -n "$MPIEXEC" ]; then
     run "mpi_$k" greedy.jsonl "$k" "$MPIEXEC" -np 2 --oversubscribe
     same "mpirun -np 2 --mtp-draft $k == one process off" off "mpi_$k"
   done
+fi
+# A checkpoint whose MTP layer mostly drafts right (tests/tools/mtp_successor.py; the fixture's
+# random MTP layer gets every greedy draft rejected): greedy drafts are accepted, runs of
+# accepted tokens cross pages, and the records still equal off's, in one process and under
+# mpirun; `epic generate` keeps plain decoding's ids and logits bit for bit.
+S="$tmp/succ"
+if python3 "$(dirname "$0")/../tools/mtp_successor.py" "$M" "$S" --alpha 0.03125 >"$tmp/err" 2>&1; then
+  ok "derived a checkpoint whose MTP layer drafts the successor"
+  M0="$M"
+  M="$S"
+  run succ_off greedy.jsonl off
+  for k in 2 auto; do
+    run "succ_$k" greedy.jsonl "$k"
+    same "successor MTP: greedy --mtp-draft $k == off" succ_off "succ_$k"
+  done
+  python3 - "$tmp/succ_2.json" "$tmp/succ_auto.json" "$(wc -l <"$tmp/greedy.jsonl")" >"$tmp/err" 2>&1 <<'PY' &&
+import json, sys
+k2, auto = (json.load(open(p)) for p in sys.argv[1:3])
+for s in (k2, auto):
+    assert s["mtp_drafted"] > 0 and 2 * s["mtp_accepted"] > s["mtp_drafted"], s
+assert auto["mtp_stopped"] < int(sys.argv[3]), auto  # drafting pays: most sequences keep it
+PY
+    ok "successor MTP: most drafts accepted, auto keeps drafting" ||
+    bad "successor MTP: acceptance"
+  if [ -n "$MPIEXEC" ]; then
+    run mpi_succ_2 greedy.jsonl 2 "$MPIEXEC" -np 2 --oversubscribe
+    same "successor MTP: mpirun -np 2 --mtp-draft 2 == one process off" succ_off mpi_succ_2
+  fi
+  M="$M0"
+  for k in 0 2; do
+    "$EPIC" generate --model "$S" --threads 1 --prompt-ids 0,17,5,900,33,12,401,7 --max-new-tokens 40 \
+      --ignore-eos --json --mtp-draft $k --dump-logits "$tmp/gl$k.npy" >"$tmp/gen$k.json" 2>"$tmp/err" ||
+      bad "generate --mtp-draft $k on the successor checkpoint"
+  done
+  python3 - "$tmp/gen0.json" "$tmp/gen2.json" >"$tmp/err" 2>&1 <<'PY' &&
+import json, sys
+a, b = (json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:3])
+assert a["output_ids"] == b["output_ids"], (a["output_ids"], b["output_ids"])
+assert b["mtp_acceptance_rate"] > 0.5 and b["mtp_mean_accepted"] > 1.5, b
+PY
+    cmp -s "$tmp/gl0.npy" "$tmp/gl2.npy" && ok "successor MTP: generate --mtp-draft 2 == 0, ids and logits" ||
+    bad "successor MTP: generate --mtp-draft 2 vs 0"
+else
+  bad "derive the successor checkpoint"
 fi
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]
