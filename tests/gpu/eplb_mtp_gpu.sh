@@ -7,7 +7,11 @@
 #         same greedy completions as --eplb-redundant 0, and did rebalance;
 #   mtp:  --mtp-draft 2 and auto write the same greedy records as --mtp-draft off, and
 #         auto drafts in the exact and invariant precisions (row-invariant) and not in
-#         the fast one (where --mtp-draft 2 can differ: issue #11).
+#         the fast one (where --mtp-draft 2 can differ: issue #11);
+#   mtp accepted: the same in the exact and invariant precisions on checkpoints derived
+#         by tests/tools/mtp_successor.py, whose MTP layer mostly drafts right (the
+#         fixtures' random layers get every greedy draft rejected), with more than half
+#         of the drafts accepted.
 # Needs >= 2 GPUs (exit 77 = skipped otherwise). Prints one line per check on stderr,
 # then one JSON summary line on stdout:
 #   {"test":"eplb_mtp_gpu","gpus":N,"checks":[{"model","precision","check","ok",
@@ -74,7 +78,7 @@ run() { # NAME MODEL PRECISION INPUT ARGS... -> $tmp/NAME.jsonl, $tmp/NAME.err
   shift 4
   EPIC_CUDA_PRECISION="$prec" timeout "${RUN_TIMEOUT:-300}" "$MPIEXEC" -np 2 \
     -x EPIC_CUDA_PRECISION -x NCCL_NVLS_ENABLE \
-    "$EPIC" batch --model "$FX/$model" --device "$DEVICE" --comm "$COMM" --kv-pages 256 --max-batch 6 \
+    "$EPIC" batch --model "${MODELS:-$FX}/$model" --device "$DEVICE" --comm "$COMM" --kv-pages 256 --max-batch 6 \
     --input "$tmp/$input" --output "$tmp/$name.jsonl" -v "$@" >"$tmp/$name.out" 2>"$tmp/$name.err"
   local rc=$?
   if [ $rc -ne 0 ]; then
@@ -129,6 +133,31 @@ for prec in $PRECISIONS; do
           "${line:-no drafting}"
       fi
     fi
+  done
+done
+
+# Accepted drafts: the successor checkpoints, in the precisions where outputs must match.
+for model in tiny-bf16 tiny-fp8; do
+  if ! python3 "$(dirname "$0")/../tools/mtp_successor.py" "$FX/$model" "$tmp/fx/$model" \
+    --alpha 0.03125 >"$tmp/derive.err" 2>&1; then
+    record "$model" - "derive the successor checkpoint" 0 "$(tail -n 1 "$tmp/derive.err")"
+    continue
+  fi
+  for prec in $PRECISIONS; do
+    [ "$prec" = fast ] && [ "$DEVICE" = cuda ] && continue # drafts may differ there (above)
+    p="${model}_${prec}_succ"
+    MODELS="$tmp/fx" run "${p}_off" "$model" "$prec" mtp.jsonl --mtp-draft off || continue
+    for k in 2 auto; do
+      MODELS="$tmp/fx" run "${p}_$k" "$model" "$prec" mtp.jsonl --mtp-draft "$k" || continue
+      same "$model-successor" "$prec" "mtp-draft $k == off" "${p}_off" "${p}_$k"
+      line=$(grep -m1 'MTP drafting' "$tmp/${p}_$k.err" 2>/dev/null)
+      pct=$(echo "$line" | sed -n 's/.*drafts accepted (\([0-9.]*\)%).*/\1/p')
+      if [ -n "$pct" ] && [ "${pct%.*}" -gt 50 ]; then
+        record "$model-successor" "$prec" "mtp-draft $k: most drafts accepted" 1 "$pct%"
+      else
+        record "$model-successor" "$prec" "mtp-draft $k: most drafts accepted" 0 "${line:-no drafting}"
+      fi
+    done
   done
 done
 
