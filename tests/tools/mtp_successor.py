@@ -17,6 +17,7 @@ The derived weights are test data, not a model.
 
 Usage: mtp_successor.py SRC_DIR DST_DIR [--alpha A]   (A a power of two, default 0.125)
 """
+import argparse
 import json
 import math
 import os
@@ -64,17 +65,21 @@ def f32_scale(raw, alpha):
 
 
 def main(argv):
-    args = [a for a in argv[1:] if not a.startswith("--")]
-    alpha = 0.125
-    if "--alpha" in argv:
-        alpha = float(argv[argv.index("--alpha") + 1])
-        args = [a for a in args if a != argv[argv.index("--alpha") + 1]]
-    if len(args) != 2 or "-h" in argv or "--help" in argv:
-        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
-        return 2
+    ap = argparse.ArgumentParser(
+        prog="mtp_successor.py",
+        description="Derive a checkpoint whose MTP layer mostly drafts the main model's next "
+        "token (test data; see the module's docstring).")
+    ap.add_argument("src", help="checkpoint directory (config.json, safetensors, index)")
+    ap.add_argument("dst", help="output directory (created; the other files are copied)")
+    ap.add_argument("--alpha", type=float, default=0.125,
+                    help="factor on every output projection, a power of two (default 0.125; "
+                    "smaller: more drafts accepted)")
+    a = ap.parse_args(argv[1:])
+    alpha = a.alpha
     if not (alpha > 0 and math.frexp(alpha)[0] == 0.5):
         print("mtp_successor.py: --alpha must be a power of two, got %g" % alpha, file=sys.stderr)
         return 2
+    args = [a.src, a.dst]
     src, dst = args
     cfg = json.load(open(os.path.join(src, "config.json")))
     if not cfg.get("num_nextn_predict_layers"):
@@ -96,7 +101,8 @@ def main(argv):
         header, data, _ = loaded[index[name]]
         b, e = span(header, name)
         if len(value) != e - b:
-            raise SystemExit("mtp_successor.py: %s: %d bytes, expected %d" % (name, len(value), e - b))
+            raise SystemExit("mtp_successor.py: %s: %d bytes, expected %d"
+                             % (name, len(value), e - b))
         data[b:e] = value
 
     def dtype(name):
@@ -133,7 +139,8 @@ def main(argv):
                     (mtp + "embed_tokens.weight", "model.embed_tokens.weight")):
         if to in index:
             if dtype(to) != dtype(frm):
-                raise SystemExit("mtp_successor.py: %s is %s, %s %s" % (to, dtype(to), frm, dtype(frm)))
+                raise SystemExit("mtp_successor.py: %s is %s, %s %s"
+                                 % (to, dtype(to), frm, dtype(frm)))
             put(to, raw(frm))
 
     for s, (header, data, n) in loaded.items():
