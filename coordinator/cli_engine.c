@@ -15,7 +15,10 @@ typedef struct flag_info {
  * (engine.c: kv_pages and step_tokens <= INT32_MAX). */
 static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
     {"model", "DIR", "checkpoint directory (config.json, safetensors, tokenizer)"},
-    {"load-format", "F", "auto (safetensors) or dummy (random weights from config.json)"},
+    {"load-format", "F",
+     "auto (safetensors), dummy (random weights from config.json) or dummy-mtp\n"
+     "(dummy, with an MTP layer that mostly drafts what the model picks: MTP\n"
+     "benchmarks)"},
     {"num-layers", "N", "use only N layers (with dummy weights, for benchmarks)"},
     {"num-experts", "N", "use only N routed experts (likewise)"},
     {"weight-seed", "S", "seed of dummy weights (default 0)"},
@@ -123,8 +126,10 @@ int epic_cli_engine_parse(epic_cli_engine_opts *o, int code, const char *arg) {
   case EPIC_CLI_ENGINE_LOAD_FORMAT:
     if (strcmp(arg, "dummy") == 0) {
       o->dummy = 1;
+    } else if (strcmp(arg, "dummy-mtp") == 0) {
+      o->dummy = 2;
     } else if (strcmp(arg, "auto") != 0 && strcmp(arg, "safetensors") != 0) {
-      fprintf(stderr, "epic %s: %s: expected auto or dummy, got '%s'\n", cmd, flag, arg);
+      fprintf(stderr, "epic %s: %s: expected auto, dummy or dummy-mtp, got '%s'\n", cmd, flag, arg);
       bad = -1;
     }
     break;

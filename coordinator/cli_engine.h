@@ -74,7 +74,7 @@ typedef struct epic_cli_engine_opts {
   const char *device;   /* --device: auto, cpu, cuda or cuda:N (checked); NULL = auto */
   int no_graphs;        /* --cuda-graphs off */
   const char *precision; /* --precision fast|exact|invariant (checked); NULL = default */
-  int dummy;            /* --load-format dummy */
+  int dummy;             /* --load-format dummy (1) or dummy-mtp (2) */
   uint64_t weight_seed; /* --weight-seed */
   uint64_t mem_per_rank; /* --mem-per-rank, 0 = no fit check */
   uint64_t kv_bytes;    /* --kv-cache, 0 = the engine's default */

@@ -204,7 +204,9 @@ static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) 
   if (c->comm) EPIC_CHECK(owner_table(c->plan, &cfg, c->nranks, &owner));
   epic_model_params mp = {.size = sizeof mp,
                           .dir = p->model_dir,
-                          .load_format = p->dummy ? EPIC_LOAD_DUMMY : EPIC_LOAD_AUTO,
+                          .load_format = p->dummy == 2 ? EPIC_LOAD_DUMMY_MTP
+                                         : p->dummy    ? EPIC_LOAD_DUMMY
+                                                       : EPIC_LOAD_AUTO,
                           .seed = p->weight_seed,
                           .num_layers = p->num_layers,
                           .num_experts = p->num_experts,

@@ -43,7 +43,7 @@ typedef struct epic_cluster_params {
   const char *cmd;           /* command name for messages, e.g. "serve" */
   const char *model_dir;     /* required */
   const char *comm;          /* backend: NULL = auto (only under a launcher), or a name */
-  int dummy;                 /* --load-format dummy */
+  int dummy;                 /* --load-format dummy (1) or dummy-mtp (2) */
   uint64_t weight_seed;      /* dummy weights' seed */
   int64_t num_layers;        /* > 0: override (benchmarks) */
   int64_t num_experts;       /* > 0: override (benchmarks) */

@@ -305,6 +305,7 @@ struct epic_checkpoint {
   size_t bytes;
   int dummy;
   uint64_t seed;
+  float successor;    /* epic_checkpoint_set_mtp_successor's alpha; 0 = off */
   pthread_mutex_t mu; /* dummy only: on-demand creation mutates the map */
 };
 
@@ -613,6 +614,13 @@ epic_status epic_checkpoint_open_dummy(const epic_model_config *cfg, uint64_t se
   return EPIC_OK;
 }
 
+epic_status epic_checkpoint_set_mtp_successor(epic_checkpoint *ck, float alpha) {
+  if (!ck || !ck->dummy || !(alpha > 0.0f && alpha <= 1.0f) || ck->n_ents)
+    return EPIC_ERR_INVALID;
+  ck->successor = alpha;
+  return EPIC_OK;
+}
+
 const epic_model_config *epic_checkpoint_config(const epic_checkpoint *ck) { return &ck->cfg; }
 epic_model_config *epic_checkpoint_config_mut(epic_checkpoint *ck) { return &ck->cfg; }
 size_t epic_checkpoint_bytes(const epic_checkpoint *ck) { return ck ? ck->bytes : 0; }
@@ -742,10 +750,29 @@ static const char *const dummy_bf16_suffixes[] = {
     "eh_proj.weight",      "shared_head.head.weight",
 };
 
+/* The tensor whose dummy values `name` takes (the successor mode's copies), and the
+ * factor on them (its scaled output projections). */
+static const char *dummy_source(const epic_checkpoint *ck, const char *name, float *scale) {
+  *scale = 1.0f;
+  if (!ck->successor)
+    return name;
+  if (ends_with(name, "self_attn.o_proj.weight") ||
+      (strstr(name, ".mlp.") && ends_with(name, "down_proj.weight")))
+    *scale = ck->successor;
+  if (ends_with(name, "shared_head.head.weight"))
+    return "lm_head.weight";
+  if (ends_with(name, "shared_head.norm.weight"))
+    return "model.norm.weight";
+  if (ends_with(name, ".embed_tokens.weight"))
+    return "model.embed_tokens.weight";
+  return name;
+}
+
 static epic_status dummy_make_weight(epic_checkpoint *ck, const char *name, int64_t rows,
                                      int64_t cols) {
-  const uint64_t key = mix64(ck->seed ^ hash_name(name));
-  const float amp = sqrtf(3.0f / (float)cols); /* uniform with std 1/sqrt(cols) */
+  float scale;
+  const uint64_t key = mix64(ck->seed ^ hash_name(dummy_source(ck, name, &scale)));
+  const float amp = sqrtf(3.0f / (float)cols) * scale; /* uniform, std scale / sqrt(cols) */
   int fp8 = ck->cfg.quant.fp8;
   epic_tensor_info *t;
   if (rows <= 0 || cols <= 0 || rows > ((int64_t)1 << 40) / cols) {
@@ -758,7 +785,15 @@ static epic_status dummy_make_weight(epic_checkpoint *ck, const char *name, int6
   if (fp8 && !ends_with(name, "weight")) fp8 = 0;
   if (!fp8) {
     EPIC_CHECK(dummy_add(ck, name, EPIC_DT_BF16, 2, rows, cols, &t));
-    fill_bf16((uint16_t *)t->data, rows * cols, key, 0.0f, amp);
+    if (ck->successor && ends_with(name, "eh_proj.weight") && cols == 2 * rows) {
+      /* [I | 0]: the MTP layer takes enorm(embedding) alone */
+      uint16_t *w = (uint16_t *)(uintptr_t)t->data; /* made here, so writable */
+      memset(w, 0, t->nbytes);
+      for (int64_t r = 0; r < rows; r++)
+        w[r * cols + r] = 0x3F80; /* bf16 1.0 */
+    } else {
+      fill_bf16((uint16_t *)t->data, rows * cols, key, 0.0f, amp);
+    }
     return EPIC_OK;
   }
   const int64_t br = ck->cfg.quant.weight_block_size[0], bc = ck->cfg.quant.weight_block_size[1];
@@ -782,7 +817,8 @@ static epic_status dummy_make_weight(epic_checkpoint *ck, const char *name, int6
 }
 
 static epic_status dummy_make_vector(epic_checkpoint *ck, const char *name, int64_t n) {
-  const uint64_t key = mix64(ck->seed ^ hash_name(name));
+  float unused;
+  const uint64_t key = mix64(ck->seed ^ hash_name(dummy_source(ck, name, &unused)));
   epic_tensor_info *t;
   if (n <= 0 || n > ((int64_t)1 << 36)) {
     EPIC_LOG_ERROR("dummy checkpoint: tensor %s: bad length %lld", name, (long long)n);
@@ -793,7 +829,9 @@ static epic_status dummy_make_vector(epic_checkpoint *ck, const char *name, int6
     fill_f32((float *)t->data, n, key, 0.0f, 0.01f);
   } else {
     EPIC_CHECK(dummy_add(ck, name, EPIC_DT_BF16, 1, n, 0, &t));
-    fill_bf16((uint16_t *)t->data, n, key, 1.0f, 0.05f);
+    /* the successor mode's enorm: ones */
+    fill_bf16((uint16_t *)t->data, n, key, 1.0f,
+              ck->successor && ends_with(name, ".enorm.weight") ? 0.0f : 0.05f);
   }
   return EPIC_OK;
 }

@@ -48,6 +48,14 @@ epic_status epic_checkpoint_open(const char *dir, epic_checkpoint **out);
  * (FP8 + block scales when cfg->quant.fp8, else BF16; router bias F32). */
 epic_status epic_checkpoint_open_dummy(const epic_model_config *cfg, uint64_t seed,
                                        epic_checkpoint **out);
+/* Dummy checkpoints, before any tensor is made: every block's output projection
+ * (self_attn.o_proj, mlp ... down_proj) scaled by alpha, so the main model mostly maps a
+ * token to a fixed successor (embedding, final norm, LM head), and the MTP layer set to
+ * the same map from the next token (eh_proj = [I | 0], enorm = 1, shared_head.norm and
+ * .head and its embed_tokens made as model.norm, lm_head and model.embed_tokens): its
+ * greedy drafts are mostly accepted (tests/tools/mtp_successor.py does the same to a
+ * checkpoint on disk). EPIC_ERR_INVALID for a real checkpoint or alpha outside (0, 1]. */
+epic_status epic_checkpoint_set_mtp_successor(epic_checkpoint *ck, float alpha);
 /* NULL-safe; unmaps every shard and frees dummy tensors. */
 void epic_checkpoint_close(epic_checkpoint *ck);
 

@@ -766,16 +766,19 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
   }
   m->head_bf16 =
       p->head_bf16 > 0 || (p->head_bf16 == 0 && epic_ops_head_dtype(ops) == EPIC_DT_BF16);
-  if (p->router_skew != 0 && (p->load_format != EPIC_LOAD_DUMMY || !isfinite(p->router_skew))) {
+  const int dummy = p->load_format == EPIC_LOAD_DUMMY || p->load_format == EPIC_LOAD_DUMMY_MTP;
+  if (p->router_skew != 0 && (!dummy || !isfinite(p->router_skew))) {
     EPIC_LOG_ERROR("model: router_skew (synthetic routing skew) needs dummy weights and a finite value");
     free(m);
     return EPIC_ERR_INVALID;
   }
-  if (p->load_format == EPIC_LOAD_DUMMY) {
+  if (dummy) {
     epic_model_config cfg;
     EPIC_CHECK_GOTO(epic_config_load_dir(p->dir, &cfg), st, fail);
     EPIC_CHECK_GOTO(epic_config_override(&cfg, p->num_layers, p->num_experts), st, fail);
     EPIC_CHECK_GOTO(epic_checkpoint_open_dummy(&cfg, p->seed, &m->ck), st, fail);
+    if (p->load_format == EPIC_LOAD_DUMMY_MTP) /* 1/1024: 80-100% accepted (tiny configs) */
+      EPIC_CHECK_GOTO(epic_checkpoint_set_mtp_successor(m->ck, 1.0f / 1024), st, fail);
     m->mtp_index = epic_checkpoint_config(m->ck)->num_hidden_layers;
   } else {
     EPIC_CHECK_GOTO(epic_checkpoint_open(p->dir, &m->ck), st, fail);
@@ -818,7 +821,7 @@ epic_status epic_model_load(epic_ops *ops, const epic_model_params *p, epic_mode
       m->has_mtp = 1;
     }
   }
-  if (p->load_format != EPIC_LOAD_DUMMY) {
+  if (!dummy) {
     epic_checkpoint_skip(m->ck, skip_unloaded, m);
     epic_checkpoint_report_unused(m->ck);
   }

@@ -22,7 +22,10 @@
 typedef struct epic_model epic_model;
 typedef struct epic_comm epic_comm; /* comm/comm.h */
 
-typedef enum { EPIC_LOAD_AUTO = 0, EPIC_LOAD_DUMMY = 1 } epic_load_format;
+/* DUMMY: random weights from the config alone; DUMMY_MTP: the same, with the MTP layer
+ * set to draft what the main model will mostly pick (epic_checkpoint_set_mtp_successor:
+ * MTP benchmarks, whose random layers accept nothing otherwise). */
+typedef enum { EPIC_LOAD_AUTO = 0, EPIC_LOAD_DUMMY = 1, EPIC_LOAD_DUMMY_MTP = 2 } epic_load_format;
 
 /* Where the routed experts live (expert parallelism with redundant copies, EPLB):
  * rows 0..num_hidden_layers-1 are the main layers, row num_hidden_layers the MTP

@@ -7,7 +7,8 @@
 # strings and max tokens cut inside accepted runs as without drafting (small
 # pages: 4 tokens, so rollbacks cross page boundaries); the stats JSON reports
 # the drafts. The same on a checkpoint derived so that most greedy drafts are accepted
-# (tests/tools/mtp_successor.py), with `epic generate`'s ids and logits too.
+# (tests/tools/mtp_successor.py), with `epic generate`'s ids and logits too, and on
+# --load-format dummy-mtp.
 # Usage: test_mtp_batch.sh EPIC FIXTURES [MPIEXEC]
 set -u
 EPIC="$1"
@@ -150,5 +151,18 @@ PY
 else
   bad "derive the successor checkpoint"
 fi
+# The same made on the fly from a config (--load-format dummy-mtp, for benchmarks).
+for k in off 2 auto; do
+  "$EPIC" batch --model "$FX/tiny-fp8" --load-format dummy-mtp --threads 1 --quiet \
+    --mtp-draft "$k" --input "$tmp/greedy.jsonl" --output "$tmp/dm_$k.jsonl" \
+    --stats-json "$tmp/dm_$k.json" >"$tmp/out" 2>"$tmp/err" || bad "dummy-mtp --mtp-draft $k"
+done
+for k in 2 auto; do
+  same "dummy-mtp: greedy --mtp-draft $k == off" dm_off "dm_$k"
+done
+python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))
+assert 2 * s["mtp_accepted"] > s["mtp_drafted"] > 0, s' \
+  "$tmp/dm_auto.json" >"$tmp/err" 2>&1 && ok "dummy-mtp: most drafts accepted" ||
+  bad "dummy-mtp: acceptance"
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

@@ -668,13 +668,83 @@ static void test_dummy_v3(void **state) {
   epic_checkpoint_close(ck);
 }
 
+/* The successor mode (epic_checkpoint_set_mtp_successor) on the FP8 config: output
+ * projections keep their codes and take alpha on their block scales, the MTP layer's
+ * eh_proj is [I | 0], enorm ones, shared_head.head / .norm and embed_tokens the main
+ * model's lm_head / norm / embedding; the rest as without it. Refused on a real
+ * checkpoint, for alpha outside (0, 1], and once tensors exist. */
+static void test_dummy_mtp_successor(void **state) {
+  (void)state;
+  char dir[1024];
+  epic_model_config cfg;
+  epic_checkpoint *a = NULL, *b = NULL, *real = NULL;
+  fixture_dir(dir, sizeof dir, "tiny-fp8");
+  assert_int_equal(epic_config_load_dir(dir, &cfg), EPIC_OK);
+  assert_int_equal(epic_checkpoint_open(dir, &real), EPIC_OK);
+  assert_int_equal(epic_checkpoint_set_mtp_successor(real, 0.5f), EPIC_ERR_INVALID);
+  epic_checkpoint_close(real);
+  assert_int_equal(epic_checkpoint_open_dummy(&cfg, 5, &a), EPIC_OK);
+  assert_int_equal(epic_checkpoint_open_dummy(&cfg, 5, &b), EPIC_OK);
+  assert_int_equal(epic_checkpoint_set_mtp_successor(a, 0.0f), EPIC_ERR_INVALID);
+  assert_int_equal(epic_checkpoint_set_mtp_successor(a, 2.0f), EPIC_ERR_INVALID);
+  assert_int_equal(epic_checkpoint_set_mtp_successor(a, 0.25f), EPIC_OK);
+  const int64_t D = cfg.hidden_size, V = cfg.vocab_size, L = cfg.num_hidden_layers;
+  epic_weight wa, wb;
+  const char *o = "model.layers.1.self_attn.o_proj.weight";
+  const int64_t o_cols = cfg.num_attention_heads * cfg.v_head_dim;
+  assert_int_equal(epic_checkpoint_weight(a, o, D, o_cols, &wa), EPIC_OK);
+  assert_int_equal(epic_checkpoint_weight(b, o, D, o_cols, &wb), EPIC_OK);
+  assert_memory_equal(wa.data, wb.data, (size_t)(D * o_cols));
+  const int64_t ns = ((D + 127) / 128) * ((o_cols + 127) / 128);
+  for (int64_t i = 0; i < ns; i++)
+    assert_true(wa.scale_inv[i] == 0.25f * wb.scale_inv[i]);
+  char name[128];
+  snprintf(name, sizeof name, "model.layers.%lld.eh_proj.weight", (long long)L);
+  assert_int_equal(epic_checkpoint_weight(a, name, D, 2 * D, &wa), EPIC_OK);
+  const uint16_t *eh = wa.data;
+  for (int64_t r = 0; r < D; r++)
+    for (int64_t c = 0; c < 2 * D; c++)
+      if (eh[r * 2 * D + c] != (c == r ? 0x3F80 : 0))
+        fail_msg("eh_proj[%lld][%lld] = 0x%04x", (long long)r, (long long)c, eh[r * 2 * D + c]);
+  static const char *const copies[3][2] = {{"shared_head.head.weight", "lm_head.weight"},
+                                           {"embed_tokens.weight", "model.embed_tokens.weight"},
+                                           {"shared_head.norm.weight", "model.norm.weight"}};
+  for (int i = 0; i < 3; i++) {
+    snprintf(name, sizeof name, "model.layers.%lld.%s", (long long)L, copies[i][0]);
+    if (i < 2) {
+      assert_int_equal(epic_checkpoint_weight(a, name, V, D, &wa), EPIC_OK);
+      assert_int_equal(epic_checkpoint_weight(a, copies[i][1], V, D, &wb), EPIC_OK);
+      assert_memory_equal(wa.data, wb.data, (size_t)(V * D * 2));
+    } else {
+      float x[256], y[256];
+      assert_true(D <= 256);
+      assert_int_equal(epic_checkpoint_vector(a, name, D, x), EPIC_OK);
+      assert_int_equal(epic_checkpoint_vector(a, copies[i][1], D, y), EPIC_OK);
+      assert_memory_equal(x, y, (size_t)D * sizeof(float));
+    }
+  }
+  float e[256];
+  snprintf(name, sizeof name, "model.layers.%lld.enorm.weight", (long long)L);
+  assert_int_equal(epic_checkpoint_vector(a, name, D, e), EPIC_OK);
+  for (int64_t i = 0; i < D; i++)
+    assert_true(e[i] == 1.0f);
+  assert_int_equal(epic_checkpoint_set_mtp_successor(a, 0.5f), EPIC_ERR_INVALID); /* made */
+  epic_checkpoint_close(a);
+  epic_checkpoint_close(b);
+}
+
 int main(void) {
   epic_log_init(EPIC_LOG_LEVEL_ERROR, -1);
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_tiny_bf16),     cmocka_unit_test(test_tiny_fp8),
-      cmocka_unit_test(test_unused_report), cmocka_unit_test(test_request_errors),
-      cmocka_unit_test(test_dtype_errors),  cmocka_unit_test(test_open_errors),
-      cmocka_unit_test(test_dummy),         cmocka_unit_test(test_dummy_v3),
+      cmocka_unit_test(test_tiny_bf16),
+      cmocka_unit_test(test_tiny_fp8),
+      cmocka_unit_test(test_unused_report),
+      cmocka_unit_test(test_request_errors),
+      cmocka_unit_test(test_dtype_errors),
+      cmocka_unit_test(test_open_errors),
+      cmocka_unit_test(test_dummy),
+      cmocka_unit_test(test_dummy_v3),
+      cmocka_unit_test(test_dummy_mtp_successor),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
