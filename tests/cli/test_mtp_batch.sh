@@ -164,5 +164,15 @@ python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))
 assert 2 * s["mtp_accepted"] > s["mtp_drafted"] > 0, s' \
   "$tmp/dm_auto.json" >"$tmp/err" 2>&1 && ok "dummy-mtp: most drafts accepted" ||
   bad "dummy-mtp: acceptance"
+# bench/bench_mtp_gain.sh (its GPU measurement) runs and its JSON holds: records equal.
+if bash "$(dirname "$0")/../../bench/bench_mtp_gain.sh" "$EPIC" "$FX/tiny-fp8" \
+  "$FX/tiny-tokenizer" 3 6 24 12 --threads 1 >"$tmp/gain.json" 2>"$tmp/err" &&
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))
+assert d["mtp_records_equal_invariant"] and d["runs"]["mtp"]["mtp_acceptance_rate"] > 0.5, d' \
+    "$tmp/gain.json" >"$tmp/err" 2>&1; then
+  ok "bench_mtp_gain.sh: JSON, mtp records equal invariant's, most drafts accepted"
+else
+  bad "bench_mtp_gain.sh"
+fi
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# What MTP drafting gains end to end when drafts are accepted: `epic batch` on dummy
+# weights whose MTP layer mostly drafts right (--load-format dummy-mtp) from a config
+# (e.g. the real 671B one cut to LAYERS layers), N greedy requests together, three runs
+# in one command:
+#   plain:     --mtp-draft off                           (a GPU's default: fast)
+#   mtp:       --mtp-draft auto                          (a GPU's default: invariant)
+#   invariant: --mtp-draft off --precision invariant     (the same numerics, no drafts)
+# Prints one JSON object: per run seconds, completion tokens/s, acceptance, tokens per
+# verify step (from --stats-json, model load excluded), the gains mtp / plain and
+# mtp / invariant, and whether mtp's records equal invariant's (they must).
+#
+#   bench/bench_mtp_gain.sh EPIC CONFIG_DIR TOKENIZER_DIR [LAYERS=4] [N=32] [MAX_TOKENS=64]
+#                           [PROMPT_LEN=256] [EXTRA epic batch FLAGS...]
+# e.g. on a GPU: bench/bench_mtp_gain.sh build/coordinator/epic bench/configs/deepseek-v3-671b
+#   ../shared/fixtures/tokenizer 4 32 64 1024 --device cuda
+# (on a CPU: ../shared/fixtures/tiny-fp8 ../shared/fixtures/tiny-tokenizer 3 8 32 16)
+set -eu
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+if [ $# -lt 3 ]; then
+  sed -n '13,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+EPIC="$1" CFG="$2" TOK="$3"
+LAYERS="${4:-4}" N="${5:-32}" MAXTOK="${6:-64}" PLEN="${7:-256}"
+shift $(($# < 7 ? $# : 7))
+tmp=$(mktemp -d /tmp/epic-bench-mtp-gain-XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+mkdir "$tmp/model"
+cp "$CFG/config.json" "$tmp/model/"
+cp "$TOK/tokenizer.json" "$TOK/tokenizer_config.json" "$tmp/model/"
+python3 - "$CFG/config.json" "$N" "$MAXTOK" "$PLEN" >"$tmp/in.jsonl" <<'PY'
+import json, sys
+vocab = json.load(open(sys.argv[1]))["vocab_size"]
+n, max_tokens, plen = (int(a) for a in sys.argv[2:5])
+for i in range(n):  # token-id prompts, different per request (ids past the specials)
+    ids = [(7919 * (i + 1) + 104729 * j) % (vocab - 16) + 16 for j in range(plen)]
+    print(json.dumps({"custom_id": "r%d" % i, "method": "POST", "url": "/v1/completions",
+                      "body": {"prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                               "ignore_eos": True}}))
+PY
+run() { # NAME FLAGS...
+  local name="$1"
+  shift
+  "$EPIC" batch --model "$tmp/model" --load-format dummy-mtp --num-layers "$LAYERS" \
+    --max-batch "$N" --quiet --input "$tmp/in.jsonl" --output "$tmp/$name.jsonl" \
+    --stats-json "$tmp/$name.json" "$@" 2>"$tmp/$name.err" || {
+    echo "bench_mtp_gain.sh: $name failed:" >&2
+    tail -n 5 "$tmp/$name.err" >&2
+    exit 1
+  }
+}
+run plain --mtp-draft off "$@"
+run mtp --mtp-draft auto "$@"
+run invariant --mtp-draft off --precision invariant "$@"
+python3 - "$tmp" "$LAYERS" "$N" "$MAXTOK" "$PLEN" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+def stats(name):
+    s = json.load(open(os.path.join(d, name + ".json")))
+    return {"seconds": s["seconds"], "completion_tokens": s["completion_tokens"],
+            "completion_tokens_per_s": round(s["completion_tokens_per_s"], 1),
+            "mtp_acceptance_rate": s["mtp_acceptance_rate"] if s["mtp_drafted"] else None,
+            "mtp_tokens_per_verify_step": s["mtp_mean_accepted"] if s["mtp_drafted"] else None,
+            "mtp_stopped": s["mtp_stopped"]}
+def records(name):
+    out = {}
+    for line in open(os.path.join(d, name + ".jsonl")):
+        r = json.loads(line)
+        out[r["custom_id"]] = r["response"]["body"]["choices"]
+    return out
+runs = {n: stats(n) for n in ("plain", "mtp", "invariant")}
+tps = {n: runs[n]["completion_tokens_per_s"] for n in runs}
+print(json.dumps({"bench": "mtp_gain", "layers": int(sys.argv[2]), "requests": int(sys.argv[3]),
+                  "max_tokens": int(sys.argv[4]), "prompt_len": int(sys.argv[5]), "runs": runs,
+                  "gain_mtp_over_plain": round(tps["mtp"] / tps["plain"], 3),
+                  "gain_mtp_over_invariant": round(tps["mtp"] / tps["invariant"], 3),
+                  "mtp_records_equal_invariant": records("mtp") == records("invariant")}))
+PY
