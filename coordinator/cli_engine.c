@@ -36,9 +36,9 @@ static const flag_info FLAGS[EPIC_CLI_ENGINE_N] = {
      "GPU numerics: fast (e4m3 / bf16 activations, bf16 latent cache, the fastest\n"
      "kernel for each row count), invariant (the same class, every row computed\n"
      "alike whatever the batch, so --mtp-draft auto drafts; slower at batch 1) or\n"
-     "exact (fp32 GEMMs and cache, matching the CPU; slow). Default: invariant when\n"
-     "--mtp-draft is auto and the model has an MTP layer, else fast. CPU ranks\n"
-     "always compute fp32 rows alike. Overrides EPIC_CUDA_PRECISION"},
+     "exact (fp32 GEMMs and cache, matching the CPU; slow). Default: invariant where\n"
+     "--mtp-draft auto (serve, batch) has an MTP layer to draft with, else fast. CPU\n"
+     "ranks always compute fp32 rows alike. Overrides EPIC_CUDA_PRECISION"},
     {"max-batch", "N", "running sequences in the cluster (default 256)"},
     {"max-queue", "N", "waiting requests in the engine (default 1024)"},
     {"kv-cache", "SIZE", "KV cache per worker, e.g. 4GiB (default 1GiB)"},
