@@ -106,6 +106,10 @@ epic_status epic_cluster_parse_precision(const char *s, int *out) {
   return EPIC_ERR_INVALID;
 }
 
+const char *epic_cluster_precision_name(int p) {
+  return p >= 0 && p < 3 ? PRECISIONS[p] : "?";
+}
+
 int epic_cluster_default_precision(int mtp_auto, int64_t mtp_layers) {
   return mtp_auto && mtp_layers > 0 ? 2 : 0;
 }
@@ -153,8 +157,7 @@ static epic_status create_ops(epic_cluster *c, const epic_cluster_params *p,
         EPIC_CHECK(epic_ops_cuda_set_precision(c->ops, (epic_cuda_precision)prec));
       const int now = (int)epic_ops_cuda_get_precision(c->ops);
       EPIC_LOG_INFO("%s: rank %d computes on GPU %d (%s), precision %s%s", p->cmd, c->rank, dev,
-                    epic_ops_cuda_device_name(c->ops), now >= 0 && now < 3 ? PRECISIONS[now] : "?",
-                    origin);
+                    epic_ops_cuda_device_name(c->ops), epic_cluster_precision_name(now), origin);
       return EPIC_OK;
     }
   }

@@ -86,6 +86,8 @@ epic_status epic_cluster_parse_device(const char *s, int *kind, int *index);
  * the CUDA backend's epic_cuda_precision. CPU ranks compute every row in fp32 alike
  * whatever is asked (as exact does). EPIC_ERR_INVALID for anything else. */
 epic_status epic_cluster_parse_precision(const char *s, int *out);
+/* The name of precision p (0..2), "?" for anything else. */
+const char *epic_cluster_precision_name(int p);
 
 /* The GPU precision (as above: 0 fast, 2 invariant) of a rank that neither --precision nor
  * EPIC_CUDA_PRECISION sets: invariant when MTP drafting is auto (mtp_auto) and the model

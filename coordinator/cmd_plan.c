@@ -261,12 +261,16 @@ static int gpu_experts_invariant(const epic_model_config *c) {
          c->moe_intermediate_size % 16 == 0;
 }
 
+/* --precision, or serve's default: --mtp-draft auto, with the MTP layer unless --no-mtp. */
+static int plan_precision(const plan_opts *o, const epic_model_config *cfg) {
+  return o->precision >= 0
+             ? o->precision
+             : epic_cluster_default_precision(!o->no_mtp, cfg->num_nextn_predict_layers);
+}
+
 static epic_plan_params plan_params(const plan_opts *o, const epic_model_config *cfg, int ranks,
                                     int with_stats) {
-  /* serve's default: --mtp-draft auto, with the MTP layer unless --no-mtp */
-  const int prec = o->precision >= 0
-                       ? o->precision
-                       : epic_cluster_default_precision(!o->no_mtp, cfg->num_nextn_predict_layers);
+  const int prec = plan_precision(o, cfg);
   /* exact and invariant compute any expert's rows alike in any group (ops_cuda.h) */
   const int invariant = prec != 0 || gpu_experts_invariant(cfg);
   const int64_t eplb = o->eplb_redundant >= 0
@@ -377,6 +381,13 @@ int epic_cmd_plan(int argc, char **argv) {
   epic_plan_params p = plan_params(&o, &cfg, (int)o.ranks, 1);
   if (epic_plan_create(&p, &pl) != EPIC_OK)
     return 1;
+  if (!o.json) { /* what the bytes per token and the EPLB default assume */
+    const int prec = plan_precision(&o, &cfg);
+    printf("GPU precision: %s%s\n", epic_cluster_precision_name(prec),
+           o.precision >= 0 ? ""
+           : prec           ? " (serve's default: --mtp-draft auto drafts with the MTP layer)"
+                            : " (serve's default)");
+  }
   const epic_status st =
       o.json ? epic_plan_write_json(pl, stdout) : epic_plan_write_table(pl, stdout);
   if (st != EPIC_OK || fflush(stdout) != 0) {

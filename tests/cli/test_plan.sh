@@ -93,6 +93,11 @@ assert (n, d, f) == (0, 8, 0), (n, d, f)
 PY
   ok "BF16 experts: no default copies without the MTP layer or in fast, 8 with it (invariant)" ||
   bad "BF16 experts: default copies follow the default precision"
+grep -q "^GPU precision: invariant (serve's default" <("$EPIC" plan --model "$tmp/bf16" \
+  --ranks 8 --gpu-mem 200GB 2>/dev/null) &&
+  grep -q "^GPU precision: fast (serve's default)" <("$EPIC" plan --model "$tmp/bf16" --ranks 8 \
+    --gpu-mem 200GB --no-mtp 2>/dev/null) &&
+  ok "the table names the precision it assumes" || bad "the table names the precision it assumes"
 # --precision: exact keeps fp32 cache rows and kv_b copies (61 + 1 MTP layers of 128 heads x
 # 256 x 512 at 2 more bytes); invariant the default's bytes; both make BF16 experts
 # row-invariant, so EPLB's default copies apply to them.

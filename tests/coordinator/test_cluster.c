@@ -62,7 +62,8 @@ static void test_bad_backend_is_an_error(void **state) {
 }
 
 /* The GPUs' default precision: invariant (2) exactly where auto MTP drafting has an MTP
- * layer to draft with, else fast (0); --precision's names parse to the same numbers. */
+ * layer to draft with, else fast (0); --precision's names parse to the same numbers and
+ * back. */
 static void test_default_precision(void **state) {
   (void)state;
   assert_int_equal(epic_cluster_default_precision(1, 1), 2);
@@ -74,6 +75,9 @@ static void test_default_precision(void **state) {
   assert_int_equal(epic_cluster_parse_precision("invariant", &inv), EPIC_OK);
   assert_int_equal(fast, epic_cluster_default_precision(0, 1));
   assert_int_equal(inv, epic_cluster_default_precision(1, 1));
+  assert_string_equal(epic_cluster_precision_name(fast), "fast");
+  assert_string_equal(epic_cluster_precision_name(inv), "invariant");
+  assert_string_equal(epic_cluster_precision_name(3), "?");
 }
 
 int main(int argc, char **argv) {
