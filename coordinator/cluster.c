@@ -196,8 +196,7 @@ static epic_status plan_and_load(epic_cluster *c, const epic_cluster_params *p) 
                                                    : epic_ops_step_tokens(c->ops),
                            .eplb_redundant = R > INT32_MAX ? INT32_MAX : (int)R,
                            .kv_elem_bytes = (int)epic_kv_dtype_size(epic_ops_kv_dtype(c->ops)),
-                           .head_elem_bytes =
-                               epic_ops_head_dtype(c->ops) == EPIC_DT_BF16 ? 2 : 4};
+                           .head_elem_bytes = (int)epic_dtype_size(epic_ops_head_dtype(c->ops))};
     EPIC_CHECK(epic_plan_create(&pp, &c->plan));
   }
   if (p->mem_per_rank && !epic_plan_fits(c->plan)) {
