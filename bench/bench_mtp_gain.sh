@@ -52,6 +52,14 @@ run() { # NAME FLAGS...
     tail -n 5 "$tmp/$name.err" >&2
     exit 1
   }
+  # error records (a request the engine refused or failed) would make the numbers meaningless
+  python3 - "$tmp/$name.jsonl" "$name" <<'PY' || exit 1
+import json, sys
+bad = [r for r in map(json.loads, open(sys.argv[1])) if r.get("error")]
+if bad:
+    sys.exit("bench_mtp_gain.sh: %s: %d error records, first: %s"
+             % (sys.argv[2], len(bad), json.dumps(bad[0]["error"])))
+PY
 }
 run plain --mtp-draft off "$@"
 run mtp --mtp-draft auto "$@"

@@ -378,7 +378,7 @@ static epic_status next_job(batch_ctx *c, batch_job **out) {
       j->ctx = c;
       st = epic_batch_encode(r, c->tok, c->tmpl, &c->lim, &j->prompt, &j->n_prompt, &j->max_new);
       if (st == EPIC_OK)
-        st = epic_detok_create(c->tok, 1, &j->detok);
+        st = epic_detok_create(c->tok, EPIC_DECODE_GENERATED, &j->detok);
       if (st == EPIC_OK) {
         *out = j;
         return EPIC_OK;

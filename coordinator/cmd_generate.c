@@ -493,7 +493,8 @@ static void print_result(int64_t i, const req_line *r, const epic_tokenizer *tok
   if (tok) {
     char *text = NULL;
     size_t len = 0;
-    if (epic_tokenizer_decode(tok, r->out, (size_t)r->n_out, 1, &text, &len) == EPIC_OK) {
+    if (epic_tokenizer_decode(tok, r->out, (size_t)r->n_out, EPIC_DECODE_GENERATED, &text, &len) ==
+        EPIC_OK) {
       printf(",\"text\":");
       epic_cli_json_string(stdout, text, len);
     }
@@ -715,7 +716,8 @@ int epic_cmd_generate(int argc, char **argv) {
   if (o.dump_logits && epic_npy_writer_open(o.dump_logits, cfg->vocab_size, &dump) != EPIC_OK) goto done;
   if (o.dump_mtp && epic_npy_writer_open(o.dump_mtp, cfg->vocab_size, &dump_mtp) != EPIC_OK) goto done;
   sc.json = o.json;
-  if (tok && !o.json && epic_detok_create(tok, 1, &sc.detok) != EPIC_OK) goto done;
+  if (tok && !o.json && epic_detok_create(tok, EPIC_DECODE_GENERATED, &sc.detok) != EPIC_OK)
+    goto done;
   {
     epic_generate_params gp = {.size = sizeof gp,
                                .prompt = prompt,
@@ -756,7 +758,9 @@ int epic_cmd_generate(int argc, char **argv) {
     if (tok) {
       char *text = NULL;
       size_t len = 0;
-      if (epic_tokenizer_decode(tok, res.ids, (size_t)res.n_ids, 1, &text, &len) != EPIC_OK) goto done;
+      if (epic_tokenizer_decode(tok, res.ids, (size_t)res.n_ids, EPIC_DECODE_GENERATED, &text,
+                                &len) != EPIC_OK)
+        goto done;
       printf(",\"text\":");
       epic_cli_json_string(stdout, text, len);
       epic_tokenizer_text_free(text);

@@ -361,7 +361,9 @@ static void start_generate(gw_call *c, grpc_byte_buffer *payload) {
     return;
   }
   if (s->p.tokenizer &&
-      epic_detok_create(s->p.tokenizer, c->job.skip_special, &c->detok) != EPIC_OK) {
+      epic_detok_create(s->p.tokenizer,
+                        c->job.skip_special ? EPIC_DECODE_GENERATED : EPIC_DECODE_SKIP_UNKNOWN,
+                        &c->detok) != EPIC_OK) {
     reply_error(c, GRPC_STATUS_INTERNAL, "cannot create the detokenizer");
     return;
   }

@@ -236,7 +236,7 @@ static int eb_start(void *be, const epic_http_gen *q, epic_http_sink *sink, void
   g->stops.s = g->stop_copies;
   g->stops.len = g->stop_lens;
   epic_gw_stopper_init(&g->stopper, &g->stops);
-  if (tok && epic_detok_create(tok, 1, &g->detok) != EPIC_OK)
+  if (tok && epic_detok_create(tok, EPIC_DECODE_GENERATED, &g->detok) != EPIC_OK)
     FAIL(500, "", "cannot create the detokenizer");
   epic_engine_request er = {.size = sizeof er,
                             .prompt = g->prompt,

@@ -1481,7 +1481,7 @@ static int id_ok(const epic_tokenizer *t, int32_t id) {
   return id >= 0 && id < t->n_ids && (t->flags[id] & F_EXISTS);
 }
 
-epic_status epic_tokenizer_decode(const epic_tokenizer *t, const int32_t *ids, size_t n, int skip_special,
+epic_status epic_tokenizer_decode(const epic_tokenizer *t, const int32_t *ids, size_t n, int flags,
                                   char **text, size_t *len) {
   if (!t || (!ids && n) || !text) return EPIC_ERR_INVALID;
   *text = NULL;
@@ -1489,6 +1489,8 @@ epic_status epic_tokenizer_decode(const epic_tokenizer *t, const int32_t *ids, s
   size_t total = 0;
   for (size_t i = 0; i < n; i++) {
     if (!id_ok(t, ids[i])) {
+      if (flags & EPIC_DECODE_SKIP_UNKNOWN)
+        continue;
       EPIC_LOG_ERROR("tokenizer: cannot decode unknown token id %d (at index %zu; vocab size %d)", ids[i], i,
                      t->n_ids);
       return EPIC_ERR_INVALID;
@@ -1500,7 +1502,8 @@ epic_status epic_tokenizer_decode(const epic_tokenizer *t, const int32_t *ids, s
   size_t o = 0;
   for (size_t i = 0; i < n; i++) {
     int32_t id = ids[i];
-    if (skip_special && (t->flags[id] & F_SPECIAL)) continue;
+    if (!id_ok(t, id) || ((flags & EPIC_DECODE_SKIP_SPECIAL) && (t->flags[id] & F_SPECIAL)))
+      continue; /* unknown ids reach here only with EPIC_DECODE_SKIP_UNKNOWN */
     memcpy(raw + o, t->arena + t->dec_off[id], t->dec_len[id]);
     o += t->dec_len[id];
   }
@@ -1547,17 +1550,17 @@ const char *epic_tokenizer_chat_template(const epic_tokenizer *t) { return t ? t
 
 struct epic_detok {
   const epic_tokenizer *tok;
-  int skip_special;
+  int flags;       /* EPIC_DECODE_* */
   uint8_t pend[8]; /* held-back incomplete sequence: at most 3 bytes */
   size_t npend;
 };
 
-epic_status epic_detok_create(const epic_tokenizer *tok, int skip_special, epic_detok **out) {
+epic_status epic_detok_create(const epic_tokenizer *tok, int flags, epic_detok **out) {
   if (!tok || !out) return EPIC_ERR_INVALID;
   *out = calloc(1, sizeof **out);
   if (!*out) return EPIC_ERR_NOMEM;
   (*out)->tok = tok;
-  (*out)->skip_special = skip_special;
+  (*out)->flags = flags;
   return EPIC_OK;
 }
 
@@ -1596,11 +1599,12 @@ epic_status epic_detok_push(epic_detok *d, int32_t id, char **out_text, size_t *
   *out_text = NULL;
   if (out_len) *out_len = 0;
   const epic_tokenizer *t = d->tok;
-  if (!id_ok(t, id)) {
+  if (!id_ok(t, id) && !(d->flags & EPIC_DECODE_SKIP_UNKNOWN)) {
     EPIC_LOG_ERROR("tokenizer: cannot decode unknown token id %d (vocab size %d)", id, t->n_ids);
     return EPIC_ERR_INVALID;
   }
-  if (d->skip_special && (t->flags[id] & F_SPECIAL)) return detok_emit(d, NULL, 0, 0, out_text, out_len);
+  if (!id_ok(t, id) || ((d->flags & EPIC_DECODE_SKIP_SPECIAL) && (t->flags[id] & F_SPECIAL)))
+    return detok_emit(d, NULL, 0, 0, out_text, out_len);
   return detok_emit(d, (const uint8_t *)t->arena + t->dec_off[id], t->dec_len[id], 0, out_text, out_len);
 }
 

@@ -53,12 +53,24 @@ void epic_tokenizer_destroy(epic_tokenizer *tok);
  * when *n == 0). Runs in time linear in len (up to log factors). */
 epic_status epic_tokenizer_encode(const epic_tokenizer *tok, const char *text, size_t len, int add_bos,
                                   int32_t **ids, size_t *n);
-/* Decodes ids to UTF-8 text (lossy for invalid byte sequences). skip_special
- * drops added tokens flagged special (BOS/EOS/pad, not the role tokens). An id
- * that has no token is EPIC_ERR_INVALID (logged with the id and its index).
- * *text is malloc'd and NUL-terminated (free with epic_tokenizer_text_free). */
-epic_status epic_tokenizer_decode(const epic_tokenizer *tok, const int32_t *ids, size_t n, int skip_special,
-                                  char **text, size_t *len);
+/* Flags of epic_tokenizer_decode and epic_detok_create. */
+enum {
+  /* drop added tokens flagged special (BOS/EOS/pad, not the role tokens) */
+  EPIC_DECODE_SKIP_SPECIAL = 1,
+  /* ids without a token decode to nothing instead of failing, as Hugging Face's
+   * decode does: a model's vocabulary is padded past its tokenizer's (DeepSeek-V3:
+   * 129280 rows, 128815 tokens), and a sampled padding id must not fail a request */
+  EPIC_DECODE_SKIP_UNKNOWN = 2,
+  /* generated text: what serve, batch and generate decode a completion with */
+  EPIC_DECODE_GENERATED = EPIC_DECODE_SKIP_SPECIAL | EPIC_DECODE_SKIP_UNKNOWN,
+};
+
+/* Decodes ids to UTF-8 text (lossy for invalid byte sequences); flags are
+ * EPIC_DECODE_*. Without EPIC_DECODE_SKIP_UNKNOWN an id that has no token is
+ * EPIC_ERR_INVALID (logged with the id and its index). *text is malloc'd and
+ * NUL-terminated (free with epic_tokenizer_text_free). */
+epic_status epic_tokenizer_decode(const epic_tokenizer *tok, const int32_t *ids, size_t n,
+                                  int flags, char **text, size_t *len);
 void epic_tokenizer_ids_free(int32_t *ids);
 void epic_tokenizer_text_free(char *text);
 
@@ -94,13 +106,13 @@ epic_status epic_tokenizer_pretokenize(const epic_tokenizer *tok, const char *te
 /* Incremental detokenizer. Pushing ids one at a time returns only complete
  * UTF-8 characters and holds back an incomplete trailing sequence; flush emits
  * the rest (an incomplete leftover as U+FFFD). The concatenation of all outputs
- * equals epic_tokenizer_decode of the whole id sequence with the same
- * skip_special. tok is borrowed and must outlive the detok. */
-epic_status epic_detok_create(const epic_tokenizer *tok, int skip_special, epic_detok **out);
+ * equals epic_tokenizer_decode of the whole id sequence with the same flags
+ * (EPIC_DECODE_*). tok is borrowed and must outlive the detok. */
+epic_status epic_detok_create(const epic_tokenizer *tok, int flags, epic_detok **out);
 void epic_detok_destroy(epic_detok *d);
 /* *out_text (malloc'd, NUL-terminated, possibly empty; free with
- * epic_tokenizer_text_free) holds the newly completed text. Unknown id:
- * EPIC_ERR_INVALID, the detok state is unchanged. */
+ * epic_tokenizer_text_free) holds the newly completed text. Unknown id without
+ * EPIC_DECODE_SKIP_UNKNOWN: EPIC_ERR_INVALID, the detok state is unchanged. */
 epic_status epic_detok_push(epic_detok *d, int32_t id, char **out_text, size_t *out_len);
 /* Emits what is held back and resets the detok for a new sequence. */
 epic_status epic_detok_flush(epic_detok *d, char **out_text, size_t *out_len);

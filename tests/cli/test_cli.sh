@@ -128,6 +128,29 @@ m="$tmp/dummy"; mkdir -p "$m"; cp "$FX/tiny-fp8/config.json" "$m/"
 expect_ok "dummy weights" "$EPIC" generate --model "$m" --load-format dummy --prompt-ids 0,5,9 --max-new-tokens 4 --json
 grep -q '"output_ids":\[[0-9]*,[0-9]*,[0-9]*,[0-9]*\]' "$tmp/out" && ok "dummy output" || bad "dummy output"
 
+# A vocabulary padded past its tokenizer (DeepSeek-V3: 129280 rows, 128815 tokens): generated
+# padding ids decode to no text instead of failing the request (random weights pick them).
+m="$tmp/padded"; mkdir -p "$m"; cp "$FX/tiny-tokenizer"/tokenizer*.json "$m/"
+python3 - "$FX/tiny-fp8/config.json" "$m/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1])); c["vocab_size"] = 4096; json.dump(c, open(sys.argv[2], "w"))
+PY
+expect_ok "padded vocabulary: generate" "$EPIC" generate --model "$m" --load-format dummy \
+  --prompt "Hello" --max-new-tokens 16 --ignore-eos --json
+python3 - "$tmp/out" <<'PY' && ok "padded vocabulary: ids past the tokenizer, text" ||
+import json, sys
+r = json.loads(open(sys.argv[1]).readline())
+sys.exit(not (max(r["output_ids"]) >= 1280 and isinstance(r["text"], str)))
+PY
+  bad "padded vocabulary: output $(head -c 300 "$tmp/out")"
+u='"method":"POST","url":"/v1/completions"'
+printf '{"custom_id":"%s",%s,"body":{"prompt":"%s","max_tokens":16,"ignore_eos":true}}\n' \
+  a "$u" Hello b "$u" world >"$tmp/pad.jsonl"
+expect_ok "padded vocabulary: batch" "$EPIC" batch --model "$m" --load-format dummy --quiet \
+  --input "$tmp/pad.jsonl" --output "$tmp/pad_out.jsonl"
+[ "$(grep -c '"error":null' "$tmp/pad_out.jsonl")" = 2 ] &&
+  ok "padded vocabulary: no error records" || bad "padded vocabulary: $(head -c 300 "$tmp/pad_out.jsonl")"
+
 # Text in, text out.
 expect_ok "text prompt" "$EPIC" generate --model "$FX/tiny-bf16" --prompt "Hello, world!" --max-new-tokens 8 --json
 grep -q '"text":' "$tmp/out" && ok "json carries text" || bad "json carries text"

@@ -274,6 +274,33 @@ static void test_decode_errors(void **state) {
   epic_detok_destroy(d);
   epic_detok_destroy(NULL);
   epic_tokenizer_destroy(NULL);
+  /* generated text: ids past the tokenizer (a padded model vocabulary) decode to
+   * nothing, the rest as without them, one-shot and streamed alike */
+  int32_t good[2] = {5, 7};
+  char *want = NULL, *got = NULL;
+  size_t wl = 0, gl = 0;
+  assert_int_equal(epic_tokenizer_decode(t, good, 2, 0, &want, &wl), EPIC_OK);
+  assert_int_equal(epic_tokenizer_decode(t, bad, 3, EPIC_DECODE_SKIP_UNKNOWN, &got, &gl), EPIC_OK);
+  assert_int_equal(gl, wl);
+  assert_memory_equal(got, want, wl);
+  epic_tokenizer_text_free(got);
+  assert_int_equal(epic_detok_create(t, EPIC_DECODE_GENERATED, &d), EPIC_OK);
+  size_t streamed = 0;
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(epic_detok_push(d, bad[i], &out, &len), EPIC_OK);
+    assert_true(streamed + len <= wl);
+    assert_memory_equal(out, want + streamed, len);
+    streamed += len;
+    epic_tokenizer_text_free(out);
+  }
+  assert_int_equal(epic_detok_push(d, neg, &out, &len), EPIC_OK);
+  assert_int_equal(len, 0);
+  epic_tokenizer_text_free(out);
+  assert_int_equal(epic_detok_flush(d, &out, &len), EPIC_OK);
+  assert_int_equal(streamed + len, wl);
+  epic_tokenizer_text_free(out);
+  epic_tokenizer_text_free(want);
+  epic_detok_destroy(d);
   /* missing file */
   epic_tokenizer *x = (epic_tokenizer *)1;
   assert_int_equal(epic_tokenizer_load("/nonexistent/tokenizer.json", NULL, &x), EPIC_ERR_IO);
