@@ -9,24 +9,38 @@
 # Prints one JSON object: per run seconds, completion tokens/s, acceptance, tokens per
 # verify step (from --stats-json, model load excluded), the gains mtp / plain and
 # mtp / invariant, and whether mtp's records equal invariant's (they must).
+# LAYERS=A,B (A < B, both past the config's first_k_dense_replace) runs both cuts and
+# also extrapolates every run's seconds linearly in the layer count to the config's
+# num_hidden_layers ("extrapolated"): a cut model overstates the MTP layer's share of a
+# step (one MTP layer per B layers instead of per 61), so only that says what the whole
+# model gains when it does not fit the GPUs at hand.
 #
 #   bench/bench_mtp_gain.sh EPIC CONFIG_DIR TOKENIZER_DIR [LAYERS=4] [N=32] [MAX_TOKENS=64]
 #                           [PROMPT_LEN=256] [EXTRA epic batch FLAGS...]
 # e.g. on a GPU: bench/bench_mtp_gain.sh build/coordinator/epic bench/configs/deepseek-v3-671b
-#   ../shared/fixtures/tokenizer 4 32 64 1024 --device cuda
+#   ../shared/fixtures/tokenizer 6,10 32 128 64 --device cuda
 # (on a CPU: ../shared/fixtures/tiny-fp8 ../shared/fixtures/tiny-tokenizer 3 8 32 16)
 set -eu
 if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 if [ $# -lt 3 ]; then
-  sed -n '13,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '18,22p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 EPIC="$1" CFG="$2" TOK="$3"
 LAYERS="${4:-4}" N="${5:-32}" MAXTOK="${6:-64}" PLEN="${7:-256}"
 shift $(($# < 7 ? $# : 7))
+python3 - "$CFG/config.json" "$LAYERS" <<'PY' || exit 2
+import json, sys
+dense = json.load(open(sys.argv[1])).get("first_k_dense_replace", 0)
+cuts = [int(x) for x in sys.argv[2].split(",") if x.isdigit()]
+if len(cuts) != len(sys.argv[2].split(",")) or not 1 <= len(cuts) <= 2 or min(cuts) < 1 or (
+        len(cuts) == 2 and not dense < cuts[0] < cuts[1]):
+    sys.exit("bench_mtp_gain.sh: LAYERS %r: one count, or A,B with %d (first_k_dense_replace)"
+             " < A < B" % (sys.argv[2], dense))
+PY
 tmp=$(mktemp -d /tmp/epic-bench-mtp-gain-XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 mkdir "$tmp/model"
@@ -42,10 +56,11 @@ for i in range(n):  # token-id prompts, different per request (ids past the spec
                       "body": {"prompt": ids, "max_tokens": max_tokens, "temperature": 0,
                                "ignore_eos": True}}))
 PY
-run() { # NAME FLAGS...
-  local name="$1"
-  shift
-  "$EPIC" batch --model "$tmp/model" --load-format dummy-mtp --num-layers "$LAYERS" \
+run() { # LAYERS NAME FLAGS...
+  local layers="$1" name="$1/$2"
+  shift 2
+  mkdir -p "$tmp/$layers"
+  "$EPIC" batch --model "$tmp/model" --load-format dummy-mtp --num-layers "$layers" \
     --max-batch "$N" --quiet --input "$tmp/in.jsonl" --output "$tmp/$name.jsonl" \
     --stats-json "$tmp/$name.json" "$@" 2>"$tmp/$name.err" || {
     echo "bench_mtp_gain.sh: $name failed:" >&2
@@ -61,12 +76,16 @@ if bad:
              % (sys.argv[2], len(bad), json.dumps(bad[0]["error"])))
 PY
 }
-run plain --mtp-draft off "$@"
-run mtp --mtp-draft auto "$@"
-run invariant --mtp-draft off --precision invariant "$@"
-python3 - "$tmp" "$LAYERS" "$N" "$MAXTOK" "$PLEN" <<'PY'
+for l in ${LAYERS//,/ }; do
+  run "$l" plain --mtp-draft off "$@"
+  run "$l" mtp --mtp-draft auto "$@"
+  run "$l" invariant --mtp-draft off --precision invariant "$@"
+done
+python3 - "$tmp" "$LAYERS" "$N" "$MAXTOK" "$PLEN" "$CFG/config.json" <<'PY'
 import json, os, sys
 d = sys.argv[1]
+cfg = json.load(open(sys.argv[6]))
+cuts = [int(x) for x in sys.argv[2].split(",")]
 def stats(name):
     s = json.load(open(os.path.join(d, name + ".json")))
     return {"seconds": s["seconds"], "completion_tokens": s["completion_tokens"],
@@ -80,11 +99,31 @@ def records(name):
         r = json.loads(line)
         out[r["custom_id"]] = r["response"]["body"]["choices"]
     return out
-runs = {n: stats(n) for n in ("plain", "mtp", "invariant")}
-tps = {n: runs[n]["completion_tokens_per_s"] for n in runs}
-print(json.dumps({"bench": "mtp_gain", "layers": int(sys.argv[2]), "requests": int(sys.argv[3]),
-                  "max_tokens": int(sys.argv[4]), "prompt_len": int(sys.argv[5]), "runs": runs,
-                  "gain_mtp_over_plain": round(tps["mtp"] / tps["plain"], 3),
-                  "gain_mtp_over_invariant": round(tps["mtp"] / tps["invariant"], 3),
-                  "mtp_records_equal_invariant": records("mtp") == records("invariant")}))
+def gains(runs):
+    tps = {n: runs[n]["completion_tokens_per_s"] for n in runs}
+    return {"gain_mtp_over_plain": round(tps["mtp"] / tps["plain"], 3),
+            "gain_mtp_over_invariant": round(tps["mtp"] / tps["invariant"], 3)}
+modes = ("plain", "mtp", "invariant")
+out = {"bench": "mtp_gain", "requests": int(sys.argv[3]), "max_tokens": int(sys.argv[4]),
+       "prompt_len": int(sys.argv[5])}
+for l in cuts:
+    runs = {n: stats("%d/%s" % (l, n)) for n in modes}
+    one = {"layers": l, "runs": runs, **gains(runs),
+           "mtp_records_equal_invariant": records("%d/mtp" % l) == records("%d/invariant" % l)}
+    if len(cuts) == 1:
+        out.update(one)
+    else:
+        out.setdefault("cuts", []).append(one)
+if len(cuts) == 2:  # seconds linear in the layer count past the dense layers
+    full = cfg["num_hidden_layers"]
+    a, b = out["cuts"]
+    runs = {}
+    for n in modes:
+        sa, sb = a["runs"][n]["seconds"], b["runs"][n]["seconds"]
+        sec = sb + (sb - sa) / (cuts[1] - cuts[0]) * (full - cuts[1])
+        runs[n] = {"seconds": round(sec, 4),
+                   "completion_tokens_per_s": round(b["runs"][n]["completion_tokens"] / sec, 1)}
+    out["extrapolated"] = {"layers": full, "runs": runs, **gains(runs)}
+    out["mtp_records_equal_invariant"] = all(c["mtp_records_equal_invariant"] for c in out["cuts"])
+print(json.dumps(out))
 PY

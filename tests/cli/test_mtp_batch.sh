@@ -164,13 +164,17 @@ python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))
 assert 2 * s["mtp_accepted"] > s["mtp_drafted"] > 0, s' \
   "$tmp/dm_auto.json" >"$tmp/err" 2>&1 && ok "dummy-mtp: most drafts accepted" ||
   bad "dummy-mtp: acceptance"
-# bench/bench_mtp_gain.sh (its GPU measurement) runs and its JSON holds: records equal.
+# bench/bench_mtp_gain.sh (its GPU measurement) runs and its JSON holds: records equal; with
+# two cuts, the extrapolation to the config's 3 layers is the 3-layer cut's own time.
 if bash "$(dirname "$0")/../../bench/bench_mtp_gain.sh" "$EPIC" "$FX/tiny-fp8" \
-  "$FX/tiny-tokenizer" 3 6 24 12 --threads 1 >"$tmp/gain.json" 2>"$tmp/err" &&
-  python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))
-assert d["mtp_records_equal_invariant"] and d["runs"]["mtp"]["mtp_acceptance_rate"] > 0.5, d' \
+  "$FX/tiny-tokenizer" 2,3 6 24 12 --threads 1 >"$tmp/gain.json" 2>"$tmp/err" &&
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); c=d["cuts"]; x=d["extrapolated"]
+assert d["mtp_records_equal_invariant"] and c[0]["mtp_records_equal_invariant"], d
+assert min(k["runs"]["mtp"]["mtp_acceptance_rate"] for k in c) > 0.5, d
+assert x["layers"] == 3 and all(abs(x["runs"][n]["seconds"] - c[1]["runs"][n]["seconds"]) < 1e-3
+                                for n in ("plain", "mtp", "invariant")), d' \
     "$tmp/gain.json" >"$tmp/err" 2>&1; then
-  ok "bench_mtp_gain.sh: JSON, mtp records equal invariant's, most drafts accepted"
+  ok "bench_mtp_gain.sh: JSON, mtp records equal invariant's, most drafts accepted, extrapolation"
 else
   bad "bench_mtp_gain.sh"
 fi
