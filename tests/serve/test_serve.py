@@ -11,8 +11,11 @@ INVALID_ARGUMENT case naming its field, unknown methods. A second server with
 --max-batch 1 --max-queue 1 answers RESOURCE_EXHAUSTED when its queue is full.
 """
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
@@ -70,6 +73,7 @@ def main():
         srv.signal()
         T.check("server exits 0 after SIGTERM", srv.wait() == 0)
     T.run("queue full", queue_full)
+    T.run("padded vocabulary", padded_vocabulary)
 
 
 def basics(c):
@@ -250,6 +254,37 @@ def queue_full():
         c.close()
         srv.signal()
         T.check("queue-full server exits 0", srv.wait() == 0)
+
+
+def padded_vocabulary():
+    # A vocabulary padded past its tokenizer (DeepSeek-V3: 129280 rows, 128815 tokens):
+    # streamed padding ids carry no text and do not fail the stream, with or without
+    # special tokens' text (random dummy weights pick them most of the time).
+    with tempfile.TemporaryDirectory() as d:
+        cfg = json.load(open(os.path.join(MODEL, "config.json")))
+        cfg["vocab_size"] = 4096
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(MODEL, f), d)
+        log = open(os.path.join(d, "serve.log"), "w")
+        srv = ec.Proc([EPIC, "serve", "--model", d, "--load-format", "dummy", "--listen",
+                       "127.0.0.1:0", "--threads", "1", "--kv-cache", "32MiB"], log=log)
+        c = ec.Client(srv.addr)
+        try:
+            c.wait_ready()
+            for special in (False, True):
+                ids, text, resps = c.generate(ids=[0, 10, 20], max_tokens=16, ignore_eos=True,
+                                              include_special_text=special)
+                T.check("padded vocabulary: ids past the tokenizer stream (special text %s)"
+                        % special, len(ids) == 16 and max(ids) >= 1280 and isinstance(text, str)
+                        and resps[-1].finish_reason == ec.pb.FINISH_REASON_LENGTH, (ids, resps[-1]))
+        finally:
+            c.close()
+            srv.signal()
+            T.check("padded-vocabulary server exits 0", srv.wait() == 0)
+            log.close()
+            errors = [l for l in open(log.name) if "error" in l]
+            T.check("padded vocabulary: no decoding errors logged", not errors, errors[:3])
 
 
 if __name__ == "__main__":
