@@ -7,8 +7,9 @@
 #   mtp:       --mtp-draft auto                          (a GPU's default: invariant)
 #   invariant: --mtp-draft off --precision invariant     (the same numerics, no drafts)
 # Prints one JSON object: per run seconds, completion tokens/s, acceptance, tokens per
-# verify step (from --stats-json, model load excluded), the gains mtp / plain and
-# mtp / invariant, and whether mtp's records equal invariant's (they must).
+# verify step, engine steps and where the seconds went (model forwards, the MTP layer's,
+# step-graph recording; from --stats-json, model load excluded), the gains mtp / plain
+# and mtp / invariant, and whether mtp's records equal invariant's (they must).
 # LAYERS=A,B (A < B, both past the config's first_k_dense_replace) runs both cuts and
 # also extrapolates every run's seconds linearly in the layer count to the config's
 # num_hidden_layers ("extrapolated"): a cut model overstates the MTP layer's share of a
@@ -22,11 +23,11 @@
 # (on a CPU: ../shared/fixtures/tiny-fp8 ../shared/fixtures/tiny-tokenizer 3 8 32 16)
 set -eu
 if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 if [ $# -lt 3 ]; then
-  sed -n '18,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '19,23p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 EPIC="$1" CFG="$2" TOK="$3"
@@ -92,7 +93,10 @@ def stats(name):
             "completion_tokens_per_s": round(s["completion_tokens_per_s"], 1),
             "mtp_acceptance_rate": s["mtp_acceptance_rate"] if s["mtp_drafted"] else None,
             "mtp_tokens_per_verify_step": s["mtp_mean_accepted"] if s["mtp_drafted"] else None,
-            "mtp_stopped": s["mtp_stopped"]}
+            "mtp_stopped": s["mtp_stopped"], "steps": s["steps"],
+            "forward_seconds": s["forward_seconds"],
+            "mtp_forward_seconds": s["mtp_forward_seconds"],
+            "graph_record_seconds": s["graph_record_seconds"]}
 def records(name):
     out = {}
     for line in open(os.path.join(d, name + ".jsonl")):

@@ -67,7 +67,9 @@ static const char *USAGE_TAIL =
     "output:\n"
     "  --stats-json FILE       write the run's counts, tokens and rates as JSON to FILE\n"
     "                          (with MTP drafting: mtp_draft, mtp_drafted, mtp_accepted,\n"
-    "                          mtp_acceptance_rate, mtp_mean_accepted per verify step)\n"
+    "                          mtp_acceptance_rate, mtp_mean_accepted per verify step;\n"
+    "                          steps, forward_seconds, mtp_forward_seconds,\n"
+    "                          graph_record_seconds: where the seconds went)\n"
     "  -q, --quiet             no progress lines (the summary is still printed)\n"
     "  -v, --verbose           engine and load information on stderr\n"
     "  -h, --help              this help\n";
@@ -724,19 +726,22 @@ static void summary(const batch_ctx *c, double seconds, epic_status engine_statu
     return;
   }
   /* seconds: from the first request read to the last record written (no model load) */
-  fprintf(f,
-          "{\"requests\": %lld, \"completed\": %lld, \"errors\": %lld, \"skipped\": %lld, "
-          "\"prompt_tokens\": %lld, \"completion_tokens\": %lld, \"seconds\": %.6f, "
-          "\"requests_per_s\": %.3f, \"completion_tokens_per_s\": %.3f, \"tokens_per_s\": %.3f, "
-          "\"mtp_draft\": %lld, \"mtp_auto\": %s, \"mtp_verify_steps\": %lld, \"mtp_drafted\": %lld, "
-          "\"mtp_accepted\": %lld, \"mtp_acceptance_rate\": %.6f, \"mtp_mean_accepted\": %.6f, "
-          "\"mtp_stopped\": %lld}\n",
-          (long long)c->total, (long long)c->completed, (long long)c->errors, (long long)c->skipped,
-          (long long)c->prompt_tokens, (long long)c->completion_tokens, seconds, rps, tps,
-          seconds > 0 ? (double)(c->prompt_tokens + c->completion_tokens) / seconds : 0,
-          (long long)es.mtp_draft, es.mtp_auto ? "true" : "false", (long long)es.mtp_verify_steps,
-          (long long)es.mtp_drafted, (long long)es.mtp_accepted, acc_rate, mean_acc,
-          (long long)es.mtp_stopped);
+  fprintf(
+      f,
+      "{\"requests\": %lld, \"completed\": %lld, \"errors\": %lld, \"skipped\": %lld, "
+      "\"prompt_tokens\": %lld, \"completion_tokens\": %lld, \"seconds\": %.6f, "
+      "\"requests_per_s\": %.3f, \"completion_tokens_per_s\": %.3f, \"tokens_per_s\": %.3f, "
+      "\"mtp_draft\": %lld, \"mtp_auto\": %s, \"mtp_verify_steps\": %lld, \"mtp_drafted\": %lld, "
+      "\"mtp_accepted\": %lld, \"mtp_acceptance_rate\": %.6f, \"mtp_mean_accepted\": %.6f, "
+      "\"mtp_stopped\": %lld, \"steps\": %lld, \"forward_seconds\": %.6f, "
+      "\"mtp_forward_seconds\": %.6f, \"graph_record_seconds\": %.6f}\n",
+      (long long)c->total, (long long)c->completed, (long long)c->errors, (long long)c->skipped,
+      (long long)c->prompt_tokens, (long long)c->completion_tokens, seconds, rps, tps,
+      seconds > 0 ? (double)(c->prompt_tokens + c->completion_tokens) / seconds : 0,
+      (long long)es.mtp_draft, es.mtp_auto ? "true" : "false", (long long)es.mtp_verify_steps,
+      (long long)es.mtp_drafted, (long long)es.mtp_accepted, acc_rate, mean_acc,
+      (long long)es.mtp_stopped, (long long)es.steps, es.forward_s, es.mtp_forward_s,
+      es.graph_record_s);
   if (fclose(f) != 0)
     EPIC_LOG_ERROR("batch: --stats-json %s: write failed", c->o->stats_json);
 }

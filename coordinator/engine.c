@@ -56,6 +56,7 @@ typedef struct rank_trailer {
   int64_t dispatch_bytes, combine_bytes, a2a_calls;
   double dispatch_wait_s, combine_wait_s;
   int64_t graph_captures, graph_replays;
+  double forward_s, mtp_forward_s, graph_record_s;
 } rank_trailer;
 
 /* A request that ended, waiting for its on_finish outside the mutex. */
@@ -270,7 +271,10 @@ static epic_status run_plan(epic_engine *e, const epic_step_plan *p) {
                         .dispatch_wait_s = ms.dispatch_wait_s,
                         .combine_wait_s = ms.combine_wait_s,
                         .graph_captures = ms.graph_captures,
-                        .graph_replays = ms.graph_replays};
+                        .graph_replays = ms.graph_replays,
+                        .forward_s = ms.total_s,
+                        .mtp_forward_s = ms.mtp_s,
+                        .graph_record_s = ms.graph_record_s};
     if (e->n_expert_slots && epic_model_expert_tokens(e->m, e->expert_scratch) == EPIC_OK)
       memcpy(t + 1, e->expert_scratch, (size_t)e->n_expert_slots * sizeof(int64_t));
     else if (e->n_expert_slots)
@@ -1185,6 +1189,9 @@ void epic_engine_get_stats(epic_engine *e, epic_engine_stats *out) {
     out->a2a_combine_wait_s += t->combine_wait_s;
     out->graph_captures += t->graph_captures;
     out->graph_replays += t->graph_replays;
+    out->forward_s += t->forward_s;
+    out->mtp_forward_s += t->mtp_forward_s;
+    out->graph_record_s += t->graph_record_s;
   }
   pthread_mutex_unlock(&e->mu);
 }

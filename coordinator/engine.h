@@ -168,6 +168,11 @@ typedef struct epic_engine_stats {
   /* Decode steps recorded as graphs and replayed (epic_model_set_step_graphs), summed over
    * ranks as of the last step; 0 on backends without graphs. */
   int64_t graph_captures, graph_replays;
+  /* Seconds in model forwards (main model and MTP layer, from embedding to picks on the
+   * host), in the MTP layer's alone, and in recording step graphs (part of the first),
+   * summed over ranks as of the last step. The rest of a run's time is host work between
+   * forwards (scheduling, drafting bookkeeping, replies, detokenizing). */
+  double forward_s, mtp_forward_s, graph_record_s;
   /* MTP drafting: drafts per step (0 = off) and whether auto; verify steps
    * that carried drafts, drafts verified and accepted (mean accepted length
    * per verify step = 1 + accepted / verify_steps); sequences drafting now and

@@ -2489,5 +2489,7 @@ fail:
   rollback(kc, seqs, n_seqs);
 done:
   fwd_close(&f, &before, t0, sh.M);
+  m->stats.mtp_forwards++;
+  m->stats.mtp_s += m->stats.total_s - before.total_s;
   return st;
 }

@@ -231,6 +231,8 @@ typedef struct epic_model_stats {
   int64_t graph_replays;     /* forwards run by launching a recorded graph; their time is
                                 all in other_s (nothing is enqueued phase by phase) */
   double graph_record_s;     /* recording and instantiating those graphs (part of total_s) */
+  int64_t mtp_forwards;      /* MTP layer forwards (part of forwards) */
+  double mtp_s;              /* their time (part of total_s) */
 } epic_model_stats;
 
 void epic_model_get_stats(const epic_model *m, epic_model_stats *out);

@@ -164,6 +164,13 @@ python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))
 assert 2 * s["mtp_accepted"] > s["mtp_drafted"] > 0, s' \
   "$tmp/dm_auto.json" >"$tmp/err" 2>&1 && ok "dummy-mtp: most drafts accepted" ||
   bad "dummy-mtp: acceptance"
+# where the seconds went: forwards within the run, the MTP layer's within them (none off)
+python3 -c 'import json,sys; a, b = (json.load(open(f)) for f in sys.argv[1:])
+assert 0 < a["mtp_forward_seconds"] < a["forward_seconds"] <= a["seconds"] and a["steps"] > 0, a
+assert b["mtp_forward_seconds"] == 0 < b["forward_seconds"] <= b["seconds"], b
+assert a["graph_record_seconds"] == b["graph_record_seconds"] == 0, (a, b)  # no graphs on CPUs' \
+  "$tmp/dm_auto.json" "$tmp/dm_off.json" >"$tmp/err" 2>&1 &&
+  ok "dummy-mtp: stats say where the seconds went" || bad "dummy-mtp: time breakdown"
 # bench/bench_mtp_gain.sh (its GPU measurement) runs and its JSON holds: records equal; with
 # two cuts, the extrapolation to the config's 3 layers is the 3-layer cut's own time.
 if bash "$(dirname "$0")/../../bench/bench_mtp_gain.sh" "$EPIC" "$FX/tiny-fp8" \
