@@ -9,7 +9,10 @@
 # Prints one JSON object: per run seconds, completion tokens/s, acceptance, tokens per
 # verify step, engine steps and where the seconds went (model forwards, the MTP layer's,
 # step-graph recording; from --stats-json, model load excluded), the gains mtp / plain
-# and mtp / invariant, and whether mtp's records equal invariant's (they must).
+# and mtp / invariant, and whether mtp's records equal invariant's (they must). Gains
+# and the extrapolation below count steady_seconds, the seconds without step-graph
+# recording (a server records a bucket's graph once and replays it for hours; in short
+# GPU runs the recordings can be most of the time).
 # LAYERS=A,B (A < B, both past the config's first_k_dense_replace) runs both cuts and
 # also extrapolates every run's seconds linearly in the layer count to the config's
 # num_hidden_layers ("extrapolated"): a cut model overstates the MTP layer's share of a
@@ -23,11 +26,11 @@
 # (on a CPU: ../shared/fixtures/tiny-fp8 ../shared/fixtures/tiny-tokenizer 3 8 32 16)
 set -eu
 if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
-  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 if [ $# -lt 3 ]; then
-  sed -n '19,23p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '22,26p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 EPIC="$1" CFG="$2" TOK="$3"
@@ -96,7 +99,10 @@ def stats(name):
             "mtp_stopped": s["mtp_stopped"], "steps": s["steps"],
             "forward_seconds": s["forward_seconds"],
             "mtp_forward_seconds": s["mtp_forward_seconds"],
-            "graph_record_seconds": s["graph_record_seconds"]}
+            "graph_record_seconds": s["graph_record_seconds"],
+            "steady_seconds": round(s["seconds"] - s["graph_record_seconds"], 6),
+            "steady_completion_tokens_per_s":
+                round(s["completion_tokens"] / (s["seconds"] - s["graph_record_seconds"]), 1)}
 def records(name):
     out = {}
     for line in open(os.path.join(d, name + ".jsonl")):
@@ -104,7 +110,7 @@ def records(name):
         out[r["custom_id"]] = r["response"]["body"]["choices"]
     return out
 def gains(runs):
-    tps = {n: runs[n]["completion_tokens_per_s"] for n in runs}
+    tps = {n: runs[n]["steady_completion_tokens_per_s"] for n in runs}
     return {"gain_mtp_over_plain": round(tps["mtp"] / tps["plain"], 3),
             "gain_mtp_over_invariant": round(tps["mtp"] / tps["invariant"], 3)}
 modes = ("plain", "mtp", "invariant")
@@ -123,10 +129,11 @@ if len(cuts) == 2:  # seconds linear in the layer count past the dense layers
     a, b = out["cuts"]
     runs = {}
     for n in modes:
-        sa, sb = a["runs"][n]["seconds"], b["runs"][n]["seconds"]
+        sa, sb = a["runs"][n]["steady_seconds"], b["runs"][n]["steady_seconds"]
         sec = sb + (sb - sa) / (cuts[1] - cuts[0]) * (full - cuts[1])
-        runs[n] = {"seconds": round(sec, 4),
-                   "completion_tokens_per_s": round(b["runs"][n]["completion_tokens"] / sec, 1)}
+        runs[n] = {"steady_seconds": round(sec, 4),
+                   "steady_completion_tokens_per_s":
+                       round(b["runs"][n]["completion_tokens"] / sec, 1)}
     out["extrapolated"] = {"layers": full, "runs": runs, **gains(runs)}
     out["mtp_records_equal_invariant"] = all(c["mtp_records_equal_invariant"] for c in out["cuts"])
 print(json.dumps(out))
