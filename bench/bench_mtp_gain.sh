@@ -12,7 +12,7 @@
 # and mtp / invariant, and whether mtp's records equal invariant's (they must). Gains
 # and the extrapolation below count steady_seconds, the seconds without step-graph
 # recording (a server records a bucket's graph once and replays it for hours; in short
-# GPU runs the recordings can be most of the time).
+# GPU runs they can be a large part of the time).
 # LAYERS=A,B (A < B, both past the config's first_k_dense_replace) runs both cuts and
 # also extrapolates every run's seconds linearly in the layer count to the config's
 # num_hidden_layers ("extrapolated"): a cut model overstates the MTP layer's share of a
