@@ -1,16 +1,16 @@
-#define _GNU_SOURCE
 #include "sampler.h"
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../common/log.h"
 
 struct epic_sampler {
   epic_sampling_params p;
   uint64_t s[4]; /* xoshiro256** state */
-  int32_t *idx;  /* candidate ids, grown to the vocabulary size */
-  float *prob;
+  int32_t *idx;  /* candidate ids and weights, grown to the vocabulary size */
+  float *w;
   int64_t cap;
 };
 
@@ -66,7 +66,7 @@ epic_status epic_sampler_create(const epic_sampling_params *p, epic_sampler **ou
 void epic_sampler_destroy(epic_sampler *s) {
   if (!s) return;
   free(s->idx);
-  free(s->prob);
+  free(s->w);
   free(s);
 }
 
@@ -110,36 +110,230 @@ int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float
   return have;
 }
 
-/* Sort candidates by descending logit (ties: lower id first). */
-static int cmp_desc(const void *a, const void *b, void *keys) {
-  const float *sort_keys = keys;
-  int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-  if (sort_keys[x] > sort_keys[y]) return -1;
-  if (sort_keys[x] < sort_keys[y]) return 1;
-  return (x > y) - (x < y);
+/* The candidate order: descending logit, lower id first on ties; NaN logits last (as
+ * -inf, weight 0). A total order on ids, so selections below need no tie rules. */
+static float key(float v) {
+  return v == v ? v : -INFINITY;
+}
+static int before(const float *l, int32_t a, int32_t b) {
+  const float x = key(l[a]), y = key(l[b]);
+  return x > y || (x == y && a < b);
+}
+
+/* A row's weights and their selections. Sorting a whole 129k-token row took 28 ms a draw;
+ * top_k and top_p only need to know which ids come first in the order: a pass over weight
+ * buckets (cut below) finds the bucket where a cut ends, partitions around median-of-three
+ * pivots (quickselect style) select inside it, and the draw walks the kept ids in the
+ * order the selections left them. */
+typedef struct row {
+  const float *l;
+  int64_t n;
+  int32_t *ids; /* the candidates, reordered by the selections */
+  float *w;     /* w[id]: expf((l[id] - mx) / temperature) */
+  double mx;
+} row;
+
+static double row_max(const float *logits, int64_t n) {
+  double mx = logits[0];
+  for (int64_t i = 1; i < n; i++)
+    if (logits[i] > mx)
+      mx = logits[i];
+  return mx;
+}
+
+/* The weights and, in id order, their total (returned) and the unmodified distribution's
+ * normaliser sum exp(l - mx) (*sum_1, may be NULL); one pass. The row's exps are most of a
+ * draw's cost, hence float ones (the sums stay double). */
+static double row_weigh(row *r, float t, double *sum_1) {
+  const float mx = (float)r->mx;
+  double st = 0, s1 = 0;
+  for (int64_t i = 0; i < r->n; i++) {
+    const float x = r->l[i] - mx, e = sum_1 || t == 1.0f ? expf(x) : 0;
+    const float w = t == 1.0f ? e : expf(x / t);
+    r->w[i] = w == w ? w : 0; /* NaN logits weigh nothing */
+    st += r->w[i];
+    s1 += e;
+    r->ids[i] = (int32_t)i;
+  }
+  if (sum_1)
+    *sum_1 = s1;
+  return st;
+}
+
+static void swap_ids(int32_t *a, int32_t *b) {
+  const int32_t t = *a;
+  *a = *b;
+  *b = t;
+}
+
+/* Partition ids[lo, hi) (hi - lo >= 1) around a median-of-three pivot: ids[lo, p) come
+ * before it, ids[p] is it, ids(p, hi) after. Returns p; *mass: the weight of ids[lo, p). */
+static int64_t partition(const row *r, int64_t lo, int64_t hi, double *mass) {
+  int32_t *v = r->ids;
+  const int64_t mid = lo + (hi - lo) / 2;
+  if (before(r->l, v[mid], v[lo]))
+    swap_ids(&v[mid], &v[lo]);
+  if (before(r->l, v[hi - 1], v[lo]))
+    swap_ids(&v[hi - 1], &v[lo]);
+  if (before(r->l, v[hi - 1], v[mid]))
+    swap_ids(&v[hi - 1], &v[mid]);
+  swap_ids(&v[mid], &v[hi - 1]); /* the median, out of the way */
+  const int32_t piv = v[hi - 1];
+  int64_t p = lo;
+  double m = 0;
+  for (int64_t j = lo; j < hi - 1; j++)
+    if (before(r->l, v[j], piv)) {
+      m += r->w[v[j]];
+      swap_ids(&v[p++], &v[j]);
+    }
+  swap_ids(&v[p], &v[hi - 1]);
+  *mass = m;
+  return p;
+}
+
+/* Reorder ids[lo, hi) so that its first k in the order come first (0 < k < hi - lo). */
+static void select_first(row *r, int64_t lo, int64_t hi, int64_t k) {
+  const int64_t end = lo + k;
+  double m;
+  while (hi - lo > 1) {
+    const int64_t p = partition(r, lo, hi, &m);
+    if (p == end)
+      return;
+    if (p > end)
+      hi = p;
+    else
+      lo = p + 1;
+  }
+}
+
+/* The fewest of ids[lo, hi) first in the order (at least one) whose weight reaches q:
+ * moved to ids[lo, ..), their count returned and their weight in *mass (all of them
+ * where it is not reached). */
+static int64_t select_mass(row *r, int64_t lo, int64_t hi, double q, double *mass) {
+  const int64_t first = lo, end = hi;
+  double acc = 0, m; /* the weight of ids[first, lo): all before ids[lo, hi) */
+  while (hi > lo) {
+    const int64_t p = partition(r, lo, hi, &m);
+    if (p > lo && acc + m >= q) { /* the boundary lies in ids[lo, p) */
+      hi = p;
+      continue;
+    }
+    acc += m + r->w[r->ids[p]];
+    if (acc >= q || p + 1 == end) {
+      *mass = acc;
+      return p + 1 - first;
+    }
+    lo = p + 1;
+  }
+  *mass = acc;
+  return end - first;
+}
+
+/* Weight buckets, a radix pass before the selections: the bucket of w in [0, 1] is its
+ * float bits' top 12 (8 buckets per binade), so bucket order is weight order, and weight
+ * order is the candidate order (weights do not fall as logits rise). A cut is then a run
+ * of whole top buckets plus a selection inside one bucket, not over the whole row. */
+enum { N_BUCKETS = (0x3f800000 >> 20) + 1 };
+static int bucket(float w) {
+  uint32_t b;
+  memcpy(&b, &w, sizeof b);
+  return (int)(b >> 20);
+}
+
+/* Reorder ids[0, k): the ids of buckets above b first (their count returned), then those
+ * of bucket b. */
+static int64_t bucket_front(row *r, int64_t k, int b) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < k; i++)
+    if (bucket(r->w[r->ids[i]]) > b)
+      swap_ids(&r->ids[m++], &r->ids[i]);
+  for (int64_t i = m, j = m; i < k; i++)
+    if (bucket(r->w[r->ids[i]]) == b)
+      swap_ids(&r->ids[j++], &r->ids[i]);
+  return m;
+}
+
+/* The kept ids first in r->ids for a cut to the first `count` (count > 0) or, with count 0,
+ * to the fewest first reaching weight q, among ids[0, k); returns how many are kept and
+ * their weight in *mass. */
+static int64_t cut(row *r, int64_t k, int64_t count, double q, double *mass) {
+  int64_t *cnt = calloc(N_BUCKETS, sizeof *cnt);
+  double *bm = calloc(N_BUCKETS, sizeof *bm);
+  int64_t kept = k, above = 0, n_b;
+  double above_mass = 0, m = 0;
+  if (!cnt || !bm) { /* out of memory: select over the whole range */
+    free(cnt);
+    free(bm);
+    if (count > 0) {
+      select_first(r, 0, k, count);
+      for (int64_t i = 0; i < count; i++)
+        m += r->w[r->ids[i]];
+      *mass = m;
+      return count;
+    }
+    return select_mass(r, 0, k, q, mass);
+  }
+  for (int64_t i = 0; i < k; i++) {
+    const float w = r->w[r->ids[i]];
+    cnt[bucket(w)]++;
+    bm[bucket(w)] += w;
+  }
+  int b = N_BUCKETS - 1;
+  for (; b >= 0; b--) { /* the bucket where the cut ends (one with ids: at least one kept) */
+    if (cnt[b] > 0 && (count > 0 ? above + cnt[b] >= count : above_mass + bm[b] >= q))
+      break;
+    above += cnt[b];
+    above_mass += bm[b];
+  }
+  if (b >= 0) {
+    n_b = cnt[b];
+    above = bucket_front(r, k, b);
+    if (count > 0) {
+      if (count - above < n_b)
+        select_first(r, above, above + n_b, count - above);
+      kept = count;
+      for (int64_t i = above; i < kept; i++)
+        m += r->w[r->ids[i]];
+    } else {
+      kept = above + select_mass(r, above, above + n_b, q - above_mass, &m);
+    }
+  } else { /* rounding: q not reached, keep all */
+    above_mass = 0;
+    for (int64_t i = 0; i < k; i++)
+      m += r->w[r->ids[i]];
+  }
+  *mass = above_mass + m;
+  free(cnt);
+  free(bm);
+  return kept;
+}
+
+/* The distribution of epic_sampling_weights on r (weighed): the kept ids first in r->ids,
+ * their count returned and their total weight in *sum. */
+static int64_t row_cut(row *r, const epic_sampling_params *p, double total, double *sum) {
+  int64_t k = r->n;
+  if (p->top_k > 0 && p->top_k < k)
+    k = cut(r, k, p->top_k, 0, &total);
+  if (p->top_p < 1.0f)
+    k = cut(r, k, 0, (double)p->top_p * total, &total);
+  *sum = total;
+  return k;
 }
 
 int64_t epic_sampling_weights(const float *logits, int64_t n, const epic_sampling_params *p,
                               int32_t *idx, float *w, double *sum) {
-  int64_t k = n;
-  double mx, total = 0;
-  for (int64_t i = 0; i < n; i++) idx[i] = (int32_t)i;
-  qsort_r(idx, (size_t)n, sizeof *idx, cmp_desc, (void *)logits);
-  if (p->top_k > 0 && p->top_k < k) k = p->top_k;
-  mx = logits[idx[0]];
-  for (int64_t i = 0; i < k; i++) {
-    w[i] = (float)exp(((double)logits[idx[i]] - mx) / p->temperature);
-    total += w[i];
+  float *wt = malloc((size_t)n * sizeof *wt);
+  if (!wt) { /* out of memory: the most likely token alone */
+    idx[0] = epic_argmax(logits, n);
+    w[0] = 1.0f;
+    *sum = 1.0;
+    return 1;
   }
-  if (p->top_p < 1.0f) {
-    /* Smallest prefix whose mass reaches top_p (at least one token). */
-    int64_t keep = 0;
-    double mass = 0;
-    while (keep < k && (keep == 0 || mass < (double)p->top_p * total)) mass += w[keep++];
-    k = keep;
-    total = mass;
-  }
-  *sum = total;
+  row r = {.l = logits, .n = n, .ids = idx, .w = wt, .mx = row_max(logits, n)};
+  const int64_t k = row_cut(&r, p, row_weigh(&r, p->temperature, NULL), sum);
+  for (int64_t i = 0; i < k; i++)
+    w[i] = wt[idx[i]];
+  free(wt);
   return k;
 }
 
@@ -152,31 +346,38 @@ int epic_sampler_greedy(const epic_sampler *s) {
 }
 
 int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, float *logprob) {
-  int32_t tok;
   if (epic_sampler_greedy(s)) {
-    tok = epic_argmax(logits, n);
-  } else {
-    double sum, acc = 0, u;
-    int64_t k;
-    if (s->cap < n) {
-      int32_t *ni = realloc(s->idx, (size_t)n * sizeof *ni);
-      float *np = ni ? realloc(s->prob, (size_t)n * sizeof *np) : NULL;
-      if (ni) s->idx = ni;
-      if (np) s->prob = np;
-      if (!ni || !np) return epic_argmax(logits, n); /* out of memory: degrade to greedy */
-      s->cap = n;
-    }
-    k = epic_sampling_weights(logits, n, &s->p, s->idx, s->prob, &sum);
-    u = next_unit(s) * sum;
-    tok = s->idx[k - 1];
-    for (int64_t i = 0; i < k; i++) {
-      acc += s->prob[i];
-      if (u < acc) {
-        tok = s->idx[i];
-        break;
-      }
+    const int32_t tok = epic_argmax(logits, n);
+    if (logprob)
+      *logprob = (float)log_softmax_at(logits, n, tok);
+    return tok;
+  }
+  double sum, sum_1, acc = 0;
+  if (s->cap < n) {
+    int32_t *ni = realloc(s->idx, (size_t)n * sizeof *ni);
+    if (ni)
+      s->idx = ni;
+    float *nw = ni ? realloc(s->w, (size_t)n * sizeof *nw) : NULL;
+    if (nw)
+      s->w = nw;
+    if (!ni || !nw)
+      return epic_argmax(logits, n); /* out of memory: degrade to greedy */
+    s->cap = n;
+  }
+  row r = {.l = logits, .n = n, .ids = s->idx, .w = s->w, .mx = row_max(logits, n)};
+  const int64_t k = row_cut(&r, &s->p, row_weigh(&r, s->p.temperature, &sum_1), &sum);
+  /* Inverse CDF over the kept ids in the order the selections left them. */
+  const double u = next_unit(s) * sum;
+  int32_t tok = r.ids[k - 1]; /* u in the rounding slack past the end */
+  for (int64_t i = 0; i < k; i++) {
+    acc += r.w[r.ids[i]];
+    if (u < acc) {
+      tok = r.ids[i];
+      break;
     }
   }
-  if (logprob) *logprob = (float)log_softmax_at(logits, n, tok);
+  /* log softmax at tok, from the same max and sum (as epic_logprob_at, to float rounding) */
+  if (logprob)
+    *logprob = (float)((double)logits[tok] - r.mx - log(sum_1));
   return tok;
 }

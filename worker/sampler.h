@@ -26,7 +26,8 @@ void epic_sampler_destroy(epic_sampler *s); /* NULL-safe */
 
 /* Pick a token from logits[0..n) (host memory). Optionally reports the chosen
  * token's log-probability under the unmodified distribution (softmax of the raw
- * logits). */
+ * logits). top_k and top_p are selections (no sort of the row): a draw costs a few
+ * passes over it. */
 int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, float *logprob);
 
 /* 1 when s always takes the argmax (temperature 0 or top_k 1): its token and
@@ -42,11 +43,12 @@ int epic_sampler_greedy(const epic_sampler *s);
 int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float *lps);
 
 /* The sampler's distribution for temperature > 0, in its order of operations:
- * candidates sorted by descending logit (lower id first on ties) into idx[0..n),
- * cut to top_k, weighed exp((logit - max) / temperature) into w[0..k), cut to the
- * smallest prefix reaching top_p of the mass. Returns the k kept; *sum is their
- * total weight. idx and w have room for n. (Speculative decoding's acceptance test
- * needs the same distribution the sampler draws from.) */
+ * candidates by descending logit (lower id first on ties), cut to top_k, weighed
+ * exp((logit - max) / temperature), cut to the smallest prefix reaching top_p of the
+ * mass (at least one token). Returns the k kept ids in idx[0..k), in no particular
+ * order, with their weights in w[0..k); *sum is their total weight. idx and w have room
+ * for n. (Speculative decoding's acceptance test needs the same distribution the
+ * sampler draws from.) */
 int64_t epic_sampling_weights(const float *logits, int64_t n, const epic_sampling_params *p,
                               int32_t *idx, float *w, double *sum);
 

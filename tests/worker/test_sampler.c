@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <cmocka.h>
 
 #include "common/log.h"
@@ -93,12 +94,132 @@ static void test_distribution(void **state) {
   epic_sampler_destroy(s);
 }
 
+/* The sampler's distribution by its definition, with a whole-row sort: the oracle for
+ * epic_sampling_weights, which selects without sorting. */
+static const float *g_keys;
+static int by_logit(const void *a, const void *b) {
+  const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+  if (g_keys[x] != g_keys[y])
+    return g_keys[x] > g_keys[y] ? -1 : 1;
+  return (x > y) - (x < y);
+}
+static int64_t oracle_weights(const float *l, int64_t n, const epic_sampling_params *p,
+                              int32_t *idx, float *w, double *sum) {
+  int64_t k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
+  double total = 0;
+  for (int64_t i = 0; i < n; i++)
+    idx[i] = (int32_t)i;
+  g_keys = l;
+  qsort(idx, (size_t)n, sizeof *idx, by_logit);
+  for (int64_t i = 0; i < k; i++) {
+    w[i] = expf((l[idx[i]] - l[idx[0]]) / p->temperature);
+    total += w[i];
+  }
+  if (p->top_p < 1.0f) {
+    int64_t keep = 0;
+    double mass = 0;
+    while (keep < k && (keep == 0 || mass < (double)p->top_p * total))
+      mass += w[keep++];
+    k = keep;
+    total = mass;
+  }
+  *sum = total;
+  return k;
+}
+
+/* Rows of a few shapes: wide and peaked, ties (logits on a 1/4 grid), masked tokens. */
+static void fill_row(float *l, int64_t n, int shape, unsigned *seed) {
+  for (int64_t i = 0; i < n; i++) {
+    const double u = (rand_r(seed) + 1.0) / ((double)RAND_MAX + 2.0);
+    const double g = sqrt(-2 * log(u)) * cos(6.283185307179586 * rand_r(seed) / RAND_MAX);
+    l[i] = shape == 0 ? (float)(3 * g) : shape == 1 ? (float)(floor(4 * g) / 4) : (float)g;
+  }
+  if (shape == 2) { /* a peaked row with masked tokens */
+    for (int64_t i = 0; i < n; i += 7)
+      l[i] = -INFINITY;
+    l[n / 3] = 12.0f;
+    l[n / 2] = 11.5f;
+  }
+}
+
+/* Every cut keeps the oracle's ids with the oracle's weights, bit for bit (in any order). */
+static void test_weights_match_full_sort(void **state) {
+  (void)state;
+  enum { V = 5000 };
+  static float l[V], w[V], wo[V], wid[V];
+  static int32_t idx[V], io[V];
+  const float temps[] = {0.3f, 1.0f, 2.5f}, tops[] = {1.0f, 0.95f, 0.5f, 1e-6f};
+  const int64_t ks[] = {0, 1, 7, 300, V};
+  unsigned seed = 11;
+  for (int shape = 0; shape < 3; shape++) {
+    fill_row(l, V, shape, &seed);
+    for (size_t a = 0; a < sizeof temps / sizeof *temps; a++)
+      for (size_t b = 0; b < sizeof tops / sizeof *tops; b++)
+        for (size_t c = 0; c < sizeof ks / sizeof *ks; c++) {
+          const epic_sampling_params p = {
+              .size = sizeof p, .temperature = temps[a], .top_p = tops[b], .top_k = ks[c]};
+          double sum, so;
+          const int64_t k = epic_sampling_weights(l, V, &p, idx, w, &sum);
+          const int64_t ko = oracle_weights(l, V, &p, io, wo, &so);
+          assert_int_equal(k, ko);
+          assert_true(fabs(sum - so) <= 1e-12 * so);
+          memset(wid, 0, sizeof wid);
+          for (int64_t i = 0; i < ko; i++)
+            wid[io[i]] = wo[i];
+          for (int64_t i = 0; i < k; i++) {
+            assert_true(idx[i] >= 0 && idx[i] < V);
+            assert_true(wid[idx[i]] == w[i]);
+            wid[idx[i]] = -1; /* each id once */
+          }
+        }
+  }
+}
+
+/* Draws that reach deep into a flat, wide row at a high temperature follow the
+ * distribution over the whole row. */
+static void test_distribution_wide(void **state) {
+  (void)state;
+  enum { V = 1000, N = 20000, TOP = 16 };
+  static float l[V];
+  static int counts[V];
+  unsigned seed = 5;
+  const float T = 1.5f;
+  double z = 0, mx = -INFINITY;
+  fill_row(l, V, 0, &seed);
+  for (int i = 0; i < V; i++)
+    mx = l[i] > mx ? l[i] : mx;
+  for (int i = 0; i < V; i++)
+    z += exp((l[i] - mx) / T);
+  epic_sampler *s = mk(T, 1, 0, 9);
+  for (int i = 0; i < N; i++)
+    counts[epic_sampler_sample(s, l, V, NULL)]++;
+  /* the TOP most likely ids one by one, and the rest together */
+  int32_t order[V];
+  for (int i = 0; i < V; i++)
+    order[i] = i;
+  g_keys = l;
+  qsort(order, V, sizeof *order, by_logit);
+  double rest_p = 1;
+  int rest_n = N;
+  for (int j = 0; j < TOP; j++) {
+    const double p = exp((l[order[j]] - mx) / T) / z, sd = sqrt(N * p * (1 - p));
+    assert_true(fabs(counts[order[j]] - N * p) < 6 * sd + 1);
+    rest_p -= p;
+    rest_n -= counts[order[j]];
+  }
+  assert_true(rest_p > 0.3); /* the draws reach deep into the row */
+  assert_true(fabs(rest_n - N * rest_p) < 6 * sqrt(N * rest_p * (1 - rest_p)) + 1);
+  epic_sampler_destroy(s);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_greedy),
       cmocka_unit_test(test_invalid_params),
       cmocka_unit_test(test_seeded_and_truncated),
       cmocka_unit_test(test_distribution),
+      cmocka_unit_test(test_weights_match_full_sort),
+      cmocka_unit_test(test_distribution_wide),
   };
   return cmocka_run_group_tests_name("sampler", tests, NULL, NULL);
 }
