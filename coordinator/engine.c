@@ -926,7 +926,8 @@ epic_status epic_engine_create(const epic_engine_params *p, epic_engine **out) {
                                .rank = e->rank,
                                .lockstep = e->comm != NULL,
                                .kc_mtp = e->kc_mtp,
-                               .mtp_draft = e->mtp_k};
+                               .mtp_draft = e->mtp_k,
+                               .sampler_threads = e->p.sampler_threads};
     st = epic_executor_create(&xp, &e->x);
   }
   if (st == EPIC_OK && e->rank == 0) {

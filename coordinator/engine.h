@@ -92,6 +92,9 @@ typedef struct epic_engine_params {
    * (epic_eplb_policy). Same on every rank. */
   int64_t eplb_redundant, eplb_interval;
   int eplb_policy;
+  /* Host threads drawing a step's sampled tokens (epic_executor_params): 0 = the
+   * online CPUs, at most 8; 1 = the engine's thread. Tokens do not depend on it. */
+  int sampler_threads;
 } epic_engine_params;
 
 #define EPIC_ENGINE_MAX_MTP_DRAFT 16

@@ -1,7 +1,9 @@
 #include "executor.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../common/log.h"
 #include "sampler.h"
@@ -45,6 +47,11 @@ struct epic_executor {
   int64_t *brow;  /* first output row of batch entry i */
   int64_t *bnout; /* tokens batch entry i produced (SAMPLE) */
   int32_t *blast; /* the last of them */
+  /* Sampled rows of the step: batch entries and their draws (sample_rows). */
+  int64_t *jent;
+  int32_t *jid;
+  float *jlp;
+  int n_threads; /* sampler threads (epic_executor_params.sampler_threads, resolved) */
 };
 
 static size_t hash_id(uint64_t x) { /* splitmix64 finaliser: ids are often sequential */
@@ -133,6 +140,11 @@ epic_status epic_executor_create(const epic_executor_params *p, epic_executor **
   x->D = epic_model_get_config(p->model)->hidden_size;
   x->kc_mtp = p->kc_mtp;
   x->mtp_draft = p->mtp_draft;
+  x->n_threads = p->sampler_threads;
+  if (x->n_threads <= 0) {
+    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    x->n_threads = cpus < 1 ? 1 : cpus > 8 ? 8 : (int)cpus;
+  }
   if (p->kc_mtp && (p->mtp_draft < 1 || p->mtp_draft > EPIC_STEP_MAX_DRAFT ||
                     !epic_model_has_mtp(p->model))) {
     EPIC_LOG_ERROR("executor: an MTP cache needs a model with its MTP layer and mtp_draft in "
@@ -172,6 +184,9 @@ void epic_executor_destroy(epic_executor *x) {
   free(x->brow);
   free(x->bnout);
   free(x->blast);
+  free(x->jent);
+  free(x->jid);
+  free(x->jlp);
   free(x);
 }
 
@@ -204,7 +219,9 @@ static epic_status reserve_scratch(epic_executor *x, size_t n) {
   const size_t cap = grown(x->bcap, n);
   if (!resize(&x->batch, cap, sizeof *x->batch) || !resize(&x->bseq, cap, sizeof *x->bseq) ||
       !resize(&x->bent, cap, sizeof *x->bent) || !resize(&x->brow, cap, sizeof *x->brow) ||
-      !resize(&x->bnout, cap, sizeof *x->bnout) || !resize(&x->blast, cap, sizeof *x->blast))
+      !resize(&x->bnout, cap, sizeof *x->bnout) || !resize(&x->blast, cap, sizeof *x->blast) ||
+      !resize(&x->jent, cap, sizeof *x->jent) || !resize(&x->jid, cap, sizeof *x->jid) ||
+      !resize(&x->jlp, cap, sizeof *x->jlp))
     return EPIC_ERR_NOMEM;
   x->bcap = cap;
   return EPIC_OK;
@@ -461,6 +478,53 @@ static epic_status spec_calls(epic_executor *x, const epic_step_plan *p, size_t 
   return EPIC_OK;
 }
 
+/* The step's sampled draws (n of them, jobs j = first, first + stride, ...): each
+ * sequence's sampler is its own, so draws on different threads do not interact. */
+typedef struct draw_share {
+  epic_executor *x;
+  int64_t first, stride, n;
+} draw_share;
+
+static void *draw_rows(void *arg) {
+  const draw_share *d = arg;
+  epic_executor *x = d->x;
+  for (int64_t j = d->first; j < d->n; j += d->stride) {
+    const int64_t i = x->jent[j], row = x->brow[i] + epic_seq_out_rows(&x->batch[i]) - 1;
+    x->jid[j] = epic_sampler_sample(x->bseq[i]->smp, x->logits + row * x->V, x->V, &x->jlp[j]);
+  }
+  return NULL;
+}
+
+/* Draw the tokens of the batch's sampled rows (SAMPLE entries whose last row came back
+ * whole) into jid / jlp, in entry order, on up to n_threads threads. */
+static void sample_rows(epic_executor *x, size_t nb) {
+  enum { MAX_THREADS = 64 };
+  int64_t n = 0;
+  for (size_t i = 0; i < nb; i++) {
+    const int64_t row = x->brow[i] + epic_seq_out_rows(&x->batch[i]) - 1;
+    if ((x->bent[i]->flags & EPIC_STEP_SAMPLE) && !(x->bent[i]->flags & EPIC_STEP_VERIFY) &&
+        x->need[row])
+      x->jent[n++] = (int64_t)i;
+  }
+  int64_t t = n < x->n_threads ? n : x->n_threads;
+  t = t > MAX_THREADS ? MAX_THREADS : t < 1 ? 1 : t;
+  pthread_t th[MAX_THREADS];
+  draw_share sh[MAX_THREADS];
+  int64_t started = 0;
+  for (int64_t k = 0; k < t; k++)
+    sh[k] = (draw_share){.x = x, .first = k, .stride = t, .n = n};
+  /* shares 1.. on threads (one that cannot start runs here), share 0 here */
+  for (int64_t k = 1; k < t; k++) {
+    if (pthread_create(&th[started], NULL, draw_rows, &sh[k]) == 0)
+      started++;
+    else
+      draw_rows(&sh[k]);
+  }
+  draw_rows(&sh[0]);
+  for (int64_t k = 0; k < started; k++)
+    pthread_join(th[k], NULL);
+}
+
 epic_status epic_executor_step_top(epic_executor *x, const epic_step_plan *p, epic_step_sample *out,
                                    int top_n, epic_step_sample *top) {
   return epic_executor_step_prefix(x, p, NULL, out, top_n, top, NULL);
@@ -524,7 +588,9 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
     if (x->bent[i]->flags & EPIC_STEP_SAMPLE)
       s->decoding = 1;
   }
-  int64_t k = 0;
+  int64_t k = 0, job = 0;
+  if (st == EPIC_OK)
+    sample_rows(x, nb); /* the sampled rows' draws, met in the same order below */
   for (size_t i = 0; st == EPIC_OK && i < nb; i++) {
     if (!(x->bent[i]->flags & EPIC_STEP_SAMPLE))
       continue;
@@ -546,8 +612,10 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
     } else {
       float lp = x->picks[row].logprob;
       int32_t id = x->picks[row].id;
-      if (x->need[row])
-        id = epic_sampler_sample(x->bseq[i]->smp, x->logits + row * x->V, x->V, &lp);
+      if (x->need[row]) {
+        id = x->jid[job];
+        lp = x->jlp[job++];
+      }
       ids_v[0] = id;
       lps_v[0] = lp;
     }

@@ -4,4 +4,4 @@ add_library(epic_executor STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/executor.c
   ${CMAKE_CURRENT_SOURCE_DIR}/step_plan.c)
 target_include_directories(epic_executor PUBLIC ${CMAKE_SOURCE_DIR})
-target_link_libraries(epic_executor PUBLIC epic_worker epic_common)
+target_link_libraries(epic_executor PUBLIC epic_worker epic_common Threads::Threads)

@@ -324,6 +324,18 @@ if [ -n "$MPIEXEC" ]; then
   chk "mpirun -np 2: same results as one process" equal "$out1" "$tmp/out_mpi.jsonl"
 fi
 
+# ---- bench/bench_sampling.sh (sampled next to greedy decoding) runs and its JSON holds ----
+if bash "$(dirname "$0")/../../bench/bench_sampling.sh" "$EPIC" "$FX/tiny-bf16" "$FX/tiny-tokenizer" \
+  2 4 6 8 --threads 1 >"$tmp/sampling.json" 2>"$tmp/err" &&
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); r=d["runs"]
+assert all(r[m]["completion_tokens"] == 24 and r[m]["steps"] >= 6 for m in ("greedy", "sampled")), d
+assert d["sampled_over_greedy"] > 0 and 0 <= r["sampled"]["host_seconds"] <= r["sampled"]["seconds"], d' \
+    "$tmp/sampling.json" >"$tmp/err" 2>&1; then
+  ok "bench_sampling.sh: JSON with both runs' tokens and times"
+else
+  bad "bench_sampling.sh: $(tail -n 3 "$tmp/err")"
+fi
+
 flush
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

@@ -187,6 +187,8 @@ static int make_requests(const fixture *f, rq *rs) {
 
 /* Small pages, a KV cache that holds only some requests at once, a budget of
  * 24 tokens per step and chunks of 7: prefill and decode mix in most steps. */
+/* sampler_threads: 4, so that a step's sampled rows are drawn on several threads (and
+ * test_alone_equals_together compares them with draws one request at a time). */
 static epic_engine *tight_engine(fixture *f) {
   epic_engine_params p = {.size = sizeof p,
                           .model = f->m,
@@ -194,7 +196,8 @@ static epic_engine *tight_engine(fixture *f) {
                           .kv_pages = 160,
                           .max_batch = 7,
                           .step_tokens = 24,
-                          .prefill_chunk = 7};
+                          .prefill_chunk = 7,
+                          .sampler_threads = 4};
   epic_engine *e = NULL;
   assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
   return e;
@@ -327,7 +330,7 @@ static void test_alone_equals_together(void **state) {
   while (!idle);
   epic_engine_destroy(e);
 
-  epic_engine_params p = {.size = sizeof p, .model = f->m, .kv_pages = 16};
+  epic_engine_params p = {.size = sizeof p, .model = f->m, .kv_pages = 16, .sampler_threads = 1};
   assert_int_equal(epic_engine_create(&p, &e), EPIC_OK);
   for (int i = 0; i < n; i++) {
     assert_int_equal(submit(e, &alone[i], NULL), EPIC_OK);
