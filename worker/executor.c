@@ -490,7 +490,13 @@ static void *draw_rows(void *arg) {
   epic_executor *x = d->x;
   for (int64_t j = d->first; j < d->n; j += d->stride) {
     const int64_t i = x->jent[j], row = x->brow[i] + epic_seq_out_rows(&x->batch[i]) - 1;
-    x->jid[j] = epic_sampler_sample(x->bseq[i]->smp, x->logits + row * x->V, x->V, &x->jlp[j]);
+    const float *l = x->logits + row * x->V;
+    const epic_row_pick *pk = &x->picks[row];
+    const int32_t id = epic_sampler_sample(x->bseq[i]->smp, l, x->V, NULL);
+    /* The row's log-normaliser is in its greedy pick (logprob = l[best] - lse), so the
+     * draw's logprob needs no second pass of exponentials over the row. */
+    x->jid[j] = id;
+    x->jlp[j] = (float)((double)l[id] - (double)l[pk->id] + (double)pk->logprob);
   }
   return NULL;
 }
