@@ -159,40 +159,66 @@ static void test_cases_match_reference(void **state) {
   print_message("%s: max |dlogit| over all cases %.3g\n", f->model, worst);
 }
 
+/* Every case's MTP logits over its prompt (from the main model's post-norm hidden states)
+ * against the reference, all cases in one MTP forward of m (on a device backend their
+ * hidden rows go up as one gathered upload). Returns the worst |dlogit|; *checked: cases. */
+static double mtp_cases(const fixture *f, epic_model *m, int *checked) {
+  const int64_t D = epic_model_get_config(m)->hidden_size;
+  epic_kvcache *kc, *km;
+  epic_kv_seq s[MAX_CASES] = {{0}}, sm[MAX_CASES] = {{0}};
+  epic_seq_batch bm[MAX_CASES];
+  float *hid[MAX_CASES];
+  const tcase *cs[MAX_CASES];
+  int64_t rows = 0;
+  int n = 0;
+  double worst = 0;
+  assert_int_equal(epic_model_kvcache_create(m, 0, 8, 64 * f->n_cases, &kc), EPIC_OK);
+  assert_int_equal(epic_model_kvcache_create(m, 1, 8, 64 * f->n_cases, &km), EPIC_OK);
+  for (int i = 0; i < f->n_cases; i++) {
+    const tcase *c = &f->cases[i];
+    if (!c->mtp_logits || c->n_prompt < 2)
+      continue;
+    float *lg = malloc((size_t)(c->n_prompt * f->V) * 4);
+    hid[n] = malloc((size_t)(c->n_prompt * D) * 4);
+    assert_non_null(lg);
+    assert_non_null(hid[n]);
+    epic_seq_batch b = {.tokens = c->prompt, .n_tokens = c->n_prompt, .kv = &s[n], .all_logits = 1};
+    assert_int_equal(epic_model_forward(m, kc, &b, 1, lg, hid[n]), EPIC_OK);
+    free(lg);
+    bm[n] = (epic_seq_batch){.tokens = c->prompt + 1,
+                             .n_tokens = c->n_prompt - 1,
+                             .kv = &sm[n],
+                             .all_logits = 1,
+                             .hidden = hid[n]};
+    cs[n++] = c;
+    rows += c->n_prompt - 1;
+  }
+  float *mlog = malloc((size_t)(rows * f->V) * 4 + 4);
+  assert_non_null(mlog);
+  if (n > 0)
+    assert_int_equal(epic_model_mtp_forward(m, km, bm, n, mlog), EPIC_OK);
+  for (int j = 0, r = 0; j < n; r += (int)bm[j++].n_tokens) {
+    const double d =
+        max_abs_diff(mlog + (int64_t)r * f->V, cs[j]->mtp_logits, bm[j].n_tokens * f->V);
+    print_message("%s %s: mtp max |dlogit| %.3g\n", f->model, cs[j]->name, d);
+    worst = d > worst ? d : worst;
+    epic_kvcache_seq_release(kc, &s[j]);
+    epic_kvcache_seq_release(km, &sm[j]);
+    free(hid[j]);
+  }
+  free(mlog);
+  epic_kvcache_destroy(kc);
+  epic_kvcache_destroy(km);
+  *checked = n;
+  return worst;
+}
+
 /* MTP head over the prompt, from the post-norm hidden states. */
 static void test_mtp_logits(void **state) {
   fixture *f = *state;
-  const int64_t D = epic_model_get_config(f->m)->hidden_size;
-  int checked = 0;
+  int checked;
   assert_true(epic_model_has_mtp(f->m));
-  for (int i = 0; i < f->n_cases; i++) {
-    tcase *c = &f->cases[i];
-    epic_kvcache *kc, *km;
-    epic_kv_seq s = {0}, sm = {0};
-    float *logits, *hidden, *mlog;
-    if (!c->mtp_logits) continue;
-    assert_int_equal(epic_model_kvcache_create(f->m, 0, 8, 64, &kc), EPIC_OK);
-    assert_int_equal(epic_model_kvcache_create(f->m, 1, 8, 64, &km), EPIC_OK);
-    logits = malloc((size_t)(c->n_prompt * f->V) * 4);
-    hidden = malloc((size_t)(c->n_prompt * D) * 4);
-    mlog = malloc((size_t)(c->n_prompt * f->V) * 4);
-    epic_seq_batch b = {.tokens = c->prompt, .n_tokens = c->n_prompt, .kv = &s, .all_logits = 1};
-    assert_int_equal(epic_model_forward(f->m, kc, &b, 1, logits, hidden), EPIC_OK);
-    epic_seq_batch bm = {.tokens = c->prompt + 1, .n_tokens = c->n_prompt - 1, .kv = &sm,
-                         .all_logits = 1, .hidden = hidden};
-    assert_int_equal(epic_model_mtp_forward(f->m, km, &bm, 1, mlog), EPIC_OK);
-    double d = max_abs_diff(mlog, c->mtp_logits, (c->n_prompt - 1) * f->V);
-    print_message("%s %s: mtp max |dlogit| %.3g\n", f->model, c->name, d);
-    assert_true(d <= TOL);
-    checked++;
-    epic_kvcache_seq_release(kc, &s);
-    epic_kvcache_seq_release(km, &sm);
-    epic_kvcache_destroy(kc);
-    epic_kvcache_destroy(km);
-    free(logits);
-    free(hidden);
-    free(mlog);
-  }
+  assert_true(mtp_cases(f, f->m, &checked) <= TOL);
   assert_true(checked > 0);
 }
 
@@ -541,6 +567,24 @@ static int64_t *device_paths(const fixture *f, int micro, double *worst) {
   epic_model_destroy(dm);
   epic_test_dev_ops_close(&dev);
   return counts;
+}
+
+/* The MTP forward on the device backends' host-side paths (tests/common/dev_ops.h): the
+ * cases' hidden rows gathered into one upload, their logits within TOL of the reference. */
+static void test_device_paths_mtp(void **state) {
+  const fixture *f = *state;
+  char dir[1024];
+  epic_test_path(dir, sizeof dir, f->model);
+  epic_test_dev_ops dev = {0};
+  assert_int_equal(epic_test_dev_ops_open(&dev), EPIC_OK);
+  epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_mtp = 1};
+  epic_model *dm = NULL;
+  int checked;
+  assert_int_equal(epic_model_load(dev.ops, &mp, &dm), EPIC_OK);
+  assert_true(mtp_cases(f, dm, &checked) <= TOL);
+  assert_true(checked > 1); /* more than one sequence: the gathered upload */
+  epic_model_destroy(dm);
+  epic_test_dev_ops_close(&dev);
 }
 
 /* device_paths in one and in two micro-batches: both within TOL of the reference, the
@@ -999,6 +1043,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_cases_match_reference),
       cmocka_unit_test(test_mtp_logits),
+      cmocka_unit_test(test_device_paths_mtp),
       cmocka_unit_test(test_all_hidden),
       cmocka_unit_test(test_incremental_equals_full),
       cmocka_unit_test(test_short_chunk_equals_decode),
