@@ -479,6 +479,18 @@ static void test_head_bf16(void **state) {
   epic_model_destroy(hb);
 }
 
+/* The fixture's model (with its MTP layer) on the CPU backend posing as a device backend
+ * (tests/common/dev_ops.h), opened into *dev. */
+static epic_model *dev_model(const fixture *f, epic_test_dev_ops *dev) {
+  char dir[1024];
+  epic_test_path(dir, sizeof dir, f->model);
+  assert_int_equal(epic_test_dev_ops_open(dev), EPIC_OK);
+  epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_mtp = 1};
+  epic_model *dm = NULL;
+  assert_int_equal(epic_model_load(dev->ops, &mp, &dm), EPIC_OK);
+  return dm;
+}
+
 /* The device backends' host-side paths on the CPU (tests/common/dev_ops.h; the expert
  * counts kept in backend memory too): CI has no GPU to run those paths otherwise. One or two
  * micro-batches (all cases in one batch then, so that both hold rows). Each case's
@@ -486,13 +498,8 @@ static void test_head_bf16(void **state) {
  * within TOL of the float64 reference. Returns the per-layer expert token counts
  * (epic_model_expert_layer_tokens; caller frees). */
 static int64_t *device_paths(const fixture *f, int micro, double *worst) {
-  char dir[1024];
-  epic_test_path(dir, sizeof dir, f->model);
   epic_test_dev_ops dev = {0};
-  assert_int_equal(epic_test_dev_ops_open(&dev), EPIC_OK);
-  epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_mtp = 1};
-  epic_model *dm = NULL;
-  assert_int_equal(epic_model_load(dev.ops, &mp, &dm), EPIC_OK);
+  epic_model *dm = dev_model(f, &dev);
   const epic_model_config *cfg = epic_model_get_config(dm);
   assert_int_equal(epic_model_set_micro_batches(dm, micro), EPIC_OK);
   *worst = 0;
@@ -573,14 +580,9 @@ static int64_t *device_paths(const fixture *f, int micro, double *worst) {
  * cases' hidden rows gathered into one upload, their logits within TOL of the reference. */
 static void test_device_paths_mtp(void **state) {
   const fixture *f = *state;
-  char dir[1024];
-  epic_test_path(dir, sizeof dir, f->model);
   epic_test_dev_ops dev = {0};
-  assert_int_equal(epic_test_dev_ops_open(&dev), EPIC_OK);
-  epic_model_params mp = {.size = sizeof mp, .dir = dir, .load_mtp = 1};
-  epic_model *dm = NULL;
+  epic_model *dm = dev_model(f, &dev);
   int checked;
-  assert_int_equal(epic_model_load(dev.ops, &mp, &dm), EPIC_OK);
   assert_true(mtp_cases(f, dm, &checked) <= TOL);
   assert_true(checked > 1); /* more than one sequence: the gathered upload */
   epic_model_destroy(dm);
