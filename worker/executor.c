@@ -47,10 +47,15 @@ struct epic_executor {
   int64_t *brow;  /* first output row of batch entry i */
   int64_t *bnout; /* tokens batch entry i produced (SAMPLE) */
   int32_t *blast; /* the last of them */
-  /* Sampled rows of the step: batch entries and their draws (sample_rows). */
-  int64_t *jent;
+  /* The step's row jobs (row_work): draws (batch entries, their tokens and logprobs) and
+   * top logprobs (rows, sample slots, how many), written to top[slot * top_n ..]. */
+  int64_t *jent, n_draws;
   int32_t *jid;
   float *jlp;
+  int64_t *trow, *tk, n_tops;
+  int *twant;
+  epic_step_sample *top;
+  int top_n;
   int n_threads; /* sampler threads (epic_executor_params.sampler_threads, resolved) */
 };
 
@@ -187,6 +192,9 @@ void epic_executor_destroy(epic_executor *x) {
   free(x->jent);
   free(x->jid);
   free(x->jlp);
+  free(x->trow);
+  free(x->tk);
+  free(x->twant);
   free(x);
 }
 
@@ -237,7 +245,9 @@ static epic_status reserve_rows(epic_executor *x, size_t n, int hidden) {
   }
   if (n > x->lrows) {
     if (!resize(&x->logits, n, (size_t)x->V * sizeof *x->logits) ||
-        !resize(&x->need, n, sizeof *x->need) || !resize(&x->picks, n, sizeof *x->picks))
+        !resize(&x->need, n, sizeof *x->need) || !resize(&x->picks, n, sizeof *x->picks) ||
+        !resize(&x->trow, n, sizeof *x->trow) || !resize(&x->tk, n, sizeof *x->tk) ||
+        !resize(&x->twant, n, sizeof *x->twant))
       return EPIC_ERR_NOMEM;
     x->lrows = n;
   }
@@ -478,57 +488,90 @@ static epic_status spec_calls(epic_executor *x, const epic_step_plan *p, size_t 
   return EPIC_OK;
 }
 
-/* The step's sampled draws (n of them, jobs j = first, first + stride, ...): each
- * sequence's sampler is its own, so draws on different threads do not interact. */
-typedef struct draw_share {
-  epic_executor *x;
-  int64_t first, stride, n;
-} draw_share;
+/* A row's log-normaliser from its greedy pick (logprob = l[best] - lse), which the backend
+ * computes for every row: a sampled draw's logprob and the top logprobs then need no pass
+ * of exponentials over the row. */
+static double row_lse(const epic_executor *x, int64_t row) {
+  const epic_row_pick *pk = &x->picks[row];
+  return (double)x->logits[row * x->V + pk->id] - (double)pk->logprob;
+}
 
-static void *draw_rows(void *arg) {
-  const draw_share *d = arg;
+/* The step's row jobs, share `first` of `stride`: draws (jent: batch entries) and top
+ * logprobs (trow / tk: a row and its sample slot of the step's output). Each sequence's
+ * sampler is its own and every job writes its own slots, so threads do not interact. */
+typedef struct row_share {
+  epic_executor *x;
+  int64_t first, stride;
+} row_share;
+
+static void *row_jobs(void *arg) {
+  const row_share *d = arg;
   epic_executor *x = d->x;
-  for (int64_t j = d->first; j < d->n; j += d->stride) {
+  for (int64_t j = d->first; j < x->n_draws; j += d->stride) {
     const int64_t i = x->jent[j], row = x->brow[i] + epic_seq_out_rows(&x->batch[i]) - 1;
     const float *l = x->logits + row * x->V;
-    const epic_row_pick *pk = &x->picks[row];
-    const int32_t id = epic_sampler_sample(x->bseq[i]->smp, l, x->V, NULL);
-    /* The row's log-normaliser is in its greedy pick (logprob = l[best] - lse), so the
-     * draw's logprob needs no second pass of exponentials over the row. */
-    x->jid[j] = id;
-    x->jlp[j] = (float)((double)l[id] - (double)l[pk->id] + (double)pk->logprob);
+    x->jid[j] = epic_sampler_sample(x->bseq[i]->smp, l, x->V, NULL);
+    x->jlp[j] = (float)((double)l[x->jid[j]] - row_lse(x, row));
+  }
+  for (int64_t j = d->first; j < x->n_tops; j += d->stride) {
+    int32_t ids[64];
+    float lps[64];
+    epic_step_sample *t = x->top + x->tk[j] * x->top_n;
+    const int got = epic_top_logprobs_lse(x->logits + x->trow[j] * x->V, x->V, x->twant[j],
+                                          row_lse(x, x->trow[j]), ids, lps);
+    for (int k = 0; k < x->top_n; k++)
+      t[k] = k < got ? (epic_step_sample){.id = ids[k], .logprob = lps[k]}
+                     : (epic_step_sample){.id = -1, .logprob = 0};
   }
   return NULL;
 }
 
-/* Draw the tokens of the batch's sampled rows (SAMPLE entries whose last row came back
- * whole) into jid / jlp, in entry order, on up to n_threads threads. */
-static void sample_rows(epic_executor *x, size_t nb) {
+/* The row work of a step's samples before they are assembled in entry order: the draws of
+ * SAMPLE entries whose sampler is not greedy (their last row came back whole; a greedy
+ * sequence takes its pick), and with top_n > 0 the top logprobs of every row a sample may
+ * report (a VERIFY entry's rows past its accepted ones are overwritten later), on up to
+ * n_threads threads. */
+static void row_work(epic_executor *x, size_t nb, int top_n, epic_step_sample *top) {
   enum { MAX_THREADS = 64 };
-  int64_t n = 0;
+  int64_t k = 0;
+  x->n_draws = x->n_tops = 0;
+  x->top = top;
+  x->top_n = top_n;
   for (size_t i = 0; i < nb; i++) {
+    const epic_step_entry *e = x->bent[i];
+    if (!(e->flags & EPIC_STEP_SAMPLE))
+      continue;
     const int64_t row = x->brow[i] + epic_seq_out_rows(&x->batch[i]) - 1;
-    if ((x->bent[i]->flags & EPIC_STEP_SAMPLE) && !(x->bent[i]->flags & EPIC_STEP_VERIFY) &&
-        x->need[row])
-      x->jent[n++] = (int64_t)i;
+    if (!(e->flags & EPIC_STEP_VERIFY) && x->need[row] && !epic_sampler_greedy(x->bseq[i]->smp))
+      x->jent[x->n_draws++] = (int64_t)i;
+    const int64_t slots = epic_step_entry_samples(e);
+    const int64_t rows = (e->flags & EPIC_STEP_VERIFY) ? x->batch[i].n_tokens : 1;
+    const int want = x->bseq[i]->top_n < top_n ? x->bseq[i]->top_n : top_n;
+    for (int64_t j = 0; j < slots && j < rows && want > 0; j++) {
+      x->trow[x->n_tops] = (e->flags & EPIC_STEP_VERIFY) ? x->brow[i] + j : row;
+      x->tk[x->n_tops] = k + j;
+      x->twant[x->n_tops++] = want;
+    }
+    k += slots;
   }
+  const int64_t n = x->n_draws > x->n_tops ? x->n_draws : x->n_tops;
   int64_t t = n < x->n_threads ? n : x->n_threads;
   t = t > MAX_THREADS ? MAX_THREADS : t < 1 ? 1 : t;
   pthread_t th[MAX_THREADS];
-  draw_share sh[MAX_THREADS];
+  row_share sh[MAX_THREADS];
   int64_t started = 0;
-  for (int64_t k = 0; k < t; k++)
-    sh[k] = (draw_share){.x = x, .first = k, .stride = t, .n = n};
+  for (int64_t s = 0; s < t; s++)
+    sh[s] = (row_share){.x = x, .first = s, .stride = t};
   /* shares 1.. on threads (one that cannot start runs here), share 0 here */
-  for (int64_t k = 1; k < t; k++) {
-    if (pthread_create(&th[started], NULL, draw_rows, &sh[k]) == 0)
+  for (int64_t s = 1; s < t; s++) {
+    if (pthread_create(&th[started], NULL, row_jobs, &sh[s]) == 0)
       started++;
     else
-      draw_rows(&sh[k]);
+      row_jobs(&sh[s]);
   }
-  draw_rows(&sh[0]);
-  for (int64_t k = 0; k < started; k++)
-    pthread_join(th[k], NULL);
+  row_jobs(&sh[0]);
+  for (int64_t s = 0; s < started; s++)
+    pthread_join(th[s], NULL);
 }
 
 epic_status epic_executor_step_top(epic_executor *x, const epic_step_plan *p, epic_step_sample *out,
@@ -596,7 +639,7 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
   }
   int64_t k = 0, job = 0;
   if (st == EPIC_OK)
-    sample_rows(x, nb); /* the sampled rows' draws, met in the same order below */
+    row_work(x, nb, top_n, top); /* draws (met in the same order below) and top logprobs */
   for (size_t i = 0; st == EPIC_OK && i < nb; i++) {
     if (!(x->bent[i]->flags & EPIC_STEP_SAMPLE))
       continue;
@@ -618,7 +661,7 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
     } else {
       float lp = x->picks[row].logprob;
       int32_t id = x->picks[row].id;
-      if (x->need[row]) {
+      if (x->need[row] && !epic_sampler_greedy(x->bseq[i]->smp)) {
         id = x->jid[job];
         lp = x->jlp[job++];
       }
@@ -626,20 +669,12 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
       lps_v[0] = lp;
     }
     const int64_t slots = epic_step_entry_samples(x->bent[i]);
-    const int64_t first = (x->bent[i]->flags & EPIC_STEP_VERIFY) ? x->brow[i] : row;
     /* Only a sequence that asked gets alternatives: its rows were downloaded. */
     const int want = x->bseq[i]->top_n < top_n ? x->bseq[i]->top_n : top_n;
     for (int64_t j = 0; j < slots; j++, k++) {
-      if (top_n > 0) {
-        int32_t ids[64];
-        float lps[64];
-        int got = j < n_out && want > 0 ? epic_top_logprobs(x->logits + (first + j) * x->V, x->V,
-                                                            want, ids, lps)
-                                        : 0;
+      if (top_n > 0 && !(j < n_out && want > 0)) /* else row_work wrote them */
         for (int t = 0; t < top_n; t++)
-          top[k * top_n + t] = t < got ? (epic_step_sample){.id = ids[t], .logprob = lps[t]}
-                                       : (epic_step_sample){.id = -1, .logprob = 0};
-      }
+          top[k * top_n + t] = (epic_step_sample){.id = -1, .logprob = 0};
       out[k] = j < n_out ? (epic_step_sample){.id = ids_v[j], .logprob = lps_v[j]}
                          : (epic_step_sample){.id = -1, .logprob = 0};
     }

@@ -85,14 +85,15 @@ static double log_softmax_at(const float *logits, int64_t n, int64_t id) {
   return (double)logits[id] - mx - log(sum);
 }
 
-int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float *lps) {
-  if (k <= 0 || n <= 0) return 0;
-  if ((int64_t)k > n) k = (int)n;
+/* The k most likely ids and their logits (most likely first, lower id first on ties) in
+ * one pass with a k-element insertion list; returns how many, *mx the row's max. */
+static int top_list(const float *logits, int64_t n, int k, int32_t *ids, float *lps, double *mx) {
   int have = 0;
-  double mx = logits[0], sum = 0;
+  *mx = logits[0];
   for (int64_t i = 0; i < n; i++) {
     const float v = logits[i];
-    if (v > mx) mx = v;
+    if (v > *mx)
+      *mx = v;
     /* Strictly greater than the current k-th: an equal later id loses the tie. */
     if (have == k && !(v > lps[k - 1])) continue;
     int j = have < k ? have++ : k - 1;
@@ -104,6 +105,25 @@ int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float
     lps[j] = v;
     ids[j] = (int32_t)i;
   }
+  return have;
+}
+
+int epic_top_logprobs_lse(const float *logits, int64_t n, int k, double lse, int32_t *ids,
+                          float *lps) {
+  double mx;
+  if (k <= 0 || n <= 0)
+    return 0;
+  const int have = top_list(logits, n, (int64_t)k > n ? (int)n : k, ids, lps, &mx);
+  for (int j = 0; j < have; j++)
+    lps[j] = (float)((double)lps[j] - lse);
+  return have;
+}
+
+int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float *lps) {
+  double mx, sum = 0;
+  if (k <= 0 || n <= 0)
+    return 0;
+  const int have = top_list(logits, n, (int64_t)k > n ? (int)n : k, ids, lps, &mx);
   for (int64_t i = 0; i < n; i++) sum += exp((double)logits[i] - mx);
   const double lse = mx + log(sum);
   for (int j = 0; j < have; j++) lps[j] = (float)((double)lps[j] - lse);

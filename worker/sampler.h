@@ -41,6 +41,10 @@ int epic_sampler_greedy(const epic_sampler *s);
  * Returns the number written, min(k, n); k <= 0 writes nothing. One pass over
  * the row plus a k-element insertion list (k is small: OpenAI allows <= 20). */
 int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float *lps);
+/* epic_top_logprobs with the row's log-normaliser lse = log sum exp(logits) given (from
+ * a greedy pick: l[best] - its logprob), so that only the one pass is made. */
+int epic_top_logprobs_lse(const float *logits, int64_t n, int k, double lse, int32_t *ids,
+                          float *lps);
 
 /* The sampler's distribution for temperature > 0, in its order of operations:
  * candidates by descending logit (lower id first on ties), cut to top_k, weighed

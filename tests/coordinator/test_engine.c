@@ -523,6 +523,17 @@ static void test_top_logprobs_row(void **state) {
   }
   assert_int_equal(epic_top_logprobs(l, 3, 20, ids, lps), 3);
   assert_int_equal(epic_top_logprobs(l, N, 0, ids, lps), 0);
+  /* with the normaliser given (the executor's form, from a greedy pick): the same ids and
+   * values to float rounding */
+  int32_t ids2[20];
+  float lps2[20];
+  assert_int_equal(epic_top_logprobs(l, N, 20, ids, lps), 20);
+  assert_int_equal(epic_top_logprobs_lse(l, N, 20, mx + log(sum), ids2, lps2), 20);
+  assert_memory_equal(ids, ids2, sizeof ids);
+  for (int j = 0; j < 20; j++)
+    assert_true(fabsf(lps[j] - lps2[j]) <= 1e-6f);
+  assert_int_equal(epic_top_logprobs_lse(l, 3, 20, 0.0, ids2, lps2), 3);
+  assert_int_equal(epic_top_logprobs_lse(l, N, 0, 0.0, ids2, lps2), 0);
 }
 
 typedef struct toprq {
