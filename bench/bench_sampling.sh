@@ -11,9 +11,15 @@
 # e.g. on a GPU: bench/bench_sampling.sh build/coordinator/epic bench/configs/deepseek-v3-671b
 #   ../shared/fixtures/tokenizer 4 128 64 64 --device cuda
 set -u
-if [ $# -lt 3 ] || [ "$1" = "--help" ] || [ "$1" = "-h" ]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
-  [ $# -ge 3 ] && exit 0 || exit 2
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
+  usage
+  exit 0
+fi
+if [ $# -lt 3 ]; then
+  echo "bench_sampling.sh: EPIC, CONFIG_DIR and TOKENIZER_DIR are required" >&2
+  usage >&2
+  exit 2
 fi
 EPIC="$1" CFG="$2" TOK="$3"
 LAYERS="${4:-4}" N="${5:-32}" MAXTOK="${6:-64}" PLEN="${7:-64}"
