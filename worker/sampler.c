@@ -77,10 +77,16 @@ int32_t epic_argmax(const float *logits, int64_t n) {
   return (int32_t)best;
 }
 
-static double log_softmax_at(const float *logits, int64_t n, int64_t id) {
-  double mx = logits[0], sum = 0;
+static double row_max(const float *logits, int64_t n) {
+  double mx = logits[0];
   for (int64_t i = 1; i < n; i++)
     if (logits[i] > mx) mx = logits[i];
+  return mx;
+}
+
+static double log_softmax_at(const float *logits, int64_t n, int64_t id) {
+  const double mx = row_max(logits, n);
+  double sum = 0;
   for (int64_t i = 0; i < n; i++) sum += exp((double)logits[i] - mx);
   return (double)logits[id] - mx - log(sum);
 }
@@ -152,14 +158,6 @@ typedef struct row {
   float *w;     /* w[id]: expf((l[id] - mx) / temperature) */
   double mx;
 } row;
-
-static double row_max(const float *logits, int64_t n) {
-  double mx = logits[0];
-  for (int64_t i = 1; i < n; i++)
-    if (logits[i] > mx)
-      mx = logits[i];
-  return mx;
-}
 
 /* The weights and, in id order, their total (returned) and the unmodified distribution's
  * normaliser sum exp(l - mx) (*sum_1, may be NULL); one pass. The row's exps are most of a
@@ -277,22 +275,8 @@ static int64_t bucket_front(row *r, int64_t k, int b) {
  * to the fewest first reaching weight q, among ids[0, k); returns how many are kept and
  * their weight in *mass. */
 static int64_t cut(row *r, int64_t k, int64_t count, double q, double *mass) {
-  int64_t *cnt = calloc(N_BUCKETS, sizeof *cnt);
-  double *bm = calloc(N_BUCKETS, sizeof *bm);
-  int64_t kept = k, above = 0, n_b;
-  double above_mass = 0, m = 0;
-  if (!cnt || !bm) { /* out of memory: select over the whole range */
-    free(cnt);
-    free(bm);
-    if (count > 0) {
-      select_first(r, 0, k, count);
-      for (int64_t i = 0; i < count; i++)
-        m += r->w[r->ids[i]];
-      *mass = m;
-      return count;
-    }
-    return select_mass(r, 0, k, q, mass);
-  }
+  int64_t cnt[N_BUCKETS] = {0}, kept = k, above = 0, n_b; /* 16 KiB of stack together */
+  double bm[N_BUCKETS] = {0}, above_mass = 0, m = 0;
   for (int64_t i = 0; i < k; i++) {
     const float w = r->w[r->ids[i]];
     cnt[bucket(w)]++;
@@ -323,8 +307,6 @@ static int64_t cut(row *r, int64_t k, int64_t count, double q, double *mass) {
       m += r->w[r->ids[i]];
   }
   *mass = above_mass + m;
-  free(cnt);
-  free(bm);
   return kept;
 }
 
