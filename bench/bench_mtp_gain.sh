@@ -47,38 +47,16 @@ if len(cuts) != len(sys.argv[2].split(",")) or not 1 <= len(cuts) <= 2 or min(cu
 PY
 tmp=$(mktemp -d /tmp/epic-bench-mtp-gain-XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
-mkdir "$tmp/model"
-cp "$CFG/config.json" "$tmp/model/"
-cp "$TOK/tokenizer.json" "$TOK/tokenizer_config.json" "$tmp/model/"
-python3 - "$CFG/config.json" "$N" "$MAXTOK" "$PLEN" >"$tmp/in.jsonl" <<'PY'
-import json, sys
-vocab = json.load(open(sys.argv[1]))["vocab_size"]
-n, max_tokens, plen = (int(a) for a in sys.argv[2:5])
-for i in range(n):  # token-id prompts, different per request (ids past the specials)
-    ids = [(7919 * (i + 1) + 104729 * j) % (vocab - 16) + 16 for j in range(plen)]
-    print(json.dumps({"custom_id": "r%d" % i, "method": "POST", "url": "/v1/completions",
-                      "body": {"prompt": ids, "max_tokens": max_tokens, "temperature": 0,
-                               "ignore_eos": True}}))
-PY
+SCRIPT=bench_mtp_gain.sh
+. "$(dirname "$0")/batch_common.sh"
+bench_model "$CFG" "$TOK" || exit 1
+bench_requests "$CFG" "$N" "$MAXTOK" "$PLEN" >"$tmp/in.jsonl" || exit 1
 run() { # LAYERS NAME FLAGS...
   local layers="$1" name="$1/$2"
   shift 2
   mkdir -p "$tmp/$layers"
-  "$EPIC" batch --model "$tmp/model" --load-format dummy-mtp --num-layers "$layers" \
-    --max-batch "$N" --quiet --input "$tmp/in.jsonl" --output "$tmp/$name.jsonl" \
-    --stats-json "$tmp/$name.json" "$@" 2>"$tmp/$name.err" || {
-    echo "bench_mtp_gain.sh: $name failed:" >&2
-    tail -n 5 "$tmp/$name.err" >&2
-    exit 1
-  }
-  # error records (a request the engine refused or failed) would make the numbers meaningless
-  python3 - "$tmp/$name.jsonl" "$name" <<'PY' || exit 1
-import json, sys
-bad = [r for r in map(json.loads, open(sys.argv[1])) if r.get("error")]
-if bad:
-    sys.exit("bench_mtp_gain.sh: %s: %d error records, first: %s"
-             % (sys.argv[2], len(bad), json.dumps(bad[0]["error"])))
-PY
+  bench_batch "$name" "$tmp/in.jsonl" --load-format dummy-mtp --num-layers "$layers" \
+    --max-batch "$N" "$@"
 }
 for l in ${LAYERS//,/ }; do
   run "$l" plain --mtp-draft off "$@"

@@ -26,29 +26,13 @@ LAYERS="${4:-4}" N="${5:-32}" MAXTOK="${6:-64}" PLEN="${7:-64}"
 shift $(($# < 7 ? $# : 7))
 tmp=$(mktemp -d /tmp/epic-bench-sampling-XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
-mkdir "$tmp/model"
-cp "$CFG/config.json" "$tmp/model/"
-cp "$TOK/tokenizer.json" "$TOK/tokenizer_config.json" "$tmp/model/"
+SCRIPT=bench_sampling.sh
+. "$(dirname "$0")/batch_common.sh"
+bench_model "$CFG" "$TOK" || exit 1
 for mode in greedy sampled; do
-  python3 - "$CFG/config.json" "$N" "$MAXTOK" "$PLEN" "$mode" >"$tmp/$mode.in" <<'PY'
-import json, sys
-vocab = json.load(open(sys.argv[1]))["vocab_size"]
-n, max_tokens, plen = (int(a) for a in sys.argv[2:5])
-for i in range(n):  # token-id prompts, different per request (ids past the specials)
-    body = {"prompt": [(7919 * (i + 1) + 104729 * j) % (vocab - 16) + 16 for j in range(plen)],
-            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
-    if sys.argv[5] == "sampled":
-        body.update(temperature=0.6, top_p=0.95, seed=i)
-    print(json.dumps({"custom_id": "r%d" % i, "method": "POST", "url": "/v1/completions",
-                      "body": body}))
-PY
-  "$EPIC" batch --model "$tmp/model" --load-format dummy --num-layers "$LAYERS" \
-    --mtp-draft off --max-batch "$N" --quiet --input "$tmp/$mode.in" \
-    --output "$tmp/$mode.jsonl" --stats-json "$tmp/$mode.json" "$@" 2>"$tmp/$mode.err" || {
-    echo "bench_sampling.sh: $mode run failed:" >&2
-    tail -n 5 "$tmp/$mode.err" >&2
-    exit 1
-  }
+  bench_requests "$CFG" "$N" "$MAXTOK" "$PLEN" "$mode" >"$tmp/$mode.in" || exit 1
+  bench_batch "$mode" "$tmp/$mode.in" --load-format dummy --num-layers "$LAYERS" \
+    --mtp-draft off --max-batch "$N" "$@"
 done
 python3 - "$tmp" "$LAYERS" "$N" "$MAXTOK" "$PLEN" <<'PY'
 import json, os, sys
@@ -56,10 +40,6 @@ d = sys.argv[1]
 out = {"bench": "sampling", "layers": int(sys.argv[2]), "requests": int(sys.argv[3]),
        "max_tokens": int(sys.argv[4]), "prompt_len": int(sys.argv[5]), "runs": {}}
 for mode in ("greedy", "sampled"):
-    bad = [r for r in map(json.loads, open(os.path.join(d, mode + ".jsonl"))) if r.get("error")]
-    if bad:
-        sys.exit("bench_sampling.sh: %s: %d error records, first: %s"
-                 % (mode, len(bad), json.dumps(bad[0]["error"])))
     s = json.load(open(os.path.join(d, mode + ".json")))
     out["runs"][mode] = {k: s[k] for k in ("seconds", "completion_tokens", "steps",
                                            "forward_seconds", "graph_record_seconds")}
