@@ -1481,6 +1481,13 @@ static int id_ok(const epic_tokenizer *t, int32_t id) {
   return id >= 0 && id < t->n_ids && (t->flags[id] & F_EXISTS);
 }
 
+/* An id that decoding leaves out: a special one with EPIC_DECODE_SKIP_SPECIAL, an unknown
+ * one (which reaches here only with EPIC_DECODE_SKIP_UNKNOWN: the callers refuse it
+ * otherwise). */
+static int left_out(const epic_tokenizer *t, int flags, int32_t id) {
+  return !id_ok(t, id) || ((flags & EPIC_DECODE_SKIP_SPECIAL) && (t->flags[id] & F_SPECIAL));
+}
+
 epic_status epic_tokenizer_decode(const epic_tokenizer *t, const int32_t *ids, size_t n, int flags,
                                   char **text, size_t *len) {
   if (!t || (!ids && n) || !text) return EPIC_ERR_INVALID;
@@ -1502,8 +1509,8 @@ epic_status epic_tokenizer_decode(const epic_tokenizer *t, const int32_t *ids, s
   size_t o = 0;
   for (size_t i = 0; i < n; i++) {
     int32_t id = ids[i];
-    if (!id_ok(t, id) || ((flags & EPIC_DECODE_SKIP_SPECIAL) && (t->flags[id] & F_SPECIAL)))
-      continue; /* unknown ids reach here only with EPIC_DECODE_SKIP_UNKNOWN */
+    if (left_out(t, flags, id))
+      continue;
     memcpy(raw + o, t->arena + t->dec_off[id], t->dec_len[id]);
     o += t->dec_len[id];
   }
@@ -1603,7 +1610,7 @@ epic_status epic_detok_push(epic_detok *d, int32_t id, char **out_text, size_t *
     EPIC_LOG_ERROR("tokenizer: cannot decode unknown token id %d (vocab size %d)", id, t->n_ids);
     return EPIC_ERR_INVALID;
   }
-  if (!id_ok(t, id) || ((d->flags & EPIC_DECODE_SKIP_SPECIAL) && (t->flags[id] & F_SPECIAL)))
+  if (left_out(t, d->flags, id))
     return detok_emit(d, NULL, 0, 0, out_text, out_len);
   return detok_emit(d, (const uint8_t *)t->arena + t->dec_off[id], t->dec_len[id], 0, out_text, out_len);
 }
