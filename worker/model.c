@@ -58,23 +58,9 @@ typedef struct mtp_w {
  * is in flight and the other micro-batch computes; and, in slot 0 only, work
  * space that one micro-batch uses at a time. */
 enum {
-  XB_CNT,
-  XB_IDS,
-  XB_PLAN,
-  XB_HSEND,
-  XB_HRECV,
-  XB_ECNT, /* per micro-batch */
-  XB_ARGS,
-  XB_REXP,
-  XB_ORDER,
-  XB_EOFF,
-  XB_GPLAN,
-  XB_FWD,
-  XB_COPY,
-  XB_SOFF,
-  XB_SWL,
-  XB_DEST,
-  XB_HIDDEN, /* shared */
+  XB_CNT, XB_IDS, XB_PLAN, XB_HSEND, XB_HRECV, XB_ECNT, /* per micro-batch */
+  XB_ARGS, XB_REXP, XB_ORDER, XB_EOFF, XB_GPLAN, XB_FWD, XB_COPY, XB_SOFF, XB_SWL,
+  XB_DEST, XB_HIDDEN, /* shared */
   XB_N
 };
 /* Grow-only buffers in backend memory (see dbuf), the same way: a micro-batch's
@@ -2448,16 +2434,14 @@ done:
   return st;
 }
 
-/* The sequences' hidden rows (host memory, one array each) into dst: gathered on the host
- * and uploaded at once where the backend's memory is not the host's (an upload per
- * sequence waited for the queue each time: 128 waits in a batch-128 MTP step). */
+/* The sequences' hidden rows (host memory, one array each; M rows in all) into dst:
+ * gathered on the host and uploaded at once where the backend's memory is not the host's
+ * (an upload per sequence waited for the queue each time: 128 waits in a batch-128 MTP
+ * step). */
 static epic_status upload_hidden(epic_model *m, const epic_seq_batch *seqs, int n_seqs,
-                                 float *dst) {
+                                 int64_t M, float *dst) {
   epic_ops *o = m->ops;
   const int64_t D = m->cfg.hidden_size;
-  int64_t M = 0;
-  for (int i = 0; i < n_seqs; i++)
-    M += seqs[i].n_tokens;
   float *h =
       o->vt->host_visible || n_seqs < 2 ? NULL : xbuf(m, 0, XB_HIDDEN, (size_t)(M * D) * sizeof *h);
   for (int64_t i = 0, r = 0; i < n_seqs; r += seqs[i++].n_tokens) {
@@ -2501,7 +2485,7 @@ epic_status epic_model_mtp_forward_pick(epic_model *m, epic_kvcache *kc,
   if (sh.M > 0) {
     /* x = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]): embedding half first. */
     EPIC_CHECK_GOTO(o->vt->embed(o, &m->mtp.embed, s.ids, sh.M, s.a), st, fail);
-    EPIC_CHECK_GOTO(upload_hidden(m, seqs, n_seqs, s.hn), st, fail);
+    EPIC_CHECK_GOTO(upload_hidden(m, seqs, n_seqs, sh.M, s.hn), st, fail);
     EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.a, D, sh.M, D, m->mtp.enorm, eps, s.x2, 2 * D), st, fail);
     EPIC_CHECK_GOTO(o->vt->rmsnorm(o, s.hn, D, sh.M, D, m->mtp.hnorm, eps, s.x2 + D, 2 * D), st,
                     fail);
