@@ -167,6 +167,10 @@ int epic_ops_has_graphs(epic_ops *o) {
          o->vt->graph_launch && o->vt->graph_free && o->vt->graph_epoch;
 }
 
+int epic_ops_has_row_draw(epic_ops *o) {
+  return o->vt->abi_version >= 13 && o->vt->row_draw;
+}
+
 int epic_ops_has_grouped_rows(epic_ops *o) {
   return o->vt->abi_version >= 11 && o->vt->grouped_matmul_rows;
 }

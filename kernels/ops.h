@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "../common/status.h"
+#include "draw.h"
 
 /* 2: mla_absorbed_batch appended (batched decode attention over several sequences).
  * 3: host_visible, copy_rows, zero, moe_combine, kv_store_batch, grouped_matmul, sync appended (what the model
@@ -41,8 +42,9 @@
  * 11: grouped_matmul_rows takes n_src, the rows src has (a backend that quantises its
  *    input may then quantise each source row once, not once per group row).
  * 12: rows_invariant appended (a device backend whose current settings compute every row
- *    alike whatever the row count: what lets MTP drafting be on by default there). */
-#define EPIC_OPS_ABI_VERSION 12
+ *    alike whatever the row count: what lets MTP drafting be on by default there).
+ * 13: row_draw appended (seeded temperature / top-k / top-p draws where the logits are). */
+#define EPIC_OPS_ABI_VERSION 13
 
 typedef enum {
   EPIC_DT_F32 = 0,
@@ -383,6 +385,16 @@ typedef struct epic_ops_vt {
    * group row) the same way bit for bit whatever other rows share its call: matmul,
    * grouped_matmul*, head_gemm and the absorbed MLA decode included. */
   int (*rows_invariant)(epic_ops *o);
+
+  /* ABI 13. Seeded draws in place of greedy picks: for each row i of x [m][n] (row stride
+   * n) whose p[i].temperature > 0, ids[i] = the token epic_draw_row draws from the row
+   * with p[i] (kernels/draw.h: every backend draws the same token from the same row bits)
+   * and logprob[i] = x[i][ids[i]] - lse_i in double, lse_i = x[i][id] - logprob[i] from
+   * the row's greedy pick, which ids / logprob hold on entry (row_pick ran on x first);
+   * rows with temperature 0 keep their pick. p (checked by the caller), ids and logprob
+   * live in backend memory. A GPU backend then samples without downloading the row. */
+  epic_status (*row_draw)(epic_ops *o, const float *x, int64_t m, int64_t n,
+                          const epic_draw_params *p, int32_t *ids, float *logprob);
 } epic_ops_vt;
 
 /* Backends embed this struct first. */
@@ -423,6 +435,9 @@ int epic_ops_has_moe_plan(epic_ops *o);
 
 /* Whether the backend records graphs (ABI 7 graph_begin ... graph_epoch). */
 int epic_ops_has_graphs(epic_ops *o);
+
+/* Whether the backend draws sampled tokens itself (ABI 13 row_draw). */
+int epic_ops_has_row_draw(epic_ops *o);
 
 /* Whether the backend multiplies gathered rows itself (ABI 8 grouped_matmul_rows). */
 int epic_ops_has_grouped_rows(epic_ops *o);

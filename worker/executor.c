@@ -13,6 +13,7 @@ typedef struct xseq {
   uint64_t id;
   epic_kv_seq kv;
   epic_sampler *smp;
+  epic_draw_params draw; /* this step's draw (SAMPLE entries of a sampled sequence) */
   int decoding; /* its prompt ended (a SAMPLE entry ran): no more publishing */
   int top_n;    /* alternatives its samples report (epic_step_new.top_logprobs) */
   epic_spec *spec; /* MTP drafting state (MTP entries), else NULL */
@@ -47,16 +48,13 @@ struct epic_executor {
   int64_t *brow;  /* first output row of batch entry i */
   int64_t *bnout; /* tokens batch entry i produced (SAMPLE) */
   int32_t *blast; /* the last of them */
-  /* The step's row jobs (row_work): draws (batch entries, their tokens and logprobs) and
-   * top logprobs (rows, sample slots, how many), written to top[slot * top_n ..]. */
-  int64_t *jent, n_draws;
-  int32_t *jid;
-  float *jlp;
+  /* The step's top-logprob jobs (row_work): rows, sample slots and how many, written to
+   * top[slot * top_n ..]. */
   int64_t *trow, *tk, n_tops;
   int *twant;
   epic_step_sample *top;
   int top_n;
-  int n_threads; /* sampler threads (epic_executor_params.sampler_threads, resolved) */
+  int n_threads; /* top-logprob threads (epic_executor_params.sampler_threads, resolved) */
 };
 
 static size_t hash_id(uint64_t x) { /* splitmix64 finaliser: ids are often sequential */
@@ -189,9 +187,6 @@ void epic_executor_destroy(epic_executor *x) {
   free(x->brow);
   free(x->bnout);
   free(x->blast);
-  free(x->jent);
-  free(x->jid);
-  free(x->jlp);
   free(x->trow);
   free(x->tk);
   free(x->twant);
@@ -227,9 +222,7 @@ static epic_status reserve_scratch(epic_executor *x, size_t n) {
   const size_t cap = grown(x->bcap, n);
   if (!resize(&x->batch, cap, sizeof *x->batch) || !resize(&x->bseq, cap, sizeof *x->bseq) ||
       !resize(&x->bent, cap, sizeof *x->bent) || !resize(&x->brow, cap, sizeof *x->brow) ||
-      !resize(&x->bnout, cap, sizeof *x->bnout) || !resize(&x->blast, cap, sizeof *x->blast) ||
-      !resize(&x->jent, cap, sizeof *x->jent) || !resize(&x->jid, cap, sizeof *x->jid) ||
-      !resize(&x->jlp, cap, sizeof *x->jlp))
+      !resize(&x->bnout, cap, sizeof *x->bnout) || !resize(&x->blast, cap, sizeof *x->blast))
     return EPIC_ERR_NOMEM;
   x->bcap = cap;
   return EPIC_OK;
@@ -489,16 +482,15 @@ static epic_status spec_calls(epic_executor *x, const epic_step_plan *p, size_t 
 }
 
 /* A row's log-normaliser from its greedy pick (logprob = l[best] - lse), which the backend
- * computes for every row: a sampled draw's logprob and the top logprobs then need no pass
- * of exponentials over the row. */
+ * computes for every row: the top logprobs then need no pass of exponentials over the
+ * row. */
 static double row_lse(const epic_executor *x, int64_t row) {
   const epic_row_pick *pk = &x->picks[row];
   return (double)x->logits[row * x->V + pk->id] - (double)pk->logprob;
 }
 
-/* The step's row jobs, share `first` of `stride`: draws (jent: batch entries) and top
- * logprobs (trow / tk: a row and its sample slot of the step's output). Each sequence's
- * sampler is its own and every job writes its own slots, so threads do not interact. */
+/* The step's top-logprob jobs, share `first` of `stride`: a row (trow) and its sample slot
+ * of the step's output (tk). Every job writes its own slots, so threads do not interact. */
 typedef struct row_share {
   epic_executor *x;
   int64_t first, stride;
@@ -507,12 +499,6 @@ typedef struct row_share {
 static void *row_jobs(void *arg) {
   const row_share *d = arg;
   epic_executor *x = d->x;
-  for (int64_t j = d->first; j < x->n_draws; j += d->stride) {
-    const int64_t i = x->jent[j], row = x->brow[i] + epic_seq_out_rows(&x->batch[i]) - 1;
-    const float *l = x->logits + row * x->V;
-    x->jid[j] = epic_sampler_sample(x->bseq[i]->smp, l, x->V, NULL);
-    x->jlp[j] = (float)((double)l[x->jid[j]] - row_lse(x, row));
-  }
   for (int64_t j = d->first; j < x->n_tops; j += d->stride) {
     int32_t ids[64];
     float lps[64];
@@ -526,15 +512,13 @@ static void *row_jobs(void *arg) {
   return NULL;
 }
 
-/* The row work of a step's samples before they are assembled in entry order: the draws of
- * SAMPLE entries whose sampler is not greedy (their last row came back whole; a greedy
- * sequence takes its pick), and with top_n > 0 the top logprobs of every row a sample may
- * report (a VERIFY entry's rows past its accepted ones are overwritten later), on up to
- * n_threads threads. */
+/* With top_n > 0, the top logprobs of every row a sample may report (a VERIFY entry's rows
+ * past its accepted ones are overwritten later), on up to n_threads threads, before the
+ * samples are assembled in entry order. (Draws are the backend's: epic_seq_batch.draw.) */
 static void row_work(epic_executor *x, size_t nb, int top_n, epic_step_sample *top) {
   enum { MAX_THREADS = 64 };
   int64_t k = 0;
-  x->n_draws = x->n_tops = 0;
+  x->n_tops = 0;
   x->top = top;
   x->top_n = top_n;
   for (size_t i = 0; i < nb; i++) {
@@ -542,8 +526,6 @@ static void row_work(epic_executor *x, size_t nb, int top_n, epic_step_sample *t
     if (!(e->flags & EPIC_STEP_SAMPLE))
       continue;
     const int64_t row = x->brow[i] + epic_seq_out_rows(&x->batch[i]) - 1;
-    if (!(e->flags & EPIC_STEP_VERIFY) && x->need[row] && !epic_sampler_greedy(x->bseq[i]->smp))
-      x->jent[x->n_draws++] = (int64_t)i;
     const int64_t slots = epic_step_entry_samples(e);
     const int64_t rows = (e->flags & EPIC_STEP_VERIFY) ? x->batch[i].n_tokens : 1;
     const int want = x->bseq[i]->top_n < top_n ? x->bseq[i]->top_n : top_n;
@@ -554,8 +536,7 @@ static void row_work(epic_executor *x, size_t nb, int top_n, epic_step_sample *t
     }
     k += slots;
   }
-  const int64_t n = x->n_draws > x->n_tops ? x->n_draws : x->n_tops;
-  int64_t t = n < x->n_threads ? n : x->n_threads;
+  int64_t t = x->n_tops < x->n_threads ? x->n_tops : x->n_threads;
   t = t > MAX_THREADS ? MAX_THREADS : t < 1 ? 1 : t;
   pthread_t th[MAX_THREADS];
   row_share sh[MAX_THREADS];
@@ -610,19 +591,21 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
     }
     return st;
   }
-  /* Greedy rows without top logprobs come back as picks; only the others need
-   * their vocabulary-wide logits row (a GPU backend then downloads 8 bytes).
-   * A VERIFY entry's rows go to the spec's acceptance rule: as picks when it is
-   * greedy, else as rows. */
+  /* Samples come back as picks: greedy ones, and draws, which the backend makes where
+   * the logits are (a GPU backend then downloads 8 bytes a row); only rows whose top
+   * logprobs are asked for need their vocabulary-wide logits row. A VERIFY entry's rows
+   * go to the spec's acceptance rule: as picks when it is greedy, else as rows. */
   for (size_t i = 0; i < nb; i++) {
     const epic_step_entry *e = x->bent[i];
+    xseq *s = x->bseq[i];
     const int64_t n = epic_seq_out_rows(&x->batch[i]);
+    if ((e->flags & EPIC_STEP_SAMPLE) && !(e->flags & EPIC_STEP_VERIFY) &&
+        epic_sampler_draw(s->smp, &s->draw))
+      x->batch[i].draw = &s->draw;
     for (int64_t j = 0; j < n; j++)
       x->need[x->brow[i] + j] =
-          ((e->flags & EPIC_STEP_VERIFY) &&
-           (x->bseq[i]->top_n > 0 || !epic_spec_greedy(x->bseq[i]->spec))) ||
-          ((e->flags & EPIC_STEP_SAMPLE) && j == n - 1 &&
-           (x->bseq[i]->top_n > 0 || !epic_sampler_greedy(x->bseq[i]->smp)));
+          ((e->flags & EPIC_STEP_VERIFY) && (s->top_n > 0 || !epic_spec_greedy(s->spec))) ||
+          ((e->flags & EPIC_STEP_SAMPLE) && j == n - 1 && s->top_n > 0);
   }
   EPIC_CHECK(epic_model_forward_pick(x->m, x->kc, x->batch, (int)nb, x->logits, x->need,
                                      x->picks, mtp ? x->hidden : NULL));
@@ -637,9 +620,9 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
     if (x->bent[i]->flags & EPIC_STEP_SAMPLE)
       s->decoding = 1;
   }
-  int64_t k = 0, job = 0;
+  int64_t k = 0;
   if (st == EPIC_OK)
-    row_work(x, nb, top_n, top); /* draws (met in the same order below) and top logprobs */
+    row_work(x, nb, top_n, top);
   for (size_t i = 0; st == EPIC_OK && i < nb; i++) {
     if (!(x->bent[i]->flags & EPIC_STEP_SAMPLE))
       continue;
@@ -658,15 +641,9 @@ epic_status epic_executor_step_prefix(epic_executor *x, const epic_step_plan *p,
                                     lps_v, &n_out);
       if (st != EPIC_OK)
         break;
-    } else {
-      float lp = x->picks[row].logprob;
-      int32_t id = x->picks[row].id;
-      if (x->need[row] && !epic_sampler_greedy(x->bseq[i]->smp)) {
-        id = x->jid[job];
-        lp = x->jlp[job++];
-      }
-      ids_v[0] = id;
-      lps_v[0] = lp;
+    } else { /* the greedy pick, or the draw made in its place */
+      ids_v[0] = x->picks[row].id;
+      lps_v[0] = x->picks[row].logprob;
     }
     const int64_t slots = epic_step_entry_samples(x->bent[i]);
     /* Only a sequence that asked gets alternatives: its rows were downloaded. */

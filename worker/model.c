@@ -78,7 +78,7 @@ typedef struct step_graph {
   int used; /* 0: free entry */
   const void *kc;
   int64_t n_seqs, stride, bound, per_seq, out_rows;
-  int n_mb, pick;
+  int n_mb, pick, draw;
   epic_ops_graph *graph; /* NULL: run directly once (warm-up), recorded next time */
   int warm;              /* run directly once: buffers grown, tables built */
   int refused;           /* the backend would not record it: run directly */
@@ -1147,13 +1147,28 @@ typedef struct fwd_shape {
   int64_t stride;   /* block-table row: the most pages any sequence holds */
   int64_t per_seq;  /* tokens of every sequence where all have as many, else 0 */
   int n_seqs;
+  int draws;        /* some sequence's pick is a draw (epic_seq_batch.draw) */
 } fwd_shape;
 
 /* int32 entries of the forward plan: positions, ids, output rows, block tables, lengths,
  * and the LM head's rows when they are fewer than the output rows. */
-static int64_t plan_len(const fwd_shape *sh) {
+/* 32-bit words of one LM-head row's draw parameters in the plan. */
+#define DRAW_WORDS ((int64_t)(sizeof(epic_draw_params) / sizeof(int32_t)))
+
+/* Words of the plan's index arrays. */
+static int64_t plan_index_len(const fwd_shape *sh) {
   return 2 * sh->M + sh->out_rows + sh->n_trows * (sh->stride + 1) +
          (sh->lm_rows < sh->out_rows ? sh->lm_rows : 0);
+}
+
+/* Where the plan's draw parameters start: after the index arrays, at an even word (8-byte
+ * aligned, like the plan). */
+static int64_t plan_draw_at(const fwd_shape *sh) {
+  return (plan_index_len(sh) + 1) & ~(int64_t)1;
+}
+
+static int64_t plan_len(const fwd_shape *sh) {
+  return plan_draw_at(sh) + (sh->draws ? sh->lm_rows * DRAW_WORDS : 0);
 }
 
 /* Chunks that take the absorbed decode attention, one row per token at its own context
@@ -1357,6 +1372,7 @@ typedef struct fwd {
   const int32_t *tables;   /* [table rows][stride] page ids (see fwd_plan) */
   const int32_t *n_ctx;    /* [table rows] cache length each row's attention sees */
   const int32_t *trow;     /* host: the first table row of each sequence of the batch */
+  const epic_draw_params *draw; /* [LM-head rows], or NULL: no draws */
   int64_t stride;
   int64_t dec_bound; /* decode attention's bound on every context (ctx_bound) */
 } fwd;
@@ -2031,6 +2047,7 @@ static epic_status prepare(epic_model *m, epic_kvcache *kc, const epic_seq_batch
                        (long long)c->vocab_size);
         return EPIC_ERR_INVALID;
       }
+    sh->draws |= sq->draw != NULL;
     sh->M += sq->n_tokens;
     sh->per_seq = i == 0 || sq->n_tokens == sh->per_seq ? sq->n_tokens : 0;
     if (absorbed(sq)) {
@@ -2118,6 +2135,15 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
       n_ctx[tr] = (int32_t)(sq->start + sq->n_tokens - (n_rows - 1 - j));
     }
   }
+  if (plan_draw_at(sh) > plan_index_len(sh)) h[plan_index_len(sh)] = 0; /* alignment word */
+  if (sh->draws) { /* a sequence's draw on its last LM-head row; other rows keep picks */
+    epic_draw_params *d = (epic_draw_params *)(void *)(h + plan_draw_at(sh));
+    memset(d, 0, (size_t)sh->lm_rows * sizeof *d);
+    for (int i = 0, c = 0; i < sh->n_seqs; i++) {
+      c += seqs[i].all_logits ? (int)seqs[i].n_tokens : 1;
+      if (seqs[i].draw) d[c - 1] = *seqs[i].draw;
+    }
+  }
   EPIC_CHECK(m->ops->vt->upload(m->ops, s->plan, h, (size_t)n * sizeof(int32_t)));
   /* The pos / ids arrays the ops read are the plan's own. */
   s->pos = s->plan;
@@ -2127,6 +2153,7 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
   f->n_ctx = f->tables + sh->n_trows * sh->stride;
   f->lm_rows = split ? f->n_ctx + sh->n_trows : NULL;
   f->lm_out = split ? lm_out : NULL;
+  f->draw = sh->draws ? (const epic_draw_params *)(const void *)(s->plan + plan_draw_at(sh)) : NULL;
   f->trow = trow;
   f->stride = sh->stride > 0 ? sh->stride : 1;
   f->dec_bound = ctx_bound(sh->dec_ctx);
@@ -2186,6 +2213,8 @@ static epic_status head_run(fwd *f, const fwd_shape *sh, const float *norm_w,
   EPIC_CHECK(o->vt->matmul(o, x, D, n, head, L, V));
   if (ho->picks)
     EPIC_CHECK(o->vt->row_pick(o, L, n, V, s->pick, (float *)(s->pick + n)));
+  if (ho->picks && f->draw)
+    EPIC_CHECK(o->vt->row_draw(o, L, n, V, f->draw, s->pick, (float *)(s->pick + n)));
   return EPIC_OK;
 }
 
@@ -2258,6 +2287,35 @@ static int split_point(const epic_seq_batch *seqs, int n_seqs, int64_t M) {
     if (k < n_seqs) pre += seqs[k].n_tokens;
   }
   return best;
+}
+
+/* Whether the batch's draws can be made: parameters in range, picks asked for, a backend
+ * that draws (logged, naming the sequence and field). */
+static epic_status draws_ok(const epic_model *m, const epic_seq_batch *seqs, int n_seqs,
+                            const head_out *ho) {
+  for (int i = 0; i < n_seqs; i++) {
+    const epic_draw_params *d = seqs[i].draw;
+    if (!d) continue;
+    const char *bad = !(d->temperature > 0.0f) || !isfinite(d->temperature) ? "temperature"
+                      : !(d->top_p > 0.0f && d->top_p <= 1.0f)              ? "top_p"
+                      : d->top_k < 0                                        ? "top_k"
+                                                                            : NULL;
+    if (bad) {
+      EPIC_LOG_ERROR("forward: sequence %d: draw %s out of range (temperature > 0, top_p in "
+                     "(0, 1], top_k >= 0)", i, bad);
+      return EPIC_ERR_INVALID;
+    }
+    if (!ho->picks) {
+      EPIC_LOG_ERROR("forward: sequence %d asks for a draw, but the call takes no picks", i);
+      return EPIC_ERR_INVALID;
+    }
+    if (!epic_ops_has_row_draw(m->ops)) {
+      EPIC_LOG_ERROR("forward: backend %s cannot draw tokens (ops ABI %d, row_draw needs 13)",
+                     m->ops->vt->name, m->ops->vt->abi_version);
+      return EPIC_ERR_UNSUPPORTED;
+    }
+  }
+  return EPIC_OK;
 }
 
 /* Start a forward: validate and reserve (prepare), carve the scratch, upload the
@@ -2347,12 +2405,13 @@ static step_graph *graph_bucket(fwd *f, const fwd_shape *sh, const head_out *ho)
   }
   const step_graph key = {.used = 1, .kc = f->kc, .n_seqs = sh->n_seqs, .stride = sh->stride,
                           .bound = f->dec_bound, .per_seq = sh->per_seq,
-                          .out_rows = sh->out_rows, .n_mb = f->n_mb, .pick = ho->picks != NULL};
+                          .out_rows = sh->out_rows, .n_mb = f->n_mb, .pick = ho->picks != NULL,
+                          .draw = f->draw != NULL};
   for (int i = 0; i < EPIC_MODEL_STEP_GRAPHS; i++) {
     step_graph *e = &m->graphs[i];
     if (e->used && e->kc == key.kc && e->n_seqs == key.n_seqs && e->stride == key.stride &&
         e->bound == key.bound && e->per_seq == key.per_seq && e->out_rows == key.out_rows &&
-        e->n_mb == key.n_mb && e->pick == key.pick) {
+        e->n_mb == key.n_mb && e->pick == key.pick && e->draw == key.draw) {
       e->tick = ++m->graph_tick;
       return e;
     }
@@ -2422,6 +2481,7 @@ epic_status epic_model_forward_pick(epic_model *m, epic_kvcache *kc, const epic_
   scratch s;
   fwd_shape sh = {0};
   epic_status st;
+  EPIC_CHECK(draws_ok(m, seqs, n_seqs, &ho));
   EPIC_CHECK_GOTO(fwd_open(m, kc, seqs, n_seqs, &f, &s, &sh), st, done);
   EPIC_CHECK_GOTO(step_run(&f, &sh, &s, &ho), st, fail);
   if (sh.M > 0) EPIC_CHECK_GOTO(head_collect(&f, seqs, n_seqs, &sh, &s, &ho, hidden), st, fail);
@@ -2481,6 +2541,7 @@ epic_status epic_model_mtp_forward_pick(epic_model *m, epic_kvcache *kc,
       EPIC_LOG_ERROR("mtp forward: sequence %d has no hidden states", i);
       return EPIC_ERR_INVALID;
     }
+  EPIC_CHECK(draws_ok(m, seqs, n_seqs, &ho));
   EPIC_CHECK_GOTO(fwd_open(m, kc, seqs, n_seqs, &f, &s, &sh), st, done);
   if (sh.M > 0) {
     /* x = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]): embedding half first. */

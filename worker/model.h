@@ -136,6 +136,11 @@ typedef struct epic_seq_batch {
    * the two may be the same buffer; it may be written even when the call then fails
    * (a caller that retries after a failure must not alias them). */
   float *mtp_out;
+  /* Optional (NULL: greedy): the last LM-head row's pick is instead the seeded draw with
+   * these parameters (kernels/draw.h; temperature > 0, top_p in (0, 1], top_k >= 0),
+   * made where the logits are: picks are then required, and the logits row need not be
+   * asked for. Read during the call only. */
+  const epic_draw_params *draw;
 } epic_seq_batch;
 
 /* Rows of output one sequence's part produces: n_tokens with all_logits or all_hidden,

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "../common/status.h"
+#include "../kernels/draw.h"
 
 typedef struct epic_sampling_params {
   size_t size;        /* sizeof(epic_sampling_params) */
@@ -24,11 +25,17 @@ typedef struct epic_sampler epic_sampler;
 epic_status epic_sampler_create(const epic_sampling_params *p, epic_sampler **out);
 void epic_sampler_destroy(epic_sampler *s); /* NULL-safe */
 
-/* Pick a token from logits[0..n) (host memory). Optionally reports the chosen
- * token's log-probability under the unmodified distribution (softmax of the raw
- * logits). top_k and top_p are selections (no sort of the row): a draw costs a few
- * passes over it. */
+/* Pick a token from logits[0..n) (host memory): the argmax when greedy, else the draw of
+ * kernels/draw.h with a fresh random value from s (the token a backend's row_draw gives
+ * for the parameters epic_sampler_draw hands out at that point of the stream).
+ * Optionally reports the chosen token's log-probability under the unmodified
+ * distribution (softmax of the raw logits). */
 int32_t epic_sampler_sample(epic_sampler *s, const float *logits, int64_t n, float *logprob);
+
+/* The next draw's parameters for a backend's row_draw (kernels/ops.h), taking a random
+ * value from s as epic_sampler_sample does: 1, or 0 (d untouched, nothing taken) when s is
+ * greedy (epic_sampler_greedy). */
+int epic_sampler_draw(epic_sampler *s, epic_draw_params *d);
 
 /* 1 when s always takes the argmax (temperature 0 or top_k 1): its token and
  * logprob are then epic_row_pick's (worker/model.h), and the logits row itself is
@@ -46,13 +53,11 @@ int epic_top_logprobs(const float *logits, int64_t n, int k, int32_t *ids, float
 int epic_top_logprobs_lse(const float *logits, int64_t n, int k, double lse, int32_t *ids,
                           float *lps);
 
-/* The sampler's distribution for temperature > 0, in its order of operations:
- * candidates by descending logit (lower id first on ties), cut to top_k, weighed
- * exp((logit - max) / temperature), cut to the smallest prefix reaching top_p of the
- * mass (at least one token). Returns the k kept ids in idx[0..k), in no particular
- * order, with their weights in w[0..k); *sum is their total weight. idx and w have room
- * for n. (Speculative decoding's acceptance test needs the same distribution the
- * sampler draws from.) */
+/* The sampler's distribution for temperature > 0 (kernels/draw.h): the k ids it keeps in
+ * idx[0..k), ascending, their weights (exp((logit - max) / temperature), to the draw's
+ * fixed point) in w[0..k); *sum is their total weight. idx and w have room for n.
+ * (Speculative decoding's acceptance test needs the distribution the sampler draws
+ * from.) */
 int64_t epic_sampling_weights(const float *logits, int64_t n, const epic_sampling_params *p,
                               int32_t *idx, float *w, double *sum);
 

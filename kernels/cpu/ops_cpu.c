@@ -242,6 +242,31 @@ static epic_status cpu_row_pick(epic_ops *o, const float *x, int64_t m, int64_t 
   return EPIC_OK;
 }
 
+static epic_status cpu_row_draw(epic_ops *o, const float *x, int64_t m, int64_t n,
+                                const epic_draw_params *p, int32_t *ids, float *logprob) {
+  epic_cpu_ops *c = (epic_cpu_ops *)o;
+  int failed = 0;
+  if (m == 0) return EPIC_OK;
+  if (m < 0 || n <= 0 || !x || !p || !ids || !logprob) return EPIC_ERR_INVALID;
+  /* scratch in floats: the draw's 12 bytes per id, 8-byte aligned (the allocator's) */
+  const size_t words = (epic_draw_scratch_bytes(n) + sizeof(float) - 1) / sizeof(float);
+#pragma omp parallel for num_threads(c->n_threads) schedule(dynamic, 1) if (m > 1)
+  for (int64_t i = 0; i < m; i++) {
+    if (!(p[i].temperature > 0.0f)) continue;
+    float *scratch = epic_cpu_scratch_get(c, omp_get_thread_num(), words);
+    if (!scratch) {
+#pragma omp atomic write
+      failed = 1;
+      continue;
+    }
+    const float *xi = x + i * n;
+    const double lse = (double)xi[ids[i]] - (double)logprob[i];
+    ids[i] = epic_draw_row(xi, n, &p[i], scratch);
+    logprob[i] = (float)((double)xi[ids[i]] - lse);
+  }
+  return failed ? EPIC_ERR_NOMEM : EPIC_OK;
+}
+
 static epic_status cpu_moe_combine(epic_ops *o, int64_t m, int64_t top_k, int64_t n,
                                    const float *rows, const int32_t *slot, const float *w,
                                    float *y) {
@@ -381,6 +406,7 @@ static const epic_ops_vt epic_cpu_vt = {
     .grouped_matmul_dev = cpu_grouped_matmul_dev,
     /* no head_dtype: fp32 weights unless a caller asks for bf16 (tests) */
     .head_gemm_bf16 = epic_cpu_head_gemm_bf16,
+    .row_draw = cpu_row_draw,
 };
 
 epic_status epic_ops_cpu_create(int n_threads, epic_ops **out) {

@@ -505,6 +505,16 @@ static epic_status cuda_row_pick(epic_ops *o, const float *x, int64_t m, int64_t
   return launched(epic_cuk_row_pick(x, m, n, ids, logprob, c->pick.p, c->stream), "row_pick");
 }
 
+static epic_status cuda_row_draw(epic_ops *o, const float *x, int64_t m, int64_t n,
+                                 const epic_draw_params *p, int32_t *ids, float *logprob) {
+  if (m == 0)
+    return EPIC_OK;
+  if (m < 0 || m > INT32_MAX || n <= 0 || !x || !p || !ids || !logprob)
+    return EPIC_ERR_INVALID;
+  return launched(epic_cuk_row_draw(x, m, n, p, ids, logprob, epic_cuda_of(o)->stream),
+                  "row_draw");
+}
+
 static epic_status cuda_moe_combine(epic_ops *o, int64_t m, int64_t top_k, int64_t n,
                                     const float *rows, const int32_t *slot, const float *w,
                                     float *y) {
@@ -677,6 +687,7 @@ static const epic_ops_vt epic_cuda_vt = {
     .head_dtype = cuda_head_dtype,
     .head_gemm_bf16 = epic_cuda_head_gemm_bf16,
     .rows_invariant = cuda_rows_invariant,
+    .row_draw = cuda_row_draw,
 };
 
 /* An environment setting among n named values: the index of the one `name` holds, 0 when

@@ -421,6 +421,11 @@ size_t epic_cuk_row_pick_scratch(int64_t m, int64_t n);
 cudaError_t epic_cuk_row_pick(const float *x, int64_t m, int64_t n, int32_t *ids, float *logprob,
                               void *scratch, cudaStream_t st);
 
+/* Seeded draws per row of x [m][n] in place of the picks in ids / logprob: see row_draw
+ * in kernels/ops.h (m < 2^31; kern_draw.cu). */
+cudaError_t epic_cuk_row_draw(const float *x, int64_t m, int64_t n, const epic_draw_params *p,
+                              int32_t *ids, float *logprob, cudaStream_t st);
+
 /* Row r = h * mc + i of s [rows][ld]: softmax over columns [0, first_valid + i), zeros
  * after (the causal mask of query i of a chunk). */
 cudaError_t epic_cuk_softmax_causal(float *s, int64_t rows, int64_t mc, int64_t ld,

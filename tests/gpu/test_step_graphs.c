@@ -62,8 +62,9 @@ static char g_dir[64];
 /* Sequences in the batch at decode step s of a schedule. shrink: the batch shrinks and
  * grows back (48 steps); sizes: every size from 1 to 40, three steps each (120 steps);
  * large: 320, 200, 129 and 72 sequences, four steps each (16 steps); verify: the shrink
- * schedule with two rows per sequence (rows_of). */
-typedef enum { SHRINK, SIZES, LARGE, VERIFY } schedule;
+ * schedule with two rows per sequence (rows_of); draws: the shrink schedule with seeded
+ * draws (epic_seq_batch.draw) on every other sequence. */
+typedef enum { SHRINK, SIZES, LARGE, VERIFY, DRAWS } schedule;
 static int active(schedule sc, int s) {
   static const int pattern[] = {12, 12, 12, 8, 8, 8, 8, 5, 5, 5, 1, 1, 1, 12, 12, 12};
   static const int large[] = {320, 200, 129, 72};
@@ -94,7 +95,10 @@ static void run(epic_model *m, int graphs, schedule sc, run_out *out) {
   float *logits = malloc((size_t)(N_SEQ * V) * sizeof *logits);
   uint8_t need[N_SEQ] = {0};
   epic_row_pick picks[N_SEQ];
+  epic_draw_params dp[N_SEQ];
   const int per = rows_of(sc);
+  void *scratch = malloc(epic_draw_scratch_bytes(V));
+  assert_non_null(scratch);
   assert_non_null(logits);
   memset(seqs, 0, sizeof seqs);
   epic_model_set_step_graphs(m, graphs);
@@ -123,12 +127,25 @@ static void run(epic_model *m, int graphs, schedule sc, run_out *out) {
       rows[i][1] = (int32_t)((next[i] * 7 + s) % V); /* a draft */
       b[i] = (epic_seq_batch){.tokens = rows[i], .n_tokens = per, .start = seqs[i].n_tokens,
                               .kv = &seqs[i], .all_logits = per > 1};
+      if (sc == DRAWS && i % 2) { /* a new random value every step, as a sampler's */
+        uint64_t z = (uint64_t)(s * 1000 + i) * 0x9e3779b97f4a7c15ull;
+        z = (z ^ (z >> 31)) * 0xbf58476d1ce4e5b9ull;
+        dp[i] = (epic_draw_params){.temperature = 0.7f + 0.1f * (float)(i % 4),
+                                   .top_p = i % 4 == 1 ? 0.9f : 1.0f,
+                                   .top_k = i % 8 == 3 ? 20 : 0,
+                                   .u = z ^ (z >> 29)};
+        b[i].draw = &dp[i];
+      }
     }
     assert_int_equal(epic_model_forward_pick(m, kc, b, n, logits, want_logits ? NULL : need,
                                              picks, NULL),
                      EPIC_OK);
     memset(out->picks[s], 0, sizeof out->picks[s]);
     for (int i = 0; i < n * per; i++) out->picks[s][i] = picks[i];
+    for (int i = 0; i < n && want_logits && sc == DRAWS; i++) /* the draws are draw.h's */
+      if (b[i].draw && picks[i].id != epic_draw_row(logits + (int64_t)i * V, V, &dp[i], scratch))
+        fail_msg("step %d sequence %d (graphs %d): drawn %d, the reference draws %d", s, i,
+                 graphs, picks[i].id, epic_draw_row(logits + (int64_t)i * V, V, &dp[i], scratch));
     for (int i = 0; i < n; i++) {
       const int keep = per > 1 && s % 3 == 0 ? 2 : 1; /* rows of this step the cache keeps */
       if (keep < per) epic_kvcache_seq_truncate(kc, &seqs[i], seqs[i].n_tokens - (per - keep));
@@ -142,6 +159,7 @@ static void run(epic_model *m, int graphs, schedule sc, run_out *out) {
   for (int i = 0; i < N_SEQ; i++) epic_kvcache_seq_release(kc, &seqs[i]);
   epic_kvcache_destroy(kc);
   free(logits);
+  free(scratch);
 }
 
 /* Graphs off, then on, in the precision the environment selects; returns the stats of
@@ -198,6 +216,16 @@ static void test_fast_replay_equals_direct(void **state) {
   assert_true(st.graph_captures > 0);
   /* A bucket costs one direct and one recorded step; the rest replay. */
   assert_true(st.graph_replays >= steps_of(SHRINK) / 4);
+}
+
+/* Draws recorded into the step graphs: the same tokens as direct steps (a new random
+ * value every step through the plan), and where the step's logits came back, the C
+ * reference's draw on them. */
+static void test_draw_replay_equals_direct(void **state) {
+  (void)state;
+  unsetenv("EPIC_CUDA_PRECISION");
+  const epic_model_stats st = off_vs_on(DRAWS);
+  assert_true(st.graph_replays >= steps_of(DRAWS) / 4);
 }
 
 static void test_buckets_beyond_the_cache(void **state) {
@@ -277,6 +305,7 @@ int main(void) {
   }
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_fast_replay_equals_direct),
+      cmocka_unit_test(test_draw_replay_equals_direct),
       cmocka_unit_test(test_buckets_beyond_the_cache),
       cmocka_unit_test(test_large_batches),
       cmocka_unit_test(test_verify_steps),

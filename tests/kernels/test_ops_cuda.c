@@ -1455,6 +1455,73 @@ static void test_row_pick(void **state) {
   free(x);
 }
 
+/* row_draw against the CPU backend's (the C reference), bit for bit: rows at the LM-head
+ * width and a short odd one, flat, tied (a 1/4 grid), masked and peaked, every kind of
+ * cut, three random values per row; rows with temperature 0 keep the pick. */
+static void test_row_draw(void **state) {
+  (void)state;
+  enum { M = 40, ROUNDS = 3 };
+  const int64_t widths[] = {129280, 999};
+  const float temps[] = {0.0f, 0.6f, 1.0f, 1.7f, 0.05f};
+  const float tops[] = {1.0f, 0.95f, 0.5f, 1e-6f};
+  const int32_t ks[] = {0, 1, 50, 1000, 129280, 0, 7};
+  int64_t moved = 0, drawn = 0;
+  for (size_t w = 0; w < sizeof widths / sizeof *widths; w++) {
+    const int64_t n = widths[w];
+    const size_t bytes = (size_t)(M * n) * 4;
+    float *x = xmalloc(bytes), lp[M], lp_ref[M];
+    int32_t ids[M], ids_ref[M], pick[M];
+    epic_draw_params p[M];
+    fill(x, (size_t)(M * n), 8.0f);
+    for (int r = 0; r < M; r++) {
+      float *xr = x + r * n;
+      if (r % 4 == 1)
+        for (int64_t j = 0; j < n; j++) xr[j] = floorf(xr[j]) / 4; /* ties */
+      if (r % 4 == 2) {
+        for (int64_t j = 0; j < n; j += 5) xr[j] = -INFINITY;
+        xr[n / 3] = 30.0f;
+        xr[n / 2] = 29.0f;
+      }
+    }
+    float *dx = dup_dev(x, bytes);
+    int32_t *dout = dalloc((size_t)M * 8);
+    epic_draw_params *dp = dalloc(sizeof p);
+    for (int round = 0; round < ROUNDS; round++) {
+      for (int r = 0; r < M; r++)
+        p[r] = (epic_draw_params){.temperature = temps[(r + round) % 5],
+                                  .top_p = tops[(r / 5 + round) % 4],
+                                  .top_k = ks[(r + 3 * round) % 7],
+                                  .u = rng_u64()};
+      assert_int_equal(g_gpu->vt->upload(g_gpu, dp, p, sizeof p), EPIC_OK);
+      assert_int_equal(g_gpu->vt->row_pick(g_gpu, dx, M, n, dout, (float *)(dout + M)), EPIC_OK);
+      fetch(pick, dout, sizeof pick);
+      assert_int_equal(g_gpu->vt->row_draw(g_gpu, dx, M, n, dp, dout, (float *)(dout + M)),
+                       EPIC_OK);
+      fetch(ids, dout, sizeof ids);
+      fetch(lp, dout + M, sizeof lp);
+      assert_int_equal(g_cpu->vt->row_pick(g_cpu, x, M, n, ids_ref, lp_ref), EPIC_OK);
+      assert_int_equal(g_cpu->vt->row_draw(g_cpu, x, M, n, p, ids_ref, lp_ref), EPIC_OK);
+      for (int r = 0; r < M; r++) {
+        if (ids[r] != ids_ref[r])
+          fail_msg("row_draw n %lld row %d round %d (t %g, top_p %g, top_k %d): GPU %d, CPU %d",
+                   (long long)n, r, round, (double)p[r].temperature, (double)p[r].top_p,
+                   p[r].top_k, ids[r], ids_ref[r]);
+        assert_true(fabsf(lp[r] - lp_ref[r]) <= 1e-6f * fmaxf(1.0f, fabsf(lp_ref[r])));
+        if (p[r].temperature == 0.0f)
+          assert_int_equal(ids[r], pick[r]);
+        else
+          drawn++;
+        moved += ids[r] != pick[r];
+      }
+    }
+    dfree(dx);
+    dfree(dout);
+    dfree(dp);
+    free(x);
+  }
+  assert_true(moved > drawn / 4); /* the draws are not the greedy picks */
+}
+
 static void test_embed(void **state) {
   (void)state;
   static const epic_dtype dts[] = {EPIC_DT_BF16, EPIC_DT_F8E4M3, EPIC_DT_F32, EPIC_DT_F16};
@@ -2616,6 +2683,7 @@ int main(void) {
       cmocka_unit_test(test_moe_plan),
       cmocka_unit_test(test_moe_plan_sizes),
       cmocka_unit_test(test_row_pick),
+      cmocka_unit_test(test_row_draw),
       cmocka_unit_test(test_head_gemm),
       cmocka_unit_test(test_head_gemm_bf16),
       cmocka_unit_test(test_exact_rows),

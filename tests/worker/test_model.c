@@ -614,6 +614,80 @@ static void test_device_paths(void **state) {
   free(b);
 }
 
+/* Every case's prompt in one batch, most with a draw (epic_seq_batch.draw; one greedy, one
+ * with every row's logits and one with every hidden row, so that LM-head rows and output
+ * rows differ): each sequence's last pick is epic_draw_row on its returned row, with the
+ * row's log-softmax; the other rows keep their greedy picks. Then the bad calls. */
+static void draws_on(const fixture *f, epic_model *m) {
+  const int nc = f->n_cases;
+  epic_kvcache *kc;
+  epic_kv_seq sq[MAX_CASES] = {0};
+  epic_seq_batch b[MAX_CASES];
+  epic_draw_params d[MAX_CASES];
+  int64_t rows = 0;
+  assert_int_equal(epic_model_kvcache_create(m, 0, 16, 64 * nc, &kc), EPIC_OK);
+  for (int i = 0; i < nc; i++) {
+    d[i] = (epic_draw_params){.temperature = 0.4f + 0.5f * (float)(i % 3),
+                              .top_p = i % 2 ? 0.9f : 1.0f,
+                              .top_k = i % 4 == 3 ? 5 : 0,
+                              .u = 0x9e3779b97f4a7c15ull * (uint64_t)(i + 1)};
+    b[i] = (epic_seq_batch){.tokens = f->cases[i].prompt,
+                            .n_tokens = f->cases[i].n_prompt,
+                            .kv = &sq[i],
+                            .all_logits = i == 1,
+                            .all_hidden = i == 2,
+                            .draw = i == 0 ? NULL : &d[i]};
+    rows += epic_seq_out_rows(&b[i]);
+  }
+  float *lg = malloc((size_t)(rows * f->V) * sizeof *lg);
+  epic_row_pick *pk = malloc((size_t)rows * sizeof *pk);
+  void *scratch = malloc(epic_draw_scratch_bytes(f->V));
+  assert_true(lg && pk && scratch);
+  assert_int_equal(epic_model_forward_pick(m, kc, b, nc, lg, NULL, pk, NULL), EPIC_OK);
+  int drawn = 0;
+  for (int i = 0, r = 0; i < nc; r += (int)epic_seq_out_rows(&b[i]), i++) {
+    const int64_t last = r + epic_seq_out_rows(&b[i]) - 1;
+    for (int64_t j = b[i].all_logits ? r : last; j <= last; j++) {
+      const float *l = lg + j * f->V;
+      const int32_t want = j == last && b[i].draw ? epic_draw_row(l, f->V, &d[i], scratch)
+                                                  : epic_argmax(l, f->V);
+      assert_int_equal(pk[j].id, want);
+      assert_true(fabs(pk[j].logprob - epic_logprob_at(l, f->V, want)) < 1e-5);
+      drawn += j == last && b[i].draw && want != epic_argmax(l, f->V);
+    }
+  }
+  assert_true(drawn > 0); /* some draw left the argmax: not the greedy picks */
+  /* a draw needs picks, and parameters in range */
+  epic_kv_seq extra = {0};
+  epic_draw_params bad = d[1];
+  epic_seq_batch one = {.tokens = f->cases[0].prompt, .n_tokens = 2, .kv = &extra, .draw = &bad};
+  assert_int_equal(epic_model_forward(m, kc, &one, 1, lg, NULL), EPIC_ERR_INVALID);
+  bad.temperature = 0.0f;
+  assert_int_equal(epic_model_forward_pick(m, kc, &one, 1, lg, NULL, pk, NULL), EPIC_ERR_INVALID);
+  bad = d[1];
+  bad.top_p = 1.5f;
+  assert_int_equal(epic_model_forward_pick(m, kc, &one, 1, lg, NULL, pk, NULL), EPIC_ERR_INVALID);
+  assert_int_equal(extra.n_tokens, 0);
+  for (int i = 0; i < nc; i++)
+    epic_kvcache_seq_release(kc, &sq[i]);
+  epic_kvcache_destroy(kc);
+  free(lg);
+  free(pk);
+  free(scratch);
+}
+
+/* draws_on the CPU backend and on the device backends' host-side paths. */
+static void test_draws(void **state) {
+  const fixture *f = *state;
+  epic_test_dev_ops dev = {0};
+  assert_true(f->n_cases >= 3);
+  draws_on(f, f->m);
+  epic_model *dm = dev_model(f, &dev);
+  draws_on(f, dm);
+  epic_model_destroy(dm);
+  epic_test_dev_ops_close(&dev);
+}
+
 /* All cases in one batch: chunked prefill (chunks of 7) running beside other
  * sequences' decode steps, with tiny pages, then greedy decoding together;
  * every row must match the reference as when run alone. */
@@ -1052,6 +1126,7 @@ int main(void) {
       cmocka_unit_test(test_joined_weights),
       cmocka_unit_test(test_head_bf16),
       cmocka_unit_test(test_device_paths),
+      cmocka_unit_test(test_draws),
       cmocka_unit_test(test_batched_mixed),
       cmocka_unit_test(test_cache_full_is_clean),
       cmocka_unit_test(test_micro_batches_mixed),

@@ -94,37 +94,14 @@ static void test_distribution(void **state) {
   epic_sampler_destroy(s);
 }
 
-/* The sampler's distribution by its definition, with a whole-row sort: the oracle for
- * epic_sampling_weights, which selects without sorting. */
+/* Candidate order (descending logit, lower id first): the order test_distribution_wide
+ * checks frequencies in. */
 static const float *g_keys;
 static int by_logit(const void *a, const void *b) {
   const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
   if (g_keys[x] != g_keys[y])
     return g_keys[x] > g_keys[y] ? -1 : 1;
   return (x > y) - (x < y);
-}
-static int64_t oracle_weights(const float *l, int64_t n, const epic_sampling_params *p,
-                              int32_t *idx, float *w, double *sum) {
-  int64_t k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
-  double total = 0;
-  for (int64_t i = 0; i < n; i++)
-    idx[i] = (int32_t)i;
-  g_keys = l;
-  qsort(idx, (size_t)n, sizeof *idx, by_logit);
-  for (int64_t i = 0; i < k; i++) {
-    w[i] = expf((l[idx[i]] - l[idx[0]]) / p->temperature);
-    total += w[i];
-  }
-  if (p->top_p < 1.0f) {
-    int64_t keep = 0;
-    double mass = 0;
-    while (keep < k && (keep == 0 || mass < (double)p->top_p * total))
-      mass += w[keep++];
-    k = keep;
-    total = mass;
-  }
-  *sum = total;
-  return k;
 }
 
 /* Rows of a few shapes: wide and peaked, ties (logits on a 1/4 grid), masked tokens. */
@@ -142,12 +119,17 @@ static void fill_row(float *l, int64_t n, int shape, unsigned *seed) {
   }
 }
 
-/* Every cut keeps the oracle's ids with the oracle's weights, bit for bit (in any order). */
-static void test_weights_match_full_sort(void **state) {
+/* The sampler is kernels/draw.h's distribution (tested against its definition in
+ * tests/kernels/test_draw.c): its weights are the draw's kept masses, and its tokens are
+ * the draws a backend's row_draw makes with the parameters epic_sampler_draw hands out
+ * from a sampler of the same seed. */
+static void test_same_as_draw(void **state) {
   (void)state;
   enum { V = 5000 };
-  static float l[V], w[V], wo[V], wid[V];
-  static int32_t idx[V], io[V];
+  static float l[V], w[V];
+  static int32_t idx[V], ids[V];
+  static uint64_t mass[V];
+  void *scratch = malloc(epic_draw_scratch_bytes(V));
   const float temps[] = {0.3f, 1.0f, 2.5f}, tops[] = {1.0f, 0.95f, 0.5f, 1e-6f};
   const int64_t ks[] = {0, 1, 7, 300, V};
   unsigned seed = 11;
@@ -156,23 +138,37 @@ static void test_weights_match_full_sort(void **state) {
     for (size_t a = 0; a < sizeof temps / sizeof *temps; a++)
       for (size_t b = 0; b < sizeof tops / sizeof *tops; b++)
         for (size_t c = 0; c < sizeof ks / sizeof *ks; c++) {
+          epic_sampler *s1 = mk(temps[a], tops[b], ks[c], 40 + c);
+          epic_sampler *s2 = mk(temps[a], tops[b], ks[c], 40 + c); /* the same stream */
           const epic_sampling_params p = {
               .size = sizeof p, .temperature = temps[a], .top_p = tops[b], .top_k = ks[c]};
-          double sum, so;
+          const epic_draw_params d0 = {
+              .temperature = temps[a], .top_p = tops[b], .top_k = (int32_t)ks[c]};
+          double sum;
+          uint64_t total;
+          int shift;
           const int64_t k = epic_sampling_weights(l, V, &p, idx, w, &sum);
-          const int64_t ko = oracle_weights(l, V, &p, io, wo, &so);
-          assert_int_equal(k, ko);
-          assert_true(fabs(sum - so) <= 1e-12 * so);
-          memset(wid, 0, sizeof wid);
-          for (int64_t i = 0; i < ko; i++)
-            wid[io[i]] = wo[i];
+          assert_int_equal(k, epic_draw_kept(l, V, &d0, scratch, ids, mass, &total, &shift));
+          assert_true(sum == ldexp((double)total, -shift));
           for (int64_t i = 0; i < k; i++) {
-            assert_true(idx[i] >= 0 && idx[i] < V);
-            assert_true(wid[idx[i]] == w[i]);
-            wid[idx[i]] = -1; /* each id once */
+            assert_int_equal(idx[i], ids[i]);
+            assert_true(w[i] == (float)ldexp((double)mass[i], -shift));
           }
+          for (int t = 0; t < 5; t++) {
+            epic_draw_params d;
+            if (!epic_sampler_draw(s1, &d)) { /* top_k 1: greedy, nothing drawn */
+              assert_int_equal(ks[c], 1);
+              assert_int_equal(epic_sampler_sample(s2, l, V, NULL), epic_argmax(l, V));
+              continue;
+            }
+            assert_true(d.temperature == temps[a] && d.top_p == tops[b] && d.top_k == ks[c]);
+            assert_int_equal(epic_sampler_sample(s2, l, V, NULL), epic_draw_row(l, V, &d, scratch));
+          }
+          epic_sampler_destroy(s1);
+          epic_sampler_destroy(s2);
         }
   }
+  free(scratch);
 }
 
 /* Draws that reach deep into a flat, wide row at a high temperature follow the
@@ -218,7 +214,7 @@ int main(void) {
       cmocka_unit_test(test_invalid_params),
       cmocka_unit_test(test_seeded_and_truncated),
       cmocka_unit_test(test_distribution),
-      cmocka_unit_test(test_weights_match_full_sort),
+      cmocka_unit_test(test_same_as_draw),
       cmocka_unit_test(test_distribution_wide),
   };
   return cmocka_run_group_tests_name("sampler", tests, NULL, NULL);
