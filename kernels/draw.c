@@ -9,7 +9,7 @@
 typedef struct drow {
   const float *l;
   int64_t n, best;
-  float mx, t;
+  float mx, inv_t;
   int shift;
   uint32_t *key;
   uint64_t *q;
@@ -32,7 +32,7 @@ static void weigh(drow *r, const float *l, int64_t n, float t, void *scratch) {
   memset(r, 0, sizeof *r);
   r->l = l;
   r->n = n;
-  r->t = t;
+  r->inv_t = epic_draw_inv_t(t);
   r->q = scratch;
   r->key = (uint32_t *)(r->q + n);
   for (int64_t i = 1; i < n; i++) /* the first largest, as epic_argmax and row_pick */
@@ -42,7 +42,7 @@ static void weigh(drow *r, const float *l, int64_t n, float t, void *scratch) {
   r->shift = epic_draw_shift(n);
   for (int64_t i = 0; i < n; i++) {
     const uint32_t k = epic_draw_key(l[i]);
-    const uint64_t q = epic_draw_mass(l[i], r->mx, t, r->shift);
+    const uint64_t q = epic_draw_mass(l[i], r->mx, r->inv_t, r->shift);
     r->key[i] = k;
     r->q[i] = q;
     r->total += q;
@@ -84,7 +84,7 @@ static dpos locate(const drow *r, int by_mass, uint64_t x) {
     mask |= 0xffu << sh;
   }
   dpos p = {.key = prefix, .above_n = an, .above_m = am};
-  p.qt = epic_draw_mass(epic_draw_logit(prefix), r->mx, r->t, r->shift);
+  p.qt = epic_draw_mass(epic_draw_logit(prefix), r->mx, r->inv_t, r->shift);
   p.rank = by_mass ? (p.qt ? (x - am) / p.qt : 0) : x - an;
   return p;
 }

@@ -4,9 +4,9 @@
  *
  * The distribution, for temperature t > 0:
  * - candidates in order of descending logit, lower id first on equal logits;
- * - mass of a candidate: exp((logit - max) / t) in float (kernels/draw_impl.h spells
- *   out the exponential, so that it rounds alike everywhere) in fixed point with 2^shift
- *   for 1 (shift = 40 for rows up to 2^22 ids), truncated;
+ * - mass of a candidate: exp((logit - max) * (1 / t)) in float (kernels/draw_impl.h
+ *   spells out the exponential, so that it rounds alike everywhere) in fixed point with
+ *   2^shift for 1 (shift = 40 for rows up to 2^22 ids), truncated;
  * - top_k > 0: the first top_k candidates are kept;
  * - top_p < 1: of those, the shortest run from the first whose mass reaches
  *   floor(top_p * their mass) (at least one);

@@ -88,10 +88,15 @@ EPIC_DRAW_FN int epic_draw_shift(int64_t n) {
   return 62 - b < 40 ? 62 - b : 40;
 }
 
-/* A candidate's mass: exp((l - mx) / t) in float, times 2^shift, truncated (the largest
- * logit's is 2^shift). */
-EPIC_DRAW_FN uint64_t epic_draw_mass(float l, float mx, float t, int shift) {
-  const float w = epic_draw_exp(DRAW_DIV(DRAW_SUB(l, mx), t));
+/* 1 / temperature in float: what the logits' distances are multiplied by. */
+EPIC_DRAW_FN float epic_draw_inv_t(float t) {
+  return DRAW_DIV(1.0f, t);
+}
+
+/* A candidate's mass: exp((l - mx) * inv_t) in float, times 2^shift, truncated (the
+ * largest logit's is 2^shift). */
+EPIC_DRAW_FN uint64_t epic_draw_mass(float l, float mx, float inv_t, int shift) {
+  const float w = epic_draw_exp(DRAW_MUL(DRAW_SUB(l, mx), inv_t));
   return (uint64_t)DRAW_MUL(w, DRAW_U2F((uint32_t)(shift + 127) << 23));
 }
 

@@ -18,44 +18,100 @@ constexpr int kDrawThreads = 1024;
 constexpr int kDrawWarps = kDrawThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
 
+// A digit's histogram: counts, and masses as two 32-bit halves (native shared-memory
+// atomics; the low half's carries go to the high half).
+struct Hist {
+  unsigned int lo[EPIC_DRAW_BINS], hi[EPIC_DRAW_BINS], c[EPIC_DRAW_BINS];
+  __device__ __forceinline__ uint64_t mass(int b) const {
+    return ((uint64_t)hi[b] << 32) | lo[b];
+  }
+};
+
 struct DrawShared {
-  unsigned long long m0[EPIC_DRAW_BINS]; // first digit, from the weighing pass
-  unsigned int c0[EPIC_DRAW_BINS];
-  unsigned long long m[EPIC_DRAW_BINS]; // the digit being searched
-  unsigned int c[EPIC_DRAW_BINS];
+  Hist h0; // first digit, from the weighing pass
+  Hist h;  // the digit being searched
   unsigned long long warp_sum[kDrawWarps];
   unsigned int warp_hits[kDrawWarps];
   unsigned long long total;
   // the search's state, written by thread 0
   uint32_t prefix;
   unsigned long long above_n, above_m, rank;
-  int64_t found;
+  int sel_warp;   // the warp whose range holds the chosen id
+  int64_t found; // the chosen id
 };
 
 struct Row {
   const float *x;
   int64_t n;
-  float mx, t;
+  float mx, inv_t;
   int shift;
 };
 
 __device__ __forceinline__ uint64_t mass_of(const Row &r, float l) {
-  return epic_draw_mass(l, r.mx, r.t, r.shift);
+  return epic_draw_mass(l, r.mx, r.inv_t, r.shift);
 }
 
-// Adds (mass q, one count) to bin b for the lanes with `in`: lanes of a warp with the same
-// bin add once (their sum by warp reductions of the mass's two 21-bit halves: masses are
-// at most 2^40).
-__device__ __forceinline__ void bin_add(unsigned long long *hm, unsigned int *hc, uint32_t b,
-                                        uint64_t q, bool in) {
+// Adds (mass q, one count) to bin b for the lanes with `in` (warp-uniform call): lanes of a
+// warp with the same bin add once (their sum by warp reductions of the mass's two 21-bit
+// halves: masses are at most 2^40); a warp without such lanes does nothing.
+__device__ __forceinline__ void bin_add(Hist &h, uint32_t b, uint64_t q, bool in) {
+  if (!__any_sync(kFull, in))
+    return;
   const unsigned peers = __match_any_sync(kFull, in ? b : 0xffffffffu);
   const unsigned lo = __reduce_add_sync(peers, (unsigned)(q & 0x1fffffu));
   const unsigned hi = __reduce_add_sync(peers, (unsigned)(q >> 21));
   if (in && (threadIdx.x & 31) == (unsigned)(__ffs(peers) - 1)) {
-    atomicAdd(&hm[b], (unsigned long long)lo + ((unsigned long long)hi << 21));
-    if (hc)
-      atomicAdd(&hc[b], (unsigned)__popc(peers));
+    const uint64_t v = (uint64_t)lo + ((uint64_t)hi << 21);
+    const unsigned v_lo = (unsigned)v, old = atomicAdd(&h.lo[b], v_lo);
+    const unsigned v_hi = (unsigned)(v >> 32) + (old + v_lo < old ? 1u : 0u);
+    if (v_hi)
+      atomicAdd(&h.hi[b], v_hi);
+    atomicAdd(&h.c[b], (unsigned)__popc(peers));
   }
+}
+
+// f(i, x[i]) for every id of the row, each thread taking ids threadIdx.x + k * threads:
+// kUnroll loads issued before any is used (a pass is bound by the loads' latency; one
+// load in flight per warp left the SM's memory pipe mostly idle). The calls are
+// warp-uniform (ids past the row come as i >= n, value 0).
+constexpr int kUnroll = 8;
+template <typename F> __device__ __forceinline__ void for_row(const Row &r, F f) {
+  for (int64_t base = 0; base < r.n; base += (int64_t)kDrawThreads * kUnroll) {
+    float v[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; j++) {
+      const int64_t i = base + j * kDrawThreads + threadIdx.x;
+      v[j] = i < r.n ? r.x[i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; j++)
+      f(base + j * kDrawThreads + threadIdx.x, v[j]);
+  }
+}
+
+// The number of ids of [w0, w1) whose key is `key`, for one warp (lanes take 32 apart).
+__device__ __forceinline__ unsigned warp_hits(const Row &r, int64_t w0, int64_t w1,
+                                              uint32_t key) {
+  const int lane = threadIdx.x & 31;
+  unsigned hits = 0;
+  for (int64_t base = w0; base < w1; base += 32 * kUnroll) {
+    float v[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; j++) {
+      const int64_t i = base + j * 32 + lane;
+      v[j] = i < w1 ? r.x[i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; j++)
+      hits += (unsigned)__popc(
+          __ballot_sync(kFull, base + j * 32 + lane < w1 && epic_draw_key(v[j]) == key));
+  }
+  return hits;
+}
+
+__device__ __forceinline__ void hist_zero(Hist &h) {
+  for (int b = threadIdx.x; b < EPIC_DRAW_BINS; b += kDrawThreads)
+    h.lo[b] = h.hi[b] = h.c[b] = 0;
 }
 
 // The first candidate (descending key, ascending id) where the running count (by_mass
@@ -72,34 +128,27 @@ __device__ void locate(const Row &r, DrawShared &sh, bool by_mass, uint64_t x) {
   uint32_t mask = 0;
   for (int d = 0; d < 4; d++) {
     const int s = 24 - 8 * d;
-    const unsigned long long *m = sh.m0;
-    const unsigned int *c = sh.c0;
+    const Hist *h = &sh.h0;
     if (d > 0) {
-      for (int b = threadIdx.x; b < EPIC_DRAW_BINS; b += kDrawThreads) {
-        sh.m[b] = 0;
-        sh.c[b] = 0;
-      }
+      hist_zero(sh.h);
       __syncthreads();
       const uint32_t prefix = sh.prefix;
-      for (int64_t base = 0; base < r.n; base += kDrawThreads) {
-        const int64_t i = base + threadIdx.x;
-        const float l = i < r.n ? r.x[i] : 0.0f;
+      for_row(r, [&](int64_t i, float l) {
         const uint32_t k = epic_draw_key(l);
         const bool in = i < r.n && (k & mask) == prefix;
-        bin_add(sh.m, sh.c, (k >> s) & 0xffu, in ? mass_of(r, l) : 0, in);
-      }
+        bin_add(sh.h, (k >> s) & 0xffu, in ? mass_of(r, l) : 0, in);
+      });
       __syncthreads();
-      m = sh.m;
-      c = sh.c;
+      h = &sh.h;
     }
     if (threadIdx.x == 0) {
       unsigned long long an = sh.above_n, am = sh.above_m;
       int b = EPIC_DRAW_BINS - 1;
       for (; b > 0; b--) {
-        if ((by_mass ? am + m[b] : an + c[b]) > x)
+        if ((by_mass ? am + h->mass(b) : an + h->c[b]) > x)
           break;
-        an += c[b];
-        am += m[b];
+        an += h->c[b];
+        am += h->mass(b);
       }
       sh.prefix |= (uint32_t)b << s;
       sh.above_n = an;
@@ -130,21 +179,17 @@ __global__ void __launch_bounds__(kDrawThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t best = ids[blockIdx.x];
   const float lp_best = logprob[blockIdx.x];
-  Row r{x + (int64_t)blockIdx.x * n, n, 0.0f, p.temperature, epic_draw_shift(n)};
+  Row r{x + (int64_t)blockIdx.x * n, n, 0.0f, epic_draw_inv_t(p.temperature),
+        epic_draw_shift(n)};
   r.mx = r.x[best];
-  for (int b = threadIdx.x; b < EPIC_DRAW_BINS; b += kDrawThreads) {
-    sh.m0[b] = 0;
-    sh.c0[b] = 0;
-  }
+  hist_zero(sh.h0);
   __syncthreads();
   uint64_t sum = 0;
-  for (int64_t base = 0; base < n; base += kDrawThreads) {
-    const int64_t i = base + threadIdx.x;
-    const float l = i < n ? r.x[i] : 0.0f;
+  for_row(r, [&](int64_t i, float l) {
     const uint64_t q = i < n ? mass_of(r, l) : 0;
     sum += q;
-    bin_add(sh.m0, sh.c0, epic_draw_key(l) >> 24, q, i < n);
-  }
+    bin_add(sh.h0, epic_draw_key(l) >> 24, q, i < n);
+  });
   for (int o = 16; o > 0; o >>= 1)
     sum += __shfl_down_sync(kFull, sum, o);
   if (lane == 0)
@@ -177,37 +222,45 @@ __global__ void __launch_bounds__(kDrawThreads)
   }
   locate(r, sh, true, epic_draw_scale(p.u, kept));
 
-  // The rank-th id (in id order) holding the chosen key.
+  // The rank-th id (in id order) holding the chosen key: each warp counts the hits in its
+  // own contiguous range, thread 0 finds the warp holding the rank-th, that warp finds it.
   const uint32_t key = sh.prefix;
-  if (threadIdx.x == 0)
+  const int64_t span = (n + 32 * kDrawWarps - 1) / (32 * kDrawWarps) * 32;
+  const int64_t w0 = warp * span, w1 = w0 + span < n ? w0 + span : n;
+  const unsigned hits = warp_hits(r, w0, w1, key);
+  if (lane == 0)
+    sh.warp_hits[warp] = hits;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long acc = 0;
+    int w = 0;
+    while (w < kDrawWarps - 1 && sh.rank >= acc + sh.warp_hits[w])
+      acc += sh.warp_hits[w++];
+    sh.sel_warp = w;
+    sh.rank -= acc;
     sh.found = -1;
-  for (int64_t base = 0; base < n; base += kDrawThreads) {
-    const int64_t i = base + threadIdx.x;
-    const bool hit = i < n && epic_draw_key(r.x[i]) == key;
-    const unsigned bits = __ballot_sync(kFull, hit);
-    if (lane == 0)
-      sh.warp_hits[warp] = (unsigned)__popc(bits);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      unsigned long long acc = 0;
-      for (int w = 0; w < kDrawWarps && sh.found < 0; w++) {
-        if (sh.rank < acc + sh.warp_hits[w]) {
-          unsigned rest = (unsigned)(sh.rank - acc);
-          for (int64_t i = base + w * 32; i < base + w * 32 + 32 && i < n; i++)
-            if (epic_draw_key(r.x[i]) == key && rest-- == 0) { // the warp's rest-th hit
-              sh.found = i;
-              break;
-            }
-        }
-        acc += sh.warp_hits[w];
-      }
-      if (sh.found < 0)
-        sh.rank -= acc;
-    }
-    __syncthreads();
-    if (sh.found >= 0)
-      break;
   }
+  __syncthreads();
+  if (warp == sh.sel_warp) {
+    unsigned rest = (unsigned)sh.rank;
+    int64_t tok = -1;
+    for (int64_t base = w0; base < w1 && tok < 0; base += 32) {
+      const int64_t i = base + lane;
+      const unsigned bits = __ballot_sync(kFull, i < w1 && epic_draw_key(r.x[i]) == key);
+      const unsigned c = (unsigned)__popc(bits);
+      if (rest < c) {
+        unsigned b = bits;
+        for (unsigned j = 0; j < rest; j++)
+          b &= b - 1; // drop the lowest set bit
+        tok = base + __ffs(b) - 1;
+      } else {
+        rest -= c;
+      }
+    }
+    if (lane == 0)
+      sh.found = tok;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
     const int64_t tok = sh.found >= 0 ? sh.found : best;
     const double lse = (double)r.mx - (double)lp_best;

@@ -65,7 +65,7 @@ static int64_t oracle_kept(const float *l, int64_t n, const epic_draw_params *p,
   int64_t k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
   uint64_t mk = 0;
   for (int64_t i = 0; i < n; i++)
-    q[i] = epic_draw_mass(l[ord[i]], mx, p->temperature, shift);
+    q[i] = epic_draw_mass(l[ord[i]], mx, epic_draw_inv_t(p->temperature), shift);
   for (int64_t i = 0; i < k; i++)
     mk += q[i];
   if (p->top_p < 1.0f) {
