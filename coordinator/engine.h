@@ -92,8 +92,8 @@ typedef struct epic_engine_params {
    * (epic_eplb_policy). Same on every rank. */
   int64_t eplb_redundant, eplb_interval;
   int eplb_policy;
-  /* Host threads drawing a step's sampled tokens (epic_executor_params): 0 = the
-   * online CPUs, at most 8; 1 = the engine's thread. Tokens do not depend on it. */
+  /* Host threads computing a step's top logprobs (epic_executor_params): 0 = the
+   * online CPUs, at most 8; 1 = the engine's thread. Results do not depend on it. */
   int sampler_threads;
 } epic_engine_params;
 

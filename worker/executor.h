@@ -48,10 +48,10 @@ typedef struct epic_executor_params {
   int lockstep;      /* 1 when the model was loaded with a comm (see above) */
   epic_kvcache *kc_mtp; /* borrowed, optional: MTP cache (epic_model_kvcache_create(m, 1, ..)) */
   int64_t mtp_draft;    /* with kc_mtp: the most drafts an entry may ask for (1..64) */
-  /* Threads drawing a step's sampled tokens (a draw is a few passes over a
-   * vocabulary-wide row, milliseconds at DeepSeek-V3's 129k ids: a batch of sampled
-   * sequences would keep a GPU waiting on one host thread). 0: the online CPUs, at
-   * most 8; 1: the calling thread alone. The tokens do not depend on it. */
+  /* Threads computing a step's top logprobs (a pass over a vocabulary-wide row each,
+   * 129k ids for DeepSeek-V3; sampled tokens are drawn by the backend, ops row_draw).
+   * 0: the online CPUs, at most 8; 1: the calling thread alone. Results do not depend
+   * on it. */
   int sampler_threads;
 } epic_executor_params;
 

@@ -187,8 +187,8 @@ static int make_requests(const fixture *f, rq *rs) {
 
 /* Small pages, a KV cache that holds only some requests at once, a budget of
  * 24 tokens per step and chunks of 7: prefill and decode mix in most steps. */
-/* sampler_threads: 4, so that a step's sampled rows are drawn on several threads (and
- * test_alone_equals_together compares them with draws one request at a time). */
+/* sampler_threads: 4 (the top-logprob threads; test_alone_equals_together compares this
+ * engine's batched draws with one request at a time on 1). */
 static epic_engine *tight_engine(fixture *f) {
   epic_engine_params p = {.size = sizeof p,
                           .model = f->m,

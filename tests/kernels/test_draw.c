@@ -155,6 +155,21 @@ static void test_degenerate_rows(void **state) {
   p.top_k = 1; /* the first candidate: the lower id of the tie */
   assert_int_equal(epic_draw_row(l, 5, &p, scratch), 1);
   assert_int_equal(epic_draw_row(l + 3, 1, &p, scratch), 0);
+  /* top_p reached exactly: ten equal masses, half of them asked for, half kept (the first
+   * five ids), and draws only among them */
+  float flat[10] = {0};
+  int32_t ids[10];
+  uint64_t mass[10], total;
+  int shift;
+  p = (epic_draw_params){.temperature = 1.0f, .top_p = 0.5f};
+  uint64_t big[40];
+  assert_int_equal(epic_draw_kept(flat, 10, &p, big, ids, mass, &total, &shift), 5);
+  assert_int_equal(ids[4], 4);
+  assert_true(total == 5 * mass[0]);
+  for (int d = 0; d < 50; d++) {
+    p.u = next_u64();
+    assert_true(epic_draw_row(flat, 10, &p, big) < 5);
+  }
 }
 
 /* The spelled-out exponential stays within 2 ulp of exp over the range that has masses. */
