@@ -737,7 +737,11 @@ int epic_cmd_generate(int argc, char **argv) {
                                .comm = comm,
                                .mtp_draft = o.mtp_draft};
     released = 1; /* epic_generate releases the followers whatever happens */
-    if (epic_generate(model, kc, kc_mtp, &gp, &res) != EPIC_OK) goto done;
+    const epic_status gs = epic_generate(model, kc, kc_mtp, &gp, &res);
+    if (gs != EPIC_OK) { /* the failing layer logged what it could; say that it stopped */
+      fprintf(stderr, "epic generate: generation stopped: %s\n", epic_status_str(gs));
+      goto done;
+    }
   }
   if (epic_npy_writer_close(dump) != EPIC_OK) {
     dump = NULL;
