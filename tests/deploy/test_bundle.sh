@@ -32,6 +32,11 @@ else
   echo "SKIP: the chroot needs root (or user namespaces) and unshare --mount-proc"
   exit 77
 fi
+# A jailed process dies with its unshare (which does not pass signals on): killing the
+# jailed server below must not leave it running.
+if "$unshare_bin" --kill-child true 2>/dev/null; then
+  jail=("${jail[0]}" --kill-child "${jail[@]:1}")
+fi
 
 # cuBLAS/cuBLASLt (~600 MB, in a CUDA build) are taken as the node's here to keep the
 # test fast; they are bundled like any other library by default.
@@ -127,7 +132,10 @@ fi
 if [ -x "$B/bin/epic-grpc-probe" ] && "$EPIC" serve --help >/dev/null 2>&1; then
   OMP_NUM_THREADS=1 "$EPIC" generate --model "$FX/tiny-bf16" --prompt-ids 0,10,20 --max-new-tokens 5 --ignore-eos \
     --json >"$tmp/ref5.json" 2>"$tmp/err"
-  in_jail /opt/epic-test/bin/epic serve --model /model --listen 127.0.0.1:0 --kv-pages 64 >"$R/tmp/serve.out" 2>"$tmp/serve.err" &
+  # Not through in_jail: $! must be unshare itself (env execs it), not a subshell.
+  env -i PATH=/opt/epic-test/bin LD_LIBRARY_PATH= OMP_NUM_THREADS=1 "${jail[@]}" "$R" \
+    /opt/epic-test/bin/epic serve --model /model --listen 127.0.0.1:0 --kv-pages 64 \
+    >"$R/tmp/serve.out" 2>"$tmp/serve.err" &
   spid=$!
   addr=""
   for _ in $(seq 300); do
@@ -145,7 +153,11 @@ if [ -x "$B/bin/epic-grpc-probe" ] && "$EPIC" serve --help >/dev/null 2>&1; then
     [ -n "$addr" ] || cp "$tmp/serve.err" "$tmp/err"
     bad "chroot: serve + gRPC probe (address '${addr}')"
   fi
-  kill -TERM "$spid" 2>/dev/null
+  # unshare does not pass signals on: stop the jailed server (its child), give unshare a
+  # few seconds to follow, then kill it (--kill-child takes the server along).
+  for c in $(cat /proc/"$spid"/task/"$spid"/children 2>/dev/null); do kill -TERM "$c" 2>/dev/null; done
+  for _ in $(seq 50); do kill -0 "$spid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$spid" 2>/dev/null
   wait "$spid" 2>/dev/null
 fi
 
