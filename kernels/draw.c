@@ -13,6 +13,7 @@ typedef struct drow {
   int shift;
   uint32_t *key;
   uint64_t *q;
+  int32_t *list; /* a search's candidates past its first digit */
   uint64_t total;
   uint64_t c0[EPIC_DRAW_BINS], m0[EPIC_DRAW_BINS];
 } drow;
@@ -25,7 +26,7 @@ typedef struct dpos {
 } dpos;
 
 size_t epic_draw_scratch_bytes(int64_t n) {
-  return (size_t)n * (sizeof(uint64_t) + sizeof(uint32_t));
+  return (size_t)n * (sizeof(uint64_t) + sizeof(uint32_t) + sizeof(int32_t));
 }
 
 static void weigh(drow *r, const float *l, int64_t n, float t, void *scratch) {
@@ -35,6 +36,7 @@ static void weigh(drow *r, const float *l, int64_t n, float t, void *scratch) {
   r->inv_t = epic_draw_inv_t(t);
   r->q = scratch;
   r->key = (uint32_t *)(r->q + n);
+  r->list = (int32_t *)(r->key + n);
   for (int64_t i = 1; i < n; i++) /* the first largest, as epic_argmax and row_pick */
     if (l[i] > l[r->best])
       r->best = i;
@@ -54,22 +56,30 @@ static void weigh(drow *r, const float *l, int64_t n, float t, void *scratch) {
 /* The first candidate (descending key, ascending id) at which the running count (by_mass
  * 0) or mass (1) exceeds x, for x below the row's total of that measure: one digit of
  * the key per round, each round a histogram of the candidates that share the digits so
- * far (the first round's came from weigh). */
+ * far (the first round's came from weigh; the later ones go over the candidates of the
+ * first digit's bin, listed once). */
 static dpos locate(const drow *r, int by_mass, uint64_t x) {
   uint32_t prefix = 0, mask = 0;
   uint64_t an = 0, am = 0, hc[EPIC_DRAW_BINS], hm[EPIC_DRAW_BINS];
+  int64_t n_list = 0;
   for (int d = 0; d < 4; d++) {
     const int sh = 24 - 8 * d;
     const uint64_t *c = r->c0, *m = r->m0;
+    if (d == 1)
+      for (int64_t i = 0; i < r->n; i++)
+        if ((r->key[i] >> 24) == prefix >> 24)
+          r->list[n_list++] = (int32_t)i;
     if (d > 0) {
       memset(hc, 0, sizeof hc);
       memset(hm, 0, sizeof hm);
-      for (int64_t i = 0; i < r->n; i++)
+      for (int64_t j = 0; j < n_list; j++) {
+        const int32_t i = r->list[j];
         if ((r->key[i] & mask) == prefix) {
           const uint32_t b = (r->key[i] >> sh) & 0xffu;
           hc[b]++;
           hm[b] += r->q[i];
         }
+      }
       c = hc;
       m = hm;
     }
