@@ -184,12 +184,15 @@ epic_status epic_generate(epic_model *m, epic_kvcache *kc, epic_kvcache *kc_mtp,
     EPIC_CHECK_GOTO(emit(p, c, r, tok, lp, &stop), st, done);
     if (!stop) EPIC_CHECK_GOTO(spec_decode(m, sp, &seq, p, r, tok), st, done);
   }
-  /* Greedy decoding without a logits dump takes the backend's pick: no row to download. */
-  const uint8_t need_row = want_rows || !epic_sampler_greedy(smp);
+  /* Without a logits dump a decode step takes the backend's pick, or its draw (the host
+   * sampler's token: the same definition and random value): no row to download. */
+  const uint8_t need_row = want_rows;
   for (int64_t k = 0; !sp && k < p->max_new_tokens; k++) {
     epic_row_pick pick = {0};
     if (k > 0) {
+      epic_draw_params d;
       epic_seq_batch b = {.tokens = &tok, .n_tokens = 1, .start = seq.n_tokens, .kv = &seq};
+      if (!need_row && epic_sampler_draw(smp, &d)) b.draw = &d;
       EPIC_CHECK_GOTO(announce(p->comm, STEP_FORWARD), st, done);
       EPIC_CHECK_GOTO(epic_model_forward_pick(m, kc, &b, 1, logits, &need_row, &pick, NULL), st,
                       done);
