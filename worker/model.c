@@ -1150,8 +1150,6 @@ typedef struct fwd_shape {
   int draws;        /* some sequence's pick is a draw (epic_seq_batch.draw) */
 } fwd_shape;
 
-/* int32 entries of the forward plan: positions, ids, output rows, block tables, lengths,
- * and the LM head's rows when they are fewer than the output rows. */
 /* 32-bit words of one LM-head row's draw parameters in the plan. */
 #define DRAW_WORDS ((int64_t)(sizeof(epic_draw_params) / sizeof(int32_t)))
 
@@ -1167,6 +1165,9 @@ static int64_t plan_draw_at(const fwd_shape *sh) {
   return (plan_index_len(sh) + 1) & ~(int64_t)1;
 }
 
+/* int32 entries of the forward plan: positions, ids, output rows, block tables, lengths,
+ * the LM head's rows when they are fewer than the output rows, then, where a sequence
+ * draws, every LM-head row's draw parameters. */
 static int64_t plan_len(const fwd_shape *sh) {
   return plan_draw_at(sh) + (sh->draws ? sh->lm_rows * DRAW_WORDS : 0);
 }
@@ -2153,7 +2154,8 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
   f->n_ctx = f->tables + sh->n_trows * sh->stride;
   f->lm_rows = split ? f->n_ctx + sh->n_trows : NULL;
   f->lm_out = split ? lm_out : NULL;
-  f->draw = sh->draws ? (const epic_draw_params *)(const void *)(s->plan + plan_draw_at(sh)) : NULL;
+  f->draw = sh->draws ? (const epic_draw_params *)(const void *)(s->plan + plan_draw_at(sh))
+                      : NULL;
   f->trow = trow;
   f->stride = sh->stride > 0 ? sh->stride : 1;
   f->dec_bound = ctx_bound(sh->dec_ctx);
