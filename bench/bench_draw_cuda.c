@@ -14,13 +14,13 @@
 #include "kernels/draw.h"
 #include "kernels/ops.h"
 
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    const epic_status st_ = (x);                                                               \
-    if (st_ != EPIC_OK) {                                                                      \
-      fprintf(stderr, "bench_draw_cuda: %s failed (%d)\n", #x, (int)st_);                      \
-      exit(1);                                                                                 \
-    }                                                                                          \
+#define CK(x)                                                                                      \
+  do {                                                                                             \
+    const epic_status st_ = (x);                                                                   \
+    if (st_ != EPIC_OK) {                                                                          \
+      fprintf(stderr, "bench_draw_cuda: %s failed (%d)\n", #x, (int)st_);                          \
+      exit(1);                                                                                     \
+    }                                                                                              \
   } while (0)
 
 /* Rows: "wide" (normal logits, sd 3: the nucleus runs deep) or "peaked" (sd 1 and a few
@@ -98,7 +98,8 @@ int main(int argc, char **argv) {
         int same = 1;
         for (int r = 0; r <= reps; r++) { /* r == 0: warm-up */
           for (int64_t i = 0; i < b; i++)
-            p[i] = (epic_draw_params){.temperature = settings[s].t, .top_p = settings[s].p,
+            p[i] = (epic_draw_params){.temperature = settings[s].t,
+                                      .top_p = settings[s].p,
                                       .top_k = settings[s].k,
                                       .u = (seed = seed * 6364136223846793005ull + 1)};
           CK(o->vt->upload(o, dp, p, (size_t)b * sizeof *p));
@@ -114,9 +115,9 @@ int main(int argc, char **argv) {
           double t3 = epic_now_seconds();
 #pragma omp parallel for num_threads((int)threads) schedule(dynamic, 1)
           for (int64_t i = 0; i < b; i++)
-            hid[i] = epic_draw_row(host + i * V, V, &p[i],
-                                   (char *)scratch + omp_get_thread_num() *
-                                                         epic_draw_scratch_bytes(V));
+            hid[i] =
+                epic_draw_row(host + i * V, V, &p[i],
+                              (char *)scratch + omp_get_thread_num() * epic_draw_scratch_bytes(V));
           double t4 = epic_now_seconds();
           for (int64_t i = 0; i < b; i++)
             same &= hid[i] == ids[i];
@@ -132,8 +133,8 @@ int main(int argc, char **argv) {
                "\"pick_us\": %.1f, \"device_draw_us\": %.1f, \"host_download_us\": %.1f, "
                "\"host_draw_us\": %.1f, \"host_over_device\": %.2f, \"same_tokens\": %s}",
                first ? "" : ",", peaked ? "peaked" : "wide", settings[s].name, (long long)b,
-               t_pick * us, t_draw * us, t_down * us, t_host * us,
-               (t_down + t_host) / t_draw, same ? "true" : "false");
+               t_pick * us, t_draw * us, t_down * us, t_host * us, (t_down + t_host) / t_draw,
+               same ? "true" : "false");
         first = 0;
         fflush(stdout);
       }

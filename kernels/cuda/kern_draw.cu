@@ -22,9 +22,7 @@ constexpr unsigned kFull = 0xffffffffu;
 // atomics; the low half's carries go to the high half).
 struct Hist {
   unsigned int lo[EPIC_DRAW_BINS], hi[EPIC_DRAW_BINS], c[EPIC_DRAW_BINS];
-  __device__ __forceinline__ uint64_t mass(int b) const {
-    return ((uint64_t)hi[b] << 32) | lo[b];
-  }
+  __device__ __forceinline__ uint64_t mass(int b) const { return ((uint64_t)hi[b] << 32) | lo[b]; }
 };
 
 struct DrawShared {
@@ -36,7 +34,7 @@ struct DrawShared {
   // the search's state, written by thread 0
   uint32_t prefix;
   unsigned long long above_n, above_m, rank;
-  int sel_warp;   // the warp whose range holds the chosen id
+  int sel_warp;  // the warp whose range holds the chosen id
   int64_t found; // the chosen id
 };
 
@@ -90,8 +88,7 @@ template <typename F> __device__ __forceinline__ void for_row(const Row &r, F f)
 }
 
 // The number of ids of [w0, w1) whose key is `key`, for one warp (lanes take 32 apart).
-__device__ __forceinline__ unsigned warp_hits(const Row &r, int64_t w0, int64_t w1,
-                                              uint32_t key) {
+__device__ __forceinline__ unsigned warp_hits(const Row &r, int64_t w0, int64_t w1, uint32_t key) {
   const int lane = threadIdx.x & 31;
   unsigned hits = 0;
   for (int64_t base = w0; base < w1; base += 32 * kUnroll) {
@@ -179,8 +176,7 @@ __global__ void __launch_bounds__(kDrawThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t best = ids[blockIdx.x];
   const float lp_best = logprob[blockIdx.x];
-  Row r{x + (int64_t)blockIdx.x * n, n, 0.0f, epic_draw_inv_t(p.temperature),
-        epic_draw_shift(n)};
+  Row r{x + (int64_t)blockIdx.x * n, n, 0.0f, epic_draw_inv_t(p.temperature), epic_draw_shift(n)};
   r.mx = r.x[best];
   hist_zero(sh.h0);
   __syncthreads();

@@ -22,7 +22,9 @@ static uint64_t next_u64(void) {
   rng ^= rng << 17;
   return rng * 0x2545f4914f6cdd1dull;
 }
-static double unit(void) { return (double)(next_u64() >> 11) * 0x1p-53; }
+static double unit(void) {
+  return (double)(next_u64() >> 11) * 0x1p-53;
+}
 
 /* Rows of a few shapes: wide, ties (logits on a 1/4 grid), peaked with masked tokens, and
  * flat with a few NaN. */
