@@ -1,11 +1,14 @@
 // Seeded draws from logits rows on the GPU (row_draw): kernels/draw.c's algorithm, one
-// CTA of 1024 threads per row. The row is never sorted or copied: a weighing pass sums
+// CTA of 1024 threads per row, or for a few rows a cluster of kClusterCtas CTAs per row,
+// each taking a slice of the ids (the cluster's histograms summed through distributed
+// shared memory, identically in every CTA). The row is never sorted or copied: a weighing pass sums
 // the candidates' fixed-point masses and histograms the first 8-bit digit of their order
 // keys; each search (the top-k cut, the top-p cut, the draw) then narrows the key one
 // digit per pass over the ids still sharing its prefix; a last pass finds the id of the
 // chosen key's rank in id order. Masses are integers and every float operation comes from
 // kernels/draw_impl.h, so the token equals the C reference's bit for bit, whatever order
 // the atomics land in.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -14,9 +17,14 @@
 
 namespace {
 
+namespace cg = cooperative_groups;
+
 constexpr int kDrawThreads = 1024;
 constexpr int kDrawWarps = kDrawThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
+// CTAs per row for batches of at most kClusterRows rows (a row alone on one SM spent most
+// of its time in the latency of about 11 dependent passes; 8 is the portable cluster size).
+constexpr int kClusterCtas = 8, kClusterRows = 16;
 
 // A digit's histogram: counts, and masses as two 32-bit halves (native shared-memory
 // atomics; the low half's carries go to the high half).
@@ -26,21 +34,20 @@ struct Hist {
 };
 
 struct DrawShared {
-  Hist h0; // first digit, from the weighing pass
-  Hist h;  // the digit being searched
-  unsigned long long warp_sum[kDrawWarps];
+  Hist h0, h0_all; // first digit, from the weighing pass: this CTA's ids, the row's
+  Hist h, h_all;   // the digit being searched
   unsigned int warp_hits[kDrawWarps];
+  unsigned int all_hits[kClusterCtas * kDrawWarps];
   unsigned long long total;
   // the search's state, written by thread 0
   uint32_t prefix;
   unsigned long long above_n, above_m, rank;
-  int sel_warp;  // the warp whose range holds the chosen id
-  int64_t found; // the chosen id
+  int sel_warp; // the (CTA rank x warps +) warp whose range holds the chosen id
 };
 
 struct Row {
   const float *x;
-  int64_t n;
+  int64_t n, lo, hi; // the row's ids, and this CTA's [lo, hi) of them
   float mx, inv_t;
   int shift;
 };
@@ -68,18 +75,18 @@ __device__ __forceinline__ void bin_add(Hist &h, uint32_t b, uint64_t q, bool in
   }
 }
 
-// f(i, x[i]) for every id of the row, each thread taking ids threadIdx.x + k * threads:
-// kUnroll loads issued before any is used (a pass is bound by the loads' latency; one
-// load in flight per warp left the SM's memory pipe mostly idle). The calls are
-// warp-uniform (ids past the row come as i >= n, value 0).
+// f(i, x[i]) for every id of the CTA's slice, each thread taking ids lo + threadIdx.x +
+// k * threads: kUnroll loads issued before any is used (a pass is bound by the loads'
+// latency; one load in flight per warp left the SM's memory pipe mostly idle). The calls
+// are warp-uniform (ids past the slice come as i >= hi, value 0).
 constexpr int kUnroll = 8;
 template <typename F> __device__ __forceinline__ void for_row(const Row &r, F f) {
-  for (int64_t base = 0; base < r.n; base += (int64_t)kDrawThreads * kUnroll) {
+  for (int64_t base = r.lo; base < r.hi; base += (int64_t)kDrawThreads * kUnroll) {
     float v[kUnroll];
 #pragma unroll
     for (int j = 0; j < kUnroll; j++) {
       const int64_t i = base + j * kDrawThreads + threadIdx.x;
-      v[j] = i < r.n ? r.x[i] : 0.0f;
+      v[j] = i < r.hi ? r.x[i] : 0.0f;
     }
 #pragma unroll
     for (int j = 0; j < kUnroll; j++)
@@ -111,11 +118,37 @@ __device__ __forceinline__ void hist_zero(Hist &h) {
     h.lo[b] = h.hi[b] = h.c[b] = 0;
 }
 
+// The row's histogram from the CTAs' parts (part complete in every CTA of the cluster): C
+// == 1 is part itself; else every CTA sums the C parts bin by bin into all (the same
+// integer sums everywhere), and no part is touched again before every CTA has read it.
+template <int C> __device__ __forceinline__ const Hist *gather(Hist &part, Hist &all) {
+  if constexpr (C == 1) {
+    return &part;
+  } else {
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    for (int b = threadIdx.x; b < EPIC_DRAW_BINS; b += kDrawThreads) {
+      uint64_t m = 0;
+      unsigned c = 0;
+      for (int k = 0; k < C; k++) {
+        const Hist *h = cl.map_shared_rank(&part, k);
+        m += h->mass(b);
+        c += h->c[b];
+      }
+      all.lo[b] = (unsigned)m;
+      all.hi[b] = (unsigned)(m >> 32);
+      all.c[b] = c;
+    }
+    cl.sync();
+    return &all;
+  }
+}
+
 // The first candidate (descending key, ascending id) where the running count (by_mass
 // false) or mass exceeds x: leaves its key in sh.prefix, the count and mass of higher
 // keys in sh.above_n / above_m and its rank among its key's ids in sh.rank. As locate()
 // in kernels/draw.c.
-__device__ void locate(const Row &r, DrawShared &sh, bool by_mass, uint64_t x) {
+template <int C> __device__ void locate(const Row &r, DrawShared &sh, bool by_mass, uint64_t x) {
   __syncthreads(); // every thread has read the last search's result
   if (threadIdx.x == 0) {
     sh.prefix = 0;
@@ -125,18 +158,18 @@ __device__ void locate(const Row &r, DrawShared &sh, bool by_mass, uint64_t x) {
   uint32_t mask = 0;
   for (int d = 0; d < 4; d++) {
     const int s = 24 - 8 * d;
-    const Hist *h = &sh.h0;
+    const Hist *h = C == 1 ? &sh.h0 : &sh.h0_all;
     if (d > 0) {
       hist_zero(sh.h);
       __syncthreads();
       const uint32_t prefix = sh.prefix;
       for_row(r, [&](int64_t i, float l) {
         const uint32_t k = epic_draw_key(l);
-        const bool in = i < r.n && (k & mask) == prefix;
+        const bool in = i < r.hi && (k & mask) == prefix;
         bin_add(sh.h, (k >> s) & 0xffu, in ? mass_of(r, l) : 0, in);
       });
       __syncthreads();
-      h = &sh.h;
+      h = gather<C>(sh.h, sh.h_all);
     }
     if (threadIdx.x == 0) {
       unsigned long long an = sh.above_n, am = sh.above_m;
@@ -166,35 +199,35 @@ __device__ __forceinline__ uint64_t mass_through(const Row &r, const DrawShared 
   return sh.above_m + (sh.rank + 1) * mass_of(r, epic_draw_logit(sh.prefix));
 }
 
+template <int C>
 __global__ void __launch_bounds__(kDrawThreads)
     k_row_draw(const float *x, int64_t n, const epic_draw_params *params, int32_t *ids,
                float *logprob) {
   __shared__ DrawShared sh;
-  const epic_draw_params p = params[blockIdx.x];
+  const int64_t row = blockIdx.x / C;
+  const int rank = (int)(blockIdx.x % C); // the CTA's slice (cluster rank with C > 1)
+  const epic_draw_params p = params[row];
   if (!(p.temperature > 0.0f))
-    return;
+    return; // the whole cluster leaves alike
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int32_t best = ids[blockIdx.x];
-  const float lp_best = logprob[blockIdx.x];
-  Row r{x + (int64_t)blockIdx.x * n, n, 0.0f, epic_draw_inv_t(p.temperature), epic_draw_shift(n)};
+  const int32_t best = ids[row];
+  const float lp_best = logprob[row];
+  const int64_t slice = (n + 32 * C - 1) / (32 * C) * 32;
+  Row r{x + row * n, n, rank * slice, 0, 0.0f, epic_draw_inv_t(p.temperature), epic_draw_shift(n)};
+  r.hi = r.lo + slice < n ? r.lo + slice : n;
   r.mx = r.x[best];
   hist_zero(sh.h0);
   __syncthreads();
-  uint64_t sum = 0;
   for_row(r, [&](int64_t i, float l) {
-    const uint64_t q = i < n ? mass_of(r, l) : 0;
-    sum += q;
-    bin_add(sh.h0, epic_draw_key(l) >> 24, q, i < n);
+    const bool in = i < r.hi;
+    bin_add(sh.h0, epic_draw_key(l) >> 24, in ? mass_of(r, l) : 0, in);
   });
-  for (int o = 16; o > 0; o >>= 1)
-    sum += __shfl_down_sync(kFull, sum, o);
-  if (lane == 0)
-    sh.warp_sum[warp] = sum;
   __syncthreads();
+  const Hist *h0 = gather<C>(sh.h0, sh.h0_all);
   if (threadIdx.x == 0) {
     unsigned long long t = 0;
-    for (int w = 0; w < kDrawWarps; w++)
-      t += sh.warp_sum[w];
+    for (int b = 0; b < EPIC_DRAW_BINS; b++)
+      t += h0->mass(b);
     sh.total = t;
   }
   __syncthreads();
@@ -204,7 +237,7 @@ __global__ void __launch_bounds__(kDrawThreads)
   // kept_mass() of kernels/draw.c
   uint64_t kept = sh.total;
   if (p.top_k > 0 && p.top_k < n) {
-    locate(r, sh, false, (uint64_t)p.top_k - 1);
+    locate<C>(r, sh, false, (uint64_t)p.top_k - 1);
     kept = mass_through(r, sh);
   }
   if (p.top_p < 1.0f) {
@@ -212,32 +245,44 @@ __global__ void __launch_bounds__(kDrawThreads)
     if (want == 0) {
       kept = mass_of(r, r.mx);
     } else {
-      locate(r, sh, true, want - 1);
+      locate<C>(r, sh, true, want - 1);
       kept = mass_through(r, sh);
     }
   }
-  locate(r, sh, true, epic_draw_scale(p.u, kept));
+  locate<C>(r, sh, true, epic_draw_scale(p.u, kept));
 
   // The rank-th id (in id order) holding the chosen key: each warp counts the hits in its
-  // own contiguous range, thread 0 finds the warp holding the rank-th, that warp finds it.
+  // own contiguous range of the slice, thread 0 finds the (CTA,) warp holding the rank-th,
+  // that warp finds it and writes the result.
   const uint32_t key = sh.prefix;
-  const int64_t span = (n + 32 * kDrawWarps - 1) / (32 * kDrawWarps) * 32;
-  const int64_t w0 = warp * span, w1 = w0 + span < n ? w0 + span : n;
+  const int64_t span = (r.hi - r.lo + 32 * kDrawWarps - 1) / (32 * kDrawWarps) * 32;
+  const int64_t w0 = r.lo + warp * span, w1 = w0 + span < r.hi ? w0 + span : r.hi;
   const unsigned hits = warp_hits(r, w0, w1, key);
   if (lane == 0)
     sh.warp_hits[warp] = hits;
+  if constexpr (C == 1) {
+    __syncthreads();
+    if (threadIdx.x < kDrawWarps)
+      sh.all_hits[threadIdx.x] = sh.warp_hits[threadIdx.x];
+  } else {
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    if (threadIdx.x < C * kDrawWarps)
+      sh.all_hits[threadIdx.x] =
+          cl.map_shared_rank(sh.warp_hits, (int)threadIdx.x / kDrawWarps)[threadIdx.x % kDrawWarps];
+    cl.sync(); // no CTA leaves while another still reads its counts
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     unsigned long long acc = 0;
     int w = 0;
-    while (w < kDrawWarps - 1 && sh.rank >= acc + sh.warp_hits[w])
-      acc += sh.warp_hits[w++];
-    sh.sel_warp = w;
+    while (w < C * kDrawWarps - 1 && sh.rank >= acc + sh.all_hits[w])
+      acc += sh.all_hits[w++];
+    sh.sel_warp = w; // rank-major: slices and warp ranges ascend in id order
     sh.rank -= acc;
-    sh.found = -1;
   }
   __syncthreads();
-  if (warp == sh.sel_warp) {
+  if (rank * kDrawWarps + warp == sh.sel_warp) {
     unsigned rest = (unsigned)sh.rank;
     int64_t tok = -1;
     for (int64_t base = w0; base < w1 && tok < 0; base += 32) {
@@ -253,15 +298,11 @@ __global__ void __launch_bounds__(kDrawThreads)
         rest -= c;
       }
     }
-    if (lane == 0)
-      sh.found = tok;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int64_t tok = sh.found >= 0 ? sh.found : best;
-    const double lse = (double)r.mx - (double)lp_best;
-    ids[blockIdx.x] = (int32_t)tok;
-    logprob[blockIdx.x] = (float)((double)r.x[tok] - lse);
+    if (lane == 0 && tok >= 0) { // not found cannot happen: the pick would stand
+      const double lse = (double)r.mx - (double)lp_best;
+      ids[row] = (int32_t)tok;
+      logprob[row] = (float)((double)r.x[tok] - lse);
+    }
   }
 }
 
@@ -273,8 +314,22 @@ cudaError_t epic_cuk_row_draw(const float *x, int64_t m, int64_t n, const epic_d
                               int32_t *ids, float *logprob, cudaStream_t st) {
   if (m <= 0)
     return cudaSuccess;
-  k_row_draw<<<(unsigned)m, kDrawThreads, 0, st>>>(x, n, p, ids, logprob);
-  return cudaGetLastError();
+  if (m > kClusterRows) {
+    k_row_draw<1><<<(unsigned)m, kDrawThreads, 0, st>>>(x, n, p, ids, logprob);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kClusterCtas;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3((unsigned)(m * kClusterCtas));
+  cfg.blockDim = dim3(kDrawThreads);
+  cfg.stream = st;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, k_row_draw<kClusterCtas>, x, n, p, ids, logprob);
 }
 
 } // extern "C"

@@ -1457,7 +1457,8 @@ static void test_row_pick(void **state) {
 
 /* row_draw against the CPU backend's (the C reference), bit for bit: rows at the LM-head
  * width and a short odd one, flat, tied (a 1/4 grid), masked and peaked, every kind of
- * cut, three random values per row; rows with temperature 0 keep the pick. */
+ * cut, three random values per row, batches of 40 and of 5 rows (the kernel's two forms);
+ * rows with temperature 0 keep the pick. */
 static void test_row_draw(void **state) {
   (void)state;
   enum { M = 40, ROUNDS = 3 };
@@ -1486,25 +1487,28 @@ static void test_row_draw(void **state) {
     float *dx = dup_dev(x, bytes);
     int32_t *dout = dalloc((size_t)M * 8);
     epic_draw_params *dp = dalloc(sizeof p);
-    for (int round = 0; round < ROUNDS; round++) {
-      for (int r = 0; r < M; r++)
+    /* rounds of all M rows (a CTA per row), then of 5 (a cluster of CTAs per row) */
+    for (int round = 0; round < 2 * ROUNDS; round++) {
+      const int m = round < ROUNDS ? M : 5;
+      for (int r = 0; r < m; r++)
         p[r] = (epic_draw_params){.temperature = temps[(r + round) % 5],
                                   .top_p = tops[(r / 5 + round) % 4],
                                   .top_k = ks[(r + 3 * round) % 7],
                                   .u = rng_u64()};
       assert_int_equal(g_gpu->vt->upload(g_gpu, dp, p, sizeof p), EPIC_OK);
-      assert_int_equal(g_gpu->vt->row_pick(g_gpu, dx, M, n, dout, (float *)(dout + M)), EPIC_OK);
-      fetch(pick, dout, sizeof pick);
-      assert_int_equal(g_gpu->vt->row_draw(g_gpu, dx, M, n, dp, dout, (float *)(dout + M)),
+      assert_int_equal(g_gpu->vt->row_pick(g_gpu, dx, m, n, dout, (float *)(dout + m)), EPIC_OK);
+      fetch(pick, dout, (size_t)m * 4);
+      assert_int_equal(g_gpu->vt->row_draw(g_gpu, dx, m, n, dp, dout, (float *)(dout + m)),
                        EPIC_OK);
-      fetch(ids, dout, sizeof ids);
-      fetch(lp, dout + M, sizeof lp);
-      assert_int_equal(g_cpu->vt->row_pick(g_cpu, x, M, n, ids_ref, lp_ref), EPIC_OK);
-      assert_int_equal(g_cpu->vt->row_draw(g_cpu, x, M, n, p, ids_ref, lp_ref), EPIC_OK);
-      for (int r = 0; r < M; r++) {
+      fetch(ids, dout, (size_t)m * 4);
+      fetch(lp, dout + m, (size_t)m * 4);
+      assert_int_equal(g_cpu->vt->row_pick(g_cpu, x, m, n, ids_ref, lp_ref), EPIC_OK);
+      assert_int_equal(g_cpu->vt->row_draw(g_cpu, x, m, n, p, ids_ref, lp_ref), EPIC_OK);
+      for (int r = 0; r < m; r++) {
         if (ids[r] != ids_ref[r])
-          fail_msg("row_draw n %lld row %d round %d (t %g, top_p %g, top_k %d): GPU %d, CPU %d",
-                   (long long)n, r, round, (double)p[r].temperature, (double)p[r].top_p,
+          fail_msg("row_draw n %lld of %d rows, row %d round %d (t %g, top_p %g, top_k %d): "
+                   "GPU %d, CPU %d",
+                   (long long)n, m, r, round, (double)p[r].temperature, (double)p[r].top_p,
                    p[r].top_k, ids[r], ids_ref[r]);
         assert_true(fabsf(lp[r] - lp_ref[r]) <= 1e-6f * fmaxf(1.0f, fabsf(lp_ref[r])));
         if (p[r].temperature == 0.0f)
