@@ -1,11 +1,11 @@
 // Seeded draws from logits rows on the GPU (row_draw): kernels/draw.c's algorithm, one
 // CTA of 1024 threads per row, or for a few rows a cluster of kClusterCtas CTAs per row,
 // each taking a slice of the ids (the cluster's histograms summed through distributed
-// shared memory, identically in every CTA). The row is never sorted or copied: a weighing pass sums
-// the candidates' fixed-point masses and histograms the first 8-bit digit of their order
-// keys; each search (the top-k cut, the top-p cut, the draw) then narrows the key one
-// digit per pass over the ids still sharing its prefix; a last pass finds the id of the
-// chosen key's rank in id order. Masses are integers and every float operation comes from
+// shared memory, identically in every CTA). The row is never sorted or copied: a
+// weighing pass sums the candidates' fixed-point masses and histograms the first 8-bit
+// digit of their order keys; each search (the top-k cut, the top-p cut, the draw) then
+// narrows the key one digit per pass over the ids still sharing its prefix; a last pass
+// finds the id of the chosen key's rank in id order. Masses are integers and every float operation comes from
 // kernels/draw_impl.h, so the token equals the C reference's bit for bit, whatever order
 // the atomics land in.
 #include <cooperative_groups.h>
