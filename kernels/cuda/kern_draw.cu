@@ -5,9 +5,9 @@
 // weighing pass sums the candidates' fixed-point masses and histograms the first 8-bit
 // digit of their order keys; each search (the top-k cut, the top-p cut, the draw) then
 // narrows the key one digit per pass over the ids still sharing its prefix; a last pass
-// finds the id of the chosen key's rank in id order. Masses are integers and every float operation comes from
-// kernels/draw_impl.h, so the token equals the C reference's bit for bit, whatever order
-// the atomics land in.
+// finds the id of the chosen key's rank in id order. Masses are integers and every float
+// operation comes from kernels/draw_impl.h, so the token equals the C reference's bit for
+// bit, whatever order the atomics land in.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
