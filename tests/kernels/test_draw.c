@@ -14,16 +14,11 @@
 #include "kernels/draw.h"
 #include "kernels/draw_impl.h"
 #include "kernels/ops.h"
+#include "tests/common/test_rng.h"
 
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static uint64_t next_u64(void) {
-  rng ^= rng << 13;
-  rng ^= rng >> 7;
-  rng ^= rng << 17;
-  return rng * 0x2545f4914f6cdd1dull;
-}
+/* Uniform in [0, 1). */
 static double unit(void) {
-  return (double)(next_u64() >> 11) * 0x1p-53;
+  return (double)(rng_u64() >> 11) * 0x1p-53;
 }
 
 /* Rows of a few shapes: wide, ties (logits on a 1/4 grid), peaked with masked tokens, and
@@ -124,7 +119,7 @@ static void test_matches_definition(void **state) {
           /* draws: the first candidate whose running mass exceeds floor(u * kept / 2^64),
            * with u at the extremes too */
           for (int d = 0; d < 40; d++) {
-            p.u = d == 0 ? 0 : d == 1 ? UINT64_MAX : next_u64();
+            p.u = d == 0 ? 0 : d == 1 ? UINT64_MAX : rng_u64();
             const uint64_t x = epic_draw_scale(p.u, kept);
             uint64_t run = 0;
             int64_t j = 0;
@@ -150,7 +145,7 @@ static void test_degenerate_rows(void **state) {
   l[3] = 2.0f;
   l[1] = 2.0f; /* two equal largest: the draw may take either, never a masked id */
   for (int d = 0; d < 50; d++) {
-    p.u = next_u64();
+    p.u = rng_u64();
     const int32_t t = epic_draw_row(l, 5, &p, scratch);
     assert_true(t == 1 || t == 3);
   }
@@ -169,7 +164,7 @@ static void test_degenerate_rows(void **state) {
   assert_int_equal(ids[4], 4);
   assert_true(total == 5 * mass[0]);
   for (int d = 0; d < 50; d++) {
-    p.u = next_u64();
+    p.u = rng_u64();
     assert_true(epic_draw_row(flat, 10, &p, big) < 5);
   }
 }
@@ -192,7 +187,7 @@ static void test_exp_accuracy(void **state) {
 static void test_scale(void **state) {
   (void)state;
   for (int i = 0; i < 100000; i++) {
-    const uint64_t u = next_u64(), m = next_u64() >> (i % 64);
+    const uint64_t u = rng_u64(), m = rng_u64() >> (i % 64);
     const unsigned __int128 want = ((unsigned __int128)u * m) >> 64;
     assert_true(epic_draw_scale(u, m) == (uint64_t)want);
   }
@@ -217,7 +212,7 @@ static void test_cpu_row_draw(void **state) {
     p[r] = (epic_draw_params){.temperature = r == 2 ? 0.0f : 0.3f * (float)(r + 1),
                               .top_p = r == 4 ? 0.8f : 1.0f,
                               .top_k = r == 5 ? 40 : 0,
-                              .u = next_u64()};
+                              .u = rng_u64()};
   }
   assert_int_equal(o->vt->row_pick(o, x, M, N, ids, lp), EPIC_OK);
   int32_t pick[M];
