@@ -18,6 +18,12 @@ esac
 fixtures="${EPIC_FIXTURES:-$(cd .. && pwd)/shared/fixtures}"
 jobs=$(nproc)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# ctest -j runs tests side by side on every core, so OpenMP threads (OMP_NUM_THREADS=2
+# in the unit tests) share cores with other tests. libgomp's default spin before sleeping
+# at a barrier (300k rounds) then burns the core a descheduled teammate needs: the
+# sanitizer suite took 524 s on 2 cores, 403 s with the spin cut to what libgomp itself
+# uses on oversubscribed machines (the normal suite is unchanged, 127 s).
+export GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-1000}"
 
 run_suite() { # build_dir, extra cmake args...
   local dir="$1"; shift
