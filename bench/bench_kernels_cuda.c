@@ -1,7 +1,8 @@
 /* bench_kernels_cuda: the CUDA backend of epic_ops against this GPU's own measured
  * limits, in one run. Prints one JSON object on stdout (a summary table on stderr).
  *
- * Peaks, measured first: device-to-device copy bandwidth (bytes read + written), dense
+ * Peaks, measured first: device-to-device copy bandwidth (bytes read + written; the faster
+ * of a direct cudaMemcpyAsync and the backend's copy_rows kernel over 1 GiB), dense
  * BF16 GEMM 8192^3 through cublasGemmEx and dense FP8 e4m3 GEMM 8192^3 through cuBLASLt
  * with one scale per tensor (the library's best FP8 case), both on random data.
  * Then per kernel, through the epic_ops API exactly as the model calls it: time per call,
@@ -245,6 +246,14 @@ static void run_copy(void *p, int rep) {
   CK(cudaMemcpyAsync(c->dst, c->src, c->bytes, cudaMemcpyDeviceToDevice, g_st));
 }
 
+/* The same bytes as rows of 64k floats through the backend's copy_rows kernel. */
+static void run_copy_rows(void *p, int rep) {
+  copy_ctx *c = p;
+  const int64_t cols = 1 << 16, rows = (int64_t)(c->bytes / 4) / cols;
+  (void)rep;
+  CKE(g_ops->vt->copy_rows(g_ops, rows, cols, c->src, cols, NULL, c->dst, cols, NULL));
+}
+
 typedef struct {
   cublasHandle_t h;
   float *x, *res;
@@ -359,6 +368,7 @@ typedef struct {
 } shape;
 
 static double g_copy_gbps = INFINITY, g_read_gbps = INFINITY, g_bf16_tflops, g_fp8_tflops;
+static double g_copy_memcpy_gbps, g_copy_rows_gbps; /* the two copies g_copy_gbps is the best of */
 
 static void bench_matmul(FILE *js, epic_dtype dt, const shape *s, const int64_t *ms, int n_ms,
                          int *first) {
@@ -1121,7 +1131,14 @@ int main(int argc, char **argv) {
   copy_ctx cc = {.bytes = (size_t)1 << 30};
   cc.src = dev_random(cc.bytes, tile_f32);
   CKE(g_ops->vt->alloc(g_ops, cc.bytes, &cc.dst));
-  g_copy_gbps = 2.0 * (double)cc.bytes / time_calls(run_copy, &cc) * 1e-9;
+  /* The copy peak: the faster of cudaMemcpyAsync issued directly and the backend's
+   * copy_rows kernel (graph-timed like the kernels) over the same bytes, each counted as
+   * bytes read plus bytes written. Not the memcpy recorded in a graph: there it ran on a
+   * copy engine, 2.71 TB/s on an H200, where the same call issued directly moved 4.2 TB/s
+   * and copy_rows 3.9. */
+  g_copy_memcpy_gbps = 2.0 * (double)cc.bytes / time_eager(run_copy, &cc) * 1e-9;
+  g_copy_rows_gbps = 2.0 * (double)cc.bytes / time_calls(run_copy_rows, &cc) * 1e-9;
+  g_copy_gbps = fmax(g_copy_memcpy_gbps, g_copy_rows_gbps);
   g_ops->vt->free(g_ops, cc.src);
   g_ops->vt->free(g_ops, cc.dst);
   read_ctx rc = {.n = (int64_t)1 << 28};
@@ -1149,14 +1166,16 @@ int main(int argc, char **argv) {
 peaks_done:
   fprintf(
       js,
-      "  \"peaks\": {\"copy_gbps\": %.1f, \"read_gbps\": %.1f, \"bf16_gemm_8192_tflops\": %.1f, "
+      "  \"peaks\": {\"copy_gbps\": %.1f, \"copy_memcpy_gbps\": %.1f, \"copy_rows_gbps\": %.1f, "
+      "\"read_gbps\": %.1f, \"bf16_gemm_8192_tflops\": %.1f, "
       "\"fp8_gemm_8192_tensorwise_tflops\": %.1f},\n",
-      isfinite(g_copy_gbps) ? g_copy_gbps : 0.0, isfinite(g_read_gbps) ? g_read_gbps : 0.0,
-      g_bf16_tflops, g_fp8_tflops);
-  fprintf(
-      stderr,
-      "peaks: copy %.0f GB/s, read (sasum) %.0f GB/s, bf16 GEMM %.0f TF/s, fp8 GEMM %.0f TF/s\n",
-      g_copy_gbps, g_read_gbps, g_bf16_tflops, g_fp8_tflops);
+      isfinite(g_copy_gbps) ? g_copy_gbps : 0.0, g_copy_memcpy_gbps, g_copy_rows_gbps,
+      isfinite(g_read_gbps) ? g_read_gbps : 0.0, g_bf16_tflops, g_fp8_tflops);
+  fprintf(stderr,
+          "peaks: copy %.0f GB/s (cudaMemcpy %.0f, copy_rows %.0f), read (sasum) %.0f GB/s, bf16 "
+          "GEMM %.0f TF/s, fp8 GEMM %.0f TF/s\n",
+          g_copy_gbps, g_copy_memcpy_gbps, g_copy_rows_gbps, g_read_gbps, g_bf16_tflops,
+          g_fp8_tflops);
   fflush(js);
 
   static const shape shapes[] = {{"q_a", 1536, 7168},       {"o_proj", 7168, 16384},
