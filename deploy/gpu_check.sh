@@ -1,13 +1,14 @@
 #!/bin/bash
 # Build EPIC with the CUDA backend on a GPU node and check it there: the CUDA op
-# tests, fixture parity of `epic generate --device cuda`, and multi-GPU (NCCL
-# expert parallelism) against one GPU. For GPU nodes that lack the CPU-side -dev
-# packages (no internet): OpenBLAS, cJSON, PCRE2 and cmocka come from the Debian
-# .debs in .deps/ (`apt-get download` them there), unpacked to a private root.
+# tests, fixture parity of `epic generate --device cuda`, multi-GPU (NCCL
+# expert parallelism) against one GPU, and other configs against the CPU backend.
+# For GPU nodes that lack the CPU-side -dev packages (no internet): OpenBLAS, cJSON,
+# PCRE2 and cmocka come from the Debian .debs in .deps/ (`apt-get download` them there),
+# unpacked to a private root.
 # Warnings are not errors here: the node's compiler may be newer than the CI's gcc 12,
 # which keeps -Werror. Where every dependency is installed, `cmake -DEPIC_CUDA=ON` + `ctest -L gpu` is
 # the normal route.
-# Usage (repo root): deploy/gpu_check.sh [build|test|parity|multi|all]...
+# Usage (repo root): deploy/gpu_check.sh [build|test|parity|multi|configs|all]...
 # Environment: OUT (gpu_check_logs.tgz lands there, default /tmp/out), FIXTURES (default ../shared/fixtures,
 # else .deps/shared/fixtures), NP (GPUs for the multi-GPU check, default all, max 4).
 set -u
@@ -114,6 +115,48 @@ EOF
   done
 }
 
+# Other DeepSeek-V3-style configs than the fixtures' (tests/gpu/configs, dummy weights from
+# each config.json): no q compression with 16 heads (BF16), 384 experts in one group with 64
+# heads and partial FP8 blocks, a softmax router without groups (BF16). The exact precision
+# on $DEV against the CPU backend: greedy ids equal and logits within the fixtures' 1e-3;
+# the fast precision's error reported (with random weights, e4m3 activations and near-tied
+# random routers move logits by tenths: not a gate).
+configs() {
+  env_paths
+  local c n p rc args
+  for c in tests/gpu/configs/*/; do
+    n=$(basename "$c")
+    args="--model $c --load-format dummy --prompt-ids $(seq -s, 1 24) --max-new-tokens 6 --ignore-eos --json"
+    timeout 300 $EPIC generate $args --device cpu --dump-logits $LOGS/cfg_$n.npy \
+      > $LOGS/cfg_$n.json 2> $LOGS/cfg_$n.err || { echo "config $n: cpu run failed"; fail=1; continue; }
+    for p in exact fast; do
+      EPIC_CUDA_PRECISION=$p timeout 300 $EPIC generate $args --device $DEV \
+        --dump-logits $LOGS/cfg_${n}_$p.npy > $LOGS/cfg_${n}_$p.json 2> $LOGS/cfg_${n}_$p.err
+      rc=$?
+      python3 - "$TOOLS" $LOGS/cfg_$n $LOGS/cfg_${n}_$p $p $n $rc <<'EOF'
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import npy
+ref, got, prec, name, rc = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])
+res = {"config": name, "precision": prec, "rc": rc}
+ok = rc == 0
+if ok:
+    a, b = npy.rows(ref + ".npy"), npy.rows(got + ".npy")
+    ids = [json.loads(open(f + ".json").read().strip().splitlines()[-1])["output_ids"]
+           for f in (ref, got)]
+    d = max(abs(x - y) for r, g in zip(a, b) for x, y in zip(r, g))
+    top1 = sum(max(range(len(r)), key=r.__getitem__) == max(range(len(g)), key=g.__getitem__)
+               for r, g in zip(a, b))
+    ok = ids[0] == ids[1] and len(a) == len(b) and d <= 1e-3
+    res.update(ids_equal=ids[0] == ids[1], max_abs_logit_diff=d, top1=f"{top1}/{len(a)}")
+print(json.dumps(res))
+sys.exit(0 if ok or prec != "exact" else 1)
+EOF
+      [ $? = 0 ] || fail=1
+    done
+  done
+}
+
 if [ "$NGPU" = 0 ] && [ "$DEV" = cuda ]; then
   echo "gpu_check.sh: no GPU here (nvidia-smi lists none): skipped"
   exit 77
@@ -124,8 +167,9 @@ for step in "${@:-all}"; do
     test) unit ;;
     parity) parity ;;
     multi) multi ;;
-    all) if build; then unit; parity; multi; else fail=1; fi ;;
-    *) echo "gpu_check.sh: unknown step '$step' (build|test|parity|multi|all)" >&2; exit 2 ;;
+    configs) configs ;;
+    all) if build; then unit; parity; multi; configs; else fail=1; fi ;;
+    *) echo "gpu_check.sh: unknown step '$step' (build|test|parity|multi|configs|all)" >&2; exit 2 ;;
   esac
 done
 exit $fail
