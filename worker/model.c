@@ -1127,10 +1127,17 @@ int64_t epic_batch_out_rows(const epic_seq_batch *seqs, int n_seqs) {
   return r;
 }
 
-/* The rows of a batch the LM head runs on (all_logits: every token's; else the last). */
+/* The rows of one sequence the LM head runs on (all_logits: every token's; else the
+ * last). */
+static int64_t seq_lm_rows(const epic_seq_batch *sq) {
+  return sq->all_logits ? sq->n_tokens : 1;
+}
+
+/* The rows of a batch the LM head runs on. */
 static int64_t lm_rows_of(const epic_seq_batch *seqs, int n_seqs) {
   int64_t r = 0;
-  for (int i = 0; i < n_seqs; i++) r += seqs[i].all_logits ? seqs[i].n_tokens : 1;
+  for (int i = 0; i < n_seqs; i++)
+    r += seq_lm_rows(&seqs[i]);
   return r;
 }
 
@@ -2140,8 +2147,8 @@ static epic_status fwd_plan(fwd *f, const epic_seq_batch *seqs, const fwd_shape 
   if (sh->draws) { /* a sequence's draw on its last LM-head row; other rows keep picks */
     epic_draw_params *d = (epic_draw_params *)(void *)(h + plan_draw_at(sh));
     memset(d, 0, (size_t)sh->lm_rows * sizeof *d);
-    for (int i = 0, c = 0; i < sh->n_seqs; i++) {
-      c += seqs[i].all_logits ? (int)seqs[i].n_tokens : 1;
+    for (int64_t i = 0, c = 0; i < sh->n_seqs; i++) {
+      c += seq_lm_rows(&seqs[i]);
       if (seqs[i].draw) d[c - 1] = *seqs[i].draw;
     }
   }

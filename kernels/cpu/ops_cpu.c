@@ -248,7 +248,7 @@ static epic_status cpu_row_draw(epic_ops *o, const float *x, int64_t m, int64_t 
   int failed = 0;
   if (m == 0) return EPIC_OK;
   if (m < 0 || n <= 0 || !x || !p || !ids || !logprob) return EPIC_ERR_INVALID;
-  /* scratch in floats: the draw's 12 bytes per id, 8-byte aligned (the allocator's) */
+  /* scratch in floats: epic_draw_scratch_bytes(n), 8-byte aligned (the allocator's) */
   const size_t words = (epic_draw_scratch_bytes(n) + sizeof(float) - 1) / sizeof(float);
 #pragma omp parallel for num_threads(c->n_threads) schedule(dynamic, 1) if (m > 1)
   for (int64_t i = 0; i < m; i++) {
