@@ -32,8 +32,8 @@
  *                           [--grouped TOKENS] (the grouped section at one token count)
  *                           [--mla-split S,S,...] (bf16 MLA decode also at these key splits)
  *                           [--skinny-split R,R,...] (FP8 m <= 4 also at these column runs)
- *                           [--mla-kinds MASK] (MLA rows: bits 0-3 the bf16 kernel
- *                           variants, bit 4 the fp32 cache; default 0x19)
+ *                           [--mla-kinds MASK] (MLA rows: bits 0-3, 5 and 6 the bf16
+ *                           kernel variants 0-5, bit 4 the fp32 cache; default 0x79)
  *                           [--no-peaks] (skip the peak measurements; fractions print 0) */
 #include <math.h>
 #include <stdint.h>
@@ -77,9 +77,13 @@ static epic_ops *g_ops;
 static cudaStream_t g_st;
 static int g_quick;
 /* MLA rows to time (--mla-kinds): bit k < 4 the bf16-cache kernel variant k
- * (epic_cuda_mla_bf16_kernel), bit 4 the fp32 cache under TF32 and 3xTF32. Default: the
- * fp32 rows, the default bf16 kernel (wgmma) and its all-mma.sync variant. */
-static unsigned g_mla_kinds = 0x19;
+ * (epic_cuda_mla_bf16_kernel), bits 5 and 6 its variants 4 (seesaw) and 5 (auto, the
+ * default), bit 4 the fp32 cache under TF32 and 3xTF32. Default: the fp32 rows, the bf16
+ * kernel's auto, seesaw, wgmma and all-mma.sync variants. */
+static unsigned g_mla_kinds = 0x79;
+static unsigned mla_kind_bit(int bf16_variant) {
+  return 1u << (bf16_variant < 4 ? bf16_variant : bf16_variant + 1);
+}
 static int g_mla_splits[8], g_n_mla_splits; /* --mla-split: bf16 rows at these split counts too */
 static int g_skinny_splits[4], g_n_skinny_splits; /* --skinny-split: FP8 m <= 4 at these runs too */
 #define L2_ROTATE_BYTES ((size_t)160 << 20)
@@ -696,10 +700,10 @@ static void run_mla(void *p, int rep) {
  * the cached rows read once per sequence (576 elements of dt each) plus fp32 queries
  * and outputs. */
 static void bench_mla(FILE *js, int64_t n_seq, int64_t ctx_len, epic_kv_dtype dt, int *first) {
-  static const char *const bf16_names[4] = {"bf16-mma", "bf16-wgmma-s", "bf16-wgmma-o",
-                                            "bf16-wgmma"};
-  static const int bf16_order[4] = {3, 0, 1, 2}; /* default first */
-  if (!(g_mla_kinds & (dt == EPIC_KV_BF16 ? 0xfu : 0x10u)))
+  static const char *const bf16_names[6] = {"bf16-mma",   "bf16-wgmma-s", "bf16-wgmma-o",
+                                            "bf16-wgmma", "bf16-seesaw",  "bf16-auto"};
+  static const int bf16_order[6] = {5, 4, 3, 0, 1, 2}; /* the default first */
+  if (!(g_mla_kinds & (dt == EPIC_KV_BF16 ? 0x6fu : 0x10u)))
     return;
   const int64_t H = 128, lora = 512, rope = 64, width = 576, page = 64;
   const size_t esz = epic_kv_dtype_size(dt);
@@ -749,10 +753,10 @@ static void bench_mla(FILE *js, int64_t n_seq, int64_t ctx_len, epic_kv_dtype dt
   c.qa = dev_random((size_t)(n_seq * H * lora) * 4, tile_f32);
   c.qp = dev_random((size_t)(n_seq * H * rope) * 4, tile_f32);
   CKE(g_ops->vt->alloc(g_ops, (size_t)(n_seq * H * lora) * 4, (void **)&c.ctx));
-  const int n_modes = dt == EPIC_KV_BF16 ? 4 : 2;
+  const int n_modes = dt == EPIC_KV_BF16 ? 6 : 2;
   for (int mode = 0; mode < n_modes; mode++) {
     const char *name;
-    if (dt == EPIC_KV_BF16 && !(g_mla_kinds & (1u << bf16_order[mode])))
+    if (dt == EPIC_KV_BF16 && !(g_mla_kinds & mla_kind_bit(bf16_order[mode])))
       continue;
     if (dt == EPIC_KV_BF16) {
       CKE(epic_ops_cuda_set_mla_bf16_kernel(g_ops, (epic_cuda_mla_bf16_kernel)bf16_order[mode]));
@@ -790,7 +794,7 @@ static void bench_mla(FILE *js, int64_t n_seq, int64_t ctx_len, epic_kv_dtype dt
   }
   CKE(epic_ops_cuda_set_mla_split(g_ops, 0));
   CKE(epic_ops_cuda_set_mla_precision(g_ops, EPIC_CUDA_MLA_TF32));
-  CKE(epic_ops_cuda_set_mla_bf16_kernel(g_ops, EPIC_CUDA_MLA_BF16_WGMMA));
+  CKE(epic_ops_cuda_set_mla_bf16_kernel(g_ops, EPIC_CUDA_MLA_BF16_DEFAULT));
   for (int k = 0; k < copies; k++)
     g_ops->vt->free(g_ops, dtables[k]);
   g_ops->vt->free(g_ops, dlens);

@@ -78,36 +78,6 @@ template <int BN> struct tile_cfg {
   static_assert(kSmemDev <= 227 * 1024, "shared memory per CTA");
 };
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                 "selp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done)
-                 : "r"(bar), "r"(parity)
-                 : "memory");
-  } while (!done);
-}
-// Box (c0 = column in bytes, c1 = row) of the tensor `map` describes into shared memory at
-// dst; completion is counted in bytes on bar.
-__device__ __forceinline__ void tma_load(uint32_t dst, const epic_cuk_tmap *map, int c0, int c1,
-                                         uint32_t bar) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-               " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-               "l"(map), "r"(c0), "r"(c1), "r"(bar)
-               : "memory");
-}
-
 // `bytes` (a multiple of 16) from global src (16-byte aligned) to shared dst, counted on bar.
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void *src, uint32_t bytes,
                                           uint32_t bar) {
@@ -123,10 +93,8 @@ __device__ __forceinline__ void cp_async4(uint32_t dst, const float *src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async4_arrive(uint32_t dst, const float *src, uint32_t bar) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
-               "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%2];\n" ::"r"(dst),
-               "l"(src), "r"(bar)
-               : "memory");
+  cp_async4(dst, src);
+  epic_cp_async_arrive(bar);
 }
 
 // d (+)= A . B^T for a 64 x 128 x 32 step, both operands K-major e4m3 in shared memory.
@@ -140,17 +108,6 @@ __device__ __forceinline__ void wgmma_e4m3(float (&d)[64], uint64_t da, uint64_t
                : "l"(da), "l"(db), "r"(scale_d));
 #else
   __trap();
-#endif
-}
-
-template <int N> __device__ __forceinline__ void set_maxnreg_inc() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-#endif
-}
-template <int N> __device__ __forceinline__ void set_maxnreg_dec() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 #endif
 }
 

@@ -25,6 +25,8 @@
 // swizzle atom (8 rows x 128 B at a 1024-byte boundary), and it keeps the ldmatrix reads
 // and the cp.async writes (8 threads per row) free of bank conflicts.
 // Splits write partials in kern_mla.cu's format and are merged by its combine kernel.
+// k_mla_bf16_seesaw below is the same computation on FlashMLA's two-tile schedule (long
+// splits; see there).
 #include <cuda_bf16.h>
 #include <math.h>
 #include <stdint.h>
@@ -33,15 +35,15 @@
 
 namespace {
 
-constexpr int kHG = 64;            // heads per CTA
-constexpr int kTK = 64;            // keys per tile
-constexpr int kW = 576;            // row width (elements)
-constexpr int kL = 512;            // latent part
+constexpr int kHG = 64; // heads per CTA
+constexpr int kTK = 64; // keys per tile
+constexpr int kW = 576; // row width (elements)
+constexpr int kL = 512; // latent part
 constexpr int kRope = kW - kL;
 constexpr int kThreads = 256;
-constexpr int kBlk = kTK * 128;    // one 64-column block of a 64-row panel (bytes)
+constexpr int kBlk = kTK * 128; // one 64-column block of a 64-row panel (bytes)
 constexpr int kPanel = kW / 64 * kBlk;
-constexpr int kOffKV = kPanel;     // Q at 0, then two KV tiles, then P
+constexpr int kOffKV = kPanel; // Q at 0, then two KV tiles, then P
 constexpr int kOffP = kOffKV + 2 * kPanel;
 constexpr int kOffCorr = kOffP + kBlk;
 constexpr int kOffML = kOffCorr + kHG * 4;
@@ -61,35 +63,271 @@ __device__ __forceinline__ void wgmma_o(float (&d)[128], uint64_t da, uint64_t d
       "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
       "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
       "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, "
+      "%127"
       "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
-        "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]),
-        "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),
-        "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
-        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]),
-        "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]),
-        "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]),
-        "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]),
-        "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),
-        "+f"(d[126]), "+f"(d[127])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(da), "l"(db), "r"(scale_d));
 #else
   __trap();
 #endif
 }
+// Two adjacent outputs (a caller's ctx slice need not be 8-byte aligned).
+__device__ __forceinline__ void store_pair(float *o, float v0, float v1) {
+  if (((uintptr_t)o & 7u) == 0) {
+    *reinterpret_cast<float2 *>(o) = make_float2(v0, v1);
+  } else {
+    o[0] = v0;
+    o[1] = v1;
+  }
+}
+
+// Sum over the four lanes of a row (lane % 4), in a fixed order.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// The online softmax of one 64-key tile on a warpgroup's score accumulators, in pieces:
+// s[4 j + e] = row r0 (+8 for e >= 2), key 8 j + 2 t + (e & 1), r0 = 16 * (warp % 4) + g.
+// Raw scores: the scale (> 0) is applied to the row max and fused into the exponent's FFMA,
+// in base 2. A row lives in the four lanes of one warp, so its max and sum take two
+// shuffles each.
+// The rows' max of raw scores, keys from kend on masked to -inf (the split's last tile).
+__device__ __forceinline__ void tile_rowmax(float (&s)[32], int k0, int kend, int t, float &mx0,
+                                            float &mx1) {
+  if (k0 + kTK > kend) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int key = k0 + 8 * j + 2 * t;
+      if (key >= kend)
+        s[4 * j] = s[4 * j + 2] = -INFINITY;
+      if (key + 1 >= kend)
+        s[4 * j + 1] = s[4 * j + 3] = -INFINITY;
+    }
+  }
+  mx0 = mx1 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+    mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+  }
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+}
+
+// s <- p = 2^(s * qscale - mn) for the rows' new max mn0 / mn1 (finite: every tile of a
+// split holds a key, and so does the running max); sum0 / sum1 this thread's part of the
+// rows' sums of the fp32 values.
+__device__ __forceinline__ void tile_exp(float (&s)[32], float qscale, float mn0, float mn1,
+                                         float &sum0, float &sum1) {
+  sum0 = sum1 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    s[4 * j] = exp2f(fmaf(s[4 * j], qscale, -mn0));
+    s[4 * j + 1] = exp2f(fmaf(s[4 * j + 1], qscale, -mn0));
+    s[4 * j + 2] = exp2f(fmaf(s[4 * j + 2], qscale, -mn1));
+    s[4 * j + 3] = exp2f(fmaf(s[4 * j + 3], qscale, -mn1));
+    sum0 += s[4 * j] + s[4 * j + 1];
+    sum1 += s[4 * j + 2] + s[4 * j + 3];
+  }
+}
+
+// p (as tile_exp leaves it) rounded to bf16 into the 64 x 64 panel row at prow (= panel +
+// r0 * 128 + 4 t; row r0 + 8 has the same swizzle, r % 8 = g), as P . V reads it (FlashMLA
+// rounds P the same way; the running sums keep the fp32 values).
+__device__ __forceinline__ void store_p(const float (&s)[32], uint32_t prow, int g) {
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const uint32_t a = prow + ((j ^ g) << 4);
+    st_shared_u32(a, pack_bf16(s[4 * j], s[4 * j + 1]));
+    st_shared_u32(a + 8 * 128, pack_bf16(s[4 * j + 2], s[4 * j + 3]));
+  }
+}
+
+// p's rows times f0 / f1.
+__device__ __forceinline__ void scale_p(float (&s)[32], float f0, float f1) {
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    s[4 * j] *= f0;
+    s[4 * j + 1] *= f0;
+    s[4 * j + 2] *= f1;
+    s[4 * j + 3] *= f1;
+  }
+}
+
+// The whole step for one warpgroup: P to the panel at prow, the running max and sum
+// updated, the rescale factors of the rows' earlier sums and outputs returned.
+__device__ __forceinline__ void softmax_tile(float (&s)[32], int k0, int kend, int t, int g,
+                                             float qscale, float (&m_run)[2], float (&l_run)[2],
+                                             float &c0, float &c1, uint32_t prow) {
+  float mx0, mx1, sum0, sum1;
+  tile_rowmax(s, k0, kend, t, mx0, mx1);
+  const float mn0 = fmaxf(m_run[0], mx0 * qscale), mn1 = fmaxf(m_run[1], mx1 * qscale);
+  c0 = exp2f(m_run[0] - mn0);
+  c1 = exp2f(m_run[1] - mn1);
+  m_run[0] = mn0;
+  m_run[1] = mn1;
+  tile_exp(s, qscale, mn0, mn1, sum0, sum1);
+  store_p(s, prow, g);
+  l_run[0] = l_run[0] * c0 + sum0;
+  l_run[1] = l_run[1] * c1 + sum1;
+}
+
+// acc (the wgmma P . V layout below: rows r0 and r0 + 8 in acc[4 j + 0..1] and
+// acc[4 j + 2..3]) times the rows' rescale factors; once the running max settles they are
+// exactly 1 and the multiplies are skipped.
+__device__ __forceinline__ void rescale_rows(float (&acc)[128], float c0, float c1) {
+  if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f)) {
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+      acc[4 * j] *= c0;
+      acc[4 * j + 1] *= c0;
+      acc[4 * j + 2] *= c1;
+      acc[4 * j + 3] *= c1;
+    }
+  }
+}
+
+// acc += P . V for one tile on a warpgroup's wgmma: dp the P panel (K-major, one block),
+// dv its 256 V columns as N-major: 64-column blocks kBlk apart (leading offset), 8-key
+// groups 1024 bytes apart (stride offset).
+__device__ __forceinline__ void pv_tile(float (&acc)[128], uint64_t dp, uint64_t dv) {
+  wg_fence();
+#pragma unroll
+  for (int ks = 0; ks < kTK / 16; ks++)
+    wgmma_o(acc, dp + (uint64_t)((ks * 32) >> 4), dv + (uint64_t)((ks * 16 * 128) >> 4), 1);
+  wg_commit();
+  wg_wait_all();
+  reg_fence(acc);
+}
+
+// A warpgroup's P . V accumulators out (layout as rescale_rows, columns col0 + 8 j (+1) of
+// the 512): head h0 (+8) of query b, divided by the rows' sums l0 (l1) when the split is
+// the whole context, else unnormalised into this split's partial.
+__device__ __forceinline__ void store_rows(const epic_cuk_mla_params &p, int64_t b, int split,
+                                           int64_t h0, int col0, const float (&acc)[128], float l0,
+                                           float l1) {
+#pragma unroll
+  for (int half = 0; half < 2; half++) {
+    const int64_t h = h0 + 8 * half;
+    if (h < p.n_heads) {
+      const float inv = p.n_split == 1 ? 1.0f / (half ? l1 : l0) : 1.0f;
+      float *o = (p.n_split == 1 ? p.ctx + (b * p.n_heads + h) * kL
+                                 : p.part_acc + ((b * p.n_split + split) * p.n_heads + h) * kL) +
+                 col0;
+#pragma unroll
+      for (int j = 0; j < 32; j++)
+        store_pair(o + 8 * j, acc[4 * j + 2 * half] * inv, acc[4 * j + 2 * half + 1] * inv);
+    }
+  }
+}
+
+// The 16-byte chunk cg of cached row `key` of query b (pages through its block table), or
+// NULL for keys past the split's end (kend), which are zero-filled and not read.
+__device__ __forceinline__ const uint16_t *row_src(const epic_cuk_mla_params &p, int64_t b, int key,
+                                                   int kend, int cg) {
+  if (key >= kend)
+    return nullptr;
+  const int32_t *table = p.tables + b * p.table_stride;
+  const int page_size = (int)p.page_size;
+  int page, row;
+  if (p.page_shift >= 0) {
+    page = table[key >> p.page_shift];
+    row = key & (page_size - 1);
+  } else {
+    const int pi = key / page_size;
+    page = table[pi];
+    row = key - pi * page_size;
+  }
+  return static_cast<const uint16_t *>(p.pool) + ((int64_t)page * page_size + row) * kW + cg * 8;
+}
+
+// Stages query b's 64 rows of head group hg0 as bf16 (rows past n_heads are zero) into the
+// Q panel at sQ with kThr threads: 8 per row, thread tid % 8 taking 16-byte chunk tid % 8 of
+// each column block (the panel's swizzle, as the tile loads). Returns qscale: the kernels
+// scale raw scores by qscale > 0; a negative softmax scale flips the sign of the staged
+// queries instead (exact), a zero one becomes a tiny positive one (uniform probabilities
+// either way, and -inf * 0 never makes a NaN).
+template <int kThr>
+__device__ __forceinline__ float stage_q(const epic_cuk_mla_params &p, int64_t b, int hg0, int tid,
+                                         uint32_t sQ) {
+  const float qsign = p.qscale < 0.0f ? -1.0f : 1.0f;
+  const int lr = tid >> 3, cg = tid & 7;
+  const uint32_t ld_off = (uint32_t)(lr * 128 + ((cg ^ (lr & 7)) << 4));
+  const bool qa_vec = ((uintptr_t)p.q_abs & 15u) == 0, qp_vec = ((uintptr_t)p.q_pe & 15u) == 0;
+#pragma unroll
+  for (int pass = 0; pass < kHG / (kThr / 8); pass++) {
+    const int r = lr + kThr / 8 * pass;
+    const int64_t h = hg0 + r;
+    const bool valid = h < p.n_heads;
+    const float *qa = p.q_abs + (b * p.n_heads + (valid ? h : 0)) * kL + cg * 8;
+    const float *qp = p.q_pe + (b * p.n_heads + (valid ? h : 0)) * kRope + cg * 8;
+#pragma unroll
+    for (int j = 0; j < kW / 64; j++) {
+      const float *src = j < kL / 64 ? qa + j * 64 : qp;
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; e++)
+        v[e] = 0.0f;
+      if (valid) {
+        if (j < kL / 64 ? qa_vec : qp_vec) {
+          const float4 x = *reinterpret_cast<const float4 *>(src);
+          const float4 y = *reinterpret_cast<const float4 *>(src + 4);
+          v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+          v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; e++)
+            v[e] = src[e];
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 8; e++)
+        v[e] *= qsign;
+      st_shared_v4(sQ + pass * (kThr / 8) * 128 + ld_off + j * kBlk, pack_bf16(v[0], v[1]),
+                   pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+    }
+  }
+  return fmaxf(fabsf(p.qscale), 1e-30f);
+}
+
+// S = Q . K^T for one tile on a warpgroup's wgmma (36 steps m64n64k16, Q and the tile
+// straight from their panels: k-step ks is column block ks / 4, 32 bytes further per step
+// inside the block), into s (layout as softmax_tile).
+__device__ __forceinline__ void scores_tile(float (&s)[32], uint32_t sQ, uint32_t kv) {
+  const uint64_t dq = sw128_desc(sQ, 16, 1024), dk = sw128_desc(kv, 16, 1024);
+  wg_fence();
+#pragma unroll
+  for (int ks = 0; ks < kW / 16; ks++) {
+    const uint64_t off = (uint64_t)(((ks >> 2) * kBlk + (ks & 3) * 32) >> 4);
+    wgmma_s(s, dq + off, dk + off, ks);
+  }
+  wg_commit();
+  wg_wait_all();
+  reg_fence(s);
+}
+
 // kWgS: scores on wgmma (else mma.sync); kWgO: P . V on wgmma (else mma.sync). The
 // accumulator acc[128] holds, per thread, with g = lane / 4, t = lane % 4:
 //   kWgO:  rows 16 * (warp % 4) + g (+8), columns 256 * (warp / 4) + 8 j + 2 t (+1):
@@ -110,11 +348,8 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z, n_heads = p.n_heads;
   const int hg0 = blockIdx.y * kHG, split = blockIdx.x, n_split = p.n_split;
-  const int32_t *table = p.tables + b * p.table_stride;
   const epic_mla_split keys = epic_mla_split_keys<kTK>(p, b, split);
   const int kbeg = keys.kbeg, kend = keys.kend, n_tiles = keys.n_tiles;
-  const uint16_t *pool = static_cast<const uint16_t *>(p.pool);
-  const int page_size = (int)p.page_size, page_shift = p.page_shift;
 
   // Loader geometry (KV tiles and Q): 8 threads per row, thread cg taking 16-byte chunk cg
   // of each of the 9 column blocks, rows lr and lr + 32. Each row's 8 threads read 128
@@ -127,23 +362,9 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
     const int k0 = kbeg + tile * kTK;
 #pragma unroll
     for (int pass = 0; pass < 2; pass++) {
-      const int key = k0 + lr + 32 * pass;
-      const uint16_t *src = pool;
-      int step = 0, bytes = 0; // rows past the split: zero-filled, source not read
-      if (key < kend) {
-        int page, row;
-        if (page_shift >= 0) {
-          page = table[key >> page_shift];
-          row = key & (page_size - 1);
-        } else {
-          const int pi = key / page_size;
-          page = table[pi];
-          row = key - pi * page_size;
-        }
-        src = pool + ((int64_t)page * page_size + row) * kW + cg * 8;
-        step = 64;
-        bytes = 16;
-      }
+      const uint16_t *src = row_src(p, b, k0 + lr + 32 * pass, kend, cg);
+      const int step = src ? 64 : 0, bytes = src ? 16 : 0; // zero-filled past the split
+      src = src ? src : static_cast<const uint16_t *>(p.pool);
 #pragma unroll
       for (int j = 0; j < kW / 64; j++)
         epic_cp_async16(dst + pass * 32 * 128 + j * kBlk, src + j * step, bytes);
@@ -153,47 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
 
   if (n_tiles > 0)
     load_tile(0, 0);
-  // The kernel scales raw scores by qscale > 0; a negative softmax scale flips the sign of
-  // the staged queries instead (exact), a zero one becomes a tiny positive one (uniform
-  // probabilities either way, and -inf * 0 never makes a NaN).
-  const float qsign = p.qscale < 0.0f ? -1.0f : 1.0f;
-  const float qscale = fmaxf(fabsf(p.qscale), 1e-30f);
-  { // Stage the 64 query rows as bf16 (rows past n_heads are zero).
-    const bool qa_vec = ((uintptr_t)p.q_abs & 15u) == 0, qp_vec = ((uintptr_t)p.q_pe & 15u) == 0;
-#pragma unroll
-    for (int pass = 0; pass < 2; pass++) {
-      const int r = lr + 32 * pass;
-      const int64_t h = hg0 + r;
-      const bool valid = h < n_heads;
-      const float *qa = p.q_abs + (b * n_heads + (valid ? h : 0)) * kL + cg * 8;
-      const float *qp = p.q_pe + (b * n_heads + (valid ? h : 0)) * kRope + cg * 8;
-#pragma unroll
-      for (int j = 0; j < kW / 64; j++) {
-        const float *src = j < kL / 64 ? qa + j * 64 : qp;
-        float v[8];
-#pragma unroll
-        for (int e = 0; e < 8; e++)
-          v[e] = 0.0f;
-        if (valid) {
-          if (j < kL / 64 ? qa_vec : qp_vec) {
-            const float4 x = *reinterpret_cast<const float4 *>(src);
-            const float4 y = *reinterpret_cast<const float4 *>(src + 4);
-            v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
-            v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
-          } else {
-#pragma unroll
-            for (int e = 0; e < 8; e++)
-              v[e] = src[e];
-          }
-        }
-#pragma unroll
-        for (int e = 0; e < 8; e++)
-          v[e] *= qsign;
-        st_shared_v4(sQ + pass * 32 * 128 + ld_off + j * kBlk, pack_bf16(v[0], v[1]),
-                     pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
-      }
-    }
-  }
+  const float qscale = stage_q<kThreads>(p, b, hg0, tid, sQ);
 
   float acc[128];
 #pragma unroll
@@ -219,17 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
       for (int i = 0; i < 32; i++)
         s[i] = 0.0f;
       if constexpr (kWgS) {
-        const uint64_t dq = sw128_desc(sQ, 16, 1024), dk = sw128_desc(kv, 16, 1024);
-        wg_fence();
-#pragma unroll
-        for (int ks = 0; ks < kW / 16; ks++) {
-          // k-step ks: column block ks / 4, 32 bytes further per step inside the block
-          const uint64_t off = (uint64_t)(((ks >> 2) * kBlk + (ks & 3) * 32) >> 4);
-          wgmma_s(s, dq + off, dk + off, ks);
-        }
-        wg_commit();
-        wg_wait_all();
-        reg_fence(s);
+        scores_tile(s, sQ, kv);
       } else { // warp w: heads 16 w..16 w + 15, all 64 keys
         const uint32_t a_row = sQ + (16 * warp + (lane & 15)) * 128;
         const uint32_t b_row = kv + ((lane & 7) + ((lane >> 4) << 3)) * 128;
@@ -254,51 +425,10 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
         }
       }
 
-      // Online softmax; s[4 j + e] is row r0 (+8 for e >= 2), key 8 j + 2 t + (e & 1).
-      // Raw scores: the scale (> 0, see qscale) is applied to the row max and fused into
-      // the exponent's FFMA; keys past the split (last tile only) get -inf, so p = 0.
-      const int k0 = kbeg + tile * kTK, r0 = 16 * warp + g;
-      if (k0 + kTK > kend) {
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-          const int key = k0 + 8 * j + 2 * t;
-          if (key >= kend)
-            s[4 * j] = s[4 * j + 2] = -INFINITY;
-          if (key + 1 >= kend)
-            s[4 * j + 1] = s[4 * j + 3] = -INFINITY;
-        }
-      }
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 8; j++) {
-        mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-        mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-      }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      // Finite: every tile holds at least one key of the split.
-      const float mn0 = fmaxf(m_run[0], mx0 * qscale), mn1 = fmaxf(m_run[1], mx1 * qscale);
-      const float c0 = exp2f(m_run[0] - mn0), c1 = exp2f(m_run[1] - mn1);
-      m_run[0] = mn0;
-      m_run[1] = mn1;
-      float sum0 = 0.0f, sum1 = 0.0f;
-      const uint32_t prow = sP + r0 * 128 + 4 * t; // row r0 + 8: same swizzle (r % 8 = g)
-#pragma unroll
-      for (int j = 0; j < 8; j++) {
-        const float p0 = exp2f(fmaf(s[4 * j], qscale, -mn0));
-        const float p1 = exp2f(fmaf(s[4 * j + 1], qscale, -mn0));
-        const float p2 = exp2f(fmaf(s[4 * j + 2], qscale, -mn1));
-        const float p3 = exp2f(fmaf(s[4 * j + 3], qscale, -mn1));
-        sum0 += p0 + p1;
-        sum1 += p2 + p3;
-        const uint32_t a = prow + ((j ^ g) << 4);
-        st_shared_u32(a, pack_bf16(p0, p1));
-        st_shared_u32(a + 8 * 128, pack_bf16(p2, p3));
-      }
-      l_run[0] = l_run[0] * c0 + sum0;
-      l_run[1] = l_run[1] * c1 + sum1;
+      float c0, c1;
+      const int r0 = 16 * warp + g;
+      softmax_tile(s, kbeg + tile * kTK, kend, t, g, qscale, m_run, l_run, c0, c1,
+                   sP + r0 * 128 + 4 * t);
       if (t == 0) {
         corr_s[r0] = c0;
         corr_s[r0 + 8] = c1;
@@ -310,28 +440,9 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
 
     if constexpr (kWgO) {
       const int r0 = 16 * (warp & 3) + g;
-      const float c0 = corr_s[r0], c1 = corr_s[r0 + 8];
-      // Once the running max settles the factors are exactly 1: skip the multiplies.
-      if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f)) {
-#pragma unroll
-        for (int j = 0; j < 32; j++) {
-          acc[4 * j] *= c0;
-          acc[4 * j + 1] *= c0;
-          acc[4 * j + 2] *= c1;
-          acc[4 * j + 3] *= c1;
-        }
-      }
-      // A = P (K-major, one block); B = V columns 256 * wg.. as N-major: 64-column blocks
-      // kBlk apart (leading offset), 8-key groups 1024 bytes apart (stride offset).
-      const uint64_t dp = sw128_desc(sP, 16, 1024);
-      const uint64_t dv = sw128_desc(kv + (warp >> 2) * 4 * kBlk, kBlk, 1024);
-      wg_fence();
-#pragma unroll
-      for (int ks = 0; ks < kTK / 16; ks++)
-        wgmma_o(acc, dp + (uint64_t)((ks * 32) >> 4), dv + (uint64_t)((ks * 16 * 128) >> 4), 1);
-      wg_commit();
-      wg_wait_all();
-      reg_fence(acc);
+      rescale_rows(acc, corr_s[r0], corr_s[r0 + 8]);
+      // A = P; B = V columns 256 * (warp / 4)..
+      pv_tile(acc, sw128_desc(sP, 16, 1024), sw128_desc(kv + (warp >> 2) * 4 * kBlk, kBlk, 1024));
     } else {
       float c[8];
 #pragma unroll
@@ -384,11 +495,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
   // in a fixed order), then the final ctx (one split) or this split's unnormalised
   // partial with its max and sum.
   if (warp < 4) {
-    float l0 = l_run[0], l1 = l_run[1];
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float l0 = quad_sum(l_run[0]), l1 = quad_sum(l_run[1]);
     if (t == 0) {
       const int r0 = 16 * warp + g;
       ml_s[r0] = m_run[0];
@@ -398,50 +505,335 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
     }
   }
   __syncthreads();
-  auto out_row = [&](int row) -> float * {
-    const int64_t h = hg0 + row;
-    return n_split == 1 ? p.ctx + (b * n_heads + h) * kL
-                        : p.part_acc + ((b * n_split + split) * n_heads + h) * kL;
-  };
-  auto store2 = [](float *o, float v0, float v1) {
-    if (((uintptr_t)o & 7u) == 0) {
-      *reinterpret_cast<float2 *>(o) = make_float2(v0, v1);
-    } else { // a caller's ctx slice need not be 8-byte aligned
-      o[0] = v0;
-      o[1] = v1;
-    }
-  };
+  if constexpr (kWgO) {
+    const int r0 = 16 * (warp & 3) + g;
+    store_rows(p, b, split, hg0 + r0, 256 * (warp >> 2) + 2 * t, acc, ml_s[kHG + r0],
+               ml_s[kHG + r0 + 8]);
+  } else {
 #pragma unroll
-  for (int half = 0; half < 2; half++) {
-    if constexpr (kWgO) {
-      const int row = 16 * (warp & 3) + g + 8 * half;
-      if (hg0 + row < n_heads) {
-        const float inv = n_split == 1 ? 1.0f / ml_s[kHG + row] : 1.0f;
-        float *o = out_row(row) + 256 * (warp >> 2) + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 32; j++)
-          store2(o + 8 * j, acc[4 * j + 2 * half] * inv, acc[4 * j + 2 * half + 1] * inv);
-      }
-    } else {
+    for (int half = 0; half < 2; half++)
 #pragma unroll
       for (int mt = 0; mt < 4; mt++) {
         const int row = 16 * mt + g + 8 * half;
-        if (hg0 + row < n_heads) {
+        const int64_t h = hg0 + row;
+        if (h < n_heads) {
           const float inv = n_split == 1 ? 1.0f / ml_s[kHG + row] : 1.0f;
-          float *o = out_row(row) + 64 * warp + 2 * t;
+          float *o = (n_split == 1 ? p.ctx + (b * n_heads + h) * kL
+                                   : p.part_acc + ((b * n_split + split) * n_heads + h) * kL) +
+                     64 * warp + 2 * t;
 #pragma unroll
           for (int nt = 0; nt < 8; nt++)
-            store2(o + 8 * nt, acc[32 * mt + 4 * nt + 2 * half] * inv,
-                   acc[32 * mt + 4 * nt + 2 * half + 1] * inv);
+            store_pair(o + 8 * nt, acc[32 * mt + 4 * nt + 2 * half] * inv,
+                       acc[32 * mt + 4 * nt + 2 * half + 1] * inv);
         }
       }
-    }
   }
   if (n_split > 1 && tid < kHG && hg0 + tid < n_heads) {
     float *ml = p.part_ml + ((b * n_split + split) * n_heads + hg0 + tid) * 2;
     ml[0] = ml_s[tid];
     ml[1] = ml_s[kHG + tid];
   }
+}
+
+// d[128] (+)= A . B, one 64 x 256 x 16 step, A from registers (mma.m16n8k16's A layout
+// per warp, warp w of the warpgroup holding rows 16 w..16 w + 15), B N-major in shared
+// memory (imm-trans-b = 1).
+__device__ __forceinline__ void wgmma_o_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t db) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, "
+      "%127"
+      "}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+#else
+  __trap();
+#endif
+}
+
+// scores_tile in two halves around a wait: the k-steps of column blocks 4 half..4 half + 3
+// first, then (once wait_rest() returns: the rest of the tile has landed) the others, so
+// that the tensor cores start on the part of a tile that was refilled first.
+template <typename F>
+__device__ __forceinline__ void scores_tile_split(float (&s)[32], uint32_t sQ, uint32_t kv,
+                                                  int half, F &&wait_rest) {
+  const uint64_t dq = sw128_desc(sQ, 16, 1024), dk = sw128_desc(kv, 16, 1024);
+  wg_fence();
+  int n = 0;
+#pragma unroll
+  for (int ks = 0; ks < 16; ks++) {
+    const int k = 16 * half + ks;
+    const uint64_t off = (uint64_t)(((k >> 2) * kBlk + (k & 3) * 32) >> 4);
+    wgmma_s(s, dq + off, dk + off, n++);
+  }
+  wait_rest();
+#pragma unroll
+  for (int ks = 0; ks < kW / 16 - 16; ks++) {
+    const int k = ks < 16 ? 16 * (1 - half) + ks : ks + 16;
+    const uint64_t off = (uint64_t)(((k >> 2) * kBlk + (k & 3) * 32) >> 4);
+    wgmma_s(s, dq + off, dk + off, 1);
+  }
+  wg_commit();
+  wg_wait_all();
+  reg_fence(s);
+}
+
+// The seesaw form (EPIC_CUDA_MLA_BF16_SEESAW), after FlashMLA's schedule: two tiles per
+// step, one per warpgroup, each warpgroup holding half of O (columns 256 wg..). Per step,
+// tiles 2j (buffer 0, WG0) and 2j + 1 (buffer 1, WG1), m the running max of both:
+//   WG0: S0 = Q.K0^T; m0 = max(m, rowmax S0); P0 = exp(S0 - m0); O_L = O_L e^(m - m0) + P0.V0_L
+//   WG1: S1 = Q.K1^T (beside S0); m1 = max(m0, rowmax S1); P1 = exp(S1 - m1);
+//        O_R = O_R e^(m - m1) + P1.V1_R
+//   WG0: P0' = P0 e^(m0 - m1) for WG1; O_L = O_L e^(m0 - m1) + P1.V1_L
+//   WG1: O_R += P0'.V0_R;  m = m1.
+// (exp in base 2 on raw scores as k_mla_bf16; row sums likewise, WG0's and WG1's added at
+// the end.)
+// So the tensor cores run one warpgroup's products while the other computes its softmax,
+// and each product's own P comes from registers (wgmma's register-A form). A column block
+// is refilled by the warpgroup that read it last, right after that read: WG0 buffer 0's
+// blocks 0-3 after P0.V0_L (mid-step) and buffer 1's blocks 0-3 and rope block after
+// P1.V1_L; WG1 buffer 1's blocks 4-7 after P1.V1_R and buffer 0's blocks 4-7 and rope
+// block after P0'.V0_R. The other's P goes through the rope block of its tile's buffer
+// (read by that tile's S alone). Hand-offs: named barriers (maxima and factors each way,
+// P each way; each strictly alternates within a step) and an mbarrier per buffer part
+// (its TMA bytes, parity = step & 1). Prologue and hand-offs make it slower than
+// k_mla_bf16 on short splits; EPIC_CUDA_MLA_BF16_AUTO picks by split length.
+constexpr int kSeeThreads = 256;
+constexpr int kSOffKV = kPanel;                  // Q at 0, then buffers 0 and 1,
+constexpr int kSOffRow = kSOffKV + 2 * kPanel;   // per-row m0, e^(m - m0), m1, e^(m0 - m1),
+constexpr int kSOffBar = kSOffRow + 6 * kHG * 4; // the two sums; mbarriers [buffer][part]
+constexpr int kSeeSmemBytes = kSOffBar + 4 * 8 + 1024;
+constexpr int kBarS0 = 1, kBarS1 = 2, kBarP0 = 3, kBarP1 = 4; // named barriers
+static_assert(kSeeSmemBytes <= 227 * 1024, "shared memory per CTA");
+
+// The four words of wgmma's register A operand for k-step ks (keys 16 ks..) from a
+// warpgroup's 64 x 64 probabilities in the score accumulator layout (softmax_tile's).
+__device__ __forceinline__ void p_frag(const float (&s)[32], int ks, uint32_t (&a)[4]) {
+  a[0] = pack_bf16(s[8 * ks], s[8 * ks + 1]);
+  a[1] = pack_bf16(s[8 * ks + 2], s[8 * ks + 3]);
+  a[2] = pack_bf16(s[8 * ks + 4], s[8 * ks + 5]);
+  a[3] = pack_bf16(s[8 * ks + 6], s[8 * ks + 7]);
+}
+
+// acc += P . V for one tile with P from registers (the fragments of p_frag), dv as pv_tile.
+__device__ __forceinline__ void pv_tile_rs(float (&acc)[128], const float (&s)[32], uint64_t dv) {
+  uint32_t a[kTK / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < kTK / 16; ks++)
+    p_frag(s, ks, a[ks]);
+  wg_fence();
+#pragma unroll
+  for (int ks = 0; ks < kTK / 16; ks++)
+    wgmma_o_rs(acc, a[ks], dv + (uint64_t)((ks * 16 * 128) >> 4));
+  wg_commit();
+  wg_wait_all();
+  reg_fence(acc);
+}
+
+__global__ void __launch_bounds__(kSeeThreads, 1)
+    k_mla_bf16_seesaw(const __grid_constant__ epic_cuk_mla_params p,
+                      const __grid_constant__ epic_cuk_tmap pool_map) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = epic_smem_u32(smem_raw);
+  const uint32_t s0 = (raw + 1023u) & ~1023u;
+  unsigned char *sgen = smem_raw + (s0 - raw);
+  const uint32_t sQ = s0, sKV = s0 + kSOffKV, bar_full = s0 + kSOffBar;
+  float *m0_s = reinterpret_cast<float *>(sgen + kSOffRow), *c0_s = m0_s + kHG;
+  float *m1_s = c0_s + kHG, *c1_s = m1_s + kHG, *sum_s = c1_s + kHG; // sums [2][64]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int g = lane >> 2, t = lane & 3, lt = tid & 127;
+  const int64_t b = blockIdx.z;
+  const int hg0 = blockIdx.y * kHG, split = blockIdx.x;
+  const epic_mla_split keys = epic_mla_split_keys<kTK>(p, b, split);
+  const int kbeg = keys.kbeg, kend = keys.kend, n_steps = (keys.n_tiles + 1) / 2;
+  const int r0 = 16 * (warp & 3) + g; // this thread's rows r0 and r0 + 8
+
+  // Part `part` (0: column blocks 0-3, 1: blocks 4-7) of a tile into buffer buf, plus the
+  // rope block where this warpgroup refills it (WG0 buffer 1, WG1 buffer 0): TMA boxes of
+  // 64 rows x 128 bytes from the pool viewed as rows of 1,152 bytes, issued by one thread
+  // and counted in bytes on the part's mbarrier. A tile lies in one page (pages are whole
+  // tiles here); tile_row() is its first pool row, -1 for a tile past the split (nothing
+  // loaded, and the products with it skipped). Rows of the split's last tile past kend are
+  // the page's other rows: finite (zeroed at allocation, or written), and masked.
+  const int part = wg;
+  auto tile_row = [&](int tile) -> int64_t {
+    const int key = kbeg + tile * kTK;
+    if (key >= kend)
+      return -1;
+    const int32_t *table = p.tables + b * p.table_stride;
+    const int64_t page = p.page_shift >= 0 ? table[key >> p.page_shift] : table[key / p.page_size];
+    return page * p.page_size + key % p.page_size;
+  };
+  auto load = [&](int64_t row, int buf) {
+    if (lt != 0)
+      return;
+    const uint32_t bar = bar_full + 8 * (2 * buf + part), dst = sKV + buf * kPanel;
+    if (row < 0) {
+      mbar_arrive(bar);
+      return;
+    }
+    const bool rope = buf != wg;
+    mbar_expect_tx(bar, (uint32_t)((rope ? 5 : 4) * kBlk));
+#pragma unroll
+    for (int j = 4 * part; j < 4 * part + 4; j++)
+      tma_load(dst + j * kBlk, &pool_map, 128 * j, (int)row, bar);
+    if (rope)
+      tma_load(dst + 8 * kBlk, &pool_map, 128 * 8, (int)row, bar);
+  };
+
+  if (tid == 0) {
+    for (int i = 0; i < 4; i++)
+      mbar_init(bar_full + 8 * i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (n_steps > 0) {
+    load(tile_row(0), 0);
+    load(tile_row(1), 1);
+  }
+  const float qscale = stage_q<kSeeThreads>(p, b, hg0, tid, sQ);
+  fence_proxy_async(); // Q is read by wgmma
+  __syncthreads();
+
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; i++)
+    acc[i] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  const uint32_t mine = sKV + wg * kPanel, other = sKV + (wg ^ 1) * kPanel;
+  for (int step = 0; step < n_steps; step++) {
+    const uint32_t par = (uint32_t)step & 1u;
+    const bool more = step + 1 < n_steps;
+    const int tile = 2 * step + wg;
+    // The last step of an odd tile count has no tile 1: its scores are all masked and its
+    // P zero, and both P . V products with it are skipped (its buffer may hold anything).
+    const bool have1 = 2 * step + 1 < keys.n_tiles;
+    int64_t next_mine = -1, next_other = -1; // the next step's refills, looked up early
+    if (more && lt == 0) {
+      next_mine = tile_row(tile + 2);
+      next_other = tile_row(2 * (step + 1) + (wg ^ 1));
+    }
+    // My buffer: the half refilled mid-step (WG0 blocks 0-3, WG1 blocks 4-7) first.
+    mbar_wait(bar_full + 8 * (2 * wg + wg), par); // (TMA writes: no proxy fence needed)
+    float s[32];
+    scores_tile_split(s, sQ, mine, wg,
+                      [&] { mbar_wait_warp(bar_full + 8 * (2 * wg + (wg ^ 1)), par); });
+    float mx0, mx1;
+    tile_rowmax(s, kbeg + tile * kTK, kend, t, mx0, mx1);
+    float m_in[2], c_in[2], c_prev[2]; // the max this tile starts from, O's factor for it;
+                                       // WG1: WG0's factor e^(m - m0)
+    if (wg == 0) {
+      m_in[0] = m_run[0];
+      m_in[1] = m_run[1];
+    } else { // read now: WG0 rewrites them once this step's kBarS1 has passed
+      named_sync(kBarS0, kSeeThreads);
+      m_in[0] = m0_s[r0];
+      m_in[1] = m0_s[r0 + 8];
+      c_prev[0] = c0_s[r0];
+      c_prev[1] = c0_s[r0 + 8];
+    }
+    const float mn0 = fmaxf(m_in[0], mx0 * qscale), mn1 = fmaxf(m_in[1], mx1 * qscale);
+    c_in[0] = exp2f(m_in[0] - mn0);
+    c_in[1] = exp2f(m_in[1] - mn1);
+    float sum0, sum1;
+    tile_exp(s, qscale, mn0, mn1, sum0, sum1);
+    if (t == 0) { // the new max and its factor to the other warpgroup
+      (wg ? m1_s : m0_s)[r0] = mn0;
+      (wg ? m1_s : m0_s)[r0 + 8] = mn1;
+      (wg ? c1_s : c0_s)[r0] = c_in[0];
+      (wg ? c1_s : c0_s)[r0 + 8] = c_in[1];
+    }
+    named_arrive(wg ? kBarS1 : kBarS0, kSeeThreads);
+    if (wg == 1) { // O_R and its sum were relative to m: e^(m - m1) = e^(m - m0) e^(m0 - m1)
+      c_in[0] *= c_prev[0];
+      c_in[1] *= c_prev[1];
+    }
+    rescale_rows(acc, c_in[0], c_in[1]);
+    l_run[0] = l_run[0] * c_in[0] + sum0;
+    l_run[1] = l_run[1] * c_in[1] + sum1;
+    if (wg == 1) { // P1 for WG0, over K1's rope block
+      store_p(s, mine + 8 * kBlk + r0 * 128 + 4 * t, g);
+      fence_proxy_async();
+      named_arrive(kBarP1, kSeeThreads);
+    }
+    // This tile's own half: P from registers, V columns 256 wg.. of its buffer.
+    if (wg == 0 || have1)
+      pv_tile_rs(acc, s, sw128_desc(mine + wg * 4 * kBlk, kBlk, 1024));
+    if (more)
+      load(next_mine, wg); // this buffer's blocks of my half
+    if (wg == 0) {
+      named_sync(kBarS1, kSeeThreads); // WG1's max m1 and e^(m0 - m1)
+      const float c1a = c1_s[r0], c1b = c1_s[r0 + 8];
+      m_run[0] = m1_s[r0];
+      m_run[1] = m1_s[r0 + 8];
+      scale_p(s, c1a, c1b); // P0' = P0 e^(m0 - m1), for WG1, over K0's rope block
+      store_p(s, mine + 8 * kBlk + r0 * 128 + 4 * t, g);
+      fence_proxy_async();
+      named_arrive(kBarP0, kSeeThreads);
+      rescale_rows(acc, c1a, c1b);
+      l_run[0] *= c1a;
+      l_run[1] *= c1b;
+      named_sync(kBarP1, kSeeThreads);
+    } else {
+      m_run[0] = mn0;
+      m_run[1] = mn1;
+      named_sync(kBarP0, kSeeThreads);
+    }
+    // The other tile's P (its rope block) times my half of its V.
+    mbar_wait(bar_full + 8 * (2 * (wg ^ 1) + wg), par);
+    if (wg == 1 || have1)
+      pv_tile(acc, sw128_desc(other + 8 * kBlk, 16, 1024),
+              sw128_desc(other + wg * 4 * kBlk, kBlk, 1024));
+    if (more)
+      load(next_other, wg ^ 1); // my half of the other buffer, and its rope
+  }
+
+  // Row sums: each warpgroup's four lanes in a fixed order, then WG0's + WG1's.
+  const float la = quad_sum(l_run[0]), lb = quad_sum(l_run[1]);
+  if (t == 0) {
+    sum_s[wg * kHG + r0] = la;
+    sum_s[wg * kHG + r0 + 8] = lb;
+  }
+  __syncthreads();
+  const float l0 = sum_s[r0] + sum_s[kHG + r0], l1 = sum_s[r0 + 8] + sum_s[kHG + r0 + 8];
+  if (wg == 0 && t == 0 && p.n_split > 1)
+    for (int half = 0; half < 2; half++) {
+      const int64_t h = hg0 + r0 + 8 * half;
+      if (h < p.n_heads) {
+        float *ml = p.part_ml + ((b * p.n_split + split) * p.n_heads + h) * 2;
+        ml[0] = m_run[half];
+        ml[1] = half ? l1 : l0;
+      }
+    }
+  store_rows(p, b, split, hg0 + r0, 256 * wg + 2 * t, acc, l0, l1);
 }
 
 template <bool kWgS, bool kWgO> cudaError_t set_smem() {
@@ -458,7 +850,7 @@ int epic_cuk_mla_bf16_ok(int64_t width, int64_t lora, const void *pool) {
 }
 
 cudaError_t epic_cuk_mla_bf16_prepare(int max_smem_optin) {
-  if (max_smem_optin < kSmemBytes)
+  if (max_smem_optin < kSmemBytes || max_smem_optin < kSeeSmemBytes)
     return cudaErrorInvalidConfiguration;
   cudaError_t e = set_smem<true, true>();
   if (e == cudaSuccess)
@@ -467,12 +859,30 @@ cudaError_t epic_cuk_mla_bf16_prepare(int max_smem_optin) {
     e = set_smem<false, true>();
   if (e == cudaSuccess)
     e = set_smem<false, false>();
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(k_mla_bf16_seesaw, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kSeeSmemBytes);
   return e;
 }
 
 cudaError_t epic_cuk_mla_bf16_decode(const epic_cuk_mla_params *p, int variant, cudaStream_t st) {
   const dim3 grid((unsigned)p->n_split, (unsigned)((p->n_heads + kHG - 1) / kHG), (unsigned)p->n_q);
-  switch (variant & 3) {
+  switch (variant) {
+  case 4: {
+    // Pages of whole tiles only (a tile is then one page's rows); else the wgmma form.
+    if (p->page_size % kTK != 0 || ((uintptr_t)p->pool & 15u) != 0) {
+      k_mla_bf16<true, true><<<grid, kThreads, kSmemBytes, st>>>(*p);
+      break;
+    }
+    // The pool as rows of 1,152 bytes; a bound past any page (the kernel reads only the
+    // tiles its block tables name).
+    epic_cuk_tmap map;
+    const cudaError_t e = epic_cuk_tmap_fp8(&map, p->pool, (int64_t)1 << 30, kW * 2, kTK);
+    if (e != cudaSuccess)
+      return e;
+    k_mla_bf16_seesaw<<<grid, kSeeThreads, kSeeSmemBytes, st>>>(*p, map);
+    break;
+  }
   case 3: k_mla_bf16<true, true><<<grid, kThreads, kSmemBytes, st>>>(*p); break;
   case 2: k_mla_bf16<false, true><<<grid, kThreads, kSmemBytes, st>>>(*p); break;
   case 1: k_mla_bf16<true, false><<<grid, kThreads, kSmemBytes, st>>>(*p); break;

@@ -82,7 +82,7 @@ epic_status epic_ops_cuda_set_mla_precision(epic_ops *o, epic_cuda_mla_precision
 }
 
 epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_kernel k) {
-  if (!o || (int)k < 0 || (int)k > 3)
+  if (!o || (int)k < 0 || (int)k > EPIC_CUDA_MLA_BF16_AUTO)
     return EPIC_ERR_INVALID;
   epic_cuda_of(o)->mla_bf16_variant = (int)k;
   return EPIC_OK;
@@ -746,7 +746,7 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   c->base.vt = &epic_cuda_vt;
   c->device = device;
   c->mla_prec = EPIC_CUDA_MLA_TF32;
-  c->mla_bf16_variant = EPIC_CUDA_MLA_BF16_WGMMA;
+  c->mla_bf16_variant = EPIC_CUDA_MLA_BF16_DEFAULT;
   c->fp8_small = EPIC_CUDA_FP8_SMALL_MMA;
   static const char *const precs[] = {"fast", "exact", "invariant"}; /* epic_cuda_precision */
   const int prec = env_choice("EPIC_CUDA_PRECISION", precs, 3);

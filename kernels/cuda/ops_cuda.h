@@ -86,13 +86,21 @@ typedef enum {
 epic_status epic_ops_cuda_set_mla_precision(epic_ops *o, epic_cuda_mla_precision p);
 
 /* Which implementation of the bf16-cache decode kernel runs (same results to rounding;
- * for cross-checks and benchmarks): scores Q.K^T and P.V each on wgmma or on mma.sync. */
+ * for cross-checks and benchmarks): scores Q.K^T and P.V each on wgmma or on mma.sync, or
+ * FlashMLA's two-tile "seesaw" schedule on wgmma. */
 typedef enum {
   EPIC_CUDA_MLA_BF16_MMA = 0,     /* both on mma.sync + ldmatrix */
   EPIC_CUDA_MLA_BF16_WGMMA_S = 1, /* scores on wgmma, P.V on mma.sync */
   EPIC_CUDA_MLA_BF16_WGMMA_O = 2, /* scores on mma.sync, P.V on wgmma */
-  EPIC_CUDA_MLA_BF16_WGMMA = 3,   /* both on wgmma (default) */
+  EPIC_CUDA_MLA_BF16_WGMMA = 3,   /* both on wgmma, one warpgroup's scores then both P.V */
+  EPIC_CUDA_MLA_BF16_SEESAW = 4,  /* wgmma, a tile per warpgroup, softmax beside P.V; pages of
+                                     whole 64-key tiles (TMA), else WGMMA */
+  EPIC_CUDA_MLA_BF16_AUTO = 5,    /* default: SEESAW for splits of at least
+                                     EPIC_CUDA_MLA_SEESAW_MIN_TILES tiles in the fast precision,
+                                     else WGMMA (faster on short splits) */
 } epic_cuda_mla_bf16_kernel;
+#define EPIC_CUDA_MLA_BF16_DEFAULT EPIC_CUDA_MLA_BF16_AUTO /* the one a new backend runs */
+enum { EPIC_CUDA_MLA_SEESAW_MIN_TILES = 32 };
 epic_status epic_ops_cuda_set_mla_bf16_kernel(epic_ops *o, epic_cuda_mla_bf16_kernel k);
 
 /* Key splits per query of the bf16-cache decode kernel: 0 (default) = the count its cost

@@ -179,6 +179,19 @@ static int choose_split_bf16(const epic_cuda_ops *c, int64_t n_q, int64_t n_head
   return best;
 }
 
+/* The bf16 kernel's form for a launch: EPIC_CUDA_MLA_BF16_AUTO takes the seesaw form where
+ * its longer prologue pays (bench_kernels_cuda on H200s: 0.84-0.92x the wgmma form's time at
+ * 128 x 8k and 32 x 8k, 64-128 tiles per split; even at 16 (128 x 1k); 1.06-1.07x at 8, 32 x
+ * 1k and 1 x 8k), and keeps the invariant precision on one form (its results must not depend
+ * on the batch). */
+static int bf16_variant(const epic_cuda_ops *c, const epic_cuk_mla_params *q, int64_t max_keys) {
+  if (c->mla_bf16_variant != EPIC_CUDA_MLA_BF16_AUTO)
+    return c->mla_bf16_variant;
+  const int64_t tiles = (max_keys + 63) / 64, per_split = (tiles + q->n_split - 1) / q->n_split;
+  return !c->invariant && per_split >= EPIC_CUDA_MLA_SEESAW_MIN_TILES ? EPIC_CUDA_MLA_BF16_SEESAW
+                                                                      : EPIC_CUDA_MLA_BF16_WGMMA;
+}
+
 /* Run the decode kernel (bf16: the BF16-cache kernel, else the fp32 one) on queries
  * [0, n_q) described by p (p->n_q ignored). */
 static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, int64_t max_keys,
@@ -222,7 +235,7 @@ static epic_status decode(epic_cuda_ops *c, epic_cuk_mla_params p, int64_t n_q, 
       q.part_ml = q.part_acc + acc;
     }
     if (bf16)
-      EPIC_CHECK_CUDA(epic_cuk_mla_bf16_decode(&q, c->mla_bf16_variant, c->stream),
+      EPIC_CHECK_CUDA(epic_cuk_mla_bf16_decode(&q, bf16_variant(c, &q, max_keys), c->stream),
                       "mla decode kernel (bf16 cache)");
     else
       EPIC_CHECK_CUDA(epic_cuk_mla_decode(&q, c->mla_prec == EPIC_CUDA_MLA_EXACT, c->stream),

@@ -66,7 +66,7 @@ typedef struct epic_cuda_ops {
   size_t blas_ws_bytes, lt_ws_bytes;
   int *err_flag; /* device int: set by kernels on faults only the device sees */
   epic_cuda_mla_precision mla_prec;
-  int mla_bf16_variant; /* BF16 decode kernel: bit 0 scores on wgmma, bit 1 P.V on wgmma */
+  int mla_bf16_variant;  /* BF16 decode kernel: an epic_cuda_mla_bf16_kernel */
   int mla_prefill_wgmma; /* flash prefill kernel: products on wgmma (1) or mma.sync (0) */
   int mla_split;    /* bf16 decode kernel's key splits, 0 = cost model (..._set_mla_split) */
   int skinny_split; /* skinny FP8 kernel's column runs, 0 = by shape (..._set_skinny_split) */
