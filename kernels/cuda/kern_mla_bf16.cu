@@ -137,14 +137,15 @@ __device__ __forceinline__ void store_p(const float (&s)[32], uint32_t prow, int
   }
 }
 
-// p's rows times f0 / f1.
-__device__ __forceinline__ void scale_p(float (&s)[32], float f0, float f1) {
+// Rows r0 and r0 + 8 of a wgmma accumulator (x[4 j + 0..1] and x[4 j + 2..3], for the
+// scores and for P . V alike) times f0 and f1.
+template <int N> __device__ __forceinline__ void scale_rows(float (&x)[N], float f0, float f1) {
 #pragma unroll
-  for (int j = 0; j < 8; j++) {
-    s[4 * j] *= f0;
-    s[4 * j + 1] *= f0;
-    s[4 * j + 2] *= f1;
-    s[4 * j + 3] *= f1;
+  for (int j = 0; j < N / 4; j++) {
+    x[4 * j] *= f0;
+    x[4 * j + 1] *= f0;
+    x[4 * j + 2] *= f1;
+    x[4 * j + 3] *= f1;
   }
 }
 
@@ -166,19 +167,11 @@ __device__ __forceinline__ void softmax_tile(float (&s)[32], int k0, int kend, i
   l_run[1] = l_run[1] * c1 + sum1;
 }
 
-// acc (the wgmma P . V layout below: rows r0 and r0 + 8 in acc[4 j + 0..1] and
-// acc[4 j + 2..3]) times the rows' rescale factors; once the running max settles they are
-// exactly 1 and the multiplies are skipped.
+// The P . V accumulators times the rows' rescale factors; once the running max settles
+// they are exactly 1 and the multiplies are skipped.
 __device__ __forceinline__ void rescale_rows(float (&acc)[128], float c0, float c1) {
-  if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f)) {
-#pragma unroll
-    for (int j = 0; j < 32; j++) {
-      acc[4 * j] *= c0;
-      acc[4 * j + 1] *= c0;
-      acc[4 * j + 2] *= c1;
-      acc[4 * j + 3] *= c1;
-    }
-  }
+  if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f))
+    scale_rows(acc, c0, c1);
 }
 
 // acc += P . V for one tile on a warpgroup's wgmma: dp the P panel (K-major, one block),
@@ -194,7 +187,7 @@ __device__ __forceinline__ void pv_tile(float (&acc)[128], uint64_t dp, uint64_t
   reg_fence(acc);
 }
 
-// A warpgroup's P . V accumulators out (layout as rescale_rows, columns col0 + 8 j (+1) of
+// A warpgroup's P . V accumulators out (layout as scale_rows, columns col0 + 8 j (+1) of
 // the 512): head h0 (+8) of query b, divided by the rows' sums l0 (l1) when the split is
 // the whole context, else unnormalised into this split's partial.
 __device__ __forceinline__ void store_rows(const epic_cuk_mla_params &p, int64_t b, int split,
@@ -738,7 +731,7 @@ __global__ void __launch_bounds__(kSeeThreads, 1)
       const float c1a = c1_s[r0], c1b = c1_s[r0 + 8];
       m_run[0] = m1_s[r0];
       m_run[1] = m1_s[r0 + 8];
-      scale_p(s, c1a, c1b); // P0' = P0 e^(m0 - m1), for WG1, over K0's rope block
+      scale_rows(s, c1a, c1b); // P0' = P0 e^(m0 - m1), for WG1, over K0's rope block
       store_p(s, mine + 8 * kBlk + r0 * 128 + 4 * t, g);
       fence_proxy_async();
       named_arrive(kBarP0, kSeeThreads);
