@@ -3,7 +3,9 @@
 // kern_fp8_wgmma.cu; the grouped quantisers of kern_elementwise.cu; the router and the
 // expert plan): a warp's prefix sum, the group of an item,
 // cp.async streaming into shared memory, ldmatrix and bf16 mma fragments, Hopper wgmma
-// (descriptors, fences, the 64 x 64 score tile), and the keys of one flash-decoding split.
+// (descriptors, fences, the 64 x 64 score tile, the 128-register accumulator's operands),
+// mbarriers, TMA box loads, named barriers and register budgets for warp-specialised
+// kernels, and the keys of one flash-decoding split.
 // Device code only: included from .cu files.
 #ifndef EPIC_KERN_MLA_COMMON_CUH
 #define EPIC_KERN_MLA_COMMON_CUH
