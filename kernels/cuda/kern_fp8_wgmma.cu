@@ -525,14 +525,23 @@ cudaError_t epic_cuk_tmap_fp8(epic_cuk_tmap *m, const void *base, int64_t rows, 
                               int box_rows) {
   static_assert(sizeof(epic_cuk_tmap) == sizeof(CUtensorMap), "tensor map size");
   // The encoder is a driver function; the runtime hands out its address (no libcuda link).
-  cudaDriverEntryPointQueryResult q;
-  void *fn = NULL;
-  cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                                   cudaEnableDefault, &q);
-  if (e != cudaSuccess)
-    return e;
-  if (q != cudaDriverEntryPointSuccess || !fn)
-    return cudaErrorSymbolNotFound;
+  // Looked up once per process: maps are encoded at every grouped FP8 and long-split MLA
+  // launch.
+  struct encoder {
+    void *fn = nullptr;
+    cudaError_t err;
+    encoder() {
+      cudaDriverEntryPointQueryResult q;
+      err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                             cudaEnableDefault, &q);
+      if (err == cudaSuccess && (q != cudaDriverEntryPointSuccess || !fn))
+        err = cudaErrorSymbolNotFound;
+    }
+  };
+  static const encoder enc; // thread-safe one-time initialisation
+  if (enc.err != cudaSuccess)
+    return enc.err;
+  void *const fn = enc.fn;
   const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
   const cuuint64_t strides[1] = {(cuuint64_t)cols};
   if (box_rows < 1 || box_rows > 256)

@@ -187,6 +187,14 @@ __device__ __forceinline__ void pv_tile(float (&acc)[128], uint64_t dp, uint64_t
   reg_fence(acc);
 }
 
+// Where head h of query b writes its 512 outputs: ctx when the split is the whole context,
+// else this split's unnormalised partial.
+__device__ __forceinline__ float *out_row(const epic_cuk_mla_params &p, int64_t b, int split,
+                                          int64_t h) {
+  return p.n_split == 1 ? p.ctx + (b * p.n_heads + h) * kL
+                        : p.part_acc + ((b * p.n_split + split) * p.n_heads + h) * kL;
+}
+
 // A warpgroup's P . V accumulators out (layout as scale_rows, columns col0 + 8 j (+1) of
 // the 512): head h0 (+8) of query b, divided by the rows' sums l0 (l1) when the split is
 // the whole context, else unnormalised into this split's partial.
@@ -198,9 +206,7 @@ __device__ __forceinline__ void store_rows(const epic_cuk_mla_params &p, int64_t
     const int64_t h = h0 + 8 * half;
     if (h < p.n_heads) {
       const float inv = p.n_split == 1 ? 1.0f / (half ? l1 : l0) : 1.0f;
-      float *o = (p.n_split == 1 ? p.ctx + (b * p.n_heads + h) * kL
-                                 : p.part_acc + ((b * p.n_split + split) * p.n_heads + h) * kL) +
-                 col0;
+      float *o = out_row(p, b, split, h) + col0;
 #pragma unroll
       for (int j = 0; j < 32; j++)
         store_pair(o + 8 * j, acc[4 * j + 2 * half] * inv, acc[4 * j + 2 * half + 1] * inv);
@@ -208,12 +214,8 @@ __device__ __forceinline__ void store_rows(const epic_cuk_mla_params &p, int64_t
   }
 }
 
-// The 16-byte chunk cg of cached row `key` of query b (pages through its block table), or
-// NULL for keys past the split's end (kend), which are zero-filled and not read.
-__device__ __forceinline__ const uint16_t *row_src(const epic_cuk_mla_params &p, int64_t b, int key,
-                                                   int kend, int cg) {
-  if (key >= kend)
-    return nullptr;
+// The pool row of query b's cached key `key` (through its block table).
+__device__ __forceinline__ int64_t cache_row(const epic_cuk_mla_params &p, int64_t b, int key) {
   const int32_t *table = p.tables + b * p.table_stride;
   const int page_size = (int)p.page_size;
   int page, row;
@@ -225,7 +227,16 @@ __device__ __forceinline__ const uint16_t *row_src(const epic_cuk_mla_params &p,
     page = table[pi];
     row = key - pi * page_size;
   }
-  return static_cast<const uint16_t *>(p.pool) + ((int64_t)page * page_size + row) * kW + cg * 8;
+  return (int64_t)page * page_size + row;
+}
+
+// The 16-byte chunk cg of cached row `key` of query b, or NULL for keys past the split's
+// end (kend), which are zero-filled and not read.
+__device__ __forceinline__ const uint16_t *row_src(const epic_cuk_mla_params &p, int64_t b, int key,
+                                                   int kend, int cg) {
+  if (key >= kend)
+    return nullptr;
+  return static_cast<const uint16_t *>(p.pool) + cache_row(p, b, key) * kW + cg * 8;
 }
 
 // Stages query b's 64 rows of head group hg0 as bf16 (rows past n_heads are zero) into the
@@ -277,17 +288,20 @@ __device__ __forceinline__ float stage_q(const epic_cuk_mla_params &p, int64_t b
   return fmaxf(fabsf(p.qscale), 1e-30f);
 }
 
+// Descriptor offset of k-step ks of a panel: column block ks / 4, 32 bytes further per
+// step inside the block.
+__device__ __forceinline__ uint64_t kstep_off(int ks) {
+  return (uint64_t)(((ks >> 2) * kBlk + (ks & 3) * 32) >> 4);
+}
+
 // S = Q . K^T for one tile on a warpgroup's wgmma (36 steps m64n64k16, Q and the tile
-// straight from their panels: k-step ks is column block ks / 4, 32 bytes further per step
-// inside the block), into s (layout as softmax_tile).
+// straight from their panels), into s (layout as softmax_tile).
 __device__ __forceinline__ void scores_tile(float (&s)[32], uint32_t sQ, uint32_t kv) {
   const uint64_t dq = sw128_desc(sQ, 16, 1024), dk = sw128_desc(kv, 16, 1024);
   wg_fence();
 #pragma unroll
-  for (int ks = 0; ks < kW / 16; ks++) {
-    const uint64_t off = (uint64_t)(((ks >> 2) * kBlk + (ks & 3) * 32) >> 4);
-    wgmma_s(s, dq + off, dk + off, ks);
-  }
+  for (int ks = 0; ks < kW / 16; ks++)
+    wgmma_s(s, dq + kstep_off(ks), dk + kstep_off(ks), ks);
   wg_commit();
   wg_wait_all();
   reg_fence(s);
@@ -483,9 +497,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
         const int64_t h = hg0 + row;
         if (h < n_heads) {
           const float inv = n_split == 1 ? 1.0f / ml_s[kHG + row] : 1.0f;
-          float *o = (n_split == 1 ? p.ctx + (b * n_heads + h) * kL
-                                   : p.part_acc + ((b * n_split + split) * n_heads + h) * kL) +
-                     64 * warp + 2 * t;
+          float *o = out_row(p, b, split, h) + 64 * warp + 2 * t;
 #pragma unroll
           for (int nt = 0; nt < 8; nt++)
             store_pair(o + 8 * nt, acc[32 * mt + 4 * nt + 2 * half] * inv,
@@ -523,19 +535,14 @@ __device__ __forceinline__ void scores_tile_split(float (&s)[32], uint32_t sQ, u
                                                   int half, F &&wait_rest) {
   const uint64_t dq = sw128_desc(sQ, 16, 1024), dk = sw128_desc(kv, 16, 1024);
   wg_fence();
-  int n = 0;
 #pragma unroll
-  for (int ks = 0; ks < 16; ks++) {
-    const int k = 16 * half + ks;
-    const uint64_t off = (uint64_t)(((k >> 2) * kBlk + (k & 3) * 32) >> 4);
-    wgmma_s(s, dq + off, dk + off, n++);
-  }
+  for (int ks = 0; ks < 16; ks++)
+    wgmma_s(s, dq + kstep_off(16 * half + ks), dk + kstep_off(16 * half + ks), ks);
   wait_rest();
 #pragma unroll
   for (int ks = 0; ks < kW / 16 - 16; ks++) {
     const int k = ks < 16 ? 16 * (1 - half) + ks : ks + 16;
-    const uint64_t off = (uint64_t)(((k >> 2) * kBlk + (k & 3) * 32) >> 4);
-    wgmma_s(s, dq + off, dk + off, 1);
+    wgmma_s(s, dq + kstep_off(k), dk + kstep_off(k), 1);
   }
   wg_commit();
   wg_wait_all();
@@ -623,11 +630,7 @@ __global__ void __launch_bounds__(kSeeThreads, 1)
   const int part = wg;
   auto tile_row = [&](int tile) -> int64_t {
     const int key = kbeg + tile * kTK;
-    if (key >= kend)
-      return -1;
-    const int32_t *table = p.tables + b * p.table_stride;
-    const int64_t page = p.page_shift >= 0 ? table[key >> p.page_shift] : table[key / p.page_size];
-    return page * p.page_size + key % p.page_size;
+    return key < kend ? cache_row(p, b, key) : -1;
   };
   auto load = [&](int64_t row, int buf) {
     if (lt != 0)
