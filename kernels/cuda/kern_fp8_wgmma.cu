@@ -466,6 +466,157 @@ __global__ void __launch_bounds__(256)
     *y = acc;
 }
 
+
+// The thin form (a.thin): one group of at most EPIC_CUK_WG_THIN_ROWS rows whose narrow
+// tiles would leave SMs idle, e.g. a dense weight at decode sizes in the invariant
+// precision. The tiled forms give such a call one CTA per 128 weight rows, or a few hundred
+// CTAs that each fill and drain a ring of 128-row weight boxes for a handful of k-blocks
+// (split k) plus a second kernel to add the parts. Here a CTA is one warpgroup over
+// kThinCols weight rows and all of k: its outputs are the same chains, scaled and added in
+// k order in registers, as the tiled forms compute them (wgmma m64n16k32 steps instead of
+// m64n128k32 ones: an output's chain does not depend on the width; test_ops_cuda compares
+// them bit for bit), and the weight streams through many small CTAs, four per SM, each with
+// a ring of kThinStages cp.async stages (2 KiB of weights, at most 2 KiB of activation rows
+// each) taken kThinBatch blocks at a time.
+constexpr int kThinCols = 16, kThinStages = 12, kThinBatch = 4, kThinThreads = 128;
+static_assert(kThinStages % kThinBatch == 0 && kThinStages >= 2 * kThinBatch, "the ring");
+constexpr int kThinA = EPIC_CUK_WG_THIN_ROWS * kBK, kThinW = kThinCols * kBK;
+static_assert(kThinA % 1024 == 0 && kThinW % 1024 == 0, "stages keep the swizzle's period");
+// A stage's activation rows [16][128 bytes] at s_a + s * kThinA; wgmma reads 64 rows from
+// there, the 48 past them other stages' bytes: rows whose outputs are never stored. The
+// last stage's 64 rows end inside the weight stages that follow.
+static_assert(kThinStages * kThinW >= 64 * kBK - kThinA, "the last stage's A rows stay inside");
+constexpr size_t kThinSmem = 1024 + (size_t)kThinStages * (kThinA + kThinW);
+
+// d (+)= A . B^T for a 64 x 16 x 32 step (see wgmma_e4m3).
+__device__ __forceinline__ void wgmma_e4m3_n16(float (&d)[8], uint64_t da, uint64_t db,
+                                               int scale_d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n}\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                 "+f"(d[6]), "+f"(d[7])
+               : "l"(da), "l"(db), "r"(scale_d));
+#else
+  __trap();
+#endif
+}
+
+__global__ void __launch_bounds__(kThinThreads)
+    k_fp8_wgmma_thin(const __grid_constant__ epic_cuk_fp8_wgmma_args a) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t s_a = (epic_smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t s_b = s_a + kThinStages * kThinA;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int nkb = (a.k + kBK - 1) / kBK, rows = a.rows[0], col0 = blockIdx.x * kThinCols;
+  // Loads: a batch's blocks kb0 .. kb0 + kThinBatch - 1, thread tid taking 16-byte chunk
+  // tid % 8 of row tid / 8 of each, written where the 128-byte swizzle puts it. Chunks past
+  // k are zero-filled (both operands: nothing past k adds to a sum); activation rows past
+  // the group and weight rows past n are not loaded (their outputs are never stored).
+  const int lr = tid / 8, ch = tid % 8;
+  const uint32_t sw_off = (uint32_t)(lr * kBK + ((ch ^ (lr & 7)) << 4));
+  const uint8_t *xa = a.aq + (int64_t)(a.row0[0] + lr) * a.k + ch * 16;
+  const uint8_t *xw = a.tab[a.widx[0]].data + (int64_t)(col0 + lr) * a.k + ch * 16;
+  const bool load_a = lr < rows, load_w = col0 + lr < a.n;
+  auto load_batch = [&](int kb0) {
+#pragma unroll
+    for (int b = 0; b < kThinBatch; b++) {
+      const int kb = kb0 + b;
+      if (kb < nkb) {
+        const int s = kb % kThinStages, inside = kb * kBK + ch * 16 < a.k ? 16 : 0;
+        if (load_a)
+          epic_cp_async16(s_a + s * kThinA + sw_off, xa + (inside ? kb * kBK : 0), inside);
+        if (load_w)
+          epic_cp_async16(s_b + s * kThinW + sw_off, xw + (inside ? kb * kBK : 0), inside);
+      }
+    }
+    epic_cp_async_commit(); // empty past the end: the wait counts below stay uniform
+  };
+  // This thread's outputs: rows g and g + 8 of the group (warp 0 only; the other warps'
+  // rows are past it), columns col0 + 8 j + 2 t (+1), j < 2.
+  const int g = lane / 4, t = lane % 4;
+  const bool lo_ok = warp == 0 && g < rows, hi_ok = warp == 0 && g + 8 < rows;
+  const float *as = a.as + a.sbase[0];
+  const float *ws = a.tab[a.widx[0]].scale + (int64_t)(col0 / 128) * nkb;
+  float acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; i++)
+    acc[i] = 0.f;
+  for (int kb = 0; kb < kThinStages - kThinBatch; kb += kThinBatch)
+    load_batch(kb);
+  // kThinBatch blocks at a time: once this batch's stages have landed (and, by the same
+  // barrier, every warp's wgmma is done with the last batch's), the batch kThinStages -
+  // kThinBatch blocks ahead goes into the last batch's stages; this batch's 4-step chains
+  // run side by side (one chain alone leaves the tensor pipe waiting on each step), then
+  // their sums are promoted in k order. (Refilling before the wait, behind a second
+  // barrier, measured 10% slower on the small weights.)
+  float d[kThinBatch][8];
+  // A batch's scales are read a batch ahead: a global load's latency per batch on the
+  // critical path had cost a third of the kernel's time.
+  float sw[2][kThinBatch], sa_lo[2][kThinBatch], sa_hi[2][kThinBatch];
+  auto scales = [&](int kb0, float(&w)[kThinBatch], float(&lo)[kThinBatch],
+                    float(&hi)[kThinBatch]) {
+#pragma unroll
+    for (int b = 0; b < kThinBatch; b++) {
+      const int kc = kb0 + b < nkb ? kb0 + b : nkb - 1;
+      w[b] = ws[kc];
+      lo[b] = lo_ok ? as[(int64_t)kc * a.mp[0] + g] : 0.f;
+      hi[b] = hi_ok ? as[(int64_t)kc * a.mp[0] + g + 8] : 0.f;
+    }
+  };
+  scales(0, sw[0], sa_lo[0], sa_hi[0]);
+  auto batch = [&](auto cur_c, int kb) { // cur: which scale registers hold this batch's
+    constexpr int cur = decltype(cur_c)::value;
+    if (kb + kThinBatch < nkb)
+      scales(kb + kThinBatch, sw[cur ^ 1], sa_lo[cur ^ 1], sa_hi[cur ^ 1]);
+    epic_cp_async_wait<kThinStages / kThinBatch - 2>();
+    fence_proxy_async();
+    __syncthreads();
+    load_batch(kb + kThinStages - kThinBatch);
+    wg_fence();
+#pragma unroll
+    for (int b = 0; b < kThinBatch; b++) { // (blocks past k: stale stages, never promoted)
+      const int s = (kb + b) % kThinStages;
+      const uint64_t da = sw128_desc(s_a + s * kThinA, 16, 1024);
+      const uint64_t db = sw128_desc(s_b + s * kThinW, 16, 1024);
+#pragma unroll
+      for (int kk = 0; kk < kBK / 32; kk++)
+        wgmma_e4m3_n16(d[b], da + 2 * kk, db + 2 * kk, kk);
+    }
+    wg_commit();
+    wg_wait_all();
+#pragma unroll
+    for (int b = 0; b < kThinBatch; b++) {
+      reg_fence(d[b]);
+      const float f_lo = sa_lo[cur][b] * sw[cur][b], f_hi = sa_hi[cur][b] * sw[cur][b];
+      if (kb + b < nkb)
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+          acc[i] = fmaf(d[b][i], (i & 2) ? f_hi : f_lo, acc[i]);
+    }
+  };
+  for (int kb = 0; kb < nkb; kb += 2 * kThinBatch) {
+    batch(std::integral_constant<int, 0>{}, kb);
+    if (kb + kThinBatch < nkb)
+      batch(std::integral_constant<int, 1>{}, kb + kThinBatch);
+  }
+  if (!lo_ok)
+    return;
+  float *y = a.y + (int64_t)(a.row0[0] + g) * a.ldy;
+#pragma unroll
+  for (int j = 0; j < 2; j++)
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const int c = col0 + 8 * j + 2 * t + e;
+      if (c < a.n) {
+        y[c] = acc[4 * j + e];
+        if (hi_ok)
+          y[8 * a.ldy + c] = acc[4 * j + 2 + e];
+      }
+    }
+}
+
 } // namespace
 
 // The kernel's forms: host-planned with half tiles (dynamic tile order) or whole tiles
@@ -504,7 +655,8 @@ cudaError_t epic_cuk_fp8_wgmma_prepare(void) {
                                host_prepare<true, kNarrow>(),
                                host_prepare<false, kNarrow>(),
                                smem_attr(EPIC_WG_DEV, tile_cfg<kWide>::kSmemDev),
-                               smem_attr(EPIC_WG_SPLIT, tile_cfg<kNarrow>::kSmem)};
+                               smem_attr(EPIC_WG_SPLIT, tile_cfg<kNarrow>::kSmem),
+                               smem_attr(k_fp8_wgmma_thin, kThinSmem)};
   for (cudaError_t e : forms)
     if (e != cudaSuccess)
       return e;
@@ -569,6 +721,14 @@ cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, c
   }
   if (a->n_groups < 1 || a->n_groups > EPIC_CUK_WG_GROUPS_MAX)
     return cudaErrorInvalidValue;
+  if (a->thin) {
+    if (a->n_groups != 1 || a->rows[0] > EPIC_CUK_WG_THIN_ROWS || !a->aq)
+      return cudaErrorInvalidValue;
+    if (a->rows[0] <= 0)
+      return cudaSuccess;
+    k_fp8_wgmma_thin<<<(a->n + kThinCols - 1) / kThinCols, kThinThreads, kThinSmem, st>>>(*a);
+    return cudaGetLastError();
+  }
   const int total = a->tile0[a->n_groups];
   if (total <= 0)
     return cudaSuccess;

@@ -79,6 +79,8 @@ typedef struct epic_cuda_ops {
   int wgmma_form;         /* epic_cuda_wgmma_form (epic_ops_cuda_set_wgmma_form) */
   int wgmma_split;        /* split k (epic_ops_cuda_set_wgmma_split) */
   int64_t wgmma_split_launches;
+  int wgmma_thin; /* the thin form for few rows (epic_ops_cuda_set_wgmma_thin) */
+  int64_t wgmma_thin_launches;
   int lt_next[EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS]; /* round-robin victim per set */
   /* Graph recording (ops.h ABI 7): 1 between graph_begin and graph_end. epoch counts the
    * frees and moves of device memory a recorded graph may point at. */
@@ -308,7 +310,8 @@ enum {
   EPIC_CUK_WG_TILE_COLS = 256,   /* weight rows of a tile: the box of wmaps[0, n) */
   EPIC_CUK_WG_NARROW_COLS = 128, /* of a narrow tile: the box of wmaps[n, 2n) */
   EPIC_CUK_WG_BOX_ROWS = 16,     /* rows of amap16's box: tiles of at most 64 rows */
-  EPIC_CUK_WG_SPLIT_ROWS = 8     /* most rows of a split-k launch (kparts > 1) */
+  EPIC_CUK_WG_SPLIT_ROWS = 8,    /* most rows of a split-k launch (kparts > 1) */
+  EPIC_CUK_WG_THIN_ROWS = 16     /* most rows of a thin launch (thin) */
 };
 typedef struct epic_cuk_fp8_wgmma_args {
   epic_cuk_tmap amap, amap16; /* the same codes, boxes of 128 and of 16 rows */
@@ -342,6 +345,12 @@ typedef struct epic_cuk_fp8_wgmma_args {
    * (ldp >= n, even; nkb = ceil(k / 128)). */
   int32_t kparts, ldp;
   float *part;
+  /* Host-planned, optional: the thin form (thin != 0), for one group of at most
+   * EPIC_CUK_WG_THIN_ROWS rows: CTAs of 16 weight rows over all of k reading the codes at aq
+   * (the ones amap describes) by cp.async, the same bits as the tiled forms (a dense weight
+   * at decode sizes; maps, narrow and kparts unused). */
+  int32_t thin;
+  const uint8_t *aq;
   int32_t widx[EPIC_CUK_WG_GROUPS_MAX], row0[EPIC_CUK_WG_GROUPS_MAX];
   int32_t rows[EPIC_CUK_WG_GROUPS_MAX], sbase[EPIC_CUK_WG_GROUPS_MAX];
   int32_t mp[EPIC_CUK_WG_GROUPS_MAX], tile0[EPIC_CUK_WG_GROUPS_MAX + 1];

@@ -970,6 +970,7 @@ static epic_status wgmma_launch(epic_cuda_ops *c, const epic_cuk_fp8_wgmma_args 
                                          "grouped matmul: FP8 wgmma kernel");
   c->wgmma_launches += st == EPIC_OK;
   c->wgmma_split_launches += st == EPIC_OK && a->kparts > 1;
+  c->wgmma_thin_launches += st == EPIC_OK && a->thin;
   return st;
 }
 
@@ -1018,6 +1019,11 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx, 
     if (st == EPIC_OK)
       a = wgmma_args(c, t, m, ls.w0, y, ldy, &st);
     if (a) {
+      a->thin = c->wgmma_thin && ls.nb == 1 && ls.lg[0].rows <= EPIC_CUK_WG_THIN_ROWS &&
+                epic_cuk_fp8_wgmma_tiles(ls.lg[0].rows, n, 1) < c->sm_count;
+      a->aq = c->act.p;
+    }
+    if (a && !a->thin) {
       a->half = wgmma_half(c, m, ls.nb);
       a->next_tile = c->tiles.p;
       a->narrow = wgmma_narrow(c, &ls, n);
