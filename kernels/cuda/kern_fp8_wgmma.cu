@@ -175,16 +175,16 @@ struct out_tile {
   bool half;
 };
 // Half h of a thread's accumulators (v[i]: row `row`, +8 where i & 2, column h * 128 +
-// (i / 4) * 8 + (i & 1) from c0) to its outputs in y (row stride ldy) below column n;
-// column pairs as one 8-byte store where every row start is 8-byte aligned.
-__device__ __forceinline__ void store_half(float *y, int64_t ldy, int n, const out_tile &o,
+// (i / 4) * 8 + (i & 1) from c0) to its outputs in a.y below column a.n; column pairs as
+// one 8-byte store where every row start is 8-byte aligned.
+__device__ __forceinline__ void store_half(const epic_cuk_fp8_wgmma_args &a, const out_tile &o,
                                            const float (&v)[64], int h) {
-  const bool pairs = ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(y) & 7u) == 0;
-  float *y_lo = y + (int64_t)o.row * ldy, *y_hi = y_lo + 8 * ldy;
+  const bool pairs = a.ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(a.y) & 7u) == 0;
+  float *y_lo = a.y + (int64_t)o.row * a.ldy, *y_hi = y_lo + 8 * a.ldy;
 #pragma unroll
   for (int j = 0; j < 16; j++) {
     const int c = o.c0 + h * 128 + j * 8;
-    if (c + 1 < n && pairs) {
+    if (c + 1 < a.n && pairs) {
       if (o.left > 0)
         *reinterpret_cast<float2 *>(y_lo + c) = make_float2(v[4 * j], v[4 * j + 1]);
       if (o.left > 8)
@@ -192,7 +192,7 @@ __device__ __forceinline__ void store_half(float *y, int64_t ldy, int n, const o
     } else {
 #pragma unroll
       for (int e = 0; e < 2; e++)
-        if (c + e < n) {
+        if (c + e < a.n) {
           if (o.left > 0)
             y_lo[c + e] = v[4 * j + e];
           if (o.left > 8)
@@ -200,19 +200,6 @@ __device__ __forceinline__ void store_half(float *y, int64_t ldy, int n, const o
         }
     }
   }
-}
-
-// Tile t's k-blocks [lo, hi) and its tile of the groups (kSplit: part t % kparts of tile
-// t / kparts, parts of nearly equal length).
-struct k_part {
-  int tile, part, lo, hi;
-};
-template <bool kSplit>
-__device__ __forceinline__ k_part part_of(const epic_cuk_fp8_wgmma_args &a, int t, int nkb) {
-  if (!kSplit)
-    return k_part{t, 0, 0, nkb};
-  const int tile = t / a.kparts, part = t - tile * a.kparts;
-  return k_part{tile, part, part * nkb / a.kparts, (part + 1) * nkb / a.kparts};
 }
 
 // kHalf: a tile of at most 64 rows, a group's last, is split by columns instead of rows:
@@ -226,13 +213,7 @@ __device__ __forceinline__ k_part part_of(const epic_cuk_fp8_wgmma_args &a, int 
 // is what lets the CTAs running at once share weight tiles through L2. Host-planned calls
 // with large groups (prefill steps of 8k tokens) run whole tiles in the static order:
 // faster there (kernels/cuda/NOTES.md).
-// kSplit (host-planned, one group of at most EPIC_CUK_WG_SPLIT_ROWS rows, a.kparts parts):
-// tile t is part t % kparts of the k-blocks of tile t / kparts (k_part). Part 0 sums its
-// blocks into y as a whole tile does; the others store each block's raw wgmma sums into
-// a.part, and k_fp8_wgmma_kreduce continues part 0's sum with them in k order, scaled and
-// added as here: the one-pass bits, on kparts times the CTAs (a decode step's narrow
-// dense weights stream through a few SMs otherwise).
-template <bool kHalf, bool kDyn, int BN, bool kSplit = false>
+template <bool kHalf, bool kDyn, int BN>
 __global__ void __launch_bounds__(kThreads, 1)
     k_fp8_wgmma(const __grid_constant__ epic_cuk_fp8_wgmma_args a) {
   // (The plain sm_90 build compiles this too; its wgmma traps, and the host runs the
@@ -268,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  const int total = tile0[a.n_groups] * (kSplit ? a.kparts : 1);
+  const int total = tile0[a.n_groups];
 
   if (wg == 0) { // producer: one thread
     set_maxnreg_dec<40>();
@@ -288,8 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1)
          t = kDyn ? (int)gridDim.x + atomicAdd(a.next_tile, 1) : t + (int)gridDim.x) {
       if (kDyn)
         hand(t);
-      const k_part kp = part_of<kSplit>(a, t, nkb);
-      const tile_pos p = locate(a, tile0, kp.tile);
+      const tile_pos p = locate(a, tile0, t);
       const epic_cuk_tmap *wmap = &a.wmaps[p.widx];
       const int row = p.row0 + p.mt * kBM, wrow = p.nt * BN, r0 = p.mt * kBM;
       // This tile's rows of the scale blocks: the group's rows rounded up to 4 (its slot
@@ -310,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int t_rows = p.rows - r0;
       const int n_box = t_rows <= 64 ? (t_rows + kBoxRows - 1) / kBoxRows : 0;
       const uint32_t a_bytes = n_box ? (uint32_t)(n_box * kABox) : (uint32_t)kABytes;
-      for (int kb = kp.lo; kb < kp.hi; kb++, it++) {
+      for (int kb = 0; kb < nkb; kb++, it++) {
         const uint32_t s = it % kStages, r = it / kStages, full = bar_full + 8 * s;
         const uint32_t dsc = s_sc + s * kScaleBytes;
         if (r > 0)
@@ -359,15 +339,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (t >= total)
       break;
-    const k_part kp = part_of<kSplit>(a, t, nkb);
-    const tile_pos p = locate(a, tile0, kp.tile);
-    const bool raw = kSplit && kp.part > 0; // block sums out, not summed here
+    const tile_pos p = locate(a, tile0, t);
     const bool half = kHalf && p.rows - p.mt * kBM <= 64;
     const int r_lo = p.mt * kBM + (half ? 0 : cw * 64) + warp * 16 + lane / 4;
     // One k-block; the first one of a tile (kFirst) also stores the last tile's outputs
     // and starts the sums. (Peeled, so that the stores sit outside the loop: inside it the
     // consumers' registers overflow.)
-    auto k_block = [&](auto first_c, int kb) {
+    auto k_block = [&](auto first_c) {
       constexpr bool kFirst = decltype(first_c)::value;
       const uint32_t s = it % kStages, r = it / kStages;
       mbar_wait(bar_full + 8 * s, r & 1);
@@ -377,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // the first k-block's stores of the last tile's half h
       auto flush = [&](int h) {
         if (kFirst && pending && (!prev.half || h == cw))
-          store_half(a.y, a.ldy, a.n, prev, acc[h], h);
+          store_half(a, prev, acc[h], h);
       };
 #pragma unroll
       for (int h = 0; h < kHalves; h++) {
@@ -399,12 +377,6 @@ __global__ void __launch_bounds__(kThreads, 1)
             acc[h][i] = 0.f;
         wg_wait_all();
         reg_fence(d);
-        if (raw) { // block kb's rows of a.part ([kb - first part's end][rows][ldp])
-          const int64_t blk = (int64_t)(kb - nkb / a.kparts) * p.rows * a.ldp;
-          store_half(a.part + blk, a.ldp, a.n,
-                     out_tile{r_lo, p.nt * BN + (lane % 4) * 2, p.rows - r_lo, half}, d, h);
-          continue;
-        }
         const float sw = scs[kBM + h], f_lo = sa_lo * sw, f_hi = sa_hi * sw;
 #pragma unroll
         for (int i = 0; i < 64; i++)
@@ -415,63 +387,25 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive(bar_empty + 8 * s);
       it++;
     };
-    k_block(std::true_type{}, kp.lo);
-    for (int kb = kp.lo + 1; kb < kp.hi; kb++)
-      k_block(std::false_type{}, kb);
+    k_block(std::true_type{});
+    for (int kb = 1; kb < nkb; kb++)
+      k_block(std::false_type{});
     prev = out_tile{p.row0 + r_lo, p.nt * BN + (lane % 4) * 2, p.rows - r_lo, half};
-    pending = !raw;
+    pending = true;
   }
   if (pending)
 #pragma unroll
     for (int h = 0; h < kHalves; h++)
       if (!prev.half || h == cw)
-        store_half(a.y, a.ldy, a.n, prev, acc[h], h);
+        store_half(a, prev, acc[h], h);
 }
-
-// The split form's second pass (kSplit above): output (r, c) of the one group continues
-// part 0's sum in y with the raw block sums of blocks [nkb / kparts, nkb), each times its
-// row's and column block's scales, added in k order by one FMA as the consumers do. A
-// block takes 32 columns of a row (one weight scale block): its 8 warps stage kReduceRun
-// blocks' sums and scale products in shared memory, loads in flight side by side, then
-// warp 0 runs the 32 chains from there (ncu, one H200: 4-7 us at one row).
-constexpr int kReduceRun = 64;
-__global__ void __launch_bounds__(256)
-    k_fp8_wgmma_kreduce(const __grid_constant__ epic_cuk_fp8_wgmma_args a) {
-  __shared__ float s_p[kReduceRun][32], s_f[kReduceRun];
-  const int nkb = (a.k + kBK - 1) / kBK, e0 = nkb / a.kparts, rows = a.rows[0];
-  const int r = blockIdx.y, lane = threadIdx.x % 32, kl = threadIdx.x / 32;
-  const int c = blockIdx.x * 32 + lane;
-  const int64_t pp_step = (int64_t)rows * a.ldp;
-  const float *pp = a.part + (int64_t)r * a.ldp + c, *as = a.as + a.sbase[0] + r;
-  const float *ws = a.tab[a.widx[0]].scale + (int64_t)(blockIdx.x * 32 / 128) * nkb;
-  float *y = a.y + (int64_t)(a.row0[0] + r) * a.ldy + c;
-  float acc = kl == 0 && c < a.n ? *y : 0.f;
-  for (int b0 = e0; b0 < nkb; b0 += kReduceRun) {
-    const int run = nkb - b0 < kReduceRun ? nkb - b0 : kReduceRun;
-#pragma unroll
-    for (int i = 0; i < kReduceRun / 8; i++) { // unrolled: the loads go out together
-      const int j = kl + 8 * i;
-      if (j < run && c < a.n)
-        s_p[j][lane] = pp[(b0 + j - e0) * pp_step];
-      if (j < run && lane == 0)
-        s_f[j] = as[(int64_t)(b0 + j) * a.mp[0]] * ws[b0 + j];
-    }
-    __syncthreads();
-    if (kl == 0)
-      for (int j = 0; j < run; j++)
-        acc = fmaf(s_p[j][lane], s_f[j], acc);
-    __syncthreads();
-  }
-  if (kl == 0 && c < a.n)
-    *y = acc;
-}
-
 
 // The thin form (a.thin): one group of at most EPIC_CUK_WG_THIN_ROWS rows whose narrow
 // tiles would leave SMs idle, e.g. a dense weight at decode sizes in the invariant
-// precision. The tiled forms give such a call one CTA per 128 weight rows, or a few hundred
-// CTAs that each fill and drain a ring of 128-row weight boxes for a handful of k-blocks
-// (split k) plus a second kernel to add the parts. Here a CTA is one warpgroup over
+// precision. The tiled forms give such a call one CTA per 128 weight rows, a few SMs
+// streaming all of k (k cut into parts on more CTAs, with a second kernel adding their raw
+// block sums in k order, was the earlier answer: each CTA then filled and drained a ring
+// of 128-row boxes for a handful of blocks). Here a CTA is one warpgroup over
 // kThinCols weight rows and all of k: its outputs are the same chains, scaled and added in
 // k order in registers, as the tiled forms compute them (wgmma m64n16k32 steps instead of
 // m64n128k32 ones: an output's chain does not depend on the width; test_ops_cuda compares
@@ -628,8 +562,6 @@ template <bool HALF, int BN> struct host_form {
   static constexpr size_t kSmem = tile_cfg<BN>::kSmem;
 };
 #define EPIC_WG_DEV k_fp8_wgmma<true, false, kWide>
-// The split form: narrow half tiles (its group's rows fit one), static order.
-#define EPIC_WG_SPLIT k_fp8_wgmma<true, false, kNarrow, true>
 
 template <typename F> static cudaError_t smem_attr(F f, size_t bytes) {
   return cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
@@ -655,7 +587,6 @@ cudaError_t epic_cuk_fp8_wgmma_prepare(void) {
                                host_prepare<true, kNarrow>(),
                                host_prepare<false, kNarrow>(),
                                smem_attr(EPIC_WG_DEV, tile_cfg<kWide>::kSmemDev),
-                               smem_attr(EPIC_WG_SPLIT, tile_cfg<kNarrow>::kSmem),
                                smem_attr(k_fp8_wgmma_thin, kThinSmem)};
   for (cudaError_t e : forms)
     if (e != cudaSuccess)
@@ -732,21 +663,6 @@ cudaError_t epic_cuk_fp8_wgmma(const epic_cuk_fp8_wgmma_args *a, int sm_count, c
   const int total = a->tile0[a->n_groups];
   if (total <= 0)
     return cudaSuccess;
-  if (a->kparts > 1) {
-    const int nkb = (a->k + kBK - 1) / kBK;
-    if (a->n_groups != 1 || a->rows[0] > EPIC_CUK_WG_SPLIT_ROWS || !a->narrow || !a->part ||
-        a->kparts > nkb || a->ldp < a->n || a->ldp % 2 != 0 ||
-        (int64_t)total * a->kparts > INT32_MAX)
-      return cudaErrorInvalidValue;
-    const int parts = total * a->kparts, grid = parts < sm_count ? parts : sm_count;
-    EPIC_WG_SPLIT<<<grid, kThreads, tile_cfg<kNarrow>::kSmem, st>>>(*a);
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess)
-      return e;
-    const dim3 blocks((unsigned)((a->n + 31) / 32), (unsigned)a->rows[0]);
-    k_fp8_wgmma_kreduce<<<blocks, 256, 0, st>>>(*a);
-    return cudaGetLastError();
-  }
   const int grid = total < sm_count ? total : sm_count;
   if (!a->half)
     return host_launch<false>(a, grid, st);

@@ -152,17 +152,6 @@ epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f) {
   return EPIC_OK;
 }
 
-epic_status epic_ops_cuda_set_wgmma_split(epic_ops *o, int on) {
-  if (!o || (on != 0 && on != 1))
-    return EPIC_ERR_INVALID;
-  epic_cuda_of(o)->wgmma_split = on;
-  return EPIC_OK;
-}
-
-int64_t epic_ops_cuda_wgmma_split_launches(epic_ops *o) {
-  return o ? epic_cuda_of(o)->wgmma_split_launches : 0;
-}
-
 epic_status epic_ops_cuda_set_wgmma_thin(epic_ops *o, int on) {
   if (!o || (on != 0 && on != 1))
     return EPIC_ERR_INVALID;
@@ -633,8 +622,8 @@ static void cuda_destroy(epic_ops *o) {
     cudaFree(c->group_tabs[i].wmaps);
   }
   epic_cuda_matmul_release(c);
-  epic_cuda_buf *bufs[] = {&c->act, &c->act_s, &c->wdq,  &c->outb,  &c->keys,
-                           &c->att, &c->pick,  &c->gath, &c->tiles, &c->kpart};
+  epic_cuda_buf *bufs[] = {&c->act, &c->act_s, &c->wdq,  &c->outb, &c->keys,
+                           &c->att, &c->pick,  &c->gath, &c->tiles};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     cudaFree(bufs[i]->p);
   for (int i = 0; i < EPIC_CUDA_STAGE_SLOTS; i++)
@@ -776,7 +765,6 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
                               EPIC_CUDA_LT_LANES_DEFAULT);
   static const char *const forms[] = {"auto", "half", "whole"}; /* epic_cuda_wgmma_form */
   c->wgmma_form = env_choice("EPIC_CUDA_WGMMA_FORM", forms, 3);
-  c->wgmma_split = !env_pick("EPIC_CUDA_WGMMA_SPLIT", "on", "off");
   c->wgmma_thin = !env_pick("EPIC_CUDA_WGMMA_THIN", "on", "off");
   epic_status st = EPIC_OK;
   struct cudaDeviceProp prop;

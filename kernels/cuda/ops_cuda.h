@@ -203,14 +203,6 @@ typedef enum {
   EPIC_CUDA_WGMMA_WHOLE = 2,
 } epic_cuda_wgmma_form;
 epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f);
-/* Split k (on by default): a host-planned launch of one group of at most 8 rows whose narrow
- * tiles leave SMs idle (the invariant precision's dense FP8 weights at decode sizes) cuts
- * k into parts on more CTAs and adds their block sums in k order in a second kernel: the
- * one-pass bits (kern_fp8_wgmma.cu). Off: one pass. For tests and benchmarks;
- * EPIC_CUDA_WGMMA_SPLIT=on|off sets it at create. _split_launches counts the split
- * launches so far. */
-epic_status epic_ops_cuda_set_wgmma_split(epic_ops *o, int on);
-int64_t epic_ops_cuda_wgmma_split_launches(epic_ops *o);
 /* The thin form (on by default): a host-planned launch of one group of at most 16 rows
  * whose narrow tiles would not fill the SMs (the invariant precision's dense FP8 weights at
  * decode sizes) runs on CTAs of 16 weight rows over all of k instead of tiles (split or

@@ -77,8 +77,6 @@ typedef struct epic_cuda_ops {
   int64_t mma_group_rows; /* host-planned groups up to this many rows on the MMA kernel */
   int64_t wgmma_launches; /* launches of the grouped wgmma kernel (epic_ops_cuda_wgmma_launches) */
   int wgmma_form;         /* epic_cuda_wgmma_form (epic_ops_cuda_set_wgmma_form) */
-  int wgmma_split;        /* split k (epic_ops_cuda_set_wgmma_split) */
-  int64_t wgmma_split_launches;
   int wgmma_thin; /* the thin form for few rows (epic_ops_cuda_set_wgmma_thin) */
   int64_t wgmma_thin_launches;
   int lt_next[EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS]; /* round-robin victim per set */
@@ -118,7 +116,6 @@ typedef struct epic_cuda_ops {
   epic_cuda_buf pick;  /* row_pick's per-chunk partials */
   epic_cuda_buf gath;  /* gathered input rows (grouped_matmul_rows, paths reading x whole) */
   epic_cuda_buf tiles; /* the host-planned wgmma launches' tile counter */
-  epic_cuda_buf kpart; /* split-k wgmma launches' block sums */
   struct epic_cuda_stage {
     void *host;     /* pinned, EPIC_CUDA_STAGE_BYTES (allocated on first use) */
     cudaEvent_t ev; /* recorded after the copy out of it */
@@ -310,7 +307,6 @@ enum {
   EPIC_CUK_WG_TILE_COLS = 256,   /* weight rows of a tile: the box of wmaps[0, n) */
   EPIC_CUK_WG_NARROW_COLS = 128, /* of a narrow tile: the box of wmaps[n, 2n) */
   EPIC_CUK_WG_BOX_ROWS = 16,     /* rows of amap16's box: tiles of at most 64 rows */
-  EPIC_CUK_WG_SPLIT_ROWS = 8,    /* most rows of a split-k launch (kparts > 1) */
   EPIC_CUK_WG_THIN_ROWS = 16     /* most rows of a thin launch (thin) */
 };
 typedef struct epic_cuk_fp8_wgmma_args {
@@ -338,17 +334,10 @@ typedef struct epic_cuk_fp8_wgmma_args {
   /* Host-planned, optional: narrow tiles of EPIC_CUK_WG_NARROW_COLS weight rows (wmaps then
    * holds tensor maps with that box): twice the tiles of a weight, the same results. */
   int32_t narrow;
-  /* Host-planned, optional: k split into kparts > 1 parts (nearly equal runs of 128-column
-   * blocks) on kparts times the CTAs, the same bits (a second kernel adds the parts in k
-   * order). Only for one group of at most EPIC_CUK_WG_SPLIT_ROWS rows in narrow tiles,
-   * kparts <= ceil(k / 128); part: scratch of (nkb - nkb / kparts) x rows x ldp floats
-   * (ldp >= n, even; nkb = ceil(k / 128)). */
-  int32_t kparts, ldp;
-  float *part;
   /* Host-planned, optional: the thin form (thin != 0), for one group of at most
    * EPIC_CUK_WG_THIN_ROWS rows: CTAs of 16 weight rows over all of k reading the codes at aq
    * (the ones amap describes) by cp.async, the same bits as the tiled forms (a dense weight
-   * at decode sizes; maps, narrow and kparts unused). */
+   * at decode sizes; maps and narrow unused). */
   int32_t thin;
   const uint8_t *aq;
   int32_t widx[EPIC_CUK_WG_GROUPS_MAX], row0[EPIC_CUK_WG_GROUPS_MAX];

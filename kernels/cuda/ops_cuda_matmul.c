@@ -942,34 +942,12 @@ static int wgmma_narrow(const epic_cuda_ops *c, const large_set *ls, int64_t n) 
   return 2 * wide <= c->sm_count;
 }
 
-/* How many parts the host-planned launch of the groups ls (n x k weights) splits k into (1:
- * none; the same results either way): a lone group of at most EPIC_CUK_WG_SPLIT_ROWS rows
- * in narrow tiles that fill at most a third of the SMs (a dense weight at decode sizes in
- * the invariant precision: q_a + kv_a 17 tiles, a shared expert's gate/up 32) takes as
- * many parts as its tiles fit on the SMs, each at least two 128-column blocks. Why: q_a +
- * kv_a streamed 15 MB through 17 SMs at one row; the parts' block sums cost 4 bytes per
- * row and output per block against 128 bytes of weights per output. Not for two parts:
- * o_proj's 56 tiles on 112 CTAs took 79 us against 54 in one pass (one H200; the weight
- * boxes of twice the CTAs at once, 128 rows each, came in at a lower total rate), the
- * same with the parts' blocks interleaved. */
-static int wgmma_kparts(const epic_cuda_ops *c, const large_set *ls, int64_t n, int64_t k,
-                        int narrow) {
-  if (!c->wgmma_split || !narrow || ls->nb != 1 || ls->lg[0].rows > EPIC_CUK_WG_SPLIT_ROWS)
-    return 1;
-  const int64_t tiles = epic_cuk_fp8_wgmma_tiles(ls->lg[0].rows, n, 1), nkb = (k + 127) / 128;
-  int64_t p = c->sm_count / tiles;
-  if (p > nkb / 2)
-    p = nkb / 2;
-  return p >= 3 ? (int)p : 1;
-}
-
-/* One launch of the wgmma kernel, counted (epic_ops_cuda_wgmma_launches and, split,
- * epic_ops_cuda_wgmma_split_launches). */
+/* One launch of the wgmma kernel, counted (epic_ops_cuda_wgmma_launches and, thin,
+ * epic_ops_cuda_wgmma_thin_launches). */
 static epic_status wgmma_launch(epic_cuda_ops *c, const epic_cuk_fp8_wgmma_args *a) {
   const epic_status st = epic_cuda_check(epic_cuk_fp8_wgmma(a, c->sm_count, c->stream),
                                          "grouped matmul: FP8 wgmma kernel");
   c->wgmma_launches += st == EPIC_OK;
-  c->wgmma_split_launches += st == EPIC_OK && a->kparts > 1;
   c->wgmma_thin_launches += st == EPIC_OK && a->thin;
   return st;
 }
@@ -1019,25 +997,17 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx, 
     if (st == EPIC_OK)
       a = wgmma_args(c, t, m, ls.w0, y, ldy, &st);
     if (a) {
+      /* A few rows on a weight whose narrow tiles leave SMs idle take the thin form (one
+       * H200, one row: q_a 17.1 -> 13.5 us, o_proj 53.9 -> 48.3; a weight of more tiles,
+       * e.g. a 129,280-row LM head, is faster tiled). */
       a->thin = c->wgmma_thin && ls.nb == 1 && ls.lg[0].rows <= EPIC_CUK_WG_THIN_ROWS &&
                 epic_cuk_fp8_wgmma_tiles(ls.lg[0].rows, n, 1) < c->sm_count;
       a->aq = c->act.p;
-    }
-    if (a && !a->thin) {
       a->half = wgmma_half(c, m, ls.nb);
       a->next_tile = c->tiles.p;
-      a->narrow = wgmma_narrow(c, &ls, n);
+      a->narrow = !a->thin && wgmma_narrow(c, &ls, n);
       if (a->narrow)
         a->wmaps += t->n; /* the narrow boxes' maps */
-      a->kparts = wgmma_kparts(c, &ls, n, k, a->narrow);
-      if (a->kparts > 1) { /* sized for the most rows: the same buffer at every row count */
-        const int64_t nkb = (k + 127) / 128;
-        a->ldp = (int32_t)round_up(n, 2);
-        st = epic_cuda_buf_reserve(
-            c, &c->kpart,
-            (size_t)((nkb - nkb / a->kparts) * EPIC_CUK_WG_SPLIT_ROWS * a->ldp) * sizeof(float));
-        a->part = c->kpart.p;
-      }
     }
   }
   for (int64_t b0 = 0; a && st == EPIC_OK && b0 < ls.nb; b0 += EPIC_CUK_WG_GROUPS_MAX) {

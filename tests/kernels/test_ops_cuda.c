@@ -2548,65 +2548,57 @@ static void test_invariant_rows(void **state) {
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
 }
 
-/* The thin form (epic_ops_cuda_set_wgmma_thin) and split k (epic_ops_cuda_set_wgmma_split)
- * keep the one-pass bits: the invariant precision's dense FP8 matmuls of 1 to 16 rows run
- * thin by default, of 1 to 8 split into k parts without it, and equal the same calls in
- * one pass (both off) and the CPU within the FP8 tolerance; 17 rows take neither. Shapes:
- * V3's q_a + kv_a and kv_a (half a column tile at the end), a shared expert's gate/up, a
- * partial last k-block (k = 1104: split parts of two blocks), a shared expert's down
- * projection (56 narrow tiles: not split), and n = 1000 (a thin CTA past n, 4 split parts). */
-static void test_wgmma_small_rows(void **state) {
+/* The thin form (epic_ops_cuda_set_wgmma_thin) keeps the tiled forms' bits: the invariant
+ * precision's dense FP8 matmuls of 1 to 16 rows run thin by default and equal the same
+ * calls on tiles (thin off) and the CPU within the FP8 tolerance; 17 rows, and a weight of
+ * more narrow tiles than the GPU has SMs (Hopper parts have 114 to 132), run tiled. Shapes: V3's
+ * q_a + kv_a and kv_a (a thin CTA's columns past n), a shared expert's gate/up and down, a partial
+ * last k-block (k = 1104), and n = 1000 (half a thin CTA past n); 16,900 rows at k = 256 (133
+ * narrow tiles). */
+static void test_wgmma_thin(void **state) {
   (void)state;
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_INVARIANT), EPIC_OK);
-  static const int64_t shapes[6][3] = {{2112, 7168, 1}, {576, 7168, 1},  {4096, 7168, 1},
-                                       {1536, 1104, 1}, {7168, 2048, 0}, {1000, 1024, 1}};
+  static const int64_t shapes[7][2] = {{2112, 7168}, {576, 7168},  {4096, 7168}, {1536, 1104},
+                                       {7168, 2048}, {1000, 1024}, {16900, 256}};
   static const int64_t ms[6] = {1, 3, 8, 9, 16, 17};
-  for (int s = 0; s < 6; s++) {
+  for (int s = 0; s < 7; s++) {
     const int64_t rows = shapes[s][0], cols = shapes[s][1], ldx = cols + 4, ldy = rows + 2;
     tw t = tw_make(EPIC_DT_F8E4M3, rows, cols, 128, 128);
     for (int i = 0; i < 6; i++) {
-      const int64_t m = ms[i], splits = shapes[s][2] * (m <= 8), thin = m <= 16;
+      const int64_t m = ms[i], thin = m <= 16 && rows < 16900;
       float *x = xmalloc((size_t)(m * ldx) * 4), *ref = xmalloc((size_t)(m * rows) * 4);
-      float *y[3]; /* default (thin), thin off (split), both off (one pass) */
+      float *y[2]; /* default (thin), thin off (tiles) */
       fill(x, (size_t)(m * ldx), 2.0f);
       float *dx = dup_dev(x, (size_t)(m * ldx) * 4), *dy = dalloc((size_t)(m * ldy) * 4);
       mm_ctx c = {dx, ldx, ldy, &t.d};
-      for (int run = 0; run < 3; run++) {
+      for (int run = 0; run < 2; run++) {
         const int64_t thin0 = epic_ops_cuda_wgmma_thin_launches(g_gpu);
-        const int64_t split0 = epic_ops_cuda_wgmma_split_launches(g_gpu);
         assert_int_equal(epic_ops_cuda_set_wgmma_thin(g_gpu, run == 0), EPIC_OK);
-        assert_int_equal(epic_ops_cuda_set_wgmma_split(g_gpu, run < 2), EPIC_OK);
         y[run] = xmalloc((size_t)(m * ldy) * 4);
         poison(dy, (size_t)(m * ldy) * 4);
         mm_run(&c, 0, m, dy);
         fetch(y[run], dy, (size_t)(m * ldy) * 4);
         assert_int_equal(epic_ops_cuda_wgmma_thin_launches(g_gpu), thin0 + (run == 0 && thin));
-        assert_int_equal(epic_ops_cuda_wgmma_split_launches(g_gpu),
-                         split0 + (run == 1 || (run == 0 && !thin)) * splits);
       }
       assert_int_equal(epic_ops_cuda_set_wgmma_thin(g_gpu, 1), EPIC_OK);
-      assert_int_equal(epic_ops_cuda_set_wgmma_split(g_gpu, 1), EPIC_OK);
-      for (int run = 0; run < 2; run++)
-        for (int64_t r = 0; r < m; r++)
-          if (memcmp(y[run] + r * ldy, y[2] + r * ldy, (size_t)rows * 4))
-            fail_msg("%s [%lld x %lld] m=%lld: row %lld differs from one pass",
-                     run ? "split k" : "thin", (long long)rows, (long long)cols, (long long)m,
-                     (long long)r);
+      for (int64_t r = 0; r < m; r++)
+        if (memcmp(y[0] + r * ldy, y[1] + r * ldy, (size_t)rows * 4))
+          fail_msg("thin [%lld x %lld] m=%lld: row %lld differs from the tiled form",
+                   (long long)rows, (long long)cols, (long long)m, (long long)r);
       assert_int_equal(g_cpu->vt->matmul(g_cpu, x, ldx, m, &t.h, ref, rows), EPIC_OK);
       char what[96];
-      snprintf(what, sizeof what, "small rows [%lld x %lld] m=%lld", (long long)rows,
-               (long long)cols, (long long)m);
+      snprintf(what, sizeof what, "thin [%lld x %lld] m=%lld", (long long)rows, (long long)cols,
+               (long long)m);
       check_err(what, rel_err2d(y[0], ldy, ref, rows, m, rows), 5e-2);
       dfree(dx);
       dfree(dy);
       free(x);
-      for (int run = 0; run < 3; run++)
-        free(y[run]);
+      free(y[0]);
+      free(y[1]);
       free(ref);
     }
     tw_free(&t);
   }
-  assert_int_equal(epic_ops_cuda_set_wgmma_split(g_gpu, 2), EPIC_ERR_INVALID);
   assert_int_equal(epic_ops_cuda_set_wgmma_thin(g_gpu, 2), EPIC_ERR_INVALID);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
 }
@@ -2702,7 +2694,7 @@ int main(void) {
       cmocka_unit_test(test_head_gemm_bf16),
       cmocka_unit_test(test_exact_rows),
       cmocka_unit_test(test_invariant_rows),
-      cmocka_unit_test(test_wgmma_small_rows),
+      cmocka_unit_test(test_wgmma_thin),
       cmocka_unit_test(test_mla),
       cmocka_unit_test(test_kv_bf16),
       cmocka_unit_test(test_mla_bf16),
