@@ -419,7 +419,9 @@ static void bench_matmul(FILE *js, epic_dtype dt, const shape *s, const int64_t 
          * weight's device table on its first call (not allowed while capturing) */
         for (int k = 0; k < copies; k++)
           run_matmul(&c, k);
+        const int64_t thin0 = epic_ops_cuda_wgmma_thin_launches(g_ops);
         const double sec = time_calls(run_matmul, &c);
+        const int thin = epic_ops_cuda_wgmma_thin_launches(g_ops) > thin0; /* its thin form */
         const double flop = 2.0 * (double)c.m * s->rows * s->cols;
         const double bytes = (double)wbytes + (double)c.m * s->cols * 4 + (double)c.m * s->rows * 4;
         const double tf = flop / sec * 1e-12, gbps = bytes / sec * 1e-9;
@@ -429,18 +431,19 @@ static void bench_matmul(FILE *js, epic_dtype dt, const shape *s, const int64_t 
           snprintf(kjson, sizeof kjson, "\"%s\"", kname);
         fprintf(js,
                 "%s\n    {\"dtype\": \"%s\", \"shape\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
-                "\"m\": %lld, \"kernel\": %s, \"path\": \"%s\", \"split\": %d, \"us\": %.2f, "
+                "\"m\": %lld, \"kernel\": %s, \"path\": \"%s\", \"thin\": %s, \"split\": %d, "
+                "\"us\": %.2f, "
                 "\"tflops\": %.2f, \"gbps\": %.1f, \"frac_flops_peak\": %.3f, "
                 "\"frac_copy_bw\": %.3f, \"frac_read_bw\": %.3f}",
                 *first ? "" : ",", epic_dtype_name(dt), s->name, (long long)s->rows,
-                (long long)s->cols, (long long)c.m, kjson, path, split, sec * 1e6, tf, gbps,
-                frac_of(tf, peak), gbps / g_copy_gbps, gbps / g_read_gbps);
+                (long long)s->cols, (long long)c.m, kjson, path, thin ? "true" : "false", split,
+                sec * 1e6, tf, gbps, frac_of(tf, peak), gbps / g_copy_gbps, gbps / g_read_gbps);
         fprintf(stderr,
                 "matmul %-7s %-12s m=%-5lld %-4s %-22s %9.1f us %7.1f TF/s (%.2f) %7.0f GB/s "
-                "(copy %.2f, read %.2f)%s%.0d\n",
+                "(copy %.2f, read %.2f)%s%s%.0d\n",
                 epic_dtype_name(dt), s->name, (long long)c.m, kname ? kname : "-", path, sec * 1e6,
                 tf, frac_of(tf, peak), gbps, gbps / g_copy_gbps, gbps / g_read_gbps,
-                split ? " split " : "", split);
+                thin ? " thin" : "", split ? " split " : "", split);
         *first = 0;
       }
       CKE(epic_ops_cuda_set_skinny_split(g_ops, 0));
