@@ -8,7 +8,7 @@
 # Warnings are not errors here: the node's compiler may be newer than the CI's gcc 12,
 # which keeps -Werror. Where every dependency is installed, `cmake -DEPIC_CUDA=ON` + `ctest -L gpu` is
 # the normal route.
-# Usage (repo root): deploy/gpu_check.sh [build|test|parity|multi|configs|all]...
+# Usage (repo root): deploy/gpu_check.sh [build|test|parity|invariant|multi|configs|all]...
 # Environment: OUT (gpu_check_logs.tgz lands there, default /tmp/out), FIXTURES (default ../shared/fixtures,
 # else .deps/shared/fixtures), NP (GPUs for the multi-GPU check, default all, max 4).
 set -u
@@ -83,6 +83,43 @@ parity() {
       > $LOGS/parity_fast_$m.json 2>&1
     echo "parity fast $m rc=$? (reported, not a gate: BF16/FP8 rounding flips near-tied experts)"
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({k: d[k] for k in ('model','max_abs_err','top1_agreement','pass')}), [(c.get('ids_equal_prefix'), c.get('ids_prefix_margins_allow')) for c in d['cases']])" $LOGS/parity_fast_$m.json 2>&1 | tail -2
+  done
+}
+
+# The invariant precision on one GPU: MTP drafting (--mtp-draft 2) and the FP8 wgmma kernel
+# without its thin form (EPIC_CUDA_WGMMA_THIN=off) must give --mtp-draft 0's greedy ids and
+# logits bit for bit (the row invariance MTP drafting relies on; the 2-GPU form of the
+# drafting check is tests/gpu/eplb_mtp_gpu.sh).
+invariant() {
+  env_paths
+  local m v base
+  for m in tiny-bf16 tiny-fp8; do
+    base="--model $FIX/$m --prompt-ids $(seq -s, 3 12) --max-new-tokens 40 --ignore-eos --json"
+    base="$base --device $DEV --precision invariant"
+    for v in "on 0" "on 2" "off 0"; do
+      set -- $v
+      EPIC_CUDA_WGMMA_THIN=$1 timeout 300 $EPIC generate $base --mtp-draft $2 \
+        --dump-logits $LOGS/inv_${m}_$1_$2.npy > $LOGS/inv_${m}_$1_$2.json \
+        2> $LOGS/inv_${m}_$1_$2.err || { echo "invariant $m $v: run failed"; fail=1; }
+    done
+    python3 - "$TOOLS" $LOGS/inv_${m}_on_0 $LOGS/inv_${m}_on_2 $LOGS/inv_${m}_off_0 $m <<'EOF'
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import npy
+runs = []
+for p in sys.argv[2:5]:
+    try:
+        ids = json.loads(open(p + ".json").read().strip().splitlines()[-1])["output_ids"]
+        runs.append((ids, npy.rows(p + ".npy")))
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        runs.append((None, str(e)))
+same = lambda a, b: a[0] is not None and a == b
+res = {"model": sys.argv[5], "precision": "invariant", "rows": len(runs[0][1]),
+       "mtp_draft_2_equal": same(runs[0], runs[1]), "thin_off_equal": same(runs[0], runs[2])}
+print(json.dumps(res))
+sys.exit(0 if res["mtp_draft_2_equal"] and res["thin_off_equal"] else 1)
+EOF
+    [ $? = 0 ] || fail=1
   done
 }
 
@@ -166,10 +203,14 @@ for step in "${@:-all}"; do
     build) build || fail=1 ;;
     test) unit ;;
     parity) parity ;;
+    invariant) invariant ;;
     multi) multi ;;
     configs) configs ;;
-    all) if build; then unit; parity; multi; configs; else fail=1; fi ;;
-    *) echo "gpu_check.sh: unknown step '$step' (build|test|parity|multi|configs|all)" >&2; exit 2 ;;
+    all) if build; then unit; parity; invariant; multi; configs; else fail=1; fi ;;
+    *)
+      echo "gpu_check.sh: unknown step '$step' (build|test|parity|invariant|multi|configs|all)" >&2
+      exit 2
+      ;;
   esac
 done
 exit $fail
