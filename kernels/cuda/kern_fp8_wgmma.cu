@@ -27,8 +27,9 @@
 // Tiles are ordered group, then weight column tile, then row tile, so the CTAs that run
 // at once share weight tiles through L2. A launch whose 128 x 256 tiles would leave most
 // SMs idle (a dense weight at decode sizes) takes 128 x 128 tiles (tile_cfg: one wgmma n
-// = 128 pass each, a deeper ring), twice the CTAs and the same bits. A tile's outputs are
-// stored during the next tile's first k-block, while its wgmma steps run.
+// = 128 pass each, a deeper ring), twice the CTAs and the same bits; a launch of one group
+// of a few rows on such a weight runs the thin form below (k_fp8_wgmma_thin). A tile's
+// outputs are stored during the next tile's first k-block, while its wgmma steps run.
 //
 // Measured (kernels/cuda/NOTES.md): 128 x 128 tiles were L2-traffic bound (5.5 TB/s of
 // boxes at 0.43 of the FP8 peak); 128 x 256 tiles read 25% fewer bytes per output. A

@@ -205,8 +205,8 @@ typedef enum {
 epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f);
 /* The thin form (on by default): a host-planned launch of one group of at most 16 rows
  * whose narrow tiles would not fill the SMs (the invariant precision's dense FP8 weights at
- * decode sizes) runs on CTAs of 16 weight rows over all of k instead of tiles (split or
- * not): the tiled forms' bits (kern_fp8_wgmma.cu). For tests and benchmarks;
+ * decode sizes) runs on CTAs of 16 weight rows over all of k instead of 128-row tiles: the
+ * tiled forms' bits (kern_fp8_wgmma.cu). For tests and benchmarks;
  * EPIC_CUDA_WGMMA_THIN=on|off sets it at create. _thin_launches counts them. */
 epic_status epic_ops_cuda_set_wgmma_thin(epic_ops *o, int on);
 int64_t epic_ops_cuda_wgmma_thin_launches(epic_ops *o);
