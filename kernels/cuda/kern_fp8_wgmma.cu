@@ -112,6 +112,19 @@ __device__ __forceinline__ void wgmma_e4m3(float (&d)[64], uint64_t da, uint64_t
 #endif
 }
 
+// A k-block's wgmma sums d into the running totals: one FMA per output with its row's
+// activation scale times the block's weight scale (d[i]: row lo, or hi where i & 2), the
+// block-scaled sum of the official fp8_gemm. Every form adds its blocks this way, in k
+// order, which is what gives a row the same bits in every form.
+template <int N>
+__device__ __forceinline__ void promote(float (&acc)[N], const float (&d)[N], float sa_lo,
+                                        float sa_hi, float sw) {
+  const float f_lo = sa_lo * sw, f_hi = sa_hi * sw;
+#pragma unroll
+  for (int i = 0; i < N; i++)
+    acc[i] = fmaf(d[i], (i & 2) ? f_hi : f_lo, acc[i]);
+}
+
 // A tile and its group: row tile, weight column tile, the group's rows [row0, row0 + rows)
 // of the codes and output, its weight index, and its scales' base and stride.
 struct tile_pos {
@@ -378,10 +391,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             acc[h][i] = 0.f;
         wg_wait_all();
         reg_fence(d);
-        const float sw = scs[kBM + h], f_lo = sa_lo * sw, f_hi = sa_hi * sw;
-#pragma unroll
-        for (int i = 0; i < 64; i++)
-          acc[h][i] = fmaf(d[i], (i & 2) ? f_hi : f_lo, acc[h][i]);
+        promote(acc[h], d, sa_lo, sa_hi, scs[kBM + h]);
       }
       __syncwarp();
       if (lane == 0)
@@ -450,7 +460,7 @@ __global__ void __launch_bounds__(kThinThreads)
   // k are zero-filled (both operands: nothing past k adds to a sum); activation rows past
   // the group and weight rows past n are not loaded (their outputs are never stored).
   const int lr = tid / 8, ch = tid % 8;
-  const uint32_t sw_off = (uint32_t)(lr * kBK + ((ch ^ (lr & 7)) << 4));
+  const uint32_t sw_off = sw128_off(lr, ch);
   const uint8_t *xa = a.aq + (int64_t)(a.row0[0] + lr) * a.k + ch * 16;
   const uint8_t *xw = a.tab[a.widx[0]].data + (int64_t)(col0 + lr) * a.k + ch * 16;
   const bool load_a = lr < rows, load_w = col0 + lr < a.n;
@@ -524,11 +534,8 @@ __global__ void __launch_bounds__(kThinThreads)
 #pragma unroll
     for (int b = 0; b < kThinBatch; b++) {
       reg_fence(d[b]);
-      const float f_lo = sa_lo[cur][b] * sw[cur][b], f_hi = sa_hi[cur][b] * sw[cur][b];
       if (kb + b < nkb)
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-          acc[i] = fmaf(d[b][i], (i & 2) ? f_hi : f_lo, acc[i]);
+        promote(acc, d[b], sa_lo[cur][b], sa_hi[cur][b], sw[cur][b]);
     }
   };
   for (int kb = 0; kb < nkb; kb += 2 * kThinBatch) {

@@ -250,7 +250,7 @@ __device__ __forceinline__ float stage_q(const epic_cuk_mla_params &p, int64_t b
                                          uint32_t sQ) {
   const float qsign = p.qscale < 0.0f ? -1.0f : 1.0f;
   const int lr = tid >> 3, cg = tid & 7;
-  const uint32_t ld_off = (uint32_t)(lr * 128 + ((cg ^ (lr & 7)) << 4));
+  const uint32_t ld_off = sw128_off(lr, cg);
   const bool qa_vec = ((uintptr_t)p.q_abs & 15u) == 0, qp_vec = ((uintptr_t)p.q_pe & 15u) == 0;
 #pragma unroll
   for (int pass = 0; pass < kHG / (kThr / 8); pass++) {
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_mla_bf16(epic_cuk_mla_params p)
   // of each of the 9 column blocks, rows lr and lr + 32. Each row's 8 threads read 128
   // contiguous bytes per instruction; the swizzled destination is the same for both rows.
   const int lr = tid >> 3, cg = tid & 7;
-  const uint32_t ld_off = (uint32_t)(lr * 128 + ((cg ^ (lr & 7)) << 4));
+  const uint32_t ld_off = sw128_off(lr, cg);
 
   auto load_tile = [&](int tile, int buf) {
     const uint32_t dst = sKV + buf * kPanel + ld_off;

@@ -147,6 +147,12 @@ static __device__ __forceinline__ void st_shared_v4(uint32_t a, uint32_t x, uint
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(x), "r"(y), "r"(z), "r"(w)
                : "memory");
 }
+// Byte offset of 16-byte chunk c (< 8) of row r in a panel of 128-byte rows written with the
+// 128-byte swizzle (wgmma's atom: 8 rows x 128 bytes at a 1024-byte boundary, the chunks
+// XOR-ed by row % 8), which also keeps 8 threads per row free of bank conflicts.
+static __device__ __forceinline__ uint32_t sw128_off(int r, int c) {
+  return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4));
+}
 // wgmma shared-memory matrix descriptor, 128-byte swizzle: start address, leading and
 // stride byte offsets, each >> 4 (K-major operands ignore the leading offset).
 static __device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {

@@ -54,7 +54,7 @@ struct Params {
 
 // Byte offset of 16-byte chunk c of row r of a panel whose 64-column blocks are blk bytes.
 __device__ __forceinline__ uint32_t pswz(int r, int c, int blk = kBlk) {
-  return (uint32_t)((c >> 3) * blk + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+  return (uint32_t)((c >> 3) * blk) + sw128_off(r, c & 7);
 }
 
 // o[64] (+)= P . V, one 64 x 128 x 16 step: A (P) from registers in the m16n8k16 A
@@ -94,7 +94,7 @@ static_assert(kThreads == 8 * kTK / 2, "8 threads per row, two passes over the t
 __device__ __forceinline__ void load_kv(const Params &p, int h, int j, int n_keys, uint32_t sK,
                                         uint32_t sV) {
   const int lr = threadIdx.x >> 3, cg = threadIdx.x & 7;
-  const uint32_t off = (uint32_t)(lr * 128 + ((cg ^ (lr & 7)) << 4));
+  const uint32_t off = sw128_off(lr, cg);
 #pragma unroll
   for (int pass = 0; pass < 2; pass++) {
     const int key = j * kTK + lr + 32 * pass;
