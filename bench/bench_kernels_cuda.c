@@ -24,6 +24,8 @@
  * plus fp32 queries and outputs); mla_prefill: mla_naive at DeepSeek-V3 heads for a
  * chunk after a context (TFLOP/s over the causal pairs, fraction of the BF16 peak; fast
  * precision with the flash kernel on wgmma and on mma.sync, and exact precision);
+ * head: the absorbed attention's two per-head products (fp32 weights; bf16 weights in the
+ * fast precision, in the invariant one on its mma kernel and on cuBLAS chunks);
  * rmsnorm, route, silu_mul, rope.
  * Timing: CUDA events around a CUDA graph of `reps` calls (launch gaps removed), median
  * of 7 replays. Inputs that would fit in L2 rotate among copies whose total exceeds it.
@@ -924,8 +926,14 @@ static void run_head(void *p, int rep) {
   }
 }
 
-static void bench_head(FILE *js, int64_t m, int bf16, int *first) {
+/* variant (bf16 only): 0 the fast precision; 1 the invariant precision's mma kernel; 2 the
+ * invariant precision's cuBLAS chunks (epic_ops_cuda_set_head_rows off). */
+static void bench_head(FILE *js, int64_t m, int bf16, int variant, int *first) {
+  static const char *const vnames[] = {"fast", "invariant", "invariant_chunks"};
   head_ctx c = {.bf16 = bf16, .m = m};
+  const epic_cuda_precision prev = epic_ops_cuda_get_precision(g_ops);
+  CKE(epic_ops_cuda_set_precision(g_ops, variant ? EPIC_CUDA_PREC_INVARIANT : EPIC_CUDA_PREC_FAST));
+  CKE(epic_ops_cuda_set_head_rows(g_ops, variant != 2));
   const size_t esz = bf16 ? 2 : 4, wbytes = (size_t)HEAD_H * (HEAD_NOPE + HEAD_V) * HEAD_L * esz;
   c.copies = (int)((L2_ROTATE_BYTES + wbytes - 1) / wbytes);
   c.copies = c.copies < 1 ? 1 : (c.copies > MAX_COPIES ? MAX_COPIES : c.copies);
@@ -939,13 +947,16 @@ static void bench_head(FILE *js, int64_t m, int bf16, int *first) {
   const double io = (double)(m * HEAD_H) * (HEAD_NOPE + 2.0 * HEAD_L + HEAD_V) * 4;
   const double gbps = ((double)wbytes + io) / sec * 1e-9;
   fprintf(js,
-          "%s\n    {\"op\": \"head_gemm_pair\", \"weights\": \"%s\", \"m\": %lld, "
-          "\"us\": %.2f, \"gbps\": %.1f, \"frac_read_bw\": %.3f}",
-          *first ? "" : ",", bf16 ? "bf16" : "fp32", (long long)m, sec * 1e6, gbps,
+          "%s\n    {\"op\": \"head_gemm_pair\", \"weights\": \"%s\", \"precision\": "
+          "\"%s\", \"m\": %lld, \"us\": %.2f, \"gbps\": %.1f, \"frac_read_bw\": %.3f}",
+          *first ? "" : ",", bf16 ? "bf16" : "fp32", vnames[variant], (long long)m, sec * 1e6, gbps,
           frac_of(gbps, g_read_gbps));
-  fprintf(stderr, "head_gemm pair %-4s m=%-4lld %9.2f us %7.0f GB/s (%.2f of read)\n",
-          bf16 ? "bf16" : "fp32", (long long)m, sec * 1e6, gbps, frac_of(gbps, g_read_gbps));
+  fprintf(stderr, "head_gemm pair %-4s %-16s m=%-4lld %9.2f us %7.0f GB/s (%.2f of read)\n",
+          bf16 ? "bf16" : "fp32", vnames[variant], (long long)m, sec * 1e6, gbps,
+          frac_of(gbps, g_read_gbps));
   *first = 0;
+  CKE(epic_ops_cuda_set_precision(g_ops, prev));
+  CKE(epic_ops_cuda_set_head_rows(g_ops, 1));
   for (int k = 0; k < c.copies; k++)
     g_ops->vt->free(g_ops, c.a[k]);
   g_ops->vt->free(g_ops, c.q);
@@ -1240,8 +1251,8 @@ peaks_done:
   first = 1;
   static const int64_t head_m[] = {1, 4, 8, 32, 128, 512};
   for (int k = 0; k < 6 && do_head; k++)
-    for (int bf = 0; bf < 2; bf++)
-      bench_head(js, head_m[k], bf, &first);
+    for (int v = 0; v < 4; v++) /* fp32; bf16 fast, invariant, invariant chunks */
+      bench_head(js, head_m[k], v > 0, v > 0 ? v - 1 : 0, &first);
   fprintf(js, "\n  ],\n  \"memory_ops\": [");
   first = 1;
   static const int64_t sm_m[] = {1, 128, 4096}, combine_m[] = {32, 128, 8192};

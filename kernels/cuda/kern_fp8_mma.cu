@@ -55,15 +55,6 @@ __device__ __forceinline__ void w16_to_bf16(const uint4 v, uint32_t (&r)[8]) {
   }
 }
 
-// Weights are read once: keep them out of L1, which holds the tokens every warp re-reads.
-__device__ __forceinline__ uint4 ld_stream(const uint8_t *p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 struct Args {
   const uint16_t *x; // bf16 tokens, row stride ldx (a multiple of 8), 16-byte aligned
   int64_t ldx;

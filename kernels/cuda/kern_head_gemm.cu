@@ -6,10 +6,12 @@
 // product, where cuBLAS's fp32 batched GEMM read twice the bytes at about 1.2 TB/s). x
 // stays fp32 (staged in shared memory), each weight element is widened exactly and the
 // products are summed in fp32 in an order fixed by the shape: a token's result does not
-// depend on how many tokens share the call.
+// depend on how many tokens share the call (the fast precision's form, k_head_nt / _tn).
+// The invariant precision's form (k_head_rows_nt / _tn, below) serves every token count
+// with one arithmetic on tensor cores: x rounded to bf16, mma.sync with fp32 sums.
 #include <stdint.h>
 
-#include "ops_cuda_impl.h"
+#include "kern_mla_common.cuh"
 
 namespace {
 
@@ -199,6 +201,206 @@ cudaError_t launch(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int m, i
   return cudaGetLastError();
 }
 
+
+// ------------------------------------------------------------------------------------
+// The row-invariant form on tensor cores (the invariant precision, any token count): x
+// rounded to bf16 (nearest even), each output summed by chained mma.m16n8k16 (fp32
+// accumulators, from zero) over k in ascending 32-column chunks, two 16-column steps per
+// chunk. Within a chunk, lane quad q's eight columns 8q .. 8q + 7 feed step 0 with their
+// first four (as the steps' columns 2q, 2q + 1 and 2q + 8, 2q + 9) and step 1 with the
+// rest, in the weights and in x alike: so each lane's operands are one 16-byte weight load
+// per row and one 16-byte read of x. An output is a function of its token row and its
+// weight row (or column) only: how many tokens a call has, which CTA, token tile or warp
+// takes it, never changes the operations on its values.
+
+// The CTA's tokens t0 .. t0 + 8 * TT - 1 of head h as bf16 in fragment order: for token
+// tile i, chunk c and lane l = 4 * (token % 8) + quad, the 16 bytes xs[(i * nch + c) * 32 +
+// l] hold columns 32c + 8 * quad .. + 7. Columns past k and tokens past m are zero.
+template <int TT>
+__device__ __forceinline__ void stage_frag(uint4 *xs, const float *x, int64_t ld_tok,
+                                           int64_t ld_head, int h, int t0, int m, int k,
+                                           int nch) {
+  const int groups = nch * 4; // 8-column groups per token
+  const bool vec = ((uintptr_t)x & 15u) == 0 && ld_tok % 4 == 0 && ld_head % 4 == 0;
+  for (int i = threadIdx.x; i < TT * 8 * groups; i += kThreads) {
+    const int t = i / groups, c8 = i - t * groups;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (t0 + t < m && c8 * 8 < k) { // k % 8 == 0: a group is wholly in or out
+      const float *xr = x + (int64_t)(t0 + t) * ld_tok + (int64_t)h * ld_head + c8 * 8;
+      if (vec) {
+        const float4 lo = *reinterpret_cast<const float4 *>(xr);
+        const float4 hi = *reinterpret_cast<const float4 *>(xr + 4);
+        v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+        v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+          v[e] = xr[e];
+      }
+    }
+    xs[((t / 8) * nch + c8 / 4) * 32 + (t % 8) * 4 + c8 % 4] =
+        make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]),
+                   pack_bf16(v[6], v[7]));
+  }
+}
+
+// Stores a warp's accumulator tile: output rows o0 (c0, c1) and o1 (c2, c3) for tokens
+// t, t + 1 (t = t0 + 8i + 2 * quad).
+template <int TT>
+__device__ __forceinline__ void store_tile(const float (&acc)[TT][4], float *y, int64_t ld_tok,
+                                           int64_t ld_head, int h, int t0, int m, int o0,
+                                           int o1, int n) {
+  const int q = threadIdx.x % 4;
+#pragma unroll
+  for (int i = 0; i < TT; i++) {
+    const int t = t0 + 8 * i + 2 * q;
+    float *yh = y + (int64_t)h * ld_head;
+#pragma unroll
+    for (int u = 0; u < 2; u++)
+      if (t + u < m) {
+        if (o0 < n)
+          yh[(int64_t)(t + u) * ld_tok + o0] = acc[i][u];
+        if (o1 < n)
+          yh[(int64_t)(t + u) * ld_tok + o1] = acc[i][2 + u];
+      }
+  }
+}
+
+// trans 1 (A_h [n][k]): warp w of CTA (x, h, z) takes output rows 16 * (8x + w) .. + 15:
+// lane (g, q) loads rows r0 + g and r0 + g + 8, columns 32c + 8q .. + 7 of each chunk c,
+// kChunksTn chunks ahead.
+constexpr int kChunksTn = 8;
+template <int TT>
+__global__ void __launch_bounds__(kThreads)
+    k_head_rows_tn(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int m, const uint16_t *a,
+                   int64_t ld_a_head, int k, int n, float *y, int64_t ld_y_tok,
+                   int64_t ld_y_head) {
+  extern __shared__ uint4 xf[]; // x in fragment order (stage_frag)
+  const int h = blockIdx.y, t0 = blockIdx.z * 8 * TT, nch = (k + 31) / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int r0 = (blockIdx.x * kWarps + warp) * 16;
+  const bool va = r0 + g < n, vb = r0 + g + 8 < n;
+  const uint16_t *pa = a + h * ld_a_head + (int64_t)(r0 + g) * k + 8 * q;
+  const uint16_t *pb = pa + (int64_t)8 * k;
+  stage_frag<TT>(xf, x, ld_x_tok, ld_x_head, h, t0, m, k, nch);
+  __syncthreads();
+  if (r0 >= n)
+    return;
+  float acc[TT][4] = {};
+  for (int c0 = 0; c0 < nch; c0 += kChunksTn) {
+    uint4 la[kChunksTn], lb[kChunksTn];
+#pragma unroll
+    for (int u = 0; u < kChunksTn; u++) {
+      const bool in = 32 * (c0 + u) + 8 * q < k;
+      la[u] = in && va ? ld_stream(pa + 32 * (c0 + u)) : make_uint4(0, 0, 0, 0);
+      lb[u] = in && vb ? ld_stream(pb + 32 * (c0 + u)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kChunksTn; u++) {
+      if (c0 + u >= nch)
+        break;
+      uint4 b[TT];
+#pragma unroll
+      for (int i = 0; i < TT; i++)
+        b[i] = xf[(i * nch + c0 + u) * 32 + lane];
+      const uint32_t a0[4] = {la[u].x, lb[u].x, la[u].y, lb[u].y};
+      const uint32_t a1[4] = {la[u].z, lb[u].z, la[u].w, lb[u].w};
+#pragma unroll
+      for (int i = 0; i < TT; i++)
+        mma_bf16(acc[i][0], acc[i][1], acc[i][2], acc[i][3], a0, b[i].x, b[i].y);
+#pragma unroll
+      for (int i = 0; i < TT; i++)
+        mma_bf16(acc[i][0], acc[i][1], acc[i][2], acc[i][3], a1, b[i].z, b[i].w);
+    }
+  }
+  store_tile<TT>(acc, y, ld_y_tok, ld_y_head, h, t0, m, r0 + g, r0 + g + 8, n);
+}
+
+// trans 0 (A_h [k][n]): warp w of CTA (x, h, z) takes output columns j0 .. j0 + 63, j0 =
+// 64 * (8x + w); lane (g, q) loads columns j0 + 8g .. + 7 of rows 32c + 8q .. + 7 of each
+// chunk c and pairs the rows' values per column (byte permutes): mma tile T's rows g and
+// g + 8 are columns j0 + 8g + 2T and that + 1.
+constexpr int kChunksNt = 2;
+__device__ __forceinline__ uint32_t word(const uint4 &v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+template <int TT>
+__global__ void __launch_bounds__(kThreads)
+    k_head_rows_nt(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int m, const uint16_t *a,
+                   int64_t ld_a_head, int k, int n, float *y, int64_t ld_y_tok,
+                   int64_t ld_y_head) {
+  extern __shared__ uint4 xf[]; // x in fragment order (stage_frag)
+  const int h = blockIdx.y, t0 = blockIdx.z * 8 * TT, nch = (k + 31) / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int j0 = (blockIdx.x * kWarps + warp) * 64;
+  const int jl = j0 + 8 * g;
+  const bool vj = jl < n; // n % 8 == 0: a lane's columns are wholly in or out
+  const uint16_t *p = a + h * ld_a_head + (int64_t)(8 * q) * n + jl;
+  stage_frag<TT>(xf, x, ld_x_tok, ld_x_head, h, t0, m, k, nch);
+  __syncthreads();
+  if (j0 >= n)
+    return;
+  float acc[4][TT][4] = {};
+  for (int c0 = 0; c0 < nch; c0 += kChunksNt) {
+    uint4 l[kChunksNt][8];
+#pragma unroll
+    for (int u = 0; u < kChunksNt; u++)
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        const int i = 32 * (c0 + u) + 8 * q + e;
+        l[u][e] = vj && i < k ? ld_stream(p + (int64_t)(32 * (c0 + u) + e) * n)
+                              : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int u = 0; u < kChunksNt; u++) {
+      if (c0 + u >= nch)
+        break;
+      uint4 b[TT];
+#pragma unroll
+      for (int i = 0; i < TT; i++)
+        b[i] = xf[(i * nch + c0 + u) * 32 + lane];
+#pragma unroll
+      for (int s = 0; s < 2; s++) {
+        const uint4 &r0 = l[u][4 * s], &r1 = l[u][4 * s + 1];
+        const uint4 &r2 = l[u][4 * s + 2], &r3 = l[u][4 * s + 3];
+#pragma unroll
+        for (int T = 0; T < 4; T++) {
+          const uint32_t af[4] = {__byte_perm(word(r0, T), word(r1, T), 0x5410),
+                                  __byte_perm(word(r0, T), word(r1, T), 0x7632),
+                                  __byte_perm(word(r2, T), word(r3, T), 0x5410),
+                                  __byte_perm(word(r2, T), word(r3, T), 0x7632)};
+#pragma unroll
+          for (int i = 0; i < TT; i++)
+            mma_bf16(acc[T][i][0], acc[T][i][1], acc[T][i][2], acc[T][i][3], af,
+                     s ? b[i].z : b[i].x, s ? b[i].w : b[i].y);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int T = 0; T < 4; T++)
+    store_tile<TT>(acc[T], y, ld_y_tok, ld_y_head, h, t0, m, jl + 2 * T, jl + 2 * T + 1, n);
+}
+
+template <int TT> size_t rows_smem(int k) { return (size_t)TT * ((k + 31) / 32) * 512; }
+
+template <int TT>
+cudaError_t launch_rows(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int m, int n_heads,
+                        const uint16_t *a, int64_t ld_a_head, int k, int n, int trans, float *y,
+                        int64_t ld_y_tok, int64_t ld_y_head, cudaStream_t st) {
+  const size_t smem = rows_smem<TT>(k);
+  const int per_cta = kWarps * (trans ? 16 : 64);
+  const dim3 grid((unsigned)((n + per_cta - 1) / per_cta), (unsigned)n_heads,
+                  (unsigned)((m + 8 * TT - 1) / (8 * TT)));
+  if (trans)
+    k_head_rows_tn<TT><<<grid, kThreads, smem, st>>>(x, ld_x_tok, ld_x_head, m, a, ld_a_head, k,
+                                                     n, y, ld_y_tok, ld_y_head);
+  else
+    k_head_rows_nt<TT><<<grid, kThreads, smem, st>>>(x, ld_x_tok, ld_x_head, m, a, ld_a_head, k,
+                                                     n, y, ld_y_tok, ld_y_head);
+  return cudaGetLastError();
+}
+
 } // namespace
 
 extern "C" {
@@ -228,6 +430,42 @@ cudaError_t epic_cuk_head_bf16(const float *x, int64_t ld_x_tok, int64_t ld_x_he
                      ld_y_head, st);
   return launch<8>(x, ld_x_tok, ld_x_head, mi, hi, a, ld_a_head, ki, ni, trans, y, ld_y_tok,
                    ld_y_head, st);
+}
+
+int epic_cuk_head_rows_ok(int64_t n_heads, const void *a, int64_t ld_a_head, int64_t k, int64_t n,
+                          int trans) {
+  (void)trans; // both layouts: rows of k (trans 1) or n (trans 0) elements, multiples of 8
+  return n_heads >= 1 && n_heads <= 65535 && k >= 8 && n >= 8 && k % 8 == 0 && n % 8 == 0 &&
+         k <= INT32_MAX && n <= INT32_MAX && ld_a_head % 8 == 0 && ((uintptr_t)a & 15u) == 0 &&
+         rows_smem<1>((int)k) <= 48 * 1024;
+}
+
+cudaError_t epic_cuk_head_rows(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int64_t m,
+                               int64_t n_heads, const uint16_t *a, int64_t ld_a_head, int64_t k,
+                               int64_t n, int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head,
+                               cudaStream_t st) {
+  const int hi = (int)n_heads, ki = (int)k, ni = (int)n;
+  // Token blocks go on the grid's z axis (at most 65535); more tokens in several launches.
+  const int64_t per_launch = (int64_t)65535 * 8;
+  for (int64_t t0 = 0; t0 < m; t0 += per_launch) {
+    const int mi = (int)(m - t0 < per_launch ? m - t0 : per_launch);
+    const float *xt = x + t0 * ld_x_tok;
+    float *yt = y + t0 * ld_y_tok;
+    // Token tiles per CTA: as many as the tokens fill, in 48 KB of shared memory.
+    const int tt = mi > 16 && rows_smem<4>(ki) <= 48 * 1024   ? 4
+                   : mi > 8 && rows_smem<2>(ki) <= 48 * 1024 ? 2
+                                                              : 1;
+    const cudaError_t e =
+        tt == 4   ? launch_rows<4>(xt, ld_x_tok, ld_x_head, mi, hi, a, ld_a_head, ki, ni, trans, yt,
+                                 ld_y_tok, ld_y_head, st)
+        : tt == 2 ? launch_rows<2>(xt, ld_x_tok, ld_x_head, mi, hi, a, ld_a_head, ki, ni, trans, yt,
+                                   ld_y_tok, ld_y_head, st)
+                  : launch_rows<1>(xt, ld_x_tok, ld_x_head, mi, hi, a, ld_a_head, ki, ni, trans, yt,
+                                   ld_y_tok, ld_y_head, st);
+    if (e != cudaSuccess)
+      return e;
+  }
+  return cudaSuccess;
 }
 
 } // extern "C"

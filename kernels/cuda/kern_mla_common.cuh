@@ -1,11 +1,11 @@
 // Device helpers shared by the CUDA kernels (the MLA kernels: kern_mla.cu for fp32 rows,
 // kern_mla_bf16.cu for bf16 rows, kern_mla_prefill.cu; the FP8 matmuls, kern_fp8_mma.cu and
-// kern_fp8_wgmma.cu; the grouped quantisers of kern_elementwise.cu; the router and the
-// expert plan): a warp's prefix sum, the group of an item,
-// cp.async streaming into shared memory, ldmatrix and bf16 mma fragments, Hopper wgmma
-// (descriptors, fences, the 64 x 64 score tile, the 128-register accumulator's operands),
-// mbarriers, TMA box loads, named barriers and register budgets for warp-specialised
-// kernels, and the keys of one flash-decoding split.
+// kern_fp8_wgmma.cu; the head products of kern_head_gemm.cu; the grouped quantisers of
+// kern_elementwise.cu; the router and the expert plan): a warp's prefix sum, the group of
+// an item, cp.async streaming into shared memory, streaming weight loads, ldmatrix and
+// bf16 mma fragments, Hopper wgmma (descriptors, fences, the 64 x 64 score tile, the
+// 128-register accumulator's operands), mbarriers, TMA box loads, named barriers and
+// register budgets for warp-specialised kernels, and the keys of one flash-decoding split.
 // Device code only: included from .cu files.
 #ifndef EPIC_KERN_MLA_COMMON_CUH
 #define EPIC_KERN_MLA_COMMON_CUH
@@ -64,6 +64,16 @@ static __device__ __forceinline__ void epic_cp_async_wait_all() {
 // Up to `pending` of the most recently committed cp.async groups may still be in flight.
 template <int pending> static __device__ __forceinline__ void epic_cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+}
+
+// 16 bytes of a weight read once (ld_stream): kept out of L1, which holds what the warps
+// re-read (tokens, fragments).
+static __device__ __forceinline__ uint4 ld_stream(const void *p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
 }
 
 // Four 8x8 b16 matrices from shared memory (lane l gives the address of row l % 8 of

@@ -159,6 +159,13 @@ epic_status epic_ops_cuda_set_wgmma_thin(epic_ops *o, int on) {
   return EPIC_OK;
 }
 
+epic_status epic_ops_cuda_set_head_rows(epic_ops *o, int on) {
+  if (!o || (on != 0 && on != 1))
+    return EPIC_ERR_INVALID;
+  epic_cuda_of(o)->head_rows = on;
+  return EPIC_OK;
+}
+
 int64_t epic_ops_cuda_wgmma_thin_launches(epic_ops *o) {
   return o ? epic_cuda_of(o)->wgmma_thin_launches : 0;
 }
@@ -766,6 +773,7 @@ epic_status epic_ops_cuda_create(int device, epic_ops **out) {
   static const char *const forms[] = {"auto", "half", "whole"}; /* epic_cuda_wgmma_form */
   c->wgmma_form = env_choice("EPIC_CUDA_WGMMA_FORM", forms, 3);
   c->wgmma_thin = !env_pick("EPIC_CUDA_WGMMA_THIN", "on", "off");
+  c->head_rows = !env_pick("EPIC_CUDA_HEAD_ROWS", "on", "off");
   epic_status st = EPIC_OK;
   struct cudaDeviceProp prop;
   EPIC_CHECK_GOTO(epic_cuda_check(cudaSetDevice(device), "set device"), st, fail);

@@ -210,6 +210,12 @@ epic_status epic_ops_cuda_set_wgmma_form(epic_ops *o, epic_cuda_wgmma_form f);
  * EPIC_CUDA_WGMMA_THIN=on|off sets it at create. _thin_launches counts them. */
 epic_status epic_ops_cuda_set_wgmma_thin(epic_ops *o, int on);
 int64_t epic_ops_cuda_wgmma_thin_launches(epic_ops *o);
+/* The invariant precision's head_gemm_bf16 (on by default): one mma.sync launch per call at
+ * every token count where the shape allows (kern_head_gemm.cu), instead of zero-padded
+ * chunks of EPIC_CUDA_INVARIANT_ROWS tokens through cuBLAS (off, and shapes it does not
+ * take); both row-invariant, with different bits. For tests and benchmarks;
+ * EPIC_CUDA_HEAD_ROWS=on|off sets it at create. */
+epic_status epic_ops_cuda_set_head_rows(epic_ops *o, int on);
 
 /* Whole-backend precision. FAST (the backend's default; the engine commands take INVARIANT
  * where MTP drafting is auto and the model has an MTP layer: epic_cluster_default_precision):
@@ -231,8 +237,10 @@ int64_t epic_ops_cuda_wgmma_thin_launches(epic_ops *o);
  * - other weights (BF16, F32, F16, other FP8 layouts), dense or per expert, run their
  *   rows in zero-padded chunks of EPIC_CUDA_INVARIANT_ROWS through one cuBLAS shape
  *   (bf16 activations for BF16 / FP8 weights, fp32 for F32 and F16);
- * - head_gemm_bf16 takes its tokens EPIC_CUDA_INVARIANT_ROWS at a time through one
- *   cuBLAS bf16 batched shape (x rounded to bf16 at every size), head_gemm as EXACT;
+ * - head_gemm_bf16 runs its own mma.sync kernel at every token count (x rounded to bf16,
+ *   fp32 sums chained in k order: epic_ops_cuda_set_head_rows), or, for shapes it does
+ *   not take, EPIC_CUDA_INVARIANT_ROWS tokens at a time through one cuBLAS bf16 batched
+ *   shape; head_gemm as EXACT;
  * - the BF16-cache decode kernel cuts each query's keys at EXACT's fixed boundaries and
  *   always merges its splits (no direct single-split form).
  * What it costs against FAST: kernels/cuda/NOTES.md. MTP drafting is on by default here

@@ -479,8 +479,10 @@ epic_status epic_cuda_head_gemm(epic_ops *o, const float *x, int64_t ld_x_tok, i
                  trans ? k : n, ld_a_head, x, ldx, ld_x_head, 0.0f, y, ldy, ld_y_head, n_heads);
 }
 
-/* Up to EPIC_CUK_HEAD_MAX_M tokens (decode of small batches): kern_head_gemm.cu reads the
- * bf16 weights once with fp32 x. More tokens: x rounded to bf16 into act (dense
+/* Invariant precision: kern_head_gemm.cu's row-invariant mma form at every token count
+ * (head_chunks where it does not take the shape, or with head_rows off). Fast: up to
+ * EPIC_CUK_HEAD_MAX_M tokens (decode of small batches) kern_head_gemm.cu reads the bf16
+ * weights once with fp32 x; more tokens: x rounded to bf16 into act (dense
  * [m][n_heads][k]) and cuBLAS's bf16 batched GEMM with fp32 sums, where the weights are
  * read once per tile of tokens anyway. */
 epic_status epic_cuda_head_gemm_bf16(epic_ops *o, const float *x, int64_t ld_x_tok,
@@ -492,6 +494,10 @@ epic_status epic_cuda_head_gemm_bf16(epic_ops *o, const float *x, int64_t ld_x_t
   const int64_t ldb = n_heads * k, ldy = m > 1 ? ld_y_tok : n;
   EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y, ldb, ldy));
   epic_cuda_ops *c = epic_cuda_of(o);
+  if (c->invariant && c->head_rows && epic_cuk_head_rows_ok(n_heads, a, ld_a_head, k, n, trans))
+    return epic_cuda_check(epic_cuk_head_rows(x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k,
+                                              n, trans, y, ld_y_tok, ld_y_head, c->stream),
+                           "head_gemm_bf16 (row-invariant kernel)");
   if (c->invariant)
     return head_chunks(c, 1, x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k, n, trans, y,
                        ld_y_tok, ld_y_head);

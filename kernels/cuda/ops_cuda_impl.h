@@ -78,6 +78,7 @@ typedef struct epic_cuda_ops {
   int64_t wgmma_launches; /* launches of the grouped wgmma kernel (epic_ops_cuda_wgmma_launches) */
   int wgmma_form;         /* epic_cuda_wgmma_form (epic_ops_cuda_set_wgmma_form) */
   int wgmma_thin; /* the thin form for few rows (epic_ops_cuda_set_wgmma_thin) */
+  int head_rows;  /* the invariant head_gemm_bf16 on kern_head_gemm.cu's mma form */
   int64_t wgmma_thin_launches;
   int lt_next[EPIC_CUDA_LT_PLANS / EPIC_CUDA_LT_WAYS]; /* round-robin victim per set */
   /* Graph recording (ops.h ABI 7): 1 between graph_begin and graph_end. epoch counts the
@@ -237,6 +238,16 @@ enum { EPIC_CUK_HEAD_MAX_M = EPIC_CUDA_HEAD_KERNEL_MAX_M };
 int epic_cuk_head_bf16_ok(int64_t m, int64_t n_heads, const void *a, int64_t ld_a_head, int64_t k,
                           int64_t n, int trans);
 cudaError_t epic_cuk_head_bf16(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int64_t m,
+                               int64_t n_heads, const uint16_t *a, int64_t ld_a_head, int64_t k,
+                               int64_t n, int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head,
+                               cudaStream_t st);
+/* The invariant precision's head_gemm_bf16 at any token count (kern_head_gemm.cu): x
+ * rounded to bf16, bf16 mma.sync with fp32 sums chained in k order, an output a function
+ * of its token and weight rows only. _ok: the shapes it takes, which do not depend on the
+ * token count (k and n multiples of 8, 16-byte aligned head rows, k <= 3072). */
+int epic_cuk_head_rows_ok(int64_t n_heads, const void *a, int64_t ld_a_head, int64_t k, int64_t n,
+                          int trans);
+cudaError_t epic_cuk_head_rows(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int64_t m,
                                int64_t n_heads, const uint16_t *a, int64_t ld_a_head, int64_t k,
                                int64_t n, int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head,
                                cudaStream_t st);

@@ -2510,7 +2510,8 @@ static void test_exact_rows(void **state) {
 /* The invariant precision (ops_cuda.h) is row-invariant: matmuls of F32, BF16 and FP8
  * weights on each of its paths (the expert kernel for FP8 it takes, also at V3's dense
  * shapes, in wide and in narrow tiles, 128-row chunks otherwise: 300 rows make three),
- * head_gemm_bf16 in token chunks (small and V3 shapes, padded strides) and the BF16-cache
+ * head_gemm_bf16 on its mma kernel and in token chunks (small and V3 shapes, padded
+ * strides) and the BF16-cache
  * decode over 1 to 5000 keys give a row alone or in a smaller call the bits it has in the
  * whole call, within the fast numerics' error of the CPU; epic_ops_rows_invariant follows
  * the precision. */
@@ -2531,18 +2532,27 @@ static void test_invariant_rows(void **state) {
   /* 300 rows of it take wide tiles (84 of them), a row alone narrow ones (56 of 128 columns) */
   check_mm_rows("invariant", EPIC_DT_F8E4M3, 7168, 2048, 300, EPIC_CUDA_MM_FP8_WGMMA, 5e-2);
   check_mm_rows("invariant", EPIC_DT_F8E4M3, 300, 1100, 300, EPIC_CUDA_MM_FAST_ROWS, 1e-2);
-  /* {tokens, heads, k, n, trans, padded strides} */
-  static const int64_t hs[5][6] = {{300, 6, 40, 64, 0, 1},
-                                   {300, 6, 64, 40, 1, 0},
-                                   {37, 128, 128, 512, 0, 0},
-                                   {37, 128, 512, 128, 1, 0},
-                                   {5, 128, 128, 512, 0, 1}};
-  for (int i = 0; i < 5; i++) {
+  /* {tokens, heads, k, n, trans, padded strides}: the mma kernel at 1, 2 and 4 token tiles
+   * per CTA (5, 12, 37 and 300 tokens; a row alone takes one), columns and rows past a
+   * warp's (n = 40), k past a chunk (40); k = 12 goes to the cuBLAS chunks; the last shape
+   * again with the kernel off (chunks). */
+  static const int64_t hs[8][6] = {{300, 6, 40, 64, 0, 1},    {300, 6, 64, 40, 1, 0},
+                                   {37, 128, 128, 512, 0, 0}, {37, 128, 512, 128, 1, 0},
+                                   {5, 128, 128, 512, 0, 1},  {12, 128, 512, 128, 1, 1},
+                                   {37, 4, 12, 20, 1, 1},     {37, 128, 512, 128, 1, 0}};
+  for (int i = 0; i < 8; i++) {
     const int64_t m = hs[i][0], H = hs[i][1], k = hs[i][2], n = hs[i][3], pad = hs[i][5];
     const int64_t ldxh = k + pad, ldyh = n + pad;
+    if (i == 7)
+      assert_int_equal(epic_ops_cuda_set_head_rows(g_gpu, 0), EPIC_OK);
     check_head_gemm(m, H, k, n, (int)hs[i][4], ldxh, H * ldxh + pad, ldyh, H * ldyh + pad,
-                    k * n + 8, pad ? "invariant, padded strides: " : "invariant: ", 1, 1);
+                    k * n + 8,
+                    i == 7 ? "invariant, chunks: "
+                    : pad  ? "invariant, padded strides: "
+                           : "invariant: ",
+                    1, 1);
   }
+  assert_int_equal(epic_ops_cuda_set_head_rows(g_gpu, 1), EPIC_OK);
   check_mla_rows("invariant", 1);
   assert_int_equal(epic_ops_cuda_set_precision(g_gpu, EPIC_CUDA_PREC_FAST), EPIC_OK);
   assert_int_equal(epic_ops_rows_invariant(g_gpu), 0);
