@@ -7,7 +7,7 @@
 // stays fp32 (staged in shared memory), each weight element is widened exactly and the
 // products are summed in fp32 in an order fixed by the shape: a token's result does not
 // depend on how many tokens share the call (the fast precision's form, k_head_nt / _tn).
-// The invariant precision's form (k_head_rows_nt / _tn, below) serves every token count
+// The invariant precision's form (k_head_rows, below) serves every token count
 // with one arithmetic on tensor cores: x rounded to bf16, mma.sync with fp32 sums.
 #include <stdint.h>
 
@@ -225,19 +225,8 @@ __device__ __forceinline__ void stage_frag(uint4 *xs, const float *x, int64_t ld
   for (int i = threadIdx.x; i < TT * 8 * groups; i += kThreads) {
     const int t = i / groups, c8 = i - t * groups;
     float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (t0 + t < m && c8 * 8 < k) { // k % 8 == 0: a group is wholly in or out
-      const float *xr = x + (int64_t)(t0 + t) * ld_tok + (int64_t)h * ld_head + c8 * 8;
-      if (vec) {
-        const float4 lo = *reinterpret_cast<const float4 *>(xr);
-        const float4 hi = *reinterpret_cast<const float4 *>(xr + 4);
-        v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
-        v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; e++)
-          v[e] = xr[e];
-      }
-    }
+    if (t0 + t < m && c8 * 8 < k) // k % 8 == 0: a group is wholly in or out
+      ld_f32x8(x + (int64_t)(t0 + t) * ld_tok + (int64_t)h * ld_head + c8 * 8, vec, v);
     xs[((t / 8) * nch + c8 / 4) * 32 + (t % 8) * 4 + c8 % 4] =
         make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]),
                    pack_bf16(v[6], v[7]));
@@ -266,26 +255,21 @@ __device__ __forceinline__ void store_tile(const float (&acc)[TT][4], float *y, 
   }
 }
 
-// trans 1 (A_h [n][k]): warp w of CTA (x, h, z) takes output rows 16 * (8x + w) .. + 15:
-// lane (g, q) loads rows r0 + g and r0 + g + 8, columns 32c + 8q .. + 7 of each chunk c,
-// kChunksTn chunks ahead.
+// trans 1 (A_h [n][k]): warp w of the CTA takes output rows r0 = 16 * (8 blockIdx.x + w)
+// .. + 15: lane (g, q) loads rows r0 + g and r0 + g + 8, columns 32c + 8q .. + 7 of each
+// chunk c, kChunksTn chunks ahead.
 constexpr int kChunksTn = 8;
 template <int TT>
-__global__ void __launch_bounds__(kThreads)
-    k_head_rows_tn(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int m, const uint16_t *a,
-                   int64_t ld_a_head, int k, int n, float *y, int64_t ld_y_tok,
-                   int64_t ld_y_head) {
-  extern __shared__ uint4 xf[]; // x in fragment order (stage_frag)
-  const int h = blockIdx.y, t0 = blockIdx.z * 8 * TT, nch = (k + 31) / 32;
+__device__ __forceinline__ void rows_tn(const uint4 *xf, int nch, const uint16_t *ah, int k,
+                                        int n, float *y, int64_t ld_y_tok, int64_t ld_y_head,
+                                        int h, int t0, int m) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const int r0 = (blockIdx.x * kWarps + warp) * 16;
-  const bool va = r0 + g < n, vb = r0 + g + 8 < n;
-  const uint16_t *pa = a + h * ld_a_head + (int64_t)(r0 + g) * k + 8 * q;
-  const uint16_t *pb = pa + (int64_t)8 * k;
-  stage_frag<TT>(xf, x, ld_x_tok, ld_x_head, h, t0, m, k, nch);
-  __syncthreads();
   if (r0 >= n)
     return;
+  const bool va = r0 + g < n, vb = r0 + g + 8 < n;
+  const uint16_t *pa = ah + (int64_t)(r0 + g) * k + 8 * q;
+  const uint16_t *pb = pa + (int64_t)8 * k;
   float acc[TT][4] = {};
   for (int c0 = 0; c0 < nch; c0 += kChunksTn) {
     uint4 la[kChunksTn], lb[kChunksTn];
@@ -316,8 +300,8 @@ __global__ void __launch_bounds__(kThreads)
   store_tile<TT>(acc, y, ld_y_tok, ld_y_head, h, t0, m, r0 + g, r0 + g + 8, n);
 }
 
-// trans 0 (A_h [k][n]): warp w of CTA (x, h, z) takes output columns j0 .. j0 + 63, j0 =
-// 64 * (8x + w); lane (g, q) loads columns j0 + 8g .. + 7 of rows 32c + 8q .. + 7 of each
+// trans 0 (A_h [k][n]): warp w of the CTA takes output columns j0 .. j0 + 63, j0 = 64 * (8
+// blockIdx.x + w); lane (g, q) loads columns j0 + 8g .. + 7 of rows 32c + 8q .. + 7 of each
 // chunk c and pairs the rows' values per column (byte permutes): mma tile T's rows g and
 // g + 8 are columns j0 + 8g + 2T and that + 1.
 constexpr int kChunksNt = 2;
@@ -325,21 +309,16 @@ __device__ __forceinline__ uint32_t word(const uint4 &v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 template <int TT>
-__global__ void __launch_bounds__(kThreads)
-    k_head_rows_nt(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int m, const uint16_t *a,
-                   int64_t ld_a_head, int k, int n, float *y, int64_t ld_y_tok,
-                   int64_t ld_y_head) {
-  extern __shared__ uint4 xf[]; // x in fragment order (stage_frag)
-  const int h = blockIdx.y, t0 = blockIdx.z * 8 * TT, nch = (k + 31) / 32;
+__device__ __forceinline__ void rows_nt(const uint4 *xf, int nch, const uint16_t *ah, int k,
+                                        int n, float *y, int64_t ld_y_tok, int64_t ld_y_head,
+                                        int h, int t0, int m) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const int j0 = (blockIdx.x * kWarps + warp) * 64;
-  const int jl = j0 + 8 * g;
-  const bool vj = jl < n; // n % 8 == 0: a lane's columns are wholly in or out
-  const uint16_t *p = a + h * ld_a_head + (int64_t)(8 * q) * n + jl;
-  stage_frag<TT>(xf, x, ld_x_tok, ld_x_head, h, t0, m, k, nch);
-  __syncthreads();
   if (j0 >= n)
     return;
+  const int jl = j0 + 8 * g;
+  const bool vj = jl < n; // n % 8 == 0: a lane's columns are wholly in or out
+  const uint16_t *p = ah + (int64_t)(8 * q) * n + jl;
   float acc[4][TT][4] = {};
   for (int c0 = 0; c0 < nch; c0 += kChunksNt) {
     uint4 l[kChunksNt][8];
@@ -382,6 +361,22 @@ __global__ void __launch_bounds__(kThreads)
     store_tile<TT>(acc[T], y, ld_y_tok, ld_y_head, h, t0, m, jl + 2 * T, jl + 2 * T + 1, n);
 }
 
+// CTA (slab blockIdx.x of outputs, head blockIdx.y, tokens 8 TT blockIdx.z ..): x staged,
+// then each warp's outputs (rows_tn / rows_nt).
+template <int TT, bool kTrans>
+__global__ void __launch_bounds__(kThreads)
+    k_head_rows(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int m, const uint16_t *a,
+                int64_t ld_a_head, int k, int n, float *y, int64_t ld_y_tok, int64_t ld_y_head) {
+  extern __shared__ uint4 xf[]; // x in fragment order (stage_frag)
+  const int h = blockIdx.y, t0 = blockIdx.z * 8 * TT, nch = (k + 31) / 32;
+  stage_frag<TT>(xf, x, ld_x_tok, ld_x_head, h, t0, m, k, nch);
+  __syncthreads();
+  if (kTrans)
+    rows_tn<TT>(xf, nch, a + h * ld_a_head, k, n, y, ld_y_tok, ld_y_head, h, t0, m);
+  else
+    rows_nt<TT>(xf, nch, a + h * ld_a_head, k, n, y, ld_y_tok, ld_y_head, h, t0, m);
+}
+
 template <int TT> size_t rows_smem(int k) { return (size_t)TT * ((k + 31) / 32) * 512; }
 
 template <int TT>
@@ -393,11 +388,11 @@ cudaError_t launch_rows(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int
   const dim3 grid((unsigned)((n + per_cta - 1) / per_cta), (unsigned)n_heads,
                   (unsigned)((m + 8 * TT - 1) / (8 * TT)));
   if (trans)
-    k_head_rows_tn<TT><<<grid, kThreads, smem, st>>>(x, ld_x_tok, ld_x_head, m, a, ld_a_head, k,
-                                                     n, y, ld_y_tok, ld_y_head);
+    k_head_rows<TT, true><<<grid, kThreads, smem, st>>>(x, ld_x_tok, ld_x_head, m, a, ld_a_head,
+                                                        k, n, y, ld_y_tok, ld_y_head);
   else
-    k_head_rows_nt<TT><<<grid, kThreads, smem, st>>>(x, ld_x_tok, ld_x_head, m, a, ld_a_head, k,
-                                                     n, y, ld_y_tok, ld_y_head);
+    k_head_rows<TT, false><<<grid, kThreads, smem, st>>>(x, ld_x_tok, ld_x_head, m, a, ld_a_head,
+                                                         k, n, y, ld_y_tok, ld_y_head);
   return cudaGetLastError();
 }
 

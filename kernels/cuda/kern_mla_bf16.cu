@@ -266,18 +266,8 @@ __device__ __forceinline__ float stage_q(const epic_cuk_mla_params &p, int64_t b
 #pragma unroll
       for (int e = 0; e < 8; e++)
         v[e] = 0.0f;
-      if (valid) {
-        if (j < kL / 64 ? qa_vec : qp_vec) {
-          const float4 x = *reinterpret_cast<const float4 *>(src);
-          const float4 y = *reinterpret_cast<const float4 *>(src + 4);
-          v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
-          v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; e++)
-            v[e] = src[e];
-        }
-      }
+      if (valid)
+        ld_f32x8(src, j < kL / 64 ? qa_vec : qp_vec, v);
 #pragma unroll
       for (int e = 0; e < 8; e++)
         v[e] *= qsign;

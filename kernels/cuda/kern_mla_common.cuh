@@ -76,6 +76,21 @@ static __device__ __forceinline__ uint4 ld_stream(const void *p) {
   return v;
 }
 
+// Eight consecutive floats from src into v: two 16-byte loads where vec (src 16-byte
+// aligned), else eight scalar ones.
+static __device__ __forceinline__ void ld_f32x8(const float *src, bool vec, float (&v)[8]) {
+  if (vec) {
+    const float4 x = *reinterpret_cast<const float4 *>(src);
+    const float4 y = *reinterpret_cast<const float4 *>(src + 4);
+    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+    v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; e++)
+      v[e] = src[e];
+  }
+}
+
 // Four 8x8 b16 matrices from shared memory (lane l gives the address of row l % 8 of
 // matrix l / 8); .trans hands each thread a column pair instead of a row pair.
 static __device__ __forceinline__ void ldsm4(uint32_t a, uint32_t (&r)[4]) {
