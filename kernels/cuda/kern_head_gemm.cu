@@ -16,6 +16,7 @@
 namespace {
 
 constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr size_t kSmemMax = 48 * 1024; // dynamic shared memory without an opt-in
 constexpr int kCols = 256; // trans 0: output columns per CTA (8 per lane)
 constexpr int kRows = 64;  // trans 1: output rows per CTA
 
@@ -200,7 +201,6 @@ cudaError_t launch(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int m, i
   }
   return cudaGetLastError();
 }
-
 
 // ------------------------------------------------------------------------------------
 // The row-invariant form on tensor cores (the invariant precision, any token count): x
@@ -406,7 +406,7 @@ int epic_cuk_head_bf16_ok(int64_t m, int64_t n_heads, const void *a, int64_t ld_
   const int64_t row = trans ? k : n;
   return m >= 1 && m <= EPIC_CUK_HEAD_MAX_M && n_heads >= 1 && n_heads <= 65535 && k >= 1 &&
          n >= 1 && k <= INT32_MAX && n <= INT32_MAX && row % 8 == 0 && ld_a_head % 8 == 0 &&
-         ((uintptr_t)a & 15u) == 0 && smem_of<EPIC_CUK_HEAD_MAX_M>((int)k, trans) <= 48 * 1024;
+         ((uintptr_t)a & 15u) == 0 && smem_of<EPIC_CUK_HEAD_MAX_M>((int)k, trans) <= kSmemMax;
 }
 
 cudaError_t epic_cuk_head_bf16(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int64_t m,
@@ -427,12 +427,11 @@ cudaError_t epic_cuk_head_bf16(const float *x, int64_t ld_x_tok, int64_t ld_x_he
                    ld_y_head, st);
 }
 
-int epic_cuk_head_rows_ok(int64_t n_heads, const void *a, int64_t ld_a_head, int64_t k, int64_t n,
-                          int trans) {
-  (void)trans; // both layouts: rows of k (trans 1) or n (trans 0) elements, multiples of 8
+int epic_cuk_head_rows_ok(int64_t n_heads, const void *a, int64_t ld_a_head, int64_t k, int64_t n) {
+  // Both layouts: rows of k ([n][k]) or n ([k][n]) elements, multiples of 8.
   return n_heads >= 1 && n_heads <= 65535 && k >= 8 && n >= 8 && k % 8 == 0 && n % 8 == 0 &&
          k <= INT32_MAX && n <= INT32_MAX && ld_a_head % 8 == 0 && ((uintptr_t)a & 15u) == 0 &&
-         rows_smem<1>((int)k) <= 48 * 1024;
+         rows_smem<1>((int)k) <= kSmemMax;
 }
 
 cudaError_t epic_cuk_head_rows(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int64_t m,
@@ -446,9 +445,9 @@ cudaError_t epic_cuk_head_rows(const float *x, int64_t ld_x_tok, int64_t ld_x_he
     const int mi = (int)(m - t0 < per_launch ? m - t0 : per_launch);
     const float *xt = x + t0 * ld_x_tok;
     float *yt = y + t0 * ld_y_tok;
-    // Token tiles per CTA: as many as the tokens fill, in 48 KB of shared memory.
-    const int tt = mi > 16 && rows_smem<4>(ki) <= 48 * 1024   ? 4
-                   : mi > 8 && rows_smem<2>(ki) <= 48 * 1024 ? 2
+    // Token tiles per CTA: as many as the tokens fill, in kSmemMax of shared memory.
+    const int tt = mi > 16 && rows_smem<4>(ki) <= kSmemMax   ? 4
+                   : mi > 8 && rows_smem<2>(ki) <= kSmemMax ? 2
                                                               : 1;
     const cudaError_t e =
         tt == 4   ? launch_rows<4>(xt, ld_x_tok, ld_x_head, mi, hi, a, ld_a_head, ki, ni, trans, yt,

@@ -494,7 +494,7 @@ epic_status epic_cuda_head_gemm_bf16(epic_ops *o, const float *x, int64_t ld_x_t
   const int64_t ldb = n_heads * k, ldy = m > 1 ? ld_y_tok : n;
   EPIC_CHECK(head_gemm_args(m, n_heads, k, n, x, a, y, ldb, ldy));
   epic_cuda_ops *c = epic_cuda_of(o);
-  if (c->invariant && c->head_rows && epic_cuk_head_rows_ok(n_heads, a, ld_a_head, k, n, trans))
+  if (c->invariant && c->head_rows && epic_cuk_head_rows_ok(n_heads, a, ld_a_head, k, n))
     return epic_cuda_check(epic_cuk_head_rows(x, ld_x_tok, ld_x_head, m, n_heads, a, ld_a_head, k,
                                               n, trans, y, ld_y_tok, ld_y_head, c->stream),
                            "head_gemm_bf16 (row-invariant kernel)");

@@ -245,8 +245,7 @@ cudaError_t epic_cuk_head_bf16(const float *x, int64_t ld_x_tok, int64_t ld_x_he
  * rounded to bf16, bf16 mma.sync with fp32 sums chained in k order, an output a function
  * of its token and weight rows only. _ok: the shapes it takes, which do not depend on the
  * token count (k and n multiples of 8, 16-byte aligned head rows, k <= 3072). */
-int epic_cuk_head_rows_ok(int64_t n_heads, const void *a, int64_t ld_a_head, int64_t k, int64_t n,
-                          int trans);
+int epic_cuk_head_rows_ok(int64_t n_heads, const void *a, int64_t ld_a_head, int64_t k, int64_t n);
 cudaError_t epic_cuk_head_rows(const float *x, int64_t ld_x_tok, int64_t ld_x_head, int64_t m,
                                int64_t n_heads, const uint16_t *a, int64_t ld_a_head, int64_t k,
                                int64_t n, int trans, float *y, int64_t ld_y_tok, int64_t ld_y_head,

@@ -1003,7 +1003,7 @@ static epic_status grouped_wgmma(epic_cuda_ops *c, const float *x, int64_t ldx, 
       a->thin = c->wgmma_thin && ls.nb == 1 && ls.lg[0].rows <= EPIC_CUK_WG_THIN_ROWS &&
                 epic_cuk_fp8_wgmma_tiles(ls.lg[0].rows, n, 1) < c->sm_count;
       a->aq = c->act.p;
-      a->half = wgmma_half(c, m, ls.nb);
+      a->half = !a->thin && wgmma_half(c, m, ls.nb);
       a->next_tile = c->tiles.p;
       a->narrow = !a->thin && wgmma_narrow(c, &ls, n);
       if (a->narrow)
