@@ -236,7 +236,8 @@ epic_status epic_ops_cuda_set_head_rows(epic_ops *o, int on);
  *   the skinny / tensor-core kernels and cuBLASLt, whose choice and rounding follow m;
  * - other weights (BF16, F32, F16, other FP8 layouts), dense or per expert, run their
  *   rows in zero-padded chunks of EPIC_CUDA_INVARIANT_ROWS through one cuBLAS shape
- *   (bf16 activations for BF16 / FP8 weights, fp32 for F32 and F16);
+ *   (bf16 activations for BF16 / FP8 weights, fp32 for F32 and F16; a BF16 weight such as
+ *   the LM head in one GEMM per chunk, others in parts of 64 MB of weights);
  * - head_gemm_bf16 runs its own mma.sync kernel at every token count (x rounded to bf16,
  *   fp32 sums chained in k order: epic_ops_cuda_set_head_rows), or, for shapes it does
  *   not take, EPIC_CUDA_INVARIANT_ROWS tokens at a time through one cuBLAS bf16 batched

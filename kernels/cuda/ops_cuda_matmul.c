@@ -19,6 +19,8 @@
 #include "ops_cuda_impl.h"
 
 enum { EPIC_CUDA_DQ_CHUNK_BYTES = 64 << 20 };
+/* The largest output chunk of a whole-weight GEMM in grouped_chunks. */
+enum { EPIC_CUDA_WHOLE_OUT_BYTES = 256 << 20 };
 
 static int aligned16(const void *p) {
   return ((uintptr_t)p & 15u) == 0;
@@ -619,10 +621,13 @@ static epic_status grouped_chunks(epic_cuda_ops *c, int fast, const float *x, in
     const int bf = fast && (wg->dtype == EPIC_DT_BF16 || wg->dtype == EPIC_DT_F8E4M3);
     const int as_is = wg->dtype == (bf ? EPIC_DT_BF16 : EPIC_DT_F32);
     const int64_t esz = bf ? 2 : 4;
-    /* Weight rows per chunk, as the dense dequantising path sizes them. */
+    /* Weight rows per chunk: a BF16 weight as it is in one GEMM per token chunk (the LM head
+     * of FP8 checkpoints: in 4,608-row parts it took 28 GEMMs, each staging the rows again),
+     * where its output chunk fits EPIC_CUDA_WHOLE_OUT_BYTES; others as the dense
+     * dequantising path sizes them. */
     int64_t wr = EPIC_CUDA_DQ_CHUNK_BYTES / (k * esz);
     wr = wr < 128 ? 128 : wr / 128 * 128;
-    if (wr > n)
+    if (wr > n || (bf && as_is && n <= EPIC_CUDA_WHOLE_OUT_BYTES / (C * (int64_t)sizeof(float))))
       wr = n;
     EPIC_CHECK(epic_cuda_buf_reserve(c, &c->act, (size_t)(C * k * esz)));
     EPIC_CHECK(epic_cuda_buf_reserve(c, &c->outb, (size_t)(C * wr) * sizeof(float)));
